@@ -1,0 +1,6 @@
+//! The shared model of Trellis: plain data and pure functions, no IO.
+//!
+//! Every daemon and the CLI speak in these types, so they hold no tokio, netlink or kube
+//! dependencies: they can be tested, serialised and compared anywhere.
+
+pub mod cidr;

@@ -1,0 +1,42 @@
+//! Kernel settings under `/proc/sys`. Those under `net/` belong to the network namespace of
+//! whoever opens the file, so each is written from a thread inside the target namespace.
+
+use std::fs;
+use std::path::Path;
+
+use crate::{Error, Netns};
+
+/// Writes `value` to `/proc/sys/<key>` (key in path form: `net/ipv4/ip_forward`) inside
+/// `netns`, or in the caller's namespace when `netns` is `None`. Skips the write when the value
+/// is already set, which keeps hot paths (the CNI plugin) from taking kernel locks for nothing.
+pub fn write(netns: Option<&Netns>, key: &str, value: &str) -> Result<(), Error> {
+    let apply = || -> std::io::Result<()> {
+        let path = Path::new("/proc/sys").join(key);
+        if fs::read_to_string(&path)?.trim() == value {
+            return Ok(());
+        }
+        fs::write(&path, value)
+    };
+    let result = match netns {
+        Some(netns) => netns.run(apply)?,
+        None => apply(),
+    };
+    result.map_err(|source| Error::Sysctl {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// Reads `/proc/sys/<key>` inside `netns` (or the caller's namespace).
+pub fn read(netns: Option<&Netns>, key: &str) -> Result<String, Error> {
+    let read =
+        || fs::read_to_string(Path::new("/proc/sys").join(key)).map(|s| s.trim().to_string());
+    let result = match netns {
+        Some(netns) => netns.run(read)?,
+        None => read(),
+    };
+    result.map_err(|source| Error::Sysctl {
+        key: key.to_string(),
+        source,
+    })
+}

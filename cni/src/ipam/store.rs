@@ -1,0 +1,149 @@
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::Allocations;
+use crate::error::{CniError, code};
+
+const STATE_FILE: &str = "allocations.json";
+const TEMP_FILE: &str = "allocations.json.tmp";
+const LOCK_FILE: &str = "lock";
+
+/// The allocations of one network on disk.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+fn io_error(what: &str, path: &Path, error: io::Error) -> CniError {
+    CniError::new(
+        code::IO_FAILURE,
+        format!("IPAM state: {what}"),
+        format!("{}: {error}", path.display()),
+    )
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, CniError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io_error("create directory", dir, e))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Runs `change` on the current allocations under the network's exclusive lock, and
+    /// persists the result atomically if it changed. An error from `change` persists nothing.
+    pub fn transact<T>(
+        &self,
+        change: impl FnOnce(&mut Allocations) -> Result<T, CniError>,
+    ) -> Result<T, CniError> {
+        let _lock = self.lock()?;
+        let before = self.load()?;
+        let mut after = before.clone();
+        let outcome = change(&mut after)?;
+        if after != before {
+            self.save(&after)?;
+        }
+        Ok(outcome)
+    }
+
+    /// The current allocations (under the lock, so never mid-change).
+    pub fn read(&self) -> Result<Allocations, CniError> {
+        let _lock = self.lock()?;
+        self.load()
+    }
+
+    fn lock(&self) -> Result<File, CniError> {
+        let path = self.dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_error("open lock", &path, e))?;
+        // The kernel drops the lock when the process dies, however it dies.
+        file.lock().map_err(|e| io_error("take lock", &path, e))?;
+        Ok(file)
+    }
+
+    fn load(&self) -> Result<Allocations, CniError> {
+        let path = self.dir.join(STATE_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                CniError::new(
+                    code::STATE_CORRUPT,
+                    "IPAM state is unreadable; it was left as it is",
+                    format!("{}: {e}", path.display()),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Allocations::default()),
+            Err(e) => Err(io_error("read", &path, e)),
+        }
+    }
+
+    fn save(&self, allocations: &Allocations) -> Result<(), CniError> {
+        let temp = self.dir.join(TEMP_FILE);
+        let path = self.dir.join(STATE_FILE);
+        let bytes =
+            serde_json::to_vec(allocations).map_err(|e| io_error("encode", &path, e.into()))?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(|e| io_error("write", &temp, e))?;
+        file.write_all(&bytes)
+            .map_err(|e| io_error("write", &temp, e))?;
+        file.sync_data().map_err(|e| io_error("sync", &temp, e))?;
+        fs::rename(&temp, &path).map_err(|e| io_error("replace", &path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::Owner;
+
+    #[test]
+    fn changes_persist_and_failed_changes_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cidr = "10.0.0.0/24".parse().unwrap();
+        store
+            .transact(|a| {
+                a.allocate(&[cidr], &Owner::new("a", "eth0"))
+                    .map_err(|e| CniError::new(1, "", e.to_string()))
+            })
+            .unwrap();
+        let failed: Result<(), CniError> = store.transact(|a| {
+            a.release(&Owner::new("a", "eth0"));
+            Err(CniError::new(code::DATAPLANE, "boom", ""))
+        });
+        assert!(failed.is_err());
+        assert_eq!(Store::open(dir.path()).unwrap().read().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_state_is_reported_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(STATE_FILE), b"{\"leases\": [garbage").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let error = store.transact(|_| Ok(())).unwrap_err();
+        assert_eq!(error.code, code::STATE_CORRUPT);
+        assert_eq!(
+            fs::read(dir.path().join(STATE_FILE)).unwrap(),
+            b"{\"leases\": [garbage"
+        );
+    }
+}

@@ -1,0 +1,143 @@
+//! The plugin driven as a container runtime drives it, in namespaces these tests create.
+
+mod common;
+
+use common::*;
+use ipnet::IpNet;
+use trellis_netns::{Netlink, Route};
+
+#[test]
+fn two_pods_reach_each_other_and_the_node_then_check_and_del() {
+    let node = Node::new("cni-node");
+    let list = node.conflist(&["10.244.1.0/24", "fd00:10:244:1::/64"]);
+    let mut a = node.new_pod("pod-a");
+    let mut b = node.new_pod("pod-b");
+    let result_a = node.add(&list, &mut a).unwrap();
+    let result_b = node.add(&list, &mut b).unwrap();
+    assert_eq!(result_a["cniVersion"], "1.0.0");
+    assert_eq!(result_a["interfaces"][1]["name"], "eth0");
+    let (a4, b4, b6) = (
+        pod_ip(&result_a, 0),
+        pod_ip(&result_b, 0),
+        pod_ip(&result_b, 1),
+    );
+    assert_ne!(a4, b4);
+
+    assert!(ping(&a.netns, &b4), "pod a -> pod b over IPv4");
+    assert!(ping(&b.netns, &a4), "pod b -> pod a over IPv4");
+    assert!(ping(&a.netns, &b6), "pod a -> pod b over IPv6");
+    assert!(ping(&a.netns, NODE_ADDRESS), "pod a -> node");
+    assert!(ping(&node.netns, &a4), "node -> pod a");
+
+    // The pod's MTU leaves room for WireGuard.
+    common::block_on(async {
+        let netlink = Netlink::connect_in(&a.netns).unwrap();
+        assert_eq!(netlink.require_link("eth0").await.unwrap().mtu, Some(1420));
+    });
+
+    node.runtime
+        .check(&list, &a.attachment, a.result.as_ref().unwrap())
+        .unwrap();
+
+    // Someone deletes the pod's default route by hand: CHECK notices.
+    common::block_on(async {
+        let netlink = Netlink::connect_in(&a.netns).unwrap();
+        let eth0 = netlink.require_link("eth0").await.unwrap();
+        let route = Route::via_gateway(
+            "0.0.0.0/0".parse::<IpNet>().unwrap(),
+            "169.254.1.1".parse().unwrap(),
+            Some(eth0.index),
+        );
+        netlink.delete_route(&route).await.unwrap();
+    });
+    let error = node
+        .runtime
+        .check(&list, &a.attachment, a.result.as_ref().unwrap())
+        .unwrap_err();
+    assert_eq!(error.code(), Some(104), "{error}");
+
+    node.runtime
+        .del(&list, &a.attachment, a.result.as_ref())
+        .unwrap();
+    node.runtime
+        .del(&list, &b.attachment, b.result.as_ref())
+        .unwrap();
+    assert!(
+        node.host_veths().is_empty(),
+        "host veths left: {:?}",
+        node.host_veths()
+    );
+    assert_eq!(node.leases(), 0);
+    common::block_on(async {
+        let netlink = Netlink::connect_in(&a.netns).unwrap();
+        assert!(
+            netlink.link("eth0").await.unwrap().is_none(),
+            "pod interface must be gone"
+        );
+        let node_netlink = Netlink::connect_in(&node.netns).unwrap();
+        let routes = node_netlink.routes().await.unwrap();
+        assert!(
+            !routes
+                .iter()
+                .any(|r| r.destination.addr().to_string() == a4),
+            "route to the deleted pod remains"
+        );
+    });
+    // DEL again, and DEL of a container never added: both succeed.
+    node.runtime
+        .del(&list, &a.attachment, a.result.as_ref())
+        .unwrap();
+    let stranger = node.new_pod("never-added");
+    node.runtime.del(&list, &stranger.attachment, None).unwrap();
+}
+
+#[test]
+fn spec_versions_0_4_and_1_1_are_served_in_their_own_format() {
+    let node = Node::new("cni-versions");
+    for (version, has_ip_version) in [("0.4.0", true), ("1.1.0", false)] {
+        let mut list = node.conflist(&["10.244.2.0/24"]);
+        list.cni_version = version.into();
+        let mut pod = node.new_pod(&format!("v{}", version.replace('.', "")));
+        let result = node.add(&list, &mut pod).unwrap();
+        assert_eq!(result["cniVersion"], version);
+        assert_eq!(
+            result["ips"][0].get("version").is_some(),
+            has_ip_version,
+            "{result}"
+        );
+        node.runtime.check(&list, &pod.attachment, &result).unwrap();
+        node.runtime
+            .del(&list, &pod.attachment, Some(&result))
+            .unwrap();
+    }
+    let list = {
+        let mut list = node.conflist(&["10.244.2.0/24"]);
+        list.cni_version = "1.1.0".into();
+        list
+    };
+    node.runtime.status(&list).unwrap();
+    assert_eq!(node.leases(), 0);
+}
+
+#[test]
+fn gc_frees_what_the_runtime_no_longer_knows() {
+    let node = Node::new("cni-gc");
+    let mut list = node.conflist(&["10.244.3.0/24"]);
+    list.cni_version = "1.1.0".into();
+    let mut pods: Vec<_> = (0..3).map(|i| node.new_pod(&format!("gc-{i}"))).collect();
+    for pod in &mut pods {
+        node.add(&list, pod).unwrap();
+    }
+    node.runtime
+        .gc(&list, &[("gc-1".into(), "eth0".into())])
+        .unwrap();
+    assert_eq!(node.leases(), 1);
+    assert_eq!(node.host_veths().len(), 1);
+    assert!(
+        ping(&node.netns, &pod_ip(pods[1].result.as_ref().unwrap(), 0)),
+        "the valid pod still works"
+    );
+    node.runtime.gc(&list, &[]).unwrap();
+    assert_eq!(node.leases(), 0);
+    assert!(node.host_veths().is_empty());
+}

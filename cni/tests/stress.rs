@@ -1,0 +1,142 @@
+//! Concurrency and crashes: no address handed out twice, none leaked.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::*;
+use trellis_cni::failpoint;
+use trellis_cni::runtime::Runtime;
+use trellis_netns::Netns;
+
+#[test]
+fn hundred_concurrent_adds_then_dels_share_nothing_and_leave_nothing() {
+    let node = Node::new("cni-many");
+    let list = node.conflist(&["10.244.8.0/24"]);
+    let mut pods: Vec<Pod> = (0..100)
+        .map(|i| node.new_pod(&format!("many-{i}")))
+        .collect();
+    std::thread::scope(|scope| {
+        for pod in pods.iter_mut() {
+            let (node, list) = (&node, &list);
+            scope.spawn(move || node.add(list, pod).unwrap());
+        }
+    });
+    let addresses: HashSet<String> = pods
+        .iter()
+        .map(|p| pod_ip(p.result.as_ref().unwrap(), 0))
+        .collect();
+    assert_eq!(addresses.len(), 100, "every pod has its own address");
+    assert_eq!(node.leases(), 100);
+    assert_eq!(node.host_veths().len(), 100);
+    assert!(ping(
+        &pods[0].netns,
+        &pod_ip(pods[99].result.as_ref().unwrap(), 0)
+    ));
+
+    std::thread::scope(|scope| {
+        for pod in &pods {
+            let (node, list) = (&node, &list);
+            scope.spawn(move || {
+                node.runtime
+                    .del(list, &pod.attachment, pod.result.as_ref())
+                    .unwrap()
+            });
+        }
+    });
+    assert_eq!(node.leases(), 0, "nothing left on disk");
+    assert!(
+        node.host_veths().is_empty(),
+        "nothing left in the node namespace"
+    );
+}
+
+fn crashing_runtime(node: &Node, point: &str) -> Runtime {
+    Runtime {
+        plugin_dirs: node.runtime.plugin_dirs.clone(),
+        node: Some(Netns::open(node.netns.name()).unwrap()),
+        env: vec![("TRELLIS_CNI_CRASH_AT".into(), point.into())],
+    }
+}
+
+#[test]
+fn a_crash_anywhere_in_add_leaks_and_doubles_nothing() {
+    let node = Node::new("cni-crash");
+    let list = node.conflist(&["10.244.9.0/24"]);
+    for point in failpoint::POINTS {
+        // The runtime sees ADD fail (the plugin died) and calls DEL, as the spec requires.
+        let crashing = crashing_runtime(&node, point);
+        let mut victim = node.new_pod(&format!("crash-{point}"));
+        assert!(
+            crashing.add(&list, &victim.attachment).is_err(),
+            "{point}: the plugin must have died"
+        );
+        assert_eq!(
+            node.leases(),
+            1,
+            "{point}: the lease names its owner until DEL"
+        );
+
+        // Meanwhile another pod comes up: it must not get the crashed pod's address.
+        let mut bystander = node.new_pod(&format!("by-{point}"));
+        node.add(&list, &mut bystander).unwrap();
+        assert_eq!(node.leases(), 2, "{point}");
+
+        node.runtime.del(&list, &victim.attachment, None).unwrap();
+        assert_eq!(node.leases(), 1, "{point}: DEL freed the crashed lease");
+        assert_eq!(
+            node.host_veths().len(),
+            1,
+            "{point}: DEL removed the half-made veth"
+        );
+        assert!(
+            ping(&bystander.netns, common::NODE_ADDRESS),
+            "{point}: the bystander works"
+        );
+
+        // The container is retried after cleanup: it comes up whole.
+        node.add(&list, &mut victim).unwrap();
+        assert!(
+            ping(
+                &victim.netns,
+                &pod_ip(bystander.result.as_ref().unwrap(), 0)
+            ),
+            "{point}: retried pod works"
+        );
+        node.runtime
+            .del(&list, &victim.attachment, victim.result.as_ref())
+            .unwrap();
+        node.runtime
+            .del(&list, &bystander.attachment, bystander.result.as_ref())
+            .unwrap();
+        assert_eq!(node.leases(), 0, "{point}");
+        assert!(node.host_veths().is_empty(), "{point}");
+    }
+}
+
+#[test]
+fn gc_cleans_up_after_crashes_the_runtime_never_followed_up() {
+    let node = Node::new("cni-crash-gc");
+    let mut list = node.conflist(&["10.244.10.0/24"]);
+    list.cni_version = "1.1.0".into();
+    let mut keeper = node.new_pod("keeper");
+    node.add(&list, &mut keeper).unwrap();
+    let victims: Vec<Pod> = failpoint::POINTS
+        .iter()
+        .map(|point| node.new_pod(&format!("lost-{point}")))
+        .collect();
+    for (point, victim) in failpoint::POINTS.iter().zip(&victims) {
+        assert!(
+            crashing_runtime(&node, point)
+                .add(&list, &victim.attachment)
+                .is_err()
+        );
+    }
+    assert_eq!(node.leases(), 4);
+    node.runtime
+        .gc(&list, &[("keeper".into(), "eth0".into())])
+        .unwrap();
+    assert_eq!(node.leases(), 1);
+    assert_eq!(node.host_veths().len(), 1);
+    assert!(ping(&keeper.netns, common::NODE_ADDRESS));
+}

@@ -12,6 +12,7 @@
 mod error;
 mod namespace;
 mod netlink;
+pub mod probe;
 pub mod sysctl;
 pub mod testing;
 

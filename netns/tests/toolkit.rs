@@ -4,8 +4,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 
 use ipnet::IpNet;
+use std::time::Duration;
 use trellis_netns::testing::TempNetns;
-use trellis_netns::{Netlink, Netns, Route, VethSpec, sysctl};
+
+use trellis_netns::{Netlink, Netns, Route, VethSpec, probe, sysctl};
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()
@@ -81,11 +83,11 @@ async fn veth_born_in_another_namespace_carries_tcp_both_ways() {
     assert_eq!(r.kind.as_deref(), Some("veth"));
 
     left_nl
-        .add_address(l.index, net("198.18.0.1/30"))
+        .add_address(l.index, net("198.18.0.1/24"))
         .await
         .unwrap();
     right_nl
-        .add_address(r.index, net("198.18.0.2/30"))
+        .add_address(r.index, net("198.18.0.2/24"))
         .await
         .unwrap();
     right_nl
@@ -99,7 +101,7 @@ async fn veth_born_in_another_namespace_carries_tcp_both_ways() {
             .addresses(r.index)
             .await
             .unwrap()
-            .contains(&net("198.18.0.2/30"))
+            .contains(&net("198.18.0.2/24"))
     );
 
     // A route by hand, read back, then removed.
@@ -138,6 +140,20 @@ async fn veth_born_in_another_namespace_carries_tcp_both_ways() {
     client.read_exact(&mut echoed).unwrap();
     assert_eq!(&echoed, b"hello");
     server.join().unwrap();
+
+    // The ICMP probe sees the peer, and nothing where nobody is.
+    let peer = "198.18.0.2".parse().unwrap();
+    let nobody = "198.18.0.3".parse().unwrap();
+    assert!(
+        probe::icmp_echo(&left, peer, Duration::from_secs(1))
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        probe::icmp_echo(&left, nobody, Duration::from_millis(300))
+            .unwrap()
+            .is_none()
+    );
 
     // Deleting one end removes the pair.
     left_nl.delete_link(l.index).await.unwrap();

@@ -1,0 +1,26 @@
+//! `trellis-bench`: runs Trellis and the reference it competes with side by side, in one run,
+//! and reports both and their ratio (this machine is noisy; only ratios travel).
+
+mod cni;
+mod stats;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Side-by-side benchmarks of Trellis against the reference implementations")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// trellis-cni against the reference bridge + host-local plugins: ADD, CHECK, DEL latency.
+    Cni(cni::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().bench {
+        Bench::Cni(options) => cni::run(&options),
+    }
+}

@@ -1,0 +1,347 @@
+//! Building, showing and removing a lab.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+use trellis_cni::runtime::{Attachment, ConfList, Runtime};
+use trellis_netns::{Netlink, Netns, probe, sysctl};
+
+use super::topology::{LabState, Node, Topology, namespace_prefix};
+
+/// The pod MTU: a 1500-byte underlay less WireGuard's 80 bytes.
+const POD_MTU: u32 = 1420;
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime starts")
+        .block_on(future)
+}
+
+fn conflist(dir: &Path, node: &Node) -> anyhow::Result<(PathBuf, ConfList)> {
+    let list = json!({
+        "cniVersion": "1.1.0",
+        "name": "trellis",
+        "plugins": [{
+            "type": "trellis-cni",
+            "podCIDRs": [node.pod_cidr],
+            "mtu": POD_MTU,
+            "dataDir": dir.join("cni-state").join(&node.netns),
+        }]
+    });
+    let path = dir.join("cni").join(format!("{}.conflist", node.netns));
+    fs::create_dir_all(path.parent().expect("has a parent"))?;
+    fs::write(&path, serde_json::to_vec_pretty(&list)?)?;
+    Ok((path, serde_json::from_value(list)?))
+}
+
+fn runtime_for(node: &Node, bin_dir: &Path) -> anyhow::Result<Runtime> {
+    Ok(Runtime {
+        plugin_dirs: vec![bin_dir.to_path_buf()],
+        node: Some(Netns::open(&node.netns)?),
+        env: Vec::new(),
+    })
+}
+
+fn attachment(pod: &super::topology::Pod) -> Attachment {
+    Attachment {
+        container_id: pod.container_id.clone(),
+        netns: Path::new(trellis_netns::NETNS_RUN_DIR).join(&pod.netns),
+        ifname: "eth0".into(),
+        args: vec![
+            ("IgnoreUnknown".into(), "1".into()),
+            ("K8S_POD_NAME".into(), pod.name.clone()),
+        ],
+        capabilities: Default::default(),
+    }
+}
+
+async fn prepare_node(node: &Node) -> anyhow::Result<()> {
+    let netns = Netns::create(&node.netns)?;
+    let netlink = Netlink::connect_in(&netns)?;
+    let lo = netlink.require_link("lo").await?;
+    netlink.set_up(lo.index).await?;
+    netlink
+        .add_address(
+            lo.index,
+            ipnet::IpNet::from(std::net::IpAddr::V4(node.address)),
+        )
+        .await?;
+    sysctl::write(Some(&netns), "net/ipv4/ip_forward", "1")?;
+    Ok(())
+}
+
+async fn prepare_pod_namespace(name: &str) -> anyhow::Result<()> {
+    let netns = Netns::create(name)?;
+    let netlink = Netlink::connect_in(&netns)?;
+    let lo = netlink.require_link("lo").await?;
+    netlink.set_up(lo.index).await?;
+    Ok(())
+}
+
+pub fn up(dir: &Path, topology: &Topology, bin_dir: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    if dir.exists() {
+        bail!(
+            "lab {:?} is already up (its state is in {}); run `trellis lab down --name {}` first",
+            topology.lab,
+            dir.display(),
+            topology.lab
+        );
+    }
+    let prefix = namespace_prefix(&topology.lab);
+    let leftovers: Vec<String> = Netns::list()?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    if !leftovers.is_empty() {
+        bail!(
+            "namespaces of an earlier lab {:?} remain ({}); run `trellis lab down --name {}` first",
+            topology.lab,
+            leftovers.join(", "),
+            topology.lab
+        );
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create {}", dir.display()))?;
+    // Recorded before anything is made, so `down` finds it all even if this process dies.
+    let mut state: LabState = topology.clone();
+    state.bin_dir = Some(bin_dir.to_path_buf());
+    state.save(dir)?;
+
+    let outcome = build(dir, &mut state, bin_dir);
+    state.save(dir)?;
+    if let Err(error) = outcome {
+        return Err(error.context(format!(
+            "building the lab failed; `trellis lab down --name {}` removes what was made",
+            topology.lab
+        )));
+    }
+    let built_in = started.elapsed();
+    print_summary(&state, built_in);
+    Ok(())
+}
+
+fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
+    let node_count: usize = state.clusters.iter().map(|c| c.nodes.len()).sum();
+    let pod_count = state.pods().count();
+    eprintln!("[1/3] nodes: creating {node_count} node namespace(s)");
+    for node in state.clusters.iter().flat_map(|c| &c.nodes) {
+        block_on(prepare_node(node)).with_context(|| format!("node {}", node.netns))?;
+    }
+    eprintln!("[2/3] pods: creating {pod_count} pod(s) through trellis-cni");
+    for cluster in &mut state.clusters {
+        for node in &mut cluster.nodes {
+            let (_, list) = conflist(dir, node)?;
+            let runtime = runtime_for(node, bin_dir)?;
+            for pod in &mut node.pods {
+                block_on(prepare_pod_namespace(&pod.netns))
+                    .with_context(|| format!("pod {}", pod.netns))?;
+                let result = runtime
+                    .add(&list, &attachment(pod))
+                    .with_context(|| format!("CNI ADD for {}/{}", cluster.name, pod.name))?;
+                pod.address = result["ips"][0]["address"]
+                    .as_str()
+                    .and_then(|a| a.split('/').next())
+                    .and_then(|a| a.parse().ok());
+                pod.cni_result = Some(result);
+            }
+        }
+    }
+    eprintln!("[3/3] checking connectivity");
+    Ok(())
+}
+
+/// A source pod and, per target, the round-trip time (`None`: no reply).
+type ProbeRow = (String, Vec<(String, Option<Duration>)>);
+
+/// One row per source pod: the RTT to every other pod and to the pod's node.
+fn connectivity(state: &LabState) -> Vec<ProbeRow> {
+    let targets: Vec<(String, Ipv4Addr)> = state
+        .pods()
+        .filter_map(|(c, _, p)| Some((format!("{}/{}", c.name, p.name), p.address?)))
+        .collect();
+    state
+        .pods()
+        .map(|(cluster, node, pod)| {
+            let source = format!("{}/{}", cluster.name, pod.name);
+            let netns = Netns::open(&pod.netns);
+            let mut row: Vec<(String, Option<Duration>)> = targets
+                .iter()
+                .filter(|(name, _)| *name != source)
+                .map(|(name, address)| {
+                    let rtt = netns.as_ref().ok().and_then(|ns| {
+                        probe::icmp_echo(ns, *address, Duration::from_secs(1))
+                            .ok()
+                            .flatten()
+                    });
+                    (name.clone(), rtt)
+                })
+                .collect();
+            let to_node = netns.as_ref().ok().and_then(|ns| {
+                probe::icmp_echo(ns, node.address, Duration::from_secs(1))
+                    .ok()
+                    .flatten()
+            });
+            row.push((format!("{}/{}", cluster.name, node.name), to_node));
+            (source, row)
+        })
+        .collect()
+}
+
+fn print_connectivity(state: &LabState) -> bool {
+    let mut all_ok = true;
+    println!("connectivity (ICMP echo from each pod):");
+    for (source, row) in connectivity(state) {
+        let cells: Vec<String> = row
+            .iter()
+            .map(|(target, rtt)| match rtt {
+                Some(rtt) => format!("{target} {:.2} ms", rtt.as_secs_f64() * 1000.0),
+                None => {
+                    all_ok = false;
+                    format!("{target} FAIL")
+                }
+            })
+            .collect();
+        println!("  {source:<10} -> {}", cells.join(", "));
+    }
+    all_ok
+}
+
+fn print_layout(state: &LabState) {
+    for cluster in &state.clusters {
+        println!("cluster {} (pods {})", cluster.name, cluster.pod_cidr);
+        for node in &cluster.nodes {
+            println!(
+                "  {:<8} {:<15} pods {:<14} netns {}",
+                node.name,
+                node.address,
+                node.pod_cidr.to_string(),
+                node.netns
+            );
+            for pod in &node.pods {
+                let address = pod.address.map_or("-".to_string(), |a| a.to_string());
+                println!("    {:<8} {:<15} netns {}", pod.name, address, pod.netns);
+            }
+        }
+    }
+}
+
+fn print_summary(state: &LabState, built_in: Duration) {
+    println!();
+    println!(
+        "lab {:?} is up ({:.1} s)",
+        state.lab,
+        built_in.as_secs_f64()
+    );
+    print_layout(state);
+    let all_ok = print_connectivity(state);
+    let example_pod = state
+        .pods()
+        .next()
+        .map(|(c, _, p)| format!("{}/{}", c.name, p.name))
+        .unwrap_or_default();
+    let example_target = state
+        .pods()
+        .nth(1)
+        .and_then(|(_, _, p)| p.address)
+        .map_or("10.1.0.1".to_string(), |a| a.to_string());
+    println!();
+    println!(
+        "try:   trellis lab exec --name {} {example_pod} -- ping -c 3 {example_target}",
+        state.lab
+    );
+    println!("       trellis lab status --name {}", state.lab);
+    println!("       trellis lab down --name {}", state.lab);
+    if !all_ok {
+        println!("warning: some pods could not reach each other (see FAIL above)");
+    }
+}
+
+pub fn print_status(state: &LabState) {
+    println!("lab {:?}", state.lab);
+    print_layout(state);
+    print_connectivity(state);
+}
+
+pub fn exec(state: &LabState, target: &str, command: &[String]) -> anyhow::Result<ExitCode> {
+    let netns_name = state.netns_of(target).with_context(|| {
+        format!(
+            "no pod or node {target:?} in lab {:?} (try c1/pod-0 or c1/node-0)",
+            state.lab
+        )
+    })?;
+    let netns = Netns::open(netns_name)?;
+    let (program, args) = command.split_first().context("no command given")?;
+    let mut child = netns
+        .spawn(Command::new(program).args(args))?
+        .with_context(|| format!("run {program}"))?;
+    let status = child.wait()?;
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}
+
+/// Removes everything of lab `name`: pods through CNI DEL (as a runtime would), then every
+/// namespace with the lab's prefix, then its state. Carries on past failures and reports all.
+pub fn down(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let mut failures: Vec<String> = Vec::new();
+    // CNI DEL first, as a runtime tears pods down; deleting the node namespaces afterwards
+    // removes anything DEL could not, so a failed DEL is only a warning.
+    if let Ok(state) = LabState::load(dir)
+        && let Some(bin_dir) = &state.bin_dir
+    {
+        for cluster in &state.clusters {
+            for node in &cluster.nodes {
+                let (Ok((_, list)), Ok(runtime)) =
+                    (conflist(dir, node), runtime_for(node, bin_dir))
+                else {
+                    continue;
+                };
+                for pod in node.pods.iter().filter(|p| p.cni_result.is_some()) {
+                    if let Err(error) =
+                        runtime.del(&list, &attachment(pod), pod.cni_result.as_ref())
+                    {
+                        eprintln!("warning: CNI DEL {}/{}: {error}", cluster.name, pod.name);
+                    }
+                }
+            }
+        }
+    }
+    let prefix = namespace_prefix(name);
+    let mut removed = 0;
+    for netns in Netns::list()?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+    {
+        match Netns::delete(&netns) {
+            Ok(()) => removed += 1,
+            Err(error) => failures.push(error.to_string()),
+        }
+    }
+    if dir.exists()
+        && let Err(error) = fs::remove_dir_all(dir)
+    {
+        failures.push(format!("remove {}: {error}", dir.display()));
+    }
+    if failures.is_empty() {
+        println!("lab {name:?} is down ({removed} namespaces removed)");
+        Ok(())
+    } else {
+        bail!(
+            "lab {name:?} teardown had {} failure(s):\n  {}",
+            failures.len(),
+            failures.join("\n  ")
+        )
+    }
+}

@@ -1,0 +1,92 @@
+//! `trellis lab`: up, status, exec, down.
+
+mod build;
+mod topology;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+
+pub use topology::{LabState, Topology};
+
+/// Where labs record what they built, so `down` can find everything even after a crash.
+const STATE_ROOT: &str = "/run/trellis/lab";
+
+#[derive(Args)]
+pub struct LabArgs {
+    /// The lab's name; several labs can run side by side.
+    #[arg(long, global = true, default_value = "default")]
+    name: String,
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build the lab and show it working.
+    Up {
+        /// Pods per node.
+        #[arg(long, default_value_t = 2)]
+        pods: u32,
+        /// Where trellis-cni is; defaults to the directory of this binary.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
+    /// Show what the lab is made of and whether its pods reach each other.
+    Status,
+    /// Run a command inside a pod or node: `trellis lab exec c1/pod-0 -- ping 10.1.0.2`.
+    Exec {
+        /// `c1/pod-0` or `c1/node-0`.
+        target: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Remove every namespace, process and file the lab made.
+    Down,
+}
+
+fn state_dir(name: &str) -> PathBuf {
+    PathBuf::from(STATE_ROOT).join(name)
+}
+
+pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
+    topology::validate_lab_name(&args.name)?;
+    let dir = state_dir(&args.name);
+    match args.command {
+        LabCommand::Up { pods, bin_dir } => {
+            let bin_dir = match bin_dir {
+                Some(dir) => dir,
+                None => std::env::current_exe()?
+                    .parent()
+                    .context("trellis has no directory")?
+                    .to_path_buf(),
+            };
+            if !bin_dir.join("trellis-cni").is_file() {
+                bail!(
+                    "trellis-cni not found in {} (build the workspace, or pass --bin-dir)",
+                    bin_dir.display()
+                );
+            }
+            let topology = Topology::new(&args.name, 1, 1, pods)?;
+            build::up(&dir, &topology, &bin_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Status => {
+            let state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            build::print_status(&state);
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Exec { target, command } => {
+            let state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            build::exec(&state, &target, &command)
+        }
+        LabCommand::Down => {
+            build::down(&dir, &args.name)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

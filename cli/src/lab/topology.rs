@@ -1,0 +1,206 @@
+//! What a lab is made of: names, namespaces and address plans. Plain data, no IO but the
+//! state file.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use ipnet::{IpNet, Ipv4Net};
+use serde::{Deserialize, Serialize};
+use trellis_core::cidr::node_block;
+
+const STATE_FILE: &str = "state.json";
+
+/// Pod CIDR sizes, as kube-controller-manager's defaults (`/16` per cluster, `/24` per node).
+const NODE_PREFIX: u8 = 24;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Topology {
+    pub lab: String,
+    pub clusters: Vec<Cluster>,
+    /// Where the Trellis binaries the lab runs are.
+    #[serde(default)]
+    pub bin_dir: Option<std::path::PathBuf>,
+}
+
+/// The lab as recorded on disk.
+pub type LabState = Topology;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cluster {
+    pub name: String,
+    pub pod_cidr: IpNet,
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub pod_cidr: IpNet,
+    /// The node's own address (underlay range, only ever inside the lab's namespaces).
+    pub address: Ipv4Addr,
+    pub pods: Vec<Pod>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub container_id: String,
+    #[serde(default)]
+    pub address: Option<Ipv4Addr>,
+    /// The CNI result of ADD, kept for CHECK and DEL as a runtime keeps it.
+    #[serde(default)]
+    pub cni_result: Option<serde_json::Value>,
+}
+
+pub fn validate_lab_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 20
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !ok {
+        bail!("lab name {name:?} must be 1-20 characters of a-z, 0-9 and '-'");
+    }
+    Ok(())
+}
+
+/// Every namespace of lab `lab` starts with this, so `down` can find them all from the name.
+pub fn namespace_prefix(lab: &str) -> String {
+    format!("tl-{lab}-")
+}
+
+impl Topology {
+    pub fn new(lab: &str, clusters: u32, nodes: u32, pods: u32) -> anyhow::Result<Self> {
+        validate_lab_name(lab)?;
+        if !(1..=20).contains(&clusters) || !(1..=50).contains(&nodes) || !(1..=50).contains(&pods)
+        {
+            bail!("a lab has 1-20 clusters, 1-50 nodes per cluster and 1-50 pods per node");
+        }
+        let prefix = namespace_prefix(lab);
+        let clusters = (1..=clusters)
+            .map(|c| {
+                let cluster_name = format!("c{c}");
+                // Non-overlapping per cluster: 10.<c>.0.0/16.
+                let pod_cidr = IpNet::V4(Ipv4Net::new(Ipv4Addr::new(10, c as u8, 0, 0), 16)?);
+                let mut pod_index = 0;
+                let nodes = (0..nodes)
+                    .map(|n| {
+                        let node_name = format!("node-{n}");
+                        let pods = (0..pods)
+                            .map(|_| {
+                                let name = format!("pod-{pod_index}");
+                                pod_index += 1;
+                                Pod {
+                                    netns: format!("{prefix}{cluster_name}-{name}"),
+                                    container_id: format!("{lab}-{cluster_name}-{name}"),
+                                    name,
+                                    address: None,
+                                    cni_result: None,
+                                }
+                            })
+                            .collect();
+                        Ok(Node {
+                            netns: format!("{prefix}{cluster_name}-{node_name}"),
+                            name: node_name,
+                            pod_cidr: node_block(pod_cidr, NODE_PREFIX, n)?,
+                            address: Ipv4Addr::new(198, 18, c as u8, 10 + n as u8),
+                            pods,
+                        })
+                    })
+                    .collect::<anyhow::Result<Vec<Node>>>()?;
+                Ok(Cluster {
+                    name: cluster_name,
+                    pod_cidr,
+                    nodes,
+                })
+            })
+            .collect::<anyhow::Result<Vec<Cluster>>>()?;
+        Ok(Self {
+            lab: lab.to_string(),
+            clusters,
+            bin_dir: None,
+        })
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = (&Cluster, &Node, &Pod)> {
+        self.clusters.iter().flat_map(|c| {
+            c.nodes
+                .iter()
+                .flat_map(move |n| n.pods.iter().map(move |p| (c, n, p)))
+        })
+    }
+
+    /// The namespace of `c1/pod-0` or `c1/node-0`.
+    pub fn netns_of(&self, target: &str) -> Option<&str> {
+        let (cluster, member) = target.split_once('/')?;
+        let cluster = self.clusters.iter().find(|c| c.name == cluster)?;
+        cluster.nodes.iter().find_map(|node| {
+            if node.name == member {
+                return Some(node.netns.as_str());
+            }
+            node.pods
+                .iter()
+                .find(|p| p.name == member)
+                .map(|p| p.netns.as_str())
+        })
+    }
+
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let temp = dir.join("state.json.tmp");
+        fs::write(&temp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("write {}", temp.display()))?;
+        fs::rename(&temp, dir.join(STATE_FILE))
+            .with_context(|| format!("save lab state in {}", dir.display()))
+    }
+
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(STATE_FILE);
+        let bytes = fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_distinct_names_and_cidrs() {
+        let topology = Topology::new("t1", 2, 2, 2).unwrap();
+        let node_cidrs: Vec<String> = topology
+            .clusters
+            .iter()
+            .flat_map(|c| c.nodes.iter().map(|n| n.pod_cidr.to_string()))
+            .collect();
+        assert_eq!(
+            node_cidrs,
+            ["10.1.0.0/24", "10.1.1.0/24", "10.2.0.0/24", "10.2.1.0/24"]
+        );
+        let namespaces: std::collections::HashSet<_> =
+            topology.pods().map(|(_, _, p)| p.netns.clone()).collect();
+        assert_eq!(namespaces.len(), 8);
+        assert!(namespaces.iter().all(|n| n.starts_with("tl-t1-")));
+        assert_eq!(topology.netns_of("c2/pod-3"), Some("tl-t1-c2-pod-3"));
+        assert_eq!(topology.netns_of("c1/node-1"), Some("tl-t1-c1-node-1"));
+        assert_eq!(topology.netns_of("c3/pod-0"), None);
+    }
+
+    #[test]
+    fn refuses_bad_names_and_sizes() {
+        assert!(Topology::new("Bad Name", 1, 1, 1).is_err());
+        assert!(Topology::new("ok", 1, 1, 0).is_err());
+        assert!(Topology::new("ok", 21, 1, 1).is_err());
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let topology = Topology::new("t2", 1, 1, 2).unwrap();
+        topology.save(dir.path()).unwrap();
+        assert_eq!(Topology::load(dir.path()).unwrap(), topology);
+    }
+}

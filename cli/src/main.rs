@@ -1,0 +1,37 @@
+//! `trellis`: the command-line tool. `trellis lab` builds a mesh from network namespaces on
+//! one machine.
+
+mod lab;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "trellis",
+    version,
+    about = "Trellis: encrypted pod networking across Kubernetes clusters"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A lab of clusters, nodes and pods made of network namespaces on this machine.
+    Lab(lab::LabArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Lab(args) => lab::run(args),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! `trellis lab` as a person uses it: up, exec, status, a refused second up, down.
+
+use std::path::Path;
+
+use trellis_integration::{TestLab, text};
+
+#[test]
+fn lab_up_wires_pods_that_reach_each_other_and_down_removes_everything() {
+    let lab = TestLab::new("lab");
+    let up = lab.trellis(&["up", "--pods", "3"]);
+    let output = text(&up);
+    assert!(up.status.success(), "{output}");
+    assert!(output.contains("c1/pod-0   -> c1/pod-1"), "{output}");
+    assert!(
+        !output.contains("FAIL"),
+        "every pod reaches every other: {output}"
+    );
+    assert_eq!(lab.namespaces().len(), 4, "one node and three pods");
+
+    let ping = lab.trellis(&[
+        "exec", "c1/pod-2", "--", "ping", "-c", "1", "-W", "1", "10.1.0.1",
+    ]);
+    assert!(ping.status.success(), "{}", text(&ping));
+    let failing = lab.trellis(&["exec", "c1/pod-0", "--", "false"]);
+    assert_eq!(
+        failing.status.code(),
+        Some(1),
+        "exec passes the command's exit status on"
+    );
+    let unknown = lab.trellis(&["exec", "c9/pod-0", "--", "true"]);
+    assert!(
+        !unknown.status.success() && text(&unknown).contains("no pod or node"),
+        "{}",
+        text(&unknown)
+    );
+
+    let again = lab.trellis(&["up"]);
+    assert!(!again.status.success(), "a second up is refused");
+    assert!(text(&again).contains("already up"), "{}", text(&again));
+    assert_eq!(lab.namespaces().len(), 4, "the refused up built nothing");
+
+    let status = lab.trellis(&["status"]);
+    assert!(
+        status.status.success() && text(&status).contains("10.1.0.3"),
+        "{}",
+        text(&status)
+    );
+
+    let down = lab.trellis(&["down"]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert!(
+        lab.namespaces().is_empty(),
+        "namespaces left: {:?}",
+        lab.namespaces()
+    );
+    assert!(
+        !Path::new("/run/trellis/lab").join(&lab.name).exists(),
+        "state directory left"
+    );
+}
+
+#[test]
+fn down_cleans_up_after_a_lab_whose_state_was_lost() {
+    let lab = TestLab::new("lost");
+    assert!(lab.trellis(&["up", "--pods", "1"]).status.success());
+    // As after a crash that lost the state file: down still finds the namespaces by name.
+    std::fs::remove_dir_all(Path::new("/run/trellis/lab").join(&lab.name)).unwrap();
+    let down = lab.trellis(&["down"]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert!(lab.namespaces().is_empty());
+}

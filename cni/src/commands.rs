@@ -7,7 +7,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::NetConf;
-use crate::dataplane::{Dataplane, PodSpec};
+use crate::dataplane::{Dataplane, HOST_IFNAME_PREFIX, PodSpec};
 use crate::env::Attachment;
 use crate::error::{CniError, code};
 use crate::failpoint;
@@ -24,7 +24,7 @@ pub fn host_ifname(owner: &Owner) -> String {
         .chain_update(owner.ifname.as_bytes())
         .finalize();
     let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
-    format!("trl{hex}")
+    format!("{HOST_IFNAME_PREFIX}{hex}")
 }
 
 fn owner_of(attachment: &Attachment) -> Owner {
@@ -75,9 +75,9 @@ pub async fn add<D: Dataplane>(
     let attached = match dataplane.attach(&spec).await {
         Ok(attached) => attached,
         Err(error) => {
-            // The interface-exists case must not touch the pod's existing interface; our
-            // own veth is keyed by the host name, so removing that is always safe.
-            let _ = dataplane.detach(&host_ifname).await;
+            // Our veth is keyed by the host-side name, so removing it never touches an
+            // interface the pod had before (the interface-exists case).
+            let _ = dataplane.remove(&host_ifname).await;
             store.transact(|allocations| {
                 allocations.release(&owner);
                 Ok(())
@@ -101,16 +101,24 @@ pub async fn add<D: Dataplane>(
     .in_version(&conf.cni_version))
 }
 
-/// DEL: remove the veth first (its routes go with it), then free the lease, so an address is
-/// never free while a route to it still points at an old pod. Idempotent.
+/// DEL: cut the pod off first (its routes and neighbour entries go, its veth goes down), then
+/// free the lease, so an address is never free while a route still leads to an old pod.
+/// Idempotent.
+///
+/// The veth itself is left for the kernel to destroy with the pod's namespace, which the runtime
+/// removes right after DEL: deleting a veth synchronously costs 10-40 ms of RCU waits with the
+/// rtnl lock held, stalling every other pod's ADD on the node, while namespace teardown does
+/// it in the background and in batches. A namespace that outlives DEL keeps a down, routeless
+/// veth until the next ADD of that attachment or GC removes it.
 pub async fn del<D: Dataplane>(
     dataplane: &D,
     conf: &NetConf,
     attachment: &Attachment,
 ) -> Result<(), CniError> {
     let owner = owner_of(attachment);
-    dataplane.detach(&host_ifname(&owner)).await?;
     let store = Store::open(&conf.state_dir())?;
+    let leased = store.read()?.of(&owner);
+    dataplane.disconnect(&host_ifname(&owner), &leased).await?;
     store.transact(|allocations| {
         allocations.release(&owner);
         Ok(())
@@ -193,8 +201,9 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
     Ok(())
 }
 
-/// GC: free every lease, and remove every veth, of attachments the runtime no longer knows.
-/// Carries on past failures and reports them all.
+/// GC: free every lease, and delete every veth, of attachments the runtime no longer knows,
+/// including veths DEL disconnected whose namespace was kept. Carries on past failures and
+/// reports them all.
 pub async fn gc<D: Dataplane>(dataplane: &D, conf: &NetConf) -> Result<(), CniError> {
     let valid: HashSet<Owner> = conf
         .valid_attachments
@@ -209,16 +218,24 @@ pub async fn gc<D: Dataplane>(dataplane: &D, conf: &NetConf) -> Result<(), CniEr
         .iter()
         .map(|(id, ifname)| Owner::new(id.clone(), ifname.clone()))
         .collect();
+    let valid_links: HashSet<String> = valid.iter().map(host_ifname).collect();
     let store = Store::open(&conf.state_dir())?;
     let stale: HashSet<Owner> = store.read()?.owners().difference(&valid).cloned().collect();
     let mut failures = Vec::new();
-    let mut detached = HashSet::new();
+    let mut removed = HashSet::new();
     for owner in &stale {
-        match dataplane.detach(&host_ifname(owner)).await {
+        match dataplane.remove(&host_ifname(owner)).await {
             Ok(()) => {
-                detached.insert(owner.clone());
+                removed.insert(owner.clone());
             }
             Err(error) => failures.push(format!("{}: {error}", owner.container_id)),
+        }
+    }
+    for link in dataplane.disconnected_links().await? {
+        if !valid_links.contains(&link)
+            && let Err(error) = dataplane.remove(&link).await
+        {
+            failures.push(format!("{link}: {error}"));
         }
     }
     // Keep the lease of any attachment whose veth could not be removed: its address must not
@@ -227,7 +244,7 @@ pub async fn gc<D: Dataplane>(dataplane: &D, conf: &NetConf) -> Result<(), CniEr
         let keep: HashSet<Owner> = allocations
             .owners()
             .into_iter()
-            .filter(|o| !detached.contains(o))
+            .filter(|o| !removed.contains(o))
             .collect();
         allocations.retain_owners(&keep);
         Ok(())
@@ -266,12 +283,24 @@ mod tests {
     use super::*;
     use crate::dataplane::Attached;
 
-    /// Records calls; fails attach when told to.
+    /// Records links as the kernel would hold them; fails attach when told to.
     #[derive(Default)]
     struct FakeDataplane {
         fail_attach: bool,
-        attached: RefCell<Vec<String>>,
-        detached: RefCell<Vec<String>>,
+        /// host-side name -> up
+        links: RefCell<Vec<(String, bool)>>,
+        removed: RefCell<Vec<String>>,
+    }
+
+    impl FakeDataplane {
+        fn up_links(&self) -> Vec<String> {
+            self.links
+                .borrow()
+                .iter()
+                .filter(|(_, up)| *up)
+                .map(|(n, _)| n.clone())
+                .collect()
+        }
     }
 
     impl Dataplane for FakeDataplane {
@@ -279,18 +308,39 @@ mod tests {
             if self.fail_attach {
                 return Err(CniError::new(code::DATAPLANE, "refused", ""));
             }
-            self.attached
+            self.links
                 .borrow_mut()
-                .push(spec.host_ifname.to_string());
+                .push((spec.host_ifname.to_string(), true));
             Ok(Attached {
                 host_mac: [0xee; 6],
                 pod_mac: [2, 0, 0, 0, 0, 1],
             })
         }
-        async fn detach(&self, host_ifname: &str) -> Result<(), CniError> {
-            self.detached.borrow_mut().push(host_ifname.to_string());
-            self.attached.borrow_mut().retain(|n| n != host_ifname);
+        async fn disconnect(
+            &self,
+            host_ifname: &str,
+            _addresses: &[IpAddr],
+        ) -> Result<(), CniError> {
+            for (name, up) in self.links.borrow_mut().iter_mut() {
+                if name == host_ifname {
+                    *up = false;
+                }
+            }
             Ok(())
+        }
+        async fn remove(&self, host_ifname: &str) -> Result<(), CniError> {
+            self.removed.borrow_mut().push(host_ifname.to_string());
+            self.links.borrow_mut().retain(|(n, _)| n != host_ifname);
+            Ok(())
+        }
+        async fn disconnected_links(&self) -> Result<Vec<String>, CniError> {
+            Ok(self
+                .links
+                .borrow()
+                .iter()
+                .filter(|(_, up)| !up)
+                .map(|(n, _)| n.clone())
+                .collect())
         }
         async fn check(&self, _spec: &PodSpec<'_>) -> Result<(), CniError> {
             Ok(())
@@ -341,7 +391,7 @@ mod tests {
         };
         let error = block_on(add(&dataplane, &conf, &attachment("a"))).unwrap_err();
         assert_eq!(error.code, code::DATAPLANE);
-        assert_eq!(dataplane.detached.borrow().len(), 1);
+        assert_eq!(dataplane.removed.borrow().len(), 1);
         assert!(
             Store::open(&conf.state_dir())
                 .unwrap()
@@ -362,7 +412,7 @@ mod tests {
         block_on(del(&dataplane, &conf, &attachment("a"))).unwrap();
         block_on(del(&dataplane, &conf, &attachment("a"))).unwrap();
         block_on(del(&dataplane, &conf, &attachment("never-added"))).unwrap();
-        assert!(dataplane.attached.borrow().is_empty());
+        assert!(dataplane.up_links().is_empty(), "DEL cut the pod off");
         assert!(
             Store::open(&conf.state_dir())
                 .unwrap()
@@ -400,14 +450,19 @@ mod tests {
         for id in ["a", "b", "c"] {
             block_on(add(&dataplane, &conf, &attachment(id))).unwrap();
         }
+        // "c" was DELeted but its namespace kept: its disconnected veth lingers.
+        block_on(del(&dataplane, &conf, &attachment("c"))).unwrap();
         conf.valid_attachments = Some(vec![("b".into(), "eth0".into())]);
         block_on(gc(&dataplane, &conf)).unwrap();
         let left = Store::open(&conf.state_dir()).unwrap().read().unwrap();
         assert_eq!(left.owners(), [Owner::new("b", "eth0")].into());
-        assert_eq!(
-            *dataplane.attached.borrow(),
-            vec![host_ifname(&Owner::new("b", "eth0"))]
-        );
+        let links: Vec<String> = dataplane
+            .links
+            .borrow()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        assert_eq!(links, vec![host_ifname(&Owner::new("b", "eth0"))]);
     }
 
     #[test]

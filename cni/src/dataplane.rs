@@ -35,15 +35,24 @@ pub struct Attached {
 /// The seam between the CNI commands and the kernel.
 #[allow(async_fn_in_trait)]
 pub trait Dataplane {
-    /// Wires the pod. On error, whatever was half-built is for `detach` to remove.
+    /// Wires the pod. On error, whatever was half-built is for `remove` to delete.
     async fn attach(&self, spec: &PodSpec<'_>) -> Result<Attached, CniError>;
-    /// Removes the pod's veth (and with it every route through it). Succeeds when it is gone.
-    async fn detach(&self, host_ifname: &str) -> Result<(), CniError>;
+    /// Cuts the pod off at once (its routes and neighbour entries gone, its veth down) without
+    /// deleting the veth: the kernel destroys that with the pod's namespace, which the runtime
+    /// removes right after DEL. Succeeds when there is nothing left to cut.
+    async fn disconnect(&self, host_ifname: &str, addresses: &[IpAddr]) -> Result<(), CniError>;
+    /// Deletes the pod's veth pair now. Succeeds when it is already gone.
+    async fn remove(&self, host_ifname: &str) -> Result<(), CniError>;
+    /// Host-side veths that DEL disconnected but whose pod namespace outlived it.
+    async fn disconnected_links(&self) -> Result<Vec<String>, CniError>;
     /// Verifies the pod's network is as `attach` left it.
     async fn check(&self, spec: &PodSpec<'_>) -> Result<(), CniError>;
     /// The pod MTU when the config gives none.
     async fn default_mtu(&self) -> u32;
 }
+
+/// Every host-side veth of trellis-cni starts with this.
+pub const HOST_IFNAME_PREFIX: &str = "trl";
 
 /// The real thing, running in the node's network namespace.
 pub struct KernelDataplane {
@@ -65,6 +74,14 @@ fn unknown_netns(path: &Path, error: trellis_netns::Error) -> CniError {
         "the container's network namespace does not exist",
         format!("{}: {error}", path.display()),
     )
+}
+
+/// Teardown is idempotent: what is already gone counts as done.
+fn ignore_missing(outcome: Result<(), trellis_netns::Error>) -> Result<(), CniError> {
+    match outcome {
+        Err(error) if !error.is_not_found() => Err(error.into()),
+        _ => Ok(()),
+    }
 }
 
 fn check_failed(details: String) -> CniError {
@@ -94,16 +111,17 @@ impl Dataplane for KernelDataplane {
     async fn attach(&self, spec: &PodSpec<'_>) -> Result<Attached, CniError> {
         let pod_netns = Netns::open_path(spec.netns).map_err(|e| unknown_netns(spec.netns, e))?;
         let pod = Netlink::connect_in(&pod_netns)?;
+        // A veth left for this same attachment (a crashed ADD, or a DEL whose namespace was
+        // kept): ours to replace, and deleting it removes its pod end too.
+        if let Some(stale) = self.node.link(spec.host_ifname).await? {
+            self.node.delete_link(stale.index).await?;
+        }
         if pod.link(spec.ifname).await?.is_some() {
             return Err(CniError::new(
                 code::INTERFACE_EXISTS,
                 "interface name already taken in the container",
                 format!("{} already exists in {}", spec.ifname, spec.netns.display()),
             ));
-        }
-        // A veth left by an ADD of this same container that crashed: ours to replace.
-        if let Some(stale) = self.node.link(spec.host_ifname).await? {
-            self.node.delete_link(stale.index).await?;
         }
         self.node
             .add_veth(&VethSpec {
@@ -159,14 +177,37 @@ impl Dataplane for KernelDataplane {
         Ok(Attached { host_mac, pod_mac })
     }
 
-    async fn detach(&self, host_ifname: &str) -> Result<(), CniError> {
+    async fn disconnect(&self, host_ifname: &str, addresses: &[IpAddr]) -> Result<(), CniError> {
+        let Some(host) = self.node.link(host_ifname).await? else {
+            return Ok(());
+        };
+        for address in addresses {
+            ignore_missing(self.node.delete_route(&host_route(address, &host)).await)?;
+            ignore_missing(self.node.delete_neighbour(host.index, *address).await)?;
+        }
+        ignore_missing(self.node.set_down(host.index).await)
+    }
+
+    async fn remove(&self, host_ifname: &str) -> Result<(), CniError> {
         match self.node.link(host_ifname).await? {
-            Some(link) => match self.node.delete_link(link.index).await {
-                Err(e) if e.is_not_found() => Ok(()),
-                other => other.map_err(Into::into),
-            },
+            Some(link) => ignore_missing(self.node.delete_link(link.index).await),
             None => Ok(()),
         }
+    }
+
+    async fn disconnected_links(&self) -> Result<Vec<String>, CniError> {
+        Ok(self
+            .node
+            .links()
+            .await?
+            .into_iter()
+            .filter(|link| {
+                link.name.starts_with(HOST_IFNAME_PREFIX)
+                    && link.kind.as_deref() == Some("veth")
+                    && !link.up
+            })
+            .map(|link| link.name)
+            .collect())
     }
 
     async fn check(&self, spec: &PodSpec<'_>) -> Result<(), CniError> {

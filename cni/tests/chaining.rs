@@ -101,7 +101,7 @@ fn portmap_and_tuning_work_behind_trellis_cni() {
         .del(&list, &pod.attachment, Some(&result))
         .unwrap();
     assert_eq!(node.leases(), 0);
-    assert!(node.host_veths().is_empty());
+    assert!(node.up_host_veths().is_empty());
     let refused = client
         .run(|| TcpStream::connect_timeout(&node_port, Duration::from_secs(1)))
         .unwrap();

@@ -62,26 +62,21 @@ fn two_pods_reach_each_other_and_the_node_then_check_and_del() {
     node.runtime
         .del(&list, &b.attachment, b.result.as_ref())
         .unwrap();
-    assert!(
-        node.host_veths().is_empty(),
-        "host veths left: {:?}",
-        node.host_veths()
-    );
+    // DEL cuts the pods off at once: no lease, no route, no neighbour, veths down.
     assert_eq!(node.leases(), 0);
+    assert!(
+        node.up_host_veths().is_empty(),
+        "veths still up: {:?}",
+        node.up_host_veths()
+    );
+    assert!(!ping(&node.netns, &a4), "node still reaches a deleted pod");
     common::block_on(async {
-        let netlink = Netlink::connect_in(&a.netns).unwrap();
-        assert!(
-            netlink.link("eth0").await.unwrap().is_none(),
-            "pod interface must be gone"
-        );
         let node_netlink = Netlink::connect_in(&node.netns).unwrap();
         let routes = node_netlink.routes().await.unwrap();
-        assert!(
-            !routes
-                .iter()
-                .any(|r| r.destination.addr().to_string() == a4),
-            "route to the deleted pod remains"
-        );
+        let stale = routes
+            .iter()
+            .any(|r| r.destination.addr().to_string() == a4);
+        assert!(!stale, "route to the deleted pod remains");
     });
     // DEL again, and DEL of a container never added: both succeed.
     node.runtime
@@ -89,6 +84,40 @@ fn two_pods_reach_each_other_and_the_node_then_check_and_del() {
         .unwrap();
     let stranger = node.new_pod("never-added");
     node.runtime.del(&list, &stranger.attachment, None).unwrap();
+    // The runtime removes the pod namespaces: the kernel destroys the veths with them.
+    drop((a, b, stranger));
+    let left = node.host_veths_after_namespaces_go();
+    assert!(
+        left.is_empty(),
+        "veths left after the pods' namespaces went: {left:?}"
+    );
+}
+
+#[test]
+fn add_after_del_into_a_kept_namespace_replaces_the_old_veth() {
+    let node = Node::new("cni-readd");
+    let list = node.conflist(&["10.244.6.0/24"]);
+    let mut pod = node.new_pod("readd");
+    node.add(&list, &mut pod).unwrap();
+    node.runtime
+        .del(&list, &pod.attachment, pod.result.as_ref())
+        .unwrap();
+    // The runtime kept the namespace and adds the same attachment again.
+    let result = node.add(&list, &mut pod).unwrap();
+    assert!(ping(&pod.netns, NODE_ADDRESS), "the re-added pod works");
+    assert_eq!(
+        node.host_veths().len(),
+        1,
+        "the old veth was replaced, not kept beside"
+    );
+    node.runtime
+        .del(&list, &pod.attachment, Some(&result))
+        .unwrap();
+    // GC (nothing valid) deletes the disconnected veth of a kept namespace.
+    let mut gc_list = list.clone();
+    gc_list.cni_version = "1.1.0".into();
+    node.runtime.gc(&gc_list, &[]).unwrap();
+    assert!(node.host_veths().is_empty(), "{:?}", node.host_veths());
 }
 
 #[test]

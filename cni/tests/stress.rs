@@ -45,9 +45,12 @@ fn hundred_concurrent_adds_then_dels_share_nothing_and_leave_nothing() {
         }
     });
     assert_eq!(node.leases(), 0, "nothing left on disk");
+    assert!(node.up_host_veths().is_empty(), "every pod is cut off");
+    drop(pods);
+    let left = node.host_veths_after_namespaces_go();
     assert!(
-        node.host_veths().is_empty(),
-        "nothing left in the node namespace"
+        left.is_empty(),
+        "nothing left in the node namespace: {left:?}"
     );
 }
 
@@ -85,9 +88,9 @@ fn a_crash_anywhere_in_add_leaks_and_doubles_nothing() {
         node.runtime.del(&list, &victim.attachment, None).unwrap();
         assert_eq!(node.leases(), 1, "{point}: DEL freed the crashed lease");
         assert_eq!(
-            node.host_veths().len(),
+            node.up_host_veths().len(),
             1,
-            "{point}: DEL removed the half-made veth"
+            "{point}: DEL cut off the half-made veth"
         );
         assert!(
             ping(&bystander.netns, common::NODE_ADDRESS),
@@ -110,7 +113,9 @@ fn a_crash_anywhere_in_add_leaks_and_doubles_nothing() {
             .del(&list, &bystander.attachment, bystander.result.as_ref())
             .unwrap();
         assert_eq!(node.leases(), 0, "{point}");
-        assert!(node.host_veths().is_empty(), "{point}");
+        assert!(node.up_host_veths().is_empty(), "{point}");
+        drop((victim, bystander));
+        assert!(node.host_veths_after_namespaces_go().is_empty(), "{point}");
     }
 }
 

@@ -8,7 +8,9 @@ use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
-use netlink_packet_route::neighbour::NeighbourState;
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope,
 };
@@ -180,6 +182,14 @@ impl Netlink {
         .await
     }
 
+    pub async fn set_down(&self, index: u32) -> Result<(), Error> {
+        self.set_link(
+            LinkUnspec::new_with_index(index).down().build(),
+            format!("set link {index} down"),
+        )
+        .await
+    }
+
     pub async fn set_master(&self, index: u32, master: u32) -> Result<(), Error> {
         self.set_link(
             LinkUnspec::new_with_index(index).controller(master).build(),
@@ -324,6 +334,30 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| Error::netlink(format!("add neighbour {ip} on link {index}"), e))
+    }
+}
+
+impl Netlink {
+    /// Removes the neighbour entry for `ip` on the link.
+    pub async fn delete_neighbour(&self, index: u32, ip: IpAddr) -> Result<(), Error> {
+        let mut message = NeighbourMessage::default();
+        message.header.family = match ip {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        message.header.ifindex = index;
+        message
+            .attributes
+            .push(NeighbourAttribute::Destination(match ip {
+                IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+                IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+            }));
+        self.handle
+            .neighbours()
+            .del(message)
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("delete neighbour {ip} on link {index}"), e))
     }
 }
 

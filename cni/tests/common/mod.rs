@@ -130,6 +130,34 @@ impl Node {
         })
     }
 
+    /// trellis-cni's node-side veths that are up (DEL takes them down at once).
+    pub fn up_host_veths(&self) -> Vec<String> {
+        block_on(async {
+            let netlink = Netlink::connect_in(&self.netns).unwrap();
+            netlink
+                .links()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|l| l.up && l.name.starts_with("trl"))
+                .map(|l| l.name)
+                .collect()
+        })
+    }
+
+    /// Waits (at most 3 s) for the kernel to destroy the veths of removed pod namespaces, and
+    /// returns what is left.
+    pub fn host_veths_after_namespaces_go(&self) -> Vec<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            let left = self.host_veths();
+            if left.is_empty() || std::time::Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// The leases on disk.
     pub fn leases(&self) -> usize {
         let path = self.data_dir.path().join("pods/allocations.json");

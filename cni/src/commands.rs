@@ -11,7 +11,7 @@ use crate::dataplane::{Dataplane, HOST_IFNAME_PREFIX, PodSpec};
 use crate::env::Attachment;
 use crate::error::{CniError, code};
 use crate::failpoint;
-use crate::ipam::{Owner, Store};
+use crate::ipam::Owner;
 use crate::result::{CniResult, Wiring};
 use crate::{SPEC_VERSION, SUPPORTED_VERSIONS};
 
@@ -57,7 +57,7 @@ pub async fn add<D: Dataplane>(
         Some(mtu) => mtu,
         None => dataplane.default_mtu().await,
     };
-    let store = Store::open(&conf.state_dir())?;
+    let store = conf.store()?;
     let addresses = store.transact(|allocations| {
         allocations
             .allocate(&conf.pod_cidrs, &owner)
@@ -116,7 +116,7 @@ pub async fn del<D: Dataplane>(
     attachment: &Attachment,
 ) -> Result<(), CniError> {
     let owner = owner_of(attachment);
-    let store = Store::open(&conf.state_dir())?;
+    let store = conf.store()?;
     let leased = store.read()?.of(&owner);
     dataplane.disconnect(&host_ifname(&owner), &leased).await?;
     store.transact(|allocations| {
@@ -143,7 +143,7 @@ pub async fn check<D: Dataplane>(
         )
     })?;
     let owner = owner_of(attachment);
-    let leased: Vec<IpAddr> = Store::open(&conf.state_dir())?.read()?.of(&owner);
+    let leased: Vec<IpAddr> = conf.store()?.read()?.of(&owner);
     if leased.is_empty() {
         return Err(CniError::new(
             code::CHECK_FAILED,
@@ -177,7 +177,7 @@ pub async fn check<D: Dataplane>(
 
 /// STATUS: ready when the state is readable and an address is free in every pod CIDR.
 pub fn status(conf: &NetConf) -> Result<(), CniError> {
-    let store = Store::open(&conf.state_dir()).map_err(|e| {
+    let store = conf.store().map_err(|e| {
         CniError::new(
             code::NOT_AVAILABLE,
             "IPAM state directory is unusable",
@@ -219,7 +219,7 @@ pub async fn gc<D: Dataplane>(dataplane: &D, conf: &NetConf) -> Result<(), CniEr
         .map(|(id, ifname)| Owner::new(id.clone(), ifname.clone()))
         .collect();
     let valid_links: HashSet<String> = valid.iter().map(host_ifname).collect();
-    let store = Store::open(&conf.state_dir())?;
+    let store = conf.store()?;
     let stale: HashSet<Owner> = store.read()?.owners().difference(&valid).cloned().collect();
     let mut failures = Vec::new();
     let mut removed = HashSet::new();
@@ -282,6 +282,7 @@ mod tests {
 
     use super::*;
     use crate::dataplane::Attached;
+    use crate::ipam::Store;
 
     /// Records links as the kernel would hold them; fails attach when told to.
     #[derive(Default)]
@@ -373,6 +374,14 @@ mod tests {
             .block_on(future)
     }
 
+    fn leases(conf: &NetConf) -> usize {
+        Store::open(&conf.state_dir())
+            .unwrap()
+            .read()
+            .unwrap()
+            .len()
+    }
+
     #[test]
     fn host_names_are_stable_short_and_distinct() {
         let a = host_ifname(&Owner::new("abc", "eth0"));
@@ -392,13 +401,7 @@ mod tests {
         let error = block_on(add(&dataplane, &conf, &attachment("a"))).unwrap_err();
         assert_eq!(error.code, code::DATAPLANE);
         assert_eq!(dataplane.removed.borrow().len(), 1);
-        assert!(
-            Store::open(&conf.state_dir())
-                .unwrap()
-                .read()
-                .unwrap()
-                .is_empty()
-        );
+        assert_eq!(leases(&conf), 0);
     }
 
     #[test]
@@ -413,13 +416,7 @@ mod tests {
         block_on(del(&dataplane, &conf, &attachment("a"))).unwrap();
         block_on(del(&dataplane, &conf, &attachment("never-added"))).unwrap();
         assert!(dataplane.up_links().is_empty(), "DEL cut the pod off");
-        assert!(
-            Store::open(&conf.state_dir())
-                .unwrap()
-                .read()
-                .unwrap()
-                .is_empty()
-        );
+        assert_eq!(leases(&conf), 0);
     }
 
     #[test]

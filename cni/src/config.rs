@@ -1,12 +1,14 @@
 //! The network configuration the runtime sends on stdin.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::SUPPORTED_VERSIONS;
 use crate::error::{CniError, code};
+use crate::ipam::{DEFAULT_LOCK_TIMEOUT, Store};
 use crate::result::CniResult;
 
 /// Where allocations live unless the config says otherwise (beside host-local's, in the
@@ -27,6 +29,8 @@ pub struct NetConf {
     /// Pod MTU; `None` means "underlay MTU minus WireGuard's overhead", found at ADD.
     pub mtu: Option<u32>,
     pub data_dir: PathBuf,
+    /// How long to wait for the lease state's lock before answering "try again later".
+    pub lock_timeout: Duration,
     pub prev_result: Option<CniResult>,
     /// GC only: the attachments the runtime still knows, as (container ID, ifname).
     pub valid_attachments: Option<Vec<(String, String)>>,
@@ -43,6 +47,9 @@ struct RawConf {
     pod_cidrs: Vec<String>,
     mtu: Option<u32>,
     data_dir: Option<PathBuf>,
+    ipam_lock_timeout_ms: Option<u64>,
+    /// Delegated IPAM is not supported: trellis-cni allocates from `podCIDRs` itself.
+    ipam: Option<serde_json::Value>,
     prev_result: Option<serde_json::Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
     valid_attachments: Option<Vec<RawAttachment>>,
@@ -113,6 +120,13 @@ impl NetConf {
         if raw.plugin_type.is_none() {
             return Err(invalid("plugin type is missing", ""));
         }
+        if raw.ipam.is_some() {
+            return Err(CniError::new(
+                code::UNSUPPORTED_FIELD,
+                "unsupported field \"ipam\"",
+                "trellis-cni allocates pod addresses itself from podCIDRs; remove the ipam section",
+            ));
+        }
         let pod_cidrs = parse_pod_cidrs(&raw.pod_cidrs)?;
         if let Some(mtu) = raw.mtu {
             let minimum = if pod_cidrs.iter().any(|c| matches!(c, IpNet::V6(_))) {
@@ -144,6 +158,9 @@ impl NetConf {
             name,
             pod_cidrs,
             mtu: raw.mtu,
+            lock_timeout: raw
+                .ipam_lock_timeout_ms
+                .map_or(DEFAULT_LOCK_TIMEOUT, Duration::from_millis),
             data_dir: raw
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -159,6 +176,11 @@ impl NetConf {
     /// The directory holding this network's allocations.
     pub fn state_dir(&self) -> PathBuf {
         self.data_dir.join(&self.name)
+    }
+
+    /// This network's lease store.
+    pub fn store(&self) -> Result<Store, CniError> {
+        Ok(Store::open(&self.state_dir())?.with_lock_timeout(self.lock_timeout))
     }
 }
 
@@ -232,7 +254,7 @@ mod tests {
 
     #[test]
     fn each_bad_config_gets_its_code() {
-        let cases: [(&[u8], u32); 9] = [
+        let cases: [(&[u8], u32); 10] = [
             (b"{not json", code::DECODE_FAILURE),
             (br#"{"cniVersion":"0.2.0","name":"n","type":"t","podCIDRs":["10.0.0.0/24"]}"#, code::INCOMPATIBLE_VERSION),
             (br#"{"cniVersion":"1.0.0","type":"t","podCIDRs":["10.0.0.0/24"]}"#, code::INVALID_CONFIG),
@@ -242,6 +264,7 @@ mod tests {
             (br#"{"cniVersion":"1.0.0","name":"n","type":"t","podCIDRs":["10.0.0.0/31"]}"#, code::INVALID_CONFIG),
             (br#"{"cniVersion":"1.0.0","name":"n","type":"t","podCIDRs":["10.0.0.0/24"],"mtu":100}"#, code::INVALID_CONFIG),
             (br#"{"cniVersion":"1.0.0","name":"n","type":"t","podCIDRs":["10.0.0.0/24"],"prevResult":{"ips":"x"}}"#, code::DECODE_FAILURE),
+            (br#"{"cniVersion":"1.0.0","name":"n","type":"t","podCIDRs":["10.0.0.0/24"],"ipam":{"type":"host-local"}}"#, code::UNSUPPORTED_FIELD),
         ];
         for (stdin, expected) in cases {
             let error = NetConf::parse(stdin).unwrap_err();

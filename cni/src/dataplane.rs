@@ -6,6 +6,7 @@
 
 use std::net::IpAddr;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use trellis_netns::{Link, Netlink, Netns, Route, VethSpec, sysctl};
@@ -74,6 +75,32 @@ fn unknown_netns(path: &Path, error: trellis_netns::Error) -> CniError {
         "the container's network namespace does not exist",
         format!("{}: {error}", path.display()),
     )
+}
+
+/// How long a new veth may take to become operational before ADD gives up on it.
+const OPERATIONAL_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Link-up is only half of it: the kernel attaches the link's queue in its link-watch work a
+/// moment later and drops whatever is sent before that. A pod's first SYN lost there costs a
+/// one-second retransmit, so ADD returns only once both ends carry packets.
+async fn wait_operational(netlink: &Netlink, name: &str) -> Result<(), CniError> {
+    let deadline = Instant::now() + OPERATIONAL_TIMEOUT;
+    loop {
+        if netlink.require_link(name).await?.operational {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(CniError::new(
+                code::DATAPLANE,
+                "veth did not become operational",
+                format!(
+                    "{name} still not up after {} ms",
+                    OPERATIONAL_TIMEOUT.as_millis()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
 }
 
 /// Teardown is idempotent: what is already gone counts as done.
@@ -162,6 +189,8 @@ impl Dataplane for KernelDataplane {
         failpoint::crash_if_armed("pod-configured");
 
         self.node.set_up(host.index).await?;
+        wait_operational(&self.node, spec.host_ifname).await?;
+        wait_operational(&pod, spec.ifname).await?;
         for address in spec.addresses {
             self.node
                 .add_permanent_neighbour(host.index, *address, pod_mac)

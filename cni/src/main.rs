@@ -50,6 +50,7 @@ fn run(stdin: &[u8]) -> Result<Option<String>, CniError> {
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
+        .enable_time()
         .build()
         .map_err(|e| {
             CniError::new(

@@ -149,3 +149,25 @@ fn version_answers_without_a_config() {
         json!(["0.4.0", "1.0.0", "1.1.0"])
     );
 }
+
+#[test]
+fn a_busy_lease_state_answers_try_again_later_and_changes_nothing() {
+    let node = Node::new("cni-busy");
+    let mut list = node.conflist(&["10.244.7.0/24"]);
+    list.plugins[0]["ipamLockTimeoutMs"] = json!(200);
+    let state_dir = node.data_dir.path().join("pods");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    // Another invocation holds the state's lock and does not let go.
+    let held = std::fs::File::create(state_dir.join("lock")).unwrap();
+    held.lock().unwrap();
+
+    let mut pod = node.new_pod("busy");
+    let error = node.add(&list, &mut pod).unwrap_err();
+    assert_eq!(error.code(), Some(11), "{error}");
+    assert_eq!(node.leases(), 0);
+    assert!(node.host_veths().is_empty());
+
+    drop(held);
+    node.add(&list, &mut pod).unwrap();
+    assert_eq!(node.leases(), 1);
+}

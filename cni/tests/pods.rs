@@ -170,3 +170,67 @@ fn gc_frees_what_the_runtime_no_longer_knows() {
     assert_eq!(node.leases(), 0);
     assert!(node.host_veths().is_empty());
 }
+
+#[test]
+fn pod_mtu_defaults_to_the_underlay_minus_wireguard_overhead() {
+    let node = Node::new("cni-mtu");
+    // A jumbo-frame underlay carries the node's default route.
+    common::block_on(async {
+        let netlink = Netlink::connect_in(&node.netns).unwrap();
+        let spec = trellis_netns::VethSpec {
+            name: "underlay",
+            peer_name: "underlay-peer",
+            peer_netns: None,
+            mtu: Some(9000),
+        };
+        netlink.add_veth(&spec).await.unwrap();
+        let underlay = netlink.require_link("underlay").await.unwrap();
+        netlink
+            .add_address(underlay.index, "198.18.2.1/24".parse().unwrap())
+            .await
+            .unwrap();
+        netlink.set_up(underlay.index).await.unwrap();
+        let default = Route::via_gateway(
+            "0.0.0.0/0".parse::<IpNet>().unwrap(),
+            "198.18.2.254".parse().unwrap(),
+            Some(underlay.index),
+        );
+        netlink.add_route(&default).await.unwrap();
+    });
+    let mut list = node.conflist(&["10.244.11.0/24"]);
+    list.plugins[0].as_object_mut().unwrap().remove("mtu");
+    let mut pod = node.new_pod("mtu");
+    let result = node.add(&list, &mut pod).unwrap();
+    common::block_on(async {
+        let netlink = Netlink::connect_in(&pod.netns).unwrap();
+        assert_eq!(netlink.require_link("eth0").await.unwrap().mtu, Some(8920));
+    });
+    node.runtime
+        .del(&list, &pod.attachment, Some(&result))
+        .unwrap();
+}
+
+#[test]
+fn a_pod_can_send_the_moment_add_returns() {
+    // The kernel attaches a new link's queue a moment after it comes up and drops what is sent
+    // before; a pod's first SYN lost there costs a second. ADD must return only once the path
+    // carries packets, so one echo with no retry must always make it.
+    let node = Node::new("cni-first");
+    let list = node.conflist(&["10.244.12.0/24"]);
+    for i in 0..20 {
+        let mut pod = node.new_pod(&format!("first-{i}"));
+        node.add(&list, &mut pod).unwrap();
+        let sent = std::time::Instant::now();
+        let rtt = trellis_netns::probe::icmp_echo(
+            &pod.netns,
+            NODE_ADDRESS.parse().unwrap(),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+        assert!(
+            rtt.is_some(),
+            "pod {i}: first packet lost ({:?} after ADD)",
+            sent.elapsed()
+        );
+    }
+}

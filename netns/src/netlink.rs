@@ -6,7 +6,7 @@ use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, State,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
@@ -32,6 +32,9 @@ pub struct Link {
     pub mac: Option<[u8; 6]>,
     pub mtu: Option<u32>,
     pub up: bool,
+    /// RFC 2863 operational state is "up": the kernel has finished bringing the link up and it
+    /// carries packets (its queueing discipline is attached).
+    pub operational: bool,
     pub kind: Option<String>,
 }
 
@@ -440,6 +443,7 @@ fn link_from_message(message: &LinkMessage) -> Link {
         mac: None,
         mtu: None,
         up: message.header.flags.contains(LinkFlags::Up),
+        operational: false,
         kind: None,
     };
     for attribute in &message.attributes {
@@ -447,6 +451,7 @@ fn link_from_message(message: &LinkMessage) -> Link {
             LinkAttribute::IfName(name) => link.name = name.clone(),
             LinkAttribute::Address(bytes) => link.mac = bytes.as_slice().try_into().ok(),
             LinkAttribute::Mtu(mtu) => link.mtu = Some(*mtu),
+            LinkAttribute::OperState(state) => link.operational = *state == State::Up,
             LinkAttribute::LinkInfo(infos) => {
                 link.kind = infos.iter().find_map(|info| match info {
                     LinkInfo::Kind(kind) => Some(kind.to_string()),

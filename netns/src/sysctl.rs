@@ -10,30 +10,30 @@ use crate::{Error, Netns};
 /// `netns`, or in the caller's namespace when `netns` is `None`. Skips the write when the value
 /// is already set, which keeps hot paths (the CNI plugin) from taking kernel locks for nothing.
 pub fn write(netns: Option<&Netns>, key: &str, value: &str) -> Result<(), Error> {
-    let apply = || -> std::io::Result<()> {
-        let path = Path::new("/proc/sys").join(key);
-        if fs::read_to_string(&path)?.trim() == value {
+    in_namespace(netns, key, |path| {
+        if fs::read_to_string(path)?.trim() == value {
             return Ok(());
         }
-        fs::write(&path, value)
-    };
-    let result = match netns {
-        Some(netns) => netns.run(apply)?,
-        None => apply(),
-    };
-    result.map_err(|source| Error::Sysctl {
-        key: key.to_string(),
-        source,
+        fs::write(path, value)
     })
 }
 
 /// Reads `/proc/sys/<key>` inside `netns` (or the caller's namespace).
 pub fn read(netns: Option<&Netns>, key: &str) -> Result<String, Error> {
-    let read =
-        || fs::read_to_string(Path::new("/proc/sys").join(key)).map(|s| s.trim().to_string());
+    in_namespace(netns, key, |path| {
+        fs::read_to_string(path).map(|s| s.trim().to_string())
+    })
+}
+
+fn in_namespace<T: Send>(
+    netns: Option<&Netns>,
+    key: &str,
+    access: impl FnOnce(&Path) -> std::io::Result<T> + Send,
+) -> Result<T, Error> {
+    let path = Path::new("/proc/sys").join(key);
     let result = match netns {
-        Some(netns) => netns.run(read)?,
-        None => read(),
+        Some(netns) => netns.run(|| access(&path))?,
+        None => access(&path),
     };
     result.map_err(|source| Error::Sysctl {
         key: key.to_string(),

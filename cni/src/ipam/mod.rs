@@ -11,4 +11,4 @@ mod allocator;
 mod store;
 
 pub use allocator::{Allocations, Exhausted, Owner};
-pub use store::Store;
+pub use store::{DEFAULT_LOCK_TIMEOUT, Store};

@@ -1,7 +1,9 @@
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use super::Allocations;
 use crate::error::{CniError, code};
@@ -14,7 +16,12 @@ const LOCK_FILE: &str = "lock";
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    lock_timeout: Duration,
 }
+
+/// How long an invocation waits for another to finish with the state before giving up with
+/// "try again later" (CNI code 11) rather than hanging the runtime.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn io_error(what: &str, path: &Path, error: io::Error) -> CniError {
     CniError::new(
@@ -33,7 +40,13 @@ impl Store {
             .map_err(|e| io_error("create directory", dir, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
         })
+    }
+
+    pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -72,8 +85,33 @@ impl Store {
             .open(&path)
             .map_err(|e| io_error("open lock", &path, e))?;
         // The kernel drops the lock when the process dies, however it dies.
-        file.lock().map_err(|e| io_error("take lock", &path, e))?;
-        Ok(file)
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(TryLockError::WouldBlock) => {}
+            Err(TryLockError::Error(e)) => return Err(io_error("take lock", &path, e)),
+        }
+        // Another invocation holds it: wait for it on a helper thread, but not forever. The
+        // clone shares the open file description, so its lock is this file's lock.
+        let waiter = file
+            .try_clone()
+            .map_err(|e| io_error("take lock", &path, e))?;
+        let (sender, receiver) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send(waiter.lock());
+        });
+        match receiver.recv_timeout(self.lock_timeout) {
+            Ok(Ok(())) => Ok(file),
+            Ok(Err(e)) => Err(io_error("take lock", &path, e)),
+            Err(_) => Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                "IPAM state is busy; try again later",
+                format!(
+                    "{} stayed locked for {} ms",
+                    path.display(),
+                    self.lock_timeout.as_millis()
+                ),
+            )),
+        }
     }
 
     fn load(&self) -> Result<Allocations, CniError> {

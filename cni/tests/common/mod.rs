@@ -117,29 +117,21 @@ impl Node {
 
     /// The node's links made by trellis-cni.
     pub fn host_veths(&self) -> Vec<String> {
-        block_on(async {
-            let netlink = Netlink::connect_in(&self.netns).unwrap();
-            netlink
-                .links()
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|l| l.name)
-                .filter(|n| n.starts_with("trl"))
-                .collect()
-        })
+        self.host_veths_where(|_| true)
     }
 
     /// trellis-cni's node-side veths that are up (DEL takes them down at once).
     pub fn up_host_veths(&self) -> Vec<String> {
+        self.host_veths_where(|link| link.up)
+    }
+
+    fn host_veths_where(&self, keep: impl Fn(&trellis_netns::Link) -> bool) -> Vec<String> {
         block_on(async {
             let netlink = Netlink::connect_in(&self.netns).unwrap();
-            netlink
-                .links()
-                .await
-                .unwrap()
+            let links = netlink.links().await.unwrap();
+            links
                 .into_iter()
-                .filter(|l| l.up && l.name.starts_with("trl"))
+                .filter(|l| l.name.starts_with("trl") && keep(l))
                 .map(|l| l.name)
                 .collect()
         })

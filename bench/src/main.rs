@@ -3,6 +3,7 @@
 
 mod cni;
 mod stats;
+mod tunnel;
 
 use clap::{Parser, Subcommand};
 
@@ -17,10 +18,13 @@ struct Cli {
 enum Bench {
     /// trellis-cni against the reference bridge + host-local plugins: ADD, CHECK, DEL latency.
     Cni(cni::Options),
+    /// Plain veth, wireguard-go, boringtun-cli and trellis-gateway: throughput, RTT, CPU.
+    Tunnel(tunnel::Options),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Cni(options) => cni::run(&options),
+        Bench::Tunnel(options) => tunnel::run(&options),
     }
 }

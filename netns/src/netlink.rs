@@ -185,6 +185,14 @@ impl Netlink {
         .await
     }
 
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), Error> {
+        self.set_link(
+            LinkUnspec::new_with_index(index).mtu(mtu).build(),
+            format!("set MTU {mtu} on link {index}"),
+        )
+        .await
+    }
+
     pub async fn set_down(&self, index: u32) -> Result<(), Error> {
         self.set_link(
             LinkUnspec::new_with_index(index).down().build(),

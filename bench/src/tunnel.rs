@@ -1,0 +1,553 @@
+//! Tunnel throughput and latency: plain veth, Debian's wireguard-go, boringtun-cli and
+//! trellis-gateway, each between the same two fresh namespaces over the same veth, measured the
+//! same way (iperf3 for N seconds, 1 and 4 flows; ICMP round trips), in one invocation.
+//! While a tunnel runs, a capture on the underlay counts TCP segments: any at all means
+//! traffic escaped the tunnel in plaintext, and the run fails.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ipnet::IpNet;
+use serde_json::Value;
+use trellis_netns::testing::TempNetns;
+use trellis_netns::{Netlink, Netns, VethSpec, probe};
+
+const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const UNDERLAY_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// Inner addresses, only ever inside the benchmark's namespaces.
+const INNER_A: Ipv4Addr = Ipv4Addr::new(10, 99, 1, 1);
+const INNER_B: Ipv4Addr = Ipv4Addr::new(10, 99, 2, 1);
+const TUNNEL_MTU: u32 = 1420;
+const WG_PORT: u16 = 51820;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u32,
+    /// Which contenders to run, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "veth,wireguard-go,boringtun,trellis"
+    )]
+    contenders: Vec<String>,
+    /// boringtun-cli (`cargo install boringtun-cli --root DIR`).
+    #[arg(long, default_value = "boringtun-cli")]
+    boringtun: PathBuf,
+    /// Repeat the whole set, alternating, this many times.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone)]
+struct Measurement {
+    contender: String,
+    flows: u32,
+    gbps: f64,
+    rtt_ms: f64,
+    rcvbuf_errors: u64,
+    /// Machine-wide busy CPU seconds per gigabit moved.
+    cpu_seconds_per_gbit: f64,
+}
+
+struct Pair {
+    a: TempNetns,
+    b: TempNetns,
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
+}
+
+impl Pair {
+    fn new() -> anyhow::Result<Self> {
+        let a = TempNetns::new("bench-tun-a")?;
+        let b = TempNetns::new("bench-tun-b")?;
+        block_on(async {
+            let na = Netlink::connect_in(&a)?;
+            let nb = Netlink::connect_in(&b)?;
+            for netlink in [&na, &nb] {
+                let lo = netlink.require_link("lo").await?;
+                netlink.set_up(lo.index).await?;
+            }
+            na.add_veth(&VethSpec {
+                name: "under",
+                peer_name: "under",
+                peer_netns: Some(&b),
+                mtu: Some(1500),
+            })
+            .await?;
+            for (netlink, underlay, inner) in
+                [(&na, UNDERLAY_A, INNER_A), (&nb, UNDERLAY_B, INNER_B)]
+            {
+                let under = netlink.require_link("under").await?;
+                netlink
+                    .add_address(under.index, IpNet::new(IpAddr::V4(underlay), 24)?)
+                    .await?;
+                netlink.set_up(under.index).await?;
+                let lo = netlink.require_link("lo").await?;
+                netlink
+                    .add_address(lo.index, IpNet::from(IpAddr::V4(inner)))
+                    .await?;
+            }
+            anyhow::Ok(())
+        })?;
+        Ok(Self { a, b })
+    }
+}
+
+/// A running tunnel between the pair; dropping it stops its processes.
+struct Running {
+    /// Where B's inner address is reached from A.
+    target: Ipv4Addr,
+    source: Ipv4Addr,
+    processes: Vec<Child>,
+    encrypted: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for child in &mut self.processes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn run_in(netns: &Netns, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let output = netns
+        .spawn(&mut command)?
+        .with_context(|| format!("start {program}"))?
+        .wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+fn wg_keypair() -> anyhow::Result<(String, String)> {
+    let private = Command::new("wg")
+        .arg("genkey")
+        .output()
+        .context("wg genkey (apt-get install wireguard-tools)")?;
+    let private = String::from_utf8(private.stdout)?.trim().to_string();
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, private.as_bytes())?;
+    let public = String::from_utf8(child.wait_with_output()?.stdout)?
+        .trim()
+        .to_string();
+    Ok((private, public))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A stock userspace WireGuard (wireguard-go or boringtun-cli) on each side, configured with
+/// `wg` over its UAPI socket. Interface names differ per side: the sockets share /run.
+fn start_userspace_wg(
+    pair: &Pair,
+    daemon: &Path,
+    args: &[&str],
+    tag: &str,
+) -> anyhow::Result<Running> {
+    let names = [format!("tb{tag}a"), format!("tb{tag}b")];
+    let keys = [wg_keypair()?, wg_keypair()?];
+    let mut processes = Vec::new();
+    for (netns, name) in [(&pair.a, &names[0]), (&pair.b, &names[1])] {
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{name}.sock"));
+        let mut command = Command::new(daemon);
+        command
+            .args(args)
+            .arg(name)
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        processes.push(
+            netns
+                .spawn(&mut command)?
+                .with_context(|| format!("start {}", daemon.display()))?,
+        );
+    }
+    let running = Running {
+        target: INNER_B,
+        source: INNER_A,
+        processes,
+        encrypted: true,
+    };
+    for name in &names {
+        wait_for(
+            &format!("{name}'s UAPI socket"),
+            Duration::from_secs(5),
+            || Path::new(&format!("/var/run/wireguard/{name}.sock")).exists(),
+        )?;
+    }
+    let sides = [
+        (&pair.a, &names[0], &keys[0], &keys[1], UNDERLAY_B, INNER_B),
+        (&pair.b, &names[1], &keys[1], &keys[0], UNDERLAY_A, INNER_A),
+    ];
+    for (netns, name, own, peer, peer_underlay, peer_inner) in sides {
+        let key_file = std::env::temp_dir().join(format!("{name}.key"));
+        std::fs::write(&key_file, &own.0)?;
+        let status = Command::new("wg")
+            .args([
+                "set",
+                name,
+                "listen-port",
+                &WG_PORT.to_string(),
+                "private-key",
+            ])
+            .arg(&key_file)
+            .args([
+                "peer",
+                &peer.1,
+                "endpoint",
+                &format!("{peer_underlay}:{WG_PORT}"),
+                "allowed-ips",
+                &format!("{peer_inner}/32"),
+            ])
+            .status()?;
+        std::fs::remove_file(&key_file)?;
+        if !status.success() {
+            bail!("wg set {name} failed");
+        }
+        block_on(async {
+            let netlink = Netlink::connect_in(netns)?;
+            let link = netlink.require_link(name).await?;
+            netlink.set_mtu(link.index, TUNNEL_MTU).await?;
+            netlink.set_up(link.index).await?;
+            netlink
+                .replace_route(&trellis_netns::Route::via_device(
+                    IpNet::from(IpAddr::V4(peer_inner)),
+                    link.index,
+                ))
+                .await?;
+            anyhow::Ok(())
+        })?;
+    }
+    Ok(running)
+}
+
+fn start(pair: &Pair, contender: &str, options: &Options) -> anyhow::Result<Running> {
+    match contender {
+        "veth" => {
+            // The baseline: the inner addresses routed straight over the underlay.
+            for (netns, gateway, destination) in [
+                (&pair.a, UNDERLAY_B, INNER_B),
+                (&pair.b, UNDERLAY_A, INNER_A),
+            ] {
+                block_on(async {
+                    let netlink = Netlink::connect_in(netns)?;
+                    let route = trellis_netns::Route::via_gateway(
+                        IpNet::from(IpAddr::V4(destination)),
+                        IpAddr::V4(gateway),
+                        None,
+                    );
+                    netlink.replace_route(&route).await?;
+                    anyhow::Ok(())
+                })?;
+            }
+            Ok(Running {
+                target: INNER_B,
+                source: INNER_A,
+                processes: Vec::new(),
+                encrypted: false,
+            })
+        }
+        "wireguard-go" => start_userspace_wg(pair, Path::new("wireguard-go"), &["-f"], "wg"),
+        "boringtun" => start_userspace_wg(
+            pair,
+            &options.boringtun,
+            &["-f", "--disable-drop-privileges", "--log", "/dev/null"],
+            "bt",
+        ),
+        other => bail!("unknown contender {other:?} (veth, wireguard-go, boringtun)"),
+    }
+}
+
+/// Busy and total jiffies of the whole machine.
+fn cpu_jiffies() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .context("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// UDP receive-buffer overflows seen by the namespace.
+fn rcvbuf_errors(netns: &Netns) -> anyhow::Result<u64> {
+    let snmp = netns.run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
+    let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+    let (Some(header), Some(values)) = (udp.first(), udp.get(1)) else {
+        return Ok(0);
+    };
+    let column = header
+        .split_whitespace()
+        .position(|h| h == "RcvbufErrors")
+        .context("no RcvbufErrors")?;
+    Ok(values
+        .split_whitespace()
+        .nth(column)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Watches A's underlay for TCP segments while it runs.
+struct Capture {
+    child: Child,
+}
+
+impl Capture {
+    fn start(netns: &Netns) -> anyhow::Result<Self> {
+        let mut command = Command::new("tcpdump");
+        command
+            .args(["-i", "under", "-nn", "-l", "-q", "tcp"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let child = netns
+            .spawn(&mut command)?
+            .context("start tcpdump (apt-get install tcpdump)")?;
+        // Give it a moment to attach before traffic starts.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self { child })
+    }
+
+    /// The captured TCP segments, one summary line each.
+    fn stop(mut self) -> anyhow::Result<Vec<String>> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )?;
+        let stdout = self.child.stdout.take().context("tcpdump stdout")?;
+        let lines = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|line| !line.trim().is_empty())
+            .collect();
+        self.child.wait()?;
+        Ok(lines)
+    }
+}
+
+fn iperf(pair: &Pair, running: &Running, flows: u32, seconds: u32) -> anyhow::Result<f64> {
+    let mut server_command = Command::new("iperf3");
+    server_command
+        .args(["-s", "-B", &running.target.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut server = pair
+        .b
+        .spawn(&mut server_command)?
+        .context("start iperf3 (apt-get install iperf3)")?;
+    let target = SocketAddr::new(IpAddr::V4(running.target), 5201);
+    wait_for("iperf3 server", Duration::from_secs(5), || {
+        pair.a
+            .run(|| TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok())
+            .unwrap_or(false)
+    })?;
+    // The probe connection above may have raced the server; let it settle.
+    std::thread::sleep(Duration::from_millis(200));
+    let outcome = run_in(
+        &pair.a,
+        "iperf3",
+        &[
+            "-c",
+            &running.target.to_string(),
+            "-B",
+            &running.source.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-P",
+            &flows.to_string(),
+            "-J",
+        ],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let report: Value = serde_json::from_str(&outcome?)?;
+    if let Some(error) = report["error"].as_str() {
+        bail!("iperf3: {error}");
+    }
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|bps| bps / 1e9)
+        .context("iperf3 report without sum_received")
+}
+
+fn median_rtt_ms(pair: &Pair, running: &Running) -> anyhow::Result<f64> {
+    let mut samples = Vec::new();
+    for _ in 0..50 {
+        if let Some(rtt) = probe::icmp_echo(&pair.a, running.target, Duration::from_secs(1))? {
+            samples.push(rtt.as_secs_f64() * 1000.0);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if samples.is_empty() {
+        bail!("no echo came back through the tunnel");
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+fn measure(contender: &str, flows: u32, options: &Options) -> anyhow::Result<Measurement> {
+    let pair = Pair::new()?;
+    let running = start(&pair, contender, options)?;
+    wait_for(
+        &format!("{contender} to pass traffic"),
+        Duration::from_secs(10),
+        || {
+            probe::icmp_echo(&pair.a, running.target, Duration::from_millis(300))
+                .ok()
+                .flatten()
+                .is_some()
+        },
+    )?;
+    let rtt_ms = median_rtt_ms(&pair, &running)?;
+    let errors_before = rcvbuf_errors(&pair.a)? + rcvbuf_errors(&pair.b)?;
+    let capture = Capture::start(&pair.a)?;
+    let (busy_before, _) = cpu_jiffies()?;
+    let started = Instant::now();
+    let gbps = iperf(&pair, &running, flows, options.seconds)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (busy_after, _) = cpu_jiffies()?;
+    let plaintext = capture.stop()?;
+    if running.encrypted && !plaintext.is_empty() {
+        bail!(
+            "{contender}: {} plaintext TCP segments seen on the underlay with the tunnel up, first: {}",
+            plaintext.len(),
+            plaintext[0]
+        );
+    }
+    // The same capture must see the baseline's plaintext, or it proves nothing for the rest.
+    if !running.encrypted && plaintext.is_empty() {
+        bail!("{contender}: the underlay capture saw no TCP at all; the leak check is blind");
+    }
+    let rcvbuf = rcvbuf_errors(&pair.a)? + rcvbuf_errors(&pair.b)? - errors_before;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    let busy_seconds = (busy_after - busy_before) as f64 / ticks;
+    let gbits = gbps * elapsed.min(f64::from(options.seconds));
+    drop(running);
+    Ok(Measurement {
+        contender: contender.to_string(),
+        flows,
+        gbps,
+        rtt_ms,
+        rcvbuf_errors: rcvbuf,
+        cpu_seconds_per_gbit: busy_seconds / gbits.max(f64::EPSILON),
+    })
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    println!(
+        "tunnel benchmark: {} s iperf3 per run, 1 and 4 flows, {} round(s), contenders {}",
+        options.seconds,
+        options.rounds,
+        options.contenders.join(", ")
+    );
+    let mut results: Vec<Measurement> = Vec::new();
+    for round in 0..options.rounds {
+        for flows in [1, 4] {
+            // Alternate the order each round so drift hits everyone alike.
+            let mut order = options.contenders.clone();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for contender in &order {
+                let measurement = measure(contender, flows, options)
+                    .with_context(|| format!("{contender}, {flows} flow(s)"))?;
+                println!(
+                    "  {:<13} {} flow(s): {:>6.2} Gb/s  rtt {:.3} ms  rcvbuf errors {:>7}  cpu {:.2} s/Gb",
+                    measurement.contender,
+                    flows,
+                    measurement.gbps,
+                    measurement.rtt_ms,
+                    measurement.rcvbuf_errors,
+                    measurement.cpu_seconds_per_gbit
+                );
+                results.push(measurement);
+            }
+        }
+    }
+    print_summary(&results, &options.contenders);
+    Ok(())
+}
+
+fn mean(
+    results: &[Measurement],
+    contender: &str,
+    flows: u32,
+    field: fn(&Measurement) -> f64,
+) -> Option<f64> {
+    let values: Vec<f64> = results
+        .iter()
+        .filter(|m| m.contender == contender && m.flows == flows)
+        .map(field)
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+fn print_summary(results: &[Measurement], contenders: &[String]) {
+    println!();
+    println!(
+        "{:<13} {:>10} {:>10} {:>10} {:>12}",
+        "contender", "1 flow", "4 flows", "rtt ms", "cpu s/Gb (1)"
+    );
+    for contender in contenders {
+        let one = mean(results, contender, 1, |m| m.gbps).unwrap_or(f64::NAN);
+        let four = mean(results, contender, 4, |m| m.gbps).unwrap_or(f64::NAN);
+        let rtt = mean(results, contender, 1, |m| m.rtt_ms).unwrap_or(f64::NAN);
+        let cpu = mean(results, contender, 1, |m| m.cpu_seconds_per_gbit).unwrap_or(f64::NAN);
+        println!("{contender:<13} {one:>9.2}G {four:>9.2}G {rtt:>10.3} {cpu:>12.2}");
+    }
+    if contenders.iter().any(|c| c == "trellis") {
+        for peer in contenders
+            .iter()
+            .filter(|c| *c != "trellis" && *c != "veth")
+        {
+            for flows in [1, 4] {
+                if let (Some(ours), Some(theirs)) = (
+                    mean(results, "trellis", flows, |m| m.gbps),
+                    mean(results, peer, flows, |m| m.gbps),
+                ) {
+                    println!("trellis / {peer}, {flows} flow(s): {:.2}x", ours / theirs);
+                }
+            }
+        }
+    }
+}

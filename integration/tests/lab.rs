@@ -15,7 +15,7 @@ fn lab_up_wires_pods_that_reach_each_other_and_down_removes_everything() {
         !output.contains("FAIL"),
         "every pod reaches every other: {output}"
     );
-    assert_eq!(lab.namespaces().len(), 4, "one node and three pods");
+    assert_eq!(lab.namespaces().len(), 5, "the switch, one node and three pods");
 
     let ping = lab.trellis(&[
         "exec", "c1/pod-2", "--", "ping", "-c", "1", "-W", "1", "10.1.0.1",
@@ -37,7 +37,7 @@ fn lab_up_wires_pods_that_reach_each_other_and_down_removes_everything() {
     let again = lab.trellis(&["up"]);
     assert!(!again.status.success(), "a second up is refused");
     assert!(text(&again).contains("already up"), "{}", text(&again));
-    assert_eq!(lab.namespaces().len(), 4, "the refused up built nothing");
+    assert_eq!(lab.namespaces().len(), 5, "the refused up built nothing");
 
     let status = lab.trellis(&["status"]);
     assert!(

@@ -10,12 +10,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::json;
 use trellis_cni::runtime::{Attachment, ConfList, Runtime};
-use trellis_netns::{Netlink, Netns, probe, sysctl};
+use trellis_netns::{Netlink, Netns, VethSpec, probe, sysctl};
 
-use super::topology::{LabState, Node, Topology, namespace_prefix};
+use super::topology::{LabState, Node, Topology, UNDERLAY_PREFIX, namespace_prefix};
 
-/// The pod MTU: a 1500-byte underlay less WireGuard's 80 bytes.
-const POD_MTU: u32 = 1420;
+/// The underlay's MTU, as on most clouds and kind.
+const UNDERLAY_MTU: u32 = 1500;
+/// The pod MTU: the underlay less WireGuard's 80 bytes.
+const POD_MTU: u32 = UNDERLAY_MTU - 80;
+/// The bridge inside the switch namespace.
+const SWITCH_BRIDGE: &str = "br0";
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -63,17 +67,43 @@ fn attachment(pod: &super::topology::Pod) -> Attachment {
     }
 }
 
-async fn prepare_node(node: &Node) -> anyhow::Result<()> {
+async fn prepare_switch(name: &str) -> anyhow::Result<()> {
+    let netns = Netns::create(name)?;
+    let netlink = Netlink::connect_in(&netns)?;
+    let lo = netlink.require_link("lo").await?;
+    netlink.set_up(lo.index).await?;
+    netlink.add_bridge(SWITCH_BRIDGE).await?;
+    let bridge = netlink.require_link(SWITCH_BRIDGE).await?;
+    netlink.set_up(bridge.index).await?;
+    Ok(())
+}
+
+/// A node namespace with its uplink `eth0` plugged into the switch's bridge.
+async fn prepare_node(switch: &Netlink, node: &Node) -> anyhow::Result<()> {
     let netns = Netns::create(&node.netns)?;
     let netlink = Netlink::connect_in(&netns)?;
     let lo = netlink.require_link("lo").await?;
     netlink.set_up(lo.index).await?;
+    switch
+        .add_veth(&VethSpec {
+            name: &node.switch_port,
+            peer_name: "eth0",
+            peer_netns: Some(&netns),
+            mtu: Some(UNDERLAY_MTU),
+        })
+        .await?;
+    let port = switch.require_link(&node.switch_port).await?;
+    let bridge = switch.require_link(SWITCH_BRIDGE).await?;
+    switch.set_master(port.index, bridge.index).await?;
+    switch.set_up(port.index).await?;
+    let uplink = netlink.require_link("eth0").await?;
     netlink
         .add_address(
-            lo.index,
-            ipnet::IpNet::from(std::net::IpAddr::V4(node.address)),
+            uplink.index,
+            ipnet::IpNet::new(std::net::IpAddr::V4(node.address), UNDERLAY_PREFIX)?,
         )
         .await?;
+    netlink.set_up(uplink.index).await?;
     sysctl::write(Some(&netns), "net/ipv4/ip_forward", "1")?;
     Ok(())
 }
@@ -135,10 +165,19 @@ pub fn up(dir: &Path, topology: &Topology, bin_dir: &Path) -> anyhow::Result<()>
 fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
     let node_count: usize = state.clusters.iter().map(|c| c.nodes.len()).sum();
     let pod_count = state.pods().count();
-    eprintln!("[1/3] nodes: creating {node_count} node namespace(s)");
-    for node in state.clusters.iter().flat_map(|c| &c.nodes) {
-        block_on(prepare_node(node)).with_context(|| format!("node {}", node.netns))?;
-    }
+    eprintln!("[1/3] underlay and nodes: a switch and {node_count} node namespace(s)");
+    block_on(async {
+        prepare_switch(&state.switch_netns)
+            .await
+            .context("the switch")?;
+        let switch = Netlink::connect_in(&Netns::open(&state.switch_netns)?)?;
+        for node in state.clusters.iter().flat_map(|c| &c.nodes) {
+            prepare_node(&switch, node)
+                .await
+                .with_context(|| format!("node {}", node.netns))?;
+        }
+        anyhow::Ok(())
+    })?;
     eprintln!("[2/3] pods: creating {pod_count} pod(s) through trellis-cni");
     for cluster in &mut state.clusters {
         for node in &mut cluster.nodes {

@@ -27,6 +27,12 @@ pub struct LabArgs {
 enum LabCommand {
     /// Build the lab and show it working.
     Up {
+        /// Clusters.
+        #[arg(long, default_value_t = 1)]
+        clusters: u32,
+        /// Nodes per cluster.
+        #[arg(long, default_value_t = 1)]
+        nodes: u32,
         /// Pods per node.
         #[arg(long, default_value_t = 2)]
         pods: u32,
@@ -55,7 +61,12 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
     topology::validate_lab_name(&args.name)?;
     let dir = state_dir(&args.name);
     match args.command {
-        LabCommand::Up { pods, bin_dir } => {
+        LabCommand::Up {
+            clusters,
+            nodes,
+            pods,
+            bin_dir,
+        } => {
             let bin_dir = match bin_dir {
                 Some(dir) => dir,
                 None => std::env::current_exe()?
@@ -69,7 +80,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
                     bin_dir.display()
                 );
             }
-            let topology = Topology::new(&args.name, 1, 1, pods)?;
+            let topology = Topology::new(&args.name, clusters, nodes, pods)?;
             build::up(&dir, &topology, &bin_dir)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -12,12 +12,17 @@ use trellis_core::cidr::node_block;
 
 const STATE_FILE: &str = "state.json";
 
+/// The underlay prefix: every node of every cluster on one segment.
+pub const UNDERLAY_PREFIX: u8 = 15;
+
 /// Pod CIDR sizes, as kube-controller-manager's defaults (`/16` per cluster, `/24` per node).
 const NODE_PREFIX: u8 = 24;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Topology {
     pub lab: String,
+    /// The underlay: one bridge all nodes attach to, as kind's Docker network is.
+    pub switch_netns: String,
     pub clusters: Vec<Cluster>,
     /// Where the Trellis binaries the lab runs are.
     #[serde(default)]
@@ -39,8 +44,10 @@ pub struct Node {
     pub name: String,
     pub netns: String,
     pub pod_cidr: IpNet,
-    /// The node's own address (underlay range, only ever inside the lab's namespaces).
+    /// The node's own address on the underlay (198.18.0.0/15, only inside the lab's namespaces).
     pub address: Ipv4Addr,
+    /// The switch-side end of the node's uplink.
+    pub switch_port: String,
     pub pods: Vec<Pod>,
 }
 
@@ -104,6 +111,7 @@ impl Topology {
                             })
                             .collect();
                         Ok(Node {
+                            switch_port: format!("{cluster_name}n{n}"),
                             netns: format!("{prefix}{cluster_name}-{node_name}"),
                             name: node_name,
                             pod_cidr: node_block(pod_cidr, NODE_PREFIX, n)?,
@@ -121,6 +129,7 @@ impl Topology {
             .collect::<anyhow::Result<Vec<Cluster>>>()?;
         Ok(Self {
             lab: lab.to_string(),
+            switch_netns: format!("{prefix}switch"),
             clusters,
             bin_dir: None,
         })

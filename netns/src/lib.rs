@@ -12,9 +12,11 @@
 mod error;
 mod namespace;
 mod netlink;
+mod owned_routes;
 pub mod sysctl;
 pub mod testing;
 
 pub use error::Error;
 pub use namespace::{NETNS_RUN_DIR, Netns};
 pub use netlink::{Link, Netlink, Route, VethSpec};
+pub use owned_routes::{OwnedRoute, RouteTarget};

@@ -19,7 +19,7 @@ use crate::{Error, Netns};
 /// A netlink route socket bound to one network namespace.
 #[derive(Clone)]
 pub struct Netlink {
-    handle: rtnetlink::Handle,
+    pub(crate) handle: rtnetlink::Handle,
 }
 
 /// What we read back about a link.
@@ -327,7 +327,7 @@ impl Netlink {
     }
 }
 
-fn describe(route: &Route) -> String {
+pub(crate) fn describe(route: &Route) -> String {
     let mut text = route.destination.to_string();
     if let Some(gateway) = route.gateway {
         text.push_str(&format!(" via {gateway}"));

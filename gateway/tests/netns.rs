@@ -1,0 +1,153 @@
+//! Two real gateways in two network namespaces (runs as root).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{Capture, contains, two_nodes};
+use trellis_gateway::metrics::DropReason;
+use trellis_netns::RouteTarget;
+
+const SHORT: Duration = Duration::from_secs(1);
+const LONG: Duration = Duration::from_secs(8);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_traffic_both_ways_removal_and_readd() {
+    let (a, b) = two_nodes("gw-pair").await;
+    let _echo_a = a.echo(7000).await;
+    let _echo_b = b.echo(7000).await;
+    a.apply("c1", 1, vec![b.as_remote("c1", true)]).await;
+    b.apply("c1", 1, vec![a.as_remote("c1", true)]).await;
+
+    let to_b = SocketAddr::new(b.pod, 7000);
+    let to_a = SocketAddr::new(a.pod, 7000);
+    assert!(a.ping(to_b, LONG).await, "a -> b through the tunnel");
+    assert!(b.ping(to_a, LONG).await, "b -> a through the tunnel");
+    let stats = a.gateway().device().stats().await.unwrap();
+    assert_eq!(stats.len(), 1);
+    assert!(stats[0].handshakes >= 1 && stats[0].rx_bytes > 0 && stats[0].tx_bytes > 0);
+    let text = a.gateway().metrics.render();
+    assert!(
+        text.contains("trellis_gateway_peers_configured 1"),
+        "{text}"
+    );
+
+    // The routes are tagged and fail-closed.
+    let routes = a.netlink.owned_routes(212).await.unwrap();
+    assert_eq!(routes.len(), 2, "{routes:?}");
+    assert!(routes.iter().any(|r| r.target == RouteTarget::Unreachable));
+    assert!(
+        routes
+            .iter()
+            .any(|r| matches!(r.target, RouteTarget::Device(_)))
+    );
+
+    // Removal: a forgets b; traffic stops in both directions, its routes go.
+    a.apply("c1", 2, vec![]).await;
+    assert!(a.netlink.owned_routes(212).await.unwrap().is_empty());
+    assert!(a.gateway().device().stats().await.unwrap().is_empty());
+    assert!(!a.ping(to_b, SHORT).await, "a -> b after removal");
+    assert!(!b.ping(to_a, SHORT).await, "b -> a after removal");
+    assert!(a.gateway().metrics.drops(DropReason::NoPeer) > 0);
+
+    // Re-adding restores it, without touching b.
+    a.apply("c1", 3, vec![b.as_remote("c1", true)]).await;
+    assert!(a.ping(to_b, LONG).await, "a -> b after re-adding");
+    assert!(b.ping(to_a, LONG).await, "b -> a after re-adding");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_the_network_is_counted_and_survived() {
+    let (a, b) = two_nodes("gw-junk").await;
+    let _echo_b = b.echo(7000).await;
+    a.apply("c1", 1, vec![b.as_remote("c1", true)]).await;
+    b.apply("c1", 1, vec![a.as_remote("c1", true)]).await;
+    let to_b = SocketAddr::new(b.pod, 7000);
+    assert!(a.ping(to_b, LONG).await);
+
+    // 2000 datagrams of random bytes, and every message type at wrong and right sizes,
+    // from a socket on a's underlay address aimed at b's gateway.
+    let attacker =
+        a.ns.run(|| std::net::UdpSocket::bind("198.18.0.1:0"))
+            .unwrap()
+            .unwrap();
+    let target: SocketAddr = "198.18.0.2:51820".parse().unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let before = DropReason::ALL
+        .iter()
+        .map(|r| b.gateway().metrics.drops(*r))
+        .sum::<u64>();
+    let mut sent = 0u64;
+    for i in 0..2000u64 {
+        let len = (next() % 300) as usize;
+        let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if len >= 4 && i % 2 == 0 {
+            // Look like WireGuard: a valid type and zero padding.
+            bytes[0] = (i % 4 + 1) as u8;
+            bytes[1..4].fill(0);
+        }
+        if i % 7 == 0 {
+            bytes.resize([148, 92, 64, 32][(i % 4) as usize], 0);
+        }
+        attacker.send_to(&bytes, target).unwrap();
+        sent += 1;
+        if i % 200 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let mut after = before;
+    for _ in 0..100 {
+        after = DropReason::ALL
+            .iter()
+            .map(|r| b.gateway().metrics.drops(*r))
+            .sum::<u64>();
+        if after - before >= sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        after - before,
+        sent,
+        "every junk datagram counted as a drop"
+    );
+    assert!(a.ping(to_b, LONG).await, "still serving the real peer");
+    let text = b.gateway().metrics.render();
+    assert!(text.contains("trellis_gateway_drops_total{reason=\"malformed\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_the_tunnel_and_fails_closed_while_down() {
+    let (mut a, b) = two_nodes("gw-restart").await;
+    let _echo_b = b.echo(7000).await;
+    let key_before = a.gateway().public_key;
+    b.apply("c1", 1, vec![a.as_remote("c1", true)]).await;
+    a.apply("c1", 1, vec![b.as_remote("c1", true)]).await;
+    let to_b = SocketAddr::new(b.pod, 7000);
+    assert!(a.ping(to_b, LONG).await);
+
+    a.stop().await;
+    // The tunnel route went with the TUN; the backstop refuses instead of leaking.
+    let routes = a.netlink.owned_routes(212).await.unwrap();
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    assert_eq!(routes[0].target, RouteTarget::Unreachable);
+    let capture = Capture::start(&a, "underlay").await;
+    assert!(!a.ping(to_b, SHORT).await);
+    let pcap = capture.finish().await;
+    assert!(
+        !contains(&pcap, b"trellis-ping"),
+        "plaintext left while down"
+    );
+
+    a.start().await;
+    assert_eq!(a.gateway().public_key, key_before, "same key after restart");
+    a.apply("c1", 1, vec![b.as_remote("c1", true)]).await;
+    assert!(a.ping(to_b, LONG).await, "tunnel resumed after restart");
+}

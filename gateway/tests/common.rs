@@ -145,6 +145,14 @@ fn rand_tag() -> u64 {
 /// Two nodes, `a` (198.18.0.1, pods 10.1.0.0/24) and `b` (198.18.0.2, pods 10.2.0.0/24),
 /// joined by a veth pair, gateways running but not configured.
 pub async fn two_nodes(prefix: &str) -> (Node, Node) {
+    let (mut a, mut b) = two_bare_nodes(prefix).await;
+    a.start().await;
+    b.start().await;
+    (a, b)
+}
+
+/// Like [`two_nodes`], without gateways.
+pub async fn two_bare_nodes(prefix: &str) -> (Node, Node) {
     let ns_a = TempNetns::new(&format!("{prefix}-a")).unwrap();
     let ns_b = TempNetns::new(&format!("{prefix}-b")).unwrap();
     let nl_a = Netlink::connect_in(&ns_a).unwrap();
@@ -169,7 +177,7 @@ pub async fn two_nodes(prefix: &str) -> (Node, Node) {
             .await
             .unwrap();
         nl.set_up(underlay.index).await.unwrap();
-        let mut node = Node {
+        let node = Node {
             name: format!("c1/node-{}", ["a", "b"][i]),
             ns,
             netlink: nl,
@@ -179,7 +187,6 @@ pub async fn two_nodes(prefix: &str) -> (Node, Node) {
             state_dir: tempfile::tempdir().unwrap(),
             gateway: None,
         };
-        node.start().await;
         nodes.push(node);
     }
     let b = nodes.pop().unwrap();
@@ -195,30 +202,44 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// Starts tcpdump through `ip netns exec` (which also gives it the namespace's /sys) and
+    /// waits until it reports it is listening.
     pub async fn start(node: &Node, interface: &str) -> Capture {
+        use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("underlay.pcap");
-        let child = node
-            .ns
-            .spawn(
-                std::process::Command::new("tcpdump")
-                    .args([
-                        "-i", interface, "-U", "-n", "-s", "200", "-c", "100000", "-w",
-                    ])
-                    .arg(&file)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null()),
-            )
-            .unwrap()
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", node.ns.name(), "tcpdump"])
+            .args([
+                "-i",
+                interface,
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-Z",
+                "root",
+            ])
+            .args(["-s", "200"])
+            .args(["-c", "100000", "-w"])
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("tcpdump");
-        // Let it attach.
-        for _ in 0..50 {
-            if file.exists() {
-                break;
+        let stderr = child.stderr.take().unwrap();
+        let (listening, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("listening on") {
+                    let _ = listening.send(());
+                }
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        });
+        let ready = tokio::task::spawn_blocking(move || ready.recv_timeout(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert!(ready.is_ok(), "tcpdump did not start listening");
         Capture {
             child,
             file,
@@ -227,8 +248,17 @@ impl Capture {
     }
 
     /// Stops the capture and returns the raw pcap bytes.
+    /// (SIGTERM, so tcpdump flushes; SIGKILL if it lingers.)
     pub async fn finish(mut self) -> Vec<u8> {
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         std::fs::read(&self.file).unwrap_or_default()

@@ -140,7 +140,14 @@ async fn restart_resumes_the_tunnel_and_fails_closed_while_down() {
     assert_eq!(routes[0].target, RouteTarget::Unreachable);
     let capture = Capture::start(&a, "underlay").await;
     assert!(!a.ping(to_b, SHORT).await);
+    // A canary the capture must see, so an empty capture cannot pass for a clean one.
+    let canary =
+        a.ns.run(|| std::net::UdpSocket::bind("198.18.0.1:0"))
+            .unwrap()
+            .unwrap();
+    canary.send_to(b"trellis-canary", "198.18.0.2:9").unwrap();
     let pcap = capture.finish().await;
+    assert!(contains(&pcap, b"trellis-canary"), "the capture works");
     assert!(
         !contains(&pcap, b"trellis-ping"),
         "plaintext left while down"

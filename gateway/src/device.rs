@@ -479,6 +479,12 @@ impl<T: Tun, U: Udp> Device<T, U> {
             };
             let out =
                 &mut self.net_out.data[i * self.net_out.stride..(i + 1) * self.net_out.stride];
+            if packet.len() + DATA_MIN_LEN > out.len() {
+                // Larger than the MTU we sized for (someone raised the TUN's MTU): `Tunn`
+                // would panic on a short buffer, so refuse it here.
+                self.metrics.drop_packet(DropReason::TooBig);
+                continue;
+            }
             match peer.tunn.encapsulate(packet, out) {
                 TunnResult::WriteToNetwork(datagram) => {
                     let len = datagram.len();

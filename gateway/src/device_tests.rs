@@ -59,8 +59,10 @@ impl Tun for FakeTun {
     }
     fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         let packet = self.inbound.pop().ok_or(io::ErrorKind::WouldBlock)?;
-        buf[..packet.len()].copy_from_slice(&packet);
-        Ok(packet.len())
+        // Like read(2) on a TUN: a packet longer than the buffer is cut short.
+        let len = packet.len().min(buf.len());
+        buf[..len].copy_from_slice(&packet[..len]);
+        Ok(len)
     }
     async fn send(&self, packet: &[u8]) -> io::Result<usize> {
         self.delivered.push(packet.to_vec());
@@ -425,4 +427,86 @@ async fn endpoint_follows_a_roaming_peer() {
         b.handle.stats().await.unwrap()[0].endpoint,
         changed.endpoint
     );
+}
+
+#[tokio::test]
+async fn a_handshake_flood_gets_cookies_and_the_established_peer_keeps_working() {
+    let net = FakeNet::default();
+    let config = DeviceConfig {
+        handshake_rate_limit: 10,
+        ..DeviceConfig::default()
+    };
+    let a = start(&net, "198.18.0.1:51820");
+    // b with a low handshake limit, so a small flood is enough.
+    let b = {
+        let keys = KeyPair::generate();
+        let tun = FakeTun::default();
+        let udp = net.bind("198.18.0.2:51820");
+        let socket = udp.addr.clone();
+        let metrics = Metrics::new().unwrap();
+        let (device, handle) = Device::new(tun.clone(), udp, keys.clone(), metrics.clone(), config);
+        tokio::spawn(device.run());
+        Node {
+            keys,
+            addr: "198.18.0.2:51820".parse().unwrap(),
+            tun,
+            handle,
+            metrics,
+            socket,
+        }
+    };
+    a.handle
+        .set_peers(vec![peer_of(&b, "b", "10.2.0.0/24")], true)
+        .await
+        .unwrap();
+    b.handle
+        .set_peers(vec![peer_of(&a, "a", "10.1.0.0/24")], true)
+        .await
+        .unwrap();
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"before"));
+    delivered(&b.tun).await.unwrap();
+
+    let flooder = net.bind("198.18.0.66:4000");
+    let mut buf = [0u8; 256];
+    for n in 0..60u32 {
+        let stranger = KeyPair::generate();
+        let mut tunn = Tunn::new(
+            stranger.secret().clone(),
+            *b.keys.public(),
+            None,
+            None,
+            n,
+            None,
+        );
+        if let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, false)
+        {
+            net.inject(b.addr, *flooder.addr.lock().unwrap(), init.to_vec());
+        }
+    }
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"during"));
+    assert!(delivered(&b.tun).await.unwrap().ends_with(b"during"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cookies = std::iter::from_fn(|| flooder.queue.pop())
+        .filter(|(d, _)| d[0] == COOKIE_REPLY && d.len() == COOKIE_REPLY_LEN)
+        .count();
+    assert!(
+        cookies > 0,
+        "under load, initiations are answered with cookies"
+    );
+    assert_eq!(b.metrics.drops(DropReason::RateLimited), cookies as u64);
+    assert!(
+        b.metrics.drops(DropReason::NoPeer) <= 12,
+        "DH work stays bounded"
+    );
+}
+
+#[tokio::test]
+async fn packets_over_the_mtu_are_dropped_not_panicked_on() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    // The TUN may hand over more than the MTU if someone raises it behind our back.
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", &[0; 4000]));
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"small"));
+    assert!(delivered(&b.tun).await.unwrap().ends_with(b"small"));
+    assert_eq!(a.metrics.drops(DropReason::TooBig), 1);
 }

@@ -30,12 +30,14 @@ pub enum DropReason {
     Malformed,
     /// A decrypted packet whose source address the sending peer is not allowed to use.
     SourceNotAllowed,
+    /// A packet from the TUN larger than the configured MTU.
+    TooBig,
     TunError,
     SocketError,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         Self::NoRoute,
         Self::NoPeer,
         Self::NoEndpoint,
@@ -44,6 +46,7 @@ impl DropReason {
         Self::RateLimited,
         Self::Malformed,
         Self::SourceNotAllowed,
+        Self::TooBig,
         Self::TunError,
         Self::SocketError,
     ];
@@ -58,6 +61,7 @@ impl DropReason {
             Self::RateLimited => "rate_limited",
             Self::Malformed => "malformed",
             Self::SourceNotAllowed => "source_not_allowed",
+            Self::TooBig => "too_big",
             Self::TunError => "tun_error",
             Self::SocketError => "socket_error",
         }

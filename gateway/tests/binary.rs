@@ -108,7 +108,7 @@ async fn binary_follows_its_state_file_and_serves_metrics() {
     a_remote.public_key = a_key;
     a_remote.endpoint = Some(SocketAddr::new(a.underlay, 51820));
     a_remote.node_ip = Some(a.underlay);
-    a_remote.pod_cidrs = vec![a.pod_cidr];
+    a_remote.pod_cidrs = a.pod_cidrs.clone();
     b.apply("c1", 1, vec![a_remote]).await;
 
     let to_b = SocketAddr::new(b.pod, 7000);

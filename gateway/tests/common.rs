@@ -21,6 +21,9 @@ pub struct Node {
     pub underlay: IpAddr,
     pub pod: IpAddr,
     pub pod_cidr: IpNet,
+    /// Every pod CIDR of the node (the IPv4 one, plus IPv6 once enabled).
+    pub pod_cidrs: Vec<IpNet>,
+    pub pod6: Option<IpAddr>,
     pub state_dir: tempfile::TempDir,
     pub gateway: Option<Gateway>,
 }
@@ -70,7 +73,7 @@ impl Node {
             public_key: self.gateway().public_key,
             endpoint: Some(SocketAddr::new(self.underlay, 51820)),
             node_ip: Some(self.underlay),
-            pod_cidrs: vec![self.pod_cidr],
+            pod_cidrs: self.pod_cidrs.clone(),
             encrypted,
             persistent_keepalive: None,
         }
@@ -89,9 +92,25 @@ impl Node {
             .expect("apply desired state");
     }
 
+    /// Gives the node an IPv6 pod CIDR `fd0<n>::/64` and pod address `fd0<n>::1`.
+    pub async fn enable_ipv6(&mut self, n: u8) {
+        let lo = self.netlink.require_link("lo").await.unwrap();
+        let pod6: IpAddr = format!("fd0{n}::1").parse().unwrap();
+        self.netlink
+            .add_address(lo.index, IpNet::new(pod6, 128).unwrap())
+            .await
+            .unwrap();
+        self.pod6 = Some(pod6);
+        self.pod_cidrs.push(net(&format!("fd0{n}::/64")));
+    }
+
     /// A UDP socket bound to this node's pod address.
     pub async fn pod_socket(&self, port: u16) -> UdpSocket {
-        let addr = SocketAddr::new(self.pod, port);
+        self.socket_at(SocketAddr::new(self.pod, port)).await
+    }
+
+    /// A UDP socket bound to `addr` in this node's namespace.
+    pub async fn socket_at(&self, addr: SocketAddr) -> UdpSocket {
         let socket = self
             .ns
             .run(move || {
@@ -106,7 +125,12 @@ impl Node {
 
     /// A pod "echo" service on `port`, answering every datagram.
     pub async fn echo(&self, port: u16) -> tokio::task::JoinHandle<()> {
-        let socket = self.pod_socket(port).await;
+        self.echo_at(SocketAddr::new(self.pod, port)).await
+    }
+
+    /// An echo service on `addr`.
+    pub async fn echo_at(&self, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+        let socket = self.socket_at(addr).await;
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             while let Ok((len, from)) = socket.recv_from(&mut buf).await {
@@ -118,7 +142,12 @@ impl Node {
     /// Whether a datagram from this node's pod to `to` comes back within `deadline`
     /// (resending every 200 ms, as the first packets may wait for a handshake).
     pub async fn ping(&self, to: SocketAddr, deadline: Duration) -> bool {
-        let socket = self.pod_socket(0).await;
+        self.ping_from(self.pod, to, deadline).await
+    }
+
+    /// Like [`Node::ping`], from source address `from`.
+    pub async fn ping_from(&self, from: IpAddr, to: SocketAddr, deadline: Duration) -> bool {
+        let socket = self.socket_at(SocketAddr::new(from, 0)).await;
         let marker = format!("trellis-ping-{}", rand_tag());
         let attempt = async {
             let mut buf = [0u8; 2048];
@@ -184,6 +213,8 @@ pub async fn two_bare_nodes(prefix: &str) -> (Node, Node) {
             underlay: format!("198.18.0.{n}").parse().unwrap(),
             pod: pod.addr(),
             pod_cidr: net(&format!("10.{n}.0.0/24")),
+            pod_cidrs: vec![net(&format!("10.{n}.0.0/24"))],
+            pod6: None,
             state_dir: tempfile::tempdir().unwrap(),
             gateway: None,
         };

@@ -58,6 +58,55 @@ async fn handshake_traffic_both_ways_removal_and_readd() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_pod_cidrs_and_a_roaming_peer() {
+    let (mut a, mut b) = two_nodes("gw-v6").await;
+    a.enable_ipv6(1).await;
+    b.enable_ipv6(2).await;
+    let b6 = SocketAddr::new(b.pod6.unwrap(), 7000);
+    let a6 = SocketAddr::new(a.pod6.unwrap(), 7000);
+    let _echo_a = a.echo_at(a6).await;
+    let _echo_b = b.echo_at(b6).await;
+    let _echo_b4 = b.echo(7000).await;
+    a.apply("c1", 1, vec![b.as_remote("c1", true)]).await;
+    b.apply("c1", 1, vec![a.as_remote("c1", true)]).await;
+    assert_eq!(a.netlink.owned_routes(212).await.unwrap().len(), 4);
+    assert!(
+        a.ping_from(a.pod6.unwrap(), b6, LONG).await,
+        "a -> b over IPv6"
+    );
+    assert!(
+        b.ping_from(b.pod6.unwrap(), a6, LONG).await,
+        "b -> a over IPv6"
+    );
+
+    // a's underlay address changes (a new DHCP lease, a NAT rebinding): b follows a to
+    // where its authenticated packets now come from, without any new configuration.
+    let run = |ns: &str, args: &str| {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", args])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{args}");
+    };
+    run(
+        a.ns.name(),
+        "ip addr del 198.18.0.1/24 dev underlay && ip addr add 198.18.0.11/24 dev underlay",
+    );
+    let to_b = SocketAddr::new(b.pod, 7000);
+    assert!(a.ping(to_b, LONG).await, "a -> b from the new address");
+    let stats = b.gateway().device().stats().await.unwrap();
+    assert_eq!(
+        stats[0].endpoint,
+        Some("198.18.0.11:51820".parse().unwrap()),
+        "b follows a"
+    );
+    assert!(
+        b.ping_from(b.pod6.unwrap(), a6, LONG).await,
+        "b -> a at a's new address"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_the_network_is_counted_and_survived() {
     let (a, b) = two_nodes("gw-junk").await;
     let _echo_b = b.echo(7000).await;

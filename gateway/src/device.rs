@@ -66,6 +66,9 @@ const DATA_MIN_LEN: usize = 32;
 const MAX_QUEUED: i64 = 256;
 /// Sessions older than this are rejected (WireGuard's Reject-After-Time).
 const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// Consecutive failed TUN reads (10 ms apart) after which the TUN is considered gone (its
+/// interface deleted): the loop stops with an error rather than spin.
+const MAX_TUN_FAILURES: u32 = 100;
 /// Peer slots are 24 bits: the upper bits of a 32-bit receiver index.
 const MAX_SLOT: u32 = (1 << 24) - 1;
 
@@ -227,6 +230,9 @@ pub struct Device<T: Tun, U: Udp> {
     /// Handshakes, cookies, keepalives, timers.
     scratch: Vec<u8>,
     commands: mpsc::Receiver<Command>,
+    /// Consecutive TUN read failures, and the last one.
+    tun_failures: u32,
+    last_tun_error: Option<std::io::Error>,
 }
 
 enum Demux {
@@ -269,14 +275,18 @@ impl<T: Tun, U: Udp> Device<T, U> {
             tun_writes: Vec::with_capacity(batch),
             scratch: vec![0; stride],
             commands,
+            tun_failures: 0,
+            last_tun_error: None,
             config: DeviceConfig { batch, ..config },
         };
         (device, DeviceHandle { commands: sender })
     }
 
-    /// Runs until every [`DeviceHandle`] is dropped. Errors on single packets are counted as
-    /// drops; nothing a packet contains ends the loop.
-    pub async fn run(mut self) {
+    /// Runs until every [`DeviceHandle`] is dropped (`Ok`) or the TUN fails for good, e.g.
+    /// its interface was deleted (`Err`; routes to encrypted peers then hit their
+    /// unreachable backstops). Errors on single packets are counted as drops; nothing a
+    /// packet contains ends the loop.
+    pub async fn run(mut self) -> Result<(), Error> {
         let mut timers = tokio::time::interval(self.config.timer_interval);
         timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
@@ -285,11 +295,19 @@ impl<T: Tun, U: Udp> Device<T, U> {
             tokio::select! {
                 ready = self.tun.readable() => {
                     if let Err(e) = ready {
-                        tracing::warn!("TUN readiness: {e}");
-                        self.metrics.drop_packet(DropReason::TunError);
+                        self.tun_failed(e);
+                    } else {
+                        self.on_tun_readable().await;
+                    }
+                    if self.tun_failures > 0 {
+                        if self.tun_failures >= MAX_TUN_FAILURES {
+                            self.forget_all();
+                            return Err(Error::TunFailed(self.last_tun_error.take().unwrap_or_else(
+                                || std::io::Error::other("unknown TUN error"),
+                            )));
+                        }
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
-                    self.on_tun_readable().await;
                 }
                 ready = self.udp.readable() => {
                     if let Err(e) = ready {
@@ -312,11 +330,25 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 },
             }
         }
+        self.forget_all();
+        Ok(())
+    }
+
+    fn forget_all(&mut self) {
         for peer in self.peers.values() {
             self.metrics.forget_peer(&peer.name);
         }
         self.metrics.peers_configured.set(0);
         self.metrics.peers_up.set(0);
+    }
+
+    fn tun_failed(&mut self, error: std::io::Error) {
+        if self.tun_failures == 0 {
+            tracing::warn!("TUN: {error}");
+        }
+        self.tun_failures += 1;
+        self.last_tun_error = Some(error);
+        self.metrics.drop_packet(DropReason::TunError);
     }
 
     fn handle(&mut self, command: Command) {
@@ -458,12 +490,15 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     count += 1;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::debug!("TUN read: {e}");
-                    self.metrics.drop_packet(DropReason::TunError);
+                    self.tun_failed(e);
                     break;
                 }
             }
+        }
+        if count > 0 {
+            self.tun_failures = 0;
         }
         self.net_sends.clear();
         for i in 0..count {

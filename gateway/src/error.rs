@@ -34,6 +34,8 @@ pub enum Error {
     InvalidState(#[from] trellis_core::gateway::StateError),
     #[error("{0}")]
     Netns(#[from] trellis_netns::Error),
+    #[error("the TUN device failed (was it deleted?): {0}")]
+    TunFailed(io::Error),
     #[error("the device loop has stopped")]
     DeviceStopped,
     #[error("{} route operations failed: {}", .0.len(), .0.join("; "))]

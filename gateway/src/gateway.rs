@@ -98,7 +98,8 @@ pub struct Gateway {
     pub listen_port: u16,
     pub metrics: Metrics,
     pub reconciler: Reconciler<NetlinkRoutes>,
-    device_task: JoinHandle<()>,
+    device_task: Option<JoinHandle<Result<(), Error>>>,
+    abort: tokio::task::AbortHandle,
 }
 
 impl Gateway {
@@ -129,6 +130,7 @@ impl Gateway {
         let public_key = keys.public_key();
         let (device, handle) = Device::new(tun, udp, keys, metrics.clone(), config.device.clone());
         let device_task = tokio::spawn(device.run());
+        let abort = device_task.abort_handle();
         tracing::info!(
             interface = %config.interface,
             port = listen_port,
@@ -149,7 +151,8 @@ impl Gateway {
                 route_metrics: config.route_metrics,
                 metrics,
             },
-            device_task,
+            device_task: Some(device_task),
+            abort,
         })
     }
 
@@ -157,10 +160,16 @@ impl Gateway {
         &self.reconciler.device
     }
 
+    /// The device loop's task, to watch for it ending on its own (its TUN failed): the
+    /// process should then exit and be restarted. `None` after the first call.
+    pub fn take_device_task(&mut self) -> Option<JoinHandle<Result<(), Error>>> {
+        self.device_task.take()
+    }
+
     /// Stops the device loop; the TUN (and with it the tunnel routes) goes away, the
     /// unreachable backstops stay.
     pub fn stop(self) {
-        self.device_task.abort();
+        self.abort.abort();
     }
 }
 

@@ -161,7 +161,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
-    let gateway = Gateway::start(None, &config).await?;
+    let mut gateway = Gateway::start(None, &config).await?;
+    let mut device_task = gateway
+        .take_device_task()
+        .context("device loop not running")?;
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("serve metrics on {}", args.metrics_addr))?;
@@ -188,6 +191,11 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
         () = follow => {}
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
+        result = &mut device_task => {
+            // The TUN is gone; exit so the supervisor restarts us (backstops hold meanwhile).
+            result.context("device loop")??;
+            bail!("the device loop stopped");
+        }
     }
     tracing::info!("stopping; routes to encrypted peers stay unreachable until restart");
     gateway.stop();

@@ -207,3 +207,29 @@ async fn restart_resumes_the_tunnel_and_fails_closed_while_down() {
     a.apply("c1", 1, vec![b.as_remote("c1", true)]).await;
     assert!(a.ping(to_b, LONG).await, "tunnel resumed after restart");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_tun_stops_the_loop_and_leaves_traffic_refused() {
+    let (mut a, b) = two_nodes("gw-tungone").await;
+    let _echo_b = b.echo(7000).await;
+    a.apply("c1", 1, vec![b.as_remote("c1", true)]).await;
+    b.apply("c1", 1, vec![a.as_remote("c1", true)]).await;
+    let to_b = SocketAddr::new(b.pod, 7000);
+    assert!(a.ping(to_b, LONG).await);
+
+    let task = a.gateway.as_mut().unwrap().take_device_task().unwrap();
+    let tun = a.netlink.require_link("trellis0").await.unwrap();
+    a.netlink.delete_link(tun.index).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("device loop ends when its TUN is deleted")
+        .unwrap();
+    assert!(
+        matches!(result, Err(trellis_gateway::Error::TunFailed(_))),
+        "{result:?}"
+    );
+    let routes = a.netlink.owned_routes(212).await.unwrap();
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    assert_eq!(routes[0].target, RouteTarget::Unreachable);
+    assert!(!a.ping(to_b, SHORT).await);
+}

@@ -510,3 +510,28 @@ async fn packets_over_the_mtu_are_dropped_not_panicked_on() {
     assert!(delivered(&b.tun).await.unwrap().ends_with(b"small"));
     assert_eq!(a.metrics.drops(DropReason::TooBig), 1);
 }
+
+#[tokio::test]
+async fn persistent_keepalive_keeps_the_path_warm() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    let mut with_keepalive = peer_of(&b, "b", "10.2.0.0/24");
+    with_keepalive.persistent_keepalive = Some(1);
+    a.handle
+        .set_peers(vec![with_keepalive], true)
+        .await
+        .unwrap();
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"hello"));
+    delivered(&b.tun).await.unwrap();
+    let keepalives = |net: &FakeNet| {
+        net.wire
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(from, _, d)| *from == a.addr && d[0] == DATA && d.len() == DATA_MIN_LEN)
+            .count()
+    };
+    let before = keepalives(&net);
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert!(keepalives(&net) >= before + 2, "a keepalive every second");
+}

@@ -67,7 +67,17 @@ async fn dual_stack_pod_cidrs_and_a_roaming_peer() {
     let _echo_a = a.echo_at(a6).await;
     let _echo_b = b.echo_at(b6).await;
     let _echo_b4 = b.echo(7000).await;
-    a.apply("c1", 1, vec![b.as_remote("c1", true)]).await;
+    // An IPv6 underlay too: a reaches b's gateway at [fdff::2]:51820.
+    for (node, address) in [(&a, "fdff::1/64"), (&b, "fdff::2/64")] {
+        let underlay = node.netlink.require_link("underlay").await.unwrap();
+        node.netlink
+            .add_address(underlay.index, address.parse().unwrap())
+            .await
+            .unwrap();
+    }
+    let mut b_over_v6 = b.as_remote("c1", true);
+    b_over_v6.endpoint = Some("[fdff::2]:51820".parse().unwrap());
+    a.apply("c1", 1, vec![b_over_v6]).await;
     b.apply("c1", 1, vec![a.as_remote("c1", true)]).await;
     assert_eq!(a.netlink.owned_routes(212).await.unwrap().len(), 4);
     assert!(
@@ -78,6 +88,14 @@ async fn dual_stack_pod_cidrs_and_a_roaming_peer() {
         b.ping_from(b.pod6.unwrap(), a6, LONG).await,
         "b -> a over IPv6"
     );
+    let endpoint = b.gateway().device().stats().await.unwrap()[0].endpoint;
+    assert_eq!(
+        endpoint,
+        Some("[fdff::1]:51820".parse().unwrap()),
+        "b learned a's IPv6 endpoint"
+    );
+    // Back to IPv4 for the roaming part.
+    a.apply("c1", 2, vec![b.as_remote("c1", true)]).await;
 
     // a's underlay address changes (a new DHCP lease, a NAT rebinding): b follows a to
     // where its authenticated packets now come from, without any new configuration.

@@ -810,4 +810,4 @@ fn drop_reason(error: &WireGuardError) -> DropReason {
 
 #[cfg(test)]
 #[path = "device_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -45,7 +45,7 @@ impl<T> Queue<T> {
 }
 
 #[derive(Clone, Default)]
-struct FakeTun {
+pub(crate) struct FakeTun {
     /// What the kernel would send into the tunnel.
     inbound: Arc<Queue<Vec<u8>>>,
     /// What the device delivered to the kernel.
@@ -77,12 +77,12 @@ type Carried = (SocketAddr, SocketAddr, Vec<u8>);
 
 /// An in-memory network of UDP sockets; it also records every datagram it carried.
 #[derive(Clone, Default)]
-struct FakeNet {
+pub(crate) struct FakeNet {
     sockets: Arc<Mutex<HashMap<SocketAddr, Arc<Inbox>>>>,
     wire: Arc<Mutex<Vec<Carried>>>,
 }
 
-struct FakeUdp {
+pub(crate) struct FakeUdp {
     net: FakeNet,
     /// Shared with the test, which may move the socket (a roaming peer).
     addr: Arc<Mutex<SocketAddr>>,
@@ -141,7 +141,7 @@ impl Udp for FakeUdp {
 }
 
 /// A minimal IPv4 packet: 20-byte header and a payload.
-fn ipv4(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn ipv4(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
     let mut packet = vec![0u8; 20];
     packet[0] = 0x45;
     let total = (20 + payload.len()) as u16;
@@ -154,16 +154,16 @@ fn ipv4(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
     packet
 }
 
-struct Node {
-    keys: KeyPair,
-    addr: SocketAddr,
-    tun: FakeTun,
-    handle: DeviceHandle,
-    metrics: Metrics,
-    socket: Arc<Mutex<SocketAddr>>,
+pub(crate) struct Node {
+    pub(crate) keys: KeyPair,
+    pub(crate) addr: SocketAddr,
+    pub(crate) tun: FakeTun,
+    pub(crate) handle: DeviceHandle,
+    pub(crate) metrics: Metrics,
+    pub(crate) socket: Arc<Mutex<SocketAddr>>,
 }
 
-fn start(net: &FakeNet, addr: &str) -> Node {
+pub(crate) fn start(net: &FakeNet, addr: &str) -> Node {
     let keys = KeyPair::generate();
     let tun = FakeTun::default();
     let udp = net.bind(addr);
@@ -187,7 +187,7 @@ fn start(net: &FakeNet, addr: &str) -> Node {
     }
 }
 
-fn peer_of(node: &Node, name: &str, cidr: &str) -> TunnelPeer {
+pub(crate) fn peer_of(node: &Node, name: &str, cidr: &str) -> TunnelPeer {
     TunnelPeer {
         name: name.into(),
         public_key: node.keys.public_key(),
@@ -197,7 +197,7 @@ fn peer_of(node: &Node, name: &str, cidr: &str) -> TunnelPeer {
     }
 }
 
-async fn delivered(tun: &FakeTun) -> Option<Vec<u8>> {
+pub(crate) async fn delivered(tun: &FakeTun) -> Option<Vec<u8>> {
     tokio::time::timeout(Duration::from_secs(2), async {
         tun.delivered.readable().await;
         tun.delivered.pop()

@@ -235,3 +235,137 @@ pub async fn follow_file<R: RouteTable>(
         tokio::time::sleep(poll).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use trellis_core::gateway::RemoteNode;
+    use trellis_netns::{OwnedRoute, RouteTarget};
+
+    use super::*;
+    use crate::device::tests::{FakeNet, start};
+
+    /// Records each route operation with the peers the device had at that moment.
+    struct WatchingTable {
+        device: DeviceHandle,
+        routes: Mutex<Vec<OwnedRoute>>,
+        seen: Mutex<Vec<(OwnedRoute, bool, usize)>>,
+        fail_plain: bool,
+    }
+
+    impl RouteTable for WatchingTable {
+        async fn list(&self) -> Result<Vec<OwnedRoute>, Error> {
+            Ok(self.routes.lock().unwrap().clone())
+        }
+        async fn replace(&self, route: &OwnedRoute) -> Result<(), Error> {
+            let peers = self.device.stats().await?.len();
+            self.seen.lock().unwrap().push((*route, true, peers));
+            if self.fail_plain && matches!(route.target, RouteTarget::Gateway(_)) {
+                return Err(Error::Routes(vec!["injected".into()]));
+            }
+            let mut routes = self.routes.lock().unwrap();
+            routes.retain(|r| (r.destination, r.metric) != (route.destination, route.metric));
+            routes.push(*route);
+            Ok(())
+        }
+        async fn delete(&self, route: &OwnedRoute) -> Result<(), Error> {
+            let peers = self.device.stats().await?.len();
+            self.seen.lock().unwrap().push((*route, false, peers));
+            self.routes.lock().unwrap().retain(|r| r != route);
+            Ok(())
+        }
+    }
+
+    fn state(encrypted: bool, key: PublicKey) -> GatewayState {
+        GatewayState {
+            revision: 1,
+            cluster: "c1".into(),
+            nodes: vec![RemoteNode {
+                name: "c1/b".into(),
+                cluster: "c1".into(),
+                public_key: key,
+                endpoint: Some("198.18.0.2:51820".parse().unwrap()),
+                node_ip: Some("198.18.0.2".parse().unwrap()),
+                pod_cidrs: vec!["10.2.0.0/24".parse().unwrap()],
+                encrypted,
+                persistent_keepalive: None,
+            }],
+        }
+    }
+
+    fn reconciler(fail_plain: bool) -> Reconciler<WatchingTable> {
+        let node = start(&FakeNet::default(), "198.18.0.1:51820");
+        Reconciler {
+            routes: WatchingTable {
+                device: node.handle.clone(),
+                routes: Mutex::new(Vec::new()),
+                seen: Mutex::new(Vec::new()),
+                fail_plain,
+            },
+            device: node.handle,
+            tun_index: 7,
+            route_metrics: RouteMetrics::default(),
+            metrics: node.metrics,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_peer_exists_before_any_route_points_at_the_tunnel_and_leaves_after() {
+        let r = reconciler(false);
+        let key = PublicKey([9; 32]);
+        r.apply(&state(true, key)).await.unwrap();
+        let seen = r.routes.seen.lock().unwrap().clone();
+        assert!(seen.iter().all(|(_, _, peers)| *peers == 1), "{seen:?}");
+        assert_eq!(r.device.stats().await.unwrap().len(), 1);
+
+        r.routes.seen.lock().unwrap().clear();
+        r.apply(&state(false, key)).await.unwrap();
+        let seen = r.routes.seen.lock().unwrap().clone();
+        assert!(
+            seen.iter().all(|(_, _, peers)| *peers == 1),
+            "the peer stays until the plain route is in: {seen:?}"
+        );
+        assert!(r.device.stats().await.unwrap().is_empty(), "then it goes");
+        let text = r.metrics.render();
+        assert!(text.contains("trellis_gateway_routes 1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_switch_to_plain_keeps_the_peer_and_counts_an_error() {
+        let r = reconciler(true);
+        let key = PublicKey([9; 32]);
+        r.apply(&state(true, key)).await.unwrap();
+        assert!(r.apply(&state(false, key)).await.is_err());
+        assert_eq!(r.device.stats().await.unwrap().len(), 1, "peer kept");
+        let routes = r.routes.routes.lock().unwrap().clone();
+        assert!(
+            routes.iter().any(|r| r.target == RouteTarget::Device(7)),
+            "still routed through the tunnel: {routes:?}"
+        );
+        assert_eq!(r.metrics.reconcile_errors.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_invalid_state_changes_nothing() {
+        let r = reconciler(false);
+        let key = PublicKey([9; 32]);
+        r.apply(&state(true, key)).await.unwrap();
+        let mut bad = state(true, key);
+        bad.nodes.push(bad.nodes[0].clone());
+        assert!(matches!(r.apply(&bad).await, Err(Error::InvalidState(_))));
+        assert_eq!(r.device.stats().await.unwrap().len(), 1);
+        assert_eq!(r.routes.routes.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn parse_state_reports_the_path_and_validates() {
+        let path = Path::new("/etc/trellis/state.json");
+        let error = parse_state("{", path).unwrap_err();
+        assert!(
+            error.to_string().contains("/etc/trellis/state.json"),
+            "{error}"
+        );
+        assert!(parse_state(r#"{"cluster":"c1"}"#, path).is_ok());
+    }
+}

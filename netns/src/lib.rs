@@ -12,9 +12,10 @@
 mod error;
 mod namespace;
 mod netlink;
-mod owned_routes;
 pub mod sysctl;
 pub mod testing;
+
+mod owned_routes;
 
 pub use error::Error;
 pub use namespace::{NETNS_RUN_DIR, Netns};

@@ -327,7 +327,7 @@ impl Netlink {
     }
 }
 
-pub(crate) fn describe(route: &Route) -> String {
+fn describe(route: &Route) -> String {
     let mut text = route.destination.to_string();
     if let Some(gateway) = route.gateway {
         text.push_str(&format!(" via {gateway}"));

@@ -547,7 +547,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 }
                 TunnResult::Err(e) => {
                     tracing::debug!(peer = %peer.name, "encapsulate: {e:?}");
-                    self.metrics.drop_packet(DropReason::NoEndpoint);
+                    self.metrics.drop_packet(drop_reason(&e));
                 }
                 TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
             }
@@ -794,12 +794,14 @@ fn accept(
 
 fn drop_reason(error: &WireGuardError) -> DropReason {
     match error {
-        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => DropReason::Replay,
+        // A counter seen before, or a handshake initiation no newer than the last one.
+        WireGuardError::DuplicateCounter
+        | WireGuardError::InvalidCounter
+        | WireGuardError::WrongTai64nTimestamp => DropReason::Replay,
         WireGuardError::InvalidAeadTag
         | WireGuardError::InvalidMac
         | WireGuardError::WrongKey
-        | WireGuardError::InvalidTai64nTimestamp
-        | WireGuardError::WrongTai64nTimestamp => DropReason::DecryptFailed,
+        | WireGuardError::InvalidTai64nTimestamp => DropReason::DecryptFailed,
         WireGuardError::UnderLoad => DropReason::RateLimited,
         WireGuardError::NoCurrentSession
         | WireGuardError::WrongIndex

@@ -535,3 +535,30 @@ async fn persistent_keepalive_keeps_the_path_warm() {
     tokio::time::sleep(Duration::from_millis(2600)).await;
     assert!(keepalives(&net) >= before + 2, "a keepalive every second");
 }
+
+#[tokio::test]
+async fn a_replayed_handshake_initiation_is_a_replay_drop() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"one"));
+    delivered(&b.tun).await.unwrap();
+    let init = net
+        .wire
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(from, _, d)| *from == a.addr && d[0] == HANDSHAKE_INIT)
+        .unwrap()
+        .2
+        .clone();
+    net.inject(b.addr, a.addr, init);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(b.metrics.drops(DropReason::Replay), 1);
+    assert_eq!(
+        b.handle.stats().await.unwrap()[0].handshakes,
+        1,
+        "no new session"
+    );
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"two"));
+    assert!(delivered(&b.tun).await.unwrap().ends_with(b"two"));
+}

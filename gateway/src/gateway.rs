@@ -236,6 +236,50 @@ pub async fn follow_file<R: RouteTable>(
     }
 }
 
+/// Follows a stream of desired states, one JSON document per line (what a controller can
+/// pipe to `--desired-state -`). Each valid line is applied; a bad line is logged and skipped.
+/// The last good state is re-applied every `resync`, also after the stream ends: the data
+/// plane outlives its source.
+pub async fn follow_stream<R, S>(reconciler: &Reconciler<R>, stream: S, resync: Duration)
+where
+    R: RouteTable,
+    S: tokio::io::AsyncBufRead + Unpin,
+{
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = stream.lines();
+    let mut current: Option<GatewayState> = None;
+    let mut open = true;
+    let mut tick = tokio::time::interval(resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            line = lines.next_line(), if open => match line {
+                Ok(Some(line)) if line.trim().is_empty() => {}
+                Ok(Some(line)) => match parse_state(&line, Path::new("<stream>")) {
+                    Ok(state) => {
+                        if let Err(e) = reconciler.apply(&state).await {
+                            tracing::warn!("apply desired state revision {}: {e}", state.revision);
+                        }
+                        current = Some(state);
+                    }
+                    Err(e) => tracing::warn!("keeping the last desired state: {e}"),
+                },
+                Ok(None) | Err(_) => {
+                    tracing::warn!("desired-state stream ended; keeping the last state");
+                    open = false;
+                }
+            },
+            _ = tick.tick() => {
+                if let Some(state) = &current
+                    && let Err(e) = reconciler.apply(state).await
+                {
+                    tracing::warn!("re-apply desired state revision {}: {e}", state.revision);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -356,6 +400,35 @@ mod tests {
         assert!(matches!(r.apply(&bad).await, Err(Error::InvalidState(_))));
         assert_eq!(r.device.stats().await.unwrap().len(), 1);
         assert_eq!(r.routes.routes.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_stream_applies_each_good_line_skips_bad_ones_and_outlives_its_end() {
+        let r = reconciler(false);
+        let key = PublicKey([9; 32]);
+        let mut text = String::new();
+        text.push_str(&serde_json::to_string(&state(true, key)).unwrap());
+        text.push_str("\n{ broken\n\n");
+        let mut second = state(true, PublicKey([8; 32]));
+        second.revision = 2;
+        text.push_str(&serde_json::to_string(&second).unwrap());
+        text.push('\n');
+        let follow = follow_stream(
+            &r,
+            tokio::io::BufReader::new(text.as_bytes()),
+            Duration::from_millis(50),
+        );
+        // The stream ends at once; the follower keeps running (and re-applying).
+        let _ = tokio::time::timeout(Duration::from_millis(200), follow).await;
+        let stats = r.device.stats().await.unwrap();
+        assert_eq!(stats.len(), 1);
+        assert_eq!(
+            stats[0].public_key,
+            PublicKey([8; 32]),
+            "the last good line won"
+        );
+        assert_eq!(r.metrics.state_revision.get(), 2);
+        assert_eq!(r.metrics.reconcile_errors.get(), 0);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
 use trellis_gateway::device::DeviceConfig;
-use trellis_gateway::gateway::{DEFAULT_ROUTE_PROTOCOL, follow_file};
+use trellis_gateway::gateway::{DEFAULT_ROUTE_PROTOCOL, follow_file, follow_stream};
 use trellis_gateway::keys::KeyPair;
 use trellis_gateway::peer_config::{ExternalPeer, render_wg_quick};
 use trellis_gateway::routes::RouteMetrics;
@@ -67,7 +67,8 @@ struct RunArgs {
     /// Packets processed per wake-up on each side.
     #[arg(long, default_value_t = 64)]
     batch: usize,
-    /// JSON desired state to follow (trellis_core::gateway::GatewayState).
+    /// JSON desired state to follow (trellis_core::gateway::GatewayState): a file, polled,
+    /// or `-` for one JSON document per line on stdin.
     #[arg(long)]
     desired_state: Option<PathBuf>,
     /// Serve /metrics and /healthz here.
@@ -174,6 +175,15 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
     ));
     let follow = async {
         match &args.desired_state {
+            Some(path) if path.as_os_str() == "-" => {
+                let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+                follow_stream(
+                    &gateway.reconciler,
+                    stdin,
+                    Duration::from_secs(args.resync_seconds.max(1)),
+                )
+                .await
+            }
             Some(path) => {
                 follow_file(
                     &gateway.reconciler,

@@ -110,12 +110,29 @@ mod tests {
 
     #[tokio::test]
     async fn serves_over_tcp() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ns = crate::io::tests::loopback_netns("gw-http").await;
+        let listener = ns
+            .run(|| {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+                listener.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(listener)
+            })
+            .unwrap()
+            .unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
         let addr = listener.local_addr().unwrap();
         let metrics = Metrics::new().unwrap();
         metrics.beat();
         let server = tokio::spawn(serve(listener, metrics));
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let stream = ns
+            .run(move || {
+                let stream = std::net::TcpStream::connect(addr)?;
+                stream.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(stream)
+            })
+            .unwrap()
+            .unwrap();
+        let mut stream = TcpStream::from_std(stream).unwrap();
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             .await

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 
+use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 use trellis_netns::Netns;
 
@@ -85,10 +86,18 @@ impl RealUdp {
             let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
             socket.set_only_v6(false)?;
             socket.set_nonblocking(true)?;
-            if socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES).is_err() {
-                tracing::debug!("could not enlarge the UDP receive buffer");
+            // Past net.core.{r,w}mem_max when we may (CAP_NET_ADMIN), else as far as allowed.
+            if setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER_BYTES).is_err() {
+                let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
             }
-            let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+            if setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER_BYTES).is_err() {
+                let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+            }
+            tracing::debug!(
+                receive = socket.recv_buffer_size().unwrap_or(0),
+                send = socket.send_buffer_size().unwrap_or(0),
+                "UDP socket buffers"
+            );
             socket.bind(&addr.into())?;
             Ok(socket.into())
         };
@@ -135,5 +144,44 @@ impl Udp for RealUdp {
         to: SocketAddr,
     ) -> impl Future<Output = io::Result<usize>> + Send {
         self.0.send_to(datagram, to_socket_family(to))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use trellis_netns::Netlink;
+    use trellis_netns::testing::TempNetns;
+
+    /// A namespace of the test's own with loopback up: no test traffic in the host's.
+    pub(crate) async fn loopback_netns(prefix: &str) -> TempNetns {
+        let ns = TempNetns::new(prefix).unwrap();
+        let netlink = Netlink::connect_in(&ns).unwrap();
+        let lo = netlink.require_link("lo").await.unwrap();
+        netlink.set_up(lo.index).await.unwrap();
+        ns
+    }
+
+    #[tokio::test]
+    async fn the_socket_gets_large_buffers_and_is_dual_stack() {
+        let ns = loopback_netns("gw-io").await;
+        let udp = RealUdp::bind(Some(&ns), 0).unwrap();
+        let socket = socket2::SockRef::from(&udp.0);
+        // The kernel reports twice what was set; as root the force options apply.
+        assert!(socket.recv_buffer_size().unwrap() >= SOCKET_BUFFER_BYTES);
+        assert!(!socket.only_v6().unwrap());
+        // An IPv4 peer is reported as IPv4, not v4-mapped.
+        let port = udp.local_port().unwrap();
+        let peer = ns
+            .run(|| std::net::UdpSocket::bind("127.0.0.1:0"))
+            .unwrap()
+            .unwrap();
+        peer.send_to(b"x", ("127.0.0.1", port)).unwrap();
+        udp.readable().await.unwrap();
+        let mut buf = [0u8; 8];
+        let (len, from) = udp.try_recv_from(&mut buf).unwrap();
+        assert_eq!((len, from), (1, peer.local_addr().unwrap()));
+        udp.send_to(b"y", from).await.unwrap();
+        assert_eq!(peer.recv(&mut buf).unwrap(), 1);
     }
 }

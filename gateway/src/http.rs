@@ -13,14 +13,23 @@ const DEADLINE: Duration = Duration::from_secs(5);
 /// The device loop ticks every 250 ms; a loop silent this long is unhealthy.
 const HEALTHY_WITHIN_SECONDS: u64 = 5;
 
-/// Serves until the listener fails; each connection runs on its own task.
+/// Connections served at once; more are closed straight away.
+const MAX_CONNECTIONS: usize = 32;
+
+/// Serves forever; each connection runs on its own task, at most `MAX_CONNECTIONS` at once.
 pub async fn serve(listener: TcpListener, metrics: Metrics) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(DEADLINE, answer(stream, &metrics)).await;
+                    drop(slot);
                 });
             }
             Err(e) => {

@@ -251,3 +251,69 @@ async fn deleting_the_tun_stops_the_loop_and_leaves_traffic_refused() {
     assert_eq!(routes[0].target, RouteTarget::Unreachable);
     assert!(!a.ping(to_b, SHORT).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_flood_is_answered_with_cookies_while_the_peer_keeps_working() {
+    use boringtun::noise::{Tunn, TunnResult};
+    let (a, b) = two_nodes("gw-flood").await;
+    let _echo_b = b.echo(7000).await;
+    a.apply("c1", 1, vec![b.as_remote("c1", true)]).await;
+    b.apply("c1", 1, vec![a.as_remote("c1", true)]).await;
+    let to_b = SocketAddr::new(b.pod, 7000);
+    assert!(a.ping(to_b, LONG).await);
+
+    // One valid initiation from a key b does not know (valid MAC1), sent 3000 times over
+    // about a second and a half: far past the limit of ~100 handshakes a second.
+    let stranger = boringtun::x25519::StaticSecret::random_from_rng(rand_core::OsRng);
+    let b_public = boringtun::x25519::PublicKey::from(b.gateway().public_key.0);
+    let mut tunn = Tunn::new(stranger, b_public, None, None, 1, None);
+    let mut buf = [0u8; 256];
+    let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, false) else {
+        panic!("no initiation");
+    };
+    let init = init.to_vec();
+    let attacker =
+        a.ns.run(|| std::net::UdpSocket::bind("198.18.0.1:40000"))
+            .unwrap()
+            .unwrap();
+    attacker.set_nonblocking(true).unwrap();
+    let target: SocketAddr = "198.18.0.2:51820".parse().unwrap();
+    let flood = async {
+        for _ in 0..30 {
+            for _ in 0..100 {
+                let _ = attacker.send_to(&init, target);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let pings = async {
+        let mut ok = 0;
+        for _ in 0..5 {
+            if a.ping(to_b, Duration::from_secs(2)).await {
+                ok += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        ok
+    };
+    let ((), ok) = tokio::join!(flood, pings);
+    assert_eq!(ok, 5, "the established peer kept working during the flood");
+    let mut cookies = 0;
+    let mut reply = [0u8; 256];
+    while let Ok((len, _)) = attacker.recv_from(&mut reply) {
+        if len == 64 && reply[0] == 3 {
+            cookies += 1;
+        }
+    }
+    let limited = b.gateway().metrics.drops(DropReason::RateLimited);
+    assert!(
+        cookies > 0 && limited >= cookies,
+        "cookies {cookies}, rate limited {limited}"
+    );
+    let no_peer = b.gateway().metrics.drops(DropReason::NoPeer);
+    eprintln!("flood: {cookies} cookies, {limited} rate limited, {no_peer} unknown-key lookups");
+    assert!(
+        no_peer < 1000,
+        "the expensive unknown-key path was bounded: {no_peer} DH lookups for 3000 packets"
+    );
+}

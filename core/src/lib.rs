@@ -4,3 +4,5 @@
 //! dependencies: they can be tested, serialised and compared anywhere.
 
 pub mod cidr;
+pub mod gateway;
+pub mod wgkey;

@@ -15,7 +15,11 @@ fn lab_up_wires_pods_that_reach_each_other_and_down_removes_everything() {
         !output.contains("FAIL"),
         "every pod reaches every other: {output}"
     );
-    assert_eq!(lab.namespaces().len(), 5, "the switch, one node and three pods");
+    assert_eq!(
+        lab.namespaces().len(),
+        5,
+        "the switch, one node and three pods"
+    );
 
     let ping = lab.trellis(&[
         "exec", "c1/pod-2", "--", "ping", "-c", "1", "-W", "1", "10.1.0.1",

@@ -16,6 +16,9 @@ pub mod probe;
 pub mod sysctl;
 pub mod testing;
 
+mod owned_routes;
+
 pub use error::Error;
 pub use namespace::{NETNS_RUN_DIR, Netns};
 pub use netlink::{Link, Netlink, Route, VethSpec};
+pub use owned_routes::{OwnedRoute, RouteTarget};

@@ -21,7 +21,7 @@ use crate::{Error, Netns};
 /// A netlink route socket bound to one network namespace.
 #[derive(Clone)]
 pub struct Netlink {
-    handle: rtnetlink::Handle,
+    pub(crate) handle: rtnetlink::Handle,
 }
 
 /// What we read back about a link.

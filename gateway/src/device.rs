@@ -1,0 +1,815 @@
+//! The device loop: one task owns the TUN, the UDP socket, every peer's `noise::Tunn` and all
+//! packet buffers. Packets are read in batches (up to `batch` per wake-up), processed, then
+//! written; buffers are allocated once, at start, so the steady state allocates nothing.
+//!
+//! Demultiplexing incoming datagrams to peers: a handshake initiation is checked against the
+//! shared rate limiter (which answers with a cookie under load) before the one DH needed to
+//! learn the sender's static key; every other message carries our receiver index, whose upper
+//! 24 bits are the peer's slot (boringtun's `Tunn` uses `index << 8`).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use ipnet::IpNet;
+use prometheus::{Gauge, IntCounter, IntGauge};
+use tokio::sync::{mpsc, oneshot};
+use trellis_core::gateway::TunnelPeer;
+use trellis_core::wgkey::PublicKey;
+
+use crate::Error;
+use crate::allowed_ips::AllowedIps;
+use crate::io::{Tun, Udp};
+use crate::keys::KeyPair;
+use crate::metrics::{DropReason, Metrics, unix_now};
+
+/// How the loop is sized. Validated once by the binary's config.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    /// The TUN MTU; packet buffers are sized from it.
+    pub mtu: u16,
+    /// Packets read per wake-up, on each side.
+    pub batch: usize,
+    /// Handshake messages per second before the gateway demands cookies. Every accepted
+    /// initiation is counted twice (device demux and `Tunn`), hence the default of 2 × 100.
+    pub handshake_rate_limit: u64,
+    /// How often WireGuard's timers run (boringtun recommends 250 ms).
+    pub timer_interval: Duration,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self {
+            mtu: 1420,
+            batch: 64,
+            handshake_rate_limit: 200,
+            timer_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// WireGuard's message types (first byte, little-endian u32).
+const HANDSHAKE_INIT: u8 = 1;
+const HANDSHAKE_RESPONSE: u8 = 2;
+const COOKIE_REPLY: u8 = 3;
+const DATA: u8 = 4;
+const HANDSHAKE_INIT_LEN: usize = 148;
+const HANDSHAKE_RESPONSE_LEN: usize = 92;
+const COOKIE_REPLY_LEN: usize = 64;
+const DATA_MIN_LEN: usize = 32;
+/// boringtun's per-peer queue for packets waiting on a handshake.
+const MAX_QUEUED: i64 = 256;
+/// Sessions older than this are rejected (WireGuard's Reject-After-Time).
+const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// Consecutive failed TUN reads (10 ms apart) after which the TUN is considered gone (its
+/// interface deleted): the loop stops with an error rather than spin.
+const MAX_TUN_FAILURES: u32 = 100;
+/// Peer slots are 24 bits: the upper bits of a 32-bit receiver index.
+const MAX_SLOT: u32 = (1 << 24) - 1;
+
+/// What the loop reports about a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStats {
+    pub name: String,
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub since_last_handshake: Option<Duration>,
+    pub handshakes: u64,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+enum Command {
+    /// Adds and updates these peers; with `prune`, removes every other peer.
+    SetPeers {
+        peers: Vec<TunnelPeer>,
+        prune: bool,
+        done: oneshot::Sender<()>,
+    },
+    Stats(oneshot::Sender<Vec<PeerStats>>),
+}
+
+/// Talks to a running device loop. Dropping every handle stops the loop.
+#[derive(Clone, Debug)]
+pub struct DeviceHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl DeviceHandle {
+    /// Adds and updates `peers`; with `prune`, removes the others. Returns once applied.
+    pub async fn set_peers(&self, peers: Vec<TunnelPeer>, prune: bool) -> Result<(), Error> {
+        let (done, applied) = oneshot::channel();
+        self.commands
+            .send(Command::SetPeers { peers, prune, done })
+            .await
+            .map_err(|_| Error::DeviceStopped)?;
+        applied.await.map_err(|_| Error::DeviceStopped)
+    }
+
+    pub async fn stats(&self) -> Result<Vec<PeerStats>, Error> {
+        let (reply, stats) = oneshot::channel();
+        self.commands
+            .send(Command::Stats(reply))
+            .await
+            .map_err(|_| Error::DeviceStopped)?;
+        stats.await.map_err(|_| Error::DeviceStopped)
+    }
+}
+
+struct Peer {
+    slot: u32,
+    name: String,
+    public_key: PublicKey,
+    tunn: Tunn,
+    /// Where we send: the configured endpoint, then wherever the peer last spoke from.
+    endpoint: Option<SocketAddr>,
+    /// The endpoint as last configured, so a reload of the same state keeps a roamed endpoint.
+    configured_endpoint: Option<SocketAddr>,
+    keepalive: Option<u16>,
+    allowed_ips: Vec<IpNet>,
+    handshakes: u64,
+    tx_bytes: u64,
+    rx_bytes: u64,
+    queued: i64,
+    m: PeerMetrics,
+}
+
+struct PeerMetrics {
+    tx_bytes: IntCounter,
+    rx_bytes: IntCounter,
+    tx_packets: IntCounter,
+    rx_packets: IntCounter,
+    handshakes: IntCounter,
+    rekeys: IntCounter,
+    last_handshake: Gauge,
+    queued: IntGauge,
+}
+
+impl PeerMetrics {
+    fn new(metrics: &Metrics, name: &str) -> Self {
+        let labels = [name];
+        Self {
+            tx_bytes: metrics.peer_tx_bytes.with_label_values(&labels),
+            rx_bytes: metrics.peer_rx_bytes.with_label_values(&labels),
+            tx_packets: metrics.peer_tx_packets.with_label_values(&labels),
+            rx_packets: metrics.peer_rx_packets.with_label_values(&labels),
+            handshakes: metrics.peer_handshakes.with_label_values(&labels),
+            rekeys: metrics.peer_rekeys.with_label_values(&labels),
+            last_handshake: metrics.peer_last_handshake.with_label_values(&labels),
+            queued: metrics.peer_queued.with_label_values(&labels),
+        }
+    }
+}
+
+impl Peer {
+    fn handshake_completed(&mut self) {
+        self.handshakes += 1;
+        self.m.handshakes.inc();
+        if self.handshakes > 1 {
+            self.m.rekeys.inc();
+        }
+        self.m.last_handshake.set(unix_now());
+    }
+
+    fn set_queued(&mut self, queued: i64) {
+        self.queued = queued.clamp(0, MAX_QUEUED);
+        self.m.queued.set(self.queued);
+    }
+}
+
+/// Fixed packet buffers: `batch` slots of `stride` bytes per direction.
+struct Slots {
+    stride: usize,
+    data: Vec<u8>,
+    lens: Vec<usize>,
+}
+
+impl Slots {
+    fn new(batch: usize, stride: usize) -> Self {
+        Self {
+            stride,
+            data: vec![0; batch * stride],
+            lens: vec![0; batch],
+        }
+    }
+    fn slot_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.data[i * self.stride..(i + 1) * self.stride]
+    }
+    fn filled(&self, i: usize) -> &[u8] {
+        &self.data[i * self.stride..i * self.stride + self.lens[i]]
+    }
+}
+
+/// The loop's state. Build it with [`Device::new`], run it with [`Device::run`].
+pub struct Device<T: Tun, U: Udp> {
+    tun: T,
+    udp: U,
+    keys: KeyPair,
+    limiter: Arc<RateLimiter>,
+    metrics: Metrics,
+    config: DeviceConfig,
+    peers: HashMap<u32, Peer>,
+    by_key: HashMap<PublicKey, u32>,
+    allowed: AllowedIps<u32>,
+    next_slot: u32,
+    /// Packets from the TUN, and the datagrams they became.
+    tun_in: Slots,
+    net_out: Slots,
+    /// Which of `net_out` to send where, this batch.
+    net_sends: Vec<(usize, SocketAddr)>,
+    /// Datagrams from the network, their sources, and the packets they became.
+    net_in: Slots,
+    net_from: Vec<SocketAddr>,
+    tun_out: Slots,
+    tun_writes: Vec<usize>,
+    /// Handshakes, cookies, keepalives, timers.
+    scratch: Vec<u8>,
+    commands: mpsc::Receiver<Command>,
+    /// Consecutive TUN read failures, and the last one.
+    tun_failures: u32,
+    last_tun_error: Option<std::io::Error>,
+}
+
+enum Demux {
+    Peer(u32),
+    Drop(DropReason),
+    /// A cookie reply of this length is waiting in `scratch`.
+    Cookie(usize),
+}
+
+impl<T: Tun, U: Udp> Device<T, U> {
+    pub fn new(
+        tun: T,
+        udp: U,
+        keys: KeyPair,
+        metrics: Metrics,
+        config: DeviceConfig,
+    ) -> (Self, DeviceHandle) {
+        let (sender, commands) = mpsc::channel(16);
+        let limiter = Arc::new(RateLimiter::new(keys.public(), config.handshake_rate_limit));
+        // Room for the largest packet the TUN gives plus WireGuard's 32 bytes of overhead,
+        // and never less than a handshake message.
+        let stride = (usize::from(config.mtu) + 64).max(256);
+        let batch = config.batch.max(1);
+        let device = Self {
+            tun,
+            udp,
+            keys,
+            limiter,
+            metrics,
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            allowed: AllowedIps::default(),
+            next_slot: 1,
+            tun_in: Slots::new(batch, stride),
+            net_out: Slots::new(batch, stride),
+            net_sends: Vec::with_capacity(batch),
+            net_in: Slots::new(batch, stride),
+            net_from: Vec::with_capacity(batch),
+            tun_out: Slots::new(batch, stride),
+            tun_writes: Vec::with_capacity(batch),
+            scratch: vec![0; stride],
+            commands,
+            tun_failures: 0,
+            last_tun_error: None,
+            config: DeviceConfig { batch, ..config },
+        };
+        (device, DeviceHandle { commands: sender })
+    }
+
+    /// Runs until every [`DeviceHandle`] is dropped (`Ok`) or the TUN fails for good, e.g.
+    /// its interface was deleted (`Err`; routes to encrypted peers then hit their
+    /// unreachable backstops). Errors on single packets are counted as drops; nothing a
+    /// packet contains ends the loop.
+    pub async fn run(mut self) -> Result<(), Error> {
+        let mut timers = tokio::time::interval(self.config.timer_interval);
+        timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
+        let ticks_per_second = (1000 / self.config.timer_interval.as_millis().max(1)).max(1) as u64;
+        loop {
+            tokio::select! {
+                ready = self.tun.readable() => {
+                    if let Err(e) = ready {
+                        self.tun_failed(e);
+                    } else {
+                        self.on_tun_readable().await;
+                    }
+                    if self.tun_failures > 0 {
+                        if self.tun_failures >= MAX_TUN_FAILURES {
+                            self.forget_all();
+                            return Err(Error::TunFailed(self.last_tun_error.take().unwrap_or_else(
+                                || std::io::Error::other("unknown TUN error"),
+                            )));
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                ready = self.udp.readable() => {
+                    if let Err(e) = ready {
+                        tracing::warn!("UDP readiness: {e}");
+                        self.metrics.drop_packet(DropReason::SocketError);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    self.on_udp_readable().await;
+                }
+                _ = timers.tick() => {
+                    ticks += 1;
+                    if ticks.is_multiple_of(ticks_per_second) {
+                        self.limiter.reset_count();
+                    }
+                    self.run_timers().await;
+                }
+                command = self.commands.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => break,
+                },
+            }
+        }
+        self.forget_all();
+        Ok(())
+    }
+
+    fn forget_all(&mut self) {
+        for peer in self.peers.values() {
+            self.metrics.forget_peer(&peer.name);
+        }
+        self.metrics.peers_configured.set(0);
+        self.metrics.peers_up.set(0);
+    }
+
+    fn tun_failed(&mut self, error: std::io::Error) {
+        if self.tun_failures == 0 {
+            tracing::warn!("TUN: {error}");
+        }
+        self.tun_failures += 1;
+        self.last_tun_error = Some(error);
+        self.metrics.drop_packet(DropReason::TunError);
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::SetPeers { peers, prune, done } => {
+                self.set_peers(peers, prune);
+                let _ = done.send(());
+            }
+            Command::Stats(reply) => {
+                let mut stats: Vec<_> = self
+                    .peers
+                    .values()
+                    .map(|p| PeerStats {
+                        name: p.name.clone(),
+                        public_key: p.public_key,
+                        endpoint: p.endpoint,
+                        since_last_handshake: p.tunn.stats().0,
+                        handshakes: p.handshakes,
+                        tx_bytes: p.tx_bytes,
+                        rx_bytes: p.rx_bytes,
+                    })
+                    .collect();
+                stats.sort_by(|a, b| a.name.cmp(&b.name));
+                let _ = reply.send(stats);
+            }
+        }
+    }
+
+    fn new_tunn(&self, public_key: &PublicKey, keepalive: Option<u16>, slot: u32) -> Tunn {
+        Tunn::new(
+            self.keys.secret().clone(),
+            boringtun::x25519::PublicKey::from(public_key.0),
+            None,
+            keepalive,
+            slot,
+            Some(self.limiter.clone()),
+        )
+    }
+
+    fn free_slot(&mut self) -> u32 {
+        loop {
+            let slot = self.next_slot;
+            self.next_slot = if slot >= MAX_SLOT { 1 } else { slot + 1 };
+            if !self.peers.contains_key(&slot) {
+                return slot;
+            }
+        }
+    }
+
+    /// Applies the peer diff: new keys get a fresh `Tunn`, known keys keep their sessions
+    /// (a new keepalive needs a new `Tunn`), and with `prune` the rest are removed.
+    fn set_peers(&mut self, desired: Vec<TunnelPeer>, prune: bool) {
+        let wanted: std::collections::HashSet<PublicKey> =
+            desired.iter().map(|p| p.public_key).collect();
+        if prune {
+            let gone: Vec<u32> = self
+                .peers
+                .values()
+                .filter(|p| !wanted.contains(&p.public_key))
+                .map(|p| p.slot)
+                .collect();
+            for slot in gone {
+                if let Some(peer) = self.peers.remove(&slot) {
+                    self.by_key.remove(&peer.public_key);
+                    self.metrics.forget_peer(&peer.name);
+                    tracing::info!(peer = %peer.name, "removed peer");
+                }
+            }
+        }
+        for spec in desired {
+            match self.by_key.get(&spec.public_key).copied() {
+                Some(slot) => {
+                    let rebuild = self.peers.get(&slot).map(|p| p.keepalive)
+                        != Some(spec.persistent_keepalive);
+                    let tunn = rebuild
+                        .then(|| self.new_tunn(&spec.public_key, spec.persistent_keepalive, slot));
+                    let Some(peer) = self.peers.get_mut(&slot) else {
+                        continue;
+                    };
+                    if let Some(tunn) = tunn {
+                        peer.tunn = tunn;
+                        peer.keepalive = spec.persistent_keepalive;
+                    }
+                    if peer.name != spec.name {
+                        self.metrics.forget_peer(&peer.name);
+                        peer.m = PeerMetrics::new(&self.metrics, &spec.name);
+                        peer.name = spec.name;
+                    }
+                    if peer.configured_endpoint != spec.endpoint {
+                        peer.configured_endpoint = spec.endpoint;
+                        if spec.endpoint.is_some() {
+                            peer.endpoint = spec.endpoint;
+                        }
+                    }
+                    peer.allowed_ips = spec.allowed_ips;
+                }
+                None => {
+                    let slot = self.free_slot();
+                    let tunn = self.new_tunn(&spec.public_key, spec.persistent_keepalive, slot);
+                    tracing::info!(peer = %spec.name, key = %spec.public_key, "added peer");
+                    let peer = Peer {
+                        slot,
+                        m: PeerMetrics::new(&self.metrics, &spec.name),
+                        name: spec.name,
+                        public_key: spec.public_key,
+                        tunn,
+                        endpoint: spec.endpoint,
+                        configured_endpoint: spec.endpoint,
+                        keepalive: spec.persistent_keepalive,
+                        allowed_ips: spec.allowed_ips,
+                        handshakes: 0,
+                        tx_bytes: 0,
+                        rx_bytes: 0,
+                        queued: 0,
+                    };
+                    self.by_key.insert(peer.public_key, slot);
+                    self.peers.insert(slot, peer);
+                }
+            }
+        }
+        let mut allowed = AllowedIps::default();
+        for peer in self.peers.values() {
+            for net in &peer.allowed_ips {
+                allowed.insert(*net, peer.slot);
+            }
+        }
+        self.allowed = allowed;
+        self.metrics.peers_configured.set(self.peers.len() as i64);
+    }
+
+    /// Reads a batch from the TUN, encrypts each packet for the peer its destination routes
+    /// to, then sends the batch.
+    async fn on_tun_readable(&mut self) {
+        let mut count = 0;
+        while count < self.config.batch {
+            match self.tun.try_recv(self.tun_in.slot_mut(count)) {
+                Ok(len) => {
+                    self.tun_in.lens[count] = len;
+                    count += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.tun_failed(e);
+                    break;
+                }
+            }
+        }
+        if count > 0 {
+            self.tun_failures = 0;
+        }
+        self.net_sends.clear();
+        for i in 0..count {
+            let packet = self.tun_in.filled(i);
+            let Some(slot) = Tunn::dst_address(packet).and_then(|dst| self.allowed.lookup(dst))
+            else {
+                self.metrics.drop_packet(DropReason::NoRoute);
+                continue;
+            };
+            let Some(peer) = self.peers.get_mut(slot) else {
+                self.metrics.drop_packet(DropReason::NoRoute);
+                continue;
+            };
+            let out =
+                &mut self.net_out.data[i * self.net_out.stride..(i + 1) * self.net_out.stride];
+            if packet.len() + DATA_MIN_LEN > out.len() {
+                // Larger than the MTU we sized for (someone raised the TUN's MTU): `Tunn`
+                // would panic on a short buffer, so refuse it here.
+                self.metrics.drop_packet(DropReason::TooBig);
+                continue;
+            }
+            match peer.tunn.encapsulate(packet, out) {
+                TunnResult::WriteToNetwork(datagram) => {
+                    let len = datagram.len();
+                    if datagram[0] == DATA {
+                        peer.tx_bytes += packet.len() as u64;
+                        peer.m.tx_bytes.inc_by(packet.len() as u64);
+                        peer.m.tx_packets.inc();
+                    } else {
+                        // No session: the packet was queued and a handshake started.
+                        let queued = peer.queued + 1;
+                        peer.set_queued(queued);
+                    }
+                    match peer.endpoint {
+                        Some(endpoint) => {
+                            self.net_out.lens[i] = len;
+                            self.net_sends.push((i, endpoint));
+                        }
+                        None => self.metrics.drop_packet(DropReason::NoEndpoint),
+                    }
+                }
+                TunnResult::Done => {
+                    // Queued behind a handshake already in progress.
+                    let queued = peer.queued + 1;
+                    peer.set_queued(queued);
+                }
+                TunnResult::Err(e) => {
+                    tracing::debug!(peer = %peer.name, "encapsulate: {e:?}");
+                    self.metrics.drop_packet(drop_reason(&e));
+                }
+                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+            }
+        }
+        for k in 0..self.net_sends.len() {
+            let (i, endpoint) = self.net_sends[k];
+            if let Err(e) = self.udp.send_to(self.net_out.filled(i), endpoint).await {
+                tracing::debug!("UDP send to {endpoint}: {e}");
+                self.metrics.drop_packet(DropReason::SocketError);
+            }
+        }
+    }
+
+    /// Finds the peer a datagram is for, without trusting anything in it.
+    fn demux(&mut self, i: usize) -> Demux {
+        let datagram = self.net_in.filled(i);
+        let from = self.net_from[i];
+        let Some(&kind) = datagram.first() else {
+            return Demux::Drop(DropReason::Malformed);
+        };
+        let expected_len_ok = match kind {
+            HANDSHAKE_INIT => datagram.len() == HANDSHAKE_INIT_LEN,
+            HANDSHAKE_RESPONSE => datagram.len() == HANDSHAKE_RESPONSE_LEN,
+            COOKIE_REPLY => datagram.len() == COOKIE_REPLY_LEN,
+            DATA => datagram.len() >= DATA_MIN_LEN,
+            _ => false,
+        };
+        if !expected_len_ok || datagram[1..4] != [0, 0, 0] {
+            return Demux::Drop(DropReason::Malformed);
+        }
+        if kind == HANDSHAKE_INIT {
+            return match self
+                .limiter
+                .verify_packet(Some(from.ip()), datagram, &mut self.scratch)
+            {
+                Ok(Packet::HandshakeInit(init)) => {
+                    match parse_handshake_anon(self.keys.secret(), self.keys.public(), &init) {
+                        Ok(half) => match self.by_key.get(&PublicKey(half.peer_static_public)) {
+                            Some(slot) => Demux::Peer(*slot),
+                            None => Demux::Drop(DropReason::NoPeer),
+                        },
+                        Err(_) => Demux::Drop(DropReason::DecryptFailed),
+                    }
+                }
+                Ok(_) => Demux::Drop(DropReason::Malformed),
+                Err(TunnResult::WriteToNetwork(cookie)) => Demux::Cookie(cookie.len()),
+                Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
+                    Demux::Drop(DropReason::RateLimited)
+                }
+                Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+                    Demux::Drop(DropReason::DecryptFailed)
+                }
+                Err(_) => Demux::Drop(DropReason::Malformed),
+            };
+        }
+        // The receiver index follows the sender index in a response, and comes first in a
+        // cookie reply or data message.
+        let at = if kind == HANDSHAKE_RESPONSE { 8 } else { 4 };
+        let receiver = u32::from_le_bytes([
+            datagram[at],
+            datagram[at + 1],
+            datagram[at + 2],
+            datagram[at + 3],
+        ]);
+        let slot = receiver >> 8;
+        if self.peers.contains_key(&slot) {
+            Demux::Peer(slot)
+        } else {
+            Demux::Drop(DropReason::NoPeer)
+        }
+    }
+
+    /// Reads a batch of datagrams, decrypts each with its peer, then writes the packets to the
+    /// TUN. Handshake replies and cookies go out as they arise.
+    async fn on_udp_readable(&mut self) {
+        let mut count = 0;
+        self.net_from.clear();
+        while count < self.config.batch {
+            match self.udp.try_recv_from(self.net_in.slot_mut(count)) {
+                Ok((len, from)) => {
+                    self.net_in.lens[count] = len;
+                    self.net_from.push(from);
+                    count += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // ICMP errors surface here (ECONNREFUSED); they are not fatal.
+                    tracing::debug!("UDP receive: {e}");
+                    self.metrics.drop_packet(DropReason::SocketError);
+                    break;
+                }
+            }
+        }
+        self.tun_writes.clear();
+        for i in 0..count {
+            let from = self.net_from[i];
+            let slot = match self.demux(i) {
+                Demux::Peer(slot) => slot,
+                Demux::Drop(reason) => {
+                    self.metrics.drop_packet(reason);
+                    continue;
+                }
+                Demux::Cookie(len) => {
+                    self.metrics.drop_packet(DropReason::RateLimited);
+                    if let Err(e) = self.udp.send_to(&self.scratch[..len], from).await {
+                        tracing::debug!("send cookie to {from}: {e}");
+                    }
+                    continue;
+                }
+            };
+            let Some(peer) = self.peers.get_mut(&slot) else {
+                continue;
+            };
+            let datagram = &self.net_in.data[i * self.net_in.stride..][..self.net_in.lens[i]];
+            let kind = datagram[0];
+            let out =
+                &mut self.tun_out.data[i * self.tun_out.stride..(i + 1) * self.tun_out.stride];
+            match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
+                TunnResult::WriteToNetwork(reply) => {
+                    let reply_kind = reply[0];
+                    if reply_kind == COOKIE_REPLY {
+                        self.metrics.drop_packet(DropReason::RateLimited);
+                    } else {
+                        // A response to an initiation, or the keepalive confirming a response.
+                        if kind == HANDSHAKE_INIT || kind == HANDSHAKE_RESPONSE {
+                            peer.handshake_completed();
+                        }
+                        peer.endpoint = Some(from);
+                    }
+                    if let Err(e) = self.udp.send_to(reply, from).await {
+                        tracing::debug!("UDP send to {from}: {e}");
+                        self.metrics.drop_packet(DropReason::SocketError);
+                    }
+                    if reply_kind != COOKIE_REPLY {
+                        // Packets queued for the handshake go now.
+                        while let TunnResult::WriteToNetwork(queued) =
+                            peer.tunn.decapsulate(None, &[], &mut self.scratch)
+                        {
+                            let len = queued.len();
+                            let payload = len.saturating_sub(DATA_MIN_LEN) as u64;
+                            peer.tx_bytes += payload;
+                            peer.m.tx_bytes.inc_by(payload);
+                            peer.m.tx_packets.inc();
+                            if let Err(e) = self.udp.send_to(&self.scratch[..len], from).await {
+                                tracing::debug!("UDP send to {from}: {e}");
+                                self.metrics.drop_packet(DropReason::SocketError);
+                            }
+                        }
+                        peer.set_queued(0);
+                    }
+                }
+                TunnResult::WriteToTunnelV4(packet, source) => {
+                    let len = packet.len();
+                    accept(
+                        peer,
+                        &self.allowed,
+                        &self.metrics,
+                        IpAddr::V4(source),
+                        len,
+                        from,
+                    )
+                    .then(|| {
+                        self.tun_out.lens[i] = len;
+                        self.tun_writes.push(i);
+                    });
+                }
+                TunnResult::WriteToTunnelV6(packet, source) => {
+                    let len = packet.len();
+                    accept(
+                        peer,
+                        &self.allowed,
+                        &self.metrics,
+                        IpAddr::V6(source),
+                        len,
+                        from,
+                    )
+                    .then(|| {
+                        self.tun_out.lens[i] = len;
+                        self.tun_writes.push(i);
+                    });
+                }
+                TunnResult::Done => {}
+                TunnResult::Err(e) => self.metrics.drop_packet(drop_reason(&e)),
+            }
+        }
+        for k in 0..self.tun_writes.len() {
+            let i = self.tun_writes[k];
+            if let Err(e) = self.tun.send(self.tun_out.filled(i)).await {
+                tracing::debug!("TUN write: {e}");
+                self.metrics.drop_packet(DropReason::TunError);
+            }
+        }
+    }
+
+    /// WireGuard's timers: handshake retries and rekeys, keepalives, session expiry.
+    async fn run_timers(&mut self) {
+        self.metrics.beat();
+        let mut up = 0;
+        for peer in self.peers.values_mut() {
+            match peer.tunn.update_timers(&mut self.scratch) {
+                TunnResult::WriteToNetwork(datagram) => match peer.endpoint {
+                    Some(endpoint) => {
+                        if let Err(e) = self.udp.send_to(datagram, endpoint).await {
+                            tracing::debug!("UDP send to {endpoint}: {e}");
+                            self.metrics.drop_packet(DropReason::SocketError);
+                        }
+                    }
+                    None => self.metrics.drop_packet(DropReason::NoEndpoint),
+                },
+                TunnResult::Err(WireGuardError::ConnectionExpired) => peer.set_queued(0),
+                _ => {}
+            }
+            if matches!(peer.tunn.stats().0, Some(age) if age < REJECT_AFTER_TIME) {
+                up += 1;
+            }
+        }
+        self.metrics.peers_up.set(up);
+    }
+}
+
+/// Checks a decrypted packet's source against the sending peer's allowed IPs.
+fn accept(
+    peer: &mut Peer,
+    allowed: &AllowedIps<u32>,
+    metrics: &Metrics,
+    source: IpAddr,
+    len: usize,
+    from: SocketAddr,
+) -> bool {
+    // Authenticated: the peer may have roamed.
+    peer.endpoint = Some(from);
+    if len == 0 {
+        return false; // keepalive
+    }
+    if allowed.lookup(source) != Some(&peer.slot) {
+        metrics.drop_packet(DropReason::SourceNotAllowed);
+        return false;
+    }
+    peer.rx_bytes += len as u64;
+    peer.m.rx_bytes.inc_by(len as u64);
+    peer.m.rx_packets.inc();
+    true
+}
+
+fn drop_reason(error: &WireGuardError) -> DropReason {
+    match error {
+        // A counter seen before, or a handshake initiation no newer than the last one.
+        WireGuardError::DuplicateCounter
+        | WireGuardError::InvalidCounter
+        | WireGuardError::WrongTai64nTimestamp => DropReason::Replay,
+        WireGuardError::InvalidAeadTag
+        | WireGuardError::InvalidMac
+        | WireGuardError::WrongKey
+        | WireGuardError::InvalidTai64nTimestamp => DropReason::DecryptFailed,
+        WireGuardError::UnderLoad => DropReason::RateLimited,
+        WireGuardError::NoCurrentSession
+        | WireGuardError::WrongIndex
+        | WireGuardError::ConnectionExpired => DropReason::NoPeer,
+        _ => DropReason::Malformed,
+    }
+}
+
+#[cfg(test)]
+#[path = "device_tests.rs"]
+pub(crate) mod tests;

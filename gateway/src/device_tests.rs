@@ -1,0 +1,564 @@
+//! The device loop against in-memory TUNs and an in-memory UDP "network".
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use trellis_core::gateway::TunnelPeer;
+
+use super::*;
+
+/// A queue of packets with a readiness signal.
+struct Queue<T> {
+    items: Mutex<VecDeque<T>>,
+    ready: Notify,
+}
+
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Self {
+            items: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+        }
+    }
+}
+
+impl<T> Queue<T> {
+    fn push(&self, item: T) {
+        self.items.lock().unwrap().push_back(item);
+        self.ready.notify_one();
+    }
+    fn pop(&self) -> Option<T> {
+        self.items.lock().unwrap().pop_front()
+    }
+    async fn readable(&self) {
+        loop {
+            if !self.items.lock().unwrap().is_empty() {
+                return;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+pub(crate) struct FakeTun {
+    /// What the kernel would send into the tunnel.
+    inbound: Arc<Queue<Vec<u8>>>,
+    /// What the device delivered to the kernel.
+    delivered: Arc<Queue<Vec<u8>>>,
+}
+
+impl Tun for FakeTun {
+    async fn readable(&self) -> io::Result<()> {
+        self.inbound.readable().await;
+        Ok(())
+    }
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let packet = self.inbound.pop().ok_or(io::ErrorKind::WouldBlock)?;
+        // Like read(2) on a TUN: a packet longer than the buffer is cut short.
+        let len = packet.len().min(buf.len());
+        buf[..len].copy_from_slice(&packet[..len]);
+        Ok(len)
+    }
+    async fn send(&self, packet: &[u8]) -> io::Result<usize> {
+        self.delivered.push(packet.to_vec());
+        Ok(packet.len())
+    }
+}
+
+/// Datagrams waiting at a socket, with their sources.
+type Inbox = Queue<(Vec<u8>, SocketAddr)>;
+/// A datagram the network carried: from, to, bytes.
+type Carried = (SocketAddr, SocketAddr, Vec<u8>);
+
+/// An in-memory network of UDP sockets; it also records every datagram it carried.
+#[derive(Clone, Default)]
+pub(crate) struct FakeNet {
+    sockets: Arc<Mutex<HashMap<SocketAddr, Arc<Inbox>>>>,
+    wire: Arc<Mutex<Vec<Carried>>>,
+}
+
+pub(crate) struct FakeUdp {
+    net: FakeNet,
+    /// Shared with the test, which may move the socket (a roaming peer).
+    addr: Arc<Mutex<SocketAddr>>,
+    queue: Arc<Inbox>,
+}
+
+impl FakeNet {
+    fn bind(&self, addr: &str) -> FakeUdp {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let queue = Arc::new(Queue::default());
+        self.sockets.lock().unwrap().insert(addr, queue.clone());
+        FakeUdp {
+            net: self.clone(),
+            addr: Arc::new(Mutex::new(addr)),
+            queue,
+        }
+    }
+    /// Moves the socket at `old` to `new`: what a NAT rebinding or a new network does.
+    fn rebind(&self, socket: &Arc<Mutex<SocketAddr>>, new: &str) -> SocketAddr {
+        let new: SocketAddr = new.parse().unwrap();
+        let mut addr = socket.lock().unwrap();
+        let mut sockets = self.sockets.lock().unwrap();
+        let queue = sockets.remove(&*addr).unwrap();
+        sockets.insert(new, queue);
+        *addr = new;
+        new
+    }
+    fn inject(&self, to: SocketAddr, from: SocketAddr, datagram: Vec<u8>) {
+        if let Some(queue) = self.sockets.lock().unwrap().get(&to) {
+            queue.push((datagram, from));
+        }
+    }
+}
+
+impl Udp for FakeUdp {
+    async fn readable(&self) -> io::Result<()> {
+        self.queue.readable().await;
+        Ok(())
+    }
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        let (datagram, from) = self.queue.pop().ok_or(io::ErrorKind::WouldBlock)?;
+        let len = datagram.len().min(buf.len());
+        buf[..len].copy_from_slice(&datagram[..len]);
+        Ok((len, from))
+    }
+    async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
+        let from = *self.addr.lock().unwrap();
+        self.net
+            .wire
+            .lock()
+            .unwrap()
+            .push((from, to, datagram.to_vec()));
+        self.net.inject(to, from, datagram.to_vec());
+        Ok(datagram.len())
+    }
+}
+
+/// A minimal IPv4 packet: 20-byte header and a payload.
+pub(crate) fn ipv4(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+    let mut packet = vec![0u8; 20];
+    packet[0] = 0x45;
+    let total = (20 + payload.len()) as u16;
+    packet[2..4].copy_from_slice(&total.to_be_bytes());
+    packet[8] = 64;
+    packet[9] = 17;
+    packet[12..16].copy_from_slice(&src.parse::<Ipv4Addr>().unwrap().octets());
+    packet[16..20].copy_from_slice(&dst.parse::<Ipv4Addr>().unwrap().octets());
+    packet.extend_from_slice(payload);
+    packet
+}
+
+pub(crate) struct Node {
+    pub(crate) keys: KeyPair,
+    pub(crate) addr: SocketAddr,
+    pub(crate) tun: FakeTun,
+    pub(crate) handle: DeviceHandle,
+    pub(crate) metrics: Metrics,
+    pub(crate) socket: Arc<Mutex<SocketAddr>>,
+}
+
+pub(crate) fn start(net: &FakeNet, addr: &str) -> Node {
+    let keys = KeyPair::generate();
+    let tun = FakeTun::default();
+    let udp = net.bind(addr);
+    let socket = udp.addr.clone();
+    let metrics = Metrics::new().unwrap();
+    let (device, handle) = Device::new(
+        tun.clone(),
+        udp,
+        keys.clone(),
+        metrics.clone(),
+        DeviceConfig::default(),
+    );
+    tokio::spawn(device.run());
+    Node {
+        keys,
+        addr: addr.parse().unwrap(),
+        tun,
+        handle,
+        metrics,
+        socket,
+    }
+}
+
+pub(crate) fn peer_of(node: &Node, name: &str, cidr: &str) -> TunnelPeer {
+    TunnelPeer {
+        name: name.into(),
+        public_key: node.keys.public_key(),
+        endpoint: Some(node.addr),
+        allowed_ips: vec![cidr.parse().unwrap()],
+        persistent_keepalive: None,
+    }
+}
+
+pub(crate) async fn delivered(tun: &FakeTun) -> Option<Vec<u8>> {
+    tokio::time::timeout(Duration::from_secs(2), async {
+        tun.delivered.readable().await;
+        tun.delivered.pop()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+async fn pair(net: &FakeNet) -> (Node, Node) {
+    let a = start(net, "198.18.0.1:51820");
+    let b = start(net, "198.18.0.2:51820");
+    a.handle
+        .set_peers(vec![peer_of(&b, "b", "10.2.0.0/24")], true)
+        .await
+        .unwrap();
+    b.handle
+        .set_peers(vec![peer_of(&a, "a", "10.1.0.0/24")], true)
+        .await
+        .unwrap();
+    (a, b)
+}
+
+#[tokio::test]
+async fn handshake_then_traffic_both_ways() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    let ping = ipv4("10.1.0.5", "10.2.0.7", b"ping");
+    a.tun.inbound.push(ping.clone());
+    assert_eq!(delivered(&b.tun).await.as_deref(), Some(&ping[..]));
+    let pong = ipv4("10.2.0.7", "10.1.0.5", b"pong");
+    b.tun.inbound.push(pong.clone());
+    assert_eq!(delivered(&a.tun).await.as_deref(), Some(&pong[..]));
+
+    let stats = a.handle.stats().await.unwrap();
+    assert_eq!(stats[0].handshakes, 1);
+    assert_eq!(stats[0].tx_bytes, ping.len() as u64);
+    assert_eq!(stats[0].rx_bytes, pong.len() as u64);
+    assert!(stats[0].since_last_handshake.is_some());
+    let text = a.metrics.render();
+    assert!(
+        text.contains("trellis_gateway_peer_handshakes_total{peer=\"b\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("trellis_gateway_peers_configured 1"));
+    // Nothing but WireGuard crossed the wire: no plaintext payload in any datagram.
+    for (_, _, datagram) in net.wire.lock().unwrap().iter() {
+        assert!(!datagram.windows(4).any(|w| w == b"ping" || w == b"pong"));
+    }
+}
+
+#[tokio::test]
+async fn batch_of_packets_queued_before_the_handshake_all_arrive() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    for n in 0..50u8 {
+        a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", &[n; 100]));
+    }
+    for n in 0..50u8 {
+        let packet = delivered(&b.tun).await.expect("packet lost");
+        assert_eq!(packet[20], n, "order kept");
+    }
+    let text = a.metrics.render();
+    assert!(
+        text.contains("trellis_gateway_peer_queued_packets{peer=\"b\"} 0"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn no_route_and_spoofed_sources_are_dropped() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.9.0.1", b"nowhere"));
+    // B accepts from A only sources inside 10.1.0.0/24.
+    a.tun.inbound.push(ipv4("10.7.0.5", "10.2.0.7", b"spoofed"));
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"fine"));
+    let packet = delivered(&b.tun).await.unwrap();
+    assert_eq!(&packet[20..], b"fine");
+    assert_eq!(a.metrics.drops(DropReason::NoRoute), 1);
+    assert_eq!(b.metrics.drops(DropReason::SourceNotAllowed), 1);
+}
+
+#[tokio::test]
+async fn garbage_truncated_replayed_and_unknown_handshakes_are_counted_not_fatal() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"first"));
+    delivered(&b.tun).await.unwrap();
+    let attacker: SocketAddr = "198.18.0.66:4000".parse().unwrap();
+
+    // Random bytes of every small length, and every message type with a wrong length.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for len in 0..300 {
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        net.inject(b.addr, attacker, bytes);
+    }
+    for kind in 1..=4u8 {
+        let mut bytes = vec![0u8; 40];
+        bytes[0] = kind;
+        net.inject(b.addr, attacker, bytes);
+    }
+    // Replays and truncations of a real data packet.
+    let data = net
+        .wire
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(_, _, d)| d[0] == 4 && d.len() > 32)
+        .unwrap()
+        .2
+        .clone();
+    for _ in 0..5 {
+        net.inject(b.addr, a.addr, data.clone());
+    }
+    for cut in [31, 32, 33, data.len() - 1] {
+        net.inject(b.addr, a.addr, data[..cut].to_vec());
+    }
+    // A handshake from a key B does not know, with a valid MAC1.
+    let stranger = KeyPair::generate();
+    let mut tunn = Tunn::new(
+        stranger.secret().clone(),
+        *b.keys.public(),
+        None,
+        None,
+        7,
+        None,
+    );
+    let mut buf = [0u8; 256];
+    if let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, false) {
+        net.inject(b.addr, attacker, init.to_vec());
+    }
+
+    // B still works.
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"after"));
+    let mut got = Vec::new();
+    while let Some(packet) = delivered(&b.tun).await {
+        got.push(packet);
+        if got.last().unwrap().ends_with(b"after") {
+            break;
+        }
+    }
+    assert!(got.last().unwrap().ends_with(b"after"), "{got:?}");
+    // Replays are caught by the counter window, truncated copies by length or the counter.
+    let replay = b.metrics.drops(DropReason::Replay);
+    assert!(replay >= 5, "replay {replay}");
+    assert!(
+        b.metrics.drops(DropReason::NoPeer) >= 1,
+        "unknown handshake key"
+    );
+    let malformed = b.metrics.drops(DropReason::Malformed);
+    let decrypt = b.metrics.drops(DropReason::DecryptFailed);
+    let no_peer = b.metrics.drops(DropReason::NoPeer);
+    assert_eq!(
+        malformed + decrypt + no_peer + replay,
+        300 + 4 + 5 + 4 + 1,
+        "every bad datagram is counted once"
+    );
+    assert_eq!(b.handle.stats().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn removing_a_peer_stops_traffic_and_readding_restores_it() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"one"));
+    delivered(&b.tun).await.unwrap();
+
+    b.handle.set_peers(vec![], true).await.unwrap();
+    assert!(b.handle.stats().await.unwrap().is_empty());
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"two"));
+    assert!(
+        delivered(&b.tun).await.is_none(),
+        "removed peer still delivered"
+    );
+    assert!(b.metrics.drops(DropReason::NoPeer) >= 1);
+    assert!(!b.metrics.render().contains("peer=\"a\""));
+
+    b.handle
+        .set_peers(vec![peer_of(&a, "a", "10.1.0.0/24")], true)
+        .await
+        .unwrap();
+    // A's session is gone on B's side; A keeps sending on it until the next handshake, which
+    // B's traffic to A starts.
+    b.tun.inbound.push(ipv4("10.2.0.7", "10.1.0.5", b"back"));
+    assert!(delivered(&a.tun).await.unwrap().ends_with(b"back"));
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"three"));
+    assert!(delivered(&b.tun).await.unwrap().ends_with(b"three"));
+}
+
+#[tokio::test]
+async fn endpoint_follows_a_roaming_peer() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"one"));
+    delivered(&b.tun).await.unwrap();
+    // A moves to a new address and speaks first; B follows it there.
+    let moved = net.rebind(&a.socket, "198.18.0.9:6000");
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"roam"));
+    delivered(&b.tun).await.unwrap();
+    assert_eq!(b.handle.stats().await.unwrap()[0].endpoint, Some(moved));
+    b.tun
+        .inbound
+        .push(ipv4("10.2.0.7", "10.1.0.5", b"found you"));
+    assert!(delivered(&a.tun).await.unwrap().ends_with(b"found you"));
+    // Reapplying the same state keeps the roamed endpoint; a new configured one wins.
+    b.handle
+        .set_peers(vec![peer_of(&a, "a", "10.1.0.0/24")], true)
+        .await
+        .unwrap();
+    assert_eq!(b.handle.stats().await.unwrap()[0].endpoint, Some(moved));
+    let mut changed = peer_of(&a, "a", "10.1.0.0/24");
+    changed.endpoint = Some("198.18.0.10:7000".parse().unwrap());
+    b.handle
+        .set_peers(vec![changed.clone()], true)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.handle.stats().await.unwrap()[0].endpoint,
+        changed.endpoint
+    );
+}
+
+#[tokio::test]
+async fn a_handshake_flood_gets_cookies_and_the_established_peer_keeps_working() {
+    let net = FakeNet::default();
+    let config = DeviceConfig {
+        handshake_rate_limit: 10,
+        ..DeviceConfig::default()
+    };
+    let a = start(&net, "198.18.0.1:51820");
+    // b with a low handshake limit, so a small flood is enough.
+    let b = {
+        let keys = KeyPair::generate();
+        let tun = FakeTun::default();
+        let udp = net.bind("198.18.0.2:51820");
+        let socket = udp.addr.clone();
+        let metrics = Metrics::new().unwrap();
+        let (device, handle) = Device::new(tun.clone(), udp, keys.clone(), metrics.clone(), config);
+        tokio::spawn(device.run());
+        Node {
+            keys,
+            addr: "198.18.0.2:51820".parse().unwrap(),
+            tun,
+            handle,
+            metrics,
+            socket,
+        }
+    };
+    a.handle
+        .set_peers(vec![peer_of(&b, "b", "10.2.0.0/24")], true)
+        .await
+        .unwrap();
+    b.handle
+        .set_peers(vec![peer_of(&a, "a", "10.1.0.0/24")], true)
+        .await
+        .unwrap();
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"before"));
+    delivered(&b.tun).await.unwrap();
+
+    let flooder = net.bind("198.18.0.66:4000");
+    let mut buf = [0u8; 256];
+    for n in 0..60u32 {
+        let stranger = KeyPair::generate();
+        let mut tunn = Tunn::new(
+            stranger.secret().clone(),
+            *b.keys.public(),
+            None,
+            None,
+            n,
+            None,
+        );
+        if let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, false)
+        {
+            net.inject(b.addr, *flooder.addr.lock().unwrap(), init.to_vec());
+        }
+    }
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"during"));
+    assert!(delivered(&b.tun).await.unwrap().ends_with(b"during"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cookies = std::iter::from_fn(|| flooder.queue.pop())
+        .filter(|(d, _)| d[0] == COOKIE_REPLY && d.len() == COOKIE_REPLY_LEN)
+        .count();
+    assert!(
+        cookies > 0,
+        "under load, initiations are answered with cookies"
+    );
+    assert_eq!(b.metrics.drops(DropReason::RateLimited), cookies as u64);
+    assert!(
+        b.metrics.drops(DropReason::NoPeer) <= 12,
+        "DH work stays bounded"
+    );
+}
+
+#[tokio::test]
+async fn packets_over_the_mtu_are_dropped_not_panicked_on() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    // The TUN may hand over more than the MTU if someone raises it behind our back.
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", &[0; 4000]));
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"small"));
+    assert!(delivered(&b.tun).await.unwrap().ends_with(b"small"));
+    assert_eq!(a.metrics.drops(DropReason::TooBig), 1);
+}
+
+#[tokio::test]
+async fn persistent_keepalive_keeps_the_path_warm() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    let mut with_keepalive = peer_of(&b, "b", "10.2.0.0/24");
+    with_keepalive.persistent_keepalive = Some(1);
+    a.handle
+        .set_peers(vec![with_keepalive], true)
+        .await
+        .unwrap();
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"hello"));
+    delivered(&b.tun).await.unwrap();
+    let keepalives = |net: &FakeNet| {
+        net.wire
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(from, _, d)| *from == a.addr && d[0] == DATA && d.len() == DATA_MIN_LEN)
+            .count()
+    };
+    let before = keepalives(&net);
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert!(keepalives(&net) >= before + 2, "a keepalive every second");
+}
+
+#[tokio::test]
+async fn a_replayed_handshake_initiation_is_a_replay_drop() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"one"));
+    delivered(&b.tun).await.unwrap();
+    let init = net
+        .wire
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(from, _, d)| *from == a.addr && d[0] == HANDSHAKE_INIT)
+        .unwrap()
+        .2
+        .clone();
+    net.inject(b.addr, a.addr, init);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(b.metrics.drops(DropReason::Replay), 1);
+    assert_eq!(
+        b.handle.stats().await.unwrap()[0].handshakes,
+        1,
+        "no new session"
+    );
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"two"));
+    assert!(delivered(&b.tun).await.unwrap().ends_with(b"two"));
+}

@@ -1,0 +1,444 @@
+//! Putting it together: open the TUN and UDP socket in the node's namespace, start the device
+//! loop, and reconcile desired states (peers, then routes, then peer removals).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use tokio::task::JoinHandle;
+use trellis_core::gateway::GatewayState;
+use trellis_core::wgkey::PublicKey;
+use trellis_netns::{Netlink, Netns, sysctl};
+
+use crate::Error;
+use crate::device::{Device, DeviceConfig, DeviceHandle};
+use crate::io::{RealTun, RealUdp};
+use crate::keys::KeyPair;
+use crate::metrics::{Metrics, unix_now};
+use crate::routes::{self, NetlinkRoutes, RouteMetrics, RouteTable};
+
+/// The routing protocol number tagging the gateway's routes (`ip route show proto 212`).
+pub const DEFAULT_ROUTE_PROTOCOL: u8 = 212;
+
+/// The gateway's settings, validated by the binary before start.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub interface: String,
+    pub listen_port: u16,
+    pub state_dir: PathBuf,
+    pub route_protocol: u8,
+    pub route_metrics: RouteMetrics,
+    pub device: DeviceConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            interface: "trellis0".into(),
+            listen_port: 51820,
+            state_dir: "/var/lib/trellis-gateway".into(),
+            route_protocol: DEFAULT_ROUTE_PROTOCOL,
+            route_metrics: RouteMetrics::default(),
+            device: DeviceConfig::default(),
+        }
+    }
+}
+
+/// Applies desired states: peers first, then routes, then peer removals, so a CIDR switched
+/// to the tunnel always finds its peer there, and a peer leaves only after no route uses it.
+pub struct Reconciler<R: RouteTable> {
+    pub device: DeviceHandle,
+    pub routes: R,
+    pub tun_index: u32,
+    pub route_metrics: RouteMetrics,
+    pub metrics: Metrics,
+}
+
+impl<R: RouteTable> Reconciler<R> {
+    /// Brings peers and routes to `state`. Idempotent: run it again to repair drift or
+    /// retry failures. An invalid state changes nothing.
+    pub async fn apply(&self, state: &GatewayState) -> Result<(), Error> {
+        let result = self.apply_inner(state).await;
+        match &result {
+            Ok(()) => {
+                self.metrics.last_reconcile.set(unix_now());
+                self.metrics
+                    .state_revision
+                    .set(i64::try_from(state.revision).unwrap_or(i64::MAX));
+            }
+            Err(_) => self.metrics.reconcile_errors.inc(),
+        }
+        result
+    }
+
+    async fn apply_inner(&self, state: &GatewayState) -> Result<(), Error> {
+        state.validate()?;
+        let peers = state.tunnel_peers();
+        self.device.set_peers(peers.clone(), false).await?;
+        let desired =
+            routes::desired_routes(&state.pod_routes(), self.tun_index, self.route_metrics);
+        let current = self.routes.list().await?;
+        let ops = routes::plan(&current, &desired);
+        if !ops.is_empty() {
+            tracing::info!(
+                changes = ops.len(),
+                revision = state.revision,
+                "updating routes"
+            );
+        }
+        routes::apply(&self.routes, &ops).await?;
+        self.metrics.routes.set(desired.len() as i64);
+        // Only once every route is right: a failed switch to plain keeps its peer.
+        self.device.set_peers(peers, true).await
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub public_key: PublicKey,
+    pub listen_port: u16,
+    pub metrics: Metrics,
+    pub reconciler: Reconciler<NetlinkRoutes>,
+    device_task: Option<JoinHandle<Result<(), Error>>>,
+    abort: tokio::task::AbortHandle,
+}
+
+impl Gateway {
+    /// Loads (or creates) the key, opens the TUN and the UDP socket inside `netns` (or the
+    /// current namespace), brings the TUN up and starts the device loop. Call inside a
+    /// multi-threaded tokio runtime.
+    pub async fn start(netns: Option<&Netns>, config: &GatewayConfig) -> Result<Self, Error> {
+        let keys = KeyPair::load_or_generate(&config.state_dir)?;
+        let metrics = Metrics::new()?;
+        let tun = RealTun::open(netns, &config.interface, config.device.mtu)?;
+        let udp = RealUdp::bind(netns, config.listen_port)?;
+        let listen_port = udp.local_port().map_err(|source| Error::BindUdp {
+            addr: ([0, 0, 0, 0], config.listen_port).into(),
+            source,
+        })?;
+        let netlink = match netns {
+            Some(netns) => Netlink::connect_in(netns)?,
+            None => Netlink::connect()?,
+        };
+        let link = netlink.require_link(&config.interface).await?;
+        netlink.set_up(link.index).await?;
+        // Replies to tunnelled traffic may leave by another path while encryption is being
+        // switched: loose reverse-path filtering on the TUN.
+        let key = format!("net/ipv4/conf/{}/rp_filter", config.interface);
+        if let Err(e) = sysctl::write(netns, &key, "2") {
+            tracing::warn!("{e}");
+        }
+        let public_key = keys.public_key();
+        let (device, handle) = Device::new(tun, udp, keys, metrics.clone(), config.device.clone());
+        let device_task = tokio::spawn(device.run());
+        let abort = device_task.abort_handle();
+        tracing::info!(
+            interface = %config.interface,
+            port = listen_port,
+            key = %public_key,
+            "gateway up"
+        );
+        Ok(Self {
+            public_key,
+            listen_port,
+            metrics: metrics.clone(),
+            reconciler: Reconciler {
+                device: handle,
+                routes: NetlinkRoutes {
+                    netlink,
+                    protocol: config.route_protocol,
+                },
+                tun_index: link.index,
+                route_metrics: config.route_metrics,
+                metrics,
+            },
+            device_task: Some(device_task),
+            abort,
+        })
+    }
+
+    pub fn device(&self) -> &DeviceHandle {
+        &self.reconciler.device
+    }
+
+    /// The device loop's task, to watch for it ending on its own (its TUN failed): the
+    /// process should then exit and be restarted. `None` after the first call.
+    pub fn take_device_task(&mut self) -> Option<JoinHandle<Result<(), Error>>> {
+        self.device_task.take()
+    }
+
+    /// Stops the device loop; the TUN (and with it the tunnel routes) goes away, the
+    /// unreachable backstops stay.
+    pub fn stop(self) {
+        self.abort.abort();
+    }
+}
+
+/// Parses a desired state (JSON) from text; the file is read at the edge.
+pub fn parse_state(text: &str, path: &Path) -> Result<GatewayState, Error> {
+    let state: GatewayState = serde_json::from_str(text).map_err(|source| Error::ParseState {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    state.validate()?;
+    Ok(state)
+}
+
+pub fn read_state(path: &Path) -> Result<GatewayState, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::ReadState {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_state(&text, path)
+}
+
+/// Follows a desired-state file: applies it when it changes and re-applies it every
+/// `resync` (repairing drift, retrying failures). A missing or broken file keeps the last
+/// good state running: the data plane never depends on its source being there.
+pub async fn follow_file<R: RouteTable>(
+    reconciler: &Reconciler<R>,
+    path: &Path,
+    poll: Duration,
+    resync: Duration,
+) {
+    let mut last_seen: Option<(SystemTime, u64)> = None;
+    let mut current: Option<GatewayState> = None;
+    let mut last_apply = tokio::time::Instant::now();
+    let mut ok = false;
+    loop {
+        let stamp = std::fs::metadata(path)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        if stamp.is_some() && stamp != last_seen {
+            last_seen = stamp;
+            match read_state(path) {
+                Ok(state) => {
+                    if current.as_ref() != Some(&state) {
+                        current = Some(state);
+                        ok = false;
+                    }
+                }
+                Err(e) => tracing::warn!("keeping the last desired state: {e}"),
+            }
+        }
+        if let Some(state) = &current
+            && (!ok || last_apply.elapsed() >= resync)
+        {
+            last_apply = tokio::time::Instant::now();
+            match reconciler.apply(state).await {
+                Ok(()) => ok = true,
+                Err(e) => {
+                    ok = false;
+                    tracing::warn!("apply desired state revision {}: {e}", state.revision);
+                }
+            }
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Follows a stream of desired states, one JSON document per line (what a controller can
+/// pipe to `--desired-state -`). Each valid line is applied; a bad line is logged and skipped.
+/// The last good state is re-applied every `resync`, also after the stream ends: the data
+/// plane outlives its source.
+pub async fn follow_stream<R, S>(reconciler: &Reconciler<R>, stream: S, resync: Duration)
+where
+    R: RouteTable,
+    S: tokio::io::AsyncBufRead + Unpin,
+{
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = stream.lines();
+    let mut current: Option<GatewayState> = None;
+    let mut open = true;
+    let mut tick = tokio::time::interval(resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            line = lines.next_line(), if open => match line {
+                Ok(Some(line)) if line.trim().is_empty() => {}
+                Ok(Some(line)) => match parse_state(&line, Path::new("<stream>")) {
+                    Ok(state) => {
+                        if let Err(e) = reconciler.apply(&state).await {
+                            tracing::warn!("apply desired state revision {}: {e}", state.revision);
+                        }
+                        current = Some(state);
+                    }
+                    Err(e) => tracing::warn!("keeping the last desired state: {e}"),
+                },
+                Ok(None) | Err(_) => {
+                    tracing::warn!("desired-state stream ended; keeping the last state");
+                    open = false;
+                }
+            },
+            _ = tick.tick() => {
+                if let Some(state) = &current
+                    && let Err(e) = reconciler.apply(state).await
+                {
+                    tracing::warn!("re-apply desired state revision {}: {e}", state.revision);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use trellis_core::gateway::RemoteNode;
+    use trellis_netns::{OwnedRoute, RouteTarget};
+
+    use super::*;
+    use crate::device::tests::{FakeNet, start};
+
+    /// Records each route operation with the peers the device had at that moment.
+    struct WatchingTable {
+        device: DeviceHandle,
+        routes: Mutex<Vec<OwnedRoute>>,
+        seen: Mutex<Vec<(OwnedRoute, bool, usize)>>,
+        fail_plain: bool,
+    }
+
+    impl RouteTable for WatchingTable {
+        async fn list(&self) -> Result<Vec<OwnedRoute>, Error> {
+            Ok(self.routes.lock().unwrap().clone())
+        }
+        async fn replace(&self, route: &OwnedRoute) -> Result<(), Error> {
+            let peers = self.device.stats().await?.len();
+            self.seen.lock().unwrap().push((*route, true, peers));
+            if self.fail_plain && matches!(route.target, RouteTarget::Gateway(_)) {
+                return Err(Error::Routes(vec!["injected".into()]));
+            }
+            let mut routes = self.routes.lock().unwrap();
+            routes.retain(|r| (r.destination, r.metric) != (route.destination, route.metric));
+            routes.push(*route);
+            Ok(())
+        }
+        async fn delete(&self, route: &OwnedRoute) -> Result<(), Error> {
+            let peers = self.device.stats().await?.len();
+            self.seen.lock().unwrap().push((*route, false, peers));
+            self.routes.lock().unwrap().retain(|r| r != route);
+            Ok(())
+        }
+    }
+
+    fn state(encrypted: bool, key: PublicKey) -> GatewayState {
+        GatewayState {
+            revision: 1,
+            cluster: "c1".into(),
+            nodes: vec![RemoteNode {
+                name: "c1/b".into(),
+                cluster: "c1".into(),
+                public_key: key,
+                endpoint: Some("198.18.0.2:51820".parse().unwrap()),
+                node_ip: Some("198.18.0.2".parse().unwrap()),
+                pod_cidrs: vec!["10.2.0.0/24".parse().unwrap()],
+                encrypted,
+                persistent_keepalive: None,
+            }],
+        }
+    }
+
+    fn reconciler(fail_plain: bool) -> Reconciler<WatchingTable> {
+        let node = start(&FakeNet::default(), "198.18.0.1:51820");
+        Reconciler {
+            routes: WatchingTable {
+                device: node.handle.clone(),
+                routes: Mutex::new(Vec::new()),
+                seen: Mutex::new(Vec::new()),
+                fail_plain,
+            },
+            device: node.handle,
+            tun_index: 7,
+            route_metrics: RouteMetrics::default(),
+            metrics: node.metrics,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_peer_exists_before_any_route_points_at_the_tunnel_and_leaves_after() {
+        let r = reconciler(false);
+        let key = PublicKey([9; 32]);
+        r.apply(&state(true, key)).await.unwrap();
+        let seen = r.routes.seen.lock().unwrap().clone();
+        assert!(seen.iter().all(|(_, _, peers)| *peers == 1), "{seen:?}");
+        assert_eq!(r.device.stats().await.unwrap().len(), 1);
+
+        r.routes.seen.lock().unwrap().clear();
+        r.apply(&state(false, key)).await.unwrap();
+        let seen = r.routes.seen.lock().unwrap().clone();
+        assert!(
+            seen.iter().all(|(_, _, peers)| *peers == 1),
+            "the peer stays until the plain route is in: {seen:?}"
+        );
+        assert!(r.device.stats().await.unwrap().is_empty(), "then it goes");
+        let text = r.metrics.render();
+        assert!(text.contains("trellis_gateway_routes 1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_switch_to_plain_keeps_the_peer_and_counts_an_error() {
+        let r = reconciler(true);
+        let key = PublicKey([9; 32]);
+        r.apply(&state(true, key)).await.unwrap();
+        assert!(r.apply(&state(false, key)).await.is_err());
+        assert_eq!(r.device.stats().await.unwrap().len(), 1, "peer kept");
+        let routes = r.routes.routes.lock().unwrap().clone();
+        assert!(
+            routes.iter().any(|r| r.target == RouteTarget::Device(7)),
+            "still routed through the tunnel: {routes:?}"
+        );
+        assert_eq!(r.metrics.reconcile_errors.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_invalid_state_changes_nothing() {
+        let r = reconciler(false);
+        let key = PublicKey([9; 32]);
+        r.apply(&state(true, key)).await.unwrap();
+        let mut bad = state(true, key);
+        bad.nodes.push(bad.nodes[0].clone());
+        assert!(matches!(r.apply(&bad).await, Err(Error::InvalidState(_))));
+        assert_eq!(r.device.stats().await.unwrap().len(), 1);
+        assert_eq!(r.routes.routes.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_stream_applies_each_good_line_skips_bad_ones_and_outlives_its_end() {
+        let r = reconciler(false);
+        let key = PublicKey([9; 32]);
+        let mut text = String::new();
+        text.push_str(&serde_json::to_string(&state(true, key)).unwrap());
+        text.push_str("\n{ broken\n\n");
+        let mut second = state(true, PublicKey([8; 32]));
+        second.revision = 2;
+        text.push_str(&serde_json::to_string(&second).unwrap());
+        text.push('\n');
+        let follow = follow_stream(
+            &r,
+            tokio::io::BufReader::new(text.as_bytes()),
+            Duration::from_millis(50),
+        );
+        // The stream ends at once; the follower keeps running (and re-applying).
+        let _ = tokio::time::timeout(Duration::from_millis(200), follow).await;
+        let stats = r.device.stats().await.unwrap();
+        assert_eq!(stats.len(), 1);
+        assert_eq!(
+            stats[0].public_key,
+            PublicKey([8; 32]),
+            "the last good line won"
+        );
+        assert_eq!(r.metrics.state_revision.get(), 2);
+        assert_eq!(r.metrics.reconcile_errors.get(), 0);
+    }
+
+    #[test]
+    fn parse_state_reports_the_path_and_validates() {
+        let path = Path::new("/etc/trellis/state.json");
+        let error = parse_state("{", path).unwrap_err();
+        assert!(
+            error.to_string().contains("/etc/trellis/state.json"),
+            "{error}"
+        );
+        assert!(parse_state(r#"{"cluster":"c1"}"#, path).is_ok());
+    }
+}

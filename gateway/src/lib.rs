@@ -1,0 +1,16 @@
+//! The per-node gateway: a userspace WireGuard device over boringtun's `noise` protocol core,
+//! and the reconciler that applies the desired state (peers and pod routes) to it.
+
+pub mod allowed_ips;
+pub mod device;
+mod error;
+pub mod gateway;
+pub mod http;
+pub mod io;
+pub mod keys;
+pub mod metrics;
+pub mod peer_config;
+pub mod routes;
+
+pub use error::Error;
+pub use gateway::{Gateway, GatewayConfig, Reconciler};

@@ -1,0 +1,213 @@
+//! `trellis-gateway`: the per-node WireGuard agent.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use ipnet::IpNet;
+use trellis_gateway::device::DeviceConfig;
+use trellis_gateway::gateway::{DEFAULT_ROUTE_PROTOCOL, follow_file, follow_stream};
+use trellis_gateway::keys::KeyPair;
+use trellis_gateway::peer_config::{ExternalPeer, render_wg_quick};
+use trellis_gateway::routes::RouteMetrics;
+use trellis_gateway::{Gateway, GatewayConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "trellis-gateway",
+    version,
+    about = "Trellis per-node WireGuard gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway: TUN, UDP, peers and routes from the desired state.
+    Run(RunArgs),
+    /// Print this node's public key (generating the key pair on first use).
+    PublicKey {
+        #[arg(long, default_value = "/var/lib/trellis-gateway")]
+        state_dir: PathBuf,
+    },
+    /// Print a wg-quick config for an external machine joining through this gateway, with a
+    /// freshly generated key for it; its public key is printed as a comment to add to the
+    /// desired state.
+    PeerConfig {
+        #[arg(long, default_value = "/var/lib/trellis-gateway")]
+        state_dir: PathBuf,
+        /// This gateway's UDP endpoint as the external machine reaches it.
+        #[arg(long)]
+        endpoint: SocketAddr,
+        /// The external machine's tunnel address(es), e.g. 10.99.0.2/32.
+        #[arg(long, value_delimiter = ',', required = true)]
+        address: Vec<IpNet>,
+        /// The CIDRs it routes into the mesh (pod and service CIDRs).
+        #[arg(long, value_delimiter = ',', required = true)]
+        allowed_ips: Vec<IpNet>,
+        #[arg(long, default_value_t = 25)]
+        keepalive: u16,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    #[arg(long, default_value = "/var/lib/trellis-gateway")]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "trellis0")]
+    interface: String,
+    #[arg(long, default_value_t = 51820)]
+    listen_port: u16,
+    #[arg(long, default_value_t = 1420)]
+    mtu: u16,
+    /// Packets processed per wake-up on each side.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// JSON desired state to follow (trellis_core::gateway::GatewayState): a file, polled,
+    /// or `-` for one JSON document per line on stdin.
+    #[arg(long)]
+    desired_state: Option<PathBuf>,
+    /// Serve /metrics and /healthz here.
+    #[arg(long, default_value = "127.0.0.1:9586")]
+    metrics_addr: SocketAddr,
+    /// Routing protocol number marking the gateway's routes.
+    #[arg(long, default_value_t = DEFAULT_ROUTE_PROTOCOL)]
+    route_protocol: u8,
+    /// Seconds between full re-applications of the desired state.
+    #[arg(long, default_value_t = 30)]
+    resync_seconds: u64,
+}
+
+impl RunArgs {
+    fn validate(&self) -> anyhow::Result<GatewayConfig> {
+        if self.interface.is_empty() || self.interface.len() > 15 {
+            bail!("--interface must be 1 to 15 characters");
+        }
+        if !(576..=9000).contains(&self.mtu) {
+            bail!("--mtu must be between 576 and 9000");
+        }
+        if !(1..=1024).contains(&self.batch) {
+            bail!("--batch must be between 1 and 1024");
+        }
+        if matches!(self.route_protocol, 0..=4 | 255) {
+            bail!(
+                "--route-protocol {} is reserved by the kernel",
+                self.route_protocol
+            );
+        }
+        Ok(GatewayConfig {
+            interface: self.interface.clone(),
+            listen_port: self.listen_port,
+            state_dir: self.state_dir.clone(),
+            route_protocol: self.route_protocol,
+            route_metrics: RouteMetrics::default(),
+            device: DeviceConfig {
+                mtu: self.mtu,
+                batch: self.batch,
+                ..DeviceConfig::default()
+            },
+        })
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run(args) => {
+            let config = args.validate()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("start the runtime")?;
+            runtime.block_on(run(args, config))
+        }
+        Command::PublicKey { state_dir } => {
+            println!("{}", KeyPair::load_or_generate(&state_dir)?.public_key());
+            Ok(())
+        }
+        Command::PeerConfig {
+            state_dir,
+            endpoint,
+            address,
+            allowed_ips,
+            keepalive,
+        } => {
+            let gateway = KeyPair::load_or_generate(&state_dir)?;
+            let external = KeyPair::generate();
+            println!("# Trellis external peer. Its public key, for the desired state:");
+            println!("# {}", external.public_key());
+            print!(
+                "{}",
+                render_wg_quick(&ExternalPeer {
+                    private_key: external.private_key_base64(),
+                    addresses: address,
+                    gateway_public_key: gateway.public_key(),
+                    gateway_endpoint: endpoint,
+                    allowed_ips,
+                    persistent_keepalive: Some(keepalive),
+                })
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
+    let mut gateway = Gateway::start(None, &config).await?;
+    let mut device_task = gateway
+        .take_device_task()
+        .context("device loop not running")?;
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("serve metrics on {}", args.metrics_addr))?;
+    tokio::spawn(trellis_gateway::http::serve(
+        listener,
+        gateway.metrics.clone(),
+    ));
+    let follow = async {
+        match &args.desired_state {
+            Some(path) if path.as_os_str() == "-" => {
+                let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+                follow_stream(
+                    &gateway.reconciler,
+                    stdin,
+                    Duration::from_secs(args.resync_seconds.max(1)),
+                )
+                .await
+            }
+            Some(path) => {
+                follow_file(
+                    &gateway.reconciler,
+                    path,
+                    Duration::from_secs(1),
+                    Duration::from_secs(args.resync_seconds.max(1)),
+                )
+                .await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        () = follow => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+        result = &mut device_task => {
+            // The TUN is gone; exit so the supervisor restarts us (backstops hold meanwhile).
+            result.context("device loop")??;
+            bail!("the device loop stopped");
+        }
+    }
+    tracing::info!("stopping; routes to encrypted peers stay unreachable until restart");
+    gateway.stop();
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! The gateway's metrics: one registry, owned here and passed down (never the global one).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::Error;
+
+/// Why a packet was dropped: the `reason` label of `trellis_gateway_drops_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// A packet from the TUN to an address no peer's allowed IPs cover.
+    NoRoute,
+    /// A datagram for an index or key we have no peer for (also unknown handshake keys).
+    NoPeer,
+    /// A peer without a known endpoint yet.
+    NoEndpoint,
+    /// Authentication of a data packet or handshake failed.
+    DecryptFailed,
+    /// A counter seen before or too old.
+    Replay,
+    /// A handshake refused (or answered with a cookie) because we are under load.
+    RateLimited,
+    /// Bytes that are not a WireGuard message, or a message of the wrong size.
+    Malformed,
+    /// A decrypted packet whose source address the sending peer is not allowed to use.
+    SourceNotAllowed,
+    /// A packet from the TUN larger than the configured MTU.
+    TooBig,
+    TunError,
+    SocketError,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 11] = [
+        Self::NoRoute,
+        Self::NoPeer,
+        Self::NoEndpoint,
+        Self::DecryptFailed,
+        Self::Replay,
+        Self::RateLimited,
+        Self::Malformed,
+        Self::SourceNotAllowed,
+        Self::TooBig,
+        Self::TunError,
+        Self::SocketError,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NoRoute => "no_route",
+            Self::NoPeer => "no_peer",
+            Self::NoEndpoint => "no_endpoint",
+            Self::DecryptFailed => "decrypt_failed",
+            Self::Replay => "replay",
+            Self::RateLimited => "rate_limited",
+            Self::Malformed => "malformed",
+            Self::SourceNotAllowed => "source_not_allowed",
+            Self::TooBig => "too_big",
+            Self::TunError => "tun_error",
+            Self::SocketError => "socket_error",
+        }
+    }
+}
+
+/// Every metric of the gateway, registered on its own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub(crate) peer_tx_bytes: IntCounterVec,
+    pub(crate) peer_rx_bytes: IntCounterVec,
+    pub(crate) peer_tx_packets: IntCounterVec,
+    pub(crate) peer_rx_packets: IntCounterVec,
+    pub(crate) peer_last_handshake: GaugeVec,
+    pub(crate) peer_handshakes: IntCounterVec,
+    pub(crate) peer_rekeys: IntCounterVec,
+    pub(crate) peer_queued: IntGaugeVec,
+    drops: IntCounterVec,
+    drop_handles: Vec<IntCounter>,
+    pub(crate) peers_configured: IntGauge,
+    pub(crate) peers_up: IntGauge,
+    pub(crate) routes: IntGauge,
+    pub(crate) reconcile_errors: IntCounter,
+    pub(crate) last_reconcile: Gauge,
+    pub(crate) state_revision: IntGauge,
+    heartbeat: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn name(short: &str) -> String {
+    format!("trellis_gateway_{short}")
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, Error> {
+        let registry = Registry::new();
+        let peer_counter = |short: &str, help: &str| -> Result<IntCounterVec, Error> {
+            let vec = IntCounterVec::new(Opts::new(name(short), help), &["peer"])?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok(vec)
+        };
+        let peer_tx_bytes = peer_counter(
+            "peer_tx_bytes_total",
+            "Bytes of IP packets sent to the peer through the tunnel.",
+        )?;
+        let peer_rx_bytes = peer_counter(
+            "peer_rx_bytes_total",
+            "Bytes of IP packets received from the peer through the tunnel.",
+        )?;
+        let peer_tx_packets = peer_counter(
+            "peer_tx_packets_total",
+            "IP packets sent to the peer through the tunnel.",
+        )?;
+        let peer_rx_packets = peer_counter(
+            "peer_rx_packets_total",
+            "IP packets received from the peer through the tunnel.",
+        )?;
+        let peer_handshakes = peer_counter(
+            "peer_handshakes_total",
+            "Completed WireGuard handshakes with the peer.",
+        )?;
+        let peer_rekeys = peer_counter(
+            "peer_rekeys_total",
+            "Completed handshakes that replaced an earlier session (rekeys).",
+        )?;
+        let peer_last_handshake = GaugeVec::new(
+            Opts::new(
+                name("peer_last_handshake_timestamp_seconds"),
+                "Unix time of the last completed handshake with the peer.",
+            ),
+            &["peer"],
+        )?;
+        registry.register(Box::new(peer_last_handshake.clone()))?;
+        let peer_queued = IntGaugeVec::new(
+            Opts::new(
+                name("peer_queued_packets"),
+                "Packets queued for the peer, waiting for a handshake to complete.",
+            ),
+            &["peer"],
+        )?;
+        registry.register(Box::new(peer_queued.clone()))?;
+        let drops = IntCounterVec::new(
+            Opts::new(name("drops_total"), "Packets dropped, by reason."),
+            &["reason"],
+        )?;
+        registry.register(Box::new(drops.clone()))?;
+        let drop_handles = DropReason::ALL
+            .iter()
+            .map(|reason| drops.with_label_values(&[reason.label()]))
+            .collect();
+        let gauge = |short: &str, help: &str| -> Result<IntGauge, Error> {
+            let gauge = IntGauge::new(name(short), help)?;
+            registry.register(Box::new(gauge.clone()))?;
+            Ok(gauge)
+        };
+        let peers_configured = gauge("peers_configured", "WireGuard peers configured.")?;
+        let peers_up = gauge(
+            "peers_up",
+            "Peers with a session younger than the WireGuard reject-after time (180 s).",
+        )?;
+        let routes = gauge("routes", "Pod routes the gateway has installed.")?;
+        let state_revision = gauge(
+            "desired_state_revision",
+            "Revision of the last desired state applied.",
+        )?;
+        let reconcile_errors = IntCounter::new(
+            name("reconcile_errors_total"),
+            "Reconciliations of routes that failed (and will be retried).",
+        )?;
+        registry.register(Box::new(reconcile_errors.clone()))?;
+        let last_reconcile = Gauge::new(
+            name("last_reconcile_timestamp_seconds"),
+            "Unix time of the last successful reconciliation.",
+        )?;
+        registry.register(Box::new(last_reconcile.clone()))?;
+        Ok(Self {
+            registry,
+            peer_tx_bytes,
+            peer_rx_bytes,
+            peer_tx_packets,
+            peer_rx_packets,
+            peer_last_handshake,
+            peer_handshakes,
+            peer_rekeys,
+            peer_queued,
+            drops,
+            drop_handles,
+            peers_configured,
+            peers_up,
+            routes,
+            reconcile_errors,
+            last_reconcile,
+            state_revision,
+            heartbeat: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn drop_packet(&self, reason: DropReason) {
+        self.drop_packets(reason, 1);
+    }
+
+    pub fn drop_packets(&self, reason: DropReason, count: u64) {
+        let at = DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.drop_handles[at].inc_by(count);
+    }
+
+    /// Dropped packets for `reason` so far.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops.with_label_values(&[reason.label()]).get()
+    }
+
+    /// Removes every series of a peer that is gone.
+    pub(crate) fn forget_peer(&self, peer: &str) {
+        let labels = [peer];
+        let _ = self.peer_tx_bytes.remove_label_values(&labels);
+        let _ = self.peer_rx_bytes.remove_label_values(&labels);
+        let _ = self.peer_tx_packets.remove_label_values(&labels);
+        let _ = self.peer_rx_packets.remove_label_values(&labels);
+        let _ = self.peer_handshakes.remove_label_values(&labels);
+        let _ = self.peer_rekeys.remove_label_values(&labels);
+        let _ = self.peer_last_handshake.remove_label_values(&labels);
+        let _ = self.peer_queued.remove_label_values(&labels);
+    }
+
+    /// Called by the device loop on every timer tick.
+    pub(crate) fn beat(&self) {
+        self.heartbeat.store(unix_now() as u64, Ordering::Relaxed);
+    }
+
+    /// The device loop ticked within the last `max_age_seconds`.
+    pub fn is_healthy(&self, max_age_seconds: u64) -> bool {
+        let beat = self.heartbeat.load(Ordering::Relaxed);
+        beat != 0 && (unix_now() as u64).saturating_sub(beat) <= max_age_seconds
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!("encode metrics: {e}");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+pub(crate) fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_conventional_names() {
+        let metrics = Metrics::new().unwrap();
+        metrics.drop_packet(DropReason::Malformed);
+        metrics
+            .peer_tx_bytes
+            .with_label_values(&["b/n1"])
+            .inc_by(10);
+        let text = metrics.render();
+        assert!(text.contains("trellis_gateway_drops_total{reason=\"malformed\"} 1"));
+        assert!(text.contains("trellis_gateway_peer_tx_bytes_total{peer=\"b/n1\"} 10"));
+        assert!(text.contains("trellis_gateway_drops_total{reason=\"replay\"} 0"));
+        metrics.forget_peer("b/n1");
+        assert!(!metrics.render().contains("b/n1"));
+    }
+}

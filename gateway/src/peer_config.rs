@@ -1,0 +1,74 @@
+//! wg-quick configurations for external peers (a laptop, a VM) that join the mesh through a
+//! gateway.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use trellis_core::wgkey::PublicKey;
+
+/// What an external peer needs to know.
+#[derive(Debug, Clone)]
+pub struct ExternalPeer {
+    /// The external peer's own private key (base64), generated for it.
+    pub private_key: String,
+    /// Its tunnel address(es), e.g. `10.99.0.2/32`.
+    pub addresses: Vec<IpNet>,
+    /// The gateway it connects to.
+    pub gateway_public_key: PublicKey,
+    pub gateway_endpoint: SocketAddr,
+    /// What it routes into the mesh (pod and service CIDRs).
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+fn join(nets: &[IpNet]) -> String {
+    nets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A standard wg-quick file (`wg-quick up ./trellis.conf`; `wg-quick strip` gives `wg setconf`
+/// input).
+pub fn render_wg_quick(peer: &ExternalPeer) -> String {
+    let mut text = String::new();
+    let _ = writeln!(text, "[Interface]");
+    let _ = writeln!(text, "PrivateKey = {}", peer.private_key);
+    if !peer.addresses.is_empty() {
+        let _ = writeln!(text, "Address = {}", join(&peer.addresses));
+    }
+    let _ = writeln!(text);
+    let _ = writeln!(text, "[Peer]");
+    let _ = writeln!(text, "PublicKey = {}", peer.gateway_public_key);
+    let _ = writeln!(text, "Endpoint = {}", peer.gateway_endpoint);
+    let _ = writeln!(text, "AllowedIPs = {}", join(&peer.allowed_ips));
+    if let Some(keepalive) = peer.persistent_keepalive {
+        let _ = writeln!(text, "PersistentKeepalive = {keepalive}");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_wg_quick_file() {
+        let text = render_wg_quick(&ExternalPeer {
+            private_key: "cHJpdmF0ZQ==".into(),
+            addresses: vec!["10.99.0.2/32".parse().unwrap()],
+            gateway_public_key: PublicKey([1; 32]),
+            gateway_endpoint: "198.18.0.1:51820".parse().unwrap(),
+            allowed_ips: vec!["10.1.0.0/16".parse().unwrap(), "fd01::/48".parse().unwrap()],
+            persistent_keepalive: Some(25),
+        });
+        assert_eq!(
+            text,
+            "[Interface]\nPrivateKey = cHJpdmF0ZQ==\nAddress = 10.99.0.2/32\n\n[Peer]\n\
+             PublicKey = AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n\
+             Endpoint = 198.18.0.1:51820\nAllowedIPs = 10.1.0.0/16, fd01::/48\n\
+             PersistentKeepalive = 25\n"
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! The `trellis-gateway run` binary in a node namespace: follows its desired-state file,
+//! serves /metrics (checked by promtool when installed) and /healthz, keeps the last state
+//! when the file goes away, and stops cleanly on SIGTERM (runs as root).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Node, two_bare_nodes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use trellis_core::gateway::GatewayState;
+use trellis_netns::RouteTarget;
+
+/// The gateway process, stopped by PID when dropped.
+struct Process(Child);
+
+impl Process {
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..250 {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn http_get(node: &Node, path: &str) -> String {
+    let stream = node
+        .ns
+        .run(|| std::net::TcpStream::connect("127.0.0.1:9586"))
+        .unwrap()
+        .expect("connect to the metrics port");
+    stream.set_nonblocking(true).unwrap();
+    let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    response
+}
+
+fn write_state(path: &std::path::Path, state: &GatewayState) {
+    // Write then rename, as a controller would: the reader never sees half a file.
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, serde_json::to_vec_pretty(state).unwrap()).unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_follows_its_state_file_and_serves_metrics() {
+    let (mut a, mut b) = two_bare_nodes("gw-bin").await;
+    b.start().await;
+    let _echo_b = b.echo(7000).await;
+    let bin = env!("CARGO_BIN_EXE_trellis-gateway");
+
+    // a's key exists before its gateway runs, so b can be told about it.
+    let output = Command::new(bin)
+        .args(["public-key", "--state-dir"])
+        .arg(a.state_dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let a_key: trellis_core::wgkey::PublicKey = String::from_utf8(output.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let state_file = a.state_dir.path().join("desired.json");
+    let with_b = GatewayState {
+        revision: 1,
+        cluster: "c1".into(),
+        nodes: vec![b.as_remote("c1", true)],
+    };
+    write_state(&state_file, &with_b);
+    let mut process = Process(
+        Command::new("ip")
+            .args(["netns", "exec", a.ns.name(), bin, "run", "--state-dir"])
+            .arg(a.state_dir.path())
+            .arg("--desired-state")
+            .arg(&state_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    a.gateway = None;
+    let mut a_remote = b.as_remote("c1", true);
+    a_remote.name = a.name.clone();
+    a_remote.public_key = a_key;
+    a_remote.endpoint = Some(SocketAddr::new(a.underlay, 51820));
+    a_remote.node_ip = Some(a.underlay);
+    a_remote.pod_cidrs = a.pod_cidrs.clone();
+    b.apply("c1", 1, vec![a_remote]).await;
+
+    let to_b = SocketAddr::new(b.pod, 7000);
+    assert!(
+        a.ping(to_b, Duration::from_secs(10)).await,
+        "binary tunnel up"
+    );
+
+    // Gauges such as peers_up follow on the next timer tick (250 ms).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let health = http_get(&a, "/healthz").await;
+    assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
+    let metrics = http_get(&a, "/metrics").await;
+    let body = metrics.split("\r\n\r\n").nth(1).unwrap().to_string();
+    for name in [
+        "trellis_gateway_peer_tx_bytes_total{peer=\"c1/node-b\"}",
+        "trellis_gateway_peer_rx_packets_total{peer=\"c1/node-b\"}",
+        "trellis_gateway_peer_last_handshake_timestamp_seconds{peer=\"c1/node-b\"}",
+        "trellis_gateway_peer_handshakes_total{peer=\"c1/node-b\"} 1",
+        "trellis_gateway_peers_configured 1",
+        "trellis_gateway_peers_up 1",
+        "trellis_gateway_desired_state_revision 1",
+        "trellis_gateway_drops_total{reason=\"decrypt_failed\"} 0",
+    ] {
+        assert!(body.contains(name), "missing {name} in\n{body}");
+    }
+    if Command::new("promtool").arg("--version").output().is_ok() {
+        let mut check = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let result = check.wait_with_output().unwrap();
+        assert!(
+            result.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&result.stdout),
+            String::from_utf8_lossy(&result.stderr)
+        );
+    } else {
+        eprintln!("promtool not installed; skipped the lint");
+    }
+
+    // The file goes away: the last state keeps running.
+    std::fs::remove_file(&state_file).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        a.ping(to_b, Duration::from_secs(3)).await,
+        "source gone, tunnel stays"
+    );
+
+    // A broken file changes nothing either.
+    std::fs::write(&state_file, "{ not json").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        a.ping(to_b, Duration::from_secs(3)).await,
+        "bad update ignored"
+    );
+
+    // Removing b from the file stops traffic; putting it back restores it.
+    write_state(
+        &state_file,
+        &GatewayState {
+            revision: 2,
+            nodes: vec![],
+            ..with_b.clone()
+        },
+    );
+    let mut gone = false;
+    for _ in 0..50 {
+        if a.netlink.owned_routes(212).await.unwrap().is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "routes removed after the file dropped b");
+    assert!(!a.ping(to_b, Duration::from_secs(1)).await);
+    write_state(
+        &state_file,
+        &GatewayState {
+            revision: 3,
+            ..with_b.clone()
+        },
+    );
+    assert!(
+        a.ping(to_b, Duration::from_secs(10)).await,
+        "restored from the file"
+    );
+
+    // SIGTERM: clean exit, TUN gone, the fail-closed backstop stays.
+    let status = process.terminate().expect("gateway exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let routes = a.netlink.owned_routes(212).await.unwrap();
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    assert_eq!(routes[0].target, RouteTarget::Unreachable);
+    assert!(a.netlink.link("trellis0").await.unwrap().is_none());
+}

@@ -36,9 +36,9 @@ pub struct Options {
         default_value = "veth,wireguard-go,boringtun,trellis"
     )]
     contenders: Vec<String>,
-    /// boringtun-cli (`cargo install boringtun-cli --root DIR`).
-    #[arg(long, default_value = "boringtun-cli")]
-    boringtun: PathBuf,
+    /// boringtun-cli; by default the one `scripts/install-peers` puts in target/peers, else PATH.
+    #[arg(long)]
+    boringtun: Option<PathBuf>,
     /// Repeat the whole set, alternating, this many times.
     #[arg(long, default_value_t = 1)]
     rounds: u32,
@@ -113,6 +113,8 @@ struct Running {
     source: Ipv4Addr,
     processes: Vec<Child>,
     encrypted: bool,
+    /// Files the tunnel needs while it runs.
+    _work: Option<tempfile::TempDir>,
 }
 
 impl Drop for Running {
@@ -203,6 +205,7 @@ fn start_userspace_wg(
         source: INNER_A,
         processes,
         encrypted: true,
+        _work: None,
     };
     for name in &names {
         wait_for(
@@ -257,6 +260,130 @@ fn start_userspace_wg(
     Ok(running)
 }
 
+fn boringtun_path(options: &Options) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &options.boringtun {
+        return Ok(path.clone());
+    }
+    let exe = std::env::current_exe()?;
+    let installed = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("peers/bin/boringtun-cli"));
+    match installed {
+        Some(path) if path.is_file() => Ok(path),
+        _ => Ok(PathBuf::from("boringtun-cli")),
+    }
+}
+
+/// trellis-gateway on each side, each told about the other through its desired-state file,
+/// as two nodes of different clusters (so always encrypted).
+fn start_trellis(pair: &Pair) -> anyhow::Result<Running> {
+    let binary = std::env::current_exe()?
+        .parent()
+        .context("binary has no directory")?
+        .join("trellis-gateway");
+    if !binary.is_file() {
+        bail!(
+            "{} is missing (cargo build --release --workspace)",
+            binary.display()
+        );
+    }
+    let work = tempfile::tempdir()?;
+    let state_dirs = [work.path().join("a"), work.path().join("b")];
+    let mut keys = Vec::new();
+    for dir in &state_dirs {
+        let output = Command::new(&binary)
+            .arg("public-key")
+            .arg("--state-dir")
+            .arg(dir)
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "trellis-gateway public-key: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        keys.push(String::from_utf8(output.stdout)?.trim().to_string());
+    }
+    let sides = [
+        (
+            &pair.a,
+            "tbtra",
+            &state_dirs[0],
+            "bench-a",
+            "bench-b",
+            &keys[1],
+            UNDERLAY_B,
+            INNER_B,
+        ),
+        (
+            &pair.b,
+            "tbtrb",
+            &state_dirs[1],
+            "bench-b",
+            "bench-a",
+            &keys[0],
+            UNDERLAY_A,
+            INNER_A,
+        ),
+    ];
+    let mut processes = Vec::new();
+    for (
+        netns,
+        interface,
+        state_dir,
+        own_cluster,
+        peer_cluster,
+        peer_key,
+        peer_underlay,
+        peer_inner,
+    ) in sides
+    {
+        let desired = serde_json::json!({
+            "revision": 1,
+            "cluster": own_cluster,
+            "nodes": [{
+                "name": format!("{peer_cluster}/node"),
+                "cluster": peer_cluster,
+                "public_key": peer_key,
+                "endpoint": format!("{peer_underlay}:{WG_PORT}"),
+                "pod_cidrs": [format!("{}/24", Ipv4Addr::from(u32::from(peer_inner) & 0xffff_ff00))],
+            }]
+        });
+        let desired_path = state_dir.join("desired.json");
+        std::fs::write(&desired_path, serde_json::to_vec(&desired)?)?;
+        let mut command = Command::new(&binary);
+        command
+            .arg("run")
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args([
+                "--interface",
+                interface,
+                "--listen-port",
+                &WG_PORT.to_string(),
+                "--mtu",
+                &TUNNEL_MTU.to_string(),
+            ])
+            .arg("--desired-state")
+            .arg(&desired_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        processes.push(
+            netns
+                .spawn(&mut command)?
+                .context("start trellis-gateway")?,
+        );
+    }
+    Ok(Running {
+        target: INNER_B,
+        source: INNER_A,
+        processes,
+        encrypted: true,
+        _work: Some(work),
+    })
+}
+
 fn start(pair: &Pair, contender: &str, options: &Options) -> anyhow::Result<Running> {
     match contender {
         "veth" => {
@@ -281,16 +408,18 @@ fn start(pair: &Pair, contender: &str, options: &Options) -> anyhow::Result<Runn
                 source: INNER_A,
                 processes: Vec::new(),
                 encrypted: false,
+                _work: None,
             })
         }
         "wireguard-go" => start_userspace_wg(pair, Path::new("wireguard-go"), &["-f"], "wg"),
         "boringtun" => start_userspace_wg(
             pair,
-            &options.boringtun,
+            &boringtun_path(options)?,
             &["-f", "--disable-drop-privileges", "--log", "/dev/null"],
             "bt",
         ),
-        other => bail!("unknown contender {other:?} (veth, wireguard-go, boringtun)"),
+        "trellis" => start_trellis(pair),
+        other => bail!("unknown contender {other:?} (veth, wireguard-go, boringtun, trellis)"),
     }
 }
 

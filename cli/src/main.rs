@@ -2,6 +2,7 @@
 //! one machine.
 
 mod lab;
+mod peer;
 
 use clap::{Parser, Subcommand};
 
@@ -20,12 +21,15 @@ struct Cli {
 enum Command {
     /// A lab of clusters, nodes and pods made of network namespaces on this machine.
     Lab(lab::LabArgs),
+    /// Machines outside Kubernetes that join the mesh through a gateway.
+    Peer(peer::PeerArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Lab(args) => lab::run(args),
+        Command::Peer(args) => peer::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match outcome {
         Ok(code) => code,

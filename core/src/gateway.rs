@@ -77,6 +77,8 @@ pub enum StateError {
     },
     #[error("node {0} is unencrypted but has no node_ip to route to")]
     PlainWithoutNodeIp(String),
+    #[error("node {0} carries this gateway's own public key: a gateway cannot peer with itself")]
+    ListsItself(String),
     #[error("node {0} has no pod CIDRs")]
     NoPodCidrs(String),
     #[error("pod CIDR {cidr} of node {node} is not in canonical form (host bits set)")]
@@ -155,6 +157,15 @@ impl GatewayState {
     }
 
     /// The WireGuard peers: every node whose traffic is encrypted, in state order.
+    /// Validates the state for the gateway whose public key is `own`.
+    pub fn validate_for(&self, own: &PublicKey) -> Result<(), StateError> {
+        self.validate()?;
+        match self.nodes.iter().find(|node| node.public_key == *own) {
+            Some(node) => Err(StateError::ListsItself(node.name.clone())),
+            None => Ok(()),
+        }
+    }
+
     pub fn tunnel_peers(&self) -> Vec<TunnelPeer> {
         self.nodes
             .iter()
@@ -289,5 +300,30 @@ mod tests {
             state(vec![node("x", "a", 1, "10.1.1.1/24", true)]).validate(),
             Err(StateError::NonCanonicalCidr { .. })
         ));
+    }
+
+    #[test]
+    fn a_state_listing_the_gateway_itself_is_refused() {
+        let own = PublicKey([7; 32]);
+        let state = GatewayState {
+            revision: 1,
+            cluster: "a".into(),
+            nodes: vec![RemoteNode {
+                name: "a/me".into(),
+                cluster: "a".into(),
+                public_key: own,
+                endpoint: None,
+                node_ip: None,
+                pod_cidrs: vec!["10.1.0.0/24".parse().unwrap()],
+                encrypted: true,
+                persistent_keepalive: None,
+            }],
+        };
+        assert!(state.validate().is_ok());
+        assert_eq!(
+            state.validate_for(&own),
+            Err(StateError::ListsItself("a/me".into()))
+        );
+        assert!(state.validate_for(&PublicKey([8; 32])).is_ok());
     }
 }

@@ -46,6 +46,8 @@ impl Default for GatewayConfig {
 /// Applies desired states: peers first, then routes, then peer removals, so a CIDR switched
 /// to the tunnel always finds its peer there, and a peer leaves only after no route uses it.
 pub struct Reconciler<R: RouteTable> {
+    /// This gateway's public key: a state that lists it is refused.
+    pub own_key: PublicKey,
     pub device: DeviceHandle,
     pub routes: R,
     pub tun_index: u32,
@@ -71,7 +73,7 @@ impl<R: RouteTable> Reconciler<R> {
     }
 
     async fn apply_inner(&self, state: &GatewayState) -> Result<(), Error> {
-        state.validate()?;
+        state.validate_for(&self.own_key)?;
         let peers = state.tunnel_peers();
         self.device.set_peers(peers.clone(), false).await?;
         let desired =
@@ -142,6 +144,7 @@ impl Gateway {
             listen_port,
             metrics: metrics.clone(),
             reconciler: Reconciler {
+                own_key: public_key,
                 device: handle,
                 routes: NetlinkRoutes {
                     netlink,
@@ -341,6 +344,7 @@ mod tests {
     fn reconciler(fail_plain: bool) -> Reconciler<WatchingTable> {
         let node = start(&FakeNet::default(), "198.18.0.1:51820");
         Reconciler {
+            own_key: PublicKey([0xaa; 32]),
             routes: WatchingTable {
                 device: node.handle.clone(),
                 routes: Mutex::new(Vec::new()),

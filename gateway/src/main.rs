@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use trellis_gateway::device::DeviceConfig;
 use trellis_gateway::gateway::{DEFAULT_ROUTE_PROTOCOL, follow_file, follow_stream};
 use trellis_gateway::keys::KeyPair;
-use trellis_gateway::peer_config::{ExternalPeer, render_wg_quick};
+use trellis_gateway::peer_config::new_external_peer;
 use trellis_gateway::routes::RouteMetrics;
 use trellis_gateway::{Gateway, GatewayConfig};
 
@@ -141,20 +141,9 @@ fn main() -> anyhow::Result<()> {
             allowed_ips,
             keepalive,
         } => {
-            let gateway = KeyPair::load_or_generate(&state_dir)?;
-            let external = KeyPair::generate();
-            println!("# Trellis external peer. Its public key, for the desired state:");
-            println!("# {}", external.public_key());
             print!(
                 "{}",
-                render_wg_quick(&ExternalPeer {
-                    private_key: external.private_key_base64(),
-                    addresses: address,
-                    gateway_public_key: gateway.public_key(),
-                    gateway_endpoint: endpoint,
-                    allowed_ips,
-                    persistent_keepalive: Some(keepalive),
-                })
+                new_external_peer(&state_dir, endpoint, address, allowed_ips, keepalive)?
             );
             Ok(())
         }

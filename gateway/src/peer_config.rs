@@ -49,6 +49,36 @@ pub fn render_wg_quick(peer: &ExternalPeer) -> String {
     text
 }
 
+/// The wg-quick file for a new external peer of the gateway whose key lives in `state_dir`
+/// (generated if this is its first use), with a fresh key pair for the external machine. The
+/// file opens with a comment giving the external peer's public key, which the desired state
+/// must list for the gateway to accept it.
+pub fn new_external_peer(
+    state_dir: &std::path::Path,
+    endpoint: SocketAddr,
+    addresses: Vec<IpNet>,
+    allowed_ips: Vec<IpNet>,
+    keepalive: u16,
+) -> Result<String, crate::Error> {
+    let gateway = crate::keys::KeyPair::load_or_generate(state_dir)?;
+    let external = crate::keys::KeyPair::generate();
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "# Trellis external peer. Its public key, for the desired state:"
+    );
+    let _ = writeln!(text, "# {}", external.public_key());
+    text.push_str(&render_wg_quick(&ExternalPeer {
+        private_key: external.private_key_base64(),
+        addresses,
+        gateway_public_key: gateway.public_key(),
+        gateway_endpoint: endpoint,
+        allowed_ips,
+        persistent_keepalive: Some(keepalive),
+    }));
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -66,6 +66,23 @@ impl TestLab {
     }
 }
 
+impl TestLab {
+    /// PIDs of processes started for this lab (their command lines name its directory).
+    pub fn processes(&self) -> Vec<u32> {
+        let marker = format!("/run/trellis/lab/{}/", self.name);
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&marker))
+            })
+            .collect()
+    }
+}
+
 impl Drop for TestLab {
     fn drop(&mut self) {
         let _ = self.trellis(&["down"]);

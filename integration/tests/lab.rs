@@ -50,12 +50,19 @@ fn lab_up_wires_pods_that_reach_each_other_and_down_removes_everything() {
         text(&status)
     );
 
+    assert_eq!(lab.processes().len(), 1, "one gateway per node");
+
     let down = lab.trellis(&["down"]);
     assert!(down.status.success(), "{}", text(&down));
     assert!(
         lab.namespaces().is_empty(),
         "namespaces left: {:?}",
         lab.namespaces()
+    );
+    assert!(
+        lab.processes().is_empty(),
+        "processes left: {:?}",
+        lab.processes()
     );
     assert!(
         !Path::new("/run/trellis/lab").join(&lab.name).exists(),
@@ -66,10 +73,21 @@ fn lab_up_wires_pods_that_reach_each_other_and_down_removes_everything() {
 #[test]
 fn down_cleans_up_after_a_lab_whose_state_was_lost() {
     let lab = TestLab::new("lost");
-    assert!(lab.trellis(&["up", "--pods", "1"]).status.success());
-    // As after a crash that lost the state file: down still finds the namespaces by name.
+    assert!(
+        lab.trellis(&["up", "--pods", "1", "--nodes", "2"])
+            .status
+            .success()
+    );
+    assert_eq!(lab.processes().len(), 2);
+    // As after a crash that lost the state file: down still finds the namespaces by name,
+    // and the processes by the namespaces they run in.
     std::fs::remove_dir_all(Path::new("/run/trellis/lab").join(&lab.name)).unwrap();
     let down = lab.trellis(&["down"]);
     assert!(down.status.success(), "{}", text(&down));
     assert!(lab.namespaces().is_empty());
+    assert!(
+        lab.processes().is_empty(),
+        "processes left: {:?}",
+        lab.processes()
+    );
 }

@@ -12,7 +12,10 @@ use serde_json::json;
 use trellis_cni::runtime::{Attachment, ConfList, Runtime};
 use trellis_netns::{Netlink, Netns, VethSpec, probe, sysctl};
 
-use super::topology::{LabState, Node, Topology, UNDERLAY_PREFIX, namespace_prefix};
+use super::processes;
+use super::topology::{
+    GATEWAY_METRICS_PORT, LabState, Node, Topology, UNDERLAY_PREFIX, namespace_prefix,
+};
 
 /// The underlay's MTU, as on most clouds and kind.
 const UNDERLAY_MTU: u32 = 1500;
@@ -165,7 +168,7 @@ pub fn up(dir: &Path, topology: &Topology, bin_dir: &Path) -> anyhow::Result<()>
 fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
     let node_count: usize = state.clusters.iter().map(|c| c.nodes.len()).sum();
     let pod_count = state.pods().count();
-    eprintln!("[1/3] underlay and nodes: a switch and {node_count} node namespace(s)");
+    eprintln!("[1/4] underlay and nodes: a switch and {node_count} node namespace(s)");
     block_on(async {
         prepare_switch(&state.switch_netns)
             .await
@@ -178,7 +181,9 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
         }
         anyhow::Ok(())
     })?;
-    eprintln!("[2/3] pods: creating {pod_count} pod(s) through trellis-cni");
+    eprintln!("[2/4] gateways: starting trellis-gateway on {node_count} node(s)");
+    start_gateways(dir, state, bin_dir)?;
+    eprintln!("[3/4] pods: creating {pod_count} pod(s) through trellis-cni");
     for cluster in &mut state.clusters {
         for node in &mut cluster.nodes {
             let (_, list) = conflist(dir, node)?;
@@ -197,12 +202,73 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
             }
         }
     }
-    eprintln!("[3/3] checking connectivity");
+    eprintln!("[4/4] checking connectivity");
     Ok(())
 }
 
 /// A source pod and, per target, the round-trip time (`None`: no reply).
 type ProbeRow = (String, Vec<(String, Option<Duration>)>);
+
+/// One trellis-gateway per node, following a desired-state file in the lab's directory.
+fn start_gateways(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
+    let nodes: Vec<(String, Node)> = state
+        .clusters
+        .iter()
+        .flat_map(|c| c.nodes.iter().map(|n| (c.name.clone(), n.clone())))
+        .collect();
+    for (cluster, node) in &nodes {
+        let node_dir = dir.join("nodes").join(&node.netns);
+        fs::create_dir_all(&node_dir)?;
+        let desired = node_dir.join("gateway-desired.json");
+        fs::write(
+            &desired,
+            serde_json::to_vec(&json!({"revision": 0, "cluster": cluster, "nodes": []}))?,
+        )?;
+        let metrics =
+            std::net::SocketAddr::new(std::net::IpAddr::V4(node.address), GATEWAY_METRICS_PORT);
+        let args: Vec<std::ffi::OsString> = vec![
+            "run".into(),
+            "--state-dir".into(),
+            node_dir.join("gateway").into(),
+            "--desired-state".into(),
+            desired.into(),
+            "--metrics-addr".into(),
+            metrics.to_string().into(),
+        ];
+        let netns = Netns::open(&node.netns)?;
+        let name = format!("{cluster}/{}/gateway", node.name);
+        let daemon = processes::spawn(
+            &netns,
+            &name,
+            &bin_dir.join("trellis-gateway"),
+            &args,
+            &node_dir.join("gateway.log"),
+        )?;
+        state.daemons.push(daemon);
+        state.save(dir)?;
+    }
+    // Each gateway is ready once it serves its health endpoint.
+    for (cluster, node) in &nodes {
+        let metrics =
+            std::net::SocketAddr::new(std::net::IpAddr::V4(node.address), GATEWAY_METRICS_PORT);
+        let netns = Netns::open(&node.netns)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !netns.run(|| {
+            std::net::TcpStream::connect_timeout(&metrics, Duration::from_millis(100)).is_ok()
+        })? {
+            if Instant::now() > deadline {
+                let log = dir.join("nodes").join(&node.netns).join("gateway.log");
+                bail!(
+                    "the gateway of {cluster}/{} did not come up:\n{}",
+                    node.name,
+                    processes::log_tail(&log, 10)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
 
 /// One row per source pod: the RTT to every other pod and to the pod's node.
 fn connectivity(state: &LabState) -> Vec<ProbeRow> {
@@ -358,6 +424,22 @@ pub fn down(dir: &Path, name: &str) -> anyhow::Result<()> {
         }
     }
     let prefix = namespace_prefix(name);
+    let namespaces: Vec<String> = Netns::list()?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    // Processes first: the recorded daemons, then anything else still inside a lab namespace
+    // (a daemon whose record was lost with a crash, a command from `trellis lab exec`).
+    if let Ok(state) = LabState::load(dir) {
+        for daemon in &state.daemons {
+            if let Err(error) = daemon.stop(Duration::from_secs(3)) {
+                failures.push(format!("{error:#}"));
+            }
+        }
+    }
+    for netns in &namespaces {
+        failures.extend(processes::stop_all_in(netns, Duration::from_secs(3)));
+    }
     let mut removed = 0;
     for netns in Netns::list()?
         .into_iter()

@@ -1,6 +1,7 @@
 //! `trellis lab`: up, status, exec, down.
 
 mod build;
+mod processes;
 mod topology;
 
 use std::path::PathBuf;

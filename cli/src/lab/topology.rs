@@ -12,6 +12,9 @@ use trellis_core::cidr::node_block;
 
 const STATE_FILE: &str = "state.json";
 
+/// Where each node's gateway serves /metrics and /healthz (on the node's underlay address).
+pub const GATEWAY_METRICS_PORT: u16 = 9586;
+
 /// The underlay prefix: every node of every cluster on one segment.
 pub const UNDERLAY_PREFIX: u8 = 15;
 
@@ -27,6 +30,9 @@ pub struct Topology {
     /// Where the Trellis binaries the lab runs are.
     #[serde(default)]
     pub bin_dir: Option<std::path::PathBuf>,
+    /// The processes the lab started, recorded as each starts.
+    #[serde(default)]
+    pub daemons: Vec<super::processes::Daemon>,
 }
 
 /// The lab as recorded on disk.
@@ -132,6 +138,7 @@ impl Topology {
             switch_netns: format!("{prefix}switch"),
             clusters,
             bin_dir: None,
+            daemons: Vec::new(),
         })
     }
 

@@ -1,0 +1,162 @@
+//! The lab's daemons: started inside a namespace with their output in a log file, recorded by
+//! PID and start time so `down` stops exactly them, also after `up` itself was killed.
+
+use std::ffi::OsString;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use trellis_netns::Netns;
+
+/// A process the lab started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Daemon {
+    /// What it is, e.g. `c1/node-0/gateway`.
+    pub name: String,
+    pub pid: u32,
+    /// The kernel's start time of the process (clock ticks since boot): a PID reused by some
+    /// other process after ours died will not match, so it is never signalled.
+    pub start_time: u64,
+    pub log: PathBuf,
+}
+
+/// Starts `program args` inside `netns`, detached from the terminal (its own process group,
+/// so a Ctrl-C of `trellis lab up` does not take it down), output appended to `log`.
+pub fn spawn(
+    netns: &Netns,
+    name: &str,
+    program: &Path,
+    args: &[OsString],
+    log: &Path,
+) -> anyhow::Result<Daemon> {
+    let output = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open {}", log.display()))?;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(output.try_clone()?)
+        .stderr(output)
+        .process_group(0);
+    let child = netns
+        .spawn(&mut command)?
+        .with_context(|| format!("start {name} ({})", program.display()))?;
+    let pid = child.id();
+    let start_time =
+        start_time(pid).with_context(|| format!("{name} exited at once; see {}", log.display()))?;
+    Ok(Daemon {
+        name: name.to_string(),
+        pid,
+        start_time,
+        log: log.to_path_buf(),
+    })
+}
+
+/// Field 22 of `/proc/<pid>/stat`.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl Daemon {
+    /// Still running, and still the process we started.
+    pub fn is_running(&self) -> bool {
+        start_time(self.pid) == Some(self.start_time) && !is_zombie(self.pid)
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`. Does nothing to a PID that is no longer ours.
+    pub fn stop(&self, grace: Duration) -> anyhow::Result<()> {
+        if !self.is_running() {
+            return Ok(());
+        }
+        terminate(self.pid, grace).with_context(|| format!("stop {} (pid {})", self.name, self.pid))
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rfind(')')
+                .map(|i| stat[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+fn terminate(pid: u32, grace: Duration) -> anyhow::Result<()> {
+    let target = Pid::from_raw(i32::try_from(pid)?);
+    kill(target, Signal::SIGTERM)?;
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if is_zombie(pid) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(target, Signal::SIGKILL);
+    Ok(())
+}
+
+/// Every process whose network namespace is the named one (what `ip netns pids` shows).
+pub fn pids_in(netns_name: &str) -> Vec<u32> {
+    let Ok(target) = fs::metadata(Path::new(trellis_netns::NETNS_RUN_DIR).join(netns_name)) else {
+        return Vec::new();
+    };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|ns| ns.ino() == target.ino() && ns.dev() == target.dev())
+        })
+        .filter(|pid| !is_zombie(*pid))
+        .collect()
+}
+
+/// Stops every process left inside the namespace (a daemon whose record was lost, or a
+/// command someone started with `trellis lab exec`).
+pub fn stop_all_in(netns_name: &str, grace: Duration) -> Vec<String> {
+    pids_in(netns_name)
+        .into_iter()
+        .filter_map(|pid| {
+            terminate(pid, grace)
+                .err()
+                .map(|e| format!("pid {pid} in {netns_name}: {e}"))
+        })
+        .collect()
+}
+
+/// The last lines of a daemon's log, for error messages.
+pub fn log_tail(log: &Path, lines: usize) -> String {
+    let Ok(text) = fs::read_to_string(log) else {
+        return String::new();
+    };
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_start_time_of_this_process() {
+        assert!(start_time(std::process::id()).is_some_and(|t| t > 0));
+        assert_eq!(start_time(u32::MAX), None);
+    }
+}

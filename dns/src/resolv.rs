@@ -1,0 +1,40 @@
+//! resolv.conf parsing (from text; the file is read at the edge).
+
+use std::net::{IpAddr, SocketAddr};
+
+/// The `nameserver` addresses of a resolv.conf, in order, on port 53. IPv6 zone suffixes
+/// (`%eth0`) are dropped; malformed lines are ignored as the libc resolver does.
+pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.split(['#', ';']).next().unwrap_or_default();
+            let mut words = line.split_whitespace();
+            if words.next()? != "nameserver" {
+                return None;
+            }
+            let addr = words.next()?;
+            let addr = addr.split('%').next().unwrap_or(addr);
+            addr.parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nameservers_in_order() {
+        let text = "# generated\nsearch svc.cluster.local\nnameserver 10.96.0.10\n\
+                    nameserver   fe80::1%eth0  \n;nameserver 1.1.1.1\nnameserver bogus\n\
+                    options ndots:5\nnameserver 8.8.8.8 # google\n";
+        let got: Vec<String> = parse_resolv_conf(text)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(got, ["10.96.0.10:53", "[fe80::1]:53", "8.8.8.8:53"]);
+        assert!(parse_resolv_conf("").is_empty());
+    }
+}

@@ -9,6 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg,
+};
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -23,7 +30,7 @@ use crate::config::Config;
 use crate::forward::Upstream;
 use crate::metrics::Metrics;
 
-/// Largest query accepted over UDP; a datagram filling the buffer is dropped as oversized.
+/// Largest UDP datagram accepted (and answer sent); a longer query is dropped as oversized.
 const MAX_UDP_QUERY: usize = 4096;
 /// How often UDP workers wake up to check for shutdown when idle.
 const IDLE_WAKEUP: Duration = Duration::from_millis(100);
@@ -221,111 +228,221 @@ struct UdpWorker {
     edns: u16,
 }
 
+/// Datagrams received and sent per system call.
+const BATCH: usize = 32;
+
+/// Per-worker counters of the fast path, flushed into the shared metrics in bulk.
+struct FastStats {
+    by_type: Vec<prometheus::local::LocalIntCounter>,
+    records: prometheus::local::LocalIntCounter,
+    latency: prometheus::local::LocalHistogram,
+    pending: u32,
+    last_flush: Instant,
+}
+
+impl FastStats {
+    fn new(metrics: &Metrics) -> Self {
+        Self {
+            by_type: metrics.fast_counters().iter().map(|c| c.local()).collect(),
+            records: metrics.records.local(),
+            latency: metrics.zone_latency().local(),
+            pending: 0,
+            last_flush: Instant::now(),
+        }
+    }
+
+    fn flush(&mut self, now: Instant) {
+        self.by_type.iter_mut().for_each(|c| c.flush());
+        self.records.flush();
+        self.latency.flush();
+        self.pending = 0;
+        self.last_flush = now;
+    }
+
+    fn maybe_flush(&mut self, now: Instant) {
+        if self.pending >= 1024 || now.duration_since(self.last_flush) > Duration::from_secs(1) {
+            self.flush(now);
+        }
+    }
+}
+
+fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    addr.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6((*v6).into()))
+}
+
 impl UdpWorker {
+    /// Receives up to [`BATCH`] datagrams per `recvmmsg`, answers them (fast path, else slow
+    /// path, else hands them to the forwarder), and sends the answers with one `sendmmsg`.
     fn run(self) {
-        let fast_counters: Vec<_> = self
-            .metrics
-            .fast_counters()
-            .iter()
-            .map(|c| c.local())
-            .collect();
-        let mut fast_counters = fast_counters;
-        let mut records = self.metrics.records.local();
-        let mut latency = self.metrics.zone_latency().local();
-        let mut pending = 0u32;
-        let mut last_flush = Instant::now();
-        let flush = |counters: &mut Vec<prometheus::local::LocalIntCounter>,
-                     records: &mut prometheus::local::LocalIntCounter,
-                     latency: &mut prometheus::local::LocalHistogram| {
-            counters.iter_mut().for_each(|c| c.flush());
-            records.flush();
-            latency.flush();
-        };
-        let mut buf = vec![0u8; MAX_UDP_QUERY + 1];
-        let mut out = vec![0u8; MAX_UDP_QUERY];
+        let fd = self.socket.as_raw_fd();
+        let mut stats = FastStats::new(&self.metrics);
+        let mut bufs: Box<[[u8; MAX_UDP_QUERY]; BATCH]> = Box::new([[0u8; MAX_UDP_QUERY]; BATCH]);
+        let mut out: Box<[[u8; MAX_UDP_QUERY]; BATCH]> = Box::new([[0u8; MAX_UDP_QUERY]; BATCH]);
+        let mut out_len = [0usize; BATCH];
+        let mut out_addr: [Option<SockaddrStorage>; BATCH] = [None; BATCH];
+        let mut received_meta: [(usize, Option<SockaddrStorage>, bool); BATCH] =
+            [(0, None, false); BATCH];
+        let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+        let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
         while !self.stop.load(Ordering::Relaxed) {
-            let (len, peer) = match self.socket.recv_from(&mut buf) {
-                Ok(received) => received,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                    ) =>
-                {
-                    if pending > 0 {
-                        flush(&mut fast_counters, &mut records, &mut latency);
-                        pending = 0;
-                        last_flush = Instant::now();
-                    }
-                    continue;
-                }
-                Err(error) => {
-                    warn!(%error, "udp receive failed");
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-            };
-            let received = Instant::now();
-            if len > MAX_UDP_QUERY {
-                self.metrics.dropped.with_label_values(&["oversized"]).inc();
-                continue;
-            }
-            let packet = &buf[..len];
-            let snapshot = self.handle.load();
-            if let Some(hit) = snapshot.fast.answer(packet, self.edns, &mut out) {
-                if let Err(error) = self.socket.send_to(&out[..hit.len], peer) {
-                    debug!(%error, %peer, "udp send failed");
-                }
-                fast_counters[hit.entry.type_index].inc();
-                records.inc_by(hit.entry.answers as u64);
-                latency.observe(received.elapsed().as_secs_f64());
-                pending += 1;
-                if pending >= 1024 || received.duration_since(last_flush) > Duration::from_secs(1) {
-                    flush(&mut fast_counters, &mut records, &mut latency);
-                    pending = 0;
-                    last_flush = received;
-                }
-                continue;
-            }
-            match respond(&snapshot.zone, packet, Transport::Udp, self.edns) {
-                Outcome::Reply(reply) => {
-                    if let Err(error) = self.socket.send_to(&reply.bytes, peer) {
-                        debug!(%error, %peer, "udp send failed");
-                    }
-                    count_reply(&self.metrics, &reply, "zone", received);
-                }
-                Outcome::Forward { qtype } => {
-                    self.metrics.forwarded.inc();
-                    let job = ForwardJob {
-                        query: packet.to_vec(),
-                        peer,
-                        qtype: Some(qtype),
-                        received,
-                    };
-                    if let Err(error) = self.forward.try_send(job) {
-                        let job = match error {
-                            mpsc::error::TrySendError::Full(job)
-                            | mpsc::error::TrySendError::Closed(job) => job,
-                        };
-                        self.metrics
-                            .upstream_failures
-                            .with_label_values(&["overload"])
-                            .inc();
-                        if let Some(reply) = servfail(&job.query, self.edns) {
-                            let _ = self.socket.send_to(&reply.bytes, peer);
-                            count_reply(&self.metrics, &reply, "upstream", received);
+            let mut count = 0;
+            {
+                let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
+                    bufs.each_mut().map(|b| [IoSliceMut::new(&mut b[..])]);
+                match recvmmsg(
+                    fd,
+                    &mut recv_headers,
+                    iovs.iter_mut(),
+                    MsgFlags::MSG_WAITFORONE,
+                    None,
+                ) {
+                    Ok(results) => {
+                        for (slot, message) in received_meta.iter_mut().zip(results) {
+                            *slot = (
+                                message.bytes,
+                                message.address,
+                                message.flags.contains(MsgFlags::MSG_TRUNC),
+                            );
+                            count += 1;
                         }
                     }
+                    Err(Errno::EAGAIN | Errno::EINTR) => {}
+                    Err(error) => {
+                        warn!(%error, "udp receive failed");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                 }
-                Outcome::Drop(reason) => {
-                    self.metrics
-                        .dropped
-                        .with_label_values(&[reason.label()])
-                        .inc();
+            }
+            let received = Instant::now();
+            if count == 0 {
+                if stats.pending > 0 {
+                    stats.flush(received);
+                }
+                continue;
+            }
+            let snapshot = self.handle.load();
+            let mut replies = 0;
+            let mut fast = 0u32;
+            for (index, (len, addr, truncated)) in received_meta[..count].iter().enumerate() {
+                let Some(addr) = addr else { continue };
+                if *truncated {
+                    self.metrics.dropped.with_label_values(&["oversized"]).inc();
+                    continue;
+                }
+                let packet = &bufs[index][..*len];
+                if let Some(hit) = snapshot.fast.answer(packet, self.edns, &mut out[replies]) {
+                    out_len[replies] = hit.len;
+                    out_addr[replies] = Some(*addr);
+                    replies += 1;
+                    stats.by_type[hit.entry.type_index].inc();
+                    stats.records.inc_by(hit.entry.answers as u64);
+                    fast += 1;
+                    continue;
+                }
+                let Some(peer) = to_std(addr) else { continue };
+                let reply = match respond(&snapshot.zone, packet, Transport::Udp, self.edns) {
+                    Outcome::Reply(reply) => Some(reply),
+                    Outcome::Forward { qtype } => self.forward(packet, peer, qtype, received),
+                    Outcome::Drop(reason) => {
+                        self.metrics
+                            .dropped
+                            .with_label_values(&[reason.label()])
+                            .inc();
+                        None
+                    }
+                };
+                if let Some(reply) = reply
+                    && reply.bytes.len() <= MAX_UDP_QUERY
+                {
+                    out[replies][..reply.bytes.len()].copy_from_slice(&reply.bytes);
+                    out_len[replies] = reply.bytes.len();
+                    out_addr[replies] = Some(*addr);
+                    replies += 1;
+                    count_reply(&self.metrics, &reply, "zone", received);
+                }
+            }
+            drop(snapshot);
+            self.send(fd, &mut send_headers, &out, &out_len, &out_addr, replies);
+            let sent = Instant::now();
+            let elapsed = sent.duration_since(received).as_secs_f64();
+            for _ in 0..fast {
+                stats.latency.observe(elapsed);
+            }
+            stats.pending += fast;
+            stats.maybe_flush(sent);
+        }
+        stats.flush(Instant::now());
+    }
+
+    /// Queues a query for the forwarder; SERVFAIL at once when the queue is full.
+    fn forward(
+        &self,
+        packet: &[u8],
+        peer: SocketAddr,
+        qtype: hickory_proto::rr::RecordType,
+        received: Instant,
+    ) -> Option<Reply> {
+        self.metrics.forwarded.inc();
+        let job = ForwardJob {
+            query: packet.to_vec(),
+            peer,
+            qtype: Some(qtype),
+            received,
+        };
+        let Err(error) = self.forward.try_send(job) else {
+            return None;
+        };
+        let job = match error {
+            mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => job,
+        };
+        self.metrics
+            .upstream_failures
+            .with_label_values(&["overload"])
+            .inc();
+        servfail(&job.query, self.edns)
+    }
+
+    fn send(
+        &self,
+        fd: RawFd,
+        headers: &mut MultiHeaders<SockaddrStorage>,
+        out: &[[u8; MAX_UDP_QUERY]; BATCH],
+        out_len: &[usize; BATCH],
+        out_addr: &[Option<SockaddrStorage>; BATCH],
+        replies: usize,
+    ) {
+        let mut first = 0;
+        while first < replies {
+            let iovs: [[IoSlice<'_>; 1]; BATCH] =
+                std::array::from_fn(|i| [IoSlice::new(&out[i][..out_len[i]])]);
+            let no_cmsgs: [ControlMessage<'_>; 0] = [];
+            match sendmmsg(
+                fd,
+                headers,
+                iovs[first..replies].iter(),
+                &out_addr[first..replies],
+                no_cmsgs,
+                MsgFlags::empty(),
+            ) {
+                Ok(results) => {
+                    let sent = results.count();
+                    if sent == 0 {
+                        break;
+                    }
+                    first += sent;
+                }
+                Err(Errno::EINTR) => {}
+                Err(error) => {
+                    // One bad destination fails the call: skip it and go on.
+                    debug!(%error, "udp send failed");
+                    first += 1;
                 }
             }
         }
-        flush(&mut fast_counters, &mut records, &mut latency);
     }
 }
 

@@ -52,6 +52,22 @@ struct Measurement {
     avg_latency_ms: f64,
     lost: u64,
     noerror_percent: f64,
+    rcvbuf_errors: u64,
+}
+
+/// The machine's UDP `RcvbufErrors` (datagrams dropped on a full receive buffer).
+fn rcvbuf_errors() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A server process, killed by PID and reaped on drop.
@@ -261,7 +277,9 @@ fn measure(contender: &str, queries: &Path, options: &Options) -> anyhow::Result
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let server = start(contender, dir.path(), port, options)?;
+    let before = rcvbuf_errors();
     let (qps, avg_latency_ms, lost, noerror_percent) = dnsperf(port, queries, options)?;
+    let rcvbuf_errors = rcvbuf_errors().saturating_sub(before);
     drop(server);
     Ok(Measurement {
         contender: contender.to_string(),
@@ -269,6 +287,7 @@ fn measure(contender: &str, queries: &Path, options: &Options) -> anyhow::Result
         avg_latency_ms,
         lost,
         noerror_percent,
+        rcvbuf_errors,
     })
 }
 
@@ -309,8 +328,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             let m = measure(contender, &queries, options)
                 .with_context(|| format!("{contender}, round {round}"))?;
             println!(
-                "  {:<8} {:>10.0} QPS  avg latency {:.3} ms  lost {:>6}  NOERROR {:.2}%",
-                m.contender, m.qps, m.avg_latency_ms, m.lost, m.noerror_percent
+                "  {:<8} {:>10.0} QPS  avg latency {:.3} ms  lost {:>6}  rcvbuf errors {:>7}  NOERROR {:.2}%",
+                m.contender, m.qps, m.avg_latency_ms, m.lost, m.rcvbuf_errors, m.noerror_percent
             );
             if m.noerror_percent < 99.9 {
                 bail!(
@@ -321,30 +340,57 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             results.push(m);
         }
     }
-    println!();
-    println!(
-        "{:<8} {:>12} {:>14}",
-        "server", "mean QPS", "avg latency ms"
-    );
-    let mean = |contender: &str, f: fn(&Measurement) -> f64| {
-        let v: Vec<f64> = results
+    print_summary(&results, &options.contenders);
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
+fn print_summary(results: &[Measurement], contenders: &[String]) {
+    let series = |contender: &str, f: fn(&Measurement) -> f64| -> Vec<f64> {
+        results
             .iter()
             .filter(|m| m.contender == contender)
             .map(f)
-            .collect();
-        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+            .collect()
     };
-    for contender in &options.contenders {
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    println!();
+    println!(
+        "{:<8} {:>12} {:>12} {:>10} {:>10} {:>16}",
+        "server", "median QPS", "mean QPS", "min QPS", "max QPS", "mean latency ms"
+    );
+    for contender in contenders {
+        let qps = series(contender, |m| m.qps);
+        let latency = series(contender, |m| m.avg_latency_ms);
         println!(
-            "{contender:<8} {:>12.0} {:>14.3}",
-            mean(contender, |m| m.qps).unwrap_or(f64::NAN),
-            mean(contender, |m| m.avg_latency_ms).unwrap_or(f64::NAN)
+            "{contender:<8} {:>12.0} {:>12.0} {:>10.0} {:>10.0} {:>16.3}",
+            median(qps.clone()).unwrap_or(f64::NAN),
+            mean(&qps).unwrap_or(f64::NAN),
+            qps.iter().copied().fold(f64::INFINITY, f64::min),
+            qps.iter().copied().fold(0.0, f64::max),
+            mean(&latency).unwrap_or(f64::NAN)
         );
     }
-    if let (Some(ours), Some(theirs)) = (mean("trellis", |m| m.qps), mean("unbound", |m| m.qps)) {
-        println!("trellis / unbound QPS: {:.2}x", ours / theirs);
+    let ours = series("trellis", |m| m.qps);
+    let theirs = series("unbound", |m| m.qps);
+    if let (Some(o), Some(t)) = (median(ours.clone()), median(theirs.clone())) {
+        println!("trellis / unbound QPS: {:.2}x (medians)", o / t);
     }
-    Ok(())
+    if let (Some(o), Some(t)) = (mean(&ours), mean(&theirs)) {
+        println!("trellis / unbound QPS: {:.2}x (means)", o / t);
+    }
 }
 
 #[cfg(test)]
@@ -359,6 +405,13 @@ mod tests {
         assert_eq!(field(out, "Queries per second:"), Some(170123.456789));
         assert_eq!(field(out, "Average Latency (s):"), Some(0.000190));
         assert_eq!(field(out, "Queries lost:"), Some(3.0));
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use trellis_dns::catalog::{ZoneHandle, watch_file};
 use trellis_dns::config::Config;
 use trellis_dns::forward::Forwarder;
 use trellis_dns::metrics::Metrics;
-use trellis_dns::resolv::parse_resolv_conf;
+use trellis_dns::resolv::{parse_resolv_conf, without_self};
 use trellis_dns::server;
 
 #[derive(Parser, Debug)]
@@ -62,9 +62,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
     if upstreams.is_empty() {
         let text = std::fs::read_to_string(&args.resolv_conf)
             .with_context(|| format!("reading {}", args.resolv_conf.display()))?;
-        upstreams = parse_resolv_conf(&text);
-        // Never forward to ourselves.
-        upstreams.retain(|u| *u != args.listen);
+        upstreams = without_self(parse_resolv_conf(&text), args.listen);
     }
     let metrics = match args.metrics.as_str() {
         "off" => None,

@@ -344,17 +344,20 @@ impl UdpWorker {
                     continue;
                 }
                 let Some(peer) = to_std(addr) else { continue };
-                let reply = match respond(&snapshot.zone, packet, Transport::Udp, self.edns) {
-                    Outcome::Reply(reply) => Some(reply),
-                    Outcome::Forward { qtype } => self.forward(packet, peer, qtype, received),
-                    Outcome::Drop(reason) => {
-                        self.metrics
-                            .dropped
-                            .with_label_values(&[reason.label()])
-                            .inc();
-                        None
-                    }
-                };
+                let (reply, source) =
+                    match respond(&snapshot.zone, packet, Transport::Udp, self.edns) {
+                        Outcome::Reply(reply) => (Some(reply), "zone"),
+                        Outcome::Forward { qtype } => {
+                            (self.forward(packet, peer, qtype, received), "upstream")
+                        }
+                        Outcome::Drop(reason) => {
+                            self.metrics
+                                .dropped
+                                .with_label_values(&[reason.label()])
+                                .inc();
+                            (None, "zone")
+                        }
+                    };
                 if let Some(reply) = reply
                     && reply.bytes.len() <= MAX_UDP_QUERY
                 {
@@ -362,7 +365,7 @@ impl UdpWorker {
                     out_len[replies] = reply.bytes.len();
                     out_addr[replies] = Some(*addr);
                     replies += 1;
-                    count_reply(&self.metrics, &reply, "zone", received);
+                    count_reply(&self.metrics, &reply, source, received);
                 }
             }
             drop(snapshot);

@@ -53,6 +53,35 @@ struct Measurement {
     lost: u64,
     noerror_percent: f64,
     rcvbuf_errors: u64,
+    /// Server CPU time (user + system) per answered query, microseconds: what the server
+    /// spends per answer, whoever was the bottleneck.
+    cpu_us_per_query: f64,
+    /// Share of its CPU the server used during the run (1.0 = saturated).
+    cpu_busy: f64,
+}
+
+/// CPU seconds (user + system, all threads) used so far by process `pid`.
+fn cpu_seconds(pid: u32, ticks_per_second: f64) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').context("malformed /proc/pid/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .context("short /proc/pid/stat")?
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    Ok(ticks / ticks_per_second)
+}
+
+fn ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// The machine's UDP `RcvbufErrors` (datagrams dropped on a full receive buffer).
@@ -277,10 +306,15 @@ fn measure(contender: &str, queries: &Path, options: &Options) -> anyhow::Result
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let server = start(contender, dir.path(), port, options)?;
+    let tick = ticks_per_second();
+    let pid = server.0.id();
     let before = rcvbuf_errors();
+    let cpu_before = cpu_seconds(pid, tick)?;
     let (qps, avg_latency_ms, lost, noerror_percent) = dnsperf(port, queries, options)?;
+    let cpu = cpu_seconds(pid, tick)? - cpu_before;
     let rcvbuf_errors = rcvbuf_errors().saturating_sub(before);
     drop(server);
+    let answered = qps * f64::from(options.seconds);
     Ok(Measurement {
         contender: contender.to_string(),
         qps,
@@ -288,6 +322,8 @@ fn measure(contender: &str, queries: &Path, options: &Options) -> anyhow::Result
         lost,
         noerror_percent,
         rcvbuf_errors,
+        cpu_us_per_query: cpu * 1e6 / answered.max(1.0),
+        cpu_busy: cpu / f64::from(options.seconds),
     })
 }
 
@@ -328,8 +364,15 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             let m = measure(contender, &queries, options)
                 .with_context(|| format!("{contender}, round {round}"))?;
             println!(
-                "  {:<8} {:>10.0} QPS  avg latency {:.3} ms  lost {:>6}  rcvbuf errors {:>7}  NOERROR {:.2}%",
-                m.contender, m.qps, m.avg_latency_ms, m.lost, m.rcvbuf_errors, m.noerror_percent
+                "  {:<8} {:>8.0} QPS  avg latency {:.3} ms  server CPU {:>3.0}% {:.2} us/query  lost {}  rcvbuf errors {}  NOERROR {:.2}%",
+                m.contender,
+                m.qps,
+                m.avg_latency_ms,
+                m.cpu_busy * 100.0,
+                m.cpu_us_per_query,
+                m.lost,
+                m.rcvbuf_errors,
+                m.noerror_percent
             );
             if m.noerror_percent < 99.9 {
                 bail!(
@@ -368,19 +411,27 @@ fn print_summary(results: &[Measurement], contenders: &[String]) {
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     println!();
     println!(
-        "{:<8} {:>12} {:>12} {:>10} {:>10} {:>16}",
-        "server", "median QPS", "mean QPS", "min QPS", "max QPS", "mean latency ms"
+        "{:<8} {:>12} {:>12} {:>10} {:>10} {:>16} {:>18}",
+        "server",
+        "median QPS",
+        "mean QPS",
+        "min QPS",
+        "max QPS",
+        "mean latency ms",
+        "median CPU us/q"
     );
     for contender in contenders {
         let qps = series(contender, |m| m.qps);
         let latency = series(contender, |m| m.avg_latency_ms);
+        let cpu = series(contender, |m| m.cpu_us_per_query);
         println!(
-            "{contender:<8} {:>12.0} {:>12.0} {:>10.0} {:>10.0} {:>16.3}",
+            "{contender:<8} {:>12.0} {:>12.0} {:>10.0} {:>10.0} {:>16.3} {:>18.2}",
             median(qps.clone()).unwrap_or(f64::NAN),
             mean(&qps).unwrap_or(f64::NAN),
             qps.iter().copied().fold(f64::INFINITY, f64::min),
             qps.iter().copied().fold(0.0, f64::max),
-            mean(&latency).unwrap_or(f64::NAN)
+            mean(&latency).unwrap_or(f64::NAN),
+            median(cpu).unwrap_or(f64::NAN)
         );
     }
     let ours = series("trellis", |m| m.qps);
@@ -390,6 +441,15 @@ fn print_summary(results: &[Measurement], contenders: &[String]) {
     }
     if let (Some(o), Some(t)) = (mean(&ours), mean(&theirs)) {
         println!("trellis / unbound QPS: {:.2}x (means)", o / t);
+    }
+    let ours = median(series("trellis", |m| m.cpu_us_per_query));
+    let theirs = median(series("unbound", |m| m.cpu_us_per_query));
+    if let (Some(o), Some(t)) = (ours, theirs) {
+        println!(
+            "server CPU per query: unbound / trellis {:.2}x (the capacity ratio when the server, \
+             not dnsperf, is the bottleneck)",
+            t / o
+        );
     }
 }
 

@@ -551,7 +551,10 @@ async fn serve_tcp<U: Upstream>(
     idle: Duration,
 ) {
     let connections = Arc::new(Semaphore::new(max_connections));
+    // Owned here: when this task is aborted (shutdown), every connection goes with it.
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
+        while tasks.try_join_next().is_some() {}
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
@@ -570,7 +573,7 @@ async fn serve_tcp<U: Upstream>(
             upstream.clone(),
             forwards.clone(),
         );
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _permit = permit;
             if let Err(error) =
                 tcp_connection(stream, handle, metrics, upstream, forwards, idle).await

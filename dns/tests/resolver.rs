@@ -550,3 +550,27 @@ async fn the_catalog_file_is_watched() {
     watcher.abort();
     server.running.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_udp_workers_share_the_port() {
+    let server = start_with(&shop(), vec![], 3).await;
+    let mut query = Message::new(1, MessageType::Query, OpCode::Query);
+    query.add_query(Query::query(
+        Name::from_ascii("web.shop.svc.clusterset.local.").unwrap(),
+        RecordType::A,
+    ));
+    // Many source ports spread over the SO_REUSEPORT sockets; every one is answered.
+    for id in 0..60u16 {
+        query.metadata.id = id;
+        let answer = udp_exchange(
+            server.addr(),
+            &query.to_vec().unwrap(),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        let answer = Message::from_vec(&answer).unwrap();
+        assert_eq!((answer.id, answer.answers.len()), (id, 2));
+    }
+    server.running.shutdown();
+}

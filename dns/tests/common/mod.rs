@@ -35,11 +35,20 @@ impl TestServer {
 }
 
 pub async fn start(catalog: &Catalog, upstreams: Vec<SocketAddr>) -> TestServer {
+    start_with(catalog, upstreams, 1).await
+}
+
+pub async fn start_with(
+    catalog: &Catalog,
+    upstreams: Vec<SocketAddr>,
+    udp_workers: usize,
+) -> TestServer {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics: Some("127.0.0.1:0".parse().unwrap()),
         upstreams: upstreams.clone(),
         upstream_timeout: Duration::from_millis(300),
+        udp_workers,
         ..Config::default()
     };
     let zone = config.validate().unwrap();

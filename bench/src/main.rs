@@ -2,6 +2,7 @@
 //! and reports both and their ratio (this machine is noisy; only ratios travel).
 
 mod cni;
+mod dns;
 mod stats;
 mod tunnel;
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Bench {
     /// trellis-cni against the reference bridge + host-local plugins: ADD, CHECK, DEL latency.
     Cni(cni::Options),
+    /// unbound and trellis-dns answering the same records, pinned, driven by dnsperf: QPS.
+    Dns(dns::Options),
     /// Plain veth, wireguard-go, boringtun-cli and trellis-gateway: throughput, RTT, CPU.
     Tunnel(tunnel::Options),
 }
@@ -26,5 +29,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Cni(options) => cni::run(&options),
         Bench::Tunnel(options) => tunnel::run(&options),
+        Bench::Dns(options) => dns::run(&options),
     }
 }

@@ -1,0 +1,144 @@
+//! The published snapshot (zone + precomputed answers), swapped atomically, and its sources:
+//! an in-process handle (the controller's stream, tests) and a watched JSON file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, Guard};
+use tracing::{info, warn};
+
+use crate::Error;
+use crate::fast::FastTable;
+use crate::metrics::Metrics;
+use crate::model::Catalog;
+use crate::zone::{Zone, ZoneConfig};
+
+/// What the server answers from: built once per catalog, read lock-free per query.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The records.
+    pub zone: Zone,
+    /// The same, precomputed in wire format.
+    pub fast: FastTable,
+}
+
+/// Publishes catalogs; every clone sees the latest one. A query sees one whole snapshot, and
+/// the next query after a publish sees the new one: a removed endpoint is gone at once.
+#[derive(Clone, Debug)]
+pub struct ZoneHandle {
+    current: Arc<ArcSwap<Snapshot>>,
+    config: ZoneConfig,
+    edns_udp_size: u16,
+    metrics: Option<Metrics>,
+}
+
+impl ZoneHandle {
+    /// A handle serving an empty zone.
+    pub fn new(config: ZoneConfig, edns_udp_size: u16, metrics: Option<Metrics>) -> Self {
+        let zone = Zone::empty(config.clone());
+        let fast = FastTable::build(&zone, edns_udp_size);
+        Self {
+            current: Arc::new(ArcSwap::from_pointee(Snapshot { zone, fast })),
+            config,
+            edns_udp_size,
+            metrics,
+        }
+    }
+
+    /// Builds and swaps in `catalog`. Returns the services skipped as invalid.
+    pub fn publish(&self, catalog: &Catalog) -> Vec<String> {
+        let zone = Zone::build(self.config.clone(), catalog);
+        let fast = FastTable::build(&zone, self.edns_udp_size);
+        let skipped = zone.skipped().to_vec();
+        if let Some(metrics) = &self.metrics {
+            metrics.services.set(zone.services() as i64);
+            metrics.fast_answers.set(fast.len() as i64);
+        }
+        for reason in &skipped {
+            warn!(%reason, "skipped an invalid service");
+        }
+        self.current.store(Arc::new(Snapshot { zone, fast }));
+        skipped
+    }
+
+    /// The current snapshot.
+    pub fn load(&self) -> Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    /// The UDP payload size the snapshot was built for.
+    pub fn edns_udp_size(&self) -> u16 {
+        self.edns_udp_size
+    }
+}
+
+/// Reads the catalog file (the IO edge).
+pub fn read_catalog(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::ReadCatalog {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Watches `path`: every `poll`, publishes its content when it changed and parses. A missing
+/// or invalid file keeps the last good catalog (logged and counted). Works with atomic
+/// renames and Kubernetes ConfigMap symlink swaps, which inotify on the file would miss.
+pub async fn watch_file(handle: ZoneHandle, path: PathBuf, poll: Duration, metrics: Metrics) {
+    let mut last: Option<String> = None;
+    let mut interval = tokio::time::interval(poll);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let text = match read_catalog(&path) {
+            Ok(text) => text,
+            Err(error) => {
+                if last.is_some()
+                    || metrics
+                        .catalog_loads
+                        .with_label_values(&["unreadable"])
+                        .get()
+                        == 0
+                {
+                    warn!(%error, "catalog file unreadable, keeping the last catalog");
+                }
+                metrics
+                    .catalog_loads
+                    .with_label_values(&["unreadable"])
+                    .inc();
+                last = None;
+                continue;
+            }
+        };
+        if last.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        match Catalog::from_json(&text) {
+            Ok(catalog) => {
+                // Building the zone and its precomputed answers is CPU work: off the runtime.
+                let started = std::time::Instant::now();
+                let (revision, services) = (catalog.revision, catalog.services.len());
+                let publisher = handle.clone();
+                let Ok(skipped) =
+                    tokio::task::spawn_blocking(move || publisher.publish(&catalog)).await
+                else {
+                    metrics.catalog_loads.with_label_values(&["invalid"]).inc();
+                    continue;
+                };
+                metrics.catalog_loads.with_label_values(&["ok"]).inc();
+                info!(
+                    revision,
+                    services,
+                    skipped = skipped.len(),
+                    build_ms = started.elapsed().as_millis() as u64,
+                    "catalog published"
+                );
+            }
+            Err(error) => {
+                metrics.catalog_loads.with_label_values(&["invalid"]).inc();
+                warn!(%error, "invalid catalog file, keeping the last catalog");
+            }
+        }
+        last = Some(text);
+    }
+}

@@ -1,0 +1,132 @@
+//! The one typed configuration of `trellis-dns`, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::Error;
+use crate::zone::ZoneConfig;
+
+/// Everything `trellis-dns` needs to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// UDP and TCP listen address (port 0 picks an ephemeral port, for tests).
+    pub listen: SocketAddr,
+    /// Where `/metrics` is served (`None`: not served).
+    pub metrics: Option<SocketAddr>,
+    /// The authoritative zone.
+    pub zone: String,
+    /// TTL of answers and of negative answers.
+    pub ttl: u32,
+    /// Answer service names with local addresses only when the local cluster exports them.
+    pub local_only: bool,
+    /// The catalog file to watch (`None`: fed in-process only).
+    pub catalog_file: Option<PathBuf>,
+    /// How often the catalog file is checked for changes.
+    pub catalog_poll: Duration,
+    /// Upstream resolvers, tried in order.
+    pub upstreams: Vec<SocketAddr>,
+    /// Time allowed to each upstream per query.
+    pub upstream_timeout: Duration,
+    /// Forwarded queries in flight at most; beyond, SERVFAIL at once.
+    pub max_forwards_in_flight: usize,
+    /// UDP payload size advertised in EDNS and the cap for UDP answers (512..=4096).
+    pub edns_udp_size: u16,
+    /// UDP worker threads, each with its own `SO_REUSEPORT` socket.
+    pub udp_workers: usize,
+    /// Requested UDP receive buffer (bytes).
+    pub udp_recv_buffer: usize,
+    /// TCP connections served at once; beyond, new ones are closed.
+    pub max_tcp_connections: usize,
+    /// A TCP connection idle this long is closed.
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 53)),
+            metrics: Some(SocketAddr::from(([0, 0, 0, 0], 9153))),
+            zone: "clusterset.local".into(),
+            ttl: 5,
+            local_only: false,
+            catalog_file: None,
+            catalog_poll: Duration::from_secs(1),
+            upstreams: Vec::new(),
+            upstream_timeout: Duration::from_secs(2),
+            max_forwards_in_flight: 1024,
+            edns_udp_size: 1232,
+            udp_workers: 1,
+            udp_recv_buffer: 4 << 20,
+            max_tcp_connections: 512,
+            tcp_idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// Checks the values and returns the zone configuration.
+    pub fn validate(&self) -> Result<ZoneConfig, Error> {
+        let fail = |reason: &str| {
+            Err(Error::Config {
+                reason: reason.into(),
+            })
+        };
+        if !(512..=4096).contains(&self.edns_udp_size) {
+            return fail("edns_udp_size must be within 512..=4096");
+        }
+        if self.ttl == 0 || self.ttl > 3600 {
+            return fail("ttl must be within 1..=3600 seconds");
+        }
+        if self.udp_workers == 0 || self.udp_workers > 64 {
+            return fail("udp_workers must be within 1..=64");
+        }
+        if self.upstream_timeout.is_zero() || self.catalog_poll.is_zero() {
+            return fail("timeouts and poll intervals must be positive");
+        }
+        if self.max_forwards_in_flight == 0 || self.max_tcp_connections == 0 {
+            return fail("connection and forward limits must be positive");
+        }
+        if self.upstreams.iter().any(|u| u.port() == 0) {
+            return fail("upstream port must not be 0");
+        }
+        let mut zone = ZoneConfig::new(&self.zone, self.ttl)?;
+        zone.local_only = self.local_only;
+        Ok(zone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_limits_enforced() {
+        let zone = Config::default().validate().unwrap();
+        assert_eq!(zone.apex.to_ascii(), "clusterset.local.");
+        for bad in [
+            Config {
+                edns_udp_size: 100,
+                ..Config::default()
+            },
+            Config {
+                ttl: 0,
+                ..Config::default()
+            },
+            Config {
+                udp_workers: 0,
+                ..Config::default()
+            },
+            Config {
+                zone: ".".into(),
+                ..Config::default()
+            },
+            Config {
+                zone: "a..b".into(),
+                ..Config::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! `trellis-dns`: authoritative answers for `<svc>.<ns>.svc.clusterset.local` from the mesh's
+//! exported services, everything else forwarded upstream.
+//!
+//! - [`model`]: the input ([`Catalog`]) the mesh controller streams (or a file holds);
+//! - [`zone`]: the records built from it (pure);
+//! - [`answer`]: the slow path, one packet in, one decision out (pure, hickory-proto);
+//! - [`fast`]: precomputed wire answers for in-zone names (pure, no allocation per query);
+//! - [`catalog`]: the atomically swapped snapshot and the file source;
+//! - [`forward`]: relaying to upstream resolvers; [`resolv`]: resolv.conf parsing;
+//! - [`server`]: the UDP loops, TCP and /metrics; [`metrics`]: `trellis_dns_*`.
+
+pub mod answer;
+pub mod catalog;
+pub mod config;
+pub mod fast;
+pub mod forward;
+pub mod metrics;
+pub mod model;
+pub mod resolv;
+pub mod server;
+pub mod zone;
+
+pub use catalog::{Snapshot, ZoneHandle};
+pub use config::Config;
+pub use model::{Catalog, ClusterExport, Endpoint, Protocol, ServiceImport, ServicePort};
+
+use std::net::SocketAddr;
+
+/// Errors of the DNS library, named after the failing operation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A catalog could not be parsed.
+    #[error("parsing the service catalog: {source}")]
+    ParseCatalog {
+        /// The JSON error.
+        source: serde_json::Error,
+    },
+    /// A catalog file could not be read.
+    #[error("reading the service catalog {path}: {source}")]
+    ReadCatalog {
+        /// The file.
+        path: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// resolv.conf could not be read.
+    #[error("reading resolver configuration {path}: {source}")]
+    ReadResolvConf {
+        /// The file.
+        path: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// A listening socket could not be set up.
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// A worker thread could not be started.
+    #[error("starting thread {name}: {source}")]
+    Spawn {
+        /// Thread name.
+        name: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// Metrics could not be registered.
+    #[error("registering metrics: {source}")]
+    Metrics {
+        /// The prometheus error.
+        source: prometheus::Error,
+    },
+    /// An upstream exchange failed.
+    #[error("forwarding to {upstream}: {reason}")]
+    Upstream {
+        /// The upstream.
+        upstream: SocketAddr,
+        /// What failed.
+        reason: String,
+    },
+}

@@ -1,0 +1,124 @@
+//! `trellis-dns`: serves `<svc>.<ns>.svc.clusterset.local` from a watched catalog file and
+//! forwards everything else.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing::info;
+
+use trellis_dns::catalog::{ZoneHandle, watch_file};
+use trellis_dns::config::Config;
+use trellis_dns::forward::Forwarder;
+use trellis_dns::metrics::Metrics;
+use trellis_dns::resolv::{parse_resolv_conf, without_self};
+use trellis_dns::server;
+
+#[derive(Parser, Debug)]
+#[command(about = "clusterset.local DNS for Trellis; forwards everything else")]
+struct Args {
+    /// UDP and TCP listen address.
+    #[arg(long, default_value = "0.0.0.0:53")]
+    listen: SocketAddr,
+    /// /metrics listen address; "off" disables it.
+    #[arg(long, default_value = "0.0.0.0:9153")]
+    metrics: String,
+    /// Authoritative zone.
+    #[arg(long, default_value = "clusterset.local")]
+    zone: String,
+    /// TTL of answers, seconds.
+    #[arg(long, default_value_t = 5)]
+    ttl: u32,
+    /// Answer with local addresses only when the local cluster exports the service.
+    #[arg(long)]
+    local_only: bool,
+    /// Catalog JSON file, watched for changes (written by the mesh controller).
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+    /// Catalog poll interval, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    catalog_poll_ms: u64,
+    /// Upstream resolver (repeatable); default: the nameservers of --resolv-conf.
+    #[arg(long = "upstream")]
+    upstreams: Vec<SocketAddr>,
+    /// resolv.conf to take upstreams from when no --upstream is given.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// Per-upstream timeout, milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    upstream_timeout_ms: u64,
+    /// EDNS UDP payload size (512..=4096).
+    #[arg(long, default_value_t = 1232)]
+    edns_udp_size: u16,
+    /// UDP worker threads (SO_REUSEPORT sockets).
+    #[arg(long, default_value_t = 1)]
+    udp_workers: usize,
+}
+
+fn config(args: Args) -> anyhow::Result<Config> {
+    let mut upstreams = args.upstreams;
+    if upstreams.is_empty() {
+        let text = std::fs::read_to_string(&args.resolv_conf)
+            .with_context(|| format!("reading {}", args.resolv_conf.display()))?;
+        upstreams = without_self(parse_resolv_conf(&text), args.listen);
+    }
+    let metrics = match args.metrics.as_str() {
+        "off" => None,
+        addr => Some(
+            addr.parse()
+                .with_context(|| format!("--metrics {addr:?}"))?,
+        ),
+    };
+    Ok(Config {
+        listen: args.listen,
+        metrics,
+        zone: args.zone,
+        ttl: args.ttl,
+        local_only: args.local_only,
+        catalog_file: args.catalog,
+        catalog_poll: Duration::from_millis(args.catalog_poll_ms),
+        upstreams,
+        upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
+        edns_udp_size: args.edns_udp_size,
+        udp_workers: args.udp_workers,
+        ..Config::default()
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = config(Args::parse())?;
+    let zone = config.validate()?;
+    if config.upstreams.is_empty() {
+        tracing::warn!("no upstream resolver: queries outside the zone get SERVFAIL");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let metrics = Metrics::new()?;
+        let handle = ZoneHandle::new(zone, config.edns_udp_size, Some(metrics.clone()));
+        let forwarder = Forwarder::new(config.upstreams.clone(), config.upstream_timeout);
+        let running = server::start(&config, handle.clone(), metrics.clone(), forwarder).await?;
+        if let Some(path) = config.catalog_file.clone() {
+            tokio::spawn(watch_file(handle, path, config.catalog_poll, metrics));
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("shutting down");
+        running.shutdown();
+        Ok(())
+    })
+}

@@ -1,0 +1,236 @@
+//! Shared helpers: a server on 127.0.0.1 with ephemeral ports, an upstream stub, a resolver.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::{Resolver, TokioResolver};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinHandle;
+
+use trellis_dns::Catalog;
+use trellis_dns::catalog::ZoneHandle;
+use trellis_dns::config::Config;
+use trellis_dns::forward::Forwarder;
+use trellis_dns::metrics::Metrics;
+use trellis_dns::server::{self, Running};
+
+pub struct TestServer {
+    pub running: Running,
+    pub handle: ZoneHandle,
+    pub metrics: Metrics,
+}
+
+impl TestServer {
+    pub fn addr(&self) -> SocketAddr {
+        self.running.dns_addr
+    }
+}
+
+pub async fn start(catalog: &Catalog, upstreams: Vec<SocketAddr>) -> TestServer {
+    start_with(catalog, upstreams, 1).await
+}
+
+pub async fn start_with(
+    catalog: &Catalog,
+    upstreams: Vec<SocketAddr>,
+    udp_workers: usize,
+) -> TestServer {
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics: Some("127.0.0.1:0".parse().unwrap()),
+        upstreams: upstreams.clone(),
+        upstream_timeout: Duration::from_millis(300),
+        udp_workers,
+        ..Config::default()
+    };
+    let zone = config.validate().unwrap();
+    let metrics = Metrics::new().unwrap();
+    let handle = ZoneHandle::new(zone, config.edns_udp_size, Some(metrics.clone()));
+    assert!(handle.publish(catalog).is_empty());
+    let forwarder = Forwarder::new(upstreams, config.upstream_timeout);
+    let running = server::start(&config, handle.clone(), metrics.clone(), forwarder)
+        .await
+        .unwrap();
+    TestServer {
+        running,
+        handle,
+        metrics,
+    }
+}
+
+/// A resolver with no cache, one attempt, UDP with TCP fallback (or TCP only).
+pub fn resolver(addr: SocketAddr, tcp_only: bool) -> TokioResolver {
+    let mut server = if tcp_only {
+        NameServerConfig::tcp(addr.ip())
+    } else {
+        NameServerConfig::udp_and_tcp(addr.ip())
+    };
+    for connection in &mut server.connections {
+        connection.port = addr.port();
+    }
+    let mut builder = Resolver::builder_with_config(
+        ResolverConfig::from_name_servers(vec![server]),
+        TokioRuntimeProvider::default(),
+    );
+    let options = builder.options_mut();
+    options.cache_size = 0;
+    options.attempts = 1;
+    options.timeout = Duration::from_secs(3);
+    options.ndots = 0;
+    builder.build().unwrap()
+}
+
+pub fn catalog(json: &str) -> Catalog {
+    Catalog::from_json(json).unwrap()
+}
+
+/// The standard test catalog: `web.shop` in east (local) and west, headless `db.shop` in west.
+pub fn shop() -> Catalog {
+    catalog(
+        r#"{"revision": 1, "services": [
+          {"name": "web", "namespace": "shop", "clusters": [
+            {"cluster": "west", "ips": ["10.2.0.10"], "ports": [{"name": "http", "port": 80}]},
+            {"cluster": "east", "local": true, "ips": ["10.1.0.10", "fd00::10"],
+             "ports": [{"name": "http", "port": 80}, {"name": "dns", "protocol": "UDP", "port": 53}]}]},
+          {"name": "db", "namespace": "shop", "clusters": [
+            {"cluster": "west", "headless": true, "ports": [{"name": "pg", "port": 5432}],
+             "endpoints": [{"address": "10.2.1.5", "hostname": "db-0"},
+                           {"address": "10.2.1.6", "hostname": "db-1"}]}]}
+        ]}"#,
+    )
+}
+
+/// `big.shop`: a headless service with `n` endpoints (too many for 512 bytes when n > 29).
+pub fn with_big(n: usize) -> Catalog {
+    let mut catalog = shop();
+    let endpoints: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"address": "10.3.{}.{}"}}"#, i / 250, i % 250 + 1))
+        .collect();
+    let big = format!(
+        r#"{{"services": [{{"name": "big", "namespace": "shop", "clusters": [
+            {{"cluster": "east", "local": true, "headless": true, "endpoints": [{}]}}]}}]}}"#,
+        endpoints.join(",")
+    );
+    catalog
+        .services
+        .extend(Catalog::from_json(&big).unwrap().services);
+    catalog
+}
+
+/// An upstream stub on 127.0.0.1 (UDP and TCP on one port): `*.example.test.` A 192.0.2.1,
+/// anything else NXDOMAIN. Returns its address and the task serving it.
+pub async fn upstream_stub() -> (SocketAddr, JoinHandle<()>, JoinHandle<()>) {
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = udp.local_addr().unwrap();
+    let tcp = TcpListener::bind(addr).await.unwrap();
+    let udp_task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((len, peer)) = udp.recv_from(&mut buf).await else {
+                return;
+            };
+            if let Some(answer) = stub_answer(&buf[..len]) {
+                let _ = udp.send_to(&answer, peer).await;
+            }
+        }
+    });
+    let tcp_task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = tcp.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                while let Ok(len) = stream.read_u16().await {
+                    let mut query = vec![0u8; usize::from(len)];
+                    if stream.read_exact(&mut query).await.is_err() {
+                        return;
+                    }
+                    let Some(answer) = stub_answer(&query) else {
+                        return;
+                    };
+                    let mut framed = (answer.len() as u16).to_be_bytes().to_vec();
+                    framed.extend_from_slice(&answer);
+                    if stream.write_all(&framed).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, udp_task, tcp_task)
+}
+
+fn stub_answer(query: &[u8]) -> Option<Vec<u8>> {
+    let query = Message::from_vec(query).ok()?;
+    let mut response = Message::new(query.id, MessageType::Response, OpCode::Query);
+    response.metadata.recursion_desired = query.recursion_desired;
+    response.metadata.recursion_available = true;
+    let question = query.queries.first()?.clone();
+    response.add_query(question.clone());
+    if question
+        .name()
+        .to_ascii()
+        .to_ascii_lowercase()
+        .ends_with(".example.test.")
+    {
+        if question.query_type() == RecordType::A {
+            response.add_answer(Record::from_rdata(
+                question.name().clone(),
+                60,
+                RData::A(A::new(192, 0, 2, 1)),
+            ));
+        }
+    } else {
+        response.metadata.response_code = ResponseCode::NXDomain;
+    }
+    response.to_vec().ok()
+}
+
+/// Sends `packet` over UDP and waits up to `wait` for one answer.
+pub async fn udp_exchange(server: SocketAddr, packet: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.send_to(packet, server).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    match tokio::time::timeout(wait, socket.recv(&mut buf)).await {
+        Ok(Ok(len)) => Some(buf[..len].to_vec()),
+        _ => None,
+    }
+}
+
+/// GET /metrics.
+pub async fn scrape(addr: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    response.split("\r\n\r\n").nth(1).unwrap().to_string()
+}
+
+/// The sum of the samples of `name` whose labels include every `labels` pair.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let series = l.rsplit_once(' ').map_or("", |(s, _)| s);
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            metric == name
+                && labels.iter().all(|(k, v)| {
+                    rest.split(',')
+                        .any(|p| p.trim_end_matches('}') == format!("{k}=\"{v}\""))
+                })
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -1,0 +1,576 @@
+//! In-process tests: the server on 127.0.0.1 (ephemeral ports), hickory-resolver as client.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
+use hickory_resolver::net::{DnsError, NetError};
+
+use common::*;
+
+fn ips(lookup: &hickory_resolver::lookup::Lookup) -> Vec<String> {
+    lookup
+        .answers()
+        .iter()
+        .map(|r| r.data.to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_aaaa_srv_and_headless() {
+    let server = start(&shop(), vec![]).await;
+    let resolver = resolver(server.addr(), false);
+
+    let a = resolver
+        .lookup("web.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(ips(&a), ["10.1.0.10", "10.2.0.10"], "local cluster first");
+    assert!(a.answers().iter().all(|r| r.ttl == 5));
+    let aaaa = resolver
+        .lookup("web.shop.svc.clusterset.local.", RecordType::AAAA)
+        .await
+        .unwrap();
+    assert_eq!(ips(&aaaa), ["fd00::10"]);
+
+    let srv = resolver
+        .lookup("_http._tcp.web.shop.svc.clusterset.local.", RecordType::SRV)
+        .await
+        .unwrap();
+    assert_eq!(
+        ips(&srv),
+        [
+            "0 100 80 east.web.shop.svc.clusterset.local.",
+            "1 100 80 west.web.shop.svc.clusterset.local."
+        ]
+    );
+    let udp = resolver
+        .lookup("_dns._udp.web.shop.svc.clusterset.local.", RecordType::SRV)
+        .await
+        .unwrap();
+    assert_eq!(ips(&udp), ["0 100 53 east.web.shop.svc.clusterset.local."]);
+    // Targets resolve.
+    let west = resolver
+        .lookup("west.web.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(ips(&west), ["10.2.0.10"]);
+
+    let db = resolver
+        .lookup("db.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(ips(&db), ["10.2.1.5", "10.2.1.6"]);
+    let host = resolver
+        .lookup("db-1.west.db.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(ips(&host), ["10.2.1.6"]);
+    let pg = resolver
+        .lookup("_pg._tcp.db.shop.svc.clusterset.local.", RecordType::SRV)
+        .await
+        .unwrap();
+    assert_eq!(
+        ips(&pg),
+        [
+            "0 50 5432 db-0.west.db.shop.svc.clusterset.local.",
+            "0 50 5432 db-1.west.db.shop.svc.clusterset.local."
+        ]
+    );
+
+    // The same over TCP only.
+    let tcp = resolver_tcp(&server);
+    let a = tcp
+        .lookup("web.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(ips(&a), ["10.1.0.10", "10.2.0.10"]);
+    server.running.shutdown();
+}
+
+fn resolver_tcp(server: &TestServer) -> hickory_resolver::TokioResolver {
+    resolver(server.addr(), true)
+}
+
+fn no_records(error: &NetError) -> (ResponseCode, bool) {
+    match error {
+        NetError::Dns(DnsError::NoRecordsFound(no)) => (no.response_code, no.soa.is_some()),
+        other => panic!("expected no records, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nxdomain_nodata_and_case() {
+    let server = start(&shop(), vec![]).await;
+    let resolver = resolver(server.addr(), false);
+    let nx = resolver
+        .lookup("nope.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap_err();
+    assert_eq!(no_records(&nx), (ResponseCode::NXDomain, true));
+    let nodata = resolver
+        .lookup("web.shop.svc.clusterset.local.", RecordType::TXT)
+        .await
+        .unwrap_err();
+    assert_eq!(no_records(&nodata), (ResponseCode::NoError, true));
+    let nodata = resolver
+        .lookup("db.shop.svc.clusterset.local.", RecordType::AAAA)
+        .await
+        .unwrap_err();
+    assert_eq!(no_records(&nodata), (ResponseCode::NoError, true));
+    // An empty non-terminal exists.
+    let ent = resolver
+        .lookup("shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap_err();
+    assert_eq!(no_records(&ent), (ResponseCode::NoError, true));
+
+    let mixed = resolver
+        .lookup("WeB.SHOP.svc.ClusterSet.LOCAL.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(ips(&mixed), ["10.1.0.10", "10.2.0.10"]);
+    // On the wire the question and answers keep the client's spelling (0x20 randomisation).
+    for edns in [false, true] {
+        let mut query = Message::new(9, MessageType::Query, OpCode::Query);
+        query.add_query(Query::query(
+            Name::from_ascii("WeB.SHOP.svc.ClusterSet.LOCAL.").unwrap(),
+            RecordType::A,
+        ));
+        if edns {
+            query.set_edns(Edns::new());
+        }
+        let answer = udp_exchange(
+            server.addr(),
+            &query.to_vec().unwrap(),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        let answer = Message::from_vec(&answer).unwrap();
+        assert_eq!(
+            answer.queries[0].name().to_ascii(),
+            "WeB.SHOP.svc.ClusterSet.LOCAL."
+        );
+        assert_eq!(
+            answer.answers[0].name.to_ascii(),
+            "WeB.SHOP.svc.ClusterSet.LOCAL."
+        );
+        assert_eq!(answer.edns.is_some(), edns);
+    }
+    let host = resolver
+        .lookup("DB-0.West.db.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(ips(&host), ["10.2.1.5"]);
+    server.running.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_fallback_on_a_large_answer() {
+    let server = start(&with_big(200), vec![]).await;
+    // Raw UDP without EDNS: truncated, TC set, no partial answer.
+    let mut query = Message::new(7, MessageType::Query, OpCode::Query);
+    query.add_query(Query::query(
+        Name::from_ascii("big.shop.svc.clusterset.local.").unwrap(),
+        RecordType::A,
+    ));
+    let answer = udp_exchange(
+        server.addr(),
+        &query.to_vec().unwrap(),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    let answer = Message::from_vec(&answer).unwrap();
+    assert!(answer.truncation && answer.answers.is_empty());
+    // With EDNS 4096: still too big for our 1232, truncated within 1232 bytes.
+    let mut edns = Edns::new();
+    edns.set_max_payload(4096);
+    query.set_edns(edns);
+    let bytes = udp_exchange(
+        server.addr(),
+        &query.to_vec().unwrap(),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    assert!(bytes.len() <= 1232 && Message::from_vec(&bytes).unwrap().truncation);
+
+    // The resolver retries over TCP and gets all 200.
+    let resolver = resolver(server.addr(), false);
+    let big = resolver
+        .lookup("big.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(big.answers().len(), 200);
+    let text = scrape(server.running.metrics_addr.unwrap()).await;
+    assert!(metric(&text, "trellis_dns_truncated_answers_total", &[]) >= 2.0);
+    server.running.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_and_servfails_when_upstream_fails() {
+    let (upstream, udp_task, tcp_task) = upstream_stub().await;
+    let server = start(&shop(), vec![upstream]).await;
+    let resolver = resolver(server.addr(), false);
+    let a = resolver
+        .lookup("www.example.test.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(ips(&a), ["192.0.2.1"]);
+    let nx = resolver
+        .lookup("missing.org.", RecordType::A)
+        .await
+        .unwrap_err();
+    assert_eq!(no_records(&nx).0, ResponseCode::NXDomain);
+    let tcp = resolver_tcp(&server);
+    let a = tcp
+        .lookup("tcp.example.test.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(ips(&a), ["192.0.2.1"]);
+    // In-zone names are never forwarded.
+    let a = resolver
+        .lookup("web.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(a.answers().len(), 2);
+
+    // The upstream goes silent: SERVFAIL within the upstream timeout, over UDP and TCP.
+    udp_task.abort();
+    tcp_task.abort();
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let server2 = start(&shop(), vec![silent.local_addr().unwrap()]).await;
+    for resolver in [
+        resolver_tcp(&server2),
+        common::resolver(server2.addr(), false),
+    ] {
+        let started = Instant::now();
+        let error = resolver
+            .lookup("www.example.test.", RecordType::A)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail))
+            ),
+            "{error:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    // No upstream at all: SERVFAIL at once.
+    let server3 = start(&shop(), vec![]).await;
+    let error = common::resolver(server3.addr(), false)
+        .lookup("www.example.test.", RecordType::A)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail))
+    ));
+    let text = scrape(server2.running.metrics_addr.unwrap()).await;
+    // The resolver may retry a SERVFAIL over its other transport.
+    assert!(
+        metric(
+            &text,
+            "trellis_dns_upstream_failures_total",
+            &[("reason", "timeout")]
+        ) >= 2.0
+    );
+    assert!(metric(&text, "trellis_dns_forwarded_queries_total", &[]) >= 2.0);
+    let text = scrape(server.running.metrics_addr.unwrap()).await;
+    assert!(metric(&text, "trellis_dns_forwarded_queries_total", &[]) >= 3.0);
+    server.running.shutdown();
+    server2.running.shutdown();
+    server3.running.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_endpoint_disappears_at_once() {
+    let server = start(&shop(), vec![]).await;
+    let resolver = resolver(server.addr(), false);
+    let db = resolver
+        .lookup("db.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(ips(&db), ["10.2.1.5", "10.2.1.6"]);
+
+    let mut catalog = shop();
+    catalog.revision = 2;
+    catalog.services[1].clusters[0].endpoints.remove(1);
+    server.handle.publish(&catalog);
+    let db = resolver
+        .lookup("db.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(ips(&db), ["10.2.1.5"]);
+    let gone = resolver
+        .lookup("db-1.west.db.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap_err();
+    assert_eq!(no_records(&gone).0, ResponseCode::NXDomain);
+
+    // A cluster whose lease expired is left out by the controller: gone from answers.
+    catalog.services[0].clusters.retain(|c| c.cluster != "west");
+    server.handle.publish(&catalog);
+    let web = resolver
+        .lookup("web.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(ips(&web), ["10.1.0.10"]);
+    let srv = resolver
+        .lookup("_http._tcp.web.shop.svc.clusterset.local.", RecordType::SRV)
+        .await
+        .unwrap();
+    assert_eq!(ips(&srv), ["0 100 80 east.web.shop.svc.clusterset.local."]);
+    server.running.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_never_kills_the_server() {
+    let server = start(&shop(), vec![]).await;
+    let addr = server.addr();
+    let mut query = Message::new(0x4242, MessageType::Query, OpCode::Query);
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(
+        Name::from_ascii("web.shop.svc.clusterset.local.").unwrap(),
+        RecordType::A,
+    ));
+    let good = query.to_vec().unwrap();
+
+    // Truncated query: FORMERR with the ID.
+    let answer = udp_exchange(addr, &good[..good.len() - 2], Duration::from_secs(2))
+        .await
+        .unwrap();
+    let answer = Message::from_vec(&answer).unwrap();
+    assert_eq!(
+        (answer.id, answer.response_code),
+        (0x4242, ResponseCode::FormErr)
+    );
+    // Too short, a response, oversized: dropped.
+    assert!(
+        udp_exchange(addr, &[1, 2, 3], Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+    let mut response = good.clone();
+    response[2] |= 0x80;
+    assert!(
+        udp_exchange(addr, &response, Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+    let mut oversized = good.clone();
+    oversized.resize(5000, 0);
+    assert!(
+        udp_exchange(addr, &oversized, Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+    // Random bytes, bounded in count.
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..2000 {
+        let len = 12 + (i % 300);
+        let packet: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let mut packet = packet;
+        packet[2] &= 0x7f; // mostly queries, so they are parsed
+        let _ = socket.send_to(&packet, addr).await;
+    }
+    // Garbage over TCP: a bad frame closes the connection, nothing else.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    stream
+        .write_all(&[0, 3, 1, 2, 3, 0xff, 0xff, 9])
+        .await
+        .unwrap();
+    drop(stream);
+
+    let resolver = resolver(addr, false);
+    let a = resolver
+        .lookup("web.shop.svc.clusterset.local.", RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(a.answers().len(), 2);
+    let text = scrape(server.running.metrics_addr.unwrap()).await;
+    assert!(
+        metric(
+            &text,
+            "trellis_dns_dropped_packets_total",
+            &[("reason", "short")]
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &text,
+            "trellis_dns_dropped_packets_total",
+            &[("reason", "not_a_query")]
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &text,
+            "trellis_dns_dropped_packets_total",
+            &[("reason", "oversized")]
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &text,
+            "trellis_dns_queries_total",
+            &[("type", "NONE"), ("rcode", "FORMERR")]
+        ) >= 1.0
+    );
+    server.running.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_exposed_and_valid() {
+    let server = start(&shop(), vec![]).await;
+    let resolver = resolver(server.addr(), false);
+    for _ in 0..3 {
+        resolver
+            .lookup("web.shop.svc.clusterset.local.", RecordType::A)
+            .await
+            .unwrap();
+    }
+    let _ = resolver
+        .lookup("x.shop.svc.clusterset.local.", RecordType::A)
+        .await;
+    // The fast path flushes its counters when idle (100 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = scrape(server.running.metrics_addr.unwrap()).await;
+    assert_eq!(
+        metric(
+            &text,
+            "trellis_dns_queries_total",
+            &[("type", "A"), ("rcode", "NOERROR"), ("source", "zone")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "trellis_dns_queries_total",
+            &[("type", "A"), ("rcode", "NXDOMAIN"), ("source", "zone")]
+        ),
+        1.0
+    );
+    assert_eq!(metric(&text, "trellis_dns_records_served_total", &[]), 6.0);
+    assert_eq!(
+        metric(
+            &text,
+            "trellis_dns_answer_duration_seconds_count",
+            &[("source", "zone")]
+        ),
+        4.0
+    );
+    assert_eq!(metric(&text, "trellis_dns_catalog_services", &[]), 2.0);
+    // promtool (Debian's prometheus package) agrees, when installed.
+    if let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("promtool not installed: skipping its check");
+    }
+    server.running.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalog_file_is_watched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.json");
+    std::fs::write(&path, serde_json::to_string(&shop()).unwrap()).unwrap();
+    let server = start(&Default::default(), vec![]).await;
+    let watcher = tokio::spawn(trellis_dns::catalog::watch_file(
+        server.handle.clone(),
+        path.clone(),
+        Duration::from_millis(20),
+        server.metrics.clone(),
+    ));
+    let resolver = resolver(server.addr(), false);
+    let wait_for = |name: &'static str, want: usize| {
+        let resolver = resolver.clone();
+        async move {
+            for _ in 0..100 {
+                let got = resolver
+                    .lookup(name, RecordType::A)
+                    .await
+                    .map(|l| l.answers().len())
+                    .unwrap_or(0);
+                if got == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("{name} never had {want} answers");
+        }
+    };
+    wait_for("web.shop.svc.clusterset.local.", 2).await;
+    // Invalid JSON keeps the last catalog.
+    std::fs::write(&path, "{not json").unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_for("web.shop.svc.clusterset.local.", 2).await;
+    // Replaced atomically by rename, as the controller should write it.
+    let mut catalog = shop();
+    catalog.services.remove(0);
+    let tmp = dir.path().join("catalog.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string(&catalog).unwrap()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    wait_for("web.shop.svc.clusterset.local.", 0).await;
+    watcher.abort();
+    server.running.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_udp_workers_share_the_port() {
+    let server = start_with(&shop(), vec![], 3).await;
+    let mut query = Message::new(1, MessageType::Query, OpCode::Query);
+    query.add_query(Query::query(
+        Name::from_ascii("web.shop.svc.clusterset.local.").unwrap(),
+        RecordType::A,
+    ));
+    // Many source ports spread over the SO_REUSEPORT sockets; every one is answered.
+    for id in 0..60u16 {
+        query.metadata.id = id;
+        let answer = udp_exchange(
+            server.addr(),
+            &query.to_vec().unwrap(),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        let answer = Message::from_vec(&answer).unwrap();
+        assert_eq!((answer.id, answer.answers.len()), (id, 2));
+    }
+    server.running.shutdown();
+}

@@ -4,3 +4,6 @@
 //! dependencies: they can be tested, serialised and compared anywhere.
 
 pub mod cidr;
+pub mod cluster;
+pub mod imports;
+pub mod peering;

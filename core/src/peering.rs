@@ -300,24 +300,35 @@ impl Session {
         }
     }
 
-    /// Our state changed: send the delta, or a full snapshot if the delta does not follow what
-    /// this peer last received.
+    /// Our state changed: send the deltas from what this peer last received up to `local`'s
+    /// revision, taken from `recent` (the latest deltas, oldest first); if they do not form an
+    /// unbroken chain, send a full snapshot instead.
     pub fn local_changed(
         &mut self,
         local: &ClusterState,
-        delta: Option<&Delta>,
+        recent: &[Delta],
         now: Instant,
     ) -> Vec<Event> {
         let mut out = Vec::new();
-        if self.phase == Phase::Closed || self.sent_revision == Some(local.revision) {
+        let Some(sent) = self.sent_revision else {
+            return out;
+        };
+        if self.phase == Phase::Closed || sent == local.revision {
             return out;
         }
-        match delta {
-            Some(d) if Some(d.from) == self.sent_revision && d.to == local.revision => {
-                self.sent_revision = Some(d.to);
-                self.send(&Message::Delta { delta: d.clone() }, now, &mut out);
+        let start = recent.iter().position(|d| d.from == sent);
+        let chain = start.map(|i| &recent[i..]).filter(|chain| {
+            chain.windows(2).all(|w| w[0].to == w[1].from)
+                && chain.last().is_some_and(|d| d.to == local.revision)
+        });
+        match chain {
+            Some(chain) => {
+                for d in chain {
+                    self.sent_revision = Some(d.to);
+                    self.send(&Message::Delta { delta: d.clone() }, now, &mut out);
+                }
             }
-            _ => self.send_snapshot(local, now, &mut out),
+            None => self.send_snapshot(local, now, &mut out),
         }
         out
     }
@@ -626,12 +637,12 @@ mod tests {
             fixture::service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
         );
         let delta = a_state.delta_to(&next).unwrap();
-        let out = a.local_changed(&next, Some(&delta), now);
+        let out = a.local_changed(&next, std::slice::from_ref(&delta), now);
         let got = b.handle_bytes(&bytes_of(&out), now);
         assert_eq!(got, vec![Event::PeerDelta(delta.clone())]);
         assert_eq!(b.peer_revision(), 1);
         // No change, nothing sent.
-        assert!(a.local_changed(&next, None, now).is_empty());
+        assert!(a.local_changed(&next, &[], now).is_empty());
         // A delta that does not follow what was sent becomes a snapshot.
         let mut later = next.clone();
         later.revision = 5;
@@ -642,7 +653,7 @@ mod tests {
             to: 5,
             changes: vec![],
         };
-        let out = a.local_changed(&later, Some(&stale), now);
+        let out = a.local_changed(&later, std::slice::from_ref(&stale), now);
         let got = b.handle_bytes(&bytes_of(&out), now);
         assert_eq!(got, vec![Event::PeerSnapshot(later.clone())]);
         // A forged gap on the wire closes the connection.
@@ -652,6 +663,33 @@ mod tests {
             close_of(&got),
             Some(PeeringError::RevisionGap { at: 5, .. })
         ));
+    }
+
+    #[test]
+    fn several_pending_deltas_go_out_as_a_chain() {
+        let now = Instant::now();
+        let (mut a, mut b, a_state, _) = pair(now);
+        let mut states = vec![a_state.clone()];
+        let mut deltas = Vec::new();
+        for i in 1..=3u64 {
+            let mut next = states.last().unwrap().clone();
+            next.revision = i;
+            next.name = format!("name {i}");
+            deltas.push(states.last().unwrap().delta_to(&next).unwrap());
+            states.push(next);
+        }
+        let out = a.local_changed(states.last().unwrap(), &deltas, now);
+        let got = b.handle_bytes(&bytes_of(&out), now);
+        assert_eq!(got.len(), 3);
+        assert_eq!(b.peer_revision(), 3);
+        let mut mirror = a_state.clone();
+        for e in got {
+            let Event::PeerDelta(d) = e else {
+                panic!("{e:?}")
+            };
+            mirror.apply(&d).unwrap();
+        }
+        assert_eq!(&mirror, states.last().unwrap());
     }
 
     #[test]

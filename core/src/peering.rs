@@ -110,17 +110,24 @@ impl Message {
 
 /// Encodes one message as a frame.
 pub fn encode_frame(msg: &Message, max: usize) -> Result<Vec<u8>, PeeringError> {
+    encode_json_frame(msg, msg.label(), max)
+}
+
+/// Encodes any serialisable value in the same framing (the controller's gateway and DNS
+/// streams use it too).
+pub fn encode_json_frame<T: Serialize>(
+    value: &T,
+    label: &str,
+    max: usize,
+) -> Result<Vec<u8>, PeeringError> {
     let mut out = vec![0u8; HEADER];
-    serde_json::to_writer(&mut out, msg).map_err(|e| PeeringError::EncodeFrame {
+    serde_json::to_writer(&mut out, value).map_err(|e| PeeringError::EncodeFrame {
         reason: e.to_string(),
     })?;
     let len = out.len() - HEADER;
     if len > max {
         return Err(PeeringError::EncodeFrame {
-            reason: format!(
-                "{} message of {len} bytes exceeds the limit of {max}",
-                msg.label()
-            ),
+            reason: format!("{label} message of {len} bytes exceeds the limit of {max}"),
         });
     }
     let len32 = u32::try_from(len).map_err(|_| PeeringError::EncodeFrame {
@@ -156,6 +163,11 @@ impl FrameDecoder {
 
     /// The next complete message, if one is buffered. After an error the stream is unusable.
     pub fn next_message(&mut self) -> Result<Option<Message>, PeeringError> {
+        self.next_json()
+    }
+
+    /// The next complete frame decoded as `T`.
+    pub fn next_json<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, PeeringError> {
         if self.buf.len() < HEADER {
             return Ok(None);
         }

@@ -140,9 +140,95 @@ pub fn cluster_key_file(id: &ClusterId) -> String {
     format!("{id}-key.pem")
 }
 
+fn write_file(
+    path: &std::path::Path,
+    content: &str,
+    private: bool,
+    force: bool,
+) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |operation: &'static str| {
+        move |e: std::io::Error| Error::Certificate {
+            operation,
+            reason: format!("{}: {e}", path.display()),
+        }
+    };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).mode(if private { 0o600 } else { 0o644 });
+    if force {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    let mut f = opts.open(path).map_err(io("creating a certificate file"))?;
+    f.write_all(content.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io("writing a certificate file"))
+}
+
+/// Creates `ca.pem` and `ca-key.pem` in `dir` (what `trellis certs ca` does). Refuses to
+/// overwrite existing files unless `force`.
+pub fn write_ca_files(
+    dir: &std::path::Path,
+    mesh_name: &str,
+    validity: Validity,
+    force: bool,
+) -> Result<CertifiedKey, Error> {
+    let ca = generate_ca(mesh_name, validity)?;
+    write_file(&dir.join(CA_KEY_FILE), &ca.key_pem, true, force)?;
+    write_file(&dir.join(CA_CERT_FILE), &ca.cert_pem, false, force)?;
+    Ok(ca)
+}
+
+/// Issues `<id>.pem` and `<id>-key.pem` in `dir` from the CA files there (what `trellis certs
+/// cluster` does).
+pub fn write_cluster_files(
+    dir: &std::path::Path,
+    id: &ClusterId,
+    validity: Validity,
+    force: bool,
+) -> Result<CertifiedKey, Error> {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).map_err(|e| Error::Certificate {
+            operation: "reading the mesh CA",
+            reason: format!("{}: {e}", dir.join(name).display()),
+        })
+    };
+    let ca = CertifiedKey {
+        cert_pem: read(CA_CERT_FILE)?,
+        key_pem: read(CA_KEY_FILE)?,
+    };
+    let leaf = generate_cluster_cert(&ca, id, validity)?;
+    write_file(&dir.join(cluster_key_file(id)), &leaf.key_pem, true, force)?;
+    write_file(
+        &dir.join(cluster_cert_file(id)),
+        &leaf.cert_pem,
+        false,
+        force,
+    )?;
+    Ok(leaf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_are_written_private_and_never_overwritten_silently() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        write_ca_files(dir.path(), "m", Validity::days_from_now(1), false).unwrap();
+        let id: ClusterId = "west".parse().unwrap();
+        write_cluster_files(dir.path(), &id, Validity::days_from_now(1), false).unwrap();
+        let mode = std::fs::metadata(dir.path().join("west-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(write_ca_files(dir.path(), "m", Validity::days_from_now(1), false).is_err());
+        assert!(write_cluster_files(dir.path(), &id, Validity::days_from_now(1), true).is_ok());
+    }
 
     #[test]
     fn identity_names_round_trip() {

@@ -5,12 +5,18 @@
 //! with mutual TLS, and streams the merged desired state to the node gateways and the imported
 //! services to DNS.
 
+pub mod agent;
 pub mod certs;
+pub mod config;
+pub mod crd;
 pub mod gateway;
 pub mod hub;
+pub mod kube_source;
 pub mod mesh;
 pub mod metrics;
+pub mod objects;
 pub mod peering;
+pub mod static_source;
 pub mod tls;
 
 /// The errors of the controller library, named after the failing operation.
@@ -31,6 +37,15 @@ pub enum Error {
         operation: &'static str,
         reason: String,
     },
+    #[error("{operation}: {reason}")]
+    Kubernetes {
+        operation: &'static str,
+        reason: String,
+    },
+    #[error("parsing Kubernetes objects, document {document}: {reason}")]
+    ParseObjects { document: usize, reason: String },
+    #[error("invalid configuration: {reason}")]
+    Config { reason: String },
     #[error("{operation}: {reason}")]
     Metrics {
         operation: &'static str,

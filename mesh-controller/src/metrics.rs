@@ -167,6 +167,52 @@ impl Metrics {
     }
 }
 
+/// Serves `GET /metrics` on `listener` until cancelled. Deliberately tiny: one request per
+/// connection, bounded request size and time.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut len = 0;
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while len < buf.len() {
+                    let n = stream.read(&mut buf[len..]).await.ok()?;
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Some(())
+            })
+            .await;
+            if !matches!(read, Ok(Some(()))) {
+                return;
+            }
+            let request = String::from_utf8_lossy(&buf[..len]);
+            let response = if request.starts_with("GET /metrics ") {
+                let body = metrics.render();
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_string()
+            };
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,5 +226,23 @@ mod tests {
         assert!(text.contains("trellis_controller_auth_failures_total{reason=\"unknown_ca\"} 1"));
         assert!(text.contains("trellis_controller_remote_cluster_ready{cluster=\"east\"} 1"));
         assert!(text.contains("trellis_controller_gateways_registered 0"));
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_over_http() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let m = Metrics::new().unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(serve(l, m));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.contains("trellis_controller_remote_clusters_configured 0"));
+        task.abort();
     }
 }

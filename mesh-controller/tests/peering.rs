@@ -241,8 +241,8 @@ async fn three_controllers_withdraw_a_silent_peer_after_its_lease_and_reconnect(
     .await;
 
     // c goes away: a and b keep its state (disconnected) for a lease, then withdraw it.
-    c.stop().await;
     let stopped = tokio::time::Instant::now();
+    c.stop().await;
     eventually("a to notice c is gone", || {
         a.metric("trellis_controller_remote_clusters_connected 1")
     })
@@ -254,7 +254,7 @@ async fn three_controllers_withdraw_a_silent_peer_after_its_lease_and_reconnect(
     eventually("a and b to withdraw c", || !a.sees("c") && !b.sees("c")).await;
     // The lease counts from the last message heard (heartbeats every 200 ms).
     assert!(
-        stopped.elapsed() >= LEASE - Duration::from_millis(300),
+        stopped.elapsed() >= LEASE - Duration::from_millis(500),
         "withdrawn before the lease ran out: {:?}",
         stopped.elapsed()
     );

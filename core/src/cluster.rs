@@ -275,6 +275,10 @@ pub struct ExportedService {
     pub ports: Vec<ServicePort>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// The ports the endpoints listen on (the EndpointSlices' ports: the Service's target
+    /// ports), which a client reaching an endpoint directly needs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_ports: Vec<ServicePort>,
 }
 
 impl ExportedService {
@@ -644,6 +648,7 @@ pub mod fixture {
                     ready: true,
                 })
                 .collect(),
+            endpoint_ports: vec![],
         }
     }
 }

@@ -39,6 +39,7 @@ pub struct ServiceExportStatus {
     version = "v1alpha1",
     kind = "ServiceImport",
     namespaced,
+    derive = "PartialEq",
     status = "ServiceImportStatus",
     shortname = "svcim"
 )]

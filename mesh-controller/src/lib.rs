@@ -11,6 +11,7 @@ pub mod config;
 pub mod crd;
 pub mod gateway;
 pub mod hub;
+pub mod import_writer;
 pub mod kube_source;
 pub mod mesh;
 pub mod metrics;

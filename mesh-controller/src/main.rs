@@ -152,7 +152,12 @@ async fn run(config_path: PathBuf) -> Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API")?;
-            tasks.spawn(kube_source::run(client, hub.clone()));
+            tasks.spawn(kube_source::run(client.clone(), hub.clone()));
+            tasks.spawn(trellis_controller::import_writer::run(
+                client,
+                hub.clone(),
+                cfg.lease(),
+            ));
         }
     }
     if let Some(addr) = cfg.metrics_listen {

@@ -138,6 +138,19 @@ pub fn exported_service(svc: &Service, slices: &[&EndpointSlice]) -> Option<Expo
         .collect();
     endpoints.sort();
     endpoints.dedup();
+    let mut endpoint_ports: Vec<ServicePort> = slices
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(ServicePort {
+                name: p.name.clone().filter(|n| !n.is_empty()),
+                protocol: protocol(p.protocol.as_deref())?,
+                port: u16::try_from(p.port?).ok()?,
+            })
+        })
+        .collect();
+    endpoint_ports.sort();
+    endpoint_ports.dedup();
     Some(ExportedService {
         namespace,
         name,
@@ -149,6 +162,7 @@ pub fn exported_service(svc: &Service, slices: &[&EndpointSlice]) -> Option<Expo
         cluster_ips,
         ports,
         endpoints,
+        endpoint_ports,
     })
 }
 
@@ -324,6 +338,7 @@ mod tests {
         assert_eq!(web.ports.len(), 1);
         assert_eq!(web.ports[0].port, 80);
         assert_eq!(web.endpoints.len(), 2);
+        assert_eq!(web.endpoint_ports[0].port, 8080);
         assert!(web.endpoints.iter().any(|e| !e.ready));
     }
 

@@ -271,6 +271,7 @@ mod tests {
                 lease: Duration::from_secs(30),
                 node_encryption: false,
                 recent_deltas: 16,
+                startup_grace: Duration::ZERO,
             },
             Metrics::new().unwrap(),
         );

@@ -68,6 +68,10 @@ pub struct HubConfig {
     pub node_encryption: bool,
     /// How many recent local deltas are kept for peers that fall behind.
     pub recent_deltas: usize,
+    /// After a (re)start, gateways and DNS get no view until every configured peer has sent
+    /// its snapshot or this long has passed, so a restarting controller never tells them to
+    /// drop peers it simply has not heard from yet. Typically the lease.
+    pub startup_grace: Duration,
 }
 
 /// A refusal of a second session with the same peer.
@@ -107,6 +111,9 @@ struct Inner {
     sessions: BTreeMap<ClusterId, SessionSlot>,
     next_session: u64,
     configured: Vec<ClusterId>,
+    started: Instant,
+    seen_since_start: std::collections::BTreeSet<ClusterId>,
+    grace_over: bool,
 }
 
 /// The hub; cheap to clone.
@@ -135,6 +142,9 @@ impl Hub {
             sessions: BTreeMap::new(),
             next_session: 0,
             configured: Vec::new(),
+            started: Instant::now(),
+            seen_since_start: Default::default(),
+            grace_over: cfg.startup_grace.is_zero(),
         };
         Self {
             cfg: Arc::new(cfg),
@@ -303,6 +313,14 @@ impl Hub {
         if inner.source.is_none() {
             return;
         }
+        let peers_synced = inner
+            .configured
+            .iter()
+            .all(|c| inner.seen_since_start.contains(c));
+        if !inner.grace_over && !peers_synced {
+            self.update_remote_metrics(inner);
+            return;
+        }
         let local = inner.local.clone();
         let changes = inner.mesh.readmit(&local);
         for (id, conflicts) in &changes.newly_refused {
@@ -443,6 +461,7 @@ impl Hub {
             services = state.services.len(),
             "received a snapshot"
         );
+        inner.seen_since_start.insert(state.id.clone());
         inner
             .mesh
             .snapshot(state, Instant::now(), SystemTime::now());
@@ -472,6 +491,15 @@ impl Hub {
     /// Withdraws disconnected peers whose lease ran out; returns when to call again.
     pub fn expire(&self, now: Instant) -> Option<Instant> {
         let mut inner = self.lock();
+        if !inner.grace_over
+            && now.saturating_duration_since(inner.started) >= self.cfg.startup_grace
+        {
+            inner.grace_over = true;
+            tracing::info!(
+                "startup grace over; serving gateways and DNS without the missing peers"
+            );
+            self.republish(&mut inner);
+        }
         let expired = inner.mesh.expire(now);
         for id in &expired {
             tracing::warn!(cluster = %id, "lease expired; withdrew its nodes and endpoints");
@@ -510,6 +538,7 @@ mod tests {
                 lease: Duration::from_secs(30),
                 node_encryption: false,
                 recent_deltas: 4,
+                startup_grace: Duration::ZERO,
             },
             Metrics::new().unwrap(),
         )
@@ -523,6 +552,47 @@ mod tests {
             nodes: c.nodes,
             services: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn after_a_restart_views_wait_for_every_peer_or_the_grace_period() {
+        let h = Hub::new(
+            HubConfig {
+                id: id("a"),
+                name: "a".into(),
+                service_cidrs: vec![],
+                lease: Duration::from_secs(30),
+                node_encryption: false,
+                recent_deltas: 4,
+                startup_grace: Duration::from_secs(30),
+            },
+            Metrics::new().unwrap(),
+        );
+        h.set_configured_peers(vec![id("b"), id("c")]);
+        h.set_source(source("10.1.0.0/24"));
+        assert!(
+            h.subscribe_local().borrow().is_some(),
+            "peers get our state at once"
+        );
+        assert!(h.subscribe_view().borrow().is_none(), "gateways wait");
+        h.peer_snapshot(cluster("b", "10.2.0.0/24", "10.97.0.0/16"));
+        assert!(
+            h.subscribe_view().borrow().is_none(),
+            "c has not synced yet"
+        );
+        h.peer_snapshot(cluster("c", "10.3.0.0/24", "10.98.0.0/16"));
+        assert_eq!(
+            h.subscribe_view().borrow().as_ref().unwrap().remotes.len(),
+            2
+        );
+        // Or the grace period ends.
+        let h2 = Hub::new(h.config().clone(), Metrics::new().unwrap());
+        h2.set_configured_peers(vec![id("b")]);
+        h2.set_source(source("10.1.0.0/24"));
+        h2.expire(Instant::now() + Duration::from_secs(29));
+        assert!(h2.subscribe_view().borrow().is_none());
+        h2.expire(Instant::now() + Duration::from_secs(31));
+        assert!(h2.subscribe_view().borrow().is_some());
     }
 
     #[test]

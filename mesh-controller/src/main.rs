@@ -136,6 +136,7 @@ async fn run(config_path: PathBuf) -> Result<()> {
             lease: cfg.lease(),
             node_encryption: cfg.node_encryption,
             recent_deltas: 256,
+            startup_grace: cfg.lease(),
         },
         metrics.clone(),
     );

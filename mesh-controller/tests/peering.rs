@@ -90,6 +90,7 @@ fn start(
             lease: LEASE,
             node_encryption: false,
             recent_deltas: 64,
+            startup_grace: LEASE,
         },
         Metrics::new().unwrap(),
     );

@@ -48,7 +48,11 @@ pub struct TlsPaths {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    deny_unknown_fields
+)]
 pub enum SourceConfig {
     Static {
         path: PathBuf,
@@ -209,6 +213,15 @@ agentListen: 127.0.0.1:7444
         assert_eq!(c.peers[1].endpoint, None);
         assert_eq!(c.source, SourceConfig::Kubernetes {});
         assert!(c.node_encryption);
+        let c = Config::parse(&MIN.replace("{path: c.yaml}", "{path: c.yaml, pollMillis: 250}"))
+            .unwrap();
+        assert_eq!(
+            c.source,
+            SourceConfig::Static {
+                path: "c.yaml".into(),
+                poll_millis: 250
+            }
+        );
     }
 
     #[test]

@@ -524,6 +524,19 @@ mod tests {
         (a, b, a_state, b_state)
     }
 
+    /// The v1 wire format is a contract between clusters running different versions: this
+    /// golden frame must keep decoding (and encoding the same) as the code changes.
+    #[test]
+    fn the_v1_wire_format_is_stable() {
+        let golden = r#"{"type":"delta","delta":{"cluster":"east","from":4,"to":5,"changes":[{"op":"meta","name":"East","service_cidrs":["10.96.0.0/16"]},{"op":"upsert_node","name":"n1","pod_cidrs":["10.10.1.0/24"],"internal_ips":["192.168.1.11"],"gateway":{"endpoint":"192.168.1.11:51820","public_key":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="}},{"op":"remove_node","name":"n0"},{"op":"upsert_service","namespace":"shop","name":"web","kind":"ClusterSetIP","cluster_ips":["10.96.0.10"],"ports":[{"name":"http","protocol":"TCP","port":80}],"endpoints":[{"addresses":["10.10.1.5"],"node":"n1","ready":true}],"endpoint_ports":[{"protocol":"TCP","port":8080}]},{"op":"remove_service","namespace":"shop","name":"old"}]}}"#;
+        let msg: Message = serde_json::from_str(golden).unwrap();
+        let mut frame = (golden.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(golden.as_bytes());
+        assert_eq!(encode_frame(&msg, 1 << 20).unwrap(), frame);
+        let hb = encode_frame(&Message::Heartbeat { revision: 3 }, 1 << 20).unwrap();
+        assert_eq!(&hb[4..], br#"{"type":"heartbeat","revision":3}"#);
+    }
+
     #[test]
     fn frames_round_trip_even_split_byte_by_byte() {
         let msg = Message::Heartbeat { revision: 7 };

@@ -74,6 +74,34 @@ pub struct HubConfig {
     pub startup_grace: Duration,
 }
 
+/// The controller's status, as JSON on `GET /status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ControllerStatus {
+    pub cluster: ClusterId,
+    pub name: String,
+    pub source_synced: bool,
+    pub revision: u64,
+    pub node_encryption: bool,
+    pub gateways_connected: usize,
+    pub remotes: Vec<RemoteStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RemoteStatus {
+    pub cluster: ClusterId,
+    /// A peering session is up.
+    pub session: bool,
+    /// We hold its state (it may be disconnected, within its lease).
+    pub synced: bool,
+    pub revision: Option<u64>,
+    pub last_sync_unix: Option<u64>,
+    pub nodes: usize,
+    pub services: usize,
+    pub endpoints: usize,
+    /// Why the mesh refuses it, naming both clusters and CIDRs; empty when admitted.
+    pub refused: Vec<String>,
+}
+
 /// A refusal of a second session with the same peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("already peered with cluster {peer} over a connection dialed by {kept_dialer}")]
@@ -185,6 +213,47 @@ impl Hub {
     /// The current local state (revision included).
     pub fn local_state(&self) -> Arc<ClusterState> {
         self.lock().local.clone()
+    }
+
+    /// What `GET /status` shows (and a future `trellis status`): every configured peer with
+    /// its connection, revision, counts and, when refused, why.
+    pub fn status(&self) -> ControllerStatus {
+        let inner = self.lock();
+        let remotes = inner
+            .configured
+            .iter()
+            .map(|id| {
+                let r = inner.mesh.get(id);
+                RemoteStatus {
+                    cluster: id.clone(),
+                    session: inner.sessions.contains_key(id),
+                    synced: r.is_some(),
+                    revision: r.map(|r| r.state.revision),
+                    last_sync_unix: r.and_then(|r| {
+                        r.last_sync
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_secs())
+                    }),
+                    nodes: r.map_or(0, |r| r.state.nodes.len()),
+                    services: r.map_or(0, |r| r.state.services.len()),
+                    endpoints: r.map_or(0, |r| r.state.endpoint_count()),
+                    refused: r
+                        .and_then(|r| r.refused.as_ref())
+                        .map(|c| c.iter().map(|c| c.to_string()).collect())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        ControllerStatus {
+            cluster: self.cfg.id.clone(),
+            name: self.cfg.name.clone(),
+            source_synced: inner.source.is_some(),
+            revision: inner.local.revision,
+            node_encryption: inner.node_encryption,
+            gateways_connected: inner.gateways_connected,
+            remotes,
+        }
     }
 
     /// A copy of the remote states we hold, admitted or not.

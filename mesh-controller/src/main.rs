@@ -165,9 +165,13 @@ async fn run(config_path: PathBuf) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the metrics listener {addr}"))?;
+        let status_hub = hub.clone();
         tasks.spawn(trellis_controller::metrics::serve(
             listener,
             metrics.clone(),
+            Arc::new(move || {
+                serde_json::to_string_pretty(&status_hub.status()).unwrap_or_default()
+            }),
         ));
     }
     if let Some(addr) = cfg.agent_listen {

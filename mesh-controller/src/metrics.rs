@@ -167,9 +167,13 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until cancelled. Deliberately tiny: one request per
-/// connection, bounded request size and time.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
+/// Serves `GET /metrics` (and `GET /status`, the JSON `status` returns) on `listener` until
+/// cancelled. Deliberately tiny: one request per connection, bounded request size and time.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    status: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
@@ -177,6 +181,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
             continue;
         };
         let metrics = metrics.clone();
+        let status = status.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
             let mut len = 0;
@@ -202,6 +207,12 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
                 let body = metrics.render();
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else if request.starts_with("GET /status ") {
+                let body = status();
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 )
             } else {
@@ -234,7 +245,7 @@ mod tests {
         let m = Metrics::new().unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let task = tokio::spawn(serve(l, m));
+        let task = tokio::spawn(serve(l, m, std::sync::Arc::new(|| "{}".to_string())));
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             .await

@@ -109,10 +109,14 @@ fn config(
 }
 
 fn metrics(addr: SocketAddr) -> String {
+    get(addr, "/metrics")
+}
+
+fn get(addr: SocketAddr, path: &str) -> String {
     let Ok(mut s) = TcpStream::connect(addr) else {
         return String::new();
     };
-    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -246,6 +250,9 @@ fn two_controllers_from_the_command_line() {
         metrics(w_metrics).contains("trellis_controller_imported_services{cluster=\"east\"} 1")
     });
     assert!(metrics(e_metrics).contains("trellis_controller_remote_clusters_connected 1"));
+    let status = get(e_metrics, "/status");
+    assert!(status.contains("\"cluster\": \"west\""), "{status}");
+    assert!(status.contains("\"services\": 1"), "{status}");
     assert!(
         metrics(e_metrics).contains("trellis_controller_remote_cluster_ready{cluster=\"west\"} 1")
     );

@@ -14,7 +14,7 @@
 //! tls: {ca: ca.pem, cert: east.pem, key: east-key.pem}
 //! source:
 //!   static: {path: cluster.yaml, pollMillis: 1000}
-//!   # or: kubernetes: {}
+//!   # or: kubernetes: {settingsNamespace: trellis-system, settingsConfigMap: trellis-controller}
 //! metricsListen: 0.0.0.0:9464
 //! agentListen: 0.0.0.0:7444    # gateways and DNS subscribe here
 //! ```
@@ -59,7 +59,20 @@ pub enum SourceConfig {
         #[serde(default = "default_poll_millis")]
         poll_millis: u64,
     },
-    Kubernetes {},
+    Kubernetes {
+        /// The ConfigMap with runtime settings (`nodeEncryption`).
+        #[serde(default = "default_settings_namespace")]
+        settings_namespace: String,
+        #[serde(default = "default_settings_name")]
+        settings_config_map: String,
+    },
+}
+
+fn default_settings_namespace() -> String {
+    "trellis-system".into()
+}
+fn default_settings_name() -> String {
+    "trellis-controller".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -211,7 +224,13 @@ agentListen: 127.0.0.1:7444
         let c = Config::parse(yaml).unwrap();
         assert_eq!(c.peers.len(), 2);
         assert_eq!(c.peers[1].endpoint, None);
-        assert_eq!(c.source, SourceConfig::Kubernetes {});
+        assert_eq!(
+            c.source,
+            SourceConfig::Kubernetes {
+                settings_namespace: "trellis-system".into(),
+                settings_config_map: "trellis-controller".into()
+            }
+        );
         assert!(c.node_encryption);
         let c = Config::parse(&MIN.replace("{path: c.yaml}", "{path: c.yaml, pollMillis: 250}"))
             .unwrap();

@@ -12,6 +12,7 @@ pub mod crd;
 pub mod gateway;
 pub mod hub;
 pub mod import_writer;
+pub mod kube_settings;
 pub mod kube_source;
 pub mod mesh;
 pub mod metrics;

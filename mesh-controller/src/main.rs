@@ -149,11 +149,20 @@ async fn run(config_path: PathBuf) -> Result<()> {
                 hub.clone(),
             ));
         }
-        SourceConfig::Kubernetes {} => {
+        SourceConfig::Kubernetes {
+            settings_namespace,
+            settings_config_map,
+        } => {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API")?;
             tasks.spawn(kube_source::run(client.clone(), hub.clone()));
+            tasks.spawn(trellis_controller::kube_settings::run(
+                client.clone(),
+                settings_namespace.clone(),
+                settings_config_map.clone(),
+                hub.clone(),
+            ));
             tasks.spawn(trellis_controller::import_writer::run(
                 client,
                 hub.clone(),

@@ -20,6 +20,7 @@ const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports";
 const PROPS: &str = "/apis/about.k8s.io/v1alpha1/clusterproperties";
 const CIDRS: &str = "/apis/networking.k8s.io/v1/servicecidrs";
+const SETTINGS: &str = "/api/v1/namespaces/trellis-system/configmaps";
 
 fn fixture(name: &str) -> Value {
     let path = format!("{}/testdata/k8s/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -56,6 +57,7 @@ impl FakeApi {
             (EXPORTS, "serviceexports.json"),
             (PROPS, "clusterproperties.json"),
             (CIDRS, "servicecidrs.json"),
+            (SETTINGS, "configmaps.json"),
         ] {
             api.kinds.insert(
                 path,
@@ -384,5 +386,61 @@ async fn nothing_is_delivered_until_every_required_kind_has_listed() {
         .await;
     assert_eq!(s.cluster_id, None, "no ClusterProperty API: no ID from it");
     source.abort();
+    server.abort();
+}
+
+#[tokio::test]
+async fn the_settings_configmap_switches_node_encryption_at_runtime() {
+    use trellis_controller::hub::{Hub, HubConfig};
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let api = Arc::new(Mutex::new(FakeApi::new()));
+    let server = tokio::spawn(serve(handle, api.clone()));
+    let hub = Hub::new(
+        HubConfig {
+            id: "east".parse().unwrap(),
+            name: "east".into(),
+            service_cidrs: vec![],
+            lease: Duration::from_secs(30),
+            node_encryption: true,
+            recent_deltas: 8,
+            startup_grace: Duration::ZERO,
+        },
+        trellis_controller::metrics::Metrics::new().unwrap(),
+    );
+    let task = tokio::spawn(trellis_controller::kube_settings::run(
+        client,
+        "trellis-system".into(),
+        "trellis-controller".into(),
+        hub.clone(),
+    ));
+    let wait = |want: bool| {
+        let hub = hub.clone();
+        async move {
+            for _ in 0..500 {
+                if hub.status().node_encryption == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("node encryption never became {want}");
+        }
+    };
+    // The listed ConfigMap says false.
+    wait(false).await;
+    let mut cm = fixture("configmaps.json")["items"][0].clone();
+    cm["data"]["nodeEncryption"] = json!("true");
+    api.lock()
+        .unwrap()
+        .push(SETTINGS, "ConfigMap", "v1", "MODIFIED", cm.clone());
+    wait(true).await;
+    // An invalid value is ignored.
+    cm["data"]["nodeEncryption"] = json!("maybe");
+    api.lock()
+        .unwrap()
+        .push(SETTINGS, "ConfigMap", "v1", "MODIFIED", cm);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(hub.status().node_encryption);
+    task.abort();
     server.abort();
 }

@@ -19,12 +19,44 @@ use trellis_core::peering::{FrameDecoder, encode_json_frame};
 use crate::gateway::{GatewayDesired, GatewayRegistration, GatewayUpdate, desired_for};
 use crate::hub::{Hub, MeshView};
 
-/// The first frame a subscriber sends.
+/// The first frame a subscriber sends: who it is and, when the controller is configured with
+/// one, the shared agent token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentHello {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(flatten)]
+    pub role: AgentRole,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum AgentHello {
+pub enum AgentRole {
     Gateway(GatewayRegistration),
     Dns,
+}
+
+impl AgentHello {
+    pub fn gateway(reg: GatewayRegistration, token: Option<String>) -> Self {
+        Self {
+            token,
+            role: AgentRole::Gateway(reg),
+        }
+    }
+
+    pub fn dns(token: Option<String>) -> Self {
+        Self {
+            token,
+            role: AgentRole::Dns,
+        }
+    }
+}
+
+/// Compares tokens in time independent of where they differ.
+fn token_matches(expected: &str, got: Option<&str>) -> bool {
+    let Some(got) = got else { return false };
+    let (a, b) = (expected.as_bytes(), got.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Pure: turns successive mesh views into one node's gateway updates.
@@ -169,8 +201,10 @@ const HELLO_MAX: usize = 64 * 1024;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_SUBSCRIBERS: usize = 4096;
 
-/// Serves gateway and DNS subscriptions on `listener` until cancelled.
-pub async fn serve(listener: TcpListener, hub: Hub, max_frame: usize) {
+/// Serves gateway and DNS subscriptions on `listener` until cancelled. With a `token`, only
+/// subscribers presenting it are served; without, anyone who can reach the listener can
+/// register a gateway, so bind it to a trusted address.
+pub async fn serve(listener: TcpListener, hub: Hub, max_frame: usize, token: Option<Arc<str>>) {
     let slots = Arc::new(Semaphore::new(MAX_SUBSCRIBERS));
     loop {
         let (stream, remote) = match listener.accept().await {
@@ -186,8 +220,9 @@ pub async fn serve(listener: TcpListener, hub: Hub, max_frame: usize) {
             continue;
         };
         let hub = hub.clone();
+        let token = token.clone();
         tokio::spawn(async move {
-            if let Err(e) = subscriber(stream, hub, max_frame).await {
+            if let Err(e) = subscriber(stream, hub, max_frame, token).await {
                 tracing::info!(%remote, error = %e, "subscriber ended");
             }
             drop(permit);
@@ -213,14 +248,25 @@ async fn read_hello(stream: &mut TcpStream) -> Result<AgentHello, String> {
     }
 }
 
-async fn subscriber(mut stream: TcpStream, hub: Hub, max_frame: usize) -> Result<(), String> {
+async fn subscriber(
+    mut stream: TcpStream,
+    hub: Hub,
+    max_frame: usize,
+    token: Option<Arc<str>>,
+) -> Result<(), String> {
     let hello = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
         .map_err(|_| "no hello in time".to_string())??;
+    if let Some(expected) = &token
+        && !token_matches(expected, hello.token.as_deref())
+    {
+        hub.metrics().auth_failure("agent_token");
+        return Err("wrong or missing agent token".into());
+    }
     let (mut rd, mut wr) = stream.into_split();
     let mut closed = [0u8; 1];
-    match hello {
-        AgentHello::Gateway(reg) => {
+    match hello.role {
+        AgentRole::Gateway(reg) => {
             tracing::info!(node = %reg.node, endpoint = %reg.endpoint, "gateway registered");
             let mut sub = GatewaySubscription::new(&hub, reg);
             loop {
@@ -236,7 +282,7 @@ async fn subscriber(mut stream: TcpStream, hub: Hub, max_frame: usize) -> Result
                 }
             }
         }
-        AgentHello::Dns => {
+        AgentRole::Dns => {
             let mut sub = ImportsSubscription::new(&hub);
             loop {
                 tokio::select! {
@@ -293,13 +339,28 @@ mod tests {
         h.set_source(src());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, h.clone(), 1 << 20));
-        let mut conn = TcpStream::connect(addr).await.unwrap();
-        let hello = AgentHello::Gateway(GatewayRegistration {
+        let server = tokio::spawn(serve(listener, h.clone(), 1 << 20, Some("s3cret".into())));
+        let reg = GatewayRegistration {
             node: "node-0".into(),
             endpoint: "192.168.1.10:51820".parse().unwrap(),
             public_key: PublicKey([3; 32]),
-        });
+        };
+        // A wrong token is refused before anything is registered.
+        let mut bad = TcpStream::connect(addr).await.unwrap();
+        let hello = AgentHello::gateway(reg.clone(), Some("guess".into()));
+        bad.write_all(&encode_json_frame(&hello, "hello", 1 << 20).unwrap())
+            .await
+            .unwrap();
+        let mut sink = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut sink))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0, "a refused subscriber gets nothing");
+        assert!(h.local_state().nodes["node-0"].gateway.is_none());
+        assert!(h.metrics().render().contains("reason=\"agent_token\""));
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let hello = AgentHello::gateway(reg, Some("s3cret".into()));
         conn.write_all(&encode_json_frame(&hello, "hello", 1 << 20).unwrap())
             .await
             .unwrap();
@@ -341,6 +402,26 @@ mod tests {
         assert!(state.apply(&update));
         assert!(state.node_encryption);
         server.abort();
+    }
+
+    #[test]
+    fn hellos_have_a_flat_wire_form() {
+        let h = AgentHello::dns(Some("t".into()));
+        assert_eq!(
+            serde_json::to_string(&h).unwrap(),
+            r#"{"token":"t","type":"dns"}"#
+        );
+        let g: AgentHello = serde_json::from_str(
+            r#"{"type":"gateway","node":"n","endpoint":"10.0.0.1:51820",
+                "public_key":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="}"#,
+        )
+        .unwrap();
+        assert!(matches!(g.role, AgentRole::Gateway(_)));
+        assert!(g.token.is_none());
+        assert!(token_matches("abc", Some("abc")));
+        assert!(!token_matches("abc", Some("abd")));
+        assert!(!token_matches("abc", Some("ab")));
+        assert!(!token_matches("abc", None));
     }
 
     #[tokio::test]

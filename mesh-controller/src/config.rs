@@ -17,6 +17,7 @@
 //!   # or: kubernetes: {settingsNamespace: trellis-system, settingsConfigMap: trellis-controller}
 //! metricsListen: 0.0.0.0:9464
 //! agentListen: 0.0.0.0:7444    # gateways and DNS subscribe here
+//! agentTokenFile: agent-token  # the shared token they must present (recommended)
 //! ```
 
 use std::collections::BTreeSet;
@@ -99,6 +100,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub agent_listen: Option<SocketAddr>,
+    /// A file holding the shared token gateways and DNS must present on the agent port.
+    #[serde(default)]
+    pub agent_token_file: Option<PathBuf>,
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: usize,
 }

@@ -307,6 +307,14 @@ impl Hub {
     /// A node's gateway registered (or re-registered with a new key or endpoint).
     pub fn register_gateway(&self, reg: GatewayRegistration) {
         let mut inner = self.lock();
+        if let Some(src) = &inner.source
+            && !src.nodes.contains_key(&reg.node)
+        {
+            tracing::warn!(
+                node = %reg.node,
+                "a gateway registered for a node the source does not know; it takes effect when the node appears"
+            );
+        }
         inner.registrations.insert(reg.node.clone(), reg);
         inner.gateways_connected += 1;
         self.metrics

@@ -187,7 +187,22 @@ async fn run(config_path: PathBuf) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the agent listener {addr}"))?;
-        tasks.spawn(agent::serve(listener, hub.clone(), cfg.max_frame_bytes));
+        let token: Option<Arc<str>> = match &cfg.agent_token_file {
+            Some(path) => Some(read(path)?.trim().into()),
+            None => {
+                tracing::warn!(
+                    %addr,
+                    "agent port without agentTokenFile: anyone who reaches it can register a gateway"
+                );
+                None
+            }
+        };
+        tasks.spawn(agent::serve(
+            listener,
+            hub.clone(),
+            cfg.max_frame_bytes,
+            token,
+        ));
     }
     tasks.spawn(watch_config(
         config_path.clone(),

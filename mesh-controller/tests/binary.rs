@@ -104,7 +104,8 @@ fn config(
          leaseSeconds: 4\nheartbeatSeconds: 1\nnodeEncryption: {encryption}\n\
          tls: {{ca: {d}/ca.pem, cert: {d}/{id}.pem, key: {d}/{id}-key.pem}}\n\
          source: {{static: {{path: {d}/{id}.yaml, pollMillis: 100}}}}\n\
-         metricsListen: \"{metrics}\"\nagentListen: \"{agent}\"\n"
+         metricsListen: \"{metrics}\"\nagentListen: \"{agent}\"\n\
+         agentTokenFile: {d}/agent-token\n"
     )
 }
 
@@ -177,6 +178,7 @@ fn two_controllers_from_the_command_line() {
     run(&["certs", "ca", "--dir", d, "--name", "test"]);
     run(&["certs", "cluster", "--dir", d, "--id", "east"]);
     run(&["certs", "cluster", "--dir", d, "--id", "west"]);
+    std::fs::write(dir.path().join("agent-token"), "lab-token\n").unwrap();
     std::fs::write(
         dir.path().join("east.yaml"),
         cluster_yaml(
@@ -258,7 +260,8 @@ fn two_controllers_from_the_command_line() {
     );
 
     // DNS on west sees shop/web backed by both clusters, west's own marked local.
-    let mut dns = Subscriber::connect(w_agent, &AgentHello::Dns);
+    let token = Some("lab-token".to_string());
+    let mut dns = Subscriber::connect(w_agent, &AgentHello::dns(token.clone()));
     let ImportsUpdate::Snapshot(imports) = dns.next::<ImportsUpdate>() else {
         panic!("snapshot first")
     };
@@ -274,11 +277,14 @@ fn two_controllers_from_the_command_line() {
     // east's pod CIDR into the tunnel (fail closed) but has no peer for it.
     let mut gw = Subscriber::connect(
         w_agent,
-        &AgentHello::Gateway(GatewayRegistration {
-            node: "west-node-0".into(),
-            endpoint: "127.0.0.1:51820".parse().unwrap(),
-            public_key: PublicKey([5; 32]),
-        }),
+        &AgentHello::gateway(
+            GatewayRegistration {
+                node: "west-node-0".into(),
+                endpoint: "127.0.0.1:51820".parse().unwrap(),
+                public_key: PublicKey([5; 32]),
+            },
+            token,
+        ),
     );
     let GatewayUpdate::Snapshot(mut desired) = gw.next::<GatewayUpdate>() else {
         panic!("snapshot first")

@@ -18,6 +18,7 @@
 //! metricsListen: 0.0.0.0:9464
 //! agentListen: 0.0.0.0:7444    # gateways and DNS subscribe here
 //! agentTokenFile: agent-token  # the shared token they must present (recommended)
+//! stateFile: /var/lib/trellis/controller-state.json  # last state, served after a restart
 //! ```
 
 use std::collections::BTreeSet;
@@ -100,6 +101,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub agent_listen: Option<SocketAddr>,
+    /// Where the last state is kept across restarts (served until the sources resync).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
     /// A file holding the shared token gateways and DNS must present on the agent port.
     #[serde(default)]
     pub agent_token_file: Option<PathBuf>,

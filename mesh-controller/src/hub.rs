@@ -142,6 +142,7 @@ struct Inner {
     started: Instant,
     seen_since_start: std::collections::BTreeSet<ClusterId>,
     grace_over: bool,
+    restored: bool,
 }
 
 /// The hub; cheap to clone.
@@ -173,6 +174,7 @@ impl Hub {
             started: Instant::now(),
             seen_since_start: Default::default(),
             grace_over: cfg.startup_grace.is_zero(),
+            restored: false,
         };
         Self {
             cfg: Arc::new(cfg),
@@ -385,9 +387,63 @@ impl Hub {
         self.republish(inner);
     }
 
+    /// Serves the state saved before a restart until the sources and peers resync: the local
+    /// state goes to peers, the view to gateways and DNS, remotes count as disconnected. Only
+    /// before the first source sync, and only a state of this cluster.
+    pub fn restore(&self, p: crate::store::Persisted) {
+        let mut inner = self.lock();
+        if inner.source.is_some() || p.local.id != self.cfg.id {
+            tracing::warn!(saved = %p.local.id, "not restoring a saved state of another cluster or after the sources synced");
+            return;
+        }
+        tracing::info!(
+            revision = p.local.revision,
+            remotes = p.remotes.len(),
+            "serving the state saved before the restart until the sources resync"
+        );
+        inner.local = Arc::new(p.local);
+        inner.registrations = p
+            .registrations
+            .into_iter()
+            .map(|r| (r.node.clone(), r))
+            .collect();
+        inner.node_encryption = p.node_encryption;
+        let now = Instant::now();
+        for remote in p.remotes {
+            inner.seen_since_start.insert(remote.id.clone());
+            inner.mesh.restore(remote, now, SystemTime::now());
+        }
+        inner.restored = true;
+        self.local_tx.send_replace(Some(Arc::new(LocalPublish {
+            state: inner.local.clone(),
+            recent: Vec::new(),
+        })));
+        self.republish(&mut inner);
+    }
+
+    /// What [`crate::store`] saves; `None` until there is something real to save.
+    pub fn persisted(&self) -> Option<crate::store::Persisted> {
+        let inner = self.lock();
+        if inner.source.is_none() && !inner.restored {
+            return None;
+        }
+        Some(crate::store::Persisted {
+            version: crate::store::STORE_VERSION,
+            local: (*inner.local).clone(),
+            registrations: inner.registrations.values().cloned().collect(),
+            remotes: inner
+                .mesh
+                .remotes()
+                .values()
+                .map(|r| (*r.state).clone())
+                .collect(),
+            node_encryption: inner.node_encryption,
+        })
+    }
+
     /// Re-decides admission and publishes a new mesh view.
     fn republish(&self, inner: &mut Inner) {
-        if inner.source.is_none() {
+        if inner.source.is_none() && !inner.restored {
             return;
         }
         let peers_synced = inner
@@ -670,6 +726,59 @@ mod tests {
         assert!(h2.subscribe_view().borrow().is_none());
         h2.expire(Instant::now() + Duration::from_secs(31));
         assert!(h2.subscribe_view().borrow().is_some());
+    }
+
+    #[test]
+    fn a_restarted_controller_serves_its_saved_state_until_everything_resyncs() {
+        let before = hub("a");
+        before.set_configured_peers(vec![id("b")]);
+        before.set_source(source("10.1.0.0/24"));
+        before.register_gateway(GatewayRegistration {
+            node: "node-0".into(),
+            endpoint: "192.168.1.10:51820".parse().unwrap(),
+            public_key: PublicKey([1; 32]),
+        });
+        before.peer_snapshot(cluster("b", "10.2.0.0/24", "10.97.0.0/16"));
+        let saved = before.persisted().unwrap();
+        assert_eq!(saved.local.revision, 2);
+
+        // The restarted controller, before its source syncs.
+        let after = Hub::new(
+            HubConfig {
+                startup_grace: Duration::from_secs(30),
+                ..before.config().clone()
+            },
+            Metrics::new().unwrap(),
+        );
+        assert!(after.persisted().is_none(), "nothing to save yet");
+        after.restore(saved.clone());
+        after.set_configured_peers(vec![id("b")]);
+        let view = after.subscribe_view().borrow().clone().unwrap();
+        assert_eq!(view.remotes.len(), 1, "b is served from the saved state");
+        assert_eq!(
+            after
+                .subscribe_local()
+                .borrow()
+                .as_ref()
+                .unwrap()
+                .state
+                .revision,
+            2
+        );
+        // The source resyncs: the registration survived, so the gateway key is still there,
+        // and nothing changed, so no new revision.
+        after.set_source(source("10.1.0.0/24"));
+        assert_eq!(after.local_state().revision, 2);
+        assert!(after.local_state().nodes["node-0"].gateway.is_some());
+        // b never comes back: withdrawn a lease later.
+        after.expire(Instant::now() + Duration::from_secs(29));
+        assert_eq!(after.remote_states().len(), 1);
+        after.expire(Instant::now() + Duration::from_secs(31));
+        assert!(after.remote_states().is_empty());
+        // A saved state of another cluster is not restored.
+        let other = hub("z");
+        other.restore(saved);
+        assert!(other.subscribe_view().borrow().is_none());
     }
 
     #[test]

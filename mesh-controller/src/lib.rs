@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod objects;
 pub mod peering;
 pub mod static_source;
+pub mod store;
 pub mod tls;
 
 /// The errors of the controller library, named after the failing operation.
@@ -46,6 +47,11 @@ pub enum Error {
     },
     #[error("parsing Kubernetes objects, document {document}: {reason}")]
     ParseObjects { document: usize, reason: String },
+    #[error("{operation}: {reason}")]
+    Store {
+        operation: &'static str,
+        reason: String,
+    },
     #[error("invalid configuration: {reason}")]
     Config { reason: String },
     #[error("{operation}: {reason}")]

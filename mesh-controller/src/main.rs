@@ -12,6 +12,7 @@ use trellis_controller::config::{Config, SourceConfig};
 use trellis_controller::hub::{Hub, HubConfig};
 use trellis_controller::metrics::Metrics;
 use trellis_controller::peering::{PeerConfig, Peering, PeeringConfig};
+use trellis_controller::store::{FileStore, StateStore};
 use trellis_controller::tls::TlsMaterial;
 use trellis_controller::{agent, crd, kube_source, static_source};
 use trellis_core::cluster::ClusterId;
@@ -141,6 +142,19 @@ async fn run(config_path: PathBuf) -> Result<()> {
         metrics.clone(),
     );
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(path) = &cfg.state_file {
+        let store = FileStore { path: path.clone() };
+        match store.load() {
+            Ok(Some(saved)) => hub.restore(saved),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "ignoring the saved state"),
+        }
+        tasks.spawn(trellis_controller::store::run(
+            hub.clone(),
+            store,
+            Duration::from_secs(2),
+        ));
+    }
     match &cfg.source {
         SourceConfig::Static { path, poll_millis } => {
             tasks.spawn(static_source::run(

@@ -80,6 +80,22 @@ impl Mesh {
         self.remotes.insert(id, entry);
     }
 
+    /// A state remembered from before a restart: disconnected, heard from `now`, so it expires
+    /// a lease from now unless its peer reconnects.
+    pub fn restore(&mut self, state: ClusterState, now: Instant, wall: SystemTime) {
+        let id = state.id.clone();
+        self.remotes.insert(
+            id,
+            Remote {
+                state: Arc::new(state),
+                connected: false,
+                last_heard: now,
+                last_sync: wall,
+                refused: None,
+            },
+        );
+    }
+
     /// A peer sent a change; refused if it does not follow the state we hold.
     pub fn delta(
         &mut self,

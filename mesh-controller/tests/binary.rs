@@ -105,7 +105,7 @@ fn config(
          tls: {{ca: {d}/ca.pem, cert: {d}/{id}.pem, key: {d}/{id}-key.pem}}\n\
          source: {{static: {{path: {d}/{id}.yaml, pollMillis: 100}}}}\n\
          metricsListen: \"{metrics}\"\nagentListen: \"{agent}\"\n\
-         agentTokenFile: {d}/agent-token\n"
+         agentTokenFile: {d}/agent-token\nstateFile: {d}/{id}-state.json\n"
     )
 }
 
@@ -245,13 +245,15 @@ fn two_controllers_from_the_command_line() {
                 .unwrap(),
         )
     };
-    let _east = spawn(&dir.path().join("east-config.yaml"), "east.log");
-    let _west = spawn(&west_cfg, "west.log");
+    let east = spawn(&dir.path().join("east-config.yaml"), "east.log");
+    let west = spawn(&west_cfg, "west.log");
 
     eventually("west to import east's web", dir.path(), || {
         metrics(w_metrics).contains("trellis_controller_imported_services{cluster=\"east\"} 1")
     });
-    assert!(metrics(e_metrics).contains("trellis_controller_remote_clusters_connected 1"));
+    eventually("east to hold west's state", dir.path(), || {
+        metrics(e_metrics).contains("trellis_controller_remote_clusters_connected 1")
+    });
     let status = get(e_metrics, "/status");
     assert!(status.contains("\"cluster\": \"west\""), "{status}");
     assert!(status.contains("\"services\": 1"), "{status}");
@@ -322,4 +324,37 @@ fn two_controllers_from_the_command_line() {
             break;
         }
     }
+
+    // West saves its state; east goes away and west restarts: west serves east's last state
+    // from its state file while east is unreachable (until east's lease runs out).
+    eventually("west to save east's state", dir.path(), || {
+        std::fs::read_to_string(dir.path().join("west-state.json"))
+            .is_ok_and(|s| s.contains("\"east\"") && s.contains("\"web\""))
+    });
+    drop(dns);
+    drop(gw);
+    drop(east);
+    drop(west);
+    let _west = spawn(&west_cfg, "west-2.log");
+    let mut dns = None;
+    eventually(
+        "the restarted west to accept subscribers",
+        dir.path(),
+        || {
+            dns = TcpStream::connect(w_agent).ok();
+            dns.is_some()
+        },
+    );
+    drop(dns);
+    let mut dns = Subscriber::connect(w_agent, &AgentHello::dns(Some("lab-token".into())));
+    let ImportsUpdate::Snapshot(imports) = dns.next::<ImportsUpdate>() else {
+        panic!("snapshot first")
+    };
+    assert!(
+        imports.services["shop/web"]
+            .backends
+            .iter()
+            .any(|b| b.cluster.as_str() == "east"),
+        "{imports:?}"
+    );
 }

@@ -80,7 +80,10 @@ fn default_settings_name() -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
-    pub cluster_id: ClusterId,
+    /// Optional: without it the ID comes from the ClusterProperty `cluster.clusterset.k8s.io`
+    /// (in the static file, or on the API server).
+    #[serde(default)]
+    pub cluster_id: Option<ClusterId>,
     #[serde(default)]
     pub cluster_name: Option<String>,
     #[serde(default = "default_listen")]
@@ -155,7 +158,7 @@ impl Config {
         }
         let mut seen = BTreeSet::new();
         for p in &self.peers {
-            if p.id == self.cluster_id {
+            if Some(&p.id) == self.cluster_id.as_ref() {
                 return bad(format!("peer {} is this cluster itself", p.id));
             }
             if !seen.insert(&p.id) {
@@ -173,10 +176,9 @@ impl Config {
         Ok(())
     }
 
-    pub fn name(&self) -> String {
-        self.cluster_name
-            .clone()
-            .unwrap_or_else(|| self.cluster_id.to_string())
+    /// The display name: `clusterName`, else the cluster ID.
+    pub fn name(&self, id: &ClusterId) -> String {
+        self.cluster_name.clone().unwrap_or_else(|| id.to_string())
     }
 
     pub fn lease(&self) -> Duration {
@@ -199,7 +201,9 @@ mod tests {
         let c = Config::parse(MIN).unwrap();
         assert_eq!(c.listen, "0.0.0.0:7443".parse().unwrap());
         assert_eq!(c.lease(), Duration::from_secs(30));
-        assert_eq!(c.name(), "east");
+        assert_eq!(c.name(c.cluster_id.as_ref().unwrap()), "east");
+        let no_id = Config::parse(&MIN.replace("clusterId: east\n", "")).unwrap();
+        assert_eq!(no_id.cluster_id, None);
         assert!(!c.node_encryption);
         assert_eq!(
             c.source,

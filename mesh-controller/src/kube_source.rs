@@ -68,6 +68,28 @@ where
     store.state().iter().map(|k| (**k).clone()).collect()
 }
 
+/// The cluster ID from the ClusterProperty `cluster.clusterset.k8s.io` (KEP-2149), for a
+/// controller configured without one.
+pub async fn cluster_id(client: Client) -> Result<trellis_core::cluster::ClusterId, crate::Error> {
+    let api: Api<ClusterProperty> = Api::all(client);
+    let prop = api
+        .get(crate::crd::CLUSTER_ID_PROPERTY)
+        .await
+        .map_err(|e| crate::Error::Kubernetes {
+            operation: "reading the ClusterProperty cluster.clusterset.k8s.io",
+            reason: e.to_string(),
+        })?;
+    prop.spec
+        .value
+        .parse()
+        .map_err(
+            |e: trellis_core::cluster::ClusterError| crate::Error::Kubernetes {
+                operation: "reading the cluster ID from the ClusterProperty",
+                reason: e.to_string(),
+            },
+        )
+}
+
 /// Runs until cancelled, delivering the cluster's state to `sink` after every change.
 pub async fn run(client: Client, sink: impl StateSink) {
     run_with(client, sink, Duration::from_millis(100)).await

@@ -128,11 +128,40 @@ async fn run(config_path: PathBuf) -> Result<()> {
         cert_pem: read(&cfg.tls.cert)?,
         key_pem: read(&cfg.tls.key)?,
     };
+    let client = match &cfg.source {
+        SourceConfig::Kubernetes { .. } => Some(
+            kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?,
+        ),
+        SourceConfig::Static { .. } => None,
+    };
+    let id = match (&cfg.cluster_id, &cfg.source, &client) {
+        (Some(id), _, _) => id.clone(),
+        (None, SourceConfig::Static { path, .. }, _) => {
+            let objects = trellis_controller::objects::parse_objects(&read(path)?)?;
+            trellis_controller::objects::source_state(&objects)
+                .cluster_id
+                .with_context(|| {
+                    format!(
+                        "no clusterId in the configuration and no ClusterProperty \
+                         cluster.clusterset.k8s.io in {}",
+                        path.display()
+                    )
+                })?
+        }
+        (None, SourceConfig::Kubernetes { .. }, Some(client)) => {
+            kube_source::cluster_id(client.clone()).await?
+        }
+        (None, SourceConfig::Kubernetes { .. }, None) => {
+            anyhow::bail!("no Kubernetes client")
+        }
+    };
     let metrics = Metrics::new()?;
     let hub = Hub::new(
         HubConfig {
-            id: cfg.cluster_id.clone(),
-            name: cfg.name(),
+            id: id.clone(),
+            name: cfg.name(&id),
             service_cidrs: cfg.service_cidrs.clone(),
             lease: cfg.lease(),
             node_encryption: cfg.node_encryption,
@@ -167,9 +196,7 @@ async fn run(config_path: PathBuf) -> Result<()> {
             settings_namespace,
             settings_config_map,
         } => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API")?;
+            let client = client.clone().context("no Kubernetes client")?;
             tasks.spawn(kube_source::run(client.clone(), hub.clone()));
             tasks.spawn(trellis_controller::kube_settings::run(
                 client.clone(),
@@ -245,7 +272,7 @@ async fn run(config_path: PathBuf) -> Result<()> {
         hub.clone(),
     )?;
     tracing::info!(
-        cluster = %cfg.cluster_id,
+        cluster = %id,
         listen = %peering.local_addr()?,
         peers = cfg.peers.len(),
         "trellis-controller running"

@@ -115,6 +115,24 @@ impl Peering {
         socket: std::net::UdpSocket,
     ) -> Result<Self, Error> {
         let metrics = hub.metrics().clone();
+        let own = crate::tls::parse_certs(&cfg.tls.cert_pem)?;
+        let certified = own
+            .first()
+            .map(identity_of)
+            .transpose()?
+            .ok_or_else(|| Error::Tls {
+                operation: "reading this cluster's certificate",
+                reason: "no certificate".into(),
+            })?;
+        if &certified != hub.id() {
+            return Err(Error::Tls {
+                operation: "checking this cluster's certificate",
+                reason: format!(
+                    "the certificate is for cluster {certified}, but this controller is cluster {}",
+                    hub.id()
+                ),
+            });
+        }
         let allowed: AllowedPeers = Arc::new(std::sync::RwLock::new(
             cfg.peers.iter().map(|p| p.id.clone()).collect(),
         ));
@@ -202,6 +220,12 @@ impl Peering {
     }
 }
 
+/// TLS alert 120, `no_application_protocol`: the peer offered no version we speak.
+fn is_alpn_refusal(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::TransportError(t)
+        if t.code == quinn::TransportErrorCode::crypto(120))
+}
+
 fn alpn_ok(conn: &Connection) -> bool {
     conn.handshake_data()
         .and_then(|d| d.downcast::<HandshakeData>().ok())
@@ -235,7 +259,12 @@ async fn accept_loop(endpoint: quinn::Endpoint, hub: Hub, cfg: Arc<PeeringConfig
             let conn = match handshake.await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
-                    tracing::info!(%remote, error = %e, "peering handshake failed");
+                    if is_alpn_refusal(&e) {
+                        hub.metrics().auth_failure("alpn");
+                        tracing::warn!(%remote, "refused a peer offering no protocol version we speak");
+                    } else {
+                        tracing::info!(%remote, error = %e, "peering handshake failed");
+                    }
                     return;
                 }
                 Err(_) => {

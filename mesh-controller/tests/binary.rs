@@ -220,6 +220,7 @@ fn two_controllers_from_the_command_line() {
     .unwrap();
     std::fs::write(
         &west_cfg,
+        // West takes its ID from the ClusterProperty in its static file.
         config(
             dir.path(),
             "west",
@@ -229,7 +230,8 @@ fn two_controllers_from_the_command_line() {
             w_metrics,
             w_agent,
             false,
-        ),
+        )
+        .replace("clusterId: west\n", ""),
     )
     .unwrap();
     let spawn = |cfg: &Path, log: &str| {
@@ -305,6 +307,7 @@ fn two_controllers_from_the_command_line() {
     // Switch node encryption on by editing west's configuration: pushed without a restart.
     std::fs::write(
         &west_cfg,
+        // West takes its ID from the ClusterProperty in its static file.
         config(
             dir.path(),
             "west",
@@ -314,7 +317,8 @@ fn two_controllers_from_the_command_line() {
             w_metrics,
             w_agent,
             true,
-        ),
+        )
+        .replace("clusterId: west\n", ""),
     )
     .unwrap();
     loop {

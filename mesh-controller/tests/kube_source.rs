@@ -444,3 +444,32 @@ async fn the_settings_configmap_switches_node_encryption_at_runtime() {
     task.abort();
     server.abort();
 }
+
+#[tokio::test]
+async fn the_cluster_id_comes_from_the_cluster_property() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let task = tokio::spawn(async move {
+        let first = trellis_controller::kube_source::cluster_id(client.clone()).await;
+        let second = trellis_controller::kube_source::cluster_id(client).await;
+        (first, second)
+    });
+    let mut prop = fixture("clusterproperties.json")["items"][0].clone();
+    for value in ["east", "East_1"] {
+        let (req, send) = handle.next_request().await.unwrap();
+        assert_eq!(
+            req.uri().path(),
+            "/apis/about.k8s.io/v1alpha1/clusterproperties/cluster.clusterset.k8s.io"
+        );
+        prop["spec"]["value"] = json!(value);
+        send.send_response(
+            Response::builder()
+                .status(200)
+                .body(Body::from(prop.to_string().into_bytes()))
+                .unwrap(),
+        );
+    }
+    let (first, second) = task.await.unwrap();
+    assert_eq!(first.unwrap().as_str(), "east");
+    assert!(second.unwrap_err().to_string().contains("lowercase"));
+}

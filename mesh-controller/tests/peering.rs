@@ -397,6 +397,51 @@ async fn refusals_close_only_the_offending_connection() {
     })
     .await;
 
+    // A peer offering only a protocol version a does not speak.
+    let mut cfg = client_config(&mesh.material("c"), Metrics::new().unwrap()).unwrap();
+    cfg.alpn_protocols = vec![b"trellis/2".to_vec()];
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(cfg).unwrap(),
+    )));
+    let err = ep
+        .connect(aa, "a.cluster.trellis")
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err}").contains("120") || format!("{err:?}").contains("crypto"),
+        "{err:?}"
+    );
+    eventually("alpn counted", || {
+        a.metric("trellis_controller_auth_failures_total{reason=\"alpn\"} 1")
+    })
+    .await;
+
+    // A controller configured with another cluster's certificate refuses to start.
+    let wrong = Peering::start_on(
+        PeeringConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            peers: vec![],
+            heartbeat: Duration::from_millis(200),
+            lease: LEASE,
+            max_frame: 1 << 20,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(400),
+            max_pending_handshakes: 16,
+            tls: mesh.material("c"),
+        },
+        a.hub.clone(),
+        UdpSocket::bind("127.0.0.1:0").unwrap(),
+    )
+    .unwrap_err();
+    assert!(
+        wrong
+            .to_string()
+            .contains("the certificate is for cluster c, but this controller is cluster a"),
+        "{wrong}"
+    );
+
     // Dialing "b" but reaching a server with a's certificate: the dialer refuses.
     let dialer_metrics = Metrics::new().unwrap();
     let cfg = client_config(&mesh.material("c"), dialer_metrics.clone()).unwrap();

@@ -404,7 +404,7 @@ async fn run_session(
 async fn drive(
     hub: &Hub,
     conn: &Connection,
-    mut send: SendStream,
+    send: SendStream,
     mut recv: RecvStream,
     peer: &ClusterId,
     cfg: &PeeringConfig,
@@ -421,6 +421,57 @@ async fn drive(
             _ = conn.closed() => return (close_code::DONE, "closed".into()),
         }
     };
+    // Writing runs on its own task, so a large snapshot going out never stops us reading the
+    // peer's (both sides send theirs at once; QUIC flow control would otherwise deadlock).
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(OUT_QUEUE);
+    let mut writer = tokio::spawn(write_frames(send, out_rx, cfg.lease));
+    let outcome = session_loop(
+        hub,
+        &mut recv,
+        peer,
+        cfg,
+        &mut cancelled,
+        &mut local_rx,
+        &local,
+        &out_tx,
+        &mut writer,
+    )
+    .await;
+    writer.abort();
+    outcome
+}
+
+/// Frames queued for one peer; a peer that lets this many pile up is too slow and is
+/// disconnected (it resyncs from a snapshot when it reconnects).
+const OUT_QUEUE: usize = 1024;
+
+async fn write_frames(
+    mut send: SendStream,
+    mut frames: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    stall: Duration,
+) -> &'static str {
+    while let Some(bytes) = frames.recv().await {
+        match tokio::time::timeout(stall, send.write_all(&bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return "write failed",
+            Err(_) => return "writing stalled past the lease",
+        }
+    }
+    "done"
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session_loop(
+    hub: &Hub,
+    recv: &mut RecvStream,
+    peer: &ClusterId,
+    cfg: &PeeringConfig,
+    cancelled: &mut tokio::sync::watch::Receiver<bool>,
+    local_rx: &mut tokio::sync::watch::Receiver<Option<Arc<crate::hub::LocalPublish>>>,
+    local: &crate::hub::LocalPublish,
+    out: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    writer: &mut tokio::task::JoinHandle<&'static str>,
+) -> (u32, String) {
     let session_cfg = SessionConfig {
         local: hub.id().clone(),
         local_name: hub.config().name.clone(),
@@ -429,18 +480,21 @@ async fn drive(
         lease: cfg.lease,
         max_frame: cfg.max_frame,
     };
-    let (mut session, events) = Session::new(session_cfg, &local.state, Instant::now());
-    let mut pending = events;
+    let (mut session, mut pending) = Session::new(session_cfg, &local.state, Instant::now());
     loop {
         for event in pending.drain(..) {
             match event {
-                Event::Transmit(bytes) => {
-                    let write = tokio::time::timeout(cfg.lease, send.write_all(&bytes)).await;
-                    if !matches!(write, Ok(Ok(()))) {
-                        tracing::info!(%peer, "writing to the peer failed or stalled past the lease");
+                Event::Transmit(bytes) => match out.try_send(bytes) {
+                    Ok(()) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                        hub.metrics().protocol_failure("slow_peer");
+                        tracing::warn!(%peer, "peer is not reading; disconnecting it");
+                        return (close_code::PROTOCOL, "too slow".into());
+                    }
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
                         return (close_code::DONE, "write failed".into());
                     }
-                }
+                },
                 Event::PeerSnapshot(state) => hub.peer_snapshot(state),
                 Event::PeerDelta(delta) => {
                     if let Err(e) = hub.peer_delta(&delta) {
@@ -478,6 +532,11 @@ async fn drive(
                 pending = session.handle_timeout(Instant::now());
             },
             _ = cancelled.changed() => return (close_code::REPLACED, "replaced by another connection".into()),
+            w = &mut *writer => {
+                let why = w.unwrap_or("writer failed");
+                tracing::info!(%peer, why, "peering writer ended");
+                return (close_code::DONE, why.into());
+            }
         }
     }
 }

@@ -106,7 +106,7 @@ fn start(
             .collect(),
         heartbeat: Duration::from_millis(200),
         lease: LEASE,
-        max_frame: 1 << 20,
+        max_frame: 64 << 20,
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(400),
         max_pending_handshakes: 16,
@@ -552,6 +552,60 @@ async fn overlapping_cidrs_are_refused_with_status_and_metric() {
     b.hub.set_source(source("10.2.0.0/24", "10.97.0.0/16"));
     eventually("b admitted on a", || {
         a.metric("trellis_controller_remote_cluster_ready{cluster=\"b\"} 1")
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Both sides send multi-megabyte snapshots at once: neither may wait on the other's reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_snapshots_cross_without_deadlock() {
+    init_tracing();
+    let big = |pod: &str, svc_cidr: &str, base: u8| {
+        let mut s = source(pod, svc_cidr);
+        for i in 0..3000u32 {
+            let eps: Vec<String> = (0..10u32)
+                .map(|e| {
+                    format!(
+                        "10.{base}.{}.{}",
+                        (i * 10 + e) / 250,
+                        (i * 10 + e) % 250 + 1
+                    )
+                })
+                .collect();
+            let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+            let svc = service("shop", &format!("svc-{i}"), "10.96.0.10", &eps);
+            s.services.insert(svc.key(), svc);
+        }
+        s
+    };
+    let mesh = Mesh::new();
+    let (sa, aa) = socket();
+    let (sb, ab) = socket();
+    let mut a = start(
+        "a",
+        mesh.material("a"),
+        sa,
+        &[("b", Some(ab))],
+        big("10.1.0.0/24", "10.96.0.0/16", 101),
+    );
+    let mut b = start(
+        "b",
+        mesh.material("b"),
+        sb,
+        &[("a", Some(aa))],
+        big("10.2.0.0/24", "10.97.0.0/16", 102),
+    );
+    eventually("both full states across", || {
+        a.hub
+            .remote_states()
+            .get(&id("b"))
+            .is_some_and(|s| s.services.len() == 3000)
+            && b.hub
+                .remote_states()
+                .get(&id("a"))
+                .is_some_and(|s| s.services.len() == 3000)
     })
     .await;
     a.stop().await;

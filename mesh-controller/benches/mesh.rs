@@ -260,6 +260,7 @@ async fn main() {
         .collect();
     a.set_source(source(vec![node("a-0", "10.3.0.0/16", 1)], big));
     let gen_time = t_gen.elapsed();
+    let rss_a = rss_mb("VmRSS:");
     let b = hub("d", "10.99.0.0/16");
     b.set_source(source(vec![node("d-0", "10.4.0.0/24", 2)], vec![]));
     let (sa, aa) = {
@@ -297,11 +298,12 @@ async fn main() {
         services * endpoints,
         imported,
     );
+    let rss_after = rss_mb("VmRSS:");
     println!(
-        "process RSS: {:.0} MB before, {:.0} MB after, peak {:.0} MB (both controllers and the generator in one process)",
-        rss_before,
-        rss_mb("VmRSS:"),
-        rss_mb("VmHWM:")
+        "process RSS: {rss_before:.0} MB before, {rss_a:.0} MB with A's state, {rss_after:.0} MB after B synced (peak {:.0} MB): A ~{:.0} MB, B ~{:.0} MB",
+        rss_mb("VmHWM:"),
+        rss_a - rss_before,
+        rss_after - rss_a
     );
     pb.shutdown().await;
     pa.shutdown().await;

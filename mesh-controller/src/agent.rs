@@ -200,6 +200,9 @@ impl ImportsSubscription {
 const HELLO_MAX: usize = 64 * 1024;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_SUBSCRIBERS: usize = 4096;
+/// A subscriber that does not take an update within this long is dropped (it gets a fresh
+/// snapshot when it reconnects).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves gateway and DNS subscriptions on `listener` until cancelled. With a `token`, only
 /// subscribers presenting it are served; without, anyone who can reach the listener can
@@ -274,7 +277,10 @@ async fn subscriber(
                     u = sub.next() => {
                         let Some(u) = u else { return Ok(()) };
                         let frame = encode_json_frame(&u, "gateway update", max_frame).map_err(|e| e.to_string())?;
-                        wr.write_all(&frame).await.map_err(|e| e.to_string())?;
+                        tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&frame))
+                            .await
+                            .map_err(|_| "subscriber stopped reading".to_string())?
+                            .map_err(|e| e.to_string())?;
                     }
                     r = rd.read(&mut closed) => {
                         if matches!(r, Ok(0) | Err(_)) { return Ok(()) }
@@ -289,7 +295,10 @@ async fn subscriber(
                     u = sub.next() => {
                         let Some(u) = u else { return Ok(()) };
                         let frame = encode_json_frame(&u, "imports update", max_frame).map_err(|e| e.to_string())?;
-                        wr.write_all(&frame).await.map_err(|e| e.to_string())?;
+                        tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&frame))
+                            .await
+                            .map_err(|_| "subscriber stopped reading".to_string())?
+                            .map_err(|e| e.to_string())?;
                     }
                     r = rd.read(&mut closed) => {
                         if matches!(r, Ok(0) | Err(_)) { return Ok(()) }

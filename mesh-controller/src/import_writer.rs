@@ -21,7 +21,9 @@ use kube::{Api, Client};
 use trellis_core::imports::{ImportedService, Imports};
 
 use crate::Error;
-use crate::crd::{ServiceImport, ServiceImportPort, ServiceImportSpec};
+use crate::crd::{
+    ClusterStatus, ServiceImport, ServiceImportPort, ServiceImportSpec, ServiceImportStatus,
+};
 use crate::hub::Hub;
 use crate::objects::{LABEL_MCS_SERVICE_NAME, LABEL_SOURCE_CLUSTER};
 
@@ -85,6 +87,15 @@ fn import_of(svc: &ImportedService) -> ServiceImport {
     );
     si.metadata.namespace = Some(svc.namespace.clone());
     si.metadata.labels = Some(labels(&[(LABEL_MANAGED_BY, FIELD_MANAGER)]));
+    si.status = Some(ServiceImportStatus {
+        clusters: svc
+            .backends
+            .iter()
+            .map(|b| ClusterStatus {
+                cluster: b.cluster.to_string(),
+            })
+            .collect(),
+    });
     si
 }
 
@@ -211,13 +222,21 @@ impl ImportWriter {
                 continue;
             }
             let api: Api<ServiceImport> = Api::namespaced(self.client.clone(), ns);
-            match api.patch(name, &pp, &Patch::Apply(obj)).await {
+            // The status (which clusters export it) is a subresource: applied separately.
+            let applied = match api.patch(name, &pp, &Patch::Apply(obj)).await {
+                Ok(_) => api
+                    .patch_status(name, &pp, &Patch::Apply(obj))
+                    .await
+                    .map_err(kube_err("applying a ServiceImport's status")),
+                Err(e) => Err(kube_err("applying a ServiceImport")(e)),
+            };
+            match applied {
                 Ok(_) => {
                     self.applied
                         .imports
                         .insert((ns.clone(), name.clone()), obj.clone());
                 }
-                Err(e) => errors.push(kube_err("applying a ServiceImport")(e)),
+                Err(e) => errors.push(e),
             }
         }
         for ((ns, name), obj) in &desired.slices {
@@ -394,6 +413,15 @@ mod tests {
         let si = &d.imports[&("shop".into(), "web".into())];
         assert_eq!(si.spec.type_, "ClusterSetIP");
         assert_eq!(si.spec.ports[0].port, 80);
+        let clusters: Vec<&str> = si
+            .status
+            .as_ref()
+            .unwrap()
+            .clusters
+            .iter()
+            .map(|c| c.cluster.as_str())
+            .collect();
+        assert_eq!(clusters, vec!["a", "b"]);
         assert_eq!(d.slices.len(), 2, "one IPv4 and one IPv6 slice from b");
         let v4 = &d.slices[&("shop".into(), "imported-web-b".into())];
         let l = v4.metadata.labels.as_ref().unwrap();

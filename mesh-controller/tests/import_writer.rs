@@ -102,6 +102,15 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     assert_eq!(body["kind"], "ServiceImport");
     assert_eq!(body["spec"]["type"], "ClusterSetIP");
     respond(send, 200, body);
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(req.method(), Method::PATCH);
+    assert_eq!(
+        req.uri().path(),
+        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports/web/status"
+    );
+    let body = body_json(req).await;
+    assert_eq!(body["status"]["clusters"][0]["cluster"], "b");
+    respond(send, 200, body);
     // Then the slices: nowhere's fails too, shop's succeeds.
     let (req, send) = next(&mut handle).await;
     assert!(

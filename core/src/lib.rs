@@ -4,5 +4,8 @@
 //! dependencies: they can be tested, serialised and compared anywhere.
 
 pub mod cidr;
+pub mod cluster;
 pub mod gateway;
+pub mod imports;
+pub mod peering;
 pub mod wgkey;

@@ -1,0 +1,803 @@
+//! What one cluster tells the mesh about itself (`ClusterState`), and the pure logic around it:
+//! diffs into incremental deltas with revision numbers, applying them, and the refusals of a
+//! mesh that would route ambiguously (overlapping CIDRs, duplicate cluster IDs).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::cidr::overlaps;
+
+/// Errors of the cluster model. Everything here comes from another cluster's bytes or from a
+/// user's configuration, so every check is an error, never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    #[error("invalid cluster ID {id:?}: {reason}")]
+    ParseClusterId { id: String, reason: &'static str },
+    #[error("invalid WireGuard public key {key:?}: {reason}")]
+    ParsePublicKey { key: String, reason: &'static str },
+    #[error("delta for cluster {delta} cannot apply to the state of cluster {state}")]
+    ApplyDeltaWrongCluster { state: ClusterId, delta: ClusterId },
+    #[error(
+        "delta of cluster {cluster} goes from revision {from} to {to}, but the state is at \
+         revision {at}"
+    )]
+    ApplyDeltaRevisionGap {
+        cluster: ClusterId,
+        at: u64,
+        from: u64,
+        to: u64,
+    },
+}
+
+/// A cluster's identity in the mesh: a DNS label (RFC 1123, at most 63 characters), the same
+/// that the cluster's certificate carries as `<id>.cluster.trellis` and that KEP-2149's
+/// `cluster.clusterset.k8s.io` ClusterProperty holds.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ClusterId(String);
+
+impl ClusterId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for ClusterId {
+    type Err = ClusterError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| ClusterError::ParseClusterId {
+            id: s.chars().take(80).collect(),
+            reason,
+        };
+        if s.is_empty() {
+            return Err(err("empty"));
+        }
+        if s.len() > 63 {
+            return Err(err("longer than 63 characters"));
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(err("only lowercase letters, digits and '-' are allowed"));
+        }
+        if s.starts_with('-') || s.ends_with('-') {
+            return Err(err("must start and end with a letter or digit"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for ClusterId {
+    type Error = ClusterError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<ClusterId> for String {
+    fn from(id: ClusterId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A WireGuard (Curve25519) public key; written as standard base64 as `wg` does. Only public
+/// keys ever leave a node.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PublicKey(pub [u8; 32]);
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&base64_encode(&self.0))
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = ClusterError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| ClusterError::ParsePublicKey {
+            key: s.chars().take(80).collect(),
+            reason,
+        };
+        let bytes = base64_decode(s).ok_or_else(|| err("not standard base64"))?;
+        let key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| err("must decode to exactly 32 bytes"))?;
+        Ok(Self(key))
+    }
+}
+
+impl TryFrom<String> for PublicKey {
+    type Error = ClusterError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<PublicKey> for String {
+    fn from(k: PublicKey) -> Self {
+        k.to_string()
+    }
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn base64_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(B64[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.as_bytes();
+    if !s.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    for (ci, chunk) in s.chunks(4).enumerate() {
+        let last = ci == s.len() / 4 - 1;
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &chunk[..4 - pad] {
+            let v = B64.iter().position(|&x| x == c)? as u32;
+            n = (n << 6) | v;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
+}
+
+/// Where a node's gateway listens (WireGuard over UDP) and its public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeGateway {
+    pub endpoint: SocketAddr,
+    pub public_key: PublicKey,
+}
+
+/// One node of a cluster as the mesh sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    #[serde(default)]
+    pub pod_cidrs: Vec<IpNet>,
+    #[serde(default)]
+    pub internal_ips: Vec<IpAddr>,
+    /// Absent until the node's gateway has registered with its controller.
+    #[serde(default)]
+    pub gateway: Option<NodeGateway>,
+}
+
+/// A Service's identity inside a cluster (and, for the clusterset, across clusters: KEP-1645's
+/// namespace sameness).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// KEP-1645's ServiceImport types: one virtual IP for the clusterset, or headless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceKind {
+    ClusterSetIP,
+    Headless,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub addresses: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub ready: bool,
+}
+
+/// A Service this cluster exports (it has a `ServiceExport`), with its ports and endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportedService {
+    pub namespace: String,
+    pub name: String,
+    pub kind: ServiceKind,
+    #[serde(default)]
+    pub cluster_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    /// The ports the endpoints listen on (the EndpointSlices' ports: the Service's target
+    /// ports), which a client reaching an endpoint directly needs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_ports: Vec<ServicePort>,
+}
+
+impl ExportedService {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey::new(&self.namespace, &self.name)
+    }
+}
+
+/// Everything one cluster exports to the mesh. `revision` grows by one with every change the
+/// owning controller makes; peers apply [`Delta`]s only in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub id: ClusterId,
+    pub name: String,
+    pub revision: u64,
+    #[serde(default)]
+    pub service_cidrs: Vec<IpNet>,
+    #[serde(default, with = "node_seq")]
+    pub nodes: BTreeMap<String, NodeState>,
+    #[serde(default, with = "service_seq")]
+    pub services: BTreeMap<ServiceKey, ExportedService>,
+}
+
+/// One change of a cluster's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Change {
+    /// The cluster's display name or service CIDRs changed.
+    Meta {
+        name: String,
+        service_cidrs: Vec<IpNet>,
+    },
+    UpsertNode(NodeState),
+    RemoveNode {
+        name: String,
+    },
+    UpsertService(ExportedService),
+    RemoveService {
+        namespace: String,
+        name: String,
+    },
+}
+
+/// The changes that take a cluster's state from revision `from` to revision `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub cluster: ClusterId,
+    pub from: u64,
+    pub to: u64,
+    pub changes: Vec<Change>,
+}
+
+impl ClusterState {
+    pub fn new(id: ClusterId, name: impl Into<String>) -> Self {
+        Self {
+            id,
+            name: name.into(),
+            revision: 0,
+            service_cidrs: Vec::new(),
+            nodes: BTreeMap::new(),
+            services: BTreeMap::new(),
+        }
+    }
+
+    /// The changes that turn `self` into `new` (ignoring the revisions).
+    pub fn diff(&self, new: &ClusterState) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if self.name != new.name || self.service_cidrs != new.service_cidrs {
+            changes.push(Change::Meta {
+                name: new.name.clone(),
+                service_cidrs: new.service_cidrs.clone(),
+            });
+        }
+        for (name, node) in &new.nodes {
+            if self.nodes.get(name) != Some(node) {
+                changes.push(Change::UpsertNode(node.clone()));
+            }
+        }
+        for name in self.nodes.keys() {
+            if !new.nodes.contains_key(name) {
+                changes.push(Change::RemoveNode { name: name.clone() });
+            }
+        }
+        for (key, svc) in &new.services {
+            if self.services.get(key) != Some(svc) {
+                changes.push(Change::UpsertService(svc.clone()));
+            }
+        }
+        for key in self.services.keys() {
+            if !new.services.contains_key(key) {
+                changes.push(Change::RemoveService {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                });
+            }
+        }
+        changes
+    }
+
+    /// The delta from `self` (at its revision) to `new` (at its revision); `None` when nothing
+    /// changed.
+    pub fn delta_to(&self, new: &ClusterState) -> Option<Delta> {
+        let changes = self.diff(new);
+        (!changes.is_empty()).then(|| Delta {
+            cluster: new.id.clone(),
+            from: self.revision,
+            to: new.revision,
+            changes,
+        })
+    }
+
+    /// Applies a delta in order; a delta that does not start at this revision is refused, so
+    /// the caller resynchronises with a snapshot instead of silently diverging.
+    pub fn apply(&mut self, delta: &Delta) -> Result<(), ClusterError> {
+        if delta.cluster != self.id {
+            return Err(ClusterError::ApplyDeltaWrongCluster {
+                state: self.id.clone(),
+                delta: delta.cluster.clone(),
+            });
+        }
+        if delta.from != self.revision || delta.to <= delta.from {
+            return Err(ClusterError::ApplyDeltaRevisionGap {
+                cluster: self.id.clone(),
+                at: self.revision,
+                from: delta.from,
+                to: delta.to,
+            });
+        }
+        for change in &delta.changes {
+            match change {
+                Change::Meta {
+                    name,
+                    service_cidrs,
+                } => {
+                    self.name = name.clone();
+                    self.service_cidrs = service_cidrs.clone();
+                }
+                Change::UpsertNode(node) => {
+                    self.nodes.insert(node.name.clone(), node.clone());
+                }
+                Change::RemoveNode { name } => {
+                    self.nodes.remove(name);
+                }
+                Change::UpsertService(svc) => {
+                    self.services.insert(svc.key(), svc.clone());
+                }
+                Change::RemoveService { namespace, name } => {
+                    self.services
+                        .remove(&ServiceKey::new(namespace.clone(), name.clone()));
+                }
+            }
+        }
+        self.revision = delta.to;
+        Ok(())
+    }
+
+    /// The number of endpoints over all exported services.
+    pub fn endpoint_count(&self) -> usize {
+        self.services.values().map(|s| s.endpoints.len()).sum()
+    }
+
+    /// Every CIDR this cluster routes: pod CIDRs per node and the service CIDRs.
+    pub fn cidrs(&self) -> impl Iterator<Item = (IpNet, CidrUse)> + '_ {
+        self.nodes
+            .values()
+            .flat_map(|n| {
+                n.pod_cidrs.iter().map(|c| {
+                    (
+                        *c,
+                        CidrUse::Pod {
+                            node: n.name.clone(),
+                        },
+                    )
+                })
+            })
+            .chain(self.service_cidrs.iter().map(|c| (*c, CidrUse::Service)))
+    }
+}
+
+/// What a CIDR is used for, to name it in a refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CidrUse {
+    Pod { node: String },
+    Service,
+}
+
+impl fmt::Display for CidrUse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CidrUse::Pod { node } => write!(f, "pod CIDR (node {node})"),
+            CidrUse::Service => f.write_str("service CIDR"),
+        }
+    }
+}
+
+/// Why a cluster cannot join the mesh as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conflict {
+    /// A remote cluster presents the local cluster's ID, or two peers the same ID.
+    DuplicateClusterId { id: ClusterId },
+    /// A CIDR of one cluster overlaps a CIDR of another: traffic could not be routed
+    /// unambiguously, so the later cluster is refused.
+    CidrOverlap {
+        refused: ClusterId,
+        refused_cidr: IpNet,
+        refused_use: CidrUse,
+        existing: ClusterId,
+        existing_cidr: IpNet,
+        existing_use: CidrUse,
+    },
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Conflict::DuplicateClusterId { id } => {
+                write!(f, "two clusters claim the cluster ID {id}")
+            }
+            Conflict::CidrOverlap {
+                refused,
+                refused_cidr,
+                refused_use,
+                existing,
+                existing_cidr,
+                existing_use,
+            } => write!(
+                f,
+                "cluster {refused} refused: its {refused_use} {refused_cidr} overlaps the \
+                 {existing_use} {existing_cidr} of cluster {existing}"
+            ),
+        }
+    }
+}
+
+/// Every overlap between the CIDRs of `candidate` and those of `existing`, naming both.
+pub fn cidr_conflicts(existing: &ClusterState, candidate: &ClusterState) -> Vec<Conflict> {
+    if existing.id == candidate.id {
+        return vec![Conflict::DuplicateClusterId {
+            id: candidate.id.clone(),
+        }];
+    }
+    let mut out = Vec::new();
+    let theirs: Vec<_> = existing.cidrs().collect();
+    for (cidr, use_) in candidate.cidrs() {
+        for (ecidr, euse) in &theirs {
+            if overlaps(&cidr, ecidr) {
+                out.push(Conflict::CidrOverlap {
+                    refused: candidate.id.clone(),
+                    refused_cidr: cidr,
+                    refused_use: use_.clone(),
+                    existing: existing.id.clone(),
+                    existing_cidr: *ecidr,
+                    existing_use: euse.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Decides which remote clusters the mesh accepts. The local cluster always stands; remotes are
+/// then admitted in cluster-ID order, each refused if it conflicts with the local cluster or an
+/// already admitted remote. Every controller therefore refuses the same cluster of a
+/// conflicting pair, and the result does not depend on the order peers connected in.
+pub fn admit<'a>(
+    local: &'a ClusterState,
+    remotes: impl IntoIterator<Item = &'a ClusterState>,
+) -> BTreeMap<ClusterId, Result<(), Vec<Conflict>>> {
+    let mut remotes: Vec<&ClusterState> = remotes.into_iter().collect();
+    remotes.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut admitted: Vec<&ClusterState> = vec![local];
+    let mut out = BTreeMap::new();
+    for remote in remotes {
+        let conflicts: Vec<Conflict> = admitted
+            .iter()
+            .flat_map(|a| cidr_conflicts(a, remote))
+            .collect();
+        if conflicts.is_empty() {
+            admitted.push(remote);
+            out.insert(remote.id.clone(), Ok(()));
+        } else {
+            out.insert(remote.id.clone(), Err(conflicts));
+        }
+    }
+    out
+}
+
+mod node_seq {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<String, NodeState>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.values())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, NodeState>, D::Error> {
+        let v: Vec<NodeState> = Vec::deserialize(d)?;
+        Ok(v.into_iter().map(|n| (n.name.clone(), n)).collect())
+    }
+}
+
+mod service_seq {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<ServiceKey, ExportedService>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.values())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<ServiceKey, ExportedService>, D::Error> {
+        let v: Vec<ExportedService> = Vec::deserialize(d)?;
+        Ok(v.into_iter().map(|s| (s.key(), s)).collect())
+    }
+}
+
+/// Small builders for tests across the workspace.
+#[doc(hidden)]
+pub mod fixture {
+    use super::*;
+
+    pub fn id(s: &str) -> ClusterId {
+        s.parse().expect("valid cluster id")
+    }
+
+    pub fn cluster(id_: &str, pod_cidr: &str, service_cidr: &str) -> ClusterState {
+        let mut c = ClusterState::new(id(id_), format!("cluster {id_}"));
+        c.service_cidrs = vec![service_cidr.parse().expect("cidr")];
+        c.nodes.insert(
+            "node-0".into(),
+            NodeState {
+                name: "node-0".into(),
+                pod_cidrs: vec![pod_cidr.parse().expect("cidr")],
+                internal_ips: vec![],
+                gateway: None,
+            },
+        );
+        c
+    }
+
+    pub fn service(ns: &str, name: &str, ip: &str, endpoints: &[&str]) -> ExportedService {
+        ExportedService {
+            namespace: ns.into(),
+            name: name.into(),
+            kind: ServiceKind::ClusterSetIP,
+            cluster_ips: vec![ip.parse().expect("ip")],
+            ports: vec![ServicePort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 80,
+            }],
+            endpoints: endpoints
+                .iter()
+                .map(|a| Endpoint {
+                    addresses: vec![a.parse().expect("ip")],
+                    hostname: None,
+                    node: Some("node-0".into()),
+                    ready: true,
+                })
+                .collect(),
+            endpoint_ports: vec![],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::*;
+    use super::*;
+
+    #[test]
+    fn cluster_ids_are_dns_labels() {
+        assert!("east-1".parse::<ClusterId>().is_ok());
+        for bad in ["", "East", "-a", "a-", "a.b", "a_b", &"x".repeat(64)] {
+            assert!(bad.parse::<ClusterId>().is_err(), "{bad:?} accepted");
+        }
+        let err = serde_json::from_str::<ClusterId>("\"Bad\"").unwrap_err();
+        assert!(err.to_string().contains("lowercase"), "{err}");
+    }
+
+    #[test]
+    fn public_keys_round_trip_base64() {
+        let k = PublicKey([7; 32]);
+        let s = k.to_string();
+        assert_eq!(s.len(), 44);
+        assert_eq!(s.parse::<PublicKey>().unwrap(), k);
+        let known = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        assert_eq!(known.parse::<PublicKey>().unwrap().to_string(), known);
+        assert!("AAAA".parse::<PublicKey>().is_err());
+        assert!("not base64!".parse::<PublicKey>().is_err());
+        assert!("A=AA".parse::<PublicKey>().is_err());
+        assert_eq!(base64_encode(b"ab"), "YWI=");
+        assert_eq!(base64_decode("YWI=").unwrap(), b"ab");
+    }
+
+    #[test]
+    fn state_serialises_maps_as_lists_and_round_trips() {
+        let mut c = cluster("east", "10.1.0.0/24", "10.96.0.0/16");
+        c.services.insert(
+            ServiceKey::new("shop", "web"),
+            service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
+        );
+        let json = serde_json::to_value(&c).unwrap();
+        assert!(json["nodes"].is_array());
+        assert!(json["services"].is_array());
+        let back: ClusterState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn diff_then_apply_reaches_the_new_state() {
+        let mut old = cluster("east", "10.1.0.0/24", "10.96.0.0/16");
+        old.revision = 4;
+        old.services.insert(
+            ServiceKey::new("shop", "web"),
+            service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
+        );
+        old.services.insert(
+            ServiceKey::new("shop", "gone"),
+            service("shop", "gone", "10.96.0.11", &[]),
+        );
+        let mut new = old.clone();
+        new.revision = 5;
+        new.name = "renamed".into();
+        new.services.remove(&ServiceKey::new("shop", "gone"));
+        new.services.insert(
+            ServiceKey::new("shop", "web"),
+            service("shop", "web", "10.96.0.10", &["10.1.0.5", "10.1.0.6"]),
+        );
+        new.nodes.remove("node-0");
+        let delta = old.delta_to(&new).unwrap();
+        assert_eq!((delta.from, delta.to), (4, 5));
+        assert_eq!(delta.changes.len(), 4, "{delta:?}");
+        let mut applied = old.clone();
+        applied.apply(&delta).unwrap();
+        assert_eq!(applied, new);
+        assert!(new.delta_to(&new).is_none());
+    }
+
+    #[test]
+    fn apply_refuses_gaps_replays_and_other_clusters() {
+        let mut a = cluster("east", "10.1.0.0/24", "10.96.0.0/16");
+        a.revision = 3;
+        let delta = |from, to| Delta {
+            cluster: id("east"),
+            from,
+            to,
+            changes: vec![],
+        };
+        assert!(matches!(
+            a.apply(&delta(4, 5)),
+            Err(ClusterError::ApplyDeltaRevisionGap { at: 3, .. })
+        ));
+        assert!(a.apply(&delta(3, 3)).is_err());
+        let mut other = delta(3, 4);
+        other.cluster = id("west");
+        assert!(matches!(
+            a.apply(&other),
+            Err(ClusterError::ApplyDeltaWrongCluster { .. })
+        ));
+        a.apply(&delta(3, 4)).unwrap();
+        assert_eq!(a.revision, 4);
+    }
+
+    #[test]
+    fn overlapping_cidrs_are_refused_naming_both_clusters() {
+        let local = cluster("east", "10.1.0.0/24", "10.96.0.0/16");
+        let clash = cluster("west", "10.1.0.128/25", "10.97.0.0/16");
+        let conflicts = cidr_conflicts(&local, &clash);
+        assert_eq!(conflicts.len(), 1);
+        let msg = conflicts[0].to_string();
+        assert_eq!(
+            msg,
+            "cluster west refused: its pod CIDR (node node-0) 10.1.0.128/25 overlaps the pod \
+             CIDR (node node-0) 10.1.0.0/24 of cluster east"
+        );
+        let svc_clash = cluster("west", "10.2.0.0/24", "10.96.128.0/17");
+        let msg = cidr_conflicts(&local, &svc_clash)[0].to_string();
+        assert!(msg.contains("service CIDR 10.96.128.0/17"), "{msg}");
+        assert!(
+            msg.contains("service CIDR 10.96.0.0/16 of cluster east"),
+            "{msg}"
+        );
+        assert!(cidr_conflicts(&local, &cluster("west", "10.2.0.0/24", "10.97.0.0/16")).is_empty());
+    }
+
+    #[test]
+    fn duplicate_cluster_ids_are_refused() {
+        let local = cluster("east", "10.1.0.0/24", "10.96.0.0/16");
+        let imposter = cluster("east", "10.2.0.0/24", "10.97.0.0/16");
+        let verdict = admit(&local, [&imposter]);
+        let err = verdict[&id("east")].clone().unwrap_err();
+        assert_eq!(err, vec![Conflict::DuplicateClusterId { id: id("east") }]);
+        assert_eq!(err[0].to_string(), "two clusters claim the cluster ID east");
+    }
+
+    #[test]
+    fn admission_is_deterministic_and_refuses_the_later_id() {
+        let local = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
+        let b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        let c = cluster("c", "10.2.0.0/24", "10.98.0.0/16");
+        let d = cluster("d", "10.4.0.0/24", "10.99.0.0/16");
+        let v1 = admit(&local, [&c, &b, &d]);
+        let v2 = admit(&local, [&d, &b, &c]);
+        assert_eq!(v1, v2);
+        assert!(v1[&id("b")].is_ok());
+        assert!(v1[&id("d")].is_ok());
+        let err = v1[&id("c")].clone().unwrap_err();
+        assert!(err[0].to_string().contains("of cluster b"), "{}", err[0]);
+        // Once b leaves, c is admitted.
+        assert!(admit(&local, [&c, &d])[&id("c")].is_ok());
+    }
+}

@@ -1,0 +1,465 @@
+//! The streams inside the cluster: each node's gateway and the cluster's DNS subscribe to the
+//! controller and receive a snapshot, then deltas, whenever the mesh view changes.
+//!
+//! In-process, [`GatewaySubscription`] and [`ImportsSubscription`] are the API (the DNS crate
+//! can embed or mirror them). Over the network, [`serve`] speaks the peering framing (4-byte
+//! big-endian length + JSON) on TCP: the client's first frame is an [`AgentHello`]; the
+//! controller then sends [`GatewayUpdate`]s or [`ImportsUpdate`]s.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use trellis_core::imports::{Imports, ImportsUpdate};
+use trellis_core::peering::{FrameDecoder, encode_json_frame};
+
+use crate::gateway::{GatewayDesired, GatewayRegistration, GatewayUpdate, desired_for};
+use crate::hub::{Hub, MeshView};
+
+/// The first frame a subscriber sends: who it is and, when the controller is configured with
+/// one, the shared agent token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentHello {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(flatten)]
+    pub role: AgentRole,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentRole {
+    Gateway(GatewayRegistration),
+    Dns,
+}
+
+impl AgentHello {
+    pub fn gateway(reg: GatewayRegistration, token: Option<String>) -> Self {
+        Self {
+            token,
+            role: AgentRole::Gateway(reg),
+        }
+    }
+
+    pub fn dns(token: Option<String>) -> Self {
+        Self {
+            token,
+            role: AgentRole::Dns,
+        }
+    }
+}
+
+/// Compares tokens in time independent of where they differ.
+fn token_matches(expected: &str, got: Option<&str>) -> bool {
+    let Some(got) = got else { return false };
+    let (a, b) = (expected.as_bytes(), got.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Pure: turns successive mesh views into one node's gateway updates.
+#[derive(Debug)]
+pub struct GatewayFeed {
+    node: String,
+    last: Option<GatewayDesired>,
+}
+
+impl GatewayFeed {
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            last: None,
+        }
+    }
+
+    /// The update this view means for the gateway: a snapshot first, then deltas; `None` if
+    /// nothing changed for this node.
+    pub fn next(&mut self, view: &MeshView) -> Option<GatewayUpdate> {
+        let desired = desired_for(
+            &self.node,
+            &view.local,
+            &view.remote_refs(),
+            view.node_encryption,
+            view.revision,
+        );
+        let update = match &self.last {
+            None => Some(GatewayUpdate::Snapshot(desired.clone())),
+            Some(last) => last.delta_to(&desired),
+        };
+        if update.is_some() {
+            self.last = Some(desired);
+        }
+        update
+    }
+}
+
+/// Pure: turns successive mesh views into DNS updates.
+#[derive(Debug, Default)]
+pub struct ImportsFeed {
+    last: Option<Arc<Imports>>,
+}
+
+impl ImportsFeed {
+    pub fn next(&mut self, view: &MeshView) -> Option<ImportsUpdate> {
+        let update = match &self.last {
+            None => Some(ImportsUpdate::Snapshot((*view.imports).clone())),
+            Some(last) => last.delta_to(&view.imports),
+        };
+        if update.is_some() {
+            self.last = Some(view.imports.clone());
+        }
+        update
+    }
+}
+
+async fn next_view(rx: &mut watch::Receiver<Option<Arc<MeshView>>>) -> Option<Arc<MeshView>> {
+    loop {
+        if let Some(v) = rx.borrow_and_update().clone() {
+            return Some(v);
+        }
+        rx.changed().await.ok()?;
+    }
+}
+
+/// A gateway's stream of desired states. Registering it puts the node's key and endpoint into
+/// the cluster state that peers receive.
+#[derive(Debug)]
+pub struct GatewaySubscription {
+    hub: Hub,
+    rx: watch::Receiver<Option<Arc<MeshView>>>,
+    feed: GatewayFeed,
+    started: bool,
+}
+
+impl GatewaySubscription {
+    pub fn new(hub: &Hub, registration: GatewayRegistration) -> Self {
+        let feed = GatewayFeed::new(registration.node.clone());
+        hub.register_gateway(registration);
+        Self {
+            hub: hub.clone(),
+            rx: hub.subscribe_view(),
+            feed,
+            started: false,
+        }
+    }
+
+    /// The next update; `None` when the controller shuts down.
+    pub async fn next(&mut self) -> Option<GatewayUpdate> {
+        loop {
+            if self.started {
+                self.rx.changed().await.ok()?;
+            }
+            self.started = true;
+            let view = next_view(&mut self.rx).await?;
+            if let Some(u) = self.feed.next(&view) {
+                return Some(u);
+            }
+        }
+    }
+}
+
+impl Drop for GatewaySubscription {
+    fn drop(&mut self) {
+        self.hub.gateway_disconnected();
+    }
+}
+
+/// DNS's stream of imported services.
+#[derive(Debug)]
+pub struct ImportsSubscription {
+    rx: watch::Receiver<Option<Arc<MeshView>>>,
+    feed: ImportsFeed,
+    started: bool,
+}
+
+impl ImportsSubscription {
+    pub fn new(hub: &Hub) -> Self {
+        Self {
+            rx: hub.subscribe_view(),
+            feed: ImportsFeed::default(),
+            started: false,
+        }
+    }
+
+    pub async fn next(&mut self) -> Option<ImportsUpdate> {
+        loop {
+            if self.started {
+                self.rx.changed().await.ok()?;
+            }
+            self.started = true;
+            let view = next_view(&mut self.rx).await?;
+            if let Some(u) = self.feed.next(&view) {
+                return Some(u);
+            }
+        }
+    }
+}
+
+const HELLO_MAX: usize = 64 * 1024;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_SUBSCRIBERS: usize = 4096;
+/// A subscriber that does not take an update within this long is dropped (it gets a fresh
+/// snapshot when it reconnects).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves gateway and DNS subscriptions on `listener` until cancelled. With a `token`, only
+/// subscribers presenting it are served; without, anyone who can reach the listener can
+/// register a gateway, so bind it to a trusted address.
+pub async fn serve(listener: TcpListener, hub: Hub, max_frame: usize, token: Option<Arc<str>>) {
+    let slots = Arc::new(Semaphore::new(MAX_SUBSCRIBERS));
+    loop {
+        let (stream, remote) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a subscriber");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "too many subscribers; refusing");
+            continue;
+        };
+        let hub = hub.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            if let Err(e) = subscriber(stream, hub, max_frame, token).await {
+                tracing::info!(%remote, error = %e, "subscriber ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn read_hello(stream: &mut TcpStream) -> Result<AgentHello, String> {
+    let mut decoder = FrameDecoder::new(HELLO_MAX);
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(hello) = decoder
+            .next_json::<AgentHello>()
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(hello);
+        }
+        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before its hello".into());
+        }
+        decoder.push(&buf[..n]);
+    }
+}
+
+async fn subscriber(
+    mut stream: TcpStream,
+    hub: Hub,
+    max_frame: usize,
+    token: Option<Arc<str>>,
+) -> Result<(), String> {
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
+        .await
+        .map_err(|_| "no hello in time".to_string())??;
+    if let Some(expected) = &token
+        && !token_matches(expected, hello.token.as_deref())
+    {
+        hub.metrics().auth_failure("agent_token");
+        return Err("wrong or missing agent token".into());
+    }
+    let (mut rd, mut wr) = stream.into_split();
+    let mut closed = [0u8; 1];
+    match hello.role {
+        AgentRole::Gateway(reg) => {
+            tracing::info!(node = %reg.node, endpoint = %reg.endpoint, "gateway registered");
+            let mut sub = GatewaySubscription::new(&hub, reg);
+            loop {
+                tokio::select! {
+                    u = sub.next() => {
+                        let Some(u) = u else { return Ok(()) };
+                        let frame = encode_json_frame(&u, "gateway update", max_frame).map_err(|e| e.to_string())?;
+                        tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&frame))
+                            .await
+                            .map_err(|_| "subscriber stopped reading".to_string())?
+                            .map_err(|e| e.to_string())?;
+                    }
+                    r = rd.read(&mut closed) => {
+                        if matches!(r, Ok(0) | Err(_)) { return Ok(()) }
+                    }
+                }
+            }
+        }
+        AgentRole::Dns => {
+            let mut sub = ImportsSubscription::new(&hub);
+            loop {
+                tokio::select! {
+                    u = sub.next() => {
+                        let Some(u) = u else { return Ok(()) };
+                        let frame = encode_json_frame(&u, "imports update", max_frame).map_err(|e| e.to_string())?;
+                        tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&frame))
+                            .await
+                            .map_err(|_| "subscriber stopped reading".to_string())?
+                            .map_err(|e| e.to_string())?;
+                    }
+                    r = rd.read(&mut closed) => {
+                        if matches!(r, Ok(0) | Err(_)) { return Ok(()) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{HubConfig, SourceState};
+    use crate::metrics::Metrics;
+    use trellis_core::cluster::fixture::{cluster, id, service};
+    use trellis_core::cluster::{PublicKey, ServiceKey};
+
+    fn hub() -> Hub {
+        let h = Hub::new(
+            HubConfig {
+                id: id("a"),
+                name: "a".into(),
+                service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+                lease: Duration::from_secs(30),
+                node_encryption: false,
+                recent_deltas: 16,
+                startup_grace: Duration::ZERO,
+            },
+            Metrics::new().unwrap(),
+        );
+        h.set_configured_peers(vec![id("b")]);
+        h
+    }
+
+    fn src() -> SourceState {
+        let c = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
+        SourceState {
+            nodes: c.nodes,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn gateways_get_a_snapshot_then_deltas_over_tcp() {
+        let h = hub();
+        h.set_source(src());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, h.clone(), 1 << 20, Some("s3cret".into())));
+        let reg = GatewayRegistration {
+            node: "node-0".into(),
+            endpoint: "192.168.1.10:51820".parse().unwrap(),
+            public_key: PublicKey([3; 32]),
+        };
+        // A wrong token is refused before anything is registered.
+        let mut bad = TcpStream::connect(addr).await.unwrap();
+        let hello = AgentHello::gateway(reg.clone(), Some("guess".into()));
+        bad.write_all(&encode_json_frame(&hello, "hello", 1 << 20).unwrap())
+            .await
+            .unwrap();
+        let mut sink = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut sink))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0, "a refused subscriber gets nothing");
+        assert!(h.local_state().nodes["node-0"].gateway.is_none());
+        assert!(h.metrics().render().contains("reason=\"agent_token\""));
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let hello = AgentHello::gateway(reg, Some("s3cret".into()));
+        conn.write_all(&encode_json_frame(&hello, "hello", 1 << 20).unwrap())
+            .await
+            .unwrap();
+        let mut dec = FrameDecoder::new(1 << 20);
+        let mut buf = vec![0u8; 65536];
+        let mut read_update = async || -> GatewayUpdate {
+            loop {
+                if let Some(u) = dec.next_json::<GatewayUpdate>().unwrap() {
+                    return u;
+                }
+                let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0);
+                dec.push(&buf[..n]);
+            }
+        };
+        let GatewayUpdate::Snapshot(mut state) = read_update().await else {
+            panic!("first update must be a snapshot")
+        };
+        assert!(state.peers.is_empty());
+        // The registration reached the local cluster state.
+        assert!(h.local_state().nodes["node-0"].gateway.is_some());
+        // A remote cluster appears: a delta adds its peer and routes.
+        let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        b.nodes.get_mut("node-0").unwrap().gateway = Some(trellis_core::cluster::NodeGateway {
+            endpoint: "192.168.2.10:51820".parse().unwrap(),
+            public_key: PublicKey([4; 32]),
+        });
+        h.peer_snapshot(b);
+        let update = read_update().await;
+        assert!(matches!(update, GatewayUpdate::Delta { .. }), "{update:?}");
+        assert!(state.apply(&update));
+        assert_eq!(state.peers.len(), 1);
+        // Node encryption on is pushed too.
+        h.set_node_encryption(true);
+        let update = read_update().await;
+        assert!(state.apply(&update));
+        assert!(state.node_encryption);
+        server.abort();
+    }
+
+    #[test]
+    fn hellos_have_a_flat_wire_form() {
+        let h = AgentHello::dns(Some("t".into()));
+        assert_eq!(
+            serde_json::to_string(&h).unwrap(),
+            r#"{"token":"t","type":"dns"}"#
+        );
+        let g: AgentHello = serde_json::from_str(
+            r#"{"type":"gateway","node":"n","endpoint":"10.0.0.1:51820",
+                "public_key":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="}"#,
+        )
+        .unwrap();
+        assert!(matches!(g.role, AgentRole::Gateway(_)));
+        assert!(g.token.is_none());
+        assert!(token_matches("abc", Some("abc")));
+        assert!(!token_matches("abc", Some("abd")));
+        assert!(!token_matches("abc", Some("ab")));
+        assert!(!token_matches("abc", None));
+    }
+
+    #[tokio::test]
+    async fn dns_sees_imports_change() {
+        let h = hub();
+        h.set_source(src());
+        let mut sub = ImportsSubscription::new(&h);
+        let Some(ImportsUpdate::Snapshot(mut imports)) = sub.next().await else {
+            panic!("snapshot first")
+        };
+        assert!(imports.services.is_empty());
+        let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        b.services.insert(
+            ServiceKey::new("shop", "web"),
+            service("shop", "web", "10.97.0.10", &["10.2.0.5"]),
+        );
+        h.peer_snapshot(b);
+        let update = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(imports.apply(&update));
+        assert!(imports.services.contains_key("shop/web"));
+        // A change that does not touch imports sends nothing to DNS.
+        h.set_node_encryption(true);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), sub.next())
+                .await
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! The controller's one typed configuration (YAML), with defaults, validated once at start.
+//!
+//! ```yaml
+//! clusterId: east
+//! clusterName: East            # default: the ID
+//! listen: 0.0.0.0:7443         # QUIC peering (UDP)
+//! serviceCidrs: [10.96.0.0/16] # when the source has no ServiceCIDR objects
+//! peers:
+//!   - id: west
+//!     endpoint: 192.0.2.20:7443  # omit if only the peer dials
+//! leaseSeconds: 30
+//! heartbeatSeconds: 5
+//! nodeEncryption: false        # re-read at runtime: flipping it needs no restart
+//! tls: {ca: ca.pem, cert: east.pem, key: east-key.pem}
+//! source:
+//!   static: {path: cluster.yaml, pollMillis: 1000}
+//!   # or: kubernetes: {settingsNamespace: trellis-system, settingsConfigMap: trellis-controller}
+//! metricsListen: 0.0.0.0:9464
+//! agentListen: 0.0.0.0:7444    # gateways and DNS subscribe here
+//! agentTokenFile: agent-token  # the shared token they must present (recommended)
+//! stateFile: /var/lib/trellis/controller-state.json  # last state, served after a restart
+//! ```
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use trellis_core::cluster::ClusterId;
+use trellis_core::peering::DEFAULT_MAX_FRAME;
+
+use crate::Error;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerEntry {
+    pub id: ClusterId,
+    #[serde(default)]
+    pub endpoint: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    deny_unknown_fields
+)]
+pub enum SourceConfig {
+    Static {
+        path: PathBuf,
+        #[serde(default = "default_poll_millis")]
+        poll_millis: u64,
+    },
+    Kubernetes {
+        /// The ConfigMap with runtime settings (`nodeEncryption`).
+        #[serde(default = "default_settings_namespace")]
+        settings_namespace: String,
+        #[serde(default = "default_settings_name")]
+        settings_config_map: String,
+    },
+}
+
+fn default_settings_namespace() -> String {
+    "trellis-system".into()
+}
+fn default_settings_name() -> String {
+    "trellis-controller".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Optional: without it the ID comes from the ClusterProperty `cluster.clusterset.k8s.io`
+    /// (in the static file, or on the API server).
+    #[serde(default)]
+    pub cluster_id: Option<ClusterId>,
+    #[serde(default)]
+    pub cluster_name: Option<String>,
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub service_cidrs: Vec<IpNet>,
+    #[serde(default)]
+    pub peers: Vec<PeerEntry>,
+    #[serde(default = "default_lease")]
+    pub lease_seconds: u64,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_seconds: u64,
+    #[serde(default)]
+    pub node_encryption: bool,
+    pub tls: TlsPaths,
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub agent_listen: Option<SocketAddr>,
+    /// Where the last state is kept across restarts (served until the sources resync).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// A file holding the shared token gateways and DNS must present on the agent port.
+    #[serde(default)]
+    pub agent_token_file: Option<PathBuf>,
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7443))
+}
+fn default_lease() -> u64 {
+    30
+}
+fn default_heartbeat() -> u64 {
+    5
+}
+fn default_poll_millis() -> u64 {
+    1000
+}
+fn default_max_frame() -> usize {
+    DEFAULT_MAX_FRAME
+}
+
+impl Config {
+    /// Parses and validates.
+    pub fn parse(yaml: &str) -> Result<Self, Error> {
+        // Through a JSON value so `source: {static: ...}` reads as a plain map (YAML
+        // libraries otherwise expect `!static` tags for enums).
+        let value: serde_json::Value = serde_norway::from_str(yaml).map_err(|e| Error::Config {
+            reason: e.to_string(),
+        })?;
+        let cfg: Config = serde_json::from_value(value).map_err(|e| Error::Config {
+            reason: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |reason: String| Err(Error::Config { reason });
+        if self.heartbeat_seconds == 0 {
+            return bad("heartbeatSeconds must be at least 1".into());
+        }
+        if self.lease_seconds < 2 * self.heartbeat_seconds {
+            return bad(format!(
+                "leaseSeconds ({}) must be at least twice heartbeatSeconds ({})",
+                self.lease_seconds, self.heartbeat_seconds
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for p in &self.peers {
+            if Some(&p.id) == self.cluster_id.as_ref() {
+                return bad(format!("peer {} is this cluster itself", p.id));
+            }
+            if !seen.insert(&p.id) {
+                return bad(format!("peer {} is listed twice", p.id));
+            }
+        }
+        if self.max_frame_bytes < 64 * 1024 {
+            return bad("maxFrameBytes must be at least 65536".into());
+        }
+        if let SourceConfig::Static { poll_millis, .. } = &self.source
+            && *poll_millis < 50
+        {
+            return bad("source.static.pollMillis must be at least 50".into());
+        }
+        Ok(())
+    }
+
+    /// The display name: `clusterName`, else the cluster ID.
+    pub fn name(&self, id: &ClusterId) -> String {
+        self.cluster_name.clone().unwrap_or_else(|| id.to_string())
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_seconds)
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "clusterId: east\ntls: {ca: ca.pem, cert: c.pem, key: k.pem}\nsource: {static: {path: c.yaml}}\n";
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:7443".parse().unwrap());
+        assert_eq!(c.lease(), Duration::from_secs(30));
+        assert_eq!(c.name(c.cluster_id.as_ref().unwrap()), "east");
+        let no_id = Config::parse(&MIN.replace("clusterId: east\n", "")).unwrap();
+        assert_eq!(no_id.cluster_id, None);
+        assert!(!c.node_encryption);
+        assert_eq!(
+            c.source,
+            SourceConfig::Static {
+                path: "c.yaml".into(),
+                poll_millis: 1000
+            }
+        );
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let yaml = r#"
+clusterId: east
+clusterName: East
+listen: 127.0.0.1:17443
+serviceCidrs: [10.96.0.0/16]
+peers:
+  - id: west
+    endpoint: 127.0.0.1:27443
+  - id: north
+leaseSeconds: 20
+heartbeatSeconds: 2
+nodeEncryption: true
+tls: {ca: ca.pem, cert: east.pem, key: east-key.pem}
+source: {kubernetes: {}}
+metricsListen: 127.0.0.1:9464
+agentListen: 127.0.0.1:7444
+"#;
+        let c = Config::parse(yaml).unwrap();
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.peers[1].endpoint, None);
+        assert_eq!(
+            c.source,
+            SourceConfig::Kubernetes {
+                settings_namespace: "trellis-system".into(),
+                settings_config_map: "trellis-controller".into()
+            }
+        );
+        assert!(c.node_encryption);
+        let c = Config::parse(&MIN.replace("{path: c.yaml}", "{path: c.yaml, pollMillis: 250}"))
+            .unwrap();
+        assert_eq!(
+            c.source,
+            SourceConfig::Static {
+                path: "c.yaml".into(),
+                poll_millis: 250
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_configs_say_why() {
+        let cases = [
+            (
+                format!("{MIN}leaseSeconds: 5\nheartbeatSeconds: 5\n"),
+                "twice",
+            ),
+            (format!("{MIN}peers: [{{id: east}}]\n"), "itself"),
+            (format!("{MIN}peers: [{{id: w}}, {{id: w}}]\n"), "twice"),
+            (format!("{MIN}bogus: 1\n"), "unknown field"),
+            (MIN.replace("east", "East"), "lowercase"),
+        ];
+        for (yaml, want) in cases {
+            let err = Config::parse(&yaml).unwrap_err().to_string();
+            assert!(err.contains(want), "{yaml}: {err}");
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! What each node's gateway is told, decided purely from the mesh view.
+//!
+//! These are the controller's own types; the gateway crate has its desired-state model in
+//! `trellis_core::desired` (another branch). The mapping is field for field: a [`PeerSpec`] is
+//! a WireGuard peer (public key, endpoint, allowed IPs, keepalive), a [`RouteSpec`] a route
+//! into the tunnel or via another node, and `node_encryption` the cluster-wide mode.
+//!
+//! Rules:
+//! * every node of every admitted remote cluster with a registered gateway is a peer, with its
+//!   pod CIDRs as allowed IPs; the remote's service CIDRs go to its first such node (by name);
+//! * the other nodes of the local cluster are peers only when node encryption is on; when it is
+//!   off their pod CIDRs are plain routes via their internal address;
+//! * every remote pod and service CIDR is routed into the tunnel whether or not a peer for it is
+//!   known yet, so traffic fails closed instead of leaking to the default route.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use trellis_core::cluster::{ClusterId, ClusterState, PublicKey};
+
+/// Sent by a gateway when it connects: never the private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayRegistration {
+    pub node: String,
+    pub endpoint: SocketAddr,
+    pub public_key: PublicKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PeerSpec {
+    pub cluster: ClusterId,
+    pub node: String,
+    pub public_key: PublicKey,
+    pub endpoint: SocketAddr,
+    pub allowed_ips: Vec<IpNet>,
+    /// Seconds; set for remote clusters (NAT on the way), unset inside the cluster.
+    pub persistent_keepalive: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RouteVia {
+    /// Into the gateway's TUN device: encrypted to the peer whose allowed IPs match.
+    Tunnel,
+    /// A plain route via another node of the cluster (node encryption off).
+    Node { address: IpAddr },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RouteSpec {
+    pub destination: IpNet,
+    pub via: RouteVia,
+}
+
+/// The full desired state of one node's gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayDesired {
+    pub revision: u64,
+    pub node: String,
+    pub node_encryption: bool,
+    pub peers: Vec<PeerSpec>,
+    pub routes: Vec<RouteSpec>,
+}
+
+/// What a gateway receives: a snapshot first (and after reconnecting), then deltas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GatewayUpdate {
+    Snapshot(GatewayDesired),
+    Delta {
+        from: u64,
+        to: u64,
+        node_encryption: bool,
+        upsert_peers: Vec<PeerSpec>,
+        /// Peers to remove, by public key.
+        remove_peers: Vec<PublicKey>,
+        add_routes: Vec<RouteSpec>,
+        remove_routes: Vec<RouteSpec>,
+    },
+}
+
+/// Remote clusters keep NAT mappings alive with this keepalive (seconds).
+pub const REMOTE_KEEPALIVE: u16 = 25;
+
+/// The desired state of `node`'s gateway.
+pub fn desired_for(
+    node: &str,
+    local: &ClusterState,
+    remotes: &[&ClusterState],
+    node_encryption: bool,
+    revision: u64,
+) -> GatewayDesired {
+    let mut peers = Vec::new();
+    let mut routes = Vec::new();
+    for (name, n) in &local.nodes {
+        if name == node {
+            continue;
+        }
+        if node_encryption {
+            if let Some(gw) = &n.gateway {
+                peers.push(PeerSpec {
+                    cluster: local.id.clone(),
+                    node: name.clone(),
+                    public_key: gw.public_key,
+                    endpoint: gw.endpoint,
+                    allowed_ips: n.pod_cidrs.clone(),
+                    persistent_keepalive: None,
+                });
+            }
+            for cidr in &n.pod_cidrs {
+                routes.push(RouteSpec {
+                    destination: *cidr,
+                    via: RouteVia::Tunnel,
+                });
+            }
+        } else {
+            for cidr in &n.pod_cidrs {
+                let address = n
+                    .internal_ips
+                    .iter()
+                    .find(|ip| ip.is_ipv4() == cidr.addr().is_ipv4());
+                if let Some(address) = address {
+                    routes.push(RouteSpec {
+                        destination: *cidr,
+                        via: RouteVia::Node { address: *address },
+                    });
+                }
+            }
+        }
+    }
+    for remote in remotes {
+        let mut service_cidrs_placed = false;
+        for (name, n) in &remote.nodes {
+            if let Some(gw) = &n.gateway {
+                let mut allowed = n.pod_cidrs.clone();
+                if !service_cidrs_placed {
+                    allowed.extend(remote.service_cidrs.iter().copied());
+                    service_cidrs_placed = true;
+                }
+                peers.push(PeerSpec {
+                    cluster: remote.id.clone(),
+                    node: name.clone(),
+                    public_key: gw.public_key,
+                    endpoint: gw.endpoint,
+                    allowed_ips: allowed,
+                    persistent_keepalive: Some(REMOTE_KEEPALIVE),
+                });
+            }
+        }
+        for (cidr, _) in remote.cidrs() {
+            routes.push(RouteSpec {
+                destination: cidr,
+                via: RouteVia::Tunnel,
+            });
+        }
+    }
+    peers.sort();
+    routes.sort();
+    routes.dedup();
+    GatewayDesired {
+        revision,
+        node: node.to_owned(),
+        node_encryption,
+        peers,
+        routes,
+    }
+}
+
+impl GatewayDesired {
+    /// The update from `self` to `new`; `None` if only the revision differs.
+    pub fn delta_to(&self, new: &GatewayDesired) -> Option<GatewayUpdate> {
+        let upsert_peers: Vec<PeerSpec> = new
+            .peers
+            .iter()
+            .filter(|p| !self.peers.contains(p))
+            .cloned()
+            .collect();
+        let remove_peers: Vec<PublicKey> = self
+            .peers
+            .iter()
+            .filter(|p| !new.peers.iter().any(|q| q.public_key == p.public_key))
+            .map(|p| p.public_key)
+            .collect();
+        let add_routes: Vec<RouteSpec> = new
+            .routes
+            .iter()
+            .filter(|r| !self.routes.contains(r))
+            .cloned()
+            .collect();
+        let remove_routes: Vec<RouteSpec> = self
+            .routes
+            .iter()
+            .filter(|r| !new.routes.contains(r))
+            .cloned()
+            .collect();
+        let unchanged = upsert_peers.is_empty()
+            && remove_peers.is_empty()
+            && add_routes.is_empty()
+            && remove_routes.is_empty()
+            && self.node_encryption == new.node_encryption;
+        (!unchanged).then_some(GatewayUpdate::Delta {
+            from: self.revision,
+            to: new.revision,
+            node_encryption: new.node_encryption,
+            upsert_peers,
+            remove_peers,
+            add_routes,
+            remove_routes,
+        })
+    }
+
+    /// Applies an update as a gateway would; `false` if a delta does not follow.
+    pub fn apply(&mut self, update: &GatewayUpdate) -> bool {
+        match update {
+            GatewayUpdate::Snapshot(s) => {
+                *self = s.clone();
+                true
+            }
+            GatewayUpdate::Delta {
+                from,
+                to,
+                node_encryption,
+                upsert_peers,
+                remove_peers,
+                add_routes,
+                remove_routes,
+            } => {
+                if *from != self.revision {
+                    return false;
+                }
+                self.peers.retain(|p| {
+                    !remove_peers.contains(&p.public_key)
+                        && !upsert_peers.iter().any(|u| u.public_key == p.public_key)
+                });
+                self.peers.extend(upsert_peers.iter().cloned());
+                self.peers.sort();
+                self.routes.retain(|r| !remove_routes.contains(r));
+                self.routes.extend(add_routes.iter().cloned());
+                self.routes.sort();
+                self.node_encryption = *node_encryption;
+                self.revision = *to;
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_core::cluster::fixture::cluster;
+    use trellis_core::cluster::{NodeGateway, NodeState};
+
+    fn with_nodes(mut c: ClusterState, base: u8, n: u8) -> ClusterState {
+        c.nodes.clear();
+        for i in 0..n {
+            let name = format!("node-{i}");
+            c.nodes.insert(
+                name.clone(),
+                NodeState {
+                    name,
+                    pod_cidrs: vec![format!("10.{base}.{i}.0/24").parse().unwrap()],
+                    internal_ips: vec![format!("192.168.{base}.{}", i + 10).parse().unwrap()],
+                    gateway: Some(NodeGateway {
+                        endpoint: format!("192.168.{base}.{}:51820", i + 10).parse().unwrap(),
+                        public_key: PublicKey([base * 16 + i; 32]),
+                    }),
+                },
+            );
+        }
+        c
+    }
+
+    #[test]
+    fn remote_nodes_are_always_peers_and_local_nodes_only_when_encrypted() {
+        let local = with_nodes(cluster("a", "10.1.0.0/24", "10.96.0.0/16"), 1, 3);
+        let remote = with_nodes(cluster("b", "10.2.0.0/24", "10.97.0.0/16"), 2, 2);
+        let off = desired_for("node-0", &local, &[&remote], false, 1);
+        assert_eq!(off.peers.len(), 2);
+        assert!(off.peers.iter().all(|p| p.cluster.as_str() == "b"));
+        assert_eq!(off.peers[0].persistent_keepalive, Some(REMOTE_KEEPALIVE));
+        // The remote's service CIDR rides with its first node.
+        assert!(
+            off.peers[0]
+                .allowed_ips
+                .contains(&"10.97.0.0/16".parse().unwrap())
+        );
+        assert!(
+            !off.peers[1]
+                .allowed_ips
+                .contains(&"10.97.0.0/16".parse().unwrap())
+        );
+        assert!(off.routes.contains(&RouteSpec {
+            destination: "10.1.1.0/24".parse().unwrap(),
+            via: RouteVia::Node {
+                address: "192.168.1.11".parse().unwrap()
+            },
+        }));
+        assert!(off.routes.contains(&RouteSpec {
+            destination: "10.97.0.0/16".parse().unwrap(),
+            via: RouteVia::Tunnel,
+        }));
+        // No route or peer for the node itself.
+        assert!(
+            !off.routes
+                .iter()
+                .any(|r| r.destination == "10.1.0.0/24".parse().unwrap())
+        );
+
+        let on = desired_for("node-0", &local, &[&remote], true, 2);
+        assert_eq!(on.peers.len(), 4);
+        assert!(on.routes.iter().all(|r| r.via == RouteVia::Tunnel));
+
+        // Toggling is a delta that a gateway can apply.
+        let update = off.delta_to(&on).unwrap();
+        let mut gw = off.clone();
+        assert!(gw.apply(&update));
+        assert_eq!(gw, on);
+        assert!(on.delta_to(&on).is_none());
+    }
+
+    #[test]
+    fn remote_cidrs_route_into_the_tunnel_even_without_a_known_peer() {
+        let local = with_nodes(cluster("a", "10.1.0.0/24", "10.96.0.0/16"), 1, 1);
+        let mut remote = with_nodes(cluster("b", "10.2.0.0/24", "10.97.0.0/16"), 2, 1);
+        remote.nodes.get_mut("node-0").unwrap().gateway = None;
+        let d = desired_for("node-0", &local, &[&remote], false, 1);
+        assert!(d.peers.is_empty());
+        assert_eq!(d.routes.len(), 2);
+        assert!(d.routes.iter().all(|r| r.via == RouteVia::Tunnel));
+    }
+
+    #[test]
+    fn a_gateway_refuses_a_delta_that_does_not_follow() {
+        let local = with_nodes(cluster("a", "10.1.0.0/24", "10.96.0.0/16"), 1, 2);
+        let a = desired_for("node-0", &local, &[], false, 1);
+        let b = desired_for("node-0", &local, &[], true, 2);
+        let update = a.delta_to(&b).unwrap();
+        let mut stale = desired_for("node-0", &local, &[], false, 0);
+        assert!(!stale.apply(&update));
+        let json = serde_json::to_string(&update).unwrap();
+        assert!(json.contains("\"type\":\"delta\""));
+    }
+}

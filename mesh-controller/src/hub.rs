@@ -1,0 +1,882 @@
+//! The controller's shared state: the local cluster state assembled from the source and the
+//! gateway registrations, the remote states from peering sessions, and the views published to
+//! peering sessions (local state + recent deltas), gateways and DNS (the mesh view).
+//!
+//! Every method takes the lock briefly, decides with the pure pieces (`ClusterState::diff`,
+//! [`Mesh`], [`Imports::build`]) and publishes through `watch` channels, so slow subscribers
+//! never hold up the rest: they skip to the newest view (and resync with a snapshot when the
+//! deltas they need are gone).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::IpNet;
+use tokio::sync::watch;
+use trellis_core::cluster::{
+    ClusterError, ClusterId, ClusterState, Delta, ExportedService, NodeGateway, NodeState,
+    ServiceKey,
+};
+use trellis_core::imports::Imports;
+
+use crate::gateway::GatewayRegistration;
+use crate::mesh::Mesh;
+use crate::metrics::Metrics;
+
+/// What a source (Kubernetes or the static file) knows of the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceState {
+    /// The cluster ID the source found (KEP-2149 `cluster.clusterset.k8s.io`), if any.
+    pub cluster_id: Option<ClusterId>,
+    pub service_cidrs: Vec<IpNet>,
+    pub nodes: BTreeMap<String, NodeState>,
+    pub services: BTreeMap<ServiceKey, ExportedService>,
+}
+
+/// The local state as peering sessions need it.
+#[derive(Debug)]
+pub struct LocalPublish {
+    pub state: Arc<ClusterState>,
+    /// The latest deltas, oldest first, for peers that are a few revisions behind.
+    pub recent: Vec<Delta>,
+}
+
+/// What gateways and DNS are built from.
+#[derive(Debug)]
+pub struct MeshView {
+    pub revision: u64,
+    pub local: Arc<ClusterState>,
+    /// The admitted remote clusters, in ID order.
+    pub remotes: Vec<Arc<ClusterState>>,
+    pub node_encryption: bool,
+    pub imports: Arc<Imports>,
+}
+
+impl MeshView {
+    pub fn remote_refs(&self) -> Vec<&ClusterState> {
+        self.remotes.iter().map(|r| r.as_ref()).collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub id: ClusterId,
+    pub name: String,
+    /// Service CIDRs from the configuration; used when the source reports none.
+    pub service_cidrs: Vec<IpNet>,
+    pub lease: Duration,
+    pub node_encryption: bool,
+    /// How many recent local deltas are kept for peers that fall behind.
+    pub recent_deltas: usize,
+    /// After a (re)start, gateways and DNS get no view until every configured peer has sent
+    /// its snapshot or this long has passed, so a restarting controller never tells them to
+    /// drop peers it simply has not heard from yet. Typically the lease.
+    pub startup_grace: Duration,
+}
+
+/// The controller's status, as JSON on `GET /status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ControllerStatus {
+    pub cluster: ClusterId,
+    pub name: String,
+    pub source_synced: bool,
+    pub revision: u64,
+    pub node_encryption: bool,
+    pub gateways_connected: usize,
+    pub remotes: Vec<RemoteStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RemoteStatus {
+    pub cluster: ClusterId,
+    /// A peering session is up.
+    pub session: bool,
+    /// We hold its state (it may be disconnected, within its lease).
+    pub synced: bool,
+    pub revision: Option<u64>,
+    pub last_sync_unix: Option<u64>,
+    pub nodes: usize,
+    pub services: usize,
+    pub endpoints: usize,
+    /// Why the mesh refuses it, naming both clusters and CIDRs; empty when admitted.
+    pub refused: Vec<String>,
+}
+
+/// A refusal of a second session with the same peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("already peered with cluster {peer} over a connection dialed by {kept_dialer}")]
+pub struct DuplicateSession {
+    pub peer: ClusterId,
+    pub kept_dialer: ClusterId,
+}
+
+/// Held by a running peering session; `cancelled` fires when another session replaces it.
+#[derive(Debug)]
+pub struct SessionTicket {
+    pub peer: ClusterId,
+    pub id: u64,
+    pub cancelled: watch::Receiver<bool>,
+}
+
+#[derive(Debug)]
+struct SessionSlot {
+    id: u64,
+    dialer: ClusterId,
+    cancel: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    source: Option<SourceState>,
+    registrations: BTreeMap<String, GatewayRegistration>,
+    gateways_connected: usize,
+    local: Arc<ClusterState>,
+    recent: VecDeque<Delta>,
+    mesh: Mesh,
+    view_revision: u64,
+    imports: Arc<Imports>,
+    node_encryption: bool,
+    sessions: BTreeMap<ClusterId, SessionSlot>,
+    next_session: u64,
+    configured: Vec<ClusterId>,
+    started: Instant,
+    seen_since_start: std::collections::BTreeSet<ClusterId>,
+    grace_over: bool,
+    restored: bool,
+}
+
+/// The hub; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    cfg: Arc<HubConfig>,
+    inner: Arc<Mutex<Inner>>,
+    local_tx: Arc<watch::Sender<Option<Arc<LocalPublish>>>>,
+    view_tx: Arc<watch::Sender<Option<Arc<MeshView>>>>,
+    metrics: Metrics,
+}
+
+impl Hub {
+    pub fn new(cfg: HubConfig, metrics: Metrics) -> Self {
+        let local = ClusterState::new(cfg.id.clone(), cfg.name.clone());
+        let inner = Inner {
+            source: None,
+            registrations: BTreeMap::new(),
+            gateways_connected: 0,
+            local: Arc::new(local),
+            recent: VecDeque::new(),
+            mesh: Mesh::new(cfg.lease),
+            view_revision: 0,
+            imports: Arc::new(Imports::default()),
+            node_encryption: cfg.node_encryption,
+            sessions: BTreeMap::new(),
+            next_session: 0,
+            configured: Vec::new(),
+            started: Instant::now(),
+            seen_since_start: Default::default(),
+            grace_over: cfg.startup_grace.is_zero(),
+            restored: false,
+        };
+        Self {
+            cfg: Arc::new(cfg),
+            inner: Arc::new(Mutex::new(inner)),
+            local_tx: Arc::new(watch::channel(None).0),
+            view_tx: Arc::new(watch::channel(None).0),
+            metrics,
+        }
+    }
+
+    pub fn id(&self) -> &ClusterId {
+        &self.cfg.id
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.cfg
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock would be a bug; keep serving the data regardless.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The local state for peering sessions; `None` until the sources have synced once.
+    pub fn subscribe_local(&self) -> watch::Receiver<Option<Arc<LocalPublish>>> {
+        self.local_tx.subscribe()
+    }
+
+    /// The mesh view for gateways and DNS; `None` until the sources have synced once.
+    pub fn subscribe_view(&self) -> watch::Receiver<Option<Arc<MeshView>>> {
+        self.view_tx.subscribe()
+    }
+
+    /// The current local state (revision included).
+    pub fn local_state(&self) -> Arc<ClusterState> {
+        self.lock().local.clone()
+    }
+
+    /// What `GET /status` shows (and a future `trellis status`): every configured peer with
+    /// its connection, revision, counts and, when refused, why.
+    pub fn status(&self) -> ControllerStatus {
+        let inner = self.lock();
+        let remotes = inner
+            .configured
+            .iter()
+            .map(|id| {
+                let r = inner.mesh.get(id);
+                RemoteStatus {
+                    cluster: id.clone(),
+                    session: inner.sessions.contains_key(id),
+                    synced: r.is_some(),
+                    revision: r.map(|r| r.state.revision),
+                    last_sync_unix: r.and_then(|r| {
+                        r.last_sync
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_secs())
+                    }),
+                    nodes: r.map_or(0, |r| r.state.nodes.len()),
+                    services: r.map_or(0, |r| r.state.services.len()),
+                    endpoints: r.map_or(0, |r| r.state.endpoint_count()),
+                    refused: r
+                        .and_then(|r| r.refused.as_ref())
+                        .map(|c| c.iter().map(|c| c.to_string()).collect())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        ControllerStatus {
+            cluster: self.cfg.id.clone(),
+            name: self.cfg.name.clone(),
+            source_synced: inner.source.is_some(),
+            revision: inner.local.revision,
+            node_encryption: inner.node_encryption,
+            gateways_connected: inner.gateways_connected,
+            remotes,
+        }
+    }
+
+    /// A copy of the remote states we hold, admitted or not.
+    pub fn remote_states(&self) -> BTreeMap<ClusterId, Arc<ClusterState>> {
+        self.lock()
+            .mesh
+            .remotes()
+            .iter()
+            .map(|(id, r)| (id.clone(), r.state.clone()))
+            .collect()
+    }
+
+    pub fn set_configured_peers(&self, peers: Vec<ClusterId>) {
+        self.metrics
+            .remote_clusters_configured
+            .set(i64::try_from(peers.len()).unwrap_or(i64::MAX));
+        let mut inner = self.lock();
+        let gone: Vec<ClusterId> = inner
+            .mesh
+            .remotes()
+            .keys()
+            .filter(|id| !peers.contains(id))
+            .cloned()
+            .collect();
+        inner.configured = peers;
+        for id in gone {
+            inner.mesh.withdraw(&id);
+            if let Some(slot) = inner.sessions.remove(&id) {
+                let _ = slot.cancel.send(true);
+            }
+        }
+        self.republish(&mut inner);
+    }
+
+    /// The source's newest full view of the cluster.
+    pub fn set_source(&self, source: SourceState) {
+        let mut inner = self.lock();
+        if let Some(found) = &source.cluster_id
+            && found != &self.cfg.id
+        {
+            tracing::error!(
+                configured = %self.cfg.id,
+                found = %found,
+                "the cluster's ClusterProperty names another cluster ID; keeping the configured one"
+            );
+        }
+        inner.source = Some(source);
+        self.recompose(&mut inner);
+    }
+
+    /// A node's gateway registered (or re-registered with a new key or endpoint).
+    pub fn register_gateway(&self, reg: GatewayRegistration) {
+        let mut inner = self.lock();
+        if let Some(src) = &inner.source
+            && !src.nodes.contains_key(&reg.node)
+        {
+            tracing::warn!(
+                node = %reg.node,
+                "a gateway registered for a node the source does not know; it takes effect when the node appears"
+            );
+        }
+        inner.registrations.insert(reg.node.clone(), reg);
+        inner.gateways_connected += 1;
+        self.metrics
+            .gateways_registered
+            .set(i64::try_from(inner.gateways_connected).unwrap_or(i64::MAX));
+        self.recompose(&mut inner);
+    }
+
+    /// A gateway's stream ended; its registration (and so its node's peers elsewhere) stays:
+    /// the data plane keeps running on the last state.
+    pub fn gateway_disconnected(&self) {
+        let mut inner = self.lock();
+        inner.gateways_connected = inner.gateways_connected.saturating_sub(1);
+        self.metrics
+            .gateways_registered
+            .set(i64::try_from(inner.gateways_connected).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_node_encryption(&self, on: bool) {
+        let mut inner = self.lock();
+        if inner.node_encryption != on {
+            inner.node_encryption = on;
+            tracing::info!(node_encryption = on, "node encryption changed");
+            self.republish(&mut inner);
+        }
+    }
+
+    fn recompose(&self, inner: &mut Inner) {
+        let Some(source) = &inner.source else {
+            return;
+        };
+        let mut next = ClusterState::new(self.cfg.id.clone(), self.cfg.name.clone());
+        next.revision = inner.local.revision;
+        next.service_cidrs = if source.service_cidrs.is_empty() {
+            self.cfg.service_cidrs.clone()
+        } else {
+            source.service_cidrs.clone()
+        };
+        next.services = source.services.clone();
+        next.nodes = source.nodes.clone();
+        for (name, node) in next.nodes.iter_mut() {
+            if let Some(reg) = inner.registrations.get(name) {
+                node.gateway = Some(NodeGateway {
+                    endpoint: reg.endpoint,
+                    public_key: reg.public_key,
+                });
+            }
+        }
+        let first = self.local_tx.borrow().is_none();
+        if !first && next.diff(&inner.local).is_empty() {
+            return;
+        }
+        next.revision = inner.local.revision + 1;
+        if !first && let Some(delta) = inner.local.delta_to(&next) {
+            inner.recent.push_back(delta);
+            while inner.recent.len() > self.cfg.recent_deltas {
+                inner.recent.pop_front();
+            }
+        }
+        inner.local = Arc::new(next);
+        self.metrics
+            .local_revision
+            .set(i64::try_from(inner.local.revision).unwrap_or(i64::MAX));
+        self.local_tx.send_replace(Some(Arc::new(LocalPublish {
+            state: inner.local.clone(),
+            recent: inner.recent.iter().cloned().collect(),
+        })));
+        self.republish(inner);
+    }
+
+    /// Serves the state saved before a restart until the sources and peers resync: the local
+    /// state goes to peers, the view to gateways and DNS, remotes count as disconnected. Only
+    /// before the first source sync, and only a state of this cluster.
+    pub fn restore(&self, p: crate::store::Persisted) {
+        let mut inner = self.lock();
+        if inner.source.is_some() || p.local.id != self.cfg.id {
+            tracing::warn!(saved = %p.local.id, "not restoring a saved state of another cluster or after the sources synced");
+            return;
+        }
+        tracing::info!(
+            revision = p.local.revision,
+            remotes = p.remotes.len(),
+            "serving the state saved before the restart until the sources resync"
+        );
+        inner.local = Arc::new(p.local);
+        inner.registrations = p
+            .registrations
+            .into_iter()
+            .map(|r| (r.node.clone(), r))
+            .collect();
+        inner.node_encryption = p.node_encryption;
+        let now = Instant::now();
+        for remote in p.remotes {
+            inner.seen_since_start.insert(remote.id.clone());
+            inner.mesh.restore(remote, now, SystemTime::now());
+        }
+        inner.restored = true;
+        self.local_tx.send_replace(Some(Arc::new(LocalPublish {
+            state: inner.local.clone(),
+            recent: Vec::new(),
+        })));
+        self.republish(&mut inner);
+    }
+
+    /// What [`crate::store`] saves; `None` until there is something real to save.
+    pub fn persisted(&self) -> Option<crate::store::Persisted> {
+        let inner = self.lock();
+        if inner.source.is_none() && !inner.restored {
+            return None;
+        }
+        Some(crate::store::Persisted {
+            version: crate::store::STORE_VERSION,
+            local: (*inner.local).clone(),
+            registrations: inner.registrations.values().cloned().collect(),
+            remotes: inner
+                .mesh
+                .remotes()
+                .values()
+                .map(|r| (*r.state).clone())
+                .collect(),
+            node_encryption: inner.node_encryption,
+        })
+    }
+
+    /// Re-decides admission and publishes a new mesh view.
+    fn republish(&self, inner: &mut Inner) {
+        if inner.source.is_none() && !inner.restored {
+            return;
+        }
+        let peers_synced = inner
+            .configured
+            .iter()
+            .all(|c| inner.seen_since_start.contains(c));
+        if !inner.grace_over && !peers_synced {
+            self.update_remote_metrics(inner);
+            return;
+        }
+        let local = inner.local.clone();
+        let changes = inner.mesh.readmit(&local);
+        for (id, conflicts) in &changes.newly_refused {
+            for c in conflicts {
+                tracing::error!(cluster = %id, conflict = %c, "refusing a remote cluster");
+            }
+        }
+        for id in &changes.newly_admitted {
+            tracing::info!(cluster = %id, "remote cluster admitted");
+        }
+        inner.view_revision += 1;
+        let remotes: Vec<Arc<ClusterState>> = inner.mesh.admitted().cloned().collect();
+        let imports = Imports::build(
+            &self.cfg.id,
+            std::iter::once(local.as_ref()).chain(remotes.iter().map(|r| r.as_ref())),
+            inner.view_revision,
+        );
+        inner.imports = Arc::new(imports);
+        self.update_remote_metrics(inner);
+        self.view_tx.send_replace(Some(Arc::new(MeshView {
+            revision: inner.view_revision,
+            local,
+            remotes,
+            node_encryption: inner.node_encryption,
+            imports: inner.imports.clone(),
+        })));
+    }
+
+    fn update_remote_metrics(&self, inner: &Inner) {
+        let m = &self.metrics;
+        let mut connected = 0;
+        for id in &inner.configured {
+            let l = [id.as_str()];
+            match inner.mesh.get(id) {
+                Some(r) => {
+                    if r.connected {
+                        connected += 1;
+                    }
+                    let ready = r.connected && r.refused.is_none();
+                    m.remote_cluster_ready
+                        .with_label_values(&l)
+                        .set(i64::from(ready));
+                    m.remote_cluster_refused
+                        .with_label_values(&l)
+                        .set(i64::from(r.refused.is_some()));
+                    let ts = r
+                        .last_sync
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0);
+                    m.last_sync_timestamp.with_label_values(&l).set(ts);
+                    m.sync_lag
+                        .with_label_values(&l)
+                        .set(r.last_heard.elapsed().as_secs_f64());
+                    let admitted = r.refused.is_none();
+                    let svcs = if admitted { r.state.services.len() } else { 0 };
+                    let eps = if admitted {
+                        r.state.endpoint_count()
+                    } else {
+                        0
+                    };
+                    m.imported_services
+                        .with_label_values(&l)
+                        .set(i64::try_from(svcs).unwrap_or(i64::MAX));
+                    m.imported_endpoints
+                        .with_label_values(&l)
+                        .set(i64::try_from(eps).unwrap_or(i64::MAX));
+                }
+                None => {
+                    m.remote_cluster_ready.with_label_values(&l).set(0);
+                    m.imported_services.with_label_values(&l).set(0);
+                    m.imported_endpoints.with_label_values(&l).set(0);
+                }
+            }
+        }
+        m.remote_clusters_connected.set(connected);
+    }
+
+    /// Opens a session slot for `peer`. Between two connections with the same peer, the one
+    /// dialed by the cluster with the smaller ID wins on both sides; a reconnect by the same
+    /// dialer replaces the old connection.
+    pub fn session_start(
+        &self,
+        peer: &ClusterId,
+        dialer: &ClusterId,
+    ) -> Result<SessionTicket, DuplicateSession> {
+        let mut inner = self.lock();
+        if let Some(existing) = inner.sessions.get(peer)
+            && existing.dialer < *dialer
+        {
+            return Err(DuplicateSession {
+                peer: peer.clone(),
+                kept_dialer: existing.dialer.clone(),
+            });
+        }
+        if let Some(old) = inner.sessions.remove(peer) {
+            let _ = old.cancel.send(true);
+        }
+        inner.next_session += 1;
+        let id = inner.next_session;
+        let (cancel, cancelled) = watch::channel(false);
+        inner.sessions.insert(
+            peer.clone(),
+            SessionSlot {
+                id,
+                dialer: dialer.clone(),
+                cancel,
+            },
+        );
+        Ok(SessionTicket {
+            peer: peer.clone(),
+            id,
+            cancelled,
+        })
+    }
+
+    /// Whether a session with `peer` is running.
+    pub fn is_connected(&self, peer: &ClusterId) -> bool {
+        self.lock().sessions.contains_key(peer)
+    }
+
+    /// The session ended; the peer's state stays until its lease runs out.
+    pub fn session_end(&self, ticket: &SessionTicket) {
+        let mut inner = self.lock();
+        if inner.sessions.get(&ticket.peer).map(|s| s.id) == Some(ticket.id) {
+            inner.sessions.remove(&ticket.peer);
+            inner.mesh.disconnected(&ticket.peer);
+            self.update_remote_metrics(&inner);
+        }
+    }
+
+    pub fn peer_snapshot(&self, state: ClusterState) {
+        let mut inner = self.lock();
+        tracing::info!(
+            cluster = %state.id,
+            revision = state.revision,
+            nodes = state.nodes.len(),
+            services = state.services.len(),
+            "received a snapshot"
+        );
+        inner.seen_since_start.insert(state.id.clone());
+        inner
+            .mesh
+            .snapshot(state, Instant::now(), SystemTime::now());
+        self.republish(&mut inner);
+    }
+
+    pub fn peer_delta(&self, delta: &Delta) -> Result<(), ClusterError> {
+        let mut inner = self.lock();
+        inner.mesh.delta(delta, Instant::now(), SystemTime::now())?;
+        self.republish(&mut inner);
+        Ok(())
+    }
+
+    pub fn peer_heard(&self, peer: &ClusterId) {
+        self.lock().mesh.heard(peer, Instant::now());
+    }
+
+    /// Withdraws a peer's state at once (its lease expired while connected).
+    pub fn withdraw(&self, peer: &ClusterId) {
+        let mut inner = self.lock();
+        if inner.mesh.withdraw(peer) {
+            tracing::warn!(cluster = %peer, "withdrew a remote cluster's nodes and endpoints");
+            self.republish(&mut inner);
+        }
+    }
+
+    /// Withdraws disconnected peers whose lease ran out; returns when to call again.
+    pub fn expire(&self, now: Instant) -> Option<Instant> {
+        let mut inner = self.lock();
+        if !inner.grace_over
+            && now.saturating_duration_since(inner.started) >= self.cfg.startup_grace
+        {
+            inner.grace_over = true;
+            tracing::info!(
+                "startup grace over; serving gateways and DNS without the missing peers"
+            );
+            self.republish(&mut inner);
+        }
+        let expired = inner.mesh.expire(now);
+        for id in &expired {
+            tracing::warn!(cluster = %id, "lease expired; withdrew its nodes and endpoints");
+        }
+        if !expired.is_empty() {
+            self.republish(&mut inner);
+        } else {
+            self.update_remote_metrics(&inner);
+        }
+        inner.mesh.next_expiry()
+    }
+
+    /// Runs [`Hub::expire`] forever, at least once a second.
+    pub async fn run_expiry(self) {
+        loop {
+            let next = self.expire(Instant::now());
+            let cap = Instant::now() + Duration::from_secs(1);
+            let at = next.map_or(cap, |n| n.min(cap));
+            tokio::time::sleep_until(at.into()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_core::cluster::PublicKey;
+    use trellis_core::cluster::fixture::{cluster, id, service};
+
+    fn hub(id_: &str) -> Hub {
+        Hub::new(
+            HubConfig {
+                id: id(id_),
+                name: id_.into(),
+                service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+                lease: Duration::from_secs(30),
+                node_encryption: false,
+                recent_deltas: 4,
+                startup_grace: Duration::ZERO,
+            },
+            Metrics::new().unwrap(),
+        )
+    }
+
+    fn source(pod: &str) -> SourceState {
+        let c = cluster("x", pod, "10.96.0.0/16");
+        SourceState {
+            cluster_id: None,
+            service_cidrs: vec![],
+            nodes: c.nodes,
+            services: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn after_a_restart_views_wait_for_every_peer_or_the_grace_period() {
+        let h = Hub::new(
+            HubConfig {
+                id: id("a"),
+                name: "a".into(),
+                service_cidrs: vec![],
+                lease: Duration::from_secs(30),
+                node_encryption: false,
+                recent_deltas: 4,
+                startup_grace: Duration::from_secs(30),
+            },
+            Metrics::new().unwrap(),
+        );
+        h.set_configured_peers(vec![id("b"), id("c")]);
+        h.set_source(source("10.1.0.0/24"));
+        assert!(
+            h.subscribe_local().borrow().is_some(),
+            "peers get our state at once"
+        );
+        assert!(h.subscribe_view().borrow().is_none(), "gateways wait");
+        h.peer_snapshot(cluster("b", "10.2.0.0/24", "10.97.0.0/16"));
+        assert!(
+            h.subscribe_view().borrow().is_none(),
+            "c has not synced yet"
+        );
+        h.peer_snapshot(cluster("c", "10.3.0.0/24", "10.98.0.0/16"));
+        assert_eq!(
+            h.subscribe_view().borrow().as_ref().unwrap().remotes.len(),
+            2
+        );
+        // Or the grace period ends.
+        let h2 = Hub::new(h.config().clone(), Metrics::new().unwrap());
+        h2.set_configured_peers(vec![id("b")]);
+        h2.set_source(source("10.1.0.0/24"));
+        h2.expire(Instant::now() + Duration::from_secs(29));
+        assert!(h2.subscribe_view().borrow().is_none());
+        h2.expire(Instant::now() + Duration::from_secs(31));
+        assert!(h2.subscribe_view().borrow().is_some());
+    }
+
+    #[test]
+    fn a_restarted_controller_serves_its_saved_state_until_everything_resyncs() {
+        let before = hub("a");
+        before.set_configured_peers(vec![id("b")]);
+        before.set_source(source("10.1.0.0/24"));
+        before.register_gateway(GatewayRegistration {
+            node: "node-0".into(),
+            endpoint: "192.168.1.10:51820".parse().unwrap(),
+            public_key: PublicKey([1; 32]),
+        });
+        before.peer_snapshot(cluster("b", "10.2.0.0/24", "10.97.0.0/16"));
+        let saved = before.persisted().unwrap();
+        assert_eq!(saved.local.revision, 2);
+
+        // The restarted controller, before its source syncs.
+        let after = Hub::new(
+            HubConfig {
+                startup_grace: Duration::from_secs(30),
+                ..before.config().clone()
+            },
+            Metrics::new().unwrap(),
+        );
+        assert!(after.persisted().is_none(), "nothing to save yet");
+        after.restore(saved.clone());
+        after.set_configured_peers(vec![id("b")]);
+        let view = after.subscribe_view().borrow().clone().unwrap();
+        assert_eq!(view.remotes.len(), 1, "b is served from the saved state");
+        assert_eq!(
+            after
+                .subscribe_local()
+                .borrow()
+                .as_ref()
+                .unwrap()
+                .state
+                .revision,
+            2
+        );
+        // The source resyncs: the registration survived, so the gateway key is still there,
+        // and nothing changed, so no new revision.
+        after.set_source(source("10.1.0.0/24"));
+        assert_eq!(after.local_state().revision, 2);
+        assert!(after.local_state().nodes["node-0"].gateway.is_some());
+        // b never comes back: withdrawn a lease later.
+        after.expire(Instant::now() + Duration::from_secs(29));
+        assert_eq!(after.remote_states().len(), 1);
+        after.expire(Instant::now() + Duration::from_secs(31));
+        assert!(after.remote_states().is_empty());
+        // A saved state of another cluster is not restored.
+        let other = hub("z");
+        other.restore(saved);
+        assert!(other.subscribe_view().borrow().is_none());
+    }
+
+    #[test]
+    fn nothing_is_published_before_the_source_syncs() {
+        let h = hub("a");
+        assert!(h.subscribe_local().borrow().is_none());
+        h.register_gateway(GatewayRegistration {
+            node: "node-0".into(),
+            endpoint: "192.168.1.10:51820".parse().unwrap(),
+            public_key: PublicKey([1; 32]),
+        });
+        assert!(h.subscribe_view().borrow().is_none());
+        h.set_source(source("10.1.0.0/24"));
+        let local = h.subscribe_local().borrow().clone().unwrap();
+        assert_eq!(local.state.revision, 1);
+        assert!(local.recent.is_empty());
+        assert_eq!(
+            local.state.service_cidrs,
+            vec!["10.96.0.0/16".parse().unwrap()]
+        );
+        assert!(local.state.nodes["node-0"].gateway.is_some());
+    }
+
+    #[test]
+    fn local_changes_bump_the_revision_and_keep_a_bounded_delta_history() {
+        let h = hub("a");
+        h.set_source(source("10.1.0.0/24"));
+        h.set_source(source("10.1.0.0/24"));
+        assert_eq!(h.local_state().revision, 1, "no change, no revision");
+        for i in 0..6 {
+            let mut s = source("10.1.0.0/24");
+            s.services.insert(
+                ServiceKey::new("shop", "web"),
+                service("shop", "web", "10.96.0.10", &[&format!("10.1.0.{}", i + 2)]),
+            );
+            h.set_source(s);
+        }
+        let local = h.subscribe_local().borrow().clone().unwrap();
+        assert_eq!(local.state.revision, 7);
+        assert_eq!(local.recent.len(), 4);
+        assert_eq!(local.recent.last().unwrap().to, 7);
+        assert_eq!(local.recent[0].from, 3);
+    }
+
+    #[test]
+    fn the_smaller_dialer_wins_duplicate_sessions() {
+        let h = hub("b");
+        let peer = id("c");
+        // b dialed c; then c dials b: b < c so b's connection stays.
+        let t1 = h.session_start(&peer, &id("b")).unwrap();
+        let err = h.session_start(&peer, &id("c")).unwrap_err();
+        assert_eq!(err.kept_dialer, id("b"));
+        assert!(!*t1.cancelled.borrow());
+        // A reconnect by the same dialer replaces the old session.
+        let t2 = h.session_start(&peer, &id("b")).unwrap();
+        assert!(*t1.cancelled.borrow());
+        h.session_end(&t1);
+        assert!(
+            h.is_connected(&peer),
+            "the stale ticket must not end the new session"
+        );
+        h.session_end(&t2);
+        assert!(!h.is_connected(&peer));
+        // On the other side, a, the connection dialed by a replaces the one dialed by c.
+        let h = hub("a");
+        let t = h.session_start(&id("c"), &id("c")).unwrap();
+        h.session_start(&id("c"), &id("a")).unwrap();
+        assert!(*t.cancelled.borrow());
+    }
+
+    #[test]
+    fn remote_state_flows_into_the_view_and_conflicts_are_refused() {
+        let h = hub("a");
+        h.set_configured_peers(vec![id("b"), id("c")]);
+        h.set_source(source("10.1.0.0/24"));
+        let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        b.services.insert(
+            ServiceKey::new("shop", "web"),
+            service("shop", "web", "10.97.0.10", &["10.2.0.5"]),
+        );
+        h.peer_snapshot(b);
+        h.peer_snapshot(cluster("c", "10.1.0.0/25", "10.98.0.0/16"));
+        let view = h.subscribe_view().borrow().clone().unwrap();
+        assert_eq!(view.remotes.len(), 1);
+        assert_eq!(view.remotes[0].id, id("b"));
+        assert!(view.imports.services.contains_key("shop/web"));
+        let text = h.metrics().render();
+        assert!(
+            text.contains("trellis_controller_remote_cluster_refused{cluster=\"c\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trellis_controller_imported_endpoints{cluster=\"b\"} 1"),
+            "{text}"
+        );
+        h.withdraw(&id("b"));
+        let view = h.subscribe_view().borrow().clone().unwrap();
+        assert!(view.remotes.is_empty());
+        assert!(view.imports.services.is_empty());
+    }
+}

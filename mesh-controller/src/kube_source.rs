@@ -1,0 +1,167 @@
+//! The Kubernetes source: reflectors over Nodes, Services, EndpointSlices and ServiceExports
+//! (required), ClusterProperties and ServiceCIDRs (optional: their APIs may be absent). Once
+//! every required kind has listed, each change (debounced) rebuilds the cluster state from the
+//! stores with [`crate::objects::source_state`].
+//!
+//! The watcher re-lists on `410 Gone` and retries with backoff when the API server goes away;
+//! the stores keep the last listed state meanwhile, so nothing is withdrawn because the API
+//! server restarted.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+
+use crate::crd::{ClusterProperty, ServiceExport};
+use crate::objects::Objects;
+use crate::static_source::StateSink;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Node,
+    Service,
+    EndpointSlice,
+    ServiceExport,
+    ClusterProperty,
+    ServiceCidr,
+}
+
+const REQUIRED: [Kind; 4] = [
+    Kind::Node,
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::ServiceExport,
+];
+
+type Tagged = (Kind, Result<bool, String>);
+
+/// A reflector for `K`, reporting `Ok(true)` when a (re)list completed.
+fn reflect<K>(api: Api<K>, kind: Kind) -> (Store<K>, impl Stream<Item = Tagged> + Send + 'static)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .map(move |ev| {
+            (
+                kind,
+                ev.map(|e| matches!(e, watcher::Event::InitDone))
+                    .map_err(|e| e.to_string()),
+            )
+        });
+    (reader, stream)
+}
+
+fn owned<K>(store: &Store<K>) -> Vec<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store.state().iter().map(|k| (**k).clone()).collect()
+}
+
+/// The cluster ID from the ClusterProperty `cluster.clusterset.k8s.io` (KEP-2149), for a
+/// controller configured without one.
+pub async fn cluster_id(client: Client) -> Result<trellis_core::cluster::ClusterId, crate::Error> {
+    let api: Api<ClusterProperty> = Api::all(client);
+    let prop = api
+        .get(crate::crd::CLUSTER_ID_PROPERTY)
+        .await
+        .map_err(|e| crate::Error::Kubernetes {
+            operation: "reading the ClusterProperty cluster.clusterset.k8s.io",
+            reason: e.to_string(),
+        })?;
+    prop.spec
+        .value
+        .parse()
+        .map_err(
+            |e: trellis_core::cluster::ClusterError| crate::Error::Kubernetes {
+                operation: "reading the cluster ID from the ClusterProperty",
+                reason: e.to_string(),
+            },
+        )
+}
+
+/// Runs until cancelled, delivering the cluster's state to `sink` after every change.
+pub async fn run(client: Client, sink: impl StateSink) {
+    run_with(client, sink, Duration::from_millis(100)).await
+}
+
+/// As [`run`], with the debounce interval (tests use a short one).
+pub async fn run_with(client: Client, sink: impl StateSink, debounce: Duration) {
+    let (nodes, s1) = reflect(Api::<Node>::all(client.clone()), Kind::Node);
+    let (services, s2) = reflect(Api::<Service>::all(client.clone()), Kind::Service);
+    let (slices, s3) = reflect(
+        Api::<EndpointSlice>::all(client.clone()),
+        Kind::EndpointSlice,
+    );
+    let (exports, s4) = reflect(
+        Api::<ServiceExport>::all(client.clone()),
+        Kind::ServiceExport,
+    );
+    let (props, s5) = reflect(
+        Api::<ClusterProperty>::all(client.clone()),
+        Kind::ClusterProperty,
+    );
+    let (cidrs, s6) = reflect(Api::<ServiceCIDR>::all(client), Kind::ServiceCidr);
+    let mut events = futures::stream::select_all([
+        s1.boxed(),
+        s2.boxed(),
+        s3.boxed(),
+        s4.boxed(),
+        s5.boxed(),
+        s6.boxed(),
+    ]);
+    let mut synced: BTreeSet<Kind> = BTreeSet::new();
+    let mut failing: BTreeSet<Kind> = BTreeSet::new();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let ready = REQUIRED.iter().all(|k| synced.contains(k));
+        let sleep = async {
+            match deadline {
+                Some(d) if ready => tokio::time::sleep_until(d).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ev = events.next() => match ev {
+                None => return,
+                Some((kind, Ok(init_done))) => {
+                    if failing.remove(&kind) {
+                        tracing::info!(?kind, "watch recovered");
+                    }
+                    if init_done && synced.insert(kind) {
+                        tracing::info!(?kind, "listed");
+                    }
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + debounce);
+                }
+                Some((kind, Err(e))) => {
+                    // Log once per outage, not once per retry.
+                    if failing.insert(kind) {
+                        tracing::warn!(?kind, error = %e, "watch failed; retrying with backoff, keeping the last state");
+                    }
+                }
+            },
+            () = sleep => {
+                deadline = None;
+                let objects = Objects {
+                    nodes: owned(&nodes),
+                    services: owned(&services),
+                    endpoint_slices: owned(&slices),
+                    service_exports: owned(&exports),
+                    cluster_properties: owned(&props),
+                    service_cidrs: owned(&cidrs),
+                };
+                sink.set_source(crate::objects::source_state(&objects));
+            }
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! `trellis-controller`: run the per-cluster mesh controller, or create its certificates and
+//! CRDs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use trellis_controller::certs::{self, Validity};
+use trellis_controller::config::{Config, SourceConfig};
+use trellis_controller::hub::{Hub, HubConfig};
+use trellis_controller::metrics::Metrics;
+use trellis_controller::peering::{PeerConfig, Peering, PeeringConfig};
+use trellis_controller::store::{FileStore, StateStore};
+use trellis_controller::tls::TlsMaterial;
+use trellis_controller::{agent, crd, kube_source, static_source};
+use trellis_core::cluster::ClusterId;
+
+#[derive(Parser)]
+#[command(
+    name = "trellis-controller",
+    version,
+    about = "The Trellis mesh controller"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller.
+    Run {
+        /// The configuration file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Create the mesh CA or a cluster's certificate.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Print the CRDs the controller needs (ServiceExport, ServiceImport, ClusterProperty).
+    Crds,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create ca.pem and ca-key.pem.
+    Ca {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "trellis")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create <id>.pem and <id>-key.pem, signed by the CA in the same directory.
+    Cluster {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: ClusterId,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Certs(CertsCommand::Ca {
+            dir,
+            name,
+            days,
+            force,
+        }) => {
+            certs::write_ca_files(&dir, &name, Validity::days_from_now(days), force)?;
+            println!(
+                "wrote {}/ca.pem and {}/ca-key.pem",
+                dir.display(),
+                dir.display()
+            );
+        }
+        Command::Certs(CertsCommand::Cluster {
+            dir,
+            id,
+            days,
+            force,
+        }) => {
+            certs::write_cluster_files(&dir, &id, Validity::days_from_now(days), force)?;
+            println!(
+                "wrote {}/{} and {}/{}",
+                dir.display(),
+                certs::cluster_cert_file(&id),
+                dir.display(),
+                certs::cluster_key_file(&id)
+            );
+        }
+        Command::Crds => print!("{}", crd::crds_yaml()?),
+        Command::Run { config } => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(run(config))?;
+        }
+    }
+    Ok(())
+}
+
+fn read(path: &PathBuf) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+async fn run(config_path: PathBuf) -> Result<()> {
+    let cfg = Config::parse(&read(&config_path)?)
+        .with_context(|| format!("in {}", config_path.display()))?;
+    let tls = TlsMaterial {
+        ca_pem: read(&cfg.tls.ca)?,
+        cert_pem: read(&cfg.tls.cert)?,
+        key_pem: read(&cfg.tls.key)?,
+    };
+    let client = match &cfg.source {
+        SourceConfig::Kubernetes { .. } => Some(
+            kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?,
+        ),
+        SourceConfig::Static { .. } => None,
+    };
+    let id = match (&cfg.cluster_id, &cfg.source, &client) {
+        (Some(id), _, _) => id.clone(),
+        (None, SourceConfig::Static { path, .. }, _) => {
+            let objects = trellis_controller::objects::parse_objects(&read(path)?)?;
+            trellis_controller::objects::source_state(&objects)
+                .cluster_id
+                .with_context(|| {
+                    format!(
+                        "no clusterId in the configuration and no ClusterProperty \
+                         cluster.clusterset.k8s.io in {}",
+                        path.display()
+                    )
+                })?
+        }
+        (None, SourceConfig::Kubernetes { .. }, Some(client)) => {
+            kube_source::cluster_id(client.clone()).await?
+        }
+        (None, SourceConfig::Kubernetes { .. }, None) => {
+            anyhow::bail!("no Kubernetes client")
+        }
+    };
+    let metrics = Metrics::new()?;
+    let hub = Hub::new(
+        HubConfig {
+            id: id.clone(),
+            name: cfg.name(&id),
+            service_cidrs: cfg.service_cidrs.clone(),
+            lease: cfg.lease(),
+            node_encryption: cfg.node_encryption,
+            recent_deltas: 256,
+            startup_grace: cfg.lease(),
+        },
+        metrics.clone(),
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(path) = &cfg.state_file {
+        let store = FileStore { path: path.clone() };
+        match store.load() {
+            Ok(Some(saved)) => hub.restore(saved),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "ignoring the saved state"),
+        }
+        tasks.spawn(trellis_controller::store::run(
+            hub.clone(),
+            store,
+            Duration::from_secs(2),
+        ));
+    }
+    match &cfg.source {
+        SourceConfig::Static { path, poll_millis } => {
+            tasks.spawn(static_source::run(
+                path.clone(),
+                Duration::from_millis(*poll_millis),
+                hub.clone(),
+            ));
+        }
+        SourceConfig::Kubernetes {
+            settings_namespace,
+            settings_config_map,
+        } => {
+            let client = client.clone().context("no Kubernetes client")?;
+            tasks.spawn(kube_source::run(client.clone(), hub.clone()));
+            tasks.spawn(trellis_controller::kube_settings::run(
+                client.clone(),
+                settings_namespace.clone(),
+                settings_config_map.clone(),
+                hub.clone(),
+            ));
+            tasks.spawn(trellis_controller::import_writer::run(
+                client,
+                hub.clone(),
+                cfg.lease(),
+            ));
+        }
+    }
+    if let Some(addr) = cfg.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener {addr}"))?;
+        let status_hub = hub.clone();
+        tasks.spawn(trellis_controller::metrics::serve(
+            listener,
+            metrics.clone(),
+            Arc::new(move || {
+                serde_json::to_string_pretty(&status_hub.status()).unwrap_or_default()
+            }),
+        ));
+    }
+    if let Some(addr) = cfg.agent_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the agent listener {addr}"))?;
+        let token: Option<Arc<str>> = match &cfg.agent_token_file {
+            Some(path) => Some(read(path)?.trim().into()),
+            None => {
+                tracing::warn!(
+                    %addr,
+                    "agent port without agentTokenFile: anyone who reaches it can register a gateway"
+                );
+                None
+            }
+        };
+        tasks.spawn(agent::serve(
+            listener,
+            hub.clone(),
+            cfg.max_frame_bytes,
+            token,
+        ));
+    }
+    tasks.spawn(watch_config(
+        config_path.clone(),
+        Arc::new(cfg.clone()),
+        hub.clone(),
+    ));
+    let peering = Peering::start(
+        PeeringConfig {
+            listen: cfg.listen,
+            peers: cfg
+                .peers
+                .iter()
+                .map(|p| PeerConfig {
+                    id: p.id.clone(),
+                    endpoint: p.endpoint,
+                })
+                .collect(),
+            heartbeat: cfg.heartbeat(),
+            lease: cfg.lease(),
+            max_frame: cfg.max_frame_bytes,
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            max_pending_handshakes: 64,
+            tls,
+        },
+        hub.clone(),
+    )?;
+    tracing::info!(
+        cluster = %id,
+        listen = %peering.local_addr()?,
+        peers = cfg.peers.len(),
+        "trellis-controller running"
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+    peering.shutdown().await;
+    tasks.shutdown().await;
+    Ok(())
+}
+
+/// Re-reads the configuration file and applies what can change at runtime (node encryption);
+/// anything else needs a restart, which it says.
+async fn watch_config(path: PathBuf, initial: Arc<Config>, hub: Hub) {
+    let mut current = (*initial).clone();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        match Config::parse(&text) {
+            Ok(next) if next != current => {
+                if next.node_encryption != current.node_encryption {
+                    hub.set_node_encryption(next.node_encryption);
+                }
+                let mut rest = next.clone();
+                rest.node_encryption = current.node_encryption;
+                if rest != current {
+                    tracing::warn!(
+                        "configuration changed beyond nodeEncryption; restart to apply it"
+                    );
+                }
+                current = next;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "ignoring an invalid configuration change"),
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The controller's Prometheus metrics (`trellis_controller_*`), owned by one [`Metrics`] that
+//! is passed down to whatever records.
+
+use prometheus::{
+    Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder, core::Collector,
+};
+
+use crate::Error;
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub remote_clusters_configured: IntGauge,
+    pub remote_clusters_connected: IntGauge,
+    pub remote_cluster_ready: IntGaugeVec,
+    pub remote_cluster_refused: IntGaugeVec,
+    pub last_sync_timestamp: prometheus::GaugeVec,
+    pub sync_lag: prometheus::GaugeVec,
+    pub imported_services: IntGaugeVec,
+    pub imported_endpoints: IntGaugeVec,
+    pub protocol_failures: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub gateways_registered: IntGauge,
+    pub local_revision: IntGauge,
+}
+
+fn reg<C: Collector + Clone + 'static>(r: &Registry, c: C) -> Result<C, Error> {
+    r.register(Box::new(c.clone()))
+        .map_err(|e| Error::Metrics {
+            operation: "registering a metric",
+            reason: e.to_string(),
+        })?;
+    Ok(c)
+}
+
+fn err(e: prometheus::Error) -> Error {
+    Error::Metrics {
+        operation: "creating a metric",
+        reason: e.to_string(),
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, Error> {
+        let r = Registry::new();
+        let g = |name: &str, help: &str| IntGauge::new(name, help).map_err(err);
+        let gv = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).map_err(err)
+        };
+        let fv = |name: &str, help: &str, labels: &[&str]| {
+            prometheus::GaugeVec::new(Opts::new(name, help), labels).map_err(err)
+        };
+        let cv = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).map_err(err)
+        };
+        Ok(Self {
+            remote_clusters_configured: reg(
+                &r,
+                g(
+                    "trellis_controller_remote_clusters_configured",
+                    "Remote clusters in the configuration.",
+                )?,
+            )?,
+            remote_clusters_connected: reg(
+                &r,
+                g(
+                    "trellis_controller_remote_clusters_connected",
+                    "Remote clusters with an established peering session.",
+                )?,
+            )?,
+            remote_cluster_ready: reg(
+                &r,
+                gv(
+                    "trellis_controller_remote_cluster_ready",
+                    "1 if the remote cluster's state is synced, admitted and within its lease.",
+                    &["cluster"],
+                )?,
+            )?,
+            remote_cluster_refused: reg(
+                &r,
+                gv(
+                    "trellis_controller_remote_cluster_refused",
+                    "1 if the remote cluster is refused (overlapping CIDRs or duplicate ID).",
+                    &["cluster"],
+                )?,
+            )?,
+            last_sync_timestamp: reg(
+                &r,
+                fv(
+                    "trellis_controller_remote_cluster_last_sync_timestamp_seconds",
+                    "Unix time of the last snapshot or delta received from the remote cluster.",
+                    &["cluster"],
+                )?,
+            )?,
+            sync_lag: reg(
+                &r,
+                fv(
+                    "trellis_controller_remote_cluster_sync_lag_seconds",
+                    "Seconds since the remote cluster was last heard from (message or heartbeat).",
+                    &["cluster"],
+                )?,
+            )?,
+            imported_services: reg(
+                &r,
+                gv(
+                    "trellis_controller_imported_services",
+                    "Services imported from the remote cluster.",
+                    &["cluster"],
+                )?,
+            )?,
+            imported_endpoints: reg(
+                &r,
+                gv(
+                    "trellis_controller_imported_endpoints",
+                    "Endpoints imported from the remote cluster.",
+                    &["cluster"],
+                )?,
+            )?,
+            protocol_failures: reg(
+                &r,
+                cv(
+                    "trellis_controller_protocol_failures_total",
+                    "Peering sessions closed by a protocol error, by reason.",
+                    &["reason"],
+                )?,
+            )?,
+            auth_failures: reg(
+                &r,
+                cv(
+                    "trellis_controller_auth_failures_total",
+                    "Peers refused during TLS authentication, by reason.",
+                    &["reason"],
+                )?,
+            )?,
+            gateways_registered: reg(
+                &r,
+                g(
+                    "trellis_controller_gateways_registered",
+                    "Node gateways registered with this controller.",
+                )?,
+            )?,
+            local_revision: reg(
+                &r,
+                g(
+                    "trellis_controller_local_revision",
+                    "Revision of the local cluster state sent to peers.",
+                )?,
+            )?,
+            registry: r,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    pub fn auth_failure(&self, reason: &str) {
+        self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn protocol_failure(&self, reason: &str) {
+        self.protocol_failures.with_label_values(&[reason]).inc();
+    }
+}
+
+/// Serves `GET /metrics` (and `GET /status`, the JSON `status` returns) on `listener` until
+/// cancelled. Deliberately tiny: one request per connection, bounded request size and time.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    status: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        let status = status.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut len = 0;
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while len < buf.len() {
+                    let n = stream.read(&mut buf[len..]).await.ok()?;
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Some(())
+            })
+            .await;
+            if !matches!(read, Ok(Some(()))) {
+                return;
+            }
+            let request = String::from_utf8_lossy(&buf[..len]);
+            let response = if request.starts_with("GET /metrics ") {
+                let body = metrics.render();
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else if request.starts_with("GET /status ") {
+                let body = status();
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_string()
+            };
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_trellis_controller_metrics() {
+        let m = Metrics::new().unwrap();
+        m.auth_failure("unknown_ca");
+        m.remote_cluster_ready.with_label_values(&["east"]).set(1);
+        let text = m.render();
+        assert!(text.contains("trellis_controller_auth_failures_total{reason=\"unknown_ca\"} 1"));
+        assert!(text.contains("trellis_controller_remote_cluster_ready{cluster=\"east\"} 1"));
+        assert!(text.contains("trellis_controller_gateways_registered 0"));
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_over_http() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let m = Metrics::new().unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(serve(l, m, std::sync::Arc::new(|| "{}".to_string())));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.contains("trellis_controller_remote_clusters_configured 0"));
+        task.abort();
+    }
+}

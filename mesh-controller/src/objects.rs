@@ -1,0 +1,378 @@
+//! From Kubernetes objects to the cluster's [`SourceState`], pure. Both sources (the API
+//! server and the static file) hold the same kinds of objects and end here.
+//!
+//! * Nodes: pod CIDRs from `spec.podCIDRs` (or `spec.podCIDR`), internal addresses from
+//!   `status.addresses`, and optionally the gateway from the annotations
+//!   `trellis.dev/gateway-endpoint` and `trellis.dev/public-key` (gateway registrations
+//!   override them).
+//! * A Service is exported when a ServiceExport of the same namespace and name exists; its
+//!   endpoints come from the EndpointSlices labelled `kubernetes.io/service-name`, except those
+//!   the controller wrote itself for imports (labelled `multicluster.kubernetes.io/source-cluster`),
+//!   so imports are never re-exported.
+//! * Service CIDRs from ServiceCIDR objects (`networking.k8s.io/v1`), if any.
+//! * The cluster ID from the ClusterProperty `cluster.clusterset.k8s.io`, if any.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+use serde::Deserialize;
+use trellis_core::cluster::{
+    ClusterId, Endpoint, ExportedService, NodeGateway, NodeState, Protocol, PublicKey, ServiceKey,
+    ServiceKind, ServicePort,
+};
+
+use crate::Error;
+use crate::crd::{CLUSTER_ID_PROPERTY, ClusterProperty, ServiceExport};
+use crate::hub::SourceState;
+
+pub const ANNOTATION_GATEWAY_ENDPOINT: &str = "trellis.dev/gateway-endpoint";
+pub const ANNOTATION_PUBLIC_KEY: &str = "trellis.dev/public-key";
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub const LABEL_MCS_SERVICE_NAME: &str = "multicluster.kubernetes.io/service-name";
+pub const LABEL_SOURCE_CLUSTER: &str = "multicluster.kubernetes.io/source-cluster";
+
+/// The objects a source holds.
+#[derive(Debug, Clone, Default)]
+pub struct Objects {
+    pub nodes: Vec<Node>,
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub service_exports: Vec<ServiceExport>,
+    pub cluster_properties: Vec<ClusterProperty>,
+    pub service_cidrs: Vec<ServiceCIDR>,
+}
+
+/// A node as the mesh sees it; `None` for a node without a name.
+pub fn node_state(node: &Node) -> Option<NodeState> {
+    let name = node.metadata.name.clone()?;
+    let spec = node.spec.as_ref();
+    let mut cidrs: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+    if cidrs.is_empty()
+        && let Some(c) = spec.and_then(|s| s.pod_cidr.clone())
+    {
+        cidrs.push(c);
+    }
+    let pod_cidrs = cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+    let internal_ips = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(|addrs| {
+            addrs
+                .iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse::<IpAddr>().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let annotations = node.metadata.annotations.as_ref();
+    let gateway = annotations.and_then(|a| {
+        let endpoint: SocketAddr = a.get(ANNOTATION_GATEWAY_ENDPOINT)?.parse().ok()?;
+        let public_key: PublicKey = a.get(ANNOTATION_PUBLIC_KEY)?.parse().ok()?;
+        Some(NodeGateway {
+            endpoint,
+            public_key,
+        })
+    });
+    Some(NodeState {
+        name,
+        pod_cidrs,
+        internal_ips,
+        gateway,
+    })
+}
+
+fn protocol(p: Option<&str>) -> Option<Protocol> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        "SCTP" => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
+/// A Service with its endpoints; `None` for Services that cannot be exported (ExternalName,
+/// or missing name/namespace).
+pub fn exported_service(svc: &Service, slices: &[&EndpointSlice]) -> Option<ExportedService> {
+    let namespace = svc.metadata.namespace.clone()?;
+    let name = svc.metadata.name.clone()?;
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+    if ips.is_empty()
+        && let Some(ip) = &spec.cluster_ip
+    {
+        ips.push(ip.clone());
+    }
+    let headless = ips.iter().any(|ip| ip == "None");
+    let cluster_ips = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+    let mut ports: Vec<ServicePort> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(ServicePort {
+                name: p.name.clone(),
+                protocol: protocol(p.protocol.as_deref())?,
+                port: u16::try_from(p.port).ok()?,
+            })
+        })
+        .collect();
+    ports.sort();
+    let mut endpoints: Vec<Endpoint> = slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .map(|e| Endpoint {
+            addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+            hostname: e.hostname.clone(),
+            node: e.node_name.clone(),
+            // "nil should be interpreted as ready" (EndpointConditions).
+            ready: e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+        })
+        .filter(|e| !e.addresses.is_empty())
+        .collect();
+    endpoints.sort();
+    endpoints.dedup();
+    let mut endpoint_ports: Vec<ServicePort> = slices
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(ServicePort {
+                name: p.name.clone().filter(|n| !n.is_empty()),
+                protocol: protocol(p.protocol.as_deref())?,
+                port: u16::try_from(p.port?).ok()?,
+            })
+        })
+        .collect();
+    endpoint_ports.sort();
+    endpoint_ports.dedup();
+    Some(ExportedService {
+        namespace,
+        name,
+        kind: if headless {
+            ServiceKind::Headless
+        } else {
+            ServiceKind::ClusterSetIP
+        },
+        cluster_ips,
+        ports,
+        endpoints,
+        endpoint_ports,
+    })
+}
+
+/// The cluster as the objects describe it.
+pub fn source_state(objects: &Objects) -> SourceState {
+    let nodes = objects
+        .nodes
+        .iter()
+        .filter_map(node_state)
+        .map(|n| (n.name.clone(), n))
+        .collect();
+    let exported: BTreeSet<ServiceKey> = objects
+        .service_exports
+        .iter()
+        .filter(|e| e.metadata.deletion_timestamp.is_none())
+        .filter_map(|e| {
+            Some(ServiceKey::new(
+                e.metadata.namespace.clone()?,
+                e.metadata.name.clone()?,
+            ))
+        })
+        .collect();
+    let mut slices_by_service: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in &objects.endpoint_slices {
+        let labels = slice.metadata.labels.as_ref();
+        if labels.is_some_and(|l| l.contains_key(LABEL_SOURCE_CLUSTER)) {
+            continue;
+        }
+        let (Some(ns), Some(svc)) = (
+            slice.metadata.namespace.clone(),
+            labels.and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned(),
+        ) else {
+            continue;
+        };
+        slices_by_service
+            .entry(ServiceKey::new(ns, svc))
+            .or_default()
+            .push(slice);
+    }
+    let services = objects
+        .services
+        .iter()
+        .filter_map(|svc| {
+            let key = ServiceKey::new(svc.metadata.namespace.clone()?, svc.metadata.name.clone()?);
+            if !exported.contains(&key) {
+                return None;
+            }
+            let slices = slices_by_service
+                .get(&key)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            exported_service(svc, slices).map(|s| (key, s))
+        })
+        .collect();
+    let mut service_cidrs: Vec<ipnet::IpNet> = objects
+        .service_cidrs
+        .iter()
+        .filter_map(|c| c.spec.as_ref()?.cidrs.clone())
+        .flatten()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    service_cidrs.sort();
+    service_cidrs.dedup();
+    let cluster_id = objects
+        .cluster_properties
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(CLUSTER_ID_PROPERTY))
+        .and_then(|p| p.spec.value.parse::<ClusterId>().ok());
+    SourceState {
+        cluster_id,
+        service_cidrs,
+        nodes,
+        services,
+    }
+}
+
+/// Parses a YAML stream of Kubernetes objects (documents separated by `---`, and `List`s),
+/// keeping the kinds the controller uses and ignoring the others.
+pub fn parse_objects(yaml: &str) -> Result<Objects, Error> {
+    let mut objects = Objects::default();
+    for (index, doc) in serde_norway::Deserializer::from_str(yaml).enumerate() {
+        let value = serde_json::Value::deserialize(doc).map_err(|e| Error::ParseObjects {
+            document: index,
+            reason: e.to_string(),
+        })?;
+        add_object(&mut objects, value, index)?;
+    }
+    Ok(objects)
+}
+
+fn add_object(objects: &mut Objects, value: serde_json::Value, index: usize) -> Result<(), Error> {
+    if value.is_null() {
+        return Ok(());
+    }
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let err = |e: serde_json::Error| Error::ParseObjects {
+        document: index,
+        reason: format!("{kind}: {e}"),
+    };
+    match kind.as_str() {
+        "List" => {
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_array())
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                add_object(objects, item, index)?;
+            }
+        }
+        "Node" => objects
+            .nodes
+            .push(serde_json::from_value(value).map_err(err)?),
+        "Service" => objects
+            .services
+            .push(serde_json::from_value(value).map_err(err)?),
+        "EndpointSlice" => objects
+            .endpoint_slices
+            .push(serde_json::from_value(value).map_err(err)?),
+        "ServiceExport" => objects
+            .service_exports
+            .push(serde_json::from_value(value).map_err(err)?),
+        "ClusterProperty" => objects
+            .cluster_properties
+            .push(serde_json::from_value(value).map_err(err)?),
+        "ServiceCIDR" => objects
+            .service_cidrs
+            .push(serde_json::from_value(value).map_err(err)?),
+        "" => {
+            return Err(Error::ParseObjects {
+                document: index,
+                reason: "object without a kind".into(),
+            });
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const CLUSTER_YAML: &str = include_str!("../testdata/cluster-east.yaml");
+
+    #[test]
+    fn parses_a_cluster_file_into_the_source_state() {
+        let objects = parse_objects(CLUSTER_YAML).unwrap();
+        assert_eq!(objects.nodes.len(), 2);
+        let s = source_state(&objects);
+        assert_eq!(s.cluster_id, Some("east".parse().unwrap()));
+        assert_eq!(s.service_cidrs, vec!["10.96.0.0/16".parse().unwrap()]);
+        let n0 = &s.nodes["east-node-0"];
+        assert_eq!(n0.pod_cidrs, vec!["10.10.0.0/24".parse().unwrap()]);
+        assert_eq!(
+            n0.internal_ips,
+            vec!["192.168.10.10".parse::<IpAddr>().unwrap()]
+        );
+        assert!(n0.gateway.is_some());
+        assert!(s.nodes["east-node-1"].gateway.is_none());
+        // web is exported, db is not; the imported slice is ignored.
+        assert_eq!(s.services.len(), 1);
+        let web = &s.services[&ServiceKey::new("shop", "web")];
+        assert_eq!(web.kind, ServiceKind::ClusterSetIP);
+        assert_eq!(
+            web.cluster_ips,
+            vec!["10.96.0.10".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(web.ports.len(), 1);
+        assert_eq!(web.ports[0].port, 80);
+        assert_eq!(web.endpoints.len(), 2);
+        assert_eq!(web.endpoint_ports[0].port, 8080);
+        assert!(web.endpoints.iter().any(|e| !e.ready));
+    }
+
+    #[test]
+    fn headless_services_and_lists_are_understood() {
+        let yaml = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: db, namespace: shop}
+  spec:
+    clusterIP: None
+    ports: [{port: 5432}]
+- apiVersion: multicluster.x-k8s.io/v1alpha1
+  kind: ServiceExport
+  metadata: {name: db, namespace: shop}
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: ignored}
+"#;
+        let s = source_state(&parse_objects(yaml).unwrap());
+        let db = &s.services[&ServiceKey::new("shop", "db")];
+        assert_eq!(db.kind, ServiceKind::Headless);
+        assert!(db.cluster_ips.is_empty());
+        assert_eq!(db.ports[0].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn malformed_documents_are_errors_naming_the_document() {
+        let err = parse_objects("kind: Node\nmetadata: {name: 5}\n---\n: :\n").unwrap_err();
+        assert!(err.to_string().contains("document 0"), "{err}");
+        let err = parse_objects("apiVersion: v1\n---\nfoo: [").unwrap_err();
+        assert!(err.to_string().contains("document"), "{err}");
+    }
+}

@@ -1,0 +1,140 @@
+//! The static source: a YAML file of Kubernetes objects, re-read when it changes. A file that
+//! fails to parse is logged and ignored: the last good state stays (nothing is withdrawn
+//! because someone saved a typo).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::hub::{Hub, SourceState};
+use crate::objects::{parse_objects, source_state};
+
+/// Where a source delivers the cluster's state; the hub in production, a recorder in tests.
+pub trait StateSink: Send + Sync + 'static {
+    fn set_source(&self, state: SourceState);
+}
+
+impl StateSink for Hub {
+    fn set_source(&self, state: SourceState) {
+        Hub::set_source(self, state);
+    }
+}
+
+/// The pure part: given the file's bytes, what to deliver (if anything).
+#[derive(Debug, Default)]
+pub struct StaticFile {
+    last_content: Option<String>,
+}
+
+impl StaticFile {
+    /// Returns the new state if `content` differs from the last good content and parses.
+    pub fn update(&mut self, content: String) -> Result<Option<SourceState>, crate::Error> {
+        if self.last_content.as_ref() == Some(&content) {
+            return Ok(None);
+        }
+        let objects = parse_objects(&content)?;
+        self.last_content = Some(content);
+        Ok(Some(source_state(&objects)))
+    }
+}
+
+/// Polls `path` every `poll` and delivers changes to `sink`; runs until cancelled.
+pub async fn run(path: PathBuf, poll: Duration, sink: impl StateSink) {
+    let mut file = StaticFile::default();
+    let mut last_error: Option<String> = None;
+    loop {
+        match tokio::fs::read_to_string(&path).await {
+            Ok(content) => match file.update(content) {
+                Ok(Some(state)) => {
+                    tracing::info!(
+                        path = %path.display(),
+                        nodes = state.nodes.len(),
+                        services = state.services.len(),
+                        "static source loaded"
+                    );
+                    last_error = None;
+                    sink.set_source(state);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let msg = e.to_string();
+                    if last_error.as_ref() != Some(&msg) {
+                        tracing::error!(path = %path.display(), error = %msg, "static source unreadable; keeping the last state");
+                        last_error = Some(msg);
+                    }
+                }
+            },
+            Err(e) => {
+                let msg = e.to_string();
+                if last_error.as_ref() != Some(&msg) {
+                    tracing::error!(path = %path.display(), error = %msg, "reading the static source; keeping the last state");
+                    last_error = Some(msg);
+                }
+            }
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<SourceState>>>);
+
+    impl StateSink for Recorder {
+        fn set_source(&self, state: SourceState) {
+            self.0.lock().unwrap().push(state);
+        }
+    }
+
+    const FILE: &str = include_str!("../testdata/cluster-east.yaml");
+
+    #[test]
+    fn only_changed_parseable_content_is_delivered() {
+        let mut f = StaticFile::default();
+        assert!(f.update(FILE.into()).unwrap().is_some());
+        assert!(f.update(FILE.into()).unwrap().is_none());
+        assert!(f.update("kind: Node\nmetadata: [".into()).is_err());
+        // After an error, the same good content is not redelivered.
+        assert!(f.update(FILE.into()).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_file_is_watched_and_bad_edits_keep_the_last_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.yaml");
+        std::fs::write(&path, FILE).unwrap();
+        let rec = Recorder::default();
+        let task = tokio::spawn(run(path.clone(), Duration::from_millis(20), rec.clone()));
+        let wait = |n: usize| {
+            let rec = rec.clone();
+            async move {
+                for _ in 0..200 {
+                    if rec.0.lock().unwrap().len() >= n {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                panic!("expected {n} deliveries");
+            }
+        };
+        wait(1).await;
+        std::fs::write(&path, "kind: [broken").unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(rec.0.lock().unwrap().len(), 1);
+        std::fs::write(
+            &path,
+            FILE.replace("podCIDR: 10.10.1.0/24", "podCIDR: 10.10.2.0/24"),
+        )
+        .unwrap();
+        wait(2).await;
+        let states = rec.0.lock().unwrap().clone();
+        assert_eq!(
+            states[1].nodes["east-node-1"].pod_cidrs,
+            vec!["10.10.2.0/24".parse().unwrap()]
+        );
+        task.abort();
+    }
+}

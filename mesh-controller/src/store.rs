@@ -1,0 +1,158 @@
+//! What survives a controller restart: the last local state, the gateway registrations, the
+//! remote states and the encryption mode. On start the controller serves them (remotes as
+//! disconnected, expiring a lease later unless their peers reconnect) until its sources and
+//! peers resync, so gateways and DNS are never told to drop what only looks gone.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use trellis_core::cluster::ClusterState;
+
+use crate::Error;
+use crate::gateway::GatewayRegistration;
+use crate::hub::Hub;
+
+pub const STORE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Persisted {
+    pub version: u32,
+    pub local: ClusterState,
+    pub registrations: Vec<GatewayRegistration>,
+    pub remotes: Vec<ClusterState>,
+    pub node_encryption: bool,
+}
+
+/// The disk seam.
+pub trait StateStore: Send + Sync + 'static {
+    fn load(&self) -> Result<Option<Persisted>, Error>;
+    fn save(&self, state: &Persisted) -> Result<(), Error>;
+}
+
+/// A JSON file replaced atomically (temp file, fsync, rename).
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    pub path: PathBuf,
+}
+
+fn store_err(operation: &'static str, path: &std::path::Path) -> impl Fn(std::io::Error) -> Error {
+    let path = path.display().to_string();
+    move |e| Error::Store {
+        operation,
+        reason: format!("{path}: {e}"),
+    }
+}
+
+impl StateStore for FileStore {
+    fn load(&self) -> Result<Option<Persisted>, Error> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(store_err("reading the state file", &self.path)(e)),
+        };
+        let p: Persisted = serde_json::from_slice(&bytes).map_err(|e| Error::Store {
+            operation: "parsing the state file",
+            reason: format!("{}: {e}", self.path.display()),
+        })?;
+        if p.version != STORE_VERSION {
+            return Err(Error::Store {
+                operation: "parsing the state file",
+                reason: format!("version {} is not {STORE_VERSION}", p.version),
+            });
+        }
+        Ok(Some(p))
+    }
+
+    fn save(&self, state: &Persisted) -> Result<(), Error> {
+        let tmp = self.path.with_extension("tmp");
+        let bytes = serde_json::to_vec(state).map_err(|e| Error::Store {
+            operation: "encoding the state",
+            reason: e.to_string(),
+        })?;
+        let mut f =
+            std::fs::File::create(&tmp).map_err(store_err("creating the state file", &tmp))?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(store_err("writing the state file", &tmp))?;
+        std::fs::rename(&tmp, &self.path)
+            .map_err(store_err("replacing the state file", &self.path))?;
+        if let Some(dir) = self.path.parent()
+            && let Ok(d) = std::fs::File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+/// An in-memory store for tests.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore(pub std::sync::Arc<std::sync::Mutex<Option<Persisted>>>);
+
+impl StateStore for MemoryStore {
+    fn load(&self) -> Result<Option<Persisted>, Error> {
+        Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    fn save(&self, state: &Persisted) -> Result<(), Error> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.clone());
+        Ok(())
+    }
+}
+
+/// Saves the hub's state whenever it changed, at most once per `every`; runs until cancelled.
+pub async fn run(hub: Hub, store: impl StateStore, every: Duration) {
+    let mut last: Option<Persisted> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(p) = hub.persisted() else { continue };
+        if last.as_ref() == Some(&p) {
+            continue;
+        }
+        match store.save(&p) {
+            Ok(()) => last = Some(p),
+            Err(e) => tracing::warn!(error = %e, "saving the state"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_core::cluster::fixture::cluster;
+
+    fn persisted() -> Persisted {
+        Persisted {
+            version: STORE_VERSION,
+            local: cluster("a", "10.1.0.0/24", "10.96.0.0/16"),
+            registrations: vec![],
+            remotes: vec![cluster("b", "10.2.0.0/24", "10.97.0.0/16")],
+            node_encryption: true,
+        }
+    }
+
+    #[test]
+    fn the_file_store_round_trips_and_refuses_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore {
+            path: dir.path().join("state.json"),
+        };
+        assert_eq!(store.load().unwrap(), None);
+        store.save(&persisted()).unwrap();
+        assert_eq!(store.load().unwrap(), Some(persisted()));
+        std::fs::write(&store.path, b"{not json").unwrap();
+        assert!(
+            store
+                .load()
+                .unwrap_err()
+                .to_string()
+                .contains("parsing the state file")
+        );
+        let mut old = serde_json::to_value(persisted()).unwrap();
+        old["version"] = 99.into();
+        std::fs::write(&store.path, old.to_string()).unwrap();
+        assert!(store.load().is_err());
+    }
+}

@@ -1,0 +1,327 @@
+//! Mutual TLS for peering: TLS 1.3 only, the `ring` provider, the mesh CA as the only root, and
+//! verifiers that map a certificate to the cluster identity it carries.
+//!
+//! * The accepting side verifies the chain (unknown CA, expiry, usage) with webpki, then reads
+//!   the identity (`<id>.cluster.trellis`) and refuses clusters it is not configured to peer
+//!   with. The peer's `Hello` must then claim that same identity (`trellis_core::peering`).
+//! * The dialing side asks for the name `<id>.cluster.trellis` of the cluster it means to reach,
+//!   so a server presenting another cluster's certificate fails the handshake.
+//!
+//! Every refusal is logged with its reason and counted in
+//! `trellis_controller_auth_failures_total{reason}`.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use trellis_core::cluster::ClusterId;
+use trellis_core::peering::ALPN_V1;
+
+use crate::Error;
+use crate::certs::cluster_id_from_name;
+use crate::metrics::Metrics;
+
+/// The crypto provider of the whole controller: `ring`, as quinn and kube use.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Tls {
+            operation: "parsing PEM certificates",
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(Error::Tls {
+            operation: "parsing PEM certificates",
+            reason: "no certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+pub fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, Error> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| Error::Tls {
+        operation: "parsing the PEM private key",
+        reason: e.to_string(),
+    })
+}
+
+/// The cluster identity a certificate carries: its single `*.cluster.trellis` DNS name.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<ClusterId, Error> {
+    let ee = webpki::EndEntityCert::try_from(cert).map_err(|e| Error::Tls {
+        operation: "parsing the peer certificate",
+        reason: format!("{e:?}"),
+    })?;
+    let ids: Vec<ClusterId> = ee
+        .valid_dns_names()
+        .filter_map(cluster_id_from_name)
+        .collect();
+    match ids.as_slice() {
+        [id] => Ok(id.clone()),
+        [] => Err(Error::Tls {
+            operation: "reading the cluster identity",
+            reason: "the certificate names no <id>.cluster.trellis".into(),
+        }),
+        _ => Err(Error::Tls {
+            operation: "reading the cluster identity",
+            reason: "the certificate names several clusters".into(),
+        }),
+    }
+}
+
+/// The clusters this controller peers with; shared with the verifier so configuration
+/// reloads take effect on the next handshake.
+pub type AllowedPeers = Arc<RwLock<BTreeSet<ClusterId>>>;
+
+/// A stable metric label for a rustls verification error.
+pub fn failure_reason(err: &rustls::Error) -> &'static str {
+    match err {
+        rustls::Error::InvalidCertificate(ce) => match ce {
+            CertificateError::UnknownIssuer => "unknown_ca",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "identity_mismatch"
+            }
+            CertificateError::BadSignature => "bad_signature",
+            CertificateError::ApplicationVerificationFailure => "unknown_cluster",
+            _ => "invalid_certificate",
+        },
+        rustls::Error::NoCertificatesPresented => "no_certificate",
+        _ => "tls_error",
+    }
+}
+
+#[derive(Debug)]
+struct PeerClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    allowed: AllowedPeers,
+    metrics: Metrics,
+}
+
+impl PeerClientVerifier {
+    fn refuse(&self, err: rustls::Error, detail: &str) -> rustls::Error {
+        let reason = failure_reason(&err);
+        tracing::warn!(reason, %err, detail, "refused a peer's client certificate");
+        self.metrics.auth_failure(reason);
+        err
+    }
+}
+
+impl ClientCertVerifier for PeerClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|e| self.refuse(e, "certificate chain"))?;
+        let id = identity_of(end_entity).map_err(|e| {
+            self.refuse(
+                rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
+                &e.to_string(),
+            )
+        })?;
+        let allowed = self
+            .allowed
+            .read()
+            .map(|set| set.contains(&id))
+            .unwrap_or(false);
+        if !allowed {
+            return Err(self.refuse(
+                rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure),
+                &format!("cluster {id} is not a configured peer"),
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct PeerServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    metrics: Metrics,
+}
+
+impl ServerCertVerifier for PeerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .map_err(|err| {
+                let reason = failure_reason(&err);
+                let presented = identity_of(end_entity)
+                    .map(|id| id.to_string())
+                    .unwrap_or_else(|_| "none".into());
+                tracing::warn!(
+                    reason,
+                    %err,
+                    expected = %server_name.to_str(),
+                    presented,
+                    "refused a peer's server certificate"
+                );
+                self.metrics.auth_failure(reason);
+                err
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// What a controller needs to speak mutual TLS: the mesh CA and its own certificate and key.
+#[derive(Debug, Clone)]
+pub struct TlsMaterial {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, Error> {
+    let mut roots = RootCertStore::empty();
+    for cert in parse_certs(ca_pem)? {
+        roots.add(cert).map_err(|e| Error::Tls {
+            operation: "adding the mesh CA",
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn tls_err(operation: &'static str) -> impl Fn(rustls::Error) -> Error {
+    move |e| Error::Tls {
+        operation,
+        reason: e.to_string(),
+    }
+}
+
+/// The server (accepting) side's rustls configuration.
+pub fn server_config(
+    material: &TlsMaterial,
+    allowed: AllowedPeers,
+    metrics: Metrics,
+) -> Result<rustls::ServerConfig, Error> {
+    let provider = provider();
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(roots(&material.ca_pem)?, provider.clone())
+            .build()
+            .map_err(|e| Error::Tls {
+                operation: "building the client-certificate verifier",
+                reason: e.to_string(),
+            })?;
+    let verifier = Arc::new(PeerClientVerifier {
+        inner,
+        allowed,
+        metrics,
+    });
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err("choosing TLS 1.3"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            parse_certs(&material.cert_pem)?,
+            parse_key(&material.key_pem)?,
+        )
+        .map_err(tls_err("loading the cluster certificate"))?;
+    cfg.alpn_protocols = vec![ALPN_V1.to_vec()];
+    Ok(cfg)
+}
+
+/// The client (dialing) side's rustls configuration.
+pub fn client_config(
+    material: &TlsMaterial,
+    metrics: Metrics,
+) -> Result<rustls::ClientConfig, Error> {
+    let provider = provider();
+    let inner =
+        WebPkiServerVerifier::builder_with_provider(roots(&material.ca_pem)?, provider.clone())
+            .build()
+            .map_err(|e| Error::Tls {
+                operation: "building the server-certificate verifier",
+                reason: e.to_string(),
+            })?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err("choosing TLS 1.3"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PeerServerVerifier { inner, metrics }))
+        .with_client_auth_cert(
+            parse_certs(&material.cert_pem)?,
+            parse_key(&material.key_pem)?,
+        )
+        .map_err(tls_err("loading the cluster certificate"))?;
+    cfg.alpn_protocols = vec![ALPN_V1.to_vec()];
+    Ok(cfg)
+}

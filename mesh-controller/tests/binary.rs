@@ -1,0 +1,364 @@
+//! The `trellis-controller` binary as a user runs it: certificates from its `certs` command, two
+//! clusters on static files peering on 127.0.0.1, metrics over HTTP, a DNS subscriber and a
+//! gateway subscriber on the agent port, and node encryption switched by editing the config.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use trellis_controller::agent::AgentHello;
+use trellis_controller::gateway::{GatewayRegistration, GatewayUpdate};
+use trellis_core::cluster::PublicKey;
+use trellis_core::imports::ImportsUpdate;
+use trellis_core::peering::{FrameDecoder, encode_json_frame};
+
+const BIN: &str = env!("CARGO_BIN_EXE_trellis-controller");
+
+/// Kills the child it owns when dropped (only processes this test started).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn free_tcp() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn cluster_yaml(id: &str, pod: &str, svc_cidr: &str, svc_ip: &str, ep: &str) -> String {
+    format!(
+        r#"apiVersion: about.k8s.io/v1alpha1
+kind: ClusterProperty
+metadata: {{name: cluster.clusterset.k8s.io}}
+spec: {{value: {id}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {{name: kubernetes}}
+spec: {{cidrs: ["{svc_cidr}"]}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: {id}-node-0}}
+spec: {{podCIDR: "{pod}", podCIDRs: ["{pod}"]}}
+status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec: {{clusterIP: "{svc_ip}", ports: [{{name: http, port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+endpoints: [{{addresses: ["{ep}"], conditions: {{ready: true}}}}]
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {{name: web, namespace: shop}}
+"#
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn config(
+    dir: &Path,
+    id: &str,
+    listen: SocketAddr,
+    peer: &str,
+    peer_endpoint: Option<SocketAddr>,
+    metrics: SocketAddr,
+    agent: SocketAddr,
+    encryption: bool,
+) -> String {
+    let d = dir.display();
+    let endpoint = peer_endpoint.map_or(String::new(), |e| format!(", endpoint: \"{e}\""));
+    format!(
+        "clusterId: {id}\nlisten: \"{listen}\"\npeers: [{{id: {peer}{endpoint}}}]\n\
+         leaseSeconds: 4\nheartbeatSeconds: 1\nnodeEncryption: {encryption}\n\
+         tls: {{ca: {d}/ca.pem, cert: {d}/{id}.pem, key: {d}/{id}-key.pem}}\n\
+         source: {{static: {{path: {d}/{id}.yaml, pollMillis: 100}}}}\n\
+         metricsListen: \"{metrics}\"\nagentListen: \"{agent}\"\n\
+         agentTokenFile: {d}/agent-token\nstateFile: {d}/{id}-state.json\n"
+    )
+}
+
+fn metrics(addr: SocketAddr) -> String {
+    get(addr, "/metrics")
+}
+
+fn get(addr: SocketAddr, path: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn eventually(what: &str, logs: &Path, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        if Instant::now() > deadline {
+            let log = |n: &str| std::fs::read_to_string(logs.join(n)).unwrap_or_default();
+            panic!(
+                "timed out waiting for {what}\n--- east ---\n{}\n--- west ---\n{}",
+                log("east.log"),
+                log("west.log")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Subscriber {
+    stream: TcpStream,
+    dec: FrameDecoder,
+}
+
+impl Subscriber {
+    fn connect(addr: SocketAddr, hello: &AgentHello) -> Self {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        stream
+            .write_all(&encode_json_frame(hello, "hello", 1 << 20).unwrap())
+            .unwrap();
+        Self {
+            stream,
+            dec: FrameDecoder::new(64 << 20),
+        }
+    }
+
+    fn next<T: serde::de::DeserializeOwned>(&mut self) -> T {
+        let mut buf = [0u8; 65536];
+        loop {
+            if let Some(v) = self.dec.next_json::<T>().unwrap() {
+                return v;
+            }
+            let n = self.stream.read(&mut buf).unwrap();
+            assert!(n > 0, "the controller closed the stream");
+            self.dec.push(&buf[..n]);
+        }
+    }
+}
+
+#[test]
+fn two_controllers_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    run(&["certs", "ca", "--dir", d, "--name", "test"]);
+    run(&["certs", "cluster", "--dir", d, "--id", "east"]);
+    run(&["certs", "cluster", "--dir", d, "--id", "west"]);
+    std::fs::write(dir.path().join("agent-token"), "lab-token\n").unwrap();
+    std::fs::write(
+        dir.path().join("east.yaml"),
+        cluster_yaml(
+            "east",
+            "10.10.0.0/24",
+            "10.96.0.0/16",
+            "10.96.0.10",
+            "10.10.0.5",
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("west.yaml"),
+        cluster_yaml(
+            "west",
+            "10.20.0.0/24",
+            "10.97.0.0/16",
+            "10.97.0.10",
+            "10.20.0.5",
+        ),
+    )
+    .unwrap();
+    let (e_quic, w_quic) = (free_udp(), free_udp());
+    let (e_metrics, w_metrics, e_agent, w_agent) = (free_tcp(), free_tcp(), free_tcp(), free_tcp());
+    let west_cfg = dir.path().join("west-config.yaml");
+    std::fs::write(
+        dir.path().join("east-config.yaml"),
+        config(
+            dir.path(),
+            "east",
+            e_quic,
+            "west",
+            Some(w_quic),
+            e_metrics,
+            e_agent,
+            false,
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &west_cfg,
+        // West takes its ID from the ClusterProperty in its static file.
+        config(
+            dir.path(),
+            "west",
+            w_quic,
+            "east",
+            None,
+            w_metrics,
+            w_agent,
+            false,
+        )
+        .replace("clusterId: west\n", ""),
+    )
+    .unwrap();
+    let spawn = |cfg: &Path, log: &str| {
+        let log = std::fs::File::create(dir.path().join(log)).unwrap();
+        Proc(
+            Command::new(BIN)
+                .args(["run", "--config"])
+                .arg(cfg)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let east = spawn(&dir.path().join("east-config.yaml"), "east.log");
+    let west = spawn(&west_cfg, "west.log");
+
+    eventually("west to import east's web", dir.path(), || {
+        metrics(w_metrics).contains("trellis_controller_imported_services{cluster=\"east\"} 1")
+    });
+    eventually("east to hold west's state", dir.path(), || {
+        metrics(e_metrics).contains("trellis_controller_remote_clusters_connected 1")
+    });
+    let status = get(e_metrics, "/status");
+    assert!(status.contains("\"cluster\": \"west\""), "{status}");
+    assert!(status.contains("\"services\": 1"), "{status}");
+    assert!(
+        metrics(e_metrics).contains("trellis_controller_remote_cluster_ready{cluster=\"west\"} 1")
+    );
+
+    // DNS on west sees shop/web backed by both clusters, west's own marked local.
+    let token = Some("lab-token".to_string());
+    let mut dns = Subscriber::connect(w_agent, &AgentHello::dns(token.clone()));
+    let ImportsUpdate::Snapshot(imports) = dns.next::<ImportsUpdate>() else {
+        panic!("snapshot first")
+    };
+    let web = &imports.services["shop/web"];
+    assert_eq!(web.backends.len(), 2);
+    assert!(
+        web.backends
+            .iter()
+            .any(|b| b.cluster.as_str() == "east" && !b.local)
+    );
+
+    // A gateway on west registers. East's node has no gateway yet, so the snapshot routes
+    // east's pod CIDR into the tunnel (fail closed) but has no peer for it.
+    let mut gw = Subscriber::connect(
+        w_agent,
+        &AgentHello::gateway(
+            GatewayRegistration {
+                node: "west-node-0".into(),
+                endpoint: "127.0.0.1:51820".parse().unwrap(),
+                public_key: PublicKey([5; 32]),
+            },
+            token,
+        ),
+    );
+    let GatewayUpdate::Snapshot(mut desired) = gw.next::<GatewayUpdate>() else {
+        panic!("snapshot first")
+    };
+    assert!(!desired.node_encryption);
+    assert!(
+        desired
+            .routes
+            .iter()
+            .any(|r| r.destination == "10.10.0.0/24".parse().unwrap())
+    );
+    eventually("west to count its gateway", dir.path(), || {
+        metrics(w_metrics).contains("trellis_controller_gateways_registered 1")
+    });
+
+    // Switch node encryption on by editing west's configuration: pushed without a restart.
+    std::fs::write(
+        &west_cfg,
+        // West takes its ID from the ClusterProperty in its static file.
+        config(
+            dir.path(),
+            "west",
+            w_quic,
+            "east",
+            None,
+            w_metrics,
+            w_agent,
+            true,
+        )
+        .replace("clusterId: west\n", ""),
+    )
+    .unwrap();
+    loop {
+        let u = gw.next::<GatewayUpdate>();
+        assert!(desired.apply(&u));
+        if desired.node_encryption {
+            break;
+        }
+    }
+
+    // West saves its state; east goes away and west restarts: west serves east's last state
+    // from its state file while east is unreachable (until east's lease runs out).
+    eventually("west to save east's state", dir.path(), || {
+        std::fs::read_to_string(dir.path().join("west-state.json"))
+            .is_ok_and(|s| s.contains("\"east\"") && s.contains("\"web\""))
+    });
+    drop(dns);
+    drop(gw);
+    drop(east);
+    drop(west);
+    let _west = spawn(&west_cfg, "west-2.log");
+    let mut dns = None;
+    eventually(
+        "the restarted west to accept subscribers",
+        dir.path(),
+        || {
+            dns = TcpStream::connect(w_agent).ok();
+            dns.is_some()
+        },
+    );
+    drop(dns);
+    let mut dns = Subscriber::connect(w_agent, &AgentHello::dns(Some("lab-token".into())));
+    let ImportsUpdate::Snapshot(imports) = dns.next::<ImportsUpdate>() else {
+        panic!("snapshot first")
+    };
+    assert!(
+        imports.services["shop/web"]
+            .backends
+            .iter()
+            .any(|b| b.cluster.as_str() == "east"),
+        "{imports:?}"
+    );
+}

@@ -1,0 +1,613 @@
+//! Two and three controllers peering over real QUIC with mutual TLS on 127.0.0.1, in one
+//! process, on ephemeral ports; and the refusals: unknown CA, expired certificate, a cluster
+//! claiming another's identity, an unconfigured cluster, malformed and oversized frames, and
+//! overlapping CIDRs.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::QuicClientConfig;
+use trellis_controller::certs::{self, CertifiedKey, Validity};
+use trellis_controller::gateway::GatewayRegistration;
+use trellis_controller::hub::{Hub, HubConfig, SourceState};
+use trellis_controller::metrics::Metrics;
+use trellis_controller::peering::{PeerConfig, Peering, PeeringConfig};
+use trellis_controller::tls::{TlsMaterial, client_config};
+use trellis_core::cluster::fixture::{cluster, id, service};
+use trellis_core::cluster::{ClusterId, PublicKey, ServiceKey};
+use trellis_core::peering::{Message, encode_frame};
+
+const LEASE: Duration = Duration::from_millis(1500);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+}
+
+struct Mesh {
+    ca: CertifiedKey,
+}
+
+impl Mesh {
+    fn new() -> Self {
+        Self::named("test")
+    }
+
+    fn named(name: &str) -> Self {
+        Self {
+            ca: certs::generate_ca(name, Validity::days_from_now(1)).unwrap(),
+        }
+    }
+
+    fn material(&self, cluster: &str) -> TlsMaterial {
+        let leaf = certs::generate_cluster_cert(&self.ca, &id(cluster), Validity::days_from_now(1))
+            .unwrap();
+        TlsMaterial {
+            ca_pem: self.ca.cert_pem.clone(),
+            cert_pem: leaf.cert_pem,
+            key_pem: leaf.key_pem,
+        }
+    }
+}
+
+fn source(pod: &str, svc_cidr: &str) -> SourceState {
+    let c = cluster("x", pod, svc_cidr);
+    SourceState {
+        cluster_id: None,
+        service_cidrs: c.service_cidrs,
+        nodes: c.nodes,
+        services: BTreeMap::new(),
+    }
+}
+
+fn socket() -> (UdpSocket, SocketAddr) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let a = s.local_addr().unwrap();
+    (s, a)
+}
+
+struct Controller {
+    hub: Hub,
+    peering: Option<Peering>,
+}
+
+fn start(
+    name: &str,
+    material: TlsMaterial,
+    sock: UdpSocket,
+    peers: &[(&str, Option<SocketAddr>)],
+    src: SourceState,
+) -> Controller {
+    let hub = Hub::new(
+        HubConfig {
+            id: id(name),
+            name: format!("cluster {name}"),
+            service_cidrs: vec![],
+            lease: LEASE,
+            node_encryption: false,
+            recent_deltas: 64,
+            startup_grace: LEASE,
+        },
+        Metrics::new().unwrap(),
+    );
+    hub.set_source(src);
+    let cfg = PeeringConfig {
+        listen: sock.local_addr().unwrap(),
+        peers: peers
+            .iter()
+            .map(|(p, a)| PeerConfig {
+                id: id(p),
+                endpoint: *a,
+            })
+            .collect(),
+        heartbeat: Duration::from_millis(200),
+        lease: LEASE,
+        max_frame: 64 << 20,
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+        max_pending_handshakes: 16,
+        tls: material,
+    };
+    let peering = Peering::start_on(cfg, hub.clone(), sock).unwrap();
+    Controller {
+        hub,
+        peering: Some(peering),
+    }
+}
+
+impl Controller {
+    async fn stop(&mut self) {
+        if let Some(p) = self.peering.take() {
+            p.shutdown().await;
+        }
+    }
+
+    fn sees(&self, cluster: &str) -> bool {
+        self.hub.remote_states().contains_key(&id(cluster))
+    }
+
+    fn metric(&self, needle: &str) -> bool {
+        self.hub.metrics().render().contains(needle)
+    }
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_exchange_snapshots_then_deltas() {
+    init_tracing();
+    let mesh = Mesh::new();
+    let (sa, aa) = socket();
+    let (sb, ab) = socket();
+    // Both dial each other: the connection dialed by "a" (the smaller ID) is kept on both sides.
+    let mut a = start(
+        "a",
+        mesh.material("a"),
+        sa,
+        &[("b", Some(ab))],
+        source("10.1.0.0/24", "10.96.0.0/16"),
+    );
+    let mut b = start(
+        "b",
+        mesh.material("b"),
+        sb,
+        &[("a", Some(aa))],
+        source("10.2.0.0/24", "10.97.0.0/16"),
+    );
+    eventually("a and b to see each other", || a.sees("b") && b.sees("a")).await;
+    eventually("one connection each", || {
+        a.metric("trellis_controller_remote_clusters_connected 1")
+            && b.metric("trellis_controller_remote_clusters_connected 1")
+    })
+    .await;
+
+    // A gateway registers on a: b's view gets a's node key.
+    a.hub.register_gateway(GatewayRegistration {
+        node: "node-0".into(),
+        endpoint: "192.168.1.10:51820".parse().unwrap(),
+        public_key: PublicKey([9; 32]),
+    });
+    // An export in a reaches b's DNS view as a delta.
+    let mut src = source("10.1.0.0/24", "10.96.0.0/16");
+    src.services.insert(
+        ServiceKey::new("shop", "web"),
+        service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
+    );
+    a.hub.set_source(src);
+    let view = b.hub.subscribe_view();
+    eventually("b to import shop/web with a's gateway", || {
+        let v = view.borrow();
+        let v = v.as_ref().unwrap();
+        v.imports.services.contains_key("shop/web")
+            && v.remotes
+                .iter()
+                .any(|r| r.nodes["node-0"].gateway.is_some())
+    })
+    .await;
+    assert_eq!(
+        b.hub.remote_states()[&id("a")].as_ref(),
+        a.hub.local_state().as_ref(),
+        "b's copy of a equals a's own state"
+    );
+    assert!(b.metric("trellis_controller_remote_cluster_ready{cluster=\"a\"} 1"));
+    assert!(b.metric("trellis_controller_imported_services{cluster=\"a\"} 1"));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_controllers_withdraw_a_silent_peer_after_its_lease_and_reconnect() {
+    init_tracing();
+    let mesh = Mesh::new();
+    let (sa, aa) = socket();
+    let (sb, ab) = socket();
+    let (sc, ac) = socket();
+    let mut a = start(
+        "a",
+        mesh.material("a"),
+        sa,
+        &[("b", Some(ab)), ("c", Some(ac))],
+        source("10.1.0.0/24", "10.96.0.0/16"),
+    );
+    let mut b = start(
+        "b",
+        mesh.material("b"),
+        sb,
+        &[("a", Some(aa)), ("c", Some(ac))],
+        source("10.2.0.0/24", "10.97.0.0/16"),
+    );
+    let mut c = start(
+        "c",
+        mesh.material("c"),
+        sc,
+        &[("a", Some(aa)), ("b", Some(ab))],
+        source("10.3.0.0/24", "10.98.0.0/16"),
+    );
+    eventually("a full mesh", || {
+        a.sees("b") && a.sees("c") && b.sees("a") && b.sees("c") && c.sees("a") && c.sees("b")
+    })
+    .await;
+
+    // c goes away: a and b keep its state (disconnected) for a lease, then withdraw it.
+    let stopped = tokio::time::Instant::now();
+    c.stop().await;
+    eventually("a to notice c is gone", || {
+        a.metric("trellis_controller_remote_clusters_connected 1")
+    })
+    .await;
+    assert!(
+        a.sees("c") && b.sees("c"),
+        "c's state must survive a short outage"
+    );
+    eventually("a and b to withdraw c", || !a.sees("c") && !b.sees("c")).await;
+    // The lease counts from the last message heard (heartbeats every 200 ms).
+    assert!(
+        stopped.elapsed() >= LEASE - Duration::from_millis(500),
+        "withdrawn before the lease ran out: {:?}",
+        stopped.elapsed()
+    );
+    let view = a.hub.subscribe_view();
+    assert!(
+        view.borrow()
+            .as_ref()
+            .unwrap()
+            .remotes
+            .iter()
+            .all(|r| r.id != id("c"))
+    );
+
+    // c comes back on the same address: the others redial with backoff and resync.
+    let sc = UdpSocket::bind(ac).unwrap();
+    let mut c = start(
+        "c",
+        mesh.material("c"),
+        sc,
+        &[("a", Some(aa)), ("b", Some(ab))],
+        source("10.3.0.0/24", "10.98.0.0/16"),
+    );
+    eventually("c back in the mesh", || {
+        a.sees("c") && b.sees("c") && c.sees("a") && c.sees("b")
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+    c.stop().await;
+}
+
+/// Connects with `material`, expecting the server to refuse it: with TLS 1.3 the client may
+/// finish its side of the handshake before the server has checked its certificate, so wait
+/// for the close too.
+async fn refused(material: TlsMaterial, to: SocketAddr, server: &ClusterId) -> String {
+    match rogue_connect(material, to, server).await {
+        Err(e) => e,
+        Ok(conn) => {
+            let closed = tokio::time::timeout(Duration::from_secs(5), async {
+                let _ = conn.open_bi().await;
+                conn.closed().await
+            })
+            .await;
+            format!("{:?}", closed.expect("the server closes the connection"))
+        }
+    }
+}
+
+/// A hand-driven client speaking the protocol with arbitrary bytes.
+async fn rogue_connect(
+    material: TlsMaterial,
+    to: SocketAddr,
+    server: &ClusterId,
+) -> Result<quinn::Connection, String> {
+    let cfg = client_config(&material, Metrics::new().unwrap()).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(cfg).unwrap(),
+    )));
+    let conn = ep
+        .connect(to, &certs::identity_name(server))
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+/// Opens the stream, sends `bytes`, and waits for the server to close the connection.
+async fn send_and_wait_close(conn: &quinn::Connection, bytes: &[u8]) -> String {
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(bytes).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    format!("{:?}", closed.expect("the server closes the connection"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_close_only_the_offending_connection() {
+    init_tracing();
+    let mesh = Mesh::new();
+    let (sa, aa) = socket();
+    let (sb, _) = socket();
+    let mut a = start(
+        "a",
+        mesh.material("a"),
+        sa,
+        &[("b", None), ("c", None)],
+        source("10.1.0.0/24", "10.96.0.0/16"),
+    );
+    let mut b = start(
+        "b",
+        mesh.material("b"),
+        sb,
+        &[("a", Some(aa))],
+        source("10.2.0.0/24", "10.97.0.0/16"),
+    );
+    eventually("a and b peered", || a.sees("b") && b.sees("a")).await;
+    let before = b.hub.remote_states()[&id("a")].revision;
+
+    // Unknown CA: a certificate for "c" from another mesh's CA (trusting a's CA).
+    let other = Mesh::named("other");
+    let mut foreign = other.material("c");
+    foreign.ca_pem = mesh.ca.cert_pem.clone();
+    let r = refused(foreign, aa, &id("a")).await;
+    assert!(
+        r.contains("UnknownCA") || r.contains("unknown") || r.contains("certificate"),
+        "{r}"
+    );
+    eventually("unknown_ca counted", || {
+        a.metric("trellis_controller_auth_failures_total{reason=\"unknown_ca\"} 1")
+    })
+    .await;
+
+    // Expired certificate from the right CA.
+    let now = time::OffsetDateTime::now_utc();
+    let old = certs::generate_cluster_cert(
+        &mesh.ca,
+        &id("c"),
+        Validity {
+            not_before: now - time::Duration::days(10),
+            not_after: now - time::Duration::days(1),
+        },
+    )
+    .unwrap();
+    let expired = TlsMaterial {
+        ca_pem: mesh.ca.cert_pem.clone(),
+        cert_pem: old.cert_pem,
+        key_pem: old.key_pem,
+    };
+    refused(expired, aa, &id("a")).await;
+    eventually("expired counted", || {
+        a.metric("trellis_controller_auth_failures_total{reason=\"expired\"} 1")
+    })
+    .await;
+
+    // A valid certificate of a cluster a does not peer with.
+    refused(mesh.material("d"), aa, &id("a")).await;
+    eventually("unknown_cluster counted", || {
+        a.metric("trellis_controller_auth_failures_total{reason=\"unknown_cluster\"} 1")
+    })
+    .await;
+
+    // A peer offering only a protocol version a does not speak.
+    let mut cfg = client_config(&mesh.material("c"), Metrics::new().unwrap()).unwrap();
+    cfg.alpn_protocols = vec![b"trellis/2".to_vec()];
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(cfg).unwrap(),
+    )));
+    let err = ep
+        .connect(aa, "a.cluster.trellis")
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err}").contains("120") || format!("{err:?}").contains("crypto"),
+        "{err:?}"
+    );
+    eventually("alpn counted", || {
+        a.metric("trellis_controller_auth_failures_total{reason=\"alpn\"} 1")
+    })
+    .await;
+
+    // A controller configured with another cluster's certificate refuses to start.
+    let wrong = Peering::start_on(
+        PeeringConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            peers: vec![],
+            heartbeat: Duration::from_millis(200),
+            lease: LEASE,
+            max_frame: 1 << 20,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(400),
+            max_pending_handshakes: 16,
+            tls: mesh.material("c"),
+        },
+        a.hub.clone(),
+        UdpSocket::bind("127.0.0.1:0").unwrap(),
+    )
+    .unwrap_err();
+    assert!(
+        wrong
+            .to_string()
+            .contains("the certificate is for cluster c, but this controller is cluster a"),
+        "{wrong}"
+    );
+
+    // Dialing "b" but reaching a server with a's certificate: the dialer refuses.
+    let dialer_metrics = Metrics::new().unwrap();
+    let cfg = client_config(&mesh.material("c"), dialer_metrics.clone()).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(cfg).unwrap(),
+    )));
+    assert!(ep.connect(aa, "b.cluster.trellis").unwrap().await.is_err());
+    assert!(
+        dialer_metrics
+            .render()
+            .contains("trellis_controller_auth_failures_total{reason=\"identity_mismatch\"} 1")
+    );
+
+    // c's valid certificate, claiming to be b in its Hello.
+    let conn = rogue_connect(mesh.material("c"), aa, &id("a"))
+        .await
+        .unwrap();
+    let hello = encode_frame(
+        &Message::Hello {
+            cluster: id("b"),
+            name: "b".into(),
+        },
+        1 << 20,
+    )
+    .unwrap();
+    let closed = send_and_wait_close(&conn, &hello).await;
+    assert!(closed.contains("claims to be cluster b"), "{closed}");
+    assert!(a.metric("trellis_controller_auth_failures_total{reason=\"identity_mismatch\"} 1"));
+
+    // Malformed and oversized frames from c close c's connection only.
+    let conn = rogue_connect(mesh.material("c"), aa, &id("a"))
+        .await
+        .unwrap();
+    let mut bytes = encode_frame(
+        &Message::Hello {
+            cluster: id("c"),
+            name: "c".into(),
+        },
+        1 << 20,
+    )
+    .unwrap();
+    bytes.extend_from_slice(&7u32.to_be_bytes());
+    bytes.extend_from_slice(b"garbage");
+    let closed = send_and_wait_close(&conn, &bytes).await;
+    assert!(closed.contains("malformed frame"), "{closed}");
+    let conn = rogue_connect(mesh.material("c"), aa, &id("a"))
+        .await
+        .unwrap();
+    let closed = send_and_wait_close(&conn, &u32::MAX.to_be_bytes()).await;
+    assert!(closed.contains("exceeds the limit"), "{closed}");
+    assert!(a.metric("trellis_controller_protocol_failures_total{reason=\"malformed_frame\"} 1"));
+    assert!(a.metric("trellis_controller_protocol_failures_total{reason=\"frame_too_large\"} 1"));
+
+    // b never noticed: still connected, and still receiving a's deltas.
+    let mut src = source("10.1.0.0/24", "10.96.0.0/16");
+    src.services.insert(
+        ServiceKey::new("shop", "web"),
+        service("shop", "web", "10.96.0.10", &[]),
+    );
+    a.hub.set_source(src);
+    eventually("b to get a's next revision", || {
+        b.hub.remote_states()[&id("a")].revision == before + 1
+    })
+    .await;
+    assert!(
+        !b.metric("trellis_controller_protocol_failures_total{"),
+        "b saw a failure"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_cidrs_are_refused_with_status_and_metric() {
+    init_tracing();
+    let mesh = Mesh::new();
+    let (sa, aa) = socket();
+    let (sb, _) = socket();
+    let mut a = start(
+        "a",
+        mesh.material("a"),
+        sa,
+        &[("b", None)],
+        source("10.1.0.0/24", "10.96.0.0/16"),
+    );
+    let mut b = start(
+        "b",
+        mesh.material("b"),
+        sb,
+        &[("a", Some(aa))],
+        source("10.1.0.128/25", "10.97.0.0/16"),
+    );
+    eventually("a to hold b's state", || a.sees("b")).await;
+    eventually("b refused on a", || {
+        a.metric("trellis_controller_remote_cluster_refused{cluster=\"b\"} 1")
+    })
+    .await;
+    assert!(a.metric("trellis_controller_remote_cluster_ready{cluster=\"b\"} 0"));
+    let view = a.hub.subscribe_view();
+    assert!(view.borrow().as_ref().unwrap().remotes.is_empty());
+    // b refuses a too (a conflicts with b's own CIDRs from b's point of view).
+    eventually("a refused on b", || {
+        b.metric("trellis_controller_remote_cluster_refused{cluster=\"a\"} 1")
+    })
+    .await;
+    // b renumbers: admitted.
+    b.hub.set_source(source("10.2.0.0/24", "10.97.0.0/16"));
+    eventually("b admitted on a", || {
+        a.metric("trellis_controller_remote_cluster_ready{cluster=\"b\"} 1")
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Both sides send multi-megabyte snapshots at once: neither may wait on the other's reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_snapshots_cross_without_deadlock() {
+    init_tracing();
+    let big = |pod: &str, svc_cidr: &str, base: u8| {
+        let mut s = source(pod, svc_cidr);
+        for i in 0..3000u32 {
+            let eps: Vec<String> = (0..10u32)
+                .map(|e| {
+                    format!(
+                        "10.{base}.{}.{}",
+                        (i * 10 + e) / 250,
+                        (i * 10 + e) % 250 + 1
+                    )
+                })
+                .collect();
+            let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+            let svc = service("shop", &format!("svc-{i}"), "10.96.0.10", &eps);
+            s.services.insert(svc.key(), svc);
+        }
+        s
+    };
+    let mesh = Mesh::new();
+    let (sa, aa) = socket();
+    let (sb, ab) = socket();
+    let mut a = start(
+        "a",
+        mesh.material("a"),
+        sa,
+        &[("b", Some(ab))],
+        big("10.1.0.0/24", "10.96.0.0/16", 101),
+    );
+    let mut b = start(
+        "b",
+        mesh.material("b"),
+        sb,
+        &[("a", Some(aa))],
+        big("10.2.0.0/24", "10.97.0.0/16", 102),
+    );
+    eventually("both full states across", || {
+        a.hub
+            .remote_states()
+            .get(&id("b"))
+            .is_some_and(|s| s.services.len() == 3000)
+            && b.hub
+                .remote_states()
+                .get(&id("a"))
+                .is_some_and(|s| s.services.len() == 3000)
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}

@@ -18,8 +18,6 @@ use crate::cidr::overlaps;
 pub enum ClusterError {
     #[error("invalid cluster ID {id:?}: {reason}")]
     ParseClusterId { id: String, reason: &'static str },
-    #[error("invalid WireGuard public key {key:?}: {reason}")]
-    ParsePublicKey { key: String, reason: &'static str },
     #[error("delta for cluster {delta} cannot apply to the state of cluster {state}")]
     ApplyDeltaWrongCluster { state: ClusterId, delta: ClusterId },
     #[error(
@@ -93,97 +91,8 @@ impl fmt::Display for ClusterId {
     }
 }
 
-/// A WireGuard (Curve25519) public key; written as standard base64 as `wg` does. Only public
-/// keys ever leave a node.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct PublicKey(pub [u8; 32]);
-
-impl fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PublicKey({self})")
-    }
-}
-
-impl fmt::Display for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&base64_encode(&self.0))
-    }
-}
-
-impl FromStr for PublicKey {
-    type Err = ClusterError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| ClusterError::ParsePublicKey {
-            key: s.chars().take(80).collect(),
-            reason,
-        };
-        let bytes = base64_decode(s).ok_or_else(|| err("not standard base64"))?;
-        let key: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| err("must decode to exactly 32 bytes"))?;
-        Ok(Self(key))
-    }
-}
-
-impl TryFrom<String> for PublicKey {
-    type Error = ClusterError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<PublicKey> for String {
-    fn from(k: PublicKey) -> Self {
-        k.to_string()
-    }
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-fn base64_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(B64[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let s = s.as_bytes();
-    if !s.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    for (ci, chunk) in s.chunks(4).enumerate() {
-        let last = ci == s.len() / 4 - 1;
-        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &chunk[..4 - pad] {
-            let v = B64.iter().position(|&x| x == c)? as u32;
-            n = (n << 6) | v;
-        }
-        n <<= 6 * pad as u32;
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    Some(out)
-}
+/// A WireGuard public key: the one type the whole model uses (see [`crate::wgkey`]).
+pub use crate::wgkey::PublicKey;
 
 /// Where a node's gateway listens (WireGuard over UDP) and its public key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -666,21 +575,6 @@ mod tests {
         }
         let err = serde_json::from_str::<ClusterId>("\"Bad\"").unwrap_err();
         assert!(err.to_string().contains("lowercase"), "{err}");
-    }
-
-    #[test]
-    fn public_keys_round_trip_base64() {
-        let k = PublicKey([7; 32]);
-        let s = k.to_string();
-        assert_eq!(s.len(), 44);
-        assert_eq!(s.parse::<PublicKey>().unwrap(), k);
-        let known = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
-        assert_eq!(known.parse::<PublicKey>().unwrap().to_string(), known);
-        assert!("AAAA".parse::<PublicKey>().is_err());
-        assert!("not base64!".parse::<PublicKey>().is_err());
-        assert!("A=AA".parse::<PublicKey>().is_err());
-        assert_eq!(base64_encode(b"ab"), "YWI=");
-        assert_eq!(base64_decode("YWI=").unwrap(), b"ab");
     }
 
     #[test]

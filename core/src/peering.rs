@@ -315,10 +315,10 @@ impl Session {
     /// Our state changed: send the deltas from what this peer last received up to `local`'s
     /// revision, taken from `recent` (the latest deltas, oldest first); if they do not form an
     /// unbroken chain, send a full snapshot instead.
-    pub fn local_changed(
+    pub fn local_changed<D: std::borrow::Borrow<Delta>>(
         &mut self,
         local: &ClusterState,
-        recent: &[Delta],
+        recent: &[D],
         now: Instant,
     ) -> Vec<Event> {
         let mut out = Vec::new();
@@ -328,14 +328,19 @@ impl Session {
         if self.phase == Phase::Closed || sent == local.revision {
             return out;
         }
-        let start = recent.iter().position(|d| d.from == sent);
+        let start = recent.iter().position(|d| d.borrow().from == sent);
         let chain = start.map(|i| &recent[i..]).filter(|chain| {
-            chain.windows(2).all(|w| w[0].to == w[1].from)
-                && chain.last().is_some_and(|d| d.to == local.revision)
+            chain
+                .windows(2)
+                .all(|w| w[0].borrow().to == w[1].borrow().from)
+                && chain
+                    .last()
+                    .is_some_and(|d| d.borrow().to == local.revision)
         });
         match chain {
             Some(chain) => {
                 for d in chain {
+                    let d = d.borrow();
                     self.sent_revision = Some(d.to);
                     self.send(&Message::Delta { delta: d.clone() }, now, &mut out);
                 }
@@ -667,7 +672,7 @@ mod tests {
         assert_eq!(got, vec![Event::PeerDelta(delta.clone())]);
         assert_eq!(b.peer_revision(), 1);
         // No change, nothing sent.
-        assert!(a.local_changed(&next, &[], now).is_empty());
+        assert!(a.local_changed::<Delta>(&next, &[], now).is_empty());
         // A delta that does not follow what was sent becomes a snapshot.
         let mut later = next.clone();
         later.revision = 5;

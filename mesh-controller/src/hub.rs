@@ -37,8 +37,9 @@ pub struct SourceState {
 #[derive(Debug)]
 pub struct LocalPublish {
     pub state: Arc<ClusterState>,
-    /// The latest deltas, oldest first, for peers that are a few revisions behind.
-    pub recent: Vec<Delta>,
+    /// The latest deltas, oldest first, for peers that are a few revisions behind (shared,
+    /// not copied, between publications).
+    pub recent: Vec<Arc<Delta>>,
 }
 
 /// What gateways and DNS are built from.
@@ -147,7 +148,7 @@ struct Inner {
     registrations: BTreeMap<String, GatewayRegistration>,
     gateways_connected: usize,
     local: Arc<ClusterState>,
-    recent: VecDeque<Delta>,
+    recent: VecDeque<Arc<Delta>>,
     mesh: Mesh,
     view_revision: u64,
     imports: Arc<Imports>,
@@ -387,7 +388,7 @@ impl Hub {
         }
         next.revision = inner.local.revision + 1;
         if !first && let Some(delta) = inner.local.delta_to(&next) {
-            inner.recent.push_back(delta);
+            inner.recent.push_back(Arc::new(delta));
             while inner.recent.len() > self.cfg.recent_deltas {
                 inner.recent.pop_front();
             }

@@ -338,12 +338,26 @@ impl Session {
                     .is_some_and(|d| d.borrow().to == local.revision)
         });
         match chain {
+            Some([one]) => {
+                let d = one.borrow();
+                self.sent_revision = Some(d.to);
+                self.send(&Message::Delta { delta: d.clone() }, now, &mut out);
+            }
             Some(chain) => {
-                for d in chain {
-                    let d = d.borrow();
-                    self.sent_revision = Some(d.to);
-                    self.send(&Message::Delta { delta: d.clone() }, now, &mut out);
-                }
+                // Several pending deltas go out as one: changes apply in order, so their
+                // concatenation takes the peer from the first `from` to the last `to`.
+                let first = chain[0].borrow();
+                let merged = Delta {
+                    cluster: first.cluster.clone(),
+                    from: first.from,
+                    to: local.revision,
+                    changes: chain
+                        .iter()
+                        .flat_map(|d| d.borrow().changes.iter().cloned())
+                        .collect(),
+                };
+                self.sent_revision = Some(merged.to);
+                self.send(&Message::Delta { delta: merged }, now, &mut out);
             }
             None => self.send_snapshot(local, now, &mut out),
         }
@@ -696,7 +710,7 @@ mod tests {
     }
 
     #[test]
-    fn several_pending_deltas_go_out_as_a_chain() {
+    fn several_pending_deltas_go_out_merged_in_one_frame() {
         let now = Instant::now();
         let (mut a, mut b, a_state, _) = pair(now);
         let mut states = vec![a_state.clone()];
@@ -709,8 +723,9 @@ mod tests {
             states.push(next);
         }
         let out = a.local_changed(states.last().unwrap(), &deltas, now);
+        assert_eq!(out.len(), 1, "one frame for the whole chain");
         let got = b.handle_bytes(&bytes_of(&out), now);
-        assert_eq!(got.len(), 3);
+        assert_eq!(got.len(), 1);
         assert_eq!(b.peer_revision(), 3);
         let mut mirror = a_state.clone();
         for e in got {

@@ -315,10 +315,10 @@ impl Session {
     /// Our state changed: send the deltas from what this peer last received up to `local`'s
     /// revision, taken from `recent` (the latest deltas, oldest first); if they do not form an
     /// unbroken chain, send a full snapshot instead.
-    pub fn local_changed(
+    pub fn local_changed<D: std::borrow::Borrow<Delta>>(
         &mut self,
         local: &ClusterState,
-        recent: &[Delta],
+        recent: &[D],
         now: Instant,
     ) -> Vec<Event> {
         let mut out = Vec::new();
@@ -328,17 +328,36 @@ impl Session {
         if self.phase == Phase::Closed || sent == local.revision {
             return out;
         }
-        let start = recent.iter().position(|d| d.from == sent);
+        let start = recent.iter().position(|d| d.borrow().from == sent);
         let chain = start.map(|i| &recent[i..]).filter(|chain| {
-            chain.windows(2).all(|w| w[0].to == w[1].from)
-                && chain.last().is_some_and(|d| d.to == local.revision)
+            chain
+                .windows(2)
+                .all(|w| w[0].borrow().to == w[1].borrow().from)
+                && chain
+                    .last()
+                    .is_some_and(|d| d.borrow().to == local.revision)
         });
         match chain {
+            Some([one]) => {
+                let d = one.borrow();
+                self.sent_revision = Some(d.to);
+                self.send(&Message::Delta { delta: d.clone() }, now, &mut out);
+            }
             Some(chain) => {
-                for d in chain {
-                    self.sent_revision = Some(d.to);
-                    self.send(&Message::Delta { delta: d.clone() }, now, &mut out);
-                }
+                // Several pending deltas go out as one: changes apply in order, so their
+                // concatenation takes the peer from the first `from` to the last `to`.
+                let first = chain[0].borrow();
+                let merged = Delta {
+                    cluster: first.cluster.clone(),
+                    from: first.from,
+                    to: local.revision,
+                    changes: chain
+                        .iter()
+                        .flat_map(|d| d.borrow().changes.iter().cloned())
+                        .collect(),
+                };
+                self.sent_revision = Some(merged.to);
+                self.send(&Message::Delta { delta: merged }, now, &mut out);
             }
             None => self.send_snapshot(local, now, &mut out),
         }
@@ -667,7 +686,7 @@ mod tests {
         assert_eq!(got, vec![Event::PeerDelta(delta.clone())]);
         assert_eq!(b.peer_revision(), 1);
         // No change, nothing sent.
-        assert!(a.local_changed(&next, &[], now).is_empty());
+        assert!(a.local_changed::<Delta>(&next, &[], now).is_empty());
         // A delta that does not follow what was sent becomes a snapshot.
         let mut later = next.clone();
         later.revision = 5;
@@ -691,7 +710,7 @@ mod tests {
     }
 
     #[test]
-    fn several_pending_deltas_go_out_as_a_chain() {
+    fn several_pending_deltas_go_out_merged_in_one_frame() {
         let now = Instant::now();
         let (mut a, mut b, a_state, _) = pair(now);
         let mut states = vec![a_state.clone()];
@@ -704,8 +723,9 @@ mod tests {
             states.push(next);
         }
         let out = a.local_changed(states.last().unwrap(), &deltas, now);
+        assert_eq!(out.len(), 1, "one frame for the whole chain");
         let got = b.handle_bytes(&bytes_of(&out), now);
-        assert_eq!(got.len(), 3);
+        assert_eq!(got.len(), 1);
         assert_eq!(b.peer_revision(), 3);
         let mut mirror = a_state.clone();
         for e in got {

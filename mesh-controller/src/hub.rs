@@ -37,8 +37,9 @@ pub struct SourceState {
 #[derive(Debug)]
 pub struct LocalPublish {
     pub state: Arc<ClusterState>,
-    /// The latest deltas, oldest first, for peers that are a few revisions behind.
-    pub recent: Vec<Delta>,
+    /// The latest deltas, oldest first, for peers that are a few revisions behind (shared,
+    /// not copied, between publications).
+    pub recent: Vec<Arc<Delta>>,
 }
 
 /// What gateways and DNS are built from.
@@ -102,12 +103,25 @@ pub struct RemoteStatus {
     pub refused: Vec<String>,
 }
 
-/// A refusal of a second session with the same peer.
+/// Why a second session with the same peer ID is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("already peered with cluster {peer} over a connection dialed by {kept_dialer}")]
-pub struct DuplicateSession {
-    pub peer: ClusterId,
-    pub kept_dialer: ClusterId,
+pub enum SessionRefusal {
+    /// The same cluster connected twice (both sides dialed): one connection is kept.
+    #[error("already peered with cluster {peer} over a connection dialed by {kept_dialer}")]
+    Duplicate {
+        peer: ClusterId,
+        kept_dialer: ClusterId,
+    },
+    /// Another cluster holds a certificate for the same ID.
+    #[error(
+        "two clusters claim the cluster ID {peer}: connected from {existing} and now from {new} \
+         with a different certificate"
+    )]
+    DuplicateClusterId {
+        peer: ClusterId,
+        existing: std::net::SocketAddr,
+        new: std::net::SocketAddr,
+    },
 }
 
 /// Held by a running peering session; `cancelled` fires when another session replaces it.
@@ -123,6 +137,9 @@ struct SessionSlot {
     id: u64,
     dialer: ClusterId,
     cancel: watch::Sender<bool>,
+    /// The peer's leaf certificate (DER) and address.
+    cert: Arc<[u8]>,
+    remote: std::net::SocketAddr,
 }
 
 #[derive(Debug)]
@@ -131,7 +148,7 @@ struct Inner {
     registrations: BTreeMap<String, GatewayRegistration>,
     gateways_connected: usize,
     local: Arc<ClusterState>,
-    recent: VecDeque<Delta>,
+    recent: VecDeque<Arc<Delta>>,
     mesh: Mesh,
     view_revision: u64,
     imports: Arc<Imports>,
@@ -371,7 +388,7 @@ impl Hub {
         }
         next.revision = inner.local.revision + 1;
         if !first && let Some(delta) = inner.local.delta_to(&next) {
-            inner.recent.push_back(delta);
+            inner.recent.push_back(Arc::new(delta));
             while inner.recent.len() > self.cfg.recent_deltas {
                 inner.recent.pop_front();
             }
@@ -524,6 +541,7 @@ impl Hub {
                 }
                 None => {
                     m.remote_cluster_ready.with_label_values(&l).set(0);
+                    m.remote_cluster_refused.with_label_values(&l).set(0);
                     m.imported_services.with_label_values(&l).set(0);
                     m.imported_endpoints.with_label_values(&l).set(0);
                 }
@@ -532,22 +550,32 @@ impl Hub {
         m.remote_clusters_connected.set(connected);
     }
 
-    /// Opens a session slot for `peer`. Between two connections with the same peer, the one
-    /// dialed by the cluster with the smaller ID wins on both sides; a reconnect by the same
-    /// dialer replaces the old connection.
+    /// Opens a session slot for `peer`. A connection presenting a different certificate for
+    /// the ID of a live session is another cluster claiming that ID: refused. Between two
+    /// connections of the same cluster, the one dialed by the cluster with the smaller ID wins
+    /// on both sides; a reconnect by the same dialer replaces the old connection.
     pub fn session_start(
         &self,
         peer: &ClusterId,
         dialer: &ClusterId,
-    ) -> Result<SessionTicket, DuplicateSession> {
+        cert: &[u8],
+        remote: std::net::SocketAddr,
+    ) -> Result<SessionTicket, SessionRefusal> {
         let mut inner = self.lock();
-        if let Some(existing) = inner.sessions.get(peer)
-            && existing.dialer < *dialer
-        {
-            return Err(DuplicateSession {
-                peer: peer.clone(),
-                kept_dialer: existing.dialer.clone(),
-            });
+        if let Some(existing) = inner.sessions.get(peer) {
+            if *existing.cert != *cert {
+                return Err(SessionRefusal::DuplicateClusterId {
+                    peer: peer.clone(),
+                    existing: existing.remote,
+                    new: remote,
+                });
+            }
+            if existing.dialer < *dialer {
+                return Err(SessionRefusal::Duplicate {
+                    peer: peer.clone(),
+                    kept_dialer: existing.dialer.clone(),
+                });
+            }
         }
         if let Some(old) = inner.sessions.remove(peer) {
             let _ = old.cancel.send(true);
@@ -561,6 +589,8 @@ impl Hub {
                 id,
                 dialer: dialer.clone(),
                 cancel,
+                cert: cert.into(),
+                remote,
             },
         );
         Ok(SessionTicket {
@@ -828,12 +858,31 @@ mod tests {
         let h = hub("b");
         let peer = id("c");
         // b dialed c; then c dials b: b < c so b's connection stays.
-        let t1 = h.session_start(&peer, &id("b")).unwrap();
-        let err = h.session_start(&peer, &id("c")).unwrap_err();
-        assert_eq!(err.kept_dialer, id("b"));
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let t1 = h.session_start(&peer, &id("b"), b"cert-c", addr).unwrap();
+        let err = h
+            .session_start(&peer, &id("c"), b"cert-c", addr)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            SessionRefusal::Duplicate {
+                peer: peer.clone(),
+                kept_dialer: id("b")
+            }
+        );
         assert!(!*t1.cancelled.borrow());
         // A reconnect by the same dialer replaces the old session.
-        let t2 = h.session_start(&peer, &id("b")).unwrap();
+        // Another cluster with a certificate for "c" is refused whoever dialed.
+        let imposter: std::net::SocketAddr = "127.0.0.2:1".parse().unwrap();
+        let err = h
+            .session_start(&peer, &id("b"), b"cert-other", imposter)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("two clusters claim the cluster ID c"),
+            "{err}"
+        );
+        let t2 = h.session_start(&peer, &id("b"), b"cert-c", addr).unwrap();
         assert!(*t1.cancelled.borrow());
         h.session_end(&t1);
         assert!(
@@ -844,8 +893,11 @@ mod tests {
         assert!(!h.is_connected(&peer));
         // On the other side, a, the connection dialed by a replaces the one dialed by c.
         let h = hub("a");
-        let t = h.session_start(&id("c"), &id("c")).unwrap();
-        h.session_start(&id("c"), &id("a")).unwrap();
+        let t = h
+            .session_start(&id("c"), &id("c"), b"cert-c", addr)
+            .unwrap();
+        h.session_start(&id("c"), &id("a"), b"cert-c", addr)
+            .unwrap();
         assert!(*t.cancelled.borrow());
     }
 

@@ -90,13 +90,77 @@ pub async fn cluster_id(client: Client) -> Result<trellis_core::cluster::Cluster
         )
 }
 
-/// Runs until cancelled, delivering the cluster's state to `sink` after every change.
+/// Runs until cancelled, delivering the cluster's state to `sink` after every change, and
+/// keeps the ServiceExports' `Valid` conditions up to date.
 pub async fn run(client: Client, sink: impl StateSink) {
-    run_with(client, sink, Duration::from_millis(100)).await
+    let (tx, rx) = tokio::sync::watch::channel(ExportStatuses::new());
+    let writer = tokio::spawn(write_export_statuses(client.clone(), rx));
+    run_with_status(client, sink, Duration::from_millis(100), Some(tx)).await;
+    writer.abort();
+}
+
+/// Server-side applies the `Valid` condition of each ServiceExport whose status changed;
+/// runs until the sender is dropped.
+pub async fn write_export_statuses(
+    client: Client,
+    mut rx: tokio::sync::watch::Receiver<ExportStatuses>,
+) {
+    use kube::api::{Patch, PatchParams};
+    let pp = PatchParams::apply(crate::import_writer::FIELD_MANAGER).force();
+    let mut applied = ExportStatuses::new();
+    loop {
+        let current = rx.borrow_and_update().clone();
+        for (key, status) in &current {
+            if applied.get(key) == Some(status) {
+                continue;
+            }
+            let patch = serde_json::json!({
+                "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                "kind": "ServiceExport",
+                "status": {"conditions": [{
+                    "type": "Valid",
+                    "status": if status.valid { "True" } else { "False" },
+                    "reason": status.reason,
+                    "message": status.message,
+                    "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+                }]},
+            });
+            let api: Api<ServiceExport> = Api::namespaced(client.clone(), &key.namespace);
+            match api
+                .patch_status(&key.name, &pp, &Patch::Apply(&patch))
+                .await
+            {
+                Ok(_) => {
+                    applied.insert(key.clone(), status.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(service = %key, error = %e, "writing a ServiceExport condition")
+                }
+            }
+        }
+        applied.retain(|k, _| current.contains_key(k));
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// As [`run`], with the debounce interval (tests use a short one).
 pub async fn run_with(client: Client, sink: impl StateSink, debounce: Duration) {
+    run_with_status(client, sink, debounce, None).await
+}
+
+/// The ServiceExports' conditions, published after every rebuild.
+pub type ExportStatuses =
+    std::collections::BTreeMap<trellis_core::cluster::ServiceKey, crate::objects::ExportStatus>;
+
+/// As [`run_with`], also publishing every ServiceExport's condition on `statuses`.
+pub async fn run_with_status(
+    client: Client,
+    sink: impl StateSink,
+    debounce: Duration,
+    statuses: Option<tokio::sync::watch::Sender<ExportStatuses>>,
+) {
     let (nodes, s1) = reflect(Api::<Node>::all(client.clone()), Kind::Node);
     let (services, s2) = reflect(Api::<Service>::all(client.clone()), Kind::Service);
     let (slices, s3) = reflect(
@@ -160,6 +224,9 @@ pub async fn run_with(client: Client, sink: impl StateSink, debounce: Duration) 
                     cluster_properties: owned(&props),
                     service_cidrs: owned(&cidrs),
                 };
+                if let Some(tx) = &statuses {
+                    tx.send_replace(crate::objects::export_statuses(&objects));
+                }
                 sink.set_source(crate::objects::source_state(&objects));
             }
         }

@@ -239,6 +239,60 @@ pub fn source_state(objects: &Objects) -> SourceState {
     }
 }
 
+/// What the controller reports on a ServiceExport (KEP-1645's `Valid` condition).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportStatus {
+    pub valid: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The `Valid` condition of every ServiceExport: whether its Service exists and can be
+/// exported.
+pub fn export_statuses(objects: &Objects) -> BTreeMap<ServiceKey, ExportStatus> {
+    let services: BTreeMap<ServiceKey, &Service> = objects
+        .services
+        .iter()
+        .filter_map(|s| {
+            Some((
+                ServiceKey::new(s.metadata.namespace.clone()?, s.metadata.name.clone()?),
+                s,
+            ))
+        })
+        .collect();
+    objects
+        .service_exports
+        .iter()
+        .filter(|e| e.metadata.deletion_timestamp.is_none())
+        .filter_map(|e| {
+            let key = ServiceKey::new(e.metadata.namespace.clone()?, e.metadata.name.clone()?);
+            let status = match services.get(&key) {
+                None => ExportStatus {
+                    valid: false,
+                    reason: "NoService",
+                    message: format!("Service {key} does not exist"),
+                },
+                Some(svc)
+                    if svc.spec.as_ref().and_then(|s| s.type_.as_deref())
+                        == Some("ExternalName") =>
+                {
+                    ExportStatus {
+                        valid: false,
+                        reason: "IncompatibleServiceType",
+                        message: format!("Service {key} is of type ExternalName"),
+                    }
+                }
+                Some(_) => ExportStatus {
+                    valid: true,
+                    reason: "Exported",
+                    message: format!("Service {key} is exported to the clusterset"),
+                },
+            };
+            Some((key, status))
+        })
+        .collect()
+}
+
 /// Parses a YAML stream of Kubernetes objects (documents separated by `---`, and `List`s),
 /// keeping the kinds the controller uses and ignoring the others.
 pub fn parse_objects(yaml: &str) -> Result<Objects, Error> {
@@ -340,6 +394,20 @@ mod tests {
         assert_eq!(web.endpoints.len(), 2);
         assert_eq!(web.endpoint_ports[0].port, 8080);
         assert!(web.endpoints.iter().any(|e| !e.ready));
+    }
+
+    #[test]
+    fn exports_report_whether_their_service_exists() {
+        let yaml = format!(
+            "{CLUSTER_YAML}\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\n\
+             metadata: {{name: ghost, namespace: shop}}\n"
+        );
+        let st = export_statuses(&parse_objects(&yaml).unwrap());
+        assert!(st[&ServiceKey::new("shop", "web")].valid);
+        let ghost = &st[&ServiceKey::new("shop", "ghost")];
+        assert!(!ghost.valid);
+        assert_eq!(ghost.reason, "NoService");
+        assert_eq!(ghost.message, "Service shop/ghost does not exist");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use trellis_core::peering::{ALPN_V1, Event, PeeringError, Session, SessionConfig
 
 use crate::Error;
 use crate::certs::identity_name;
-use crate::hub::Hub;
+use crate::hub::{Hub, SessionRefusal};
 use crate::tls::{AllowedPeers, TlsMaterial, client_config, identity_of, server_config};
 
 /// Application close codes on the QUIC connection.
@@ -233,6 +233,15 @@ fn alpn_ok(conn: &Connection) -> bool {
         .is_some_and(|p| p == ALPN_V1)
 }
 
+/// The peer's leaf certificate (DER), which tells two holders of the same cluster ID apart.
+fn peer_cert(conn: &Connection) -> Option<Vec<u8>> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    Some(certs.first()?.as_ref().to_vec())
+}
+
 fn certified_peer(conn: &Connection) -> Option<ClusterId> {
     let certs = conn
         .peer_identity()?
@@ -379,11 +388,21 @@ async fn run_session(
     dialer: ClusterId,
     cfg: Arc<PeeringConfig>,
 ) {
-    let ticket = match hub.session_start(&peer, &dialer) {
+    let cert = peer_cert(&conn).unwrap_or_default();
+    let ticket = match hub.session_start(&peer, &dialer, &cert, conn.remote_address()) {
         Ok(t) => t,
-        Err(dup) => {
-            tracing::info!(%peer, %dialer, "{dup}; closing the other connection");
+        Err(e @ SessionRefusal::Duplicate { .. }) => {
+            tracing::info!(%peer, %dialer, "{e}; closing the other connection");
             conn.close(VarInt::from_u32(close_code::DUPLICATE), b"duplicate");
+            return;
+        }
+        Err(e @ SessionRefusal::DuplicateClusterId { .. }) => {
+            hub.metrics().auth_failure("duplicate_cluster_id");
+            tracing::error!(%peer, "refusing a peer: {e}");
+            conn.close(
+                VarInt::from_u32(close_code::DUPLICATE),
+                e.to_string().as_bytes(),
+            );
             return;
         }
     };

@@ -473,3 +473,67 @@ async fn the_cluster_id_comes_from_the_cluster_property() {
     assert_eq!(first.unwrap().as_str(), "east");
     assert!(second.unwrap_err().to_string().contains("lowercase"));
 }
+
+#[tokio::test]
+async fn service_exports_get_a_valid_condition() {
+    use trellis_controller::kube_source::{ExportStatuses, write_export_statuses};
+    use trellis_controller::objects::ExportStatus;
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let (tx, rx) = tokio::sync::watch::channel(ExportStatuses::new());
+    let writer = tokio::spawn(write_export_statuses(client, rx));
+    let status = |valid: bool, reason: &'static str| ExportStatus {
+        valid,
+        reason,
+        message: "m".into(),
+    };
+    tx.send_replace(ExportStatuses::from([(web(), status(false, "NoService"))]));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.method(), http::Method::PATCH);
+    assert_eq!(
+        req.uri().path(),
+        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceexports/web/status"
+    );
+    assert!(
+        req.uri()
+            .query()
+            .unwrap()
+            .contains("fieldManager=trellis-controller")
+    );
+    let body: Value =
+        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+    let cond = &body["status"]["conditions"][0];
+    assert_eq!(cond["type"], "Valid");
+    assert_eq!(cond["status"], "False");
+    assert_eq!(cond["reason"], "NoService");
+    assert!(cond["lastTransitionTime"].as_str().unwrap().ends_with('Z'));
+    let mut obj = fixture("serviceexports.json")["items"][0].clone();
+    obj["status"] = body["status"].clone();
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(obj.to_string().into_bytes()))
+            .unwrap(),
+    );
+    // The same status again: nothing written. A change: written.
+    tx.send_replace(ExportStatuses::from([(web(), status(false, "NoService"))]));
+    tx.send_replace(ExportStatuses::from([(web(), status(true, "Exported"))]));
+    let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .unwrap()
+        .unwrap();
+    let body: Value =
+        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+    assert_eq!(body["status"]["conditions"][0]["status"], "True");
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(obj.to_string().into_bytes()))
+            .unwrap(),
+    );
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .unwrap()
+        .unwrap();
+}

@@ -472,6 +472,18 @@ async fn refusals_close_only_the_offending_connection() {
     assert!(closed.contains("claims to be cluster b"), "{closed}");
     assert!(a.metric("trellis_controller_auth_failures_total{reason=\"identity_mismatch\"} 1"));
 
+    // Another cluster with its own valid certificate for "b" while b is connected.
+    let twin = refused(mesh.material("b"), aa, &id("a")).await;
+    assert!(
+        twin.contains("two clusters claim the cluster ID b"),
+        "{twin}"
+    );
+    assert!(a.metric("trellis_controller_auth_failures_total{reason=\"duplicate_cluster_id\"} 1"));
+    assert!(
+        b.metric("trellis_controller_remote_clusters_connected 1"),
+        "the real b stays"
+    );
+
     // Malformed and oversized frames from c close c's connection only.
     let conn = rogue_connect(mesh.material("c"), aa, &id("a"))
         .await

@@ -78,7 +78,7 @@ fn unknown_netns(path: &Path, error: trellis_netns::Error) -> CniError {
 }
 
 /// How long a new veth may take to become operational before ADD gives up on it.
-const OPERATIONAL_TIMEOUT: Duration = Duration::from_millis(500);
+const OPERATIONAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Link-up is only half of it: the kernel attaches the link's queue in its link-watch work a
 /// moment later and drops whatever is sent before that. A pod's first SYN lost there costs a

@@ -224,7 +224,7 @@ fn a_pod_can_send_the_moment_add_returns() {
         let rtt = trellis_netns::probe::icmp_echo(
             &pod.netns,
             NODE_ADDRESS.parse().unwrap(),
-            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(3),
         )
         .unwrap();
         assert!(

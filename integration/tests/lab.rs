@@ -22,7 +22,7 @@ fn lab_up_wires_pods_that_reach_each_other_and_down_removes_everything() {
     );
 
     let ping = lab.trellis(&[
-        "exec", "c1/pod-2", "--", "ping", "-c", "1", "-W", "1", "10.1.0.1",
+        "exec", "c1/pod-2", "--", "ping", "-c", "1", "-W", "3", "10.1.0.1",
     ]);
     assert!(ping.status.success(), "{}", text(&ping));
     let failing = lab.trellis(&["exec", "c1/pod-0", "--", "false"]);

@@ -21,6 +21,8 @@ use super::topology::{
 const UNDERLAY_MTU: u32 = 1500;
 /// The pod MTU: the underlay less WireGuard's 80 bytes.
 const POD_MTU: u32 = UNDERLAY_MTU - 80;
+/// How long the connectivity matrix waits for each echo (generous: the machine may be busy).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The bridge inside the switch namespace.
 const SWITCH_BRIDGE: &str = "br0";
 
@@ -286,15 +288,13 @@ fn connectivity(state: &LabState) -> Vec<ProbeRow> {
                 .filter(|(name, _)| *name != source)
                 .map(|(name, address)| {
                     let rtt = netns.as_ref().ok().and_then(|ns| {
-                        probe::icmp_echo(ns, *address, Duration::from_secs(1))
-                            .ok()
-                            .flatten()
+                        probe::icmp_echo(ns, *address, PROBE_TIMEOUT).ok().flatten()
                     });
                     (name.clone(), rtt)
                 })
                 .collect();
             let to_node = netns.as_ref().ok().and_then(|ns| {
-                probe::icmp_echo(ns, node.address, Duration::from_secs(1))
+                probe::icmp_echo(ns, node.address, PROBE_TIMEOUT)
                     .ok()
                     .flatten()
             });

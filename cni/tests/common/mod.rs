@@ -140,7 +140,7 @@ impl Node {
     /// Waits (at most 3 s) for the kernel to destroy the veths of removed pod namespaces, and
     /// returns what is left.
     pub fn host_veths_after_namespaces_go(&self) -> Vec<String> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             let left = self.host_veths();
             if left.is_empty() || std::time::Instant::now() > deadline {
@@ -172,7 +172,7 @@ pub fn pod_ip(result: &Value, index: usize) -> String {
 pub fn ping(netns: &Netns, address: &str) -> bool {
     let mut command = Command::new("ping");
     command
-        .args(["-c", "1", "-W", "1", address])
+        .args(["-c", "1", "-W", "3", address])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     netns

@@ -9,48 +9,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use trellis_core::imports::{Imports, ImportsUpdate};
 use trellis_core::peering::{FrameDecoder, encode_json_frame};
 
+pub use trellis_core::agent::{AgentHello, AgentRole};
+
 use crate::gateway::{GatewayDesired, GatewayRegistration, GatewayUpdate, desired_for};
 use crate::hub::{Hub, MeshView};
-
-/// The first frame a subscriber sends: who it is and, when the controller is configured with
-/// one, the shared agent token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentHello {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-    #[serde(flatten)]
-    pub role: AgentRole,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum AgentRole {
-    Gateway(GatewayRegistration),
-    Dns,
-}
-
-impl AgentHello {
-    pub fn gateway(reg: GatewayRegistration, token: Option<String>) -> Self {
-        Self {
-            token,
-            role: AgentRole::Gateway(reg),
-        }
-    }
-
-    pub fn dns(token: Option<String>) -> Self {
-        Self {
-            token,
-            role: AgentRole::Dns,
-        }
-    }
-}
 
 /// Compares tokens in time independent of where they differ.
 fn token_matches(expected: &str, got: Option<&str>) -> bool {

@@ -13,72 +13,11 @@
 //! * every remote pod and service CIDR is routed into the tunnel whether or not a peer for it is
 //!   known yet, so traffic fails closed instead of leaking to the default route.
 
-use std::net::{IpAddr, SocketAddr};
+use trellis_core::cluster::ClusterState;
 
-use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
-use trellis_core::cluster::{ClusterId, ClusterState, PublicKey};
-
-/// Sent by a gateway when it connects: never the private key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GatewayRegistration {
-    pub node: String,
-    pub endpoint: SocketAddr,
-    pub public_key: PublicKey,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct PeerSpec {
-    pub cluster: ClusterId,
-    pub node: String,
-    pub public_key: PublicKey,
-    pub endpoint: SocketAddr,
-    pub allowed_ips: Vec<IpNet>,
-    /// Seconds; set for remote clusters (NAT on the way), unset inside the cluster.
-    pub persistent_keepalive: Option<u16>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum RouteVia {
-    /// Into the gateway's TUN device: encrypted to the peer whose allowed IPs match.
-    Tunnel,
-    /// A plain route via another node of the cluster (node encryption off).
-    Node { address: IpAddr },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct RouteSpec {
-    pub destination: IpNet,
-    pub via: RouteVia,
-}
-
-/// The full desired state of one node's gateway.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GatewayDesired {
-    pub revision: u64,
-    pub node: String,
-    pub node_encryption: bool,
-    pub peers: Vec<PeerSpec>,
-    pub routes: Vec<RouteSpec>,
-}
-
-/// What a gateway receives: a snapshot first (and after reconnecting), then deltas.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum GatewayUpdate {
-    Snapshot(GatewayDesired),
-    Delta {
-        from: u64,
-        to: u64,
-        node_encryption: bool,
-        upsert_peers: Vec<PeerSpec>,
-        /// Peers to remove, by public key.
-        remove_peers: Vec<PublicKey>,
-        add_routes: Vec<RouteSpec>,
-        remove_routes: Vec<RouteSpec>,
-    },
-}
+pub use trellis_core::agent::{
+    GatewayDesired, GatewayRegistration, GatewayUpdate, PeerSpec, RouteSpec, RouteVia,
+};
 
 /// Remote clusters keep NAT mappings alive with this keepalive (seconds).
 pub const REMOTE_KEEPALIVE: u16 = 25;
@@ -167,90 +106,11 @@ pub fn desired_for(
     }
 }
 
-impl GatewayDesired {
-    /// The update from `self` to `new`; `None` if only the revision differs.
-    pub fn delta_to(&self, new: &GatewayDesired) -> Option<GatewayUpdate> {
-        let upsert_peers: Vec<PeerSpec> = new
-            .peers
-            .iter()
-            .filter(|p| !self.peers.contains(p))
-            .cloned()
-            .collect();
-        let remove_peers: Vec<PublicKey> = self
-            .peers
-            .iter()
-            .filter(|p| !new.peers.iter().any(|q| q.public_key == p.public_key))
-            .map(|p| p.public_key)
-            .collect();
-        let add_routes: Vec<RouteSpec> = new
-            .routes
-            .iter()
-            .filter(|r| !self.routes.contains(r))
-            .cloned()
-            .collect();
-        let remove_routes: Vec<RouteSpec> = self
-            .routes
-            .iter()
-            .filter(|r| !new.routes.contains(r))
-            .cloned()
-            .collect();
-        let unchanged = upsert_peers.is_empty()
-            && remove_peers.is_empty()
-            && add_routes.is_empty()
-            && remove_routes.is_empty()
-            && self.node_encryption == new.node_encryption;
-        (!unchanged).then_some(GatewayUpdate::Delta {
-            from: self.revision,
-            to: new.revision,
-            node_encryption: new.node_encryption,
-            upsert_peers,
-            remove_peers,
-            add_routes,
-            remove_routes,
-        })
-    }
-
-    /// Applies an update as a gateway would; `false` if a delta does not follow.
-    pub fn apply(&mut self, update: &GatewayUpdate) -> bool {
-        match update {
-            GatewayUpdate::Snapshot(s) => {
-                *self = s.clone();
-                true
-            }
-            GatewayUpdate::Delta {
-                from,
-                to,
-                node_encryption,
-                upsert_peers,
-                remove_peers,
-                add_routes,
-                remove_routes,
-            } => {
-                if *from != self.revision {
-                    return false;
-                }
-                self.peers.retain(|p| {
-                    !remove_peers.contains(&p.public_key)
-                        && !upsert_peers.iter().any(|u| u.public_key == p.public_key)
-                });
-                self.peers.extend(upsert_peers.iter().cloned());
-                self.peers.sort();
-                self.routes.retain(|r| !remove_routes.contains(r));
-                self.routes.extend(add_routes.iter().cloned());
-                self.routes.sort();
-                self.node_encryption = *node_encryption;
-                self.revision = *to;
-                true
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use trellis_core::cluster::fixture::cluster;
-    use trellis_core::cluster::{NodeGateway, NodeState};
+    use trellis_core::cluster::{NodeGateway, NodeState, PublicKey};
 
     fn with_nodes(mut c: ClusterState, base: u8, n: u8) -> ClusterState {
         c.nodes.clear();

@@ -1,0 +1,185 @@
+//! The streams inside a cluster: what a node's gateway and the cluster's DNS say to their
+//! controller when they subscribe, and what the controller sends a gateway. Framed like the
+//! peering protocol (4-byte big-endian length + JSON, [`crate::peering::encode_json_frame`]).
+//! DNS receives [`crate::imports::ImportsUpdate`]s.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::ClusterId;
+use crate::wgkey::PublicKey;
+
+/// The first frame a subscriber sends: who it is and, when the controller is configured with
+/// one, the shared agent token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentHello {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(flatten)]
+    pub role: AgentRole,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentRole {
+    Gateway(GatewayRegistration),
+    Dns,
+}
+
+impl AgentHello {
+    pub fn gateway(reg: GatewayRegistration, token: Option<String>) -> Self {
+        Self {
+            token,
+            role: AgentRole::Gateway(reg),
+        }
+    }
+
+    pub fn dns(token: Option<String>) -> Self {
+        Self {
+            token,
+            role: AgentRole::Dns,
+        }
+    }
+}
+
+/// Sent by a gateway when it connects: never the private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayRegistration {
+    pub node: String,
+    pub endpoint: SocketAddr,
+    pub public_key: PublicKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PeerSpec {
+    pub cluster: ClusterId,
+    pub node: String,
+    pub public_key: PublicKey,
+    pub endpoint: SocketAddr,
+    pub allowed_ips: Vec<IpNet>,
+    /// Seconds; set for remote clusters (NAT on the way), unset inside the cluster.
+    pub persistent_keepalive: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RouteVia {
+    /// Into the gateway's TUN device: encrypted to the peer whose allowed IPs match.
+    Tunnel,
+    /// A plain route via another node of the cluster (node encryption off).
+    Node { address: IpAddr },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RouteSpec {
+    pub destination: IpNet,
+    pub via: RouteVia,
+}
+
+/// The full desired state of one node's gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayDesired {
+    pub revision: u64,
+    pub node: String,
+    pub node_encryption: bool,
+    pub peers: Vec<PeerSpec>,
+    pub routes: Vec<RouteSpec>,
+}
+
+/// What a gateway receives: a snapshot first (and after reconnecting), then deltas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GatewayUpdate {
+    Snapshot(GatewayDesired),
+    Delta {
+        from: u64,
+        to: u64,
+        node_encryption: bool,
+        upsert_peers: Vec<PeerSpec>,
+        /// Peers to remove, by public key.
+        remove_peers: Vec<PublicKey>,
+        add_routes: Vec<RouteSpec>,
+        remove_routes: Vec<RouteSpec>,
+    },
+}
+
+impl GatewayDesired {
+    /// The update from `self` to `new`; `None` if only the revision differs.
+    pub fn delta_to(&self, new: &GatewayDesired) -> Option<GatewayUpdate> {
+        let upsert_peers: Vec<PeerSpec> = new
+            .peers
+            .iter()
+            .filter(|p| !self.peers.contains(p))
+            .cloned()
+            .collect();
+        let remove_peers: Vec<PublicKey> = self
+            .peers
+            .iter()
+            .filter(|p| !new.peers.iter().any(|q| q.public_key == p.public_key))
+            .map(|p| p.public_key)
+            .collect();
+        let add_routes: Vec<RouteSpec> = new
+            .routes
+            .iter()
+            .filter(|r| !self.routes.contains(r))
+            .cloned()
+            .collect();
+        let remove_routes: Vec<RouteSpec> = self
+            .routes
+            .iter()
+            .filter(|r| !new.routes.contains(r))
+            .cloned()
+            .collect();
+        let unchanged = upsert_peers.is_empty()
+            && remove_peers.is_empty()
+            && add_routes.is_empty()
+            && remove_routes.is_empty()
+            && self.node_encryption == new.node_encryption;
+        (!unchanged).then_some(GatewayUpdate::Delta {
+            from: self.revision,
+            to: new.revision,
+            node_encryption: new.node_encryption,
+            upsert_peers,
+            remove_peers,
+            add_routes,
+            remove_routes,
+        })
+    }
+
+    /// Applies an update as a gateway would; `false` if a delta does not follow.
+    pub fn apply(&mut self, update: &GatewayUpdate) -> bool {
+        match update {
+            GatewayUpdate::Snapshot(s) => {
+                *self = s.clone();
+                true
+            }
+            GatewayUpdate::Delta {
+                from,
+                to,
+                node_encryption,
+                upsert_peers,
+                remove_peers,
+                add_routes,
+                remove_routes,
+            } => {
+                if *from != self.revision {
+                    return false;
+                }
+                self.peers.retain(|p| {
+                    !remove_peers.contains(&p.public_key)
+                        && !upsert_peers.iter().any(|u| u.public_key == p.public_key)
+                });
+                self.peers.extend(upsert_peers.iter().cloned());
+                self.peers.sort();
+                self.routes.retain(|r| !remove_routes.contains(r));
+                self.routes.extend(add_routes.iter().cloned());
+                self.routes.sort();
+                self.node_encryption = *node_encryption;
+                self.revision = *to;
+                true
+            }
+        }
+    }
+}

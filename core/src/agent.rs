@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterId;
+use crate::gateway::{GatewayPlan, PodRoute, TunnelPeer};
 use crate::wgkey::PublicKey;
 
 /// The first frame a subscriber sends: who it is and, when the controller is configured with
@@ -106,6 +107,36 @@ pub enum GatewayUpdate {
 }
 
 impl GatewayDesired {
+    /// What the gateway applies: every peer (named `<cluster>/<node>`) with its allowed IPs,
+    /// and every route into the tunnel or via another node.
+    pub fn plan(&self) -> GatewayPlan {
+        GatewayPlan {
+            revision: self.revision,
+            peers: self
+                .peers
+                .iter()
+                .map(|peer| TunnelPeer {
+                    name: format!("{}/{}", peer.cluster, peer.node),
+                    public_key: peer.public_key,
+                    endpoint: Some(peer.endpoint),
+                    allowed_ips: peer.allowed_ips.clone(),
+                    persistent_keepalive: peer.persistent_keepalive,
+                })
+                .collect(),
+            routes: self
+                .routes
+                .iter()
+                .map(|route| {
+                    let via = match route.via {
+                        RouteVia::Tunnel => PodRoute::Tunnel,
+                        RouteVia::Node { address } => PodRoute::Via(address),
+                    };
+                    (route.destination, via)
+                })
+                .collect(),
+        }
+    }
+
     /// The update from `self` to `new`; `None` if only the revision differs.
     pub fn delta_to(&self, new: &GatewayDesired) -> Option<GatewayUpdate> {
         let upsert_peers: Vec<PeerSpec> = new
@@ -181,5 +212,54 @@ impl GatewayDesired {
                 true
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_desired_state_plans_peers_and_both_kinds_of_route() {
+        let desired = GatewayDesired {
+            revision: 4,
+            node: "node-0".into(),
+            node_encryption: false,
+            peers: vec![PeerSpec {
+                cluster: "west".parse().unwrap(),
+                node: "node-3".into(),
+                public_key: PublicKey([3; 32]),
+                endpoint: "198.18.2.13:51820".parse().unwrap(),
+                allowed_ips: vec![
+                    "10.2.3.0/24".parse().unwrap(),
+                    "10.96.0.0/16".parse().unwrap(),
+                ],
+                persistent_keepalive: Some(25),
+            }],
+            routes: vec![
+                RouteSpec {
+                    destination: "10.2.3.0/24".parse().unwrap(),
+                    via: RouteVia::Tunnel,
+                },
+                RouteSpec {
+                    destination: "10.1.1.0/24".parse().unwrap(),
+                    via: RouteVia::Node {
+                        address: "198.18.1.11".parse().unwrap(),
+                    },
+                },
+            ],
+        };
+        let plan = desired.plan();
+        assert_eq!(plan.revision, 4);
+        assert_eq!(plan.peers[0].name, "west/node-3");
+        assert_eq!(plan.peers[0].allowed_ips.len(), 2);
+        assert_eq!(
+            plan.routes[&"10.2.3.0/24".parse::<IpNet>().unwrap()],
+            PodRoute::Tunnel
+        );
+        assert_eq!(
+            plan.routes[&"10.1.1.0/24".parse::<IpNet>().unwrap()],
+            PodRoute::Via("198.18.1.11".parse().unwrap())
+        );
     }
 }

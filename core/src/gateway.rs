@@ -95,6 +95,15 @@ pub struct TunnelPeer {
     pub persistent_keepalive: Option<u16>,
 }
 
+/// What a gateway applies, whichever source it came from (a desired-state file, or its
+/// controller's stream): its WireGuard peers, and how each pod CIDR leaves the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewayPlan {
+    pub revision: u64,
+    pub peers: Vec<TunnelPeer>,
+    pub routes: BTreeMap<IpNet, PodRoute>,
+}
+
 /// How traffic to a pod CIDR leaves the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PodRoute {
@@ -157,12 +166,12 @@ impl GatewayState {
     }
 
     /// The WireGuard peers: every node whose traffic is encrypted, in state order.
-    /// Validates the state for the gateway whose public key is `own`.
-    pub fn validate_for(&self, own: &PublicKey) -> Result<(), StateError> {
-        self.validate()?;
-        match self.nodes.iter().find(|node| node.public_key == *own) {
-            Some(node) => Err(StateError::ListsItself(node.name.clone())),
-            None => Ok(()),
+    /// What the gateway applies for this state.
+    pub fn plan(&self) -> GatewayPlan {
+        GatewayPlan {
+            revision: self.revision,
+            peers: self.tunnel_peers(),
+            routes: self.pod_routes(),
         }
     }
 
@@ -300,30 +309,5 @@ mod tests {
             state(vec![node("x", "a", 1, "10.1.1.1/24", true)]).validate(),
             Err(StateError::NonCanonicalCidr { .. })
         ));
-    }
-
-    #[test]
-    fn a_state_listing_the_gateway_itself_is_refused() {
-        let own = PublicKey([7; 32]);
-        let state = GatewayState {
-            revision: 1,
-            cluster: "a".into(),
-            nodes: vec![RemoteNode {
-                name: "a/me".into(),
-                cluster: "a".into(),
-                public_key: own,
-                endpoint: None,
-                node_ip: None,
-                pod_cidrs: vec!["10.1.0.0/24".parse().unwrap()],
-                encrypted: true,
-                persistent_keepalive: None,
-            }],
-        };
-        assert!(state.validate().is_ok());
-        assert_eq!(
-            state.validate_for(&own),
-            Err(StateError::ListsItself("a/me".into()))
-        );
-        assert!(state.validate_for(&PublicKey([8; 32])).is_ok());
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use tokio::task::JoinHandle;
-use trellis_core::gateway::GatewayState;
+use trellis_core::gateway::{GatewayPlan, GatewayState, StateError};
 use trellis_core::wgkey::PublicKey;
 use trellis_netns::{Netlink, Netns, sysctl};
 
@@ -59,31 +59,43 @@ impl<R: RouteTable> Reconciler<R> {
     /// Brings peers and routes to `state`. Idempotent: run it again to repair drift or
     /// retry failures. An invalid state changes nothing.
     pub async fn apply(&self, state: &GatewayState) -> Result<(), Error> {
-        let result = self.apply_inner(state).await;
+        match state.validate() {
+            Ok(()) => self.apply_plan(&state.plan()).await,
+            Err(invalid) => {
+                self.metrics.reconcile_errors.inc();
+                Err(invalid.into())
+            }
+        }
+    }
+
+    /// Brings peers and routes to `plan`, whatever its source (file or controller).
+    pub async fn apply_plan(&self, plan: &GatewayPlan) -> Result<(), Error> {
+        let result = self.apply_inner(plan).await;
         match &result {
             Ok(()) => {
                 self.metrics.last_reconcile.set(unix_now());
                 self.metrics
                     .state_revision
-                    .set(i64::try_from(state.revision).unwrap_or(i64::MAX));
+                    .set(i64::try_from(plan.revision).unwrap_or(i64::MAX));
             }
             Err(_) => self.metrics.reconcile_errors.inc(),
         }
         result
     }
 
-    async fn apply_inner(&self, state: &GatewayState) -> Result<(), Error> {
-        state.validate_for(&self.own_key)?;
-        let peers = state.tunnel_peers();
+    async fn apply_inner(&self, plan: &GatewayPlan) -> Result<(), Error> {
+        if let Some(me) = plan.peers.iter().find(|p| p.public_key == self.own_key) {
+            return Err(StateError::ListsItself(me.name.clone()).into());
+        }
+        let peers = plan.peers.clone();
         self.device.set_peers(peers.clone(), false).await?;
-        let desired =
-            routes::desired_routes(&state.pod_routes(), self.tun_index, self.route_metrics);
+        let desired = routes::desired_routes(&plan.routes, self.tun_index, self.route_metrics);
         let current = self.routes.list().await?;
         let ops = routes::plan(&current, &desired);
         if !ops.is_empty() {
             tracing::info!(
                 changes = ops.len(),
-                revision = state.revision,
+                revision = plan.revision,
                 "updating routes"
             );
         }

@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
+use trellis_core::agent::GatewayRegistration;
+use trellis_gateway::controller::{ControllerSource, follow_controller};
 use trellis_gateway::device::DeviceConfig;
 use trellis_gateway::gateway::{DEFAULT_ROUTE_PROTOCOL, follow_file, follow_stream};
 use trellis_gateway::keys::KeyPair;
@@ -69,8 +71,20 @@ struct RunArgs {
     batch: usize,
     /// JSON desired state to follow (trellis_core::gateway::GatewayState): a file, polled,
     /// or `-` for one JSON document per line on stdin.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "controller")]
     desired_state: Option<PathBuf>,
+    /// Follow the cluster's controller instead: its agent address (HOST:PORT).
+    #[arg(long)]
+    controller: Option<SocketAddr>,
+    /// A file holding the token the controller's agent port asks for.
+    #[arg(long, requires = "controller")]
+    controller_token_file: Option<PathBuf>,
+    /// This node's name, as the controller knows it (a Kubernetes Node name).
+    #[arg(long, requires = "controller")]
+    node_name: Option<String>,
+    /// The UDP endpoint other gateways reach this one at (this node's address and the port).
+    #[arg(long, requires = "controller")]
+    advertise_endpoint: Option<SocketAddr>,
     /// Serve /metrics and /healthz here.
     #[arg(long, default_value = "127.0.0.1:9586")]
     metrics_addr: SocketAddr,
@@ -92,6 +106,11 @@ impl RunArgs {
         }
         if !(1..=1024).contains(&self.batch) {
             bail!("--batch must be between 1 and 1024");
+        }
+        if self.controller.is_some()
+            && (self.node_name.is_none() || self.advertise_endpoint.is_none())
+        {
+            bail!("--controller needs --node-name and --advertise-endpoint");
         }
         if matches!(self.route_protocol, 0..=4 | 255) {
             bail!(
@@ -162,7 +181,32 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
         listener,
         gateway.metrics.clone(),
     ));
+    let controller = match args.controller {
+        Some(address) => Some(ControllerSource {
+            address,
+            token: match &args.controller_token_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("read the controller token {}", path.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            },
+            registration: GatewayRegistration {
+                node: args.node_name.clone().context("--node-name")?,
+                endpoint: args.advertise_endpoint.context("--advertise-endpoint")?,
+                public_key: gateway.public_key,
+            },
+        }),
+        None => None,
+    };
+    let resync = Duration::from_secs(args.resync_seconds.max(1));
     let follow = async {
+        if let Some(source) = &controller {
+            follow_controller(&gateway.reconciler, source, None, resync).await;
+            return;
+        }
         match &args.desired_state {
             Some(path) if path.as_os_str() == "-" => {
                 let stdin = tokio::io::BufReader::new(tokio::io::stdin());

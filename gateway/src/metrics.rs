@@ -88,6 +88,8 @@ pub struct Metrics {
     pub(crate) reconcile_errors: IntCounter,
     pub(crate) last_reconcile: Gauge,
     pub(crate) state_revision: IntGauge,
+    pub(crate) controller_connected: IntGauge,
+    pub(crate) controller_updates: IntCounter,
     heartbeat: Arc<AtomicU64>,
 }
 
@@ -173,6 +175,15 @@ impl Metrics {
             "desired_state_revision",
             "Revision of the last desired state applied.",
         )?;
+        let controller_connected = gauge(
+            "controller_connected",
+            "1 while the gateway is registered with its controller and following its stream.",
+        )?;
+        let controller_updates = IntCounter::new(
+            name("controller_updates_total"),
+            "Desired-state updates (snapshots and deltas) received from the controller.",
+        )?;
+        registry.register(Box::new(controller_updates.clone()))?;
         let reconcile_errors = IntCounter::new(
             name("reconcile_errors_total"),
             "Reconciliations of routes that failed (and will be retried).",
@@ -201,6 +212,8 @@ impl Metrics {
             reconcile_errors,
             last_reconcile,
             state_revision,
+            controller_connected,
+            controller_updates,
             heartbeat: Arc::new(AtomicU64::new(0)),
         })
     }

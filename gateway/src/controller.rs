@@ -1,0 +1,166 @@
+//! Following the cluster's controller: register (node name, endpoint, public key — never the
+//! private key), then apply the desired state it streams (a snapshot, then deltas). When the
+//! controller goes away the data plane keeps running on the last state, and the gateway
+//! reconnects with backoff; after a reconnect it gets a fresh snapshot.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use trellis_core::agent::{AgentHello, GatewayDesired, GatewayRegistration, GatewayUpdate};
+use trellis_core::peering::{FrameDecoder, encode_json_frame};
+use trellis_netns::Netns;
+
+use crate::gateway::Reconciler;
+use crate::routes::RouteTable;
+
+/// The largest desired-state frame accepted (a mesh of thousands of nodes fits easily).
+const MAX_FRAME: usize = 16 * 1024 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Where the controller is and what to tell it.
+#[derive(Debug, Clone)]
+pub struct ControllerSource {
+    pub address: SocketAddr,
+    pub token: Option<String>,
+    pub registration: GatewayRegistration,
+}
+
+/// Why a connection to the controller ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("the controller closed the stream")]
+    Closed,
+    #[error("read: {0}")]
+    Read(std::io::Error),
+    #[error("write: {0}")]
+    Write(std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] trellis_core::peering::PeeringError),
+    #[error("delta from revision {from} does not follow revision {at}")]
+    Gap { from: u64, at: u64 },
+}
+
+/// Follows the controller forever. `netns`: where to open the connection (the gateway's
+/// namespace when it runs in-process in another one; `None` for the caller's).
+pub async fn follow_controller<R: RouteTable>(
+    reconciler: &Reconciler<R>,
+    source: &ControllerSource,
+    netns: Option<&Netns>,
+    resync: Duration,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    let mut current: Option<GatewayDesired> = None;
+    loop {
+        let outcome = session(
+            reconciler,
+            source,
+            netns,
+            resync,
+            &mut current,
+            &mut backoff,
+        )
+        .await;
+        reconciler.metrics.controller_connected.set(0);
+        if let Err(end) = outcome {
+            tracing::warn!(controller = %source.address, "controller stream ended ({end}); keeping the last state, reconnecting");
+        }
+        // Jitter so a restarted controller is not hit by every gateway at once.
+        let jitter = Duration::from_millis(u64::from(
+            rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 100,
+        ));
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn connect(address: SocketAddr, netns: Option<&Netns>) -> std::io::Result<TcpStream> {
+    let stream = match netns {
+        Some(netns) => {
+            let std_stream = netns
+                .run(|| std::net::TcpStream::connect_timeout(&address, CONNECT_TIMEOUT))
+                .map_err(std::io::Error::other)??;
+            std_stream.set_nonblocking(true)?;
+            TcpStream::from_std(std_stream)?
+        }
+        None => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??,
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn session<R: RouteTable>(
+    reconciler: &Reconciler<R>,
+    source: &ControllerSource,
+    netns: Option<&Netns>,
+    resync: Duration,
+    current: &mut Option<GatewayDesired>,
+    backoff: &mut Duration,
+) -> Result<(), SessionEnd> {
+    let mut stream = connect(source.address, netns)
+        .await
+        .map_err(SessionEnd::Connect)?;
+    let hello = AgentHello::gateway(source.registration.clone(), source.token.clone());
+    let frame = encode_json_frame(&hello, "hello", MAX_FRAME)?;
+    stream.write_all(&frame).await.map_err(SessionEnd::Write)?;
+    tracing::info!(controller = %source.address, node = %source.registration.node, "registered with the controller");
+    reconciler.metrics.controller_connected.set(1);
+
+    let mut decoder = FrameDecoder::new(MAX_FRAME);
+    let mut buffer = vec![0u8; 64 * 1024];
+    // The first snapshot of this connection replaces whatever we had.
+    let mut synced = false;
+    let mut tick = tokio::time::interval(resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            read = stream.read(&mut buffer) => {
+                let n = read.map_err(SessionEnd::Read)?;
+                if n == 0 {
+                    return Err(SessionEnd::Closed);
+                }
+                decoder.push(&buffer[..n]);
+                while let Some(update) = decoder.next_json::<GatewayUpdate>()? {
+                    reconciler.metrics.controller_updates.inc();
+                    match (&update, current.as_mut()) {
+                        (GatewayUpdate::Snapshot(snapshot), _) => {
+                            *current = Some(snapshot.clone());
+                            synced = true;
+                        }
+                        (GatewayUpdate::Delta { from, .. }, Some(state)) if synced => {
+                            if !state.apply(&update) {
+                                return Err(SessionEnd::Gap { from: *from, at: state.revision });
+                            }
+                        }
+                        (GatewayUpdate::Delta { from, .. }, state) => {
+                            return Err(SessionEnd::Gap { from: *from, at: state.map_or(0, |s| s.revision) });
+                        }
+                    }
+                    *backoff = FIRST_BACKOFF;
+                    if let Some(state) = current.as_ref()
+                        && let Err(e) = reconciler.apply_plan(&state.plan()).await
+                    {
+                        tracing::warn!("apply desired state revision {}: {e}", state.revision);
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                // Repair drift and retry failures on the last state.
+                if let Some(state) = current.as_ref()
+                    && let Err(e) = reconciler.apply_plan(&state.plan()).await
+                {
+                    tracing::warn!("re-apply desired state revision {}: {e}", state.revision);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Gateways following a controller's stream (a scripted controller speaking the agent
+//! protocol): registration, snapshot, deltas, a controller that goes away and comes back, and
+//! a garbage frame. Runs as root, in namespaces the test creates.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{Node, two_nodes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use trellis_core::agent::{
+    AgentHello, AgentRole, GatewayDesired, GatewayRegistration, GatewayUpdate, PeerSpec, RouteSpec,
+    RouteVia,
+};
+use trellis_core::peering::{FrameDecoder, encode_json_frame};
+use trellis_gateway::controller::{ControllerSource, follow_controller};
+
+const SHORT: Duration = Duration::from_secs(1);
+const LONG: Duration = Duration::from_secs(8);
+const AGENT_PORT: u16 = 7444;
+
+/// Accepts one gateway and reads its hello.
+async fn accept(listener: &TcpListener) -> (TcpStream, GatewayRegistration, Option<String>) {
+    let (mut stream, _) = tokio::time::timeout(LONG, listener.accept())
+        .await
+        .expect("a gateway connects")
+        .unwrap();
+    let mut decoder = FrameDecoder::new(1 << 20);
+    let mut buffer = [0u8; 4096];
+    loop {
+        if let Some(hello) = decoder.next_json::<AgentHello>().unwrap() {
+            let AgentRole::Gateway(registration) = hello.role else {
+                panic!("not a gateway hello")
+            };
+            return (stream, registration, hello.token);
+        }
+        let n = tokio::time::timeout(LONG, stream.read(&mut buffer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "gateway hung up before saying hello");
+        decoder.push(&buffer[..n]);
+    }
+}
+
+async fn send(stream: &mut TcpStream, update: &GatewayUpdate) {
+    stream
+        .write_all(&encode_json_frame(update, "update", 1 << 20).unwrap())
+        .await
+        .unwrap();
+}
+
+fn peer(node: &Node, cluster: &str) -> PeerSpec {
+    PeerSpec {
+        cluster: cluster.parse().unwrap(),
+        node: node.name.clone(),
+        public_key: node.gateway().public_key,
+        endpoint: SocketAddr::new(node.underlay, 51820),
+        allowed_ips: node.pod_cidrs.clone(),
+        persistent_keepalive: Some(25),
+    }
+}
+
+fn snapshot(
+    revision: u64,
+    me: &Node,
+    peers: Vec<PeerSpec>,
+    routes: Vec<RouteSpec>,
+) -> GatewayUpdate {
+    GatewayUpdate::Snapshot(GatewayDesired {
+        revision,
+        node: me.name.clone(),
+        node_encryption: true,
+        peers,
+        routes,
+    })
+}
+
+fn tunnel_to(node: &Node) -> Vec<RouteSpec> {
+    node.pod_cidrs
+        .iter()
+        .map(|cidr| RouteSpec {
+            destination: *cidr,
+            via: RouteVia::Tunnel,
+        })
+        .collect()
+}
+
+fn source(node: &Node, controller: SocketAddr) -> ControllerSource {
+    ControllerSource {
+        address: controller,
+        token: Some("s3cret".into()),
+        registration: GatewayRegistration {
+            node: node.name.clone(),
+            endpoint: SocketAddr::new(node.underlay, 51820),
+            public_key: node.gateway().public_key,
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_register_and_follow_the_controller_stream() {
+    let (a, b) = two_nodes("gw-ctl").await;
+    let _echo_a = a.echo(7000).await;
+    let _echo_b = b.echo(7000).await;
+    let controller = SocketAddr::new(a.underlay, AGENT_PORT);
+    let listener = a.ns.run(move || -> std::io::Result<std::net::TcpListener> {
+        let listener = std::net::TcpListener::bind(controller)?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    });
+    let listener = TcpListener::from_std(listener.unwrap().unwrap()).unwrap();
+    let (source_a, source_b) = (source(&a, controller), source(&b, controller));
+    let resync = Duration::from_secs(30);
+    let follow_a = follow_controller(&a.gateway().reconciler, &source_a, Some(&a.ns), resync);
+    let follow_b = follow_controller(&b.gateway().reconciler, &source_b, Some(&b.ns), resync);
+    let to_b = SocketAddr::new(b.pod, 7000);
+    let to_a = SocketAddr::new(a.pod, 7000);
+
+    let script = async {
+        // Both register: name, endpoint and public key (never a private key), with the token.
+        let mut streams = std::collections::HashMap::new();
+        for _ in 0..2 {
+            let (stream, registration, token) = accept(&listener).await;
+            assert_eq!(token.as_deref(), Some("s3cret"));
+            let node = if registration.node == a.name { &a } else { &b };
+            assert_eq!(registration.public_key, node.gateway().public_key);
+            assert_eq!(registration.endpoint, SocketAddr::new(node.underlay, 51820));
+            streams.insert(registration.node.clone(), stream);
+        }
+        let mut stream_a = streams.remove(&a.name).unwrap();
+        let mut stream_b = streams.remove(&b.name).unwrap();
+
+        // Snapshots: each is the other's peer, in another cluster.
+        send(
+            &mut stream_a,
+            &snapshot(1, &a, vec![peer(&b, "west")], tunnel_to(&b)),
+        )
+        .await;
+        send(
+            &mut stream_b,
+            &snapshot(1, &b, vec![peer(&a, "east")], tunnel_to(&a)),
+        )
+        .await;
+        assert!(a.ping(to_b, LONG).await, "a -> b after the snapshots");
+        assert!(b.ping(to_a, LONG).await, "b -> a after the snapshots");
+        assert!(
+            a.gateway()
+                .metrics
+                .render()
+                .contains("trellis_gateway_controller_connected 1")
+        );
+
+        // A delta removes the peer: traffic stops; another restores it.
+        let removal = GatewayUpdate::Delta {
+            from: 1,
+            to: 2,
+            node_encryption: true,
+            upsert_peers: vec![],
+            remove_peers: vec![b.gateway().public_key],
+            add_routes: vec![],
+            remove_routes: tunnel_to(&b),
+        };
+        send(&mut stream_a, &removal).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !a.ping(to_b, SHORT).await,
+            "a -> b after the peer was removed"
+        );
+        let restore = GatewayUpdate::Delta {
+            from: 2,
+            to: 3,
+            node_encryption: true,
+            upsert_peers: vec![peer(&b, "west")],
+            remove_peers: vec![],
+            add_routes: tunnel_to(&b),
+            remove_routes: vec![],
+        };
+        send(&mut stream_a, &restore).await;
+        assert!(a.ping(to_b, LONG).await, "a -> b after the peer came back");
+
+        // The controller goes away: the data plane keeps the last state.
+        drop(stream_a);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            a.ping(to_b, LONG).await,
+            "a -> b while the controller is gone"
+        );
+        // It comes back: the gateway registers again and takes the new snapshot (no peers).
+        let (mut stream_a, registration, _) = accept(&listener).await;
+        assert_eq!(registration.node, a.name);
+        send(&mut stream_a, &snapshot(10, &a, vec![], vec![])).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !a.ping(to_b, SHORT).await,
+            "the new snapshot removed the peer"
+        );
+
+        // Garbage on b's stream closes only that connection; b reconnects and keeps working.
+        stream_b
+            .write_all(&[0, 0, 0, 5, b'{', b'x', b'x', b'x', b'}'])
+            .await
+            .unwrap();
+        let (mut stream_b, registration, _) = accept(&listener).await;
+        assert_eq!(registration.node, b.name);
+        send(
+            &mut stream_b,
+            &snapshot(2, &b, vec![peer(&a, "east")], tunnel_to(&a)),
+        )
+        .await;
+        assert!(
+            b.gateway()
+                .metrics
+                .render()
+                .contains("trellis_gateway_controller_updates_total")
+        );
+    };
+    tokio::select! {
+        () = follow_a => unreachable!("following never ends"),
+        () = follow_b => unreachable!("following never ends"),
+        () = script => {}
+    }
+}

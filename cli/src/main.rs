@@ -1,6 +1,7 @@
 //! `trellis`: the command-line tool. `trellis lab` builds a mesh from network namespaces on
 //! one machine.
 
+mod certs;
 mod lab;
 mod peer;
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// A lab of clusters, nodes and pods made of network namespaces on this machine.
     Lab(lab::LabArgs),
+    /// The mesh CA and per-cluster certificates for controller peering.
+    Certs(certs::CertsArgs),
     /// Machines outside Kubernetes that join the mesh through a gateway.
     Peer(peer::PeerArgs),
 }
@@ -29,6 +32,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Lab(args) => lab::run(args),
+        Command::Certs(args) => certs::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Peer(args) => peer::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match outcome {

@@ -5,24 +5,27 @@ use std::path::Path;
 use trellis_integration::{TestLab, text};
 
 #[test]
-fn lab_up_wires_pods_that_reach_each_other_and_down_removes_everything() {
+fn lab_up_meshes_two_clusters_and_down_removes_everything() {
     let lab = TestLab::new("lab");
-    let up = lab.trellis(&["up", "--pods", "3"]);
+    // The default lab: 2 clusters x 2 nodes x 2 pods, controllers peered over QUIC + mTLS,
+    // gateways following them.
+    let up = lab.trellis(&["up"]);
     let output = text(&up);
     assert!(up.status.success(), "{output}");
     assert!(output.contains("c1/pod-0   -> c1/pod-1"), "{output}");
+    assert!(output.contains("c2/pod-3"), "{output}");
     assert!(
         !output.contains("FAIL"),
         "every pod reaches every other: {output}"
     );
     assert_eq!(
         lab.namespaces().len(),
-        5,
-        "the switch, one node and three pods"
+        13,
+        "the switch, four nodes and eight pods"
     );
 
     let ping = lab.trellis(&[
-        "exec", "c1/pod-2", "--", "ping", "-c", "1", "-W", "3", "10.1.0.1",
+        "exec", "c1/pod-2", "--", "ping", "-c", "1", "-W", "3", "10.2.1.2",
     ]);
     assert!(ping.status.success(), "{}", text(&ping));
     let failing = lab.trellis(&["exec", "c1/pod-0", "--", "false"]);
@@ -41,16 +44,20 @@ fn lab_up_wires_pods_that_reach_each_other_and_down_removes_everything() {
     let again = lab.trellis(&["up"]);
     assert!(!again.status.success(), "a second up is refused");
     assert!(text(&again).contains("already up"), "{}", text(&again));
-    assert_eq!(lab.namespaces().len(), 5, "the refused up built nothing");
+    assert_eq!(lab.namespaces().len(), 13, "the refused up built nothing");
 
     let status = lab.trellis(&["status"]);
     assert!(
-        status.status.success() && text(&status).contains("10.1.0.3"),
+        status.status.success() && text(&status).contains("10.2.1.2"),
         "{}",
         text(&status)
     );
 
-    assert_eq!(lab.processes().len(), 1, "one gateway per node");
+    assert_eq!(
+        lab.processes().len(),
+        6,
+        "a controller per cluster, a gateway per node"
+    );
 
     let down = lab.trellis(&["down"]);
     assert!(down.status.success(), "{}", text(&down));
@@ -78,7 +85,7 @@ fn down_cleans_up_after_a_lab_whose_state_was_lost() {
             .status
             .success()
     );
-    assert_eq!(lab.processes().len(), 2);
+    assert_eq!(lab.processes().len(), 6);
     // As after a crash that lost the state file: down still finds the namespaces by name,
     // and the processes by the namespaces they run in.
     std::fs::remove_dir_all(Path::new("/run/trellis/lab").join(&lab.name)).unwrap();

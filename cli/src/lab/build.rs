@@ -12,10 +12,10 @@ use serde_json::json;
 use trellis_cni::runtime::{Attachment, ConfList, Runtime};
 use trellis_netns::{Netlink, Netns, VethSpec, probe, sysctl};
 
-use super::processes;
 use super::topology::{
     GATEWAY_METRICS_PORT, LabState, Node, Topology, UNDERLAY_PREFIX, namespace_prefix,
 };
+use super::{control, processes};
 
 /// The underlay's MTU, as on most clouds and kind.
 const UNDERLAY_MTU: u32 = 1500;
@@ -170,7 +170,7 @@ pub fn up(dir: &Path, topology: &Topology, bin_dir: &Path) -> anyhow::Result<()>
 fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
     let node_count: usize = state.clusters.iter().map(|c| c.nodes.len()).sum();
     let pod_count = state.pods().count();
-    eprintln!("[1/4] underlay and nodes: a switch and {node_count} node namespace(s)");
+    eprintln!("[1/5] underlay and nodes: a switch and {node_count} node namespace(s)");
     block_on(async {
         prepare_switch(&state.switch_netns)
             .await
@@ -183,9 +183,7 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
         }
         anyhow::Ok(())
     })?;
-    eprintln!("[2/4] gateways: starting trellis-gateway on {node_count} node(s)");
-    start_gateways(dir, state, bin_dir)?;
-    eprintln!("[3/4] pods: creating {pod_count} pod(s) through trellis-cni");
+    eprintln!("[2/5] pods: creating {pod_count} pod(s) through trellis-cni");
     for cluster in &mut state.clusters {
         for node in &mut cluster.nodes {
             let (_, list) = conflist(dir, node)?;
@@ -204,76 +202,159 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
             }
         }
     }
-    eprintln!("[4/4] checking connectivity");
+    state.save(dir)?;
+    eprintln!("[3/5] control plane: mesh certificates and a trellis-controller per cluster");
+    start_controllers(dir, state, bin_dir)?;
+    eprintln!(
+        "[4/5] gateways: trellis-gateway on {node_count} node(s), following their controllers"
+    );
+    start_gateways(dir, state, bin_dir)?;
+    eprintln!("[5/5] waiting for the mesh to converge");
+    wait_for_mesh(state);
     Ok(())
 }
 
 /// A source pod and, per target, the round-trip time (`None`: no reply).
 type ProbeRow = (String, Vec<(String, Option<Duration>)>);
 
-/// One trellis-gateway per node, following a desired-state file in the lab's directory.
-fn start_gateways(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
-    let nodes: Vec<(String, Node)> = state
-        .clusters
-        .iter()
-        .flat_map(|c| c.nodes.iter().map(|n| (c.name.clone(), n.clone())))
-        .collect();
-    for (cluster, node) in &nodes {
-        let node_dir = dir.join("nodes").join(&node.netns);
-        fs::create_dir_all(&node_dir)?;
-        let desired = node_dir.join("gateway-desired.json");
-        fs::write(
-            &desired,
-            serde_json::to_vec(&json!({"revision": 0, "cluster": cluster, "nodes": []}))?,
-        )?;
-        let metrics =
-            std::net::SocketAddr::new(std::net::IpAddr::V4(node.address), GATEWAY_METRICS_PORT);
-        let args: Vec<std::ffi::OsString> = vec![
-            "run".into(),
-            "--state-dir".into(),
-            node_dir.join("gateway").into(),
-            "--desired-state".into(),
-            desired.into(),
-            "--metrics-addr".into(),
-            metrics.to_string().into(),
-        ];
-        let netns = Netns::open(&node.netns)?;
-        let name = format!("{cluster}/{}/gateway", node.name);
-        let daemon = processes::spawn(
-            &netns,
-            &name,
-            &bin_dir.join("trellis-gateway"),
-            &args,
-            &node_dir.join("gateway.log"),
-        )?;
-        state.daemons.push(daemon);
-        state.save(dir)?;
+/// A daemon to start: where, what, and the address it serves once ready.
+struct DaemonSpec<'a> {
+    netns: &'a str,
+    name: String,
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    log: PathBuf,
+    ready: std::net::SocketAddr,
+}
+
+/// Starts a daemon, records it at once (so `down` finds it even if `up` dies next), and waits
+/// until it accepts connections on its ready address.
+fn start_daemon(dir: &Path, state: &mut LabState, spec: DaemonSpec<'_>) -> anyhow::Result<()> {
+    let DaemonSpec {
+        netns: netns_name,
+        name,
+        program,
+        args,
+        log,
+        ready,
+    } = spec;
+    let (name, log) = (name.as_str(), log.as_path());
+    let netns = Netns::open(netns_name)?;
+    let daemon = processes::spawn(&netns, name, &program, &args, log)?;
+    state.daemons.push(daemon);
+    state.save(dir)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !netns
+        .run(|| std::net::TcpStream::connect_timeout(&ready, Duration::from_millis(100)).is_ok())?
+    {
+        if Instant::now() > deadline {
+            bail!("{name} did not come up:\n{}", processes::log_tail(log, 15));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    // Each gateway is ready once it serves its health endpoint.
-    for (cluster, node) in &nodes {
-        let metrics =
-            std::net::SocketAddr::new(std::net::IpAddr::V4(node.address), GATEWAY_METRICS_PORT);
-        let netns = Netns::open(&node.netns)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !netns.run(|| {
-            std::net::TcpStream::connect_timeout(&metrics, Duration::from_millis(100)).is_ok()
-        })? {
-            if Instant::now() > deadline {
-                let log = dir.join("nodes").join(&node.netns).join("gateway.log");
-                bail!(
-                    "the gateway of {cluster}/{} did not come up:\n{}",
-                    node.name,
-                    processes::log_tail(&log, 10)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    Ok(())
+}
+
+/// Per cluster: its objects as a static source, its controller configuration, and the
+/// controller itself on the cluster's first node.
+fn start_controllers(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
+    control::write_credentials(dir, state)?;
+    let clusters = state.clusters.clone();
+    for (index, cluster) in clusters.iter().enumerate() {
+        let own = control::cluster_dir(dir, cluster);
+        fs::create_dir_all(&own)?;
+        fs::write(
+            own.join("cluster.yaml"),
+            control::cluster_yaml(cluster, index),
+        )?;
+        let config = own.join("controller.yaml");
+        fs::write(
+            &config,
+            control::controller_yaml(dir, state, cluster, state.node_encryption),
+        )?;
+        let metrics = std::net::SocketAddr::new(
+            std::net::IpAddr::V4(control::controller_address(cluster)),
+            control::CONTROLLER_METRICS_PORT,
+        );
+        start_daemon(
+            dir,
+            state,
+            DaemonSpec {
+                netns: &cluster.nodes[0].netns,
+                name: format!("{}/controller", cluster.name),
+                program: bin_dir.join("trellis-controller"),
+                args: vec!["run".into(), "--config".into(), config.into()],
+                log: own.join("controller.log"),
+                ready: metrics,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// One trellis-gateway per node, registered with its cluster's controller.
+fn start_gateways(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
+    let clusters = state.clusters.clone();
+    for cluster in &clusters {
+        for node in &cluster.nodes {
+            let node_dir = dir.join("nodes").join(&node.netns);
+            fs::create_dir_all(&node_dir)?;
+            let metrics =
+                std::net::SocketAddr::new(std::net::IpAddr::V4(node.address), GATEWAY_METRICS_PORT);
+            let args: Vec<std::ffi::OsString> = vec![
+                "run".into(),
+                "--state-dir".into(),
+                node_dir.join("gateway").into(),
+                "--controller".into(),
+                control::agent_endpoint(cluster).to_string().into(),
+                "--controller-token-file".into(),
+                control::token_file(dir).into(),
+                "--node-name".into(),
+                node.name.clone().into(),
+                "--advertise-endpoint".into(),
+                format!("{}:51820", node.address).into(),
+                "--metrics-addr".into(),
+                metrics.to_string().into(),
+            ];
+            start_daemon(
+                dir,
+                state,
+                DaemonSpec {
+                    netns: &node.netns,
+                    name: format!("{}/{}/gateway", cluster.name, node.name),
+                    program: bin_dir.join("trellis-gateway"),
+                    args,
+                    log: node_dir.join("gateway.log"),
+                    ready: metrics,
+                },
+            )?;
         }
     }
     Ok(())
 }
 
+/// Polls the connectivity matrix until every pair answers (or a deadline passes; the summary
+/// then shows what failed).
+fn wait_for_mesh(state: &LabState) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let all = connectivity_with(state, Duration::from_millis(300));
+        if all
+            .iter()
+            .all(|(_, row)| row.iter().all(|(_, rtt)| rtt.is_some()))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// One row per source pod: the RTT to every other pod and to the pod's node.
 fn connectivity(state: &LabState) -> Vec<ProbeRow> {
+    connectivity_with(state, PROBE_TIMEOUT)
+}
+
+fn connectivity_with(state: &LabState, timeout: Duration) -> Vec<ProbeRow> {
     let targets: Vec<(String, Ipv4Addr)> = state
         .pods()
         .filter_map(|(c, _, p)| Some((format!("{}/{}", c.name, p.name), p.address?)))
@@ -287,17 +368,17 @@ fn connectivity(state: &LabState) -> Vec<ProbeRow> {
                 .iter()
                 .filter(|(name, _)| *name != source)
                 .map(|(name, address)| {
-                    let rtt = netns.as_ref().ok().and_then(|ns| {
-                        probe::icmp_echo(ns, *address, PROBE_TIMEOUT).ok().flatten()
-                    });
+                    let rtt = netns
+                        .as_ref()
+                        .ok()
+                        .and_then(|ns| probe::icmp_echo(ns, *address, timeout).ok().flatten());
                     (name.clone(), rtt)
                 })
                 .collect();
-            let to_node = netns.as_ref().ok().and_then(|ns| {
-                probe::icmp_echo(ns, node.address, PROBE_TIMEOUT)
-                    .ok()
-                    .flatten()
-            });
+            let to_node = netns
+                .as_ref()
+                .ok()
+                .and_then(|ns| probe::icmp_echo(ns, node.address, timeout).ok().flatten());
             row.push((format!("{}/{}", cluster.name, node.name), to_node));
             (source, row)
         })

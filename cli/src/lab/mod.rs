@@ -1,6 +1,7 @@
 //! `trellis lab`: up, status, exec, down.
 
 mod build;
+mod control;
 mod processes;
 mod topology;
 
@@ -29,15 +30,18 @@ enum LabCommand {
     /// Build the lab and show it working.
     Up {
         /// Clusters.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 2)]
         clusters: u32,
         /// Nodes per cluster.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 2)]
         nodes: u32,
         /// Pods per node.
         #[arg(long, default_value_t = 2)]
         pods: u32,
-        /// Where trellis-cni is; defaults to the directory of this binary.
+        /// Node-to-node encryption inside each cluster; cross-cluster traffic is always encrypted.
+        #[arg(long, value_enum, default_value_t = OnOff::Off)]
+        node_encryption: OnOff,
+        /// Where the Trellis binaries are; defaults to the directory of this binary.
         #[arg(long)]
         bin_dir: Option<PathBuf>,
     },
@@ -54,6 +58,12 @@ enum LabCommand {
     Down,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 fn state_dir(name: &str) -> PathBuf {
     PathBuf::from(STATE_ROOT).join(name)
 }
@@ -66,6 +76,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             clusters,
             nodes,
             pods,
+            node_encryption,
             bin_dir,
         } => {
             let bin_dir = match bin_dir {
@@ -81,7 +92,8 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
                     bin_dir.display()
                 );
             }
-            let topology = Topology::new(&args.name, clusters, nodes, pods)?;
+            let mut topology = Topology::new(&args.name, clusters, nodes, pods)?;
+            topology.node_encryption = node_encryption == OnOff::On;
             build::up(&dir, &topology, &bin_dir)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -30,6 +30,9 @@ pub struct Topology {
     /// Where the Trellis binaries the lab runs are.
     #[serde(default)]
     pub bin_dir: Option<std::path::PathBuf>,
+    /// Node-to-node encryption inside each cluster (cross-cluster traffic is always encrypted).
+    #[serde(default)]
+    pub node_encryption: bool,
     /// The processes the lab started, recorded as each starts.
     #[serde(default)]
     pub daemons: Vec<super::processes::Daemon>,
@@ -138,6 +141,7 @@ impl Topology {
             switch_netns: format!("{prefix}switch"),
             clusters,
             bin_dir: None,
+            node_encryption: false,
             daemons: Vec::new(),
         })
     }

@@ -1,0 +1,174 @@
+//! The lab's control plane: a mesh CA and a certificate per cluster (as `trellis certs`
+//! makes them), and per cluster a `trellis-controller` on its first node, running on a static
+//! source — a YAML file of Kubernetes objects describing the cluster as kind's API server
+//! would: its Nodes, and a demo Service with its EndpointSlice and ServiceExport.
+
+use std::fmt::Write;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use trellis_controller::certs::{Validity, write_ca_files, write_cluster_files};
+
+use super::topology::{Cluster, LabState};
+
+/// QUIC peering between controllers.
+pub const PEERING_PORT: u16 = 7443;
+/// Where gateways and DNS subscribe.
+pub const AGENT_PORT: u16 = 7444;
+pub const CONTROLLER_METRICS_PORT: u16 = 9464;
+/// The demo service every cluster exports.
+pub const DEMO_NAMESPACE: &str = "demo";
+pub const DEMO_SERVICE: &str = "echo";
+pub const ECHO_PORT: u16 = 7000;
+
+/// The controller's address: the cluster's first node.
+pub fn controller_address(cluster: &Cluster) -> Ipv4Addr {
+    cluster.nodes[0].address
+}
+
+pub fn agent_endpoint(cluster: &Cluster) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(controller_address(cluster)), AGENT_PORT)
+}
+
+/// The cluster's service CIDR: 10.(100+c).0.0/16, apart from every pod CIDR.
+pub fn service_cidr(cluster_index: usize) -> String {
+    format!("10.{}.0.0/16", 100 + cluster_index + 1)
+}
+
+fn service_ip(cluster_index: usize) -> String {
+    format!("10.{}.0.10", 100 + cluster_index + 1)
+}
+
+pub fn certs_dir(dir: &Path) -> PathBuf {
+    dir.join("certs")
+}
+
+pub fn token_file(dir: &Path) -> PathBuf {
+    dir.join("agent-token")
+}
+
+pub fn cluster_dir(dir: &Path, cluster: &Cluster) -> PathBuf {
+    dir.join("clusters").join(&cluster.name)
+}
+
+/// The CA, every cluster's certificate, and the token agents present.
+pub fn write_credentials(dir: &Path, state: &LabState) -> anyhow::Result<()> {
+    let certs = certs_dir(dir);
+    fs::create_dir_all(&certs)?;
+    write_ca_files(
+        &certs,
+        &format!("trellis-lab-{}", state.lab),
+        Validity::days_from_now(30),
+        false,
+    )?;
+    for cluster in &state.clusters {
+        let id = cluster.name.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+        write_cluster_files(&certs, &id, Validity::days_from_now(30), false)?;
+    }
+    let mut token = [0u8; 16];
+    getrandom(&mut token)?;
+    let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
+    fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(token_file(dir))
+        .and_then(|mut file| std::io::Write::write_all(&mut file, token.as_bytes()))
+        .context("write the agent token")?;
+    Ok(())
+}
+
+fn getrandom(buffer: &mut [u8]) -> anyhow::Result<()> {
+    use std::io::Read;
+    fs::File::open("/dev/urandom")?.read_exact(buffer)?;
+    Ok(())
+}
+
+/// The cluster as Kubernetes objects.
+pub fn cluster_yaml(cluster: &Cluster, index: usize) -> String {
+    let mut yaml = String::new();
+    let _ = write!(
+        yaml,
+        "apiVersion: about.k8s.io/v1alpha1\nkind: ClusterProperty\nmetadata: {{name: cluster.clusterset.k8s.io}}\nspec: {{value: {}}}\n",
+        cluster.name
+    );
+    let _ = write!(
+        yaml,
+        "---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {{name: kubernetes}}\nspec: {{cidrs: [\"{}\"]}}\n",
+        service_cidr(index)
+    );
+    for node in &cluster.nodes {
+        let _ = write!(
+            yaml,
+            "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nspec: {{podCIDR: \"{}\", podCIDRs: [\"{}\"]}}\nstatus: {{addresses: [{{type: InternalIP, address: {}}}]}}\n",
+            node.name, node.pod_cidr, node.pod_cidr, node.address
+        );
+    }
+    let endpoints: Vec<String> = cluster
+        .nodes
+        .iter()
+        .flat_map(|node| {
+            node.pods.iter().filter_map(move |pod| {
+                Some(format!(
+                    "{{addresses: [\"{}\"], hostname: {}, nodeName: {}, conditions: {{ready: true}}}}",
+                    pod.address?, pod.name, node.name
+                ))
+            })
+        })
+        .collect();
+    let _ = write!(
+        yaml,
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {DEMO_SERVICE}, namespace: {DEMO_NAMESPACE}}}\nspec: {{clusterIP: \"{}\", ports: [{{name: tcp-echo, port: {ECHO_PORT}, protocol: TCP}}]}}\n",
+        service_ip(index)
+    );
+    let _ = write!(
+        yaml,
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {DEMO_SERVICE}-1, namespace: {DEMO_NAMESPACE}, labels: {{kubernetes.io/service-name: {DEMO_SERVICE}}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{{name: tcp-echo, port: {ECHO_PORT}, protocol: TCP}}]\n",
+        endpoints.join(", ")
+    );
+    let _ = write!(
+        yaml,
+        "---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {DEMO_SERVICE}, namespace: {DEMO_NAMESPACE}}}\n"
+    );
+    yaml
+}
+
+/// The controller's configuration for `cluster`, peered with every other cluster of the lab.
+pub fn controller_yaml(
+    dir: &Path,
+    state: &LabState,
+    cluster: &Cluster,
+    node_encryption: bool,
+) -> String {
+    let certs = certs_dir(dir);
+    let own = cluster_dir(dir, cluster);
+    let address = controller_address(cluster);
+    let peers: Vec<String> = state
+        .clusters
+        .iter()
+        .filter(|other| other.name != cluster.name)
+        .map(|other| {
+            format!(
+                "{{id: {}, endpoint: \"{}:{PEERING_PORT}\"}}",
+                other.name,
+                controller_address(other)
+            )
+        })
+        .collect();
+    format!(
+        "clusterId: {id}\nlisten: \"{address}:{PEERING_PORT}\"\npeers: [{peers}]\nleaseSeconds: 10\nheartbeatSeconds: 2\n\
+         nodeEncryption: {node_encryption}\n\
+         tls: {{ca: {certs}/ca.pem, cert: {certs}/{id}.pem, key: {certs}/{id}-key.pem}}\n\
+         source: {{static: {{path: {own}/cluster.yaml, pollMillis: 500}}}}\n\
+         metricsListen: \"{address}:{CONTROLLER_METRICS_PORT}\"\nagentListen: \"{address}:{AGENT_PORT}\"\n\
+         agentTokenFile: {token}\nstateFile: {own}/controller-state.json\n",
+        id = cluster.name,
+        peers = peers.join(", "),
+        certs = certs.display(),
+        own = own.display(),
+        token = token_file(dir).display(),
+    )
+}

@@ -177,7 +177,6 @@ async fn follows_a_scripted_controller() {
         },
         server.metrics.clone(),
     ));
-    const WEB: &str = "web.shop.svc.clusterset.local.";
     const DB: &str = "db.shop.svc.clusterset.local.";
     const API: &str = "api.shop.svc.clusterset.local.";
 
@@ -309,12 +308,18 @@ ports: [{name: http, port: 8080, protocol: TCP}]
     yaml
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn follows_the_real_controller() {
+/// The real controller (hub, static-file source, agent server with token `tok`) on
+/// `<dir>/east.yaml`, exporting `web.shop`. Returns its agent address, the file and its tasks.
+async fn real_controller(
+    dir: &std::path::Path,
+) -> (
+    SocketAddr,
+    std::path::PathBuf,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
     use trellis_controller::hub::{Hub, HubConfig};
 
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("east.yaml");
+    let path = dir.join("east.yaml");
     std::fs::write(&path, cluster_yaml(true)).unwrap();
     let hub = Hub::new(
         HubConfig {
@@ -341,7 +346,15 @@ async fn follows_the_real_controller() {
         1 << 20,
         Some("tok".into()),
     ));
+    (addr, path, vec![source, agent])
+}
 
+const WEB: &str = "web.shop.svc.clusterset.local.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_real_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, path, tasks) = real_controller(dir.path()).await;
     let server = start(&Catalog::default(), vec![]).await;
     let resolver = resolver(server.addr(), false);
     let subscriber = tokio::spawn(subscription::run(
@@ -353,7 +366,6 @@ async fn follows_the_real_controller() {
         },
         server.metrics.clone(),
     ));
-    const WEB: &str = "web.shop.svc.clusterset.local.";
     eventually("the exported service", || async {
         a(&resolver, WEB).await == ["10.96.0.10"]
     })
@@ -375,9 +387,104 @@ async fn follows_the_real_controller() {
     })
     .await;
     subscriber.abort();
-    agent.abort();
-    source.abort();
+    for task in tasks {
+        task.abort();
+    }
     server.running.shutdown();
+}
+
+/// The `trellis-dns` process; killed (by its PID) and reaped on drop.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The binary as deployed: `--controller` and `--controller-token-file` against the real
+/// controller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_follows_the_real_controller() {
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, path, tasks) = real_controller(dir.path()).await;
+    let token = dir.path().join("agent-token");
+    std::fs::write(&token, "tok\n").unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-dns"))
+        .args(["--listen", "127.0.0.1:0", "--metrics", "off"])
+        .args([
+            "--upstream",
+            "127.0.0.1:9",
+            "--controller",
+            &addr.to_string(),
+        ])
+        .arg("--controller-token-file")
+        .arg(&token)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn trellis-dns");
+    let mut process = Process(child);
+    let stderr = process.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(strip_ansi(&line));
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    let mut dns: Option<SocketAddr> = None;
+    let mut log = Vec::new();
+    while dns.is_none() && Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) else {
+            continue;
+        };
+        if line.contains("serving") {
+            dns = line
+                .split_once("dns_addr=")
+                .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok());
+        }
+        log.push(line);
+    }
+    let dns = dns.unwrap_or_else(|| panic!("trellis-dns did not start: {log:?}"));
+    let resolver = resolver(dns, false);
+    eventually("the exported service", || async {
+        a(&resolver, WEB).await == ["10.96.0.10"]
+    })
+    .await;
+    std::fs::write(&path, cluster_yaml(false)).unwrap();
+    eventually("the export removed", || async {
+        nxdomain(&resolver, WEB).await
+    })
+    .await;
+    drop(process);
+    for task in tasks {
+        task.abort();
+    }
 }
 
 /// The binary refuses a missing or double source, and an unreadable token file, at start.

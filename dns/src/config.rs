@@ -24,6 +24,11 @@ pub struct Config {
     pub catalog_file: Option<PathBuf>,
     /// How often the catalog file is checked for changes.
     pub catalog_poll: Duration,
+    /// The mesh controller's agent port, `HOST:PORT`, to subscribe to (`None`: no
+    /// subscription). Mutually exclusive with `catalog_file`.
+    pub controller: Option<String>,
+    /// A file holding the controller's agent token (read once at start, trimmed).
+    pub controller_token_file: Option<PathBuf>,
     /// Upstream resolvers, tried in order.
     pub upstreams: Vec<SocketAddr>,
     /// Time allowed to each upstream per query.
@@ -52,6 +57,8 @@ impl Default for Config {
             local_only: false,
             catalog_file: None,
             catalog_poll: Duration::from_secs(1),
+            controller: None,
+            controller_token_file: None,
             upstreams: Vec::new(),
             upstream_timeout: Duration::from_secs(2),
             max_forwards_in_flight: 1024,
@@ -90,6 +97,19 @@ impl Config {
         if self.upstreams.iter().any(|u| u.port() == 0) {
             return fail("upstream port must not be 0");
         }
+        if self.catalog_file.is_some() && self.controller.is_some() {
+            return fail("a catalog file and a controller are mutually exclusive: give one source");
+        }
+        if self.controller_token_file.is_some() && self.controller.is_none() {
+            return fail("a controller token file needs a controller");
+        }
+        if let Some(addr) = &self.controller {
+            match addr.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
+                _ => return fail("controller must be HOST:PORT with a non-zero port"),
+            }
+        }
         let mut zone = ZoneConfig::new(&self.zone, self.ttl)?;
         zone.local_only = self.local_only;
         Ok(zone)
@@ -103,6 +123,13 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_limits_enforced() {
         let zone = Config::default().validate().unwrap();
+        Config {
+            controller: Some("trellis-controller.trellis-system:7443".into()),
+            controller_token_file: Some("/token".into()),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
         assert_eq!(zone.apex.to_ascii(), "clusterset.local.");
         for bad in [
             Config {
@@ -123,6 +150,23 @@ mod tests {
             },
             Config {
                 zone: "a..b".into(),
+                ..Config::default()
+            },
+            Config {
+                catalog_file: Some("/c.json".into()),
+                controller: Some("127.0.0.1:7443".into()),
+                ..Config::default()
+            },
+            Config {
+                controller_token_file: Some("/token".into()),
+                ..Config::default()
+            },
+            Config {
+                controller: Some("no-port".into()),
+                ..Config::default()
+            },
+            Config {
+                controller: Some("host:0".into()),
                 ..Config::default()
             },
         ] {

@@ -6,6 +6,7 @@
 //! - [`answer`]: the slow path, one packet in, one decision out (pure, hickory-proto);
 //! - [`fast`]: precomputed wire answers for in-zone names (pure, no allocation per query);
 //! - [`catalog`]: the atomically swapped snapshot and the file source;
+//! - [`subscription`]: the controller as the source (its agent stream, mapped to a catalog);
 //! - [`forward`]: relaying to upstream resolvers; [`resolv`]: resolv.conf parsing;
 //! - [`server`]: the UDP loops, TCP and /metrics; [`metrics`]: `trellis_dns_*`.
 
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod resolv;
 pub mod server;
+pub mod subscription;
 pub mod zone;
 
 pub use catalog::{Snapshot, ZoneHandle};

@@ -1,12 +1,12 @@
-//! `trellis-dns`: serves `<svc>.<ns>.svc.clusterset.local` from a watched catalog file and
-//! forwards everything else.
+//! `trellis-dns`: serves `<svc>.<ns>.svc.clusterset.local` from the services the cluster's mesh
+//! controller streams (or, standalone, from a watched catalog file) and forwards everything else.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{ArgGroup, Parser};
 use tracing::info;
 
 use trellis_dns::catalog::{ZoneHandle, watch_file};
@@ -15,9 +15,11 @@ use trellis_dns::forward::Forwarder;
 use trellis_dns::metrics::Metrics;
 use trellis_dns::resolv::{parse_resolv_conf, without_self};
 use trellis_dns::server;
+use trellis_dns::subscription::{self, ControllerSource, DEFAULT_MAX_FRAME};
 
 #[derive(Parser, Debug)]
 #[command(about = "clusterset.local DNS for Trellis; forwards everything else")]
+#[command(group(ArgGroup::new("source").required(true).args(["catalog", "controller"])))]
 struct Args {
     /// UDP and TCP listen address.
     #[arg(long, default_value = "0.0.0.0:53")]
@@ -34,9 +36,19 @@ struct Args {
     /// Answer with local addresses only when the local cluster exports the service.
     #[arg(long)]
     local_only: bool,
-    /// Catalog JSON file, watched for changes (written by the mesh controller).
-    #[arg(long)]
+    /// Catalog JSON file, watched for changes (standalone use, without a controller).
+    #[arg(
+        long,
+        conflicts_with = "controller",
+        required_unless_present = "controller"
+    )]
     catalog: Option<PathBuf>,
+    /// The mesh controller's agent port (HOST:PORT) to subscribe to: the normal source.
+    #[arg(long, value_name = "HOST:PORT")]
+    controller: Option<String>,
+    /// File holding the controller's agent token (its agentTokenFile).
+    #[arg(long, value_name = "PATH", requires = "controller")]
+    controller_token_file: Option<PathBuf>,
     /// Catalog poll interval, milliseconds.
     #[arg(long, default_value_t = 1000)]
     catalog_poll_ms: u64,
@@ -79,6 +91,8 @@ fn config(args: Args) -> anyhow::Result<Config> {
         local_only: args.local_only,
         catalog_file: args.catalog,
         catalog_poll: Duration::from_millis(args.catalog_poll_ms),
+        controller: args.controller,
+        controller_token_file: args.controller_token_file,
         upstreams,
         upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
         edns_udp_size: args.edns_udp_size,
@@ -96,6 +110,27 @@ fn main() -> anyhow::Result<()> {
         .init();
     let config = config(Args::parse())?;
     let zone = config.validate()?;
+    let controller = match &config.controller {
+        Some(addr) => {
+            let token = match &config.controller_token_file {
+                Some(path) => {
+                    let token = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?
+                        .trim()
+                        .to_string();
+                    anyhow::ensure!(!token.is_empty(), "{} is empty", path.display());
+                    Some(token)
+                }
+                None => None,
+            };
+            Some(ControllerSource {
+                addr: addr.clone(),
+                token,
+                max_frame: DEFAULT_MAX_FRAME,
+            })
+        }
+        None => None,
+    };
     if config.upstreams.is_empty() {
         tracing::warn!("no upstream resolver: queries outside the zone get SERVFAIL");
     }
@@ -110,6 +145,8 @@ fn main() -> anyhow::Result<()> {
         let running = server::start(&config, handle.clone(), metrics.clone(), forwarder).await?;
         if let Some(path) = config.catalog_file.clone() {
             tokio::spawn(watch_file(handle, path, config.catalog_poll, metrics));
+        } else if let Some(source) = controller {
+            tokio::spawn(subscription::run(handle, source, metrics));
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;

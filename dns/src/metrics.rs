@@ -42,6 +42,12 @@ pub struct Metrics {
     pub services: IntGauge,
     /// Precomputed fast-path answers.
     pub fast_answers: IntGauge,
+    /// 1 while subscribed to the controller.
+    pub controller_connected: IntGauge,
+    /// Updates (snapshots and deltas) applied from the controller.
+    pub controller_updates: IntCounter,
+    /// Controller connections ended, by reason.
+    pub controller_errors: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -121,6 +127,24 @@ impl Metrics {
             "Answers precomputed for the fast path.",
         )
         .map_err(err)?;
+        let controller_connected = IntGauge::new(
+            "trellis_dns_controller_connected",
+            "1 while subscribed to the mesh controller, else 0.",
+        )
+        .map_err(err)?;
+        let controller_updates = IntCounter::new(
+            "trellis_dns_controller_updates_total",
+            "Imports updates (snapshots and deltas) applied from the mesh controller.",
+        )
+        .map_err(err)?;
+        let controller_errors = IntCounterVec::new(
+            Opts::new(
+                "trellis_dns_controller_errors_total",
+                "Controller subscriptions ended, by reason.",
+            ),
+            &["reason"],
+        )
+        .map_err(err)?;
         for collector in [
             Box::new(queries.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -132,6 +156,9 @@ impl Metrics {
             Box::new(catalog_loads.clone()),
             Box::new(services.clone()),
             Box::new(fast_answers.clone()),
+            Box::new(controller_connected.clone()),
+            Box::new(controller_updates.clone()),
+            Box::new(controller_errors.clone()),
         ] {
             registry.register(collector).map_err(err)?;
         }
@@ -147,6 +174,9 @@ impl Metrics {
             catalog_loads,
             services,
             fast_answers,
+            controller_connected,
+            controller_updates,
+            controller_errors,
         })
     }
 

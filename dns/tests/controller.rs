@@ -1,0 +1,526 @@
+//! The controller as the catalog source: a scripted agent server speaking the framing, then the
+//! real `trellis-controller` hub and agent server on a static file. Everything on 127.0.0.1
+//! with ephemeral ports; every wait is bounded.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use hickory_resolver::TokioResolver;
+use hickory_resolver::net::{DnsError, NetError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use trellis_core::agent::AgentHello;
+use trellis_core::cluster::{Endpoint, Protocol, ServiceKind, ServicePort};
+use trellis_core::imports::{Backend, ImportedService, Imports, ImportsUpdate};
+use trellis_core::peering::{FrameDecoder, encode_json_frame};
+use trellis_dns::Catalog;
+use trellis_dns::subscription::{self, ControllerSource};
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The answers to `name`/`qtype`, sorted; empty when there are none (NXDOMAIN, NODATA).
+async fn answers(resolver: &TokioResolver, name: &str, qtype: RecordType) -> Vec<String> {
+    match resolver.lookup(name, qtype).await {
+        Ok(lookup) => {
+            let mut out: Vec<String> = lookup
+                .answers()
+                .iter()
+                .map(|r| r.data.to_string())
+                .collect();
+            out.sort();
+            out
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Whether `name` is NXDOMAIN.
+async fn nxdomain(resolver: &TokioResolver, name: &str) -> bool {
+    match resolver.lookup(name, RecordType::A).await {
+        Err(NetError::Dns(DnsError::NoRecordsFound(no))) => {
+            no.response_code == ResponseCode::NXDomain
+        }
+        _ => false,
+    }
+}
+
+/// Polls `check` until it holds, at most [`WAIT`].
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn a(resolver: &TokioResolver, name: &str) -> Vec<String> {
+    answers(resolver, name, RecordType::A).await
+}
+
+fn service(name: &str, kind: ServiceKind, backends: Vec<Backend>) -> ImportedService {
+    ImportedService {
+        namespace: "shop".into(),
+        name: name.into(),
+        kind,
+        ports: vec![ServicePort {
+            name: Some("http".into()),
+            protocol: Protocol::Tcp,
+            port: 80,
+        }],
+        backends,
+    }
+}
+
+fn backend(cluster: &str, local: bool, ips: &[&str], endpoints: &[(&str, &str)]) -> Backend {
+    Backend {
+        cluster: cluster.parse().unwrap(),
+        local,
+        cluster_ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+        endpoints: endpoints
+            .iter()
+            .map(|(address, hostname)| Endpoint {
+                addresses: vec![address.parse().unwrap()],
+                hostname: Some(hostname.to_string()),
+                node: None,
+                ready: true,
+            })
+            .collect(),
+    }
+}
+
+fn web() -> ImportedService {
+    service(
+        "web",
+        ServiceKind::ClusterSetIP,
+        vec![backend("east", true, &["10.96.0.10"], &[])],
+    )
+}
+
+fn db(endpoints: &[(&str, &str)]) -> ImportedService {
+    service(
+        "db",
+        ServiceKind::Headless,
+        vec![backend("west", false, &[], endpoints)],
+    )
+}
+
+fn imports(revision: u64, services: Vec<ImportedService>) -> ImportsUpdate {
+    let services: BTreeMap<String, ImportedService> = services
+        .into_iter()
+        .map(|s| (s.key().to_string(), s))
+        .collect();
+    ImportsUpdate::Snapshot(Imports { revision, services })
+}
+
+/// Accepts the next subscriber and checks its hello.
+async fn accept(listener: &TcpListener) -> TcpStream {
+    let (mut stream, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("the subscriber reconnects")
+        .unwrap();
+    let mut decoder = FrameDecoder::new(1 << 20);
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(hello) = decoder.next_json::<AgentHello>().unwrap() {
+            assert_eq!(hello, AgentHello::dns(Some("tok".into())));
+            return stream;
+        }
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("a hello")
+            .unwrap();
+        assert!(n > 0, "closed before its hello");
+        decoder.push(&buf[..n]);
+    }
+}
+
+async fn send(stream: &mut TcpStream, update: &ImportsUpdate) {
+    stream
+        .write_all(&encode_json_frame(update, "imports update", 1 << 20).unwrap())
+        .await
+        .unwrap();
+}
+
+async fn errors(metrics: SocketAddr, reason: &str) -> f64 {
+    metric(
+        &scrape(metrics).await,
+        "trellis_dns_controller_errors_total",
+        &[("reason", reason)],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_a_scripted_controller() {
+    let server = start(&Catalog::default(), vec![]).await;
+    let metrics = server.running.metrics_addr.unwrap();
+    let resolver = resolver(server.addr(), false);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let subscriber = tokio::spawn(subscription::run(
+        server.handle.clone(),
+        ControllerSource {
+            addr: listener.local_addr().unwrap().to_string(),
+            token: Some("tok".into()),
+            max_frame: 1 << 16,
+        },
+        server.metrics.clone(),
+    ));
+    const DB: &str = "db.shop.svc.clusterset.local.";
+    const API: &str = "api.shop.svc.clusterset.local.";
+
+    // A snapshot: the names resolve.
+    let mut conn = accept(&listener).await;
+    let both = [("10.2.0.5", "db-0"), ("10.2.0.6", "db-1")];
+    send(&mut conn, &imports(1, vec![web(), db(&both)])).await;
+    eventually("the snapshot", || async {
+        a(&resolver, WEB).await == ["10.96.0.10"] && a(&resolver, DB).await.len() == 2
+    })
+    .await;
+    assert_eq!(
+        a(&resolver, "db-1.west.db.shop.svc.clusterset.local.").await,
+        ["10.2.0.6"]
+    );
+
+    // A delta removing an endpoint: gone.
+    let delta = ImportsUpdate::Delta {
+        from: 1,
+        to: 2,
+        upsert: vec![db(&both[..1])],
+        remove: vec![],
+    };
+    send(&mut conn, &delta).await;
+    eventually("the delta", || async {
+        a(&resolver, DB).await == ["10.2.0.5"]
+            && nxdomain(&resolver, "db-1.west.db.shop.svc.clusterset.local.").await
+    })
+    .await;
+
+    // A garbage frame: the connection is closed, the last answers stay, a new snapshot applies.
+    conn.write_all(b"\0\0\0\x05nope!").await.unwrap();
+    let mut conn = accept(&listener).await;
+    assert_eq!(errors(metrics, "malformed_frame").await, 1.0);
+    assert_eq!(a(&resolver, WEB).await, ["10.96.0.10"]);
+    let api = service(
+        "api",
+        ServiceKind::ClusterSetIP,
+        vec![backend("west", false, &["10.97.0.20"], &[])],
+    );
+    send(&mut conn, &imports(10, vec![api.clone()])).await;
+    eventually("the second snapshot", || async {
+        a(&resolver, API).await == ["10.97.0.20"] && nxdomain(&resolver, WEB).await
+    })
+    .await;
+
+    // An oversized frame, then a delta that does not follow: both reconnect.
+    conn.write_all(&((1u32 << 16) + 1).to_be_bytes())
+        .await
+        .unwrap();
+    let mut conn = accept(&listener).await;
+    assert_eq!(errors(metrics, "oversized_frame").await, 1.0);
+    let gap = ImportsUpdate::Delta {
+        from: 3,
+        to: 4,
+        upsert: vec![web()],
+        remove: vec![],
+    };
+    send(&mut conn, &gap).await;
+    let mut conn = accept(&listener).await;
+    assert_eq!(errors(metrics, "gap").await, 1.0);
+    assert!(nxdomain(&resolver, WEB).await, "the gap was not applied");
+    send(&mut conn, &imports(11, vec![api, web()])).await;
+    eventually("the snapshot after the gap", || async {
+        a(&resolver, WEB).await == ["10.96.0.10"]
+    })
+    .await;
+    let text = scrape(metrics).await;
+    assert_eq!(metric(&text, "trellis_dns_controller_connected", &[]), 1.0);
+    assert_eq!(
+        metric(&text, "trellis_dns_controller_updates_total", &[]),
+        4.0
+    );
+
+    // The controller goes away: the last answers are still served.
+    drop(conn);
+    drop(listener);
+    eventually("the disconnect", || async {
+        metric(
+            &scrape(metrics).await,
+            "trellis_dns_controller_connected",
+            &[],
+        ) == 0.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a(&resolver, WEB).await, ["10.96.0.10"]);
+    assert_eq!(a(&resolver, API).await, ["10.97.0.20"]);
+    subscriber.abort();
+    server.running.shutdown();
+}
+
+fn cluster_yaml(export: bool) -> String {
+    let mut yaml = r#"apiVersion: about.k8s.io/v1alpha1
+kind: ClusterProperty
+metadata: {name: cluster.clusterset.k8s.io}
+spec: {value: east}
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec: {cidrs: ["10.96.0.0/16"]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: east-node-0}
+spec: {podCIDR: "10.10.0.0/24", podCIDRs: ["10.10.0.0/24"]}
+status: {addresses: [{type: InternalIP, address: 127.0.0.1}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: "10.96.0.10", ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: ["10.10.0.5"], conditions: {ready: true}}]
+ports: [{name: http, port: 8080, protocol: TCP}]
+"#
+    .to_string();
+    if export {
+        yaml.push_str(
+            "---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\n\
+             metadata: {name: web, namespace: shop}\n",
+        );
+    }
+    yaml
+}
+
+/// The real controller (hub, static-file source, agent server with token `tok`) on
+/// `<dir>/east.yaml`, exporting `web.shop`. Returns its agent address, the file and its tasks.
+async fn real_controller(
+    dir: &std::path::Path,
+) -> (
+    SocketAddr,
+    std::path::PathBuf,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    use trellis_controller::hub::{Hub, HubConfig};
+
+    let path = dir.join("east.yaml");
+    std::fs::write(&path, cluster_yaml(true)).unwrap();
+    let hub = Hub::new(
+        HubConfig {
+            id: "east".parse().unwrap(),
+            name: "east".into(),
+            service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+            lease: Duration::from_secs(30),
+            node_encryption: false,
+            recent_deltas: 16,
+            startup_grace: Duration::ZERO,
+        },
+        trellis_controller::metrics::Metrics::new().unwrap(),
+    );
+    let source = tokio::spawn(trellis_controller::static_source::run(
+        path.clone(),
+        Duration::from_millis(100),
+        hub.clone(),
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let agent = tokio::spawn(trellis_controller::agent::serve(
+        listener,
+        hub,
+        1 << 20,
+        Some("tok".into()),
+    ));
+    (addr, path, vec![source, agent])
+}
+
+const WEB: &str = "web.shop.svc.clusterset.local.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_real_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, path, tasks) = real_controller(dir.path()).await;
+    let server = start(&Catalog::default(), vec![]).await;
+    let resolver = resolver(server.addr(), false);
+    let subscriber = tokio::spawn(subscription::run(
+        server.handle.clone(),
+        ControllerSource {
+            addr: addr.to_string(),
+            token: Some("tok".into()),
+            max_frame: subscription::DEFAULT_MAX_FRAME,
+        },
+        server.metrics.clone(),
+    ));
+    eventually("the exported service", || async {
+        a(&resolver, WEB).await == ["10.96.0.10"]
+    })
+    .await;
+    assert_eq!(
+        answers(
+            &resolver,
+            "_http._tcp.web.shop.svc.clusterset.local.",
+            RecordType::SRV
+        )
+        .await,
+        ["0 100 80 east.web.shop.svc.clusterset.local."]
+    );
+
+    // The export goes away: so does the name.
+    std::fs::write(&path, cluster_yaml(false)).unwrap();
+    eventually("the export removed", || async {
+        nxdomain(&resolver, WEB).await
+    })
+    .await;
+    subscriber.abort();
+    for task in tasks {
+        task.abort();
+    }
+    server.running.shutdown();
+}
+
+/// The `trellis-dns` process; killed (by its PID) and reaped on drop.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The binary as deployed: `--controller` and `--controller-token-file` against the real
+/// controller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_follows_the_real_controller() {
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, path, tasks) = real_controller(dir.path()).await;
+    let token = dir.path().join("agent-token");
+    std::fs::write(&token, "tok\n").unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-dns"))
+        .args(["--listen", "127.0.0.1:0", "--metrics", "off"])
+        .args([
+            "--upstream",
+            "127.0.0.1:9",
+            "--controller",
+            &addr.to_string(),
+        ])
+        .arg("--controller-token-file")
+        .arg(&token)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn trellis-dns");
+    let mut process = Process(child);
+    let stderr = process.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(strip_ansi(&line));
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    let mut dns: Option<SocketAddr> = None;
+    let mut log = Vec::new();
+    while dns.is_none() && Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) else {
+            continue;
+        };
+        if line.contains("serving") {
+            dns = line
+                .split_once("dns_addr=")
+                .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok());
+        }
+        log.push(line);
+    }
+    let dns = dns.unwrap_or_else(|| panic!("trellis-dns did not start: {log:?}"));
+    let resolver = resolver(dns, false);
+    eventually("the exported service", || async {
+        a(&resolver, WEB).await == ["10.96.0.10"]
+    })
+    .await;
+    std::fs::write(&path, cluster_yaml(false)).unwrap();
+    eventually("the export removed", || async {
+        nxdomain(&resolver, WEB).await
+    })
+    .await;
+    drop(process);
+    for task in tasks {
+        task.abort();
+    }
+}
+
+/// The binary refuses a missing or double source, and an unreadable token file, at start.
+#[test]
+fn the_source_is_validated_at_start() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-dns"))
+            .args(["--listen", "127.0.0.1:0", "--metrics", "off"])
+            .args(["--upstream", "127.0.0.1:53"])
+            .args(args)
+            .output()
+            .expect("run trellis-dns");
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let none = run(&[]);
+    assert!(
+        none.contains("--catalog") && none.contains("--controller"),
+        "{none}"
+    );
+    let both = run(&[
+        "--catalog",
+        "/nonexistent.json",
+        "--controller",
+        "127.0.0.1:1",
+    ]);
+    assert!(both.contains("cannot be used with"), "{both}");
+    let token_alone = run(&["--catalog", "/x.json", "--controller-token-file", "/t"]);
+    assert!(token_alone.contains("controller"), "{token_alone}");
+    let bad_addr = run(&["--controller", "nowhere"]);
+    assert!(bad_addr.contains("HOST:PORT"), "{bad_addr}");
+    let no_token = run(&[
+        "--controller",
+        "127.0.0.1:1",
+        "--controller-token-file",
+        "/nonexistent/token",
+    ]);
+    assert!(no_token.contains("/nonexistent/token"), "{no_token}");
+}

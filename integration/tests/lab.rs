@@ -28,6 +28,30 @@ fn lab_up_meshes_two_clusters_and_down_removes_everything() {
         "exec", "c1/pod-2", "--", "ping", "-c", "1", "-W", "3", "10.2.1.2",
     ]);
     assert!(ping.status.success(), "{}", text(&ping));
+    // DNS from inside a pod: the demo service exported by both clusters, the local one first.
+    let mut answer = String::new();
+    for _ in 0..50 {
+        let dig = lab.trellis(&[
+            "exec",
+            "c1/pod-0",
+            "--",
+            "dig",
+            "+short",
+            "@198.18.1.10",
+            "echo.demo.svc.clusterset.local",
+        ]);
+        answer = String::from_utf8_lossy(&dig.stdout).to_string();
+        if answer.lines().count() == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(
+        answer.lines().collect::<Vec<_>>(),
+        ["10.101.0.10", "10.102.0.10"],
+        "{answer}"
+    );
+
     let failing = lab.trellis(&["exec", "c1/pod-0", "--", "false"]);
     assert_eq!(
         failing.status.code(),
@@ -55,8 +79,8 @@ fn lab_up_meshes_two_clusters_and_down_removes_everything() {
 
     assert_eq!(
         lab.processes().len(),
-        6,
-        "a controller per cluster, a gateway per node"
+        8,
+        "a controller and a DNS per cluster, a gateway per node"
     );
 
     let down = lab.trellis(&["down"]);
@@ -85,7 +109,7 @@ fn down_cleans_up_after_a_lab_whose_state_was_lost() {
             .status
             .success()
     );
-    assert_eq!(lab.processes().len(), 6);
+    assert_eq!(lab.processes().len(), 8);
     // As after a crash that lost the state file: down still finds the namespaces by name,
     // and the processes by the namespaces they run in.
     std::fs::remove_dir_all(Path::new("/run/trellis/lab").join(&lab.name)).unwrap();

@@ -206,9 +206,10 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
     eprintln!("[3/5] control plane: mesh certificates and a trellis-controller per cluster");
     start_controllers(dir, state, bin_dir)?;
     eprintln!(
-        "[4/5] gateways: trellis-gateway on {node_count} node(s), following their controllers"
+        "[4/5] gateways and DNS: trellis-gateway on {node_count} node(s), trellis-dns per cluster, following their controllers"
     );
     start_gateways(dir, state, bin_dir)?;
+    start_dns(dir, state, bin_dir)?;
     eprintln!("[5/5] waiting for the mesh to converge");
     wait_for_mesh(state);
     Ok(())
@@ -285,6 +286,42 @@ fn start_controllers(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow
                 program: bin_dir.join("trellis-controller"),
                 args: vec!["run".into(), "--config".into(), config.into()],
                 log: own.join("controller.log"),
+                ready: metrics,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// One trellis-dns per cluster beside its controller, answering for `clusterset.local` from the
+/// controller's stream. Out-of-zone names go to an upstream that does not exist: the lab has no
+/// way out, and says so with SERVFAIL.
+fn start_dns(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
+    let clusters = state.clusters.clone();
+    for cluster in &clusters {
+        let address = std::net::IpAddr::V4(control::controller_address(cluster));
+        let listen = std::net::SocketAddr::new(address, control::DNS_PORT);
+        let metrics = std::net::SocketAddr::new(address, control::DNS_METRICS_PORT);
+        start_daemon(
+            dir,
+            state,
+            DaemonSpec {
+                netns: &cluster.nodes[0].netns,
+                name: format!("{}/dns", cluster.name),
+                program: bin_dir.join("trellis-dns"),
+                args: vec![
+                    "--listen".into(),
+                    listen.to_string().into(),
+                    "--metrics".into(),
+                    metrics.to_string().into(),
+                    "--controller".into(),
+                    control::agent_endpoint(cluster).to_string().into(),
+                    "--controller-token-file".into(),
+                    control::token_file(dir).into(),
+                    "--upstream".into(),
+                    "127.0.0.1:1053".into(),
+                ],
+                log: control::cluster_dir(dir, cluster).join("dns.log"),
                 ready: metrics,
             },
         )?;
@@ -447,6 +484,15 @@ fn print_summary(state: &LabState, built_in: Duration) {
         "try:   trellis lab exec --name {} {example_pod} -- ping -c 3 {example_target}",
         state.lab
     );
+    if let Some(cluster) = state.clusters.first() {
+        println!(
+            "       trellis lab exec --name {} {example_pod} -- dig +short @{} {}.{}.svc.clusterset.local",
+            state.lab,
+            control::controller_address(cluster),
+            control::DEMO_SERVICE,
+            control::DEMO_NAMESPACE
+        );
+    }
     println!("       trellis lab status --name {}", state.lab);
     println!("       trellis lab down --name {}", state.lab);
     if !all_ok {

@@ -19,6 +19,8 @@ pub const PEERING_PORT: u16 = 7443;
 /// Where gateways and DNS subscribe.
 pub const AGENT_PORT: u16 = 7444;
 pub const CONTROLLER_METRICS_PORT: u16 = 9464;
+pub const DNS_PORT: u16 = 53;
+pub const DNS_METRICS_PORT: u16 = 9153;
 /// The demo service every cluster exports.
 pub const DEMO_NAMESPACE: &str = "demo";
 pub const DEMO_SERVICE: &str = "echo";

@@ -474,9 +474,10 @@ fn print_summary(state: &LabState, built_in: Duration) {
         .next()
         .map(|(c, _, p)| format!("{}/{}", c.name, p.name))
         .unwrap_or_default();
+    // The last pod: in another cluster when there is one, so the example crosses the mesh.
     let example_target = state
         .pods()
-        .nth(1)
+        .last()
         .and_then(|(_, _, p)| p.address)
         .map_or("10.1.0.1".to_string(), |a| a.to_string());
     println!();

@@ -6,13 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use ipnet::IpNet;
 use trellis_core::agent::GatewayRegistration;
 use trellis_gateway::controller::{ControllerSource, follow_controller};
 use trellis_gateway::device::DeviceConfig;
 use trellis_gateway::gateway::{DEFAULT_ROUTE_PROTOCOL, follow_file, follow_stream};
 use trellis_gateway::keys::KeyPair;
-use trellis_gateway::peer_config::new_external_peer;
+use trellis_gateway::peer_config::PeerConfigArgs;
 use trellis_gateway::routes::RouteMetrics;
 use trellis_gateway::{Gateway, GatewayConfig};
 
@@ -39,21 +38,7 @@ enum Command {
     /// Print a wg-quick config for an external machine joining through this gateway, with a
     /// freshly generated key for it; its public key is printed as a comment to add to the
     /// desired state.
-    PeerConfig {
-        #[arg(long, default_value = "/var/lib/trellis-gateway")]
-        state_dir: PathBuf,
-        /// This gateway's UDP endpoint as the external machine reaches it.
-        #[arg(long)]
-        endpoint: SocketAddr,
-        /// The external machine's tunnel address(es), e.g. 10.99.0.2/32.
-        #[arg(long, value_delimiter = ',', required = true)]
-        address: Vec<IpNet>,
-        /// The CIDRs it routes into the mesh (pod and service CIDRs).
-        #[arg(long, value_delimiter = ',', required = true)]
-        allowed_ips: Vec<IpNet>,
-        #[arg(long, default_value_t = 25)]
-        keepalive: u16,
-    },
+    PeerConfig(PeerConfigArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -153,17 +138,8 @@ fn main() -> anyhow::Result<()> {
             println!("{}", KeyPair::load_or_generate(&state_dir)?.public_key());
             Ok(())
         }
-        Command::PeerConfig {
-            state_dir,
-            endpoint,
-            address,
-            allowed_ips,
-            keepalive,
-        } => {
-            print!(
-                "{}",
-                new_external_peer(&state_dir, endpoint, address, allowed_ips, keepalive)?
-            );
+        Command::PeerConfig(args) => {
+            print!("{}", args.render()?);
             Ok(())
         }
     }

@@ -79,6 +79,38 @@ pub fn new_external_peer(
     Ok(text)
 }
 
+/// The command-line face of [`new_external_peer`], shared by `trellis peer config` and
+/// `trellis-gateway peer-config`.
+#[derive(Debug, clap::Args)]
+pub struct PeerConfigArgs {
+    /// The gateway's state directory (its key lives there).
+    #[arg(long, default_value = "/var/lib/trellis-gateway")]
+    pub state_dir: std::path::PathBuf,
+    /// The gateway's UDP endpoint as the external machine reaches it.
+    #[arg(long)]
+    pub endpoint: SocketAddr,
+    /// The external machine's tunnel address(es), e.g. 10.99.0.2/32.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub address: Vec<IpNet>,
+    /// The CIDRs it routes into the mesh (pod and service CIDRs).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub allowed_ips: Vec<IpNet>,
+    #[arg(long, default_value_t = 25)]
+    pub keepalive: u16,
+}
+
+impl PeerConfigArgs {
+    pub fn render(self) -> Result<String, crate::Error> {
+        new_external_peer(
+            &self.state_dir,
+            self.endpoint,
+            self.address,
+            self.allowed_ips,
+            self.keepalive,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

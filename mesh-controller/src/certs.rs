@@ -256,3 +256,70 @@ mod tests {
         assert!(generate_cluster_cert(&broken, &id, Validity::days_from_now(1)).is_err());
     }
 }
+
+/// `certs` as a subcommand, shared by `trellis certs` and `trellis-controller certs`.
+#[derive(Debug, clap::Subcommand)]
+pub enum CertsCommand {
+    /// Create the mesh CA (`ca.pem`, `ca-key.pem`) in DIR. Keep `ca-key.pem` offline.
+    Ca {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value = "trellis-mesh")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a cluster's certificate (`<id>.pem`, `<id>-key.pem`) from the CA in DIR.
+    Cluster {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        id: ClusterId,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+impl CertsCommand {
+    /// Writes the files; returns what to tell the user.
+    pub fn run(self) -> Result<String, Error> {
+        match self {
+            Self::Ca {
+                dir,
+                name,
+                days,
+                force,
+            } => {
+                std::fs::create_dir_all(&dir).map_err(|e| Error::Certificate {
+                    operation: "creating the certificate directory",
+                    reason: format!("{}: {e}", dir.display()),
+                })?;
+                write_ca_files(&dir, &name, Validity::days_from_now(days), force)?;
+                Ok(format!(
+                    "wrote {0}/{CA_CERT_FILE} and {0}/{CA_KEY_FILE} (keep the key offline)",
+                    dir.display()
+                ))
+            }
+            Self::Cluster {
+                dir,
+                id,
+                days,
+                force,
+            } => {
+                write_cluster_files(&dir, &id, Validity::days_from_now(days), force)?;
+                Ok(format!(
+                    "wrote {0}/{1} and {0}/{2}",
+                    dir.display(),
+                    cluster_cert_file(&id),
+                    cluster_key_file(&id)
+                ))
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use trellis_controller::certs::{self, Validity};
+use trellis_controller::certs::CertsCommand;
 use trellis_controller::config::{Config, SourceConfig};
 use trellis_controller::hub::{Hub, HubConfig};
 use trellis_controller::metrics::Metrics;
@@ -15,7 +15,6 @@ use trellis_controller::peering::{PeerConfig, Peering, PeeringConfig};
 use trellis_controller::store::{FileStore, StateStore};
 use trellis_controller::tls::TlsMaterial;
 use trellis_controller::{agent, crd, kube_source, static_source};
-use trellis_core::cluster::ClusterId;
 
 #[derive(Parser)]
 #[command(
@@ -43,32 +42,6 @@ enum Command {
     Crds,
 }
 
-#[derive(Subcommand)]
-enum CertsCommand {
-    /// Create ca.pem and ca-key.pem.
-    Ca {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long, default_value = "trellis")]
-        name: String,
-        #[arg(long, default_value_t = 3650)]
-        days: i64,
-        #[arg(long)]
-        force: bool,
-    },
-    /// Create <id>.pem and <id>-key.pem, signed by the CA in the same directory.
-    Cluster {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long)]
-        id: ClusterId,
-        #[arg(long, default_value_t = 365)]
-        days: i64,
-        #[arg(long)]
-        force: bool,
-    },
-}
-
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -77,34 +50,7 @@ fn main() -> Result<()> {
         )
         .init();
     match Cli::parse().command {
-        Command::Certs(CertsCommand::Ca {
-            dir,
-            name,
-            days,
-            force,
-        }) => {
-            certs::write_ca_files(&dir, &name, Validity::days_from_now(days), force)?;
-            println!(
-                "wrote {}/ca.pem and {}/ca-key.pem",
-                dir.display(),
-                dir.display()
-            );
-        }
-        Command::Certs(CertsCommand::Cluster {
-            dir,
-            id,
-            days,
-            force,
-        }) => {
-            certs::write_cluster_files(&dir, &id, Validity::days_from_now(days), force)?;
-            println!(
-                "wrote {}/{} and {}/{}",
-                dir.display(),
-                certs::cluster_cert_file(&id),
-                dir.display(),
-                certs::cluster_key_file(&id)
-            );
-        }
+        Command::Certs(command) => println!("{}", command.run()?),
         Command::Crds => print!("{}", crd::crds_yaml()?),
         Command::Run { config } => {
             tokio::runtime::Builder::new_multi_thread()

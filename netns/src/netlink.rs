@@ -403,7 +403,16 @@ fn route_message(route: &Route) -> Result<RouteMessage, Error> {
     Ok(builder.build())
 }
 
-fn route_from_message(message: &RouteMessage) -> Option<Route> {
+/// The parts of a main-table route both route views need.
+pub(crate) struct ParsedRoute {
+    pub destination: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub device: Option<u32>,
+    pub metric: u32,
+}
+
+/// Reads a route of the main table; `None` for other tables and families.
+pub(crate) fn parse_main_route(message: &RouteMessage) -> Option<ParsedRoute> {
     let table = message
         .attributes
         .iter()
@@ -420,26 +429,35 @@ fn route_from_message(message: &RouteMessage) -> Option<Route> {
         RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
         _ => None,
     };
-    let unspecified = match message.header.address_family {
+    let mut destination = match message.header.address_family {
         AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         _ => return None,
     };
-    let mut destination = unspecified;
-    let mut gateway = None;
-    let mut device = None;
+    let (mut gateway, mut device, mut metric) = (None, None, 0);
     for attribute in &message.attributes {
         match attribute {
             RouteAttribute::Destination(a) => destination = address(a)?,
             RouteAttribute::Gateway(a) => gateway = address(a),
             RouteAttribute::Oif(index) => device = Some(*index),
+            RouteAttribute::Priority(priority) => metric = *priority,
             _ => {}
         }
     }
-    Some(Route {
+    Some(ParsedRoute {
         destination: IpNet::new(destination, message.header.destination_prefix_length).ok()?,
         gateway,
         device,
+        metric,
+    })
+}
+
+fn route_from_message(message: &RouteMessage) -> Option<Route> {
+    let parsed = parse_main_route(message)?;
+    Some(Route {
+        destination: parsed.destination,
+        gateway: parsed.gateway,
+        device: parsed.device,
         scope_link: message.header.scope == RouteScope::Link,
     })
 }

@@ -6,10 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use netlink_packet_route::AddressFamily;
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
+use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::RouteMessageBuilder;
 
 use crate::{Error, Netlink};
@@ -117,47 +114,17 @@ fn owned_message(protocol: u8, route: &OwnedRoute) -> Result<RouteMessage, Error
 }
 
 fn owned_from_message(message: &RouteMessage) -> Option<OwnedRoute> {
-    let table = message
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(table) => Some(*table),
-            _ => None,
-        })
-        .unwrap_or(u32::from(message.header.table));
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
-        return None;
-    }
-    let address = |a: &RouteAddress| match a {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        _ => None,
-    };
-    let mut destination = match message.header.address_family {
-        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        _ => return None,
-    };
-    let (mut gateway, mut device, mut metric) = (None, None, 0);
-    for attribute in &message.attributes {
-        match attribute {
-            RouteAttribute::Destination(a) => destination = address(a)?,
-            RouteAttribute::Gateway(a) => gateway = address(a),
-            RouteAttribute::Oif(index) => device = Some(*index),
-            RouteAttribute::Priority(priority) => metric = *priority,
-            _ => {}
-        }
-    }
+    let parsed = crate::netlink::parse_main_route(message)?;
     let target = if message.header.kind == RouteType::Unreachable {
         RouteTarget::Unreachable
-    } else if let Some(gateway) = gateway {
+    } else if let Some(gateway) = parsed.gateway {
         RouteTarget::Gateway(gateway)
     } else {
-        RouteTarget::Device(device?)
+        RouteTarget::Device(parsed.device?)
     };
     Some(OwnedRoute {
-        destination: IpNet::new(destination, message.header.destination_prefix_length).ok()?,
+        destination: parsed.destination,
         target,
-        metric,
+        metric: parsed.metric,
     })
 }

@@ -122,3 +122,66 @@ fn down_cleans_up_after_a_lab_whose_state_was_lost() {
         lab.processes()
     );
 }
+
+/// Waits (up to 15 s) until node c1/node-0 routes c1/node-1's pods through `want` (a route
+/// fragment such as "dev trellis0" or "via 198.18.1.11").
+fn wait_for_route(lab: &TestLab, want: &str) -> String {
+    let mut route = String::new();
+    for _ in 0..75 {
+        let output = lab.trellis(&[
+            "exec",
+            "c1/node-0",
+            "--",
+            "ip",
+            "-o",
+            "route",
+            "show",
+            "10.1.1.0/24",
+        ]);
+        route = String::from_utf8_lossy(&output.stdout).to_string();
+        if route
+            .lines()
+            .next()
+            .is_some_and(|first| first.contains(want))
+        {
+            return route;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("c1/node-0 never routed 10.1.1.0/24 {want}: {route}");
+}
+
+#[test]
+fn node_encryption_switches_at_runtime_without_restarts() {
+    let lab = TestLab::new("enc");
+    let up = lab.trellis(&["up", "--pods", "1"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let daemons_before = lab.processes();
+    // Off by default: the other node's pods are routed plainly over the underlay.
+    wait_for_route(&lab, "via 198.18.1.11");
+
+    let on = lab.trellis(&["encryption", "on"]);
+    assert!(on.status.success(), "{}", text(&on));
+    let route = wait_for_route(&lab, "dev trellis0");
+    assert!(
+        route.contains("unreachable"),
+        "fail-closed backstop missing: {route}"
+    );
+    let ping = lab.trellis(&[
+        "exec", "c1/pod-0", "--", "ping", "-c", "1", "-W", "3", "10.1.1.1",
+    ]);
+    assert!(
+        ping.status.success(),
+        "pods reach each other through the tunnel: {}",
+        text(&ping)
+    );
+
+    let off = lab.trellis(&["encryption", "off"]);
+    assert!(off.status.success(), "{}", text(&off));
+    wait_for_route(&lab, "via 198.18.1.11");
+    let ping = lab.trellis(&[
+        "exec", "c1/pod-0", "--", "ping", "-c", "1", "-W", "3", "10.1.1.1",
+    ]);
+    assert!(ping.status.success(), "{}", text(&ping));
+    assert_eq!(lab.processes(), daemons_before, "no process was restarted");
+}

@@ -501,6 +501,24 @@ fn print_summary(state: &LabState, built_in: Duration) {
     }
 }
 
+/// Rewrites every controller's configuration with the new mode (atomically: temp file and
+/// rename); the controllers pick it up within seconds and push it to their gateways.
+pub fn set_node_encryption(dir: &Path, state: &mut LabState, on: bool) -> anyhow::Result<()> {
+    state.node_encryption = on;
+    for cluster in &state.clusters {
+        let config = control::cluster_dir(dir, cluster).join("controller.yaml");
+        let temp = config.with_extension("yaml.tmp");
+        fs::write(&temp, control::controller_yaml(dir, state, cluster, on))?;
+        fs::rename(&temp, &config).with_context(|| format!("update {}", config.display()))?;
+    }
+    state.save(dir)?;
+    println!(
+        "node encryption {} in every cluster (controllers push it to their gateways; cross-cluster traffic is always encrypted)",
+        if on { "on" } else { "off" }
+    );
+    Ok(())
+}
+
 pub fn print_status(state: &LabState) {
     println!("lab {:?}", state.lab);
     print_layout(state);

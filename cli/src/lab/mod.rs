@@ -54,6 +54,12 @@ enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Switch node-to-node encryption in every cluster, at runtime: each controller re-reads
+    /// its configuration and pushes the change to its gateways; no process restarts.
+    Encryption {
+        #[arg(value_enum)]
+        mode: OnOff,
+    },
     /// Remove every namespace, process and file the lab made.
     Down,
 }
@@ -95,6 +101,12 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             let mut topology = Topology::new(&args.name, clusters, nodes, pods)?;
             topology.node_encryption = node_encryption == OnOff::On;
             build::up(&dir, &topology, &bin_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Encryption { mode } => {
+            let mut state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            build::set_node_encryption(&dir, &mut state, mode == OnOff::On)?;
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Status => {

@@ -403,23 +403,6 @@ impl Drop for Process {
     }
 }
 
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// The binary as deployed: `--controller` and `--controller-token-file` against the real
 /// controller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,7 +436,7 @@ async fn the_binary_follows_the_real_controller() {
             .lines()
             .map_while(Result::ok)
         {
-            let _ = tx.send(strip_ansi(&line));
+            let _ = tx.send(common::strip_ansi(&line));
         }
     });
     let deadline = Instant::now() + WAIT;

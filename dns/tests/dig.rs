@@ -27,23 +27,6 @@ impl Drop for Server {
     }
 }
 
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn field(line: &str, key: &str) -> Option<SocketAddr> {
     let rest = &line[line.find(key)? + key.len()..];
     let rest = rest.trim_start_matches("Some(");
@@ -84,7 +67,7 @@ fn spawn_server(catalog: &Path, upstream: SocketAddr) -> Server {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(strip_ansi(&line));
+            let _ = tx.send(common::strip_ansi(&line));
         }
     });
     let deadline = Instant::now() + Duration::from_secs(10);

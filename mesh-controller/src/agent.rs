@@ -91,6 +91,25 @@ async fn next_view(rx: &mut watch::Receiver<Option<Arc<MeshView>>>) -> Option<Ar
     }
 }
 
+/// Waits for the next mesh view that `step` turns into an update (the first call looks at the
+/// current view; later ones wait for a change). `None` when the controller shuts down.
+async fn next_update<U>(
+    rx: &mut watch::Receiver<Option<Arc<MeshView>>>,
+    started: &mut bool,
+    mut step: impl FnMut(&MeshView) -> Option<U>,
+) -> Option<U> {
+    loop {
+        if *started {
+            rx.changed().await.ok()?;
+        }
+        *started = true;
+        let view = next_view(rx).await?;
+        if let Some(update) = step(&view) {
+            return Some(update);
+        }
+    }
+}
+
 /// A gateway's stream of desired states. Registering it puts the node's key and endpoint into
 /// the cluster state that peers receive.
 #[derive(Debug)]
@@ -115,16 +134,7 @@ impl GatewaySubscription {
 
     /// The next update; `None` when the controller shuts down.
     pub async fn next(&mut self) -> Option<GatewayUpdate> {
-        loop {
-            if self.started {
-                self.rx.changed().await.ok()?;
-            }
-            self.started = true;
-            let view = next_view(&mut self.rx).await?;
-            if let Some(u) = self.feed.next(&view) {
-                return Some(u);
-            }
-        }
+        next_update(&mut self.rx, &mut self.started, |view| self.feed.next(view)).await
     }
 }
 
@@ -152,16 +162,7 @@ impl ImportsSubscription {
     }
 
     pub async fn next(&mut self) -> Option<ImportsUpdate> {
-        loop {
-            if self.started {
-                self.rx.changed().await.ok()?;
-            }
-            self.started = true;
-            let view = next_view(&mut self.rx).await?;
-            if let Some(u) = self.feed.next(&view) {
-                return Some(u);
-            }
-        }
+        next_update(&mut self.rx, &mut self.started, |view| self.feed.next(view)).await
     }
 }
 

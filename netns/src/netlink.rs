@@ -311,12 +311,22 @@ impl Netlink {
 
     /// The routes of the main table, IPv4 and IPv6.
     pub async fn routes(&self) -> Result<Vec<Route>, Error> {
-        let mut routes = Vec::new();
+        Ok(self
+            .route_messages()
+            .await?
+            .iter()
+            .filter_map(route_from_message)
+            .collect())
+    }
+
+    /// Every route message of both families, as the kernel dumps them.
+    pub(crate) async fn route_messages(&self) -> Result<Vec<RouteMessage>, Error> {
+        let mut messages = Vec::new();
         for query in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
             RouteMessageBuilder::<Ipv6Addr>::new().build(),
         ] {
-            let messages: Vec<RouteMessage> = self
+            let family: Vec<RouteMessage> = self
                 .handle
                 .route()
                 .get(query)
@@ -324,9 +334,9 @@ impl Netlink {
                 .try_collect()
                 .await
                 .map_err(|e| Error::netlink("list routes", e))?;
-            routes.extend(messages.iter().filter_map(route_from_message));
+            messages.extend(family);
         }
-        Ok(routes)
+        Ok(messages)
     }
 
     /// A permanent neighbour entry: `ip` lives at `mac` on the link, no ARP or ND needed.

@@ -2,9 +2,8 @@
 //! and a metric, so it can list exactly its routes after a restart, replace them atomically and
 //! leave everyone else's alone.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
-use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::RouteMessageBuilder;
@@ -67,27 +66,13 @@ impl Netlink {
 
     /// The routes of the main table tagged with `protocol`, IPv4 and IPv6.
     pub async fn owned_routes(&self, protocol: u8) -> Result<Vec<OwnedRoute>, Error> {
-        let mut routes = Vec::new();
-        for query in [
-            RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        ] {
-            let messages: Vec<RouteMessage> = self
-                .handle
-                .route()
-                .get(query)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| Error::netlink("list routes", e))?;
-            routes.extend(
-                messages
-                    .iter()
-                    .filter(|m| m.header.protocol == RouteProtocol::from(protocol))
-                    .filter_map(owned_from_message),
-            );
-        }
-        Ok(routes)
+        Ok(self
+            .route_messages()
+            .await?
+            .iter()
+            .filter(|m| m.header.protocol == RouteProtocol::from(protocol))
+            .filter_map(owned_from_message)
+            .collect())
     }
 }
 

@@ -2,6 +2,7 @@
 //! one machine.
 
 mod certs;
+mod echo;
 mod lab;
 mod peer;
 
@@ -26,6 +27,9 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Machines outside Kubernetes that join the mesh through a gateway.
     Peer(peer::PeerArgs),
+    /// A test workload: TCP echo, and HTTP answering with who served the request (the lab
+    /// runs one in every pod).
+    EchoServer(echo::EchoArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +39,7 @@ fn main() -> std::process::ExitCode {
         Command::Lab(args) => lab::run(args),
         Command::Certs(args) => certs::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Peer(args) => peer::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::EchoServer(args) => echo::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match outcome {
         Ok(code) => code,

@@ -135,11 +135,23 @@ impl Gateway {
         };
         let link = netlink.require_link(&config.interface).await?;
         netlink.set_up(link.index).await?;
-        // Replies to tunnelled traffic may leave by another path while encryption is being
-        // switched: loose reverse-path filtering on the TUN.
+        // No reverse-path filter on the TUN: every decrypted packet's source is already checked
+        // against its peer's allowed IPs, which is stricter. Even loose filtering would drop a
+        // node's own address arriving here (Service traffic kube-proxy masqueraded to the node,
+        // forwarded to a pod on this node), because the TUN has no address of its own.
         let key = format!("net/ipv4/conf/{}/rp_filter", config.interface);
-        if let Err(e) = sysctl::write(netns, &key, "2") {
+        if let Err(e) = sysctl::write(netns, &key, "0") {
             tracing::warn!("{e}");
+        }
+        // The kernel applies the larger of `all` and the interface's value.
+        if let Ok(all) = sysctl::read(netns, "net/ipv4/conf/all/rp_filter")
+            && all.trim() != "0"
+        {
+            tracing::warn!(
+                all = all.trim(),
+                "net.ipv4.conf.all.rp_filter is on: node-sourced traffic through {} may be dropped; set it to 0",
+                config.interface
+            );
         }
         let public_key = keys.public_key();
         let (device, handle) = Device::new(tun, udp, keys, metrics.clone(), config.device.clone());

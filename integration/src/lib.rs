@@ -4,7 +4,10 @@
 //! The tests run the binaries as a user would, so build them first:
 //! `cargo build --workspace --bins` (the README's test command does).
 
-use std::path::PathBuf;
+pub mod mesh;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -67,18 +70,42 @@ impl TestLab {
 }
 
 impl TestLab {
-    /// PIDs of processes started for this lab (their command lines name its directory).
+    /// PIDs of processes of this lab: those whose command line names its directory (the
+    /// daemons), and any process inside one of its namespaces (the pods' workload).
     pub fn processes(&self) -> Vec<u32> {
         let marker = format!("/run/trellis/lab/{}/", self.name);
+        let namespaces: Vec<(u64, u64)> = self
+            .namespaces()
+            .iter()
+            .filter_map(|n| std::fs::metadata(Path::new("/run/netns").join(n)).ok())
+            .map(|m| (m.dev(), m.ino()))
+            .collect();
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
-        entries
+        let mut pids: Vec<u32> = entries
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| *pid != std::process::id())
             .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&marker))
+                let named = std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&marker));
+                let inside = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                    .is_ok_and(|ns| namespaces.contains(&(ns.dev(), ns.ino())));
+                named || inside
             })
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+
+    /// Mounts this lab left (the namespaces' bind mounts under /run/netns).
+    pub fn mounts(&self) -> Vec<String> {
+        let prefix = format!("/run/netns/{}", self.namespace_prefix());
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(&prefix))
+            .map(str::to_string)
             .collect()
     }
 }

@@ -79,8 +79,8 @@ fn lab_up_meshes_two_clusters_and_down_removes_everything() {
 
     assert_eq!(
         lab.processes().len(),
-        8,
-        "a controller and a DNS per cluster, a gateway per node"
+        16,
+        "a controller and a DNS per cluster, a gateway per node, an echo server per pod"
     );
 
     let down = lab.trellis(&["down"]);
@@ -99,6 +99,7 @@ fn lab_up_meshes_two_clusters_and_down_removes_everything() {
         !Path::new("/run/trellis/lab").join(&lab.name).exists(),
         "state directory left"
     );
+    assert!(lab.mounts().is_empty(), "mounts left: {:?}", lab.mounts());
 }
 
 #[test]
@@ -109,7 +110,8 @@ fn down_cleans_up_after_a_lab_whose_state_was_lost() {
             .status
             .success()
     );
-    assert_eq!(lab.processes().len(), 8);
+    let before = lab.processes();
+    assert_eq!(before.len(), 12, "8 daemons and 4 echo servers: {before:?}");
     // As after a crash that lost the state file: down still finds the namespaces by name,
     // and the processes by the namespaces they run in.
     std::fs::remove_dir_all(Path::new("/run/trellis/lab").join(&lab.name)).unwrap();
@@ -121,6 +123,18 @@ fn down_cleans_up_after_a_lab_whose_state_was_lost() {
         "processes left: {:?}",
         lab.processes()
     );
+    // A process that exited may linger as a zombie until init reaps it; that is not running.
+    let survivors: Vec<&u32> = before
+        .iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            })
+        })
+        .collect();
+    assert!(survivors.is_empty(), "still running: {survivors:?}");
+    assert!(lab.mounts().is_empty(), "mounts left: {:?}", lab.mounts());
 }
 
 /// Waits (up to 15 s) until node c1/node-0 routes c1/node-1's pods through `want` (a route

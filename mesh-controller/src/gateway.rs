@@ -1,15 +1,15 @@
 //! What each node's gateway is told, decided purely from the mesh view.
 //!
-//! These are the controller's own types; the gateway crate has its desired-state model in
-//! `trellis_core::desired` (another branch). The mapping is field for field: a [`PeerSpec`] is
+//! The types are `trellis_core::agent`'s, shared with the gateway: a [`PeerSpec`] is
 //! a WireGuard peer (public key, endpoint, allowed IPs, keepalive), a [`RouteSpec`] a route
 //! into the tunnel or via another node, and `node_encryption` the cluster-wide mode.
 //!
 //! Rules:
 //! * every node of every admitted remote cluster with a registered gateway is a peer, with its
 //!   pod CIDRs as allowed IPs; the remote's service CIDRs go to its first such node (by name);
-//! * the other nodes of the local cluster are peers only when node encryption is on; when it is
-//!   off their pod CIDRs are plain routes via their internal address;
+//! * the other nodes of the local cluster are peers only when node encryption is on (their pod
+//!   CIDRs and own addresses as allowed IPs); when it is off their pod CIDRs are plain routes
+//!   via their internal address;
 //! * every remote pod and service CIDR is routed into the tunnel whether or not a peer for it is
 //!   known yet, so traffic fails closed instead of leaking to the default route.
 
@@ -21,6 +21,16 @@ pub use trellis_core::agent::{
 
 /// Remote clusters keep NAT mappings alive with this keepalive (seconds).
 pub const REMOTE_KEEPALIVE: u16 = 25;
+
+/// What a node of the local cluster may send through its tunnel: its pods, and its own
+/// addresses, because a node forwards traffic it has source-NATed to itself (kube-proxy
+/// masquerades clients from other clusters reaching a Service, as it does for NodePorts) to pods
+/// on the other nodes, and with encryption on that traffic rides the tunnel.
+fn local_peer_allowed_ips(node: &trellis_core::cluster::NodeState) -> Vec<ipnet::IpNet> {
+    let mut allowed = node.pod_cidrs.clone();
+    allowed.extend(node.internal_ips.iter().map(|ip| ipnet::IpNet::from(*ip)));
+    allowed
+}
 
 /// The desired state of `node`'s gateway.
 pub fn desired_for(
@@ -43,7 +53,7 @@ pub fn desired_for(
                     node: name.clone(),
                     public_key: gw.public_key,
                     endpoint: gw.endpoint,
-                    allowed_ips: n.pod_cidrs.clone(),
+                    allowed_ips: local_peer_allowed_ips(n),
                     persistent_keepalive: None,
                 });
             }
@@ -170,6 +180,15 @@ mod tests {
 
         let on = desired_for("node-0", &local, &[&remote], true, 2);
         assert_eq!(on.peers.len(), 4);
+        // A local peer may also send from its own address (source-NATed Service traffic).
+        let node_1 = on.peers.iter().find(|p| p.node == "node-1").unwrap();
+        assert_eq!(
+            node_1.allowed_ips,
+            vec![
+                "10.1.1.0/24".parse().unwrap(),
+                "192.168.1.11/32".parse().unwrap()
+            ]
+        );
         assert!(on.routes.iter().all(|r| r.via == RouteVia::Tunnel));
 
         // Toggling is a delta that a gateway can apply.

@@ -12,10 +12,11 @@ use serde_json::json;
 use trellis_cni::runtime::{Attachment, ConfList, Runtime};
 use trellis_netns::{Netlink, Netns, VethSpec, probe, sysctl};
 
+use super::processes::Launch;
 use super::topology::{
     GATEWAY_METRICS_PORT, LabState, Node, Topology, UNDERLAY_PREFIX, namespace_prefix,
 };
-use super::{control, processes};
+use super::{control, processes, services};
 
 /// The underlay's MTU, as on most clouds and kind.
 const UNDERLAY_MTU: u32 = 1500;
@@ -170,7 +171,7 @@ pub fn up(dir: &Path, topology: &Topology, bin_dir: &Path) -> anyhow::Result<()>
 fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
     let node_count: usize = state.clusters.iter().map(|c| c.nodes.len()).sum();
     let pod_count = state.pods().count();
-    eprintln!("[1/5] underlay and nodes: a switch and {node_count} node namespace(s)");
+    eprintln!("[1/6] underlay and nodes: a switch and {node_count} node namespace(s)");
     block_on(async {
         prepare_switch(&state.switch_netns)
             .await
@@ -183,7 +184,7 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
         }
         anyhow::Ok(())
     })?;
-    eprintln!("[2/5] pods: creating {pod_count} pod(s) through trellis-cni");
+    eprintln!("[2/6] pods: creating {pod_count} pod(s) through trellis-cni");
     for cluster in &mut state.clusters {
         for node in &mut cluster.nodes {
             let (_, list) = conflist(dir, node)?;
@@ -203,14 +204,18 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
         }
     }
     state.save(dir)?;
-    eprintln!("[3/5] control plane: mesh certificates and a trellis-controller per cluster");
+    eprintln!(
+        "[3/6] workload: an echo server in every pod, the demo Services' rules on every node"
+    );
+    start_workload(dir, state, bin_dir)?;
+    eprintln!("[4/6] control plane: mesh certificates and a trellis-controller per cluster");
     start_controllers(dir, state, bin_dir)?;
     eprintln!(
-        "[4/5] gateways and DNS: trellis-gateway on {node_count} node(s), trellis-dns per cluster, following their controllers"
+        "[5/6] gateways and DNS: trellis-gateway on {node_count} node(s), trellis-dns per cluster, following their controllers"
     );
     start_gateways(dir, state, bin_dir)?;
     start_dns(dir, state, bin_dir)?;
-    eprintln!("[5/5] waiting for the mesh to converge");
+    eprintln!("[6/6] waiting for the mesh to converge");
     wait_for_mesh(state);
     Ok(())
 }
@@ -218,40 +223,107 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
 /// A source pod and, per target, the round-trip time (`None`: no reply).
 type ProbeRow = (String, Vec<(String, Option<Duration>)>);
 
-/// A daemon to start: where, what, and the address it serves once ready.
-struct DaemonSpec<'a> {
-    netns: &'a str,
-    name: String,
-    program: PathBuf,
-    args: Vec<std::ffi::OsString>,
-    log: PathBuf,
-    ready: std::net::SocketAddr,
-}
+/// How long a daemon may take to accept connections after it started.
+const READY_WITHIN: Duration = Duration::from_secs(15);
 
 /// Starts a daemon, records it at once (so `down` finds it even if `up` dies next), and waits
 /// until it accepts connections on its ready address.
-fn start_daemon(dir: &Path, state: &mut LabState, spec: DaemonSpec<'_>) -> anyhow::Result<()> {
-    let DaemonSpec {
-        netns: netns_name,
-        name,
-        program,
-        args,
-        log,
-        ready,
-    } = spec;
-    let (name, log) = (name.as_str(), log.as_path());
-    let netns = Netns::open(netns_name)?;
-    let daemon = processes::spawn(&netns, name, &program, &args, log)?;
+fn start_daemon(dir: &Path, state: &mut LabState, launch: Launch) -> anyhow::Result<()> {
+    let daemon = processes::spawn(&launch)?;
     state.daemons.push(daemon);
     state.save(dir)?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !netns
-        .run(|| std::net::TcpStream::connect_timeout(&ready, Duration::from_millis(100)).is_ok())?
-    {
-        if Instant::now() > deadline {
-            bail!("{name} did not come up:\n{}", processes::log_tail(log, 15));
+    processes::wait_ready(&launch, READY_WITHIN)
+}
+
+/// Starts again every recorded daemon that `selector` names and that is not running, in the
+/// order `up` started them (controllers before the gateways and DNS that follow them).
+pub fn start(dir: &Path, state: &mut LabState, selector: &str) -> anyhow::Result<()> {
+    let mut matched = 0;
+    for index in 0..state.daemons.len() {
+        let daemon = &state.daemons[index];
+        if !processes::selects(selector, &daemon.launch.name) {
+            continue;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        matched += 1;
+        if daemon.is_running() {
+            continue;
+        }
+        let launch = daemon.launch.clone();
+        state.daemons[index] = processes::spawn(&launch)?;
+        state.save(dir)?;
+        processes::wait_ready(&launch, READY_WITHIN)?;
+        println!("started {} (pid {})", launch.name, state.daemons[index].pid);
+    }
+    if matched == 0 {
+        bail!(
+            "no daemon of lab {:?} is named {selector:?} (try c1, c1/controller, c1/node-0/gateway)",
+            state.lab
+        );
+    }
+    Ok(())
+}
+
+/// Stops (SIGTERM, then SIGKILL after a grace period) every running daemon `selector` names.
+pub fn stop(state: &LabState, selector: &str) -> anyhow::Result<()> {
+    let selected: Vec<_> = state
+        .daemons
+        .iter()
+        .filter(|d| processes::selects(selector, &d.launch.name))
+        .collect();
+    if selected.is_empty() {
+        bail!(
+            "no daemon of lab {:?} is named {selector:?} (try c1, c1/controller, c1/node-0/gateway)",
+            state.lab
+        );
+    }
+    for daemon in selected.into_iter().filter(|d| d.is_running()) {
+        daemon.stop(Duration::from_secs(3))?;
+        println!("stopped {} (pid {})", daemon.launch.name, daemon.pid);
+    }
+    Ok(())
+}
+
+/// `trellis echo-server` in every pod, and in every node the nftables rules kube-proxy would
+/// write for the cluster's Services.
+fn start_workload(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
+    let clusters = state.clusters.clone();
+    for (index, cluster) in clusters.iter().enumerate() {
+        let demo = services::demo_services(cluster, index);
+        for node in &cluster.nodes {
+            services::apply_ruleset(
+                &Netns::open(&node.netns)?,
+                &services::proxy_ruleset(cluster, node, &demo),
+            )
+            .with_context(|| format!("services on {}/{}", cluster.name, node.name))?;
+            for pod in &node.pods {
+                let Some(address) = pod.address else {
+                    continue;
+                };
+                let pod_dir = dir.join("pods").join(&pod.netns);
+                fs::create_dir_all(&pod_dir)?;
+                let identity = format!("{}/{}", cluster.name, pod.name);
+                start_daemon(
+                    dir,
+                    state,
+                    Launch {
+                        netns: pod.netns.clone(),
+                        name: format!("{identity}/echo"),
+                        program: bin_dir.join("trellis"),
+                        args: vec![
+                            "echo-server".into(),
+                            "--identity".into(),
+                            identity,
+                            "--tcp".into(),
+                            format!("0.0.0.0:{}", services::ECHO_PORT),
+                            "--http".into(),
+                            format!("0.0.0.0:{}", services::HTTP_TARGET_PORT),
+                        ],
+                        log: pod_dir.join("echo.log"),
+                        ready: std::net::SocketAddr::new(address.into(), services::ECHO_PORT),
+                    },
+                )?;
+            }
+        }
     }
     Ok(())
 }
@@ -280,11 +352,15 @@ fn start_controllers(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow
         start_daemon(
             dir,
             state,
-            DaemonSpec {
-                netns: &cluster.nodes[0].netns,
+            Launch {
+                netns: cluster.nodes[0].netns.clone(),
                 name: format!("{}/controller", cluster.name),
                 program: bin_dir.join("trellis-controller"),
-                args: vec!["run".into(), "--config".into(), config.into()],
+                args: vec![
+                    "run".into(),
+                    "--config".into(),
+                    config.display().to_string(),
+                ],
                 log: own.join("controller.log"),
                 ready: metrics,
             },
@@ -305,19 +381,19 @@ fn start_dns(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result
         start_daemon(
             dir,
             state,
-            DaemonSpec {
-                netns: &cluster.nodes[0].netns,
+            Launch {
+                netns: cluster.nodes[0].netns.clone(),
                 name: format!("{}/dns", cluster.name),
                 program: bin_dir.join("trellis-dns"),
                 args: vec![
                     "--listen".into(),
-                    listen.to_string().into(),
+                    listen.to_string(),
                     "--metrics".into(),
-                    metrics.to_string().into(),
+                    metrics.to_string(),
                     "--controller".into(),
-                    control::agent_endpoint(cluster).to_string().into(),
+                    control::agent_endpoint(cluster).to_string(),
                     "--controller-token-file".into(),
-                    control::token_file(dir).into(),
+                    control::token_file(dir).display().to_string(),
                     "--upstream".into(),
                     "127.0.0.1:1053".into(),
                 ],
@@ -338,26 +414,26 @@ fn start_gateways(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::R
             fs::create_dir_all(&node_dir)?;
             let metrics =
                 std::net::SocketAddr::new(std::net::IpAddr::V4(node.address), GATEWAY_METRICS_PORT);
-            let args: Vec<std::ffi::OsString> = vec![
+            let args: Vec<String> = vec![
                 "run".into(),
                 "--state-dir".into(),
-                node_dir.join("gateway").into(),
+                node_dir.join("gateway").display().to_string(),
                 "--controller".into(),
-                control::agent_endpoint(cluster).to_string().into(),
+                control::agent_endpoint(cluster).to_string(),
                 "--controller-token-file".into(),
-                control::token_file(dir).into(),
+                control::token_file(dir).display().to_string(),
                 "--node-name".into(),
-                node.name.clone().into(),
+                node.name.clone(),
                 "--advertise-endpoint".into(),
-                format!("{}:51820", node.address).into(),
+                format!("{}:51820", node.address),
                 "--metrics-addr".into(),
-                metrics.to_string().into(),
+                metrics.to_string(),
             ];
             start_daemon(
                 dir,
                 state,
-                DaemonSpec {
-                    netns: &node.netns,
+                Launch {
+                    netns: node.netns.clone(),
                     name: format!("{}/{}/gateway", cluster.name, node.name),
                     program: bin_dir.join("trellis-gateway"),
                     args,
@@ -490,8 +566,8 @@ fn print_summary(state: &LabState, built_in: Duration) {
             "       trellis lab exec --name {} {example_pod} -- dig +short @{} {}.{}.svc.clusterset.local",
             state.lab,
             control::controller_address(cluster),
-            control::DEMO_SERVICE,
-            control::DEMO_NAMESPACE
+            services::ECHO_SERVICE,
+            services::DEMO_NAMESPACE
         );
     }
     println!("       trellis lab status --name {}", state.lab);

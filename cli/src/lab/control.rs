@@ -1,7 +1,7 @@
 //! The lab's control plane: a mesh CA and a certificate per cluster (as `trellis certs`
 //! makes them), and per cluster a `trellis-controller` on its first node, running on a static
 //! source — a YAML file of Kubernetes objects describing the cluster as kind's API server
-//! would: its Nodes, and a demo Service with its EndpointSlice and ServiceExport.
+//! would: its Nodes, and the demo Services with their EndpointSlices and ServiceExports.
 
 use std::fmt::Write;
 use std::fs;
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use trellis_controller::certs::{Validity, write_ca_files, write_cluster_files};
 
+use super::services::{self, service_cidr};
 use super::topology::{Cluster, LabState};
 
 /// QUIC peering between controllers.
@@ -21,10 +22,6 @@ pub const AGENT_PORT: u16 = 7444;
 pub const CONTROLLER_METRICS_PORT: u16 = 9464;
 pub const DNS_PORT: u16 = 53;
 pub const DNS_METRICS_PORT: u16 = 9153;
-/// The demo service every cluster exports.
-pub const DEMO_NAMESPACE: &str = "demo";
-pub const DEMO_SERVICE: &str = "echo";
-pub const ECHO_PORT: u16 = 7000;
 
 /// The controller's address: the cluster's first node.
 pub fn controller_address(cluster: &Cluster) -> Ipv4Addr {
@@ -33,15 +30,6 @@ pub fn controller_address(cluster: &Cluster) -> Ipv4Addr {
 
 pub fn agent_endpoint(cluster: &Cluster) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(controller_address(cluster)), AGENT_PORT)
-}
-
-/// The cluster's service CIDR: 10.(100+c).0.0/16, apart from every pod CIDR.
-pub fn service_cidr(cluster_index: usize) -> String {
-    format!("10.{}.0.0/16", 100 + cluster_index + 1)
-}
-
-fn service_ip(cluster_index: usize) -> String {
-    format!("10.{}.0.10", 100 + cluster_index + 1)
 }
 
 pub fn certs_dir(dir: &Path) -> PathBuf {
@@ -109,32 +97,9 @@ pub fn cluster_yaml(cluster: &Cluster, index: usize) -> String {
             node.name, node.pod_cidr, node.pod_cidr, node.address
         );
     }
-    let endpoints: Vec<String> = cluster
-        .nodes
-        .iter()
-        .flat_map(|node| {
-            node.pods.iter().filter_map(move |pod| {
-                Some(format!(
-                    "{{addresses: [\"{}\"], hostname: {}, nodeName: {}, conditions: {{ready: true}}}}",
-                    pod.address?, pod.name, node.name
-                ))
-            })
-        })
-        .collect();
-    let _ = write!(
-        yaml,
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {DEMO_SERVICE}, namespace: {DEMO_NAMESPACE}}}\nspec: {{clusterIP: \"{}\", ports: [{{name: tcp-echo, port: {ECHO_PORT}, protocol: TCP}}]}}\n",
-        service_ip(index)
-    );
-    let _ = write!(
-        yaml,
-        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {DEMO_SERVICE}-1, namespace: {DEMO_NAMESPACE}, labels: {{kubernetes.io/service-name: {DEMO_SERVICE}}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{{name: tcp-echo, port: {ECHO_PORT}, protocol: TCP}}]\n",
-        endpoints.join(", ")
-    );
-    let _ = write!(
-        yaml,
-        "---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {DEMO_SERVICE}, namespace: {DEMO_NAMESPACE}}}\n"
-    );
+    yaml.push_str(&services::services_yaml(&services::demo_services(
+        cluster, index,
+    )));
     yaml
 }
 

@@ -1,8 +1,9 @@
-//! `trellis lab`: up, status, exec, down.
+//! `trellis lab`: up, status, exec, encryption, stop, start, down.
 
 mod build;
 mod control;
 mod processes;
+mod services;
 mod topology;
 
 use std::path::PathBuf;
@@ -15,6 +16,15 @@ pub use topology::{LabState, Topology};
 
 /// Where labs record what they built, so `down` can find everything even after a crash.
 const STATE_ROOT: &str = "/run/trellis/lab";
+
+/// What a lab runs, all from one directory.
+const LAB_PROGRAMS: [&str; 5] = [
+    "trellis",
+    "trellis-cni",
+    "trellis-controller",
+    "trellis-gateway",
+    "trellis-dns",
+];
 
 #[derive(Args)]
 pub struct LabArgs {
@@ -60,6 +70,11 @@ enum LabCommand {
         #[arg(value_enum)]
         mode: OnOff,
     },
+    /// Stop daemons, to see what the mesh does without them: `c2` (a whole cluster),
+    /// `c1/controller`, `c1/node-0/gateway`, `c1/pod-0/echo`.
+    Stop { daemon: String },
+    /// Start stopped (or crashed) daemons again, as they were started by `up`.
+    Start { daemon: String },
     /// Remove every namespace, process and file the lab made.
     Down,
 }
@@ -92,9 +107,14 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
                     .context("trellis has no directory")?
                     .to_path_buf(),
             };
-            if !bin_dir.join("trellis-cni").is_file() {
+            let missing: Vec<&str> = LAB_PROGRAMS
+                .into_iter()
+                .filter(|program| !bin_dir.join(program).is_file())
+                .collect();
+            if !missing.is_empty() {
                 bail!(
-                    "trellis-cni not found in {} (build the workspace, or pass --bin-dir)",
+                    "{} not found in {} (build the workspace, or pass --bin-dir)",
+                    missing.join(", "),
                     bin_dir.display()
                 );
             }
@@ -119,6 +139,18 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             let state =
                 LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
             build::exec(&state, &target, &command)
+        }
+        LabCommand::Stop { daemon } => {
+            let state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            build::stop(&state, &daemon)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Start { daemon } => {
+            let mut state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            build::start(&dir, &mut state, &daemon)?;
+            Ok(ExitCode::SUCCESS)
         }
         LabCommand::Down => {
             build::down(&dir, &args.name)?;

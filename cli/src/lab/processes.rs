@@ -1,65 +1,106 @@
 //! The lab's daemons: started inside a namespace with their output in a log file, recorded by
 //! PID and start time so `down` stops exactly them, also after `up` itself was killed.
 
-use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use trellis_netns::Netns;
 
+/// How to start one of the lab's daemons, kept so `trellis lab start` can start it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launch {
+    /// What it is, e.g. `c1/node-0/gateway`.
+    pub name: String,
+    pub netns: String,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Its output, appended.
+    pub log: PathBuf,
+    /// It is ready once this accepts TCP connections (from inside `netns`).
+    pub ready: SocketAddr,
+}
+
 /// A process the lab started.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Daemon {
-    /// What it is, e.g. `c1/node-0/gateway`.
-    pub name: String,
     pub pid: u32,
     /// The kernel's start time of the process (clock ticks since boot): a PID reused by some
     /// other process after ours died will not match, so it is never signalled.
     pub start_time: u64,
-    pub log: PathBuf,
+    #[serde(flatten)]
+    pub launch: Launch,
 }
 
-/// Starts `program args` inside `netns`, detached from the terminal (its own process group,
-/// so a Ctrl-C of `trellis lab up` does not take it down), output appended to `log`.
-pub fn spawn(
-    netns: &Netns,
-    name: &str,
-    program: &Path,
-    args: &[OsString],
-    log: &Path,
-) -> anyhow::Result<Daemon> {
+/// Starts the daemon inside its namespace, detached from the terminal (its own process group,
+/// so a Ctrl-C of `trellis lab up` does not take it down), output appended to its log.
+pub fn spawn(launch: &Launch) -> anyhow::Result<Daemon> {
+    let netns = Netns::open(&launch.netns)?;
     let output = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(log)
-        .with_context(|| format!("open {}", log.display()))?;
-    let mut command = Command::new(program);
+        .open(&launch.log)
+        .with_context(|| format!("open {}", launch.log.display()))?;
+    let mut command = Command::new(&launch.program);
     command
-        .args(args)
+        .args(&launch.args)
         .stdin(Stdio::null())
         .stdout(output.try_clone()?)
         .stderr(output)
         .process_group(0);
     let child = netns
         .spawn(&mut command)?
-        .with_context(|| format!("start {name} ({})", program.display()))?;
+        .with_context(|| format!("start {} ({})", launch.name, launch.program.display()))?;
     let pid = child.id();
-    let start_time =
-        start_time(pid).with_context(|| format!("{name} exited at once; see {}", log.display()))?;
+    let start_time = start_time(pid).with_context(|| {
+        format!(
+            "{} exited at once; see {}",
+            launch.name,
+            launch.log.display()
+        )
+    })?;
     Ok(Daemon {
-        name: name.to_string(),
         pid,
         start_time,
-        log: log.to_path_buf(),
+        launch: launch.clone(),
     })
+}
+
+/// Waits until the daemon accepts connections on its ready address.
+pub fn wait_ready(launch: &Launch, within: Duration) -> anyhow::Result<()> {
+    let netns = Netns::open(&launch.netns)?;
+    let deadline = Instant::now() + within;
+    while !netns.run(|| {
+        std::net::TcpStream::connect_timeout(&launch.ready, Duration::from_millis(100)).is_ok()
+    })? {
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not come up:\n{}",
+                launch.name,
+                log_tail(&launch.log, 15)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Whether daemon `name` is selected by `selector`: itself, or anything under it
+/// (`c2` selects all of cluster c2's daemons, `c1/node-1` that node's).
+pub fn selects(selector: &str, name: &str) -> bool {
+    let selector = selector.trim_end_matches('/');
+    name == selector
+        || name
+            .strip_prefix(selector)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Field 22 of `/proc/<pid>/stat`.
@@ -81,7 +122,8 @@ impl Daemon {
         if !self.is_running() {
             return Ok(());
         }
-        terminate(self.pid, grace).with_context(|| format!("stop {} (pid {})", self.name, self.pid))
+        terminate(self.pid, grace)
+            .with_context(|| format!("stop {} (pid {})", self.launch.name, self.pid))
     }
 }
 
@@ -153,6 +195,16 @@ pub fn log_tail(log: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selectors_pick_a_daemon_or_everything_under_a_prefix() {
+        assert!(selects("c2", "c2/controller"));
+        assert!(selects("c2/", "c2/node-1/gateway"));
+        assert!(selects("c1/node-1", "c1/node-1/gateway"));
+        assert!(selects("c1/controller", "c1/controller"));
+        assert!(!selects("c1", "c10/controller"));
+        assert!(!selects("c1/node-1", "c1/node-10/gateway"));
+    }
 
     #[test]
     fn reads_the_start_time_of_this_process() {

@@ -1,0 +1,267 @@
+//! What the end-to-end tests need to drive a lab's workload: its layout from the state file,
+//! TCP and HTTP clients opened inside pod namespaces, `dig`, captures on the underlay, and the
+//! daemons' HTTP endpoints.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use trellis_netns::Netns;
+
+use crate::TestLab;
+
+/// The echo server's ports in every pod.
+pub const ECHO_PORT: u16 = 7000;
+pub const HTTP_PORT: u16 = 8080;
+
+/// A pod of the lab, as its state file records it.
+#[derive(Debug, Clone)]
+pub struct LabPod {
+    /// `c1/pod-0`.
+    pub name: String,
+    pub cluster: String,
+    /// `c1/node-0`.
+    pub node: String,
+    pub netns: String,
+    pub address: Ipv4Addr,
+}
+
+/// A node of the lab.
+#[derive(Debug, Clone)]
+pub struct LabNode {
+    /// `c1/node-0`.
+    pub name: String,
+    pub cluster: String,
+    pub netns: String,
+    pub address: Ipv4Addr,
+}
+
+impl TestLab {
+    /// `trellis lab up <args>`, which must succeed; returns its output.
+    pub fn up(&self, args: &[&str]) -> String {
+        let mut all = vec!["up"];
+        all.extend_from_slice(args);
+        let output = self.trellis(&all);
+        let text = crate::text(&output);
+        assert!(output.status.success(), "lab up failed:\n{text}");
+        text
+    }
+
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        Path::new("/run/trellis/lab").join(&self.name)
+    }
+
+    pub fn state(&self) -> Value {
+        let path = self.state_dir().join("state.json");
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_slice(&bytes).expect("the lab state is JSON")
+    }
+
+    pub fn pods(&self) -> Vec<LabPod> {
+        let state = self.state();
+        let mut pods = Vec::new();
+        for cluster in state["clusters"].as_array().expect("clusters") {
+            let cluster_name = cluster["name"].as_str().expect("name");
+            for node in cluster["nodes"].as_array().expect("nodes") {
+                for pod in node["pods"].as_array().expect("pods") {
+                    pods.push(LabPod {
+                        name: format!("{cluster_name}/{}", pod["name"].as_str().unwrap()),
+                        cluster: cluster_name.to_string(),
+                        node: format!("{cluster_name}/{}", node["name"].as_str().unwrap()),
+                        netns: pod["netns"].as_str().unwrap().to_string(),
+                        address: pod["address"].as_str().unwrap().parse().unwrap(),
+                    });
+                }
+            }
+        }
+        pods
+    }
+
+    pub fn pod(&self, name: &str) -> LabPod {
+        self.pods()
+            .into_iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn nodes(&self) -> Vec<LabNode> {
+        let state = self.state();
+        let mut nodes = Vec::new();
+        for cluster in state["clusters"].as_array().expect("clusters") {
+            let cluster_name = cluster["name"].as_str().expect("name");
+            for node in cluster["nodes"].as_array().expect("nodes") {
+                nodes.push(LabNode {
+                    name: format!("{cluster_name}/{}", node["name"].as_str().unwrap()),
+                    cluster: cluster_name.to_string(),
+                    netns: node["netns"].as_str().unwrap().to_string(),
+                    address: node["address"].as_str().unwrap().parse().unwrap(),
+                });
+            }
+        }
+        nodes
+    }
+
+    pub fn node(&self, name: &str) -> LabNode {
+        self.nodes()
+            .into_iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// The PID of a running daemon of the lab (`c1/controller`, `c1/node-0/gateway`).
+    pub fn daemon_pid(&self, name: &str) -> u32 {
+        self.state()["daemons"]
+            .as_array()
+            .expect("daemons")
+            .iter()
+            .find(|d| d["name"] == name)
+            .and_then(|d| d["pid"].as_u64())
+            .unwrap_or_else(|| panic!("no daemon {name}")) as u32
+    }
+
+    /// Kills a daemon with SIGKILL, as a crash would.
+    pub fn kill_daemon(&self, name: &str) {
+        let pid = self.daemon_pid(name);
+        let status = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {name} (pid {pid})");
+    }
+
+    /// `dig +short` from inside a pod against its cluster's DNS (on the cluster's first node).
+    pub fn dig(&self, pod: &str, name: &str) -> Vec<String> {
+        let cluster = pod.split('/').next().unwrap();
+        let dns = self.node(&format!("{cluster}/node-0")).address;
+        let output = self.trellis(&[
+            "exec",
+            pod,
+            "--",
+            "dig",
+            "+short",
+            "+time=1",
+            "+tries=2",
+            &format!("@{dns}"),
+            name,
+        ]);
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// A TCP connection opened from inside `netns` (only the socket is made there).
+pub fn connect_in(netns: &str, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let netns = Netns::open(netns).map_err(std::io::Error::other)?;
+    let stream = netns
+        .run(|| TcpStream::connect_timeout(&to, timeout))
+        .map_err(std::io::Error::other)??;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// Sends a message to a TCP echo server from inside `netns` and checks it comes back.
+pub fn tcp_echo(netns: &str, to: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let mut stream = connect_in(netns, to, timeout)?;
+    let message = format!("hello {to} from {netns}\n");
+    stream.write_all(message.as_bytes())?;
+    let mut back = vec![0u8; message.len()];
+    stream.read_exact(&mut back)?;
+    if back != message.as_bytes() {
+        return Err(std::io::Error::other(format!(
+            "echo from {to} differs: {:?}",
+            String::from_utf8_lossy(&back)
+        )));
+    }
+    Ok(())
+}
+
+/// `GET /` from inside `netns`; the response body.
+pub fn http_get(
+    netns: &str,
+    to: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<String> {
+    let mut stream = connect_in(netns, to, timeout)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {to}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response).to_string();
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| {
+        std::io::Error::other(format!("no HTTP response from {to}: {response:?}"))
+    })?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(format!("{to}{path}: {head}")));
+    }
+    Ok(body.to_string())
+}
+
+/// Retries `attempt` until it returns `Some` or `within` passes.
+pub fn eventually<T>(within: Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = attempt() {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A process the test started; killed (by PID) when dropped.
+pub struct Started(pub std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `tcpdump` writing what crosses the lab's underlay bridge to `file`, until stopped.
+pub fn capture_underlay(lab: &TestLab, file: &Path) -> Started {
+    let switch = Netns::open(&format!("tl-{}-switch", lab.name)).expect("the switch namespace");
+    let mut command = Command::new("tcpdump");
+    command
+        .args(["-i", "br0", "-nn", "-U", "-s", "128", "-w"])
+        .arg(file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = switch
+        .spawn(&mut command)
+        .expect("enter the switch")
+        .expect("tcpdump runs (install tcpdump)");
+    // tcpdump needs a moment to attach before the first packet counts.
+    std::thread::sleep(Duration::from_millis(500));
+    Started(child)
+}
+
+/// Stops a capture and counts the packets in it that match a tcpdump `filter`.
+pub fn count_captured(capture: Started, file: &Path, filter: &str) -> usize {
+    // With -U tcpdump writes each packet as it comes, so stopping it loses nothing.
+    std::thread::sleep(Duration::from_millis(200));
+    drop(capture);
+    count_matching(file, filter)
+}
+
+/// The packets of a capture file that match a tcpdump `filter`.
+pub fn count_matching(file: &Path, filter: &str) -> usize {
+    let output = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(file)
+        .arg(filter)
+        .output()
+        .expect("tcpdump reads the capture");
+    String::from_utf8_lossy(&output.stdout).lines().count()
+}

@@ -6,6 +6,8 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -181,7 +183,7 @@ pub fn tcp_echo(netns: &str, to: SocketAddr, timeout: Duration) -> std::io::Resu
     Ok(())
 }
 
-/// `GET /` from inside `netns`; the response body.
+/// `GET path` from inside `netns`; the body of a 200 response.
 pub fn http_get(
     netns: &str,
     to: SocketAddr,
@@ -189,10 +191,8 @@ pub fn http_get(
     timeout: Duration,
 ) -> std::io::Result<String> {
     let mut stream = connect_in(netns, to, timeout)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {to}\r\nconnection: close\r\n\r\n"
-    )?;
+    // HTTP/1.0: the answer ends with the connection and is never chunked.
+    write!(stream, "GET {path} HTTP/1.0\r\nhost: {to}\r\n\r\n")?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
     let response = String::from_utf8_lossy(&response).to_string();
@@ -216,6 +216,52 @@ pub fn eventually<T>(within: Duration, mut attempt: impl FnMut() -> Option<T>) -
             return None;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A client that sends a numbered line every 10 ms and reads it back, recording the longest
+/// wait for an echo and the first error, until told to stop.
+pub struct LiveStream {
+    stop: Arc<AtomicBool>,
+    worker: std::thread::JoinHandle<(Duration, u64, Option<String>)>,
+}
+
+impl LiveStream {
+    pub fn start(mut stream: TcpStream) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let worker = std::thread::spawn(move || {
+            let mut longest = Duration::ZERO;
+            let mut echoed = 0u64;
+            let mut last = Instant::now();
+            while !stopping.load(Ordering::Relaxed) {
+                let line = format!("{echoed:016}\n");
+                let mut back = [0u8; 17];
+                let outcome = stream
+                    .write_all(line.as_bytes())
+                    .and_then(|()| stream.read_exact(&mut back));
+                if let Err(e) = outcome {
+                    return (longest, echoed, Some(e.to_string()));
+                }
+                if back != line.as_bytes() {
+                    return (longest, echoed, Some("echo out of order".into()));
+                }
+                echoed += 1;
+                longest = longest.max(last.elapsed());
+                last = Instant::now();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (longest, echoed, None)
+        });
+        Self { stop, worker }
+    }
+
+    /// The longest wait for an echo and how many came back; panics on an error.
+    pub fn finish(self, what: &str) -> (Duration, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (longest, echoed, error) = self.worker.join().expect("stream thread");
+        assert!(error.is_none(), "{what}: {error:?} after {echoed} echoes");
+        (longest, echoed)
     }
 }
 
@@ -264,4 +310,18 @@ pub fn count_matching(file: &Path, filter: &str) -> usize {
         .output()
         .expect("tcpdump reads the capture");
     String::from_utf8_lossy(&output.stdout).lines().count()
+}
+
+/// The value of one series (`name{labels}` exactly as exposed) in a Prometheus text page.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
+/// One series of a daemon's `/metrics`, fetched from inside `netns`.
+pub fn scrape(netns: &str, endpoint: SocketAddr, series: &str) -> Option<f64> {
+    let text = http_get(netns, endpoint, "/metrics", Duration::from_secs(3)).ok()?;
+    sample(&text, series)
 }

@@ -658,10 +658,19 @@ impl Hub {
             && now.saturating_duration_since(inner.started) >= self.cfg.startup_grace
         {
             inner.grace_over = true;
-            tracing::info!(
-                "startup grace over; serving gateways and DNS without the missing peers"
-            );
-            self.republish(&mut inner);
+            let missing: Vec<String> = inner
+                .configured
+                .iter()
+                .filter(|c| !inner.seen_since_start.contains(*c))
+                .map(ToString::to_string)
+                .collect();
+            if !missing.is_empty() {
+                tracing::info!(
+                    missing = missing.join(","),
+                    "startup grace over; serving gateways and DNS without the missing peers"
+                );
+                self.republish(&mut inner);
+            }
         }
         let expired = inner.mesh.expire(now);
         for id in &expired {

@@ -102,13 +102,30 @@ impl StateStore for MemoryStore {
     }
 }
 
-/// Saves the hub's state whenever it changed, at most once per `every`; runs until cancelled.
+/// Saves the hub's state when it changed, checking every `every`, and at once when a gateway
+/// registration changed: a controller killed right after its gateways registered must come
+/// back knowing their keys, or it would tell its peers to drop their tunnels until the
+/// gateways find it again. Runs until cancelled.
 pub async fn run(hub: Hub, store: impl StateStore, every: Duration) {
+    let mut local = hub.subscribe_local();
+    // Whatever the hub holds already is looked at first.
+    local.mark_changed();
     let mut last: Option<Persisted> = None;
     loop {
-        tokio::time::sleep(every).await;
+        let periodic = tokio::select! {
+            changed = local.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                false
+            }
+            () = tokio::time::sleep(every) => true,
+        };
         let Some(p) = hub.persisted() else { continue };
-        if last.as_ref() == Some(&p) {
+        let registrations_changed = last
+            .as_ref()
+            .is_none_or(|l| l.registrations != p.registrations);
+        if !(periodic || registrations_changed) || last.as_ref() == Some(&p) {
             continue;
         }
         match store.save(&p) {
@@ -154,5 +171,54 @@ mod tests {
         old["version"] = 99.into();
         std::fs::write(&store.path, old.to_string()).unwrap();
         assert!(store.load().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_gateway_registration_is_saved_at_once() {
+        let hub = Hub::new(
+            crate::hub::HubConfig {
+                id: "a".parse().unwrap(),
+                name: "a".into(),
+                service_cidrs: vec![],
+                lease: Duration::from_secs(30),
+                node_encryption: false,
+                recent_deltas: 4,
+                startup_grace: Duration::ZERO,
+            },
+            crate::metrics::Metrics::new().unwrap(),
+        );
+        let store = MemoryStore::default();
+        // The period is an hour: only the registration itself can trigger the save.
+        let saver = tokio::spawn(run(hub.clone(), store.clone(), Duration::from_secs(3600)));
+        let mut source = crate::hub::SourceState {
+            cluster_id: None,
+            service_cidrs: vec![],
+            nodes: Default::default(),
+            services: Default::default(),
+        };
+        source.nodes = cluster("a", "10.1.0.0/24", "10.96.0.0/16").nodes;
+        let node = source.nodes.keys().next().unwrap().clone();
+        hub.set_source(source);
+        hub.register_gateway(trellis_core::agent::GatewayRegistration {
+            node: node.clone(),
+            endpoint: "192.168.1.10:51820".parse().unwrap(),
+            public_key: trellis_core::cluster::PublicKey([7; 32]),
+        });
+        let mut saved = false;
+        for _ in 0..100 {
+            saved = store
+                .load()
+                .unwrap()
+                .is_some_and(|p| p.registrations.iter().any(|r| r.node == node));
+            if saved {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        saver.abort();
+        assert!(
+            saved,
+            "the registration reached the store without waiting for the period"
+        );
     }
 }

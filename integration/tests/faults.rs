@@ -1,0 +1,265 @@
+//! Faults in a lab: a controller killed and brought back, a gateway killed and restarted, a
+//! whole cluster stopped, a cluster whose pod CIDR overlaps another's.
+//!
+//! One at a time: they measure how long things take.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use trellis_integration::mesh::{
+    ECHO_PORT, LiveStream, connect_in, eventually, http_get, scrape, tcp_echo,
+};
+use trellis_integration::{TestLab, text};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+const GATEWAY_METRICS: u16 = 9586;
+const CONTROLLER_METRICS: u16 = 9464;
+/// The lab's controllers withdraw a silent peer after this lease.
+const LEASE: Duration = Duration::from_secs(10);
+
+fn echo_addr(lab: &TestLab, pod: &str) -> SocketAddr {
+    SocketAddr::new(lab.pod(pod).address.into(), ECHO_PORT)
+}
+
+/// A gateway's metric, read from inside its node.
+fn gateway_metric(lab: &TestLab, node: &str, series: &str) -> Option<f64> {
+    let node = lab.node(node);
+    scrape(
+        &node.netns,
+        SocketAddr::new(node.address.into(), GATEWAY_METRICS),
+        series,
+    )
+}
+
+#[test]
+fn a_dead_controller_leaves_the_data_plane_running_and_resyncs_without_dropping_tunnels() {
+    let _serial = serial();
+    let lab = TestLab::new("ctl");
+    lab.up(&[]);
+    let client = lab.pod("c1/pod-0");
+    let stream =
+        LiveStream::start(connect_in(&client.netns, echo_addr(&lab, "c2/pod-2"), TIMEOUT).unwrap());
+    let handshakes = r#"trellis_gateway_peer_handshakes_total{peer="c2/node-1"}"#;
+    let before = gateway_metric(&lab, "c1/node-0", handshakes).expect("a session with c2/node-1");
+
+    lab.kill_daemon("c1/controller");
+    std::thread::sleep(Duration::from_secs(2));
+    // Without its controller the cluster's gateways keep their tunnels: new connections
+    // across clusters still work, both ways.
+    tcp_echo(&client.netns, echo_addr(&lab, "c2/pod-3"), TIMEOUT).unwrap();
+    tcp_echo(
+        &lab.pod("c2/pod-1").netns,
+        echo_addr(&lab, "c1/pod-3"),
+        TIMEOUT,
+    )
+    .unwrap();
+    let connected = r"trellis_gateway_controller_connected";
+    assert_eq!(gateway_metric(&lab, "c1/node-0", connected), Some(0.0));
+
+    let start = lab.trellis(&["start", "c1/controller"]);
+    assert!(start.status.success(), "{}", text(&start));
+    let back = eventually(Duration::from_secs(15), || {
+        lab.nodes()
+            .iter()
+            .filter(|n| n.cluster == "c1")
+            .all(|n| gateway_metric(&lab, &n.name, connected) == Some(1.0))
+            .then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "the gateways re-registered with the new controller"
+    );
+    // The restarted controller peers again with c2.
+    let node = lab.node("c1/node-0");
+    let peered = eventually(Duration::from_secs(15), || {
+        scrape(
+            &node.netns,
+            SocketAddr::new(node.address.into(), CONTROLLER_METRICS),
+            r#"trellis_controller_remote_cluster_ready{cluster="c2"}"#,
+        )
+        .filter(|ready| *ready == 1.0)
+    });
+    assert!(peered.is_some(), "c1's controller is ready with c2 again");
+    tcp_echo(&client.netns, echo_addr(&lab, "c2/pod-0"), TIMEOUT).unwrap();
+    // The resync re-applied the same plan: no tunnel was torn down and set up again.
+    assert_eq!(
+        gateway_metric(&lab, "c1/node-0", handshakes),
+        Some(before),
+        "no new handshake with c2/node-1"
+    );
+    let (longest, echoed) = stream.finish("the stream across clusters");
+    eprintln!(
+        "stream across the controller's death and restart: longest echo wait {longest:?} over {echoed} echoes"
+    );
+    assert!(longest < Duration::from_secs(1), "stalled {longest:?}");
+}
+
+#[test]
+fn a_killed_gateway_fails_closed_and_its_tunnels_come_back_after_restart() {
+    let _serial = serial();
+    let lab = TestLab::new("gw");
+    lab.up(&[]);
+    let local = lab.pod("c1/pod-2");
+    assert_eq!(local.node, "c1/node-1");
+    let remote = lab.pod("c2/pod-0");
+    tcp_echo(&local.netns, echo_addr(&lab, "c2/pod-0"), TIMEOUT).unwrap();
+
+    lab.kill_daemon("c1/node-1/gateway");
+    std::thread::sleep(Duration::from_millis(500));
+    // With its gateway gone the node has no tunnel; the backstop routes refuse the traffic
+    // rather than let it out in plaintext.
+    let refused = tcp_echo(&local.netns, echo_addr(&lab, "c2/pod-0"), TIMEOUT);
+    assert!(
+        refused.is_err(),
+        "cross-cluster traffic must not flow without the gateway"
+    );
+    let route = lab.trellis(&[
+        "exec",
+        "c1/node-1",
+        "--",
+        "ip",
+        "-o",
+        "route",
+        "show",
+        "10.2.0.0/24",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&route.stdout).contains("unreachable"),
+        "{}",
+        text(&route)
+    );
+
+    let restarted = Instant::now();
+    let start = lab.trellis(&["start", "c1/node-1/gateway"]);
+    assert!(start.status.success(), "{}", text(&start));
+    let both_ways = eventually(Duration::from_secs(10), || {
+        (tcp_echo(
+            &local.netns,
+            echo_addr(&lab, "c2/pod-0"),
+            Duration::from_secs(1),
+        )
+        .is_ok()
+            && tcp_echo(
+                &remote.netns,
+                echo_addr(&lab, "c1/pod-2"),
+                Duration::from_secs(1),
+            )
+            .is_ok())
+        .then(|| restarted.elapsed())
+    });
+    let took = both_ways.expect("tunnels back within 10 s of the restart");
+    eprintln!("gateway restart to traffic both ways: {took:?}");
+}
+
+#[test]
+fn a_stopped_cluster_leaves_dns_within_the_lease_and_returns_when_started() {
+    let _serial = serial();
+    let lab = TestLab::new("gone");
+    lab.up(&[]);
+    let both = eventually(Duration::from_secs(10), || {
+        (lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local").len() == 2).then_some(())
+    });
+    assert!(both.is_some());
+
+    let stopped = Instant::now();
+    let stop = lab.trellis(&["stop", "c2"]);
+    assert!(stop.status.success(), "{}", text(&stop));
+    let gone = eventually(LEASE + Duration::from_secs(6), || {
+        let answer = lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local");
+        (answer == ["10.101.0.10"]).then(|| stopped.elapsed())
+    });
+    let took = gone.expect("c2's export left c1's DNS within the lease");
+    eprintln!("c2 stopped -> gone from c1's DNS in {took:?} (lease {LEASE:?})");
+    let headless = lab.dig("c1/pod-0", "echo-pods.demo.svc.clusterset.local");
+    assert!(
+        headless.iter().all(|ip| ip.starts_with("10.1.")),
+        "{headless:?}"
+    );
+
+    let start = lab.trellis(&["start", "c2"]);
+    assert!(start.status.success(), "{}", text(&start));
+    let back = eventually(Duration::from_secs(15), || {
+        (lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local").len() == 2).then_some(())
+    });
+    assert!(back.is_some(), "c2's export is back once it runs again");
+    tcp_echo(
+        &lab.pod("c1/pod-0").netns,
+        SocketAddr::new("10.102.0.10".parse().unwrap(), ECHO_PORT),
+        TIMEOUT,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_cluster_overlapping_another_is_refused_naming_both() {
+    let _serial = serial();
+    let lab = TestLab::new("clash");
+    lab.up(&["--pods", "1"]);
+    // c2 comes back claiming the pod CIDR of c1's node-1.
+    let stop = lab.trellis(&["stop", "c2/controller"]);
+    assert!(stop.status.success(), "{}", text(&stop));
+    let objects = lab.state_dir().join("clusters/c2/cluster.yaml");
+    let yaml = std::fs::read_to_string(&objects).unwrap();
+    assert!(yaml.contains("\"10.2.1.0/24\""));
+    std::fs::write(&objects, yaml.replace("\"10.2.1.0/24\"", "\"10.1.1.0/24\"")).unwrap();
+    let start = lab.trellis(&["start", "c2/controller"]);
+    assert!(start.status.success(), "{}", text(&start));
+
+    let node = lab.node("c1/node-0");
+    let status_at = SocketAddr::new(node.address.into(), CONTROLLER_METRICS);
+    let refusal = eventually(LEASE + Duration::from_secs(10), || {
+        let status = http_get(&node.netns, status_at, "/status", TIMEOUT).ok()?;
+        let status: serde_json::Value = serde_json::from_str(&status).ok()?;
+        status["remotes"]
+            .as_array()?
+            .iter()
+            .find(|r| r["cluster"] == "c2")?["refused"]
+            .as_array()?
+            .iter()
+            .filter_map(|r| r.as_str())
+            .find(|r| r.contains("10.1.1.0/24"))
+            .map(str::to_string)
+    })
+    .expect("c1 refuses c2's overlapping pod CIDR");
+    assert!(
+        refusal.contains("c2") && refusal.contains("c1"),
+        "the refusal names both clusters: {refusal}"
+    );
+    let log = std::fs::read_to_string(lab.state_dir().join("clusters/c1/controller.log")).unwrap();
+    assert!(
+        log.contains("refusing a remote cluster") && log.contains("10.1.1.0/24"),
+        "the refusal is logged:\n{log}"
+    );
+    // c1 keeps its own node's pods: still routed to c1/node-1, still reachable.
+    let route = lab.trellis(&[
+        "exec",
+        "c1/node-0",
+        "--",
+        "ip",
+        "-o",
+        "route",
+        "show",
+        "10.1.1.0/24",
+    ]);
+    let route = String::from_utf8_lossy(&route.stdout).to_string();
+    assert!(
+        route
+            .lines()
+            .next()
+            .is_some_and(|r| r.contains("via 198.18.1.11")),
+        "{route}"
+    );
+    tcp_echo(
+        &lab.pod("c1/pod-0").netns,
+        echo_addr(&lab, "c1/pod-1"),
+        TIMEOUT,
+    )
+    .unwrap();
+}

@@ -1,0 +1,249 @@
+//! The whole mesh end to end, in labs: the workload reached over TCP and HTTP from every pod,
+//! services found through DNS and reached across clusters, the encryption toggle under a live
+//! stream as the underlay sees it.
+//!
+//! The tests run one at a time: they measure stalls, and two labs building at once on a small
+//! machine would measure each other.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use trellis_integration::mesh::{
+    ECHO_PORT, HTTP_PORT, LiveStream, capture_underlay, connect_in, count_captured, count_matching,
+    eventually, http_get, tcp_echo,
+};
+use trellis_integration::{TestLab, text};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+#[test]
+fn every_pod_reaches_every_pod_over_tcp_and_http() {
+    let _serial = serial();
+    let lab = TestLab::new("tcp");
+    lab.up(&[]);
+    let pods = lab.pods();
+    assert_eq!(pods.len(), 8);
+    let mut failures = Vec::new();
+    for from in &pods {
+        for to in pods.iter().filter(|p| p.name != from.name) {
+            if let Err(e) = tcp_echo(
+                &from.netns,
+                SocketAddr::new(to.address.into(), ECHO_PORT),
+                TIMEOUT,
+            ) {
+                failures.push(format!("{} -> {} tcp: {e}", from.name, to.name));
+            }
+            match http_get(
+                &from.netns,
+                SocketAddr::new(to.address.into(), HTTP_PORT),
+                "/",
+                TIMEOUT,
+            ) {
+                // Pod to pod is routed, never translated: the server sees the client's own
+                // address, across nodes and clusters alike.
+                Ok(body) => {
+                    let want = format!("{} answered {}:", to.name, from.address);
+                    if !body.starts_with(&want) {
+                        failures.push(format!("{} -> {} http: {body:?}", from.name, to.name));
+                    }
+                }
+                Err(e) => failures.push(format!("{} -> {} http: {e}", from.name, to.name)),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn dns_names_lead_to_the_other_clusters_services_and_pods() {
+    let _serial = serial();
+    let lab = TestLab::new("svc");
+    lab.up(&[]);
+    for (client, own, remote, remote_ip) in [
+        ("c1/pod-0", "c1", "c2", "10.102.0.10"),
+        ("c2/pod-3", "c2", "c1", "10.101.0.10"),
+    ] {
+        let client_netns = lab.pod(client).netns;
+        // The ClusterIP Service exported by both clusters: the local answer first.
+        let answer = eventually(Duration::from_secs(10), || {
+            let answer = lab.dig(client, "echo.demo.svc.clusterset.local");
+            (answer.len() == 2).then_some(answer)
+        })
+        .expect("both clusters' echo.demo in DNS");
+        assert!(
+            answer[1] == remote_ip && answer[0] != remote_ip,
+            "{answer:?}"
+        );
+
+        // The remote ClusterIP, as an application would use the answer: routed to the other
+        // cluster through the tunnel, translated there to one of its pods.
+        let service: std::net::IpAddr = remote_ip.parse().unwrap();
+        let body = http_get(&client_netns, SocketAddr::new(service, 80), "/", TIMEOUT)
+            .unwrap_or_else(|e| panic!("{client} -> {remote_ip}:80: {e}"));
+        assert!(body.starts_with(&format!("{remote}/pod-")), "{body}");
+        tcp_echo(&client_netns, SocketAddr::new(service, ECHO_PORT), TIMEOUT)
+            .unwrap_or_else(|e| panic!("{client} -> {remote_ip}:{ECHO_PORT}: {e}"));
+        // Several connections spread over the remote cluster's pods, on both of its nodes.
+        let mut served: Vec<String> = (0..24)
+            .filter_map(|_| {
+                http_get(&client_netns, SocketAddr::new(service, 80), "/", TIMEOUT).ok()
+            })
+            .filter_map(|body| body.split_whitespace().next().map(str::to_string))
+            .collect();
+        served.sort();
+        served.dedup();
+        assert!(
+            served.len() >= 3 && served.iter().all(|s| s.starts_with(remote)),
+            "{served:?}"
+        );
+
+        // The headless export resolves to every pod of both clusters; a remote one answers.
+        let pods = eventually(Duration::from_secs(10), || {
+            let answer = lab.dig(client, "echo-pods.demo.svc.clusterset.local");
+            (answer.len() == 8).then_some(answer)
+        })
+        .expect("echo-pods.demo resolves to all 8 pods");
+        let remote_pod = lab
+            .pods()
+            .into_iter()
+            .find(|p| p.cluster == remote && pods.contains(&p.address.to_string()))
+            .expect("a remote pod in the headless answer");
+        let body = http_get(
+            &client_netns,
+            SocketAddr::new(remote_pod.address.into(), HTTP_PORT),
+            "/",
+            TIMEOUT,
+        )
+        .unwrap();
+        assert!(body.starts_with(&remote_pod.name), "{body}");
+        // A pod's own hostname under its cluster.
+        let hostname = remote_pod.name.split('/').nth(1).unwrap();
+        let named = lab.dig(
+            client,
+            &format!("{hostname}.{remote}.echo-pods.demo.svc.clusterset.local"),
+        );
+        assert_eq!(named, [remote_pod.address.to_string()]);
+        let _ = own;
+    }
+}
+
+/// Waits until c1/node-0 routes c1/node-1's pods as `want` says ("dev trellis0" or "via ...").
+fn wait_for_route(lab: &TestLab, want: &str) {
+    let settled = eventually(Duration::from_secs(15), || {
+        let output = lab.trellis(&[
+            "exec",
+            "c1/node-0",
+            "--",
+            "ip",
+            "-o",
+            "route",
+            "show",
+            "10.1.1.0/24",
+        ]);
+        let routes = String::from_utf8_lossy(&output.stdout).to_string();
+        routes
+            .lines()
+            .next()
+            .is_some_and(|first| first.contains(want))
+            .then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "c1/node-0 never routed 10.1.1.0/24 {want}"
+    );
+    // The other node applies the same push within moments.
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+#[test]
+fn the_encryption_toggle_keeps_live_streams_and_the_underlay_shows_it() {
+    let _serial = serial();
+    let lab = TestLab::new("wire");
+    lab.up(&[]);
+    let client = lab.pod("c1/pod-0");
+    let same_cluster = lab.pod("c1/pod-2");
+    let other_cluster = lab.pod("c2/pod-2");
+    assert_ne!(client.node, same_cluster.node);
+    wait_for_route(&lab, "via 198.18.1.11");
+
+    let within = connect_in(
+        &client.netns,
+        SocketAddr::new(same_cluster.address.into(), ECHO_PORT),
+        TIMEOUT,
+    )
+    .unwrap();
+    let across = connect_in(
+        &client.netns,
+        SocketAddr::new(other_cluster.address.into(), ECHO_PORT),
+        TIMEOUT,
+    )
+    .unwrap();
+    let within = LiveStream::start(within);
+    let across = LiveStream::start(across);
+    let dir = tempfile::tempdir().unwrap();
+    let plain_within = format!(
+        "tcp and host {} and host {}",
+        client.address, same_cluster.address
+    );
+    let plain_across = "tcp and net 10.2.0.0/16";
+    let tunnel_within = "udp port 51820 and host 198.18.1.10 and host 198.18.1.11";
+
+    // Off: the pods' TCP crosses the underlay as it is; cross-cluster traffic never does.
+    let file = dir.path().join("off.pcap");
+    let capture = capture_underlay(&lab, &file);
+    std::thread::sleep(Duration::from_secs(2));
+    let off_plain = count_captured(capture, &file, &plain_within);
+    assert!(
+        off_plain > 50,
+        "plaintext pod TCP seen while off: {off_plain}"
+    );
+    assert_eq!(count_matching(&file, plain_across), 0);
+
+    let on = lab.trellis(&["encryption", "on"]);
+    assert!(on.status.success(), "{}", text(&on));
+    wait_for_route(&lab, "dev trellis0");
+    let file = dir.path().join("on.pcap");
+    let capture = capture_underlay(&lab, &file);
+    std::thread::sleep(Duration::from_secs(2));
+    let on_plain = count_captured(capture, &file, &plain_within);
+    let on_tunnel = count_matching(&file, tunnel_within);
+    assert_eq!(on_plain, 0, "no plaintext pod TCP between nodes once on");
+    assert!(
+        on_tunnel > 50,
+        "the stream rides WireGuard between the nodes: {on_tunnel}"
+    );
+    assert_eq!(count_matching(&file, plain_across), 0);
+
+    let off = lab.trellis(&["encryption", "off"]);
+    assert!(off.status.success(), "{}", text(&off));
+    wait_for_route(&lab, "via 198.18.1.11");
+    let file = dir.path().join("off-again.pcap");
+    let capture = capture_underlay(&lab, &file);
+    std::thread::sleep(Duration::from_secs(2));
+    let again_plain = count_captured(capture, &file, &plain_within);
+    let again_tunnel = count_matching(&file, tunnel_within);
+    assert!(again_plain > 50, "plaintext again once off: {again_plain}");
+    assert_eq!(
+        again_tunnel, 0,
+        "no tunnel traffic between the nodes once off"
+    );
+    assert_eq!(count_matching(&file, plain_across), 0);
+
+    let (longest_within, echoed_within) = within.finish("the stream within c1");
+    let (longest_across, echoed_across) = across.finish("the stream to c2");
+    assert!(
+        longest_within < Duration::from_secs(1),
+        "the stream within c1 stalled {longest_within:?} (of {echoed_within} echoes)"
+    );
+    assert!(
+        longest_across < Duration::from_secs(1),
+        "the stream to c2 stalled {longest_across:?} (of {echoed_across} echoes)"
+    );
+}

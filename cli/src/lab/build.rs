@@ -1,7 +1,6 @@
 //! Building, showing and removing a lab.
 
 use std::fs;
-use std::net::Ipv4Addr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -10,19 +9,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::json;
 use trellis_cni::runtime::{Attachment, ConfList, Runtime};
-use trellis_netns::{Netlink, Netns, VethSpec, probe, sysctl};
+use trellis_netns::{Netlink, Netns, VethSpec, sysctl};
 
 use super::processes::Launch;
 use super::topology::{
     GATEWAY_METRICS_PORT, LabState, Node, Topology, UNDERLAY_PREFIX, namespace_prefix,
 };
-use super::{control, processes, services};
+use super::{connectivity, control, processes, services};
 
 /// The underlay's MTU, as on most clouds and kind.
 const UNDERLAY_MTU: u32 = 1500;
 /// The pod MTU: the underlay less WireGuard's 80 bytes.
 const POD_MTU: u32 = UNDERLAY_MTU - 80;
-/// How long the connectivity matrix waits for each echo (generous: the machine may be busy).
+/// How long the connectivity matrix waits for each probe (generous: the machine may be busy).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The bridge inside the switch namespace.
 const SWITCH_BRIDGE: &str = "br0";
@@ -219,9 +218,6 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
     wait_for_mesh(state);
     Ok(())
 }
-
-/// A source pod and, per target, the round-trip time (`None`: no reply).
-type ProbeRow = (String, Vec<(String, Option<Duration>)>);
 
 /// How long a daemon may take to accept connections after it started.
 const READY_WITHIN: Duration = Duration::from_secs(15);
@@ -451,70 +447,11 @@ fn start_gateways(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::R
 fn wait_for_mesh(state: &LabState) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        let all = connectivity_with(state, Duration::from_millis(300));
-        if all
-            .iter()
-            .all(|(_, row)| row.iter().all(|(_, rtt)| rtt.is_some()))
-        {
+        if connectivity::all_ok(&connectivity::measure(state, Duration::from_millis(300))) {
             return;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// One row per source pod: the RTT to every other pod and to the pod's node.
-fn connectivity(state: &LabState) -> Vec<ProbeRow> {
-    connectivity_with(state, PROBE_TIMEOUT)
-}
-
-fn connectivity_with(state: &LabState, timeout: Duration) -> Vec<ProbeRow> {
-    let targets: Vec<(String, Ipv4Addr)> = state
-        .pods()
-        .filter_map(|(c, _, p)| Some((format!("{}/{}", c.name, p.name), p.address?)))
-        .collect();
-    state
-        .pods()
-        .map(|(cluster, node, pod)| {
-            let source = format!("{}/{}", cluster.name, pod.name);
-            let netns = Netns::open(&pod.netns);
-            let mut row: Vec<(String, Option<Duration>)> = targets
-                .iter()
-                .filter(|(name, _)| *name != source)
-                .map(|(name, address)| {
-                    let rtt = netns
-                        .as_ref()
-                        .ok()
-                        .and_then(|ns| probe::icmp_echo(ns, *address, timeout).ok().flatten());
-                    (name.clone(), rtt)
-                })
-                .collect();
-            let to_node = netns
-                .as_ref()
-                .ok()
-                .and_then(|ns| probe::icmp_echo(ns, node.address, timeout).ok().flatten());
-            row.push((format!("{}/{}", cluster.name, node.name), to_node));
-            (source, row)
-        })
-        .collect()
-}
-
-fn print_connectivity(state: &LabState) -> bool {
-    let mut all_ok = true;
-    println!("connectivity (ICMP echo from each pod):");
-    for (source, row) in connectivity(state) {
-        let cells: Vec<String> = row
-            .iter()
-            .map(|(target, rtt)| match rtt {
-                Some(rtt) => format!("{target} {:.2} ms", rtt.as_secs_f64() * 1000.0),
-                None => {
-                    all_ok = false;
-                    format!("{target} FAIL")
-                }
-            })
-            .collect();
-        println!("  {source:<10} -> {}", cells.join(", "));
-    }
-    all_ok
 }
 
 fn print_layout(state: &LabState) {
@@ -544,7 +481,7 @@ fn print_summary(state: &LabState, built_in: Duration) {
         built_in.as_secs_f64()
     );
     print_layout(state);
-    let all_ok = print_connectivity(state);
+    let all_ok = connectivity::print(&connectivity::measure(state, PROBE_TIMEOUT));
     let example_pod = state
         .pods()
         .next()
@@ -557,23 +494,63 @@ fn print_summary(state: &LabState, built_in: Duration) {
         .and_then(|(_, _, p)| p.address)
         .map_or("10.1.0.1".to_string(), |a| a.to_string());
     println!();
-    println!(
-        "try:   trellis lab exec --name {} {example_pod} -- ping -c 3 {example_target}",
-        state.lab
-    );
+    print_services_and_metrics(state);
+    let lab = &state.lab;
+    println!();
+    println!("try:   trellis lab exec --name {lab} {example_pod} -- ping -c 3 {example_target}");
     if let Some(cluster) = state.clusters.first() {
+        let dns = control::controller_address(cluster);
+        let (service, namespace) = (services::ECHO_SERVICE, services::DEMO_NAMESPACE);
         println!(
-            "       trellis lab exec --name {} {example_pod} -- dig +short @{} {}.{}.svc.clusterset.local",
-            state.lab,
-            control::controller_address(cluster),
-            services::ECHO_SERVICE,
-            services::DEMO_NAMESPACE
+            "       trellis lab exec --name {lab} {example_pod} -- dig +short @{dns} {service}.{namespace}.svc.clusterset.local"
         );
     }
-    println!("       trellis lab status --name {}", state.lab);
-    println!("       trellis lab down --name {}", state.lab);
+    if let Some(remote) = state.clusters.len().checked_sub(1) {
+        println!(
+            "       trellis lab exec --name {lab} {example_pod} -- curl -s http://{}/",
+            services::echo_cluster_ip(remote)
+        );
+    }
+    println!("       trellis lab encryption on --name {lab}");
+    println!("       trellis lab stop c1/controller --name {lab}   (then: start)");
+    println!("       trellis lab status --name {lab}");
+    println!("       trellis lab down --name {lab}");
     if !all_ok {
         println!("warning: some pods could not reach each other (see FAIL above)");
+    }
+}
+
+/// The exported Services and where every daemon serves its metrics (addresses inside the lab:
+/// reach them from a node, e.g. `trellis lab exec c1/node-0 -- curl -s http://ADDRESS/metrics`).
+fn print_services_and_metrics(state: &LabState) {
+    println!(
+        "services: {}.{} (ClusterIP; TCP echo {}, HTTP {}) and {}.{} (headless), exported by every cluster",
+        services::ECHO_SERVICE,
+        services::DEMO_NAMESPACE,
+        services::ECHO_PORT,
+        services::HTTP_PORT,
+        services::HEADLESS_SERVICE,
+        services::DEMO_NAMESPACE
+    );
+    println!(
+        "metrics (from inside the lab, e.g. trellis lab exec c1/node-0 -- curl -s http://198.18.1.10:9464/metrics):"
+    );
+    for (index, cluster) in state.clusters.iter().enumerate() {
+        let first = control::controller_address(cluster);
+        let gateways: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("{}:{GATEWAY_METRICS_PORT}", n.address))
+            .collect();
+        println!(
+            "  {:<4} ClusterIP {:<12} controller {first}:{}  dns {first}:{} (DNS on :{})  gateways {}",
+            cluster.name,
+            services::echo_cluster_ip(index).to_string(),
+            control::CONTROLLER_METRICS_PORT,
+            control::DNS_METRICS_PORT,
+            control::DNS_PORT,
+            gateways.join(" ")
+        );
     }
 }
 
@@ -598,7 +575,7 @@ pub fn set_node_encryption(dir: &Path, state: &mut LabState, on: bool) -> anyhow
 pub fn print_status(state: &LabState) {
     println!("lab {:?}", state.lab);
     print_layout(state);
-    print_connectivity(state);
+    connectivity::print(&connectivity::measure(state, PROBE_TIMEOUT));
 }
 
 pub fn exec(state: &LabState, target: &str, command: &[String]) -> anyhow::Result<ExitCode> {

@@ -1,6 +1,7 @@
 //! `trellis lab`: up, status, exec, encryption, stop, start, down.
 
 mod build;
+mod connectivity;
 mod control;
 mod processes;
 mod services;

@@ -60,6 +60,11 @@ fn a_dead_controller_leaves_the_data_plane_running_and_resyncs_without_dropping_
         TIMEOUT,
     )
     .unwrap();
+    // DNS keeps answering from what it last had.
+    assert_eq!(
+        lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local"),
+        ["10.101.0.10", "10.102.0.10"]
+    );
     let connected = r"trellis_gateway_controller_connected";
     assert_eq!(gateway_metric(&lab, "c1/node-0", connected), Some(0.0));
 

@@ -2,6 +2,7 @@
 //! one machine.
 
 mod certs;
+mod cni;
 mod lab;
 mod peer;
 
@@ -26,6 +27,8 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Machines outside Kubernetes that join the mesh through a gateway.
     Peer(peer::PeerArgs),
+    /// The CNI plugin on a Kubernetes node: `install` (the chart's init container).
+    Cni(cni::CniArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +38,7 @@ fn main() -> std::process::ExitCode {
         Command::Lab(args) => lab::run(args),
         Command::Certs(args) => certs::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Peer(args) => peer::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Cni(args) => cni::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match outcome {
         Ok(code) => code,

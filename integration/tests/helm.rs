@@ -468,6 +468,22 @@ fn every_container_runs_a_real_command_with_real_flags() {
                     command[0],
                     text(&out)
                 );
+                // The image has the binary, and the plugin the CNI installer copies.
+                let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+                let mut shipped = vec![command[0].clone()];
+                shipped.extend(
+                    command
+                        .iter()
+                        .filter_map(|a| a.strip_prefix("--plugin=/usr/local/bin/"))
+                        .map(String::from),
+                );
+                for binary in shipped {
+                    assert!(
+                        dockerfile.contains(&format!("target/release/{binary} "))
+                            && dockerfile.contains(&format!("-p {binary} ")),
+                        "the Dockerfile does not build and ship {binary}"
+                    );
+                }
                 checked += 1;
             }
         }

@@ -30,12 +30,19 @@ $({{ $env }}_SERVICE_HOST):$({{ $env }}_SERVICE_PORT_AGENT)
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{/* Labels of every object; those of a component add "trellis.selector". */}}
 {{- define "trellis.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/part-of: trellis
-app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end -}}
+
+{{/* Labels of an object that belongs to no one component. */}}
+{{- define "trellis.releaseLabels" -}}
+{{ include "trellis.labels" . }}
+app.kubernetes.io/name: trellis
+app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/* Selector labels of one component: (dict "root" $ "component" "controller"). */}}

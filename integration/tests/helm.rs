@@ -218,6 +218,38 @@ fn lint_and_template_pass_and_validate_strictly_for_kubernetes_1_34() {
                 "kubernetes-validate ({what}) said: {line}"
             );
         }
+        // NOTES.txt (which `helm template` leaves out) renders and says how to check.
+        let mut install = vec![
+            "install",
+            "trellis",
+            ".",
+            "--namespace",
+            NAMESPACE,
+            "--dry-run=client",
+        ];
+        install.extend_from_slice(&extra);
+        let out = Command::new(&helm)
+            .args(&install)
+            .env("KUBECONFIG", "/dev/null")
+            .current_dir(chart())
+            .output()
+            .unwrap();
+        let notes = text(&out);
+        assert!(
+            out.status.success(),
+            "helm install --dry-run ({what}): {notes}"
+        );
+        for wanted in [
+            "NOTES:",
+            "/status",
+            "trellis status",
+            "clusterset.local:53 {",
+        ] {
+            assert!(
+                notes.contains(wanted),
+                "NOTES ({what}) lack {wanted:?}: {notes}"
+            );
+        }
         let docs = documents(&yaml);
         for kind in [
             "DaemonSet",

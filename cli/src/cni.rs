@@ -75,16 +75,10 @@ pub struct ConflistSettings {
 /// The network name in the conflist (and the plugin's lease directory under its data dir).
 pub const NETWORK_NAME: &str = "trellis";
 
-/// The node's pod CIDRs: `spec.podCIDRs`, else `spec.podCIDR`; empty until assigned.
+/// The node's pod CIDRs (`spec.podCIDRs`, else `spec.podCIDR`), parsed; empty until assigned.
 pub fn pod_cidrs(node: &Node) -> anyhow::Result<Vec<IpNet>> {
-    let spec = node.spec.as_ref();
-    let mut raw: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
-    if raw.is_empty()
-        && let Some(single) = spec.and_then(|s| s.pod_cidr.clone())
-    {
-        raw.push(single);
-    }
-    raw.iter()
+    trellis_controller::objects::pod_cidrs_of(node)
+        .iter()
         .map(|c| {
             c.parse::<IpNet>()
                 .with_context(|| format!("the Node's pod CIDR {c:?} is not a CIDR"))
@@ -424,20 +418,25 @@ mod tests {
         served
     }
 
+    /// A client whose API server answers with `responses`, in order; the task returns how
+    /// many it served.
+    fn scripted(responses: Vec<Response<Body>>) -> (kube::Client, tokio::task::JoinHandle<usize>) {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        (
+            kube::Client::new(svc, "default"),
+            tokio::spawn(script(handle, responses)),
+        )
+    }
+
     #[tokio::test]
     async fn waits_until_the_node_has_its_pod_cidrs() {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(svc, "default");
         let pending = serde_json::to_value(without_cidrs()).unwrap();
         let ready: Value = serde_json::from_str(KIND_NODE).unwrap();
-        let server = tokio::spawn(script(
-            handle,
-            vec![
-                json_response(200, &pending),
-                json_response(500, &status(500, "InternalError", "etcd leader changed")),
-                json_response(200, &ready),
-            ],
-        ));
+        let (client, server) = scripted(vec![
+            json_response(200, &pending),
+            json_response(500, &status(500, "InternalError", "etcd leader changed")),
+            json_response(200, &ready),
+        ]);
         let node = wait_for_node(
             client,
             "east-worker",
@@ -452,19 +451,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusal_stops_at_once_and_names_the_permission() {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(svc, "default");
-        let server = tokio::spawn(script(
-            handle,
-            vec![json_response(
+        let (client, server) = scripted(vec![json_response(
+            403,
+            &status(
                 403,
-                &status(
-                    403,
-                    "Forbidden",
-                    "nodes \"east-worker\" is forbidden: User \"system:serviceaccount:trellis-system:trellis-node\" cannot get resource \"nodes\"",
-                ),
-            )],
-        ));
+                "Forbidden",
+                "nodes \"east-worker\" is forbidden: User \"system:serviceaccount:trellis-system:trellis-node\" cannot get resource \"nodes\"",
+            ),
+        )]);
         let err = wait_for_node(
             client,
             "east-worker",
@@ -483,13 +477,8 @@ mod tests {
 
     #[tokio::test]
     async fn gives_up_after_the_timeout_saying_why() {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(svc, "default");
         let pending = serde_json::to_value(without_cidrs()).unwrap();
-        let server = tokio::spawn(script(
-            handle,
-            (0..100).map(|_| json_response(200, &pending)).collect(),
-        ));
+        let (client, server) = scripted((0..100).map(|_| json_response(200, &pending)).collect());
         let err = wait_for_node(
             client,
             "east-worker",

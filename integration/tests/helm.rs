@@ -172,6 +172,21 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name} in the manifests"))
 }
 
+/// `kubernetes-validate --strict` of a file for [`KUBERNETES_VERSION`].
+fn kubernetes_validate(path: &Path) -> Output {
+    let path = path.to_str().expect("UTF-8 path");
+    run(
+        &tool("kubernetes-validate"),
+        &[
+            "--strict",
+            "--quiet",
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+            path,
+        ],
+    )
+}
+
 fn value_sets() -> Vec<(&'static str, Vec<&'static str>)> {
     vec![
         ("default values", vec![]),
@@ -182,7 +197,6 @@ fn value_sets() -> Vec<(&'static str, Vec<&'static str>)> {
 #[test]
 fn lint_and_template_pass_and_validate_strictly_for_kubernetes_1_34() {
     let helm = tool("helm");
-    let validate = tool("kubernetes-validate");
     let dir = tempfile::tempdir().unwrap();
     for (what, extra) in value_sets() {
         let mut lint = vec!["lint", ".", "--strict"];
@@ -193,16 +207,7 @@ fn lint_and_template_pass_and_validate_strictly_for_kubernetes_1_34() {
         let yaml = template(&extra).unwrap_or_else(|e| panic!("helm template ({what}): {e}"));
         let path = dir.path().join("manifests.yaml");
         std::fs::write(&path, &yaml).unwrap();
-        let out = run(
-            &validate,
-            &[
-                "--strict",
-                "--quiet",
-                "--kubernetes-version",
-                KUBERNETES_VERSION,
-                path.to_str().unwrap(),
-            ],
-        );
+        let out = kubernetes_validate(&path);
         let report = text(&out);
         assert!(
             out.status.success(),
@@ -265,16 +270,7 @@ fn lint_and_template_pass_and_validate_strictly_for_kubernetes_1_34() {
         }
     }
     // The CRDs the chart installs are valid too.
-    let out = run(
-        &validate,
-        &[
-            "--strict",
-            "--quiet",
-            "--kubernetes-version",
-            KUBERNETES_VERSION,
-            "crds/trellis-crds.yaml",
-        ],
-    );
+    let out = kubernetes_validate(&chart().join("crds/trellis-crds.yaml"));
     assert!(
         out.status.success() && text(&out).trim().is_empty(),
         "{}",

@@ -16,7 +16,7 @@
 #
 # Needs a machine with Docker, kind (v0.30: Kubernetes 1.34), kubectl and helm (v3 or v4), and
 # network access for the base images. Settings (environment): TRELLIS_KIND_PREFIX (cluster
-# name prefix, default "trellis"), TRELLIS_IMAGE (default trellis:dev), KIND_NODE_IMAGE
+# name prefix, default "trellis"), TRELLIS_IMAGE (repository:tag, default trellis:dev), KIND_NODE_IMAGE
 # (default: kind's own), HELM (default helm), TRELLIS_SKIP_BUILD=1 (use an image already built).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -180,7 +180,7 @@ up() {
   create_clusters
   build_and_load_image
   make_certificates
-  # Both first without --wait's ordering mattering: each controller dials the other.
+  # c1 first, then c2: each controller keeps dialing its peer (with backoff) until it answers.
   install_trellis c1 c2
   install_trellis c2 c1
   local cluster

@@ -2,6 +2,7 @@
 //! one machine.
 
 mod certs;
+mod cni;
 mod echo;
 mod lab;
 mod peer;
@@ -30,6 +31,8 @@ enum Command {
     /// A test workload: TCP echo, and HTTP answering with who served the request (the lab
     /// runs one in every pod).
     EchoServer(echo::EchoArgs),
+    /// The CNI plugin on a Kubernetes node: `install` (the chart's init container).
+    Cni(cni::CniArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +43,7 @@ fn main() -> std::process::ExitCode {
         Command::Certs(args) => certs::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Peer(args) => peer::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::EchoServer(args) => echo::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Cni(args) => cni::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match outcome {
         Ok(code) => code,

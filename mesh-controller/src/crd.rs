@@ -3,7 +3,8 @@
 //! About API's `ClusterProperty` (KEP-2149, `about.k8s.io/v1alpha1`).
 //!
 //! The CRD manifests are generated from these types (`trellis-controller crds`) and committed
-//! in `mesh-controller/crds/`; a test fails when they drift.
+//! in `mesh-controller/crds/` (and copied into the chart, `helm/trellis/crds/`); tests fail
+//! when either drifts.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt};
@@ -110,7 +111,8 @@ mod tests {
     use super::*;
 
     /// CI fails when the committed CRDs drift from the types. Regenerate with
-    /// `cargo run -p trellis-controller -- crds > mesh-controller/crds/trellis-crds.yaml`.
+    /// `cargo run -p trellis-controller -- crds > mesh-controller/crds/trellis-crds.yaml` and
+    /// copy the file to `helm/trellis/crds/` (integration/tests/helm.rs compares the two).
     #[test]
     fn committed_crds_match_the_types() {
         let committed = include_str!("../crds/trellis-crds.yaml");
@@ -118,7 +120,8 @@ mod tests {
         assert!(
             committed == generated,
             "mesh-controller/crds/trellis-crds.yaml is stale: run `cargo run -p \
-             trellis-controller -- crds > mesh-controller/crds/trellis-crds.yaml`"
+             trellis-controller -- crds > mesh-controller/crds/trellis-crds.yaml` and copy it \
+             to helm/trellis/crds/"
         );
     }
 

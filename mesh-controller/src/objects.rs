@@ -45,9 +45,9 @@ pub struct Objects {
     pub service_cidrs: Vec<ServiceCIDR>,
 }
 
-/// A node as the mesh sees it; `None` for a node without a name.
-pub fn node_state(node: &Node) -> Option<NodeState> {
-    let name = node.metadata.name.clone()?;
+/// A node's pod CIDRs as the API server has them: `spec.podCIDRs`, else `spec.podCIDR`;
+/// empty until the kube-controller-manager assigns them.
+pub fn pod_cidrs_of(node: &Node) -> Vec<String> {
     let spec = node.spec.as_ref();
     let mut cidrs: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
     if cidrs.is_empty()
@@ -55,7 +55,16 @@ pub fn node_state(node: &Node) -> Option<NodeState> {
     {
         cidrs.push(c);
     }
-    let pod_cidrs = cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+    cidrs
+}
+
+/// A node as the mesh sees it; `None` for a node without a name.
+pub fn node_state(node: &Node) -> Option<NodeState> {
+    let name = node.metadata.name.clone()?;
+    let pod_cidrs = pod_cidrs_of(node)
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect();
     let internal_ips = node
         .status
         .as_ref()

@@ -1,0 +1,122 @@
+{{/* The release's base name: the release name, or <release>-trellis. */}}
+{{- define "trellis.fullname" -}}
+{{- if contains "trellis" .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-trellis" .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "trellis.controller" -}}{{ include "trellis.fullname" . }}-controller{{- end -}}
+{{- define "trellis.gateway" -}}{{ include "trellis.fullname" . }}-gateway{{- end -}}
+{{- define "trellis.dns" -}}{{ include "trellis.fullname" . }}-dns{{- end -}}
+{{- define "trellis.peering" -}}{{ include "trellis.fullname" . }}-peering{{- end -}}
+{{- define "trellis.agentSecret" -}}
+{{- .Values.agent.existingSecret | default (printf "%s-agent-token" (include "trellis.fullname" .)) -}}
+{{- end -}}
+
+{{/*
+The controller's agent address as the gateways and DNS see it: the controller Service's
+ClusterIP and agent port, from the environment Kubernetes gives every pod for the Services of
+its namespace ($(VAR) is expanded by the kubelet). The gateways run on the host network before
+cluster DNS works, and their flags take IP:port, so no name is resolved.
+*/}}
+{{- define "trellis.agentAddress" -}}
+{{- $env := include "trellis.controller" . | upper | replace "-" "_" -}}
+$({{ $env }}_SERVICE_HOST):$({{ $env }}_SERVICE_PORT_AGENT)
+{{- end -}}
+
+{{- define "trellis.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* Labels of every object; those of a component add "trellis.selector". */}}
+{{- define "trellis.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/part-of: trellis
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end -}}
+
+{{/* Labels of an object that belongs to no one component. */}}
+{{- define "trellis.releaseLabels" -}}
+{{ include "trellis.labels" . }}
+app.kubernetes.io/name: trellis
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "controller"). */}}
+{{- define "trellis.selector" -}}
+app.kubernetes.io/name: trellis
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Pod annotations for Prometheus' kubernetes_sd: (dict "root" $ "port" 9464). */}}
+{{- define "trellis.scrapeAnnotations" -}}
+{{- if .root.Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end -}}
+
+{{/*
+The controller's configuration file (mesh-controller/src/config.rs). Rendered with
+"nodeEncryption" given so the Deployment's checksum can leave the runtime switch out:
+(dict "root" $ "nodeEncryption" true).
+*/}}
+{{- define "trellis.controllerConfig" -}}
+{{- $v := .root.Values -}}
+{{- with $v.cluster.id }}
+clusterId: {{ . }}
+{{- end }}
+{{- with $v.cluster.name }}
+clusterName: {{ . | quote }}
+{{- end }}
+listen: 0.0.0.0:{{ $v.peering.port }}
+{{- with $v.cluster.serviceCIDRs }}
+serviceCidrs: {{ toJson . }}
+{{- end }}
+peers:
+{{- range $v.peers }}
+  - id: {{ .id }}
+    {{- with .endpoint }}
+    endpoint: {{ . | quote }}
+    {{- end }}
+{{- else }} []
+{{- end }}
+leaseSeconds: {{ $v.peering.leaseSeconds }}
+heartbeatSeconds: {{ $v.peering.heartbeatSeconds }}
+nodeEncryption: {{ .nodeEncryption }}
+tls:
+  ca: /etc/trellis/tls/ca.crt
+  cert: /etc/trellis/tls/tls.crt
+  key: /etc/trellis/tls/tls.key
+source:
+  kubernetes:
+    settingsNamespace: {{ .root.Release.Namespace }}
+    settingsConfigMap: {{ include "trellis.controller" .root }}
+metricsListen: 0.0.0.0:{{ $v.controller.metricsPort }}
+agentListen: 0.0.0.0:{{ $v.agent.port }}
+agentTokenFile: /etc/trellis/agent/token
+stateFile: /var/lib/trellis/controller-state.json
+{{- end -}}
+
+{{/* What the schema cannot say; fails the render with the reason. */}}
+{{- define "trellis.validate" -}}
+{{- $v := .Values -}}
+{{- if lt (int $v.peering.leaseSeconds) (mul 2 (int $v.peering.heartbeatSeconds)) -}}
+{{- fail (printf "peering.leaseSeconds (%v) must be at least twice peering.heartbeatSeconds (%v)" $v.peering.leaseSeconds $v.peering.heartbeatSeconds) -}}
+{{- end -}}
+{{- $seen := dict -}}
+{{- range $v.peers -}}
+{{- if eq .id $v.cluster.id -}}
+{{- fail (printf "peers: %s is this cluster itself (cluster.id)" .id) -}}
+{{- end -}}
+{{- if hasKey $seen .id -}}
+{{- fail (printf "peers: %s is listed twice" .id) -}}
+{{- end -}}
+{{- $_ := set $seen .id true -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,764 @@
+//! The Helm chart (`helm/trellis`) as CI checks it: `helm lint` and `helm template` for the
+//! default values and a two-peer, encryption-on set; the manifests against Kubernetes 1.34's
+//! schemas (`kubernetes-validate --strict`; kind v0.30 ships 1.34, the newest both support);
+//! the values schema refusing a table of bad values; the CRDs against the controller's; the
+//! controller's configuration through the controller's own parser; every container's flags
+//! through the binaries' own argument parsers; the alerts through `promtool`; and the kind
+//! recipe through `shellcheck`.
+//!
+//! The tools come from `scripts/install-deps` (helm and kubernetes-validate into
+//! target/tools, shellcheck and promtool from Debian). A missing tool fails the test.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use trellis_integration::bin_path;
+
+/// The Kubernetes version the manifests are validated against: kind v0.30's node image.
+const KUBERNETES_VERSION: &str = "1.34.0";
+const NAMESPACE: &str = "trellis-system";
+const TWO_PEERS: &str = "ci/two-peers-encrypted-values.yaml";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn chart() -> PathBuf {
+    root().join("helm/trellis")
+}
+
+/// A tool at `path` (under the workspace) or on PATH; a missing one fails the test.
+fn tool(name: &str) -> PathBuf {
+    let local = match name {
+        "helm" => Some(root().join("target/tools/helm/helm")),
+        "kubernetes-validate" => Some(root().join("target/tools/venv/bin/kubernetes-validate")),
+        _ => None,
+    };
+    if let Some(path) = local {
+        assert!(
+            path.is_file(),
+            "{} is missing: run scripts/install-deps",
+            path.display()
+        );
+        return path;
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| panic!("{name} is not installed: run scripts/install-deps"))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn run(program: &Path, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(chart())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()))
+}
+
+/// `helm template` with extra arguments; the rendered YAML, or the failure's text.
+fn template(extra: &[&str]) -> Result<String, String> {
+    let mut args = vec!["template", "trellis", ".", "--namespace", NAMESPACE];
+    args.extend_from_slice(extra);
+    let out = run(&tool("helm"), &args);
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).expect("UTF-8 manifests"))
+    } else {
+        Err(text(&out))
+    }
+}
+
+/// The documents of a YAML stream, as JSON values (empty documents dropped); a mapping with
+/// a key twice fails (YAML parsers keep one silently, the API server may refuse it).
+fn documents(yaml: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    for doc in serde_norway::Deserializer::from_str(yaml) {
+        if let Err(e) = NoDuplicateKeys::deserialize(doc) {
+            panic!("rendered YAML: {e}");
+        }
+    }
+    serde_norway::Deserializer::from_str(yaml)
+        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Walks a document, failing on a mapping that has a key twice.
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeysVisitor)
+    }
+}
+
+struct NoDuplicateKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeysVisitor {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        serde::Deserialize::deserialize(d)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "key {key:?} appears twice"
+                )));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+        }
+        Ok(NoDuplicateKeys)
+    }
+}
+
+#[test]
+fn a_key_twice_in_the_rendered_yaml_is_caught() {
+    let ok = "a:\n  b: 1\n  c: [x, {d: 2}]\n---\ne: f\n";
+    assert_eq!(documents(ok).len(), 2);
+    let twice = "metadata:\n  labels:\n    app: x\n    app: y\n";
+    let caught = std::panic::catch_unwind(|| documents(twice));
+    assert!(caught.is_err(), "a duplicate label went through");
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the manifests"))
+}
+
+/// `kubernetes-validate --strict` of a file for [`KUBERNETES_VERSION`].
+fn kubernetes_validate(path: &Path) -> Output {
+    let path = path.to_str().expect("UTF-8 path");
+    run(
+        &tool("kubernetes-validate"),
+        &[
+            "--strict",
+            "--quiet",
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+            path,
+        ],
+    )
+}
+
+fn value_sets() -> Vec<(&'static str, Vec<&'static str>)> {
+    vec![
+        ("default values", vec![]),
+        ("two peers, encryption on", vec!["-f", TWO_PEERS]),
+    ]
+}
+
+#[test]
+fn lint_and_template_pass_and_validate_strictly_for_kubernetes_1_34() {
+    let helm = tool("helm");
+    let dir = tempfile::tempdir().unwrap();
+    for (what, extra) in value_sets() {
+        let mut lint = vec!["lint", ".", "--strict"];
+        lint.extend_from_slice(&extra);
+        let out = run(&helm, &lint);
+        assert!(out.status.success(), "helm lint ({what}): {}", text(&out));
+
+        let yaml = template(&extra).unwrap_or_else(|e| panic!("helm template ({what}): {e}"));
+        let path = dir.path().join("manifests.yaml");
+        std::fs::write(&path, &yaml).unwrap();
+        let out = kubernetes_validate(&path);
+        let report = text(&out);
+        assert!(
+            out.status.success(),
+            "kubernetes-validate ({what}): {report}"
+        );
+        // Only the Prometheus Operator's kinds have no schema here; promtool checks the
+        // rules and the test below the ServiceMonitor's selection.
+        for line in report.lines().filter(|l| !l.trim().is_empty()) {
+            assert!(
+                line.starts_with("WARN")
+                    && (line.contains("kind PrometheusRule")
+                        || line.contains("kind ServiceMonitor")),
+                "kubernetes-validate ({what}) said: {line}"
+            );
+        }
+        // NOTES.txt (which `helm template` leaves out) renders and says how to check.
+        let mut install = vec![
+            "install",
+            "trellis",
+            ".",
+            "--namespace",
+            NAMESPACE,
+            "--dry-run=client",
+        ];
+        install.extend_from_slice(&extra);
+        let out = Command::new(&helm)
+            .args(&install)
+            .env("KUBECONFIG", "/dev/null")
+            .current_dir(chart())
+            .output()
+            .unwrap();
+        let notes = text(&out);
+        assert!(
+            out.status.success(),
+            "helm install --dry-run ({what}): {notes}"
+        );
+        for wanted in [
+            "NOTES:",
+            "/status",
+            "trellis status",
+            "clusterset.local:53 {",
+        ] {
+            assert!(
+                notes.contains(wanted),
+                "NOTES ({what}) lack {wanted:?}: {notes}"
+            );
+        }
+        let docs = documents(&yaml);
+        for kind in [
+            "DaemonSet",
+            "Deployment",
+            "ConfigMap",
+            "ClusterRole",
+            "Role",
+        ] {
+            assert!(
+                docs.iter().any(|d| d["kind"] == kind),
+                "{what}: no {kind} rendered"
+            );
+        }
+    }
+    // The CRDs the chart installs are valid too.
+    let out = kubernetes_validate(&chart().join("crds/trellis-crds.yaml"));
+    assert!(
+        out.status.success() && text(&out).trim().is_empty(),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn the_schema_and_the_chart_refuse_bad_values_saying_which_and_why() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--set", "cluster.id=East"],
+            "at '/cluster/id': 'East' does not match pattern",
+        ),
+        (&["--set", "cluster.id=-east"], "at '/cluster/id'"),
+        (
+            &[
+                "--set",
+                "cluster.id=a-cluster-id-that-is-far-too-long-to-be-a-dns-label-in-any-mesh-x",
+            ],
+            "at '/cluster/id': maxLength",
+        ),
+        (
+            &["--set", "encryption.node=yes"],
+            "at '/encryption/node': got string, want boolean",
+        ),
+        (&["--set", "mtu=100"], "at '/mtu': minimum"),
+        (&["--set", "mtu=65000"], "at '/mtu': maximum"),
+        (
+            &["--set", "peers[0].endpoint=172.18.0.5:30743"],
+            "at '/peers/0': missing property 'id'",
+        ),
+        (
+            &[
+                "--set",
+                "peers[0].id=c2",
+                "--set",
+                "peers[0].endpoint=c2.example:7443",
+            ],
+            "at '/peers/0/endpoint': 'c2.example:7443' does not match pattern",
+        ),
+        (
+            &["--set", "peers[0].id=c2", "--set", "peers[0].name=west"],
+            "at '/peers/0': additional properties 'name' not allowed",
+        ),
+        (
+            &["--set", "encrytion.node=true"],
+            "additional properties 'encrytion' not allowed",
+        ),
+        (
+            &["--set", "peering.service.type=ClusterIP"],
+            "at '/peering/service/type': value must be one of 'NodePort', 'LoadBalancer'",
+        ),
+        (
+            &["--set", "peering.service.nodePort=80"],
+            "at '/peering/service/nodePort': minimum",
+        ),
+        (
+            &["--set", "cluster.serviceCIDRs[0]=10.96.0.0"],
+            "at '/cluster/serviceCIDRs/0'",
+        ),
+        (
+            &["--set", "cni.portmap=maybe"],
+            "at '/cni/portmap': value must be one of 'auto', 'on', 'off'",
+        ),
+        (
+            &["--set", "image.pullPolicy=Sometimes"],
+            "at '/image/pullPolicy'",
+        ),
+        (
+            &["--set", "gateway.interface=a-name-longer-than-15"],
+            "at '/gateway/interface'",
+        ),
+        (
+            &["--set", "tls.secretName="],
+            "at '/tls/secretName': minLength",
+        ),
+        // What JSON Schema cannot say, the chart does.
+        (
+            &["--set", "cluster.id=c1", "--set", "peers[0].id=c1"],
+            "peers: c1 is this cluster itself (cluster.id)",
+        ),
+        (
+            &["--set", "peers[0].id=c2", "--set", "peers[1].id=c2"],
+            "peers: c2 is listed twice",
+        ),
+        (
+            &[
+                "--set",
+                "peering.leaseSeconds=9",
+                "--set",
+                "peering.heartbeatSeconds=5",
+            ],
+            "peering.leaseSeconds (9) must be at least twice peering.heartbeatSeconds (5)",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (args, want) in cases {
+        match template(args) {
+            Ok(_) => failures.push(format!("{args:?} rendered")),
+            Err(e) if e.contains(want) => {}
+            Err(e) => failures.push(format!("{args:?}: wanted {want:?}, got: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The same keys with good values render.
+    template(&[
+        "--set",
+        "cluster.id=east-1",
+        "--set",
+        "peers[0].id=west",
+        "--set",
+        "peers[0].endpoint=[fd00::5]:30743",
+        "--set",
+        "cluster.serviceCIDRs[0]=10.96.0.0/16",
+        "--set",
+        "peering.leaseSeconds=10",
+        "--set",
+        "peering.heartbeatSeconds=5",
+    ])
+    .unwrap();
+}
+
+#[test]
+fn the_charts_crds_are_the_controllers() {
+    let chart_crds = std::fs::read_to_string(chart().join("crds/trellis-crds.yaml")).unwrap();
+    let controller_crds =
+        std::fs::read_to_string(root().join("mesh-controller/crds/trellis-crds.yaml")).unwrap();
+    assert!(
+        chart_crds == controller_crds,
+        "helm/trellis/crds/trellis-crds.yaml differs from mesh-controller/crds/trellis-crds.yaml \
+         (which a test keeps equal to the types): copy it over"
+    );
+}
+
+fn config_map_data(docs: &[Value]) -> (String, k8s_openapi::api::core::v1::ConfigMap) {
+    let cm = find(docs, "ConfigMap", "trellis-controller");
+    let yaml = cm["data"]["controller.yaml"].as_str().unwrap().to_string();
+    (yaml, serde_json::from_value(cm.clone()).unwrap())
+}
+
+#[test]
+fn the_controller_reads_its_configuration_and_its_runtime_switch() {
+    use trellis_controller::config::{Config, SourceConfig};
+    let docs = documents(&template(&["-f", TWO_PEERS]).unwrap());
+    let (yaml, cm) = config_map_data(&docs);
+    let cfg = Config::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    assert_eq!(cfg.cluster_id.as_ref().map(|c| c.as_str()), Some("c1"));
+    assert_eq!(cfg.cluster_name.as_deref(), Some("East"));
+    assert_eq!(cfg.peers.len(), 2);
+    assert_eq!(
+        cfg.peers[0].endpoint,
+        Some("172.18.0.5:30743".parse().unwrap())
+    );
+    assert_eq!(cfg.peers[1].endpoint, None);
+    assert!(cfg.node_encryption);
+    assert_eq!(cfg.service_cidrs, vec!["10.96.0.0/16".parse().unwrap()]);
+    // The settings ConfigMap the controller watches is this one, and says the same.
+    assert_eq!(
+        cfg.source,
+        SourceConfig::Kubernetes {
+            settings_namespace: NAMESPACE.into(),
+            settings_config_map: "trellis-controller".into(),
+        }
+    );
+    assert_eq!(
+        trellis_controller::kube_settings::node_encryption_of(&cm),
+        Ok(Some(true))
+    );
+    // Every file the configuration names is mounted into the controller.
+    let pod = &find(&docs, "Deployment", "trellis-controller")["spec"]["template"]["spec"];
+    let mounts: Vec<&str> = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    let mut files = vec![&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key];
+    files.extend(cfg.agent_token_file.as_ref());
+    files.extend(cfg.state_file.as_ref());
+    for file in files {
+        assert!(
+            mounts.iter().any(|m| file.starts_with(m)),
+            "{} is in no mount of {mounts:?}",
+            file.display()
+        );
+    }
+    // Default values: no ID (the ClusterProperty gives it), nobody to peer with, off.
+    let (yaml, cm) = config_map_data(&documents(&template(&[]).unwrap()));
+    let cfg = Config::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    assert_eq!(cfg.cluster_id, None);
+    assert!(cfg.peers.is_empty() && !cfg.node_encryption);
+    assert_eq!(
+        trellis_controller::kube_settings::node_encryption_of(&cm),
+        Ok(Some(false))
+    );
+}
+
+fn pod_annotations(docs: &[Value], kind: &str, name: &str) -> BTreeMap<String, String> {
+    serde_json::from_value(
+        find(docs, kind, name)["spec"]["template"]["metadata"]["annotations"].clone(),
+    )
+    .unwrap_or_default()
+}
+
+#[test]
+fn switching_encryption_restarts_nothing_but_other_changes_restart_the_controller() {
+    let off = documents(&template(&["--set", "cluster.id=c1"]).unwrap());
+    let on =
+        documents(&template(&["--set", "cluster.id=c1", "--set", "encryption.node=true"]).unwrap());
+    let other =
+        documents(&template(&["--set", "cluster.id=c1", "--set", "peers[0].id=c2"]).unwrap());
+    for (kind, name) in [
+        ("Deployment", "trellis-controller"),
+        ("DaemonSet", "trellis-gateway"),
+        ("Deployment", "trellis-dns"),
+    ] {
+        assert_eq!(
+            find(&off, kind, name)["spec"]["template"],
+            find(&on, kind, name)["spec"]["template"],
+            "{kind} {name}'s pods would be replaced by an encryption switch"
+        );
+    }
+    let (off_yaml, _) = config_map_data(&off);
+    let (on_yaml, on_cm) = config_map_data(&on);
+    assert_ne!(off_yaml, on_yaml, "the file says the new mode too");
+    assert_eq!(
+        trellis_controller::kube_settings::node_encryption_of(&on_cm),
+        Ok(Some(true))
+    );
+    let checksum = |docs: &[Value]| {
+        pod_annotations(docs, "Deployment", "trellis-controller")["checksum/config"].clone()
+    };
+    assert_ne!(
+        checksum(&off),
+        checksum(&other),
+        "a new peer restarts the controller"
+    );
+}
+
+/// The value Kubernetes would give `$(VAR)` in a container's command, for a sample node.
+fn expand(arg: &str) -> String {
+    arg.replace("$(NODE_NAME)", "east-worker")
+        .replace("$(HOST_IP)", "172.18.0.3")
+        .replace("$(TRELLIS_CONTROLLER_SERVICE_HOST)", "10.96.12.34")
+        .replace("$(TRELLIS_CONTROLLER_SERVICE_PORT_AGENT)", "7444")
+}
+
+#[test]
+fn every_container_runs_a_real_command_with_real_flags() {
+    for (what, extra) in value_sets() {
+        let docs = documents(&template(&extra).unwrap());
+        let mut checked = 0;
+        for doc in docs
+            .iter()
+            .filter(|d| d["kind"] == "DaemonSet" || d["kind"] == "Deployment")
+        {
+            let spec = &doc["spec"]["template"]["spec"];
+            let env_names: Vec<String> = ["containers", "initContainers"]
+                .iter()
+                .flat_map(|k| spec[k].as_array().cloned().unwrap_or_default())
+                .flat_map(|c| c["env"].as_array().cloned().unwrap_or_default())
+                .filter_map(|e| e["name"].as_str().map(String::from))
+                .collect();
+            for container in ["containers", "initContainers"]
+                .iter()
+                .flat_map(|k| spec[k].as_array().cloned().unwrap_or_default())
+            {
+                let command: Vec<String> = container["command"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{what}: {} has no command", container["name"]))
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_string())
+                    .collect();
+                // Every $(VAR) is one the pod defines or a Service variable of the controller.
+                for arg in &command {
+                    for var in arg.split("$(").skip(1).filter_map(|s| s.split(')').next()) {
+                        assert!(
+                            env_names.iter().any(|e| e == var)
+                                || var.starts_with("TRELLIS_CONTROLLER_SERVICE_"),
+                            "{what}: $({var}) in {} is not defined",
+                            container["name"]
+                        );
+                    }
+                }
+                // The binary's own parser takes every flag and value (clap checks them all
+                // before it answers --help).
+                let expanded: Vec<String> = command[1..].iter().map(|a| expand(a)).collect();
+                let out = Command::new(bin_path(&command[0]))
+                    .args(&expanded)
+                    .arg("--help")
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{what}: {} {expanded:?}: {}",
+                    command[0],
+                    text(&out)
+                );
+                // The image has the binary, and the plugin the CNI installer copies.
+                let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+                let mut shipped = vec![command[0].clone()];
+                shipped.extend(
+                    command
+                        .iter()
+                        .filter_map(|a| a.strip_prefix("--plugin=/usr/local/bin/"))
+                        .map(String::from),
+                );
+                for binary in shipped {
+                    assert!(
+                        dockerfile.contains(&format!("target/release/{binary} "))
+                            && dockerfile.contains(&format!("-p {binary} ")),
+                        "the Dockerfile does not build and ship {binary}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 4, "{what}: only {checked} containers");
+    }
+}
+
+#[test]
+fn every_pod_is_scraped_and_the_service_monitor_selects_every_metrics_port() {
+    let docs = documents(&template(&["-f", TWO_PEERS]).unwrap());
+    for (kind, name) in [
+        ("Deployment", "trellis-controller"),
+        ("DaemonSet", "trellis-gateway"),
+        ("Deployment", "trellis-dns"),
+    ] {
+        let annotations = pod_annotations(&docs, kind, name);
+        assert_eq!(
+            annotations.get("prometheus.io/scrape").map(String::as_str),
+            Some("true")
+        );
+        let port: u16 = annotations["prometheus.io/port"].parse().unwrap();
+        let container = &find(&docs, kind, name)["spec"]["template"]["spec"]["containers"][0];
+        assert!(
+            container["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "metrics" && p["containerPort"] == port),
+            "{name}: prometheus.io/port {port} is not its metrics port"
+        );
+    }
+    let monitor = docs.iter().find(|d| d["kind"] == "ServiceMonitor").unwrap();
+    let selector: BTreeMap<String, String> =
+        serde_json::from_value(monitor["spec"]["selector"]["matchLabels"].clone()).unwrap();
+    let port = monitor["spec"]["endpoints"][0]["port"].as_str().unwrap();
+    let selected: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Service")
+        .filter(|d| {
+            selector
+                .iter()
+                .all(|(k, v)| d["metadata"]["labels"][k].as_str() == Some(v.as_str()))
+        })
+        .collect();
+    let names: Vec<&str> = selected
+        .iter()
+        .map(|s| s["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 3, "controller, gateways and DNS: {names:?}");
+    for service in selected {
+        assert!(
+            service["spec"]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == port),
+            "{} has no port {port}",
+            service["metadata"]["name"]
+        );
+    }
+}
+
+/// The names `trellis_*` a PromQL expression uses.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("trellis_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// A metric name appears in its component's source, whole or as the suffix its `name()`
+/// helper prefixes (histograms without their _bucket/_sum/_count).
+fn metric_exists(name: &str) -> bool {
+    let base = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .unwrap_or(name);
+    let (dir, prefix) = if base.starts_with("trellis_controller_") {
+        ("mesh-controller/src", "trellis_controller_")
+    } else if base.starts_with("trellis_gateway_") {
+        ("gateway/src", "trellis_gateway_")
+    } else if base.starts_with("trellis_dns_") {
+        ("dns/src", "trellis_dns_")
+    } else {
+        return false;
+    };
+    let short = &base[prefix.len()..];
+    std::fs::read_dir(root().join(dir)).unwrap().any(|entry| {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+        text.contains(&format!("\"{base}\"")) || text.contains(&format!("\"{short}\""))
+    })
+}
+
+#[test]
+fn alerts_pass_promtool_and_alerts_and_dashboard_use_real_metrics() {
+    let docs = documents(&template(&["-f", TWO_PEERS]).unwrap());
+    let rule = docs.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.json");
+    std::fs::write(&rules, serde_json::to_string(&rule["spec"]).unwrap()).unwrap();
+    let out = Command::new(tool("promtool"))
+        .args(["check", "rules", rules.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "promtool: {}", text(&out));
+    let alerts: Vec<&Value> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    let alert_names: Vec<&str> = alerts
+        .iter()
+        .map(|a| a["alert"].as_str().unwrap())
+        .collect();
+    for wanted in [
+        "TrellisPeerDown",
+        "TrellisHandshakeStale",
+        "TrellisRemoteClusterNotSynced",
+    ] {
+        assert!(alert_names.contains(&wanted), "{alert_names:?}");
+    }
+    let mut exprs: Vec<String> = alerts
+        .iter()
+        .map(|a| a["expr"].as_str().unwrap().to_string())
+        .collect();
+    // Remote peers only: this cluster's own peers handshake only under traffic.
+    assert!(
+        exprs.iter().any(|e| e.contains(r#"peer!~"c1/.*""#)),
+        "{exprs:?}"
+    );
+
+    let dashboard_cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "trellis-dashboard")
+        .unwrap();
+    assert_eq!(dashboard_cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let dashboard: Value =
+        serde_json::from_str(dashboard_cm["data"]["trellis.json"].as_str().unwrap()).unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 8);
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    let mut unknown = Vec::new();
+    for expr in &exprs {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "{expr} uses no Trellis metric");
+        unknown.extend(names.into_iter().filter(|n| !metric_exists(n)));
+    }
+    assert!(unknown.is_empty(), "no binary exports {unknown:?}");
+}
+
+#[test]
+fn the_kind_recipe_and_the_scripts_are_shellcheck_clean() {
+    let scripts = [
+        "integration/kind/kind-mesh.sh",
+        "scripts/install-deps",
+        "scripts/test",
+        "scripts/lab",
+    ];
+    let out = Command::new(tool("shellcheck"))
+        .args(["--severity=style", "--external-sources"])
+        .args(scripts.iter().map(|s| root().join(s)))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "shellcheck: {}", text(&out));
+}

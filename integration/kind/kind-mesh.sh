@@ -94,6 +94,12 @@ EOF
     fi
     # Not --wait: nodes are NotReady until Trellis installs the CNI plugin.
     kind "${args[@]}"
+    # Reverse-path filtering off on every node (see helm/trellis/README.md, Limits): trellis0
+    # has no address, and Service traffic masqueraded to a node may arrive through it.
+    local node
+    for node in $(kind get nodes --name "$(kind_name "$cluster")"); do
+      docker exec "$node" sysctl -q -w net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
+    done
   done
 }
 

@@ -134,6 +134,32 @@ impl TestLab {
         assert!(status.success(), "kill {name} (pid {pid})");
     }
 
+    /// The routes `node` (`c1/node-0`) has for `destination`, as `ip -o route show` prints
+    /// them, the one in use first.
+    pub fn routes(&self, node: &str, destination: &str) -> String {
+        let output = self.trellis(&["exec", node, "--", "ip", "-o", "route", "show", destination]);
+        String::from_utf8_lossy(&output.stdout).to_string()
+    }
+
+    /// Waits (up to 15 s) until the route `node` uses for `destination` contains `want`
+    /// ("dev trellis0", "via 198.18.1.11"); returns every route for it.
+    pub fn wait_for_route(&self, node: &str, destination: &str, want: &str) -> String {
+        let mut routes = String::new();
+        let settled = eventually(Duration::from_secs(15), || {
+            routes = self.routes(node, destination);
+            routes
+                .lines()
+                .next()
+                .is_some_and(|first| first.contains(want))
+                .then_some(())
+        });
+        assert!(
+            settled.is_some(),
+            "{node} never routed {destination} {want}: {routes}"
+        );
+        routes
+    }
+
     /// `dig +short` from inside a pod against its cluster's DNS (on the cluster's first node).
     pub fn dig(&self, pod: &str, name: &str) -> Vec<String> {
         let cluster = pod.split('/').next().unwrap();
@@ -293,12 +319,19 @@ pub fn capture_underlay(lab: &TestLab, file: &Path) -> Started {
     Started(child)
 }
 
-/// Stops a capture and counts the packets in it that match a tcpdump `filter`.
-pub fn count_captured(capture: Started, file: &Path, filter: &str) -> usize {
+/// Captures the underlay for `during`, then counts the packets matching each tcpdump filter.
+pub fn capture_and_count(
+    lab: &TestLab,
+    file: &Path,
+    during: Duration,
+    filters: &[&str],
+) -> Vec<usize> {
+    let capture = capture_underlay(lab, file);
+    std::thread::sleep(during);
     // With -U tcpdump writes each packet as it comes, so stopping it loses nothing.
     std::thread::sleep(Duration::from_millis(200));
     drop(capture);
-    count_matching(file, filter)
+    filters.iter().map(|f| count_matching(file, f)).collect()
 }
 
 /// The packets of a capture file that match a tcpdump `filter`.

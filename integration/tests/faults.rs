@@ -125,21 +125,8 @@ fn a_killed_gateway_fails_closed_and_its_tunnels_come_back_after_restart() {
         refused.is_err(),
         "cross-cluster traffic must not flow without the gateway"
     );
-    let route = lab.trellis(&[
-        "exec",
-        "c1/node-1",
-        "--",
-        "ip",
-        "-o",
-        "route",
-        "show",
-        "10.2.0.0/24",
-    ]);
-    assert!(
-        String::from_utf8_lossy(&route.stdout).contains("unreachable"),
-        "{}",
-        text(&route)
-    );
+    let route = lab.routes("c1/node-1", "10.2.0.0/24");
+    assert!(route.contains("unreachable"), "{route}");
 
     let restarted = Instant::now();
     let start = lab.trellis(&["start", "c1/node-1/gateway"]);
@@ -243,17 +230,7 @@ fn a_cluster_overlapping_another_is_refused_naming_both() {
         "the refusal is logged:\n{log}"
     );
     // c1 keeps its own node's pods: still routed to c1/node-1, still reachable.
-    let route = lab.trellis(&[
-        "exec",
-        "c1/node-0",
-        "--",
-        "ip",
-        "-o",
-        "route",
-        "show",
-        "10.1.1.0/24",
-    ]);
-    let route = String::from_utf8_lossy(&route.stdout).to_string();
+    let route = lab.routes("c1/node-0", "10.1.1.0/24");
     assert!(
         route
             .lines()

@@ -137,32 +137,10 @@ fn down_cleans_up_after_a_lab_whose_state_was_lost() {
     assert!(lab.mounts().is_empty(), "mounts left: {:?}", lab.mounts());
 }
 
-/// Waits (up to 15 s) until node c1/node-0 routes c1/node-1's pods through `want` (a route
-/// fragment such as "dev trellis0" or "via 198.18.1.11").
+/// Waits until node c1/node-0 routes c1/node-1's pods through `want` (a route fragment such as
+/// "dev trellis0" or "via 198.18.1.11").
 fn wait_for_route(lab: &TestLab, want: &str) -> String {
-    let mut route = String::new();
-    for _ in 0..75 {
-        let output = lab.trellis(&[
-            "exec",
-            "c1/node-0",
-            "--",
-            "ip",
-            "-o",
-            "route",
-            "show",
-            "10.1.1.0/24",
-        ]);
-        route = String::from_utf8_lossy(&output.stdout).to_string();
-        if route
-            .lines()
-            .next()
-            .is_some_and(|first| first.contains(want))
-        {
-            return route;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    panic!("c1/node-0 never routed 10.1.1.0/24 {want}: {route}");
+    lab.wait_for_route("c1/node-0", "10.1.1.0/24", want)
 }
 
 #[test]

@@ -10,8 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use trellis_integration::mesh::{
-    ECHO_PORT, HTTP_PORT, LiveStream, capture_underlay, connect_in, count_captured, count_matching,
-    eventually, http_get, tcp_echo,
+    ECHO_PORT, HTTP_PORT, LiveStream, capture_and_count, connect_in, eventually, http_get, tcp_echo,
 };
 use trellis_integration::{TestLab, text};
 
@@ -134,31 +133,10 @@ fn dns_names_lead_to_the_other_clusters_services_and_pods() {
     }
 }
 
-/// Waits until c1/node-0 routes c1/node-1's pods as `want` says ("dev trellis0" or "via ...").
+/// Waits until c1/node-0 routes c1/node-1's pods as `want` says, and gives the other node a
+/// moment to apply the same push.
 fn wait_for_route(lab: &TestLab, want: &str) {
-    let settled = eventually(Duration::from_secs(15), || {
-        let output = lab.trellis(&[
-            "exec",
-            "c1/node-0",
-            "--",
-            "ip",
-            "-o",
-            "route",
-            "show",
-            "10.1.1.0/24",
-        ]);
-        let routes = String::from_utf8_lossy(&output.stdout).to_string();
-        routes
-            .lines()
-            .next()
-            .is_some_and(|first| first.contains(want))
-            .then_some(())
-    });
-    assert!(
-        settled.is_some(),
-        "c1/node-0 never routed 10.1.1.0/24 {want}"
-    );
-    // The other node applies the same push within moments.
+    lab.wait_for_route("c1/node-0", "10.1.1.0/24", want);
     std::thread::sleep(Duration::from_millis(500));
 }
 
@@ -195,46 +173,51 @@ fn the_encryption_toggle_keeps_live_streams_and_the_underlay_shows_it() {
     let plain_across = "tcp and net 10.2.0.0/16";
     let tunnel_within = "udp port 51820 and host 198.18.1.10 and host 198.18.1.11";
 
+    let filters = [plain_within.as_str(), tunnel_within, plain_across];
+    let phase = |name: &str| {
+        let file = dir.path().join(format!("{name}.pcap"));
+        capture_and_count(&lab, &file, Duration::from_secs(2), &filters)
+    };
+    let switch = |mode: &str, route: &str| {
+        let output = lab.trellis(&["encryption", mode]);
+        assert!(output.status.success(), "{}", text(&output));
+        wait_for_route(&lab, route);
+    };
+
     // Off: the pods' TCP crosses the underlay as it is; cross-cluster traffic never does.
-    let file = dir.path().join("off.pcap");
-    let capture = capture_underlay(&lab, &file);
-    std::thread::sleep(Duration::from_secs(2));
-    let off_plain = count_captured(capture, &file, &plain_within);
-    assert!(
-        off_plain > 50,
-        "plaintext pod TCP seen while off: {off_plain}"
-    );
-    assert_eq!(count_matching(&file, plain_across), 0);
-
-    let on = lab.trellis(&["encryption", "on"]);
-    assert!(on.status.success(), "{}", text(&on));
-    wait_for_route(&lab, "dev trellis0");
-    let file = dir.path().join("on.pcap");
-    let capture = capture_underlay(&lab, &file);
-    std::thread::sleep(Duration::from_secs(2));
-    let on_plain = count_captured(capture, &file, &plain_within);
-    let on_tunnel = count_matching(&file, tunnel_within);
-    assert_eq!(on_plain, 0, "no plaintext pod TCP between nodes once on");
-    assert!(
-        on_tunnel > 50,
-        "the stream rides WireGuard between the nodes: {on_tunnel}"
-    );
-    assert_eq!(count_matching(&file, plain_across), 0);
-
-    let off = lab.trellis(&["encryption", "off"]);
-    assert!(off.status.success(), "{}", text(&off));
-    wait_for_route(&lab, "via 198.18.1.11");
-    let file = dir.path().join("off-again.pcap");
-    let capture = capture_underlay(&lab, &file);
-    std::thread::sleep(Duration::from_secs(2));
-    let again_plain = count_captured(capture, &file, &plain_within);
-    let again_tunnel = count_matching(&file, tunnel_within);
-    assert!(again_plain > 50, "plaintext again once off: {again_plain}");
+    let off = phase("off");
+    assert!(off[0] > 50, "plaintext pod TCP seen while off: {off:?}");
     assert_eq!(
-        again_tunnel, 0,
-        "no tunnel traffic between the nodes once off"
+        off[2], 0,
+        "cross-cluster traffic is always encrypted: {off:?}"
     );
-    assert_eq!(count_matching(&file, plain_across), 0);
+
+    switch("on", "dev trellis0");
+    let on = phase("on");
+    assert_eq!(
+        on[0], 0,
+        "no plaintext pod TCP between nodes once on: {on:?}"
+    );
+    assert!(
+        on[1] > 50,
+        "the stream rides WireGuard between the nodes: {on:?}"
+    );
+    assert_eq!(
+        on[2], 0,
+        "cross-cluster traffic is always encrypted: {on:?}"
+    );
+
+    switch("off", "via 198.18.1.11");
+    let again = phase("off-again");
+    assert!(again[0] > 50, "plaintext again once off: {again:?}");
+    assert_eq!(
+        again[1], 0,
+        "no tunnel traffic between the nodes once off: {again:?}"
+    );
+    assert_eq!(
+        again[2], 0,
+        "cross-cluster traffic is always encrypted: {again:?}"
+    );
 
     let (longest_within, echoed_within) = within.finish("the stream within c1");
     let (longest_across, echoed_across) = across.finish("the stream to c2");

@@ -1,9 +1,10 @@
 //! `trellis`: the command-line tool. `trellis lab` builds a mesh from network namespaces on
-//! one machine.
+//! one machine; `trellis status` shows a cluster's mesh as its controller sees it.
 
 mod certs;
 mod lab;
 mod peer;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,9 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Machines outside Kubernetes that join the mesh through a gateway.
     Peer(peer::PeerArgs),
+    /// A cluster's mesh as its controller sees it: peer clusters, gateways, tunnels. Exits 1
+    /// when something is unhealthy, 2 when the controller cannot be reached.
+    Status(status::StatusArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +39,7 @@ fn main() -> std::process::ExitCode {
         Command::Lab(args) => lab::run(args),
         Command::Certs(args) => certs::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Peer(args) => peer::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Status(args) => status::run(args),
     };
     match outcome {
         Ok(code) => code,

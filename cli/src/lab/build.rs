@@ -216,7 +216,7 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
 }
 
 /// A source pod and, per target, the round-trip time (`None`: no reply).
-type ProbeRow = (String, Vec<(String, Option<Duration>)>);
+pub(super) type ProbeRow = (String, Vec<(String, Option<Duration>)>);
 
 /// A daemon to start: where, what, and the address it serves once ready.
 struct DaemonSpec<'a> {
@@ -387,7 +387,7 @@ fn wait_for_mesh(state: &LabState) {
 }
 
 /// One row per source pod: the RTT to every other pod and to the pod's node.
-fn connectivity(state: &LabState) -> Vec<ProbeRow> {
+pub(super) fn connectivity(state: &LabState) -> Vec<ProbeRow> {
     connectivity_with(state, PROBE_TIMEOUT)
 }
 
@@ -423,9 +423,14 @@ fn connectivity_with(state: &LabState, timeout: Duration) -> Vec<ProbeRow> {
 }
 
 fn print_connectivity(state: &LabState) -> bool {
+    print_connectivity_rows(&connectivity(state))
+}
+
+/// Prints the matrix; `false` if any probe failed.
+pub(super) fn print_connectivity_rows(rows: &[ProbeRow]) -> bool {
     let mut all_ok = true;
     println!("connectivity (ICMP echo from each pod):");
-    for (source, row) in connectivity(state) {
+    for (source, row) in rows {
         let cells: Vec<String> = row
             .iter()
             .map(|(target, rtt)| match rtt {
@@ -441,7 +446,7 @@ fn print_connectivity(state: &LabState) -> bool {
     all_ok
 }
 
-fn print_layout(state: &LabState) {
+pub(super) fn print_layout(state: &LabState) {
     for cluster in &state.clusters {
         println!("cluster {} (pods {})", cluster.name, cluster.pod_cidr);
         for node in &cluster.nodes {
@@ -517,12 +522,6 @@ pub fn set_node_encryption(dir: &Path, state: &mut LabState, on: bool) -> anyhow
         if on { "on" } else { "off" }
     );
     Ok(())
-}
-
-pub fn print_status(state: &LabState) {
-    println!("lab {:?}", state.lab);
-    print_layout(state);
-    print_connectivity(state);
 }
 
 pub fn exec(state: &LabState, target: &str, command: &[String]) -> anyhow::Result<ExitCode> {

@@ -71,9 +71,9 @@ fn unhealthy_parts(output: &Output, json: &Value) -> Vec<String> {
             if node["connected"] != true {
                 missing.push(format!("{name}: gateway not connected"));
             }
-            if !node["report_age_seconds"]
+            if node["report_age_seconds"]
                 .as_u64()
-                .is_some_and(|age| age <= 20)
+                .is_none_or(|age| age > 20)
             {
                 missing.push(format!("{name}: no fresh report"));
             }
@@ -93,9 +93,9 @@ fn unhealthy_parts(output: &Output, json: &Value) -> Vec<String> {
             }
             for peer in remote_peers {
                 let peer_name = format!("{}/{}", as_str(&peer["cluster"]), as_str(&peer["node"]));
-                if !peer["last_handshake_age_seconds"]
+                if peer["last_handshake_age_seconds"]
                     .as_u64()
-                    .is_some_and(|age| age < 180)
+                    .is_none_or(|age| age >= 180)
                 {
                     missing.push(format!("{name} -> {peer_name}: no recent handshake"));
                 }

@@ -274,7 +274,7 @@ pub fn render(status: &ControllerStatus) -> String {
     let connected = status.nodes.iter().filter(|n| n.connected).count();
     let _ = writeln!(
         out,
-        "cluster {}{}  revision {}  node encryption {}  source {}  gateways {connected}/{} connected",
+        "cluster {}{}  revision {} (mesh view {})  node encryption {}  source {}  gateways {connected}/{} connected",
         status.cluster,
         if status.name != status.cluster.as_str() {
             format!(" ({})", status.name)
@@ -282,6 +282,7 @@ pub fn render(status: &ControllerStatus) -> String {
             String::new()
         },
         status.revision,
+        status.mesh_revision,
         on_off(status.node_encryption),
         if status.source_synced {
             "synced"
@@ -349,7 +350,7 @@ pub fn render(status: &ControllerStatus) -> String {
         "ENDPOINT",
         "REPORT",
         "ENCRYPTION",
-        "REVISION",
+        "PLAN",
         "DROPS",
     ]);
     let mut tunnels = Table::new(&[

@@ -150,8 +150,12 @@ pub struct ControllerStatus {
     pub name: String,
     /// The source (Kubernetes or the static file) has been read at least once.
     pub source_synced: bool,
-    /// The local cluster state's revision.
+    /// The local cluster state's revision (what peer clusters hold of it).
     pub revision: u64,
+    /// The revision of the mesh view gateways and DNS follow. A gateway's plan revision is
+    /// the view revision that last changed its desired state, so it may be lower.
+    #[serde(default)]
+    pub mesh_revision: u64,
     pub node_encryption: bool,
     /// Gateway streams open now.
     pub gateways_connected: usize,
@@ -302,6 +306,7 @@ mod tests {
             name: "c1".into(),
             source_synced: true,
             revision: 4,
+            mesh_revision: 9,
             node_encryption: false,
             gateways_connected: 1,
             remotes: vec![RemoteStatus {

@@ -287,6 +287,7 @@ impl Hub {
             name: self.cfg.name.clone(),
             source_synced: inner.source.is_some(),
             revision: inner.local.revision,
+            mesh_revision: inner.view_revision,
             node_encryption: inner.node_encryption,
             gateways_connected: inner.gateways_connected,
             remotes,
@@ -963,6 +964,36 @@ mod tests {
             text.contains("trellis_controller_imported_endpoints{cluster=\"b\"} 1"),
             "{text}"
         );
+        // The status: b synced (ready once its session is up), c refused naming both.
+        let status = h.status();
+        assert!(status.mesh_revision > 0);
+        let remote = |status: &ControllerStatus, c: &str| {
+            status
+                .remotes
+                .iter()
+                .find(|r| r.cluster == id(c))
+                .cloned()
+                .unwrap()
+        };
+        let b = remote(&status, "b");
+        assert!(b.synced && !b.session && !b.ready, "{b:?}");
+        assert_eq!((b.lag_seconds, b.last_sync_age_seconds), (Some(0), Some(0)));
+        assert_eq!(b.services, 1);
+        let c = remote(&status, "c");
+        assert!(!c.ready && c.refused[0].contains("10.1.0.0/25"), "{c:?}");
+        let _ticket = h
+            .session_start(
+                &id("b"),
+                &id("a"),
+                b"cert",
+                "192.0.2.1:7443".parse().unwrap(),
+            )
+            .unwrap();
+        assert!(remote(&h.status(), "b").ready);
+        // The source's node has no gateway yet: listed, not registered, no report.
+        let node = &status.nodes[0];
+        assert!(node.in_source && !node.registered && !node.connected);
+        assert!(node.report.is_none() && node.report_age_seconds.is_none());
         h.withdraw(&id("b"));
         let view = h.subscribe_view().borrow().clone().unwrap();
         assert!(view.remotes.is_empty());

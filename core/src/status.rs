@@ -22,8 +22,9 @@ pub const REPORT_INTERVAL_SECONDS: u64 = 5;
 pub const REPORT_STALE_SECONDS: u64 = 20;
 /// WireGuard's Reject-After-Time: a session whose last handshake is older carries no traffic.
 pub const HANDSHAKE_STALE_SECONDS: u64 = 180;
-/// Bounds on what a controller accepts in a report.
-pub const MAX_REPORT_PEERS: usize = 65_536;
+/// Bounds on what a controller accepts in a report (10,000 peers is about 3 MB of JSON,
+/// within [`crate::agent::MAX_REPORT_FRAME`]).
+pub const MAX_REPORT_PEERS: usize = 10_000;
 pub const MAX_REPORT_DROP_REASONS: usize = 64;
 const MAX_NAME: usize = 253;
 

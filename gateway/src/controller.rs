@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use trellis_core::agent::{
-    AgentHello, AgentReport, GatewayDesired, GatewayRegistration, GatewayUpdate,
+    AgentHello, AgentReport, GatewayDesired, GatewayRegistration, GatewayUpdate, MAX_REPORT_FRAME,
 };
 use trellis_core::peering::{FrameDecoder, encode_json_frame};
 use trellis_netns::Netns;
@@ -151,7 +151,18 @@ async fn session<R: RouteTable>(
                         continue;
                     }
                 };
-                let frame = encode_json_frame(&AgentReport::Gateway(report), "report", MAX_FRAME)?;
+                // A report too large for the controller is skipped, not sent to end the stream.
+                let frame = match encode_json_frame(
+                    &AgentReport::Gateway(report),
+                    "report",
+                    MAX_REPORT_FRAME,
+                ) {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        tracing::warn!("status report: {e}");
+                        continue;
+                    }
+                };
                 tokio::time::timeout(REPORT_WRITE_TIMEOUT, writer.write_all(&frame))
                     .await
                     .map_err(|_| SessionEnd::ReportTimeout)?

@@ -1,11 +1,12 @@
 //! `trellis`: the command-line tool. `trellis lab` builds a mesh from network namespaces on
-//! one machine.
+//! one machine; `trellis status` shows a cluster's mesh as its controller sees it.
 
 mod certs;
 mod cni;
 mod echo;
 mod lab;
 mod peer;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,9 @@ enum Command {
     EchoServer(echo::EchoArgs),
     /// The CNI plugin on a Kubernetes node: `install` (the chart's init container).
     Cni(cni::CniArgs),
+    /// A cluster's mesh as its controller sees it: peer clusters, gateways, tunnels. Exits 1
+    /// when something is unhealthy, 2 when the controller cannot be reached.
+    Status(status::StatusArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,6 +48,7 @@ fn main() -> std::process::ExitCode {
         Command::Peer(args) => peer::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::EchoServer(args) => echo::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Cni(args) => cni::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Status(args) => status::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -2,6 +2,13 @@
 //! controller when they subscribe, and what the controller sends a gateway. Framed like the
 //! peering protocol (4-byte big-endian length + JSON, [`crate::peering::encode_json_frame`]).
 //! DNS receives [`crate::imports::ImportsUpdate`]s.
+//!
+//! After its hello a gateway sends an [`AgentReport`] every few seconds (its tunnels, see
+//! [`crate::status`]). The extension is backward compatible both ways: a controller that
+//! predates it reads and discards whatever a subscriber sends after the hello, and a gateway
+//! that predates it simply never reports (its node shows no report). A controller ignores
+//! (and counts) a report it cannot parse or that fails validation; only a broken frame
+//! (oversized length) ends the stream, since the framing is then lost.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -10,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterId;
 use crate::gateway::{GatewayPlan, PodRoute, TunnelPeer};
+use crate::status::GatewayReport;
 use crate::wgkey::PublicKey;
 
 /// The first frame a subscriber sends: who it is and, when the controller is configured with
@@ -44,6 +52,18 @@ impl AgentHello {
         }
     }
 }
+
+/// What a subscriber sends after its hello, tagged like the hello (`"type"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentReport {
+    /// A gateway's tunnels and applied state, every
+    /// [`crate::status::REPORT_INTERVAL_SECONDS`].
+    Gateway(GatewayReport),
+}
+
+/// The largest report frame a controller accepts (a gateway with thousands of peers fits).
+pub const MAX_REPORT_FRAME: usize = 4 * 1024 * 1024;
 
 /// Sent by a gateway when it connects: never the private key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +238,49 @@ impl GatewayDesired {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peering::{FrameDecoder, PeeringError, encode_json_frame};
+
+    #[test]
+    fn reports_follow_the_hello_on_one_stream_and_garbage_is_skipped() {
+        let hello = AgentHello::gateway(
+            GatewayRegistration {
+                node: "node-0".into(),
+                endpoint: "198.18.1.10:51820".parse().unwrap(),
+                public_key: PublicKey([1; 32]),
+            },
+            None,
+        );
+        let report = AgentReport::Gateway(GatewayReport {
+            node: "node-0".into(),
+            revision: 3,
+            node_encryption: Some(true),
+            peers: Vec::new(),
+            drops: Default::default(),
+        });
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(
+            json.starts_with(r#"{"type":"gateway","node":"node-0""#),
+            "{json}"
+        );
+        // One read may carry the hello, a garbage frame and a report: each decodes in turn.
+        let mut bytes = encode_json_frame(&hello, "hello", MAX_REPORT_FRAME).unwrap();
+        bytes.extend(encode_json_frame(&"not a report", "junk", 1024).unwrap());
+        bytes.extend(encode_json_frame(&report, "report", MAX_REPORT_FRAME).unwrap());
+        let mut decoder = FrameDecoder::new(MAX_REPORT_FRAME);
+        decoder.push(&bytes);
+        assert_eq!(decoder.next_json::<AgentHello>().unwrap(), Some(hello));
+        assert!(matches!(
+            decoder.next_json::<AgentReport>(),
+            Err(PeeringError::DecodeFrame { .. })
+        ));
+        assert_eq!(decoder.next_json::<AgentReport>().unwrap(), Some(report));
+        assert_eq!(decoder.buffered(), 0);
+        // A report type from a newer gateway is an error to skip, not a crash.
+        let unknown = encode_json_frame(&serde_json::json!({"type": "later"}), "x", 1024).unwrap();
+        decoder.push(&unknown);
+        assert!(decoder.next_json::<AgentReport>().is_err());
+        assert_eq!(decoder.buffered(), 0);
+    }
 
     #[test]
     fn a_desired_state_plans_peers_and_both_kinds_of_route() {

@@ -9,4 +9,5 @@ pub mod cluster;
 pub mod gateway;
 pub mod imports;
 pub mod peering;
+pub mod status;
 pub mod wgkey;

@@ -156,6 +156,12 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Changes the largest frame accepted from here on (a stream whose first frame is small
+    /// and later ones larger).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     /// How many bytes are buffered (for tests and metrics).
     pub fn buffered(&self) -> usize {
         self.buf.len()

@@ -2,13 +2,18 @@
 //! private key), then apply the desired state it streams (a snapshot, then deltas). When the
 //! controller goes away the data plane keeps running on the last state, and the gateway
 //! reconnects with backoff; after a reconnect it gets a fresh snapshot.
+//!
+//! On the same stream the gateway reports its tunnels (an `AgentReport`) right after the
+//! hello and then every `report_interval`, for the controller's `GET /status`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use trellis_core::agent::{AgentHello, GatewayDesired, GatewayRegistration, GatewayUpdate};
+use trellis_core::agent::{
+    AgentHello, AgentReport, GatewayDesired, GatewayRegistration, GatewayUpdate, MAX_REPORT_FRAME,
+};
 use trellis_core::peering::{FrameDecoder, encode_json_frame};
 use trellis_netns::Netns;
 
@@ -20,6 +25,8 @@ const MAX_FRAME: usize = 16 * 1024 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A report the controller does not take within this long ends the connection.
+const REPORT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the controller is and what to tell it.
 #[derive(Debug, Clone)]
@@ -27,6 +34,9 @@ pub struct ControllerSource {
     pub address: SocketAddr,
     pub token: Option<String>,
     pub registration: GatewayRegistration,
+    /// How often to report the tunnels' status
+    /// ([`trellis_core::status::REPORT_INTERVAL_SECONDS`] by default).
+    pub report_interval: Duration,
 }
 
 /// Why a connection to the controller ended.
@@ -40,6 +50,8 @@ enum SessionEnd {
     Read(std::io::Error),
     #[error("write: {0}")]
     Write(std::io::Error),
+    #[error("the controller did not take a report within {REPORT_WRITE_TIMEOUT:?}")]
+    ReportTimeout,
     #[error("{0}")]
     Frame(#[from] trellis_core::peering::PeeringError),
     #[error("delta from revision {from} does not follow revision {at}")]
@@ -121,9 +133,42 @@ async fn session<R: RouteTable>(
     let mut synced = false;
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut report_tick =
+        tokio::time::interval(source.report_interval.max(Duration::from_millis(100)));
+    report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut reader, mut writer) = stream.split();
     loop {
         tokio::select! {
-            read = stream.read(&mut buffer) => {
+            _ = report_tick.tick() => {
+                let report = match crate::status::report(
+                    &source.registration.node,
+                    &reconciler.device,
+                    &reconciler.metrics,
+                ).await {
+                    Ok(report) => report,
+                    Err(e) => {
+                        tracing::warn!("status report: {e}");
+                        continue;
+                    }
+                };
+                // A report too large for the controller is skipped, not sent to end the stream.
+                let frame = match encode_json_frame(
+                    &AgentReport::Gateway(report),
+                    "report",
+                    MAX_REPORT_FRAME,
+                ) {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        tracing::warn!("status report: {e}");
+                        continue;
+                    }
+                };
+                tokio::time::timeout(REPORT_WRITE_TIMEOUT, writer.write_all(&frame))
+                    .await
+                    .map_err(|_| SessionEnd::ReportTimeout)?
+                    .map_err(SessionEnd::Write)?;
+            }
+            read = reader.read(&mut buffer) => {
                 let n = read.map_err(SessionEnd::Read)?;
                 if n == 0 {
                     return Err(SessionEnd::Closed);
@@ -146,10 +191,11 @@ async fn session<R: RouteTable>(
                         }
                     }
                     *backoff = FIRST_BACKOFF;
-                    if let Some(state) = current.as_ref()
-                        && let Err(e) = reconciler.apply_plan(&state.plan()).await
-                    {
-                        tracing::warn!("apply desired state revision {}: {e}", state.revision);
+                    if let Some(state) = current.as_ref() {
+                        match reconciler.apply_plan(&state.plan()).await {
+                            Ok(()) => reconciler.metrics.set_node_encryption(state.node_encryption),
+                            Err(e) => tracing::warn!("apply desired state revision {}: {e}", state.revision),
+                        }
                     }
                 }
             }

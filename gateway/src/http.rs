@@ -1,4 +1,5 @@
-//! A tiny HTTP/1.1 server for `/metrics` and `/healthz`. It reads one bounded request per
+//! A tiny HTTP/1.1 server for `/metrics`, `/healthz` and `/status` (the gateway's
+//! [`trellis_core::status::GatewayReport`] as JSON). It reads one bounded request per
 //! connection, with a deadline, and closes the connection after answering.
 
 use std::time::Duration;
@@ -6,7 +7,15 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::device::DeviceHandle;
 use crate::metrics::Metrics;
+
+/// What `GET /status` reports on: the node's name and the running device loop.
+#[derive(Debug, Clone)]
+pub struct StatusSource {
+    pub node: String,
+    pub device: DeviceHandle,
+}
 
 const MAX_REQUEST: usize = 8192;
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -17,7 +26,8 @@ const HEALTHY_WITHIN_SECONDS: u64 = 5;
 const MAX_CONNECTIONS: usize = 32;
 
 /// Serves forever; each connection runs on its own task, at most `MAX_CONNECTIONS` at once.
-pub async fn serve(listener: TcpListener, metrics: Metrics) {
+/// Without a `status` source, `GET /status` is not found.
+pub async fn serve(listener: TcpListener, metrics: Metrics, status: Option<StatusSource>) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
@@ -27,8 +37,11 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) {
                     continue;
                 };
                 let metrics = metrics.clone();
+                let status = status.clone();
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(DEADLINE, answer(stream, &metrics)).await;
+                    let _ =
+                        tokio::time::timeout(DEADLINE, answer(stream, &metrics, status.as_ref()))
+                            .await;
                     drop(slot);
                 });
             }
@@ -68,7 +81,31 @@ pub fn route(request_line: &str, metrics: &Metrics) -> (&'static str, &'static s
     }
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+/// `GET /status`: the report as pretty JSON, or 503 when the device loop has stopped.
+async fn status(source: &StatusSource, metrics: &Metrics) -> (&'static str, &'static str, String) {
+    match crate::status::report(&source.node, &source.device, metrics).await {
+        Ok(report) => (
+            "200 OK",
+            "application/json",
+            serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+        ),
+        Err(e) => ("503 Service Unavailable", "text/plain", format!("{e}\n")),
+    }
+}
+
+fn is_status_request(request_line: &str) -> bool {
+    let mut parts = request_line.split_whitespace();
+    parts.next() == Some("GET")
+        && parts
+            .next()
+            .is_some_and(|path| path.split('?').next() == Some("/status"))
+}
+
+async fn answer(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    source: Option<&StatusSource>,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut len = 0;
     while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
@@ -83,7 +120,10 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
     }
     let text = String::from_utf8_lossy(&buf[..len]);
     let request_line = text.lines().next().unwrap_or("");
-    let (status, content_type, body) = route(request_line, metrics);
+    let (status, content_type, body) = match source {
+        Some(source) if is_status_request(request_line) => status(source, metrics).await,
+        _ => route(request_line, metrics),
+    };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -130,26 +170,44 @@ mod tests {
             .unwrap();
         let listener = TcpListener::from_std(listener).unwrap();
         let addr = listener.local_addr().unwrap();
-        let metrics = Metrics::new().unwrap();
+        let node = crate::device::tests::start(
+            &crate::device::tests::FakeNet::default(),
+            "198.18.0.1:51820",
+        );
+        let metrics = node.metrics.clone();
         metrics.beat();
-        let server = tokio::spawn(serve(listener, metrics));
-        let stream = ns
-            .run(move || {
-                let stream = std::net::TcpStream::connect(addr)?;
-                stream.set_nonblocking(true)?;
-                Ok::<_, std::io::Error>(stream)
-            })
-            .unwrap()
-            .unwrap();
-        let mut stream = TcpStream::from_std(stream).unwrap();
-        stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
+        let source = StatusSource {
+            node: "node-0".into(),
+            device: node.handle.clone(),
+        };
+        let server = tokio::spawn(serve(listener, metrics, Some(source)));
+        let get = async |path: &str| {
+            let stream = ns
+                .run(move || {
+                    let stream = std::net::TcpStream::connect(addr)?;
+                    stream.set_nonblocking(true)?;
+                    Ok::<_, std::io::Error>(stream)
+                })
+                .unwrap()
+                .unwrap();
+            let mut stream = TcpStream::from_std(stream).unwrap();
+            stream
+                .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            response
+        };
+        let response = get("/healthz").await;
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
         assert!(response.ends_with("ok\n"));
+        let response = get("/status").await;
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
+        let report: trellis_core::status::GatewayReport = serde_json::from_str(body).unwrap();
+        assert_eq!(report.node, "node-0");
+        assert!(report.peers.is_empty());
         server.abort();
     }
 }

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod metrics;
 pub mod peer_config;
 pub mod routes;
+pub mod status;
 
 pub use error::Error;
 pub use gateway::{Gateway, GatewayConfig, Reconciler};

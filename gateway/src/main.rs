@@ -70,7 +70,7 @@ struct RunArgs {
     /// The UDP endpoint other gateways reach this one at (this node's address and the port).
     #[arg(long, requires = "controller")]
     advertise_endpoint: Option<SocketAddr>,
-    /// Serve /metrics and /healthz here.
+    /// Serve /metrics, /healthz and /status (JSON: tunnel peers, applied state, drops) here.
     #[arg(long, default_value = "127.0.0.1:9586")]
     metrics_addr: SocketAddr,
     /// Routing protocol number marking the gateway's routes.
@@ -156,6 +156,10 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
     tokio::spawn(trellis_gateway::http::serve(
         listener,
         gateway.metrics.clone(),
+        Some(trellis_gateway::http::StatusSource {
+            node: args.node_name.clone().unwrap_or_default(),
+            device: gateway.device().clone(),
+        }),
     ));
     let controller = match args.controller {
         Some(address) => Some(ControllerSource {
@@ -174,6 +178,7 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
                 endpoint: args.advertise_endpoint.context("--advertise-endpoint")?,
                 public_key: gateway.public_key,
             },
+            report_interval: Duration::from_secs(trellis_core::status::REPORT_INTERVAL_SECONDS),
         }),
         None => None,
     };

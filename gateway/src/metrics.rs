@@ -1,7 +1,7 @@
 //! The gateway's metrics: one registry, owned here and passed down (never the global one).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::{
@@ -90,6 +90,9 @@ pub struct Metrics {
     pub(crate) state_revision: IntGauge,
     pub(crate) controller_connected: IntGauge,
     pub(crate) controller_updates: IntCounter,
+    node_encryption: IntGauge,
+    /// Whether the source said anything about node encryption (a file does not).
+    node_encryption_known: Arc<AtomicBool>,
     heartbeat: Arc<AtomicU64>,
 }
 
@@ -179,6 +182,11 @@ impl Metrics {
             "controller_connected",
             "1 while the gateway is registered with its controller and following its stream.",
         )?;
+        let node_encryption = gauge(
+            "node_encryption",
+            "1 while the desired state applied has node-to-node encryption on (0 also when its \
+             source, a desired-state file, does not say).",
+        )?;
         let controller_updates = IntCounter::new(
             name("controller_updates_total"),
             "Desired-state updates (snapshots and deltas) received from the controller.",
@@ -214,6 +222,8 @@ impl Metrics {
             state_revision,
             controller_connected,
             controller_updates,
+            node_encryption,
+            node_encryption_known: Arc::new(AtomicBool::new(false)),
             heartbeat: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -233,6 +243,19 @@ impl Metrics {
     /// Dropped packets for `reason` so far.
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops.with_label_values(&[reason.label()]).get()
+    }
+
+    /// Records the node-encryption mode of the desired state just applied.
+    pub fn set_node_encryption(&self, on: bool) {
+        self.node_encryption.set(i64::from(on));
+        self.node_encryption_known.store(true, Ordering::Relaxed);
+    }
+
+    /// The node-encryption mode applied; `None` when the source never said.
+    pub fn node_encryption(&self) -> Option<bool> {
+        self.node_encryption_known
+            .load(Ordering::Relaxed)
+            .then(|| self.node_encryption.get() == 1)
     }
 
     /// Removes every series of a peer that is gone.
@@ -293,6 +316,10 @@ mod tests {
         assert!(text.contains("trellis_gateway_drops_total{reason=\"malformed\"} 1"));
         assert!(text.contains("trellis_gateway_peer_tx_bytes_total{peer=\"b/n1\"} 10"));
         assert!(text.contains("trellis_gateway_drops_total{reason=\"replay\"} 0"));
+        assert!(text.contains("trellis_gateway_node_encryption 0"));
+        assert_eq!(metrics.node_encryption(), None);
+        metrics.set_node_encryption(true);
+        assert_eq!(metrics.node_encryption(), Some(true));
         metrics.forget_peer("b/n1");
         assert!(!metrics.render().contains("b/n1"));
     }

@@ -1,6 +1,7 @@
 //! Gateways following a controller's stream (a scripted controller speaking the agent
 //! protocol): registration, snapshot, deltas, a controller that goes away and comes back, and
-//! a garbage frame. Runs as root, in namespaces the test creates.
+//! a garbage frame; the status reports gateways send on the stream. Runs as root, in
+//! namespaces the test creates.
 
 mod common;
 
@@ -11,8 +12,8 @@ use common::{Node, two_nodes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use trellis_core::agent::{
-    AgentHello, AgentRole, GatewayDesired, GatewayRegistration, GatewayUpdate, PeerSpec, RouteSpec,
-    RouteVia,
+    AgentHello, AgentReport, AgentRole, GatewayDesired, GatewayRegistration, GatewayUpdate,
+    PeerSpec, RouteSpec, RouteVia,
 };
 use trellis_core::peering::{FrameDecoder, encode_json_frame};
 use trellis_gateway::controller::{ControllerSource, follow_controller};
@@ -23,6 +24,14 @@ const AGENT_PORT: u16 = 7444;
 
 /// Accepts one gateway and reads its hello.
 async fn accept(listener: &TcpListener) -> (TcpStream, GatewayRegistration, Option<String>) {
+    let (stream, registration, token, _) = accept_with_decoder(listener).await;
+    (stream, registration, token)
+}
+
+/// Accepts one gateway, reads its hello, and keeps the decoder for the reports that follow.
+async fn accept_with_decoder(
+    listener: &TcpListener,
+) -> (TcpStream, GatewayRegistration, Option<String>, FrameDecoder) {
     let (mut stream, _) = tokio::time::timeout(LONG, listener.accept())
         .await
         .expect("a gateway connects")
@@ -34,7 +43,7 @@ async fn accept(listener: &TcpListener) -> (TcpStream, GatewayRegistration, Opti
             let AgentRole::Gateway(registration) = hello.role else {
                 panic!("not a gateway hello")
             };
-            return (stream, registration, hello.token);
+            return (stream, registration, hello.token, decoder);
         }
         let n = tokio::time::timeout(LONG, stream.read(&mut buffer))
             .await
@@ -97,6 +106,29 @@ fn source(node: &Node, controller: SocketAddr) -> ControllerSource {
             endpoint: SocketAddr::new(node.underlay, 51820),
             public_key: node.gateway().public_key,
         },
+        report_interval: Duration::from_millis(200),
+    }
+}
+
+/// Reads the gateway's reports until one satisfies `want`.
+async fn report_until(
+    stream: &mut TcpStream,
+    decoder: &mut FrameDecoder,
+    want: impl Fn(&trellis_core::status::GatewayReport) -> bool,
+) -> trellis_core::status::GatewayReport {
+    let mut buffer = [0u8; 4096];
+    loop {
+        while let Some(AgentReport::Gateway(report)) = decoder.next_json::<AgentReport>().unwrap() {
+            if want(&report) {
+                return report;
+            }
+        }
+        let n = tokio::time::timeout(LONG, stream.read(&mut buffer))
+            .await
+            .expect("the gateway reports")
+            .unwrap();
+        assert!(n > 0, "gateway hung up");
+        decoder.push(&buffer[..n]);
     }
 }
 
@@ -122,8 +154,10 @@ async fn gateways_register_and_follow_the_controller_stream() {
     let script = async {
         // Both register: name, endpoint and public key (never a private key), with the token.
         let mut streams = std::collections::HashMap::new();
+        let mut decoders = std::collections::HashMap::new();
         for _ in 0..2 {
-            let (stream, registration, token) = accept(&listener).await;
+            let (stream, registration, token, decoder) = accept_with_decoder(&listener).await;
+            decoders.insert(registration.node.clone(), decoder);
             assert_eq!(token.as_deref(), Some("s3cret"));
             let node = if registration.node == a.name { &a } else { &b };
             assert_eq!(registration.public_key, node.gateway().public_key);
@@ -146,6 +180,28 @@ async fn gateways_register_and_follow_the_controller_stream() {
         .await;
         assert!(a.ping(to_b, LONG).await, "a -> b after the snapshots");
         assert!(b.ping(to_a, LONG).await, "b -> a after the snapshots");
+        // a reports its tunnel to b: the applied revision and mode, a handshake, traffic.
+        let mut decoder_a = decoders.remove(&a.name).unwrap();
+        let report = report_until(&mut stream_a, &mut decoder_a, |r| {
+            r.revision == 1 && r.peers.iter().any(|p| p.rx_bytes > 0 && p.tx_bytes > 0)
+        })
+        .await;
+        assert_eq!(report.node, a.name);
+        assert_eq!(report.node_encryption, Some(true));
+        assert_eq!(report.peers.len(), 1);
+        let tunnel = &report.peers[0];
+        assert_eq!(
+            (tunnel.cluster.as_str(), tunnel.node.as_str()),
+            ("west", b.name.as_str())
+        );
+        assert_eq!(tunnel.public_key, b.gateway().public_key);
+        assert_eq!(tunnel.endpoint, Some(SocketAddr::new(b.underlay, 51820)));
+        assert!(
+            tunnel
+                .last_handshake_age_seconds
+                .is_some_and(|age| age < 10),
+            "{tunnel:?}"
+        );
         assert!(
             a.gateway()
                 .metrics

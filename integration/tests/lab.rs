@@ -70,12 +70,21 @@ fn lab_up_meshes_two_clusters_and_down_removes_everything() {
     assert!(text(&again).contains("already up"), "{}", text(&again));
     assert_eq!(lab.namespaces().len(), 13, "the refused up built nothing");
 
-    let status = lab.trellis(&["status"]);
+    // Healthy once every gateway has reported its handshakes (they report every 5 s).
+    let mut status = lab.trellis(&["status"]);
+    for _ in 0..15 {
+        if status.status.success() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        status = lab.trellis(&["status"]);
+    }
     assert!(
         status.status.success() && text(&status).contains("10.2.1.2"),
         "{}",
         text(&status)
     );
+    assert!(text(&status).contains("TUNNEL PEER"), "{}", text(&status));
 
     assert_eq!(
         lab.processes().len(),

@@ -4,7 +4,9 @@
 //! In-process, [`GatewaySubscription`] and [`ImportsSubscription`] are the API (the DNS crate
 //! can embed or mirror them). Over the network, [`serve`] speaks the peering framing (4-byte
 //! big-endian length + JSON) on TCP: the client's first frame is an [`AgentHello`]; the
-//! controller then sends [`GatewayUpdate`]s or [`ImportsUpdate`]s.
+//! controller then sends [`GatewayUpdate`]s or [`ImportsUpdate`]s. A gateway also sends
+//! [`AgentReport`]s on its stream, which the hub keeps for `GET /status`; a report that does
+//! not parse or validate is counted and skipped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +17,7 @@ use tokio::sync::{Semaphore, watch};
 use trellis_core::imports::{Imports, ImportsUpdate};
 use trellis_core::peering::{FrameDecoder, encode_json_frame};
 
-pub use trellis_core::agent::{AgentHello, AgentRole};
+pub use trellis_core::agent::{AgentHello, AgentReport, AgentRole, MAX_REPORT_FRAME};
 
 use crate::gateway::{GatewayDesired, GatewayRegistration, GatewayUpdate, desired_for};
 use crate::hub::{Hub, MeshView};
@@ -115,6 +117,7 @@ async fn next_update<U>(
 #[derive(Debug)]
 pub struct GatewaySubscription {
     hub: Hub,
+    node: String,
     rx: watch::Receiver<Option<Arc<MeshView>>>,
     feed: GatewayFeed,
     started: bool,
@@ -123,9 +126,11 @@ pub struct GatewaySubscription {
 impl GatewaySubscription {
     pub fn new(hub: &Hub, registration: GatewayRegistration) -> Self {
         let feed = GatewayFeed::new(registration.node.clone());
+        let node = registration.node.clone();
         hub.register_gateway(registration);
         Self {
             hub: hub.clone(),
+            node,
             rx: hub.subscribe_view(),
             feed,
             started: false,
@@ -140,7 +145,7 @@ impl GatewaySubscription {
 
 impl Drop for GatewaySubscription {
     fn drop(&mut self) {
-        self.hub.gateway_disconnected();
+        self.hub.gateway_disconnected(&self.node);
     }
 }
 
@@ -202,7 +207,8 @@ pub async fn serve(listener: TcpListener, hub: Hub, max_frame: usize, token: Opt
     }
 }
 
-async fn read_hello(stream: &mut TcpStream) -> Result<AgentHello, String> {
+/// The hello, and the decoder holding whatever followed it in the same reads.
+async fn read_hello(stream: &mut TcpStream) -> Result<(AgentHello, FrameDecoder), String> {
     let mut decoder = FrameDecoder::new(HELLO_MAX);
     let mut buf = [0u8; 4096];
     loop {
@@ -210,7 +216,9 @@ async fn read_hello(stream: &mut TcpStream) -> Result<AgentHello, String> {
             .next_json::<AgentHello>()
             .map_err(|e| e.to_string())?
         {
-            return Ok(hello);
+            // What follows the hello is reports, which may be larger.
+            decoder.set_max(MAX_REPORT_FRAME);
+            return Ok((hello, decoder));
         }
         let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
         if n == 0 {
@@ -226,7 +234,7 @@ async fn subscriber(
     max_frame: usize,
     token: Option<Arc<str>>,
 ) -> Result<(), String> {
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
+    let (hello, mut reports) = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
         .map_err(|_| "no hello in time".to_string())??;
     if let Some(expected) = &token
@@ -240,7 +248,10 @@ async fn subscriber(
     match hello.role {
         AgentRole::Gateway(reg) => {
             tracing::info!(node = %reg.node, endpoint = %reg.endpoint, "gateway registered");
+            let node = reg.node.clone();
             let mut sub = GatewaySubscription::new(&hub, reg);
+            let mut buf = vec![0u8; 64 * 1024];
+            take_reports(&hub, &node, &mut reports)?;
             loop {
                 tokio::select! {
                     u = sub.next() => {
@@ -251,8 +262,14 @@ async fn subscriber(
                             .map_err(|_| "subscriber stopped reading".to_string())?
                             .map_err(|e| e.to_string())?;
                     }
-                    r = rd.read(&mut closed) => {
-                        if matches!(r, Ok(0) | Err(_)) { return Ok(()) }
+                    r = rd.read(&mut buf) => {
+                        match r {
+                            Ok(0) | Err(_) => return Ok(()),
+                            Ok(n) => {
+                                reports.push(&buf[..n]);
+                                take_reports(&hub, &node, &mut reports)?;
+                            }
+                        }
                     }
                 }
             }
@@ -273,6 +290,29 @@ async fn subscriber(
                         if matches!(r, Ok(0) | Err(_)) { return Ok(()) }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Hands every complete report in `decoder` to the hub. A frame that is not a valid report is
+/// counted and skipped; an oversized frame ends the stream (the framing is lost).
+fn take_reports(hub: &Hub, node: &str, decoder: &mut FrameDecoder) -> Result<(), String> {
+    loop {
+        match decoder.next_json::<AgentReport>() {
+            Ok(Some(AgentReport::Gateway(report))) => {
+                if let Err(e) = hub.gateway_report(node, report) {
+                    tracing::warn!(%node, error = %e, "refused a gateway report");
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(trellis_core::peering::PeeringError::DecodeFrame { reason }) => {
+                hub.metrics().gateway_report("rejected");
+                tracing::warn!(%node, %reason, "skipped an unreadable gateway report");
+            }
+            Err(e) => {
+                hub.metrics().gateway_report("rejected");
+                return Err(format!("gateway {node}: {e}"));
             }
         }
     }
@@ -379,6 +419,75 @@ mod tests {
         let update = read_update().await;
         assert!(state.apply(&update));
         assert!(state.node_encryption);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn gateway_reports_reach_the_status_and_garbage_is_counted() {
+        let h = hub();
+        h.set_source(src());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, h.clone(), 1 << 20, None));
+        let reg = GatewayRegistration {
+            node: "node-0".into(),
+            endpoint: "192.168.1.10:51820".parse().unwrap(),
+            public_key: PublicKey([3; 32]),
+        };
+        let report = |node: &str, revision| {
+            AgentReport::Gateway(trellis_core::status::GatewayReport {
+                node: node.into(),
+                revision,
+                node_encryption: Some(false),
+                peers: Vec::new(),
+                drops: Default::default(),
+            })
+        };
+        // The hello, a report in the same write, a frame that is no report and a report
+        // claiming another node: the first is kept, the other two are counted and skipped.
+        let mut bytes =
+            encode_json_frame(&AgentHello::gateway(reg, None), "hello", 1 << 20).unwrap();
+        bytes.extend(encode_json_frame(&report("node-0", 1), "r", 1 << 20).unwrap());
+        bytes.extend(encode_json_frame(&[1, 2, 3], "junk", 1 << 20).unwrap());
+        bytes.extend(encode_json_frame(&report("node-9", 2), "r", 1 << 20).unwrap());
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(&bytes).await.unwrap();
+        let node_status =
+            async |h: &Hub, want: &dyn Fn(&trellis_core::status::NodeStatus) -> bool| {
+                for _ in 0..250 {
+                    let status = h.status();
+                    if let Some(n) = status.nodes.iter().find(|n| n.node == "node-0")
+                        && want(n)
+                    {
+                        return n.clone();
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                panic!("node-0 never reached the wanted status: {:?}", h.status());
+            };
+        let seen = node_status(&h, &|n| n.report.is_some()).await;
+        assert!(seen.in_source && seen.registered && seen.connected);
+        assert_eq!(seen.report.unwrap().revision, 1);
+        assert_eq!(seen.report_age_seconds, Some(0));
+        let text = h.metrics().render();
+        assert!(
+            text.contains("trellis_controller_gateway_reports_total{result=\"accepted\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trellis_controller_gateway_reports_total{result=\"rejected\"} 2"),
+            "{text}"
+        );
+        // A later report replaces it; the stream closing leaves the report, marked
+        // disconnected.
+        conn.write_all(&encode_json_frame(&report("node-0", 5), "r", 1 << 20).unwrap())
+            .await
+            .unwrap();
+        node_status(&h, &|n| n.report.as_ref().is_some_and(|r| r.revision == 5)).await;
+        // An oversized frame ends the stream.
+        conn.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let gone = node_status(&h, &|n| !n.connected).await;
+        assert_eq!(gone.report.unwrap().revision, 5);
         server.abort();
     }
 

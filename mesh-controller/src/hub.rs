@@ -18,6 +18,7 @@ use trellis_core::cluster::{
     ServiceKey,
 };
 use trellis_core::imports::Imports;
+use trellis_core::status::{GatewayReport, ReportError};
 
 use crate::gateway::GatewayRegistration;
 use crate::mesh::Mesh;
@@ -75,33 +76,9 @@ pub struct HubConfig {
     pub startup_grace: Duration,
 }
 
-/// The controller's status, as JSON on `GET /status`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ControllerStatus {
-    pub cluster: ClusterId,
-    pub name: String,
-    pub source_synced: bool,
-    pub revision: u64,
-    pub node_encryption: bool,
-    pub gateways_connected: usize,
-    pub remotes: Vec<RemoteStatus>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct RemoteStatus {
-    pub cluster: ClusterId,
-    /// A peering session is up.
-    pub session: bool,
-    /// We hold its state (it may be disconnected, within its lease).
-    pub synced: bool,
-    pub revision: Option<u64>,
-    pub last_sync_unix: Option<u64>,
-    pub nodes: usize,
-    pub services: usize,
-    pub endpoints: usize,
-    /// Why the mesh refuses it, naming both clusters and CIDRs; empty when admitted.
-    pub refused: Vec<String>,
-}
+/// The controller's status, as JSON on `GET /status`: defined in `trellis-core` so that
+/// `trellis status` reads exactly what is served.
+pub use trellis_core::status::{ControllerStatus, NodeStatus, RemoteStatus};
 
 /// Why a second session with the same peer ID is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -147,6 +124,10 @@ struct Inner {
     source: Option<SourceState>,
     registrations: BTreeMap<String, GatewayRegistration>,
     gateways_connected: usize,
+    /// Open gateway streams per node (a reconnect may overlap the old stream briefly).
+    gateway_streams: BTreeMap<String, usize>,
+    /// Each node's latest gateway report and when it arrived.
+    reports: BTreeMap<String, (GatewayReport, Instant)>,
     local: Arc<ClusterState>,
     recent: VecDeque<Arc<Delta>>,
     mesh: Mesh,
@@ -179,6 +160,8 @@ impl Hub {
             source: None,
             registrations: BTreeMap::new(),
             gateways_connected: 0,
+            gateway_streams: BTreeMap::new(),
+            reports: BTreeMap::new(),
             local: Arc::new(local),
             recent: VecDeque::new(),
             mesh: Mesh::new(cfg.lease),
@@ -234,20 +217,28 @@ impl Hub {
         self.lock().local.clone()
     }
 
-    /// What `GET /status` shows (and a future `trellis status`): every configured peer with
-    /// its connection, revision, counts and, when refused, why.
+    /// What `GET /status` shows and `trellis status` renders: every configured peer with its
+    /// connection, revision, sync age and lag, counts and, when refused, why; every node with
+    /// its gateway's registration, stream and latest report (aged to now).
     pub fn status(&self) -> ControllerStatus {
         let inner = self.lock();
+        let now = Instant::now();
+        let wall = SystemTime::now();
         let remotes = inner
             .configured
             .iter()
             .map(|id| {
                 let r = inner.mesh.get(id);
+                let session = inner.sessions.contains_key(id);
                 RemoteStatus {
                     cluster: id.clone(),
-                    session: inner.sessions.contains_key(id),
+                    session,
                     synced: r.is_some(),
+                    ready: session && r.is_some_and(|r| r.connected && r.refused.is_none()),
                     revision: r.map(|r| r.state.revision),
+                    last_sync_age_seconds: r
+                        .map(|r| wall.duration_since(r.last_sync).map_or(0, |d| d.as_secs())),
+                    lag_seconds: r.map(|r| now.saturating_duration_since(r.last_heard).as_secs()),
                     last_sync_unix: r.and_then(|r| {
                         r.last_sync
                             .duration_since(SystemTime::UNIX_EPOCH)
@@ -264,14 +255,43 @@ impl Hub {
                 }
             })
             .collect();
+        let mut names: std::collections::BTreeSet<&String> = inner.registrations.keys().collect();
+        names.extend(inner.reports.keys());
+        if let Some(source) = &inner.source {
+            names.extend(source.nodes.keys());
+        }
+        let nodes = names
+            .into_iter()
+            .map(|node| {
+                let registration = inner.registrations.get(node);
+                let report = inner.reports.get(node).map(|(report, at)| {
+                    let age = now.saturating_duration_since(*at).as_secs();
+                    (report.aged(age), age)
+                });
+                NodeStatus {
+                    node: node.clone(),
+                    in_source: inner
+                        .source
+                        .as_ref()
+                        .is_some_and(|s| s.nodes.contains_key(node)),
+                    registered: registration.is_some(),
+                    connected: inner.gateway_streams.get(node).is_some_and(|n| *n > 0),
+                    endpoint: registration.map(|r| r.endpoint),
+                    report_age_seconds: report.as_ref().map(|(_, age)| *age),
+                    report: report.map(|(report, _)| report),
+                }
+            })
+            .collect();
         ControllerStatus {
             cluster: self.cfg.id.clone(),
             name: self.cfg.name.clone(),
             source_synced: inner.source.is_some(),
             revision: inner.local.revision,
+            mesh_revision: inner.view_revision,
             node_encryption: inner.node_encryption,
             gateways_connected: inner.gateways_connected,
             remotes,
+            nodes,
         }
     }
 
@@ -334,6 +354,7 @@ impl Hub {
                 "a gateway registered for a node the source does not know; it takes effect when the node appears"
             );
         }
+        *inner.gateway_streams.entry(reg.node.clone()).or_default() += 1;
         inner.registrations.insert(reg.node.clone(), reg);
         inner.gateways_connected += 1;
         self.metrics
@@ -342,10 +363,27 @@ impl Hub {
         self.recompose(&mut inner);
     }
 
-    /// A gateway's stream ended; its registration (and so its node's peers elsewhere) stays:
-    /// the data plane keeps running on the last state.
-    pub fn gateway_disconnected(&self) {
+    /// The gateway of `node` (registered on this stream) reported. A report for another node,
+    /// or one out of bounds, is refused (and counted) and changes nothing.
+    pub fn gateway_report(&self, node: &str, report: GatewayReport) -> Result<(), ReportError> {
+        if let Err(e) = report.validate(node) {
+            self.metrics.gateway_report("rejected");
+            return Err(e);
+        }
+        self.metrics.gateway_report("accepted");
+        self.lock()
+            .reports
+            .insert(node.to_string(), (report, Instant::now()));
+        Ok(())
+    }
+
+    /// The stream of `node`'s gateway ended; its registration (and so its node's peers
+    /// elsewhere) stays: the data plane keeps running on the last state.
+    pub fn gateway_disconnected(&self, node: &str) {
         let mut inner = self.lock();
+        if let Some(streams) = inner.gateway_streams.get_mut(node) {
+            *streams = streams.saturating_sub(1);
+        }
         inner.gateways_connected = inner.gateways_connected.saturating_sub(1);
         self.metrics
             .gateways_registered
@@ -935,6 +973,36 @@ mod tests {
             text.contains("trellis_controller_imported_endpoints{cluster=\"b\"} 1"),
             "{text}"
         );
+        // The status: b synced (ready once its session is up), c refused naming both.
+        let status = h.status();
+        assert!(status.mesh_revision > 0);
+        let remote = |status: &ControllerStatus, c: &str| {
+            status
+                .remotes
+                .iter()
+                .find(|r| r.cluster == id(c))
+                .cloned()
+                .unwrap()
+        };
+        let b = remote(&status, "b");
+        assert!(b.synced && !b.session && !b.ready, "{b:?}");
+        assert_eq!((b.lag_seconds, b.last_sync_age_seconds), (Some(0), Some(0)));
+        assert_eq!(b.services, 1);
+        let c = remote(&status, "c");
+        assert!(!c.ready && c.refused[0].contains("10.1.0.0/25"), "{c:?}");
+        let _ticket = h
+            .session_start(
+                &id("b"),
+                &id("a"),
+                b"cert",
+                "192.0.2.1:7443".parse().unwrap(),
+            )
+            .unwrap();
+        assert!(remote(&h.status(), "b").ready);
+        // The source's node has no gateway yet: listed, not registered, no report.
+        let node = &status.nodes[0];
+        assert!(node.in_source && !node.registered && !node.connected);
+        assert!(node.report.is_none() && node.report_age_seconds.is_none());
         h.withdraw(&id("b"));
         let view = h.subscribe_view().borrow().clone().unwrap();
         assert!(view.remotes.is_empty());

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub protocol_failures: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub gateways_registered: IntGauge,
+    pub gateway_reports: IntCounterVec,
     pub local_revision: IntGauge,
 }
 
@@ -139,6 +140,15 @@ impl Metrics {
                     "Node gateways registered with this controller.",
                 )?,
             )?,
+            gateway_reports: reg(
+                &r,
+                cv(
+                    "trellis_controller_gateway_reports_total",
+                    "Status reports from node gateways, by result (accepted, rejected: \
+                     unparsable, out of bounds or for another node).",
+                    &["result"],
+                )?,
+            )?,
             local_revision: reg(
                 &r,
                 g(
@@ -160,6 +170,10 @@ impl Metrics {
 
     pub fn auth_failure(&self, reason: &str) {
         self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn gateway_report(&self, result: &str) {
+        self.gateway_reports.with_label_values(&[result]).inc();
     }
 
     pub fn protocol_failure(&self, reason: &str) {
@@ -232,11 +246,13 @@ mod tests {
     fn renders_trellis_controller_metrics() {
         let m = Metrics::new().unwrap();
         m.auth_failure("unknown_ca");
+        m.gateway_report("rejected");
         m.remote_cluster_ready.with_label_values(&["east"]).set(1);
         let text = m.render();
         assert!(text.contains("trellis_controller_auth_failures_total{reason=\"unknown_ca\"} 1"));
         assert!(text.contains("trellis_controller_remote_cluster_ready{cluster=\"east\"} 1"));
         assert!(text.contains("trellis_controller_gateways_registered 0"));
+        assert!(text.contains("trellis_controller_gateway_reports_total{result=\"rejected\"} 1"));
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@ const UNDERLAY_MTU: u32 = 1500;
 /// The pod MTU: the underlay less WireGuard's 80 bytes.
 const POD_MTU: u32 = UNDERLAY_MTU - 80;
 /// How long the connectivity matrix waits for each probe (generous: the machine may be busy).
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The bridge inside the switch namespace.
 const SWITCH_BRIDGE: &str = "br0";
 
@@ -454,7 +454,7 @@ fn wait_for_mesh(state: &LabState) {
     }
 }
 
-fn print_layout(state: &LabState) {
+pub(super) fn print_layout(state: &LabState) {
     for cluster in &state.clusters {
         println!("cluster {} (pods {})", cluster.name, cluster.pod_cidr);
         for node in &cluster.nodes {
@@ -570,12 +570,6 @@ pub fn set_node_encryption(dir: &Path, state: &mut LabState, on: bool) -> anyhow
         if on { "on" } else { "off" }
     );
     Ok(())
-}
-
-pub fn print_status(state: &LabState) {
-    println!("lab {:?}", state.lab);
-    print_layout(state);
-    connectivity::print(&connectivity::measure(state, PROBE_TIMEOUT));
 }
 
 pub fn exec(state: &LabState, target: &str, command: &[String]) -> anyhow::Result<ExitCode> {

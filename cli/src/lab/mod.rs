@@ -5,6 +5,7 @@ mod connectivity;
 mod control;
 mod processes;
 mod services;
+mod status;
 mod topology;
 
 use std::path::PathBuf;
@@ -56,8 +57,13 @@ enum LabCommand {
         #[arg(long)]
         bin_dir: Option<PathBuf>,
     },
-    /// Show what the lab is made of and whether its pods reach each other.
-    Status,
+    /// Show what the lab is made of, each cluster's mesh as its controller reports it (peer
+    /// clusters, gateways, tunnels) and whether its pods reach each other. Exits 1 when
+    /// anything is unhealthy.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = crate::status::Output::Table)]
+        output: crate::status::Output,
+    },
     /// Run a command inside a pod or node: `trellis lab exec c1/pod-0 -- ping 10.1.0.2`.
     Exec {
         /// `c1/pod-0` or `c1/node-0`.
@@ -130,11 +136,10 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             build::set_node_encryption(&dir, &mut state, mode == OnOff::On)?;
             Ok(ExitCode::SUCCESS)
         }
-        LabCommand::Status => {
+        LabCommand::Status { output } => {
             let state =
                 LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
-            build::print_status(&state);
-            Ok(ExitCode::SUCCESS)
+            status::run(&state, output)
         }
         LabCommand::Exec { target, command } => {
             let state =

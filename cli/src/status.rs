@@ -1,0 +1,525 @@
+//! `trellis status`: a controller's `GET /status` as tables (or the JSON document itself),
+//! judged healthy or not. Rendering is pure (status document in, text out); fetching is a
+//! small blocking HTTP/1.1 GET.
+//!
+//! Exit codes: 0 healthy; 1 something is unhealthy (a peer cluster not connected, synced or
+//! admitted, a node without a connected, reporting gateway, a stale or missing handshake —
+//! see [`trellis_core::status::problems`]); 2 the controller could not be reached or did not
+//! answer with a status document.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use trellis_core::status::{ControllerStatus, GatewayReport, problems};
+
+/// How long a status request may take, connecting and reading.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest status document read.
+const MAX_RESPONSE: u64 = 16 * 1024 * 1024;
+
+pub const EXIT_UNHEALTHY: u8 = 1;
+pub const EXIT_UNREACHABLE: u8 = 2;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned tables for people.
+    Table,
+    /// The status document, for scripts.
+    Json,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The controller's metrics address, e.g. `http://127.0.0.1:9464` (on Kubernetes through
+    /// `kubectl port-forward`).
+    #[arg(long)]
+    controller: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let status = match parse_controller_url(&args.controller).and_then(|(host, base)| {
+        let addr = resolve(&host)?;
+        let body = http_get(addr, &host, &format!("{base}/status"), FETCH_TIMEOUT)?;
+        parse_status(&body)
+    }) {
+        Ok(status) => status,
+        Err(error) => {
+            eprintln!("error: controller {}: {error:#}", args.controller);
+            return Ok(ExitCode::from(EXIT_UNREACHABLE));
+        }
+    };
+    let problems = problems(&status);
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Output::Table => {
+            print!("{}", render(&status));
+            print!("{}", render_problems(&problems));
+        }
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_UNHEALTHY)
+    })
+}
+
+/// `http://HOST:PORT[/prefix]` (or `HOST:PORT`) into `HOST:PORT` and the path prefix.
+pub fn parse_controller_url(url: &str) -> anyhow::Result<(String, String)> {
+    let rest = match url.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some((scheme, _)) => bail!("{scheme}:// is not supported; the metrics port speaks http"),
+        None => url,
+    };
+    let (host, path) = match rest.find('/') {
+        Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    if host.is_empty() {
+        bail!("{url:?} names no host");
+    }
+    let host = if host
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+        && !host.ends_with(']')
+    {
+        host.to_string()
+    } else {
+        format!("{host}:80")
+    };
+    Ok((host, path.to_string()))
+}
+
+fn resolve(host: &str) -> anyhow::Result<SocketAddr> {
+    host.to_socket_addrs()
+        .with_context(|| format!("resolve {host}"))?
+        .next()
+        .with_context(|| format!("{host} resolves to no address"))
+}
+
+/// A blocking GET of `path`; the body of a 200 answer.
+pub fn http_get(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream
+        .take(MAX_RESPONSE)
+        .read_to_end(&mut response)
+        .with_context(|| format!("read the answer from {addr}"))?;
+    response_body(&response)
+}
+
+/// The body of an HTTP/1.1 response, if its status is 200 (honouring Content-Length).
+pub fn response_body(response: &[u8]) -> anyhow::Result<String> {
+    let text = String::from_utf8_lossy(response);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("not an HTTP response");
+    };
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let code = status_line.split_whitespace().nth(1).unwrap_or_default();
+    if code != "200" {
+        bail!("answered {status_line:?}");
+    }
+    let length = lines.find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    Ok(match length {
+        Some(length) if length <= body.len() => body[..length].to_string(),
+        _ => body.to_string(),
+    })
+}
+
+pub fn parse_status(body: &str) -> anyhow::Result<ControllerStatus> {
+    serde_json::from_str(body).context("the answer is not a controller status document")
+}
+
+/// Columns padded to their widest cell, two spaces apart; no trailing blanks.
+struct Table {
+    header: Vec<&'static str>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&'static str]) -> Self {
+        Self {
+            header: header.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn render(&self, indent: &str) -> String {
+        let columns = self.header.len();
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate().take(columns) {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        let header: Vec<String> = self.header.iter().map(|h| h.to_string()).collect();
+        for row in std::iter::once(&header).chain(&self.rows) {
+            let mut line = String::from(indent);
+            for (i, cell) in row.iter().enumerate().take(columns) {
+                line.push_str(cell);
+                if i + 1 < columns {
+                    let pad = widths[i] - cell.chars().count() + 2;
+                    line.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn yes_no(value: bool) -> String {
+    if value { "yes" } else { "no" }.into()
+}
+
+fn on_off(value: bool) -> &'static str {
+    if value { "on" } else { "off" }
+}
+
+/// `5s`, `3m12s`, `2h05m`, `3d04h`.
+pub fn human_age(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+/// Bytes in binary units: `512 B`, `1.2 KiB`, `3.4 MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// Unix seconds as ISO 8601 UTC (`2026-11-27T03:41:07Z`).
+pub fn format_utc(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs % 3600) / 60,
+        secs % 60
+    )
+}
+
+fn drops(report: &GatewayReport) -> String {
+    let total = report.total_drops();
+    if total == 0 {
+        return "0".into();
+    }
+    let mut reasons: Vec<(&String, &u64)> = report.drops.iter().collect();
+    reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let named: Vec<String> = reasons
+        .iter()
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
+    format!("{total} ({})", named.join(", "))
+}
+
+/// One controller's status as tables: the cluster, its peer clusters, its nodes' gateways and
+/// their tunnel peers.
+pub fn render(status: &ControllerStatus) -> String {
+    let mut out = String::new();
+    let connected = status.nodes.iter().filter(|n| n.connected).count();
+    let _ = writeln!(
+        out,
+        "cluster {}{}  revision {} (mesh view {})  node encryption {}  source {}  gateways {connected}/{} connected",
+        status.cluster,
+        if status.name != status.cluster.as_str() {
+            format!(" ({})", status.name)
+        } else {
+            String::new()
+        },
+        status.revision,
+        status.mesh_revision,
+        on_off(status.node_encryption),
+        if status.source_synced {
+            "synced"
+        } else {
+            "not synced"
+        },
+        status.nodes.len(),
+    );
+
+    out.push('\n');
+    if status.remotes.is_empty() {
+        out.push_str("  no peer clusters configured\n");
+    } else {
+        let mut peers = Table::new(&[
+            "PEER CLUSTER",
+            "CONNECTED",
+            "READY",
+            "REVISION",
+            "LAST SYNC",
+            "LAG",
+            "IMPORTED SERVICES",
+            "ENDPOINTS",
+            "NOTE",
+        ]);
+        for remote in &status.remotes {
+            let last_sync = match (remote.last_sync_unix, remote.last_sync_age_seconds) {
+                (Some(at), Some(age)) => format!("{} ({} ago)", format_utc(at), human_age(age)),
+                (Some(at), None) => format_utc(at),
+                _ => "never".into(),
+            };
+            let note = if !remote.refused.is_empty() {
+                format!("refused: {}", remote.refused.join("; "))
+            } else if remote.session && !remote.synced {
+                "waiting for its snapshot".into()
+            } else if !remote.session && remote.synced {
+                "disconnected; its state is kept until its lease runs out".into()
+            } else {
+                String::new()
+            };
+            // A refused cluster's services and endpoints are not imported.
+            let (services, endpoints) = if remote.refused.is_empty() {
+                (remote.services, remote.endpoints)
+            } else {
+                (0, 0)
+            };
+            peers.row(vec![
+                remote.cluster.to_string(),
+                yes_no(remote.session),
+                yes_no(remote.ready),
+                remote.revision.map_or("-".into(), |r| r.to_string()),
+                last_sync,
+                remote.lag_seconds.map_or("-".into(), human_age),
+                services.to_string(),
+                endpoints.to_string(),
+                note,
+            ]);
+        }
+        out.push_str(&peers.render("  "));
+    }
+
+    out.push('\n');
+    let mut nodes = Table::new(&[
+        "NODE",
+        "GATEWAY",
+        "ENDPOINT",
+        "REPORT",
+        "ENCRYPTION",
+        "PLAN",
+        "DROPS",
+    ]);
+    let mut tunnels = Table::new(&[
+        "NODE",
+        "TUNNEL PEER",
+        "ENDPOINT",
+        "HANDSHAKE",
+        "HANDSHAKES",
+        "RX",
+        "TX",
+    ]);
+    for node in &status.nodes {
+        let gateway = match (node.registered, node.connected) {
+            (_, true) => "connected",
+            (true, false) => "disconnected",
+            (false, false) => "not registered",
+        };
+        let (encryption, revision, dropped) = match &node.report {
+            Some(report) => (
+                report
+                    .node_encryption
+                    .map_or("-".into(), |on| on_off(on).to_string()),
+                report.revision.to_string(),
+                drops(report),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        nodes.row(vec![
+            node.node.clone(),
+            gateway.into(),
+            node.endpoint.map_or("-".into(), |e| e.to_string()),
+            node.report_age_seconds
+                .map_or("none".into(), |age| format!("{} ago", human_age(age))),
+            encryption,
+            revision,
+            dropped,
+        ]);
+        for peer in node.report.iter().flat_map(|r| &r.peers) {
+            tunnels.row(vec![
+                node.node.clone(),
+                peer.name(),
+                peer.endpoint.map_or("-".into(), |e| e.to_string()),
+                peer.last_handshake_age_seconds
+                    .map_or("never".into(), |age| format!("{} ago", human_age(age))),
+                peer.handshakes.to_string(),
+                human_bytes(peer.rx_bytes),
+                human_bytes(peer.tx_bytes),
+            ]);
+        }
+    }
+    if status.nodes.is_empty() {
+        out.push_str("  no nodes\n");
+    } else {
+        out.push_str(&nodes.render("  "));
+    }
+    if !tunnels.rows.is_empty() {
+        out.push('\n');
+        out.push_str(&tunnels.render("  "));
+    }
+    out
+}
+
+/// `healthy`, or the problems, one per line.
+pub fn render_problems(problems: &[String]) -> String {
+    if problems.is_empty() {
+        return "\nhealthy\n".into();
+    }
+    let mut out = format!("\nunhealthy ({}):\n", problems.len());
+    for problem in problems {
+        let _ = writeln!(out, "  {problem}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEALTHY: &str = include_str!("../tests/fixtures/status-healthy.json");
+    const BROKEN: &str = include_str!("../tests/fixtures/status-broken.json");
+
+    #[test]
+    fn a_healthy_status_renders_as_aligned_tables() {
+        let status = parse_status(HEALTHY).unwrap();
+        let text = render(&status);
+        let expected = include_str!("../tests/fixtures/status-healthy.txt");
+        assert_eq!(text, expected, "\n{text}");
+        assert!(problems(&status).is_empty());
+        assert_eq!(render_problems(&[]), "\nhealthy\n");
+    }
+
+    #[test]
+    fn an_unhealthy_status_names_what_is_wrong() {
+        let status = parse_status(BROKEN).unwrap();
+        let text = render(&status);
+        let expected = include_str!("../tests/fixtures/status-broken.txt");
+        assert_eq!(text, expected, "\n{text}");
+        let problems = problems(&status);
+        let listed = render_problems(&problems);
+        assert!(listed.starts_with("\nunhealthy (5):\n"), "{listed}");
+        assert!(
+            listed.contains("c1: peer cluster c3 is refused: pod CIDR 10.1.0.0/16 of c1 overlaps 10.1.0.0/16 of c3"),
+            "{listed}"
+        );
+        assert!(
+            listed.contains("c1: peer cluster c2 is not connected"),
+            "{listed}"
+        );
+        assert!(
+            listed.contains("c1/node-0: stale handshake with c2/node-0 (200s ago)"),
+            "{listed}"
+        );
+        assert!(
+            listed.contains("c1/node-1: the gateway is not connected"),
+            "{listed}"
+        );
+        assert!(
+            listed.contains("c1/node-1: no report from the gateway"),
+            "{listed}"
+        );
+        assert!(
+            !listed.contains("c1/node-1 yet"),
+            "a peer inside the cluster may be idle"
+        );
+    }
+
+    #[test]
+    fn units_ages_and_times() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024 + 1), "5.0 MiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+        assert_eq!(human_age(0), "0s");
+        assert_eq!(human_age(192), "3m12s");
+        assert_eq!(human_age(7500), "2h05m");
+        assert_eq!(human_age(3 * 86_400 + 4 * 3600), "3d04h");
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(1_795_750_867), "2026-11-27T03:41:07Z");
+    }
+
+    #[test]
+    fn controller_urls_and_http_answers() {
+        assert_eq!(
+            parse_controller_url("http://127.0.0.1:9464").unwrap(),
+            ("127.0.0.1:9464".into(), String::new())
+        );
+        assert_eq!(
+            parse_controller_url("localhost:9464/").unwrap(),
+            ("localhost:9464".into(), String::new())
+        );
+        assert_eq!(
+            parse_controller_url("http://ctl.example/trellis/").unwrap(),
+            ("ctl.example:80".into(), "/trellis".into())
+        );
+        assert!(parse_controller_url("https://x:1").is_err());
+        assert!(parse_controller_url("http://").is_err());
+        let ok =
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+        assert_eq!(response_body(ok).unwrap(), "{}");
+        let missing = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+        assert!(
+            response_body(missing)
+                .unwrap_err()
+                .to_string()
+                .contains("404")
+        );
+        assert!(response_body(b"garbage").is_err());
+        assert!(parse_status("{}").is_err());
+    }
+}

@@ -250,6 +250,11 @@ pub fn problems(status: &ControllerStatus) -> Vec<String> {
             out.push(format!("{name}: no report from the gateway"));
             continue;
         };
+        if report.revision == 0 {
+            out.push(format!(
+                "{name}: the gateway has not applied a desired state yet"
+            ));
+        }
         match node.report_age_seconds {
             Some(age) if age > REPORT_STALE_SECONDS => {
                 out.push(format!(
@@ -399,6 +404,13 @@ mod tests {
         unsynced.remotes[0].synced = false;
         unsynced.nodes[0].report = None;
         assert_eq!(problems(&unsynced).len(), 3, "{:?}", problems(&unsynced));
+        // A gateway that registered but has applied nothing yet (revision 0) is not ready.
+        let mut fresh = healthy();
+        fresh.nodes[0].report.as_mut().unwrap().revision = 0;
+        assert_eq!(
+            problems(&fresh),
+            ["c1/node-0: the gateway has not applied a desired state yet"]
+        );
     }
 
     #[test]

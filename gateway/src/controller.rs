@@ -4,7 +4,8 @@
 //! reconnects with backoff; after a reconnect it gets a fresh snapshot.
 //!
 //! On the same stream the gateway reports its tunnels (an `AgentReport`) right after the
-//! hello and then every `report_interval`, for the controller's `GET /status`.
+//! hello, after each plan it applies, and every `report_interval`, for the controller's
+//! `GET /status`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -193,7 +194,11 @@ async fn session<R: RouteTable>(
                     *backoff = FIRST_BACKOFF;
                     if let Some(state) = current.as_ref() {
                         match reconciler.apply_plan(&state.plan()).await {
-                            Ok(()) => reconciler.metrics.set_node_encryption(state.node_encryption),
+                            Ok(()) => {
+                                reconciler.metrics.set_node_encryption(state.node_encryption);
+                                // The controller hears about a newly applied plan at once.
+                                report_tick.reset_immediately();
+                            }
                             Err(e) => tracing::warn!("apply desired state revision {}: {e}", state.revision),
                         }
                     }

@@ -123,8 +123,9 @@ impl Gateway {
     pub async fn start(netns: Option<&Netns>, config: &GatewayConfig) -> Result<Self, Error> {
         let keys = KeyPair::load_or_generate(&config.state_dir)?;
         let metrics = Metrics::new()?;
-        let tun = RealTun::open(netns, &config.interface, config.device.mtu)?;
-        let udp = RealUdp::bind(netns, config.listen_port)?;
+        let offload = config.device.offload;
+        let tun = RealTun::open(netns, &config.interface, config.device.mtu, offload)?;
+        let udp = RealUdp::bind(netns, config.listen_port, offload)?;
         let listen_port = udp.local_port().map_err(|source| Error::BindUdp {
             addr: ([0, 0, 0, 0], config.listen_port).into(),
             source,

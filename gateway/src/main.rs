@@ -54,6 +54,10 @@ struct RunArgs {
     /// Packets processed per wake-up on each side.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Do not ask for TUN (TSO/USO) or UDP (GSO/GRO) offloads: one packet per read and
+    /// write. Also set by the environment variable TRELLIS_GATEWAY_NO_OFFLOAD=1.
+    #[arg(long)]
+    no_offload: bool,
     /// JSON desired state to follow (trellis_core::gateway::GatewayState): a file, polled,
     /// or `-` for one JSON document per line on stdin.
     #[arg(long, conflicts_with = "controller")]
@@ -112,6 +116,8 @@ impl RunArgs {
             device: DeviceConfig {
                 mtu: self.mtu,
                 batch: self.batch,
+                offload: !self.no_offload
+                    && std::env::var_os("TRELLIS_GATEWAY_NO_OFFLOAD").is_none_or(|v| v != "1"),
                 ..DeviceConfig::default()
             },
         })

@@ -90,6 +90,8 @@ pub struct Metrics {
     pub(crate) state_revision: IntGauge,
     pub(crate) controller_connected: IntGauge,
     pub(crate) controller_updates: IntCounter,
+    pub(crate) offload_enabled: IntGaugeVec,
+    pub(crate) offload_refused: IntCounterVec,
     heartbeat: Arc<AtomicU64>,
 }
 
@@ -184,6 +186,28 @@ impl Metrics {
             "Desired-state updates (snapshots and deltas) received from the controller.",
         )?;
         registry.register(Box::new(controller_updates.clone()))?;
+        let offload_enabled = IntGaugeVec::new(
+            Opts::new(
+                name("offload_enabled"),
+                "1 while the data path uses this offload (tun_tso, tun_uso, udp_gso, udp_gro).",
+            ),
+            &["feature"],
+        )?;
+        registry.register(Box::new(offload_enabled.clone()))?;
+        let offload_refused = IntCounterVec::new(
+            Opts::new(
+                name("offload_refused_total"),
+                "Times the kernel or device refused an offload (at the start probe or a send).",
+            ),
+            &["feature"],
+        )?;
+        registry.register(Box::new(offload_refused.clone()))?;
+        for feature in crate::io::Feature::ALL {
+            offload_enabled.with_label_values(&[feature.label()]).set(0);
+            offload_refused
+                .with_label_values(&[feature.label()])
+                .inc_by(0);
+        }
         let reconcile_errors = IntCounter::new(
             name("reconcile_errors_total"),
             "Reconciliations of routes that failed (and will be retried).",
@@ -214,6 +238,8 @@ impl Metrics {
             state_revision,
             controller_connected,
             controller_updates,
+            offload_enabled,
+            offload_refused,
             heartbeat: Arc::new(AtomicU64::new(0)),
         })
     }

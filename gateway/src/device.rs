@@ -234,6 +234,8 @@ pub struct Device<T: Tun, U: Udp> {
     /// Handshakes, cookies, keepalives, timers.
     scratch: Vec<u8>,
     commands: mpsc::Receiver<Command>,
+    /// Resolves (or its sender drops) when the loop is to stop at once.
+    stop: Option<oneshot::Receiver<()>>,
     /// Consecutive TUN read failures, and the last one.
     tun_failures: u32,
     last_tun_error: Option<std::io::Error>,
@@ -286,11 +288,18 @@ impl<T: Tun, U: Udp> Device<T, U> {
             offloads_seen: Offloads::default(),
             scratch: vec![0; stride],
             commands,
+            stop: None,
             tun_failures: 0,
             last_tun_error: None,
             config: DeviceConfig { batch, ..config },
         };
         (device, DeviceHandle { commands: sender })
+    }
+
+    /// Stops the loop as soon as `stop` resolves or its sender is dropped.
+    pub fn stop_on(mut self, stop: oneshot::Receiver<()>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// Runs until every [`DeviceHandle`] is dropped (`Ok`) or the TUN fails for good, e.g.
@@ -340,6 +349,14 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     Some(command) => self.handle(command),
                     None => break,
                 },
+                _ = async {
+                    match &mut self.stop {
+                        Some(stop) => {
+                            let _ = stop.await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => break,
             }
         }
         self.forget_all();

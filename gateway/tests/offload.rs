@@ -38,9 +38,8 @@ fn offload_gauge(node: &Node, feature: &str) -> String {
 /// Streams `BYTES` from a's pod to an echo server on b's pod and reads them back.
 async fn bulk_echo(a: &Node, b: &Node) {
     let server = SocketAddr::new(b.pod, 9000);
-    let listener = b
-        .ns
-        .run(move || {
+    let listener =
+        b.ns.run(move || {
             let listener = std::net::TcpListener::bind(server)?;
             listener.set_nonblocking(true)?;
             Ok::<_, std::io::Error>(listener)
@@ -55,9 +54,8 @@ async fn bulk_echo(a: &Node, b: &Node) {
         write.shutdown().await.unwrap();
     });
     let source = a.pod;
-    let client = a
-        .ns
-        .run(move || {
+    let client =
+        a.ns.run(move || {
             let socket = socket2::Socket::new(
                 socket2::Domain::IPV4,
                 socket2::Type::STREAM,

@@ -40,8 +40,9 @@ pub struct DeviceConfig {
     pub mtu: u16,
     /// Packets read per wake-up, on each side.
     pub batch: usize,
-    /// Handshake messages per second before the gateway demands cookies. Every accepted
-    /// initiation is counted twice (device demux and `Tunn`), hence the default of 2 × 100.
+    /// Handshake initiations per second the gateway answers before it demands cookies
+    /// (counted once, at the device's demultiplexer). A burst of this many peers comes up in
+    /// one wave; past it, senders must prove their address first.
     pub handshake_rate_limit: u64,
     /// How often WireGuard's timers run (boringtun recommends 250 ms).
     pub timer_interval: Duration,
@@ -54,7 +55,7 @@ impl Default for DeviceConfig {
         Self {
             mtu: 1420,
             batch: 64,
-            handshake_rate_limit: 200,
+            handshake_rate_limit: 2000,
             timer_interval: Duration::from_millis(250),
             offload: true,
         }
@@ -208,6 +209,9 @@ pub struct Device<T: Tun, U: Udp> {
     udp: U,
     keys: KeyPair,
     limiter: Arc<RateLimiter>,
+    /// What every `Tunn` checks again (MAC1, cookies) after the device's limiter admitted a
+    /// message: unlimited, so the policy is counted once, by `limiter`.
+    tunn_limiter: Arc<RateLimiter>,
     metrics: Metrics,
     config: DeviceConfig,
     peers: HashMap<u32, Peer>,
@@ -258,6 +262,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
     ) -> (Self, DeviceHandle) {
         let (sender, commands) = mpsc::channel(16);
         let limiter = Arc::new(RateLimiter::new(keys.public(), config.handshake_rate_limit));
+        let tunn_limiter = Arc::new(RateLimiter::new(keys.public(), u64::MAX));
         // Room for the largest packet the TUN gives plus WireGuard's 32 bytes of overhead,
         // and never less than a handshake message.
         let stride = (usize::from(config.mtu) + 64).max(256);
@@ -271,6 +276,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
             udp,
             keys,
             limiter,
+            tunn_limiter,
             metrics,
             peers: HashMap::new(),
             by_key: HashMap::new(),
@@ -433,7 +439,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
             None,
             keepalive,
             slot,
-            Some(self.limiter.clone()),
+            Some(self.tunn_limiter.clone()),
         )
     }
 

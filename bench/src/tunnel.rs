@@ -16,13 +16,13 @@ use serde_json::Value;
 use trellis_netns::testing::TempNetns;
 use trellis_netns::{Netlink, Netns, VethSpec, probe};
 
-const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-const UNDERLAY_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub(crate) const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub(crate) const UNDERLAY_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// Inner addresses, only ever inside the benchmark's namespaces.
 const INNER_A: Ipv4Addr = Ipv4Addr::new(10, 99, 1, 1);
 const INNER_B: Ipv4Addr = Ipv4Addr::new(10, 99, 2, 1);
 const TUNNEL_MTU: u32 = 1420;
-const WG_PORT: u16 = 51820;
+pub(crate) const WG_PORT: u16 = 51820;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -56,12 +56,12 @@ struct Measurement {
     cpu_seconds_per_gbit: f64,
 }
 
-struct Pair {
-    a: TempNetns,
-    b: TempNetns,
+pub(crate) struct Pair {
+    pub(crate) a: TempNetns,
+    pub(crate) b: TempNetns,
 }
 
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -70,7 +70,7 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 }
 
 impl Pair {
-    fn new() -> anyhow::Result<Self> {
+    pub(crate) fn new() -> anyhow::Result<Self> {
         let a = TempNetns::new("bench-tun-a")?;
         let b = TempNetns::new("bench-tun-b")?;
         block_on(async {
@@ -145,7 +145,7 @@ fn run_in(netns: &Netns, program: &str, args: &[&str]) -> anyhow::Result<String>
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
-fn wg_keypair() -> anyhow::Result<(String, String)> {
+pub(crate) fn wg_keypair() -> anyhow::Result<(String, String)> {
     let private = Command::new("wg")
         .arg("genkey")
         .output()
@@ -163,7 +163,11 @@ fn wg_keypair() -> anyhow::Result<(String, String)> {
     Ok((private, public))
 }
 
-fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+pub(crate) fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while !ready() {
         if Instant::now() > deadline {
@@ -260,9 +264,9 @@ fn start_userspace_wg(
     Ok(running)
 }
 
-fn boringtun_path(options: &Options) -> anyhow::Result<PathBuf> {
-    if let Some(path) = &options.boringtun {
-        return Ok(path.clone());
+pub(crate) fn boringtun_path(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path.to_path_buf());
     }
     let exe = std::env::current_exe()?;
     let installed = exe
@@ -414,7 +418,7 @@ fn start(pair: &Pair, contender: &str, options: &Options) -> anyhow::Result<Runn
         "wireguard-go" => start_userspace_wg(pair, Path::new("wireguard-go"), &["-f"], "wg"),
         "boringtun" => start_userspace_wg(
             pair,
-            &boringtun_path(options)?,
+            &boringtun_path(options.boringtun.as_deref())?,
             &["-f", "--disable-drop-privileges", "--log", "/dev/null"],
             "bt",
         ),

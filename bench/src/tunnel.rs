@@ -54,6 +54,9 @@ struct Measurement {
     rcvbuf_errors: u64,
     /// Machine-wide busy CPU seconds per gigabit moved.
     cpu_seconds_per_gbit: f64,
+    /// CPU seconds (user + system) of the tunnel's own processes, both sides, per gigabit:
+    /// what the implementation costs, whatever else the machine runs.
+    tunnel_cpu_seconds_per_gbit: f64,
 }
 
 pub(crate) struct Pair {
@@ -443,6 +446,21 @@ fn cpu_jiffies() -> anyhow::Result<(u64, u64)> {
     Ok((total - idle, total))
 }
 
+/// User + system CPU seconds the processes have used so far.
+fn process_cpu_seconds(processes: &[Child]) -> anyhow::Result<f64> {
+    let mut ticks = 0u64;
+    for child in processes {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))?;
+        // The fields after the command name (which may hold spaces) start after its ')'.
+        let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        ticks += fields.get(11).context("utime")?.parse::<u64>()?
+            + fields.get(12).context("stime")?.parse::<u64>()?;
+    }
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    Ok(ticks as f64 / hz)
+}
+
 /// UDP receive-buffer overflows seen by the namespace.
 fn rcvbuf_errors(netns: &Netns) -> anyhow::Result<u64> {
     let snmp = netns.run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
@@ -575,10 +593,12 @@ fn measure(contender: &str, flows: u32, options: &Options) -> anyhow::Result<Mea
     let errors_before = rcvbuf_errors(&pair.a)? + rcvbuf_errors(&pair.b)?;
     let capture = Capture::start(&pair.a)?;
     let (busy_before, _) = cpu_jiffies()?;
+    let tunnel_before = process_cpu_seconds(&running.processes)?;
     let started = Instant::now();
     let gbps = iperf(&pair, &running, flows, options.seconds)?;
     let elapsed = started.elapsed().as_secs_f64();
     let (busy_after, _) = cpu_jiffies()?;
+    let tunnel_cpu = process_cpu_seconds(&running.processes)? - tunnel_before;
     let plaintext = capture.stop()?;
     if running.encrypted && !plaintext.is_empty() {
         bail!(
@@ -603,6 +623,7 @@ fn measure(contender: &str, flows: u32, options: &Options) -> anyhow::Result<Mea
         rtt_ms,
         rcvbuf_errors: rcvbuf,
         cpu_seconds_per_gbit: busy_seconds / gbits.max(f64::EPSILON),
+        tunnel_cpu_seconds_per_gbit: tunnel_cpu / gbits.max(f64::EPSILON),
     })
 }
 
@@ -625,13 +646,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 let measurement = measure(contender, flows, options)
                     .with_context(|| format!("{contender}, {flows} flow(s)"))?;
                 println!(
-                    "  {:<13} {} flow(s): {:>6.2} Gb/s  rtt {:.3} ms  rcvbuf errors {:>7}  cpu {:.2} s/Gb",
+                    "  {:<13} {} flow(s): {:>6.2} Gb/s  rtt {:.3} ms  rcvbuf errors {:>7}  machine cpu {:.2} s/Gb  tunnel cpu {:.2} s/Gb",
                     measurement.contender,
                     flows,
                     measurement.gbps,
                     measurement.rtt_ms,
                     measurement.rcvbuf_errors,
-                    measurement.cpu_seconds_per_gbit
+                    measurement.cpu_seconds_per_gbit,
+                    measurement.tunnel_cpu_seconds_per_gbit
                 );
                 results.push(measurement);
             }
@@ -658,15 +680,27 @@ fn mean(
 fn print_summary(results: &[Measurement], contenders: &[String]) {
     println!();
     println!(
-        "{:<13} {:>10} {:>10} {:>10} {:>12}",
-        "contender", "1 flow", "4 flows", "rtt ms", "cpu s/Gb (1)"
+        "{:<13} {:>10} {:>10} {:>10} {:>16} {:>16} {:>16}",
+        "contender",
+        "1 flow",
+        "4 flows",
+        "rtt ms",
+        "machine s/Gb (1)",
+        "tunnel s/Gb (1)",
+        "tunnel s/Gb (4)"
     );
     for contender in contenders {
         let one = mean(results, contender, 1, |m| m.gbps).unwrap_or(f64::NAN);
         let four = mean(results, contender, 4, |m| m.gbps).unwrap_or(f64::NAN);
         let rtt = mean(results, contender, 1, |m| m.rtt_ms).unwrap_or(f64::NAN);
         let cpu = mean(results, contender, 1, |m| m.cpu_seconds_per_gbit).unwrap_or(f64::NAN);
-        println!("{contender:<13} {one:>9.2}G {four:>9.2}G {rtt:>10.3} {cpu:>12.2}");
+        let tunnel_one =
+            mean(results, contender, 1, |m| m.tunnel_cpu_seconds_per_gbit).unwrap_or(f64::NAN);
+        let tunnel_four =
+            mean(results, contender, 4, |m| m.tunnel_cpu_seconds_per_gbit).unwrap_or(f64::NAN);
+        println!(
+            "{contender:<13} {one:>9.2}G {four:>9.2}G {rtt:>10.3} {cpu:>16.2} {tunnel_one:>16.2} {tunnel_four:>16.2}"
+        );
     }
     if contenders.iter().any(|c| c == "trellis") {
         for peer in contenders
@@ -680,6 +714,12 @@ fn print_summary(results: &[Measurement], contenders: &[String]) {
                 ) {
                     println!("trellis / {peer}, {flows} flow(s): {:.2}x", ours / theirs);
                 }
+            }
+            if let (Some(ours), Some(theirs)) = (
+                mean(results, "trellis", 1, |m| m.rtt_ms),
+                mean(results, peer, 1, |m| m.rtt_ms),
+            ) {
+                println!("trellis / {peer}, rtt: {:.2}x", ours / theirs);
             }
         }
     }

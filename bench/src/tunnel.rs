@@ -677,14 +677,35 @@ fn mean(
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
+/// The median over every run of `contender` (RTT is measured before each run, whatever its
+/// flow count, and is noisy on a shared VM: one idle vCPU to wake costs tens of microseconds).
+fn median_of(
+    results: &[Measurement],
+    contender: &str,
+    field: fn(&Measurement) -> f64,
+) -> Option<f64> {
+    let mut values: Vec<f64> = results
+        .iter()
+        .filter(|m| m.contender == contender)
+        .map(field)
+        .collect();
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
 fn print_summary(results: &[Measurement], contenders: &[String]) {
     println!();
     println!(
-        "{:<13} {:>10} {:>10} {:>10} {:>16} {:>16} {:>16}",
+        "{:<13} {:>10} {:>10} {:>12} {:>16} {:>16} {:>16}",
         "contender",
         "1 flow",
         "4 flows",
-        "rtt ms",
+        "rtt ms (med)",
         "machine s/Gb (1)",
         "tunnel s/Gb (1)",
         "tunnel s/Gb (4)"
@@ -692,14 +713,14 @@ fn print_summary(results: &[Measurement], contenders: &[String]) {
     for contender in contenders {
         let one = mean(results, contender, 1, |m| m.gbps).unwrap_or(f64::NAN);
         let four = mean(results, contender, 4, |m| m.gbps).unwrap_or(f64::NAN);
-        let rtt = mean(results, contender, 1, |m| m.rtt_ms).unwrap_or(f64::NAN);
+        let rtt = median_of(results, contender, |m| m.rtt_ms).unwrap_or(f64::NAN);
         let cpu = mean(results, contender, 1, |m| m.cpu_seconds_per_gbit).unwrap_or(f64::NAN);
         let tunnel_one =
             mean(results, contender, 1, |m| m.tunnel_cpu_seconds_per_gbit).unwrap_or(f64::NAN);
         let tunnel_four =
             mean(results, contender, 4, |m| m.tunnel_cpu_seconds_per_gbit).unwrap_or(f64::NAN);
         println!(
-            "{contender:<13} {one:>9.2}G {four:>9.2}G {rtt:>10.3} {cpu:>16.2} {tunnel_one:>16.2} {tunnel_four:>16.2}"
+            "{contender:<13} {one:>9.2}G {four:>9.2}G {rtt:>12.3} {cpu:>16.2} {tunnel_one:>16.2} {tunnel_four:>16.2}"
         );
     }
     if contenders.iter().any(|c| c == "trellis") {
@@ -716,8 +737,8 @@ fn print_summary(results: &[Measurement], contenders: &[String]) {
                 }
             }
             if let (Some(ours), Some(theirs)) = (
-                mean(results, "trellis", 1, |m| m.rtt_ms),
-                mean(results, peer, 1, |m| m.rtt_ms),
+                median_of(results, "trellis", |m| m.rtt_ms),
+                median_of(results, peer, |m| m.rtt_ms),
             ) {
                 println!("trellis / {peer}, rtt: {:.2}x", ours / theirs);
             }

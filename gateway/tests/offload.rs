@@ -7,15 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{Node, two_bare_nodes};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use trellis_gateway::metrics::DropReason;
 
 const BYTES: usize = 24 << 20;
-
-fn pattern(at: usize) -> u8 {
-    (at.wrapping_mul(2_654_435_761) >> 13) as u8
-}
 
 async fn start(node: &mut Node, offload: bool) {
     let mut config = node.config();
@@ -33,77 +27,6 @@ fn offload_gauge(node: &Node, feature: &str) -> String {
         .find_map(|l| l.strip_prefix(&key))
         .unwrap_or("missing")
         .to_string()
-}
-
-/// Streams `BYTES` from a's pod to an echo server on b's pod and reads them back.
-async fn bulk_echo(a: &Node, b: &Node) {
-    let server = SocketAddr::new(b.pod, 9000);
-    let listener =
-        b.ns.run(move || {
-            let listener = std::net::TcpListener::bind(server)?;
-            listener.set_nonblocking(true)?;
-            Ok::<_, std::io::Error>(listener)
-        })
-        .unwrap()
-        .unwrap();
-    let listener = TcpListener::from_std(listener).unwrap();
-    let echo = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let (mut read, mut write) = stream.into_split();
-        tokio::io::copy(&mut read, &mut write).await.unwrap();
-        write.shutdown().await.unwrap();
-    });
-    let source = a.pod;
-    let client =
-        a.ns.run(move || {
-            let socket = socket2::Socket::new(
-                socket2::Domain::IPV4,
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            socket.bind(&SocketAddr::new(source, 0).into())?;
-            socket.connect_timeout(&server.into(), Duration::from_secs(10))?;
-            socket.set_nonblocking(true)?;
-            Ok::<_, std::io::Error>(std::net::TcpStream::from(socket))
-        })
-        .unwrap()
-        .expect("connect through the tunnel");
-    let stream = TcpStream::from_std(client).unwrap();
-    let (mut read, mut write) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        let mut chunk = vec![0u8; 256 << 10];
-        let mut at = 0;
-        while at < BYTES {
-            let len = chunk.len().min(BYTES - at);
-            for (i, byte) in chunk[..len].iter_mut().enumerate() {
-                *byte = pattern(at + i);
-            }
-            write.write_all(&chunk[..len]).await.unwrap();
-            at += len;
-        }
-        write.shutdown().await.unwrap();
-    });
-    let reader = async {
-        let mut buf = vec![0u8; 256 << 10];
-        let mut at = 0;
-        loop {
-            let len = read.read(&mut buf).await.unwrap();
-            if len == 0 {
-                break;
-            }
-            for (i, byte) in buf[..len].iter().enumerate() {
-                assert_eq!(*byte, pattern(at + i), "byte {} differs", at + i);
-            }
-            at += len;
-        }
-        at
-    };
-    let received = tokio::time::timeout(Duration::from_secs(120), reader)
-        .await
-        .expect("bulk transfer timed out");
-    assert_eq!(received, BYTES);
-    writer.await.unwrap();
-    echo.await.unwrap();
 }
 
 async fn run(prefix: &str, offload_a: bool, offload_b: bool) {
@@ -127,7 +50,7 @@ async fn run(prefix: &str, offload_a: bool, offload_b: bool) {
             assert_eq!(offload_gauge(node, feature), expected, "{feature}");
         }
     }
-    bulk_echo(&a, &b).await;
+    common::bulk_echo(&a, &b, BYTES).await;
     for node in [&a, &b] {
         for reason in [
             DropReason::Malformed,

@@ -3,6 +3,7 @@
 
 mod cni;
 mod dns;
+mod handshakes;
 mod stats;
 mod tunnel;
 
@@ -23,6 +24,9 @@ enum Bench {
     Dns(dns::Options),
     /// Plain veth, wireguard-go, boringtun-cli and trellis-gateway: throughput, RTT, CPU.
     Tunnel(tunnel::Options),
+    /// N initiators at once against wireguard-go, boringtun-cli and trellis-gateway: time
+    /// until every session is up.
+    Handshakes(handshakes::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,5 +34,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Cni(options) => cni::run(&options),
         Bench::Tunnel(options) => tunnel::run(&options),
         Bench::Dns(options) => dns::run(&options),
+        Bench::Handshakes(options) => handshakes::run(&options),
     }
 }

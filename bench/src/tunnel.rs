@@ -16,13 +16,13 @@ use serde_json::Value;
 use trellis_netns::testing::TempNetns;
 use trellis_netns::{Netlink, Netns, VethSpec, probe};
 
-const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-const UNDERLAY_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub(crate) const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub(crate) const UNDERLAY_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// Inner addresses, only ever inside the benchmark's namespaces.
 const INNER_A: Ipv4Addr = Ipv4Addr::new(10, 99, 1, 1);
 const INNER_B: Ipv4Addr = Ipv4Addr::new(10, 99, 2, 1);
 const TUNNEL_MTU: u32 = 1420;
-const WG_PORT: u16 = 51820;
+pub(crate) const WG_PORT: u16 = 51820;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -54,14 +54,17 @@ struct Measurement {
     rcvbuf_errors: u64,
     /// Machine-wide busy CPU seconds per gigabit moved.
     cpu_seconds_per_gbit: f64,
+    /// CPU seconds (user + system) of the tunnel's own processes, both sides, per gigabit:
+    /// what the implementation costs, whatever else the machine runs.
+    tunnel_cpu_seconds_per_gbit: f64,
 }
 
-struct Pair {
-    a: TempNetns,
-    b: TempNetns,
+pub(crate) struct Pair {
+    pub(crate) a: TempNetns,
+    pub(crate) b: TempNetns,
 }
 
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -70,7 +73,7 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 }
 
 impl Pair {
-    fn new() -> anyhow::Result<Self> {
+    pub(crate) fn new() -> anyhow::Result<Self> {
         let a = TempNetns::new("bench-tun-a")?;
         let b = TempNetns::new("bench-tun-b")?;
         block_on(async {
@@ -145,7 +148,7 @@ fn run_in(netns: &Netns, program: &str, args: &[&str]) -> anyhow::Result<String>
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
-fn wg_keypair() -> anyhow::Result<(String, String)> {
+pub(crate) fn wg_keypair() -> anyhow::Result<(String, String)> {
     let private = Command::new("wg")
         .arg("genkey")
         .output()
@@ -163,7 +166,11 @@ fn wg_keypair() -> anyhow::Result<(String, String)> {
     Ok((private, public))
 }
 
-fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+pub(crate) fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while !ready() {
         if Instant::now() > deadline {
@@ -260,9 +267,9 @@ fn start_userspace_wg(
     Ok(running)
 }
 
-fn boringtun_path(options: &Options) -> anyhow::Result<PathBuf> {
-    if let Some(path) = &options.boringtun {
-        return Ok(path.clone());
+pub(crate) fn boringtun_path(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path.to_path_buf());
     }
     let exe = std::env::current_exe()?;
     let installed = exe
@@ -414,7 +421,7 @@ fn start(pair: &Pair, contender: &str, options: &Options) -> anyhow::Result<Runn
         "wireguard-go" => start_userspace_wg(pair, Path::new("wireguard-go"), &["-f"], "wg"),
         "boringtun" => start_userspace_wg(
             pair,
-            &boringtun_path(options)?,
+            &boringtun_path(options.boringtun.as_deref())?,
             &["-f", "--disable-drop-privileges", "--log", "/dev/null"],
             "bt",
         ),
@@ -437,6 +444,21 @@ fn cpu_jiffies() -> anyhow::Result<(u64, u64)> {
     let total: u64 = fields.iter().sum();
     let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
     Ok((total - idle, total))
+}
+
+/// User + system CPU seconds the processes have used so far.
+fn process_cpu_seconds(processes: &[Child]) -> anyhow::Result<f64> {
+    let mut ticks = 0u64;
+    for child in processes {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))?;
+        // The fields after the command name (which may hold spaces) start after its ')'.
+        let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        ticks += fields.get(11).context("utime")?.parse::<u64>()?
+            + fields.get(12).context("stime")?.parse::<u64>()?;
+    }
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    Ok(ticks as f64 / hz)
 }
 
 /// UDP receive-buffer overflows seen by the namespace.
@@ -571,10 +593,12 @@ fn measure(contender: &str, flows: u32, options: &Options) -> anyhow::Result<Mea
     let errors_before = rcvbuf_errors(&pair.a)? + rcvbuf_errors(&pair.b)?;
     let capture = Capture::start(&pair.a)?;
     let (busy_before, _) = cpu_jiffies()?;
+    let tunnel_before = process_cpu_seconds(&running.processes)?;
     let started = Instant::now();
     let gbps = iperf(&pair, &running, flows, options.seconds)?;
     let elapsed = started.elapsed().as_secs_f64();
     let (busy_after, _) = cpu_jiffies()?;
+    let tunnel_cpu = process_cpu_seconds(&running.processes)? - tunnel_before;
     let plaintext = capture.stop()?;
     if running.encrypted && !plaintext.is_empty() {
         bail!(
@@ -599,6 +623,7 @@ fn measure(contender: &str, flows: u32, options: &Options) -> anyhow::Result<Mea
         rtt_ms,
         rcvbuf_errors: rcvbuf,
         cpu_seconds_per_gbit: busy_seconds / gbits.max(f64::EPSILON),
+        tunnel_cpu_seconds_per_gbit: tunnel_cpu / gbits.max(f64::EPSILON),
     })
 }
 
@@ -621,13 +646,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 let measurement = measure(contender, flows, options)
                     .with_context(|| format!("{contender}, {flows} flow(s)"))?;
                 println!(
-                    "  {:<13} {} flow(s): {:>6.2} Gb/s  rtt {:.3} ms  rcvbuf errors {:>7}  cpu {:.2} s/Gb",
+                    "  {:<13} {} flow(s): {:>6.2} Gb/s  rtt {:.3} ms  rcvbuf errors {:>7}  machine cpu {:.2} s/Gb  tunnel cpu {:.2} s/Gb",
                     measurement.contender,
                     flows,
                     measurement.gbps,
                     measurement.rtt_ms,
                     measurement.rcvbuf_errors,
-                    measurement.cpu_seconds_per_gbit
+                    measurement.cpu_seconds_per_gbit,
+                    measurement.tunnel_cpu_seconds_per_gbit
                 );
                 results.push(measurement);
             }
@@ -651,18 +677,51 @@ fn mean(
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
+/// The median over every run of `contender` (RTT is measured before each run, whatever its
+/// flow count, and is noisy on a shared VM: one idle vCPU to wake costs tens of microseconds).
+fn median_of(
+    results: &[Measurement],
+    contender: &str,
+    field: fn(&Measurement) -> f64,
+) -> Option<f64> {
+    let mut values: Vec<f64> = results
+        .iter()
+        .filter(|m| m.contender == contender)
+        .map(field)
+        .collect();
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
 fn print_summary(results: &[Measurement], contenders: &[String]) {
     println!();
     println!(
-        "{:<13} {:>10} {:>10} {:>10} {:>12}",
-        "contender", "1 flow", "4 flows", "rtt ms", "cpu s/Gb (1)"
+        "{:<13} {:>10} {:>10} {:>12} {:>16} {:>16} {:>16}",
+        "contender",
+        "1 flow",
+        "4 flows",
+        "rtt ms (med)",
+        "machine s/Gb (1)",
+        "tunnel s/Gb (1)",
+        "tunnel s/Gb (4)"
     );
     for contender in contenders {
         let one = mean(results, contender, 1, |m| m.gbps).unwrap_or(f64::NAN);
         let four = mean(results, contender, 4, |m| m.gbps).unwrap_or(f64::NAN);
-        let rtt = mean(results, contender, 1, |m| m.rtt_ms).unwrap_or(f64::NAN);
+        let rtt = median_of(results, contender, |m| m.rtt_ms).unwrap_or(f64::NAN);
         let cpu = mean(results, contender, 1, |m| m.cpu_seconds_per_gbit).unwrap_or(f64::NAN);
-        println!("{contender:<13} {one:>9.2}G {four:>9.2}G {rtt:>10.3} {cpu:>12.2}");
+        let tunnel_one =
+            mean(results, contender, 1, |m| m.tunnel_cpu_seconds_per_gbit).unwrap_or(f64::NAN);
+        let tunnel_four =
+            mean(results, contender, 4, |m| m.tunnel_cpu_seconds_per_gbit).unwrap_or(f64::NAN);
+        println!(
+            "{contender:<13} {one:>9.2}G {four:>9.2}G {rtt:>12.3} {cpu:>16.2} {tunnel_one:>16.2} {tunnel_four:>16.2}"
+        );
     }
     if contenders.iter().any(|c| c == "trellis") {
         for peer in contenders
@@ -676,6 +735,12 @@ fn print_summary(results: &[Measurement], contenders: &[String]) {
                 ) {
                     println!("trellis / {peer}, {flows} flow(s): {:.2}x", ours / theirs);
                 }
+            }
+            if let (Some(ours), Some(theirs)) = (
+                median_of(results, "trellis", |m| m.rtt_ms),
+                median_of(results, peer, |m| m.rtt_ms),
+            ) {
+                println!("trellis / {peer}, rtt: {:.2}x", ours / theirs);
             }
         }
     }

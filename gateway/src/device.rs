@@ -8,6 +8,7 @@
 //! 24 bits are the peer's slot (boringtun's `Tunn` uses `index << 8`).
 
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,9 +25,13 @@ use trellis_core::wgkey::PublicKey;
 
 use crate::Error;
 use crate::allowed_ips::AllowedIps;
-use crate::io::{Tun, Udp};
+use crate::io::{Feature, Offloads, TUN_HEADROOM, Tun, Udp};
 use crate::keys::KeyPair;
 use crate::metrics::{DropReason, Metrics, unix_now};
+use crate::offload::{
+    GsoGroup, MAX_SPLIT_SEGMENTS, UDP_MAX_GSO_BYTES, UDP_MAX_SEGMENTS, gro_segments,
+    plan_gso_groups,
+};
 
 /// How the loop is sized. Validated once by the binary's config.
 #[derive(Debug, Clone)]
@@ -35,11 +40,14 @@ pub struct DeviceConfig {
     pub mtu: u16,
     /// Packets read per wake-up, on each side.
     pub batch: usize,
-    /// Handshake messages per second before the gateway demands cookies. Every accepted
-    /// initiation is counted twice (device demux and `Tunn`), hence the default of 2 × 100.
+    /// Handshake initiations per second the gateway answers before it demands cookies
+    /// (counted once, at the device's demultiplexer). A burst of this many peers comes up in
+    /// one wave; past it, senders must prove their address first.
     pub handshake_rate_limit: u64,
     /// How often WireGuard's timers run (boringtun recommends 250 ms).
     pub timer_interval: Duration,
+    /// Ask for TUN (TSO/USO) and UDP (GSO/GRO) offloads; each is probed and falls back.
+    pub offload: bool,
 }
 
 impl Default for DeviceConfig {
@@ -47,8 +55,9 @@ impl Default for DeviceConfig {
         Self {
             mtu: 1420,
             batch: 64,
-            handshake_rate_limit: 200,
+            handshake_rate_limit: 2000,
             timer_interval: Duration::from_millis(250),
+            offload: true,
         }
     }
 }
@@ -182,27 +191,16 @@ impl Peer {
     }
 }
 
-/// Fixed packet buffers: `batch` slots of `stride` bytes per direction.
-struct Slots {
-    stride: usize,
-    data: Vec<u8>,
-    lens: Vec<usize>,
-}
+/// Room for one receive: a GRO read holds up to 64 KiB of datagrams.
+const MAX_UDP_READ: usize = 65_536;
+/// Receive buffer: several GRO reads, or many single datagrams, per wake-up.
+const NET_IN_BYTES: usize = 8 * MAX_UDP_READ;
+/// Rounds of read, process, write per wake-up before the loop looks at its other sources.
+const ROUNDS_PER_WAKE: usize = 4;
 
-impl Slots {
-    fn new(batch: usize, stride: usize) -> Self {
-        Self {
-            stride,
-            data: vec![0; batch * stride],
-            lens: vec![0; batch],
-        }
-    }
-    fn slot_mut(&mut self, i: usize) -> &mut [u8] {
-        &mut self.data[i * self.stride..(i + 1) * self.stride]
-    }
-    fn filled(&self, i: usize) -> &[u8] {
-        &self.data[i * self.stride..i * self.stride + self.lens[i]]
-    }
+/// `count` packet buffers of `len` bytes each, allocated once.
+fn buffers(count: usize, len: usize) -> Vec<Vec<u8>> {
+    (0..count).map(|_| vec![0; len]).collect()
 }
 
 /// The loop's state. Build it with [`Device::new`], run it with [`Device::run`].
@@ -211,25 +209,37 @@ pub struct Device<T: Tun, U: Udp> {
     udp: U,
     keys: KeyPair,
     limiter: Arc<RateLimiter>,
+    /// What every `Tunn` checks again (MAC1, cookies) after the device's limiter admitted a
+    /// message: unlimited, so the policy is counted once, by `limiter`.
+    tunn_limiter: Arc<RateLimiter>,
     metrics: Metrics,
     config: DeviceConfig,
     peers: HashMap<u32, Peer>,
     by_key: HashMap<PublicKey, u32>,
     allowed: AllowedIps<u32>,
     next_slot: u32,
-    /// Packets from the TUN, and the datagrams they became.
-    tun_in: Slots,
-    net_out: Slots,
-    /// Which of `net_out` to send where, this batch.
-    net_sends: Vec<(usize, SocketAddr)>,
-    /// Datagrams from the network, their sources, and the packets they became.
-    net_in: Slots,
-    net_from: Vec<SocketAddr>,
-    tun_out: Slots,
-    tun_writes: Vec<usize>,
+    /// Packet buffer length: the largest packet the TUN gives plus WireGuard's overhead.
+    stride: usize,
+    /// Packets from the TUN (super-packets already split) and their lengths.
+    tun_in: Vec<Vec<u8>>,
+    tun_sizes: Vec<usize>,
+    /// The datagrams they became: `net_out[k][..net_plan[k].0]` goes to `net_plan[k].1`.
+    net_out: Vec<Vec<u8>>,
+    net_plan: Vec<(usize, SocketAddr)>,
+    /// `net_plan` cut into GSO sends.
+    groups: Vec<GsoGroup>,
+    /// Datagrams from the network: (start in `net_in`, length, source).
+    net_in: Vec<u8>,
+    net_datagrams: Vec<(usize, usize, SocketAddr)>,
+    /// The packets they became, each after `TUN_HEADROOM` bytes of room.
+    tun_out: Vec<Vec<u8>>,
+    /// The offloads last reported to the metrics.
+    offloads_seen: Offloads,
     /// Handshakes, cookies, keepalives, timers.
     scratch: Vec<u8>,
     commands: mpsc::Receiver<Command>,
+    /// Resolves (or its sender drops) when the loop is to stop at once.
+    stop: Option<oneshot::Receiver<()>>,
     /// Consecutive TUN read failures, and the last one.
     tun_failures: u32,
     last_tun_error: Option<std::io::Error>,
@@ -252,34 +262,50 @@ impl<T: Tun, U: Udp> Device<T, U> {
     ) -> (Self, DeviceHandle) {
         let (sender, commands) = mpsc::channel(16);
         let limiter = Arc::new(RateLimiter::new(keys.public(), config.handshake_rate_limit));
+        let tunn_limiter = Arc::new(RateLimiter::new(keys.public(), u64::MAX));
         // Room for the largest packet the TUN gives plus WireGuard's 32 bytes of overhead,
         // and never less than a handshake message.
         let stride = (usize::from(config.mtu) + 64).max(256);
         let batch = config.batch.max(1);
+        // A read may split into a whole super-packet's segments: keep room for one beyond
+        // the batch.
+        let tun_slots = batch + MAX_SPLIT_SEGMENTS;
+        let net_slots = batch + UDP_MAX_SEGMENTS;
         let device = Self {
             tun,
             udp,
             keys,
             limiter,
+            tunn_limiter,
             metrics,
             peers: HashMap::new(),
             by_key: HashMap::new(),
             allowed: AllowedIps::default(),
             next_slot: 1,
-            tun_in: Slots::new(batch, stride),
-            net_out: Slots::new(batch, stride),
-            net_sends: Vec::with_capacity(batch),
-            net_in: Slots::new(batch, stride),
-            net_from: Vec::with_capacity(batch),
-            tun_out: Slots::new(batch, stride),
-            tun_writes: Vec::with_capacity(batch),
+            stride,
+            tun_in: buffers(tun_slots, stride),
+            tun_sizes: vec![0; tun_slots],
+            net_out: buffers(tun_slots, stride),
+            net_plan: Vec::with_capacity(tun_slots),
+            groups: Vec::with_capacity(tun_slots),
+            net_in: vec![0; NET_IN_BYTES],
+            net_datagrams: Vec::with_capacity(net_slots),
+            tun_out: buffers(net_slots, TUN_HEADROOM + stride),
+            offloads_seen: Offloads::default(),
             scratch: vec![0; stride],
             commands,
+            stop: None,
             tun_failures: 0,
             last_tun_error: None,
             config: DeviceConfig { batch, ..config },
         };
         (device, DeviceHandle { commands: sender })
+    }
+
+    /// Stops the loop as soon as `stop` resolves or its sender is dropped.
+    pub fn stop_on(mut self, stop: oneshot::Receiver<()>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// Runs until every [`DeviceHandle`] is dropped (`Ok`) or the TUN fails for good, e.g.
@@ -291,6 +317,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
         timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
         let ticks_per_second = (1000 / self.config.timer_interval.as_millis().max(1)).max(1) as u64;
+        self.report_offloads();
         loop {
             tokio::select! {
                 ready = self.tun.readable() => {
@@ -328,10 +355,38 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     Some(command) => self.handle(command),
                     None => break,
                 },
+                _ = async {
+                    match &mut self.stop {
+                        Some(stop) => {
+                            let _ = stop.await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => break,
             }
         }
         self.forget_all();
         Ok(())
+    }
+
+    /// Mirrors the offloads in use, and any new refusals, into the metrics.
+    fn report_offloads(&mut self) {
+        let now = self.tun.offloads().merge(self.udp.offloads());
+        for (i, feature) in Feature::ALL.iter().enumerate() {
+            let label = [feature.label()];
+            self.metrics
+                .offload_enabled
+                .with_label_values(&label)
+                .set(i64::from(now.enabled[i]));
+            let new = now.refused[i].saturating_sub(self.offloads_seen.refused[i]);
+            if new > 0 {
+                self.metrics
+                    .offload_refused
+                    .with_label_values(&label)
+                    .inc_by(new);
+            }
+        }
+        self.offloads_seen = now;
     }
 
     fn forget_all(&mut self) {
@@ -384,7 +439,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
             None,
             keepalive,
             slot,
-            Some(self.limiter.clone()),
+            Some(self.tunn_limiter.clone()),
         )
     }
 
@@ -479,30 +534,53 @@ impl<T: Tun, U: Udp> Device<T, U> {
         self.metrics.peers_configured.set(self.peers.len() as i64);
     }
 
-    /// Reads a batch from the TUN, encrypts each packet for the peer its destination routes
-    /// to, then sends the batch.
+    /// Reads from the TUN (with offloads, super-packets split into segments), encrypts each
+    /// packet for the peer its destination routes to, then sends the datagrams, runs of one
+    /// size to one endpoint together (UDP GSO). A few rounds per wake-up.
     async fn on_tun_readable(&mut self) {
-        let mut count = 0;
-        while count < self.config.batch {
-            match self.tun.try_recv(self.tun_in.slot_mut(count)) {
-                Ok(len) => {
-                    self.tun_in.lens[count] = len;
-                    count += 1;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.tun_failed(e);
-                    break;
+        for _ in 0..ROUNDS_PER_WAKE {
+            let mut count = 0;
+            let mut drained = false;
+            while count < self.config.batch {
+                match self
+                    .tun
+                    .try_recv_packets(&mut self.tun_in[count..], &mut self.tun_sizes[count..])
+                {
+                    Ok(n) => {
+                        count += n;
+                        self.tun_failures = 0;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        drained = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        // A read that is not a packet (a bad virtio header): counted, skipped.
+                        tracing::debug!("TUN read: {e}");
+                        self.metrics.drop_packet(DropReason::Malformed);
+                        self.tun_failures = 0;
+                    }
+                    Err(e) => {
+                        self.tun_failed(e);
+                        drained = true;
+                        break;
+                    }
                 }
             }
+            self.encrypt(count);
+            self.send_planned().await;
+            if drained {
+                break;
+            }
         }
-        if count > 0 {
-            self.tun_failures = 0;
-        }
-        self.net_sends.clear();
+    }
+
+    /// Encrypts `tun_in[..count]` into `net_out`, planning where each datagram goes.
+    fn encrypt(&mut self, count: usize) {
+        self.net_plan.clear();
         for i in 0..count {
-            let packet = self.tun_in.filled(i);
+            let packet = &self.tun_in[i][..self.tun_sizes[i]];
             let Some(slot) = Tunn::dst_address(packet).and_then(|dst| self.allowed.lookup(dst))
             else {
                 self.metrics.drop_packet(DropReason::NoRoute);
@@ -512,8 +590,8 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 self.metrics.drop_packet(DropReason::NoRoute);
                 continue;
             };
-            let out =
-                &mut self.net_out.data[i * self.net_out.stride..(i + 1) * self.net_out.stride];
+            let k = self.net_plan.len();
+            let out = &mut self.net_out[k][..];
             if packet.len() + DATA_MIN_LEN > out.len() {
                 // Larger than the MTU we sized for (someone raised the TUN's MTU): `Tunn`
                 // would panic on a short buffer, so refuse it here.
@@ -533,10 +611,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
                         peer.set_queued(queued);
                     }
                     match peer.endpoint {
-                        Some(endpoint) => {
-                            self.net_out.lens[i] = len;
-                            self.net_sends.push((i, endpoint));
-                        }
+                        Some(endpoint) => self.net_plan.push((len, endpoint)),
                         None => self.metrics.drop_packet(DropReason::NoEndpoint),
                     }
                 }
@@ -552,10 +627,29 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
             }
         }
-        for k in 0..self.net_sends.len() {
-            let (i, endpoint) = self.net_sends[k];
-            if let Err(e) = self.udp.send_to(self.net_out.filled(i), endpoint).await {
-                tracing::debug!("UDP send to {endpoint}: {e}");
+    }
+
+    /// Sends `net_plan`: one `sendmsg` per run of same-sized datagrams to one endpoint.
+    async fn send_planned(&mut self) {
+        plan_gso_groups(
+            &self.net_plan,
+            self.udp.max_segments().min(UDP_MAX_SEGMENTS),
+            UDP_MAX_GSO_BYTES,
+            &mut self.groups,
+        );
+        for g in 0..self.groups.len() {
+            let group = self.groups[g];
+            let to = self.net_plan[group.start].1;
+            let mut iov = [IoSlice::new(&[]); UDP_MAX_SEGMENTS];
+            for (j, k) in group.range().enumerate() {
+                iov[j] = IoSlice::new(&self.net_out[k][..self.net_plan[k].0]);
+            }
+            if let Err(e) = self
+                .udp
+                .send_segments(&iov[..group.count], group.segment, to)
+                .await
+            {
+                tracing::debug!("UDP send to {to}: {e}");
                 self.metrics.drop_packet(DropReason::SocketError);
             }
         }
@@ -563,8 +657,8 @@ impl<T: Tun, U: Udp> Device<T, U> {
 
     /// Finds the peer a datagram is for, without trusting anything in it.
     fn demux(&mut self, i: usize) -> Demux {
-        let datagram = self.net_in.filled(i);
-        let from = self.net_from[i];
+        let (start, len, from) = self.net_datagrams[i];
+        let datagram = &self.net_in[start..start + len];
         let Some(&kind) = datagram.first() else {
             return Demux::Drop(DropReason::Malformed);
         };
@@ -620,30 +714,56 @@ impl<T: Tun, U: Udp> Device<T, U> {
         }
     }
 
-    /// Reads a batch of datagrams, decrypts each with its peer, then writes the packets to the
-    /// TUN. Handshake replies and cookies go out as they arise.
+    /// Reads datagrams (with GRO, many per receive), decrypts each with its peer, then writes
+    /// the packets to the TUN (with offloads, a flow's segments coalesced). Handshake replies
+    /// and cookies go out as they arise. A few rounds per wake-up.
     async fn on_udp_readable(&mut self) {
-        let mut count = 0;
-        self.net_from.clear();
-        while count < self.config.batch {
-            match self.udp.try_recv_from(self.net_in.slot_mut(count)) {
-                Ok((len, from)) => {
-                    self.net_in.lens[count] = len;
-                    self.net_from.push(from);
-                    count += 1;
+        for _ in 0..ROUNDS_PER_WAKE {
+            if self.udp_round().await {
+                break;
+            }
+        }
+    }
+
+    /// One round of [`Self::on_udp_readable`]; true once the socket is drained.
+    async fn udp_round(&mut self) -> bool {
+        let mut used = 0;
+        let mut drained = false;
+        self.net_datagrams.clear();
+        while self.net_datagrams.len() + UDP_MAX_SEGMENTS <= self.tun_out.len()
+            && used + MAX_UDP_READ <= self.net_in.len()
+        {
+            match self
+                .udp
+                .try_recv_gro(&mut self.net_in[used..used + MAX_UDP_READ])
+            {
+                Ok((len, segment, from)) => {
+                    if len == 0 {
+                        self.net_datagrams.push((used, 0, from));
+                    }
+                    for range in gro_segments(len, segment) {
+                        self.net_datagrams
+                            .push((used + range.start, range.len(), from));
+                    }
+                    used += len;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // ICMP errors surface here (ECONNREFUSED); they are not fatal.
                     tracing::debug!("UDP receive: {e}");
                     self.metrics.drop_packet(DropReason::SocketError);
+                    drained = true;
                     break;
                 }
             }
         }
-        self.tun_writes.clear();
-        for i in 0..count {
-            let from = self.net_from[i];
+        let mut writes = 0;
+        for i in 0..self.net_datagrams.len() {
+            let from = self.net_datagrams[i].2;
             let slot = match self.demux(i) {
                 Demux::Peer(slot) => slot,
                 Demux::Drop(reason) => {
@@ -661,11 +781,15 @@ impl<T: Tun, U: Udp> Device<T, U> {
             let Some(peer) = self.peers.get_mut(&slot) else {
                 continue;
             };
-            let datagram = &self.net_in.data[i * self.net_in.stride..][..self.net_in.lens[i]];
+            let (start, len, _) = self.net_datagrams[i];
+            let datagram = &self.net_in[start..start + len];
             let kind = datagram[0];
-            let out =
-                &mut self.tun_out.data[i * self.tun_out.stride..(i + 1) * self.tun_out.stride];
-            match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
+            let buf = &mut self.tun_out[writes];
+            buf.resize(TUN_HEADROOM + self.stride, 0);
+            match peer
+                .tunn
+                .decapsulate(Some(from.ip()), datagram, &mut buf[TUN_HEADROOM..])
+            {
                 TunnResult::WriteToNetwork(reply) => {
                     let reply_kind = reply[0];
                     if reply_kind == COOKIE_REPLY {
@@ -710,8 +834,8 @@ impl<T: Tun, U: Udp> Device<T, U> {
                         from,
                     )
                     .then(|| {
-                        self.tun_out.lens[i] = len;
-                        self.tun_writes.push(i);
+                        self.tun_out[writes].truncate(TUN_HEADROOM + len);
+                        writes += 1;
                     });
                 }
                 TunnResult::WriteToTunnelV6(packet, source) => {
@@ -725,26 +849,27 @@ impl<T: Tun, U: Udp> Device<T, U> {
                         from,
                     )
                     .then(|| {
-                        self.tun_out.lens[i] = len;
-                        self.tun_writes.push(i);
+                        self.tun_out[writes].truncate(TUN_HEADROOM + len);
+                        writes += 1;
                     });
                 }
                 TunnResult::Done => {}
                 TunnResult::Err(e) => self.metrics.drop_packet(drop_reason(&e)),
             }
         }
-        for k in 0..self.tun_writes.len() {
-            let i = self.tun_writes[k];
-            if let Err(e) = self.tun.send(self.tun_out.filled(i)).await {
-                tracing::debug!("TUN write: {e}");
-                self.metrics.drop_packet(DropReason::TunError);
-            }
+        if writes > 0
+            && let Err(e) = self.tun.send_packets(&mut self.tun_out[..writes]).await
+        {
+            tracing::debug!("TUN write: {e}");
+            self.metrics.drop_packet(DropReason::TunError);
         }
+        drained
     }
 
     /// WireGuard's timers: handshake retries and rekeys, keepalives, session expiry.
     async fn run_timers(&mut self) {
         self.metrics.beat();
+        self.report_offloads();
         let mut up = 0;
         for peer in self.peers.values_mut() {
             match peer.tunn.update_timers(&mut self.scratch) {

@@ -36,6 +36,8 @@ pub enum Error {
     Netns(#[from] trellis_netns::Error),
     #[error("the TUN device failed (was it deleted?): {0}")]
     TunFailed(io::Error),
+    #[error("start the device loop's thread: {0}")]
+    DeviceRuntime(io::Error),
     #[error("the device loop has stopped")]
     DeviceStopped,
     #[error("{} route operations failed: {}", .0.len(), .0.join("; "))]

@@ -113,7 +113,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     pub reconciler: Reconciler<NetlinkRoutes>,
     device_task: Option<JoinHandle<Result<(), Error>>>,
-    abort: tokio::task::AbortHandle,
+    /// Stops the device loop (dropping it does too).
+    stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Gateway {
@@ -123,9 +124,64 @@ impl Gateway {
     pub async fn start(netns: Option<&Netns>, config: &GatewayConfig) -> Result<Self, Error> {
         let keys = KeyPair::load_or_generate(&config.state_dir)?;
         let metrics = Metrics::new()?;
-        let tun = RealTun::open(netns, &config.interface, config.device.mtu)?;
-        let udp = RealUdp::bind(netns, config.listen_port)?;
-        let listen_port = udp.local_port().map_err(|source| Error::BindUdp {
+        let public_key = keys.public_key();
+        // The device loop gets a thread and a single-threaded runtime of its own, and its TUN
+        // and socket are registered with that runtime's reactor: a packet's wake-up then
+        // lands on the thread that handles it, with no hop between worker threads (which
+        // cost latency and CPU under load).
+        let (opened, opening) = tokio::sync::oneshot::channel();
+        let (finished, done) = tokio::sync::oneshot::channel();
+        let (stop, stopping) = tokio::sync::oneshot::channel();
+        let device_netns = netns.map(Netns::try_clone).transpose()?;
+        let device_config = config.clone();
+        let device_metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("trellis-device".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = opened.send(Err(Error::DeviceRuntime(e)));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let netns = device_netns.as_ref();
+                    let offload = device_config.device.offload;
+                    let io = RealTun::open(
+                        netns,
+                        &device_config.interface,
+                        device_config.device.mtu,
+                        offload,
+                    )
+                    .and_then(|tun| {
+                        let udp = RealUdp::bind(netns, device_config.listen_port, offload)?;
+                        Ok((tun, udp))
+                    });
+                    let (tun, udp) = match io {
+                        Ok(io) => io,
+                        Err(e) => {
+                            let _ = opened.send(Err(e));
+                            return;
+                        }
+                    };
+                    let port = udp.local_port();
+                    // The namespace is needed only to open them.
+                    drop(device_netns);
+                    let (device, handle) =
+                        Device::new(tun, udp, keys, device_metrics, device_config.device.clone());
+                    if opened.send(Ok((handle, port))).is_err() {
+                        return;
+                    }
+                    let _ = finished.send(device.stop_on(stopping).run().await);
+                });
+            })
+            .map_err(Error::DeviceRuntime)?;
+        let (handle, port) = opening.await.map_err(|_| Error::DeviceStopped)??;
+        let listen_port = port.map_err(|source| Error::BindUdp {
             addr: ([0, 0, 0, 0], config.listen_port).into(),
             source,
         })?;
@@ -153,10 +209,8 @@ impl Gateway {
                 config.interface
             );
         }
-        let public_key = keys.public_key();
-        let (device, handle) = Device::new(tun, udp, keys, metrics.clone(), config.device.clone());
-        let device_task = tokio::spawn(device.run());
-        let abort = device_task.abort_handle();
+        let device_task =
+            tokio::spawn(async move { done.await.unwrap_or(Err(Error::DeviceStopped)) });
         tracing::info!(
             interface = %config.interface,
             port = listen_port,
@@ -179,7 +233,7 @@ impl Gateway {
                 metrics,
             },
             device_task: Some(device_task),
-            abort,
+            stop,
         })
     }
 
@@ -196,7 +250,7 @@ impl Gateway {
     /// Stops the device loop; the TUN (and with it the tunnel routes) goes away, the
     /// unreachable backstops stay.
     pub fn stop(self) {
-        self.abort.abort();
+        let _ = self.stop.send(());
     }
 }
 

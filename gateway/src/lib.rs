@@ -10,6 +10,7 @@ pub mod http;
 pub mod io;
 pub mod keys;
 pub mod metrics;
+pub mod offload;
 pub mod peer_config;
 pub mod routes;
 pub mod status;

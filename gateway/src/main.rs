@@ -54,6 +54,13 @@ struct RunArgs {
     /// Packets processed per wake-up on each side.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Handshake initiations answered per second before cookies are demanded.
+    #[arg(long, default_value_t = DeviceConfig::default().handshake_rate_limit)]
+    handshake_rate_limit: u64,
+    /// Do not ask for TUN (TSO/USO) or UDP (GSO/GRO) offloads: one packet per read and
+    /// write. Also set by the environment variable TRELLIS_GATEWAY_NO_OFFLOAD=1.
+    #[arg(long)]
+    no_offload: bool,
     /// JSON desired state to follow (trellis_core::gateway::GatewayState): a file, polled,
     /// or `-` for one JSON document per line on stdin.
     #[arg(long, conflicts_with = "controller")]
@@ -92,6 +99,9 @@ impl RunArgs {
         if !(1..=1024).contains(&self.batch) {
             bail!("--batch must be between 1 and 1024");
         }
+        if self.handshake_rate_limit == 0 {
+            bail!("--handshake-rate-limit must be at least 1");
+        }
         if self.controller.is_some()
             && (self.node_name.is_none() || self.advertise_endpoint.is_none())
         {
@@ -112,6 +122,9 @@ impl RunArgs {
             device: DeviceConfig {
                 mtu: self.mtu,
                 batch: self.batch,
+                handshake_rate_limit: self.handshake_rate_limit,
+                offload: !self.no_offload
+                    && std::env::var_os("TRELLIS_GATEWAY_NO_OFFLOAD").is_none_or(|v| v != "1"),
                 ..DeviceConfig::default()
             },
         })

@@ -93,6 +93,8 @@ pub struct Metrics {
     node_encryption: IntGauge,
     /// Whether the source said anything about node encryption (a file does not).
     node_encryption_known: Arc<AtomicBool>,
+    pub(crate) offload_enabled: IntGaugeVec,
+    pub(crate) offload_refused: IntCounterVec,
     heartbeat: Arc<AtomicU64>,
 }
 
@@ -192,6 +194,28 @@ impl Metrics {
             "Desired-state updates (snapshots and deltas) received from the controller.",
         )?;
         registry.register(Box::new(controller_updates.clone()))?;
+        let offload_enabled = IntGaugeVec::new(
+            Opts::new(
+                name("offload_enabled"),
+                "1 while the data path uses this offload (tun_tso, tun_uso, udp_gso, udp_gro).",
+            ),
+            &["feature"],
+        )?;
+        registry.register(Box::new(offload_enabled.clone()))?;
+        let offload_refused = IntCounterVec::new(
+            Opts::new(
+                name("offload_refused_total"),
+                "Times the kernel or device refused an offload (at the start probe or a send).",
+            ),
+            &["feature"],
+        )?;
+        registry.register(Box::new(offload_refused.clone()))?;
+        for feature in crate::io::Feature::ALL {
+            offload_enabled.with_label_values(&[feature.label()]).set(0);
+            offload_refused
+                .with_label_values(&[feature.label()])
+                .inc_by(0);
+        }
         let reconcile_errors = IntCounter::new(
             name("reconcile_errors_total"),
             "Reconciliations of routes that failed (and will be retried).",
@@ -224,6 +248,8 @@ impl Metrics {
             controller_updates,
             node_encryption,
             node_encryption_known: Arc::new(AtomicBool::new(false)),
+            offload_enabled,
+            offload_refused,
             heartbeat: Arc::new(AtomicU64::new(0)),
         })
     }

@@ -8,7 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use trellis_core::gateway::{GatewayState, RemoteNode};
 use trellis_gateway::{Gateway, GatewayConfig};
 use trellis_netns::testing::TempNetns;
@@ -305,4 +306,80 @@ impl Drop for Capture {
 
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn pattern(at: usize) -> u8 {
+    (at.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+/// Streams `bytes` of TCP from a's pod to an echo server on b's pod (port 9000) and reads them
+/// back, checking every byte.
+pub async fn bulk_echo(a: &Node, b: &Node, bytes: usize) {
+    let server = SocketAddr::new(b.pod, 9000);
+    let listener =
+        b.ns.run(move || {
+            let listener = std::net::TcpListener::bind(server)?;
+            listener.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(listener)
+        })
+        .unwrap()
+        .unwrap();
+    let listener = TcpListener::from_std(listener).unwrap();
+    let echo = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut read, mut write) = stream.into_split();
+        tokio::io::copy(&mut read, &mut write).await.unwrap();
+        write.shutdown().await.unwrap();
+    });
+    let source = a.pod;
+    let client =
+        a.ns.run(move || {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.bind(&SocketAddr::new(source, 0).into())?;
+            socket.connect_timeout(&server.into(), Duration::from_secs(10))?;
+            socket.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(std::net::TcpStream::from(socket))
+        })
+        .unwrap()
+        .expect("connect through the tunnel");
+    let stream = TcpStream::from_std(client).unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut chunk = vec![0u8; 256 << 10];
+        let mut at = 0;
+        while at < bytes {
+            let len = chunk.len().min(bytes - at);
+            for (i, byte) in chunk[..len].iter_mut().enumerate() {
+                *byte = pattern(at + i);
+            }
+            write.write_all(&chunk[..len]).await.unwrap();
+            at += len;
+        }
+        write.shutdown().await.unwrap();
+    });
+    let reader = async {
+        let mut buf = vec![0u8; 256 << 10];
+        let mut at = 0;
+        loop {
+            let len = read.read(&mut buf).await.unwrap();
+            if len == 0 {
+                break;
+            }
+            for (i, byte) in buf[..len].iter().enumerate() {
+                assert_eq!(*byte, pattern(at + i), "byte {} differs", at + i);
+            }
+            at += len;
+        }
+        at
+    };
+    let received = tokio::time::timeout(Duration::from_secs(120), reader)
+        .await
+        .expect("bulk transfer timed out");
+    assert_eq!(received, bytes);
+    writer.await.unwrap();
+    echo.await.unwrap();
 }

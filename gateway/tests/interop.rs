@@ -155,6 +155,19 @@ async fn wireguard_go_peer_from_peer_config_talks_both_ways() {
         gw.ping(SocketAddr::new(laptop.pod, 7000), long).await,
         "trellis -> wireguard-go"
     );
+    // 8 MiB of TCP each way between wireguard-go and the gateway with its offloads on: its
+    // TSO super-packets split and sent with UDP GSO, wireguard-go's datagrams taken in with
+    // UDP GRO and coalesced into the TUN.
+    let text = gw.gateway().metrics.render();
+    for feature in ["tun_tso", "udp_gso", "udp_gro"] {
+        assert!(
+            text.contains(&format!(
+                "trellis_gateway_offload_enabled{{feature=\"{feature}\"}} 1"
+            )),
+            "{feature} on: {text}"
+        );
+    }
+    common::bulk_echo(&laptop, &gw, 8 << 20).await;
     // wg agrees a handshake happened and bytes flowed.
     let shown = Command::new("wg")
         .args(["show", &name, "transfer"])
@@ -163,7 +176,10 @@ async fn wireguard_go_peer_from_peer_config_talks_both_ways() {
     let shown = String::from_utf8_lossy(&shown.stdout);
     let fields: Vec<&str> = shown.split_whitespace().collect();
     assert_eq!(fields.len(), 3, "{shown}");
-    assert!(fields[1].parse::<u64>().unwrap() > 0 && fields[2].parse::<u64>().unwrap() > 0);
+    assert!(
+        fields[1].parse::<u64>().unwrap() > 8 << 20 && fields[2].parse::<u64>().unwrap() > 8 << 20,
+        "{shown}"
+    );
     let stats = gw.gateway().device().stats().await.unwrap();
     assert!(stats[0].handshakes >= 1, "{stats:?}");
     assert!(stats[0].endpoint.is_some(), "learned the laptop's endpoint");

@@ -93,6 +93,21 @@ impl Netns {
         })
     }
 
+    /// Another handle on the same namespace (a duplicated descriptor), for another thread.
+    pub fn try_clone(&self) -> Result<Self, Error> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|source| Error::OpenNamespace {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(Self {
+            path: self.path.clone(),
+            file,
+        })
+    }
+
     /// The namespace the calling thread is in.
     pub fn current() -> Result<Self, Error> {
         Self::open_path(Path::new("/proc/thread-self/ns/net"))

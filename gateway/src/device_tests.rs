@@ -260,15 +260,20 @@ pub(crate) async fn delivered(tun: &FakeTun) -> Option<Vec<u8>> {
 async fn pair(net: &FakeNet) -> (Node, Node) {
     let a = start(net, "198.18.0.1:51820");
     let b = start(net, "198.18.0.2:51820");
+    make_peers(&a, &b).await;
+    (a, b)
+}
+
+/// a (pods 10.1.0.0/24) and b (pods 10.2.0.0/24) become each other's peer.
+async fn make_peers(a: &Node, b: &Node) {
     a.handle
-        .set_peers(vec![peer_of(&b, "b", "10.2.0.0/24")], true)
+        .set_peers(vec![peer_of(b, "b", "10.2.0.0/24")], true)
         .await
         .unwrap();
     b.handle
-        .set_peers(vec![peer_of(&a, "a", "10.1.0.0/24")], true)
+        .set_peers(vec![peer_of(a, "a", "10.1.0.0/24")], true)
         .await
         .unwrap();
-    (a, b)
 }
 
 #[tokio::test]
@@ -505,14 +510,7 @@ async fn a_handshake_flood_gets_cookies_and_the_established_peer_keeps_working()
             socket,
         }
     };
-    a.handle
-        .set_peers(vec![peer_of(&b, "b", "10.2.0.0/24")], true)
-        .await
-        .unwrap();
-    b.handle
-        .set_peers(vec![peer_of(&a, "a", "10.1.0.0/24")], true)
-        .await
-        .unwrap();
+    make_peers(&a, &b).await;
     a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"before"));
     delivered(&b.tun).await.unwrap();
 
@@ -618,14 +616,7 @@ async fn gso_sends_and_gro_receives_keep_every_packet_in_order() {
     let net = FakeNet::default();
     let a = start_with(&net, "198.18.0.1:51820", true);
     let b = start_with(&net, "198.18.0.2:51820", true);
-    a.handle
-        .set_peers(vec![peer_of(&b, "b", "10.2.0.0/24")], true)
-        .await
-        .unwrap();
-    b.handle
-        .set_peers(vec![peer_of(&a, "a", "10.1.0.0/24")], true)
-        .await
-        .unwrap();
+    make_peers(&a, &b).await;
     a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"hello"));
     delivered(&b.tun).await.unwrap();
     // Runs of one size with odd ones between: the GSO plan cuts them, GRO glues them back.

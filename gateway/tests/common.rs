@@ -34,6 +34,21 @@ fn net(s: &str) -> IpNet {
 }
 
 impl Node {
+    /// A TCP listener bound inside the node's namespace (the socket is made there, then used
+    /// from the test's runtime).
+    pub fn listen(&self, at: SocketAddr) -> TcpListener {
+        let listener = self
+            .ns
+            .run(move || {
+                let listener = std::net::TcpListener::bind(at)?;
+                listener.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(listener)
+            })
+            .unwrap()
+            .unwrap();
+        TcpListener::from_std(listener).unwrap()
+    }
+
     pub fn config(&self) -> GatewayConfig {
         GatewayConfig {
             state_dir: self.state_dir.path().to_path_buf(),
@@ -316,15 +331,7 @@ fn pattern(at: usize) -> u8 {
 /// back, checking every byte.
 pub async fn bulk_echo(a: &Node, b: &Node, bytes: usize) {
     let server = SocketAddr::new(b.pod, 9000);
-    let listener =
-        b.ns.run(move || {
-            let listener = std::net::TcpListener::bind(server)?;
-            listener.set_nonblocking(true)?;
-            Ok::<_, std::io::Error>(listener)
-        })
-        .unwrap()
-        .unwrap();
-    let listener = TcpListener::from_std(listener).unwrap();
+    let listener = b.listen(server);
     let echo = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let (mut read, mut write) = stream.into_split();

@@ -52,15 +52,7 @@ async fn tcp_stream_survives_switching_encryption_on_and_off() {
 
     // A TCP echo server on b's pod, a client on a's pod.
     let server_addr = SocketAddr::new(b.pod, 7100);
-    let listener =
-        b.ns.run(move || {
-            let l = std::net::TcpListener::bind(server_addr)?;
-            l.set_nonblocking(true)?;
-            Ok::<_, std::io::Error>(l)
-        })
-        .unwrap()
-        .unwrap();
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let listener = b.listen(server_addr);
     let server = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let (read, mut write) = stream.into_split();

@@ -34,6 +34,28 @@ fn net(s: &str) -> IpNet {
 }
 
 impl Node {
+    /// A TCP connection from the node's pod address (made inside its namespace, then used from
+    /// the test's runtime).
+    pub fn connect_from_pod(
+        &self,
+        to: SocketAddr,
+        timeout: Duration,
+    ) -> std::io::Result<TcpStream> {
+        let source = SocketAddr::new(self.pod, 0);
+        let stream = self.ns.run(move || {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.bind(&source.into())?;
+            socket.connect_timeout(&to.into(), timeout)?;
+            socket.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(std::net::TcpStream::from(socket))
+        });
+        TcpStream::from_std(stream.expect("enter the node's namespace")?)
+    }
+
     /// A TCP listener bound inside the node's namespace (the socket is made there, then used
     /// from the test's runtime).
     pub fn listen(&self, at: SocketAddr) -> TcpListener {
@@ -338,22 +360,9 @@ pub async fn bulk_echo(a: &Node, b: &Node, bytes: usize) {
         tokio::io::copy(&mut read, &mut write).await.unwrap();
         write.shutdown().await.unwrap();
     });
-    let source = a.pod;
-    let client =
-        a.ns.run(move || {
-            let socket = socket2::Socket::new(
-                socket2::Domain::IPV4,
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            socket.bind(&SocketAddr::new(source, 0).into())?;
-            socket.connect_timeout(&server.into(), Duration::from_secs(10))?;
-            socket.set_nonblocking(true)?;
-            Ok::<_, std::io::Error>(std::net::TcpStream::from(socket))
-        })
-        .unwrap()
+    let stream = a
+        .connect_from_pod(server, Duration::from_secs(10))
         .expect("connect through the tunnel");
-    let stream = TcpStream::from_std(client).unwrap();
     let (mut read, mut write) = stream.into_split();
     let writer = tokio::spawn(async move {
         let mut chunk = vec![0u8; 256 << 10];

@@ -67,22 +67,9 @@ async fn tcp_stream_survives_switching_encryption_on_and_off() {
             }
         }
     });
-    let client_addr = SocketAddr::new(a.pod, 0);
-    let stream =
-        a.ns.run(move || {
-            let socket = socket2::Socket::new(
-                socket2::Domain::IPV4,
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            socket.bind(&client_addr.into())?;
-            socket.connect_timeout(&server_addr.into(), Duration::from_secs(5))?;
-            socket.set_nonblocking(true)?;
-            Ok::<std::net::TcpStream, std::io::Error>(socket.into())
-        })
-        .unwrap()
+    let stream = a
+        .connect_from_pod(server_addr, Duration::from_secs(5))
         .expect("connect over the plain route");
-    let stream = tokio::net::TcpStream::from_std(stream).unwrap();
 
     // The client sends a numbered line every 20 ms and checks each comes back, in order.
     let echoed = Arc::new(AtomicU64::new(0));

@@ -257,6 +257,24 @@ pub(crate) async fn delivered(tun: &FakeTun) -> Option<Vec<u8>> {
     .flatten()
 }
 
+/// A handshake initiation to `to` from a fresh key it does not know, with a valid MAC1.
+fn stranger_initiation(to: &Node, index: u32) -> Vec<u8> {
+    let stranger = KeyPair::generate();
+    let mut tunn = Tunn::new(
+        stranger.secret().clone(),
+        *to.keys.public(),
+        None,
+        None,
+        index,
+        None,
+    );
+    let mut buf = [0u8; 256];
+    match tunn.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(init) => init.to_vec(),
+        _ => panic!("a fresh Tunn formats an initiation"),
+    }
+}
+
 async fn pair(net: &FakeNet) -> (Node, Node) {
     let a = start(net, "198.18.0.1:51820");
     let b = start(net, "198.18.0.2:51820");
@@ -380,19 +398,7 @@ async fn garbage_truncated_replayed_and_unknown_handshakes_are_counted_not_fatal
         net.inject(b.addr, a.addr, data[..cut].to_vec());
     }
     // A handshake from a key B does not know, with a valid MAC1.
-    let stranger = KeyPair::generate();
-    let mut tunn = Tunn::new(
-        stranger.secret().clone(),
-        *b.keys.public(),
-        None,
-        None,
-        7,
-        None,
-    );
-    let mut buf = [0u8; 256];
-    if let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, false) {
-        net.inject(b.addr, attacker, init.to_vec());
-    }
+    net.inject(b.addr, attacker, stranger_initiation(&b, 7));
 
     // B still works.
     a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"after"));
@@ -515,21 +521,12 @@ async fn a_handshake_flood_gets_cookies_and_the_established_peer_keeps_working()
     delivered(&b.tun).await.unwrap();
 
     let flooder = net.bind("198.18.0.66:4000");
-    let mut buf = [0u8; 256];
     for n in 0..60u32 {
-        let stranger = KeyPair::generate();
-        let mut tunn = Tunn::new(
-            stranger.secret().clone(),
-            *b.keys.public(),
-            None,
-            None,
-            n,
-            None,
+        net.inject(
+            b.addr,
+            *flooder.addr.lock().unwrap(),
+            stranger_initiation(&b, n),
         );
-        if let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, false)
-        {
-            net.inject(b.addr, *flooder.addr.lock().unwrap(), init.to_vec());
-        }
     }
     a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"during"));
     assert!(delivered(&b.tun).await.unwrap().ends_with(b"during"));

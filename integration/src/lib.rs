@@ -73,11 +73,11 @@ impl TestLab {
     /// PIDs of processes of this lab: those whose command line names its directory (the
     /// daemons), and any process inside one of its namespaces (the pods' workload).
     pub fn processes(&self) -> Vec<u32> {
-        let marker = format!("/run/trellis/lab/{}/", self.name);
+        let marker = format!("{}/", self.state_dir().display());
         let namespaces: Vec<(u64, u64)> = self
             .namespaces()
             .iter()
-            .filter_map(|n| std::fs::metadata(Path::new("/run/netns").join(n)).ok())
+            .filter_map(|n| std::fs::metadata(Path::new(trellis_netns::NETNS_RUN_DIR).join(n)).ok())
             .map(|m| (m.dev(), m.ino()))
             .collect();
         let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -100,7 +100,11 @@ impl TestLab {
 
     /// Mounts this lab left (the namespaces' bind mounts under /run/netns).
     pub fn mounts(&self) -> Vec<String> {
-        let prefix = format!("/run/netns/{}", self.namespace_prefix());
+        let prefix = format!(
+            "{}/{}",
+            trellis_netns::NETNS_RUN_DIR,
+            self.namespace_prefix()
+        );
         std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
             .lines()

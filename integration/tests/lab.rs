@@ -1,7 +1,5 @@
 //! `trellis lab` as a person uses it: up, exec, status, a refused second up, down.
 
-use std::path::Path;
-
 use trellis_integration::{TestLab, text};
 
 #[test]
@@ -104,10 +102,7 @@ fn lab_up_meshes_two_clusters_and_down_removes_everything() {
         "processes left: {:?}",
         lab.processes()
     );
-    assert!(
-        !Path::new("/run/trellis/lab").join(&lab.name).exists(),
-        "state directory left"
-    );
+    assert!(!lab.state_dir().exists(), "state directory left");
     assert!(lab.mounts().is_empty(), "mounts left: {:?}", lab.mounts());
 }
 
@@ -123,7 +118,7 @@ fn down_cleans_up_after_a_lab_whose_state_was_lost() {
     assert_eq!(before.len(), 12, "8 daemons and 4 echo servers: {before:?}");
     // As after a crash that lost the state file: down still finds the namespaces by name,
     // and the processes by the namespaces they run in.
-    std::fs::remove_dir_all(Path::new("/run/trellis/lab").join(&lab.name)).unwrap();
+    std::fs::remove_dir_all(lab.state_dir()).unwrap();
     let down = lab.trellis(&["down"]);
     assert!(down.status.success(), "{}", text(&down));
     assert!(lab.namespaces().is_empty());

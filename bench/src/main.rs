@@ -4,6 +4,7 @@
 mod cni;
 mod dns;
 mod handshakes;
+mod latency;
 mod stats;
 mod tunnel;
 
@@ -24,6 +25,9 @@ enum Bench {
     Dns(dns::Options),
     /// Plain veth, wireguard-go, boringtun-cli and trellis-gateway: throughput, RTT, CPU.
     Tunnel(tunnel::Options),
+    /// ICMP round trips through veth, wireguard-go, boringtun-cli and trellis-gateway, paced
+    /// and back to back: min, p50, p90, p99.
+    Latency(latency::Options),
     /// N initiators at once against wireguard-go, boringtun-cli and trellis-gateway: time
     /// until every session is up.
     Handshakes(handshakes::Options),
@@ -33,6 +37,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Cni(options) => cni::run(&options),
         Bench::Tunnel(options) => tunnel::run(&options),
+        Bench::Latency(options) => latency::run(&options),
         Bench::Dns(options) => dns::run(&options),
         Bench::Handshakes(options) => handshakes::run(&options),
     }

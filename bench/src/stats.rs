@@ -3,7 +3,9 @@ use std::time::Duration;
 /// Latency percentiles of one series, in milliseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct Percentiles {
+    pub min: f64,
     pub p50: f64,
+    pub p90: f64,
     pub p99: f64,
 }
 
@@ -19,7 +21,9 @@ pub fn percentiles(samples: &[Duration]) -> Percentiles {
         millis[rank - 1]
     };
     Percentiles {
+        min: millis.first().copied().unwrap_or(f64::NAN),
         p50: at(0.50),
+        p90: at(0.90),
         p99: at(0.99),
     }
 }
@@ -32,7 +36,9 @@ mod tests {
     fn nearest_rank_percentiles() {
         let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
         let p = percentiles(&samples);
+        assert_eq!(p.min, 1.0);
         assert_eq!(p.p50, 50.0);
+        assert_eq!(p.p90, 90.0);
         assert_eq!(p.p99, 99.0);
     }
 }

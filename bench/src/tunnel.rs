@@ -110,9 +110,9 @@ impl Pair {
 }
 
 /// A running tunnel between the pair; dropping it stops its processes.
-struct Running {
+pub(crate) struct Running {
     /// Where B's inner address is reached from A.
-    target: Ipv4Addr,
+    pub(crate) target: Ipv4Addr,
     source: Ipv4Addr,
     processes: Vec<Child>,
     encrypted: bool,
@@ -391,7 +391,7 @@ fn start_trellis(pair: &Pair) -> anyhow::Result<Running> {
     })
 }
 
-fn start(pair: &Pair, contender: &str, options: &Options) -> anyhow::Result<Running> {
+fn start(pair: &Pair, contender: &str, boringtun: Option<&Path>) -> anyhow::Result<Running> {
     match contender {
         "veth" => {
             // The baseline: the inner addresses routed straight over the underlay.
@@ -421,7 +421,7 @@ fn start(pair: &Pair, contender: &str, options: &Options) -> anyhow::Result<Runn
         "wireguard-go" => start_userspace_wg(pair, Path::new("wireguard-go"), &["-f"], "wg"),
         "boringtun" => start_userspace_wg(
             pair,
-            &boringtun_path(options.boringtun.as_deref())?,
+            &boringtun_path(boringtun)?,
             &["-f", "--disable-drop-privileges", "--log", "/dev/null"],
             "bt",
         ),
@@ -576,9 +576,13 @@ fn median_rtt_ms(pair: &Pair, running: &Running) -> anyhow::Result<f64> {
     Ok(samples[samples.len() / 2])
 }
 
-fn measure(contender: &str, flows: u32, options: &Options) -> anyhow::Result<Measurement> {
-    let pair = Pair::new()?;
-    let running = start(&pair, contender, options)?;
+/// Starts `contender` between the pair and waits until an echo crosses it.
+pub(crate) fn start_passing(
+    pair: &Pair,
+    contender: &str,
+    boringtun: Option<&Path>,
+) -> anyhow::Result<Running> {
+    let running = start(pair, contender, boringtun)?;
     wait_for(
         &format!("{contender} to pass traffic"),
         Duration::from_secs(10),
@@ -589,6 +593,12 @@ fn measure(contender: &str, flows: u32, options: &Options) -> anyhow::Result<Mea
                 .is_some()
         },
     )?;
+    Ok(running)
+}
+
+fn measure(contender: &str, flows: u32, options: &Options) -> anyhow::Result<Measurement> {
+    let pair = Pair::new()?;
+    let running = start_passing(&pair, contender, options.boringtun.as_deref())?;
     let rtt_ms = median_rtt_ms(&pair, &running)?;
     let errors_before = rcvbuf_errors(&pair.a)? + rcvbuf_errors(&pair.b)?;
     let capture = Capture::start(&pair.a)?;

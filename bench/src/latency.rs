@@ -1,0 +1,163 @@
+//! Round trips through each tunnel, the way a user's `ping` sees them: ICMP echoes one at a
+//! time between the same two namespaces, paced (a gap after each answer, so every echo finds
+//! the tunnel idle and its threads asleep) and back to back (the next echo leaves as soon as
+//! the answer is in). Reports min, p50, p90 and p99, and p50 as a ratio to the peers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use trellis_netns::probe;
+
+use crate::stats::{Percentiles, percentiles};
+use crate::tunnel::{Pair, Running, start_passing};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Echoes per contender, per pacing, per round.
+    #[arg(long, default_value_t = 300)]
+    pings: u32,
+    /// Gap between an answer and the next echo in the paced series.
+    #[arg(long, default_value_t = 10)]
+    gap_ms: u64,
+    /// Which contenders to run, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "veth,wireguard-go,boringtun,trellis"
+    )]
+    contenders: Vec<String>,
+    /// boringtun-cli; by default the one `scripts/install-peers` puts in target/peers, else PATH.
+    #[arg(long)]
+    boringtun: Option<PathBuf>,
+    /// Repeat the whole set, alternating the order, this many times.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pacing {
+    Paced,
+    BackToBack,
+}
+
+impl Pacing {
+    fn label(self) -> &'static str {
+        match self {
+            Pacing::Paced => "paced",
+            Pacing::BackToBack => "back-to-back",
+        }
+    }
+}
+
+struct Series {
+    contender: String,
+    pacing: Pacing,
+    samples: Vec<Duration>,
+}
+
+fn echoes(
+    pair: &Pair,
+    running: &Running,
+    count: u32,
+    gap: Duration,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(count as usize);
+    let mut lost = 0;
+    for _ in 0..count {
+        match probe::icmp_echo(&pair.a, running.target, Duration::from_secs(1))? {
+            Some(rtt) => samples.push(rtt),
+            None => lost += 1,
+        }
+        if !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
+    }
+    // A tunnel that loses echoes while idle is broken, not slow.
+    if lost > count / 100 {
+        bail!("{lost} of {count} echoes got no answer");
+    }
+    Ok(samples)
+}
+
+fn measure(contender: &str, options: &Options) -> anyhow::Result<Vec<Series>> {
+    let pair = Pair::new()?;
+    let running = start_passing(&pair, contender, options.boringtun.as_deref())?;
+    let mut series = Vec::new();
+    for (pacing, gap) in [
+        (Pacing::Paced, Duration::from_millis(options.gap_ms)),
+        (Pacing::BackToBack, Duration::ZERO),
+    ] {
+        let samples = echoes(&pair, &running, options.pings, gap)
+            .with_context(|| format!("{contender}, {}", pacing.label()))?;
+        series.push(Series {
+            contender: contender.to_string(),
+            pacing,
+            samples,
+        });
+    }
+    Ok(series)
+}
+
+fn line(label: &str, p: &Percentiles) -> String {
+    format!(
+        "{label:<28} min {:.3}  p50 {:.3}  p90 {:.3}  p99 {:.3} ms",
+        p.min, p.p50, p.p90, p.p99
+    )
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    if options.pings == 0 {
+        bail!("--pings must be at least 1");
+    }
+    println!(
+        "latency benchmark: {} echoes per series, paced ({} ms gap) and back to back, {} round(s), contenders {}",
+        options.pings,
+        options.gap_ms,
+        options.rounds,
+        options.contenders.join(", ")
+    );
+    let mut all: Vec<Series> = Vec::new();
+    for round in 0..options.rounds {
+        let mut order = options.contenders.clone();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for contender in &order {
+            for series in measure(contender, options)? {
+                let label = format!("  {} {}", series.contender, series.pacing.label());
+                println!("{}", line(&label, &percentiles(&series.samples)));
+                all.push(series);
+            }
+        }
+    }
+    println!();
+    for pacing in [Pacing::Paced, Pacing::BackToBack] {
+        println!("{} (all rounds pooled):", pacing.label());
+        let pooled = |contender: &str| -> Vec<Duration> {
+            all.iter()
+                .filter(|s| s.contender == contender && s.pacing == pacing)
+                .flat_map(|s| s.samples.iter().copied())
+                .collect()
+        };
+        for contender in &options.contenders {
+            println!(
+                "{}",
+                line(&format!("  {contender}"), &percentiles(&pooled(contender)))
+            );
+        }
+        if options.contenders.iter().any(|c| c == "trellis") {
+            let trellis = percentiles(&pooled("trellis")).p50;
+            for peer in ["boringtun", "wireguard-go"] {
+                if options.contenders.iter().any(|c| c == peer) {
+                    let theirs = percentiles(&pooled(peer)).p50;
+                    println!(
+                        "  p50 trellis / {peer}: {:.2} (below 1 is faster)",
+                        trellis / theirs
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,6 +1,11 @@
-//! The device loop: one task owns the TUN, the UDP socket, every peer's `noise::Tunn` and all
-//! packet buffers. Packets are read in batches (up to `batch` per wake-up), processed, then
-//! written; buffers are allocated once, at start, so the steady state allocates nothing.
+//! The device loop. One or more workers, each on a thread of its own (pinned to its CPU by the
+//! caller), each owning one TUN queue, one UDP socket and its packet buffers; all share the
+//! peer table (every peer's `noise::Tunn` and the allowed IPs), locked once per batch. The
+//! kernel steers a packet to the queue and socket of the CPU it was handled on, so a
+//! packet's wake-up stays on that CPU: waking a sleeping thread on another (idle) vCPU is the
+//! largest cost in a round trip. Packets are read in batches (up to `batch` per wake-up),
+//! processed, then written; buffers are allocated once, at start, so the steady state
+//! allocates nothing. The first worker also runs WireGuard's timers and the commands.
 //!
 //! Demultiplexing incoming datagrams to peers: a handshake initiation is checked against the
 //! shared rate limiter (which answers with a cookie under load) before the one DH needed to
@@ -19,7 +24,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use ipnet::IpNet;
 use prometheus::{Gauge, IntCounter, IntGauge};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use trellis_core::gateway::TunnelPeer;
 use trellis_core::wgkey::PublicKey;
 
@@ -203,10 +208,17 @@ fn buffers(count: usize, len: usize) -> Vec<Vec<u8>> {
     (0..count).map(|_| vec![0; len]).collect()
 }
 
-/// The loop's state. Build it with [`Device::new`], run it with [`Device::run`].
-pub struct Device<T: Tun, U: Udp> {
-    tun: T,
-    udp: U,
+/// The peers every worker encrypts and decrypts for, and the routes to them.
+struct PeerTable {
+    peers: HashMap<u32, Peer>,
+    by_key: HashMap<PublicKey, u32>,
+    allowed: AllowedIps<u32>,
+    next_slot: u32,
+}
+
+/// What the workers share.
+struct Shared {
+    table: Mutex<PeerTable>,
     keys: KeyPair,
     limiter: Arc<RateLimiter>,
     /// What every `Tunn` checks again (MAC1, cookies) after the device's limiter admitted a
@@ -214,10 +226,33 @@ pub struct Device<T: Tun, U: Udp> {
     tunn_limiter: Arc<RateLimiter>,
     metrics: Metrics,
     config: DeviceConfig,
-    peers: HashMap<u32, Peer>,
-    by_key: HashMap<PublicKey, u32>,
-    allowed: AllowedIps<u32>,
-    next_slot: u32,
+}
+
+/// What ends a worker's loop.
+enum Role {
+    /// Runs the timers and commands; stops when every handle is dropped or `stop` fires, and
+    /// then (by dropping `siblings`) stops the other workers.
+    First {
+        commands: mpsc::Receiver<Command>,
+        stop: Option<oneshot::Receiver<()>>,
+        siblings: watch::Sender<()>,
+    },
+    /// Stops when the first worker does.
+    Sibling { first: watch::Receiver<()> },
+}
+
+/// One worker of the loop. Build the first with [`Device::new`], further ones (one per extra
+/// TUN queue and socket) with [`Device::sibling`] and [`Sibling::attach`]; run each with
+/// [`Device::run`].
+pub struct Device<T: Tun, U: Udp> {
+    tun: T,
+    udp: U,
+    shared: Arc<Shared>,
+    role: Role,
+    /// Copies of the shared settings and handles this worker uses per packet.
+    metrics: Metrics,
+    limiter: Arc<RateLimiter>,
+    config: DeviceConfig,
     /// Packet buffer length: the largest packet the TUN gives plus WireGuard's overhead.
     stride: usize,
     /// Packets from the TUN (super-packets already split) and their lengths.
@@ -237,9 +272,6 @@ pub struct Device<T: Tun, U: Udp> {
     offloads_seen: Offloads,
     /// Handshakes, cookies, keepalives, timers.
     scratch: Vec<u8>,
-    commands: mpsc::Receiver<Command>,
-    /// Resolves (or its sender drops) when the loop is to stop at once.
-    stop: Option<oneshot::Receiver<()>>,
     /// Consecutive TUN read failures, and the last one.
     tun_failures: u32,
     last_tun_error: Option<std::io::Error>,
@@ -263,25 +295,64 @@ impl<T: Tun, U: Udp> Device<T, U> {
         let (sender, commands) = mpsc::channel(16);
         let limiter = Arc::new(RateLimiter::new(keys.public(), config.handshake_rate_limit));
         let tunn_limiter = Arc::new(RateLimiter::new(keys.public(), u64::MAX));
-        // Room for the largest packet the TUN gives plus WireGuard's 32 bytes of overhead,
-        // and never less than a handshake message.
-        let stride = (usize::from(config.mtu) + 64).max(256);
-        let batch = config.batch.max(1);
-        // A read may split into a whole super-packet's segments: keep room for one beyond
-        // the batch.
-        let tun_slots = batch + MAX_SPLIT_SEGMENTS;
-        let net_slots = batch + UDP_MAX_SEGMENTS;
-        let device = Self {
-            tun,
-            udp,
+        let config = DeviceConfig {
+            batch: config.batch.max(1),
+            ..config
+        };
+        let shared = Arc::new(Shared {
+            table: Mutex::new(PeerTable {
+                peers: HashMap::new(),
+                by_key: HashMap::new(),
+                allowed: AllowedIps::default(),
+                next_slot: 1,
+            }),
             keys,
             limiter,
             tunn_limiter,
             metrics,
-            peers: HashMap::new(),
-            by_key: HashMap::new(),
-            allowed: AllowedIps::default(),
-            next_slot: 1,
+            config,
+        });
+        let role = Role::First {
+            commands,
+            stop: None,
+            siblings: watch::channel(()).0,
+        };
+        (
+            Self::worker(tun, udp, shared, role),
+            DeviceHandle { commands: sender },
+        )
+    }
+
+    /// A handle for one more worker on this device's peers, to build on its own thread.
+    pub fn sibling(&self) -> Sibling {
+        let first = match &self.role {
+            Role::First { siblings, .. } => siblings.subscribe(),
+            Role::Sibling { first } => first.clone(),
+        };
+        Sibling {
+            shared: self.shared.clone(),
+            first,
+        }
+    }
+
+    fn worker(tun: T, udp: U, shared: Arc<Shared>, role: Role) -> Self {
+        let config = shared.config.clone();
+        // Room for the largest packet the TUN gives plus WireGuard's 32 bytes of overhead,
+        // and never less than a handshake message.
+        let stride = (usize::from(config.mtu) + 64).max(256);
+        let batch = config.batch;
+        // A read may split into a whole super-packet's segments: keep room for one beyond
+        // the batch.
+        let tun_slots = batch + MAX_SPLIT_SEGMENTS;
+        let net_slots = batch + UDP_MAX_SEGMENTS;
+        Self {
+            tun,
+            udp,
+            metrics: shared.metrics.clone(),
+            limiter: shared.limiter.clone(),
+            config,
+            shared,
+            role,
             stride,
             tun_in: buffers(tun_slots, stride),
             tun_sizes: vec![0; tun_slots],
@@ -293,18 +364,16 @@ impl<T: Tun, U: Udp> Device<T, U> {
             tun_out: buffers(net_slots, TUN_HEADROOM + stride),
             offloads_seen: Offloads::default(),
             scratch: vec![0; stride],
-            commands,
-            stop: None,
             tun_failures: 0,
             last_tun_error: None,
-            config: DeviceConfig { batch, ..config },
-        };
-        (device, DeviceHandle { commands: sender })
+        }
     }
 
-    /// Stops the loop as soon as `stop` resolves or its sender is dropped.
+    /// Stops the loop (every worker) as soon as `stop` resolves or its sender is dropped.
     pub fn stop_on(mut self, stop: oneshot::Receiver<()>) -> Self {
-        self.stop = Some(stop);
+        if let Role::First { stop: slot, .. } = &mut self.role {
+            *slot = Some(stop);
+        }
         self
     }
 
@@ -313,12 +382,13 @@ impl<T: Tun, U: Udp> Device<T, U> {
     /// unreachable backstops). Errors on single packets are counted as drops; nothing a
     /// packet contains ends the loop.
     pub async fn run(mut self) -> Result<(), Error> {
+        let first = matches!(self.role, Role::First { .. });
         let mut timers = tokio::time::interval(self.config.timer_interval);
         timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
         let ticks_per_second = (1000 / self.config.timer_interval.as_millis().max(1)).max(1) as u64;
         self.report_offloads();
-        loop {
+        let result = loop {
             tokio::select! {
                 ready = self.tun.readable() => {
                     if let Err(e) = ready {
@@ -328,8 +398,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     }
                     if self.tun_failures > 0 {
                         if self.tun_failures >= MAX_TUN_FAILURES {
-                            self.forget_all();
-                            return Err(Error::TunFailed(self.last_tun_error.take().unwrap_or_else(
+                            break Err(Error::TunFailed(self.last_tun_error.take().unwrap_or_else(
                                 || std::io::Error::other("unknown TUN error"),
                             )));
                         }
@@ -344,29 +413,23 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     }
                     self.on_udp_readable().await;
                 }
-                _ = timers.tick() => {
+                _ = timers.tick(), if first => {
                     ticks += 1;
                     if ticks.is_multiple_of(ticks_per_second) {
                         self.limiter.reset_count();
                     }
                     self.run_timers().await;
                 }
-                command = self.commands.recv() => match command {
-                    Some(command) => self.handle(command),
-                    None => break,
+                command = next_command(&mut self.role) => match command {
+                    Some(command) => self.handle(command).await,
+                    None => break Ok(()),
                 },
-                _ = async {
-                    match &mut self.stop {
-                        Some(stop) => {
-                            let _ = stop.await;
-                        }
-                        None => std::future::pending().await,
-                    }
-                } => break,
             }
+        };
+        if first {
+            self.forget_all().await;
         }
-        self.forget_all();
-        Ok(())
+        result
     }
 
     /// Mirrors the offloads in use, and any new refusals, into the metrics.
@@ -389,8 +452,8 @@ impl<T: Tun, U: Udp> Device<T, U> {
         self.offloads_seen = now;
     }
 
-    fn forget_all(&mut self) {
-        for peer in self.peers.values() {
+    async fn forget_all(&mut self) {
+        for peer in self.shared.table.lock().await.peers.values() {
             self.metrics.forget_peer(&peer.name);
         }
         self.metrics.peers_configured.set(0);
@@ -406,14 +469,15 @@ impl<T: Tun, U: Udp> Device<T, U> {
         self.metrics.drop_packet(DropReason::TunError);
     }
 
-    fn handle(&mut self, command: Command) {
+    async fn handle(&mut self, command: Command) {
+        let mut table = self.shared.table.lock().await;
         match command {
             Command::SetPeers { peers, prune, done } => {
-                self.set_peers(peers, prune);
+                table.set_peers(&self.shared, peers, prune);
                 let _ = done.send(());
             }
             Command::Stats(reply) => {
-                let mut stats: Vec<_> = self
+                let mut stats: Vec<_> = table
                     .peers
                     .values()
                     .map(|p| PeerStats {
@@ -430,108 +494,6 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 let _ = reply.send(stats);
             }
         }
-    }
-
-    fn new_tunn(&self, public_key: &PublicKey, keepalive: Option<u16>, slot: u32) -> Tunn {
-        Tunn::new(
-            self.keys.secret().clone(),
-            boringtun::x25519::PublicKey::from(public_key.0),
-            None,
-            keepalive,
-            slot,
-            Some(self.tunn_limiter.clone()),
-        )
-    }
-
-    fn free_slot(&mut self) -> u32 {
-        loop {
-            let slot = self.next_slot;
-            self.next_slot = if slot >= MAX_SLOT { 1 } else { slot + 1 };
-            if !self.peers.contains_key(&slot) {
-                return slot;
-            }
-        }
-    }
-
-    /// Applies the peer diff: new keys get a fresh `Tunn`, known keys keep their sessions
-    /// (a new keepalive needs a new `Tunn`), and with `prune` the rest are removed.
-    fn set_peers(&mut self, desired: Vec<TunnelPeer>, prune: bool) {
-        let wanted: std::collections::HashSet<PublicKey> =
-            desired.iter().map(|p| p.public_key).collect();
-        if prune {
-            let gone: Vec<u32> = self
-                .peers
-                .values()
-                .filter(|p| !wanted.contains(&p.public_key))
-                .map(|p| p.slot)
-                .collect();
-            for slot in gone {
-                if let Some(peer) = self.peers.remove(&slot) {
-                    self.by_key.remove(&peer.public_key);
-                    self.metrics.forget_peer(&peer.name);
-                    tracing::info!(peer = %peer.name, "removed peer");
-                }
-            }
-        }
-        for spec in desired {
-            match self.by_key.get(&spec.public_key).copied() {
-                Some(slot) => {
-                    let rebuild = self.peers.get(&slot).map(|p| p.keepalive)
-                        != Some(spec.persistent_keepalive);
-                    let tunn = rebuild
-                        .then(|| self.new_tunn(&spec.public_key, spec.persistent_keepalive, slot));
-                    let Some(peer) = self.peers.get_mut(&slot) else {
-                        continue;
-                    };
-                    if let Some(tunn) = tunn {
-                        peer.tunn = tunn;
-                        peer.keepalive = spec.persistent_keepalive;
-                    }
-                    if peer.name != spec.name {
-                        self.metrics.forget_peer(&peer.name);
-                        peer.m = PeerMetrics::new(&self.metrics, &spec.name);
-                        peer.name = spec.name;
-                    }
-                    if peer.configured_endpoint != spec.endpoint {
-                        peer.configured_endpoint = spec.endpoint;
-                        if spec.endpoint.is_some() {
-                            peer.endpoint = spec.endpoint;
-                        }
-                    }
-                    peer.allowed_ips = spec.allowed_ips;
-                }
-                None => {
-                    let slot = self.free_slot();
-                    let tunn = self.new_tunn(&spec.public_key, spec.persistent_keepalive, slot);
-                    tracing::info!(peer = %spec.name, key = %spec.public_key, "added peer");
-                    let peer = Peer {
-                        slot,
-                        m: PeerMetrics::new(&self.metrics, &spec.name),
-                        name: spec.name,
-                        public_key: spec.public_key,
-                        tunn,
-                        endpoint: spec.endpoint,
-                        configured_endpoint: spec.endpoint,
-                        keepalive: spec.persistent_keepalive,
-                        allowed_ips: spec.allowed_ips,
-                        handshakes: 0,
-                        tx_bytes: 0,
-                        rx_bytes: 0,
-                        queued: 0,
-                    };
-                    self.by_key.insert(peer.public_key, slot);
-                    self.peers.insert(slot, peer);
-                }
-            }
-        }
-        let mut allowed = AllowedIps::default();
-        for peer in self.peers.values() {
-            for net in &peer.allowed_ips {
-                allowed.insert(*net, peer.slot);
-            }
-        }
-        self.allowed = allowed;
-        self.metrics.peers_configured.set(self.peers.len() as i64);
     }
 
     /// Reads from the TUN (with offloads, super-packets split into segments), encrypts each
@@ -568,8 +530,11 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     }
                 }
             }
-            self.encrypt(count);
-            self.send_planned().await;
+            if count > 0 {
+                let shared = self.shared.clone();
+                self.encrypt(&mut *shared.table.lock().await, count);
+                self.send_planned().await;
+            }
             if drained {
                 break;
             }
@@ -577,16 +542,16 @@ impl<T: Tun, U: Udp> Device<T, U> {
     }
 
     /// Encrypts `tun_in[..count]` into `net_out`, planning where each datagram goes.
-    fn encrypt(&mut self, count: usize) {
+    fn encrypt(&mut self, table: &mut PeerTable, count: usize) {
         self.net_plan.clear();
         for i in 0..count {
             let packet = &self.tun_in[i][..self.tun_sizes[i]];
-            let Some(slot) = Tunn::dst_address(packet).and_then(|dst| self.allowed.lookup(dst))
+            let Some(slot) = Tunn::dst_address(packet).and_then(|dst| table.allowed.lookup(dst))
             else {
                 self.metrics.drop_packet(DropReason::NoRoute);
                 continue;
             };
-            let Some(peer) = self.peers.get_mut(slot) else {
+            let Some(peer) = table.peers.get_mut(slot) else {
                 self.metrics.drop_packet(DropReason::NoRoute);
                 continue;
             };
@@ -656,7 +621,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
     }
 
     /// Finds the peer a datagram is for, without trusting anything in it.
-    fn demux(&mut self, i: usize) -> Demux {
+    fn demux(&mut self, table: &PeerTable, i: usize) -> Demux {
         let (start, len, from) = self.net_datagrams[i];
         let datagram = &self.net_in[start..start + len];
         let Some(&kind) = datagram.first() else {
@@ -678,8 +643,9 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 .verify_packet(Some(from.ip()), datagram, &mut self.scratch)
             {
                 Ok(Packet::HandshakeInit(init)) => {
-                    match parse_handshake_anon(self.keys.secret(), self.keys.public(), &init) {
-                        Ok(half) => match self.by_key.get(&PublicKey(half.peer_static_public)) {
+                    let keys = &self.shared.keys;
+                    match parse_handshake_anon(keys.secret(), keys.public(), &init) {
+                        Ok(half) => match table.by_key.get(&PublicKey(half.peer_static_public)) {
                             Some(slot) => Demux::Peer(*slot),
                             None => Demux::Drop(DropReason::NoPeer),
                         },
@@ -707,7 +673,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
             datagram[at + 3],
         ]);
         let slot = receiver >> 8;
-        if self.peers.contains_key(&slot) {
+        if table.peers.contains_key(&slot) {
             Demux::Peer(slot)
         } else {
             Demux::Drop(DropReason::NoPeer)
@@ -761,10 +727,16 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 }
             }
         }
+        if self.net_datagrams.is_empty() {
+            return drained;
+        }
         let mut writes = 0;
+        let shared = self.shared.clone();
+        let mut guard = shared.table.lock().await;
+        let table = &mut *guard;
         for i in 0..self.net_datagrams.len() {
             let from = self.net_datagrams[i].2;
-            let slot = match self.demux(i) {
+            let slot = match self.demux(table, i) {
                 Demux::Peer(slot) => slot,
                 Demux::Drop(reason) => {
                     self.metrics.drop_packet(reason);
@@ -778,7 +750,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     continue;
                 }
             };
-            let Some(peer) = self.peers.get_mut(&slot) else {
+            let Some(peer) = table.peers.get_mut(&slot) else {
                 continue;
             };
             let (start, len, _) = self.net_datagrams[i];
@@ -827,7 +799,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     let len = packet.len();
                     accept(
                         peer,
-                        &self.allowed,
+                        &table.allowed,
                         &self.metrics,
                         IpAddr::V4(source),
                         len,
@@ -842,7 +814,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     let len = packet.len();
                     accept(
                         peer,
-                        &self.allowed,
+                        &table.allowed,
                         &self.metrics,
                         IpAddr::V6(source),
                         len,
@@ -857,6 +829,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 TunnResult::Err(e) => self.metrics.drop_packet(drop_reason(&e)),
             }
         }
+        drop(guard);
         if writes > 0
             && let Err(e) = self.tun.send_packets(&mut self.tun_out[..writes]).await
         {
@@ -871,7 +844,9 @@ impl<T: Tun, U: Udp> Device<T, U> {
         self.metrics.beat();
         self.report_offloads();
         let mut up = 0;
-        for peer in self.peers.values_mut() {
+        let shared = self.shared.clone();
+        let mut table = shared.table.lock().await;
+        for peer in table.peers.values_mut() {
             match peer.tunn.update_timers(&mut self.scratch) {
                 TunnResult::WriteToNetwork(datagram) => match peer.endpoint {
                     Some(endpoint) => {
@@ -890,6 +865,149 @@ impl<T: Tun, U: Udp> Device<T, U> {
             }
         }
         self.metrics.peers_up.set(up);
+    }
+}
+
+impl Shared {
+    fn new_tunn(&self, public_key: &PublicKey, keepalive: Option<u16>, slot: u32) -> Tunn {
+        Tunn::new(
+            self.keys.secret().clone(),
+            boringtun::x25519::PublicKey::from(public_key.0),
+            None,
+            keepalive,
+            slot,
+            Some(self.tunn_limiter.clone()),
+        )
+    }
+}
+
+impl PeerTable {
+    fn free_slot(&mut self) -> u32 {
+        loop {
+            let slot = self.next_slot;
+            self.next_slot = if slot >= MAX_SLOT { 1 } else { slot + 1 };
+            if !self.peers.contains_key(&slot) {
+                return slot;
+            }
+        }
+    }
+
+    /// Applies the peer diff: new keys get a fresh `Tunn`, known keys keep their sessions
+    /// (a new keepalive needs a new `Tunn`), and with `prune` the rest are removed.
+    fn set_peers(&mut self, shared: &Shared, desired: Vec<TunnelPeer>, prune: bool) {
+        let wanted: std::collections::HashSet<PublicKey> =
+            desired.iter().map(|p| p.public_key).collect();
+        if prune {
+            let gone: Vec<u32> = self
+                .peers
+                .values()
+                .filter(|p| !wanted.contains(&p.public_key))
+                .map(|p| p.slot)
+                .collect();
+            for slot in gone {
+                if let Some(peer) = self.peers.remove(&slot) {
+                    self.by_key.remove(&peer.public_key);
+                    shared.metrics.forget_peer(&peer.name);
+                    tracing::info!(peer = %peer.name, "removed peer");
+                }
+            }
+        }
+        for spec in desired {
+            match self.by_key.get(&spec.public_key).copied() {
+                Some(slot) => {
+                    let rebuild = self.peers.get(&slot).map(|p| p.keepalive)
+                        != Some(spec.persistent_keepalive);
+                    let tunn = rebuild.then(|| {
+                        shared.new_tunn(&spec.public_key, spec.persistent_keepalive, slot)
+                    });
+                    let Some(peer) = self.peers.get_mut(&slot) else {
+                        continue;
+                    };
+                    if let Some(tunn) = tunn {
+                        peer.tunn = tunn;
+                        peer.keepalive = spec.persistent_keepalive;
+                    }
+                    if peer.name != spec.name {
+                        shared.metrics.forget_peer(&peer.name);
+                        peer.m = PeerMetrics::new(&shared.metrics, &spec.name);
+                        peer.name = spec.name;
+                    }
+                    if peer.configured_endpoint != spec.endpoint {
+                        peer.configured_endpoint = spec.endpoint;
+                        if spec.endpoint.is_some() {
+                            peer.endpoint = spec.endpoint;
+                        }
+                    }
+                    peer.allowed_ips = spec.allowed_ips;
+                }
+                None => {
+                    let slot = self.free_slot();
+                    let tunn = shared.new_tunn(&spec.public_key, spec.persistent_keepalive, slot);
+                    tracing::info!(peer = %spec.name, key = %spec.public_key, "added peer");
+                    let peer = Peer {
+                        slot,
+                        m: PeerMetrics::new(&shared.metrics, &spec.name),
+                        name: spec.name,
+                        public_key: spec.public_key,
+                        tunn,
+                        endpoint: spec.endpoint,
+                        configured_endpoint: spec.endpoint,
+                        keepalive: spec.persistent_keepalive,
+                        allowed_ips: spec.allowed_ips,
+                        handshakes: 0,
+                        tx_bytes: 0,
+                        rx_bytes: 0,
+                        queued: 0,
+                    };
+                    self.by_key.insert(peer.public_key, slot);
+                    self.peers.insert(slot, peer);
+                }
+            }
+        }
+        let mut allowed = AllowedIps::default();
+        for peer in self.peers.values() {
+            for net in &peer.allowed_ips {
+                allowed.insert(*net, peer.slot);
+            }
+        }
+        self.allowed = allowed;
+        shared.metrics.peers_configured.set(self.peers.len() as i64);
+    }
+}
+
+/// The next command for the first worker; `None` when the loop is to stop (every handle
+/// dropped, `stop` fired, or, for a sibling, the first worker gone).
+async fn next_command(role: &mut Role) -> Option<Command> {
+    match role {
+        Role::First { commands, stop, .. } => tokio::select! {
+            command = commands.recv() => command,
+            _ = async {
+                match stop {
+                    Some(stop) => {
+                        let _ = stop.await;
+                    }
+                    None => std::future::pending().await,
+                }
+            } => None,
+        },
+        // Nothing is ever sent: `changed` fails once the first worker drops its sender.
+        Role::Sibling { first } => {
+            while first.changed().await.is_ok() {}
+            None
+        }
+    }
+}
+
+/// A further worker's share of a device, to attach its own TUN queue and socket to (on its
+/// own thread, inside its own runtime).
+pub struct Sibling {
+    shared: Arc<Shared>,
+    first: watch::Receiver<()>,
+}
+
+impl Sibling {
+    pub fn attach<T: Tun, U: Udp>(self, tun: T, udp: U) -> Device<T, U> {
+        Device::worker(tun, udp, self.shared, Role::Sibling { first: self.first })
     }
 }
 

@@ -648,3 +648,64 @@ async fn gso_sends_and_gro_receives_keep_every_packet_in_order() {
         assert_eq!(a.metrics.drops(reason), 0, "{reason:?}");
     }
 }
+
+/// A node with two workers, as on a two-CPU machine: the handshake and sessions one worker
+/// makes serve the other, whichever queue or socket the kernel steers a packet to.
+#[tokio::test]
+async fn two_workers_share_sessions_and_stop_together() {
+    let net = FakeNet::default();
+    let a = start(&net, "198.18.0.1:51820");
+    let keys = KeyPair::generate();
+    let (first_tun, second_tun) = (FakeTun::default(), FakeTun::default());
+    let first_udp = net.bind("198.18.0.2:51820");
+    let metrics = Metrics::new().unwrap();
+    let (first, handle) = Device::new(
+        first_tun.clone(),
+        first_udp,
+        keys.clone(),
+        metrics.clone(),
+        DeviceConfig::default(),
+    );
+    // Bound last, the second socket gets every datagram to the address: the network steers
+    // all of a's traffic to the second worker.
+    let second = first
+        .sibling()
+        .attach(second_tun.clone(), net.bind("198.18.0.2:51820"));
+    let first = tokio::spawn(first.run());
+    let second = tokio::spawn(second.run());
+    let b = Node {
+        keys,
+        addr: "198.18.0.2:51820".parse().unwrap(),
+        tun: first_tun.clone(),
+        handle,
+        metrics,
+        socket: Arc::new(Mutex::new("198.18.0.2:51820".parse().unwrap())),
+    };
+    make_peers(&a, &b).await;
+
+    // a starts the handshake; b's second worker answers it and decrypts the packet.
+    let ping = ipv4("10.1.0.5", "10.2.0.7", b"ping");
+    a.tun.inbound.push(ping.clone());
+    assert_eq!(delivered(&second_tun).await.as_deref(), Some(&ping[..]));
+    // The reply leaves through b's first worker, on the session the second one made.
+    let pong = ipv4("10.2.0.7", "10.1.0.5", b"pong");
+    first_tun.inbound.push(pong.clone());
+    assert_eq!(delivered(&a.tun).await.as_deref(), Some(&pong[..]));
+    // And the other way round.
+    let again = ipv4("10.2.0.7", "10.1.0.5", b"again");
+    second_tun.inbound.push(again.clone());
+    assert_eq!(delivered(&a.tun).await.as_deref(), Some(&again[..]));
+
+    let stats = b.handle.stats().await.unwrap();
+    assert_eq!(stats[0].handshakes, 1, "one session for both workers");
+    assert_eq!(stats[0].rx_bytes, ping.len() as u64);
+    assert_eq!(stats[0].tx_bytes, (pong.len() + again.len()) as u64);
+    assert!(first_tun.delivered.pop().is_none());
+
+    // Dropping the last handle stops the first worker, and it the second.
+    drop(b);
+    for worker in [first, second] {
+        let stopped = tokio::time::timeout(Duration::from_secs(2), worker).await;
+        assert!(matches!(stopped, Ok(Ok(Ok(())))), "worker still running");
+    }
+}

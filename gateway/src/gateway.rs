@@ -11,7 +11,8 @@ use trellis_netns::{Netlink, Netns, sysctl};
 
 use crate::Error;
 use crate::device::{Device, DeviceConfig, DeviceHandle};
-use crate::io::{RealTun, RealUdp};
+use crate::cpus;
+use crate::io::{Tun, Udp, open_worker_io};
 use crate::keys::KeyPair;
 use crate::metrics::{Metrics, unix_now};
 use crate::routes::{self, NetlinkRoutes, RouteMetrics, RouteTable};
@@ -28,6 +29,8 @@ pub struct GatewayConfig {
     pub route_protocol: u8,
     pub route_metrics: RouteMetrics,
     pub device: DeviceConfig,
+    /// Device workers, one TUN queue and socket each; 0 means one per CPU.
+    pub workers: usize,
 }
 
 impl Default for GatewayConfig {
@@ -39,6 +42,7 @@ impl Default for GatewayConfig {
             route_protocol: DEFAULT_ROUTE_PROTOCOL,
             route_metrics: RouteMetrics::default(),
             device: DeviceConfig::default(),
+            workers: 0,
         }
     }
 }
@@ -125,66 +129,67 @@ impl Gateway {
         let keys = KeyPair::load_or_generate(&config.state_dir)?;
         let metrics = Metrics::new()?;
         let public_key = keys.public_key();
-        // The device loop gets a thread and a single-threaded runtime of its own, and its TUN
-        // and socket are registered with that runtime's reactor: a packet's wake-up then
-        // lands on the thread that handles it, with no hop between worker threads (which
-        // cost latency and CPU under load).
-        let (opened, opening) = tokio::sync::oneshot::channel();
-        let (finished, done) = tokio::sync::oneshot::channel();
+        // One worker per CPU, each on a thread of its own pinned to the CPUs whose packets the
+        // kernel steers to its TUN queue and socket, with a single-threaded runtime whose
+        // reactor holds just those: a packet's wake-up stays on the CPU that handled it, and
+        // no packet hops between threads.
+        let allowed = cpus::allowed();
+        let wanted = match config.workers {
+            0 => cpus::default_workers(&allowed),
+            n => n,
+        };
+        let opened = open_worker_io(
+            netns,
+            &config.interface,
+            config.device.mtu,
+            config.listen_port,
+            config.device.offload,
+            wanted,
+        )?;
+        if opened.steering.refused.is_some() {
+            metrics.steering_refused.inc();
+        }
+        let count = opened.workers.len();
+        metrics.workers.set(count as i64);
+        let listen_port = opened.workers[0]
+            .local_port()
+            .map_err(|source| Error::BindUdp {
+                addr: ([0, 0, 0, 0], config.listen_port).into(),
+                source,
+            })?;
+        let (opened_first, opening) = tokio::sync::oneshot::channel();
+        let (finished, done) = tokio::sync::mpsc::unbounded_channel();
         let (stop, stopping) = tokio::sync::oneshot::channel();
-        let device_netns = netns.map(Netns::try_clone).transpose()?;
-        let device_config = config.clone();
+        let mut ios = opened.workers.into_iter();
+        let first_io = ios.next().ok_or(Error::DeviceStopped)?;
+        let siblings_io: Vec<_> = ios.collect();
+        let device_config = config.device.clone();
         let device_metrics = metrics.clone();
-        std::thread::Builder::new()
-            .name("trellis-device".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = opened.send(Err(Error::DeviceRuntime(e)));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let netns = device_netns.as_ref();
-                    let offload = device_config.device.offload;
-                    let io = RealTun::open(
-                        netns,
-                        &device_config.interface,
-                        device_config.device.mtu,
-                        offload,
-                    )
-                    .and_then(|tun| {
-                        let udp = RealUdp::bind(netns, device_config.listen_port, offload)?;
-                        Ok((tun, udp))
-                    });
-                    let (tun, udp) = match io {
-                        Ok(io) => io,
-                        Err(e) => {
-                            let _ = opened.send(Err(e));
-                            return;
-                        }
-                    };
-                    let port = udp.local_port();
-                    // The namespace is needed only to open them.
-                    drop(device_netns);
-                    let (device, handle) =
-                        Device::new(tun, udp, keys, device_metrics, device_config.device.clone());
-                    if opened.send(Ok((handle, port))).is_err() {
-                        return;
-                    }
-                    let _ = finished.send(device.stop_on(stopping).run().await);
-                });
-            })
-            .map_err(Error::DeviceRuntime)?;
-        let (handle, port) = opening.await.map_err(|_| Error::DeviceStopped)??;
-        let listen_port = port.map_err(|source| Error::BindUdp {
-            addr: ([0, 0, 0, 0], config.listen_port).into(),
-            source,
+        spawn_worker(0, cpus::for_worker(&allowed, count, 0), finished.clone(), move || {
+            let (tun, udp) = first_io.into_async()?;
+            let (device, handle) = Device::new(tun, udp, keys, device_metrics, device_config);
+            for (i, io) in siblings_io.into_iter().enumerate() {
+                let index = i + 1;
+                let sibling = device.sibling();
+                spawn_worker(index, cpus::for_worker(&allowed, count, index), finished.clone(), move || {
+                    let (tun, udp) = io.into_async()?;
+                    Ok(sibling.attach(tun, udp))
+                })?;
+            }
+            let _ = opened_first.send(handle);
+            Ok(device.stop_on(stopping))
         })?;
+        let handle = match opening.await {
+            Ok(handle) => handle,
+            Err(_) => {
+                let mut done = done;
+                return Err(done
+                    .recv()
+                    .await
+                    .and_then(Result::err)
+                    .unwrap_or(Error::DeviceStopped));
+            }
+        };
         let netlink = match netns {
             Some(netns) => Netlink::connect_in(netns)?,
             None => Netlink::connect()?,
@@ -209,8 +214,11 @@ impl Gateway {
                 config.interface
             );
         }
+        // The first worker to end ends the device: the others stop with the first, and a
+        // sibling that failed leaves its CPU's packets unread.
+        let mut done = done;
         let device_task =
-            tokio::spawn(async move { done.await.unwrap_or(Err(Error::DeviceStopped)) });
+            tokio::spawn(async move { done.recv().await.unwrap_or(Err(Error::DeviceStopped)) });
         tracing::info!(
             interface = %config.interface,
             port = listen_port,
@@ -252,6 +260,49 @@ impl Gateway {
     pub fn stop(self) {
         let _ = self.stop.send(());
     }
+}
+
+/// Runs one device worker on a thread of its own, pinned to `cpus`, with a single-threaded
+/// runtime: `build` makes the worker inside that runtime (registering its I/O with it), and
+/// how the worker ends (or why it could not start) goes to `finished`.
+fn spawn_worker<T, U, B>(
+    index: usize,
+    cpus: Vec<usize>,
+    finished: tokio::sync::mpsc::UnboundedSender<Result<(), Error>>,
+    build: B,
+) -> Result<(), Error>
+where
+    T: Tun + 'static,
+    U: Udp + 'static,
+    B: FnOnce() -> Result<Device<T, U>, Error> + Send + 'static,
+{
+    std::thread::Builder::new()
+        .name(format!("trellis-device-{index}"))
+        .spawn(move || {
+            if let Err(e) = cpus::pin_current_thread(&cpus) {
+                tracing::warn!(worker = index, "pinning to CPUs {cpus:?}: {e}");
+            }
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = finished.send(Err(Error::DeviceRuntime(e)));
+                    return;
+                }
+            };
+            let result = runtime.block_on(async move {
+                let device = build()?;
+                device.run().await
+            });
+            if let Err(e) = &result {
+                tracing::error!(worker = index, "device worker stopped: {e}");
+            }
+            let _ = finished.send(result);
+        })
+        .map_err(Error::DeviceRuntime)?;
+    Ok(())
 }
 
 /// Parses a desired state (JSON) from text; the file is read at the edge.

@@ -3,6 +3,7 @@
 
 pub mod allowed_ips;
 pub mod controller;
+pub mod cpus;
 pub mod device;
 mod error;
 pub mod gateway;

@@ -61,6 +61,10 @@ struct RunArgs {
     /// write. Also set by the environment variable TRELLIS_GATEWAY_NO_OFFLOAD=1.
     #[arg(long)]
     no_offload: bool,
+    /// Device workers: threads with a TUN queue and UDP socket each, pinned to the CPUs the
+    /// kernel steers their packets from. 0 means one per CPU (at most 8); 1 is one thread.
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
     /// JSON desired state to follow (trellis_core::gateway::GatewayState): a file, polled,
     /// or `-` for one JSON document per line on stdin.
     #[arg(long, conflicts_with = "controller")]
@@ -99,6 +103,12 @@ impl RunArgs {
         if !(1..=1024).contains(&self.batch) {
             bail!("--batch must be between 1 and 1024");
         }
+        if self.workers > trellis_gateway::cpus::MAX_WORKERS {
+            bail!(
+                "--workers must be at most {}",
+                trellis_gateway::cpus::MAX_WORKERS
+            );
+        }
         if self.handshake_rate_limit == 0 {
             bail!("--handshake-rate-limit must be at least 1");
         }
@@ -119,6 +129,7 @@ impl RunArgs {
             state_dir: self.state_dir.clone(),
             route_protocol: self.route_protocol,
             route_metrics: RouteMetrics::default(),
+            workers: self.workers,
             device: DeviceConfig {
                 mtu: self.mtu,
                 batch: self.batch,

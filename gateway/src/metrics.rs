@@ -95,6 +95,8 @@ pub struct Metrics {
     node_encryption_known: Arc<AtomicBool>,
     pub(crate) offload_enabled: IntGaugeVec,
     pub(crate) offload_refused: IntCounterVec,
+    pub(crate) workers: IntGauge,
+    pub(crate) steering_refused: IntCounter,
     heartbeat: Arc<AtomicU64>,
 }
 
@@ -210,6 +212,16 @@ impl Metrics {
             &["feature"],
         )?;
         registry.register(Box::new(offload_refused.clone()))?;
+        let workers = IntGauge::new(
+            name("device_workers"),
+            "Device workers (threads, each with its own TUN queue and UDP socket, one per CPU).",
+        )?;
+        registry.register(Box::new(workers.clone()))?;
+        let steering_refused = IntCounter::new(
+            name("steering_refused_total"),
+            "Times per-CPU steering (multi-queue TUN, SO_REUSEPORT, BPF) was refused and one worker used.",
+        )?;
+        registry.register(Box::new(steering_refused.clone()))?;
         for feature in crate::io::Feature::ALL {
             offload_enabled.with_label_values(&[feature.label()]).set(0);
             offload_refused
@@ -250,6 +262,8 @@ impl Metrics {
             node_encryption_known: Arc::new(AtomicBool::new(false)),
             offload_enabled,
             offload_refused,
+            workers,
+            steering_refused,
             heartbeat: Arc::new(AtomicU64::new(0)),
         })
     }

@@ -214,31 +214,25 @@ fn open_tun_queues(
     };
     let multi_queue = queues > 1;
     // Every queue is opened inside the namespace: TUNSETIFF finds the device by name there.
+    let in_netns = |f: &(dyn Fn() -> io::Result<tun_rs::SyncDevice> + Sync)| match netns {
+        Some(netns) => netns.run(f).map_err(Error::from),
+        None => Ok(f()),
+    };
     let build = |offload: bool| {
-        let build = || -> io::Result<Vec<tun_rs::SyncDevice>> {
-            let first = tun_rs::DeviceBuilder::new()
+        in_netns(&|| {
+            tun_rs::DeviceBuilder::new()
                 .name(name)
                 .mtu(mtu)
                 .packet_information(false)
                 .offload(offload)
                 .multi_queue(multi_queue)
-                .build_sync()?;
-            let mut devices = Vec::with_capacity(queues);
-            for _ in 1..queues {
-                devices.push(first.try_clone()?);
-            }
-            devices.insert(0, first);
-            Ok(devices)
-        };
-        match netns {
-            Some(netns) => netns.run(build).map_err(Error::from),
-            None => Ok(build()),
-        }
+                .build_sync()
+        })
     };
     let mut offloads = Offloads::default();
-    let devices = if offload {
+    let first = if offload {
         match build(true)? {
-            Ok(devices) => devices,
+            Ok(device) => device,
             Err(e) => {
                 tracing::warn!(
                     "TUN offloads (IFF_VNET_HDR, TSO) refused: {e}; reading one packet at a time"
@@ -251,6 +245,12 @@ fn open_tun_queues(
     } else {
         build(false)?.map_err(open_err)?
     };
+    // Further queues are clones of the first, with its offloads.
+    let mut devices = Vec::with_capacity(queues);
+    for _ in 1..queues {
+        devices.push(in_netns(&|| first.try_clone())?.map_err(open_err)?);
+    }
+    devices.insert(0, first);
     let device = &devices[0];
     let vnet_hdr = device.tcp_gso();
     offloads.enabled[Feature::TunTso.index()] = vnet_hdr;
@@ -887,6 +887,44 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn tun_packets_are_steered_with_offloads_on_too() {
         tun_packets_go_to_the_queue_of_the_sending_cpu(true, "steer3", 3).await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_part_falls_back_to_one_plain_queue_and_socket() {
+        let ns = loopback_netns("gw-steer").await;
+        // A TUN takes at most 256 queues (MAX_TAP_QUEUES): the 257th is refused.
+        let opened = open_worker_io(Some(&ns), "steer6", 1420, 0, true, 257).unwrap();
+        assert_eq!(opened.steering.queues, 1);
+        let reason = opened.steering.refused.unwrap();
+        assert!(reason.starts_with("multi-queue TUN"), "{reason}");
+        assert_eq!(opened.workers.len(), 1);
+        let worker = &opened.workers[0];
+        // What RealTun::open and RealUdp::bind give: no multi-queue flag, no reuseport, and
+        // the offloads (not blamed for the refusal).
+        let clone = worker.tun.device.try_clone();
+        assert_eq!(
+            clone.err().map(|e| e.kind()),
+            Some(io::ErrorKind::Unsupported)
+        );
+        assert!(worker.tun.device.tcp_gso());
+        assert_eq!(worker.tun.offloads.refused[Feature::TunTso.index()], 0);
+        let socket = socket2::SockRef::from(&worker.udp.socket);
+        assert!(!socket.reuse_port().unwrap());
+        // And it carries traffic.
+        tun_up(&ns, "steer6", 6).await;
+        worker.tun.device.set_nonblocking(true).unwrap();
+        let peer = ns
+            .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+            .unwrap()
+            .unwrap();
+        peer.send_to(b"fallback", ("198.19.6.2", 9)).unwrap();
+        assert_eq!(
+            tun_marker_counts(&[&worker.tun.device], b"fallback", 1),
+            [1]
+        );
+        let port = worker.local_port().unwrap();
+        peer.send_to(b"fallback", ("127.0.0.1", port)).unwrap();
+        assert_eq!(udp_counts(&[&worker.udp.socket], 1), [1]);
     }
 
     #[tokio::test]

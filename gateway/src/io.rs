@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::errno::Errno;
@@ -18,6 +18,7 @@ use trellis_netns::Netns;
 
 use crate::Error;
 use crate::offload::{self, VNET_HDR_LEN};
+use crate::steering;
 
 /// Bytes of room in front of every packet handed to [`Tun::send_packets`] (for the
 /// `virtio_net_hdr` the TUN wants when offloads are on).
@@ -167,56 +168,101 @@ impl RealTun {
     /// the given MTU; with `offload`, asks for TSO/USO and falls back to plain packets (logged,
     /// and reported by [`Tun::offloads`]) if the kernel refuses. Call inside a tokio runtime.
     pub fn open(netns: Option<&Netns>, name: &str, mtu: u16, offload: bool) -> Result<Self, Error> {
-        let open_err = |source| Error::OpenTun {
+        let mut queues = open_tun_queues(netns, name, mtu, offload, 1)?;
+        let queue = queues
+            .pop()
+            .expect("open_tun_queues returns what was asked");
+        queue.into_async(name)
+    }
+}
+
+/// One TUN queue, opened but not yet registered with a runtime.
+struct TunQueue {
+    device: tun_rs::SyncDevice,
+    offloads: Offloads,
+}
+
+impl TunQueue {
+    fn into_async(self, name: &str) -> Result<RealTun, Error> {
+        let vnet_hdr = self.device.tcp_gso();
+        let device = tun_rs::AsyncDevice::new(self.device).map_err(|source| Error::OpenTun {
             name: name.to_string(),
             source,
-        };
-        let build = |offload: bool| {
-            let build = || {
-                tun_rs::DeviceBuilder::new()
-                    .name(name)
-                    .mtu(mtu)
-                    .packet_information(false)
-                    .offload(offload)
-                    .build_sync()
-            };
-            match netns {
-                Some(netns) => netns.run(build).map_err(Error::from),
-                None => Ok(build()),
-            }
-        };
-        let mut offloads = Offloads::default();
-        let device = if offload {
-            match build(true)? {
-                Ok(device) => device,
-                Err(e) => {
-                    tracing::warn!(
-                        "TUN offloads (IFF_VNET_HDR, TSO) refused: {e}; reading one packet at a time"
-                    );
-                    offloads.refused[Feature::TunTso.index()] += 1;
-                    offloads.refused[Feature::TunUso.index()] += 1;
-                    build(false)?.map_err(open_err)?
-                }
-            }
-        } else {
-            build(false)?.map_err(open_err)?
-        };
-        let vnet_hdr = device.tcp_gso();
-        offloads.enabled[Feature::TunTso.index()] = vnet_hdr;
-        offloads.enabled[Feature::TunUso.index()] = device.udp_gso();
-        if vnet_hdr && !device.udp_gso() {
-            tracing::info!("TUN UDP segmentation offload (USO, Linux 6.2+) refused; TCP only");
-            offloads.refused[Feature::TunUso.index()] += 1;
-        }
-        let device = tun_rs::AsyncDevice::new(device).map_err(open_err)?;
-        Ok(Self {
+        })?;
+        Ok(RealTun {
             device,
             vnet_hdr,
             read_buf: vec![0; if vnet_hdr { VNET_HDR_LEN + 65_535 } else { 0 }],
             gro: tun_rs::GROTable::new(),
-            offloads,
+            offloads: self.offloads,
         })
     }
+}
+
+/// Opens the TUN `name` with `queues` queues (`IFF_MULTI_QUEUE` when more than one; the
+/// others are clones of the first, with its offloads), in queue order.
+fn open_tun_queues(
+    netns: Option<&Netns>,
+    name: &str,
+    mtu: u16,
+    offload: bool,
+    queues: usize,
+) -> Result<Vec<TunQueue>, Error> {
+    let open_err = |source| Error::OpenTun {
+        name: name.to_string(),
+        source,
+    };
+    let multi_queue = queues > 1;
+    // Every queue is opened inside the namespace: TUNSETIFF finds the device by name there.
+    let in_netns = |f: &(dyn Fn() -> io::Result<tun_rs::SyncDevice> + Sync)| match netns {
+        Some(netns) => netns.run(f).map_err(Error::from),
+        None => Ok(f()),
+    };
+    let build = |offload: bool| {
+        in_netns(&|| {
+            tun_rs::DeviceBuilder::new()
+                .name(name)
+                .mtu(mtu)
+                .packet_information(false)
+                .offload(offload)
+                .multi_queue(multi_queue)
+                .build_sync()
+        })
+    };
+    let mut offloads = Offloads::default();
+    let first = if offload {
+        match build(true)? {
+            Ok(device) => device,
+            Err(e) => {
+                tracing::warn!(
+                    "TUN offloads (IFF_VNET_HDR, TSO) refused: {e}; reading one packet at a time"
+                );
+                offloads.refused[Feature::TunTso.index()] += 1;
+                offloads.refused[Feature::TunUso.index()] += 1;
+                build(false)?.map_err(open_err)?
+            }
+        }
+    } else {
+        build(false)?.map_err(open_err)?
+    };
+    // Further queues are clones of the first, with its offloads.
+    let mut devices = Vec::with_capacity(queues);
+    for _ in 1..queues {
+        devices.push(in_netns(&|| first.try_clone())?.map_err(open_err)?);
+    }
+    devices.insert(0, first);
+    let device = &devices[0];
+    let vnet_hdr = device.tcp_gso();
+    offloads.enabled[Feature::TunTso.index()] = vnet_hdr;
+    offloads.enabled[Feature::TunUso.index()] = device.udp_gso();
+    if vnet_hdr && !device.udp_gso() {
+        tracing::info!("TUN UDP segmentation offload (USO, Linux 6.2+) refused; TCP only");
+        offloads.refused[Feature::TunUso.index()] += 1;
+    }
+    Ok(devices
+        .into_iter()
+        .map(|device| TunQueue { device, offloads })
+        .collect())
 }
 
 /// A dual-stack UDP socket (IPv4 peers appear as IPv4, not v4-mapped), with `UDP_SEGMENT`
@@ -240,11 +286,74 @@ impl RealUdp {
     /// turns on `UDP_GRO` and checks `UDP_SEGMENT`, falling back (logged, reported by
     /// [`Udp::offloads`]) where refused. Call inside a tokio runtime.
     pub fn bind(netns: Option<&Netns>, port: u16, offload: bool) -> Result<Self, Error> {
+        let mut sockets = bind_udp_sockets(netns, port, offload, 1)?;
+        let socket = sockets
+            .pop()
+            .expect("bind_udp_sockets returns what was asked");
+        socket.into_async()
+    }
+
+    pub fn local_port(&self) -> io::Result<u16> {
+        self.socket.local_addr().map(|a| a.port())
+    }
+
+    /// One datagram per send: without GSO, or when the kernel refused a GSO send.
+    async fn send_each(&self, datagrams: &[IoSlice<'_>], to: SocketAddr) -> io::Result<()> {
+        let mut result = Ok(());
+        for datagram in datagrams {
+            if let Err(e) = self.socket.send_to(datagram, to_socket_family(to)).await {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}
+
+/// One UDP socket, bound but not yet registered with a runtime.
+struct BoundUdp {
+    socket: std::net::UdpSocket,
+    addr: SocketAddr,
+    gso: bool,
+    gso_refused: u64,
+    gro: bool,
+    gro_refused: u64,
+}
+
+impl BoundUdp {
+    fn into_async(self) -> Result<RealUdp, Error> {
+        let addr = self.addr;
+        let socket = tokio::net::UdpSocket::from_std(self.socket)
+            .map_err(|source| Error::BindUdp { addr, source })?;
+        Ok(RealUdp {
+            socket,
+            gso: AtomicBool::new(self.gso),
+            gso_refused: AtomicU64::new(self.gso_refused),
+            gro: self.gro,
+            gro_refused: self.gro_refused,
+            cmsg: nix::cmsg_space!(libc_int),
+        })
+    }
+}
+
+/// Binds `count` sockets on `[::]:port` (with `SO_REUSEPORT` when more than one; with port 0
+/// the others take the port the first got), in bind order, which is their index in the
+/// reuseport group.
+fn bind_udp_sockets(
+    netns: Option<&Netns>,
+    port: u16,
+    offload: bool,
+    count: usize,
+) -> Result<Vec<BoundUdp>, Error> {
+    let reuse_port = count > 1;
+    let bind = |port: u16| -> (SocketAddr, io::Result<std::net::UdpSocket>) {
         let addr = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
         let bind = || -> io::Result<std::net::UdpSocket> {
             let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
             socket.set_only_v6(false)?;
             socket.set_nonblocking(true)?;
+            if reuse_port {
+                socket.set_reuse_port(true)?;
+            }
             // Past net.core.{r,w}mem_max when we may (CAP_NET_ADMIN), else as far as allowed.
             if setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER_BYTES).is_err() {
                 let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
@@ -260,11 +369,23 @@ impl RealUdp {
             socket.bind(&addr.into())?;
             Ok(socket.into())
         };
-        let socket = match netns {
-            Some(netns) => netns.run(bind)?,
-            None => bind(),
+        (addr, bind())
+    };
+    let mut sockets = Vec::with_capacity(count);
+    let mut port = port;
+    for _ in 0..count {
+        let (addr, socket) = match netns {
+            Some(netns) => netns.run(|| bind(port))?,
+            None => bind(port),
+        };
+        let socket = socket.map_err(|source| Error::BindUdp { addr, source })?;
+        if port == 0 {
+            port = socket
+                .local_addr()
+                .map_err(|source| Error::BindUdp { addr, source })?
+                .port();
         }
-        .map_err(|source| Error::BindUdp { addr, source })?;
+        let addr = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
         let (mut gso, mut gso_refused, mut gro, mut gro_refused) = (false, 0, false, 0);
         if offload {
             // Setting the socket's default segment size to 0 probes UDP_SEGMENT support.
@@ -283,32 +404,151 @@ impl RealUdp {
                 }
             }
         }
-        let socket = tokio::net::UdpSocket::from_std(socket)
-            .map_err(|source| Error::BindUdp { addr, source })?;
-        Ok(Self {
+        sockets.push(BoundUdp {
             socket,
-            gso: AtomicBool::new(gso),
-            gso_refused: AtomicU64::new(gso_refused),
+            addr,
+            gso,
+            gso_refused,
             gro,
             gro_refused,
-            cmsg: nix::cmsg_space!(libc_int),
-        })
+        });
+    }
+    Ok(sockets)
+}
+
+/// One device worker's I/O, a TUN queue and a UDP socket, opened but not yet registered with
+/// any runtime (so it can be moved to the worker's own thread).
+pub struct WorkerIo {
+    name: String,
+    tun: TunQueue,
+    udp: BoundUdp,
+}
+
+impl WorkerIo {
+    /// Registers both with the current tokio runtime: call on the worker's own thread, inside
+    /// its runtime.
+    pub fn into_async(self) -> Result<(RealTun, RealUdp), Error> {
+        Ok((self.tun.into_async(&self.name)?, self.udp.into_async()?))
     }
 
+    /// The UDP port (the one the kernel chose, when 0 was asked).
     pub fn local_port(&self) -> io::Result<u16> {
-        self.socket.local_addr().map(|a| a.port())
+        self.udp.socket.local_addr().map(|a| a.port())
     }
+}
 
-    /// One datagram per send: without GSO, or when the kernel refused a GSO send.
-    async fn send_each(&self, datagrams: &[IoSlice<'_>], to: SocketAddr) -> io::Result<()> {
-        let mut result = Ok(());
-        for datagram in datagrams {
-            if let Err(e) = self.socket.send_to(datagram, to_socket_family(to)).await {
-                result = Err(e);
+/// How the workers' I/O came out: one [`WorkerIo`] per queue, worker `i` owning TUN queue `i`
+/// and UDP socket `i` (the ones steered packets processed on CPU `i` modulo the count go to).
+pub struct OpenedIo {
+    pub workers: Vec<WorkerIo>,
+    pub steering: Steering,
+}
+
+/// The queue count, and why it is 1 when more were asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Steering {
+    pub queues: usize,
+    /// Why per-CPU steering was refused (and one queue used instead), if it was.
+    pub refused: Option<String>,
+}
+
+/// Opens the TUN `name` with `queues` queues and binds `queues` UDP sockets on `port`, each
+/// packet steered to the queue and socket of the CPU that processes it (CPU modulo `queues`):
+/// TUN packets by an eBPF program (`TUNSETSTEERINGEBPF`), datagrams by a classic BPF one on
+/// the `SO_REUSEPORT` group. If any part of that is refused, falls back to one queue and one
+/// socket (logged, and said in [`Steering::refused`]): the counts are always equal, as a TUN
+/// queue nobody reads would black-hole its packets. `queues <= 1` opens exactly what
+/// [`RealTun::open`] and [`RealUdp::bind`] do (no multi-queue flag, no reuseport).
+pub fn open_worker_io(
+    netns: Option<&Netns>,
+    name: &str,
+    mtu: u16,
+    port: u16,
+    offload: bool,
+    queues: usize,
+) -> Result<OpenedIo, Error> {
+    if queues > 1 {
+        match open_steered(netns, name, mtu, port, offload, queues) {
+            Ok(workers) => {
+                return Ok(OpenedIo {
+                    workers,
+                    steering: Steering {
+                        queues,
+                        refused: None,
+                    },
+                });
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    "per-CPU steering over {queues} queues refused ({reason}); one TUN queue and one UDP socket"
+                );
+                let workers = open_single(netns, name, mtu, port, offload)?;
+                return Ok(OpenedIo {
+                    workers,
+                    steering: Steering {
+                        queues: 1,
+                        refused: Some(reason),
+                    },
+                });
             }
         }
-        result
     }
+    Ok(OpenedIo {
+        workers: open_single(netns, name, mtu, port, offload)?,
+        steering: Steering {
+            queues: 1,
+            refused: None,
+        },
+    })
+}
+
+fn open_single(
+    netns: Option<&Netns>,
+    name: &str,
+    mtu: u16,
+    port: u16,
+    offload: bool,
+) -> Result<Vec<WorkerIo>, Error> {
+    let tun = open_tun_queues(netns, name, mtu, offload, 1)?;
+    let udp = bind_udp_sockets(netns, port, offload, 1)?;
+    Ok(pair(name, tun, udp))
+}
+
+fn pair(name: &str, tun: Vec<TunQueue>, udp: Vec<BoundUdp>) -> Vec<WorkerIo> {
+    tun.into_iter()
+        .zip(udp)
+        .map(|(tun, udp)| WorkerIo {
+            name: name.to_string(),
+            tun,
+            udp,
+        })
+        .collect()
+}
+
+/// The steered open; on any refusal, says which part and why (everything opened so far is
+/// closed again when it returns, which deletes a TUN it created).
+fn open_steered(
+    netns: Option<&Netns>,
+    name: &str,
+    mtu: u16,
+    port: u16,
+    offload: bool,
+    queues: usize,
+) -> Result<Vec<WorkerIo>, String> {
+    let count = u32::try_from(queues).map_err(|_| format!("{queues} queues is too many"))?;
+    let tun = open_tun_queues(netns, name, mtu, offload, queues)
+        .map_err(|e| format!("multi-queue TUN: {e}"))?;
+    let program = steering::load_cpu_ebpf_program()
+        .map_err(|e| format!("load the TUN steering eBPF program: {e}"))?;
+    steering::set_tun_steering(tun[0].device.as_fd(), program.as_fd())
+        .map_err(|e| format!("TUNSETSTEERINGEBPF: {e}"))?;
+    // The TUN holds its own reference to the program now.
+    drop(program);
+    let udp = bind_udp_sockets(netns, port, offload, queues)
+        .map_err(|e| format!("SO_REUSEPORT UDP sockets: {e}"))?;
+    steering::attach_reuseport_cpu_program(&udp[0].socket, count)
+        .map_err(|e| format!("SO_ATTACH_REUSEPORT_CBPF: {e}"))?;
+    Ok(pair(name, tun, udp))
 }
 
 /// `cmsg_space!` needs a type name.
@@ -472,5 +712,333 @@ pub(crate) mod tests {
         assert_eq!((len, segment, from), (1, 1, peer.local_addr().unwrap()));
         udp.send_to(b"y", from).await.unwrap();
         assert_eq!(peer.recv(&mut buf).unwrap(), 1);
+    }
+
+    /// Runs `f` on a fresh thread pinned to `cpu`.
+    fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let mut set = nix::sched::CpuSet::new();
+                    set.set(cpu).unwrap();
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+                    f()
+                })
+                .join()
+                .unwrap()
+        })
+    }
+
+    /// CPU 0, and CPU 1 when this process may run there (else its half of a test is skipped).
+    fn steering_cpus() -> Vec<usize> {
+        let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+        let cpus: Vec<usize> = [0, 1]
+            .into_iter()
+            .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+            .collect();
+        if cpus.len() < 2 {
+            eprintln!("fewer than 2 CPUs: only CPU {cpus:?} is checked");
+        }
+        cpus
+    }
+
+    /// The TUN `name` up in `ns` with 198.19.<net>.1/24, so 198.19.<net>.2 is routed into it.
+    async fn tun_up(ns: &TempNetns, name: &str, net: u8) {
+        let netlink = Netlink::connect_in(ns).unwrap();
+        let tun = netlink.require_link(name).await.unwrap();
+        netlink
+            .add_address(tun.index, format!("198.19.{net}.1/24").parse().unwrap())
+            .await
+            .unwrap();
+        netlink.set_up(tun.index).await.unwrap();
+    }
+
+    /// Reads every queue (nonblocking) for up to a second until `expected` reads contain
+    /// `marker`; then how many did, per queue.
+    fn tun_marker_counts(
+        queues: &[&tun_rs::SyncDevice],
+        marker: &[u8],
+        expected: usize,
+    ) -> Vec<usize> {
+        let mut counts = vec![0; queues.len()];
+        let mut buf = vec![0u8; VNET_HDR_LEN + 65_535];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while counts.iter().sum::<usize>() < expected && std::time::Instant::now() < deadline {
+            for (queue, count) in queues.iter().zip(&mut counts) {
+                while let Ok(len) = queue.recv(&mut buf) {
+                    if buf[..len].windows(marker.len()).any(|w| w == marker) {
+                        *count += 1;
+                    }
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        counts
+    }
+
+    /// Reads every socket (nonblocking) for up to a second until `expected` datagrams came;
+    /// then how many each got.
+    fn udp_counts(sockets: &[&std::net::UdpSocket], expected: usize) -> Vec<usize> {
+        let mut counts = vec![0; sockets.len()];
+        let mut buf = [0u8; 2048];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while counts.iter().sum::<usize>() < expected && std::time::Instant::now() < deadline {
+            for (socket, count) in sockets.iter().zip(&mut counts) {
+                while socket.recv_from(&mut buf).is_ok() {
+                    *count += 1;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        counts
+    }
+
+    #[tokio::test]
+    async fn two_queues_open_with_steering_on_one_port() {
+        let ns = loopback_netns("gw-steer").await;
+        let opened = open_worker_io(Some(&ns), "steer0", 1420, 0, true, 2).unwrap();
+        assert_eq!(
+            opened.steering,
+            Steering {
+                queues: 2,
+                refused: None
+            }
+        );
+        assert_eq!(opened.workers.len(), 2);
+        let port = opened.workers[0].local_port().unwrap();
+        assert_ne!(port, 0);
+        assert_eq!(opened.workers[1].local_port().unwrap(), port);
+        for worker in &opened.workers {
+            // Each queue keeps the offloads of the first.
+            assert!(worker.tun.device.tcp_gso());
+            assert_eq!(worker.tun.offloads, opened.workers[0].tun.offloads);
+            assert!(worker.udp.gro);
+            let socket = socket2::SockRef::from(&worker.udp.socket);
+            assert!(socket.reuse_port().unwrap());
+            assert!(!socket.only_v6().unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn datagrams_go_to_the_socket_of_the_cpu_they_arrive_on() {
+        let ns = loopback_netns("gw-steer").await;
+        let opened = open_worker_io(Some(&ns), "steer1", 1420, 0, false, 2).unwrap();
+        assert_eq!(opened.steering.refused, None);
+        let port = opened.workers[0].local_port().unwrap();
+        let sockets: Vec<_> = opened.workers.iter().map(|w| &w.udp.socket).collect();
+        for cpu in steering_cpus() {
+            for peer in ["127.0.0.1", "::1"] {
+                let socket = ns
+                    .run(|| std::net::UdpSocket::bind((peer, 0)))
+                    .unwrap()
+                    .unwrap();
+                on_cpu(cpu, || {
+                    for _ in 0..8 {
+                        socket.send_to(b"steer", (peer, port)).unwrap();
+                    }
+                });
+                let mut expected = vec![0; 2];
+                expected[cpu] = 8;
+                assert_eq!(
+                    udp_counts(&sockets, 8),
+                    expected,
+                    "sent from CPU {cpu} to {peer}"
+                );
+            }
+        }
+    }
+
+    async fn tun_packets_go_to_the_queue_of_the_sending_cpu(offload: bool, name: &str, net: u8) {
+        let ns = loopback_netns("gw-steer").await;
+        let opened = open_worker_io(Some(&ns), name, 1420, 0, offload, 2).unwrap();
+        assert_eq!(opened.steering.refused, None);
+        tun_up(&ns, name, net).await;
+        let queues: Vec<_> = opened.workers.iter().map(|w| &w.tun.device).collect();
+        for queue in &queues {
+            queue.set_nonblocking(true).unwrap();
+        }
+        let socket = ns
+            .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+            .unwrap()
+            .unwrap();
+        let target = std::net::SocketAddr::from(([198, 19, net, 2], 9));
+        for cpu in steering_cpus() {
+            let marker = format!("steer-tun-cpu-{cpu}");
+            on_cpu(cpu, || {
+                for _ in 0..8 {
+                    socket.send_to(marker.as_bytes(), target).unwrap();
+                }
+            });
+            let mut expected = vec![0; 2];
+            expected[cpu] = 8;
+            assert_eq!(
+                tun_marker_counts(&queues, marker.as_bytes(), 8),
+                expected,
+                "sent from CPU {cpu}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn tun_packets_go_to_the_queue_of_the_cpu_that_sends_them() {
+        tun_packets_go_to_the_queue_of_the_sending_cpu(false, "steer2", 2).await;
+    }
+
+    #[tokio::test]
+    async fn tun_packets_are_steered_with_offloads_on_too() {
+        tun_packets_go_to_the_queue_of_the_sending_cpu(true, "steer3", 3).await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_part_falls_back_to_one_plain_queue_and_socket() {
+        let ns = loopback_netns("gw-steer").await;
+        // A TUN takes at most 256 queues (MAX_TAP_QUEUES): the 257th is refused.
+        let opened = open_worker_io(Some(&ns), "steer6", 1420, 0, true, 257).unwrap();
+        assert_eq!(opened.steering.queues, 1);
+        let reason = opened.steering.refused.unwrap();
+        assert!(reason.starts_with("multi-queue TUN"), "{reason}");
+        assert_eq!(opened.workers.len(), 1);
+        let worker = &opened.workers[0];
+        // What RealTun::open and RealUdp::bind give: no multi-queue flag, no reuseport, and
+        // the offloads (not blamed for the refusal).
+        let clone = worker.tun.device.try_clone();
+        assert_eq!(
+            clone.err().map(|e| e.kind()),
+            Some(io::ErrorKind::Unsupported)
+        );
+        assert!(worker.tun.device.tcp_gso());
+        assert_eq!(worker.tun.offloads.refused[Feature::TunTso.index()], 0);
+        let socket = socket2::SockRef::from(&worker.udp.socket);
+        assert!(!socket.reuse_port().unwrap());
+        // And it carries traffic.
+        tun_up(&ns, "steer6", 6).await;
+        worker.tun.device.set_nonblocking(true).unwrap();
+        let peer = ns
+            .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+            .unwrap()
+            .unwrap();
+        peer.send_to(b"fallback", ("198.19.6.2", 9)).unwrap();
+        assert_eq!(
+            tun_marker_counts(&[&worker.tun.device], b"fallback", 1),
+            [1]
+        );
+        let port = worker.local_port().unwrap();
+        peer.send_to(b"fallback", ("127.0.0.1", port)).unwrap();
+        assert_eq!(udp_counts(&[&worker.udp.socket], 1), [1]);
+    }
+
+    #[tokio::test]
+    async fn one_queue_is_a_plain_tun_and_a_plain_socket() {
+        let ns = loopback_netns("gw-steer").await;
+        let opened = open_worker_io(Some(&ns), "steer4", 1420, 0, true, 1).unwrap();
+        assert_eq!(
+            opened.steering,
+            Steering {
+                queues: 1,
+                refused: None
+            }
+        );
+        assert_eq!(opened.workers.len(), 1);
+        let worker = &opened.workers[0];
+        // No IFF_MULTI_QUEUE: no further queue can be attached.
+        let clone = worker.tun.device.try_clone();
+        assert_eq!(
+            clone.err().map(|e| e.kind()),
+            Some(io::ErrorKind::Unsupported)
+        );
+        assert!(worker.tun.device.tcp_gso());
+        let socket = socket2::SockRef::from(&worker.udp.socket);
+        assert!(!socket.reuse_port().unwrap());
+        assert!(socket.recv_buffer_size().unwrap() >= SOCKET_BUFFER_BYTES);
+        assert!(worker.udp.gro);
+    }
+
+    #[tokio::test]
+    async fn each_worker_registers_with_its_own_runtime_and_passes_traffic() {
+        let ns = loopback_netns("gw-steer").await;
+        let name = "steer5";
+        let opened = open_worker_io(Some(&ns), name, 1420, 0, true, 2).unwrap();
+        assert_eq!(opened.steering.refused, None);
+        let port = opened.workers[0].local_port().unwrap();
+        tun_up(&ns, name, 5).await;
+        let cpus = steering_cpus();
+        // A worker per CPU checked, each on its own thread in its own current-thread runtime:
+        // it answers one datagram, then reports one packet read from its TUN queue.
+        let workers: Vec<_> = opened
+            .workers
+            .into_iter()
+            .enumerate()
+            .filter(|(index, _)| cpus.contains(index))
+            .map(|(index, worker)| {
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    runtime.block_on(async move {
+                        let (mut tun, mut udp) = worker.into_async().unwrap();
+                        let timeout = std::time::Duration::from_secs(5);
+                        let mut buf = vec![0u8; 65_536];
+                        let from = loop {
+                            tokio::time::timeout(timeout, udp.readable())
+                                .await
+                                .unwrap()
+                                .unwrap();
+                            match udp.try_recv_gro(&mut buf) {
+                                Ok((_, _, from)) => break from,
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                                Err(e) => panic!("{e}"),
+                            }
+                        };
+                        udp.send_to(format!("udp {index}").as_bytes(), from)
+                            .await
+                            .unwrap();
+                        let mut bufs = vec![vec![0u8; 65_536]; offload::UDP_MAX_SEGMENTS];
+                        let mut sizes = vec![0; bufs.len()];
+                        loop {
+                            tokio::time::timeout(timeout, tun.readable())
+                                .await
+                                .unwrap()
+                                .unwrap();
+                            match tun.try_recv_packets(&mut bufs, &mut sizes) {
+                                Ok(n) => {
+                                    let marker = b"to the tun";
+                                    if bufs[..n].iter().zip(&sizes).any(|(b, &len)| {
+                                        b[..len].windows(marker.len()).any(|w| w == marker)
+                                    }) {
+                                        break;
+                                    }
+                                }
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                        udp.send_to(format!("tun {index}").as_bytes(), from)
+                            .await
+                            .unwrap();
+                    });
+                })
+            })
+            .collect();
+        for cpu in cpus {
+            let peer = ns
+                .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+                .unwrap()
+                .unwrap();
+            peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            on_cpu(cpu, || peer.send_to(b"ping", ("127.0.0.1", port)).unwrap());
+            let len = peer.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..len], format!("udp {cpu}").as_bytes());
+            on_cpu(cpu, || {
+                peer.send_to(b"to the tun", ("198.19.5.2", 9)).unwrap()
+            });
+            let len = peer.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..len], format!("tun {cpu}").as_bytes());
+        }
+        for worker in workers {
+            worker.join().unwrap();
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod offload;
 pub mod peer_config;
 pub mod routes;
 pub mod status;
+pub mod steering;
 
 pub use error::Error;
 pub use gateway::{Gateway, GatewayConfig, Reconciler};

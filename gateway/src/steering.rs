@@ -1,0 +1,212 @@
+//! Per-CPU steering: the two small kernel programs that send each packet to the TUN queue or
+//! UDP socket of the CPU it is processed on (like RSS/XPS), so a device worker pinned to that
+//! CPU is woken without a cross-CPU wake-up.
+//!
+//! - TUN: an eBPF `BPF_PROG_TYPE_SOCKET_FILTER` program that returns
+//!   `bpf_get_smp_processor_id()`, attached with `TUNSETSTEERINGEBPF`; the kernel takes the
+//!   result modulo the number of queues.
+//! - UDP: a classic BPF program for a `SO_REUSEPORT` group (`SO_ATTACH_REUSEPORT_CBPF`):
+//!   `ld #cpu; mod #queues; ret a`, the index of the socket (in bind order) that gets the
+//!   datagram.
+//!
+//! The raw system calls are here, each behind a small safe function.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use nix::sys::socket::{setsockopt, sockopt};
+
+/// One eBPF instruction, `struct bpf_insn`: opcode, destination and source registers (4 bits
+/// each, destination in the low nibble on little-endian), offset, immediate.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BpfInsn {
+    pub code: u8,
+    pub regs: u8,
+    pub off: i16,
+    pub imm: i32,
+}
+
+/// `BPF_JMP | BPF_CALL`: call the helper numbered `imm`; the result is in r0.
+const BPF_CALL: u8 = 0x85;
+/// `BPF_JMP | BPF_EXIT`: return r0.
+const BPF_EXIT: u8 = 0x95;
+/// `BPF_FUNC_get_smp_processor_id` (not GPL-only).
+const BPF_FUNC_GET_SMP_PROCESSOR_ID: i32 = 8;
+/// `bpf(2)` command.
+const BPF_PROG_LOAD: libc::c_long = 5;
+/// `enum bpf_prog_type`.
+const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+/// The program's license string (the helper it calls is not GPL-only).
+const LICENSE: &std::ffi::CStr = c"Apache-2.0";
+
+/// The TUN steering program: `r0 = bpf_get_smp_processor_id(); return r0`.
+pub fn cpu_ebpf_program() -> [BpfInsn; 2] {
+    [
+        BpfInsn {
+            code: BPF_CALL,
+            regs: 0,
+            off: 0,
+            imm: BPF_FUNC_GET_SMP_PROCESSOR_ID,
+        },
+        BpfInsn {
+            code: BPF_EXIT,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        },
+    ]
+}
+
+/// One classic BPF instruction, as `(code, jt, jf, k)` (the fields of `struct sock_filter`).
+pub type CbpfInsn = (u16, u8, u8, u32);
+
+/// The reuseport program for `queues` sockets: `ld #cpu; mod #queues; ret a`. `queues` must
+/// be at least 1 (the kernel refuses a constant division by zero).
+pub fn reuseport_cpu_program(queues: u32) -> [CbpfInsn; 3] {
+    // SKF_AD_OFF + SKF_AD_CPU, the "current CPU" ancillary load, as the u32 the kernel reads.
+    let cpu = (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32;
+    [
+        (
+            (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            0,
+            0,
+            cpu,
+        ),
+        (
+            (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16,
+            0,
+            0,
+            queues,
+        ),
+        ((libc::BPF_RET | libc::BPF_A) as u16, 0, 0, 0),
+    ]
+}
+
+/// The leading fields of `union bpf_attr` for `BPF_PROG_LOAD` (the kernel zero-fills the
+/// rest when the size passed is smaller than its own).
+#[repr(C)]
+struct BpfProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+}
+
+/// Loads [`cpu_ebpf_program`] into the kernel; the descriptor keeps it alive.
+pub fn load_cpu_ebpf_program() -> io::Result<OwnedFd> {
+    let insns = cpu_ebpf_program();
+    let attr = BpfProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: LICENSE.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+    };
+    // SAFETY: `attr` is a fully initialised `#[repr(C)]` prefix of `union bpf_attr` whose
+    // size we pass; its pointers (`insns`, `license`) point at live locals that outlive the
+    // call, and the kernel only reads them during it. No log buffer is passed (size 0).
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &attr as *const BpfProgLoadAttr,
+            std::mem::size_of::<BpfProgLoadAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::other("bpf() fd out of range"))?;
+    // SAFETY: a successful BPF_PROG_LOAD returns a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `TUNSETSTEERINGEBPF`: the TUN (any of its queues' descriptors) picks each packet's queue
+/// with `program` (the TUN takes its own reference; `program` may be closed afterwards).
+pub fn set_tun_steering(tun: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    let fd: libc::c_int = program.as_raw_fd();
+    // SAFETY: `tun` is a live descriptor (borrowed for the call); TUNSETSTEERINGEBPF reads one
+    // `int` (a BPF program descriptor) through the pointer, which points at a live local.
+    let result = unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            libc::TUNSETSTEERINGEBPF,
+            &fd as *const libc::c_int,
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `SO_ATTACH_REUSEPORT_CBPF` with [`reuseport_cpu_program`] on `socket`, a member of a bound
+/// `SO_REUSEPORT` group of `queues` sockets: the program applies to the whole group.
+pub fn attach_reuseport_cpu_program(socket: &impl AsFd, queues: u32) -> io::Result<()> {
+    let mut filter: Vec<libc::sock_filter> = reuseport_cpu_program(queues)
+        .iter()
+        .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
+        .collect();
+    let program = libc::sock_fprog {
+        len: filter.len() as libc::c_ushort,
+        filter: filter.as_mut_ptr(),
+    };
+    // The kernel copies the program during the call; `filter` outlives it.
+    setsockopt(socket, sockopt::AttachReusePortCbpf, &program).map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ebpf_program_returns_the_cpu() {
+        let program = cpu_ebpf_program();
+        assert_eq!(std::mem::size_of::<BpfInsn>(), 8);
+        assert_eq!(std::mem::size_of::<BpfProgLoadAttr>(), 48);
+        assert_eq!(
+            program,
+            [
+                BpfInsn {
+                    code: 0x85,
+                    regs: 0,
+                    off: 0,
+                    imm: 8
+                },
+                BpfInsn {
+                    code: 0x95,
+                    regs: 0,
+                    off: 0,
+                    imm: 0
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_reuseport_program_is_cpu_modulo_queues() {
+        // ld [SKF_AD_OFF + SKF_AD_CPU]; mod #3; ret a
+        assert_eq!(
+            reuseport_cpu_program(3),
+            [(0x20, 0, 0, 0xffff_f024), (0x94, 0, 0, 3), (0x16, 0, 0, 0)]
+        );
+        assert_eq!(reuseport_cpu_program(2)[1], (0x94, 0, 0, 2));
+    }
+
+    #[test]
+    fn the_ebpf_program_loads() {
+        // Needs root (or CAP_BPF); the gateway runs as root, and so do these tests.
+        load_cpu_ebpf_program().unwrap();
+    }
+}

@@ -561,19 +561,50 @@ fn iperf(pair: &Pair, running: &Running, flows: u32, seconds: u32) -> anyhow::Re
         .context("iperf3 report without sum_received")
 }
 
+/// Round trips as a user's `ping` (iputils) in A sees them: `count` echoes, `interval`
+/// apart, one time per answer.
+pub(crate) fn ping(
+    pair: &Pair,
+    target: Ipv4Addr,
+    count: u32,
+    interval: Duration,
+) -> anyhow::Result<Vec<Duration>> {
+    let output = run_in(
+        &pair.a,
+        "ping",
+        &[
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            &format!("{:.3}", interval.as_secs_f64()),
+            "-W",
+            "1",
+            &target.to_string(),
+        ],
+    )?;
+    Ok(parse_ping_times(&output))
+}
+
+/// The `time=0.079 ms` of every answer line of iputils' `ping`.
+pub(crate) fn parse_ping_times(output: &str) -> Vec<Duration> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once("time=")?;
+            let millis: f64 = rest.split_whitespace().next()?.parse().ok()?;
+            Some(Duration::from_secs_f64(millis / 1000.0))
+        })
+        .collect()
+}
+
 fn median_rtt_ms(pair: &Pair, running: &Running) -> anyhow::Result<f64> {
-    let mut samples = Vec::new();
-    for _ in 0..50 {
-        if let Some(rtt) = probe::icmp_echo(&pair.a, running.target, Duration::from_secs(1))? {
-            samples.push(rtt.as_secs_f64() * 1000.0);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut samples = ping(pair, running.target, 50, Duration::from_millis(10))?;
     if samples.is_empty() {
         bail!("no echo came back through the tunnel");
     }
-    samples.sort_by(f64::total_cmp);
-    Ok(samples[samples.len() / 2])
+    samples.sort();
+    Ok(samples[samples.len() / 2].as_secs_f64() * 1000.0)
 }
 
 /// Starts `contender` between the pair and waits until an echo crosses it.
@@ -753,5 +784,25 @@ fn print_summary(results: &[Measurement], contenders: &[String]) {
                 println!("trellis / {peer}, rtt: {:.2}x", ours / theirs);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_times_are_read_from_answer_lines_only() {
+        let output = "PING 10.99.2.1 (10.99.2.1) 56(84) bytes of data.
+64 bytes from 10.99.2.1: icmp_seq=1 ttl=64 time=0.079 ms
+64 bytes from 10.99.2.1: icmp_seq=2 ttl=64 time=1.25 ms
+
+--- 10.99.2.1 ping statistics ---
+2 packets transmitted, 2 received, 0% packet loss, time 10ms
+rtt min/avg/max/mdev = 0.079/0.664/1.250/0.585 ms";
+        assert_eq!(
+            parse_ping_times(output),
+            vec![Duration::from_micros(79), Duration::from_micros(1250)]
+        );
     }
 }

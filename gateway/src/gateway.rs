@@ -10,8 +10,8 @@ use trellis_core::wgkey::PublicKey;
 use trellis_netns::{Netlink, Netns, sysctl};
 
 use crate::Error;
-use crate::device::{Device, DeviceConfig, DeviceHandle};
 use crate::cpus;
+use crate::device::{Device, DeviceConfig, DeviceHandle};
 use crate::io::{Tun, Udp, open_worker_io};
 use crate::keys::KeyPair;
 use crate::metrics::{Metrics, unix_now};
@@ -165,20 +165,30 @@ impl Gateway {
         let siblings_io: Vec<_> = ios.collect();
         let device_config = config.device.clone();
         let device_metrics = metrics.clone();
-        spawn_worker(0, cpus::for_worker(&allowed, count, 0), finished.clone(), move || {
-            let (tun, udp) = first_io.into_async()?;
-            let (device, handle) = Device::new(tun, udp, keys, device_metrics, device_config);
-            for (i, io) in siblings_io.into_iter().enumerate() {
-                let index = i + 1;
-                let sibling = device.sibling();
-                spawn_worker(index, cpus::for_worker(&allowed, count, index), finished.clone(), move || {
-                    let (tun, udp) = io.into_async()?;
-                    Ok(sibling.attach(tun, udp))
-                })?;
-            }
-            let _ = opened_first.send(handle);
-            Ok(device.stop_on(stopping))
-        })?;
+        spawn_worker(
+            0,
+            cpus::for_worker(&allowed, count, 0),
+            finished.clone(),
+            move || {
+                let (tun, udp) = first_io.into_async()?;
+                let (device, handle) = Device::new(tun, udp, keys, device_metrics, device_config);
+                for (i, io) in siblings_io.into_iter().enumerate() {
+                    let index = i + 1;
+                    let sibling = device.sibling();
+                    spawn_worker(
+                        index,
+                        cpus::for_worker(&allowed, count, index),
+                        finished.clone(),
+                        move || {
+                            let (tun, udp) = io.into_async()?;
+                            Ok(sibling.attach(tun, udp))
+                        },
+                    )?;
+                }
+                let _ = opened_first.send(handle);
+                Ok(device.stop_on(stopping))
+            },
+        )?;
         let handle = match opening.await {
             Ok(handle) => handle,
             Err(_) => {

@@ -137,8 +137,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         }
         if options.contenders.iter().any(|c| c == "trellis") {
             let trellis = percentiles(&pooled("trellis")).p50;
-            for peer in ["boringtun", "wireguard-go"] {
-                if options.contenders.iter().any(|c| c == peer) {
+            for peer in options
+                .contenders
+                .iter()
+                .filter(|c| *c != "trellis" && *c != "veth")
+            {
+                {
                     let theirs = percentiles(&pooled(peer)).p50;
                     println!(
                         "  p50 trellis / {peer}: {:.2} (below 1 is faster)",

@@ -284,7 +284,7 @@ pub(crate) fn boringtun_path(explicit: Option<&Path>) -> anyhow::Result<PathBuf>
 
 /// trellis-gateway on each side, each told about the other through its desired-state file,
 /// as two nodes of different clusters (so always encrypted).
-fn start_trellis(pair: &Pair) -> anyhow::Result<Running> {
+fn start_trellis(pair: &Pair, extra_args: &[&str]) -> anyhow::Result<Running> {
     let binary = std::env::current_exe()?
         .parent()
         .context("binary has no directory")?
@@ -374,6 +374,7 @@ fn start_trellis(pair: &Pair) -> anyhow::Result<Running> {
             ])
             .arg("--desired-state")
             .arg(&desired_path)
+            .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         processes.push(
@@ -425,8 +426,12 @@ fn start(pair: &Pair, contender: &str, boringtun: Option<&Path>) -> anyhow::Resu
             &["-f", "--disable-drop-privileges", "--log", "/dev/null"],
             "bt",
         ),
-        "trellis" => start_trellis(pair),
-        other => bail!("unknown contender {other:?} (veth, wireguard-go, boringtun, trellis)"),
+        "trellis" => start_trellis(pair, &[]),
+        // One device thread, as before per-CPU workers: what the workers buy.
+        "trellis-1w" => start_trellis(pair, &["--workers", "1"]),
+        other => bail!(
+            "unknown contender {other:?} (veth, wireguard-go, boringtun, trellis, trellis-1w)"
+        ),
     }
 }
 

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -30,6 +30,7 @@ use trellis_core::wgkey::PublicKey;
 
 use crate::Error;
 use crate::allowed_ips::AllowedIps;
+use crate::cpus::{self, Move, Placement};
 use crate::io::{Feature, Offloads, TUN_HEADROOM, Tun, Udp};
 use crate::keys::KeyPair;
 use crate::metrics::{DropReason, Metrics, unix_now};
@@ -272,6 +273,8 @@ pub struct Device<T: Tun, U: Udp> {
     offloads_seen: Offloads,
     /// Handshakes, cookies, keepalives, timers.
     scratch: Vec<u8>,
+    /// Where this worker's thread runs, if the caller placed it (see `cpus`).
+    placement: Option<Placement>,
     /// Consecutive TUN read failures, and the last one.
     tun_failures: u32,
     last_tun_error: Option<std::io::Error>,
@@ -364,8 +367,28 @@ impl<T: Tun, U: Udp> Device<T, U> {
             tun_out: buffers(net_slots, TUN_HEADROOM + stride),
             offloads_seen: Offloads::default(),
             scratch: vec![0; stride],
+            placement: None,
             tun_failures: 0,
             last_tun_error: None,
+        }
+    }
+
+    /// Moves this worker's thread as its traffic asks (the thread starts at home).
+    pub fn placed(mut self, placement: Placement) -> Self {
+        self.placement = Some(placement);
+        self
+    }
+
+    fn after_work(&mut self, started: Instant) {
+        if let Some(placement) = &mut self.placement {
+            let step = placement.after_work(started, Instant::now(), cpus::run_queue_wait);
+            let to = match step {
+                Move::Stay => return,
+                Move::Home => "home",
+                Move::Anywhere => "anywhere",
+            };
+            placement.apply(step);
+            self.metrics.worker_moves.with_label_values(&[to]).inc();
         }
     }
 
@@ -394,7 +417,9 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     if let Err(e) = ready {
                         self.tun_failed(e);
                     } else {
+                        let started = Instant::now();
                         self.on_tun_readable().await;
+                        self.after_work(started);
                     }
                     if self.tun_failures > 0 {
                         if self.tun_failures >= MAX_TUN_FAILURES {
@@ -411,7 +436,9 @@ impl<T: Tun, U: Udp> Device<T, U> {
                         self.metrics.drop_packet(DropReason::SocketError);
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
+                    let started = Instant::now();
                     self.on_udp_readable().await;
+                    self.after_work(started);
                 }
                 _ = timers.tick(), if first => {
                     ticks += 1;
@@ -498,8 +525,9 @@ impl<T: Tun, U: Udp> Device<T, U> {
 
     /// Reads from the TUN (with offloads, super-packets split into segments), encrypts each
     /// packet for the peer its destination routes to, then sends the datagrams, runs of one
-    /// size to one endpoint together (UDP GSO). A few rounds per wake-up.
-    async fn on_tun_readable(&mut self) {
+    /// size to one endpoint together (UDP GSO). A few rounds per wake-up; true when packets
+    /// are still waiting after them (saturated).
+    async fn on_tun_readable(&mut self) -> bool {
         for _ in 0..ROUNDS_PER_WAKE {
             let mut count = 0;
             let mut drained = false;
@@ -536,9 +564,10 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 self.send_planned().await;
             }
             if drained {
-                break;
+                return false;
             }
         }
+        true
     }
 
     /// Encrypts `tun_in[..count]` into `net_out`, planning where each datagram goes.
@@ -683,12 +712,13 @@ impl<T: Tun, U: Udp> Device<T, U> {
     /// Reads datagrams (with GRO, many per receive), decrypts each with its peer, then writes
     /// the packets to the TUN (with offloads, a flow's segments coalesced). Handshake replies
     /// and cookies go out as they arise. A few rounds per wake-up.
-    async fn on_udp_readable(&mut self) {
+    async fn on_udp_readable(&mut self) -> bool {
         for _ in 0..ROUNDS_PER_WAKE {
             if self.udp_round().await {
-                break;
+                return false;
             }
         }
+        true
     }
 
     /// One round of [`Self::on_udp_readable`]; true once the socket is drained.

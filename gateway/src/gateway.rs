@@ -134,6 +134,7 @@ impl Gateway {
         // reactor holds just those: a packet's wake-up stays on the CPU that handled it, and
         // no packet hops between threads.
         let allowed = cpus::allowed();
+        let anywhere = allowed.clone();
         let wanted = match config.workers {
             0 => cpus::default_workers(&allowed),
             n => n,
@@ -165,30 +166,27 @@ impl Gateway {
         let siblings_io: Vec<_> = ios.collect();
         let device_config = config.device.clone();
         let device_metrics = metrics.clone();
-        spawn_worker(
-            0,
-            cpus::for_worker(&allowed, count, 0),
-            finished.clone(),
-            move || {
-                let (tun, udp) = first_io.into_async()?;
-                let (device, handle) = Device::new(tun, udp, keys, device_metrics, device_config);
-                for (i, io) in siblings_io.into_iter().enumerate() {
-                    let index = i + 1;
-                    let sibling = device.sibling();
-                    spawn_worker(
-                        index,
-                        cpus::for_worker(&allowed, count, index),
-                        finished.clone(),
-                        move || {
-                            let (tun, udp) = io.into_async()?;
-                            Ok(sibling.attach(tun, udp))
-                        },
-                    )?;
-                }
-                let _ = opened_first.send(handle);
-                Ok(device.stop_on(stopping))
-            },
-        )?;
+        let home = move |index| cpus::for_worker(&allowed, count, index);
+        spawn_worker(0, home(0), anywhere.clone(), finished.clone(), move || {
+            let (tun, udp) = first_io.into_async()?;
+            let (device, handle) = Device::new(tun, udp, keys, device_metrics, device_config);
+            for (i, io) in siblings_io.into_iter().enumerate() {
+                let index = i + 1;
+                let sibling = device.sibling();
+                spawn_worker(
+                    index,
+                    home(index),
+                    anywhere.clone(),
+                    finished.clone(),
+                    move || {
+                        let (tun, udp) = io.into_async()?;
+                        Ok(sibling.attach(tun, udp))
+                    },
+                )?;
+            }
+            let _ = opened_first.send(handle);
+            Ok(device.stop_on(stopping))
+        })?;
         let handle = match opening.await {
             Ok(handle) => handle,
             Err(_) => {
@@ -272,12 +270,14 @@ impl Gateway {
     }
 }
 
-/// Runs one device worker on a thread of its own, pinned to `cpus`, with a single-threaded
+/// Runs one device worker on a thread of its own, pinned to `home` while its traffic is light
+/// (free to run on any of `anywhere` while saturated, see `cpus`), with a single-threaded
 /// runtime: `build` makes the worker inside that runtime (registering its I/O with it), and
 /// how the worker ends (or why it could not start) goes to `finished`.
 fn spawn_worker<T, U, B>(
     index: usize,
-    cpus: Vec<usize>,
+    home: Vec<usize>,
+    anywhere: Vec<usize>,
     finished: tokio::sync::mpsc::UnboundedSender<Result<(), Error>>,
     build: B,
 ) -> Result<(), Error>
@@ -289,9 +289,12 @@ where
     std::thread::Builder::new()
         .name(format!("trellis-device-{index}"))
         .spawn(move || {
-            if let Err(e) = cpus::pin_current_thread(&cpus) {
-                tracing::warn!(worker = index, "pinning to CPUs {cpus:?}: {e}");
+            if let Err(e) = cpus::pin_current_thread(&home) {
+                tracing::warn!(worker = index, "pinning to CPUs {home:?}: {e}");
             }
+            // One worker runs anywhere, as it always did.
+            let placement = (!home.is_empty())
+                .then(|| cpus::Placement::new(home, anywhere, std::time::Instant::now()));
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -304,7 +307,10 @@ where
             };
             let result = runtime.block_on(async move {
                 let device = build()?;
-                device.run().await
+                match placement {
+                    Some(placement) => device.placed(placement).run().await,
+                    None => device.run().await,
+                }
             });
             if let Err(e) = &result {
                 tracing::error!(worker = index, "device worker stopped: {e}");

@@ -879,6 +879,43 @@ pub(crate) mod tests {
         }
     }
 
+    /// A flow whose socket hashed it (here a connected UDP socket; TCP likewise) keeps one
+    /// queue whichever CPU sends, so two workers never race over its packets' order.
+    #[tokio::test]
+    async fn a_hashed_flow_keeps_one_queue_from_every_cpu() {
+        let cpus = steering_cpus();
+        if cpus.len() < 2 {
+            eprintln!("skipped: one CPU");
+            return;
+        }
+        let (name, net) = ("steer7", 7);
+        let ns = loopback_netns("gw-steer").await;
+        let opened = open_worker_io(Some(&ns), name, 1420, 0, false, 2).unwrap();
+        tun_up(&ns, name, net).await;
+        let queues: Vec<_> = opened.workers.iter().map(|w| &w.tun.device).collect();
+        for queue in &queues {
+            queue.set_nonblocking(true).unwrap();
+        }
+        let socket = ns
+            .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+            .unwrap()
+            .unwrap();
+        socket
+            .connect(std::net::SocketAddr::from(([198, 19, net, 2], 9)))
+            .unwrap();
+        let marker = b"steer-one-flow";
+        for cpu in cpus {
+            on_cpu(cpu, || {
+                for _ in 0..8 {
+                    socket.send(marker).unwrap();
+                }
+            });
+        }
+        let mut counts = tun_marker_counts(&queues, marker, 16);
+        counts.sort();
+        assert_eq!(counts, [0, 16], "one flow, one queue");
+    }
+
     #[tokio::test]
     async fn tun_packets_go_to_the_queue_of_the_cpu_that_sends_them() {
         tun_packets_go_to_the_queue_of_the_sending_cpu(false, "steer2", 2).await;

@@ -97,6 +97,7 @@ pub struct Metrics {
     pub(crate) offload_refused: IntCounterVec,
     pub(crate) workers: IntGauge,
     pub(crate) steering_refused: IntCounter,
+    pub(crate) worker_moves: IntCounterVec,
     heartbeat: Arc<AtomicU64>,
 }
 
@@ -222,6 +223,17 @@ impl Metrics {
             "Times per-CPU steering (multi-queue TUN, SO_REUSEPORT, BPF) was refused and one worker used.",
         )?;
         registry.register(Box::new(steering_refused.clone()))?;
+        let worker_moves = IntCounterVec::new(
+            Opts::new(
+                name("worker_moves_total"),
+                "Device workers let go to any CPU while saturated (to=anywhere) and pinned back home once idle (to=home).",
+            ),
+            &["to"],
+        )?;
+        registry.register(Box::new(worker_moves.clone()))?;
+        for to in ["home", "anywhere"] {
+            worker_moves.with_label_values(&[to]).inc_by(0);
+        }
         for feature in crate::io::Feature::ALL {
             offload_enabled.with_label_values(&[feature.label()]).set(0);
             offload_refused
@@ -264,6 +276,7 @@ impl Metrics {
             offload_refused,
             workers,
             steering_refused,
+            worker_moves,
             heartbeat: Arc::new(AtomicU64::new(0)),
         })
     }

@@ -2,9 +2,11 @@
 //! UDP socket of the CPU it is processed on (like RSS/XPS), so a device worker pinned to that
 //! CPU is woken without a cross-CPU wake-up.
 //!
-//! - TUN: an eBPF `BPF_PROG_TYPE_SOCKET_FILTER` program that returns
-//!   `bpf_get_smp_processor_id()`, attached with `TUNSETSTEERINGEBPF`; the kernel takes the
-//!   result modulo the number of queues.
+//! - TUN: an eBPF `BPF_PROG_TYPE_SOCKET_FILTER` program, attached with `TUNSETSTEERINGEBPF`,
+//!   that returns the packet's flow hash when its socket set one (TCP, connected UDP: one
+//!   flow, one queue, so no worker reorders it, as XPS keeps a flow on its queue), else
+//!   `bpf_get_smp_processor_id()` (ICMP, unconnected UDP); the kernel takes the result modulo
+//!   the number of queues.
 //! - UDP: a classic BPF program for a `SO_REUSEPORT` group (`SO_ATTACH_REUSEPORT_CBPF`):
 //!   `ld #cpu; mod #queues; ret a`, the index of the socket (in bind order) that gets the
 //!   datagram.
@@ -28,6 +30,14 @@ pub struct BpfInsn {
     pub imm: i32,
 }
 
+/// `BPF_LDX | BPF_MEM | BPF_W`: `dst = *(u32 *)(src + off)`.
+const BPF_LDX_MEM_W: u8 = 0x61;
+/// `BPF_JMP | BPF_JNE | BPF_K`: `if dst != imm goto pc + off`.
+const BPF_JNE_K: u8 = 0x55;
+/// `offsetof(struct __sk_buff, hash)`: after len, pkt_type, mark, queue_mapping, protocol,
+/// vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex, ifindex, tc_index (4 bytes
+/// each) and cb[5].
+const SK_BUFF_HASH_OFFSET: i16 = 68;
 /// `BPF_JMP | BPF_CALL`: call the helper numbered `imm`; the result is in r0.
 const BPF_CALL: u8 = 0x85;
 /// `BPF_JMP | BPF_EXIT`: return r0.
@@ -41,9 +51,25 @@ const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
 /// The program's license string (the helper it calls is not GPL-only).
 const LICENSE: &std::ffi::CStr = c"Apache-2.0";
 
-/// The TUN steering program: `r0 = bpf_get_smp_processor_id(); return r0`.
-pub fn cpu_ebpf_program() -> [BpfInsn; 2] {
+/// The TUN steering program: a packet whose socket gave it a flow hash (TCP, connected UDP)
+/// goes by that hash, so one flow keeps one queue and its packets stay in order; any other
+/// (ICMP, forwarded packets without a hash) goes to the queue of the CPU that sent it:
+/// `r0 = skb->hash; if r0 != 0 goto out; r0 = bpf_get_smp_processor_id(); out: return r0`.
+pub fn cpu_ebpf_program() -> [BpfInsn; 4] {
     [
+        BpfInsn {
+            code: BPF_LDX_MEM_W,
+            // dst r0 (low nibble), src r1 (the context, high nibble).
+            regs: 0x10,
+            off: SK_BUFF_HASH_OFFSET,
+            imm: 0,
+        },
+        BpfInsn {
+            code: BPF_JNE_K,
+            regs: 0,
+            off: 1,
+            imm: 0,
+        },
         BpfInsn {
             code: BPF_CALL,
             regs: 0,
@@ -171,13 +197,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_ebpf_program_returns_the_cpu() {
+    fn the_ebpf_program_returns_the_flow_hash_else_the_cpu() {
         let program = cpu_ebpf_program();
         assert_eq!(std::mem::size_of::<BpfInsn>(), 8);
         assert_eq!(std::mem::size_of::<BpfProgLoadAttr>(), 48);
         assert_eq!(
             program,
             [
+                // r0 = *(u32 *)(r1 + 68): skb->hash
+                BpfInsn {
+                    code: 0x61,
+                    regs: 0x10,
+                    off: 68,
+                    imm: 0
+                },
+                // if r0 != 0 goto +1 (exit)
+                BpfInsn {
+                    code: 0x55,
+                    regs: 0,
+                    off: 1,
+                    imm: 0
+                },
                 BpfInsn {
                     code: 0x85,
                     regs: 0,

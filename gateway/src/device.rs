@@ -30,7 +30,7 @@ use trellis_core::wgkey::PublicKey;
 
 use crate::Error;
 use crate::allowed_ips::AllowedIps;
-use crate::cpus::{self, Move, Placement};
+use crate::cpus::{KernelProbe, Move, Placement};
 use crate::io::{Feature, Offloads, TUN_HEADROOM, Tun, Udp};
 use crate::keys::KeyPair;
 use crate::metrics::{DropReason, Metrics, unix_now};
@@ -381,7 +381,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
 
     fn after_work(&mut self, started: Instant) {
         if let Some(placement) = &mut self.placement {
-            let step = placement.after_work(started, Instant::now(), cpus::run_queue_wait);
+            let step = placement.after_work(started, Instant::now(), &mut KernelProbe);
             let to = match step {
                 Move::Stay => return,
                 Move::Home => "home",

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
@@ -30,7 +31,7 @@ use trellis_core::wgkey::PublicKey;
 
 use crate::Error;
 use crate::allowed_ips::AllowedIps;
-use crate::cpus::{KernelProbe, Move, Placement};
+use crate::cpus::{self, ModePolicy};
 use crate::io::{Feature, Offloads, TUN_HEADROOM, Tun, Udp};
 use crate::keys::KeyPair;
 use crate::metrics::{DropReason, Metrics, unix_now};
@@ -227,6 +228,22 @@ struct Shared {
     tunn_limiter: Arc<RateLimiter>,
     metrics: Metrics,
     config: DeviceConfig,
+    /// Time every worker has spent working, in nanoseconds.
+    busy_nanos: AtomicU64,
+}
+
+/// Switches the kernel's steering between spreading packets over the workers and sending
+/// them all to the first (see [`cpus::ModePolicy`]).
+pub trait Steer: Send {
+    fn spread(&self, on: bool) -> std::io::Result<()>;
+}
+
+/// The first worker's control of a steered device: the switch, and where the first worker
+/// runs in each mode (its home CPUs while spread, anywhere while it takes everything).
+pub struct Steering {
+    pub switch: Box<dyn Steer>,
+    pub home: Vec<usize>,
+    pub anywhere: Vec<usize>,
 }
 
 /// What ends a worker's loop.
@@ -273,8 +290,8 @@ pub struct Device<T: Tun, U: Udp> {
     offloads_seen: Offloads,
     /// Handshakes, cookies, keepalives, timers.
     scratch: Vec<u8>,
-    /// Where this worker's thread runs, if the caller placed it (see `cpus`).
-    placement: Option<Placement>,
+    /// The device's steering, on the first worker of a steered device.
+    steering: Option<(Steering, ModePolicy)>,
     /// Consecutive TUN read failures, and the last one.
     tun_failures: u32,
     last_tun_error: Option<std::io::Error>,
@@ -314,6 +331,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
             tunn_limiter,
             metrics,
             config,
+            busy_nanos: AtomicU64::new(0),
         });
         let role = Role::First {
             commands,
@@ -367,29 +385,54 @@ impl<T: Tun, U: Udp> Device<T, U> {
             tun_out: buffers(net_slots, TUN_HEADROOM + stride),
             offloads_seen: Offloads::default(),
             scratch: vec![0; stride],
-            placement: None,
+            steering: None,
             tun_failures: 0,
             last_tun_error: None,
         }
     }
 
-    /// Moves this worker's thread as its traffic asks (the thread starts at home).
-    pub fn placed(mut self, placement: Placement) -> Self {
-        self.placement = Some(placement);
+    /// Lets the first worker switch the device's steering as the load asks (its thread
+    /// starts on its home CPUs, spread).
+    pub fn steered(mut self, steering: Steering) -> Self {
+        if matches!(self.role, Role::First { .. }) {
+            self.metrics.steering_spread.set(1);
+            self.steering = Some((steering, ModePolicy::new(Instant::now())));
+        }
         self
     }
 
+    /// Counts one wake-up's work, and on the first worker revisits the steering.
     fn after_work(&mut self, started: Instant) {
-        if let Some(placement) = &mut self.placement {
-            let step = placement.after_work(started, Instant::now(), &mut KernelProbe);
-            let to = match step {
-                Move::Stay => return,
-                Move::Home => "home",
-                Move::Anywhere => "anywhere",
-            };
-            placement.apply(step);
-            self.metrics.worker_moves.with_label_values(&[to]).inc();
+        let now = Instant::now();
+        let worked = u64::try_from(now.saturating_duration_since(started).as_nanos()).unwrap_or(0);
+        self.shared.busy_nanos.fetch_add(worked, Ordering::Relaxed);
+        self.revisit_steering(now);
+    }
+
+    fn revisit_steering(&mut self, now: Instant) {
+        let Some((steering, policy)) = &mut self.steering else {
+            return;
+        };
+        let busy = Duration::from_nanos(self.shared.busy_nanos.load(Ordering::Relaxed));
+        let Some(spread) = policy.after(now, busy) else {
+            return;
+        };
+        if let Err(e) = steering.switch.spread(spread) {
+            tracing::warn!("switching the steering (spread: {spread}): {e}");
+            return;
         }
+        let cpus = if spread {
+            &steering.home
+        } else {
+            &steering.anywhere
+        };
+        if let Err(e) = cpus::pin_current_thread(cpus) {
+            tracing::debug!("pinning the first worker to {cpus:?}: {e}");
+        }
+        self.metrics.steering_spread.set(i64::from(spread));
+        let to = if spread { "spread" } else { "first" };
+        self.metrics.steering_changes.with_label_values(&[to]).inc();
+        tracing::debug!("steering: {to}");
     }
 
     /// Stops the loop (every worker) as soon as `stop` resolves or its sender is dropped.
@@ -446,6 +489,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
                         self.limiter.reset_count();
                     }
                     self.run_timers().await;
+                    self.revisit_steering(Instant::now());
                 }
                 command = next_command(&mut self.role) => match command {
                     Some(command) => self.handle(command).await,

@@ -11,7 +11,7 @@ use trellis_netns::{Netlink, Netns, sysctl};
 
 use crate::Error;
 use crate::cpus;
-use crate::device::{Device, DeviceConfig, DeviceHandle};
+use crate::device::{Device, DeviceConfig, DeviceHandle, Steering};
 use crate::io::{Tun, Udp, open_worker_io};
 use crate::keys::KeyPair;
 use crate::metrics::{Metrics, unix_now};
@@ -132,7 +132,8 @@ impl Gateway {
         // One worker per CPU, each on a thread of its own pinned to the CPUs whose packets the
         // kernel steers to its TUN queue and socket, with a single-threaded runtime whose
         // reactor holds just those: a packet's wake-up stays on the CPU that handled it, and
-        // no packet hops between threads.
+        // no packet hops between threads. Under bulk load the first worker takes everything
+        // (see `cpus::ModePolicy`).
         let allowed = cpus::allowed();
         let anywhere = allowed.clone();
         let wanted = match config.workers {
@@ -161,28 +162,31 @@ impl Gateway {
         let (opened_first, opening) = tokio::sync::oneshot::channel();
         let (finished, done) = tokio::sync::mpsc::unbounded_channel();
         let (stop, stopping) = tokio::sync::oneshot::channel();
+        let switch = opened.switch;
         let mut ios = opened.workers.into_iter();
         let first_io = ios.next().ok_or(Error::DeviceStopped)?;
         let siblings_io: Vec<_> = ios.collect();
         let device_config = config.device.clone();
         let device_metrics = metrics.clone();
         let home = move |index| cpus::for_worker(&allowed, count, index);
-        spawn_worker(0, home(0), anywhere.clone(), finished.clone(), move || {
+        let first_home = home(0);
+        spawn_worker(0, first_home.clone(), finished.clone(), move || {
             let (tun, udp) = first_io.into_async()?;
-            let (device, handle) = Device::new(tun, udp, keys, device_metrics, device_config);
+            let (mut device, handle) = Device::new(tun, udp, keys, device_metrics, device_config);
+            if let Some(switch) = switch {
+                device = device.steered(Steering {
+                    switch: Box::new(switch),
+                    home: first_home,
+                    anywhere,
+                });
+            }
             for (i, io) in siblings_io.into_iter().enumerate() {
                 let index = i + 1;
                 let sibling = device.sibling();
-                spawn_worker(
-                    index,
-                    home(index),
-                    anywhere.clone(),
-                    finished.clone(),
-                    move || {
-                        let (tun, udp) = io.into_async()?;
-                        Ok(sibling.attach(tun, udp))
-                    },
-                )?;
+                spawn_worker(index, home(index), finished.clone(), move || {
+                    let (tun, udp) = io.into_async()?;
+                    Ok(sibling.attach(tun, udp))
+                })?;
             }
             let _ = opened_first.send(handle);
             Ok(device.stop_on(stopping))
@@ -270,14 +274,12 @@ impl Gateway {
     }
 }
 
-/// Runs one device worker on a thread of its own, pinned to `home` while its traffic is light
-/// (free to run on any of `anywhere` while saturated, see `cpus`), with a single-threaded
-/// runtime: `build` makes the worker inside that runtime (registering its I/O with it), and
+/// Runs one device worker on a thread of its own, pinned to `home` (anywhere when empty), with
+/// a single-threaded runtime: `build` makes the worker inside that runtime (registering its I/O with it), and
 /// how the worker ends (or why it could not start) goes to `finished`.
 fn spawn_worker<T, U, B>(
     index: usize,
     home: Vec<usize>,
-    anywhere: Vec<usize>,
     finished: tokio::sync::mpsc::UnboundedSender<Result<(), Error>>,
     build: B,
 ) -> Result<(), Error>
@@ -292,9 +294,6 @@ where
             if let Err(e) = cpus::pin_current_thread(&home) {
                 tracing::warn!(worker = index, "pinning to CPUs {home:?}: {e}");
             }
-            // One worker runs anywhere, as it always did.
-            let placement = (!home.is_empty())
-                .then(|| cpus::Placement::new(home, anywhere, std::time::Instant::now()));
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -305,13 +304,7 @@ where
                     return;
                 }
             };
-            let result = runtime.block_on(async move {
-                let device = build()?;
-                match placement {
-                    Some(placement) => device.placed(placement).run().await,
-                    None => device.run().await,
-                }
-            });
+            let result = runtime.block_on(async move { build()?.run().await });
             if let Err(e) = &result {
                 tracing::error!(worker = index, "device worker stopped: {e}");
             }

@@ -18,7 +18,7 @@ use trellis_netns::Netns;
 
 use crate::Error;
 use crate::offload::{self, VNET_HDR_LEN};
-use crate::steering;
+use crate::steering::SteeringSwitch;
 
 /// Bytes of room in front of every packet handed to [`Tun::send_packets`] (for the
 /// `virtio_net_hdr` the TUN wants when offloads are on).
@@ -442,6 +442,8 @@ impl WorkerIo {
 pub struct OpenedIo {
     pub workers: Vec<WorkerIo>,
     pub steering: Steering,
+    /// Turns spreading over the workers on and off; `None` with one worker.
+    pub switch: Option<SteeringSwitch>,
 }
 
 /// The queue count, and why it is 1 when more were asked.
@@ -469,13 +471,14 @@ pub fn open_worker_io(
 ) -> Result<OpenedIo, Error> {
     if queues > 1 {
         match open_steered(netns, name, mtu, port, offload, queues) {
-            Ok(workers) => {
+            Ok((workers, switch)) => {
                 return Ok(OpenedIo {
                     workers,
                     steering: Steering {
                         queues,
                         refused: None,
                     },
+                    switch: Some(switch),
                 });
             }
             Err(reason) => {
@@ -489,6 +492,7 @@ pub fn open_worker_io(
                         queues: 1,
                         refused: Some(reason),
                     },
+                    switch: None,
                 });
             }
         }
@@ -499,6 +503,7 @@ pub fn open_worker_io(
             queues: 1,
             refused: None,
         },
+        switch: None,
     })
 }
 
@@ -534,21 +539,14 @@ fn open_steered(
     port: u16,
     offload: bool,
     queues: usize,
-) -> Result<Vec<WorkerIo>, String> {
+) -> Result<(Vec<WorkerIo>, SteeringSwitch), String> {
     let count = u32::try_from(queues).map_err(|_| format!("{queues} queues is too many"))?;
     let tun = open_tun_queues(netns, name, mtu, offload, queues)
         .map_err(|e| format!("multi-queue TUN: {e}"))?;
-    let program = steering::load_cpu_ebpf_program()
-        .map_err(|e| format!("load the TUN steering eBPF program: {e}"))?;
-    steering::set_tun_steering(tun[0].device.as_fd(), program.as_fd())
-        .map_err(|e| format!("TUNSETSTEERINGEBPF: {e}"))?;
-    // The TUN holds its own reference to the program now.
-    drop(program);
     let udp = bind_udp_sockets(netns, port, offload, queues)
         .map_err(|e| format!("SO_REUSEPORT UDP sockets: {e}"))?;
-    steering::attach_reuseport_cpu_program(&udp[0].socket, count)
-        .map_err(|e| format!("SO_ATTACH_REUSEPORT_CBPF: {e}"))?;
-    Ok(pair(name, tun, udp))
+    let switch = SteeringSwitch::attach(tun[0].device.as_fd(), udp[0].socket.as_fd(), count)?;
+    Ok((pair(name, tun, udp), switch))
 }
 
 /// `cmsg_space!` needs a type name.
@@ -846,6 +844,54 @@ pub(crate) mod tests {
                 );
             }
         }
+    }
+
+    /// Under bulk load everything goes to the first worker, from every CPU; spread again, each
+    /// CPU's packets go back to its own worker.
+    #[tokio::test]
+    async fn the_switch_sends_everything_to_the_first_worker_and_back() {
+        let cpus = steering_cpus();
+        if cpus.len() < 2 {
+            eprintln!("skipped: one CPU");
+            return;
+        }
+        let (name, net) = ("steer8", 8);
+        let ns = loopback_netns("gw-steer").await;
+        let opened = open_worker_io(Some(&ns), name, 1420, 0, false, 2).unwrap();
+        let switch = opened
+            .switch
+            .as_ref()
+            .expect("a steered device has a switch");
+        tun_up(&ns, name, net).await;
+        let queues: Vec<_> = opened.workers.iter().map(|w| &w.tun.device).collect();
+        for queue in &queues {
+            queue.set_nonblocking(true).unwrap();
+        }
+        let sockets: Vec<_> = opened.workers.iter().map(|w| &w.udp.socket).collect();
+        let port = opened.workers[0].local_port().unwrap();
+        let sender = ns
+            .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+            .unwrap()
+            .unwrap();
+        let to_tun = std::net::SocketAddr::from(([198, 19, net, 2], 9));
+        // From CPU 1: (TUN queue counts, socket counts).
+        let send_from_cpu_1 = |marker: &[u8]| {
+            on_cpu(1, || {
+                for _ in 0..8 {
+                    sender.send_to(marker, to_tun).unwrap();
+                    sender.send_to(marker, ("127.0.0.1", port)).unwrap();
+                }
+            });
+            (
+                tun_marker_counts(&queues, marker, 8),
+                udp_counts(&sockets, 8),
+            )
+        };
+        assert_eq!(send_from_cpu_1(b"spread-1"), (vec![0, 8], vec![0, 8]));
+        switch.spread(false).unwrap();
+        assert_eq!(send_from_cpu_1(b"first-1"), (vec![8, 0], vec![8, 0]));
+        switch.spread(true).unwrap();
+        assert_eq!(send_from_cpu_1(b"spread-2"), (vec![0, 8], vec![0, 8]));
     }
 
     async fn tun_packets_go_to_the_queue_of_the_sending_cpu(offload: bool, name: &str, net: u8) {

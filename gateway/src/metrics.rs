@@ -97,7 +97,8 @@ pub struct Metrics {
     pub(crate) offload_refused: IntCounterVec,
     pub(crate) workers: IntGauge,
     pub(crate) steering_refused: IntCounter,
-    pub(crate) worker_moves: IntCounterVec,
+    pub(crate) steering_changes: IntCounterVec,
+    pub(crate) steering_spread: IntGauge,
     heartbeat: Arc<AtomicU64>,
 }
 
@@ -223,17 +224,22 @@ impl Metrics {
             "Times per-CPU steering (multi-queue TUN, SO_REUSEPORT, BPF) was refused and one worker used.",
         )?;
         registry.register(Box::new(steering_refused.clone()))?;
-        let worker_moves = IntCounterVec::new(
+        let steering_changes = IntCounterVec::new(
             Opts::new(
-                name("worker_moves_total"),
-                "Device workers let go to any CPU while saturated (to=anywhere) and pinned back home once idle (to=home).",
+                name("steering_changes_total"),
+                "Steering switched to spreading packets over the workers (to=spread) or to the first worker under bulk load (to=first).",
             ),
             &["to"],
         )?;
-        registry.register(Box::new(worker_moves.clone()))?;
-        for to in ["home", "anywhere"] {
-            worker_moves.with_label_values(&[to]).inc_by(0);
+        registry.register(Box::new(steering_changes.clone()))?;
+        for to in ["spread", "first"] {
+            steering_changes.with_label_values(&[to]).inc_by(0);
         }
+        let steering_spread = IntGauge::new(
+            name("steering_spread"),
+            "1 while packets are spread over the workers by CPU or flow, 0 while all go to the first (bulk load or one worker).",
+        )?;
+        registry.register(Box::new(steering_spread.clone()))?;
         for feature in crate::io::Feature::ALL {
             offload_enabled.with_label_values(&[feature.label()]).set(0);
             offload_refused
@@ -276,7 +282,8 @@ impl Metrics {
             offload_refused,
             workers,
             steering_refused,
-            worker_moves,
+            steering_changes,
+            steering_spread,
             heartbeat: Arc::new(AtomicU64::new(0)),
         })
     }

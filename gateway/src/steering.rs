@@ -30,6 +30,8 @@ pub struct BpfInsn {
     pub imm: i32,
 }
 
+/// `BPF_ALU64 | BPF_MOV | BPF_K`: `dst = imm`.
+const BPF_MOV64_K: u8 = 0xb7;
 /// `BPF_LDX | BPF_MEM | BPF_W`: `dst = *(u32 *)(src + off)`.
 const BPF_LDX_MEM_W: u8 = 0x61;
 /// `BPF_JMP | BPF_JNE | BPF_K`: `if dst != imm goto pc + off`.
@@ -125,9 +127,31 @@ struct BpfProgLoadAttr {
     prog_flags: u32,
 }
 
+/// The TUN program for a device under bulk load: every packet to the first queue (`r0 = 0`).
+pub fn first_queue_ebpf_program() -> [BpfInsn; 2] {
+    [
+        BpfInsn {
+            code: BPF_MOV64_K,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        },
+        BpfInsn {
+            code: BPF_EXIT,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        },
+    ]
+}
+
 /// Loads [`cpu_ebpf_program`] into the kernel; the descriptor keeps it alive.
 pub fn load_cpu_ebpf_program() -> io::Result<OwnedFd> {
-    let insns = cpu_ebpf_program();
+    load_socket_filter(&cpu_ebpf_program())
+}
+
+/// Loads an eBPF socket-filter program; the descriptor keeps it alive.
+fn load_socket_filter(insns: &[BpfInsn]) -> io::Result<OwnedFd> {
     let attr = BpfProgLoadAttr {
         prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
         insn_cnt: insns.len() as u32,
@@ -180,7 +204,16 @@ pub fn set_tun_steering(tun: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Res
 /// `SO_ATTACH_REUSEPORT_CBPF` with [`reuseport_cpu_program`] on `socket`, a member of a bound
 /// `SO_REUSEPORT` group of `queues` sockets: the program applies to the whole group.
 pub fn attach_reuseport_cpu_program(socket: &impl AsFd, queues: u32) -> io::Result<()> {
-    let mut filter: Vec<libc::sock_filter> = reuseport_cpu_program(queues)
+    attach_reuseport_program(socket, &reuseport_cpu_program(queues))
+}
+
+/// The reuseport program for a device under bulk load: every datagram to the first socket.
+pub fn reuseport_first_program() -> [CbpfInsn; 1] {
+    [((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, 0)]
+}
+
+fn attach_reuseport_program(socket: &impl AsFd, program: &[CbpfInsn]) -> io::Result<()> {
+    let mut filter: Vec<libc::sock_filter> = program
         .iter()
         .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
         .collect();
@@ -190,6 +223,66 @@ pub fn attach_reuseport_cpu_program(socket: &impl AsFd, queues: u32) -> io::Resu
     };
     // The kernel copies the program during the call; `filter` outlives it.
     setsockopt(socket, sockopt::AttachReusePortCbpf, &program).map_err(io::Error::from)
+}
+
+/// Switches a steered device between spreading packets over its workers (by CPU, or by flow
+/// hash) and sending every packet to the first worker: the kernel re-reads its steering
+/// program for each packet, so a switch takes effect at once.
+pub struct SteeringSwitch {
+    /// Duplicates of the first TUN queue's and the first socket's descriptors.
+    tun: OwnedFd,
+    socket: OwnedFd,
+    spread_program: OwnedFd,
+    first_program: OwnedFd,
+    queues: u32,
+}
+
+impl crate::device::Steer for SteeringSwitch {
+    fn spread(&self, on: bool) -> io::Result<()> {
+        SteeringSwitch::spread(self, on)
+    }
+}
+
+impl SteeringSwitch {
+    /// Loads both TUN programs and attaches the spreading ones to the TUN (any queue) and the
+    /// `SO_REUSEPORT` group (any member).
+    pub fn attach(
+        tun: BorrowedFd<'_>,
+        socket: BorrowedFd<'_>,
+        queues: u32,
+    ) -> Result<Self, String> {
+        let spread_program = load_cpu_ebpf_program()
+            .map_err(|e| format!("load the TUN steering eBPF program: {e}"))?;
+        let first_program = load_socket_filter(&first_queue_ebpf_program())
+            .map_err(|e| format!("load the TUN steering eBPF program: {e}"))?;
+        let switch = Self {
+            tun: tun
+                .try_clone_to_owned()
+                .map_err(|e| format!("dup the TUN queue: {e}"))?,
+            socket: socket
+                .try_clone_to_owned()
+                .map_err(|e| format!("dup the UDP socket: {e}"))?,
+            spread_program,
+            first_program,
+            queues,
+        };
+        set_tun_steering(switch.tun.as_fd(), switch.spread_program.as_fd())
+            .map_err(|e| format!("TUNSETSTEERINGEBPF: {e}"))?;
+        attach_reuseport_cpu_program(&switch.socket, queues)
+            .map_err(|e| format!("SO_ATTACH_REUSEPORT_CBPF: {e}"))?;
+        Ok(switch)
+    }
+
+    /// Spreads packets over every worker (`true`) or sends them all to the first (`false`).
+    pub fn spread(&self, on: bool) -> io::Result<()> {
+        if on {
+            set_tun_steering(self.tun.as_fd(), self.spread_program.as_fd())?;
+            attach_reuseport_cpu_program(&self.socket, self.queues)
+        } else {
+            set_tun_steering(self.tun.as_fd(), self.first_program.as_fd())?;
+            attach_reuseport_program(&self.socket, &reuseport_first_program())
+        }
+    }
 }
 
 #[cfg(test)]

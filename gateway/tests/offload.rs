@@ -20,13 +20,20 @@ async fn start(node: &mut Node, offload: bool) {
     node.gateway = Some(gateway);
 }
 
-fn offload_gauge(node: &Node, feature: &str) -> String {
+fn sample(node: &Node, series: &str) -> String {
     let text = node.gateway().metrics.render();
-    let key = format!("trellis_gateway_offload_enabled{{feature=\"{feature}\"}} ");
+    let key = format!("{series} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&key))
         .unwrap_or("missing")
         .to_string()
+}
+
+fn offload_gauge(node: &Node, feature: &str) -> String {
+    sample(
+        node,
+        &format!("trellis_gateway_offload_enabled{{feature=\"{feature}\"}}"),
+    )
 }
 
 async fn run(prefix: &str, offload_a: bool, offload_b: bool) {
@@ -51,6 +58,17 @@ async fn run(prefix: &str, offload_a: bool, offload_b: bool) {
         }
     }
     common::bulk_echo(&a, &b, BYTES).await;
+    // The bulk load went to each gateway's first worker (this machine has 2 CPUs, so 2
+    // workers); idle again, the packets are spread by CPU once more.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for node in [&a, &b] {
+        if sample(node, "trellis_gateway_device_workers") == "1" {
+            continue;
+        }
+        let first = "trellis_gateway_steering_changes_total{to=\"first\"}";
+        assert_ne!(sample(node, first), "0", "{first}");
+        assert_eq!(sample(node, "trellis_gateway_steering_spread"), "1");
+    }
     for node in [&a, &b] {
         for reason in [
             DropReason::Malformed,

@@ -3,11 +3,10 @@
 //! asleep and the vCPUs halted) and rapid (every millisecond). Reports min, p50, p90 and p99,
 //! and p50 as a ratio to the peers.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::stats::{Percentiles, percentiles};
-use crate::tunnel::{Pair, Running, ping, start_passing};
+use crate::tunnel::{Contenders, Pair, Running, ping, start_passing};
 use anyhow::{Context, bail};
 
 #[derive(clap::Args)]
@@ -18,16 +17,8 @@ pub struct Options {
     /// Milliseconds between echoes in the paced series.
     #[arg(long, default_value_t = 10)]
     gap_ms: u64,
-    /// Which contenders to run, in order.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "veth,wireguard-go,boringtun,trellis"
-    )]
-    contenders: Vec<String>,
-    /// boringtun-cli; by default the one `scripts/install-peers` puts in target/peers, else PATH.
-    #[arg(long)]
-    boringtun: Option<PathBuf>,
+    #[command(flatten)]
+    tunnels: Contenders,
     /// Repeat the whole set, alternating the order, this many times.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
@@ -71,7 +62,7 @@ fn echoes(
 
 fn measure(contender: &str, options: &Options) -> anyhow::Result<Vec<Series>> {
     let pair = Pair::new()?;
-    let running = start_passing(&pair, contender, options.boringtun.as_deref())?;
+    let running = start_passing(&pair, contender, options.tunnels.boringtun.as_deref())?;
     let mut series = Vec::new();
     for (pacing, gap) in [
         (Pacing::Paced, Duration::from_millis(options.gap_ms)),
@@ -104,11 +95,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         options.pings,
         options.gap_ms,
         options.rounds,
-        options.contenders.join(", ")
+        options.tunnels.names.join(", ")
     );
     let mut all: Vec<Series> = Vec::new();
     for round in 0..options.rounds {
-        let mut order = options.contenders.clone();
+        let mut order = options.tunnels.names.clone();
         if round % 2 == 1 {
             order.reverse();
         }
@@ -129,26 +120,25 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 .flat_map(|s| s.samples.iter().copied())
                 .collect()
         };
-        for contender in &options.contenders {
+        for contender in &options.tunnels.names {
             println!(
                 "{}",
                 line(&format!("  {contender}"), &percentiles(&pooled(contender)))
             );
         }
-        if options.contenders.iter().any(|c| c == "trellis") {
+        if options.tunnels.names.iter().any(|c| c == "trellis") {
             let trellis = percentiles(&pooled("trellis")).p50;
             for peer in options
-                .contenders
+                .tunnels
+                .names
                 .iter()
                 .filter(|c| *c != "trellis" && *c != "veth")
             {
-                {
-                    let theirs = percentiles(&pooled(peer)).p50;
-                    println!(
-                        "  p50 trellis / {peer}: {:.2} (below 1 is faster)",
-                        trellis / theirs
-                    );
-                }
+                let theirs = percentiles(&pooled(peer)).p50;
+                println!(
+                    "  p50 trellis / {peer}: {:.2} (below 1 is faster)",
+                    trellis / theirs
+                );
             }
         }
     }

@@ -29,19 +29,27 @@ pub struct Options {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 10)]
     seconds: u32,
-    /// Which contenders to run, in order.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "veth,wireguard-go,boringtun,trellis"
-    )]
-    contenders: Vec<String>,
-    /// boringtun-cli; by default the one `scripts/install-peers` puts in target/peers, else PATH.
-    #[arg(long)]
-    boringtun: Option<PathBuf>,
+    #[command(flatten)]
+    tunnels: Contenders,
     /// Repeat the whole set, alternating, this many times.
     #[arg(long, default_value_t = 1)]
     rounds: u32,
+}
+
+/// Which tunnels a benchmark runs (shared by `tunnel` and `latency`).
+#[derive(clap::Args)]
+pub struct Contenders {
+    /// Which contenders to run, in order: veth, wireguard-go, boringtun, trellis, trellis-1w
+    /// (trellis-gateway with one worker).
+    #[arg(
+        long = "contenders",
+        value_delimiter = ',',
+        default_value = "veth,wireguard-go,boringtun,trellis"
+    )]
+    pub(crate) names: Vec<String>,
+    /// boringtun-cli; by default the one `scripts/install-peers` puts in target/peers, else PATH.
+    #[arg(long)]
+    pub(crate) boringtun: Option<PathBuf>,
 }
 
 /// One measured configuration.
@@ -634,7 +642,7 @@ pub(crate) fn start_passing(
 
 fn measure(contender: &str, flows: u32, options: &Options) -> anyhow::Result<Measurement> {
     let pair = Pair::new()?;
-    let running = start_passing(&pair, contender, options.boringtun.as_deref())?;
+    let running = start_passing(&pair, contender, options.tunnels.boringtun.as_deref())?;
     let rtt_ms = median_rtt_ms(&pair, &running)?;
     let errors_before = rcvbuf_errors(&pair.a)? + rcvbuf_errors(&pair.b)?;
     let capture = Capture::start(&pair.a)?;
@@ -678,13 +686,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         "tunnel benchmark: {} s iperf3 per run, 1 and 4 flows, {} round(s), contenders {}",
         options.seconds,
         options.rounds,
-        options.contenders.join(", ")
+        options.tunnels.names.join(", ")
     );
     let mut results: Vec<Measurement> = Vec::new();
     for round in 0..options.rounds {
         for flows in [1, 4] {
             // Alternate the order each round so drift hits everyone alike.
-            let mut order = options.contenders.clone();
+            let mut order = options.tunnels.names.clone();
             if round % 2 == 1 {
                 order.reverse();
             }
@@ -705,7 +713,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             }
         }
     }
-    print_summary(&results, &options.contenders);
+    print_summary(&results, &options.tunnels.names);
     Ok(())
 }
 

@@ -846,27 +846,35 @@ pub(crate) mod tests {
         }
     }
 
+    /// Two steered workers' I/O (offloads off) in a fresh namespace, the TUN up with
+    /// 198.19.`net`.1/24 and its queues nonblocking; `None` (skipped) with one CPU.
+    async fn two_steered_queues(name: &str, net: u8) -> Option<(TempNetns, OpenedIo)> {
+        if steering_cpus().len() < 2 {
+            eprintln!("skipped: one CPU");
+            return None;
+        }
+        let ns = loopback_netns("gw-steer").await;
+        let opened = open_worker_io(Some(&ns), name, 1420, 0, false, 2).unwrap();
+        tun_up(&ns, name, net).await;
+        for worker in &opened.workers {
+            worker.tun.device.set_nonblocking(true).unwrap();
+        }
+        Some((ns, opened))
+    }
+
     /// Under bulk load everything goes to the first worker, from every CPU; spread again, each
     /// CPU's packets go back to its own worker.
     #[tokio::test]
     async fn the_switch_sends_everything_to_the_first_worker_and_back() {
-        let cpus = steering_cpus();
-        if cpus.len() < 2 {
-            eprintln!("skipped: one CPU");
+        let net = 8;
+        let Some((ns, opened)) = two_steered_queues("steer8", net).await else {
             return;
-        }
-        let (name, net) = ("steer8", 8);
-        let ns = loopback_netns("gw-steer").await;
-        let opened = open_worker_io(Some(&ns), name, 1420, 0, false, 2).unwrap();
+        };
         let switch = opened
             .switch
             .as_ref()
             .expect("a steered device has a switch");
-        tun_up(&ns, name, net).await;
         let queues: Vec<_> = opened.workers.iter().map(|w| &w.tun.device).collect();
-        for queue in &queues {
-            queue.set_nonblocking(true).unwrap();
-        }
         let sockets: Vec<_> = opened.workers.iter().map(|w| &w.udp.socket).collect();
         let port = opened.workers[0].local_port().unwrap();
         let sender = ns
@@ -929,19 +937,11 @@ pub(crate) mod tests {
     /// queue whichever CPU sends, so two workers never race over its packets' order.
     #[tokio::test]
     async fn a_hashed_flow_keeps_one_queue_from_every_cpu() {
-        let cpus = steering_cpus();
-        if cpus.len() < 2 {
-            eprintln!("skipped: one CPU");
+        let net = 7;
+        let Some((ns, opened)) = two_steered_queues("steer7", net).await else {
             return;
-        }
-        let (name, net) = ("steer7", 7);
-        let ns = loopback_netns("gw-steer").await;
-        let opened = open_worker_io(Some(&ns), name, 1420, 0, false, 2).unwrap();
-        tun_up(&ns, name, net).await;
+        };
         let queues: Vec<_> = opened.workers.iter().map(|w| &w.tun.device).collect();
-        for queue in &queues {
-            queue.set_nonblocking(true).unwrap();
-        }
         let socket = ns
             .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
             .unwrap()
@@ -950,7 +950,7 @@ pub(crate) mod tests {
             .connect(std::net::SocketAddr::from(([198, 19, net, 2], 9)))
             .unwrap();
         let marker = b"steer-one-flow";
-        for cpu in cpus {
+        for cpu in steering_cpus() {
             on_cpu(cpu, || {
                 for _ in 0..8 {
                     socket.send(marker).unwrap();

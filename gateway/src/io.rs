@@ -846,6 +846,19 @@ pub(crate) mod tests {
         }
     }
 
+    /// A plain TUN and socket, as before workers: no `IFF_MULTI_QUEUE` (no further queue can
+    /// be attached), no reuseport, and the TUN's offloads on.
+    fn assert_plain(worker: &WorkerIo) {
+        let clone = worker.tun.device.try_clone();
+        assert_eq!(
+            clone.err().map(|e| e.kind()),
+            Some(io::ErrorKind::Unsupported)
+        );
+        assert!(worker.tun.device.tcp_gso());
+        let socket = socket2::SockRef::from(&worker.udp.socket);
+        assert!(!socket.reuse_port().unwrap());
+    }
+
     /// Two steered workers' I/O (offloads off) in a fresh namespace, the TUN up with
     /// 198.19.`net`.1/24 and its queues nonblocking; `None` (skipped) with one CPU.
     async fn two_steered_queues(name: &str, net: u8) -> Option<(TempNetns, OpenedIo)> {
@@ -982,17 +995,10 @@ pub(crate) mod tests {
         assert!(reason.starts_with("multi-queue TUN"), "{reason}");
         assert_eq!(opened.workers.len(), 1);
         let worker = &opened.workers[0];
-        // What RealTun::open and RealUdp::bind give: no multi-queue flag, no reuseport, and
-        // the offloads (not blamed for the refusal).
-        let clone = worker.tun.device.try_clone();
-        assert_eq!(
-            clone.err().map(|e| e.kind()),
-            Some(io::ErrorKind::Unsupported)
-        );
-        assert!(worker.tun.device.tcp_gso());
+        // What RealTun::open and RealUdp::bind give, and the offloads not blamed for the
+        // refusal.
+        assert_plain(worker);
         assert_eq!(worker.tun.offloads.refused[Feature::TunTso.index()], 0);
-        let socket = socket2::SockRef::from(&worker.udp.socket);
-        assert!(!socket.reuse_port().unwrap());
         // And it carries traffic.
         tun_up(&ns, "steer6", 6).await;
         worker.tun.device.set_nonblocking(true).unwrap();
@@ -1023,15 +1029,8 @@ pub(crate) mod tests {
         );
         assert_eq!(opened.workers.len(), 1);
         let worker = &opened.workers[0];
-        // No IFF_MULTI_QUEUE: no further queue can be attached.
-        let clone = worker.tun.device.try_clone();
-        assert_eq!(
-            clone.err().map(|e| e.kind()),
-            Some(io::ErrorKind::Unsupported)
-        );
-        assert!(worker.tun.device.tcp_gso());
+        assert_plain(worker);
         let socket = socket2::SockRef::from(&worker.udp.socket);
-        assert!(!socket.reuse_port().unwrap());
         assert!(socket.recv_buffer_size().unwrap() >= SOCKET_BUFFER_BYTES);
         assert!(worker.udp.gro);
     }

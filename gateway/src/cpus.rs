@@ -42,6 +42,11 @@ pub fn for_worker(allowed: &[usize], workers: usize, index: usize) -> Vec<usize>
 
 /// Pins the calling thread to `cpus` (no change when empty).
 pub fn pin_current_thread(cpus: &[usize]) -> nix::Result<()> {
+    pin_thread(Pid::from_raw(0), cpus)
+}
+
+/// Pins thread `tid` of this process to `cpus` (no change when empty).
+pub fn pin_thread(tid: Pid, cpus: &[usize]) -> nix::Result<()> {
     if cpus.is_empty() {
         return Ok(());
     }
@@ -49,7 +54,7 @@ pub fn pin_current_thread(cpus: &[usize]) -> nix::Result<()> {
     for &cpu in cpus {
         set.set(cpu)?;
     }
-    sched_setaffinity(Pid::from_raw(0), &set)
+    sched_setaffinity(tid, &set)
 }
 
 /// How a steered device is using its workers: spread (each packet to the worker of its CPU

@@ -230,18 +230,22 @@ struct Shared {
     config: DeviceConfig,
     /// Time every worker has spent working, in nanoseconds.
     busy_nanos: AtomicU64,
+    /// The device's steering and its policy, revisited by whichever worker ends a window
+    /// (the first worker may be asleep while another carries the load).
+    steering: std::sync::Mutex<Option<(Steering, ModePolicy)>>,
 }
 
 /// Switches the kernel's steering between spreading packets over the workers and sending
 /// them all to the first (see [`cpus::ModePolicy`]).
-pub trait Steer: Send {
+pub trait Steer: Send + Sync {
     fn spread(&self, on: bool) -> std::io::Result<()>;
 }
 
-/// The first worker's control of a steered device: the switch, and where the first worker
-/// runs in each mode (its home CPUs while spread, anywhere while it takes everything).
+/// A steered device's switch, and where its first worker (thread `first`) runs in each mode:
+/// its home CPUs while spread, anywhere while it takes everything.
 pub struct Steering {
     pub switch: Box<dyn Steer>,
+    pub first: nix::unistd::Pid,
     pub home: Vec<usize>,
     pub anywhere: Vec<usize>,
 }
@@ -290,8 +294,6 @@ pub struct Device<T: Tun, U: Udp> {
     offloads_seen: Offloads,
     /// Handshakes, cookies, keepalives, timers.
     scratch: Vec<u8>,
-    /// The device's steering, on the first worker of a steered device.
-    steering: Option<(Steering, ModePolicy)>,
     /// Consecutive TUN read failures, and the last one.
     tun_failures: u32,
     last_tun_error: Option<std::io::Error>,
@@ -332,6 +334,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
             metrics,
             config,
             busy_nanos: AtomicU64::new(0),
+            steering: std::sync::Mutex::new(None),
         });
         let role = Role::First {
             commands,
@@ -385,23 +388,22 @@ impl<T: Tun, U: Udp> Device<T, U> {
             tun_out: buffers(net_slots, TUN_HEADROOM + stride),
             offloads_seen: Offloads::default(),
             scratch: vec![0; stride],
-            steering: None,
             tun_failures: 0,
             last_tun_error: None,
         }
     }
 
-    /// Lets the first worker switch the device's steering as the load asks (its thread
-    /// starts on its home CPUs, spread).
-    pub fn steered(mut self, steering: Steering) -> Self {
-        if matches!(self.role, Role::First { .. }) {
-            self.metrics.steering_spread.set(1);
-            self.steering = Some((steering, ModePolicy::new(Instant::now())));
+    /// Lets the workers switch the device's steering as the load asks (the first worker's
+    /// thread starts on its home CPUs, spread).
+    pub fn steered(self, steering: Steering) -> Self {
+        self.metrics.steering_spread.set(1);
+        if let Ok(mut slot) = self.shared.steering.lock() {
+            *slot = Some((steering, ModePolicy::new(Instant::now())));
         }
         self
     }
 
-    /// Counts one wake-up's work, and on the first worker revisits the steering.
+    /// Counts one wake-up's work, and revisits the steering.
     fn after_work(&mut self, started: Instant) {
         let now = Instant::now();
         let worked = u64::try_from(now.saturating_duration_since(started).as_nanos()).unwrap_or(0);
@@ -409,8 +411,12 @@ impl<T: Tun, U: Udp> Device<T, U> {
         self.revisit_steering(now);
     }
 
-    fn revisit_steering(&mut self, now: Instant) {
-        let Some((steering, policy)) = &mut self.steering else {
+    fn revisit_steering(&self, now: Instant) {
+        // Another worker revisiting it now is as good.
+        let Ok(mut slot) = self.shared.steering.try_lock() else {
+            return;
+        };
+        let Some((steering, policy)) = slot.as_mut() else {
             return;
         };
         let busy = Duration::from_nanos(self.shared.busy_nanos.load(Ordering::Relaxed));
@@ -426,7 +432,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
         } else {
             &steering.anywhere
         };
-        if let Err(e) = cpus::pin_current_thread(cpus) {
+        if let Err(e) = cpus::pin_thread(steering.first, cpus) {
             tracing::debug!("pinning the first worker to {cpus:?}: {e}");
         }
         self.metrics.steering_spread.set(i64::from(spread));
@@ -569,9 +575,8 @@ impl<T: Tun, U: Udp> Device<T, U> {
 
     /// Reads from the TUN (with offloads, super-packets split into segments), encrypts each
     /// packet for the peer its destination routes to, then sends the datagrams, runs of one
-    /// size to one endpoint together (UDP GSO). A few rounds per wake-up; true when packets
-    /// are still waiting after them (saturated).
-    async fn on_tun_readable(&mut self) -> bool {
+    /// size to one endpoint together (UDP GSO). A few rounds per wake-up.
+    async fn on_tun_readable(&mut self) {
         for _ in 0..ROUNDS_PER_WAKE {
             let mut count = 0;
             let mut drained = false;
@@ -608,10 +613,9 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 self.send_planned().await;
             }
             if drained {
-                return false;
+                break;
             }
         }
-        true
     }
 
     /// Encrypts `tun_in[..count]` into `net_out`, planning where each datagram goes.
@@ -756,13 +760,12 @@ impl<T: Tun, U: Udp> Device<T, U> {
     /// Reads datagrams (with GRO, many per receive), decrypts each with its peer, then writes
     /// the packets to the TUN (with offloads, a flow's segments coalesced). Handshake replies
     /// and cookies go out as they arise. A few rounds per wake-up.
-    async fn on_udp_readable(&mut self) -> bool {
+    async fn on_udp_readable(&mut self) {
         for _ in 0..ROUNDS_PER_WAKE {
             if self.udp_round().await {
-                return false;
+                break;
             }
         }
-        true
     }
 
     /// One round of [`Self::on_udp_readable`]; true once the socket is drained.

@@ -176,6 +176,8 @@ impl Gateway {
             if let Some(switch) = switch {
                 device = device.steered(Steering {
                     switch: Box::new(switch),
+                    // This closure runs on the first worker's own thread.
+                    first: nix::unistd::gettid(),
                     home: first_home,
                     anywhere,
                 });

@@ -163,19 +163,6 @@ impl Tun for RealTun {
     }
 }
 
-impl RealTun {
-    /// Creates (or attaches to) the TUN `name` inside `netns` (or the current namespace), with
-    /// the given MTU; with `offload`, asks for TSO/USO and falls back to plain packets (logged,
-    /// and reported by [`Tun::offloads`]) if the kernel refuses. Call inside a tokio runtime.
-    pub fn open(netns: Option<&Netns>, name: &str, mtu: u16, offload: bool) -> Result<Self, Error> {
-        let mut queues = open_tun_queues(netns, name, mtu, offload, 1)?;
-        let queue = queues
-            .pop()
-            .expect("open_tun_queues returns what was asked");
-        queue.into_async(name)
-    }
-}
-
 /// One TUN queue, opened but not yet registered with a runtime.
 struct TunQueue {
     device: tun_rs::SyncDevice,
@@ -282,17 +269,6 @@ pub struct RealUdp {
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
 impl RealUdp {
-    /// Binds `[::]:port` (IPv4 too) inside `netns` (or the current namespace); with `offload`,
-    /// turns on `UDP_GRO` and checks `UDP_SEGMENT`, falling back (logged, reported by
-    /// [`Udp::offloads`]) where refused. Call inside a tokio runtime.
-    pub fn bind(netns: Option<&Netns>, port: u16, offload: bool) -> Result<Self, Error> {
-        let mut sockets = bind_udp_sockets(netns, port, offload, 1)?;
-        let socket = sockets
-            .pop()
-            .expect("bind_udp_sockets returns what was asked");
-        socket.into_async()
-    }
-
     pub fn local_port(&self) -> io::Result<u16> {
         self.socket.local_addr().map(|a| a.port())
     }
@@ -454,13 +430,15 @@ pub struct Steering {
     pub refused: Option<String>,
 }
 
-/// Opens the TUN `name` with `queues` queues and binds `queues` UDP sockets on `port`, each
-/// packet steered to the queue and socket of the CPU that processes it (CPU modulo `queues`):
-/// TUN packets by an eBPF program (`TUNSETSTEERINGEBPF`), datagrams by a classic BPF one on
-/// the `SO_REUSEPORT` group. If any part of that is refused, falls back to one queue and one
-/// socket (logged, and said in [`Steering::refused`]): the counts are always equal, as a TUN
-/// queue nobody reads would black-hole its packets. `queues <= 1` opens exactly what
-/// [`RealTun::open`] and [`RealUdp::bind`] do (no multi-queue flag, no reuseport).
+/// Opens the TUN `name` with `queues` queues and binds `queues` dual-stack UDP sockets on
+/// `port`, each packet steered to the queue and socket of the CPU that processes it (CPU
+/// modulo `queues`; on the TUN, a socket-hashed flow by its hash): TUN packets by an eBPF
+/// program (`TUNSETSTEERINGEBPF`), datagrams by a classic BPF one on the `SO_REUSEPORT`
+/// group, both switchable with [`OpenedIo::switch`]. If any part of that is refused, falls
+/// back to one queue and one socket (logged, and said in [`Steering::refused`]): the counts
+/// are always equal, as a TUN queue nobody reads would black-hole its packets. `queues <= 1`
+/// opens one plain TUN and socket (no multi-queue flag, no reuseport). Offloads are asked
+/// for with `offload`, each probed and falling back where refused.
 pub fn open_worker_io(
     netns: Option<&Netns>,
     name: &str,
@@ -692,7 +670,12 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn the_socket_gets_large_buffers_and_is_dual_stack() {
         let ns = loopback_netns("gw-io").await;
-        let mut udp = RealUdp::bind(Some(&ns), 0, true).unwrap();
+        let mut udp = bind_udp_sockets(Some(&ns), 0, true, 1)
+            .unwrap()
+            .pop()
+            .unwrap()
+            .into_async()
+            .unwrap();
         let socket = socket2::SockRef::from(&udp.socket);
         // The kernel reports twice what was set; as root the force options apply.
         assert!(socket.recv_buffer_size().unwrap() >= SOCKET_BUFFER_BYTES);
@@ -995,8 +978,7 @@ pub(crate) mod tests {
         assert!(reason.starts_with("multi-queue TUN"), "{reason}");
         assert_eq!(opened.workers.len(), 1);
         let worker = &opened.workers[0];
-        // What RealTun::open and RealUdp::bind give, and the offloads not blamed for the
-        // refusal.
+        // A plain TUN and socket, and the offloads not blamed for the refusal.
         assert_plain(worker);
         assert_eq!(worker.tun.offloads.refused[Feature::TunTso.index()], 0);
         // And it carries traffic.

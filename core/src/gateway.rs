@@ -86,7 +86,7 @@ pub enum StateError {
 }
 
 /// A WireGuard peer the gateway should have.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunnelPeer {
     pub name: String,
     pub public_key: PublicKey,
@@ -96,8 +96,9 @@ pub struct TunnelPeer {
 }
 
 /// What a gateway applies, whichever source it came from (a desired-state file, or its
-/// controller's stream): its WireGuard peers, and how each pod CIDR leaves the node.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// controller's stream): its WireGuard peers, and how each pod CIDR leaves the node. The
+/// gateway keeps the last one it applied on disk, to restore before it hears from its source.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayPlan {
     pub revision: u64,
     pub peers: Vec<TunnelPeer>,
@@ -105,7 +106,8 @@ pub struct GatewayPlan {
 }
 
 /// How traffic to a pod CIDR leaves the node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PodRoute {
     /// Into the gateway's TUN, encrypted.
     Tunnel,

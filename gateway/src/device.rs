@@ -34,7 +34,7 @@ use crate::allowed_ips::AllowedIps;
 use crate::cpus::{self, ModePolicy};
 use crate::io::{Feature, Offloads, TUN_HEADROOM, Tun, Udp};
 use crate::keys::KeyPair;
-use crate::metrics::{DropReason, Metrics, unix_now};
+use crate::metrics::{DropReason, Initiation, Metrics, unix_now};
 use crate::offload::{
     GsoGroup, MAX_SPLIT_SEGMENTS, UDP_MAX_GSO_BYTES, UDP_MAX_SEGMENTS, gro_segments,
     plan_gso_groups,
@@ -82,6 +82,14 @@ const DATA_MIN_LEN: usize = 32;
 const MAX_QUEUED: i64 = 256;
 /// Sessions older than this are rejected (WireGuard's Reject-After-Time).
 const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// WireGuard's Rekey-Timeout: a session this fresh is not replaced because of data for an
+/// unknown session (packets the peer sent on the old one may still be in flight).
+const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer is sent at most one initiation of the gateway's own per this interval when it sends
+/// data for a session we do not have, so spoofed datagrams cannot make a handshake storm.
+const NUDGE_INTERVAL: Duration = Duration::from_secs(1);
+/// Unknown-session senders looked up per round of received datagrams.
+const MAX_NUDGES_PER_ROUND: usize = 8;
 /// Consecutive failed TUN reads (10 ms apart) after which the TUN is considered gone (its
 /// interface deleted): the loop stops with an error rather than spin.
 const MAX_TUN_FAILURES: u32 = 100;
@@ -152,6 +160,8 @@ struct Peer {
     tx_bytes: u64,
     rx_bytes: u64,
     queued: i64,
+    /// When the gateway last started a handshake with this peer on its own initiative.
+    last_initiation: Option<Instant>,
     m: PeerMetrics,
 }
 
@@ -195,6 +205,30 @@ impl Peer {
     fn set_queued(&mut self, queued: i64) {
         self.queued = queued.clamp(0, MAX_QUEUED);
         self.m.queued.set(self.queued);
+    }
+
+    /// Formats a handshake initiation into `out` (unless one is already under way and
+    /// `force` is off); its length, and where to send it.
+    fn initiate(&mut self, out: &mut [u8], force: bool) -> Option<(usize, SocketAddr)> {
+        let endpoint = self.endpoint?;
+        match self.tunn.format_handshake_initiation(out, force) {
+            TunnResult::WriteToNetwork(init) => {
+                self.last_initiation = Some(Instant::now());
+                Some((init.len(), endpoint))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether data for a session we do not have, from this peer's address, should start a
+    /// handshake now: not while a session younger than Rekey-Timeout exists (the peer's
+    /// packets on the old one may still arrive), and at most once per `NUDGE_INTERVAL`.
+    fn wants_nudge(&self, now: Instant) -> bool {
+        let fresh_session = matches!(self.tunn.stats().0, Some(age) if age < REKEY_TIMEOUT);
+        let nudged_lately = self
+            .last_initiation
+            .is_some_and(|at| now.saturating_duration_since(at) < NUDGE_INTERVAL);
+        !fresh_session && !nudged_lately
     }
 }
 
@@ -547,11 +581,33 @@ impl<T: Tun, U: Udp> Device<T, U> {
     }
 
     async fn handle(&mut self, command: Command) {
-        let mut table = self.shared.table.lock().await;
+        let shared = self.shared.clone();
+        let mut table = shared.table.lock().await;
         match command {
             Command::SetPeers { peers, prune, done } => {
-                table.set_peers(&self.shared, peers, prune);
+                let initiate = table.set_peers(&self.shared, peers, prune);
+                // A new peer (every peer, when the gateway just started) or a moved one gets
+                // a handshake now: the remote end switches to the new session at once rather
+                // than keep sending into one we no longer have until its timers give up
+                // (15 s). Formatted under the lock, sent after it.
+                let mut initiations = Vec::with_capacity(initiate.len());
+                for (slot, reason) in initiate {
+                    let Some(peer) = table.peers.get_mut(&slot) else {
+                        continue;
+                    };
+                    if let Some((len, to)) = peer.initiate(&mut self.scratch, false) {
+                        self.metrics.initiated(reason);
+                        initiations.push((self.scratch[..len].to_vec(), to));
+                    }
+                }
+                drop(table);
                 let _ = done.send(());
+                for (datagram, to) in initiations {
+                    if let Err(e) = self.udp.send_to(&datagram, to).await {
+                        tracing::debug!("UDP send to {to}: {e}");
+                        self.metrics.drop_packet(DropReason::SocketError);
+                    }
+                }
             }
             Command::Stats(reply) => {
                 let mut stats: Vec<_> = table
@@ -808,6 +864,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
             return drained;
         }
         let mut writes = 0;
+        let mut unknown_sessions: Vec<SocketAddr> = Vec::new();
         let shared = self.shared.clone();
         let mut guard = shared.table.lock().await;
         let table = &mut *guard;
@@ -816,6 +873,9 @@ impl<T: Tun, U: Udp> Device<T, U> {
             let slot = match self.demux(table, i) {
                 Demux::Peer(slot) => slot,
                 Demux::Drop(reason) => {
+                    if reason == DropReason::NoPeer && self.is_data(i) {
+                        note_unknown_session(&mut unknown_sessions, from);
+                    }
                     self.metrics.drop_packet(reason);
                     continue;
                 }
@@ -903,8 +963,23 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     });
                 }
                 TunnResult::Done => {}
-                TunnResult::Err(e) => self.metrics.drop_packet(drop_reason(&e)),
+                TunnResult::Err(e) => {
+                    if kind == DATA
+                        && matches!(
+                            e,
+                            WireGuardError::NoCurrentSession
+                                | WireGuardError::WrongIndex
+                                | WireGuardError::InvalidAeadTag
+                        )
+                    {
+                        note_unknown_session(&mut unknown_sessions, from);
+                    }
+                    self.metrics.drop_packet(drop_reason(&e));
+                }
             }
+        }
+        if !unknown_sessions.is_empty() {
+            self.nudge(table, &unknown_sessions).await;
         }
         drop(guard);
         if writes > 0
@@ -914,6 +989,39 @@ impl<T: Tun, U: Udp> Device<T, U> {
             self.metrics.drop_packet(DropReason::TunError);
         }
         drained
+    }
+
+    fn is_data(&self, i: usize) -> bool {
+        let (start, len, _) = self.net_datagrams[i];
+        len > 0 && self.net_in[start] == DATA
+    }
+
+    /// Data arrived for sessions we do not have, from these addresses: when one is a peer's
+    /// endpoint, we lost the session (this gateway restarted) and the peer keeps sending on it;
+    /// a handshake from us makes it switch now instead of after its own timers (15 s).
+    async fn nudge(&mut self, table: &mut PeerTable, senders: &[SocketAddr]) {
+        let now = Instant::now();
+        for from in senders {
+            let Some(peer) = table
+                .peers
+                .values_mut()
+                .find(|p| p.endpoint == Some(*from) || p.configured_endpoint == Some(*from))
+            else {
+                continue;
+            };
+            if !peer.wants_nudge(now) {
+                continue;
+            }
+            let Some((len, to)) = peer.initiate(&mut self.scratch, true) else {
+                continue;
+            };
+            tracing::debug!(peer = %peer.name, "data for an unknown session: initiating a handshake");
+            self.metrics.initiated(Initiation::UnknownSession);
+            if let Err(e) = self.udp.send_to(&self.scratch[..len], to).await {
+                tracing::debug!("UDP send to {to}: {e}");
+                self.metrics.drop_packet(DropReason::SocketError);
+            }
+        }
     }
 
     /// WireGuard's timers: handshake retries and rekeys, keepalives, session expiry.
@@ -970,8 +1078,15 @@ impl PeerTable {
     }
 
     /// Applies the peer diff: new keys get a fresh `Tunn`, known keys keep their sessions
-    /// (a new keepalive needs a new `Tunn`), and with `prune` the rest are removed.
-    fn set_peers(&mut self, shared: &Shared, desired: Vec<TunnelPeer>, prune: bool) {
+    /// (a new keepalive needs a new `Tunn`), and with `prune` the rest are removed. Returns
+    /// the peers to start a handshake with now: new ones, and those whose endpoint moved.
+    fn set_peers(
+        &mut self,
+        shared: &Shared,
+        desired: Vec<TunnelPeer>,
+        prune: bool,
+    ) -> Vec<(u32, Initiation)> {
+        let mut initiate = Vec::new();
         let wanted: std::collections::HashSet<PublicKey> =
             desired.iter().map(|p| p.public_key).collect();
         if prune {
@@ -1013,6 +1128,7 @@ impl PeerTable {
                         peer.configured_endpoint = spec.endpoint;
                         if spec.endpoint.is_some() {
                             peer.endpoint = spec.endpoint;
+                            initiate.push((slot, Initiation::EndpointChanged));
                         }
                     }
                     peer.allowed_ips = spec.allowed_ips;
@@ -1035,7 +1151,11 @@ impl PeerTable {
                         tx_bytes: 0,
                         rx_bytes: 0,
                         queued: 0,
+                        last_initiation: None,
                     };
+                    if peer.endpoint.is_some() {
+                        initiate.push((slot, Initiation::NewPeer));
+                    }
                     self.by_key.insert(peer.public_key, slot);
                     self.peers.insert(slot, peer);
                 }
@@ -1049,6 +1169,15 @@ impl PeerTable {
         }
         self.allowed = allowed;
         shared.metrics.peers_configured.set(self.peers.len() as i64);
+        initiate
+    }
+}
+
+/// Records an address that sent data for an unknown session, once per round and at most
+/// `MAX_NUDGES_PER_ROUND` of them (the lookups are linear in peers).
+fn note_unknown_session(senders: &mut Vec<SocketAddr>, from: SocketAddr) {
+    if senders.len() < MAX_NUDGES_PER_ROUND && !senders.contains(&from) {
+        senders.push(from);
     }
 }
 

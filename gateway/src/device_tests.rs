@@ -83,6 +83,8 @@ type Carried = (SocketAddr, SocketAddr, Vec<u8>);
 pub(crate) struct FakeNet {
     sockets: Arc<Mutex<HashMap<SocketAddr, Arc<Inbox>>>>,
     wire: Arc<Mutex<Vec<Carried>>>,
+    /// Datagrams sent from these addresses are recorded but lost.
+    muted: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
 pub(crate) struct FakeUdp {
@@ -115,6 +117,14 @@ impl FakeNet {
         sockets.insert(new, queue);
         *addr = new;
         new
+    }
+    /// Loses (or, with `false`, carries again) whatever `addr` sends.
+    fn mute(&self, addr: SocketAddr, muted: bool) {
+        let mut list = self.muted.lock().unwrap();
+        list.retain(|a| *a != addr);
+        if muted {
+            list.push(addr);
+        }
     }
     fn inject(&self, to: SocketAddr, from: SocketAddr, datagram: Vec<u8>) {
         if let Some(queue) = self.sockets.lock().unwrap().get(&to) {
@@ -179,7 +189,9 @@ impl Udp for FakeUdp {
             .lock()
             .unwrap()
             .push((from, to, datagram.to_vec()));
-        self.net.inject(to, from, datagram.to_vec());
+        if !self.net.muted.lock().unwrap().contains(&from) {
+            self.net.inject(to, from, datagram.to_vec());
+        }
         Ok(datagram.len())
     }
 }
@@ -213,7 +225,12 @@ pub(crate) fn start(net: &FakeNet, addr: &str) -> Node {
 
 /// A node whose socket batches like UDP GSO and GRO when `offload`.
 pub(crate) fn start_with(net: &FakeNet, addr: &str, offload: bool) -> Node {
-    let keys = KeyPair::generate();
+    start_keyed(net, addr, offload, KeyPair::generate())
+}
+
+/// A node with a given key: also a node's gateway started again (its key kept in its state
+/// directory), taking over the address from the one before, whose sessions are gone.
+fn start_keyed(net: &FakeNet, addr: &str, offload: bool, keys: KeyPair) -> Node {
     let tun = FakeTun::default();
     let mut udp = net.bind(addr);
     udp.offload = offload;
@@ -280,6 +297,22 @@ async fn pair(net: &FakeNet) -> (Node, Node) {
     let b = start(net, "198.18.0.2:51820");
     make_peers(&a, &b).await;
     (a, b)
+}
+
+/// Drops so far, by reason (in `DropReason::ALL` order).
+fn drop_counts(metrics: &Metrics) -> Vec<u64> {
+    DropReason::ALL.iter().map(|r| metrics.drops(*r)).collect()
+}
+
+/// Waits (up to 2 s) until `condition` holds; panics if it never does.
+async fn eventually(mut condition: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the condition never held");
 }
 
 /// a (pods 10.1.0.0/24) and b (pods 10.2.0.0/24) become each other's peer.
@@ -360,6 +393,7 @@ async fn garbage_truncated_replayed_and_unknown_handshakes_are_counted_not_fatal
     let (a, b) = pair(&net).await;
     a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"first"));
     delivered(&b.tun).await.unwrap();
+    let before = drop_counts(&b.metrics);
     let attacker: SocketAddr = "198.18.0.66:4000".parse().unwrap();
 
     // Random bytes of every small length, and every message type with a wrong length.
@@ -411,15 +445,17 @@ async fn garbage_truncated_replayed_and_unknown_handshakes_are_counted_not_fatal
     }
     assert!(got.last().unwrap().ends_with(b"after"), "{got:?}");
     // Replays are caught by the counter window, truncated copies by length or the counter.
-    let replay = b.metrics.drops(DropReason::Replay);
+    let after = drop_counts(&b.metrics);
+    let added = |reason: DropReason| {
+        let at = DropReason::ALL.iter().position(|r| *r == reason).unwrap();
+        after[at] - before[at]
+    };
+    let replay = added(DropReason::Replay);
     assert!(replay >= 5, "replay {replay}");
-    assert!(
-        b.metrics.drops(DropReason::NoPeer) >= 1,
-        "unknown handshake key"
-    );
-    let malformed = b.metrics.drops(DropReason::Malformed);
-    let decrypt = b.metrics.drops(DropReason::DecryptFailed);
-    let no_peer = b.metrics.drops(DropReason::NoPeer);
+    assert!(added(DropReason::NoPeer) >= 1, "unknown handshake key");
+    let malformed = added(DropReason::Malformed);
+    let decrypt = added(DropReason::DecryptFailed);
+    let no_peer = added(DropReason::NoPeer);
     assert_eq!(
         malformed + decrypt + no_peer + replay,
         300 + 4 + 5 + 4 + 1,
@@ -587,20 +623,23 @@ async fn a_replayed_handshake_initiation_is_a_replay_drop() {
     let (a, b) = pair(&net).await;
     a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"one"));
     delivered(&b.tun).await.unwrap();
+    // B, given its peer second, initiated the handshake A answered (A's own initiation, sent
+    // when it got its peer, found B without one).
     let init = net
         .wire
         .lock()
         .unwrap()
         .iter()
-        .find(|(from, _, d)| *from == a.addr && d[0] == HANDSHAKE_INIT)
+        .rev()
+        .find(|(from, _, d)| *from == b.addr && d[0] == HANDSHAKE_INIT)
         .unwrap()
         .2
         .clone();
-    net.inject(b.addr, a.addr, init);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(b.metrics.drops(DropReason::Replay), 1);
+    let replays = a.metrics.drops(DropReason::Replay);
+    net.inject(a.addr, b.addr, init);
+    eventually(|| a.metrics.drops(DropReason::Replay) == replays + 1).await;
     assert_eq!(
-        b.handle.stats().await.unwrap()[0].handshakes,
+        a.handle.stats().await.unwrap()[0].handshakes,
         1,
         "no new session"
     );
@@ -616,6 +655,7 @@ async fn gso_sends_and_gro_receives_keep_every_packet_in_order() {
     make_peers(&a, &b).await;
     a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"hello"));
     delivered(&b.tun).await.unwrap();
+    let drops_before = (drop_counts(&a.metrics), drop_counts(&b.metrics));
     // Runs of one size with odd ones between: the GSO plan cuts them, GRO glues them back.
     let sizes: Vec<usize> = (0..300)
         .map(|n| match n % 50 {
@@ -643,10 +683,11 @@ async fn gso_sends_and_gro_receives_keep_every_packet_in_order() {
         stats[0].rx_bytes,
         5 + 20 + sizes.iter().map(|s| (20 + s) as u64).sum::<u64>()
     );
-    for reason in DropReason::ALL {
-        assert_eq!(b.metrics.drops(reason), 0, "{reason:?}");
-        assert_eq!(a.metrics.drops(reason), 0, "{reason:?}");
-    }
+    assert_eq!(
+        (drop_counts(&a.metrics), drop_counts(&b.metrics)),
+        drops_before,
+        "no drop of any reason"
+    );
 }
 
 /// A node with two workers, as on a two-CPU machine: the handshake and sessions one worker
@@ -708,4 +749,148 @@ async fn two_workers_share_sessions_and_stop_together() {
         let stopped = tokio::time::timeout(Duration::from_secs(2), worker).await;
         assert!(matches!(stopped, Ok(Ok(Ok(())))), "worker still running");
     }
+}
+
+/// A gateway restarted: the old loop stops (every handle dropped), a new one starts with the
+/// same key on the same address and is given the same peers, with no session of the old one.
+async fn restart(net: &FakeNet, node: Node, peers: Vec<TunnelPeer>) -> Node {
+    let keys = node.keys.clone();
+    let addr = node.addr.to_string();
+    drop(node);
+    let node = start_keyed(net, &addr, false, keys);
+    node.handle.set_peers(peers, true).await.unwrap();
+    node
+}
+
+/// Pushes a numbered packet from `from` (10.1.0.5 or 10.2.0.7, by `to_b`) every 20 ms until
+/// one arrives at `to`; how long that took, or `None` after `within`.
+async fn first_delivery(from: &Node, to: &Node, to_b: bool, within: Duration) -> Option<Duration> {
+    let (src, dst) = if to_b {
+        ("10.1.0.5", "10.2.0.7")
+    } else {
+        ("10.2.0.7", "10.1.0.5")
+    };
+    let started = tokio::time::Instant::now();
+    let mut n = 0u32;
+    while started.elapsed() < within {
+        from.tun.inbound.push(ipv4(src, dst, &n.to_be_bytes()));
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if to.tun.delivered.pop().is_some() {
+            return Some(started.elapsed());
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_restarted_gateway_initiates_so_its_peer_switches_at_once() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"before"));
+    assert!(delivered(&b.tun).await.unwrap().ends_with(b"before"));
+
+    let b = restart(&net, b, vec![peer_of(&a, "a", "10.1.0.0/24")]).await;
+    // A sends first: without B's handshake it would keep encrypting with the session B lost
+    // until its own timers gave up (Keepalive + Rekey-Timeout: 15 s).
+    let took = first_delivery(&a, &b, true, Duration::from_secs(2)).await;
+    let took = took.expect("A's traffic reaches the restarted B within 2 s");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(b.metrics.initiations(Initiation::NewPeer), 1);
+    // And back, on the same new session.
+    let back = first_delivery(&b, &a, false, Duration::from_secs(1)).await;
+    assert!(back.is_some(), "B's traffic reaches A");
+}
+
+#[tokio::test]
+async fn data_for_a_lost_session_makes_the_restarted_gateway_initiate() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"before"));
+    assert!(delivered(&b.tun).await.unwrap().ends_with(b"before"));
+
+    // B's own handshake after the restart is lost on the way: the data A keeps sending on
+    // the old session must make B try again at once, not after Rekey-Timeout (5 s).
+    net.mute(b.addr, true);
+    let b = restart(&net, b, vec![peer_of(&a, "a", "10.1.0.0/24")]).await;
+    net.mute(b.addr, false);
+    let took = first_delivery(&a, &b, true, Duration::from_secs(3)).await;
+    let took = took.expect("A's traffic reaches the restarted B");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(b.metrics.initiations(Initiation::UnknownSession), 1);
+}
+
+#[tokio::test]
+async fn both_ends_restarted_together_find_each_other_at_once() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"before"));
+    assert!(delivered(&b.tun).await.unwrap().ends_with(b"before"));
+
+    let (a_keys, b_keys) = (a.keys.clone(), b.keys.clone());
+    drop((a, b));
+    let a = start_keyed(&net, "198.18.0.1:51820", false, a_keys);
+    let b = start_keyed(&net, "198.18.0.2:51820", false, b_keys);
+    // Both get their peers at the same moment: their handshakes cross.
+    let (x, y) = tokio::join!(
+        a.handle
+            .set_peers(vec![peer_of(&b, "b", "10.2.0.0/24")], true),
+        b.handle
+            .set_peers(vec![peer_of(&a, "a", "10.1.0.0/24")], true),
+    );
+    x.unwrap();
+    y.unwrap();
+    let there = first_delivery(&a, &b, true, Duration::from_secs(1)).await;
+    let back = first_delivery(&b, &a, false, Duration::from_secs(1)).await;
+    assert!(there.is_some() && back.is_some(), "{there:?} {back:?}");
+}
+
+#[tokio::test]
+async fn spoofed_data_for_unknown_sessions_starts_at_most_one_handshake_a_second() {
+    let net = FakeNet::default();
+    let a = start(&net, "198.18.0.1:51820");
+    let b = start(&net, "198.18.0.2:51820");
+    // B knows A but A never answers (A has no peer): B has no session with A.
+    b.handle
+        .set_peers(vec![peer_of(&a, "a", "10.1.0.0/24")], true)
+        .await
+        .unwrap();
+    // Data messages "from" A's address for sessions B never had, as a spoofer would send.
+    for index in 0..100u32 {
+        let mut data = vec![0u8; 64];
+        data[0] = DATA;
+        data[4..8].copy_from_slice(&((index % 4 + 1) << 8).to_le_bytes());
+        net.inject(b.addr, a.addr, data);
+    }
+    eventually(|| {
+        b.metrics.drops(DropReason::NoPeer) + b.metrics.drops(DropReason::DecryptFailed) >= 100
+    })
+    .await;
+    assert!(
+        b.metrics.initiations(Initiation::UnknownSession) <= 1,
+        "{}",
+        b.metrics.initiations(Initiation::UnknownSession)
+    );
+    assert_eq!(b.metrics.initiations(Initiation::NewPeer), 1);
+}
+
+#[tokio::test]
+async fn a_moved_endpoint_gets_a_handshake_at_once() {
+    let net = FakeNet::default();
+    let (a, b) = pair(&net).await;
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"before"));
+    assert!(delivered(&b.tun).await.unwrap().ends_with(b"before"));
+    let moved = net.rebind(&b.socket, "198.18.0.3:51820");
+    let mut peer = peer_of(&b, "b", "10.2.0.0/24");
+    peer.endpoint = Some(moved);
+    a.handle.set_peers(vec![peer], true).await.unwrap();
+    assert_eq!(a.metrics.initiations(Initiation::EndpointChanged), 1);
+    let stats = a.handle.stats().await.unwrap();
+    assert_eq!(stats[0].endpoint, Some(moved));
+    eventually(|| {
+        b.metrics
+            .render()
+            .contains("trellis_gateway_peer_handshakes_total{peer=\"a\"} 2")
+    })
+    .await;
 }

@@ -43,3 +43,15 @@ pub enum Error {
     #[error("{} route operations failed: {}", .0.len(), .0.join("; "))]
     Routes(Vec<String>),
 }
+
+/// An error and its causes, `: `-separated, for a log line (anyhow's `{:#}` without anyhow).
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}

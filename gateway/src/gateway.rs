@@ -15,6 +15,7 @@ use crate::device::{Device, DeviceConfig, DeviceHandle, Steering};
 use crate::io::{Tun, Udp, open_worker_io};
 use crate::keys::KeyPair;
 use crate::metrics::{Metrics, unix_now};
+use crate::plan_store::PlanStore;
 use crate::routes::{self, NetlinkRoutes, RouteMetrics, RouteTable};
 
 /// The routing protocol number tagging the gateway's routes (`ip route show proto 212`).
@@ -57,6 +58,9 @@ pub struct Reconciler<R: RouteTable> {
     pub tun_index: u32,
     pub route_metrics: RouteMetrics,
     pub metrics: Metrics,
+    /// Where each plan applied goes to be stored (see [`crate::plan_store`]); `None` keeps
+    /// nothing.
+    pub saved: Option<tokio::sync::watch::Sender<Option<GatewayPlan>>>,
 }
 
 impl<R: RouteTable> Reconciler<R> {
@@ -81,10 +85,52 @@ impl<R: RouteTable> Reconciler<R> {
                 self.metrics
                     .state_revision
                     .set(i64::try_from(plan.revision).unwrap_or(i64::MAX));
+                self.metrics.ready.set(1);
+                self.metrics.plan_restored.set(0);
+                if let Some(saved) = &self.saved {
+                    saved.send_if_modified(|stored| {
+                        let changed = stored.as_ref() != Some(plan);
+                        if changed {
+                            *stored = Some(plan.clone());
+                        }
+                        changed
+                    });
+                }
             }
             Err(_) => self.metrics.reconcile_errors.inc(),
         }
         result
+    }
+
+    /// Applies the plan stored by the last run, before the gateway hears from its source: the
+    /// peers (each sent a handshake at once) and routes are back within moments of a restart.
+    /// The source's first plan replaces it as any plan does. A missing or unreadable file
+    /// changes nothing (logged).
+    pub async fn restore(&self, store: &PlanStore) -> Option<u64> {
+        let plan = match store.load() {
+            Ok(Some(plan)) => plan,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!("not restoring the last plan: {}", crate::chain(&e));
+                return None;
+            }
+        };
+        match self.apply_plan(&plan).await {
+            Ok(()) => {
+                self.metrics.plan_restored.set(1);
+                tracing::info!(
+                    revision = plan.revision,
+                    peers = plan.peers.len(),
+                    routes = plan.routes.len(),
+                    "restored the last plan"
+                );
+                Some(plan.revision)
+            }
+            Err(e) => {
+                tracing::warn!("restore the last plan: {e}");
+                None
+            }
+        }
     }
 
     async fn apply_inner(&self, plan: &GatewayPlan) -> Result<(), Error> {
@@ -253,6 +299,7 @@ impl Gateway {
                 tun_index: link.index,
                 route_metrics: config.route_metrics,
                 metrics,
+                saved: Some(PlanStore::in_dir(&config.state_dir).spawn_writer()),
             },
             device_task: Some(device_task),
             stop,
@@ -495,6 +542,7 @@ mod tests {
             tun_index: 7,
             route_metrics: RouteMetrics::default(),
             metrics: node.metrics,
+            saved: None,
         }
     }
 

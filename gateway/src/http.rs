@@ -1,4 +1,4 @@
-//! A tiny HTTP/1.1 server for `/metrics`, `/healthz` and `/status` (the gateway's
+//! A tiny HTTP/1.1 server for `/metrics`, `/healthz`, `/readyz` and `/status` (the gateway's
 //! [`trellis_core::status::GatewayReport`] as JSON). It reads one bounded request per
 //! connection, with a deadline, and closes the connection after answering.
 
@@ -71,6 +71,16 @@ pub fn route(request_line: &str, metrics: &Metrics) -> (&'static str, &'static s
             "503 Service Unavailable",
             "text/plain",
             "device loop not running\n".into(),
+        ),
+        // Ready once a plan is applied (restored at start, or from the source): a rolling
+        // update moves on to the next node only when this one's tunnels are back.
+        ("GET", "/readyz") if metrics.is_ready() && metrics.is_healthy(HEALTHY_WITHIN_SECONDS) => {
+            ("200 OK", "text/plain", "ready\n".into())
+        }
+        ("GET", "/readyz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "no plan applied yet\n".into(),
         ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),
         _ => (
@@ -146,6 +156,13 @@ mod tests {
         );
         metrics.beat();
         assert_eq!(route("GET /healthz HTTP/1.1", &metrics).0, "200 OK");
+        assert_eq!(
+            route("GET /readyz HTTP/1.1", &metrics).0,
+            "503 Service Unavailable",
+            "healthy is not ready before a plan is applied"
+        );
+        metrics.ready.set(1);
+        assert_eq!(route("GET /readyz HTTP/1.1", &metrics).0, "200 OK");
         let (status, _, body) = route("GET /metrics?x=1 HTTP/1.1", &metrics);
         assert_eq!(status, "200 OK");
         assert!(body.contains("trellis_gateway_peers_up"));

@@ -13,9 +13,10 @@ pub mod keys;
 pub mod metrics;
 pub mod offload;
 pub mod peer_config;
+pub mod plan_store;
 pub mod routes;
 pub mod status;
 pub mod steering;
 
-pub use error::Error;
+pub use error::{Error, chain};
 pub use gateway::{Gateway, GatewayConfig, Reconciler};

@@ -12,6 +12,7 @@ use trellis_gateway::device::DeviceConfig;
 use trellis_gateway::gateway::{DEFAULT_ROUTE_PROTOCOL, follow_file, follow_stream};
 use trellis_gateway::keys::KeyPair;
 use trellis_gateway::peer_config::PeerConfigArgs;
+use trellis_gateway::plan_store::PlanStore;
 use trellis_gateway::routes::RouteMetrics;
 use trellis_gateway::{Gateway, GatewayConfig};
 
@@ -185,6 +186,11 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
             device: gateway.device().clone(),
         }),
     ));
+    // Fail closed and fast after a restart: the last plan's peers (each sent a handshake, so
+    // remote gateways switch to the new session at once) and routes, before the source is
+    // heard from.
+    let store = PlanStore::in_dir(&config.state_dir);
+    gateway.reconciler.restore(&store).await;
     let controller = match args.controller {
         Some(address) => Some(ControllerSource {
             address,
@@ -244,6 +250,19 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
             result.context("device loop")??;
             bail!("the device loop stopped");
         }
+    }
+    // The shutdown order: the last plan on disk first (the writer may be mid-way), so the
+    // next start restores it; then the device, whose TUN takes its routes with it and leaves
+    // the unreachable backstops: nothing goes out in plaintext while no gateway runs.
+    let last = gateway
+        .reconciler
+        .saved
+        .as_ref()
+        .and_then(|saved| saved.borrow().clone());
+    if let Some(plan) = last
+        && let Err(e) = store.save(&plan)
+    {
+        tracing::warn!("{}", trellis_gateway::chain(&e));
     }
     tracing::info!("stopping; routes to encrypted peers stay unreachable until restart");
     gateway.stop();

@@ -68,6 +68,31 @@ impl DropReason {
     }
 }
 
+/// Why the gateway started a handshake on its own, before any packet asked for one: the
+/// `reason` label of `trellis_gateway_handshake_initiations_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiation {
+    /// A peer appeared (also every peer of a gateway that just started): the remote end
+    /// switches to the new session at once instead of sending into one we no longer have.
+    NewPeer,
+    /// A peer's configured endpoint changed.
+    EndpointChanged,
+    /// A peer sent data for a session we do not have (we restarted and it has not noticed).
+    UnknownSession,
+}
+
+impl Initiation {
+    pub const ALL: [Initiation; 3] = [Self::NewPeer, Self::EndpointChanged, Self::UnknownSession];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NewPeer => "new_peer",
+            Self::EndpointChanged => "endpoint_changed",
+            Self::UnknownSession => "unknown_session",
+        }
+    }
+}
+
 /// Every metric of the gateway, registered on its own registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -80,6 +105,7 @@ pub struct Metrics {
     pub(crate) peer_handshakes: IntCounterVec,
     pub(crate) peer_rekeys: IntCounterVec,
     pub(crate) peer_queued: IntGaugeVec,
+    initiations: IntCounterVec,
     drops: IntCounterVec,
     drop_handles: Vec<IntCounter>,
     pub(crate) peers_configured: IntGauge,
@@ -90,6 +116,8 @@ pub struct Metrics {
     pub(crate) state_revision: IntGauge,
     pub(crate) controller_connected: IntGauge,
     pub(crate) controller_updates: IntCounter,
+    pub(crate) ready: IntGauge,
+    pub(crate) plan_restored: IntGauge,
     node_encryption: IntGauge,
     /// Whether the source said anything about node encryption (a file does not).
     node_encryption_known: Arc<AtomicBool>,
@@ -160,6 +188,17 @@ impl Metrics {
             &["peer"],
         )?;
         registry.register(Box::new(peer_queued.clone()))?;
+        let initiations = IntCounterVec::new(
+            Opts::new(
+                name("handshake_initiations_total"),
+                "Handshakes the gateway started on its own (not for a queued packet or a timer), by reason.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(initiations.clone()))?;
+        for reason in Initiation::ALL {
+            initiations.with_label_values(&[reason.label()]).inc_by(0);
+        }
         let drops = IntCounterVec::new(
             Opts::new(name("drops_total"), "Packets dropped, by reason."),
             &["reason"],
@@ -187,6 +226,16 @@ impl Metrics {
         let controller_connected = gauge(
             "controller_connected",
             "1 while the gateway is registered with its controller and following its stream.",
+        )?;
+        let ready = gauge(
+            "ready",
+            "1 once the gateway has applied a plan (restored from its state directory or from its source): \
+             its peers and routes are in place and their handshakes started.",
+        )?;
+        let plan_restored = gauge(
+            "plan_restored",
+            "1 while the plan applied is the one restored from the state directory at start, not yet \
+             replaced by one from the gateway's source.",
         )?;
         let node_encryption = gauge(
             "node_encryption",
@@ -266,6 +315,7 @@ impl Metrics {
             peer_handshakes,
             peer_rekeys,
             peer_queued,
+            initiations,
             drops,
             drop_handles,
             peers_configured,
@@ -276,6 +326,8 @@ impl Metrics {
             state_revision,
             controller_connected,
             controller_updates,
+            ready,
+            plan_restored,
             node_encryption,
             node_encryption_known: Arc::new(AtomicBool::new(false)),
             offload_enabled,
@@ -298,6 +350,20 @@ impl Metrics {
             .position(|r| *r == reason)
             .unwrap_or(0);
         self.drop_handles[at].inc_by(count);
+    }
+
+    pub fn initiated(&self, reason: Initiation) {
+        self.initiations.with_label_values(&[reason.label()]).inc();
+    }
+
+    /// Handshakes started on the gateway's own initiative for `reason` so far.
+    pub fn initiations(&self, reason: Initiation) -> u64 {
+        self.initiations.with_label_values(&[reason.label()]).get()
+    }
+
+    /// Whether a plan has been applied since start.
+    pub fn is_ready(&self) -> bool {
+        self.ready.get() == 1
     }
 
     /// Dropped packets for `reason` so far.

@@ -214,4 +214,39 @@ async fn binary_follows_its_state_file_and_serves_metrics() {
     assert_eq!(routes.len(), 1, "{routes:?}");
     assert_eq!(routes[0].target, RouteTarget::Unreachable);
     assert!(a.netlink.link("trellis0").await.unwrap().is_none());
+
+    // Started again with a controller it cannot reach (nothing listens there): the plan it
+    // applied last comes back from its state directory, and b is reached without any source.
+    let restarted = std::time::Instant::now();
+    let _process = Process(
+        Command::new("ip")
+            .args(["netns", "exec", a.ns.name(), bin, "run", "--state-dir"])
+            .arg(a.state_dir.path())
+            .args(["--controller", "198.18.0.99:7444", "--node-name", "a"])
+            .arg("--advertise-endpoint")
+            .arg(SocketAddr::new(a.underlay, 51820).to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        a.ping(to_b, Duration::from_secs(5)).await,
+        "the restored plan's tunnel carries traffic"
+    );
+    eprintln!(
+        "restart to traffic on the restored plan: {:?}",
+        restarted.elapsed()
+    );
+    let ready = http_get(&a, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200 OK"), "{ready}");
+    let metrics = http_get(&a, "/metrics").await;
+    for name in [
+        "trellis_gateway_plan_restored 1",
+        "trellis_gateway_desired_state_revision 3",
+        "trellis_gateway_controller_connected 0",
+        "trellis_gateway_handshake_initiations_total{reason=\"new_peer\"} 1",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
 }

@@ -245,3 +245,97 @@ fn a_cluster_overlapping_another_is_refused_naming_both() {
     )
     .unwrap();
 }
+
+/// `trellis lab roll <args> -o json`, which must succeed: one restart per line.
+fn roll(lab: &TestLab, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["roll"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-o", "json"]);
+    let output = lab.trellis(&all);
+    assert!(output.status.success(), "lab roll: {}", text(&output));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON restart per line"))
+        .collect()
+}
+
+/// Prints each restart's flows and checks that every one answered again within `limit` of
+/// the restarted gateways being ready.
+fn assert_back_within(restarts: &[serde_json::Value], limit: f64) {
+    for restart in restarts {
+        for flow in restart["flows"].as_array().expect("flows") {
+            let after = flow["after_ready_seconds"].as_f64();
+            eprintln!(
+                "{} {}: {} {} {} -> {}: longest gap {:.2} s, answered {after:?} s after ready",
+                restart["gateway"],
+                restart["signal"],
+                flow["direction"],
+                flow["path"],
+                flow["source"],
+                flow["target"],
+                flow["longest_gap_seconds"].as_f64().unwrap_or(f64::NAN),
+            );
+            let after = after.unwrap_or_else(|| panic!("never answered again: {flow}"));
+            assert!(
+                after < limit,
+                "{} answered {after:.2} s after the restart completed: {flow}",
+                restart["gateway"]
+            );
+        }
+    }
+}
+
+#[test]
+fn a_restarted_gateway_has_every_tunnel_back_both_ways_within_a_second() {
+    let _serial = serial();
+    let lab = TestLab::new("back");
+    // Three nodes per cluster: traffic to the restarted node comes from other nodes than the
+    // ones its own pod talks to (which its gateway would reach on demand anyway).
+    lab.up(&["--nodes", "3", "--pods", "1", "--node-encryption", "on"]);
+    for signal in ["kill", "term"] {
+        let restarts = roll(&lab, &["c2/node-1", "--signal", signal]);
+        assert_eq!(restarts.len(), 1);
+        let flows = restarts[0]["flows"].as_array().unwrap();
+        assert_eq!(flows.len(), 4, "to and from, within and across clusters");
+        assert_back_within(&restarts, 1.0);
+    }
+    // Both ends of tunnels at once: the two gateways' handshakes cross.
+    let restarts = roll(
+        &lab,
+        &["c1/node-0,c2/node-1", "--together", "--signal", "kill"],
+    );
+    assert_back_within(&restarts, 1.0);
+}
+
+#[test]
+fn a_rolling_update_of_every_gateway_keeps_tcp_connections_and_leaks_nothing() {
+    let _serial = serial();
+    let lab = TestLab::new("roll");
+    lab.up(&["--node-encryption", "on"]);
+    let stream = |from: &str, to: &str| {
+        let client = lab.pod(from);
+        LiveStream::start(connect_in(&client.netns, echo_addr(&lab, to), TIMEOUT).unwrap())
+    };
+    let streams = [
+        ("c1/pod-0 -> c2/pod-2", stream("c1/pod-0", "c2/pod-2")),
+        ("c2/pod-1 -> c1/pod-3", stream("c2/pod-1", "c1/pod-3")),
+        ("c1/pod-1 -> c1/pod-2", stream("c1/pod-1", "c1/pod-2")),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("roll.pcap");
+    let capture = trellis_integration::mesh::capture_underlay(&lab, &file);
+
+    let restarts = roll(&lab, &["--signal", "term"]);
+    assert_eq!(restarts.len(), 4, "every gateway of both clusters");
+    assert_back_within(&restarts, 1.0);
+    for (what, stream) in streams {
+        let (longest, echoed) = stream.finish(what);
+        eprintln!("{what}: longest stall {longest:?} over {echoed} echoes, no reset");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    drop(capture);
+    let tunnel = trellis_integration::mesh::count_matching(&file, "udp port 51820");
+    let plaintext = trellis_integration::mesh::count_matching(&file, "ip and net 10.0.0.0/8");
+    assert!(tunnel > 100, "the capture saw the tunnels: {tunnel}");
+    assert_eq!(plaintext, 0, "pod packets in plaintext on the underlay");
+}

@@ -316,6 +316,7 @@ fn start_workload(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::R
                         ],
                         log: pod_dir.join("echo.log"),
                         ready: std::net::SocketAddr::new(address.into(), services::ECHO_PORT),
+                        ready_path: None,
                     },
                 )?;
             }
@@ -359,6 +360,7 @@ fn start_controllers(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow
                 ],
                 log: own.join("controller.log"),
                 ready: metrics,
+                ready_path: None,
             },
         )?;
     }
@@ -395,6 +397,7 @@ fn start_dns(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result
                 ],
                 log: control::cluster_dir(dir, cluster).join("dns.log"),
                 ready: metrics,
+                ready_path: None,
             },
         )?;
     }
@@ -435,6 +438,7 @@ fn start_gateways(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::R
                     args,
                     log: node_dir.join("gateway.log"),
                     ready: metrics,
+                    ready_path: Some("/readyz".into()),
                 },
             )?;
         }

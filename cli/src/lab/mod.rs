@@ -4,9 +4,10 @@ mod build;
 mod connectivity;
 mod control;
 mod processes;
+mod roll;
 mod services;
 mod status;
-mod topology;
+pub(crate) mod topology;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,6 +83,27 @@ enum LabCommand {
     Stop { daemon: String },
     /// Start stopped (or crashed) daemons again, as they were started by `up`.
     Start { daemon: String },
+    /// Restart gateways one by one, as a DaemonSet rolling update does, while pods on each
+    /// node exchange echoes with pods on other nodes and clusters; report per restart how long
+    /// traffic to and from the node stopped. Exits 1 if any flow did not come back.
+    Roll {
+        /// `c1` (every gateway of a cluster), `c1/node-0`, several separated by commas; every
+        /// gateway when left out.
+        #[arg(default_value = "")]
+        selector: String,
+        /// Restart every selected gateway at once (both ends of a tunnel, a node pool
+        /// upgraded together) instead of one by one.
+        #[arg(long)]
+        together: bool,
+        /// How each gateway is stopped.
+        #[arg(long, value_enum, default_value_t = roll::StopSignal::Term)]
+        signal: roll::StopSignal,
+        /// Time between the stop and the start, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        pause_ms: u64,
+        #[arg(short, long, value_enum, default_value_t = crate::status::Output::Table)]
+        output: crate::status::Output,
+    },
     /// Remove every namespace, process and file the lab made.
     Down,
 }
@@ -157,6 +179,54 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
                 LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
             build::start(&dir, &mut state, &daemon)?;
             Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Roll {
+            selector,
+            together,
+            signal,
+            pause_ms,
+            output,
+        } => {
+            let mut state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            let targets: Vec<(topology::Cluster, topology::Node)> =
+                roll::gateways(&state, &selector)
+                    .into_iter()
+                    .map(|(c, n)| (c.clone(), n.clone()))
+                    .collect();
+            if targets.is_empty() {
+                bail!(
+                    "no gateway of lab {:?} is named {selector:?} (try c1, c1/node-0)",
+                    args.name
+                );
+            }
+            let groups: Vec<Vec<_>> = if together {
+                vec![targets]
+            } else {
+                targets.into_iter().map(|target| vec![target]).collect()
+            };
+            let mut restarts = Vec::new();
+            for group in &groups {
+                let restart = roll::restart_together(
+                    &dir,
+                    &mut state,
+                    group,
+                    signal,
+                    std::time::Duration::from_millis(pause_ms),
+                )?;
+                if output == crate::status::Output::Json {
+                    println!("{}", serde_json::to_string(&restart)?);
+                }
+                restarts.push(restart);
+            }
+            if output == crate::status::Output::Table {
+                print!("{}", roll::render(&restarts));
+            }
+            Ok(if restarts.iter().all(roll::Restart::recovered) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         LabCommand::Down => {
             build::down(&dir, &args.name)?;

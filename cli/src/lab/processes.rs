@@ -25,8 +25,12 @@ pub struct Launch {
     pub args: Vec<String>,
     /// Its output, appended.
     pub log: PathBuf,
-    /// It is ready once this accepts TCP connections (from inside `netns`).
+    /// It is ready once this accepts TCP connections (from inside `netns`)...
     pub ready: SocketAddr,
+    /// ...and, when set, answers `GET` of this path there with 200 (a gateway's `/readyz`:
+    /// its plan applied, its handshakes started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_path: Option<String>,
 }
 
 /// A process the lab started.
@@ -78,9 +82,19 @@ pub fn spawn(launch: &Launch) -> anyhow::Result<Daemon> {
 pub fn wait_ready(launch: &Launch, within: Duration) -> anyhow::Result<()> {
     let netns = Netns::open(&launch.netns)?;
     let deadline = Instant::now() + within;
-    while !netns.run(|| {
-        std::net::TcpStream::connect_timeout(&launch.ready, Duration::from_millis(100)).is_ok()
-    })? {
+    let probe = || match &launch.ready_path {
+        None => {
+            std::net::TcpStream::connect_timeout(&launch.ready, Duration::from_millis(100)).is_ok()
+        }
+        Some(path) => crate::status::http_get(
+            launch.ready,
+            &launch.ready.to_string(),
+            path,
+            Duration::from_millis(200),
+        )
+        .is_ok(),
+    };
+    while !netns.run(probe)? {
         if Instant::now() > deadline {
             bail!(
                 "{} did not come up:\n{}",
@@ -124,6 +138,21 @@ impl Daemon {
         }
         terminate(self.pid, grace)
             .with_context(|| format!("stop {} (pid {})", self.launch.name, self.pid))
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would end it; returns once it is gone.
+    pub fn kill(&self) -> anyhow::Result<()> {
+        if !self.is_running() {
+            return Ok(());
+        }
+        let target = Pid::from_raw(i32::try_from(self.pid)?);
+        kill(target, Signal::SIGKILL)
+            .with_context(|| format!("kill {} (pid {})", self.launch.name, self.pid))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !is_zombie(self.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,200 @@
+//! The last applied plan, kept in the state directory beside the key, so a gateway that starts
+//! again (after a crash, a restart or an upgrade) has its peers and routes back, and initiates
+//! every handshake, before it hears from its controller.
+//!
+//! A newer plan always replaces an older one on disk: writes go through one task that takes
+//! the latest plan whenever it changed (a `watch` channel), so a burst of deltas costs one
+//! write, never blocks the reconciler, and never lands out of order.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use tokio::sync::watch;
+use trellis_core::gateway::GatewayPlan;
+
+/// The file's name inside the state directory.
+pub const PLAN_FILE: &str = "last-plan.json";
+
+/// Why a stored plan could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanStoreError {
+    #[error("read the last plan {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parse the last plan {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("write the last plan {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where the last plan lives.
+#[derive(Debug, Clone)]
+pub struct PlanStore {
+    path: PathBuf,
+}
+
+impl PlanStore {
+    pub fn in_dir(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join(PLAN_FILE),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored plan; `None` when there is none yet (a node's first start).
+    pub fn load(&self) -> Result<Option<GatewayPlan>, PlanStoreError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(PlanStoreError::Read {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| PlanStoreError::Parse {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Replaces the stored plan atomically: a temporary file written and synced, renamed into
+    /// place, and the directory synced, so a crash leaves the old plan or the new one.
+    pub fn save(&self, plan: &GatewayPlan) -> Result<(), PlanStoreError> {
+        let write_err = |source| PlanStoreError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let text = serde_json::to_vec(plan).map_err(|e| write_err(std::io::Error::other(e)))?;
+        let temporary = self.path.with_extension("json.tmp");
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(write_err)?;
+        file.write_all(&text)
+            .and_then(|()| file.sync_all())
+            .map_err(write_err)?;
+        fs::rename(&temporary, &self.path).map_err(write_err)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(write_err)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the writer task: every plan sent on the returned channel is stored, the latest
+    /// one winning when several arrive during a write.
+    pub fn spawn_writer(self) -> watch::Sender<Option<GatewayPlan>> {
+        let (sender, mut plans) = watch::channel::<Option<GatewayPlan>>(None);
+        tokio::spawn(async move {
+            while plans.changed().await.is_ok() {
+                let Some(plan) = plans.borrow_and_update().clone() else {
+                    continue;
+                };
+                let store = self.clone();
+                match tokio::task::spawn_blocking(move || store.save(&plan)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!("{}", crate::error::chain(&e)),
+                    Err(e) => tracing::warn!("store the last plan: {e}"),
+                }
+            }
+        });
+        sender
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_core::gateway::{PodRoute, TunnelPeer};
+    use trellis_core::wgkey::PublicKey;
+
+    use super::*;
+
+    fn plan(revision: u64) -> GatewayPlan {
+        GatewayPlan {
+            revision,
+            peers: vec![TunnelPeer {
+                name: "c2/node-0".into(),
+                public_key: PublicKey([7; 32]),
+                endpoint: Some("198.18.2.10:51820".parse().unwrap()),
+                allowed_ips: vec!["10.2.0.0/24".parse().unwrap()],
+                persistent_keepalive: Some(25),
+            }],
+            routes: [
+                ("10.2.0.0/24".parse().unwrap(), PodRoute::Tunnel),
+                (
+                    "10.1.1.0/24".parse().unwrap(),
+                    PodRoute::Via("198.18.1.11".parse().unwrap()),
+                ),
+            ]
+            .into(),
+        }
+    }
+
+    #[test]
+    fn a_saved_plan_loads_back_equal_and_none_before_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PlanStore::in_dir(dir.path());
+        assert!(store.load().unwrap().is_none());
+        store.save(&plan(3)).unwrap();
+        store.save(&plan(4)).unwrap();
+        assert_eq!(store.load().unwrap(), Some(plan(4)));
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &fs::metadata(store.path()).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "private to the gateway: {mode:o}");
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left: {left:?}");
+    }
+
+    #[test]
+    fn a_broken_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PlanStore::in_dir(dir.path());
+        fs::write(store.path(), "{ half").unwrap();
+        let error = store.load().unwrap_err();
+        assert!(error.to_string().contains(PLAN_FILE), "{error}");
+    }
+
+    #[tokio::test]
+    async fn the_writer_stores_the_latest_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PlanStore::in_dir(dir.path());
+        let writer = store.clone().spawn_writer();
+        for revision in 1..=20 {
+            writer.send_replace(Some(plan(revision)));
+        }
+        let mut stored = None;
+        for _ in 0..200 {
+            stored = store.load().ok().flatten();
+            if stored.as_ref().is_some_and(|p| p.revision == 20) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(stored, Some(plan(20)));
+    }
+}

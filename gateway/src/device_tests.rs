@@ -894,3 +894,73 @@ async fn a_moved_endpoint_gets_a_handshake_at_once() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_thousand_peers_get_their_handshakes_at_once_without_tripping_cookies() {
+    let net = FakeNet::default();
+    let (a, b) = (
+        start(&net, "198.18.0.1:51820"),
+        start(&net, "198.18.0.2:51820"),
+    );
+    b.handle
+        .set_peers(vec![peer_of(&a, "a", "10.1.0.0/24")], true)
+        .await
+        .unwrap();
+    // A restarts into a mesh of 1,000 nodes (999 of them silent here, and b).
+    let mut peers: Vec<TunnelPeer> = (1..1000u32)
+        .map(|n| {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&n.to_le_bytes());
+            TunnelPeer {
+                name: format!("n{n}"),
+                public_key: PublicKey(key),
+                endpoint: Some(SocketAddr::new(
+                    Ipv4Addr::from(0xc612_0000 | (n + 10)).into(),
+                    51820,
+                )),
+                allowed_ips: vec![
+                    format!("10.{}.{}.0/24", 100 + n / 256, n % 256)
+                        .parse()
+                        .unwrap(),
+                ],
+                persistent_keepalive: None,
+            }
+        })
+        .collect();
+    peers.push(peer_of(&b, "b", "10.2.0.0/24"));
+    a.handle.set_peers(peers, true).await.unwrap();
+    assert_eq!(a.metrics.initiations(Initiation::NewPeer), 1000);
+    // b, which had no reason to send, has a session with A from A's initiation alone.
+    eventually(|| {
+        b.metrics
+            .render()
+            .contains("trellis_gateway_peer_handshakes_total{peer=\"a\"} 1")
+    })
+    .await;
+
+    // The other side of such a burst: 1,000 initiations reach one gateway at once (1,000
+    // gateways restarted together), under its default limit of 2,000 a second: none is
+    // answered with a cookie.
+    let inits: Vec<Vec<u8>> = (0..1000).map(|n| stranger_initiation(&b, n)).collect();
+    let from: SocketAddr = "198.18.0.66:4000".parse().unwrap();
+    let before = b.metrics.drops(DropReason::NoPeer);
+    for init in inits {
+        net.inject(b.addr, from, init);
+    }
+    for _ in 0..1000 {
+        if b.metrics.drops(DropReason::NoPeer) >= before + 1000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        b.metrics.drops(DropReason::NoPeer),
+        before + 1000,
+        "every key looked up"
+    );
+    assert_eq!(
+        b.metrics.drops(DropReason::RateLimited),
+        0,
+        "no cookie demanded"
+    );
+}

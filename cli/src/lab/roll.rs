@@ -434,7 +434,7 @@ mod tests {
         let t = Instant::now();
         assert_eq!(longest_gap(&timeline(t, "++++")), PROBE_EVERY);
         assert_eq!(longest_gap(&timeline(t, "++----++")), PROBE_EVERY * 5);
-        assert_eq!(longest_gap(&timeline(t, "++---")), PROBE_EVERY * 4);
+        assert_eq!(longest_gap(&timeline(t, "++---")), PROBE_EVERY * 3);
         assert_eq!(longest_gap(&timeline(t, "----")), PROBE_EVERY * 3);
         assert_eq!(longest_gap(&[]), Duration::ZERO);
     }

@@ -1,10 +1,10 @@
 //! The gateway's WireGuard key pair: generated on first start, the private half stored 0600
 //! under the state directory and never sent anywhere.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
 
 use boringtun::x25519::{PublicKey, StaticSecret};
 use rand_core::OsRng;
@@ -84,25 +84,16 @@ impl KeyPair {
         Ok(Self::from_private(StaticSecret::from(bytes)))
     }
 
-    /// Writes the private key to a temporary file created 0600, then renames it into place, so
-    /// a crash never leaves a half-written or world-readable key.
+    /// Stores the private key 0600, atomically: a crash never leaves a half-written or
+    /// world-readable key.
     fn store(&self, path: &Path) -> Result<(), Error> {
-        let write_err = |source| Error::WriteKey {
-            path: path.to_path_buf(),
-            source,
-        };
-        let temporary: PathBuf = path.with_extension("tmp");
-        let _ = fs::remove_file(&temporary);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temporary)
-            .map_err(write_err)?;
-        file.write_all(format!("{}\n", encode_key(&self.private.to_bytes())).as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(write_err)?;
-        fs::rename(&temporary, path).map_err(write_err)
+        let line = format!("{}\n", encode_key(&self.private.to_bytes()));
+        crate::files::write_private_atomically(path, line.as_bytes()).map_err(|source| {
+            Error::WriteKey {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
     }
 
     pub fn public_key(&self) -> wgkey::PublicKey {

@@ -6,6 +6,7 @@ pub mod controller;
 pub mod cpus;
 pub mod device;
 mod error;
+pub mod files;
 pub mod gateway;
 pub mod http;
 pub mod io;

@@ -6,9 +6,7 @@
 //! the latest plan whenever it changed (a `watch` channel), so a burst of deltas costs one
 //! write, never blocks the reconciler, and never lands out of order.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use tokio::sync::watch;
@@ -77,32 +75,15 @@ impl PlanStore {
             })
     }
 
-    /// Replaces the stored plan atomically: a temporary file written and synced, renamed into
-    /// place, and the directory synced, so a crash leaves the old plan or the new one.
+    /// Replaces the stored plan atomically ([`crate::files::write_private_atomically`]): a
+    /// crash leaves the old plan or the new one.
     pub fn save(&self, plan: &GatewayPlan) -> Result<(), PlanStoreError> {
         let write_err = |source| PlanStoreError::Write {
             path: self.path.clone(),
             source,
         };
         let text = serde_json::to_vec(plan).map_err(|e| write_err(std::io::Error::other(e)))?;
-        let temporary = self.path.with_extension("json.tmp");
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)
-            .map_err(write_err)?;
-        file.write_all(&text)
-            .and_then(|()| file.sync_all())
-            .map_err(write_err)?;
-        fs::rename(&temporary, &self.path).map_err(write_err)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)
-                .and_then(|dir| dir.sync_all())
-                .map_err(write_err)?;
-        }
-        Ok(())
+        crate::files::write_private_atomically(&self.path, &text).map_err(write_err)
     }
 
     /// Starts the writer task: every plan sent on the returned channel is stored, the latest

@@ -77,8 +77,10 @@ async fn dual_stack_pod_cidrs_and_a_roaming_peer() {
     }
     let mut b_over_v6 = b.as_remote("c1", true);
     b_over_v6.endpoint = Some("[fdff::2]:51820".parse().unwrap());
-    a.apply("c1", 1, vec![b_over_v6]).await;
+    // b first: its handshake (to a's IPv4 address) finds a without a peer; a's, over IPv6,
+    // is the one that completes, and b follows a to the address it came from.
     b.apply("c1", 1, vec![a.as_remote("c1", true)]).await;
+    a.apply("c1", 1, vec![b_over_v6]).await;
     assert_eq!(a.netlink.owned_routes(212).await.unwrap().len(), 4);
     assert!(
         a.ping_from(a.pod6.unwrap(), b6, LONG).await,

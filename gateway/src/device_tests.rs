@@ -751,6 +751,14 @@ async fn two_workers_share_sessions_and_stop_together() {
     }
 }
 
+/// Two peers with a session: a packet from a has reached b.
+async fn connected_pair(net: &FakeNet) -> (Node, Node) {
+    let (a, b) = pair(net).await;
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"before"));
+    assert!(delivered(&b.tun).await.unwrap().ends_with(b"before"));
+    (a, b)
+}
+
 /// A gateway restarted: the old loop stops (every handle dropped), a new one starts with the
 /// same key on the same address and is given the same peers, with no session of the old one.
 async fn restart(net: &FakeNet, node: Node, peers: Vec<TunnelPeer>) -> Node {
@@ -786,9 +794,7 @@ async fn first_delivery(from: &Node, to: &Node, to_b: bool, within: Duration) ->
 #[tokio::test]
 async fn a_restarted_gateway_initiates_so_its_peer_switches_at_once() {
     let net = FakeNet::default();
-    let (a, b) = pair(&net).await;
-    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"before"));
-    assert!(delivered(&b.tun).await.unwrap().ends_with(b"before"));
+    let (a, b) = connected_pair(&net).await;
 
     let b = restart(&net, b, vec![peer_of(&a, "a", "10.1.0.0/24")]).await;
     // A sends first: without B's handshake it would keep encrypting with the session B lost
@@ -805,9 +811,7 @@ async fn a_restarted_gateway_initiates_so_its_peer_switches_at_once() {
 #[tokio::test]
 async fn data_for_a_lost_session_makes_the_restarted_gateway_initiate() {
     let net = FakeNet::default();
-    let (a, b) = pair(&net).await;
-    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"before"));
-    assert!(delivered(&b.tun).await.unwrap().ends_with(b"before"));
+    let (a, b) = connected_pair(&net).await;
 
     // B's own handshake after the restart is lost on the way: the data A keeps sending on
     // the old session must make B try again at once, not after Rekey-Timeout (5 s).
@@ -823,9 +827,7 @@ async fn data_for_a_lost_session_makes_the_restarted_gateway_initiate() {
 #[tokio::test]
 async fn both_ends_restarted_together_find_each_other_at_once() {
     let net = FakeNet::default();
-    let (a, b) = pair(&net).await;
-    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"before"));
-    assert!(delivered(&b.tun).await.unwrap().ends_with(b"before"));
+    let (a, b) = connected_pair(&net).await;
 
     let (a_keys, b_keys) = (a.keys.clone(), b.keys.clone());
     drop((a, b));
@@ -877,9 +879,7 @@ async fn spoofed_data_for_unknown_sessions_starts_at_most_one_handshake_a_second
 #[tokio::test]
 async fn a_moved_endpoint_gets_a_handshake_at_once() {
     let net = FakeNet::default();
-    let (a, b) = pair(&net).await;
-    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"before"));
-    assert!(delivered(&b.tun).await.unwrap().ends_with(b"before"));
+    let (a, b) = connected_pair(&net).await;
     let moved = net.rebind(&b.socket, "198.18.0.3:51820");
     let mut peer = peer_of(&b, "b", "10.2.0.0/24");
     peer.endpoint = Some(moved);

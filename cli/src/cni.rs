@@ -152,29 +152,20 @@ pub async fn wait_for_node(
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory, synced and then
-/// renamed over the target, with the given mode.
+/// Writes `bytes` to `path` with `mode`: a temporary file in the same directory, synced,
+/// renamed over the target and the directory synced, so readers (the kubelet, a runtime, the
+/// next `trellis` command) see the old file or the new one, never half of it.
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no parent directory", path.display()))?;
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", file_name.to_string_lossy()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("writing {}", path.display()))
+    use atomic_write_file::unix::OpenOptionsExt as _;
+    let write = || -> std::io::Result<()> {
+        let mut options = atomic_write_file::AtomicWriteFile::options();
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+        options.preserve_mode(false);
+        let mut file = options.open(path)?;
+        file.write_all(bytes)?;
+        file.commit()
+    };
+    write().with_context(|| format!("writing {}", path.display()))
 }
 
 /// Installs the plugin binary and the conflist for `node`.

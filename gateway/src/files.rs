@@ -1,35 +1,27 @@
 //! Writing the gateway's state files (its private key, its last plan): one way, crash-safe.
 
-use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// Replaces `path` with `bytes`, readable by the owner only: a temporary file beside it is
-/// written and synced, renamed into place, and the directory synced, so a crash at any point
-/// leaves the old content or the new one, never half of either, and never a moment where the
-/// file is readable by others.
+use atomic_write_file::AtomicWriteFile;
+use atomic_write_file::unix::OpenOptionsExt;
+
+/// Replaces `path` with `bytes`, readable by the owner only: written to a temporary file in the
+/// same directory, synced, renamed into place and the directory synced (`atomic-write-file`),
+/// so a crash at any point leaves the old content or the new one, never half of either, and
+/// the file is never readable by others.
 pub fn write_private_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = std::path::PathBuf::from(temporary);
-    let _ = fs::remove_file(&temporary);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temporary)?;
+    let mut options = AtomicWriteFile::options();
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.preserve_mode(false);
+    let mut file = options.open(path)?;
     file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&temporary, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    file.commit()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;

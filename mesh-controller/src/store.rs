@@ -66,24 +66,17 @@ impl StateStore for FileStore {
     }
 
     fn save(&self, state: &Persisted) -> Result<(), Error> {
-        let tmp = self.path.with_extension("tmp");
         let bytes = serde_json::to_vec(state).map_err(|e| Error::Store {
             operation: "encoding the state",
             reason: e.to_string(),
         })?;
-        let mut f =
-            std::fs::File::create(&tmp).map_err(store_err("creating the state file", &tmp))?;
-        f.write_all(&bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(store_err("writing the state file", &tmp))?;
-        std::fs::rename(&tmp, &self.path)
-            .map_err(store_err("replacing the state file", &self.path))?;
-        if let Some(dir) = self.path.parent()
-            && let Ok(d) = std::fs::File::open(dir)
-        {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        // A temporary file synced, renamed over the state, the directory synced.
+        let mut file = atomic_write_file::AtomicWriteFile::open(&self.path)
+            .map_err(store_err("creating the state file", &self.path))?;
+        file.write_all(&bytes)
+            .map_err(store_err("writing the state file", &self.path))?;
+        file.commit()
+            .map_err(store_err("replacing the state file", &self.path))
     }
 }
 

@@ -564,9 +564,11 @@ pub fn set_node_encryption(dir: &Path, state: &mut LabState, on: bool) -> anyhow
     state.node_encryption = on;
     for cluster in &state.clusters {
         let config = control::cluster_dir(dir, cluster).join("controller.yaml");
-        let temp = config.with_extension("yaml.tmp");
-        fs::write(&temp, control::controller_yaml(dir, state, cluster, on))?;
-        fs::rename(&temp, &config).with_context(|| format!("update {}", config.display()))?;
+        crate::cni::write_atomically(
+            &config,
+            control::controller_yaml(dir, state, cluster, on).as_bytes(),
+            0o644,
+        )?;
     }
     state.save(dir)?;
     println!(

@@ -170,11 +170,12 @@ impl Topology {
     }
 
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
-        let temp = dir.join("state.json.tmp");
-        fs::write(&temp, serde_json::to_vec_pretty(self)?)
-            .with_context(|| format!("write {}", temp.display()))?;
-        fs::rename(&temp, dir.join(STATE_FILE))
-            .with_context(|| format!("save lab state in {}", dir.display()))
+        crate::cni::write_atomically(
+            &dir.join(STATE_FILE),
+            &serde_json::to_vec_pretty(self)?,
+            0o600,
+        )
+        .with_context(|| format!("save lab state in {}", dir.display()))
     }
 
     pub fn load(dir: &Path) -> anyhow::Result<Self> {

@@ -1,6 +1,9 @@
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+use atomic_write_file::AtomicWriteFile;
+use atomic_write_file::unix::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -9,7 +12,6 @@ use super::Allocations;
 use crate::error::{CniError, code};
 
 const STATE_FILE: &str = "allocations.json";
-const TEMP_FILE: &str = "allocations.json.tmp";
 const LOCK_FILE: &str = "lock";
 
 /// The allocations of one network on disk.
@@ -129,22 +131,21 @@ impl Store {
         }
     }
 
+    /// Replaces the state atomically: a temporary file synced, renamed over the state, and the
+    /// directory synced, so the new lease survives a power loss once ADD has answered.
     fn save(&self, allocations: &Allocations) -> Result<(), CniError> {
-        let temp = self.dir.join(TEMP_FILE);
         let path = self.dir.join(STATE_FILE);
         let bytes =
             serde_json::to_vec(allocations).map_err(|e| io_error("encode", &path, e.into()))?;
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(|e| io_error("write", &temp, e))?;
+        let mut options = AtomicWriteFile::options();
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.preserve_mode(false);
+        let mut file = options
+            .open(&path)
+            .map_err(|e| io_error("write", &path, e))?;
         file.write_all(&bytes)
-            .map_err(|e| io_error("write", &temp, e))?;
-        file.sync_data().map_err(|e| io_error("sync", &temp, e))?;
-        fs::rename(&temp, &path).map_err(|e| io_error("replace", &path, e))
+            .map_err(|e| io_error("write", &path, e))?;
+        file.commit().map_err(|e| io_error("replace", &path, e))
     }
 }
 

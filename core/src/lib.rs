@@ -3,6 +3,7 @@
 //! Every daemon and the CLI speak in these types, so they hold no tokio, netlink or kube
 //! dependencies: they can be tested, serialised and compared anywhere.
 
+pub mod admission;
 pub mod agent;
 pub mod cidr;
 pub mod cluster;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use trellis_core::admission::{SourceSlot, SourceSlots};
 use trellis_core::imports::{Imports, ImportsUpdate};
 use trellis_core::peering::{FrameDecoder, encode_json_frame};
 
@@ -171,8 +172,16 @@ impl ImportsSubscription {
     }
 }
 
-const HELLO_MAX: usize = 64 * 1024;
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A hello is a few hundred bytes (node name, endpoint, key, token).
+const HELLO_MAX: usize = 4 * 1024;
+/// A real agent sends its hello with the connection; the deadline only bounds how long an
+/// idle client holds a pending slot.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections waiting for their hello, in all and per source (an IPv4 address or IPv6 /64):
+/// silent clients take at most these, never the subscribers' slots, so a real gateway still
+/// gets in while thousands of idle connections are open.
+const MAX_PENDING_HELLOS: usize = 256;
+const MAX_PENDING_PER_SOURCE: usize = 8;
 const MAX_SUBSCRIBERS: usize = 4096;
 /// A subscriber that does not take an update within this long is dropped (it gets a fresh
 /// snapshot when it reconnects).
@@ -182,7 +191,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// subscribers presenting it are served; without, anyone who can reach the listener can
 /// register a gateway, so bind it to a trusted address.
 pub async fn serve(listener: TcpListener, hub: Hub, max_frame: usize, token: Option<Arc<str>>) {
-    let slots = Arc::new(Semaphore::new(MAX_SUBSCRIBERS));
+    let subscribers = Arc::new(Semaphore::new(MAX_SUBSCRIBERS));
+    let pending = SourceSlots::new(MAX_PENDING_HELLOS, MAX_PENDING_PER_SOURCE);
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(s) => s,
@@ -192,17 +202,21 @@ pub async fn serve(listener: TcpListener, hub: Hub, max_frame: usize, token: Opt
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "too many subscribers; refusing");
-            continue;
+        let slot = match pending.try_acquire(remote.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                tracing::debug!(%remote, reason = refusal.label(), "refusing a connection before its hello");
+                hub.metrics().connection_refused("agent", refusal.label());
+                continue;
+            }
         };
         let hub = hub.clone();
         let token = token.clone();
+        let subscribers = subscribers.clone();
         tokio::spawn(async move {
-            if let Err(e) = subscriber(stream, hub, max_frame, token).await {
+            if let Err(e) = subscriber(stream, hub, max_frame, token, slot, subscribers).await {
                 tracing::info!(%remote, error = %e, "subscriber ended");
             }
-            drop(permit);
         });
     }
 }
@@ -233,16 +247,24 @@ async fn subscriber(
     hub: Hub,
     max_frame: usize,
     token: Option<Arc<str>>,
+    pending: SourceSlot,
+    subscribers: Arc<Semaphore>,
 ) -> Result<(), String> {
     let (hello, mut reports) = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
         .map_err(|_| "no hello in time".to_string())??;
+    drop(pending);
     if let Some(expected) = &token
         && !token_matches(expected, hello.token.as_deref())
     {
         hub.metrics().auth_failure("agent_token");
         return Err("wrong or missing agent token".into());
     }
+    let Ok(_subscriber) = subscribers.try_acquire_owned() else {
+        hub.metrics()
+            .connection_refused("agent", "subscribers_full");
+        return Err("too many subscribers".into());
+    };
     let (mut rd, mut wr) = stream.into_split();
     let mut closed = [0u8; 1];
     match hello.role {
@@ -419,6 +441,103 @@ mod tests {
         let update = read_update().await;
         assert!(state.apply(&update));
         assert!(state.node_encryption);
+        server.abort();
+    }
+
+    /// Registers a gateway from `source` (a loopback address of its own) and waits for its
+    /// snapshot; how long that took.
+    async fn register_from(source: &str, addr: std::net::SocketAddr) -> Duration {
+        let started = std::time::Instant::now();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let mut conn = socket.connect(addr).await.unwrap();
+        let reg = GatewayRegistration {
+            node: "node-0".into(),
+            endpoint: "192.168.1.10:51820".parse().unwrap(),
+            public_key: PublicKey([3; 32]),
+        };
+        let hello = AgentHello::gateway(reg, Some("s3cret".into()));
+        conn.write_all(&encode_json_frame(&hello, "hello", 1 << 20).unwrap())
+            .await
+            .unwrap();
+        let mut dec = FrameDecoder::new(1 << 20);
+        let mut buf = vec![0u8; 65536];
+        loop {
+            if let Some(update) = dec.next_json::<GatewayUpdate>().unwrap() {
+                assert!(matches!(update, GatewayUpdate::Snapshot(_)));
+                return started.elapsed();
+            }
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the controller closed the gateway's stream");
+            dec.push(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn ten_thousand_silent_connections_do_not_keep_a_gateway_out() {
+        let h = hub();
+        h.set_source(src());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, h.clone(), 1 << 20, Some("s3cret".into())));
+        // An attacker on one address opens connections and sends nothing.
+        let mut silent = Vec::new();
+        for _ in 0..10_000 {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => silent.push(stream),
+                Err(e) => panic!("connect {}: {e}", silent.len()),
+            }
+        }
+        let took = tokio::time::timeout(Duration::from_secs(2), register_from("127.0.0.2", addr))
+            .await
+            .expect("a gateway registers within 2 s while 10,000 connections sit idle");
+        eprintln!(
+            "registered in {took:?} beside {} silent connections",
+            silent.len()
+        );
+        assert!(
+            h.metrics().render().contains(
+                "trellis_controller_connections_refused_total{listener=\"agent\",reason=\"source_pending_full\"}"
+            ),
+            "the silent ones beyond the source's share were refused"
+        );
+        // The ones that got a pending slot lose it at the hello deadline.
+        let mut closed = 0;
+        for stream in silent.iter_mut().take(MAX_PENDING_PER_SOURCE) {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(HELLO_TIMEOUT * 2, stream.read(&mut byte)).await;
+            if matches!(read, Ok(Ok(0)) | Ok(Err(_))) {
+                closed += 1;
+            }
+        }
+        assert_eq!(
+            closed, MAX_PENDING_PER_SOURCE,
+            "idle clients are closed after the deadline"
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn an_oversized_hello_is_refused() {
+        let h = hub();
+        h.set_source(src());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, h.clone(), 1 << 20, None));
+        let reg = GatewayRegistration {
+            node: "n".repeat(HELLO_MAX),
+            endpoint: "192.168.1.10:51820".parse().unwrap(),
+            public_key: PublicKey([3; 32]),
+        };
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let hello = AgentHello::gateway(reg, None);
+        let _ = conn
+            .write_all(&encode_json_frame(&hello, "hello", 1 << 20).unwrap())
+            .await;
+        let mut sink = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut sink)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+        assert!(h.local_state().nodes["node-0"].gateway.is_none());
         server.abort();
     }
 

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub imported_endpoints: IntGaugeVec,
     pub protocol_failures: IntCounterVec,
     pub auth_failures: IntCounterVec,
+    pub connections_refused: IntCounterVec,
     pub gateways_registered: IntGauge,
     pub gateway_reports: IntCounterVec,
     pub local_revision: IntGauge,
@@ -133,6 +134,16 @@ impl Metrics {
                     &["reason"],
                 )?,
             )?,
+            connections_refused: reg(
+                &r,
+                cv(
+                    "trellis_controller_connections_refused_total",
+                    "Connections closed at once by a listener (agent, peering), by reason: its \
+                     slots for unproven clients full, the source holding its share of them, or \
+                     its subscribers full.",
+                    &["listener", "reason"],
+                )?,
+            )?,
             gateways_registered: reg(
                 &r,
                 g(
@@ -170,6 +181,12 @@ impl Metrics {
 
     pub fn auth_failure(&self, reason: &str) {
         self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn connection_refused(&self, listener: &str, reason: &str) {
+        self.connections_refused
+            .with_label_values(&[listener, reason])
+            .inc();
     }
 
     pub fn gateway_report(&self, result: &str) {

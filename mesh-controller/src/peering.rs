@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rustls_pki_types::CertificateDer;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use trellis_core::admission::SourceSlots;
 use trellis_core::cluster::ClusterId;
 use trellis_core::peering::{ALPN_V1, Event, PeeringError, Session, SessionConfig};
 
@@ -250,21 +250,41 @@ fn certified_peer(conn: &Connection) -> Option<ClusterId> {
     identity_of(certs.first()?).ok()
 }
 
+/// How long a peer's TLS handshake may take: seconds, not a lease, since each pending one
+/// holds a slot.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pending handshakes one source (an IPv4 address or IPv6 /64) may hold: a peer cluster dials
+/// from one address, once at a time.
+const MAX_PENDING_PER_SOURCE: usize = 4;
+
 async fn accept_loop(endpoint: quinn::Endpoint, hub: Hub, cfg: Arc<PeeringConfig>) {
-    let pending = Arc::new(Semaphore::new(cfg.max_pending_handshakes.max(1)));
+    let pending = SourceSlots::new(cfg.max_pending_handshakes.max(1), MAX_PENDING_PER_SOURCE);
     let mut sessions = JoinSet::new();
     while let Some(incoming) = endpoint.accept().await {
         while sessions.try_join_next().is_some() {}
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            tracing::warn!(remote = %incoming.remote_address(), "too many pending handshakes; refusing");
-            incoming.refuse();
+        // A stateless retry first: the client must prove it receives at its address before
+        // any state or handshake work is spent on it, so spoofed Initials cost one packet.
+        if !incoming.remote_address_validated() && incoming.may_retry() {
+            if let Err(e) = incoming.retry() {
+                tracing::debug!(error = %e, "QUIC retry");
+            }
             continue;
+        }
+        let permit = match pending.try_acquire(incoming.remote_address().ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                tracing::warn!(remote = %incoming.remote_address(), reason = refusal.label(), "refusing a peering handshake");
+                hub.metrics().connection_refused("peering", refusal.label());
+                incoming.refuse();
+                continue;
+            }
         };
         let hub = hub.clone();
         let cfg = cfg.clone();
         sessions.spawn(async move {
             let remote = incoming.remote_address();
-            let handshake = tokio::time::timeout(cfg.lease, async { incoming.await });
+            let handshake =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT.min(cfg.lease), async { incoming.await });
             let conn = match handshake.await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {

@@ -623,3 +623,68 @@ async fn large_snapshots_cross_without_deadlock() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Initial packets as a client on a spoofed address sends them: made by a real QUIC client
+/// (each connection attempt a fresh one), caught on a socket of ours, and replayed to `to`
+/// from a socket that never reads, so no Retry or handshake answer reaches the "client".
+async fn spoofed_initials(mesh: &Mesh, count: usize, to: SocketAddr) -> usize {
+    let catcher = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let catcher_addr = catcher.local_addr().unwrap();
+    let cfg = client_config(&mesh.material("c"), Metrics::new().unwrap()).unwrap();
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(cfg).unwrap(),
+    )));
+    let attempts: Vec<_> = (0..count)
+        .map(|_| client.connect(catcher_addr, "b.cluster.trellis").unwrap())
+        .collect();
+    let mut initials: Vec<Vec<u8>> = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    while initials.len() < count {
+        match tokio::time::timeout(Duration::from_secs(2), catcher.recv_from(&mut buf)).await {
+            Ok(Ok((n, _))) => initials.push(buf[..n].to_vec()),
+            _ => break,
+        }
+    }
+    drop(attempts);
+    for initial in &initials {
+        catcher.send_to(initial, to).await.unwrap();
+    }
+    initials.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_spoofed_initials_does_not_keep_a_real_peer_out() {
+    init_tracing();
+    let mesh = Mesh::new();
+    let (sa, _) = socket();
+    let (sb, ab) = socket();
+    let mut b = start(
+        "b",
+        mesh.material("b"),
+        sb,
+        &[("a", None)],
+        source("10.2.0.0/24", "10.97.0.0/16"),
+    );
+    // More spoofed attempts than b has slots for pending handshakes (16 here).
+    let sent = spoofed_initials(&mesh, 200, ab).await;
+    assert!(sent >= 150, "only {sent} initials made");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    let mut a = start(
+        "a",
+        mesh.material("a"),
+        sa,
+        &[("b", Some(ab))],
+        source("10.1.0.0/24", "10.96.0.0/16"),
+    );
+    eventually("a and b to peer", || a.sees("b") && b.sees("a")).await;
+    let took = started.elapsed();
+    eprintln!("peered {took:?} after {sent} spoofed initials");
+    assert!(
+        took < LEASE / 2,
+        "a real peer waited {took:?} behind spoofed handshakes"
+    );
+    a.stop().await;
+    b.stop().await;
+}

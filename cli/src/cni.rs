@@ -56,6 +56,10 @@ pub struct InstallArgs {
     /// How long to wait for the Node's pod CIDRs to be assigned.
     #[arg(long, default_value_t = 300)]
     wait_seconds: u64,
+    /// The file the node's gateway writes once its plan is in place (`trellis-gateway
+    /// --ready-file`); the plugin wires no pod before it exists. Empty: no such gate.
+    #[arg(long, default_value = "/run/trellis/gateway.ready")]
+    gateway_ready_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -70,6 +74,8 @@ pub enum Portmap {
 pub struct ConflistSettings {
     pub mtu: Option<u32>,
     pub portmap: bool,
+    /// See [`trellis_cni::config::NetConf::gateway_ready_file`].
+    pub gateway_ready_file: Option<PathBuf>,
 }
 
 /// The network name in the conflist (and the plugin's lease directory under its data dir).
@@ -104,6 +110,9 @@ pub fn conflist(node: &Node, settings: &ConflistSettings) -> anyhow::Result<Stri
     });
     if let Some(mtu) = settings.mtu {
         plugin["mtu"] = json!(mtu);
+    }
+    if let Some(ready) = &settings.gateway_ready_file {
+        plugin["gatewayReadyFile"] = json!(ready);
     }
     let mut plugins = vec![plugin];
     if settings.portmap {
@@ -180,6 +189,8 @@ pub fn install_files(args: &InstallArgs, node: &Node) -> anyhow::Result<(PathBuf
         &ConflistSettings {
             mtu: args.mtu,
             portmap,
+            gateway_ready_file: (!args.gateway_ready_file.as_os_str().is_empty())
+                .then(|| args.gateway_ready_file.clone()),
         },
     )?;
     let plugin = std::fs::read(&args.plugin)
@@ -265,6 +276,7 @@ mod tests {
             &ConflistSettings {
                 mtu: Some(1420),
                 portmap: true,
+                gateway_ready_file: Some("/run/trellis/gateway.ready".into()),
             },
         )
         .unwrap();
@@ -277,6 +289,10 @@ mod tests {
             ]
         );
         assert_eq!(conf.mtu, Some(1420));
+        assert_eq!(
+            conf.gateway_ready_file.as_deref(),
+            Some(std::path::Path::new("/run/trellis/gateway.ready"))
+        );
         assert_eq!(conf.name, NETWORK_NAME);
         let list: trellis_cni::runtime::ConfList = serde_json::from_str(&text).unwrap();
         assert_eq!(list.plugins[1]["type"], "portmap");
@@ -290,6 +306,7 @@ mod tests {
             &ConflistSettings {
                 mtu: None,
                 portmap: false,
+                gateway_ready_file: None,
             },
         )
         .unwrap();
@@ -315,6 +332,7 @@ mod tests {
         let settings = ConflistSettings {
             mtu: None,
             portmap: false,
+            gateway_ready_file: None,
         };
         let err = conflist(&without_cidrs(), &settings).unwrap_err();
         assert!(err.to_string().contains("no pod CIDR"), "{err}");
@@ -350,6 +368,7 @@ mod tests {
             mtu: None,
             portmap: Portmap::Auto,
             wait_seconds: 1,
+            gateway_ready_file: "/run/trellis/gateway.ready".into(),
         };
         let (plugin_path, conf_path) = install_files(&args, &node()).unwrap();
         use std::os::unix::fs::PermissionsExt;

@@ -51,6 +51,13 @@ pub async fn add<D: Dataplane>(
         .netns
         .as_deref()
         .ok_or_else(|| CniError::new(code::INVALID_ENVIRONMENT, "CNI_NETNS is not set", ""))?;
+    if let Some(missing) = gateway_not_ready(conf) {
+        return Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the node's gateway has not put its tunnels and backstops in place yet",
+            missing,
+        ));
+    }
     let owner = owner_of(attachment);
     let host_ifname = host_ifname(&owner);
     let mtu = match conf.mtu {
@@ -176,7 +183,20 @@ pub async fn check<D: Dataplane>(
 }
 
 /// STATUS: ready when the state is readable and an address is free in every pod CIDR.
+/// Why the node is not ready for pods: its gateway's ready file is configured and missing.
+fn gateway_not_ready(conf: &NetConf) -> Option<String> {
+    let path = conf.gateway_ready_file.as_ref()?;
+    (!path.exists()).then(|| format!("{} does not exist", path.display()))
+}
+
 pub fn status(conf: &NetConf) -> Result<(), CniError> {
+    if let Some(missing) = gateway_not_ready(conf) {
+        return Err(CniError::new(
+            code::NOT_AVAILABLE,
+            "the node's gateway has not put its tunnels and backstops in place yet",
+            missing,
+        ));
+    }
     let store = conf.store().map_err(|e| {
         CniError::new(
             code::NOT_AVAILABLE,
@@ -417,6 +437,25 @@ mod tests {
         block_on(del(&dataplane, &conf, &attachment("never-added"))).unwrap();
         assert!(dataplane.up_links().is_empty(), "DEL cut the pod off");
         assert_eq!(leases(&conf), 0);
+    }
+
+    #[test]
+    fn no_pod_is_wired_before_the_gateway_is_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("gateway.ready");
+        let mut conf = conf(dir.path(), "10.0.0.0/24");
+        conf.gateway_ready_file = Some(ready.clone());
+        let dataplane = FakeDataplane::default();
+        let refused = block_on(add(&dataplane, &conf, &attachment("a"))).unwrap_err();
+        assert_eq!(refused.code, code::TRY_AGAIN_LATER);
+        assert!(refused.details.contains("gateway.ready"), "{refused:?}");
+        assert_eq!(status(&conf).unwrap_err().code, code::NOT_AVAILABLE);
+        assert!(dataplane.up_links().is_empty(), "nothing wired");
+        assert_eq!(leases(&conf), 0, "no address taken");
+        std::fs::write(&ready, "").unwrap();
+        status(&conf).unwrap();
+        block_on(add(&dataplane, &conf, &attachment("a"))).unwrap();
+        assert_eq!(leases(&conf), 1);
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub struct NetConf {
     pub prev_result: Option<CniResult>,
     /// GC only: the attachments the runtime still knows, as (container ID, ifname).
     pub valid_attachments: Option<Vec<(String, String)>>,
+    /// A file the node's gateway writes once its plan (tunnels, routes and their unreachable
+    /// backstops) is in place, on a tmpfs so a reboot removes it: until it exists, ADD answers
+    /// "try again later" and STATUS "not available", so no pod is wired whose traffic to an
+    /// encrypted or remote CIDR could leave the node in plaintext.
+    pub gateway_ready_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -53,6 +58,7 @@ struct RawConf {
     prev_result: Option<serde_json::Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
     valid_attachments: Option<Vec<RawAttachment>>,
+    gateway_ready_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -170,6 +176,7 @@ impl NetConf {
                     .map(|a| (a.container_id, a.ifname))
                     .collect()
             }),
+            gateway_ready_file: raw.gateway_ready_file,
         })
     }
 

@@ -32,6 +32,9 @@ pub struct GatewayConfig {
     pub device: DeviceConfig,
     /// Device workers, one TUN queue and socket each; 0 means one per CPU.
     pub workers: usize,
+    /// Written once the first plan is applied (restored or from the source); on a tmpfs
+    /// (`/run`) so a reboot removes it. The CNI plugin refuses to wire pods until it exists.
+    pub ready_file: Option<PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -44,6 +47,7 @@ impl Default for GatewayConfig {
             route_metrics: RouteMetrics::default(),
             device: DeviceConfig::default(),
             workers: 0,
+            ready_file: None,
         }
     }
 }
@@ -61,6 +65,51 @@ pub struct Reconciler<R: RouteTable> {
     /// Where each plan applied goes to be stored (see [`crate::plan_store`]); `None` keeps
     /// nothing.
     pub saved: Option<tokio::sync::watch::Sender<Option<GatewayPlan>>>,
+    /// Written once the first plan is applied, for the CNI plugin (`gatewayReadyFile`), which
+    /// wires no pod before it exists: see [`GatewayConfig::ready_file`].
+    pub ready_file: Option<ReadyFile>,
+}
+
+/// The node's "tunnels and backstops are in place" marker.
+#[derive(Debug)]
+pub struct ReadyFile {
+    pub path: PathBuf,
+    written: std::sync::atomic::AtomicBool,
+}
+
+impl ReadyFile {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            written: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Writes the marker unless done already; a failure is logged and tried again with the
+    /// next plan (meanwhile the CNI plugin keeps refusing pods, which is the safe side).
+    fn mark(&self, revision: u64) {
+        use std::sync::atomic::Ordering;
+        if self.written.load(Ordering::Relaxed) {
+            return;
+        }
+        let written = self
+            .path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                crate::files::write_private_atomically(
+                    &self.path,
+                    format!("revision {revision}\n").as_bytes(),
+                )
+            });
+        match written {
+            Ok(()) => {
+                self.written.store(true, Ordering::Relaxed);
+                tracing::info!(path = %self.path.display(), "plan in place: pods may be wired");
+            }
+            Err(e) => tracing::warn!(path = %self.path.display(), "write the ready file: {e}"),
+        }
+    }
 }
 
 impl<R: RouteTable> Reconciler<R> {
@@ -87,6 +136,9 @@ impl<R: RouteTable> Reconciler<R> {
                     .set(i64::try_from(plan.revision).unwrap_or(i64::MAX));
                 self.metrics.ready.set(1);
                 self.metrics.plan_restored.set(0);
+                if let Some(ready_file) = &self.ready_file {
+                    ready_file.mark(plan.revision);
+                }
                 if let Some(saved) = &self.saved {
                     saved.send_if_modified(|stored| {
                         let changed = stored.as_ref() != Some(plan);
@@ -300,6 +352,7 @@ impl Gateway {
                 route_metrics: config.route_metrics,
                 metrics,
                 saved: Some(PlanStore::in_dir(&config.state_dir).spawn_writer()),
+                ready_file: config.ready_file.clone().map(ReadyFile::new),
             },
             device_task: Some(device_task),
             stop,
@@ -543,6 +596,7 @@ mod tests {
             route_metrics: RouteMetrics::default(),
             metrics: node.metrics,
             saved: None,
+            ready_file: None,
         }
     }
 
@@ -565,6 +619,21 @@ mod tests {
         assert!(r.device.stats().await.unwrap().is_empty(), "then it goes");
         let text = r.metrics.render();
         assert!(text.contains("trellis_gateway_routes 1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn the_ready_file_appears_with_the_first_applied_plan_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/trellis/gateway.ready");
+        let mut r = reconciler(false);
+        r.ready_file = Some(ReadyFile::new(path.clone()));
+        let mut bad = state(true, PublicKey([9; 32]));
+        bad.nodes.push(bad.nodes[0].clone());
+        assert!(r.apply(&bad).await.is_err());
+        assert!(!path.exists(), "no plan in place, no marker");
+        r.apply(&state(true, PublicKey([9; 32]))).await.unwrap();
+        assert!(path.exists());
+        assert!(r.metrics.is_ready());
     }
 
     #[tokio::test]

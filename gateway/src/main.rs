@@ -91,6 +91,11 @@ struct RunArgs {
     /// Seconds between full re-applications of the desired state.
     #[arg(long, default_value_t = 30)]
     resync_seconds: u64,
+    /// Write this file once the first plan (tunnels, routes, unreachable backstops) is in
+    /// place; the CNI plugin's `gatewayReadyFile` wires no pod before it exists. Put it on a
+    /// tmpfs (e.g. /run/trellis/gateway.ready) so a reboot removes it.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -131,6 +136,7 @@ impl RunArgs {
             route_protocol: self.route_protocol,
             route_metrics: RouteMetrics::default(),
             workers: self.workers,
+            ready_file: self.ready_file.clone(),
             device: DeviceConfig {
                 mtu: self.mtu,
                 batch: self.batch,

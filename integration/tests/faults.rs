@@ -339,3 +339,69 @@ fn a_rolling_update_of_every_gateway_keeps_tcp_connections_and_leaks_nothing() {
     assert!(tunnel > 100, "the capture saw the tunnels: {tunnel}");
     assert_eq!(plaintext, 0, "pod packets in plaintext on the underlay");
 }
+
+#[test]
+fn no_plaintext_leaves_a_node_while_its_gateway_dies_restarts_or_waits_for_its_controller() {
+    let _serial = serial();
+    let lab = TestLab::new("closed");
+    lab.up(&["--node-encryption", "on"]);
+    let stream = |from: &str, to: &str| {
+        let client = lab.pod(from);
+        LiveStream::start(connect_in(&client.netns, echo_addr(&lab, to), TIMEOUT).unwrap())
+    };
+    // c1/pod-2 is behind c1/node-1, the node whose gateway dies.
+    let streams = [
+        (
+            "c1/pod-2 -> c1/pod-0 (another node)",
+            stream("c1/pod-2", "c1/pod-0"),
+        ),
+        (
+            "c1/pod-2 -> c2/pod-1 (another cluster)",
+            stream("c1/pod-2", "c2/pod-1"),
+        ),
+        (
+            "c2/pod-3 -> c1/pod-3 (into the node)",
+            stream("c2/pod-3", "c1/pod-3"),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("closed.pcap");
+    let capture = trellis_integration::mesh::capture_underlay(&lab, &file);
+
+    // Killed, and started again a second later.
+    lab.kill_daemon("c1/node-1/gateway");
+    std::thread::sleep(Duration::from_secs(1));
+    let start = lab.trellis(&["start", "c1/node-1/gateway"]);
+    assert!(start.status.success(), "{}", text(&start));
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Killed while its controller is gone, and started before the controller is back: it
+    // runs on the plan it restores.
+    let stop = lab.trellis(&["stop", "c1/controller"]);
+    assert!(stop.status.success(), "{}", text(&stop));
+    lab.kill_daemon("c1/node-1/gateway");
+    std::thread::sleep(Duration::from_secs(1));
+    let start = lab.trellis(&["start", "c1/node-1/gateway"]);
+    assert!(start.status.success(), "{}", text(&start));
+    std::thread::sleep(Duration::from_secs(1));
+    tcp_echo(
+        &lab.pod("c1/pod-3").netns,
+        echo_addr(&lab, "c2/pod-0"),
+        TIMEOUT,
+    )
+    .expect("a new connection across clusters on the restored plan");
+    let start = lab.trellis(&["start", "c1/controller"]);
+    assert!(start.status.success(), "{}", text(&start));
+    std::thread::sleep(Duration::from_secs(1));
+
+    for (what, stream) in streams {
+        let (longest, echoed) = stream.finish(what);
+        eprintln!("{what}: longest stall {longest:?} over {echoed} echoes");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    drop(capture);
+    let tunnel = trellis_integration::mesh::count_matching(&file, "udp port 51820");
+    let plaintext = trellis_integration::mesh::count_matching(&file, "ip and net 10.0.0.0/8");
+    assert!(tunnel > 100, "the capture saw the tunnels: {tunnel}");
+    assert_eq!(plaintext, 0, "pod packets in plaintext on the underlay");
+}

@@ -43,12 +43,19 @@ fn conflist(dir: &Path, node: &Node) -> anyhow::Result<(PathBuf, ConfList)> {
             "podCIDRs": [node.pod_cidr],
             "mtu": POD_MTU,
             "dataDir": dir.join("cni-state").join(&node.netns),
+            "gatewayReadyFile": gateway_ready_file(dir, node),
         }]
     });
     let path = dir.join("cni").join(format!("{}.conflist", node.netns));
     fs::create_dir_all(path.parent().expect("has a parent"))?;
     fs::write(&path, serde_json::to_vec_pretty(&list)?)?;
     Ok((path, serde_json::from_value(list)?))
+}
+
+/// What the node's gateway writes once its plan is in place, and the node's CNI plugin waits
+/// for before it wires a pod (under the lab's directory in /run: gone after a reboot).
+fn gateway_ready_file(dir: &Path, node: &Node) -> PathBuf {
+    dir.join("nodes").join(&node.netns).join("gateway.ready")
 }
 
 fn runtime_for(node: &Node, bin_dir: &Path) -> anyhow::Result<Runtime> {
@@ -183,7 +190,16 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
         }
         anyhow::Ok(())
     })?;
-    eprintln!("[2/6] pods: creating {pod_count} pod(s) through trellis-cni");
+    // As a node boots on Kubernetes: the control plane, then each node's gateway (its plan
+    // in place, its ready file written), and only then pods, which the CNI plugin refuses
+    // to wire before that.
+    eprintln!("[2/6] control plane: mesh certificates and a trellis-controller per cluster");
+    start_controllers(dir, state, bin_dir)?;
+    eprintln!(
+        "[3/6] gateways: trellis-gateway on {node_count} node(s), following their controllers"
+    );
+    start_gateways(dir, state, bin_dir)?;
+    eprintln!("[4/6] pods: creating {pod_count} pod(s) through trellis-cni");
     for cluster in &mut state.clusters {
         for node in &mut cluster.nodes {
             let (_, list) = conflist(dir, node)?;
@@ -204,15 +220,9 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
     }
     state.save(dir)?;
     eprintln!(
-        "[3/6] workload: an echo server in every pod, the demo Services' rules on every node"
+        "[5/6] workload and DNS: an echo server in every pod, the demo Services (rules on every node, endpoints to the controllers), trellis-dns per cluster"
     );
     start_workload(dir, state, bin_dir)?;
-    eprintln!("[4/6] control plane: mesh certificates and a trellis-controller per cluster");
-    start_controllers(dir, state, bin_dir)?;
-    eprintln!(
-        "[5/6] gateways and DNS: trellis-gateway on {node_count} node(s), trellis-dns per cluster, following their controllers"
-    );
-    start_gateways(dir, state, bin_dir)?;
     start_dns(dir, state, bin_dir)?;
     eprintln!("[6/6] waiting for the mesh to converge");
     wait_for_mesh(state);
@@ -284,6 +294,13 @@ pub fn stop(state: &LabState, selector: &str) -> anyhow::Result<()> {
 fn start_workload(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
     let clusters = state.clusters.clone();
     for (index, cluster) in clusters.iter().enumerate() {
+        // The pods' addresses become the Services' endpoints in the controller's source (it
+        // polls the file, as a controller watches EndpointSlices appear).
+        crate::cni::write_atomically(
+            &control::cluster_dir(dir, cluster).join("cluster.yaml"),
+            control::cluster_yaml(cluster, index).as_bytes(),
+            0o644,
+        )?;
         let demo = services::demo_services(cluster, index);
         for node in &cluster.nodes {
             services::apply_ruleset(
@@ -427,6 +444,8 @@ fn start_gateways(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::R
                 format!("{}:51820", node.address),
                 "--metrics-addr".into(),
                 metrics.to_string(),
+                "--ready-file".into(),
+                gateway_ready_file(dir, node).display().to_string(),
             ];
             start_daemon(
                 dir,

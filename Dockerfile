@@ -17,9 +17,13 @@ RUN cargo build --release --locked \
  && cp target/release/trellis target/release/trellis-cni target/release/trellis-gateway \
        target/release/trellis-controller target/release/trellis-dns /out/
 
-# Run: a slim Debian with the same glibc as the build stage; nothing else is needed (netlink,
-# TUN, QUIC and the Kubernetes API are all spoken by the binaries themselves).
+# Run: a slim Debian with the same glibc as the build stage. Netlink, TUN, QUIC and the
+# Kubernetes API are spoken by the binaries themselves; the node agent loads its nftables
+# rules (anti-spoofing) with `nft`.
 FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nftables \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /usr/local/bin/
 # Non-root by default (the controller and DNS); the chart runs the node agent as root with
 # NET_ADMIN only.

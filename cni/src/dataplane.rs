@@ -53,7 +53,7 @@ pub trait Dataplane {
 }
 
 /// Every host-side veth of trellis-cni starts with this.
-pub const HOST_IFNAME_PREFIX: &str = "trl";
+pub const HOST_IFNAME_PREFIX: &str = trellis_core::POD_VETH_PREFIX;
 
 /// The real thing, running in the node's network namespace.
 pub struct KernelDataplane {

@@ -3,6 +3,10 @@
 //! Every daemon and the CLI speak in these types, so they hold no tokio, netlink or kube
 //! dependencies: they can be tested, serialised and compared anywhere.
 
+/// The prefix of every pod's host-side veth the CNI plugin makes (`trl` + 12 hex digits): the
+/// node agent's per-pod rules (anti-spoofing, later policy) match interfaces by it.
+pub const POD_VETH_PREFIX: &str = "trl";
+
 pub mod admission;
 pub mod agent;
 pub mod cidr;

@@ -316,6 +316,13 @@ impl Gateway {
         if let Err(e) = sysctl::write(netns, &key, "0") {
             tracing::warn!("{e}");
         }
+        match crate::antispoof::install(netns, trellis_core::POD_VETH_PREFIX) {
+            Ok(()) => metrics.antispoof_enabled.set(1),
+            Err(e) => tracing::warn!(
+                "pods can send with other sources: anti-spoofing rules not installed: {}",
+                crate::chain(&e)
+            ),
+        }
         // The kernel applies the larger of `all` and the interface's value.
         if let Ok(all) = sysctl::read(netns, "net/ipv4/conf/all/rp_filter")
             && all.trim() != "0"

@@ -2,6 +2,7 @@
 //! and the reconciler that applies the desired state (peers and pod routes) to it.
 
 pub mod allowed_ips;
+pub mod antispoof;
 pub mod controller;
 pub mod cpus;
 pub mod device;

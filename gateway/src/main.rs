@@ -218,6 +218,24 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
         }),
         None => None,
     };
+    if gateway.metrics.antispoof_enabled() {
+        let metrics = gateway.metrics.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                match tokio::task::spawn_blocking(|| trellis_gateway::antispoof::dropped(None))
+                    .await
+                {
+                    Ok(Ok(totals)) => metrics.record_spoofed(totals),
+                    Ok(Err(e)) => {
+                        tracing::debug!("anti-spoofing counters: {}", trellis_gateway::chain(&e))
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
     let resync = Duration::from_secs(args.resync_seconds.max(1));
     let follow = async {
         if let Some(source) = &controller {

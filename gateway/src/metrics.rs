@@ -117,6 +117,10 @@ pub struct Metrics {
     pub(crate) controller_connected: IntGauge,
     pub(crate) controller_updates: IntCounter,
     pub(crate) ready: IntGauge,
+    pub(crate) antispoof_enabled: IntGauge,
+    spoofed: IntCounterVec,
+    /// The kernel's counts last seen (IPv4, IPv6), to add only what is new.
+    spoofed_seen: Arc<[AtomicU64; 2]>,
     pub(crate) plan_restored: IntGauge,
     node_encryption: IntGauge,
     /// Whether the source said anything about node encryption (a file does not).
@@ -232,6 +236,22 @@ impl Metrics {
             "1 once the gateway has applied a plan (restored from its state directory or from its source): \
              its peers and routes are in place and their handshakes started.",
         )?;
+        let antispoof_enabled = gauge(
+            "antispoof_enabled",
+            "1 while the node's anti-spoofing rules are installed (packets from a pod's veth with \
+             a source that is not the pod's are dropped).",
+        )?;
+        let spoofed = IntCounterVec::new(
+            Opts::new(
+                name("spoofed_packets_dropped_total"),
+                "Packets from a pod's veth dropped because their source is not one of the pod's addresses.",
+            ),
+            &["family"],
+        )?;
+        registry.register(Box::new(spoofed.clone()))?;
+        for family in ["ipv4", "ipv6"] {
+            spoofed.with_label_values(&[family]).inc_by(0);
+        }
         let plan_restored = gauge(
             "plan_restored",
             "1 while the plan applied is the one restored from the state directory at start, not yet \
@@ -327,6 +347,9 @@ impl Metrics {
             controller_connected,
             controller_updates,
             ready,
+            antispoof_enabled,
+            spoofed,
+            spoofed_seen: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
             plan_restored,
             node_encryption,
             node_encryption_known: Arc::new(AtomicBool::new(false)),
@@ -359,6 +382,24 @@ impl Metrics {
     /// Handshakes started on the gateway's own initiative for `reason` so far.
     pub fn initiations(&self, reason: Initiation) -> u64 {
         self.initiations.with_label_values(&[reason.label()]).get()
+    }
+
+    /// Whether the anti-spoofing rules were installed.
+    pub fn antispoof_enabled(&self) -> bool {
+        self.antispoof_enabled.get() == 1
+    }
+
+    /// Records the kernel's running totals of dropped spoofed packets (IPv4, IPv6).
+    pub fn record_spoofed(&self, totals: (u64, u64)) {
+        for (i, (family, total)) in [("ipv4", totals.0), ("ipv6", totals.1)]
+            .into_iter()
+            .enumerate()
+        {
+            let before = self.spoofed_seen[i].swap(total, Ordering::Relaxed);
+            self.spoofed
+                .with_label_values(&[family])
+                .inc_by(total.saturating_sub(before));
+        }
     }
 
     /// Whether a plan has been applied since start.

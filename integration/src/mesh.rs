@@ -358,3 +358,40 @@ pub fn scrape(netns: &str, endpoint: SocketAddr, series: &str) -> Option<f64> {
     let text = http_get(netns, endpoint, "/metrics", Duration::from_secs(3)).ok()?;
     sample(&text, series)
 }
+
+/// Sends `count` UDP datagrams from inside `netns` with the IPv4 source address `source`,
+/// whatever the namespace's own address is (a raw socket writes the IP header itself: what a
+/// pod with `CAP_NET_RAW` can do to pass as another).
+pub fn send_udp_as(
+    netns: &str,
+    source: Ipv4Addr,
+    to: std::net::SocketAddrV4,
+    count: usize,
+) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let netns = Netns::open(netns).map_err(std::io::Error::other)?;
+    // IPPROTO_RAW: the kernel takes our header (filling in the checksum and total length).
+    let socket = netns
+        .run(|| Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255))))
+        .map_err(std::io::Error::other)??;
+    let payload = b"spoof?";
+    let udp_len = 8 + payload.len();
+    let mut packet = vec![0u8; 20 + udp_len];
+    packet[0] = 0x45;
+    packet[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    packet[6] = 0x40; // don't fragment
+    packet[8] = 64;
+    packet[9] = 17;
+    packet[12..16].copy_from_slice(&source.octets());
+    packet[16..20].copy_from_slice(&to.ip().octets());
+    packet[20..22].copy_from_slice(&4242u16.to_be_bytes());
+    packet[22..24].copy_from_slice(&to.port().to_be_bytes());
+    packet[24..26].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    packet[28..].copy_from_slice(payload);
+    let destination = SocketAddr::new((*to.ip()).into(), 0);
+    for _ in 0..count {
+        socket.send_to(&packet, &destination.into())?;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}

@@ -405,3 +405,53 @@ fn no_plaintext_leaves_a_node_while_its_gateway_dies_restarts_or_waits_for_its_c
     assert!(tunnel > 100, "the capture saw the tunnels: {tunnel}");
     assert_eq!(plaintext, 0, "pod packets in plaintext on the underlay");
 }
+
+#[test]
+fn a_pod_cannot_send_with_its_neighbours_address() {
+    let _serial = serial();
+    let lab = TestLab::new("spoof");
+    // Node encryption off: what crosses between nodes is visible on the underlay as it is.
+    lab.up(&[]);
+    let spoofer = lab.pod("c1/pod-0");
+    let neighbour = lab.pod("c1/pod-1");
+    assert_eq!(spoofer.node, neighbour.node);
+    let target = lab.pod("c1/pod-2");
+    assert_ne!(spoofer.node, target.node);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("spoof.pcap");
+    let capture = trellis_integration::mesh::capture_underlay(&lab, &file);
+    let to = std::net::SocketAddrV4::new(target.address, 9999);
+    let across = std::net::SocketAddrV4::new(lab.pod("c2/pod-0").address, 9999);
+    trellis_integration::mesh::send_udp_as(&spoofer.netns, neighbour.address, to, 20).unwrap();
+    trellis_integration::mesh::send_udp_as(&spoofer.netns, "10.9.9.9".parse().unwrap(), to, 20)
+        .unwrap();
+    trellis_integration::mesh::send_udp_as(&spoofer.netns, neighbour.address, across, 20).unwrap();
+    // The same socket with the pod's own address: these do leave.
+    trellis_integration::mesh::send_udp_as(&spoofer.netns, spoofer.address, to, 20).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(capture);
+    let own = format!("udp and dst port 9999 and src host {}", spoofer.address);
+    let spoofed = format!(
+        "udp and dst port 9999 and (src host {} or src host 10.9.9.9)",
+        neighbour.address
+    );
+    assert!(
+        trellis_integration::mesh::count_matching(&file, &own) >= 20,
+        "the pod's own packets cross the underlay"
+    );
+    assert_eq!(
+        trellis_integration::mesh::count_matching(&file, &spoofed),
+        0,
+        "spoofed packets left the node"
+    );
+    // The node's gateway counts them (it reads the kernel's counters every 5 s).
+    let counted = eventually(Duration::from_secs(8), || {
+        gateway_metric(
+            &lab,
+            &spoofer.node,
+            r#"trellis_gateway_spoofed_packets_dropped_total{family="ipv4"}"#,
+        )
+        .filter(|dropped| *dropped >= 60.0)
+    });
+    assert!(counted.is_some(), "60 spoofed packets counted on the node");
+}

@@ -66,8 +66,7 @@ pub struct Reply {
     pub truncated: bool,
 }
 
-/// Largest UDP answer without EDNS (RFC 1035).
-pub const PLAIN_UDP_LIMIT: usize = 512;
+pub use crate::wire::PLAIN_UDP_LIMIT;
 
 /// Decides what to do with `packet` for `zone`. `edns_udp_size` is the UDP payload size this
 /// server advertises and accepts at most.
@@ -123,6 +122,11 @@ pub fn respond(zone: &Zone, packet: &[u8], transport: Transport, edns_udp_size: 
     }
     match lookup {
         Lookup::NotInZone => unreachable!("handled above"),
+        Lookup::NotLoaded => {
+            // Not authoritative and no SOA: a resolver must not cache this as an answer.
+            response.metadata.authoritative = false;
+            response.metadata.response_code = ResponseCode::ServFail;
+        }
         Lookup::NxDomain => {
             response.metadata.response_code = ResponseCode::NXDomain;
             response.add_authority(zone.soa());
@@ -354,6 +358,39 @@ mod tests {
         ));
         assert_eq!((r.rcode, r.answers), (ResponseCode::NoError, 0));
         assert_eq!(m.authorities.len(), 1);
+        assert_eq!(
+            respond(
+                &zone,
+                &query("example.org.", RecordType::A, None),
+                Transport::Udp,
+                1232
+            ),
+            Outcome::Forward {
+                qtype: RecordType::A
+            }
+        );
+    }
+
+    #[test]
+    fn servfail_in_the_zone_before_a_catalog() {
+        let zone = Zone::not_loaded(ZoneConfig::new("clusterset.local", 5).unwrap());
+        for (name, edns) in [
+            ("web.shop.svc.clusterset.local.", None),
+            ("nope.shop.svc.clusterset.local.", Some(1232)),
+            ("clusterset.local.", None),
+        ] {
+            for transport in [Transport::Udp, Transport::Tcp] {
+                let (r, m) = reply(respond(
+                    &zone,
+                    &query(name, RecordType::A, edns),
+                    transport,
+                    1232,
+                ));
+                assert_eq!((r.rcode, r.answers), (ResponseCode::ServFail, 0), "{name}");
+                assert!(!m.authoritative && m.authorities.is_empty(), "{m:?}");
+                assert_eq!(m.edns.is_some(), edns.is_some());
+            }
+        }
         assert_eq!(
             respond(
                 &zone,

@@ -13,6 +13,7 @@ use tokio::time::timeout;
 
 use crate::Error;
 use crate::answer::Transport;
+use crate::wire::question_end;
 
 /// Something that answers a forwarded query (the seam for tests).
 pub trait Upstream: Send + Sync + 'static {
@@ -148,27 +149,6 @@ fn matches(query: &[u8], id: u16, answer: &[u8]) -> bool {
         return false;
     };
     query[4..6] == answer[4..6] && query[12..q_end].eq_ignore_ascii_case(&answer[12..a_end])
-}
-
-/// End of the question section (uncompressed names), if well-formed.
-fn question_end(packet: &[u8]) -> Option<usize> {
-    let count = u16::from_be_bytes([*packet.get(4)?, *packet.get(5)?]);
-    let mut pos = 12;
-    for _ in 0..count {
-        loop {
-            let len = usize::from(*packet.get(pos)?);
-            if len == 0 {
-                pos += 1;
-                break;
-            }
-            if len > 63 {
-                return None;
-            }
-            pos += 1 + len;
-        }
-        pos += 4;
-    }
-    (pos <= packet.len()).then_some(pos)
 }
 
 #[cfg(test)]

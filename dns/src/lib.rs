@@ -8,7 +8,8 @@
 //! - [`catalog`]: the atomically swapped snapshot and the file source;
 //! - [`subscription`]: the controller as the source (its agent stream, mapped to a catalog);
 //! - [`forward`]: relaying to upstream resolvers; [`resolv`]: resolv.conf parsing;
-//! - [`server`]: the UDP loops, TCP and /metrics; [`metrics`]: `trellis_dns_*`.
+//! - [`wire`]: reading and patching messages in wire format (question, OPT, truncation);
+//! - [`server`]: the UDP loops, TCP, /metrics and /readyz; [`metrics`]: `trellis_dns_*`.
 
 pub mod answer;
 pub mod catalog;
@@ -20,6 +21,7 @@ pub mod model;
 pub mod resolv;
 pub mod server;
 pub mod subscription;
+pub mod wire;
 pub mod zone;
 
 pub use catalog::{Snapshot, ZoneHandle};

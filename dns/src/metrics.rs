@@ -42,6 +42,8 @@ pub struct Metrics {
     pub services: IntGauge,
     /// Precomputed fast-path answers.
     pub fast_answers: IntGauge,
+    /// 1 once the first catalog is loaded (in-zone names are answered), else 0.
+    pub ready: IntGauge,
     /// 1 while subscribed to the controller.
     pub controller_connected: IntGauge,
     /// Updates (snapshots and deltas) applied from the controller.
@@ -127,6 +129,11 @@ impl Metrics {
             "Answers precomputed for the fast path.",
         )
         .map_err(err)?;
+        let ready = IntGauge::new(
+            "trellis_dns_ready",
+            "1 once the first catalog is loaded and in-zone names are answered, else 0.",
+        )
+        .map_err(err)?;
         let controller_connected = IntGauge::new(
             "trellis_dns_controller_connected",
             "1 while subscribed to the mesh controller, else 0.",
@@ -156,6 +163,7 @@ impl Metrics {
             Box::new(catalog_loads.clone()),
             Box::new(services.clone()),
             Box::new(fast_answers.clone()),
+            Box::new(ready.clone()),
             Box::new(controller_connected.clone()),
             Box::new(controller_updates.clone()),
             Box::new(controller_errors.clone()),
@@ -174,6 +182,7 @@ impl Metrics {
             catalog_loads,
             services,
             fast_answers,
+            ready,
             controller_connected,
             controller_updates,
             controller_errors,

@@ -156,7 +156,11 @@ pub async fn start<U: Upstream>(
                 addr,
                 source,
             })?;
-            tasks.push(tokio::spawn(serve_metrics(listener, metrics.clone())));
+            tasks.push(tokio::spawn(serve_metrics(
+                listener,
+                metrics.clone(),
+                handle.clone(),
+            )));
             Some(bound)
         }
         None => None,
@@ -656,14 +660,17 @@ async fn tcp_connection<U: Upstream>(
     }
 }
 
-/// A minimal HTTP/1.1 endpoint: `GET /metrics` gets the text exposition, anything else 404.
-async fn serve_metrics(listener: TcpListener, metrics: Metrics) {
+/// A minimal HTTP/1.1 endpoint: `GET /metrics` gets the text exposition, `GET /readyz` 200
+/// once the first catalog is loaded and 503 before (the readiness probe: a DNS pod that would
+/// only say SERVFAIL gets no traffic), anything else 404.
+async fn serve_metrics(listener: TcpListener, metrics: Metrics, handle: ZoneHandle) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let metrics = metrics.clone();
+        let handle = handle.clone();
         tokio::spawn(async move {
             let mut request = Vec::new();
             let mut buf = [0u8; 1024];
@@ -687,6 +694,16 @@ async fn serve_metrics(listener: TcpListener, metrics: Metrics) {
                 let body = metrics.render();
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else if request.starts_with(b"GET /readyz ") || request.starts_with(b"GET /readyz?") {
+                let (status, body) = if handle.is_ready() {
+                    ("200 OK", "ready\n")
+                } else {
+                    ("503 Service Unavailable", "no catalog loaded yet\n")
+                };
+                format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 )
             } else {

@@ -218,16 +218,26 @@ pub fn header_only(packet: &[u8], rcode: ResponseCode) -> Reply {
 
 /// SERVFAIL for a query that was to be forwarded (upstream failed or overloaded).
 pub fn servfail(packet: &[u8], edns_udp_size: u16) -> Option<Reply> {
+    not_forwarded(packet, ResponseCode::ServFail, edns_udp_size)
+}
+
+/// REFUSED for a query outside the zone from a client that may not use forwarding (RA clear:
+/// no recursion is offered to it).
+pub fn refused(packet: &[u8], edns_udp_size: u16) -> Option<Reply> {
+    not_forwarded(packet, ResponseCode::Refused, edns_udp_size)
+}
+
+fn not_forwarded(packet: &[u8], rcode: ResponseCode, edns_udp_size: u16) -> Option<Reply> {
     if packet.len() < 12 {
         return None;
     }
     let Ok(query) = Message::from_vec(packet) else {
-        return Some(header_only(packet, ResponseCode::ServFail));
+        return Some(header_only(packet, rcode));
     };
     let mut response = Message::new(query.id, MessageType::Response, query.op_code);
     response.metadata.recursion_desired = query.recursion_desired;
-    response.metadata.recursion_available = true;
-    response.metadata.response_code = ResponseCode::ServFail;
+    response.metadata.recursion_available = rcode != ResponseCode::Refused;
+    response.metadata.response_code = rcode;
     response.add_queries(query.queries.iter().cloned());
     if query.edns.is_some() {
         let mut ours = Edns::new();
@@ -478,5 +488,9 @@ mod tests {
             (ResponseCode::ServFail, 0x1234, 1)
         );
         assert!(m.edns.is_some());
+        let r = refused(&query("example.org.", RecordType::A, None), 1232).unwrap();
+        let m = Message::from_vec(&r.bytes).unwrap();
+        assert_eq!((m.response_code, m.id), (ResponseCode::Refused, 0x1234));
+        assert!(!m.recursion_available && m.recursion_desired && m.answers.is_empty());
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::Error;
+use crate::acl::ForwardAcl;
 use crate::zone::ZoneConfig;
 
 /// Everything `trellis-dns` needs to run.
@@ -29,6 +30,9 @@ pub struct Config {
     pub controller: Option<String>,
     /// A file holding the controller's agent token (read once at start, trimmed).
     pub controller_token_file: Option<PathBuf>,
+    /// Clients whose out-of-zone queries are forwarded; everyone else gets REFUSED. Empty
+    /// (the default): nobody's.
+    pub forward_for: ForwardAcl,
     /// Upstream resolvers, tried in order.
     pub upstreams: Vec<SocketAddr>,
     /// Time allowed to each upstream per query.
@@ -59,6 +63,7 @@ impl Default for Config {
             catalog_poll: Duration::from_secs(1),
             controller: None,
             controller_token_file: None,
+            forward_for: ForwardAcl::default(),
             upstreams: Vec::new(),
             upstream_timeout: Duration::from_secs(2),
             max_forwards_in_flight: 1024,

@@ -7,10 +7,12 @@
 //! - [`fast`]: precomputed wire answers for in-zone names (pure, no allocation per query);
 //! - [`catalog`]: the atomically swapped snapshot and the file source;
 //! - [`subscription`]: the controller as the source (its agent stream, mapped to a catalog);
-//! - [`forward`]: relaying to upstream resolvers; [`resolv`]: resolv.conf parsing;
+//! - [`forward`]: relaying to upstream resolvers, for the clients [`acl`] allows;
+//!   [`resolv`]: resolv.conf parsing;
 //! - [`wire`]: reading and patching messages in wire format (question, OPT, truncation);
 //! - [`server`]: the UDP loops, TCP, /metrics and /readyz; [`metrics`]: `trellis_dns_*`.
 
+pub mod acl;
 pub mod answer;
 pub mod catalog;
 pub mod config;

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub records: IntCounter,
     /// Queries forwarded upstream.
     pub forwarded: IntCounter,
+    /// Out-of-zone queries refused because the client may not use forwarding.
+    pub forward_refused: IntCounter,
     /// Forwarded queries that got no usable upstream answer, by reason.
     pub upstream_failures: IntCounterVec,
     /// Packets dropped without an answer, by reason.
@@ -88,6 +90,11 @@ impl Metrics {
         let forwarded = IntCounter::new(
             "trellis_dns_forwarded_queries_total",
             "Queries outside the zone relayed to an upstream resolver.",
+        )
+        .map_err(err)?;
+        let forward_refused = IntCounter::new(
+            "trellis_dns_forward_refused_total",
+            "Queries outside the zone answered REFUSED: the client is not in --forward-for.",
         )
         .map_err(err)?;
         let upstream_failures = IntCounterVec::new(
@@ -157,6 +164,7 @@ impl Metrics {
             Box::new(latency.clone()),
             Box::new(records.clone()),
             Box::new(forwarded.clone()),
+            Box::new(forward_refused.clone()),
             Box::new(upstream_failures.clone()),
             Box::new(dropped.clone()),
             Box::new(truncated.clone()),
@@ -176,6 +184,7 @@ impl Metrics {
             latency,
             records,
             forwarded,
+            forward_refused,
             upstream_failures,
             dropped,
             truncated,

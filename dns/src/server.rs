@@ -24,7 +24,8 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use crate::Error;
-use crate::answer::{Outcome, Reply, Transport, respond, servfail};
+use crate::acl::ForwardAcl;
+use crate::answer::{Outcome, Reply, Transport, refused, respond, servfail};
 use crate::catalog::ZoneHandle;
 use crate::config::Config;
 use crate::forward::Upstream;
@@ -90,6 +91,7 @@ pub async fn start<U: Upstream>(
     let forwards = Arc::new(Semaphore::new(config.max_forwards_in_flight));
     let stop = Arc::new(AtomicBool::new(false));
     let edns = handle.edns_udp_size();
+    let acl = Arc::new(config.forward_for.clone());
 
     let udp = bind_udp(config)?;
     let dns_addr = udp[0].local_addr().map_err(|source| Error::Bind {
@@ -122,6 +124,7 @@ pub async fn start<U: Upstream>(
             handle: handle.clone(),
             metrics: metrics.clone(),
             forward: tx.clone(),
+            acl: acl.clone(),
             stop: stop.clone(),
             edns,
         };
@@ -132,15 +135,16 @@ pub async fn start<U: Upstream>(
         threads.push(thread);
     }
 
-    tasks.push(tokio::spawn(serve_tcp(
-        tcp,
-        handle.clone(),
-        metrics.clone(),
+    let tcp_server = TcpServer {
+        handle: handle.clone(),
+        metrics: metrics.clone(),
         upstream,
         forwards,
-        config.max_tcp_connections,
-        config.tcp_idle_timeout,
-    )));
+        acl,
+        max_connections: config.max_tcp_connections,
+        idle: config.tcp_idle_timeout,
+    };
+    tasks.push(tokio::spawn(tcp_server.run(tcp)));
 
     let metrics_addr = match config.metrics {
         Some(addr) => {
@@ -228,6 +232,7 @@ struct UdpWorker {
     handle: ZoneHandle,
     metrics: Metrics,
     forward: mpsc::Sender<ForwardJob>,
+    acl: Arc<ForwardAcl>,
     stop: Arc<AtomicBool>,
     edns: u16,
 }
@@ -351,8 +356,12 @@ impl UdpWorker {
                 let (reply, source) =
                     match respond(&snapshot.zone, packet, Transport::Udp, self.edns) {
                         Outcome::Reply(reply) => (Some(reply), "zone"),
-                        Outcome::Forward { qtype } => {
+                        Outcome::Forward { qtype } if self.acl.allows(peer.ip()) => {
                             (self.forward(packet, peer, qtype, received), "upstream")
+                        }
+                        Outcome::Forward { .. } => {
+                            self.metrics.forward_refused.inc();
+                            (refused(packet, self.edns), "zone")
                         }
                         Outcome::Drop(reason) => {
                             self.metrics
@@ -545,118 +554,161 @@ fn failure_reason(error: &Error) -> &'static str {
     }
 }
 
-async fn serve_tcp<U: Upstream>(
-    listener: TcpListener,
+/// The TCP listener's task and what its connections share.
+struct TcpServer<U> {
     handle: ZoneHandle,
     metrics: Metrics,
     upstream: Arc<U>,
     forwards: Arc<Semaphore>,
+    acl: Arc<ForwardAcl>,
     max_connections: usize,
     idle: Duration,
-) {
-    let connections = Arc::new(Semaphore::new(max_connections));
-    // Owned here: when this task is aborted (shutdown), every connection goes with it.
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        while tasks.try_join_next().is_some() {}
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                warn!(%error, "tcp accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            metrics.dropped.with_label_values(&["tcp_overload"]).inc();
-            continue; // dropping the stream closes it
-        };
-        let (handle, metrics, upstream, forwards) = (
-            handle.clone(),
-            metrics.clone(),
-            upstream.clone(),
-            forwards.clone(),
-        );
-        tasks.spawn(async move {
-            let _permit = permit;
-            if let Err(error) =
-                tcp_connection(stream, handle, metrics, upstream, forwards, idle).await
-            {
-                debug!(%error, %peer, "tcp connection ended");
-            }
-        });
+}
+
+impl<U: Upstream> TcpServer<U> {
+    async fn run(self, listener: TcpListener) {
+        let TcpServer {
+            handle,
+            metrics,
+            upstream,
+            forwards,
+            acl,
+            max_connections,
+            idle,
+        } = self;
+        let connections = Arc::new(Semaphore::new(max_connections));
+        // Owned here: when this task is aborted (shutdown), every connection goes with it.
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(%error, "tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                metrics.dropped.with_label_values(&["tcp_overload"]).inc();
+                continue; // dropping the stream closes it
+            };
+            let (handle, metrics, upstream, forwards) = (
+                handle.clone(),
+                metrics.clone(),
+                upstream.clone(),
+                forwards.clone(),
+            );
+            let forwarding = acl.allows(peer.ip());
+            tasks.spawn(async move {
+                let _permit = permit;
+                let connection = TcpConnection {
+                    handle,
+                    metrics,
+                    upstream,
+                    forwards,
+                    forwarding,
+                    idle,
+                };
+                if let Err(error) = connection.serve(stream).await {
+                    debug!(%error, %peer, "tcp connection ended");
+                }
+            });
+        }
     }
 }
 
-async fn tcp_connection<U: Upstream>(
-    mut stream: TcpStream,
+/// One TCP client: what it may do and what it is served from.
+struct TcpConnection<U> {
     handle: ZoneHandle,
     metrics: Metrics,
     upstream: Arc<U>,
     forwards: Arc<Semaphore>,
+    /// Whether the client may use forwarding (`--forward-for`).
+    forwarding: bool,
     idle: Duration,
-) -> std::io::Result<()> {
-    let edns = handle.edns_udp_size();
-    loop {
-        let Ok(len) = timeout(idle, stream.read_u16()).await else {
-            return Ok(()); // idle
-        };
-        let len = usize::from(len?);
-        let mut query = vec![0u8; len];
-        timeout(idle, stream.read_exact(&mut query))
-            .await
-            .map_err(|_| std::io::Error::new(ErrorKind::TimedOut, "tcp read"))??;
-        let received = Instant::now();
-        let outcome = {
-            let snapshot = handle.load();
-            respond(&snapshot.zone, &query, Transport::Tcp, edns)
-        };
-        let answer = match outcome {
-            Outcome::Reply(reply) => {
-                count_reply(&metrics, &reply, "zone", received);
-                reply.bytes
-            }
-            Outcome::Forward { qtype } => {
-                metrics.forwarded.inc();
-                let answer = match forwards.clone().try_acquire_owned() {
-                    Ok(_permit) => upstream.exchange(&query, Transport::Tcp).await,
-                    Err(_) => Err(Error::Upstream {
-                        upstream: SocketAddr::from(([0, 0, 0, 0], 0)),
-                        reason: "overload".into(),
-                    }),
-                };
-                match answer {
-                    Ok(answer) => {
-                        count_relayed(&metrics, &answer, Some(qtype), received);
-                        answer
-                    }
-                    Err(error) => {
-                        metrics
-                            .upstream_failures
-                            .with_label_values(&[failure_reason(&error)])
-                            .inc();
-                        let Some(reply) = servfail(&query, edns) else {
-                            return Ok(());
-                        };
-                        count_reply(&metrics, &reply, "upstream", received);
-                        reply.bytes
+}
+
+impl<U: Upstream> TcpConnection<U> {
+    async fn serve(self, mut stream: TcpStream) -> std::io::Result<()> {
+        let TcpConnection {
+            handle,
+            metrics,
+            upstream,
+            forwards,
+            forwarding,
+            idle,
+        } = self;
+        let edns = handle.edns_udp_size();
+        loop {
+            let Ok(len) = timeout(idle, stream.read_u16()).await else {
+                return Ok(()); // idle
+            };
+            let len = usize::from(len?);
+            let mut query = vec![0u8; len];
+            timeout(idle, stream.read_exact(&mut query))
+                .await
+                .map_err(|_| std::io::Error::new(ErrorKind::TimedOut, "tcp read"))??;
+            let received = Instant::now();
+            let outcome = {
+                let snapshot = handle.load();
+                respond(&snapshot.zone, &query, Transport::Tcp, edns)
+            };
+            let answer = match outcome {
+                Outcome::Reply(reply) => {
+                    count_reply(&metrics, &reply, "zone", received);
+                    reply.bytes
+                }
+                Outcome::Forward { .. } if !forwarding => {
+                    metrics.forward_refused.inc();
+                    let Some(reply) = refused(&query, edns) else {
+                        return Ok(());
+                    };
+                    count_reply(&metrics, &reply, "zone", received);
+                    reply.bytes
+                }
+                Outcome::Forward { qtype } => {
+                    metrics.forwarded.inc();
+                    let answer = match forwards.clone().try_acquire_owned() {
+                        Ok(_permit) => upstream.exchange(&query, Transport::Tcp).await,
+                        Err(_) => Err(Error::Upstream {
+                            upstream: SocketAddr::from(([0, 0, 0, 0], 0)),
+                            reason: "overload".into(),
+                        }),
+                    };
+                    match answer {
+                        Ok(answer) => {
+                            count_relayed(&metrics, &answer, Some(qtype), received);
+                            answer
+                        }
+                        Err(error) => {
+                            metrics
+                                .upstream_failures
+                                .with_label_values(&[failure_reason(&error)])
+                                .inc();
+                            let Some(reply) = servfail(&query, edns) else {
+                                return Ok(());
+                            };
+                            count_reply(&metrics, &reply, "upstream", received);
+                            reply.bytes
+                        }
                     }
                 }
-            }
-            Outcome::Drop(reason) => {
-                metrics.dropped.with_label_values(&[reason.label()]).inc();
+                Outcome::Drop(reason) => {
+                    metrics.dropped.with_label_values(&[reason.label()]).inc();
+                    return Ok(());
+                }
+            };
+            let Ok(len) = u16::try_from(answer.len()) else {
                 return Ok(());
-            }
-        };
-        let Ok(len) = u16::try_from(answer.len()) else {
-            return Ok(());
-        };
-        let mut framed = Vec::with_capacity(answer.len() + 2);
-        framed.extend_from_slice(&len.to_be_bytes());
-        framed.extend_from_slice(&answer);
-        timeout(idle, stream.write_all(&framed))
-            .await
-            .map_err(|_| std::io::Error::new(ErrorKind::TimedOut, "tcp write"))??;
+            };
+            let mut framed = Vec::with_capacity(answer.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&answer);
+            timeout(idle, stream.write_all(&framed))
+                .await
+                .map_err(|_| std::io::Error::new(ErrorKind::TimedOut, "tcp write"))??;
+        }
     }
 }
 

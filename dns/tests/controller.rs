@@ -336,9 +336,10 @@ async fn servfail_and_not_ready_until_the_first_snapshot() {
     let mut conn = accept(&listener).await;
     send(&mut conn, &imports(1, vec![web()])).await;
     eventually("the snapshot", || async {
-        rcode(dns, WEB).await == ResponseCode::NoError
+        ask(dns, WEB, RecordType::A, false).await.response_code == ResponseCode::NoError
     })
     .await;
+    assert_eq!(rcode(dns, WEB).await, ResponseCode::NoError);
     assert_eq!(
         rcode(dns, "nope.shop.svc.clusterset.local.").await,
         ResponseCode::NXDomain
@@ -595,4 +596,9 @@ fn the_source_is_validated_at_start() {
         "/nonexistent/token",
     ]);
     assert!(no_token.contains("/nonexistent/token"), "{no_token}");
+    let bad_cidr = run(&["--catalog", "/x.json", "--forward-for", "10.0.0.0/33"]);
+    assert!(
+        bad_cidr.contains("--forward-for") && bad_cidr.contains("prefix"),
+        "{bad_cidr}"
+    );
 }

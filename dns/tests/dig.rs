@@ -35,7 +35,7 @@ fn field(line: &str, key: &str) -> Option<SocketAddr> {
 }
 
 fn spawn_server(catalog: &Path, upstream: SocketAddr) -> Server {
-    spawn_server_with(catalog, upstream, &[], true)
+    spawn_server_with(catalog, upstream, &["--forward-for", "127.0.0.0/8"], true)
 }
 
 /// The binary on `catalog` with `extra` flags; waits for it to serve and, with
@@ -338,4 +338,7 @@ async fn servfail_until_the_catalog_file_is_loaded() {
         http_get(server.metrics, "/readyz").await,
         (200, "ready\n".into())
     );
+    // Started without --forward-for: out-of-zone names are refused, not forwarded.
+    let out = dig(s, &["www.example.test"]);
+    assert!(out.contains("status: REFUSED"), "{out}");
 }

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 
 use trellis_dns::Catalog;
+use trellis_dns::acl::ForwardAcl;
 use trellis_dns::catalog::ZoneHandle;
 use trellis_dns::config::Config;
 use trellis_dns::forward::Forwarder;
@@ -45,12 +46,14 @@ pub async fn start_with(
 ) -> TestServer {
     let config = Config {
         udp_workers,
+        // These tests query from loopback and some rely on forwarding.
+        forward_for: ForwardAcl::new(vec!["127.0.0.0/8".parse().unwrap()]),
         ..test_config(upstreams)
     };
     start_config(config, Some(catalog)).await
 }
 
-/// The configuration of [`start`]: loopback, ephemeral ports, a short upstream timeout.
+/// Loopback, ephemeral ports, a short upstream timeout, defaults otherwise (no forwarding).
 pub fn test_config(upstreams: Vec<SocketAddr>) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -28,7 +28,7 @@ use crate::acl::ForwardAcl;
 use crate::answer::{Outcome, Reply, Transport, refused, respond, servfail};
 use crate::catalog::ZoneHandle;
 use crate::config::Config;
-use crate::forward::Upstream;
+use crate::forward::{Upstream, capped_query, relayed_answer};
 use crate::metrics::Metrics;
 
 /// Largest UDP datagram accepted (and answer sent); a longer query is dropped as oversized.
@@ -474,10 +474,11 @@ fn count_reply(metrics: &Metrics, reply: &Reply, source: &str, received: Instant
         .observe(received.elapsed().as_secs_f64());
 }
 
-/// Counts an upstream answer relayed as is.
+/// Counts an upstream answer relayed.
 fn count_relayed(
     metrics: &Metrics,
     answer: &[u8],
+    truncated: bool,
     qtype: Option<hickory_proto::rr::RecordType>,
     received: Instant,
 ) {
@@ -492,7 +493,7 @@ fn count_relayed(
             qtype,
             rcode,
             answers: usize::from(answers),
-            truncated: false,
+            truncated,
         },
         "upstream",
         received,
@@ -524,11 +525,22 @@ async fn forward_udp<U: Upstream>(
         let (socket, upstream, metrics) = (socket.clone(), upstream.clone(), metrics.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            match upstream.exchange(&job.query, Transport::Udp).await {
-                Ok(answer) => {
+            let relayed = upstream
+                .exchange(&capped_query(&job.query, edns), Transport::Udp)
+                .await
+                .and_then(|answer| {
+                    relayed_answer(answer, &job.query, Transport::Udp, edns).ok_or(
+                        Error::Upstream {
+                            upstream: SocketAddr::from(([0, 0, 0, 0], 0)),
+                            reason: "oversized answer that cannot be truncated".into(),
+                        },
+                    )
+                });
+            match relayed {
+                Ok((answer, truncated)) => {
                     // A UDP send on a datagram socket does not block in practice.
                     let _ = socket.send_to(&answer, job.peer);
-                    count_relayed(&metrics, &answer, job.qtype, job.received);
+                    count_relayed(&metrics, &answer, truncated, job.qtype, job.received);
                 }
                 Err(error) => {
                     debug!(%error, "forwarding failed");
@@ -670,7 +682,11 @@ impl<U: Upstream> TcpConnection<U> {
                 Outcome::Forward { qtype } => {
                     metrics.forwarded.inc();
                     let answer = match forwards.clone().try_acquire_owned() {
-                        Ok(_permit) => upstream.exchange(&query, Transport::Tcp).await,
+                        Ok(_permit) => {
+                            upstream
+                                .exchange(&capped_query(&query, edns), Transport::Tcp)
+                                .await
+                        }
                         Err(_) => Err(Error::Upstream {
                             upstream: SocketAddr::from(([0, 0, 0, 0], 0)),
                             reason: "overload".into(),
@@ -678,7 +694,10 @@ impl<U: Upstream> TcpConnection<U> {
                     };
                     match answer {
                         Ok(answer) => {
-                            count_relayed(&metrics, &answer, Some(qtype), received);
+                            // Over TCP nothing is cut; only the advertised size is ours.
+                            let answer = relayed_answer(answer, &query, Transport::Tcp, edns)
+                                .map_or_else(Vec::new, |(answer, _)| answer);
+                            count_relayed(&metrics, &answer, false, Some(qtype), received);
                             answer
                         }
                         Err(error) => {

@@ -43,6 +43,12 @@ pub struct Config {
     pub edns_udp_size: u16,
     /// UDP worker threads, each with its own `SO_REUSEPORT` socket.
     pub udp_workers: usize,
+    /// Identical UDP responses (same client /24 or /56, name, type and rcode) sent per second
+    /// at most; beyond, every other one is slipped (TC, empty) and the rest dropped. 0: off.
+    pub rate_limit: u32,
+    /// Slots of the rate limiter's table (8 bytes each, rounded up to a power of two): the
+    /// buckets tracked at once, whatever the number of clients.
+    pub rate_limit_slots: usize,
     /// Requested UDP receive buffer (bytes).
     pub udp_recv_buffer: usize,
     /// TCP connections served at once; beyond, new ones are closed.
@@ -69,6 +75,8 @@ impl Default for Config {
             max_forwards_in_flight: 1024,
             edns_udp_size: 1232,
             udp_workers: 1,
+            rate_limit: 20,
+            rate_limit_slots: 1 << 16,
             udp_recv_buffer: 4 << 20,
             max_tcp_connections: 512,
             tcp_idle_timeout: Duration::from_secs(10),
@@ -99,6 +107,9 @@ impl Config {
         if self.max_forwards_in_flight == 0 || self.max_tcp_connections == 0 {
             return fail("connection and forward limits must be positive");
         }
+        if self.rate_limit_slots == 0 || self.rate_limit_slots > 1 << 24 {
+            return fail("rate_limit_slots must be within 1..=16777216");
+        }
         if self.upstreams.iter().any(|u| u.port() == 0) {
             return fail("upstream port must not be 0");
         }
@@ -128,6 +139,8 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_limits_enforced() {
         let zone = Config::default().validate().unwrap();
+        assert_eq!(Config::default().rate_limit, 20);
+        assert!(Config::default().forward_for.is_empty());
         Config {
             controller: Some("trellis-controller.trellis-system:7443".into()),
             controller_token_file: Some("/token".into()),
@@ -172,6 +185,10 @@ mod tests {
             },
             Config {
                 controller: Some("host:0".into()),
+                ..Config::default()
+            },
+            Config {
+                rate_limit_slots: 0,
                 ..Config::default()
             },
         ] {

@@ -10,6 +10,7 @@
 //! - [`forward`]: relaying to upstream resolvers, for the clients [`acl`] allows;
 //!   [`resolv`]: resolv.conf parsing;
 //! - [`wire`]: reading and patching messages in wire format (question, OPT, truncation);
+//! - [`rrl`]: response rate limiting per client network (fixed memory, O(1));
 //! - [`server`]: the UDP loops, TCP, /metrics and /readyz; [`metrics`]: `trellis_dns_*`.
 
 pub mod acl;
@@ -21,6 +22,7 @@ pub mod forward;
 pub mod metrics;
 pub mod model;
 pub mod resolv;
+pub mod rrl;
 pub mod server;
 pub mod subscription;
 pub mod wire;

@@ -70,6 +70,14 @@ struct Args {
     /// EDNS UDP payload size (512..=4096).
     #[arg(long, default_value_t = 1232)]
     edns_udp_size: u16,
+    /// Identical UDP responses per second to one client network (/24, /56) for one name,
+    /// type and rcode; beyond, every other one goes out truncated (TC) and the rest are
+    /// dropped. 0 disables.
+    #[arg(long, default_value_t = 20)]
+    rate_limit: u32,
+    /// Buckets the rate limiter tracks at once (8 bytes each; fixed memory).
+    #[arg(long, default_value_t = 1 << 16)]
+    rate_limit_slots: usize,
     /// UDP worker threads (SO_REUSEPORT sockets).
     #[arg(long, default_value_t = 1)]
     udp_workers: usize,
@@ -105,6 +113,8 @@ fn config(args: Args) -> anyhow::Result<Config> {
         upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
         edns_udp_size: args.edns_udp_size,
         udp_workers: args.udp_workers,
+        rate_limit: args.rate_limit,
+        rate_limit_slots: args.rate_limit_slots,
         ..Config::default()
     })
 }

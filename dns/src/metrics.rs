@@ -36,6 +36,9 @@ pub struct Metrics {
     pub upstream_failures: IntCounterVec,
     /// Packets dropped without an answer, by reason.
     pub dropped: IntCounterVec,
+    /// UDP responses held back by the rate limiter, by action (`slip`: sent empty with TC,
+    /// `drop`: not sent).
+    pub rate_limited: IntCounterVec,
     /// Answers truncated (TC set) to fit UDP.
     pub truncated: IntCounter,
     /// Catalog loads, by result.
@@ -113,6 +116,14 @@ impl Metrics {
             &["reason"],
         )
         .map_err(err)?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "trellis_dns_rate_limited_total",
+                "UDP responses over the per-client rate limit, by action (slip or drop).",
+            ),
+            &["action"],
+        )
+        .map_err(err)?;
         let truncated = IntCounter::new(
             "trellis_dns_truncated_answers_total",
             "UDP answers truncated (TC set) so that the client retries over TCP.",
@@ -167,6 +178,7 @@ impl Metrics {
             Box::new(forward_refused.clone()),
             Box::new(upstream_failures.clone()),
             Box::new(dropped.clone()),
+            Box::new(rate_limited.clone()),
             Box::new(truncated.clone()),
             Box::new(catalog_loads.clone()),
             Box::new(services.clone()),
@@ -187,6 +199,7 @@ impl Metrics {
             forward_refused,
             upstream_failures,
             dropped,
+            rate_limited,
             truncated,
             catalog_loads,
             services,

@@ -3,7 +3,7 @@
 //! dropped.
 
 use std::io::ErrorKind;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -30,6 +30,7 @@ use crate::catalog::ZoneHandle;
 use crate::config::Config;
 use crate::forward::{Upstream, capped_query, relayed_answer};
 use crate::metrics::Metrics;
+use crate::rrl::{RateLimiter, Verdict, slip};
 
 /// Largest UDP datagram accepted (and answer sent); a longer query is dropped as oversized.
 const MAX_UDP_QUERY: usize = 4096;
@@ -92,6 +93,10 @@ pub async fn start<U: Upstream>(
     let stop = Arc::new(AtomicBool::new(false));
     let edns = handle.edns_udp_size();
     let acl = Arc::new(config.forward_for.clone());
+    let limiter = Limiter::new(
+        RateLimiter::new(config.rate_limit, config.rate_limit_slots).map(Arc::new),
+        &metrics,
+    );
 
     let udp = bind_udp(config)?;
     let dns_addr = udp[0].local_addr().map_err(|source| Error::Bind {
@@ -113,6 +118,7 @@ pub async fn start<U: Upstream>(
         upstream.clone(),
         forwards.clone(),
         metrics.clone(),
+        limiter.clone(),
         edns,
     ))];
 
@@ -125,6 +131,7 @@ pub async fn start<U: Upstream>(
             metrics: metrics.clone(),
             forward: tx.clone(),
             acl: acl.clone(),
+            limiter: limiter.clone(),
             stop: stop.clone(),
             edns,
         };
@@ -233,8 +240,54 @@ struct UdpWorker {
     metrics: Metrics,
     forward: mpsc::Sender<ForwardJob>,
     acl: Arc<ForwardAcl>,
+    limiter: Limiter,
     stop: Arc<AtomicBool>,
     edns: u16,
+}
+
+/// The response rate limiter as the UDP paths apply it, with its counters resolved once.
+#[derive(Clone)]
+struct Limiter {
+    rrl: Option<Arc<RateLimiter>>,
+    slipped: prometheus::IntCounter,
+    dropped: prometheus::IntCounter,
+}
+
+impl Limiter {
+    fn new(rrl: Option<Arc<RateLimiter>>, metrics: &Metrics) -> Self {
+        Self {
+            rrl,
+            slipped: metrics.rate_limited.with_label_values(&["slip"]),
+            dropped: metrics.rate_limited.with_label_values(&["drop"]),
+        }
+    }
+
+    /// Whether the response in `out[..len]` to `query` goes to `client`: `Some(len)` as is,
+    /// `Some(shorter)` cut to a slip (TC, no records), `None` dropped.
+    fn allow(
+        &self,
+        client: IpAddr,
+        query: &[u8],
+        out: &mut [u8],
+        len: usize,
+        now: Instant,
+    ) -> Option<usize> {
+        let Some(rrl) = &self.rrl else {
+            return Some(len);
+        };
+        let rcode = out.get(3).map_or(0, |b| b & 0x0f);
+        match rrl.check(client, query, rcode, now) {
+            Verdict::Send => Some(len),
+            Verdict::Slip => {
+                self.slipped.inc();
+                Some(slip(out, len))
+            }
+            Verdict::Drop => {
+                self.dropped.inc();
+                None
+            }
+        }
+    }
 }
 
 /// Datagrams received and sent per system call.
@@ -343,16 +396,24 @@ impl UdpWorker {
                     continue;
                 }
                 let packet = &bufs[index][..*len];
+                let Some(peer) = to_std(addr) else { continue };
                 if let Some(hit) = snapshot.fast.answer(packet, self.edns, &mut out[replies]) {
-                    out_len[replies] = hit.len;
+                    fast += 1;
+                    let Some(len) =
+                        self.limiter
+                            .allow(peer.ip(), packet, &mut out[replies], hit.len, received)
+                    else {
+                        continue;
+                    };
+                    out_len[replies] = len;
                     out_addr[replies] = Some(*addr);
                     replies += 1;
                     stats.by_type[hit.entry.type_index].inc();
-                    stats.records.inc_by(hit.entry.answers as u64);
-                    fast += 1;
+                    if len == hit.len {
+                        stats.records.inc_by(hit.entry.answers as u64);
+                    }
                     continue;
                 }
-                let Some(peer) = to_std(addr) else { continue };
                 let (reply, source) =
                     match respond(&snapshot.zone, packet, Transport::Udp, self.edns) {
                         Outcome::Reply(reply) => (Some(reply), "zone"),
@@ -374,8 +435,15 @@ impl UdpWorker {
                 if let Some(reply) = reply
                     && reply.bytes.len() <= MAX_UDP_QUERY
                 {
-                    out[replies][..reply.bytes.len()].copy_from_slice(&reply.bytes);
-                    out_len[replies] = reply.bytes.len();
+                    let len = reply.bytes.len();
+                    out[replies][..len].copy_from_slice(&reply.bytes);
+                    let Some(len) =
+                        self.limiter
+                            .allow(peer.ip(), packet, &mut out[replies], len, received)
+                    else {
+                        continue;
+                    };
+                    out_len[replies] = len;
                     out_addr[replies] = Some(*addr);
                     replies += 1;
                     count_reply(&self.metrics, &reply, source, received);
@@ -507,6 +575,7 @@ async fn forward_udp<U: Upstream>(
     upstream: Arc<U>,
     forwards: Arc<Semaphore>,
     metrics: Metrics,
+    limiter: Limiter,
     edns: u16,
 ) {
     let socket = Arc::new(socket);
@@ -516,13 +585,19 @@ async fn forward_udp<U: Upstream>(
                 .upstream_failures
                 .with_label_values(&["overload"])
                 .inc();
-            if let Some(reply) = servfail(&job.query, edns) {
-                let _ = socket.send_to(&reply.bytes, job.peer);
+            if let Some(reply) = servfail(&job.query, edns)
+                && send_limited(&socket, &limiter, &job, reply.bytes.clone())
+            {
                 count_reply(&metrics, &reply, "upstream", job.received);
             }
             continue;
         };
-        let (socket, upstream, metrics) = (socket.clone(), upstream.clone(), metrics.clone());
+        let (socket, upstream, metrics, limiter) = (
+            socket.clone(),
+            upstream.clone(),
+            metrics.clone(),
+            limiter.clone(),
+        );
         tokio::spawn(async move {
             let _permit = permit;
             let relayed = upstream
@@ -538,9 +613,12 @@ async fn forward_udp<U: Upstream>(
                 });
             match relayed {
                 Ok((answer, truncated)) => {
-                    // A UDP send on a datagram socket does not block in practice.
-                    let _ = socket.send_to(&answer, job.peer);
-                    count_relayed(&metrics, &answer, truncated, job.qtype, job.received);
+                    let rcode = answer.get(..12).map(<[u8]>::to_vec);
+                    if send_limited(&socket, &limiter, &job, answer)
+                        && let Some(header) = rcode
+                    {
+                        count_relayed(&metrics, &header, truncated, job.qtype, job.received);
+                    }
                 }
                 Err(error) => {
                     debug!(%error, "forwarding failed");
@@ -548,14 +626,33 @@ async fn forward_udp<U: Upstream>(
                         .upstream_failures
                         .with_label_values(&[failure_reason(&error)])
                         .inc();
-                    if let Some(reply) = servfail(&job.query, edns) {
-                        let _ = socket.send_to(&reply.bytes, job.peer);
+                    if let Some(reply) = servfail(&job.query, edns)
+                        && send_limited(&socket, &limiter, &job, reply.bytes.clone())
+                    {
                         count_reply(&metrics, &reply, "upstream", job.received);
                     }
                 }
             }
         });
     }
+}
+
+/// Sends `bytes`, a response to `job`, unless the rate limiter drops it (or cuts it to a
+/// slip); whether something was sent.
+fn send_limited(
+    socket: &UdpSocket,
+    limiter: &Limiter,
+    job: &ForwardJob,
+    mut bytes: Vec<u8>,
+) -> bool {
+    let len = bytes.len();
+    let Some(len) = limiter.allow(job.peer.ip(), &job.query, &mut bytes, len, Instant::now())
+    else {
+        return false;
+    };
+    // A UDP send on a datagram socket does not block in practice.
+    let _ = socket.send_to(&bytes[..len], job.peer);
+    true
 }
 
 fn failure_reason(error: &Error) -> &'static str {

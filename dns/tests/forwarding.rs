@@ -115,9 +115,19 @@ async fn recording_upstream() -> (
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = udp.local_addr().unwrap();
-    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+    // The ephemeral UDP port may be taken for TCP (by another test): try another.
+    let mut attempts = 0;
+    let (udp, tcp, addr) = loop {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(tcp) => break (udp, tcp, addr),
+            Err(error) => {
+                attempts += 1;
+                assert!(attempts < 20, "no port free for UDP and TCP: {error}");
+            }
+        }
+    };
     let answer = {
         let seen = seen.clone();
         move |bytes: &[u8]| -> Vec<u8> {

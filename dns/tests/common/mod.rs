@@ -53,9 +53,12 @@ pub async fn start_with(
     start_config(config, Some(catalog)).await
 }
 
-/// Loopback, ephemeral ports, a short upstream timeout, defaults otherwise (no forwarding).
+/// Loopback, ephemeral ports, a short upstream timeout, no rate limit (tests poll one name from
+/// one address faster than clients do; tests/rate_limit.rs sets it), defaults otherwise (no
+/// forwarding).
 pub fn test_config(upstreams: Vec<SocketAddr>) -> Config {
     Config {
+        rate_limit: 0,
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics: Some("127.0.0.1:0".parse().unwrap()),
         upstreams,

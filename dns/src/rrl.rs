@@ -85,37 +85,50 @@ impl RateLimiter {
     /// The keyed hash of a bucket: the client's network, the lower-cased question name and
     /// type (read from the packet in place) and the response code.
     fn bucket(&self, client: IpAddr, query: &[u8], rcode: u8) -> u64 {
-        let mut hasher = self.keys.build_hasher();
-        match client.to_canonical() {
+        // The key is assembled on the stack and hashed in one call (per-byte hasher calls
+        // cost more than the rest of the check).
+        let mut key = [0u8; 1 + 7 + 1 + 255 + 2];
+        let mut len = match client.to_canonical() {
             IpAddr::V4(v4) => {
-                hasher.write_u8(4);
-                hasher.write(&v4.octets()[..3]);
+                key[0] = 4;
+                key[1..4].copy_from_slice(&v4.octets()[..3]);
+                4
             }
             IpAddr::V6(v6) => {
-                hasher.write_u8(6);
-                hasher.write(&v6.octets()[..7]);
+                key[0] = 6;
+                key[1..8].copy_from_slice(&v6.octets()[..7]);
+                8
             }
-        }
-        hasher.write_u8(rcode & 0x0f);
+        };
+        key[len] = rcode & 0x0f;
+        len += 1;
         // The question: labels lower-cased up to the root, then the type. A packet cut short
-        // hashes what it has: all such packets from one network share buckets, which is what
-        // a limiter wants.
+        // keys what it has: all such packets from one network share buckets, which is what a
+        // limiter wants.
+        let name_start = len;
         let mut pos = 12;
-        while let Some(&len) = query.get(pos) {
-            let len = usize::from(len);
-            if len == 0 || len > 63 {
+        while let Some(&label) = query.get(pos) {
+            let label = usize::from(label);
+            if label == 0 || label > 63 || len - name_start + 1 + label > 255 {
                 pos += 1;
                 break;
             }
-            hasher.write_u8(len as u8);
-            for byte in query.get(pos + 1..pos + 1 + len).unwrap_or(&[]) {
-                hasher.write_u8(byte.to_ascii_lowercase());
+            let Some(bytes) = query.get(pos + 1..pos + 1 + label) else {
+                break;
+            };
+            key[len] = label as u8;
+            for (k, b) in key[len + 1..len + 1 + label].iter_mut().zip(bytes) {
+                *k = b.to_ascii_lowercase();
             }
-            pos += 1 + len;
+            len += 1 + label;
+            pos += 1 + label;
         }
         if let Some(qtype) = query.get(pos..pos + 2) {
-            hasher.write(qtype);
+            key[len..len + 2].copy_from_slice(qtype);
+            len += 2;
         }
+        let mut hasher = self.keys.build_hasher();
+        hasher.write(&key[..len]);
         hasher.finish()
     }
 
@@ -151,8 +164,15 @@ impl RateLimiter {
 /// Cuts the response in `out[..len]` down to its header and question with TC set (the slip
 /// answer); returns the new length. The response's question is the client's, uncompressed.
 pub fn slip(out: &mut [u8], len: usize) -> usize {
-    let Some(end) = crate::wire::question_end(&out[..len]) else {
-        return len.min(12);
+    if len < 12 {
+        return len; // not a response: nothing to cut
+    }
+    let end = match crate::wire::question_end(&out[..len]) {
+        Some(end) => end,
+        None => {
+            out[4..6].fill(0); // a question we cannot delimit goes too
+            12
+        }
     };
     out[2] |= 0x02; // TC
     out[6..12].fill(0); // no answer, authority or additional records
@@ -280,5 +300,10 @@ mod tests {
         assert_eq!(cut, question_end);
         assert_eq!(response[2] & 0x02, 0x02);
         assert_eq!(&response[4..12], &[0, 1, 0, 0, 0, 0, 0, 0]);
+        // A question that runs past the end: the header alone, with no counts.
+        let mut broken = response[..20].to_vec();
+        broken[7] = 1;
+        assert_eq!(slip(&mut broken, 20), 12);
+        assert_eq!(&broken[4..12], &[0; 8]);
     }
 }

@@ -398,7 +398,6 @@ impl UdpWorker {
                 let packet = &bufs[index][..*len];
                 let Some(peer) = to_std(addr) else { continue };
                 if let Some(hit) = snapshot.fast.answer(packet, self.edns, &mut out[replies]) {
-                    fast += 1;
                     let Some(len) =
                         self.limiter
                             .allow(peer.ip(), packet, &mut out[replies], hit.len, received)
@@ -408,6 +407,7 @@ impl UdpWorker {
                     out_len[replies] = len;
                     out_addr[replies] = Some(*addr);
                     replies += 1;
+                    fast += 1;
                     stats.by_type[hit.entry.type_index].inc();
                     if len == hit.len {
                         stats.records.inc_by(hit.entry.answers as u64);
@@ -613,9 +613,11 @@ async fn forward_udp<U: Upstream>(
                 });
             match relayed {
                 Ok((answer, truncated)) => {
-                    let rcode = answer.get(..12).map(<[u8]>::to_vec);
+                    // What was relayed is counted from the header (rcode, answers) as it
+                    // came, before the limiter may cut it.
+                    let header = answer.get(..12).map(<[u8]>::to_vec);
                     if send_limited(&socket, &limiter, &job, answer)
-                        && let Some(header) = rcode
+                        && let Some(header) = header
                     {
                         count_relayed(&metrics, &header, truncated, job.qtype, job.received);
                     }

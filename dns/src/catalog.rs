@@ -158,3 +158,28 @@ pub async fn watch_file(handle: ZoneHandle, path: PathBuf, poll: Duration, metri
         last = Some(text);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Not ready until the first publish, even of an empty catalog; ready for good after.
+    #[test]
+    fn ready_from_the_first_publish_on() {
+        let metrics = Metrics::new().unwrap();
+        let handle = ZoneHandle::new(
+            ZoneConfig::new("clusterset.local", 5).unwrap(),
+            1232,
+            Some(metrics.clone()),
+        );
+        assert!(!handle.is_ready() && !handle.load().zone.is_loaded());
+        assert!(handle.load().fast.is_empty());
+        assert_eq!(metrics.ready.get(), 0);
+        handle.publish(&Catalog::default());
+        assert!(handle.is_ready());
+        assert_eq!(metrics.ready.get(), 1);
+        let clone = handle.clone();
+        clone.publish(&Catalog::default());
+        assert!(handle.is_ready() && clone.is_ready());
+    }
+}

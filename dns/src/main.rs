@@ -67,7 +67,8 @@ struct Args {
     /// Per-upstream timeout, milliseconds.
     #[arg(long, default_value_t = 2000)]
     upstream_timeout_ms: u64,
-    /// EDNS UDP payload size (512..=4096).
+    /// EDNS UDP payload size (512..=4096): advertised, and the cap of UDP answers and of the
+    /// size forwarded queries offer upstream, whatever the client offers.
     #[arg(long, default_value_t = 1232)]
     edns_udp_size: u16,
     /// Identical UDP responses per second to one client network (/24, /56) for one name,

@@ -236,11 +236,14 @@ fn start(contender: &str, dir: &Path, port: u16, options: &Options) -> anyhow::R
                 );
             }
             let catalog = catalog(dir, options.records)?;
-            // The upstream is never used: every query is in the zone.
+            // The upstream is never used: every query is in the zone. dnsperf repeats the
+            // same names from one address far beyond any client: no rate limit (unbound has
+            // none configured either).
             command
                 .arg(binary)
                 .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics", "off"])
                 .args(["--upstream", "127.0.0.1:9", "--udp-workers", "1"])
+                .args(["--rate-limit", "0"])
                 .arg("--catalog")
                 .arg(catalog)
                 .env("RUST_LOG", "warn");

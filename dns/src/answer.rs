@@ -66,8 +66,7 @@ pub struct Reply {
     pub truncated: bool,
 }
 
-/// Largest UDP answer without EDNS (RFC 1035).
-pub const PLAIN_UDP_LIMIT: usize = 512;
+pub use crate::wire::PLAIN_UDP_LIMIT;
 
 /// Decides what to do with `packet` for `zone`. `edns_udp_size` is the UDP payload size this
 /// server advertises and accepts at most.
@@ -123,6 +122,11 @@ pub fn respond(zone: &Zone, packet: &[u8], transport: Transport, edns_udp_size: 
     }
     match lookup {
         Lookup::NotInZone => unreachable!("handled above"),
+        Lookup::NotLoaded => {
+            // Not authoritative and no SOA: a resolver must not cache this as an answer.
+            response.metadata.authoritative = false;
+            response.metadata.response_code = ResponseCode::ServFail;
+        }
         Lookup::NxDomain => {
             response.metadata.response_code = ResponseCode::NXDomain;
             response.add_authority(zone.soa());
@@ -214,16 +218,26 @@ pub fn header_only(packet: &[u8], rcode: ResponseCode) -> Reply {
 
 /// SERVFAIL for a query that was to be forwarded (upstream failed or overloaded).
 pub fn servfail(packet: &[u8], edns_udp_size: u16) -> Option<Reply> {
+    not_forwarded(packet, ResponseCode::ServFail, edns_udp_size)
+}
+
+/// REFUSED for a query outside the zone from a client that may not use forwarding (RA clear:
+/// no recursion is offered to it).
+pub fn refused(packet: &[u8], edns_udp_size: u16) -> Option<Reply> {
+    not_forwarded(packet, ResponseCode::Refused, edns_udp_size)
+}
+
+fn not_forwarded(packet: &[u8], rcode: ResponseCode, edns_udp_size: u16) -> Option<Reply> {
     if packet.len() < 12 {
         return None;
     }
     let Ok(query) = Message::from_vec(packet) else {
-        return Some(header_only(packet, ResponseCode::ServFail));
+        return Some(header_only(packet, rcode));
     };
     let mut response = Message::new(query.id, MessageType::Response, query.op_code);
     response.metadata.recursion_desired = query.recursion_desired;
-    response.metadata.recursion_available = true;
-    response.metadata.response_code = ResponseCode::ServFail;
+    response.metadata.recursion_available = rcode != ResponseCode::Refused;
+    response.metadata.response_code = rcode;
     response.add_queries(query.queries.iter().cloned());
     if query.edns.is_some() {
         let mut ours = Edns::new();
@@ -368,6 +382,39 @@ mod tests {
     }
 
     #[test]
+    fn servfail_in_the_zone_before_a_catalog() {
+        let zone = Zone::not_loaded(ZoneConfig::new("clusterset.local", 5).unwrap());
+        for (name, edns) in [
+            ("web.shop.svc.clusterset.local.", None),
+            ("nope.shop.svc.clusterset.local.", Some(1232)),
+            ("clusterset.local.", None),
+        ] {
+            for transport in [Transport::Udp, Transport::Tcp] {
+                let (r, m) = reply(respond(
+                    &zone,
+                    &query(name, RecordType::A, edns),
+                    transport,
+                    1232,
+                ));
+                assert_eq!((r.rcode, r.answers), (ResponseCode::ServFail, 0), "{name}");
+                assert!(!m.authoritative && m.authorities.is_empty(), "{m:?}");
+                assert_eq!(m.edns.is_some(), edns.is_some());
+            }
+        }
+        assert_eq!(
+            respond(
+                &zone,
+                &query("example.org.", RecordType::A, None),
+                Transport::Udp,
+                1232
+            ),
+            Outcome::Forward {
+                qtype: RecordType::A
+            }
+        );
+    }
+
+    #[test]
     fn truncates_over_udp_not_over_tcp() {
         let zone = zone(100);
         let q = query("big.shop.svc.clusterset.local.", RecordType::A, None);
@@ -441,5 +488,9 @@ mod tests {
             (ResponseCode::ServFail, 0x1234, 1)
         );
         assert!(m.edns.is_some());
+        let r = refused(&query("example.org.", RecordType::A, None), 1232).unwrap();
+        let m = Message::from_vec(&r.bytes).unwrap();
+        assert_eq!((m.response_code, m.id), (ResponseCode::Refused, 0x1234));
+        assert!(!m.recursion_available && m.recursion_desired && m.answers.is_empty());
     }
 }

@@ -1,5 +1,7 @@
 //! The published snapshot (zone + precomputed answers), swapped atomically, and its sources:
-//! an in-process handle (the controller's stream, tests) and a watched JSON file.
+//! an in-process handle (the controller's stream, tests) and a watched JSON file. Until the
+//! first publish the snapshot is "not loaded": in-zone names get SERVFAIL and the server is
+//! not ready.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,10 +36,14 @@ pub struct ZoneHandle {
 }
 
 impl ZoneHandle {
-    /// A handle serving an empty zone.
+    /// A handle with no catalog yet: in-zone names get SERVFAIL until the first
+    /// [`ZoneHandle::publish`].
     pub fn new(config: ZoneConfig, edns_udp_size: u16, metrics: Option<Metrics>) -> Self {
-        let zone = Zone::empty(config.clone());
-        let fast = FastTable::build(&zone, edns_udp_size);
+        let zone = Zone::not_loaded(config.clone());
+        let fast = FastTable::default();
+        if let Some(metrics) = &metrics {
+            metrics.ready.set(0);
+        }
         Self {
             current: Arc::new(ArcSwap::from_pointee(Snapshot { zone, fast })),
             config,
@@ -59,7 +65,17 @@ impl ZoneHandle {
             warn!(%reason, "skipped an invalid service");
         }
         self.current.store(Arc::new(Snapshot { zone, fast }));
+        // After the store: ready means queries see the catalog.
+        if let Some(metrics) = &self.metrics {
+            metrics.ready.set(1);
+        }
         skipped
+    }
+
+    /// Whether a catalog has been published (there is no way back: a later failure of the
+    /// source keeps the last catalog).
+    pub fn is_ready(&self) -> bool {
+        self.current.load().zone.is_loaded()
     }
 
     /// The current snapshot.
@@ -140,5 +156,30 @@ pub async fn watch_file(handle: ZoneHandle, path: PathBuf, poll: Duration, metri
             }
         }
         last = Some(text);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Not ready until the first publish, even of an empty catalog; ready for good after.
+    #[test]
+    fn ready_from_the_first_publish_on() {
+        let metrics = Metrics::new().unwrap();
+        let handle = ZoneHandle::new(
+            ZoneConfig::new("clusterset.local", 5).unwrap(),
+            1232,
+            Some(metrics.clone()),
+        );
+        assert!(!handle.is_ready() && !handle.load().zone.is_loaded());
+        assert!(handle.load().fast.is_empty());
+        assert_eq!(metrics.ready.get(), 0);
+        handle.publish(&Catalog::default());
+        assert!(handle.is_ready());
+        assert_eq!(metrics.ready.get(), 1);
+        let clone = handle.clone();
+        clone.publish(&Catalog::default());
+        assert!(handle.is_ready() && clone.is_ready());
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::Error;
+use crate::acl::ForwardAcl;
 use crate::zone::ZoneConfig;
 
 /// Everything `trellis-dns` needs to run.
@@ -29,6 +30,9 @@ pub struct Config {
     pub controller: Option<String>,
     /// A file holding the controller's agent token (read once at start, trimmed).
     pub controller_token_file: Option<PathBuf>,
+    /// Clients whose out-of-zone queries are forwarded; everyone else gets REFUSED. Empty
+    /// (the default): nobody's.
+    pub forward_for: ForwardAcl,
     /// Upstream resolvers, tried in order.
     pub upstreams: Vec<SocketAddr>,
     /// Time allowed to each upstream per query.
@@ -39,6 +43,12 @@ pub struct Config {
     pub edns_udp_size: u16,
     /// UDP worker threads, each with its own `SO_REUSEPORT` socket.
     pub udp_workers: usize,
+    /// Identical UDP responses (same client /24 or /56, name, type and rcode) sent per second
+    /// at most; beyond, every other one is slipped (TC, empty) and the rest dropped. 0: off.
+    pub rate_limit: u32,
+    /// Slots of the rate limiter's table (8 bytes each, rounded up to a power of two): the
+    /// buckets tracked at once, whatever the number of clients.
+    pub rate_limit_slots: usize,
     /// Requested UDP receive buffer (bytes).
     pub udp_recv_buffer: usize,
     /// TCP connections served at once; beyond, new ones are closed.
@@ -59,11 +69,14 @@ impl Default for Config {
             catalog_poll: Duration::from_secs(1),
             controller: None,
             controller_token_file: None,
+            forward_for: ForwardAcl::default(),
             upstreams: Vec::new(),
             upstream_timeout: Duration::from_secs(2),
             max_forwards_in_flight: 1024,
             edns_udp_size: 1232,
             udp_workers: 1,
+            rate_limit: 20,
+            rate_limit_slots: 1 << 16,
             udp_recv_buffer: 4 << 20,
             max_tcp_connections: 512,
             tcp_idle_timeout: Duration::from_secs(10),
@@ -94,6 +107,9 @@ impl Config {
         if self.max_forwards_in_flight == 0 || self.max_tcp_connections == 0 {
             return fail("connection and forward limits must be positive");
         }
+        if self.rate_limit_slots == 0 || self.rate_limit_slots > 1 << 24 {
+            return fail("rate_limit_slots must be within 1..=16777216");
+        }
         if self.upstreams.iter().any(|u| u.port() == 0) {
             return fail("upstream port must not be 0");
         }
@@ -123,6 +139,8 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_limits_enforced() {
         let zone = Config::default().validate().unwrap();
+        assert_eq!(Config::default().rate_limit, 20);
+        assert!(Config::default().forward_for.is_empty());
         Config {
             controller: Some("trellis-controller.trellis-system:7443".into()),
             controller_token_file: Some("/token".into()),
@@ -167,6 +185,10 @@ mod tests {
             },
             Config {
                 controller: Some("host:0".into()),
+                ..Config::default()
+            },
+            Config {
+                rate_limit_slots: 0,
                 ..Config::default()
             },
         ] {

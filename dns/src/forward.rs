@@ -2,6 +2,10 @@
 //! fresh random ID from a fresh ephemeral port, the answer comes back as the upstream wrote it
 //! (flags, sections, EDNS) with the client's ID restored. A failure or timeout moves on to the
 //! next upstream; when all fail, the caller answers SERVFAIL.
+//!
+//! The EDNS cap of the server holds for relayed messages too ([`capped_query`],
+//! [`relayed_answer`]): an upstream is never offered a bigger UDP payload than the server
+//! itself takes, and a UDP answer never exceeds what the client may get from this server.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,6 +17,7 @@ use tokio::time::timeout;
 
 use crate::Error;
 use crate::answer::Transport;
+use crate::wire::{self, question_end};
 
 /// Something that answers a forwarded query (the seam for tests).
 pub trait Upstream: Send + Sync + 'static {
@@ -138,6 +143,34 @@ impl Upstream for Forwarder {
     }
 }
 
+/// `query` as it goes upstream: an EDNS payload size above `cap` lowered to `cap`, so that the
+/// upstream answers within what this server relays over UDP.
+pub fn capped_query(query: &[u8], cap: u16) -> Vec<u8> {
+    let mut out = query.to_vec();
+    if wire::edns_payload(&out).is_some_and(|size| size > cap) {
+        wire::set_edns_payload(&mut out, cap);
+    }
+    out
+}
+
+/// An upstream `answer` to the client's `query` as relayed: its OPT record advertising this
+/// server's `cap`, and over UDP cut down to header, question and OPT with TC set when it does
+/// not fit the client's limit (its EDNS size capped by `cap`, 512 without EDNS), so that the
+/// client retries over TCP. Returns the bytes and whether they were truncated; `None` when an
+/// oversized answer cannot be parsed far enough to truncate.
+pub fn relayed_answer(
+    mut answer: Vec<u8>,
+    query: &[u8],
+    transport: Transport,
+    cap: u16,
+) -> Option<(Vec<u8>, bool)> {
+    wire::set_edns_payload(&mut answer, cap);
+    if transport == Transport::Tcp || answer.len() <= wire::udp_limit(query, cap) {
+        return Some((answer, false));
+    }
+    wire::truncate(&answer).map(|cut| (cut, true))
+}
+
 /// Whether `answer` is the response to `query` sent with `id`: same ID, QR set, same question
 /// (names compared case-insensitively).
 fn matches(query: &[u8], id: u16, answer: &[u8]) -> bool {
@@ -148,27 +181,6 @@ fn matches(query: &[u8], id: u16, answer: &[u8]) -> bool {
         return false;
     };
     query[4..6] == answer[4..6] && query[12..q_end].eq_ignore_ascii_case(&answer[12..a_end])
-}
-
-/// End of the question section (uncompressed names), if well-formed.
-fn question_end(packet: &[u8]) -> Option<usize> {
-    let count = u16::from_be_bytes([*packet.get(4)?, *packet.get(5)?]);
-    let mut pos = 12;
-    for _ in 0..count {
-        loop {
-            let len = usize::from(*packet.get(pos)?);
-            if len == 0 {
-                pos += 1;
-                break;
-            }
-            if len > 63 {
-                return None;
-            }
-            pos += 1 + len;
-        }
-        pos += 4;
-    }
-    (pos <= packet.len()).then_some(pos)
 }
 
 #[cfg(test)]
@@ -193,5 +205,60 @@ mod tests {
         assert!(!matches(&query, 7, &other));
         assert!(!matches(&query, 7, &answer[..15]));
         assert!(!matches(&query, 7, &query));
+    }
+
+    fn message(answers: usize, edns: Option<u16>, response: bool) -> Vec<u8> {
+        use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
+        use hickory_proto::rr::rdata::A;
+        use hickory_proto::rr::{Name, RData, Record, RecordType};
+        let name = Name::from_ascii("www.example.test.").unwrap();
+        let kind = if response {
+            MessageType::Response
+        } else {
+            MessageType::Query
+        };
+        let mut m = Message::new(1, kind, OpCode::Query);
+        m.add_query(Query::query(name.clone(), RecordType::A));
+        for i in 0..answers {
+            m.add_answer(Record::from_rdata(
+                name.clone(),
+                60,
+                RData::A(A::new(192, 0, 2, i as u8)),
+            ));
+        }
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn the_edns_cap_holds_both_ways() {
+        let q = capped_query(&message(0, Some(4096), false), 1232);
+        assert_eq!(wire::edns_payload(&q), Some(1232));
+        let small = capped_query(&message(0, Some(800), false), 1232);
+        assert_eq!(wire::edns_payload(&small), Some(800));
+        let plain = message(0, None, false);
+        assert_eq!(capped_query(&plain, 1232), plain);
+
+        let client = message(0, Some(4096), false);
+        // Fits: relayed, advertising our cap.
+        let (bytes, cut) =
+            relayed_answer(message(3, Some(4096), true), &client, Transport::Udp, 1232).unwrap();
+        assert!(!cut);
+        assert_eq!(wire::edns_payload(&bytes), Some(1232));
+        // Too big for 1232 (150 records): truncated over UDP, whole over TCP.
+        let big = message(150, Some(4096), true);
+        assert!(big.len() > 1232);
+        let (bytes, cut) = relayed_answer(big.clone(), &client, Transport::Udp, 1232).unwrap();
+        assert!(cut && bytes.len() <= 1232);
+        let (bytes, cut) = relayed_answer(big, &client, Transport::Tcp, 1232).unwrap();
+        assert!(!cut && bytes.len() > 1232);
+        // A client without EDNS gets 512 at most.
+        let (bytes, cut) =
+            relayed_answer(message(40, None, true), &plain, Transport::Udp, 1232).unwrap();
+        assert!(cut && bytes.len() <= 512);
     }
 }

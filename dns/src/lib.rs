@@ -7,9 +7,13 @@
 //! - [`fast`]: precomputed wire answers for in-zone names (pure, no allocation per query);
 //! - [`catalog`]: the atomically swapped snapshot and the file source;
 //! - [`subscription`]: the controller as the source (its agent stream, mapped to a catalog);
-//! - [`forward`]: relaying to upstream resolvers; [`resolv`]: resolv.conf parsing;
-//! - [`server`]: the UDP loops, TCP and /metrics; [`metrics`]: `trellis_dns_*`.
+//! - [`forward`]: relaying to upstream resolvers, for the clients [`acl`] allows;
+//!   [`resolv`]: resolv.conf parsing;
+//! - [`wire`]: reading and patching messages in wire format (question, OPT, truncation);
+//! - [`rrl`]: response rate limiting per client network (fixed memory, O(1));
+//! - [`server`]: the UDP loops, TCP, /metrics and /readyz; [`metrics`]: `trellis_dns_*`.
 
+pub mod acl;
 pub mod answer;
 pub mod catalog;
 pub mod config;
@@ -18,8 +22,10 @@ pub mod forward;
 pub mod metrics;
 pub mod model;
 pub mod resolv;
+pub mod rrl;
 pub mod server;
 pub mod subscription;
+pub mod wire;
 pub mod zone;
 
 pub use catalog::{Snapshot, ZoneHandle};

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{ArgGroup, Parser};
 use tracing::info;
 
+use trellis_dns::acl::{Cidr, ForwardAcl};
 use trellis_dns::catalog::{ZoneHandle, watch_file};
 use trellis_dns::config::Config;
 use trellis_dns::forward::Forwarder;
@@ -52,18 +53,32 @@ struct Args {
     /// Catalog poll interval, milliseconds.
     #[arg(long, default_value_t = 1000)]
     catalog_poll_ms: u64,
+    /// Clients (CIDR, repeatable or comma-separated) whose queries outside the zone are
+    /// forwarded; everyone else gets REFUSED. Default: none. Everyone: 0.0.0.0/0,::/0.
+    #[arg(long = "forward-for", value_name = "CIDR", value_delimiter = ',')]
+    forward_for: Vec<Cidr>,
     /// Upstream resolver (repeatable); default: the nameservers of --resolv-conf.
     #[arg(long = "upstream")]
     upstreams: Vec<SocketAddr>,
-    /// resolv.conf to take upstreams from when no --upstream is given.
+    /// resolv.conf to take upstreams from when no --upstream is given (read only with
+    /// --forward-for).
     #[arg(long, default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
     /// Per-upstream timeout, milliseconds.
     #[arg(long, default_value_t = 2000)]
     upstream_timeout_ms: u64,
-    /// EDNS UDP payload size (512..=4096).
+    /// EDNS UDP payload size (512..=4096): advertised, and the cap of UDP answers and of the
+    /// size forwarded queries offer upstream, whatever the client offers.
     #[arg(long, default_value_t = 1232)]
     edns_udp_size: u16,
+    /// Identical UDP responses per second to one client network (/24, /56) for one name,
+    /// type and rcode; beyond, every other one goes out truncated (TC) and the rest are
+    /// dropped. 0 disables.
+    #[arg(long, default_value_t = 20)]
+    rate_limit: u32,
+    /// Buckets the rate limiter tracks at once (8 bytes each; fixed memory).
+    #[arg(long, default_value_t = 1 << 16)]
+    rate_limit_slots: usize,
     /// UDP worker threads (SO_REUSEPORT sockets).
     #[arg(long, default_value_t = 1)]
     udp_workers: usize,
@@ -71,7 +86,8 @@ struct Args {
 
 fn config(args: Args) -> anyhow::Result<Config> {
     let mut upstreams = args.upstreams;
-    if upstreams.is_empty() {
+    // Without --forward-for nothing is forwarded: no resolv.conf needed.
+    if upstreams.is_empty() && !args.forward_for.is_empty() {
         let text = std::fs::read_to_string(&args.resolv_conf)
             .with_context(|| format!("reading {}", args.resolv_conf.display()))?;
         upstreams = without_self(parse_resolv_conf(&text), args.listen);
@@ -93,10 +109,13 @@ fn config(args: Args) -> anyhow::Result<Config> {
         catalog_poll: Duration::from_millis(args.catalog_poll_ms),
         controller: args.controller,
         controller_token_file: args.controller_token_file,
+        forward_for: ForwardAcl::new(args.forward_for),
         upstreams,
         upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
         edns_udp_size: args.edns_udp_size,
         udp_workers: args.udp_workers,
+        rate_limit: args.rate_limit,
+        rate_limit_slots: args.rate_limit_slots,
         ..Config::default()
     })
 }
@@ -131,8 +150,10 @@ fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
-    if config.upstreams.is_empty() {
-        tracing::warn!("no upstream resolver: queries outside the zone get SERVFAIL");
+    if config.forward_for.is_empty() {
+        info!("forwarding is off (no --forward-for): queries outside the zone get REFUSED");
+    } else if config.upstreams.is_empty() {
+        tracing::warn!("no upstream resolver: forwarded queries get SERVFAIL");
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

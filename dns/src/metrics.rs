@@ -30,10 +30,15 @@ pub struct Metrics {
     pub records: IntCounter,
     /// Queries forwarded upstream.
     pub forwarded: IntCounter,
+    /// Out-of-zone queries refused because the client may not use forwarding.
+    pub forward_refused: IntCounter,
     /// Forwarded queries that got no usable upstream answer, by reason.
     pub upstream_failures: IntCounterVec,
     /// Packets dropped without an answer, by reason.
     pub dropped: IntCounterVec,
+    /// UDP responses held back by the rate limiter, by action (`slip`: sent empty with TC,
+    /// `drop`: not sent).
+    pub rate_limited: IntCounterVec,
     /// Answers truncated (TC set) to fit UDP.
     pub truncated: IntCounter,
     /// Catalog loads, by result.
@@ -42,6 +47,8 @@ pub struct Metrics {
     pub services: IntGauge,
     /// Precomputed fast-path answers.
     pub fast_answers: IntGauge,
+    /// 1 once the first catalog is loaded (in-zone names are answered), else 0.
+    pub ready: IntGauge,
     /// 1 while subscribed to the controller.
     pub controller_connected: IntGauge,
     /// Updates (snapshots and deltas) applied from the controller.
@@ -88,6 +95,11 @@ impl Metrics {
             "Queries outside the zone relayed to an upstream resolver.",
         )
         .map_err(err)?;
+        let forward_refused = IntCounter::new(
+            "trellis_dns_forward_refused_total",
+            "Queries outside the zone answered REFUSED: the client is not in --forward-for.",
+        )
+        .map_err(err)?;
         let upstream_failures = IntCounterVec::new(
             Opts::new(
                 "trellis_dns_upstream_failures_total",
@@ -102,6 +114,14 @@ impl Metrics {
                 "Packets dropped without an answer, by reason.",
             ),
             &["reason"],
+        )
+        .map_err(err)?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "trellis_dns_rate_limited_total",
+                "UDP responses over the per-client rate limit, by action (slip or drop).",
+            ),
+            &["action"],
         )
         .map_err(err)?;
         let truncated = IntCounter::new(
@@ -127,6 +147,11 @@ impl Metrics {
             "Answers precomputed for the fast path.",
         )
         .map_err(err)?;
+        let ready = IntGauge::new(
+            "trellis_dns_ready",
+            "1 once the first catalog is loaded and in-zone names are answered, else 0.",
+        )
+        .map_err(err)?;
         let controller_connected = IntGauge::new(
             "trellis_dns_controller_connected",
             "1 while subscribed to the mesh controller, else 0.",
@@ -150,12 +175,15 @@ impl Metrics {
             Box::new(latency.clone()),
             Box::new(records.clone()),
             Box::new(forwarded.clone()),
+            Box::new(forward_refused.clone()),
             Box::new(upstream_failures.clone()),
             Box::new(dropped.clone()),
+            Box::new(rate_limited.clone()),
             Box::new(truncated.clone()),
             Box::new(catalog_loads.clone()),
             Box::new(services.clone()),
             Box::new(fast_answers.clone()),
+            Box::new(ready.clone()),
             Box::new(controller_connected.clone()),
             Box::new(controller_updates.clone()),
             Box::new(controller_errors.clone()),
@@ -168,12 +196,15 @@ impl Metrics {
             latency,
             records,
             forwarded,
+            forward_refused,
             upstream_failures,
             dropped,
+            rate_limited,
             truncated,
             catalog_loads,
             services,
             fast_answers,
+            ready,
             controller_connected,
             controller_updates,
             controller_errors,

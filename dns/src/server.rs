@@ -3,7 +3,7 @@
 //! dropped.
 
 use std::io::ErrorKind;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -24,11 +24,13 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use crate::Error;
-use crate::answer::{Outcome, Reply, Transport, respond, servfail};
+use crate::acl::ForwardAcl;
+use crate::answer::{Outcome, Reply, Transport, refused, respond, servfail};
 use crate::catalog::ZoneHandle;
 use crate::config::Config;
-use crate::forward::Upstream;
+use crate::forward::{Upstream, capped_query, relayed_answer};
 use crate::metrics::Metrics;
+use crate::rrl::{RateLimiter, Verdict, slip};
 
 /// Largest UDP datagram accepted (and answer sent); a longer query is dropped as oversized.
 const MAX_UDP_QUERY: usize = 4096;
@@ -90,6 +92,11 @@ pub async fn start<U: Upstream>(
     let forwards = Arc::new(Semaphore::new(config.max_forwards_in_flight));
     let stop = Arc::new(AtomicBool::new(false));
     let edns = handle.edns_udp_size();
+    let acl = Arc::new(config.forward_for.clone());
+    let limiter = Limiter::new(
+        RateLimiter::new(config.rate_limit, config.rate_limit_slots).map(Arc::new),
+        &metrics,
+    );
 
     let udp = bind_udp(config)?;
     let dns_addr = udp[0].local_addr().map_err(|source| Error::Bind {
@@ -111,6 +118,7 @@ pub async fn start<U: Upstream>(
         upstream.clone(),
         forwards.clone(),
         metrics.clone(),
+        limiter.clone(),
         edns,
     ))];
 
@@ -122,6 +130,8 @@ pub async fn start<U: Upstream>(
             handle: handle.clone(),
             metrics: metrics.clone(),
             forward: tx.clone(),
+            acl: acl.clone(),
+            limiter: limiter.clone(),
             stop: stop.clone(),
             edns,
         };
@@ -132,15 +142,16 @@ pub async fn start<U: Upstream>(
         threads.push(thread);
     }
 
-    tasks.push(tokio::spawn(serve_tcp(
-        tcp,
-        handle.clone(),
-        metrics.clone(),
+    let tcp_server = TcpServer {
+        handle: handle.clone(),
+        metrics: metrics.clone(),
         upstream,
         forwards,
-        config.max_tcp_connections,
-        config.tcp_idle_timeout,
-    )));
+        acl,
+        max_connections: config.max_tcp_connections,
+        idle: config.tcp_idle_timeout,
+    };
+    tasks.push(tokio::spawn(tcp_server.run(tcp)));
 
     let metrics_addr = match config.metrics {
         Some(addr) => {
@@ -156,7 +167,11 @@ pub async fn start<U: Upstream>(
                 addr,
                 source,
             })?;
-            tasks.push(tokio::spawn(serve_metrics(listener, metrics.clone())));
+            tasks.push(tokio::spawn(serve_metrics(
+                listener,
+                metrics.clone(),
+                handle.clone(),
+            )));
             Some(bound)
         }
         None => None,
@@ -224,8 +239,55 @@ struct UdpWorker {
     handle: ZoneHandle,
     metrics: Metrics,
     forward: mpsc::Sender<ForwardJob>,
+    acl: Arc<ForwardAcl>,
+    limiter: Limiter,
     stop: Arc<AtomicBool>,
     edns: u16,
+}
+
+/// The response rate limiter as the UDP paths apply it, with its counters resolved once.
+#[derive(Clone)]
+struct Limiter {
+    rrl: Option<Arc<RateLimiter>>,
+    slipped: prometheus::IntCounter,
+    dropped: prometheus::IntCounter,
+}
+
+impl Limiter {
+    fn new(rrl: Option<Arc<RateLimiter>>, metrics: &Metrics) -> Self {
+        Self {
+            rrl,
+            slipped: metrics.rate_limited.with_label_values(&["slip"]),
+            dropped: metrics.rate_limited.with_label_values(&["drop"]),
+        }
+    }
+
+    /// Whether the response in `out[..len]` to `query` goes to `client`: `Some(len)` as is,
+    /// `Some(shorter)` cut to a slip (TC, no records), `None` dropped.
+    fn allow(
+        &self,
+        client: IpAddr,
+        query: &[u8],
+        out: &mut [u8],
+        len: usize,
+        now: Instant,
+    ) -> Option<usize> {
+        let Some(rrl) = &self.rrl else {
+            return Some(len);
+        };
+        let rcode = out.get(3).map_or(0, |b| b & 0x0f);
+        match rrl.check(client, query, rcode, now) {
+            Verdict::Send => Some(len),
+            Verdict::Slip => {
+                self.slipped.inc();
+                Some(slip(out, len))
+            }
+            Verdict::Drop => {
+                self.dropped.inc();
+                None
+            }
+        }
+    }
 }
 
 /// Datagrams received and sent per system call.
@@ -334,21 +396,33 @@ impl UdpWorker {
                     continue;
                 }
                 let packet = &bufs[index][..*len];
+                let Some(peer) = to_std(addr) else { continue };
                 if let Some(hit) = snapshot.fast.answer(packet, self.edns, &mut out[replies]) {
-                    out_len[replies] = hit.len;
+                    let Some(len) =
+                        self.limiter
+                            .allow(peer.ip(), packet, &mut out[replies], hit.len, received)
+                    else {
+                        continue;
+                    };
+                    out_len[replies] = len;
                     out_addr[replies] = Some(*addr);
                     replies += 1;
-                    stats.by_type[hit.entry.type_index].inc();
-                    stats.records.inc_by(hit.entry.answers as u64);
                     fast += 1;
+                    stats.by_type[hit.entry.type_index].inc();
+                    if len == hit.len {
+                        stats.records.inc_by(hit.entry.answers as u64);
+                    }
                     continue;
                 }
-                let Some(peer) = to_std(addr) else { continue };
                 let (reply, source) =
                     match respond(&snapshot.zone, packet, Transport::Udp, self.edns) {
                         Outcome::Reply(reply) => (Some(reply), "zone"),
-                        Outcome::Forward { qtype } => {
+                        Outcome::Forward { qtype } if self.acl.allows(peer.ip()) => {
                             (self.forward(packet, peer, qtype, received), "upstream")
+                        }
+                        Outcome::Forward { .. } => {
+                            self.metrics.forward_refused.inc();
+                            (refused(packet, self.edns), "zone")
                         }
                         Outcome::Drop(reason) => {
                             self.metrics
@@ -361,8 +435,15 @@ impl UdpWorker {
                 if let Some(reply) = reply
                     && reply.bytes.len() <= MAX_UDP_QUERY
                 {
-                    out[replies][..reply.bytes.len()].copy_from_slice(&reply.bytes);
-                    out_len[replies] = reply.bytes.len();
+                    let len = reply.bytes.len();
+                    out[replies][..len].copy_from_slice(&reply.bytes);
+                    let Some(len) =
+                        self.limiter
+                            .allow(peer.ip(), packet, &mut out[replies], len, received)
+                    else {
+                        continue;
+                    };
+                    out_len[replies] = len;
                     out_addr[replies] = Some(*addr);
                     replies += 1;
                     count_reply(&self.metrics, &reply, source, received);
@@ -461,10 +542,11 @@ fn count_reply(metrics: &Metrics, reply: &Reply, source: &str, received: Instant
         .observe(received.elapsed().as_secs_f64());
 }
 
-/// Counts an upstream answer relayed as is.
+/// Counts an upstream answer relayed.
 fn count_relayed(
     metrics: &Metrics,
     answer: &[u8],
+    truncated: bool,
     qtype: Option<hickory_proto::rr::RecordType>,
     received: Instant,
 ) {
@@ -479,7 +561,7 @@ fn count_relayed(
             qtype,
             rcode,
             answers: usize::from(answers),
-            truncated: false,
+            truncated,
         },
         "upstream",
         received,
@@ -493,6 +575,7 @@ async fn forward_udp<U: Upstream>(
     upstream: Arc<U>,
     forwards: Arc<Semaphore>,
     metrics: Metrics,
+    limiter: Limiter,
     edns: u16,
 ) {
     let socket = Arc::new(socket);
@@ -502,20 +585,42 @@ async fn forward_udp<U: Upstream>(
                 .upstream_failures
                 .with_label_values(&["overload"])
                 .inc();
-            if let Some(reply) = servfail(&job.query, edns) {
-                let _ = socket.send_to(&reply.bytes, job.peer);
+            if let Some(reply) = servfail(&job.query, edns)
+                && send_limited(&socket, &limiter, &job, reply.bytes.clone())
+            {
                 count_reply(&metrics, &reply, "upstream", job.received);
             }
             continue;
         };
-        let (socket, upstream, metrics) = (socket.clone(), upstream.clone(), metrics.clone());
+        let (socket, upstream, metrics, limiter) = (
+            socket.clone(),
+            upstream.clone(),
+            metrics.clone(),
+            limiter.clone(),
+        );
         tokio::spawn(async move {
             let _permit = permit;
-            match upstream.exchange(&job.query, Transport::Udp).await {
-                Ok(answer) => {
-                    // A UDP send on a datagram socket does not block in practice.
-                    let _ = socket.send_to(&answer, job.peer);
-                    count_relayed(&metrics, &answer, job.qtype, job.received);
+            let relayed = upstream
+                .exchange(&capped_query(&job.query, edns), Transport::Udp)
+                .await
+                .and_then(|answer| {
+                    relayed_answer(answer, &job.query, Transport::Udp, edns).ok_or(
+                        Error::Upstream {
+                            upstream: SocketAddr::from(([0, 0, 0, 0], 0)),
+                            reason: "oversized answer that cannot be truncated".into(),
+                        },
+                    )
+                });
+            match relayed {
+                Ok((answer, truncated)) => {
+                    // What was relayed is counted from the header (rcode, answers) as it
+                    // came, before the limiter may cut it.
+                    let header = answer.get(..12).map(<[u8]>::to_vec);
+                    if send_limited(&socket, &limiter, &job, answer)
+                        && let Some(header) = header
+                    {
+                        count_relayed(&metrics, &header, truncated, job.qtype, job.received);
+                    }
                 }
                 Err(error) => {
                     debug!(%error, "forwarding failed");
@@ -523,14 +628,33 @@ async fn forward_udp<U: Upstream>(
                         .upstream_failures
                         .with_label_values(&[failure_reason(&error)])
                         .inc();
-                    if let Some(reply) = servfail(&job.query, edns) {
-                        let _ = socket.send_to(&reply.bytes, job.peer);
+                    if let Some(reply) = servfail(&job.query, edns)
+                        && send_limited(&socket, &limiter, &job, reply.bytes.clone())
+                    {
                         count_reply(&metrics, &reply, "upstream", job.received);
                     }
                 }
             }
         });
     }
+}
+
+/// Sends `bytes`, a response to `job`, unless the rate limiter drops it (or cuts it to a
+/// slip); whether something was sent.
+fn send_limited(
+    socket: &UdpSocket,
+    limiter: &Limiter,
+    job: &ForwardJob,
+    mut bytes: Vec<u8>,
+) -> bool {
+    let len = bytes.len();
+    let Some(len) = limiter.allow(job.peer.ip(), &job.query, &mut bytes, len, Instant::now())
+    else {
+        return false;
+    };
+    // A UDP send on a datagram socket does not block in practice.
+    let _ = socket.send_to(&bytes[..len], job.peer);
+    true
 }
 
 fn failure_reason(error: &Error) -> &'static str {
@@ -541,129 +665,182 @@ fn failure_reason(error: &Error) -> &'static str {
     }
 }
 
-async fn serve_tcp<U: Upstream>(
-    listener: TcpListener,
+/// The TCP listener's task and what its connections share.
+struct TcpServer<U> {
     handle: ZoneHandle,
     metrics: Metrics,
     upstream: Arc<U>,
     forwards: Arc<Semaphore>,
+    acl: Arc<ForwardAcl>,
     max_connections: usize,
     idle: Duration,
-) {
-    let connections = Arc::new(Semaphore::new(max_connections));
-    // Owned here: when this task is aborted (shutdown), every connection goes with it.
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        while tasks.try_join_next().is_some() {}
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                warn!(%error, "tcp accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            metrics.dropped.with_label_values(&["tcp_overload"]).inc();
-            continue; // dropping the stream closes it
-        };
-        let (handle, metrics, upstream, forwards) = (
-            handle.clone(),
-            metrics.clone(),
-            upstream.clone(),
-            forwards.clone(),
-        );
-        tasks.spawn(async move {
-            let _permit = permit;
-            if let Err(error) =
-                tcp_connection(stream, handle, metrics, upstream, forwards, idle).await
-            {
-                debug!(%error, %peer, "tcp connection ended");
-            }
-        });
+}
+
+impl<U: Upstream> TcpServer<U> {
+    async fn run(self, listener: TcpListener) {
+        let TcpServer {
+            handle,
+            metrics,
+            upstream,
+            forwards,
+            acl,
+            max_connections,
+            idle,
+        } = self;
+        let connections = Arc::new(Semaphore::new(max_connections));
+        // Owned here: when this task is aborted (shutdown), every connection goes with it.
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(%error, "tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                metrics.dropped.with_label_values(&["tcp_overload"]).inc();
+                continue; // dropping the stream closes it
+            };
+            let (handle, metrics, upstream, forwards) = (
+                handle.clone(),
+                metrics.clone(),
+                upstream.clone(),
+                forwards.clone(),
+            );
+            let forwarding = acl.allows(peer.ip());
+            tasks.spawn(async move {
+                let _permit = permit;
+                let connection = TcpConnection {
+                    handle,
+                    metrics,
+                    upstream,
+                    forwards,
+                    forwarding,
+                    idle,
+                };
+                if let Err(error) = connection.serve(stream).await {
+                    debug!(%error, %peer, "tcp connection ended");
+                }
+            });
+        }
     }
 }
 
-async fn tcp_connection<U: Upstream>(
-    mut stream: TcpStream,
+/// One TCP client: what it may do and what it is served from.
+struct TcpConnection<U> {
     handle: ZoneHandle,
     metrics: Metrics,
     upstream: Arc<U>,
     forwards: Arc<Semaphore>,
+    /// Whether the client may use forwarding (`--forward-for`).
+    forwarding: bool,
     idle: Duration,
-) -> std::io::Result<()> {
-    let edns = handle.edns_udp_size();
-    loop {
-        let Ok(len) = timeout(idle, stream.read_u16()).await else {
-            return Ok(()); // idle
-        };
-        let len = usize::from(len?);
-        let mut query = vec![0u8; len];
-        timeout(idle, stream.read_exact(&mut query))
-            .await
-            .map_err(|_| std::io::Error::new(ErrorKind::TimedOut, "tcp read"))??;
-        let received = Instant::now();
-        let outcome = {
-            let snapshot = handle.load();
-            respond(&snapshot.zone, &query, Transport::Tcp, edns)
-        };
-        let answer = match outcome {
-            Outcome::Reply(reply) => {
-                count_reply(&metrics, &reply, "zone", received);
-                reply.bytes
-            }
-            Outcome::Forward { qtype } => {
-                metrics.forwarded.inc();
-                let answer = match forwards.clone().try_acquire_owned() {
-                    Ok(_permit) => upstream.exchange(&query, Transport::Tcp).await,
-                    Err(_) => Err(Error::Upstream {
-                        upstream: SocketAddr::from(([0, 0, 0, 0], 0)),
-                        reason: "overload".into(),
-                    }),
-                };
-                match answer {
-                    Ok(answer) => {
-                        count_relayed(&metrics, &answer, Some(qtype), received);
-                        answer
-                    }
-                    Err(error) => {
-                        metrics
-                            .upstream_failures
-                            .with_label_values(&[failure_reason(&error)])
-                            .inc();
-                        let Some(reply) = servfail(&query, edns) else {
-                            return Ok(());
-                        };
-                        count_reply(&metrics, &reply, "upstream", received);
-                        reply.bytes
+}
+
+impl<U: Upstream> TcpConnection<U> {
+    async fn serve(self, mut stream: TcpStream) -> std::io::Result<()> {
+        let TcpConnection {
+            handle,
+            metrics,
+            upstream,
+            forwards,
+            forwarding,
+            idle,
+        } = self;
+        let edns = handle.edns_udp_size();
+        loop {
+            let Ok(len) = timeout(idle, stream.read_u16()).await else {
+                return Ok(()); // idle
+            };
+            let len = usize::from(len?);
+            let mut query = vec![0u8; len];
+            timeout(idle, stream.read_exact(&mut query))
+                .await
+                .map_err(|_| std::io::Error::new(ErrorKind::TimedOut, "tcp read"))??;
+            let received = Instant::now();
+            let outcome = {
+                let snapshot = handle.load();
+                respond(&snapshot.zone, &query, Transport::Tcp, edns)
+            };
+            let answer = match outcome {
+                Outcome::Reply(reply) => {
+                    count_reply(&metrics, &reply, "zone", received);
+                    reply.bytes
+                }
+                Outcome::Forward { .. } if !forwarding => {
+                    metrics.forward_refused.inc();
+                    let Some(reply) = refused(&query, edns) else {
+                        return Ok(());
+                    };
+                    count_reply(&metrics, &reply, "zone", received);
+                    reply.bytes
+                }
+                Outcome::Forward { qtype } => {
+                    metrics.forwarded.inc();
+                    let answer = match forwards.clone().try_acquire_owned() {
+                        Ok(_permit) => {
+                            upstream
+                                .exchange(&capped_query(&query, edns), Transport::Tcp)
+                                .await
+                        }
+                        Err(_) => Err(Error::Upstream {
+                            upstream: SocketAddr::from(([0, 0, 0, 0], 0)),
+                            reason: "overload".into(),
+                        }),
+                    };
+                    match answer {
+                        Ok(answer) => {
+                            // Over TCP nothing is cut; only the advertised size is ours.
+                            let answer = relayed_answer(answer, &query, Transport::Tcp, edns)
+                                .map_or_else(Vec::new, |(answer, _)| answer);
+                            count_relayed(&metrics, &answer, false, Some(qtype), received);
+                            answer
+                        }
+                        Err(error) => {
+                            metrics
+                                .upstream_failures
+                                .with_label_values(&[failure_reason(&error)])
+                                .inc();
+                            let Some(reply) = servfail(&query, edns) else {
+                                return Ok(());
+                            };
+                            count_reply(&metrics, &reply, "upstream", received);
+                            reply.bytes
+                        }
                     }
                 }
-            }
-            Outcome::Drop(reason) => {
-                metrics.dropped.with_label_values(&[reason.label()]).inc();
+                Outcome::Drop(reason) => {
+                    metrics.dropped.with_label_values(&[reason.label()]).inc();
+                    return Ok(());
+                }
+            };
+            let Ok(len) = u16::try_from(answer.len()) else {
                 return Ok(());
-            }
-        };
-        let Ok(len) = u16::try_from(answer.len()) else {
-            return Ok(());
-        };
-        let mut framed = Vec::with_capacity(answer.len() + 2);
-        framed.extend_from_slice(&len.to_be_bytes());
-        framed.extend_from_slice(&answer);
-        timeout(idle, stream.write_all(&framed))
-            .await
-            .map_err(|_| std::io::Error::new(ErrorKind::TimedOut, "tcp write"))??;
+            };
+            let mut framed = Vec::with_capacity(answer.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&answer);
+            timeout(idle, stream.write_all(&framed))
+                .await
+                .map_err(|_| std::io::Error::new(ErrorKind::TimedOut, "tcp write"))??;
+        }
     }
 }
 
-/// A minimal HTTP/1.1 endpoint: `GET /metrics` gets the text exposition, anything else 404.
-async fn serve_metrics(listener: TcpListener, metrics: Metrics) {
+/// A minimal HTTP/1.1 endpoint: `GET /metrics` gets the text exposition, `GET /readyz` 200
+/// once the first catalog is loaded and 503 before (the readiness probe: a DNS pod that would
+/// only say SERVFAIL gets no traffic), anything else 404.
+async fn serve_metrics(listener: TcpListener, metrics: Metrics, handle: ZoneHandle) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let metrics = metrics.clone();
+        let handle = handle.clone();
         tokio::spawn(async move {
             let mut request = Vec::new();
             let mut buf = [0u8; 1024];
@@ -687,6 +864,16 @@ async fn serve_metrics(listener: TcpListener, metrics: Metrics) {
                 let body = metrics.render();
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else if request.starts_with(b"GET /readyz ") || request.starts_with(b"GET /readyz?") {
+                let (status, body) = if handle.is_ready() {
+                    ("200 OK", "ready\n")
+                } else {
+                    ("503 Service Unavailable", "no catalog loaded yet\n")
+                };
+                format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 )
             } else {

@@ -79,6 +79,9 @@ impl Node {
 pub enum Lookup {
     /// The name is outside the zone: forward it.
     NotInZone,
+    /// The name is in the zone but no catalog has been loaded yet: nothing is known about it
+    /// (SERVFAIL; an NXDOMAIN now would be cached as the truth).
+    NotLoaded,
     /// The name does not exist (answer with the SOA in authority).
     NxDomain,
     /// The name exists without records of that type (NOERROR, SOA in authority).
@@ -102,12 +105,28 @@ pub struct Zone {
     /// Services of the catalog that were skipped, with the reason.
     skipped: Vec<String>,
     services: usize,
+    /// Built from a catalog (false only for [`Zone::not_loaded`]).
+    loaded: bool,
 }
 
 impl Zone {
     /// An empty zone (apex and SOA only).
     pub fn empty(config: ZoneConfig) -> Self {
         Self::build(config, &Catalog::default())
+    }
+
+    /// The zone before any catalog: every in-zone name is [`Lookup::NotLoaded`], no name
+    /// exists (so nothing is precomputed).
+    pub fn not_loaded(config: ZoneConfig) -> Self {
+        let mut zone = Self::empty(config);
+        zone.nodes.clear();
+        zone.loaded = false;
+        zone
+    }
+
+    /// Whether the zone was built from a catalog.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded
     }
 
     /// Builds the zone from a catalog. Invalid services (bad labels) are skipped and listed in
@@ -121,6 +140,7 @@ impl Zone {
             skipped: Vec::new(),
             services: 0,
             config,
+            loaded: true,
         };
         zone.nodes.insert(apex, Node::default());
         for service in &catalog.services {
@@ -337,6 +357,9 @@ impl Zone {
         let key = LowerName::new(qname);
         if !self.apex.zone_of(&key) {
             return Lookup::NotInZone;
+        }
+        if !self.loaded {
+            return Lookup::NotLoaded;
         }
         let Some(node) = self.nodes.get(&key) else {
             return Lookup::NxDomain;
@@ -558,6 +581,28 @@ mod tests {
         assert_eq!(
             rdatas(zone.lookup(&name("clusterset.local."), RecordType::SOA)).len(),
             1
+        );
+    }
+
+    #[test]
+    fn before_a_catalog_nothing_in_the_zone_is_known() {
+        let zone = Zone::not_loaded(ZoneConfig::new("clusterset.local", 5).unwrap());
+        assert!(!zone.is_loaded() && zone.names().next().is_none());
+        for n in ["web.shop.svc.clusterset.local.", "clusterset.local."] {
+            for qtype in [RecordType::A, RecordType::SOA] {
+                assert_eq!(zone.lookup(&name(n), qtype), Lookup::NotLoaded, "{n}");
+            }
+        }
+        assert_eq!(
+            zone.lookup(&name("example.com."), RecordType::A),
+            Lookup::NotInZone
+        );
+        // An empty catalog is a catalog: loaded, names absent.
+        let empty = Zone::empty(ZoneConfig::new("clusterset.local", 5).unwrap());
+        assert!(empty.is_loaded());
+        assert_eq!(
+            empty.lookup(&name("web.shop.svc.clusterset.local."), RecordType::A),
+            Lookup::NxDomain
         );
     }
 

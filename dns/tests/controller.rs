@@ -269,6 +269,96 @@ async fn follows_a_scripted_controller() {
     server.running.shutdown();
 }
 
+/// The response code of `name`/A over UDP, with and without EDNS, and over TCP: all three
+/// must agree (the fast path, the slow path and TCP tell the same truth).
+async fn rcode(server: SocketAddr, name: &str) -> ResponseCode {
+    let plain = udp_exchange(
+        server,
+        &query(name, RecordType::A, None),
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("a UDP answer");
+    let plain = hickory_proto::op::Message::from_vec(&plain).unwrap();
+    let edns = ask(server, name, RecordType::A, false).await;
+    let tcp = ask(server, name, RecordType::A, true).await;
+    assert_eq!(plain.response_code, edns.response_code, "{name}");
+    assert_eq!(plain.response_code, tcp.response_code, "{name}");
+    if plain.response_code == ResponseCode::ServFail {
+        // Nothing a cache could keep as the truth: not authoritative, no SOA.
+        for m in [&plain, &edns, &tcp] {
+            assert!(!m.authoritative && m.authorities.is_empty(), "{m:?}");
+        }
+    }
+    plain.response_code
+}
+
+async fn readyz(metrics: SocketAddr) -> u16 {
+    http_get(metrics, "/readyz").await.0
+}
+
+/// Started while its controller is unreachable, the server says SERVFAIL (not NXDOMAIN) for
+/// in-zone names and is not ready; the first snapshot makes it answer and ready; a reconnect
+/// later does not take that back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servfail_and_not_ready_until_the_first_snapshot() {
+    let server = start_config(test_config(vec![]), None).await;
+    let (dns, metrics) = (server.addr(), server.running.metrics_addr.unwrap());
+    // A port nobody listens on (yet).
+    let controller = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let subscriber = tokio::spawn(subscription::run(
+        server.handle.clone(),
+        ControllerSource {
+            addr: controller.to_string(),
+            token: Some("tok".into()),
+            max_frame: 1 << 16,
+        },
+        server.metrics.clone(),
+    ));
+    eventually("a failed connection", || async {
+        errors(metrics, "connect").await >= 1.0
+    })
+    .await;
+    for name in [WEB, "nope.shop.svc.clusterset.local.", "clusterset.local."] {
+        assert_eq!(rcode(dns, name).await, ResponseCode::ServFail, "{name}");
+    }
+    assert_eq!(readyz(metrics).await, 503);
+    assert_eq!(
+        metric(&scrape(metrics).await, "trellis_dns_ready", &[]),
+        0.0
+    );
+
+    // The controller comes up and sends its snapshot.
+    let listener = TcpListener::bind(controller).await.unwrap();
+    let mut conn = accept(&listener).await;
+    send(&mut conn, &imports(1, vec![web()])).await;
+    eventually("the snapshot", || async {
+        ask(dns, WEB, RecordType::A, false).await.response_code == ResponseCode::NoError
+    })
+    .await;
+    assert_eq!(rcode(dns, WEB).await, ResponseCode::NoError);
+    assert_eq!(
+        rcode(dns, "nope.shop.svc.clusterset.local.").await,
+        ResponseCode::NXDomain
+    );
+    assert_eq!(readyz(metrics).await, 200);
+    assert_eq!(
+        metric(&scrape(metrics).await, "trellis_dns_ready", &[]),
+        1.0
+    );
+
+    // The connection drops; reconnected, before any new snapshot: the last catalog, ready.
+    drop(conn);
+    let _conn = accept(&listener).await;
+    assert_eq!(rcode(dns, WEB).await, ResponseCode::NoError);
+    assert_eq!(readyz(metrics).await, 200);
+    subscriber.abort();
+    server.running.shutdown();
+}
+
 fn cluster_yaml(export: bool) -> String {
     let mut yaml = r#"apiVersion: about.k8s.io/v1alpha1
 kind: ClusterProperty
@@ -506,4 +596,9 @@ fn the_source_is_validated_at_start() {
         "/nonexistent/token",
     ]);
     assert!(no_token.contains("/nonexistent/token"), "{no_token}");
+    let bad_cidr = run(&["--catalog", "/x.json", "--forward-for", "10.0.0.0/33"]);
+    assert!(
+        bad_cidr.contains("--forward-for") && bad_cidr.contains("prefix"),
+        "{bad_cidr}"
+    );
 }

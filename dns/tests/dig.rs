@@ -35,6 +35,17 @@ fn field(line: &str, key: &str) -> Option<SocketAddr> {
 }
 
 fn spawn_server(catalog: &Path, upstream: SocketAddr) -> Server {
+    spawn_server_with(catalog, upstream, &["--forward-for", "127.0.0.0/8"], true)
+}
+
+/// The binary on `catalog` with `extra` flags; waits for it to serve and, with
+/// `wait_published`, for the catalog to be published.
+fn spawn_server_with(
+    catalog: &Path,
+    upstream: SocketAddr,
+    extra: &[&str],
+    wait_published: bool,
+) -> Server {
     let child = Command::new(env!("CARGO_BIN_EXE_trellis-dns"))
         .args([
             "--listen",
@@ -52,6 +63,7 @@ fn spawn_server(catalog: &Path, upstream: SocketAddr) -> Server {
         ])
         .arg("--catalog")
         .arg(catalog)
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -74,7 +86,7 @@ fn spawn_server(catalog: &Path, upstream: SocketAddr) -> Server {
     let mut addrs = None;
     let mut published = false;
     let mut log = Vec::new();
-    while Instant::now() < deadline && !(addrs.is_some() && published) {
+    while Instant::now() < deadline && !(addrs.is_some() && (published || !wait_published)) {
         let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) else {
             continue;
         };
@@ -93,7 +105,7 @@ fn spawn_server(catalog: &Path, upstream: SocketAddr) -> Server {
             server.child.try_wait()
         );
     };
-    assert!(published, "catalog not published");
+    assert!(published || !wait_published, "catalog not published");
     server.dns = dns;
     server.metrics = metrics;
     server
@@ -278,4 +290,55 @@ async fn dig_against_the_binary() {
             &[("result", "ok")]
         ) >= 2.0
     );
+}
+
+/// With its catalog file missing at start, the binary answers SERVFAIL (not an authoritative
+/// NXDOMAIN a cache would keep) and /readyz is 503; once the file appears, the names resolve,
+/// missing ones are NXDOMAIN, and /readyz is 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servfail_until_the_catalog_file_is_loaded() {
+    assert!(have_dig(), "dig is required (apt-get install dnsutils)");
+    let dir = tempfile::tempdir().unwrap();
+    let server = spawn_server_with(
+        &dir.path().join("catalog.json"),
+        "127.0.0.1:9".parse().unwrap(),
+        &[],
+        false,
+    );
+    let s = server.dns;
+    for name in [
+        "web.shop.svc.clusterset.local",
+        "nope.shop.svc.clusterset.local",
+    ] {
+        for transport in ["+notcp", "+tcp"] {
+            let out = dig(s, &[name, transport]);
+            assert!(
+                out.contains("status: SERVFAIL") && !out.contains("flags: qr aa"),
+                "{out}"
+            );
+        }
+    }
+    assert_eq!(http_get(server.metrics, "/readyz").await.0, 503);
+
+    write_catalog(dir.path(), &shop());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = dig(s, &["web.shop.svc.clusterset.local"]);
+        if out.contains("status: NOERROR") {
+            assert_eq!(answers(&out).len(), 2, "{out}");
+            break;
+        }
+        assert!(out.contains("status: SERVFAIL"), "{out}");
+        assert!(Instant::now() < deadline, "never loaded: {out}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = dig(s, &["nope.shop.svc.clusterset.local"]);
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+    assert_eq!(
+        http_get(server.metrics, "/readyz").await,
+        (200, "ready\n".into())
+    );
+    // Started without --forward-for: out-of-zone names are refused, not forwarded.
+    let out = dig(s, &["www.example.test"]);
+    assert!(out.contains("status: REFUSED"), "{out}");
 }

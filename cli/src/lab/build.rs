@@ -385,8 +385,8 @@ fn start_controllers(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow
 }
 
 /// One trellis-dns per cluster beside its controller, answering for `clusterset.local` from the
-/// controller's stream. Out-of-zone names go to an upstream that does not exist: the lab has no
-/// way out, and says so with SERVFAIL.
+/// controller's stream. Nothing in the lab asks it for other names and the lab has no way out,
+/// so forwarding stays off (no `--forward-for`): out-of-zone names get REFUSED.
 fn start_dns(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
     let clusters = state.clusters.clone();
     for cluster in &clusters {
@@ -409,8 +409,6 @@ fn start_dns(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result
                     control::agent_endpoint(cluster).to_string(),
                     "--controller-token-file".into(),
                     control::token_file(dir).display().to_string(),
-                    "--upstream".into(),
-                    "127.0.0.1:1053".into(),
                 ],
                 log: control::cluster_dir(dir, cluster).join("dns.log"),
                 ready: metrics,

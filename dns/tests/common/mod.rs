@@ -2,12 +2,12 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record, RecordType};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 
 use trellis_dns::Catalog;
+use trellis_dns::acl::ForwardAcl;
 use trellis_dns::catalog::ZoneHandle;
 use trellis_dns::config::Config;
 use trellis_dns::forward::Forwarder;
@@ -44,18 +45,37 @@ pub async fn start_with(
     udp_workers: usize,
 ) -> TestServer {
     let config = Config {
+        udp_workers,
+        // These tests query from loopback and some rely on forwarding.
+        forward_for: ForwardAcl::new(vec!["127.0.0.0/8".parse().unwrap()]),
+        ..test_config(upstreams)
+    };
+    start_config(config, Some(catalog)).await
+}
+
+/// Loopback, ephemeral ports, a short upstream timeout, no rate limit (tests poll one name from
+/// one address faster than clients do; tests/rate_limit.rs sets it), defaults otherwise (no
+/// forwarding).
+pub fn test_config(upstreams: Vec<SocketAddr>) -> Config {
+    Config {
+        rate_limit: 0,
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics: Some("127.0.0.1:0".parse().unwrap()),
-        upstreams: upstreams.clone(),
+        upstreams,
         upstream_timeout: Duration::from_millis(300),
-        udp_workers,
         ..Config::default()
-    };
+    }
+}
+
+/// A server with `config`, publishing `catalog` first if given (`None`: nothing loaded yet).
+pub async fn start_config(config: Config, catalog: Option<&Catalog>) -> TestServer {
     let zone = config.validate().unwrap();
     let metrics = Metrics::new().unwrap();
     let handle = ZoneHandle::new(zone, config.edns_udp_size, Some(metrics.clone()));
-    assert!(handle.publish(catalog).is_empty());
-    let forwarder = Forwarder::new(upstreams, config.upstream_timeout);
+    if let Some(catalog) = catalog {
+        assert!(handle.publish(catalog).is_empty());
+    }
+    let forwarder = Forwarder::new(config.upstreams.clone(), config.upstream_timeout);
     let running = server::start(&config, handle.clone(), metrics.clone(), forwarder)
         .await
         .unwrap();
@@ -203,6 +223,82 @@ pub async fn udp_exchange(server: SocketAddr, packet: &[u8], wait: Duration) -> 
         Ok(Ok(len)) => Some(buf[..len].to_vec()),
         _ => None,
     }
+}
+
+/// A query for `name`/`qtype` with RD set, with an OPT record advertising `edns` if given.
+pub fn query(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+    let mut query = Message::new(0x5151, MessageType::Query, OpCode::Query);
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    if let Some(size) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(size);
+        query.set_edns(e);
+    }
+    query.to_vec().unwrap()
+}
+
+/// Sends `packet` over UDP from `from` (any loopback address: 127.0.0.0/8 is all local) and
+/// waits up to `wait` for one answer.
+pub async fn udp_exchange_from(
+    from: IpAddr,
+    server: SocketAddr,
+    packet: &[u8],
+    wait: Duration,
+) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind(SocketAddr::new(from, 0)).await.unwrap();
+    socket.send_to(packet, server).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    match tokio::time::timeout(wait, socket.recv(&mut buf)).await {
+        Ok(Ok(len)) => Some(buf[..len].to_vec()),
+        _ => None,
+    }
+}
+
+/// One query over TCP; the answer.
+pub async fn tcp_exchange(server: SocketAddr, packet: &[u8]) -> Vec<u8> {
+    let mut stream = tokio::net::TcpStream::connect(server).await.unwrap();
+    let mut framed = (packet.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(packet);
+    stream.write_all(&framed).await.unwrap();
+    let len = tokio::time::timeout(Duration::from_secs(3), stream.read_u16())
+        .await
+        .expect("a TCP answer")
+        .unwrap();
+    let mut answer = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut answer).await.unwrap();
+    answer
+}
+
+/// The parsed answer to `name`/`qtype` over UDP (from 127.0.0.1) or TCP.
+pub async fn ask(server: SocketAddr, name: &str, qtype: RecordType, tcp: bool) -> Message {
+    let packet = query(name, qtype, Some(1232));
+    let bytes = if tcp {
+        tcp_exchange(server, &packet).await
+    } else {
+        udp_exchange(server, &packet, Duration::from_secs(2))
+            .await
+            .expect("a UDP answer")
+    };
+    Message::from_vec(&bytes).unwrap()
+}
+
+/// `GET path` on an HTTP endpoint: the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not HTTP: {response:?}"));
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_string())
 }
 
 /// GET /metrics.

@@ -412,7 +412,7 @@ fn start_dns(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result
                 ],
                 log: control::cluster_dir(dir, cluster).join("dns.log"),
                 ready: metrics,
-                ready_path: None,
+                ready_path: Some("/readyz".into()),
             },
         )?;
     }

@@ -218,18 +218,10 @@ fn start_trellis(pair: &Pair, peers: &[PublicKey]) -> anyhow::Result<(Responder,
         Duration::from_secs(60),
         || {
             pair.b
-                .run(move || -> std::io::Result<String> {
-                    use std::io::{Read, Write};
-                    let mut stream =
-                        std::net::TcpStream::connect_timeout(&metrics, Duration::from_millis(500))?;
-                    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-                    let mut text = String::new();
-                    stream.read_to_string(&mut text)?;
-                    Ok(text)
-                })
+                .run(move || trellis_http::get(metrics, "/metrics", Duration::from_millis(500)))
                 .ok()
                 .and_then(Result::ok)
-                .is_some_and(|text| text.contains("trellis_gateway_desired_state_revision 1"))
+                .is_some_and(|r| r.body.contains("trellis_gateway_desired_state_revision 1"))
         },
     )?;
     Ok((responder, PublicKey::from(public)))

@@ -8,8 +8,7 @@
 //! answer with a status document.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -19,8 +18,6 @@ use trellis_core::status::{ControllerStatus, GatewayReport, problems};
 
 /// How long a status request may take, connecting and reading.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
-/// The largest status document read.
-const MAX_RESPONSE: u64 = 16 * 1024 * 1024;
 
 pub const EXIT_UNHEALTHY: u8 = 1;
 pub const EXIT_UNREACHABLE: u8 = 2;
@@ -110,44 +107,11 @@ pub fn http_get(
     path: &str,
     timeout: Duration,
 ) -> anyhow::Result<String> {
-    let mut stream =
-        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect to {addr}"))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    stream
-        .take(MAX_RESPONSE)
-        .read_to_end(&mut response)
-        .with_context(|| format!("read the answer from {addr}"))?;
-    response_body(&response)
-}
-
-/// The body of an HTTP/1.1 response, if its status is 200 (honouring Content-Length).
-pub fn response_body(response: &[u8]) -> anyhow::Result<String> {
-    let text = String::from_utf8_lossy(response);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        bail!("not an HTTP response");
+    let get = trellis_http::Get {
+        host: Some(host),
+        ..trellis_http::Get::new(addr, path, timeout)
     };
-    let mut lines = head.lines();
-    let status_line = lines.next().unwrap_or_default();
-    let code = status_line.split_whitespace().nth(1).unwrap_or_default();
-    if code != "200" {
-        bail!("answered {status_line:?}");
-    }
-    let length = lines.find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse::<usize>().ok())
-            .flatten()
-    });
-    Ok(match length {
-        Some(length) if length <= body.len() => body[..length].to_string(),
-        _ => body.to_string(),
-    })
+    Ok(get.send()?.ok_body()?)
 }
 
 pub fn parse_status(body: &str) -> anyhow::Result<ControllerStatus> {
@@ -509,17 +473,6 @@ mod tests {
         );
         assert!(parse_controller_url("https://x:1").is_err());
         assert!(parse_controller_url("http://").is_err());
-        let ok =
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
-        assert_eq!(response_body(ok).unwrap(), "{}");
-        let missing = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
-        assert!(
-            response_body(missing)
-                .unwrap_err()
-                .to_string()
-                .contains("404")
-        );
-        assert!(response_body(b"garbage").is_err());
         assert!(parse_status("{}").is_err());
     }
 }

@@ -834,57 +834,32 @@ impl<U: Upstream> TcpConnection<U> {
 /// once the first catalog is loaded and 503 before (the readiness probe: a DNS pod that would
 /// only say SERVFAIL gets no traffic), anything else 404.
 async fn serve_metrics(listener: TcpListener, metrics: Metrics, handle: ZoneHandle) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let metrics = metrics.clone();
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let mut request = Vec::new();
-            let mut buf = [0u8; 1024];
-            let read = timeout(Duration::from_secs(5), async {
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                    let n = stream.read(&mut buf).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    request.extend_from_slice(&buf[..n]);
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
-            }
-            let response = if request.starts_with(b"GET /metrics ")
-                || request.starts_with(b"GET /metrics?")
-            {
-                let body = metrics.render();
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else if request.starts_with(b"GET /readyz ") || request.starts_with(b"GET /readyz?") {
-                let (status, body) = if handle.is_ready() {
-                    ("200 OK", "ready\n")
-                } else {
-                    ("503 Service Unavailable", "no catalog loaded yet\n")
-                };
-                format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_string()
-            };
-            let _ = timeout(
-                Duration::from_secs(5),
-                stream.write_all(response.as_bytes()),
-            )
-            .await;
-        });
+    trellis_http::serve(
+        listener,
+        std::sync::Arc::new(DnsRoutes { metrics, handle }),
+        trellis_http::Limits::default(),
+        |reason| tracing::debug!(reason, "refused a metrics connection"),
+    )
+    .await;
+}
+
+/// `/metrics`, and `/readyz` (200 once the first catalog is loaded).
+struct DnsRoutes {
+    metrics: Metrics,
+    handle: ZoneHandle,
+}
+
+impl trellis_http::Routes for DnsRoutes {
+    async fn get(&self, path: &str) -> trellis_http::Reply {
+        match path {
+            "/metrics" => trellis_http::Reply::metrics(self.metrics.render()),
+            "/readyz" => trellis_http::Reply::check(
+                self.handle.is_ready(),
+                "ready\n",
+                "no catalog loaded yet\n",
+            ),
+            "/healthz" => trellis_http::Reply::text("ok\n"),
+            _ => trellis_http::Reply::not_found(),
+        }
     }
 }

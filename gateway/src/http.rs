@@ -1,11 +1,13 @@
-//! A tiny HTTP/1.1 server for `/metrics`, `/healthz`, `/readyz` and `/status` (the gateway's
-//! [`trellis_core::status::GatewayReport`] as JSON). It reads one bounded request per
-//! connection, with a deadline, and closes the connection after answering.
+//! The gateway's `/metrics`, `/healthz` (the device loop ticks), `/readyz` (a plan is applied)
+//! and `/status` (its [`trellis_core::status::GatewayReport`] as JSON), on the one HTTP stack
+//! every daemon serves with ([`trellis_http`]: connections capped in total and per client,
+//! with deadlines, so metrics clients, idle or not reading, cannot starve the kubelet's probes).
 
-use std::time::Duration;
+use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use http::StatusCode;
+use tokio::net::TcpListener;
+use trellis_http::{Limits, Reply, Routes};
 
 use crate::device::DeviceHandle;
 use crate::metrics::Metrics;
@@ -17,161 +19,142 @@ pub struct StatusSource {
     pub device: DeviceHandle,
 }
 
-const MAX_REQUEST: usize = 8192;
-const DEADLINE: Duration = Duration::from_secs(5);
 /// The device loop ticks every 250 ms; a loop silent this long is unhealthy.
 const HEALTHY_WITHIN_SECONDS: u64 = 5;
 
-/// Connections served at once; more are closed straight away.
-const MAX_CONNECTIONS: usize = 32;
-
-/// Serves forever; each connection runs on its own task, at most `MAX_CONNECTIONS` at once.
-/// Without a `status` source, `GET /status` is not found.
-pub async fn serve(listener: TcpListener, metrics: Metrics, status: Option<StatusSource>) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    drop(stream);
-                    continue;
-                };
-                let metrics = metrics.clone();
-                let status = status.clone();
-                tokio::spawn(async move {
-                    let _ =
-                        tokio::time::timeout(DEADLINE, answer(stream, &metrics, status.as_ref()))
-                            .await;
-                    drop(slot);
-                });
-            }
-            Err(e) => {
-                tracing::warn!("metrics accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+/// The gateway's routes. Without a `status` source, `GET /status` is not found.
+#[derive(Debug, Clone)]
+pub struct GatewayRoutes {
+    pub metrics: Metrics,
+    pub status: Option<StatusSource>,
 }
 
-/// The status line, content type and body for a request line such as `GET /metrics HTTP/1.1`.
-pub fn route(request_line: &str, metrics: &Metrics) -> (&'static str, &'static str, String) {
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(),
-        ),
-        ("GET", "/healthz") if metrics.is_healthy(HEALTHY_WITHIN_SECONDS) => {
-            ("200 OK", "text/plain", "ok\n".into())
+impl Routes for GatewayRoutes {
+    async fn get(&self, path: &str) -> Reply {
+        let healthy = self.metrics.is_healthy(HEALTHY_WITHIN_SECONDS);
+        match path {
+            "/metrics" => Reply::metrics(self.metrics.render()),
+            "/healthz" => Reply::check(healthy, "ok\n", "device loop not running\n"),
+            // Ready once a plan is applied (restored at start, or from the source): a rolling
+            // update moves on to the next node only when this one's tunnels are back.
+            "/readyz" => Reply::check(
+                healthy && self.metrics.is_ready(),
+                "ready\n",
+                "no plan applied yet\n",
+            ),
+            "/status" => match &self.status {
+                Some(source) => status(source, &self.metrics).await,
+                None => Reply::not_found(),
+            },
+            _ => Reply::not_found(),
         }
-        ("GET", "/healthz") => (
-            "503 Service Unavailable",
-            "text/plain",
-            "device loop not running\n".into(),
-        ),
-        // Ready once a plan is applied (restored at start, or from the source): a rolling
-        // update moves on to the next node only when this one's tunnels are back.
-        ("GET", "/readyz") if metrics.is_ready() && metrics.is_healthy(HEALTHY_WITHIN_SECONDS) => {
-            ("200 OK", "text/plain", "ready\n".into())
-        }
-        ("GET", "/readyz") => (
-            "503 Service Unavailable",
-            "text/plain",
-            "no plan applied yet\n".into(),
-        ),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "method not allowed\n".into(),
-        ),
     }
 }
 
 /// `GET /status`: the report as pretty JSON, or 503 when the device loop has stopped.
-async fn status(source: &StatusSource, metrics: &Metrics) -> (&'static str, &'static str, String) {
+async fn status(source: &StatusSource, metrics: &Metrics) -> Reply {
     match crate::status::report(&source.node, &source.device, metrics).await {
-        Ok(report) => (
-            "200 OK",
-            "application/json",
-            serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
-        ),
-        Err(e) => ("503 Service Unavailable", "text/plain", format!("{e}\n")),
+        Ok(report) => Reply::json(serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"),
+        Err(e) => Reply::error(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
 }
 
-fn is_status_request(request_line: &str) -> bool {
-    let mut parts = request_line.split_whitespace();
-    parts.next() == Some("GET")
-        && parts
-            .next()
-            .is_some_and(|path| path.split('?').next() == Some("/status"))
-}
-
-async fn answer(
-    mut stream: TcpStream,
-    metrics: &Metrics,
-    source: Option<&StatusSource>,
-) -> std::io::Result<()> {
-    let mut buf = vec![0u8; MAX_REQUEST];
-    let mut len = 0;
-    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-        if len == buf.len() {
-            break; // oversized headers: answer from the request line we have
-        }
-        let n = stream.read(&mut buf[len..]).await?;
-        if n == 0 {
-            break;
-        }
-        len += n;
-    }
-    let text = String::from_utf8_lossy(&buf[..len]);
-    let request_line = text.lines().next().unwrap_or("");
-    let (status, content_type, body) = match source {
-        Some(source) if is_status_request(request_line) => status(source, metrics).await,
-        _ => route(request_line, metrics),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+/// Serves forever.
+pub async fn serve(listener: TcpListener, metrics: Metrics, status: Option<StatusSource>) {
+    let refusals = metrics.clone();
+    trellis_http::serve(
+        listener,
+        Arc::new(GatewayRoutes { metrics, status }),
+        Limits::default(),
+        move |reason| refusals.http_refused(reason),
+    )
+    .await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn routes_metrics_health_and_errors() {
+    #[tokio::test]
+    async fn routes_metrics_health_readiness_and_errors() {
         let metrics = Metrics::new().unwrap();
-        assert_eq!(
-            route("GET /healthz HTTP/1.1", &metrics).0,
-            "503 Service Unavailable"
-        );
+        let routes = GatewayRoutes {
+            metrics: metrics.clone(),
+            status: None,
+        };
+        let status = async |path: &str| routes.get(path).await.status;
+        assert_eq!(status("/healthz").await, StatusCode::SERVICE_UNAVAILABLE);
         metrics.beat();
-        assert_eq!(route("GET /healthz HTTP/1.1", &metrics).0, "200 OK");
+        assert_eq!(status("/healthz").await, StatusCode::OK);
         assert_eq!(
-            route("GET /readyz HTTP/1.1", &metrics).0,
-            "503 Service Unavailable",
+            status("/readyz").await,
+            StatusCode::SERVICE_UNAVAILABLE,
             "healthy is not ready before a plan is applied"
         );
         metrics.ready.set(1);
-        assert_eq!(route("GET /readyz HTTP/1.1", &metrics).0, "200 OK");
-        let (status, _, body) = route("GET /metrics?x=1 HTTP/1.1", &metrics);
-        assert_eq!(status, "200 OK");
-        assert!(body.contains("trellis_gateway_peers_up"));
-        assert_eq!(route("GET /nope HTTP/1.1", &metrics).0, "404 Not Found");
-        assert_eq!(
-            route("POST /metrics HTTP/1.1", &metrics).0,
-            "405 Method Not Allowed"
+        assert_eq!(status("/readyz").await, StatusCode::OK);
+        let reply = routes.get("/metrics").await;
+        assert!(String::from_utf8_lossy(&reply.body).contains("trellis_gateway_peers_up"));
+        assert_eq!(status("/status").await, StatusCode::NOT_FOUND, "no source");
+        assert_eq!(status("/nope").await, StatusCode::NOT_FOUND);
+    }
+
+    /// A GET of the gateway's routes from a loopback address of its own.
+    async fn probe(source: &'static str, addr: std::net::SocketAddr, path: &'static str) -> u16 {
+        tokio::task::spawn_blocking(move || {
+            trellis_http::client::get_from(
+                Some(format!("{source}:0").parse().unwrap()),
+                addr,
+                path,
+                std::time::Duration::from_secs(2),
+            )
+            .map_or(0, |r| r.status)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sixty_four_idle_connections_for_30_s_never_fail_the_health_probe() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Metrics::new().unwrap();
+        let beating = metrics.clone();
+        let heart = tokio::spawn(async move {
+            loop {
+                beating.beat();
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        });
+        let server = tokio::spawn(serve(listener, metrics.clone(), None));
+        // A client on one address keeps 64 connections open and idle, reopening any the
+        // gateway closes, for 30 s; the kubelet probes from another address every second.
+        let started = std::time::Instant::now();
+        let mut idle = Vec::new();
+        let mut probes = 0;
+        while started.elapsed() < std::time::Duration::from_secs(30) {
+            idle.retain(|s: &tokio::net::TcpStream| s.peer_addr().is_ok());
+            while idle.len() < 64 {
+                idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            }
+            assert_eq!(
+                probe("127.0.0.2", addr, "/healthz").await,
+                200,
+                "after {:?}",
+                started.elapsed()
+            );
+            probes += 1;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        assert!(probes >= 25);
+        assert!(
+            metrics
+                .render()
+                .contains("trellis_gateway_http_refused_total{reason=\"source_pending_full\"}"),
+            "the idle client's connections beyond its share were refused"
         );
-        assert_eq!(route("", &metrics).0, "405 Method Not Allowed");
+        heart.abort();
+        server.abort();
     }
 
     #[tokio::test]
@@ -198,31 +181,24 @@ mod tests {
             device: node.handle.clone(),
         };
         let server = tokio::spawn(serve(listener, metrics, Some(source)));
-        let get = async |path: &str| {
-            let stream = ns
-                .run(move || {
-                    let stream = std::net::TcpStream::connect(addr)?;
-                    stream.set_nonblocking(true)?;
-                    Ok::<_, std::io::Error>(stream)
-                })
-                .unwrap()
-                .unwrap();
-            let mut stream = TcpStream::from_std(stream).unwrap();
-            stream
-                .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await.unwrap();
-            response
+        let get = async |path: &'static str| {
+            let ns = ns.path().to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                trellis_netns::Netns::open_path(&ns)
+                    .unwrap()
+                    .run(|| trellis_http::get(addr, path, std::time::Duration::from_secs(5)))
+                    .unwrap()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
         };
-        let response = get("/healthz").await;
-        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-        assert!(response.ends_with("ok\n"));
-        let response = get("/status").await;
-        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-        let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
-        let report: trellis_core::status::GatewayReport = serde_json::from_str(body).unwrap();
+        let health = get("/healthz").await;
+        assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+        let status = get("/status").await;
+        assert_eq!(status.status, 200);
+        let report: trellis_core::status::GatewayReport =
+            serde_json::from_str(&status.body).unwrap();
         assert_eq!(report.node, "node-0");
         assert!(report.peers.is_empty());
         server.abort();

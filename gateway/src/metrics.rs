@@ -118,6 +118,7 @@ pub struct Metrics {
     pub(crate) controller_updates: IntCounter,
     pub(crate) ready: IntGauge,
     pub(crate) antispoof_enabled: IntGauge,
+    http_refused: IntCounterVec,
     spoofed: IntCounterVec,
     /// The kernel's counts last seen (IPv4, IPv6), to add only what is new.
     spoofed_seen: Arc<[AtomicU64; 2]>,
@@ -252,6 +253,15 @@ impl Metrics {
         for family in ["ipv4", "ipv6"] {
             spoofed.with_label_values(&[family]).inc_by(0);
         }
+        let http_refused = IntCounterVec::new(
+            Opts::new(
+                name("http_refused_total"),
+                "Connections to the metrics port closed at once: every slot taken (pending_full) \
+                 or the client holding its share (source_pending_full).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(http_refused.clone()))?;
         let plan_restored = gauge(
             "plan_restored",
             "1 while the plan applied is the one restored from the state directory at start, not yet \
@@ -348,6 +358,7 @@ impl Metrics {
             controller_updates,
             ready,
             antispoof_enabled,
+            http_refused,
             spoofed,
             spoofed_seen: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
             plan_restored,
@@ -382,6 +393,10 @@ impl Metrics {
     /// Handshakes started on the gateway's own initiative for `reason` so far.
     pub fn initiations(&self, reason: Initiation) -> u64 {
         self.initiations.with_label_values(&[reason.label()]).get()
+    }
+
+    pub fn http_refused(&self, reason: &str) {
+        self.http_refused.with_label_values(&[reason]).inc();
     }
 
     /// Whether the anti-spoofing rules were installed.

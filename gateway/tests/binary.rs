@@ -9,7 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{Node, two_bare_nodes};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_core::gateway::GatewayState;
 use trellis_netns::RouteTarget;
 
@@ -37,24 +36,24 @@ impl Drop for Process {
     }
 }
 
-async fn http_get(node: &Node, path: &str) -> String {
-    let stream = node
-        .ns
-        .run(|| std::net::TcpStream::connect("127.0.0.1:9586"))
-        .unwrap()
-        .expect("connect to the metrics port");
-    stream.set_nonblocking(true).unwrap();
-    let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
-        .await
-        .unwrap()
-        .unwrap();
-    response
+/// `GET path` from the gateway's metrics port on 127.0.0.1:9586, inside the node.
+async fn http_get(node: &Node, path: &'static str) -> trellis_http::Response {
+    let ns = node.ns.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        trellis_netns::Netns::open_path(&ns)
+            .unwrap()
+            .run(|| {
+                trellis_http::get(
+                    "127.0.0.1:9586".parse().unwrap(),
+                    path,
+                    Duration::from_secs(5),
+                )
+            })
+            .unwrap()
+            .expect("the gateway answers on its metrics port")
+    })
+    .await
+    .unwrap()
 }
 
 fn write_state(path: &std::path::Path, state: &GatewayState) {
@@ -120,9 +119,8 @@ async fn binary_follows_its_state_file_and_serves_metrics() {
     // Gauges such as peers_up follow on the next timer tick (250 ms).
     tokio::time::sleep(Duration::from_millis(400)).await;
     let health = http_get(&a, "/healthz").await;
-    assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
-    let metrics = http_get(&a, "/metrics").await;
-    let body = metrics.split("\r\n\r\n").nth(1).unwrap().to_string();
+    assert_eq!(health.status, 200, "{health:?}");
+    let body = http_get(&a, "/metrics").await.body;
     for name in [
         "trellis_gateway_peer_tx_bytes_total{peer=\"c1/node-b\"}",
         "trellis_gateway_peer_rx_packets_total{peer=\"c1/node-b\"}",
@@ -239,8 +237,8 @@ async fn binary_follows_its_state_file_and_serves_metrics() {
         restarted.elapsed()
     );
     let ready = http_get(&a, "/readyz").await;
-    assert!(ready.starts_with("HTTP/1.1 200 OK"), "{ready}");
-    let metrics = http_get(&a, "/metrics").await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    let metrics = http_get(&a, "/metrics").await.body;
     for name in [
         "trellis_gateway_plan_restored 1",
         "trellis_gateway_desired_state_revision 3",

@@ -216,19 +216,11 @@ pub fn http_get(
     path: &str,
     timeout: Duration,
 ) -> std::io::Result<String> {
-    let mut stream = connect_in(netns, to, timeout)?;
-    // HTTP/1.0: the answer ends with the connection and is never chunked.
-    write!(stream, "GET {path} HTTP/1.0\r\nhost: {to}\r\n\r\n")?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let response = String::from_utf8_lossy(&response).to_string();
-    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| {
-        std::io::Error::other(format!("no HTTP response from {to}: {response:?}"))
-    })?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(std::io::Error::other(format!("{to}{path}: {head}")));
-    }
-    Ok(body.to_string())
+    let netns = Netns::open(netns).map_err(std::io::Error::other)?;
+    netns
+        .run(|| trellis_http::get(to, path, timeout).and_then(trellis_http::Response::ok_body))
+        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)
 }
 
 /// Retries `attempt` until it returns `Some` or `within` passes.

@@ -517,6 +517,81 @@ mod tests {
         server.abort();
     }
 
+    /// Connections the server on `port` still holds open (established, or closed by the peer
+    /// but not by the server), from the kernel's table: other tests in this process, and the
+    /// connections the server has already closed, do not count.
+    fn held_on(port: u16) -> usize {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let local = format!(":{port:04X}");
+        table
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.len() > 3 && fields[1].ends_with(&local) && matches!(fields[3], "01" | "08")
+            })
+            .count()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ten_thousand_non_reading_status_clients_cost_little_and_block_nobody() {
+        let h = hub();
+        h.set_source(src());
+        let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent_addr = agent.local_addr().unwrap();
+        let agent_task = tokio::spawn(serve(agent, h.clone(), 1 << 20, Some("s3cret".into())));
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_addr = http.local_addr().unwrap();
+        let status_hub = h.clone();
+        let http_task = tokio::spawn(crate::metrics::serve(
+            http,
+            h.metrics().clone(),
+            Arc::new(move || serde_json::to_string_pretty(&status_hub.status()).unwrap()),
+        ));
+        let mut clients = Vec::new();
+        for _ in 0..10_000 {
+            let mut stream = TcpStream::connect(http_addr).await.unwrap();
+            // Ask and never read.
+            let _ = stream
+                .write_all(b"GET /status HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await;
+            clients.push(stream);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Connections the server still holds (not yet closed by it), its listener included.
+        let server_side = held_on(http_addr.port());
+        eprintln!(
+            "10,000 non-reading /status clients: {server_side} descriptors on the server's side"
+        );
+        assert!(
+            server_side <= 100,
+            "{server_side} descriptors held for them"
+        );
+        // Someone else still reads the status, and a gateway still registers.
+        let status = tokio::task::spawn_blocking(move || {
+            trellis_http::client::get_from(
+                Some("127.0.0.2:0".parse().unwrap()),
+                http_addr,
+                "/status",
+                Duration::from_secs(2),
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(status.status, 200);
+        let took = tokio::time::timeout(
+            Duration::from_secs(2),
+            register_from("127.0.0.3", agent_addr),
+        )
+        .await
+        .expect("a gateway registers within 2 s");
+        eprintln!("gateway registered in {took:?}");
+        drop(clients);
+        agent_task.abort();
+        http_task.abort();
+    }
+
     #[tokio::test]
     async fn an_oversized_hello_is_refused() {
         let h = hub();

@@ -198,61 +198,75 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` (and `GET /status`, the JSON `status` returns) on `listener` until
-/// cancelled. Deliberately tiny: one request per connection, bounded request size and time.
+/// `/status` documents are built at most this often: any number of clients asking at once
+/// take the hub's lock once per interval, not once each.
+const STATUS_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The controller's `/status` document, rebuilt only when older than [`STATUS_MAX_AGE`].
+struct StatusCache {
+    build: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+    cached: std::sync::Mutex<Option<(std::time::Instant, bytes::Bytes)>>,
+}
+
+impl StatusCache {
+    fn get(&self) -> bytes::Bytes {
+        // Held while building, so concurrent requests wait for one build instead of each
+        // making its own.
+        let mut cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*cached {
+            Some((at, document)) if at.elapsed() < STATUS_MAX_AGE => document.clone(),
+            _ => {
+                let document = bytes::Bytes::from((self.build)());
+                *cached = Some((std::time::Instant::now(), document.clone()));
+                document
+            }
+        }
+    }
+}
+
+/// `/metrics`, `/healthz` and `/status` of the controller.
+struct ControllerRoutes {
+    metrics: Metrics,
+    status: StatusCache,
+}
+
+impl trellis_http::Routes for ControllerRoutes {
+    async fn get(&self, path: &str) -> trellis_http::Reply {
+        match path {
+            "/metrics" => trellis_http::Reply::metrics(self.metrics.render()),
+            "/status" => trellis_http::Reply::json(self.status.get()),
+            "/healthz" => trellis_http::Reply::text("ok\n"),
+            _ => trellis_http::Reply::not_found(),
+        }
+    }
+}
+
+/// Serves `GET /metrics`, `/healthz` and `/status` (the JSON `status` returns, cached for
+/// [`STATUS_MAX_AGE`]) on `listener` until cancelled, on the daemons' one HTTP stack
+/// (connections capped in total and per client, with deadlines).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Metrics,
     status: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            continue;
-        };
-        let metrics = metrics.clone();
-        let status = status.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 8192];
-            let mut len = 0;
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while len < buf.len() {
-                    let n = stream.read(&mut buf[len..]).await.ok()?;
-                    if n == 0 {
-                        break;
-                    }
-                    len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Some(())
-            })
-            .await;
-            if !matches!(read, Ok(Some(()))) {
-                return;
-            }
-            let request = String::from_utf8_lossy(&buf[..len]);
-            let response = if request.starts_with("GET /metrics ") {
-                let body = metrics.render();
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else if request.starts_with("GET /status ") {
-                let body = status();
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_string()
-            };
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
-    }
+    let refusals = metrics.clone();
+    let routes = ControllerRoutes {
+        metrics,
+        status: StatusCache {
+            build: status,
+            cached: std::sync::Mutex::new(None),
+        },
+    };
+    trellis_http::serve(
+        listener,
+        std::sync::Arc::new(routes),
+        trellis_http::Limits::default(),
+        move |reason| refusals.connection_refused("metrics", reason),
+    )
+    .await;
 }
 
 #[cfg(test)]
@@ -272,21 +286,44 @@ mod tests {
         assert!(text.contains("trellis_controller_gateway_reports_total{result=\"rejected\"} 1"));
     }
 
-    #[tokio::test]
-    async fn serves_metrics_over_http() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serves_metrics_and_builds_status_once_for_many_clients() {
         let m = Metrics::new().unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let task = tokio::spawn(serve(l, m, std::sync::Arc::new(|| "{}".to_string())));
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-        assert!(out.contains("trellis_controller_remote_clusters_configured 0"));
+        let builds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = builds.clone();
+        let task = tokio::spawn(serve(
+            l,
+            m,
+            std::sync::Arc::new(move || {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                "{}".to_string()
+            }),
+        ));
+        let get = move |path: &'static str| {
+            tokio::task::spawn_blocking(move || {
+                trellis_http::get(addr, path, std::time::Duration::from_secs(5)).unwrap()
+            })
+        };
+        let metrics = get("/metrics").await.unwrap();
+        assert_eq!(metrics.status, 200);
+        assert!(
+            metrics
+                .body
+                .contains("trellis_controller_remote_clusters_configured 0")
+        );
+        let started = std::time::Instant::now();
+        let asks: Vec<_> = (0..8).map(|_| get("/status")).collect();
+        for ask in asks {
+            assert_eq!(ask.await.unwrap().body, "{}");
+        }
+        let took = started.elapsed();
+        let built = builds.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            built <= 1 + (took.as_millis() / STATUS_MAX_AGE.as_millis()) as usize,
+            "{built} builds in {took:?}"
+        );
         task.abort();
     }
 }

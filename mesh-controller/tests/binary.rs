@@ -113,14 +113,9 @@ fn metrics(addr: SocketAddr) -> String {
     get(addr, "/metrics")
 }
 
+/// The body of `GET path`, whatever the status; empty when nothing answers.
 fn get(addr: SocketAddr, path: &str) -> String {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return String::new();
-    };
-    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
+    trellis_http::get(addr, path, Duration::from_secs(5)).map_or_else(|_| String::new(), |r| r.body)
 }
 
 fn eventually(what: &str, logs: &Path, mut cond: impl FnMut() -> bool) {

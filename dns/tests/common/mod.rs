@@ -285,33 +285,20 @@ pub async fn ask(server: SocketAddr, name: &str, qtype: RecordType, tcp: bool) -
 
 /// `GET path` on an HTTP endpoint: the status code and the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not HTTP: {response:?}"));
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, body.to_string())
+    let path = path.to_string();
+    let response = tokio::task::spawn_blocking(move || {
+        trellis_http::get(addr, &path, Duration::from_secs(5)).expect("an HTTP answer")
+    })
+    .await
+    .unwrap();
+    (response.status, response.body)
 }
 
 /// GET /metrics.
 pub async fn scrape(addr: SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-    response.split("\r\n\r\n").nth(1).unwrap().to_string()
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 /// The sum of the samples of `name` whose labels include every `labels` pair.

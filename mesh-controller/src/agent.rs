@@ -473,8 +473,13 @@ mod tests {
         }
     }
 
+    /// The tests that open 10,000 connections take turns: together they would pass the
+    /// process's file descriptor limit.
+    static MANY_CONNECTIONS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     #[tokio::test]
     async fn ten_thousand_silent_connections_do_not_keep_a_gateway_out() {
+        let _turn = MANY_CONNECTIONS.lock().await;
         let h = hub();
         h.set_source(src());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -535,6 +540,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ten_thousand_non_reading_status_clients_cost_little_and_block_nobody() {
+        let _turn = MANY_CONNECTIONS.lock().await;
         let h = hub();
         h.set_source(src());
         let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -178,6 +178,12 @@ fn finish(
         short.metadata.authoritative = response.authoritative;
         response = short;
         bytes = encode(&response);
+        if bytes.len() > limit {
+            // Truncation keeps the question section, and only a query echoed whole (FORMERR,
+            // NOTIMP) can carry more questions than fit: the header and OPT alone always do.
+            response.queries.clear();
+            bytes = encode(&response);
+        }
     }
     Outcome::Reply(Reply {
         bytes,
@@ -467,6 +473,32 @@ mod tests {
             flipped[i / 8] ^= 1 << (i % 8);
             let _ = respond(&zone, &flipped, Transport::Udp, 1232);
         }
+    }
+
+    /// Found by the `dns_slow` fuzz target: a UDP query of three long questions got a
+    /// FORMERR echoing all three, 759 bytes for a client that allows 512, even after
+    /// truncation (which keeps the questions).
+    #[test]
+    fn a_reply_echoing_many_questions_still_fits_udp() {
+        let mut packet = vec![0x12, 0x34, 0x01, 0x00, 0, 3, 0, 0, 0, 0, 0, 0];
+        for fill in [b'a', b'b', b'c'] {
+            for _ in 0..4 {
+                packet.push(60);
+                packet.extend_from_slice(&[fill; 60]);
+            }
+            packet.extend_from_slice(&[0, 0, 1, 0, 1]);
+        }
+        assert_eq!(packet.len(), 759);
+        let zone = zone_small_enough();
+        let (r, m) = reply(respond(&zone, &packet, Transport::Udp, 1232));
+        assert!(r.bytes.len() <= PLAIN_UDP_LIMIT, "{} bytes", r.bytes.len());
+        assert!(r.truncated && m.truncation);
+        assert_eq!(r.rcode, ResponseCode::FormErr);
+        assert_eq!(m.id, 0x1234);
+        // Over TCP the whole echo goes back.
+        let (r, m) = reply(respond(&zone, &packet, Transport::Tcp, 1232));
+        assert!(!r.truncated);
+        assert_eq!(m.queries.len(), 3);
     }
 
     #[test]

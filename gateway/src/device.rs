@@ -70,14 +70,14 @@ impl Default for DeviceConfig {
 }
 
 /// WireGuard's message types (first byte, little-endian u32).
-const HANDSHAKE_INIT: u8 = 1;
-const HANDSHAKE_RESPONSE: u8 = 2;
-const COOKIE_REPLY: u8 = 3;
-const DATA: u8 = 4;
-const HANDSHAKE_INIT_LEN: usize = 148;
-const HANDSHAKE_RESPONSE_LEN: usize = 92;
-const COOKIE_REPLY_LEN: usize = 64;
-const DATA_MIN_LEN: usize = 32;
+pub const HANDSHAKE_INIT: u8 = 1;
+pub const HANDSHAKE_RESPONSE: u8 = 2;
+pub const COOKIE_REPLY: u8 = 3;
+pub const DATA: u8 = 4;
+pub const HANDSHAKE_INIT_LEN: usize = 148;
+pub const HANDSHAKE_RESPONSE_LEN: usize = 92;
+pub const COOKIE_REPLY_LEN: usize = 64;
+pub const DATA_MIN_LEN: usize = 32;
 /// boringtun's per-peer queue for packets waiting on a handshake.
 const MAX_QUEUED: i64 = 256;
 /// Sessions older than this are rejected (WireGuard's Reject-After-Time).
@@ -757,59 +757,42 @@ impl<T: Tun, U: Udp> Device<T, U> {
     fn demux(&mut self, table: &PeerTable, i: usize) -> Demux {
         let (start, len, from) = self.net_datagrams[i];
         let datagram = &self.net_in[start..start + len];
-        let Some(&kind) = datagram.first() else {
-            return Demux::Drop(DropReason::Malformed);
-        };
-        let expected_len_ok = match kind {
-            HANDSHAKE_INIT => datagram.len() == HANDSHAKE_INIT_LEN,
-            HANDSHAKE_RESPONSE => datagram.len() == HANDSHAKE_RESPONSE_LEN,
-            COOKIE_REPLY => datagram.len() == COOKIE_REPLY_LEN,
-            DATA => datagram.len() >= DATA_MIN_LEN,
-            _ => false,
-        };
-        if !expected_len_ok || datagram[1..4] != [0, 0, 0] {
-            return Demux::Drop(DropReason::Malformed);
-        }
-        if kind == HANDSHAKE_INIT {
-            return match self
-                .limiter
-                .verify_packet(Some(from.ip()), datagram, &mut self.scratch)
-            {
-                Ok(Packet::HandshakeInit(init)) => {
-                    let keys = &self.shared.keys;
-                    match parse_handshake_anon(keys.secret(), keys.public(), &init) {
-                        Ok(half) => match table.by_key.get(&PublicKey(half.peer_static_public)) {
-                            Some(slot) => Demux::Peer(*slot),
-                            None => Demux::Drop(DropReason::NoPeer),
-                        },
-                        Err(_) => Demux::Drop(DropReason::DecryptFailed),
+        match classify_datagram(datagram) {
+            Err(reason) => Demux::Drop(reason),
+            Ok(Classified::HandshakeInit) => {
+                match self
+                    .limiter
+                    .verify_packet(Some(from.ip()), datagram, &mut self.scratch)
+                {
+                    Ok(Packet::HandshakeInit(init)) => {
+                        let keys = &self.shared.keys;
+                        match parse_handshake_anon(keys.secret(), keys.public(), &init) {
+                            Ok(half) => match table.by_key.get(&PublicKey(half.peer_static_public))
+                            {
+                                Some(slot) => Demux::Peer(*slot),
+                                None => Demux::Drop(DropReason::NoPeer),
+                            },
+                            Err(_) => Demux::Drop(DropReason::DecryptFailed),
+                        }
                     }
+                    Ok(_) => Demux::Drop(DropReason::Malformed),
+                    Err(TunnResult::WriteToNetwork(cookie)) => Demux::Cookie(cookie.len()),
+                    Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
+                        Demux::Drop(DropReason::RateLimited)
+                    }
+                    Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+                        Demux::Drop(DropReason::DecryptFailed)
+                    }
+                    Err(_) => Demux::Drop(DropReason::Malformed),
                 }
-                Ok(_) => Demux::Drop(DropReason::Malformed),
-                Err(TunnResult::WriteToNetwork(cookie)) => Demux::Cookie(cookie.len()),
-                Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
-                    Demux::Drop(DropReason::RateLimited)
+            }
+            Ok(Classified::Indexed { slot, .. }) => {
+                if table.peers.contains_key(&slot) {
+                    Demux::Peer(slot)
+                } else {
+                    Demux::Drop(DropReason::NoPeer)
                 }
-                Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
-                    Demux::Drop(DropReason::DecryptFailed)
-                }
-                Err(_) => Demux::Drop(DropReason::Malformed),
-            };
-        }
-        // The receiver index follows the sender index in a response, and comes first in a
-        // cookie reply or data message.
-        let at = if kind == HANDSHAKE_RESPONSE { 8 } else { 4 };
-        let receiver = u32::from_le_bytes([
-            datagram[at],
-            datagram[at + 1],
-            datagram[at + 2],
-            datagram[at + 3],
-        ]);
-        let slot = receiver >> 8;
-        if table.peers.contains_key(&slot) {
-            Demux::Peer(slot)
-        } else {
-            Demux::Drop(DropReason::NoPeer)
+            }
         }
     }
 
@@ -1175,6 +1158,52 @@ impl PeerTable {
 
 /// Records an address that sent data for an unknown session, once per round and at most
 /// `MAX_NUDGES_PER_ROUND` of them (the lookups are linear in peers).
+/// What the first bytes of a datagram say it is, before any cryptography.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Classified {
+    /// A handshake initiation of the right size: the rate limiter and one DH find its peer.
+    HandshakeInit,
+    /// A handshake response, cookie reply or data message addressed to our receiver `index`,
+    /// whose upper 24 bits are the peer's `slot`.
+    Indexed { kind: u8, index: u32, slot: u32 },
+}
+
+/// The pure first step of demultiplexing: a WireGuard message type with its exact (or, for
+/// data, minimum) size and zero reserved bytes, and the receiver index where one is carried.
+/// Anything else is [`DropReason::Malformed`]. Public so that it can be fuzzed on its own.
+pub fn classify_datagram(datagram: &[u8]) -> Result<Classified, DropReason> {
+    let Some(&kind) = datagram.first() else {
+        return Err(DropReason::Malformed);
+    };
+    let expected_len_ok = match kind {
+        HANDSHAKE_INIT => datagram.len() == HANDSHAKE_INIT_LEN,
+        HANDSHAKE_RESPONSE => datagram.len() == HANDSHAKE_RESPONSE_LEN,
+        COOKIE_REPLY => datagram.len() == COOKIE_REPLY_LEN,
+        DATA => datagram.len() >= DATA_MIN_LEN,
+        _ => false,
+    };
+    if !expected_len_ok || datagram[1..4] != [0, 0, 0] {
+        return Err(DropReason::Malformed);
+    }
+    if kind == HANDSHAKE_INIT {
+        return Ok(Classified::HandshakeInit);
+    }
+    // The receiver index follows the sender index in a response, and comes first in a
+    // cookie reply or data message.
+    let at = if kind == HANDSHAKE_RESPONSE { 8 } else { 4 };
+    let index = u32::from_le_bytes([
+        datagram[at],
+        datagram[at + 1],
+        datagram[at + 2],
+        datagram[at + 3],
+    ]);
+    Ok(Classified::Indexed {
+        kind,
+        index,
+        slot: index >> 8,
+    })
+}
+
 fn note_unknown_session(senders: &mut Vec<SocketAddr>, from: SocketAddr) {
     if senders.len() < MAX_NUDGES_PER_ROUND && !senders.contains(&from) {
         senders.push(from);

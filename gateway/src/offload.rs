@@ -160,7 +160,12 @@ pub fn split_super_packet(
     }
     hdr.hdr_len = u16::try_from(hdr_len).map_err(|_| OffloadError::Header("hdr_len"))?;
     let payload = len - hdr_len;
-    let segments = payload.div_ceil(usize::from(hdr.gso_size)).max(1);
+    if payload == 0 {
+        // The kernel never marks a packet without payload for segmentation; tun-rs would
+        // return no segment at all, and the read would vanish uncounted.
+        return Err(OffloadError::Header("GSO packet without payload"));
+    }
+    let segments = payload.div_ceil(usize::from(hdr.gso_size));
     if segments > bufs.len().min(sizes.len()).min(MAX_SPLIT_SEGMENTS) {
         return Err(OffloadError::TooManySegments(segments));
     }

@@ -198,6 +198,32 @@ fn malformed_virtio_headers_are_errors() {
     assert!(split_super_packet(&mut beyond, &mut bufs, &mut sizes).is_err());
 }
 
+/// Found by the `gateway_split` fuzz target: a TCPv4 GSO read whose packet is only its IP and
+/// TCP headers (no payload) split into zero segments, so the read vanished without being
+/// counted; it is now a malformed read like any other bad header.
+#[test]
+fn a_gso_read_without_payload_is_refused() {
+    let (mut bufs, mut sizes) = buffers();
+    #[rustfmt::skip]
+    let mut read = vec![
+        // virtio_net_hdr: NEEDS_CSUM, TCPV4, hdr_len 40, gso_size 1000, csum 20 + 16.
+        1, GSO_TCPV4, 40, 0, 0xe8, 3, 20, 0, 16, 0,
+        // IPv4: total length 40, TTL 64, TCP, 10.1.0.5 -> 10.2.0.7.
+        0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 10, 1, 0, 5, 10, 2, 0, 7,
+        // TCP: data offset 5, ACK, nothing after it.
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x50, 0x10, 0, 0, 0, 0, 0, 0,
+    ];
+    if cfg!(target_endian = "big") {
+        for field in read[2..VNET_HDR_LEN].chunks_exact_mut(2) {
+            field.swap(0, 1);
+        }
+    }
+    assert_eq!(
+        split_super_packet(&mut read, &mut bufs, &mut sizes),
+        Err(OffloadError::Header("GSO packet without payload"))
+    );
+}
+
 #[test]
 fn random_reads_never_panic() {
     let (mut bufs, mut sizes) = buffers();

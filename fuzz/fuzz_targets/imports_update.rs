@@ -1,0 +1,104 @@
+//! The controller's stream to the cluster DNS (dns/src/subscription.rs): `ImportsUpdate`s
+//! applied to the imports, mapped to a catalog, and published as a zone and fast table.
+#![no_main]
+
+use hickory_proto::rr::{Name, RecordType};
+use libfuzzer_sys::fuzz_target;
+use trellis_core::imports::{Imports, ImportsUpdate};
+use trellis_core::peering::{FrameDecoder, PeeringError, encode_json_frame};
+use trellis_dns::fast::FastTable;
+use trellis_dns::subscription::catalog_from_imports;
+use trellis_dns::zone::{Lookup, Zone, ZoneConfig};
+use trellis_fuzz::{EDNS_UDP_SIZE, chunked};
+
+const MAX_FRAME: usize = 1 << 16;
+
+fn publish(imports: &Imports) {
+    let catalog = catalog_from_imports(imports);
+    assert_eq!(catalog.services.len(), imports.services.len());
+    let zone = Zone::build(ZoneConfig::new("clusterset.local", 5).unwrap(), &catalog);
+    // Every service is either published or listed as skipped, never lost silently.
+    assert_eq!(
+        zone.services() + zone.skipped().len(),
+        catalog.services.len()
+    );
+    for service in &catalog.services {
+        let prefix = format!("{}.{}: ", service.name, service.namespace);
+        if zone.skipped().iter().any(|s| s.starts_with(&prefix)) {
+            continue;
+        }
+        let name = Name::from_ascii(format!(
+            "{}.{}.svc.clusterset.local.",
+            service.name, service.namespace
+        ))
+        .expect("a published service has a valid name");
+        assert!(
+            matches!(
+                zone.lookup(&name, RecordType::A),
+                Lookup::Found { .. } | Lookup::NoData
+            ),
+            "published service {name} resolves"
+        );
+    }
+    let _ = FastTable::build(&zone, EDNS_UDP_SIZE);
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((step, stream)) = chunked(data) else {
+        return;
+    };
+    let mut decoder = FrameDecoder::new(MAX_FRAME);
+    let mut imports: Option<Imports> = None;
+    for chunk in stream.chunks(step) {
+        decoder.push(chunk);
+        loop {
+            let update = match decoder.next_json::<ImportsUpdate>() {
+                Ok(Some(update)) => update,
+                Ok(None) => break,
+                Err(
+                    PeeringError::DecodeFrame { .. } | PeeringError::DecodeFrameTooLarge { .. },
+                ) => {
+                    return; // DNS drops the session and resubscribes
+                }
+                Err(other) => panic!("a decoder cannot fail with {other:?}"),
+            };
+            let frame = encode_json_frame(&update, "imports update", usize::MAX).unwrap();
+            let mut again = FrameDecoder::new(usize::MAX);
+            again.push(&frame);
+            assert_eq!(
+                again.next_json::<ImportsUpdate>().unwrap().as_ref(),
+                Some(&update)
+            );
+            let state = imports.get_or_insert_with(Imports::default);
+            let before = state.clone();
+            let applied = state.apply(&update);
+            match &update {
+                ImportsUpdate::Snapshot(snapshot) => {
+                    assert!(applied);
+                    assert_eq!(state, snapshot);
+                }
+                ImportsUpdate::Delta {
+                    from,
+                    to,
+                    upsert,
+                    remove,
+                } => {
+                    assert_eq!(applied, *from == before.revision);
+                    if !applied {
+                        assert_eq!(*state, before, "a refused delta changes nothing");
+                        return;
+                    }
+                    assert_eq!(state.revision, *to);
+                    for key in remove {
+                        let upserted = upsert.iter().any(|s| s.key() == *key);
+                        assert_eq!(state.services.contains_key(&key.to_string()), upserted);
+                    }
+                    for service in upsert {
+                        assert!(state.services.contains_key(&service.key().to_string()));
+                    }
+                }
+            }
+            publish(state);
+        }
+    }
+});

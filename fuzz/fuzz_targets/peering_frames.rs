@@ -1,0 +1,112 @@
+//! The peering stream from another cluster's controller: `FrameDecoder` and `Session`.
+#![no_main]
+
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use trellis_core::cluster::{ClusterState, cidr_conflicts, fixture};
+use trellis_core::peering::{
+    Event, FrameDecoder, Message, PeeringError, Session, SessionConfig, encode_frame,
+};
+use trellis_fuzz::chunked;
+
+/// Small enough that oversized frames are reachable, large enough for real snapshots.
+const MAX_FRAME: usize = 1 << 16;
+
+/// Every result a decoder gives for `stream` pushed `step` bytes at a time, up to the first
+/// error (after which the stream is unusable).
+fn decode(stream: &[u8], step: usize) -> Vec<Result<Message, PeeringError>> {
+    let mut decoder = FrameDecoder::new(MAX_FRAME);
+    let mut out = Vec::new();
+    for chunk in stream.chunks(step) {
+        decoder.push(chunk);
+        loop {
+            let before = decoder.buffered();
+            match decoder.next_message() {
+                Ok(None) => break,
+                Ok(Some(message)) => {
+                    // A frame is consumed whole: its header and exactly its declared body.
+                    let consumed = before - decoder.buffered();
+                    assert!(consumed >= 4);
+                    out.push(Ok(message));
+                }
+                Err(e) => {
+                    out.push(Err(e));
+                    return out;
+                }
+            }
+        }
+    }
+    out
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((step, stream)) = chunked(data) else {
+        return;
+    };
+    let whole = decode(stream, stream.len().max(1));
+    // How the network cut the stream changes nothing.
+    assert_eq!(whole, decode(stream, step));
+    for result in &whole {
+        match result {
+            Ok(message) => {
+                // What we decoded re-encodes, decodes to itself, and encodes the same again.
+                let frame = encode_frame(message, usize::MAX).expect("a decoded message encodes");
+                let mut decoder = FrameDecoder::new(usize::MAX);
+                decoder.push(&frame);
+                assert_eq!(decoder.next_message(), Ok(Some(message.clone())));
+                assert_eq!(decoder.buffered(), 0);
+                let again = encode_frame(message, usize::MAX).unwrap();
+                assert_eq!(frame, again);
+            }
+            Err(PeeringError::DecodeFrameTooLarge { len, max }) => assert!(len > max),
+            Err(PeeringError::DecodeFrame { .. }) => {}
+            Err(other) => panic!("a decoder cannot fail with {other:?}"),
+        }
+    }
+
+    // The whole per-connection logic, as the controller runs it for peer "b".
+    let now = Instant::now();
+    let local = fixture::cluster("a", "10.1.0.0/24", "10.96.0.0/16");
+    let config = SessionConfig {
+        local: fixture::id("a"),
+        local_name: "a".into(),
+        peer: fixture::id("b"),
+        heartbeat: Duration::from_secs(5),
+        lease: Duration::from_secs(30),
+        max_frame: MAX_FRAME,
+    };
+    let (mut session, _) = Session::new(config, &local, now);
+    let mut mirror: Option<ClusterState> = None;
+    let mut closed = false;
+    for chunk in stream.chunks(step) {
+        let events = session.handle_bytes(chunk, now);
+        if closed {
+            assert!(events.is_empty(), "a closed session says nothing more");
+            continue;
+        }
+        for event in events {
+            assert!(!closed, "nothing follows Close");
+            match event {
+                Event::Transmit(_) => {}
+                Event::PeerSnapshot(state) => {
+                    assert_eq!(state.id.as_str(), "b");
+                    let _ = cidr_conflicts(&local, &state);
+                    mirror = Some(state);
+                }
+                Event::PeerDelta(delta) => {
+                    assert_eq!(delta.cluster.as_str(), "b");
+                    assert!(delta.to > delta.from);
+                    // The session checked the chain; the mirror must accept it.
+                    let state = mirror.as_mut().expect("a delta only after a snapshot");
+                    state.apply(&delta).expect("a checked delta applies");
+                }
+                Event::Close(_) => closed = true,
+            }
+        }
+        assert_eq!(closed, session.is_closed());
+        if let Some(state) = &mirror {
+            assert_eq!(state.revision, session.peer_revision());
+        }
+    }
+});

@@ -208,30 +208,7 @@ mod tests {
     }
 
     fn message(answers: usize, edns: Option<u16>, response: bool) -> Vec<u8> {
-        use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
-        use hickory_proto::rr::rdata::A;
-        use hickory_proto::rr::{Name, RData, Record, RecordType};
-        let name = Name::from_ascii("www.example.test.").unwrap();
-        let kind = if response {
-            MessageType::Response
-        } else {
-            MessageType::Query
-        };
-        let mut m = Message::new(1, kind, OpCode::Query);
-        m.add_query(Query::query(name.clone(), RecordType::A));
-        for i in 0..answers {
-            m.add_answer(Record::from_rdata(
-                name.clone(),
-                60,
-                RData::A(A::new(192, 0, 2, i as u8)),
-            ));
-        }
-        if let Some(size) = edns {
-            let mut e = Edns::new();
-            e.set_max_payload(size);
-            m.set_edns(e);
-        }
-        m.to_vec().unwrap()
+        crate::wire::testing::message(answers, edns, response)
     }
 
     #[test]

@@ -98,27 +98,10 @@ pub fn truncate(answer: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::rdata::A;
-    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    use hickory_proto::op::Message;
 
     fn message(answers: usize, edns: Option<u16>) -> Vec<u8> {
-        let name = Name::from_ascii("www.example.test.").unwrap();
-        let mut m = Message::new(9, MessageType::Response, OpCode::Query);
-        m.add_query(Query::query(name.clone(), RecordType::A));
-        for i in 0..answers {
-            m.add_answer(Record::from_rdata(
-                name.clone(),
-                60,
-                RData::A(A::new(192, 0, 2, i as u8)),
-            ));
-        }
-        if let Some(size) = edns {
-            let mut e = Edns::new();
-            e.set_max_payload(size);
-            m.set_edns(e);
-        }
-        m.to_vec().unwrap()
+        testing::message(answers, edns, true)
     }
 
     #[test]
@@ -153,5 +136,39 @@ mod tests {
         let cut = truncate(&message(100, None)).unwrap();
         let m = Message::from_vec(&cut).unwrap();
         assert!(m.truncation && m.edns.is_none() && m.additionals.is_empty());
+    }
+}
+
+/// DNS messages for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+    /// A question for `www.example.test.` A with `answers` A records (a response, or a
+    /// query), and an OPT record offering `edns` when given.
+    pub(crate) fn message(answers: usize, edns: Option<u16>, response: bool) -> Vec<u8> {
+        let name = Name::from_ascii("www.example.test.").unwrap();
+        let kind = if response {
+            MessageType::Response
+        } else {
+            MessageType::Query
+        };
+        let mut m = Message::new(9, kind, OpCode::Query);
+        m.add_query(Query::query(name.clone(), RecordType::A));
+        for i in 0..answers {
+            m.add_answer(Record::from_rdata(
+                name.clone(),
+                60,
+                RData::A(A::new(192, 0, 2, i as u8)),
+            ));
+        }
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
     }
 }

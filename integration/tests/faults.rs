@@ -246,6 +246,24 @@ fn a_cluster_overlapping_another_is_refused_naming_both() {
     .unwrap();
 }
 
+/// A TCP echo stream from pod `from` to the echo server of pod `to`.
+fn live_stream(lab: &TestLab, from: &str, to: &str) -> LiveStream {
+    let client = lab.pod(from);
+    LiveStream::start(connect_in(&client.netns, echo_addr(lab, to), TIMEOUT).unwrap())
+}
+
+/// Stops an underlay capture and checks that it saw the tunnels and no packet with a pod
+/// address (plaintext pod traffic).
+fn assert_only_tunnels(capture: trellis_integration::mesh::Started, file: &std::path::Path) {
+    // With -U tcpdump writes each packet as it comes; a moment for the last ones.
+    std::thread::sleep(Duration::from_millis(200));
+    drop(capture);
+    let tunnel = trellis_integration::mesh::count_matching(file, "udp port 51820");
+    let plaintext = trellis_integration::mesh::count_matching(file, "ip and net 10.0.0.0/8");
+    assert!(tunnel > 100, "the capture saw the tunnels: {tunnel}");
+    assert_eq!(plaintext, 0, "pod packets in plaintext on the underlay");
+}
+
 /// `trellis lab roll <args> -o json`, which must succeed: one restart per line.
 fn roll(lab: &TestLab, args: &[&str]) -> Vec<serde_json::Value> {
     let mut all = vec!["roll"];
@@ -312,10 +330,7 @@ fn a_rolling_update_of_every_gateway_keeps_tcp_connections_and_leaks_nothing() {
     let _serial = serial();
     let lab = TestLab::new("roll");
     lab.up(&["--node-encryption", "on"]);
-    let stream = |from: &str, to: &str| {
-        let client = lab.pod(from);
-        LiveStream::start(connect_in(&client.netns, echo_addr(&lab, to), TIMEOUT).unwrap())
-    };
+    let stream = |from: &str, to: &str| live_stream(&lab, from, to);
     let streams = [
         ("c1/pod-0 -> c2/pod-2", stream("c1/pod-0", "c2/pod-2")),
         ("c2/pod-1 -> c1/pod-3", stream("c2/pod-1", "c1/pod-3")),
@@ -332,12 +347,7 @@ fn a_rolling_update_of_every_gateway_keeps_tcp_connections_and_leaks_nothing() {
         let (longest, echoed) = stream.finish(what);
         eprintln!("{what}: longest stall {longest:?} over {echoed} echoes, no reset");
     }
-    std::thread::sleep(Duration::from_millis(200));
-    drop(capture);
-    let tunnel = trellis_integration::mesh::count_matching(&file, "udp port 51820");
-    let plaintext = trellis_integration::mesh::count_matching(&file, "ip and net 10.0.0.0/8");
-    assert!(tunnel > 100, "the capture saw the tunnels: {tunnel}");
-    assert_eq!(plaintext, 0, "pod packets in plaintext on the underlay");
+    assert_only_tunnels(capture, &file);
 }
 
 #[test]
@@ -345,10 +355,7 @@ fn no_plaintext_leaves_a_node_while_its_gateway_dies_restarts_or_waits_for_its_c
     let _serial = serial();
     let lab = TestLab::new("closed");
     lab.up(&["--node-encryption", "on"]);
-    let stream = |from: &str, to: &str| {
-        let client = lab.pod(from);
-        LiveStream::start(connect_in(&client.netns, echo_addr(&lab, to), TIMEOUT).unwrap())
-    };
+    let stream = |from: &str, to: &str| live_stream(&lab, from, to);
     // c1/pod-2 is behind c1/node-1, the node whose gateway dies.
     let streams = [
         (
@@ -398,12 +405,7 @@ fn no_plaintext_leaves_a_node_while_its_gateway_dies_restarts_or_waits_for_its_c
         let (longest, echoed) = stream.finish(what);
         eprintln!("{what}: longest stall {longest:?} over {echoed} echoes");
     }
-    std::thread::sleep(Duration::from_millis(200));
-    drop(capture);
-    let tunnel = trellis_integration::mesh::count_matching(&file, "udp port 51820");
-    let plaintext = trellis_integration::mesh::count_matching(&file, "ip and net 10.0.0.0/8");
-    assert!(tunnel > 100, "the capture saw the tunnels: {tunnel}");
-    assert_eq!(plaintext, 0, "pod packets in plaintext on the underlay");
+    assert_only_tunnels(capture, &file);
 }
 
 #[test]

@@ -365,6 +365,19 @@ mod tests {
         h
     }
 
+    /// A hub with the local cluster's source, and the agent port serving it (asking for
+    /// `token` when given) on a loopback port.
+    async fn agent_server(
+        token: Option<&str>,
+    ) -> (Hub, std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let h = hub();
+        h.set_source(src());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, h.clone(), 1 << 20, token.map(Arc::from)));
+        (h, addr, server)
+    }
+
     fn src() -> SourceState {
         let c = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
         SourceState {
@@ -375,11 +388,7 @@ mod tests {
 
     #[tokio::test]
     async fn gateways_get_a_snapshot_then_deltas_over_tcp() {
-        let h = hub();
-        h.set_source(src());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, h.clone(), 1 << 20, Some("s3cret".into())));
+        let (h, addr, server) = agent_server(Some("s3cret")).await;
         let reg = GatewayRegistration {
             node: "node-0".into(),
             endpoint: "192.168.1.10:51820".parse().unwrap(),
@@ -480,11 +489,7 @@ mod tests {
     #[tokio::test]
     async fn ten_thousand_silent_connections_do_not_keep_a_gateway_out() {
         let _turn = MANY_CONNECTIONS.lock().await;
-        let h = hub();
-        h.set_source(src());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, h.clone(), 1 << 20, Some("s3cret".into())));
+        let (h, addr, server) = agent_server(Some("s3cret")).await;
         // An attacker on one address opens connections and sends nothing.
         let mut silent = Vec::new();
         for _ in 0..10_000 {
@@ -614,11 +619,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_hello_is_refused() {
-        let h = hub();
-        h.set_source(src());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, h.clone(), 1 << 20, None));
+        let (h, addr, server) = agent_server(None).await;
         let reg = GatewayRegistration {
             node: "n".repeat(HELLO_MAX),
             endpoint: "192.168.1.10:51820".parse().unwrap(),
@@ -638,11 +639,7 @@ mod tests {
 
     #[tokio::test]
     async fn gateway_reports_reach_the_status_and_garbage_is_counted() {
-        let h = hub();
-        h.set_source(src());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, h.clone(), 1 << 20, None));
+        let (h, addr, server) = agent_server(None).await;
         let reg = GatewayRegistration {
             node: "node-0".into(),
             endpoint: "192.168.1.10:51820".parse().unwrap(),

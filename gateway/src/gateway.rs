@@ -167,6 +167,14 @@ impl<R: RouteTable> Reconciler<R> {
                 return None;
             }
         };
+        // The plan is on disk already: record it as stored without waking the writer, so
+        // applying it does not write it again.
+        if let Some(saved) = &self.saved {
+            saved.send_if_modified(|stored| {
+                *stored = Some(plan.clone());
+                false
+            });
+        }
         match self.apply_plan(&plan).await {
             Ok(()) => {
                 self.metrics.plan_restored.set(1);
@@ -215,6 +223,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     pub reconciler: Reconciler<NetlinkRoutes>,
     device_task: Option<JoinHandle<Result<(), Error>>>,
+    /// The task storing each applied plan ([`PlanStore::spawn_writer`]).
+    plan_writer: Option<JoinHandle<()>>,
     /// Stops the device loop (dropping it does too).
     stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -338,6 +348,7 @@ impl Gateway {
         let mut done = done;
         let device_task =
             tokio::spawn(async move { done.recv().await.unwrap_or(Err(Error::DeviceStopped)) });
+        let (saved, plan_writer) = PlanStore::in_dir(&config.state_dir).spawn_writer();
         tracing::info!(
             interface = %config.interface,
             port = listen_port,
@@ -358,10 +369,11 @@ impl Gateway {
                 tun_index: link.index,
                 route_metrics: config.route_metrics,
                 metrics,
-                saved: Some(PlanStore::in_dir(&config.state_dir).spawn_writer()),
+                saved: Some(saved),
                 ready_file: config.ready_file.clone().map(ReadyFile::new),
             },
             device_task: Some(device_task),
+            plan_writer: Some(plan_writer),
             stop,
         })
     }
@@ -374,6 +386,20 @@ impl Gateway {
     /// process should then exit and be restarted. `None` after the first call.
     pub fn take_device_task(&mut self) -> Option<JoinHandle<Result<(), Error>>> {
         self.device_task.take()
+    }
+
+    /// Stores the last plan applied if the writer has not yet (it writes what it has not and
+    /// ends once its channel closes); call before [`Self::stop`], so the next start restores
+    /// it. Plans applied after this are not stored.
+    pub async fn flush_plan(&mut self) {
+        self.reconciler.saved = None;
+        if let Some(writer) = self.plan_writer.take()
+            && tokio::time::timeout(Duration::from_secs(5), writer)
+                .await
+                .is_err()
+        {
+            tracing::warn!("the last plan was not stored within 5 s");
+        }
     }
 
     /// Stops the device loop; the TUN (and with it the tunnel routes) goes away, the

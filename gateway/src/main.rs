@@ -278,16 +278,7 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
     // The shutdown order: the last plan on disk first (the writer may be mid-way), so the
     // next start restores it; then the device, whose TUN takes its routes with it and leaves
     // the unreachable backstops: nothing goes out in plaintext while no gateway runs.
-    let last = gateway
-        .reconciler
-        .saved
-        .as_ref()
-        .and_then(|saved| saved.borrow().clone());
-    if let Some(plan) = last
-        && let Err(e) = store.save(&plan)
-    {
-        tracing::warn!("{}", trellis_gateway::chain(&e));
-    }
+    gateway.flush_plan().await;
     tracing::info!("stopping; routes to encrypted peers stay unreachable until restart");
     gateway.stop();
     Ok(())

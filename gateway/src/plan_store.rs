@@ -87,10 +87,16 @@ impl PlanStore {
     }
 
     /// Starts the writer task: every plan sent on the returned channel is stored, the latest
-    /// one winning when several arrive during a write.
-    pub fn spawn_writer(self) -> watch::Sender<Option<GatewayPlan>> {
+    /// one winning when several arrive during a write. Once the sender is dropped the task
+    /// stores the last plan it has not yet written and ends: await it to flush.
+    pub fn spawn_writer(
+        self,
+    ) -> (
+        watch::Sender<Option<GatewayPlan>>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let (sender, mut plans) = watch::channel::<Option<GatewayPlan>>(None);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             while plans.changed().await.is_ok() {
                 let Some(plan) = plans.borrow_and_update().clone() else {
                     continue;
@@ -103,7 +109,7 @@ impl PlanStore {
                 }
             }
         });
-        sender
+        (sender, task)
     }
 }
 
@@ -164,18 +170,13 @@ mod tests {
     async fn the_writer_stores_the_latest_plan() {
         let dir = tempfile::tempdir().unwrap();
         let store = PlanStore::in_dir(dir.path());
-        let writer = store.clone().spawn_writer();
+        let (writer, task) = store.clone().spawn_writer();
         for revision in 1..=20 {
             writer.send_replace(Some(plan(revision)));
         }
-        let mut stored = None;
-        for _ in 0..200 {
-            stored = store.load().ok().flatten();
-            if stored.as_ref().is_some_and(|p| p.revision == 20) {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert_eq!(stored, Some(plan(20)));
+        // Dropping the sender flushes: the task writes what it has not yet, then ends.
+        drop(writer);
+        task.await.unwrap();
+        assert_eq!(store.load().unwrap(), Some(plan(20)));
     }
 }

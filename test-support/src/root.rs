@@ -16,11 +16,11 @@ pub fn skip_reason(test: &str) -> String {
 /// Returns from the calling test, with a message on stderr, unless running as root.
 ///
 /// ```
-/// #[test]
 /// fn builds_a_namespace() {
 ///     trellis_test_support::skip_unless_root!();
 ///     // ... create namespaces ...
 /// }
+/// # builds_a_namespace();
 /// ```
 #[macro_export]
 macro_rules! skip_unless_root {

@@ -1,6 +1,6 @@
 //! The streams inside a cluster: what a node's gateway and the cluster's DNS say to their
 //! controller when they subscribe, and what the controller sends a gateway. Framed like the
-//! peering protocol (4-byte big-endian length + JSON, [`crate::peering::encode_json_frame`]).
+//! peering protocol (4-byte big-endian length + JSON, [`crate::framing`]).
 //! DNS receives [`crate::imports::ImportsUpdate`]s.
 //!
 //! After its hello a gateway sends an [`AgentReport`] every few seconds (its tunnels, see
@@ -238,7 +238,7 @@ impl GatewayDesired {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peering::{FrameDecoder, PeeringError, encode_json_frame};
+    use crate::framing::{FrameDecoder, FrameError, encode_json_frame};
 
     #[test]
     fn reports_follow_the_hello_on_one_stream_and_garbage_is_skipped() {
@@ -271,7 +271,7 @@ mod tests {
         assert_eq!(decoder.next_json::<AgentHello>().unwrap(), Some(hello));
         assert!(matches!(
             decoder.next_json::<AgentReport>(),
-            Err(PeeringError::DecodeFrame { .. })
+            Err(FrameError::Malformed(_))
         ));
         assert_eq!(decoder.next_json::<AgentReport>().unwrap(), Some(report));
         assert_eq!(decoder.buffered(), 0);

@@ -11,6 +11,7 @@ pub mod admission;
 pub mod agent;
 pub mod cidr;
 pub mod cluster;
+pub mod framing;
 pub mod gateway;
 pub mod imports;
 pub mod peering;

@@ -14,8 +14,8 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 use trellis_core::agent::AgentHello;
 use trellis_core::cluster::{self, ServiceKind};
+use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 use trellis_core::imports::{Imports, ImportsUpdate};
-use trellis_core::peering::{FrameDecoder, PeeringError, encode_json_frame};
 
 use crate::catalog::ZoneHandle;
 use crate::metrics::Metrics;
@@ -238,7 +238,7 @@ async fn session(
             let update = match decoder.next_json::<ImportsUpdate>() {
                 Ok(Some(u)) => u,
                 Ok(None) => break,
-                Err(e @ PeeringError::DecodeFrameTooLarge { .. }) => {
+                Err(e @ FrameError::TooLarge { .. }) => {
                     return Ended::Oversized(e.to_string());
                 }
                 Err(e) => return Ended::Malformed(e.to_string()),

@@ -18,8 +18,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use trellis_core::agent::AgentHello;
 use trellis_core::cluster::{Endpoint, Protocol, ServiceKind, ServicePort};
+use trellis_core::framing::{FrameDecoder, encode_json_frame};
 use trellis_core::imports::{Backend, ImportedService, Imports, ImportsUpdate};
-use trellis_core::peering::{FrameDecoder, encode_json_frame};
 use trellis_dns::Catalog;
 use trellis_dns::subscription::{self, ControllerSource};
 

@@ -17,7 +17,8 @@ use trellis_core::agent::{
 };
 use trellis_core::cluster::{ServiceKey, fixture};
 use trellis_core::imports::Imports;
-use trellis_core::peering::{Message as PeeringMessage, encode_frame, encode_json_frame};
+use trellis_core::framing::encode_json_frame;
+use trellis_core::peering::{Message as PeeringMessage, encode_frame};
 use trellis_core::status::{GatewayReport, TunnelStatus};
 use trellis_core::wgkey::PublicKey;
 use trellis_gateway::offload::{

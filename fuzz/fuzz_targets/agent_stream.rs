@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use trellis_core::agent::{AgentHello, AgentReport, AgentRole, MAX_REPORT_FRAME};
-use trellis_core::peering::{FrameDecoder, PeeringError, encode_json_frame};
+use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 use trellis_fuzz::chunked;
 
 /// The controller's limit on the hello frame (`HELLO_MAX`, private to the controller).
@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
                 Some(chunk) => decoder.push(chunk),
                 None => return,
             },
-            Err(PeeringError::DecodeFrameTooLarge { len, .. }) => {
+            Err(FrameError::TooLarge { len, .. }) => {
                 assert!(len > HELLO_MAX);
                 return;
             }
@@ -67,8 +67,8 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             // A frame that is not a report is skipped: the framing still holds.
-            Err(PeeringError::DecodeFrame { .. }) => {}
-            Err(PeeringError::DecodeFrameTooLarge { len, max }) => {
+            Err(FrameError::Malformed(_)) => {}
+            Err(FrameError::TooLarge { len, max }) => {
                 assert!(len > max);
                 return;
             }

@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use trellis_core::agent::{GatewayDesired, GatewayUpdate};
-use trellis_core::peering::{FrameDecoder, PeeringError, encode_json_frame};
+use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 use trellis_fuzz::chunked;
 
 const MAX_FRAME: usize = 1 << 16;
@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
                 Ok(Some(update)) => update,
                 Ok(None) => break,
                 Err(
-                    PeeringError::DecodeFrame { .. } | PeeringError::DecodeFrameTooLarge { .. },
+                    FrameError::Malformed(_) | FrameError::TooLarge { .. },
                 ) => {
                     return; // the gateway ends the session and reconnects
                 }

@@ -5,7 +5,7 @@
 use hickory_proto::rr::{Name, RecordType};
 use libfuzzer_sys::fuzz_target;
 use trellis_core::imports::{Imports, ImportsUpdate};
-use trellis_core::peering::{FrameDecoder, PeeringError, encode_json_frame};
+use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 use trellis_dns::fast::FastTable;
 use trellis_dns::subscription::catalog_from_imports;
 use trellis_dns::zone::{Lookup, Zone, ZoneConfig};
@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
                 Ok(Some(update)) => update,
                 Ok(None) => break,
                 Err(
-                    PeeringError::DecodeFrame { .. } | PeeringError::DecodeFrameTooLarge { .. },
+                    FrameError::Malformed(_) | FrameError::TooLarge { .. },
                 ) => {
                     return; // DNS drops the session and resubscribes
                 }

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use trellis_core::agent::{
     AgentHello, AgentReport, GatewayDesired, GatewayRegistration, GatewayUpdate, MAX_REPORT_FRAME,
 };
-use trellis_core::peering::{FrameDecoder, encode_json_frame};
+use trellis_core::framing::{FrameDecoder, encode_json_frame};
 use trellis_netns::Netns;
 
 use crate::gateway::Reconciler;
@@ -53,8 +53,8 @@ enum SessionEnd {
     Write(std::io::Error),
     #[error("the controller did not take a report within {REPORT_WRITE_TIMEOUT:?}")]
     ReportTimeout,
-    #[error("{0}")]
-    Frame(#[from] trellis_core::peering::PeeringError),
+    #[error(transparent)]
+    Frame(#[from] trellis_core::framing::FrameError),
     #[error("delta from revision {from} does not follow revision {at}")]
     Gap { from: u64, at: u64 },
 }

@@ -15,7 +15,7 @@ use trellis_core::agent::{
     AgentHello, AgentReport, AgentRole, GatewayDesired, GatewayRegistration, GatewayUpdate,
     PeerSpec, RouteSpec, RouteVia,
 };
-use trellis_core::peering::{FrameDecoder, encode_json_frame};
+use trellis_core::framing::{FrameDecoder, encode_json_frame};
 use trellis_gateway::controller::{ControllerSource, follow_controller};
 
 const SHORT: Duration = Duration::from_secs(1);

@@ -15,8 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use trellis_core::admission::{SourceSlot, SourceSlots};
+use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 use trellis_core::imports::{Imports, ImportsUpdate};
-use trellis_core::peering::{FrameDecoder, encode_json_frame};
 
 pub use trellis_core::agent::{AgentHello, AgentReport, AgentRole, MAX_REPORT_FRAME};
 
@@ -328,9 +328,9 @@ fn take_reports(hub: &Hub, node: &str, decoder: &mut FrameDecoder) -> Result<(),
                 }
             }
             Ok(None) => return Ok(()),
-            Err(trellis_core::peering::PeeringError::DecodeFrame { reason }) => {
+            Err(FrameError::Malformed(cause)) => {
                 hub.metrics().gateway_report("rejected");
-                tracing::warn!(%node, %reason, "skipped an unreadable gateway report");
+                tracing::warn!(%node, error = %cause, "skipped an unreadable gateway report");
             }
             Err(e) => {
                 hub.metrics().gateway_report("rejected");

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use trellis_controller::agent::AgentHello;
 use trellis_controller::gateway::{GatewayRegistration, GatewayUpdate};
 use trellis_core::cluster::PublicKey;
+use trellis_core::framing::{FrameDecoder, encode_json_frame};
 use trellis_core::imports::ImportsUpdate;
-use trellis_core::peering::{FrameDecoder, encode_json_frame};
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-controller");
 

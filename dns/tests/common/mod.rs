@@ -145,12 +145,23 @@ pub fn with_big(n: usize) -> Catalog {
     catalog
 }
 
+/// A UDP socket and a TCP listener on the same free port. The kernel picks the UDP port; TCP
+/// may find it taken by another test's connection, so a few ports are tried.
+async fn udp_and_tcp_on_one_port() -> (UdpSocket, TcpListener, SocketAddr) {
+    for _ in 0..20 {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        if let Ok(tcp) = TcpListener::bind(addr).await {
+            return (udp, tcp, addr);
+        }
+    }
+    panic!("no port was free for both UDP and TCP in 20 tries");
+}
+
 /// An upstream stub on 127.0.0.1 (UDP and TCP on one port): `*.example.test.` A 192.0.2.1,
 /// anything else NXDOMAIN. Returns its address and the task serving it.
 pub async fn upstream_stub() -> (SocketAddr, JoinHandle<()>, JoinHandle<()>) {
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(addr).await.unwrap();
+    let (udp, tcp, addr) = udp_and_tcp_on_one_port().await;
     let udp_task = tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
         loop {

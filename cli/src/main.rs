@@ -7,6 +7,7 @@ mod echo;
 mod lab;
 mod peer;
 mod status;
+mod table;
 
 use clap::{Parser, Subcommand};
 

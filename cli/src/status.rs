@@ -16,6 +16,8 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use trellis_core::status::{ControllerStatus, GatewayReport, problems};
 
+use crate::table::Table;
+
 /// How long a status request may take, connecting and reading.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -118,50 +120,6 @@ pub fn parse_status(body: &str) -> anyhow::Result<ControllerStatus> {
     serde_json::from_str(body).context("the answer is not a controller status document")
 }
 
-/// Columns padded to their widest cell, two spaces apart; no trailing blanks.
-struct Table {
-    header: Vec<&'static str>,
-    rows: Vec<Vec<String>>,
-}
-
-impl Table {
-    fn new(header: &[&'static str]) -> Self {
-        Self {
-            header: header.to_vec(),
-            rows: Vec::new(),
-        }
-    }
-
-    fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
-    }
-
-    fn render(&self, indent: &str) -> String {
-        let columns = self.header.len();
-        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
-        for row in &self.rows {
-            for (i, cell) in row.iter().enumerate().take(columns) {
-                widths[i] = widths[i].max(cell.chars().count());
-            }
-        }
-        let mut out = String::new();
-        let header: Vec<String> = self.header.iter().map(|h| h.to_string()).collect();
-        for row in std::iter::once(&header).chain(&self.rows) {
-            let mut line = String::from(indent);
-            for (i, cell) in row.iter().enumerate().take(columns) {
-                line.push_str(cell);
-                if i + 1 < columns {
-                    let pad = widths[i] - cell.chars().count() + 2;
-                    line.extend(std::iter::repeat_n(' ', pad));
-                }
-            }
-            out.push_str(line.trim_end());
-            out.push('\n');
-        }
-        out
-    }
-}
-
 fn yes_no(value: bool) -> String {
     if value { "yes" } else { "no" }.into()
 }
@@ -172,12 +130,13 @@ fn on_off(value: bool) -> &'static str {
 
 /// `5s`, `3m12s`, `2h05m`, `3d04h`.
 pub fn human_age(seconds: u64) -> String {
-    match seconds {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
-        s if s < 86_400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-        s => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
-    }
+    // Two units read at a glance; seconds do not matter once it is hours.
+    let unit = match seconds {
+        s if s < 3600 => 1,
+        s if s < 86_400 => 60,
+        _ => 3600,
+    };
+    humantime::format_duration(Duration::from_secs(seconds - seconds % unit)).to_string()
 }
 
 /// Bytes in binary units: `512 B`, `1.2 KiB`, `3.4 MiB`.
@@ -197,24 +156,8 @@ pub fn human_bytes(bytes: u64) -> String {
 
 /// Unix seconds as ISO 8601 UTC (`2026-11-27T03:41:07Z`).
 pub fn format_utc(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
-    let secs = unix % 86_400;
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        (secs % 3600) / 60,
-        secs % 60
-    )
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(unix);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 fn drops(report: &GatewayReport) -> String {
@@ -370,7 +313,7 @@ pub fn render(status: &ControllerStatus) -> String {
     } else {
         out.push_str(&nodes.render("  "));
     }
-    if !tunnels.rows.is_empty() {
+    if !tunnels.is_empty() {
         out.push('\n');
         out.push_str(&tunnels.render("  "));
     }
@@ -449,9 +392,9 @@ mod tests {
         assert_eq!(human_bytes(5 * 1024 * 1024 + 1), "5.0 MiB");
         assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
         assert_eq!(human_age(0), "0s");
-        assert_eq!(human_age(192), "3m12s");
-        assert_eq!(human_age(7500), "2h05m");
-        assert_eq!(human_age(3 * 86_400 + 4 * 3600), "3d04h");
+        assert_eq!(human_age(192), "3m 12s");
+        assert_eq!(human_age(7500), "2h 5m");
+        assert_eq!(human_age(3 * 86_400 + 4 * 3600 + 59), "3days 4h");
         assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(format_utc(1_795_750_867), "2026-11-27T03:41:07Z");

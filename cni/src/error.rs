@@ -73,7 +73,11 @@ impl CniError {
 
 impl From<trellis_netns::Error> for CniError {
     fn from(error: trellis_netns::Error) -> Self {
-        CniError::new(code::DATAPLANE, "network setup failed", error.to_string())
+        CniError::new(
+            code::DATAPLANE,
+            "network setup failed",
+            trellis_core::error_chain(&error),
+        )
     }
 }
 

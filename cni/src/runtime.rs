@@ -40,15 +40,19 @@ pub enum InvokeError {
     PluginNotFound(String),
     #[error("plugin entry has no \"type\"")]
     MissingType,
-    #[error("run plugin {plugin}: {source}")]
+    #[error("run plugin {plugin}")]
     Spawn {
         plugin: String,
         source: std::io::Error,
     },
-    #[error("enter the plugins' namespace: {0}")]
+    #[error("enter the plugins' namespace")]
     Netns(#[from] trellis_netns::Error),
-    #[error("plugin {plugin} failed with code {}: {}", .error.code, .error)]
-    Plugin { plugin: String, error: CniError },
+    #[error("plugin {plugin} failed with code {}", .error.code)]
+    Plugin {
+        plugin: String,
+        #[source]
+        error: CniError,
+    },
     #[error("plugin {plugin} printed something that is not CNI JSON ({status}): {output}")]
     BadOutput {
         plugin: String,

@@ -107,6 +107,7 @@ fn receive_all(socket: &UdpSocket) -> Vec<IpAddr> {
 
 #[test]
 fn a_pod_reaches_others_with_its_own_address_only_ipv4_and_ipv6() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-spoof");
     let list = node.conflist(&["10.244.7.0/24", "fd00:10:244:7::/64"]);
     let mut pods: Vec<Pod> = ["pod-a", "pod-b", "pod-c"]

@@ -14,6 +14,7 @@ use trellis_netns::{Netlink, VethSpec, sysctl};
 
 #[test]
 fn portmap_and_tuning_work_behind_trellis_cni() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-chain");
     // A client on the underlay, wired to the node.
     let client = TempNetns::new("cni-client").unwrap();

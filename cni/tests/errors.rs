@@ -47,6 +47,7 @@ fn assert_error(outcome: (bool, Value), code: u64) -> Value {
 
 #[test]
 fn each_bad_input_gets_its_code_and_leaves_nothing_behind() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-err");
     let pod = node.new_pod("err-pod");
     let netns = pod.netns.path().to_str().unwrap().to_string();
@@ -137,6 +138,7 @@ fn each_bad_input_gets_its_code_and_leaves_nothing_behind() {
 
 #[test]
 fn version_answers_without_a_config() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-ver");
     let (success, json) = invoke(
         &node,
@@ -152,6 +154,7 @@ fn version_answers_without_a_config() {
 
 #[test]
 fn a_busy_lease_state_answers_try_again_later_and_changes_nothing() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-busy");
     let mut list = node.conflist(&["10.244.7.0/24"]);
     list.plugins[0]["ipamLockTimeoutMs"] = json!(200);

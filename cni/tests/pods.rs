@@ -8,6 +8,7 @@ use trellis_netns::{Netlink, Route};
 
 #[test]
 fn two_pods_reach_each_other_and_the_node_then_check_and_del() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-node");
     let list = node.conflist(&["10.244.1.0/24", "fd00:10:244:1::/64"]);
     let mut a = node.new_pod("pod-a");
@@ -95,6 +96,7 @@ fn two_pods_reach_each_other_and_the_node_then_check_and_del() {
 
 #[test]
 fn add_after_del_into_a_kept_namespace_replaces_the_old_veth() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-readd");
     let list = node.conflist(&["10.244.6.0/24"]);
     let mut pod = node.new_pod("readd");
@@ -122,6 +124,7 @@ fn add_after_del_into_a_kept_namespace_replaces_the_old_veth() {
 
 #[test]
 fn spec_versions_0_4_and_1_1_are_served_in_their_own_format() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-versions");
     for (version, has_ip_version) in [("0.4.0", true), ("1.1.0", false)] {
         let mut list = node.conflist(&["10.244.2.0/24"]);
@@ -150,6 +153,7 @@ fn spec_versions_0_4_and_1_1_are_served_in_their_own_format() {
 
 #[test]
 fn gc_frees_what_the_runtime_no_longer_knows() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-gc");
     let mut list = node.conflist(&["10.244.3.0/24"]);
     list.cni_version = "1.1.0".into();
@@ -173,6 +177,7 @@ fn gc_frees_what_the_runtime_no_longer_knows() {
 
 #[test]
 fn pod_mtu_defaults_to_the_underlay_minus_wireguard_overhead() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-mtu");
     // A jumbo-frame underlay carries the node's default route.
     common::block_on(async {
@@ -212,6 +217,7 @@ fn pod_mtu_defaults_to_the_underlay_minus_wireguard_overhead() {
 
 #[test]
 fn a_pod_can_send_the_moment_add_returns() {
+    trellis_test_support::skip_unless_root!();
     // The kernel attaches a new link's queue a moment after it comes up and drops what is sent
     // before; a pod's first SYN lost there costs a second. ADD must return only once the path
     // carries packets, so one echo with no retry must always make it.

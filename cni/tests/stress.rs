@@ -11,6 +11,7 @@ use trellis_netns::Netns;
 
 #[test]
 fn hundred_concurrent_adds_then_dels_share_nothing_and_leave_nothing() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-many");
     let list = node.conflist(&["10.244.8.0/24"]);
     let mut pods: Vec<Pod> = (0..100)
@@ -64,6 +65,7 @@ fn crashing_runtime(node: &Node, point: &str) -> Runtime {
 
 #[test]
 fn a_crash_anywhere_in_add_leaks_and_doubles_nothing() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-crash");
     let list = node.conflist(&["10.244.9.0/24"]);
     for point in failpoint::POINTS {
@@ -119,8 +121,63 @@ fn a_crash_anywhere_in_add_leaks_and_doubles_nothing() {
     }
 }
 
+/// The files in the IPAM state directory.
+fn ipam_files(node: &Node) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(node.data_dir.path().join("pods"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_crash_between_fsync_and_rename_keeps_the_old_state_and_add_retried_without_del_works() {
+    trellis_test_support::skip_unless_root!();
+    let node = Node::new("cni-torn");
+    let list = node.conflist(&["10.244.11.0/24"]);
+    let mut keeper = node.new_pod("keeper");
+    node.add(&list, &mut keeper).unwrap();
+    let state = node.data_dir.path().join("pods/allocations.json");
+    let before = std::fs::read(&state).unwrap();
+
+    let victim_crash = node.new_pod("torn");
+    assert!(
+        crashing_runtime(&node, failpoint::IPAM_SYNCED)
+            .add(&list, &victim_crash.attachment)
+            .is_err(),
+        "the plugin must have died"
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        before,
+        "the state on disk is the old one, whole"
+    );
+    assert_eq!(
+        ipam_files(&node),
+        ["allocations.json", "lock"],
+        "no half-written file is left behind"
+    );
+
+    // The runtime retries ADD without a DEL in between: the pod comes up whole.
+    let mut victim = victim_crash;
+    node.add(&list, &mut victim).unwrap();
+    assert_eq!(node.leases(), 2);
+    assert!(ping(
+        &victim.netns,
+        &pod_ip(keeper.result.as_ref().unwrap(), 0)
+    ));
+    for pod in [&victim, &keeper] {
+        node.runtime
+            .del(&list, &pod.attachment, pod.result.as_ref())
+            .unwrap();
+    }
+    assert_eq!(node.leases(), 0);
+}
+
 #[test]
 fn gc_cleans_up_after_crashes_the_runtime_never_followed_up() {
+    trellis_test_support::skip_unless_root!();
     let node = Node::new("cni-crash-gc");
     let mut list = node.conflist(&["10.244.10.0/24"]);
     list.cni_version = "1.1.0".into();

@@ -11,9 +11,12 @@ pub mod admission;
 pub mod agent;
 pub mod cidr;
 pub mod cluster;
+mod error_chain;
 pub mod framing;
 pub mod gateway;
 pub mod imports;
 pub mod peering;
 pub mod status;
 pub mod wgkey;
+
+pub use error_chain::error_chain;

@@ -40,6 +40,7 @@ fn gateway_metric(lab: &TestLab, node: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn a_dead_controller_leaves_the_data_plane_running_and_resyncs_without_dropping_tunnels() {
+    trellis_test_support::skip_unless_root!();
     let _serial = serial();
     let lab = TestLab::new("ctl");
     lab.up(&[]);
@@ -108,6 +109,7 @@ fn a_dead_controller_leaves_the_data_plane_running_and_resyncs_without_dropping_
 
 #[test]
 fn a_killed_gateway_fails_closed_and_its_tunnels_come_back_after_restart() {
+    trellis_test_support::skip_unless_root!();
     let _serial = serial();
     let lab = TestLab::new("gw");
     lab.up(&[]);
@@ -152,6 +154,7 @@ fn a_killed_gateway_fails_closed_and_its_tunnels_come_back_after_restart() {
 
 #[test]
 fn a_stopped_cluster_leaves_dns_within_the_lease_and_returns_when_started() {
+    trellis_test_support::skip_unless_root!();
     let _serial = serial();
     let lab = TestLab::new("gone");
     lab.up(&[]);
@@ -191,6 +194,7 @@ fn a_stopped_cluster_leaves_dns_within_the_lease_and_returns_when_started() {
 
 #[test]
 fn a_cluster_overlapping_another_is_refused_naming_both() {
+    trellis_test_support::skip_unless_root!();
     let _serial = serial();
     let lab = TestLab::new("clash");
     lab.up(&["--pods", "1"]);
@@ -305,6 +309,7 @@ fn assert_back_within(restarts: &[serde_json::Value], limit: f64) {
 
 #[test]
 fn a_restarted_gateway_has_every_tunnel_back_both_ways_within_a_second() {
+    trellis_test_support::skip_unless_root!();
     let _serial = serial();
     let lab = TestLab::new("back");
     // Three nodes per cluster: traffic to the restarted node comes from other nodes than the
@@ -327,6 +332,7 @@ fn a_restarted_gateway_has_every_tunnel_back_both_ways_within_a_second() {
 
 #[test]
 fn a_rolling_update_of_every_gateway_keeps_tcp_connections_and_leaks_nothing() {
+    trellis_test_support::skip_unless_root!();
     let _serial = serial();
     let lab = TestLab::new("roll");
     lab.up(&["--node-encryption", "on"]);
@@ -352,6 +358,7 @@ fn a_rolling_update_of_every_gateway_keeps_tcp_connections_and_leaks_nothing() {
 
 #[test]
 fn no_plaintext_leaves_a_node_while_its_gateway_dies_restarts_or_waits_for_its_controller() {
+    trellis_test_support::skip_unless_root!();
     let _serial = serial();
     let lab = TestLab::new("closed");
     lab.up(&["--node-encryption", "on"]);
@@ -410,6 +417,7 @@ fn no_plaintext_leaves_a_node_while_its_gateway_dies_restarts_or_waits_for_its_c
 
 #[test]
 fn a_pod_cannot_send_with_its_neighbours_address() {
+    trellis_test_support::skip_unless_root!();
     let _serial = serial();
     let lab = TestLab::new("spoof");
     // Node encryption off: what crosses between nodes is visible on the underlay as it is.

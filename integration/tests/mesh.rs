@@ -24,6 +24,7 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 
 #[test]
 fn every_pod_reaches_every_pod_over_tcp_and_http() {
+    trellis_test_support::skip_unless_root!();
     let _serial = serial();
     let lab = TestLab::new("tcp");
     lab.up(&[]);
@@ -62,6 +63,7 @@ fn every_pod_reaches_every_pod_over_tcp_and_http() {
 
 #[test]
 fn dns_names_lead_to_the_other_clusters_services_and_pods() {
+    trellis_test_support::skip_unless_root!();
     let _serial = serial();
     let lab = TestLab::new("svc");
     lab.up(&[]);
@@ -142,6 +144,7 @@ fn wait_for_route(lab: &TestLab, want: &str) {
 
 #[test]
 fn the_encryption_toggle_keeps_live_streams_and_the_underlay_shows_it() {
+    trellis_test_support::skip_unless_root!();
     let _serial = serial();
     let lab = TestLab::new("wire");
     lab.up(&[]);

@@ -42,6 +42,7 @@ fn query(netns: &str, promql: &str) -> Option<f64> {
 
 #[test]
 fn prometheus_scrapes_every_daemon_and_sees_tunnel_traffic() {
+    trellis_test_support::skip_unless_root!();
     let lab = TestLab::new("prom");
     lab.up(&[]);
     let nodes = lab.nodes();
@@ -148,6 +149,7 @@ fn prometheus_scrapes_every_daemon_and_sees_tunnel_traffic() {
 
 #[test]
 fn promtool_accepts_every_metrics_endpoint() {
+    trellis_test_support::skip_unless_root!();
     let lab = TestLab::new("lint");
     lab.up(&["--nodes", "1", "--pods", "1"]);
     let watcher = lab.node("c1/node-0").netns;

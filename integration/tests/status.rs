@@ -149,6 +149,7 @@ fn ping_across(lab: &TestLab) {
 
 #[test]
 fn status_shows_every_cluster_gateway_and_tunnel_healthy() {
+    trellis_test_support::skip_unless_root!();
     let lab = TestLab::new("st");
     let up = lab.trellis(&["up", "--pods", "1"]);
     assert!(up.status.success(), "{}", text(&up));
@@ -211,6 +212,7 @@ fn status_shows_every_cluster_gateway_and_tunnel_healthy() {
 
 #[test]
 fn a_killed_controller_shows_as_not_connected_and_status_fails() {
+    trellis_test_support::skip_unless_root!();
     let lab = TestLab::new("stk");
     let up = lab.trellis(&["up", "--pods", "1"]);
     assert!(up.status.success(), "{}", text(&up));

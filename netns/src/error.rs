@@ -1,27 +1,27 @@
 use std::io;
 use std::path::PathBuf;
 
-/// What failed, and on what.
+/// What failed, and on what; the cause is the error's `source()`, not part of its message.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("create network namespace {name}: {source}")]
+    #[error("create network namespace {name}")]
     CreateNamespace { name: String, source: io::Error },
-    #[error("open network namespace {path}: {source}")]
+    #[error("open network namespace {path}")]
     OpenNamespace { path: PathBuf, source: io::Error },
-    #[error("delete network namespace {name}: {source}")]
+    #[error("delete network namespace {name}")]
     DeleteNamespace { name: String, source: io::Error },
-    #[error("enter network namespace {path}: {source}")]
+    #[error("enter network namespace {path}")]
     EnterNamespace { path: PathBuf, source: io::Error },
-    #[error("open a netlink socket: {0}")]
-    Connect(io::Error),
-    #[error("{operation}: {source}")]
+    #[error("open a netlink socket")]
+    Connect(#[source] io::Error),
+    #[error("{operation}")]
     Netlink {
         operation: String,
         source: rtnetlink::Error,
     },
     #[error("link {0} not found")]
     LinkNotFound(String),
-    #[error("sysctl {key}: {source}")]
+    #[error("sysctl {key}")]
     Sysctl { key: String, source: io::Error },
 }
 

@@ -20,6 +20,7 @@ async fn bring_up_loopback(netlink: &Netlink) {
 
 #[tokio::test]
 async fn namespace_is_visible_to_iproute2_and_removed_on_drop() {
+    trellis_test_support::skip_unless_root!();
     let name;
     {
         let ns = TempNetns::new("tk-create").unwrap();
@@ -49,14 +50,21 @@ fn opening_a_plain_file_as_a_namespace_is_refused() {
     std::fs::write(&dir, b"").unwrap();
     let error = Netns::open_path(&dir).unwrap_err();
     std::fs::remove_file(&dir).unwrap();
+    // The message names the operation; the cause is the source, not repeated in the message.
     assert!(
-        error.to_string().contains("not a network namespace"),
+        error.to_string().starts_with("open network namespace"),
         "{error}"
     );
+    let cause = std::error::Error::source(&error)
+        .expect("a cause")
+        .to_string();
+    assert!(cause.contains("not a network namespace"), "{cause}");
+    assert!(!error.to_string().contains(&cause), "{error}");
 }
 
 #[tokio::test]
 async fn veth_born_in_another_namespace_carries_tcp_both_ways() {
+    trellis_test_support::skip_unless_root!();
     let left = TempNetns::new("tk-left").unwrap();
     let right = TempNetns::new("tk-right").unwrap();
     let left_nl = Netlink::connect_in(&left).unwrap();
@@ -162,6 +170,7 @@ async fn veth_born_in_another_namespace_carries_tcp_both_ways() {
 
 #[tokio::test]
 async fn bridge_ports_and_sysctls() {
+    trellis_test_support::skip_unless_root!();
     let ns = TempNetns::new("tk-bridge").unwrap();
     let nl = Netlink::connect_in(&ns).unwrap();
     nl.add_bridge("br0").await.unwrap();

@@ -16,6 +16,7 @@ use super::topology::{
     GATEWAY_METRICS_PORT, LabState, Node, Topology, UNDERLAY_PREFIX, namespace_prefix,
 };
 use super::{connectivity, control, processes, services};
+use crate::table::Table;
 
 /// The underlay's MTU, as on most clouds and kind.
 const UNDERLAY_MTU: u32 = 1500;
@@ -478,19 +479,25 @@ fn wait_for_mesh(state: &LabState) {
 pub(super) fn print_layout(state: &LabState) {
     for cluster in &state.clusters {
         println!("cluster {} (pods {})", cluster.name, cluster.pod_cidr);
+        let mut table = Table::new(&["NODE/POD", "ADDRESS", "POD CIDR", "NETNS"]);
         for node in &cluster.nodes {
-            println!(
-                "  {:<8} {:<15} pods {:<14} netns {}",
-                node.name,
-                node.address,
+            table.row([
+                node.name.clone(),
+                node.address.to_string(),
                 node.pod_cidr.to_string(),
-                node.netns
-            );
+                node.netns.clone(),
+            ]);
             for pod in &node.pods {
                 let address = pod.address.map_or("-".to_string(), |a| a.to_string());
-                println!("    {:<8} {:<15} netns {}", pod.name, address, pod.netns);
+                table.row([
+                    format!("  {}", pod.name),
+                    address,
+                    String::new(),
+                    pod.netns.clone(),
+                ]);
             }
         }
+        print!("{}", table.render("  "));
     }
 }
 
@@ -556,6 +563,7 @@ fn print_services_and_metrics(state: &LabState) {
     println!(
         "metrics (from inside the lab, e.g. trellis lab exec c1/node-0 -- curl -s http://198.18.1.10:9464/metrics):"
     );
+    let mut table = Table::new(&["CLUSTER", "CLUSTERIP", "CONTROLLER", "DNS", "GATEWAYS"]);
     for (index, cluster) in state.clusters.iter().enumerate() {
         let first = control::controller_address(cluster);
         let gateways: Vec<String> = cluster
@@ -563,16 +571,19 @@ fn print_services_and_metrics(state: &LabState) {
             .iter()
             .map(|n| format!("{}:{GATEWAY_METRICS_PORT}", n.address))
             .collect();
-        println!(
-            "  {:<4} ClusterIP {:<12} controller {first}:{}  dns {first}:{} (DNS on :{})  gateways {}",
-            cluster.name,
+        table.row([
+            cluster.name.clone(),
             services::echo_cluster_ip(index).to_string(),
-            control::CONTROLLER_METRICS_PORT,
-            control::DNS_METRICS_PORT,
-            control::DNS_PORT,
-            gateways.join(" ")
-        );
+            format!("{first}:{}", control::CONTROLLER_METRICS_PORT),
+            format!(
+                "{first}:{} (DNS on :{})",
+                control::DNS_METRICS_PORT,
+                control::DNS_PORT
+            ),
+            gateways.join(" "),
+        ]);
     }
+    print!("{}", table.render("  "));
 }
 
 /// Rewrites every controller's configuration with the new mode (atomically: temp file and

@@ -8,6 +8,7 @@ use trellis_netns::{Netns, probe};
 
 use super::services::ECHO_PORT;
 use super::topology::LabState;
+use crate::table::Table;
 
 /// What one source saw of one target.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,10 +96,12 @@ pub fn measure(state: &LabState, timeout: Duration) -> Vec<Row> {
 /// Prints the matrix; whether every probe succeeded.
 pub fn print(rows: &[Row]) -> bool {
     println!("connectivity from each pod (ICMP echo / TCP connect to the echo server):");
+    let mut table = Table::without_header();
     for (source, row) in rows {
         let cells: Vec<String> = row.iter().map(Probe::cell).collect();
-        println!("  {source:<10} -> {}", cells.join(", "));
+        table.row([source.clone(), format!("-> {}", cells.join(", "))]);
     }
+    print!("{}", table.render("  "));
     all_ok(rows)
 }
 

@@ -66,6 +66,7 @@ impl Store {
         let mut after = before.clone();
         let outcome = change(&mut after)?;
         if after != before {
+            self.remove_torn_writes();
             self.save(&after)?;
         }
         Ok(outcome)
@@ -131,6 +132,21 @@ impl Store {
         }
     }
 
+    /// A crash in the middle of a rename can leave the writer's named temporary file
+    /// (`.allocations.json.XXXXXX`); under the lock nobody else is writing, so any such file is
+    /// a dead writer's.
+    fn remove_torn_writes(&self) {
+        let prefix = format!(".{STATE_FILE}.");
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
     /// Replaces the state atomically: a temporary file synced, renamed over the state, and the
     /// directory synced, so the new lease survives a power loss once ADD has answered.
     fn save(&self, allocations: &Allocations) -> Result<(), CniError> {
@@ -144,7 +160,9 @@ impl Store {
             .open(&path)
             .map_err(|e| io_error("write", &path, e))?;
         file.write_all(&bytes)
+            .and_then(|()| file.sync_all())
             .map_err(|e| io_error("write", &path, e))?;
+        crate::failpoint::crash_if_armed(crate::failpoint::IPAM_SYNCED);
         file.commit().map_err(|e| io_error("replace", &path, e))
     }
 }
@@ -153,6 +171,22 @@ impl Store {
 mod tests {
     use super::*;
     use crate::ipam::Owner;
+
+    #[test]
+    fn a_dead_writer_s_temporary_file_is_removed_by_the_next_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let torn = dir.path().join(format!(".{STATE_FILE}.Xy12Ab"));
+        fs::write(&torn, b"{\"leases\": {").unwrap();
+        store
+            .transact(|a| {
+                a.allocate(&["10.0.0.0/24".parse().unwrap()], &Owner::new("a", "eth0"))
+                    .map_err(|e| CniError::new(1, "", e.to_string()))
+            })
+            .unwrap();
+        assert!(!torn.exists());
+        assert_eq!(store.read().unwrap().len(), 1);
+    }
 
     #[test]
     fn changes_persist_and_failed_changes_do_not() {

@@ -8,7 +8,6 @@
 //! (temporary file, `fsync`, `rename`), so the runtime never reads half a conflist and a
 //! running plugin binary is never overwritten in place.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -165,16 +164,8 @@ pub async fn wait_for_node(
 /// renamed over the target and the directory synced, so readers (the kubelet, a runtime, the
 /// next `trellis` command) see the old file or the new one, never half of it.
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    use atomic_write_file::unix::OpenOptionsExt as _;
-    let write = || -> std::io::Result<()> {
-        let mut options = atomic_write_file::AtomicWriteFile::options();
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
-        options.preserve_mode(false);
-        let mut file = options.open(path)?;
-        file.write_all(bytes)?;
-        file.commit()
-    };
-    write().with_context(|| format!("writing {}", path.display()))
+    trellis_files::write_atomically(path, bytes, mode)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Installs the plugin binary and the conflist for `node`.

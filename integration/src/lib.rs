@@ -10,25 +10,35 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 pub use trellis_test_support::bin_path;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// Labs of one test binary run one after another: two labs (six daemons and a dozen
+/// namespaces each) side by side on a 2-core machine turn every timing bound into a flake.
+/// Test binaries themselves already run one at a time under `cargo test`.
+static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// A lab with a name of its own; `trellis lab down` runs when it drops.
 #[derive(Debug)]
 pub struct TestLab {
     pub name: String,
+    _turn: MutexGuard<'static, ()>,
 }
 
 impl TestLab {
+    /// Waits until no other lab of this test binary is up.
     pub fn new(tag: &str) -> Self {
+        // A failed test poisons the lock; the next lab may still run.
+        let turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let name = format!(
             "t{tag}{}x{}",
             std::process::id() % 100_000,
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        Self { name }
+        Self { name, _turn: turn }
     }
 
     /// Runs `trellis lab --name <name> <args>`.

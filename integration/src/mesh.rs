@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use trellis_netns::Netns;
 
+use trellis_test_support::poll_until;
+
 use crate::TestLab;
 
 /// The echo server's ports in every pod.
@@ -145,7 +147,7 @@ impl TestLab {
     /// ("dev trellis0", "via 198.18.1.11"); returns every route for it.
     pub fn wait_for_route(&self, node: &str, destination: &str, want: &str) -> String {
         let mut routes = String::new();
-        let settled = eventually(Duration::from_secs(15), || {
+        let settled = poll_until(Duration::from_secs(15), || {
             routes = self.routes(node, destination);
             routes
                 .lines()
@@ -221,20 +223,6 @@ pub fn http_get(
         .run(|| trellis_http::get(to, path, timeout).and_then(trellis_http::Response::ok_body))
         .map_err(std::io::Error::other)?
         .map_err(std::io::Error::other)
-}
-
-/// Retries `attempt` until it returns `Some` or `within` passes.
-pub fn eventually<T>(within: Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = attempt() {
-            return Some(value);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A client that sends a numbered line every 10 ms and reads it back, recording the longest

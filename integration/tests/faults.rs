@@ -4,19 +4,11 @@
 //! One at a time: they measure how long things take.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use trellis_integration::mesh::{
-    ECHO_PORT, LiveStream, connect_in, eventually, http_get, scrape, tcp_echo,
-};
+use trellis_integration::mesh::{ECHO_PORT, LiveStream, connect_in, http_get, scrape, tcp_echo};
 use trellis_integration::{TestLab, text};
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
+use trellis_test_support::poll_until;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 const GATEWAY_METRICS: u16 = 9586;
@@ -41,7 +33,6 @@ fn gateway_metric(lab: &TestLab, node: &str, series: &str) -> Option<f64> {
 #[test]
 fn a_dead_controller_leaves_the_data_plane_running_and_resyncs_without_dropping_tunnels() {
     trellis_test_support::skip_unless_root!();
-    let _serial = serial();
     let lab = TestLab::new("ctl");
     lab.up(&[]);
     let client = lab.pod("c1/pod-0");
@@ -71,7 +62,7 @@ fn a_dead_controller_leaves_the_data_plane_running_and_resyncs_without_dropping_
 
     let start = lab.trellis(&["start", "c1/controller"]);
     assert!(start.status.success(), "{}", text(&start));
-    let back = eventually(Duration::from_secs(15), || {
+    let back = poll_until(Duration::from_secs(15), || {
         lab.nodes()
             .iter()
             .filter(|n| n.cluster == "c1")
@@ -84,7 +75,7 @@ fn a_dead_controller_leaves_the_data_plane_running_and_resyncs_without_dropping_
     );
     // The restarted controller peers again with c2.
     let node = lab.node("c1/node-0");
-    let peered = eventually(Duration::from_secs(15), || {
+    let peered = poll_until(Duration::from_secs(15), || {
         scrape(
             &node.netns,
             SocketAddr::new(node.address.into(), CONTROLLER_METRICS),
@@ -110,7 +101,6 @@ fn a_dead_controller_leaves_the_data_plane_running_and_resyncs_without_dropping_
 #[test]
 fn a_killed_gateway_fails_closed_and_its_tunnels_come_back_after_restart() {
     trellis_test_support::skip_unless_root!();
-    let _serial = serial();
     let lab = TestLab::new("gw");
     lab.up(&[]);
     let local = lab.pod("c1/pod-2");
@@ -133,7 +123,7 @@ fn a_killed_gateway_fails_closed_and_its_tunnels_come_back_after_restart() {
     let restarted = Instant::now();
     let start = lab.trellis(&["start", "c1/node-1/gateway"]);
     assert!(start.status.success(), "{}", text(&start));
-    let both_ways = eventually(Duration::from_secs(10), || {
+    let both_ways = poll_until(Duration::from_secs(10), || {
         (tcp_echo(
             &local.netns,
             echo_addr(&lab, "c2/pod-0"),
@@ -155,10 +145,9 @@ fn a_killed_gateway_fails_closed_and_its_tunnels_come_back_after_restart() {
 #[test]
 fn a_stopped_cluster_leaves_dns_within_the_lease_and_returns_when_started() {
     trellis_test_support::skip_unless_root!();
-    let _serial = serial();
     let lab = TestLab::new("gone");
     lab.up(&[]);
-    let both = eventually(Duration::from_secs(10), || {
+    let both = poll_until(Duration::from_secs(10), || {
         (lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local").len() == 2).then_some(())
     });
     assert!(both.is_some());
@@ -166,7 +155,7 @@ fn a_stopped_cluster_leaves_dns_within_the_lease_and_returns_when_started() {
     let stopped = Instant::now();
     let stop = lab.trellis(&["stop", "c2"]);
     assert!(stop.status.success(), "{}", text(&stop));
-    let gone = eventually(LEASE + Duration::from_secs(6), || {
+    let gone = poll_until(LEASE + Duration::from_secs(6), || {
         let answer = lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local");
         (answer == ["10.101.0.10"]).then(|| stopped.elapsed())
     });
@@ -180,7 +169,7 @@ fn a_stopped_cluster_leaves_dns_within_the_lease_and_returns_when_started() {
 
     let start = lab.trellis(&["start", "c2"]);
     assert!(start.status.success(), "{}", text(&start));
-    let back = eventually(Duration::from_secs(15), || {
+    let back = poll_until(Duration::from_secs(15), || {
         (lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local").len() == 2).then_some(())
     });
     assert!(back.is_some(), "c2's export is back once it runs again");
@@ -195,7 +184,6 @@ fn a_stopped_cluster_leaves_dns_within_the_lease_and_returns_when_started() {
 #[test]
 fn a_cluster_overlapping_another_is_refused_naming_both() {
     trellis_test_support::skip_unless_root!();
-    let _serial = serial();
     let lab = TestLab::new("clash");
     lab.up(&["--pods", "1"]);
     // c2 comes back claiming the pod CIDR of c1's node-1.
@@ -210,7 +198,7 @@ fn a_cluster_overlapping_another_is_refused_naming_both() {
 
     let node = lab.node("c1/node-0");
     let status_at = SocketAddr::new(node.address.into(), CONTROLLER_METRICS);
-    let refusal = eventually(LEASE + Duration::from_secs(10), || {
+    let refusal = poll_until(LEASE + Duration::from_secs(10), || {
         let status = http_get(&node.netns, status_at, "/status", TIMEOUT).ok()?;
         let status: serde_json::Value = serde_json::from_str(&status).ok()?;
         status["remotes"]
@@ -310,7 +298,6 @@ fn assert_back_within(restarts: &[serde_json::Value], limit: f64) {
 #[test]
 fn a_restarted_gateway_has_every_tunnel_back_both_ways_within_a_second() {
     trellis_test_support::skip_unless_root!();
-    let _serial = serial();
     let lab = TestLab::new("back");
     // Three nodes per cluster: traffic to the restarted node comes from other nodes than the
     // ones its own pod talks to (which its gateway would reach on demand anyway).
@@ -333,7 +320,6 @@ fn a_restarted_gateway_has_every_tunnel_back_both_ways_within_a_second() {
 #[test]
 fn a_rolling_update_of_every_gateway_keeps_tcp_connections_and_leaks_nothing() {
     trellis_test_support::skip_unless_root!();
-    let _serial = serial();
     let lab = TestLab::new("roll");
     lab.up(&["--node-encryption", "on"]);
     let stream = |from: &str, to: &str| live_stream(&lab, from, to);
@@ -359,7 +345,6 @@ fn a_rolling_update_of_every_gateway_keeps_tcp_connections_and_leaks_nothing() {
 #[test]
 fn no_plaintext_leaves_a_node_while_its_gateway_dies_restarts_or_waits_for_its_controller() {
     trellis_test_support::skip_unless_root!();
-    let _serial = serial();
     let lab = TestLab::new("closed");
     lab.up(&["--node-encryption", "on"]);
     let stream = |from: &str, to: &str| live_stream(&lab, from, to);
@@ -418,7 +403,6 @@ fn no_plaintext_leaves_a_node_while_its_gateway_dies_restarts_or_waits_for_its_c
 #[test]
 fn a_pod_cannot_send_with_its_neighbours_address() {
     trellis_test_support::skip_unless_root!();
-    let _serial = serial();
     let lab = TestLab::new("spoof");
     // Node encryption off: what crosses between nodes is visible on the underlay as it is.
     lab.up(&[]);
@@ -455,7 +439,7 @@ fn a_pod_cannot_send_with_its_neighbours_address() {
         "spoofed packets left the node"
     );
     // The node's gateway counts them (it reads the kernel's counters every 5 s).
-    let counted = eventually(Duration::from_secs(8), || {
+    let counted = poll_until(Duration::from_secs(8), || {
         gateway_metric(
             &lab,
             &spoofer.node,

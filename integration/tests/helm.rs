@@ -32,27 +32,39 @@ fn chart() -> PathBuf {
     root().join("helm/trellis")
 }
 
-/// A tool at `path` (under the workspace) or on PATH; a missing one fails the test.
-fn tool(name: &str) -> PathBuf {
+/// A tool under the workspace (`scripts/install-deps` puts it there) or on PATH.
+fn find_tool(name: &str) -> Option<PathBuf> {
     let local = match name {
         "helm" => Some(root().join("target/tools/helm/helm")),
         "kubernetes-validate" => Some(root().join("target/tools/venv/bin/kubernetes-validate")),
         _ => None,
     };
     if let Some(path) = local {
-        assert!(
-            path.is_file(),
-            "{} is missing: run scripts/install-deps",
-            path.display()
-        );
-        return path;
+        return path.is_file().then_some(path);
     }
-    let found = std::env::var_os("PATH").and_then(|paths| {
+    std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join(name))
             .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| panic!("{name} is not installed: run scripts/install-deps"))
+    })
+}
+
+/// A tool the test has checked for with `needs!`.
+fn tool(name: &str) -> PathBuf {
+    find_tool(name).unwrap_or_else(|| panic!("{name} is not installed: run scripts/install-deps"))
+}
+
+/// Returns from the test, saying so, when one of the tools is missing (or fails it, under
+/// `scripts/test`: see `trellis_test_support::REQUIRE_TOOLS`).
+macro_rules! needs {
+    ($($name:literal),+) => {
+        $(
+            if find_tool($name).is_none() {
+                trellis_test_support::skip_for_missing_tool($name);
+                return;
+            }
+        )+
+    };
 }
 
 fn text(out: &Output) -> String {
@@ -196,6 +208,7 @@ fn value_sets() -> Vec<(&'static str, Vec<&'static str>)> {
 
 #[test]
 fn lint_and_template_pass_and_validate_strictly_for_kubernetes_1_34() {
+    needs!("helm", "kubernetes-validate");
     let helm = tool("helm");
     let dir = tempfile::tempdir().unwrap();
     for (what, extra) in value_sets() {
@@ -280,6 +293,7 @@ fn lint_and_template_pass_and_validate_strictly_for_kubernetes_1_34() {
 
 #[test]
 fn the_schema_and_the_chart_refuse_bad_values_saying_which_and_why() {
+    needs!("helm");
     let cases: &[(&[&str], &str)] = &[
         (
             &["--set", "cluster.id=East"],
@@ -414,6 +428,7 @@ fn config_map_data(docs: &[Value]) -> (String, k8s_openapi::api::core::v1::Confi
 
 #[test]
 fn the_controller_reads_its_configuration_and_its_runtime_switch() {
+    needs!("helm");
     use trellis_controller::config::{Config, SourceConfig};
     let docs = documents(&template(&["-f", TWO_PEERS]).unwrap());
     let (yaml, cm) = config_map_data(&docs);
@@ -478,6 +493,7 @@ fn pod_annotations(docs: &[Value], kind: &str, name: &str) -> BTreeMap<String, S
 
 #[test]
 fn switching_encryption_restarts_nothing_but_other_changes_restart_the_controller() {
+    needs!("helm");
     let off = documents(&template(&["--set", "cluster.id=c1"]).unwrap());
     let on =
         documents(&template(&["--set", "cluster.id=c1", "--set", "encryption.node=true"]).unwrap());
@@ -521,6 +537,7 @@ fn expand(arg: &str) -> String {
 
 #[test]
 fn every_container_runs_a_real_command_with_real_flags() {
+    needs!("helm");
     for (what, extra) in value_sets() {
         let docs = documents(&template(&extra).unwrap());
         let mut checked = 0;
@@ -595,6 +612,7 @@ fn every_container_runs_a_real_command_with_real_flags() {
 
 #[test]
 fn every_pod_is_scraped_and_the_service_monitor_selects_every_metrics_port() {
+    needs!("helm");
     let docs = documents(&template(&["-f", TWO_PEERS]).unwrap());
     for (kind, name) in [
         ("Deployment", "trellis-controller"),
@@ -688,6 +706,7 @@ fn metric_exists(name: &str) -> bool {
 
 #[test]
 fn alerts_pass_promtool_and_alerts_and_dashboard_use_real_metrics() {
+    needs!("helm", "promtool");
     let docs = documents(&template(&["-f", TWO_PEERS]).unwrap());
     let rule = docs.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -749,6 +768,7 @@ fn alerts_pass_promtool_and_alerts_and_dashboard_use_real_metrics() {
 
 #[test]
 fn the_kind_recipe_and_the_scripts_are_shellcheck_clean() {
+    needs!("shellcheck");
     let scripts = [
         "integration/kind/kind-mesh.sh",
         "scripts/install-deps",

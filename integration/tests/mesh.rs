@@ -6,26 +6,19 @@
 //! machine would measure each other.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use trellis_integration::mesh::{
-    ECHO_PORT, HTTP_PORT, LiveStream, capture_and_count, connect_in, eventually, http_get, tcp_echo,
+    ECHO_PORT, HTTP_PORT, LiveStream, capture_and_count, connect_in, http_get, tcp_echo,
 };
 use trellis_integration::{TestLab, text};
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
+use trellis_test_support::poll_until;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 #[test]
 fn every_pod_reaches_every_pod_over_tcp_and_http() {
     trellis_test_support::skip_unless_root!();
-    let _serial = serial();
     let lab = TestLab::new("tcp");
     lab.up(&[]);
     let pods = lab.pods();
@@ -64,7 +57,6 @@ fn every_pod_reaches_every_pod_over_tcp_and_http() {
 #[test]
 fn dns_names_lead_to_the_other_clusters_services_and_pods() {
     trellis_test_support::skip_unless_root!();
-    let _serial = serial();
     let lab = TestLab::new("svc");
     lab.up(&[]);
     for (client, own, remote, remote_ip) in [
@@ -73,7 +65,7 @@ fn dns_names_lead_to_the_other_clusters_services_and_pods() {
     ] {
         let client_netns = lab.pod(client).netns;
         // The ClusterIP Service exported by both clusters: the local answer first.
-        let answer = eventually(Duration::from_secs(10), || {
+        let answer = poll_until(Duration::from_secs(10), || {
             let answer = lab.dig(client, "echo.demo.svc.clusterset.local");
             (answer.len() == 2).then_some(answer)
         })
@@ -106,7 +98,7 @@ fn dns_names_lead_to_the_other_clusters_services_and_pods() {
         );
 
         // The headless export resolves to every pod of both clusters; a remote one answers.
-        let pods = eventually(Duration::from_secs(10), || {
+        let pods = poll_until(Duration::from_secs(10), || {
             let answer = lab.dig(client, "echo-pods.demo.svc.clusterset.local");
             (answer.len() == 8).then_some(answer)
         })
@@ -145,7 +137,6 @@ fn wait_for_route(lab: &TestLab, want: &str) {
 #[test]
 fn the_encryption_toggle_keeps_live_streams_and_the_underlay_shows_it() {
     trellis_test_support::skip_unless_root!();
-    let _serial = serial();
     let lab = TestLab::new("wire");
     lab.up(&[]);
     let client = lab.pod("c1/pod-0");

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use trellis_integration::TestLab;
-use trellis_integration::mesh::{ECHO_PORT, Started, connect_in, eventually, http_get};
+use trellis_integration::mesh::{ECHO_PORT, Started, connect_in, http_get};
 use trellis_netns::Netns;
+use trellis_test_support::poll_until;
 
 const PROMETHEUS: &str = "127.0.0.1:19090";
 
@@ -98,7 +99,7 @@ fn prometheus_scrapes_every_daemon_and_sees_tunnel_traffic() {
             .expect("prometheus runs (install the prometheus package)"),
     );
 
-    let up = eventually(Duration::from_secs(40), || {
+    let up = poll_until(Duration::from_secs(40), || {
         let data = api(&watcher, "/api/v1/targets")?;
         let active = data["activeTargets"].as_array()?;
         let healthy = active.iter().filter(|t| t["health"] == "up").count();
@@ -113,7 +114,7 @@ fn prometheus_scrapes_every_daemon_and_sees_tunnel_traffic() {
     );
 
     // Each controller reports its peer cluster ready.
-    let ready = eventually(Duration::from_secs(10), || {
+    let ready = poll_until(Duration::from_secs(10), || {
         let ready = query(&watcher, "sum(trellis_controller_remote_cluster_ready)")?;
         (ready == 2.0).then_some(ready)
     });
@@ -121,7 +122,7 @@ fn prometheus_scrapes_every_daemon_and_sees_tunnel_traffic() {
 
     // Traffic across clusters: 2 MB echoed from c1/pod-0 to c2/pod-2 and back.
     let sum = "sum(trellis_gateway_peer_tx_bytes_total)";
-    let before = eventually(Duration::from_secs(10), || query(&watcher, sum)).unwrap_or(0.0);
+    let before = poll_until(Duration::from_secs(10), || query(&watcher, sum)).unwrap_or(0.0);
     let client = lab.pod("c1/pod-0");
     let server = lab.pod("c2/pod-2");
     let mut stream = connect_in(
@@ -136,7 +137,7 @@ fn prometheus_scrapes_every_daemon_and_sees_tunnel_traffic() {
         stream.write_all(&chunk).unwrap();
         stream.read_exact(&mut back).unwrap();
     }
-    let after = eventually(Duration::from_secs(15), || {
+    let after = poll_until(Duration::from_secs(15), || {
         let after = query(&watcher, sum)?;
         (after >= before + 4.0e6).then_some(after)
     });

@@ -6,8 +6,14 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// The line a skipped test prints.
-pub fn skip_reason(test: &str) -> String {
+/// The line a skipped test prints: the test's name where the harness gave its thread one,
+/// else the module it is in.
+pub fn skip_reason(module: &str) -> String {
+    let thread = std::thread::current();
+    let test = thread
+        .name()
+        .filter(|name| *name != "main")
+        .unwrap_or(module);
     format!(
         "skipped {test}: needs root (it builds network namespaces); run `sudo scripts/test` to run every test"
     )
@@ -30,4 +36,20 @@ macro_rules! skip_unless_root {
             return;
         }
     };
+}
+
+/// Set (by `scripts/test`) to make a missing external tool fail the test that needs it, so
+/// the full suite never passes by skipping; a developer's plain `cargo test` skips instead.
+pub const REQUIRE_TOOLS: &str = "TRELLIS_REQUIRE_TOOLS";
+
+/// Says that the calling test skips because `tool` is missing, or panics when the suite
+/// requires every tool ([`REQUIRE_TOOLS`]).
+pub fn skip_for_missing_tool(tool: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    assert!(
+        std::env::var_os(REQUIRE_TOOLS).is_none(),
+        "{test} needs {tool}, which is missing: run scripts/install-deps"
+    );
+    eprintln!("skipped {test}: {tool} is not installed; run scripts/install-deps to run it");
 }

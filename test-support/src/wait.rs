@@ -8,16 +8,22 @@ pub const POLL: Duration = Duration::from_millis(20);
 
 /// Retries `attempt` until it returns `Some`, and returns that; panics naming `what` when
 /// `within` passes first.
-pub fn eventually<T>(what: &str, within: Duration, mut attempt: impl FnMut() -> Option<T>) -> T {
+pub fn eventually<T>(what: &str, within: Duration, attempt: impl FnMut() -> Option<T>) -> T {
+    poll_until(within, attempt)
+        .unwrap_or_else(|| panic!("timed out after {within:?} waiting for {what}"))
+}
+
+/// Retries `attempt` until it returns `Some`, or gives `None` once `within` passes: for
+/// tests that print their own diagnostics (logs, metrics) when the wait fails.
+pub fn poll_until<T>(within: Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + within;
     loop {
         if let Some(value) = attempt() {
-            return value;
+            return Some(value);
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(POLL);
     }
 }
@@ -54,6 +60,13 @@ mod tests {
             (calls == 3).then_some(calls)
         });
         assert_eq!(got, 3);
+    }
+
+    #[test]
+    fn poll_until_gives_up_with_none() {
+        let start = Instant::now();
+        assert_eq!(poll_until::<()>(Duration::from_millis(50), || None), None);
+        assert!(start.elapsed() >= Duration::from_millis(50));
     }
 
     #[test]

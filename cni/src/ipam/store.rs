@@ -1,9 +1,7 @@
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 
-use atomic_write_file::AtomicWriteFile;
-use atomic_write_file::unix::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -153,17 +151,11 @@ impl Store {
         let path = self.dir.join(STATE_FILE);
         let bytes =
             serde_json::to_vec(allocations).map_err(|e| io_error("encode", &path, e.into()))?;
-        let mut options = AtomicWriteFile::options();
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        options.preserve_mode(false);
-        let mut file = options
-            .open(&path)
-            .map_err(|e| io_error("write", &path, e))?;
-        file.write_all(&bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io_error("write", &path, e))?;
-        crate::failpoint::crash_if_armed(crate::failpoint::IPAM_SYNCED);
-        file.commit().map_err(|e| io_error("replace", &path, e))
+        trellis_files::write_atomically_then(&path, &bytes, 0o600, || {
+            crate::failpoint::crash_if_armed(crate::failpoint::IPAM_SYNCED);
+            Ok(())
+        })
+        .map_err(|e| io_error("write", &path, e))
     }
 }
 

@@ -116,7 +116,7 @@ pub async fn watch_file(handle: ZoneHandle, path: PathBuf, poll: Duration, metri
                         .get()
                         == 0
                 {
-                    warn!(%error, "catalog file unreadable, keeping the last catalog");
+                    warn!(error = %trellis_core::error_chain(&error), "catalog file unreadable, keeping the last catalog");
                 }
                 metrics
                     .catalog_loads
@@ -152,7 +152,7 @@ pub async fn watch_file(handle: ZoneHandle, path: PathBuf, poll: Duration, metri
             }
             Err(error) => {
                 metrics.catalog_loads.with_label_values(&["invalid"]).inc();
-                warn!(%error, "invalid catalog file, keeping the last catalog");
+                warn!(error = %trellis_core::error_chain(&error), "invalid catalog file, keeping the last catalog");
             }
         }
         last = Some(text);

@@ -28,7 +28,7 @@ use crate::acl::ForwardAcl;
 use crate::answer::{Outcome, Reply, Transport, refused, respond, servfail};
 use crate::catalog::ZoneHandle;
 use crate::config::Config;
-use crate::forward::{Upstream, capped_query, relayed_answer};
+use crate::forward::{ForwardError, Upstream, capped_query, relayed_answer};
 use crate::metrics::Metrics;
 use crate::rrl::{RateLimiter, Verdict, slip};
 
@@ -483,10 +483,7 @@ impl UdpWorker {
         let job = match error {
             mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => job,
         };
-        self.metrics
-            .upstream_failures
-            .with_label_values(&["overload"])
-            .inc();
+        count_failure(&self.metrics, &ForwardError::Overload);
         servfail(&job.query, self.edns)
     }
 
@@ -581,10 +578,7 @@ async fn forward_udp<U: Upstream>(
     let socket = Arc::new(socket);
     while let Some(job) = rx.recv().await {
         let Ok(permit) = forwards.clone().try_acquire_owned() else {
-            metrics
-                .upstream_failures
-                .with_label_values(&["overload"])
-                .inc();
+            count_failure(&metrics, &ForwardError::Overload);
             if let Some(reply) = servfail(&job.query, edns)
                 && send_limited(&socket, &limiter, &job, reply.bytes.clone())
             {
@@ -604,12 +598,8 @@ async fn forward_udp<U: Upstream>(
                 .exchange(&capped_query(&job.query, edns), Transport::Udp)
                 .await
                 .and_then(|answer| {
-                    relayed_answer(answer, &job.query, Transport::Udp, edns).ok_or(
-                        Error::Upstream {
-                            upstream: SocketAddr::from(([0, 0, 0, 0], 0)),
-                            reason: "oversized answer that cannot be truncated".into(),
-                        },
-                    )
+                    relayed_answer(answer, &job.query, Transport::Udp, edns)
+                        .ok_or(ForwardError::Untruncatable)
                 });
             match relayed {
                 Ok((answer, truncated)) => {
@@ -623,11 +613,7 @@ async fn forward_udp<U: Upstream>(
                     }
                 }
                 Err(error) => {
-                    debug!(%error, "forwarding failed");
-                    metrics
-                        .upstream_failures
-                        .with_label_values(&[failure_reason(&error)])
-                        .inc();
+                    count_failure(&metrics, &error);
                     if let Some(reply) = servfail(&job.query, edns)
                         && send_limited(&socket, &limiter, &job, reply.bytes.clone())
                     {
@@ -657,12 +643,14 @@ fn send_limited(
     true
 }
 
-fn failure_reason(error: &Error) -> &'static str {
-    match error {
-        Error::Upstream { reason, .. } if reason == "timed out" => "timeout",
-        Error::Upstream { reason, .. } if reason == "no upstream configured" => "no_upstream",
-        _ => "error",
-    }
+/// Counts a forwarded query that got no upstream answer, by the kind of failure (the same
+/// label for the same failure over UDP and TCP).
+fn count_failure(metrics: &Metrics, error: &ForwardError) {
+    debug!(error = %trellis_core::error_chain(error), "forwarding failed");
+    metrics
+        .upstream_failures
+        .with_label_values(&[error.kind().label()])
+        .inc();
 }
 
 /// The TCP listener's task and what its connections share.
@@ -786,10 +774,7 @@ impl<U: Upstream> TcpConnection<U> {
                                 .exchange(&capped_query(&query, edns), Transport::Tcp)
                                 .await
                         }
-                        Err(_) => Err(Error::Upstream {
-                            upstream: SocketAddr::from(([0, 0, 0, 0], 0)),
-                            reason: "overload".into(),
-                        }),
+                        Err(_) => Err(ForwardError::Overload),
                     };
                     match answer {
                         Ok(answer) => {
@@ -800,10 +785,7 @@ impl<U: Upstream> TcpConnection<U> {
                             answer
                         }
                         Err(error) => {
-                            metrics
-                                .upstream_failures
-                                .with_label_values(&[failure_reason(&error)])
-                                .inc();
+                            count_failure(&metrics, &error);
                             let Some(reply) = servfail(&query, edns) else {
                                 return Ok(());
                             };

@@ -98,13 +98,7 @@ pub async fn start<U: Upstream>(
         &metrics,
     );
 
-    let udp = bind_udp(config)?;
-    let dns_addr = udp[0].local_addr().map_err(|source| Error::Bind {
-        what: "udp",
-        addr: config.listen,
-        source,
-    })?;
-    let tcp = bind_tcp(dns_addr)?;
+    let (udp, tcp, dns_addr) = bind_listeners(config)?;
 
     let (tx, rx) = mpsc::channel::<ForwardJob>(FORWARD_QUEUE);
     let reply_socket = udp[0].try_clone().map_err(|source| Error::Bind {
@@ -184,6 +178,34 @@ pub async fn start<U: Upstream>(
         threads,
         tasks,
     })
+}
+
+/// How many ports are tried for `--listen` with port 0 (see [`bind_listeners`]).
+const PORT_ATTEMPTS: usize = 20;
+
+/// The UDP sockets and the TCP listener, on one port. With port 0 the kernel picks the UDP
+/// port, which may be taken for TCP (by another socket's connection): then another is tried.
+fn bind_listeners(config: &Config) -> Result<(Vec<UdpSocket>, TcpListener, SocketAddr), Error> {
+    let mut attempt = 1;
+    loop {
+        let udp = bind_udp(config)?;
+        let dns_addr = udp[0].local_addr().map_err(|source| Error::Bind {
+            what: "udp",
+            addr: config.listen,
+            source,
+        })?;
+        match bind_tcp(dns_addr) {
+            Ok(tcp) => return Ok((udp, tcp, dns_addr)),
+            Err(Error::Bind { ref source, .. })
+                if config.listen.port() == 0
+                    && source.kind() == ErrorKind::AddrInUse
+                    && attempt < PORT_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 fn bind_udp(config: &Config) -> Result<Vec<UdpSocket>, Error> {

@@ -22,8 +22,28 @@ use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use crate::Error;
 use crate::model::{Catalog, ClusterExport, Endpoint, Protocol, valid_label};
 
+/// A service of the catalog left out of the zone, and why.
+#[derive(Clone, Debug)]
+pub struct Skipped {
+    /// `<name>.<namespace>`.
+    pub service: String,
+    /// Why.
+    pub reason: SkipReason,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {}",
+            self.service,
+            trellis_core::error_chain(&self.reason)
+        )
+    }
+}
+
 /// Why a service of the catalog is left out of the zone (listed in [`Zone::skipped`]).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum SkipReason {
     /// The service name or namespace is not a DNS label.
     #[error("invalid label {0:?}")]
@@ -130,7 +150,7 @@ pub struct Zone {
     serial: u32,
     nodes: HashMap<LowerName, Node>,
     /// Services of the catalog that were skipped, with the reason.
-    skipped: Vec<String>,
+    skipped: Vec<Skipped>,
     services: usize,
     /// Built from a catalog (false only for [`Zone::not_loaded`]).
     loaded: bool,
@@ -172,12 +192,10 @@ impl Zone {
         zone.nodes.insert(apex, Node::default());
         for service in &catalog.services {
             if let Err(reason) = zone.add_service(service) {
-                zone.skipped.push(format!(
-                    "{}.{}: {}",
-                    service.name,
-                    service.namespace,
-                    trellis_core::error_chain(&reason)
-                ));
+                zone.skipped.push(Skipped {
+                    service: format!("{}.{}", service.name, service.namespace),
+                    reason,
+                });
             } else {
                 zone.services += 1;
             }
@@ -337,7 +355,7 @@ impl Zone {
     }
 
     /// Services skipped at build time, with the reason.
-    pub fn skipped(&self) -> &[String] {
+    pub fn skipped(&self) -> &[Skipped] {
         &self.skipped
     }
 
@@ -649,6 +667,17 @@ mod tests {
     fn invalid_services_are_skipped_not_fatal() {
         let zone = zone();
         assert_eq!(zone.services(), 2);
-        assert_eq!(zone.skipped().len(), 1);
+        let [skipped] = zone.skipped() else {
+            panic!("{:?}", zone.skipped());
+        };
+        assert_eq!(skipped.service, "Bad.Name.shop");
+        assert!(
+            matches!(&skipped.reason, SkipReason::Label(label) if label == "Bad.Name"),
+            "{skipped:?}"
+        );
+        assert_eq!(
+            zone.skipped()[0].to_string(),
+            r#"Bad.Name.shop: invalid label "Bad.Name""#
+        );
     }
 }

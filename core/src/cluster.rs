@@ -137,8 +137,13 @@ impl fmt::Display for ServiceKey {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// A port's transport protocol, as Kubernetes spells it; TCP when not given (the Kubernetes
+/// default).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub enum Protocol {
+    #[default]
     #[serde(rename = "TCP")]
     Tcp,
     #[serde(rename = "UDP")]
@@ -151,6 +156,7 @@ pub enum Protocol {
 pub struct ServicePort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(default)]
     pub protocol: Protocol,
     pub port: u16,
 }
@@ -162,7 +168,10 @@ pub enum ServiceKind {
     Headless,
 }
 
+/// An endpoint (pod) of a service. Read also in the short form a DNS catalog file uses:
+/// one `address` instead of `addresses`, and `ready` true when not given.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "EndpointFields")]
 pub struct Endpoint {
     pub addresses: Vec<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,6 +179,44 @@ pub struct Endpoint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     pub ready: bool,
+}
+
+/// What an [`Endpoint`] is read from: `addresses` or the single `address`, not both.
+#[derive(Deserialize)]
+struct EndpointFields {
+    #[serde(default)]
+    addresses: Option<Vec<IpAddr>>,
+    #[serde(default)]
+    address: Option<IpAddr>,
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default = "ready_by_default")]
+    ready: bool,
+}
+
+fn ready_by_default() -> bool {
+    true
+}
+
+impl TryFrom<EndpointFields> for Endpoint {
+    type Error = &'static str;
+
+    fn try_from(fields: EndpointFields) -> Result<Self, Self::Error> {
+        let addresses = match (fields.addresses, fields.address) {
+            (Some(addresses), None) => addresses,
+            (None, Some(address)) => vec![address],
+            (None, None) => return Err("an endpoint needs `addresses` (or one `address`)"),
+            (Some(_), Some(_)) => return Err("an endpoint has `addresses` or `address`, not both"),
+        };
+        Ok(Endpoint {
+            addresses,
+            hostname: fields.hostname,
+            node: fields.node,
+            ready: fields.ready,
+        })
+    }
 }
 
 /// A Service this cluster exports (it has a `ServiceExport`), with its ports and endpoints.
@@ -575,6 +622,43 @@ mod tests {
         }
         let err = serde_json::from_str::<ClusterId>("\"Bad\"").unwrap_err();
         assert!(err.to_string().contains("lowercase"), "{err}");
+    }
+
+    #[test]
+    fn ports_and_endpoints_read_the_short_forms() {
+        let port: ServicePort = serde_json::from_str(r#"{"port": 81}"#).unwrap();
+        assert_eq!(port.protocol, Protocol::Tcp);
+        assert_eq!(port.name, None);
+        let port: ServicePort =
+            serde_json::from_str(r#"{"name": "dns", "protocol": "UDP", "port": 53}"#).unwrap();
+        assert_eq!(port.protocol, Protocol::Udp);
+
+        let short: Endpoint =
+            serde_json::from_str(r#"{"address": "10.1.0.5", "hostname": "web-0"}"#).unwrap();
+        assert_eq!(short.addresses, vec!["10.1.0.5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(short.hostname.as_deref(), Some("web-0"));
+        assert!(short.ready, "ready unless said otherwise");
+        let full: Endpoint = serde_json::from_str(
+            r#"{"addresses": ["10.1.0.5", "fd00::5"], "node": "n1", "ready": false}"#,
+        )
+        .unwrap();
+        assert_eq!(full.addresses.len(), 2);
+        assert!(!full.ready);
+        // What is written is the full form, and reads back the same.
+        let json = serde_json::to_string(&short).unwrap();
+        assert!(json.contains(r#""addresses":["10.1.0.5"]"#), "{json}");
+        assert_eq!(serde_json::from_str::<Endpoint>(&json).unwrap(), short);
+
+        for bad in [
+            r#"{"hostname": "a"}"#,
+            r#"{"address": "10.0.0.1", "addresses": ["10.0.0.2"]}"#,
+            r#"{"address": "10.0.0.300"}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<Endpoint>(bad).is_err(),
+                "{bad} accepted"
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::Error;
 use crate::fast::FastTable;
 use crate::metrics::Metrics;
 use crate::model::Catalog;
-use crate::zone::{Zone, ZoneConfig};
+use crate::zone::{Skipped, Zone, ZoneConfig};
 
 /// What the server answers from: built once per catalog, read lock-free per query.
 #[derive(Debug)]
@@ -53,7 +53,7 @@ impl ZoneHandle {
     }
 
     /// Builds and swaps in `catalog`. Returns the services skipped as invalid.
-    pub fn publish(&self, catalog: &Catalog) -> Vec<String> {
+    pub fn publish(&self, catalog: &Catalog) -> Vec<Skipped> {
         let zone = Zone::build(self.config.clone(), catalog);
         let fast = FastTable::build(&zone, self.edns_udp_size);
         let skipped = zone.skipped().to_vec();
@@ -61,8 +61,8 @@ impl ZoneHandle {
             metrics.services.set(zone.services() as i64);
             metrics.fast_answers.set(fast.len() as i64);
         }
-        for reason in &skipped {
-            warn!(%reason, "skipped an invalid service");
+        for skipped in &skipped {
+            warn!(%skipped, "skipped an invalid service");
         }
         self.current.store(Arc::new(Snapshot { zone, fast }));
         // After the store: ready means queries see the catalog.
@@ -116,7 +116,7 @@ pub async fn watch_file(handle: ZoneHandle, path: PathBuf, poll: Duration, metri
                         .get()
                         == 0
                 {
-                    warn!(%error, "catalog file unreadable, keeping the last catalog");
+                    warn!(error = %trellis_core::error_chain(&error), "catalog file unreadable, keeping the last catalog");
                 }
                 metrics
                     .catalog_loads
@@ -152,7 +152,7 @@ pub async fn watch_file(handle: ZoneHandle, path: PathBuf, poll: Duration, metri
             }
             Err(error) => {
                 metrics.catalog_loads.with_label_values(&["invalid"]).inc();
-                warn!(%error, "invalid catalog file, keeping the last catalog");
+                warn!(error = %trellis_core::error_chain(&error), "invalid catalog file, keeping the last catalog");
             }
         }
         last = Some(text);

@@ -87,11 +87,7 @@ impl Default for Config {
 impl Config {
     /// Checks the values and returns the zone configuration.
     pub fn validate(&self) -> Result<ZoneConfig, Error> {
-        let fail = |reason: &str| {
-            Err(Error::Config {
-                reason: reason.into(),
-            })
-        };
+        let fail = |reason: &'static str| Err(Error::Config { reason });
         if !(512..=4096).contains(&self.edns_udp_size) {
             return fail("edns_udp_size must be within 512..=4096");
         }

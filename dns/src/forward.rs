@@ -15,9 +15,120 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::timeout;
 
-use crate::Error;
 use crate::answer::Transport;
 use crate::wire::{self, question_end};
+
+/// Why a forwarded query got no upstream answer (the client gets SERVFAIL). Its
+/// [`kind`](ForwardError::kind) labels `trellis_dns_upstream_failures_total`, the same over
+/// UDP and TCP.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// No upstream is configured.
+    #[error("no upstream configured")]
+    NoUpstream,
+    /// The query is shorter than a DNS header.
+    #[error("the query is shorter than a DNS header")]
+    ShortQuery,
+    /// Too many queries are being forwarded already.
+    #[error("too many queries in flight to the upstreams")]
+    Overload,
+    /// A socket operation with an upstream failed.
+    #[error("{step} {upstream}")]
+    Io {
+        /// The upstream.
+        upstream: SocketAddr,
+        /// What was being done.
+        step: Step,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The upstream did not answer in time.
+    #[error("no answer from {upstream} within {timeout:?}")]
+    Timeout {
+        /// The upstream.
+        upstream: SocketAddr,
+        /// The time allowed.
+        timeout: Duration,
+    },
+    /// The upstream's TCP answer is not the answer to the query.
+    #[error("the answer from {upstream} does not match the query")]
+    Mismatch {
+        /// The upstream.
+        upstream: SocketAddr,
+    },
+    /// The query does not fit a TCP frame.
+    #[error("the query is too long to forward over TCP")]
+    QueryTooLong,
+    /// The answer is too large for the client and cannot be parsed far enough to truncate.
+    #[error("an oversized answer that cannot be truncated")]
+    Untruncatable,
+}
+
+/// The socket operation of a [`ForwardError::Io`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Binding a local socket for the upstream.
+    Bind,
+    /// Connecting to the upstream.
+    Connect,
+    /// Sending the query.
+    Send,
+    /// Receiving the answer.
+    Receive,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Bind => "binding a socket for",
+            Step::Connect => "connecting to",
+            Step::Send => "sending to",
+            Step::Receive => "receiving from",
+        })
+    }
+}
+
+/// The kinds of forwarding failure, as metrics count them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// No upstream answered in time.
+    Timeout,
+    /// No upstream is configured.
+    NoUpstream,
+    /// The server forwards too many queries already.
+    Overload,
+    /// Anything else (refused, reset, a mismatched or oversized answer).
+    Error,
+}
+
+impl FailureKind {
+    /// The `reason` label of `trellis_dns_upstream_failures_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Timeout => "timeout",
+            FailureKind::NoUpstream => "no_upstream",
+            FailureKind::Overload => "overload",
+            FailureKind::Error => "error",
+        }
+    }
+}
+
+impl ForwardError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            ForwardError::Timeout { .. } => FailureKind::Timeout,
+            ForwardError::NoUpstream => FailureKind::NoUpstream,
+            ForwardError::Overload => FailureKind::Overload,
+            ForwardError::ShortQuery
+            | ForwardError::Io { .. }
+            | ForwardError::Mismatch { .. }
+            | ForwardError::QueryTooLong
+            | ForwardError::Untruncatable => FailureKind::Error,
+        }
+    }
+}
 
 /// Something that answers a forwarded query (the seam for tests).
 pub trait Upstream: Send + Sync + 'static {
@@ -26,7 +137,7 @@ pub trait Upstream: Send + Sync + 'static {
         &self,
         query: &[u8],
         transport: Transport,
-    ) -> impl Future<Output = Result<Vec<u8>, Error>> + Send;
+    ) -> impl Future<Output = Result<Vec<u8>, ForwardError>> + Send;
 }
 
 /// The network upstreams, tried in order.
@@ -47,8 +158,14 @@ impl Forwarder {
         upstream: SocketAddr,
         query: &[u8],
         transport: Transport,
-    ) -> Result<Vec<u8>, Error> {
-        let fail = |reason: String| Error::Upstream { upstream, reason };
+    ) -> Result<Vec<u8>, ForwardError> {
+        let fail = |step: Step| {
+            move |source: std::io::Error| ForwardError::Io {
+                upstream,
+                step,
+                source,
+            }
+        };
         let id: u16 = rand::random();
         let mut out = query.to_vec();
         out[0..2].copy_from_slice(&id.to_be_bytes());
@@ -60,23 +177,15 @@ impl Forwarder {
                     } else {
                         ([0u16; 8], 0).into()
                     };
-                    let socket = UdpSocket::bind(bind)
-                        .await
-                        .map_err(|e| fail(format!("bind: {e}")))?;
+                    let socket = UdpSocket::bind(bind).await.map_err(fail(Step::Bind))?;
                     socket
                         .connect(upstream)
                         .await
-                        .map_err(|e| fail(format!("connect: {e}")))?;
-                    socket
-                        .send(&out)
-                        .await
-                        .map_err(|e| fail(format!("send: {e}")))?;
+                        .map_err(fail(Step::Connect))?;
+                    socket.send(&out).await.map_err(fail(Step::Send))?;
                     let mut buf = vec![0u8; 65535];
                     loop {
-                        let len = socket
-                            .recv(&mut buf)
-                            .await
-                            .map_err(|e| fail(format!("recv: {e}")))?;
+                        let len = socket.recv(&mut buf).await.map_err(fail(Step::Receive))?;
                         if matches(query, id, &buf[..len]) {
                             buf.truncate(len);
                             return Ok(buf);
@@ -87,54 +196,48 @@ impl Forwarder {
                 Transport::Tcp => {
                     let mut stream = TcpStream::connect(upstream)
                         .await
-                        .map_err(|e| fail(format!("connect: {e}")))?;
-                    let len =
-                        u16::try_from(out.len()).map_err(|_| fail("query too long".into()))?;
+                        .map_err(fail(Step::Connect))?;
+                    let len = u16::try_from(out.len()).map_err(|_| ForwardError::QueryTooLong)?;
                     let mut framed = len.to_be_bytes().to_vec();
                     framed.extend_from_slice(&out);
-                    stream
-                        .write_all(&framed)
-                        .await
-                        .map_err(|e| fail(format!("send: {e}")))?;
-                    let len = stream
-                        .read_u16()
-                        .await
-                        .map_err(|e| fail(format!("recv: {e}")))?;
+                    stream.write_all(&framed).await.map_err(fail(Step::Send))?;
+                    let len = stream.read_u16().await.map_err(fail(Step::Receive))?;
                     let mut buf = vec![0u8; usize::from(len)];
                     stream
                         .read_exact(&mut buf)
                         .await
-                        .map_err(|e| fail(format!("recv: {e}")))?;
+                        .map_err(fail(Step::Receive))?;
                     if matches(query, id, &buf) {
                         Ok(buf)
                     } else {
-                        Err(fail("answer does not match the query".into()))
+                        Err(ForwardError::Mismatch { upstream })
                     }
                 }
             }
         };
-        let mut answer = timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| fail("timed out".into()))??;
+        let mut answer =
+            timeout(self.timeout, exchange)
+                .await
+                .map_err(|_| ForwardError::Timeout {
+                    upstream,
+                    timeout: self.timeout,
+                })??;
         answer[0..2].copy_from_slice(&query[0..2]);
         Ok(answer)
     }
 }
 
 impl Upstream for Forwarder {
-    async fn exchange(&self, query: &[u8], transport: Transport) -> Result<Vec<u8>, Error> {
-        let mut last = Error::Upstream {
-            upstream: SocketAddr::from(([0, 0, 0, 0], 0)),
-            reason: "no upstream configured".into(),
-        };
+    async fn exchange(&self, query: &[u8], transport: Transport) -> Result<Vec<u8>, ForwardError> {
         if query.len() < 12 {
-            return Err(last);
+            return Err(ForwardError::ShortQuery);
         }
+        let mut last = ForwardError::NoUpstream;
         for upstream in &self.upstreams {
             match self.exchange_with(*upstream, query, transport).await {
                 Ok(answer) => return Ok(answer),
                 Err(error) => {
-                    tracing::debug!(%error, "upstream failed");
+                    tracing::debug!(error = %trellis_core::error_chain(&error), "upstream failed");
                     last = error;
                 }
             }
@@ -186,6 +289,33 @@ fn matches(query: &[u8], id: u16, answer: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn failures_have_kinds_and_print_their_cause_once() {
+        let none = Forwarder::new(Vec::new(), Duration::from_secs(1));
+        let query = message(0, None, false);
+        let error = none.exchange(&query, Transport::Udp).await.unwrap_err();
+        assert_eq!(error.kind(), FailureKind::NoUpstream);
+        assert_eq!(error.kind().label(), "no_upstream");
+        assert_eq!(ForwardError::Overload.kind().label(), "overload");
+
+        // A port held but not listened on, over TCP: connection refused, of kind `error`.
+        let held =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let addr = held.local_addr().unwrap().as_socket().unwrap();
+        let refused = Forwarder::new(vec![addr], Duration::from_secs(2));
+        let error = refused.exchange(&query, Transport::Tcp).await.unwrap_err();
+        assert_eq!(error.kind(), FailureKind::Error, "{error:?}");
+        let chain = trellis_core::error_chain(&error);
+        assert!(
+            chain.starts_with(&format!("connecting to {addr}: ")),
+            "{chain}"
+        );
+        let cause = std::error::Error::source(&error).unwrap().to_string();
+        assert_eq!(chain.matches(&cause).count(), 1, "{chain}");
+    }
 
     #[test]
     fn answers_must_match_id_and_question() {

@@ -34,67 +34,91 @@ pub use model::{Catalog, ClusterExport, Endpoint, Protocol, ServiceImport, Servi
 
 use std::net::SocketAddr;
 
-/// Errors of the DNS library, named after the failing operation.
+/// Errors of the DNS library, named after the failing operation. The cause is in
+/// [`source()`](std::error::Error::source), never in the message: print the chain
+/// ([`trellis_core::error_chain`], or anyhow's `{:#}`) to see it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The configuration is invalid.
     #[error("invalid configuration: {reason}")]
     Config {
         /// What is wrong.
-        reason: String,
+        reason: &'static str,
+    },
+    /// The zone apex is not a domain name.
+    #[error("invalid configuration: zone {apex:?}")]
+    ZoneName {
+        /// The apex as given.
+        apex: String,
+        /// Why it is not a name.
+        #[source]
+        source: hickory_proto::ProtoError,
     },
     /// A catalog could not be parsed.
-    #[error("parsing the service catalog: {source}")]
+    #[error("parsing the service catalog")]
     ParseCatalog {
         /// The JSON error.
+        #[source]
         source: serde_json::Error,
     },
     /// A catalog file could not be read.
-    #[error("reading the service catalog {path}: {source}")]
+    #[error("reading the service catalog {path}")]
     ReadCatalog {
         /// The file.
         path: String,
         /// The IO error.
-        source: std::io::Error,
-    },
-    /// resolv.conf could not be read.
-    #[error("reading resolver configuration {path}: {source}")]
-    ReadResolvConf {
-        /// The file.
-        path: String,
-        /// The IO error.
+        #[source]
         source: std::io::Error,
     },
     /// A listening socket could not be set up.
-    #[error("binding {what} on {addr}: {source}")]
+    #[error("binding {what} on {addr}")]
     Bind {
         /// Which listener.
         what: &'static str,
         /// The address.
         addr: SocketAddr,
         /// The IO error.
+        #[source]
         source: std::io::Error,
     },
     /// A worker thread could not be started.
-    #[error("starting thread {name}: {source}")]
+    #[error("starting thread {name}")]
     Spawn {
         /// Thread name.
         name: String,
         /// The IO error.
+        #[source]
         source: std::io::Error,
     },
     /// Metrics could not be registered.
-    #[error("registering metrics: {source}")]
+    #[error("registering metrics")]
     Metrics {
         /// The prometheus error.
+        #[source]
         source: prometheus::Error,
     },
-    /// An upstream exchange failed.
-    #[error("forwarding to {upstream}: {reason}")]
-    Upstream {
-        /// The upstream.
-        upstream: SocketAddr,
-        /// What failed.
-        reason: String,
-    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_are_sources_printed_once() {
+        let error = Error::ReadCatalog {
+            path: "/nope".into(),
+            source: std::io::Error::other("No such file"),
+        };
+        assert_eq!(
+            trellis_core::error_chain(&error),
+            "reading the service catalog /nope: No such file"
+        );
+        let error = Catalog::from_json("{").unwrap_err();
+        let chain = trellis_core::error_chain(&error);
+        assert!(
+            chain.starts_with("parsing the service catalog: "),
+            "{chain}"
+        );
+        assert_eq!(chain.matches("EOF").count(), 1, "{chain}");
+    }
 }

@@ -5,6 +5,10 @@
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
+/// Ports and endpoints are the mesh's own types (`trellis_core::cluster`): a catalog file may
+/// give a port without `protocol` (TCP) and an endpoint with one `address` and no `ready`
+/// (ready).
+pub use trellis_core::cluster::{Endpoint, Protocol, ServicePort};
 
 use crate::Error;
 
@@ -51,59 +55,9 @@ pub struct ClusterExport {
     /// Headless service: answers carry the ready endpoints instead of service IPs.
     #[serde(default)]
     pub headless: bool,
-    /// Ready endpoints (only the ready ones: DNS does not filter).
+    /// Endpoints; only the ready ones are published.
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
-}
-
-/// A service port.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServicePort {
-    /// Port name (a DNS label); unnamed ports get no SRV record.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Transport protocol.
-    #[serde(default)]
-    pub protocol: Protocol,
-    /// Port number.
-    pub port: u16,
-}
-
-/// Transport protocol of a port, as Kubernetes spells it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Protocol {
-    /// TCP (the Kubernetes default).
-    #[default]
-    Tcp,
-    /// UDP.
-    Udp,
-    /// SCTP.
-    Sctp,
-}
-
-impl Protocol {
-    /// The SRV label, without the underscore.
-    pub fn label(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Sctp => "sctp",
-        }
-    }
-}
-
-/// A ready endpoint of a headless service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Endpoint {
-    /// The endpoint (pod) address.
-    pub address: IpAddr,
-    /// `hostname` of the endpoint (StatefulSet pods have one); gives
-    /// `<hostname>.<cluster>.<svc>.<ns>.svc.<zone>`.
-    #[serde(default)]
-    pub hostname: Option<String>,
 }
 
 impl Catalog {
@@ -146,6 +100,8 @@ mod tests {
         assert_eq!(clusters[0].ports[1].name, None);
         assert!(clusters[1].headless);
         assert_eq!(clusters[1].endpoints[0].hostname.as_deref(), Some("web-0"));
+        assert_eq!(clusters[1].endpoints[1].addresses.len(), 1);
+        assert!(clusters[1].endpoints[1].ready);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::acl::ForwardAcl;
 use crate::answer::{Outcome, Reply, Transport, refused, respond, servfail};
 use crate::catalog::ZoneHandle;
 use crate::config::Config;
-use crate::forward::{Upstream, capped_query, relayed_answer};
+use crate::forward::{ForwardError, Upstream, capped_query, relayed_answer};
 use crate::metrics::Metrics;
 use crate::rrl::{RateLimiter, Verdict, slip};
 
@@ -98,13 +98,7 @@ pub async fn start<U: Upstream>(
         &metrics,
     );
 
-    let udp = bind_udp(config)?;
-    let dns_addr = udp[0].local_addr().map_err(|source| Error::Bind {
-        what: "udp",
-        addr: config.listen,
-        source,
-    })?;
-    let tcp = bind_tcp(dns_addr)?;
+    let (udp, tcp, dns_addr) = bind_listeners(config)?;
 
     let (tx, rx) = mpsc::channel::<ForwardJob>(FORWARD_QUEUE);
     let reply_socket = udp[0].try_clone().map_err(|source| Error::Bind {
@@ -184,6 +178,34 @@ pub async fn start<U: Upstream>(
         threads,
         tasks,
     })
+}
+
+/// How many ports are tried for `--listen` with port 0 (see [`bind_listeners`]).
+const PORT_ATTEMPTS: usize = 20;
+
+/// The UDP sockets and the TCP listener, on one port. With port 0 the kernel picks the UDP
+/// port, which may be taken for TCP (by another socket's connection): then another is tried.
+fn bind_listeners(config: &Config) -> Result<(Vec<UdpSocket>, TcpListener, SocketAddr), Error> {
+    let mut attempt = 1;
+    loop {
+        let udp = bind_udp(config)?;
+        let dns_addr = udp[0].local_addr().map_err(|source| Error::Bind {
+            what: "udp",
+            addr: config.listen,
+            source,
+        })?;
+        match bind_tcp(dns_addr) {
+            Ok(tcp) => return Ok((udp, tcp, dns_addr)),
+            Err(Error::Bind { ref source, .. })
+                if config.listen.port() == 0
+                    && source.kind() == ErrorKind::AddrInUse
+                    && attempt < PORT_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 fn bind_udp(config: &Config) -> Result<Vec<UdpSocket>, Error> {
@@ -483,10 +505,7 @@ impl UdpWorker {
         let job = match error {
             mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => job,
         };
-        self.metrics
-            .upstream_failures
-            .with_label_values(&["overload"])
-            .inc();
+        count_failure(&self.metrics, &ForwardError::Overload);
         servfail(&job.query, self.edns)
     }
 
@@ -581,10 +600,7 @@ async fn forward_udp<U: Upstream>(
     let socket = Arc::new(socket);
     while let Some(job) = rx.recv().await {
         let Ok(permit) = forwards.clone().try_acquire_owned() else {
-            metrics
-                .upstream_failures
-                .with_label_values(&["overload"])
-                .inc();
+            count_failure(&metrics, &ForwardError::Overload);
             if let Some(reply) = servfail(&job.query, edns)
                 && send_limited(&socket, &limiter, &job, reply.bytes.clone())
             {
@@ -604,12 +620,8 @@ async fn forward_udp<U: Upstream>(
                 .exchange(&capped_query(&job.query, edns), Transport::Udp)
                 .await
                 .and_then(|answer| {
-                    relayed_answer(answer, &job.query, Transport::Udp, edns).ok_or(
-                        Error::Upstream {
-                            upstream: SocketAddr::from(([0, 0, 0, 0], 0)),
-                            reason: "oversized answer that cannot be truncated".into(),
-                        },
-                    )
+                    relayed_answer(answer, &job.query, Transport::Udp, edns)
+                        .ok_or(ForwardError::Untruncatable)
                 });
             match relayed {
                 Ok((answer, truncated)) => {
@@ -623,11 +635,7 @@ async fn forward_udp<U: Upstream>(
                     }
                 }
                 Err(error) => {
-                    debug!(%error, "forwarding failed");
-                    metrics
-                        .upstream_failures
-                        .with_label_values(&[failure_reason(&error)])
-                        .inc();
+                    count_failure(&metrics, &error);
                     if let Some(reply) = servfail(&job.query, edns)
                         && send_limited(&socket, &limiter, &job, reply.bytes.clone())
                     {
@@ -657,12 +665,14 @@ fn send_limited(
     true
 }
 
-fn failure_reason(error: &Error) -> &'static str {
-    match error {
-        Error::Upstream { reason, .. } if reason == "timed out" => "timeout",
-        Error::Upstream { reason, .. } if reason == "no upstream configured" => "no_upstream",
-        _ => "error",
-    }
+/// Counts a forwarded query that got no upstream answer, by the kind of failure (the same
+/// label for the same failure over UDP and TCP).
+fn count_failure(metrics: &Metrics, error: &ForwardError) {
+    debug!(error = %trellis_core::error_chain(error), "forwarding failed");
+    metrics
+        .upstream_failures
+        .with_label_values(&[error.kind().label()])
+        .inc();
 }
 
 /// The TCP listener's task and what its connections share.
@@ -786,10 +796,7 @@ impl<U: Upstream> TcpConnection<U> {
                                 .exchange(&capped_query(&query, edns), Transport::Tcp)
                                 .await
                         }
-                        Err(_) => Err(Error::Upstream {
-                            upstream: SocketAddr::from(([0, 0, 0, 0], 0)),
-                            reason: "overload".into(),
-                        }),
+                        Err(_) => Err(ForwardError::Overload),
                     };
                     match answer {
                         Ok(answer) => {
@@ -800,10 +807,7 @@ impl<U: Upstream> TcpConnection<U> {
                             answer
                         }
                         Err(error) => {
-                            metrics
-                                .upstream_failures
-                                .with_label_values(&[failure_reason(&error)])
-                                .inc();
+                            count_failure(&metrics, &error);
                             let Some(reply) = servfail(&query, edns) else {
                                 return Ok(());
                             };

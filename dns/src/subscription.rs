@@ -13,13 +13,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 use trellis_core::agent::AgentHello;
-use trellis_core::cluster::{self, ServiceKind};
+use trellis_core::cluster::ServiceKind;
 use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 use trellis_core::imports::{Imports, ImportsUpdate};
 
 use crate::catalog::ZoneHandle;
 use crate::metrics::Metrics;
-use crate::model::{Catalog, ClusterExport, Endpoint, Protocol, ServiceImport, ServicePort};
+use crate::model::{Catalog, ClusterExport, ServiceImport};
 
 /// The largest frame accepted from the controller by default.
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
@@ -52,14 +52,13 @@ impl std::fmt::Debug for ControllerSource {
 }
 
 /// The catalog DNS serves for `imports`: one entry per imported service, one cluster export
-/// per backend, only ready endpoints (one per address).
+/// per backend, only ready endpoints.
 pub fn catalog_from_imports(imports: &Imports) -> Catalog {
     let services = imports
         .services
         .values()
         .map(|svc| {
             let headless = svc.kind == ServiceKind::Headless;
-            let ports: Vec<ServicePort> = svc.ports.iter().map(port).collect();
             ServiceImport {
                 name: svc.name.clone(),
                 namespace: svc.namespace.clone(),
@@ -74,19 +73,9 @@ pub fn catalog_from_imports(imports: &Imports) -> Catalog {
                         } else {
                             b.cluster_ips.clone()
                         },
-                        ports: ports.clone(),
+                        ports: svc.ports.clone(),
                         headless,
-                        endpoints: b
-                            .endpoints
-                            .iter()
-                            .filter(|e| e.ready)
-                            .flat_map(|e| {
-                                e.addresses.iter().map(|a| Endpoint {
-                                    address: *a,
-                                    hostname: e.hostname.clone(),
-                                })
-                            })
-                            .collect(),
+                        endpoints: b.endpoints.iter().filter(|e| e.ready).cloned().collect(),
                     })
                     .collect(),
             }
@@ -95,18 +84,6 @@ pub fn catalog_from_imports(imports: &Imports) -> Catalog {
     Catalog {
         revision: imports.revision,
         services,
-    }
-}
-
-fn port(p: &cluster::ServicePort) -> ServicePort {
-    ServicePort {
-        name: p.name.clone(),
-        protocol: match p.protocol {
-            cluster::Protocol::Tcp => Protocol::Tcp,
-            cluster::Protocol::Udp => Protocol::Udp,
-            cluster::Protocol::Sctp => Protocol::Sctp,
-        },
-        port: p.port,
     }
 }
 
@@ -140,15 +117,22 @@ impl Backoff {
     }
 }
 
-/// Why a connection ended; the label of `trellis_dns_controller_errors_total`.
-#[derive(Debug)]
+/// Why a connection ended; [`Ended::reason`] labels `trellis_dns_controller_errors_total`.
+#[derive(Debug, thiserror::Error)]
 enum Ended {
-    Connect(String),
-    Hello(String),
-    Read(String),
+    #[error("connecting")]
+    Connect(#[source] std::io::Error),
+    #[error("encoding the hello")]
+    EncodeHello(#[source] FrameError),
+    #[error("sending the hello")]
+    Hello(#[source] std::io::Error),
+    #[error("reading")]
+    Read(#[source] std::io::Error),
+    #[error("the controller closed the stream")]
     Closed,
-    Oversized(String),
-    Malformed(String),
+    #[error("reading a frame")]
+    Frame(#[source] FrameError),
+    #[error("a delta does not follow revision {have}")]
     Gap { have: u64 },
 }
 
@@ -156,27 +140,19 @@ impl Ended {
     fn reason(&self) -> &'static str {
         match self {
             Ended::Connect(_) => "connect",
-            Ended::Hello(_) => "hello",
+            Ended::EncodeHello(_) | Ended::Hello(_) => "hello",
             Ended::Read(_) => "read",
             Ended::Closed => "closed",
-            Ended::Oversized(_) => "oversized_frame",
-            Ended::Malformed(_) => "malformed_frame",
+            Ended::Frame(FrameError::TooLarge { .. }) => "oversized_frame",
+            Ended::Frame(_) => "malformed_frame",
             Ended::Gap { .. } => "gap",
         }
     }
 }
 
-impl std::fmt::Display for Ended {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Ended::Connect(e) => write!(f, "connecting: {e}"),
-            Ended::Hello(e) => write!(f, "sending the hello: {e}"),
-            Ended::Read(e) => write!(f, "reading: {e}"),
-            Ended::Closed => f.write_str("the controller closed the stream"),
-            Ended::Oversized(e) | Ended::Malformed(e) => f.write_str(e),
-            Ended::Gap { have } => write!(f, "a delta does not follow revision {have}"),
-        }
-    }
+/// A timeout as an IO error ("timed out").
+fn timed_out() -> std::io::Error {
+    std::io::ErrorKind::TimedOut.into()
 }
 
 /// Subscribes to the controller forever, publishing every change to `handle`.
@@ -192,7 +168,7 @@ pub async fn run(handle: ZoneHandle, source: ControllerSource, metrics: Metrics)
         let delay = backoff.next_delay(rand::random());
         warn!(
             controller = %source.addr,
-            error = %ended,
+            error = %trellis_core::error_chain(&ended),
             retry_ms = delay.as_millis() as u64,
             "controller subscription ended; serving the last catalog"
         );
@@ -209,8 +185,8 @@ async fn session(
     let mut stream =
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&source.addr)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Ended::Connect(e.to_string()),
-            Err(_) => return Ended::Connect("timed out".into()),
+            Ok(Err(e)) => return Ended::Connect(e),
+            Err(_) => return Ended::Connect(timed_out()),
         };
     // The stream may be idle for long: keepalives find a controller that vanished.
     let keepalive = socket2::TcpKeepalive::new()
@@ -221,12 +197,12 @@ async fn session(
     }
     let hello = match encode_json_frame(&AgentHello::dns(source.token.clone()), "hello", 1 << 20) {
         Ok(f) => f,
-        Err(e) => return Ended::Hello(e.to_string()),
+        Err(e) => return Ended::EncodeHello(e),
     };
     match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&hello)).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Ended::Hello(e.to_string()),
-        Err(_) => return Ended::Hello("timed out".into()),
+        Ok(Err(e)) => return Ended::Hello(e),
+        Err(_) => return Ended::Hello(timed_out()),
     }
     info!(controller = %source.addr, "subscribed to the controller");
     metrics.controller_connected.set(1);
@@ -238,10 +214,7 @@ async fn session(
             let update = match decoder.next_json::<ImportsUpdate>() {
                 Ok(Some(u)) => u,
                 Ok(None) => break,
-                Err(e @ FrameError::TooLarge { .. }) => {
-                    return Ended::Oversized(e.to_string());
-                }
-                Err(e) => return Ended::Malformed(e.to_string()),
+                Err(e) => return Ended::Frame(e),
             };
             // A connection starts with a snapshot; a delta before one is a gap too.
             let current = match (&mut imports, &update) {
@@ -275,7 +248,7 @@ async fn session(
         match stream.read(&mut buf).await {
             Ok(0) => return Ended::Closed,
             Ok(n) => decoder.push(&buf[..n]),
-            Err(e) => return Ended::Read(e.to_string()),
+            Err(e) => return Ended::Read(e),
         }
     }
 }
@@ -284,8 +257,8 @@ async fn session(
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use trellis_core::cluster::Endpoint as CoreEndpoint;
     use trellis_core::cluster::fixture::id;
+    use trellis_core::cluster::{self, Endpoint as CoreEndpoint, Protocol, ServicePort};
     use trellis_core::imports::{Backend, ImportedService};
 
     fn core_port(
@@ -409,22 +382,12 @@ mod tests {
         assert_eq!(db.clusters.len(), 1);
         let west = &db.clusters[0];
         assert!(west.headless && west.ips.is_empty());
-        // Only ready endpoints, one per address, with their hostnames.
+        // Only ready endpoints, as they came.
         assert_eq!(
             west.endpoints,
             vec![
-                Endpoint {
-                    address: "10.2.0.5".parse().unwrap(),
-                    hostname: Some("db-0".into())
-                },
-                Endpoint {
-                    address: "fd00:2::5".parse().unwrap(),
-                    hostname: Some("db-0".into())
-                },
-                Endpoint {
-                    address: "10.2.0.7".parse().unwrap(),
-                    hostname: None
-                },
+                ep(&["10.2.0.5", "fd00:2::5"], Some("db-0"), true),
+                ep(&["10.2.0.7"], None, true),
             ]
         );
         // The mapped catalog builds a zone with nothing skipped.

@@ -20,7 +20,53 @@ use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
 use crate::Error;
-use crate::model::{Catalog, ClusterExport, valid_label};
+use crate::model::{Catalog, ClusterExport, Endpoint, Protocol, valid_label};
+
+/// A service of the catalog left out of the zone, and why.
+#[derive(Clone, Debug)]
+pub struct Skipped {
+    /// `<name>.<namespace>`.
+    pub service: String,
+    /// Why.
+    pub reason: SkipReason,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {}",
+            self.service,
+            trellis_core::error_chain(&self.reason)
+        )
+    }
+}
+
+/// Why a service of the catalog is left out of the zone (listed in [`Zone::skipped`]).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SkipReason {
+    /// The service name or namespace is not a DNS label.
+    #[error("invalid label {0:?}")]
+    Label(String),
+    /// An exporting cluster's name is not a DNS label.
+    #[error("invalid cluster name {0:?}")]
+    Cluster(String),
+    /// A ready endpoint's hostname is not a DNS label.
+    #[error("invalid endpoint hostname {0:?}")]
+    Hostname(String),
+    /// A port name is not a DNS label.
+    #[error("invalid port name {0:?}")]
+    PortName(String),
+    /// The labels do not make a domain name under the apex (too long).
+    #[error("name {labels:?}")]
+    Name {
+        /// The labels, before the apex.
+        labels: Vec<String>,
+        /// Why they make no name.
+        #[source]
+        source: hickory_proto::ProtoError,
+    },
+}
 
 /// What the zone is and how it answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,13 +82,14 @@ pub struct ZoneConfig {
 impl ZoneConfig {
     /// A zone config for `apex` (e.g. `clusterset.local`).
     pub fn new(apex: &str, ttl: u32) -> Result<Self, Error> {
-        let mut apex = Name::from_ascii(apex).map_err(|e| Error::Config {
-            reason: format!("zone {apex:?}: {e}"),
+        let mut apex = Name::from_ascii(apex).map_err(|source| Error::ZoneName {
+            apex: apex.to_string(),
+            source,
         })?;
         apex.set_fqdn(true);
         if apex.is_root() {
             return Err(Error::Config {
-                reason: "zone must not be the root".into(),
+                reason: "zone must not be the root",
             });
         }
         Ok(Self {
@@ -103,7 +150,7 @@ pub struct Zone {
     serial: u32,
     nodes: HashMap<LowerName, Node>,
     /// Services of the catalog that were skipped, with the reason.
-    skipped: Vec<String>,
+    skipped: Vec<Skipped>,
     services: usize,
     /// Built from a catalog (false only for [`Zone::not_loaded`]).
     loaded: bool,
@@ -145,8 +192,10 @@ impl Zone {
         zone.nodes.insert(apex, Node::default());
         for service in &catalog.services {
             if let Err(reason) = zone.add_service(service) {
-                zone.skipped
-                    .push(format!("{}.{}: {reason}", service.name, service.namespace));
+                zone.skipped.push(Skipped {
+                    service: format!("{}.{}", service.name, service.namespace),
+                    reason,
+                });
             } else {
                 zone.services += 1;
             }
@@ -157,34 +206,32 @@ impl Zone {
         zone
     }
 
-    fn add_service(&mut self, service: &crate::model::ServiceImport) -> Result<(), String> {
+    fn add_service(&mut self, service: &crate::model::ServiceImport) -> Result<(), SkipReason> {
         for label in [&service.name, &service.namespace] {
             if !valid_label(label) {
-                return Err(format!("invalid label {label:?}"));
+                return Err(SkipReason::Label(label.clone()));
             }
         }
         for export in &service.clusters {
             if !valid_label(&export.cluster) {
-                return Err(format!("invalid cluster name {:?}", export.cluster));
+                return Err(SkipReason::Cluster(export.cluster.clone()));
             }
-            for endpoint in &export.endpoints {
+            for endpoint in ready(export) {
                 if let Some(host) = &endpoint.hostname
                     && !valid_label(host)
                 {
-                    return Err(format!("invalid endpoint hostname {host:?}"));
+                    return Err(SkipReason::Hostname(host.clone()));
                 }
             }
             for port in &export.ports {
                 if let Some(name) = &port.name
                     && !valid_label(name)
                 {
-                    return Err(format!("invalid port name {name:?}"));
+                    return Err(SkipReason::PortName(name.clone()));
                 }
             }
         }
-        let svc = self
-            .name(&[&service.name, &service.namespace, "svc"])
-            .map_err(|e| e.to_string())?;
+        let svc = self.name(&[&service.name, &service.namespace, "svc"])?;
 
         let mut clusters: Vec<&ClusterExport> = service.clusters.iter().collect();
         clusters.sort_by(|a, b| b.local.cmp(&a.local).then(a.cluster.cmp(&b.cluster)));
@@ -195,9 +242,8 @@ impl Zone {
         let mut service_node = Node::default();
         let mut srv: BTreeMap<Name, Node> = BTreeMap::new();
         for export in &clusters {
-            let cluster_name = self
-                .name(&[&export.cluster, &service.name, &service.namespace, "svc"])
-                .map_err(|e| e.to_string())?;
+            let cluster_name =
+                self.name(&[&export.cluster, &service.name, &service.namespace, "svc"])?;
             let mut cluster_node = Node::default();
             for addr in addresses(export) {
                 cluster_node.push_addr(addr);
@@ -209,20 +255,20 @@ impl Zone {
             let mut targets: Vec<Name> = Vec::new();
             let mut cluster_target = false;
             if export.headless {
-                for endpoint in &export.endpoints {
+                for endpoint in ready(export) {
                     match &endpoint.hostname {
                         Some(host) => {
-                            let host_name = self
-                                .name(&[
-                                    host,
-                                    &export.cluster,
-                                    &service.name,
-                                    &service.namespace,
-                                    "svc",
-                                ])
-                                .map_err(|e| e.to_string())?;
+                            let host_name = self.name(&[
+                                host,
+                                &export.cluster,
+                                &service.name,
+                                &service.namespace,
+                                "svc",
+                            ])?;
                             let mut node = Node::default();
-                            node.push_addr(endpoint.address);
+                            for addr in &endpoint.addresses {
+                                node.push_addr(*addr);
+                            }
                             if !targets.contains(&host_name) {
                                 targets.push(host_name.clone());
                             }
@@ -241,15 +287,13 @@ impl Zone {
                 let Some(port_name) = &port.name else {
                     continue;
                 };
-                let srv_name = self
-                    .name(&[
-                        &format!("_{port_name}"),
-                        &format!("_{}", port.protocol.label()),
-                        &service.name,
-                        &service.namespace,
-                        "svc",
-                    ])
-                    .map_err(|e| e.to_string())?;
+                let srv_name = self.name(&[
+                    &format!("_{port_name}"),
+                    &format!("_{}", srv_protocol(port.protocol)),
+                    &service.name,
+                    &service.namespace,
+                    "svc",
+                ])?;
                 let node = srv.entry(srv_name).or_default();
                 for target in &targets {
                     node.srv
@@ -267,18 +311,15 @@ impl Zone {
     }
 
     /// `labels` + apex, lower-cased.
-    fn name(&self, labels: &[&str]) -> Result<Name, Error> {
-        let relative = Name::from_labels(
-            labels.iter().map(|l| l.to_ascii_lowercase().into_bytes()),
-        )
-        .map_err(|e| Error::Config {
-            reason: format!("name {labels:?}: {e}"),
-        })?;
-        relative
+    fn name(&self, labels: &[&str]) -> Result<Name, SkipReason> {
+        let fail = |source| SkipReason::Name {
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            source,
+        };
+        Name::from_labels(labels.iter().map(|l| l.to_ascii_lowercase().into_bytes()))
+            .map_err(fail)?
             .append_domain(&self.config.apex)
-            .map_err(|e| Error::Config {
-                reason: format!("name {labels:?}: {e}"),
-            })
+            .map_err(fail)
     }
 
     /// Adds `node` under `name` (merging with what is there) and every ancestor up to the apex.
@@ -314,7 +355,7 @@ impl Zone {
     }
 
     /// Services skipped at build time, with the reason.
-    pub fn skipped(&self) -> &[String] {
+    pub fn skipped(&self) -> &[Skipped] {
         &self.skipped
     }
 
@@ -425,9 +466,25 @@ impl Zone {
 /// The addresses a cluster contributes: service IPs, or ready endpoints when headless.
 fn addresses(export: &ClusterExport) -> Vec<IpAddr> {
     if export.headless {
-        export.endpoints.iter().map(|e| e.address).collect()
+        ready(export)
+            .flat_map(|e| e.addresses.iter().copied())
+            .collect()
     } else {
         export.ips.clone()
+    }
+}
+
+/// The endpoints of `export` that are ready (a catalog normally holds only those).
+fn ready(export: &ClusterExport) -> impl Iterator<Item = &Endpoint> {
+    export.endpoints.iter().filter(|e| e.ready)
+}
+
+/// The SRV label of a protocol, without the underscore.
+fn srv_protocol(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
     }
 }
 
@@ -610,6 +667,17 @@ mod tests {
     fn invalid_services_are_skipped_not_fatal() {
         let zone = zone();
         assert_eq!(zone.services(), 2);
-        assert_eq!(zone.skipped().len(), 1);
+        let [skipped] = zone.skipped() else {
+            panic!("{:?}", zone.skipped());
+        };
+        assert_eq!(skipped.service, "Bad.Name.shop");
+        assert!(
+            matches!(&skipped.reason, SkipReason::Label(label) if label == "Bad.Name"),
+            "{skipped:?}"
+        );
+        assert_eq!(
+            zone.skipped()[0].to_string(),
+            r#"Bad.Name.shop: invalid label "Bad.Name""#
+        );
     }
 }

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,7 @@ use trellis_dns::Catalog;
 use trellis_dns::subscription::{self, ControllerSource};
 
 use common::*;
+use trellis_test_support::eventually_async;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -50,19 +50,6 @@ async fn nxdomain(resolver: &TokioResolver, name: &str) -> bool {
             no.response_code == ResponseCode::NXDomain
         }
         _ => false,
-    }
-}
-
-/// Polls `check` until it holds, at most [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -184,8 +171,9 @@ async fn follows_a_scripted_controller() {
     let mut conn = accept(&listener).await;
     let both = [("10.2.0.5", "db-0"), ("10.2.0.6", "db-1")];
     send(&mut conn, &imports(1, vec![web(), db(&both)])).await;
-    eventually("the snapshot", || async {
-        a(&resolver, WEB).await == ["10.96.0.10"] && a(&resolver, DB).await.len() == 2
+    eventually_async("the snapshot", WAIT, || async {
+        (a(&resolver, WEB).await == ["10.96.0.10"] && a(&resolver, DB).await.len() == 2)
+            .then_some(())
     })
     .await;
     assert_eq!(
@@ -201,9 +189,10 @@ async fn follows_a_scripted_controller() {
         remove: vec![],
     };
     send(&mut conn, &delta).await;
-    eventually("the delta", || async {
-        a(&resolver, DB).await == ["10.2.0.5"]
-            && nxdomain(&resolver, "db-1.west.db.shop.svc.clusterset.local.").await
+    eventually_async("the delta", WAIT, || async {
+        (a(&resolver, DB).await == ["10.2.0.5"]
+            && nxdomain(&resolver, "db-1.west.db.shop.svc.clusterset.local.").await)
+            .then_some(())
     })
     .await;
 
@@ -218,8 +207,8 @@ async fn follows_a_scripted_controller() {
         vec![backend("west", false, &["10.97.0.20"], &[])],
     );
     send(&mut conn, &imports(10, vec![api.clone()])).await;
-    eventually("the second snapshot", || async {
-        a(&resolver, API).await == ["10.97.0.20"] && nxdomain(&resolver, WEB).await
+    eventually_async("the second snapshot", WAIT, || async {
+        (a(&resolver, API).await == ["10.97.0.20"] && nxdomain(&resolver, WEB).await).then_some(())
     })
     .await;
 
@@ -240,8 +229,8 @@ async fn follows_a_scripted_controller() {
     assert_eq!(errors(metrics, "gap").await, 1.0);
     assert!(nxdomain(&resolver, WEB).await, "the gap was not applied");
     send(&mut conn, &imports(11, vec![api, web()])).await;
-    eventually("the snapshot after the gap", || async {
-        a(&resolver, WEB).await == ["10.96.0.10"]
+    eventually_async("the snapshot after the gap", WAIT, || async {
+        (a(&resolver, WEB).await == ["10.96.0.10"]).then_some(())
     })
     .await;
     let text = scrape(metrics).await;
@@ -254,15 +243,22 @@ async fn follows_a_scripted_controller() {
     // The controller goes away: the last answers are still served.
     drop(conn);
     drop(listener);
-    eventually("the disconnect", || async {
-        metric(
+    eventually_async("the disconnect", WAIT, || async {
+        (metric(
             &scrape(metrics).await,
             "trellis_dns_controller_connected",
             &[],
-        ) == 0.0
+        ) == 0.0)
+            .then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A reconnect tried and failed (counted) before the answers are checked: what is served
+    // after the controller vanished, not before.
+    let failed = errors(metrics, "connect").await;
+    eventually_async("a failed reconnect", WAIT, || async {
+        (errors(metrics, "connect").await > failed).then_some(())
+    })
+    .await;
     assert_eq!(a(&resolver, WEB).await, ["10.96.0.10"]);
     assert_eq!(a(&resolver, API).await, ["10.97.0.20"]);
     subscriber.abort();
@@ -304,11 +300,12 @@ async fn readyz(metrics: SocketAddr) -> u16 {
 async fn servfail_and_not_ready_until_the_first_snapshot() {
     let server = start_config(test_config(vec![]), None).await;
     let (dns, metrics) = (server.addr(), server.running.metrics_addr.unwrap());
-    // A port nobody listens on (yet).
-    let controller = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
+    // A port held but not listened on (yet): connections are refused, and no other test can
+    // take the port before the controller comes up on it.
+    let held = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
         .unwrap();
+    let controller = held.local_addr().unwrap().as_socket().unwrap();
     let subscriber = tokio::spawn(subscription::run(
         server.handle.clone(),
         ControllerSource {
@@ -318,8 +315,8 @@ async fn servfail_and_not_ready_until_the_first_snapshot() {
         },
         server.metrics.clone(),
     ));
-    eventually("a failed connection", || async {
-        errors(metrics, "connect").await >= 1.0
+    eventually_async("a failed connection", WAIT, || async {
+        (errors(metrics, "connect").await >= 1.0).then_some(())
     })
     .await;
     for name in [WEB, "nope.shop.svc.clusterset.local.", "clusterset.local."] {
@@ -332,11 +329,14 @@ async fn servfail_and_not_ready_until_the_first_snapshot() {
     );
 
     // The controller comes up and sends its snapshot.
-    let listener = TcpListener::bind(controller).await.unwrap();
+    held.listen(128).unwrap();
+    held.set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(held.into()).unwrap();
     let mut conn = accept(&listener).await;
     send(&mut conn, &imports(1, vec![web()])).await;
-    eventually("the snapshot", || async {
-        ask(dns, WEB, RecordType::A, false).await.response_code == ResponseCode::NoError
+    eventually_async("the snapshot", WAIT, || async {
+        (ask(dns, WEB, RecordType::A, false).await.response_code == ResponseCode::NoError)
+            .then_some(())
     })
     .await;
     assert_eq!(rcode(dns, WEB).await, ResponseCode::NoError);
@@ -456,8 +456,8 @@ async fn follows_the_real_controller() {
         },
         server.metrics.clone(),
     ));
-    eventually("the exported service", || async {
-        a(&resolver, WEB).await == ["10.96.0.10"]
+    eventually_async("the exported service", WAIT, || async {
+        (a(&resolver, WEB).await == ["10.96.0.10"]).then_some(())
     })
     .await;
     assert_eq!(
@@ -472,8 +472,8 @@ async fn follows_the_real_controller() {
 
     // The export goes away: so does the name.
     std::fs::write(&path, cluster_yaml(false)).unwrap();
-    eventually("the export removed", || async {
-        nxdomain(&resolver, WEB).await
+    eventually_async("the export removed", WAIT, || async {
+        (nxdomain(&resolver, WEB).await).then_some(())
     })
     .await;
     subscriber.abort();
@@ -545,13 +545,13 @@ async fn the_binary_follows_the_real_controller() {
     }
     let dns = dns.unwrap_or_else(|| panic!("trellis-dns did not start: {log:?}"));
     let resolver = resolver(dns, false);
-    eventually("the exported service", || async {
-        a(&resolver, WEB).await == ["10.96.0.10"]
+    eventually_async("the exported service", WAIT, || async {
+        (a(&resolver, WEB).await == ["10.96.0.10"]).then_some(())
     })
     .await;
     std::fs::write(&path, cluster_yaml(false)).unwrap();
-    eventually("the export removed", || async {
-        nxdomain(&resolver, WEB).await
+    eventually_async("the export removed", WAIT, || async {
+        (nxdomain(&resolver, WEB).await).then_some(())
     })
     .await;
     drop(process);

@@ -115,19 +115,7 @@ async fn recording_upstream() -> (
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    // The ephemeral UDP port may be taken for TCP (by another test): try another.
-    let mut attempts = 0;
-    let (udp, tcp, addr) = loop {
-        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(tcp) => break (udp, tcp, addr),
-            Err(error) => {
-                attempts += 1;
-                assert!(attempts < 20, "no port free for UDP and TCP: {error}");
-            }
-        }
-    };
+    let (udp, tcp, addr) = udp_and_tcp_on_one_port().await;
     let answer = {
         let seen = seen.clone();
         move |bytes: &[u8]| -> Vec<u8> {
@@ -260,4 +248,83 @@ async fn in_zone_answers_respect_the_edns_cap() {
     let web = ask(dns, "web.shop.svc.clusterset.local.", RecordType::A, false).await;
     assert_eq!(web.edns.unwrap().max_payload(), 1232);
     server.running.shutdown();
+}
+
+/// An upstream that never answers: each forwarded query holds its slot for good.
+struct Stalled(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl trellis_dns::forward::Upstream for Stalled {
+    async fn exchange(
+        &self,
+        _query: &[u8],
+        _transport: trellis_dns::answer::Transport,
+    ) -> Result<Vec<u8>, trellis_dns::forward::ForwardError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+/// One forward in flight allowed and taken: the next query is refused for overload with
+/// SERVFAIL, and counted with the same `overload` label whether it came over UDP or TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_has_one_label_over_udp_and_tcp() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use trellis_dns::acl::ForwardAcl;
+    use trellis_dns::catalog::ZoneHandle;
+    use trellis_dns::metrics::Metrics;
+    use trellis_test_support::eventually_async;
+
+    let config = trellis_dns::Config {
+        max_forwards_in_flight: 1,
+        forward_for: ForwardAcl::new(vec!["127.0.0.0/8".parse().unwrap()]),
+        ..test_config(vec![])
+    };
+    let zone = config.validate().unwrap();
+    let metrics = Metrics::new().unwrap();
+    let handle = ZoneHandle::new(zone, config.edns_udp_size, Some(metrics.clone()));
+    assert!(handle.publish(&shop()).is_empty());
+    let entered = std::sync::Arc::new(AtomicUsize::new(0));
+    let running =
+        trellis_dns::server::start(&config, handle, metrics.clone(), Stalled(entered.clone()))
+            .await
+            .unwrap();
+    let dns = running.dns_addr;
+    let failures = |reason: &str| metrics.upstream_failures.with_label_values(&[reason]).get();
+
+    // The one slot taken, for good.
+    let holder = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    holder
+        .send_to(&query("www.example.test.", RecordType::A, None), dns)
+        .await
+        .unwrap();
+    eventually_async("the slot taken", Duration::from_secs(10), || async {
+        (entered.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+
+    let udp = udp_exchange(
+        dns,
+        &query("a.example.test.", RecordType::A, None),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("a UDP answer");
+    assert_eq!(
+        Message::from_vec(&udp).unwrap().response_code,
+        ResponseCode::ServFail
+    );
+    assert_eq!((failures("overload"), failures("error")), (1, 0));
+
+    let tcp = tcp_exchange(dns, &query("b.example.test.", RecordType::A, None)).await;
+    assert_eq!(
+        Message::from_vec(&tcp).unwrap().response_code,
+        ResponseCode::ServFail
+    );
+    assert_eq!((failures("overload"), failures("error")), (2, 0));
+    assert_eq!(
+        entered.load(Ordering::SeqCst),
+        1,
+        "nothing else reached the upstream"
+    );
+    running.shutdown();
 }

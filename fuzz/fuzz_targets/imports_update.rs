@@ -23,8 +23,8 @@ fn publish(imports: &Imports) {
         catalog.services.len()
     );
     for service in &catalog.services {
-        let prefix = format!("{}.{}: ", service.name, service.namespace);
-        if zone.skipped().iter().any(|s| s.starts_with(&prefix)) {
+        let key = format!("{}.{}", service.name, service.namespace);
+        if zone.skipped().iter().any(|s| s.service == key) {
             continue;
         }
         let name = Name::from_ascii(format!(

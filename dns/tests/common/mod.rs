@@ -147,7 +147,7 @@ pub fn with_big(n: usize) -> Catalog {
 
 /// A UDP socket and a TCP listener on the same free port. The kernel picks the UDP port; TCP
 /// may find it taken by another test's connection, so a few ports are tried.
-async fn udp_and_tcp_on_one_port() -> (UdpSocket, TcpListener, SocketAddr) {
+pub async fn udp_and_tcp_on_one_port() -> (UdpSocket, TcpListener, SocketAddr) {
     for _ in 0..20 {
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = udp.local_addr().unwrap();
@@ -345,4 +345,16 @@ pub fn strip_ansi(line: &str) -> String {
         }
     }
     out
+}
+
+/// Whether the external `tool` is missing (it does not run with `arg`); if so, says on stderr
+/// that `what` (the test, or the part of it needing the tool) is skipped and how to install it.
+pub fn missing_tool(what: &str, tool: &str, arg: &str, package: &str) -> bool {
+    if std::process::Command::new(tool).arg(arg).output().is_ok() {
+        return false;
+    }
+    eprintln!(
+        "skipped {what}: `{tool}` is missing (apt-get install {package}, or scripts/install-deps)"
+    );
+    true
 }

@@ -345,7 +345,8 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-fn pattern(at: usize) -> u8 {
+/// The byte at offset `at` of a checked stream (not periodic over any length a segment has).
+pub fn pattern(at: usize) -> u8 {
     (at.wrapping_mul(2_654_435_761) >> 13) as u8
 }
 

@@ -12,8 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use trellis_core::gateway::{GatewayState, RemoteNode};
 use trellis_gateway::{Gateway, GatewayConfig};
-use trellis_netns::testing::TempNetns;
 use trellis_netns::{Netlink, VethSpec};
+use trellis_test_support::{TempNetns, eventually_async};
 
 pub struct Node {
     pub name: String,
@@ -79,10 +79,31 @@ impl Node {
     }
 
     pub async fn start(&mut self) {
-        let gateway = Gateway::start(Some(&self.ns), &self.config())
-            .await
-            .expect("start gateway");
+        let config = self.config();
+        self.start_with(&config).await;
+    }
+
+    /// Starts a gateway with `config`. A port still held by a gateway stopped a moment ago
+    /// (its worker threads close their sockets after the TUN goes) is retried, for 5 s.
+    pub async fn start_with(&mut self, config: &GatewayConfig) {
+        let gateway = eventually_async("the gateway starts", Duration::from_secs(5), || async {
+            match Gateway::start(Some(&self.ns), config).await {
+                Ok(gateway) => Some(gateway),
+                Err(trellis_gateway::Error::BindUdp { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    None
+                }
+                Err(e) => panic!("start gateway: {e}"),
+            }
+        })
+        .await;
         self.gateway = Some(gateway);
+    }
+
+    /// The value of one series of the in-process gateway's metrics (`name{labels}`).
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        metric(&self.gateway().metrics.render(), series)
     }
 
     pub fn gateway(&self) -> &Gateway {
@@ -94,13 +115,19 @@ impl Node {
         if let Some(gateway) = self.gateway.take() {
             gateway.stop();
         }
-        for _ in 0..100 {
-            if self.netlink.link("trellis0").await.unwrap().is_none() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("TUN still there after stop");
+        eventually_async(
+            "the TUN gone after stop",
+            Duration::from_secs(5),
+            || async {
+                self.netlink
+                    .link("trellis0")
+                    .await
+                    .unwrap()
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
     }
 
     /// This node as a remote node in another gateway's desired state.
@@ -185,6 +212,18 @@ impl Node {
 
     /// Like [`Node::ping`], from source address `from`.
     pub async fn ping_from(&self, from: IpAddr, to: SocketAddr, deadline: Duration) -> bool {
+        self.ping_every(from, to, deadline, Duration::from_millis(200))
+            .await
+    }
+
+    /// Like [`Node::ping_from`], resending every `resend`.
+    pub async fn ping_every(
+        &self,
+        from: IpAddr,
+        to: SocketAddr,
+        deadline: Duration,
+        resend: Duration,
+    ) -> bool {
         let socket = self.socket_at(SocketAddr::new(from, 0)).await;
         let marker = format!("trellis-ping-{}", rand_tag());
         let attempt = async {
@@ -192,8 +231,7 @@ impl Node {
             loop {
                 let _ = socket.send_to(marker.as_bytes(), to).await;
                 if let Ok(Ok((len, _))) =
-                    tokio::time::timeout(Duration::from_millis(200), socket.recv_from(&mut buf))
-                        .await
+                    tokio::time::timeout(resend, socket.recv_from(&mut buf)).await
                     && &buf[..len] == marker.as_bytes()
                 {
                     return;
@@ -202,6 +240,13 @@ impl Node {
         };
         tokio::time::timeout(deadline, attempt).await.is_ok()
     }
+}
+
+/// The value of `series` (`name{labels}`, exactly as rendered) in a Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
 }
 
 fn rand_tag() -> u64 {

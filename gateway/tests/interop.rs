@@ -37,6 +37,7 @@ fn have(tool: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wireguard_go_peer_from_peer_config_talks_both_ways() {
+    trellis_test_support::skip_unless_root!();
     // scripts/install-deps installs both; a missing peer is a broken setup, not a pass.
     assert!(
         have("wireguard-go") && have("wg"),

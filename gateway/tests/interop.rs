@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::two_bare_nodes;
 use trellis_core::gateway::RemoteNode;
+use trellis_test_support::eventually_async;
 
 /// A wireguard-go process, killed by PID (and its control socket removed) when dropped.
 struct WireguardGo {
@@ -98,13 +99,12 @@ async fn wireguard_go_peer_from_peer_config_talks_both_ways() {
         child,
         socket: socket.clone(),
     };
-    for _ in 0..100 {
-        if socket.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(socket.exists(), "wireguard-go did not come up");
+    eventually_async(
+        "wireguard-go's control socket",
+        Duration::from_secs(5),
+        || async { socket.exists().then_some(()) },
+    )
+    .await;
     let status = Command::new("wg")
         .args(["setconf", &name])
         .arg(&config_path)

@@ -5,7 +5,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Capture, contains, two_nodes};
+use common::{Classifier, Frame, UnderlayCapture, contains, two_nodes};
 use trellis_gateway::metrics::DropReason;
 use trellis_netns::RouteTarget;
 use trellis_test_support::eventually_async;
@@ -211,7 +211,7 @@ async fn restart_resumes_the_tunnel_and_fails_closed_while_down() {
     let routes = a.netlink.owned_routes(212).await.unwrap();
     assert_eq!(routes.len(), 1, "{routes:?}");
     assert_eq!(routes[0].target, RouteTarget::Unreachable);
-    let capture = Capture::start(&a, "underlay").await;
+    let capture = UnderlayCapture::start(&a, Classifier::between(&a, &b)).await;
     assert!(!a.ping(to_b, SHORT).await);
     // A canary the capture must see, so an empty capture cannot pass for a clean one.
     let canary =
@@ -219,12 +219,19 @@ async fn restart_resumes_the_tunnel_and_fails_closed_while_down() {
             .unwrap()
             .unwrap();
     canary.send_to(b"trellis-canary", "198.18.0.2:9").unwrap();
-    let pcap = capture.finish().await;
-    assert!(contains(&pcap, b"trellis-canary"), "the capture works");
-    assert!(
-        !contains(&pcap, b"trellis-ping"),
-        "plaintext left while down"
+    capture
+        .wait_for("the canary on the underlay", |f| {
+            contains(&f.head, b"trellis-canary")
+        })
+        .await;
+    let capture = capture.finish(&a);
+    capture.assert_complete();
+    assert_eq!(
+        capture.plaintext(),
+        0,
+        "pod traffic left in plaintext while down"
     );
+    assert_eq!(capture.count(Frame::Tunnel), 0, "no gateway, no WireGuard");
 
     a.start().await;
     assert_eq!(a.gateway().public_key, key_before, "same key after restart");

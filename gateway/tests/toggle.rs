@@ -10,14 +10,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Node, pattern, two_nodes};
-use ipnet::IpNet;
+use common::{Captured, Classifier, Frame, Node, UnderlayCapture, pattern, two_nodes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use trellis_gateway::metrics::DropReason;
@@ -47,172 +45,6 @@ const MAX_TCP_BYTES: usize = 128 << 20;
 /// Wall-clock time since the epoch: the clock the kernel stamps captured frames with.
 fn wall() -> Duration {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap()
-}
-
-/// What a frame on the underlay is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Frame {
-    /// An IPv4 packet to or from a pod address, in the clear; `from_a` when it comes from a's
-    /// pods (or goes to b's).
-    Plain {
-        from_a: bool,
-    },
-    /// UDP to or from a gateway's WireGuard port.
-    Tunnel,
-    Other,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Captured {
-    at: Duration,
-    frame: Frame,
-}
-
-/// A packet socket in a node's namespace recording the frames of one interface, both
-/// directions, with the kernel's timestamps, on a thread of its own.
-struct UnderlayCapture {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<Captured>>,
-}
-
-struct Classifier {
-    a_pods: IpNet,
-    b_pods: IpNet,
-    wireguard_port: u16,
-}
-
-impl Classifier {
-    fn classify(&self, frame: &[u8]) -> Frame {
-        // Ethernet, then IPv4.
-        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
-            return Frame::Other;
-        }
-        let ip = &frame[14..];
-        let header = usize::from(ip[0] & 0x0f) * 4;
-        let address = |at: usize| IpAddr::from([ip[at], ip[at + 1], ip[at + 2], ip[at + 3]]);
-        let (source, destination) = (address(12), address(16));
-        let pod = |addr: &IpAddr| self.a_pods.contains(addr) || self.b_pods.contains(addr);
-        if pod(&source) || pod(&destination) {
-            let from_a = self.a_pods.contains(&source) || self.b_pods.contains(&destination);
-            return Frame::Plain { from_a };
-        }
-        if ip[9] == 17 && ip.len() >= header + 4 {
-            let port = |at: usize| u16::from_be_bytes([ip[header + at], ip[header + at + 1]]);
-            if port(0) == self.wireguard_port || port(2) == self.wireguard_port {
-                return Frame::Tunnel;
-            }
-        }
-        Frame::Other
-    }
-}
-
-impl UnderlayCapture {
-    fn start(node: &Node, ifindex: u32, classifier: Classifier) -> Self {
-        use nix::sys::socket::{self, AddressFamily, SockFlag, SockProtocol, SockType, sockopt};
-        let fd = node
-            .ns
-            .run(|| -> nix::Result<OwnedFd> {
-                let fd = socket::socket(
-                    AddressFamily::Packet,
-                    SockType::Raw,
-                    SockFlag::SOCK_CLOEXEC,
-                    SockProtocol::EthAll,
-                )?;
-                socket::setsockopt(&fd, sockopt::RcvBufForce, &(64 << 20))?;
-                socket::setsockopt(&fd, sockopt::ReceiveTimestampns, &true)?;
-                socket::setsockopt(
-                    &fd,
-                    sockopt::ReceiveTimeout,
-                    &nix::sys::time::TimeVal::new(0, 50_000),
-                )?;
-                Ok(fd)
-            })
-            .unwrap()
-            .expect("a packet socket in the node's namespace");
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || read_frames(&fd, ifindex, &classifier, &stop))
-        };
-        Self { stop, thread }
-    }
-
-    /// Stops after the frames already queued, and returns them all.
-    fn finish(self) -> Vec<Captured> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().unwrap()
-    }
-}
-
-fn read_frames(
-    fd: &OwnedFd,
-    ifindex: u32,
-    classifier: &Classifier,
-    stop: &AtomicBool,
-) -> Vec<Captured> {
-    use nix::errno::Errno;
-    use nix::sys::socket::{ControlMessageOwned, LinkAddr, MsgFlags, recvmsg};
-    let mut frames = Vec::new();
-    let mut buffer = [0u8; 128];
-    let mut control = nix::cmsg_space!(nix::sys::time::TimeSpec);
-    loop {
-        // Once told to stop, read what is queued without waiting, then end.
-        let stopping = stop.load(Ordering::SeqCst);
-        let flags = if stopping {
-            MsgFlags::MSG_DONTWAIT
-        } else {
-            MsgFlags::empty()
-        };
-        let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
-        let (len, interface, at) =
-            match recvmsg::<LinkAddr>(fd.as_raw_fd(), &mut iov, Some(&mut control), flags) {
-                Ok(message) => {
-                    let at = message.cmsgs().ok().and_then(|mut cmsgs| {
-                        cmsgs.find_map(|cmsg| match cmsg {
-                            ControlMessageOwned::ScmTimestampns(ts) => Some(Duration::new(
-                                ts.tv_sec().try_into().unwrap(),
-                                ts.tv_nsec().try_into().unwrap(),
-                            )),
-                            _ => None,
-                        })
-                    });
-                    (
-                        message.bytes,
-                        message.address.map(|address| address.ifindex()),
-                        at,
-                    )
-                }
-                Err(Errno::EAGAIN | Errno::EINTR) if !stopping => continue,
-                Err(Errno::EAGAIN) => return frames,
-                Err(e) => panic!("reading the capture: {e}"),
-            };
-        if interface != Some(ifindex as usize) {
-            continue;
-        }
-        frames.push(Captured {
-            at: at.expect("a kernel timestamp on every frame"),
-            frame: classifier.classify(&buffer[..len.min(buffer.len())]),
-        });
-    }
-}
-
-/// Packets through a node's interface as its counters have them (rx + tx), from
-/// `/proc/net/dev` of the node's namespace.
-fn interface_packets(node: &Node, interface: &str) -> u64 {
-    let text = node
-        .ns
-        .run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))
-        .unwrap()
-        .unwrap();
-    let line = text
-        .lines()
-        .find_map(|line| line.trim().strip_prefix(&format!("{interface}:")))
-        .expect("the interface in /proc/net/dev");
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .map(|f| f.parse().unwrap())
-        .collect();
-    fields[1] + fields[9]
 }
 
 /// Datagrams the kernel dropped for want of room in the receive buffers of UDP sockets on
@@ -516,17 +348,7 @@ async fn switch_under_load(prefix: &str) -> Vec<String> {
     let mss = u32::try_from(mtu - 40).unwrap();
 
     // The capture, from before any traffic.
-    let underlay = a.netlink.require_link("underlay").await.unwrap();
-    let packets_before = interface_packets(&a, "underlay");
-    let capture = UnderlayCapture::start(
-        &a,
-        underlay.index,
-        Classifier {
-            a_pods: a.pod_cidr,
-            b_pods: b.pod_cidr,
-            wireguard_port: 51820,
-        },
-    );
+    let capture = UnderlayCapture::start(&a, Classifier::between(&a, &b)).await;
 
     // Numbered datagrams both ways.
     let stop = Arc::new(AtomicBool::new(false));
@@ -626,8 +448,8 @@ async fn switch_under_load(prefix: &str) -> Vec<String> {
         let _ = done.send(());
         received.push(receiver.await.unwrap());
     }
-    let packets_after = interface_packets(&a, "underlay");
-    let frames = capture.finish();
+    let capture = capture.finish(&a);
+    let frames = &capture.frames;
 
     // What happened, in numbers.
     let directions = ["a -> b", "b -> a"];
@@ -684,21 +506,14 @@ async fn switch_under_load(prefix: &str) -> Vec<String> {
     }
 
     // The capture: whether it saw everything, then plaintext where it must not be.
-    let counted = packets_after - packets_before;
-    let tunnel = frames.iter().filter(|f| f.frame == Frame::Tunnel).count();
-    let plain = frames
-        .iter()
-        .filter(|f| matches!(f.frame, Frame::Plain { .. }))
-        .count();
+    let tunnel = capture.count(Frame::Tunnel);
     eprintln!(
-        "underlay capture: {} frames ({tunnel} WireGuard, {plain} plaintext pod-to-pod); the interface counted {counted}",
-        frames.len()
+        "underlay capture: {} frames ({tunnel} WireGuard, {} plaintext pod-to-pod); the interface counted {}",
+        frames.len(),
+        capture.plaintext(),
+        capture.counted
     );
-    assert!(
-        frames.len() as u64 >= counted,
-        "the capture missed frames ({} captured, {counted} counted): it cannot prove the absence of plaintext",
-        frames.len()
-    );
+    capture.assert_complete();
     let first_switch = switches[0].a.start.min(switches[0].b.start);
     assert!(
         frames

@@ -555,6 +555,43 @@ async fn switch_under_load(prefix: &str) -> Vec<String> {
             ));
         }
     }
+    // Each switch took effect on the wire: in the steady phase after it, WireGuard and no
+    // plaintext when on, plaintext both ways when off.
+    for (i, s) in switches.iter().enumerate() {
+        let from = s.a.done.max(s.b.done);
+        let to = switches
+            .get(i + 1)
+            .map_or(Duration::MAX, |next| next.a.start.min(next.b.start));
+        let count = |frame: Frame| {
+            frames
+                .iter()
+                .filter(|f| f.at >= from && f.at < to && f.frame == frame)
+                .count()
+        };
+        let tunnel = count(Frame::Tunnel);
+        let plain = [
+            count(Frame::Plain { from_a: true }),
+            count(Frame::Plain { from_a: false }),
+        ];
+        eprintln!(
+            "after switch {} (both {}): {tunnel} WireGuard frames, plaintext a -> b {}, b -> a {}",
+            i + 1,
+            if s.on { "on" } else { "off" },
+            plain[0],
+            plain[1]
+        );
+        let took_effect = if s.on {
+            tunnel > 0 && plain == [0, 0]
+        } else {
+            plain[0] > 0 && plain[1] > 0
+        };
+        if !took_effect {
+            failures.push(format!(
+                "switch {} did not show on the wire: {tunnel} WireGuard, plaintext {plain:?}",
+                i + 1
+            ));
+        }
+    }
     let last = switches.last().unwrap();
     let final_plain = frames
         .iter()

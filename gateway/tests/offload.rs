@@ -73,7 +73,12 @@ async fn run(prefix: &str, offload_a: bool, offload_b: bool) {
             DropReason::TooBig,
             DropReason::TunError,
         ] {
-            assert_eq!(node.gateway().metrics.drops(reason), 0, "{reason:?}");
+            assert_eq!(
+                node.gateway().metrics.drops(reason),
+                0,
+                "{reason:?} drops on {} (offloads a {offload_a}, b {offload_b})",
+                node.name
+            );
         }
         let stats = node.gateway().device().stats().await.unwrap();
         assert!(stats[0].rx_bytes > BYTES as u64 && stats[0].tx_bytes > BYTES as u64);

@@ -8,9 +8,10 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Node, two_bare_nodes};
+use common::{Node, metric, two_bare_nodes};
 use trellis_core::gateway::GatewayState;
 use trellis_netns::RouteTarget;
+use trellis_test_support::eventually_async;
 
 /// The gateway process, stopped by PID when dropped.
 struct Process(Child);
@@ -56,6 +57,53 @@ async fn http_get(node: &Node, path: &'static str) -> trellis_http::Response {
     .unwrap()
 }
 
+/// The binary's metrics, once every series in `want` is there (gauges such as peers_up follow
+/// on the gateway's next timer tick).
+async fn metrics_with(node: &Node, want: &[&str]) -> String {
+    eventually_async(
+        "the metrics to show the change",
+        Duration::from_secs(10),
+        || async {
+            let body = http_get(node, "/metrics").await.body;
+            want.iter()
+                .all(|series| body.contains(series))
+                .then_some(body)
+        },
+    )
+    .await
+}
+
+/// The binary's last reconciliation time.
+async fn last_reconcile(node: &Node) -> f64 {
+    let body = http_get(node, "/metrics").await.body;
+    metric(&body, "trellis_gateway_last_reconcile_timestamp_seconds").expect("last reconcile")
+}
+
+/// Waits until the binary's file-following loop has run a full round after `since` (Unix
+/// seconds): it re-applies every second (`--resync-seconds 1`), after looking at the file, so
+/// the second re-application after `since` comes from a round that looked at the file later.
+async fn followed_since(node: &Node, since: f64) {
+    let mut after = since;
+    for _ in 0..2 {
+        after = eventually_async(
+            "the gateway to re-apply its state",
+            Duration::from_secs(10),
+            || async {
+                let at = last_reconcile(node).await;
+                (at > after).then_some(at)
+            },
+        )
+        .await;
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
 fn write_state(path: &std::path::Path, state: &GatewayState) {
     // Write then rename, as a controller would: the reader never sees half a file.
     let temporary = path.with_extension("tmp");
@@ -65,6 +113,7 @@ fn write_state(path: &std::path::Path, state: &GatewayState) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_follows_its_state_file_and_serves_metrics() {
+    trellis_test_support::skip_unless_root!();
     let (mut a, mut b) = two_bare_nodes("gw-bin").await;
     b.start().await;
     let _echo_b = b.echo(7000).await;
@@ -96,6 +145,7 @@ async fn binary_follows_its_state_file_and_serves_metrics() {
             .arg(a.state_dir.path())
             .arg("--desired-state")
             .arg(&state_file)
+            .args(["--resync-seconds", "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -116,23 +166,27 @@ async fn binary_follows_its_state_file_and_serves_metrics() {
         "binary tunnel up"
     );
 
-    // Gauges such as peers_up follow on the next timer tick (250 ms).
-    tokio::time::sleep(Duration::from_millis(400)).await;
     let health = http_get(&a, "/healthz").await;
     assert_eq!(health.status, 200, "{health:?}");
-    let body = http_get(&a, "/metrics").await.body;
-    for name in [
-        "trellis_gateway_peer_tx_bytes_total{peer=\"c1/node-b\"}",
-        "trellis_gateway_peer_rx_packets_total{peer=\"c1/node-b\"}",
-        "trellis_gateway_peer_last_handshake_timestamp_seconds{peer=\"c1/node-b\"}",
-        "trellis_gateway_peer_handshakes_total{peer=\"c1/node-b\"} 1",
-        "trellis_gateway_peers_configured 1",
-        "trellis_gateway_peers_up 1",
-        "trellis_gateway_desired_state_revision 1",
-        "trellis_gateway_drops_total{reason=\"decrypt_failed\"} 0",
-    ] {
-        assert!(body.contains(name), "missing {name} in\n{body}");
-    }
+    let body = metrics_with(
+        &a,
+        &[
+            "trellis_gateway_peer_tx_bytes_total{peer=\"c1/node-b\"}",
+            "trellis_gateway_peer_rx_packets_total{peer=\"c1/node-b\"}",
+            "trellis_gateway_peer_last_handshake_timestamp_seconds{peer=\"c1/node-b\"}",
+            "trellis_gateway_peers_configured 1",
+            "trellis_gateway_peers_up 1",
+            "trellis_gateway_desired_state_revision 1",
+            "trellis_gateway_drops_total{reason=\"decrypt_failed\"} 0",
+        ],
+    )
+    .await;
+    // At least one handshake (both sides may initiate at once, and each completes one).
+    let handshakes = metric(
+        &body,
+        "trellis_gateway_peer_handshakes_total{peer=\"c1/node-b\"}",
+    );
+    assert!(handshakes.is_some_and(|n| n >= 1.0), "{handshakes:?}");
     {
         // scripts/install-deps installs promtool (Debian's prometheus package).
         let mut check = Command::new("promtool")
@@ -158,17 +212,19 @@ async fn binary_follows_its_state_file_and_serves_metrics() {
         );
     }
 
-    // The file goes away: the last state keeps running.
+    // The file goes away: once the gateway has looked, the last state keeps running.
+    let removed = unix_now();
     std::fs::remove_file(&state_file).unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    followed_since(&a, removed).await;
     assert!(
         a.ping(to_b, Duration::from_secs(3)).await,
         "source gone, tunnel stays"
     );
 
     // A broken file changes nothing either.
+    let broken = unix_now();
     std::fs::write(&state_file, "{ not json").unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    followed_since(&a, broken).await;
     assert!(
         a.ping(to_b, Duration::from_secs(3)).await,
         "bad update ignored"
@@ -183,15 +239,19 @@ async fn binary_follows_its_state_file_and_serves_metrics() {
             ..with_b.clone()
         },
     );
-    let mut gone = false;
-    for _ in 0..50 {
-        if a.netlink.owned_routes(212).await.unwrap().is_empty() {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(gone, "routes removed after the file dropped b");
+    eventually_async(
+        "routes removed after the file dropped b",
+        Duration::from_secs(10),
+        || async {
+            a.netlink
+                .owned_routes(212)
+                .await
+                .unwrap()
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
     assert!(!a.ping(to_b, Duration::from_secs(1)).await);
     write_state(
         &state_file,
@@ -228,13 +288,23 @@ async fn binary_follows_its_state_file_and_serves_metrics() {
             .spawn()
             .unwrap(),
     );
+    // Pings every 20 ms from the moment the process is started: the first answer is the
+    // first packet the new gateway forwarded (and its handshake done).
     assert!(
-        a.ping(to_b, Duration::from_secs(5)).await,
+        a.ping_every(
+            a.pod,
+            to_b,
+            Duration::from_secs(5),
+            Duration::from_millis(20)
+        )
+        .await,
         "the restored plan's tunnel carries traffic"
     );
-    eprintln!(
-        "restart to traffic on the restored plan: {:?}",
-        restarted.elapsed()
+    let back = restarted.elapsed();
+    eprintln!("restart to traffic on the restored plan: {back:?}");
+    assert!(
+        back < Duration::from_secs(1),
+        "traffic {back:?} after the restart, not within a second"
     );
     let ready = http_get(&a, "/readyz").await;
     assert_eq!(ready.status, 200, "{ready:?}");

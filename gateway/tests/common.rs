@@ -1,10 +1,14 @@
 //! Shared rig for the gateway's namespace tests: nodes in their own network namespaces joined
 //! by a veth "underlay" in 198.18.0.0/15, a pod address on each node's loopback, and a real
-//! gateway per node. Everything lives in namespaces the test creates and drops.
+//! gateway per node, and a packet capture of the underlay. Everything lives in namespaces the
+//! test creates and drops.
 
 #![allow(dead_code)]
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -12,8 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use trellis_core::gateway::{GatewayState, RemoteNode};
 use trellis_gateway::{Gateway, GatewayConfig};
-use trellis_netns::testing::TempNetns;
 use trellis_netns::{Netlink, VethSpec};
+use trellis_test_support::{TempNetns, eventually_async};
 
 pub struct Node {
     pub name: String,
@@ -79,10 +83,31 @@ impl Node {
     }
 
     pub async fn start(&mut self) {
-        let gateway = Gateway::start(Some(&self.ns), &self.config())
-            .await
-            .expect("start gateway");
+        let config = self.config();
+        self.start_with(&config).await;
+    }
+
+    /// Starts a gateway with `config`. A port still held by a gateway stopped a moment ago
+    /// (its worker threads close their sockets after the TUN goes) is retried, for 5 s.
+    pub async fn start_with(&mut self, config: &GatewayConfig) {
+        let gateway = eventually_async("the gateway starts", Duration::from_secs(5), || async {
+            match Gateway::start(Some(&self.ns), config).await {
+                Ok(gateway) => Some(gateway),
+                Err(trellis_gateway::Error::BindUdp { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    None
+                }
+                Err(e) => panic!("start gateway: {e}"),
+            }
+        })
+        .await;
         self.gateway = Some(gateway);
+    }
+
+    /// The value of one series of the in-process gateway's metrics (`name{labels}`).
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        metric(&self.gateway().metrics.render(), series)
     }
 
     pub fn gateway(&self) -> &Gateway {
@@ -94,13 +119,19 @@ impl Node {
         if let Some(gateway) = self.gateway.take() {
             gateway.stop();
         }
-        for _ in 0..100 {
-            if self.netlink.link("trellis0").await.unwrap().is_none() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("TUN still there after stop");
+        eventually_async(
+            "the TUN gone after stop",
+            Duration::from_secs(5),
+            || async {
+                self.netlink
+                    .link("trellis0")
+                    .await
+                    .unwrap()
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
     }
 
     /// This node as a remote node in another gateway's desired state.
@@ -185,6 +216,18 @@ impl Node {
 
     /// Like [`Node::ping`], from source address `from`.
     pub async fn ping_from(&self, from: IpAddr, to: SocketAddr, deadline: Duration) -> bool {
+        self.ping_every(from, to, deadline, Duration::from_millis(200))
+            .await
+    }
+
+    /// Like [`Node::ping_from`], resending every `resend`.
+    pub async fn ping_every(
+        &self,
+        from: IpAddr,
+        to: SocketAddr,
+        deadline: Duration,
+        resend: Duration,
+    ) -> bool {
         let socket = self.socket_at(SocketAddr::new(from, 0)).await;
         let marker = format!("trellis-ping-{}", rand_tag());
         let attempt = async {
@@ -192,8 +235,7 @@ impl Node {
             loop {
                 let _ = socket.send_to(marker.as_bytes(), to).await;
                 if let Ok(Ok((len, _))) =
-                    tokio::time::timeout(Duration::from_millis(200), socket.recv_from(&mut buf))
-                        .await
+                    tokio::time::timeout(resend, socket.recv_from(&mut buf)).await
                     && &buf[..len] == marker.as_bytes()
                 {
                     return;
@@ -202,6 +244,13 @@ impl Node {
         };
         tokio::time::timeout(deadline, attempt).await.is_ok()
     }
+}
+
+/// The value of `series` (`name{labels}`, exactly as rendered) in a Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
 }
 
 fn rand_tag() -> u64 {
@@ -263,89 +312,248 @@ pub async fn two_bare_nodes(prefix: &str) -> (Node, Node) {
     (a, b)
 }
 
-/// Runs `tcpdump` on `interface` in `node`'s namespace until dropped (killed by its PID).
+/// What a frame on the underlay is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    /// An IPv4 packet to or from a pod address, in the clear; `from_a` when it comes from a's
+    /// pods (or goes to b's).
+    Plain {
+        from_a: bool,
+    },
+    /// UDP to or from a gateway's WireGuard port.
+    Tunnel,
+    Other,
+}
+
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// The kernel's timestamp (wall clock, since the epoch).
+    pub at: Duration,
+    pub frame: Frame,
+    /// The frame's first bytes (Ethernet and IP headers and the start of the payload).
+    pub head: Vec<u8>,
+}
+
+/// A packet socket in a node's namespace recording every frame of its underlay interface,
+/// both directions, with the kernel's timestamps, on a thread of its own (no external tool).
+pub struct UnderlayCapture {
+    stop: Arc<AtomicBool>,
+    frames: Arc<std::sync::Mutex<Vec<Captured>>>,
+    thread: std::thread::JoinHandle<()>,
+    /// The interface's packet counters when the capture started.
+    counted_before: u64,
+}
+
+/// What a capture recorded, and how many frames the interface counted meanwhile.
 pub struct Capture {
-    child: std::process::Child,
-    pub file: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    pub frames: Vec<Captured>,
+    pub counted: u64,
 }
 
 impl Capture {
-    /// Starts tcpdump through `ip netns exec` (which also gives it the namespace's /sys) and
-    /// waits until it reports it is listening.
-    pub async fn start(node: &Node, interface: &str) -> Capture {
-        use std::io::BufRead;
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("underlay.pcap");
-        let mut child = std::process::Command::new("ip")
-            .args(["netns", "exec", node.ns.name(), "tcpdump"])
-            .args([
-                "-i",
-                interface,
-                "--immediate-mode",
-                "-U",
-                "-n",
-                "-Z",
-                "root",
-            ])
-            .args(["-s", "200"])
-            .args(["-c", "100000", "-w"])
-            .arg(&file)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("tcpdump");
-        let stderr = child.stderr.take().unwrap();
-        let (listening, ready) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("listening on") {
-                    let _ = listening.send(());
-                }
-            }
-        });
-        let ready = tokio::task::spawn_blocking(move || ready.recv_timeout(Duration::from_secs(5)))
-            .await
-            .unwrap();
-        assert!(ready.is_ok(), "tcpdump did not start listening");
-        Capture {
-            child,
-            file,
-            _dir: dir,
-        }
+    /// Panics unless the capture holds at least every frame the interface counted: a capture
+    /// that missed frames cannot prove that something was absent.
+    pub fn assert_complete(&self) {
+        assert!(
+            self.frames.len() as u64 >= self.counted,
+            "the capture missed frames ({} captured, {} counted by the interface)",
+            self.frames.len(),
+            self.counted
+        );
     }
 
-    /// Stops the capture and returns the raw pcap bytes.
-    /// (SIGTERM, so tcpdump flushes; SIGKILL if it lingers.)
-    pub async fn finish(mut self) -> Vec<u8> {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        for _ in 0..100 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        std::fs::read(&self.file).unwrap_or_default()
+    pub fn count(&self, frame: Frame) -> usize {
+        self.frames.iter().filter(|f| f.frame == frame).count()
+    }
+
+    pub fn plaintext(&self) -> usize {
+        self.frames
+            .iter()
+            .filter(|f| matches!(f.frame, Frame::Plain { .. }))
+            .count()
     }
 }
 
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Tells plaintext pod traffic from WireGuard on the underlay between nodes `a` and `b`.
+pub struct Classifier {
+    pub a_pods: IpNet,
+    pub b_pods: IpNet,
+    pub wireguard_port: u16,
+}
+
+impl Classifier {
+    fn classify(&self, frame: &[u8]) -> Frame {
+        // Ethernet, then IPv4.
+        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+            return Frame::Other;
+        }
+        let ip = &frame[14..];
+        let header = usize::from(ip[0] & 0x0f) * 4;
+        let address = |at: usize| IpAddr::from([ip[at], ip[at + 1], ip[at + 2], ip[at + 3]]);
+        let (source, destination) = (address(12), address(16));
+        let pod = |addr: &IpAddr| self.a_pods.contains(addr) || self.b_pods.contains(addr);
+        if pod(&source) || pod(&destination) {
+            let from_a = self.a_pods.contains(&source) || self.b_pods.contains(&destination);
+            return Frame::Plain { from_a };
+        }
+        if ip[9] == 17 && ip.len() >= header + 4 {
+            let port = |at: usize| u16::from_be_bytes([ip[header + at], ip[header + at + 1]]);
+            if port(0) == self.wireguard_port || port(2) == self.wireguard_port {
+                return Frame::Tunnel;
+            }
+        }
+        Frame::Other
     }
+}
+
+impl Classifier {
+    /// Pod traffic between `a` and `b`, WireGuard on the gateways' port 51820.
+    pub fn between(a: &Node, b: &Node) -> Self {
+        Self {
+            a_pods: a.pod_cidr,
+            b_pods: b.pod_cidr,
+            wireguard_port: 51820,
+        }
+    }
+}
+
+impl UnderlayCapture {
+    /// Starts recording `node`'s interface "underlay".
+    pub async fn start(node: &Node, classifier: Classifier) -> Self {
+        let ifindex = node.netlink.require_link("underlay").await.unwrap().index;
+        use nix::sys::socket::{self, AddressFamily, SockFlag, SockProtocol, SockType, sockopt};
+        let fd = node
+            .ns
+            .run(|| -> nix::Result<OwnedFd> {
+                let fd = socket::socket(
+                    AddressFamily::Packet,
+                    SockType::Raw,
+                    SockFlag::SOCK_CLOEXEC,
+                    SockProtocol::EthAll,
+                )?;
+                socket::setsockopt(&fd, sockopt::RcvBufForce, &(64 << 20))?;
+                socket::setsockopt(&fd, sockopt::ReceiveTimestampns, &true)?;
+                socket::setsockopt(
+                    &fd,
+                    sockopt::ReceiveTimeout,
+                    &nix::sys::time::TimeVal::new(0, 50_000),
+                )?;
+                Ok(fd)
+            })
+            .unwrap()
+            .expect("a packet socket in the node's namespace");
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames = Arc::default();
+        let thread = {
+            let (stop, frames) = (stop.clone(), Arc::clone(&frames));
+            std::thread::spawn(move || read_frames(&fd, ifindex, &classifier, &stop, &frames))
+        };
+        let counted_before = interface_packets(node, "underlay");
+        Self {
+            stop,
+            frames,
+            thread,
+            counted_before,
+        }
+    }
+
+    /// Waits until a frame satisfying `want` has been recorded.
+    pub async fn wait_for(&self, what: &str, want: impl Fn(&Captured) -> bool) {
+        eventually_async(what, Duration::from_secs(5), || async {
+            self.frames.lock().unwrap().iter().any(&want).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops after the frames already queued, and returns them all.
+    pub fn finish(self, node: &Node) -> Capture {
+        let counted = interface_packets(node, "underlay") - self.counted_before;
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap();
+        let frames = std::mem::take(&mut *self.frames.lock().unwrap());
+        Capture { frames, counted }
+    }
+}
+
+fn read_frames(
+    fd: &OwnedFd,
+    ifindex: u32,
+    classifier: &Classifier,
+    stop: &AtomicBool,
+    frames: &std::sync::Mutex<Vec<Captured>>,
+) {
+    use nix::errno::Errno;
+    use nix::sys::socket::{ControlMessageOwned, LinkAddr, MsgFlags, recvmsg};
+    let mut buffer = [0u8; 128];
+    let mut control = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    loop {
+        // Once told to stop, read what is queued without waiting, then end.
+        let stopping = stop.load(Ordering::SeqCst);
+        let flags = if stopping {
+            MsgFlags::MSG_DONTWAIT
+        } else {
+            MsgFlags::empty()
+        };
+        let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
+        let (len, interface, at) =
+            match recvmsg::<LinkAddr>(fd.as_raw_fd(), &mut iov, Some(&mut control), flags) {
+                Ok(message) => {
+                    let at = message.cmsgs().ok().and_then(|mut cmsgs| {
+                        cmsgs.find_map(|cmsg| match cmsg {
+                            ControlMessageOwned::ScmTimestampns(ts) => Some(Duration::new(
+                                ts.tv_sec().try_into().unwrap(),
+                                ts.tv_nsec().try_into().unwrap(),
+                            )),
+                            _ => None,
+                        })
+                    });
+                    (
+                        message.bytes,
+                        message.address.map(|address| address.ifindex()),
+                        at,
+                    )
+                }
+                Err(Errno::EAGAIN | Errno::EINTR) if !stopping => continue,
+                Err(Errno::EAGAIN) => return,
+                Err(e) => panic!("reading the capture: {e}"),
+            };
+        if interface != Some(ifindex as usize) {
+            continue;
+        }
+        let head = &buffer[..len.min(buffer.len())];
+        frames.lock().unwrap().push(Captured {
+            at: at.expect("a kernel timestamp on every frame"),
+            frame: classifier.classify(head),
+            head: head.to_vec(),
+        });
+    }
+}
+
+/// Packets through a node's interface as its counters have them (rx + tx), from
+/// `/proc/net/dev` of the node's namespace.
+fn interface_packets(node: &Node, interface: &str) -> u64 {
+    let text = node
+        .ns
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))
+        .unwrap()
+        .unwrap();
+    let line = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(&format!("{interface}:")))
+        .expect("the interface in /proc/net/dev");
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .map(|f| f.parse().unwrap())
+        .collect();
+    fields[1] + fields[9]
 }
 
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-fn pattern(at: usize) -> u8 {
+/// The byte at offset `at` of a checked stream (not periodic over any length a segment has).
+pub fn pattern(at: usize) -> u8 {
     (at.wrapping_mul(2_654_435_761) >> 13) as u8
 }
 

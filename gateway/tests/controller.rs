@@ -17,6 +17,7 @@ use trellis_core::agent::{
 };
 use trellis_core::framing::{FrameDecoder, encode_json_frame};
 use trellis_gateway::controller::{ControllerSource, follow_controller};
+use trellis_test_support::eventually_async;
 
 const SHORT: Duration = Duration::from_secs(1);
 const LONG: Duration = Duration::from_secs(8);
@@ -110,6 +111,21 @@ fn source(node: &Node, controller: SocketAddr) -> ControllerSource {
     }
 }
 
+const UPDATES: &str = "trellis_gateway_controller_updates_total";
+
+/// Waits until `node`'s gateway has applied `revision`: what proves an update was processed.
+async fn applied(node: &Node, revision: u64) {
+    eventually_async(
+        &format!("{} applies revision {revision}", node.name),
+        LONG,
+        || async {
+            (node.metric("trellis_gateway_desired_state_revision") == Some(revision as f64))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// Reads the gateway's reports until one satisfies `want`.
 async fn report_until(
     stream: &mut TcpStream,
@@ -134,6 +150,7 @@ async fn report_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_register_and_follow_the_controller_stream() {
+    trellis_test_support::skip_unless_root!();
     let (a, b) = two_nodes("gw-ctl").await;
     let _echo_a = a.echo(7000).await;
     let _echo_b = b.echo(7000).await;
@@ -220,7 +237,7 @@ async fn gateways_register_and_follow_the_controller_stream() {
             remove_routes: tunnel_to(&b),
         };
         send(&mut stream_a, &removal).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        applied(&a, 2).await;
         assert!(
             !a.ping(to_b, SHORT).await,
             "a -> b after the peer was removed"
@@ -237,24 +254,26 @@ async fn gateways_register_and_follow_the_controller_stream() {
         send(&mut stream_a, &restore).await;
         assert!(a.ping(to_b, LONG).await, "a -> b after the peer came back");
 
-        // The controller goes away: the data plane keeps the last state.
+        // The controller drops a's stream: a notices (it says hello again on a new connection)
+        // and, until the controller sends anything on it, the data plane keeps the last state.
         drop(stream_a);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(
-            a.ping(to_b, LONG).await,
-            "a -> b while the controller is gone"
-        );
-        // It comes back: the gateway registers again and takes the new snapshot (no peers).
         let (mut stream_a, registration, _) = accept(&listener).await;
         assert_eq!(registration.node, a.name);
+        assert!(
+            a.ping(to_b, LONG).await,
+            "a -> b while the controller has sent nothing new"
+        );
+        // The new connection's snapshot (no peers) replaces the state.
         send(&mut stream_a, &snapshot(10, &a, vec![], vec![])).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        applied(&a, 10).await;
         assert!(
             !a.ping(to_b, SHORT).await,
             "the new snapshot removed the peer"
         );
 
-        // Garbage on b's stream closes only that connection; b reconnects and keeps working.
+        // Garbage on b's stream closes only that connection: b says hello again on a new one
+        // and follows it (its revision 2 can only come from the new stream).
+        let updates_before = b.metric(UPDATES).unwrap();
         stream_b
             .write_all(&[0, 0, 0, 5, b'{', b'x', b'x', b'x', b'}'])
             .await
@@ -266,12 +285,8 @@ async fn gateways_register_and_follow_the_controller_stream() {
             &snapshot(2, &b, vec![peer(&a, "east")], tunnel_to(&a)),
         )
         .await;
-        assert!(
-            b.gateway()
-                .metrics
-                .render()
-                .contains("trellis_gateway_controller_updates_total")
-        );
+        applied(&b, 2).await;
+        assert_eq!(b.metric(UPDATES), Some(updates_before + 1.0));
     };
     tokio::select! {
         () = follow_a => unreachable!("following never ends"),

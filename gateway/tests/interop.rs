@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::two_bare_nodes;
 use trellis_core::gateway::RemoteNode;
+use trellis_test_support::eventually_async;
 
 /// A wireguard-go process, killed by PID (and its control socket removed) when dropped.
 struct WireguardGo {
@@ -37,6 +38,7 @@ fn have(tool: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wireguard_go_peer_from_peer_config_talks_both_ways() {
+    trellis_test_support::skip_unless_root!();
     // scripts/install-deps installs both; a missing peer is a broken setup, not a pass.
     assert!(
         have("wireguard-go") && have("wg"),
@@ -97,13 +99,12 @@ async fn wireguard_go_peer_from_peer_config_talks_both_ways() {
         child,
         socket: socket.clone(),
     };
-    for _ in 0..100 {
-        if socket.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(socket.exists(), "wireguard-go did not come up");
+    eventually_async(
+        "wireguard-go's control socket",
+        Duration::from_secs(5),
+        || async { socket.exists().then_some(()) },
+    )
+    .await;
     let status = Command::new("wg")
         .args(["setconf", &name])
         .arg(&config_path)

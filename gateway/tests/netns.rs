@@ -5,15 +5,17 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Capture, contains, two_nodes};
+use common::{Classifier, Frame, UnderlayCapture, contains, two_nodes};
 use trellis_gateway::metrics::DropReason;
 use trellis_netns::RouteTarget;
+use trellis_test_support::eventually_async;
 
 const SHORT: Duration = Duration::from_secs(1);
 const LONG: Duration = Duration::from_secs(8);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_traffic_both_ways_removal_and_readd() {
+    trellis_test_support::skip_unless_root!();
     let (a, b) = two_nodes("gw-pair").await;
     let _echo_a = a.echo(7000).await;
     let _echo_b = b.echo(7000).await;
@@ -59,6 +61,7 @@ async fn handshake_traffic_both_ways_removal_and_readd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dual_stack_pod_cidrs_and_a_roaming_peer() {
+    trellis_test_support::skip_unless_root!();
     let (mut a, mut b) = two_nodes("gw-v6").await;
     a.enable_ipv6(1).await;
     b.enable_ipv6(2).await;
@@ -128,6 +131,7 @@ async fn dual_stack_pod_cidrs_and_a_roaming_peer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_the_network_is_counted_and_survived() {
+    trellis_test_support::skip_unless_root!();
     let (a, b) = two_nodes("gw-junk").await;
     let _echo_b = b.echo(7000).await;
     a.apply("c1", 1, vec![b.as_remote("c1", true)]).await;
@@ -171,22 +175,21 @@ async fn garbage_from_the_network_is_counted_and_survived() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    let mut after = before;
-    for _ in 0..100 {
-        after = DropReason::ALL
+    let dropped = || {
+        DropReason::ALL
             .iter()
             .map(|r| b.gateway().metrics.drops(*r))
-            .sum::<u64>();
-        if after - before >= sent {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        after - before,
-        sent,
-        "every junk datagram counted as a drop"
-    );
+            .sum::<u64>()
+            - before
+    };
+    // Nothing else reaches b meanwhile: each junk datagram is one drop, counted once.
+    eventually_async(
+        "every junk datagram counted as a drop",
+        Duration::from_secs(10),
+        || async { (dropped() >= sent).then_some(()) },
+    )
+    .await;
+    assert_eq!(dropped(), sent, "each junk datagram counted once");
     assert!(a.ping(to_b, LONG).await, "still serving the real peer");
     let text = b.gateway().metrics.render();
     assert!(text.contains("trellis_gateway_drops_total{reason=\"malformed\"}"));
@@ -194,6 +197,7 @@ async fn garbage_from_the_network_is_counted_and_survived() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_the_tunnel_and_fails_closed_while_down() {
+    trellis_test_support::skip_unless_root!();
     let (mut a, b) = two_nodes("gw-restart").await;
     let _echo_b = b.echo(7000).await;
     let key_before = a.gateway().public_key;
@@ -207,7 +211,7 @@ async fn restart_resumes_the_tunnel_and_fails_closed_while_down() {
     let routes = a.netlink.owned_routes(212).await.unwrap();
     assert_eq!(routes.len(), 1, "{routes:?}");
     assert_eq!(routes[0].target, RouteTarget::Unreachable);
-    let capture = Capture::start(&a, "underlay").await;
+    let capture = UnderlayCapture::start(&a, Classifier::between(&a, &b)).await;
     assert!(!a.ping(to_b, SHORT).await);
     // A canary the capture must see, so an empty capture cannot pass for a clean one.
     let canary =
@@ -215,12 +219,19 @@ async fn restart_resumes_the_tunnel_and_fails_closed_while_down() {
             .unwrap()
             .unwrap();
     canary.send_to(b"trellis-canary", "198.18.0.2:9").unwrap();
-    let pcap = capture.finish().await;
-    assert!(contains(&pcap, b"trellis-canary"), "the capture works");
-    assert!(
-        !contains(&pcap, b"trellis-ping"),
-        "plaintext left while down"
+    capture
+        .wait_for("the canary on the underlay", |f| {
+            contains(&f.head, b"trellis-canary")
+        })
+        .await;
+    let capture = capture.finish(&a);
+    capture.assert_complete();
+    assert_eq!(
+        capture.plaintext(),
+        0,
+        "pod traffic left in plaintext while down"
     );
+    assert_eq!(capture.count(Frame::Tunnel), 0, "no gateway, no WireGuard");
 
     a.start().await;
     assert_eq!(a.gateway().public_key, key_before, "same key after restart");
@@ -230,6 +241,7 @@ async fn restart_resumes_the_tunnel_and_fails_closed_while_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_tun_stops_the_loop_and_leaves_traffic_refused() {
+    trellis_test_support::skip_unless_root!();
     let (mut a, b) = two_nodes("gw-tungone").await;
     let _echo_b = b.echo(7000).await;
     a.apply("c1", 1, vec![b.as_remote("c1", true)]).await;
@@ -256,17 +268,14 @@ async fn deleting_the_tun_stops_the_loop_and_leaves_traffic_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_flood_is_answered_with_cookies_while_the_peer_keeps_working() {
+    trellis_test_support::skip_unless_root!();
     use boringtun::noise::{Tunn, TunnResult};
     let (mut a, mut b) = common::two_bare_nodes("gw-flood").await;
     a.start().await;
     // A limit of 100 initiations a second (the default is 2,000): what a small flood exceeds.
     let mut config = b.config();
     config.device.handshake_rate_limit = 100;
-    b.gateway = Some(
-        trellis_gateway::Gateway::start(Some(&b.ns), &config)
-            .await
-            .unwrap(),
-    );
+    b.start_with(&config).await;
     let _echo_b = b.echo(7000).await;
     a.apply("c1", 1, vec![b.as_remote("c1", true)]).await;
     b.apply("c1", 1, vec![a.as_remote("c1", true)]).await;

@@ -8,32 +8,21 @@ use std::time::Duration;
 
 use common::{Node, two_bare_nodes};
 use trellis_gateway::metrics::DropReason;
+use trellis_test_support::eventually_async;
 
 const BYTES: usize = 24 << 20;
+const LONG: Duration = Duration::from_secs(10);
 
 async fn start(node: &mut Node, offload: bool) {
     let mut config = node.config();
     config.device.offload = offload;
-    let gateway = trellis_gateway::Gateway::start(Some(&node.ns), &config)
-        .await
-        .expect("start gateway");
-    node.gateway = Some(gateway);
+    node.start_with(&config).await;
 }
 
-fn sample(node: &Node, series: &str) -> String {
-    let text = node.gateway().metrics.render();
-    let key = format!("{series} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .unwrap_or("missing")
-        .to_string()
-}
-
-fn offload_gauge(node: &Node, feature: &str) -> String {
-    sample(
-        node,
-        &format!("trellis_gateway_offload_enabled{{feature=\"{feature}\"}}"),
-    )
+fn offload_gauge(node: &Node, feature: &str) -> Option<f64> {
+    node.metric(&format!(
+        "trellis_gateway_offload_enabled{{feature=\"{feature}\"}}"
+    ))
 }
 
 async fn run(prefix: &str, offload_a: bool, offload_b: bool) {
@@ -49,25 +38,33 @@ async fn run(prefix: &str, offload_a: bool, offload_b: bool) {
         "tunnel up"
     );
     // The gauges follow within a timer tick.
-    tokio::time::sleep(Duration::from_millis(600)).await;
     for (node, offload) in [(&a, offload_a), (&b, offload_b)] {
         // This machine's kernel (6.18) takes all of them; older ones fall back and say so.
-        let expected = if offload { "1" } else { "0" };
+        let expected = if offload { 1.0 } else { 0.0 };
         for feature in ["tun_tso", "tun_uso", "udp_gso", "udp_gro"] {
-            assert_eq!(offload_gauge(node, feature), expected, "{feature}");
+            let gauge = eventually_async(&format!("the {feature} gauge"), LONG, || async {
+                offload_gauge(node, feature)
+            })
+            .await;
+            assert_eq!(gauge, expected, "{feature}");
         }
     }
     common::bulk_echo(&a, &b, BYTES).await;
     // The bulk load went to each gateway's first worker (this machine has 2 CPUs, so 2
     // workers); idle again, the packets are spread by CPU once more.
-    tokio::time::sleep(Duration::from_millis(600)).await;
     for node in [&a, &b] {
-        if sample(node, "trellis_gateway_device_workers") == "1" {
+        if node.metric("trellis_gateway_device_workers") == Some(1.0) {
             continue;
         }
         let first = "trellis_gateway_steering_changes_total{to=\"first\"}";
-        assert_ne!(sample(node, first), "0", "{first}");
-        assert_eq!(sample(node, "trellis_gateway_steering_spread"), "1");
+        eventually_async("steering to the first worker under load", LONG, || async {
+            node.metric(first).is_some_and(|n| n > 0.0).then_some(())
+        })
+        .await;
+        eventually_async("steering back to spread when idle", LONG, || async {
+            (node.metric("trellis_gateway_steering_spread") == Some(1.0)).then_some(())
+        })
+        .await;
     }
     for node in [&a, &b] {
         for reason in [
@@ -76,7 +73,12 @@ async fn run(prefix: &str, offload_a: bool, offload_b: bool) {
             DropReason::TooBig,
             DropReason::TunError,
         ] {
-            assert_eq!(node.gateway().metrics.drops(reason), 0, "{reason:?}");
+            assert_eq!(
+                node.gateway().metrics.drops(reason),
+                0,
+                "{reason:?} drops on {} (offloads a {offload_a}, b {offload_b})",
+                node.name
+            );
         }
         let stats = node.gateway().device().stats().await.unwrap();
         assert!(stats[0].rx_bytes > BYTES as u64 && stats[0].tx_bytes > BYTES as u64);
@@ -85,15 +87,18 @@ async fn run(prefix: &str, offload_a: bool, offload_b: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_tcp_with_offloads_arrives_intact() {
+    trellis_test_support::skip_unless_root!();
     run("gw-off-on", true, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_tcp_without_offloads_arrives_intact() {
+    trellis_test_support::skip_unless_root!();
     run("gw-off-none", false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_tcp_between_an_offloading_and_a_plain_gateway_arrives_intact() {
+    trellis_test_support::skip_unless_root!();
     run("gw-off-mix", true, false).await;
 }

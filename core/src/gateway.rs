@@ -167,7 +167,6 @@ impl GatewayState {
         Ok(())
     }
 
-    /// The WireGuard peers: every node whose traffic is encrypted, in state order.
     /// What the gateway applies for this state.
     pub fn plan(&self) -> GatewayPlan {
         GatewayPlan {
@@ -177,10 +176,14 @@ impl GatewayState {
         }
     }
 
+    /// Every node is a peer, also one this gateway sends to in plain: while encryption is
+    /// switched, the two ends of a pair switch at different moments, and the end still (or
+    /// already) encrypting must find a peer here to decrypt its packets. Whether this node
+    /// encrypts is decided by the routes alone ([`Self::pod_routes`]); a peer nobody routes to
+    /// sends nothing.
     pub fn tunnel_peers(&self) -> Vec<TunnelPeer> {
         self.nodes
             .iter()
-            .filter(|node| node.is_encrypted(&self.cluster))
             .map(|node| TunnelPeer {
                 name: node.name.clone(),
                 public_key: node.public_key,
@@ -270,9 +273,12 @@ mod tests {
             PodRoute::Via("198.18.0.2".parse().unwrap())
         );
         assert_eq!(routes[&"10.2.1.0/24".parse().unwrap()], PodRoute::Tunnel);
-        let peers = s.tunnel_peers();
-        assert_eq!(peers.len(), 1, "only the cross-cluster node is a peer");
-        assert_eq!(peers[0].name, "b/n1");
+        let peers: Vec<_> = s.tunnel_peers().into_iter().map(|p| p.name).collect();
+        assert_eq!(
+            peers,
+            ["a/n2", "b/n1"],
+            "the plain node stays a peer, so its packets still decrypt while it switches"
+        );
     }
 
     #[test]

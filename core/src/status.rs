@@ -213,11 +213,12 @@ pub struct NodeStatus {
 
 /// What is wrong, one line each; empty when everything is healthy. Judged: the source has
 /// synced; every peer cluster is connected, synced and admitted; every node of the source
-/// has a connected gateway whose report is fresh; no tunnel handshake is stale, and every
-/// peer in another cluster (kept alive, so it must have one) has had a handshake.
+/// has a connected gateway whose report is fresh; every peer in another cluster (kept alive,
+/// so it must have one) has had a handshake, and a recent one.
 pub fn problems(status: &ControllerStatus) -> Vec<String> {
     let mut out = Vec::new();
     let cluster = status.cluster.as_str();
+    let kept_alive = |peer: &TunnelStatus| !peer.cluster.is_empty() && peer.cluster != cluster;
     if !status.source_synced {
         out.push(format!("{cluster}: the controller's source has not synced"));
     }
@@ -265,11 +266,13 @@ pub fn problems(status: &ControllerStatus) -> Vec<String> {
         }
         for peer in &report.peers {
             match peer.last_handshake_age_seconds {
-                Some(age) if age > HANDSHAKE_STALE_SECONDS => out.push(format!(
-                    "{name}: stale handshake with {} ({age}s ago)",
-                    peer.name()
-                )),
-                None if !peer.cluster.is_empty() && peer.cluster != cluster => {
+                // Only a peer kept alive must keep its session fresh: one in this cluster
+                // handshakes when traffic needs it (and carries none while node encryption
+                // is off), so an old handshake there means an idle pair, not a fault.
+                Some(age) if age > HANDSHAKE_STALE_SECONDS && kept_alive(peer) => out.push(
+                    format!("{name}: stale handshake with {} ({age}s ago)", peer.name()),
+                ),
+                None if kept_alive(peer) => {
                     out.push(format!("{name}: no handshake with {} yet", peer.name()));
                 }
                 _ => {}
@@ -376,8 +379,15 @@ mod tests {
         let report = node.report.as_mut().unwrap();
         report.peers[0].last_handshake_age_seconds = Some(HANDSHAKE_STALE_SECONDS + 5);
         report.peers.push(tunnel("c2", "node-1", 11, None));
-        // Inside the cluster a peer without traffic has no handshake, and that is fine.
+        // Inside the cluster a peer without traffic has no handshake, or an old one, and
+        // that is fine.
         report.peers.push(tunnel("c1", "node-1", 12, None));
+        report.peers.push(tunnel(
+            "c1",
+            "node-2",
+            13,
+            Some(HANDSHAKE_STALE_SECONDS + 60),
+        ));
         status.nodes.push(NodeStatus {
             node: "node-1".into(),
             in_source: true,

@@ -414,7 +414,7 @@ async fn run_session(
             return;
         }
         Err(e @ SessionRefusal::DuplicateClusterId { .. }) => {
-            hub.metrics().auth_failure("duplicate_cluster_id");
+            hub.metrics().auth_failure(e.kind());
             tracing::error!(%peer, "refusing a peer: {e}");
             conn.close(
                 VarInt::from_u32(close_code::DUPLICATE),
@@ -584,18 +584,18 @@ fn close_for(hub: &Hub, peer: &ClusterId, err: &PeeringError) -> (u32, String) {
         | PeeringError::HelloDuplicateClusterId { .. } => {
             hub.metrics().auth_failure(kind);
             tracing::warn!(%peer, error = %trellis_core::error_chain(err), "refused a peer");
-            (close_code::PROTOCOL, err.to_string())
+            (close_code::PROTOCOL, trellis_core::error_chain(err))
         }
         PeeringError::LeaseExpired { .. } => {
             hub.metrics().protocol_failure(kind);
             tracing::warn!(%peer, error = %trellis_core::error_chain(err), "peer silent past its lease");
             hub.withdraw(peer);
-            (close_code::LEASE_EXPIRED, err.to_string())
+            (close_code::LEASE_EXPIRED, trellis_core::error_chain(err))
         }
         _ => {
             hub.metrics().protocol_failure(kind);
             tracing::warn!(%peer, error = %trellis_core::error_chain(err), "closing the peering connection");
-            (close_code::PROTOCOL, err.to_string())
+            (close_code::PROTOCOL, trellis_core::error_chain(err))
         }
     }
 }

@@ -29,6 +29,16 @@ pub enum SessionRefusal {
     },
 }
 
+impl SessionRefusal {
+    /// A stable metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SessionRefusal::Duplicate { .. } => "duplicate",
+            SessionRefusal::DuplicateClusterId { .. } => "duplicate_cluster_id",
+        }
+    }
+}
+
 /// Held by a running peering session; `cancelled` fires when another session replaces it.
 #[derive(Debug)]
 pub struct SessionTicket {

@@ -144,7 +144,7 @@ impl ClientCertVerifier for PeerClientVerifier {
         let id = identity_of(end_entity).map_err(|e| {
             self.refuse(
                 rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
-                &e.to_string(),
+                &trellis_core::error_chain(&e),
             )
         })?;
         let allowed = self

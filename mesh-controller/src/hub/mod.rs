@@ -6,30 +6,33 @@
 //! its own module: [`crate::source`] (composing the local state), [`crate::gateways`],
 //! [`crate::sessions`], [`crate::mesh`] (remotes, leases, admission), [`crate::status`] (the
 //! `/status` document), [`crate::store`] (what survives a restart) and [`crate::metrics`].
+//! Its entry points are grouped by caller: `peers` (peering sessions), `nodes` (gateways),
+//! `persistence` (the store).
 //!
 //! Every method takes the lock briefly, decides with the pure pieces (`ClusterState::diff`,
 //! [`Mesh`], [`Imports::build`]) and publishes through `watch` channels, so slow subscribers
 //! never hold up the rest: they skip to the newest view (and resync with a snapshot when the
 //! deltas they need are gone).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 use tokio::sync::watch;
-use trellis_core::cluster::{ClusterError, ClusterId, ClusterState, Delta};
+use trellis_core::cluster::{ClusterId, ClusterState, Delta};
 use trellis_core::imports::Imports;
-use trellis_core::status::{GatewayReport, ReportError};
 
-use crate::gateway::GatewayRegistration;
 use crate::gateways::Gateways;
 use crate::mesh::Mesh;
-use crate::metrics::{Metrics, ReportResult};
-use crate::sessions::{SessionRefusal, SessionTicket, Sessions};
+use crate::metrics::Metrics;
+use crate::sessions::Sessions;
 use crate::source::SourceState;
 use crate::status::{ControllerStatus, StatusParts};
-use crate::store::{Persisted, STORE_VERSION};
+
+mod nodes;
+mod peers;
+mod persistence;
 
 /// The local state as peering sessions need it.
 #[derive(Debug)]
@@ -184,16 +187,6 @@ impl Hub {
         )
     }
 
-    /// A copy of the remote states we hold, admitted or not.
-    pub fn remote_states(&self) -> BTreeMap<ClusterId, Arc<ClusterState>> {
-        self.lock()
-            .mesh
-            .remotes()
-            .iter()
-            .map(|(id, r)| (id.clone(), r.state.clone()))
-            .collect()
-    }
-
     pub fn set_configured_peers(&self, peers: Vec<ClusterId>) {
         self.metrics
             .remote_clusters_configured
@@ -228,46 +221,6 @@ impl Hub {
         }
         inner.source = Some(source);
         self.recompose(&mut inner);
-    }
-
-    /// A node's gateway registered (or re-registered with a new key or endpoint).
-    pub fn register_gateway(&self, reg: GatewayRegistration) {
-        let mut inner = self.lock();
-        if let Some(src) = &inner.source
-            && !src.nodes.contains_key(&reg.node)
-        {
-            tracing::warn!(
-                node = %reg.node,
-                "a gateway registered for a node the source does not know; it takes effect when the node appears"
-            );
-        }
-        inner.gateways.register(reg);
-        self.metrics
-            .gateways_registered
-            .set(i64::try_from(inner.gateways.connected).unwrap_or(i64::MAX));
-        self.recompose(&mut inner);
-    }
-
-    /// The gateway of `node` (registered on this stream) reported. A report for another node,
-    /// or one out of bounds, is refused (and counted) and changes nothing.
-    pub fn gateway_report(&self, node: &str, report: GatewayReport) -> Result<(), ReportError> {
-        if let Err(e) = report.validate(node) {
-            self.metrics.gateway_report(ReportResult::Rejected);
-            return Err(e);
-        }
-        self.metrics.gateway_report(ReportResult::Accepted);
-        self.lock().gateways.report(node, report, Instant::now());
-        Ok(())
-    }
-
-    /// The stream of `node`'s gateway ended; its registration (and so its node's peers
-    /// elsewhere) stays: the data plane keeps running on the last state.
-    pub fn gateway_disconnected(&self, node: &str) {
-        let mut inner = self.lock();
-        inner.gateways.disconnected(node);
-        self.metrics
-            .gateways_registered
-            .set(i64::try_from(inner.gateways.connected).unwrap_or(i64::MAX));
     }
 
     pub fn set_node_encryption(&self, on: bool) {
@@ -310,60 +263,6 @@ impl Hub {
             recent: inner.recent.iter().cloned().collect(),
         })));
         self.republish(inner);
-    }
-
-    /// Serves the state saved before a restart until the sources and peers resync: the local
-    /// state goes to peers, the view to gateways and DNS, remotes count as disconnected. Only
-    /// before the first source sync, and only a state of this cluster.
-    pub fn restore(&self, p: Persisted) {
-        let mut inner = self.lock();
-        if inner.source.is_some() || p.local.id != self.cfg.id {
-            tracing::warn!(saved = %p.local.id, "not restoring a saved state of another cluster or after the sources synced");
-            return;
-        }
-        tracing::info!(
-            revision = p.local.revision,
-            remotes = p.remotes.len(),
-            "serving the state saved before the restart until the sources resync"
-        );
-        inner.local = Arc::new(p.local);
-        inner.gateways.registrations = p
-            .registrations
-            .into_iter()
-            .map(|r| (r.node.clone(), r))
-            .collect();
-        inner.node_encryption = p.node_encryption;
-        let now = Instant::now();
-        for remote in p.remotes {
-            inner.seen_since_start.insert(remote.id.clone());
-            inner.mesh.restore(remote, now, SystemTime::now());
-        }
-        inner.restored = true;
-        self.local_tx.send_replace(Some(Arc::new(LocalPublish {
-            state: inner.local.clone(),
-            recent: Vec::new(),
-        })));
-        self.republish(&mut inner);
-    }
-
-    /// What [`crate::store`] saves; `None` until there is something real to save.
-    pub fn persisted(&self) -> Option<Persisted> {
-        let inner = self.lock();
-        if inner.source.is_none() && !inner.restored {
-            return None;
-        }
-        Some(Persisted {
-            version: STORE_VERSION,
-            local: (*inner.local).clone(),
-            registrations: inner.gateways.registrations.values().cloned().collect(),
-            remotes: inner
-                .mesh
-                .remotes()
-                .values()
-                .map(|r| (*r.state).clone())
-                .collect(),
-            node_encryption: inner.node_encryption,
-        })
     }
 
     /// Re-decides admission and publishes a new mesh view.
@@ -410,117 +309,17 @@ impl Hub {
     fn update_remote_metrics(&self, inner: &Inner) {
         self.metrics.record_remotes(&inner.configured, &inner.mesh);
     }
-
-    /// Opens a session slot for `peer` (see [`Sessions::start`]).
-    pub fn session_start(
-        &self,
-        peer: &ClusterId,
-        dialer: &ClusterId,
-        cert: &[u8],
-        remote: std::net::SocketAddr,
-    ) -> Result<SessionTicket, SessionRefusal> {
-        self.lock().sessions.start(peer, dialer, cert, remote)
-    }
-
-    /// Whether a session with `peer` is running.
-    pub fn is_connected(&self, peer: &ClusterId) -> bool {
-        self.lock().sessions.contains(peer)
-    }
-
-    /// The session ended; the peer's state stays until its lease runs out.
-    pub fn session_end(&self, ticket: &SessionTicket) {
-        let mut inner = self.lock();
-        if inner.sessions.end(ticket) {
-            inner.mesh.disconnected(&ticket.peer);
-            self.update_remote_metrics(&inner);
-        }
-    }
-
-    pub fn peer_snapshot(&self, state: ClusterState) {
-        let mut inner = self.lock();
-        tracing::info!(
-            cluster = %state.id,
-            revision = state.revision,
-            nodes = state.nodes.len(),
-            services = state.services.len(),
-            "received a snapshot"
-        );
-        inner.seen_since_start.insert(state.id.clone());
-        inner
-            .mesh
-            .snapshot(state, Instant::now(), SystemTime::now());
-        self.republish(&mut inner);
-    }
-
-    pub fn peer_delta(&self, delta: &Delta) -> Result<(), ClusterError> {
-        let mut inner = self.lock();
-        inner.mesh.delta(delta, Instant::now(), SystemTime::now())?;
-        self.republish(&mut inner);
-        Ok(())
-    }
-
-    pub fn peer_heard(&self, peer: &ClusterId) {
-        self.lock().mesh.heard(peer, Instant::now());
-    }
-
-    /// Withdraws a peer's state at once (its lease expired while connected).
-    pub fn withdraw(&self, peer: &ClusterId) {
-        let mut inner = self.lock();
-        if inner.mesh.withdraw(peer) {
-            tracing::warn!(cluster = %peer, "withdrew a remote cluster's nodes and endpoints");
-            self.republish(&mut inner);
-        }
-    }
-
-    /// Withdraws disconnected peers whose lease ran out; returns when to call again.
-    pub fn expire(&self, now: Instant) -> Option<Instant> {
-        let mut inner = self.lock();
-        if !inner.grace_over
-            && now.saturating_duration_since(inner.started) >= self.cfg.startup_grace
-        {
-            inner.grace_over = true;
-            let missing: Vec<String> = inner
-                .configured
-                .iter()
-                .filter(|c| !inner.seen_since_start.contains(*c))
-                .map(ToString::to_string)
-                .collect();
-            if !missing.is_empty() {
-                tracing::info!(
-                    missing = missing.join(","),
-                    "startup grace over; serving gateways and DNS without the missing peers"
-                );
-                self.republish(&mut inner);
-            }
-        }
-        let expired = inner.mesh.expire(now);
-        for id in &expired {
-            tracing::warn!(cluster = %id, "lease expired; withdrew its nodes and endpoints");
-        }
-        if !expired.is_empty() {
-            self.republish(&mut inner);
-        } else {
-            self.update_remote_metrics(&inner);
-        }
-        inner.mesh.next_expiry()
-    }
-
-    /// Runs [`Hub::expire`] forever, at least once a second.
-    pub async fn run_expiry(self) {
-        loop {
-            let next = self.expire(Instant::now());
-            let cap = Instant::now() + Duration::from_secs(1);
-            let at = next.map_or(cap, |n| n.min(cap));
-            tokio::time::sleep_until(at.into()).await;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use trellis_core::cluster::fixture::{cluster, id, service};
     use trellis_core::cluster::{PublicKey, ServiceKey};
+
+    use crate::gateway::GatewayRegistration;
+    use crate::sessions::SessionRefusal;
 
     fn hub(id_: &str) -> Hub {
         Hub::new(

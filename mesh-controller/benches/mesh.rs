@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use trellis_controller::agent::{GatewaySubscription, ImportsSubscription};
 use trellis_controller::certs::{self, Validity};
 use trellis_controller::gateway::{GatewayRegistration, GatewayUpdate};
-use trellis_controller::hub::{Hub, HubConfig, SourceState};
+use trellis_controller::hub::{Hub, HubConfig};
 use trellis_controller::metrics::Metrics;
 use trellis_controller::peering::{PeerConfig, Peering, PeeringConfig};
+use trellis_controller::source::SourceState;
 use trellis_controller::tls::TlsMaterial;
 use trellis_core::cluster::{
     ClusterId, Endpoint, ExportedService, NodeGateway, NodeState, Protocol, PublicKey, ServiceKind,

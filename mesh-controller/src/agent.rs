@@ -206,7 +206,8 @@ pub async fn serve(listener: TcpListener, hub: Hub, max_frame: usize, token: Opt
             Ok(slot) => slot,
             Err(refusal) => {
                 tracing::debug!(%remote, reason = refusal.label(), "refusing a connection before its hello");
-                hub.metrics().connection_refused("agent", refusal.label());
+                hub.metrics()
+                    .connection_refused(crate::metrics::Listener::Agent, refusal.label());
                 continue;
             }
         };
@@ -215,28 +216,75 @@ pub async fn serve(listener: TcpListener, hub: Hub, max_frame: usize, token: Opt
         let subscribers = subscribers.clone();
         tokio::spawn(async move {
             if let Err(e) = subscriber(stream, hub, max_frame, token, slot, subscribers).await {
-                tracing::info!(%remote, error = %e, "subscriber ended");
+                tracing::info!(%remote, error = %trellis_core::error_chain(&e), "subscriber ended");
             }
         });
     }
 }
 
+/// Why a subscriber's stream ended early (logged with its causes; not a library error: it
+/// never leaves the listener).
+#[derive(Debug, thiserror::Error)]
+enum SubscriberError {
+    #[error("reading the hello")]
+    HelloFrame(#[source] FrameError),
+    #[error("reading the hello")]
+    HelloRead(#[source] std::io::Error),
+    #[error("closed before its hello")]
+    ClosedBeforeHello,
+    #[error("no hello in time")]
+    HelloTimeout,
+    #[error("wrong or missing agent token")]
+    Token,
+    #[error("too many subscribers")]
+    Full,
+    #[error("encoding an update")]
+    Encode(#[source] FrameError),
+    #[error("subscriber stopped reading")]
+    WriteTimeout,
+    #[error("writing an update")]
+    Write(#[source] std::io::Error),
+    #[error("gateway {node}: reading its reports")]
+    Reports {
+        node: String,
+        #[source]
+        source: FrameError,
+    },
+}
+
+/// Encodes `update` and writes it within [`WRITE_TIMEOUT`].
+async fn send_update<T: serde::Serialize>(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    update: &T,
+    label: &'static str,
+    max_frame: usize,
+) -> Result<(), SubscriberError> {
+    let frame = encode_json_frame(update, label, max_frame).map_err(SubscriberError::Encode)?;
+    tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&frame))
+        .await
+        .map_err(|_| SubscriberError::WriteTimeout)?
+        .map_err(SubscriberError::Write)
+}
+
 /// The hello, and the decoder holding whatever followed it in the same reads.
-async fn read_hello(stream: &mut TcpStream) -> Result<(AgentHello, FrameDecoder), String> {
+async fn read_hello(stream: &mut TcpStream) -> Result<(AgentHello, FrameDecoder), SubscriberError> {
     let mut decoder = FrameDecoder::new(HELLO_MAX);
     let mut buf = [0u8; 4096];
     loop {
         if let Some(hello) = decoder
             .next_json::<AgentHello>()
-            .map_err(|e| e.to_string())?
+            .map_err(SubscriberError::HelloFrame)?
         {
             // What follows the hello is reports, which may be larger.
             decoder.set_max(MAX_REPORT_FRAME);
             return Ok((hello, decoder));
         }
-        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(SubscriberError::HelloRead)?;
         if n == 0 {
-            return Err("closed before its hello".into());
+            return Err(SubscriberError::ClosedBeforeHello);
         }
         decoder.push(&buf[..n]);
     }
@@ -249,21 +297,21 @@ async fn subscriber(
     token: Option<Arc<str>>,
     pending: SourceSlot,
     subscribers: Arc<Semaphore>,
-) -> Result<(), String> {
+) -> Result<(), SubscriberError> {
     let (hello, mut reports) = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
-        .map_err(|_| "no hello in time".to_string())??;
+        .map_err(|_| SubscriberError::HelloTimeout)??;
     drop(pending);
     if let Some(expected) = &token
         && !token_matches(expected, hello.token.as_deref())
     {
         hub.metrics().auth_failure("agent_token");
-        return Err("wrong or missing agent token".into());
+        return Err(SubscriberError::Token);
     }
     let Ok(_subscriber) = subscribers.try_acquire_owned() else {
         hub.metrics()
-            .connection_refused("agent", "subscribers_full");
-        return Err("too many subscribers".into());
+            .connection_refused(crate::metrics::Listener::Agent, "subscribers_full");
+        return Err(SubscriberError::Full);
     };
     let (mut rd, mut wr) = stream.into_split();
     let mut closed = [0u8; 1];
@@ -278,11 +326,7 @@ async fn subscriber(
                 tokio::select! {
                     u = sub.next() => {
                         let Some(u) = u else { return Ok(()) };
-                        let frame = encode_json_frame(&u, "gateway update", max_frame).map_err(|e| e.to_string())?;
-                        tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&frame))
-                            .await
-                            .map_err(|_| "subscriber stopped reading".to_string())?
-                            .map_err(|e| e.to_string())?;
+                        send_update(&mut wr, &u, "gateway update", max_frame).await?;
                     }
                     r = rd.read(&mut buf) => {
                         match r {
@@ -302,11 +346,7 @@ async fn subscriber(
                 tokio::select! {
                     u = sub.next() => {
                         let Some(u) = u else { return Ok(()) };
-                        let frame = encode_json_frame(&u, "imports update", max_frame).map_err(|e| e.to_string())?;
-                        tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&frame))
-                            .await
-                            .map_err(|_| "subscriber stopped reading".to_string())?
-                            .map_err(|e| e.to_string())?;
+                        send_update(&mut wr, &u, "imports update", max_frame).await?;
                     }
                     r = rd.read(&mut closed) => {
                         if matches!(r, Ok(0) | Err(_)) { return Ok(()) }
@@ -319,7 +359,7 @@ async fn subscriber(
 
 /// Hands every complete report in `decoder` to the hub. A frame that is not a valid report is
 /// counted and skipped; an oversized frame ends the stream (the framing is lost).
-fn take_reports(hub: &Hub, node: &str, decoder: &mut FrameDecoder) -> Result<(), String> {
+fn take_reports(hub: &Hub, node: &str, decoder: &mut FrameDecoder) -> Result<(), SubscriberError> {
     loop {
         match decoder.next_json::<AgentReport>() {
             Ok(Some(AgentReport::Gateway(report))) => {
@@ -329,12 +369,17 @@ fn take_reports(hub: &Hub, node: &str, decoder: &mut FrameDecoder) -> Result<(),
             }
             Ok(None) => return Ok(()),
             Err(FrameError::Malformed(cause)) => {
-                hub.metrics().gateway_report("rejected");
+                hub.metrics()
+                    .gateway_report(crate::metrics::ReportResult::Rejected);
                 tracing::warn!(%node, error = %cause, "skipped an unreadable gateway report");
             }
             Err(e) => {
-                hub.metrics().gateway_report("rejected");
-                return Err(format!("gateway {node}: {e}"));
+                hub.metrics()
+                    .gateway_report(crate::metrics::ReportResult::Rejected);
+                return Err(SubscriberError::Reports {
+                    node: node.to_owned(),
+                    source: e,
+                });
             }
         }
     }
@@ -343,8 +388,9 @@ fn take_reports(hub: &Hub, node: &str, decoder: &mut FrameDecoder) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::{HubConfig, SourceState};
+    use crate::hub::HubConfig;
     use crate::metrics::Metrics;
+    use crate::source::SourceState;
     use trellis_core::cluster::fixture::{cluster, id, service};
     use trellis_core::cluster::{PublicKey, ServiceKey};
 
@@ -665,16 +711,17 @@ mod tests {
         conn.write_all(&bytes).await.unwrap();
         let node_status =
             async |h: &Hub, want: &dyn Fn(&trellis_core::status::NodeStatus) -> bool| {
-                for _ in 0..250 {
-                    let status = h.status();
-                    if let Some(n) = status.nodes.iter().find(|n| n.node == "node-0")
-                        && want(n)
-                    {
-                        return n.clone();
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                panic!("node-0 never reached the wanted status: {:?}", h.status());
+                trellis_test_support::eventually_async(
+                    "node-0 to reach the wanted status",
+                    Duration::from_secs(20),
+                    || async {
+                        h.status()
+                            .nodes
+                            .into_iter()
+                            .find(|n| n.node == "node-0" && want(n))
+                    },
+                )
+                .await
             };
         let seen = node_status(&h, &|n| n.report.is_some()).await;
         assert!(seen.in_source && seen.registered && seen.connected);

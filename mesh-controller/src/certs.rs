@@ -63,10 +63,7 @@ impl Validity {
 }
 
 fn cert_error(operation: &'static str) -> impl Fn(rcgen::Error) -> Error {
-    move |e| Error::Certificate {
-        operation,
-        reason: e.to_string(),
-    }
+    move |source| Error::Certificate { operation, source }
 }
 
 /// Creates a new mesh CA.
@@ -149,9 +146,10 @@ fn write_file(
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |operation: &'static str| {
-        move |e: std::io::Error| Error::Certificate {
+        move |source: std::io::Error| Error::CertificateFile {
             operation,
-            reason: format!("{}: {e}", path.display()),
+            path: path.to_owned(),
+            source,
         }
     };
     let mut opts = std::fs::OpenOptions::new();
@@ -190,9 +188,10 @@ pub fn write_cluster_files(
     force: bool,
 ) -> Result<CertifiedKey, Error> {
     let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name)).map_err(|e| Error::Certificate {
+        std::fs::read_to_string(dir.join(name)).map_err(|source| Error::CertificateFile {
             operation: "reading the mesh CA",
-            reason: format!("{}: {e}", dir.join(name).display()),
+            path: dir.join(name),
+            source,
         })
     };
     let ca = CertifiedKey {
@@ -296,9 +295,10 @@ impl CertsCommand {
                 days,
                 force,
             } => {
-                std::fs::create_dir_all(&dir).map_err(|e| Error::Certificate {
+                std::fs::create_dir_all(&dir).map_err(|source| Error::CertificateFile {
                     operation: "creating the certificate directory",
-                    reason: format!("{}: {e}", dir.display()),
+                    path: dir.clone(),
+                    source,
                 })?;
                 write_ca_files(&dir, &name, Validity::days_from_now(days), force)?;
                 Ok(format!(

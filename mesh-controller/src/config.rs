@@ -135,12 +135,10 @@ impl Config {
     pub fn parse(yaml: &str) -> Result<Self, Error> {
         // Through a JSON value so `source: {static: ...}` reads as a plain map (YAML
         // libraries otherwise expect `!static` tags for enums).
-        let value: serde_json::Value = serde_norway::from_str(yaml).map_err(|e| Error::Config {
-            reason: e.to_string(),
-        })?;
-        let cfg: Config = serde_json::from_value(value).map_err(|e| Error::Config {
-            reason: e.to_string(),
-        })?;
+        let value: serde_json::Value =
+            serde_norway::from_str(yaml).map_err(|source| Error::ConfigYaml { source })?;
+        let cfg: Config =
+            serde_json::from_value(value).map_err(|source| Error::ConfigFields { source })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -268,7 +266,7 @@ agentListen: 127.0.0.1:7444
             (MIN.replace("east", "East"), "lowercase"),
         ];
         for (yaml, want) in cases {
-            let err = Config::parse(&yaml).unwrap_err().to_string();
+            let err = trellis_core::error_chain(&Config::parse(&yaml).unwrap_err());
             assert!(err.contains(want), "{yaml}: {err}");
         }
     }

@@ -97,10 +97,7 @@ pub fn crds_yaml() -> Result<String, Error> {
     ] {
         out.push_str("---\n");
         out.push_str(
-            &serde_norway::to_string(&crd).map_err(|e| Error::Kubernetes {
-                operation: "serialising a CRD",
-                reason: e.to_string(),
-            })?,
+            &serde_norway::to_string(&crd).map_err(|source| Error::SerializeCrd { source })?,
         );
     }
     Ok(out)

@@ -185,10 +185,7 @@ pub type PortsOf = dyn Fn(
     + Sync;
 
 fn kube_err(operation: &'static str) -> impl Fn(kube::Error) -> Error {
-    move |e| Error::Kubernetes {
-        operation,
-        reason: e.to_string(),
-    }
+    move |source| Error::Kubernetes { operation, source }
 }
 
 /// Applies and prunes the imported objects.
@@ -336,7 +333,7 @@ pub async fn run(client: Client, hub: Hub, grace: Duration) {
             };
             let desired = desired_objects(&view.imports, &ports);
             for e in writer.apply(&desired).await {
-                tracing::warn!(error = %e, "writing an import");
+                tracing::warn!(error = %trellis_core::error_chain(&e), "writing an import");
             }
             if started.elapsed() >= grace {
                 let (deleted, errors) = writer.prune(&desired).await;
@@ -345,7 +342,7 @@ pub async fn run(client: Client, hub: Hub, grace: Duration) {
                 }
                 pruned_once = true;
                 for e in errors {
-                    tracing::warn!(error = %e, "pruning imports");
+                    tracing::warn!(error = %trellis_core::error_chain(&e), "pruning imports");
                 }
             }
         }

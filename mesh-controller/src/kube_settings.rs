@@ -12,17 +12,24 @@ use crate::hub::Hub;
 
 pub const NODE_ENCRYPTION_KEY: &str = "nodeEncryption";
 
+/// A setting the ConfigMap holds but that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingError {
+    #[error("{NODE_ENCRYPTION_KEY} must be \"true\" or \"false\", not {value:?}")]
+    NodeEncryption { value: String },
+}
+
 /// The node-encryption mode the ConfigMap asks for; `Ok(None)` if it does not say.
-pub fn node_encryption_of(cm: &ConfigMap) -> Result<Option<bool>, String> {
+pub fn node_encryption_of(cm: &ConfigMap) -> Result<Option<bool>, SettingError> {
     let Some(value) = cm.data.as_ref().and_then(|d| d.get(NODE_ENCRYPTION_KEY)) else {
         return Ok(None);
     };
     match value.trim() {
         "true" => Ok(Some(true)),
         "false" => Ok(Some(false)),
-        other => Err(format!(
-            "{NODE_ENCRYPTION_KEY} must be \"true\" or \"false\", not {other:?}"
-        )),
+        other => Err(SettingError::NodeEncryption {
+            value: other.to_owned(),
+        }),
     }
 }
 
@@ -49,7 +56,7 @@ pub async fn run(client: Client, namespace: String, name: String, hub: Hub) {
             }
             Err(e) => {
                 if !failing {
-                    tracing::warn!(%namespace, %name, error = %e, "watching the settings ConfigMap failed; retrying");
+                    tracing::warn!(%namespace, %name, error = %trellis_core::error_chain(&e), "watching the settings ConfigMap failed; retrying");
                 }
                 failing = true;
             }

@@ -41,7 +41,7 @@ const REQUIRED: [Kind; 4] = [
     Kind::ServiceExport,
 ];
 
-type Tagged = (Kind, Result<bool, String>);
+type Tagged = (Kind, Result<bool, watcher::Error>);
 
 /// A reflector for `K`, reporting `Ok(true)` when a (re)list completed.
 fn reflect<K>(api: Api<K>, kind: Kind) -> (Store<K>, impl Stream<Item = Tagged> + Send + 'static)
@@ -51,13 +51,7 @@ where
     let (reader, writer) = reflector::store::<K>();
     let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
         .default_backoff()
-        .map(move |ev| {
-            (
-                kind,
-                ev.map(|e| matches!(e, watcher::Event::InitDone))
-                    .map_err(|e| e.to_string()),
-            )
-        });
+        .map(move |ev| (kind, ev.map(|e| matches!(e, watcher::Event::InitDone))));
     (reader, stream)
 }
 
@@ -75,19 +69,14 @@ pub async fn cluster_id(client: Client) -> Result<trellis_core::cluster::Cluster
     let prop = api
         .get(crate::crd::CLUSTER_ID_PROPERTY)
         .await
-        .map_err(|e| crate::Error::Kubernetes {
+        .map_err(|source| crate::Error::Kubernetes {
             operation: "reading the ClusterProperty cluster.clusterset.k8s.io",
-            reason: e.to_string(),
+            source,
         })?;
     prop.spec
         .value
         .parse()
-        .map_err(
-            |e: trellis_core::cluster::ClusterError| crate::Error::Kubernetes {
-                operation: "reading the cluster ID from the ClusterProperty",
-                reason: e.to_string(),
-            },
-        )
+        .map_err(|source| crate::Error::ClusterIdProperty { source })
 }
 
 /// Runs until cancelled, delivering the cluster's state to `sink` after every change, and
@@ -134,7 +123,7 @@ pub async fn write_export_statuses(
                     applied.insert(key.clone(), status.clone());
                 }
                 Err(e) => {
-                    tracing::warn!(service = %key, error = %e, "writing a ServiceExport condition")
+                    tracing::warn!(service = %key, error = %trellis_core::error_chain(&e), "writing a ServiceExport condition")
                 }
             }
         }
@@ -210,7 +199,7 @@ pub async fn run_with_status(
                 Some((kind, Err(e))) => {
                     // Log once per outage, not once per retry.
                     if failing.insert(kind) {
-                        tracing::warn!(?kind, error = %e, "watch failed; retrying with backoff, keeping the last state");
+                        tracing::warn!(?kind, error = %trellis_core::error_chain(&e), "watch failed; retrying with backoff, keeping the last state");
                     }
                 }
             },

@@ -122,10 +122,14 @@ async fn run(config_path: PathBuf) -> Result<()> {
         match store.load() {
             Ok(Some(saved)) => hub.restore(saved),
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "ignoring the saved state"),
+            Err(e) => {
+                tracing::warn!(error = %trellis_core::error_chain(&e), "ignoring the saved state")
+            }
         }
+        let captured = hub.clone();
         tasks.spawn(trellis_controller::store::run(
-            hub.clone(),
+            hub.subscribe_local(),
+            move || captured.persisted(),
             store,
             Duration::from_secs(2),
         ));
@@ -258,7 +262,9 @@ async fn watch_config(path: PathBuf, initial: Arc<Config>, hub: Hub) {
                 current = next;
             }
             Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "ignoring an invalid configuration change"),
+            Err(e) => {
+                tracing::error!(error = %trellis_core::error_chain(&e), "ignoring an invalid configuration change")
+            }
         }
     }
 }

@@ -5,7 +5,44 @@ use prometheus::{
     Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder, core::Collector,
 };
 
+use trellis_core::cluster::ClusterId;
+
 use crate::Error;
+use crate::mesh::Mesh;
+
+/// The controller's listeners, as the `listener` label of refused connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Agent,
+    Peering,
+    Metrics,
+}
+
+impl Listener {
+    pub fn label(self) -> &'static str {
+        match self {
+            Listener::Agent => "agent",
+            Listener::Peering => "peering",
+            Listener::Metrics => "metrics",
+        }
+    }
+}
+
+/// What became of a gateway report, as the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportResult {
+    Accepted,
+    Rejected,
+}
+
+impl ReportResult {
+    pub fn label(self) -> &'static str {
+        match self {
+            ReportResult::Accepted => "accepted",
+            ReportResult::Rejected => "rejected",
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -28,17 +65,17 @@ pub struct Metrics {
 
 fn reg<C: Collector + Clone + 'static>(r: &Registry, c: C) -> Result<C, Error> {
     r.register(Box::new(c.clone()))
-        .map_err(|e| Error::Metrics {
+        .map_err(|source| Error::Metrics {
             operation: "registering a metric",
-            reason: e.to_string(),
+            source,
         })?;
     Ok(c)
 }
 
-fn err(e: prometheus::Error) -> Error {
+fn err(source: prometheus::Error) -> Error {
     Error::Metrics {
         operation: "creating a metric",
-        reason: e.to_string(),
+        source,
     }
 }
 
@@ -179,22 +216,79 @@ impl Metrics {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
-    pub fn auth_failure(&self, reason: &str) {
+    /// `reason` is a typed error's stable `kind()` label, never an error's text.
+    pub fn auth_failure(&self, reason: &'static str) {
         self.auth_failures.with_label_values(&[reason]).inc();
     }
 
-    pub fn connection_refused(&self, listener: &str, reason: &str) {
+    /// `reason` is a typed refusal's stable `label()`, never an error's text.
+    pub fn connection_refused(&self, listener: Listener, reason: &'static str) {
         self.connections_refused
-            .with_label_values(&[listener, reason])
+            .with_label_values(&[listener.label(), reason])
             .inc();
     }
 
-    pub fn gateway_report(&self, result: &str) {
-        self.gateway_reports.with_label_values(&[result]).inc();
+    pub fn gateway_report(&self, result: ReportResult) {
+        self.gateway_reports
+            .with_label_values(&[result.label()])
+            .inc();
     }
 
-    pub fn protocol_failure(&self, reason: &str) {
+    /// `reason` is a typed error's stable `kind()` label, never an error's text.
+    pub fn protocol_failure(&self, reason: &'static str) {
         self.protocol_failures.with_label_values(&[reason]).inc();
+    }
+
+    /// Records each configured remote cluster's readiness, sync and imports as `mesh` holds
+    /// them, and how many are connected.
+    pub fn record_remotes(&self, configured: &[ClusterId], mesh: &Mesh) {
+        let mut connected = 0;
+        for id in configured {
+            let l = [id.as_str()];
+            match mesh.get(id) {
+                Some(r) => {
+                    if r.connected {
+                        connected += 1;
+                    }
+                    let ready = r.connected && r.refused.is_none();
+                    self.remote_cluster_ready
+                        .with_label_values(&l)
+                        .set(i64::from(ready));
+                    self.remote_cluster_refused
+                        .with_label_values(&l)
+                        .set(i64::from(r.refused.is_some()));
+                    let ts = r
+                        .last_sync
+                        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0);
+                    self.last_sync_timestamp.with_label_values(&l).set(ts);
+                    self.sync_lag
+                        .with_label_values(&l)
+                        .set(r.last_heard.elapsed().as_secs_f64());
+                    let admitted = r.refused.is_none();
+                    let svcs = if admitted { r.state.services.len() } else { 0 };
+                    let eps = if admitted {
+                        r.state.endpoint_count()
+                    } else {
+                        0
+                    };
+                    self.imported_services
+                        .with_label_values(&l)
+                        .set(i64::try_from(svcs).unwrap_or(i64::MAX));
+                    self.imported_endpoints
+                        .with_label_values(&l)
+                        .set(i64::try_from(eps).unwrap_or(i64::MAX));
+                }
+                None => {
+                    self.remote_cluster_ready.with_label_values(&l).set(0);
+                    self.remote_cluster_refused.with_label_values(&l).set(0);
+                    self.imported_services.with_label_values(&l).set(0);
+                    self.imported_endpoints.with_label_values(&l).set(0);
+                }
+            }
+        }
+        self.remote_clusters_connected.set(connected);
     }
 }
 
@@ -264,7 +358,7 @@ pub async fn serve(
         listener,
         std::sync::Arc::new(routes),
         trellis_http::Limits::default(),
-        move |reason| refusals.connection_refused("metrics", reason),
+        move |reason| refusals.connection_refused(Listener::Metrics, reason),
     )
     .await;
 }
@@ -277,7 +371,7 @@ mod tests {
     fn renders_trellis_controller_metrics() {
         let m = Metrics::new().unwrap();
         m.auth_failure("unknown_ca");
-        m.gateway_report("rejected");
+        m.gateway_report(ReportResult::Rejected);
         m.remote_cluster_ready.with_label_values(&["east"]).set(1);
         let text = m.render();
         assert!(text.contains("trellis_controller_auth_failures_total{reason=\"unknown_ca\"} 1"));

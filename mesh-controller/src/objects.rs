@@ -26,7 +26,7 @@ use trellis_core::cluster::{
 
 use crate::Error;
 use crate::crd::{CLUSTER_ID_PROPERTY, ClusterProperty, ServiceExport};
-use crate::hub::SourceState;
+use crate::source::SourceState;
 
 pub const ANNOTATION_GATEWAY_ENDPOINT: &str = "trellis.dev/gateway-endpoint";
 pub const ANNOTATION_PUBLIC_KEY: &str = "trellis.dev/public-key";
@@ -307,9 +307,9 @@ pub fn export_statuses(objects: &Objects) -> BTreeMap<ServiceKey, ExportStatus> 
 pub fn parse_objects(yaml: &str) -> Result<Objects, Error> {
     let mut objects = Objects::default();
     for (index, doc) in serde_norway::Deserializer::from_str(yaml).enumerate() {
-        let value = serde_json::Value::deserialize(doc).map_err(|e| Error::ParseObjects {
+        let value = serde_json::Value::deserialize(doc).map_err(|source| Error::ParseDocument {
             document: index,
-            reason: e.to_string(),
+            source,
         })?;
         add_object(&mut objects, value, index)?;
     }
@@ -325,9 +325,10 @@ fn add_object(objects: &mut Objects, value: serde_json::Value, index: usize) -> 
         .and_then(|k| k.as_str())
         .unwrap_or_default()
         .to_owned();
-    let err = |e: serde_json::Error| Error::ParseObjects {
+    let err = |source: serde_json::Error| Error::ParseObject {
         document: index,
-        reason: format!("{kind}: {e}"),
+        kind: kind.clone(),
+        source,
     };
     match kind.as_str() {
         "List" => {
@@ -359,10 +360,7 @@ fn add_object(objects: &mut Objects, value: serde_json::Value, index: usize) -> 
             .service_cidrs
             .push(serde_json::from_value(value).map_err(err)?),
         "" => {
-            return Err(Error::ParseObjects {
-                document: index,
-                reason: "object without a kind".into(),
-            });
+            return Err(Error::ObjectWithoutKind { document: index });
         }
         _ => {}
     }

@@ -17,10 +17,11 @@ use trellis_core::admission::SourceSlots;
 use trellis_core::cluster::ClusterId;
 use trellis_core::peering::{ALPN_V1, Event, PeeringError, Session, SessionConfig};
 
-use crate::Error;
 use crate::certs::identity_name;
-use crate::hub::{Hub, SessionRefusal};
+use crate::hub::Hub;
+use crate::sessions::SessionRefusal;
 use crate::tls::{AllowedPeers, TlsMaterial, client_config, identity_of, server_config};
+use crate::{Error, QuicCause, TlsCause};
 
 /// Application close codes on the QUIC connection.
 pub mod close_code {
@@ -101,10 +102,11 @@ pub struct Peering {
 impl Peering {
     /// Binds the endpoint and starts accepting and dialing.
     pub fn start(cfg: PeeringConfig, hub: Hub) -> Result<Self, Error> {
-        let socket = std::net::UdpSocket::bind(cfg.listen).map_err(|e| Error::Quic {
-            operation: "binding the peering endpoint",
-            reason: format!("{}: {e}", cfg.listen),
-        })?;
+        let socket =
+            std::net::UdpSocket::bind(cfg.listen).map_err(|source| Error::BindPeering {
+                addr: cfg.listen,
+                source,
+            })?;
         Self::start_on(cfg, hub, socket)
     }
 
@@ -120,17 +122,17 @@ impl Peering {
             .first()
             .map(identity_of)
             .transpose()?
-            .ok_or_else(|| Error::Tls {
+            .ok_or(Error::Tls {
                 operation: "reading this cluster's certificate",
-                reason: "no certificate".into(),
+                source: TlsCause::NoCertificate,
             })?;
         if &certified != hub.id() {
             return Err(Error::Tls {
                 operation: "checking this cluster's certificate",
-                reason: format!(
-                    "the certificate is for cluster {certified}, but this controller is cluster {}",
-                    hub.id()
-                ),
+                source: TlsCause::OtherCluster {
+                    certified,
+                    configured: hub.id().clone(),
+                },
             });
         }
         let allowed: AllowedPeers = Arc::new(std::sync::RwLock::new(
@@ -139,31 +141,31 @@ impl Peering {
         hub.set_configured_peers(cfg.peers.iter().map(|p| p.id.clone()).collect());
         let server = server_config(&cfg.tls, allowed.clone(), metrics.clone())?;
         let client = client_config(&cfg.tls, metrics)?;
-        let quic_err = |operation: &'static str| {
-            move |e: &dyn std::fmt::Display| Error::Quic {
+        fn quic_err<E: Into<QuicCause>>(operation: &'static str) -> impl Fn(E) -> Error {
+            move |e| Error::Quic {
                 operation,
-                reason: e.to_string(),
+                source: e.into(),
             }
-        };
+        }
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(cfg.heartbeat));
         transport.max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(cfg.lease).map_err(|e| quic_err("idle timeout")(&e))?,
+            quinn::IdleTimeout::try_from(cfg.lease).map_err(quic_err("idle timeout"))?,
         ));
         transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
         transport.max_concurrent_uni_streams(VarInt::from_u32(0));
         let transport = Arc::new(transport);
         let server_crypto =
-            QuicServerConfig::try_from(server).map_err(|e| quic_err("QUIC server crypto")(&e))?;
+            QuicServerConfig::try_from(server).map_err(quic_err("QUIC server crypto"))?;
         let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server_cfg.transport_config(transport.clone());
         let client_crypto =
-            QuicClientConfig::try_from(client).map_err(|e| quic_err("QUIC client crypto")(&e))?;
+            QuicClientConfig::try_from(client).map_err(quic_err("QUIC client crypto"))?;
         let mut client_cfg = quinn::ClientConfig::new(Arc::new(client_crypto));
         client_cfg.transport_config(transport);
-        let runtime = quinn::default_runtime().ok_or_else(|| Error::Quic {
+        let runtime = quinn::default_runtime().ok_or(Error::Quic {
             operation: "starting the peering endpoint",
-            reason: "no async runtime".into(),
+            source: QuicCause::NoRuntime,
         })?;
         let mut endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
@@ -171,10 +173,7 @@ impl Peering {
             socket,
             runtime,
         )
-        .map_err(|e| Error::Quic {
-            operation: "starting the peering endpoint",
-            reason: e.to_string(),
-        })?;
+        .map_err(quic_err("starting the peering endpoint"))?;
         endpoint.set_default_client_config(client_cfg);
         let cfg = Arc::new(cfg);
         let mut tasks = JoinSet::new();
@@ -201,7 +200,7 @@ impl Peering {
     pub fn local_addr(&self) -> Result<SocketAddr, Error> {
         self.endpoint.local_addr().map_err(|e| Error::Quic {
             operation: "reading the peering address",
-            reason: e.to_string(),
+            source: e.into(),
         })
     }
 
@@ -274,7 +273,8 @@ async fn accept_loop(endpoint: quinn::Endpoint, hub: Hub, cfg: Arc<PeeringConfig
             Ok(permit) => permit,
             Err(refusal) => {
                 tracing::warn!(remote = %incoming.remote_address(), reason = refusal.label(), "refusing a peering handshake");
-                hub.metrics().connection_refused("peering", refusal.label());
+                hub.metrics()
+                    .connection_refused(crate::metrics::Listener::Peering, refusal.label());
                 incoming.refuse();
                 continue;
             }
@@ -292,7 +292,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, hub: Hub, cfg: Arc<PeeringConfig
                         hub.metrics().auth_failure("alpn");
                         tracing::warn!(%remote, "refused a peer offering no protocol version we speak");
                     } else {
-                        tracing::info!(%remote, error = %e, "peering handshake failed");
+                        tracing::info!(%remote, error = %trellis_core::error_chain(&e), "peering handshake failed");
                     }
                     return;
                 }
@@ -358,7 +358,7 @@ async fn dial_loop(
                 }
             }
             Err(e) => {
-                tracing::info!(%peer, %addr, error = %e, retry_in = ?backoff.peek(), "dialing peer failed")
+                tracing::info!(%peer, %addr, error = %trellis_core::error_chain(&e), retry_in = ?backoff.peek(), "dialing peer failed")
             }
         }
         tokio::time::sleep(backoff.next_delay()).await;
@@ -371,30 +371,27 @@ async fn dial(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<(Connection, SendStream, RecvStream), Error> {
-    let err = |operation: &'static str| {
-        move |e: &dyn std::fmt::Display| Error::Quic {
+    fn err<E: Into<QuicCause>>(operation: &'static str) -> impl Fn(E) -> Error {
+        move |e| Error::Quic {
             operation,
-            reason: e.to_string(),
+            source: e.into(),
         }
-    };
+    }
     let connecting = endpoint
         .connect(addr, &identity_name(peer))
-        .map_err(|e| err("starting a connection")(&e))?;
+        .map_err(err("starting a connection"))?;
     let conn = tokio::time::timeout(timeout, connecting)
         .await
-        .map_err(|e| err("connecting")(&e))?
-        .map_err(|e| err("connecting")(&e))?;
+        .map_err(err("connecting"))?
+        .map_err(err("connecting"))?;
     if !alpn_ok(&conn) {
         conn.close(VarInt::from_u32(close_code::PROTOCOL), b"alpn");
         return Err(Error::Quic {
             operation: "negotiating the protocol",
-            reason: "the peer does not speak trellis/1".into(),
+            source: QuicCause::Alpn,
         });
     }
-    let (send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| err("opening the stream")(&e))?;
+    let (send, recv) = conn.open_bi().await.map_err(err("opening the stream"))?;
     Ok((conn, send, recv))
 }
 
@@ -417,7 +414,7 @@ async fn run_session(
             return;
         }
         Err(e @ SessionRefusal::DuplicateClusterId { .. }) => {
-            hub.metrics().auth_failure("duplicate_cluster_id");
+            hub.metrics().auth_failure(e.kind());
             tracing::error!(%peer, "refusing a peer: {e}");
             conn.close(
                 VarInt::from_u32(close_code::DUPLICATE),
@@ -538,8 +535,8 @@ async fn session_loop(
                 Event::PeerDelta(delta) => {
                     if let Err(e) = hub.peer_delta(&delta) {
                         hub.metrics().protocol_failure("revision_gap");
-                        tracing::warn!(%peer, error = %e, "delta does not apply; reconnecting to resync");
-                        return (close_code::PROTOCOL, e.to_string());
+                        tracing::warn!(%peer, error = %trellis_core::error_chain(&e), "delta does not apply; reconnecting to resync");
+                        return (close_code::PROTOCOL, trellis_core::error_chain(&e));
                     }
                 }
                 Event::Close(err) => return close_for(hub, peer, &err),
@@ -554,7 +551,7 @@ async fn session_loop(
                 }
                 Ok(None) => return (close_code::DONE, "stream finished".into()),
                 Err(e) => {
-                    tracing::info!(%peer, error = %e, "peering stream ended");
+                    tracing::info!(%peer, error = %trellis_core::error_chain(&e), "peering stream ended");
                     return (close_code::DONE, "stream ended".into());
                 }
             },
@@ -586,19 +583,19 @@ fn close_for(hub: &Hub, peer: &ClusterId, err: &PeeringError) -> (u32, String) {
         PeeringError::HelloIdentityMismatch { .. }
         | PeeringError::HelloDuplicateClusterId { .. } => {
             hub.metrics().auth_failure(kind);
-            tracing::warn!(%peer, error = %err, "refused a peer");
-            (close_code::PROTOCOL, err.to_string())
+            tracing::warn!(%peer, error = %trellis_core::error_chain(err), "refused a peer");
+            (close_code::PROTOCOL, trellis_core::error_chain(err))
         }
         PeeringError::LeaseExpired { .. } => {
             hub.metrics().protocol_failure(kind);
-            tracing::warn!(%peer, error = %err, "peer silent past its lease");
+            tracing::warn!(%peer, error = %trellis_core::error_chain(err), "peer silent past its lease");
             hub.withdraw(peer);
-            (close_code::LEASE_EXPIRED, err.to_string())
+            (close_code::LEASE_EXPIRED, trellis_core::error_chain(err))
         }
         _ => {
             hub.metrics().protocol_failure(kind);
-            tracing::warn!(%peer, error = %err, "closing the peering connection");
-            (close_code::PROTOCOL, err.to_string())
+            tracing::warn!(%peer, error = %trellis_core::error_chain(err), "closing the peering connection");
+            (close_code::PROTOCOL, trellis_core::error_chain(err))
         }
     }
 }

@@ -5,12 +5,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::hub::{Hub, SourceState};
+use crate::hub::Hub;
 use crate::objects::{parse_objects, source_state};
+use crate::source::SourceState;
 
 /// Where a source delivers the cluster's state; the hub in production, a recorder in tests.
 pub trait StateSink: Send + Sync + 'static {
     fn set_source(&self, state: SourceState);
+
+    /// The source read something it cannot use and keeps the last state (the error is
+    /// logged by the source; a sink may count it).
+    fn source_failed(&self, _error: &crate::Error) {}
 }
 
 impl StateSink for Hub {
@@ -56,7 +61,8 @@ pub async fn run(path: PathBuf, poll: Duration, sink: impl StateSink) {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    let msg = e.to_string();
+                    sink.source_failed(&e);
+                    let msg = trellis_core::error_chain(&e);
                     if last_error.as_ref() != Some(&msg) {
                         tracing::error!(path = %path.display(), error = %msg, "static source unreadable; keeping the last state");
                         last_error = Some(msg);
@@ -64,7 +70,7 @@ pub async fn run(path: PathBuf, poll: Duration, sink: impl StateSink) {
                 }
             },
             Err(e) => {
-                let msg = e.to_string();
+                let msg = trellis_core::error_chain(&e);
                 if last_error.as_ref() != Some(&msg) {
                     tracing::error!(path = %path.display(), error = %msg, "reading the static source; keeping the last state");
                     last_error = Some(msg);
@@ -81,11 +87,15 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<SourceState>>>);
+    struct Recorder(Arc<Mutex<Vec<SourceState>>>, Arc<Mutex<usize>>);
 
     impl StateSink for Recorder {
         fn set_source(&self, state: SourceState) {
             self.0.lock().unwrap().push(state);
+        }
+
+        fn source_failed(&self, _error: &crate::Error) {
+            *self.1.lock().unwrap() += 1;
         }
     }
 
@@ -111,18 +121,23 @@ mod tests {
         let wait = |n: usize| {
             let rec = rec.clone();
             async move {
-                for _ in 0..200 {
-                    if rec.0.lock().unwrap().len() >= n {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                panic!("expected {n} deliveries");
+                trellis_test_support::eventually_async(
+                    &format!("{n} deliveries"),
+                    Duration::from_secs(20),
+                    || async { (rec.0.lock().unwrap().len() >= n).then_some(()) },
+                )
+                .await
             }
         };
         wait(1).await;
         std::fs::write(&path, "kind: [broken").unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Wait until the broken file was read and refused, then check nothing was delivered.
+        trellis_test_support::eventually_async(
+            "the broken file refused",
+            Duration::from_secs(20),
+            || async { (*rec.1.lock().unwrap() > 0).then_some(()) },
+        )
+        .await;
         assert_eq!(rec.0.lock().unwrap().len(), 1);
         std::fs::write(
             &path,

@@ -12,7 +12,6 @@ use trellis_core::cluster::ClusterState;
 
 use crate::Error;
 use crate::gateway::GatewayRegistration;
-use crate::hub::Hub;
 
 pub const STORE_VERSION: u32 = 1;
 
@@ -38,10 +37,11 @@ pub struct FileStore {
 }
 
 fn store_err(operation: &'static str, path: &std::path::Path) -> impl Fn(std::io::Error) -> Error {
-    let path = path.display().to_string();
-    move |e| Error::Store {
+    let path = path.to_owned();
+    move |source| Error::StoreFile {
         operation,
-        reason: format!("{path}: {e}"),
+        path: path.clone(),
+        source,
     }
 }
 
@@ -52,24 +52,22 @@ impl StateStore for FileStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(store_err("reading the state file", &self.path)(e)),
         };
-        let p: Persisted = serde_json::from_slice(&bytes).map_err(|e| Error::Store {
-            operation: "parsing the state file",
-            reason: format!("{}: {e}", self.path.display()),
+        let p: Persisted = serde_json::from_slice(&bytes).map_err(|source| Error::StoreParse {
+            path: self.path.clone(),
+            source,
         })?;
         if p.version != STORE_VERSION {
-            return Err(Error::Store {
-                operation: "parsing the state file",
-                reason: format!("version {} is not {STORE_VERSION}", p.version),
+            return Err(Error::StoreVersion {
+                path: self.path.clone(),
+                found: p.version,
+                expected: STORE_VERSION,
             });
         }
         Ok(Some(p))
     }
 
     fn save(&self, state: &Persisted) -> Result<(), Error> {
-        let bytes = serde_json::to_vec(state).map_err(|e| Error::Store {
-            operation: "encoding the state",
-            reason: e.to_string(),
-        })?;
+        let bytes = serde_json::to_vec(state).map_err(|source| Error::StoreEncode { source })?;
         // A temporary file synced, renamed over the state, the directory synced.
         let mut file = atomic_write_file::AtomicWriteFile::open(&self.path)
             .map_err(store_err("creating the state file", &self.path))?;
@@ -95,18 +93,23 @@ impl StateStore for MemoryStore {
     }
 }
 
-/// Saves the hub's state when it changed, checking every `every`, and at once when a gateway
-/// registration changed: a controller killed right after its gateways registered must come
-/// back knowing their keys, or it would tell its peers to drop their tunnels until the
-/// gateways find it again. Runs until cancelled.
-pub async fn run(hub: Hub, store: impl StateStore, every: Duration) {
-    let mut local = hub.subscribe_local();
+/// Saves what `capture` returns when it changed, checking every `every`, and at once when a
+/// gateway registration changed: a controller killed right after its gateways registered must
+/// come back knowing their keys, or it would tell its peers to drop their tunnels until the
+/// gateways find it again. `changes` fires whenever the local state changed (the hub's
+/// `subscribe_local`). Runs until `changes` closes.
+pub async fn run<T>(
+    mut changes: tokio::sync::watch::Receiver<T>,
+    capture: impl Fn() -> Option<Persisted>,
+    store: impl StateStore,
+    every: Duration,
+) {
     // Whatever the hub holds already is looked at first.
-    local.mark_changed();
+    changes.mark_changed();
     let mut last: Option<Persisted> = None;
     loop {
         let periodic = tokio::select! {
-            changed = local.changed() => {
+            changed = changes.changed() => {
                 if changed.is_err() {
                     return;
                 }
@@ -114,7 +117,7 @@ pub async fn run(hub: Hub, store: impl StateStore, every: Duration) {
             }
             () = tokio::time::sleep(every) => true,
         };
-        let Some(p) = hub.persisted() else { continue };
+        let Some(p) = capture() else { continue };
         let registrations_changed = last
             .as_ref()
             .is_none_or(|l| l.registrations != p.registrations);
@@ -123,7 +126,7 @@ pub async fn run(hub: Hub, store: impl StateStore, every: Duration) {
         }
         match store.save(&p) {
             Ok(()) => last = Some(p),
-            Err(e) => tracing::warn!(error = %e, "saving the state"),
+            Err(e) => tracing::warn!(error = %trellis_core::error_chain(&e), "saving the state"),
         }
     }
 }
@@ -168,7 +171,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_gateway_registration_is_saved_at_once() {
-        let hub = Hub::new(
+        let hub = crate::hub::Hub::new(
             crate::hub::HubConfig {
                 id: "a".parse().unwrap(),
                 name: "a".into(),
@@ -182,8 +185,14 @@ mod tests {
         );
         let store = MemoryStore::default();
         // The period is an hour: only the registration itself can trigger the save.
-        let saver = tokio::spawn(run(hub.clone(), store.clone(), Duration::from_secs(3600)));
-        let mut source = crate::hub::SourceState {
+        let captured = hub.clone();
+        let saver = tokio::spawn(run(
+            hub.subscribe_local(),
+            move || captured.persisted(),
+            store.clone(),
+            Duration::from_secs(3600),
+        ));
+        let mut source = crate::source::SourceState {
             cluster_id: None,
             service_cidrs: vec![],
             nodes: Default::default(),
@@ -197,21 +206,20 @@ mod tests {
             endpoint: "192.168.1.10:51820".parse().unwrap(),
             public_key: trellis_core::cluster::PublicKey([7; 32]),
         });
-        let mut saved = false;
-        for _ in 0..100 {
-            saved = store
-                .load()
-                .unwrap()
-                .is_some_and(|p| p.registrations.iter().any(|r| r.node == node));
-            if saved {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // The period is an hour: reaching the store within seconds means the registration
+        // itself triggered the save.
+        trellis_test_support::eventually_async(
+            "the registration to reach the store",
+            Duration::from_secs(20),
+            || async {
+                store
+                    .load()
+                    .unwrap()
+                    .is_some_and(|p| p.registrations.iter().any(|r| r.node == node))
+                    .then_some(())
+            },
+        )
+        .await;
         saver.abort();
-        assert!(
-            saved,
-            "the registration reached the store without waiting for the period"
-        );
     }
 }

@@ -26,9 +26,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use trellis_core::cluster::ClusterId;
 use trellis_core::peering::ALPN_V1;
 
-use crate::Error;
 use crate::certs::cluster_id_from_name;
 use crate::metrics::Metrics;
+use crate::{Error, TlsCause};
 
 /// The crypto provider of the whole controller: `ring`, as quinn and kube use.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -40,12 +40,12 @@ pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Tls {
             operation: "parsing PEM certificates",
-            reason: e.to_string(),
+            source: e.into(),
         })?;
     if certs.is_empty() {
         return Err(Error::Tls {
             operation: "parsing PEM certificates",
-            reason: "no certificate found".into(),
+            source: TlsCause::NoCertificate,
         });
     }
     Ok(certs)
@@ -54,7 +54,7 @@ pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
 pub fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, Error> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| Error::Tls {
         operation: "parsing the PEM private key",
-        reason: e.to_string(),
+        source: e.into(),
     })
 }
 
@@ -62,7 +62,7 @@ pub fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, Error> {
 pub fn identity_of(cert: &CertificateDer<'_>) -> Result<ClusterId, Error> {
     let ee = webpki::EndEntityCert::try_from(cert).map_err(|e| Error::Tls {
         operation: "parsing the peer certificate",
-        reason: format!("{e:?}"),
+        source: TlsCause::Webpki(e),
     })?;
     let ids: Vec<ClusterId> = ee
         .valid_dns_names()
@@ -72,11 +72,11 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<ClusterId, Error> {
         [id] => Ok(id.clone()),
         [] => Err(Error::Tls {
             operation: "reading the cluster identity",
-            reason: "the certificate names no <id>.cluster.trellis".into(),
+            source: TlsCause::NoIdentity,
         }),
         _ => Err(Error::Tls {
             operation: "reading the cluster identity",
-            reason: "the certificate names several clusters".into(),
+            source: TlsCause::SeveralIdentities,
         }),
     }
 }
@@ -144,7 +144,7 @@ impl ClientCertVerifier for PeerClientVerifier {
         let id = identity_of(end_entity).map_err(|e| {
             self.refuse(
                 rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
-                &e.to_string(),
+                &trellis_core::error_chain(&e),
             )
         })?;
         let allowed = self
@@ -254,7 +254,7 @@ fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, Error> {
     for cert in parse_certs(ca_pem)? {
         roots.add(cert).map_err(|e| Error::Tls {
             operation: "adding the mesh CA",
-            reason: e.to_string(),
+            source: e.into(),
         })?;
     }
     Ok(Arc::new(roots))
@@ -263,7 +263,7 @@ fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, Error> {
 fn tls_err(operation: &'static str) -> impl Fn(rustls::Error) -> Error {
     move |e| Error::Tls {
         operation,
-        reason: e.to_string(),
+        source: e.into(),
     }
 }
 
@@ -279,7 +279,7 @@ pub fn server_config(
             .build()
             .map_err(|e| Error::Tls {
                 operation: "building the client-certificate verifier",
-                reason: e.to_string(),
+                source: e.into(),
             })?;
     let verifier = Arc::new(PeerClientVerifier {
         inner,
@@ -310,7 +310,7 @@ pub fn client_config(
             .build()
             .map_err(|e| Error::Tls {
                 operation: "building the server-certificate verifier",
-                reason: e.to_string(),
+                source: e.into(),
             })?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

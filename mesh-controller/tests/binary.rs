@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use trellis_controller::agent::AgentHello;
 use trellis_controller::gateway::{GatewayRegistration, GatewayUpdate};
@@ -118,18 +118,19 @@ fn get(addr: SocketAddr, path: &str) -> String {
     trellis_http::get(addr, path, Duration::from_secs(5)).map_or_else(|_| String::new(), |r| r.body)
 }
 
+/// [`trellis_test_support::eventually`], printing both controllers' logs when it times out.
 fn eventually(what: &str, logs: &Path, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        if Instant::now() > deadline {
-            let log = |n: &str| std::fs::read_to_string(logs.join(n)).unwrap_or_default();
-            panic!(
-                "timed out waiting for {what}\n--- east ---\n{}\n--- west ---\n{}",
-                log("east.log"),
-                log("west.log")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        trellis_test_support::eventually(what, Duration::from_secs(20), || cond().then_some(()))
+    }));
+    if let Err(panic) = waited {
+        let log = |n: &str| std::fs::read_to_string(logs.join(n)).unwrap_or_default();
+        eprintln!(
+            "--- east ---\n{}\n--- west ---\n{}",
+            log("east.log"),
+            log("west.log")
+        );
+        std::panic::resume_unwind(panic);
     }
 }
 

@@ -1,6 +1,10 @@
 //! The import writer against a scripted API server: server-side apply of ServiceImports and
 //! EndpointSlices, nothing re-applied when nothing changed, failures that do not stop the
-//! rest, and pruning of managed objects no longer exported.
+//! rest, and pruning of managed objects no longer exported (only once the grace period after
+//! start has passed). Every object written is validated against its schema, and every request
+//! against the chart's RBAC.
+
+mod common;
 
 use std::time::Duration;
 
@@ -32,16 +36,28 @@ fn no_ports(_: &ClusterId, _: &ImportedService) -> Vec<ServicePort> {
     vec![]
 }
 
+/// The next request, recorded in `calls`; a written object (a PATCH body) must validate
+/// against its schema.
 async fn next(
     handle: &mut Handle,
+    calls: &common::Calls,
 ) -> (
     Request<Body>,
     tower_test::mock::SendResponse<Response<Body>>,
 ) {
-    tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+    let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
         .await
         .expect("a request")
-        .expect("the client is alive")
+        .expect("the client is alive");
+    calls.record(&req);
+    let (parts, body) = req.into_parts();
+    let bytes = body.collect_bytes().await.unwrap();
+    if parts.method == Method::PATCH {
+        let written: Value = serde_json::from_slice(&bytes).unwrap();
+        let errors = common::validate_written(&written);
+        assert!(errors.is_empty(), "{written}: {errors:#?}");
+    }
+    (Request::from_parts(parts, Body::from(bytes.to_vec())), send)
 }
 
 fn respond(send: tower_test::mock::SendResponse<Response<Body>>, status: u16, body: Value) {
@@ -67,6 +83,7 @@ fn not_found(what: &str) -> Value {
 async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "default");
+    let calls = common::Calls::default();
     let desired = desired_objects(&imports(), &no_ports);
     assert_eq!(desired.imports.len(), 2);
 
@@ -79,14 +96,14 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     });
 
     // ServiceImports first, in key order: nowhere/api (its namespace is missing), shop/web.
-    let (req, send) = next(&mut handle).await;
+    let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.method(), Method::PATCH);
     assert_eq!(
         req.uri().path(),
         "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/nowhere/serviceimports/api"
     );
     respond(send, 404, not_found("nowhere"));
-    let (req, send) = next(&mut handle).await;
+    let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(
         req.uri().path(),
         "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports/web"
@@ -102,7 +119,7 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     assert_eq!(body["kind"], "ServiceImport");
     assert_eq!(body["spec"]["type"], "ClusterSetIP");
     respond(send, 200, body);
-    let (req, send) = next(&mut handle).await;
+    let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.method(), Method::PATCH);
     assert_eq!(
         req.uri().path(),
@@ -112,14 +129,14 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     assert_eq!(body["status"]["clusters"][0]["cluster"], "b");
     respond(send, 200, body);
     // Then the slices: nowhere's fails too, shop's succeeds.
-    let (req, send) = next(&mut handle).await;
+    let (req, send) = next(&mut handle, &calls).await;
     assert!(
         req.uri()
             .path()
             .ends_with("/namespaces/nowhere/endpointslices/imported-api-b")
     );
     respond(send, 404, not_found("nowhere"));
-    let (req, send) = next(&mut handle).await;
+    let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(
         req.uri().path(),
         "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/imported-web-b"
@@ -137,7 +154,7 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
 
     // The second apply re-sends only what failed (the missing namespace), nothing for shop.
     for _ in 0..2 {
-        let (req, send) = next(&mut handle).await;
+        let (req, send) = next(&mut handle, &calls).await;
         assert!(
             req.uri().path().contains("/namespaces/nowhere/"),
             "{}",
@@ -147,7 +164,7 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     }
 
     // Prune: list what we manage, delete what is no longer wanted.
-    let (req, send) = next(&mut handle).await;
+    let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.method(), Method::GET);
     assert_eq!(
         req.uri().path(),
@@ -171,14 +188,14 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
         json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImportList",
         "metadata": {"resourceVersion": "9"}, "items": [si("shop", "web"), si("shop", "old")]}),
     );
-    let (req, send) = next(&mut handle).await;
+    let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.method(), Method::DELETE);
     assert_eq!(
         req.uri().path(),
         "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports/old"
     );
     respond(send, 200, si("shop", "old"));
-    let (req, send) = next(&mut handle).await;
+    let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.uri().path(), "/apis/discovery.k8s.io/v1/endpointslices");
     let slice = |name: &str| {
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -192,7 +209,7 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
         "metadata": {"resourceVersion": "9"}, "items": [slice("imported-web-b"), slice("imported-old-b")]}),
     );
-    let (req, send) = next(&mut handle).await;
+    let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.method(), Method::DELETE);
     assert_eq!(
         req.uri().path(),
@@ -210,4 +227,315 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     assert_eq!(second.len(), 2);
     assert_eq!(deleted, 2);
     assert!(prune_errors.is_empty(), "{prune_errors:?}");
+    calls.assert_allowed_by_the_chart();
+}
+
+fn hub_importing(services: &[&str]) -> trellis_controller::hub::Hub {
+    use trellis_controller::hub::{Hub, HubConfig};
+    let hub = Hub::new(
+        HubConfig {
+            id: id("a"),
+            name: "a".into(),
+            service_cidrs: vec![],
+            lease: Duration::from_secs(3600),
+            node_encryption: false,
+            recent_deltas: 4,
+            startup_grace: Duration::ZERO,
+        },
+        trellis_controller::metrics::Metrics::new().unwrap(),
+    );
+    hub.set_configured_peers(vec![id("b")]);
+    let a = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
+    hub.set_source(trellis_controller::source::SourceState {
+        nodes: a.nodes,
+        ..Default::default()
+    });
+    set_exports(&hub, services);
+    hub
+}
+
+/// Peer b (re)sends its snapshot exporting `services` of namespace shop.
+fn set_exports(hub: &trellis_controller::hub::Hub, services: &[&str]) {
+    let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+    for (i, name) in services.iter().enumerate() {
+        b.services.insert(
+            ServiceKey::new("shop", *name),
+            service(
+                "shop",
+                name,
+                &format!("10.97.0.{}", 10 + i),
+                &[&format!("10.2.0.{}", 5 + i)],
+            ),
+        );
+    }
+    hub.peer_snapshot(b);
+}
+
+/// Answers `n` applies with their bodies; returns their paths in order.
+async fn answer_applies(handle: &mut Handle, calls: &common::Calls, n: usize) -> Vec<String> {
+    let mut paths = Vec::new();
+    for _ in 0..n {
+        let (req, send) = next(handle, calls).await;
+        assert_eq!(req.method(), Method::PATCH);
+        paths.push(req.uri().path().to_owned());
+        let body = body_json(req).await;
+        respond(send, 200, body);
+    }
+    paths
+}
+
+fn managed_list(kind: &str, api_version: &str, names: &[&str]) -> Value {
+    let items: Vec<Value> = names
+        .iter()
+        .map(|name| {
+            json!({"apiVersion": api_version, "kind": kind,
+                "metadata": {"name": name, "namespace": "shop", "resourceVersion": "8",
+                    "labels": {"app.kubernetes.io/managed-by": "trellis-controller"}},
+                "spec": {"type": "ClusterSetIP", "ports": []},
+                "addressType": "IPv4", "endpoints": []})
+        })
+        .collect();
+    json!({"apiVersion": api_version, "kind": format!("{kind}List"),
+        "metadata": {"resourceVersion": "9"}, "items": items})
+}
+
+/// `run` applies at once but deletes nothing before the grace period (a restarted controller
+/// waits for its peers to resync); once it has passed it prunes what is no longer exported.
+/// On tokio's paused clock: the grace period passes only when the test lets it.
+#[tokio::test(start_paused = true)]
+async fn the_run_loop_prunes_only_after_the_grace_period() {
+    const GRACE: Duration = Duration::from_secs(30);
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let calls = common::Calls::default();
+    let hub = hub_importing(&["web", "api"]);
+    let started = tokio::time::Instant::now();
+    let writer = tokio::spawn(trellis_controller::import_writer::run(
+        client,
+        hub.clone(),
+        GRACE,
+    ));
+
+    // The first view: both services applied at once, api before web.
+    let imports = "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports";
+    let slices = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices";
+    assert_eq!(
+        answer_applies(&mut handle, &calls, 6).await,
+        [
+            format!("{imports}/api"),
+            format!("{imports}/api/status"),
+            format!("{imports}/web"),
+            format!("{imports}/web/status"),
+            format!("{slices}/imported-api-b"),
+            format!("{slices}/imported-web-b"),
+        ]
+    );
+
+    // b stops exporting api well inside the grace period: nothing is listed or deleted.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    set_exports(&hub, &["web"]);
+    let quiet = tokio::time::timeout_at(
+        started + GRACE - Duration::from_millis(1),
+        handle.next_request(),
+    )
+    .await;
+    assert!(
+        quiet.is_err(),
+        "a request before the grace period ended: {:?}",
+        quiet.map(|r| r.map(|(req, _)| req.uri().clone()))
+    );
+    assert_eq!(calls.count("list", "serviceimports"), 0);
+    assert_eq!(calls.count("delete", "serviceimports"), 0);
+
+    // The grace period ends: what is managed but no longer wanted goes.
+    let (req, send) = next(&mut handle, &calls).await;
+    assert!(tokio::time::Instant::now() >= started + GRACE);
+    assert_eq!(req.method(), Method::GET);
+    assert_eq!(
+        req.uri().path(),
+        "/apis/multicluster.x-k8s.io/v1alpha1/serviceimports"
+    );
+    respond(
+        send,
+        200,
+        managed_list(
+            "ServiceImport",
+            "multicluster.x-k8s.io/v1alpha1",
+            &["web", "api"],
+        ),
+    );
+    let (req, send) = next(&mut handle, &calls).await;
+    assert_eq!(req.method(), Method::DELETE);
+    assert_eq!(
+        req.uri().path(),
+        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports/api"
+    );
+    respond(
+        send,
+        200,
+        managed_list("ServiceImport", "multicluster.x-k8s.io/v1alpha1", &["api"])["items"][0]
+            .clone(),
+    );
+    let (req, send) = next(&mut handle, &calls).await;
+    assert_eq!(req.uri().path(), "/apis/discovery.k8s.io/v1/endpointslices");
+    respond(
+        send,
+        200,
+        managed_list(
+            "EndpointSlice",
+            "discovery.k8s.io/v1",
+            &["imported-web-b", "imported-api-b"],
+        ),
+    );
+    let (req, send) = next(&mut handle, &calls).await;
+    assert_eq!(req.method(), Method::DELETE);
+    assert_eq!(
+        req.uri().path(),
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/imported-api-b"
+    );
+    respond(
+        send,
+        200,
+        managed_list("EndpointSlice", "discovery.k8s.io/v1", &["imported-api-b"])["items"][0]
+            .clone(),
+    );
+    assert_eq!(calls.count("delete", "serviceimports"), 1);
+    assert_eq!(calls.count("delete", "endpointslices"), 1);
+    writer.abort();
+    calls.assert_allowed_by_the_chart();
+}
+
+/// Every object `desired_objects` makes (ports, IPv4 and IPv6 slices, headless or not)
+/// validates; the same objects with a wrong field do not, so the check can fail.
+#[test]
+fn written_objects_match_their_schemas_and_wrong_fields_are_caught() {
+    let ports = |_: &ClusterId, _: &ImportedService| {
+        vec![ServicePort {
+            name: Some("http".into()),
+            protocol: trellis_core::cluster::Protocol::Tcp,
+            port: 8080,
+        }]
+    };
+    let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+    b.services.insert(
+        ServiceKey::new("shop", "web"),
+        service("shop", "web", "10.97.0.10", &["10.2.0.5", "fd00::5"]),
+    );
+    let mut headless = service("shop", "db", "10.97.0.11", &["10.2.0.6"]);
+    headless.kind = trellis_core::cluster::ServiceKind::Headless;
+    headless.cluster_ips.clear();
+    b.services.insert(ServiceKey::new("shop", "db"), headless);
+    let a = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
+    let desired = desired_objects(&Imports::build(&id("a"), [&a, &b], 1), &ports);
+    assert_eq!((desired.imports.len(), desired.slices.len()), (2, 3));
+    let objects: Vec<Value> = desired
+        .imports
+        .values()
+        .map(|o| serde_json::to_value(o).unwrap())
+        .chain(
+            desired
+                .slices
+                .values()
+                .map(|o| serde_json::to_value(o).unwrap()),
+        )
+        .collect();
+    for o in &objects {
+        let errors = common::validate_written(o);
+        assert!(errors.is_empty(), "{o}: {errors:#?}");
+    }
+
+    let import = objects
+        .iter()
+        .find(|o| o["kind"] == "ServiceImport")
+        .unwrap();
+    let slice = objects
+        .iter()
+        .find(|o| o["kind"] == "EndpointSlice")
+        .unwrap();
+    let broken = |base: &Value, change: &dyn Fn(&mut Value)| {
+        let mut o = base.clone();
+        change(&mut o);
+        common::validate_written(&o)
+    };
+    for (what, errors) in [
+        (
+            "a port as a string",
+            broken(import, &|o| o["spec"]["ports"][0]["port"] = json!("80")),
+        ),
+        (
+            "an unknown spec field",
+            broken(import, &|o| o["spec"]["clusterIP"] = json!("10.0.0.1")),
+        ),
+        (
+            "no type",
+            broken(import, &|o| {
+                o["spec"].as_object_mut().unwrap().remove("type");
+            }),
+        ),
+        (
+            "a misspelt slice field",
+            broken(slice, &|o| {
+                o["endpoints"][0]["adresses"] = json!(["10.2.0.5"])
+            }),
+        ),
+        (
+            "ready as a string",
+            broken(slice, &|o| {
+                o["endpoints"][0]["conditions"]["ready"] = json!("yes")
+            }),
+        ),
+        (
+            "an unknown address type",
+            broken(slice, &|o| o["addressType"] = json!("IPv5")),
+        ),
+    ] {
+        assert!(!errors.is_empty(), "{what} passed validation");
+    }
+}
+
+/// The RBAC check refuses what the chart does not grant, so a missing rule fails the tests
+/// that record the call.
+#[test]
+fn calls_the_chart_does_not_grant_are_refused() {
+    let rbac = common::Rbac::controller();
+    let call = |method: Method, uri: &str| {
+        common::ApiCall::of(&Request::builder().method(method).uri(uri).body(()).unwrap())
+    };
+    for (uri, allowed) in [
+        (
+            "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports/web/status",
+            true,
+        ),
+        (
+            "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceexports/web",
+            false,
+        ),
+        ("/api/v1/namespaces/shop/services/web", false),
+    ] {
+        assert_eq!(rbac.allows(&call(Method::PATCH, uri)), allowed, "{uri}");
+    }
+    let settings = "/api/v1/namespaces/trellis-system/configmaps";
+    assert!(rbac.allows(&call(
+        Method::GET,
+        &format!("{settings}?fieldSelector=metadata.name%3Dtrellis-controller&watch=true")
+    )));
+    assert!(!rbac.allows(&call(Method::GET, &format!("{settings}?watch=true"))));
+    assert!(!rbac.allows(&call(
+        Method::GET,
+        "/api/v1/namespaces/default/configmaps/trellis-controller"
+    )));
+    // The chart without its ServiceImport rule refuses the writer's apply.
+    let template = std::fs::read_to_string(format!(
+        "{}/../helm/trellis/templates/rbac.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let without = template.replace("resources: [serviceimports]", "resources: [nothing]");
+    assert_ne!(without, template);
+    let apply = call(
+        Method::PATCH,
+        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports/web",
+    );
+    assert!(rbac.allows(&apply));
+    assert!(!common::Rbac::parse(&without).allows(&apply));
 }

@@ -1,7 +1,10 @@
 //! The Kubernetes source against a scripted API server (kube-rs controller-rs's
 //! `ApiServerVerifier` pattern over `tower-test`), answering with real Kubernetes JSON
 //! (`testdata/k8s/`): initial lists, watch events, a `410 Gone` that forces a re-list, and an
-//! API server that goes away and comes back.
+//! API server that goes away and comes back. Every request is checked against the chart's
+//! RBAC, and "nothing happened" is asserted only once a counter proves the event was seen.
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -10,9 +13,13 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{Value, json};
-use trellis_controller::hub::SourceState;
+use trellis_controller::source::SourceState;
 use trellis_controller::static_source::StateSink;
 use trellis_core::cluster::{ServiceKey, ServiceKind};
+use trellis_test_support::eventually_async;
+
+/// Long enough for a loaded two-core machine; a passing test never waits for it.
+const WAIT: Duration = Duration::from_secs(20);
 
 const NODES: &str = "/api/v1/nodes";
 const SERVICES: &str = "/api/v1/services";
@@ -21,6 +28,7 @@ const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports";
 const PROPS: &str = "/apis/about.k8s.io/v1alpha1/clusterproperties";
 const CIDRS: &str = "/apis/networking.k8s.io/v1/servicecidrs";
 const SETTINGS: &str = "/api/v1/namespaces/trellis-system/configmaps";
+const REQUIRED: [&str; 4] = [NODES, SERVICES, SLICES, EXPORTS];
 
 fn fixture(name: &str) -> Value {
     let path = format!("{}/testdata/k8s/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -42,6 +50,14 @@ struct FakeApi {
     broken: BTreeSet<&'static str>,
     rv: u64,
     lists: BTreeMap<String, usize>,
+    /// Watch requests per path, counted as they arrive.
+    watches: BTreeMap<String, usize>,
+    /// Per path, the watch count when its last queued events went out: a later watch
+    /// request proves the watcher consumed them.
+    delivered_on_watch: BTreeMap<String, usize>,
+    /// Requests refused while the server is down, and answered 500 while broken, per path.
+    refused: BTreeMap<String, usize>,
+    failed: BTreeMap<String, usize>,
 }
 
 impl FakeApi {
@@ -102,6 +118,7 @@ impl FakeApi {
 
     fn respond(&mut self, path: &str, watch: bool) -> Result<Option<Response<Body>>, ()> {
         if self.down {
+            *self.refused.entry(path.to_string()).or_default() += 1;
             return Err(());
         }
         let ok = |v: String| {
@@ -121,6 +138,7 @@ impl FakeApi {
             ));
         };
         if self.broken.contains(p) {
+            *self.failed.entry(p.to_string()).or_default() += 1;
             let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500});
             return Ok(Some(
@@ -144,6 +162,8 @@ impl FakeApi {
             return Ok(None);
         }
         let body: String = kind.events.drain(..).map(|e| e + "\n").collect();
+        let watches = self.watches.get(p).copied().unwrap_or(0);
+        self.delivered_on_watch.insert(p.to_string(), watches);
         Ok(Some(ok(body)))
     }
 }
@@ -152,12 +172,16 @@ type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 /// Answers requests until the test ends. Watches with nothing to say are held for up to
 /// 300 ms (then end empty, and the watcher re-watches), as a real API server holds them open.
-async fn serve(mut handle: Handle, api: Arc<Mutex<FakeApi>>) {
+async fn serve(mut handle: Handle, api: Arc<Mutex<FakeApi>>, calls: common::Calls) {
     while let Some((req, send)) = handle.next_request().await {
+        calls.record(&req);
         let api = api.clone();
+        let path = req.uri().path().to_string();
+        let watch = req.uri().query().unwrap_or("").contains("watch=true");
+        if watch {
+            *api.lock().unwrap().watches.entry(path.clone()).or_default() += 1;
+        }
         tokio::spawn(async move {
-            let path = req.uri().path().to_string();
-            let watch = req.uri().query().unwrap_or("").contains("watch=true");
             for _ in 0..15 {
                 let r = api.lock().unwrap().respond(&path, watch);
                 match r {
@@ -195,20 +219,35 @@ impl Recorder {
     }
 
     async fn wait(&self, what: &str, cond: impl Fn(&SourceState) -> bool) -> SourceState {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.0.lock().unwrap().last()
-                && cond(s)
-            {
-                return s.clone();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually_async(what, WAIT, || async {
+            self.0.lock().unwrap().last().filter(|s| cond(s)).cloned()
+        })
+        .await
     }
+}
+
+/// Waits until `cond` holds of the scripted server's state.
+async fn until(api: &Arc<Mutex<FakeApi>>, what: &str, cond: impl Fn(&FakeApi) -> bool) {
+    eventually_async(what, WAIT, || async {
+        cond(&api.lock().unwrap()).then_some(())
+    })
+    .await
+}
+
+/// Waits until the watcher of `path` consumed the events last queued for it (it watches
+/// again only after handing them on).
+async fn consumed(api: &Arc<Mutex<FakeApi>>, path: &str) {
+    until(
+        api,
+        &format!("the watcher of {path} to consume its events"),
+        |a| {
+            a.kinds[path].events.is_empty()
+                && a.delivered_on_watch
+                    .get(path)
+                    .is_some_and(|at| a.watches.get(path).is_some_and(|now| now > at))
+        },
+    )
+    .await
 }
 
 fn start() -> (
@@ -216,18 +255,20 @@ fn start() -> (
     Recorder,
     tokio::task::JoinHandle<()>,
     tokio::task::JoinHandle<()>,
+    common::Calls,
 ) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "default");
     let api = Arc::new(Mutex::new(FakeApi::new()));
-    let server = tokio::spawn(serve(handle, api.clone()));
+    let calls = common::Calls::default();
+    let server = tokio::spawn(serve(handle, api.clone(), calls.clone()));
     let rec = Recorder::default();
     let source = tokio::spawn(trellis_controller::kube_source::run_with(
         client,
         rec.clone(),
         Duration::from_millis(20),
     ));
-    (api, rec, server, source)
+    (api, rec, server, source, calls)
 }
 
 fn web() -> ServiceKey {
@@ -236,7 +277,7 @@ fn web() -> ServiceKey {
 
 #[tokio::test]
 async fn lists_then_follows_watch_events() {
-    let (api, rec, server, source) = start();
+    let (api, rec, server, source, calls) = start();
     let s = rec
         .wait("the initial state", |s| s.services.contains_key(&web()))
         .await;
@@ -295,11 +336,12 @@ async fn lists_then_follows_watch_events() {
         .await;
     source.abort();
     server.abort();
+    calls.assert_allowed_by_the_chart();
 }
 
 #[tokio::test]
 async fn a_410_gone_relists_and_picks_up_missed_changes() {
-    let (api, rec, server, source) = start();
+    let (api, rec, server, source, calls) = start();
     rec.wait("the initial state", |s| s.nodes.len() == 2).await;
     let lists_before = api.lock().unwrap().lists.get(NODES).copied().unwrap_or(0);
     {
@@ -328,18 +370,31 @@ async fn a_410_gone_relists_and_picks_up_missed_changes() {
     );
     source.abort();
     server.abort();
+    calls.assert_allowed_by_the_chart();
 }
 
 #[tokio::test]
 async fn an_api_server_outage_keeps_the_last_state_and_recovers() {
-    let (api, rec, server, source) = start();
+    let (api, rec, server, source, calls) = start();
     let before = rec
         .wait("the initial state", |s| s.services.contains_key(&web()))
         .await;
+    let delivered = rec.count();
     api.lock().unwrap().down = true;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Every required watcher hit the outage, and retried (so handed on its error) first.
+    until(&api, "every required watch refused twice", |a| {
+        REQUIRED
+            .iter()
+            .all(|p| a.refused.get(*p).is_some_and(|n| *n >= 2))
+    })
+    .await;
     // Nothing was withdrawn while the API server was away.
     assert_eq!(rec.0.lock().unwrap().last().unwrap(), &before);
+    assert_eq!(
+        rec.count(),
+        delivered,
+        "nothing delivered during the outage"
+    );
     api.lock().unwrap().down = false;
     let mut svc = fixture("services.json")["items"][1].clone();
     svc["spec"]["ports"]
@@ -355,6 +410,7 @@ async fn an_api_server_outage_keeps_the_last_state_and_recovers() {
     .await;
     source.abort();
     server.abort();
+    calls.assert_allowed_by_the_chart();
 }
 
 #[tokio::test]
@@ -365,14 +421,23 @@ async fn nothing_is_delivered_until_every_required_kind_has_listed() {
     api.lock().unwrap().broken.insert(EXPORTS);
     // The optional kinds may be missing entirely (their CRDs or APIs not installed).
     api.lock().unwrap().kinds.remove(PROPS);
-    let server = tokio::spawn(serve(handle, api.clone()));
+    let calls = common::Calls::default();
+    let server = tokio::spawn(serve(handle, api.clone(), calls.clone()));
     let rec = Recorder::default();
     let source = tokio::spawn(trellis_controller::kube_source::run_with(
         client,
         rec.clone(),
         Duration::from_millis(20),
     ));
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The other required kinds listed and their watchers moved on to watching (so their
+    // lists were handed on), and ServiceExports failed twice (so after those lists too).
+    until(&api, "the other kinds listed and exports failing", |a| {
+        [NODES, SERVICES, SLICES]
+            .iter()
+            .all(|p| a.watches.contains_key(*p))
+            && a.failed.get(EXPORTS).is_some_and(|n| *n >= 2)
+    })
+    .await;
     assert_eq!(
         rec.count(),
         0,
@@ -387,6 +452,7 @@ async fn nothing_is_delivered_until_every_required_kind_has_listed() {
     assert_eq!(s.cluster_id, None, "no ClusterProperty API: no ID from it");
     source.abort();
     server.abort();
+    calls.assert_allowed_by_the_chart();
 }
 
 #[tokio::test]
@@ -395,7 +461,8 @@ async fn the_settings_configmap_switches_node_encryption_at_runtime() {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "default");
     let api = Arc::new(Mutex::new(FakeApi::new()));
-    let server = tokio::spawn(serve(handle, api.clone()));
+    let calls = common::Calls::default();
+    let server = tokio::spawn(serve(handle, api.clone(), calls.clone()));
     let hub = Hub::new(
         HubConfig {
             id: "east".parse().unwrap(),
@@ -417,13 +484,10 @@ async fn the_settings_configmap_switches_node_encryption_at_runtime() {
     let wait = |want: bool| {
         let hub = hub.clone();
         async move {
-            for _ in 0..500 {
-                if hub.status().node_encryption == want {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            panic!("node encryption never became {want}");
+            eventually_async(&format!("node encryption {want}"), WAIT, || async {
+                (hub.status().node_encryption == want).then_some(())
+            })
+            .await
         }
     };
     // The listed ConfigMap says false.
@@ -439,10 +503,11 @@ async fn the_settings_configmap_switches_node_encryption_at_runtime() {
     api.lock()
         .unwrap()
         .push(SETTINGS, "ConfigMap", "v1", "MODIFIED", cm);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    consumed(&api, SETTINGS).await;
     assert!(hub.status().node_encryption);
     task.abort();
     server.abort();
+    calls.assert_allowed_by_the_chart();
 }
 
 #[tokio::test]
@@ -454,9 +519,11 @@ async fn the_cluster_id_comes_from_the_cluster_property() {
         let second = trellis_controller::kube_source::cluster_id(client).await;
         (first, second)
     });
+    let calls = common::Calls::default();
     let mut prop = fixture("clusterproperties.json")["items"][0].clone();
     for value in ["east", "East_1"] {
         let (req, send) = handle.next_request().await.unwrap();
+        calls.record(&req);
         assert_eq!(
             req.uri().path(),
             "/apis/about.k8s.io/v1alpha1/clusterproperties/cluster.clusterset.k8s.io"
@@ -471,7 +538,17 @@ async fn the_cluster_id_comes_from_the_cluster_property() {
     }
     let (first, second) = task.await.unwrap();
     assert_eq!(first.unwrap().as_str(), "east");
-    assert!(second.unwrap_err().to_string().contains("lowercase"));
+    let err = second.unwrap_err();
+    assert!(
+        trellis_core::error_chain(&err).contains("lowercase"),
+        "{}",
+        trellis_core::error_chain(&err)
+    );
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the cause is kept"
+    );
+    calls.assert_allowed_by_the_chart();
 }
 
 #[tokio::test]
@@ -487,8 +564,10 @@ async fn service_exports_get_a_valid_condition() {
         reason,
         message: "m".into(),
     };
+    let calls = common::Calls::default();
     tx.send_replace(ExportStatuses::from([(web(), status(false, "NoService"))]));
     let (req, send) = handle.next_request().await.unwrap();
+    calls.record(&req);
     assert_eq!(req.method(), http::Method::PATCH);
     assert_eq!(
         req.uri().path(),
@@ -522,6 +601,7 @@ async fn service_exports_get_a_valid_condition() {
         .await
         .unwrap()
         .unwrap();
+    calls.record(&req);
     let body: Value =
         serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
     assert_eq!(body["status"]["conditions"][0]["status"], "True");
@@ -536,4 +616,5 @@ async fn service_exports_get_a_valid_condition() {
         .await
         .unwrap()
         .unwrap();
+    calls.assert_allowed_by_the_chart();
 }

@@ -2,37 +2,37 @@
 //! gateway registrations, the remote states from peering sessions, and the views published to
 //! peering sessions (local state + recent deltas), gateways and DNS (the mesh view).
 //!
+//! The hub only holds the parts under one lock and publishes; each responsibility lives in
+//! its own module: [`crate::source`] (composing the local state), [`crate::gateways`],
+//! [`crate::sessions`], [`crate::mesh`] (remotes, leases, admission), [`crate::status`] (the
+//! `/status` document), [`crate::store`] (what survives a restart) and [`crate::metrics`].
+//! Its entry points are grouped by caller: `peers` (peering sessions), `nodes` (gateways),
+//! `persistence` (the store).
+//!
 //! Every method takes the lock briefly, decides with the pure pieces (`ClusterState::diff`,
 //! [`Mesh`], [`Imports::build`]) and publishes through `watch` channels, so slow subscribers
 //! never hold up the rest: they skip to the newest view (and resync with a snapshot when the
 //! deltas they need are gone).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 use tokio::sync::watch;
-use trellis_core::cluster::{
-    ClusterError, ClusterId, ClusterState, Delta, ExportedService, NodeGateway, NodeState,
-    ServiceKey,
-};
+use trellis_core::cluster::{ClusterId, ClusterState, Delta};
 use trellis_core::imports::Imports;
-use trellis_core::status::{GatewayReport, ReportError};
 
-use crate::gateway::GatewayRegistration;
+use crate::gateways::Gateways;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
+use crate::sessions::Sessions;
+use crate::source::SourceState;
+use crate::status::{ControllerStatus, StatusParts};
 
-/// What a source (Kubernetes or the static file) knows of the cluster.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SourceState {
-    /// The cluster ID the source found (KEP-2149 `cluster.clusterset.k8s.io`), if any.
-    pub cluster_id: Option<ClusterId>,
-    pub service_cidrs: Vec<IpNet>,
-    pub nodes: BTreeMap<String, NodeState>,
-    pub services: BTreeMap<ServiceKey, ExportedService>,
-}
+mod nodes;
+mod peers;
+mod persistence;
 
 /// The local state as peering sessions need it.
 #[derive(Debug)]
@@ -76,69 +76,20 @@ pub struct HubConfig {
     pub startup_grace: Duration,
 }
 
-/// The controller's status, as JSON on `GET /status`: defined in `trellis-core` so that
-/// `trellis status` reads exactly what is served.
-pub use trellis_core::status::{ControllerStatus, NodeStatus, RemoteStatus};
-
-/// Why a second session with the same peer ID is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SessionRefusal {
-    /// The same cluster connected twice (both sides dialed): one connection is kept.
-    #[error("already peered with cluster {peer} over a connection dialed by {kept_dialer}")]
-    Duplicate {
-        peer: ClusterId,
-        kept_dialer: ClusterId,
-    },
-    /// Another cluster holds a certificate for the same ID.
-    #[error(
-        "two clusters claim the cluster ID {peer}: connected from {existing} and now from {new} \
-         with a different certificate"
-    )]
-    DuplicateClusterId {
-        peer: ClusterId,
-        existing: std::net::SocketAddr,
-        new: std::net::SocketAddr,
-    },
-}
-
-/// Held by a running peering session; `cancelled` fires when another session replaces it.
-#[derive(Debug)]
-pub struct SessionTicket {
-    pub peer: ClusterId,
-    pub id: u64,
-    pub cancelled: watch::Receiver<bool>,
-}
-
-#[derive(Debug)]
-struct SessionSlot {
-    id: u64,
-    dialer: ClusterId,
-    cancel: watch::Sender<bool>,
-    /// The peer's leaf certificate (DER) and address.
-    cert: Arc<[u8]>,
-    remote: std::net::SocketAddr,
-}
-
 #[derive(Debug)]
 struct Inner {
     source: Option<SourceState>,
-    registrations: BTreeMap<String, GatewayRegistration>,
-    gateways_connected: usize,
-    /// Open gateway streams per node (a reconnect may overlap the old stream briefly).
-    gateway_streams: BTreeMap<String, usize>,
-    /// Each node's latest gateway report and when it arrived.
-    reports: BTreeMap<String, (GatewayReport, Instant)>,
+    gateways: Gateways,
     local: Arc<ClusterState>,
     recent: VecDeque<Arc<Delta>>,
     mesh: Mesh,
     view_revision: u64,
     imports: Arc<Imports>,
     node_encryption: bool,
-    sessions: BTreeMap<ClusterId, SessionSlot>,
-    next_session: u64,
+    sessions: Sessions,
     configured: Vec<ClusterId>,
     started: Instant,
-    seen_since_start: std::collections::BTreeSet<ClusterId>,
+    seen_since_start: BTreeSet<ClusterId>,
     grace_over: bool,
     restored: bool,
 }
@@ -158,18 +109,14 @@ impl Hub {
         let local = ClusterState::new(cfg.id.clone(), cfg.name.clone());
         let inner = Inner {
             source: None,
-            registrations: BTreeMap::new(),
-            gateways_connected: 0,
-            gateway_streams: BTreeMap::new(),
-            reports: BTreeMap::new(),
+            gateways: Gateways::default(),
             local: Arc::new(local),
             recent: VecDeque::new(),
             mesh: Mesh::new(cfg.lease),
             view_revision: 0,
             imports: Arc::new(Imports::default()),
             node_encryption: cfg.node_encryption,
-            sessions: BTreeMap::new(),
-            next_session: 0,
+            sessions: Sessions::default(),
             configured: Vec::new(),
             started: Instant::now(),
             seen_since_start: Default::default(),
@@ -222,87 +169,22 @@ impl Hub {
     /// its gateway's registration, stream and latest report (aged to now).
     pub fn status(&self) -> ControllerStatus {
         let inner = self.lock();
-        let now = Instant::now();
-        let wall = SystemTime::now();
-        let remotes = inner
-            .configured
-            .iter()
-            .map(|id| {
-                let r = inner.mesh.get(id);
-                let session = inner.sessions.contains_key(id);
-                RemoteStatus {
-                    cluster: id.clone(),
-                    session,
-                    synced: r.is_some(),
-                    ready: session && r.is_some_and(|r| r.connected && r.refused.is_none()),
-                    revision: r.map(|r| r.state.revision),
-                    last_sync_age_seconds: r
-                        .map(|r| wall.duration_since(r.last_sync).map_or(0, |d| d.as_secs())),
-                    lag_seconds: r.map(|r| now.saturating_duration_since(r.last_heard).as_secs()),
-                    last_sync_unix: r.and_then(|r| {
-                        r.last_sync
-                            .duration_since(SystemTime::UNIX_EPOCH)
-                            .ok()
-                            .map(|d| d.as_secs())
-                    }),
-                    nodes: r.map_or(0, |r| r.state.nodes.len()),
-                    services: r.map_or(0, |r| r.state.services.len()),
-                    endpoints: r.map_or(0, |r| r.state.endpoint_count()),
-                    refused: r
-                        .and_then(|r| r.refused.as_ref())
-                        .map(|c| c.iter().map(|c| c.to_string()).collect())
-                        .unwrap_or_default(),
-                }
-            })
-            .collect();
-        let mut names: std::collections::BTreeSet<&String> = inner.registrations.keys().collect();
-        names.extend(inner.reports.keys());
-        if let Some(source) = &inner.source {
-            names.extend(source.nodes.keys());
-        }
-        let nodes = names
-            .into_iter()
-            .map(|node| {
-                let registration = inner.registrations.get(node);
-                let report = inner.reports.get(node).map(|(report, at)| {
-                    let age = now.saturating_duration_since(*at).as_secs();
-                    (report.aged(age), age)
-                });
-                NodeStatus {
-                    node: node.clone(),
-                    in_source: inner
-                        .source
-                        .as_ref()
-                        .is_some_and(|s| s.nodes.contains_key(node)),
-                    registered: registration.is_some(),
-                    connected: inner.gateway_streams.get(node).is_some_and(|n| *n > 0),
-                    endpoint: registration.map(|r| r.endpoint),
-                    report_age_seconds: report.as_ref().map(|(_, age)| *age),
-                    report: report.map(|(report, _)| report),
-                }
-            })
-            .collect();
-        ControllerStatus {
-            cluster: self.cfg.id.clone(),
-            name: self.cfg.name.clone(),
-            source_synced: inner.source.is_some(),
-            revision: inner.local.revision,
-            mesh_revision: inner.view_revision,
-            node_encryption: inner.node_encryption,
-            gateways_connected: inner.gateways_connected,
-            remotes,
-            nodes,
-        }
-    }
-
-    /// A copy of the remote states we hold, admitted or not.
-    pub fn remote_states(&self) -> BTreeMap<ClusterId, Arc<ClusterState>> {
-        self.lock()
-            .mesh
-            .remotes()
-            .iter()
-            .map(|(id, r)| (id.clone(), r.state.clone()))
-            .collect()
+        crate::status::document(
+            &StatusParts {
+                cluster: &self.cfg.id,
+                name: &self.cfg.name,
+                configured: &inner.configured,
+                mesh: &inner.mesh,
+                sessions: &inner.sessions,
+                gateways: &inner.gateways,
+                source: inner.source.as_ref(),
+                revision: inner.local.revision,
+                mesh_revision: inner.view_revision,
+                node_encryption: inner.node_encryption,
+            },
+            Instant::now(),
+            SystemTime::now(),
+        )
     }
 
     pub fn set_configured_peers(&self, peers: Vec<ClusterId>) {
@@ -320,9 +202,7 @@ impl Hub {
         inner.configured = peers;
         for id in gone {
             inner.mesh.withdraw(&id);
-            if let Some(slot) = inner.sessions.remove(&id) {
-                let _ = slot.cancel.send(true);
-            }
+            inner.sessions.cancel(&id);
         }
         self.republish(&mut inner);
     }
@@ -343,53 +223,6 @@ impl Hub {
         self.recompose(&mut inner);
     }
 
-    /// A node's gateway registered (or re-registered with a new key or endpoint).
-    pub fn register_gateway(&self, reg: GatewayRegistration) {
-        let mut inner = self.lock();
-        if let Some(src) = &inner.source
-            && !src.nodes.contains_key(&reg.node)
-        {
-            tracing::warn!(
-                node = %reg.node,
-                "a gateway registered for a node the source does not know; it takes effect when the node appears"
-            );
-        }
-        *inner.gateway_streams.entry(reg.node.clone()).or_default() += 1;
-        inner.registrations.insert(reg.node.clone(), reg);
-        inner.gateways_connected += 1;
-        self.metrics
-            .gateways_registered
-            .set(i64::try_from(inner.gateways_connected).unwrap_or(i64::MAX));
-        self.recompose(&mut inner);
-    }
-
-    /// The gateway of `node` (registered on this stream) reported. A report for another node,
-    /// or one out of bounds, is refused (and counted) and changes nothing.
-    pub fn gateway_report(&self, node: &str, report: GatewayReport) -> Result<(), ReportError> {
-        if let Err(e) = report.validate(node) {
-            self.metrics.gateway_report("rejected");
-            return Err(e);
-        }
-        self.metrics.gateway_report("accepted");
-        self.lock()
-            .reports
-            .insert(node.to_string(), (report, Instant::now()));
-        Ok(())
-    }
-
-    /// The stream of `node`'s gateway ended; its registration (and so its node's peers
-    /// elsewhere) stays: the data plane keeps running on the last state.
-    pub fn gateway_disconnected(&self, node: &str) {
-        let mut inner = self.lock();
-        if let Some(streams) = inner.gateway_streams.get_mut(node) {
-            *streams = streams.saturating_sub(1);
-        }
-        inner.gateways_connected = inner.gateways_connected.saturating_sub(1);
-        self.metrics
-            .gateways_registered
-            .set(i64::try_from(inner.gateways_connected).unwrap_or(i64::MAX));
-    }
-
     pub fn set_node_encryption(&self, on: bool) {
         let mut inner = self.lock();
         if inner.node_encryption != on {
@@ -403,23 +236,13 @@ impl Hub {
         let Some(source) = &inner.source else {
             return;
         };
-        let mut next = ClusterState::new(self.cfg.id.clone(), self.cfg.name.clone());
+        let mut next = source.compose(
+            &self.cfg.id,
+            &self.cfg.name,
+            &self.cfg.service_cidrs,
+            &inner.gateways.registrations,
+        );
         next.revision = inner.local.revision;
-        next.service_cidrs = if source.service_cidrs.is_empty() {
-            self.cfg.service_cidrs.clone()
-        } else {
-            source.service_cidrs.clone()
-        };
-        next.services = source.services.clone();
-        next.nodes = source.nodes.clone();
-        for (name, node) in next.nodes.iter_mut() {
-            if let Some(reg) = inner.registrations.get(name) {
-                node.gateway = Some(NodeGateway {
-                    endpoint: reg.endpoint,
-                    public_key: reg.public_key,
-                });
-            }
-        }
         let first = self.local_tx.borrow().is_none();
         if !first && next.diff(&inner.local).is_empty() {
             return;
@@ -440,60 +263,6 @@ impl Hub {
             recent: inner.recent.iter().cloned().collect(),
         })));
         self.republish(inner);
-    }
-
-    /// Serves the state saved before a restart until the sources and peers resync: the local
-    /// state goes to peers, the view to gateways and DNS, remotes count as disconnected. Only
-    /// before the first source sync, and only a state of this cluster.
-    pub fn restore(&self, p: crate::store::Persisted) {
-        let mut inner = self.lock();
-        if inner.source.is_some() || p.local.id != self.cfg.id {
-            tracing::warn!(saved = %p.local.id, "not restoring a saved state of another cluster or after the sources synced");
-            return;
-        }
-        tracing::info!(
-            revision = p.local.revision,
-            remotes = p.remotes.len(),
-            "serving the state saved before the restart until the sources resync"
-        );
-        inner.local = Arc::new(p.local);
-        inner.registrations = p
-            .registrations
-            .into_iter()
-            .map(|r| (r.node.clone(), r))
-            .collect();
-        inner.node_encryption = p.node_encryption;
-        let now = Instant::now();
-        for remote in p.remotes {
-            inner.seen_since_start.insert(remote.id.clone());
-            inner.mesh.restore(remote, now, SystemTime::now());
-        }
-        inner.restored = true;
-        self.local_tx.send_replace(Some(Arc::new(LocalPublish {
-            state: inner.local.clone(),
-            recent: Vec::new(),
-        })));
-        self.republish(&mut inner);
-    }
-
-    /// What [`crate::store`] saves; `None` until there is something real to save.
-    pub fn persisted(&self) -> Option<crate::store::Persisted> {
-        let inner = self.lock();
-        if inner.source.is_none() && !inner.restored {
-            return None;
-        }
-        Some(crate::store::Persisted {
-            version: crate::store::STORE_VERSION,
-            local: (*inner.local).clone(),
-            registrations: inner.registrations.values().cloned().collect(),
-            remotes: inner
-                .mesh
-                .remotes()
-                .values()
-                .map(|r| (*r.state).clone())
-                .collect(),
-            node_encryption: inner.node_encryption,
-        })
     }
 
     /// Re-decides admission and publishes a new mesh view.
@@ -538,206 +307,19 @@ impl Hub {
     }
 
     fn update_remote_metrics(&self, inner: &Inner) {
-        let m = &self.metrics;
-        let mut connected = 0;
-        for id in &inner.configured {
-            let l = [id.as_str()];
-            match inner.mesh.get(id) {
-                Some(r) => {
-                    if r.connected {
-                        connected += 1;
-                    }
-                    let ready = r.connected && r.refused.is_none();
-                    m.remote_cluster_ready
-                        .with_label_values(&l)
-                        .set(i64::from(ready));
-                    m.remote_cluster_refused
-                        .with_label_values(&l)
-                        .set(i64::from(r.refused.is_some()));
-                    let ts = r
-                        .last_sync
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map(|d| d.as_secs_f64())
-                        .unwrap_or(0.0);
-                    m.last_sync_timestamp.with_label_values(&l).set(ts);
-                    m.sync_lag
-                        .with_label_values(&l)
-                        .set(r.last_heard.elapsed().as_secs_f64());
-                    let admitted = r.refused.is_none();
-                    let svcs = if admitted { r.state.services.len() } else { 0 };
-                    let eps = if admitted {
-                        r.state.endpoint_count()
-                    } else {
-                        0
-                    };
-                    m.imported_services
-                        .with_label_values(&l)
-                        .set(i64::try_from(svcs).unwrap_or(i64::MAX));
-                    m.imported_endpoints
-                        .with_label_values(&l)
-                        .set(i64::try_from(eps).unwrap_or(i64::MAX));
-                }
-                None => {
-                    m.remote_cluster_ready.with_label_values(&l).set(0);
-                    m.remote_cluster_refused.with_label_values(&l).set(0);
-                    m.imported_services.with_label_values(&l).set(0);
-                    m.imported_endpoints.with_label_values(&l).set(0);
-                }
-            }
-        }
-        m.remote_clusters_connected.set(connected);
-    }
-
-    /// Opens a session slot for `peer`. A connection presenting a different certificate for
-    /// the ID of a live session is another cluster claiming that ID: refused. Between two
-    /// connections of the same cluster, the one dialed by the cluster with the smaller ID wins
-    /// on both sides; a reconnect by the same dialer replaces the old connection.
-    pub fn session_start(
-        &self,
-        peer: &ClusterId,
-        dialer: &ClusterId,
-        cert: &[u8],
-        remote: std::net::SocketAddr,
-    ) -> Result<SessionTicket, SessionRefusal> {
-        let mut inner = self.lock();
-        if let Some(existing) = inner.sessions.get(peer) {
-            if *existing.cert != *cert {
-                return Err(SessionRefusal::DuplicateClusterId {
-                    peer: peer.clone(),
-                    existing: existing.remote,
-                    new: remote,
-                });
-            }
-            if existing.dialer < *dialer {
-                return Err(SessionRefusal::Duplicate {
-                    peer: peer.clone(),
-                    kept_dialer: existing.dialer.clone(),
-                });
-            }
-        }
-        if let Some(old) = inner.sessions.remove(peer) {
-            let _ = old.cancel.send(true);
-        }
-        inner.next_session += 1;
-        let id = inner.next_session;
-        let (cancel, cancelled) = watch::channel(false);
-        inner.sessions.insert(
-            peer.clone(),
-            SessionSlot {
-                id,
-                dialer: dialer.clone(),
-                cancel,
-                cert: cert.into(),
-                remote,
-            },
-        );
-        Ok(SessionTicket {
-            peer: peer.clone(),
-            id,
-            cancelled,
-        })
-    }
-
-    /// Whether a session with `peer` is running.
-    pub fn is_connected(&self, peer: &ClusterId) -> bool {
-        self.lock().sessions.contains_key(peer)
-    }
-
-    /// The session ended; the peer's state stays until its lease runs out.
-    pub fn session_end(&self, ticket: &SessionTicket) {
-        let mut inner = self.lock();
-        if inner.sessions.get(&ticket.peer).map(|s| s.id) == Some(ticket.id) {
-            inner.sessions.remove(&ticket.peer);
-            inner.mesh.disconnected(&ticket.peer);
-            self.update_remote_metrics(&inner);
-        }
-    }
-
-    pub fn peer_snapshot(&self, state: ClusterState) {
-        let mut inner = self.lock();
-        tracing::info!(
-            cluster = %state.id,
-            revision = state.revision,
-            nodes = state.nodes.len(),
-            services = state.services.len(),
-            "received a snapshot"
-        );
-        inner.seen_since_start.insert(state.id.clone());
-        inner
-            .mesh
-            .snapshot(state, Instant::now(), SystemTime::now());
-        self.republish(&mut inner);
-    }
-
-    pub fn peer_delta(&self, delta: &Delta) -> Result<(), ClusterError> {
-        let mut inner = self.lock();
-        inner.mesh.delta(delta, Instant::now(), SystemTime::now())?;
-        self.republish(&mut inner);
-        Ok(())
-    }
-
-    pub fn peer_heard(&self, peer: &ClusterId) {
-        self.lock().mesh.heard(peer, Instant::now());
-    }
-
-    /// Withdraws a peer's state at once (its lease expired while connected).
-    pub fn withdraw(&self, peer: &ClusterId) {
-        let mut inner = self.lock();
-        if inner.mesh.withdraw(peer) {
-            tracing::warn!(cluster = %peer, "withdrew a remote cluster's nodes and endpoints");
-            self.republish(&mut inner);
-        }
-    }
-
-    /// Withdraws disconnected peers whose lease ran out; returns when to call again.
-    pub fn expire(&self, now: Instant) -> Option<Instant> {
-        let mut inner = self.lock();
-        if !inner.grace_over
-            && now.saturating_duration_since(inner.started) >= self.cfg.startup_grace
-        {
-            inner.grace_over = true;
-            let missing: Vec<String> = inner
-                .configured
-                .iter()
-                .filter(|c| !inner.seen_since_start.contains(*c))
-                .map(ToString::to_string)
-                .collect();
-            if !missing.is_empty() {
-                tracing::info!(
-                    missing = missing.join(","),
-                    "startup grace over; serving gateways and DNS without the missing peers"
-                );
-                self.republish(&mut inner);
-            }
-        }
-        let expired = inner.mesh.expire(now);
-        for id in &expired {
-            tracing::warn!(cluster = %id, "lease expired; withdrew its nodes and endpoints");
-        }
-        if !expired.is_empty() {
-            self.republish(&mut inner);
-        } else {
-            self.update_remote_metrics(&inner);
-        }
-        inner.mesh.next_expiry()
-    }
-
-    /// Runs [`Hub::expire`] forever, at least once a second.
-    pub async fn run_expiry(self) {
-        loop {
-            let next = self.expire(Instant::now());
-            let cap = Instant::now() + Duration::from_secs(1);
-            let at = next.map_or(cap, |n| n.min(cap));
-            tokio::time::sleep_until(at.into()).await;
-        }
+        self.metrics.record_remotes(&inner.configured, &inner.mesh);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_core::cluster::PublicKey;
+    use std::collections::BTreeMap;
     use trellis_core::cluster::fixture::{cluster, id, service};
+    use trellis_core::cluster::{PublicKey, ServiceKey};
+
+    use crate::gateway::GatewayRegistration;
+    use crate::sessions::SessionRefusal;
 
     fn hub(id_: &str) -> Hub {
         Hub::new(

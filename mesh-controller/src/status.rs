@@ -1,0 +1,109 @@
+//! The controller's status document, as JSON on `GET /status` (defined in `trellis-core` so
+//! that `trellis status` reads exactly what is served), built purely from the hub's parts.
+
+use std::collections::BTreeSet;
+use std::time::{Instant, SystemTime};
+
+use trellis_core::cluster::ClusterId;
+
+pub use trellis_core::status::{ControllerStatus, NodeStatus, RemoteStatus};
+
+use crate::gateways::Gateways;
+use crate::mesh::Mesh;
+use crate::sessions::Sessions;
+use crate::source::SourceState;
+
+/// What the status document is built from.
+#[derive(Debug)]
+pub struct StatusParts<'a> {
+    pub cluster: &'a ClusterId,
+    pub name: &'a str,
+    pub configured: &'a [ClusterId],
+    pub mesh: &'a Mesh,
+    pub sessions: &'a Sessions,
+    pub gateways: &'a Gateways,
+    pub source: Option<&'a SourceState>,
+    pub revision: u64,
+    pub mesh_revision: u64,
+    pub node_encryption: bool,
+}
+
+/// Every configured peer with its connection, revision, sync age and lag, counts and, when
+/// refused, why; every node with its gateway's registration, stream and latest report (aged
+/// to `now`).
+pub fn document(parts: &StatusParts<'_>, now: Instant, wall: SystemTime) -> ControllerStatus {
+    let remotes = parts
+        .configured
+        .iter()
+        .map(|id| remote_status(parts, id, now, wall))
+        .collect();
+    let gateways = parts.gateways;
+    let mut names: BTreeSet<&String> = gateways.registrations.keys().collect();
+    names.extend(gateways.reports.keys());
+    if let Some(source) = parts.source {
+        names.extend(source.nodes.keys());
+    }
+    let nodes = names
+        .into_iter()
+        .map(|node| {
+            let registration = gateways.registrations.get(node);
+            let report = gateways.reports.get(node).map(|(report, at)| {
+                let age = now.saturating_duration_since(*at).as_secs();
+                (report.aged(age), age)
+            });
+            NodeStatus {
+                node: node.clone(),
+                in_source: parts.source.is_some_and(|s| s.nodes.contains_key(node)),
+                registered: registration.is_some(),
+                connected: gateways.is_connected(node),
+                endpoint: registration.map(|r| r.endpoint),
+                report_age_seconds: report.as_ref().map(|(_, age)| *age),
+                report: report.map(|(report, _)| report),
+            }
+        })
+        .collect();
+    ControllerStatus {
+        cluster: parts.cluster.clone(),
+        name: parts.name.to_owned(),
+        source_synced: parts.source.is_some(),
+        revision: parts.revision,
+        mesh_revision: parts.mesh_revision,
+        node_encryption: parts.node_encryption,
+        gateways_connected: gateways.connected,
+        remotes,
+        nodes,
+    }
+}
+
+fn remote_status(
+    parts: &StatusParts<'_>,
+    id: &ClusterId,
+    now: Instant,
+    wall: SystemTime,
+) -> RemoteStatus {
+    let r = parts.mesh.get(id);
+    let session = parts.sessions.contains(id);
+    RemoteStatus {
+        cluster: id.clone(),
+        session,
+        synced: r.is_some(),
+        ready: session && r.is_some_and(|r| r.connected && r.refused.is_none()),
+        revision: r.map(|r| r.state.revision),
+        last_sync_age_seconds: r
+            .map(|r| wall.duration_since(r.last_sync).map_or(0, |d| d.as_secs())),
+        lag_seconds: r.map(|r| now.saturating_duration_since(r.last_heard).as_secs()),
+        last_sync_unix: r.and_then(|r| {
+            r.last_sync
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs())
+        }),
+        nodes: r.map_or(0, |r| r.state.nodes.len()),
+        services: r.map_or(0, |r| r.state.services.len()),
+        endpoints: r.map_or(0, |r| r.state.endpoint_count()),
+        refused: r
+            .and_then(|r| r.refused.as_ref())
+            .map(|c| c.iter().map(|c| c.to_string()).collect())
+            .unwrap_or_default(),
+    }
+}

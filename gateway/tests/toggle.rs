@@ -5,8 +5,8 @@
 //! underlay records every frame from before the first switch. Asserted: the TCP bytes intact,
 //! every switch visible on the wire, and no pod-to-pod plaintext from a node between the moment
 //! its switch on took effect and the moment its next switch off began (so none while both are
-//! on, and none in the final phase); and, in a second test that is ignored while today's
-//! gateway fails it, no datagram lost. Runs as root, in namespaces it creates.
+//! on, and none in the final phase); and no datagram lost. Runs as root, in namespaces it
+//! creates.
 
 mod common;
 
@@ -300,26 +300,11 @@ fn drops(node: &Node) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switching_encryption_keeps_tcp_intact_and_leaks_no_plaintext() {
+async fn switching_encryption_loses_no_datagram_keeps_tcp_intact_and_leaks_no_plaintext() {
     trellis_test_support::skip_unless_root!();
+    // Lossless because every node keeps its peers in both modes: while one node of the pair
+    // encrypts and the other does not yet (or no longer), the plain one still decrypts.
     let lost = switch_under_load("gw-toggle").await;
-    if !lost.is_empty() {
-        eprintln!(
-            "datagrams were lost (asserted by switching_encryption_loses_no_datagram):\n{}",
-            lost.join("\n")
-        );
-    }
-}
-
-/// The same run, asserting that no datagram is lost. It fails with today's gateway: while one
-/// node is on and the other off, the node still (or already) plain has no WireGuard peer for
-/// the other, so what the encrypting node sends it is dropped as `no_peer` (or waits in the
-/// handshake queue and overflows it) until the second node switches.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails today (issue 18): datagrams sent while the two nodes disagree are lost; run with --ignored"]
-async fn switching_encryption_loses_no_datagram() {
-    trellis_test_support::skip_unless_root!();
-    let lost = switch_under_load("gw-toggle-loss").await;
     assert!(lost.is_empty(), "datagrams lost:\n{}", lost.join("\n"));
 }
 

@@ -7,8 +7,9 @@
 //! Rules:
 //! * every node of every admitted remote cluster with a registered gateway is a peer, with its
 //!   pod CIDRs as allowed IPs; the remote's service CIDRs go to its first such node (by name);
-//! * the other nodes of the local cluster are peers only when node encryption is on (their pod
-//!   CIDRs and own addresses as allowed IPs); when it is off their pod CIDRs are plain routes
+//! * the other nodes of the local cluster are peers in both modes (their pod CIDRs and own
+//!   addresses as allowed IPs), so a switch of node encryption loses nothing while the two ends
+//!   of a pair disagree; with it on their pod CIDRs are routed into the tunnel, with it off
 //!   via their internal address;
 //! * every remote pod and service CIDR is routed into the tunnel whether or not a peer for it is
 //!   known yet, so traffic fails closed instead of leaking to the default route.
@@ -46,35 +47,33 @@ pub fn desired_for(
         if name == node {
             continue;
         }
-        if node_encryption {
-            if let Some(gw) = &n.gateway {
-                peers.push(PeerSpec {
-                    cluster: local.id.clone(),
-                    node: name.clone(),
-                    public_key: gw.public_key,
-                    endpoint: gw.endpoint,
-                    allowed_ips: local_peer_allowed_ips(n),
-                    persistent_keepalive: None,
-                });
-            }
-            for cidr in &n.pod_cidrs {
+        // A peer in both modes: the two ends of a pair take a switch at different moments, and
+        // the one already (or still) encrypting must find a peer at the other to decrypt. The
+        // routes alone decide whether this node encrypts.
+        if let Some(gw) = &n.gateway {
+            peers.push(PeerSpec {
+                cluster: local.id.clone(),
+                node: name.clone(),
+                public_key: gw.public_key,
+                endpoint: gw.endpoint,
+                allowed_ips: local_peer_allowed_ips(n),
+                persistent_keepalive: None,
+            });
+        }
+        for cidr in &n.pod_cidrs {
+            let via = if node_encryption {
+                Some(RouteVia::Tunnel)
+            } else {
+                n.internal_ips
+                    .iter()
+                    .find(|ip| ip.is_ipv4() == cidr.addr().is_ipv4())
+                    .map(|address| RouteVia::Node { address: *address })
+            };
+            if let Some(via) = via {
                 routes.push(RouteSpec {
                     destination: *cidr,
-                    via: RouteVia::Tunnel,
+                    via,
                 });
-            }
-        } else {
-            for cidr in &n.pod_cidrs {
-                let address = n
-                    .internal_ips
-                    .iter()
-                    .find(|ip| ip.is_ipv4() == cidr.addr().is_ipv4());
-                if let Some(address) = address {
-                    routes.push(RouteSpec {
-                        destination: *cidr,
-                        via: RouteVia::Node { address: *address },
-                    });
-                }
             }
         }
     }
@@ -143,21 +142,45 @@ mod tests {
     }
 
     #[test]
-    fn remote_nodes_are_always_peers_and_local_nodes_only_when_encrypted() {
+    fn every_node_is_a_peer_in_both_modes_and_the_mode_picks_the_routes() {
         let local = with_nodes(cluster("a", "10.1.0.0/24", "10.96.0.0/16"), 1, 3);
         let remote = with_nodes(cluster("b", "10.2.0.0/24", "10.97.0.0/16"), 2, 2);
         let off = desired_for("node-0", &local, &[&remote], false, 1);
-        assert_eq!(off.peers.len(), 2);
-        assert!(off.peers.iter().all(|p| p.cluster.as_str() == "b"));
-        assert_eq!(off.peers[0].persistent_keepalive, Some(REMOTE_KEEPALIVE));
+        let names = |d: &GatewayDesired| -> Vec<String> {
+            d.peers
+                .iter()
+                .map(|p| format!("{}/{}", p.cluster, p.node))
+                .collect()
+        };
+        // Local peers stay while encryption is off: the other end may not have switched yet.
+        assert_eq!(
+            names(&off),
+            ["a/node-1", "a/node-2", "b/node-0", "b/node-1"]
+        );
+        let remotes: Vec<_> = off
+            .peers
+            .iter()
+            .filter(|p| p.cluster.as_str() == "b")
+            .collect();
+        assert!(
+            remotes
+                .iter()
+                .all(|p| p.persistent_keepalive == Some(REMOTE_KEEPALIVE))
+        );
+        assert!(
+            off.peers
+                .iter()
+                .filter(|p| p.cluster.as_str() == "a")
+                .all(|p| p.persistent_keepalive.is_none())
+        );
         // The remote's service CIDR rides with its first node.
         assert!(
-            off.peers[0]
+            remotes[0]
                 .allowed_ips
                 .contains(&"10.97.0.0/16".parse().unwrap())
         );
         assert!(
-            !off.peers[1]
+            !remotes[1]
                 .allowed_ips
                 .contains(&"10.97.0.0/16".parse().unwrap())
         );
@@ -179,7 +202,7 @@ mod tests {
         );
 
         let on = desired_for("node-0", &local, &[&remote], true, 2);
-        assert_eq!(on.peers.len(), 4);
+        assert_eq!(names(&on), names(&off));
         // A local peer may also send from its own address (source-NATed Service traffic).
         let node_1 = on.peers.iter().find(|p| p.node == "node-1").unwrap();
         assert_eq!(

@@ -3,7 +3,6 @@
 //! disconnected, expiring a lease later unless their peers reconnect) until its sources and
 //! peers resync, so gateways and DNS are never told to drop what only looks gone.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -68,12 +67,7 @@ impl StateStore for FileStore {
 
     fn save(&self, state: &Persisted) -> Result<(), Error> {
         let bytes = serde_json::to_vec(state).map_err(|source| Error::StoreEncode { source })?;
-        // A temporary file synced, renamed over the state, the directory synced.
-        let mut file = atomic_write_file::AtomicWriteFile::open(&self.path)
-            .map_err(store_err("creating the state file", &self.path))?;
-        file.write_all(&bytes)
-            .map_err(store_err("writing the state file", &self.path))?;
-        file.commit()
+        trellis_files::write_atomically(&self.path, &bytes, 0o600)
             .map_err(store_err("replacing the state file", &self.path))
     }
 }

@@ -32,13 +32,14 @@ use trellis_core::wgkey::PublicKey;
 use crate::Error;
 use crate::allowed_ips::AllowedIps;
 use crate::cpus::{self, ModePolicy};
-use crate::io::{Feature, Offloads, TUN_HEADROOM, Tun, Udp};
+use crate::io::{TUN_HEADROOM, Tun, Udp};
 use crate::keys::KeyPair;
 use crate::metrics::{DropReason, Initiation, Metrics, unix_now};
 use crate::offload::{
-    GsoGroup, MAX_SPLIT_SEGMENTS, UDP_MAX_GSO_BYTES, UDP_MAX_SEGMENTS, gro_segments,
-    plan_gso_groups,
+    Feature, GsoGroup, MAX_SPLIT_SEGMENTS, Offloads, UDP_MAX_GSO_BYTES, UDP_MAX_SEGMENTS,
+    gro_segments, plan_gso_groups,
 };
+use crate::steering::SteeringControl;
 
 /// How the loop is sized. Validated once by the binary's config.
 #[derive(Debug, Clone)]
@@ -266,22 +267,7 @@ struct Shared {
     busy_nanos: AtomicU64,
     /// The device's steering and its policy, revisited by whichever worker ends a window
     /// (the first worker may be asleep while another carries the load).
-    steering: std::sync::Mutex<Option<(Steering, ModePolicy)>>,
-}
-
-/// Switches the kernel's steering between spreading packets over the workers and sending
-/// them all to the first (see [`cpus::ModePolicy`]).
-pub trait Steer: Send + Sync {
-    fn spread(&self, on: bool) -> std::io::Result<()>;
-}
-
-/// A steered device's switch, and where its first worker (thread `first`) runs in each mode:
-/// its home CPUs while spread, anywhere while it takes everything.
-pub struct Steering {
-    pub switch: Box<dyn Steer>,
-    pub first: nix::unistd::Pid,
-    pub home: Vec<usize>,
-    pub anywhere: Vec<usize>,
+    steering: std::sync::Mutex<Option<(SteeringControl, ModePolicy)>>,
 }
 
 /// What ends a worker's loop.
@@ -429,7 +415,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
 
     /// Lets the workers switch the device's steering as the load asks (the first worker's
     /// thread starts on its home CPUs, spread).
-    pub fn steered(self, steering: Steering) -> Self {
+    pub fn steered(self, steering: SteeringControl) -> Self {
         self.metrics.steering_spread.set(1);
         if let Ok(mut slot) = self.shared.steering.lock() {
             *slot = Some((steering, ModePolicy::new(Instant::now())));

@@ -319,7 +319,7 @@ impl Metrics {
             "1 while packets are spread over the workers by CPU or flow, 0 while all go to the first (bulk load or one worker).",
         )?;
         registry.register(Box::new(steering_spread.clone()))?;
-        for feature in crate::io::Feature::ALL {
+        for feature in crate::offload::Feature::ALL {
             offload_enabled.with_label_values(&[feature.label()]).set(0);
             offload_refused
                 .with_label_values(&[feature.label()])

@@ -13,7 +13,7 @@
 //!
 //! - `demux`: which peer an incoming datagram is for.
 //! - `peers`: the peer table and its reconciliation with the desired state.
-//! - `worker`: the loop, and the batches in each direction.
+//! - `worker`: a worker's buffers and loop; `tx` and `rx`: its batches in each direction.
 //! - `commands`: what the handle asks of the loop.
 //! - `timers`: WireGuard's timers.
 //! - `nudge`: a handshake for a peer that still talks on a session we lost.
@@ -23,8 +23,10 @@ mod commands;
 mod demux;
 mod nudge;
 mod peers;
+mod rx;
 mod steering_policy;
 mod timers;
+mod tx;
 mod worker;
 
 use std::sync::Arc;

@@ -311,8 +311,8 @@ impl Metrics {
             &["to"],
         )?;
         registry.register(Box::new(steering_changes.clone()))?;
-        for to in ["spread", "first"] {
-            steering_changes.with_label_values(&[to]).inc_by(0);
+        for to in crate::steering::SteeringMode::ALL {
+            steering_changes.with_label_values(&[to.label()]).inc_by(0);
         }
         let steering_spread = IntGauge::new(
             name("steering_spread"),

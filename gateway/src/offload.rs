@@ -83,7 +83,7 @@ impl Offloads {
 }
 
 /// Why a TUN read could not be turned into packets.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum OffloadError {
     #[error("read shorter than the virtio header ({0} bytes)")]
     Truncated(usize),
@@ -97,8 +97,8 @@ pub enum OffloadError {
     TooManySegments(usize),
     #[error("segment buffers too small")]
     BufferTooSmall,
-    #[error("split refused: {0}")]
-    Split(String),
+    #[error("split refused")]
+    Split(#[source] std::io::Error),
 }
 
 /// The fields of a `virtio_net_hdr` (native byte order, as the TUN driver writes it for
@@ -221,8 +221,7 @@ pub fn split_super_packet(
     if segments > bufs.len().min(sizes.len()).min(MAX_SPLIT_SEGMENTS) {
         return Err(OffloadError::TooManySegments(segments));
     }
-    tun_rs::gso_split(packet, hdr.to_tun_rs(), bufs, sizes, 0, is_v6)
-        .map_err(|e| OffloadError::Split(e.to_string()))
+    tun_rs::gso_split(packet, hdr.to_tun_rs(), bufs, sizes, 0, is_v6).map_err(OffloadError::Split)
 }
 
 /// Finishes a partial transport checksum (`CHECKSUM_PARTIAL`): the field at

@@ -250,6 +250,29 @@ impl Steer for SteeringSwitch {
     }
 }
 
+/// Where the kernel sends packets: spread over the workers, or all to the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteeringMode {
+    Spread,
+    First,
+}
+
+impl SteeringMode {
+    pub const ALL: [SteeringMode; 2] = [Self::Spread, Self::First];
+
+    pub fn spread(on: bool) -> Self {
+        if on { Self::Spread } else { Self::First }
+    }
+
+    /// The `to` label of `trellis_gateway_steering_changes_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Spread => "spread",
+            Self::First => "first",
+        }
+    }
+}
+
 /// A steered device's switch, and where its first worker (thread `first`) runs in each mode:
 /// its home CPUs while spread, anywhere while it takes everything.
 pub struct SteeringControl {

@@ -312,3 +312,26 @@ impl PeerTable {
         (next, initiate)
     }
 }
+
+/// One peer's lock, kept over a run of packets for that peer.
+pub(super) struct Held<'t> {
+    slot: u32,
+    state: MutexGuard<'t, PeerState>,
+}
+
+/// The lock of `slot` (taking it, after releasing any other: a worker never holds two).
+pub(super) fn hold<'h, 't>(
+    held: &'h mut Option<Held<'t>>,
+    table: &'t PeerTable,
+    slot: u32,
+) -> Option<&'h mut PeerState> {
+    if held.as_ref().is_none_or(|h| h.slot != slot) {
+        *held = None;
+        let peer = table.peers.get(&slot)?;
+        *held = Some(Held {
+            slot,
+            state: peer.lock(),
+        });
+    }
+    held.as_mut().map(|h| &mut *h.state)
+}

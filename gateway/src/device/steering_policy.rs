@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::Device;
 use crate::cpus::{self, ModePolicy};
 use crate::io::{Tun, Udp};
-use crate::steering::SteeringControl;
+use crate::steering::{SteeringControl, SteeringMode};
 
 impl<T: Tun, U: Udp> Device<T, U> {
     /// Lets the workers switch the device's steering as the load asks (the first worker's
@@ -53,7 +53,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
             tracing::debug!("pinning the first worker to {cpus:?}: {e}");
         }
         self.metrics.steering_spread.set(i64::from(spread));
-        let to = if spread { "spread" } else { "first" };
+        let to = SteeringMode::spread(spread).label();
         self.metrics.steering_changes.with_label_values(&[to]).inc();
         tracing::debug!("steering: {to}");
     }

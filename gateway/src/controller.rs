@@ -43,14 +43,14 @@ pub struct ControllerSource {
 /// Why a connection to the controller ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionEnd {
-    #[error("connect: {0}")]
-    Connect(std::io::Error),
+    #[error("connect")]
+    Connect(#[source] std::io::Error),
     #[error("the controller closed the stream")]
     Closed,
-    #[error("read: {0}")]
-    Read(std::io::Error),
-    #[error("write: {0}")]
-    Write(std::io::Error),
+    #[error("read")]
+    Read(#[source] std::io::Error),
+    #[error("write")]
+    Write(#[source] std::io::Error),
     #[error("the controller did not take a report within {REPORT_WRITE_TIMEOUT:?}")]
     ReportTimeout,
     #[error(transparent)]
@@ -81,7 +81,7 @@ pub async fn follow_controller<R: RouteTable>(
         .await;
         reconciler.metrics.controller_connected.set(0);
         if let Err(end) = outcome {
-            tracing::warn!(controller = %source.address, "controller stream ended ({end}); keeping the last state, reconnecting");
+            tracing::warn!(controller = %source.address, "controller stream ended ({}); keeping the last state, reconnecting", trellis_core::error_chain(&end));
         }
         // Jitter so a restarted controller is not hit by every gateway at once.
         let jitter = Duration::from_millis(u64::from(
@@ -148,7 +148,7 @@ async fn session<R: RouteTable>(
                 ).await {
                     Ok(report) => report,
                     Err(e) => {
-                        tracing::warn!("status report: {e}");
+                        tracing::warn!("status report: {}", trellis_core::error_chain(&e));
                         continue;
                     }
                 };
@@ -160,7 +160,7 @@ async fn session<R: RouteTable>(
                 ) {
                     Ok(frame) => frame,
                     Err(e) => {
-                        tracing::warn!("status report: {e}");
+                        tracing::warn!("status report: {}", trellis_core::error_chain(&e));
                         continue;
                     }
                 };
@@ -199,7 +199,7 @@ async fn session<R: RouteTable>(
                                 // The controller hears about a newly applied plan at once.
                                 report_tick.reset_immediately();
                             }
-                            Err(e) => tracing::warn!("apply desired state revision {}: {e}", state.revision),
+                            Err(e) => tracing::warn!("apply desired state revision {}: {}", state.revision, trellis_core::error_chain(&e)),
                         }
                     }
                 }
@@ -209,7 +209,7 @@ async fn session<R: RouteTable>(
                 if let Some(state) = current.as_ref()
                     && let Err(e) = reconciler.apply_plan(&state.plan()).await
                 {
-                    tracing::warn!("re-apply desired state revision {}: {e}", state.revision);
+                    tracing::warn!("re-apply desired state revision {}: {}", state.revision, trellis_core::error_chain(&e));
                 }
             }
         }

@@ -6,10 +6,14 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use boringtun::noise::{Tunn, TunnResult};
 use tokio::sync::Notify;
 use trellis_core::gateway::TunnelPeer;
+use trellis_core::wgkey::PublicKey;
 
 use super::*;
+use crate::io::TUN_HEADROOM;
+use crate::metrics::{DropReason, Initiation};
 
 /// A queue of packets with a readiness signal.
 struct Queue<T> {

@@ -11,12 +11,13 @@ use trellis_netns::{Netlink, Netns, sysctl};
 
 use crate::Error;
 use crate::cpus;
-use crate::device::{Device, DeviceConfig, DeviceHandle, Steering};
+use crate::device::{Device, DeviceConfig, DeviceHandle};
 use crate::io::{Tun, Udp, open_worker_io};
 use crate::keys::KeyPair;
 use crate::metrics::{Metrics, unix_now};
 use crate::plan_store::PlanStore;
 use crate::routes::{self, NetlinkRoutes, RouteMetrics, RouteTable};
+use crate::steering::SteeringControl;
 
 /// The routing protocol number tagging the gateway's routes (`ip route show proto 212`).
 pub const DEFAULT_ROUTE_PROTOCOL: u8 = 212;
@@ -107,7 +108,9 @@ impl ReadyFile {
                 self.written.store(true, Ordering::Relaxed);
                 tracing::info!(path = %self.path.display(), "plan in place: pods may be wired");
             }
-            Err(e) => tracing::warn!(path = %self.path.display(), "write the ready file: {e}"),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), "write the ready file: {}", trellis_core::error_chain(&e))
+            }
         }
     }
 }
@@ -187,7 +190,7 @@ impl<R: RouteTable> Reconciler<R> {
                 Some(plan.revision)
             }
             Err(e) => {
-                tracing::warn!("restore the last plan: {e}");
+                tracing::warn!("restore the last plan: {}", trellis_core::error_chain(&e));
                 None
             }
         }
@@ -256,7 +259,7 @@ impl Gateway {
             config.device.offload,
             wanted,
         )?;
-        if opened.steering.refused.is_some() {
+        if opened.layout.refused.is_some() {
             metrics.steering_refused.inc();
         }
         let count = opened.workers.len();
@@ -282,7 +285,7 @@ impl Gateway {
             let (tun, udp) = first_io.into_async()?;
             let (mut device, handle) = Device::new(tun, udp, keys, device_metrics, device_config);
             if let Some(switch) = switch {
-                device = device.steered(Steering {
+                device = device.steered(SteeringControl {
                     switch: Box::new(switch),
                     // This closure runs on the first worker's own thread.
                     first: nix::unistd::gettid(),
@@ -324,7 +327,7 @@ impl Gateway {
         // forwarded to a pod on this node), because the TUN has no address of its own.
         let key = format!("net/ipv4/conf/{}/rp_filter", config.interface);
         if let Err(e) = sysctl::write(netns, &key, "0") {
-            tracing::warn!("{e}");
+            tracing::warn!("{}", trellis_core::error_chain(&e));
         }
         match crate::antispoof::install(netns, trellis_core::POD_VETH_PREFIX) {
             Ok(()) => metrics.antispoof_enabled.set(1),
@@ -427,7 +430,11 @@ where
         .name(format!("trellis-device-{index}"))
         .spawn(move || {
             if let Err(e) = cpus::pin_current_thread(&home) {
-                tracing::warn!(worker = index, "pinning to CPUs {home:?}: {e}");
+                tracing::warn!(
+                    worker = index,
+                    "pinning to CPUs {home:?}: {}",
+                    trellis_core::error_chain(&e)
+                );
             }
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -441,7 +448,11 @@ where
             };
             let result = runtime.block_on(async move { build()?.run().await });
             if let Err(e) = &result {
-                tracing::error!(worker = index, "device worker stopped: {e}");
+                tracing::error!(
+                    worker = index,
+                    "device worker stopped: {}",
+                    trellis_core::error_chain(&e)
+                );
             }
             let _ = finished.send(result);
         })
@@ -493,7 +504,10 @@ pub async fn follow_file<R: RouteTable>(
                         ok = false;
                     }
                 }
-                Err(e) => tracing::warn!("keeping the last desired state: {e}"),
+                Err(e) => tracing::warn!(
+                    "keeping the last desired state: {}",
+                    trellis_core::error_chain(&e)
+                ),
             }
         }
         if let Some(state) = &current
@@ -504,7 +518,11 @@ pub async fn follow_file<R: RouteTable>(
                 Ok(()) => ok = true,
                 Err(e) => {
                     ok = false;
-                    tracing::warn!("apply desired state revision {}: {e}", state.revision);
+                    tracing::warn!(
+                        "apply desired state revision {}: {}",
+                        state.revision,
+                        trellis_core::error_chain(&e)
+                    );
                 }
             }
         }
@@ -534,11 +552,11 @@ where
                 Ok(Some(line)) => match parse_state(&line, Path::new("<stream>")) {
                     Ok(state) => {
                         if let Err(e) = reconciler.apply(&state).await {
-                            tracing::warn!("apply desired state revision {}: {e}", state.revision);
+                            tracing::warn!("apply desired state revision {}: {}", state.revision, trellis_core::error_chain(&e));
                         }
                         current = Some(state);
                     }
-                    Err(e) => tracing::warn!("keeping the last desired state: {e}"),
+                    Err(e) => tracing::warn!("keeping the last desired state: {}", trellis_core::error_chain(&e)),
                 },
                 Ok(None) | Err(_) => {
                     tracing::warn!("desired-state stream ended; keeping the last state");
@@ -549,7 +567,7 @@ where
                 if let Some(state) = &current
                     && let Err(e) = reconciler.apply(state).await
                 {
-                    tracing::warn!("re-apply desired state revision {}: {e}", state.revision);
+                    tracing::warn!("re-apply desired state revision {}: {}", state.revision, trellis_core::error_chain(&e));
                 }
             }
         }
@@ -582,7 +600,7 @@ mod tests {
             let peers = self.device.stats().await?.len();
             self.seen.lock().unwrap().push((*route, true, peers));
             if self.fail_plain && matches!(route.target, RouteTarget::Gateway(_)) {
-                return Err(Error::Routes(vec!["injected".into()]));
+                return Err(Error::Routes(Vec::new()));
             }
             let mut routes = self.routes.lock().unwrap();
             routes.retain(|r| (r.destination, r.metric) != (route.destination, route.metric));

@@ -18,63 +18,12 @@ use trellis_netns::Netns;
 
 use crate::Error;
 use crate::offload::{self, VNET_HDR_LEN};
-use crate::steering::SteeringSwitch;
+pub use crate::offload::{Feature, Offloads};
+use crate::steering::{SteeringError, SteeringSwitch};
 
 /// Bytes of room in front of every packet handed to [`Tun::send_packets`] (for the
 /// `virtio_net_hdr` the TUN wants when offloads are on).
 pub const TUN_HEADROOM: usize = VNET_HDR_LEN;
-
-/// The offloads a device may use, each probed at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Feature {
-    /// `IFF_VNET_HDR` + `TUNSETOFFLOAD` CSUM|TSO4|TSO6: TCP super-packets to and from the TUN.
-    TunTso,
-    /// `TUNSETOFFLOAD` USO4|USO6 (Linux 6.2+): UDP super-packets too.
-    TunUso,
-    /// `UDP_SEGMENT`: one `sendmsg` carries many datagrams.
-    UdpGso,
-    /// `UDP_GRO`: one `recvmsg` returns many datagrams.
-    UdpGro,
-}
-
-impl Feature {
-    pub const ALL: [Feature; 4] = [Self::TunTso, Self::TunUso, Self::UdpGso, Self::UdpGro];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::TunTso => "tun_tso",
-            Self::TunUso => "tun_uso",
-            Self::UdpGso => "udp_gso",
-            Self::UdpGro => "udp_gro",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// Which offloads are on, and how often each was refused (at the start probe or later, at
-/// run time), indexed like [`Feature::ALL`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Offloads {
-    pub enabled: [bool; 4],
-    pub refused: [u64; 4],
-}
-
-impl Offloads {
-    pub fn enabled(&self, feature: Feature) -> bool {
-        self.enabled[feature.index()]
-    }
-    /// Both sides' reports in one.
-    pub fn merge(mut self, other: Offloads) -> Offloads {
-        for i in 0..4 {
-            self.enabled[i] |= other.enabled[i];
-            self.refused[i] += other.refused[i];
-        }
-        self
-    }
-}
 
 /// The TUN side: IP packets (with offloads, several per read or write).
 pub trait Tun: Send + Sync + 'static {
@@ -417,17 +366,30 @@ impl WorkerIo {
 /// and UDP socket `i` (the ones steered packets processed on CPU `i` modulo the count go to).
 pub struct OpenedIo {
     pub workers: Vec<WorkerIo>,
-    pub steering: Steering,
+    pub layout: QueueLayout,
     /// Turns spreading over the workers on and off; `None` with one worker.
     pub switch: Option<SteeringSwitch>,
 }
 
 /// The queue count, and why it is 1 when more were asked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Steering {
+#[derive(Debug)]
+pub struct QueueLayout {
     pub queues: usize,
     /// Why per-CPU steering was refused (and one queue used instead), if it was.
-    pub refused: Option<String>,
+    pub refused: Option<SteeringRefused>,
+}
+
+/// Which part of per-CPU steering was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SteeringRefused {
+    #[error("{queues} queues is too many")]
+    TooManyQueues { queues: usize },
+    #[error("multi-queue TUN")]
+    MultiQueueTun(#[source] Error),
+    #[error("SO_REUSEPORT UDP sockets")]
+    ReuseportSockets(#[source] Error),
+    #[error("attach the steering programs")]
+    Attach(#[source] SteeringError),
 }
 
 /// Opens the TUN `name` with `queues` queues and binds `queues` dual-stack UDP sockets on
@@ -435,7 +397,7 @@ pub struct Steering {
 /// modulo `queues`; on the TUN, a socket-hashed flow by its hash): TUN packets by an eBPF
 /// program (`TUNSETSTEERINGEBPF`), datagrams by a classic BPF one on the `SO_REUSEPORT`
 /// group, both switchable with [`OpenedIo::switch`]. If any part of that is refused, falls
-/// back to one queue and one socket (logged, and said in [`Steering::refused`]): the counts
+/// back to one queue and one socket (logged, and said in [`QueueLayout::refused`]): the counts
 /// are always equal, as a TUN queue nobody reads would black-hole its packets. `queues <= 1`
 /// opens one plain TUN and socket (no multi-queue flag, no reuseport). Offloads are asked
 /// for with `offload`, each probed and falling back where refused.
@@ -452,7 +414,7 @@ pub fn open_worker_io(
             Ok((workers, switch)) => {
                 return Ok(OpenedIo {
                     workers,
-                    steering: Steering {
+                    layout: QueueLayout {
                         queues,
                         refused: None,
                     },
@@ -461,12 +423,13 @@ pub fn open_worker_io(
             }
             Err(reason) => {
                 tracing::warn!(
-                    "per-CPU steering over {queues} queues refused ({reason}); one TUN queue and one UDP socket"
+                    "per-CPU steering over {queues} queues refused ({}); one TUN queue and one UDP socket",
+                    trellis_core::error_chain(&reason)
                 );
                 let workers = open_single(netns, name, mtu, port, offload)?;
                 return Ok(OpenedIo {
                     workers,
-                    steering: Steering {
+                    layout: QueueLayout {
                         queues: 1,
                         refused: Some(reason),
                     },
@@ -477,7 +440,7 @@ pub fn open_worker_io(
     }
     Ok(OpenedIo {
         workers: open_single(netns, name, mtu, port, offload)?,
-        steering: Steering {
+        layout: QueueLayout {
             queues: 1,
             refused: None,
         },
@@ -517,13 +480,14 @@ fn open_steered(
     port: u16,
     offload: bool,
     queues: usize,
-) -> Result<(Vec<WorkerIo>, SteeringSwitch), String> {
-    let count = u32::try_from(queues).map_err(|_| format!("{queues} queues is too many"))?;
+) -> Result<(Vec<WorkerIo>, SteeringSwitch), SteeringRefused> {
+    let count = u32::try_from(queues).map_err(|_| SteeringRefused::TooManyQueues { queues })?;
     let tun = open_tun_queues(netns, name, mtu, offload, queues)
-        .map_err(|e| format!("multi-queue TUN: {e}"))?;
+        .map_err(SteeringRefused::MultiQueueTun)?;
     let udp = bind_udp_sockets(netns, port, offload, queues)
-        .map_err(|e| format!("SO_REUSEPORT UDP sockets: {e}"))?;
-    let switch = SteeringSwitch::attach(tun[0].device.as_fd(), udp[0].socket.as_fd(), count)?;
+        .map_err(SteeringRefused::ReuseportSockets)?;
+    let switch = SteeringSwitch::attach(tun[0].device.as_fd(), udp[0].socket.as_fd(), count)
+        .map_err(SteeringRefused::Attach)?;
     Ok((pair(name, tun, udp), switch))
 }
 
@@ -778,13 +742,8 @@ pub(crate) mod tests {
     async fn two_queues_open_with_steering_on_one_port() {
         let ns = loopback_netns("gw-steer").await;
         let opened = open_worker_io(Some(&ns), "steer0", 1420, 0, true, 2).unwrap();
-        assert_eq!(
-            opened.steering,
-            Steering {
-                queues: 2,
-                refused: None
-            }
-        );
+        assert_eq!(opened.layout.queues, 2);
+        assert!(opened.layout.refused.is_none());
         assert_eq!(opened.workers.len(), 2);
         let port = opened.workers[0].local_port().unwrap();
         assert_ne!(port, 0);
@@ -804,7 +763,7 @@ pub(crate) mod tests {
     async fn datagrams_go_to_the_socket_of_the_cpu_they_arrive_on() {
         let ns = loopback_netns("gw-steer").await;
         let opened = open_worker_io(Some(&ns), "steer1", 1420, 0, false, 2).unwrap();
-        assert_eq!(opened.steering.refused, None);
+        assert!(opened.layout.refused.is_none());
         let port = opened.workers[0].local_port().unwrap();
         let sockets: Vec<_> = opened.workers.iter().map(|w| &w.udp.socket).collect();
         for cpu in steering_cpus() {
@@ -901,7 +860,7 @@ pub(crate) mod tests {
     async fn tun_packets_go_to_the_queue_of_the_sending_cpu(offload: bool, name: &str, net: u8) {
         let ns = loopback_netns("gw-steer").await;
         let opened = open_worker_io(Some(&ns), name, 1420, 0, offload, 2).unwrap();
-        assert_eq!(opened.steering.refused, None);
+        assert!(opened.layout.refused.is_none());
         tun_up(&ns, name, net).await;
         let queues: Vec<_> = opened.workers.iter().map(|w| &w.tun.device).collect();
         for queue in &queues {
@@ -973,9 +932,12 @@ pub(crate) mod tests {
         let ns = loopback_netns("gw-steer").await;
         // A TUN takes at most 256 queues (MAX_TAP_QUEUES): the 257th is refused.
         let opened = open_worker_io(Some(&ns), "steer6", 1420, 0, true, 257).unwrap();
-        assert_eq!(opened.steering.queues, 1);
-        let reason = opened.steering.refused.unwrap();
-        assert!(reason.starts_with("multi-queue TUN"), "{reason}");
+        assert_eq!(opened.layout.queues, 1);
+        let reason = opened.layout.refused.unwrap();
+        assert!(
+            matches!(reason, SteeringRefused::MultiQueueTun(_)),
+            "{reason:?}"
+        );
         assert_eq!(opened.workers.len(), 1);
         let worker = &opened.workers[0];
         // A plain TUN and socket, and the offloads not blamed for the refusal.
@@ -1002,13 +964,8 @@ pub(crate) mod tests {
     async fn one_queue_is_a_plain_tun_and_a_plain_socket() {
         let ns = loopback_netns("gw-steer").await;
         let opened = open_worker_io(Some(&ns), "steer4", 1420, 0, true, 1).unwrap();
-        assert_eq!(
-            opened.steering,
-            Steering {
-                queues: 1,
-                refused: None
-            }
-        );
+        assert_eq!(opened.layout.queues, 1);
+        assert!(opened.layout.refused.is_none());
         assert_eq!(opened.workers.len(), 1);
         let worker = &opened.workers[0];
         assert_plain(worker);
@@ -1022,7 +979,7 @@ pub(crate) mod tests {
         let ns = loopback_netns("gw-steer").await;
         let name = "steer5";
         let opened = open_worker_io(Some(&ns), name, 1420, 0, true, 2).unwrap();
-        assert_eq!(opened.steering.refused, None);
+        assert!(opened.layout.refused.is_none());
         let port = opened.workers[0].local_port().unwrap();
         tun_up(&ns, name, 5).await;
         let cpus = steering_cpus();

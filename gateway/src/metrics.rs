@@ -311,15 +311,15 @@ impl Metrics {
             &["to"],
         )?;
         registry.register(Box::new(steering_changes.clone()))?;
-        for to in ["spread", "first"] {
-            steering_changes.with_label_values(&[to]).inc_by(0);
+        for to in crate::steering::SteeringMode::ALL {
+            steering_changes.with_label_values(&[to.label()]).inc_by(0);
         }
         let steering_spread = IntGauge::new(
             name("steering_spread"),
             "1 while packets are spread over the workers by CPU or flow, 0 while all go to the first (bulk load or one worker).",
         )?;
         registry.register(Box::new(steering_spread.clone()))?;
-        for feature in crate::io::Feature::ALL {
+        for feature in crate::offload::Feature::ALL {
             offload_enabled.with_label_values(&[feature.label()]).set(0);
             offload_refused
                 .with_label_values(&[feature.label()])

@@ -30,8 +30,60 @@ pub const UDP_MAX_GSO_BYTES: usize = 65_535 - 20 - 8;
 /// The most segments one TUN super-packet is split into before it is refused.
 pub const MAX_SPLIT_SEGMENTS: usize = 128;
 
+/// The offloads a device may use, each probed at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feature {
+    /// `IFF_VNET_HDR` + `TUNSETOFFLOAD` CSUM|TSO4|TSO6: TCP super-packets to and from the TUN.
+    TunTso,
+    /// `TUNSETOFFLOAD` USO4|USO6 (Linux 6.2+): UDP super-packets too.
+    TunUso,
+    /// `UDP_SEGMENT`: one `sendmsg` carries many datagrams.
+    UdpGso,
+    /// `UDP_GRO`: one `recvmsg` returns many datagrams.
+    UdpGro,
+}
+
+impl Feature {
+    pub const ALL: [Feature; 4] = [Self::TunTso, Self::TunUso, Self::UdpGso, Self::UdpGro];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::TunTso => "tun_tso",
+            Self::TunUso => "tun_uso",
+            Self::UdpGso => "udp_gso",
+            Self::UdpGro => "udp_gro",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Which offloads are on, and how often each was refused (at the start probe or later, at
+/// run time), indexed like [`Feature::ALL`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offloads {
+    pub enabled: [bool; 4],
+    pub refused: [u64; 4],
+}
+
+impl Offloads {
+    pub fn enabled(&self, feature: Feature) -> bool {
+        self.enabled[feature.index()]
+    }
+    /// Both sides' reports in one.
+    pub fn merge(mut self, other: Offloads) -> Offloads {
+        for i in 0..4 {
+            self.enabled[i] |= other.enabled[i];
+            self.refused[i] += other.refused[i];
+        }
+        self
+    }
+}
+
 /// Why a TUN read could not be turned into packets.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum OffloadError {
     #[error("read shorter than the virtio header ({0} bytes)")]
     Truncated(usize),
@@ -45,8 +97,8 @@ pub enum OffloadError {
     TooManySegments(usize),
     #[error("segment buffers too small")]
     BufferTooSmall,
-    #[error("split refused: {0}")]
-    Split(String),
+    #[error("split refused")]
+    Split(#[source] std::io::Error),
 }
 
 /// The fields of a `virtio_net_hdr` (native byte order, as the TUN driver writes it for
@@ -169,8 +221,7 @@ pub fn split_super_packet(
     if segments > bufs.len().min(sizes.len()).min(MAX_SPLIT_SEGMENTS) {
         return Err(OffloadError::TooManySegments(segments));
     }
-    tun_rs::gso_split(packet, hdr.to_tun_rs(), bufs, sizes, 0, is_v6)
-        .map_err(|e| OffloadError::Split(e.to_string()))
+    tun_rs::gso_split(packet, hdr.to_tun_rs(), bufs, sizes, 0, is_v6).map_err(OffloadError::Split)
 }
 
 /// Finishes a partial transport checksum (`CHECKSUM_PARTIAL`): the field at

@@ -105,7 +105,9 @@ impl PlanStore {
                 match tokio::task::spawn_blocking(move || store.save(&plan)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!("{}", crate::error::chain(&e)),
-                    Err(e) => tracing::warn!("store the last plan: {e}"),
+                    Err(e) => {
+                        tracing::warn!("store the last plan: {}", trellis_core::error_chain(&e))
+                    }
                 }
             }
         });

@@ -149,8 +149,8 @@ pub async fn apply<R: RouteTable>(table: &R, ops: &[RouteOp]) -> Result<(), Erro
             RouteOp::Delete(route) => table.delete(route).await,
         };
         if let Err(e) = result {
-            tracing::warn!("{e}");
-            failures.push(e.to_string());
+            tracing::warn!("{}", trellis_core::error_chain(&e));
+            failures.push(e);
         }
     }
     if failures.is_empty() {
@@ -193,7 +193,7 @@ mod tests {
         }
         async fn replace(&self, route: &OwnedRoute) -> Result<(), Error> {
             if self.fail_on == Some(route.destination) {
-                return Err(Error::Routes(vec!["injected".into()]));
+                return Err(Error::DeviceStopped);
             }
             self.log.lock().unwrap().push(RouteOp::Replace(*route));
             self.routes

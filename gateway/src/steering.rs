@@ -237,10 +237,64 @@ pub struct SteeringSwitch {
     queues: u32,
 }
 
-impl crate::device::Steer for SteeringSwitch {
+/// Switches the kernel's steering between spreading packets over the workers and sending
+/// them all to the first (see [`crate::cpus::ModePolicy`]); a trait so the device's tests can
+/// watch the switching without BPF.
+pub trait Steer: Send + Sync {
+    fn spread(&self, on: bool) -> io::Result<()>;
+}
+
+impl Steer for SteeringSwitch {
     fn spread(&self, on: bool) -> io::Result<()> {
         SteeringSwitch::spread(self, on)
     }
+}
+
+/// Where the kernel sends packets: spread over the workers, or all to the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteeringMode {
+    Spread,
+    First,
+}
+
+impl SteeringMode {
+    pub const ALL: [SteeringMode; 2] = [Self::Spread, Self::First];
+
+    pub fn spread(on: bool) -> Self {
+        if on { Self::Spread } else { Self::First }
+    }
+
+    /// The `to` label of `trellis_gateway_steering_changes_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Spread => "spread",
+            Self::First => "first",
+        }
+    }
+}
+
+/// A steered device's switch, and where its first worker (thread `first`) runs in each mode:
+/// its home CPUs while spread, anywhere while it takes everything.
+pub struct SteeringControl {
+    pub switch: Box<dyn Steer>,
+    pub first: nix::unistd::Pid,
+    pub home: Vec<usize>,
+    pub anywhere: Vec<usize>,
+}
+
+/// Which step of attaching the steering programs the kernel refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SteeringError {
+    #[error("load the TUN steering eBPF program")]
+    LoadProgram(#[source] io::Error),
+    #[error("dup the TUN queue")]
+    DupTun(#[source] io::Error),
+    #[error("dup the UDP socket")]
+    DupSocket(#[source] io::Error),
+    #[error("TUNSETSTEERINGEBPF")]
+    SetTunSteering(#[source] io::Error),
+    #[error("SO_ATTACH_REUSEPORT_CBPF")]
+    AttachReuseport(#[source] io::Error),
 }
 
 impl SteeringSwitch {
@@ -250,26 +304,23 @@ impl SteeringSwitch {
         tun: BorrowedFd<'_>,
         socket: BorrowedFd<'_>,
         queues: u32,
-    ) -> Result<Self, String> {
-        let spread_program = load_cpu_ebpf_program()
-            .map_err(|e| format!("load the TUN steering eBPF program: {e}"))?;
-        let first_program = load_socket_filter(&first_queue_ebpf_program())
-            .map_err(|e| format!("load the TUN steering eBPF program: {e}"))?;
+    ) -> Result<Self, SteeringError> {
+        let spread_program = load_cpu_ebpf_program().map_err(SteeringError::LoadProgram)?;
+        let first_program =
+            load_socket_filter(&first_queue_ebpf_program()).map_err(SteeringError::LoadProgram)?;
         let switch = Self {
-            tun: tun
-                .try_clone_to_owned()
-                .map_err(|e| format!("dup the TUN queue: {e}"))?,
+            tun: tun.try_clone_to_owned().map_err(SteeringError::DupTun)?,
             socket: socket
                 .try_clone_to_owned()
-                .map_err(|e| format!("dup the UDP socket: {e}"))?,
+                .map_err(SteeringError::DupSocket)?,
             spread_program,
             first_program,
             queues,
         };
         set_tun_steering(switch.tun.as_fd(), switch.spread_program.as_fd())
-            .map_err(|e| format!("TUNSETSTEERINGEBPF: {e}"))?;
+            .map_err(SteeringError::SetTunSteering)?;
         attach_reuseport_cpu_program(&switch.socket, queues)
-            .map_err(|e| format!("SO_ATTACH_REUSEPORT_CBPF: {e}"))?;
+            .map_err(SteeringError::AttachReuseport)?;
         Ok(switch)
     }
 

@@ -98,9 +98,10 @@ impl ReadyFile {
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
             .and_then(|()| {
-                crate::files::write_private_atomically(
+                trellis_files::write_atomically(
                     &self.path,
                     format!("revision {revision}\n").as_bytes(),
+                    0o600,
                 )
             });
         match written {
@@ -214,7 +215,7 @@ impl<R: RouteTable> Reconciler<R> {
         }
         routes::apply(&self.routes, &ops).await?;
         self.metrics.routes.set(desired.len() as i64);
-        // Only once every route is right: a failed switch to plain keeps its peer.
+        // Only once every route is right: a peer leaves after the last route using it.
         self.device.set_peers(peers, true).await
     }
 }
@@ -652,24 +653,43 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_peer_exists_before_any_route_points_at_the_tunnel_and_leaves_after() {
+    async fn the_peer_exists_before_any_route_points_at_the_tunnel_and_leaves_after_the_last() {
         let r = reconciler(false);
         let key = PublicKey([9; 32]);
+        let with_peer = |seen: &[(OwnedRoute, bool, usize)]| {
+            !seen.is_empty() && seen.iter().all(|(_, _, peers)| *peers == 1)
+        };
         r.apply(&state(true, key)).await.unwrap();
-        let seen = r.routes.seen.lock().unwrap().clone();
-        assert!(seen.iter().all(|(_, _, peers)| *peers == 1), "{seen:?}");
-        assert_eq!(r.device.stats().await.unwrap().len(), 1);
-
-        r.routes.seen.lock().unwrap().clear();
-        r.apply(&state(false, key)).await.unwrap();
-        let seen = r.routes.seen.lock().unwrap().clone();
+        let seen = std::mem::take(&mut *r.routes.seen.lock().unwrap());
         assert!(
-            seen.iter().all(|(_, _, peers)| *peers == 1),
-            "the peer stays until the plain route is in: {seen:?}"
+            with_peer(&seen),
+            "every route added with the peer in place: {seen:?}"
         );
+
+        // Off: routed plainly, and the peer stays, for the node that has not switched yet.
+        r.apply(&state(false, key)).await.unwrap();
+        let seen = std::mem::take(&mut *r.routes.seen.lock().unwrap());
+        assert!(with_peer(&seen), "{seen:?}");
+        assert_eq!(r.device.stats().await.unwrap().len(), 1);
+        let routes = r.routes.routes.lock().unwrap().clone();
+        assert!(
+            routes.iter().all(|r| r.target != RouteTarget::Device(7)),
+            "nothing into the tunnel: {routes:?}"
+        );
+
+        // The node leaves: its routes go while the peer is still there, then the peer.
+        let mut gone = state(true, key);
+        gone.nodes.clear();
+        r.apply(&gone).await.unwrap();
+        let seen = std::mem::take(&mut *r.routes.seen.lock().unwrap());
+        assert!(
+            with_peer(&seen),
+            "every route removed before the peer: {seen:?}"
+        );
+        assert!(seen.iter().all(|(_, added, _)| !added), "{seen:?}");
         assert!(r.device.stats().await.unwrap().is_empty(), "then it goes");
         let text = r.metrics.render();
-        assert!(text.contains("trellis_gateway_routes 1"), "{text}");
+        assert!(text.contains("trellis_gateway_routes 0"), "{text}");
     }
 
     #[tokio::test]
@@ -688,7 +708,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_switch_to_plain_keeps_the_peer_and_counts_an_error() {
+    async fn a_failed_switch_to_plain_stays_in_the_tunnel_and_counts_an_error() {
         let r = reconciler(true);
         let key = PublicKey([9; 32]);
         r.apply(&state(true, key)).await.unwrap();

@@ -88,7 +88,7 @@ impl KeyPair {
     /// world-readable key.
     fn store(&self, path: &Path) -> Result<(), Error> {
         let line = format!("{}\n", encode_key(&self.private.to_bytes()));
-        crate::files::write_private_atomically(path, line.as_bytes()).map_err(|source| {
+        trellis_files::write_atomically(path, line.as_bytes(), 0o600).map_err(|source| {
             Error::WriteKey {
                 path: path.to_path_buf(),
                 source,

@@ -7,7 +7,6 @@ pub mod controller;
 pub mod cpus;
 pub mod device;
 mod error;
-pub mod files;
 pub mod gateway;
 pub mod http;
 pub mod io;

@@ -22,7 +22,7 @@ pub enum DropReason {
     NoEndpoint,
     /// Authentication of a data packet or handshake failed.
     DecryptFailed,
-    /// A counter seen before or too old.
+    /// A counter seen before or too old, or a handshake message no longer awaited.
     Replay,
     /// A handshake refused (or answered with a cookie) because we are under load.
     RateLimited,

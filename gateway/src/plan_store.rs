@@ -75,7 +75,7 @@ impl PlanStore {
             })
     }
 
-    /// Replaces the stored plan atomically ([`crate::files::write_private_atomically`]): a
+    /// Replaces the stored plan atomically ([`trellis_files::write_atomically`], owner only): a
     /// crash leaves the old plan or the new one.
     pub fn save(&self, plan: &GatewayPlan) -> Result<(), PlanStoreError> {
         let write_err = |source| PlanStoreError::Write {
@@ -83,7 +83,7 @@ impl PlanStore {
             source,
         };
         let text = serde_json::to_vec(plan).map_err(|e| write_err(std::io::Error::other(e)))?;
-        crate::files::write_private_atomically(&self.path, &text).map_err(write_err)
+        trellis_files::write_atomically(&self.path, &text, 0o600).map_err(write_err)
     }
 
     /// Starts the writer task: every plan sent on the returned channel is stored, the latest

@@ -110,10 +110,13 @@ pub(super) fn demux<'t>(
 /// The drop a `Tunn` error counts as.
 pub(super) fn drop_reason(error: &WireGuardError) -> DropReason {
     match error {
-        // A counter seen before, or a handshake initiation no newer than the last one.
+        // A counter seen before, a handshake initiation no newer than the last one, or a
+        // response to a handshake since superseded (both ends initiated at once, or a retry
+        // went out): old news, not a malformed datagram.
         WireGuardError::DuplicateCounter
         | WireGuardError::InvalidCounter
-        | WireGuardError::WrongTai64nTimestamp => DropReason::Replay,
+        | WireGuardError::WrongTai64nTimestamp
+        | WireGuardError::UnexpectedPacket => DropReason::Replay,
         WireGuardError::InvalidAeadTag
         | WireGuardError::InvalidMac
         | WireGuardError::WrongKey

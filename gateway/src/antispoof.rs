@@ -143,6 +143,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_kernel_takes_the_rules_and_counts_nothing_yet() {
+        trellis_test_support::skip_unless_root!();
         let ns = crate::io::tests::loopback_netns("gw-spoof").await;
         install(Some(&ns), "trl").unwrap();
         // Installing again replaces the table (a restarted gateway).

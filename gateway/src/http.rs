@@ -159,6 +159,7 @@ mod tests {
 
     #[tokio::test]
     async fn serves_over_tcp() {
+        trellis_test_support::skip_unless_root!();
         let ns = crate::io::tests::loopback_netns("gw-http").await;
         let listener = ns
             .run(|| {

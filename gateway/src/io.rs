@@ -633,6 +633,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn the_socket_gets_large_buffers_and_is_dual_stack() {
+        trellis_test_support::skip_unless_root!();
         let ns = loopback_netns("gw-io").await;
         let mut udp = bind_udp_sockets(Some(&ns), 0, true, 1)
             .unwrap()
@@ -740,6 +741,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn two_queues_open_with_steering_on_one_port() {
+        trellis_test_support::skip_unless_root!();
         let ns = loopback_netns("gw-steer").await;
         let opened = open_worker_io(Some(&ns), "steer0", 1420, 0, true, 2).unwrap();
         assert_eq!(opened.layout.queues, 2);
@@ -761,6 +763,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn datagrams_go_to_the_socket_of_the_cpu_they_arrive_on() {
+        trellis_test_support::skip_unless_root!();
         let ns = loopback_netns("gw-steer").await;
         let opened = open_worker_io(Some(&ns), "steer1", 1420, 0, false, 2).unwrap();
         assert!(opened.layout.refused.is_none());
@@ -821,6 +824,7 @@ pub(crate) mod tests {
     /// CPU's packets go back to its own worker.
     #[tokio::test]
     async fn the_switch_sends_everything_to_the_first_worker_and_back() {
+        trellis_test_support::skip_unless_root!();
         let net = 8;
         let Some((ns, opened)) = two_steered_queues("steer8", net).await else {
             return;
@@ -892,6 +896,7 @@ pub(crate) mod tests {
     /// queue whichever CPU sends, so two workers never race over its packets' order.
     #[tokio::test]
     async fn a_hashed_flow_keeps_one_queue_from_every_cpu() {
+        trellis_test_support::skip_unless_root!();
         let net = 7;
         let Some((ns, opened)) = two_steered_queues("steer7", net).await else {
             return;
@@ -919,16 +924,19 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn tun_packets_go_to_the_queue_of_the_cpu_that_sends_them() {
+        trellis_test_support::skip_unless_root!();
         tun_packets_go_to_the_queue_of_the_sending_cpu(false, "steer2", 2).await;
     }
 
     #[tokio::test]
     async fn tun_packets_are_steered_with_offloads_on_too() {
+        trellis_test_support::skip_unless_root!();
         tun_packets_go_to_the_queue_of_the_sending_cpu(true, "steer3", 3).await;
     }
 
     #[tokio::test]
     async fn a_refused_part_falls_back_to_one_plain_queue_and_socket() {
+        trellis_test_support::skip_unless_root!();
         let ns = loopback_netns("gw-steer").await;
         // A TUN takes at most 256 queues (MAX_TAP_QUEUES): the 257th is refused.
         let opened = open_worker_io(Some(&ns), "steer6", 1420, 0, true, 257).unwrap();
@@ -962,6 +970,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn one_queue_is_a_plain_tun_and_a_plain_socket() {
+        trellis_test_support::skip_unless_root!();
         let ns = loopback_netns("gw-steer").await;
         let opened = open_worker_io(Some(&ns), "steer4", 1420, 0, true, 1).unwrap();
         assert_eq!(opened.layout.queues, 1);
@@ -976,6 +985,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn each_worker_registers_with_its_own_runtime_and_passes_traffic() {
+        trellis_test_support::skip_unless_root!();
         let ns = loopback_netns("gw-steer").await;
         let name = "steer5";
         let opened = open_worker_io(Some(&ns), name, 1420, 0, true, 2).unwrap();

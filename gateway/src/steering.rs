@@ -390,6 +390,7 @@ mod tests {
 
     #[test]
     fn the_ebpf_program_loads() {
+        trellis_test_support::skip_unless_root!();
         // Needs root (or CAP_BPF); the gateway runs as root, and so do these tests.
         load_cpu_ebpf_program().unwrap();
     }

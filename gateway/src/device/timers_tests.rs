@@ -170,6 +170,8 @@ async fn past_180_s_a_session_carries_nothing_and_the_peer_is_down() {
     let net = FakeNet::default();
     let (a, b) = session(&net).await;
     // b is cut off: nothing either end sends arrives, so no handshake can renew the session.
+    // a stays idle meanwhile: data sent into the void would start handshakes whose attempts
+    // give up after Rekey-Attempt-Time (90 s) and take the session with them, before 180 s.
     net.mute(a.addr, true);
     net.mute(b.addr, true);
 

@@ -15,6 +15,11 @@ use super::*;
 use crate::io::TUN_HEADROOM;
 use crate::metrics::{DropReason, Initiation};
 
+/// WireGuard's timers under boringtun's mock clock (only with the `mock-time` feature).
+#[cfg(feature = "mock-time")]
+#[path = "device/timers_tests.rs"]
+mod timers;
+
 /// A queue of packets with a readiness signal.
 struct Queue<T> {
     items: Mutex<VecDeque<T>>,

@@ -1,5 +1,13 @@
 //! `trellis-gateway`: the per-node WireGuard agent.
 
+// Under `mock-time` boringtun's clock stands still unless a test moves it: a gateway built so
+// would never complete a handshake. The feature is for the library's timer tests (`--lib`
+// builds no binary).
+#[cfg(all(feature = "mock-time", not(test)))]
+compile_error!(
+    "the mock-time feature is for `cargo test -p trellis-gateway --lib --features mock-time`, never a binary"
+);
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

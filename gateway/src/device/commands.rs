@@ -33,6 +33,10 @@ pub(super) enum Command {
         done: oneshot::Sender<()>,
     },
     Stats(oneshot::Sender<Vec<PeerStats>>),
+    /// One round of the timers now, whatever the loop's interval: the timer tests move a
+    /// mock clock and must know a round ran after each move.
+    #[cfg(all(test, feature = "mock-time"))]
+    RunTimers(oneshot::Sender<()>),
 }
 
 /// Talks to a running device loop. Dropping every handle stops the loop.
@@ -63,6 +67,17 @@ impl DeviceHandle {
             .await
             .map_err(|_| Error::DeviceStopped)?;
         stats.await.map_err(|_| Error::DeviceStopped)
+    }
+
+    /// Runs every peer's timers once; returns when what they sent is on the network.
+    #[cfg(all(test, feature = "mock-time"))]
+    pub(crate) async fn run_timers(&self) -> Result<(), Error> {
+        let (done, ran) = oneshot::channel();
+        self.commands
+            .send(Command::RunTimers(done))
+            .await
+            .map_err(|_| Error::DeviceStopped)?;
+        ran.await.map_err(|_| Error::DeviceStopped)
     }
 }
 
@@ -141,6 +156,11 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     .collect();
                 stats.sort_by(|a, b| a.name.cmp(&b.name));
                 let _ = reply.send(stats);
+            }
+            #[cfg(all(test, feature = "mock-time"))]
+            Command::RunTimers(done) => {
+                self.run_timers().await;
+                let _ = done.send(());
             }
         }
     }

@@ -313,15 +313,13 @@ fn drop_counts(metrics: &Metrics) -> Vec<u64> {
     DropReason::ALL.iter().map(|r| metrics.drops(*r)).collect()
 }
 
-/// Waits (up to 2 s) until `condition` holds; panics if it never does.
-async fn eventually(mut condition: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the condition never held");
+/// Waits until `condition` holds, naming it if it never does: generous, because a loaded
+/// 2-core machine runs these debug-build devices slowly, and the condition ends the wait.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    trellis_test_support::eventually_async(what, Duration::from_secs(10), || {
+        std::future::ready(condition().then_some(()))
+    })
+    .await;
 }
 
 /// a (pods 10.1.0.0/24) and b (pods 10.2.0.0/24) become each other's peer.
@@ -646,7 +644,10 @@ async fn a_replayed_handshake_initiation_is_a_replay_drop() {
         .clone();
     let replays = a.metrics.drops(DropReason::Replay);
     net.inject(a.addr, b.addr, init);
-    eventually(|| a.metrics.drops(DropReason::Replay) == replays + 1).await;
+    eventually("the replayed initiation counted", || {
+        a.metrics.drops(DropReason::Replay) == replays + 1
+    })
+    .await;
     assert_eq!(
         a.handle.stats().await.unwrap()[0].handshakes,
         1,
@@ -873,7 +874,7 @@ async fn spoofed_data_for_unknown_sessions_starts_at_most_one_handshake_a_second
         data[4..8].copy_from_slice(&((index % 4 + 1) << 8).to_le_bytes());
         net.inject(b.addr, a.addr, data);
     }
-    eventually(|| {
+    eventually("every forged data message counted", || {
         b.metrics.drops(DropReason::NoPeer) + b.metrics.drops(DropReason::DecryptFailed) >= 100
     })
     .await;
@@ -896,7 +897,7 @@ async fn a_moved_endpoint_gets_a_handshake_at_once() {
     assert_eq!(a.metrics.initiations(Initiation::EndpointChanged), 1);
     let stats = a.handle.stats().await.unwrap();
     assert_eq!(stats[0].endpoint, Some(moved));
-    eventually(|| {
+    eventually("a second handshake at b", || {
         b.metrics
             .render()
             .contains("trellis_gateway_peer_handshakes_total{peer=\"a\"} 2")
@@ -940,7 +941,7 @@ async fn a_thousand_peers_get_their_handshakes_at_once_without_tripping_cookies(
     a.handle.set_peers(peers, true).await.unwrap();
     assert_eq!(a.metrics.initiations(Initiation::NewPeer), 1000);
     // b, which had no reason to send, has a session with A from A's initiation alone.
-    eventually(|| {
+    eventually("b's session with a from a's initiation alone", || {
         b.metrics
             .render()
             .contains("trellis_gateway_peer_handshakes_total{peer=\"a\"} 1")

@@ -148,7 +148,7 @@ async fn the_initiator_rekeys_at_120_s_and_traffic_moves_to_the_new_session() {
     assert_eq!(initiations(&sent_since(&net, mark, b.addr)), 0);
 
     // The new session is up at both ends, and the next packets travel on it.
-    eventually(|| {
+    eventually("the rekey counted", || {
         a.metrics
             .render()
             .contains("trellis_gateway_peer_rekeys_total{peer=\"b\"} 1")
@@ -194,7 +194,10 @@ async fn past_180_s_a_session_carries_nothing_and_the_peer_is_down() {
     let mark = wire_mark(&net);
     let late = ipv4("10.1.0.5", "10.2.0.7", b"late");
     a.tun.inbound.push(late.clone());
-    eventually(|| !sent_since(&net, mark, a.addr).is_empty()).await;
+    eventually("a sent something", || {
+        !sent_since(&net, mark, a.addr).is_empty()
+    })
+    .await;
     let sent = sent_since(&net, mark, a.addr);
     assert!(data(&sent).is_empty(), "data on an expired session");
     assert_eq!(initiations(&sent), sent.len(), "only an initiation");
@@ -227,7 +230,7 @@ async fn a_lost_initiation_is_retried_after_rekey_timeout_and_the_queued_packet_
         .unwrap();
     let ping = ipv4("10.1.0.5", "10.2.0.7", b"ping");
     a.tun.inbound.push(ping.clone());
-    eventually(|| {
+    eventually("the packet queued behind the handshake", || {
         a.metrics
             .render()
             .contains("trellis_gateway_peer_queued_packets{peer=\"b\"} 1")

@@ -607,6 +607,19 @@ pub mod fixture {
             endpoint_ports: vec![],
         }
     }
+
+    /// Adds [`service`]`(ns, name, ip, endpoints)` to a cluster's (or a source's) exports,
+    /// under its key: how most tests set up what a cluster exports.
+    pub fn export(
+        services: &mut BTreeMap<ServiceKey, ExportedService>,
+        ns: &str,
+        name: &str,
+        ip: &str,
+        endpoints: &[&str],
+    ) {
+        let svc = service(ns, name, ip, endpoints);
+        services.insert(svc.key(), svc);
+    }
 }
 
 #[cfg(test)]
@@ -664,10 +677,7 @@ mod tests {
     #[test]
     fn state_serialises_maps_as_lists_and_round_trips() {
         let mut c = cluster("east", "10.1.0.0/24", "10.96.0.0/16");
-        c.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
-        );
+        export(&mut c.services, "shop", "web", "10.96.0.10", &["10.1.0.5"]);
         let json = serde_json::to_value(&c).unwrap();
         assert!(json["nodes"].is_array());
         assert!(json["services"].is_array());
@@ -679,21 +689,24 @@ mod tests {
     fn diff_then_apply_reaches_the_new_state() {
         let mut old = cluster("east", "10.1.0.0/24", "10.96.0.0/16");
         old.revision = 4;
-        old.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
+        export(
+            &mut old.services,
+            "shop",
+            "web",
+            "10.96.0.10",
+            &["10.1.0.5"],
         );
-        old.services.insert(
-            ServiceKey::new("shop", "gone"),
-            service("shop", "gone", "10.96.0.11", &[]),
-        );
+        export(&mut old.services, "shop", "gone", "10.96.0.11", &[]);
         let mut new = old.clone();
         new.revision = 5;
         new.name = "renamed".into();
         new.services.remove(&ServiceKey::new("shop", "gone"));
-        new.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.96.0.10", &["10.1.0.5", "10.1.0.6"]),
+        export(
+            &mut new.services,
+            "shop",
+            "web",
+            "10.96.0.10",
+            &["10.1.0.5", "10.1.0.6"],
         );
         new.nodes.remove("node-0");
         let delta = old.delta_to(&new).unwrap();

@@ -414,8 +414,8 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::fixture;
     use crate::cluster::fixture::*;
-    use crate::cluster::{ServiceKey, fixture};
 
     fn cfg(local: &str, peer: &str) -> SessionConfig {
         SessionConfig {
@@ -599,9 +599,12 @@ mod tests {
         let (mut a, mut b, a_state, _) = pair(now);
         let mut next = a_state.clone();
         next.revision = 1;
-        next.services.insert(
-            ServiceKey::new("shop", "web"),
-            fixture::service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
+        fixture::export(
+            &mut next.services,
+            "shop",
+            "web",
+            "10.96.0.10",
+            &["10.1.0.5"],
         );
         let delta = a_state.delta_to(&next).unwrap();
         let out = a.local_changed(&next, std::slice::from_ref(&delta), now);

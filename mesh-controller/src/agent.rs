@@ -313,44 +313,71 @@ async fn subscriber(
             .connection_refused(crate::metrics::Listener::Agent, "subscribers_full");
         return Err(SubscriberError::Full);
     };
-    let (mut rd, mut wr) = stream.into_split();
-    let mut closed = [0u8; 1];
+    let (rd, mut wr) = stream.into_split();
     match hello.role {
         AgentRole::Gateway(reg) => {
             tracing::info!(node = %reg.node, endpoint = %reg.endpoint, "gateway registered");
             let node = reg.node.clone();
-            let mut sub = GatewaySubscription::new(&hub, reg);
-            let mut buf = vec![0u8; 64 * 1024];
+            let sub = GatewaySubscription::new(&hub, reg);
             take_reports(&hub, &node, &mut reports)?;
-            loop {
-                tokio::select! {
-                    u = sub.next() => {
-                        let Some(u) = u else { return Ok(()) };
-                        send_update(&mut wr, &u, "gateway update", max_frame).await?;
-                    }
-                    r = rd.read(&mut buf) => {
-                        match r {
-                            Ok(0) | Err(_) => return Ok(()),
-                            Ok(n) => {
-                                reports.push(&buf[..n]);
-                                take_reports(&hub, &node, &mut reports)?;
-                            }
-                        }
-                    }
-                }
-            }
+            stream_updates(sub, rd, &mut wr, max_frame, |data| {
+                reports.push(data);
+                take_reports(&hub, &node, &mut reports)
+            })
+            .await
         }
+        // DNS sends nothing after its hello: its connection is only watched for the close.
         AgentRole::Dns => {
-            let mut sub = ImportsSubscription::new(&hub);
-            loop {
-                tokio::select! {
-                    u = sub.next() => {
-                        let Some(u) = u else { return Ok(()) };
-                        send_update(&mut wr, &u, "imports update", max_frame).await?;
-                    }
-                    r = rd.read(&mut closed) => {
-                        if matches!(r, Ok(0) | Err(_)) { return Ok(()) }
-                    }
+            let sub = ImportsSubscription::new(&hub);
+            stream_updates(sub, rd, &mut wr, max_frame, |_| Ok(())).await
+        }
+    }
+}
+
+/// A stream of updates for one kind of agent, so that both kinds are served by one loop.
+trait Updates {
+    type Update: serde::Serialize;
+    /// What an update is called in encoding errors.
+    const LABEL: &'static str;
+    fn recv(&mut self) -> impl Future<Output = Option<Self::Update>> + Send;
+}
+
+impl Updates for GatewaySubscription {
+    type Update = GatewayUpdate;
+    const LABEL: &'static str = "gateway update";
+    fn recv(&mut self) -> impl Future<Output = Option<GatewayUpdate>> + Send {
+        self.next()
+    }
+}
+
+impl Updates for ImportsSubscription {
+    type Update = ImportsUpdate;
+    const LABEL: &'static str = "imports update";
+    fn recv(&mut self) -> impl Future<Output = Option<ImportsUpdate>> + Send {
+        self.next()
+    }
+}
+
+/// Sends `sub`'s updates until the controller shuts down or the agent goes away, handing
+/// what the agent sends to `received`.
+async fn stream_updates<S: Updates>(
+    mut sub: S,
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    max_frame: usize,
+    mut received: impl FnMut(&[u8]) -> Result<(), SubscriberError>,
+) -> Result<(), SubscriberError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            u = sub.recv() => {
+                let Some(u) = u else { return Ok(()) };
+                send_update(wr, &u, S::LABEL, max_frame).await?;
+            }
+            r = rd.read(&mut buf) => {
+                match r {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(n) => received(&buf[..n])?,
                 }
             }
         }
@@ -391,8 +418,8 @@ mod tests {
     use crate::hub::HubConfig;
     use crate::metrics::Metrics;
     use crate::source::SourceState;
-    use trellis_core::cluster::fixture::{cluster, id, service};
-    use trellis_core::cluster::{PublicKey, ServiceKey};
+    use trellis_core::cluster::PublicKey;
+    use trellis_core::cluster::fixture::{cluster, export, id};
 
     fn hub() -> Hub {
         let h = Hub::new(
@@ -779,10 +806,7 @@ mod tests {
         };
         assert!(imports.services.is_empty());
         let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
-        b.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.97.0.10", &["10.2.0.5"]),
-        );
+        export(&mut b.services, "shop", "web", "10.97.0.10", &["10.2.0.5"]);
         h.peer_snapshot(b);
         let update = tokio::time::timeout(Duration::from_secs(5), sub.next())
             .await

@@ -214,22 +214,26 @@ fn two_controllers_from_the_command_line() {
         ),
     )
     .unwrap();
-    std::fs::write(
-        &west_cfg,
-        // West takes its ID from the ClusterProperty in its static file.
-        config(
-            dir.path(),
-            "west",
-            w_quic,
-            "east",
-            None,
-            w_metrics,
-            w_agent,
-            false,
+    // West's configuration is written again later, to switch node encryption on.
+    let write_west_config = |node_encryption: bool| {
+        std::fs::write(
+            &west_cfg,
+            // West takes its ID from the ClusterProperty in its static file.
+            config(
+                dir.path(),
+                "west",
+                w_quic,
+                "east",
+                None,
+                w_metrics,
+                w_agent,
+                node_encryption,
+            )
+            .replace("clusterId: west\n", ""),
         )
-        .replace("clusterId: west\n", ""),
-    )
-    .unwrap();
+        .unwrap();
+    };
+    write_west_config(false);
     let spawn = |cfg: &Path, log: &str| {
         let log = std::fs::File::create(dir.path().join(log)).unwrap();
         Proc(
@@ -301,22 +305,7 @@ fn two_controllers_from_the_command_line() {
     });
 
     // Switch node encryption on by editing west's configuration: pushed without a restart.
-    std::fs::write(
-        &west_cfg,
-        // West takes its ID from the ClusterProperty in its static file.
-        config(
-            dir.path(),
-            "west",
-            w_quic,
-            "east",
-            None,
-            w_metrics,
-            w_agent,
-            true,
-        )
-        .replace("clusterId: west\n", ""),
-    )
-    .unwrap();
+    write_west_config(true);
     loop {
         let u = gw.next::<GatewayUpdate>();
         assert!(desired.apply(&u));

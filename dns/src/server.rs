@@ -697,23 +697,16 @@ impl<U: Upstream> TcpServer<U> {
                 metrics.dropped.with_label_values(&["tcp_overload"]).inc();
                 continue; // dropping the stream closes it
             };
-            let (handle, metrics, upstream, forwards) = (
-                handle.clone(),
-                metrics.clone(),
-                upstream.clone(),
-                forwards.clone(),
-            );
-            let forwarding = acl.allows(peer.ip());
+            let connection = TcpConnection {
+                handle: handle.clone(),
+                metrics: metrics.clone(),
+                upstream: upstream.clone(),
+                forwards: forwards.clone(),
+                forwarding: acl.allows(peer.ip()),
+                idle,
+            };
             tasks.spawn(async move {
                 let _permit = permit;
-                let connection = TcpConnection {
-                    handle,
-                    metrics,
-                    upstream,
-                    forwards,
-                    forwarding,
-                    idle,
-                };
                 if let Err(error) = connection.serve(stream).await {
                     debug!(%error, %peer, "tcp connection ended");
                 }

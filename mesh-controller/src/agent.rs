@@ -469,10 +469,11 @@ mod tests {
         };
         // A wrong token is refused before anything is registered.
         let mut bad = TcpStream::connect(addr).await.unwrap();
-        let hello = AgentHello::gateway(reg.clone(), Some("guess".into()));
-        bad.write_all(&encode_json_frame(&hello, "hello", 1 << 20).unwrap())
-            .await
-            .unwrap();
+        send_hello(
+            &mut bad,
+            &AgentHello::gateway(reg.clone(), Some("guess".into())),
+        )
+        .await;
         let mut sink = Vec::new();
         let n = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut sink))
             .await
@@ -482,26 +483,9 @@ mod tests {
         assert!(h.local_state().nodes["node-0"].gateway.is_none());
         assert!(h.metrics().render().contains("reason=\"agent_token\""));
         let mut conn = TcpStream::connect(addr).await.unwrap();
-        let hello = AgentHello::gateway(reg, Some("s3cret".into()));
-        conn.write_all(&encode_json_frame(&hello, "hello", 1 << 20).unwrap())
-            .await
-            .unwrap();
-        let mut dec = FrameDecoder::new(1 << 20);
-        let mut buf = vec![0u8; 65536];
-        let mut read_update = async || -> GatewayUpdate {
-            loop {
-                if let Some(u) = dec.next_json::<GatewayUpdate>().unwrap() {
-                    return u;
-                }
-                let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert!(n > 0);
-                dec.push(&buf[..n]);
-            }
-        };
-        let GatewayUpdate::Snapshot(mut state) = read_update().await else {
+        send_hello(&mut conn, &AgentHello::gateway(reg, Some("s3cret".into()))).await;
+        let mut updates = UpdateReader::new();
+        let GatewayUpdate::Snapshot(mut state) = updates.next(&mut conn).await else {
             panic!("first update must be a snapshot")
         };
         assert!(state.peers.is_empty());
@@ -514,13 +498,13 @@ mod tests {
             public_key: PublicKey([4; 32]),
         });
         h.peer_snapshot(b);
-        let update = read_update().await;
+        let update = updates.next(&mut conn).await;
         assert!(matches!(update, GatewayUpdate::Delta { .. }), "{update:?}");
         assert!(state.apply(&update));
         assert_eq!(state.peers.len(), 1);
         // Node encryption on is pushed too.
         h.set_node_encryption(true);
-        let update = read_update().await;
+        let update = updates.next(&mut conn).await;
         assert!(state.apply(&update));
         assert!(state.node_encryption);
         server.abort();
@@ -538,20 +522,46 @@ mod tests {
             endpoint: "192.168.1.10:51820".parse().unwrap(),
             public_key: PublicKey([3; 32]),
         };
-        let hello = AgentHello::gateway(reg, Some("s3cret".into()));
-        conn.write_all(&encode_json_frame(&hello, "hello", 1 << 20).unwrap())
+        send_hello(&mut conn, &AgentHello::gateway(reg, Some("s3cret".into()))).await;
+        let update = UpdateReader::new().next(&mut conn).await;
+        assert!(matches!(update, GatewayUpdate::Snapshot(_)));
+        started.elapsed()
+    }
+
+    /// Sends `hello` as an agent does, as its first frame.
+    async fn send_hello(conn: &mut TcpStream, hello: &AgentHello) {
+        conn.write_all(&encode_json_frame(hello, "hello", 1 << 20).unwrap())
             .await
             .unwrap();
-        let mut dec = FrameDecoder::new(1 << 20);
-        let mut buf = vec![0u8; 65536];
-        loop {
-            if let Some(update) = dec.next_json::<GatewayUpdate>().unwrap() {
-                assert!(matches!(update, GatewayUpdate::Snapshot(_)));
-                return started.elapsed();
+    }
+
+    /// A gateway's side of its stream: the updates it reads.
+    struct UpdateReader {
+        decoder: FrameDecoder,
+        buf: Vec<u8>,
+    }
+
+    impl UpdateReader {
+        fn new() -> Self {
+            Self {
+                decoder: FrameDecoder::new(1 << 20),
+                buf: vec![0u8; 65536],
             }
-            let n = conn.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the controller closed the gateway's stream");
-            dec.push(&buf[..n]);
+        }
+
+        /// The next update, within 5 s of reading.
+        async fn next(&mut self, conn: &mut TcpStream) -> GatewayUpdate {
+            loop {
+                if let Some(update) = self.decoder.next_json::<GatewayUpdate>().unwrap() {
+                    return update;
+                }
+                let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut self.buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "the controller closed the gateway's stream");
+                self.decoder.push(&self.buf[..n]);
+            }
         }
     }
 

@@ -584,6 +584,15 @@ pub mod fixture {
         c
     }
 
+    /// Clusters a (pod CIDR 10.1.0.0/24, services 10.96.0.0/16) and b (10.2.0.0/24,
+    /// 10.97.0.0/16): the pair most tests use, apart in every CIDR.
+    pub fn clusters_a_b() -> (ClusterState, ClusterState) {
+        (
+            cluster("a", "10.1.0.0/24", "10.96.0.0/16"),
+            cluster("b", "10.2.0.0/24", "10.97.0.0/16"),
+        )
+    }
+
     pub fn service(ns: &str, name: &str, ip: &str, endpoints: &[&str]) -> ExportedService {
         ExportedService {
             namespace: ns.into(),
@@ -777,8 +786,7 @@ mod tests {
 
     #[test]
     fn admission_is_deterministic_and_refuses_the_later_id() {
-        let local = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
-        let b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        let (local, b) = clusters_a_b();
         let c = cluster("c", "10.2.0.0/24", "10.98.0.0/16");
         let d = cluster("d", "10.4.0.0/24", "10.99.0.0/16");
         let v1 = admit(&local, [&c, &b, &d]);

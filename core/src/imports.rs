@@ -162,8 +162,7 @@ mod tests {
 
     #[test]
     fn merges_services_by_namespace_sameness_and_marks_local() {
-        let mut a = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
-        let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        let (mut a, mut b) = clusters_a_b();
         export(&mut a.services, "shop", "web", "10.96.0.10", &["10.1.0.5"]);
         export(
             &mut b.services,

@@ -448,8 +448,7 @@ mod tests {
 
     /// Two sessions wired back to back.
     fn pair(now: Instant) -> (Session, Session, ClusterState, ClusterState) {
-        let a_state = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
-        let b_state = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        let (a_state, b_state) = clusters_a_b();
         let (mut a, a_out) = Session::new(cfg("a", "b"), &a_state, now);
         let (mut b, b_out) = Session::new(cfg("b", "a"), &b_state, now);
         let at_b = b.handle_bytes(&bytes_of(&a_out), now);

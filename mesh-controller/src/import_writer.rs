@@ -375,11 +375,10 @@ pub fn namespaces(d: &DesiredObjects) -> BTreeSet<String> {
 mod tests {
     use super::*;
     use trellis_core::cluster::ServicePort;
-    use trellis_core::cluster::fixture::{cluster, export, id};
+    use trellis_core::cluster::fixture::{clusters_a_b, export, id};
 
     fn imports() -> Imports {
-        let mut a = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
-        let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        let (mut a, mut b) = clusters_a_b();
         export(&mut a.services, "shop", "web", "10.96.0.10", &["10.1.0.5"]);
         export(
             &mut b.services,

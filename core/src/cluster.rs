@@ -584,6 +584,15 @@ pub mod fixture {
         c
     }
 
+    /// Clusters a (pod CIDR 10.1.0.0/24, services 10.96.0.0/16) and b (10.2.0.0/24,
+    /// 10.97.0.0/16): the pair most tests use, apart in every CIDR.
+    pub fn clusters_a_b() -> (ClusterState, ClusterState) {
+        (
+            cluster("a", "10.1.0.0/24", "10.96.0.0/16"),
+            cluster("b", "10.2.0.0/24", "10.97.0.0/16"),
+        )
+    }
+
     pub fn service(ns: &str, name: &str, ip: &str, endpoints: &[&str]) -> ExportedService {
         ExportedService {
             namespace: ns.into(),
@@ -606,6 +615,19 @@ pub mod fixture {
                 .collect(),
             endpoint_ports: vec![],
         }
+    }
+
+    /// Adds [`service`]`(ns, name, ip, endpoints)` to a cluster's (or a source's) exports,
+    /// under its key: how most tests set up what a cluster exports.
+    pub fn export(
+        services: &mut BTreeMap<ServiceKey, ExportedService>,
+        ns: &str,
+        name: &str,
+        ip: &str,
+        endpoints: &[&str],
+    ) {
+        let svc = service(ns, name, ip, endpoints);
+        services.insert(svc.key(), svc);
     }
 }
 
@@ -664,10 +686,7 @@ mod tests {
     #[test]
     fn state_serialises_maps_as_lists_and_round_trips() {
         let mut c = cluster("east", "10.1.0.0/24", "10.96.0.0/16");
-        c.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
-        );
+        export(&mut c.services, "shop", "web", "10.96.0.10", &["10.1.0.5"]);
         let json = serde_json::to_value(&c).unwrap();
         assert!(json["nodes"].is_array());
         assert!(json["services"].is_array());
@@ -679,21 +698,24 @@ mod tests {
     fn diff_then_apply_reaches_the_new_state() {
         let mut old = cluster("east", "10.1.0.0/24", "10.96.0.0/16");
         old.revision = 4;
-        old.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
+        export(
+            &mut old.services,
+            "shop",
+            "web",
+            "10.96.0.10",
+            &["10.1.0.5"],
         );
-        old.services.insert(
-            ServiceKey::new("shop", "gone"),
-            service("shop", "gone", "10.96.0.11", &[]),
-        );
+        export(&mut old.services, "shop", "gone", "10.96.0.11", &[]);
         let mut new = old.clone();
         new.revision = 5;
         new.name = "renamed".into();
         new.services.remove(&ServiceKey::new("shop", "gone"));
-        new.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.96.0.10", &["10.1.0.5", "10.1.0.6"]),
+        export(
+            &mut new.services,
+            "shop",
+            "web",
+            "10.96.0.10",
+            &["10.1.0.5", "10.1.0.6"],
         );
         new.nodes.remove("node-0");
         let delta = old.delta_to(&new).unwrap();
@@ -764,8 +786,7 @@ mod tests {
 
     #[test]
     fn admission_is_deterministic_and_refuses_the_later_id() {
-        let local = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
-        let b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        let (local, b) = clusters_a_b();
         let c = cluster("c", "10.2.0.0/24", "10.98.0.0/16");
         let d = cluster("d", "10.4.0.0/24", "10.99.0.0/16");
         let v1 = admit(&local, [&c, &b, &d]);

@@ -162,20 +162,16 @@ mod tests {
 
     #[test]
     fn merges_services_by_namespace_sameness_and_marks_local() {
-        let mut a = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
-        let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
-        a.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
+        let (mut a, mut b) = clusters_a_b();
+        export(&mut a.services, "shop", "web", "10.96.0.10", &["10.1.0.5"]);
+        export(
+            &mut b.services,
+            "shop",
+            "web",
+            "10.97.0.10",
+            &["10.2.0.5", "10.2.0.6"],
         );
-        b.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.97.0.10", &["10.2.0.5", "10.2.0.6"]),
-        );
-        b.services.insert(
-            ServiceKey::new("shop", "db"),
-            service("shop", "db", "10.97.0.11", &[]),
-        );
+        export(&mut b.services, "shop", "db", "10.97.0.11", &[]);
         let imports = Imports::build(&id("b"), [&b, &a], 1);
         assert_eq!(imports.services.len(), 2);
         let web = &imports.services["shop/web"];
@@ -189,16 +185,10 @@ mod tests {
     #[test]
     fn deltas_take_a_subscriber_to_the_new_set() {
         let mut a = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
-        a.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
-        );
+        export(&mut a.services, "shop", "web", "10.96.0.10", &["10.1.0.5"]);
         let old = Imports::build(&id("b"), [&a], 1);
         a.services.remove(&ServiceKey::new("shop", "web"));
-        a.services.insert(
-            ServiceKey::new("shop", "api"),
-            service("shop", "api", "10.96.0.12", &["10.1.0.7"]),
-        );
+        export(&mut a.services, "shop", "api", "10.96.0.12", &["10.1.0.7"]);
         let new = Imports::build(&id("b"), [&a], 2);
         let update = old.delta_to(&new).unwrap();
         let mut sub = old.clone();

@@ -414,8 +414,8 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::fixture;
     use crate::cluster::fixture::*;
-    use crate::cluster::{ServiceKey, fixture};
 
     fn cfg(local: &str, peer: &str) -> SessionConfig {
         SessionConfig {
@@ -448,8 +448,7 @@ mod tests {
 
     /// Two sessions wired back to back.
     fn pair(now: Instant) -> (Session, Session, ClusterState, ClusterState) {
-        let a_state = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
-        let b_state = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        let (a_state, b_state) = clusters_a_b();
         let (mut a, a_out) = Session::new(cfg("a", "b"), &a_state, now);
         let (mut b, b_out) = Session::new(cfg("b", "a"), &b_state, now);
         let at_b = b.handle_bytes(&bytes_of(&a_out), now);
@@ -599,9 +598,12 @@ mod tests {
         let (mut a, mut b, a_state, _) = pair(now);
         let mut next = a_state.clone();
         next.revision = 1;
-        next.services.insert(
-            ServiceKey::new("shop", "web"),
-            fixture::service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
+        fixture::export(
+            &mut next.services,
+            "shop",
+            "web",
+            "10.96.0.10",
+            &["10.1.0.5"],
         );
         let delta = a_state.delta_to(&next).unwrap();
         let out = a.local_changed(&next, std::slice::from_ref(&delta), now);

@@ -300,13 +300,35 @@ pub fn rcode_label(rcode: ResponseCode) -> &'static str {
     }
 }
 
+/// A query as the unit tests of this module and of `fast` send it: `name`/`qtype` with RD as
+/// given and an OPT record advertising `edns` if given.
+#[cfg(test)]
+pub(crate) fn test_query(
+    name: &str,
+    qtype: RecordType,
+    rd: bool,
+    edns: Option<u16>,
+    id: u16,
+) -> Vec<u8> {
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = rd;
+    m.add_query(hickory_proto::op::Query::query(
+        hickory_proto::rr::Name::from_ascii(name).unwrap(),
+        qtype,
+    ));
+    if let Some(size) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(size);
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::Catalog;
     use crate::zone::ZoneConfig;
-    use hickory_proto::op::Query;
-    use hickory_proto::rr::Name;
 
     fn zone(endpoints: usize) -> Zone {
         let eps: Vec<String> = (0..endpoints)
@@ -326,15 +348,22 @@ mod tests {
     }
 
     fn query(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
-        let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
-        m.metadata.recursion_desired = true;
-        m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
-        if let Some(size) = edns {
-            let mut e = Edns::new();
-            e.set_max_payload(size);
-            m.set_edns(e);
-        }
-        m.to_vec().unwrap()
+        test_query(name, qtype, true, edns, 0x1234)
+    }
+
+    /// The outcome of a plain UDP query (no EDNS, our usual 1232-byte limit).
+    fn udp(zone: &Zone, name: &str, qtype: RecordType) -> Outcome {
+        respond(zone, &query(name, qtype, None), Transport::Udp, 1232)
+    }
+
+    /// Names outside the zone go to the upstreams, whether or not the zone is loaded.
+    fn assert_forwarded(zone: &Zone) {
+        assert_eq!(
+            udp(zone, "example.org.", RecordType::A),
+            Outcome::Forward {
+                qtype: RecordType::A
+            }
+        );
     }
 
     fn reply(outcome: Outcome) -> (Reply, Message) {
@@ -350,41 +379,16 @@ mod tests {
     #[test]
     fn positive_negative_and_forward() {
         let zone = zone(1);
-        let (r, m) = reply(respond(
-            &zone,
-            &query("web.shop.svc.clusterset.local.", RecordType::A, None),
-            Transport::Udp,
-            1232,
-        ));
+        let (r, m) = reply(udp(&zone, "web.shop.svc.clusterset.local.", RecordType::A));
         assert_eq!((r.rcode, r.answers), (ResponseCode::NoError, 1));
         assert!(m.authoritative && m.recursion_desired && m.id == 0x1234);
-        let (r, m) = reply(respond(
-            &zone,
-            &query("nope.shop.svc.clusterset.local.", RecordType::A, None),
-            Transport::Udp,
-            1232,
-        ));
+        let (r, m) = reply(udp(&zone, "nope.shop.svc.clusterset.local.", RecordType::A));
         assert_eq!(r.rcode, ResponseCode::NXDomain);
         assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
-        let (r, m) = reply(respond(
-            &zone,
-            &query("web.shop.svc.clusterset.local.", RecordType::MX, None),
-            Transport::Udp,
-            1232,
-        ));
+        let (r, m) = reply(udp(&zone, "web.shop.svc.clusterset.local.", RecordType::MX));
         assert_eq!((r.rcode, r.answers), (ResponseCode::NoError, 0));
         assert_eq!(m.authorities.len(), 1);
-        assert_eq!(
-            respond(
-                &zone,
-                &query("example.org.", RecordType::A, None),
-                Transport::Udp,
-                1232
-            ),
-            Outcome::Forward {
-                qtype: RecordType::A
-            }
-        );
+        assert_forwarded(&zone);
     }
 
     #[test]
@@ -407,17 +411,7 @@ mod tests {
                 assert_eq!(m.edns.is_some(), edns.is_some());
             }
         }
-        assert_eq!(
-            respond(
-                &zone,
-                &query("example.org.", RecordType::A, None),
-                Transport::Udp,
-                1232
-            ),
-            Outcome::Forward {
-                qtype: RecordType::A
-            }
-        );
+        assert_forwarded(&zone);
     }
 
     #[test]

@@ -249,6 +249,7 @@ fn precompute(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::answer::test_query as query;
     use crate::model::Catalog;
     use crate::zone::ZoneConfig;
 
@@ -271,18 +272,6 @@ mod tests {
             ZoneConfig::new("clusterset.local", 5).unwrap(),
             &Catalog::from_json(&json).unwrap(),
         )
-    }
-
-    fn query(name: &str, qtype: RecordType, rd: bool, edns: Option<u16>, id: u16) -> Vec<u8> {
-        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
-        m.metadata.recursion_desired = rd;
-        m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
-        if let Some(size) = edns {
-            let mut e = Edns::new();
-            e.set_max_payload(size);
-            m.set_edns(e);
-        }
-        m.to_vec().unwrap()
     }
 
     fn slow(zone: &Zone, q: &[u8]) -> Vec<u8> {

@@ -101,11 +101,7 @@ pub async fn start<U: Upstream>(
     let (udp, tcp, dns_addr) = bind_listeners(config)?;
 
     let (tx, rx) = mpsc::channel::<ForwardJob>(FORWARD_QUEUE);
-    let reply_socket = udp[0].try_clone().map_err(|source| Error::Bind {
-        what: "udp",
-        addr: dns_addr,
-        source,
-    })?;
+    let reply_socket = udp[0].try_clone().map_err(bind_error("udp", dns_addr))?;
     let mut tasks = vec![tokio::spawn(forward_udp(
         rx,
         reply_socket,
@@ -151,16 +147,8 @@ pub async fn start<U: Upstream>(
         Some(addr) => {
             let listener = TcpListener::bind(addr)
                 .await
-                .map_err(|source| Error::Bind {
-                    what: "metrics",
-                    addr,
-                    source,
-                })?;
-            let bound = listener.local_addr().map_err(|source| Error::Bind {
-                what: "metrics",
-                addr,
-                source,
-            })?;
+                .map_err(bind_error("metrics", addr))?;
+            let bound = listener.local_addr().map_err(bind_error("metrics", addr))?;
             tasks.push(tokio::spawn(serve_metrics(
                 listener,
                 metrics.clone(),
@@ -189,11 +177,9 @@ fn bind_listeners(config: &Config) -> Result<(Vec<UdpSocket>, TcpListener, Socke
     let mut attempt = 1;
     loop {
         let udp = bind_udp(config)?;
-        let dns_addr = udp[0].local_addr().map_err(|source| Error::Bind {
-            what: "udp",
-            addr: config.listen,
-            source,
-        })?;
+        let dns_addr = udp[0]
+            .local_addr()
+            .map_err(bind_error("udp", config.listen))?;
         match bind_tcp(dns_addr) {
             Ok(tcp) => return Ok((udp, tcp, dns_addr)),
             Err(Error::Bind { ref source, .. })
@@ -208,21 +194,27 @@ fn bind_listeners(config: &Config) -> Result<(Vec<UdpSocket>, TcpListener, Socke
     }
 }
 
+/// How a failed step of binding `what` ("udp" or "tcp") on `addr` reads.
+fn bind_error(what: &'static str, addr: SocketAddr) -> impl Fn(std::io::Error) -> Error + Copy {
+    move |source| Error::Bind { what, addr, source }
+}
+
+/// A socket of `addr`'s family (IPv4 or IPv6), not yet bound.
+fn new_socket(
+    addr: SocketAddr,
+    kind: Type,
+    protocol: SockProtocol,
+    err: impl Fn(std::io::Error) -> Error,
+) -> Result<Socket, Error> {
+    Socket::new(Domain::for_address(addr), kind, Some(protocol)).map_err(err)
+}
+
 fn bind_udp(config: &Config) -> Result<Vec<UdpSocket>, Error> {
     let mut addr = config.listen;
     let mut sockets = Vec::new();
     for _ in 0..config.udp_workers {
-        let err = |source| Error::Bind {
-            what: "udp",
-            addr,
-            source,
-        };
-        let socket = Socket::new(
-            Domain::for_address(addr),
-            Type::DGRAM,
-            Some(SockProtocol::UDP),
-        )
-        .map_err(err)?;
+        let err = bind_error("udp", addr);
+        let socket = new_socket(addr, Type::DGRAM, SockProtocol::UDP, err)?;
         if config.udp_workers > 1 {
             socket.set_reuse_port(true).map_err(err)?;
         }
@@ -238,17 +230,8 @@ fn bind_udp(config: &Config) -> Result<Vec<UdpSocket>, Error> {
 }
 
 fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, Error> {
-    let err = |source| Error::Bind {
-        what: "tcp",
-        addr,
-        source,
-    };
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM,
-        Some(SockProtocol::TCP),
-    )
-    .map_err(err)?;
+    let err = bind_error("tcp", addr);
+    let socket = new_socket(addr, Type::STREAM, SockProtocol::TCP, err)?;
     socket.set_reuse_address(true).map_err(err)?;
     socket.set_nonblocking(true).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
@@ -714,23 +697,16 @@ impl<U: Upstream> TcpServer<U> {
                 metrics.dropped.with_label_values(&["tcp_overload"]).inc();
                 continue; // dropping the stream closes it
             };
-            let (handle, metrics, upstream, forwards) = (
-                handle.clone(),
-                metrics.clone(),
-                upstream.clone(),
-                forwards.clone(),
-            );
-            let forwarding = acl.allows(peer.ip());
+            let connection = TcpConnection {
+                handle: handle.clone(),
+                metrics: metrics.clone(),
+                upstream: upstream.clone(),
+                forwards: forwards.clone(),
+                forwarding: acl.allows(peer.ip()),
+                idle,
+            };
             tasks.spawn(async move {
                 let _permit = permit;
-                let connection = TcpConnection {
-                    handle,
-                    metrics,
-                    upstream,
-                    forwards,
-                    forwarding,
-                    idle,
-                };
                 if let Err(error) = connection.serve(stream).await {
                     debug!(%error, %peer, "tcp connection ended");
                 }

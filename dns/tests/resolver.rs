@@ -32,65 +32,94 @@ async fn a_aaaa_srv_and_headless() {
         .unwrap();
     assert_eq!(ips(&a), ["10.1.0.10", "10.2.0.10"], "local cluster first");
     assert!(a.answers().iter().all(|r| r.ttl == 5));
-    let aaaa = resolver
-        .lookup("web.shop.svc.clusterset.local.", RecordType::AAAA)
-        .await
-        .unwrap();
-    assert_eq!(ips(&aaaa), ["fd00::10"]);
-
-    let srv = resolver
-        .lookup("_http._tcp.web.shop.svc.clusterset.local.", RecordType::SRV)
-        .await
-        .unwrap();
-    assert_eq!(
-        ips(&srv),
-        [
-            "0 100 80 east.web.shop.svc.clusterset.local.",
-            "1 100 80 west.web.shop.svc.clusterset.local."
-        ]
-    );
-    let udp = resolver
-        .lookup("_dns._udp.web.shop.svc.clusterset.local.", RecordType::SRV)
-        .await
-        .unwrap();
-    assert_eq!(ips(&udp), ["0 100 53 east.web.shop.svc.clusterset.local."]);
-    // Targets resolve.
-    let west = resolver
-        .lookup("west.web.shop.svc.clusterset.local.", RecordType::A)
-        .await
-        .unwrap();
-    assert_eq!(ips(&west), ["10.2.0.10"]);
-
-    let db = resolver
-        .lookup("db.shop.svc.clusterset.local.", RecordType::A)
-        .await
-        .unwrap();
-    assert_eq!(ips(&db), ["10.2.1.5", "10.2.1.6"]);
-    let host = resolver
-        .lookup("db-1.west.db.shop.svc.clusterset.local.", RecordType::A)
-        .await
-        .unwrap();
-    assert_eq!(ips(&host), ["10.2.1.6"]);
-    let pg = resolver
-        .lookup("_pg._tcp.db.shop.svc.clusterset.local.", RecordType::SRV)
-        .await
-        .unwrap();
-    assert_eq!(
-        ips(&pg),
-        [
-            "0 50 5432 db-0.west.db.shop.svc.clusterset.local.",
-            "0 50 5432 db-1.west.db.shop.svc.clusterset.local."
-        ]
-    );
+    // Name, type, the answers' data in order.
+    let cases: [(&str, RecordType, &[&str]); 7] = [
+        (
+            "web.shop.svc.clusterset.local.",
+            RecordType::AAAA,
+            &["fd00::10"],
+        ),
+        (
+            "_http._tcp.web.shop.svc.clusterset.local.",
+            RecordType::SRV,
+            &[
+                "0 100 80 east.web.shop.svc.clusterset.local.",
+                "1 100 80 west.web.shop.svc.clusterset.local.",
+            ],
+        ),
+        (
+            "_dns._udp.web.shop.svc.clusterset.local.",
+            RecordType::SRV,
+            &["0 100 53 east.web.shop.svc.clusterset.local."],
+        ),
+        // Targets resolve.
+        (
+            "west.web.shop.svc.clusterset.local.",
+            RecordType::A,
+            &["10.2.0.10"],
+        ),
+        (
+            "db.shop.svc.clusterset.local.",
+            RecordType::A,
+            &["10.2.1.5", "10.2.1.6"],
+        ),
+        (
+            "db-1.west.db.shop.svc.clusterset.local.",
+            RecordType::A,
+            &["10.2.1.6"],
+        ),
+        (
+            "_pg._tcp.db.shop.svc.clusterset.local.",
+            RecordType::SRV,
+            &[
+                "0 50 5432 db-0.west.db.shop.svc.clusterset.local.",
+                "0 50 5432 db-1.west.db.shop.svc.clusterset.local.",
+            ],
+        ),
+    ];
+    for (name, rtype, want) in cases {
+        assert_eq!(
+            lookup_ips(&resolver, name, rtype).await,
+            want,
+            "{name} {rtype}"
+        );
+    }
 
     // The same over TCP only.
     let tcp = resolver_tcp(&server);
-    let a = tcp
-        .lookup("web.shop.svc.clusterset.local.", RecordType::A)
+    assert_eq!(
+        lookup_ips(&tcp, "web.shop.svc.clusterset.local.", RecordType::A).await,
+        ["10.1.0.10", "10.2.0.10"]
+    );
+    server.running.shutdown();
+}
+
+/// The answers' data for `name`/`rtype`, which must resolve: what most checks here compare.
+async fn lookup_ips(
+    resolver: &hickory_resolver::TokioResolver,
+    name: &str,
+    rtype: RecordType,
+) -> Vec<String> {
+    ips(&resolver.lookup(name, rtype).await.unwrap())
+}
+
+/// The response code, and whether an SOA came with it, for `name`/`rtype`, which must have
+/// no records.
+async fn lookup_none(
+    resolver: &hickory_resolver::TokioResolver,
+    name: &str,
+    rtype: RecordType,
+) -> (ResponseCode, bool) {
+    no_records(&resolver.lookup(name, rtype).await.unwrap_err())
+}
+
+/// One raw UDP exchange of `query` (2 s wait), the answer parsed: for checks on what the
+/// resolver library would hide (header bits, spelling, EDNS).
+async fn raw_exchange(server: std::net::SocketAddr, query: &Message) -> Message {
+    let answer = udp_exchange(server, &query.to_vec().unwrap(), Duration::from_secs(2))
         .await
         .unwrap();
-    assert_eq!(ips(&a), ["10.1.0.10", "10.2.0.10"]);
-    server.running.shutdown();
+    Message::from_vec(&answer).unwrap()
 }
 
 fn resolver_tcp(server: &TestServer) -> hickory_resolver::TokioResolver {
@@ -108,33 +137,42 @@ fn no_records(error: &NetError) -> (ResponseCode, bool) {
 async fn nxdomain_nodata_and_case() {
     let server = start(&shop(), vec![]).await;
     let resolver = resolver(server.addr(), false);
-    let nx = resolver
-        .lookup("nope.shop.svc.clusterset.local.", RecordType::A)
-        .await
-        .unwrap_err();
-    assert_eq!(no_records(&nx), (ResponseCode::NXDomain, true));
-    let nodata = resolver
-        .lookup("web.shop.svc.clusterset.local.", RecordType::TXT)
-        .await
-        .unwrap_err();
-    assert_eq!(no_records(&nodata), (ResponseCode::NoError, true));
-    let nodata = resolver
-        .lookup("db.shop.svc.clusterset.local.", RecordType::AAAA)
-        .await
-        .unwrap_err();
-    assert_eq!(no_records(&nodata), (ResponseCode::NoError, true));
-    // An empty non-terminal exists.
-    let ent = resolver
-        .lookup("shop.svc.clusterset.local.", RecordType::A)
-        .await
-        .unwrap_err();
-    assert_eq!(no_records(&ent), (ResponseCode::NoError, true));
+    // Name, type, the response code; each with the zone's SOA for negative caching.
+    let cases = [
+        (
+            "nope.shop.svc.clusterset.local.",
+            RecordType::A,
+            ResponseCode::NXDomain,
+        ),
+        (
+            "web.shop.svc.clusterset.local.",
+            RecordType::TXT,
+            ResponseCode::NoError,
+        ),
+        (
+            "db.shop.svc.clusterset.local.",
+            RecordType::AAAA,
+            ResponseCode::NoError,
+        ),
+        // An empty non-terminal exists.
+        (
+            "shop.svc.clusterset.local.",
+            RecordType::A,
+            ResponseCode::NoError,
+        ),
+    ];
+    for (name, rtype, rcode) in cases {
+        assert_eq!(
+            lookup_none(&resolver, name, rtype).await,
+            (rcode, true),
+            "{name} {rtype}"
+        );
+    }
 
-    let mixed = resolver
-        .lookup("WeB.SHOP.svc.ClusterSet.LOCAL.", RecordType::A)
-        .await
-        .unwrap();
-    assert_eq!(ips(&mixed), ["10.1.0.10", "10.2.0.10"]);
+    assert_eq!(
+        lookup_ips(&resolver, "WeB.SHOP.svc.ClusterSet.LOCAL.", RecordType::A).await,
+        ["10.1.0.10", "10.2.0.10"]
+    );
     // On the wire the question and answers keep the client's spelling (0x20 randomisation).
     for edns in [false, true] {
         let mut query = Message::new(9, MessageType::Query, OpCode::Query);
@@ -145,14 +183,7 @@ async fn nxdomain_nodata_and_case() {
         if edns {
             query.set_edns(Edns::new());
         }
-        let answer = udp_exchange(
-            server.addr(),
-            &query.to_vec().unwrap(),
-            Duration::from_secs(2),
-        )
-        .await
-        .unwrap();
-        let answer = Message::from_vec(&answer).unwrap();
+        let answer = raw_exchange(server.addr(), &query).await;
         assert_eq!(
             answer.queries[0].name().to_ascii(),
             "WeB.SHOP.svc.ClusterSet.LOCAL."
@@ -163,11 +194,15 @@ async fn nxdomain_nodata_and_case() {
         );
         assert_eq!(answer.edns.is_some(), edns);
     }
-    let host = resolver
-        .lookup("DB-0.West.db.shop.svc.clusterset.local.", RecordType::A)
-        .await
-        .unwrap();
-    assert_eq!(ips(&host), ["10.2.1.5"]);
+    assert_eq!(
+        lookup_ips(
+            &resolver,
+            "DB-0.West.db.shop.svc.clusterset.local.",
+            RecordType::A
+        )
+        .await,
+        ["10.2.1.5"]
+    );
     server.running.shutdown();
 }
 
@@ -180,14 +215,7 @@ async fn tcp_fallback_on_a_large_answer() {
         Name::from_ascii("big.shop.svc.clusterset.local.").unwrap(),
         RecordType::A,
     ));
-    let answer = udp_exchange(
-        server.addr(),
-        &query.to_vec().unwrap(),
-        Duration::from_secs(2),
-    )
-    .await
-    .unwrap();
-    let answer = Message::from_vec(&answer).unwrap();
+    let answer = raw_exchange(server.addr(), &query).await;
     assert!(answer.truncation && answer.answers.is_empty());
     // With EDNS 4096: still too big for our 1232, truncated within 1232 bytes.
     let mut edns = Edns::new();
@@ -219,22 +247,21 @@ async fn forwards_and_servfails_when_upstream_fails() {
     let (upstream, udp_task, tcp_task) = upstream_stub().await;
     let server = start(&shop(), vec![upstream]).await;
     let resolver = resolver(server.addr(), false);
-    let a = resolver
-        .lookup("www.example.test.", RecordType::A)
-        .await
-        .unwrap();
-    assert_eq!(ips(&a), ["192.0.2.1"]);
-    let nx = resolver
-        .lookup("missing.org.", RecordType::A)
-        .await
-        .unwrap_err();
-    assert_eq!(no_records(&nx).0, ResponseCode::NXDomain);
+    assert_eq!(
+        lookup_ips(&resolver, "www.example.test.", RecordType::A).await,
+        ["192.0.2.1"]
+    );
+    assert_eq!(
+        lookup_none(&resolver, "missing.org.", RecordType::A)
+            .await
+            .0,
+        ResponseCode::NXDomain
+    );
     let tcp = resolver_tcp(&server);
-    let a = tcp
-        .lookup("tcp.example.test.", RecordType::A)
-        .await
-        .unwrap();
-    assert_eq!(ips(&a), ["192.0.2.1"]);
+    assert_eq!(
+        lookup_ips(&tcp, "tcp.example.test.", RecordType::A).await,
+        ["192.0.2.1"]
+    );
     // In-zone names are never forwarded.
     let a = resolver
         .lookup("web.shop.svc.clusterset.local.", RecordType::A)
@@ -296,40 +323,46 @@ async fn forwards_and_servfails_when_upstream_fails() {
 async fn a_removed_endpoint_disappears_at_once() {
     let server = start(&shop(), vec![]).await;
     let resolver = resolver(server.addr(), false);
-    let db = resolver
-        .lookup("db.shop.svc.clusterset.local.", RecordType::A)
-        .await
-        .unwrap();
-    assert_eq!(ips(&db), ["10.2.1.5", "10.2.1.6"]);
+    assert_eq!(
+        lookup_ips(&resolver, "db.shop.svc.clusterset.local.", RecordType::A).await,
+        ["10.2.1.5", "10.2.1.6"]
+    );
 
     let mut catalog = shop();
     catalog.revision = 2;
     catalog.services[1].clusters[0].endpoints.remove(1);
     server.handle.publish(&catalog);
-    let db = resolver
-        .lookup("db.shop.svc.clusterset.local.", RecordType::A)
+    assert_eq!(
+        lookup_ips(&resolver, "db.shop.svc.clusterset.local.", RecordType::A).await,
+        ["10.2.1.5"]
+    );
+    assert_eq!(
+        lookup_none(
+            &resolver,
+            "db-1.west.db.shop.svc.clusterset.local.",
+            RecordType::A
+        )
         .await
-        .unwrap();
-    assert_eq!(ips(&db), ["10.2.1.5"]);
-    let gone = resolver
-        .lookup("db-1.west.db.shop.svc.clusterset.local.", RecordType::A)
-        .await
-        .unwrap_err();
-    assert_eq!(no_records(&gone).0, ResponseCode::NXDomain);
+        .0,
+        ResponseCode::NXDomain
+    );
 
     // A cluster whose lease expired is left out by the controller: gone from answers.
     catalog.services[0].clusters.retain(|c| c.cluster != "west");
     server.handle.publish(&catalog);
-    let web = resolver
-        .lookup("web.shop.svc.clusterset.local.", RecordType::A)
-        .await
-        .unwrap();
-    assert_eq!(ips(&web), ["10.1.0.10"]);
-    let srv = resolver
-        .lookup("_http._tcp.web.shop.svc.clusterset.local.", RecordType::SRV)
-        .await
-        .unwrap();
-    assert_eq!(ips(&srv), ["0 100 80 east.web.shop.svc.clusterset.local."]);
+    assert_eq!(
+        lookup_ips(&resolver, "web.shop.svc.clusterset.local.", RecordType::A).await,
+        ["10.1.0.10"]
+    );
+    assert_eq!(
+        lookup_ips(
+            &resolver,
+            "_http._tcp.web.shop.svc.clusterset.local.",
+            RecordType::SRV
+        )
+        .await,
+        ["0 100 80 east.web.shop.svc.clusterset.local."]
+    );
     server.running.shutdown();
 }
 
@@ -593,14 +626,7 @@ async fn several_udp_workers_share_the_port() {
     // Many source ports spread over the SO_REUSEPORT sockets; every one is answered.
     for id in 0..60u16 {
         query.metadata.id = id;
-        let answer = udp_exchange(
-            server.addr(),
-            &query.to_vec().unwrap(),
-            Duration::from_secs(2),
-        )
-        .await
-        .unwrap();
-        let answer = Message::from_vec(&answer).unwrap();
+        let answer = raw_exchange(server.addr(), &query).await;
         assert_eq!((answer.id, answer.answers.len()), (id, 2));
     }
     server.running.shutdown();

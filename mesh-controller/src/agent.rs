@@ -313,44 +313,71 @@ async fn subscriber(
             .connection_refused(crate::metrics::Listener::Agent, "subscribers_full");
         return Err(SubscriberError::Full);
     };
-    let (mut rd, mut wr) = stream.into_split();
-    let mut closed = [0u8; 1];
+    let (rd, mut wr) = stream.into_split();
     match hello.role {
         AgentRole::Gateway(reg) => {
             tracing::info!(node = %reg.node, endpoint = %reg.endpoint, "gateway registered");
             let node = reg.node.clone();
-            let mut sub = GatewaySubscription::new(&hub, reg);
-            let mut buf = vec![0u8; 64 * 1024];
+            let sub = GatewaySubscription::new(&hub, reg);
             take_reports(&hub, &node, &mut reports)?;
-            loop {
-                tokio::select! {
-                    u = sub.next() => {
-                        let Some(u) = u else { return Ok(()) };
-                        send_update(&mut wr, &u, "gateway update", max_frame).await?;
-                    }
-                    r = rd.read(&mut buf) => {
-                        match r {
-                            Ok(0) | Err(_) => return Ok(()),
-                            Ok(n) => {
-                                reports.push(&buf[..n]);
-                                take_reports(&hub, &node, &mut reports)?;
-                            }
-                        }
-                    }
-                }
-            }
+            stream_updates(sub, rd, &mut wr, max_frame, |data| {
+                reports.push(data);
+                take_reports(&hub, &node, &mut reports)
+            })
+            .await
         }
+        // DNS sends nothing after its hello: its connection is only watched for the close.
         AgentRole::Dns => {
-            let mut sub = ImportsSubscription::new(&hub);
-            loop {
-                tokio::select! {
-                    u = sub.next() => {
-                        let Some(u) = u else { return Ok(()) };
-                        send_update(&mut wr, &u, "imports update", max_frame).await?;
-                    }
-                    r = rd.read(&mut closed) => {
-                        if matches!(r, Ok(0) | Err(_)) { return Ok(()) }
-                    }
+            let sub = ImportsSubscription::new(&hub);
+            stream_updates(sub, rd, &mut wr, max_frame, |_| Ok(())).await
+        }
+    }
+}
+
+/// A stream of updates for one kind of agent, so that both kinds are served by one loop.
+trait Updates {
+    type Update: serde::Serialize;
+    /// What an update is called in encoding errors.
+    const LABEL: &'static str;
+    fn recv(&mut self) -> impl Future<Output = Option<Self::Update>> + Send;
+}
+
+impl Updates for GatewaySubscription {
+    type Update = GatewayUpdate;
+    const LABEL: &'static str = "gateway update";
+    fn recv(&mut self) -> impl Future<Output = Option<GatewayUpdate>> + Send {
+        self.next()
+    }
+}
+
+impl Updates for ImportsSubscription {
+    type Update = ImportsUpdate;
+    const LABEL: &'static str = "imports update";
+    fn recv(&mut self) -> impl Future<Output = Option<ImportsUpdate>> + Send {
+        self.next()
+    }
+}
+
+/// Sends `sub`'s updates until the controller shuts down or the agent goes away, handing
+/// what the agent sends to `received`.
+async fn stream_updates<S: Updates>(
+    mut sub: S,
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    max_frame: usize,
+    mut received: impl FnMut(&[u8]) -> Result<(), SubscriberError>,
+) -> Result<(), SubscriberError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            u = sub.recv() => {
+                let Some(u) = u else { return Ok(()) };
+                send_update(wr, &u, S::LABEL, max_frame).await?;
+            }
+            r = rd.read(&mut buf) => {
+                match r {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(n) => received(&buf[..n])?,
                 }
             }
         }
@@ -391,8 +418,8 @@ mod tests {
     use crate::hub::HubConfig;
     use crate::metrics::Metrics;
     use crate::source::SourceState;
-    use trellis_core::cluster::fixture::{cluster, id, service};
-    use trellis_core::cluster::{PublicKey, ServiceKey};
+    use trellis_core::cluster::PublicKey;
+    use trellis_core::cluster::fixture::{cluster, export, id};
 
     fn hub() -> Hub {
         let h = Hub::new(
@@ -442,10 +469,11 @@ mod tests {
         };
         // A wrong token is refused before anything is registered.
         let mut bad = TcpStream::connect(addr).await.unwrap();
-        let hello = AgentHello::gateway(reg.clone(), Some("guess".into()));
-        bad.write_all(&encode_json_frame(&hello, "hello", 1 << 20).unwrap())
-            .await
-            .unwrap();
+        send_hello(
+            &mut bad,
+            &AgentHello::gateway(reg.clone(), Some("guess".into())),
+        )
+        .await;
         let mut sink = Vec::new();
         let n = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut sink))
             .await
@@ -455,26 +483,9 @@ mod tests {
         assert!(h.local_state().nodes["node-0"].gateway.is_none());
         assert!(h.metrics().render().contains("reason=\"agent_token\""));
         let mut conn = TcpStream::connect(addr).await.unwrap();
-        let hello = AgentHello::gateway(reg, Some("s3cret".into()));
-        conn.write_all(&encode_json_frame(&hello, "hello", 1 << 20).unwrap())
-            .await
-            .unwrap();
-        let mut dec = FrameDecoder::new(1 << 20);
-        let mut buf = vec![0u8; 65536];
-        let mut read_update = async || -> GatewayUpdate {
-            loop {
-                if let Some(u) = dec.next_json::<GatewayUpdate>().unwrap() {
-                    return u;
-                }
-                let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert!(n > 0);
-                dec.push(&buf[..n]);
-            }
-        };
-        let GatewayUpdate::Snapshot(mut state) = read_update().await else {
+        send_hello(&mut conn, &AgentHello::gateway(reg, Some("s3cret".into()))).await;
+        let mut updates = UpdateReader::new();
+        let GatewayUpdate::Snapshot(mut state) = updates.next(&mut conn).await else {
             panic!("first update must be a snapshot")
         };
         assert!(state.peers.is_empty());
@@ -487,13 +498,13 @@ mod tests {
             public_key: PublicKey([4; 32]),
         });
         h.peer_snapshot(b);
-        let update = read_update().await;
+        let update = updates.next(&mut conn).await;
         assert!(matches!(update, GatewayUpdate::Delta { .. }), "{update:?}");
         assert!(state.apply(&update));
         assert_eq!(state.peers.len(), 1);
         // Node encryption on is pushed too.
         h.set_node_encryption(true);
-        let update = read_update().await;
+        let update = updates.next(&mut conn).await;
         assert!(state.apply(&update));
         assert!(state.node_encryption);
         server.abort();
@@ -511,20 +522,46 @@ mod tests {
             endpoint: "192.168.1.10:51820".parse().unwrap(),
             public_key: PublicKey([3; 32]),
         };
-        let hello = AgentHello::gateway(reg, Some("s3cret".into()));
-        conn.write_all(&encode_json_frame(&hello, "hello", 1 << 20).unwrap())
+        send_hello(&mut conn, &AgentHello::gateway(reg, Some("s3cret".into()))).await;
+        let update = UpdateReader::new().next(&mut conn).await;
+        assert!(matches!(update, GatewayUpdate::Snapshot(_)));
+        started.elapsed()
+    }
+
+    /// Sends `hello` as an agent does, as its first frame.
+    async fn send_hello(conn: &mut TcpStream, hello: &AgentHello) {
+        conn.write_all(&encode_json_frame(hello, "hello", 1 << 20).unwrap())
             .await
             .unwrap();
-        let mut dec = FrameDecoder::new(1 << 20);
-        let mut buf = vec![0u8; 65536];
-        loop {
-            if let Some(update) = dec.next_json::<GatewayUpdate>().unwrap() {
-                assert!(matches!(update, GatewayUpdate::Snapshot(_)));
-                return started.elapsed();
+    }
+
+    /// A gateway's side of its stream: the updates it reads.
+    struct UpdateReader {
+        decoder: FrameDecoder,
+        buf: Vec<u8>,
+    }
+
+    impl UpdateReader {
+        fn new() -> Self {
+            Self {
+                decoder: FrameDecoder::new(1 << 20),
+                buf: vec![0u8; 65536],
             }
-            let n = conn.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the controller closed the gateway's stream");
-            dec.push(&buf[..n]);
+        }
+
+        /// The next update, within 5 s of reading.
+        async fn next(&mut self, conn: &mut TcpStream) -> GatewayUpdate {
+            loop {
+                if let Some(update) = self.decoder.next_json::<GatewayUpdate>().unwrap() {
+                    return update;
+                }
+                let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut self.buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "the controller closed the gateway's stream");
+                self.decoder.push(&self.buf[..n]);
+            }
         }
     }
 
@@ -779,10 +816,7 @@ mod tests {
         };
         assert!(imports.services.is_empty());
         let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
-        b.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.97.0.10", &["10.2.0.5"]),
-        );
+        export(&mut b.services, "shop", "web", "10.97.0.10", &["10.2.0.5"]);
         h.peer_snapshot(b);
         let update = tokio::time::timeout(Duration::from_secs(5), sub.next())
             .await

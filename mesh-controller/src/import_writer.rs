@@ -374,23 +374,25 @@ pub fn namespaces(d: &DesiredObjects) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_core::cluster::fixture::{cluster, id, service};
-    use trellis_core::cluster::{ServiceKey, ServicePort};
+    use trellis_core::cluster::ServicePort;
+    use trellis_core::cluster::fixture::{clusters_a_b, export, id};
 
     fn imports() -> Imports {
-        let mut a = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
-        let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
-        a.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
+        let (mut a, mut b) = clusters_a_b();
+        export(&mut a.services, "shop", "web", "10.96.0.10", &["10.1.0.5"]);
+        export(
+            &mut b.services,
+            "shop",
+            "web",
+            "10.97.0.10",
+            &["10.2.0.5", "fd00::5"],
         );
-        b.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.97.0.10", &["10.2.0.5", "fd00::5"]),
-        );
-        a.services.insert(
-            ServiceKey::new("shop", "local-only"),
-            service("shop", "local-only", "10.96.0.11", &["10.1.0.6"]),
+        export(
+            &mut a.services,
+            "shop",
+            "local-only",
+            "10.96.0.11",
+            &["10.1.0.6"],
         );
         Imports::build(&id("a"), [&a, &b], 1)
     }

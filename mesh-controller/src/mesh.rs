@@ -193,8 +193,7 @@ impl Mesh {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_core::cluster::ServiceKey;
-    use trellis_core::cluster::fixture::{cluster, id, service};
+    use trellis_core::cluster::fixture::{cluster, export, id};
 
     fn wall() -> SystemTime {
         SystemTime::UNIX_EPOCH
@@ -229,9 +228,12 @@ mod tests {
         m.snapshot(b.clone(), t0, wall());
         let mut next = b.clone();
         next.revision = 1;
-        next.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.97.0.10", &["10.2.0.5"]),
+        export(
+            &mut next.services,
+            "shop",
+            "web",
+            "10.97.0.10",
+            &["10.2.0.5"],
         );
         let d = b.delta_to(&next).unwrap();
         m.delta(&d, t0, wall()).unwrap();

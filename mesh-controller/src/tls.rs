@@ -38,10 +38,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Tls {
-            operation: "parsing PEM certificates",
-            source: e.into(),
-        })?;
+        .map_err(tls_err("parsing PEM certificates"))?;
     if certs.is_empty() {
         return Err(Error::Tls {
             operation: "parsing PEM certificates",
@@ -52,10 +49,7 @@ pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
 }
 
 pub fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, Error> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| Error::Tls {
-        operation: "parsing the PEM private key",
-        source: e.into(),
-    })
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(tls_err("parsing the PEM private key"))
 }
 
 /// The cluster identity a certificate carries: its single `*.cluster.trellis` DNS name.
@@ -104,6 +98,34 @@ pub fn failure_reason(err: &rustls::Error) -> &'static str {
         rustls::Error::NoCertificatesPresented => "no_certificate",
         _ => "tls_error",
     }
+}
+
+/// The signature checks of both verifiers: webpki's (`self.inner`), unchanged. Only the
+/// certificate checks differ between the two sides, so the rest is written once.
+macro_rules! delegate_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    };
 }
 
 #[derive(Debug)]
@@ -161,27 +183,7 @@ impl ClientCertVerifier for PeerClientVerifier {
         Ok(verified)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    delegate_signatures!();
 }
 
 #[derive(Debug)]
@@ -218,27 +220,7 @@ impl ServerCertVerifier for PeerServerVerifier {
             })
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    delegate_signatures!();
 }
 
 /// What a controller needs to speak mutual TLS: the mesh CA and its own certificate and key.
@@ -252,15 +234,13 @@ pub struct TlsMaterial {
 fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, Error> {
     let mut roots = RootCertStore::empty();
     for cert in parse_certs(ca_pem)? {
-        roots.add(cert).map_err(|e| Error::Tls {
-            operation: "adding the mesh CA",
-            source: e.into(),
-        })?;
+        roots.add(cert).map_err(tls_err("adding the mesh CA"))?;
     }
     Ok(Arc::new(roots))
 }
 
-fn tls_err(operation: &'static str) -> impl Fn(rustls::Error) -> Error {
+/// The error of a TLS setup step, for `map_err`.
+fn tls_err<E: Into<TlsCause>>(operation: &'static str) -> impl Fn(E) -> Error {
     move |e| Error::Tls {
         operation,
         source: e.into(),
@@ -277,10 +257,7 @@ pub fn server_config(
     let inner =
         WebPkiClientVerifier::builder_with_provider(roots(&material.ca_pem)?, provider.clone())
             .build()
-            .map_err(|e| Error::Tls {
-                operation: "building the client-certificate verifier",
-                source: e.into(),
-            })?;
+            .map_err(tls_err("building the client-certificate verifier"))?;
     let verifier = Arc::new(PeerClientVerifier {
         inner,
         allowed,
@@ -308,10 +285,7 @@ pub fn client_config(
     let inner =
         WebPkiServerVerifier::builder_with_provider(roots(&material.ca_pem)?, provider.clone())
             .build()
-            .map_err(|e| Error::Tls {
-                operation: "building the server-certificate verifier",
-                source: e.into(),
-            })?;
+            .map_err(tls_err("building the server-certificate verifier"))?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("choosing TLS 1.3"))?

@@ -175,28 +175,26 @@ fn two_controllers_from_the_command_line() {
     run(&["certs", "cluster", "--dir", d, "--id", "east"]);
     run(&["certs", "cluster", "--dir", d, "--id", "west"]);
     std::fs::write(dir.path().join("agent-token"), "lab-token\n").unwrap();
-    std::fs::write(
-        dir.path().join("east.yaml"),
-        cluster_yaml(
+    // Cluster, pod CIDR, service CIDR, web's cluster IP, web's endpoint.
+    for (name, pods, services, web_ip, endpoint) in [
+        (
             "east",
             "10.10.0.0/24",
             "10.96.0.0/16",
             "10.96.0.10",
             "10.10.0.5",
         ),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("west.yaml"),
-        cluster_yaml(
+        (
             "west",
             "10.20.0.0/24",
             "10.97.0.0/16",
             "10.97.0.10",
             "10.20.0.5",
         ),
-    )
-    .unwrap();
+    ] {
+        let yaml = cluster_yaml(name, pods, services, web_ip, endpoint);
+        std::fs::write(dir.path().join(format!("{name}.yaml")), yaml).unwrap();
+    }
     let (e_quic, w_quic) = (free_udp(), free_udp());
     let (e_metrics, w_metrics, e_agent, w_agent) = (free_tcp(), free_tcp(), free_tcp(), free_tcp());
     let west_cfg = dir.path().join("west-config.yaml");
@@ -214,22 +212,26 @@ fn two_controllers_from_the_command_line() {
         ),
     )
     .unwrap();
-    std::fs::write(
-        &west_cfg,
-        // West takes its ID from the ClusterProperty in its static file.
-        config(
-            dir.path(),
-            "west",
-            w_quic,
-            "east",
-            None,
-            w_metrics,
-            w_agent,
-            false,
+    // West's configuration is written again later, to switch node encryption on.
+    let write_west_config = |node_encryption: bool| {
+        std::fs::write(
+            &west_cfg,
+            // West takes its ID from the ClusterProperty in its static file.
+            config(
+                dir.path(),
+                "west",
+                w_quic,
+                "east",
+                None,
+                w_metrics,
+                w_agent,
+                node_encryption,
+            )
+            .replace("clusterId: west\n", ""),
         )
-        .replace("clusterId: west\n", ""),
-    )
-    .unwrap();
+        .unwrap();
+    };
+    write_west_config(false);
     let spawn = |cfg: &Path, log: &str| {
         let log = std::fs::File::create(dir.path().join(log)).unwrap();
         Proc(
@@ -301,22 +303,7 @@ fn two_controllers_from_the_command_line() {
     });
 
     // Switch node encryption on by editing west's configuration: pushed without a restart.
-    std::fs::write(
-        &west_cfg,
-        // West takes its ID from the ClusterProperty in its static file.
-        config(
-            dir.path(),
-            "west",
-            w_quic,
-            "east",
-            None,
-            w_metrics,
-            w_agent,
-            true,
-        )
-        .replace("clusterId: west\n", ""),
-    )
-    .unwrap();
+    write_west_config(true);
     loop {
         let u = gw.next::<GatewayUpdate>();
         assert!(desired.apply(&u));

@@ -12,22 +12,21 @@ use http::{Method, Request, Response};
 use kube::client::Body;
 use serde_json::{Value, json};
 use trellis_controller::import_writer::{ImportWriter, desired_objects};
-use trellis_core::cluster::fixture::{cluster, id, service};
+use trellis_core::cluster::fixture::{cluster, clusters_a_b, export, id, service};
 use trellis_core::cluster::{ClusterId, ServiceKey, ServicePort};
 use trellis_core::imports::{ImportedService, Imports};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 fn imports() -> Imports {
-    let a = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
-    let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
-    b.services.insert(
-        ServiceKey::new("shop", "web"),
-        service("shop", "web", "10.97.0.10", &["10.2.0.5"]),
-    );
-    b.services.insert(
-        ServiceKey::new("nowhere", "api"),
-        service("nowhere", "api", "10.97.0.11", &["10.2.0.6"]),
+    let (a, mut b) = clusters_a_b();
+    export(&mut b.services, "shop", "web", "10.97.0.10", &["10.2.0.5"]);
+    export(
+        &mut b.services,
+        "nowhere",
+        "api",
+        "10.97.0.11",
+        &["10.2.0.6"],
     );
     Imports::build(&id("a"), [&a, &b], 1)
 }
@@ -416,16 +415,18 @@ fn written_objects_match_their_schemas_and_wrong_fields_are_caught() {
             port: 8080,
         }]
     };
-    let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
-    b.services.insert(
-        ServiceKey::new("shop", "web"),
-        service("shop", "web", "10.97.0.10", &["10.2.0.5", "fd00::5"]),
+    let (a, mut b) = clusters_a_b();
+    export(
+        &mut b.services,
+        "shop",
+        "web",
+        "10.97.0.10",
+        &["10.2.0.5", "fd00::5"],
     );
     let mut headless = service("shop", "db", "10.97.0.11", &["10.2.0.6"]);
     headless.kind = trellis_core::cluster::ServiceKind::Headless;
     headless.cluster_ips.clear();
     b.services.insert(ServiceKey::new("shop", "db"), headless);
-    let a = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
     let desired = desired_objects(&Imports::build(&id("a"), [&a, &b], 1), &ports);
     assert_eq!((desired.imports.len(), desired.slices.len()), (2, 3));
     let objects: Vec<Value> = desired

@@ -250,6 +250,26 @@ async fn consumed(api: &Arc<Mutex<FakeApi>>, path: &str) {
     .await
 }
 
+/// A client of a fake API server (`configure`d before it answers anything) that records the
+/// calls made to it.
+fn fake_api_server(
+    configure: impl FnOnce(&mut FakeApi),
+) -> (
+    kube::Client,
+    Arc<Mutex<FakeApi>>,
+    tokio::task::JoinHandle<()>,
+    common::Calls,
+) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let mut api = FakeApi::new();
+    configure(&mut api);
+    let api = Arc::new(Mutex::new(api));
+    let calls = common::Calls::default();
+    let server = tokio::spawn(serve(handle, api.clone(), calls.clone()));
+    (client, api, server, calls)
+}
+
 fn start() -> (
     Arc<Mutex<FakeApi>>,
     Recorder,
@@ -257,11 +277,20 @@ fn start() -> (
     tokio::task::JoinHandle<()>,
     common::Calls,
 ) {
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, "default");
-    let api = Arc::new(Mutex::new(FakeApi::new()));
-    let calls = common::Calls::default();
-    let server = tokio::spawn(serve(handle, api.clone(), calls.clone()));
+    start_configured(|_| {})
+}
+
+/// The Kubernetes source on a fake API server `configure`d before the source starts.
+fn start_configured(
+    configure: impl FnOnce(&mut FakeApi),
+) -> (
+    Arc<Mutex<FakeApi>>,
+    Recorder,
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<()>,
+    common::Calls,
+) {
+    let (client, api, server, calls) = fake_api_server(configure);
     let rec = Recorder::default();
     let source = tokio::spawn(trellis_controller::kube_source::run_with(
         client,
@@ -415,20 +444,11 @@ async fn an_api_server_outage_keeps_the_last_state_and_recovers() {
 
 #[tokio::test]
 async fn nothing_is_delivered_until_every_required_kind_has_listed() {
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, "default");
-    let api = Arc::new(Mutex::new(FakeApi::new()));
-    api.lock().unwrap().broken.insert(EXPORTS);
-    // The optional kinds may be missing entirely (their CRDs or APIs not installed).
-    api.lock().unwrap().kinds.remove(PROPS);
-    let calls = common::Calls::default();
-    let server = tokio::spawn(serve(handle, api.clone(), calls.clone()));
-    let rec = Recorder::default();
-    let source = tokio::spawn(trellis_controller::kube_source::run_with(
-        client,
-        rec.clone(),
-        Duration::from_millis(20),
-    ));
+    let (api, rec, server, source, calls) = start_configured(|api| {
+        api.broken.insert(EXPORTS);
+        // The optional kinds may be missing entirely (their CRDs or APIs not installed).
+        api.kinds.remove(PROPS);
+    });
     // The other required kinds listed and their watchers moved on to watching (so their
     // lists were handed on), and ServiceExports failed twice (so after those lists too).
     until(&api, "the other kinds listed and exports failing", |a| {
@@ -458,11 +478,7 @@ async fn nothing_is_delivered_until_every_required_kind_has_listed() {
 #[tokio::test]
 async fn the_settings_configmap_switches_node_encryption_at_runtime() {
     use trellis_controller::hub::{Hub, HubConfig};
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, "default");
-    let api = Arc::new(Mutex::new(FakeApi::new()));
-    let calls = common::Calls::default();
-    let server = tokio::spawn(serve(handle, api.clone(), calls.clone()));
+    let (client, api, server, calls) = fake_api_server(|_| {});
     let hub = Hub::new(
         HubConfig {
             id: "east".parse().unwrap(),

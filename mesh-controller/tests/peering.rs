@@ -16,8 +16,8 @@ use trellis_controller::metrics::Metrics;
 use trellis_controller::peering::{PeerConfig, Peering, PeeringConfig};
 use trellis_controller::source::SourceState;
 use trellis_controller::tls::{TlsMaterial, client_config};
-use trellis_core::cluster::fixture::{cluster, id, service};
-use trellis_core::cluster::{ClusterId, PublicKey, ServiceKey};
+use trellis_core::cluster::fixture::{cluster, export, id, service};
+use trellis_core::cluster::{ClusterId, PublicKey};
 use trellis_core::peering::{Message, encode_frame};
 
 /// Long enough that no test but the one about leases sees a lease run out, however loaded
@@ -82,6 +82,72 @@ fn socket() -> (UdpSocket, SocketAddr) {
 struct Controller {
     hub: Hub,
     peering: Option<Peering>,
+    /// Where its peering endpoint listens.
+    addr: SocketAddr,
+}
+
+/// The peering configuration of every controller here: fast heartbeats and redials, so that
+/// the tests wait on the mesh and not on timers.
+fn peering_config(
+    listen: SocketAddr,
+    peers: &[(&str, Option<SocketAddr>)],
+    lease: Duration,
+    max_frame: usize,
+    tls: TlsMaterial,
+) -> PeeringConfig {
+    PeeringConfig {
+        listen,
+        peers: peers
+            .iter()
+            .map(|(p, a)| PeerConfig {
+                id: id(p),
+                endpoint: *a,
+            })
+            .collect(),
+        heartbeat: Duration::from_millis(200),
+        lease,
+        max_frame,
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+        max_pending_handshakes: 16,
+        tls,
+    }
+}
+
+/// A QUIC client endpoint on 127.0.0.1 using `cfg`: the hand-driven clients of the refusals.
+fn client_endpoint(cfg: rustls::ClientConfig) -> quinn::Endpoint {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(cfg).unwrap(),
+    )));
+    ep
+}
+
+/// Clusters a (pod and service CIDRs `a_src`) and b (`b_src`) of `mesh`, b dialing a; a dials
+/// b back if `a_dials`, and also accepts the clusters `a_also` (which never dial).
+fn pair(
+    mesh: &Mesh,
+    a_dials: bool,
+    a_also: &[&str],
+    a_src: SourceState,
+    b_src: SourceState,
+) -> (Controller, Controller) {
+    let (sa, aa) = socket();
+    let (sb, ab) = socket();
+    let mut a_peers = vec![("b", a_dials.then_some(ab))];
+    a_peers.extend(a_also.iter().map(|c| (*c, None)));
+    let a = start("a", mesh.material("a"), sa, &a_peers, a_src);
+    let b = start("b", mesh.material("b"), sb, &[("a", Some(aa))], b_src);
+    (a, b)
+}
+
+/// The CIDRs a and b use unless a test is about them.
+fn source_a() -> SourceState {
+    source("10.1.0.0/24", "10.96.0.0/16")
+}
+
+fn source_b() -> SourceState {
+    source("10.2.0.0/24", "10.97.0.0/16")
 }
 
 fn start(
@@ -115,27 +181,13 @@ fn start_with_lease(
         Metrics::new().unwrap(),
     );
     hub.set_source(src);
-    let cfg = PeeringConfig {
-        listen: sock.local_addr().unwrap(),
-        peers: peers
-            .iter()
-            .map(|(p, a)| PeerConfig {
-                id: id(p),
-                endpoint: *a,
-            })
-            .collect(),
-        heartbeat: Duration::from_millis(200),
-        lease,
-        max_frame: 64 << 20,
-        backoff_min: Duration::from_millis(50),
-        backoff_max: Duration::from_millis(400),
-        max_pending_handshakes: 16,
-        tls: material,
-    };
+    let addr = sock.local_addr().unwrap();
+    let cfg = peering_config(addr, peers, lease, 64 << 20, material);
     let peering = Peering::start_on(cfg, hub.clone(), sock).unwrap();
     Controller {
         hub,
         peering: Some(peering),
+        addr,
     }
 }
 
@@ -164,23 +216,8 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 async fn two_controllers_exchange_snapshots_then_deltas() {
     init_tracing();
     let mesh = Mesh::new();
-    let (sa, aa) = socket();
-    let (sb, ab) = socket();
     // Both dial each other: the connection dialed by "a" (the smaller ID) is kept on both sides.
-    let mut a = start(
-        "a",
-        mesh.material("a"),
-        sa,
-        &[("b", Some(ab))],
-        source("10.1.0.0/24", "10.96.0.0/16"),
-    );
-    let mut b = start(
-        "b",
-        mesh.material("b"),
-        sb,
-        &[("a", Some(aa))],
-        source("10.2.0.0/24", "10.97.0.0/16"),
-    );
+    let (mut a, mut b) = pair(&mesh, true, &[], source_a(), source_b());
     eventually("a and b to see each other", || a.sees("b") && b.sees("a")).await;
     eventually("one connection each", || {
         a.metric("trellis_controller_remote_clusters_connected 1")
@@ -195,10 +232,13 @@ async fn two_controllers_exchange_snapshots_then_deltas() {
         public_key: PublicKey([9; 32]),
     });
     // An export in a reaches b's DNS view as a delta.
-    let mut src = source("10.1.0.0/24", "10.96.0.0/16");
-    src.services.insert(
-        ServiceKey::new("shop", "web"),
-        service("shop", "web", "10.96.0.10", &["10.1.0.5"]),
+    let mut src = source_a();
+    export(
+        &mut src.services,
+        "shop",
+        "web",
+        "10.96.0.10",
+        &["10.1.0.5"],
     );
     a.hub.set_source(src);
     let view = b.hub.subscribe_view();
@@ -229,30 +269,20 @@ async fn three_controllers_withdraw_a_silent_peer_after_its_lease_and_reconnect(
     let (sa, aa) = socket();
     let (sb, ab) = socket();
     let (sc, ac) = socket();
-    let mut a = start_with_lease(
-        "a",
-        mesh.material("a"),
-        sa,
-        &[("b", Some(ab)), ("c", Some(ac))],
-        source("10.1.0.0/24", "10.96.0.0/16"),
-        SHORT_LEASE,
-    );
-    let mut b = start_with_lease(
-        "b",
-        mesh.material("b"),
-        sb,
-        &[("a", Some(aa)), ("c", Some(ac))],
-        source("10.2.0.0/24", "10.97.0.0/16"),
-        SHORT_LEASE,
-    );
-    let mut c = start_with_lease(
-        "c",
-        mesh.material("c"),
-        sc,
-        &[("a", Some(aa)), ("b", Some(ab))],
-        source("10.3.0.0/24", "10.98.0.0/16"),
-        SHORT_LEASE,
-    );
+    // Each dials the other two; c starts twice (the same configuration both times).
+    let addrs = [("a", aa), ("b", ab), ("c", ac)];
+    let start_one = |name: &str, sock: UdpSocket, src: SourceState| {
+        let peers: Vec<_> = addrs
+            .iter()
+            .filter(|(peer, _)| *peer != name)
+            .map(|(peer, addr)| (*peer, Some(*addr)))
+            .collect();
+        start_with_lease(name, mesh.material(name), sock, &peers, src, SHORT_LEASE)
+    };
+    let source_c = || source("10.3.0.0/24", "10.98.0.0/16");
+    let mut a = start_one("a", sa, source_a());
+    let mut b = start_one("b", sb, source_b());
+    let mut c = start_one("c", sc, source_c());
     eventually("a full mesh", || {
         a.sees("b") && a.sees("c") && b.sees("a") && b.sees("c") && c.sees("a") && c.sees("b")
     })
@@ -288,14 +318,7 @@ async fn three_controllers_withdraw_a_silent_peer_after_its_lease_and_reconnect(
 
     // c comes back on the same address: the others redial with backoff and resync.
     let sc = UdpSocket::bind(ac).unwrap();
-    let mut c = start_with_lease(
-        "c",
-        mesh.material("c"),
-        sc,
-        &[("a", Some(aa)), ("b", Some(ab))],
-        source("10.3.0.0/24", "10.98.0.0/16"),
-        SHORT_LEASE,
-    );
+    let mut c = start_one("c", sc, source_c());
     eventually("c back in the mesh", || {
         a.sees("c") && b.sees("c") && c.sees("a") && c.sees("b")
     })
@@ -329,11 +352,7 @@ async fn rogue_connect(
     server: &ClusterId,
 ) -> Result<quinn::Connection, quinn::ConnectionError> {
     let cfg = client_config(&material, Metrics::new().unwrap()).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        QuicClientConfig::try_from(cfg).unwrap(),
-    )));
-    let conn = ep
+    let conn = client_endpoint(cfg)
         .connect(to, &certs::identity_name(server))
         .expect("a valid client configuration")
         .await?;
@@ -352,22 +371,8 @@ async fn send_and_wait_close(conn: &quinn::Connection, bytes: &[u8]) -> String {
 async fn refusals_close_only_the_offending_connection() {
     init_tracing();
     let mesh = Mesh::new();
-    let (sa, aa) = socket();
-    let (sb, _) = socket();
-    let mut a = start(
-        "a",
-        mesh.material("a"),
-        sa,
-        &[("b", None), ("c", None)],
-        source("10.1.0.0/24", "10.96.0.0/16"),
-    );
-    let mut b = start(
-        "b",
-        mesh.material("b"),
-        sb,
-        &[("a", Some(aa))],
-        source("10.2.0.0/24", "10.97.0.0/16"),
-    );
+    let (mut a, mut b) = pair(&mesh, false, &["c"], source_a(), source_b());
+    let aa = a.addr;
     eventually("a and b peered", || a.sees("b") && b.sees("a")).await;
     let before = b.hub.remote_states()[&id("a")].revision;
 
@@ -417,11 +422,7 @@ async fn refusals_close_only_the_offending_connection() {
     // A peer offering only a protocol version a does not speak.
     let mut cfg = client_config(&mesh.material("c"), Metrics::new().unwrap()).unwrap();
     cfg.alpn_protocols = vec![b"trellis/2".to_vec()];
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        QuicClientConfig::try_from(cfg).unwrap(),
-    )));
-    let err = ep
+    let err = client_endpoint(cfg)
         .connect(aa, "a.cluster.trellis")
         .unwrap()
         .await
@@ -437,17 +438,13 @@ async fn refusals_close_only_the_offending_connection() {
 
     // A controller configured with another cluster's certificate refuses to start.
     let wrong = Peering::start_on(
-        PeeringConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            peers: vec![],
-            heartbeat: Duration::from_millis(200),
-            lease: LEASE,
-            max_frame: 1 << 20,
-            backoff_min: Duration::from_millis(50),
-            backoff_max: Duration::from_millis(400),
-            max_pending_handshakes: 16,
-            tls: mesh.material("c"),
-        },
+        peering_config(
+            "127.0.0.1:0".parse().unwrap(),
+            &[],
+            LEASE,
+            1 << 20,
+            mesh.material("c"),
+        ),
         a.hub.clone(),
         UdpSocket::bind("127.0.0.1:0").unwrap(),
     )
@@ -461,10 +458,7 @@ async fn refusals_close_only_the_offending_connection() {
     // Dialing "b" but reaching a server with a's certificate: the dialer refuses.
     let dialer_metrics = Metrics::new().unwrap();
     let cfg = client_config(&mesh.material("c"), dialer_metrics.clone()).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        QuicClientConfig::try_from(cfg).unwrap(),
-    )));
+    let ep = client_endpoint(cfg);
     assert!(ep.connect(aa, "b.cluster.trellis").unwrap().await.is_err());
     assert!(
         dialer_metrics
@@ -525,11 +519,8 @@ async fn refusals_close_only_the_offending_connection() {
     assert!(a.metric("trellis_controller_protocol_failures_total{reason=\"frame_too_large\"} 1"));
 
     // b never noticed: still connected, and still receiving a's deltas.
-    let mut src = source("10.1.0.0/24", "10.96.0.0/16");
-    src.services.insert(
-        ServiceKey::new("shop", "web"),
-        service("shop", "web", "10.96.0.10", &[]),
-    );
+    let mut src = source_a();
+    export(&mut src.services, "shop", "web", "10.96.0.10", &[]);
     a.hub.set_source(src);
     eventually("b to get a's next revision", || {
         b.hub.remote_states()[&id("a")].revision == before + 1
@@ -547,22 +538,8 @@ async fn refusals_close_only_the_offending_connection() {
 async fn overlapping_cidrs_are_refused_with_status_and_metric() {
     init_tracing();
     let mesh = Mesh::new();
-    let (sa, aa) = socket();
-    let (sb, _) = socket();
-    let mut a = start(
-        "a",
-        mesh.material("a"),
-        sa,
-        &[("b", None)],
-        source("10.1.0.0/24", "10.96.0.0/16"),
-    );
-    let mut b = start(
-        "b",
-        mesh.material("b"),
-        sb,
-        &[("a", Some(aa))],
-        source("10.1.0.128/25", "10.97.0.0/16"),
-    );
+    let overlapping = source("10.1.0.128/25", "10.97.0.0/16");
+    let (mut a, mut b) = pair(&mesh, false, &[], source_a(), overlapping);
     eventually("a to hold b's state", || a.sees("b")).await;
     eventually("b refused on a", || {
         a.metric("trellis_controller_remote_cluster_refused{cluster=\"b\"} 1")
@@ -577,7 +554,7 @@ async fn overlapping_cidrs_are_refused_with_status_and_metric() {
     })
     .await;
     // b renumbers: admitted.
-    b.hub.set_source(source("10.2.0.0/24", "10.97.0.0/16"));
+    b.hub.set_source(source_b());
     eventually("b admitted on a", || {
         a.metric("trellis_controller_remote_cluster_ready{cluster=\"b\"} 1")
     })
@@ -609,20 +586,11 @@ async fn large_snapshots_cross_without_deadlock() {
         s
     };
     let mesh = Mesh::new();
-    let (sa, aa) = socket();
-    let (sb, ab) = socket();
-    let mut a = start(
-        "a",
-        mesh.material("a"),
-        sa,
-        &[("b", Some(ab))],
+    let (mut a, mut b) = pair(
+        &mesh,
+        true,
+        &[],
         big("10.1.0.0/24", "10.96.0.0/16", 101),
-    );
-    let mut b = start(
-        "b",
-        mesh.material("b"),
-        sb,
-        &[("a", Some(aa))],
         big("10.2.0.0/24", "10.97.0.0/16", 102),
     );
     eventually("both full states across", || {
@@ -647,10 +615,7 @@ async fn spoofed_initials(mesh: &Mesh, count: usize, to: SocketAddr) -> usize {
     let catcher = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let catcher_addr = catcher.local_addr().unwrap();
     let cfg = client_config(&mesh.material("c"), Metrics::new().unwrap()).unwrap();
-    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        QuicClientConfig::try_from(cfg).unwrap(),
-    )));
+    let client = client_endpoint(cfg);
     let attempts: Vec<_> = (0..count)
         .map(|_| client.connect(catcher_addr, "b.cluster.trellis").unwrap())
         .collect();
@@ -675,25 +640,13 @@ async fn a_burst_of_spoofed_initials_does_not_keep_a_real_peer_out() {
     let mesh = Mesh::new();
     let (sa, _) = socket();
     let (sb, ab) = socket();
-    let mut b = start(
-        "b",
-        mesh.material("b"),
-        sb,
-        &[("a", None)],
-        source("10.2.0.0/24", "10.97.0.0/16"),
-    );
+    let mut b = start("b", mesh.material("b"), sb, &[("a", None)], source_b());
     // More spoofed attempts than b has slots for pending handshakes (16 here).
     let sent = spoofed_initials(&mesh, 200, ab).await;
     assert!(sent >= 150, "only {sent} initials made");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = tokio::time::Instant::now();
-    let mut a = start(
-        "a",
-        mesh.material("a"),
-        sa,
-        &[("b", Some(ab))],
-        source("10.1.0.0/24", "10.96.0.0/16"),
-    );
+    let mut a = start("a", mesh.material("a"), sa, &[("b", Some(ab))], source_a());
     eventually("a and b to peer", || a.sees("b") && b.sees("a")).await;
     let took = started.elapsed();
     eprintln!("peered {took:?} after {sent} spoofed initials");

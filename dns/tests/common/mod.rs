@@ -227,13 +227,7 @@ fn stub_answer(query: &[u8]) -> Option<Vec<u8>> {
 
 /// Sends `packet` over UDP and waits up to `wait` for one answer.
 pub async fn udp_exchange(server: SocketAddr, packet: &[u8], wait: Duration) -> Option<Vec<u8>> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    socket.send_to(packet, server).await.unwrap();
-    let mut buf = vec![0u8; 65535];
-    match tokio::time::timeout(wait, socket.recv(&mut buf)).await {
-        Ok(Ok(len)) => Some(buf[..len].to_vec()),
-        _ => None,
-    }
+    udp_exchange_from(IpAddr::from([127, 0, 0, 1]), server, packet, wait).await
 }
 
 /// A query for `name`/`qtype` with RD set, with an OPT record advertising `edns` if given.

@@ -315,8 +315,8 @@ impl Hub {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use trellis_core::cluster::fixture::{cluster, id, service};
-    use trellis_core::cluster::{PublicKey, ServiceKey};
+    use trellis_core::cluster::PublicKey;
+    use trellis_core::cluster::fixture::{cluster, export, id};
 
     use crate::gateway::GatewayRegistration;
     use crate::sessions::SessionRefusal;
@@ -469,9 +469,12 @@ mod tests {
         assert_eq!(h.local_state().revision, 1, "no change, no revision");
         for i in 0..6 {
             let mut s = source("10.1.0.0/24");
-            s.services.insert(
-                ServiceKey::new("shop", "web"),
-                service("shop", "web", "10.96.0.10", &[&format!("10.1.0.{}", i + 2)]),
+            export(
+                &mut s.services,
+                "shop",
+                "web",
+                "10.96.0.10",
+                &[&format!("10.1.0.{}", i + 2)],
             );
             h.set_source(s);
         }
@@ -536,10 +539,7 @@ mod tests {
         h.set_configured_peers(vec![id("b"), id("c")]);
         h.set_source(source("10.1.0.0/24"));
         let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
-        b.services.insert(
-            ServiceKey::new("shop", "web"),
-            service("shop", "web", "10.97.0.10", &["10.2.0.5"]),
-        );
+        export(&mut b.services, "shop", "web", "10.97.0.10", &["10.2.0.5"]);
         h.peer_snapshot(b);
         h.peer_snapshot(cluster("c", "10.1.0.0/25", "10.98.0.0/16"));
         let view = h.subscribe_view().borrow().clone().unwrap();

@@ -339,12 +339,16 @@ trait Updates {
     type Update: serde::Serialize;
     /// What an update is called in encoding errors.
     const LABEL: &'static str;
+    /// How much of what the agent sends is read at once: a gateway sends reports, DNS
+    /// nothing (its connection is read only to see it close, so it holds no 64 KiB buffer).
+    const READ_BUFFER: usize;
     fn recv(&mut self) -> impl Future<Output = Option<Self::Update>> + Send;
 }
 
 impl Updates for GatewaySubscription {
     type Update = GatewayUpdate;
     const LABEL: &'static str = "gateway update";
+    const READ_BUFFER: usize = 64 * 1024;
     fn recv(&mut self) -> impl Future<Output = Option<GatewayUpdate>> + Send {
         self.next()
     }
@@ -353,6 +357,7 @@ impl Updates for GatewaySubscription {
 impl Updates for ImportsSubscription {
     type Update = ImportsUpdate;
     const LABEL: &'static str = "imports update";
+    const READ_BUFFER: usize = 1;
     fn recv(&mut self) -> impl Future<Output = Option<ImportsUpdate>> + Send {
         self.next()
     }
@@ -367,7 +372,7 @@ async fn stream_updates<S: Updates>(
     max_frame: usize,
     mut received: impl FnMut(&[u8]) -> Result<(), SubscriberError>,
 ) -> Result<(), SubscriberError> {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; S::READ_BUFFER];
     loop {
         tokio::select! {
             u = sub.recv() => {

@@ -178,52 +178,48 @@ impl<T: Tun, U: Udp> Device<T, U> {
             let kind = datagram[0];
             let buf = &mut self.tun_out[*writes];
             buf.resize(TUN_HEADROOM + self.stride, 0);
-            match peer
-                .tunn
-                .decapsulate(Some(from.ip()), datagram, &mut buf[TUN_HEADROOM..])
-            {
-                TunnResult::WriteToNetwork(reply) => {
-                    let flush = reply[0] != COOKIE_REPLY;
-                    if flush {
-                        // A response to an initiation, or the keepalive confirming a response.
-                        if kind == HANDSHAKE_INIT || kind == HANDSHAKE_RESPONSE {
-                            peer.handshake_completed();
+            let (len, source) =
+                match peer
+                    .tunn
+                    .decapsulate(Some(from.ip()), datagram, &mut buf[TUN_HEADROOM..])
+                {
+                    TunnResult::WriteToNetwork(reply) => {
+                        let flush = reply[0] != COOKIE_REPLY;
+                        if flush {
+                            // A response to an initiation, or the keepalive confirming a response.
+                            if kind == HANDSHAKE_INIT || kind == HANDSHAKE_RESPONSE {
+                                peer.handshake_completed();
+                            }
+                            peer.endpoint = Some(from);
+                        } else {
+                            self.metrics.drop_packet(DropReason::RateLimited);
                         }
-                        peer.endpoint = Some(from);
-                    } else {
-                        self.metrics.drop_packet(DropReason::RateLimited);
+                        return Some(Pending::Reply {
+                            buf: *writes,
+                            len: reply.len(),
+                            to: from,
+                            slot,
+                            flush,
+                        });
                     }
-                    return Some(Pending::Reply {
-                        buf: *writes,
-                        len: reply.len(),
-                        to: from,
-                        slot,
-                        flush,
-                    });
-                }
-                TunnResult::WriteToTunnelV4(packet, source) => {
-                    let len = packet.len();
-                    let source = IpAddr::V4(source);
-                    if peer.accept(slot, &table.allowed, &self.metrics, source, len, from) {
-                        self.tun_out[*writes].truncate(TUN_HEADROOM + len);
-                        *writes += 1;
+                    TunnResult::WriteToTunnelV4(packet, source) => {
+                        (packet.len(), IpAddr::V4(source))
                     }
-                }
-                TunnResult::WriteToTunnelV6(packet, source) => {
-                    let len = packet.len();
-                    let source = IpAddr::V6(source);
-                    if peer.accept(slot, &table.allowed, &self.metrics, source, len, from) {
-                        self.tun_out[*writes].truncate(TUN_HEADROOM + len);
-                        *writes += 1;
+                    TunnResult::WriteToTunnelV6(packet, source) => {
+                        (packet.len(), IpAddr::V6(source))
                     }
-                }
-                TunnResult::Done => {}
-                TunnResult::Err(e) => {
-                    if kind == DATA && unknown_session(&e) {
-                        note_unknown_session(unknown_sessions, from);
+                    TunnResult::Done => continue,
+                    TunnResult::Err(e) => {
+                        if kind == DATA && unknown_session(&e) {
+                            note_unknown_session(unknown_sessions, from);
+                        }
+                        self.metrics.drop_packet(drop_reason(&e));
+                        continue;
                     }
-                    self.metrics.drop_packet(drop_reason(&e));
-                }
+                };
+            if peer.accept(slot, &table.allowed, &self.metrics, source, len, from) {
+                self.tun_out[*writes].truncate(TUN_HEADROOM + len);
+                *writes += 1;
             }
         }
         None

@@ -6,14 +6,20 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// The line a skipped test prints: the test's name where the harness gave its thread one,
-/// else the module it is in.
-pub fn skip_reason(module: &str) -> String {
+/// The running test's name where the harness gave its thread one (not with one test thread,
+/// where tests run on `main`), else `fallback`.
+fn current_test(fallback: &str) -> String {
     let thread = std::thread::current();
-    let test = thread
+    thread
         .name()
         .filter(|name| *name != "main")
-        .unwrap_or(module);
+        .unwrap_or(fallback)
+        .to_owned()
+}
+
+/// The line a skipped test prints: the test's name, else the module it is in.
+pub fn skip_reason(module: &str) -> String {
+    let test = current_test(module);
     format!(
         "skipped {test}: needs root (it builds network namespaces); run `sudo scripts/test` to run every test"
     )
@@ -45,8 +51,7 @@ pub const REQUIRE_TOOLS: &str = "TRELLIS_REQUIRE_TOOLS";
 /// Says that the calling test skips because `tool` is missing, or panics when the suite
 /// requires every tool ([`REQUIRE_TOOLS`]).
 pub fn skip_for_missing_tool(tool: &str) {
-    let thread = std::thread::current();
-    let test = thread.name().unwrap_or("a test");
+    let test = current_test("a test");
     assert!(
         std::env::var_os(REQUIRE_TOOLS).is_none(),
         "{test} needs {tool}, which is missing: run scripts/install-deps"

@@ -34,7 +34,9 @@ const REPORT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ControllerSource {
     pub address: SocketAddr,
     pub token: Option<String>,
-    pub registration: GatewayRegistration,
+    /// What to register with; when it changes (a key rotation) the gateway registers again
+    /// on a new connection.
+    pub registration: tokio::sync::watch::Receiver<GatewayRegistration>,
     /// How often to report the tunnels' status
     /// ([`trellis_core::status::REPORT_INTERVAL_SECONDS`] by default).
     pub report_interval: Duration,
@@ -69,10 +71,12 @@ pub async fn follow_controller<R: RouteTable>(
 ) {
     let mut backoff = FIRST_BACKOFF;
     let mut current: Option<GatewayDesired> = None;
+    let mut registration = source.registration.clone();
     loop {
         let outcome = session(
             reconciler,
             source,
+            &mut registration,
             netns,
             resync,
             &mut current,
@@ -80,8 +84,12 @@ pub async fn follow_controller<R: RouteTable>(
         )
         .await;
         reconciler.metrics.controller_connected.set(0);
-        if let Err(end) = outcome {
-            tracing::warn!(controller = %source.address, "controller stream ended ({}); keeping the last state, reconnecting", trellis_core::error_chain(&end));
+        match outcome {
+            // The registration changed: register again at once.
+            Ok(()) => continue,
+            Err(end) => {
+                tracing::warn!(controller = %source.address, "controller stream ended ({}); keeping the last state, reconnecting", trellis_core::error_chain(&end));
+            }
         }
         // Jitter so a restarted controller is not hit by every gateway at once.
         let jitter = Duration::from_millis(u64::from(
@@ -111,9 +119,11 @@ async fn connect(address: SocketAddr, netns: Option<&Netns>) -> std::io::Result<
     Ok(stream)
 }
 
+/// One connection: `Ok` when it ended because the registration changed.
 async fn session<R: RouteTable>(
     reconciler: &Reconciler<R>,
     source: &ControllerSource,
+    registration: &mut tokio::sync::watch::Receiver<GatewayRegistration>,
     netns: Option<&Netns>,
     resync: Duration,
     current: &mut Option<GatewayDesired>,
@@ -122,10 +132,11 @@ async fn session<R: RouteTable>(
     let mut stream = connect(source.address, netns)
         .await
         .map_err(SessionEnd::Connect)?;
-    let hello = AgentHello::gateway(source.registration.clone(), source.token.clone());
+    let registered = registration.borrow_and_update().clone();
+    let hello = AgentHello::gateway(registered.clone(), source.token.clone());
     let frame = encode_json_frame(&hello, "hello", MAX_FRAME)?;
     stream.write_all(&frame).await.map_err(SessionEnd::Write)?;
-    tracing::info!(controller = %source.address, node = %source.registration.node, "registered with the controller");
+    tracing::info!(controller = %source.address, node = %registered.node, key = %registered.public_key, "registered with the controller");
     reconciler.metrics.controller_connected.set(1);
 
     let mut decoder = FrameDecoder::new(MAX_FRAME);
@@ -138,11 +149,17 @@ async fn session<R: RouteTable>(
         tokio::time::interval(source.report_interval.max(Duration::from_millis(100)));
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut reader, mut writer) = stream.split();
+    let mut followed = true;
     loop {
         tokio::select! {
+            changed = registration.changed(), if followed => match changed {
+                Ok(()) => return Ok(()),
+                // Nobody can change it any more.
+                Err(_) => followed = false,
+            },
             _ = report_tick.tick() => {
                 let report = match crate::status::report(
-                    &source.registration.node,
+                    &registered.node,
                     &reconciler.device,
                     &reconciler.metrics,
                 ).await {

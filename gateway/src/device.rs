@@ -82,15 +82,51 @@ impl Default for DeviceConfig {
     }
 }
 
-/// What the workers share.
-struct Shared {
-    /// Replaced whole by the reconciler (the first worker); read without a lock.
-    table: ArcSwap<PeerTable>,
+/// One static key of the device, with the limiters that check the handshakes sent to it
+/// (MAC1 is keyed with the public key).
+#[derive(Clone)]
+struct Identity {
     keys: KeyPair,
+    /// The device's policy for initiations (cookies under load), at the demultiplexer.
     limiter: Arc<RateLimiter>,
     /// What every `Tunn` checks again (MAC1, cookies) after the device's limiter admitted a
     /// message: unlimited, so the policy is counted once, by `limiter`.
     tunn_limiter: Arc<RateLimiter>,
+}
+
+impl Identity {
+    fn new(keys: KeyPair, rate: u64) -> Self {
+        Self {
+            limiter: Arc::new(RateLimiter::new(keys.public(), rate)),
+            tunn_limiter: Arc::new(RateLimiter::new(keys.public(), u64::MAX)),
+            keys,
+        }
+    }
+}
+
+/// The device's static keys: the current one, which new peers use, and during a key
+/// rotation's grace period the one it replaced, which the peers that have not initiated to
+/// the new key yet still use (see [`crate::rotation`]).
+struct KeyRing {
+    current: Identity,
+    previous: Option<Identity>,
+}
+
+impl KeyRing {
+    fn reset_counts(&self) {
+        self.current.limiter.reset_count();
+        if let Some(previous) = &self.previous {
+            previous.limiter.reset_count();
+        }
+    }
+}
+
+/// What the workers share.
+struct Shared {
+    /// Replaced whole by the reconciler (the first worker); read without a lock.
+    table: ArcSwap<PeerTable>,
+    /// Replaced whole by a key rotation (the first worker).
+    keys: ArcSwap<KeyRing>,
     metrics: Metrics,
     config: DeviceConfig,
     /// Time every worker has spent working, in nanoseconds.
@@ -123,7 +159,6 @@ pub struct Device<T: Tun, U: Udp> {
     role: Role,
     /// Copies of the shared settings and handles this worker uses per packet.
     metrics: Metrics,
-    limiter: Arc<RateLimiter>,
     config: DeviceConfig,
     /// Packet buffer length: the largest packet the TUN gives plus WireGuard's overhead.
     stride: usize,
@@ -158,17 +193,17 @@ impl<T: Tun, U: Udp> Device<T, U> {
         config: DeviceConfig,
     ) -> (Self, DeviceHandle) {
         let (sender, commands) = mpsc::channel(16);
-        let limiter = Arc::new(RateLimiter::new(keys.public(), config.handshake_rate_limit));
-        let tunn_limiter = Arc::new(RateLimiter::new(keys.public(), u64::MAX));
+        let identity = Identity::new(keys, config.handshake_rate_limit);
         let config = DeviceConfig {
             batch: config.batch.max(1),
             ..config
         };
         let shared = Arc::new(Shared {
             table: ArcSwap::from_pointee(PeerTable::default()),
-            keys,
-            limiter,
-            tunn_limiter,
+            keys: ArcSwap::from_pointee(KeyRing {
+                current: identity,
+                previous: None,
+            }),
             metrics,
             config,
             busy_nanos: AtomicU64::new(0),

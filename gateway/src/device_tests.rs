@@ -974,3 +974,105 @@ async fn a_thousand_peers_get_their_handshakes_at_once_without_tripping_cookies(
         "no cookie demanded"
     );
 }
+
+/// `node`'s peer entry for `keys` (a node's key after a rotation).
+fn peer_with_key(node: &Node, keys: &KeyPair, name: &str, cidr: &str) -> TunnelPeer {
+    TunnelPeer {
+        public_key: keys.public_key(),
+        ..peer_of(node, name, cidr)
+    }
+}
+
+/// What a reconciler does when the controller says a peer's key changed: the new key as a
+/// new peer, then the old one pruned.
+async fn learn_key(node: &Node, peer: TunnelPeer) {
+    node.handle
+        .set_peers(vec![peer.clone()], false)
+        .await
+        .unwrap();
+    node.handle.set_peers(vec![peer], true).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rotated_key_keeps_every_session_until_the_peer_initiates_to_the_new_key() {
+    let net = FakeNet::default();
+    let (a, b) = connected_pair(&net).await;
+    let new = KeyPair::generate();
+    b.handle.rotate_key(new.clone()).await.unwrap();
+
+    // A does not know the new key yet: the sessions on the old one carry on, both ways.
+    let there = first_delivery(&a, &b, true, Duration::from_secs(1)).await;
+    let back = first_delivery(&b, &a, false, Duration::from_secs(1)).await;
+    assert!(there.is_some() && back.is_some(), "{there:?} {back:?}");
+
+    // A learns it (from its controller): it initiates to the new key at once, B moves A to
+    // it, and traffic goes on the new session within moments.
+    learn_key(&a, peer_with_key(&b, &new, "b", "10.2.0.0/24")).await;
+    let there = first_delivery(&a, &b, true, Duration::from_secs(2)).await;
+    let back = first_delivery(&b, &a, false, Duration::from_secs(2)).await;
+    let (there, back) = (there.expect("A to B"), back.expect("B to A"));
+    assert!(
+        there < Duration::from_millis(500) && back < Duration::from_millis(500),
+        "{there:?} {back:?}"
+    );
+    let stats = a.handle.stats().await.unwrap();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].public_key, new.public_key());
+
+    // A late initiation from A to the old key is refused now that A uses the new one.
+    let mut late = Tunn::new(
+        a.keys.secret().clone(),
+        *b.keys.public(),
+        None,
+        None,
+        77,
+        None,
+    );
+    let mut buf = [0u8; 256];
+    let TunnResult::WriteToNetwork(init) = late.format_handshake_initiation(&mut buf, false) else {
+        panic!("an initiation")
+    };
+    net.inject(b.addr, a.addr, init.to_vec());
+    eventually("the late initiation counted", || {
+        b.metrics.drops(DropReason::OldKey) == 1
+    })
+    .await;
+    // Nobody was left on the old key.
+    assert_eq!(b.handle.finish_rotation().await.unwrap(), 0);
+    let back = first_delivery(&b, &a, false, Duration::from_secs(1)).await;
+    assert!(back.is_some(), "B's traffic still reaches A");
+}
+
+#[tokio::test]
+async fn the_end_of_the_grace_period_moves_late_peers_to_the_new_key() {
+    let net = FakeNet::default();
+    let (a, b) = connected_pair(&net).await;
+    let new = KeyPair::generate();
+    b.handle.rotate_key(new.clone()).await.unwrap();
+    // A never initiated to the new key: B moves it and initiates (with the new key), which
+    // A can only answer once it learns that key.
+    assert_eq!(b.handle.finish_rotation().await.unwrap(), 1);
+    learn_key(&a, peer_with_key(&b, &new, "b", "10.2.0.0/24")).await;
+    let there = first_delivery(&a, &b, true, Duration::from_secs(2)).await;
+    let back = first_delivery(&b, &a, false, Duration::from_secs(2)).await;
+    assert!(there.is_some() && back.is_some(), "{there:?} {back:?}");
+    // The old key answers nothing any more.
+    let mut old = Tunn::new(
+        a.keys.secret().clone(),
+        *b.keys.public(),
+        None,
+        None,
+        78,
+        None,
+    );
+    let mut buf = [0u8; 256];
+    let TunnResult::WriteToNetwork(init) = old.format_handshake_initiation(&mut buf, false) else {
+        panic!("an initiation")
+    };
+    let refused = b.metrics.drops(DropReason::DecryptFailed);
+    net.inject(b.addr, a.addr, init.to_vec());
+    eventually("an initiation to the forgotten key is refused", || {
+        b.metrics.drops(DropReason::DecryptFailed) == refused + 1
+    })
+    .await;
+}

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use tokio::task::JoinHandle;
-use trellis_core::gateway::{GatewayPlan, GatewayState, StateError};
+use trellis_core::gateway::{GatewayPlan, GatewayState, TunnelPeer};
 use trellis_core::wgkey::PublicKey;
 use trellis_netns::{Netlink, Netns, sysctl};
 
@@ -13,7 +13,7 @@ use crate::Error;
 use crate::cpus;
 use crate::device::{Device, DeviceConfig, DeviceHandle};
 use crate::io::{Tun, Udp, open_worker_io};
-use crate::keys::KeyPair;
+use crate::keys::{KeyPair, OwnKeys};
 use crate::metrics::{Metrics, unix_now};
 use crate::plan_store::PlanStore;
 use crate::routes::{self, NetlinkRoutes, RouteMetrics, RouteTable};
@@ -56,8 +56,11 @@ impl Default for GatewayConfig {
 /// Applies desired states: peers first, then routes, then peer removals, so a CIDR switched
 /// to the tunnel always finds its peer there, and a peer leaves only after no route uses it.
 pub struct Reconciler<R: RouteTable> {
-    /// This gateway's public key: a state that lists it is refused.
-    pub own_key: PublicKey,
+    /// This gateway's public keys (two during a key rotation): a plan entry with one is left
+    /// out, the rest of the plan applied.
+    pub own_keys: OwnKeys,
+    /// The entries the last plan applied left out, so each is logged and counted once.
+    pub refused: std::sync::Mutex<Vec<RefusedPeer>>,
     pub device: DeviceHandle,
     pub routes: R,
     pub tun_index: u32,
@@ -69,6 +72,58 @@ pub struct Reconciler<R: RouteTable> {
     /// Written once the first plan is applied, for the CNI plugin (`gatewayReadyFile`), which
     /// wires no pod before it exists: see [`GatewayConfig::ready_file`].
     pub ready_file: Option<ReadyFile>,
+}
+
+/// A plan entry that does not become a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedPeer {
+    pub name: String,
+    pub public_key: PublicKey,
+    /// `own_key` or `duplicate_key`: the label of `trellis_gateway_plan_peers_refused_total`.
+    pub reason: &'static str,
+}
+
+/// Pure: the peers of a plan this gateway may have, and the entries left out. An entry with
+/// one of its own keys is left out (a gateway cannot peer with itself; the controller should
+/// never send one, but a peer cluster could announce it). Of entries sharing a key (which
+/// the controller should refuse too) the first by name is kept, whatever the order of the
+/// plan. The order of the rest is kept. Routes are not touched: a CIDR routed into the
+/// tunnel with no peer left for it is dropped by the device, never sent in plaintext.
+pub fn screen_peers(
+    peers: &[TunnelPeer],
+    is_own: impl Fn(&PublicKey) -> bool,
+) -> (Vec<TunnelPeer>, Vec<RefusedPeer>) {
+    let mut first_by_key: std::collections::HashMap<PublicKey, &str> =
+        std::collections::HashMap::new();
+    for peer in peers {
+        let first = first_by_key.entry(peer.public_key).or_insert(&peer.name);
+        if peer.name.as_str() < *first {
+            *first = &peer.name;
+        }
+    }
+    let mut kept = Vec::with_capacity(peers.len());
+    let mut refused = Vec::new();
+    let mut taken = std::collections::HashSet::new();
+    for peer in peers {
+        let reason = if is_own(&peer.public_key) {
+            Some("own_key")
+        } else if first_by_key.get(&peer.public_key) != Some(&peer.name.as_str())
+            || !taken.insert(peer.public_key)
+        {
+            Some("duplicate_key")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => refused.push(RefusedPeer {
+                name: peer.name.clone(),
+                public_key: peer.public_key,
+                reason,
+            }),
+            None => kept.push(peer.clone()),
+        }
+    }
+    (kept, refused)
 }
 
 /// The node's "tunnels and backstops are in place" marker.
@@ -197,11 +252,33 @@ impl<R: RouteTable> Reconciler<R> {
         }
     }
 
-    async fn apply_inner(&self, plan: &GatewayPlan) -> Result<(), Error> {
-        if let Some(me) = plan.peers.iter().find(|p| p.public_key == self.own_key) {
-            return Err(StateError::ListsItself(me.name.clone()).into());
+    /// Logs and counts each refused entry that the last plan did not already refuse.
+    fn note_refused(&self, refused: Vec<RefusedPeer>) {
+        let mut last = self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for entry in refused.iter().filter(|r| !last.contains(r)) {
+            self.metrics.plan_peer_refused(entry.reason);
+            match entry.reason {
+                "own_key" => tracing::warn!(
+                    peer = %entry.name,
+                    key = %entry.public_key,
+                    "the plan gives a node this gateway's own public key: not a peer; the rest of the plan applies"
+                ),
+                _ => tracing::warn!(
+                    peer = %entry.name,
+                    key = %entry.public_key,
+                    "the plan gives this public key to more than one node: only the first by name is a peer"
+                ),
+            }
         }
-        let peers = plan.peers.clone();
+        *last = refused;
+    }
+
+    async fn apply_inner(&self, plan: &GatewayPlan) -> Result<(), Error> {
+        let (peers, refused) = screen_peers(&plan.peers, |key| self.own_keys.contains(key));
+        self.note_refused(refused);
         self.device.set_peers(peers.clone(), false).await?;
         let desired = routes::desired_routes(&plan.routes, self.tun_index, self.route_metrics);
         let current = self.routes.list().await?;
@@ -239,6 +316,8 @@ impl Gateway {
     /// multi-threaded tokio runtime.
     pub async fn start(netns: Option<&Netns>, config: &GatewayConfig) -> Result<Self, Error> {
         let keys = KeyPair::load_or_generate(&config.state_dir)?;
+        // A rotation this process did not finish: the new key is stored and is the one used.
+        crate::keys::forget_previous(&config.state_dir);
         let metrics = Metrics::new()?;
         let public_key = keys.public_key();
         // One worker per CPU, each on a thread of its own pinned to the CPUs whose packets the
@@ -364,7 +443,8 @@ impl Gateway {
             listen_port,
             metrics: metrics.clone(),
             reconciler: Reconciler {
-                own_key: public_key,
+                own_keys: OwnKeys::new(public_key),
+                refused: Default::default(),
                 device: handle,
                 routes: NetlinkRoutes {
                     netlink,
@@ -579,7 +659,7 @@ where
 mod tests {
     use std::sync::Mutex;
 
-    use trellis_core::gateway::RemoteNode;
+    use trellis_core::gateway::{RemoteNode, TunnelPeer};
     use trellis_netns::{OwnedRoute, RouteTarget};
 
     use super::*;
@@ -636,7 +716,8 @@ mod tests {
     fn reconciler(fail_plain: bool) -> Reconciler<WatchingTable> {
         let node = start(&FakeNet::default(), "198.18.0.1:51820");
         Reconciler {
-            own_key: PublicKey([0xaa; 32]),
+            own_keys: OwnKeys::new(PublicKey([0xaa; 32])),
+            refused: Default::default(),
             routes: WatchingTable {
                 device: node.handle.clone(),
                 routes: Mutex::new(Vec::new()),
@@ -705,6 +786,119 @@ mod tests {
         r.apply(&state(true, PublicKey([9; 32]))).await.unwrap();
         assert!(path.exists());
         assert!(r.metrics.is_ready());
+    }
+
+    fn remote(name: &str, key: PublicKey, cidr: &str) -> RemoteNode {
+        RemoteNode {
+            name: name.into(),
+            cluster: "c2".into(),
+            public_key: key,
+            endpoint: Some("198.18.1.9:51820".parse().unwrap()),
+            node_ip: Some("198.18.1.9".parse().unwrap()),
+            pod_cidrs: vec![cidr.parse().unwrap()],
+            encrypted: true,
+            persistent_keepalive: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_plan_listing_the_gateways_own_key_drops_that_entry_and_applies_the_rest() {
+        let r = reconciler(false);
+        let key = PublicKey([9; 32]);
+        r.apply(&state(true, key)).await.unwrap();
+        // The next plan switches c1/b to plain (the encryption toggle), adds a new peer, and a
+        // peer cluster announces this gateway's own key for one of its nodes.
+        let mut next = state(false, key);
+        next.revision = 2;
+        next.nodes
+            .push(remote("c2/own", r.own_keys.current(), "10.9.0.0/24"));
+        next.nodes
+            .push(remote("c2/new", PublicKey([7; 32]), "10.8.0.0/24"));
+        r.apply(&next).await.unwrap();
+        let peers: Vec<_> = r
+            .device
+            .stats()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(
+            peers,
+            ["c1/b", "c2/new"],
+            "the rest applied, the own key left out"
+        );
+        let routes = r.routes.routes.lock().unwrap().clone();
+        let to = |cidr: &str| {
+            let cidr: ipnet::IpNet = cidr.parse().unwrap();
+            routes
+                .iter()
+                .filter(|r| r.destination == cidr)
+                .map(|r| r.target)
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            !to("10.2.0.0/24").contains(&RouteTarget::Device(7)),
+            "the toggle took effect: {routes:?}"
+        );
+        assert!(to("10.8.0.0/24").contains(&RouteTarget::Device(7)));
+        assert_eq!(r.metrics.state_revision.get(), 2);
+        let refused = r#"trellis_gateway_plan_peers_refused_total{reason="own_key"} 1"#;
+        assert!(
+            r.metrics.render().contains(refused),
+            "{}",
+            r.metrics.render()
+        );
+        // Applied again (a resync), the same refusal is not counted twice.
+        r.apply(&next).await.unwrap();
+        assert!(r.metrics.render().contains(refused));
+        assert_eq!(r.metrics.reconcile_errors.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_plan_with_one_key_twice_keeps_the_first_by_name_whatever_the_order() {
+        let r = reconciler(false);
+        let key = PublicKey([9; 32]);
+        let twice = |first: &str, second: &str| GatewayPlan {
+            revision: 3,
+            peers: [first, second]
+                .iter()
+                .enumerate()
+                .map(|(i, name)| TunnelPeer {
+                    name: (*name).into(),
+                    public_key: key,
+                    endpoint: Some("198.18.1.9:51820".parse().unwrap()),
+                    allowed_ips: vec![format!("10.{}.0.0/24", 5 + i).parse().unwrap()],
+                    persistent_keepalive: None,
+                })
+                .chain(std::iter::once(TunnelPeer {
+                    name: "c2/other".into(),
+                    public_key: PublicKey([6; 32]),
+                    endpoint: Some("198.18.1.10:51820".parse().unwrap()),
+                    allowed_ips: vec!["10.7.0.0/24".parse().unwrap()],
+                    persistent_keepalive: None,
+                }))
+                .collect(),
+            routes: Default::default(),
+        };
+        for plan in [twice("c2/a", "c2/b"), twice("c2/b", "c2/a")] {
+            r.apply_plan(&plan).await.unwrap();
+            let peers: Vec<_> = r
+                .device
+                .stats()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|p| p.name)
+                .collect();
+            assert_eq!(peers, ["c2/a", "c2/other"]);
+        }
+        let refused = r#"trellis_gateway_plan_peers_refused_total{reason="duplicate_key"} 1"#;
+        assert!(
+            r.metrics.render().contains(refused),
+            "{}",
+            r.metrics.render()
+        );
     }
 
     #[tokio::test]

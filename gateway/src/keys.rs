@@ -14,6 +14,62 @@ use crate::Error;
 
 /// The file under the state directory holding the private key, base64, one line.
 pub const PRIVATE_KEY_FILE: &str = "private.key";
+/// The key a rotation replaced, kept (0600) until the rotation is done: see
+/// [`crate::rotation`].
+pub const PREVIOUS_KEY_FILE: &str = "previous.key";
+
+/// The public keys that are this gateway's own: the current one and, while a rotation's
+/// grace period lasts, the one it replaced. A plan entry with either is not a peer.
+#[derive(Debug, Clone)]
+pub struct OwnKeys(std::sync::Arc<std::sync::RwLock<(wgkey::PublicKey, Option<wgkey::PublicKey>)>>);
+
+impl OwnKeys {
+    pub fn new(current: wgkey::PublicKey) -> Self {
+        Self(std::sync::Arc::new(std::sync::RwLock::new((current, None))))
+    }
+
+    fn read(&self) -> (wgkey::PublicKey, Option<wgkey::PublicKey>) {
+        *self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn current(&self) -> wgkey::PublicKey {
+        self.read().0
+    }
+
+    pub fn contains(&self, key: &wgkey::PublicKey) -> bool {
+        let (current, previous) = self.read();
+        current == *key || previous == Some(*key)
+    }
+
+    pub fn set(&self, current: wgkey::PublicKey, previous: Option<wgkey::PublicKey>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (current, previous);
+    }
+}
+
+/// Stores a rotation: the old private key as [`PREVIOUS_KEY_FILE`] first, then the new one
+/// over [`PRIVATE_KEY_FILE`]; each 0600 and atomic, so a crash leaves the old key or the new
+/// one in place, never neither.
+pub fn store_rotation(state_dir: &Path, old: &KeyPair, new: &KeyPair) -> Result<(), Error> {
+    old.store(&state_dir.join(PREVIOUS_KEY_FILE))?;
+    new.store(&state_dir.join(PRIVATE_KEY_FILE))
+}
+
+/// Removes the key a rotation replaced (done, or interrupted by a restart: the process that
+/// starts again uses the stored new key only). A failure is logged.
+pub fn forget_previous(state_dir: &Path) {
+    let path = state_dir.join(PREVIOUS_KEY_FILE);
+    match fs::remove_file(&path) {
+        Ok(()) => tracing::info!(path = %path.display(), "removed the previous WireGuard key"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), "remove the previous WireGuard key: {e}"),
+    }
+}
 
 /// The gateway's key pair. `Debug` never shows the private key.
 #[derive(Clone)]
@@ -59,6 +115,15 @@ impl KeyPair {
                 pair.store(&path)?;
                 Ok(pair)
             }
+            Err(source) => Err(Error::ReadKey { path, source }),
+        }
+    }
+
+    /// Loads the key stored under `state_dir`; never creates one.
+    pub fn load(state_dir: &Path) -> Result<Self, Error> {
+        let path = state_dir.join(PRIVATE_KEY_FILE);
+        match fs::read_to_string(&path) {
+            Ok(text) => Self::parse_stored(&path, &text),
             Err(source) => Err(Error::ReadKey { path, source }),
         }
     }
@@ -132,6 +197,26 @@ mod tests {
         let second = KeyPair::load_or_generate(&state).unwrap();
         assert_eq!(first.public_key(), second.public_key());
         assert!(!format!("{first:?}").contains(&first.private_key_base64()));
+    }
+
+    #[test]
+    fn a_rotation_keeps_the_old_key_0600_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = KeyPair::load_or_generate(dir.path()).unwrap();
+        let new = KeyPair::generate();
+        store_rotation(dir.path(), &old, &new).unwrap();
+        assert_eq!(
+            KeyPair::load(dir.path()).unwrap().public_key(),
+            new.public_key()
+        );
+        let previous = dir.path().join(PREVIOUS_KEY_FILE);
+        let mode = fs::metadata(&previous).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let text = fs::read_to_string(&previous).unwrap();
+        assert_eq!(text.trim(), old.private_key_base64());
+        forget_previous(dir.path());
+        assert!(!previous.exists());
+        forget_previous(dir.path());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod offload;
 pub mod peer_config;
 pub mod plan_store;
+pub mod rotation;
 pub mod routes;
 pub mod status;
 pub mod steering;

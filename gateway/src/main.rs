@@ -44,6 +44,16 @@ enum Command {
         #[arg(long, default_value = "/var/lib/trellis-gateway")]
         state_dir: PathBuf,
     },
+    /// Rotate the running gateway's WireGuard key now (it must follow a controller, which
+    /// announces the new public key): signals the gateway whose PID file is in the state
+    /// directory (SIGUSR1) and prints the new public key once it is stored.
+    RotateKey {
+        #[arg(long, default_value = "/var/lib/trellis-gateway")]
+        state_dir: PathBuf,
+        /// How long to wait for the new key.
+        #[arg(long, default_value_t = 10)]
+        timeout_seconds: u64,
+    },
     /// Print a wg-quick config for an external machine joining through this gateway, with a
     /// freshly generated key for it; its public key is printed as a comment to add to the
     /// desired state.
@@ -99,11 +109,86 @@ struct RunArgs {
     /// Seconds between full re-applications of the desired state.
     #[arg(long, default_value_t = 30)]
     resync_seconds: u64,
+    /// Rotate the WireGuard key when the stored one is this old (e.g. 720h, 30d; 0 or off:
+    /// never). Only with --controller, which announces the new key; the schedule follows the
+    /// key file's age, so restarts do not postpone it. SIGUSR1 (`trellis-gateway rotate-key`)
+    /// rotates at once.
+    #[arg(long, default_value = "30d", value_parser = parse_interval)]
+    key_rotation_interval: Duration,
+    /// Seconds the replaced key still answers handshakes after a rotation (peers that have
+    /// not initiated to the new key by then are moved to it).
+    #[arg(long, default_value_t = trellis_gateway::rotation::DEFAULT_GRACE.as_secs())]
+    key_rotation_grace_seconds: u64,
     /// Write this file once the first plan (tunnels, routes, unreachable backstops) is in
     /// place; the CNI plugin's `gatewayReadyFile` wires no pod before it exists. Put it on a
     /// tmpfs (e.g. /run/trellis/gateway.ready) so a reboot removes it.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+}
+
+/// `0`/`off` (zero: never), or a number with a unit: `s`, `m`, `h`, `d`.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" || text.eq_ignore_ascii_case("off") {
+        return Ok(Duration::ZERO);
+    }
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?}: want 0, off, or a number and s, m, h or d"
+            ));
+        }
+    };
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: want 0, off, or a number and s, m, h or d"))?;
+    Ok(Duration::from_secs(number.saturating_mul(seconds)))
+}
+
+/// The PID file `rotate-key` finds the running gateway by.
+const PID_FILE: &str = "gateway.pid";
+
+/// `trellis-gateway rotate-key`: signals the gateway running on `state_dir` and waits for the
+/// new key. Only the public key is printed.
+fn rotate_key(state_dir: &std::path::Path, timeout: Duration) -> anyhow::Result<()> {
+    let pid_path = state_dir.join(PID_FILE);
+    let pid: i32 = std::fs::read_to_string(&pid_path)
+        .with_context(|| format!("read {} (is the gateway running?)", pid_path.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{} holds no PID", pid_path.display()))?;
+    // The PID file may be stale: signal only a trellis-gateway.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != "trellis-gateway" {
+        bail!(
+            "process {pid} (from {}) is not a running trellis-gateway",
+            pid_path.display()
+        );
+    }
+    let old = KeyPair::load(state_dir)?.public_key();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .with_context(|| format!("signal the gateway (PID {pid})"))?;
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok(new) = KeyPair::load(state_dir).map(|k| k.public_key())
+            && new != old
+        {
+            println!("{new}");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!(
+        "the gateway (PID {pid}) did not rotate its key within {timeout:?}: its log says why (it must be registered with its controller)"
+    )
 }
 
 impl RunArgs {
@@ -177,6 +262,10 @@ fn main() -> anyhow::Result<()> {
             println!("{}", KeyPair::load_or_generate(&state_dir)?.public_key());
             Ok(())
         }
+        Command::RotateKey {
+            state_dir,
+            timeout_seconds,
+        } => rotate_key(&state_dir, Duration::from_secs(timeout_seconds)),
         Command::PeerConfig(args) => {
             print!("{}", args.render()?);
             Ok(())
@@ -205,8 +294,16 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
     // heard from.
     let store = PlanStore::in_dir(&config.state_dir);
     gateway.reconciler.restore(&store).await;
-    let controller = match args.controller {
-        Some(address) => Some(ControllerSource {
+    let registration = match args.controller {
+        Some(_) => Some(tokio::sync::watch::channel(GatewayRegistration {
+            node: args.node_name.clone().context("--node-name")?,
+            endpoint: args.advertise_endpoint.context("--advertise-endpoint")?,
+            public_key: gateway.public_key,
+        })),
+        None => None,
+    };
+    let controller = match (args.controller, &registration) {
+        (Some(address), Some((_, registered))) => Some(ControllerSource {
             address,
             token: match &args.controller_token_file {
                 Some(path) => Some(
@@ -217,15 +314,57 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
                 ),
                 None => None,
             },
-            registration: GatewayRegistration {
-                node: args.node_name.clone().context("--node-name")?,
-                endpoint: args.advertise_endpoint.context("--advertise-endpoint")?,
-                public_key: gateway.public_key,
-            },
+            registration: registered.clone(),
             report_interval: Duration::from_secs(trellis_core::status::REPORT_INTERVAL_SECONDS),
         }),
-        None => None,
+        _ => None,
     };
+    // Key rotation: SIGUSR1 (what `rotate-key` sends; only root or this user can signal us,
+    // nothing on the network or in a pod) and the schedule.
+    let (rotate, rotation_requests) = tokio::sync::mpsc::channel(1);
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            let _ = rotate.try_send(());
+        }
+    });
+    match registration {
+        Some((sender, _)) => {
+            let rotator = trellis_gateway::rotation::Rotator {
+                state_dir: config.state_dir.clone(),
+                device: gateway.device().clone(),
+                own_keys: gateway.reconciler.own_keys.clone(),
+                registration: sender,
+                metrics: gateway.metrics.clone(),
+                grace: Duration::from_secs(args.key_rotation_grace_seconds),
+            };
+            let metrics = gateway.metrics.clone();
+            tokio::spawn(trellis_gateway::rotation::run(
+                rotator,
+                Some(args.key_rotation_interval).filter(|i| !i.is_zero()),
+                rotation_requests,
+                move || metrics.controller_connected(),
+            ));
+        }
+        None => {
+            let mut requests = rotation_requests;
+            tokio::spawn(async move {
+                while requests.recv().await.is_some() {
+                    tracing::warn!(
+                        "not rotating the WireGuard key: a desired-state source cannot announce a new key to the peers (rotation needs --controller)"
+                    );
+                }
+            });
+        }
+    }
+    let pid_file = config.state_dir.join(PID_FILE);
+    if let Err(e) = trellis_files::write_atomically(
+        &pid_file,
+        format!("{}\n", std::process::id()).as_bytes(),
+        0o600,
+    ) {
+        tracing::warn!(path = %pid_file.display(), "write the PID file (rotate-key finds the gateway by it): {e}");
+    }
     if gateway.metrics.antispoof_enabled() {
         let metrics = gateway.metrics.clone();
         tokio::spawn(async move {

@@ -34,10 +34,13 @@ pub enum DropReason {
     TooBig,
     TunError,
     SocketError,
+    /// A handshake initiation sent to the key a rotation replaced, from a peer already
+    /// moved to the new one.
+    OldKey,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         Self::NoRoute,
         Self::NoPeer,
         Self::NoEndpoint,
@@ -49,6 +52,7 @@ impl DropReason {
         Self::TooBig,
         Self::TunError,
         Self::SocketError,
+        Self::OldKey,
     ];
 
     pub fn label(self) -> &'static str {
@@ -64,6 +68,7 @@ impl DropReason {
             Self::TooBig => "too_big",
             Self::TunError => "tun_error",
             Self::SocketError => "socket_error",
+            Self::OldKey => "old_key",
         }
     }
 }
@@ -123,6 +128,9 @@ pub struct Metrics {
     /// The kernel's counts last seen (IPv4, IPv6), to add only what is new.
     spoofed_seen: Arc<[AtomicU64; 2]>,
     pub(crate) plan_restored: IntGauge,
+    plan_peers_refused: IntCounterVec,
+    key_rotations: IntCounter,
+    key_last_rotation: Gauge,
     node_encryption: IntGauge,
     /// Whether the source said anything about node encryption (a file does not).
     node_encryption_known: Arc<AtomicBool>,
@@ -267,6 +275,29 @@ impl Metrics {
             "1 while the plan applied is the one restored from the state directory at start, not yet \
              replaced by one from the gateway's source.",
         )?;
+        let plan_peers_refused = IntCounterVec::new(
+            Opts::new(
+                name("plan_peers_refused_total"),
+                "Plan entries left out instead of becoming peers, by reason: own_key (the entry \
+                 carries this gateway's own public key) or duplicate_key (another entry has its key; \
+                 the first by name is kept). Counted once per entry while it stays in the plan.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(plan_peers_refused.clone()))?;
+        for reason in ["own_key", "duplicate_key"] {
+            plan_peers_refused.with_label_values(&[reason]).inc_by(0);
+        }
+        let key_rotations = IntCounter::new(
+            name("key_rotations_total"),
+            "WireGuard key rotations (new key stored, in the device and announced to the controller).",
+        )?;
+        registry.register(Box::new(key_rotations.clone()))?;
+        let key_last_rotation = Gauge::new(
+            name("key_last_rotation_timestamp_seconds"),
+            "Unix time of the last WireGuard key rotation (0: none since the gateway started).",
+        )?;
+        registry.register(Box::new(key_last_rotation.clone()))?;
         let node_encryption = gauge(
             "node_encryption",
             "1 while the desired state applied has node-to-node encryption on (0 also when its \
@@ -362,6 +393,9 @@ impl Metrics {
             spoofed,
             spoofed_seen: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
             plan_restored,
+            plan_peers_refused,
+            key_rotations,
+            key_last_rotation,
             node_encryption,
             node_encryption_known: Arc::new(AtomicBool::new(false)),
             offload_enabled,
@@ -384,6 +418,21 @@ impl Metrics {
             .position(|r| *r == reason)
             .unwrap_or(0);
         self.drop_handles[at].inc_by(count);
+    }
+
+    /// A plan entry left out for `reason` (`own_key`, `duplicate_key`).
+    pub(crate) fn plan_peer_refused(&self, reason: &str) {
+        self.plan_peers_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Whether the gateway is registered with its controller now.
+    pub fn controller_connected(&self) -> bool {
+        self.controller_connected.get() == 1
+    }
+
+    pub(crate) fn key_rotated(&self) {
+        self.key_rotations.inc();
+        self.key_last_rotation.set(unix_now());
     }
 
     pub fn initiated(&self, reason: Initiation) {

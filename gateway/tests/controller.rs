@@ -102,11 +102,12 @@ fn source(node: &Node, controller: SocketAddr) -> ControllerSource {
     ControllerSource {
         address: controller,
         token: Some("s3cret".into()),
-        registration: GatewayRegistration {
+        registration: tokio::sync::watch::channel(GatewayRegistration {
             node: node.name.clone(),
             endpoint: SocketAddr::new(node.underlay, 51820),
             public_key: node.gateway().public_key,
-        },
+        })
+        .1,
         report_interval: Duration::from_millis(200),
     }
 }

@@ -8,9 +8,10 @@ use tokio::sync::{mpsc, oneshot};
 use trellis_core::gateway::TunnelPeer;
 use trellis_core::wgkey::PublicKey;
 
-use super::{Device, Role};
+use super::{Device, Identity, KeyRing, Role};
 use crate::Error;
 use crate::io::{Tun, Udp};
+use crate::keys::KeyPair;
 use crate::metrics::DropReason;
 
 /// What the loop reports about a peer.
@@ -33,6 +34,15 @@ pub(super) enum Command {
         done: oneshot::Sender<()>,
     },
     Stats(oneshot::Sender<Vec<PeerStats>>),
+    /// Makes `keys` the current key; the old one answers handshakes, and every peer keeps its
+    /// sessions on it, until [`Command::FinishRotation`].
+    RotateKey {
+        keys: KeyPair,
+        done: oneshot::Sender<()>,
+    },
+    /// Moves the peers still on the replaced key to the current one (each sent an initiation)
+    /// and forgets the replaced key; answers how many peers moved.
+    FinishRotation(oneshot::Sender<usize>),
     /// One round of the timers now, whatever the loop's interval: the timer tests move a
     /// mock clock and must know a round ran after each move.
     #[cfg(all(test, feature = "mock-time"))]
@@ -60,6 +70,29 @@ impl DeviceHandle {
         applied.await.map_err(|_| Error::DeviceStopped)
     }
 
+    /// A key rotation's switch: `keys` answers handshakes beside the old key, which every
+    /// peer keeps using until it initiates to the new one. A rotation not yet finished is
+    /// finished first.
+    pub async fn rotate_key(&self, keys: KeyPair) -> Result<(), Error> {
+        let (done, applied) = oneshot::channel();
+        self.commands
+            .send(Command::RotateKey { keys, done })
+            .await
+            .map_err(|_| Error::DeviceStopped)?;
+        applied.await.map_err(|_| Error::DeviceStopped)
+    }
+
+    /// Ends a key rotation's grace period: the peers still on the old key move to the new
+    /// one; returns how many did.
+    pub async fn finish_rotation(&self) -> Result<usize, Error> {
+        let (done, moved) = oneshot::channel();
+        self.commands
+            .send(Command::FinishRotation(done))
+            .await
+            .map_err(|_| Error::DeviceStopped)?;
+        moved.await.map_err(|_| Error::DeviceStopped)
+    }
+
     pub async fn stats(&self) -> Result<Vec<PeerStats>, Error> {
         let (reply, stats) = oneshot::channel();
         self.commands
@@ -78,6 +111,42 @@ impl DeviceHandle {
             .await
             .map_err(|_| Error::DeviceStopped)?;
         ran.await.map_err(|_| Error::DeviceStopped)
+    }
+}
+
+impl<T: Tun, U: Udp> Device<T, U> {
+    /// Moves every peer still on the previous key to the current one, sending each an
+    /// initiation at once (with the new key), and forgets the previous key.
+    async fn finish_rotation(&mut self) -> usize {
+        let ring = self.shared.keys.load_full();
+        if ring.previous.is_none() {
+            return 0;
+        }
+        let table = self.shared.table.load_full();
+        let mut initiations = Vec::new();
+        let mut moved = 0;
+        for peer in table.peers.values() {
+            let mut state = peer.lock();
+            if !state.on_previous {
+                continue;
+            }
+            state.use_key(&ring.current);
+            moved += 1;
+            if let Some((len, to)) = state.initiate(&mut self.scratch, true) {
+                initiations.push((self.scratch[..len].to_vec(), to));
+            }
+        }
+        self.shared.keys.store(Arc::new(KeyRing {
+            current: ring.current.clone(),
+            previous: None,
+        }));
+        for (datagram, to) in initiations {
+            if let Err(e) = self.udp.send_to(&datagram, to).await {
+                tracing::debug!("UDP send to {to}: {e}");
+                self.metrics.drop_packet(DropReason::SocketError);
+            }
+        }
+        moved
     }
 }
 
@@ -135,6 +204,24 @@ impl<T: Tun, U: Udp> Device<T, U> {
                         self.metrics.drop_packet(DropReason::SocketError);
                     }
                 }
+            }
+            Command::RotateKey { keys, done } => {
+                self.finish_rotation().await;
+                let identity = Identity::new(keys, self.config.handshake_rate_limit);
+                let old = self.shared.keys.load_full();
+                // The peers keep their `Tunn` (and sessions) on the old key, which stays.
+                for peer in self.shared.table.load().peers.values() {
+                    peer.lock().on_previous = true;
+                }
+                self.shared.keys.store(Arc::new(KeyRing {
+                    current: identity,
+                    previous: Some(old.current.clone()),
+                }));
+                let _ = done.send(());
+            }
+            Command::FinishRotation(done) => {
+                let moved = self.finish_rotation().await;
+                let _ = done.send(moved);
             }
             Command::Stats(reply) => {
                 let table = self.shared.table.load();

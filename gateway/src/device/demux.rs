@@ -11,12 +11,11 @@ use std::sync::Arc;
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use trellis_core::wgkey::PublicKey;
 
+use super::KeyRing;
 use super::peers::{Peer, PeerTable};
-use crate::keys::KeyPair;
 use crate::metrics::DropReason;
 
 /// WireGuard's message types (first byte, little-endian u32).
@@ -58,20 +57,29 @@ pub fn classify_datagram(datagram: &[u8]) -> Result<Classified, DropReason> {
     }
 }
 
+/// Which of the device's keys a handshake initiation was sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum KeyUse {
+    Current,
+    /// The key a rotation replaced, during its grace period.
+    Previous,
+}
+
 /// Where a datagram goes.
 pub(super) enum Demux<'t> {
-    Peer(&'t Arc<Peer>),
+    /// To this peer; for a handshake initiation, also which of our keys it was sent to.
+    Peer(&'t Arc<Peer>, Option<KeyUse>),
     Drop(DropReason),
     /// A cookie reply of this length is waiting in the scratch buffer.
     Cookie(usize),
 }
 
 /// Finds the peer `datagram` (from `from`) is for in `table`; an initiation is admitted by
-/// `limiter` first, which may instead write a cookie reply into `scratch`.
+/// the limiter of the key its MAC1 names (the current one, or during a rotation the previous
+/// one), which may instead write a cookie reply into `scratch`.
 pub(super) fn demux<'t>(
     table: &'t PeerTable,
-    keys: &KeyPair,
-    limiter: &RateLimiter,
+    ring: &KeyRing,
     datagram: &[u8],
     from: SocketAddr,
     scratch: &mut [u8],
@@ -79,29 +87,45 @@ pub(super) fn demux<'t>(
     match classify_datagram(datagram) {
         Err(reason) => Demux::Drop(reason),
         Ok(Classified::HandshakeInit) => {
-            match limiter.verify_packet(Some(from.ip()), datagram, scratch) {
-                Ok(Packet::HandshakeInit(init)) => {
-                    match parse_handshake_anon(keys.secret(), keys.public(), &init) {
-                        Ok(half) => match table.by_key(&PublicKey(half.peer_static_public)) {
-                            Some(peer) => Demux::Peer(peer),
-                            None => Demux::Drop(DropReason::NoPeer),
-                        },
-                        Err(_) => Demux::Drop(DropReason::DecryptFailed),
+            let mut identities = std::iter::once((KeyUse::Current, &ring.current))
+                .chain(ring.previous.iter().map(|p| (KeyUse::Previous, p)))
+                .peekable();
+            while let Some((key_use, identity)) = identities.next() {
+                let keys = &identity.keys;
+                return match identity
+                    .limiter
+                    .verify_packet(Some(from.ip()), datagram, scratch)
+                {
+                    Ok(Packet::HandshakeInit(init)) => {
+                        match parse_handshake_anon(keys.secret(), keys.public(), &init) {
+                            Ok(half) => match table.by_key(&PublicKey(half.peer_static_public)) {
+                                Some(peer) => Demux::Peer(peer, Some(key_use)),
+                                None => Demux::Drop(DropReason::NoPeer),
+                            },
+                            Err(_) => Demux::Drop(DropReason::DecryptFailed),
+                        }
                     }
-                }
-                Ok(_) => Demux::Drop(DropReason::Malformed),
-                Err(TunnResult::WriteToNetwork(cookie)) => Demux::Cookie(cookie.len()),
-                Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
-                    Demux::Drop(DropReason::RateLimited)
-                }
-                Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
-                    Demux::Drop(DropReason::DecryptFailed)
-                }
-                Err(_) => Demux::Drop(DropReason::Malformed),
+                    Ok(_) => Demux::Drop(DropReason::Malformed),
+                    Err(TunnResult::WriteToNetwork(cookie)) => Demux::Cookie(cookie.len()),
+                    Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
+                        Demux::Drop(DropReason::RateLimited)
+                    }
+                    // MAC1 names another public key: perhaps our other one.
+                    Err(TunnResult::Err(WireGuardError::InvalidMac))
+                        if identities.peek().is_some() =>
+                    {
+                        continue;
+                    }
+                    Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+                        Demux::Drop(DropReason::DecryptFailed)
+                    }
+                    Err(_) => Demux::Drop(DropReason::Malformed),
+                };
             }
+            Demux::Drop(DropReason::DecryptFailed)
         }
         Ok(Classified::Indexed { slot, .. }) => match table.peers.get(&slot) {
-            Some(peer) => Demux::Peer(peer),
+            Some(peer) => Demux::Peer(peer, None),
             None => Demux::Drop(DropReason::NoPeer),
         },
     }

@@ -65,6 +65,9 @@ pub(super) struct PeerState {
     /// Set when the reconciler removes the peer: a worker still holding the previous table
     /// must not send or accept anything more for it.
     pub(super) removed: bool,
+    /// The `Tunn` still uses the key a rotation replaced (its sessions are kept until the
+    /// peer initiates to the new key or the grace period ends).
+    pub(super) on_previous: bool,
     pub(super) m: PeerMetrics,
 }
 
@@ -130,6 +133,17 @@ impl PeerState {
         }
     }
 
+    /// Moves the peer to `identity` (the device's new key): boringtun drops its sessions, the
+    /// handshake replay protection stays.
+    pub(super) fn use_key(&mut self, identity: &super::Identity) {
+        self.tunn.set_static_private(
+            identity.keys.secret().clone(),
+            *identity.keys.public(),
+            Some(identity.tunn_limiter.clone()),
+        );
+        self.on_previous = false;
+    }
+
     /// Whether data for a session we do not have, from this peer's address, should start a
     /// handshake now: not while a session younger than Rekey-Timeout exists (the peer's
     /// packets on the old one may still arrive), and at most once per `NUDGE_INTERVAL`.
@@ -188,14 +202,16 @@ impl Default for PeerTable {
 }
 
 impl Shared {
+    /// A `Tunn` on the device's current key.
     fn new_tunn(&self, public_key: &PublicKey, keepalive: Option<u16>, slot: u32) -> Tunn {
+        let ring = self.keys.load();
         Tunn::new(
-            self.keys.secret().clone(),
+            ring.current.keys.secret().clone(),
             boringtun::x25519::PublicKey::from(public_key.0),
             None,
             keepalive,
             slot,
-            Some(self.tunn_limiter.clone()),
+            Some(ring.current.tunn_limiter.clone()),
         )
     }
 }
@@ -254,6 +270,7 @@ impl PeerTable {
                         state.tunn =
                             shared.new_tunn(&spec.public_key, spec.persistent_keepalive, peer.slot);
                         state.keepalive = spec.persistent_keepalive;
+                        state.on_previous = false;
                     }
                     if state.name != spec.name {
                         shared.metrics.forget_peer(&state.name);
@@ -290,6 +307,7 @@ impl PeerTable {
                         queued: 0,
                         last_initiation: None,
                         removed: false,
+                        on_previous: false,
                     };
                     next.by_key.insert(spec.public_key, slot);
                     next.peers.insert(

@@ -7,14 +7,14 @@ use std::net::{IpAddr, SocketAddr};
 
 use boringtun::noise::TunnResult;
 
-use super::Device;
 use super::demux::{
-    COOKIE_REPLY, DATA, DATA_MIN_LEN, Demux, HANDSHAKE_INIT, HANDSHAKE_RESPONSE, demux,
+    COOKIE_REPLY, DATA, DATA_MIN_LEN, Demux, HANDSHAKE_INIT, HANDSHAKE_RESPONSE, KeyUse, demux,
     drop_reason, unknown_session,
 };
 use super::nudge::note_unknown_session;
 use super::peers::{PeerTable, hold};
 use super::worker::ROUNDS_PER_WAKE;
+use super::{Device, KeyRing};
 use crate::io::{TUN_HEADROOM, Tun, Udp};
 use crate::metrics::DropReason;
 use crate::offload::{UDP_MAX_SEGMENTS, gro_segments};
@@ -91,11 +91,12 @@ impl<T: Tun, U: Udp> Device<T, U> {
             return drained;
         }
         let table = self.shared.table.load_full();
+        let ring = self.shared.keys.load_full();
         let mut next = 0;
         let mut writes = 0;
         let mut unknown_sessions: Vec<SocketAddr> = Vec::new();
         while let Some(pending) =
-            self.decrypt_until_send(&table, &mut next, &mut writes, &mut unknown_sessions)
+            self.decrypt_until_send(&table, &ring, &mut next, &mut writes, &mut unknown_sessions)
         {
             match pending {
                 Pending::Cookie { len, to } => {
@@ -138,6 +139,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
     fn decrypt_until_send(
         &mut self,
         table: &PeerTable,
+        ring: &KeyRing,
         next: &mut usize,
         writes: &mut usize,
         unknown_sessions: &mut Vec<SocketAddr>,
@@ -147,15 +149,8 @@ impl<T: Tun, U: Udp> Device<T, U> {
             let (start, len, from) = self.net_datagrams[*next];
             *next += 1;
             let datagram = &self.net_in[start..start + len];
-            let slot = match demux(
-                table,
-                &self.shared.keys,
-                &self.limiter,
-                datagram,
-                from,
-                &mut self.scratch,
-            ) {
-                Demux::Peer(peer) => peer.slot,
+            let (slot, key_use) = match demux(table, ring, datagram, from, &mut self.scratch) {
+                Demux::Peer(peer, key_use) => (peer.slot, key_use),
                 Demux::Drop(reason) => {
                     if reason == DropReason::NoPeer && datagram.first() == Some(&DATA) {
                         note_unknown_session(unknown_sessions, from);
@@ -175,6 +170,21 @@ impl<T: Tun, U: Udp> Device<T, U> {
                     continue;
                 }
             };
+            match (key_use, peer.on_previous) {
+                // The peer learned our new key: move it there (its old sessions go; this
+                // handshake makes the new one).
+                (Some(KeyUse::Current), true) => {
+                    peer.use_key(&ring.current);
+                    tracing::info!(peer = %peer.name, "the peer initiated to the new key: switched to it");
+                }
+                // Sent to the key this peer no longer uses (a late retry): the peer has the
+                // new key already, or learns it from its controller.
+                (Some(KeyUse::Previous), false) => {
+                    self.metrics.drop_packet(DropReason::OldKey);
+                    continue;
+                }
+                _ => {}
+            }
             let kind = datagram[0];
             let buf = &mut self.tun_out[*writes];
             buf.resize(TUN_HEADROOM + self.stride, 0);

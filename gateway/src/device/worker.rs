@@ -37,7 +37,6 @@ impl<T: Tun, U: Udp> Device<T, U> {
             tun,
             udp,
             metrics: shared.metrics.clone(),
-            limiter: shared.limiter.clone(),
             config,
             shared,
             role,
@@ -100,7 +99,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 _ = timers.tick(), if first => {
                     ticks += 1;
                     if ticks.is_multiple_of(ticks_per_second) {
-                        self.limiter.reset_count();
+                        self.shared.keys.load().reset_counts();
                     }
                     self.run_timers().await;
                     self.revisit_steering(Instant::now());

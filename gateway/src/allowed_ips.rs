@@ -32,10 +32,10 @@ impl<K: Copy + Eq + std::hash::Hash, T> Buckets<K, T> {
         self.by_len[at].1.insert(key, value);
     }
 
-    fn lookup(&self, mask: impl Fn(u8) -> K) -> Option<&T> {
+    fn lookup(&self, mask: impl Fn(u8) -> K) -> Option<(u8, &T)> {
         self.by_len
             .iter()
-            .find_map(|(len, map)| map.get(&mask(*len)))
+            .find_map(|(len, map)| map.get(&mask(*len)).map(|value| (*len, value)))
     }
 }
 
@@ -83,6 +83,11 @@ impl<T> AllowedIps<T> {
 
     /// The value of the longest prefix containing `address`.
     pub fn lookup(&self, address: IpAddr) -> Option<&T> {
+        self.lookup_prefix(address).map(|(_, value)| value)
+    }
+
+    /// The longest prefix containing `address`: its length and value.
+    pub fn lookup_prefix(&self, address: IpAddr) -> Option<(u8, &T)> {
         match address {
             IpAddr::V4(a) => {
                 let a = u32::from(a);

@@ -1076,3 +1076,25 @@ async fn the_end_of_the_grace_period_moves_late_peers_to_the_new_key() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn packets_on_the_old_keys_session_are_accepted_while_both_peers_exist() {
+    let net = FakeNet::default();
+    let (a, b) = connected_pair(&net).await;
+    let new = KeyPair::generate();
+    b.handle.rotate_key(new.clone()).await.unwrap();
+    // A adds B's new key as a peer (the old one not pruned yet); its initiation is lost, so
+    // B keeps sending on the old key's session, to the peer A no longer routes to.
+    net.mute(a.addr, true);
+    a.handle
+        .set_peers(vec![peer_with_key(&b, &new, "b-new", "10.2.0.0/24")], false)
+        .await
+        .unwrap();
+    net.mute(a.addr, false);
+    b.tun
+        .inbound
+        .push(ipv4("10.2.0.7", "10.1.0.5", b"in flight"));
+    let got = delivered(&a.tun).await.expect("delivered");
+    assert!(got.ends_with(b"in flight"));
+    assert_eq!(a.metrics.drops(DropReason::SourceNotAllowed), 0);
+}

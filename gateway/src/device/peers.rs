@@ -171,7 +171,18 @@ impl PeerState {
         if len == 0 {
             return false; // keepalive
         }
-        if allowed.lookup(source) != Some(&slot) {
+        let allowed = match allowed.lookup_prefix(source) {
+            Some((_, owner)) if *owner == slot => true,
+            // Another peer got the very same CIDR (the table holds one owner per prefix): a
+            // node whose key changed is two peers until the old one is pruned, and packets
+            // still in flight on the old key's session are its own.
+            Some((len, _)) => self
+                .allowed_ips
+                .iter()
+                .any(|net| net.prefix_len() == len && net.contains(&source)),
+            None => false,
+        };
+        if !allowed {
             metrics.drop_packet(DropReason::SourceNotAllowed);
             return false;
         }
@@ -321,7 +332,15 @@ impl PeerTable {
                 }
             }
         }
-        for peer in next.peers.values() {
+        // A peer added now takes a CIDR another peer also claims: when a node's key changes
+        // (a rotation), its traffic moves to the new key's peer at once (queued until its
+        // handshake, which starts now), not only when the old peer is pruned after the routes,
+        // while the other end may already have dropped the old key's sessions.
+        let (added, known): (Vec<_>, Vec<_>) = next
+            .peers
+            .values()
+            .partition(|peer| !self.peers.contains_key(&peer.slot));
+        for peer in known.into_iter().chain(added) {
             for net in &peer.lock().allowed_ips {
                 next.allowed.insert(*net, peer.slot);
             }

@@ -1098,3 +1098,85 @@ async fn packets_on_the_old_keys_session_are_accepted_while_both_peers_exist() {
     assert!(got.ends_with(b"in flight"));
     assert_eq!(a.metrics.drops(DropReason::SourceNotAllowed), 0);
 }
+
+#[tokio::test]
+async fn data_sent_on_the_old_keys_session_still_arrives_after_the_switch() {
+    let net = FakeNet::default();
+    let (a, b) = connected_pair(&net).await;
+    let new = KeyPair::generate();
+    b.handle.rotate_key(new.clone()).await.unwrap();
+    // A sends on the session of B's old key; the datagram is held up in the network.
+    net.mute(a.addr, true);
+    let seen = net.wire.lock().unwrap().len();
+    a.tun.inbound.push(ipv4("10.1.0.5", "10.2.0.7", b"late"));
+    let held_up = poll_until_async(|| {
+        net.wire.lock().unwrap()[seen..]
+            .iter()
+            .find(|(from, _, d)| *from == a.addr && d[0] == DATA && d.len() > DATA_MIN_LEN)
+            .map(|(_, _, d)| d.clone())
+    })
+    .await;
+    net.mute(a.addr, false);
+    // A learns the new key and B moves A to it; then the held-up datagram arrives.
+    learn_key(&a, peer_with_key(&b, &new, "b", "10.2.0.0/24")).await;
+    assert!(
+        first_delivery(&a, &b, true, Duration::from_secs(2))
+            .await
+            .is_some()
+    );
+    while b.tun.delivered.pop().is_some() {}
+    net.inject(b.addr, a.addr, held_up);
+    let got = delivered(&b.tun).await;
+    let got = got.unwrap_or_else(|| panic!("not delivered: {:?}", drop_counts(&b.metrics)));
+    assert!(got.ends_with(b"late"), "{got:?}");
+}
+
+async fn poll_until_async<T>(mut attempt: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..200 {
+        if let Some(value) = attempt() {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never happened")
+}
+
+#[tokio::test]
+async fn data_on_a_replaced_keys_session_still_arrives_after_the_old_peer_is_pruned() {
+    let net = FakeNet::default();
+    let (a, b) = connected_pair(&net).await;
+    let new = KeyPair::generate();
+    b.handle.rotate_key(new.clone()).await.unwrap();
+    // B sends on its old key's session; the datagram is held up in the network.
+    net.mute(b.addr, true);
+    let seen = net.wire.lock().unwrap().len();
+    b.tun.inbound.push(ipv4("10.2.0.7", "10.1.0.5", b"late"));
+    let held_up = poll_until_async(|| {
+        net.wire.lock().unwrap()[seen..]
+            .iter()
+            .find(|(from, _, d)| *from == b.addr && d[0] == DATA && d.len() > DATA_MIN_LEN)
+            .map(|(_, _, d)| d.clone())
+    })
+    .await;
+    net.mute(b.addr, false);
+    // A learns B's new key and prunes the old one's peer; then the datagram arrives.
+    learn_key(&a, peer_with_key(&b, &new, "b", "10.2.0.0/24")).await;
+    net.inject(a.addr, b.addr, held_up);
+    let got = delivered(&a.tun).await;
+    let got = got.unwrap_or_else(|| panic!("not delivered: {:?}", drop_counts(&a.metrics)));
+    assert!(got.ends_with(b"late"), "{got:?}");
+    // Only the new key's peer is listed, sent to and counted.
+    let stats = a.handle.stats().await.unwrap();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].public_key, new.public_key());
+    assert!(
+        a.metrics
+            .render()
+            .contains("trellis_gateway_peers_configured 1")
+    );
+    assert!(
+        first_delivery(&a, &b, true, Duration::from_secs(2))
+            .await
+            .is_some()
+    );
+}

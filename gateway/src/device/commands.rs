@@ -130,7 +130,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
             if !state.on_previous {
                 continue;
             }
-            state.use_key(&ring.current);
+            state.use_key(&ring.current, &peer.public_key, peer.slot);
             moved += 1;
             if let Some((len, to)) = state.initiate(&mut self.scratch, true) {
                 initiations.push((self.scratch[..len].to_vec(), to));
@@ -228,9 +228,12 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 let mut stats: Vec<_> = table
                     .peers
                     .values()
-                    .map(|peer| {
+                    .filter_map(|peer| {
                         let state = peer.lock();
-                        PeerStats {
+                        if state.retiring.is_some() {
+                            return None;
+                        }
+                        Some(PeerStats {
                             name: state.name.clone(),
                             public_key: peer.public_key,
                             endpoint: state.endpoint,
@@ -238,7 +241,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
                             handshakes: state.handshakes,
                             tx_bytes: state.tx_bytes,
                             rx_bytes: state.rx_bytes,
-                        }
+                        })
                     })
                     .collect();
                 stats.sort_by(|a, b| a.name.cmp(&b.name));

@@ -28,7 +28,9 @@ impl<T: Tun, U: Udp> Device<T, U> {
         for from in senders {
             let initiation = table.peers.values().find_map(|peer| {
                 let mut state = peer.lock();
-                if state.endpoint != Some(*from) && state.configured_endpoint != Some(*from) {
+                if state.retiring.is_some()
+                    || (state.endpoint != Some(*from) && state.configured_endpoint != Some(*from))
+                {
                     return None;
                 }
                 // The first peer at that address decides, as it has a session or not.

@@ -28,6 +28,9 @@ const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer is sent at most one initiation of the gateway's own per this interval when it sends
 /// data for a session we do not have, so spoofed datagrams cannot make a handshake storm.
 const NUDGE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a peer's `Tunn` on a replaced key still decrypts data after the peer moved to the
+/// new key: longer than any datagram stays in flight.
+pub(super) const RETIRED_FOR: Duration = Duration::from_secs(3);
 /// Peer slots are 24 bits: the upper bits of a 32-bit receiver index.
 const MAX_SLOT: u32 = (1 << 24) - 1;
 
@@ -68,6 +71,13 @@ pub(super) struct PeerState {
     /// The `Tunn` still uses the key a rotation replaced (its sessions are kept until the
     /// peer initiates to the new key or the grace period ends).
     pub(super) on_previous: bool,
+    /// The `Tunn` on the replaced key, for a moment after the peer moved to the new one: it
+    /// decrypts data the peer sent on the old session before it switched, still in flight.
+    pub(super) retired: Option<(Tunn, Instant)>,
+    /// Since when the peer's key has been replaced by another peer of the same name: it only
+    /// decrypts what the node sent on its sessions before it switched (it is in no route, and
+    /// its timers send nothing), until a prune after [`RETIRED_FOR`] removes it.
+    pub(super) retiring: Option<Instant>,
     pub(super) m: PeerMetrics,
 }
 
@@ -133,15 +143,33 @@ impl PeerState {
         }
     }
 
-    /// Moves the peer to `identity` (the device's new key): boringtun drops its sessions, the
-    /// handshake replay protection stays.
-    pub(super) fn use_key(&mut self, identity: &super::Identity) {
-        self.tunn.set_static_private(
+    /// Moves the peer (`key`, in `slot`) to `identity` (the device's new key): a new `Tunn`,
+    /// and the old one kept [`RETIRED_FOR`] to decrypt what the peer sent on its sessions
+    /// before it switched. (boringtun's `set_static_private` would drop those sessions at
+    /// once: a packet in flight lost costs a TCP flow a retransmission timeout.)
+    pub(super) fn use_key(&mut self, identity: &super::Identity, key: &PublicKey, slot: u32) {
+        let fresh = Tunn::new(
             identity.keys.secret().clone(),
-            *identity.keys.public(),
+            boringtun::x25519::PublicKey::from(key.0),
+            None,
+            self.keepalive,
+            slot,
             Some(identity.tunn_limiter.clone()),
         );
+        let old = std::mem::replace(&mut self.tunn, fresh);
+        self.retired = Some((old, Instant::now()));
         self.on_previous = false;
+    }
+
+    /// Forgets the retired `Tunn` once it has served its moment.
+    pub(super) fn expire_retired(&mut self, now: Instant) {
+        if self
+            .retired
+            .as_ref()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= RETIRED_FOR)
+        {
+            self.retired = None;
+        }
     }
 
     /// Whether data for a session we do not have, from this peer's address, should start a
@@ -261,14 +289,33 @@ impl PeerTable {
         let mut initiate = Vec::new();
         if prune {
             let wanted: HashSet<PublicKey> = desired.iter().map(|p| p.public_key).collect();
+            let names: HashSet<&str> = desired.iter().map(|p| p.name.as_str()).collect();
+            let now = Instant::now();
             next.peers.retain(|_, peer| {
                 if wanted.contains(&peer.public_key) {
                     return true;
                 }
                 let mut state = peer.lock();
+                let replaced = names.contains(state.name.as_str());
+                // A node whose key changed (a rotation): the old key's peer only receives, for
+                // a moment, what the node sent on its sessions before it switched.
+                match state.retiring {
+                    None if replaced => {
+                        state.retiring = Some(now);
+                        tracing::info!(peer = %state.name, "the peer's key changed: the old key only receives, for a moment");
+                        return true;
+                    }
+                    Some(since) if replaced && now.saturating_duration_since(since) < RETIRED_FOR => {
+                        return true;
+                    }
+                    _ => {}
+                }
                 state.removed = true;
-                shared.metrics.forget_peer(&state.name);
-                tracing::info!(peer = %state.name, "removed peer");
+                // Its name's series belong to the new key's peer now.
+                if !replaced {
+                    shared.metrics.forget_peer(&state.name);
+                }
+                tracing::info!(peer = %state.name, key = %peer.public_key, "removed peer");
                 false
             });
             next.by_key.retain(|key, _| wanted.contains(key));
@@ -277,6 +324,8 @@ impl PeerTable {
             match next.by_key(&spec.public_key).cloned() {
                 Some(peer) => {
                     let mut state = peer.lock();
+                    // Wanted again (its key back before it was removed).
+                    state.retiring = None;
                     if state.keepalive != spec.persistent_keepalive {
                         state.tunn =
                             shared.new_tunn(&spec.public_key, spec.persistent_keepalive, peer.slot);
@@ -319,6 +368,8 @@ impl PeerTable {
                         last_initiation: None,
                         removed: false,
                         on_previous: false,
+                        retired: None,
+                        retiring: None,
                     };
                     next.by_key.insert(spec.public_key, slot);
                     next.peers.insert(
@@ -340,12 +391,19 @@ impl PeerTable {
             .peers
             .values()
             .partition(|peer| !self.peers.contains_key(&peer.slot));
+        let mut configured = 0;
         for peer in known.into_iter().chain(added) {
-            for net in &peer.lock().allowed_ips {
+            let state = peer.lock();
+            // A retiring peer is sent nothing.
+            if state.retiring.is_some() {
+                continue;
+            }
+            configured += 1;
+            for net in &state.allowed_ips {
                 next.allowed.insert(*net, peer.slot);
             }
         }
-        shared.metrics.peers_configured.set(next.peers.len() as i64);
+        shared.metrics.peers_configured.set(configured);
         (next, initiate)
     }
 }

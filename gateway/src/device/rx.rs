@@ -174,7 +174,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
                 // The peer learned our new key: move it there (its old sessions go; this
                 // handshake makes the new one).
                 (Some(KeyUse::Current), true) => {
-                    peer.use_key(&ring.current);
+                    peer.use_key(&ring.current, &table.peers[&slot].public_key, slot);
                     tracing::info!(peer = %peer.name, "the peer initiated to the new key: switched to it");
                 }
                 // Sent to the key this peer no longer uses (a late retry): the peer has the
@@ -219,6 +219,32 @@ impl<T: Tun, U: Udp> Device<T, U> {
                         (packet.len(), IpAddr::V6(source))
                     }
                     TunnResult::Done => continue,
+                    // Data the peer sent on a session of the key it just moved from (its
+                    // receiver index may be one the new `Tunn` uses too: any error).
+                    TunnResult::Err(e)
+                        if kind == DATA
+                            && let Some((retired, _)) = peer.retired.as_mut() =>
+                    {
+                        match retired.decapsulate(
+                            Some(from.ip()),
+                            datagram,
+                            &mut buf[TUN_HEADROOM..],
+                        ) {
+                            TunnResult::WriteToTunnelV4(packet, source) => {
+                                (packet.len(), IpAddr::V4(source))
+                            }
+                            TunnResult::WriteToTunnelV6(packet, source) => {
+                                (packet.len(), IpAddr::V6(source))
+                            }
+                            _ => {
+                                if unknown_session(&e) {
+                                    note_unknown_session(unknown_sessions, from);
+                                }
+                                self.metrics.drop_packet(drop_reason(&e));
+                                continue;
+                            }
+                        }
+                    }
                     TunnResult::Err(e) => {
                         if kind == DATA && unknown_session(&e) {
                             note_unknown_session(unknown_sessions, from);

@@ -23,6 +23,10 @@ impl<T: Tun, U: Udp> Device<T, U> {
             // Formatted under the peer's lock, sent after it.
             let send = {
                 let mut state = peer.lock();
+                state.expire_retired(std::time::Instant::now());
+                if state.retiring.is_some() {
+                    continue;
+                }
                 let send = match state.tunn.update_timers(&mut self.scratch) {
                     TunnResult::WriteToNetwork(datagram) => Some((datagram.len(), state.endpoint)),
                     TunnResult::Err(WireGuardError::ConnectionExpired) => {

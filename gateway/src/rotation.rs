@@ -155,3 +155,78 @@ async fn sleep_until(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::device::tests::{FakeNet, start};
+
+    #[tokio::test]
+    async fn a_request_rotates_only_while_registered_and_the_grace_period_ends_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = KeyPair::load_or_generate(dir.path()).unwrap().public_key();
+        let node = start(&FakeNet::default(), "198.18.0.1:51820");
+        let own_keys = OwnKeys::new(first);
+        let (registration, registered) = watch::channel(GatewayRegistration {
+            node: "node-0".into(),
+            endpoint: "198.18.0.1:51820".parse().unwrap(),
+            public_key: first,
+        });
+        let rotator = Rotator {
+            state_dir: dir.path().to_path_buf(),
+            device: node.handle.clone(),
+            own_keys: own_keys.clone(),
+            registration,
+            metrics: node.metrics.clone(),
+            grace: Duration::from_millis(300),
+        };
+        let connected = Arc::new(AtomicBool::new(false));
+        let (ask, requests) = mpsc::channel(1);
+        let is_connected = connected.clone();
+        tokio::spawn(run(rotator, None, requests, move || {
+            is_connected.load(Ordering::Relaxed)
+        }));
+        let stored = || KeyPair::load(dir.path()).unwrap().public_key();
+
+        // Not registered with the controller: nothing changes.
+        ask.send(()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(stored(), first);
+
+        connected.store(true, Ordering::Relaxed);
+        ask.send(()).await.unwrap();
+        let new = trellis_test_support::eventually_async(
+            "the key rotates",
+            Duration::from_secs(5),
+            || {
+                let now = stored();
+                std::future::ready((now != first).then_some(now))
+            },
+        )
+        .await;
+        trellis_test_support::eventually_async(
+            "the new key announced",
+            Duration::from_secs(5),
+            || std::future::ready((registered.borrow().public_key == new).then_some(())),
+        )
+        .await;
+        assert!(own_keys.contains(&first) && own_keys.contains(&new));
+        assert!(dir.path().join(keys::PREVIOUS_KEY_FILE).exists());
+        let text = node.metrics.render();
+        assert!(
+            text.contains("trellis_gateway_key_rotations_total 1"),
+            "{text}"
+        );
+
+        // The grace period ends: the old key is gone, from the device and the disk.
+        trellis_test_support::eventually_async("the rotation done", Duration::from_secs(5), || {
+            std::future::ready((!dir.path().join(keys::PREVIOUS_KEY_FILE).exists()).then_some(()))
+        })
+        .await;
+        assert!(!own_keys.contains(&first));
+        assert_eq!(own_keys.current(), new);
+    }
+}

@@ -17,7 +17,8 @@
 //!   # or: kubernetes: {settingsNamespace: trellis-system, settingsConfigMap: trellis-controller}
 //! metricsListen: 0.0.0.0:9464
 //! agentListen: 0.0.0.0:7444    # gateways and DNS subscribe here
-//! agentTokenFile: agent-token  # the shared token they must present (recommended)
+//! agentTls: {ca: agent-ca.pem, cert: agent.pem, key: agent-key.pem}  # mutual TLS, identities
+//! # agentTokenFile: agent-token  # deprecated plaintext mode (no agentTls): any holder registers any node
 //! stateFile: /var/lib/trellis/controller-state.json  # last state, served after a restart
 //! ```
 
@@ -107,7 +108,12 @@ pub struct Config {
     /// Where the last state is kept across restarts (served until the sources resync).
     #[serde(default)]
     pub state_file: Option<PathBuf>,
-    /// A file holding the shared token gateways and DNS must present on the agent port.
+    /// The agent port's TLS: the cluster's agent CA (clients must chain to it), and the
+    /// controller's `agent.<cluster>.trellis` certificate and key. Re-read when they change.
+    #[serde(default)]
+    pub agent_tls: Option<TlsPaths>,
+    /// Deprecated (only without `agentTls`): a file holding the shared token gateways and DNS
+    /// present in plaintext; whoever holds it can register any node.
     #[serde(default)]
     pub agent_token_file: Option<PathBuf>,
     #[serde(default = "default_max_frame")]
@@ -162,6 +168,9 @@ impl Config {
             if !seen.insert(&p.id) {
                 return bad(format!("peer {} is listed twice", p.id));
             }
+        }
+        if self.agent_tls.is_some() && self.agent_token_file.is_some() {
+            return bad("agentTokenFile cannot be combined with agentTls: with agent TLS a client is known by its certificate, and a shared token is refused; remove agentTokenFile".into());
         }
         if self.max_frame_bytes < 64 * 1024 {
             return bad("maxFrameBytes must be at least 65536".into());

@@ -6,6 +6,7 @@
 //! services to DNS.
 
 pub mod agent;
+pub mod agent_certs;
 pub mod certs;
 pub mod config;
 pub mod crd;

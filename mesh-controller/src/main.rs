@@ -178,21 +178,23 @@ async fn run(config_path: PathBuf) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the agent listener {addr}"))?;
-        let token: Option<Arc<str>> = match &cfg.agent_token_file {
-            Some(path) => Some(read(path)?.trim().into()),
-            None => {
-                tracing::warn!(
-                    %addr,
-                    "agent port without agentTokenFile: anyone who reaches it can register a gateway"
-                );
-                None
-            }
+        let auth = match (&cfg.agent_tls, &cfg.agent_token_file) {
+            (Some(paths), _) => agent::AgentAuth::Tls(Arc::new(
+                agent::ServerTls::load(trellis_agent_client::TlsFiles {
+                    ca: paths.ca.clone(),
+                    cert: paths.cert.clone(),
+                    key: paths.key.clone(),
+                })
+                .map_err(|e| anyhow::anyhow!("agent TLS: {}", trellis_core::error_chain(&e)))?,
+            )),
+            (None, Some(path)) => agent::AgentAuth::LegacyToken(Some(read(path)?.trim().into())),
+            (None, None) => agent::AgentAuth::LegacyToken(None),
         };
         tasks.spawn(agent::serve(
             listener,
             hub.clone(),
             cfg.max_frame_bytes,
-            token,
+            auth,
         ));
     }
     tasks.spawn(watch_config(

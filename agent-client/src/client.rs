@@ -259,9 +259,9 @@ async fn open(
 
 /// Follows the controller forever. `state` survives reconnects (the last state is what
 /// [`Handler::resync`] re-applies); each connection must start with a snapshot.
-pub async fn follow<H: Handler>(
+pub async fn follow<H: Handler, R: Clone + Into<AgentRole>>(
     config: &ClientConfig,
-    mut hello: watch::Receiver<AgentRole>,
+    mut hello: watch::Receiver<R>,
     netns: Option<&Netns>,
     handler: &mut H,
     state: &mut Option<H::State>,
@@ -287,7 +287,7 @@ pub async fn follow<H: Handler>(
 }
 
 /// Waits for the hello to change; never if its sender is gone (a constant hello).
-async fn hello_changed(hello: &mut watch::Receiver<AgentRole>, live: &mut bool) {
+async fn hello_changed<R>(hello: &mut watch::Receiver<R>, live: &mut bool) {
     if *live && hello.changed().await.is_ok() {
         return;
     }
@@ -303,9 +303,9 @@ fn interval(period: Option<Duration>) -> tokio::time::Interval {
     tick
 }
 
-async fn session<H: Handler>(
+async fn session<H: Handler, R: Clone + Into<AgentRole>>(
     config: &ClientConfig,
-    hello_rx: &mut watch::Receiver<AgentRole>,
+    hello_rx: &mut watch::Receiver<R>,
     netns: Option<&Netns>,
     handler: &mut H,
     state: &mut Option<H::State>,
@@ -317,7 +317,7 @@ async fn session<H: Handler>(
     };
     let hello = AgentHello {
         token,
-        role: hello_rx.borrow_and_update().clone(),
+        role: hello_rx.borrow_and_update().clone().into(),
     };
     let frame = match encode_json_frame(&hello, "hello", config.max_frame) {
         Ok(f) => f,

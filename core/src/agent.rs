@@ -119,6 +119,12 @@ impl AgentHello {
     }
 }
 
+impl From<GatewayRegistration> for AgentRole {
+    fn from(registration: GatewayRegistration) -> Self {
+        AgentRole::Gateway(registration)
+    }
+}
+
 /// What a subscriber sends after its hello, tagged like the hello (`"type"`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the gateway: TUN, UDP, peers and routes from the desired state.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print this node's public key (generating the key pair on first use).
     PublicKey {
         #[arg(long, default_value = "/var/lib/trellis-gateway")]
@@ -81,9 +81,20 @@ struct RunArgs {
     /// Follow the cluster's controller instead: its agent address (HOST:PORT).
     #[arg(long)]
     controller: Option<SocketAddr>,
-    /// A file holding the token the controller's agent port asks for.
-    #[arg(long, requires = "controller")]
+    /// Deprecated (a controller without agent TLS): a file holding its shared agent token.
+    #[arg(long, requires = "controller", conflicts_with = "agent_ca")]
     controller_token_file: Option<PathBuf>,
+    /// The cluster's agent CA (PEM): the controller must present `agent.<cluster>.trellis`
+    /// signed by it. Re-read when it changes, as are the certificate and key.
+    #[arg(long, requires_all = ["controller", "agent_cert", "agent_key"])]
+    agent_ca: Option<PathBuf>,
+    /// This node's certificate (`<node>.node.<cluster>.trellis`, from `trellis certs agent
+    /// --node`): the node it may register.
+    #[arg(long, requires = "agent_ca")]
+    agent_cert: Option<PathBuf>,
+    /// This node's agent private key.
+    #[arg(long, requires = "agent_ca")]
+    agent_key: Option<PathBuf>,
     /// This node's name, as the controller knows it (a Kubernetes Node name).
     #[arg(long, requires = "controller")]
     node_name: Option<String>,
@@ -171,7 +182,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("start the runtime")?;
-            runtime.block_on(run(args, config))
+            runtime.block_on(run(*args, config))
         }
         Command::PublicKey { state_dir } => {
             println!("{}", KeyPair::load_or_generate(&state_dir)?.public_key());
@@ -205,25 +216,56 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
     // heard from.
     let store = PlanStore::in_dir(&config.state_dir);
     gateway.reconciler.restore(&store).await;
+    // The registration the controller hears; a new value re-registers (key rotation).
+    let mut registration_tx = None;
     let controller = match args.controller {
-        Some(address) => Some(ControllerSource {
-            address,
-            token: match &args.controller_token_file {
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("read the controller token {}", path.display()))?
-                        .trim()
-                        .to_string(),
-                ),
-                None => None,
-            },
-            registration: GatewayRegistration {
+        Some(address) => {
+            let transport = match (&args.agent_ca, &args.agent_cert, &args.agent_key) {
+                (Some(ca), Some(cert), Some(key)) => {
+                    trellis_agent_client::Transport::Tls(std::sync::Arc::new(
+                        trellis_agent_client::ClientTls::load(trellis_agent_client::TlsFiles {
+                            ca: ca.clone(),
+                            cert: cert.clone(),
+                            key: key.clone(),
+                        })
+                        .map_err(|e| {
+                            anyhow::anyhow!("agent TLS: {}", trellis_core::error_chain(&e))
+                        })?,
+                    ))
+                }
+                _ => {
+                    tracing::warn!(
+                        "no --agent-ca/--agent-cert/--agent-key: the deprecated plaintext agent mode"
+                    );
+                    trellis_agent_client::Transport::LegacyToken(
+                        match &args.controller_token_file {
+                            Some(path) => Some(
+                                std::fs::read_to_string(path)
+                                    .with_context(|| {
+                                        format!("read the controller token {}", path.display())
+                                    })?
+                                    .trim()
+                                    .to_string(),
+                            ),
+                            None => None,
+                        },
+                    )
+                }
+            };
+            let (tx, registration) = tokio::sync::watch::channel(GatewayRegistration {
                 node: args.node_name.clone().context("--node-name")?,
                 endpoint: args.advertise_endpoint.context("--advertise-endpoint")?,
                 public_key: gateway.public_key,
-            },
-            report_interval: Duration::from_secs(trellis_core::status::REPORT_INTERVAL_SECONDS),
-        }),
+            });
+            // Kept for the process's life: the key rotation sends the new registration here.
+            registration_tx = Some(tx);
+            Some(ControllerSource {
+                address,
+                transport,
+                registration,
+                report_interval: Duration::from_secs(trellis_core::status::REPORT_INTERVAL_SECONDS),
+            })
+        }
         None => None,
     };
     if gateway.metrics.antispoof_enabled() {
@@ -286,6 +328,7 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
     // The shutdown order: the last plan on disk first (the writer may be mid-way), so the
     // next start restores it; then the device, whose TUN takes its routes with it and leaves
     // the unreachable backstops: nothing goes out in plaintext while no gateway runs.
+    drop(registration_tx);
     gateway.flush_plan().await;
     tracing::info!("stopping; routes to encrypted peers stay unreachable until restart");
     gateway.stop();

@@ -228,10 +228,8 @@ impl<T> Reloading<T> {
                     tracing::warn!(
                         what = self.what,
                         error = %trellis_core::error_chain(&e),
-                        "TLS files changed but do not load; keeping the last good ones"
+                        "TLS files changed but do not load (yet: a writer may be half-way); keeping the last good ones"
                     );
-                    // Not retried until they change again.
-                    current.0 = stamp;
                 }
             }
         }
@@ -325,5 +323,14 @@ impl ServerTls {
 
     pub fn material(&self) -> Material {
         self.inner.get().0.clone()
+    }
+}
+
+/// Every `every`: looks at the files (re-reading them when they changed) and hands `set` when
+/// the own certificate and the CA in use expire. Runs forever.
+pub async fn watch_expiry(tls: Arc<ClientTls>, every: std::time::Duration, set: impl Fn(Expiry)) {
+    loop {
+        set(tls.material().expiry);
+        tokio::time::sleep(every).await;
     }
 }

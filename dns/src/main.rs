@@ -193,6 +193,17 @@ fn main() -> anyhow::Result<()> {
         if let Some(path) = config.catalog_file.clone() {
             tokio::spawn(watch_file(handle, path, config.catalog_poll, metrics));
         } else if let Some(source) = controller {
+            if let trellis_agent_client::Transport::Tls(tls) = &source.transport {
+                let expiry = metrics.certificate_expiry.clone();
+                tokio::spawn(trellis_agent_client::tls::watch_expiry(
+                    tls.clone(),
+                    std::time::Duration::from_secs(5),
+                    move |e| {
+                        expiry.with_label_values(&["dns"]).set(e.cert);
+                        expiry.with_label_values(&["ca"]).set(e.ca);
+                    },
+                ));
+            }
             tokio::spawn(subscription::run(handle, source, metrics));
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

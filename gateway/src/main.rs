@@ -222,7 +222,7 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
         Some(address) => {
             let transport = match (&args.agent_ca, &args.agent_cert, &args.agent_key) {
                 (Some(ca), Some(cert), Some(key)) => {
-                    trellis_agent_client::Transport::Tls(std::sync::Arc::new(
+                    let tls = std::sync::Arc::new(
                         trellis_agent_client::ClientTls::load(trellis_agent_client::TlsFiles {
                             ca: ca.clone(),
                             cert: cert.clone(),
@@ -231,7 +231,17 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
                         .map_err(|e| {
                             anyhow::anyhow!("agent TLS: {}", trellis_core::error_chain(&e))
                         })?,
-                    ))
+                    );
+                    let expiry = gateway.metrics.certificate_expiry.clone();
+                    tokio::spawn(trellis_agent_client::tls::watch_expiry(
+                        tls.clone(),
+                        Duration::from_secs(5),
+                        move |e| {
+                            expiry.with_label_values(&["node"]).set(e.cert);
+                            expiry.with_label_values(&["ca"]).set(e.ca);
+                        },
+                    ));
+                    trellis_agent_client::Transport::Tls(tls)
                 }
                 _ => {
                     tracing::warn!(

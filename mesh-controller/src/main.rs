@@ -312,10 +312,11 @@ async fn watch_certificates(
                 Ok(m) => {
                     gauge("peering", expiry(&m.cert_pem));
                     gauge("mesh_ca", expiry(&m.ca_pem));
+                    seen = Some(now);
                 }
+                // Retried at the next look: a writer may be half-way.
                 Err(e) => tracing::warn!(error = %e, "peering certificate files changed but do not load; keeping the last good ones"),
             }
-            seen = Some(now);
         }
         if let Some(tls) = &agent_tls {
             let material = tls.material();

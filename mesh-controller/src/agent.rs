@@ -1143,6 +1143,43 @@ mod tests {
         server.abort();
     }
 
+    /// The figure: what mutual TLS adds to a gateway's connect-to-snapshot time on loopback
+    /// (debug build; printed, bounded loosely).
+    #[tokio::test]
+    async fn tls_handshake_cost_on_the_agent_port() {
+        let (_h, addr, server, pki) = agent_server().await;
+        let legacy_hub = hub();
+        legacy_hub.set_source(src());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let legacy_addr = listener.local_addr().unwrap();
+        let legacy = tokio::spawn(serve(
+            listener,
+            legacy_hub,
+            1 << 20,
+            AgentAuth::LegacyToken(None),
+        ));
+        let reg = registration("node-0", "192.168.1.10:51820", 3);
+        const N: u32 = 50;
+        let started = std::time::Instant::now();
+        for _ in 0..N {
+            let mut conn = connect_as(addr, &pki, &node_id("node-0")).await;
+            send_hello(&mut conn, &AgentHello::gateway(reg.clone(), None)).await;
+            UpdateReader::new().next(&mut conn).await;
+        }
+        let tls = started.elapsed() / N;
+        let started = std::time::Instant::now();
+        for _ in 0..N {
+            let mut conn = TcpStream::connect(legacy_addr).await.unwrap();
+            send_hello(&mut conn, &AgentHello::gateway(reg.clone(), None)).await;
+            UpdateReader::new().next(&mut conn).await;
+        }
+        let plain = started.elapsed() / N;
+        eprintln!("connect to snapshot, mean of {N}: mutual TLS {tls:?}, plaintext {plain:?}");
+        assert!(tls < Duration::from_millis(500), "{tls:?}");
+        server.abort();
+        legacy.abort();
+    }
+
     /// Sends a hello, ignoring a write error (the server may already have refused us).
     async fn send_hello_raw<S: AsyncWrite + Unpin>(
         conn: &mut S,

@@ -23,7 +23,7 @@ use crate::wgkey::PublicKey;
 /// The largest frame on an agent stream, both ways of the limit: the controller never sends a
 /// larger one (it ends that subscriber's stream instead, and says so), and gateways and DNS
 /// accept up to this. One constant so the two ends cannot drift (they once did: 64 MiB sent,
-/// 16 MiB accepted). A 100,000-endpoint imports snapshot is about 12 MiB of JSON.
+/// 16 MiB accepted). A 100,000-endpoint imports snapshot is about 5 MiB of JSON (tested).
 pub const MAX_AGENT_FRAME: usize = 64 << 20;
 
 /// The suffix of every identity on the agent port (certificate DNS SANs).

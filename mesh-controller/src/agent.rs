@@ -1180,6 +1180,85 @@ mod tests {
         legacy.abort();
     }
 
+    /// Sends the number of endpoints of every state it gets.
+    struct Endpoints(tokio::sync::mpsc::UnboundedSender<usize>);
+
+    impl trellis_agent_client::Handler for Endpoints {
+        type State = trellis_core::imports::Imports;
+        async fn applied(&mut self, state: &Self::State) -> bool {
+            let endpoints = state
+                .services
+                .values()
+                .flat_map(|s| &s.backends)
+                .map(|b| b.endpoints.len())
+                .sum();
+            let _ = self.0.send(endpoints);
+            false
+        }
+    }
+
+    /// A 100,000-endpoint imports snapshot fits the one frame limit both ends use, and crosses
+    /// from the controller to the shared client over TLS.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hundred_thousand_endpoint_snapshot_reaches_dns() {
+        let h = hub();
+        let mut source = src();
+        let addresses: Vec<String> = (0..1000)
+            .map(|i| format!("10.1.{}.{}", i / 250, i % 250 + 1))
+            .collect();
+        let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+        for i in 0..100 {
+            trellis_core::cluster::fixture::export(
+                &mut source.services,
+                "shop",
+                &format!("svc-{i}"),
+                &format!("10.96.{}.{}", i / 200, i % 200 + 1),
+                &addresses,
+            );
+        }
+        h.set_source(source);
+        let frame = encode_json_frame(
+            &ImportsUpdate::Snapshot(
+                (*h.subscribe_view().borrow().as_ref().unwrap().imports).clone(),
+            ),
+            "imports",
+            MAX_AGENT_FRAME,
+        )
+        .expect("fits MAX_AGENT_FRAME");
+        eprintln!(
+            "100,000-endpoint imports snapshot: {} MiB (limit {} MiB)",
+            frame.len() >> 20,
+            MAX_AGENT_FRAME >> 20
+        );
+        let pki = Pki::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, h, usize::MAX, AgentAuth::Tls(pki.server())));
+        let config = trellis_agent_client::ClientConfig {
+            address: addr.to_string(),
+            transport: trellis_agent_client::Transport::Tls(Arc::new(pki.client(&dns_id()))),
+            max_frame: MAX_AGENT_FRAME,
+            resync: None,
+            report: None,
+        };
+        let (_tx, rx) = watch::channel(AgentRole::Dns);
+        let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let mut handler = Endpoints(sender);
+        let mut state = None;
+        let started = std::time::Instant::now();
+        let endpoints = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::select! {
+                () = trellis_agent_client::follow(&config, rx, None, &mut handler, &mut state) => None,
+                n = received.recv() => n,
+            }
+        })
+        .await
+        .expect("the snapshot arrives");
+        eprintln!("received over TLS in {:?}", started.elapsed());
+        assert_eq!(endpoints, Some(100_000));
+        server.abort();
+    }
+
     /// Sends a hello, ignoring a write error (the server may already have refused us).
     async fn send_hello_raw<S: AsyncWrite + Unpin>(
         conn: &mut S,

@@ -18,6 +18,7 @@ pub mod kube_settings;
 pub mod kube_source;
 pub mod mesh;
 pub mod metrics;
+pub mod node_certs;
 pub mod objects;
 pub mod peering;
 pub mod sessions;

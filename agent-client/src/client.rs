@@ -197,7 +197,7 @@ fn timed_out() -> std::io::Error {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-async fn tcp(address: &str, netns: Option<&Netns>) -> std::io::Result<TcpStream> {
+pub(crate) async fn tcp(address: &str, netns: Option<&Netns>) -> std::io::Result<TcpStream> {
     let stream = match netns {
         Some(netns) => {
             let address = address.to_owned();

@@ -3,6 +3,7 @@
 //! files change ([`tls`]). Identities are [`trellis_core::agent::AgentIdentity`] names in the
 //! certificates; see `docs/security-agent.md`.
 
+pub mod bootstrap;
 pub mod client;
 pub mod tls;
 

@@ -125,6 +125,7 @@ pub struct Material {
     pub roots: Arc<RootCertStore>,
     pub chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
+    ca_pem: Arc<str>,
     /// The identity the own certificate carries (its first agent identity).
     pub identity: AgentIdentity,
     /// When the own certificate and the CA expire (Unix seconds).
@@ -166,13 +167,20 @@ impl Material {
                 .min()
                 .ok_or_else(|| bad(&files.ca))?,
         };
+        let ca_pem = String::from_utf8_lossy(&read(&files.ca)?).into();
         Ok(Self {
             roots: Arc::new(roots),
             chain,
             key: Arc::new(key),
+            ca_pem,
             identity,
             expiry,
         })
+    }
+
+    /// The CA as PEM (what a bootstrapped gateway is handed).
+    pub fn ca_pem(&self) -> String {
+        self.ca_pem.to_string()
     }
 
     fn key(&self) -> PrivateKeyDer<'static> {
@@ -297,9 +305,24 @@ pub struct ServerTls {
 }
 
 fn server_config(m: &Material) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider())
-        .build()
-        .map_err(TlsError::Verifier)?;
+    server_config_for(m, false)
+}
+
+fn server_config_allowing_bootstrap(m: &Material) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_for(m, true)
+}
+
+fn server_config_for(
+    m: &Material,
+    allow_unauthenticated: bool,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let builder = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider());
+    let builder = if allow_unauthenticated {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    let verifier = builder.build().map_err(TlsError::Verifier)?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Rustls)?
@@ -313,6 +336,14 @@ impl ServerTls {
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
         Ok(Self {
             inner: Reloading::new(files, "agent server", server_config)?,
+        })
+    }
+
+    /// Like [`ServerTls::load`], but a client without a certificate completes the handshake
+    /// (it may then only ask for its node's certificate: the agent port refuses anything else).
+    pub fn load_allowing_bootstrap(files: TlsFiles) -> Result<Self, TlsError> {
+        Ok(Self {
+            inner: Reloading::new(files, "agent server", server_config_allowing_bootstrap)?,
         })
     }
 

@@ -101,6 +101,27 @@ pub struct AgentHello {
 pub enum AgentRole {
     Gateway(GatewayRegistration),
     Dns,
+    /// A gateway without a node certificate (yet) asks for one: the controller answers one
+    /// [`BootstrapIssued`] frame, or closes.
+    Bootstrap(NodeBootstrap),
+}
+
+/// What a gateway sends to get its node's certificate on Kubernetes: its projected
+/// ServiceAccount token (audience `trellis-agent`) and a PKCS#10 request for a key it
+/// generated (the private half never leaves the node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeBootstrap {
+    pub node: String,
+    /// Not `token`: the hello's own (deprecated) `token` field shares the object.
+    pub service_account_token: String,
+    pub csr_pem: String,
+}
+
+/// The controller's answer to a [`NodeBootstrap`]: the node's certificate and the agent CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapIssued {
+    pub certificate_pem: String,
+    pub ca_pem: String,
 }
 
 impl AgentHello {

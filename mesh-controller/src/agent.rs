@@ -175,8 +175,9 @@ impl ImportsSubscription {
     }
 }
 
-/// A hello is a few hundred bytes (node name, endpoint, key, token).
-const HELLO_MAX: usize = 4 * 1024;
+/// A hello is a few hundred bytes (node name, endpoint, key, token); a bootstrap hello about
+/// 2 KiB (a ServiceAccount token and a certificate request).
+const HELLO_MAX: usize = 8 * 1024;
 /// A real agent sends its hello with the connection; the deadline only bounds how long an
 /// idle client holds a pending slot.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -197,10 +198,46 @@ pub enum AgentAuth {
     /// identity ([`AgentIdentity`]) decides what they may do ([`authorize`]); the controller
     /// presents `agent.<cluster>.trellis`. The files are re-read when they change.
     Tls(Arc<ServerTls>),
+    /// [`AgentAuth::Tls`], and a client without a certificate may ask for its node's
+    /// (`AgentRole::Bootstrap`, on Kubernetes): `issuer` decides. The TLS material must
+    /// allow unauthenticated clients ([`ServerTls::load_allowing_bootstrap`]); any other hello
+    /// without a certificate is refused.
+    TlsWithBootstrap(Arc<ServerTls>, Arc<dyn NodeCertIssuer>),
     /// Deprecated: plaintext, and the shared token when given (anyone holding it can register
     /// any node). Kept only until the chart issues node certificates.
     LegacyToken(Option<Arc<str>>),
 }
+
+/// Who decides node-certificate requests (on Kubernetes, [`crate::node_certs::NodeIssuer`]).
+pub trait NodeCertIssuer: Send + Sync + std::fmt::Debug {
+    /// A certificate (PEM) for the key of `csr_pem` if `token` proves its holder is `node`.
+    fn issue<'a>(
+        &'a self,
+        node: &'a str,
+        token: &'a str,
+        csr_pem: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = Result<String, crate::node_certs::BootstrapRefusal>> + Send + 'a>,
+    >;
+}
+
+impl NodeCertIssuer for crate::node_certs::NodeIssuer {
+    fn issue<'a>(
+        &'a self,
+        node: &'a str,
+        token: &'a str,
+        csr_pem: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = Result<String, crate::node_certs::BootstrapRefusal>> + Send + 'a>,
+    > {
+        Box::pin(crate::node_certs::NodeIssuer::issue(
+            self, node, token, csr_pem,
+        ))
+    }
+}
+
+/// How long a node-certificate request may take (two API calls).
+const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why an authenticated subscriber's hello is refused; `label()` is a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -219,6 +256,10 @@ pub enum Refusal {
     UnknownNode,
     #[error("the endpoint is not one of the node's addresses")]
     EndpointNotNodeAddress,
+    #[error("this controller issues no node certificates")]
+    NoBootstrap,
+    #[error("the node-certificate request is refused")]
+    Bootstrap(crate::node_certs::BootstrapRefusal),
 }
 
 impl Refusal {
@@ -231,6 +272,8 @@ impl Refusal {
             Refusal::NotDns => "agent_not_dns",
             Refusal::UnknownNode => "agent_unknown_node",
             Refusal::EndpointNotNodeAddress => "agent_endpoint_not_node_address",
+            Refusal::NoBootstrap => "agent_no_bootstrap",
+            Refusal::Bootstrap(refusal) => refusal.label(),
         }
     }
 }
@@ -262,6 +305,8 @@ pub fn authorize(
         (AgentIdentity::Dns { .. }, AgentRole::Dns) => Ok(()),
         (AgentIdentity::Dns { .. }, AgentRole::Gateway(_)) => Err(Refusal::DnsRegistersGateway),
         (_, AgentRole::Dns) => Err(Refusal::NotDns),
+        // Answered before authorization, by the node-certificate issuer when there is one.
+        (_, AgentRole::Bootstrap(_)) => Err(Refusal::NoBootstrap),
         (AgentIdentity::Controller { .. }, AgentRole::Gateway(_)) => Err(Refusal::NodeMismatch),
     }
 }
@@ -420,6 +465,36 @@ async fn accept(
             subscriber(stream, hello, reports, hub, max_frame, subscribers).await
         }
         AgentAuth::Tls(tls) => {
+            accept_tls(stream, hub, max_frame, tls, None, pending, subscribers).await
+        }
+        AgentAuth::TlsWithBootstrap(tls, issuer) => {
+            accept_tls(
+                stream,
+                hub,
+                max_frame,
+                tls,
+                Some(issuer),
+                pending,
+                subscribers,
+            )
+            .await
+        }
+    }
+}
+
+/// The TLS handshake and the hello, within [`HELLO_TIMEOUT`]; a bootstrap answered when
+/// `issuer` is given; then the hello authorized by the client's identity.
+async fn accept_tls(
+    stream: TcpStream,
+    hub: Hub,
+    max_frame: usize,
+    tls: Arc<ServerTls>,
+    issuer: Option<Arc<dyn NodeCertIssuer>>,
+    pending: SourceSlot,
+    subscribers: Arc<Semaphore>,
+) -> Result<(), SubscriberError> {
+    {
+        {
             let handshake = async {
                 // A TLS connection starts with a handshake record (22); an old agent's
                 // plaintext hello starts with its length.
@@ -454,10 +529,42 @@ async fn accept(
                 let (hello, reports) = read_hello(&mut stream).await?;
                 Ok((stream, identities, hello, reports))
             };
-            let (stream, identities, hello, reports) =
+            let (mut stream, identities, hello, reports) =
                 tokio::time::timeout(HELLO_TIMEOUT, handshake)
                     .await
                     .map_err(|_| SubscriberError::HelloTimeout)??;
+            if let (AgentRole::Bootstrap(request), Some(issuer)) = (&hello.role, &issuer) {
+                // The pending slot is held while the API is asked: bootstraps are bounded
+                // like unproven clients.
+                let issued = tokio::time::timeout(
+                    BOOTSTRAP_TIMEOUT,
+                    issuer.issue(
+                        &request.node,
+                        &request.service_account_token,
+                        &request.csr_pem,
+                    ),
+                )
+                .await
+                .unwrap_or(Err(crate::node_certs::BootstrapRefusal::Api));
+                drop(pending);
+                let certificate_pem = issued.map_err(|refusal| {
+                    let refusal = Refusal::Bootstrap(refusal);
+                    tracing::warn!(node = %request.node, reason = refusal.label(), "refused a node-certificate request: {refusal}");
+                    hub.metrics().auth_failure(refusal.label());
+                    SubscriberError::Refused {
+                        identity: format!("bootstrap of {}", request.node),
+                        refusal,
+                    }
+                })?;
+                tracing::info!(node = %request.node, "issued a node certificate");
+                let answer = trellis_core::agent::BootstrapIssued {
+                    certificate_pem,
+                    ca_pem: tls.material().ca_pem(),
+                };
+                send_update(&mut stream, &answer, "node certificate", max_frame).await?;
+                let _ = stream.shutdown().await;
+                return Ok(());
+            }
             drop(pending);
             let cluster = tls.material().identity.cluster().to_owned();
             let verdict = match identities.as_slice() {
@@ -511,6 +618,11 @@ async fn subscriber<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let sub = ImportsSubscription::new(&hub);
             stream_updates(sub, rd, &mut wr, max_frame, |_| Ok(())).await
         }
+        // Only an issuer answers these (before authorization); the plaintext mode has none.
+        AgentRole::Bootstrap(request) => Err(SubscriberError::Refused {
+            identity: format!("bootstrap of {}", request.node),
+            refusal: Refusal::NoBootstrap,
+        }),
     }
 }
 
@@ -1256,6 +1368,149 @@ mod tests {
         .expect("the snapshot arrives");
         eprintln!("received over TLS in {:?}", started.elapsed());
         assert_eq!(endpoints, Some(100_000));
+        server.abort();
+    }
+
+    /// Issues node-0's certificate for the token "node-0's token" only (the API checks are
+    /// `node_certs`', tested against a scripted API server).
+    #[derive(Debug)]
+    struct FakeIssuer(crate::certs::CertifiedKey);
+
+    impl NodeCertIssuer for FakeIssuer {
+        fn issue<'a>(
+            &'a self,
+            node: &'a str,
+            token: &'a str,
+            csr_pem: &'a str,
+        ) -> std::pin::Pin<
+            Box<
+                dyn Future<Output = Result<String, crate::node_certs::BootstrapRefusal>>
+                    + Send
+                    + 'a,
+            >,
+        > {
+            Box::pin(async move {
+                if node != "node-0" || token != "node-0's token" {
+                    return Err(crate::node_certs::BootstrapRefusal::TokenRejected);
+                }
+                crate::node_certs::sign_node_certificate(&self.0, "a", node, csr_pem)
+            })
+        }
+    }
+
+    /// A gateway without a certificate gets node-0's with node-0's token, then registers with
+    /// it; a wrong token gets nothing, and a client without a certificate still cannot
+    /// register (the port accepts it only to ask for a certificate).
+    #[tokio::test]
+    async fn a_bootstrapped_node_certificate_registers_its_node_and_nothing_else() {
+        let h = hub();
+        h.set_source(src());
+        let pki = Pki::new();
+        let files = crate::agent_certs::agent_files(
+            pki.dir.path(),
+            &AgentIdentity::Controller {
+                cluster: "a".into(),
+            },
+        );
+        let ca = crate::certs::CertifiedKey {
+            cert_pem: std::fs::read_to_string(&files.ca).unwrap(),
+            key_pem: std::fs::read_to_string(&files.ca_key).unwrap(),
+        };
+        let tls = ServerTls::load_allowing_bootstrap(trellis_agent_client::TlsFiles {
+            ca: files.ca.clone(),
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+        })
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(
+            listener,
+            h.clone(),
+            1 << 20,
+            AgentAuth::TlsWithBootstrap(Arc::new(tls), Arc::new(FakeIssuer(ca))),
+        ));
+        let address = addr.to_string();
+        let bootstrap = |node: &'static str, token: &'static str| {
+            let (address, ca) = (address.clone(), files.ca.clone());
+            async move {
+                trellis_agent_client::bootstrap::bootstrap(&address, &ca, "a", node, token, None)
+                    .await
+            }
+        };
+        assert!(bootstrap("node-0", "a stolen token").await.is_err());
+        assert!(bootstrap("node-1", "node-0's token").await.is_err());
+        let started = std::time::Instant::now();
+        let issued = match bootstrap("node-0", "node-0's token").await {
+            Ok(issued) => issued,
+            Err(e) => panic!("not issued: {e:?}: {}", h.metrics().render()),
+        };
+        eprintln!("bootstrap took {:?}", started.elapsed());
+        // The gateway keeps its key and the certificate, and follows with them.
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("node.pem"), dir.path().join("node-key.pem"));
+        std::fs::write(&cert, &issued.certificate_pem).unwrap();
+        std::fs::write(&key, &issued.key_pem).unwrap();
+        assert!(!trellis_agent_client::bootstrap::renew_due(
+            &cert,
+            Duration::from_secs(3600)
+        ));
+        assert!(trellis_agent_client::bootstrap::renew_due(
+            &cert,
+            Duration::from_secs(25 * 3600)
+        ));
+        let client = trellis_agent_client::ClientTls::load(trellis_agent_client::TlsFiles {
+            ca: files.ca.clone(),
+            cert,
+            key,
+        })
+        .unwrap();
+        let (connector, name, _) = client.connector();
+        let mut conn = connector
+            .connect(name, TcpStream::connect(addr).await.unwrap())
+            .await
+            .unwrap();
+        send_hello(
+            &mut conn,
+            &AgentHello::gateway(registration("node-0", "192.168.1.10:51820", 3), None),
+        )
+        .await;
+        assert!(matches!(
+            UpdateReader::new().next(&mut conn).await,
+            GatewayUpdate::Snapshot(_)
+        ));
+        // As node-0 it still cannot register node-1.
+        let (connector, name, _) = client.connector();
+        let mut evil = connector
+            .connect(name, TcpStream::connect(addr).await.unwrap())
+            .await
+            .unwrap();
+        send_hello(
+            &mut evil,
+            &AgentHello::gateway(registration("node-1", "192.168.1.11:51820", 9), None),
+        )
+        .await;
+        refused(&mut evil).await;
+        // Without a certificate, only a bootstrap is answered.
+        let mut anonymous = connect_without_identity(addr, &pki).await;
+        let _ = send_hello_raw(
+            &mut anonymous,
+            &AgentHello::gateway(registration("node-1", "192.168.1.11:51820", 9), None),
+        )
+        .await;
+        refused(&mut anonymous).await;
+        assert!(h.local_state().nodes["node-1"].gateway.is_none());
+        let text = h.metrics().render();
+        for reason in [
+            "bootstrap_token_rejected",
+            "agent_no_identity",
+            "agent_node_mismatch",
+        ] {
+            assert!(
+                text.contains(&format!("reason=\"{reason}\"")),
+                "{reason}: {text}"
+            );
+        }
         server.abort();
     }
 

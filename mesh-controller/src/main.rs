@@ -181,16 +181,40 @@ async fn run(config_path: PathBuf) -> Result<()> {
             .with_context(|| format!("binding the agent listener {addr}"))?;
         let auth = match (&cfg.agent_tls, &cfg.agent_token_file) {
             (Some(paths), _) => {
-                let tls = Arc::new(
-                    agent::ServerTls::load(trellis_agent_client::TlsFiles {
-                        ca: paths.ca.clone(),
-                        cert: paths.cert.clone(),
-                        key: paths.key.clone(),
-                    })
-                    .map_err(|e| anyhow::anyhow!("agent TLS: {}", trellis_core::error_chain(&e)))?,
-                );
-                agent_tls = Some(tls.clone());
-                agent::AgentAuth::Tls(tls)
+                let files = trellis_agent_client::TlsFiles {
+                    ca: paths.ca.clone(),
+                    cert: paths.cert.clone(),
+                    key: paths.key.clone(),
+                };
+                let agent_tls_err = |e: trellis_agent_client::TlsError| {
+                    anyhow::anyhow!("agent TLS: {}", trellis_core::error_chain(&e))
+                };
+                match (&cfg.node_bootstrap, &client) {
+                    (Some(bootstrap), Some(client)) => {
+                        let tls = Arc::new(
+                            agent::ServerTls::load_allowing_bootstrap(files)
+                                .map_err(agent_tls_err)?,
+                        );
+                        agent_tls = Some(tls.clone());
+                        let issuer = trellis_controller::node_certs::NodeIssuer {
+                            client: client.clone(),
+                            ca: trellis_controller::certs::CertifiedKey {
+                                cert_pem: read(&paths.ca)?,
+                                key_pem: read(&bootstrap.ca_key)?,
+                            },
+                            cluster: tls.material().identity.cluster().to_owned(),
+                            service_account: bootstrap
+                                .service_account()
+                                .context("nodeBootstrap.serviceAccount")?,
+                        };
+                        agent::AgentAuth::TlsWithBootstrap(tls, Arc::new(issuer))
+                    }
+                    _ => {
+                        let tls = Arc::new(agent::ServerTls::load(files).map_err(agent_tls_err)?);
+                        agent_tls = Some(tls.clone());
+                        agent::AgentAuth::Tls(tls)
+                    }
+                }
             }
             (None, Some(path)) => agent::AgentAuth::LegacyToken(Some(read(path)?.trim().into())),
             (None, None) => agent::AgentAuth::LegacyToken(None),

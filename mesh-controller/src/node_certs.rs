@@ -10,8 +10,9 @@
 //! 2. that Pod (`get pods`): it must be the same Pod (UID) and run on the node asked for.
 //!
 //! Then it signs, under the cluster's agent CA, whatever names the request asked for replaced
-//! by the node's identity alone. Not wired to the agent port yet (see
-//! `docs/security-agent.md`): the issuer is the controller's half of the bootstrap.
+//! by the node's identity alone. The agent port asks it for `AgentRole::Bootstrap` hellos
+//! (`agent::AgentAuth::TlsWithBootstrap`); the gateway's side is
+//! `trellis_agent_client::bootstrap`.
 
 use std::collections::BTreeMap;
 
@@ -174,32 +175,43 @@ impl NodeIssuer {
 
     /// Signs the node's certificate for the key in `csr_pem` (its signature verified).
     pub fn sign(&self, node: &str, csr_pem: &str) -> Result<String, BootstrapRefusal> {
-        let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
-            .map_err(|_| BootstrapRefusal::BadRequest)?;
-        let csr = CertificateSigningRequestParams::from_der(&der)
-            .map_err(|_| BootstrapRefusal::BadRequest)?;
-        let identity = AgentIdentity::Node {
-            cluster: self.cluster.clone(),
-            node: node.to_owned(),
-        };
-        let ca_key = KeyPair::from_pem(&self.ca.key_pem).map_err(|_| BootstrapRefusal::Signing)?;
-        let issuer = Issuer::from_ca_cert_pem(&self.ca.cert_pem, ca_key)
-            .map_err(|_| BootstrapRefusal::Signing)?;
-        let mut params = CertificateParams::new(vec![identity.dns_name()])
-            .map_err(|_| BootstrapRefusal::Signing)?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, identity.dns_name());
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::hours(NODE_CERT_HOURS);
-        let cert = params
-            .signed_by(&csr.public_key, &issuer)
-            .map_err(|_| BootstrapRefusal::Signing)?;
-        Ok(cert.pem())
+        sign_node_certificate(&self.ca, &self.cluster, node, csr_pem)
     }
+}
+
+/// `node`'s certificate ([`NODE_CERT_HOURS`]) under the agent CA `ca`, for the key of
+/// `csr_pem` (its signature verified), naming that node's identity only.
+pub fn sign_node_certificate(
+    ca: &CertifiedKey,
+    cluster: &str,
+    node: &str,
+    csr_pem: &str,
+) -> Result<String, BootstrapRefusal> {
+    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|_| BootstrapRefusal::BadRequest)?;
+    let csr = CertificateSigningRequestParams::from_der(&der)
+        .map_err(|_| BootstrapRefusal::BadRequest)?;
+    let identity = AgentIdentity::Node {
+        cluster: cluster.to_owned(),
+        node: node.to_owned(),
+    };
+    let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(|_| BootstrapRefusal::Signing)?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(|_| BootstrapRefusal::Signing)?;
+    let mut params =
+        CertificateParams::new(vec![identity.dns_name()]).map_err(|_| BootstrapRefusal::Signing)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity.dns_name());
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::hours(NODE_CERT_HOURS);
+    let cert = params
+        .signed_by(&csr.public_key, &issuer)
+        .map_err(|_| BootstrapRefusal::Signing)?;
+    Ok(cert.pem())
 }

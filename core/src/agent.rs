@@ -20,8 +20,74 @@ use crate::gateway::{GatewayPlan, PodRoute, TunnelPeer};
 use crate::status::GatewayReport;
 use crate::wgkey::PublicKey;
 
-/// The first frame a subscriber sends: who it is and, when the controller is configured with
-/// one, the shared agent token.
+/// The largest frame on an agent stream, both ways of the limit: the controller never sends a
+/// larger one (it ends that subscriber's stream instead, and says so), and gateways and DNS
+/// accept up to this. One constant so the two ends cannot drift (they once did: 64 MiB sent,
+/// 16 MiB accepted). A 100,000-endpoint imports snapshot is about 5 MiB of JSON (tested).
+pub const MAX_AGENT_FRAME: usize = 64 << 20;
+
+/// The suffix of every identity on the agent port (certificate DNS SANs).
+pub const AGENT_IDENTITY_SUFFIX: &str = ".trellis";
+
+/// Who a certificate on the agent port says its holder is; the names are DNS SANs signed by
+/// the cluster's agent CA:
+/// * `agent.<cluster>.trellis`: the controller's agent port (what gateways and DNS dial);
+/// * `<node>.node.<cluster>.trellis`: the gateway of `<node>`: it may register that node only;
+/// * `dns.<cluster>.trellis`: the cluster's DNS: it may only read imports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentIdentity {
+    Controller { cluster: String },
+    Node { cluster: String, node: String },
+    Dns { cluster: String },
+}
+
+impl AgentIdentity {
+    /// The DNS name a certificate for this identity carries.
+    pub fn dns_name(&self) -> String {
+        match self {
+            AgentIdentity::Controller { cluster } => {
+                format!("agent.{cluster}{AGENT_IDENTITY_SUFFIX}")
+            }
+            AgentIdentity::Node { cluster, node } => {
+                format!("{node}.node.{cluster}{AGENT_IDENTITY_SUFFIX}")
+            }
+            AgentIdentity::Dns { cluster } => format!("dns.{cluster}{AGENT_IDENTITY_SUFFIX}"),
+        }
+    }
+
+    /// The identity a DNS name stands for, if it is one (node names are DNS-1123 labels, so
+    /// they hold no dot; a cluster ID holds none either).
+    pub fn from_dns_name(name: &str) -> Option<Self> {
+        let rest = name.strip_suffix(AGENT_IDENTITY_SUFFIX)?;
+        let labels: Vec<&str> = rest.split('.').collect();
+        let ok = |l: &str| !l.is_empty();
+        match labels.as_slice() {
+            ["agent", cluster] if ok(cluster) => Some(AgentIdentity::Controller {
+                cluster: (*cluster).into(),
+            }),
+            ["dns", cluster] if ok(cluster) => Some(AgentIdentity::Dns {
+                cluster: (*cluster).into(),
+            }),
+            [node, "node", cluster] if ok(node) && ok(cluster) => Some(AgentIdentity::Node {
+                cluster: (*cluster).into(),
+                node: (*node).into(),
+            }),
+            _ => None,
+        }
+    }
+
+    pub fn cluster(&self) -> &str {
+        match self {
+            AgentIdentity::Controller { cluster }
+            | AgentIdentity::Node { cluster, .. }
+            | AgentIdentity::Dns { cluster } => cluster,
+        }
+    }
+}
+
+/// The first frame a subscriber sends: who it is. `token` is the shared agent token of the
+/// deprecated plaintext mode (a controller without agent TLS); a controller with agent TLS
+/// ignores it and authorizes by the client certificate alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentHello {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -35,6 +101,27 @@ pub struct AgentHello {
 pub enum AgentRole {
     Gateway(GatewayRegistration),
     Dns,
+    /// A gateway without a node certificate (yet) asks for one: the controller answers one
+    /// [`BootstrapIssued`] frame, or closes.
+    Bootstrap(NodeBootstrap),
+}
+
+/// What a gateway sends to get its node's certificate on Kubernetes: its projected
+/// ServiceAccount token (audience `trellis-agent`) and a PKCS#10 request for a key it
+/// generated (the private half never leaves the node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeBootstrap {
+    pub node: String,
+    /// Not `token`: the hello's own (deprecated) `token` field shares the object.
+    pub service_account_token: String,
+    pub csr_pem: String,
+}
+
+/// The controller's answer to a [`NodeBootstrap`]: the node's certificate and the agent CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapIssued {
+    pub certificate_pem: String,
+    pub ca_pem: String,
 }
 
 impl AgentHello {
@@ -50,6 +137,12 @@ impl AgentHello {
             token,
             role: AgentRole::Dns,
         }
+    }
+}
+
+impl From<GatewayRegistration> for AgentRole {
+    fn from(registration: GatewayRegistration) -> Self {
+        AgentRole::Gateway(registration)
     }
 }
 
@@ -231,6 +324,42 @@ impl GatewayDesired {
                 self.revision = *to;
                 true
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    #[test]
+    fn identities_round_trip_and_strangers_are_none() {
+        for id in [
+            AgentIdentity::Controller {
+                cluster: "c1".into(),
+            },
+            AgentIdentity::Node {
+                cluster: "c1".into(),
+                node: "c1-node-0".into(),
+            },
+            AgentIdentity::Dns {
+                cluster: "c1".into(),
+            },
+        ] {
+            assert_eq!(
+                AgentIdentity::from_dns_name(&id.dns_name()),
+                Some(id.clone())
+            );
+        }
+        for bad in [
+            "c1.cluster.trellis",
+            "x.node.c1.trellis.evil",
+            "a.b.node.c1.trellis",
+            ".node.c1.trellis",
+            "dns..trellis",
+            "agent.trellis",
+        ] {
+            assert_eq!(AgentIdentity::from_dns_name(bad), None, "{bad}");
         }
     }
 }

@@ -28,8 +28,12 @@ pub struct Config {
     /// The mesh controller's agent port, `HOST:PORT`, to subscribe to (`None`: no
     /// subscription). Mutually exclusive with `catalog_file`.
     pub controller: Option<String>,
-    /// A file holding the controller's agent token (read once at start, trimmed).
+    /// Deprecated: a file holding the shared agent token of a controller without agent TLS
+    /// (read once at start, trimmed). Exclusive with `agent_tls`.
     pub controller_token_file: Option<PathBuf>,
+    /// The agent port's TLS: the cluster's agent CA and the DNS identity's certificate and
+    /// key (`dns.<cluster>.trellis`), re-read when they change.
+    pub agent_tls: Option<trellis_agent_client::TlsFiles>,
     /// Clients whose out-of-zone queries are forwarded; everyone else gets REFUSED. Empty
     /// (the default): nobody's.
     pub forward_for: ForwardAcl,
@@ -69,6 +73,7 @@ impl Default for Config {
             catalog_poll: Duration::from_secs(1),
             controller: None,
             controller_token_file: None,
+            agent_tls: None,
             forward_for: ForwardAcl::default(),
             upstreams: Vec::new(),
             upstream_timeout: Duration::from_secs(2),
@@ -114,6 +119,14 @@ impl Config {
         }
         if self.controller_token_file.is_some() && self.controller.is_none() {
             return fail("a controller token file needs a controller");
+        }
+        if self.agent_tls.is_some() && self.controller.is_none() {
+            return fail("agent TLS files need a controller");
+        }
+        if self.agent_tls.is_some() && self.controller_token_file.is_some() {
+            return fail(
+                "a controller token file cannot be combined with agent TLS: the controller knows DNS by its certificate",
+            );
         }
         if let Some(addr) = &self.controller {
             match addr.rsplit_once(':') {

@@ -16,7 +16,7 @@ use trellis_dns::forward::Forwarder;
 use trellis_dns::metrics::Metrics;
 use trellis_dns::resolv::{parse_resolv_conf, without_self};
 use trellis_dns::server;
-use trellis_dns::subscription::{self, ControllerSource, DEFAULT_MAX_FRAME};
+use trellis_dns::subscription::{self, DEFAULT_MAX_FRAME};
 
 #[derive(Parser, Debug)]
 #[command(about = "clusterset.local DNS for Trellis; forwards everything else")]
@@ -47,9 +47,19 @@ struct Args {
     /// The mesh controller's agent port (HOST:PORT) to subscribe to: the normal source.
     #[arg(long, value_name = "HOST:PORT")]
     controller: Option<String>,
-    /// File holding the controller's agent token (its agentTokenFile).
+    /// Deprecated (a controller without agent TLS): file holding its shared agent token.
     #[arg(long, value_name = "PATH", requires = "controller")]
     controller_token_file: Option<PathBuf>,
+    /// The cluster's agent CA (PEM): the controller must present `agent.<cluster>.trellis`
+    /// signed by it.
+    #[arg(long, value_name = "PATH", requires_all = ["controller", "agent_cert", "agent_key"])]
+    agent_ca: Option<PathBuf>,
+    /// DNS's certificate (`dns.<cluster>.trellis`, from `trellis certs agent --dns`).
+    #[arg(long, value_name = "PATH", requires = "agent_ca")]
+    agent_cert: Option<PathBuf>,
+    /// DNS's private key.
+    #[arg(long, value_name = "PATH", requires = "agent_ca")]
+    agent_key: Option<PathBuf>,
     /// Catalog poll interval, milliseconds.
     #[arg(long, default_value_t = 1000)]
     catalog_poll_ms: u64,
@@ -109,6 +119,12 @@ fn config(args: Args) -> anyhow::Result<Config> {
         catalog_poll: Duration::from_millis(args.catalog_poll_ms),
         controller: args.controller,
         controller_token_file: args.controller_token_file,
+        agent_tls: match (args.agent_ca, args.agent_cert, args.agent_key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                Some(trellis_agent_client::TlsFiles { ca, cert, key })
+            }
+            _ => None,
+        },
         forward_for: ForwardAcl::new(args.forward_for),
         upstreams,
         upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
@@ -131,21 +147,31 @@ fn main() -> anyhow::Result<()> {
     let zone = config.validate()?;
     let controller = match &config.controller {
         Some(addr) => {
-            let token = match &config.controller_token_file {
-                Some(path) => {
+            let transport = match (&config.agent_tls, &config.controller_token_file) {
+                (Some(files), _) => trellis_agent_client::Transport::Tls(std::sync::Arc::new(
+                    trellis_agent_client::ClientTls::load(files.clone()).map_err(|e| {
+                        anyhow::anyhow!("agent TLS: {}", trellis_core::error_chain(&e))
+                    })?,
+                )),
+                (None, Some(path)) => {
+                    tracing::warn!(
+                        "--controller-token-file is deprecated: use --agent-ca/--agent-cert/--agent-key (DNS's identity)"
+                    );
                     let token = std::fs::read_to_string(path)
                         .with_context(|| format!("reading {}", path.display()))?
                         .trim()
                         .to_string();
                     anyhow::ensure!(!token.is_empty(), "{} is empty", path.display());
-                    Some(token)
+                    trellis_agent_client::Transport::LegacyToken(Some(token))
                 }
-                None => None,
+                (None, None) => trellis_agent_client::Transport::LegacyToken(None),
             };
-            Some(ControllerSource {
-                addr: addr.clone(),
-                token,
+            Some(trellis_agent_client::ClientConfig {
+                address: addr.clone(),
+                transport,
                 max_frame: DEFAULT_MAX_FRAME,
+                resync: None,
+                report: None,
             })
         }
         None => None,
@@ -167,6 +193,17 @@ fn main() -> anyhow::Result<()> {
         if let Some(path) = config.catalog_file.clone() {
             tokio::spawn(watch_file(handle, path, config.catalog_poll, metrics));
         } else if let Some(source) = controller {
+            if let trellis_agent_client::Transport::Tls(tls) = &source.transport {
+                let expiry = metrics.certificate_expiry.clone();
+                tokio::spawn(trellis_agent_client::tls::watch_expiry(
+                    tls.clone(),
+                    std::time::Duration::from_secs(5),
+                    move |e| {
+                        expiry.with_label_values(&["dns"]).set(e.cert);
+                        expiry.with_label_values(&["ca"]).set(e.ca);
+                    },
+                ));
+            }
             tokio::spawn(subscription::run(handle, source, metrics));
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

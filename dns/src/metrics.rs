@@ -51,6 +51,8 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// 1 while subscribed to the controller.
     pub controller_connected: IntGauge,
+    /// When DNS's agent certificate (`dns`) and its CA (`ca`) expire.
+    pub certificate_expiry: prometheus::IntGaugeVec,
     /// Updates (snapshots and deltas) applied from the controller.
     pub controller_updates: IntCounter,
     /// Controller connections ended, by reason.
@@ -170,6 +172,14 @@ impl Metrics {
             &["reason"],
         )
         .map_err(err)?;
+        let certificate_expiry = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "trellis_dns_certificate_expiry_timestamp_seconds",
+                "Unix time when DNS's agent certificate (dns) or its CA (ca) expires; re-read when the files change.",
+            ),
+            &["certificate"],
+        )
+        .map_err(err)?;
         for collector in [
             Box::new(queries.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -187,6 +197,7 @@ impl Metrics {
             Box::new(controller_connected.clone()),
             Box::new(controller_updates.clone()),
             Box::new(controller_errors.clone()),
+            Box::new(certificate_expiry.clone()),
         ] {
             registry.register(collector).map_err(err)?;
         }
@@ -208,6 +219,7 @@ impl Metrics {
             controller_connected,
             controller_updates,
             controller_errors,
+            certificate_expiry,
         })
     }
 

@@ -15,12 +15,13 @@ use hickory_resolver::net::{DnsError, NetError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use trellis_agent_client::{ClientConfig, Transport};
 use trellis_core::agent::AgentHello;
 use trellis_core::cluster::{Endpoint, Protocol, ServiceKind, ServicePort};
 use trellis_core::framing::{FrameDecoder, encode_json_frame};
 use trellis_core::imports::{Backend, ImportedService, Imports, ImportsUpdate};
 use trellis_dns::Catalog;
-use trellis_dns::subscription::{self, ControllerSource};
+use trellis_dns::subscription;
 
 use common::*;
 use trellis_test_support::eventually_async;
@@ -141,6 +142,17 @@ async fn send(stream: &mut TcpStream, update: &ImportsUpdate) {
         .unwrap();
 }
 
+/// A scripted controller speaks the deprecated plaintext mode (the framing is the same).
+fn scripted_source(address: String) -> ClientConfig {
+    ClientConfig {
+        address,
+        transport: Transport::LegacyToken(Some("tok".into())),
+        max_frame: 1 << 16,
+        resync: None,
+        report: None,
+    }
+}
+
 async fn errors(metrics: SocketAddr, reason: &str) -> f64 {
     metric(
         &scrape(metrics).await,
@@ -157,11 +169,7 @@ async fn follows_a_scripted_controller() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let subscriber = tokio::spawn(subscription::run(
         server.handle.clone(),
-        ControllerSource {
-            addr: listener.local_addr().unwrap().to_string(),
-            token: Some("tok".into()),
-            max_frame: 1 << 16,
-        },
+        scripted_source(listener.local_addr().unwrap().to_string()),
         server.metrics.clone(),
     ));
     const DB: &str = "db.shop.svc.clusterset.local.";
@@ -308,11 +316,7 @@ async fn servfail_and_not_ready_until_the_first_snapshot() {
     let controller = held.local_addr().unwrap().as_socket().unwrap();
     let subscriber = tokio::spawn(subscription::run(
         server.handle.clone(),
-        ControllerSource {
-            addr: controller.to_string(),
-            token: Some("tok".into()),
-            max_frame: 1 << 16,
-        },
+        scripted_source(controller.to_string()),
         server.metrics.clone(),
     ));
     eventually_async("a failed connection", WAIT, || async {
@@ -398,8 +402,9 @@ ports: [{name: http, port: 8080, protocol: TCP}]
     yaml
 }
 
-/// The real controller (hub, static-file source, agent server with token `tok`) on
-/// `<dir>/east.yaml`, exporting `web.shop`. Returns its agent address, the file and its tasks.
+/// The real controller (hub, static-file source, agent server over mutual TLS with the
+/// cluster `east`'s agent certificates in `dir`) on `<dir>/east.yaml`, exporting `web.shop`.
+/// Returns its agent address, the file and its tasks.
 async fn real_controller(
     dir: &std::path::Path,
 ) -> (
@@ -430,16 +435,44 @@ async fn real_controller(
     ));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let files = agent_files(
+        dir,
+        &AgentIdentity::Controller {
+            cluster: "east".into(),
+        },
+    );
+    let tls = trellis_controller::agent::ServerTls::load(files).unwrap();
     let agent = tokio::spawn(trellis_controller::agent::serve(
         listener,
         hub,
         1 << 20,
-        Some("tok".into()),
+        trellis_controller::agent::AgentAuth::Tls(std::sync::Arc::new(tls)),
     ));
     (addr, path, vec![source, agent])
 }
 
 const WEB: &str = "web.shop.svc.clusterset.local.";
+
+use trellis_core::agent::AgentIdentity;
+
+/// `identity`'s agent files in `dir`, issued (with the cluster's agent CA) on first use.
+fn agent_files(dir: &std::path::Path, identity: &AgentIdentity) -> trellis_agent_client::TlsFiles {
+    let files = trellis_controller::agent_certs::agent_files(dir, identity);
+    if !files.cert.exists() {
+        trellis_controller::agent_certs::write_agent_files(dir, identity, 1).unwrap();
+    }
+    trellis_agent_client::TlsFiles {
+        ca: files.ca,
+        cert: files.cert,
+        key: files.key,
+    }
+}
+
+fn dns_identity() -> AgentIdentity {
+    AgentIdentity::Dns {
+        cluster: "east".into(),
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_the_real_controller() {
@@ -449,10 +482,15 @@ async fn follows_the_real_controller() {
     let resolver = resolver(server.addr(), false);
     let subscriber = tokio::spawn(subscription::run(
         server.handle.clone(),
-        ControllerSource {
-            addr: addr.to_string(),
-            token: Some("tok".into()),
+        ClientConfig {
+            address: addr.to_string(),
+            transport: Transport::Tls(std::sync::Arc::new(
+                trellis_agent_client::ClientTls::load(agent_files(dir.path(), &dns_identity()))
+                    .unwrap(),
+            )),
             max_frame: subscription::DEFAULT_MAX_FRAME,
+            resync: None,
+            report: None,
         },
         server.metrics.clone(),
     ));
@@ -493,7 +531,7 @@ impl Drop for Process {
     }
 }
 
-/// The binary as deployed: `--controller` and `--controller-token-file` against the real
+/// The binary as deployed: `--controller` and DNS's agent certificate against the real
 /// controller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_follows_the_real_controller() {
@@ -501,8 +539,7 @@ async fn the_binary_follows_the_real_controller() {
 
     let dir = tempfile::tempdir().unwrap();
     let (addr, path, tasks) = real_controller(dir.path()).await;
-    let token = dir.path().join("agent-token");
-    std::fs::write(&token, "tok\n").unwrap();
+    let files = agent_files(dir.path(), &dns_identity());
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-dns"))
         .args(["--listen", "127.0.0.1:0", "--metrics", "off"])
         .args([
@@ -511,8 +548,12 @@ async fn the_binary_follows_the_real_controller() {
             "--controller",
             &addr.to_string(),
         ])
-        .arg("--controller-token-file")
-        .arg(&token)
+        .arg("--agent-ca")
+        .arg(&files.ca)
+        .arg("--agent-cert")
+        .arg(&files.cert)
+        .arg("--agent-key")
+        .arg(&files.key)
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

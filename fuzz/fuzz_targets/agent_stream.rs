@@ -1,5 +1,5 @@
 //! What a gateway or DNS subscriber sends the controller's agent port, read as the controller
-//! reads it (mesh-controller/src/agent.rs): the hello within 4 KiB, then gateway reports up to
+//! reads it (mesh-controller/src/agent.rs): the hello within 8 KiB, then gateway reports up to
 //! `MAX_REPORT_FRAME`, unreadable reports skipped, an oversized frame ending the stream.
 #![no_main]
 
@@ -11,7 +11,7 @@ use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 use trellis_fuzz::chunked;
 
 /// The controller's limit on the hello frame (`HELLO_MAX`, private to the controller).
-const HELLO_MAX: usize = 4 * 1024;
+const HELLO_MAX: usize = 8 * 1024;
 
 /// `value` survives the wire: encoded in our framing and decoded, it is itself.
 fn round_trips<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(value: &T) {
@@ -50,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
     let node = match &hello.role {
         AgentRole::Gateway(registration) => registration.node.clone(),
         AgentRole::Dns => return, // the controller reads nothing more from DNS
+        AgentRole::Bootstrap(_) => return, // answered once, nothing more read
     };
     decoder.set_max(MAX_REPORT_FRAME);
     loop {

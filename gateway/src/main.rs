@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the gateway: TUN, UDP, peers and routes from the desired state.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print this node's public key (generating the key pair on first use).
     PublicKey {
         #[arg(long, default_value = "/var/lib/trellis-gateway")]
@@ -91,9 +91,28 @@ struct RunArgs {
     /// Follow the cluster's controller instead: its agent address (HOST:PORT).
     #[arg(long)]
     controller: Option<SocketAddr>,
-    /// A file holding the token the controller's agent port asks for.
-    #[arg(long, requires = "controller")]
+    /// Deprecated (a controller without agent TLS): a file holding its shared agent token.
+    #[arg(long, requires = "controller", conflicts_with = "agent_ca")]
     controller_token_file: Option<PathBuf>,
+    /// The cluster's agent CA (PEM): the controller must present `agent.<cluster>.trellis`
+    /// signed by it. Re-read when it changes, as are the certificate and key.
+    #[arg(long, requires_all = ["controller", "agent_cert", "agent_key"])]
+    agent_ca: Option<PathBuf>,
+    /// This node's certificate (`<node>.node.<cluster>.trellis`, from `trellis certs agent
+    /// --node`): the node it may register.
+    #[arg(long, requires = "agent_ca")]
+    agent_cert: Option<PathBuf>,
+    /// This node's agent private key.
+    #[arg(long, requires = "agent_ca")]
+    agent_key: Option<PathBuf>,
+    /// On Kubernetes: the projected ServiceAccount token (audience `trellis-agent`) this
+    /// gateway proves its node with to get (and renew, before it expires) its node
+    /// certificate from the controller, written to --agent-cert and --agent-key.
+    #[arg(long, requires_all = ["agent_ca", "cluster_id"])]
+    agent_bootstrap_token: Option<PathBuf>,
+    /// The cluster's ID (the controller's agent certificate names it); needed to bootstrap.
+    #[arg(long)]
+    cluster_id: Option<String>,
     /// This node's name, as the controller knows it (a Kubernetes Node name).
     #[arg(long, requires = "controller")]
     node_name: Option<String>,
@@ -256,7 +275,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("start the runtime")?;
-            runtime.block_on(run(args, config))
+            runtime.block_on(run(*args, config))
         }
         Command::PublicKey { state_dir } => {
             println!("{}", KeyPair::load_or_generate(&state_dir)?.public_key());
@@ -294,30 +313,89 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
     // heard from.
     let store = PlanStore::in_dir(&config.state_dir);
     gateway.reconciler.restore(&store).await;
-    let registration = match args.controller {
-        Some(_) => Some(tokio::sync::watch::channel(GatewayRegistration {
-            node: args.node_name.clone().context("--node-name")?,
-            endpoint: args.advertise_endpoint.context("--advertise-endpoint")?,
-            public_key: gateway.public_key,
-        })),
+    // The registration the controller hears; a new value re-registers (key rotation).
+    let mut registration_tx = None;
+    let controller = match args.controller {
+        Some(address) => {
+            let transport = match (&args.agent_ca, &args.agent_cert, &args.agent_key) {
+                (Some(ca), Some(cert), Some(key)) => {
+                    if let (Some(token), Some(cluster)) =
+                        (&args.agent_bootstrap_token, &args.cluster_id)
+                    {
+                        let bootstrap = NodeBootstrap {
+                            address: address.to_string(),
+                            ca: ca.clone(),
+                            cert: cert.clone(),
+                            key: key.clone(),
+                            token: token.clone(),
+                            cluster: cluster.clone(),
+                            node: args.node_name.clone().context("--node-name")?,
+                        };
+                        // The first certificate before following the controller (the data
+                        // plane already runs on the restored plan); then renewals.
+                        bootstrap.until_valid().await;
+                        tokio::spawn(async move {
+                            loop {
+                                tokio::time::sleep(Duration::from_secs(600)).await;
+                                bootstrap.until_valid().await;
+                            }
+                        });
+                    }
+                    let tls = std::sync::Arc::new(
+                        trellis_agent_client::ClientTls::load(trellis_agent_client::TlsFiles {
+                            ca: ca.clone(),
+                            cert: cert.clone(),
+                            key: key.clone(),
+                        })
+                        .map_err(|e| {
+                            anyhow::anyhow!("agent TLS: {}", trellis_core::error_chain(&e))
+                        })?,
+                    );
+                    let expiry = gateway.metrics.certificate_expiry.clone();
+                    tokio::spawn(trellis_agent_client::tls::watch_expiry(
+                        tls.clone(),
+                        Duration::from_secs(5),
+                        move |e| {
+                            expiry.with_label_values(&["node"]).set(e.cert);
+                            expiry.with_label_values(&["ca"]).set(e.ca);
+                        },
+                    ));
+                    trellis_agent_client::Transport::Tls(tls)
+                }
+                _ => {
+                    tracing::warn!(
+                        "no --agent-ca/--agent-cert/--agent-key: the deprecated plaintext agent mode"
+                    );
+                    trellis_agent_client::Transport::LegacyToken(
+                        match &args.controller_token_file {
+                            Some(path) => Some(
+                                std::fs::read_to_string(path)
+                                    .with_context(|| {
+                                        format!("read the controller token {}", path.display())
+                                    })?
+                                    .trim()
+                                    .to_string(),
+                            ),
+                            None => None,
+                        },
+                    )
+                }
+            };
+            let (tx, registration) = tokio::sync::watch::channel(GatewayRegistration {
+                node: args.node_name.clone().context("--node-name")?,
+                endpoint: args.advertise_endpoint.context("--advertise-endpoint")?,
+                public_key: gateway.public_key,
+            });
+            // Kept for the process's life: the key rotation sends the new registration here.
+            registration_tx = Some(tx);
+            Some(ControllerSource {
+                address,
+                transport,
+                registration,
+                report_interval: Duration::from_secs(trellis_core::status::REPORT_INTERVAL_SECONDS),
+            })
+        }
         None => None,
-    };
-    let controller = match (args.controller, &registration) {
-        (Some(address), Some((_, registered))) => Some(ControllerSource {
-            address,
-            token: match &args.controller_token_file {
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("read the controller token {}", path.display()))?
-                        .trim()
-                        .to_string(),
-                ),
-                None => None,
-            },
-            registration: registered.clone(),
-            report_interval: Duration::from_secs(trellis_core::status::REPORT_INTERVAL_SECONDS),
-        }),
-        _ => None,
     };
     // Key rotation: SIGUSR1 (what `rotate-key` sends; only root or this user can signal us,
     // nothing on the network or in a pod) and the schedule.
@@ -328,8 +406,8 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
             let _ = rotate.try_send(());
         }
     });
-    match registration {
-        Some((sender, _)) => {
+    match registration_tx {
+        Some(sender) => {
             let rotator = trellis_gateway::rotation::Rotator {
                 state_dir: config.state_dir.clone(),
                 device: gateway.device().clone(),
@@ -429,4 +507,60 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
     tracing::info!("stopping; routes to encrypted peers stay unreachable until restart");
     gateway.stop();
     Ok(())
+}
+
+/// A node certificate from the controller for this node's ServiceAccount token.
+#[derive(Debug, Clone)]
+struct NodeBootstrap {
+    address: String,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    token: PathBuf,
+    cluster: String,
+    node: String,
+}
+
+impl NodeBootstrap {
+    /// Renewed a third of the way before a 24 h certificate expires.
+    const MARGIN: Duration = Duration::from_secs(8 * 3600);
+
+    /// Asks (retrying with backoff) until the certificate on disk is not due for renewal.
+    async fn until_valid(&self) {
+        let mut delay = Duration::from_secs(1);
+        while trellis_agent_client::bootstrap::renew_due(&self.cert, Self::MARGIN) {
+            match self.once().await {
+                Ok(()) => {
+                    tracing::info!(node = %self.node, cert = %self.cert.display(), "node certificate issued by the controller");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(node = %self.node, "node certificate: {e:#}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+    }
+
+    async fn once(&self) -> anyhow::Result<()> {
+        let token = std::fs::read_to_string(&self.token)
+            .with_context(|| format!("reading {}", self.token.display()))?;
+        let issued = trellis_agent_client::bootstrap::bootstrap(
+            &self.address,
+            &self.ca,
+            &self.cluster,
+            &self.node,
+            &token,
+            None,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", trellis_core::error_chain(&e)))?;
+        // The key first: a certificate never sits beside a key it does not match for long.
+        trellis_files::write_atomically(&self.key, issued.key_pem.as_bytes(), 0o600)
+            .with_context(|| format!("writing {}", self.key.display()))?;
+        trellis_files::write_atomically(&self.cert, issued.certificate_pem.as_bytes(), 0o644)
+            .with_context(|| format!("writing {}", self.cert.display()))?;
+        Ok(())
+    }
 }

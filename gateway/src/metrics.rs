@@ -120,6 +120,8 @@ pub struct Metrics {
     pub(crate) last_reconcile: Gauge,
     pub(crate) state_revision: IntGauge,
     pub(crate) controller_connected: IntGauge,
+    /// When the node's agent certificate (`node`) and its CA (`ca`) expire.
+    pub certificate_expiry: IntGaugeVec,
     pub(crate) controller_updates: IntCounter,
     pub(crate) ready: IntGauge,
     pub(crate) antispoof_enabled: IntGauge,
@@ -193,6 +195,14 @@ impl Metrics {
             &["peer"],
         )?;
         registry.register(Box::new(peer_last_handshake.clone()))?;
+        let certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                name("certificate_expiry_timestamp_seconds"),
+                "Unix time when the node's agent certificate (node) or its CA (ca) expires; re-read when the files change.",
+            ),
+            &["certificate"],
+        )?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
         let peer_queued = IntGaugeVec::new(
             Opts::new(
                 name("peer_queued_packets"),
@@ -386,6 +396,7 @@ impl Metrics {
             last_reconcile,
             state_revision,
             controller_connected,
+            certificate_expiry,
             controller_updates,
             ready,
             antispoof_enabled,

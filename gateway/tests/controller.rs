@@ -99,9 +99,11 @@ fn tunnel_to(node: &Node) -> Vec<RouteSpec> {
 }
 
 fn source(node: &Node, controller: SocketAddr) -> ControllerSource {
+    // A scripted controller speaks the deprecated plaintext mode (the same framing); the
+    // registration's sender is dropped: it never changes here.
     ControllerSource {
         address: controller,
-        token: Some("s3cret".into()),
+        transport: trellis_agent_client::Transport::LegacyToken(Some("s3cret".into())),
         registration: tokio::sync::watch::channel(GatewayRegistration {
             node: node.name.clone(),
             endpoint: SocketAddr::new(node.underlay, 51820),

@@ -204,6 +204,15 @@ fn value_sets() -> Vec<(&'static str, Vec<&'static str>)> {
     vec![
         ("default values", vec![]),
         ("two peers, encryption on", vec!["-f", TWO_PEERS]),
+        (
+            "agent TLS with node certificates",
+            vec![
+                "-f",
+                TWO_PEERS,
+                "--set",
+                "agent.tls.secretName=trellis-agent-tls",
+            ],
+        ),
     ]
 }
 
@@ -313,6 +322,10 @@ fn the_schema_and_the_chart_refuse_bad_values_saying_which_and_why() {
             "at '/encryption/node': got string, want boolean",
         ),
         (&["--set", "mtu=100"], "at '/mtu': minimum"),
+        (
+            &["--set", "agent.tls.secretName=trellis-agent-tls"],
+            "agent.tls.secretName needs cluster.id",
+        ),
         (&["--set", "mtu=65000"], "at '/mtu': maximum"),
         (
             &["--set", "peers[0].endpoint=172.18.0.5:30743"],
@@ -474,6 +487,58 @@ fn the_controller_reads_its_configuration_and_its_runtime_switch() {
             file.display()
         );
     }
+    // Agent TLS: the controller's agent files and the CA key are mounted, no token anywhere;
+    // it issues node certificates to the gateways' ServiceAccount, whose pods get a token for
+    // the trellis-agent audience only.
+    let docs = documents(
+        &template(&[
+            "-f",
+            TWO_PEERS,
+            "--set",
+            "agent.tls.secretName=trellis-agent-tls",
+        ])
+        .unwrap(),
+    );
+    let (yaml, _) = config_map_data(&docs);
+    let cfg = Config::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    assert!(cfg.agent_token_file.is_none());
+    let agent = cfg.agent_tls.as_ref().expect("agentTls");
+    let bootstrap = cfg.node_bootstrap.as_ref().expect("nodeBootstrap");
+    assert_eq!(
+        bootstrap.service_account(),
+        Some((NAMESPACE.to_owned(), "trellis-gateway".to_owned()))
+    );
+    let pod = &find(&docs, "Deployment", "trellis-controller")["spec"]["template"]["spec"];
+    let mounts: Vec<&str> = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    for file in [&agent.ca, &agent.cert, &agent.key, &bootstrap.ca_key] {
+        assert!(
+            mounts.iter().any(|m| file.starts_with(m)),
+            "{} is in no mount of {mounts:?}",
+            file.display()
+        );
+    }
+    let gateway = &find(&docs, "DaemonSet", "trellis-gateway")["spec"]["template"]["spec"];
+    assert_eq!(gateway["serviceAccountName"], "trellis-gateway");
+    let identity = gateway["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "agent-identity")
+        .expect("the gateway's agent token volume");
+    assert_eq!(
+        identity["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        "trellis-agent"
+    );
+    assert!(
+        !serde_json::to_string(&docs)
+            .unwrap()
+            .contains("agent-token")
+    );
     // Default values: no ID (the ClusterProperty gives it), nobody to peer with, off.
     let (yaml, cm) = config_map_data(&documents(&template(&[]).unwrap()));
     let cfg = Config::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));

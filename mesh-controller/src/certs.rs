@@ -283,6 +283,23 @@ pub enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Issue an agent-port certificate in DIR under the cluster's agent CA
+    /// (`<cluster>-agent-ca.pem`, created on first use): the controller's (`--controller`),
+    /// DNS's (`--dns`) or a node's (`--node NAME`). Replaces an existing one atomically.
+    Agent {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        cluster: ClusterId,
+        #[arg(long, conflicts_with_all = ["dns", "controller"], required_unless_present_any = ["dns", "controller"])]
+        node: Option<String>,
+        #[arg(long, conflicts_with = "controller")]
+        dns: bool,
+        #[arg(long)]
+        controller: bool,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
 }
 
 impl CertsCommand {
@@ -318,6 +335,29 @@ impl CertsCommand {
                     dir.display(),
                     cluster_cert_file(&id),
                     cluster_key_file(&id)
+                ))
+            }
+            Self::Agent {
+                dir,
+                cluster,
+                node,
+                dns,
+                controller,
+                days,
+            } => {
+                use trellis_core::agent::AgentIdentity;
+                let cluster = cluster.to_string();
+                let identity = match (node, dns, controller) {
+                    (Some(node), _, _) => AgentIdentity::Node { cluster, node },
+                    (None, true, _) => AgentIdentity::Dns { cluster },
+                    (None, false, _) => AgentIdentity::Controller { cluster },
+                };
+                let files = crate::agent_certs::write_agent_files(&dir, &identity, days)?;
+                Ok(format!(
+                    "wrote {} and {} ({})",
+                    files.cert.display(),
+                    files.key.display(),
+                    identity.dns_name()
                 ))
             }
         }

@@ -17,7 +17,10 @@
 //!   # or: kubernetes: {settingsNamespace: trellis-system, settingsConfigMap: trellis-controller}
 //! metricsListen: 0.0.0.0:9464
 //! agentListen: 0.0.0.0:7444    # gateways and DNS subscribe here
-//! agentTokenFile: agent-token  # the shared token they must present (recommended)
+//! agentTls: {ca: agent-ca.pem, cert: agent.pem, key: agent-key.pem}  # mutual TLS, identities
+//! nodeBootstrap: {caKey: agent-ca-key.pem, serviceAccount: trellis-system/trellis-gateway}
+//!   # Kubernetes only: gateways get 24 h node certificates for their ServiceAccount token
+//! # agentTokenFile: agent-token  # deprecated plaintext mode (no agentTls): any holder registers any node
 //! stateFile: /var/lib/trellis/controller-state.json  # last state, served after a restart
 //! ```
 
@@ -39,6 +42,24 @@ pub struct PeerEntry {
     pub id: ClusterId,
     #[serde(default)]
     pub endpoint: Option<SocketAddr>,
+}
+
+/// `nodeBootstrap`: the agent CA's key (the certificate is `agentTls.ca`) and the gateways'
+/// ServiceAccount, `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeBootstrapConfig {
+    pub ca_key: PathBuf,
+    pub service_account: String,
+}
+
+impl NodeBootstrapConfig {
+    /// `(namespace, name)` of the gateways' ServiceAccount.
+    pub fn service_account(&self) -> Option<(String, String)> {
+        let (ns, name) = self.service_account.split_once('/')?;
+        (!ns.is_empty() && !name.is_empty() && !name.contains('/'))
+            .then(|| (ns.to_owned(), name.to_owned()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -107,7 +128,16 @@ pub struct Config {
     /// Where the last state is kept across restarts (served until the sources resync).
     #[serde(default)]
     pub state_file: Option<PathBuf>,
-    /// A file holding the shared token gateways and DNS must present on the agent port.
+    /// The agent port's TLS: the cluster's agent CA (clients must chain to it), and the
+    /// controller's `agent.<cluster>.trellis` certificate and key. Re-read when they change.
+    #[serde(default)]
+    pub agent_tls: Option<TlsPaths>,
+    /// On Kubernetes: issue node certificates to gateways that prove their node with their
+    /// projected ServiceAccount token (needs `agentTls` and the Kubernetes source).
+    #[serde(default)]
+    pub node_bootstrap: Option<NodeBootstrapConfig>,
+    /// Deprecated (only without `agentTls`): a file holding the shared token gateways and DNS
+    /// present in plaintext; whoever holds it can register any node.
     #[serde(default)]
     pub agent_token_file: Option<PathBuf>,
     #[serde(default = "default_max_frame")]
@@ -161,6 +191,17 @@ impl Config {
             }
             if !seen.insert(&p.id) {
                 return bad(format!("peer {} is listed twice", p.id));
+            }
+        }
+        if self.agent_tls.is_some() && self.agent_token_file.is_some() {
+            return bad("agentTokenFile cannot be combined with agentTls: with agent TLS a client is known by its certificate, and a shared token is refused; remove agentTokenFile".into());
+        }
+        if let Some(bootstrap) = &self.node_bootstrap {
+            if self.agent_tls.is_none() || !matches!(self.source, SourceConfig::Kubernetes { .. }) {
+                return bad("nodeBootstrap needs agentTls and the Kubernetes source (it checks gateways' tokens with the API server)".into());
+            }
+            if bootstrap.service_account().is_none() {
+                return bad("nodeBootstrap.serviceAccount must be NAMESPACE/NAME".into());
             }
         }
         if self.max_frame_bytes < 64 * 1024 {

@@ -6,6 +6,7 @@
 //! services to DNS.
 
 pub mod agent;
+pub mod agent_certs;
 pub mod certs;
 pub mod config;
 pub mod crd;
@@ -17,6 +18,7 @@ pub mod kube_settings;
 pub mod kube_source;
 pub mod mesh;
 pub mod metrics;
+pub mod node_certs;
 pub mod objects;
 pub mod peering;
 pub mod sessions;

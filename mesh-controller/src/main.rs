@@ -174,25 +174,56 @@ async fn run(config_path: PathBuf) -> Result<()> {
             }),
         ));
     }
+    let mut agent_tls = None;
     if let Some(addr) = cfg.agent_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the agent listener {addr}"))?;
-        let token: Option<Arc<str>> = match &cfg.agent_token_file {
-            Some(path) => Some(read(path)?.trim().into()),
-            None => {
-                tracing::warn!(
-                    %addr,
-                    "agent port without agentTokenFile: anyone who reaches it can register a gateway"
-                );
-                None
+        let auth = match (&cfg.agent_tls, &cfg.agent_token_file) {
+            (Some(paths), _) => {
+                let files = trellis_agent_client::TlsFiles {
+                    ca: paths.ca.clone(),
+                    cert: paths.cert.clone(),
+                    key: paths.key.clone(),
+                };
+                let agent_tls_err = |e: trellis_agent_client::TlsError| {
+                    anyhow::anyhow!("agent TLS: {}", trellis_core::error_chain(&e))
+                };
+                match (&cfg.node_bootstrap, &client) {
+                    (Some(bootstrap), Some(client)) => {
+                        let tls = Arc::new(
+                            agent::ServerTls::load_allowing_bootstrap(files)
+                                .map_err(agent_tls_err)?,
+                        );
+                        agent_tls = Some(tls.clone());
+                        let issuer = trellis_controller::node_certs::NodeIssuer {
+                            client: client.clone(),
+                            ca: trellis_controller::certs::CertifiedKey {
+                                cert_pem: read(&paths.ca)?,
+                                key_pem: read(&bootstrap.ca_key)?,
+                            },
+                            cluster: tls.material().identity.cluster().to_owned(),
+                            service_account: bootstrap
+                                .service_account()
+                                .context("nodeBootstrap.serviceAccount")?,
+                        };
+                        agent::AgentAuth::TlsWithBootstrap(tls, Arc::new(issuer))
+                    }
+                    _ => {
+                        let tls = Arc::new(agent::ServerTls::load(files).map_err(agent_tls_err)?);
+                        agent_tls = Some(tls.clone());
+                        agent::AgentAuth::Tls(tls)
+                    }
+                }
             }
+            (None, Some(path)) => agent::AgentAuth::LegacyToken(Some(read(path)?.trim().into())),
+            (None, None) => agent::AgentAuth::LegacyToken(None),
         };
         tasks.spawn(agent::serve(
             listener,
             hub.clone(),
             cfg.max_frame_bytes,
-            token,
+            auth,
         ));
     }
     tasks.spawn(watch_config(
@@ -228,14 +259,96 @@ async fn run(config_path: PathBuf) -> Result<()> {
         "trellis-controller running"
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let certificates = watch_certificates(&peering, &cfg, agent_tls, hub.metrics().clone());
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
+        () = certificates => {},
     }
     tracing::info!("shutting down");
     peering.shutdown().await;
     tasks.shutdown().await;
     Ok(())
+}
+
+/// How often certificate files are looked at (three `stat`s each; read only when changed).
+const CERTIFICATE_CHECK: Duration = Duration::from_secs(2);
+
+/// Re-reads the peering and agent certificate files when they change (new handshakes use the
+/// new ones; open connections stay), and exports when each one in use expires.
+async fn watch_certificates(
+    peering: &Peering,
+    cfg: &Config,
+    agent_tls: Option<Arc<agent::ServerTls>>,
+    metrics: Metrics,
+) {
+    let stamp = |paths: &[&PathBuf]| -> Vec<Option<(u64, std::time::SystemTime)>> {
+        paths
+            .iter()
+            .map(|p| {
+                let m = std::fs::metadata(p).ok()?;
+                Some((
+                    std::os::unix::fs::MetadataExt::ino(&m) ^ m.len(),
+                    m.modified().ok()?,
+                ))
+            })
+            .collect()
+    };
+    let files = [&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key];
+    let expiry = |pem: &str| {
+        trellis_controller::tls::parse_certs(pem)
+            .ok()
+            .and_then(|certs| {
+                certs
+                    .iter()
+                    .filter_map(|c| trellis_agent_client::tls::not_after(c))
+                    .min()
+            })
+    };
+    let gauge = |name: &str, value: Option<i64>| {
+        if let Some(value) = value {
+            metrics
+                .certificate_expiry
+                .with_label_values(&[name])
+                .set(value);
+        }
+    };
+    let mut seen = None;
+    loop {
+        let now = stamp(&files);
+        if seen.as_ref() != Some(&now) {
+            let material = read(&cfg.tls.ca).and_then(|ca_pem| {
+                Ok(TlsMaterial {
+                    ca_pem,
+                    cert_pem: read(&cfg.tls.cert)?,
+                    key_pem: read(&cfg.tls.key)?,
+                })
+            });
+            match material.map_err(|e| format!("{e:#}")).and_then(|m| {
+                if seen.is_some() {
+                    peering
+                        .reload_tls(&m)
+                        .map_err(|e| trellis_core::error_chain(&e))?;
+                    tracing::info!(cert = %cfg.tls.cert.display(), "peering certificate files changed: reloaded (new handshakes use them)");
+                }
+                Ok(m)
+            }) {
+                Ok(m) => {
+                    gauge("peering", expiry(&m.cert_pem));
+                    gauge("mesh_ca", expiry(&m.ca_pem));
+                    seen = Some(now);
+                }
+                // Retried at the next look: a writer may be half-way.
+                Err(e) => tracing::warn!(error = %e, "peering certificate files changed but do not load; keeping the last good ones"),
+            }
+        }
+        if let Some(tls) = &agent_tls {
+            let material = tls.material();
+            gauge("agent", Some(material.expiry.cert));
+            gauge("agent_ca", Some(material.expiry.ca));
+        }
+        tokio::time::sleep(CERTIFICATE_CHECK).await;
+    }
 }
 
 /// Re-reads the configuration file and applies what can change at runtime (node encryption);

@@ -57,6 +57,9 @@ pub struct Metrics {
     pub imported_endpoints: IntGaugeVec,
     pub protocol_failures: IntCounterVec,
     pub auth_failures: IntCounterVec,
+    /// When each certificate in use expires: `certificate` is `peering`, `mesh_ca`, `agent`
+    /// or `agent_ca`.
+    pub certificate_expiry: IntGaugeVec,
     pub connections_refused: IntCounterVec,
     pub gateways_registered: IntGauge,
     pub gateway_reports: IntCounterVec,
@@ -170,6 +173,18 @@ impl Metrics {
                     "Peers refused during TLS authentication, by reason.",
                     &["reason"],
                 )?,
+            )?,
+            certificate_expiry: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "trellis_controller_certificate_expiry_timestamp_seconds",
+                        "Unix time when a certificate in use expires, by certificate (peering, \
+                         mesh_ca, agent, agent_ca); re-read when its file changes.",
+                    ),
+                    &["certificate"],
+                )
+                .map_err(err)?,
             )?,
             connections_refused: reg(
                 &r,

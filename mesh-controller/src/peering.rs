@@ -20,7 +20,7 @@ use trellis_core::peering::{ALPN_V1, Event, PeeringError, Session, SessionConfig
 use crate::certs::identity_name;
 use crate::hub::Hub;
 use crate::sessions::SessionRefusal;
-use crate::tls::{AllowedPeers, TlsMaterial, client_config, identity_of, server_config};
+use crate::tls::{AllowedPeers, TlsMaterial, identity_of};
 use crate::{Error, QuicCause, TlsCause};
 
 /// Application close codes on the QUIC connection.
@@ -97,6 +97,59 @@ pub struct Peering {
     endpoint: quinn::Endpoint,
     tasks: JoinSet<()>,
     allowed: AllowedPeers,
+    /// Read by both QUIC configurations at every handshake; replaced on reload.
+    creds: Arc<crate::tls::PeeringCredentials>,
+    id: ClusterId,
+}
+
+fn quic_err<E: Into<QuicCause>>(operation: &'static str) -> impl Fn(E) -> Error {
+    move |e| Error::Quic {
+        operation,
+        source: e.into(),
+    }
+}
+
+/// The certificate in `material` must be this cluster's.
+fn check_own_identity(material: &TlsMaterial, id: &ClusterId) -> Result<(), Error> {
+    let own = crate::tls::parse_certs(&material.cert_pem)?;
+    let certified = own
+        .first()
+        .map(identity_of)
+        .transpose()?
+        .ok_or(Error::Tls {
+            operation: "reading this cluster's certificate",
+            source: TlsCause::NoCertificate,
+        })?;
+    if &certified != id {
+        return Err(Error::Tls {
+            operation: "checking this cluster's certificate",
+            source: TlsCause::OtherCluster {
+                certified,
+                configured: id.clone(),
+            },
+        });
+    }
+    Ok(())
+}
+
+/// The QUIC server and client configurations for `material`.
+fn quic_configs(
+    creds: &Arc<crate::tls::PeeringCredentials>,
+    allowed: &AllowedPeers,
+    metrics: &crate::metrics::Metrics,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), Error> {
+    let server = crate::tls::server_config_with(creds, allowed.clone(), metrics.clone())?;
+    let client = crate::tls::client_config_with(creds, metrics.clone())?;
+    let server_crypto =
+        QuicServerConfig::try_from(server).map_err(quic_err("QUIC server crypto"))?;
+    let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server_cfg.transport_config(transport.clone());
+    let client_crypto =
+        QuicClientConfig::try_from(client).map_err(quic_err("QUIC client crypto"))?;
+    let mut client_cfg = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client_cfg.transport_config(transport);
+    Ok((server_cfg, client_cfg))
 }
 
 impl Peering {
@@ -117,36 +170,11 @@ impl Peering {
         socket: std::net::UdpSocket,
     ) -> Result<Self, Error> {
         let metrics = hub.metrics().clone();
-        let own = crate::tls::parse_certs(&cfg.tls.cert_pem)?;
-        let certified = own
-            .first()
-            .map(identity_of)
-            .transpose()?
-            .ok_or(Error::Tls {
-                operation: "reading this cluster's certificate",
-                source: TlsCause::NoCertificate,
-            })?;
-        if &certified != hub.id() {
-            return Err(Error::Tls {
-                operation: "checking this cluster's certificate",
-                source: TlsCause::OtherCluster {
-                    certified,
-                    configured: hub.id().clone(),
-                },
-            });
-        }
+        check_own_identity(&cfg.tls, hub.id())?;
         let allowed: AllowedPeers = Arc::new(std::sync::RwLock::new(
             cfg.peers.iter().map(|p| p.id.clone()).collect(),
         ));
         hub.set_configured_peers(cfg.peers.iter().map(|p| p.id.clone()).collect());
-        let server = server_config(&cfg.tls, allowed.clone(), metrics.clone())?;
-        let client = client_config(&cfg.tls, metrics)?;
-        fn quic_err<E: Into<QuicCause>>(operation: &'static str) -> impl Fn(E) -> Error {
-            move |e| Error::Quic {
-                operation,
-                source: e.into(),
-            }
-        }
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(cfg.heartbeat));
         transport.max_idle_timeout(Some(
@@ -155,14 +183,8 @@ impl Peering {
         transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
         transport.max_concurrent_uni_streams(VarInt::from_u32(0));
         let transport = Arc::new(transport);
-        let server_crypto =
-            QuicServerConfig::try_from(server).map_err(quic_err("QUIC server crypto"))?;
-        let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server_cfg.transport_config(transport.clone());
-        let client_crypto =
-            QuicClientConfig::try_from(client).map_err(quic_err("QUIC client crypto"))?;
-        let mut client_cfg = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client_cfg.transport_config(transport);
+        let creds = crate::tls::PeeringCredentials::new(&cfg.tls)?;
+        let (server_cfg, client_cfg) = quic_configs(&creds, &allowed, &metrics, transport)?;
         let runtime = quinn::default_runtime().ok_or(Error::Quic {
             operation: "starting the peering endpoint",
             source: QuicCause::NoRuntime,
@@ -194,7 +216,17 @@ impl Peering {
             endpoint,
             tasks,
             allowed,
+            creds,
+            id: hub.id().clone(),
         })
+    }
+
+    /// From now on new handshakes, both ways, use `material` (a renewed certificate, key or
+    /// mesh CA); open connections keep the one they were made with, so a peer sees no gap.
+    /// Refused, and the old material kept, if it does not load or names another cluster.
+    pub fn reload_tls(&self, material: &TlsMaterial) -> Result<(), Error> {
+        check_own_identity(material, &self.id)?;
+        self.creds.reload(material)
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, Error> {

@@ -100,7 +100,7 @@ pub fn failure_reason(err: &rustls::Error) -> &'static str {
     }
 }
 
-/// The signature checks of both verifiers: webpki's (`self.inner`), unchanged. Only the
+/// The signature checks of both verifiers: webpki's (`self.inner()`), unchanged. Only the
 /// certificate checks differ between the two sides, so the rest is written once.
 macro_rules! delegate_signatures {
     () => {
@@ -110,7 +110,7 @@ macro_rules! delegate_signatures {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            self.inner.verify_tls12_signature(message, cert, dss)
+            self.inner().verify_tls12_signature(message, cert, dss)
         }
 
         fn verify_tls13_signature(
@@ -119,23 +119,127 @@ macro_rules! delegate_signatures {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            self.inner.verify_tls13_signature(message, cert, dss)
+            self.inner().verify_tls13_signature(message, cert, dss)
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.inner.supported_verify_schemes()
+            self.inner().supported_verify_schemes()
         }
     };
 }
 
+/// The peering credentials in use: this cluster's certificate and key, and the webpki
+/// verifiers built from the mesh CA. Both QUIC configurations read them at every handshake,
+/// so [`PeeringCredentials::reload`] changes what new handshakes use, both ways, without
+/// touching open connections.
+#[derive(Debug)]
+pub struct PeeringCredentials {
+    key: RwLock<Arc<rustls::sign::CertifiedKey>>,
+    client_verifier: RwLock<Arc<dyn ClientCertVerifier>>,
+    server_verifier: RwLock<Arc<WebPkiServerVerifier>>,
+}
+
+type Verifiers = (
+    Arc<rustls::sign::CertifiedKey>,
+    Arc<dyn ClientCertVerifier>,
+    Arc<WebPkiServerVerifier>,
+);
+
+fn load_credentials(material: &TlsMaterial) -> Result<Verifiers, Error> {
+    let provider = provider();
+    let roots = roots(&material.ca_pem)?;
+    let client = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(tls_err("building the client-certificate verifier"))?;
+    let server = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(tls_err("building the server-certificate verifier"))?;
+    let signing = provider
+        .key_provider
+        .load_private_key(parse_key(&material.key_pem)?)
+        .map_err(tls_err("loading the cluster key"))?;
+    let key = Arc::new(rustls::sign::CertifiedKey::new(
+        parse_certs(&material.cert_pem)?,
+        signing,
+    ));
+    key.keys_match()
+        .map_err(tls_err("matching the cluster key to its certificate"))?;
+    Ok((key, client, server))
+}
+
+impl PeeringCredentials {
+    pub fn new(material: &TlsMaterial) -> Result<Arc<Self>, Error> {
+        let (key, client, server) = load_credentials(material)?;
+        Ok(Arc::new(Self {
+            key: RwLock::new(key),
+            client_verifier: RwLock::new(client),
+            server_verifier: RwLock::new(server),
+        }))
+    }
+
+    /// New handshakes use `material` from now on; an error leaves the old in use.
+    pub fn reload(&self, material: &TlsMaterial) -> Result<(), Error> {
+        let (key, client, server) = load_credentials(material)?;
+        *self.key.write().unwrap_or_else(|e| e.into_inner()) = key;
+        *self
+            .client_verifier
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = client;
+        *self
+            .server_verifier
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = server;
+        Ok(())
+    }
+
+    fn key(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.key.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Hands out the current certificate on both sides.
+#[derive(Debug)]
+struct CurrentKey(Arc<PeeringCredentials>);
+
+impl rustls::server::ResolvesServerCert for CurrentKey {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.key())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CurrentKey {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 #[derive(Debug)]
 struct PeerClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    creds: Arc<PeeringCredentials>,
     allowed: AllowedPeers,
     metrics: Metrics,
 }
 
 impl PeerClientVerifier {
+    fn inner(&self) -> Arc<dyn ClientCertVerifier> {
+        self.creds
+            .client_verifier
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn refuse(&self, err: rustls::Error, detail: &str) -> rustls::Error {
         let reason = failure_reason(&err);
         tracing::warn!(reason, %err, detail, "refused a peer's client certificate");
@@ -145,8 +249,9 @@ impl PeerClientVerifier {
 }
 
 impl ClientCertVerifier for PeerClientVerifier {
+    /// No hints: the CA may be replaced at runtime, and a client has one certificate anyway.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &[]
     }
 
     fn client_auth_mandatory(&self) -> bool {
@@ -160,7 +265,7 @@ impl ClientCertVerifier for PeerClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self
-            .inner
+            .inner()
             .verify_client_cert(end_entity, intermediates, now)
             .map_err(|e| self.refuse(e, "certificate chain"))?;
         let id = identity_of(end_entity).map_err(|e| {
@@ -188,8 +293,18 @@ impl ClientCertVerifier for PeerClientVerifier {
 
 #[derive(Debug)]
 struct PeerServerVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+    creds: Arc<PeeringCredentials>,
     metrics: Metrics,
+}
+
+impl PeerServerVerifier {
+    fn inner(&self) -> Arc<WebPkiServerVerifier> {
+        self.creds
+            .server_verifier
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 impl ServerCertVerifier for PeerServerVerifier {
@@ -201,7 +316,7 @@ impl ServerCertVerifier for PeerServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner
+        self.inner()
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
             .map_err(|err| {
                 let reason = failure_reason(&err);
@@ -253,25 +368,25 @@ pub fn server_config(
     allowed: AllowedPeers,
     metrics: Metrics,
 ) -> Result<rustls::ServerConfig, Error> {
-    let provider = provider();
-    let inner =
-        WebPkiClientVerifier::builder_with_provider(roots(&material.ca_pem)?, provider.clone())
-            .build()
-            .map_err(tls_err("building the client-certificate verifier"))?;
+    server_config_with(&PeeringCredentials::new(material)?, allowed, metrics)
+}
+
+/// The server side reading `creds` at every handshake.
+pub fn server_config_with(
+    creds: &Arc<PeeringCredentials>,
+    allowed: AllowedPeers,
+    metrics: Metrics,
+) -> Result<rustls::ServerConfig, Error> {
     let verifier = Arc::new(PeerClientVerifier {
-        inner,
+        creds: creds.clone(),
         allowed,
         metrics,
     });
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("choosing TLS 1.3"))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            parse_certs(&material.cert_pem)?,
-            parse_key(&material.key_pem)?,
-        )
-        .map_err(tls_err("loading the cluster certificate"))?;
+        .with_cert_resolver(Arc::new(CurrentKey(creds.clone())));
     cfg.alpn_protocols = vec![ALPN_V1.to_vec()];
     Ok(cfg)
 }
@@ -281,21 +396,23 @@ pub fn client_config(
     material: &TlsMaterial,
     metrics: Metrics,
 ) -> Result<rustls::ClientConfig, Error> {
-    let provider = provider();
-    let inner =
-        WebPkiServerVerifier::builder_with_provider(roots(&material.ca_pem)?, provider.clone())
-            .build()
-            .map_err(tls_err("building the server-certificate verifier"))?;
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    client_config_with(&PeeringCredentials::new(material)?, metrics)
+}
+
+/// The client side reading `creds` at every handshake.
+pub fn client_config_with(
+    creds: &Arc<PeeringCredentials>,
+    metrics: Metrics,
+) -> Result<rustls::ClientConfig, Error> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("choosing TLS 1.3"))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PeerServerVerifier { inner, metrics }))
-        .with_client_auth_cert(
-            parse_certs(&material.cert_pem)?,
-            parse_key(&material.key_pem)?,
-        )
-        .map_err(tls_err("loading the cluster certificate"))?;
+        .with_custom_certificate_verifier(Arc::new(PeerServerVerifier {
+            creds: creds.clone(),
+            metrics,
+        }))
+        .with_client_cert_resolver(Arc::new(CurrentKey(creds.clone())));
     cfg.alpn_protocols = vec![ALPN_V1.to_vec()];
     Ok(cfg)
 }

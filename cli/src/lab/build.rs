@@ -401,16 +401,22 @@ fn start_dns(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result
                 netns: cluster.nodes[0].netns.clone(),
                 name: format!("{}/dns", cluster.name),
                 program: bin_dir.join("trellis-dns"),
-                args: vec![
+                args: [
                     "--listen".into(),
                     listen.to_string(),
                     "--metrics".into(),
                     metrics.to_string(),
                     "--controller".into(),
                     control::agent_endpoint(cluster).to_string(),
-                    "--controller-token-file".into(),
-                    control::token_file(dir).display().to_string(),
-                ],
+                ]
+                .into_iter()
+                .chain(control::agent_flags(
+                    dir,
+                    &trellis_core::agent::AgentIdentity::Dns {
+                        cluster: cluster.name.clone(),
+                    },
+                ))
+                .collect(),
                 log: control::cluster_dir(dir, cluster).join("dns.log"),
                 ready: metrics,
                 ready_path: Some("/readyz".into()),
@@ -429,14 +435,18 @@ fn start_gateways(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::R
             fs::create_dir_all(&node_dir)?;
             let metrics =
                 std::net::SocketAddr::new(std::net::IpAddr::V4(node.address), GATEWAY_METRICS_PORT);
-            let args: Vec<String> = vec![
+            let mut args: Vec<String> = vec![
                 "run".into(),
                 "--state-dir".into(),
                 node_dir.join("gateway").display().to_string(),
                 "--controller".into(),
                 control::agent_endpoint(cluster).to_string(),
-                "--controller-token-file".into(),
-                control::token_file(dir).display().to_string(),
+            ];
+            args.extend(control::agent_flags(
+                dir,
+                &control::node_identity(cluster, &node.name),
+            ));
+            args.extend([
                 "--node-name".into(),
                 node.name.clone(),
                 "--advertise-endpoint".into(),
@@ -445,7 +455,7 @@ fn start_gateways(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::R
                 metrics.to_string(),
                 "--ready-file".into(),
                 gateway_ready_file(dir, node).display().to_string(),
-            ];
+            ]);
             start_daemon(
                 dir,
                 state,

@@ -1,16 +1,18 @@
 //! The lab's control plane: a mesh CA and a certificate per cluster (as `trellis certs`
-//! makes them), and per cluster a `trellis-controller` on its first node, running on a static
+//! makes them), per cluster an agent CA with the controller's agent certificate, DNS's and one
+//! per node (as `trellis certs agent` makes them), and per cluster a `trellis-controller` on its first node, running on a static
 //! source — a YAML file of Kubernetes objects describing the cluster as kind's API server
 //! would: its Nodes, and the demo Services with their EndpointSlices and ServiceExports.
 
 use std::fmt::Write;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use trellis_controller::agent_certs::{AgentFiles, write_agent_files};
 use trellis_controller::certs::{Validity, write_ca_files, write_cluster_files};
+use trellis_core::agent::AgentIdentity;
 
 use super::services::{self, service_cidr};
 use super::topology::{Cluster, LabState};
@@ -36,15 +38,38 @@ pub fn certs_dir(dir: &Path) -> PathBuf {
     dir.join("certs")
 }
 
-pub fn token_file(dir: &Path) -> PathBuf {
-    dir.join("agent-token")
+/// Where `identity`'s agent certificate, key and its cluster's agent CA are.
+pub fn agent_files(dir: &Path, identity: &AgentIdentity) -> AgentFiles {
+    trellis_controller::agent_certs::agent_files(&certs_dir(dir), identity)
+}
+
+/// The agent identity of `node` of `cluster`.
+pub fn node_identity(cluster: &Cluster, node: &str) -> AgentIdentity {
+    AgentIdentity::Node {
+        cluster: cluster.name.clone(),
+        node: node.to_owned(),
+    }
+}
+
+/// The command-line flags that give a gateway or DNS its agent identity.
+pub fn agent_flags(dir: &Path, identity: &AgentIdentity) -> Vec<String> {
+    let files = agent_files(dir, identity);
+    vec![
+        "--agent-ca".into(),
+        files.ca.display().to_string(),
+        "--agent-cert".into(),
+        files.cert.display().to_string(),
+        "--agent-key".into(),
+        files.key.display().to_string(),
+    ]
 }
 
 pub fn cluster_dir(dir: &Path, cluster: &Cluster) -> PathBuf {
     dir.join("clusters").join(&cluster.name)
 }
 
-/// The CA, every cluster's certificate, and the token agents present.
+/// The mesh CA, every cluster's certificate, and per cluster its agent CA with the
+/// controller's, DNS's and every node's agent certificate.
 pub fn write_credentials(dir: &Path, state: &LabState) -> anyhow::Result<()> {
     let certs = certs_dir(dir);
     fs::create_dir_all(&certs)?;
@@ -57,23 +82,25 @@ pub fn write_credentials(dir: &Path, state: &LabState) -> anyhow::Result<()> {
     for cluster in &state.clusters {
         let id = cluster.name.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
         write_cluster_files(&certs, &id, Validity::days_from_now(30), false)?;
+        let mut identities = vec![
+            AgentIdentity::Controller {
+                cluster: cluster.name.clone(),
+            },
+            AgentIdentity::Dns {
+                cluster: cluster.name.clone(),
+            },
+        ];
+        identities.extend(
+            cluster
+                .nodes
+                .iter()
+                .map(|n| node_identity(cluster, &n.name)),
+        );
+        for identity in &identities {
+            write_agent_files(&certs, identity, 30)
+                .with_context(|| format!("issuing {}", identity.dns_name()))?;
+        }
     }
-    let mut token = [0u8; 16];
-    getrandom(&mut token)?;
-    let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
-    fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o600)
-        .open(token_file(dir))
-        .and_then(|mut file| std::io::Write::write_all(&mut file, token.as_bytes()))
-        .context("write the agent token")?;
-    Ok(())
-}
-
-fn getrandom(buffer: &mut [u8]) -> anyhow::Result<()> {
-    use std::io::Read;
-    fs::File::open("/dev/urandom")?.read_exact(buffer)?;
     Ok(())
 }
 
@@ -113,6 +140,12 @@ pub fn controller_yaml(
     let certs = certs_dir(dir);
     let own = cluster_dir(dir, cluster);
     let address = controller_address(cluster);
+    let agent = agent_files(
+        dir,
+        &AgentIdentity::Controller {
+            cluster: cluster.name.clone(),
+        },
+    );
     let peers: Vec<String> = state
         .clusters
         .iter()
@@ -131,11 +164,13 @@ pub fn controller_yaml(
          tls: {{ca: {certs}/ca.pem, cert: {certs}/{id}.pem, key: {certs}/{id}-key.pem}}\n\
          source: {{static: {{path: {own}/cluster.yaml, pollMillis: 500}}}}\n\
          metricsListen: \"{address}:{CONTROLLER_METRICS_PORT}\"\nagentListen: \"{address}:{AGENT_PORT}\"\n\
-         agentTokenFile: {token}\nstateFile: {own}/controller-state.json\n",
+         agentTls: {{ca: {agent_ca}, cert: {agent_cert}, key: {agent_key}}}\nstateFile: {own}/controller-state.json\n",
         id = cluster.name,
         peers = peers.join(", "),
         certs = certs.display(),
         own = own.display(),
-        token = token_file(dir).display(),
+        agent_ca = agent.ca.display(),
+        agent_cert = agent.cert.display(),
+        agent_key = agent.key.display(),
     )
 }

@@ -99,7 +99,17 @@ source:
     settingsConfigMap: {{ include "trellis.controller" .root }}
 metricsListen: 0.0.0.0:{{ $v.controller.metricsPort }}
 agentListen: 0.0.0.0:{{ $v.agent.port }}
+{{- if $v.agent.tls.secretName }}
+agentTls:
+  ca: /etc/trellis/agent-tls/ca.pem
+  cert: /etc/trellis/agent-tls/agent.pem
+  key: /etc/trellis/agent-tls/agent-key.pem
+nodeBootstrap:
+  caKey: /etc/trellis/agent-tls/ca-key.pem
+  serviceAccount: {{ .root.Release.Namespace }}/{{ include "trellis.gateway" .root }}
+{{- else }}
 agentTokenFile: /etc/trellis/agent/token
+{{- end }}
 stateFile: /var/lib/trellis/controller-state.json
 {{- end -}}
 
@@ -108,6 +118,9 @@ stateFile: /var/lib/trellis/controller-state.json
 {{- $v := .Values -}}
 {{- if lt (int $v.peering.leaseSeconds) (mul 2 (int $v.peering.heartbeatSeconds)) -}}
 {{- fail (printf "peering.leaseSeconds (%v) must be at least twice peering.heartbeatSeconds (%v)" $v.peering.leaseSeconds $v.peering.heartbeatSeconds) -}}
+{{- end -}}
+{{- if and $v.agent.tls.secretName (not $v.cluster.id) -}}
+{{- fail "agent.tls.secretName needs cluster.id: the agent certificates name the cluster" -}}
 {{- end -}}
 {{- $seen := dict -}}
 {{- range $v.peers -}}

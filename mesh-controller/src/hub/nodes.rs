@@ -39,6 +39,14 @@ impl Hub {
         Ok(())
     }
 
+    /// The source's addresses of `node` (its InternalIPs), where its gateway may register an
+    /// endpoint; `None` when the source does not know the node (or has not synced yet).
+    pub fn node_addresses(&self, node: &str) -> Option<Vec<std::net::IpAddr>> {
+        let inner = self.lock();
+        let n = inner.source.as_ref()?.nodes.get(node)?;
+        Some(n.internal_ips.clone())
+    }
+
     /// The stream of `node`'s gateway ended; its registration (and so its node's peers
     /// elsewhere) stays: the data plane keeps running on the last state.
     pub fn gateway_disconnected(&self, node: &str) {

@@ -1,0 +1,12 @@
+//! `trellis-agent-client`: the one client of a controller's agent port, shared by the gateway
+//! and DNS ([`client`]), and the agent port's TLS material for both ends, re-read when its
+//! files change ([`tls`]). Identities are [`trellis_core::agent::AgentIdentity`] names in the
+//! certificates; see `docs/security-agent.md`.
+
+pub mod bootstrap;
+pub mod client;
+pub mod tls;
+
+pub use client::{ClientConfig, Ended, Handler, Replica, Transport, follow};
+pub use tls::{ClientTls, ServerTls, TlsError, TlsFiles};
+pub use tokio_rustls;

@@ -52,9 +52,16 @@ impl Mesh {
         }
     }
 
+    /// A cluster's certificate; it may claim anything in 10.0.0.0/8 (the tests' clusters
+    /// number themselves there).
     fn material(&self, cluster: &str) -> TlsMaterial {
-        let leaf = certs::generate_cluster_cert(&self.ca, &id(cluster), Validity::days_from_now(1))
-            .unwrap();
+        let leaf = certs::generate_cluster_cert_with_ranges(
+            &self.ca,
+            &id(cluster),
+            &["10.0.0.0/8".parse().unwrap()],
+            Validity::days_from_now(1),
+        )
+        .unwrap();
         TlsMaterial {
             ca_pem: self.ca.cert_pem.clone(),
             cert_pem: leaf.cert_pem,
@@ -541,24 +548,30 @@ async fn overlapping_cidrs_are_refused_with_status_and_metric() {
     let overlapping = source("10.1.0.128/25", "10.97.0.0/16");
     let (mut a, mut b) = pair(&mesh, false, &[], source_a(), overlapping);
     eventually("a to hold b's state", || a.sees("b")).await;
-    eventually("b refused on a", || {
-        a.metric("trellis_controller_remote_cluster_refused{cluster=\"b\"} 1")
-    })
-    .await;
-    assert!(a.metric("trellis_controller_remote_cluster_ready{cluster=\"b\"} 0"));
+    // Only the overlapping node is refused (the local cluster keeps its range); b stays.
+    let refused = |peer: &str| {
+        format!(
+            "trellis_controller_refused_claims{{kind=\"node\",peer=\"{peer}\",reason=\"local_range\"}} 1"
+        )
+    };
+    eventually("b's node refused on a", || a.metric(&refused("b"))).await;
     let view = a.hub.subscribe_view();
-    assert!(view.borrow().as_ref().unwrap().remotes.is_empty());
-    // b refuses a too (a conflicts with b's own CIDRs from b's point of view).
-    eventually("a refused on b", || {
-        b.metric("trellis_controller_remote_cluster_refused{cluster=\"a\"} 1")
-    })
-    .await;
-    // b renumbers: admitted.
+    assert!(view.borrow().as_ref().unwrap().remotes[0].nodes.is_empty());
+    let status = a.hub.status();
+    assert!(
+        status.remotes[0].refused_claims[0].contains("pod CIDR 10.1.0.128/25 overlaps"),
+        "{status:?}"
+    );
+    // b refuses a's node too (it overlaps b's own CIDRs from b's point of view).
+    eventually("a's node refused on b", || b.metric(&refused("a"))).await;
+    // b renumbers: admitted whole.
     b.hub.set_source(source_b());
     eventually("b admitted on a", || {
         a.metric("trellis_controller_remote_cluster_ready{cluster=\"b\"} 1")
+            && !a.metric(&refused("b"))
     })
     .await;
+    assert_eq!(view.borrow().as_ref().unwrap().remotes[0].nodes.len(), 1);
     a.stop().await;
     b.stop().await;
 }

@@ -24,7 +24,7 @@ use rustls::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use trellis_core::cluster::ClusterId;
-use trellis_core::peering::ALPN_V1;
+use trellis_core::peering::ALPN_OFFERED;
 
 use crate::certs::cluster_id_from_name;
 use crate::metrics::Metrics;
@@ -272,7 +272,7 @@ pub fn server_config(
             parse_key(&material.key_pem)?,
         )
         .map_err(tls_err("loading the cluster certificate"))?;
-    cfg.alpn_protocols = vec![ALPN_V1.to_vec()];
+    cfg.alpn_protocols = ALPN_OFFERED.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
 }
 
@@ -296,6 +296,6 @@ pub fn client_config(
             parse_key(&material.key_pem)?,
         )
         .map_err(tls_err("loading the cluster certificate"))?;
-    cfg.alpn_protocols = vec![ALPN_V1.to_vec()];
+    cfg.alpn_protocols = ALPN_OFFERED.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
 }

@@ -428,7 +428,7 @@ async fn refusals_close_only_the_offending_connection() {
 
     // A peer offering only a protocol version a does not speak.
     let mut cfg = client_config(&mesh.material("c"), Metrics::new().unwrap()).unwrap();
-    cfg.alpn_protocols = vec![b"trellis/2".to_vec()];
+    cfg.alpn_protocols = vec![b"trellis/3".to_vec()];
     let err = client_endpoint(cfg)
         .connect(aa, "a.cluster.trellis")
         .unwrap()
@@ -442,6 +442,20 @@ async fn refusals_close_only_the_offending_connection() {
         a.metric("trellis_controller_auth_failures_total{reason=\"alpn\"} 1")
     })
     .await;
+    // A peer of the previous release, offering only version 1, still gets in (as version 1).
+    let mut cfg = client_config(&mesh.material("c"), Metrics::new().unwrap()).unwrap();
+    cfg.alpn_protocols = vec![b"trellis/1".to_vec()];
+    let conn = client_endpoint(cfg)
+        .connect(aa, "a.cluster.trellis")
+        .unwrap()
+        .await
+        .expect("version 1 is still spoken");
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    assert_eq!(alpn.as_deref(), Some(&b"trellis/1"[..]));
+    conn.close(0u32.into(), b"done");
 
     // A controller configured with another cluster's certificate refuses to start.
     let wrong = Peering::start_on(

@@ -166,8 +166,11 @@ pub enum Reason {
     TooBroad,
     /// Covers or equals a local node's address, gateway endpoint or the controller's address.
     LocalAddress(IpAddr),
-    /// Inside (or over) a local pod or service CIDR: the local cluster owns it.
-    LocalRange(IpNet),
+    /// Inside (or over) a pod or service CIDR of the local cluster (`cluster`), which owns it.
+    LocalRange {
+        cluster: ClusterId,
+        range: IpNet,
+    },
     /// Covers the gateway or controller endpoint of a peer (`cluster`).
     CoversEndpoint {
         cluster: ClusterId,
@@ -208,7 +211,7 @@ impl Reason {
             Reason::SpecialRange(_) => "special_range",
             Reason::TooBroad => "too_broad",
             Reason::LocalAddress(_) => "local_address",
-            Reason::LocalRange(_) => "local_range",
+            Reason::LocalRange { .. } => "local_range",
             Reason::CoversEndpoint { .. } => "covers_endpoint",
             Reason::Overlap { .. } => "overlap",
             Reason::BadEndpoint => "bad_endpoint",
@@ -240,7 +243,9 @@ impl fmt::Display for Reason {
                  default-route-like"
             ),
             Reason::LocalAddress(a) => write!(f, "covers the local address {a}"),
-            Reason::LocalRange(n) => write!(f, "overlaps the local cluster's {n}"),
+            Reason::LocalRange { cluster, range } => {
+                write!(f, "overlaps {range} of this cluster, {cluster}")
+            }
             Reason::CoversEndpoint { cluster, address } => {
                 write!(f, "covers the endpoint {address} of cluster {cluster}")
             }
@@ -388,7 +393,10 @@ fn check_claim(net: &IpNet, allowance: &Allowance, local: &Local) -> Result<(), 
         return Err(Reason::LocalAddress(*a));
     }
     if let Some(r) = local.ranges.iter().find(|r| crate::cidr::overlaps(r, net)) {
-        return Err(Reason::LocalRange(*r));
+        return Err(Reason::LocalRange {
+            cluster: local.id.clone(),
+            range: *r,
+        });
     }
     if !allowance.allows(net) {
         return Err(Reason::OutsideAllowance);

@@ -297,7 +297,10 @@ serviceCidrs: [10.96.0.0/16]
 peers:
   - id: west
     endpoint: 127.0.0.1:27443
+    podCIDRs: [10.2.0.0/16]
+    serviceCIDRs: [10.97.0.0/16, "fd97::/108"]
   - id: north
+peerLimits: {services: 500}
 leaseSeconds: 20
 heartbeatSeconds: 2
 nodeEncryption: true
@@ -309,6 +312,24 @@ agentListen: 127.0.0.1:7444
         let c = Config::parse(yaml).unwrap();
         assert_eq!(c.peers.len(), 2);
         assert_eq!(c.peers[1].endpoint, None);
+        assert_eq!(
+            c.peers[0].allowance(),
+            Some(
+                ["10.2.0.0/16", "10.97.0.0/16", "fd97::/108"]
+                    .iter()
+                    .map(|s| s.parse().unwrap())
+                    .collect()
+            )
+        );
+        assert_eq!(c.peers[1].allowance(), None);
+        assert_eq!(
+            c.peer_limits,
+            PeerLimits {
+                nodes: 1000,
+                services: 500,
+                endpoints: 100_000
+            }
+        );
         assert_eq!(
             c.source,
             SourceConfig::Kubernetes {

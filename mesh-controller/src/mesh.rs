@@ -395,8 +395,8 @@ mod tests {
         assert_eq!(ch.newly_refused.len(), 1);
         assert_eq!(
             ch.newly_refused[0].to_string(),
-            "cluster b: node node-0 refused: pod CIDR 10.1.0.0/25 overlaps the local \
-             cluster's 10.1.0.0/24"
+            "cluster b: node node-0 refused: pod CIDR 10.1.0.0/25 overlaps 10.1.0.0/24 \
+             of this cluster, a"
         );
         // Only the node is refused: b stays, without it.
         assert_eq!(m.admitted().count(), 1);

@@ -632,8 +632,8 @@ mod tests {
         assert_eq!(
             c.refused_claims,
             vec![
-                "cluster c: node node-0 refused: pod CIDR 10.1.0.0/25 overlaps the local \
-                 cluster's 10.1.0.0/24"
+                "cluster c: node node-0 refused: pod CIDR 10.1.0.0/25 overlaps 10.1.0.0/24 \
+                 of this cluster, a"
                     .to_string()
             ]
         );

@@ -83,6 +83,17 @@ pub fn generate_ca(mesh_name: &str, validity: Validity) -> Result<CertifiedKey, 
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    // Every address, so that strict RFC 3779 path validation (`openssl verify`) accepts the
+    // ranges of the cluster certificates it signs (a subset of their issuer's).
+    let mut all = CustomExtension::from_oid_content(
+        IP_ADDR_BLOCKS_OID,
+        encode_ip_addr_blocks(&[
+            "0.0.0.0/0".parse().expect("valid"),
+            "::/0".parse().expect("valid"),
+        ]),
+    );
+    all.set_criticality(false);
+    params.custom_extensions.push(all);
     params.not_before = validity.not_before;
     params.not_after = validity.not_after;
     let cert = params

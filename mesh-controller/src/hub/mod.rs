@@ -741,6 +741,21 @@ mod claim_attacks {
         b
     }
 
+    /// This process's resident set (Linux), in KiB.
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
     fn routed(view: &MeshView) -> Vec<(String, String, String)> {
         view.remotes
             .iter()
@@ -877,12 +892,23 @@ mod claim_attacks {
             let ip = format!("10.97.{}.{}", (i / 250) % 250, i % 250 + 1);
             export(&mut b.services, "load", &format!("s{i}"), &ip, &[]);
         }
+        let rss_before = rss_kib();
         let started = Instant::now();
         h.peer_snapshot(b);
         let took = started.elapsed();
         let view = h.subscribe_view().borrow().clone().unwrap();
         let imported = view.remotes[0].services.len();
-        eprintln!("200000 services: admitted {imported} in {took:?}");
+        // Another peer's update still goes through at once.
+        let started = Instant::now();
+        h.peer_snapshot(owner_c());
+        let other = started.elapsed();
+        eprintln!(
+            "200000 services: admitted {imported} in {took:?} (RSS {} -> {} MiB); another \
+             peer's snapshot after it: {other:?}",
+            rss_before / 1024,
+            rss_kib() / 1024
+        );
+        assert!(h.subscribe_view().borrow().as_ref().unwrap().remotes.len() == 2);
         assert!(
             imported <= 10_000,
             "ATTACK SUCCEEDED: {imported} services imported from one peer"

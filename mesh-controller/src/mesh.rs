@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
-use trellis_core::claims::{self, Allowance, Limits, Refusal, Verdict};
+use trellis_core::claims::{self, Allowance, Limits, LocalContext, Refusal, Screened, Verdict};
 use trellis_core::cluster::{ClusterError, ClusterId, ClusterState, Delta, PublicKey};
 
 #[derive(Debug, Clone)]
@@ -31,6 +31,17 @@ pub struct Remote {
     pub refusals: Vec<Refusal>,
     /// Every refused claim by `(object kind, reason)`.
     pub counts: BTreeMap<(&'static str, &'static str), usize>,
+    /// The last screening of `state` and what it was screened against.
+    screened: Option<ScreenCache>,
+}
+
+#[derive(Debug, Clone)]
+struct ScreenCache {
+    state: Arc<ClusterState>,
+    context: Arc<LocalContext>,
+    allowance: Allowance,
+    limits: Limits,
+    result: Screened,
 }
 
 impl Remote {
@@ -46,6 +57,7 @@ impl Remote {
             whole: true,
             refusals: Vec::new(),
             counts: BTreeMap::new(),
+            screened: None,
         }
     }
 
@@ -69,6 +81,8 @@ pub struct Mesh {
     limits: Limits,
     /// Who holds each remote WireGuard key (first claimant wins).
     key_owners: BTreeMap<PublicKey, (ClusterId, String)>,
+    /// The local context of the last admission (shared by the screening caches).
+    local_context: Option<Arc<LocalContext>>,
 }
 
 /// What changed in the admission of remote clusters.
@@ -90,6 +104,7 @@ impl Mesh {
             local_addresses: Vec::new(),
             limits: Limits::default(),
             key_owners: BTreeMap::new(),
+            local_context: None,
         }
     }
 
@@ -212,6 +227,9 @@ impl Mesh {
                 to: delta.to,
             });
         };
+        // The screening cache shares the state: let go of it first, so the delta applies in
+        // place instead of copying the whole state.
+        remote.screened = None;
         Arc::make_mut(&mut remote.state).apply(delta)?;
         remote.connected = true;
         remote.last_heard = now;
@@ -269,28 +287,47 @@ impl Mesh {
     /// [`trellis_core::claims::admit`]): linear in the remotes' objects plus `n log n` in
     /// their CIDRs, whatever the number of peers.
     pub fn readmit(&mut self, local: &ClusterState) -> AdmissionChanges {
+        let context = LocalContext::new(local, &self.local_addresses);
+        let context = match &self.local_context {
+            Some(old) if **old == context => old.clone(),
+            _ => Arc::new(context),
+        };
+        self.local_context = Some(context.clone());
         let none = Allowance::default();
-        let no_endpoints: Vec<IpAddr> = Vec::new();
-        let peers: Vec<claims::Peer<'_>> = self
-            .remotes
-            .values()
-            .map(|r| claims::Peer {
-                state: r.state.as_ref(),
-                allowance: self.allowances.get(&r.state.id).unwrap_or(&none),
-                controller_endpoints: self
-                    .controller_endpoints
-                    .get(&r.state.id)
-                    .unwrap_or(&no_endpoints),
-            })
+        // Rules that depend on one peer alone are re-run only for peers whose state,
+        // allowance, limits or local context changed (a delta from one peer does not
+        // re-screen the others' services).
+        let mut screened = Vec::with_capacity(self.remotes.len());
+        for r in self.remotes.values_mut() {
+            let allowance = self.allowances.get(&r.state.id).unwrap_or(&none);
+            let fresh = r.screened.as_ref().is_some_and(|c| {
+                Arc::ptr_eq(&c.state, &r.state)
+                    && Arc::ptr_eq(&c.context, &context)
+                    && c.allowance == *allowance
+                    && c.limits == self.limits
+            });
+            if !fresh {
+                let peer = claims::Peer {
+                    state: r.state.as_ref(),
+                    allowance,
+                    controller_endpoints: &[],
+                };
+                r.screened = Some(ScreenCache {
+                    state: r.state.clone(),
+                    context: context.clone(),
+                    allowance: allowance.clone(),
+                    limits: self.limits,
+                    result: claims::screen(&peer, &context, &self.limits),
+                });
+            }
+            screened.push(r.screened.as_ref().expect("just set").result.clone());
+        }
+        let endpoints: Vec<(ClusterId, &[IpAddr])> = self
+            .controller_endpoints
+            .iter()
+            .map(|(id, list)| (id.clone(), list.as_slice()))
             .collect();
-        let admission = claims::admit(
-            local,
-            &self.local_addresses,
-            &peers,
-            &self.limits,
-            &self.key_owners,
-        );
-        drop(peers);
+        let admission = claims::decide(screened, &endpoints, &self.key_owners);
         self.key_owners = admission.key_owners;
         let mut changes = AdmissionChanges::default();
         for (id, verdict) in admission.verdicts {
@@ -310,8 +347,8 @@ impl Mesh {
             if counts.is_empty() && r.is_refused() {
                 changes.newly_admitted.push(id.clone());
             }
-            if *r.admitted != state {
-                r.admitted = Arc::new(state);
+            if !Arc::ptr_eq(&r.admitted, &state) && *r.admitted != *state {
+                r.admitted = state;
             }
             r.refusals = refusals;
             r.counts = counts;
@@ -382,6 +419,33 @@ mod tests {
         let mut stray = d.clone();
         stray.cluster = id("zz");
         assert!(m.delta(&stray, t0, wall()).is_err());
+    }
+
+    #[test]
+    fn one_peers_change_does_not_rescreen_the_others() {
+        let t0 = Instant::now();
+        let local = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
+        let mut m = Mesh::new(Duration::from_secs(30));
+        allow(&mut m, "b", &["10.2.0.0/16", "10.97.0.0/16"]);
+        allow(&mut m, "c", &["10.3.0.0/16", "10.98.0.0/16"]);
+        let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        export(&mut b.services, "shop", "web", "10.97.0.10", &["10.2.0.5"]);
+        let c = cluster("c", "10.3.0.0/24", "10.98.0.0/16");
+        m.snapshot(b, t0, wall());
+        m.snapshot(c.clone(), t0, wall());
+        m.readmit(&local);
+        let b_admitted = m.get(&id("b")).unwrap().admitted.clone();
+        // c changes: b's admitted state is the very same (screened once, shared).
+        let mut next = c.clone();
+        next.revision = 1;
+        export(&mut next.services, "shop", "db", "10.98.0.10", &[]);
+        m.delta(&c.delta_to(&next).unwrap(), t0, wall()).unwrap();
+        m.readmit(&local);
+        assert!(Arc::ptr_eq(&m.get(&id("b")).unwrap().admitted, &b_admitted));
+        assert_eq!(m.get(&id("c")).unwrap().admitted.services.len(), 1);
+        // The local cluster changes: everyone is screened again.
+        m.readmit(&cluster("a", "10.1.0.0/25", "10.96.0.0/16"));
+        assert_eq!(*m.get(&id("b")).unwrap().admitted, *b_admitted);
     }
 
     #[test]

@@ -898,15 +898,39 @@ mod claim_attacks {
         let took = started.elapsed();
         let view = h.subscribe_view().borrow().clone().unwrap();
         let imported = view.remotes[0].services.len();
-        // Another peer's update still goes through at once.
+        // Another peer's updates still go through at once: its snapshot, then a delta.
         let started = Instant::now();
         h.peer_snapshot(owner_c());
         let other = started.elapsed();
+        let mut c = owner_c();
+        let mut next = c.clone();
+        next.revision = c.revision + 1;
+        export(
+            &mut next.services,
+            "shop",
+            "new",
+            "10.98.0.11",
+            &["10.3.0.6"],
+        );
+        let started = Instant::now();
+        h.peer_delta(&c.delta_to(&next).unwrap()).unwrap();
+        let delta = started.elapsed();
+        c = next;
+        assert!(
+            h.subscribe_view()
+                .borrow()
+                .as_ref()
+                .unwrap()
+                .imports
+                .services
+                .contains_key("shop/new")
+        );
         eprintln!(
             "200000 services: admitted {imported} in {took:?} (RSS {} -> {} MiB); another \
-             peer's snapshot after it: {other:?}",
+             peer's snapshot after it: {other:?}, its delta: {delta:?} (revision {})",
             rss_before / 1024,
-            rss_kib() / 1024
+            rss_kib() / 1024,
+            c.revision
         );
         assert!(h.subscribe_view().borrow().as_ref().unwrap().remotes.len() == 2);
         assert!(

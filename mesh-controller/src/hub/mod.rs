@@ -738,6 +738,14 @@ mod claim_attacks {
                 .insert(name.into(), node(name, cidr, "192.168.2.11:51820", key));
         }
         export(&mut b.services, "shop", "web", "10.97.0.10", &["10.2.0.5"]);
+        // A name that is no DNS-1123 label, bound for DNS and the Kubernetes API.
+        export(
+            &mut b.services,
+            "Shop",
+            "web;rm -rf",
+            "10.97.0.11",
+            &["10.2.0.6"],
+        );
         b
     }
 
@@ -800,7 +808,7 @@ mod claim_attacks {
             .iter()
             .find(|r| r.cluster == id("b"))
             .unwrap();
-        assert_eq!(b.refused_claims_total, 7, "{b:?}");
+        assert_eq!(b.refused_claims_total, 8, "{b:?}");
         assert!(b.refused_claims.iter().any(|r| r.contains("128.0.0.0/1")));
         assert!(
             status
@@ -812,9 +820,14 @@ mod claim_attacks {
         assert!(
             problems
                 .iter()
-                .any(|p| p.contains("peer cluster b: 7 claim(s) refused")),
+                .any(|p| p.contains("peer cluster b: 8 claim(s) refused")),
             "{problems:?}"
         );
+        // The encryption toggle still reaches the gateways' view afterwards.
+        let before = h.subscribe_view().borrow().as_ref().unwrap().revision;
+        h.set_node_encryption(true);
+        let view = h.subscribe_view().borrow().clone().unwrap();
+        assert!(view.node_encryption && view.revision > before);
         let metrics = h.metrics().render();
         for (kind, reason, n) in [
             ("node", "too_broad", 2),
@@ -882,6 +895,11 @@ mod claim_attacks {
         );
         assert!(view.imports.services.contains_key("shop/web"));
         assert!(view.imports.services.contains_key("shop/db"));
+        assert!(
+            !view.imports.services.keys().any(|k| k.starts_with("Shop/")),
+            "ATTACK SUCCEEDED: a name that is not DNS-1123 is imported: {:?}",
+            view.imports.services.keys().collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -128,6 +128,9 @@ fn a_peer_announcing_ranges_not_its_own_gets_none_of_them_routed() {
             .any(|a| out.contains(a)),
         "{out}"
     );
+    for line in out.lines().filter(|l| l.contains("refused")) {
+        eprintln!("lab status: {line}");
+    }
     // And the log says it once.
     let log = std::fs::read_to_string(lab.state_dir().join("clusters/c1/controller.log")).unwrap();
     assert!(log.contains("refusing a peer's claim"), "{log}");

@@ -148,11 +148,12 @@ async fn main() {
     let endpoints = arg("--endpoints", 10);
     let ca = certs::generate_ca("bench", Validity::days_from_now(1)).unwrap();
     let tls = |c: &str| {
-        // Each cluster may claim 10.0.0.0/8 (where the bench numbers everything).
+        // Each cluster may claim 10.0.0.0/7 (where the bench numbers everything: the full
+        // sync's endpoints are in 11.0.0.0/8).
         let leaf = certs::generate_cluster_cert_with_ranges(
             &ca,
             &id(c),
-            &["10.0.0.0/8".parse().unwrap()],
+            &["10.0.0.0/7".parse().unwrap()],
             Validity::days_from_now(1),
         )
         .unwrap();

@@ -222,6 +222,11 @@ pub fn render(status: &ControllerStatus) -> String {
             };
             let note = if !remote.refused.is_empty() {
                 format!("refused: {}", remote.refused.join("; "))
+            } else if remote.refused_claims_total > 0 {
+                format!(
+                    "{} claim(s) refused (below); the rest is imported",
+                    remote.refused_claims_total
+                )
             } else if remote.session && !remote.synced {
                 "waiting for its snapshot".into()
             } else if !remote.session && remote.synced {
@@ -248,6 +253,29 @@ pub fn render(status: &ControllerStatus) -> String {
             ]);
         }
         out.push_str(&peers.render("  "));
+        let refused: Vec<&String> = status
+            .remotes
+            .iter()
+            .flat_map(|r| &r.refused_claims)
+            .collect();
+        if !refused.is_empty() {
+            out.push_str("\nRefused claims (not routed, not imported):\n");
+            for line in refused {
+                let _ = writeln!(out, "  {line}");
+            }
+            for remote in &status.remotes {
+                let more = remote
+                    .refused_claims_total
+                    .saturating_sub(remote.refused_claims.len());
+                if more > 0 {
+                    let _ = writeln!(
+                        out,
+                        "  cluster {}: and {more} more (see trellis_controller_refused_claims)",
+                        remote.cluster
+                    );
+                }
+            }
+        }
     }
 
     out.push('\n');
@@ -382,6 +410,37 @@ mod tests {
             !listed.contains("c1/node-1 yet"),
             "a peer inside the cluster may be idle"
         );
+    }
+
+    #[test]
+    fn refused_claims_are_named_and_judged() {
+        let mut status = parse_status(HEALTHY).unwrap();
+        let peer = &mut status.remotes[0];
+        peer.refused_claims = vec![
+            "cluster c2: node evil refused: pod CIDR 128.0.0.0/1 broader than /8 (IPv4) or /32 \
+             (IPv6): default-route-like"
+                .into(),
+        ];
+        peer.refused_claims_total = 3;
+        let text = render(&status);
+        assert!(text.contains("3 claim(s) refused (below)"), "{text}");
+        assert!(
+            text.contains("Refused claims (not routed, not imported):"),
+            "{text}"
+        );
+        assert!(
+            text.contains("node evil refused: pod CIDR 128.0.0.0/1"),
+            "{text}"
+        );
+        assert!(text.contains("and 2 more"), "{text}");
+        let listed = render_problems(&problems(&status));
+        assert!(
+            listed.contains(
+                "3 claim(s) refused: cluster c2: node evil refused: pod CIDR 128.0.0.0/1"
+            ),
+            "{listed}"
+        );
+        assert!(listed.contains("(and 2 more)"), "{listed}");
     }
 
     #[test]

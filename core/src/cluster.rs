@@ -495,7 +495,9 @@ pub fn cidr_conflicts(existing: &ClusterState, candidate: &ClusterState) -> Vec<
     out
 }
 
-/// Decides which remote clusters the mesh accepts. The local cluster always stands; remotes are
+/// Decides which remote clusters the mesh accepts, whole (the rule before bounded claims; the
+/// controller now admits per object with [`crate::claims::admit`], which does not depend on
+/// cluster IDs). The local cluster always stands; remotes are
 /// then admitted in cluster-ID order, each refused if it conflicts with the local cluster or an
 /// already admitted remote. Every controller therefore refuses the same cluster of a
 /// conflicting pair, and the result does not depend on the order peers connected in.

@@ -10,6 +10,7 @@ pub const POD_VETH_PREFIX: &str = "trl";
 pub mod admission;
 pub mod agent;
 pub mod cidr;
+pub mod claims;
 pub mod cluster;
 mod error_chain;
 pub mod framing;

@@ -1,8 +1,11 @@
 //! The peering protocol between the controllers of two clusters, sans IO.
 //!
-//! * **Version.** The protocol version travels in the TLS ALPN (`trellis/1`): a peer that does
-//!   not speak it fails the handshake instead of misreading frames. A later `trellis/2` can be
-//!   offered alongside.
+//! * **Version.** The protocol version travels in the TLS ALPN: both `trellis/2` and `trellis/1`
+//!   are offered, the highest both speak is chosen; a peer that speaks neither fails the
+//!   handshake instead of misreading frames. Version 2 differs only in how a snapshot travels:
+//!   in parts (`SnapshotBegin`, `SnapshotPart`s of at most [`SNAPSHOT_PART_OBJECTS`] nodes and
+//!   services, `SnapshotEnd`), so a state of 100,000 endpoints needs no giant frame; the
+//!   assembled snapshot is still bounded by the frame limit in total.
 //! * **Framing.** Each message is one frame of [`crate::framing`] (a length, then JSON); a
 //!   length above the limit closes the connection before any of its body is buffered.
 //! * **Exchange.** Both sides send `Hello` (their cluster ID, which must match the identity in
@@ -18,11 +21,35 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{ClusterId, ClusterState, Delta};
+use crate::cluster::{ClusterId, ClusterState, Delta, ExportedService, NodeState};
 use crate::framing::{FrameDecoder, FrameError, encode_json_frame};
 
 /// The ALPN protocol ID of version 1.
 pub const ALPN_V1: &[u8] = b"trellis/1";
+/// The ALPN protocol ID of version 2 (snapshots in parts).
+pub const ALPN_V2: &[u8] = b"trellis/2";
+/// The versions a controller offers, preferred first.
+pub const ALPN_OFFERED: &[&[u8]] = &[ALPN_V2, ALPN_V1];
+/// Nodes plus services per snapshot part (version 2).
+pub const SNAPSHOT_PART_OBJECTS: usize = 500;
+
+/// A negotiated protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+impl Version {
+    /// The version an ALPN protocol ID names.
+    pub fn from_alpn(alpn: &[u8]) -> Option<Self> {
+        match alpn {
+            a if a == ALPN_V1 => Some(Version::V1),
+            a if a == ALPN_V2 => Some(Version::V2),
+            _ => None,
+        }
+    }
+}
 /// Frame bodies above this are refused unless configured otherwise.
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
 
@@ -55,6 +82,10 @@ pub enum PeeringError {
         from: u64,
         to: u64,
     },
+    #[error("peer {peer}'s snapshot exceeds the limit of {limit} bytes in total")]
+    StateTooLarge { peer: ClusterId, limit: usize },
+    #[error("peer {peer}'s snapshot parts do not add up to what it announced")]
+    SnapshotMismatch { peer: ClusterId },
     #[error("peer {peer} silent for {silent:?}, past its lease of {lease:?}")]
     LeaseExpired {
         peer: ClusterId,
@@ -74,6 +105,8 @@ impl PeeringError {
             PeeringError::WrongCluster { .. } => "wrong_cluster",
             PeeringError::RevisionGap { .. } => "revision_gap",
             PeeringError::LeaseExpired { .. } => "lease_expired",
+            PeeringError::StateTooLarge { .. } => "state_too_large",
+            PeeringError::SnapshotMismatch { .. } => "snapshot_mismatch",
         }
     }
 }
@@ -82,10 +115,36 @@ impl PeeringError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
-    Hello { cluster: ClusterId, name: String },
-    Snapshot { state: ClusterState },
-    Delta { delta: Delta },
-    Heartbeat { revision: u64 },
+    Hello {
+        cluster: ClusterId,
+        name: String,
+    },
+    Snapshot {
+        state: ClusterState,
+    },
+    Delta {
+        delta: Delta,
+    },
+    Heartbeat {
+        revision: u64,
+    },
+    /// Version 2: a snapshot's header; `nodes` and `services` parts follow, then
+    /// `SnapshotEnd`.
+    SnapshotBegin {
+        cluster: ClusterId,
+        name: String,
+        revision: u64,
+        service_cidrs: Vec<ipnet::IpNet>,
+        nodes: usize,
+        services: usize,
+    },
+    SnapshotPart {
+        #[serde(default)]
+        nodes: Vec<NodeState>,
+        #[serde(default)]
+        services: Vec<ExportedService>,
+    },
+    SnapshotEnd,
 }
 
 impl Message {
@@ -95,6 +154,9 @@ impl Message {
             Message::Snapshot { .. } => "snapshot",
             Message::Delta { .. } => "delta",
             Message::Heartbeat { .. } => "heartbeat",
+            Message::SnapshotBegin { .. } => "snapshot_begin",
+            Message::SnapshotPart { .. } => "snapshot_part",
+            Message::SnapshotEnd => "snapshot_end",
         }
     }
 }
@@ -149,10 +211,21 @@ impl Phase {
     }
 }
 
+/// A version-2 snapshot being received.
+#[derive(Debug)]
+struct Assembly {
+    state: ClusterState,
+    nodes: usize,
+    services: usize,
+    bytes: usize,
+}
+
 /// One peering connection's protocol state.
 #[derive(Debug)]
 pub struct Session {
     cfg: SessionConfig,
+    version: Version,
+    assembly: Option<Assembly>,
     phase: Phase,
     decoder: FrameDecoder,
     peer_revision: u64,
@@ -162,11 +235,23 @@ pub struct Session {
 }
 
 impl Session {
-    /// Starts a session; the returned events carry our `Hello` and snapshot.
+    /// Starts a version-1 session; the returned events carry our `Hello` and snapshot.
     pub fn new(cfg: SessionConfig, local: &ClusterState, now: Instant) -> (Self, Vec<Event>) {
+        Self::with_version(cfg, Version::V1, local, now)
+    }
+
+    /// Starts a session of the negotiated `version`.
+    pub fn with_version(
+        cfg: SessionConfig,
+        version: Version,
+        local: &ClusterState,
+        now: Instant,
+    ) -> (Self, Vec<Event>) {
         let decoder = FrameDecoder::new(cfg.max_frame);
         let mut s = Self {
             cfg,
+            version,
+            assembly: None,
             phase: Phase::AwaitHello,
             decoder,
             peer_revision: 0,
@@ -213,13 +298,55 @@ impl Session {
 
     fn send_snapshot(&mut self, local: &ClusterState, now: Instant, out: &mut Vec<Event>) {
         self.sent_revision = Some(local.revision);
+        if self.version == Version::V1 {
+            self.send(
+                &Message::Snapshot {
+                    state: local.clone(),
+                },
+                now,
+                out,
+            );
+            return;
+        }
         self.send(
-            &Message::Snapshot {
-                state: local.clone(),
+            &Message::SnapshotBegin {
+                cluster: local.id.clone(),
+                name: local.name.clone(),
+                revision: local.revision,
+                service_cidrs: local.service_cidrs.clone(),
+                nodes: local.nodes.len(),
+                services: local.services.len(),
             },
             now,
             out,
         );
+        let mut nodes = local.nodes.values();
+        let mut services = local.services.values();
+        loop {
+            let part_nodes: Vec<NodeState> = nodes
+                .by_ref()
+                .take(SNAPSHOT_PART_OBJECTS)
+                .cloned()
+                .collect();
+            let room = SNAPSHOT_PART_OBJECTS - part_nodes.len();
+            let part_services: Vec<ExportedService> =
+                services.by_ref().take(room).cloned().collect();
+            if part_nodes.is_empty() && part_services.is_empty() {
+                break;
+            }
+            self.send(
+                &Message::SnapshotPart {
+                    nodes: part_nodes,
+                    services: part_services,
+                },
+                now,
+                out,
+            );
+            if self.phase == Phase::Closed {
+                return;
+            }
+        }
+        self.send(&Message::SnapshotEnd, now, out);
     }
 
     fn close(&mut self, err: PeeringError, out: &mut Vec<Event>) {
@@ -289,10 +416,12 @@ impl Session {
         }
         self.decoder.push(bytes);
         loop {
+            let before = self.decoder.buffered();
             match self.decoder.next_json::<Message>() {
                 Ok(Some(msg)) => {
                     self.last_rx = now;
-                    self.handle_message(msg, &mut out);
+                    let size = before.saturating_sub(self.decoder.buffered());
+                    self.handle_message(msg, size, &mut out);
                     if self.phase == Phase::Closed {
                         break;
                     }
@@ -307,10 +436,18 @@ impl Session {
         out
     }
 
-    fn handle_message(&mut self, msg: Message, out: &mut Vec<Event>) {
+    fn handle_message(&mut self, msg: Message, size: usize, out: &mut Vec<Event>) {
         let unexpected = |phase: Phase, m: &Message| PeeringError::UnexpectedMessage {
             state: phase.label(),
             message: m.label(),
+        };
+        let msg = if self.version == Version::V2 {
+            match self.handle_part(msg, size, out) {
+                Some(msg) => msg,
+                None => return,
+            }
+        } else {
+            msg
         };
         match (self.phase, msg) {
             (Phase::AwaitHello, Message::Hello { cluster, .. }) => {
@@ -379,6 +516,91 @@ impl Session {
                 let err = unexpected(phase, &m);
                 self.close(err, out);
             }
+        }
+    }
+
+    /// Version 2's snapshot parts: assembles them and hands back the whole snapshot as a
+    /// `Snapshot` message at its end; other messages pass through.
+    fn handle_part(&mut self, msg: Message, size: usize, out: &mut Vec<Event>) -> Option<Message> {
+        let unexpected = |phase: Phase, m: &Message| PeeringError::UnexpectedMessage {
+            state: phase.label(),
+            message: m.label(),
+        };
+        let peer = self.cfg.peer.clone();
+        match msg {
+            Message::SnapshotBegin {
+                cluster,
+                name,
+                revision,
+                service_cidrs,
+                nodes,
+                services,
+            } if matches!(self.phase, Phase::AwaitSnapshot | Phase::Established)
+                && self.assembly.is_none() =>
+            {
+                if cluster != peer {
+                    let err = PeeringError::WrongCluster {
+                        what: "snapshot",
+                        named: cluster,
+                        peer,
+                    };
+                    self.close(err, out);
+                    return None;
+                }
+                let mut state = ClusterState::new(cluster, name);
+                state.revision = revision;
+                state.service_cidrs = service_cidrs;
+                self.assembly = Some(Assembly {
+                    state,
+                    nodes,
+                    services,
+                    bytes: size,
+                });
+                None
+            }
+            Message::SnapshotPart { nodes, services } if self.assembly.is_some() => {
+                let limit = self.cfg.max_frame;
+                let a = self.assembly.as_mut().expect("checked");
+                a.bytes = a.bytes.saturating_add(size);
+                if a.bytes > limit {
+                    self.assembly = None;
+                    self.close(PeeringError::StateTooLarge { peer, limit }, out);
+                    return None;
+                }
+                for n in nodes {
+                    a.state.nodes.insert(n.name.clone(), n);
+                }
+                for svc in services {
+                    a.state.services.insert(svc.key(), svc);
+                }
+                if a.state.nodes.len() > a.nodes || a.state.services.len() > a.services {
+                    self.assembly = None;
+                    self.close(PeeringError::SnapshotMismatch { peer }, out);
+                    return None;
+                }
+                None
+            }
+            Message::SnapshotEnd if self.assembly.is_some() => {
+                let a = self.assembly.take().expect("checked");
+                if a.state.nodes.len() != a.nodes || a.state.services.len() != a.services {
+                    self.close(PeeringError::SnapshotMismatch { peer }, out);
+                    return None;
+                }
+                Some(Message::Snapshot { state: a.state })
+            }
+            m @ (Message::SnapshotBegin { .. }
+            | Message::SnapshotPart { .. }
+            | Message::SnapshotEnd) => {
+                let err = unexpected(self.phase, &m);
+                self.close(err, out);
+                None
+            }
+            m if self.assembly.is_some() => {
+                let err = unexpected(self.phase, &m);
+                self.close(err, out);
+                None
+            }
+            m => Some(m),
         }
     }
 
@@ -708,5 +930,207 @@ mod tests {
             close_of(&b.handle_bytes(&hb, now)),
             Some(PeeringError::RevisionGap { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod v2_tests {
+    use super::*;
+    use crate::cluster::fixture::*;
+
+    fn cfg(local: &str, peer: &str, max_frame: usize) -> SessionConfig {
+        SessionConfig {
+            local: id(local),
+            local_name: local.into(),
+            peer: id(peer),
+            heartbeat: Duration::from_secs(5),
+            lease: Duration::from_secs(30),
+            max_frame,
+        }
+    }
+
+    fn frames(events: &[Event]) -> Vec<Vec<u8>> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Transmit(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Cluster a with `n` services of 10 endpoints each.
+    fn big(n: usize) -> ClusterState {
+        let mut a = cluster("a", "10.1.0.0/16", "10.96.0.0/12");
+        for i in 0..n {
+            let eps: Vec<String> = (0..10)
+                .map(|e| {
+                    format!(
+                        "10.1.{}.{}",
+                        (i * 10 + e) / 250 % 250,
+                        (i * 10 + e) % 250 + 1
+                    )
+                })
+                .collect();
+            let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+            export(&mut a.services, "load", &format!("s{i}"), "10.96.0.1", &eps);
+        }
+        a
+    }
+
+    #[test]
+    fn a_large_snapshot_travels_in_bounded_parts_and_arrives_whole() {
+        let now = Instant::now();
+        // 10,000 services × 10 endpoints = 100,000 endpoints.
+        let a_state = big(10_000);
+        let b_state = cluster("b", "10.2.0.0/16", "10.97.0.0/16");
+        let (_, a_out) = Session::with_version(cfg("a", "b", 64 << 20), Version::V2, &a_state, now);
+        let sizes: Vec<usize> = frames(&a_out).iter().map(Vec::len).collect();
+        let largest = *sizes.iter().max().unwrap();
+        let total: usize = sizes.iter().sum();
+        assert!(sizes.len() > 20, "{} frames", sizes.len());
+        assert!(largest < 1 << 20, "largest part {largest} bytes of {total}");
+        let (mut b, _) = Session::with_version(cfg("b", "a", 64 << 20), Version::V2, &b_state, now);
+        // Fed in odd-sized pieces, as a stream delivers them.
+        let bytes: Vec<u8> = frames(&a_out).concat();
+        let mut got = Vec::new();
+        for piece in bytes.chunks(65_537) {
+            got.extend(b.handle_bytes(piece, now));
+        }
+        assert!(
+            matches!(&got[..], [Event::PeerSnapshot(s)] if *s == a_state),
+            "{}",
+            got.len()
+        );
+        assert!(b.is_established());
+        // The same state in version 1 is one frame of the total's size.
+        let (_, v1) = Session::new(cfg("a", "b", 64 << 20), &a_state, now);
+        let v1_largest = frames(&v1).iter().map(Vec::len).max().unwrap();
+        assert!(v1_largest > 10 * largest, "{v1_largest} vs {largest}");
+        eprintln!(
+            "100,000 endpoints: v2 {} frames, largest {largest} B, {total} B in all; v1 one \
+             frame of {v1_largest} B",
+            sizes.len()
+        );
+        // Deltas still flow after it.
+        let mut next = a_state.clone();
+        next.revision = 1;
+        next.services.clear();
+        let delta = a_state.delta_to(&next).unwrap();
+        let ev = b.handle_bytes(
+            &encode_frame(&Message::Delta { delta }, 64 << 20).unwrap(),
+            now,
+        );
+        assert!(matches!(&ev[..], [Event::PeerDelta(_)]), "{ev:?}");
+    }
+
+    #[test]
+    fn the_total_of_the_parts_is_bounded_by_the_limit() {
+        let now = Instant::now();
+        let a_state = big(2_000);
+        let (_, a_out) = Session::with_version(cfg("a", "b", 64 << 20), Version::V2, &a_state, now);
+        let (mut b, _) = Session::with_version(
+            cfg("b", "a", 1 << 20),
+            Version::V2,
+            &cluster("b", "10.2.0.0/16", "10.97.0.0/16"),
+            now,
+        );
+        let hello = encode_frame(
+            &Message::Hello {
+                cluster: id("a"),
+                name: "a".into(),
+            },
+            1 << 20,
+        )
+        .unwrap();
+        let mut events = b.handle_bytes(&hello, now);
+        for f in frames(&a_out).iter().skip(1) {
+            events.extend(b.handle_bytes(f, now));
+        }
+        let err = events
+            .iter()
+            .find_map(|e| match e {
+                Event::Close(err) => Some(err),
+                _ => None,
+            })
+            .expect("closed");
+        assert_eq!(err.kind(), "state_too_large", "{err}");
+        assert!(!events.iter().any(|e| matches!(e, Event::PeerSnapshot(_))));
+    }
+
+    #[test]
+    fn parts_that_do_not_add_up_or_come_out_of_turn_close_the_session() {
+        let now = Instant::now();
+        let start = || {
+            let (mut b, _) = Session::with_version(
+                cfg("b", "a", 1 << 20),
+                Version::V2,
+                &cluster("b", "10.2.0.0/16", "10.97.0.0/16"),
+                now,
+            );
+            let hello = Message::Hello {
+                cluster: id("a"),
+                name: "a".into(),
+            };
+            assert!(
+                b.handle_bytes(&encode_frame(&hello, 1 << 20).unwrap(), now)
+                    .is_empty()
+            );
+            b
+        };
+        let begin = |nodes| Message::SnapshotBegin {
+            cluster: id("a"),
+            name: "a".into(),
+            revision: 3,
+            service_cidrs: vec![],
+            nodes,
+            services: 0,
+        };
+        let node = cluster("a", "10.1.0.0/24", "10.96.0.0/16").nodes["node-0"].clone();
+        let part = Message::SnapshotPart {
+            nodes: vec![node],
+            services: vec![],
+        };
+        let cases: Vec<(Vec<Message>, &str)> = vec![
+            (
+                vec![begin(2), part.clone(), Message::SnapshotEnd],
+                "snapshot_mismatch",
+            ),
+            (vec![begin(0), part.clone()], "snapshot_mismatch"),
+            (vec![part.clone()], "unexpected_message"),
+            (vec![Message::SnapshotEnd], "unexpected_message"),
+            (vec![begin(1), begin(1)], "unexpected_message"),
+            (
+                vec![begin(1), Message::Heartbeat { revision: 3 }],
+                "unexpected_message",
+            ),
+        ];
+        for (messages, want) in cases {
+            let mut b = start();
+            let mut events = Vec::new();
+            for m in &messages {
+                events.extend(b.handle_bytes(&encode_frame(m, 1 << 20).unwrap(), now));
+            }
+            let kind = events.iter().find_map(|e| match e {
+                Event::Close(err) => Some(err.kind()),
+                _ => None,
+            });
+            assert_eq!(kind, Some(want), "{messages:?}");
+        }
+        // A version-1 session knows no parts.
+        let (mut v1, _) = Session::new(
+            cfg("b", "a", 1 << 20),
+            &cluster("b", "10.2.0.0/16", "10.97.0.0/16"),
+            now,
+        );
+        let hello = Message::Hello {
+            cluster: id("a"),
+            name: "a".into(),
+        };
+        v1.handle_bytes(&encode_frame(&hello, 1 << 20).unwrap(), now);
+        let ev = v1.handle_bytes(&encode_frame(&begin(0), 1 << 20).unwrap(), now);
+        assert!(matches!(&ev[..], [Event::Close(e)] if e.kind() == "unexpected_message"));
+        assert_eq!(Version::from_alpn(b"trellis/2"), Some(Version::V2));
+        assert_eq!(Version::from_alpn(b"trellis/3"), None);
     }
 }

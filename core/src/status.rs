@@ -191,8 +191,21 @@ pub struct RemoteStatus {
     /// Its exported services (imported here when it is admitted).
     pub services: usize,
     pub endpoints: usize,
-    /// Why the mesh refuses it, naming both clusters and CIDRs; empty when admitted.
+    /// Why the mesh refuses it as a whole (no allowance, or this cluster's own ID); empty
+    /// when any of it is admitted.
     pub refused: Vec<String>,
+    /// The claims of it the mesh refuses (a node, a service CIDR, a service, an endpoint),
+    /// each naming the object, the claim and why (at most
+    /// [`crate::claims::MAX_LISTED_REFUSALS`]); the rest of the cluster works.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_claims: Vec<String>,
+    /// How many claims are refused in all (the list may be cut).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused_claims_total: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +242,27 @@ pub fn problems(status: &ControllerStatus) -> Vec<String> {
                 "{cluster}: peer cluster {peer} is refused: {}",
                 remote.refused.join("; ")
             ));
+        }
+        if remote.refused_claims_total > 0 {
+            const SHOWN: usize = 5;
+            let more = remote
+                .refused_claims_total
+                .saturating_sub(SHOWN.min(remote.refused_claims.len()));
+            let mut line = format!(
+                "{cluster}: peer cluster {peer}: {} claim(s) refused: {}",
+                remote.refused_claims_total,
+                remote
+                    .refused_claims
+                    .iter()
+                    .take(SHOWN)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            if more > 0 {
+                line.push_str(&format!(" (and {more} more)"));
+            }
+            out.push(line);
         }
         if !remote.session {
             out.push(format!("{cluster}: peer cluster {peer} is not connected"));
@@ -331,6 +365,8 @@ mod tests {
                 services: 1,
                 endpoints: 4,
                 refused: Vec::new(),
+                refused_claims: Vec::new(),
+                refused_claims_total: 0,
             }],
             nodes: vec![NodeStatus {
                 node: "node-0".into(),

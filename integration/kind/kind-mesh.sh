@@ -128,8 +128,9 @@ make_certificates() {
   fi
   for cluster in "${clusters[@]}"; do
     if [ ! -f "$certs/$cluster.pem" ]; then
-      say "issuing the certificate of $cluster"
-      run_trellis certs cluster --dir /certs --id "$cluster"
+      say "issuing the certificate of $cluster (with the ranges it may claim)"
+      run_trellis certs cluster --dir /certs --id "$cluster" \
+        --pod-cidr "${pod_subnet[$cluster]}" --service-cidr "${service_subnet[$cluster]}"
     fi
     k "$cluster" create namespace "$namespace" --dry-run=client -o yaml | k "$cluster" apply -f -
     k "$cluster" -n "$namespace" create secret generic trellis-tls \

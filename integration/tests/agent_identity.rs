@@ -265,9 +265,16 @@ fn certificates_replaced_under_a_running_lab_are_reloaded_without_a_peering_gap(
     )
     .unwrap();
     trellis_controller::agent_certs::write_agent_files(&dir, &node("c1", "node-1"), 7).unwrap();
+    // The same ranges as the lab gave c1 (read back from its certificate).
+    let c1_pem = std::fs::read_to_string(dir.join("c1.pem")).unwrap();
+    let c1_der = trellis_controller::tls::parse_certs(&c1_pem).unwrap();
+    let ranges = trellis_controller::certs::claim_ranges_of(&c1_der[0])
+        .unwrap()
+        .expect("the lab's certificate carries c1's ranges");
     trellis_controller::certs::write_cluster_files(
         &dir,
         &"c1".parse().unwrap(),
+        &ranges,
         trellis_controller::certs::Validity::days_from_now(7),
         true,
     )

@@ -204,21 +204,21 @@ fn a_cluster_overlapping_another_is_refused_naming_both() {
         status["remotes"]
             .as_array()?
             .iter()
-            .find(|r| r["cluster"] == "c2")?["refused"]
+            .find(|r| r["cluster"] == "c2")?["refused_claims"]
             .as_array()?
             .iter()
             .filter_map(|r| r.as_str())
             .find(|r| r.contains("10.1.1.0/24"))
             .map(str::to_string)
     })
-    .expect("c1 refuses c2's overlapping pod CIDR");
+    .expect("c1 refuses c2's node with the overlapping pod CIDR");
     assert!(
         refusal.contains("c2") && refusal.contains("c1"),
         "the refusal names both clusters: {refusal}"
     );
     let log = std::fs::read_to_string(lab.state_dir().join("clusters/c1/controller.log")).unwrap();
     assert!(
-        log.contains("refusing a remote cluster") && log.contains("10.1.1.0/24"),
+        log.contains("refusing a peer's claim") && log.contains("10.1.1.0/24"),
         "the refusal is logged:\n{log}"
     );
     // c1 keeps its own node's pods: still routed to c1/node-1, still reachable.

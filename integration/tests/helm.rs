@@ -455,6 +455,20 @@ fn the_controller_reads_its_configuration_and_its_runtime_switch() {
         Some("172.18.0.5:30743".parse().unwrap())
     );
     assert_eq!(cfg.peers[1].endpoint, None);
+    // What each peer may claim, and the per-peer quotas.
+    assert_eq!(
+        cfg.peers[0].allowance(),
+        Some(vec![
+            "10.12.0.0/16".parse().unwrap(),
+            "10.112.0.0/16".parse().unwrap()
+        ])
+    );
+    assert_eq!(
+        cfg.peers[1].allowance(),
+        None,
+        "only its certificate speaks for c3"
+    );
+    assert_eq!(cfg.peer_limits, Default::default());
     assert!(cfg.node_encryption);
     assert_eq!(cfg.service_cidrs, vec!["10.96.0.0/16".parse().unwrap()]);
     // The settings ConfigMap the controller watches is this one, and says the same.

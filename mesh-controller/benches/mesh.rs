@@ -44,7 +44,8 @@ fn node(name: &str, cidr: &str, key: u8) -> NodeState {
         pod_cidrs: vec![cidr.parse().unwrap()],
         internal_ips: vec![],
         gateway: Some(NodeGateway {
-            endpoint: "192.0.2.1:51820".parse().unwrap(),
+            // One address per key: a remote node at a local node's address would be refused.
+            endpoint: SocketAddr::from(([192, 0, 2, key], 51820)),
             public_key: PublicKey([key; 32]),
         }),
     }
@@ -147,7 +148,15 @@ async fn main() {
     let endpoints = arg("--endpoints", 10);
     let ca = certs::generate_ca("bench", Validity::days_from_now(1)).unwrap();
     let tls = |c: &str| {
-        let leaf = certs::generate_cluster_cert(&ca, &id(c), Validity::days_from_now(1)).unwrap();
+        // Each cluster may claim 10.0.0.0/7 (where the bench numbers everything: the full
+        // sync's endpoints are in 11.0.0.0/8).
+        let leaf = certs::generate_cluster_cert_with_ranges(
+            &ca,
+            &id(c),
+            &["10.0.0.0/7".parse().unwrap()],
+            Validity::days_from_now(1),
+        )
+        .unwrap();
         TlsMaterial {
             ca_pem: ca.cert_pem.clone(),
             cert_pem: leaf.cert_pem,

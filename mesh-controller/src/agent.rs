@@ -732,6 +732,7 @@ mod tests {
             Metrics::new().unwrap(),
         );
         h.set_configured_peers(vec![id("b")]);
+        h.set_configured_allowance(&id("b"), Some(vec!["10.0.0.0/8".parse().unwrap()]));
         h
     }
 

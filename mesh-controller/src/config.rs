@@ -8,6 +8,9 @@
 //! peers:
 //!   - id: west
 //!     endpoint: 192.0.2.20:7443  # omit if only the peer dials
+//!     podCIDRs: [10.2.0.0/16]    # what west may claim (with its certificate's ranges,
+//!     serviceCIDRs: [10.97.0.0/16] #  a claim must be inside both; with neither, nothing)
+//! peerLimits: {nodes: 1000, services: 10000, endpoints: 100000}  # per peer; the defaults
 //! leaseSeconds: 30
 //! heartbeatSeconds: 5
 //! nodeEncryption: false        # re-read at runtime: flipping it needs no restart
@@ -42,6 +45,74 @@ pub struct PeerEntry {
     pub id: ClusterId,
     #[serde(default)]
     pub endpoint: Option<SocketAddr>,
+    /// The pod ranges the peer may claim (see [`trellis_core::claims`]).
+    #[serde(default, rename = "podCIDRs", alias = "podCidrs")]
+    pub pod_cidrs: Option<Vec<IpNet>>,
+    /// The service ranges the peer may claim.
+    #[serde(default, rename = "serviceCIDRs", alias = "serviceCidrs")]
+    pub service_cidrs: Option<Vec<IpNet>>,
+}
+
+impl PeerEntry {
+    /// What the configuration allows the peer: `None` when it lists neither pod nor service
+    /// ranges (then only the peer's certificate speaks for it).
+    pub fn allowance(&self) -> Option<Vec<IpNet>> {
+        if self.pod_cidrs.is_none() && self.service_cidrs.is_none() {
+            return None;
+        }
+        Some(
+            self.pod_cidrs
+                .iter()
+                .chain(&self.service_cidrs)
+                .flatten()
+                .copied()
+                .collect(),
+        )
+    }
+}
+
+/// Per-peer quotas (`peerLimits`); the defaults fit 1,000 nodes, 10,000 services and 100,000
+/// endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerLimits {
+    #[serde(default = "default_limit_nodes")]
+    pub nodes: usize,
+    #[serde(default = "default_limit_services")]
+    pub services: usize,
+    #[serde(default = "default_limit_endpoints")]
+    pub endpoints: usize,
+}
+
+fn default_limit_nodes() -> usize {
+    trellis_core::claims::Limits::default().nodes
+}
+fn default_limit_services() -> usize {
+    trellis_core::claims::Limits::default().services
+}
+fn default_limit_endpoints() -> usize {
+    trellis_core::claims::Limits::default().endpoints
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        let l = trellis_core::claims::Limits::default();
+        Self {
+            nodes: l.nodes,
+            services: l.services,
+            endpoints: l.endpoints,
+        }
+    }
+}
+
+impl From<PeerLimits> for trellis_core::claims::Limits {
+    fn from(l: PeerLimits) -> Self {
+        Self {
+            nodes: l.nodes,
+            services: l.services,
+            endpoints: l.endpoints,
+        }
+    }
 }
 
 /// `nodeBootstrap`: the agent CA's key (the certificate is `agentTls.ca`) and the gateways'
@@ -140,8 +211,12 @@ pub struct Config {
     /// present in plaintext; whoever holds it can register any node.
     #[serde(default)]
     pub agent_token_file: Option<PathBuf>,
+    /// The largest peering frame (a peer's snapshot or delta) accepted, in bytes: a peer whose
+    /// state is larger is refused (its session closes; other peers are unaffected).
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: usize,
+    #[serde(default)]
+    pub peer_limits: PeerLimits,
 }
 
 fn default_listen() -> SocketAddr {
@@ -263,7 +338,10 @@ serviceCidrs: [10.96.0.0/16]
 peers:
   - id: west
     endpoint: 127.0.0.1:27443
+    podCIDRs: [10.2.0.0/16]
+    serviceCIDRs: [10.97.0.0/16, "fd97::/108"]
   - id: north
+peerLimits: {services: 500}
 leaseSeconds: 20
 heartbeatSeconds: 2
 nodeEncryption: true
@@ -275,6 +353,24 @@ agentListen: 127.0.0.1:7444
         let c = Config::parse(yaml).unwrap();
         assert_eq!(c.peers.len(), 2);
         assert_eq!(c.peers[1].endpoint, None);
+        assert_eq!(
+            c.peers[0].allowance(),
+            Some(
+                ["10.2.0.0/16", "10.97.0.0/16", "fd97::/108"]
+                    .iter()
+                    .map(|s| s.parse().unwrap())
+                    .collect()
+            )
+        );
+        assert_eq!(c.peers[1].allowance(), None);
+        assert_eq!(
+            c.peer_limits,
+            PeerLimits {
+                nodes: 1000,
+                services: 500,
+                endpoints: 100_000
+            }
+        );
         assert_eq!(
             c.source,
             SourceConfig::Kubernetes {

@@ -116,6 +116,21 @@ async fn run(config_path: PathBuf) -> Result<()> {
         },
         metrics.clone(),
     );
+    hub.set_claim_limits(cfg.peer_limits.into());
+    for peer in &cfg.peers {
+        hub.set_configured_allowance(&peer.id, peer.allowance());
+        if let Some(endpoint) = peer.endpoint {
+            hub.add_peer_controller_endpoint(&peer.id, endpoint.ip());
+        }
+    }
+    hub.set_local_addresses(
+        [Some(cfg.listen), cfg.metrics_listen, cfg.agent_listen]
+            .into_iter()
+            .flatten()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .collect(),
+    );
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(path) = &cfg.state_file {
         let store = FileStore { path: path.clone() };

@@ -5,33 +5,92 @@
 //! does not flap routes or DNS); then it is withdrawn. A connected peer that falls silent is
 //! expired by its session (`trellis_core::peering::Session`), which calls [`Mesh::withdraw`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use trellis_core::cluster::{self, ClusterError, ClusterId, ClusterState, Conflict, Delta};
+use ipnet::IpNet;
+use trellis_core::claims::{self, Allowance, Limits, LocalContext, Refusal, Screened, Verdict};
+use trellis_core::cluster::{ClusterError, ClusterId, ClusterState, Delta, PublicKey};
 
 #[derive(Debug, Clone)]
 pub struct Remote {
+    /// What the peer announced, as it announced it.
     pub state: Arc<ClusterState>,
+    /// What of it the mesh admits (see [`trellis_core::claims`]): what gateways, DNS and the
+    /// import writer see.
+    pub admitted: Arc<ClusterState>,
     pub connected: bool,
     pub last_heard: Instant,
     /// Wall-clock time of the last snapshot or delta, for metrics and status.
     pub last_sync: SystemTime,
-    /// `Some` when the mesh refuses this cluster.
-    pub refused: Option<Vec<Conflict>>,
+    /// Nothing of the cluster is admitted (no allowance, or our own ID).
+    pub whole: bool,
+    /// The refused claims (the first [`claims::MAX_LISTED_REFUSALS`]).
+    pub refusals: Vec<Refusal>,
+    /// Every refused claim by `(object kind, reason)`.
+    pub counts: BTreeMap<(&'static str, &'static str), usize>,
+    /// The last screening of `state` and what it was screened against.
+    screened: Option<ScreenCache>,
+}
+
+#[derive(Debug, Clone)]
+struct ScreenCache {
+    state: Arc<ClusterState>,
+    context: Arc<LocalContext>,
+    allowance: Allowance,
+    limits: Limits,
+    result: Screened,
+}
+
+impl Remote {
+    fn new(state: ClusterState, connected: bool, now: Instant, wall: SystemTime) -> Self {
+        let id = state.id.clone();
+        Self {
+            state: Arc::new(state),
+            // Nothing is admitted before admission ran.
+            admitted: Arc::new(ClusterState::new(id, String::new())),
+            connected,
+            last_heard: now,
+            last_sync: wall,
+            whole: true,
+            refusals: Vec::new(),
+            counts: BTreeMap::new(),
+            screened: None,
+        }
+    }
+
+    /// Whether anything of it is refused.
+    pub fn is_refused(&self) -> bool {
+        !self.counts.is_empty()
+    }
 }
 
 #[derive(Debug)]
 pub struct Mesh {
     lease: Duration,
     remotes: BTreeMap<ClusterId, Remote>,
+    /// What each peer may claim: from its certificate (as of its last session) and from the
+    /// configuration.
+    allowances: BTreeMap<ClusterId, Allowance>,
+    /// Where each peer's controller was reached or is configured.
+    controller_endpoints: BTreeMap<ClusterId, Vec<IpAddr>>,
+    /// Addresses of this cluster beyond its nodes' (the controller's own).
+    local_addresses: Vec<IpAddr>,
+    limits: Limits,
+    /// Who holds each remote WireGuard key (first claimant wins).
+    key_owners: BTreeMap<PublicKey, (ClusterId, String)>,
+    /// The local context of the last admission (shared by the screening caches).
+    local_context: Option<Arc<LocalContext>>,
 }
 
 /// What changed in the admission of remote clusters.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct AdmissionChanges {
-    pub newly_refused: Vec<(ClusterId, Vec<Conflict>)>,
+    /// Refusals not reported before.
+    pub newly_refused: Vec<Refusal>,
+    /// Clusters nothing of which is refused any more.
     pub newly_admitted: Vec<ClusterId>,
 }
 
@@ -40,7 +99,70 @@ impl Mesh {
         Self {
             lease,
             remotes: BTreeMap::new(),
+            allowances: BTreeMap::new(),
+            controller_endpoints: BTreeMap::new(),
+            local_addresses: Vec::new(),
+            limits: Limits::default(),
+            key_owners: BTreeMap::new(),
+            local_context: None,
         }
+    }
+
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The ranges the configuration allows `peer` (`None`: the configuration says nothing).
+    pub fn set_configured_allowance(&mut self, peer: &ClusterId, ranges: Option<Vec<IpNet>>) {
+        self.allowances.entry(peer.clone()).or_default().configured = ranges;
+    }
+
+    /// The ranges `peer`'s certificate allows (`None`: it carries none), as of its session.
+    /// Returns whether it changed.
+    pub fn set_certificate_allowance(
+        &mut self,
+        peer: &ClusterId,
+        ranges: Option<Vec<IpNet>>,
+    ) -> bool {
+        let entry = self.allowances.entry(peer.clone()).or_default();
+        let changed = entry.certificate != ranges;
+        entry.certificate = ranges;
+        changed
+    }
+
+    pub fn allowance(&self, peer: &ClusterId) -> Option<&Allowance> {
+        self.allowances.get(peer)
+    }
+
+    /// An address `peer`'s controller is reached at (kept: a prefix covering it is refused).
+    /// Returns whether it is new.
+    pub fn add_controller_endpoint(&mut self, peer: &ClusterId, address: IpAddr) -> bool {
+        let list = self.controller_endpoints.entry(peer.clone()).or_default();
+        if list.contains(&address) {
+            return false;
+        }
+        list.push(address);
+        // Bounded: the configured endpoint and the latest session addresses.
+        if list.len() > 8 {
+            list.remove(0);
+        }
+        true
+    }
+
+    /// This cluster's own addresses beyond its nodes' (the controller's).
+    pub fn set_local_addresses(&mut self, addresses: Vec<IpAddr>) {
+        self.local_addresses = addresses;
+    }
+
+    /// Forgets a peer no longer configured.
+    pub fn forget(&mut self, peer: &ClusterId) {
+        self.remotes.remove(peer);
+        self.allowances.remove(peer);
+        self.controller_endpoints.remove(peer);
     }
 
     pub fn lease(&self) -> Duration {
@@ -59,24 +181,26 @@ impl Mesh {
         self.remotes.get(id)
     }
 
-    /// The remote states the mesh admits, in cluster-ID order.
+    /// What the mesh admits of each remote state, in cluster-ID order (clusters refused
+    /// whole left out).
     pub fn admitted(&self) -> impl Iterator<Item = &Arc<ClusterState>> {
         self.remotes
             .values()
-            .filter(|r| r.refused.is_none())
-            .map(|r| &r.state)
+            .filter(|r| !r.whole)
+            .map(|r| &r.admitted)
     }
 
     /// A peer sent its full state.
     pub fn snapshot(&mut self, state: ClusterState, now: Instant, wall: SystemTime) {
         let id = state.id.clone();
-        let entry = Remote {
-            state: Arc::new(state),
-            connected: true,
-            last_heard: now,
-            last_sync: wall,
-            refused: self.remotes.get(&id).and_then(|r| r.refused.clone()),
-        };
+        let mut entry = Remote::new(state, true, now, wall);
+        if let Some(old) = self.remotes.remove(&id) {
+            // Keep what was reported so only new refusals are logged.
+            entry.admitted = old.admitted;
+            entry.whole = old.whole;
+            entry.refusals = old.refusals;
+            entry.counts = old.counts;
+        }
         self.remotes.insert(id, entry);
     }
 
@@ -84,16 +208,8 @@ impl Mesh {
     /// a lease from now unless its peer reconnects.
     pub fn restore(&mut self, state: ClusterState, now: Instant, wall: SystemTime) {
         let id = state.id.clone();
-        self.remotes.insert(
-            id,
-            Remote {
-                state: Arc::new(state),
-                connected: false,
-                last_heard: now,
-                last_sync: wall,
-                refused: None,
-            },
-        );
+        self.remotes
+            .insert(id, Remote::new(state, false, now, wall));
     }
 
     /// A peer sent a change; refused if it does not follow the state we hold.
@@ -111,6 +227,9 @@ impl Mesh {
                 to: delta.to,
             });
         };
+        // The screening cache shares the state: let go of it first, so the delta applies in
+        // place instead of copying the whole state.
+        remote.screened = None;
         Arc::make_mut(&mut remote.state).apply(delta)?;
         remote.connected = true;
         remote.last_heard = now;
@@ -164,27 +283,76 @@ impl Mesh {
             .min()
     }
 
-    /// Re-decides which remotes are admitted against `local` (see [`cluster::admit`]).
+    /// Re-decides what of each remote is admitted against `local` (see
+    /// [`trellis_core::claims::admit`]): linear in the remotes' objects plus `n log n` in
+    /// their CIDRs, whatever the number of peers.
     pub fn readmit(&mut self, local: &ClusterState) -> AdmissionChanges {
-        let verdicts = cluster::admit(local, self.remotes.values().map(|r| r.state.as_ref()));
+        let context = LocalContext::new(local, &self.local_addresses);
+        let context = match &self.local_context {
+            Some(old) if **old == context => old.clone(),
+            _ => Arc::new(context),
+        };
+        self.local_context = Some(context.clone());
+        let none = Allowance::default();
+        // Rules that depend on one peer alone are re-run only for peers whose state,
+        // allowance, limits or local context changed (a delta from one peer does not
+        // re-screen the others' services).
+        let mut screened = Vec::with_capacity(self.remotes.len());
+        for r in self.remotes.values_mut() {
+            let allowance = self.allowances.get(&r.state.id).unwrap_or(&none);
+            let fresh = r.screened.as_ref().is_some_and(|c| {
+                Arc::ptr_eq(&c.state, &r.state)
+                    && Arc::ptr_eq(&c.context, &context)
+                    && c.allowance == *allowance
+                    && c.limits == self.limits
+            });
+            if !fresh {
+                let peer = claims::Peer {
+                    state: r.state.as_ref(),
+                    allowance,
+                    controller_endpoints: &[],
+                };
+                r.screened = Some(ScreenCache {
+                    state: r.state.clone(),
+                    context: context.clone(),
+                    allowance: allowance.clone(),
+                    limits: self.limits,
+                    result: claims::screen(&peer, &context, &self.limits),
+                });
+            }
+            screened.push(r.screened.as_ref().expect("just set").result.clone());
+        }
+        let endpoints: Vec<(ClusterId, &[IpAddr])> = self
+            .controller_endpoints
+            .iter()
+            .map(|(id, list)| (id.clone(), list.as_slice()))
+            .collect();
+        let admission = claims::decide(screened, &endpoints, &self.key_owners);
+        self.key_owners = admission.key_owners;
         let mut changes = AdmissionChanges::default();
-        for (id, verdict) in verdicts {
+        for (id, verdict) in admission.verdicts {
             let Some(r) = self.remotes.get_mut(&id) else {
                 continue;
             };
-            match verdict {
-                Ok(()) => {
-                    if r.refused.take().is_some() {
-                        changes.newly_admitted.push(id);
-                    }
-                }
-                Err(conflicts) => {
-                    if r.refused.as_ref() != Some(&conflicts) {
-                        changes.newly_refused.push((id, conflicts.clone()));
-                    }
-                    r.refused = Some(conflicts);
-                }
+            let Verdict {
+                state,
+                refusals,
+                counts,
+                whole,
+            } = verdict;
+            let before: BTreeSet<&Refusal> = r.refusals.iter().collect();
+            changes
+                .newly_refused
+                .extend(refusals.iter().filter(|x| !before.contains(x)).cloned());
+            if counts.is_empty() && r.is_refused() {
+                changes.newly_admitted.push(id.clone());
             }
+            if !Arc::ptr_eq(&r.admitted, &state) && *r.admitted != *state {
+                r.admitted = state;
+            }
+            r.refusals = refusals;
+            r.counts = counts;
+            r.whole = whole;
         }
         changes
     }
@@ -199,11 +367,20 @@ mod tests {
         SystemTime::UNIX_EPOCH
     }
 
+    fn allow(m: &mut Mesh, peer: &str, ranges: &[&str]) {
+        m.set_configured_allowance(
+            &id(peer),
+            Some(ranges.iter().map(|r| r.parse().unwrap()).collect()),
+        );
+    }
+
     #[test]
     fn a_disconnected_peer_keeps_its_state_until_the_lease_runs_out() {
         let t0 = Instant::now();
         let mut m = Mesh::new(Duration::from_secs(30));
+        allow(&mut m, "b", &["10.2.0.0/16", "10.97.0.0/16"]);
         m.snapshot(cluster("b", "10.2.0.0/24", "10.97.0.0/16"), t0, wall());
+        m.readmit(&cluster("a", "10.1.0.0/24", "10.96.0.0/16"));
         m.heard(&id("b"), t0 + Duration::from_secs(1));
         m.disconnected(&id("b"));
         assert_eq!(m.next_expiry(), Some(t0 + Duration::from_secs(31)));
@@ -245,24 +422,67 @@ mod tests {
     }
 
     #[test]
+    fn one_peers_change_does_not_rescreen_the_others() {
+        let t0 = Instant::now();
+        let local = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
+        let mut m = Mesh::new(Duration::from_secs(30));
+        allow(&mut m, "b", &["10.2.0.0/16", "10.97.0.0/16"]);
+        allow(&mut m, "c", &["10.3.0.0/16", "10.98.0.0/16"]);
+        let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        export(&mut b.services, "shop", "web", "10.97.0.10", &["10.2.0.5"]);
+        let c = cluster("c", "10.3.0.0/24", "10.98.0.0/16");
+        m.snapshot(b, t0, wall());
+        m.snapshot(c.clone(), t0, wall());
+        m.readmit(&local);
+        let b_admitted = m.get(&id("b")).unwrap().admitted.clone();
+        // c changes: b's admitted state is the very same (screened once, shared).
+        let mut next = c.clone();
+        next.revision = 1;
+        export(&mut next.services, "shop", "db", "10.98.0.10", &[]);
+        m.delta(&c.delta_to(&next).unwrap(), t0, wall()).unwrap();
+        m.readmit(&local);
+        assert!(Arc::ptr_eq(&m.get(&id("b")).unwrap().admitted, &b_admitted));
+        assert_eq!(m.get(&id("c")).unwrap().admitted.services.len(), 1);
+        // The local cluster changes: everyone is screened again.
+        m.readmit(&cluster("a", "10.1.0.0/25", "10.96.0.0/16"));
+        assert_eq!(*m.get(&id("b")).unwrap().admitted, *b_admitted);
+    }
+
+    #[test]
     fn readmission_reports_refusals_once_and_recoveries() {
         let t0 = Instant::now();
         let local = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
         let mut m = Mesh::new(Duration::from_secs(30));
+        allow(&mut m, "b", &["10.0.0.0/8"]);
         m.snapshot(cluster("b", "10.1.0.0/25", "10.97.0.0/16"), t0, wall());
         let ch = m.readmit(&local);
         assert_eq!(ch.newly_refused.len(), 1);
-        assert!(
-            ch.newly_refused[0].1[0]
-                .to_string()
-                .contains("cluster b refused")
+        assert_eq!(
+            ch.newly_refused[0].to_string(),
+            "cluster b: node node-0 refused: pod CIDR 10.1.0.0/25 overlaps 10.1.0.0/24 \
+             of this cluster, a"
         );
-        assert_eq!(m.admitted().count(), 0);
-        assert_eq!(m.readmit(&local), AdmissionChanges::default());
-        // b renumbers: admitted again.
+        // Only the node is refused: b stays, without it.
+        assert_eq!(m.admitted().count(), 1);
+        assert!(m.admitted().next().unwrap().nodes.is_empty());
+        assert_eq!(
+            m.readmit(&local),
+            AdmissionChanges::default(),
+            "logged once"
+        );
+        // b renumbers: admitted whole again.
         m.snapshot(cluster("b", "10.2.0.0/24", "10.97.0.0/16"), t0, wall());
         let ch = m.readmit(&local);
         assert_eq!(ch.newly_admitted, vec![id("b")]);
-        assert_eq!(m.admitted().count(), 1);
+        assert_eq!(m.admitted().next().unwrap().nodes.len(), 1);
+        // Without any allowance, nothing of it is admitted, and the refusal says how to fix it.
+        m.set_configured_allowance(&id("b"), None);
+        let ch = m.readmit(&local);
+        assert_eq!(m.admitted().count(), 0);
+        assert!(
+            ch.newly_refused[0]
+                .to_string()
+                .contains("trellis certs cluster")
+        );
     }
 }

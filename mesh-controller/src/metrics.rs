@@ -51,6 +51,7 @@ pub struct Metrics {
     pub remote_clusters_connected: IntGauge,
     pub remote_cluster_ready: IntGaugeVec,
     pub remote_cluster_refused: IntGaugeVec,
+    pub refused_claims: IntGaugeVec,
     pub last_sync_timestamp: prometheus::GaugeVec,
     pub sync_lag: prometheus::GaugeVec,
     pub imported_services: IntGaugeVec,
@@ -124,6 +125,14 @@ impl Metrics {
                     "trellis_controller_remote_cluster_refused",
                     "1 if the remote cluster is refused (overlapping CIDRs or duplicate ID).",
                     &["cluster"],
+                )?,
+            )?,
+            refused_claims: reg(
+                &r,
+                gv(
+                    "trellis_controller_refused_claims",
+                    "Claims of a peer cluster the mesh refuses now, by object kind and reason.",
+                    &["peer", "kind", "reason"],
                 )?,
             )?,
             last_sync_timestamp: reg(
@@ -254,6 +263,35 @@ impl Metrics {
         self.protocol_failures.with_label_values(&[reason]).inc();
     }
 
+    /// Sets the refused-claims gauges of `peer` from its counts, zeroing the labels it no
+    /// longer has (the label set is bounded: object kinds × reasons per configured peer).
+    fn record_refused_claims(
+        &self,
+        peer: &ClusterId,
+        counts: &std::collections::BTreeMap<(&'static str, &'static str), usize>,
+    ) {
+        use trellis_core::claims::{OBJECT_KINDS, REASON_LABELS};
+        for kind in OBJECT_KINDS {
+            for reason in REASON_LABELS {
+                let n = counts.get(&(*kind, *reason)).copied().unwrap_or(0);
+                let gauge = self.refused_claims.get_metric_with_label_values(&[
+                    peer.as_str(),
+                    kind,
+                    reason,
+                ]);
+                if n > 0 {
+                    if let Ok(g) = gauge {
+                        g.set(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                } else {
+                    let _ = self
+                        .refused_claims
+                        .remove_label_values(&[peer.as_str(), kind, reason]);
+                }
+            }
+        }
+    }
+
     /// Records each configured remote cluster's readiness, sync and imports as `mesh` holds
     /// them, and how many are connected.
     pub fn record_remotes(&self, configured: &[ClusterId], mesh: &Mesh) {
@@ -265,13 +303,14 @@ impl Metrics {
                     if r.connected {
                         connected += 1;
                     }
-                    let ready = r.connected && r.refused.is_none();
+                    let ready = r.connected && !r.whole;
                     self.remote_cluster_ready
                         .with_label_values(&l)
                         .set(i64::from(ready));
                     self.remote_cluster_refused
                         .with_label_values(&l)
-                        .set(i64::from(r.refused.is_some()));
+                        .set(i64::from(r.whole));
+                    self.record_refused_claims(id, &r.counts);
                     let ts = r
                         .last_sync
                         .duration_since(std::time::SystemTime::UNIX_EPOCH)
@@ -281,12 +320,10 @@ impl Metrics {
                     self.sync_lag
                         .with_label_values(&l)
                         .set(r.last_heard.elapsed().as_secs_f64());
-                    let admitted = r.refused.is_none();
-                    let svcs = if admitted { r.state.services.len() } else { 0 };
-                    let eps = if admitted {
-                        r.state.endpoint_count()
+                    let (svcs, eps) = if r.whole {
+                        (0, 0)
                     } else {
-                        0
+                        (r.admitted.services.len(), r.admitted.endpoint_count())
                     };
                     self.imported_services
                         .with_label_values(&l)
@@ -298,6 +335,7 @@ impl Metrics {
                 None => {
                     self.remote_cluster_ready.with_label_values(&l).set(0);
                     self.remote_cluster_refused.with_label_values(&l).set(0);
+                    self.record_refused_claims(id, &Default::default());
                     self.imported_services.with_label_values(&l).set(0);
                     self.imported_endpoints.with_label_values(&l).set(0);
                 }

@@ -15,7 +15,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::task::JoinSet;
 use trellis_core::admission::SourceSlots;
 use trellis_core::cluster::ClusterId;
-use trellis_core::peering::{ALPN_V1, Event, PeeringError, Session, SessionConfig};
+use trellis_core::peering::{Event, PeeringError, Session, SessionConfig, Version};
 
 use crate::certs::identity_name;
 use crate::hub::Hub;
@@ -257,11 +257,16 @@ fn is_alpn_refusal(e: &quinn::ConnectionError) -> bool {
         if t.code == quinn::TransportErrorCode::crypto(120))
 }
 
-fn alpn_ok(conn: &Connection) -> bool {
+/// The protocol version the handshake negotiated, if it is one we speak.
+fn negotiated(conn: &Connection) -> Option<Version> {
     conn.handshake_data()
         .and_then(|d| d.downcast::<HandshakeData>().ok())
         .and_then(|d| d.protocol)
-        .is_some_and(|p| p == ALPN_V1)
+        .and_then(|p| Version::from_alpn(&p))
+}
+
+fn alpn_ok(conn: &Connection) -> bool {
+    negotiated(conn).is_some()
 }
 
 /// The peer's leaf certificate (DER), which tells two holders of the same cluster ID apart.
@@ -336,7 +341,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, hub: Hub, cfg: Arc<PeeringConfig
             drop(permit);
             if !alpn_ok(&conn) {
                 hub.metrics().auth_failure("alpn");
-                tracing::warn!(%remote, "peer did not negotiate {:?}", String::from_utf8_lossy(ALPN_V1));
+                tracing::warn!(%remote, "peer negotiated none of the protocol versions we speak (trellis/2, trellis/1)");
                 conn.close(VarInt::from_u32(close_code::PROTOCOL), b"alpn");
                 return;
             }
@@ -493,8 +498,10 @@ async fn drive(
     // peer's (both sides send theirs at once; QUIC flow control would otherwise deadlock).
     let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(OUT_QUEUE);
     let mut writer = tokio::spawn(write_frames(send, out_rx, cfg.lease));
+    let version = negotiated(conn).unwrap_or(Version::V1);
     let outcome = session_loop(
         hub,
+        version,
         &mut recv,
         peer,
         cfg,
@@ -531,6 +538,7 @@ async fn write_frames(
 #[allow(clippy::too_many_arguments)]
 async fn session_loop(
     hub: &Hub,
+    version: Version,
     recv: &mut RecvStream,
     peer: &ClusterId,
     cfg: &PeeringConfig,
@@ -548,7 +556,8 @@ async fn session_loop(
         lease: cfg.lease,
         max_frame: cfg.max_frame,
     };
-    let (mut session, mut pending) = Session::new(session_cfg, &local.state, Instant::now());
+    let (mut session, mut pending) =
+        Session::with_version(session_cfg, version, &local.state, Instant::now());
     loop {
         for event in pending.drain(..) {
             match event {

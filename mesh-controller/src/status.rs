@@ -87,7 +87,7 @@ fn remote_status(
         cluster: id.clone(),
         session,
         synced: r.is_some(),
-        ready: session && r.is_some_and(|r| r.connected && r.refused.is_none()),
+        ready: session && r.is_some_and(|r| r.connected && !r.whole),
         revision: r.map(|r| r.state.revision),
         last_sync_age_seconds: r
             .map(|r| wall.duration_since(r.last_sync).map_or(0, |d| d.as_secs())),
@@ -98,12 +98,20 @@ fn remote_status(
                 .ok()
                 .map(|d| d.as_secs())
         }),
-        nodes: r.map_or(0, |r| r.state.nodes.len()),
-        services: r.map_or(0, |r| r.state.services.len()),
-        endpoints: r.map_or(0, |r| r.state.endpoint_count()),
+        // What of it is admitted (and so routed and imported).
+        nodes: r.map_or(0, |r| r.admitted.nodes.len()),
+        services: r.map_or(0, |r| r.admitted.services.len()),
+        endpoints: r.map_or(0, |r| r.admitted.endpoint_count()),
         refused: r
-            .and_then(|r| r.refused.as_ref())
-            .map(|c| c.iter().map(|c| c.to_string()).collect())
+            .filter(|r| r.whole)
+            .map(|r| r.refusals.iter().map(ToString::to_string).collect())
             .unwrap_or_default(),
+        refused_claims: r
+            .filter(|r| !r.whole)
+            .map(|r| r.refusals.iter().map(ToString::to_string).collect())
+            .unwrap_or_default(),
+        refused_claims_total: r
+            .filter(|r| !r.whole)
+            .map_or(0, |r| r.counts.values().sum()),
     }
 }

@@ -6,8 +6,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use trellis_core::cluster::ClusterState;
+use trellis_core::cluster::{ClusterId, ClusterState};
 
 use crate::Error;
 use crate::gateway::GatewayRegistration;
@@ -21,6 +24,10 @@ pub struct Persisted {
     pub registrations: Vec<GatewayRegistration>,
     pub remotes: Vec<ClusterState>,
     pub node_encryption: bool,
+    /// The ranges each remote's certificate allowed at its last session, so its saved state
+    /// is admitted the same way after a restart, before it reconnects.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub certificate_allowances: BTreeMap<ClusterId, Vec<IpNet>>,
 }
 
 /// The disk seam.
@@ -137,6 +144,8 @@ mod tests {
             registrations: vec![],
             remotes: vec![cluster("b", "10.2.0.0/24", "10.97.0.0/16")],
             node_encryption: true,
+            certificate_allowances: [("b".parse().unwrap(), vec!["10.2.0.0/16".parse().unwrap()])]
+                .into(),
         }
     }
 

@@ -24,7 +24,7 @@ use rustls::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use trellis_core::cluster::ClusterId;
-use trellis_core::peering::ALPN_V1;
+use trellis_core::peering::ALPN_OFFERED;
 
 use crate::certs::cluster_id_from_name;
 use crate::metrics::Metrics;
@@ -387,7 +387,7 @@ pub fn server_config_with(
         .map_err(tls_err("choosing TLS 1.3"))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(CurrentKey(creds.clone())));
-    cfg.alpn_protocols = vec![ALPN_V1.to_vec()];
+    cfg.alpn_protocols = ALPN_OFFERED.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
 }
 
@@ -413,6 +413,6 @@ pub fn client_config_with(
             metrics,
         }))
         .with_client_cert_resolver(Arc::new(CurrentKey(creds.clone())));
-    cfg.alpn_protocols = vec![ALPN_V1.to_vec()];
+    cfg.alpn_protocols = ALPN_OFFERED.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
 }

@@ -172,8 +172,31 @@ fn two_controllers_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
     run(&["certs", "ca", "--dir", d, "--name", "test"]);
-    run(&["certs", "cluster", "--dir", d, "--id", "east"]);
-    run(&["certs", "cluster", "--dir", d, "--id", "west"]);
+    // Each certificate carries the ranges its cluster may claim (the peers route nothing else).
+    run(&[
+        "certs",
+        "cluster",
+        "--dir",
+        d,
+        "--id",
+        "east",
+        "--pod-cidr",
+        "10.10.0.0/16",
+        "--service-cidr",
+        "10.96.0.0/16",
+    ]);
+    run(&[
+        "certs",
+        "cluster",
+        "--dir",
+        d,
+        "--id",
+        "west",
+        "--pod-cidr",
+        "10.20.0.0/16",
+        "--service-cidr",
+        "10.97.0.0/16",
+    ]);
     std::fs::write(dir.path().join("agent-token"), "lab-token\n").unwrap();
     // Cluster, pod CIDR, service CIDR, web's cluster IP, web's endpoint.
     for (name, pods, services, web_ip, endpoint) in [

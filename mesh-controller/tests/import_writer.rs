@@ -244,6 +244,7 @@ fn hub_importing(services: &[&str]) -> trellis_controller::hub::Hub {
         trellis_controller::metrics::Metrics::new().unwrap(),
     );
     hub.set_configured_peers(vec![id("b")]);
+    hub.set_configured_allowance(&id("b"), Some(vec!["10.0.0.0/8".parse().unwrap()]));
     let a = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
     hub.set_source(trellis_controller::source::SourceState {
         nodes: a.nodes,

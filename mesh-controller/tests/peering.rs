@@ -52,9 +52,16 @@ impl Mesh {
         }
     }
 
+    /// A cluster's certificate; it may claim anything in 10.0.0.0/8 (the tests' clusters
+    /// number themselves there).
     fn material(&self, cluster: &str) -> TlsMaterial {
-        let leaf = certs::generate_cluster_cert(&self.ca, &id(cluster), Validity::days_from_now(1))
-            .unwrap();
+        let leaf = certs::generate_cluster_cert_with_ranges(
+            &self.ca,
+            &id(cluster),
+            &["10.0.0.0/8".parse().unwrap()],
+            Validity::days_from_now(1),
+        )
+        .unwrap();
         TlsMaterial {
             ca_pem: self.ca.cert_pem.clone(),
             cert_pem: leaf.cert_pem,
@@ -421,7 +428,7 @@ async fn refusals_close_only_the_offending_connection() {
 
     // A peer offering only a protocol version a does not speak.
     let mut cfg = client_config(&mesh.material("c"), Metrics::new().unwrap()).unwrap();
-    cfg.alpn_protocols = vec![b"trellis/2".to_vec()];
+    cfg.alpn_protocols = vec![b"trellis/3".to_vec()];
     let err = client_endpoint(cfg)
         .connect(aa, "a.cluster.trellis")
         .unwrap()
@@ -435,6 +442,20 @@ async fn refusals_close_only_the_offending_connection() {
         a.metric("trellis_controller_auth_failures_total{reason=\"alpn\"} 1")
     })
     .await;
+    // A peer of the previous release, offering only version 1, still gets in (as version 1).
+    let mut cfg = client_config(&mesh.material("c"), Metrics::new().unwrap()).unwrap();
+    cfg.alpn_protocols = vec![b"trellis/1".to_vec()];
+    let conn = client_endpoint(cfg)
+        .connect(aa, "a.cluster.trellis")
+        .unwrap()
+        .await
+        .expect("version 1 is still spoken");
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    assert_eq!(alpn.as_deref(), Some(&b"trellis/1"[..]));
+    conn.close(0u32.into(), b"done");
 
     // A controller configured with another cluster's certificate refuses to start.
     let wrong = Peering::start_on(
@@ -541,24 +562,30 @@ async fn overlapping_cidrs_are_refused_with_status_and_metric() {
     let overlapping = source("10.1.0.128/25", "10.97.0.0/16");
     let (mut a, mut b) = pair(&mesh, false, &[], source_a(), overlapping);
     eventually("a to hold b's state", || a.sees("b")).await;
-    eventually("b refused on a", || {
-        a.metric("trellis_controller_remote_cluster_refused{cluster=\"b\"} 1")
-    })
-    .await;
-    assert!(a.metric("trellis_controller_remote_cluster_ready{cluster=\"b\"} 0"));
+    // Only the overlapping node is refused (the local cluster keeps its range); b stays.
+    let refused = |peer: &str| {
+        format!(
+            "trellis_controller_refused_claims{{kind=\"node\",peer=\"{peer}\",reason=\"local_range\"}} 1"
+        )
+    };
+    eventually("b's node refused on a", || a.metric(&refused("b"))).await;
     let view = a.hub.subscribe_view();
-    assert!(view.borrow().as_ref().unwrap().remotes.is_empty());
-    // b refuses a too (a conflicts with b's own CIDRs from b's point of view).
-    eventually("a refused on b", || {
-        b.metric("trellis_controller_remote_cluster_refused{cluster=\"a\"} 1")
-    })
-    .await;
-    // b renumbers: admitted.
+    assert!(view.borrow().as_ref().unwrap().remotes[0].nodes.is_empty());
+    let status = a.hub.status();
+    assert!(
+        status.remotes[0].refused_claims[0].contains("pod CIDR 10.1.0.128/25 overlaps"),
+        "{status:?}"
+    );
+    // b refuses a's node too (it overlaps b's own CIDRs from b's point of view).
+    eventually("a's node refused on b", || b.metric(&refused("a"))).await;
+    // b renumbers: admitted whole.
     b.hub.set_source(source_b());
     eventually("b admitted on a", || {
         a.metric("trellis_controller_remote_cluster_ready{cluster=\"b\"} 1")
+            && !a.metric(&refused("b"))
     })
     .await;
+    assert_eq!(view.borrow().as_ref().unwrap().remotes[0].nodes.len(), 1);
     a.stop().await;
     b.stop().await;
 }

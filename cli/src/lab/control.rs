@@ -68,8 +68,8 @@ pub fn cluster_dir(dir: &Path, cluster: &Cluster) -> PathBuf {
     dir.join("clusters").join(&cluster.name)
 }
 
-/// The mesh CA, every cluster's certificate, and per cluster its agent CA with the
-/// controller's, DNS's and every node's agent certificate.
+/// The mesh CA, every cluster's certificate (carrying the ranges the cluster may claim), and
+/// per cluster its agent CA with the controller's, DNS's and every node's agent certificate.
 pub fn write_credentials(dir: &Path, state: &LabState) -> anyhow::Result<()> {
     let certs = certs_dir(dir);
     fs::create_dir_all(&certs)?;
@@ -79,9 +79,12 @@ pub fn write_credentials(dir: &Path, state: &LabState) -> anyhow::Result<()> {
         Validity::days_from_now(30),
         false,
     )?;
-    for cluster in &state.clusters {
+    for (index, cluster) in state.clusters.iter().enumerate() {
         let id = cluster.name.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-        write_cluster_files(&certs, &id, Validity::days_from_now(30), false)?;
+        // What the cluster may claim, signed by the lab's CA: its pod and service CIDRs
+        // (peers route nothing else of it).
+        let ranges = [cluster.pod_cidr, service_cidr(index).parse()?];
+        write_cluster_files(&certs, &id, &ranges, Validity::days_from_now(30), false)?;
         let mut identities = vec![
             AgentIdentity::Controller {
                 cluster: cluster.name.clone(),

@@ -84,8 +84,18 @@ peers:
     {{- with .endpoint }}
     endpoint: {{ . | quote }}
     {{- end }}
+    {{- if hasKey . "podCIDRs" }}
+    podCIDRs: {{ toJson .podCIDRs }}
+    {{- end }}
+    {{- if hasKey . "serviceCIDRs" }}
+    serviceCIDRs: {{ toJson .serviceCIDRs }}
+    {{- end }}
 {{- else }} []
 {{- end }}
+peerLimits:
+  nodes: {{ int $v.peering.limits.nodes }}
+  services: {{ int $v.peering.limits.services }}
+  endpoints: {{ int $v.peering.limits.endpoints }}
 leaseSeconds: {{ $v.peering.leaseSeconds }}
 heartbeatSeconds: {{ $v.peering.heartbeatSeconds }}
 nodeEncryption: {{ .nodeEncryption }}

@@ -187,6 +187,38 @@ impl Hub {
         )
     }
 
+    /// The ranges the configuration allows `peer` to claim (`peers[].podCIDRs/serviceCIDRs`;
+    /// `None`: the configuration says nothing, so only its certificate speaks for it).
+    pub fn set_configured_allowance(&self, peer: &ClusterId, ranges: Option<Vec<IpNet>>) {
+        let mut inner = self.lock();
+        inner.mesh.set_configured_allowance(peer, ranges);
+        self.republish(&mut inner);
+    }
+
+    /// Where `peer`'s controller is configured to be reached: no peer may claim a range
+    /// covering it.
+    pub fn add_peer_controller_endpoint(&self, peer: &ClusterId, address: std::net::IpAddr) {
+        let mut inner = self.lock();
+        if inner.mesh.add_controller_endpoint(peer, address) {
+            self.republish(&mut inner);
+        }
+    }
+
+    /// Per-peer quotas on nodes, services and endpoints.
+    pub fn set_claim_limits(&self, limits: trellis_core::claims::Limits) {
+        let mut inner = self.lock();
+        inner.mesh.set_limits(limits);
+        self.republish(&mut inner);
+    }
+
+    /// This cluster's addresses beyond its nodes' (the controller's own, other underlay
+    /// addresses): no peer may claim a range covering them.
+    pub fn set_local_addresses(&self, addresses: Vec<std::net::IpAddr>) {
+        let mut inner = self.lock();
+        inner.mesh.set_local_addresses(addresses);
+        self.republish(&mut inner);
+    }
+
     pub fn set_configured_peers(&self, peers: Vec<ClusterId>) {
         self.metrics
             .remote_clusters_configured
@@ -201,7 +233,7 @@ impl Hub {
             .collect();
         inner.configured = peers;
         for id in gone {
-            inner.mesh.withdraw(&id);
+            inner.mesh.forget(&id);
             inner.sessions.cancel(&id);
         }
         self.republish(&mut inner);
@@ -280,13 +312,17 @@ impl Hub {
         }
         let local = inner.local.clone();
         let changes = inner.mesh.readmit(&local);
-        for (id, conflicts) in &changes.newly_refused {
-            for c in conflicts {
-                tracing::error!(cluster = %id, conflict = %c, "refusing a remote cluster");
-            }
+        for r in &changes.newly_refused {
+            tracing::error!(
+                cluster = %r.cluster,
+                kind = r.object.kind(),
+                reason = r.reason.label(),
+                refusal = %r,
+                "refusing a peer's claim"
+            );
         }
         for id in &changes.newly_admitted {
-            tracing::info!(cluster = %id, "remote cluster admitted");
+            tracing::info!(cluster = %id, "nothing of the remote cluster is refused any more");
         }
         inner.view_revision += 1;
         let remotes: Vec<Arc<ClusterState>> = inner.mesh.admitted().cloned().collect();
@@ -322,7 +358,7 @@ mod tests {
     use crate::sessions::SessionRefusal;
 
     fn hub(id_: &str) -> Hub {
-        Hub::new(
+        let h = Hub::new(
             HubConfig {
                 id: id(id_),
                 name: id_.into(),
@@ -333,7 +369,16 @@ mod tests {
                 startup_grace: Duration::ZERO,
             },
             Metrics::new().unwrap(),
-        )
+        );
+        allow_peers(&h);
+        h
+    }
+
+    /// Every peer of these tests may claim 10.0.0.0/8 (by configuration).
+    fn allow_peers(h: &Hub) {
+        for peer in ["a", "b", "c", "d"] {
+            h.set_configured_allowance(&id(peer), Some(vec!["10.0.0.0/8".parse().unwrap()]));
+        }
     }
 
     fn source(pod: &str) -> SourceState {
@@ -360,6 +405,7 @@ mod tests {
             },
             Metrics::new().unwrap(),
         );
+        allow_peers(&h);
         h.set_configured_peers(vec![id("b"), id("c")]);
         h.set_source(source("10.1.0.0/24"));
         assert!(
@@ -379,6 +425,7 @@ mod tests {
         );
         // Or the grace period ends.
         let h2 = Hub::new(h.config().clone(), Metrics::new().unwrap());
+        allow_peers(&h2);
         h2.set_configured_peers(vec![id("b")]);
         h2.set_source(source("10.1.0.0/24"));
         h2.expire(Instant::now() + Duration::from_secs(29));
@@ -409,6 +456,7 @@ mod tests {
             },
             Metrics::new().unwrap(),
         );
+        allow_peers(&after);
         assert!(after.persisted().is_none(), "nothing to save yet");
         after.restore(saved.clone());
         after.set_configured_peers(vec![id("b")]);
@@ -543,12 +591,20 @@ mod tests {
         h.peer_snapshot(b);
         h.peer_snapshot(cluster("c", "10.1.0.0/25", "10.98.0.0/16"));
         let view = h.subscribe_view().borrow().clone().unwrap();
-        assert_eq!(view.remotes.len(), 1);
+        // c's only node claims part of our pod CIDR: that node is refused, c stays.
+        assert_eq!(view.remotes.len(), 2);
         assert_eq!(view.remotes[0].id, id("b"));
+        assert!(view.remotes[1].nodes.is_empty());
         assert!(view.imports.services.contains_key("shop/web"));
         let text = h.metrics().render();
         assert!(
-            text.contains("trellis_controller_remote_cluster_refused{cluster=\"c\"} 1"),
+            text.contains(
+                "trellis_controller_refused_claims{kind=\"node\",peer=\"c\",reason=\"local_range\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("trellis_controller_remote_cluster_refused{cluster=\"c\"} 0"),
             "{text}"
         );
         assert!(
@@ -571,7 +627,16 @@ mod tests {
         assert_eq!((b.lag_seconds, b.last_sync_age_seconds), (Some(0), Some(0)));
         assert_eq!(b.services, 1);
         let c = remote(&status, "c");
-        assert!(!c.ready && c.refused[0].contains("10.1.0.0/25"), "{c:?}");
+        assert!(c.refused.is_empty(), "{c:?}");
+        assert_eq!(c.refused_claims_total, 1);
+        assert_eq!(
+            c.refused_claims,
+            vec![
+                "cluster c: node node-0 refused: pod CIDR 10.1.0.0/25 overlaps 10.1.0.0/24 \
+                 of this cluster, a"
+                    .to_string()
+            ]
+        );
         let _ticket = h
             .session_start(
                 &id("b"),
@@ -587,7 +652,308 @@ mod tests {
         assert!(node.report.is_none() && node.report_age_seconds.is_none());
         h.withdraw(&id("b"));
         let view = h.subscribe_view().borrow().clone().unwrap();
-        assert!(view.remotes.is_empty());
+        assert!(view.remotes.iter().all(|r| r.id != id("b")));
         assert!(view.imports.services.is_empty());
+    }
+}
+
+/// The attacks of issue 13 on the hub with scripted peer states: each must be refused while
+/// the rest of the peer and the real owners keep working.
+#[cfg(test)]
+mod claim_attacks {
+    use super::*;
+    use std::collections::BTreeMap;
+    use trellis_core::cluster::fixture::{cluster, export, id};
+    use trellis_core::cluster::{NodeGateway, NodeState, PublicKey};
+
+    use crate::gateway::GatewayRegistration;
+
+    fn hub() -> Hub {
+        Hub::new(
+            HubConfig {
+                id: id("a"),
+                name: "a".into(),
+                service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+                lease: Duration::from_secs(30),
+                node_encryption: false,
+                recent_deltas: 4,
+                startup_grace: Duration::ZERO,
+            },
+            Metrics::new().unwrap(),
+        )
+    }
+
+    fn node(name: &str, cidr: &str, endpoint: &str, key: u8) -> NodeState {
+        NodeState {
+            name: name.into(),
+            pod_cidrs: vec![cidr.parse().unwrap()],
+            internal_ips: vec![],
+            gateway: Some(NodeGateway {
+                endpoint: endpoint.parse().unwrap(),
+                public_key: PublicKey([key; 32]),
+            }),
+        }
+    }
+
+    /// Local a: node-0 (10.1.0.0/24) on the underlay 192.168.1.0/24 with key 1.
+    fn local_source() -> SourceState {
+        let mut c = cluster("x", "10.1.0.0/24", "10.96.0.0/16");
+        c.nodes.get_mut("node-0").unwrap().internal_ips = vec!["192.168.1.10".parse().unwrap()];
+        SourceState {
+            cluster_id: None,
+            service_cidrs: vec![],
+            nodes: c.nodes,
+            services: BTreeMap::new(),
+        }
+    }
+
+    /// c: the real owner of 10.3.0.0/24, key 3.
+    fn owner_c() -> ClusterState {
+        let mut c = cluster("c", "10.3.0.0/24", "10.98.0.0/16");
+        c.nodes.insert(
+            "node-0".into(),
+            node("node-0", "10.3.0.0/24", "192.168.3.10:51820", 3),
+        );
+        export(&mut c.services, "shop", "db", "10.98.0.10", &["10.3.0.5"]);
+        c
+    }
+
+    /// b: one honest node and service, and every attack of the issue.
+    fn attacker_b() -> ClusterState {
+        let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        b.nodes.insert(
+            "node-0".into(),
+            node("node-0", "10.2.0.0/24", "192.168.2.10:51820", 2),
+        );
+        for (name, cidr, key) in [
+            ("half-the-internet", "128.0.0.0/1", 20),
+            ("metadata", "169.254.169.254/32", 21),
+            ("default-v6", "::/0", 22),
+            ("underlay", "192.168.1.0/24", 23),
+            ("steals-c", "10.3.0.0/24", 24),
+            ("local-key", "10.2.1.0/24", 1),
+            ("c-key", "10.2.2.0/24", 3),
+        ] {
+            b.nodes
+                .insert(name.into(), node(name, cidr, "192.168.2.11:51820", key));
+        }
+        export(&mut b.services, "shop", "web", "10.97.0.10", &["10.2.0.5"]);
+        // A name that is no DNS-1123 label, bound for DNS and the Kubernetes API.
+        export(
+            &mut b.services,
+            "Shop",
+            "web;rm -rf",
+            "10.97.0.11",
+            &["10.2.0.6"],
+        );
+        b
+    }
+
+    /// This process's resident set (Linux), in KiB.
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
+    fn routed(view: &MeshView) -> Vec<(String, String, String)> {
+        view.remotes
+            .iter()
+            .flat_map(|r| {
+                r.nodes.values().flat_map(move |n| {
+                    n.pod_cidrs
+                        .iter()
+                        .map(move |c| (r.id.to_string(), n.name.clone(), c.to_string()))
+                })
+            })
+            .collect()
+    }
+
+    fn nets(list: &[&str]) -> Option<Vec<ipnet::IpNet>> {
+        Some(list.iter().map(|s| s.parse().unwrap()).collect())
+    }
+
+    fn setup() -> Hub {
+        let h = hub();
+        h.set_configured_peers(vec![id("b"), id("c")]);
+        h.set_configured_allowance(&id("b"), nets(&["10.2.0.0/16", "10.97.0.0/16"]));
+        h.set_configured_allowance(&id("c"), nets(&["10.3.0.0/16", "10.98.0.0/16"]));
+        h.set_source(local_source());
+        h.register_gateway(GatewayRegistration {
+            node: "node-0".into(),
+            endpoint: "192.168.1.10:51820".parse().unwrap(),
+            public_key: PublicKey([1; 32]),
+        });
+        h
+    }
+
+    #[test]
+    fn a_peer_claiming_what_is_not_its_own_loses_only_those_objects() {
+        // The owner is there first (the attacker arrives later).
+        let h = setup();
+        h.peer_snapshot(owner_c());
+        h.peer_snapshot(attacker_b());
+        check_attacks_refused(&h);
+        let status = h.status();
+        let b = status
+            .remotes
+            .iter()
+            .find(|r| r.cluster == id("b"))
+            .unwrap();
+        assert_eq!(b.refused_claims_total, 8, "{b:?}");
+        assert!(b.refused_claims.iter().any(|r| r.contains("128.0.0.0/1")));
+        assert!(
+            status
+                .remotes
+                .iter()
+                .any(|r| r.cluster == id("c") && r.refused_claims.is_empty())
+        );
+        let problems = trellis_core::status::problems(&status);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("peer cluster b: 8 claim(s) refused")),
+            "{problems:?}"
+        );
+        // The encryption toggle still reaches the gateways' view afterwards.
+        let before = h.subscribe_view().borrow().as_ref().unwrap().revision;
+        h.set_node_encryption(true);
+        let view = h.subscribe_view().borrow().clone().unwrap();
+        assert!(view.node_encryption && view.revision > before);
+        let metrics = h.metrics().render();
+        for (kind, reason, n) in [
+            ("node", "too_broad", 2),
+            ("node", "special_range", 1),
+            ("node", "local_address", 1),
+            ("node", "outside_allowance", 1),
+            ("node", "local_key", 1),
+            ("node", "key_taken", 1),
+        ] {
+            let line = format!(
+                "trellis_controller_refused_claims{{kind=\"{kind}\",peer=\"b\",reason=\"{reason}\"}} {n}"
+            );
+            assert!(metrics.contains(&line), "{line} in {metrics}");
+        }
+        // Whatever the arrival order, no range claim of b's wins over c's. (Keys are not
+        // certified: the first claimant keeps one, so here b's copy of c's key is left out.)
+        let h = setup();
+        let mut b = attacker_b();
+        b.nodes.remove("c-key");
+        h.peer_snapshot(b);
+        h.peer_snapshot(owner_c());
+        let view = h.subscribe_view().borrow().clone().unwrap();
+        let routed = routed(&view);
+        assert!(routed.contains(&("c".into(), "node-0".into(), "10.3.0.0/24".into())));
+        assert!(
+            !routed
+                .iter()
+                .any(|(cl, _, c)| cl == "b" && c == "10.3.0.0/24")
+        );
+    }
+
+    fn check_attacks_refused(h: &Hub) {
+        let view = h.subscribe_view().borrow().clone().unwrap();
+        let routed = routed(&view);
+        for bad in [
+            "128.0.0.0/1",
+            "169.254.169.254/32",
+            "::/0",
+            "192.168.1.0/24",
+        ] {
+            assert!(
+                !routed.iter().any(|(_, _, c)| c == bad),
+                "ATTACK SUCCEEDED: {bad} is routed: {routed:?}"
+            );
+        }
+        for stolen_key in ["local-key", "c-key"] {
+            assert!(
+                !routed.iter().any(|(_, n, _)| n == stolen_key),
+                "ATTACK SUCCEEDED: node {stolen_key} with a stolen key is routed: {routed:?}"
+            );
+        }
+        assert!(
+            routed.contains(&("c".into(), "node-0".into(), "10.3.0.0/24".into())),
+            "ATTACK SUCCEEDED: the real owner c lost 10.3.0.0/24: {routed:?}"
+        );
+        assert!(
+            !routed
+                .iter()
+                .any(|(cl, _, c)| cl == "b" && c == "10.3.0.0/24"),
+            "ATTACK SUCCEEDED: b routes c's 10.3.0.0/24: {routed:?}"
+        );
+        assert!(
+            routed.contains(&("b".into(), "node-0".into(), "10.2.0.0/24".into())),
+            "the rest of b must keep working: {routed:?}"
+        );
+        assert!(view.imports.services.contains_key("shop/web"));
+        assert!(view.imports.services.contains_key("shop/db"));
+        assert!(
+            !view.imports.services.keys().any(|k| k.starts_with("Shop/")),
+            "ATTACK SUCCEEDED: a name that is not DNS-1123 is imported: {:?}",
+            view.imports.services.keys().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn two_hundred_thousand_services_trip_the_quota() {
+        let h = setup();
+        let mut b = cluster("b", "10.2.0.0/16", "10.97.0.0/16");
+        for i in 0..200_000u32 {
+            let ip = format!("10.97.{}.{}", (i / 250) % 250, i % 250 + 1);
+            export(&mut b.services, "load", &format!("s{i}"), &ip, &[]);
+        }
+        let rss_before = rss_kib();
+        let started = Instant::now();
+        h.peer_snapshot(b);
+        let took = started.elapsed();
+        let view = h.subscribe_view().borrow().clone().unwrap();
+        let imported = view.remotes[0].services.len();
+        // Another peer's updates still go through at once: its snapshot, then a delta.
+        let started = Instant::now();
+        h.peer_snapshot(owner_c());
+        let other = started.elapsed();
+        let mut c = owner_c();
+        let mut next = c.clone();
+        next.revision = c.revision + 1;
+        export(
+            &mut next.services,
+            "shop",
+            "new",
+            "10.98.0.11",
+            &["10.3.0.6"],
+        );
+        let started = Instant::now();
+        h.peer_delta(&c.delta_to(&next).unwrap()).unwrap();
+        let delta = started.elapsed();
+        c = next;
+        assert!(
+            h.subscribe_view()
+                .borrow()
+                .as_ref()
+                .unwrap()
+                .imports
+                .services
+                .contains_key("shop/new")
+        );
+        eprintln!(
+            "200000 services: admitted {imported} in {took:?} (RSS {} -> {} MiB); another \
+             peer's snapshot after it: {other:?}, its delta: {delta:?} (revision {})",
+            rss_before / 1024,
+            rss_kib() / 1024,
+            c.revision
+        );
+        assert!(h.subscribe_view().borrow().as_ref().unwrap().remotes.len() == 2);
+        assert!(
+            imported <= 10_000,
+            "ATTACK SUCCEEDED: {imported} services imported from one peer"
+        );
     }
 }

@@ -28,7 +28,26 @@ impl Hub {
         cert: &[u8],
         remote: std::net::SocketAddr,
     ) -> Result<SessionTicket, SessionRefusal> {
-        self.lock().sessions.start(peer, dialer, cert, remote)
+        let mut inner = self.lock();
+        let ticket = inner.sessions.start(peer, dialer, cert, remote)?;
+        // The certificate the handshake verified says what the peer may claim.
+        let ranges = match crate::certs::claim_ranges_of(cert) {
+            Ok(ranges) => ranges,
+            Err(e) => {
+                tracing::warn!(
+                    cluster = %peer,
+                    error = %trellis_core::error_chain(&e),
+                    "the peer's certificate has an unreadable address-range extension; it allows nothing"
+                );
+                Some(Vec::new())
+            }
+        };
+        let changed = inner.mesh.set_certificate_allowance(peer, ranges);
+        let new_endpoint = inner.mesh.add_controller_endpoint(peer, remote.ip());
+        if (changed || new_endpoint) && inner.mesh.get(peer).is_some() {
+            self.republish(&mut inner);
+        }
+        Ok(ticket)
     }
 
     /// Whether a session with `peer` is running.

@@ -29,6 +29,9 @@ impl Hub {
             .map(|r| (r.node.clone(), r))
             .collect();
         inner.node_encryption = p.node_encryption;
+        for (peer, ranges) in p.certificate_allowances {
+            inner.mesh.set_certificate_allowance(&peer, Some(ranges));
+        }
         let now = Instant::now();
         for remote in p.remotes {
             inner.seen_since_start.insert(remote.id.clone());
@@ -59,6 +62,15 @@ impl Hub {
                 .map(|r| (*r.state).clone())
                 .collect(),
             node_encryption: inner.node_encryption,
+            certificate_allowances: inner
+                .mesh
+                .remotes()
+                .keys()
+                .filter_map(|id| {
+                    let ranges = inner.mesh.allowance(id)?.certificate.clone()?;
+                    Some((id.clone(), ranges))
+                })
+                .collect(),
         })
     }
 }

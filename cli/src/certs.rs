@@ -2,7 +2,7 @@
 //! (mutual TLS; a cluster's identity is its certificate's `<id>.cluster.trellis` name).
 
 use clap::Args;
-use trellis_controller::certs::CertsCommand;
+use trellis_controller::certs_command::CertsCommand;
 
 #[derive(Args)]
 pub struct CertsArgs {

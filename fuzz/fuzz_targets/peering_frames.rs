@@ -4,7 +4,10 @@
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use trellis_core::cluster::{ClusterState, cidr_conflicts, fixture};
+use std::collections::BTreeMap;
+
+use trellis_core::claims::{self, Allowance, Limits, Peer};
+use trellis_core::cluster::{ClusterState, fixture};
 use trellis_core::framing::{FrameDecoder, FrameError};
 use trellis_core::peering::{Event, Message, Session, SessionConfig, encode_frame};
 use trellis_fuzz::chunked;
@@ -98,7 +101,7 @@ fuzz_target!(|data: &[u8]| {
                 Event::Transmit(_) => {}
                 Event::PeerSnapshot(state) => {
                     assert_eq!(state.id.as_str(), "b");
-                    let _ = cidr_conflicts(&local, &state);
+                    admitted_claims_stay_inside_the_allowance(&local, &state);
                     mirror = Some(state);
                 }
                 Event::PeerDelta(delta) => {
@@ -117,3 +120,37 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// Whatever a peer sends, what admission lets through claims only inside the peer's allowance
+/// and never a default-route-like prefix.
+fn admitted_claims_stay_inside_the_allowance(local: &ClusterState, state: &ClusterState) {
+    let allowance = Allowance {
+        certificate: Some(vec!["10.0.0.0/8".parse().unwrap()]),
+        configured: None,
+    };
+    let peers = [Peer {
+        state,
+        allowance: &allowance,
+        controller_endpoints: &[],
+    }];
+    let admission = claims::admit(local, &[], &peers, &Limits::default(), &BTreeMap::new());
+    let Some(verdict) = admission.verdicts.get(&state.id) else {
+        return;
+    };
+    let inside = |net: &ipnet::IpNet| {
+        allowance.certificate.as_ref().unwrap()[0].contains(net) && net.prefix_len() >= 8
+    };
+    for node in verdict.state.nodes.values() {
+        assert!(node.pod_cidrs.iter().all(inside), "{node:?}");
+    }
+    assert!(verdict.state.service_cidrs.iter().all(inside));
+    for service in verdict.state.services.values() {
+        for address in service
+            .cluster_ips
+            .iter()
+            .chain(service.endpoints.iter().flat_map(|e| e.addresses.iter()))
+        {
+            assert!(inside(&ipnet::IpNet::from(*address)), "{service:?}");
+        }
+    }
+}

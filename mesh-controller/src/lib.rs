@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod agent_certs;
 pub mod certs;
+pub mod certs_command;
 pub mod config;
 pub mod crd;
 pub mod gateway;

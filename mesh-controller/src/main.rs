@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use trellis_controller::certs::CertsCommand;
+use trellis_controller::certs_command::CertsCommand;
 use trellis_controller::config::{Config, SourceConfig};
 use trellis_controller::hub::{Hub, HubConfig};
 use trellis_controller::metrics::Metrics;

@@ -60,6 +60,16 @@ struct Args {
     /// DNS's private key.
     #[arg(long, value_name = "PATH", requires = "agent_ca")]
     agent_key: Option<PathBuf>,
+    /// On Kubernetes: the projected ServiceAccount token (audience `trellis-agent`) DNS proves
+    /// itself with to get (and renew, before it expires) its `dns.<cluster>.trellis`
+    /// certificate from the controller, written to --agent-cert and --agent-key. The
+    /// controller is any `agent.<id>.trellis` signed by --agent-ca (one agent CA per cluster)
+    /// unless --cluster-id pins it.
+    #[arg(long, value_name = "PATH", requires = "agent_ca")]
+    agent_bootstrap_token: Option<PathBuf>,
+    /// The cluster's ID: when given, a bootstrap accepts only that cluster's controller.
+    #[arg(long, value_name = "ID", requires = "agent_bootstrap_token")]
+    cluster_id: Option<String>,
     /// Catalog poll interval, milliseconds.
     #[arg(long, default_value_t = 1000)]
     catalog_poll_ms: u64,
@@ -143,8 +153,33 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let config = config(Args::parse())?;
+    let args = Args::parse();
+    let bootstrap = args
+        .agent_bootstrap_token
+        .clone()
+        .map(|token| (token, args.cluster_id.clone()));
+    let config = config(args)?;
     let zone = config.validate()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    if let (Some((token, cluster)), Some(files), Some(address)) =
+        (bootstrap, &config.agent_tls, &config.controller)
+    {
+        let renewer = trellis_agent_client::bootstrap::Renewer {
+            address: address.clone(),
+            ca: files.ca.clone(),
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            token,
+            cluster,
+            subject: trellis_agent_client::bootstrap::Subject::Dns,
+        };
+        // The first certificate before following the controller; renewals run with the
+        // server below.
+        runtime.block_on(renewer.first_then_spawn());
+    }
     let controller = match &config.controller {
         Some(addr) => {
             let transport = match (&config.agent_tls, &config.controller_token_file) {
@@ -181,10 +216,6 @@ fn main() -> anyhow::Result<()> {
     } else if config.upstreams.is_empty() {
         tracing::warn!("no upstream resolver: forwarded queries get SERVFAIL");
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
     runtime.block_on(async {
         let metrics = Metrics::new()?;
         let handle = ZoneHandle::new(zone, config.edns_udp_size, Some(metrics.clone()));

@@ -164,23 +164,70 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    if let (Some((token, cluster)), Some(files), Some(address)) =
-        (bootstrap, &config.agent_tls, &config.controller)
-    {
-        let renewer = trellis_agent_client::bootstrap::Renewer {
-            address: address.clone(),
-            ca: files.ca.clone(),
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-            token,
-            cluster,
-            subject: trellis_agent_client::bootstrap::Subject::Dns,
-        };
-        // The first certificate before following the controller; renewals run with the
-        // server below.
-        runtime.block_on(renewer.first_then_spawn());
+    // On Kubernetes the certificate comes from the controller: asked for once the server runs
+    // (it answers SERVFAIL in the zone, /readyz 503, and stays live meanwhile), then the
+    // subscription starts with it.
+    let renewer = match (bootstrap, &config.agent_tls, &config.controller) {
+        (Some((token, cluster)), Some(files), Some(address)) => {
+            Some(trellis_agent_client::bootstrap::Renewer {
+                address: address.clone(),
+                ca: files.ca.clone(),
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+                token,
+                cluster,
+                subject: trellis_agent_client::bootstrap::Subject::Dns,
+            })
+        }
+        _ => None,
+    };
+    let controller = if renewer.is_some() {
+        None
+    } else {
+        source(&config)?
+    };
+    if config.forward_for.is_empty() {
+        info!("forwarding is off (no --forward-for): queries outside the zone get REFUSED");
+    } else if config.upstreams.is_empty() {
+        tracing::warn!("no upstream resolver: forwarded queries get SERVFAIL");
     }
-    let controller = match &config.controller {
+    runtime.block_on(async {
+        let metrics = Metrics::new()?;
+        let handle = ZoneHandle::new(zone, config.edns_udp_size, Some(metrics.clone()));
+        let forwarder = Forwarder::new(config.upstreams.clone(), config.upstream_timeout);
+        let running = server::start(&config, handle.clone(), metrics.clone(), forwarder).await?;
+        if let Some(path) = config.catalog_file.clone() {
+            tokio::spawn(watch_file(handle, path, config.catalog_poll, metrics));
+        } else if let Some(renewer) = renewer {
+            let config = config.clone();
+            tokio::spawn(async move {
+                renewer.first_then_spawn().await;
+                match source(&config) {
+                    Ok(Some(source)) => follow(handle, source, metrics).await,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!("{e:#}: not following the controller");
+                    }
+                }
+            });
+        } else if let Some(source) = controller {
+            tokio::spawn(follow(handle, source, metrics));
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("shutting down");
+        running.shutdown();
+        Ok(())
+    })
+}
+
+/// The controller subscription's configuration (its TLS files loaded), if there is one.
+fn source(config: &Config) -> anyhow::Result<Option<trellis_agent_client::ClientConfig>> {
+    Ok(match &config.controller {
         Some(addr) => {
             let transport = match (&config.agent_tls, &config.controller_token_file) {
                 (Some(files), _) => trellis_agent_client::Transport::Tls(std::sync::Arc::new(
@@ -210,41 +257,21 @@ fn main() -> anyhow::Result<()> {
             })
         }
         None => None,
-    };
-    if config.forward_for.is_empty() {
-        info!("forwarding is off (no --forward-for): queries outside the zone get REFUSED");
-    } else if config.upstreams.is_empty() {
-        tracing::warn!("no upstream resolver: forwarded queries get SERVFAIL");
-    }
-    runtime.block_on(async {
-        let metrics = Metrics::new()?;
-        let handle = ZoneHandle::new(zone, config.edns_udp_size, Some(metrics.clone()));
-        let forwarder = Forwarder::new(config.upstreams.clone(), config.upstream_timeout);
-        let running = server::start(&config, handle.clone(), metrics.clone(), forwarder).await?;
-        if let Some(path) = config.catalog_file.clone() {
-            tokio::spawn(watch_file(handle, path, config.catalog_poll, metrics));
-        } else if let Some(source) = controller {
-            if let trellis_agent_client::Transport::Tls(tls) = &source.transport {
-                let expiry = metrics.certificate_expiry.clone();
-                tokio::spawn(trellis_agent_client::tls::watch_expiry(
-                    tls.clone(),
-                    std::time::Duration::from_secs(5),
-                    move |e| {
-                        expiry.with_label_values(&["dns"]).set(e.cert);
-                        expiry.with_label_values(&["ca"]).set(e.ca);
-                    },
-                ));
-            }
-            tokio::spawn(subscription::run(handle, source, metrics));
-        }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        info!("shutting down");
-        running.shutdown();
-        Ok(())
     })
+}
+
+/// Follows the controller (and exports when the agent certificate in use expires).
+async fn follow(handle: ZoneHandle, source: trellis_agent_client::ClientConfig, metrics: Metrics) {
+    if let trellis_agent_client::Transport::Tls(tls) = &source.transport {
+        let expiry = metrics.certificate_expiry.clone();
+        tokio::spawn(trellis_agent_client::tls::watch_expiry(
+            tls.clone(),
+            std::time::Duration::from_secs(5),
+            move |e| {
+                expiry.with_label_values(&["dns"]).set(e.cert);
+                expiry.with_label_values(&["ca"]).set(e.ca);
+            },
+        ));
+    }
+    subscription::run(handle, source, metrics).await;
 }

@@ -204,7 +204,7 @@ pub enum AgentAuth {
     /// without a certificate is refused.
     TlsWithBootstrap(Arc<ServerTls>, Arc<dyn NodeCertIssuer>),
     /// Deprecated: plaintext, and the shared token when given (anyone holding it can register
-    /// any node). Kept only until the chart issues node certificates.
+    /// any node). The chart uses it only behind `agent.legacyToken.enabled`.
     LegacyToken(Option<Arc<str>>),
 }
 

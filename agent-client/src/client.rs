@@ -127,7 +127,7 @@ pub enum Transport {
     /// Mutual TLS with the identity in the certificate (the normal mode).
     Tls(Arc<ClientTls>),
     /// Deprecated: plaintext TCP with the shared token in the hello, for a controller without
-    /// agent TLS. Only kept until the chart issues node certificates; see
+    /// agent TLS (the chart's only behind `agent.legacyToken.enabled`, insecure); see
     /// `docs/security-agent.md`.
     LegacyToken(Option<String>),
 }

@@ -101,8 +101,9 @@ pub struct AgentHello {
 pub enum AgentRole {
     Gateway(GatewayRegistration),
     Dns,
-    /// A gateway without a node certificate (yet) asks for one: the controller answers one
-    /// [`BootstrapIssued`] frame, or closes.
+    /// A gateway without a node certificate (yet) asks for one, or DNS for its
+    /// `dns.<cluster>.trellis` (`dns: true`): the controller answers one [`BootstrapIssued`]
+    /// frame, or closes.
     Bootstrap(NodeBootstrap),
 }
 
@@ -111,10 +112,14 @@ pub enum AgentRole {
 /// generated (the private half never leaves the node).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeBootstrap {
+    /// The node asked for (empty when `dns`).
     pub node: String,
     /// Not `token`: the hello's own (deprecated) `token` field shares the object.
     pub service_account_token: String,
     pub csr_pem: String,
+    /// DNS asks for its read-only identity with the DNS ServiceAccount's token (not a node's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dns: bool,
 }
 
 /// The controller's answer to a [`NodeBootstrap`]: the node's certificate and the agent CA.

@@ -60,6 +60,16 @@ struct Args {
     /// DNS's private key.
     #[arg(long, value_name = "PATH", requires = "agent_ca")]
     agent_key: Option<PathBuf>,
+    /// On Kubernetes: the projected ServiceAccount token (audience `trellis-agent`) DNS proves
+    /// itself with to get (and renew, before it expires) its `dns.<cluster>.trellis`
+    /// certificate from the controller, written to --agent-cert and --agent-key. The
+    /// controller is any `agent.<id>.trellis` signed by --agent-ca (one agent CA per cluster)
+    /// unless --cluster-id pins it.
+    #[arg(long, value_name = "PATH", requires = "agent_ca")]
+    agent_bootstrap_token: Option<PathBuf>,
+    /// The cluster's ID: when given, a bootstrap accepts only that cluster's controller.
+    #[arg(long, value_name = "ID", requires = "agent_bootstrap_token")]
+    cluster_id: Option<String>,
     /// Catalog poll interval, milliseconds.
     #[arg(long, default_value_t = 1000)]
     catalog_poll_ms: u64,
@@ -143,9 +153,81 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let config = config(Args::parse())?;
+    let args = Args::parse();
+    let bootstrap = args
+        .agent_bootstrap_token
+        .clone()
+        .map(|token| (token, args.cluster_id.clone()));
+    let config = config(args)?;
     let zone = config.validate()?;
-    let controller = match &config.controller {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    // On Kubernetes the certificate comes from the controller: asked for once the server runs
+    // (it answers SERVFAIL in the zone, /readyz 503, and stays live meanwhile), then the
+    // subscription starts with it.
+    let renewer = match (bootstrap, &config.agent_tls, &config.controller) {
+        (Some((token, cluster)), Some(files), Some(address)) => {
+            Some(trellis_agent_client::bootstrap::Renewer {
+                address: address.clone(),
+                ca: files.ca.clone(),
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+                token,
+                cluster,
+                subject: trellis_agent_client::bootstrap::Subject::Dns,
+            })
+        }
+        _ => None,
+    };
+    let controller = if renewer.is_some() {
+        None
+    } else {
+        source(&config)?
+    };
+    if config.forward_for.is_empty() {
+        info!("forwarding is off (no --forward-for): queries outside the zone get REFUSED");
+    } else if config.upstreams.is_empty() {
+        tracing::warn!("no upstream resolver: forwarded queries get SERVFAIL");
+    }
+    runtime.block_on(async {
+        let metrics = Metrics::new()?;
+        let handle = ZoneHandle::new(zone, config.edns_udp_size, Some(metrics.clone()));
+        let forwarder = Forwarder::new(config.upstreams.clone(), config.upstream_timeout);
+        let running = server::start(&config, handle.clone(), metrics.clone(), forwarder).await?;
+        if let Some(path) = config.catalog_file.clone() {
+            tokio::spawn(watch_file(handle, path, config.catalog_poll, metrics));
+        } else if let Some(renewer) = renewer {
+            let config = config.clone();
+            tokio::spawn(async move {
+                renewer.first_then_spawn().await;
+                match source(&config) {
+                    Ok(Some(source)) => follow(handle, source, metrics).await,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!("{e:#}: not following the controller");
+                    }
+                }
+            });
+        } else if let Some(source) = controller {
+            tokio::spawn(follow(handle, source, metrics));
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("shutting down");
+        running.shutdown();
+        Ok(())
+    })
+}
+
+/// The controller subscription's configuration (its TLS files loaded), if there is one.
+fn source(config: &Config) -> anyhow::Result<Option<trellis_agent_client::ClientConfig>> {
+    Ok(match &config.controller {
         Some(addr) => {
             let transport = match (&config.agent_tls, &config.controller_token_file) {
                 (Some(files), _) => trellis_agent_client::Transport::Tls(std::sync::Arc::new(
@@ -175,45 +257,21 @@ fn main() -> anyhow::Result<()> {
             })
         }
         None => None,
-    };
-    if config.forward_for.is_empty() {
-        info!("forwarding is off (no --forward-for): queries outside the zone get REFUSED");
-    } else if config.upstreams.is_empty() {
-        tracing::warn!("no upstream resolver: forwarded queries get SERVFAIL");
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    runtime.block_on(async {
-        let metrics = Metrics::new()?;
-        let handle = ZoneHandle::new(zone, config.edns_udp_size, Some(metrics.clone()));
-        let forwarder = Forwarder::new(config.upstreams.clone(), config.upstream_timeout);
-        let running = server::start(&config, handle.clone(), metrics.clone(), forwarder).await?;
-        if let Some(path) = config.catalog_file.clone() {
-            tokio::spawn(watch_file(handle, path, config.catalog_poll, metrics));
-        } else if let Some(source) = controller {
-            if let trellis_agent_client::Transport::Tls(tls) = &source.transport {
-                let expiry = metrics.certificate_expiry.clone();
-                tokio::spawn(trellis_agent_client::tls::watch_expiry(
-                    tls.clone(),
-                    std::time::Duration::from_secs(5),
-                    move |e| {
-                        expiry.with_label_values(&["dns"]).set(e.cert);
-                        expiry.with_label_values(&["ca"]).set(e.ca);
-                    },
-                ));
-            }
-            tokio::spawn(subscription::run(handle, source, metrics));
-        }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        info!("shutting down");
-        running.shutdown();
-        Ok(())
     })
+}
+
+/// Follows the controller (and exports when the agent certificate in use expires).
+async fn follow(handle: ZoneHandle, source: trellis_agent_client::ClientConfig, metrics: Metrics) {
+    if let trellis_agent_client::Transport::Tls(tls) = &source.transport {
+        let expiry = metrics.certificate_expiry.clone();
+        tokio::spawn(trellis_agent_client::tls::watch_expiry(
+            tls.clone(),
+            std::time::Duration::from_secs(5),
+            move |e| {
+                expiry.with_label_values(&["dns"]).set(e.cert);
+                expiry.with_label_values(&["ca"]).set(e.ca);
+            },
+        ));
+    }
+    subscription::run(handle, source, metrics).await;
 }

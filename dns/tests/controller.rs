@@ -412,6 +412,50 @@ async fn real_controller(
     std::path::PathBuf,
     Vec<tokio::task::JoinHandle<()>>,
 ) {
+    real_controller_with(dir, false).await
+}
+
+/// Issues DNS's identity for the token "DNS's token" (the API checks are the controller's
+/// `node_certs`, tested against a scripted API server).
+#[derive(Debug)]
+struct DnsIssuer(trellis_controller::certs::CertifiedKey);
+
+impl trellis_controller::agent::NodeCertIssuer for DnsIssuer {
+    fn issue<'a>(
+        &'a self,
+        subject: &'a trellis_controller::node_certs::Subject,
+        token: &'a str,
+        csr_pem: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<String, trellis_controller::node_certs::BootstrapRefusal>,
+                > + Send
+                + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            if *subject != trellis_controller::node_certs::Subject::Dns || token != "DNS's token" {
+                return Err(trellis_controller::node_certs::BootstrapRefusal::WrongServiceAccount);
+            }
+            trellis_controller::node_certs::sign_identity_certificate(
+                &self.0,
+                &dns_identity(),
+                csr_pem,
+            )
+        })
+    }
+}
+
+/// [`real_controller`], answering certificate requests when `bootstrap`.
+async fn real_controller_with(
+    dir: &std::path::Path,
+    bootstrap: bool,
+) -> (
+    SocketAddr,
+    std::path::PathBuf,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
     use trellis_controller::hub::{Hub, HubConfig};
 
     let path = dir.join("east.yaml");
@@ -441,12 +485,33 @@ async fn real_controller(
             cluster: "east".into(),
         },
     );
-    let tls = trellis_controller::agent::ServerTls::load(files).unwrap();
+    let auth = if bootstrap {
+        let paths = trellis_controller::agent_certs::agent_files(
+            dir,
+            &AgentIdentity::Controller {
+                cluster: "east".into(),
+            },
+        );
+        let ca = trellis_controller::certs::CertifiedKey {
+            cert_pem: std::fs::read_to_string(&paths.ca).unwrap(),
+            key_pem: std::fs::read_to_string(&paths.ca_key).unwrap(),
+        };
+        trellis_controller::agent::AgentAuth::TlsWithBootstrap(
+            std::sync::Arc::new(
+                trellis_controller::agent::ServerTls::load_allowing_bootstrap(files).unwrap(),
+            ),
+            std::sync::Arc::new(DnsIssuer(ca)),
+        )
+    } else {
+        trellis_controller::agent::AgentAuth::Tls(std::sync::Arc::new(
+            trellis_controller::agent::ServerTls::load(files).unwrap(),
+        ))
+    };
     let agent = tokio::spawn(trellis_controller::agent::serve(
         listener,
         hub,
         1 << 20,
-        trellis_controller::agent::AgentAuth::Tls(std::sync::Arc::new(tls)),
+        auth,
     ));
     (addr, path, vec![source, agent])
 }
@@ -535,25 +600,75 @@ impl Drop for Process {
 /// controller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_follows_the_real_controller() {
-    use std::io::BufRead;
-
     let dir = tempfile::tempdir().unwrap();
     let (addr, path, tasks) = real_controller(dir.path()).await;
     let files = agent_files(dir.path(), &dns_identity());
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-dns"))
+    binary_follows(addr, &path, tasks, |c| {
+        c.arg("--agent-ca")
+            .arg(&files.ca)
+            .arg("--agent-cert")
+            .arg(&files.cert)
+            .arg("--agent-key")
+            .arg(&files.key);
+    })
+    .await;
+}
+
+/// The binary as the chart runs it: no certificate, no cluster ID, only the agent CA and
+/// DNS's token; it gets dns.east.trellis from the controller (after its server started)
+/// and follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_bootstraps_its_identity_without_a_cluster_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, path, tasks) = real_controller_with(dir.path(), true).await;
+    let ca = trellis_controller::agent_certs::agent_files(dir.path(), &dns_identity()).ca;
+    let issued = tempfile::tempdir().unwrap();
+    let token = issued.path().join("token");
+    std::fs::write(&token, "DNS's token\n").unwrap();
+    let (cert, key) = (
+        issued.path().join("dns.pem"),
+        issued.path().join("dns-key.pem"),
+    );
+    binary_follows(addr, &path, tasks, |c| {
+        c.arg("--agent-ca")
+            .arg(&ca)
+            .arg("--agent-cert")
+            .arg(&cert)
+            .arg("--agent-key")
+            .arg(&key)
+            .arg("--agent-bootstrap-token")
+            .arg(&token);
+    })
+    .await;
+    let der =
+        trellis_controller::tls::parse_certs(&std::fs::read_to_string(&cert).unwrap()).unwrap();
+    assert_eq!(
+        trellis_agent_client::tls::identities_of(&der[0]),
+        [dns_identity()]
+    );
+}
+
+/// Runs `trellis-dns` against the controller at `addr` with the agent flags `agent` adds,
+/// and checks it serves the export in `path`, then its removal.
+async fn binary_follows(
+    addr: SocketAddr,
+    path: &std::path::Path,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    agent: impl FnOnce(&mut std::process::Command),
+) {
+    use std::io::BufRead;
+
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-dns"));
+    command
         .args(["--listen", "127.0.0.1:0", "--metrics", "off"])
         .args([
             "--upstream",
             "127.0.0.1:9",
             "--controller",
             &addr.to_string(),
-        ])
-        .arg("--agent-ca")
-        .arg(&files.ca)
-        .arg("--agent-cert")
-        .arg(&files.cert)
-        .arg("--agent-key")
-        .arg(&files.key)
+        ]);
+    agent(&mut command);
+    let child = command
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -590,7 +705,7 @@ async fn the_binary_follows_the_real_controller() {
         (a(&resolver, WEB).await == ["10.96.0.10"]).then_some(())
     })
     .await;
-    std::fs::write(&path, cluster_yaml(false)).unwrap();
+    std::fs::write(path, cluster_yaml(false)).unwrap();
     eventually_async("the export removed", WAIT, || async {
         (nxdomain(&resolver, WEB).await).then_some(())
     })

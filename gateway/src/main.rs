@@ -108,9 +108,12 @@ struct RunArgs {
     /// On Kubernetes: the projected ServiceAccount token (audience `trellis-agent`) this
     /// gateway proves its node with to get (and renew, before it expires) its node
     /// certificate from the controller, written to --agent-cert and --agent-key.
-    #[arg(long, requires_all = ["agent_ca", "cluster_id"])]
+    /// The controller is any `agent.<id>.trellis` signed by --agent-ca (one agent CA per
+    /// cluster), the ID learnt from it, unless --cluster-id pins it.
+    #[arg(long, requires = "agent_ca")]
     agent_bootstrap_token: Option<PathBuf>,
-    /// The cluster's ID (the controller's agent certificate names it); needed to bootstrap.
+    /// The cluster's ID (the controller's agent certificate names it): when given, a
+    /// bootstrap accepts only that cluster's controller.
     #[arg(long)]
     cluster_id: Option<String>,
     /// This node's name, as the controller knows it (a Kubernetes Node name).
@@ -319,27 +322,21 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
         Some(address) => {
             let transport = match (&args.agent_ca, &args.agent_cert, &args.agent_key) {
                 (Some(ca), Some(cert), Some(key)) => {
-                    if let (Some(token), Some(cluster)) =
-                        (&args.agent_bootstrap_token, &args.cluster_id)
-                    {
-                        let bootstrap = NodeBootstrap {
+                    if let Some(token) = &args.agent_bootstrap_token {
+                        let renewer = trellis_agent_client::bootstrap::Renewer {
                             address: address.to_string(),
                             ca: ca.clone(),
                             cert: cert.clone(),
                             key: key.clone(),
                             token: token.clone(),
-                            cluster: cluster.clone(),
-                            node: args.node_name.clone().context("--node-name")?,
+                            cluster: args.cluster_id.clone(),
+                            subject: trellis_agent_client::bootstrap::Subject::Node(
+                                args.node_name.clone().context("--node-name")?,
+                            ),
                         };
                         // The first certificate before following the controller (the data
                         // plane already runs on the restored plan); then renewals.
-                        bootstrap.until_valid().await;
-                        tokio::spawn(async move {
-                            loop {
-                                tokio::time::sleep(Duration::from_secs(600)).await;
-                                bootstrap.until_valid().await;
-                            }
-                        });
+                        renewer.first_then_spawn().await;
                     }
                     let tls = std::sync::Arc::new(
                         trellis_agent_client::ClientTls::load(trellis_agent_client::TlsFiles {
@@ -507,60 +504,4 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
     tracing::info!("stopping; routes to encrypted peers stay unreachable until restart");
     gateway.stop();
     Ok(())
-}
-
-/// A node certificate from the controller for this node's ServiceAccount token.
-#[derive(Debug, Clone)]
-struct NodeBootstrap {
-    address: String,
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    token: PathBuf,
-    cluster: String,
-    node: String,
-}
-
-impl NodeBootstrap {
-    /// Renewed a third of the way before a 24 h certificate expires.
-    const MARGIN: Duration = Duration::from_secs(8 * 3600);
-
-    /// Asks (retrying with backoff) until the certificate on disk is not due for renewal.
-    async fn until_valid(&self) {
-        let mut delay = Duration::from_secs(1);
-        while trellis_agent_client::bootstrap::renew_due(&self.cert, Self::MARGIN) {
-            match self.once().await {
-                Ok(()) => {
-                    tracing::info!(node = %self.node, cert = %self.cert.display(), "node certificate issued by the controller");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(node = %self.node, "node certificate: {e:#}; retrying in {delay:?}");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(60));
-                }
-            }
-        }
-    }
-
-    async fn once(&self) -> anyhow::Result<()> {
-        let token = std::fs::read_to_string(&self.token)
-            .with_context(|| format!("reading {}", self.token.display()))?;
-        let issued = trellis_agent_client::bootstrap::bootstrap(
-            &self.address,
-            &self.ca,
-            &self.cluster,
-            &self.node,
-            &token,
-            None,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", trellis_core::error_chain(&e)))?;
-        // The key first: a certificate never sits beside a key it does not match for long.
-        trellis_files::write_atomically(&self.key, issued.key_pem.as_bytes(), 0o600)
-            .with_context(|| format!("writing {}", self.key.display()))?;
-        trellis_files::write_atomically(&self.cert, issued.certificate_pem.as_bytes(), 0o644)
-            .with_context(|| format!("writing {}", self.cert.display()))?;
-        Ok(())
-    }
 }

@@ -205,13 +205,17 @@ fn value_sets() -> Vec<(&'static str, Vec<&'static str>)> {
         ("default values", vec![]),
         ("two peers, encryption on", vec!["-f", TWO_PEERS]),
         (
-            "agent TLS with node certificates",
+            "agent TLS with your own agent CA",
             vec![
                 "-f",
                 TWO_PEERS,
                 "--set",
                 "agent.tls.secretName=trellis-agent-tls",
             ],
+        ),
+        (
+            "the deprecated plaintext token",
+            vec!["--set", "agent.legacyToken.enabled=true"],
         ),
     ]
 }
@@ -323,8 +327,18 @@ fn the_schema_and_the_chart_refuse_bad_values_saying_which_and_why() {
         ),
         (&["--set", "mtu=100"], "at '/mtu': minimum"),
         (
-            &["--set", "agent.tls.secretName=trellis-agent-tls"],
-            "agent.tls.secretName needs cluster.id",
+            &[
+                "--set",
+                "agent.tls.secretName=trellis-agent-tls",
+                "--set",
+                "agent.legacyToken.enabled=true",
+            ],
+            "agent.tls.secretName and agent.legacyToken.enabled exclude each other",
+        ),
+        // The token's old place: the token is no longer the default, nor set by accident.
+        (
+            &["--set", "agent.existingSecret=trellis-agent-token"],
+            "at '/agent': additional properties 'existingSecret' not allowed",
         ),
         (&["--set", "mtu=65000"], "at '/mtu': maximum"),
         (
@@ -501,57 +515,146 @@ fn the_controller_reads_its_configuration_and_its_runtime_switch() {
             file.display()
         );
     }
-    // Agent TLS: the controller's agent files and the CA key are mounted, no token anywhere;
-    // it issues node certificates to the gateways' ServiceAccount, whose pods get a token for
-    // the trellis-agent audience only.
-    let docs = documents(
-        &template(&[
-            "-f",
-            TWO_PEERS,
-            "--set",
-            "agent.tls.secretName=trellis-agent-tls",
-        ])
-        .unwrap(),
-    );
-    let (yaml, _) = config_map_data(&docs);
-    let cfg = Config::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    assert!(cfg.agent_token_file.is_none());
-    let agent = cfg.agent_tls.as_ref().expect("agentTls");
-    let bootstrap = cfg.node_bootstrap.as_ref().expect("nodeBootstrap");
-    assert_eq!(
-        bootstrap.service_account(),
-        Some((NAMESPACE.to_owned(), "trellis-gateway".to_owned()))
-    );
-    let pod = &find(&docs, "Deployment", "trellis-controller")["spec"]["template"]["spec"];
-    let mounts: Vec<&str> = pod["containers"][0]["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["mountPath"].as_str().unwrap())
-        .collect();
-    for file in [&agent.ca, &agent.cert, &agent.key, &bootstrap.ca_key] {
+    // Agent TLS is the default, with no cluster ID and no certificate step: the chart's agent
+    // CA (ca.pem and its key) mounted into the controller only, which issues its own agent
+    // certificate into its state directory, node certificates to the gateways' ServiceAccount
+    // and DNS's identity to DNS's; gateways and DNS get the CA certificate alone and a token
+    // for the trellis-agent audience; no token Secret anywhere.
+    for (what, extra, ca_secret) in [
+        ("default values", vec![], "trellis-agent-ca"),
+        (
+            "your own agent CA",
+            vec![
+                "-f",
+                TWO_PEERS,
+                "--set",
+                "agent.tls.secretName=trellis-agent-tls",
+            ],
+            "trellis-agent-tls",
+        ),
+    ] {
+        let docs = documents(&template(&extra).unwrap());
+        let (yaml, _) = config_map_data(&docs);
+        let cfg = Config::parse(&yaml).unwrap_or_else(|e| panic!("{what}: {e}\n{yaml}"));
+        assert!(cfg.agent_token_file.is_none(), "{what}");
+        let (ca, cert, key, self_issued) = cfg.agent_tls_files().expect("agentTls");
         assert!(
-            mounts.iter().any(|m| file.starts_with(m)),
-            "{} is in no mount of {mounts:?}",
-            file.display()
+            self_issued,
+            "{what}: the controller issues its own agent certificate"
+        );
+        let bootstrap = cfg.node_bootstrap.as_ref().expect("nodeBootstrap");
+        assert_eq!(
+            bootstrap.service_account(),
+            Some((NAMESPACE.to_owned(), "trellis-gateway".to_owned()))
+        );
+        assert_eq!(
+            bootstrap.dns_service_account(),
+            Some((NAMESPACE.to_owned(), "trellis-dns".to_owned()))
+        );
+        let pod = &find(&docs, "Deployment", "trellis-controller")["spec"]["template"]["spec"];
+        let mounts: Vec<(&str, bool)> = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["mountPath"].as_str().unwrap(),
+                    m["readOnly"].as_bool().unwrap_or(false),
+                )
+            })
+            .collect();
+        for (file, writable) in [
+            (&ca, false),
+            (&bootstrap.ca_key, false),
+            (&cert, true),
+            (&key, true),
+        ] {
+            assert!(
+                mounts
+                    .iter()
+                    .any(|(m, ro)| file.starts_with(m) && (!writable || !ro)),
+                "{what}: {} is in no {} mount of {mounts:?}",
+                file.display(),
+                if writable { "writable" } else { "" }
+            );
+        }
+        let items = |spec: &Value, volume: &str| -> (String, Vec<String>) {
+            let v = spec["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == volume)
+                .unwrap_or_else(|| panic!("{what}: no volume {volume}"));
+            (
+                v["secret"]["secretName"].as_str().unwrap().to_owned(),
+                v["secret"]["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i["key"].as_str().unwrap().to_owned())
+                    .collect(),
+            )
+        };
+        assert_eq!(
+            items(pod, "agent-ca"),
+            (
+                ca_secret.to_owned(),
+                vec!["ca.pem".into(), "ca-key.pem".into()]
+            )
+        );
+        for (kind, name, account) in [
+            ("DaemonSet", "trellis-gateway", "trellis-gateway"),
+            ("Deployment", "trellis-dns", "trellis-dns"),
+        ] {
+            let spec = &find(&docs, kind, name)["spec"]["template"]["spec"];
+            assert_eq!(spec["serviceAccountName"], account);
+            assert_eq!(
+                items(spec, "agent-ca"),
+                (ca_secret.to_owned(), vec!["ca.pem".into()]),
+                "{what}: {name} gets the CA certificate, never its key"
+            );
+            let identity = spec["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == "agent-identity")
+                .expect("the agent token volume");
+            assert_eq!(
+                identity["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+                "trellis-agent"
+            );
+            let command = spec["containers"][0]["command"].to_string();
+            assert!(command.contains("--agent-bootstrap-token="), "{command}");
+            assert!(!command.contains("token-file"), "{command}");
+            // The cluster ID pins the controller only when the chart knows it.
+            assert_eq!(
+                command.contains("--cluster-id="),
+                cfg.cluster_id.is_some(),
+                "{what}: {command}"
+            );
+        }
+        let rendered = serde_json::to_string(&docs).unwrap();
+        assert!(!rendered.contains("agent-token"), "{what}");
+        assert!(!rendered.contains("agentTokenFile"), "{what}");
+        // The chart makes the CA only when none is given.
+        assert_eq!(
+            docs.iter()
+                .any(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "trellis-agent-ca"),
+            ca_secret == "trellis-agent-ca",
+            "{what}"
         );
     }
-    let gateway = &find(&docs, "DaemonSet", "trellis-gateway")["spec"]["template"]["spec"];
-    assert_eq!(gateway["serviceAccountName"], "trellis-gateway");
-    let identity = gateway["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "agent-identity")
-        .expect("the gateway's agent token volume");
-    assert_eq!(
-        identity["projected"]["sources"][0]["serviceAccountToken"]["audience"],
-        "trellis-agent"
-    );
+    // The deprecated token only when asked for, everywhere at once.
+    let docs = documents(&template(&["--set", "agent.legacyToken.enabled=true"]).unwrap());
+    let (yaml, _) = config_map_data(&docs);
+    let cfg = Config::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    assert!(cfg.agent_tls.is_none() && cfg.node_bootstrap.is_none());
+    assert!(cfg.agent_token_file.is_some());
+    find(&docs, "Secret", "trellis-agent-token");
     assert!(
-        !serde_json::to_string(&docs)
-            .unwrap()
-            .contains("agent-token")
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "trellis-agent-ca")
     );
     // Default values: no ID (the ClusterProperty gives it), nobody to peer with, off.
     let (yaml, cm) = config_map_data(&documents(&template(&[]).unwrap()));
@@ -863,4 +966,106 @@ fn the_kind_recipe_and_the_scripts_are_shellcheck_clean() {
         .output()
         .unwrap();
     assert!(out.status.success(), "shellcheck: {}", text(&out));
+}
+
+/// The agent CA the chart generates (Helm's genCA: RSA, its key PKCS#1) is one the controller
+/// can use: it issues its own agent.<id>.trellis from it (the ID known only at runtime), and
+/// DNS, pinning only that CA, bootstraps its identity and learns the cluster from the
+/// controller's certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_agent_ca_serves_the_controller_and_bootstraps_dns_without_a_cluster_id() {
+    needs!("helm");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use trellis_agent_client::bootstrap::Subject;
+    use trellis_core::agent::{AgentHello, AgentIdentity, AgentRole, BootstrapIssued};
+    let docs = documents(&template(&[]).unwrap());
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(find(&docs, "Secret", "trellis-agent-ca").clone()).unwrap();
+    let data = secret.data.unwrap();
+    let ca_pem = String::from_utf8(data["ca.pem"].0.clone()).unwrap();
+    let key_pem = String::from_utf8(data["ca-key.pem"].0.clone()).unwrap();
+    assert!(key_pem.contains("RSA PRIVATE KEY"), "genCA's PKCS#1 key");
+    let ca = trellis_controller::certs::CertifiedKey {
+        cert_pem: ca_pem.clone(),
+        key_pem: trellis_controller::agent_certs::ca_key_pem(&key_pem).unwrap(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let files = trellis_agent_client::TlsFiles {
+        ca: dir.path().join("ca.pem"),
+        cert: dir.path().join("agent.pem"),
+        key: dir.path().join("agent-key.pem"),
+    };
+    std::fs::write(&files.ca, &ca_pem).unwrap();
+    trellis_controller::agent_certs::write_controller_cert(&ca, "c1", &files.cert, &files.key)
+        .unwrap();
+    let server = trellis_agent_client::ServerTls::load_allowing_bootstrap(files.clone()).unwrap();
+    assert_eq!(
+        server.material().identity,
+        AgentIdentity::Controller {
+            cluster: "c1".into()
+        }
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let signer = ca.clone();
+    // The controller's side of one bootstrap (the token checks are node_certs', tested
+    // against a scripted API server): DNS's identity for DNS's request.
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = server.acceptor().accept(tcp).await.unwrap();
+        let mut decoder = trellis_core::framing::FrameDecoder::new(1 << 20);
+        let mut buf = vec![0u8; 16 * 1024];
+        let hello = loop {
+            if let Some(hello) = decoder.next_json::<AgentHello>().unwrap() {
+                break hello;
+            }
+            let n = tls.read(&mut buf).await.unwrap();
+            decoder.push(&buf[..n]);
+        };
+        let AgentRole::Bootstrap(request) = hello.role else {
+            panic!("not a bootstrap")
+        };
+        assert!(request.dns);
+        let certificate_pem = trellis_controller::node_certs::sign_identity_certificate(
+            &signer,
+            &AgentIdentity::Dns {
+                cluster: "c1".into(),
+            },
+            &request.csr_pem,
+        )
+        .unwrap();
+        let answer = BootstrapIssued {
+            certificate_pem,
+            ca_pem: signer.cert_pem.clone(),
+        };
+        let frame = trellis_core::framing::encode_json_frame(&answer, "answer", 1 << 20).unwrap();
+        tls.write_all(&frame).await.unwrap();
+        let _ = tls.shutdown().await;
+    });
+    let issued = trellis_agent_client::bootstrap::bootstrap_as(
+        &addr.to_string(),
+        &files.ca,
+        None,
+        &Subject::Dns,
+        "a projected token",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(issued.cluster, "c1");
+    let (cert, key) = (dir.path().join("dns.pem"), dir.path().join("dns-key.pem"));
+    std::fs::write(&cert, &issued.certificate_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
+    let client = trellis_agent_client::ClientTls::load(trellis_agent_client::TlsFiles {
+        ca: files.ca.clone(),
+        cert,
+        key,
+    })
+    .unwrap();
+    assert_eq!(
+        client.material().identity,
+        AgentIdentity::Dns {
+            cluster: "c1".into()
+        }
+    );
 }

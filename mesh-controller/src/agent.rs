@@ -204,16 +204,17 @@ pub enum AgentAuth {
     /// without a certificate is refused.
     TlsWithBootstrap(Arc<ServerTls>, Arc<dyn NodeCertIssuer>),
     /// Deprecated: plaintext, and the shared token when given (anyone holding it can register
-    /// any node). Kept only until the chart issues node certificates.
+    /// any node). The chart uses it only behind `agent.legacyToken.enabled`.
     LegacyToken(Option<Arc<str>>),
 }
 
 /// Who decides node-certificate requests (on Kubernetes, [`crate::node_certs::NodeIssuer`]).
 pub trait NodeCertIssuer: Send + Sync + std::fmt::Debug {
-    /// A certificate (PEM) for the key of `csr_pem` if `token` proves its holder is `node`.
+    /// A certificate (PEM) for the key of `csr_pem` if `token` proves its holder is
+    /// `subject` (a node's gateway, or DNS).
     fn issue<'a>(
         &'a self,
-        node: &'a str,
+        subject: &'a crate::node_certs::Subject,
         token: &'a str,
         csr_pem: &'a str,
     ) -> std::pin::Pin<
@@ -224,14 +225,14 @@ pub trait NodeCertIssuer: Send + Sync + std::fmt::Debug {
 impl NodeCertIssuer for crate::node_certs::NodeIssuer {
     fn issue<'a>(
         &'a self,
-        node: &'a str,
+        subject: &'a crate::node_certs::Subject,
         token: &'a str,
         csr_pem: &'a str,
     ) -> std::pin::Pin<
         Box<dyn Future<Output = Result<String, crate::node_certs::BootstrapRefusal>> + Send + 'a>,
     > {
         Box::pin(crate::node_certs::NodeIssuer::issue(
-            self, node, token, csr_pem,
+            self, subject, token, csr_pem,
         ))
     }
 }
@@ -534,29 +535,30 @@ async fn accept_tls(
                     .await
                     .map_err(|_| SubscriberError::HelloTimeout)??;
             if let (AgentRole::Bootstrap(request), Some(issuer)) = (&hello.role, &issuer) {
+                let subject = if request.dns {
+                    crate::node_certs::Subject::Dns
+                } else {
+                    crate::node_certs::Subject::Node(request.node.clone())
+                };
                 // The pending slot is held while the API is asked: bootstraps are bounded
                 // like unproven clients.
                 let issued = tokio::time::timeout(
                     BOOTSTRAP_TIMEOUT,
-                    issuer.issue(
-                        &request.node,
-                        &request.service_account_token,
-                        &request.csr_pem,
-                    ),
+                    issuer.issue(&subject, &request.service_account_token, &request.csr_pem),
                 )
                 .await
                 .unwrap_or(Err(crate::node_certs::BootstrapRefusal::Api));
                 drop(pending);
                 let certificate_pem = issued.map_err(|refusal| {
                     let refusal = Refusal::Bootstrap(refusal);
-                    tracing::warn!(node = %request.node, reason = refusal.label(), "refused a node-certificate request: {refusal}");
+                    tracing::warn!(%subject, reason = refusal.label(), "refused a certificate request: {refusal}");
                     hub.metrics().auth_failure(refusal.label());
                     SubscriberError::Refused {
-                        identity: format!("bootstrap of {}", request.node),
+                        identity: format!("bootstrap of {subject}"),
                         refusal,
                     }
                 })?;
-                tracing::info!(node = %request.node, "issued a node certificate");
+                tracing::info!(%subject, "issued an agent certificate");
                 let answer = trellis_core::agent::BootstrapIssued {
                     certificate_pem,
                     ca_pem: tls.material().ca_pem(),
@@ -1175,8 +1177,8 @@ mod tests {
         };
         let validity = crate::certs::Validity::days_from_now(1);
         let other_ca = crate::agent_certs::generate_agent_ca("a", validity).unwrap();
-        let impostors = [
-            crate::agent_certs::generate_agent_cert(
+        let impostor = |i: usize| match i {
+            0 => crate::agent_certs::generate_agent_cert(
                 &other_ca,
                 &AgentIdentity::Controller {
                     cluster: "a".into(),
@@ -1184,7 +1186,7 @@ mod tests {
                 validity,
             )
             .unwrap(),
-            crate::agent_certs::generate_agent_cert(
+            1 => crate::agent_certs::generate_agent_cert(
                 &our_ca,
                 &AgentIdentity::Controller {
                     cluster: "b".into(),
@@ -1192,9 +1194,10 @@ mod tests {
                 validity,
             )
             .unwrap(),
-            crate::agent_certs::generate_agent_cert(&our_ca, &node_id("node-0"), validity).unwrap(),
-        ];
-        for (i, cert) in impostors.into_iter().enumerate() {
+            _ => crate::agent_certs::generate_agent_cert(&our_ca, &node_id("node-0"), validity)
+                .unwrap(),
+        };
+        for (i, cert) in (0..3).map(|i| (i, impostor(i))) {
             let (addr, hellos) = fake_controller(cert).await;
             for identity in [node_id("node-0"), dns_id()] {
                 let config = trellis_agent_client::ClientConfig {
@@ -1226,6 +1229,48 @@ mod tests {
                 "impostor {i} got a hello"
             );
         }
+        // A bootstrapping client (no certificate yet) refuses them too before its token
+        // leaves: with the cluster ID all three; with only the agent CA pinned (no ID), the
+        // other CA's controller and the node certificate posing as a server (our CA signs
+        // agent.<id>.trellis for this cluster only, so the second cannot exist without its key).
+        for (i, cert) in [0, 2].into_iter().map(|i| (i, impostor(i))) {
+            let (addr, hellos) = fake_controller(cert).await;
+            for cluster in [Some("a"), None] {
+                let result = trellis_agent_client::bootstrap::bootstrap_as(
+                    &addr.to_string(),
+                    &files.ca,
+                    cluster,
+                    &trellis_agent_client::bootstrap::Subject::Node("node-0".into()),
+                    "node-0's token",
+                    None,
+                )
+                .await;
+                assert!(
+                    matches!(result, Err(trellis_agent_client::Ended::Tls(_))),
+                    "impostor {i}, cluster {cluster:?}: {result:?}"
+                );
+            }
+            assert_eq!(
+                hellos.load(std::sync::atomic::Ordering::SeqCst),
+                0,
+                "impostor {i} got a bootstrap hello"
+            );
+        }
+        let (addr, hellos) = fake_controller(impostor(1)).await;
+        let result = trellis_agent_client::bootstrap::bootstrap(
+            &addr.to_string(),
+            &files.ca,
+            "a",
+            "node-0",
+            "node-0's token",
+            None,
+        )
+        .await;
+        assert!(
+            matches!(result, Err(trellis_agent_client::Ended::Tls(_))),
+            "{result:?}"
+        );
+        assert_eq!(hellos.load(std::sync::atomic::Ordering::SeqCst), 0);
         // The same client reaches the real controller.
         let h = hub();
         h.set_source(src());
@@ -1380,7 +1425,7 @@ mod tests {
     impl NodeCertIssuer for FakeIssuer {
         fn issue<'a>(
             &'a self,
-            node: &'a str,
+            subject: &'a crate::node_certs::Subject,
             token: &'a str,
             csr_pem: &'a str,
         ) -> std::pin::Pin<
@@ -1391,6 +1436,16 @@ mod tests {
             >,
         > {
             Box::pin(async move {
+                let crate::node_certs::Subject::Node(node) = subject else {
+                    if token != "dns's token" {
+                        return Err(crate::node_certs::BootstrapRefusal::WrongServiceAccount);
+                    }
+                    return crate::node_certs::sign_identity_certificate(
+                        &self.0,
+                        &dns_id(),
+                        csr_pem,
+                    );
+                };
                 if node != "node-0" || token != "node-0's token" {
                     return Err(crate::node_certs::BootstrapRefusal::TokenRejected);
                 }
@@ -1441,6 +1496,37 @@ mod tests {
         };
         assert!(bootstrap("node-0", "a stolen token").await.is_err());
         assert!(bootstrap("node-1", "node-0's token").await.is_err());
+        // Without the cluster ID (the chart may not know it): the agent CA is pinned, the
+        // cluster learnt from the controller's certificate; DNS's token gets DNS's identity
+        // only, a node's token never DNS's.
+        let unpinned = |subject: trellis_agent_client::bootstrap::Subject, token: &'static str| {
+            let (address, ca) = (address.clone(), files.ca.clone());
+            async move {
+                trellis_agent_client::bootstrap::bootstrap_as(
+                    &address, &ca, None, &subject, token, None,
+                )
+                .await
+            }
+        };
+        use trellis_agent_client::bootstrap::Subject;
+        let node = unpinned(Subject::Node("node-0".into()), "node-0's token")
+            .await
+            .expect("node-0 without a cluster ID");
+        assert_eq!(node.cluster, "a");
+        let dns = unpinned(Subject::Dns, "dns's token")
+            .await
+            .expect("DNS without a cluster ID");
+        let der = crate::tls::parse_certs(&dns.certificate_pem).unwrap();
+        assert_eq!(
+            trellis_agent_client::tls::identities_of(&der[0]),
+            [dns_id()]
+        );
+        assert!(unpinned(Subject::Dns, "node-0's token").await.is_err());
+        assert!(
+            unpinned(Subject::Node("node-0".into()), "dns's token")
+                .await
+                .is_err()
+        );
         let started = std::time::Instant::now();
         let issued = match bootstrap("node-0", "node-0's token").await {
             Ok(issued) => issued,

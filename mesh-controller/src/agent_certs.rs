@@ -167,3 +167,149 @@ pub fn write_agent_files(
     write(&files.cert, &leaf.cert_pem, false)?;
     Ok(files)
 }
+
+/// How long the controller's self-issued agent certificate is valid.
+pub const SELF_ISSUED_DAYS: i64 = 7;
+/// It is issued again when less than this is left.
+pub const SELF_RENEW_DAYS: i64 = 3;
+
+/// Whether the certificate at `cert` is missing, unreadable, not `identity`'s, or expires
+/// within [`SELF_RENEW_DAYS`].
+pub fn controller_cert_due(cert: &Path, identity: &AgentIdentity) -> bool {
+    let Ok(pem) = std::fs::read_to_string(cert) else {
+        return true;
+    };
+    let Some(der) = crate::tls::parse_certs(&pem)
+        .ok()
+        .and_then(|c| c.into_iter().next())
+    else {
+        return true;
+    };
+    if trellis_agent_client::tls::identities_of(&der) != [identity.clone()] {
+        return true;
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    trellis_agent_client::tls::not_after(&der).is_none_or(|t| t - now < SELF_RENEW_DAYS * 24 * 3600)
+}
+
+/// Issues the controller's own `agent.<cluster>.trellis` ([`SELF_ISSUED_DAYS`]) from the
+/// agent CA `ca` into `cert` and `key` (the key first, both replaced atomically; the agent
+/// port reloads them).
+pub fn write_controller_cert(
+    ca: &CertifiedKey,
+    cluster: &str,
+    cert: &Path,
+    key: &Path,
+) -> Result<(), Error> {
+    let identity = AgentIdentity::Controller {
+        cluster: cluster.to_owned(),
+    };
+    let leaf = generate_agent_cert(ca, &identity, Validity::days_from_now(SELF_ISSUED_DAYS))?;
+    write(key, &leaf.key_pem, true)?;
+    write(cert, &leaf.cert_pem, false)?;
+    Ok(())
+}
+
+/// The agent CA key as PKCS#8 PEM, whatever PEM it came as: PKCS#8, or PKCS#1 ("RSA PRIVATE
+/// KEY", what Helm's `genCA` makes for the chart's agent CA), which ring cannot sign with as
+/// is.
+pub fn ca_key_pem(pem: &str) -> Result<String, Error> {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    let unreadable = || Error::Certificate {
+        operation: "reading the agent CA key (PKCS#8 or PKCS#1 PEM)",
+        source: rcgen::Error::CouldNotParseKeyPair,
+    };
+    let pkcs8 = match PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| unreadable())? {
+        PrivateKeyDer::Pkcs8(key) => key.secret_pkcs8_der().to_vec(),
+        PrivateKeyDer::Pkcs1(key) => rsa_pkcs1_to_pkcs8(key.secret_pkcs1_der()),
+        _ => return Err(unreadable()),
+    };
+    let key = KeyPair::try_from(pkcs8.as_slice()).map_err(|_| unreadable())?;
+    Ok(key.serialize_pem())
+}
+
+fn der_length(len: usize, out: &mut Vec<u8>) {
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+}
+
+/// PKCS#8 `PrivateKeyInfo { version 0, rsaEncryption, OCTET STRING pkcs1 }` (RFC 5208).
+fn rsa_pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
+    const RSA_ALGORITHM: [u8; 15] = [
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
+    let mut body = vec![0x02, 0x01, 0x00];
+    body.extend(RSA_ALGORITHM);
+    body.push(0x04);
+    der_length(pkcs1.len(), &mut body);
+    body.extend_from_slice(pkcs1);
+    let mut out = vec![0x30];
+    der_length(body.len(), &mut out);
+    out.extend(body);
+    out
+}
+
+#[cfg(test)]
+mod self_issued_tests {
+    use super::*;
+
+    /// The controller issues its own agent.<id>.trellis from the agent CA key: a server
+    /// certificate the agent port loads, due again when missing, of another cluster or near
+    /// its end.
+    #[test]
+    fn the_controller_issues_its_own_agent_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = generate_agent_ca("east", Validity::days_from_now(10)).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+        let (cert, key) = (
+            dir.path().join("agent.pem"),
+            dir.path().join("agent-key.pem"),
+        );
+        let identity = AgentIdentity::Controller {
+            cluster: "east".into(),
+        };
+        assert!(controller_cert_due(&cert, &identity));
+        write_controller_cert(&ca, "east", &cert, &key).unwrap();
+        assert!(!controller_cert_due(&cert, &identity));
+        assert!(controller_cert_due(
+            &cert,
+            &AgentIdentity::Controller {
+                cluster: "west".into()
+            }
+        ));
+        let tls = trellis_agent_client::ServerTls::load_allowing_bootstrap(
+            trellis_agent_client::TlsFiles {
+                ca: ca_file,
+                cert: cert.clone(),
+                key,
+            },
+        )
+        .unwrap();
+        assert_eq!(tls.material().identity, identity);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let left = tls.material().expiry.cert - now;
+        assert!(
+            (SELF_ISSUED_DAYS * 86400 - 120..=SELF_ISSUED_DAYS * 86400).contains(&left),
+            "{left}"
+        );
+        assert!(left > SELF_RENEW_DAYS * 86400);
+        // The key file is private.
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("agent-key.pem"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o077, 0);
+    }
+}

@@ -21,8 +21,11 @@
 //! metricsListen: 0.0.0.0:9464
 //! agentListen: 0.0.0.0:7444    # gateways and DNS subscribe here
 //! agentTls: {ca: agent-ca.pem, cert: agent.pem, key: agent-key.pem}  # mutual TLS, identities
-//! nodeBootstrap: {caKey: agent-ca-key.pem, serviceAccount: trellis-system/trellis-gateway}
-//!   # Kubernetes only: gateways get 24 h node certificates for their ServiceAccount token
+//! nodeBootstrap: {caKey: agent-ca-key.pem, serviceAccount: trellis-system/trellis-gateway,
+//!                 dnsServiceAccount: trellis-system/trellis-dns}
+//!   # Kubernetes only: gateways get 24 h node certificates for their ServiceAccount token,
+//!   # DNS its dns.<cluster>.trellis for its own. With caKey, a missing agentTls.cert/key is
+//!   # issued by the controller itself (agent.<cluster>.trellis) and renewed before it expires.
 //! # agentTokenFile: agent-token  # deprecated plaintext mode (no agentTls): any holder registers any node
 //! stateFile: /var/lib/trellis/controller-state.json  # last state, served after a restart
 //! ```
@@ -115,22 +118,48 @@ impl From<PeerLimits> for trellis_core::claims::Limits {
     }
 }
 
-/// `nodeBootstrap`: the agent CA's key (the certificate is `agentTls.ca`) and the gateways'
-/// ServiceAccount, `namespace/name`.
+/// `nodeBootstrap`: the agent CA's key (the certificate is `agentTls.ca`), the gateways'
+/// ServiceAccount and optionally DNS's, `namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeBootstrapConfig {
     pub ca_key: PathBuf,
     pub service_account: String,
+    /// DNS's ServiceAccount: its token gets `dns.<cluster>.trellis` (and nothing else).
+    #[serde(default)]
+    pub dns_service_account: Option<String>,
+}
+
+fn namespaced(s: &str) -> Option<(String, String)> {
+    let (ns, name) = s.split_once('/')?;
+    (!ns.is_empty() && !name.is_empty() && !name.contains('/'))
+        .then(|| (ns.to_owned(), name.to_owned()))
 }
 
 impl NodeBootstrapConfig {
     /// `(namespace, name)` of the gateways' ServiceAccount.
     pub fn service_account(&self) -> Option<(String, String)> {
-        let (ns, name) = self.service_account.split_once('/')?;
-        (!ns.is_empty() && !name.is_empty() && !name.contains('/'))
-            .then(|| (ns.to_owned(), name.to_owned()))
+        namespaced(&self.service_account)
     }
+
+    /// `(namespace, name)` of DNS's ServiceAccount, if configured (and well-formed).
+    pub fn dns_service_account(&self) -> Option<(String, String)> {
+        self.dns_service_account.as_deref().and_then(namespaced)
+    }
+}
+
+/// `agentTls`: the cluster's agent CA, and the controller's `agent.<cluster>.trellis`
+/// certificate and key. Without `cert` and `key`, the controller issues them itself from the
+/// agent CA key (`nodeBootstrap.caKey`) into the directory of `stateFile`, at every start and
+/// before they expire ([`AgentTlsPaths::self_issued`]): no file names the cluster in advance.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentTlsPaths {
+    pub ca: PathBuf,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -202,7 +231,7 @@ pub struct Config {
     /// The agent port's TLS: the cluster's agent CA (clients must chain to it), and the
     /// controller's `agent.<cluster>.trellis` certificate and key. Re-read when they change.
     #[serde(default)]
-    pub agent_tls: Option<TlsPaths>,
+    pub agent_tls: Option<AgentTlsPaths>,
     /// On Kubernetes: issue node certificates to gateways that prove their node with their
     /// projected ServiceAccount token (needs `agentTls` and the Kubernetes source).
     #[serde(default)]
@@ -271,12 +300,29 @@ impl Config {
         if self.agent_tls.is_some() && self.agent_token_file.is_some() {
             return bad("agentTokenFile cannot be combined with agentTls: with agent TLS a client is known by its certificate, and a shared token is refused; remove agentTokenFile".into());
         }
+        if let Some(agent) = &self.agent_tls {
+            if agent.cert.is_some() != agent.key.is_some() {
+                return bad("agentTls.cert and agentTls.key go together".into());
+            }
+            if agent.cert.is_none() && (self.node_bootstrap.is_none() || self.state_file.is_none())
+            {
+                return bad("agentTls without cert and key needs nodeBootstrap.caKey (the controller issues its own agent certificate) and stateFile (whose directory holds it)".into());
+            }
+        }
         if let Some(bootstrap) = &self.node_bootstrap {
             if self.agent_tls.is_none() || !matches!(self.source, SourceConfig::Kubernetes { .. }) {
                 return bad("nodeBootstrap needs agentTls and the Kubernetes source (it checks gateways' tokens with the API server)".into());
             }
             if bootstrap.service_account().is_none() {
                 return bad("nodeBootstrap.serviceAccount must be NAMESPACE/NAME".into());
+            }
+            if let Some(dns) = &bootstrap.dns_service_account {
+                if bootstrap.dns_service_account().is_none() {
+                    return bad("nodeBootstrap.dnsServiceAccount must be NAMESPACE/NAME".into());
+                }
+                if *dns == bootstrap.service_account {
+                    return bad("nodeBootstrap.dnsServiceAccount must not be the gateways' ServiceAccount: each account gets only its own identities".into());
+                }
             }
         }
         if self.max_frame_bytes < 64 * 1024 {
@@ -288,6 +334,29 @@ impl Config {
             return bad("source.static.pollMillis must be at least 50".into());
         }
         Ok(())
+    }
+
+    /// The agent TLS files in use: `(ca, cert, key, self-issued)`; the cert and key are in
+    /// the directory of `stateFile` when the controller issues them itself.
+    pub fn agent_tls_files(&self) -> Option<(PathBuf, PathBuf, PathBuf, bool)> {
+        let agent = self.agent_tls.as_ref()?;
+        match (&agent.cert, &agent.key) {
+            (Some(cert), Some(key)) => Some((agent.ca.clone(), cert.clone(), key.clone(), false)),
+            _ => {
+                let dir = self
+                    .state_file
+                    .as_ref()?
+                    .parent()
+                    .map(PathBuf::from)
+                    .unwrap_or_default();
+                Some((
+                    agent.ca.clone(),
+                    dir.join("agent.pem"),
+                    dir.join("agent-key.pem"),
+                    true,
+                ))
+            }
+        }
     }
 
     /// The display name: `clusterName`, else the cluster ID.
@@ -309,6 +378,40 @@ mod tests {
     use super::*;
 
     const MIN: &str = "clusterId: east\ntls: {ca: ca.pem, cert: c.pem, key: k.pem}\nsource: {static: {path: c.yaml}}\n";
+
+    const K8S: &str = "tls: {ca: ca.pem, cert: c.pem, key: k.pem}\nsource: {kubernetes: {}}\n";
+
+    /// Without agentTls.cert/key the controller issues its own into stateFile's directory;
+    /// DNS's ServiceAccount is optional and apart from the gateways'.
+    #[test]
+    fn a_self_issued_agent_certificate_lives_beside_the_state() {
+        let c = Config::parse(&format!(
+            "{K8S}agentTls: {{ca: /ca/ca.pem}}\nstateFile: /var/lib/trellis/state.json\nnodeBootstrap: {{caKey: /ca/ca-key.pem, serviceAccount: ns/gw, dnsServiceAccount: ns/dns}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.agent_tls_files(),
+            Some((
+                "/ca/ca.pem".into(),
+                "/var/lib/trellis/agent.pem".into(),
+                "/var/lib/trellis/agent-key.pem".into(),
+                true
+            ))
+        );
+        let bootstrap = c.node_bootstrap.as_ref().unwrap();
+        assert_eq!(
+            bootstrap.dns_service_account(),
+            Some(("ns".into(), "dns".into()))
+        );
+        let given = Config::parse(&format!(
+            "{K8S}agentTls: {{ca: a.pem, cert: c.pem, key: k.pem}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            given.agent_tls_files(),
+            Some(("a.pem".into(), "c.pem".into(), "k.pem".into(), false))
+        );
+    }
 
     #[test]
     fn defaults_fill_in() {
@@ -401,6 +504,32 @@ agentListen: 127.0.0.1:7444
             (format!("{MIN}peers: [{{id: w}}, {{id: w}}]\n"), "twice"),
             (format!("{MIN}bogus: 1\n"), "unknown field"),
             (MIN.replace("east", "East"), "lowercase"),
+            (
+                format!("{MIN}agentTls: {{ca: a.pem, cert: c.pem}}\n"),
+                "go together",
+            ),
+            (
+                format!("{K8S}agentTls: {{ca: a.pem}}\nstateFile: /s/state.json\n"),
+                "needs nodeBootstrap.caKey",
+            ),
+            (
+                format!(
+                    "{K8S}agentTls: {{ca: a.pem}}\nnodeBootstrap: {{caKey: k.pem, serviceAccount: ns/gw}}\n"
+                ),
+                "stateFile",
+            ),
+            (
+                format!(
+                    "{K8S}agentTls: {{ca: a.pem}}\nstateFile: /s/state.json\nnodeBootstrap: {{caKey: k.pem, serviceAccount: ns/gw, dnsServiceAccount: ns/gw}}\n"
+                ),
+                "must not be the gateways'",
+            ),
+            (
+                format!(
+                    "{K8S}agentTls: {{ca: a.pem}}\nstateFile: /s/state.json\nnodeBootstrap: {{caKey: k.pem, serviceAccount: ns/gw, dnsServiceAccount: dns}}\n"
+                ),
+                "dnsServiceAccount must be NAMESPACE/NAME",
+            ),
         ];
         for (yaml, want) in cases {
             let err = trellis_core::error_chain(&Config::parse(&yaml).unwrap_err());

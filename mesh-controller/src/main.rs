@@ -66,6 +66,12 @@ fn read(path: &PathBuf) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// The agent CA key, as PKCS#8 PEM (the chart's, from Helm's `genCA`, is PKCS#1).
+fn read_ca_key(path: &PathBuf) -> Result<String> {
+    trellis_controller::agent_certs::ca_key_pem(&read(path)?)
+        .with_context(|| format!("in {}", path.display()))
+}
+
 async fn run(config_path: PathBuf) -> Result<()> {
     let cfg = Config::parse(&read(&config_path)?)
         .with_context(|| format!("in {}", config_path.display()))?;
@@ -194,12 +200,40 @@ async fn run(config_path: PathBuf) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the agent listener {addr}"))?;
-        let auth = match (&cfg.agent_tls, &cfg.agent_token_file) {
-            (Some(paths), _) => {
+        let auth = match (cfg.agent_tls_files(), &cfg.agent_token_file) {
+            (Some((ca, cert, key, self_issued)), _) => {
+                if self_issued {
+                    // No certificate files given: this controller's own agent.<id>.trellis from
+                    // the agent CA key (issued at every start, so a new CA or ID takes effect),
+                    // renewed before it expires.
+                    let bootstrap = cfg
+                        .node_bootstrap
+                        .as_ref()
+                        .context("agentTls without cert needs nodeBootstrap.caKey")?;
+                    let ca_key = trellis_controller::certs::CertifiedKey {
+                        cert_pem: read(&ca)?,
+                        key_pem: read_ca_key(&bootstrap.ca_key)?,
+                    };
+                    trellis_controller::agent_certs::write_controller_cert(
+                        &ca_key,
+                        id.as_str(),
+                        &cert,
+                        &key,
+                    )
+                    .context("issuing the controller's agent certificate")?;
+                    tracing::info!(cluster = %id, cert = %cert.display(), "issued this controller's agent certificate from the agent CA");
+                    tasks.spawn(renew_controller_cert(
+                        ca.clone(),
+                        bootstrap.ca_key.clone(),
+                        id.to_string(),
+                        cert.clone(),
+                        key.clone(),
+                    ));
+                }
                 let files = trellis_agent_client::TlsFiles {
-                    ca: paths.ca.clone(),
-                    cert: paths.cert.clone(),
-                    key: paths.key.clone(),
+                    ca: ca.clone(),
+                    cert,
+                    key,
                 };
                 let agent_tls_err = |e: trellis_agent_client::TlsError| {
                     anyhow::anyhow!("agent TLS: {}", trellis_core::error_chain(&e))
@@ -214,13 +248,14 @@ async fn run(config_path: PathBuf) -> Result<()> {
                         let issuer = trellis_controller::node_certs::NodeIssuer {
                             client: client.clone(),
                             ca: trellis_controller::certs::CertifiedKey {
-                                cert_pem: read(&paths.ca)?,
-                                key_pem: read(&bootstrap.ca_key)?,
+                                cert_pem: read(&ca)?,
+                                key_pem: read_ca_key(&bootstrap.ca_key)?,
                             },
                             cluster: tls.material().identity.cluster().to_owned(),
                             service_account: bootstrap
                                 .service_account()
                                 .context("nodeBootstrap.serviceAccount")?,
+                            dns_service_account: bootstrap.dns_service_account(),
                         };
                         agent::AgentAuth::TlsWithBootstrap(tls, Arc::new(issuer))
                     }
@@ -284,6 +319,40 @@ async fn run(config_path: PathBuf) -> Result<()> {
     peering.shutdown().await;
     tasks.shutdown().await;
     Ok(())
+}
+
+/// Issues this controller's own agent certificate again when it is due (looked at hourly);
+/// the agent port reloads the files.
+async fn renew_controller_cert(
+    ca: PathBuf,
+    ca_key: PathBuf,
+    cluster: String,
+    cert: PathBuf,
+    key: PathBuf,
+) {
+    let identity = trellis_core::agent::AgentIdentity::Controller {
+        cluster: cluster.clone(),
+    };
+    loop {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        if !trellis_controller::agent_certs::controller_cert_due(&cert, &identity) {
+            continue;
+        }
+        let issued = read(&ca).and_then(|cert_pem| {
+            let ca = trellis_controller::certs::CertifiedKey {
+                cert_pem,
+                key_pem: read_ca_key(&ca_key)?,
+            };
+            trellis_controller::agent_certs::write_controller_cert(&ca, &cluster, &cert, &key)
+                .map_err(anyhow::Error::from)
+        });
+        match issued {
+            Ok(()) => tracing::info!(%cluster, "renewed this controller's agent certificate"),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "renewing this controller's agent certificate (retried in an hour)")
+            }
+        }
+    }
 }
 
 /// How often certificate files are looked at (three `stat`s each; read only when changed).

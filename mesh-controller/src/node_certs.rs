@@ -13,6 +13,11 @@
 //! by the node's identity alone. The agent port asks it for `AgentRole::Bootstrap` hellos
 //! (`agent::AgentAuth::TlsWithBootstrap`); the gateway's side is
 //! `trellis_agent_client::bootstrap`.
+//!
+//! DNS gets its read-only `dns.<cluster>.trellis` the same way, with the DNS ServiceAccount's
+//! token (its pod must exist; no node is checked). Each ServiceAccount gets only its own kind:
+//! a gateway's token never yields DNS's certificate (or another node's), DNS's token never a
+//! node's ([`NodeIssuer::issue`] picks the account from what is asked).
 
 use std::collections::BTreeMap;
 
@@ -25,6 +30,7 @@ use rcgen::{
 };
 use rustls_pki_types::CertificateSigningRequestDer;
 use rustls_pki_types::pem::PemObject;
+pub use trellis_agent_client::bootstrap::Subject;
 use trellis_core::agent::AgentIdentity;
 
 use crate::certs::CertifiedKey;
@@ -43,7 +49,9 @@ const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 pub enum BootstrapRefusal {
     #[error("the token is not authenticated for the agent audience")]
     TokenRejected,
-    #[error("the token is not the gateway's ServiceAccount's")]
+    #[error(
+        "the token is not the ServiceAccount's of what it asks for (the gateways' for a node, DNS's for DNS)"
+    )]
     WrongServiceAccount,
     #[error("the token is not bound to a pod")]
     NotAPodToken,
@@ -83,6 +91,8 @@ pub struct NodeIssuer {
     pub cluster: String,
     /// The gateways' ServiceAccount: `(namespace, name)`.
     pub service_account: (String, String),
+    /// DNS's ServiceAccount, when DNS may bootstrap its identity.
+    pub dns_service_account: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for NodeIssuer {
@@ -90,6 +100,7 @@ impl std::fmt::Debug for NodeIssuer {
         f.debug_struct("NodeIssuer")
             .field("cluster", &self.cluster)
             .field("service_account", &self.service_account)
+            .field("dns_service_account", &self.dns_service_account)
             .finish_non_exhaustive()
     }
 }
@@ -132,13 +143,21 @@ pub fn bound_pod(
 
 impl NodeIssuer {
     /// A `<node>.node.<cluster>.trellis` certificate (PEM) for the key of `csr_pem`, if
-    /// `token` proves its holder is the gateway pod running on `node`.
+    /// `token` proves its holder is the gateway pod running on `node`; or
+    /// `dns.<cluster>.trellis` if it proves its holder is a DNS pod.
     pub async fn issue(
         &self,
-        node: &str,
+        subject: &Subject,
         token: &str,
         csr_pem: &str,
     ) -> Result<String, BootstrapRefusal> {
+        let service_account = match subject {
+            Subject::Node(_) => &self.service_account,
+            Subject::Dns => self
+                .dns_service_account
+                .as_ref()
+                .ok_or(BootstrapRefusal::WrongServiceAccount)?,
+        };
         // The request first: a broken one costs no API call.
         let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
             .map_err(|_| BootstrapRefusal::BadRequest)?;
@@ -158,7 +177,7 @@ impl NodeIssuer {
                 tracing::warn!(error = %trellis_core::error_chain(&e), "TokenReview");
                 BootstrapRefusal::Api
             })?;
-        let (namespace, pod_name, uid) = bound_pod(&reviewed, &self.service_account)?;
+        let (namespace, pod_name, uid) = bound_pod(&reviewed, service_account)?;
         let pod = Api::<Pod>::namespaced(self.client.clone(), &namespace)
             .get_opt(&pod_name)
             .await
@@ -167,15 +186,12 @@ impl NodeIssuer {
         if pod.metadata.uid.as_deref() != Some(uid.as_str()) {
             return Err(BootstrapRefusal::PodNotFound);
         }
-        if pod.spec.and_then(|s| s.node_name).as_deref() != Some(node) {
+        if let Subject::Node(node) = subject
+            && pod.spec.and_then(|s| s.node_name).as_deref() != Some(node.as_str())
+        {
             return Err(BootstrapRefusal::PodOnOtherNode);
         }
-        self.sign(node, csr_pem)
-    }
-
-    /// Signs the node's certificate for the key in `csr_pem` (its signature verified).
-    pub fn sign(&self, node: &str, csr_pem: &str) -> Result<String, BootstrapRefusal> {
-        sign_node_certificate(&self.ca, &self.cluster, node, csr_pem)
+        sign_identity_certificate(&self.ca, &subject.identity(&self.cluster), csr_pem)
     }
 }
 
@@ -187,14 +203,28 @@ pub fn sign_node_certificate(
     node: &str,
     csr_pem: &str,
 ) -> Result<String, BootstrapRefusal> {
-    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
-        .map_err(|_| BootstrapRefusal::BadRequest)?;
-    let csr = CertificateSigningRequestParams::from_der(&der)
-        .map_err(|_| BootstrapRefusal::BadRequest)?;
     let identity = AgentIdentity::Node {
         cluster: cluster.to_owned(),
         node: node.to_owned(),
     };
+    sign_identity_certificate(ca, &identity, csr_pem)
+}
+
+/// A client certificate ([`NODE_CERT_HOURS`]) naming `identity` only (a node's or DNS's:
+/// client-auth usage), under the agent CA `ca`, for the key of `csr_pem` (its signature
+/// verified).
+pub fn sign_identity_certificate(
+    ca: &CertifiedKey,
+    identity: &AgentIdentity,
+    csr_pem: &str,
+) -> Result<String, BootstrapRefusal> {
+    if matches!(identity, AgentIdentity::Controller { .. }) {
+        return Err(BootstrapRefusal::Signing);
+    }
+    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|_| BootstrapRefusal::BadRequest)?;
+    let csr = CertificateSigningRequestParams::from_der(&der)
+        .map_err(|_| BootstrapRefusal::BadRequest)?;
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(|_| BootstrapRefusal::Signing)?;
     let issuer =
         Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(|_| BootstrapRefusal::Signing)?;

@@ -11,8 +11,13 @@
 {{- define "trellis.gateway" -}}{{ include "trellis.fullname" . }}-gateway{{- end -}}
 {{- define "trellis.dns" -}}{{ include "trellis.fullname" . }}-dns{{- end -}}
 {{- define "trellis.peering" -}}{{ include "trellis.fullname" . }}-peering{{- end -}}
+{{/* Deprecated: the Secret holding the plaintext agent token (agent.legacyToken). */}}
 {{- define "trellis.agentSecret" -}}
-{{- .Values.agent.existingSecret | default (printf "%s-agent-token" (include "trellis.fullname" .)) -}}
+{{- .Values.agent.legacyToken.existingSecret | default (printf "%s-agent-token" (include "trellis.fullname" .)) -}}
+{{- end -}}
+{{/* The Secret holding the agent CA (ca.pem, ca-key.pem): the user's, or the chart's. */}}
+{{- define "trellis.agentCaSecret" -}}
+{{- .Values.agent.tls.secretName | default (printf "%s-agent-ca" (include "trellis.fullname" .)) -}}
 {{- end -}}
 
 {{/*
@@ -109,16 +114,19 @@ source:
     settingsConfigMap: {{ include "trellis.controller" .root }}
 metricsListen: 0.0.0.0:{{ $v.controller.metricsPort }}
 agentListen: 0.0.0.0:{{ $v.agent.port }}
-{{- if $v.agent.tls.secretName }}
-agentTls:
-  ca: /etc/trellis/agent-tls/ca.pem
-  cert: /etc/trellis/agent-tls/agent.pem
-  key: /etc/trellis/agent-tls/agent-key.pem
-nodeBootstrap:
-  caKey: /etc/trellis/agent-tls/ca-key.pem
-  serviceAccount: {{ .root.Release.Namespace }}/{{ include "trellis.gateway" .root }}
-{{- else }}
+{{- if $v.agent.legacyToken.enabled }}
 agentTokenFile: /etc/trellis/agent/token
+{{- else }}
+# The controller issues its own agent.<cluster>.trellis from the CA key into stateFile's
+# directory (no cert/key here): the chart need not know the cluster's ID.
+agentTls:
+  ca: /etc/trellis/agent-ca/ca.pem
+nodeBootstrap:
+  caKey: /etc/trellis/agent-ca/ca-key.pem
+  serviceAccount: {{ .root.Release.Namespace }}/{{ include "trellis.gateway" .root }}
+  {{- if $v.dns.enabled }}
+  dnsServiceAccount: {{ .root.Release.Namespace }}/{{ include "trellis.dns" .root }}
+  {{- end }}
 {{- end }}
 stateFile: /var/lib/trellis/controller-state.json
 {{- end -}}
@@ -129,8 +137,8 @@ stateFile: /var/lib/trellis/controller-state.json
 {{- if lt (int $v.peering.leaseSeconds) (mul 2 (int $v.peering.heartbeatSeconds)) -}}
 {{- fail (printf "peering.leaseSeconds (%v) must be at least twice peering.heartbeatSeconds (%v)" $v.peering.leaseSeconds $v.peering.heartbeatSeconds) -}}
 {{- end -}}
-{{- if and $v.agent.tls.secretName (not $v.cluster.id) -}}
-{{- fail "agent.tls.secretName needs cluster.id: the agent certificates name the cluster" -}}
+{{- if and $v.agent.tls.secretName $v.agent.legacyToken.enabled -}}
+{{- fail "agent.tls.secretName and agent.legacyToken.enabled exclude each other: the deprecated token mode has no TLS" -}}
 {{- end -}}
 {{- $seen := dict -}}
 {{- range $v.peers -}}

@@ -128,7 +128,7 @@ pub enum Transport {
     Tls(Arc<ClientTls>),
     /// Deprecated: plaintext TCP with the shared token in the hello, for a controller without
     /// agent TLS (the chart's only behind `agent.legacyToken.enabled`, insecure); see
-    /// `docs/security-agent.md`.
+    /// `SECURITY.md` ("The agent port").
     LegacyToken(Option<String>),
 }
 

@@ -148,28 +148,14 @@ struct RunArgs {
     ready_file: Option<PathBuf>,
 }
 
-/// `0`/`off` (zero: never), or a number with a unit: `s`, `m`, `h`, `d`.
+/// `0`/`off` (zero: never), or a duration such as `30d`, `12h` or `1h 30m`.
 fn parse_interval(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" || text.eq_ignore_ascii_case("off") {
         return Ok(Duration::ZERO);
     }
-    let (number, unit) = text.split_at(text.len().saturating_sub(1));
-    let seconds = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => {
-            return Err(format!(
-                "{text:?}: want 0, off, or a number and s, m, h or d"
-            ));
-        }
-    };
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?}: want 0, off, or a number and s, m, h or d"))?;
-    Ok(Duration::from_secs(number.saturating_mul(seconds)))
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?}: {e} (want 0, off, or a duration such as 30d or 12h)"))
 }
 
 /// The PID file `rotate-key` finds the running gateway by.

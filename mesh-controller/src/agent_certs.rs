@@ -1,6 +1,6 @@
 //! The agent port's certificates: one **agent CA per cluster** (not the mesh CA), and under it
 //! the controller's `agent.<cluster>.trellis` (server), one `<node>.node.<cluster>.trellis`
-//! per node and `dns.<cluster>.trellis` (clients). See `docs/security-agent.md`.
+//! per node and `dns.<cluster>.trellis` (clients). See `SECURITY.md` ("The agent port").
 //!
 //! Why a cluster CA: the controller may hold its key to issue node certificates (on
 //! Kubernetes, after a ServiceAccount token review), and a key a cluster holds must not be

@@ -1756,16 +1756,6 @@ mod tests {
         server.abort();
     }
 
-    /// This process's resident memory.
-    fn rss_kib() -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    }
-
     /// Connections the server on `port` still holds open (established, or closed by the peer
     /// but not by the server), from the kernel's table: other tests in this process, and the
     /// connections the server has already closed, do not count.
@@ -1804,7 +1794,7 @@ mod tests {
             h.metrics().clone(),
             Arc::new(move || serde_json::to_string_pretty(&status_hub.status()).unwrap()),
         ));
-        let rss_before = rss_kib();
+        let rss_before = trellis_test_support::rss_kib();
         let mut clients = Vec::new();
         for _ in 0..10_000 {
             let mut stream = TcpStream::connect(http_addr).await.unwrap();
@@ -1817,7 +1807,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         // Connections the server still holds (not yet closed by it), its listener included.
         let server_side = held_on(http_addr.port());
-        let grown = rss_kib().saturating_sub(rss_before);
+        let grown = trellis_test_support::rss_kib().saturating_sub(rss_before);
         eprintln!("resident memory grew by {grown} KiB (clients and server together)");
         assert!(grown < 64 * 1024, "{grown} KiB");
         eprintln!(

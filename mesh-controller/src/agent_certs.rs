@@ -12,34 +12,18 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use trellis_core::agent::AgentIdentity;
 
 use crate::Error;
-use crate::certs::{CertifiedKey, Validity};
-
-fn cert_error(operation: &'static str) -> impl Fn(rcgen::Error) -> Error {
-    move |source| Error::Certificate { operation, source }
-}
+use crate::certs::{CertifiedKey, Validity, ca_params, cert_error};
 
 /// Creates a cluster's agent CA.
 pub fn generate_agent_ca(cluster: &str, validity: Validity) -> Result<CertifiedKey, Error> {
     let key = KeyPair::generate().map_err(cert_error("generating the agent CA key"))?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("Trellis agent CA {cluster}"));
-    dn.push(DnType::OrganizationName, "Trellis");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.not_before = validity.not_before;
-    params.not_after = validity.not_after;
+    let params = ca_params(format!("Trellis agent CA {cluster}"), validity);
     let cert = params
         .self_signed(&key)
         .map_err(cert_error("self-signing the agent CA"))?;

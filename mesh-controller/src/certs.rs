@@ -65,16 +65,16 @@ impl Validity {
     }
 }
 
-fn cert_error(operation: &'static str) -> impl Fn(rcgen::Error) -> Error {
+pub(crate) fn cert_error(operation: &'static str) -> impl Fn(rcgen::Error) -> Error {
     move |source| Error::Certificate { operation, source }
 }
 
-/// Creates a new mesh CA.
-pub fn generate_ca(mesh_name: &str, validity: Validity) -> Result<CertifiedKey, Error> {
-    let key = KeyPair::generate().map_err(cert_error("generating the CA key"))?;
+/// What every Trellis CA is: named `common_name`, issuing end-entity certificates only (path
+/// length 0), valid for `validity`.
+pub(crate) fn ca_params(common_name: String, validity: Validity) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("Trellis mesh CA {mesh_name}"));
+    dn.push(DnType::CommonName, common_name);
     dn.push(DnType::OrganizationName, "Trellis");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -83,6 +83,15 @@ pub fn generate_ca(mesh_name: &str, validity: Validity) -> Result<CertifiedKey, 
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    params
+}
+
+/// Creates a new mesh CA.
+pub fn generate_ca(mesh_name: &str, validity: Validity) -> Result<CertifiedKey, Error> {
+    let key = KeyPair::generate().map_err(cert_error("generating the CA key"))?;
+    let mut params = ca_params(format!("Trellis mesh CA {mesh_name}"), validity);
     // Every address, so that strict RFC 3779 path validation (`openssl verify`) accepts the
     // ranges of the cluster certificates it signs (a subset of their issuer's).
     let mut all = CustomExtension::from_oid_content(
@@ -94,8 +103,6 @@ pub fn generate_ca(mesh_name: &str, validity: Validity) -> Result<CertifiedKey, 
     );
     all.set_criticality(false);
     params.custom_extensions.push(all);
-    params.not_before = validity.not_before;
-    params.not_after = validity.not_after;
     let cert = params
         .self_signed(&key)
         .map_err(cert_error("self-signing the CA"))?;

@@ -778,21 +778,6 @@ async fn refused_or_connected(
     identity[0].as_ref().to_vec()
 }
 
-fn rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
-        .unwrap_or(0)
-        / 1024
-}
-
 /// A peer exporting 200,000 services over a real session: the quota (10,000) trips, the
 /// receiving controller's memory stays bounded, and another peer's change still arrives at
 /// once.
@@ -817,7 +802,7 @@ async fn two_hundred_thousand_services_over_a_session_trip_the_quota_and_others_
         b.hub.local_state().services.len() == 200_000
     })
     .await;
-    let rss_before = rss_mib();
+    let rss_before = trellis_test_support::rss_kib() / 1024;
     let mut a = start(
         "a",
         mesh.material("a"),
@@ -850,7 +835,7 @@ async fn two_hundred_thousand_services_over_a_session_trip_the_quota_and_others_
         a.metric(r#"reason="quota""#),
         "the quota refusal is counted"
     );
-    let rss_after = rss_mib();
+    let rss_after = trellis_test_support::rss_kib() / 1024;
 
     // c's next export reaches a as fast as ever.
     let mut next = source_c();

@@ -749,21 +749,6 @@ mod claim_attacks {
         b
     }
 
-    /// This process's resident set (Linux), in KiB.
-    fn rss_kib() -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0)
-    }
-
     fn routed(view: &MeshView) -> Vec<(String, String, String)> {
         view.remotes
             .iter()
@@ -910,7 +895,7 @@ mod claim_attacks {
             let ip = format!("10.97.{}.{}", (i / 250) % 250, i % 250 + 1);
             export(&mut b.services, "load", &format!("s{i}"), &ip, &[]);
         }
-        let rss_before = rss_kib();
+        let rss_before = trellis_test_support::rss_kib();
         let started = Instant::now();
         h.peer_snapshot(b);
         let took = started.elapsed();
@@ -947,7 +932,7 @@ mod claim_attacks {
             "200000 services: admitted {imported} in {took:?} (RSS {} -> {} MiB); another \
              peer's snapshot after it: {other:?}, its delta: {delta:?} (revision {})",
             rss_before / 1024,
-            rss_kib() / 1024,
+            trellis_test_support::rss_kib() / 1024,
             c.revision
         );
         assert!(h.subscribe_view().borrow().as_ref().unwrap().remotes.len() == 2);

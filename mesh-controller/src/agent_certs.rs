@@ -18,7 +18,7 @@ use rcgen::{
 use trellis_core::agent::AgentIdentity;
 
 use crate::Error;
-use crate::certs::{CertifiedKey, Validity, ca_params, cert_error};
+use crate::certs::{CertifiedKey, Validity, ca_params, cert_error, der_tlv};
 
 /// Creates a cluster's agent CA.
 pub fn generate_agent_ca(cluster: &str, validity: Validity) -> Result<CertifiedKey, Error> {
@@ -213,20 +213,6 @@ pub fn ca_key_pem(pem: &str) -> Result<String, Error> {
     Ok(key.serialize_pem())
 }
 
-fn der_length(len: usize, out: &mut Vec<u8>) {
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes: Vec<u8> = len
-            .to_be_bytes()
-            .into_iter()
-            .skip_while(|b| *b == 0)
-            .collect();
-        out.push(0x80 | bytes.len() as u8);
-        out.extend(bytes);
-    }
-}
-
 /// PKCS#8 `PrivateKeyInfo { version 0, rsaEncryption, OCTET STRING pkcs1 }` (RFC 5208).
 fn rsa_pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
     const RSA_ALGORITHM: [u8; 15] = [
@@ -234,13 +220,8 @@ fn rsa_pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
     ];
     let mut body = vec![0x02, 0x01, 0x00];
     body.extend(RSA_ALGORITHM);
-    body.push(0x04);
-    der_length(pkcs1.len(), &mut body);
-    body.extend_from_slice(pkcs1);
-    let mut out = vec![0x30];
-    der_length(body.len(), &mut out);
-    out.extend(body);
-    out
+    body.extend(der_tlv(0x04, pkcs1));
+    der_tlv(0x30, &body)
 }
 
 #[cfg(test)]

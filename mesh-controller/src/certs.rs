@@ -116,7 +116,8 @@ pub fn generate_ca(mesh_name: &str, validity: Validity) -> Result<CertifiedKey, 
 /// claim, signed by the mesh CA.
 pub const IP_ADDR_BLOCKS_OID: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 1, 7];
 
-fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+/// One DER tag-length-value.
+pub(crate) fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
     let mut out = vec![tag];
     let len = content.len();
     if len < 0x80 {

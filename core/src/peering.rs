@@ -650,15 +650,19 @@ mod tests {
         }
     }
 
-    fn bytes_of(events: &[Event]) -> Vec<u8> {
+    /// The frames a session asked to transmit, one `Vec` each.
+    pub(super) fn frames(events: &[Event]) -> Vec<Vec<u8>> {
         events
             .iter()
             .filter_map(|e| match e {
                 Event::Transmit(b) => Some(b.clone()),
                 _ => None,
             })
-            .flatten()
             .collect()
+    }
+
+    fn bytes_of(events: &[Event]) -> Vec<u8> {
+        frames(events).concat()
     }
 
     fn close_of(events: &[Event]) -> Option<&PeeringError> {
@@ -935,6 +939,7 @@ mod tests {
 
 #[cfg(test)]
 mod v2_tests {
+    use super::tests::frames;
     use super::*;
     use crate::cluster::fixture::*;
 
@@ -947,16 +952,6 @@ mod v2_tests {
             lease: Duration::from_secs(30),
             max_frame,
         }
-    }
-
-    fn frames(events: &[Event]) -> Vec<Vec<u8>> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Transmit(b) => Some(b.clone()),
-                _ => None,
-            })
-            .collect()
     }
 
     /// Cluster a with `n` services of 10 endpoints each.

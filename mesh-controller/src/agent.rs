@@ -811,6 +811,19 @@ mod tests {
         tls_over(TcpStream::connect(addr).await.unwrap(), pki, identity).await
     }
 
+    /// Every refusal in `reasons` counted in the hub's metrics; the metrics text, for more
+    /// checks.
+    fn assert_refusals_counted(h: &Hub, reasons: &[&str]) -> String {
+        let text = h.metrics().render();
+        for reason in reasons {
+            assert!(
+                text.contains(&format!("reason=\"{reason}\"")),
+                "{reason}: {text}"
+            );
+        }
+        text
+    }
+
     /// The stream is closed on us without an update (or with a TLS alert).
     pub(crate) async fn refused<S: AsyncRead + Unpin>(conn: &mut S) {
         let mut sink = Vec::new();
@@ -982,17 +995,14 @@ mod tests {
         let reg = registration("node-7", "192.168.1.17:51820", 9);
         send_hello(&mut evil, &AgentHello::gateway(reg, None)).await;
         refused(&mut evil).await;
-        let text = h.metrics().render();
-        for reason in [
-            "agent_node_mismatch",
-            "agent_endpoint_not_node_address",
-            "agent_unknown_node",
-        ] {
-            assert!(
-                text.contains(&format!("reason=\"{reason}\"")),
-                "{reason}: {text}"
-            );
-        }
+        assert_refusals_counted(
+            &h,
+            &[
+                "agent_node_mismatch",
+                "agent_endpoint_not_node_address",
+                "agent_unknown_node",
+            ],
+        );
         server.abort();
     }
 
@@ -1055,13 +1065,7 @@ mod tests {
             Some(PublicKey([1; 32])),
             "node-1's key unchanged"
         );
-        let text = h.metrics().render();
-        for reason in ["no_certificate", "plaintext_agent"] {
-            assert!(
-                text.contains(&format!("reason=\"{reason}\"")),
-                "{reason}: {text}"
-            );
-        }
+        let text = assert_refusals_counted(&h, &["no_certificate", "plaintext_agent"]);
         // The foreign CA has our CA's name: its signature does not verify.
         assert!(
             text.contains("reason=\"bad_signature\"") || text.contains("reason=\"unknown_ca\""),
@@ -1587,17 +1591,14 @@ mod tests {
         .await;
         refused(&mut anonymous).await;
         assert!(h.local_state().nodes["node-1"].gateway.is_none());
-        let text = h.metrics().render();
-        for reason in [
-            "bootstrap_token_rejected",
-            "agent_no_identity",
-            "agent_node_mismatch",
-        ] {
-            assert!(
-                text.contains(&format!("reason=\"{reason}\"")),
-                "{reason}: {text}"
-            );
-        }
+        assert_refusals_counted(
+            &h,
+            &[
+                "bootstrap_token_rejected",
+                "agent_no_identity",
+                "agent_node_mismatch",
+            ],
+        );
         server.abort();
     }
 

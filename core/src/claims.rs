@@ -376,7 +376,7 @@ impl LocalContext {
         Self {
             id: state.id.clone(),
             addresses,
-            ranges: state.cidrs().map(|(c, _)| c).collect(),
+            ranges: state.cidrs().collect(),
             keys,
         }
     }

@@ -10,8 +10,6 @@ use std::str::FromStr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::cidr::overlaps;
-
 /// Errors of the cluster model. Everything here comes from another cluster's bytes or from a
 /// user's configuration, so every check is an error, never a panic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -397,131 +395,12 @@ impl ClusterState {
     }
 
     /// Every CIDR this cluster routes: pod CIDRs per node and the service CIDRs.
-    pub fn cidrs(&self) -> impl Iterator<Item = (IpNet, CidrUse)> + '_ {
+    pub fn cidrs(&self) -> impl Iterator<Item = IpNet> + '_ {
         self.nodes
             .values()
-            .flat_map(|n| {
-                n.pod_cidrs.iter().map(|c| {
-                    (
-                        *c,
-                        CidrUse::Pod {
-                            node: n.name.clone(),
-                        },
-                    )
-                })
-            })
-            .chain(self.service_cidrs.iter().map(|c| (*c, CidrUse::Service)))
+            .flat_map(|n| n.pod_cidrs.iter().copied())
+            .chain(self.service_cidrs.iter().copied())
     }
-}
-
-/// What a CIDR is used for, to name it in a refusal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CidrUse {
-    Pod { node: String },
-    Service,
-}
-
-impl fmt::Display for CidrUse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CidrUse::Pod { node } => write!(f, "pod CIDR (node {node})"),
-            CidrUse::Service => f.write_str("service CIDR"),
-        }
-    }
-}
-
-/// Why a cluster cannot join the mesh as it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Conflict {
-    /// A remote cluster presents the local cluster's ID, or two peers the same ID.
-    DuplicateClusterId { id: ClusterId },
-    /// A CIDR of one cluster overlaps a CIDR of another: traffic could not be routed
-    /// unambiguously, so the later cluster is refused.
-    CidrOverlap {
-        refused: ClusterId,
-        refused_cidr: IpNet,
-        refused_use: CidrUse,
-        existing: ClusterId,
-        existing_cidr: IpNet,
-        existing_use: CidrUse,
-    },
-}
-
-impl fmt::Display for Conflict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Conflict::DuplicateClusterId { id } => {
-                write!(f, "two clusters claim the cluster ID {id}")
-            }
-            Conflict::CidrOverlap {
-                refused,
-                refused_cidr,
-                refused_use,
-                existing,
-                existing_cidr,
-                existing_use,
-            } => write!(
-                f,
-                "cluster {refused} refused: its {refused_use} {refused_cidr} overlaps the \
-                 {existing_use} {existing_cidr} of cluster {existing}"
-            ),
-        }
-    }
-}
-
-/// Every overlap between the CIDRs of `candidate` and those of `existing`, naming both.
-pub fn cidr_conflicts(existing: &ClusterState, candidate: &ClusterState) -> Vec<Conflict> {
-    if existing.id == candidate.id {
-        return vec![Conflict::DuplicateClusterId {
-            id: candidate.id.clone(),
-        }];
-    }
-    let mut out = Vec::new();
-    let theirs: Vec<_> = existing.cidrs().collect();
-    for (cidr, use_) in candidate.cidrs() {
-        for (ecidr, euse) in &theirs {
-            if overlaps(&cidr, ecidr) {
-                out.push(Conflict::CidrOverlap {
-                    refused: candidate.id.clone(),
-                    refused_cidr: cidr,
-                    refused_use: use_.clone(),
-                    existing: existing.id.clone(),
-                    existing_cidr: *ecidr,
-                    existing_use: euse.clone(),
-                });
-            }
-        }
-    }
-    out
-}
-
-/// Decides which remote clusters the mesh accepts, whole (the rule before bounded claims; the
-/// controller now admits per object with [`crate::claims::admit`], which does not depend on
-/// cluster IDs). The local cluster always stands; remotes are
-/// then admitted in cluster-ID order, each refused if it conflicts with the local cluster or an
-/// already admitted remote. Every controller therefore refuses the same cluster of a
-/// conflicting pair, and the result does not depend on the order peers connected in.
-pub fn admit<'a>(
-    local: &'a ClusterState,
-    remotes: impl IntoIterator<Item = &'a ClusterState>,
-) -> BTreeMap<ClusterId, Result<(), Vec<Conflict>>> {
-    let mut remotes: Vec<&ClusterState> = remotes.into_iter().collect();
-    remotes.sort_by(|a, b| a.id.cmp(&b.id));
-    let mut admitted: Vec<&ClusterState> = vec![local];
-    let mut out = BTreeMap::new();
-    for remote in remotes {
-        let conflicts: Vec<Conflict> = admitted
-            .iter()
-            .flat_map(|a| cidr_conflicts(a, remote))
-            .collect();
-        if conflicts.is_empty() {
-            admitted.push(remote);
-            out.insert(remote.id.clone(), Ok(()));
-        } else {
-            out.insert(remote.id.clone(), Err(conflicts));
-        }
-    }
-    out
 }
 
 mod node_seq {
@@ -752,53 +631,5 @@ mod tests {
         ));
         a.apply(&delta(3, 4)).unwrap();
         assert_eq!(a.revision, 4);
-    }
-
-    #[test]
-    fn overlapping_cidrs_are_refused_naming_both_clusters() {
-        let local = cluster("east", "10.1.0.0/24", "10.96.0.0/16");
-        let clash = cluster("west", "10.1.0.128/25", "10.97.0.0/16");
-        let conflicts = cidr_conflicts(&local, &clash);
-        assert_eq!(conflicts.len(), 1);
-        let msg = conflicts[0].to_string();
-        assert_eq!(
-            msg,
-            "cluster west refused: its pod CIDR (node node-0) 10.1.0.128/25 overlaps the pod \
-             CIDR (node node-0) 10.1.0.0/24 of cluster east"
-        );
-        let svc_clash = cluster("west", "10.2.0.0/24", "10.96.128.0/17");
-        let msg = cidr_conflicts(&local, &svc_clash)[0].to_string();
-        assert!(msg.contains("service CIDR 10.96.128.0/17"), "{msg}");
-        assert!(
-            msg.contains("service CIDR 10.96.0.0/16 of cluster east"),
-            "{msg}"
-        );
-        assert!(cidr_conflicts(&local, &cluster("west", "10.2.0.0/24", "10.97.0.0/16")).is_empty());
-    }
-
-    #[test]
-    fn duplicate_cluster_ids_are_refused() {
-        let local = cluster("east", "10.1.0.0/24", "10.96.0.0/16");
-        let imposter = cluster("east", "10.2.0.0/24", "10.97.0.0/16");
-        let verdict = admit(&local, [&imposter]);
-        let err = verdict[&id("east")].clone().unwrap_err();
-        assert_eq!(err, vec![Conflict::DuplicateClusterId { id: id("east") }]);
-        assert_eq!(err[0].to_string(), "two clusters claim the cluster ID east");
-    }
-
-    #[test]
-    fn admission_is_deterministic_and_refuses_the_later_id() {
-        let (local, b) = clusters_a_b();
-        let c = cluster("c", "10.2.0.0/24", "10.98.0.0/16");
-        let d = cluster("d", "10.4.0.0/24", "10.99.0.0/16");
-        let v1 = admit(&local, [&c, &b, &d]);
-        let v2 = admit(&local, [&d, &b, &c]);
-        assert_eq!(v1, v2);
-        assert!(v1[&id("b")].is_ok());
-        assert!(v1[&id("d")].is_ok());
-        let err = v1[&id("c")].clone().unwrap_err();
-        assert!(err[0].to_string().contains("of cluster b"), "{}", err[0]);
-        // Once b leaves, c is admitted.
-        assert!(admit(&local, [&c, &d])[&id("c")].is_ok());
     }
 }

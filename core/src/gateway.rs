@@ -77,8 +77,6 @@ pub enum StateError {
     },
     #[error("node {0} is unencrypted but has no node_ip to route to")]
     PlainWithoutNodeIp(String),
-    #[error("node {0} carries this gateway's own public key: a gateway cannot peer with itself")]
-    ListsItself(String),
     #[error("node {0} has no pod CIDRs")]
     NoPodCidrs(String),
     #[error("pod CIDR {cidr} of node {node} is not in canonical form (host bits set)")]

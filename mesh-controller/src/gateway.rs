@@ -96,7 +96,7 @@ pub fn desired_for(
                 });
             }
         }
-        for (cidr, _) in remote.cidrs() {
+        for cidr in remote.cidrs() {
             routes.push(RouteSpec {
                 destination: cidr,
                 via: RouteVia::Tunnel,

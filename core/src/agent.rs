@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterId;
 use crate::gateway::{GatewayPlan, PodRoute, TunnelPeer};
+use crate::policy::{PolicyDelta, PolicyInputs};
 use crate::status::GatewayReport;
 use crate::wgkey::PublicKey;
 
@@ -205,6 +206,21 @@ pub struct GatewayDesired {
     pub node_encryption: bool,
     pub peers: Vec<PeerSpec>,
     pub routes: Vec<RouteSpec>,
+    /// What the node enforces NetworkPolicy from; `None` when the controller does not
+    /// enforce policy (then the node loads no policy table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyInputs>,
+}
+
+/// How a delta changes the policy inputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PolicyUpdate {
+    /// Replace them whole (enforcement switched on, or the cluster changed).
+    Replace(PolicyInputs),
+    Delta(PolicyDelta),
+    /// Stop enforcing.
+    Disable,
 }
 
 /// What a gateway receives: a snapshot first (and after reconnecting), then deltas.
@@ -221,6 +237,8 @@ pub enum GatewayUpdate {
         remove_peers: Vec<PublicKey>,
         add_routes: Vec<RouteSpec>,
         remove_routes: Vec<RouteSpec>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy: Option<PolicyUpdate>,
     },
 }
 
@@ -281,7 +299,18 @@ impl GatewayDesired {
             .filter(|r| !new.routes.contains(r))
             .cloned()
             .collect();
-        let unchanged = upsert_peers.is_empty()
+        let policy = match (&self.policy, &new.policy) {
+            (None, None) => None,
+            (Some(_), None) => Some(PolicyUpdate::Disable),
+            (None, Some(inputs)) => Some(PolicyUpdate::Replace(inputs.clone())),
+            (Some(old), Some(inputs)) => match old.delta_to(inputs) {
+                None => Some(PolicyUpdate::Replace(inputs.clone())),
+                Some(delta) if delta.is_empty() => None,
+                Some(delta) => Some(PolicyUpdate::Delta(delta)),
+            },
+        };
+        let unchanged = policy.is_none()
+            && upsert_peers.is_empty()
             && remove_peers.is_empty()
             && add_routes.is_empty()
             && remove_routes.is_empty()
@@ -294,6 +323,7 @@ impl GatewayDesired {
             remove_peers,
             add_routes,
             remove_routes,
+            policy,
         })
     }
 
@@ -312,9 +342,20 @@ impl GatewayDesired {
                 remove_peers,
                 add_routes,
                 remove_routes,
+                policy,
             } => {
                 if *from != self.revision {
                     return false;
+                }
+                match policy {
+                    None => {}
+                    Some(PolicyUpdate::Replace(inputs)) => self.policy = Some(inputs.clone()),
+                    Some(PolicyUpdate::Disable) => self.policy = None,
+                    Some(PolicyUpdate::Delta(delta)) => match &mut self.policy {
+                        Some(inputs) => inputs.apply(delta),
+                        // A delta to inputs this replica never had: resynchronise.
+                        None => return false,
+                    },
                 }
                 self.peers.retain(|p| {
                     !remove_peers.contains(&p.public_key)
@@ -390,6 +431,7 @@ mod tests {
             node_encryption: Some(true),
             peers: Vec::new(),
             drops: Default::default(),
+            policy: None,
         });
         let json = serde_json::to_string(&report).unwrap();
         assert!(
@@ -445,6 +487,7 @@ mod tests {
                     },
                 },
             ],
+            policy: None,
         };
         let plan = desired.plan();
         assert_eq!(plan.revision, 4);

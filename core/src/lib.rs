@@ -16,7 +16,9 @@ mod error_chain;
 pub mod framing;
 pub mod gateway;
 pub mod imports;
+pub mod keyed;
 pub mod peering;
+pub mod policy;
 pub mod status;
 pub mod wgkey;
 

@@ -43,6 +43,25 @@ pub struct GatewayReport {
     /// Packets the gateway dropped since it started, by reason (only reasons with drops).
     #[serde(default)]
     pub drops: BTreeMap<String, u64>,
+    /// NetworkPolicy on the node; `None` when the gateway enforces none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyReport>,
+}
+
+/// What a node enforces: enough to tell that a pod's policy is in place.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyReport {
+    /// The revision of the desired state whose policy is in the kernel.
+    pub revision: u64,
+    /// [`crate::policy::PolicyInputs::digest`] of the inputs in the kernel.
+    pub digest: String,
+    /// The node's pods the ruleset knows (traffic of any other pod on the node is dropped).
+    pub local_pods: Vec<std::net::IpAddr>,
+    /// Rules over all chains of the node's policy table.
+    pub rules: usize,
+    /// Packets dropped by policy since the table was created, by direction.
+    pub dropped_ingress: u64,
+    pub dropped_egress: u64,
 }
 
 /// One WireGuard peer of a gateway.
@@ -165,6 +184,36 @@ pub struct ControllerStatus {
     /// Every node the source knows or a gateway registered for, in name order.
     #[serde(default)]
     pub nodes: Vec<NodeStatus>,
+    /// SHA-256 (hex) of the static source file last loaded; `None` for Kubernetes. Lets a
+    /// writer of the file (the lab) tell that the controller has read what it wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_digest: Option<String>,
+    /// NetworkPolicy as the controller streams it; `None` when it enforces none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<ControllerPolicyStatus>,
+}
+
+/// The policy inputs the controller streams to its nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerPolicyStatus {
+    /// [`crate::policy::PolicyInputs::digest`] of what the nodes are sent now: a node whose
+    /// [`PolicyReport::digest`] equals it enforces the current policy.
+    pub digest: String,
+    /// Identities and pod endpoints, over the mesh (local and admitted peers).
+    pub identities: usize,
+    pub endpoints: usize,
+    /// The cluster's policies in name order, with how many pods each selects.
+    pub policies: Vec<PolicyStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    pub namespace: String,
+    pub name: String,
+    /// `Ingress`, `Egress` or both, as the policy's types say.
+    pub types: Vec<String>,
+    /// Pods of the cluster the policy applies to.
+    pub selected_pods: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -340,6 +389,7 @@ mod tests {
             node_encryption: Some(false),
             peers: vec![tunnel("c2", "node-0", 10, Some(3))],
             drops: BTreeMap::from([("no_route".to_string(), 2)]),
+            policy: None,
         }
     }
 
@@ -377,6 +427,8 @@ mod tests {
                 report_age_seconds: Some(2),
                 report: Some(report("node-0")),
             }],
+            source_digest: None,
+            policy: None,
         }
     }
 

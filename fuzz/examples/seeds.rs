@@ -110,6 +110,7 @@ fn agent() {
             tx_bytes: 2 << 20,
         }],
         drops: [("no_route".to_string(), 3)].into_iter().collect(),
+        policy: None,
     });
     let max = usize::MAX;
     let hello_frame = encode_json_frame(&hello, "hello", max).unwrap();
@@ -149,6 +150,7 @@ fn gateway_updates() {
                 },
             },
         ],
+        policy: None,
     };
     let mut new = old.clone();
     new.revision = 5;

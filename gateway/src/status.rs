@@ -37,6 +37,7 @@ pub fn build_report(
             })
             .collect(),
         drops: drops.into_iter().filter(|(_, n)| *n > 0).collect(),
+        policy: None,
     }
 }
 

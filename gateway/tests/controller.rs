@@ -85,6 +85,7 @@ fn snapshot(
         node_encryption: true,
         peers,
         routes,
+        policy: None,
     })
 }
 
@@ -238,6 +239,7 @@ async fn gateways_register_and_follow_the_controller_stream() {
             remove_peers: vec![b.gateway().public_key],
             add_routes: vec![],
             remove_routes: tunnel_to(&b),
+            policy: None,
         };
         send(&mut stream_a, &removal).await;
         applied(&a, 2).await;
@@ -253,6 +255,7 @@ async fn gateways_register_and_follow_the_controller_stream() {
             remove_peers: vec![],
             add_routes: tunnel_to(&b),
             remove_routes: vec![],
+            policy: None,
         };
         send(&mut stream_a, &restore).await;
         assert!(a.ping(to_b, LONG).await, "a -> b after the peer came back");

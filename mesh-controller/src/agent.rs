@@ -1878,6 +1878,7 @@ mod tests {
                 node_encryption: Some(false),
                 peers: Vec::new(),
                 drops: Default::default(),
+                policy: None,
             })
         };
         // The hello, a report in the same write, a frame that is no report and a report

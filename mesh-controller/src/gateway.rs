@@ -112,6 +112,7 @@ pub fn desired_for(
         node_encryption,
         peers,
         routes,
+        policy: None,
     }
 }
 

@@ -72,6 +72,8 @@ pub fn document(parts: &StatusParts<'_>, now: Instant, wall: SystemTime) -> Cont
         gateways_connected: gateways.connected,
         remotes,
         nodes,
+        source_digest: None,
+        policy: None,
     }
 }
 

@@ -27,20 +27,25 @@ pub use kernel::NftKernel;
 
 use crate::nft::NftError;
 
+/// The policy one node enforces: the inputs, and the node they are compiled for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodePolicy {
+    pub node: String,
+    pub inputs: PolicyInputs,
+}
+
 /// Makes a node's ruleset from the inputs: the whole compiler today, an incremental one later.
 pub trait PolicyCompiler: Send {
-    fn ruleset(&mut self, inputs: &PolicyInputs) -> Ruleset;
+    fn ruleset(&mut self, inputs: &PolicyInputs, node: &str) -> Ruleset;
 }
 
-/// [`trellis_core::policy::compile`] for one node.
-#[derive(Debug, Clone)]
-pub struct NodeCompiler {
-    pub node: String,
-}
+/// [`trellis_core::policy::compile`]: the whole ruleset from the whole inputs, every time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WholeCompiler;
 
-impl PolicyCompiler for NodeCompiler {
-    fn ruleset(&mut self, inputs: &PolicyInputs) -> Ruleset {
-        trellis_core::policy::compile(inputs, &self.node)
+impl PolicyCompiler for WholeCompiler {
+    fn ruleset(&mut self, inputs: &PolicyInputs, node: &str) -> Ruleset {
+        trellis_core::policy::compile(inputs, node)
     }
 }
 
@@ -73,6 +78,7 @@ pub enum InKernel {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
+    pub node: String,
     /// The desired state's revision the policy came with (the latest with these inputs).
     pub revision: u64,
     /// [`PolicyInputs::digest`] of the inputs.
@@ -134,9 +140,9 @@ impl Enforcer {
     pub fn enforce(
         &mut self,
         revision: u64,
-        policy: Option<&PolicyInputs>,
+        policy: Option<&NodePolicy>,
     ) -> Result<Outcome, PolicyError> {
-        let Some(inputs) = policy else {
+        let Some(NodePolicy { node, inputs }) = policy else {
             if self.in_kernel == InKernel::Disabled && !self.failed {
                 return Ok(unchanged());
             }
@@ -148,11 +154,12 @@ impl Enforcer {
         if !self.failed
             && let InKernel::Enforced(applied) = &mut self.in_kernel
             && applied.digest == digest
+            && applied.node == *node
         {
             applied.revision = revision;
             return Ok(unchanged());
         }
-        let ruleset = self.compiler.ruleset(inputs);
+        let ruleset = self.compiler.ruleset(inputs, node);
         let (script, action) = match (&self.in_kernel, self.failed) {
             (InKernel::Enforced(applied), false) => {
                 match nft::render_update(&applied.ruleset, &ruleset) {
@@ -167,6 +174,7 @@ impl Enforcer {
             },
         };
         let applied = Applied {
+            node: node.clone(),
             revision,
             digest,
             ruleset,
@@ -220,6 +228,22 @@ impl Enforcer {
     }
 }
 
+/// Reads the policy table's drop counters into `metrics` (blocking: runs `nft`); nothing
+/// when there is no table.
+pub fn record_drops(
+    enforcer: &std::sync::Mutex<Enforcer>,
+    metrics: &crate::metrics::PolicyMetrics,
+) {
+    let read = enforcer
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .drops();
+    match read {
+        Ok(totals) => metrics.record_drops(totals),
+        Err(e) => tracing::debug!("policy counters: {}", crate::chain(&e)),
+    }
+}
+
 fn unchanged() -> Outcome {
     Outcome {
         action: Action::Unchanged,
@@ -227,19 +251,18 @@ fn unchanged() -> Outcome {
     }
 }
 
+/// A kernel for tests: records the scripts, refuses when told to.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fake {
     use std::sync::{Arc, Mutex};
-
-    use trellis_core::policy::PolicyEndpoint;
 
     use super::*;
 
     /// Records every script; refuses the next `fail` ones.
     #[derive(Clone, Default)]
-    struct FakeKernel {
-        scripts: Arc<Mutex<Vec<String>>>,
-        fail: Arc<Mutex<usize>>,
+    pub(crate) struct FakeKernel {
+        pub(crate) scripts: Arc<Mutex<Vec<String>>>,
+        pub(crate) fail: Arc<Mutex<usize>>,
     }
 
     impl PolicyKernel for FakeKernel {
@@ -262,22 +285,39 @@ mod tests {
     }
 
     impl FakeKernel {
-        fn take(&self) -> Vec<String> {
+        pub(crate) fn take(&self) -> Vec<String> {
             std::mem::take(&mut *self.scripts.lock().unwrap())
         }
     }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use trellis_core::policy::PolicyEndpoint;
+
+    use super::fake::FakeKernel;
+    use super::*;
 
     /// Counts compilations.
     struct CountingCompiler(Arc<Mutex<usize>>);
 
     impl PolicyCompiler for CountingCompiler {
-        fn ruleset(&mut self, inputs: &PolicyInputs) -> Ruleset {
+        fn ruleset(&mut self, inputs: &PolicyInputs, node: &str) -> Ruleset {
             *self.0.lock().unwrap() += 1;
-            trellis_core::policy::compile(inputs, "n1")
+            trellis_core::policy::compile(inputs, node)
         }
     }
 
-    fn inputs(pods: &[&str]) -> PolicyInputs {
+    pub(crate) fn inputs(pods: &[&str]) -> NodePolicy {
+        NodePolicy {
+            node: "n1".into(),
+            inputs: policy_inputs(pods),
+        }
+    }
+
+    fn policy_inputs(pods: &[&str]) -> PolicyInputs {
         let mut inputs = PolicyInputs::new("c1".parse().unwrap());
         for (i, pod) in pods.iter().enumerate() {
             let endpoint = PolicyEndpoint {
@@ -329,7 +369,10 @@ mod tests {
             panic!("{:?}", e.in_kernel())
         };
         assert_eq!(applied.revision, 2);
-        assert_eq!(applied.digest, inputs(&["10.0.0.1", "10.0.0.2"]).digest());
+        assert_eq!(
+            applied.digest,
+            policy_inputs(&["10.0.0.1", "10.0.0.2"]).digest()
+        );
     }
 
     #[test]
@@ -396,7 +439,7 @@ mod tests {
     fn a_ruleset_that_cannot_render_fails_without_touching_the_kernel() {
         struct Broken;
         impl PolicyCompiler for Broken {
-            fn ruleset(&mut self, _: &PolicyInputs) -> Ruleset {
+            fn ruleset(&mut self, _: &PolicyInputs, _: &str) -> Ruleset {
                 let mut r = Ruleset::default();
                 r.egress
                     .insert("10.0.0.1".parse().unwrap(), "missing".into());

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use trellis_core::policy::PolicyInputs;
-use trellis_core::policy::nft::{self, RenderError};
+use trellis_core::policy::nft::{self, ExistingTable, RenderError};
 use trellis_core::policy::ruleset::Ruleset;
 
 pub use kernel::NftKernel;
@@ -54,6 +54,8 @@ pub trait PolicyKernel: Send {
     fn apply(&mut self, script: &str) -> Result<(), NftError>;
     /// Packet counts of the table's named counters.
     fn counters(&mut self) -> Result<BTreeMap<String, u64>, NftError>;
+    /// What the table holds by name; `None` when there is none.
+    fn existing(&mut self) -> Result<Option<ExistingTable>, NftError>;
 }
 
 /// Why the desired policy is not (yet) what the kernel enforces.
@@ -160,30 +162,63 @@ impl Enforcer {
             return Ok(unchanged());
         }
         let ruleset = self.compiler.ruleset(inputs, node);
-        let (script, action) = match (&self.in_kernel, self.failed) {
-            (InKernel::Enforced(applied), false) => {
-                match nft::render_update(&applied.ruleset, &ruleset) {
-                    Ok(Some(script)) => (script, Action::Updated),
-                    Ok(None) => (String::new(), Action::Unchanged),
-                    Err(e) => return Err(self.fail(e.into())),
-                }
-            }
-            _ => match nft::render_full(&ruleset) {
-                Ok(script) => (script, Action::Replaced),
-                Err(e) => return Err(self.fail(e.into())),
-            },
-        };
         let applied = Applied {
             node: node.clone(),
             revision,
             digest,
             ruleset,
         };
-        if action == Action::Unchanged {
-            self.in_kernel = InKernel::Enforced(applied);
-            return Ok(unchanged());
+        if let (InKernel::Enforced(before), false) = (&self.in_kernel, self.failed) {
+            return match nft::render_update(&before.ruleset, &applied.ruleset) {
+                Ok(Some(script)) => self.run(&script, Action::Updated, move |_| {
+                    InKernel::Enforced(applied)
+                }),
+                Ok(None) => {
+                    self.in_kernel = InKernel::Enforced(applied);
+                    Ok(unchanged())
+                }
+                Err(e) => Err(self.fail(e.into())),
+            };
         }
-        self.run(&script, action, move |_| InKernel::Enforced(applied))
+        self.replace(applied)
+    }
+
+    /// Makes the table hold `applied`'s ruleset whatever it holds now: emptied and filled in
+    /// one transaction when it is there ([`nft::render_replace`]); created (or, if that was
+    /// refused, deleted and created) otherwise.
+    fn replace(&mut self, applied: Applied) -> Result<Outcome, PolicyError> {
+        let full = match nft::render_full(&applied.ruleset) {
+            Ok(script) => script,
+            Err(e) => return Err(self.fail(e.into())),
+        };
+        let existing = match self.kernel.existing() {
+            Ok(existing) => existing,
+            Err(e) => {
+                tracing::warn!(
+                    "read the policy table (replacing it whole instead): {}",
+                    crate::chain(&e)
+                );
+                None
+            }
+        };
+        if let Some(existing) = existing {
+            let script = match nft::render_replace(&existing, &applied.ruleset) {
+                Ok(script) => script,
+                Err(e) => return Err(self.fail(e.into())),
+            };
+            match self.run(&script, Action::Replaced, |_| {
+                InKernel::Enforced(applied.clone())
+            }) {
+                Ok(outcome) => return Ok(outcome),
+                Err(e) => tracing::warn!(
+                    "refill the policy table (deleting and creating it instead): {}",
+                    crate::chain(&e)
+                ),
+            }
+        }
+        self.run(&full, Action::Replaced, move |_| {
+            InKernel::Enforced(applied)
+        })
     }
 
     fn run(
@@ -263,6 +298,8 @@ pub(crate) mod fake {
     pub(crate) struct FakeKernel {
         pub(crate) scripts: Arc<Mutex<Vec<String>>>,
         pub(crate) fail: Arc<Mutex<usize>>,
+        /// What `existing` answers (`None`: no table).
+        pub(crate) existing: Arc<Mutex<Option<ExistingTable>>>,
     }
 
     impl PolicyKernel for FakeKernel {
@@ -281,6 +318,9 @@ pub(crate) mod fake {
                 ("drop_unknown_pod".to_string(), 1),
             ]
             .into())
+        }
+        fn existing(&mut self) -> Result<Option<ExistingTable>, NftError> {
+            Ok(self.existing.lock().unwrap().clone())
         }
     }
 
@@ -414,6 +454,40 @@ pub(crate) mod tests {
             e.enforce(3, Some(&inputs(&["10.0.0.2"]))).unwrap().action,
             Action::Replaced
         );
+    }
+
+    #[test]
+    fn a_table_left_by_another_process_is_emptied_and_filled_not_deleted() {
+        let (mut e, kernel, _) = enforcer();
+        let existing = ExistingTable {
+            chains: ["_egress".to_string(), "old".to_string()].into(),
+            ..ExistingTable::default()
+        };
+        *kernel.existing.lock().unwrap() = Some(existing.clone());
+        assert_eq!(
+            e.enforce(1, Some(&inputs(&["10.0.0.1"]))).unwrap().action,
+            Action::Replaced
+        );
+        let scripts = kernel.take();
+        assert_eq!(scripts.len(), 1);
+        assert!(
+            scripts[0].starts_with("table inet trellis_policy\nflush table inet trellis_policy\n"),
+            "{}",
+            scripts[0]
+        );
+        assert!(scripts[0].contains("delete chain inet trellis_policy old\n"));
+        // Refused (say, a set of the same name with another type): deleted and created.
+        *kernel.fail.lock().unwrap() = 1;
+        assert!(e.enforce(2, None).is_err());
+        *kernel.fail.lock().unwrap() = 1;
+        assert_eq!(
+            e.enforce(3, Some(&inputs(&["10.0.0.2"]))).unwrap().action,
+            Action::Replaced
+        );
+        let scripts = kernel.take();
+        assert_eq!(scripts.len(), 1, "the refused script is not recorded");
+        assert!(scripts[0].starts_with(&nft::render_delete()));
+        assert!(e.settled());
     }
 
     #[test]

@@ -239,8 +239,24 @@ fn the_table_filters_egress_then_ingress_and_updates_are_taken_by_nft() {
     assert!(c.tcp_connects(b.v4(), 80));
     assert!(!a.tcp_connects(b.v4(), 80));
 
-    // 5. All the way back in one update.
-    update(&rig, &fifth, &first);
+    // 5. A set of single addresses (a hash set) gets a prefix (an interval set): the table is
+    //    refilled in one transaction, not deleted.
+    let mut sixth = fifth.clone();
+    sixth.address_sets.insert(
+        "from_b".into(),
+        AddressSet {
+            family: Family::Ipv4,
+            elements: ["10.70.1.0/24".parse().unwrap()].into(),
+        },
+    );
+    let script = nft::render_update(&fifth, &sixth).unwrap().unwrap();
+    assert!(script.contains("flush table"), "{script}");
+    update(&rig, &fifth, &sixth);
+    assert!(b.udp_reaches(c, c.v4(), 7000));
+    assert!(!a.udp_reaches(c, c.v4(), 7000));
+
+    // 6. All the way back in one update.
+    update(&rig, &sixth, &first);
     assert!(a.tcp_connects(b.v4(), 80));
     assert!(!c.udp_reaches(a, a.v4(), 7000));
     let listed = rig.nft_list();

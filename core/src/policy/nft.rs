@@ -194,6 +194,26 @@ pub struct ExistingTable {
     pub chains: BTreeSet<String>,
 }
 
+/// The names of the table that holds `ruleset`.
+fn existing_of(ruleset: &Ruleset) -> ExistingTable {
+    ExistingTable {
+        sets: ruleset
+            .address_sets
+            .keys()
+            .chain(ruleset.service_sets.keys())
+            .cloned()
+            .chain(FIXED_SETS.map(String::from))
+            .collect(),
+        maps: FIXED_MAPS.map(String::from).into(),
+        chains: ruleset
+            .chains
+            .keys()
+            .cloned()
+            .chain(FIXED_CHAINS.map(String::from))
+            .collect(),
+    }
+}
+
 /// The fixed part's maps, sets and chains.
 const FIXED_MAPS: [&str; 4] = ["_egress4", "_egress6", "_ingress4", "_ingress6"];
 const FIXED_SETS: [&str; 2] = ["_local4", "_local6"];
@@ -207,8 +227,8 @@ const FIXED_CHAINS: [&str; 5] = [
 
 /// The script that makes the table `existing` (another process's, or one in an unknown state
 /// after a failure) hold `ruleset`, in one transaction, without deleting the table: every
-/// rule flushed and every set and map emptied, what the ruleset lacks deleted, then all of it
-/// filled again. The base chains stay registered throughout, so no packet meets a moment
+/// rule flushed, the fixed sets and maps emptied, the ruleset's sets deleted and the chains
+/// it lacks too, then all of it created and filled again. The base chains stay registered throughout, so no packet meets a moment
 /// without them. The counters keep counting.
 pub fn render_replace(existing: &ExistingTable, ruleset: &Ruleset) -> Result<String, RenderError> {
     validate(ruleset)?;
@@ -216,7 +236,11 @@ pub fn render_replace(existing: &ExistingTable, ruleset: &Ruleset) -> Result<Str
     for map in &existing.maps {
         let _ = writeln!(out, "flush map inet {TABLE} {map}");
     }
-    for set in &existing.sets {
+    for set in existing
+        .sets
+        .iter()
+        .filter(|s| FIXED_SETS.contains(&s.as_str()))
+    {
         let _ = writeln!(out, "flush set inet {TABLE} {set}");
     }
     for chain in existing
@@ -226,11 +250,13 @@ pub fn render_replace(existing: &ExistingTable, ruleset: &Ruleset) -> Result<Str
     {
         let _ = writeln!(out, "delete chain inet {TABLE} {chain}");
     }
-    for set in existing.sets.iter().filter(|s| {
-        !ruleset.address_sets.contains_key(*s)
-            && !ruleset.service_sets.contains_key(*s)
-            && !FIXED_SETS.contains(&s.as_str())
-    }) {
+    // Every set of the ruleset's is created again: one of the same name may be of another
+    // kind now (a set takes no new type or flags in place).
+    for set in existing
+        .sets
+        .iter()
+        .filter(|s| !FIXED_SETS.contains(&s.as_str()))
+    {
         let _ = writeln!(out, "delete set inet {TABLE} {set}");
     }
     for map in existing
@@ -257,8 +283,9 @@ fn render_body(out: &mut String, ruleset: &Ruleset) {
     for (name, set) in &ruleset.address_sets {
         let _ = writeln!(
             out,
-            "\tset {name} {{ type {}; flags interval;{} }}",
+            "\tset {name} {{ type {};{}{} }}",
             addr_type(set.family),
+            interval_flag(set),
             elements_clause(address_elements(set))
         );
     }
@@ -365,6 +392,24 @@ fn add_map_elements(out: &mut String, map: &str, entries: &BTreeMap<IpAddr, Name
                 elements.join(", ")
             );
         }
+    }
+}
+
+/// Whether an address set needs an interval set: it holds a prefix, not only addresses.
+/// Sets of single addresses (every pod selector's) are hash sets: `nft` reads the elements of
+/// every interval set of the table before any change of elements, so one large interval set
+/// would make every update cost time in proportion to it.
+fn is_interval(set: &AddressSet) -> bool {
+    set.elements
+        .iter()
+        .any(|net| net.prefix_len() < net.max_prefix_len())
+}
+
+fn interval_flag(set: &AddressSet) -> &'static str {
+    if is_interval(set) {
+        " flags interval;"
+    } else {
+        ""
     }
 }
 
@@ -532,7 +577,8 @@ fn escape_comment(comment: &str) -> String {
 /// only what differs, in one transaction; `None` when nothing does. In order: new sets and
 /// elements, new chains declared, changed chains flushed and every new or changed chain
 /// filled, then the verdict maps and local pods, and last the chains and sets nothing refers
-/// to any more. A set whose kind or family changes has the whole table replaced.
+/// to any more. A set whose kind (address or service, single addresses or prefixes) or
+/// family changes has the whole table refilled ([`render_replace`]).
 pub fn render_update(old: &Ruleset, new: &Ruleset) -> Result<Option<String>, RenderError> {
     validate(new)?;
     if old == new {
@@ -543,7 +589,7 @@ pub fn render_update(old: &Ruleset, new: &Ruleset) -> Result<Option<String>, Ren
             || old
                 .address_sets
                 .get(name)
-                .is_some_and(|o| o.family != set.family)
+                .is_some_and(|o| o.family != set.family || is_interval(o) != is_interval(set))
     }) || new.service_sets.iter().any(|(name, set)| {
         old.address_sets.contains_key(name)
             || old
@@ -552,7 +598,7 @@ pub fn render_update(old: &Ruleset, new: &Ruleset) -> Result<Option<String>, Ren
                 .is_some_and(|o| o.family != set.family)
     });
     if kind_changed {
-        return render_full(new).map(Some);
+        return render_replace(&existing_of(old), new).map(Some);
     }
     let mut out = String::new();
     // Sets: new ones whole, changed ones by element (removals first: an interval set refuses
@@ -563,8 +609,9 @@ pub fn render_update(old: &Ruleset, new: &Ruleset) -> Result<Option<String>, Ren
             None => {
                 let _ = writeln!(
                     out,
-                    "add set inet {TABLE} {name} {{ type {}; flags interval;{} }}",
+                    "add set inet {TABLE} {name} {{ type {};{}{} }}",
                     addr_type(set.family),
+                    interval_flag(set),
                     elements_clause(elements)
                 );
             }
@@ -968,7 +1015,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("{needle:?} in\n{script}"))
         };
         assert!(
-            at("flush set inet trellis_policy gone\n")
+            at("flush set inet trellis_policy _local4\n")
                 < at("delete set inet trellis_policy gone\n")
         );
         assert!(
@@ -977,7 +1024,10 @@ mod tests {
         );
         assert!(!script.contains("delete chain inet trellis_policy _egress"));
         assert!(!script.contains("delete chain inet trellis_policy pod_b_in"));
-        assert!(!script.contains("delete set inet trellis_policy clients"));
+        assert!(
+            script.contains("delete set inet trellis_policy clients\n"),
+            "made again"
+        );
         assert!(!script.contains("delete set inet trellis_policy _local"));
         // Then the whole definition, as a full script has it.
         let full = render_full(&sample()).unwrap();
@@ -1056,9 +1106,8 @@ mod tests {
                 .find(needle)
                 .unwrap_or_else(|| panic!("{needle:?} missing from\n{script}"))
         };
-        let new_set = at(
-            "add set inet trellis_policy servers { type ipv4_addr; flags interval; elements = { 10.0.0.2 }; }",
-        );
+        let new_set =
+            at("add set inet trellis_policy servers { type ipv4_addr; elements = { 10.0.0.2 }; }");
         let new_chain = at("add chain inet trellis_policy pod_c_out\n");
         let new_rule = at("add rule inet trellis_policy pod_c_out ip daddr @servers accept\n");
         let flushed = at("flush chain inet trellis_policy pod_b_in\n");
@@ -1097,13 +1146,32 @@ mod tests {
     }
 
     #[test]
-    fn a_set_changing_kind_or_family_replaces_the_table() {
+    fn a_set_changing_kind_or_family_refills_the_table() {
         let old = sample();
-        let mut new = old.clone();
-        new.address_sets
-            .insert("clients".into(), address_set(Family::Ipv6, &["fd00::/64"]));
-        let script = render_update(&old, &new).unwrap().unwrap();
-        assert!(script.starts_with(&render_delete()), "{script}");
-        assert_eq!(script, render_full(&new).unwrap());
+        for clients in [
+            address_set(Family::Ipv6, &["fd00::/64"]),
+            address_set(Family::Ipv4, &["10.0.0.1/32", "10.0.0.9/32"]),
+        ] {
+            let mut new = old.clone();
+            new.address_sets.insert("clients".into(), clients);
+            let script = render_update(&old, &new).unwrap().unwrap();
+            assert!(!script.contains("delete table"), "{script}");
+            assert_eq!(script, render_replace(&existing_of(&old), &new).unwrap());
+            assert!(script.contains("delete set inet trellis_policy clients\n"));
+        }
+    }
+
+    #[test]
+    fn sets_of_single_addresses_are_hash_sets_and_prefixes_make_interval_sets() {
+        let mut r = sample();
+        r.address_sets.insert(
+            "hosts".into(),
+            address_set(Family::Ipv4, &["10.0.0.1/32", "10.0.0.2/32"]),
+        );
+        let script = render_full(&r).unwrap();
+        assert!(
+            script.contains("set hosts { type ipv4_addr; elements = { 10.0.0.1, 10.0.0.2 }; }")
+        );
+        assert!(script.contains("set clients { type ipv4_addr; flags interval;"));
     }
 }

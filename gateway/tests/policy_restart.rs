@@ -24,9 +24,11 @@ use trellis_test_support::eventually;
 const CONTROLLER: &str = "127.0.0.1:7444";
 const METRICS: &str = "127.0.0.1:9586";
 
-/// A controller that answers every gateway with one snapshot, then listens to its reports.
+/// A controller that answers every gateway with one snapshot, then sends it the updates
+/// queued with `send`, and listens to its reports.
 struct ScriptedController {
     stop: Arc<AtomicBool>,
+    later: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -40,14 +42,17 @@ impl ScriptedController {
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let running = stop.clone();
+        let later = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let queued = later.clone();
         let frame = encode_json_frame(&GatewayUpdate::Snapshot(desired), "update", MAX_AGENT_FRAME)
             .unwrap();
         let thread = std::thread::spawn(move || {
             while !running.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let (frame, running) = (frame.clone(), running.clone());
-                        std::thread::spawn(move || serve(stream, &frame, &running));
+                        let (frame, running, queued) =
+                            (frame.clone(), running.clone(), queued.clone());
+                        std::thread::spawn(move || serve(stream, &frame, &queued, &running));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -55,14 +60,28 @@ impl ScriptedController {
         });
         Self {
             stop,
+            later,
             thread: Some(thread),
         }
+    }
+
+    /// Queues an update for the gateway connected now.
+    fn send(&self, update: &GatewayUpdate) {
+        self.later
+            .lock()
+            .unwrap()
+            .push(encode_json_frame(update, "update", MAX_AGENT_FRAME).unwrap());
     }
 }
 
 /// Reads the gateway's hello, sends the snapshot, then reads (and drops) what it reports
 /// until told to stop or the gateway goes.
-fn serve(mut stream: std::net::TcpStream, snapshot: &[u8], stop: &AtomicBool) {
+fn serve(
+    mut stream: std::net::TcpStream,
+    snapshot: &[u8],
+    later: &std::sync::Mutex<Vec<Vec<u8>>>,
+    stop: &AtomicBool,
+) {
     stream.set_nonblocking(false).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_millis(100)))
@@ -71,6 +90,13 @@ fn serve(mut stream: std::net::TcpStream, snapshot: &[u8], stop: &AtomicBool) {
     let mut buffer = [0u8; 4096];
     let mut greeted = false;
     while !stop.load(Ordering::Relaxed) {
+        if greeted {
+            for frame in later.lock().unwrap().drain(..) {
+                if stream.write_all(&frame).is_err() {
+                    return;
+                }
+            }
+        }
         match stream.read(&mut buffer) {
             Ok(0) => return,
             Ok(n) => decoder.push(&buffer[..n]),
@@ -185,14 +211,8 @@ fn count_arrivals(socket: UdpSocket, stop: Arc<AtomicBool>) -> Arc<AtomicU64> {
     count
 }
 
-#[test]
-fn a_gateway_killed_and_restarted_under_policy_never_lets_denied_traffic_through() {
-    trellis_test_support::skip_unless_root!();
-    let rig = Rig::new("pol-restart", 3);
-    let (a, b, c) = (&rig.pods[0], &rig.pods[1], &rig.pods[2]);
-    let state_dir = tempfile::tempdir().unwrap();
-    // B and C are the node's pods; A is one the controller has not announced: the node's
-    // table drops its traffic (whatever the policies, which later add their own denials).
+/// The policy inputs of node `a` with these pods on it (all in one identity).
+fn inputs_with(pods: &[(&Pod, &str)]) -> PolicyInputs {
     let mut inputs = PolicyInputs::new("c1".parse().unwrap());
     let identity = Identity {
         key: IdentityKey {
@@ -205,10 +225,76 @@ fn a_gateway_killed_and_restarted_under_policy_never_lets_denied_traffic_through
         },
     };
     inputs.identities.insert(identity.key(), identity);
-    for (pod, name) in [(b, "b"), (c, "c")] {
+    for (pod, name) in pods {
         let e = endpoint(pod, name);
         inputs.endpoints.insert(e.key(), e);
     }
+    inputs
+}
+
+#[test]
+fn a_pod_the_controller_announces_is_let_through_by_an_update_of_the_table() {
+    trellis_test_support::skip_unless_root!();
+    let rig = Rig::new("pol-delta", 2);
+    let (a, b) = (&rig.pods[0], &rig.pods[1]);
+    let state_dir = tempfile::tempdir().unwrap();
+    let before = inputs_with(&[(b, "b")]);
+    let after = inputs_with(&[(a, "a"), (b, "b")]);
+    let desired = GatewayDesired {
+        revision: 1,
+        node: "a".into(),
+        node_encryption: true,
+        peers: vec![],
+        routes: vec![],
+        policy: Some(before.clone()),
+    };
+    let controller = ScriptedController::start(&rig, desired.clone());
+    let _gateway = Gateway::start(&rig, state_dir.path());
+    enforced(&rig, &before.digest());
+    assert!(!a.udp_reaches(b, b.v4(), 5000), "A not announced yet");
+
+    // The controller announces A: a delta of the policy inputs, applied as an update.
+    let mut next = desired.clone();
+    next.revision = 2;
+    next.policy = Some(after.clone());
+    controller.send(&desired.delta_to(&next).expect("a change"));
+    enforced(&rig, &after.digest());
+    assert!(a.udp_reaches(b, b.v4(), 5000), "A known now");
+    let status: serde_json::Value =
+        serde_json::from_str(&get(&rig, "/status").unwrap().body).unwrap();
+    assert_eq!(status["policy"]["revision"], 2);
+    let local = status["policy"]["local_pods"].as_array().unwrap();
+    assert!(
+        local.contains(&serde_json::json!(a.v4().to_string())),
+        "{status}"
+    );
+    let metrics = get(&rig, "/metrics").unwrap().body;
+    assert!(
+        metrics.contains("trellis_policy_apply_duration_seconds_count 2"),
+        "the first table, then one update: {metrics}"
+    );
+    assert!(
+        metrics.contains("trellis_policy_apply_failures_total 0"),
+        "{metrics}"
+    );
+    // Stored with the plan, for the next start.
+    let stored: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(state_dir.path().join("last-plan.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stored["revision"], 2);
+    assert_eq!(stored["policy"]["node"], "a");
+}
+
+#[test]
+fn a_gateway_killed_and_restarted_under_policy_never_lets_denied_traffic_through() {
+    trellis_test_support::skip_unless_root!();
+    let rig = Rig::new("pol-restart", 3);
+    let (a, b, c) = (&rig.pods[0], &rig.pods[1], &rig.pods[2]);
+    let state_dir = tempfile::tempdir().unwrap();
+    // B and C are the node's pods; A is one the controller has not announced: the node's
+    // table drops its traffic (whatever the policies, which later add their own denials).
+    let inputs = inputs_with(&[(b, "b"), (c, "c")]);
     let digest = inputs.digest();
     let desired = GatewayDesired {
         revision: 1,

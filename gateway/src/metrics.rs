@@ -551,6 +551,24 @@ pub(crate) fn unix_now() -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn policy_drops_add_what_is_new_and_a_replaced_tables_counts_whole() {
+        let metrics = super::Metrics::new().unwrap();
+        let p = &metrics.policy;
+        p.record_drops((5, 2, 1));
+        p.record_drops((7, 2, 1));
+        // Lower than last read: a table created again, counting from zero.
+        p.record_drops((3, 2, 4));
+        let text = metrics.render();
+        for series in [
+            r#"trellis_policy_dropped_packets_total{direction="ingress"} 10"#,
+            r#"trellis_policy_dropped_packets_total{direction="egress"} 2"#,
+            r#"trellis_policy_dropped_packets_total{direction="unknown_pod"} 4"#,
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
+    }
+
     use super::*;
 
     #[test]

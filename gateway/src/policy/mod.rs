@@ -249,11 +249,25 @@ impl Enforcer {
     }
 
     /// The table's drop counters: (ingress, egress, unknown pod). Zero when there is no table.
+    /// A table found gone (someone deleted it) is replaced whole by the next
+    /// [`Self::enforce`] (the next state, or the resync).
     pub fn drops(&mut self) -> Result<(u64, u64, u64), NftError> {
         if !matches!(self.in_kernel, InKernel::Enforced(_)) {
             return Ok((0, 0, 0));
         }
-        let counts = self.kernel.counters()?;
+        let counts = match self.kernel.counters() {
+            Ok(counts) => counts,
+            Err(NftError::Refused(message)) if message.contains("No such file") => {
+                if !self.failed {
+                    tracing::warn!(
+                        "the policy table is gone from the kernel: it is put back at the next resync"
+                    );
+                }
+                self.failed = true;
+                return Err(NftError::Refused(message));
+            }
+            Err(e) => return Err(e),
+        };
         let count = |name: &str| counts.get(name).copied().unwrap_or(0);
         Ok((
             count(nft::COUNTER_DROP_INGRESS),
@@ -300,6 +314,8 @@ pub(crate) mod fake {
         pub(crate) fail: Arc<Mutex<usize>>,
         /// What `existing` answers (`None`: no table).
         pub(crate) existing: Arc<Mutex<Option<ExistingTable>>>,
+        /// The table was deleted behind the enforcer's back.
+        pub(crate) gone: Arc<Mutex<bool>>,
     }
 
     impl PolicyKernel for FakeKernel {
@@ -313,6 +329,9 @@ pub(crate) mod fake {
             Ok(())
         }
         fn counters(&mut self) -> Result<BTreeMap<String, u64>, NftError> {
+            if *self.gone.lock().unwrap() {
+                return Err(NftError::Refused("Error: No such file or directory".into()));
+            }
             Ok([
                 ("drop_ingress".to_string(), 3),
                 ("drop_unknown_pod".to_string(), 1),
@@ -488,6 +507,27 @@ pub(crate) mod tests {
         assert_eq!(scripts.len(), 1, "the refused script is not recorded");
         assert!(scripts[0].starts_with(&nft::render_delete()));
         assert!(e.settled());
+    }
+
+    #[test]
+    fn a_table_deleted_behind_its_back_is_put_back_at_the_next_enforce() {
+        let (mut e, kernel, _) = enforcer();
+        let policy = inputs(&["10.0.0.1"]);
+        e.enforce(1, Some(&policy)).unwrap();
+        kernel.take();
+        assert_eq!(
+            e.enforce(1, Some(&policy)).unwrap().action,
+            Action::Unchanged
+        );
+        *kernel.gone.lock().unwrap() = true;
+        assert!(e.drops().is_err());
+        *kernel.gone.lock().unwrap() = false;
+        // The resync re-applies the same inputs: the table is created again.
+        assert_eq!(
+            e.enforce(1, Some(&policy)).unwrap().action,
+            Action::Replaced
+        );
+        assert!(kernel.take()[0].starts_with(&nft::render_delete()));
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use policy_rig::*;
 use trellis_core::cluster::Protocol;
 use trellis_core::policy::nft::{self, TABLE};
-use trellis_core::policy::ruleset::{AddressSet, Direction, Family, Match, Rule, Ruleset, Verdict};
+use trellis_core::policy::ruleset::{
+    AddressSet, Direction, Family, Match, Rule, Ruleset, ServiceSet, Verdict,
+};
 
 fn set(family: Family, members: &[IpAddr]) -> AddressSet {
     AddressSet {
@@ -62,8 +64,9 @@ const DROP_OUT: Verdict = Verdict::Drop {
     direction: Direction::Egress,
 };
 
-/// B (pod 1) isolated for ingress: TCP 80 from A (pod 0) only, both families. A isolated for
-/// egress: UDP 53 and TCP 80 only. C (pod 2) unknown to the ruleset.
+/// B (pod 1) isolated for ingress: TCP 80 from A (pod 0) only, both families, and from A to
+/// B's named port (UDP 5353, by service set). A isolated for egress: UDP 53, TCP 80 and the
+/// named ports of the service set only. C (pod 2) unknown to the ruleset.
 fn first_ruleset(rig: &Rig) -> Ruleset {
     let [a, b, _c] = [&rig.pods[0], &rig.pods[1], &rig.pods[2]];
     let mut r = Ruleset::default();
@@ -79,11 +82,28 @@ fn first_ruleset(rig: &Rig) -> Ruleset {
         set: "from_a6".into(),
     }];
     from_a6.extend(tcp(80));
+    r.service_sets.insert(
+        "named".into(),
+        ServiceSet {
+            family: Family::Ipv4,
+            elements: [(b.v4(), Protocol::Udp, 5353), (b.v4(), Protocol::Sctp, 9)].into(),
+        },
+    );
+    let named = Match::DestinationServiceIn {
+        set: "named".into(),
+    };
+    let named_from_a = vec![
+        Match::SourceIn {
+            set: "from_a".into(),
+        },
+        named.clone(),
+    ];
     r.chains.insert(
         "b_in".into(),
         vec![
             rule(from_a, Verdict::Accept),
             rule(from_a6, Verdict::Accept),
+            rule(named_from_a, Verdict::Accept),
             rule(vec![], DROP_IN),
         ],
     );
@@ -92,6 +112,7 @@ fn first_ruleset(rig: &Rig) -> Ruleset {
         vec![
             rule(udp(53), Verdict::Accept),
             rule(tcp(80), Verdict::Accept),
+            rule(vec![named], Verdict::Accept),
             rule(vec![], DROP_OUT),
         ],
     );
@@ -156,6 +177,11 @@ fn the_table_filters_egress_then_ingress_and_updates_are_taken_by_nft() {
         "accepted by egress, dropped by ingress: {before:?} -> {after:?}"
     );
 
+    assert!(
+        a.udp_reaches(b, b.v4(), 5353),
+        "B's named port, by (address, protocol, port) both ways"
+    );
+    assert!(!a.udp_reaches(b, b.v4(), 5354));
     assert!(
         b.udp_reaches(a, a.v4(), 7000),
         "B is not egress-isolated, A not ingress-isolated"

@@ -19,7 +19,7 @@ RUN cargo build --release --locked \
 
 # Run: a slim Debian with the same glibc as the build stage. Netlink, TUN, QUIC and the
 # Kubernetes API are spoken by the binaries themselves; the node agent loads its nftables
-# rules (anti-spoofing) with `nft`.
+# tables (anti-spoofing, NetworkPolicy) with `nft`.
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends nftables \

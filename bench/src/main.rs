@@ -5,6 +5,7 @@ mod cni;
 mod dns;
 mod handshakes;
 mod latency;
+mod policy;
 mod stats;
 mod tunnel;
 
@@ -31,6 +32,9 @@ enum Bench {
     /// N initiators at once against wireguard-go, boringtun-cli and trellis-gateway: time
     /// until every session is up.
     Handshakes(handshakes::Options),
+    /// The node's nftables policy table: one pod changed (update) with 100 and 10,000 pods in
+    /// its sets, against replacing the whole table.
+    PolicyApply(policy::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +44,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Latency(options) => latency::run(&options),
         Bench::Dns(options) => dns::run(&options),
         Bench::Handshakes(options) => handshakes::run(&options),
+        Bench::PolicyApply(options) => policy::run(&options),
     }
 }

@@ -7,30 +7,48 @@
 //! kernel's own `rp_filter` cannot do it: it is IPv4 only, and a node's `all` setting of 2
 //! (loose, common) would override a strict per-interface value.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use trellis_netns::Netns;
 
 /// The table's name (family `inet`).
 pub const TABLE: &str = "trellis_antispoof";
 
 /// Why the rules could not be installed or read.
-#[derive(Debug, thiserror::Error)]
-pub enum AntispoofError {
-    #[error("run nft")]
-    Run(#[source] std::io::Error),
-    #[error("enter the node's namespace")]
-    Netns(#[source] trellis_netns::Error),
-    #[error("nft refused the rules: {0}")]
-    Refused(String),
-    #[error("nft's counters are not the JSON expected")]
-    Parse(#[source] serde_json::Error),
+pub type AntispoofError = crate::nft::NftError;
+
+/// The chain's rules for every interface starting with `veth_prefix`.
+fn rules(veth_prefix: &str) -> String {
+    format!(
+        "\t\t# Duplicate address detection sends from the unspecified address.\n\
+         \t\tiifname \"{veth_prefix}*\" ip6 saddr :: accept\n\
+         \t\tiifname \"{veth_prefix}*\" meta nfproto ipv4 fib saddr . iif oif missing counter name \"spoofed_ipv4\" drop\n\
+         \t\tiifname \"{veth_prefix}*\" meta nfproto ipv6 fib saddr . iif oif missing counter name \"spoofed_ipv6\" drop\n"
+    )
 }
 
 /// The table, replacing any earlier one in the same transaction (`nft -f`): counters named per
-/// family, and the rules for every interface starting with `veth_prefix`.
+/// family, and the rules for every interface starting with `veth_prefix`. The table is kept
+/// and its chain emptied and refilled, never deleted: deleting and creating a table in one
+/// transaction re-registers its base chain's hook, and packets crossing that moment have been
+/// seen to pass (the policy table's tests measured it), which here would let a spoofed packet
+/// through while the agent restarts. The counters keep counting.
 pub fn ruleset(veth_prefix: &str) -> String {
+    format!(
+        "table inet {TABLE} {{\n\
+         \tcounter spoofed_ipv4 {{ }}\n\
+         \tcounter spoofed_ipv6 {{ }}\n\
+         \tchain prerouting {{ type filter hook prerouting priority raw; policy accept; }}\n\
+         }}\n\
+         flush chain inet {TABLE} prerouting\n\
+         table inet {TABLE} {{\n\
+         \tchain prerouting {{\n{}\t}}\n\
+         }}\n",
+        rules(veth_prefix)
+    )
+}
+
+/// The table created from nothing (deleting any earlier one): for a table another version
+/// left with another shape, which [`ruleset`] cannot refill.
+pub fn fresh_ruleset(veth_prefix: &str) -> String {
     format!(
         "table inet {TABLE}\n\
          delete table inet {TABLE}\n\
@@ -39,81 +57,31 @@ pub fn ruleset(veth_prefix: &str) -> String {
          \tcounter spoofed_ipv6 {{ }}\n\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority raw; policy accept;\n\
-         \t\t# Duplicate address detection sends from the unspecified address.\n\
-         \t\tiifname \"{veth_prefix}*\" ip6 saddr :: accept\n\
-         \t\tiifname \"{veth_prefix}*\" meta nfproto ipv4 fib saddr . iif oif missing counter name \"spoofed_ipv4\" drop\n\
-         \t\tiifname \"{veth_prefix}*\" meta nfproto ipv6 fib saddr . iif oif missing counter name \"spoofed_ipv6\" drop\n\
-         \t}}\n\
-         }}\n"
+         {}\t}}\n\
+         }}\n",
+        rules(veth_prefix)
     )
 }
 
-/// Runs `nft` with `args` (and `input` on its stdin) inside `netns`, or here.
-fn nft(
-    netns: Option<&Netns>,
-    args: &[&str],
-    input: Option<&str>,
-) -> Result<String, AntispoofError> {
-    let mut command = Command::new("nft");
-    command
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = match netns {
-        Some(netns) => netns
-            .spawn(&mut command)
-            .map_err(AntispoofError::Netns)?
-            .map_err(AntispoofError::Run)?,
-        None => command.spawn().map_err(AntispoofError::Run)?,
-    };
-    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(AntispoofError::Run)?;
-    }
-    let output = child.wait_with_output().map_err(AntispoofError::Run)?;
-    if !output.status.success() {
-        return Err(AntispoofError::Refused(
-            String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        ));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// Installs (or replaces) the table.
+/// Installs (or replaces) the table: refilled in place, or created again when that is refused.
 pub fn install(netns: Option<&Netns>, veth_prefix: &str) -> Result<(), AntispoofError> {
-    nft(netns, &["-f", "-"], Some(&ruleset(veth_prefix))).map(|_| ())
+    match crate::nft::apply(netns, &ruleset(veth_prefix)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::warn!(
+                "refill the anti-spoofing table (creating it again instead): {}",
+                crate::chain(&e)
+            );
+            crate::nft::apply(netns, &fresh_ruleset(veth_prefix))
+        }
+    }
 }
 
 /// Packets dropped so far: (IPv4, IPv6).
 pub fn dropped(netns: Option<&Netns>) -> Result<(u64, u64), AntispoofError> {
-    let json = nft(
-        netns,
-        &["-j", "list", "counters", "table", "inet", TABLE],
-        None,
-    )?;
-    parse_counters(&json)
-}
-
-/// The packet counts of `spoofed_ipv4` and `spoofed_ipv6` in `nft -j list counters` output.
-pub fn parse_counters(json: &str) -> Result<(u64, u64), AntispoofError> {
-    let value: serde_json::Value = serde_json::from_str(json).map_err(AntispoofError::Parse)?;
-    let mut counts = (0, 0);
-    for item in value["nftables"].as_array().into_iter().flatten() {
-        let counter = &item["counter"];
-        let packets = counter["packets"].as_u64().unwrap_or(0);
-        match counter["name"].as_str() {
-            Some("spoofed_ipv4") => counts.0 = packets,
-            Some("spoofed_ipv6") => counts.1 = packets,
-            _ => {}
-        }
-    }
-    Ok(counts)
+    let counts = crate::nft::counters(netns, TABLE)?;
+    let count = |name: &str| counts.get(name).copied().unwrap_or(0);
+    Ok((count("spoofed_ipv4"), count("spoofed_ipv6")))
 }
 
 #[cfg(test)]
@@ -121,24 +89,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_ruleset_replaces_itself_and_filters_only_pod_veths() {
+    fn the_ruleset_refills_itself_and_filters_only_pod_veths() {
         let rules = ruleset("trl");
-        assert!(
-            rules
-                .starts_with("table inet trellis_antispoof\ndelete table inet trellis_antispoof\n")
-        );
+        assert!(!rules.contains("delete table"), "{rules}");
+        let flushed = rules
+            .find("flush chain inet trellis_antispoof prerouting\n")
+            .unwrap();
+        let refilled = rules.find("fib saddr").unwrap();
+        assert!(flushed < refilled, "{rules}");
         assert_eq!(rules.matches("iifname \"trl*\"").count(), 3);
         assert!(rules.contains("fib saddr . iif oif missing counter name \"spoofed_ipv4\" drop"));
         assert!(rules.contains("priority raw"));
-    }
-
-    #[test]
-    fn reads_the_counters_nft_prints() {
-        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
-            {"counter": {"family": "inet", "name": "spoofed_ipv4", "table": "trellis_antispoof", "handle": 1, "packets": 7, "bytes": 420}},
-            {"counter": {"family": "inet", "name": "spoofed_ipv6", "table": "trellis_antispoof", "handle": 2, "packets": 2, "bytes": 160}}]}"#;
-        assert_eq!(parse_counters(json).unwrap(), (7, 2));
-        assert!(parse_counters("nope").is_err());
+        let fresh = fresh_ruleset("trl");
+        assert!(
+            fresh
+                .starts_with("table inet trellis_antispoof\ndelete table inet trellis_antispoof\n")
+        );
+        assert_eq!(fresh.matches("iifname \"trl*\"").count(), 3);
     }
 
     #[tokio::test]
@@ -146,8 +113,13 @@ mod tests {
         trellis_test_support::skip_unless_root!();
         let ns = crate::io::tests::loopback_netns("gw-spoof").await;
         install(Some(&ns), "trl").unwrap();
-        // Installing again replaces the table (a restarted gateway).
+        // Installing again refills the table (a restarted gateway): the rules once, not twice.
         install(Some(&ns), "trl").unwrap();
         assert_eq!(dropped(Some(&ns)).unwrap(), (0, 0));
+        let listed = crate::nft::run(Some(&ns), &["list", "table", "inet", TABLE], None).unwrap();
+        assert_eq!(listed.matches("fib saddr").count(), 2, "{listed}");
+        // Both scripts are taken by the kernel, in either order.
+        crate::nft::apply(Some(&ns), &fresh_ruleset("trl")).unwrap();
+        crate::nft::apply(Some(&ns), &ruleset("trl")).unwrap();
     }
 }

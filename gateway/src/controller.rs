@@ -8,6 +8,9 @@
 //! The registration comes from a `watch` channel: sending a new one (a rotated WireGuard key)
 //! makes the client reconnect at once and register it.
 //!
+//! The desired state's policy inputs (the node's NetworkPolicy) are enforced with each state
+//! applied ([`crate::policy`]); a resync retries a failed policy change.
+//!
 //! On the same stream the gateway reports its tunnels (an `AgentReport`) right after the
 //! hello, after each plan it applies, and every `report_interval`, for the controller's
 //! `GET /status`.
@@ -25,6 +28,7 @@ use trellis_core::framing::encode_json_frame;
 use trellis_netns::Netns;
 
 use crate::gateway::Reconciler;
+use crate::policy::NodePolicy;
 use crate::routes::RouteTable;
 
 /// Where the controller is and what to tell it.
@@ -51,7 +55,11 @@ impl<R: RouteTable> Handler for Applier<'_, R> {
 
     async fn applied(&mut self, state: &GatewayDesired) -> bool {
         self.reconciler.metrics.controller_updates.inc();
-        match self.reconciler.apply_plan(&state.plan()).await {
+        match self
+            .reconciler
+            .apply_desired(&state.plan(), node_policy(state).as_ref())
+            .await
+        {
             Ok(()) => {
                 self.reconciler
                     .metrics
@@ -72,7 +80,11 @@ impl<R: RouteTable> Handler for Applier<'_, R> {
 
     async fn resync(&mut self, state: &GatewayDesired) {
         // Repair drift and retry failures on the last state.
-        if let Err(e) = self.reconciler.apply_plan(&state.plan()).await {
+        if let Err(e) = self
+            .reconciler
+            .apply_desired(&state.plan(), node_policy(state).as_ref())
+            .await
+        {
             tracing::warn!(
                 "re-apply desired state revision {}: {}",
                 state.revision,
@@ -118,6 +130,14 @@ impl<R: RouteTable> Handler for Applier<'_, R> {
         }
         let _ = ended;
     }
+}
+
+/// The policy the desired state asks this node to enforce.
+fn node_policy(state: &GatewayDesired) -> Option<NodePolicy> {
+    state.policy.as_ref().map(|inputs| NodePolicy {
+        node: state.node.clone(),
+        inputs: inputs.clone(),
+    })
 }
 
 /// Follows the controller forever. `netns`: where to open the connection (the gateway's

@@ -40,6 +40,10 @@ pub enum Error {
     DeviceRuntime(#[source] io::Error),
     #[error("the device loop has stopped")]
     DeviceStopped,
+    #[error("enforce NetworkPolicy")]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("the policy task stopped before it finished")]
+    PolicyTask,
     /// Every failed route operation of one pass (each logged where it failed).
     #[error("{} route operations failed", .0.len())]
     Routes(Vec<Error>),

@@ -15,7 +15,8 @@ use crate::device::{Device, DeviceConfig, DeviceHandle};
 use crate::io::{Tun, Udp, open_worker_io};
 use crate::keys::{KeyPair, OwnKeys};
 use crate::metrics::{Metrics, unix_now};
-use crate::plan_store::PlanStore;
+use crate::plan_store::{PlanStore, StoredPlan};
+use crate::policy::{Action, Enforcer, InKernel, NftKernel, NodePolicy, WholeCompiler};
 use crate::routes::{self, NetlinkRoutes, RouteMetrics, RouteTable};
 use crate::steering::SteeringControl;
 
@@ -68,10 +69,30 @@ pub struct Reconciler<R: RouteTable> {
     pub metrics: Metrics,
     /// Where each plan applied goes to be stored (see [`crate::plan_store`]); `None` keeps
     /// nothing.
-    pub saved: Option<tokio::sync::watch::Sender<Option<GatewayPlan>>>,
+    pub saved: Option<tokio::sync::watch::Sender<Option<StoredPlan>>>,
     /// Written once the first plan is applied, for the CNI plugin (`gatewayReadyFile`), which
     /// wires no pod before it exists: see [`GatewayConfig::ready_file`].
     pub ready_file: Option<ReadyFile>,
+    /// Keeps the node's policy table equal to the desired policy; `None` leaves policy alone.
+    pub policy: Option<SharedEnforcer>,
+}
+
+/// The node's policy [`Enforcer`], used from blocking tasks (`nft` runs a process).
+pub type SharedEnforcer = std::sync::Arc<std::sync::Mutex<Enforcer>>;
+
+/// What the status report says of the policy in the kernel (drop counts filled in later).
+fn policy_report(in_kernel: &InKernel) -> Option<trellis_core::status::PolicyReport> {
+    let InKernel::Enforced(applied) = in_kernel else {
+        return None;
+    };
+    Some(trellis_core::status::PolicyReport {
+        revision: applied.revision,
+        digest: applied.digest.clone(),
+        local_pods: applied.ruleset.local_pods.iter().copied().collect(),
+        rules: applied.ruleset.rule_count(),
+        dropped_ingress: 0,
+        dropped_egress: 0,
+    })
 }
 
 /// A plan entry that does not become a peer.
@@ -184,8 +205,28 @@ impl<R: RouteTable> Reconciler<R> {
         }
     }
 
-    /// Brings peers and routes to `plan`, whatever its source (file or controller).
+    /// Brings peers and routes to `plan`, with no policy (a desired-state file has none).
     pub async fn apply_plan(&self, plan: &GatewayPlan) -> Result<(), Error> {
+        self.apply_desired(plan, None).await
+    }
+
+    /// Brings the node's policy table, peers and routes to the desired state, whatever its
+    /// source: the policy first (on a node that enforces policy, a pod's rules matter before
+    /// its routes), then the plan, each whatever the other's outcome. Ready once both are in
+    /// place.
+    pub async fn apply_desired(
+        &self,
+        plan: &GatewayPlan,
+        policy: Option<&NodePolicy>,
+    ) -> Result<(), Error> {
+        let enforced = self.enforce_policy(plan.revision, policy).await;
+        if let Err(e) = &enforced {
+            tracing::warn!(
+                revision = plan.revision,
+                "the policy table keeps its previous rules: {}",
+                trellis_core::error_chain(e)
+            );
+        }
         let result = self.apply_inner(plan).await;
         match &result {
             Ok(()) => {
@@ -193,24 +234,74 @@ impl<R: RouteTable> Reconciler<R> {
                 self.metrics
                     .state_revision
                     .set(i64::try_from(plan.revision).unwrap_or(i64::MAX));
-                self.metrics.ready.set(1);
                 self.metrics.plan_restored.set(0);
-                if let Some(ready_file) = &self.ready_file {
-                    ready_file.mark(plan.revision);
+                if enforced.is_ok() {
+                    self.metrics.ready.set(1);
+                    if let Some(ready_file) = &self.ready_file {
+                        ready_file.mark(plan.revision);
+                    }
                 }
                 if let Some(saved) = &self.saved {
                     saved.send_if_modified(|stored| {
-                        let changed = stored.as_ref() != Some(plan);
-                        if changed {
-                            *stored = Some(plan.clone());
+                        let same = stored
+                            .as_ref()
+                            .is_some_and(|s| s.plan == *plan && s.policy.as_ref() == policy);
+                        if !same {
+                            *stored = Some(StoredPlan {
+                                plan: plan.clone(),
+                                policy: policy.cloned(),
+                            });
                         }
-                        changed
+                        !same
                     });
                 }
             }
             Err(_) => self.metrics.reconcile_errors.inc(),
         }
-        result
+        result.and(enforced)
+    }
+
+    /// Brings the policy table to `policy` (see [`Enforcer::enforce`]), off the async threads.
+    async fn enforce_policy(
+        &self,
+        revision: u64,
+        policy: Option<&NodePolicy>,
+    ) -> Result<(), Error> {
+        let Some(enforcer) = &self.policy else {
+            return Ok(());
+        };
+        let enforcer = enforcer.clone();
+        let policy = policy.cloned();
+        let metrics = self.metrics.policy.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut enforcer = enforcer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match enforcer.enforce(revision, policy.as_ref()) {
+                Ok(outcome) => {
+                    let changed = outcome.action != Action::Unchanged;
+                    metrics.applied(
+                        changed.then_some(outcome.seconds),
+                        policy_report(enforcer.in_kernel()),
+                    );
+                    if changed {
+                        tracing::info!(
+                            revision,
+                            action = ?outcome.action,
+                            milliseconds = outcome.seconds * 1e3,
+                            "policy table changed"
+                        );
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    metrics.failed();
+                    Err(Error::Policy(e))
+                }
+            }
+        })
+        .await
+        .map_err(|_| Error::PolicyTask)?
     }
 
     /// Applies the plan stored by the last run, before the gateway hears from its source: the
@@ -218,8 +309,8 @@ impl<R: RouteTable> Reconciler<R> {
     /// The source's first plan replaces it as any plan does. A missing or unreadable file
     /// changes nothing (logged).
     pub async fn restore(&self, store: &PlanStore) -> Option<u64> {
-        let plan = match store.load() {
-            Ok(Some(plan)) => plan,
+        let stored = match store.load() {
+            Ok(Some(stored)) => stored,
             Ok(None) => return None,
             Err(e) => {
                 tracing::warn!("not restoring the last plan: {}", crate::chain(&e));
@@ -229,18 +320,20 @@ impl<R: RouteTable> Reconciler<R> {
         // The plan is on disk already: record it as stored without waking the writer, so
         // applying it does not write it again.
         if let Some(saved) = &self.saved {
-            saved.send_if_modified(|stored| {
-                *stored = Some(plan.clone());
+            saved.send_if_modified(|slot| {
+                *slot = Some(stored.clone());
                 false
             });
         }
-        match self.apply_plan(&plan).await {
+        let plan = &stored.plan;
+        match self.apply_desired(plan, stored.policy.as_ref()).await {
             Ok(()) => {
                 self.metrics.plan_restored.set(1);
                 tracing::info!(
                     revision = plan.revision,
                     peers = plan.peers.len(),
                     routes = plan.routes.len(),
+                    policy = stored.policy.is_some(),
                     "restored the last plan"
                 );
                 Some(plan.revision)
@@ -455,6 +548,15 @@ impl Gateway {
                 metrics,
                 saved: Some(saved),
                 ready_file: config.ready_file.clone().map(ReadyFile::new),
+                policy: Some(std::sync::Arc::new(std::sync::Mutex::new(Enforcer::new(
+                    Box::new(WholeCompiler),
+                    Box::new(NftKernel {
+                        netns: netns
+                            .map(Netns::try_clone)
+                            .transpose()?
+                            .map(std::sync::Arc::new),
+                    }),
+                )))),
             },
             device_task: Some(device_task),
             plan_writer: Some(plan_writer),
@@ -730,6 +832,7 @@ mod tests {
             metrics: node.metrics,
             saved: None,
             ready_file: None,
+            policy: None,
         }
     }
 
@@ -786,6 +889,66 @@ mod tests {
         r.apply(&state(true, PublicKey([9; 32]))).await.unwrap();
         assert!(path.exists());
         assert!(r.metrics.is_ready());
+    }
+
+    #[tokio::test]
+    async fn with_policy_on_readiness_waits_for_the_first_policy_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.ready");
+        let kernel = crate::policy::fake::FakeKernel::default();
+        let mut r = reconciler(false);
+        r.ready_file = Some(ReadyFile::new(path.clone()));
+        r.policy = Some(std::sync::Arc::new(std::sync::Mutex::new(Enforcer::new(
+            Box::new(WholeCompiler),
+            Box::new(kernel.clone()),
+        ))));
+        let (saved, _writer) = PlanStore::in_dir(dir.path()).spawn_writer();
+        let mut stored = saved.subscribe();
+        r.saved = Some(saved);
+        let plan = state(true, PublicKey([9; 32])).plan();
+        let policy = crate::policy::tests::inputs(&["10.0.0.2"]);
+        *kernel.fail.lock().unwrap() = 1;
+        assert!(matches!(
+            r.apply_desired(&plan, Some(&policy)).await,
+            Err(Error::Policy(_))
+        ));
+        assert_eq!(r.device.stats().await.unwrap().len(), 1, "the plan applied");
+        assert!(
+            !r.metrics.is_ready() && !path.exists(),
+            "not ready without the policy"
+        );
+        assert_eq!(r.metrics.policy.failures(), 1);
+        assert_eq!(r.metrics.policy.report(), None);
+        // What is stored is the desired state, plan and policy, to restore after a restart.
+        assert_eq!(
+            stored
+                .borrow_and_update()
+                .as_ref()
+                .and_then(|s| s.policy.clone()),
+            Some(policy.clone())
+        );
+        // The retry (a resync) puts the table in place: ready.
+        r.apply_desired(&plan, Some(&policy)).await.unwrap();
+        assert!(r.metrics.is_ready() && path.exists());
+        let report = r.metrics.policy.report().unwrap();
+        assert_eq!(report.digest, policy.inputs.digest());
+        assert_eq!(
+            report.local_pods,
+            ["10.0.0.2".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let text = r.metrics.render();
+        assert!(text.contains("trellis_policy_enabled 1"), "{text}");
+        assert!(
+            text.contains("trellis_policy_apply_duration_seconds_count 1"),
+            "{text}"
+        );
+        // A file source (no policy) removes the table.
+        r.apply_plan(&plan).await.unwrap();
+        assert_eq!(
+            kernel.take().last().unwrap(),
+            &trellis_core::policy::nft::render_delete()
+        );
+        assert!(r.metrics.render().contains("trellis_policy_enabled 0"));
     }
 
     fn remote(name: &str, key: PublicKey, cidr: &str) -> RemoteNode {

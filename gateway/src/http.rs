@@ -35,8 +35,9 @@ impl Routes for GatewayRoutes {
         match path {
             "/metrics" => Reply::metrics(self.metrics.render()),
             "/healthz" => Reply::check(healthy, "ok\n", "device loop not running\n"),
-            // Ready once a plan is applied (restored at start, or from the source): a rolling
-            // update moves on to the next node only when this one's tunnels are back.
+            // Ready once a plan is applied (restored at start, or from the source), and with
+            // NetworkPolicy on its first policy table: a rolling update moves on to the next
+            // node only when this one's tunnels and policy are back.
             "/readyz" => Reply::check(
                 healthy && self.metrics.is_ready(),
                 "ready\n",

@@ -142,7 +142,8 @@ struct RunArgs {
     #[arg(long, default_value_t = trellis_gateway::rotation::DEFAULT_GRACE.as_secs())]
     key_rotation_grace_seconds: u64,
     /// Write this file once the first plan (tunnels, routes, unreachable backstops) is in
-    /// place; the CNI plugin's `gatewayReadyFile` wires no pod before it exists. Put it on a
+    /// place, and with NetworkPolicy on, the first policy table; the CNI plugin's
+    /// `gatewayReadyFile` wires no pod before it exists. Put it on a
     /// tmpfs (e.g. /run/trellis/gateway.ready) so a reboot removes it.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -299,7 +300,8 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
     ));
     // Fail closed and fast after a restart: the last plan's peers (each sent a handshake, so
     // remote gateways switch to the new session at once) and routes, before the source is
-    // heard from.
+    // heard from; and its policy, which replaces the previous process's table (left in the
+    // kernel, enforcing, meanwhile) in one transaction.
     let store = PlanStore::in_dir(&config.state_dir);
     gateway.reconciler.restore(&store).await;
     // The registration the controller hears; a new value re-registers (key rotation).
@@ -444,6 +446,20 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
             }
         });
     }
+    if let Some(enforcer) = gateway.reconciler.policy.clone() {
+        let metrics = gateway.metrics.policy.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let (enforcer, metrics) = (enforcer.clone(), metrics.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    trellis_gateway::policy::record_drops(&enforcer, &metrics)
+                })
+                .await;
+            }
+        });
+    }
     let resync = Duration::from_secs(args.resync_seconds.max(1));
     let follow = async {
         if let Some(source) = &controller {
@@ -485,7 +501,8 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
     }
     // The shutdown order: the last plan on disk first (the writer may be mid-way), so the
     // next start restores it; then the device, whose TUN takes its routes with it and leaves
-    // the unreachable backstops: nothing goes out in plaintext while no gateway runs.
+    // the unreachable backstops: nothing goes out in plaintext while no gateway runs. The
+    // policy table stays in the kernel, enforcing, until the next start replaces it.
     gateway.flush_plan().await;
     tracing::info!("stopping; routes to encrypted peers stay unreachable until restart");
     gateway.stop();

@@ -1,13 +1,15 @@
 //! The gateway's metrics: one registry, owned here and passed down (never the global one).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use trellis_core::status::PolicyReport;
 
 use crate::Error;
 
@@ -143,6 +145,8 @@ pub struct Metrics {
     pub(crate) steering_changes: IntCounterVec,
     pub(crate) steering_spread: IntGauge,
     heartbeat: Arc<AtomicU64>,
+    /// NetworkPolicy's metrics and status.
+    pub policy: PolicyMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -253,7 +257,8 @@ impl Metrics {
         let ready = gauge(
             "ready",
             "1 once the gateway has applied a plan (restored from its state directory or from its source): \
-             its peers and routes are in place and their handshakes started.",
+             its peers and routes are in place and their handshakes started, and with NetworkPolicy on, \
+             its first policy table is in the kernel.",
         )?;
         let antispoof_enabled = gauge(
             "antispoof_enabled",
@@ -376,6 +381,7 @@ impl Metrics {
             "Unix time of the last successful reconciliation.",
         )?;
         registry.register(Box::new(last_reconcile.clone()))?;
+        let policy = PolicyMetrics::new(&registry)?;
         Ok(Self {
             registry,
             peer_tx_bytes,
@@ -416,6 +422,7 @@ impl Metrics {
             steering_changes,
             steering_spread,
             heartbeat: Arc::new(AtomicU64::new(0)),
+            policy,
         })
     }
 
@@ -544,6 +551,24 @@ pub(crate) fn unix_now() -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn policy_drops_add_what_is_new_and_a_replaced_tables_counts_whole() {
+        let metrics = super::Metrics::new().unwrap();
+        let p = &metrics.policy;
+        p.record_drops((5, 2, 1));
+        p.record_drops((7, 2, 1));
+        // Lower than last read: a table created again, counting from zero.
+        p.record_drops((3, 2, 4));
+        let text = metrics.render();
+        for series in [
+            r#"trellis_policy_dropped_packets_total{direction="ingress"} 10"#,
+            r#"trellis_policy_dropped_packets_total{direction="egress"} 2"#,
+            r#"trellis_policy_dropped_packets_total{direction="unknown_pod"} 4"#,
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
+    }
+
     use super::*;
 
     #[test]
@@ -564,5 +589,140 @@ mod tests {
         assert_eq!(metrics.node_encryption(), Some(true));
         metrics.forget_peer("b/n1");
         assert!(!metrics.render().contains("b/n1"));
+    }
+}
+
+/// NetworkPolicy's metrics (`trellis_policy_*`), and what the node's status report says of
+/// the policy in the kernel.
+#[derive(Clone)]
+pub struct PolicyMetrics {
+    enabled: IntGauge,
+    rules: IntGauge,
+    apply_duration: Histogram,
+    last_apply: Gauge,
+    apply_failures: IntCounter,
+    dropped: IntCounterVec,
+    /// The table's counts last read (ingress, egress, unknown pod), since it was created.
+    seen: Arc<[AtomicU64; 3]>,
+    /// The policy in the kernel (drop counts filled in when reported).
+    in_kernel: Arc<Mutex<Option<PolicyReport>>>,
+}
+
+/// The `direction` labels of `trellis_policy_dropped_packets_total`.
+pub const POLICY_DROP_DIRECTIONS: [&str; 3] = ["ingress", "egress", "unknown_pod"];
+
+impl PolicyMetrics {
+    fn new(registry: &Registry) -> Result<Self, Error> {
+        let enabled = IntGauge::new(
+            "trellis_policy_enabled",
+            "1 while the node enforces NetworkPolicy (its policy table is in the kernel).",
+        )?;
+        let rules = IntGauge::new(
+            "trellis_policy_rules",
+            "Rules over all chains of the node's policy ruleset in the kernel.",
+        )?;
+        let apply_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "trellis_policy_apply_duration_seconds",
+                "Time nft took to apply a change of the node's policy table (one transaction).",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        let last_apply = Gauge::new(
+            "trellis_policy_last_apply_timestamp_seconds",
+            "Unix time of the last successful change of the node's policy table.",
+        )?;
+        let apply_failures = IntCounter::new(
+            "trellis_policy_apply_failures_total",
+            "Policy changes not applied (the table keeps its previous rules; the next attempt replaces it whole).",
+        )?;
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "trellis_policy_dropped_packets_total",
+                "Packets dropped by NetworkPolicy, by direction; unknown_pod: to or from a pod the controller has not announced yet.",
+            ),
+            &["direction"],
+        )?;
+        registry.register(Box::new(enabled.clone()))?;
+        registry.register(Box::new(rules.clone()))?;
+        registry.register(Box::new(apply_duration.clone()))?;
+        registry.register(Box::new(last_apply.clone()))?;
+        registry.register(Box::new(apply_failures.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        for direction in POLICY_DROP_DIRECTIONS {
+            dropped.with_label_values(&[direction]).inc_by(0);
+        }
+        Ok(Self {
+            enabled,
+            rules,
+            apply_duration,
+            last_apply,
+            apply_failures,
+            dropped,
+            seen: Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]),
+            in_kernel: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// A change applied (`seconds` in the kernel; `None` when nothing had to change), and
+    /// what the kernel holds now (`None`: no table).
+    pub fn applied(&self, seconds: Option<f64>, in_kernel: Option<PolicyReport>) {
+        if let Some(seconds) = seconds {
+            self.apply_duration.observe(seconds);
+            self.last_apply.set(unix_now());
+        }
+        self.enabled.set(i64::from(in_kernel.is_some()));
+        self.rules.set(
+            in_kernel
+                .as_ref()
+                .map_or(0, |r| i64::try_from(r.rules).unwrap_or(i64::MAX)),
+        );
+        if in_kernel.is_none() {
+            for seen in self.seen.iter() {
+                seen.store(0, Ordering::Relaxed);
+            }
+        }
+        *self
+            .in_kernel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = in_kernel;
+    }
+
+    pub fn failed(&self) {
+        self.apply_failures.inc();
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.apply_failures.get()
+    }
+
+    /// Records the table's counters (ingress, egress, unknown pod). A count lower than the
+    /// last one read means the table was replaced (its counters start again): all of it is new.
+    pub fn record_drops(&self, totals: (u64, u64, u64)) {
+        for (i, total) in [totals.0, totals.1, totals.2].into_iter().enumerate() {
+            let before = self.seen[i].swap(total, Ordering::Relaxed);
+            let new = if total < before {
+                total
+            } else {
+                total - before
+            };
+            self.dropped
+                .with_label_values(&[POLICY_DROP_DIRECTIONS[i]])
+                .inc_by(new);
+        }
+    }
+
+    /// What the status report says: the policy in the kernel with its table's drop counts.
+    pub fn report(&self) -> Option<PolicyReport> {
+        let mut report = self
+            .in_kernel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()?;
+        report.dropped_ingress = self.seen[0].load(Ordering::Relaxed);
+        report.dropped_egress = self.seen[1].load(Ordering::Relaxed);
+        Some(report)
     }
 }

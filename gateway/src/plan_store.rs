@@ -1,6 +1,12 @@
 //! The last applied plan, kept in the state directory beside the key, so a gateway that starts
 //! again (after a crash, a restart or an upgrade) has its peers and routes back, and initiates
-//! every handshake, before it hears from its controller.
+//! every handshake, before it hears from its controller; with it the policy inputs the node
+//! enforced, so the restarted gateway replaces its policy table (in one transaction) with the
+//! same rules before it is ready, rather than waiting for the controller.
+//!
+//! The file is the plan's JSON with one more key, `policy` (absent when the node enforces
+//! none): `{"revision":…,"peers":[…],"routes":{…},"policy":{"node":"…","inputs":{…}}}`. A
+//! file written before policy existed loads as a plan without policy.
 //!
 //! A newer plan always replaces an older one on disk: writes go through one task that takes
 //! the latest plan whenever it changed (a `watch` channel), so a burst of deltas costs one
@@ -9,8 +15,20 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use trellis_core::gateway::GatewayPlan;
+
+use crate::policy::NodePolicy;
+
+/// What is stored: the plan, and the policy the node enforced with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPlan {
+    #[serde(flatten)]
+    pub plan: GatewayPlan,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<NodePolicy>,
+}
 
 /// The file's name inside the state directory.
 pub const PLAN_FILE: &str = "last-plan.json";
@@ -56,7 +74,7 @@ impl PlanStore {
     }
 
     /// The stored plan; `None` when there is none yet (a node's first start).
-    pub fn load(&self) -> Result<Option<GatewayPlan>, PlanStoreError> {
+    pub fn load(&self) -> Result<Option<StoredPlan>, PlanStoreError> {
         let text = match fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -77,7 +95,7 @@ impl PlanStore {
 
     /// Replaces the stored plan atomically ([`trellis_files::write_atomically`], owner only): a
     /// crash leaves the old plan or the new one.
-    pub fn save(&self, plan: &GatewayPlan) -> Result<(), PlanStoreError> {
+    pub fn save(&self, plan: &StoredPlan) -> Result<(), PlanStoreError> {
         let write_err = |source| PlanStoreError::Write {
             path: self.path.clone(),
             source,
@@ -92,10 +110,10 @@ impl PlanStore {
     pub fn spawn_writer(
         self,
     ) -> (
-        watch::Sender<Option<GatewayPlan>>,
+        watch::Sender<Option<StoredPlan>>,
         tokio::task::JoinHandle<()>,
     ) {
-        let (sender, mut plans) = watch::channel::<Option<GatewayPlan>>(None);
+        let (sender, mut plans) = watch::channel::<Option<StoredPlan>>(None);
         let task = tokio::spawn(async move {
             while plans.changed().await.is_ok() {
                 let Some(plan) = plans.borrow_and_update().clone() else {
@@ -122,7 +140,17 @@ mod tests {
 
     use super::*;
 
-    fn plan(revision: u64) -> GatewayPlan {
+    fn plan(revision: u64) -> StoredPlan {
+        StoredPlan {
+            plan: gateway_plan(revision),
+            policy: Some(NodePolicy {
+                node: "node-0".into(),
+                inputs: trellis_core::policy::PolicyInputs::new("c1".parse().unwrap()),
+            }),
+        }
+    }
+
+    fn gateway_plan(revision: u64) -> GatewayPlan {
         GatewayPlan {
             revision,
             peers: vec![TunnelPeer {
@@ -157,6 +185,23 @@ mod tests {
         assert_eq!(mode & 0o077, 0, "private to the gateway: {mode:o}");
         let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "no temporary file left: {left:?}");
+    }
+
+    #[test]
+    fn a_plan_stored_before_policy_existed_loads_without_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PlanStore::in_dir(dir.path());
+        fs::write(store.path(), serde_json::to_vec(&gateway_plan(2)).unwrap()).unwrap();
+        let loaded = store.load().unwrap().unwrap();
+        assert_eq!(loaded.plan, gateway_plan(2));
+        assert_eq!(loaded.policy, None);
+        // And the new file is the plan's JSON with a `policy` key.
+        store.save(&plan(3)).unwrap();
+        let value: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(store.path()).unwrap()).unwrap();
+        assert_eq!(value["revision"], 3);
+        assert_eq!(value["policy"]["node"], "node-0");
+        assert_eq!(value["policy"]["inputs"]["cluster"], "c1");
     }
 
     #[test]

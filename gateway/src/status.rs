@@ -1,8 +1,10 @@
 //! The gateway's status report ([`trellis_core::status::GatewayReport`]): its tunnel peers as
 //! the device loop counts them, the desired state applied, and the drops by reason. Sent to
-//! the controller every few seconds and served on `GET /status`.
+//! the controller every few seconds and served on `GET /status`. With NetworkPolicy on, the
+//! policy in the kernel: its digest tells the controller (and the lab) that a change is
+//! enforced on this node.
 
-use trellis_core::status::{GatewayReport, TunnelStatus, split_peer_name};
+use trellis_core::status::{GatewayReport, PolicyReport, TunnelStatus, split_peer_name};
 
 use crate::Error;
 use crate::device::{DeviceHandle, PeerStats};
@@ -15,6 +17,7 @@ pub fn build_report(
     revision: u64,
     node_encryption: Option<bool>,
     drops: impl IntoIterator<Item = (String, u64)>,
+    policy: Option<PolicyReport>,
 ) -> GatewayReport {
     GatewayReport {
         node: node.to_string(),
@@ -37,7 +40,7 @@ pub fn build_report(
             })
             .collect(),
         drops: drops.into_iter().filter(|(_, n)| *n > 0).collect(),
-        policy: None,
+        policy,
     }
 }
 
@@ -57,6 +60,7 @@ pub async fn report(
         u64::try_from(metrics.state_revision.get()).unwrap_or(0),
         metrics.node_encryption(),
         drops,
+        metrics.policy.report(),
     ))
 }
 
@@ -97,7 +101,14 @@ mod tests {
             9,
             Some(true),
             [("no_route".to_string(), 3), ("replay".to_string(), 0)],
+            Some(PolicyReport {
+                revision: 9,
+                digest: "abc".into(),
+                rules: 4,
+                ..PolicyReport::default()
+            }),
         );
+        assert_eq!(report.policy.as_ref().map(|p| p.rules), Some(4));
         assert_eq!(report.revision, 9);
         assert_eq!(report.node_encryption, Some(true));
         assert_eq!(report.peers[0].cluster, "c2");
@@ -134,5 +145,25 @@ mod tests {
         assert_eq!(report.peers[0].name(), "c2/node-1");
         assert_eq!(report.peers[0].public_key, b.keys.public_key());
         assert_eq!(report.drops.get("no_route"), Some(&1));
+        assert_eq!(report.policy, None, "no policy enforced");
+        // Once a ruleset is in the kernel the report carries it, with the table's drops.
+        a.metrics.policy.applied(
+            Some(0.01),
+            Some(PolicyReport {
+                revision: 4,
+                digest: "d".into(),
+                local_pods: vec!["10.0.0.2".parse().unwrap()],
+                rules: 2,
+                ..PolicyReport::default()
+            }),
+        );
+        a.metrics.policy.record_drops((5, 1, 2));
+        let policy = super::report("node-0", &a.handle, &a.metrics)
+            .await
+            .unwrap()
+            .policy
+            .unwrap();
+        assert_eq!((policy.digest.as_str(), policy.rules), ("d", 2));
+        assert_eq!((policy.dropped_ingress, policy.dropped_egress), (5, 1));
     }
 }

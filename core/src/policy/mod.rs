@@ -3,6 +3,7 @@
 
 pub mod compile;
 pub mod model;
+pub mod nft;
 pub mod ruleset;
 pub mod selector;
 

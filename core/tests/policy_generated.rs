@@ -5,7 +5,7 @@
 //! after another, always equals a compilation from scratch; and the names and sets obey
 //! nftables' rules (disjoint interval sets, valid names, every reference resolves).
 //!
-//! `TRELLIS_POLICY_CASES` sets the number of meshes (default 40).
+//! `TRELLIS_POLICY_CASES` sets the number of meshes (default 100).
 
 mod policy_support;
 
@@ -40,15 +40,22 @@ fn cases() -> u64 {
     std::env::var("TRELLIS_POLICY_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(40)
+        .unwrap_or(100)
 }
 
 fn pick<'a, T>(rng: &mut StdRng, items: &'a [T]) -> &'a T {
     &items[rng.random_range(0..items.len())]
 }
 
+fn one(rng: &mut StdRng, items: &[&'static str]) -> &'static str {
+    items[rng.random_range(0..items.len())]
+}
+
 fn random_protocol(rng: &mut StdRng) -> Protocol {
-    *pick(rng, &[Protocol::Tcp, Protocol::Udp, Protocol::Sctp])
+    *pick(
+        rng,
+        &[Protocol::Tcp, Protocol::Tcp, Protocol::Udp, Protocol::Sctp],
+    )
 }
 
 fn random_labels(rng: &mut StdRng, keys: &[(&str, &[&str])]) -> BTreeMap<String, String> {
@@ -207,7 +214,7 @@ fn random_rules(rng: &mut StdRng) -> Option<Vec<PolicyRule>> {
                 peers: (0..rng.random_range(0..=2))
                     .map(|_| random_peer(rng))
                     .collect(),
-                ports: (0..rng.random_range(0..=2))
+                ports: (0..rng.random_range(0..=3))
                     .map(|_| random_port(rng))
                     .collect(),
             })
@@ -263,10 +270,10 @@ fn random_mesh(rng: &mut StdRng) -> MeshBuilder {
             };
             mesh.pod(
                 cluster,
-                *pick(rng, &NAMESPACES),
+                one(rng, &NAMESPACES),
                 &format!("pod{k}"),
                 random_labels(rng, &POD_KEYS),
-                *pick(rng, &NODES),
+                one(rng, &NODES),
                 &addresses,
                 random_named_ports(rng),
             );
@@ -278,8 +285,8 @@ fn random_mesh(rng: &mut StdRng) -> MeshBuilder {
     mesh
 }
 
-/// A sample of connections between every pair of addresses (pods and outside) of a family.
-fn connections(mesh: &[PolicyInputs], rng: &mut StdRng) -> Vec<Connection> {
+/// Connections to a sample of services between every pair of addresses (pods and outside) of a family.
+fn connections(mesh: &[PolicyInputs]) -> Vec<Connection> {
     let mut addresses: Vec<IpAddr> = mesh[0]
         .endpoints
         .values()
@@ -303,8 +310,7 @@ fn connections(mesh: &[PolicyInputs], rng: &mut StdRng) -> Vec<Connection> {
             if source.is_ipv4() != destination.is_ipv4() {
                 continue;
             }
-            for _ in 0..3 {
-                let (protocol, port) = *pick(rng, &services);
+            for &(protocol, port) in &services {
                 out.push(Connection {
                     source,
                     destination,
@@ -382,7 +388,7 @@ fn compiled_rulesets_decide_as_the_reference_evaluator() {
         for ruleset in rulesets.values() {
             assert_well_formed(ruleset);
         }
-        for connection in connections(&mesh, &mut rng) {
+        for connection in connections(&mesh) {
             let expected = evaluator_allows(&mesh, &connection);
             let got = compiled_allows(&mesh, &rulesets, &connection);
             assert_eq!(
@@ -428,7 +434,7 @@ fn mutate(mesh: &mut MeshBuilder, rng: &mut StdRng, step: usize) {
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
-            mesh.relabel_namespace(cluster, *pick(rng, &NAMESPACES), &extra);
+            mesh.relabel_namespace(cluster, one(rng, &NAMESPACES), &extra);
         }
         2 if !pods.is_empty() => {
             let mut pod = pick(rng, &pods).clone();
@@ -446,10 +452,10 @@ fn mutate(mesh: &mut MeshBuilder, rng: &mut StdRng, step: usize) {
             let address = format!("10.{c}.9.{}", step % 250 + 1);
             mesh.pod(
                 cluster,
-                *pick(rng, &NAMESPACES),
+                one(rng, &NAMESPACES),
                 &format!("new{step}"),
                 random_labels(rng, &POD_KEYS),
-                *pick(rng, &NODES),
+                one(rng, &NODES),
                 &[&address],
                 random_named_ports(rng),
             );

@@ -408,8 +408,8 @@ fn compiled_rulesets_decide_as_the_reference_evaluator() {
     );
 }
 
-/// One random change to the mesh: relabel a pod or a namespace, move, add or remove a pod,
-/// add, change or remove a policy.
+/// One random change to the mesh: relabel a pod, a namespace or an identity, move, add or
+/// remove a pod, add, change or remove a policy.
 fn mutate(mesh: &mut MeshBuilder, rng: &mut StdRng, step: usize) {
     let cluster = *pick(rng, &CLUSTERS);
     let pods: Vec<_> = mesh
@@ -418,7 +418,14 @@ fn mutate(mesh: &mut MeshBuilder, rng: &mut StdRng, step: usize) {
         .filter(|e| e.cluster.as_str() == cluster)
         .cloned()
         .collect();
-    match rng.random_range(0..7) {
+    match rng.random_range(0..8) {
+        7 if !mesh.identities.is_empty() => {
+            // An identity's labels changed in place (same key): its pods move together.
+            let keys: Vec<_> = mesh.identities.keys().cloned().collect();
+            let key = pick(rng, &keys).clone();
+            let identity = mesh.identities.get_mut(&key).unwrap();
+            identity.labels.pod_labels = random_labels(rng, &POD_KEYS);
+        }
         0 if !pods.is_empty() => {
             let pod = pick(rng, &pods);
             mesh.relabel_pod(

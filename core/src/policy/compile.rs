@@ -7,10 +7,10 @@
 //! isolated in a direction gets a chain jumping to the chains of the policies selecting it and
 //! then dropping, and every address of the pod maps to that chain.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use super::blocks::host;
-use super::model::{EndpointKey, PolicyInputs, PolicyKey};
+use super::model::{EndpointKey, IdentityKey, PolicyInputs, PolicyKey};
 use super::plan::{self, PolicyPlan};
 use super::ruleset::{AddressSet, Direction, Ruleset, ServiceSet};
 use crate::keyed::Keyed;
@@ -85,20 +85,23 @@ pub fn compile(inputs: &PolicyInputs, node: &str) -> Ruleset {
                     },
                 );
             }
+            // Selectors are asked once per identity, not once per pod.
+            let members: HashSet<&IdentityKey> = inputs
+                .identities
+                .values()
+                .filter(|identity| {
+                    plan::rule_selects(
+                        rule,
+                        policy,
+                        &inputs.cluster,
+                        &identity.key,
+                        &identity.labels,
+                    )
+                })
+                .map(|identity| &identity.key)
+                .collect();
             for endpoint in inputs.endpoints.values() {
-                let member =
-                    inputs
-                        .identities
-                        .get(&endpoint.identity_key())
-                        .is_some_and(|identity| {
-                            plan::rule_selects(
-                                rule,
-                                policy,
-                                &inputs.cluster,
-                                &identity.key,
-                                &identity.labels,
-                            )
-                        });
+                let member = members.contains(&endpoint.identity_key());
                 for (set, address) in rule_plan.peer_addresses(endpoint, member) {
                     if !rule_plan.in_blocks(address) {
                         let elements = &mut ruleset

@@ -250,8 +250,34 @@ impl Compiler {
             selected,
             ledgers,
         };
-        for endpoint in self.inputs.endpoints.values() {
-            contribute(&mut self.ruleset, &mut active, endpoint, true);
+        // Only members' pods and the selected pods contribute, unless an egress named-port
+        // rule may reach any pod (no peers, or an ipBlock holding pods).
+        let every_pod = active.plan.rules.iter().any(|r| {
+            r.direction == Direction::Egress
+                && !r.named.is_empty()
+                && (r.any_peer || r.blocks.values().any(|b| !b.is_empty()))
+        });
+        if every_pod {
+            for (key, endpoint) in &self.inputs.endpoints {
+                contribute(&mut self.ruleset, &mut active, key, endpoint, true);
+            }
+        } else {
+            let mut contributors: BTreeSet<EndpointKey> = active.selected.clone();
+            for ledger in &active.ledgers {
+                for identity in &ledger.members {
+                    contributors.extend(
+                        self.by_identity
+                            .get(identity)
+                            .into_iter()
+                            .flatten()
+                            .cloned(),
+                    );
+                }
+            }
+            for key in &contributors {
+                let endpoint = &self.inputs.endpoints[key];
+                contribute(&mut self.ruleset, &mut active, key, endpoint, true);
+            }
         }
         self.active.insert((key.clone(), direction), active);
     }
@@ -274,6 +300,9 @@ impl Compiler {
     // ---- identities ----
 
     fn change_identity(&mut self, key: &IdentityKey, identity: Option<Identity>) {
+        if self.inputs.identities.get(key) == identity.as_ref() {
+            return;
+        }
         // The pods of this identity leave, the identity changes, they come back.
         let pods: Vec<EndpointKey> = self
             .by_identity
@@ -331,7 +360,7 @@ impl Compiler {
             }
         }
         for active in self.active.values_mut() {
-            contribute(&mut self.ruleset, active, &endpoint, false);
+            contribute(&mut self.ruleset, active, key, &endpoint, false);
         }
         if self.is_local(&endpoint) {
             self.erase_pod_chains(&endpoint);
@@ -419,7 +448,7 @@ impl Compiler {
         let endpoint = &self.inputs.endpoints[&key];
         for (pair, active) in &mut self.active {
             if !skip.contains(pair) {
-                contribute(&mut self.ruleset, active, endpoint, true);
+                contribute(&mut self.ruleset, active, &key, endpoint, true);
             }
         }
         if local {
@@ -481,9 +510,15 @@ impl Compiler {
 }
 
 /// Adds (`add`) or takes back one pod's elements in one active policy direction's sets.
-fn contribute(ruleset: &mut Ruleset, active: &mut Active, endpoint: &PolicyEndpoint, add: bool) {
+fn contribute(
+    ruleset: &mut Ruleset,
+    active: &mut Active,
+    key: &EndpointKey,
+    endpoint: &PolicyEndpoint,
+    add: bool,
+) {
     let identity = endpoint.identity_key();
-    let selected = active.selected.contains(&endpoint.key());
+    let selected = active.selected.contains(key);
     for (rule_plan, ledger) in active.plan.rules.iter().zip(&mut active.ledgers) {
         let member = ledger.members.contains(&identity);
         for (set, address) in rule_plan.peer_addresses(endpoint, member) {

@@ -20,6 +20,7 @@ const NAMESPACES: usize = 20;
 const PODS_PER_NODE: usize = 100;
 const APPS: usize = 50;
 const NODE: &str = "n0";
+const TIERS: [&str; 3] = ["web", "db", "cache"];
 
 fn labels(pairs: &[(&str, String)]) -> Labels {
     pairs
@@ -51,7 +52,7 @@ impl Scenario {
             identities: BTreeMap::new(),
         };
         for k in 0..pods {
-            let endpoint = scenario.pod(k, k % APPS, format!("n{}", k / PODS_PER_NODE));
+            let endpoint = scenario.pod(k, k % APPS, k % 3, format!("n{}", k / PODS_PER_NODE));
             scenario.inputs.endpoints.insert(endpoint.key(), endpoint);
         }
         for i in 0..policies {
@@ -104,14 +105,14 @@ impl Scenario {
         scenario
     }
 
-    /// Pod `k` with app label `app` on `node`: its identity is created as needed.
-    fn pod(&mut self, k: usize, app: usize, node: String) -> PolicyEndpoint {
+    /// Pod `k` with labels `app` and `tier` on `node`: its identity is created as needed.
+    fn pod(&mut self, k: usize, app: usize, tier: usize, node: String) -> PolicyEndpoint {
         let namespace = format!("ns{}", k % NAMESPACES);
         let identity_labels = IdentityLabels {
             namespace: namespace.clone(),
             pod_labels: labels(&[
                 ("app", format!("app{app}")),
-                ("tier", ["web", "db", "cache"][k % 3].to_string()),
+                ("tier", TIERS[tier].to_string()),
             ]),
             namespace_labels: labels(&[
                 ("team", format!("t{}", (k % NAMESPACES) % 5)),
@@ -228,31 +229,47 @@ fn policy_change(pods: usize, policies: usize) {
     );
 }
 
-/// One pod's app label flipped back and forth (a new identity each way), on this node or
-/// elsewhere; returns the median.
-fn pod_change(pods: usize, policies: usize, local: bool) -> Duration {
+#[derive(Debug, Clone, Copy)]
+enum PodChange {
+    /// A pod on another node changes tier: it moves between peer sets.
+    ElsewhereTier,
+    /// A pod of this node changes tier: peer sets change, the same policies select it.
+    HereTier,
+    /// A pod of this node changes app: policies stop and start selecting it, so the node
+    /// stops and starts enforcing them (their sets come and go whole).
+    HereApp,
+}
+
+/// One pod's label flipped back and forth (a new identity each way, as the controller would
+/// give it); returns the median.
+fn pod_change(pods: usize, policies: usize, change: PodChange) -> Duration {
     let mut scenario = Scenario::new(pods, policies);
     // Pod 3 runs on n0; one more pod runs on a node of its own.
-    let (k, node) = if local {
-        (3, NODE.to_string())
-    } else {
-        (pods, "elsewhere".to_string())
+    let (k, node) = match change {
+        PodChange::ElsewhereTier => (pods, "elsewhere".to_string()),
+        PodChange::HereTier | PodChange::HereApp => (3, NODE.to_string()),
     };
-    let endpoint = scenario.pod(k, k % APPS, node.clone());
+    let endpoint = scenario.pod(k, k % APPS, k % 3, node.clone());
     scenario.inputs.endpoints.insert(endpoint.key(), endpoint);
     let mut compiler = Compiler::new(scenario.inputs.cluster.clone(), NODE);
     compiler.update(&scenario.inputs);
     let mut samples = Vec::new();
     for round in 0..400 {
-        let app = if round % 2 == 0 {
-            (k + 1) % APPS
-        } else {
-            k % APPS
+        let flip = round % 2 == 0;
+        let (app, tier) = match change {
+            PodChange::HereApp if flip => ((k + 1) % APPS, k % 3),
+            PodChange::ElsewhereTier | PodChange::HereTier if flip => (k % APPS, (k + 1) % 3),
+            _ => (k % APPS, k % 3),
         };
-        let endpoint = scenario.pod(k, app, node.clone());
-        let identity = scenario.inputs.identities[&endpoint.identity_key()].clone();
+        let endpoint = scenario.pod(k, app, tier, node.clone());
         let mut delta = PolicyDelta::default();
-        delta.identities.upsert.push(identity);
+        if round < 2 {
+            // The first time each way, the identity is new to the compiler.
+            delta
+                .identities
+                .upsert
+                .push(scenario.inputs.identities[&endpoint.identity_key()].clone());
+        }
         delta.endpoints.upsert.push(endpoint);
         let start = Instant::now();
         black_box(compiler.apply(&delta));
@@ -260,8 +277,7 @@ fn pod_change(pods: usize, policies: usize, local: bool) -> Duration {
     }
     let median = percentile(&mut samples, 0.5);
     println!(
-        "pod change    {pods:>6} pods {policies:>5} policies ({}): p50 {:>10}  p99 {:>10}",
-        if local { "its node " } else { "elsewhere" },
+        "pod change    {pods:>6} pods {policies:>5} policies ({change:?}): p50 {:>10}  p99 {:>10}",
         us(median),
         us(percentile(&mut samples, 0.99)),
     );
@@ -269,20 +285,33 @@ fn pod_change(pods: usize, policies: usize, local: bool) -> Duration {
 }
 
 fn main() {
-    for policies in [100, 1_000] {
-        for pods in [100, 1_000, 10_000] {
-            full_compile(pods, policies);
+    // `TRELLIS_BENCH_ONLY=full|policy|pod` runs one part.
+    let only = std::env::var("TRELLIS_BENCH_ONLY").unwrap_or_default();
+    let runs = |part: &str| only.is_empty() || only == part;
+    if runs("full") {
+        for policies in [100, 1_000] {
+            for pods in [100, 1_000, 10_000] {
+                full_compile(pods, policies);
+            }
         }
     }
-    for policies in [100, 1_000] {
-        policy_change(1_000, policies);
+    if runs("policy") {
+        for policies in [100, 1_000] {
+            policy_change(1_000, policies);
+        }
     }
-    for local in [false, true] {
-        let small = pod_change(100, 1_000, local);
-        let large = pod_change(10_000, 1_000, local);
+    if !runs("pod") {
+        return;
+    }
+    for change in [
+        PodChange::ElsewhereTier,
+        PodChange::HereTier,
+        PodChange::HereApp,
+    ] {
+        let small = pod_change(100, 1_000, change);
+        let large = pod_change(10_000, 1_000, change);
         println!(
-            "pod change ratio 10,000 / 100 pods ({}): {:.2}",
-            if local { "its node" } else { "elsewhere" },
+            "pod change ratio 10,000 / 100 pods ({change:?}): {:.2}",
             large.as_secs_f64() / small.as_secs_f64()
         );
     }

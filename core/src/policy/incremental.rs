@@ -57,6 +57,9 @@ pub struct Compiler {
     /// Every pod of this node → the policy directions selecting it.
     local: BTreeMap<EndpointKey, BTreeSet<(Direction, PolicyKey)>>,
     active: BTreeMap<(PolicyKey, Direction), Active>,
+    /// Active policy directions that lost their last selected pod during this delta: they
+    /// stop being enforced at its end unless a pod came back (as when a pod is replaced).
+    idle: BTreeSet<(PolicyKey, Direction)>,
 }
 
 impl Compiler {
@@ -71,6 +74,7 @@ impl Compiler {
             local_addresses: HashMap::new(),
             local: BTreeMap::new(),
             active: BTreeMap::new(),
+            idle: BTreeSet::new(),
         }
     }
 
@@ -115,6 +119,15 @@ impl Compiler {
         for endpoint in &delta.endpoints.upsert {
             self.remove_endpoint(&endpoint.key());
             self.add_endpoint(endpoint.clone());
+        }
+        for (key, direction) in std::mem::take(&mut self.idle) {
+            let unused = self
+                .active
+                .get(&(key.clone(), direction))
+                .is_some_and(|active| active.selected.is_empty());
+            if unused {
+                self.deactivate(&key, direction);
+            }
         }
         &self.ruleset
     }
@@ -259,7 +272,15 @@ impl Compiler {
         });
         if every_pod {
             for (key, endpoint) in &self.inputs.endpoints {
-                contribute(&mut self.ruleset, &mut active, key, endpoint, true);
+                let identity = endpoint.identity_key();
+                contribute(
+                    &mut self.ruleset,
+                    &mut active,
+                    key,
+                    &identity,
+                    endpoint,
+                    true,
+                );
             }
         } else {
             let mut contributors: BTreeSet<EndpointKey> = active.selected.clone();
@@ -276,7 +297,15 @@ impl Compiler {
             }
             for key in &contributors {
                 let endpoint = &self.inputs.endpoints[key];
-                contribute(&mut self.ruleset, &mut active, key, endpoint, true);
+                let identity = endpoint.identity_key();
+                contribute(
+                    &mut self.ruleset,
+                    &mut active,
+                    key,
+                    &identity,
+                    endpoint,
+                    true,
+                );
             }
         }
         self.active.insert((key.clone(), direction), active);
@@ -359,8 +388,9 @@ impl Compiler {
                 self.by_identity.remove(&endpoint.identity_key());
             }
         }
+        let identity = endpoint.identity_key();
         for active in self.active.values_mut() {
-            contribute(&mut self.ruleset, active, key, &endpoint, false);
+            contribute(&mut self.ruleset, active, key, &identity, &endpoint, false);
         }
         if self.is_local(&endpoint) {
             self.erase_pod_chains(&endpoint);
@@ -372,7 +402,7 @@ impl Compiler {
                     active.selected.is_empty()
                 });
                 if now_empty {
-                    self.deactivate(&pair.0, direction);
+                    self.idle.insert(pair);
                 }
             }
             for address in &endpoint.addresses {
@@ -446,9 +476,10 @@ impl Compiler {
             self.activate(&policy_key, direction, BTreeSet::from([key.clone()]));
         }
         let endpoint = &self.inputs.endpoints[&key];
+        let identity = endpoint.identity_key();
         for (pair, active) in &mut self.active {
             if !skip.contains(pair) {
-                contribute(&mut self.ruleset, active, &key, endpoint, true);
+                contribute(&mut self.ruleset, active, &key, &identity, endpoint, true);
             }
         }
         if local {
@@ -514,13 +545,13 @@ fn contribute(
     ruleset: &mut Ruleset,
     active: &mut Active,
     key: &EndpointKey,
+    identity: &IdentityKey,
     endpoint: &PolicyEndpoint,
     add: bool,
 ) {
-    let identity = endpoint.identity_key();
-    let selected = active.selected.contains(key);
+    let mut selected = None;
     for (rule_plan, ledger) in active.plan.rules.iter().zip(&mut active.ledgers) {
-        let member = ledger.members.contains(&identity);
+        let member = !ledger.members.is_empty() && ledger.members.contains(identity);
         for (set, address) in rule_plan.peer_addresses(endpoint, member) {
             if count(&mut ledger.addresses, address, add) && !rule_plan.in_blocks(address) {
                 let elements = &mut ruleset
@@ -535,6 +566,10 @@ fn contribute(
                 }
             }
         }
+        if rule_plan.port_sets.is_empty() {
+            continue;
+        }
+        let selected = *selected.get_or_insert_with(|| active.selected.contains(key));
         for (set, triple) in rule_plan.port_triples(endpoint, member, selected) {
             if count(&mut ledger.triples, triple, add) {
                 let elements = &mut ruleset

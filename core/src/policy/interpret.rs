@@ -158,3 +158,160 @@ fn holds(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::cluster::Protocol;
+    use crate::policy::ruleset::{AddressSet, Rule};
+
+    fn rule(matches: Vec<Match>, verdict: Verdict, comment: &str) -> Rule {
+        Rule {
+            matches,
+            verdict,
+            comment: Some(comment.into()),
+        }
+    }
+
+    fn jump(chain: &str) -> Verdict {
+        Verdict::Jump {
+            chain: chain.into(),
+        }
+    }
+
+    /// Pod 10.0.0.1 isolated for ingress: a policy chain accepting 10.0.1.0/24 on TCP 80, a
+    /// second one that decides nothing, then drop.
+    fn ruleset() -> Ruleset {
+        let mut chains = BTreeMap::new();
+        chains.insert(
+            "pod".to_string(),
+            vec![
+                rule(vec![], jump("undecided"), "first"),
+                rule(vec![], jump("web"), "second"),
+                rule(
+                    vec![],
+                    Verdict::Drop {
+                        direction: Direction::Ingress,
+                    },
+                    "drop",
+                ),
+            ],
+        );
+        chains.insert(
+            "undecided".to_string(),
+            vec![rule(
+                vec![Match::Protocol {
+                    protocol: Protocol::Sctp,
+                }],
+                Verdict::Accept,
+                "sctp",
+            )],
+        );
+        chains.insert(
+            "web".to_string(),
+            vec![rule(
+                vec![
+                    Match::SourceIn {
+                        set: "peers".into(),
+                    },
+                    Match::Protocol {
+                        protocol: Protocol::Tcp,
+                    },
+                    Match::DestinationPorts {
+                        ranges: vec![(80, 80)],
+                    },
+                ],
+                Verdict::Accept,
+                "web",
+            )],
+        );
+        Ruleset {
+            address_sets: BTreeMap::from([(
+                "peers".to_string(),
+                AddressSet {
+                    family: Family::Ipv4,
+                    elements: BTreeSet::from(["10.0.1.0/24".parse().unwrap()]),
+                },
+            )]),
+            chains,
+            ingress: BTreeMap::from([("10.0.0.1".parse().unwrap(), "pod".to_string())]),
+            local_pods: BTreeSet::from(["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()]),
+            ..Ruleset::default()
+        }
+    }
+
+    fn to(destination: &str, source: &str, protocol: Option<Protocol>, port: u16) -> Connection {
+        Connection {
+            source: source.parse().unwrap(),
+            destination: destination.parse().unwrap(),
+            protocol,
+            port,
+        }
+    }
+
+    #[test]
+    fn chains_fall_through_jumps_until_a_verdict() {
+        let r = ruleset();
+        let tcp = Some(Protocol::Tcp);
+        assert_eq!(
+            ingress(&r, &to("10.0.0.1", "10.0.1.9", tcp, 80)),
+            Ok(Outcome::Accepted {
+                by: Some("web".into())
+            })
+        );
+        assert_eq!(
+            ingress(&r, &to("10.0.0.1", "10.0.1.9", Some(Protocol::Sctp), 9)),
+            Ok(Outcome::Accepted {
+                by: Some("sctp".into())
+            })
+        );
+        for denied in [
+            to("10.0.0.1", "10.0.2.9", tcp, 80),
+            to("10.0.0.1", "10.0.1.9", tcp, 81),
+            to("10.0.0.1", "10.0.1.9", None, 0),
+        ] {
+            assert_eq!(
+                ingress(&r, &denied),
+                Ok(Outcome::Dropped {
+                    by: Some("drop".into())
+                }),
+                "{denied:?}"
+            );
+        }
+        assert_eq!(
+            ingress(&r, &to("10.0.0.2", "10.0.2.9", tcp, 80)),
+            Ok(Outcome::NotIsolated)
+        );
+        assert_eq!(
+            egress(&r, &to("10.0.0.2", "10.0.0.1", tcp, 80)),
+            Ok(Outcome::NotIsolated)
+        );
+        assert_eq!(
+            egress(&r, &to("10.0.0.2", "10.0.0.3", tcp, 80)),
+            Ok(Outcome::UnknownPod)
+        );
+    }
+
+    #[test]
+    fn a_broken_ruleset_is_an_error_not_a_verdict() {
+        let mut r = ruleset();
+        r.chains.get_mut("web").unwrap()[0].matches[0] = Match::SourceIn {
+            set: "missing".into(),
+        };
+        let c = to("10.0.0.1", "10.0.1.9", Some(Protocol::Tcp), 80);
+        assert_eq!(
+            ingress(&r, &c),
+            Err(InterpretError::NoSuchSet("missing".into()))
+        );
+        r.chains.get_mut("pod").unwrap()[1].verdict = jump("gone");
+        assert_eq!(
+            ingress(&r, &c),
+            Err(InterpretError::NoSuchChain("gone".into()))
+        );
+        r.chains.get_mut("undecided").unwrap()[0].verdict = jump("pod");
+        r.chains.get_mut("undecided").unwrap()[0].matches.clear();
+        assert!(matches!(ingress(&r, &c), Err(InterpretError::TooDeep(_))));
+    }
+}

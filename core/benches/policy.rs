@@ -190,9 +190,16 @@ fn full_compile(pods: usize, policies: usize) {
             .values()
             .map(|s| s.elements.len())
             .sum::<usize>();
+    // The incremental compiler starting from nothing (an agent's restart).
+    let start = Instant::now();
+    let mut compiler = Compiler::new(scenario.inputs.cluster.clone(), NODE);
+    compiler.update(&scenario.inputs);
+    let from_empty = start.elapsed();
+    assert_eq!(compiler.ruleset(), &ruleset);
     println!(
-        "full compile  {pods:>6} pods {policies:>5} policies: median {:>11}  ({} chains, {} rules, {} set elements)",
+        "full compile  {pods:>6} pods {policies:>5} policies: median {:>11}, incremental from empty {:>11}  ({} chains, {} rules, {} set elements)",
         ms(percentile(&mut samples, 0.5)),
+        ms(from_empty),
         ruleset.chains.len(),
         ruleset.rule_count(),
         elements,

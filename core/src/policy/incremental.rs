@@ -607,3 +607,73 @@ fn count<T: std::hash::Hash + Eq>(counts: &mut HashMap<T, u32>, item: T, add: bo
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::compile;
+    use crate::policy::model::{IdentityLabels, LabelSelector};
+
+    fn inputs(cluster: &str) -> PolicyInputs {
+        let cluster: ClusterId = cluster.parse().unwrap();
+        let mut inputs = PolicyInputs::new(cluster.clone());
+        let key = IdentityKey {
+            cluster: cluster.clone(),
+            number: 1,
+        };
+        inputs.identities.insert(
+            key.clone(),
+            Identity {
+                key,
+                labels: IdentityLabels {
+                    namespace: "x".into(),
+                    ..IdentityLabels::default()
+                },
+            },
+        );
+        let endpoint = PolicyEndpoint {
+            cluster,
+            namespace: "x".into(),
+            name: "a".into(),
+            addresses: vec!["10.0.0.1".parse().unwrap()],
+            node: "n1".into(),
+            identity: 1,
+            named_ports: vec![],
+        };
+        inputs.endpoints.insert(endpoint.key(), endpoint);
+        let policy = NetworkPolicy {
+            namespace: "x".into(),
+            name: "deny".into(),
+            pod_selector: LabelSelector::default(),
+            ingress: Some(vec![]),
+            egress: None,
+        };
+        inputs.policies.insert(policy.key(), policy);
+        inputs
+    }
+
+    #[test]
+    fn another_cluster_starts_from_scratch() {
+        let mut compiler = Compiler::new("c1".parse().unwrap(), "n1");
+        assert_eq!(
+            compiler.update(&inputs("c1")),
+            &compile(&inputs("c1"), "n1")
+        );
+        assert_eq!(compiler.ruleset().ingress.len(), 1);
+        assert_eq!(
+            compiler.update(&inputs("c2")),
+            &compile(&inputs("c2"), "n1")
+        );
+        assert_eq!(compiler.inputs(), &inputs("c2"));
+    }
+
+    #[test]
+    fn the_last_pod_leaving_takes_its_policies_chains_and_sets_along() {
+        let mut compiler = Compiler::new("c1".parse().unwrap(), "n1");
+        compiler.update(&inputs("c1"));
+        assert!(!compiler.ruleset().chains.is_empty());
+        let mut empty = inputs("c1");
+        empty.endpoints.clear();
+        assert_eq!(compiler.update(&empty), &Ruleset::default());
+    }
+}

@@ -409,7 +409,7 @@ fn compiled_rulesets_decide_as_the_reference_evaluator() {
 }
 
 /// One random change to the mesh: relabel a pod, a namespace or an identity, move, add or
-/// remove a pod, add, change or remove a policy.
+/// remove a pod, add one with an address in use, add, change or remove a policy.
 fn mutate(mesh: &mut MeshBuilder, rng: &mut StdRng, step: usize) {
     let cluster = *pick(rng, &CLUSTERS);
     let pods: Vec<_> = mesh
@@ -418,7 +418,22 @@ fn mutate(mesh: &mut MeshBuilder, rng: &mut StdRng, step: usize) {
         .filter(|e| e.cluster.as_str() == cluster)
         .cloned()
         .collect();
-    match rng.random_range(0..8) {
+    match rng.random_range(0..9) {
+        8 if !pods.is_empty() => {
+            // A pod given an address another pod still holds (a replacement seen before its
+            // predecessor's deletion), on one of the nodes.
+            let twin = pick(rng, &pods);
+            let address = twin.addresses[0].to_string();
+            mesh.pod(
+                cluster,
+                one(rng, &NAMESPACES),
+                &format!("twin{step}"),
+                random_labels(rng, &POD_KEYS),
+                one(rng, &NODES),
+                &[&address],
+                random_named_ports(rng),
+            );
+        }
         7 if !mesh.identities.is_empty() => {
             // An identity's labels changed in place (same key): its pods move together.
             let keys: Vec<_> = mesh.identities.keys().cloned().collect();

@@ -20,7 +20,7 @@ use super::model::{
     PolicyKey,
 };
 use super::plan::{self, PolicyPlan};
-use super::ruleset::{AddressSet, Direction, Ruleset, ServiceSet};
+use super::ruleset::{AddressSet, Direction, Name, Ruleset, ServiceSet};
 use crate::cluster::{ClusterId, Protocol};
 use crate::keyed::Keyed;
 
@@ -60,6 +60,11 @@ pub struct Compiler {
     /// Active policy directions that lost their last selected pod during this delta: they
     /// stop being enforced at its end unless a pod came back (as when a pod is replaced).
     idle: BTreeSet<(PolicyKey, Direction)>,
+    /// Per direction (ingress, egress): what each isolated local pod claims, and who claims
+    /// each pod chain name and each address.
+    claims: [HashMap<EndpointKey, Claim>; 2],
+    chain_owners: [HashMap<Name, BTreeSet<EndpointKey>>; 2],
+    address_owners: [HashMap<IpAddr, BTreeSet<EndpointKey>>; 2],
 }
 
 impl Compiler {
@@ -75,6 +80,9 @@ impl Compiler {
             local: BTreeMap::new(),
             active: BTreeMap::new(),
             idle: BTreeSet::new(),
+            claims: Default::default(),
+            chain_owners: Default::default(),
+            address_owners: Default::default(),
         }
     }
 
@@ -393,8 +401,8 @@ impl Compiler {
             contribute(&mut self.ruleset, active, key, &identity, &endpoint, false);
         }
         if self.is_local(&endpoint) {
-            self.erase_pod_chains(&endpoint);
             let pairs = self.local.remove(key).unwrap_or_default();
+            self.erase_pod_chains(key);
             for (direction, policy_key) in pairs {
                 let pair = (policy_key, direction);
                 let now_empty = self.active.get_mut(&pair).is_some_and(|active| {
@@ -488,54 +496,138 @@ impl Compiler {
         }
     }
 
-    /// Writes a local pod's chains and map entries from the policies selecting it.
+    /// Re-derives what a local pod claims in the ruleset (its chain per direction, named by
+    /// its lowest address, and its addresses in the verdict maps) after its endpoint or its
+    /// policies changed. Two pods of the node may claim one address for a while (a pod
+    /// replaced before its predecessor is gone): each chain name and address goes to its
+    /// claimant with the greatest key, as in `compile`, and is released only when no pod
+    /// claims it any more, so the surviving pod never loses its chain.
     fn write_pod_chains(&mut self, key: &EndpointKey) {
-        let (Some(endpoint), Some(pairs)) = (self.inputs.endpoints.get(key), self.local.get(key))
-        else {
-            return;
-        };
         for direction in DIRECTIONS {
-            let Some(name) = plan::pod_chain_name(endpoint, direction) else {
-                continue;
-            };
-            let policies: Vec<&PolicyKey> = pairs
-                .iter()
-                .filter(|(d, _)| *d == direction)
-                .map(|(_, p)| p)
-                .collect();
-            let map = match direction {
-                Direction::Ingress => &mut self.ruleset.ingress,
-                Direction::Egress => &mut self.ruleset.egress,
-            };
-            if policies.is_empty() {
-                for address in &endpoint.addresses {
-                    map.remove(address);
-                }
-                self.ruleset.chains.remove(&name);
-            } else {
-                for address in &endpoint.addresses {
-                    map.insert(*address, name.clone());
-                }
-                self.ruleset
-                    .chains
-                    .insert(name, plan::pod_chain(endpoint, direction, policies));
+            let claim = self.claim_of(key, direction);
+            self.reclaim(key, direction, claim);
+        }
+    }
+
+    fn erase_pod_chains(&mut self, key: &EndpointKey) {
+        for direction in DIRECTIONS {
+            self.reclaim(key, direction, None);
+        }
+    }
+
+    fn claim_of(&self, key: &EndpointKey, direction: Direction) -> Option<Claim> {
+        let endpoint = self.inputs.endpoints.get(key)?;
+        let pairs = self.local.get(key)?;
+        if !pairs.iter().any(|(d, _)| *d == direction) {
+            return None;
+        }
+        Some(Claim {
+            chain: plan::pod_chain_name(endpoint, direction)?,
+            addresses: endpoint.addresses.clone(),
+        })
+    }
+
+    fn reclaim(&mut self, key: &EndpointKey, direction: Direction, claim: Option<Claim>) {
+        let claims = &mut self.claims[slot(direction)];
+        let old = match &claim {
+            Some(claim) => claims.insert(key.clone(), claim.clone()),
+            None => claims.remove(key),
+        };
+        let mut chains = BTreeSet::new();
+        let mut addresses = BTreeSet::new();
+        if let Some(old) = old {
+            release(&mut self.chain_owners[slot(direction)], &old.chain, key);
+            for address in &old.addresses {
+                release(&mut self.address_owners[slot(direction)], address, key);
+            }
+            chains.insert(old.chain);
+            addresses.extend(old.addresses);
+        }
+        if let Some(claim) = claim {
+            self.chain_owners[slot(direction)]
+                .entry(claim.chain.clone())
+                .or_default()
+                .insert(key.clone());
+            for address in &claim.addresses {
+                self.address_owners[slot(direction)]
+                    .entry(*address)
+                    .or_default()
+                    .insert(key.clone());
+            }
+            chains.insert(claim.chain);
+            addresses.extend(claim.addresses);
+        }
+        for chain in chains {
+            self.refresh_pod_chain(direction, chain);
+        }
+        for address in addresses {
+            self.refresh_map_entry(direction, address);
+        }
+    }
+
+    fn refresh_pod_chain(&mut self, direction: Direction, chain: Name) {
+        let owner = self.chain_owners[slot(direction)]
+            .get(&chain)
+            .and_then(|owners| owners.last());
+        match owner {
+            Some(owner) => {
+                let endpoint = &self.inputs.endpoints[owner];
+                let policies = self.local[owner]
+                    .iter()
+                    .filter(|(d, _)| *d == direction)
+                    .map(|(_, p)| p);
+                let rules = plan::pod_chain(endpoint, direction, policies);
+                self.ruleset.chains.insert(chain, rules);
+            }
+            None => {
+                self.ruleset.chains.remove(&chain);
             }
         }
     }
 
-    fn erase_pod_chains(&mut self, endpoint: &PolicyEndpoint) {
-        for direction in DIRECTIONS {
-            let Some(name) = plan::pod_chain_name(endpoint, direction) else {
-                continue;
-            };
-            let map = match direction {
-                Direction::Ingress => &mut self.ruleset.ingress,
-                Direction::Egress => &mut self.ruleset.egress,
-            };
-            for address in &endpoint.addresses {
-                map.remove(address);
+    fn refresh_map_entry(&mut self, direction: Direction, address: IpAddr) {
+        let chain = self.address_owners[slot(direction)]
+            .get(&address)
+            .and_then(|owners| owners.last())
+            .map(|owner| self.claims[slot(direction)][owner].chain.clone());
+        let map = match direction {
+            Direction::Ingress => &mut self.ruleset.ingress,
+            Direction::Egress => &mut self.ruleset.egress,
+        };
+        match chain {
+            Some(chain) => {
+                map.insert(address, chain);
             }
-            self.ruleset.chains.remove(&name);
+            None => {
+                map.remove(&address);
+            }
+        }
+    }
+}
+
+/// What one local pod holds in the ruleset for one direction.
+#[derive(Debug, Clone)]
+struct Claim {
+    chain: Name,
+    addresses: Vec<IpAddr>,
+}
+
+fn slot(direction: Direction) -> usize {
+    match direction {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+fn release<T: std::hash::Hash + Eq + Clone>(
+    owners: &mut HashMap<T, BTreeSet<EndpointKey>>,
+    item: &T,
+    key: &EndpointKey,
+) {
+    if let Some(set) = owners.get_mut(item) {
+        set.remove(key);
+        if set.is_empty() {
+            owners.remove(item);
         }
     }
 }

@@ -524,6 +524,14 @@ fn the_incremental_compiler_always_equals_a_compilation_from_scratch() {
                 let expected = compile(cluster_inputs, node);
                 assert_eq!(got, expected, "seed {seed} step {step} {cluster}/{node}");
                 assert_eq!(compiler.inputs(), cluster_inputs);
+                if step == 0 {
+                    // The same from nothing, pod after pod, through the delta path.
+                    let mut by_deltas = Compiler::new(cluster_inputs.cluster.clone(), node);
+                    let from_nothing = PolicyInputs::new(cluster_inputs.cluster.clone())
+                        .delta_to(cluster_inputs)
+                        .unwrap();
+                    assert_eq!(by_deltas.apply(&from_nothing), &expected, "seed {seed}");
+                }
             }
             mutate(&mut mesh, &mut rng, step);
         }

@@ -96,14 +96,75 @@ impl Compiler {
 
     /// Brings the ruleset to `inputs` (from scratch when the cluster differs).
     pub fn update(&mut self, inputs: &PolicyInputs) -> &Ruleset {
+        let fresh = self.inputs.policies.is_empty()
+            && self.inputs.identities.is_empty()
+            && self.inputs.endpoints.is_empty();
         match self.inputs.delta_to(inputs) {
-            Some(delta) => self.apply(&delta),
-            None => {
-                *self = Compiler::new(inputs.cluster.clone(), std::mem::take(&mut self.node));
-                let delta = self.inputs.delta_to(inputs).expect("same cluster now");
-                self.apply(&delta)
-            }
+            Some(delta) if !fresh => self.apply(&delta),
+            _ => self.rebuild(inputs),
         }
+    }
+
+    /// Compiles `inputs` whole (a new compiler, or another cluster): every enforced policy is
+    /// activated once, over its members, instead of pod after pod.
+    fn rebuild(&mut self, inputs: &PolicyInputs) -> &Ruleset {
+        *self = Compiler::new(inputs.cluster.clone(), std::mem::take(&mut self.node));
+        self.inputs = inputs.clone();
+        for (key, endpoint) in &self.inputs.endpoints {
+            self.by_identity
+                .entry(endpoint.identity_key())
+                .or_default()
+                .insert(key.clone());
+        }
+        for (key, policy) in &self.inputs.policies {
+            self.by_namespace
+                .entry(policy.namespace.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        let mut selected: BTreeMap<(PolicyKey, Direction), BTreeSet<EndpointKey>> = BTreeMap::new();
+        for (key, endpoint) in &self.inputs.endpoints {
+            if !(endpoint.cluster == self.inputs.cluster && endpoint.node == self.node) {
+                continue;
+            }
+            for address in &endpoint.addresses {
+                *self.local_addresses.entry(*address).or_default() += 1;
+                self.ruleset.local_pods.insert(*address);
+            }
+            let mut pairs = BTreeSet::new();
+            if let Some(identity) = self.inputs.identities.get(&endpoint.identity_key()) {
+                let candidates = self.by_namespace.get(&endpoint.namespace);
+                for policy_key in candidates.into_iter().flatten() {
+                    let policy = &self.inputs.policies[policy_key];
+                    if !plan::policy_selects(
+                        policy,
+                        &self.inputs.cluster,
+                        &identity.key,
+                        &identity.labels,
+                    ) {
+                        continue;
+                    }
+                    for direction in DIRECTIONS {
+                        if plan::rules_of(policy, direction).is_some() {
+                            pairs.insert((direction, policy_key.clone()));
+                            selected
+                                .entry((policy_key.clone(), direction))
+                                .or_default()
+                                .insert(key.clone());
+                        }
+                    }
+                }
+            }
+            self.local.insert(key.clone(), pairs);
+        }
+        for ((policy_key, direction), pods) in selected {
+            self.activate(&policy_key, direction, pods);
+        }
+        let locals: Vec<EndpointKey> = self.local.keys().cloned().collect();
+        for key in &locals {
+            self.write_pod_chains(key);
+        }
+        &self.ruleset
     }
 
     /// Applies one delta of the inputs; the cost follows what the delta touches.

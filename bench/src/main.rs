@@ -5,6 +5,7 @@ mod cni;
 mod dns;
 mod handshakes;
 mod latency;
+mod netpol;
 mod policy;
 mod stats;
 mod tunnel;
@@ -35,6 +36,9 @@ enum Bench {
     /// The node's nftables policy table: one pod changed (update) with 100 and 10,000 pods in
     /// its sets, against replacing the whole table.
     PolicyApply(policy::Options),
+    /// New TCP connections per second and an established flow's throughput between two pods,
+    /// without and with the node's table compiled from N policies over N pods.
+    Netpol(netpol::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Dns(options) => dns::run(&options),
         Bench::Handshakes(options) => handshakes::run(&options),
         Bench::PolicyApply(options) => policy::run(&options),
+        Bench::Netpol(options) => netpol::run(&options),
     }
 }

@@ -5,7 +5,6 @@
 //! TIME_WAIT) and the throughput of an established flow (iperf3).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -17,7 +16,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use trellis_cni::runtime::{Attachment, ConfList, Runtime};
 use trellis_core::policy::{
-    IdentityKey, IdentityLabels, Identity, LabelSelector, NetworkPolicy, PolicyEndpoint,
+    Identity, IdentityKey, IdentityLabels, LabelSelector, NetworkPolicy, PolicyEndpoint,
     PolicyInputs, PolicyPeer, PolicyPort, PolicyRule, PortSpec,
 };
 use trellis_core::policy::{compile, nft};
@@ -108,10 +107,9 @@ fn inputs(options: &Options, client: Ipv4Addr, server: Ipv4Addr) -> PolicyInputs
             identity: key.number,
             named_ports: vec![],
         };
-        inputs.endpoints.insert(
-            trellis_core::keyed::Keyed::key(&endpoint),
-            endpoint,
-        );
+        inputs
+            .endpoints
+            .insert(trellis_core::keyed::Keyed::key(&endpoint), endpoint);
     }
     let tcp80 = PolicyPort {
         protocol: trellis_core::cluster::Protocol::Tcp,
@@ -155,24 +153,7 @@ fn inputs(options: &Options, client: Ipv4Addr, server: Ipv4Addr) -> PolicyInputs
 }
 
 fn nft(netns: &Netns, script: &str) -> anyhow::Result<()> {
-    let mut child = netns
-        .spawn(
-            Command::new("nft")
-                .args(["-f", "-"])
-                .stdin(Stdio::piped())
-                .stderr(Stdio::piped()),
-        )?
-        .context("run nft (apt-get install nftables)")?;
-    child
-        .stdin
-        .take()
-        .context("nft stdin")?
-        .write_all(script.as_bytes())?;
-    let output = child.wait_with_output()?;
-    if !output.status.success() {
-        bail!("nft: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    Ok(())
+    trellis_gateway::nft::apply(Some(netns), script).context("nft refused the script")
 }
 
 fn wire_pods(node: &TempNetns) -> anyhow::Result<(Vec<Pod>, Runtime, ConfList, tempfile::TempDir)> {
@@ -279,7 +260,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let compiled = Instant::now();
     let ruleset = compile(&inputs, NODE);
     let compile_time = compiled.elapsed();
-    let script = nft::render_full(&ruleset);
+    let script = nft::render_full(&ruleset)?;
     println!(
         "NetworkPolicy data path: {} policies over {} pods on the node, {} rules, compiled in {:.1} ms; \
          {} s per measurement, {} round(s)",
@@ -292,9 +273,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     );
 
     // The server: accepts and drops connections until the run ends.
-    let listener = server.netns.netns().run(|| {
-        TcpListener::bind(SocketAddr::new(IpAddr::V4(server.address), SERVER_PORT))
-    })??;
+    let listener = server
+        .netns
+        .netns()
+        .run(|| TcpListener::bind(SocketAddr::new(IpAddr::V4(server.address), SERVER_PORT)))??;
     let stop = Arc::new(AtomicBool::new(false));
     let acceptor = {
         let stop = stop.clone();
@@ -331,7 +313,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             if with_policy == 1 {
                 nft(node.netns(), &script)?;
             } else {
-                nft(node.netns(), "table inet trellis_policy {}\ndelete table inet trellis_policy\n")?;
+                nft(node.netns(), &nft::render_delete())?;
             }
             rates[with_policy].push(connection_rate(client, target, options.seconds)?);
             rates_gbps[with_policy].push(throughput(client, server, options.seconds)?);
@@ -351,7 +333,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     };
     let (plain_rate, policy_rate) = (median(&mut rates[0]), median(&mut rates[1]));
     let (plain_gbps, policy_gbps) = (median(&mut rates_gbps[0]), median(&mut rates_gbps[1]));
-    println!("{:<28} {:>14} {:>14} {:>8}", "", "no policy", "policies", "ratio");
+    println!(
+        "{:<28} {:>14} {:>14} {:>8}",
+        "", "no policy", "policies", "ratio"
+    );
     println!(
         "{:<28} {:>14.0} {:>14.0} {:>7.2}x",
         "new TCP connections/s",

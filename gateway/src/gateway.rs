@@ -16,7 +16,7 @@ use crate::io::{Tun, Udp, open_worker_io};
 use crate::keys::{KeyPair, OwnKeys};
 use crate::metrics::{Metrics, unix_now};
 use crate::plan_store::{PlanStore, StoredPlan};
-use crate::policy::{Action, Enforcer, InKernel, NftKernel, NodePolicy, WholeCompiler};
+use crate::policy::{Action, Enforcer, InKernel, IncrementalCompiler, NftKernel, NodePolicy};
 use crate::routes::{self, NetlinkRoutes, RouteMetrics, RouteTable};
 use crate::steering::SteeringControl;
 
@@ -549,7 +549,7 @@ impl Gateway {
                 saved: Some(saved),
                 ready_file: config.ready_file.clone().map(ReadyFile::new),
                 policy: Some(std::sync::Arc::new(std::sync::Mutex::new(Enforcer::new(
-                    Box::new(WholeCompiler),
+                    Box::<IncrementalCompiler>::default(),
                     Box::new(NftKernel {
                         netns: netns
                             .map(Netns::try_clone)
@@ -899,7 +899,7 @@ mod tests {
         let mut r = reconciler(false);
         r.ready_file = Some(ReadyFile::new(path.clone()));
         r.policy = Some(std::sync::Arc::new(std::sync::Mutex::new(Enforcer::new(
-            Box::new(WholeCompiler),
+            Box::<IncrementalCompiler>::default(),
             Box::new(kernel.clone()),
         ))));
         let (saved, _writer) = PlanStore::in_dir(dir.path()).spawn_writer();

@@ -361,8 +361,10 @@ pub fn check(
     let observed = probe_table(pods, port, transport, expected);
     let wrong = expected.differences(&observed);
     if !wrong.is_empty() {
-        let list: Vec<String> = wrong
+        const LISTED: usize = 30;
+        let mut list: Vec<String> = wrong
             .iter()
+            .take(LISTED)
             .map(|(from, to)| {
                 format!(
                     "{from} -> {to}: expected {}, observed {}",
@@ -379,6 +381,9 @@ pub fn check(
                 )
             })
             .collect();
+        if wrong.len() > LISTED {
+            list.push(format!("(and {} more)", wrong.len() - LISTED));
+        }
         panic!(
             "case {case:?}, {port}/{transport}: {} of {} pairs differ\n\nexpected (. allowed, X denied; rows are clients):\n{}\nobserved:\n{}\ndiffering cells:\n{}\n{}",
             wrong.len(),

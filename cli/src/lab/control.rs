@@ -277,3 +277,77 @@ pub fn controller_yaml(
         agent_key = agent.key.display(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::topology::Topology;
+
+    #[test]
+    fn the_source_holds_every_pod_and_namespace_and_the_controller_reads_it() {
+        let mut lab = Topology::new("t", 1, 2, 1).unwrap();
+        lab.clusters[0].nodes[1].pods[0].address = Some("10.1.1.2".parse().unwrap());
+        let manifests = objects::parse_manifests(
+            "kind: Namespace\nmetadata: {name: x}\n---\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: a}}\nspec: {containers: [{name: c, ports: [{name: serve-80-udp, containerPort: 80, protocol: UDP}]}]}\n---\nkind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n",
+        )
+        .unwrap();
+        struct Names;
+        impl objects::PodNames for Names {
+            fn netns(&self, pod: &objects::PodSpec) -> String {
+                pod.key()
+            }
+            fn container_id(&self, pod: &objects::PodSpec) -> String {
+                pod.key()
+            }
+        }
+        let (mut applied, _) = objects::apply(
+            &Default::default(),
+            &manifests,
+            &mut objects::Placement {
+                load: vec![("node-0".into(), 1), ("node-1".into(), 1)],
+            },
+            &Names,
+            &[],
+        )
+        .unwrap();
+        applied.pods.get_mut("x/a").unwrap().address = Some("10.1.0.3".parse().unwrap());
+        lab.clusters[0].objects = applied;
+
+        let yaml = cluster_yaml(&lab.clusters[0], 0);
+        // The lab's own pods: in `default`, labelled, with their address once they have one.
+        assert!(
+            yaml.contains(
+                r#""metadata":{"labels":{"app":"pod-1"},"name":"pod-1","namespace":"default"}"#
+            ),
+            "{yaml}"
+        );
+        assert!(yaml.contains(r#""podIP":"10.1.1.2""#), "{yaml}");
+        assert!(yaml.contains(r#""podIP":"10.1.0.3""#), "{yaml}");
+        for namespace in ["default", "demo", "x"] {
+            assert!(
+                yaml.contains(&format!(r#""kubernetes.io/metadata.name":"{namespace}""#)),
+                "{yaml}"
+            );
+        }
+        assert!(yaml.contains(r#""kind":"NetworkPolicy""#), "{yaml}");
+        // One file the controller parses, its nodes and services as before.
+        let parsed = trellis_controller::objects::parse_objects(&yaml).unwrap();
+        assert_eq!(parsed.nodes.len(), 2);
+        assert_eq!(parsed.services.len(), 2);
+        // The same objects, the same bytes.
+        assert_eq!(cluster_yaml(&lab.clusters[0], 0), yaml);
+        assert_eq!(source_digest(yaml.as_bytes()).len(), 64);
+    }
+
+    #[test]
+    fn controllers_enforce_policy_only_when_the_lab_says_so() {
+        let mut lab = Topology::new("t", 2, 1, 1).unwrap();
+        let dir = Path::new("/run/trellis/lab/t");
+        let config = controller_yaml(dir, &lab, &lab.clusters[0], false);
+        assert!(config.contains("networkPolicy: true\n"), "{config}");
+        assert!(config.contains("pollMillis: 100"), "{config}");
+        lab.network_policy = false;
+        let config = controller_yaml(dir, &lab, &lab.clusters[0], false);
+        assert!(!config.contains("networkPolicy"), "{config}");
+    }
+}

@@ -278,6 +278,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             })
         }
         LabCommand::Apply { cluster, file } => {
+            let _turn = one_change_at_a_time(&dir, &args.name)?;
             let mut state =
                 LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
             let manifests = apply::read_manifests(&file)?;
@@ -285,6 +286,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Delete { cluster, file } => {
+            let _turn = one_change_at_a_time(&dir, &args.name)?;
             let mut state =
                 LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
             let manifests = apply::read_manifests(&file)?;
@@ -296,6 +298,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             target,
             changes,
         } => {
+            let _turn = one_change_at_a_time(&dir, &args.name)?;
             let mut state =
                 LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
             apply::label(&dir, &mut state, &cluster, &target, &changes)?;
@@ -311,6 +314,22 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Holds the lab's change lock until dropped: `apply`, `delete` and `label` each read the
+/// state, make pods and write the state and the source, so two at once would lose one's work.
+fn one_change_at_a_time(
+    dir: &std::path::Path,
+    lab: &str,
+) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("changes.lock"))
+        .with_context(|| format!("lab {lab:?} is not up"))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| anyhow::anyhow!("lock {}: {errno}", dir.display()))
 }
 
 /// `trellis lab probe`: one line, exit 0 when connected.

@@ -395,7 +395,10 @@ pub fn apply(
                     );
                 }
                 match next.pods.get_mut(&key) {
-                    Some(existing) if !existing.spec.needs_recreate(spec) => {
+                    // A pod whose making did not finish (no address) is made again.
+                    Some(existing)
+                        if !existing.spec.needs_recreate(spec) && existing.address.is_some() =>
+                    {
                         existing.spec.labels = spec.labels.clone();
                     }
                     existing => {
@@ -797,9 +800,29 @@ spec: {podSelector: {}, policyTypes: [Ingress]}
         assert_eq!(objects.passed[&PassedKind::NetworkPolicy].len(), 1);
     }
 
+    /// The objects after the lab made their pods (each has an address).
+    fn made(mut objects: ClusterObjects) -> ClusterObjects {
+        for (i, pod) in objects.pods.values_mut().enumerate() {
+            pod.address = Some(Ipv4Addr::new(10, 1, 0, 2 + i as u8));
+        }
+        objects
+    }
+
+    #[test]
+    fn a_pod_whose_making_did_not_finish_is_made_again() {
+        let (first, _) = applied(MODEL, &ClusterObjects::default());
+        let (_, changes) = applied(MODEL, &first);
+        assert_eq!(changes.create.len(), 2, "neither pod got an address");
+        assert_eq!(
+            changes.remove.len(),
+            2,
+            "what was left of them is taken down first"
+        );
+    }
+
     #[test]
     fn applying_twice_changes_nothing_and_labels_change_in_place() {
-        let (first, _) = applied(MODEL, &ClusterObjects::default());
+        let first = made(applied(MODEL, &ClusterObjects::default()).0);
         let (second, changes) = applied(MODEL, &first);
         assert_eq!(second, first);
         assert!(changes.is_empty());
@@ -811,7 +834,7 @@ spec: {podSelector: {}, policyTypes: [Ingress]}
 
     #[test]
     fn a_new_node_or_new_ports_recreate_the_pod() {
-        let (first, _) = applied(MODEL, &ClusterObjects::default());
+        let first = made(applied(MODEL, &ClusterObjects::default()).0);
         let moved = MODEL.replace("nodeName: node-0", "nodeName: node-1");
         let (next, changes) = applied(&moved, &first);
         assert_eq!(changes.remove.len(), 1);

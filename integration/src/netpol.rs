@@ -23,6 +23,9 @@ pub const PODS: [&str; 3] = ["a", "b", "c"];
 /// The ports every model pod serves, over TCP and UDP.
 pub const PORTS: [u16; 2] = [80, 81];
 
+/// Where a lab controller serves `/status` (and metrics), on its cluster's first node.
+const CONTROLLER_STATUS_PORT: u16 = 9464;
+
 /// How long a probe waits: the denied ones all wait this long, at once.
 pub const DENIED_AFTER: Duration = Duration::from_millis(400);
 /// A pair that did not answer as expected is probed once more, waiting this long, so a lost
@@ -186,6 +189,47 @@ impl TestLab {
         }
         pods.sort_by(|a, b| a.name.cmp(&b.name));
         pods
+    }
+
+    /// `GET /status` of `cluster`'s controller (on its first node), as JSON.
+    pub fn controller_status(&self, cluster: &str) -> serde_json::Value {
+        let node = self.node(&format!("{cluster}/node-0"));
+        let body = crate::mesh::http_get(
+            &node.netns,
+            SocketAddr::new(node.address.into(), CONTROLLER_STATUS_PORT),
+            "/status",
+            Duration::from_secs(2),
+        )
+        .unwrap_or_else(|e| panic!("{cluster}'s controller /status: {e}"));
+        serde_json::from_str(&body).expect("the controller's /status is JSON")
+    }
+
+    /// Waits until every controller streams policy inputs holding every pod of the lab (its
+    /// own and its peer clusters'), so that a policy applied next can select any of them.
+    /// Peer clusters' pods arrive over peering, which no `apply` waits for. Returns at once
+    /// for controllers that enforce no policy.
+    pub fn wait_for_every_pod_in_policy(&self) {
+        let pods = self.pods().len() + self.applied_pods().len();
+        let clusters: Vec<String> = self.state()["clusters"]
+            .as_array()
+            .expect("clusters")
+            .iter()
+            .map(|c| c["name"].as_str().expect("name").to_string())
+            .collect();
+        for cluster in clusters {
+            trellis_test_support::eventually(
+                &format!("{cluster}'s controller to hold all {pods} pods in its policy inputs"),
+                Duration::from_secs(20),
+                || {
+                    let status = self.controller_status(&cluster);
+                    match status["policy"]["endpoints"].as_u64() {
+                        None if status["policy"].is_null() => Some(()),
+                        Some(n) if n as usize >= pods => Some(()),
+                        _ => None,
+                    }
+                },
+            );
+        }
     }
 
     /// The model's pods (x, y and z's a, b and c) in every cluster.

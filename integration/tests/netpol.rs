@@ -351,6 +351,7 @@ fn the_e2e_model_across_two_clusters() {
     lab.apply("c2", &model);
     let pods = lab.model_pods();
     assert_eq!(pods.len(), 18, "{pods:?}");
+    lab.wait_for_every_pod_in_policy();
     let all = names(&pods);
     check_ports(
         "no policy",

@@ -421,12 +421,35 @@ fn the_e2e_model_across_two_clusters() {
         "{podSelector: {}, ingress: [{from: [{podSelector: {matchLabels: {pod: a, trellis.dev/cluster: c2}}}]}]}",
     );
     lab.apply("c1", &from_c2_x_a);
+    let only = |clients: &'static [&'static str]| {
+        Reachability::from_fn(&all, move |from, to| {
+            into_c1_x(to, clients.contains(&from.to_string().as_str()))
+        })
+    };
     check(
         "real client across clusters",
         &pods,
         80,
         Transport::Tcp,
-        &Reachability::from_fn(&all, |from, to| into_c1_x(to, from.to_string() == "c2/x/a")),
+        &only(&["c2/x/a"]),
+    );
+    // A pod relabelled in c2 is selected in c1 once `label` returns (it waits for the peer
+    // clusters too), and no longer once labelled back.
+    lab.label("c2", "pod/x/b", &["pod=a"]);
+    check(
+        "relabelled in the peer cluster",
+        &pods,
+        80,
+        Transport::Tcp,
+        &only(&["c2/x/a", "c2/x/b"]),
+    );
+    lab.label("c2", "pod/x/b", &["pod=b"]);
+    check(
+        "labelled back in the peer cluster",
+        &pods,
+        80,
+        Transport::Tcp,
+        &only(&["c2/x/a"]),
     );
     lab.delete("c1", &from_c2_x_a);
 }

@@ -356,7 +356,8 @@ fn remove_pod(
     state.save(dir)
 }
 
-/// Writes cluster `index`'s static source (atomically) and waits until it is in force.
+/// Writes cluster `index`'s static source (atomically) and waits until it is in force, in
+/// the cluster and in the peer clusters.
 fn write_and_wait(dir: &Path, state: &LabState, index: usize) -> anyhow::Result<()> {
     let cluster = &state.clusters[index];
     let yaml = control::cluster_yaml(cluster, index);
@@ -367,11 +368,14 @@ fn write_and_wait(dir: &Path, state: &LabState, index: usize) -> anyhow::Result<
             .with_context(|| format!("write {}", path.display()))?;
     }
     let started = Instant::now();
-    wait_in_force(
+    let revision = wait_in_force(
         cluster,
         &control::source_digest(yaml.as_bytes()),
         IN_FORCE_WITHIN,
     )?;
+    // Peer clusters' policies may select this cluster's pods: they enforce the change too
+    // before the command returns.
+    wait_peers_in_force(state, index, revision, IN_FORCE_WITHIN)?;
     println!(
         "in force in {} ({} ms)",
         cluster.name,
@@ -397,6 +401,38 @@ pub fn not_in_force(
             "the controller has not loaded the source written yet (it reports {loaded})"
         ));
     }
+    nodes_not_enforcing(cluster, controller, gateways)
+}
+
+/// What keeps peer cluster `peer` from enforcing what `origin` is at `revision`, or `None`:
+/// its controller holds that revision of `origin`'s state (pods, identities), and every node
+/// of `peer` enforces the controller's policy. A peer not connected to `origin` is not
+/// waited for (it gets the state when it connects). Pure.
+pub fn peer_not_in_force(
+    origin: &str,
+    revision: u64,
+    peer: &Cluster,
+    controller: &ControllerStatus,
+    gateways: &[(String, Result<GatewayReport, String>)],
+) -> Option<String> {
+    let remote = controller
+        .remotes
+        .iter()
+        .find(|r| r.cluster.as_str() == origin && r.session)?;
+    if remote.revision.unwrap_or(0) < revision {
+        return Some(format!(
+            "{}'s controller holds revision {:?} of {origin}, not yet {revision}",
+            peer.name, remote.revision
+        ));
+    }
+    nodes_not_enforcing(peer, controller, gateways).map(|why| format!("{}: {why}", peer.name))
+}
+
+fn nodes_not_enforcing(
+    cluster: &Cluster,
+    controller: &ControllerStatus,
+    gateways: &[(String, Result<GatewayReport, String>)],
+) -> Option<String> {
     let policy = controller.policy.as_ref()?;
     for node in &cluster.nodes {
         let report = match gateways.iter().find(|(name, _)| *name == node.name) {
@@ -436,38 +472,87 @@ pub fn not_in_force(
     None
 }
 
-/// Waits (at most `within`) until what was written to `cluster`'s source with digest
-/// `written` is in force; see [`not_in_force`].
-pub fn wait_in_force(cluster: &Cluster, written: &str, within: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
+/// The controller's status and, when it enforces policy, its gateways' reports.
+fn observe(cluster: &Cluster) -> anyhow::Result<(ControllerStatus, Vec<GatewayReports>)> {
+    let controller = super::status::fetch(cluster)?;
+    let gateways = if controller.policy.is_some() {
+        cluster
+            .nodes
+            .iter()
+            .map(|node| (node.name.clone(), gateway_report(node)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok((controller, gateways))
+}
+
+type GatewayReports = (String, Result<GatewayReport, String>);
+
+/// Polls `check` until it finds nothing missing, at most until `deadline`.
+fn wait_until(
+    what: &str,
+    deadline: Instant,
+    within: Duration,
+    mut check: impl FnMut() -> Option<String>,
+) -> anyhow::Result<()> {
     loop {
-        let why = match super::status::fetch(cluster) {
-            Ok(controller) => {
-                let gateways = if controller.policy.is_some() {
-                    cluster
-                        .nodes
-                        .iter()
-                        .map(|node| (node.name.clone(), gateway_report(node)))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                not_in_force(cluster, written, &controller, &gateways)
-            }
-            Err(error) => Some(format!("the controller did not answer: {error:#}")),
-        };
-        let Some(why) = why else {
+        let Some(why) = check() else {
             return Ok(());
         };
         if Instant::now() > deadline {
             bail!(
-                "not in force in cluster {} after {}: {why}",
-                cluster.name,
+                "not in force in {what} after {}: {why}",
                 humantime::format_duration(within)
             );
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// Waits (at most `within`) until what was written to `cluster`'s source with digest
+/// `written` is in force; see [`not_in_force`]. Returns the controller's revision then.
+pub fn wait_in_force(cluster: &Cluster, written: &str, within: Duration) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + within;
+    let mut revision = 0;
+    wait_until(
+        &format!("cluster {}", cluster.name),
+        deadline,
+        within,
+        || match observe(cluster) {
+            Ok((controller, gateways)) => {
+                revision = controller.revision;
+                not_in_force(cluster, written, &controller, &gateways)
+            }
+            Err(error) => Some(format!("the controller did not answer: {error:#}")),
+        },
+    )?;
+    Ok(revision)
+}
+
+/// Waits (at most `within`) until every other cluster of the lab that peers with cluster
+/// `index` holds its state at `revision` and enforces it; see [`peer_not_in_force`].
+/// Controllers that enforce no policy or do not answer are not waited for.
+pub fn wait_peers_in_force(
+    state: &LabState,
+    index: usize,
+    revision: u64,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    let origin = &state.clusters[index].name;
+    for peer in state.clusters.iter().filter(|c| c.name != *origin) {
+        wait_until(
+            &format!("peer cluster {}", peer.name),
+            deadline,
+            within,
+            || {
+                let (controller, gateways) = observe(peer).ok()?;
+                peer_not_in_force(origin, revision, peer, &controller, &gateways)
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// A gateway's own `GET /status`, asked from inside its node.
@@ -579,6 +664,57 @@ mod tests {
             &[("node-0".to_string(), Err("refused".into()))],
         );
         assert!(why.unwrap().contains("refused"));
+    }
+
+    #[test]
+    fn peers_enforce_a_change_once_they_hold_its_revision() {
+        let lab = LabState::new("t", 2, 1, 1).unwrap();
+        let peer = &lab.clusters[1];
+        let holding = |revision: Option<u64>, session: bool| {
+            let mut status = controller(None, Some("p"));
+            status.remotes = vec![trellis_core::status::RemoteStatus {
+                cluster: "c1".parse().unwrap(),
+                session,
+                synced: true,
+                ready: true,
+                revision,
+                last_sync_unix: None,
+                last_sync_age_seconds: None,
+                lag_seconds: None,
+                nodes: 1,
+                services: 0,
+                endpoints: 0,
+                refused: vec![],
+                refused_claims: vec![],
+                refused_claims_total: 0,
+            }];
+            status
+        };
+        let enforcing = [("node-0".to_string(), report("p", &[]))];
+        let why = peer_not_in_force("c1", 7, peer, &holding(Some(6), true), &enforcing);
+        assert!(
+            why.unwrap()
+                .contains("holds revision Some(6) of c1, not yet 7")
+        );
+        assert_eq!(
+            peer_not_in_force("c1", 7, peer, &holding(Some(7), true), &enforcing),
+            None
+        );
+        let behind = [("node-0".to_string(), report("old", &[]))];
+        let why = peer_not_in_force("c1", 7, peer, &holding(Some(8), true), &behind);
+        assert!(
+            why.unwrap()
+                .starts_with("c2: the gateway of node-0 enforces policy old")
+        );
+        // Not connected to c1, or not peered at all: nothing to wait for.
+        assert_eq!(
+            peer_not_in_force("c1", 7, peer, &holding(Some(1), false), &behind),
+            None
+        );
+        assert_eq!(
+            peer_not_in_force("c3", 7, peer, &holding(Some(1), true), &behind),
+            None
+        );
     }
 
     #[test]

@@ -253,8 +253,7 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
         let digest = control::source_digest(&fs::read(
             control::cluster_dir(dir, cluster).join("cluster.yaml"),
         )?);
-        super::apply::wait_in_force(cluster, &digest, super::apply::IN_FORCE_WITHIN)
-            .with_context(|| format!("cluster {}", cluster.name))?;
+        super::apply::wait_in_force(cluster, &digest, super::apply::IN_FORCE_WITHIN)?;
     }
     wait_for_mesh(state);
     Ok(())

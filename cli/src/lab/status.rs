@@ -108,38 +108,6 @@ fn probes(rows: &[Row]) -> Vec<Probe> {
         .collect()
 }
 
-/// The cluster's NetworkPolicies and how many pods each selects, as its controller reports.
-pub fn render_policies(status: &ControllerStatus) -> String {
-    let Some(policy) = &status.policy else {
-        return format!("cluster {}: NetworkPolicy not enforced\n", status.cluster);
-    };
-    let short: String = policy.digest.chars().take(12).collect();
-    let mut out = format!(
-        "cluster {}: {} NetworkPolic{} (inputs {short}, {} identities, {} pod endpoints)\n",
-        status.cluster,
-        policy.policies.len(),
-        if policy.policies.len() == 1 {
-            "y"
-        } else {
-            "ies"
-        },
-        policy.identities,
-        policy.endpoints
-    );
-    if !policy.policies.is_empty() {
-        let mut table = crate::table::Table::new(&["POLICY", "TYPES", "SELECTS"]);
-        for p in &policy.policies {
-            table.row([
-                format!("{}/{}", p.namespace, p.name),
-                p.types.join(","),
-                format!("{} pod(s)", p.selected_pods),
-            ]);
-        }
-        out.push_str(&table.render("  "));
-    }
-    out
-}
-
 pub fn run(state: &LabState, output: Output) -> anyhow::Result<ExitCode> {
     let clusters: Vec<LabCluster> = state
         .clusters
@@ -178,10 +146,7 @@ pub fn run(state: &LabState, output: Output) -> anyhow::Result<ExitCode> {
             for cluster in &clusters {
                 println!();
                 match &cluster.status {
-                    Some(status) => {
-                        print!("{}", render(status));
-                        print!("{}", render_policies(status));
-                    }
+                    Some(status) => print!("{}", render(status)),
                     None => println!(
                         "cluster {}: the controller at {} did not answer: {}",
                         cluster.cluster,
@@ -205,35 +170,6 @@ pub fn run(state: &LabState, output: Output) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn policies_show_how_many_pods_each_selects() {
-        let mut status: ControllerStatus =
-            serde_json::from_str(include_str!("../../tests/fixtures/status-healthy.json")).unwrap();
-        assert!(render_policies(&status).contains("NetworkPolicy not enforced"));
-        status.policy = Some(trellis_core::status::ControllerPolicyStatus {
-            digest: "0123456789abcdef".into(),
-            identities: 4,
-            endpoints: 9,
-            policies: vec![trellis_core::status::PolicyStatus {
-                namespace: "x".into(),
-                name: "deny-ingress".into(),
-                types: vec!["Ingress".into()],
-                selected_pods: 3,
-            }],
-        });
-        let text = render_policies(&status);
-        assert!(
-            text.contains("1 NetworkPolicy (inputs 0123456789ab, 4 identities, 9 pod endpoints)"),
-            "{text}"
-        );
-        assert!(
-            text.contains("x/deny-ingress")
-                && text.contains("Ingress")
-                && text.contains("3 pod(s)"),
-            "{text}"
-        );
-    }
 
     #[test]
     fn unreachable_controllers_and_failed_probes_are_problems() {

@@ -256,6 +256,32 @@ fn the_e2e_model_in_one_cluster() {
         }),
     );
 
+    // Policies on both ends: x may send to y only (egress), y takes x/a only (ingress).
+    let both_ends = format!(
+        "{}{}",
+        policy(
+            "x",
+            "egress-to-y",
+            "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]}]}"
+        ),
+        policy(
+            "y",
+            "ingress-from-x-a",
+            "{podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: x}}, podSelector: {matchLabels: {pod: a}}}]}]}"
+        )
+    );
+    case(
+        &lab,
+        "policies on both ends",
+        &pods,
+        &both_ends,
+        &[TCP_80, UDP_81],
+        &Reachability::from_fn(&all, |from, to| {
+            (from.namespace != "x" || to.namespace == "y")
+                && (to.namespace != "y" || from.short() == "x/a")
+        }),
+    );
+
     // An update: deny ingress to all of x, then the same policy narrowed to x/a.
     lab.apply("c1", &deny_ingress_x);
     check("update: before", &pods, 80, Transport::Tcp, &x_closed);

@@ -403,40 +403,61 @@ pub fn check(
     expected: &Reachability,
 ) {
     let observed = probe_table(pods, port, transport, expected);
-    let wrong = expected.differences(&observed);
-    if !wrong.is_empty() {
-        const LISTED: usize = 30;
-        let mut list: Vec<String> = wrong
-            .iter()
-            .take(LISTED)
-            .map(|(from, to)| {
-                format!(
-                    "{from} -> {to}: expected {}, observed {}",
-                    if expected.allowed[&(from.clone(), to.clone())] {
-                        "allowed"
-                    } else {
-                        "denied"
-                    },
-                    if observed.allowed[&(from.clone(), to.clone())] {
-                        "allowed"
-                    } else {
-                        "denied"
-                    },
-                )
-            })
-            .collect();
-        if wrong.len() > LISTED {
-            list.push(format!("(and {} more)", wrong.len() - LISTED));
-        }
-        panic!(
-            "case {case:?}, {port}/{transport}: {} of {} pairs differ\n\nexpected (. allowed, X denied; rows are clients):\n{}\nobserved:\n{}\ndiffering cells:\n{}\n{}",
-            wrong.len(),
-            expected.allowed.len(),
-            expected.render(None),
-            observed.render(None),
-            expected.render(Some(&wrong)),
-            list.join("\n")
-        );
+    assert_tables_agree(
+        &format!("case {case:?}, {port}/{transport}"),
+        ("expected", expected),
+        ("observed", &observed),
+    );
+}
+
+/// Fails the test unless the two tables agree, showing both and the differing cells (as
+/// upstream's e2e prints them). Also for holding a hand-written table against the reference
+/// evaluator's: `Reachability::evaluated(pods, |from, to| ...)`.
+pub fn assert_tables_agree(what: &str, left: (&str, &Reachability), right: (&str, &Reachability)) {
+    let ((left_name, left), (right_name, right)) = (left, right);
+    let wrong = left.differences(right);
+    if wrong.is_empty() {
+        return;
+    }
+    let word = |table: &Reachability, pair: &(PodName, PodName)| match table.allowed.get(pair) {
+        Some(true) => "allowed",
+        Some(false) => "denied",
+        None => "absent",
+    };
+    const LISTED: usize = 30;
+    let mut list: Vec<String> = wrong
+        .iter()
+        .take(LISTED)
+        .map(|pair| {
+            format!(
+                "{} -> {}: {left_name} {}, {right_name} {}",
+                pair.0,
+                pair.1,
+                word(left, pair),
+                word(right, pair)
+            )
+        })
+        .collect();
+    if wrong.len() > LISTED {
+        list.push(format!("(and {} more)", wrong.len() - LISTED));
+    }
+    panic!(
+        "{what}: {} of {} pairs differ\n\n{left_name} (. allowed, X denied; rows are clients):\n{}\n{right_name}:\n{}\ndiffering cells:\n{}\n{}",
+        wrong.len(),
+        left.allowed.len(),
+        left.render(None),
+        right.render(None),
+        left.render(Some(&wrong)),
+        list.join("\n")
+    );
+}
+
+impl Reachability {
+    /// A table from a judge of addresses (the reference evaluator, given each pod's address).
+    pub fn evaluated(pods: &[ModelPod], allowed: impl Fn(&ModelPod, &ModelPod) -> bool) -> Self {
+        let by_name: BTreeMap<&PodName, &ModelPod> = pods.iter().map(|p| (&p.name, p)).collect();
+        let names: Vec<PodName> = pods.iter().map(|p| p.name.clone()).collect();
+        Self::from_fn(&names, |from, to| allowed(by_name[from], by_name[to]))
     }
 }
 
@@ -493,6 +514,38 @@ mod tests {
         assert_eq!(
             marked.lines().nth(4).unwrap(),
             "y/a   X   X   X   -   .   .   .   .   ."
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "case: 1 of 72 pairs differ")]
+    fn disagreeing_tables_fail_naming_the_pairs() {
+        let pods = names();
+        let open = Reachability::all(&pods, true);
+        let one_denied = Reachability::from_fn(&pods, |from, to| {
+            !(from.short() == "z/c" && to.short() == "x/a")
+        });
+        assert_tables_agree("case", ("expected", &open), ("observed", &open));
+        assert_tables_agree("case", ("expected", &open), ("observed", &one_denied));
+    }
+
+    #[test]
+    fn evaluated_tables_judge_pods_by_what_the_lab_made() {
+        let pods: Vec<ModelPod> = names()
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| ModelPod {
+                name,
+                node: "c1/node-0".into(),
+                netns: String::new(),
+                address: Ipv4Addr::new(10, 1, 0, 2 + i as u8),
+            })
+            .collect();
+        let table =
+            Reachability::evaluated(&pods, |_, to| to.address != Ipv4Addr::new(10, 1, 0, 2));
+        assert_eq!(
+            table,
+            Reachability::from_fn(&names(), |_, to| to.short() != "x/a")
         );
     }
 }

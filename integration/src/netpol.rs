@@ -473,6 +473,38 @@ pub fn check_ports(
     }
 }
 
+/// The model as a lab made it: where the cases' checks run.
+pub struct Model<'a> {
+    pub lab: &'a TestLab,
+    pub pods: Vec<ModelPod>,
+}
+
+impl<'a> Model<'a> {
+    /// The model pods `lab` runs now (in every cluster).
+    pub fn of(lab: &'a TestLab) -> Self {
+        Self {
+            lab,
+            pods: lab.model_pods(),
+        }
+    }
+
+    pub fn names(&self) -> Vec<PodName> {
+        self.pods.iter().map(|p| p.name.clone()).collect()
+    }
+
+    /// [`check`]: the probes of every pair on `port`/`transport` against `expected`.
+    pub fn check(&self, case: &str, port: u16, transport: Transport, expected: &Reachability) {
+        check(case, &self.pods, port, transport, expected);
+    }
+
+    /// [`Model::check`] for each of `ports`.
+    pub fn check_ports(&self, case: &str, ports: &[(u16, Transport)], expected: &Reachability) {
+        for (port, transport) in ports {
+            self.check(case, *port, *transport, expected);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,18 +4,12 @@
 //! pod pair. Then the same model in two clusters for the cross-cluster rules.
 
 use trellis_integration::TestLab;
-use trellis_integration::netpol::{
-    ModelPod, PodName, Reachability, Transport, check, check_ports, model_yaml,
-};
+use trellis_integration::netpol::{Model, PodName, Reachability, Transport, model_yaml};
 
 const TCP_80: (u16, Transport) = (80, Transport::Tcp);
 const TCP_81: (u16, Transport) = (81, Transport::Tcp);
 const UDP_80: (u16, Transport) = (80, Transport::Udp);
 const UDP_81: (u16, Transport) = (81, Transport::Udp);
-
-fn names(pods: &[ModelPod]) -> Vec<PodName> {
-    pods.iter().map(|p| p.name.clone()).collect()
-}
 
 /// A NetworkPolicy document in `namespace` with `spec` (YAML flow mapping contents).
 fn policy(namespace: &str, name: &str, spec: &str) -> String {
@@ -27,16 +21,15 @@ fn policy(namespace: &str, name: &str, spec: &str) -> String {
 /// Applies `yaml`, checks `expected` on `ports`, deletes it again and checks that every pair
 /// connects once more.
 fn case(
-    lab: &TestLab,
+    model: &Model,
     name: &str,
-    pods: &[ModelPod],
     yaml: &str,
     ports: &[(u16, Transport)],
     expected: &Reachability,
 ) {
-    lab.apply("c1", yaml);
-    check_ports(name, pods, ports, expected);
-    lab.delete("c1", yaml);
+    model.lab.apply("c1", yaml);
+    model.check_ports(name, ports, expected);
+    model.lab.delete("c1", yaml);
 }
 
 #[test]
@@ -45,13 +38,14 @@ fn the_e2e_model_in_one_cluster() {
     let lab = TestLab::new("np");
     lab.up(&["--clusters", "1", "--nodes", "2", "--pods", "1"]);
     lab.apply("c1", &model_yaml(&["node-0", "node-1"]));
-    let pods = lab.model_pods();
+    let model = Model::of(&lab);
+    let pods = &model.pods;
     assert_eq!(pods.len(), 9, "{pods:?}");
-    let all = names(&pods);
+    let all = model.names();
     let open = Reachability::all(&all, true);
 
     // No policy: everything connects, on every port and protocol.
-    check_ports("no policy", &pods, &[TCP_80, TCP_81, UDP_80, UDP_81], &open);
+    model.check_ports("no policy", &[TCP_80, TCP_81, UDP_80, UDP_81], &open);
 
     // Default deny ingress in x: nothing reaches x's pods, x's pods reach everything else.
     let deny_ingress_x = policy(
@@ -60,9 +54,8 @@ fn the_e2e_model_in_one_cluster() {
         "{podSelector: {}, policyTypes: [Ingress]}",
     );
     case(
-        &lab,
+        &model,
         "default deny ingress",
-        &pods,
         &deny_ingress_x,
         &[TCP_80, UDP_81],
         &Reachability::from_fn(&all, |_, to| to.namespace != "x"),
@@ -77,9 +70,8 @@ fn the_e2e_model_in_one_cluster() {
     );
     let from_x_denied = Reachability::from_fn(&all, |from, _| from.namespace != "x");
     case(
-        &lab,
+        &model,
         "default deny egress",
-        &pods,
         &deny_egress_x,
         &[TCP_80, UDP_80],
         &from_x_denied,
@@ -93,9 +85,8 @@ fn the_e2e_model_in_one_cluster() {
         )
     );
     case(
-        &lab,
+        &model,
         "deny egress but DNS",
-        &pods,
         &with_dns,
         &[TCP_80, UDP_81],
         &from_x_denied,
@@ -108,9 +99,8 @@ fn the_e2e_model_in_one_cluster() {
         "{podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]}]}",
     );
     case(
-        &lab,
+        &model,
         "allow from namespace y",
-        &pods,
         &from_y,
         &[TCP_80],
         &Reachability::from_fn(&all, |from, to| {
@@ -125,9 +115,8 @@ fn the_e2e_model_in_one_cluster() {
         "{podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}, podSelector: {matchLabels: {pod: a}}}]}]}",
     );
     case(
-        &lab,
+        &model,
         "namespace AND pod selector",
-        &pods,
         &and,
         &[TCP_80],
         &Reachability::from_fn(&all, |from, to| {
@@ -142,9 +131,8 @@ fn the_e2e_model_in_one_cluster() {
         "{podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}, {podSelector: {matchLabels: {pod: a}}}]}]}",
     );
     case(
-        &lab,
+        &model,
         "namespace OR pod selector",
-        &pods,
         &or,
         &[TCP_80],
         &Reachability::from_fn(&all, |from, to| {
@@ -162,9 +150,8 @@ fn the_e2e_model_in_one_cluster() {
         "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: NotIn, values: [y]}]}}]}]}",
     );
     case(
-        &lab,
+        &model,
         "matchExpressions NotIn",
-        &pods,
         &not_in,
         &[TCP_80],
         &Reachability::from_fn(&all, |from, to| {
@@ -178,9 +165,8 @@ fn the_e2e_model_in_one_cluster() {
         "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {}, podSelector: {matchExpressions: [{key: pod, operator: In, values: [b, c]}]}}]}]}",
     );
     case(
-        &lab,
+        &model,
         "matchExpressions In",
-        &pods,
         &in_,
         &[TCP_80],
         &Reachability::from_fn(&all, |from, to| {
@@ -197,8 +183,8 @@ fn the_e2e_model_in_one_cluster() {
     );
     lab.apply("c1", &named);
     let x_closed = Reachability::from_fn(&all, |_, to| to.namespace != "x");
-    check("named port", &pods, 81, Transport::Tcp, &open);
-    check_ports("named port", &pods, &[TCP_80, UDP_81], &x_closed);
+    model.check("named port", 81, Transport::Tcp, &open);
+    model.check_ports("named port", &[TCP_80, UDP_81], &x_closed);
     lab.delete("c1", &named);
 
     // endPort: 81-90/TCP into x; 80/TCP denied, 81/TCP allowed.
@@ -208,8 +194,8 @@ fn the_e2e_model_in_one_cluster() {
         "{podSelector: {}, ingress: [{ports: [{protocol: TCP, port: 81, endPort: 90}]}]}",
     );
     lab.apply("c1", &range);
-    check("endPort", &pods, 81, Transport::Tcp, &open);
-    check_ports("endPort", &pods, &[TCP_80, UDP_81], &x_closed);
+    model.check("endPort", 81, Transport::Tcp, &open);
+    model.check_ports("endPort", &[TCP_80, UDP_81], &x_closed);
     lab.delete("c1", &range);
 
     // ipBlock with except: x's pods may send to the pod network but y/b.
@@ -226,9 +212,8 @@ fn the_e2e_model_in_one_cluster() {
         ),
     );
     case(
-        &lab,
+        &model,
         "ipBlock except",
-        &pods,
         &ip_block,
         &[TCP_80, UDP_80],
         &Reachability::from_fn(&all, |from, to| {
@@ -246,9 +231,8 @@ fn the_e2e_model_in_one_cluster() {
         )
     );
     case(
-        &lab,
+        &model,
         "two policies add up",
-        &pods,
         &both,
         &[TCP_80],
         &Reachability::from_fn(&all, |from, to| {
@@ -271,9 +255,8 @@ fn the_e2e_model_in_one_cluster() {
         )
     );
     case(
-        &lab,
+        &model,
         "policies on both ends",
-        &pods,
         &both_ends,
         &[TCP_80, UDP_81],
         &Reachability::from_fn(&all, |from, to| {
@@ -284,13 +267,12 @@ fn the_e2e_model_in_one_cluster() {
 
     // An update: deny ingress to all of x, then the same policy narrowed to x/a.
     lab.apply("c1", &deny_ingress_x);
-    check("update: before", &pods, 80, Transport::Tcp, &x_closed);
+    model.check("update: before", 80, Transport::Tcp, &x_closed);
     let narrowed =
         deny_ingress_x.replace("podSelector: {}", "podSelector: {matchLabels: {pod: a}}");
     lab.apply("c1", &narrowed);
-    check(
+    model.check(
         "update: after",
-        &pods,
         80,
         Transport::Tcp,
         &Reachability::from_fn(&all, |_, to| to.short() != "x/a"),
@@ -310,23 +292,16 @@ fn the_e2e_model_in_one_cluster() {
             to.namespace != "x" || from.name == "a" || Some(from.short().as_str()) == extra
         })
     };
-    check(
-        "pod label: before",
-        &pods,
-        80,
-        Transport::Tcp,
-        &a_only(None),
-    );
+    model.check("pod label: before", 80, Transport::Tcp, &a_only(None));
     lab.label("c1", "pod/y/b", &["pod=a"]);
-    check(
+    model.check(
         "pod label: relabelled",
-        &pods,
         80,
         Transport::Tcp,
         &a_only(Some("y/b")),
     );
     lab.label("c1", "pod/y/b", &["pod=b"]);
-    check("pod label: back", &pods, 80, Transport::Tcp, &a_only(None));
+    model.check("pod label: back", 80, Transport::Tcp, &a_only(None));
     lab.delete("c1", &from_a);
 
     // Namespace labels: x takes namespaces labelled team=blue; z gets the label.
@@ -336,17 +311,10 @@ fn the_e2e_model_in_one_cluster() {
         "{podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {team: blue}}}]}]}",
     );
     lab.apply("c1", &from_blue);
-    check(
-        "namespace label: before",
-        &pods,
-        80,
-        Transport::Tcp,
-        &x_closed,
-    );
+    model.check("namespace label: before", 80, Transport::Tcp, &x_closed);
     lab.label("c1", "namespace/z", &["team=blue"]);
-    check(
+    model.check(
         "namespace label: relabelled",
-        &pods,
         80,
         Transport::Tcp,
         &Reachability::from_fn(&all, |from, to| {
@@ -354,17 +322,11 @@ fn the_e2e_model_in_one_cluster() {
         }),
     );
     lab.label("c1", "namespace/z", &["team-"]);
-    check(
-        "namespace label: removed",
-        &pods,
-        80,
-        Transport::Tcp,
-        &x_closed,
-    );
+    model.check("namespace label: removed", 80, Transport::Tcp, &x_closed);
 
     // Deletion: back to everything allowed.
     lab.delete("c1", &from_blue);
-    check_ports("deleted", &pods, &[TCP_80, UDP_81], &open);
+    model.check_ports("deleted", &[TCP_80, UDP_81], &open);
 }
 
 #[test]
@@ -375,13 +337,13 @@ fn the_e2e_model_across_two_clusters() {
     let model = model_yaml(&["node-0", "node-1"]);
     lab.apply("c1", &model);
     lab.apply("c2", &model);
-    let pods = lab.model_pods();
+    let model = Model::of(&lab);
+    let pods = &model.pods;
     assert_eq!(pods.len(), 18, "{pods:?}");
     lab.wait_for_every_pod_in_policy();
-    let all = names(&pods);
-    check_ports(
+    let all = model.names();
+    model.check_ports(
         "no policy",
-        &pods,
         &[TCP_80, UDP_81],
         &Reachability::all(&all, true),
     );
@@ -398,9 +360,8 @@ fn the_e2e_model_across_two_clusters() {
         "{podSelector: {}, ingress: [{from: [{namespaceSelector: {}}]}]}",
     );
     lab.apply("c1", &own_cluster);
-    check(
+    model.check(
         "own cluster only",
-        &pods,
         80,
         Transport::Tcp,
         &Reachability::from_fn(&all, |from, to| into_c1_x(to, from.cluster == "c1")),
@@ -414,9 +375,8 @@ fn the_e2e_model_across_two_clusters() {
         "{podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {trellis.dev/cluster: c2}}}]}]}",
     );
     lab.apply("c1", &from_c2);
-    check_ports(
+    model.check_ports(
         "cluster label c2",
-        &pods,
         &[TCP_80, UDP_80],
         &Reachability::from_fn(&all, |from, to| into_c1_x(to, from.cluster == "c2")),
     );
@@ -429,9 +389,8 @@ fn the_e2e_model_across_two_clusters() {
         "{podSelector: {}, ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: trellis.dev/cluster, operator: Exists}]}}]}]}",
     );
     lab.apply("c1", &from_anywhere);
-    check(
+    model.check(
         "cluster label Exists",
-        &pods,
         80,
         Transport::Tcp,
         &Reachability::all(&all, true),
@@ -452,9 +411,8 @@ fn the_e2e_model_across_two_clusters() {
             into_c1_x(to, clients.contains(&from.to_string().as_str()))
         })
     };
-    check(
+    model.check(
         "real client across clusters",
-        &pods,
         80,
         Transport::Tcp,
         &only(&["c2/x/a"]),
@@ -462,17 +420,15 @@ fn the_e2e_model_across_two_clusters() {
     // A pod relabelled in c2 is selected in c1 once `label` returns (it waits for the peer
     // clusters too), and no longer once labelled back.
     lab.label("c2", "pod/x/b", &["pod=a"]);
-    check(
+    model.check(
         "relabelled in the peer cluster",
-        &pods,
         80,
         Transport::Tcp,
         &only(&["c2/x/a", "c2/x/b"]),
     );
     lab.label("c2", "pod/x/b", &["pod=b"]);
-    check(
+    model.check(
         "labelled back in the peer cluster",
-        &pods,
         80,
         Transport::Tcp,
         &only(&["c2/x/a"]),

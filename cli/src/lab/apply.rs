@@ -2,8 +2,8 @@
 //! puts them into a kind cluster. Pods are made through the CNI plugin on their node and run
 //! the echo server on their declared ports; everything goes into the cluster's static source
 //! (written atomically); and each command returns once the change is in force: the controller
-//! has loaded the file written, and every node of the cluster enforces the policy the
-//! controller now streams.
+//! has loaded the file written, every node of the cluster enforces the policy the controller
+//! now streams, and every peer cluster holds the new state and enforces it too.
 
 use std::fs;
 use std::net::SocketAddr;

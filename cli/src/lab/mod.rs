@@ -68,8 +68,9 @@ enum LabCommand {
     /// Create or update Kubernetes objects in a cluster, as `kubectl apply -f` does:
     /// Namespace, Pod (made through the CNI on its node, serving its container ports with the
     /// echo server), NetworkPolicy, Service, ServiceExport. Returns once the change is in
-    /// force on every node of the cluster.
+    /// force on every node of the cluster and of its peer clusters.
     Apply {
+        /// The cluster: `c1`.
         #[arg(long)]
         cluster: String,
         /// Multi-document YAML; `-` for stdin.
@@ -79,6 +80,7 @@ enum LabCommand {
     /// Delete the objects a file names (deleting a Namespace deletes what is in it); returns
     /// once the change is in force.
     Delete {
+        /// The cluster: `c1`.
         #[arg(long)]
         cluster: String,
         #[arg(short = 'f', long = "filename")]
@@ -87,6 +89,7 @@ enum LabCommand {
     /// Set (`key=value`, overwriting) or remove (`key-`) labels of `pod/NAMESPACE/NAME` or
     /// `namespace/NAME`, as `kubectl label --overwrite` does; returns once in force.
     Label {
+        /// The cluster: `c1`.
         #[arg(long)]
         cluster: String,
         /// `pod/x/a` or `namespace/x`.

@@ -1,6 +1,7 @@
-//! `trellis echo-server`: the lab's workload, and a test workload for any cluster. A TCP port
-//! echoes what it receives; an HTTP port answers every request with who served it, so a client
-//! sees which pod of which cluster a Service sent it to.
+//! `trellis echo-server`: the lab's workload, and a test workload for any cluster. TCP, UDP
+//! and SCTP ports echo what they receive (as many of each as asked for, as a pod declares its
+//! container ports); an HTTP port answers every request with who served it, so a client sees
+//! which pod of which cluster a Service sent it to.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
 /// Connections served at once per port; more wait in the listen backlog.
@@ -18,18 +19,52 @@ const MAX_CONNECTIONS: usize = 256;
 const MAX_REQUEST_HEAD: usize = 8192;
 /// A client has this long to send its request head.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// The largest UDP datagram echoed.
+const MAX_DATAGRAM: usize = 65_536;
+/// SCTP's IP protocol number.
+const IPPROTO_SCTP: i32 = 132;
 
 #[derive(Args)]
 pub struct EchoArgs {
     /// Who this server is, in every HTTP answer (the lab uses `<cluster>/<pod>`).
     #[arg(long)]
     identity: String,
-    /// The TCP echo port.
-    #[arg(long, default_value = "0.0.0.0:7000")]
-    tcp: SocketAddr,
-    /// The HTTP port.
-    #[arg(long, default_value = "0.0.0.0:8080")]
-    http: SocketAddr,
+    /// A TCP echo port (repeat for more). Without any port given: TCP echo on 0.0.0.0:7000
+    /// and HTTP on 0.0.0.0:8080.
+    #[arg(long)]
+    tcp: Vec<SocketAddr>,
+    /// A UDP echo port: every datagram is sent back to its sender (repeat for more).
+    #[arg(long)]
+    udp: Vec<SocketAddr>,
+    /// An SCTP echo port (repeat for more); skipped, with a message, when the kernel has no
+    /// SCTP.
+    #[arg(long)]
+    sctp: Vec<SocketAddr>,
+    /// An HTTP port (repeat for more).
+    #[arg(long)]
+    http: Vec<SocketAddr>,
+    /// Serve only the ports given: none when none is (a pod that only makes connections).
+    #[arg(long)]
+    no_default_ports: bool,
+    /// Written (empty) once every port is bound: readiness for any protocol.
+    #[arg(long)]
+    ready_file: Option<std::path::PathBuf>,
+}
+
+impl EchoArgs {
+    /// The ports to serve: those given, or the lab's defaults when none is.
+    fn or_defaults(mut self) -> Self {
+        if !self.no_default_ports
+            && self.tcp.is_empty()
+            && self.udp.is_empty()
+            && self.sctp.is_empty()
+            && self.http.is_empty()
+        {
+            self.tcp.push(SocketAddr::from(([0, 0, 0, 0], 7000)));
+            self.http.push(SocketAddr::from(([0, 0, 0, 0], 8080)));
+        }
+        self
+    }
 }
 
 pub fn run(args: EchoArgs) -> anyhow::Result<()> {
@@ -40,22 +75,83 @@ pub fn run(args: EchoArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: EchoArgs) -> anyhow::Result<()> {
-    let tcp = TcpListener::bind(args.tcp)
-        .await
-        .with_context(|| format!("listen on {}", args.tcp))?;
-    let http = TcpListener::bind(args.http)
-        .await
-        .with_context(|| format!("listen on {}", args.http))?;
+    let args = args.or_defaults();
     let identity: Arc<str> = args.identity.into();
-    let echo = accept_loop(tcp, |stream, _| echo(stream));
-    let http = accept_loop(http, move |stream, client| {
-        answer_http(stream, client, identity.clone())
-    });
-    tokio::select! {
-        () = echo => {}
-        () = http => {}
+    // Every socket is bound before any is served, so a port that cannot be had fails the
+    // start instead of leaving a half-serving workload.
+    let mut servers = tokio::task::JoinSet::new();
+    for at in args.tcp {
+        let listener = TcpListener::bind(at)
+            .await
+            .with_context(|| format!("listen on tcp {at}"))?;
+        servers.spawn(accept_loop(listener, |stream, _| echo(stream)));
     }
+    for at in args.udp {
+        let socket = UdpSocket::bind(at)
+            .await
+            .with_context(|| format!("listen on udp {at}"))?;
+        servers.spawn(echo_datagrams(socket));
+    }
+    for at in args.sctp {
+        match sctp_listener(at) {
+            Ok(listener) => {
+                servers.spawn(accept_loop(listener, |stream, _| echo(stream)));
+            }
+            Err(error) if error.raw_os_error() == Some(nix::libc::EPROTONOSUPPORT) => {
+                eprintln!(
+                    "echo-server: this kernel has no SCTP (try `modprobe sctp`); not serving sctp {at}"
+                );
+            }
+            Err(error) => return Err(error).with_context(|| format!("listen on sctp {at}")),
+        }
+    }
+    for at in args.http {
+        let listener = TcpListener::bind(at)
+            .await
+            .with_context(|| format!("listen on http {at}"))?;
+        let identity = identity.clone();
+        servers.spawn(accept_loop(listener, move |stream, client| {
+            answer_http(stream, client, identity.clone())
+        }));
+    }
+    if let Some(ready) = &args.ready_file {
+        std::fs::write(ready, b"").with_context(|| format!("write {}", ready.display()))?;
+    }
+    // The servers run until the process is stopped; the first to end (none does) ends it.
+    if servers.is_empty() {
+        std::future::pending::<()>().await;
+    }
+    servers.join_next().await;
     Ok(())
+}
+
+/// A one-to-one style SCTP socket listening on `at`. Such a socket takes the same calls as a
+/// TCP one (`accept`, `read`, `write`), so tokio's TCP types drive it; only TCP options
+/// (`TCP_NODELAY`) do not apply, and their errors are ignored.
+fn sctp_listener(at: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(at),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::from(IPPROTO_SCTP)),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&at.into())?;
+    socket.listen(128)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(std::net::TcpListener::from(socket))
+}
+
+/// Sends every datagram back to where it came from.
+async fn echo_datagrams(socket: UdpSocket) {
+    let mut buffer = vec![0u8; MAX_DATAGRAM];
+    loop {
+        match socket.recv_from(&mut buffer).await {
+            Ok((n, from)) => {
+                let _ = socket.send_to(&buffer[..n], from).await;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
 }
 
 async fn accept_loop<F, Fut>(listener: TcpListener, handle: F)
@@ -172,6 +268,45 @@ mod tests {
         assert!(text(None).starts_with("HTTP/1.1 400"));
         assert!(text(Some(b"\xff\xfe\r\n\r\n")).starts_with("HTTP/1.1 400"));
         assert!(text(Some(b"GET /\r\n\r\n")).starts_with("HTTP/1.1 400"));
+    }
+
+    #[tokio::test]
+    async fn udp_datagrams_come_back_to_their_sender() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let at = server.local_addr().unwrap();
+        tokio::spawn(echo_datagrams(server));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.send_to(b"ping 81/udp", at).await.unwrap();
+        let mut back = [0u8; 64];
+        let (n, from) = client.recv_from(&mut back).await.unwrap();
+        assert_eq!((&back[..n], from), (&b"ping 81/udp"[..], at));
+    }
+
+    #[test]
+    fn no_port_given_means_the_lab_defaults() {
+        let args = EchoArgs {
+            identity: "me".into(),
+            tcp: vec![],
+            udp: vec![],
+            sctp: vec![],
+            http: vec![],
+            no_default_ports: false,
+            ready_file: None,
+        }
+        .or_defaults();
+        assert_eq!(args.tcp, ["0.0.0.0:7000".parse().unwrap()]);
+        assert_eq!(args.http, ["0.0.0.0:8080".parse().unwrap()]);
+        let udp_only = EchoArgs {
+            identity: "me".into(),
+            tcp: vec![],
+            udp: vec!["0.0.0.0:80".parse().unwrap()],
+            sctp: vec![],
+            http: vec![],
+            no_default_ports: false,
+            ready_file: None,
+        }
+        .or_defaults();
+        assert!(udp_only.tcp.is_empty() && udp_only.http.is_empty());
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@
 //! `cargo build --workspace --bins` (the README's test command does).
 
 pub mod mesh;
+pub mod netpol;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;

@@ -27,7 +27,7 @@ pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The bridge inside the switch namespace.
 const SWITCH_BRIDGE: &str = "br0";
 
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
+pub(super) fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -35,7 +35,7 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .block_on(future)
 }
 
-fn conflist(dir: &Path, node: &Node) -> anyhow::Result<(PathBuf, ConfList)> {
+pub(super) fn conflist(dir: &Path, node: &Node) -> anyhow::Result<(PathBuf, ConfList)> {
     let list = json!({
         "cniVersion": "1.1.0",
         "name": "trellis",
@@ -59,7 +59,7 @@ fn gateway_ready_file(dir: &Path, node: &Node) -> PathBuf {
     dir.join("nodes").join(&node.netns).join("gateway.ready")
 }
 
-fn runtime_for(node: &Node, bin_dir: &Path) -> anyhow::Result<Runtime> {
+pub(super) fn runtime_for(node: &Node, bin_dir: &Path) -> anyhow::Result<Runtime> {
     Ok(Runtime {
         plugin_dirs: vec![bin_dir.to_path_buf()],
         node: Some(Netns::open(&node.netns)?),
@@ -68,16 +68,40 @@ fn runtime_for(node: &Node, bin_dir: &Path) -> anyhow::Result<Runtime> {
 }
 
 fn attachment(pod: &super::topology::Pod) -> Attachment {
+    pod_attachment(
+        &pod.container_id,
+        &pod.netns,
+        super::objects::DEFAULT_NAMESPACE,
+        &pod.name,
+    )
+}
+
+/// What a runtime tells the CNI plugin about a pod.
+pub(super) fn pod_attachment(
+    container_id: &str,
+    netns: &str,
+    namespace: &str,
+    name: &str,
+) -> Attachment {
     Attachment {
-        container_id: pod.container_id.clone(),
-        netns: Path::new(trellis_netns::NETNS_RUN_DIR).join(&pod.netns),
+        container_id: container_id.to_string(),
+        netns: Path::new(trellis_netns::NETNS_RUN_DIR).join(netns),
         ifname: "eth0".into(),
         args: vec![
             ("IgnoreUnknown".into(), "1".into()),
-            ("K8S_POD_NAME".into(), pod.name.clone()),
+            ("K8S_POD_NAMESPACE".into(), namespace.to_string()),
+            ("K8S_POD_NAME".into(), name.to_string()),
         ],
         capabilities: Default::default(),
     }
+}
+
+/// The first IPv4 address of a CNI result.
+pub(super) fn result_address(result: &serde_json::Value) -> Option<std::net::Ipv4Addr> {
+    result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
 }
 
 async fn prepare_switch(name: &str) -> anyhow::Result<()> {
@@ -121,7 +145,7 @@ async fn prepare_node(switch: &Netlink, node: &Node) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn prepare_pod_namespace(name: &str) -> anyhow::Result<()> {
+pub(super) async fn prepare_pod_namespace(name: &str) -> anyhow::Result<()> {
     let netns = Netns::create(name)?;
     let netlink = Netlink::connect_in(&netns)?;
     let lo = netlink.require_link("lo").await?;
@@ -211,10 +235,7 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
                 let result = runtime
                     .add(&list, &attachment(pod))
                     .with_context(|| format!("CNI ADD for {}/{}", cluster.name, pod.name))?;
-                pod.address = result["ips"][0]["address"]
-                    .as_str()
-                    .and_then(|a| a.split('/').next())
-                    .and_then(|a| a.parse().ok());
+                pod.address = result_address(&result);
                 pod.cni_result = Some(result);
             }
         }
@@ -226,6 +247,14 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
     start_workload(dir, state, bin_dir)?;
     start_dns(dir, state, bin_dir)?;
     eprintln!("[6/6] waiting for the mesh to converge");
+    // Under NetworkPolicy a node drops the traffic of pods it has not been told about: every
+    // controller must have read its pods and every node enforce what it was sent first.
+    for cluster in &state.clusters {
+        let digest = control::source_digest(&fs::read(
+            control::cluster_dir(dir, cluster).join("cluster.yaml"),
+        )?);
+        super::apply::wait_in_force(cluster, &digest, super::apply::IN_FORCE_WITHIN)?;
+    }
     wait_for_mesh(state);
     Ok(())
 }
@@ -235,7 +264,7 @@ const READY_WITHIN: Duration = Duration::from_secs(15);
 
 /// Starts a daemon, records it at once (so `down` finds it even if `up` dies next), and waits
 /// until it accepts connections on its ready address.
-fn start_daemon(dir: &Path, state: &mut LabState, launch: Launch) -> anyhow::Result<()> {
+pub(super) fn start_daemon(dir: &Path, state: &mut LabState, launch: Launch) -> anyhow::Result<()> {
     let daemon = processes::spawn(&launch)?;
     state.daemons.push(daemon);
     state.save(dir)?;
@@ -335,6 +364,7 @@ fn start_workload(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::R
                         log: pod_dir.join("echo.log"),
                         ready: std::net::SocketAddr::new(address.into(), services::ECHO_PORT),
                         ready_path: None,
+                        ready_file: None,
                     },
                 )?;
             }
@@ -379,6 +409,7 @@ fn start_controllers(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow
                 log: own.join("controller.log"),
                 ready: metrics,
                 ready_path: None,
+                ready_file: None,
             },
         )?;
     }
@@ -420,6 +451,7 @@ fn start_dns(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result
                 log: control::cluster_dir(dir, cluster).join("dns.log"),
                 ready: metrics,
                 ready_path: Some("/readyz".into()),
+                ready_file: None,
             },
         )?;
     }
@@ -467,6 +499,7 @@ fn start_gateways(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::R
                     log: node_dir.join("gateway.log"),
                     ready: metrics,
                     ready_path: Some("/readyz".into()),
+                    ready_file: None,
                 },
             )?;
         }
@@ -501,6 +534,20 @@ pub(super) fn print_layout(state: &LabState) {
                 let address = pod.address.map_or("-".to_string(), |a| a.to_string());
                 table.row([
                     format!("  {}", pod.name),
+                    address,
+                    String::new(),
+                    pod.netns.clone(),
+                ]);
+            }
+            for pod in cluster
+                .objects
+                .pods
+                .values()
+                .filter(|p| p.node == node.name)
+            {
+                let address = pod.address.map_or("-".to_string(), |a| a.to_string());
+                table.row([
+                    format!("  {}/{}", cluster.name, pod.spec.key()),
                     address,
                     String::new(),
                     pod.netns.clone(),
@@ -619,7 +666,7 @@ pub fn set_node_encryption(dir: &Path, state: &mut LabState, on: bool) -> anyhow
 pub fn exec(state: &LabState, target: &str, command: &[String]) -> anyhow::Result<ExitCode> {
     let netns_name = state.netns_of(target).with_context(|| {
         format!(
-            "no pod or node {target:?} in lab {:?} (try c1/pod-0 or c1/node-0)",
+            "no pod or node {target:?} in lab {:?} (try c1/pod-0, c1/NAMESPACE/POD or c1/node-0)",
             state.lab
         )
     })?;
@@ -655,6 +702,26 @@ pub fn down(dir: &Path, name: &str) -> anyhow::Result<()> {
                         runtime.del(&list, &attachment(pod), pod.cni_result.as_ref())
                     {
                         eprintln!("warning: CNI DEL {}/{}: {error}", cluster.name, pod.name);
+                    }
+                }
+                for pod in cluster
+                    .objects
+                    .pods
+                    .values()
+                    .filter(|p| p.node == node.name && p.cni_result.is_some())
+                {
+                    let attachment = pod_attachment(
+                        &pod.container_id,
+                        &pod.netns,
+                        &pod.spec.namespace,
+                        &pod.spec.name,
+                    );
+                    if let Err(error) = runtime.del(&list, &attachment, pod.cni_result.as_ref()) {
+                        eprintln!(
+                            "warning: CNI DEL {}/{}: {error}",
+                            cluster.name,
+                            pod.spec.key()
+                        );
                     }
                 }
             }

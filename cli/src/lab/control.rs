@@ -14,6 +14,7 @@ use trellis_controller::agent_certs::{AgentFiles, write_agent_files};
 use trellis_controller::certs::{Validity, write_ca_files, write_cluster_files};
 use trellis_core::agent::AgentIdentity;
 
+use super::objects;
 use super::services::{self, service_cidr};
 use super::topology::{Cluster, LabState};
 
@@ -107,8 +108,100 @@ pub fn write_credentials(dir: &Path, state: &LabState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The cluster as Kubernetes objects.
+/// The cluster as Kubernetes objects: its own (ClusterProperty, ServiceCIDR, Nodes, the demo
+/// Services), its namespaces and pods (the lab's pods in `default`) and what `trellis lab
+/// apply` added.
 pub fn cluster_yaml(cluster: &Cluster, index: usize) -> String {
+    let mut yaml = lab_objects_yaml(cluster, index);
+    yaml.push_str(&objects::documents_yaml(&applied_documents(cluster)));
+    yaml
+}
+
+/// SHA-256 (hex) of a source file's bytes, as the controller reports what it loaded.
+pub fn source_digest(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The lab's own pods' labels: `app: <name>`.
+pub fn lab_pod_labels(pod: &str) -> objects::Labels {
+    objects::Labels::from([("app".to_string(), pod.to_string())])
+}
+
+/// The ports of the echo server in each of the lab's own pods.
+pub fn lab_pod_ports() -> Vec<objects::ContainerPort> {
+    vec![
+        objects::ContainerPort {
+            name: Some("tcp-echo".into()),
+            port: services::ECHO_PORT,
+            protocol: trellis_core::cluster::Protocol::Tcp,
+        },
+        objects::ContainerPort {
+            name: Some("http".into()),
+            port: services::HTTP_TARGET_PORT,
+            protocol: trellis_core::cluster::Protocol::Tcp,
+        },
+    ]
+}
+
+/// Namespaces, Pods (the lab's and applied ones), and the applied NetworkPolicies,
+/// Services (with the EndpointSlices of those with a selector) and ServiceExports.
+fn applied_documents(cluster: &Cluster) -> Vec<serde_json::Value> {
+    let applied = &cluster.objects;
+    let mut documents: Vec<serde_json::Value> = objects::BUILT_IN_NAMESPACES
+        .iter()
+        .map(|name| objects::namespace_document(name, &objects::Labels::new()))
+        .collect();
+    documents.extend(
+        applied
+            .namespaces
+            .iter()
+            .map(|(name, labels)| objects::namespace_document(name, labels)),
+    );
+    for node in &cluster.nodes {
+        documents.extend(node.pods.iter().map(|pod| {
+            objects::pod_document(
+                objects::DEFAULT_NAMESPACE,
+                &pod.name,
+                &lab_pod_labels(&pod.name),
+                &node.name,
+                &lab_pod_ports(),
+                pod.address,
+            )
+        }));
+    }
+    documents.extend(applied.pods.values().map(|pod| {
+        objects::pod_document(
+            &pod.spec.namespace,
+            &pod.spec.name,
+            &pod.spec.labels,
+            &pod.node,
+            &pod.spec.ports,
+            pod.address,
+        )
+    }));
+    let running: Vec<(objects::PodSpec, String, std::net::Ipv4Addr)> = applied
+        .pods
+        .values()
+        .filter_map(|p| Some((p.spec.clone(), p.node.clone(), p.address?)))
+        .collect();
+    for (kind, passed) in &applied.passed {
+        for document in passed.values() {
+            documents.push(document.clone());
+            if *kind == objects::PassedKind::Service
+                && let Some(slice) = objects::endpoint_slice(document, &running)
+            {
+                documents.push(slice);
+            }
+        }
+    }
+    documents
+}
+
+fn lab_objects_yaml(cluster: &Cluster, index: usize) -> String {
     let mut yaml = String::new();
     let _ = write!(
         yaml,
@@ -140,6 +233,13 @@ pub fn controller_yaml(
     cluster: &Cluster,
     node_encryption: bool,
 ) -> String {
+    // Written only when on: `off` is the controller's default, and a controller of an
+    // earlier release refuses keys it does not know.
+    let network_policy = if state.network_policy {
+        "networkPolicy: true\n"
+    } else {
+        ""
+    };
     let certs = certs_dir(dir);
     let own = cluster_dir(dir, cluster);
     let address = controller_address(cluster);
@@ -163,9 +263,9 @@ pub fn controller_yaml(
         .collect();
     format!(
         "clusterId: {id}\nlisten: \"{address}:{PEERING_PORT}\"\npeers: [{peers}]\nleaseSeconds: 10\nheartbeatSeconds: 2\n\
-         nodeEncryption: {node_encryption}\n\
+         nodeEncryption: {node_encryption}\n{network_policy}\
          tls: {{ca: {certs}/ca.pem, cert: {certs}/{id}.pem, key: {certs}/{id}-key.pem}}\n\
-         source: {{static: {{path: {own}/cluster.yaml, pollMillis: 500}}}}\n\
+         source: {{static: {{path: {own}/cluster.yaml, pollMillis: 100}}}}\n\
          metricsListen: \"{address}:{CONTROLLER_METRICS_PORT}\"\nagentListen: \"{address}:{AGENT_PORT}\"\n\
          agentTls: {{ca: {agent_ca}, cert: {agent_cert}, key: {agent_key}}}\nstateFile: {own}/controller-state.json\n",
         id = cluster.name,
@@ -176,4 +276,78 @@ pub fn controller_yaml(
         agent_cert = agent.cert.display(),
         agent_key = agent.key.display(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::topology::Topology;
+
+    #[test]
+    fn the_source_holds_every_pod_and_namespace_and_the_controller_reads_it() {
+        let mut lab = Topology::new("t", 1, 2, 1).unwrap();
+        lab.clusters[0].nodes[1].pods[0].address = Some("10.1.1.2".parse().unwrap());
+        let manifests = objects::parse_manifests(
+            "kind: Namespace\nmetadata: {name: x}\n---\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: a}}\nspec: {containers: [{name: c, ports: [{name: serve-80-udp, containerPort: 80, protocol: UDP}]}]}\n---\nkind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n",
+        )
+        .unwrap();
+        struct Names;
+        impl objects::PodNames for Names {
+            fn netns(&self, pod: &objects::PodSpec) -> String {
+                pod.key()
+            }
+            fn container_id(&self, pod: &objects::PodSpec) -> String {
+                pod.key()
+            }
+        }
+        let (mut applied, _) = objects::apply(
+            &Default::default(),
+            &manifests,
+            &mut objects::Placement {
+                load: vec![("node-0".into(), 1), ("node-1".into(), 1)],
+            },
+            &Names,
+            &[],
+        )
+        .unwrap();
+        applied.pods.get_mut("x/a").unwrap().address = Some("10.1.0.3".parse().unwrap());
+        lab.clusters[0].objects = applied;
+
+        let yaml = cluster_yaml(&lab.clusters[0], 0);
+        // The lab's own pods: in `default`, labelled, with their address once they have one.
+        assert!(
+            yaml.contains(
+                r#""metadata":{"labels":{"app":"pod-1"},"name":"pod-1","namespace":"default"}"#
+            ),
+            "{yaml}"
+        );
+        assert!(yaml.contains(r#""podIP":"10.1.1.2""#), "{yaml}");
+        assert!(yaml.contains(r#""podIP":"10.1.0.3""#), "{yaml}");
+        for namespace in ["default", "demo", "x"] {
+            assert!(
+                yaml.contains(&format!(r#""kubernetes.io/metadata.name":"{namespace}""#)),
+                "{yaml}"
+            );
+        }
+        assert!(yaml.contains(r#""kind":"NetworkPolicy""#), "{yaml}");
+        // One file the controller parses, its nodes and services as before.
+        let parsed = trellis_controller::objects::parse_objects(&yaml).unwrap();
+        assert_eq!(parsed.nodes.len(), 2);
+        assert_eq!(parsed.services.len(), 2);
+        // The same objects, the same bytes.
+        assert_eq!(cluster_yaml(&lab.clusters[0], 0), yaml);
+        assert_eq!(source_digest(yaml.as_bytes()).len(), 64);
+    }
+
+    #[test]
+    fn controllers_enforce_policy_only_when_the_lab_says_so() {
+        let mut lab = Topology::new("t", 2, 1, 1).unwrap();
+        let dir = Path::new("/run/trellis/lab/t");
+        let config = controller_yaml(dir, &lab, &lab.clusters[0], false);
+        assert!(config.contains("networkPolicy: true\n"), "{config}");
+        assert!(config.contains("pollMillis: 100"), "{config}");
+        lab.network_policy = false;
+        let config = controller_yaml(dir, &lab, &lab.clusters[0], false);
+        assert!(!config.contains("networkPolicy"), "{config}");
+    }
 }

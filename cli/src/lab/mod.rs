@@ -1,8 +1,11 @@
-//! `trellis lab`: up, status, exec, encryption, stop, start, down.
+//! `trellis lab`: up, status, exec, encryption, stop, start, roll, down; and the Kubernetes
+//! objects of its clusters: apply, delete, label, probe.
 
+mod apply;
 mod build;
 mod connectivity;
 mod control;
+mod objects;
 mod processes;
 mod roll;
 mod services;
@@ -54,9 +57,56 @@ enum LabCommand {
         /// Node-to-node encryption inside each cluster; cross-cluster traffic is always encrypted.
         #[arg(long, value_enum, default_value_t = OnOff::Off)]
         node_encryption: OnOff,
+        /// NetworkPolicy enforced on every node (`networkPolicy` in each controller's
+        /// configuration).
+        #[arg(long, value_enum, default_value_t = OnOff::On)]
+        network_policy: OnOff,
         /// Where the Trellis binaries are; defaults to the directory of this binary.
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+    },
+    /// Create or update Kubernetes objects in a cluster, as `kubectl apply -f` does:
+    /// Namespace, Pod (made through the CNI on its node, serving its container ports with the
+    /// echo server), NetworkPolicy, Service, ServiceExport. Returns once the change is in
+    /// force on every node of the cluster and of its peer clusters.
+    Apply {
+        /// The cluster: `c1`.
+        #[arg(long)]
+        cluster: String,
+        /// Multi-document YAML; `-` for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Delete the objects a file names (deleting a Namespace deletes what is in it); returns
+    /// once the change is in force.
+    Delete {
+        /// The cluster: `c1`.
+        #[arg(long)]
+        cluster: String,
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Set (`key=value`, overwriting) or remove (`key-`) labels of `pod/NAMESPACE/NAME` or
+    /// `namespace/NAME`, as `kubectl label --overwrite` does; returns once in force.
+    Label {
+        /// The cluster: `c1`.
+        #[arg(long)]
+        cluster: String,
+        /// `pod/x/a` or `namespace/x`.
+        target: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// One fresh connection from a pod to a pod or an address: `trellis lab probe c1/x/a
+    /// c2/y/b:80/tcp`. Exits 0 when it connected (UDP: the echo came back), 1 when not.
+    Probe {
+        /// The client: `c1/x/a` (`c1/pod-0` for the lab's own pods).
+        from: String,
+        /// `CLUSTER/NAMESPACE/POD:PORT[/tcp|udp|sctp]` or `IP:PORT[/...]`.
+        to: String,
+        /// How long to wait for the connection.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Show what the lab is made of, each cluster's mesh as its controller reports it (peer
     /// clusters, gateways, tunnels) and whether its pods reach each other. Exits 1 when
@@ -67,7 +117,7 @@ enum LabCommand {
     },
     /// Run a command inside a pod or node: `trellis lab exec c1/pod-0 -- ping 10.1.0.2`.
     Exec {
-        /// `c1/pod-0` or `c1/node-0`.
+        /// `c1/x/a` (pod `a` of namespace `x`), `c1/pod-0` (the lab's own) or `c1/node-0`.
         target: String,
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -127,6 +177,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             nodes,
             pods,
             node_encryption,
+            network_policy,
             bin_dir,
         } => {
             let bin_dir = match bin_dir {
@@ -149,6 +200,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             }
             let mut topology = Topology::new(&args.name, clusters, nodes, pods)?;
             topology.node_encryption = node_encryption == OnOff::On;
+            topology.network_policy = network_policy == OnOff::On;
             build::up(&dir, &topology, &bin_dir)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -228,9 +280,102 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        LabCommand::Apply { cluster, file } => {
+            let _turn = one_change_at_a_time(&dir, &args.name)?;
+            let mut state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            let manifests = apply::read_manifests(&file)?;
+            apply::apply(&dir, &mut state, &cluster, &manifests)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Delete { cluster, file } => {
+            let _turn = one_change_at_a_time(&dir, &args.name)?;
+            let mut state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            let manifests = apply::read_manifests(&file)?;
+            apply::delete(&dir, &mut state, &cluster, &manifests)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Label {
+            cluster,
+            target,
+            changes,
+        } => {
+            let _turn = one_change_at_a_time(&dir, &args.name)?;
+            let mut state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            apply::label(&dir, &mut state, &cluster, &target, &changes)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Probe { from, to, timeout } => {
+            let state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            probe(&state, &from, &to, timeout)
+        }
         LabCommand::Down => {
             build::down(&dir, &args.name)?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Holds the lab's change lock until dropped: `apply`, `delete` and `label` each read the
+/// state, make pods and write the state and the source, so two at once would lose one's work.
+fn one_change_at_a_time(
+    dir: &std::path::Path,
+    lab: &str,
+) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("changes.lock"))
+        .with_context(|| format!("lab {lab:?} is not up"))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| anyhow::anyhow!("lock {}: {errno}", dir.display()))
+}
+
+/// `trellis lab probe`: one line, exit 0 when connected.
+fn probe(
+    state: &LabState,
+    from: &str,
+    to: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    let netns = state.netns_of(from).with_context(|| {
+        format!(
+            "no pod {from:?} in lab {:?} (try c1/NAMESPACE/POD or c1/pod-0)",
+            state.lab
+        )
+    })?;
+    let (target, port) = to
+        .rsplit_once(':')
+        .with_context(|| format!("{to:?}: give a port, e.g. c2/y/b:80/tcp or 10.2.0.5:81/udp"))?;
+    let (port, transport) = trellis_probe::parse_port(port).map_err(anyhow::Error::msg)?;
+    let address: std::net::Ipv4Addr = match target.parse() {
+        Ok(address) => address,
+        Err(_) => state
+            .pod_address(target)
+            .with_context(|| format!("no pod {target:?} with an address in lab {:?}", state.lab))?,
+    };
+    let to_addr = std::net::SocketAddr::new(address.into(), port);
+    let outcome = trellis_probe::probe(
+        &trellis_probe::Probe {
+            netns: netns.to_string(),
+            to: to_addr,
+            transport,
+        },
+        timeout,
+    );
+    let named = if target == address.to_string() {
+        String::new()
+    } else {
+        format!("{target} ")
+    };
+    println!("{from} -> {named}{to_addr}/{transport} {outcome}");
+    Ok(if outcome.connected() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -31,6 +31,10 @@ pub struct Launch {
     /// its plan applied, its handshakes started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_path: Option<String>,
+    /// When set, it is ready once this file exists instead (an echo server writes it once
+    /// every port it serves is bound, TCP or not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_file: Option<PathBuf>,
 }
 
 /// A process the lab started.
@@ -48,6 +52,10 @@ pub struct Daemon {
 /// so a Ctrl-C of `trellis lab up` does not take it down), output appended to its log.
 pub fn spawn(launch: &Launch) -> anyhow::Result<Daemon> {
     let netns = Netns::open(&launch.netns)?;
+    if let Some(ready) = &launch.ready_file {
+        // A file left by an earlier run would say ready too soon.
+        let _ = fs::remove_file(ready);
+    }
     let output = OpenOptions::new()
         .create(true)
         .append(true)
@@ -83,6 +91,7 @@ pub fn wait_ready(launch: &Launch, within: Duration) -> anyhow::Result<()> {
     let netns = Netns::open(&launch.netns)?;
     let deadline = Instant::now() + within;
     let probe = || match &launch.ready_path {
+        _ if launch.ready_file.is_some() => launch.ready_file.as_ref().is_some_and(|f| f.exists()),
         None => {
             std::net::TcpStream::connect_timeout(&launch.ready, Duration::from_millis(100)).is_ok()
         }

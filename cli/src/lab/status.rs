@@ -63,7 +63,7 @@ fn controller_metrics(cluster: &Cluster) -> SocketAddr {
 
 /// The controller's status, asked from inside the namespace of the node it runs on (its
 /// address exists only there); the namespace is entered on a short-lived thread.
-fn fetch(cluster: &Cluster) -> anyhow::Result<ControllerStatus> {
+pub(super) fn fetch(cluster: &Cluster) -> anyhow::Result<ControllerStatus> {
     let netns = Netns::open(&cluster.nodes[0].netns)?;
     let addr = controller_metrics(cluster);
     let body = netns.run(move || http_get(addr, &addr.to_string(), "/status", FETCH_TIMEOUT))??;

@@ -33,6 +33,10 @@ pub struct Topology {
     /// Node-to-node encryption inside each cluster (cross-cluster traffic is always encrypted).
     #[serde(default)]
     pub node_encryption: bool,
+    /// The controllers enforce NetworkPolicy (`networkPolicy: true`): every node drops the
+    /// traffic of pods its controller has not told it about.
+    #[serde(default)]
+    pub network_policy: bool,
     /// The processes the lab started, recorded as each starts.
     #[serde(default)]
     pub daemons: Vec<super::processes::Daemon>,
@@ -46,6 +50,9 @@ pub struct Cluster {
     pub name: String,
     pub pod_cidr: IpNet,
     pub nodes: Vec<Node>,
+    /// What `trellis lab apply` added.
+    #[serde(default)]
+    pub objects: super::objects::ClusterObjects,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +140,7 @@ impl Topology {
                     name: cluster_name,
                     pod_cidr,
                     nodes,
+                    objects: Default::default(),
                 })
             })
             .collect::<anyhow::Result<Vec<Cluster>>>()?;
@@ -142,6 +150,7 @@ impl Topology {
             clusters,
             bin_dir: None,
             node_encryption: false,
+            network_policy: true,
             daemons: Vec::new(),
         })
     }
@@ -154,10 +163,25 @@ impl Topology {
         })
     }
 
-    /// The namespace of `c1/pod-0` or `c1/node-0`.
+    /// The namespace of `c1/pod-0` or `c1/node-0` (the lab's own pods and its nodes), or of
+    /// `c1/x/a` (pod `a` of namespace `x`; `c1/default/pod-0` is `c1/pod-0`).
     pub fn netns_of(&self, target: &str) -> Option<&str> {
         let (cluster, member) = target.split_once('/')?;
         let cluster = self.clusters.iter().find(|c| c.name == cluster)?;
+        if let Some((namespace, pod)) = member.split_once('/') {
+            if let Some(applied) = cluster.objects.pods.get(member) {
+                return Some(applied.netns.as_str());
+            }
+            if namespace != super::objects::DEFAULT_NAMESPACE {
+                return None;
+            }
+            return cluster
+                .nodes
+                .iter()
+                .flat_map(|n| &n.pods)
+                .find(|p| p.name == pod)
+                .map(|p| p.netns.as_str());
+        }
         cluster.nodes.iter().find_map(|node| {
             if node.name == member {
                 return Some(node.netns.as_str());
@@ -167,6 +191,26 @@ impl Topology {
                 .find(|p| p.name == member)
                 .map(|p| p.netns.as_str())
         })
+    }
+
+    /// The address of pod `c1/x/a` (or `c1/pod-0`, `c1/default/pod-0`).
+    pub fn pod_address(&self, target: &str) -> Option<Ipv4Addr> {
+        let (cluster, member) = target.split_once('/')?;
+        let cluster = self.clusters.iter().find(|c| c.name == cluster)?;
+        if let Some(applied) = cluster.objects.pods.get(member) {
+            return applied.address;
+        }
+        let pod = match member.split_once('/') {
+            Some((super::objects::DEFAULT_NAMESPACE, pod)) => pod,
+            Some(_) => return None,
+            None => member,
+        };
+        cluster
+            .nodes
+            .iter()
+            .flat_map(|n| &n.pods)
+            .find(|p| p.name == pod)?
+            .address
     }
 
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {

@@ -11,13 +11,14 @@
 //!   so imports are never re-exported.
 //! * Service CIDRs from ServiceCIDR objects (`networking.k8s.io/v1`), if any.
 //! * The cluster ID from the ClusterProperty `cluster.clusterset.k8s.io`, if any.
+//! * NetworkPolicies, Pods and Namespaces, converted by [`crate::policy_source`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use serde::Deserialize;
 use trellis_core::cluster::{
     ClusterId, Endpoint, ExportedService, NodeGateway, NodeState, Protocol, PublicKey, ServiceKey,
@@ -43,6 +44,10 @@ pub struct Objects {
     pub service_exports: Vec<ServiceExport>,
     pub cluster_properties: Vec<ClusterProperty>,
     pub service_cidrs: Vec<ServiceCIDR>,
+    /// NetworkPolicy's kinds (the Kubernetes source lists them only with `networkPolicy`).
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub network_policies: Vec<NetworkPolicy>,
 }
 
 /// A node's pod CIDRs as the API server has them: `spec.podCIDRs`, else `spec.podCIDR`;
@@ -245,6 +250,12 @@ pub fn source_state(objects: &Objects) -> SourceState {
         service_cidrs,
         nodes,
         services,
+        policy: crate::policy_source::policy_source(
+            &objects.network_policies,
+            &objects.pods,
+            &objects.namespaces,
+        ),
+        digest: None,
     }
 }
 
@@ -358,6 +369,15 @@ fn add_object(objects: &mut Objects, value: serde_json::Value, index: usize) -> 
             .push(serde_json::from_value(value).map_err(err)?),
         "ServiceCIDR" => objects
             .service_cidrs
+            .push(serde_json::from_value(value).map_err(err)?),
+        "Namespace" => objects
+            .namespaces
+            .push(serde_json::from_value(value).map_err(err)?),
+        "Pod" => objects
+            .pods
+            .push(serde_json::from_value(value).map_err(err)?),
+        "NetworkPolicy" => objects
+            .network_policies
             .push(serde_json::from_value(value).map_err(err)?),
         "" => {
             return Err(Error::ObjectWithoutKind { document: index });

@@ -37,16 +37,58 @@ impl StaticFile {
             return Ok(None);
         }
         let objects = parse_objects(&content)?;
+        let mut state = source_state(&objects);
+        state.digest = Some(sha256_hex(content.as_bytes()));
         self.last_content = Some(content);
-        Ok(Some(source_state(&objects)))
+        Ok(Some(state))
     }
 }
 
-/// Polls `path` every `poll` and delivers changes to `sink`; runs until cancelled.
+/// SHA-256 of `bytes`, lowercase hex (what status reports as `source_digest`).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What tells a file changed without reading it: length, modification time (nanoseconds
+/// on Linux file systems) and inode (a writer that renames a new file into place).
+fn fingerprint(meta: &std::fs::Metadata) -> (u64, Option<std::time::SystemTime>, u64) {
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    (meta.len(), meta.modified().ok(), inode)
+}
+
+/// Re-read a file whose metadata did not change at least this often anyway (a write within
+/// the file system's timestamp granularity that kept the length is still seen).
+const REREAD_EVERY: Duration = Duration::from_secs(2);
+
+/// Polls `path` every `poll` and delivers changes to `sink`; runs until cancelled. A poll
+/// whose file metadata is unchanged costs one `stat`, so a short poll (50 ms) is cheap.
 pub async fn run(path: PathBuf, poll: Duration, sink: impl StateSink) {
     let mut file = StaticFile::default();
     let mut last_error: Option<String> = None;
+    let mut seen: Option<(
+        (u64, Option<std::time::SystemTime>, u64),
+        tokio::time::Instant,
+    )> = None;
     loop {
+        let now = tokio::time::Instant::now();
+        let print = tokio::fs::metadata(&path)
+            .await
+            .ok()
+            .map(|m| fingerprint(&m));
+        let unchanged = matches!((&seen, &print), (Some((old, at)), Some(new))
+            if old == new && now.duration_since(*at) < REREAD_EVERY);
+        if unchanged {
+            tokio::time::sleep(poll).await;
+            continue;
+        }
+        seen = print.map(|p| (p, now));
         match tokio::fs::read_to_string(&path).await {
             Ok(content) => match file.update(content) {
                 Ok(Some(state)) => {

@@ -77,6 +77,7 @@ fn source(pod: &str, svc_cidr: &str) -> SourceState {
         service_cidrs: c.service_cidrs,
         nodes: c.nodes,
         services: BTreeMap::new(),
+        ..Default::default()
     }
 }
 

@@ -464,6 +464,45 @@ items:
     }
 
     #[test]
+    fn namespaces_pods_and_policies_are_read_from_the_file() {
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: a}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec:
+  nodeName: east-node-0
+  containers: [{name: echo, ports: [{containerPort: 80, name: serve-80}]}]
+status: {podIP: 10.10.0.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: x}
+spec: {containers: [{name: echo}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: x}
+spec: {podSelector: {}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: broken, namespace: x}
+spec: {policyTypes: [Sideways]}
+"#;
+        let s = source_state(&parse_objects(yaml).unwrap());
+        assert_eq!(s.policy.namespaces["x"]["team"], "a");
+        assert_eq!(s.policy.pods.len(), 1, "the pending pod has no address");
+        assert_eq!(s.policy.pods[0].named_ports[0].port, 80);
+        assert_eq!(s.policy.policies.len(), 1);
+        assert_eq!(s.policy.refused.len(), 1);
+        assert_eq!(s.policy.refused[0].key.name, "broken");
+    }
+
+    #[test]
     fn malformed_documents_are_errors_naming_the_document() {
         let err = parse_objects("kind: Node\nmetadata: {name: 5}\n---\n: :\n").unwrap_err();
         assert!(err.to_string().contains("document 0"), "{err}");

@@ -55,7 +55,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// What tells a file changed without reading it: length, modification time (nanoseconds
 /// on Linux file systems) and inode (a writer that renames a new file into place).
-fn fingerprint(meta: &std::fs::Metadata) -> (u64, Option<std::time::SystemTime>, u64) {
+type Fingerprint = (u64, Option<std::time::SystemTime>, u64);
+
+fn fingerprint(meta: &std::fs::Metadata) -> Fingerprint {
     #[cfg(unix)]
     let inode = std::os::unix::fs::MetadataExt::ino(meta);
     #[cfg(not(unix))]
@@ -72,10 +74,7 @@ const REREAD_EVERY: Duration = Duration::from_secs(2);
 pub async fn run(path: PathBuf, poll: Duration, sink: impl StateSink) {
     let mut file = StaticFile::default();
     let mut last_error: Option<String> = None;
-    let mut seen: Option<(
-        (u64, Option<std::time::SystemTime>, u64),
-        tokio::time::Instant,
-    )> = None;
+    let mut seen: Option<(Fingerprint, tokio::time::Instant)> = None;
     loop {
         let now = tokio::time::Instant::now();
         let print = tokio::fs::metadata(&path)
@@ -151,6 +150,26 @@ mod tests {
         assert!(f.update("kind: Node\nmetadata: [".into()).is_err());
         // After an error, the same good content is not redelivered.
         assert!(f.update(FILE.into()).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_digest_is_the_sha256_of_the_bytes_last_loaded() {
+        let mut f = StaticFile::default();
+        let state = f.update(FILE.into()).unwrap().unwrap();
+        let digest = state.digest.unwrap();
+        assert_eq!(digest.len(), 64);
+        assert_eq!(digest, sha256_hex(FILE.as_bytes()));
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let edited = format!(
+            "{FILE}
+# edited
+"
+        );
+        let state = f.update(edited.clone()).unwrap().unwrap();
+        assert_eq!(state.digest.unwrap(), sha256_hex(edited.as_bytes()));
     }
 
     #[tokio::test]

@@ -36,6 +36,8 @@ use crate::status::{ControllerStatus, StatusParts};
 mod nodes;
 mod peers;
 mod persistence;
+#[cfg(test)]
+mod policy_tests;
 
 /// The local state as peering sessions need it.
 #[derive(Debug)]
@@ -275,8 +277,17 @@ impl Hub {
                 "the cluster's ClusterProperty names another cluster ID; keeping the configured one"
             );
         }
+        // What nodes enforce depends on more than the local state: the policies, and
+        // whether the source has synced since a restart (`MeshView::policy_pending`).
+        let policy_changed = inner.network_policy
+            && inner
+                .source
+                .as_ref()
+                .is_none_or(|old| old.policy.policies != source.policy.policies);
         inner.source = Some(source);
-        self.recompose(&mut inner);
+        if !self.recompose(&mut inner) && policy_changed {
+            self.republish(&mut inner);
+        }
     }
 
     pub fn set_node_encryption(&self, on: bool) {
@@ -295,8 +306,9 @@ impl Hub {
         if inner.network_policy != on {
             inner.network_policy = on;
             tracing::info!(network_policy = on, "NetworkPolicy enforcement changed");
-            self.recompose(&mut inner);
-            self.republish(&mut inner);
+            if !self.recompose(&mut inner) {
+                self.republish(&mut inner);
+            }
         }
     }
 
@@ -322,10 +334,12 @@ impl Hub {
         inner.logged_policy_refusals = refused.into_iter().collect();
     }
 
-    fn recompose(&self, inner: &mut Inner) {
+    /// Rebuilds the local state from the source; returns whether it changed (and so a new
+    /// view was published).
+    fn recompose(&self, inner: &mut Inner) -> bool {
         self.note_refused_policies(inner);
         let Some(source) = &inner.source else {
-            return;
+            return false;
         };
         let mut next = source.compose(
             &self.cfg.id,
@@ -337,7 +351,7 @@ impl Hub {
         next.revision = inner.local.revision;
         let first = self.local_tx.borrow().is_none();
         if !first && next.diff(&inner.local).is_empty() {
-            return;
+            return false;
         }
         next.revision = inner.local.revision + 1;
         if !first && let Some(delta) = inner.local.delta_to(&next) {
@@ -355,6 +369,7 @@ impl Hub {
             recent: inner.recent.iter().cloned().collect(),
         })));
         self.republish(inner);
+        true
     }
 
     /// Re-decides admission and publishes a new mesh view.

@@ -79,6 +79,17 @@ impl GatewayFeed {
             (Some(_), None) => Some(PolicyUpdate::Disable),
             (None, Some(inputs)) => Some(PolicyUpdate::Replace((**inputs).clone())),
             (Some(old), Some(new)) if Arc::ptr_eq(old, new) => None,
+            // The step every node up to date takes, computed once by the hub.
+            (Some(old), Some(_))
+                if view
+                    .policy_step
+                    .as_ref()
+                    .is_some_and(|step| Arc::ptr_eq(&step.from, old)) =>
+            {
+                view.policy_step
+                    .as_ref()
+                    .map(|step| PolicyUpdate::Delta((*step.delta).clone()))
+            }
             (Some(old), Some(new)) => match old.delta_to(new) {
                 None => Some(PolicyUpdate::Replace((**new).clone())),
                 Some(delta) if delta.is_empty() => None,

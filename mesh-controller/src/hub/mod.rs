@@ -64,6 +64,16 @@ pub struct MeshView {
     /// serves a saved state): gateways are sent nothing until it has, so no node is ever
     /// told a policy less than the one it enforces.
     pub policy_pending: bool,
+    /// The delta that turned the previous inputs (`from`) into `policy`, computed once for
+    /// every node that holds `from`.
+    pub policy_step: Option<PolicyStep>,
+}
+
+/// One change of the policy inputs, shared by the nodes' feeds.
+#[derive(Debug, Clone)]
+pub struct PolicyStep {
+    pub from: Arc<PolicyInputs>,
+    pub delta: Arc<trellis_core::policy::PolicyDelta>,
 }
 
 impl MeshView {
@@ -108,6 +118,8 @@ struct Inner {
     identities: IdentityAllocator,
     /// The policy inputs last published, with their digest.
     policy: Option<(Arc<PolicyInputs>, String)>,
+    /// How the last inputs came from the ones before them.
+    policy_step: Option<PolicyStep>,
     /// Refused policies already logged (each is logged once while it stays refused).
     logged_policy_refusals: BTreeSet<String>,
 }
@@ -143,6 +155,7 @@ impl Hub {
             network_policy: false,
             identities: IdentityAllocator::default(),
             policy: None,
+            policy_step: None,
             logged_policy_refusals: BTreeSet::new(),
         };
         Self {
@@ -417,6 +430,7 @@ impl Hub {
             imports: inner.imports.clone(),
             policy: inner.policy.as_ref().map(|(inputs, _)| inputs.clone()),
             policy_pending: inner.network_policy && inner.source.is_none(),
+            policy_step: inner.policy_step.clone(),
         })));
     }
 
@@ -430,6 +444,7 @@ impl Hub {
     ) {
         if !inner.network_policy {
             inner.policy = None;
+            inner.policy_step = None;
             return;
         }
         if inner.source.is_none() {
@@ -443,15 +458,22 @@ impl Hub {
             .unwrap_or_default();
         let inputs =
             crate::policy_view::policy_inputs(local, remotes.iter().map(|r| r.as_ref()), policies);
-        if inner
-            .policy
-            .as_ref()
-            .is_some_and(|(old, _)| **old == inputs)
-        {
-            return;
-        }
+        // One diff for every node: the nodes that hold the previous inputs (all of them,
+        // unless one just connected or fell behind) take this delta as it is.
+        let step = match &inner.policy {
+            Some((old, _)) => match old.delta_to(&inputs) {
+                Some(delta) if delta.is_empty() => return,
+                Some(delta) => Some(PolicyStep {
+                    from: old.clone(),
+                    delta: Arc::new(delta),
+                }),
+                None => None,
+            },
+            None => None,
+        };
         let digest = inputs.digest();
         inner.policy = Some((Arc::new(inputs), digest));
+        inner.policy_step = step;
     }
 
     fn update_remote_metrics(&self, inner: &Inner) {

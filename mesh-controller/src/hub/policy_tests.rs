@@ -145,6 +145,25 @@ fn one_pod_relabelled_among_ten_thousand_reaches_nodes_as_a_handful_of_records()
     h.set_source(source.clone());
     assert!(feed.next(&view(&h)).is_none());
 
+    // A node that missed a change (it was slow) gets the whole difference, not the last step.
+    let mut slow = GatewayFeed::new("node-0");
+    let Some(GatewayUpdate::Snapshot(mut slow_replica)) = slow.next(&view(&h)) else {
+        panic!("a snapshot first");
+    };
+    for (i, version) in ["v1", "v2"].into_iter().enumerate() {
+        source.policy.pods[100 + i]
+            .labels
+            .insert("version".into(), version.into());
+        h.set_source(source.clone());
+        let update = feed.next(&view(&h)).expect("each change");
+        assert!(replica.apply(&update));
+    }
+    let caught_up = slow.next(&view(&h)).expect("the difference");
+    assert!(slow_replica.apply(&caught_up));
+    let digest = h.status().policy.unwrap().digest;
+    assert_eq!(slow_replica.policy.as_ref().unwrap().digest(), digest);
+    assert_eq!(replica.policy.as_ref().unwrap().digest(), digest);
+
     // A policy alone changes (the local state peers see does not): nodes get it.
     let mut deny = source.policy.policies.values().next().unwrap().clone();
     deny.name = "deny".into();

@@ -107,13 +107,19 @@ fn protocol(value: Option<&str>, field: &str) -> Result<Protocol, PolicyError> {
     }
 }
 
-/// A pod policy can see: named, on a node, with an address, not finished (phase `Succeeded`
-/// or `Failed`: its address may already be another pod's). `None` otherwise. Addresses that
-/// do not parse and port names that are not valid are left out.
+/// A pod policy can see: named, on a node, with an address, not on the host network, not
+/// finished (phase `Succeeded` or `Failed`: its address may already be another pod's).
+/// `None` otherwise. Addresses that do not parse and port names that are not valid are left
+/// out.
 pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
     let namespace = pod.metadata.namespace.clone()?;
     let name = pod.metadata.name.clone()?;
     let spec = pod.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        // Its address is its node's: NetworkPolicy does not apply to it, and a peer would
+        // rightly refuse a pod at a node address.
+        return None;
+    }
     let node = spec.node_name.clone().filter(|n| !n.is_empty())?;
     let status = pod.status.as_ref()?;
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
@@ -684,6 +690,12 @@ mod tests {
         assert!(pod_info(&pod("status: {phase: Pending}\n")).is_none());
         assert!(pod_info(&pod("status: {phase: Succeeded, podIP: 10.1.0.5}\n")).is_none());
         assert!(pod_info(&pod("status: {phase: Failed, podIP: 10.1.0.5}\n")).is_none());
+        let mut host = running.clone();
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert!(
+            pod_info(&host).is_none(),
+            "host-network pods are not endpoints"
+        );
         let mut unscheduled = running.clone();
         unscheduled.spec.as_mut().unwrap().node_name = None;
         assert!(pod_info(&unscheduled).is_none());

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use trellis_core::status::{ControllerStatus, GatewayReport, problems};
+use trellis_core::status::{ControllerPolicyStatus, ControllerStatus, GatewayReport, problems};
 
 use crate::table::Table;
 
@@ -54,7 +54,8 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_UNREACHABLE));
         }
     };
-    let problems = problems(&status);
+    let mut problems = problems(&status);
+    problems.extend(policy_problems(&status));
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
         Output::Table => {
@@ -345,7 +346,68 @@ pub fn render(status: &ControllerStatus) -> String {
         out.push('\n');
         out.push_str(&tunnels.render("  "));
     }
+    if let Some(policy) = &status.policy {
+        out.push_str(&render_policy(status, policy));
+    }
     out
+}
+
+/// The NetworkPolicy section: what nodes are sent (its digest, and how many nodes report
+/// enforcing exactly that), each policy with its types and the pods it selects, and the
+/// refused policies.
+fn render_policy(status: &ControllerStatus, policy: &ControllerPolicyStatus) -> String {
+    let mut out = String::new();
+    let enforcing = status
+        .nodes
+        .iter()
+        .filter(|n| {
+            n.report
+                .as_ref()
+                .and_then(|r| r.policy.as_ref())
+                .is_some_and(|p| p.digest == policy.digest)
+        })
+        .count();
+    let _ = writeln!(
+        out,
+        "\nNetworkPolicy: {} policies, {} identities, {} pod endpoints (mesh); inputs {}, \
+         enforced by {enforcing}/{} nodes",
+        policy.policies.len(),
+        policy.identities,
+        policy.endpoints,
+        policy.digest.get(..12).unwrap_or(&policy.digest),
+        status.nodes.len(),
+    );
+    if !policy.policies.is_empty() {
+        let mut table = Table::new(&["NAMESPACE", "POLICY", "TYPES", "SELECTED PODS"]);
+        for p in &policy.policies {
+            table.row(vec![
+                p.namespace.clone(),
+                p.name.clone(),
+                p.types.join(","),
+                p.selected_pods.to_string(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table.render("  "));
+    }
+    if !policy.refused.is_empty() {
+        out.push_str("\nRefused policies (they isolate nothing):\n");
+        for line in &policy.refused {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+/// Refused NetworkPolicies are problems: the pods they select are less isolated than their
+/// owners asked for.
+pub fn policy_problems(status: &ControllerStatus) -> Vec<String> {
+    status
+        .policy
+        .iter()
+        .flat_map(|p| &p.refused)
+        .cloned()
+        .collect()
 }
 
 /// `healthy`, or the problems, one per line.
@@ -410,6 +472,52 @@ mod tests {
             !listed.contains("c1/node-1 yet"),
             "a peer inside the cluster may be idle"
         );
+    }
+
+    #[test]
+    fn policies_are_tabled_and_refused_ones_judged() {
+        use trellis_core::status::{PolicyReport, PolicyStatus};
+        let mut status = parse_status(HEALTHY).unwrap();
+        assert!(!render(&status).contains("NetworkPolicy"), "none enforced");
+        status.policy = Some(ControllerPolicyStatus {
+            digest: "0123456789abcdef".repeat(4),
+            identities: 3,
+            endpoints: 9,
+            policies: vec![PolicyStatus {
+                namespace: "x".into(),
+                name: "allow-b".into(),
+                types: vec!["Ingress".into(), "Egress".into()],
+                selected_pods: 2,
+            }],
+            refused: vec![],
+        });
+        status.nodes[0].report.as_mut().unwrap().policy = Some(PolicyReport {
+            digest: "0123456789abcdef".repeat(4),
+            ..Default::default()
+        });
+        let text = render(&status);
+        assert!(
+            text.contains("NetworkPolicy: 1 policies, 3 identities, 9 pod endpoints (mesh); inputs 0123456789ab, enforced by 1/"),
+            "{text}"
+        );
+        let row = text
+            .lines()
+            .find(|l| l.contains("allow-b"))
+            .expect("a policy row");
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells, ["x", "allow-b", "Ingress,Egress", "2"]);
+        assert!(policy_problems(&status).is_empty());
+
+        let refusal = "NetworkPolicy x/bad refused (its pods are not isolated by it): \
+                       spec.policyTypes: \"Sideways\" is neither Ingress nor Egress";
+        status.policy.as_mut().unwrap().refused = vec![refusal.into()];
+        let text = render(&status);
+        assert!(
+            text.contains("Refused policies (they isolate nothing):"),
+            "{text}"
+        );
+        assert!(text.contains(refusal), "{text}");
+        assert_eq!(policy_problems(&status), [refusal]);
     }
 
     #[test]

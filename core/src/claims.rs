@@ -28,6 +28,13 @@
 //!    announce stays with its first claimant (the memory [`Admission::key_owners`] the caller
 //!    feeds back), the later one is refused. Without memory (both new at once), the smaller
 //!    `(cluster, node)` wins.
+//! 7. **Policy** (NetworkPolicy identities and pods): an identity must be of the peer's own
+//!    cluster, in a DNS-1123 namespace, with labels Kubernetes accepts (at most
+//!    [`MAX_IDENTITY_LABELS`]); a pod of the peer's own cluster with DNS-1123 names, an admitted
+//!    identity, and every address inside a pod CIDR of the admitted node it names (so a peer
+//!    can never have a local pod, a local node or another cluster's pod treated as one of its
+//!    own by a policy). Quotas keep the first identities by number and pods by name; pods of a
+//!    node refused by rules 5–6 are refused with it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -37,6 +44,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::cluster::{ClusterId, ClusterState, NodeState, ServiceKey};
+use crate::keyed::Keyed;
 use crate::wgkey::PublicKey;
 
 /// The shortest IPv4 prefix a peer may claim: `/8`. Kubernetes' default service CIDR is
@@ -49,12 +57,15 @@ pub const MIN_PREFIX_V6: u8 = 32;
 /// Refusals listed per peer (the rest are counted, see [`Admission::counts`]).
 pub const MAX_LISTED_REFUSALS: usize = 50;
 
-/// Per-peer quotas. The defaults fit 1,000 nodes, 10,000 services and 100,000 endpoints.
+/// Per-peer quotas. The defaults fit 1,000 nodes, 10,000 services, 100,000 endpoints,
+/// 100,000 pods and 10,000 identities (NetworkPolicy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub nodes: usize,
     pub services: usize,
     pub endpoints: usize,
+    pub pods: usize,
+    pub identities: usize,
 }
 
 impl Default for Limits {
@@ -63,9 +74,19 @@ impl Default for Limits {
             nodes: 1_000,
             services: 10_000,
             endpoints: 100_000,
+            pods: 100_000,
+            identities: 10_000,
         }
     }
 }
+
+/// The most labels an identity's pod or namespace label set may hold (Kubernetes bounds
+/// labels by the object's size only; a peer's are bounded here so one identity stays small).
+pub const MAX_IDENTITY_LABELS: usize = 64;
+/// The most addresses a peer's pod may have (Kubernetes: one per family).
+pub const MAX_POD_ADDRESSES: usize = 2;
+/// The most named ports a peer's pod may list.
+pub const MAX_NAMED_PORTS: usize = 64;
 
 /// What a peer may claim, from each authority that speaks for it. A claim must lie inside every
 /// allowance present; with none present nothing is allowed.
@@ -108,6 +129,10 @@ pub enum Object {
     ServiceCidr,
     Service(ServiceKey),
     Endpoint(ServiceKey),
+    /// A policy identity, by number.
+    Identity(u32),
+    /// A pod endpoint of policy, `namespace/name`.
+    Pod(String),
 }
 
 impl Object {
@@ -119,6 +144,8 @@ impl Object {
             Object::ServiceCidr => "service_cidr",
             Object::Service(_) => "service",
             Object::Endpoint(_) => "endpoint",
+            Object::Identity(_) => "identity",
+            Object::Pod(_) => "pod",
         }
     }
 }
@@ -131,12 +158,22 @@ impl fmt::Display for Object {
             Object::ServiceCidr => f.write_str("a service CIDR"),
             Object::Service(k) => write!(f, "service {k}"),
             Object::Endpoint(k) => write!(f, "an endpoint of service {k}"),
+            Object::Identity(n) => write!(f, "identity {n}"),
+            Object::Pod(p) => write!(f, "pod {p}"),
         }
     }
 }
 
 /// Every [`Object::kind`], for metrics.
-pub const OBJECT_KINDS: &[&str] = &["cluster", "node", "service_cidr", "service", "endpoint"];
+pub const OBJECT_KINDS: &[&str] = &[
+    "cluster",
+    "node",
+    "service_cidr",
+    "service",
+    "endpoint",
+    "identity",
+    "pod",
+];
 /// Every [`Reason::label`], for metrics.
 pub const REASON_LABELS: &[&str] = &[
     "no_allowance",
@@ -153,6 +190,10 @@ pub const REASON_LABELS: &[&str] = &[
     "bad_name",
     "quota",
     "duplicate_cluster_id",
+    "bad_labels",
+    "foreign_cluster",
+    "unknown_identity",
+    "outside_node",
 ];
 
 /// Why a claim is refused.
@@ -201,6 +242,16 @@ pub enum Reason {
     },
     /// The peer presents the local cluster's ID.
     DuplicateClusterId,
+    /// An identity's label set is not what Kubernetes accepts (keys, values, count).
+    BadLabels,
+    /// An identity or pod that names another cluster than the peer's own.
+    ForeignCluster,
+    /// A pod whose identity the peer does not announce (or that was refused).
+    UnknownIdentity,
+    /// A pod address outside the pod CIDRs of the admitted node it names: a peer may only
+    /// speak for addresses it routes, or a policy would treat another cluster's (or a local)
+    /// pod as one of the peer's.
+    OutsideNode,
 }
 
 impl Reason {
@@ -221,6 +272,10 @@ impl Reason {
             Reason::BadName => "bad_name",
             Reason::Quota { .. } => "quota",
             Reason::DuplicateClusterId => "duplicate_cluster_id",
+            Reason::BadLabels => "bad_labels",
+            Reason::ForeignCluster => "foreign_cluster",
+            Reason::UnknownIdentity => "unknown_identity",
+            Reason::OutsideNode => "outside_node",
         }
     }
 }
@@ -268,6 +323,16 @@ impl fmt::Display for Reason {
             Reason::BadName => f.write_str("not a DNS-1123 name"),
             Reason::Quota { limit } => write!(f, "over the per-peer quota of {limit}"),
             Reason::DuplicateClusterId => f.write_str("it presents this cluster's own ID"),
+            Reason::BadLabels => f.write_str(
+                "labels Kubernetes would not accept (key or value syntax, length, or more than \
+                 64)",
+            ),
+            Reason::ForeignCluster => f.write_str("names another cluster than the peer's own"),
+            Reason::UnknownIdentity => f.write_str("its identity is not an admitted one"),
+            Reason::OutsideNode => f.write_str(
+                "outside the pod CIDRs of the admitted node it names (a peer speaks only for \
+                 its own pods)",
+            ),
         }
     }
 }
@@ -640,7 +705,148 @@ fn screen_peer(
         endpoints_over,
         limits.endpoints,
     );
+    screen_policy(src, &mut state, limits, out);
     state
+}
+
+/// Rules 2–4 for what NetworkPolicy needs of a peer (after its nodes, which a pod's addresses
+/// must lie in): identities with labels Kubernetes accepts, of the peer's own cluster, within
+/// the quota (the first by number); pods of the peer's own cluster, DNS-1123 names, an
+/// admitted identity, and every address inside a pod CIDR of the admitted node they name.
+fn screen_policy(
+    src: &ClusterState,
+    state: &mut ClusterState,
+    limits: &Limits,
+    out: &mut Refusals<'_>,
+) {
+    let mut over = 0;
+    for identity in src.identities.values() {
+        let object = || Object::Identity(identity.key.number);
+        if identity.key.cluster != src.id {
+            out.push(object(), &identity.key, Reason::ForeignCluster);
+            continue;
+        }
+        let labels = &identity.labels;
+        if !is_dns1123_label(&labels.namespace) {
+            out.push(object(), "its namespace", Reason::BadName);
+            continue;
+        }
+        if !are_valid_labels(&labels.pod_labels) || !are_valid_labels(&labels.namespace_labels) {
+            out.push(object(), "its labels", Reason::BadLabels);
+            continue;
+        }
+        if state.identities.len() >= limits.identities {
+            over += 1;
+            continue;
+        }
+        state
+            .identities
+            .insert(identity.key.clone(), identity.clone());
+    }
+    out.over_quota(Object::Identity(0), "identities", over, limits.identities);
+    let mut over = 0;
+    for pod in src.pods.values() {
+        let shown = format!(
+            "{}/{}",
+            pod.namespace.chars().take(63).collect::<String>(),
+            pod.name.chars().take(253).collect::<String>()
+        );
+        let object = || Object::Pod(shown.clone());
+        if pod.cluster != src.id {
+            out.push(object(), &pod.cluster, Reason::ForeignCluster);
+            continue;
+        }
+        let names_ok = is_dns1123_label(&pod.namespace)
+            && is_dns1123_subdomain(&pod.name)
+            && is_dns1123_subdomain(&pod.node)
+            && pod.named_ports.len() <= MAX_NAMED_PORTS
+            && pod
+                .named_ports
+                .iter()
+                .all(|p| is_port_name(&p.name) && p.port != 0);
+        if !names_ok {
+            out.push(object(), "its name, node or a port name", Reason::BadName);
+            continue;
+        }
+        if !state.identities.contains_key(&pod.identity_key()) {
+            out.push(
+                object(),
+                format!("identity {}", pod.identity),
+                Reason::UnknownIdentity,
+            );
+            continue;
+        }
+        let cidrs = state.nodes.get(&pod.node).map(|n| n.pod_cidrs.as_slice());
+        let outside = pod
+            .addresses
+            .iter()
+            .find(|a| !cidrs.is_some_and(|cidrs| cidrs.iter().any(|c| c.contains(*a))));
+        if pod.addresses.is_empty() || pod.addresses.len() > MAX_POD_ADDRESSES {
+            let claim = format!("{} addresses", pod.addresses.len());
+            out.push(object(), claim, Reason::OutsideNode);
+            continue;
+        }
+        if let Some(address) = outside {
+            out.push(
+                object(),
+                format!("{address} on node {}", pod.node),
+                Reason::OutsideNode,
+            );
+            continue;
+        }
+        if state.pods.len() >= limits.pods {
+            over += 1;
+            continue;
+        }
+        state.pods.insert(pod.key(), pod.clone());
+    }
+    out.over_quota(Object::Pod("*".into()), "pods", over, limits.pods);
+}
+
+/// The name part of a Kubernetes label key, or a non-empty label value: at most 63
+/// alphanumerics, '-', '_' and '.', starting and ending alphanumeric.
+fn is_qualified_name_part(s: &str) -> bool {
+    let alnum = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    s.len() <= 63
+        && alnum(s.bytes().next())
+        && alnum(s.bytes().last())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A label key as Kubernetes validates it: an optional DNS-1123 subdomain prefix and '/',
+/// then a name part.
+pub fn is_label_key(s: &str) -> bool {
+    match s.split_once('/') {
+        Some((prefix, name)) => is_dns1123_subdomain(prefix) && is_qualified_name_part(name),
+        None => is_qualified_name_part(s),
+    }
+}
+
+/// A label value as Kubernetes validates it: empty, or a name part.
+pub fn is_label_value(s: &str) -> bool {
+    s.is_empty() || is_qualified_name_part(s)
+}
+
+/// A label set of at most [`MAX_IDENTITY_LABELS`] labels Kubernetes accepts.
+pub fn are_valid_labels(labels: &crate::policy::Labels) -> bool {
+    labels.len() <= MAX_IDENTITY_LABELS
+        && labels
+            .iter()
+            .all(|(k, v)| is_label_key(k) && is_label_value(v))
+}
+
+/// A container port name (IANA service name): 1–15 lowercase letters, digits and '-', at
+/// least one letter, no leading, trailing or double '-'.
+pub fn is_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
 }
 
 fn screen_node(
@@ -923,6 +1129,39 @@ pub fn decide(
         }
     }
 
+    // Pods of nodes rules 5 and 6 took out go with them: their addresses are no longer routed
+    // to the peer.
+    for (id, s) in screened.iter_mut() {
+        let orphans: Vec<_> = s
+            .state
+            .pods
+            .values()
+            .filter(|p| !s.state.nodes.contains_key(&p.node))
+            .map(|p| {
+                (
+                    p.key(),
+                    format!("{}/{}", p.namespace, p.name),
+                    p.node.clone(),
+                )
+            })
+            .collect();
+        if orphans.is_empty() {
+            continue;
+        }
+        let state = Arc::make_mut(&mut s.state);
+        for (key, shown, node) in orphans {
+            state.pods.remove(&key);
+            let r = Refusal {
+                cluster: id.clone(),
+                object: Object::Pod(shown),
+                claim: format!("on refused node {node}"),
+                reason: Reason::OutsideNode,
+            };
+            count(&mut s.counts, &r);
+            s.refusals.push(r);
+        }
+    }
+
     let verdicts = screened
         .into_iter()
         .map(|(id, s)| {
@@ -1034,6 +1273,241 @@ mod tests {
             limits,
             owners,
         )
+    }
+
+    fn policy_identity(
+        cluster: &str,
+        number: u32,
+        pod_labels: &[(&str, &str)],
+    ) -> crate::policy::Identity {
+        crate::policy::Identity {
+            key: crate::policy::IdentityKey {
+                cluster: id(cluster),
+                number,
+            },
+            labels: crate::policy::IdentityLabels {
+                namespace: "x".into(),
+                pod_labels: pod_labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                namespace_labels: Default::default(),
+            },
+        }
+    }
+
+    fn policy_pod(
+        name: &str,
+        address: &str,
+        node: &str,
+        identity: u32,
+    ) -> crate::policy::PolicyEndpoint {
+        crate::policy::PolicyEndpoint {
+            cluster: id("b"),
+            namespace: "x".into(),
+            name: name.into(),
+            addresses: vec![address.parse().unwrap()],
+            node: node.into(),
+            identity,
+            named_ports: vec![],
+        }
+    }
+
+    /// b with identity 1 (`pod=a`) and one honest pod on node-0.
+    fn peer_b_with_pods(pods: &[crate::policy::PolicyEndpoint]) -> ClusterState {
+        let mut b = peer_b();
+        let identity = policy_identity("b", 1, &[("pod", "a")]);
+        b.identities.insert(identity.key(), identity);
+        let honest = policy_pod("honest", "10.2.0.7", "node-0", 1);
+        b.pods.insert(honest.key(), honest);
+        for p in pods {
+            b.pods.insert(p.key(), p.clone());
+        }
+        b
+    }
+
+    /// What of `pod` (by name) is refused, as `kind/reason` labels.
+    fn pod_refusals(v: &Verdict, name: &str) -> Vec<String> {
+        v.refusals
+            .iter()
+            .filter(|r| r.object == Object::Pod(format!("x/{name}")))
+            .map(|r| format!("{}/{}", r.object.kind(), r.reason.label()))
+            .collect()
+    }
+
+    #[test]
+    fn attack_a_peer_cannot_claim_a_pod_at_a_local_or_another_clusters_address() {
+        // b claims pods at a local pod's address, a local node's address, c's pod address, and
+        // one of its own addresses but on a node whose CIDR does not hold it: each would make
+        // a policy selecting b's pods (`trellis.dev/cluster: b`) admit that traffic.
+        let c = cluster("c", "10.3.0.0/24", "10.98.0.0/16");
+        let mut b = peer_b_with_pods(&[
+            policy_pod("local-pod", "10.1.0.5", "node-0", 1),
+            policy_pod("local-node", "192.168.1.10", "node-0", 1),
+            policy_pod("c-pod", "10.3.0.5", "node-0", 1),
+            policy_pod("wrong-node", "10.2.1.5", "node-0", 1),
+            policy_pod("no-node", "10.2.0.8", "node-9", 1),
+        ]);
+        b.nodes.insert(
+            "node-1".into(),
+            node("node-1", "10.2.1.0/24", "192.168.2.11:51820", 3),
+        );
+        let a = run(&[
+            (b, allow(&["10.0.0.0/8", "192.168.0.0/16"])),
+            (c, allow(&["10.3.0.0/16", "10.98.0.0/16"])),
+        ]);
+        let v = &a.verdicts[&id("b")];
+        let names: Vec<&str> = v.state.pods.values().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["honest"], "{:?}", v.refusals);
+        for name in ["local-pod", "local-node", "c-pod", "wrong-node", "no-node"] {
+            assert_eq!(pod_refusals(v, name), ["pod/outside_node"], "{name}");
+        }
+        assert_eq!(v.counts[&("pod", "outside_node")], 5);
+    }
+
+    #[test]
+    fn pods_of_a_node_refused_across_peers_go_with_it() {
+        // b's node-0 claims c's range (both allowed): both nodes are refused, and b's pods on
+        // it with them.
+        let mut c = cluster("c", "10.2.0.0/24", "10.98.0.0/16");
+        c.nodes.get_mut("node-0").unwrap().gateway = None;
+        let a = run(&[
+            (peer_b_with_pods(&[]), b_allowed()),
+            (c, allow(&["10.2.0.0/16", "10.98.0.0/16"])),
+        ]);
+        let v = &a.verdicts[&id("b")];
+        assert!(v.state.nodes.is_empty() && v.state.pods.is_empty());
+        assert_eq!(pod_refusals(v, "honest"), ["pod/outside_node"]);
+    }
+
+    #[test]
+    fn identities_and_pods_are_refused_one_by_one() {
+        let mut b = peer_b_with_pods(&[
+            policy_pod("ghost-identity", "10.2.0.9", "node-0", 9),
+            policy_pod("Bad_Name", "10.2.0.10", "node-0", 1),
+            {
+                let mut p = policy_pod("two-many", "10.2.0.11", "node-0", 1);
+                p.addresses = vec!["10.2.0.11".parse().unwrap(); 3];
+                p
+            },
+            {
+                let mut p = policy_pod("bad-port", "10.2.0.12", "node-0", 1);
+                p.named_ports = vec![crate::policy::NamedPort {
+                    name: "this-name-is-too-long".into(),
+                    protocol: Default::default(),
+                    port: 80,
+                }];
+                p
+            },
+            {
+                let mut p = policy_pod("foreign", "10.2.0.13", "node-0", 1);
+                p.cluster = id("c");
+                p
+            },
+        ]);
+        let long_value = "v".repeat(64);
+        for (number, labels) in [
+            (2, vec![("bad key!", "v")]),
+            (3, vec![("k", long_value.as_str())]),
+            (4, vec![("example.com/k", "-v")]),
+        ] {
+            let identity = policy_identity("b", number, &labels);
+            b.identities.insert(identity.key(), identity);
+        }
+        let too_many: Vec<(String, String)> = (0..65)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        let mut crowded = policy_identity("b", 5, &[]);
+        crowded.labels.pod_labels = too_many.into_iter().collect();
+        b.identities.insert(crowded.key(), crowded);
+        let foreign = policy_identity("c", 6, &[]);
+        b.identities.insert(foreign.key(), foreign);
+        let mut bad_ns = policy_identity("b", 7, &[]);
+        bad_ns.labels.namespace = "X".into();
+        b.identities.insert(bad_ns.key(), bad_ns);
+        let fine = policy_identity("b", 8, &[("example.com/tier", "web.1_a"), ("empty", "")]);
+        b.identities.insert(fine.key(), fine);
+
+        let v = &run(&[(b, b_allowed())]).verdicts[&id("b")];
+        let numbers: Vec<u32> = v.state.identities.keys().map(|k| k.number).collect();
+        assert_eq!(numbers, [1, 8]);
+        let identity_reasons: Vec<String> = v
+            .refusals
+            .iter()
+            .filter(|r| r.object.kind() == "identity")
+            .map(|r| format!("{}:{}", r.object, r.reason.label()))
+            .collect();
+        assert_eq!(
+            identity_reasons,
+            [
+                "identity 2:bad_labels",
+                "identity 3:bad_labels",
+                "identity 4:bad_labels",
+                "identity 5:bad_labels",
+                "identity 6:foreign_cluster",
+                "identity 7:bad_name",
+            ]
+        );
+        assert_eq!(pod_refusals(v, "ghost-identity"), ["pod/unknown_identity"]);
+        assert_eq!(pod_refusals(v, "Bad_Name"), ["pod/bad_name"]);
+        assert_eq!(pod_refusals(v, "two-many"), ["pod/outside_node"]);
+        assert_eq!(pod_refusals(v, "bad-port"), ["pod/bad_name"]);
+        assert_eq!(pod_refusals(v, "foreign"), ["pod/foreign_cluster"]);
+        let names: Vec<&str> = v.state.pods.values().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["honest"]);
+    }
+
+    #[test]
+    fn policy_quotas_keep_the_first_identities_and_pods() {
+        let mut b = peer_b_with_pods(&[]);
+        for i in 2..=5 {
+            let identity = policy_identity("b", i, &[("n", &i.to_string())]);
+            b.identities.insert(identity.key(), identity);
+            let pod = policy_pod(&format!("p{i}"), &format!("10.2.0.{}", 20 + i), "node-0", i);
+            b.pods.insert(pod.key(), pod);
+        }
+        let limits = Limits {
+            identities: 3,
+            pods: 2,
+            ..Limits::default()
+        };
+        let v =
+            &run_with(&local(), &[(b, b_allowed())], &limits, &BTreeMap::new()).verdicts[&id("b")];
+        let numbers: Vec<u32> = v.state.identities.keys().map(|k| k.number).collect();
+        assert_eq!(numbers, [1, 2, 3]);
+        // Pods of refused identities are refused for that; of the rest, the first two by name.
+        let names: Vec<&str> = v.state.pods.values().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["honest", "p2"]);
+        assert_eq!(v.counts[&("identity", "quota")], 2);
+        assert_eq!(v.counts[&("pod", "quota")], 1);
+        assert_eq!(v.counts[&("pod", "unknown_identity")], 2);
+    }
+
+    #[test]
+    fn label_syntax_follows_kubernetes() {
+        for ok in ["a", "a.b-c_d", "example.com/a", "k8s.io/x", &"a".repeat(63)] {
+            assert!(is_label_key(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "a/b/c",
+            "/a",
+            "Ex ample",
+            &"a".repeat(64),
+            "UP.com/a",
+        ] {
+            assert!(!is_label_key(bad), "{bad}");
+        }
+        assert!(is_label_value("") && is_label_value("A_b.9"));
+        assert!(!is_label_value("a/b") && !is_label_value("_a"));
+        for ok in ["http", "dns-tcp", "a1"] {
+            assert!(is_port_name(ok), "{ok}");
+        }
+        for bad in ["", "80", "a--b", "-a", "Http", "abcdefghijklmnop"] {
+            assert!(!is_port_name(bad), "{bad}");
+        }
     }
 
     fn reasons_for(v: &Verdict, node: &str) -> Vec<String> {
@@ -1501,6 +1975,7 @@ mod tests {
             nodes: 10,
             services: 5,
             endpoints: 7,
+            ..Limits::default()
         };
         let v = &run_with(
             &local(),

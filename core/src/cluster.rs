@@ -10,6 +10,9 @@ use std::str::FromStr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::keyed::{Keyed, KeyedDelta, keyed_seq};
+use crate::policy::{EndpointKey, Identity, IdentityKey, PolicyEndpoint};
+
 /// Errors of the cluster model. Everything here comes from another cluster's bytes or from a
 /// user's configuration, so every check is an error, never a panic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -254,6 +257,22 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, NodeState>,
     #[serde(default, with = "service_seq")]
     pub services: BTreeMap<ServiceKey, ExportedService>,
+    /// The identities of the cluster's pods (NetworkPolicy: one per distinct label set),
+    /// empty unless the controller enforces policy. Absent from the JSON of a controller that
+    /// predates policy, and omitted when empty, so both versions read each other's states.
+    #[serde(
+        default,
+        with = "keyed_seq",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub identities: BTreeMap<IdentityKey, Identity>,
+    /// The cluster's pods with an address, as policy sees them (see `identities`).
+    #[serde(
+        default,
+        with = "keyed_seq",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub pods: BTreeMap<EndpointKey, PolicyEndpoint>,
 }
 
 /// One change of a cluster's state.
@@ -274,6 +293,12 @@ pub enum Change {
         namespace: String,
         name: String,
     },
+    /// Only sent by a controller enforcing NetworkPolicy (a peer that predates policy cannot
+    /// read these four: enable policy once every controller of the mesh knows them).
+    UpsertIdentity(Identity),
+    RemoveIdentity(IdentityKey),
+    UpsertPod(PolicyEndpoint),
+    RemovePod(EndpointKey),
 }
 
 /// The changes that take a cluster's state from revision `from` to revision `to`.
@@ -294,6 +319,8 @@ impl ClusterState {
             service_cidrs: Vec::new(),
             nodes: BTreeMap::new(),
             services: BTreeMap::new(),
+            identities: BTreeMap::new(),
+            pods: BTreeMap::new(),
         }
     }
 
@@ -329,6 +356,12 @@ impl ClusterState {
                 });
             }
         }
+        let identities = KeyedDelta::between(&self.identities, &new.identities);
+        changes.extend(identities.upsert.into_iter().map(Change::UpsertIdentity));
+        changes.extend(identities.remove.into_iter().map(Change::RemoveIdentity));
+        let pods = KeyedDelta::between(&self.pods, &new.pods);
+        changes.extend(pods.upsert.into_iter().map(Change::UpsertPod));
+        changes.extend(pods.remove.into_iter().map(Change::RemovePod));
         changes
     }
 
@@ -382,6 +415,18 @@ impl ClusterState {
                 Change::RemoveService { namespace, name } => {
                     self.services
                         .remove(&ServiceKey::new(namespace.clone(), name.clone()));
+                }
+                Change::UpsertIdentity(identity) => {
+                    self.identities.insert(identity.key(), identity.clone());
+                }
+                Change::RemoveIdentity(key) => {
+                    self.identities.remove(key);
+                }
+                Change::UpsertPod(pod) => {
+                    self.pods.insert(pod.key(), pod.clone());
+                }
+                Change::RemovePod(key) => {
+                    self.pods.remove(key);
                 }
             }
         }
@@ -606,6 +651,67 @@ mod tests {
         applied.apply(&delta).unwrap();
         assert_eq!(applied, new);
         assert!(new.delta_to(&new).is_none());
+    }
+
+    #[test]
+    fn policy_identities_and_pods_travel_as_changes_and_old_states_still_read() {
+        use crate::policy::IdentityLabels;
+        let old = cluster("east", "10.1.0.0/24", "10.96.0.0/16");
+        let mut new = old.clone();
+        new.revision = 1;
+        let identity = Identity {
+            key: IdentityKey {
+                cluster: id("east"),
+                number: 1,
+            },
+            labels: IdentityLabels {
+                namespace: "x".into(),
+                ..Default::default()
+            },
+        };
+        new.identities.insert(identity.key(), identity.clone());
+        let pod = PolicyEndpoint {
+            cluster: id("east"),
+            namespace: "x".into(),
+            name: "a".into(),
+            addresses: vec!["10.1.0.5".parse().unwrap()],
+            node: "node-0".into(),
+            identity: 1,
+            named_ports: vec![],
+        };
+        new.pods.insert(pod.key(), pod.clone());
+        let delta = old.delta_to(&new).unwrap();
+        assert_eq!(
+            delta.changes,
+            vec![
+                Change::UpsertIdentity(identity.clone()),
+                Change::UpsertPod(pod.clone())
+            ]
+        );
+        let mut applied = old.clone();
+        applied.apply(&delta).unwrap();
+        assert_eq!(applied, new);
+        let back = new.delta_to(&{
+            let mut s = old.clone();
+            s.revision = 2;
+            s
+        });
+        let back = back.unwrap();
+        assert_eq!(
+            back.changes,
+            vec![
+                Change::RemoveIdentity(identity.key()),
+                Change::RemovePod(pod.key())
+            ]
+        );
+        // A state without policy serialises as before (a peer predating policy reads it),
+        // and a state from such a peer reads with no identities or pods.
+        let json = serde_json::to_value(&old).unwrap();
+        assert!(json.get("identities").is_none() && json.get("pods").is_none());
+        let read: ClusterState = serde_json::from_value(json).unwrap();
+        assert!(read.identities.is_empty() && read.pods.is_empty());
+        let json = serde_json::to_string(&new).unwrap();
+        assert_eq!(serde_json::from_str::<ClusterState>(&json).unwrap(), new);
     }
 
     #[test]

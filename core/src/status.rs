@@ -204,6 +204,9 @@ pub struct ControllerPolicyStatus {
     pub endpoints: usize,
     /// The cluster's policies in name order, with how many pods each selects.
     pub policies: Vec<PolicyStatus>,
+    /// The cluster's policies refused as invalid (they isolate nothing), one line each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -77,6 +77,65 @@ fn peering() {
         "session-bytewise",
         &stream(1, &[hello, snapshot]),
     );
+    // A peer enforcing NetworkPolicy: an identity, its pod and a spoofed one (at a's
+    // address), then a relabel as a delta.
+    let mut policy = fixture::cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+    let identity = |number: u32, pod: &str| trellis_core::policy::Identity {
+        key: trellis_core::policy::IdentityKey {
+            cluster: fixture::id("b"),
+            number,
+        },
+        labels: trellis_core::policy::IdentityLabels {
+            namespace: "x".into(),
+            pod_labels: [("pod".to_owned(), pod.to_owned())].into(),
+            namespace_labels: [("kubernetes.io/metadata.name".to_owned(), "x".to_owned())]
+                .into(),
+        },
+    };
+    let pod = |name: &str, address: &str, number: u32| trellis_core::policy::PolicyEndpoint {
+        cluster: fixture::id("b"),
+        namespace: "x".into(),
+        name: name.into(),
+        addresses: vec![address.parse().unwrap()],
+        node: "node-0".into(),
+        identity: number,
+        named_ports: vec![trellis_core::policy::NamedPort {
+            name: "serve-80".into(),
+            protocol: Default::default(),
+            port: 80,
+        }],
+    };
+    policy.identities.insert(identity(1, "a").key.clone(), identity(1, "a"));
+    for p in [pod("a", "10.2.0.5", 1), pod("spoof", "10.1.0.5", 1)] {
+        policy.pods.insert(trellis_core::keyed::Keyed::key(&p), p);
+    }
+    let mut relabelled = policy.clone();
+    relabelled.revision = 1;
+    relabelled.identities.insert(identity(2, "b").key.clone(), identity(2, "b"));
+    relabelled
+        .pods
+        .insert(trellis_core::keyed::Keyed::key(&pod("a", "10.2.0.5", 2)), pod("a", "10.2.0.5", 2));
+    let policy_delta = policy.delta_to(&relabelled).unwrap();
+    let hello_b = encode_frame(
+        &PeeringMessage::Hello {
+            cluster: fixture::id("b"),
+            name: "cluster b".into(),
+        },
+        max,
+    )
+    .unwrap();
+    write(
+        "peering_frames",
+        "session-policy",
+        &stream(
+            128,
+            &[
+                hello_b,
+                encode_frame(&PeeringMessage::Snapshot { state: policy }, max).unwrap(),
+                encode_frame(&PeeringMessage::Delta { delta: policy_delta }, max).unwrap(),
+            ],
+        ),
+    );
     // The other side's own opening, as a session from "a" sends it.
     let own = encode_frame(&PeeringMessage::Snapshot { state: a }, max).unwrap();
     write("peering_frames", "snapshot-a", &stream(64, &[own]));

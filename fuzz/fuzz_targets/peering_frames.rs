@@ -153,4 +153,18 @@ fn admitted_claims_stay_inside_the_allowance(local: &ClusterState, state: &Clust
             assert!(inside(&ipnet::IpNet::from(*address)), "{service:?}");
         }
     }
+    // NetworkPolicy: an admitted pod is the peer's own, with an admitted identity, and every
+    // address inside a pod CIDR of the admitted node it names.
+    for pod in verdict.state.pods.values() {
+        assert_eq!(pod.cluster, state.id, "{pod:?}");
+        assert!(verdict.state.identities.contains_key(&pod.identity_key()), "{pod:?}");
+        let node = &verdict.state.nodes[&pod.node];
+        assert!(
+            pod.addresses
+                .iter()
+                .all(|a| node.pod_cidrs.iter().any(|c| c.contains(a))),
+            "{pod:?}"
+        );
+    }
+    assert!(verdict.state.identities.keys().all(|k| k.cluster == state.id));
 }

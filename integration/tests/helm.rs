@@ -484,6 +484,7 @@ fn the_controller_reads_its_configuration_and_its_runtime_switch() {
     );
     assert_eq!(cfg.peer_limits, Default::default());
     assert!(cfg.node_encryption);
+    assert!(cfg.network_policy, "NetworkPolicy is on by default");
     assert_eq!(cfg.service_cidrs, vec!["10.96.0.0/16".parse().unwrap()]);
     // The settings ConfigMap the controller watches is this one, and says the same.
     assert_eq!(

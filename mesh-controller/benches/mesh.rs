@@ -80,6 +80,7 @@ fn source(nodes: Vec<NodeState>, services: Vec<ExportedService>) -> SourceState 
         service_cidrs: vec![],
         nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
         services: services.into_iter().map(|s| (s.key(), s)).collect(),
+        ..Default::default()
     }
 }
 

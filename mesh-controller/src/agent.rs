@@ -25,6 +25,7 @@ pub use trellis_core::agent::{
 
 use crate::gateway::{GatewayDesired, GatewayRegistration, GatewayUpdate, desired_for};
 use crate::hub::{Hub, MeshView};
+use trellis_core::agent::PolicyUpdate;
 
 /// Compares tokens in time independent of where they differ.
 fn token_matches(expected: &str, got: Option<&str>) -> bool {
@@ -37,7 +38,9 @@ fn token_matches(expected: &str, got: Option<&str>) -> bool {
 #[derive(Debug)]
 pub struct GatewayFeed {
     node: String,
+    /// The last desired state sent, without its policy (held once, in `last_policy`).
     last: Option<GatewayDesired>,
+    last_policy: Option<Arc<trellis_core::policy::PolicyInputs>>,
 }
 
 impl GatewayFeed {
@@ -45,12 +48,18 @@ impl GatewayFeed {
         Self {
             node: node.into(),
             last: None,
+            last_policy: None,
         }
     }
 
     /// The update this view means for the gateway: a snapshot first, then deltas; `None` if
-    /// nothing changed for this node.
+    /// nothing changed for this node. The policy inputs are the view's shared `Arc`: compared
+    /// (and diffed) only when the view holds another one.
     pub fn next(&mut self, view: &MeshView) -> Option<GatewayUpdate> {
+        if view.policy_pending {
+            // Nothing until the policy is known: the gateway keeps enforcing what it has.
+            return None;
+        }
         let desired = desired_for(
             &self.node,
             &view.local,
@@ -58,12 +67,74 @@ impl GatewayFeed {
             view.node_encryption,
             view.revision,
         );
-        let update = match &self.last {
-            None => Some(GatewayUpdate::Snapshot(desired.clone())),
-            Some(last) => last.delta_to(&desired),
+        let Some(last) = &self.last else {
+            let mut snapshot = desired.clone();
+            snapshot.policy = view.policy.as_deref().cloned();
+            self.last = Some(desired);
+            self.last_policy = view.policy.clone();
+            return Some(GatewayUpdate::Snapshot(snapshot));
+        };
+        let policy = match (&self.last_policy, &view.policy) {
+            (None, None) => None,
+            (Some(_), None) => Some(PolicyUpdate::Disable),
+            (None, Some(inputs)) => Some(PolicyUpdate::Replace((**inputs).clone())),
+            (Some(old), Some(new)) if Arc::ptr_eq(old, new) => None,
+            // The step every node up to date takes, computed once by the hub.
+            (Some(old), Some(_))
+                if view
+                    .policy_step
+                    .as_ref()
+                    .is_some_and(|step| Arc::ptr_eq(&step.from, old)) =>
+            {
+                view.policy_step
+                    .as_ref()
+                    .map(|step| PolicyUpdate::Delta((*step.delta).clone()))
+            }
+            (Some(old), Some(new)) => match old.delta_to(new) {
+                None => Some(PolicyUpdate::Replace((**new).clone())),
+                Some(delta) if delta.is_empty() => None,
+                Some(delta) => Some(PolicyUpdate::Delta(delta)),
+            },
+        };
+        let update = match (last.delta_to(&desired), policy) {
+            (None, None) => None,
+            (
+                Some(GatewayUpdate::Delta {
+                    from,
+                    to,
+                    node_encryption,
+                    upsert_peers,
+                    remove_peers,
+                    add_routes,
+                    remove_routes,
+                    policy: _,
+                }),
+                policy,
+            ) => Some(GatewayUpdate::Delta {
+                from,
+                to,
+                node_encryption,
+                upsert_peers,
+                remove_peers,
+                add_routes,
+                remove_routes,
+                policy,
+            }),
+            (Some(snapshot @ GatewayUpdate::Snapshot(_)), _) => Some(snapshot),
+            (None, Some(policy)) => Some(GatewayUpdate::Delta {
+                from: last.revision,
+                to: desired.revision,
+                node_encryption: desired.node_encryption,
+                upsert_peers: vec![],
+                remove_peers: vec![],
+                add_routes: vec![],
+                remove_routes: vec![],
+                policy: Some(policy),
+            }),
         };
         if update.is_some() {
             self.last = Some(desired);
+            self.last_policy = view.policy.clone();
         }
         update
     }

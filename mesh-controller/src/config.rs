@@ -10,7 +10,9 @@
 //!     endpoint: 192.0.2.20:7443  # omit if only the peer dials
 //!     podCIDRs: [10.2.0.0/16]    # what west may claim (with its certificate's ranges,
 //!     serviceCIDRs: [10.97.0.0/16] #  a claim must be inside both; with neither, nothing)
-//! peerLimits: {nodes: 1000, services: 10000, endpoints: 100000}  # per peer; the defaults
+//! peerLimits: {nodes: 1000, services: 10000, endpoints: 100000, pods: 100000, identities: 10000}
+//!                              # per peer; the defaults
+//! networkPolicy: false         # enforce NetworkPolicy (read Pods, Namespaces, NetworkPolicies)
 //! leaseSeconds: 30
 //! heartbeatSeconds: 5
 //! nodeEncryption: false        # re-read at runtime: flipping it needs no restart
@@ -85,6 +87,12 @@ pub struct PeerLimits {
     pub services: usize,
     #[serde(default = "default_limit_endpoints")]
     pub endpoints: usize,
+    /// NetworkPolicy pod endpoints.
+    #[serde(default = "default_limit_pods")]
+    pub pods: usize,
+    /// NetworkPolicy identities (distinct label sets).
+    #[serde(default = "default_limit_identities")]
+    pub identities: usize,
 }
 
 fn default_limit_nodes() -> usize {
@@ -96,6 +104,12 @@ fn default_limit_services() -> usize {
 fn default_limit_endpoints() -> usize {
     trellis_core::claims::Limits::default().endpoints
 }
+fn default_limit_pods() -> usize {
+    trellis_core::claims::Limits::default().pods
+}
+fn default_limit_identities() -> usize {
+    trellis_core::claims::Limits::default().identities
+}
 
 impl Default for PeerLimits {
     fn default() -> Self {
@@ -104,6 +118,8 @@ impl Default for PeerLimits {
             nodes: l.nodes,
             services: l.services,
             endpoints: l.endpoints,
+            pods: l.pods,
+            identities: l.identities,
         }
     }
 }
@@ -114,6 +130,8 @@ impl From<PeerLimits> for trellis_core::claims::Limits {
             nodes: l.nodes,
             services: l.services,
             endpoints: l.endpoints,
+            pods: l.pods,
+            identities: l.identities,
         }
     }
 }
@@ -246,6 +264,12 @@ pub struct Config {
     pub max_frame_bytes: usize,
     #[serde(default)]
     pub peer_limits: PeerLimits,
+    /// Enforce NetworkPolicy: read NetworkPolicies, Pods and Namespaces, share the cluster's
+    /// identities and pods with peers and stream every node its policy inputs. Off by
+    /// default: a source that knows no pods must not stream an empty policy (nodes drop the
+    /// traffic of pods they were not told about).
+    #[serde(default)]
+    pub network_policy: bool,
 }
 
 fn default_listen() -> SocketAddr {
@@ -422,6 +446,7 @@ mod tests {
         let no_id = Config::parse(&MIN.replace("clusterId: east\n", "")).unwrap();
         assert_eq!(no_id.cluster_id, None);
         assert!(!c.node_encryption);
+        assert!(!c.network_policy, "policy only when asked for");
         assert_eq!(
             c.source,
             SourceConfig::Static {
@@ -444,7 +469,8 @@ peers:
     podCIDRs: [10.2.0.0/16]
     serviceCIDRs: [10.97.0.0/16, "fd97::/108"]
   - id: north
-peerLimits: {services: 500}
+peerLimits: {services: 500, pods: 7}
+networkPolicy: true
 leaseSeconds: 20
 heartbeatSeconds: 2
 nodeEncryption: true
@@ -471,9 +497,11 @@ agentListen: 127.0.0.1:7444
             PeerLimits {
                 nodes: 1000,
                 services: 500,
-                endpoints: 100_000
+                pods: 7,
+                ..PeerLimits::default()
             }
         );
+        assert!(c.network_policy);
         assert_eq!(
             c.source,
             SourceConfig::Kubernetes {

@@ -1,5 +1,6 @@
 //! The Kubernetes source: reflectors over Nodes, Services, EndpointSlices and ServiceExports
-//! (required), ClusterProperties and ServiceCIDRs (optional: their APIs may be absent). Once
+//! (required), ClusterProperties and ServiceCIDRs (optional: their APIs may be absent), and
+//! with NetworkPolicy enforcement Namespaces, Pods and NetworkPolicies (required). Once
 //! every required kind has listed, each change (debounced) rebuilds the cluster state from the
 //! stores with [`crate::objects::source_state`].
 //!
@@ -12,9 +13,9 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -32,7 +33,14 @@ enum Kind {
     ServiceExport,
     ClusterProperty,
     ServiceCidr,
+    Namespace,
+    Pod,
+    NetworkPolicy,
 }
+
+/// The kinds NetworkPolicy needs, required (listed before anything is delivered) when the
+/// controller enforces policy: a source that knows no pods yet must not say there are none.
+const POLICY_KINDS: [Kind; 3] = [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy];
 
 const REQUIRED: [Kind; 4] = [
     Kind::Node,
@@ -81,10 +89,15 @@ pub async fn cluster_id(client: Client) -> Result<trellis_core::cluster::Cluster
 
 /// Runs until cancelled, delivering the cluster's state to `sink` after every change, and
 /// keeps the ServiceExports' `Valid` conditions up to date.
-pub async fn run(client: Client, sink: impl StateSink) {
+/// With `network_policy`, Namespaces, Pods and NetworkPolicies are watched too.
+pub async fn run(client: Client, sink: impl StateSink, network_policy: bool) {
     let (tx, rx) = tokio::sync::watch::channel(ExportStatuses::new());
     let writer = tokio::spawn(write_export_statuses(client.clone(), rx));
-    run_with_status(client, sink, Duration::from_millis(100), Some(tx)).await;
+    let options = SourceOptions {
+        debounce: Duration::from_millis(100),
+        network_policy,
+    };
+    run_with_status(client, sink, options, Some(tx)).await;
     writer.abort();
 }
 
@@ -134,9 +147,26 @@ pub async fn write_export_statuses(
     }
 }
 
-/// As [`run`], with the debounce interval (tests use a short one).
+/// How the source runs: the debounce interval (tests use a short one) and whether it
+/// watches what NetworkPolicy needs.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceOptions {
+    pub debounce: Duration,
+    pub network_policy: bool,
+}
+
+/// As [`run`], with the debounce interval (tests use a short one), without policy.
 pub async fn run_with(client: Client, sink: impl StateSink, debounce: Duration) {
-    run_with_status(client, sink, debounce, None).await
+    let options = SourceOptions {
+        debounce,
+        network_policy: false,
+    };
+    run_with_status(client, sink, options, None).await
+}
+
+/// As [`run`], with explicit options and without the export conditions.
+pub async fn run_with_options(client: Client, sink: impl StateSink, options: SourceOptions) {
+    run_with_status(client, sink, options, None).await
 }
 
 /// The ServiceExports' conditions, published after every rebuild.
@@ -147,9 +177,10 @@ pub type ExportStatuses =
 pub async fn run_with_status(
     client: Client,
     sink: impl StateSink,
-    debounce: Duration,
+    options: SourceOptions,
     statuses: Option<tokio::sync::watch::Sender<ExportStatuses>>,
 ) {
+    let debounce = options.debounce;
     let (nodes, s1) = reflect(Api::<Node>::all(client.clone()), Kind::Node);
     let (services, s2) = reflect(Api::<Service>::all(client.clone()), Kind::Service);
     let (slices, s3) = reflect(
@@ -164,20 +195,32 @@ pub async fn run_with_status(
         Api::<ClusterProperty>::all(client.clone()),
         Kind::ClusterProperty,
     );
-    let (cidrs, s6) = reflect(Api::<ServiceCIDR>::all(client), Kind::ServiceCidr);
-    let mut events = futures::stream::select_all([
+    let (cidrs, s6) = reflect(Api::<ServiceCIDR>::all(client.clone()), Kind::ServiceCidr);
+    let mut streams = vec![
         s1.boxed(),
         s2.boxed(),
         s3.boxed(),
         s4.boxed(),
         s5.boxed(),
         s6.boxed(),
-    ]);
+    ];
+    let mut required: Vec<Kind> = REQUIRED.to_vec();
+    let policy_stores = if options.network_policy {
+        let (namespaces, s7) = reflect(Api::<Namespace>::all(client.clone()), Kind::Namespace);
+        let (pods, s8) = reflect(Api::<Pod>::all(client.clone()), Kind::Pod);
+        let (policies, s9) = reflect(Api::<NetworkPolicy>::all(client), Kind::NetworkPolicy);
+        streams.extend([s7.boxed(), s8.boxed(), s9.boxed()]);
+        required.extend(POLICY_KINDS);
+        Some((namespaces, pods, policies))
+    } else {
+        None
+    };
+    let mut events = futures::stream::select_all(streams);
     let mut synced: BTreeSet<Kind> = BTreeSet::new();
     let mut failing: BTreeSet<Kind> = BTreeSet::new();
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
-        let ready = REQUIRED.iter().all(|k| synced.contains(k));
+        let ready = required.iter().all(|k| synced.contains(k));
         let sleep = async {
             match deadline {
                 Some(d) if ready => tokio::time::sleep_until(d).await,
@@ -205,14 +248,20 @@ pub async fn run_with_status(
             },
             () = sleep => {
                 deadline = None;
-                let objects = Objects {
+                let mut objects = Objects {
                     nodes: owned(&nodes),
                     services: owned(&services),
                     endpoint_slices: owned(&slices),
                     service_exports: owned(&exports),
                     cluster_properties: owned(&props),
                     service_cidrs: owned(&cidrs),
+                    ..Objects::default()
                 };
+                if let Some((namespaces, pods, policies)) = &policy_stores {
+                    objects.namespaces = owned(namespaces);
+                    objects.pods = owned(pods);
+                    objects.network_policies = owned(policies);
+                }
                 if let Some(tx) = &statuses {
                     tx.send_replace(crate::objects::export_statuses(&objects));
                 }

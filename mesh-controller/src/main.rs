@@ -123,6 +123,7 @@ async fn run(config_path: PathBuf) -> Result<()> {
         metrics.clone(),
     );
     hub.set_claim_limits(cfg.peer_limits.into());
+    hub.set_network_policy(cfg.network_policy);
     for peer in &cfg.peers {
         hub.set_configured_allowance(&peer.id, peer.allowance());
         if let Some(endpoint) = peer.endpoint {
@@ -168,7 +169,11 @@ async fn run(config_path: PathBuf) -> Result<()> {
             settings_config_map,
         } => {
             let client = client.clone().context("no Kubernetes client")?;
-            tasks.spawn(kube_source::run(client.clone(), hub.clone()));
+            tasks.spawn(kube_source::run(
+                client.clone(),
+                hub.clone(),
+                cfg.network_policy,
+            ));
             tasks.spawn(trellis_controller::kube_settings::run(
                 client.clone(),
                 settings_namespace.clone(),

@@ -65,6 +65,8 @@ pub struct Metrics {
     pub gateways_registered: IntGauge,
     pub gateway_reports: IntCounterVec,
     pub local_revision: IntGauge,
+    /// NetworkPolicies of the local cluster refused (invalid): they isolate nothing.
+    pub policies_refused: IntGauge,
 }
 
 fn reg<C: Collector + Clone + 'static>(r: &Registry, c: C) -> Result<C, Error> {
@@ -226,6 +228,13 @@ impl Metrics {
                 g(
                     "trellis_controller_local_revision",
                     "Revision of the local cluster state sent to peers.",
+                )?,
+            )?,
+            policies_refused: reg(
+                &r,
+                g(
+                    "trellis_controller_policies_refused",
+                    "NetworkPolicies of this cluster refused as invalid (they isolate nothing).",
                 )?,
             )?,
             registry: r,

@@ -11,13 +11,14 @@
 //!   so imports are never re-exported.
 //! * Service CIDRs from ServiceCIDR objects (`networking.k8s.io/v1`), if any.
 //! * The cluster ID from the ClusterProperty `cluster.clusterset.k8s.io`, if any.
+//! * NetworkPolicies, Pods and Namespaces, converted by [`crate::policy_source`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use serde::Deserialize;
 use trellis_core::cluster::{
     ClusterId, Endpoint, ExportedService, NodeGateway, NodeState, Protocol, PublicKey, ServiceKey,
@@ -43,6 +44,10 @@ pub struct Objects {
     pub service_exports: Vec<ServiceExport>,
     pub cluster_properties: Vec<ClusterProperty>,
     pub service_cidrs: Vec<ServiceCIDR>,
+    /// NetworkPolicy's kinds (the Kubernetes source lists them only with `networkPolicy`).
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub network_policies: Vec<NetworkPolicy>,
 }
 
 /// A node's pod CIDRs as the API server has them: `spec.podCIDRs`, else `spec.podCIDR`;
@@ -245,6 +250,12 @@ pub fn source_state(objects: &Objects) -> SourceState {
         service_cidrs,
         nodes,
         services,
+        policy: crate::policy_source::policy_source(
+            &objects.network_policies,
+            &objects.pods,
+            &objects.namespaces,
+        ),
+        digest: None,
     }
 }
 
@@ -359,6 +370,15 @@ fn add_object(objects: &mut Objects, value: serde_json::Value, index: usize) -> 
         "ServiceCIDR" => objects
             .service_cidrs
             .push(serde_json::from_value(value).map_err(err)?),
+        "Namespace" => objects
+            .namespaces
+            .push(serde_json::from_value(value).map_err(err)?),
+        "Pod" => objects
+            .pods
+            .push(serde_json::from_value(value).map_err(err)?),
+        "NetworkPolicy" => objects
+            .network_policies
+            .push(serde_json::from_value(value).map_err(err)?),
         "" => {
             return Err(Error::ObjectWithoutKind { document: index });
         }
@@ -441,6 +461,45 @@ items:
         assert_eq!(db.kind, ServiceKind::Headless);
         assert!(db.cluster_ips.is_empty());
         assert_eq!(db.ports[0].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn namespaces_pods_and_policies_are_read_from_the_file() {
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: a}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec:
+  nodeName: east-node-0
+  containers: [{name: echo, ports: [{containerPort: 80, name: serve-80}]}]
+status: {podIP: 10.10.0.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: x}
+spec: {containers: [{name: echo}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: x}
+spec: {podSelector: {}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: broken, namespace: x}
+spec: {policyTypes: [Sideways]}
+"#;
+        let s = source_state(&parse_objects(yaml).unwrap());
+        assert_eq!(s.policy.namespaces["x"]["team"], "a");
+        assert_eq!(s.policy.pods.len(), 1, "the pending pod has no address");
+        assert_eq!(s.policy.pods[0].named_ports[0].port, 80);
+        assert_eq!(s.policy.policies.len(), 1);
+        assert_eq!(s.policy.refused.len(), 1);
+        assert_eq!(s.policy.refused[0].key.name, "broken");
     }
 
     #[test]

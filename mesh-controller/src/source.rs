@@ -4,6 +4,9 @@
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
+
+use crate::identities::{IdentityAllocator, local_identities};
+use crate::policy_source::PolicySource;
 use trellis_core::agent::GatewayRegistration;
 use trellis_core::cluster::{
     ClusterId, ClusterState, ExportedService, NodeGateway, NodeState, ServiceKey,
@@ -17,17 +20,24 @@ pub struct SourceState {
     pub service_cidrs: Vec<IpNet>,
     pub nodes: BTreeMap<String, NodeState>,
     pub services: BTreeMap<ServiceKey, ExportedService>,
+    /// NetworkPolicies, pods and namespaces (used when the controller enforces policy).
+    pub policy: PolicySource,
+    /// SHA-256 (hex) of the static file this was read from; `None` for Kubernetes.
+    pub digest: Option<String>,
 }
 
 impl SourceState {
     /// The local cluster state (at revision 0) this source and the gateways' registrations
-    /// describe; `default_service_cidrs` stand in when the source reports none.
+    /// describe; `default_service_cidrs` stand in when the source reports none. With an
+    /// identity allocator (the controller enforces NetworkPolicy) the state carries the
+    /// cluster's policy identities and pods, which peers need to select them.
     pub fn compose(
         &self,
         id: &ClusterId,
         name: &str,
         default_service_cidrs: &[IpNet],
         registrations: &BTreeMap<String, GatewayRegistration>,
+        identities: Option<&mut IdentityAllocator>,
     ) -> ClusterState {
         let mut next = ClusterState::new(id.clone(), name.to_owned());
         next.service_cidrs = if self.service_cidrs.is_empty() {
@@ -36,6 +46,9 @@ impl SourceState {
             self.service_cidrs.clone()
         };
         next.services = self.services.clone();
+        if let Some(allocator) = identities {
+            (next.identities, next.pods) = local_identities(id, &self.policy, allocator);
+        }
         next.nodes = self.nodes.clone();
         for (name, node) in next.nodes.iter_mut() {
             if let Some(reg) = registrations.get(name) {

@@ -37,16 +37,57 @@ impl StaticFile {
             return Ok(None);
         }
         let objects = parse_objects(&content)?;
+        let mut state = source_state(&objects);
+        state.digest = Some(sha256_hex(content.as_bytes()));
         self.last_content = Some(content);
-        Ok(Some(source_state(&objects)))
+        Ok(Some(state))
     }
 }
 
-/// Polls `path` every `poll` and delivers changes to `sink`; runs until cancelled.
+/// SHA-256 of `bytes`, lowercase hex (what status reports as `source_digest`).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What tells a file changed without reading it: length, modification time (nanoseconds
+/// on Linux file systems) and inode (a writer that renames a new file into place).
+type Fingerprint = (u64, Option<std::time::SystemTime>, u64);
+
+fn fingerprint(meta: &std::fs::Metadata) -> Fingerprint {
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    (meta.len(), meta.modified().ok(), inode)
+}
+
+/// Re-read a file whose metadata did not change at least this often anyway (a write within
+/// the file system's timestamp granularity that kept the length is still seen).
+const REREAD_EVERY: Duration = Duration::from_secs(2);
+
+/// Polls `path` every `poll` and delivers changes to `sink`; runs until cancelled. A poll
+/// whose file metadata is unchanged costs one `stat`, so a short poll (50 ms) is cheap.
 pub async fn run(path: PathBuf, poll: Duration, sink: impl StateSink) {
     let mut file = StaticFile::default();
     let mut last_error: Option<String> = None;
+    let mut seen: Option<(Fingerprint, tokio::time::Instant)> = None;
     loop {
+        let now = tokio::time::Instant::now();
+        let print = tokio::fs::metadata(&path)
+            .await
+            .ok()
+            .map(|m| fingerprint(&m));
+        let unchanged = matches!((&seen, &print), (Some((old, at)), Some(new))
+            if old == new && now.duration_since(*at) < REREAD_EVERY);
+        if unchanged {
+            tokio::time::sleep(poll).await;
+            continue;
+        }
+        seen = print.map(|p| (p, now));
         match tokio::fs::read_to_string(&path).await {
             Ok(content) => match file.update(content) {
                 Ok(Some(state)) => {
@@ -109,6 +150,26 @@ mod tests {
         assert!(f.update("kind: Node\nmetadata: [".into()).is_err());
         // After an error, the same good content is not redelivered.
         assert!(f.update(FILE.into()).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_digest_is_the_sha256_of_the_bytes_last_loaded() {
+        let mut f = StaticFile::default();
+        let state = f.update(FILE.into()).unwrap().unwrap();
+        let digest = state.digest.unwrap();
+        assert_eq!(digest.len(), 64);
+        assert_eq!(digest, sha256_hex(FILE.as_bytes()));
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let edited = format!(
+            "{FILE}
+# edited
+"
+        );
+        let state = f.update(edited.clone()).unwrap().unwrap();
+        assert_eq!(state.digest.unwrap(), sha256_hex(edited.as_bytes()));
     }
 
     #[tokio::test]

@@ -26,6 +26,8 @@ pub struct StatusParts<'a> {
     pub revision: u64,
     pub mesh_revision: u64,
     pub node_encryption: bool,
+    /// The policy inputs nodes are sent now, with their digest (when enforcing policy).
+    pub policy: Option<(&'a trellis_core::policy::PolicyInputs, &'a str)>,
 }
 
 /// Every configured peer with its connection, revision, sync age and lag, counts and, when
@@ -72,8 +74,14 @@ pub fn document(parts: &StatusParts<'_>, now: Instant, wall: SystemTime) -> Cont
         gateways_connected: gateways.connected,
         remotes,
         nodes,
-        source_digest: None,
-        policy: None,
+        source_digest: parts.source.and_then(|s| s.digest.clone()),
+        policy: parts.policy.map(|(inputs, digest)| {
+            let refused = parts
+                .source
+                .map(|s| s.policy.refused.iter().map(ToString::to_string).collect())
+                .unwrap_or_default();
+            crate::policy_view::policy_status(inputs, digest, refused)
+        }),
     }
 }
 

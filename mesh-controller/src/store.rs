@@ -200,6 +200,7 @@ mod tests {
             service_cidrs: vec![],
             nodes: Default::default(),
             services: Default::default(),
+            ..Default::default()
         };
         source.nodes = cluster("a", "10.1.0.0/24", "10.96.0.0/16").nodes;
         let node = source.nodes.keys().next().unwrap().clone();

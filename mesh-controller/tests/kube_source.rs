@@ -29,6 +29,9 @@ const PROPS: &str = "/apis/about.k8s.io/v1alpha1/clusterproperties";
 const CIDRS: &str = "/apis/networking.k8s.io/v1/servicecidrs";
 const SETTINGS: &str = "/api/v1/namespaces/trellis-system/configmaps";
 const REQUIRED: [&str; 4] = [NODES, SERVICES, SLICES, EXPORTS];
+const PODS: &str = "/api/v1/pods";
+const NAMESPACES: &str = "/api/v1/namespaces";
+const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 
 fn fixture(name: &str) -> Value {
     let path = format!("{}/testdata/k8s/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -74,6 +77,9 @@ impl FakeApi {
             (PROPS, "clusterproperties.json"),
             (CIDRS, "servicecidrs.json"),
             (SETTINGS, "configmaps.json"),
+            (PODS, "pods.json"),
+            (NAMESPACES, "namespaces.json"),
+            (POLICIES, "networkpolicies.json"),
         ] {
             api.kinds.insert(
                 path,
@@ -470,6 +476,94 @@ async fn nothing_is_delivered_until_every_required_kind_has_listed() {
         })
         .await;
     assert_eq!(s.cluster_id, None, "no ClusterProperty API: no ID from it");
+    source.abort();
+    server.abort();
+    calls.assert_allowed_by_the_chart();
+}
+
+#[tokio::test]
+async fn network_policy_kinds_are_required_then_followed_when_enabled() {
+    let (client, api, server, calls) = fake_api_server(|api| {
+        api.broken.insert(PODS);
+    });
+    let rec = Recorder::default();
+    let source = tokio::spawn(trellis_controller::kube_source::run_with_options(
+        client,
+        rec.clone(),
+        trellis_controller::kube_source::SourceOptions {
+            debounce: Duration::from_millis(20),
+            network_policy: true,
+        },
+    ));
+    until(&api, "the other kinds listed and pods failing", |a| {
+        REQUIRED
+            .iter()
+            .chain(&[NAMESPACES, POLICIES])
+            .all(|p| a.watches.contains_key(*p))
+            && a.failed.get(PODS).is_some_and(|n| *n >= 2)
+    })
+    .await;
+    assert_eq!(
+        rec.count(),
+        0,
+        "delivered a state (as if no pod existed) before Pods listed"
+    );
+    api.lock().unwrap().broken.clear();
+    let s = rec.wait("the pods", |s| !s.policy.pods.is_empty()).await;
+    // The finished Job pod is not an endpoint.
+    assert_eq!(s.policy.pods.len(), 1);
+    let web = &s.policy.pods[0];
+    assert_eq!(
+        (web.name.as_str(), web.node.as_str()),
+        ("web-7d4b9c-x2k8p", "east-worker")
+    );
+    assert_eq!(web.named_ports[0].port, 8080);
+    assert_eq!(s.policy.namespaces["shop"]["team"], "blue");
+    assert_eq!(s.policy.policies.len(), 1);
+    assert!(s.policy.refused.is_empty());
+
+    // The pod is relabelled (MODIFIED), and an invalid policy arrives (ADDED).
+    let mut pod = fixture("pods.json")["items"][0].clone();
+    pod["metadata"]["labels"]["canary"] = json!("true");
+    api.lock().unwrap().push(PODS, "Pod", "v1", "MODIFIED", pod);
+    let bad = json!({"metadata": {"name": "bad", "namespace": "shop", "uid": "u-bad"},
+        "spec": {"podSelector": {}, "ingress": [{"from": [{}]}]}});
+    api.lock().unwrap().push(
+        POLICIES,
+        "NetworkPolicy",
+        "networking.k8s.io/v1",
+        "ADDED",
+        bad,
+    );
+    let s = rec
+        .wait("the relabel and the refusal", |s| {
+            s.policy
+                .pods
+                .first()
+                .is_some_and(|p| p.labels.contains_key("canary"))
+                && !s.policy.refused.is_empty()
+        })
+        .await;
+    assert!(s.policy.refused[0].to_string().contains("shop/bad"));
+    source.abort();
+    server.abort();
+    calls.assert_allowed_by_the_chart();
+}
+
+#[tokio::test]
+async fn without_network_policy_pods_are_never_listed() {
+    let (api, rec, server, source, calls) = start();
+    rec.wait("the initial state", |s| s.services.contains_key(&web()))
+        .await;
+    let a = api.lock().unwrap();
+    assert!(
+        [PODS, NAMESPACES, POLICIES]
+            .iter()
+            .all(|p| !a.lists.contains_key(*p) && !a.watches.contains_key(*p)),
+        "{:?}",
+        a.lists
+    );
+    drop(a);
     source.abort();
     server.abort();
     calls.assert_allowed_by_the_chart();

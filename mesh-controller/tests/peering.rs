@@ -77,6 +77,7 @@ fn source(pod: &str, svc_cidr: &str) -> SourceState {
         service_cidrs: c.service_cidrs,
         nodes: c.nodes,
         services: BTreeMap::new(),
+        ..Default::default()
     }
 }
 
@@ -265,6 +266,75 @@ async fn two_controllers_exchange_snapshots_then_deltas() {
     );
     assert!(b.metric("trellis_controller_remote_cluster_ready{cluster=\"a\"} 1"));
     assert!(b.metric("trellis_controller_imported_services{cluster=\"a\"} 1"));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// a's source with one pod per `(name, address, pod label)`, in namespace x on node-0.
+fn source_a_with_pods(pods: &[(&str, &str, &str)]) -> SourceState {
+    let mut src = source_a();
+    src.policy.pods = pods
+        .iter()
+        .map(
+            |(name, address, label)| trellis_controller::policy_source::PodInfo {
+                namespace: "x".into(),
+                name: (*name).into(),
+                labels: [("pod".to_owned(), (*label).to_owned())].into(),
+                node: "node-0".into(),
+                addresses: vec![address.parse().unwrap()],
+                named_ports: vec![],
+            },
+        )
+        .collect();
+    src
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_identities_and_pods_cross_the_mesh_and_false_ones_are_refused() {
+    init_tracing();
+    let mesh = Mesh::new();
+    let (mut a, mut b) = pair(&mesh, true, &[], source_a(), source_b());
+    a.hub.set_network_policy(true);
+    b.hub.set_network_policy(true);
+    eventually("a and b to see each other", || a.sees("b") && b.sees("a")).await;
+    // a announces its pod "a" (an honest one) and "spoof", at one of b's own pod addresses.
+    a.hub.set_source(source_a_with_pods(&[
+        ("a", "10.1.0.5", "a"),
+        ("spoof", "10.2.0.9", "a"),
+    ]));
+    let view = b.hub.subscribe_view();
+    let remote_pods = |label: &str| {
+        let v = view.borrow();
+        let inputs = v.as_ref().unwrap().policy.clone().unwrap();
+        inputs
+            .endpoints
+            .values()
+            .filter(|e| e.cluster.as_str() == "a")
+            .filter(|e| {
+                inputs.identities[&e.identity_key()]
+                    .labels
+                    .pod_labels
+                    .get("pod")
+                    == Some(&label.to_owned())
+            })
+            .map(|e| e.name.clone())
+            .collect::<Vec<_>>()
+    };
+    eventually("b's nodes to know a's pod", || remote_pods("a") == ["a"]).await;
+    assert!(b.metric(
+        "trellis_controller_refused_claims{kind=\"pod\",peer=\"a\",reason=\"outside_node\"} 1"
+    ));
+    // A relabel in a travels as a delta and reaches b's nodes.
+    a.hub.set_source(source_a_with_pods(&[
+        ("a", "10.1.0.5", "b"),
+        ("spoof", "10.2.0.9", "a"),
+    ]));
+    eventually("b's nodes to see the relabel", || remote_pods("b") == ["a"]).await;
+    assert_eq!(
+        b.hub.remote_states()[&id("a")].pods,
+        a.hub.local_state().pods,
+        "b holds what a announced (admission filters the view, not the copy)"
+    );
     a.stop().await;
     b.stop().await;
 }

@@ -101,6 +101,9 @@ peerLimits:
   nodes: {{ int $v.peering.limits.nodes }}
   services: {{ int $v.peering.limits.services }}
   endpoints: {{ int $v.peering.limits.endpoints }}
+  pods: {{ int $v.peering.limits.pods }}
+  identities: {{ int $v.peering.limits.identities }}
+networkPolicy: {{ $v.networkPolicy.enabled }}
 leaseSeconds: {{ $v.peering.leaseSeconds }}
 heartbeatSeconds: {{ $v.peering.heartbeatSeconds }}
 nodeEncryption: {{ .nodeEncryption }}

@@ -23,7 +23,10 @@ use tokio::sync::watch;
 use trellis_core::cluster::{ClusterId, ClusterState, Delta};
 use trellis_core::imports::Imports;
 
+use trellis_core::policy::PolicyInputs;
+
 use crate::gateways::Gateways;
+use crate::identities::IdentityAllocator;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::sessions::Sessions;
@@ -33,6 +36,8 @@ use crate::status::{ControllerStatus, StatusParts};
 mod nodes;
 mod peers;
 mod persistence;
+#[cfg(test)]
+mod policy_tests;
 
 /// The local state as peering sessions need it.
 #[derive(Debug)]
@@ -52,6 +57,23 @@ pub struct MeshView {
     pub remotes: Vec<Arc<ClusterState>>,
     pub node_encryption: bool,
     pub imports: Arc<Imports>,
+    /// What every node enforces NetworkPolicy from (the same for all: shared, and the same
+    /// `Arc` while it does not change); `None` when the controller enforces no policy.
+    pub policy: Option<Arc<PolicyInputs>>,
+    /// The controller enforces policy but its source has not synced since it started (it
+    /// serves a saved state): gateways are sent nothing until it has, so no node is ever
+    /// told a policy less than the one it enforces.
+    pub policy_pending: bool,
+    /// The delta that turned the previous inputs (`from`) into `policy`, computed once for
+    /// every node that holds `from`.
+    pub policy_step: Option<PolicyStep>,
+}
+
+/// One change of the policy inputs, shared by the nodes' feeds.
+#[derive(Debug, Clone)]
+pub struct PolicyStep {
+    pub from: Arc<PolicyInputs>,
+    pub delta: Arc<trellis_core::policy::PolicyDelta>,
 }
 
 impl MeshView {
@@ -92,6 +114,14 @@ struct Inner {
     seen_since_start: BTreeSet<ClusterId>,
     grace_over: bool,
     restored: bool,
+    network_policy: bool,
+    identities: IdentityAllocator,
+    /// The policy inputs last published, with their digest.
+    policy: Option<(Arc<PolicyInputs>, String)>,
+    /// How the last inputs came from the ones before them.
+    policy_step: Option<PolicyStep>,
+    /// Refused policies already logged (each is logged once while it stays refused).
+    logged_policy_refusals: BTreeSet<String>,
 }
 
 /// The hub; cheap to clone.
@@ -122,6 +152,11 @@ impl Hub {
             seen_since_start: Default::default(),
             grace_over: cfg.startup_grace.is_zero(),
             restored: false,
+            network_policy: false,
+            identities: IdentityAllocator::default(),
+            policy: None,
+            policy_step: None,
+            logged_policy_refusals: BTreeSet::new(),
         };
         Self {
             cfg: Arc::new(cfg),
@@ -181,6 +216,10 @@ impl Hub {
                 revision: inner.local.revision,
                 mesh_revision: inner.view_revision,
                 node_encryption: inner.node_encryption,
+                policy: inner
+                    .policy
+                    .as_ref()
+                    .map(|(inputs, digest)| (inputs.as_ref(), digest.as_str())),
             },
             Instant::now(),
             SystemTime::now(),
@@ -251,8 +290,17 @@ impl Hub {
                 "the cluster's ClusterProperty names another cluster ID; keeping the configured one"
             );
         }
+        // What nodes enforce depends on more than the local state: the policies, and
+        // whether the source has synced since a restart (`MeshView::policy_pending`).
+        let policy_changed = inner.network_policy
+            && inner
+                .source
+                .as_ref()
+                .is_none_or(|old| old.policy.policies != source.policy.policies);
         inner.source = Some(source);
-        self.recompose(&mut inner);
+        if !self.recompose(&mut inner) && policy_changed {
+            self.republish(&mut inner);
+        }
     }
 
     pub fn set_node_encryption(&self, on: bool) {
@@ -264,20 +312,59 @@ impl Hub {
         }
     }
 
-    fn recompose(&self, inner: &mut Inner) {
+    /// Enforce NetworkPolicy (`networkPolicy` in the configuration): share the cluster's
+    /// identities and pods with peers and stream every node its policy inputs.
+    pub fn set_network_policy(&self, on: bool) {
+        let mut inner = self.lock();
+        if inner.network_policy != on {
+            inner.network_policy = on;
+            tracing::info!(network_policy = on, "NetworkPolicy enforcement changed");
+            if !self.recompose(&mut inner) {
+                self.republish(&mut inner);
+            }
+        }
+    }
+
+    /// Logs each refused policy once (while it stays refused) and counts them.
+    fn note_refused_policies(&self, inner: &mut Inner) {
+        let refused: Vec<String> = match (&inner.source, inner.network_policy) {
+            (Some(source), true) => source
+                .policy
+                .refused
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            _ => Vec::new(),
+        };
+        for text in &refused {
+            if !inner.logged_policy_refusals.contains(text) {
+                tracing::error!(refusal = %text, "refusing a NetworkPolicy: the pods it selects are not isolated by it");
+            }
+        }
+        self.metrics
+            .policies_refused
+            .set(i64::try_from(refused.len()).unwrap_or(i64::MAX));
+        inner.logged_policy_refusals = refused.into_iter().collect();
+    }
+
+    /// Rebuilds the local state from the source; returns whether it changed (and so a new
+    /// view was published).
+    fn recompose(&self, inner: &mut Inner) -> bool {
+        self.note_refused_policies(inner);
         let Some(source) = &inner.source else {
-            return;
+            return false;
         };
         let mut next = source.compose(
             &self.cfg.id,
             &self.cfg.name,
             &self.cfg.service_cidrs,
             &inner.gateways.registrations,
+            inner.network_policy.then_some(&mut inner.identities),
         );
         next.revision = inner.local.revision;
         let first = self.local_tx.borrow().is_none();
         if !first && next.diff(&inner.local).is_empty() {
-            return;
+            return false;
         }
         next.revision = inner.local.revision + 1;
         if !first && let Some(delta) = inner.local.delta_to(&next) {
@@ -295,6 +382,7 @@ impl Hub {
             recent: inner.recent.iter().cloned().collect(),
         })));
         self.republish(inner);
+        true
     }
 
     /// Re-decides admission and publishes a new mesh view.
@@ -332,6 +420,7 @@ impl Hub {
             inner.view_revision,
         );
         inner.imports = Arc::new(imports);
+        self.update_policy(inner, &local, &remotes);
         self.update_remote_metrics(inner);
         self.view_tx.send_replace(Some(Arc::new(MeshView {
             revision: inner.view_revision,
@@ -339,7 +428,52 @@ impl Hub {
             remotes,
             node_encryption: inner.node_encryption,
             imports: inner.imports.clone(),
+            policy: inner.policy.as_ref().map(|(inputs, _)| inputs.clone()),
+            policy_pending: inner.network_policy && inner.source.is_none(),
+            policy_step: inner.policy_step.clone(),
         })));
+    }
+
+    /// Rebuilds the policy inputs every node is sent; keeps the previous `Arc` when nothing
+    /// changed, so subscribers skip the comparison.
+    fn update_policy(
+        &self,
+        inner: &mut Inner,
+        local: &ClusterState,
+        remotes: &[Arc<ClusterState>],
+    ) {
+        if !inner.network_policy {
+            inner.policy = None;
+            inner.policy_step = None;
+            return;
+        }
+        if inner.source.is_none() {
+            // Serving a saved state: no policies known yet (see `MeshView::policy_pending`).
+            return;
+        }
+        let policies = inner
+            .source
+            .as_ref()
+            .map(|s| s.policy.policies.clone())
+            .unwrap_or_default();
+        let inputs =
+            crate::policy_view::policy_inputs(local, remotes.iter().map(|r| r.as_ref()), policies);
+        // One diff for every node: the nodes that hold the previous inputs (all of them,
+        // unless one just connected or fell behind) take this delta as it is.
+        let step = match &inner.policy {
+            Some((old, _)) => match old.delta_to(&inputs) {
+                Some(delta) if delta.is_empty() => return,
+                Some(delta) => Some(PolicyStep {
+                    from: old.clone(),
+                    delta: Arc::new(delta),
+                }),
+                None => None,
+            },
+            None => None,
+        };
+        let digest = inputs.digest();
+        inner.policy = Some((Arc::new(inputs), digest));
+        inner.policy_step = step;
     }
 
     fn update_remote_metrics(&self, inner: &Inner) {
@@ -388,6 +522,7 @@ mod tests {
             service_cidrs: vec![],
             nodes: c.nodes,
             services: BTreeMap::new(),
+            ..Default::default()
         }
     }
 
@@ -704,6 +839,7 @@ mod claim_attacks {
             service_cidrs: vec![],
             nodes: c.nodes,
             services: BTreeMap::new(),
+            ..Default::default()
         }
     }
 

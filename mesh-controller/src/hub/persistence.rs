@@ -22,6 +22,14 @@ impl Hub {
             remotes = p.remotes.len(),
             "serving the state saved before the restart until the sources resync"
         );
+        // Identities keep their numbers across the restart (no renumbering churn for peers
+        // and nodes once the source resyncs).
+        inner.identities = crate::identities::IdentityAllocator::resume(
+            p.local
+                .identities
+                .values()
+                .map(|i| (i.labels.clone(), i.key.number)),
+        );
         inner.local = Arc::new(p.local);
         inner.gateways.registrations = p
             .registrations

@@ -3,9 +3,9 @@
 //! * **Version.** The protocol version travels in the TLS ALPN: both `trellis/2` and `trellis/1`
 //!   are offered, the highest both speak is chosen; a peer that speaks neither fails the
 //!   handshake instead of misreading frames. Version 2 differs only in how a snapshot travels:
-//!   in parts (`SnapshotBegin`, `SnapshotPart`s of at most [`SNAPSHOT_PART_OBJECTS`] nodes and
-//!   services, `SnapshotEnd`), so a state of 100,000 endpoints needs no giant frame; the
-//!   assembled snapshot is still bounded by the frame limit in total.
+//!   in parts (`SnapshotBegin`, `SnapshotPart`s of at most [`SNAPSHOT_PART_OBJECTS`] nodes,
+//!   services, policy identities and pods, `SnapshotEnd`), so a state of 100,000 endpoints
+//!   needs no giant frame; the assembled snapshot is still bounded by the frame limit in total.
 //! * **Framing.** Each message is one frame of [`crate::framing`] (a length, then JSON); a
 //!   length above the limit closes the connection before any of its body is buffered.
 //! * **Exchange.** Both sides send `Hello` (their cluster ID, which must match the identity in
@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterId, ClusterState, Delta, ExportedService, NodeState};
 use crate::framing::{FrameDecoder, FrameError, encode_json_frame};
+use crate::keyed::Keyed;
+use crate::policy::{Identity, PolicyEndpoint};
 
 /// The ALPN protocol ID of version 1.
 pub const ALPN_V1: &[u8] = b"trellis/1";
@@ -137,12 +139,21 @@ pub enum Message {
         service_cidrs: Vec<ipnet::IpNet>,
         nodes: usize,
         services: usize,
+        /// NetworkPolicy identities and pod endpoints (absent from peers that share none).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        identities: usize,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        pods: usize,
     },
     SnapshotPart {
         #[serde(default)]
         nodes: Vec<NodeState>,
         #[serde(default)]
         services: Vec<ExportedService>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        identities: Vec<Identity>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pods: Vec<PolicyEndpoint>,
     },
     SnapshotEnd,
 }
@@ -217,7 +228,31 @@ struct Assembly {
     state: ClusterState,
     nodes: usize,
     services: usize,
+    identities: usize,
+    pods: usize,
     bytes: usize,
+}
+
+impl Assembly {
+    /// More objects of a kind than the header announced.
+    fn overflowing(&self) -> bool {
+        self.state.nodes.len() > self.nodes
+            || self.state.services.len() > self.services
+            || self.state.identities.len() > self.identities
+            || self.state.pods.len() > self.pods
+    }
+
+    /// Exactly the objects the header announced.
+    fn complete(&self) -> bool {
+        self.state.nodes.len() == self.nodes
+            && self.state.services.len() == self.services
+            && self.state.identities.len() == self.identities
+            && self.state.pods.len() == self.pods
+    }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// One peering connection's protocol state.
@@ -316,28 +351,42 @@ impl Session {
                 service_cidrs: local.service_cidrs.clone(),
                 nodes: local.nodes.len(),
                 services: local.services.len(),
+                identities: local.identities.len(),
+                pods: local.pods.len(),
             },
             now,
             out,
         );
         let mut nodes = local.nodes.values();
         let mut services = local.services.values();
+        let mut identities = local.identities.values();
+        let mut pods = local.pods.values();
         loop {
             let part_nodes: Vec<NodeState> = nodes
                 .by_ref()
                 .take(SNAPSHOT_PART_OBJECTS)
                 .cloned()
                 .collect();
-            let room = SNAPSHOT_PART_OBJECTS - part_nodes.len();
+            let mut room = SNAPSHOT_PART_OBJECTS - part_nodes.len();
             let part_services: Vec<ExportedService> =
                 services.by_ref().take(room).cloned().collect();
-            if part_nodes.is_empty() && part_services.is_empty() {
+            room -= part_services.len();
+            let part_identities: Vec<Identity> = identities.by_ref().take(room).cloned().collect();
+            room -= part_identities.len();
+            let part_pods: Vec<PolicyEndpoint> = pods.by_ref().take(room).cloned().collect();
+            if part_nodes.is_empty()
+                && part_services.is_empty()
+                && part_identities.is_empty()
+                && part_pods.is_empty()
+            {
                 break;
             }
             self.send(
                 &Message::SnapshotPart {
                     nodes: part_nodes,
                     services: part_services,
+                    identities: part_identities,
+                    pods: part_pods,
                 },
                 now,
                 out,
@@ -535,6 +584,8 @@ impl Session {
                 service_cidrs,
                 nodes,
                 services,
+                identities,
+                pods,
             } if matches!(self.phase, Phase::AwaitSnapshot | Phase::Established)
                 && self.assembly.is_none() =>
             {
@@ -554,11 +605,18 @@ impl Session {
                     state,
                     nodes,
                     services,
+                    identities,
+                    pods,
                     bytes: size,
                 });
                 None
             }
-            Message::SnapshotPart { nodes, services } if self.assembly.is_some() => {
+            Message::SnapshotPart {
+                nodes,
+                services,
+                identities,
+                pods,
+            } if self.assembly.is_some() => {
                 let limit = self.cfg.max_frame;
                 let a = self.assembly.as_mut().expect("checked");
                 a.bytes = a.bytes.saturating_add(size);
@@ -573,7 +631,13 @@ impl Session {
                 for svc in services {
                     a.state.services.insert(svc.key(), svc);
                 }
-                if a.state.nodes.len() > a.nodes || a.state.services.len() > a.services {
+                for identity in identities {
+                    a.state.identities.insert(identity.key.clone(), identity);
+                }
+                for pod in pods {
+                    a.state.pods.insert(pod.key(), pod);
+                }
+                if a.overflowing() {
                     self.assembly = None;
                     self.close(PeeringError::SnapshotMismatch { peer }, out);
                     return None;
@@ -582,7 +646,7 @@ impl Session {
             }
             Message::SnapshotEnd if self.assembly.is_some() => {
                 let a = self.assembly.take().expect("checked");
-                if a.state.nodes.len() != a.nodes || a.state.services.len() != a.services {
+                if !a.complete() {
                     self.close(PeeringError::SnapshotMismatch { peer }, out);
                     return None;
                 }
@@ -1020,6 +1084,52 @@ mod v2_tests {
     }
 
     #[test]
+    fn a_snapshot_in_parts_carries_the_policy_identities_and_pods() {
+        use crate::policy::{IdentityKey, IdentityLabels};
+        let now = Instant::now();
+        let mut a_state = big(600);
+        // More pods than fit in one part, so they span parts too.
+        for i in 0..1_200u32 {
+            let key = IdentityKey {
+                cluster: id("a"),
+                number: i % 7 + 1,
+            };
+            a_state.identities.insert(
+                key.clone(),
+                Identity {
+                    key: key.clone(),
+                    labels: IdentityLabels {
+                        namespace: "load".into(),
+                        ..Default::default()
+                    },
+                },
+            );
+            let pod = PolicyEndpoint {
+                cluster: id("a"),
+                namespace: "load".into(),
+                name: format!("p{i}"),
+                addresses: vec![format!("10.1.{}.{}", i / 250, i % 250 + 1).parse().unwrap()],
+                node: "n".into(),
+                identity: key.number,
+                named_ports: vec![],
+            };
+            a_state.pods.insert(pod.key(), pod);
+        }
+        let b_state = cluster("b", "10.2.0.0/16", "10.97.0.0/16");
+        let (_, a_out) = Session::with_version(cfg("a", "b", 64 << 20), Version::V2, &a_state, now);
+        let (mut b, _) = Session::with_version(cfg("b", "a", 64 << 20), Version::V2, &b_state, now);
+        let got = b.handle_bytes(&frames(&a_out).concat(), now);
+        match &got[..] {
+            [Event::PeerSnapshot(s)] => {
+                assert_eq!(s.identities.len(), 7);
+                assert_eq!(s.pods.len(), 1_200);
+                assert_eq!(*s, a_state);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn the_total_of_the_parts_is_bounded_by_the_limit() {
         let now = Instant::now();
         let a_state = big(2_000);
@@ -1080,11 +1190,15 @@ mod v2_tests {
             service_cidrs: vec![],
             nodes,
             services: 0,
+            identities: 0,
+            pods: 0,
         };
         let node = cluster("a", "10.1.0.0/24", "10.96.0.0/16").nodes["node-0"].clone();
         let part = Message::SnapshotPart {
             nodes: vec![node],
             services: vec![],
+            identities: vec![],
+            pods: vec![],
         };
         let cases: Vec<(Vec<Message>, &str)> = vec![
             (

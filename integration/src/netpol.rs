@@ -232,6 +232,35 @@ impl TestLab {
         }
     }
 
+    /// The policy inputs `cluster`'s nodes enforce now: its first node's gateway's stored
+    /// plan, once that holds the digest its controller streams.
+    pub fn policy_inputs(&self, cluster: &str) -> trellis_core::policy::PolicyInputs {
+        let node = self.node(&format!("{cluster}/node-0"));
+        let plan = self
+            .state_dir()
+            .join("nodes")
+            .join(&node.netns)
+            .join("gateway")
+            .join("last-plan.json");
+        trellis_test_support::eventually(
+            &format!(
+                "{}'s stored policy inputs to be its controller's",
+                node.name
+            ),
+            Duration::from_secs(10),
+            || {
+                let digest = self.controller_status(cluster)["policy"]["digest"]
+                    .as_str()?
+                    .to_string();
+                let stored: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&plan).ok()?).ok()?;
+                let inputs: trellis_core::policy::PolicyInputs =
+                    serde_json::from_value(stored["policy"]["inputs"].clone()).ok()?;
+                (inputs.digest() == digest).then_some(inputs)
+            },
+        )
+    }
+
     /// The model's pods (x, y and z's a, b and c) in every cluster.
     pub fn model_pods(&self) -> Vec<ModelPod> {
         self.applied_pods()
@@ -492,9 +521,41 @@ impl<'a> Model<'a> {
         self.pods.iter().map(|p| p.name.clone()).collect()
     }
 
-    /// [`check`]: the probes of every pair on `port`/`transport` against `expected`.
+    /// [`check`]: the probes of every pair on `port`/`transport` against `expected`; and
+    /// `expected` against the reference evaluator given the policy inputs the nodes enforce.
     pub fn check(&self, case: &str, port: u16, transport: Transport, expected: &Reachability) {
         check(case, &self.pods, port, transport, expected);
+        let evaluated = self.evaluated(port, transport);
+        assert_tables_agree(
+            &format!("case {case:?}, {port}/{transport}, the reference evaluator"),
+            ("expected", expected),
+            ("evaluated", &evaluated),
+        );
+    }
+
+    /// The table `trellis_core::policy::evaluate` gives for the policy inputs each cluster's
+    /// nodes enforce now.
+    pub fn evaluated(&self, port: u16, transport: Transport) -> Reachability {
+        use trellis_core::policy::evaluate::{Connection, Mesh};
+        let mut clusters: Vec<&str> = self.pods.iter().map(|p| p.name.cluster.as_str()).collect();
+        clusters.dedup();
+        let inputs: Vec<trellis_core::policy::PolicyInputs> =
+            clusters.iter().map(|c| self.lab.policy_inputs(c)).collect();
+        let mesh = Mesh::new(&inputs);
+        let protocol = match transport {
+            Transport::Tcp => trellis_core::cluster::Protocol::Tcp,
+            Transport::Udp => trellis_core::cluster::Protocol::Udp,
+            Transport::Sctp => trellis_core::cluster::Protocol::Sctp,
+        };
+        Reachability::evaluated(&self.pods, |from, to| {
+            mesh.decide(&Connection {
+                source: from.address.into(),
+                destination: to.address.into(),
+                protocol: Some(protocol),
+                port,
+            })
+            .allowed()
+        })
     }
 
     /// [`Model::check`] for each of `ports`.

@@ -7,6 +7,7 @@ mod handshakes;
 mod latency;
 mod netpol;
 mod policy;
+mod propagation;
 mod stats;
 mod tunnel;
 
@@ -39,6 +40,8 @@ enum Bench {
     /// New TCP connections per second and an established flow's throughput between two pods,
     /// without and with the node's table compiled from N policies over N pods.
     Netpol(netpol::Options),
+    /// A NetworkPolicy change in a lab cluster of N pods until every node enforces it: p50, p99.
+    PolicyPropagation(propagation::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Handshakes(options) => handshakes::run(&options),
         Bench::PolicyApply(options) => policy::run(&options),
         Bench::Netpol(options) => netpol::run(&options),
+        Bench::PolicyPropagation(options) => propagation::run(&options),
     }
 }

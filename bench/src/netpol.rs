@@ -48,7 +48,11 @@ struct Pod {
 }
 
 fn pod_labels(index: usize) -> BTreeMap<String, String> {
-    let role = if index.is_multiple_of(2) { "client" } else { "server" };
+    let role = if index.is_multiple_of(2) {
+        "client"
+    } else {
+        "server"
+    };
     BTreeMap::from([
         ("app".to_string(), format!("app-{index}")),
         ("role".to_string(), role.to_string()),
@@ -308,7 +312,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let mut rates_gbps = [Vec::new(), Vec::new()];
     for round in 0..options.rounds {
         // Alternate which goes first so drift in the machine's load hits both.
-        let order = if round.is_multiple_of(2) { [0, 1] } else { [1, 0] };
+        let order = if round.is_multiple_of(2) {
+            [0, 1]
+        } else {
+            [1, 0]
+        };
         for with_policy in order {
             if with_policy == 1 {
                 nft(node.netns(), &script)?;

@@ -352,10 +352,12 @@ impl Config {
         if self.max_frame_bytes < 64 * 1024 {
             return bad("maxFrameBytes must be at least 65536".into());
         }
+        // A tick is one stat() of the file (it is read only when its size, time or inode
+        // changed), so a short poll costs little; below 10 ms it would be a busy loop.
         if let SourceConfig::Static { poll_millis, .. } = &self.source
-            && *poll_millis < 50
+            && *poll_millis < 10
         {
-            return bad("source.static.pollMillis must be at least 50".into());
+            return bad("source.static.pollMillis must be at least 10".into());
         }
         Ok(())
     }

@@ -506,7 +506,7 @@ fn wait_until(
                 humantime::format_duration(within)
             );
         }
-        std::thread::sleep(Duration::from_millis(25));
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

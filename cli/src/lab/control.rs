@@ -265,7 +265,7 @@ pub fn controller_yaml(
         "clusterId: {id}\nlisten: \"{address}:{PEERING_PORT}\"\npeers: [{peers}]\nleaseSeconds: 10\nheartbeatSeconds: 2\n\
          nodeEncryption: {node_encryption}\n{network_policy}\
          tls: {{ca: {certs}/ca.pem, cert: {certs}/{id}.pem, key: {certs}/{id}-key.pem}}\n\
-         source: {{static: {{path: {own}/cluster.yaml, pollMillis: 100}}}}\n\
+         source: {{static: {{path: {own}/cluster.yaml, pollMillis: 20}}}}\n\
          metricsListen: \"{address}:{CONTROLLER_METRICS_PORT}\"\nagentListen: \"{address}:{AGENT_PORT}\"\n\
          agentTls: {{ca: {agent_ca}, cert: {agent_cert}, key: {agent_key}}}\nstateFile: {own}/controller-state.json\n",
         id = cluster.name,
@@ -345,7 +345,7 @@ mod tests {
         let dir = Path::new("/run/trellis/lab/t");
         let config = controller_yaml(dir, &lab, &lab.clusters[0], false);
         assert!(config.contains("networkPolicy: true\n"), "{config}");
-        assert!(config.contains("pollMillis: 100"), "{config}");
+        assert!(config.contains("pollMillis: 20"), "{config}");
         lab.network_policy = false;
         let config = controller_yaml(dir, &lab, &lab.clusters[0], false);
         assert!(!config.contains("networkPolicy"), "{config}");

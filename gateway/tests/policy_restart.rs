@@ -18,7 +18,10 @@ use policy_rig::*;
 use trellis_core::agent::{AgentHello, GatewayDesired, GatewayUpdate, MAX_AGENT_FRAME};
 use trellis_core::framing::{FrameDecoder, encode_json_frame};
 use trellis_core::keyed::Keyed;
-use trellis_core::policy::{Identity, IdentityKey, IdentityLabels, PolicyEndpoint, PolicyInputs};
+use trellis_core::policy::{
+    Identity, IdentityKey, IdentityLabels, LabelSelector, NetworkPolicy, PolicyEndpoint,
+    PolicyInputs, PolicyPeer, PolicyRule,
+};
 use trellis_test_support::eventually;
 
 const CONTROLLER: &str = "127.0.0.1:7444";
@@ -286,15 +289,57 @@ fn a_pod_the_controller_announces_is_let_through_by_an_update_of_the_table() {
     assert_eq!(stored["policy"]["node"], "a");
 }
 
+/// Node `a`'s three pods, each its own identity (`role: <name>`), and the NetworkPolicy
+/// `b-from-c`: B takes connections from C only.
+fn b_takes_only_c(pods: &[(&Pod, &str)]) -> PolicyInputs {
+    let cluster: trellis_core::cluster::ClusterId = "c1".parse().unwrap();
+    let mut inputs = PolicyInputs::new(cluster.clone());
+    for (number, (pod, name)) in pods.iter().enumerate() {
+        let identity = Identity {
+            key: IdentityKey {
+                cluster: cluster.clone(),
+                number: number as u32 + 1,
+            },
+            labels: IdentityLabels {
+                namespace: "x".into(),
+                pod_labels: [("role".to_string(), name.to_string())].into(),
+                ..IdentityLabels::default()
+            },
+        };
+        let mut e = endpoint(pod, name);
+        e.identity = identity.key.number;
+        inputs.identities.insert(identity.key(), identity);
+        inputs.endpoints.insert(e.key(), e);
+    }
+    let role = |name: &str| LabelSelector {
+        match_labels: [("role".to_string(), name.to_string())].into(),
+        match_expressions: vec![],
+    };
+    let policy = NetworkPolicy {
+        namespace: "x".into(),
+        name: "b-from-c".into(),
+        pod_selector: role("b"),
+        ingress: Some(vec![PolicyRule {
+            peers: vec![PolicyPeer::Pods {
+                namespace_selector: None,
+                pod_selector: Some(role("c")),
+            }],
+            ports: vec![],
+        }]),
+        egress: None,
+    };
+    inputs.policies.insert(policy.key(), policy);
+    inputs
+}
+
 #[test]
 fn a_gateway_killed_and_restarted_under_policy_never_lets_denied_traffic_through() {
     trellis_test_support::skip_unless_root!();
     let rig = Rig::new("pol-restart", 3);
     let (a, b, c) = (&rig.pods[0], &rig.pods[1], &rig.pods[2]);
     let state_dir = tempfile::tempdir().unwrap();
-    // B and C are the node's pods; A is one the controller has not announced: the node's
-    // table drops its traffic (whatever the policies, which later add their own denials).
-    let inputs = inputs_with(&[(b, "b"), (c, "c")]);
+    // A, B and C are the node's pods; a NetworkPolicy lets only C reach B.
+    let inputs = b_takes_only_c(&[(a, "a"), (b, "b"), (c, "c")]);
     let digest = inputs.digest();
     let desired = GatewayDesired {
         revision: 1,
@@ -389,8 +434,8 @@ fn a_gateway_killed_and_restarted_under_policy_never_lets_denied_traffic_through
     eprintln!("{sent} probe pairs: {denied} denied through, table counters {dropped:?}");
     assert!(sent > 300, "the probes ran throughout ({sent})");
     assert!(
-        dropped["drop_unknown_pod"] >= sent,
-        "the table dropped every one of A's probes: {dropped:?}"
+        dropped["drop_ingress"] >= sent,
+        "B's policy dropped every one of A's probes: {dropped:?}"
     );
     assert_eq!(
         denied, 0,

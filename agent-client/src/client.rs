@@ -303,6 +303,13 @@ fn interval(period: Option<Duration>) -> tokio::time::Interval {
     tick
 }
 
+/// Writes `frame` and flushes it: over TLS the last records may otherwise stay in the
+/// session's buffer until the next write, which may never come.
+async fn write_flushed<W: AsyncWrite + Unpin>(writer: &mut W, frame: &[u8]) -> std::io::Result<()> {
+    writer.write_all(frame).await?;
+    writer.flush().await
+}
+
 async fn session<H: Handler, R: Clone + Into<AgentRole>>(
     config: &ClientConfig,
     hello_rx: &mut watch::Receiver<R>,
@@ -324,7 +331,7 @@ async fn session<H: Handler, R: Clone + Into<AgentRole>>(
         Err(e) => return Ended::EncodeHello(e),
     };
     let (mut reader, mut writer) = tokio::io::split(stream);
-    match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&frame)).await {
+    match tokio::time::timeout(WRITE_TIMEOUT, write_flushed(&mut writer, &frame)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Ended::Hello(e),
         Err(_) => return Ended::Hello(timed_out()),
@@ -346,7 +353,7 @@ async fn session<H: Handler, R: Clone + Into<AgentRole>>(
             () = hello_changed(hello_rx, &mut live) => return Ended::HelloChanged,
             _ = report.tick() => {
                 if let Some(frame) = handler.report(&hello).await {
-                    match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&frame)).await {
+                    match tokio::time::timeout(WRITE_TIMEOUT, write_flushed(&mut writer, &frame)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return Ended::Write(e),
                         Err(_) => return Ended::Write(timed_out()),

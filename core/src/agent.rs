@@ -212,6 +212,22 @@ pub struct GatewayDesired {
     pub policy: Option<PolicyInputs>,
 }
 
+impl PolicyUpdate {
+    /// What takes a replica holding `old` to `new`; `None` when they are equal.
+    pub fn between(old: Option<&PolicyInputs>, new: Option<&PolicyInputs>) -> Option<Self> {
+        match (old, new) {
+            (None, None) => None,
+            (Some(_), None) => Some(PolicyUpdate::Disable),
+            (None, Some(inputs)) => Some(PolicyUpdate::Replace(inputs.clone())),
+            (Some(old), Some(inputs)) => match old.delta_to(inputs) {
+                None => Some(PolicyUpdate::Replace(inputs.clone())),
+                Some(delta) if delta.is_empty() => None,
+                Some(delta) => Some(PolicyUpdate::Delta(delta)),
+            },
+        }
+    }
+}
+
 /// How a delta changes the policy inputs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -299,16 +315,7 @@ impl GatewayDesired {
             .filter(|r| !new.routes.contains(r))
             .cloned()
             .collect();
-        let policy = match (&self.policy, &new.policy) {
-            (None, None) => None,
-            (Some(_), None) => Some(PolicyUpdate::Disable),
-            (None, Some(inputs)) => Some(PolicyUpdate::Replace(inputs.clone())),
-            (Some(old), Some(inputs)) => match old.delta_to(inputs) {
-                None => Some(PolicyUpdate::Replace(inputs.clone())),
-                Some(delta) if delta.is_empty() => None,
-                Some(delta) => Some(PolicyUpdate::Delta(delta)),
-            },
-        };
+        let policy = PolicyUpdate::between(self.policy.as_ref(), new.policy.as_ref());
         let unchanged = policy.is_none()
             && upsert_peers.is_empty()
             && remove_peers.is_empty()

@@ -23,3 +23,14 @@ pub mod status;
 pub mod wgkey;
 
 pub use error_chain::error_chain;
+
+/// SHA-256 of `bytes` in lowercase hex: the digests two processes compare (the static source
+/// file a writer wrote and the controller loaded, the policy inputs a controller sent and a
+/// node enforces).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

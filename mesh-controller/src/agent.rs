@@ -75,9 +75,6 @@ impl GatewayFeed {
             return Some(GatewayUpdate::Snapshot(snapshot));
         };
         let policy = match (&self.last_policy, &view.policy) {
-            (None, None) => None,
-            (Some(_), None) => Some(PolicyUpdate::Disable),
-            (None, Some(inputs)) => Some(PolicyUpdate::Replace((**inputs).clone())),
             (Some(old), Some(new)) if Arc::ptr_eq(old, new) => None,
             // The step every node up to date takes, computed once by the hub.
             (Some(old), Some(_))
@@ -90,11 +87,7 @@ impl GatewayFeed {
                     .as_ref()
                     .map(|step| PolicyUpdate::Delta((*step.delta).clone()))
             }
-            (Some(old), Some(new)) => match old.delta_to(new) {
-                None => Some(PolicyUpdate::Replace((**new).clone())),
-                Some(delta) if delta.is_empty() => None,
-                Some(delta) => Some(PolicyUpdate::Delta(delta)),
-            },
+            (old, new) => PolicyUpdate::between(old.as_deref(), new.as_deref()),
         };
         let update = match (last.delta_to(&desired), policy) {
             (None, None) => None,
@@ -120,7 +113,12 @@ impl GatewayFeed {
                 remove_routes,
                 policy,
             }),
-            (Some(snapshot @ GatewayUpdate::Snapshot(_)), _) => Some(snapshot),
+            // `delta_to` sends deltas; were it ever a snapshot, it carries the policy too, or
+            // the gateway would take its absence for "enforce none".
+            (Some(GatewayUpdate::Snapshot(mut snapshot)), _) => {
+                snapshot.policy = view.policy.as_deref().cloned();
+                Some(GatewayUpdate::Snapshot(snapshot))
+            }
             (None, Some(policy)) => Some(GatewayUpdate::Delta {
                 from: last.revision,
                 to: desired.revision,
@@ -479,7 +477,14 @@ async fn send_update<T: serde::Serialize, W: AsyncWrite + Unpin>(
     max_frame: usize,
 ) -> Result<(), SubscriberError> {
     let frame = encode_json_frame(update, label, max_frame).map_err(SubscriberError::Encode)?;
-    tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&frame))
+    // Flushed, not only written: over TLS the last records of a large frame may still sit in
+    // the session's buffer when `write_all` returns, and nothing else would push them out (a
+    // DNS subscriber sends nothing back), so the agent would wait for them forever.
+    let write = async {
+        wr.write_all(&frame).await?;
+        wr.flush().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
         .await
         .map_err(|_| SubscriberError::WriteTimeout)?
         .map_err(SubscriberError::Write)

@@ -56,8 +56,13 @@ pub fn policy_status(
                 .iter()
                 .filter_map(|(key, n)| {
                     let identity = inputs.identities.get(key)?;
-                    (identity.labels.namespace == policy.namespace
-                        && policy.pod_selector.matches(&identity.labels.pod_labels))
+                    // The nodes' own test, the implicit cluster label included.
+                    trellis_core::policy::plan::policy_selects(
+                        policy,
+                        &inputs.cluster,
+                        &identity.key,
+                        &identity.labels,
+                    )
                     .then_some(*n)
                 })
                 .sum();

@@ -38,19 +38,10 @@ impl StaticFile {
         }
         let objects = parse_objects(&content)?;
         let mut state = source_state(&objects);
-        state.digest = Some(sha256_hex(content.as_bytes()));
+        state.digest = Some(trellis_core::sha256_hex(content.as_bytes()));
         self.last_content = Some(content);
         Ok(Some(state))
     }
-}
-
-/// SHA-256 of `bytes`, lowercase hex (what status reports as `source_digest`).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// What tells a file changed without reading it: length, modification time (nanoseconds
@@ -158,9 +149,9 @@ mod tests {
         let state = f.update(FILE.into()).unwrap().unwrap();
         let digest = state.digest.unwrap();
         assert_eq!(digest.len(), 64);
-        assert_eq!(digest, sha256_hex(FILE.as_bytes()));
+        assert_eq!(digest, trellis_core::sha256_hex(FILE.as_bytes()));
         assert_eq!(
-            sha256_hex(b"abc"),
+            trellis_core::sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         let edited = format!(
@@ -169,7 +160,10 @@ mod tests {
 "
         );
         let state = f.update(edited.clone()).unwrap().unwrap();
-        assert_eq!(state.digest.unwrap(), sha256_hex(edited.as_bytes()));
+        assert_eq!(
+            state.digest.unwrap(),
+            trellis_core::sha256_hex(edited.as_bytes())
+        );
     }
 
     #[tokio::test]

@@ -370,7 +370,7 @@ fn write_and_wait(dir: &Path, state: &LabState, index: usize) -> anyhow::Result<
     let started = Instant::now();
     let revision = wait_in_force(
         cluster,
-        &control::source_digest(yaml.as_bytes()),
+        &trellis_core::sha256_hex(yaml.as_bytes()),
         IN_FORCE_WITHIN,
     )?;
     // Peer clusters' policies may select this cluster's pods: they enforce the change too

@@ -250,7 +250,7 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
     // Under NetworkPolicy a node drops the traffic of pods it has not been told about: every
     // controller must have read its pods and every node enforce what it was sent first.
     for cluster in &state.clusters {
-        let digest = control::source_digest(&fs::read(
+        let digest = trellis_core::sha256_hex(&fs::read(
             control::cluster_dir(dir, cluster).join("cluster.yaml"),
         )?);
         super::apply::wait_in_force(cluster, &digest, super::apply::IN_FORCE_WITHIN)?;

@@ -117,15 +117,6 @@ pub fn cluster_yaml(cluster: &Cluster, index: usize) -> String {
     yaml
 }
 
-/// SHA-256 (hex) of a source file's bytes, as the controller reports what it loaded.
-pub fn source_digest(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// The lab's own pods' labels: `app: <name>`.
 pub fn lab_pod_labels(pod: &str) -> objects::Labels {
     objects::Labels::from([("app".to_string(), pod.to_string())])
@@ -336,7 +327,7 @@ mod tests {
         assert_eq!(parsed.services.len(), 2);
         // The same objects, the same bytes.
         assert_eq!(cluster_yaml(&lab.clusters[0], 0), yaml);
-        assert_eq!(source_digest(yaml.as_bytes()).len(), 64);
+        assert_eq!(trellis_core::sha256_hex(yaml.as_bytes()).len(), 64);
     }
 
     #[test]

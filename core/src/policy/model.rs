@@ -303,12 +303,8 @@ impl PolicyInputs {
     /// SHA-256 (hex) of the canonical JSON: equal inputs, equal digests, in any process built
     /// from this code (maps are ordered, so the JSON is canonical).
     pub fn digest(&self) -> String {
-        use sha2::{Digest, Sha256};
         let json = serde_json::to_vec(self).expect("policy inputs always serialise");
-        Sha256::digest(&json)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        crate::sha256_hex(&json)
     }
 
     /// The pods of `node` in this cluster.

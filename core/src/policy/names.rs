@@ -10,12 +10,13 @@ use sha2::{Digest, Sha256};
 use super::model::PolicyKey;
 use super::ruleset::{Direction, Family, Name};
 
-/// 48 bits of SHA-256 of the policy's `namespace/name`: names stay short whatever the
-/// policy's name, and two policies of one cluster colliding is a one in 2^24 event at 4,096
-/// policies.
+/// 128 bits of SHA-256 of the policy's `namespace/name`: names stay short whatever the
+/// policy's name. Not fewer: whoever may create a policy chooses its name, and a name whose
+/// tag equals another namespace's policy would share (and replace) that policy's chain and
+/// sets on every node; finding one is a second preimage of 128 bits.
 fn policy_tag(key: &PolicyKey) -> String {
     let digest = Sha256::digest(format!("{}/{}", key.namespace, key.name));
-    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn direction_tag(direction: Direction) -> &'static str {

@@ -493,7 +493,7 @@ fn render_rule(ruleset: &Ruleset, rule: &Rule) -> Option<String> {
             }
             Match::Protocol { protocol } => format!("meta l4proto {}", protocol_name(*protocol)),
             Match::DestinationPorts { ranges } => {
-                let ranges = merge_ranges(ranges);
+                let ranges = super::plan::merge_ranges(ranges);
                 match ranges.as_slice() {
                     [] => return None,
                     [one] => format!("th dport {}", render_range(*one)),
@@ -540,21 +540,6 @@ fn render_range((first, last): (u16, u16)) -> String {
     } else {
         format!("{first}-{last}")
     }
-}
-
-/// Port ranges sorted, with overlapping and adjacent ones merged (an anonymous interval set
-/// refuses overlaps); reversed ranges are read the right way round.
-fn merge_ranges(ranges: &[(u16, u16)]) -> Vec<(u16, u16)> {
-    let mut sorted: Vec<(u16, u16)> = ranges.iter().map(|&(a, b)| (a.min(b), a.max(b))).collect();
-    sorted.sort_unstable();
-    let mut merged: Vec<(u16, u16)> = Vec::with_capacity(sorted.len());
-    for (first, last) in sorted {
-        match merged.last_mut() {
-            Some(prev) if u32::from(first) <= u32::from(prev.1) + 1 => prev.1 = prev.1.max(last),
-            _ => merged.push((first, last)),
-        }
-    }
-    merged
 }
 
 /// A comment nft takes inside double quotes: printable ASCII without `"` or `\` (replaced),
@@ -604,6 +589,11 @@ pub fn render_update(old: &Ruleset, new: &Ruleset) -> Result<Option<String>, Ren
     // Sets: new ones whole, changed ones by element (removals first: an interval set refuses
     // an added element overlapping one still there).
     for (name, set) in &new.address_sets {
+        // Untouched sets cost nothing: a one-pod change renders one pod's elements, whatever
+        // the size of the other sets.
+        if old.address_sets.get(name) == Some(set) {
+            continue;
+        }
         let elements = address_elements(set);
         match old.address_sets.get(name) {
             None => {
@@ -619,6 +609,9 @@ pub fn render_update(old: &Ruleset, new: &Ruleset) -> Result<Option<String>, Ren
         }
     }
     for (name, set) in &new.service_sets {
+        if old.service_sets.get(name) == Some(set) {
+            continue;
+        }
         let elements = service_elements(set);
         match old.service_sets.get(name) {
             None => {

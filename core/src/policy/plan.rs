@@ -346,7 +346,7 @@ impl PolicyPlan {
                 });
                 if let Numbered::Ranges(ranges) = ports {
                     matches.push(Match::DestinationPorts {
-                        ranges: merge_ranges(ranges.clone()),
+                        ranges: merge_ranges(ranges),
                     });
                 }
                 push(matches);
@@ -375,11 +375,13 @@ impl PolicyPlan {
     }
 }
 
-/// Sorted, overlapping and adjacent ranges joined.
-fn merge_ranges(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
-    ranges.sort_unstable();
-    let mut out: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
-    for (first, last) in ranges {
+/// Port ranges sorted, with overlapping and adjacent ones joined (an nftables interval set
+/// refuses overlaps); reversed ranges are read the right way round.
+pub(crate) fn merge_ranges(ranges: &[(u16, u16)]) -> Vec<(u16, u16)> {
+    let mut sorted: Vec<(u16, u16)> = ranges.iter().map(|&(a, b)| (a.min(b), a.max(b))).collect();
+    sorted.sort_unstable();
+    let mut out: Vec<(u16, u16)> = Vec::with_capacity(sorted.len());
+    for (first, last) in sorted {
         match out.last_mut() {
             Some(prev) if u32::from(first) <= u32::from(prev.1) + 1 => prev.1 = prev.1.max(last),
             _ => out.push((first, last)),
@@ -434,7 +436,7 @@ mod tests {
     #[test]
     fn port_ranges_merge_when_they_touch_or_overlap() {
         assert_eq!(
-            merge_ranges(vec![(90, 95), (80, 81), (82, 85), (84, 86), (65535, 65535)]),
+            merge_ranges(&[(90, 95), (80, 81), (82, 85), (84, 86), (65535, 65535)]),
             vec![(80, 86), (90, 95), (65535, 65535)]
         );
     }

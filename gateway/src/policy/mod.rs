@@ -61,8 +61,24 @@ impl PolicyCompiler for IncrementalCompiler {
                     .1
             }
         };
-        compiler.update(inputs).clone()
+        compiler.update(&without_unknown_identities(inputs)).clone()
     }
+}
+
+/// `inputs` less the pods whose identity it does not hold. Such a pod is selected by no
+/// policy, so compiled as it is it would be known and open; left out, it is an unknown pod
+/// and dropped, until its identity arrives. (A controller sends both together; this is the
+/// node not trusting that.)
+fn without_unknown_identities(inputs: &PolicyInputs) -> std::borrow::Cow<'_, PolicyInputs> {
+    let known = |e: &trellis_core::policy::PolicyEndpoint| {
+        inputs.identities.contains_key(&e.identity_key())
+    };
+    if inputs.endpoints.values().all(known) {
+        return std::borrow::Cow::Borrowed(inputs);
+    }
+    let mut kept = inputs.clone();
+    kept.endpoints.retain(|_, e| known(e));
+    std::borrow::Cow::Owned(kept)
 }
 
 /// The kernel's side: run a script as one transaction, read the named counters.
@@ -392,8 +408,20 @@ pub(crate) mod tests {
         }
     }
 
+    /// Pods of node `n1` at these addresses, all of one identity.
     fn policy_inputs(pods: &[&str]) -> PolicyInputs {
         let mut inputs = PolicyInputs::new("c1".parse().unwrap());
+        let identity = trellis_core::policy::Identity {
+            key: trellis_core::policy::IdentityKey {
+                cluster: "c1".parse().unwrap(),
+                number: 1,
+            },
+            labels: trellis_core::policy::IdentityLabels {
+                namespace: "x".into(),
+                ..Default::default()
+            },
+        };
+        inputs.identities.insert(identity.key.clone(), identity);
         for (i, pod) in pods.iter().enumerate() {
             let endpoint = PolicyEndpoint {
                 cluster: "c1".parse().unwrap(),
@@ -409,6 +437,25 @@ pub(crate) mod tests {
                 .insert(trellis_core::keyed::Keyed::key(&endpoint), endpoint);
         }
         inputs
+    }
+
+    #[test]
+    fn a_pod_whose_identity_is_missing_is_left_unknown_not_open() {
+        let mut inputs = policy_inputs(&["10.0.0.1", "10.0.0.2"]);
+        let mut endpoints = inputs.endpoints.values_mut();
+        let known = endpoints.next().unwrap().clone();
+        let orphan = endpoints.next().unwrap();
+        orphan.identity = 2;
+        let orphan = orphan.clone();
+        let ruleset = IncrementalCompiler::default().ruleset(&inputs, "n1");
+        assert!(
+            ruleset.local_pods.contains(&known.addresses[0]),
+            "{ruleset:?}"
+        );
+        assert!(
+            !ruleset.local_pods.contains(&orphan.addresses[0]),
+            "{ruleset:?}"
+        );
     }
 
     fn enforcer() -> (Enforcer, FakeKernel, Arc<Mutex<usize>>) {

@@ -16,9 +16,12 @@
 //! * `_egress` (by source address) and `_ingress` (by destination): ICMPv6 neighbour
 //!   discovery passes, established and related packets pass, invalid ones are dropped, then
 //!   the verdict map (`_egress4`/`_egress6`, `_ingress4`/`_ingress6`) sends an isolated pod's
-//!   packet to its chain; a packet its chain does not decide on, or of a pod in neither map,
-//!   passes when the pod is one of `local_pods` (`_local4`/`_local6`), and is dropped and
-//!   counted (`drop_unknown_pod`) when it is not.
+//!   packet to its chain; a packet of an isolated pod the map did not send anywhere is dropped
+//!   (`_isolated_egress4`… hold the maps' keys: the kernel's hash map may miss a key for an
+//!   instant while a transaction re-points it to another chain, and that instant must fail
+//!   closed, not fall through to the accept below); a packet of a pod in neither map passes
+//!   when the pod is one of `local_pods` (`_local4`/`_local6`), and is dropped and counted
+//!   (`drop_unknown_pod`) when it is not.
 //! * named counters `drop_ingress` and `drop_egress` count the ruleset's
 //!   [`Verdict::Drop`]s.
 //!
@@ -216,7 +219,14 @@ fn existing_of(ruleset: &Ruleset) -> ExistingTable {
 
 /// The fixed part's maps, sets and chains.
 const FIXED_MAPS: [&str; 4] = ["_egress4", "_egress6", "_ingress4", "_ingress6"];
-const FIXED_SETS: [&str; 2] = ["_local4", "_local6"];
+const FIXED_SETS: [&str; 6] = [
+    "_local4",
+    "_local6",
+    "_isolated_egress4",
+    "_isolated_egress6",
+    "_isolated_ingress4",
+    "_isolated_ingress6",
+];
 const FIXED_CHAINS: [&str; 5] = [
     "_egress",
     "_ingress",
@@ -312,6 +322,14 @@ fn render_body(out: &mut String, ruleset: &Ruleset) {
             addr_type(family),
             elements_clause(local)
         );
+        for (map, isolated) in [("egress", &ruleset.egress), ("ingress", &ruleset.ingress)] {
+            let _ = writeln!(
+                out,
+                "\tset _isolated_{map}{suffix} {{ type {};{} }}",
+                addr_type(family),
+                elements_clause(key_elements(isolated, family))
+            );
+        }
     }
     // Every chain declared first: rules and map elements may then name any of them.
     for name in ruleset.chains.keys() {
@@ -351,9 +369,9 @@ fn add_fixed_rules(out: &mut String) {
     for (chain, rule) in fixed {
         let _ = writeln!(out, "add rule inet {TABLE} {chain} {rule}");
     }
-    for (chain, address, map) in [
-        ("_egress", "saddr", "_egress"),
-        ("_ingress", "daddr", "_ingress"),
+    for (chain, address, map, counter) in [
+        ("_egress", "saddr", "_egress", COUNTER_DROP_EGRESS),
+        ("_ingress", "daddr", "_ingress", COUNTER_DROP_INGRESS),
     ] {
         for rule in [
             "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept".to_string(),
@@ -361,6 +379,8 @@ fn add_fixed_rules(out: &mut String) {
             "ct state invalid drop".to_string(),
             format!("ip {address} vmap @{map}4"),
             format!("ip6 {address} vmap @{map}6"),
+            format!("ip {address} @_isolated{map}4 counter name {counter} drop"),
+            format!("ip6 {address} @_isolated{map}6 counter name {counter} drop"),
             format!("ip {address} @_local4 accept"),
             format!("ip6 {address} @_local6 accept"),
             format!("counter name {COUNTER_DROP_UNKNOWN_POD} drop"),
@@ -467,6 +487,14 @@ fn service_elements(set: &ServiceSet) -> BTreeSet<String> {
         .map(|(address, protocol, port)| {
             format!("{address} . {} . {port}", protocol_name(*protocol))
         })
+        .collect()
+}
+
+/// The addresses of one family a verdict map has keys for.
+fn key_elements(map: &BTreeMap<IpAddr, Name>, family: Family) -> BTreeSet<String> {
+    map.keys()
+        .filter(|pod| Family::of(pod) == family)
+        .map(ToString::to_string)
         .collect()
 }
 
@@ -658,6 +686,17 @@ pub fn render_update(old: &Ruleset, new: &Ruleset) -> Result<Option<String>, Ren
             &local_elements(&old.local_pods, family),
             &local_elements(&new.local_pods, family),
         );
+        for (map, old, new) in [
+            ("egress", &old.egress, &new.egress),
+            ("ingress", &old.ingress, &new.ingress),
+        ] {
+            element_changes(
+                &mut out,
+                &format!("_isolated_{map}{suffix}"),
+                &key_elements(old, family),
+                &key_elements(new, family),
+            );
+        }
     }
     // What nothing refers to any more: removed chains emptied first (they may jump to each
     // other), then deleted, then removed sets.
@@ -845,7 +884,11 @@ mod tests {
                 "add element inet trellis_policy _ingress4 { 10.0.0.2 : jump pod_b_in }\n"
             )
         );
-        // In each direction's chain: established, invalid, the map, local pods, unknown.
+        // In each direction's chain: established, invalid, the map, an isolated pod the map
+        // missed, local pods, unknown.
+        assert!(
+            script.contains("set _isolated_ingress4 { type ipv4_addr; elements = { 10.0.0.2 }; }")
+        );
         let egress: Vec<&str> = script
             .lines()
             .filter_map(|l| l.strip_prefix("add rule inet trellis_policy _egress "))
@@ -857,6 +900,8 @@ mod tests {
                 "ct state invalid drop",
                 "ip saddr vmap @_egress4",
                 "ip6 saddr vmap @_egress6",
+                "ip saddr @_isolated_egress4 counter name drop_egress drop",
+                "ip6 saddr @_isolated_egress6 counter name drop_egress drop",
                 "ip saddr @_local4 accept",
                 "ip6 saddr @_local6 accept",
                 "counter name drop_unknown_pod drop",

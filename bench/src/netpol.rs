@@ -25,6 +25,8 @@ use trellis_netns::{Netlink, Netns};
 
 const NODE: &str = "bench-node";
 const SERVER_PORT: u16 = 80;
+/// The established flow's port (iperf3), allowed with the connections' by the same rule.
+const FLOW_PORT: u16 = 81;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -71,7 +73,7 @@ fn selector(pairs: &[(&str, &str)]) -> LabelSelector {
 
 /// `pods` pods in ten namespaces, pod 0 the client and pod 1 the server at their real
 /// addresses; policy `i` isolates pod `i mod pods` both ways: in from any namespace's
-/// clients on TCP 80, out to servers on TCP 80 and to anywhere on UDP 53.
+/// clients on TCP 80-81, out to servers on TCP 80-81 and to anywhere on UDP 53.
 fn inputs(options: &Options, client: Ipv4Addr, server: Ipv4Addr) -> PolicyInputs {
     let cluster: trellis_core::cluster::ClusterId = "c1".parse().expect("valid cluster ID");
     let mut inputs = PolicyInputs::new(cluster.clone());
@@ -118,7 +120,7 @@ fn inputs(options: &Options, client: Ipv4Addr, server: Ipv4Addr) -> PolicyInputs
     let tcp80 = PolicyPort {
         protocol: trellis_core::cluster::Protocol::Tcp,
         port: Some(PortSpec::Number(SERVER_PORT)),
-        end_port: None,
+        end_port: Some(FLOW_PORT),
     };
     for index in 0..options.policies {
         let pod = index % options.pods;
@@ -199,7 +201,7 @@ fn wire_pods(node: &TempNetns) -> anyhow::Result<(Vec<Pod>, Runtime, ConfList, t
     Ok((pods, runtime, list, data))
 }
 
-/// Connections per second from `client` to `server` for `seconds`, each closed with a reset.
+/// Connections per second from `client` to `server` for `seconds`, one after another.
 fn connection_rate(client: &Pod, target: SocketAddr, seconds: u64) -> anyhow::Result<f64> {
     let deadline = Duration::from_secs(seconds);
     let made = client.netns.netns().run(move || -> anyhow::Result<u64> {
@@ -207,8 +209,7 @@ fn connection_rate(client: &Pod, target: SocketAddr, seconds: u64) -> anyhow::Re
         let mut made = 0u64;
         while started.elapsed() < deadline {
             let stream = TcpStream::connect_timeout(&target, Duration::from_secs(1))
-                .context("a connection the policy allows failed")?;
-            socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+                .with_context(|| format!("a connection the policy allows failed after {made}"))?;
             drop(stream);
             made += 1;
         }
@@ -223,7 +224,14 @@ fn throughput(client: &Pod, server: &Pod, seconds: u64) -> anyhow::Result<f64> {
         .netns()
         .spawn(
             Command::new("iperf3")
-                .args(["-s", "-1", "-p", "5201", "-B", &server.address.to_string()])
+                .args([
+                    "-s",
+                    "-1",
+                    "-p",
+                    &FLOW_PORT.to_string(),
+                    "-B",
+                    &server.address.to_string(),
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         )?
@@ -231,7 +239,14 @@ fn throughput(client: &Pod, server: &Pod, seconds: u64) -> anyhow::Result<f64> {
     std::thread::sleep(Duration::from_millis(300));
     let output = client.netns.netns().run(|| {
         Command::new("iperf3")
-            .args(["-c", &server.address.to_string(), "-p", "5201", "-J", "-t"])
+            .args([
+                "-c",
+                &server.address.to_string(),
+                "-p",
+                &FLOW_PORT.to_string(),
+                "-J",
+                "-t",
+            ])
             .arg(seconds.to_string())
             .output()
     })??;
@@ -257,8 +272,18 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         let lo = netlink.require_link("lo").await?;
         netlink.set_up(lo.index).await
     })?;
+    // The node routes between its pods (a new namespace does not forward).
+    trellis_netns::sysctl::write(Some(node.netns()), "net/ipv4/ip_forward", "1")?;
     let (pods, cni, list, _data) = wire_pods(&node)?;
     let (client, server) = (&pods[0], &pods[1]);
+    // Thousands of connections a second from one client: every local port, and ports in
+    // TIME_WAIT taken again.
+    trellis_netns::sysctl::write(
+        Some(client.netns.netns()),
+        "net/ipv4/ip_local_port_range",
+        "1024\t65535",
+    )?;
+    trellis_netns::sysctl::write(Some(client.netns.netns()), "net/ipv4/tcp_tw_reuse", "1")?;
 
     let inputs = inputs(options, client.address, server.address);
     let compiled = Instant::now();
@@ -277,10 +302,20 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     );
 
     // The server: accepts and drops connections until the run ends.
-    let listener = server
-        .netns
-        .netns()
-        .run(|| TcpListener::bind(SocketAddr::new(IpAddr::V4(server.address), SERVER_PORT)))??;
+    // A deep accept queue: a full one drops the client's SYN, which costs it a 1 s
+    // retransmission and would measure the queue, not the policy.
+    trellis_netns::sysctl::write(Some(server.netns.netns()), "net/core/somaxconn", "65535")?;
+    let listener: TcpListener =
+        server
+            .netns
+            .netns()
+            .run(|| -> std::io::Result<TcpListener> {
+                let socket =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                socket.bind(&SocketAddr::new(IpAddr::V4(server.address), SERVER_PORT).into())?;
+                socket.listen(65535)?;
+                Ok(socket.into())
+            })??;
     let stop = Arc::new(AtomicBool::new(false));
     let acceptor = {
         let stop = stop.clone();
@@ -289,7 +324,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                drop(stream);
+                // Closed after the client's close, so the client's side keeps TIME_WAIT
+                // (which it may reuse), not the server's.
+                if let Ok(mut stream) = stream {
+                    let _ = std::io::Read::read(&mut stream, &mut [0u8; 1]);
+                }
             }
         })
     };
@@ -298,7 +337,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     // The table must enforce, or the comparison means nothing: with it, a port no rule allows
     // times out (the SYN is dropped) where without it the server's kernel refuses at once.
     nft(node.netns(), &script)?;
-    let denied = SocketAddr::new(IpAddr::V4(server.address), SERVER_PORT + 1);
+    let denied = SocketAddr::new(IpAddr::V4(server.address), FLOW_PORT + 1);
     let outcome = client
         .netns
         .netns()
@@ -325,6 +364,16 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             }
             rates[with_policy].push(connection_rate(client, target, options.seconds)?);
             rates_gbps[with_policy].push(throughput(client, server, options.seconds)?);
+            eprintln!(
+                "round {round}, {}: {:.0} connections/s, {:.2} Gb/s",
+                if with_policy == 1 {
+                    "policies"
+                } else {
+                    "no policy"
+                },
+                rates[with_policy].last().copied().unwrap_or_default(),
+                rates_gbps[with_policy].last().copied().unwrap_or_default()
+            );
         }
     }
     stop.store(true, Ordering::Relaxed);

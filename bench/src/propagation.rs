@@ -1,11 +1,14 @@
-//! How long a NetworkPolicy change takes to be enforced on every node of a cluster, as a user
-//! of the lab sees it: a lab cluster with N pods, then the same policy changed back and forth;
-//! each `trellis lab apply` returns once the controller has loaded the file and every node's
-//! gateway enforces the new inputs (their digests match), and says how long that took from
-//! the write of the file.
+//! How long a NetworkPolicy change takes to be enforced on every node of a cluster: a lab
+//! cluster with N pods (made with `trellis lab apply`), then the same policies changed back
+//! and forth in the cluster's source file, each change timed from the file's write until every
+//! node's gateway reports new policy inputs in force (its `/status` digest, polled every
+//! 5 ms from inside each node). Not through `lab apply`'s own wait, which also reads
+//! the controller's `/status`, a document the controller builds at most every 250 ms.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
@@ -16,8 +19,8 @@ pub struct Options {
     /// Pods in the cluster (spread over its nodes, in ten namespaces).
     #[arg(long, default_value_t = 1000)]
     pods: usize,
-    /// Nodes of the cluster.
-    #[arg(long, default_value_t = 2)]
+    /// Nodes of the cluster (a node's pod CIDR is a /24: at most 253 pods each).
+    #[arg(long, default_value_t = 4)]
     nodes: u32,
     /// Policy changes measured.
     #[arg(long, default_value_t = 40)]
@@ -25,6 +28,9 @@ pub struct Options {
 }
 
 const LAB: &str = "bench-prop";
+/// The policies' port, which the changes move to the next one and back (no other object of
+/// the lab's source names it).
+const POLICY_PORT: u16 = 8123;
 
 fn trellis(bin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(bin_dir.join("trellis"))
@@ -98,16 +104,26 @@ fn policy_yaml(port: u16) -> String {
         .collect()
 }
 
-/// The milliseconds of the command's `in force in c1 (N ms)` line.
-fn in_force_ms(output: &str) -> anyhow::Result<f64> {
-    output
-        .lines()
-        .filter_map(|line| line.strip_prefix("in force in c1 ("))
-        .filter_map(|rest| rest.strip_suffix(" ms)"))
-        .next_back()
-        .context("no `in force` line in the output")?
-        .parse::<f64>()
-        .context("in force time")
+/// The policy digest node `index`'s gateway reports it enforces (the lab's addresses: node
+/// `i` of cluster 1 is 198.18.1.(10 + i), its gateway's status on 9586).
+fn enforced_digest(node: &trellis_netns::Netns, index: u32) -> Option<String> {
+    let address = SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(198, 18, 1, 10 + index as u8)),
+        9586,
+    );
+    let response = node
+        .run(|| trellis_http::client::get(address, "/status", Duration::from_secs(1)))
+        .ok()?
+        .ok()?;
+    let status: serde_json::Value = serde_json::from_str(&response.body).ok()?;
+    status["policy"]["digest"].as_str().map(str::to_owned)
+}
+
+/// Every node's enforced digest, once they all report one.
+fn digests(nodes: &[trellis_netns::Netns]) -> Option<Vec<String>> {
+    (0..nodes.len())
+        .map(|i| enforced_digest(&nodes[i], i as u32))
+        .collect()
 }
 
 fn measure(options: &Options, bin_dir: &Path) -> anyhow::Result<Vec<f64>> {
@@ -127,11 +143,43 @@ fn measure(options: &Options, bin_dir: &Path) -> anyhow::Result<Vec<f64>> {
         ],
     )?;
     apply(bin_dir, &pods_yaml(options.pods))?;
-    apply(bin_dir, &policy_yaml(80))?;
+    apply(bin_dir, &policy_yaml(POLICY_PORT))?;
+    let source = Path::new("/run/trellis/lab")
+        .join(LAB)
+        .join("clusters/c1/cluster.yaml");
+    let nodes: Vec<trellis_netns::Netns> = (0..options.nodes)
+        .map(|i| trellis_netns::Netns::open(&format!("tl-{LAB}-c1-node-{i}")))
+        .collect::<Result<_, _>>()?;
+    let mut before = digests(&nodes).context("the gateways report no policy")?;
     let mut times = Vec::new();
     for change in 0..options.changes {
-        let port = if change % 2 == 0 { 81 } else { 80 };
-        times.push(in_force_ms(&apply(bin_dir, &policy_yaml(port))?)?);
+        let (from, to) = if change % 2 == 0 {
+            (POLICY_PORT, POLICY_PORT + 1)
+        } else {
+            (POLICY_PORT + 1, POLICY_PORT)
+        };
+        let yaml = std::fs::read_to_string(&source)?;
+        // The lab writes each document as one line of JSON.
+        let changed = yaml.replace(&format!("\"port\":{from}"), &format!("\"port\":{to}"));
+        if changed == yaml {
+            bail!("no policy port {from} in {}", source.display());
+        }
+        let started = Instant::now();
+        trellis_files::write_atomically(&source, changed.as_bytes(), 0o644)?;
+        let after = loop {
+            if let Some(now) = digests(&nodes)
+                && now.iter().all(|d| before.iter().all(|b| b != d))
+                && now.windows(2).all(|w| w[0] == w[1])
+            {
+                break now;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("change {change} not enforced on every node within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+        before = after;
     }
     Ok(times)
 }

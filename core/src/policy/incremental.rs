@@ -67,6 +67,32 @@ pub struct Compiler {
     address_owners: [HashMap<IpAddr, BTreeSet<EndpointKey>>; 2],
 }
 
+/// The (direction, policy) pairs that isolate `endpoint` (a pod of the node): the policies of
+/// its namespace whose pod selector takes its identity, in each direction they have. None when
+/// its identity is unknown.
+fn isolating(
+    inputs: &PolicyInputs,
+    by_namespace: &HashMap<String, BTreeSet<PolicyKey>>,
+    endpoint: &PolicyEndpoint,
+) -> BTreeSet<(Direction, PolicyKey)> {
+    let mut pairs = BTreeSet::new();
+    let Some(identity) = inputs.identities.get(&endpoint.identity_key()) else {
+        return pairs;
+    };
+    for policy_key in by_namespace.get(&endpoint.namespace).into_iter().flatten() {
+        let policy = &inputs.policies[policy_key];
+        if !plan::policy_selects(policy, &inputs.cluster, &identity.key, &identity.labels) {
+            continue;
+        }
+        for direction in DIRECTIONS {
+            if plan::rules_of(policy, direction).is_some() {
+                pairs.insert((direction, policy_key.clone()));
+            }
+        }
+    }
+    pairs
+}
+
 impl Compiler {
     /// A compiler for `node` of `cluster`, with no inputs yet (an empty ruleset).
     pub fn new(cluster: ClusterId, node: impl Into<String>) -> Self {
@@ -131,29 +157,12 @@ impl Compiler {
                 *self.local_addresses.entry(*address).or_default() += 1;
                 self.ruleset.local_pods.insert(*address);
             }
-            let mut pairs = BTreeSet::new();
-            if let Some(identity) = self.inputs.identities.get(&endpoint.identity_key()) {
-                let candidates = self.by_namespace.get(&endpoint.namespace);
-                for policy_key in candidates.into_iter().flatten() {
-                    let policy = &self.inputs.policies[policy_key];
-                    if !plan::policy_selects(
-                        policy,
-                        &self.inputs.cluster,
-                        &identity.key,
-                        &identity.labels,
-                    ) {
-                        continue;
-                    }
-                    for direction in DIRECTIONS {
-                        if plan::rules_of(policy, direction).is_some() {
-                            pairs.insert((direction, policy_key.clone()));
-                            selected
-                                .entry((policy_key.clone(), direction))
-                                .or_default()
-                                .insert(key.clone());
-                        }
-                    }
-                }
+            let pairs = isolating(&self.inputs, &self.by_namespace, endpoint);
+            for (direction, policy_key) in &pairs {
+                selected
+                    .entry((policy_key.clone(), *direction))
+                    .or_default()
+                    .insert(key.clone());
             }
             self.local.insert(key.clone(), pairs);
         }
@@ -504,30 +513,13 @@ impl Compiler {
                 *self.local_addresses.entry(*address).or_default() += 1;
                 self.ruleset.local_pods.insert(*address);
             }
-            if let Some(identity) = self.inputs.identities.get(&endpoint.identity_key()) {
-                let candidates = self.by_namespace.get(&endpoint.namespace);
-                for policy_key in candidates.into_iter().flatten() {
-                    let policy = &self.inputs.policies[policy_key];
-                    if !plan::policy_selects(
-                        policy,
-                        &self.inputs.cluster,
-                        &identity.key,
-                        &identity.labels,
-                    ) {
-                        continue;
-                    }
-                    for direction in DIRECTIONS {
-                        if plan::rules_of(policy, direction).is_none() {
-                            continue;
-                        }
-                        pairs.insert((direction, policy_key.clone()));
-                        let pair = (policy_key.clone(), direction);
-                        if self.active.contains_key(&pair) {
-                            already.push(pair);
-                        } else {
-                            activated.push((direction, policy_key.clone()));
-                        }
-                    }
+            pairs = isolating(&self.inputs, &self.by_namespace, endpoint);
+            for (direction, policy_key) in &pairs {
+                let pair = (policy_key.clone(), *direction);
+                if self.active.contains_key(&pair) {
+                    already.push(pair);
+                } else {
+                    activated.push((*direction, policy_key.clone()));
                 }
             }
         }

@@ -655,7 +655,13 @@ async fn overlapping_cidrs_are_refused_with_status_and_metric() {
             && !a.metric(&refused("b"))
     })
     .await;
-    assert_eq!(view.borrow().as_ref().unwrap().remotes[0].nodes.len(), 1);
+    // The metric and the view are published one after the other: wait for the view too.
+    eventually("b's node in a's view", || {
+        view.borrow()
+            .as_ref()
+            .is_some_and(|v| v.remotes.first().is_some_and(|r| r.nodes.len() == 1))
+    })
+    .await;
     a.stop().await;
     b.stop().await;
 }

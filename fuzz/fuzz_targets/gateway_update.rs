@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use trellis_core::agent::{GatewayDesired, GatewayUpdate};
+use trellis_core::agent::{GatewayDesired, GatewayUpdate, PolicyUpdate};
 use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 use trellis_fuzz::chunked;
 
@@ -31,9 +31,7 @@ fuzz_target!(|data: &[u8]| {
             let update = match decoder.next_json::<GatewayUpdate>() {
                 Ok(Some(update)) => update,
                 Ok(None) => break,
-                Err(
-                    FrameError::Malformed(_) | FrameError::TooLarge { .. },
-                ) => {
+                Err(FrameError::Malformed(_) | FrameError::TooLarge { .. }) => {
                     return; // the gateway ends the session and reconnects
                 }
                 Err(other) => panic!("a decoder cannot fail with {other:?}"),
@@ -50,17 +48,35 @@ fuzz_target!(|data: &[u8]| {
                         remove_peers,
                         add_routes,
                         remove_routes,
+                        policy,
                     },
                     Some(state),
                 ) => {
                     let before = state.clone();
                     let applied = state.apply(&update);
-                    assert_eq!(applied, *from == before.revision);
+                    // A policy delta needs policy inputs to apply to.
+                    let policy_follows = !matches!(
+                        (policy, &before.policy),
+                        (Some(PolicyUpdate::Delta(_)), None)
+                    );
+                    assert_eq!(applied, *from == before.revision && policy_follows);
                     if !applied {
                         assert_eq!(*state, before, "a refused delta changes nothing");
                         return; // a gap: the gateway reconnects for a snapshot
                     }
                     assert_eq!(state.revision, *to);
+                    match policy {
+                        None => assert_eq!(state.policy, before.policy, "policy untouched"),
+                        Some(PolicyUpdate::Replace(inputs)) => {
+                            assert_eq!(state.policy.as_ref(), Some(inputs))
+                        }
+                        Some(PolicyUpdate::Disable) => assert_eq!(state.policy, None),
+                        Some(PolicyUpdate::Delta(delta)) => {
+                            let mut expected = before.policy.clone().expect("checked above");
+                            expected.apply(delta);
+                            assert_eq!(state.policy, Some(expected), "delta applied");
+                        }
+                    }
                     assert_eq!(state.node_encryption, *node_encryption);
                     assert!(state.peers.is_sorted() && state.routes.is_sorted());
                     for peer in upsert_peers {

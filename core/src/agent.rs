@@ -106,6 +106,15 @@ pub enum AgentRole {
     /// `dns.<cluster>.trellis` (`dns: true`): the controller answers one [`BootstrapIssued`]
     /// frame, or closes.
     Bootstrap(NodeBootstrap),
+    /// A gateway's flow channel (`crate::flow::protocol`): the controller asks for the node's
+    /// flows on it. Authorized like the node's registration: its certificate must name `node`.
+    Flows(FlowChannel),
+}
+
+/// The hello of a node's flow channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowChannel {
+    pub node: String,
 }
 
 /// What a gateway sends to get its node's certificate on Kubernetes: its projected

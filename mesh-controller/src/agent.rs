@@ -378,6 +378,11 @@ pub fn authorize(
         // Answered before authorization, by the node-certificate issuer when there is one.
         (_, AgentRole::Bootstrap(_)) => Err(Refusal::NoBootstrap),
         (AgentIdentity::Controller { .. }, AgentRole::Gateway(_)) => Err(Refusal::NodeMismatch),
+        // A node's flows come only from that node's own identity.
+        (AgentIdentity::Node { node, .. }, AgentRole::Flows(channel)) if &channel.node == node => {
+            Ok(())
+        }
+        (_, AgentRole::Flows(_)) => Err(Refusal::NodeMismatch),
     }
 }
 
@@ -696,6 +701,11 @@ async fn subscriber<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let sub = ImportsSubscription::new(&hub);
             stream_updates(sub, rd, &mut wr, max_frame, |_| Ok(())).await
         }
+        // Not served yet: refused like an unknown role.
+        AgentRole::Flows(channel) => Err(SubscriberError::Refused {
+            identity: format!("flows of {}", channel.node),
+            refusal: Refusal::NodeMismatch,
+        }),
         // Only an issuer answers these (before authorization); the plaintext mode has none.
         AgentRole::Bootstrap(request) => Err(SubscriberError::Refused {
             identity: format!("bootstrap of {}", request.node),

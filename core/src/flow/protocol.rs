@@ -26,7 +26,7 @@ pub enum FlowCommand {
     /// come, until cancelled.
     Query {
         id: u64,
-        request: FlowRequest,
+        request: Box<FlowRequest>,
     },
     Cancel {
         id: u64,

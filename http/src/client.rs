@@ -11,6 +11,9 @@ use hyper_util::rt::TokioIo;
 /// The largest body read: a cluster's status document is well under it.
 const MAX_BODY: usize = 64 << 20;
 
+/// The longest line [`Get::lines`] takes (a flow is well under it).
+const MAX_LINE: usize = 1 << 20;
+
 /// What came back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
@@ -99,20 +102,96 @@ impl<'a> Get<'a> {
     }
 
     pub fn send(&self) -> Result<Response, ClientError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(ClientError::Runtime)?;
         let (addr, timeout) = (self.addr, self.timeout);
-        runtime.block_on(async {
+        runtime()?.block_on(async {
             tokio::time::timeout(timeout, fetch(self))
                 .await
                 .map_err(|_| ClientError::Timeout { addr, timeout })?
         })
     }
+
+    /// The body of a 200 line by line as it arrives (a stream of NDJSON), each handed to
+    /// `on_line` until it says stop or the server ends the body: `timeout` bounds the connection
+    /// and the response's head only, so a followed stream may last. Another status comes back
+    /// with its body whole, as from [`Get::send`]; a 200's `body` is then empty.
+    pub fn lines(
+        &self,
+        mut on_line: impl FnMut(&str) -> std::ops::ControlFlow<()>,
+    ) -> Result<Response, ClientError> {
+        let (addr, timeout) = (self.addr, self.timeout);
+        runtime()?.block_on(async {
+            let response = tokio::time::timeout(timeout, request(self))
+                .await
+                .map_err(|_| ClientError::Timeout { addr, timeout })??;
+            let status = response.status().as_u16();
+            let mut body = response.into_body();
+            if status != 200 {
+                let body = tokio::time::timeout(timeout, Limited::new(body, MAX_BODY).collect())
+                    .await
+                    .map_err(|_| ClientError::Timeout { addr, timeout })?
+                    .map_err(|_| ClientError::Body { addr })?
+                    .to_bytes();
+                return Ok(Response {
+                    status,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                });
+            }
+            let mut pending: Vec<u8> = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|source| ClientError::Http { addr, source })?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                pending.extend_from_slice(&data);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let line = String::from_utf8_lossy(&line[..end]);
+                    if on_line(line.trim_end_matches('\r')).is_break() {
+                        return Ok(Response {
+                            status,
+                            body: String::new(),
+                        });
+                    }
+                }
+                if pending.len() > MAX_LINE {
+                    return Err(ClientError::Body { addr });
+                }
+            }
+            if !pending.is_empty() {
+                let _ = on_line(&String::from_utf8_lossy(&pending));
+            }
+            Ok(Response {
+                status,
+                body: String::new(),
+            })
+        })
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ClientError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ClientError::Runtime)
 }
 
 async fn fetch(get: &Get<'_>) -> Result<Response, ClientError> {
+    let addr = get.addr;
+    let response = request(get).await?;
+    let status = response.status().as_u16();
+    let body = Limited::new(response.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| ClientError::Body { addr })?
+        .to_bytes();
+    Ok(Response {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// Connects, sends the GET and reads the response's head.
+async fn request(get: &Get<'_>) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
     let (local, addr, path) = (get.local, get.addr, get.path);
     let connect_err = |source| ClientError::Connect { addr, source };
     let socket = if addr.is_ipv4() {
@@ -138,15 +217,5 @@ async fn fetch(get: &Get<'_>) -> Result<Response, ClientError> {
         .header(http::header::ACCEPT, "*/*")
         .body(Empty::<Bytes>::new())
         .map_err(|_| ClientError::Body { addr })?;
-    let response = sender.send_request(request).await.map_err(http_err)?;
-    let status = response.status().as_u16();
-    let body = Limited::new(response.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|_| ClientError::Body { addr })?
-        .to_bytes();
-    Ok(Response {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    sender.send_request(request).await.map_err(http_err)
 }

@@ -41,7 +41,7 @@ enum Command {
     Status(status::StatusArgs),
     /// Flows, as `hubble observe` shows them: every connection and dropped packet the nodes
     /// saw, with the verdict and the policies behind it, from a controller's flows listener.
-    Observe(observe::ObserveArgs),
+    Observe(Box<observe::ObserveArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,7 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::EchoServer(args) => echo::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Cni(args) => cni::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Status(args) => status::run(args),
-        Command::Observe(args) => observe::run(args),
+        Command::Observe(args) => observe::run(*args),
     };
     match outcome {
         Ok(code) => code,

@@ -1,11 +1,12 @@
-//! `trellis lab`: up, status, exec, encryption, stop, start, roll, down; and the Kubernetes
-//! objects of its clusters: apply, delete, label, probe.
+//! `trellis lab`: up, status, exec, encryption, stop, start, roll, down; the Kubernetes
+//! objects of its clusters: apply, delete, label, probe; and their flows: observe.
 
 mod apply;
 mod build;
 mod connectivity;
 mod control;
 mod objects;
+mod observe;
 mod processes;
 mod roll;
 mod services;
@@ -153,6 +154,17 @@ enum LabCommand {
         pause_ms: u64,
         #[arg(short, long, value_enum, default_value_t = crate::status::Output::Table)]
         output: crate::status::Output,
+    },
+    /// Flows from every cluster's controller, as `trellis observe` shows one cluster's:
+    /// `trellis lab observe --verdict DROPPED -o json`, `trellis lab observe -f --in c2`.
+    /// Without --follow the answers are merged by time (the last N overall).
+    Observe {
+        /// Ask only this cluster's controller (repeatable; every cluster when left out).
+        /// `--cluster` is the filter on flows' ends, as in `trellis observe`.
+        #[arg(long = "in", value_name = "CLUSTER")]
+        in_clusters: Vec<String>,
+        #[command(flatten)]
+        flows: Box<crate::observe::FlowArgs>,
     },
     /// Remove every namespace, process and file the lab made.
     Down,
@@ -311,6 +323,11 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             let state =
                 LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
             probe(&state, &from, &to, timeout)
+        }
+        LabCommand::Observe { in_clusters, flows } => {
+            let state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            observe::run(&state, &in_clusters, &flows)
         }
         LabCommand::Down => {
             build::down(&dir, &args.name)?;

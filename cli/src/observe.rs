@@ -116,7 +116,7 @@ pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("--controller {}: resolve {host}", args.controller))?
         .next()
         .ok_or_else(|| anyhow!("--controller {}: {host} has no address", args.controller))?;
-    let mut printer = Printer::new(args.flows.output);
+    let printer = Printer::new(args.flows.output);
     stream(
         addr,
         Some(&host),
@@ -223,7 +223,7 @@ impl Printer {
         }
     }
 
-    pub fn print(&mut self, line: &str) {
+    pub fn print(&self, line: &str) {
         if let Some(text) = self.render(line) {
             println!("{text}");
         }

@@ -4,6 +4,7 @@
 //! time and cut to the last N overall; `--follow` streams every cluster at once, a thread
 //! each, printing lines as they come.
 
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -30,7 +31,7 @@ pub fn run(state: &LabState, only: &[String], args: &FlowArgs) -> anyhow::Result
         let answers = std::thread::scope(|scope| {
             let asked: Vec<_> = clusters
                 .iter()
-                .map(|cluster| scope.spawn(|| fetch(cluster, &path, args)))
+                .map(|cluster| scope.spawn(|| fetch(cluster, &path, request.last, args)))
                 .collect();
             asked
                 .into_iter()
@@ -99,16 +100,22 @@ fn hint(cluster: &Cluster) -> String {
     )
 }
 
-/// Every line of one controller's answer to a query that ends.
-fn fetch(cluster: &Cluster, path: &str, args: &FlowArgs) -> anyhow::Result<Vec<String>> {
+/// One controller's answer to a query that ends: its last `last` lines (they come oldest
+/// first, so only those can be among the last `last` overall), or all of them.
+fn fetch(
+    cluster: &Cluster,
+    path: &str,
+    last: Option<usize>,
+    args: &FlowArgs,
+) -> anyhow::Result<Vec<String>> {
     let netns = Netns::open(&cluster.nodes[0].netns)?;
     let hint = hint(cluster);
     netns.run(|| {
-        let mut lines = Vec::new();
+        let mut tail = Tail::new(last);
         stream(LISTENER, None, path, args.timeout, &hint, |line| {
-            lines.push(line.to_string())
+            tail.push(line)
         })?;
-        Ok(lines)
+        Ok(tail.lines.into())
     })?
 }
 
@@ -123,7 +130,7 @@ fn follow(clusters: &[&Cluster], path: &str, args: &FlowArgs) -> usize {
                     let netns = Netns::open(&cluster.nodes[0].netns)?;
                     let hint = hint(cluster);
                     netns.run(|| {
-                        let mut printer = Printer::new(args.output);
+                        let printer = Printer::new(args.output);
                         stream(LISTENER, None, path, args.timeout, &hint, |line| {
                             printer.print(line)
                         })
@@ -146,6 +153,32 @@ fn follow(clusters: &[&Cluster], path: &str, args: &FlowArgs) -> usize {
             .filter(|failed| *failed)
             .count()
     })
+}
+
+/// The last `last` non-blank lines pushed (all when `None`): what is kept of an answer
+/// whatever its length.
+struct Tail {
+    last: Option<usize>,
+    lines: VecDeque<String>,
+}
+
+impl Tail {
+    fn new(last: Option<usize>) -> Self {
+        Self {
+            last,
+            lines: VecDeque::new(),
+        }
+    }
+
+    fn push(&mut self, line: &str) {
+        if line.trim().is_empty() || self.last == Some(0) {
+            return;
+        }
+        if self.last.is_some_and(|last| self.lines.len() >= last) {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(line.to_string());
+    }
 }
 
 /// A served flow: parsed to order and show it, and the line as served for `-o json`.
@@ -234,6 +267,20 @@ mod tests {
         assert!(merge(vec![c1, c2], Some(0)).is_empty());
         let kept = merge(vec![records(&[line(5, "c1/n0")])], Some(20));
         assert_eq!(kept[0].line, line(5, "c1/n0"), "the line as served");
+    }
+
+    #[test]
+    fn an_answer_is_cut_to_its_last_n_lines_as_it_comes() {
+        let pushed = |last: Option<usize>| {
+            let mut tail = Tail::new(last);
+            for line in ["a", "", "b", "c", " "] {
+                tail.push(line);
+            }
+            Vec::from(tail.lines)
+        };
+        assert_eq!(pushed(Some(2)), ["b", "c"]);
+        assert_eq!(pushed(None), ["a", "b", "c"]);
+        assert!(pushed(Some(0)).is_empty());
     }
 
     #[test]

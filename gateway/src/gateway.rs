@@ -75,6 +75,9 @@ pub struct Reconciler<R: RouteTable> {
     pub ready_file: Option<ReadyFile>,
     /// Keeps the node's policy table equal to the desired policy; `None` leaves policy alone.
     pub policy: Option<SharedEnforcer>,
+    /// The names flows are given, renewed with each desired state applied; `None` while the
+    /// node records no flows.
+    pub flow_names: Option<std::sync::Arc<crate::flows::Names>>,
 }
 
 /// The node's policy [`Enforcer`], used from blocking tasks (`nft` runs a process).
@@ -197,7 +200,12 @@ impl<R: RouteTable> Reconciler<R> {
     /// retry failures. An invalid state changes nothing.
     pub async fn apply(&self, state: &GatewayState) -> Result<(), Error> {
         match state.validate() {
-            Ok(()) => self.apply_plan(&state.plan()).await,
+            Ok(()) => {
+                if let Some(names) = &self.flow_names {
+                    names.learn_cluster(&state.cluster);
+                }
+                self.apply_plan(&state.plan()).await
+            }
             Err(invalid) => {
                 self.metrics.reconcile_errors.inc();
                 Err(invalid.into())
@@ -228,6 +236,10 @@ impl<R: RouteTable> Reconciler<R> {
             );
         }
         let result = self.apply_inner(plan).await;
+        // Flows are named after what the node was told, whether or not it is all in place.
+        if let Some(names) = &self.flow_names {
+            names.update(plan, policy.map(|p| &p.inputs));
+        }
         match &result {
             Ok(()) => {
                 self.metrics.last_reconcile.set(unix_now());
@@ -557,6 +569,7 @@ impl Gateway {
                             .map(std::sync::Arc::new),
                     }),
                 )))),
+                flow_names: None,
             },
             device_task: Some(device_task),
             plan_writer: Some(plan_writer),
@@ -833,6 +846,7 @@ mod tests {
             saved: None,
             ready_file: None,
             policy: None,
+            flow_names: None,
         }
     }
 

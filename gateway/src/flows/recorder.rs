@@ -99,6 +99,11 @@ impl Recorder {
         self.overwritten.load(Ordering::Relaxed)
     }
 
+    /// Queries following new flows now.
+    pub fn followers(&self) -> usize {
+        self.followers.receiver_count()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

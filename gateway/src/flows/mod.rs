@@ -78,6 +78,67 @@ impl Names {
     }
 }
 
+/// What a kernel source is given: where its events go, and where its losses are counted.
+pub type EventSink = Box<dyn FnMut(KernelEvent) + Send>;
+pub type LossSink = Box<dyn FnMut(&'static str, u64) + Send>;
+
+/// Records what a kernel source delivers until it ends: `run` is the source's run loop
+/// (`KernelSources::run`), handed the pipeline's event and loss sinks. `trellis_flows_enabled`
+/// is 1 while it runs.
+pub async fn record<E, F, Fut>(pipeline: Pipeline, run: F) -> Result<(), E>
+where
+    F: FnOnce(EventSink, LossSink) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    pipeline.metrics.set_enabled(true);
+    let events = pipeline.clone();
+    let losses = pipeline.clone();
+    let result = run(
+        Box::new(move |event| events.handle(&event)),
+        Box::new(move |source, count| losses.lost(source, count)),
+    )
+    .await;
+    pipeline.metrics.set_enabled(false);
+    result
+}
+
+/// Opens the kernel's sources with `open` (`KernelSources::open`) and records what they
+/// deliver in a task of its own (`run`: `KernelSources::run`); `false` when they could not
+/// be opened. Never fatal: a failure to open or a source that ends is logged, and flows are
+/// then off (`trellis_flows_enabled 0`).
+pub fn start_recording<S, E, F, Fut>(
+    pipeline: Pipeline,
+    open: impl FnOnce() -> Result<S, E>,
+    run: F,
+) -> bool
+where
+    E: std::error::Error + Send + Sync + 'static,
+    S: Send + 'static,
+    F: FnOnce(S, EventSink, LossSink) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+{
+    let sources = match open() {
+        Ok(sources) => sources,
+        Err(e) => {
+            pipeline.metrics.set_enabled(false);
+            tracing::warn!(
+                "no flows: the kernel's sources do not open: {}",
+                trellis_core::error_chain(&e)
+            );
+            return false;
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(e) = record(pipeline, move |events, losses| run(sources, events, losses)).await {
+            tracing::warn!(
+                "no more flows: the kernel's sources stopped: {}",
+                trellis_core::error_chain(&e)
+            );
+        }
+    });
+    true
+}
+
 /// Kernel events in, named flows recorded and counted.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
@@ -174,6 +235,69 @@ mod tests {
         ] {
             assert!(text.contains(series), "{series} in\n{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_source_feeds_the_pipeline_and_flows_are_enabled_while_it_runs() {
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let names = Arc::new(Names::new(identity()));
+        names.update(&plan(), Some(&inputs()));
+        let pipeline = Pipeline::new(names, Arc::new(Recorder::new(10)), metrics.flows.clone());
+        let seen_enabled = metrics.flows.clone();
+        let result: Result<(), std::io::Error> =
+            record(pipeline.clone(), |mut sink, mut lost| async move {
+                assert!(seen_enabled.enabled());
+                sink(event("10.1.1.5", "10.2.1.9"));
+                lost("conntrack", 4);
+                Err(std::io::Error::other("socket closed"))
+            })
+            .await;
+        assert!(result.is_err(), "the source's end is the caller's to log");
+        assert!(!metrics.flows.enabled());
+        assert_eq!(pipeline.recorder.len(), 1);
+        assert!(
+            metrics
+                .render()
+                .contains(r#"trellis_flows_kernel_lost_total{source="conntrack"} 4"#)
+        );
+    }
+
+    #[tokio::test]
+    async fn sources_that_do_not_open_leave_flows_off_and_open_ones_record() {
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let names = Arc::new(Names::new(identity()));
+        names.update(&plan(), Some(&inputs()));
+        let pipeline = Pipeline::new(names, Arc::new(Recorder::new(10)), metrics.flows.clone());
+        let refused = start_recording(
+            pipeline.clone(),
+            || Err::<(), _>(std::io::Error::from(std::io::ErrorKind::PermissionDenied)),
+            |(), _, _| async { Ok(()) },
+        );
+        assert!(!refused && !metrics.flows.enabled());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let opened = start_recording(
+            pipeline.clone(),
+            || Ok::<_, std::io::Error>(event("10.1.1.5", "10.2.1.9")),
+            |first, mut events, _| async move {
+                events(first);
+                let _ = stopped.await;
+                Ok(())
+            },
+        );
+        assert!(opened);
+        crate::flows::tests::wait(|| pipeline.recorder.len() == 1).await;
+        assert!(metrics.flows.enabled());
+        drop(stop);
+        crate::flows::tests::wait(|| !metrics.flows.enabled()).await;
+    }
+
+    pub(crate) async fn wait(condition: impl Fn() -> bool) {
+        trellis_test_support::eventually_async(
+            "the condition",
+            std::time::Duration::from_secs(5),
+            || async { condition().then_some(()) },
+        )
+        .await
     }
 
     #[test]

@@ -58,21 +58,47 @@ impl Names {
         }
     }
 
-    /// Rebuilds the directory from a desired state applied, unless it is the one the current
-    /// directory was built from (a resync). A new directory starts a new policy cache.
-    pub fn update(&self, plan: &GatewayPlan, inputs: Option<&PolicyInputs>) {
+    /// Learns the node's name from its policy (which names it), when nothing named it before.
+    pub fn learn_node(&self, node: &str) {
+        let mut identity = self
+            .identity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if identity.node.is_none() && !node.is_empty() {
+            identity.node = Some(node.to_owned());
+        }
+    }
+
+    /// Whether the directory was built from this desired state already (a resync re-applies
+    /// the same one), for the identity known now.
+    pub fn is_current(&self, plan: &GatewayPlan, inputs: Option<&PolicyInputs>) -> bool {
         let current = self.current.load();
         let identity = self
             .identity
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        let cluster_unchanged =
-            inputs.is_some() || current.cluster() == identity.cluster.as_deref();
-        if cluster_unchanged && current.built_from(plan, inputs) {
-            return;
+        let same_cluster = inputs.is_some() || current.cluster() == identity.cluster.as_deref();
+        same_cluster
+            && current.node() == identity.node.as_deref()
+            && current.built_from(plan, inputs)
+    }
+
+    /// Rebuilds the directory from a desired state applied, unless it is current. A new
+    /// directory starts a new policy cache.
+    pub fn update(&self, plan: &GatewayPlan, inputs: Option<&PolicyInputs>) {
+        if !self.is_current(plan, inputs) {
+            self.replace(plan, inputs.map(|i| Arc::new(i.clone())));
         }
-        let inputs = inputs.map(|i| Arc::new(i.clone()));
+    }
+
+    /// Builds the directory of `plan` and `inputs` and swaps it in.
+    pub fn replace(&self, plan: &GatewayPlan, inputs: Option<Arc<PolicyInputs>>) {
+        let identity = self
+            .identity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         self.current
             .store(Arc::new(Directory::build(&identity, plan, inputs)));
     }

@@ -62,6 +62,9 @@ enum LabCommand {
         /// configuration).
         #[arg(long, value_enum, default_value_t = OnOff::On)]
         network_policy: OnOff,
+        /// Flows each node's gateway keeps for `trellis lab observe` (its `--flow-buffer`).
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+        flow_buffer: u32,
         /// Where the Trellis binaries are; defaults to the directory of this binary.
         #[arg(long)]
         bin_dir: Option<PathBuf>,
@@ -190,6 +193,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             pods,
             node_encryption,
             network_policy,
+            flow_buffer,
             bin_dir,
         } => {
             let bin_dir = match bin_dir {
@@ -213,6 +217,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             let mut topology = Topology::new(&args.name, clusters, nodes, pods)?;
             topology.node_encryption = node_encryption == OnOff::On;
             topology.network_policy = network_policy == OnOff::On;
+            topology.flow_buffer = Some(flow_buffer);
             build::up(&dir, &topology, &bin_dir)?;
             Ok(ExitCode::SUCCESS)
         }

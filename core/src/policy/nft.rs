@@ -1188,7 +1188,9 @@ mod tests {
         // An update renders its changed chains with the option too.
         let mut new = sample();
         new.chains.get_mut("pod_b_in").unwrap().remove(0);
-        let update = render_update_with(&sample(), &new, logged).unwrap().unwrap();
+        let update = render_update_with(&sample(), &new, logged)
+            .unwrap()
+            .unwrap();
         assert!(update.contains("log prefix \"trellis:pod:in:pod_b_in\" group 1616 drop"));
         let replaced = render_replace_with(&existing_of(&sample()), &sample(), logged).unwrap();
         assert_eq!(replaced.matches(" log prefix ").count(), logs);

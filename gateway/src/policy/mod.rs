@@ -257,11 +257,11 @@ impl Enforcer {
             }
         };
         if let Some(existing) = existing {
-            let script = match nft::render_replace_with(&existing, &applied.ruleset, applied.options)
-            {
-                Ok(script) => script,
-                Err(e) => return Err(self.fail(e.into())),
-            };
+            let script =
+                match nft::render_replace_with(&existing, &applied.ruleset, applied.options) {
+                    Ok(script) => script,
+                    Err(e) => return Err(self.fail(e.into())),
+                };
             match self.run(&script, Action::Replaced, |_| {
                 InKernel::Enforced(applied.clone())
             }) {

@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use netlink_packet_core::{DefaultNla, Nla, NlasIterator};
+use netlink_packet_core::{DefaultNla, NLA_TYPE_MASK, Nla, NlasIterator};
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Tuple as CtTuple,
 };
@@ -41,10 +41,11 @@ pub fn event_of(message: &NetfilterMessage, time: SystemTime) -> Decoded<Conntra
         match attribute {
             ConntrackAttribute::CtaTupleOrig(tuple) => original = Some(tuple),
             ConntrackAttribute::CtaTupleReply(tuple) => reply = Some(tuple),
-            ConntrackAttribute::Other(nla) if nla.kind() == CTA_COUNTERS_ORIG => {
+            // The kind keeps its nested flag in a `DefaultNla`.
+            ConntrackAttribute::Other(nla) if nla.kind() & NLA_TYPE_MASK == CTA_COUNTERS_ORIG => {
                 counters_original = Some(nla)
             }
-            ConntrackAttribute::Other(nla) if nla.kind() == CTA_COUNTERS_REPLY => {
+            ConntrackAttribute::Other(nla) if nla.kind() & NLA_TYPE_MASK == CTA_COUNTERS_REPLY => {
                 counters_reply = Some(nla)
             }
             _ => {}
@@ -109,7 +110,10 @@ fn tuple_of(attributes: &[CtTuple]) -> Result<Option<Tuple>, &'static str> {
                         ProtoTuple::SourcePort(port) => source_port = *port,
                         ProtoTuple::DestinationPort(port) => destination_port = *port,
                         ProtoTuple::Other(nla)
-                            if matches!(nla.kind(), CTA_PROTO_ICMP_ID | CTA_PROTO_ICMPV6_ID) =>
+                            if matches!(
+                                nla.kind() & NLA_TYPE_MASK,
+                                CTA_PROTO_ICMP_ID | CTA_PROTO_ICMPV6_ID
+                            ) =>
                         {
                             icmp_id = be_u16(nla).ok_or("an ICMP identifier of the wrong size")?
                         }
@@ -158,12 +162,14 @@ fn packets_and_bytes(nla: &DefaultNla) -> Option<(u64, u64)> {
     let mut bytes = None;
     for inner in NlasIterator::new(&value[..]) {
         let inner = inner.ok()?;
+        // Beside the two: a padding attribute aligning them (CTA_COUNTERS_PAD).
+        let slot = match inner.kind() {
+            CTA_COUNTERS_PACKETS => &mut packets,
+            CTA_COUNTERS_BYTES => &mut bytes,
+            _ => continue,
+        };
         let number: [u8; 8] = inner.value().try_into().ok()?;
-        match inner.kind() {
-            CTA_COUNTERS_PACKETS => packets = Some(u64::from_be_bytes(number)),
-            CTA_COUNTERS_BYTES => bytes = Some(u64::from_be_bytes(number)),
-            _ => {}
-        }
+        *slot = Some(u64::from_be_bytes(number));
     }
     Some((packets?, bytes?))
 }
@@ -176,20 +182,15 @@ mod tests {
 
     use super::*;
 
+    const NESTED: u16 = netlink_packet_core::NLA_F_NESTED;
+
     fn nla(kind: u16, value: &[u8]) -> DefaultNla {
-        // DefaultNla has no public constructor from parts: parse one from its wire form.
-        let mut wire = Vec::new();
-        let len = u16::try_from(4 + value.len()).unwrap();
-        wire.extend_from_slice(&len.to_ne_bytes());
-        wire.extend_from_slice(&kind.to_ne_bytes());
-        wire.extend_from_slice(value);
-        wire.resize(wire.len().next_multiple_of(4), 0);
-        let buffer = netlink_packet_core::NlaBuffer::new_checked(&wire[..]).unwrap();
-        netlink_packet_core::Parseable::parse(&buffer).unwrap()
+        DefaultNla::new(kind, value.to_vec())
     }
 
+    /// As the kernel nests them (flagged nested, a padding attribute first).
     fn counters(packets: u64, bytes: u64) -> Vec<u8> {
-        let mut value = Vec::new();
+        let mut value = vec![4, 0, 5, 0];
         for (kind, n) in [(CTA_COUNTERS_PACKETS, packets), (CTA_COUNTERS_BYTES, bytes)] {
             value.extend_from_slice(&12u16.to_ne_bytes());
             value.extend_from_slice(&kind.to_ne_bytes());
@@ -260,8 +261,8 @@ mod tests {
                 Some((8080, 41234)),
                 None,
             )),
-            ConntrackAttribute::Other(nla(CTA_COUNTERS_ORIG, &counters(5, 400))),
-            ConntrackAttribute::Other(nla(CTA_COUNTERS_REPLY, &counters(4, 900))),
+            ConntrackAttribute::Other(nla(CTA_COUNTERS_ORIG | NESTED, &counters(5, 400))),
+            ConntrackAttribute::Other(nla(CTA_COUNTERS_REPLY | NESTED, &counters(4, 900))),
         ]));
         let time = SystemTime::UNIX_EPOCH;
         let Decoded::Event(event) = event_of(&message, time) else {
@@ -339,8 +340,8 @@ mod tests {
                 Some((2, 1)),
                 None,
             )),
-            ConntrackAttribute::Other(nla(CTA_COUNTERS_ORIG, &counters(1, 2)[..12])),
-            ConntrackAttribute::Other(nla(CTA_COUNTERS_REPLY, &counters(1, 2))),
+            ConntrackAttribute::Other(nla(CTA_COUNTERS_ORIG | NESTED, &counters(1, 2)[..16])),
+            ConntrackAttribute::Other(nla(CTA_COUNTERS_REPLY | NESTED, &counters(1, 2))),
         ]));
         assert!(matches!(
             event_of(&half_counters, SystemTime::now()),

@@ -111,7 +111,9 @@ fn track_connections(ns: &TempNetns) {
 /// Removes every IPv4 connection conntrack tracks in `ns` (IPCTNL_MSG_CT_DELETE without a
 /// tuple), once the kernel acknowledged it.
 fn flush_conntrack(ns: &Netns) {
-    use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_core::{
+        NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    };
     use netlink_packet_netfilter::conntrack::ConntrackMessage;
     use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
     let mut header = NetlinkHeader::default();
@@ -186,10 +188,14 @@ async fn a_connection_is_reported_opened_then_closed_with_its_counts() {
     // a minute on a busy host): flushed here instead, as `conntrack -F` does, which removes it
     // at once with the same event.
     flush_conntrack(&ns);
-    let closed = eventually_async("the closed connection's event", Duration::from_secs(30), || {
-        let found = seen.conntrack(|e| ours(e) && e.kind == ConntrackEventKind::Destroy);
-        async move { found.into_iter().next() }
-    })
+    let closed = eventually_async(
+        "the closed connection's event",
+        Duration::from_secs(30),
+        || {
+            let found = seen.conntrack(|e| ours(e) && e.kind == ConntrackEventKind::Destroy);
+            async move { found.into_iter().next() }
+        },
+    )
     .await;
     assert_eq!(closed.reply, opened.reply);
     assert!(closed.time >= opened.time);
@@ -246,7 +252,10 @@ async fn logged_drops_name_their_drop_point_and_packet() {
     .await;
     assert_eq!(udp.point, pod_chain);
     let loopback: IpAddr = "127.0.0.1".parse().unwrap();
-    assert_eq!((udp.packet.source, udp.packet.destination), (loopback, loopback));
+    assert_eq!(
+        (udp.packet.source, udp.packet.destination),
+        (loopback, loopback)
+    );
     assert_eq!(
         (udp.packet.source_port, udp.packet.destination_port),
         (udp_source.port(), 9999)
@@ -326,14 +335,18 @@ async fn the_policy_table_logs_its_drops_where_they_happen() {
     // connection, not a drop.
     let _allowed_listener = pod0.tcp_listener(pod0.v4(), 82);
     assert!(pod1.tcp_connects(pod0.v4(), 82));
-    eventually_async("the allowed connection's event", Duration::from_secs(5), || {
-        let found = seen.conntrack(|e| {
-            e.kind == ConntrackEventKind::New
-                && e.original.source == pod1.v4()
-                && e.original.destination_port == 82
-        });
-        async move { found.into_iter().next() }
-    })
+    eventually_async(
+        "the allowed connection's event",
+        Duration::from_secs(5),
+        || {
+            let found = seen.conntrack(|e| {
+                e.kind == ConntrackEventKind::New
+                    && e.original.source == pod1.v4()
+                    && e.original.destination_port == 82
+            });
+            async move { found.into_iter().next() }
+        },
+    )
     .await;
     assert!(seen.drops(|d| d.packet.destination_port == 82).is_empty());
     // The refill with logging off takes the clauses away (the kernel takes both scripts).
@@ -375,11 +388,14 @@ async fn a_burst_of_connections_is_delivered_or_counted_lost() {
         }
     })
     .unwrap();
-    assert!(started.elapsed() < Duration::from_secs(10), "the burst took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the burst took {:?}",
+        started.elapsed()
+    );
     let opened = || {
         seen.conntrack(|e| {
-            e.kind == ConntrackEventKind::New
-                && e.original.destination_port == server.port()
+            e.kind == ConntrackEventKind::New && e.original.destination_port == server.port()
         })
         .len()
     };

@@ -118,8 +118,6 @@ pub struct Applied {
     /// [`PolicyInputs::digest`] of the inputs.
     pub digest: String,
     pub ruleset: Ruleset,
-    /// How the table was rendered (whether its drops are logged).
-    pub options: RenderOptions,
 }
 
 /// What one [`Enforcer::enforce`] did to the kernel.
@@ -151,6 +149,8 @@ pub struct Enforcer {
     failed: bool,
     /// How the table is to be rendered from the next apply on.
     options: RenderOptions,
+    /// How the table this process last put in the kernel was rendered.
+    rendered_with: RenderOptions,
 }
 
 impl Enforcer {
@@ -161,6 +161,7 @@ impl Enforcer {
             in_kernel: InKernel::Unknown,
             failed: false,
             options: RenderOptions::default(),
+            rendered_with: RenderOptions::default(),
         }
     }
 
@@ -207,7 +208,7 @@ impl Enforcer {
             && let InKernel::Enforced(applied) = &mut self.in_kernel
             && applied.digest == digest
             && applied.node == *node
-            && applied.options == self.options
+            && self.rendered_with == self.options
         {
             applied.revision = revision;
             return Ok(unchanged());
@@ -218,13 +219,11 @@ impl Enforcer {
             revision,
             digest,
             ruleset,
-            options: self.options,
         };
         if let (InKernel::Enforced(before), false) = (&self.in_kernel, self.failed)
-            && before.options == applied.options
+            && self.rendered_with == self.options
         {
-            return match nft::render_update_with(&before.ruleset, &applied.ruleset, applied.options)
-            {
+            return match nft::render_update_with(&before.ruleset, &applied.ruleset, self.options) {
                 Ok(Some(script)) => self.run(&script, Action::Updated, move |_| {
                     InKernel::Enforced(applied)
                 }),
@@ -242,7 +241,7 @@ impl Enforcer {
     /// one transaction when it is there ([`nft::render_replace`]); created (or, if that was
     /// refused, deleted and created) otherwise.
     fn replace(&mut self, applied: Applied) -> Result<Outcome, PolicyError> {
-        let full = match nft::render_full_with(&applied.ruleset, applied.options) {
+        let full = match nft::render_full_with(&applied.ruleset, self.options) {
             Ok(script) => script,
             Err(e) => return Err(self.fail(e.into())),
         };
@@ -257,11 +256,10 @@ impl Enforcer {
             }
         };
         if let Some(existing) = existing {
-            let script =
-                match nft::render_replace_with(&existing, &applied.ruleset, applied.options) {
-                    Ok(script) => script,
-                    Err(e) => return Err(self.fail(e.into())),
-                };
+            let script = match nft::render_replace_with(&existing, &applied.ruleset, self.options) {
+                Ok(script) => script,
+                Err(e) => return Err(self.fail(e.into())),
+            };
             match self.run(&script, Action::Replaced, |_| {
                 InKernel::Enforced(applied.clone())
             }) {
@@ -287,6 +285,7 @@ impl Enforcer {
         match self.kernel.apply(script) {
             Ok(()) => {
                 self.in_kernel = then(&self.in_kernel);
+                self.rendered_with = self.options;
                 self.failed = false;
                 Ok(Outcome {
                     action,

@@ -11,9 +11,9 @@
 //!
 //! Parsing is pure ([`conntrack`], [`nflog`], [`packet`]); the sockets are the edge.
 
-pub mod conntrack;
-pub mod nflog;
-pub mod packet;
+mod conntrack;
+mod nflog;
+mod packet;
 
 use std::io;
 use std::time::{Duration, SystemTime};
@@ -70,7 +70,7 @@ pub enum FlowSourceError {
 
 /// What one message turned out to be.
 #[derive(Debug)]
-pub enum Decoded<T> {
+enum Decoded<T> {
     Event(T),
     /// Not one the flows need (another protocol, another rule's log prefix).
     Skip,
@@ -189,7 +189,7 @@ fn read_turn(
 
 /// Each netlink message of one datagram; `None` for one that does not parse (and for bytes
 /// that are no message), after which the rest of the datagram is given up.
-pub fn messages(mut datagram: &[u8], mut each: impl FnMut(Option<NetfilterMessage>)) {
+fn messages(mut datagram: &[u8], mut each: impl FnMut(Option<NetfilterMessage>)) {
     const HEADER: usize = 16;
     while !datagram.is_empty() {
         let Some(len) = datagram
@@ -201,11 +201,12 @@ pub fn messages(mut datagram: &[u8], mut each: impl FnMut(Option<NetfilterMessag
             return;
         };
         match NetlinkMessage::<NetfilterMessage>::deserialize(&datagram[..len]) {
-            Ok(message) => match message.payload {
-                NetlinkPayload::InnerMessage(inner) => each(Some(inner)),
-                // Acknowledgements, errors, NLMSG_DONE: nothing the flows need.
-                _ => {}
-            },
+            // Acknowledgements, errors, NLMSG_DONE: nothing the flows need.
+            Ok(message) => {
+                if let NetlinkPayload::InnerMessage(inner) = message.payload {
+                    each(Some(inner));
+                }
+            }
             Err(_) => each(None),
         }
         datagram = &datagram[len.next_multiple_of(4).min(datagram.len())..];
@@ -377,5 +378,75 @@ mod tests {
         let mut seen = Vec::new();
         messages(&[], |m| seen.push(m.is_some()));
         assert!(seen.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_overflowing_socket_counts_its_losses_and_reads_on() {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        trellis_test_support::skip_unless_root!();
+        let ns = crate::io::tests::loopback_netns("fk-overflow").await;
+        crate::nft::apply(
+            Some(&ns),
+            "table inet track {\n\tchain out { type filter hook output priority 0; ct state new accept; }\n}\n",
+        )
+        .unwrap();
+        let sources = KernelSources::open(Some(&ns)).unwrap();
+        // The smallest buffer the kernel allows: a few events fill it.
+        socket2::SockRef::from(&sources.conntrack)
+            .set_recv_buffer_size(0)
+            .unwrap();
+        let listener = ns
+            .run(|| TcpListener::bind("127.0.0.1:0"))
+            .unwrap()
+            .unwrap();
+        let server = listener.local_addr().unwrap();
+        const BURST: usize = 100;
+        let accepting = std::thread::spawn(move || {
+            // The burst and the one after, closed as they come.
+            for stream in listener.incoming().take(BURST + 1) {
+                drop(stream);
+            }
+        });
+        let connect = || ns.run(|| TcpStream::connect(server)).unwrap().unwrap();
+        // A burst before anyone reads.
+        let burst: Vec<TcpStream> = (0..BURST).map(|_| connect()).collect();
+        let lost = Arc::new(AtomicU64::new(0));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (losses, seen) = (lost.clone(), events.clone());
+        let _reader = tokio::spawn(sources.run(
+            move |event| seen.lock().unwrap().push(event),
+            move |source, count| {
+                assert_eq!(source, CONNTRACK);
+                losses.fetch_add(count, Ordering::Relaxed);
+            },
+        ));
+        trellis_test_support::eventually_async("a loss counted", Duration::from_secs(5), || {
+            let lost = lost.load(Ordering::Relaxed);
+            async move { (lost > 0).then_some(()) }
+        })
+        .await;
+        assert!(
+            events.lock().unwrap().len() < burst.len(),
+            "some of the burst was lost"
+        );
+        // And the reader goes on: a connection made after is reported.
+        let after = connect().local_addr().unwrap();
+        trellis_test_support::eventually_async(
+            "the next connection's event",
+            Duration::from_secs(5),
+            || {
+                let found = events.lock().unwrap().iter().any(|event| {
+                    matches!(event, KernelEvent::Conntrack(c)
+                        if c.original.source_port == after.port()
+                            && c.original.destination_port == server.port())
+                });
+                async move { found.then_some(()) }
+            },
+        )
+        .await;
+        accepting.join().unwrap();
     }
 }

@@ -9,6 +9,11 @@
 //! does not, so each `ENOBUFS` on its socket counts as one lost event (at least one was).
 //! Messages that do not parse are counted as lost too, and skipped.
 //!
+//! When: a connection's `New` comes as its first packet is confirmed; its `Destroy` when
+//! conntrack removes the entry, which for a closed TCP connection is after TIME_WAIT (two
+//! minutes by default) and the next pass of conntrack's garbage collector. Conntrack only
+//! tracks in a namespace where some rule needs it (the policy table's `ct state` rules do).
+//!
 //! Parsing is pure ([`conntrack`], [`nflog`], [`packet`]); the sockets are the edge.
 
 mod conntrack;
@@ -319,7 +324,14 @@ fn nflog_socket(group: u16) -> Result<Socket, FlowSourceError> {
         .set_read_timeout(Some(ACK_TIMEOUT))
         .map_err(bind_error)?;
     let mut buffer = vec![0u8; DATAGRAM_BYTES];
+    let deadline = std::time::Instant::now() + ACK_TIMEOUT;
     let acknowledged = loop {
+        if std::time::Instant::now() >= deadline {
+            return Err(bind_error(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no acknowledgement from the kernel",
+            )));
+        }
         let len = socket.recv(&mut &mut buffer[..], 0).map_err(bind_error)?;
         if let Some(answer) = acknowledgement(&buffer[..len.min(buffer.len())], SEQUENCE) {
             break answer;

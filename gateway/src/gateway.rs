@@ -37,6 +37,8 @@ pub struct GatewayConfig {
     /// Written once the first plan is applied (restored or from the source); on a tmpfs
     /// (`/run`) so a reboot removes it. The CNI plugin refuses to wire pods until it exists.
     pub ready_file: Option<PathBuf>,
+    /// The policy table logs every packet it drops to NFLOG (the flows' DROPPED records).
+    pub log_policy_drops: bool,
 }
 
 impl Default for GatewayConfig {
@@ -50,6 +52,7 @@ impl Default for GatewayConfig {
             device: DeviceConfig::default(),
             workers: 0,
             ready_file: None,
+            log_policy_drops: false,
         }
     }
 }
@@ -576,15 +579,18 @@ impl Gateway {
                 metrics,
                 saved: Some(saved),
                 ready_file: config.ready_file.clone().map(ReadyFile::new),
-                policy: Some(std::sync::Arc::new(std::sync::Mutex::new(Enforcer::new(
-                    Box::<IncrementalCompiler>::default(),
-                    Box::new(NftKernel {
-                        netns: netns
-                            .map(Netns::try_clone)
-                            .transpose()?
-                            .map(std::sync::Arc::new),
-                    }),
-                )))),
+                policy: Some(std::sync::Arc::new(std::sync::Mutex::new(
+                    Enforcer::new(
+                        Box::<IncrementalCompiler>::default(),
+                        Box::new(NftKernel {
+                            netns: netns
+                                .map(Netns::try_clone)
+                                .transpose()?
+                                .map(std::sync::Arc::new),
+                        }),
+                    )
+                    .log_drops(config.log_policy_drops),
+                ))),
                 flow_names: None,
             },
             device_task: Some(device_task),

@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 use trellis_core::agent::GatewayRegistration;
 use trellis_gateway::controller::{ControllerSource, follow_controller};
 use trellis_gateway::device::DeviceConfig;
+use trellis_gateway::flows::kernel::KernelSources;
 use trellis_gateway::flows::directory::NodeIdentity;
 use trellis_gateway::flows::recorder::Recorder;
 use trellis_gateway::flows::{Names, Pipeline};
@@ -267,6 +268,7 @@ impl RunArgs {
             route_metrics: RouteMetrics::default(),
             workers: self.workers,
             ready_file: self.ready_file.clone(),
+            log_policy_drops: self.flows,
             device: DeviceConfig {
                 mtu: self.mtu,
                 batch: self.batch,
@@ -337,9 +339,11 @@ fn record_kernel_flows(pipeline: Pipeline) {
         tracing::warn!("not root: no flows are recorded (conntrack and NFLOG need it)");
         return;
     }
-    // The kernel's sources (`flows::kernel`, merged from its own branch) connect here:
-    // `flows::start_recording(pipeline, || KernelSources::open(None), KernelSources::run);`
-    let _ = pipeline;
+    trellis_gateway::flows::start_recording(
+        pipeline,
+        || KernelSources::open(None),
+        KernelSources::run,
+    );
 }
 
 async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {

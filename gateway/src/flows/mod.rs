@@ -9,8 +9,7 @@
 pub mod channel;
 pub mod directory;
 pub mod enrich;
-// The kernel's sources (conntrack and NFLOG listeners) come from their own branch; declared
-// here at merge: `pub mod kernel;`
+pub mod kernel;
 pub mod metrics;
 pub mod recorder;
 

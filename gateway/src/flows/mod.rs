@@ -153,6 +153,9 @@ where
             return false;
         }
     };
+    // On from here, not from the task's first poll: a reader of the metric right after the
+    // sources opened sees them on.
+    pipeline.metrics.set_enabled(true);
     tokio::spawn(async move {
         if let Err(e) = record(pipeline, move |events, losses| run(sources, events, losses)).await {
             tracing::warn!(

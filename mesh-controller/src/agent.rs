@@ -466,6 +466,12 @@ enum SubscriberError {
     WriteTimeout,
     #[error("writing an update")]
     Write(#[source] std::io::Error),
+    #[error("flow channel of {node}")]
+    Flows {
+        node: String,
+        #[source]
+        source: crate::flows::node::FlowChannelError,
+    },
     #[error("gateway {node}: reading its reports")]
     Reports {
         node: String,
@@ -701,11 +707,15 @@ async fn subscriber<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let sub = ImportsSubscription::new(&hub);
             stream_updates(sub, rd, &mut wr, max_frame, |_| Ok(())).await
         }
-        // Not served yet: refused like an unknown role.
-        AgentRole::Flows(channel) => Err(SubscriberError::Refused {
-            identity: format!("flows of {}", channel.node),
-            refusal: Refusal::NodeMismatch,
-        }),
+        // The node's flow channel: the relay asks on it and reads the answers.
+        AgentRole::Flows(channel) => hub
+            .flows()
+            .serve_node(channel.node.clone(), rd, wr, reports)
+            .await
+            .map_err(|source| SubscriberError::Flows {
+                node: channel.node,
+                source,
+            }),
         // Only an issuer answers these (before authorization); the plaintext mode has none.
         AgentRole::Bootstrap(request) => Err(SubscriberError::Refused {
             identity: format!("bootstrap of {}", request.node),

@@ -281,7 +281,7 @@ async fn relay_on(hub: Hub, settings: FlowSettings) -> Relay {
 }
 
 impl Relay {
-    async fn wait_fornodes(&self, nodes: &[&str]) {
+    async fn wait_for_nodes(&self, nodes: &[&str]) {
         let want: Vec<String> = nodes.iter().map(|n| (*n).to_owned()).collect();
         let http = self.http;
         trellis_test_support::eventually_async("the nodes' flow channels", WAIT, || {
@@ -372,7 +372,7 @@ async fn a_query_merges_every_nodes_flows_by_time_and_keeps_the_last_n() {
         .collect();
     let _n1 = FakeNode::connect(relay.agent, "n1", n1, Mode::Answer).await;
     let _n2 = FakeNode::connect(relay.agent, "n2", n2, Mode::Answer).await;
-    relay.wait_fornodes(&["n1", "n2"]).await;
+    relay.wait_for_nodes(&["n1", "n2"]).await;
     let last4 = flows_of(relay.http, "last=4").await;
     assert_eq!(
         last4.iter().map(second).collect::<Vec<_>>(),
@@ -420,7 +420,7 @@ async fn following_shows_the_history_then_a_new_flow_within_a_second() {
         Mode::Answer,
     )
     .await;
-    relay.wait_fornodes(&["n1", "n2"]).await;
+    relay.wait_for_nodes(&["n1", "n2"]).await;
     let (mut lines, reader) = follow(relay.http, "follow=true&last=2", 3);
     let history = [next_line(&mut lines).await.0, next_line(&mut lines).await.0];
     assert_eq!(history.iter().map(second).collect::<Vec<_>>(), [3, 5]);
@@ -452,7 +452,7 @@ async fn a_reader_going_away_cancels_the_query_on_every_node() {
     let relay = relay_on(new_hub("a"), FlowSettings::default()).await;
     let n1 = FakeNode::connect(relay.agent, "n1", vec![], Mode::Answer).await;
     let n2 = FakeNode::connect(relay.agent, "n2", vec![], Mode::Answer).await;
-    relay.wait_fornodes(&["n1", "n2"]).await;
+    relay.wait_for_nodes(&["n1", "n2"]).await;
     let (mut lines, reader) = follow(relay.http, "follow=true", 1);
     let followed = |n: &FakeNode| {
         n.queries()
@@ -495,7 +495,7 @@ async fn a_node_that_never_answers_is_skipped_and_counted() {
     )
     .await;
     let silent = FakeNode::connect(relay.agent, "n2", vec![], Mode::Silent).await;
-    relay.wait_fornodes(&["n1", "n2"]).await;
+    relay.wait_for_nodes(&["n1", "n2"]).await;
     let started = Instant::now();
     let answered = flows_of(relay.http, "last=10").await;
     let took = started.elapsed();
@@ -507,6 +507,57 @@ async fn a_node_that_never_answers_is_skipped_and_counted() {
         (!asked.is_empty() && silent.cancelled() == asked).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_does_not_read_loses_flows_counted_and_holds_up_nobody() {
+    init_tracing();
+    let relay = relay_on(new_hub("a"), FlowSettings::default()).await;
+    let node = FakeNode::connect(relay.agent, "n1", vec![], Mode::Answer).await;
+    relay.wait_for_nodes(&["n1"]).await;
+    // A follower whose output is never taken.
+    let (out, stuck) = mpsc::channel(1);
+    let follower = tokio::spawn(flows::query::run(
+        relay.hub.flows().clone(),
+        FlowRequest {
+            follow: true,
+            ..FlowRequest::default()
+        },
+        flows::Scope::default(),
+        out,
+    ));
+    trellis_test_support::eventually_async("the node followed", WAIT, || async {
+        node.queries().iter().any(|(_, r)| r.follow).then_some(())
+    })
+    .await;
+    // Far more frames than the follower's queue holds.
+    for second in 0..5_000 {
+        node.record
+            .send(flow(second, "a/n1", "a/x/client", "a/x/server"))
+            .unwrap();
+    }
+    trellis_test_support::eventually_async("flows dropped for the stuck reader", WAIT, || async {
+        let text = relay.hub.metrics().render();
+        let dropped: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("trellis_controller_flows_dropped_total "))?
+            .parse()
+            .ok()?;
+        (dropped > 4_000).then_some(())
+    })
+    .await;
+    // The node's other readers are answered as ever, every time at once, until the node has
+    // recorded the last flow.
+    trellis_test_support::eventually_async("the newest flow answered", WAIT, || async {
+        let started = Instant::now();
+        let last = flows_of(relay.http, "last=1").await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        (last.iter().map(second).collect::<Vec<_>>() == [4_999]).then_some(())
+    })
+    .await;
+    drop(stuck);
+    follower.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -541,7 +592,7 @@ async fn a_newer_channel_of_a_node_replaces_the_older() {
         Mode::Answer,
     )
     .await;
-    relay.wait_fornodes(&["n1"]).await;
+    relay.wait_for_nodes(&["n1"]).await;
     let new = FakeNode::connect(
         relay.agent,
         "n1",
@@ -555,7 +606,7 @@ async fn a_newer_channel_of_a_node_replaces_the_older() {
             .then_some(())
     })
     .await;
-    relay.wait_fornodes(&["n1"]).await;
+    relay.wait_for_nodes(&["n1"]).await;
     let answered = flows_of(relay.http, "").await;
     assert_eq!(answered.len(), 1);
     assert_eq!(answered[0].source.pod_name.as_deref(), Some("new"));
@@ -631,7 +682,7 @@ async fn peered(a_flows: Vec<Flow>) -> (Relay, Relay, Vec<Peering>, FakeNode) {
     let a = relay_on(ha, FlowSettings::default()).await;
     let b = relay_on(hb, FlowSettings::default()).await;
     let node = FakeNode::connect(a.agent, "n1", a_flows, Mode::Answer).await;
-    a.wait_fornodes(&["n1"]).await;
+    a.wait_for_nodes(&["n1"]).await;
     trellis_test_support::eventually_async("a and b peered for flows", WAIT, || async {
         (a.hub.flows().sources().peers == ["b"] && b.hub.flows().sources().peers == ["a"])
             .then_some(())

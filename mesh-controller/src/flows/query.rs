@@ -228,6 +228,7 @@ pub async fn run(
                             if early.len() >= settings.max_history {
                                 early.pop_front();
                                 tally.lost += 1;
+                                relay.dropped(&source, 1);
                             }
                             early.push_back((source.clone(), flow));
                         }
@@ -285,7 +286,11 @@ pub async fn run(
     loop {
         tokio::select! {
             event = fanout.events.next(), if !fanout.events.is_empty() => {
-                let Some((source, _, event)) = event else { continue };
+                let Some((source, phase, event)) = event else { continue };
+                if phase == Phase::History {
+                    // A late answer of a source skipped for its history: not new flows.
+                    continue;
+                }
                 match event {
                     SubEvent::Flows(flows) => {
                         let new: Vec<Flow> = flows

@@ -794,3 +794,106 @@ async fn a_peer_beyond_its_share_of_queries_is_refused() {
         p.shutdown().await;
     }
 }
+
+/// A hand-driven peer: cluster b's certificate, its session's hello, then raw flow streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_flow_stream_is_answered_by_the_identity_rule_and_garbage_is_refused() {
+    init_tracing();
+    let ca = certs::generate_ca("test", Validity::days_from_now(1)).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let a_addr = sock.local_addr().unwrap();
+    let hub = new_hub("a");
+    hub.set_source(source("10.1.0.0/24", "10.96.0.0/16"));
+    let peering_a = peering("a", &hub, &ca, sock, ("b", None));
+    let a = relay_on(hub, FlowSettings::default()).await;
+    let inside_a = flow(1, "a/n1", "a/x/client", "a/x/server");
+    let from_b = flow(2, "a/n1", "b/y/client", "a/x/server");
+    let _node =
+        FakeNode::connect(a.agent, "n1", vec![inside_a, from_b.clone()], Mode::Answer).await;
+    a.wait_for_nodes(&["n1"]).await;
+
+    let b = material(&ca, "b");
+    let client = trellis_controller::tls::client_config(&b, Metrics::new().unwrap()).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(client).unwrap(),
+    )));
+    let conn = endpoint
+        .connect(a_addr, &certs::identity_name(&id("a")))
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut session, _session_rx) = conn.open_bi().await.unwrap();
+    let hello = trellis_core::peering::encode_frame(
+        &trellis_core::peering::Message::Hello {
+            cluster: id("b"),
+            name: "b".into(),
+        },
+        1 << 20,
+    )
+    .unwrap();
+    session.write_all(&hello).await.unwrap();
+    trellis_test_support::eventually_async("b's session on a", WAIT, || async {
+        (a.hub.flows().sources().peers == ["b"]).then_some(())
+    })
+    .await;
+
+    // Not a flow stream: refused, counted, the session untouched.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let _ = send.finish();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(chunk)) = recv.read_chunk(4096, true).await {
+            sink.extend_from_slice(&chunk.bytes);
+        }
+    })
+    .await;
+    assert!(sink.is_empty());
+    assert!(
+        a.metric("trellis_controller_peer_flow_queries_refused_total{reason=\"bad_request\"} 1")
+    );
+
+    // b asks for the connection between a's own two pods, and for everything.
+    for (query, want) in [
+        ("from-pod=a/x/client&to-pod=a/x/server", vec![]),
+        ("", vec![from_b.clone()]),
+    ] {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut bytes = flows::FLOW_STREAM_MAGIC.to_vec();
+        bytes.extend(
+            encode_json_frame(
+                &FlowCommand::Query {
+                    id: 7,
+                    request: Box::new(FlowRequest::from_query(query).unwrap()),
+                },
+                "query",
+                1 << 20,
+            )
+            .unwrap(),
+        );
+        send.write_all(&bytes).await.unwrap();
+        let _ = send.finish();
+        let mut decoder = FrameDecoder::new(4 << 20);
+        let mut answered = Vec::new();
+        let ended = tokio::time::timeout(WAIT, async {
+            loop {
+                while let Some(reply) = decoder.next_json::<FlowReply>().unwrap() {
+                    match reply {
+                        FlowReply::Flows { id: 7, flows } => answered.extend(flows),
+                        FlowReply::End { id: 7, error } => return error,
+                        other => panic!("{other:?}"),
+                    }
+                }
+                let chunk = recv.read_chunk(65536, true).await.unwrap().unwrap();
+                decoder.push(&chunk.bytes);
+            }
+        })
+        .await
+        .expect("an End");
+        assert_eq!(ended, None);
+        assert_eq!(answered, want, "{query}");
+    }
+    conn.close(0u32.into(), b"done");
+    peering_a.shutdown().await;
+}

@@ -6,7 +6,8 @@
 //! big-endian length + JSON) on TCP: the client's first frame is an [`AgentHello`]; the
 //! controller then sends [`GatewayUpdate`]s or [`ImportsUpdate`]s. A gateway also sends
 //! [`AgentReport`]s on its stream, which the hub keeps for `GET /status`; a report that does
-//! not parse or validate is counted and skipped.
+//! not parse or validate is counted and skipped. A gateway's second connection, hello role
+//! `flows`, is its node's flow channel, served by [`crate::flows`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -466,6 +467,12 @@ enum SubscriberError {
     WriteTimeout,
     #[error("writing an update")]
     Write(#[source] std::io::Error),
+    #[error("flow channel of {node}")]
+    Flows {
+        node: String,
+        #[source]
+        source: crate::flows::node::FlowChannelError,
+    },
     #[error("gateway {node}: reading its reports")]
     Reports {
         node: String,
@@ -701,11 +708,15 @@ async fn subscriber<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let sub = ImportsSubscription::new(&hub);
             stream_updates(sub, rd, &mut wr, max_frame, |_| Ok(())).await
         }
-        // Not served yet: refused like an unknown role.
-        AgentRole::Flows(channel) => Err(SubscriberError::Refused {
-            identity: format!("flows of {}", channel.node),
-            refusal: Refusal::NodeMismatch,
-        }),
+        // The node's flow channel: the relay asks on it and reads the answers.
+        AgentRole::Flows(channel) => hub
+            .flows()
+            .serve_node(channel.node.clone(), rd, wr, reports)
+            .await
+            .map_err(|source| SubscriberError::Flows {
+                node: channel.node,
+                source,
+            }),
         // Only an issuer answers these (before authorization); the plaintext mode has none.
         AgentRole::Bootstrap(request) => Err(SubscriberError::Refused {
             identity: format!("bootstrap of {}", request.node),
@@ -2013,6 +2024,75 @@ mod tests {
         conn.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         let gone = node_status(&h, &|n| !n.connected).await;
         assert_eq!(gone.report.unwrap().revision, 5);
+        server.abort();
+    }
+
+    /// A node's flow channel is served for the node its certificate names, and relays its
+    /// replies; another node's identity is refused.
+    #[tokio::test]
+    async fn a_nodes_flow_channel_is_served_for_its_own_identity_only() {
+        use trellis_core::agent::FlowChannel;
+        use trellis_core::flow::protocol::{FlowCommand, FlowReply};
+        let (h, addr, server, pki) = agent_server().await;
+        let flows_hello = |node: &str| AgentHello {
+            token: None,
+            role: AgentRole::Flows(FlowChannel { node: node.into() }),
+        };
+        let mut other = connect_as(addr, &pki, &node_id("node-1")).await;
+        send_hello(&mut other, &flows_hello("node-0")).await;
+        refused(&mut other).await;
+        assert_refusals_counted(&h, &["agent_node_mismatch"]);
+        let mut own = connect_as(addr, &pki, &node_id("node-0")).await;
+        send_hello(&mut own, &flows_hello("node-0")).await;
+        trellis_test_support::eventually_async(
+            "node-0's flow channel",
+            Duration::from_secs(20),
+            || async { (h.flows().sources().nodes == ["node-0"]).then_some(()) },
+        )
+        .await;
+        // The relay asks over TLS, and the node's answer comes back.
+        h.flows().set_enabled(true);
+        let (out, mut batches) = tokio::sync::mpsc::channel(4);
+        let query = tokio::spawn(crate::flows::query::run(
+            h.flows().clone(),
+            trellis_core::flow::FlowRequest::default(),
+            crate::flows::Scope::default(),
+            out,
+        ));
+        let mut decoder = FrameDecoder::new(1 << 20);
+        let mut buf = vec![0u8; 4096];
+        let id = loop {
+            if let Some(FlowCommand::Query { id, .. }) = decoder.next_json().unwrap() {
+                break id;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(5), own.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0);
+            decoder.push(&buf[..n]);
+        };
+        for reply in [
+            FlowReply::Flows {
+                id,
+                flows: vec![crate::flows::merge::tests::flow(
+                    1, "a/node-0", "a/x/p", "a/x/q",
+                )],
+            },
+            FlowReply::End { id, error: None },
+        ] {
+            own.write_all(&encode_json_frame(&reply, "reply", 1 << 20).unwrap())
+                .await
+                .unwrap();
+        }
+        own.flush().await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), batches.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].node_name, "a/node-0");
+        query.await.unwrap();
         server.abort();
     }
 

@@ -30,6 +30,8 @@
 //!   # issued by the controller itself (agent.<cluster>.trellis) and renewed before it expires.
 //! # agentTokenFile: agent-token  # deprecated plaintext mode (no agentTls): any holder registers any node
 //! stateFile: /var/lib/trellis/controller-state.json  # last state, served after a restart
+//! flows: {enabled: false, listen: 127.0.0.1:4245}  # GET /flows: the cluster's flows (NDJSON);
+//!                              # loopback only: kubectl port-forward (RBAC) reaches it
 //! ```
 
 use std::collections::BTreeSet;
@@ -188,6 +190,34 @@ pub struct TlsPaths {
     pub key: PathBuf,
 }
 
+/// `flows`: the flows listener, where `trellis observe` reads the cluster's flows (`GET
+/// /flows`, relayed from every node's flow channel and, when asked, from peer clusters). It
+/// has no authentication of its own, so it listens on loopback only: a reader comes through
+/// `kubectl port-forward` (Kubernetes RBAC decides) or from the controller's own network
+/// namespace. Off by default; then peers' flow queries are refused too.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FlowsConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_flows_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for FlowsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: default_flows_listen(),
+        }
+    }
+}
+
+/// hubble-relay's port.
+fn default_flows_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4245))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(
     rename_all = "camelCase",
@@ -270,6 +300,8 @@ pub struct Config {
     /// traffic of pods they were not told about).
     #[serde(default)]
     pub network_policy: bool,
+    #[serde(default)]
+    pub flows: FlowsConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -347,6 +379,25 @@ impl Config {
                 if *dns == bootstrap.service_account {
                     return bad("nodeBootstrap.dnsServiceAccount must not be the gateways' ServiceAccount: each account gets only its own identities".into());
                 }
+            }
+        }
+        if self.flows.enabled {
+            let listen = self.flows.listen;
+            if !listen.ip().is_loopback() {
+                return bad(format!(
+                    "flows.listen ({listen}) must be a loopback address: the flows endpoint has no authentication of its own (readers come through kubectl port-forward, which RBAC guards)"
+                ));
+            }
+            if self.agent_listen.is_none() {
+                return bad(
+                    "flows needs agentListen: nodes connect their flow channels to the agent port"
+                        .into(),
+                );
+            }
+            if [self.metrics_listen, self.agent_listen].contains(&Some(listen)) {
+                return bad(format!(
+                    "flows.listen ({listen}) is already another listener's address"
+                ));
             }
         }
         if self.max_frame_bytes < 64 * 1024 {
@@ -449,6 +500,19 @@ mod tests {
         assert_eq!(no_id.cluster_id, None);
         assert!(!c.node_encryption);
         assert!(!c.network_policy, "policy only when asked for");
+        assert_eq!(c.flows, FlowsConfig::default());
+        assert!(!c.flows.enabled, "flows only when asked for");
+        let flows = Config::parse(&format!(
+            "{MIN}agentListen: 0.0.0.0:7444\nflows: {{enabled: true}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            flows.flows,
+            FlowsConfig {
+                enabled: true,
+                listen: "127.0.0.1:4245".parse().unwrap()
+            }
+        );
         assert_eq!(
             c.source,
             SourceConfig::Static {
@@ -559,6 +623,26 @@ agentListen: 127.0.0.1:7444
                     "{K8S}agentTls: {{ca: a.pem}}\nstateFile: /s/state.json\nnodeBootstrap: {{caKey: k.pem, serviceAccount: ns/gw, dnsServiceAccount: dns}}\n"
                 ),
                 "dnsServiceAccount must be NAMESPACE/NAME",
+            ),
+            (
+                format!(
+                    "{MIN}agentListen: 0.0.0.0:7444\nflows: {{enabled: true, listen: 0.0.0.0:4245}}\n"
+                ),
+                "must be a loopback address",
+            ),
+            (
+                format!("{MIN}flows: {{enabled: true}}\n"),
+                "flows needs agentListen",
+            ),
+            (
+                format!(
+                    "{MIN}agentListen: 127.0.0.1:7444\nflows: {{enabled: true, listen: 127.0.0.1:7444}}\n"
+                ),
+                "already another listener's",
+            ),
+            (
+                format!("{MIN}flows: {{enabled: true, port: 1}}\n"),
+                "unknown field",
             ),
         ];
         for (yaml, want) in cases {

@@ -11,6 +11,7 @@ pub mod certs;
 pub mod certs_command;
 pub mod config;
 pub mod crd;
+pub mod flows;
 pub mod gateway;
 pub mod gateways;
 pub mod hub;

@@ -200,6 +200,18 @@ async fn run(config_path: PathBuf) -> Result<()> {
             }),
         ));
     }
+    if cfg.flows.enabled {
+        let addr = cfg.flows.listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the flows listener {addr}"))?;
+        hub.flows().set_enabled(true);
+        tracing::info!(%addr, "serving flows (GET /flows)");
+        tasks.spawn(trellis_controller::flows::serve(
+            listener,
+            hub.flows().clone(),
+        ));
+    }
     let mut agent_tls = None;
     if let Some(addr) = cfg.agent_listen {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -2,7 +2,8 @@
 //! is passed down to whatever records.
 
 use prometheus::{
-    Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder, core::Collector,
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    core::Collector,
 };
 
 use trellis_core::cluster::ClusterId;
@@ -16,6 +17,7 @@ pub enum Listener {
     Agent,
     Peering,
     Metrics,
+    Flows,
 }
 
 impl Listener {
@@ -24,6 +26,7 @@ impl Listener {
             Listener::Agent => "agent",
             Listener::Peering => "peering",
             Listener::Metrics => "metrics",
+            Listener::Flows => "flows",
         }
     }
 }
@@ -67,6 +70,14 @@ pub struct Metrics {
     pub local_revision: IntGauge,
     /// NetworkPolicies of the local cluster refused (invalid): they isolate nothing.
     pub policies_refused: IntGauge,
+    /// Nodes whose flow channel is connected.
+    pub flow_channels: IntGauge,
+    pub flow_queries: IntCounterVec,
+    pub flows_relayed: IntCounterVec,
+    pub peer_flow_queries_refused: IntCounterVec,
+    pub flow_sources_skipped: IntCounterVec,
+    pub flows_dropped: IntCounter,
+    pub flow_replies_rejected: IntCounter,
 }
 
 fn reg<C: Collector + Clone + 'static>(r: &Registry, c: C) -> Result<C, Error> {
@@ -236,6 +247,66 @@ impl Metrics {
                     "trellis_controller_policies_refused",
                     "NetworkPolicies of this cluster refused as invalid (they isolate nothing).",
                 )?,
+            )?,
+            flow_channels: reg(
+                &r,
+                g(
+                    "trellis_controller_flow_channels",
+                    "Nodes whose flow channel is connected to this controller.",
+                )?,
+            )?,
+            flow_queries: reg(
+                &r,
+                cv(
+                    "trellis_controller_flow_queries_total",
+                    "Flow queries, by who asked (http: a reader of the flows listener, peer: a \
+                     peer cluster's controller) and result (ok, bad_request, refused).",
+                    &["source", "result"],
+                )?,
+            )?,
+            flows_relayed: reg(
+                &r,
+                cv(
+                    "trellis_controller_flows_relayed_total",
+                    "Flows written to readers, by reader (http, peer).",
+                    &["reader"],
+                )?,
+            )?,
+            peer_flow_queries_refused: reg(
+                &r,
+                cv(
+                    "trellis_controller_peer_flow_queries_refused_total",
+                    "Flow queries of peer clusters refused, by reason (not_admitted, too_many, \
+                     bad_request, disabled).",
+                    &["reason"],
+                )?,
+            )?,
+            flow_sources_skipped: reg(
+                &r,
+                cv(
+                    "trellis_controller_flow_sources_skipped_total",
+                    "Nodes or peers a flow query went without, by reason (timeout: no answer in \
+                     time, busy: too many queries on it, error: it refused or failed, \
+                     not_connected: a peer asked for is not connected).",
+                    &["reason"],
+                )?,
+            )?,
+            flows_dropped: reg(
+                &r,
+                IntCounter::new(
+                    "trellis_controller_flows_dropped_total",
+                    "Flows a node or peer sent for a query whose reader was too slow to take \
+                     them (its queue was full).",
+                )
+                .map_err(err)?,
+            )?,
+            flow_replies_rejected: reg(
+                &r,
+                IntCounter::new(
+                    "trellis_controller_flow_replies_rejected_total",
+                    "Flow reply frames from nodes or peers that did not parse (skipped).",
+                )
+                .map_err(err)?,
             )?,
             registry: r,
         })

@@ -1,6 +1,7 @@
 //! Peering over QUIC: one endpoint that accepts peers and dials the configured ones, one
 //! bidirectional stream per connection carrying the `trellis/1` protocol, driven by the sans-IO
-//! [`Session`]. A failing connection (bad certificate, malformed or oversized frame, revision
+//! [`Session`]; beside it, either side may open short-lived streams asking the other for
+//! flows ([`crate::flows::peer`]). A failing connection (bad certificate, malformed or oversized frame, revision
 //! gap, silence) is closed alone; other peers never notice.
 
 use std::collections::hash_map::RandomState;
@@ -180,7 +181,11 @@ impl Peering {
         transport.max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(cfg.lease).map_err(quic_err("idle timeout"))?,
         ));
-        transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
+        // The session's stream, and a peer's flow queries: twice the answered ones, so that a
+        // query beyond them is answered with a refusal rather than left waiting for credit.
+        transport.max_concurrent_bidi_streams(VarInt::from_u32(
+            1 + 2 * crate::flows::MAX_PEER_FLOW_QUERIES as u32,
+        ));
         transport.max_concurrent_uni_streams(VarInt::from_u32(0));
         let transport = Arc::new(transport);
         let creds = crate::tls::PeeringCredentials::new(&cfg.tls)?;
@@ -460,6 +465,14 @@ async fn run_session(
             return;
         }
     };
+    // While the session runs, flows can be asked of the peer over this connection, and the
+    // peer's flow queries (streams it opens beside the session's) are answered.
+    let flows_registration = hub.flows().peer_connected(&peer, &conn);
+    let flow_answers = tokio::spawn(
+        hub.flows()
+            .clone()
+            .serve_peer_streams(peer.clone(), conn.clone()),
+    );
     let (code, reason) = drive(
         &hub,
         &conn,
@@ -470,6 +483,8 @@ async fn run_session(
         ticket.cancelled.clone(),
     )
     .await;
+    flow_answers.abort();
+    drop(flows_registration);
     hub.session_end(&ticket);
     conn.close(VarInt::from_u32(code), reason.as_bytes());
 }

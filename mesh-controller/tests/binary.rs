@@ -220,6 +220,7 @@ fn two_controllers_from_the_command_line() {
     }
     let (e_quic, w_quic) = (free_udp(), free_udp());
     let (e_metrics, w_metrics, e_agent, w_agent) = (free_tcp(), free_tcp(), free_tcp(), free_tcp());
+    let e_flows = free_tcp();
     let west_cfg = dir.path().join("west-config.yaml");
     std::fs::write(
         dir.path().join("east-config.yaml"),
@@ -232,7 +233,7 @@ fn two_controllers_from_the_command_line() {
             e_metrics,
             e_agent,
             false,
-        ),
+        ) + &format!("flows: {{enabled: true, listen: \"{e_flows}\"}}\n"),
     )
     .unwrap();
     // West's configuration is written again later, to switch node encryption on.
@@ -277,6 +278,23 @@ fn two_controllers_from_the_command_line() {
     eventually("east to hold west's state", dir.path(), || {
         metrics(e_metrics).contains("trellis_controller_remote_clusters_connected 1")
     });
+    // East serves flows: a node's flow channel is listed, the peer too, a bad query refused.
+    let _flow_channel = Subscriber::connect(
+        e_agent,
+        &AgentHello {
+            token: Some("lab-token".into()),
+            role: trellis_core::agent::AgentRole::Flows(trellis_core::agent::FlowChannel {
+                node: "east-node-0".into(),
+            }),
+        },
+    );
+    eventually("east to list its node's flow channel", dir.path(), || {
+        get(e_flows, "/flows/nodes").contains("east-node-0")
+    });
+    assert!(get(e_flows, "/flows/nodes").contains("west"));
+    assert!(metrics(e_metrics).contains("trellis_controller_flow_channels 1"));
+    let bad = trellis_http::get(e_flows, "/flows?verdict=MAYBE", Duration::from_secs(5)).unwrap();
+    assert_eq!(bad.status, 400, "{}", bad.body);
     let status = get(e_metrics, "/status");
     assert!(status.contains("\"cluster\": \"west\""), "{status}");
     assert!(status.contains("\"services\": 1"), "{status}");

@@ -132,6 +132,7 @@ pub struct Hub {
     local_tx: Arc<watch::Sender<Option<Arc<LocalPublish>>>>,
     view_tx: Arc<watch::Sender<Option<Arc<MeshView>>>>,
     metrics: Metrics,
+    flows: crate::flows::FlowRelay,
 }
 
 impl Hub {
@@ -163,6 +164,7 @@ impl Hub {
             inner: Arc::new(Mutex::new(inner)),
             local_tx: Arc::new(watch::channel(None).0),
             view_tx: Arc::new(watch::channel(None).0),
+            flows: crate::flows::FlowRelay::new(metrics.clone()),
             metrics,
         }
     }
@@ -177,6 +179,11 @@ impl Hub {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The relay of the nodes' flow channels and the peers' flow queries.
+    pub fn flows(&self) -> &crate::flows::FlowRelay {
+        &self.flows
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

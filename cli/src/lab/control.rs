@@ -258,7 +258,8 @@ pub fn controller_yaml(
          tls: {{ca: {certs}/ca.pem, cert: {certs}/{id}.pem, key: {certs}/{id}-key.pem}}\n\
          source: {{static: {{path: {own}/cluster.yaml, pollMillis: 20}}}}\n\
          metricsListen: \"{address}:{CONTROLLER_METRICS_PORT}\"\nagentListen: \"{address}:{AGENT_PORT}\"\n\
-         agentTls: {{ca: {agent_ca}, cert: {agent_cert}, key: {agent_key}}}\nstateFile: {own}/controller-state.json\n",
+         agentTls: {{ca: {agent_ca}, cert: {agent_cert}, key: {agent_key}}}\nstateFile: {own}/controller-state.json\n\
+         flows: {{enabled: true}}\n",
         id = cluster.name,
         peers = peers.join(", "),
         certs = certs.display(),

@@ -22,10 +22,10 @@ use trellis_core::agent::{AgentRole, FlowChannel, MAX_AGENT_FRAME};
 use trellis_core::flow::protocol::{
     FlowCommand, FlowReply, MAX_FLOWS_PER_FRAME, MAX_QUERIES_PER_NODE,
 };
-use trellis_core::flow::{Flow, FlowRequest};
+use trellis_core::flow::Flow;
 use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 
-use super::recorder::{Followed, Follower, Recorder};
+use super::recorder::{Answer, Followed, Follower, Recorder};
 
 /// The largest command frame accepted (a query is a few hundred bytes).
 pub const MAX_COMMAND_FRAME: usize = 1 << 20;
@@ -96,14 +96,7 @@ async fn send(reply: FlowReply, out: &mpsc::Sender<Vec<u8>>) -> bool {
 }
 
 /// Answers one query: its recorded flows, then `End`, or (following) new flows as they come.
-async fn answer(
-    id: u64,
-    request: FlowRequest,
-    recorder: Arc<Recorder>,
-    out: mpsc::Sender<Vec<u8>>,
-) {
-    let answer = recorder.query(&request);
-    drop(recorder);
+async fn answer(id: u64, answer: Answer, out: mpsc::Sender<Vec<u8>>) {
     if !send_flows(id, &answer.recorded, &out).await {
         return;
     }
@@ -199,7 +192,10 @@ async fn command(
                 .await;
                 return;
             }
-            let task = tokio::spawn(answer(id, *request, recorder.clone(), out.clone()));
+            // Taken here, in the order the commands came: a controller that subscribes to new
+            // flows before asking for the recorded ones misses none in between.
+            let recorded = recorder.query(&request);
+            let task = tokio::spawn(answer(id, recorded, out.clone()));
             queries.running.insert(id, task);
         }
         FlowCommand::Cancel { id } => {

@@ -185,6 +185,28 @@ fn denied_and_allowed_connections_across_clusters_and_a_follower() {
     assert_eq!(arrived["verdict"], "FORWARDED", "{arrived}");
     assert_eq!(arrived["ip"]["encrypted"], true, "{arrived}");
 
+    // Asked of c1's controller alone, c2's flows come over peering: those of c1's pods, never
+    // what c2's pods say among themselves (which c2 itself shows).
+    let via_peer = observe(
+        &lab,
+        &["--in", "c1", "--peer", "c2", "--node", "c2/node-0", "--all"],
+    );
+    assert!(
+        via_peer
+            .iter()
+            .any(|f| is_pod(&f["source"], "c1", "default", "pod-0")
+                && is_pod(&f["destination"], "c2", "default", "pod-0")),
+        "c2's record of c1/pod-0's connection, through c1's controller: {via_peer:?}"
+    );
+    let involves_c1 =
+        |f: &Value| f["source"]["cluster"] == "c1" || f["destination"]["cluster"] == "c1";
+    assert!(via_peer.iter().all(involves_c1), "{via_peer:?}");
+    let direct = observe(&lab, &["--in", "c2", "--node", "c2/node-0", "--all"]);
+    assert!(
+        direct.iter().any(|f| !involves_c1(f)),
+        "c2 holds flows of its own pods (the lab's first checks): the peer rule is what hid them"
+    );
+
     // A follower sees a new connection within a second of it being made.
     let follower = Follower::start(
         &lab,

@@ -194,8 +194,9 @@ fn timed_out() -> std::io::Error {
     std::io::ErrorKind::TimedOut.into()
 }
 
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+/// A connection to the agent port (TLS, or plain TCP in the deprecated token mode).
+pub trait AgentStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AgentStream for T {}
 
 pub(crate) async fn tcp(address: &str, netns: Option<&Netns>) -> std::io::Result<TcpStream> {
     let stream = match netns {
@@ -242,7 +243,7 @@ pub(crate) async fn tcp(address: &str, netns: Option<&Netns>) -> std::io::Result
 async fn open(
     config: &ClientConfig,
     netns: Option<&Netns>,
-) -> Result<(Box<dyn Stream>, Option<String>), Ended> {
+) -> Result<(Box<dyn AgentStream>, Option<String>), Ended> {
     let tcp = tcp(&config.address, netns).await.map_err(Ended::Connect)?;
     match &config.transport {
         Transport::LegacyToken(token) => Ok((Box::new(tcp), token.clone())),
@@ -254,6 +255,33 @@ async fn open(
                 .map_err(Ended::Tls)?;
             Ok((Box::new(stream), None))
         }
+    }
+}
+
+/// Connects to the agent port as [`follow`] does (namespace, keepalives, TLS with the
+/// subscriber's identity) and sends the hello for `role`: the stream is then the caller's,
+/// for a role whose conversation is not a replicated state (a gateway's flow channel).
+/// Reconnecting is the caller's too, with a [`Backoff`].
+pub async fn connect(
+    config: &ClientConfig,
+    netns: Option<&Netns>,
+    role: AgentRole,
+) -> Result<Box<dyn AgentStream>, Ended> {
+    let (mut stream, token) = open(config, netns).await?;
+    send_hello(&mut stream, &AgentHello { token, role }, config.max_frame).await?;
+    Ok(stream)
+}
+
+async fn send_hello<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    hello: &AgentHello,
+    max_frame: usize,
+) -> Result<(), Ended> {
+    let frame = encode_json_frame(hello, "hello", max_frame).map_err(Ended::EncodeHello)?;
+    match tokio::time::timeout(WRITE_TIMEOUT, write_flushed(writer, &frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Ended::Hello(e)),
+        Err(_) => Err(Ended::Hello(timed_out())),
     }
 }
 
@@ -326,15 +354,9 @@ async fn session<H: Handler, R: Clone + Into<AgentRole>>(
         token,
         role: hello_rx.borrow_and_update().clone().into(),
     };
-    let frame = match encode_json_frame(&hello, "hello", config.max_frame) {
-        Ok(f) => f,
-        Err(e) => return Ended::EncodeHello(e),
-    };
     let (mut reader, mut writer) = tokio::io::split(stream);
-    match tokio::time::timeout(WRITE_TIMEOUT, write_flushed(&mut writer, &frame)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Ended::Hello(e),
-        Err(_) => return Ended::Hello(timed_out()),
+    if let Err(e) = send_hello(&mut writer, &hello, config.max_frame).await {
+        return e;
     }
     tracing::info!(controller = %config.address, "subscribed to the controller");
     handler.connected(true, None);
@@ -411,6 +433,57 @@ async fn session<H: Handler, R: Clone + Into<AgentRole>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn connect_sends_the_hello_and_hands_over_the_stream() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = ClientConfig {
+            address: listener.local_addr().unwrap().to_string(),
+            transport: Transport::LegacyToken(Some("secret".into())),
+            max_frame: 1 << 20,
+            resync: None,
+            report: None,
+        };
+        let role = AgentRole::Flows(trellis_core::agent::FlowChannel { node: "n1".into() });
+        let (client, server) = tokio::join!(connect(&config, None, role.clone()), async {
+            listener.accept().await.unwrap().0
+        });
+        let mut client = client.unwrap();
+        let mut server = server;
+        let mut decoder = FrameDecoder::new(1 << 20);
+        let mut buf = [0u8; 1024];
+        let hello = loop {
+            let n = server.read(&mut buf).await.unwrap();
+            assert_ne!(n, 0, "the hello comes before anything else");
+            decoder.push(&buf[..n]);
+            if let Some(hello) = decoder.next_json::<AgentHello>().unwrap() {
+                break hello;
+            }
+        };
+        assert_eq!(hello.role, role);
+        assert_eq!(hello.token.as_deref(), Some("secret"));
+        // The stream is the caller's after the hello.
+        server.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+    }
+
+    #[tokio::test]
+    async fn connect_to_nothing_says_connecting() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let config = ClientConfig {
+            address,
+            transport: Transport::LegacyToken(None),
+            max_frame: 1 << 20,
+            resync: None,
+            report: None,
+        };
+        let ended = connect(&config, None, AgentRole::Dns).await.err().unwrap();
+        assert_eq!(ended.reason(), "connect");
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_up_to_the_cap() {

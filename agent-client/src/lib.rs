@@ -7,6 +7,8 @@ pub mod bootstrap;
 pub mod client;
 pub mod tls;
 
-pub use client::{ClientConfig, Ended, Handler, Replica, Transport, follow};
+pub use client::{
+    AgentStream, Backoff, ClientConfig, Ended, Handler, Replica, Transport, connect, follow,
+};
 pub use tls::{ClientTls, ServerTls, TlsError, TlsFiles};
 pub use tokio_rustls;

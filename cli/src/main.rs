@@ -5,6 +5,7 @@ mod certs;
 mod cni;
 mod echo;
 mod lab;
+mod observe;
 mod peer;
 mod status;
 mod table;
@@ -38,6 +39,9 @@ enum Command {
     /// A cluster's mesh as its controller sees it: peer clusters, gateways, tunnels. Exits 1
     /// when something is unhealthy, 2 when the controller cannot be reached.
     Status(status::StatusArgs),
+    /// Flows, as `hubble observe` shows them: every connection and dropped packet the nodes
+    /// saw, with the verdict and the policies behind it, from a controller's flows listener.
+    Observe(Box<observe::ObserveArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::EchoServer(args) => echo::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Cni(args) => cni::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Status(args) => status::run(args),
+        Command::Observe(args) => observe::run(*args),
     };
     match outcome {
         Ok(code) => code,

@@ -37,6 +37,8 @@ pub struct GatewayConfig {
     /// Written once the first plan is applied (restored or from the source); on a tmpfs
     /// (`/run`) so a reboot removes it. The CNI plugin refuses to wire pods until it exists.
     pub ready_file: Option<PathBuf>,
+    /// The policy table logs every packet it drops to NFLOG (the flows' DROPPED records).
+    pub log_policy_drops: bool,
 }
 
 impl Default for GatewayConfig {
@@ -50,6 +52,7 @@ impl Default for GatewayConfig {
             device: DeviceConfig::default(),
             workers: 0,
             ready_file: None,
+            log_policy_drops: false,
         }
     }
 }
@@ -75,6 +78,9 @@ pub struct Reconciler<R: RouteTable> {
     pub ready_file: Option<ReadyFile>,
     /// Keeps the node's policy table equal to the desired policy; `None` leaves policy alone.
     pub policy: Option<SharedEnforcer>,
+    /// The names flows are given, renewed with each desired state applied; `None` while the
+    /// node records no flows.
+    pub flow_names: Option<std::sync::Arc<crate::flows::Names>>,
 }
 
 /// The node's policy [`Enforcer`], used from blocking tasks (`nft` runs a process).
@@ -197,7 +203,12 @@ impl<R: RouteTable> Reconciler<R> {
     /// retry failures. An invalid state changes nothing.
     pub async fn apply(&self, state: &GatewayState) -> Result<(), Error> {
         match state.validate() {
-            Ok(()) => self.apply_plan(&state.plan()).await,
+            Ok(()) => {
+                if let Some(names) = &self.flow_names {
+                    names.learn_cluster(&state.cluster);
+                }
+                self.apply_plan(&state.plan()).await
+            }
             Err(invalid) => {
                 self.metrics.reconcile_errors.inc();
                 Err(invalid.into())
@@ -228,6 +239,26 @@ impl<R: RouteTable> Reconciler<R> {
             );
         }
         let result = self.apply_inner(plan).await;
+        // Flows are named after what the node was told, whether or not it is all in place;
+        // a large mesh's directory is built off the async threads.
+        if let Some(names) = &self.flow_names
+            && let Some(policy) = policy
+        {
+            names.learn_node(&policy.node);
+        }
+        if let Some(names) = &self.flow_names
+            && !names.is_current(plan, policy.map(|p| &p.inputs))
+        {
+            let names = names.clone();
+            let plan = plan.clone();
+            let inputs = policy.map(|p| std::sync::Arc::new(p.inputs.clone()));
+            if tokio::task::spawn_blocking(move || names.replace(&plan, inputs))
+                .await
+                .is_err()
+            {
+                tracing::warn!("building the flows' directory failed; flows keep the last names");
+            }
+        }
         match &result {
             Ok(()) => {
                 self.metrics.last_reconcile.set(unix_now());
@@ -548,15 +579,19 @@ impl Gateway {
                 metrics,
                 saved: Some(saved),
                 ready_file: config.ready_file.clone().map(ReadyFile::new),
-                policy: Some(std::sync::Arc::new(std::sync::Mutex::new(Enforcer::new(
-                    Box::<IncrementalCompiler>::default(),
-                    Box::new(NftKernel {
-                        netns: netns
-                            .map(Netns::try_clone)
-                            .transpose()?
-                            .map(std::sync::Arc::new),
-                    }),
-                )))),
+                policy: Some(std::sync::Arc::new(std::sync::Mutex::new(
+                    Enforcer::new(
+                        Box::<IncrementalCompiler>::default(),
+                        Box::new(NftKernel {
+                            netns: netns
+                                .map(Netns::try_clone)
+                                .transpose()?
+                                .map(std::sync::Arc::new),
+                        }),
+                    )
+                    .log_drops(config.log_policy_drops),
+                ))),
+                flow_names: None,
             },
             device_task: Some(device_task),
             plan_writer: Some(plan_writer),
@@ -833,6 +868,7 @@ mod tests {
             saved: None,
             ready_file: None,
             policy: None,
+            flow_names: None,
         }
     }
 
@@ -949,6 +985,38 @@ mod tests {
             &trellis_core::policy::nft::render_delete()
         );
         assert!(r.metrics.render().contains("trellis_policy_enabled 0"));
+    }
+
+    #[tokio::test]
+    async fn each_desired_state_applied_renames_flows_and_a_resync_keeps_the_names() {
+        let mut r = reconciler(false);
+        let names = std::sync::Arc::new(crate::flows::Names::new(
+            crate::flows::directory::NodeIdentity {
+                cluster: None,
+                node: None,
+                addresses: vec![],
+            },
+        ));
+        r.flow_names = Some(names.clone());
+        let state = state(true, PublicKey([9; 32]));
+        r.apply(&state).await.unwrap();
+        let first = names.directory();
+        assert_eq!(first.node_name(), "c1/unknown", "the file's cluster");
+        let b = first.lookup("10.2.0.9".parse().unwrap());
+        assert_eq!(b.endpoint.display_name(), "c1/b");
+        assert!(b.path.encrypted);
+        r.apply(&state).await.unwrap();
+        assert!(
+            std::sync::Arc::ptr_eq(&first, &names.directory()),
+            "a resync keeps the directory (and its policy cache)"
+        );
+        let policy = crate::policy::tests::inputs(&["10.0.0.2"]);
+        r.apply_desired(&state.plan(), Some(&policy)).await.unwrap();
+        assert_eq!(names.directory().node_name(), "c1/n1", "the policy's node");
+        assert_eq!(
+            names.directory().local_pods(),
+            ["10.0.0.2".parse().unwrap()].into_iter().collect()
+        );
     }
 
     fn remote(name: &str, key: PublicKey, cidr: &str) -> RemoteNode {

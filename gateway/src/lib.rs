@@ -7,6 +7,7 @@ pub mod controller;
 pub mod cpus;
 pub mod device;
 mod error;
+pub mod flows;
 pub mod gateway;
 pub mod http;
 pub mod io;

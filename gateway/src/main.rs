@@ -17,6 +17,10 @@ use clap::{Parser, Subcommand};
 use trellis_core::agent::GatewayRegistration;
 use trellis_gateway::controller::{ControllerSource, follow_controller};
 use trellis_gateway::device::DeviceConfig;
+use trellis_gateway::flows::kernel::KernelSources;
+use trellis_gateway::flows::directory::NodeIdentity;
+use trellis_gateway::flows::recorder::Recorder;
+use trellis_gateway::flows::{Names, Pipeline};
 use trellis_gateway::gateway::{DEFAULT_ROUTE_PROTOCOL, follow_file, follow_stream};
 use trellis_gateway::keys::KeyPair;
 use trellis_gateway::peer_config::PeerConfigArgs;
@@ -147,6 +151,28 @@ struct RunArgs {
     /// tmpfs (e.g. /run/trellis/gateway.ready) so a reboot removes it.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Record flows (every connection of the node's pods, and the packets NetworkPolicy
+    /// drops) from the kernel's conntrack events and the policy table's NFLOG, and serve them
+    /// to the controller (`trellis observe`). Needs root; without it, or when the kernel
+    /// refuses, the gateway runs without flows.
+    #[arg(long, default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    flows: bool,
+    /// How many recent flows the node keeps (the oldest go first, counted in
+    /// trellis_flows_buffer_overwritten_total).
+    #[arg(long, default_value_t = trellis_gateway::flows::recorder::DEFAULT_CAPACITY)]
+    flow_buffer: usize,
+}
+
+/// The largest `--flow-buffer`: about a gigabyte of flows at worst.
+const MAX_FLOW_BUFFER: usize = 1 << 20;
+
+/// `on` or `off`.
+fn parse_switch(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("{text:?}: want on or off")),
+    }
 }
 
 /// `0`/`off` (zero: never), or a duration such as `30d`, `12h` or `1h 30m`.
@@ -225,6 +251,9 @@ impl RunArgs {
         {
             bail!("--controller needs --node-name and --advertise-endpoint");
         }
+        if !(1..=MAX_FLOW_BUFFER).contains(&self.flow_buffer) {
+            bail!("--flow-buffer must be between 1 and {MAX_FLOW_BUFFER}");
+        }
         if matches!(self.route_protocol, 0..=4 | 255) {
             bail!(
                 "--route-protocol {} is reserved by the kernel",
@@ -239,6 +268,7 @@ impl RunArgs {
             route_metrics: RouteMetrics::default(),
             workers: self.workers,
             ready_file: self.ready_file.clone(),
+            log_policy_drops: self.flows,
             device: DeviceConfig {
                 mtu: self.mtu,
                 batch: self.batch,
@@ -282,6 +312,40 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The flow pipeline of this node: named after what it was told at start, recording into a
+/// ring of `--flow-buffer` flows.
+fn flow_pipeline(args: &RunArgs, gateway: &Gateway) -> Pipeline {
+    let names = Names::new(NodeIdentity {
+        cluster: args.cluster_id.clone(),
+        node: args.node_name.clone(),
+        addresses: args
+            .advertise_endpoint
+            .map(|e| e.ip())
+            .into_iter()
+            .collect(),
+    });
+    Pipeline::new(
+        std::sync::Arc::new(names),
+        std::sync::Arc::new(Recorder::new(args.flow_buffer)),
+        gateway.metrics.flows.clone(),
+    )
+}
+
+/// Records the kernel's events (conntrack, and the policy table's NFLOG drops) into
+/// `pipeline`, in the gateway's namespace. Never fatal: without root, or when the kernel
+/// refuses, the gateway runs without flows (`trellis_flows_enabled 0`).
+fn record_kernel_flows(pipeline: Pipeline) {
+    if !nix::unistd::Uid::effective().is_root() {
+        tracing::warn!("not root: no flows are recorded (conntrack and NFLOG need it)");
+        return;
+    }
+    trellis_gateway::flows::start_recording(
+        pipeline,
+        || KernelSources::open(None),
+        KernelSources::run,
+    );
+}
+
 async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
     let mut gateway = Gateway::start(None, &config).await?;
     let mut device_task = gateway
@@ -298,6 +362,12 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
             device: gateway.device().clone(),
         }),
     ));
+    // Flows are named from the first plan on, the restored one included.
+    let flows = args.flows.then(|| flow_pipeline(&args, &gateway));
+    if let Some(pipeline) = &flows {
+        gateway.reconciler.flow_names = Some(pipeline.names.clone());
+        record_kernel_flows(pipeline.clone());
+    }
     // Fail closed and fast after a restart: the last plan's peers (each sent a handshake, so
     // remote gateways switch to the new session at once) and routes, before the source is
     // heard from; and its policy, which replaces the previous process's table (left in the
@@ -382,6 +452,25 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if let (Some(pipeline), Some(source)) = (&flows, &controller) {
+        if let trellis_agent_client::Transport::Tls(tls) = &source.transport {
+            pipeline
+                .names
+                .learn_cluster(tls.material().identity.cluster());
+        }
+        let config = trellis_agent_client::ClientConfig {
+            address: source.address.to_string(),
+            transport: source.transport.clone(),
+            max_frame: trellis_core::agent::MAX_AGENT_FRAME,
+            resync: None,
+            report: None,
+        };
+        tokio::spawn(trellis_gateway::flows::channel::run(
+            config,
+            args.node_name.clone().context("--node-name")?,
+            pipeline.recorder.clone(),
+        ));
+    }
     // Key rotation: SIGUSR1 (what `rotate-key` sends; only root or this user can signal us,
     // nothing on the network or in a pod) and the schedule.
     let (rotate, rotation_requests) = tokio::sync::mpsc::channel(1);

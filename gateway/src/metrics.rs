@@ -147,6 +147,8 @@ pub struct Metrics {
     heartbeat: Arc<AtomicU64>,
     /// NetworkPolicy's metrics and status.
     pub policy: PolicyMetrics,
+    /// Flow recording's metrics (`trellis_flows_*`).
+    pub flows: crate::flows::metrics::FlowMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -382,6 +384,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(last_reconcile.clone()))?;
         let policy = PolicyMetrics::new(&registry)?;
+        let flows = crate::flows::metrics::FlowMetrics::new(&registry)?;
         Ok(Self {
             registry,
             peer_tx_bytes,
@@ -423,6 +426,7 @@ impl Metrics {
             steering_spread,
             heartbeat: Arc::new(AtomicU64::new(0)),
             policy,
+            flows,
         })
     }
 

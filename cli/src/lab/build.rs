@@ -488,6 +488,9 @@ fn start_gateways(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::R
                 "--ready-file".into(),
                 gateway_ready_file(dir, node).display().to_string(),
             ]);
+            if let Some(buffer) = state.flow_buffer {
+                args.extend(["--flow-buffer".into(), buffer.to_string()]);
+            }
             start_daemon(
                 dir,
                 state,

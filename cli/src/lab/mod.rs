@@ -1,11 +1,12 @@
-//! `trellis lab`: up, status, exec, encryption, stop, start, roll, down; and the Kubernetes
-//! objects of its clusters: apply, delete, label, probe.
+//! `trellis lab`: up, status, exec, encryption, stop, start, roll, down; the Kubernetes
+//! objects of its clusters: apply, delete, label, probe; and their flows: observe.
 
 mod apply;
 mod build;
 mod connectivity;
 mod control;
 mod objects;
+mod observe;
 mod processes;
 mod roll;
 mod services;
@@ -61,6 +62,9 @@ enum LabCommand {
         /// configuration).
         #[arg(long, value_enum, default_value_t = OnOff::On)]
         network_policy: OnOff,
+        /// Flows each node's gateway keeps for `trellis lab observe` (its `--flow-buffer`).
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+        flow_buffer: u32,
         /// Where the Trellis binaries are; defaults to the directory of this binary.
         #[arg(long)]
         bin_dir: Option<PathBuf>,
@@ -154,6 +158,17 @@ enum LabCommand {
         #[arg(short, long, value_enum, default_value_t = crate::status::Output::Table)]
         output: crate::status::Output,
     },
+    /// Flows from every cluster's controller, as `trellis observe` shows one cluster's:
+    /// `trellis lab observe --verdict DROPPED -o json`, `trellis lab observe -f --in c2`.
+    /// Without --follow the answers are merged by time (the last N overall).
+    Observe {
+        /// Ask only this cluster's controller (repeatable; every cluster when left out).
+        /// `--cluster` is the filter on flows' ends, as in `trellis observe`.
+        #[arg(long = "in", value_name = "CLUSTER")]
+        in_clusters: Vec<String>,
+        #[command(flatten)]
+        flows: Box<crate::observe::FlowArgs>,
+    },
     /// Remove every namespace, process and file the lab made.
     Down,
 }
@@ -178,6 +193,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             pods,
             node_encryption,
             network_policy,
+            flow_buffer,
             bin_dir,
         } => {
             let bin_dir = match bin_dir {
@@ -201,6 +217,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             let mut topology = Topology::new(&args.name, clusters, nodes, pods)?;
             topology.node_encryption = node_encryption == OnOff::On;
             topology.network_policy = network_policy == OnOff::On;
+            topology.flow_buffer = Some(flow_buffer);
             build::up(&dir, &topology, &bin_dir)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -311,6 +328,11 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             let state =
                 LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
             probe(&state, &from, &to, timeout)
+        }
+        LabCommand::Observe { in_clusters, flows } => {
+            let state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            observe::run(&state, &in_clusters, &flows)
         }
         LabCommand::Down => {
             build::down(&dir, &args.name)?;

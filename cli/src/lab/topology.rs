@@ -37,6 +37,9 @@ pub struct Topology {
     /// traffic of pods its controller has not told it about.
     #[serde(default)]
     pub network_policy: bool,
+    /// Each gateway's `--flow-buffer` (the gateway's default when unset).
+    #[serde(default)]
+    pub flow_buffer: Option<u32>,
     /// The processes the lab started, recorded as each starts.
     #[serde(default)]
     pub daemons: Vec<super::processes::Daemon>,
@@ -151,6 +154,7 @@ impl Topology {
             bin_dir: None,
             node_encryption: false,
             network_policy: true,
+            flow_buffer: None,
             daemons: Vec::new(),
         })
     }

@@ -3,6 +3,7 @@
 //! (`request`: Hubble's filters, `--last`, `--since`, `--follow`) and the frames that carry
 //! queries and flows between a node and its controller (`protocol`).
 
+pub mod format;
 pub mod kernel;
 pub mod model;
 pub mod protocol;

@@ -24,6 +24,11 @@
 //!   (`drop_unknown_pod`) when it is not.
 //! * named counters `drop_ingress` and `drop_egress` count the ruleset's
 //!   [`Verdict::Drop`]s.
+//! * with [`RenderOptions::log_drops`], every drop but the invalid packets' is also logged to
+//!   NFLOG group [`NFLOG_GROUP`] with a prefix naming where it happened
+//!   ([`DropPoint::nflog_prefix`]): a ruleset's [`Verdict::Drop`] (the compiler puts one at
+//!   the end of each pod chain, nowhere else) names its chain, the isolated pods' and the
+//!   unknown pods' drops name themselves. The node's flow listener reads them back.
 //!
 //! The fixed names start with `_`, which a ruleset's names (starting with a letter) never do,
 //! so the two never collide.
@@ -38,6 +43,28 @@ use super::ruleset::{
     AddressSet, Direction, Family, Match, Name, Rule, Ruleset, ServiceSet, Verdict,
 };
 use crate::cluster::Protocol;
+use crate::flow::kernel::{DropPoint, NFLOG_GROUP};
+
+/// How a ruleset is rendered, beyond the ruleset itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// Log dropped packets to NFLOG (for flows); the counters count them either way.
+    pub log_drops: bool,
+}
+
+impl RenderOptions {
+    /// What a drop rule puts between its counter and `drop`: nothing, or the log clause.
+    fn log_clause(&self, point: &DropPoint) -> String {
+        if self.log_drops {
+            format!(
+                "log prefix \"{}\" group {NFLOG_GROUP} ",
+                point.nflog_prefix()
+            )
+        } else {
+            String::new()
+        }
+    }
+}
 
 /// The table's name (family `inet`).
 pub const TABLE: &str = "trellis_policy";
@@ -183,9 +210,14 @@ pub fn render_delete() -> String {
 /// been seen to pass (a few in a hundred replacements under load, Linux 6.18): use
 /// [`render_replace`] when the table is there, and this when it is not (or as a last resort).
 pub fn render_full(ruleset: &Ruleset) -> Result<String, RenderError> {
+    render_full_with(ruleset, RenderOptions::default())
+}
+
+/// [`render_full`] with `options`.
+pub fn render_full_with(ruleset: &Ruleset, options: RenderOptions) -> Result<String, RenderError> {
     validate(ruleset)?;
     let mut out = render_delete();
-    render_body(&mut out, ruleset);
+    render_body(&mut out, ruleset, options);
     Ok(out)
 }
 
@@ -241,6 +273,16 @@ const FIXED_CHAINS: [&str; 5] = [
 /// it lacks too, then all of it created and filled again. The base chains stay registered throughout, so no packet meets a moment
 /// without them. The counters keep counting.
 pub fn render_replace(existing: &ExistingTable, ruleset: &Ruleset) -> Result<String, RenderError> {
+    render_replace_with(existing, ruleset, RenderOptions::default())
+}
+
+/// [`render_replace`] with `options`: also how a table changes options (the fixed rules
+/// change, which only a refill renders).
+pub fn render_replace_with(
+    existing: &ExistingTable,
+    ruleset: &Ruleset,
+    options: RenderOptions,
+) -> Result<String, RenderError> {
     validate(ruleset)?;
     let mut out = format!("table inet {TABLE}\nflush table inet {TABLE}\n");
     for map in &existing.maps {
@@ -276,12 +318,12 @@ pub fn render_replace(existing: &ExistingTable, ruleset: &Ruleset) -> Result<Str
     {
         let _ = writeln!(out, "delete map inet {TABLE} {map}");
     }
-    render_body(&mut out, ruleset);
+    render_body(&mut out, ruleset, options);
     Ok(out)
 }
 
 /// The table's definition (added to whatever is there) and its rules and map elements.
-fn render_body(out: &mut String, ruleset: &Ruleset) {
+fn render_body(out: &mut String, ruleset: &Ruleset, options: RenderOptions) {
     let _ = writeln!(out, "table inet {TABLE} {{");
     for counter in [
         COUNTER_DROP_INGRESS,
@@ -351,15 +393,15 @@ fn render_body(out: &mut String, ruleset: &Ruleset) {
     );
     out.push_str("}\n");
     for (name, rules) in &ruleset.chains {
-        add_rules(out, ruleset, name, rules);
+        add_rules(out, ruleset, name, rules, options);
     }
-    add_fixed_rules(out);
+    add_fixed_rules(out, options);
     add_map_elements(out, "_ingress", &ruleset.ingress);
     add_map_elements(out, "_egress", &ruleset.egress);
 }
 
 /// The fixed chains' rules (see the module's documentation).
-fn add_fixed_rules(out: &mut String) {
+fn add_fixed_rules(out: &mut String, options: RenderOptions) {
     let veths = format!("\"{}*\"", crate::POD_VETH_PREFIX);
     let fixed = [
         ("_egress_forward", format!("iifname {veths} jump _egress")),
@@ -369,30 +411,50 @@ fn add_fixed_rules(out: &mut String) {
     for (chain, rule) in fixed {
         let _ = writeln!(out, "add rule inet {TABLE} {chain} {rule}");
     }
-    for (chain, address, map, counter) in [
-        ("_egress", "saddr", "_egress", COUNTER_DROP_EGRESS),
-        ("_ingress", "daddr", "_ingress", COUNTER_DROP_INGRESS),
+    let unknown = options.log_clause(&DropPoint::UnknownPod);
+    for (chain, address, map, counter, direction) in [
+        (
+            "_egress",
+            "saddr",
+            "_egress",
+            COUNTER_DROP_EGRESS,
+            Direction::Egress,
+        ),
+        (
+            "_ingress",
+            "daddr",
+            "_ingress",
+            COUNTER_DROP_INGRESS,
+            Direction::Ingress,
+        ),
     ] {
+        let isolated = options.log_clause(&DropPoint::Isolated { direction });
         for rule in [
             "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept".to_string(),
             "ct state established,related accept".to_string(),
             "ct state invalid drop".to_string(),
             format!("ip {address} vmap @{map}4"),
             format!("ip6 {address} vmap @{map}6"),
-            format!("ip {address} @_isolated{map}4 counter name {counter} drop"),
-            format!("ip6 {address} @_isolated{map}6 counter name {counter} drop"),
+            format!("ip {address} @_isolated{map}4 counter name {counter} {isolated}drop"),
+            format!("ip6 {address} @_isolated{map}6 counter name {counter} {isolated}drop"),
             format!("ip {address} @_local4 accept"),
             format!("ip6 {address} @_local6 accept"),
-            format!("counter name {COUNTER_DROP_UNKNOWN_POD} drop"),
+            format!("counter name {COUNTER_DROP_UNKNOWN_POD} {unknown}drop"),
         ] {
             let _ = writeln!(out, "add rule inet {TABLE} {chain} {rule}");
         }
     }
 }
 
-fn add_rules(out: &mut String, ruleset: &Ruleset, chain: &str, rules: &[Rule]) {
+fn add_rules(
+    out: &mut String,
+    ruleset: &Ruleset,
+    chain: &str,
+    rules: &[Rule],
+    options: RenderOptions,
+) {
     for rule in rules {
-        if let Some(text) = render_rule(ruleset, rule) {
+        if let Some(text) = render_rule(ruleset, chain, rule, options) {
             let _ = writeln!(out, "add rule inet {TABLE} {chain} {text}");
         }
     }
@@ -505,9 +567,14 @@ fn local_elements(pods: &BTreeSet<IpAddr>, family: Family) -> BTreeSet<String> {
         .collect()
 }
 
-/// One rule in nft syntax; `None` for a rule that can match nothing (a port match without
-/// ports), which is left out.
-fn render_rule(ruleset: &Ruleset, rule: &Rule) -> Option<String> {
+/// One rule of `chain` in nft syntax; `None` for a rule that can match nothing (a port match
+/// without ports), which is left out.
+fn render_rule(
+    ruleset: &Ruleset,
+    chain: &str,
+    rule: &Rule,
+    options: RenderOptions,
+) -> Option<String> {
     let mut parts = Vec::with_capacity(rule.matches.len() + 2);
     for m in &rule.matches {
         parts.push(match m {
@@ -545,7 +612,14 @@ fn render_rule(ruleset: &Ruleset, rule: &Rule) -> Option<String> {
     }
     parts.push(match &rule.verdict {
         Verdict::Accept => "accept".to_string(),
-        Verdict::Drop { direction } => format!("counter name {} drop", drop_counter(*direction)),
+        Verdict::Drop { direction } => format!(
+            "counter name {} {}drop",
+            drop_counter(*direction),
+            options.log_clause(&DropPoint::PodChain {
+                direction: *direction,
+                chain: chain.to_string(),
+            })
+        ),
         Verdict::Jump { chain } => format!("jump {chain}"),
     });
     if let Some(comment) = &rule.comment {
@@ -593,6 +667,16 @@ fn escape_comment(comment: &str) -> String {
 /// to any more. A set whose kind (address or service, single addresses or prefixes) or
 /// family changes has the whole table refilled ([`render_replace`]).
 pub fn render_update(old: &Ruleset, new: &Ruleset) -> Result<Option<String>, RenderError> {
+    render_update_with(old, new, RenderOptions::default())
+}
+
+/// [`render_update`] for a table rendered with `options` (both rulesets' alike: a change of
+/// options is a [`render_replace_with`]).
+pub fn render_update_with(
+    old: &Ruleset,
+    new: &Ruleset,
+    options: RenderOptions,
+) -> Result<Option<String>, RenderError> {
     validate(new)?;
     if old == new {
         return Ok(None);
@@ -611,7 +695,7 @@ pub fn render_update(old: &Ruleset, new: &Ruleset) -> Result<Option<String>, Ren
                 .is_some_and(|o| o.family != set.family)
     });
     if kind_changed {
-        return render_replace(&existing_of(old), new).map(Some);
+        return render_replace_with(&existing_of(old), new, options).map(Some);
     }
     let mut out = String::new();
     // Sets: new ones whole, changed ones by element (removals first: an interval set refuses
@@ -674,7 +758,7 @@ pub fn render_update(old: &Ruleset, new: &Ruleset) -> Result<Option<String>, Ren
         let _ = writeln!(out, "flush chain inet {TABLE} {name}");
     }
     for name in added.iter().chain(&changed) {
-        add_rules(&mut out, new, name, &new.chains[*name]);
+        add_rules(&mut out, new, name, &new.chains[*name], options);
     }
     // Verdict maps and local pods.
     map_changes(&mut out, "_ingress", &old.ingress, &new.ingress);
@@ -1070,6 +1154,46 @@ mod tests {
         // Then the whole definition, as a full script has it.
         let full = render_full(&sample()).unwrap();
         assert!(script.ends_with(&full[render_delete().len()..]));
+    }
+
+    #[test]
+    fn logged_drops_name_where_they_happen_and_invalid_packets_stay_silent() {
+        let logged = RenderOptions { log_drops: true };
+        let script = render_full_with(&sample(), logged).unwrap();
+        assert!(script.contains(
+            "add rule inet trellis_policy pod_b_in counter name drop_ingress log prefix \"trellis:pod:in:pod_b_in\" group 1616 drop\n"
+        ), "{script}");
+        let egress: Vec<&str> = script
+            .lines()
+            .filter_map(|l| l.strip_prefix("add rule inet trellis_policy _egress "))
+            .collect();
+        assert!(egress.contains(&"ct state invalid drop"), "{script}");
+        assert!(egress.contains(
+            &"ip saddr @_isolated_egress4 counter name drop_egress log prefix \"trellis:iso:eg\" group 1616 drop"
+        ));
+        assert!(egress.contains(
+            &"ip6 saddr @_isolated_egress6 counter name drop_egress log prefix \"trellis:iso:eg\" group 1616 drop"
+        ));
+        assert!(egress.contains(
+            &"counter name drop_unknown_pod log prefix \"trellis:unknown\" group 1616 drop"
+        ));
+        assert!(script.contains(
+            "add rule inet trellis_policy _ingress ip daddr @_isolated_ingress4 counter name drop_ingress log prefix \"trellis:iso:in\" group 1616 drop\n"
+        ));
+        // Every drop but the invalid packets' logs; without the option none does.
+        let drops = script.lines().filter(|l| l.ends_with(" drop")).count();
+        let logs = script.matches(" log prefix ").count();
+        assert_eq!(drops, logs + 2, "{script}");
+        assert!(!render_full(&sample()).unwrap().contains(" log "));
+        // An update renders its changed chains with the option too.
+        let mut new = sample();
+        new.chains.get_mut("pod_b_in").unwrap().remove(0);
+        let update = render_update_with(&sample(), &new, logged)
+            .unwrap()
+            .unwrap();
+        assert!(update.contains("log prefix \"trellis:pod:in:pod_b_in\" group 1616 drop"));
+        let replaced = render_replace_with(&existing_of(&sample()), &sample(), logged).unwrap();
+        assert_eq!(replaced.matches(" log prefix ").count(), logs);
     }
 
     #[test]

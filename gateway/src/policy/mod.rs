@@ -19,7 +19,7 @@ pub mod kernel;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use trellis_core::policy::nft::{self, ExistingTable, RenderError};
+use trellis_core::policy::nft::{self, ExistingTable, RenderError, RenderOptions};
 use trellis_core::policy::ruleset::Ruleset;
 use trellis_core::policy::{Compiler, PolicyInputs};
 
@@ -147,6 +147,10 @@ pub struct Enforcer {
     in_kernel: InKernel,
     /// The last apply failed: the next replaces the table whole, whatever the kernel holds.
     failed: bool,
+    /// How the table is to be rendered from the next apply on.
+    options: RenderOptions,
+    /// How the table this process last put in the kernel was rendered.
+    rendered_with: RenderOptions,
 }
 
 impl Enforcer {
@@ -156,7 +160,22 @@ impl Enforcer {
             kernel,
             in_kernel: InKernel::Unknown,
             failed: false,
+            options: RenderOptions::default(),
+            rendered_with: RenderOptions::default(),
         }
+    }
+
+    /// Whether the table logs its drops to NFLOG (for flows), from the next
+    /// [`Self::enforce`] on.
+    pub fn log_drops(mut self, on: bool) -> Self {
+        self.set_log_drops(on);
+        self
+    }
+
+    /// [`Self::log_drops`] on a running enforcer: the next [`Self::enforce`] refills the
+    /// table when the setting changed (the fixed rules change, which an update cannot).
+    pub fn set_log_drops(&mut self, on: bool) {
+        self.options.log_drops = on;
     }
 
     pub fn in_kernel(&self) -> &InKernel {
@@ -189,6 +208,7 @@ impl Enforcer {
             && let InKernel::Enforced(applied) = &mut self.in_kernel
             && applied.digest == digest
             && applied.node == *node
+            && self.rendered_with == self.options
         {
             applied.revision = revision;
             return Ok(unchanged());
@@ -200,8 +220,10 @@ impl Enforcer {
             digest,
             ruleset,
         };
-        if let (InKernel::Enforced(before), false) = (&self.in_kernel, self.failed) {
-            return match nft::render_update(&before.ruleset, &applied.ruleset) {
+        if let (InKernel::Enforced(before), false) = (&self.in_kernel, self.failed)
+            && self.rendered_with == self.options
+        {
+            return match nft::render_update_with(&before.ruleset, &applied.ruleset, self.options) {
                 Ok(Some(script)) => self.run(&script, Action::Updated, move |_| {
                     InKernel::Enforced(applied)
                 }),
@@ -219,7 +241,7 @@ impl Enforcer {
     /// one transaction when it is there ([`nft::render_replace`]); created (or, if that was
     /// refused, deleted and created) otherwise.
     fn replace(&mut self, applied: Applied) -> Result<Outcome, PolicyError> {
-        let full = match nft::render_full(&applied.ruleset) {
+        let full = match nft::render_full_with(&applied.ruleset, self.options) {
             Ok(script) => script,
             Err(e) => return Err(self.fail(e.into())),
         };
@@ -234,7 +256,7 @@ impl Enforcer {
             }
         };
         if let Some(existing) = existing {
-            let script = match nft::render_replace(&existing, &applied.ruleset) {
+            let script = match nft::render_replace_with(&existing, &applied.ruleset, self.options) {
                 Ok(script) => script,
                 Err(e) => return Err(self.fail(e.into())),
             };
@@ -263,6 +285,7 @@ impl Enforcer {
         match self.kernel.apply(script) {
             Ok(()) => {
                 self.in_kernel = then(&self.in_kernel);
+                self.rendered_with = self.options;
                 self.failed = false;
                 Ok(Outcome {
                     action,
@@ -591,6 +614,58 @@ pub(crate) mod tests {
             Action::Replaced
         );
         assert!(kernel.take()[0].starts_with(&nft::render_delete()));
+    }
+
+    #[test]
+    fn switching_drop_logging_refills_the_table_and_updates_keep_it() {
+        let (e, kernel, _) = enforcer();
+        let mut e = e.log_drops(true);
+        let policy = inputs(&["10.0.0.1"]);
+        e.enforce(1, Some(&policy)).unwrap();
+        let scripts = kernel.take();
+        assert!(
+            scripts[0].contains("log prefix \"trellis:unknown\" group 1616 drop"),
+            "{}",
+            scripts[0]
+        );
+        // The same inputs, logging switched off: the table refilled, without the log clauses.
+        *kernel.existing.lock().unwrap() = Some(ExistingTable::default());
+        e.set_log_drops(false);
+        assert_eq!(
+            e.enforce(2, Some(&policy)).unwrap().action,
+            Action::Replaced
+        );
+        let scripts = kernel.take();
+        assert_eq!(scripts.len(), 1);
+        assert!(scripts[0].contains("counter name drop_unknown_pod drop"));
+        assert!(!scripts[0].contains(" log "), "{}", scripts[0]);
+        assert_eq!(
+            e.enforce(3, Some(&policy)).unwrap().action,
+            Action::Unchanged
+        );
+        // On again, then a change: the update goes as a difference, rendered with logging.
+        e.set_log_drops(true);
+        assert_eq!(
+            e.enforce(4, Some(&policy)).unwrap().action,
+            Action::Replaced
+        );
+        kernel.take();
+        let mut isolated = inputs(&["10.0.0.1"]);
+        let deny: trellis_core::policy::NetworkPolicy = serde_json::from_value(
+            serde_json::json!({"namespace": "x", "name": "deny", "pod_selector": {}, "ingress": []}),
+        )
+        .unwrap();
+        isolated.inputs.policies.insert(deny.key(), deny);
+        assert_eq!(
+            e.enforce(5, Some(&isolated)).unwrap().action,
+            Action::Updated
+        );
+        let scripts = kernel.take();
+        assert!(
+            scripts[0].contains("log prefix \"trellis:pod:in:pod_in_10_0_0_1\" group 1616 drop"),
+            "{}",
+            scripts[0]
+        );
     }
 
     #[test]

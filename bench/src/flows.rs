@@ -1,10 +1,15 @@
 //! The cost of flow recording on a node: the netpol bench's node (two pods wired by
-//! trellis-cni, the node's table compiled from N policies over N pods, so conntrack tracks
-//! every connection either way, as in the lab) with the real trellis-gateway running in it,
-//! started once per measurement with `--flows on` and with `--flows off`, alternating in one
-//! run: new TCP connections per second between the pods, the gateway's CPU time per 1,000
-//! connections (from /proc/<pid>/stat), and with flows on, the flows it recorded and the ring
-//! buffer's overwrites (from its /metrics).
+//! trellis-cni) with the real trellis-gateway running in it, started once per measurement
+//! with `--flows on` and with `--flows off`, alternating in one run: new TCP connections per
+//! second between the pods, the gateway's CPU time per 1,000 connections (from
+//! /proc/<pid>/stat), and with flows on, the flows it recorded and the ring buffer's
+//! overwrites (from its /metrics).
+//!
+//! The gateway starts as after a restart, from a stored plan holding the node's policy (N
+//! policies over N pods, the two measured ones among them) and follows no source: it enforces
+//! the table itself either way (so conntrack tracks every connection, and with flows on the
+//! table logs its drops), and with flows on names every connection's pods and the policies
+//! that allowed it from those inputs, as a gateway told by its controller does.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,12 +17,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use trellis_core::policy::{compile, nft};
+use trellis_core::gateway::GatewayState;
+use trellis_core::policy::compile;
+use trellis_gateway::plan_store::{PlanStore, StoredPlan};
+use trellis_gateway::policy::NodePolicy;
 use trellis_netns::Netns;
 
 use crate::netpol::{Bed, connection_rate, inputs, median};
 
-/// The node's name in the compiled table (the gateway follows a file, which names no node).
+/// The node's name in its policy (the pods of the netpol bench's inputs are on it).
 const NODE: &str = "bench-node";
 /// The gateway's metrics inside the node namespace.
 const METRICS: &str = "127.0.0.1:9586";
@@ -65,22 +73,23 @@ struct Gateway {
 }
 
 impl Gateway {
-    fn start(binary: &Path, node: &Netns, flows: bool, buffer: usize) -> anyhow::Result<Self> {
+    fn start(
+        binary: &Path,
+        node: &Netns,
+        stored: &StoredPlan,
+        flows: bool,
+        buffer: usize,
+    ) -> anyhow::Result<Self> {
         let work = tempfile::tempdir()?;
-        // One node, no peers: nothing to route, only the node's own connections to record.
-        let desired = work.path().join("desired.json");
-        std::fs::write(
-            &desired,
-            serde_json::to_vec(&serde_json::json!({"revision": 1, "cluster": "c1", "nodes": []}))?,
-        )?;
+        let state_dir = work.path().join("state");
+        std::fs::create_dir_all(&state_dir)?;
+        PlanStore::in_dir(&state_dir).save(stored)?;
         let mut command = Command::new(binary);
         command
             .arg("run")
             .arg("--state-dir")
-            .arg(work.path().join("state"))
+            .arg(&state_dir)
             .args(["--interface", "tbflows0", "--metrics-addr", METRICS])
-            .arg("--desired-state")
-            .arg(&desired)
             .args(["--flows", if flows { "on" } else { "off" }])
             .arg("--flow-buffer")
             .arg(buffer.to_string())
@@ -90,17 +99,19 @@ impl Gateway {
             .spawn(&mut command)?
             .with_context(|| format!("start {}", binary.display()))?;
         let gateway = Self { child, _work: work };
-        // Applied: its first plan, and its policy (none from a file: the table is deleted,
-        // which is why the bench loads its own after this).
+        // Restored: the plan, the policy table, and the flows' names from its inputs.
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if metrics(node).is_some_and(|text| {
-                metric_sum(&text, "trellis_gateway_desired_state_revision") == Some(1.0)
+                metric_sum(&text, "trellis_gateway_plan_restored") == Some(1.0)
+                    && metric_sum(&text, "trellis_gateway_ready") == Some(1.0)
             }) {
                 return Ok(gateway);
             }
             if Instant::now() > deadline {
-                bail!("trellis-gateway did not apply its state within {START_TIMEOUT:?}");
+                bail!(
+                    "trellis-gateway did not restore its plan and policy within {START_TIMEOUT:?}"
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -206,18 +217,16 @@ fn gateway_binary() -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
-/// One measurement: a fresh gateway with flows on or off, the policy table loaded after it
-/// started (its first apply, from a file with no policy, deletes the table).
+/// One measurement: a fresh gateway with flows on or off, enforcing the node's policy.
 fn measure(
     bed: &Bed,
     binary: &Path,
-    script: &str,
+    stored: &StoredPlan,
     flows: bool,
     options: &Options,
 ) -> anyhow::Result<Sample> {
     let node = bed.node.netns();
-    let gateway = Gateway::start(binary, node, flows, options.buffer)?;
-    crate::netpol::nft(node, script)?;
+    let gateway = Gateway::start(binary, node, stored, flows, options.buffer)?;
     bed.check_enforced()?;
     let before = process_cpu(gateway.pid())?;
     let rate = connection_rate(bed.client(), bed.target(), options.seconds)?;
@@ -228,8 +237,12 @@ fn measure(
     let recorded = metric_sum(&text, "trellis_flows_total").unwrap_or(0.0);
     let overwritten = metric_sum(&text, "trellis_flows_buffer_overwritten_total").unwrap_or(0.0);
     if flows && recorded == 0.0 {
+        let flow_metrics: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("trellis_flows"))
+            .collect();
         bail!(
-            "with --flows on the gateway recorded no flow (trellis_flows_total) for {connections:.0} connections"
+            "with --flows on the gateway recorded no flow (trellis_flows_total) for {connections:.0} connections; its flow metrics: {flow_metrics:?}"
         );
     }
     if !flows && recorded > 0.0 {
@@ -255,17 +268,24 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         bed.client().address,
         bed.server().address,
     );
-    let ruleset = compile(&inputs, NODE);
-    let script = nft::render_full(&ruleset)?;
+    let rules = compile(&inputs, NODE).rule_count();
+    // One node, no peers: nothing to route, only the node's own pods' connections to record.
+    let state = GatewayState {
+        revision: 1,
+        cluster: "c1".into(),
+        nodes: Vec::new(),
+    };
+    let stored = StoredPlan {
+        plan: state.plan(),
+        policy: Some(NodePolicy {
+            node: NODE.into(),
+            inputs,
+        }),
+    };
     println!(
         "Flow recording: trellis-gateway with --flows on and off, {} policies over {} pods in the \
          node's table ({} rules) either way, --flow-buffer {}; {} s per measurement, {} round(s)",
-        options.policies,
-        options.pods,
-        ruleset.rule_count(),
-        options.buffer,
-        options.seconds,
-        options.rounds
+        options.policies, options.pods, rules, options.buffer, options.seconds, options.rounds
     );
     // [off, on]
     let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
@@ -277,7 +297,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             [true, false]
         };
         for flows in order {
-            let sample = measure(&bed, &binary, &script, flows, options)?;
+            let sample = measure(&bed, &binary, &stored, flows, options)?;
             eprintln!(
                 "round {round}, flows {}: {:.0} connections/s, gateway CPU {:.1} ms per 1,000 connections{}",
                 if flows { "on" } else { "off" },

@@ -3,6 +3,7 @@
 
 mod cni;
 mod dns;
+mod flows;
 mod handshakes;
 mod latency;
 mod netpol;
@@ -42,6 +43,10 @@ enum Bench {
     Netpol(netpol::Options),
     /// A NetworkPolicy change in a lab cluster of N pods until every node enforces it: p50, p99.
     PolicyPropagation(propagation::Options),
+    /// New TCP connections per second through a node whose trellis-gateway records flows
+    /// (--flows on) against one that does not, the policy table loaded either way; the
+    /// gateway's CPU per 1,000 connections, flows recorded, ring overwrites.
+    Flows(flows::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,5 +59,6 @@ fn main() -> anyhow::Result<()> {
         Bench::PolicyApply(options) => policy::run(&options),
         Bench::Netpol(options) => netpol::run(&options),
         Bench::PolicyPropagation(options) => propagation::run(&options),
+        Bench::Flows(options) => flows::run(&options),
     }
 }

@@ -44,9 +44,9 @@ pub struct Options {
     rounds: usize,
 }
 
-struct Pod {
-    netns: TempNetns,
-    address: Ipv4Addr,
+pub(crate) struct Pod {
+    pub(crate) netns: TempNetns,
+    pub(crate) address: Ipv4Addr,
 }
 
 fn pod_labels(index: usize) -> BTreeMap<String, String> {
@@ -74,11 +74,16 @@ fn selector(pairs: &[(&str, &str)]) -> LabelSelector {
 /// `pods` pods in ten namespaces, pod 0 the client and pod 1 the server at their real
 /// addresses; policy `i` isolates pod `i mod pods` both ways: in from any namespace's
 /// clients on TCP 80-81, out to servers on TCP 80-81 and to anywhere on UDP 53.
-fn inputs(options: &Options, client: Ipv4Addr, server: Ipv4Addr) -> PolicyInputs {
+pub(crate) fn inputs(
+    policies: usize,
+    pods: usize,
+    client: Ipv4Addr,
+    server: Ipv4Addr,
+) -> PolicyInputs {
     let cluster: trellis_core::cluster::ClusterId = "c1".parse().expect("valid cluster ID");
     let mut inputs = PolicyInputs::new(cluster.clone());
     let namespace = |index: usize| format!("ns-{}", index % 10);
-    for index in 0..options.pods {
+    for index in 0..pods {
         let address = match index {
             0 => client,
             1 => server,
@@ -122,8 +127,8 @@ fn inputs(options: &Options, client: Ipv4Addr, server: Ipv4Addr) -> PolicyInputs
         port: Some(PortSpec::Number(SERVER_PORT)),
         end_port: Some(FLOW_PORT),
     };
-    for index in 0..options.policies {
-        let pod = index % options.pods;
+    for index in 0..policies {
+        let pod = index % pods;
         let policy = NetworkPolicy {
             namespace: namespace(pod),
             name: format!("policy-{index}"),
@@ -158,7 +163,7 @@ fn inputs(options: &Options, client: Ipv4Addr, server: Ipv4Addr) -> PolicyInputs
     inputs
 }
 
-fn nft(netns: &Netns, script: &str) -> anyhow::Result<()> {
+pub(crate) fn nft(netns: &Netns, script: &str) -> anyhow::Result<()> {
     trellis_gateway::nft::apply(Some(netns), script).context("nft refused the script")
 }
 
@@ -202,7 +207,11 @@ fn wire_pods(node: &TempNetns) -> anyhow::Result<(Vec<Pod>, Runtime, ConfList, t
 }
 
 /// Connections per second from `client` to `server` for `seconds`, one after another.
-fn connection_rate(client: &Pod, target: SocketAddr, seconds: u64) -> anyhow::Result<f64> {
+pub(crate) fn connection_rate(
+    client: &Pod,
+    target: SocketAddr,
+    seconds: u64,
+) -> anyhow::Result<f64> {
     let deadline = Duration::from_secs(seconds);
     let made = client.netns.netns().run(move || -> anyhow::Result<u64> {
         let started = Instant::now();
@@ -259,33 +268,151 @@ fn throughput(client: &Pod, server: &Pod, seconds: u64) -> anyhow::Result<f64> {
         .context("iperf3 report without sum_received")
 }
 
+/// A node namespace with two pods wired by trellis-cni, pod 0 the client and pod 1 the
+/// server, which accepts connections on [`SERVER_PORT`] and drops them until the bed is
+/// dropped (then the pods are unwired and every namespace goes).
+pub(crate) struct Bed {
+    pub(crate) node: TempNetns,
+    pods: Vec<Pod>,
+    cni: Runtime,
+    list: ConfList,
+    _data: tempfile::TempDir,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Bed {
+    pub(crate) fn new() -> anyhow::Result<Self> {
+        let node = TempNetns::new("bench-netpol-node")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let netlink = Netlink::connect_in(node.netns())?;
+            let lo = netlink.require_link("lo").await?;
+            netlink.set_up(lo.index).await
+        })?;
+        // The node routes between its pods (a new namespace does not forward).
+        trellis_netns::sysctl::write(Some(node.netns()), "net/ipv4/ip_forward", "1")?;
+        let (pods, cni, list, data) = wire_pods(&node)?;
+        let (client, server) = (&pods[0], &pods[1]);
+        // Thousands of connections a second from one client: every local port, and ports in
+        // TIME_WAIT taken again.
+        trellis_netns::sysctl::write(
+            Some(client.netns.netns()),
+            "net/ipv4/ip_local_port_range",
+            "1024\t65535",
+        )?;
+        trellis_netns::sysctl::write(Some(client.netns.netns()), "net/ipv4/tcp_tw_reuse", "1")?;
+        // A deep accept queue: a full one drops the client's SYN, which costs it a 1 s
+        // retransmission and would measure the queue, not the data path.
+        trellis_netns::sysctl::write(Some(server.netns.netns()), "net/core/somaxconn", "65535")?;
+        let listener: TcpListener =
+            server
+                .netns
+                .netns()
+                .run(|| -> std::io::Result<TcpListener> {
+                    let socket =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                    socket
+                        .bind(&SocketAddr::new(IpAddr::V4(server.address), SERVER_PORT).into())?;
+                    socket.listen(65535)?;
+                    Ok(socket.into())
+                })??;
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptor = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    // Closed after the client's close, so the client's side keeps TIME_WAIT
+                    // (which it may reuse), not the server's.
+                    if let Ok(mut stream) = stream {
+                        let _ = std::io::Read::read(&mut stream, &mut [0u8; 1]);
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            node,
+            pods,
+            cni,
+            list,
+            _data: data,
+            stop,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    pub(crate) fn client(&self) -> &Pod {
+        &self.pods[0]
+    }
+
+    pub(crate) fn server(&self) -> &Pod {
+        &self.pods[1]
+    }
+
+    /// The server's listening address, which the policy table allows.
+    pub(crate) fn target(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.server().address), SERVER_PORT)
+    }
+
+    /// The table must enforce, or a comparison with it means nothing: with it, a port no rule
+    /// allows times out (the SYN is dropped) where without it the server's kernel refuses at
+    /// once.
+    pub(crate) fn check_enforced(&self) -> anyhow::Result<()> {
+        let denied = SocketAddr::new(IpAddr::V4(self.server().address), FLOW_PORT + 1);
+        let outcome = self
+            .client()
+            .netns
+            .netns()
+            .run(move || TcpStream::connect_timeout(&denied, Duration::from_millis(300)))?;
+        match outcome {
+            Err(error) if error.kind() == std::io::ErrorKind::TimedOut => Ok(()),
+            other => bail!("the policy table does not drop a denied connection: {other:?}"),
+        }
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the acceptor so it sees the stop.
+        let target = self.target();
+        let _ = self
+            .client()
+            .netns
+            .netns()
+            .run(move || TcpStream::connect_timeout(&target, Duration::from_secs(1)));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        for (index, pod) in self.pods.iter().enumerate() {
+            let attachment = Attachment {
+                container_id: format!("bench-netpol-{index}"),
+                netns: pod.netns.path().to_path_buf(),
+                ifname: "eth0".into(),
+                ..Default::default()
+            };
+            let _ = self.cni.del(&self.list, &attachment, None);
+        }
+    }
+}
+
 pub fn run(options: &Options) -> anyhow::Result<()> {
     if options.pods < 2 || options.policies == 0 {
         bail!("need at least 2 pods and 1 policy");
     }
-    let node = TempNetns::new("bench-netpol-node")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let netlink = Netlink::connect_in(node.netns())?;
-        let lo = netlink.require_link("lo").await?;
-        netlink.set_up(lo.index).await
-    })?;
-    // The node routes between its pods (a new namespace does not forward).
-    trellis_netns::sysctl::write(Some(node.netns()), "net/ipv4/ip_forward", "1")?;
-    let (pods, cni, list, _data) = wire_pods(&node)?;
-    let (client, server) = (&pods[0], &pods[1]);
-    // Thousands of connections a second from one client: every local port, and ports in
-    // TIME_WAIT taken again.
-    trellis_netns::sysctl::write(
-        Some(client.netns.netns()),
-        "net/ipv4/ip_local_port_range",
-        "1024\t65535",
-    )?;
-    trellis_netns::sysctl::write(Some(client.netns.netns()), "net/ipv4/tcp_tw_reuse", "1")?;
-
-    let inputs = inputs(options, client.address, server.address);
+    let bed = Bed::new()?;
+    let (client, server) = (bed.client(), bed.server());
+    let inputs = inputs(
+        options.policies,
+        options.pods,
+        client.address,
+        server.address,
+    );
     let compiled = Instant::now();
     let ruleset = compile(&inputs, NODE);
     let compile_time = compiled.elapsed();
@@ -300,52 +427,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         options.seconds,
         options.rounds
     );
-
-    // The server: accepts and drops connections until the run ends.
-    // A deep accept queue: a full one drops the client's SYN, which costs it a 1 s
-    // retransmission and would measure the queue, not the policy.
-    trellis_netns::sysctl::write(Some(server.netns.netns()), "net/core/somaxconn", "65535")?;
-    let listener: TcpListener =
-        server
-            .netns
-            .netns()
-            .run(|| -> std::io::Result<TcpListener> {
-                let socket =
-                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-                socket.bind(&SocketAddr::new(IpAddr::V4(server.address), SERVER_PORT).into())?;
-                socket.listen(65535)?;
-                Ok(socket.into())
-            })??;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acceptor = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                // Closed after the client's close, so the client's side keeps TIME_WAIT
-                // (which it may reuse), not the server's.
-                if let Ok(mut stream) = stream {
-                    let _ = std::io::Read::read(&mut stream, &mut [0u8; 1]);
-                }
-            }
-        })
-    };
-    let target = SocketAddr::new(IpAddr::V4(server.address), SERVER_PORT);
-
-    // The table must enforce, or the comparison means nothing: with it, a port no rule allows
-    // times out (the SYN is dropped) where without it the server's kernel refuses at once.
-    nft(node.netns(), &script)?;
-    let denied = SocketAddr::new(IpAddr::V4(server.address), FLOW_PORT + 1);
-    let outcome = client
-        .netns
-        .netns()
-        .run(move || TcpStream::connect_timeout(&denied, Duration::from_millis(300)))?;
-    match outcome {
-        Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {}
-        other => bail!("the policy table does not drop a denied connection: {other:?}"),
-    }
+    let target = bed.target();
+    nft(bed.node.netns(), &script)?;
+    bed.check_enforced()?;
 
     let mut rates = [Vec::new(), Vec::new()];
     let mut rates_gbps = [Vec::new(), Vec::new()];
@@ -358,9 +442,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         };
         for with_policy in order {
             if with_policy == 1 {
-                nft(node.netns(), &script)?;
+                nft(bed.node.netns(), &script)?;
             } else {
-                nft(node.netns(), &nft::render_delete())?;
+                nft(bed.node.netns(), &nft::render_delete())?;
             }
             rates[with_policy].push(connection_rate(client, target, options.seconds)?);
             rates_gbps[with_policy].push(throughput(client, server, options.seconds)?);
@@ -376,18 +460,6 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             );
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    // Wake the acceptor so it sees the stop.
-    let _ = client
-        .netns
-        .netns()
-        .run(move || TcpStream::connect_timeout(&target, Duration::from_secs(1)));
-    let _ = acceptor.join();
-
-    let median = |values: &mut Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
     let (plain_rate, policy_rate) = (median(&mut rates[0]), median(&mut rates[1]));
     let (plain_gbps, policy_gbps) = (median(&mut rates_gbps[0]), median(&mut rates_gbps[1]));
     println!(
@@ -408,14 +480,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         policy_gbps,
         policy_gbps / plain_gbps
     );
-    for (index, pod) in pods.iter().enumerate() {
-        let attachment = Attachment {
-            container_id: format!("bench-netpol-{index}"),
-            netns: pod.netns.path().to_path_buf(),
-            ifname: "eth0".into(),
-            ..Default::default()
-        };
-        let _ = cni.del(&list, &attachment, None);
-    }
     Ok(())
+}
+
+/// The middle of the measurements (the upper one of an even count).
+pub(crate) fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }

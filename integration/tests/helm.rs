@@ -217,6 +217,21 @@ fn value_sets() -> Vec<(&'static str, Vec<&'static str>)> {
             "the deprecated plaintext token",
             vec!["--set", "agent.legacyToken.enabled=true"],
         ),
+        (
+            "flows off",
+            vec!["-f", TWO_PEERS, "--set", "flows.enabled=false"],
+        ),
+        (
+            "the largest flow buffer, another flows port",
+            vec![
+                "-f",
+                TWO_PEERS,
+                "--set",
+                "flows.bufferSize=1000000",
+                "--set",
+                "flows.listen=127.0.0.1:14245",
+            ],
+        ),
     ]
 }
 
@@ -276,6 +291,7 @@ fn lint_and_template_pass_and_validate_strictly_for_kubernetes_1_34() {
             "/status",
             "trellis status",
             "clusterset.local:53 {",
+            "trellis observe --controller 127.0.0.1:",
         ] {
             assert!(
                 notes.contains(wanted),
@@ -341,6 +357,34 @@ fn the_schema_and_the_chart_refuse_bad_values_saying_which_and_why() {
             "at '/agent': additional properties 'existingSecret' not allowed",
         ),
         (&["--set", "mtu=65000"], "at '/mtu': maximum"),
+        (
+            &["--set", "flows.bufferSize=0"],
+            "at '/flows/bufferSize': minimum",
+        ),
+        (
+            &["--set", "flows.bufferSize=1000001"],
+            "at '/flows/bufferSize': maximum",
+        ),
+        (
+            &["--set", "flows.bufferSize=4k"],
+            "at '/flows/bufferSize': got string, want integer",
+        ),
+        (
+            &["--set-json", "flows.bufferSize=1.5"],
+            "at '/flows/bufferSize': got number, want integer",
+        ),
+        (
+            &["--set", "flows.enabled=yes"],
+            "at '/flows/enabled': got string, want boolean",
+        ),
+        (
+            &["--set", "flows.listen=localhost:4245"],
+            "at '/flows/listen': 'localhost:4245' does not match pattern",
+        ),
+        (
+            &["--set", "flows.ring=100"],
+            "at '/flows': additional properties 'ring' not allowed",
+        ),
         (
             &["--set", "peers[0].endpoint=172.18.0.5:30743"],
             "at '/peers/0': missing property 'id'",
@@ -878,30 +922,49 @@ fn metric_exists(name: &str) -> bool {
         ("gateway/src", "trellis_gateway_")
     } else if base.starts_with("trellis_dns_") {
         ("dns/src", "trellis_dns_")
+    } else if base.starts_with("trellis_flows_") {
+        // The flow recorder's, in the gateway, named whole (no `trellis_gateway_`).
+        ("gateway/src", "")
     } else {
         return false;
     };
     let short = &base[prefix.len()..];
-    std::fs::read_dir(root().join(dir)).unwrap().any(|entry| {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
-        text.contains(&format!("\"{base}\"")) || text.contains(&format!("\"{short}\""))
+    let wanted = [format!("\"{base}\""), format!("\"{short}\"")];
+    source_files(&root().join(dir)).iter().any(|path| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        wanted.iter().any(|w| text.contains(w.as_str()))
     })
+}
+
+/// Every file under `dir`, subdirectories included.
+fn source_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
 }
 
 #[test]
 fn alerts_pass_promtool_and_alerts_and_dashboard_use_real_metrics() {
     needs!("helm", "promtool");
     let docs = documents(&template(&["-f", TWO_PEERS]).unwrap());
-    let rule = docs.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.json");
-    std::fs::write(&rules, serde_json::to_string(&rule["spec"]).unwrap()).unwrap();
+    let (rules, spec) = rules_file(&docs, dir.path());
     let out = Command::new(tool("promtool"))
         .args(["check", "rules", rules.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(out.status.success(), "promtool: {}", text(&out));
-    let alerts: Vec<&Value> = rule["spec"]["groups"][0]["rules"]
+    let alerts: Vec<&Value> = spec["groups"][0]["rules"]
         .as_array()
         .unwrap()
         .iter()
@@ -914,6 +977,7 @@ fn alerts_pass_promtool_and_alerts_and_dashboard_use_real_metrics() {
         "TrellisPeerDown",
         "TrellisHandshakeStale",
         "TrellisRemoteClusterNotSynced",
+        "TrellisPolicyDropsSurge",
     ] {
         assert!(alert_names.contains(&wanted), "{alert_names:?}");
     }
@@ -936,6 +1000,38 @@ fn alerts_pass_promtool_and_alerts_and_dashboard_use_real_metrics() {
         serde_json::from_str(dashboard_cm["data"]["trellis.json"].as_str().unwrap()).unwrap();
     let panels = dashboard["panels"].as_array().unwrap();
     assert!(panels.len() >= 8);
+    let titles: Vec<&str> = panels
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    for wanted in [
+        "Policy drops by policy",
+        "Flows by verdict",
+        "Flow buffer overwrites",
+    ] {
+        assert!(titles.contains(&wanted), "no panel {wanted:?}: {titles:?}");
+    }
+    // No two panels overlap on Grafana's 24-column grid.
+    let cells: Vec<(u64, u64, u64, u64)> = panels
+        .iter()
+        .map(|p| {
+            let g = &p["gridPos"];
+            let at = |k: &str| g[k].as_u64().unwrap();
+            (at("x"), at("y"), at("w"), at("h"))
+        })
+        .collect();
+    for (i, a) in cells.iter().enumerate() {
+        assert!(
+            a.0 + a.2 <= 24,
+            "panel {} is wider than the grid",
+            titles[i]
+        );
+        for (j, b) in cells.iter().enumerate().skip(i + 1) {
+            let apart =
+                a.0 + a.2 <= b.0 || b.0 + b.2 <= a.0 || a.1 + a.3 <= b.1 || b.1 + b.3 <= a.1;
+            assert!(apart, "panels {} and {} overlap", titles[i], titles[j]);
+        }
+    }
     for panel in panels {
         for target in panel["targets"].as_array().unwrap() {
             exprs.push(target["expr"].as_str().unwrap().to_string());
@@ -948,6 +1044,209 @@ fn alerts_pass_promtool_and_alerts_and_dashboard_use_real_metrics() {
         unknown.extend(names.into_iter().filter(|n| !metric_exists(n)));
     }
     assert!(unknown.is_empty(), "no binary exports {unknown:?}");
+}
+
+/// The rendered PrometheusRule's spec (its groups), written where promtool can read it.
+fn rules_file(docs: &[Value], dir: &Path) -> (PathBuf, Value) {
+    let rule = docs.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
+    let path = dir.join("rules.json");
+    std::fs::write(&path, serde_json::to_string(&rule["spec"]).unwrap()).unwrap();
+    (path, rule["spec"].clone())
+}
+
+/// `promtool test rules` on synthetic series: the surge alert fires on a sudden rise of
+/// policy drops (after a quiet hour, and from no series at all) and stays silent on a steady
+/// rate, low or high.
+#[test]
+fn the_policy_drops_alert_fires_on_a_surge_and_not_on_a_steady_rate() {
+    needs!("helm", "promtool");
+    let docs = documents(&template(&["-f", TWO_PEERS]).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let (rules, spec) = rules_file(&docs, dir.path());
+    let alert = spec["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["alert"] == "TrellisPolicyDropsSurge")
+        .expect("the surge alert");
+    let summary = alert["annotations"]["summary"].as_str().unwrap();
+    assert!(summary.contains("c1"), "{summary}");
+    let description = alert["annotations"]["description"].as_str().unwrap();
+    assert!(
+        description.contains("trellis observe") && description.contains("--verdict DROPPED"),
+        "the alert says how to see the drops: {description}"
+    );
+    // 50 drops/s at the firing evaluation: a constant slope, so rate() is exact.
+    let fired = serde_json::json!([{
+        "exp_labels": {"severity": "warning"},
+        "exp_annotations": {
+            "summary": summary,
+            "description": description.replace("{{ $value | humanize }}", "50"),
+        },
+    }]);
+    let series = |values: &str| {
+        serde_json::json!([{
+            "series": r#"trellis_flows_policy_drops_total{instance="10.0.0.1:9586",policy="default/deny-all"}"#,
+            "values": values,
+        }])
+    };
+    let silent_at = |minutes: &[u32]| -> Vec<Value> {
+        minutes
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "eval_time": format!("{m}m"),
+                    "alertname": "TrellisPolicyDropsSurge",
+                    "exp_alerts": [],
+                })
+            })
+            .collect()
+    };
+    let firing_at = |minute: u32| {
+        serde_json::json!({
+            "eval_time": format!("{minute}m"),
+            "alertname": "TrellisPolicyDropsSurge",
+            "exp_alerts": fired,
+        })
+    };
+    let mut after_a_quiet_hour = silent_at(&[60, 120, 125]);
+    after_a_quiet_hour.push(firing_at(130));
+    let mut from_nothing = silent_at(&[60, 125]);
+    // Firing 5 minutes after the surge began: a missing baseline counts as 0 (without the
+    // floor, the alert would wait until the baseline window has two samples of the surge).
+    from_nothing.push(firing_at(128));
+    let tests = serde_json::json!({
+        "rule_files": [rules.file_name().unwrap().to_str().unwrap()],
+        "evaluation_interval": "1m",
+        "tests": [
+            // 0.1 drops/s for two hours, then 50/s.
+            {"interval": "1m", "input_series": series("0+6x120 726+3000x30"),
+             "alert_rule_test": after_a_quiet_hour},
+            // Nothing dropped (no series) for two hours, then 50/s.
+            {"interval": "1m", "input_series": series("_x120 0+3000x30"),
+             "alert_rule_test": from_nothing},
+            // A steady 0.1/s, and a steady 20/s: above the floor, but no rise once an hour
+            // of it is the baseline (its first minutes are a rise from nothing).
+            {"interval": "1m", "input_series": series("0+6x180"),
+             "alert_rule_test": silent_at(&[10, 60, 120, 180])},
+            {"interval": "1m", "input_series": series("0+1200x240"),
+             "alert_rule_test": silent_at(&[70, 120, 180, 240])},
+            // From nothing to a steady 0.1/s.
+            {"interval": "1m", "input_series": series("_x120 0+6x60"),
+             "alert_rule_test": silent_at(&[125, 130, 180])},
+        ],
+    });
+    let test_file = dir.path().join("tests.json");
+    std::fs::write(&test_file, serde_json::to_string(&tests).unwrap()).unwrap();
+    let out = Command::new(tool("promtool"))
+        .args(["test", "rules", test_file.to_str().unwrap()])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "promtool test rules: {}", text(&out));
+}
+
+/// The gateway's container command, one argument a string.
+fn gateway_command(docs: &[Value]) -> Vec<String> {
+    let spec = &find(docs, "DaemonSet", "trellis-gateway")["spec"]["template"]["spec"];
+    let container = spec["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "gateway")
+        .expect("the gateway container");
+    container["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn flows_reach_the_gateways_and_the_controller_and_off_turns_both_off() {
+    needs!("helm");
+    use trellis_controller::config::Config;
+    for (what, extra, enabled, buffer, listen) in [
+        (
+            "default values",
+            vec![],
+            true,
+            Some("4096"),
+            "127.0.0.1:4245",
+        ),
+        (
+            "the largest buffer, another port",
+            vec![
+                "--set",
+                "flows.bufferSize=1000000",
+                "--set",
+                "flows.listen=127.0.0.1:14245",
+            ],
+            true,
+            // Written out whole: Helm reads 1000000 as a float, which would print 1e+06.
+            Some("1000000"),
+            "127.0.0.1:14245",
+        ),
+        (
+            "flows off",
+            vec!["--set", "flows.enabled=false"],
+            false,
+            None,
+            "127.0.0.1:4245",
+        ),
+    ] {
+        let docs = documents(&template(&extra).unwrap());
+        let command = gateway_command(&docs);
+        let flows: Vec<&String> = command.iter().filter(|a| a.starts_with("--flow")).collect();
+        let mut wanted = vec![format!("--flows={}", if enabled { "on" } else { "off" })];
+        wanted.extend(buffer.map(|b| format!("--flow-buffer={b}")));
+        assert_eq!(flows, wanted.iter().collect::<Vec<_>>(), "{what}");
+        // The netlink groups flows come from (conntrack events, NFLOG) need NET_ADMIN.
+        let spec = &find(&docs, "DaemonSet", "trellis-gateway")["spec"]["template"]["spec"];
+        let gateway = spec["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "gateway")
+            .unwrap();
+        let added = &gateway["securityContext"]["capabilities"]["add"];
+        assert!(
+            added.as_array().unwrap().iter().any(|c| c == "NET_ADMIN"),
+            "{what}: {added}"
+        );
+
+        let (yaml, _) = config_map_data(&docs);
+        let config: Value = serde_norway::from_str(&yaml).unwrap();
+        assert_eq!(
+            config["flows"],
+            serde_json::json!({"enabled": enabled, "listen": listen}),
+            "{what}"
+        );
+        // The controller's own parser takes the keys.
+        Config::parse(&yaml).unwrap_or_else(|e| panic!("{what}: {e}\n{yaml}"));
+        // Loopback by design: no Service or container port publishes the flows endpoint.
+        let port: u64 = listen.rsplit(':').next().unwrap().parse().unwrap();
+        for doc in &docs {
+            let published = doc["spec"]["ports"]
+                .as_array()
+                .into_iter()
+                .chain(
+                    doc["spec"]["template"]["spec"]["containers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|c| c["ports"].as_array()),
+                )
+                .flatten()
+                .any(|p| p["port"] == port || p["containerPort"] == port);
+            assert!(
+                !published,
+                "{what}: {} {} publishes the flows port",
+                doc["kind"], doc["metadata"]["name"]
+            );
+        }
+    }
 }
 
 #[test]

@@ -104,6 +104,11 @@ peerLimits:
   pods: {{ int $v.peering.limits.pods }}
   identities: {{ int $v.peering.limits.identities }}
 networkPolicy: {{ $v.networkPolicy.enabled }}
+# Relays every node's flows on a loopback listener: kubectl port-forward reaches it, so
+# Kubernetes RBAC (pods/portforward) decides who sees them.
+flows:
+  enabled: {{ $v.flows.enabled }}
+  listen: {{ $v.flows.listen | quote }}
 leaseSeconds: {{ $v.peering.leaseSeconds }}
 heartbeatSeconds: {{ $v.peering.heartbeatSeconds }}
 nodeEncryption: {{ .nodeEncryption }}

@@ -19,10 +19,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use trellis_agent_client::{Backoff, ClientConfig};
 use trellis_core::agent::{AgentRole, FlowChannel, MAX_AGENT_FRAME};
+use trellis_core::flow::Flow;
 use trellis_core::flow::protocol::{
     FlowCommand, FlowReply, MAX_FLOWS_PER_FRAME, MAX_QUERIES_PER_NODE,
 };
-use trellis_core::flow::Flow;
 use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 
 use super::recorder::{Answer, Followed, Follower, Recorder};

@@ -26,8 +26,6 @@ use std::time::{Duration, SystemTime};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_netfilter::NetfilterMessage;
 use netlink_sys::{Socket, constants::NETLINK_NETFILTER};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use trellis_core::flow::kernel::{KernelEvent, NFLOG_GROUP};
 use trellis_netns::Netns;
 
@@ -39,6 +37,10 @@ const RECEIVE_BUFFER_BYTES: usize = 8 << 20;
 const DATAGRAM_BYTES: usize = 128 * 1024;
 /// Datagrams read from one socket before the other gets its turn.
 const READS_PER_TURN: usize = 64;
+/// How long the reader sleeps after a drain for more events to gather (see `run`).
+const COALESCE: Duration = Duration::from_millis(10);
+/// How long an idle reader blocks in `poll` before it checks whether it should stop.
+const IDLE_POLL: Duration = Duration::from_millis(200);
 /// How long the kernel may take to acknowledge the NFLOG bind.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -65,6 +67,10 @@ pub enum FlowSourceError {
         #[source]
         error: io::Error,
     },
+    #[error("start the thread that reads the sockets")]
+    Thread(#[source] io::Error),
+    #[error("the thread that reads the sockets ended without a word")]
+    ReaderGone,
     #[error("read the {socket} socket")]
     Receive {
         socket: &'static str,
@@ -125,71 +131,143 @@ impl KernelSources {
         Ok(sources)
     }
 
-    /// Reads both sockets until one fails: every event handed to `sink` (keep it quick: it
-    /// runs on the reading task), what the kernel could not deliver and what did not parse to
-    /// `lost(source, count)` with source [`CONNTRACK`] or [`NFLOG`].
+    /// Reads both sockets until one fails: every event handed to `sink`, what the kernel
+    /// could not deliver and what did not parse to `lost(source, count)` with source
+    /// [`CONNTRACK`] or [`NFLOG`]. The reading happens on a thread of its own (`sink` and
+    /// `lost` run there: keep them quick), which stops when this future is dropped.
+    ///
+    /// Why a thread that sleeps rather than a task woken by readiness: events come one per
+    /// datagram, tens of thousands a second under load. Woken for each (tokio's epoll is
+    /// edge-triggered: every arrival is a wake-up, even while the task waits for nothing),
+    /// the gateway spent more switching in and out than reading. The thread drains both
+    /// sockets, then sleeps [`COALESCE`] while the next events gather in the buffers; only
+    /// when a drain finds nothing does it block in `poll` for the next one. A flow is
+    /// recorded at most that much later.
     pub async fn run(
         self,
-        mut sink: impl FnMut(KernelEvent) + Send,
-        mut lost: impl FnMut(&'static str, u64) + Send,
+        sink: impl FnMut(KernelEvent) + Send + 'static,
+        lost: impl FnMut(&'static str, u64) + Send + 'static,
     ) -> Result<(), FlowSourceError> {
-        let watch = |socket: Socket, name: &'static str| {
-            #[allow(unsafe_code)]
-            // SAFETY: the `Socket` owns its descriptor, which stays open and the same until
-            // the `AsyncFd` (which owns the `Socket`) is dropped; nothing swaps it.
-            let registered = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) };
-            registered.map_err(|e| FlowSourceError::Receive {
-                socket: name,
-                error: e.into(),
+        let (done, finished) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("trellis-flows".into())
+            .spawn(move || {
+                let result = self.read(sink, lost, || done.is_closed());
+                let _ = done.send(result);
             })
-        };
-        let conntrack = watch(self.conntrack, CONNTRACK)?;
-        let nflog = watch(self.nflog, NFLOG)?;
+            .map_err(FlowSourceError::Thread)?;
+        finished.await.unwrap_or(Err(FlowSourceError::ReaderGone))
+    }
+
+    /// The reading thread's loop, until `stopped()` or a socket fails.
+    fn read(
+        self,
+        mut sink: impl FnMut(KernelEvent),
+        mut lost: impl FnMut(&'static str, u64),
+        stopped: impl Fn() -> bool,
+    ) -> Result<(), FlowSourceError> {
         let mut buffer = vec![0u8; DATAGRAM_BYTES];
         let mut gaps = nflog::SequenceGaps::default();
-        loop {
-            tokio::select! {
-                ready = conntrack.readable() => {
-                    let mut ready = ready.map_err(|error| FlowSourceError::Receive { socket: CONNTRACK, error })?;
-                    read_turn(&mut ready, CONNTRACK, &mut buffer, &mut lost, |datagram, lost| {
-                        conntrack_datagram(datagram, &mut sink, lost)
-                    })?;
-                }
-                ready = nflog.readable() => {
-                    let mut ready = ready.map_err(|error| FlowSourceError::Receive { socket: NFLOG, error })?;
-                    read_turn(&mut ready, NFLOG, &mut buffer, &mut lost, |datagram, lost| {
-                        nflog_datagram(datagram, &mut gaps, &mut sink, lost)
-                    })?;
+        while !stopped() {
+            let mut read_any = false;
+            // Turns in alternation, so a flood on one socket does not starve the other.
+            loop {
+                let conntrack = read_turn(
+                    &self.conntrack,
+                    CONNTRACK,
+                    &mut buffer,
+                    &mut lost,
+                    |datagram, lost| conntrack_datagram(datagram, &mut sink, lost),
+                )?;
+                let nflog = read_turn(
+                    &self.nflog,
+                    NFLOG,
+                    &mut buffer,
+                    &mut lost,
+                    |datagram, lost| nflog_datagram(datagram, &mut gaps, &mut sink, lost),
+                )?;
+                read_any |= conntrack.read > 0 || nflog.read > 0;
+                if conntrack.drained && nflog.drained {
+                    break;
                 }
             }
+            if read_any {
+                std::thread::sleep(COALESCE);
+            } else {
+                self.wait_readable(IDLE_POLL)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocks until either socket has something to read, or `timeout`.
+    fn wait_readable(&self, timeout: Duration) -> Result<(), FlowSourceError> {
+        use std::os::fd::AsFd;
+        let mut fds = [
+            nix::poll::PollFd::new(self.conntrack.as_fd(), nix::poll::PollFlags::POLLIN),
+            nix::poll::PollFd::new(self.nflog.as_fd(), nix::poll::PollFlags::POLLIN),
+        ];
+        let timeout =
+            nix::poll::PollTimeout::try_from(timeout).unwrap_or(nix::poll::PollTimeout::MAX);
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(FlowSourceError::Receive {
+                socket: CONNTRACK,
+                error: e.into(),
+            }),
         }
     }
 }
 
-/// Reads up to [`READS_PER_TURN`] datagrams while there are any.
+/// What one turn on a socket read.
+struct Turn {
+    read: usize,
+    /// The socket had nothing more.
+    drained: bool,
+}
+
+/// Reads up to [`READS_PER_TURN`] datagrams while there are any (the sockets are
+/// non-blocking).
 fn read_turn(
-    ready: &mut tokio::io::unix::AsyncFdReadyGuard<'_, Socket>,
-    socket: &'static str,
+    socket: &Socket,
+    name: &'static str,
     buffer: &mut [u8],
-    lost: &mut (impl FnMut(&'static str, u64) + Send),
+    lost: &mut impl FnMut(&'static str, u64),
     mut each: impl FnMut(&[u8], &mut dyn FnMut(&'static str, u64)),
-) -> Result<(), FlowSourceError> {
+) -> Result<Turn, FlowSourceError> {
+    let mut read = 0;
     for _ in 0..READS_PER_TURN {
-        match ready.try_io(|fd| fd.get_ref().recv(&mut &mut buffer[..], 0)) {
-            Ok(Ok(len)) => each(&buffer[..len.min(buffer.len())], lost),
-            Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                tracing::debug!("the {socket} socket overflowed");
+        match socket.recv(&mut &mut buffer[..], 0) {
+            Ok(len) => {
+                read += 1;
+                each(&buffer[..len.min(buffer.len())], lost);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                tracing::debug!("the {name} socket overflowed");
                 // NFLOG's gaps count its losses exactly; conntrack's at least one.
-                if socket == CONNTRACK {
-                    lost(socket, 1);
+                if name == CONNTRACK {
+                    lost(name, 1);
                 }
             }
-            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Ok(Err(error)) => return Err(FlowSourceError::Receive { socket, error }),
-            Err(_would_block) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(Turn {
+                    read,
+                    drained: true,
+                });
+            }
+            Err(error) => {
+                return Err(FlowSourceError::Receive {
+                    socket: name,
+                    error,
+                });
+            }
         }
     }
-    Ok(())
+    Ok(Turn {
+        read,
+        drained: false,
+    })
 }
 
 /// Each netlink message of one datagram; `None` for one that does not parse (and for bytes

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use trellis_core::flow::protocol::{
-    FlowCommand, FlowReply, MAX_FLOWS_PER_FRAME, MAX_QUERIES_PER_NODE,
+    FlowCommand, FlowReply, MAX_FLOW_FRAME, MAX_FLOWS_PER_FRAME, MAX_QUERIES_PER_NODE,
 };
 use trellis_core::flow::{
     Endpoint, EndpointKind, Flow, FlowEvent, FlowRequest, Ip, L4, L4Protocol, TrafficDirection,
@@ -163,6 +163,60 @@ async fn a_query_is_answered_in_batches_then_end() {
         controller.reply().await,
         FlowReply::End { id: 8, error: None }
     );
+}
+
+/// A pod with many labels (about 150, as a tenant may give it): ~15 KiB of JSON per end.
+fn heavily_labelled(port: u16, labels: usize) -> Flow {
+    let mut flow = flow(port, Verdict::Forwarded);
+    let end = Endpoint {
+        labels: (0..labels)
+            .map(|i| {
+                (
+                    format!("team-{i:03}.example.com/annotation-like-key"),
+                    format!("value-{i:03}-with-some-length-to-it-as-real-ones-have"),
+                )
+            })
+            .collect(),
+        ..(*flow.source).clone()
+    };
+    flow.source = Arc::new(end.clone());
+    flow.destination = Arc::new(end);
+    flow
+}
+
+#[tokio::test]
+async fn flows_of_pods_with_many_labels_go_out_in_frames_the_controller_accepts() {
+    let recorder = Arc::new(Recorder::new(1000));
+    for i in 0..MAX_FLOWS_PER_FRAME {
+        recorder.record(heavily_labelled(i as u16, 150));
+    }
+    // One flow larger than a frame by itself cannot be sent: it is reported lost.
+    recorder.record(heavily_labelled(9999, 20_000));
+    let mut controller = Controller::start(&recorder);
+    // The controller accepts no larger frame.
+    controller.decoder = FrameDecoder::new(MAX_FLOW_FRAME);
+    controller.query(3, FlowRequest::default()).await;
+    let mut frames = 0;
+    let mut ports = Vec::new();
+    let mut lost = 0;
+    loop {
+        match controller.reply().await {
+            FlowReply::Flows { id: 3, flows } => {
+                frames += 1;
+                ports.extend(flows.iter().map(|f| f.l4.source_port.unwrap()));
+            }
+            FlowReply::Lost { id: 3, count } => lost += count,
+            FlowReply::End { id: 3, error: None } => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(frames > 1, "split into several frames");
+    assert_eq!(
+        ports,
+        (0..MAX_FLOWS_PER_FRAME as u16).collect::<Vec<_>>(),
+        "every flow that fits, oldest first"
+    );
+    assert_eq!(lost, 1, "the one too large for a frame is reported lost");
 }
 
 #[tokio::test]

@@ -328,8 +328,36 @@ async fn the_policy_table_logs_its_drops_where_they_happen() {
         async move { found.into_iter().next() }
     })
     .await;
-    assert_eq!(unknown.point, DropPoint::UnknownPod);
+    assert_eq!(
+        unknown.point,
+        DropPoint::UnknownPod {
+            direction: Direction::Egress
+        },
+        "dropped leaving the unknown pod"
+    );
     assert_eq!(unknown.packet.destination_port, 81);
+    // To the unknown pod: its ingress chain drops it, and says so.
+    let _to_unknown_listener = pod2.tcp_listener(pod2.v4(), 83);
+    assert!(!pod0.tcp_connects(pod2.v4(), 83), "to an unknown pod");
+    let to_unknown = eventually_async(
+        "the drop to the unknown pod",
+        Duration::from_secs(5),
+        || {
+            let found = seen.drops(|d| d.packet.destination == pod2.v4());
+            async move { found.into_iter().next() }
+        },
+    )
+    .await;
+    assert_eq!(
+        to_unknown.point,
+        DropPoint::UnknownPod {
+            direction: Direction::Ingress
+        }
+    );
+    assert_eq!(
+        (to_unknown.packet.source, to_unknown.packet.destination_port),
+        (pod0.v4(), 83)
+    );
 
     // An allowed connection (pod 1 to pod 0: neither isolated that way) is a new conntrack
     // connection, not a drop.
@@ -358,6 +386,72 @@ async fn the_policy_table_logs_its_drops_where_they_happen() {
         &nft::render_replace_with(&existing, &ruleset, RenderOptions::default()).unwrap(),
     );
     assert!(!rig.nft_list().contains(" log "), "{}", rig.nft_list());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_denied_packets_reaches_userspace_at_the_log_rate_and_is_all_dropped() {
+    trellis_test_support::skip_unless_root!();
+    const FLOOD: u64 = 20_000;
+    // Pod 1 isolated for ingress with nothing allowed; pod 0 floods it with UDP.
+    let rig = policy_rig::Rig::new("fk-flood", 2);
+    let (pod0, pod1) = (&rig.pods[0], &rig.pods[1]);
+    let chain = trellis_core::policy::names::pod_chain(pod1.v4(), Direction::Ingress);
+    let mut ruleset = Ruleset::default();
+    ruleset.chains.insert(
+        chain.clone(),
+        vec![Rule {
+            matches: vec![],
+            verdict: Verdict::Drop {
+                direction: Direction::Ingress,
+            },
+            comment: None,
+        }],
+    );
+    ruleset.ingress.insert(pod1.v4(), chain);
+    ruleset.local_pods = [pod0.v4(), pod1.v4()].into();
+    nft(
+        &rig.node,
+        &nft::render_full_with(&ruleset, RenderOptions { log_drops: true }).unwrap(),
+    );
+    let (seen, _task) = listen(&rig.node);
+    let flooder = pod0
+        .ns
+        .run(|| UdpSocket::bind(SocketAddr::new(pod0.v4(), 0)))
+        .unwrap()
+        .unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..FLOOD {
+        let _ = flooder.send_to(b"flood", SocketAddr::new(pod1.v4(), 9000));
+    }
+    eventually_async(
+        "every packet dropped and counted",
+        Duration::from_secs(10),
+        || {
+            let dropped = trellis_gateway::nft::counters(Some(&rig.node), nft::TABLE).unwrap()
+                [nft::COUNTER_DROP_INGRESS];
+            async move { (dropped >= FLOOD).then_some(()) }
+        },
+    )
+    .await;
+    let flooded_for = started.elapsed().as_secs_f64();
+    // NFLOG delivers in order: once a later drop is read, the flood's logged ones all were
+    // (or were counted lost).
+    let _listener = pod1.tcp_listener(pod1.v4(), 9999);
+    assert!(!pod0.tcp_connects(pod1.v4(), 9999));
+    eventually_async("the drop after the flood", Duration::from_secs(5), || {
+        let found = seen.drops(|d| d.packet.destination_port == 9999);
+        async move { found.into_iter().next() }
+    })
+    .await;
+    let logged = seen.drops(|d| d.packet.destination_port == 9000).len() as u64
+        + seen.lost_nflog.load(Ordering::Relaxed);
+    let rate = f64::from(nft::DROP_LOG_RATE);
+    let most = (rate + rate * flooded_for) as u64 + 100;
+    assert!(logged > 0, "the flood was logged");
+    assert!(
+        logged <= most,
+        "{logged} of {FLOOD} dropped packets reached userspace in {flooded_for:.2} s (at most {most})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

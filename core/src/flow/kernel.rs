@@ -53,8 +53,11 @@ pub enum DropPoint {
     Isolated {
         direction: crate::policy::ruleset::Direction,
     },
-    /// On a pod interface whose pod the node was not told about.
-    UnknownPod,
+    /// On a pod interface whose pod the node was not told about: in the ingress chain (the
+    /// packet was going to it) or the egress one (it came from it).
+    UnknownPod {
+        direction: crate::policy::ruleset::Direction,
+    },
 }
 
 /// One packet the policy table dropped and logged (NFLOG), its headers parsed.
@@ -112,7 +115,7 @@ fn valid_chain(name: &str) -> bool {
 
 impl DropPoint {
     /// The NFLOG prefix the policy table's rule dropping here logs with: `trellis:pod:in:<chain>`,
-    /// `trellis:iso:eg`, `trellis:unknown`. At most 80 bytes (nft takes 127), only
+    /// `trellis:iso:eg`, `trellis:unknown:in`. At most 80 bytes (nft takes 127), only
     /// `[a-z0-9_:]`, so it needs no quoting beyond nft's double quotes.
     pub fn nflog_prefix(&self) -> String {
         match self {
@@ -122,7 +125,9 @@ impl DropPoint {
             DropPoint::Isolated { direction } => {
                 format!("{PREFIX}iso:{}", direction_tag(*direction))
             }
-            DropPoint::UnknownPod => format!("{PREFIX}unknown"),
+            DropPoint::UnknownPod { direction } => {
+                format!("{PREFIX}unknown:{}", direction_tag(*direction))
+            }
         }
     }
 
@@ -130,8 +135,10 @@ impl DropPoint {
     /// [`Self::nflog_prefix`]'s (another rule logging to the group).
     pub fn from_nflog_prefix(prefix: &str) -> Option<DropPoint> {
         let rest = prefix.strip_prefix(PREFIX)?;
-        if rest == "unknown" {
-            return Some(DropPoint::UnknownPod);
+        if let Some(tag) = rest.strip_prefix("unknown:") {
+            return Some(DropPoint::UnknownPod {
+                direction: direction_of(tag)?,
+            });
         }
         if let Some(tag) = rest.strip_prefix("iso:") {
             return Some(DropPoint::Isolated {
@@ -173,7 +180,12 @@ mod tests {
             DropPoint::Isolated {
                 direction: Direction::Egress,
             },
-            DropPoint::UnknownPod,
+            DropPoint::UnknownPod {
+                direction: Direction::Ingress,
+            },
+            DropPoint::UnknownPod {
+                direction: Direction::Egress,
+            },
         ];
         for point in points {
             let prefix = point.nflog_prefix();
@@ -194,6 +206,13 @@ mod tests {
             .nflog_prefix(),
             "trellis:pod:in:pod_in_10_0_1_7"
         );
+        assert_eq!(
+            DropPoint::UnknownPod {
+                direction: Direction::Ingress
+            }
+            .nflog_prefix(),
+            "trellis:unknown:in"
+        );
     }
 
     #[test]
@@ -208,7 +227,9 @@ mod tests {
             "trellis:pod:in:Pod_In",
             "trellis:pod:in:a b",
             &format!("trellis:pod:in:{}", "a".repeat(65)),
-            "trellis:unknown:more",
+            "trellis:unknown",
+            "trellis:unknown:up",
+            "trellis:unknown:in:more",
         ] {
             assert_eq!(DropPoint::from_nflog_prefix(prefix), None, "{prefix:?}");
         }

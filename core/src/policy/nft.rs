@@ -28,7 +28,10 @@
 //!   NFLOG group [`NFLOG_GROUP`] with a prefix naming where it happened
 //!   ([`DropPoint::nflog_prefix`]): a ruleset's [`Verdict::Drop`] (the compiler puts one at
 //!   the end of each pod chain, nowhere else) names its chain, the isolated pods' and the
-//!   unknown pods' drops name themselves. The node's flow listener reads them back.
+//!   unknown pods' drops name themselves and their direction. The node's flow listener reads
+//!   them back. The log is a rule of its own before the drop, with the same matches and a
+//!   `limit` of [`DROP_LOG_RATE`] packets a second: a flood of denied packets reaches
+//!   userspace at that rate, while the drop rule after it drops and counts every one.
 //!
 //! The fixed names start with `_`, which a ruleset's names (starting with a letter) never do,
 //! so the two never collide.
@@ -53,18 +56,25 @@ pub struct RenderOptions {
 }
 
 impl RenderOptions {
-    /// What a drop rule puts between its counter and `drop`: nothing, or the log clause.
-    fn log_clause(&self, point: &DropPoint) -> String {
-        if self.log_drops {
+    /// The rule logging the drop at `point` that follows it, for a drop rule matching
+    /// `matches` (nft syntax, empty for none, else ending with a space): nothing, or a rule
+    /// of its own before the drop, limited to [`DROP_LOG_RATE`] packets a second. A log
+    /// beyond the limit is skipped, never the drop: the drop rule after it drops and counts
+    /// every packet.
+    fn log_rule(&self, matches: &str, point: &DropPoint) -> Option<String> {
+        self.log_drops.then(|| {
             format!(
-                "log prefix \"{}\" group {NFLOG_GROUP} ",
+                "{matches}limit rate {DROP_LOG_RATE}/second burst {DROP_LOG_RATE} packets log prefix \"{}\" group {NFLOG_GROUP}",
                 point.nflog_prefix()
             )
-        } else {
-            String::new()
-        }
+        })
     }
 }
+
+/// The most dropped packets a second (and in a burst) each logging rule sends to the node's
+/// flow listener: a pod flooding a denied port costs the node a bounded number of flows, not
+/// one per packet. Drops beyond it are still counted by the drop counters.
+pub const DROP_LOG_RATE: u32 = 1000;
 
 /// The table's name (family `inet`).
 pub const TABLE: &str = "trellis_policy";
@@ -411,7 +421,6 @@ fn add_fixed_rules(out: &mut String, options: RenderOptions) {
     for (chain, rule) in fixed {
         let _ = writeln!(out, "add rule inet {TABLE} {chain} {rule}");
     }
-    let unknown = options.log_clause(&DropPoint::UnknownPod);
     for (chain, address, map, counter, direction) in [
         (
             "_egress",
@@ -428,19 +437,26 @@ fn add_fixed_rules(out: &mut String, options: RenderOptions) {
             Direction::Ingress,
         ),
     ] {
-        let isolated = options.log_clause(&DropPoint::Isolated { direction });
-        for rule in [
-            "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept".to_string(),
-            "ct state established,related accept".to_string(),
-            "ct state invalid drop".to_string(),
-            format!("ip {address} vmap @{map}4"),
-            format!("ip6 {address} vmap @{map}6"),
-            format!("ip {address} @_isolated{map}4 counter name {counter} {isolated}drop"),
-            format!("ip6 {address} @_isolated{map}6 counter name {counter} {isolated}drop"),
-            format!("ip {address} @_local4 accept"),
-            format!("ip6 {address} @_local6 accept"),
-            format!("counter name {COUNTER_DROP_UNKNOWN_POD} {unknown}drop"),
-        ] {
+        let isolated = DropPoint::Isolated { direction };
+        let unknown = DropPoint::UnknownPod { direction };
+        let isolated4 = format!("ip {address} @_isolated{map}4 ");
+        let isolated6 = format!("ip6 {address} @_isolated{map}6 ");
+        let rules = [
+            Some("icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept".to_string()),
+            Some("ct state established,related accept".to_string()),
+            Some("ct state invalid drop".to_string()),
+            Some(format!("ip {address} vmap @{map}4")),
+            Some(format!("ip6 {address} vmap @{map}6")),
+            options.log_rule(&isolated4, &isolated),
+            Some(format!("{isolated4}counter name {counter} drop")),
+            options.log_rule(&isolated6, &isolated),
+            Some(format!("{isolated6}counter name {counter} drop")),
+            Some(format!("ip {address} @_local4 accept")),
+            Some(format!("ip6 {address} @_local6 accept")),
+            options.log_rule("", &unknown),
+            Some(format!("counter name {COUNTER_DROP_UNKNOWN_POD} drop")),
+        ];
+        for rule in rules.into_iter().flatten() {
             let _ = writeln!(out, "add rule inet {TABLE} {chain} {rule}");
         }
     }
@@ -454,7 +470,7 @@ fn add_rules(
     options: RenderOptions,
 ) {
     for rule in rules {
-        if let Some(text) = render_rule(ruleset, chain, rule, options) {
+        for text in render_rule(ruleset, chain, rule, options) {
             let _ = writeln!(out, "add rule inet {TABLE} {chain} {text}");
         }
     }
@@ -567,15 +583,41 @@ fn local_elements(pods: &BTreeSet<IpAddr>, family: Family) -> BTreeSet<String> {
         .collect()
 }
 
-/// One rule of `chain` in nft syntax; `None` for a rule that can match nothing (a port match
-/// without ports), which is left out.
-fn render_rule(
-    ruleset: &Ruleset,
-    chain: &str,
-    rule: &Rule,
-    options: RenderOptions,
-) -> Option<String> {
-    let mut parts = Vec::with_capacity(rule.matches.len() + 2);
+/// One rule of `chain` in nft syntax (a logged drop: its log rule, then the drop); none for a
+/// rule that can match nothing (a port match without ports), which is left out.
+fn render_rule(ruleset: &Ruleset, chain: &str, rule: &Rule, options: RenderOptions) -> Vec<String> {
+    let Some(matches) = render_matches(ruleset, rule) else {
+        return Vec::new();
+    };
+    let log = match &rule.verdict {
+        Verdict::Drop { direction } => options.log_rule(
+            &matches,
+            &DropPoint::PodChain {
+                direction: *direction,
+                chain: chain.to_string(),
+            },
+        ),
+        Verdict::Accept | Verdict::Jump { .. } => None,
+    };
+    let verdict = match &rule.verdict {
+        Verdict::Accept => "accept".to_string(),
+        Verdict::Drop { direction } => format!("counter name {} drop", drop_counter(*direction)),
+        Verdict::Jump { chain } => format!("jump {chain}"),
+    };
+    let comment = rule
+        .comment
+        .as_ref()
+        .map(|comment| format!(" comment \"{}\"", escape_comment(comment)))
+        .unwrap_or_default();
+    log.into_iter()
+        .chain([format!("{matches}{verdict}{comment}")])
+        .collect()
+}
+
+/// A rule's matches in nft syntax, each followed by a space; `None` for matches that can match
+/// nothing.
+fn render_matches(ruleset: &Ruleset, rule: &Rule) -> Option<String> {
+    let mut parts = Vec::with_capacity(rule.matches.len());
     for m in &rule.matches {
         parts.push(match m {
             Match::SourceIn { set } => {
@@ -610,22 +652,7 @@ fn render_rule(
             }
         });
     }
-    parts.push(match &rule.verdict {
-        Verdict::Accept => "accept".to_string(),
-        Verdict::Drop { direction } => format!(
-            "counter name {} {}drop",
-            drop_counter(*direction),
-            options.log_clause(&DropPoint::PodChain {
-                direction: *direction,
-                chain: chain.to_string(),
-            })
-        ),
-        Verdict::Jump { chain } => format!("jump {chain}"),
-    });
-    if let Some(comment) = &rule.comment {
-        parts.push(format!("comment \"{}\"", escape_comment(comment)));
-    }
-    Some(parts.join(" "))
+    Some(parts.iter().map(|part| format!("{part} ")).collect())
 }
 
 /// The counter a [`Verdict::Drop`] in `direction` counts in.
@@ -1160,38 +1187,96 @@ mod tests {
     fn logged_drops_name_where_they_happen_and_invalid_packets_stay_silent() {
         let logged = RenderOptions { log_drops: true };
         let script = render_full_with(&sample(), logged).unwrap();
+        // The log is a rule of its own, rate-limited, before the drop it names.
         assert!(script.contains(
-            "add rule inet trellis_policy pod_b_in counter name drop_ingress log prefix \"trellis:pod:in:pod_b_in\" group 1616 drop\n"
+            "add rule inet trellis_policy pod_b_in limit rate 1000/second burst 1000 packets log prefix \"trellis:pod:in:pod_b_in\" group 1616\n\
+             add rule inet trellis_policy pod_b_in counter name drop_ingress drop\n"
         ), "{script}");
-        let egress: Vec<&str> = script
-            .lines()
-            .filter_map(|l| l.strip_prefix("add rule inet trellis_policy _egress "))
-            .collect();
-        assert!(egress.contains(&"ct state invalid drop"), "{script}");
-        assert!(egress.contains(
-            &"ip saddr @_isolated_egress4 counter name drop_egress log prefix \"trellis:iso:eg\" group 1616 drop"
+        let chain = |name: &str| -> Vec<String> {
+            let prefix = format!("add rule inet trellis_policy {name} ");
+            script
+                .lines()
+                .filter_map(|l| l.strip_prefix(prefix.as_str()))
+                .map(str::to_owned)
+                .collect()
+        };
+        let egress = chain("_egress");
+        assert!(
+            egress.contains(&"ct state invalid drop".to_owned()),
+            "{script}"
+        );
+        assert_eq!(
+            egress[5..],
+            [
+                "ip saddr @_isolated_egress4 limit rate 1000/second burst 1000 packets log prefix \"trellis:iso:eg\" group 1616",
+                "ip saddr @_isolated_egress4 counter name drop_egress drop",
+                "ip6 saddr @_isolated_egress6 limit rate 1000/second burst 1000 packets log prefix \"trellis:iso:eg\" group 1616",
+                "ip6 saddr @_isolated_egress6 counter name drop_egress drop",
+                "ip saddr @_local4 accept",
+                "ip6 saddr @_local6 accept",
+                "limit rate 1000/second burst 1000 packets log prefix \"trellis:unknown:eg\" group 1616",
+                "counter name drop_unknown_pod drop",
+            ]
+        );
+        let ingress = chain("_ingress");
+        assert_eq!(
+            ingress[ingress.len() - 2..],
+            [
+                "limit rate 1000/second burst 1000 packets log prefix \"trellis:unknown:in\" group 1616",
+                "counter name drop_unknown_pod drop",
+            ],
+            "the unknown pod's drop says which chain dropped it"
+        );
+        assert!(ingress.contains(
+            &"ip daddr @_isolated_ingress4 limit rate 1000/second burst 1000 packets log prefix \"trellis:iso:in\" group 1616".to_owned()
         ));
-        assert!(egress.contains(
-            &"ip6 saddr @_isolated_egress6 counter name drop_egress log prefix \"trellis:iso:eg\" group 1616 drop"
-        ));
-        assert!(egress.contains(
-            &"counter name drop_unknown_pod log prefix \"trellis:unknown\" group 1616 drop"
-        ));
-        assert!(script.contains(
-            "add rule inet trellis_policy _ingress ip daddr @_isolated_ingress4 counter name drop_ingress log prefix \"trellis:iso:in\" group 1616 drop\n"
-        ));
-        // Every drop but the invalid packets' logs; without the option none does.
-        let drops = script.lines().filter(|l| l.ends_with(" drop")).count();
-        let logs = script.matches(" log prefix ").count();
-        assert_eq!(drops, logs + 2, "{script}");
-        assert!(!render_full(&sample()).unwrap().contains(" log "));
+        // Every log is limited and followed by the drop it names, whose counter counts every
+        // packet, logged or not: the drops are the unlogged table's, unchanged.
+        let lines: Vec<&str> = script.lines().collect();
+        let mut logs = 0;
+        for (i, line) in lines.iter().enumerate() {
+            let Some((matches, _)) =
+                line.split_once("limit rate 1000/second burst 1000 packets log prefix ")
+            else {
+                assert!(!line.contains(" log "), "{line}");
+                continue;
+            };
+            logs += 1;
+            let next = lines[i + 1];
+            assert!(
+                next.starts_with(matches) && next.ends_with(" drop"),
+                "{line}\n{next}"
+            );
+            assert!(
+                next[matches.len()..].starts_with("counter name drop_"),
+                "{next}"
+            );
+        }
+        let drops = lines.iter().filter(|l| l.ends_with(" drop")).count();
+        assert_eq!(
+            drops,
+            logs + 2,
+            "all but the invalid packets' drops: {script}"
+        );
+        let unlogged = render_full(&sample()).unwrap();
+        assert!(!unlogged.contains(" log "));
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| !l.contains(" log "))
+                .copied()
+                .collect::<Vec<_>>(),
+            unlogged.lines().collect::<Vec<_>>()
+        );
         // An update renders its changed chains with the option too.
         let mut new = sample();
         new.chains.get_mut("pod_b_in").unwrap().remove(0);
         let update = render_update_with(&sample(), &new, logged)
             .unwrap()
             .unwrap();
-        assert!(update.contains("log prefix \"trellis:pod:in:pod_b_in\" group 1616 drop"));
+        assert!(update.contains(
+            "pod_b_in limit rate 1000/second burst 1000 packets log prefix \"trellis:pod:in:pod_b_in\" group 1616\n"
+        ));
         let replaced = render_replace_with(&existing_of(&sample()), &sample(), logged).unwrap();
         assert_eq!(replaced.matches(" log prefix ").count(), logs);
     }

@@ -13,15 +13,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use trellis_agent_client::{Backoff, ClientConfig};
-use trellis_core::agent::{AgentRole, FlowChannel, MAX_AGENT_FRAME};
+use trellis_core::agent::{AgentRole, FlowChannel};
 use trellis_core::flow::Flow;
 use trellis_core::flow::protocol::{
-    FlowCommand, FlowReply, MAX_FLOWS_PER_FRAME, MAX_QUERIES_PER_NODE,
+    FlowCommand, FlowReply, MAX_FLOW_FRAME, MAX_FLOWS_PER_FRAME, MAX_QUERIES_PER_NODE, flow_frames,
 };
 use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 
@@ -54,35 +53,27 @@ pub enum ChannelError {
     Frame(#[source] FrameError),
 }
 
-/// [`FlowReply::Flows`] as it goes out: the recorded flows serialised where they are, not
-/// copied into a reply first (the JSON is the same).
-#[derive(Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Outgoing<'a> {
-    Flows { id: u64, flows: &'a [Arc<Flow>] },
-}
-
 fn encode_reply(reply: &FlowReply) -> Option<Vec<u8>> {
-    encode_json_frame(reply, "flow reply", MAX_AGENT_FRAME)
+    encode_json_frame(reply, "flow reply", MAX_FLOW_FRAME)
         .inspect_err(|e| tracing::warn!("flow reply: {}", trellis_core::error_chain(e)))
         .ok()
 }
 
-/// Sends `flows` in frames of at most [`MAX_FLOWS_PER_FRAME`]; `false` once the connection
-/// is gone.
+/// Sends `flows` in frames the controller accepts (at most [`MAX_FLOWS_PER_FRAME`] flows and
+/// [`MAX_FLOW_FRAME`] bytes each); a flow too large for a frame by itself is reported to the
+/// controller as lost. `false` once the connection is gone.
 async fn send_flows(id: u64, flows: &[Arc<Flow>], out: &mpsc::Sender<Vec<u8>>) -> bool {
-    for batch in flows.chunks(MAX_FLOWS_PER_FRAME) {
-        match encode_json_frame(
-            &Outgoing::Flows { id, flows: batch },
-            "flows",
-            MAX_AGENT_FRAME,
-        ) {
-            Ok(frame) => {
-                if out.send(frame).await.is_err() {
-                    return false;
-                }
-            }
-            Err(e) => tracing::warn!(query = id, "flows frame: {}", trellis_core::error_chain(&e)),
+    let encoded = flow_frames(id, flows, MAX_FLOW_FRAME);
+    if encoded.left_out > 0 {
+        tracing::warn!(
+            query = id,
+            left_out = encoded.left_out,
+            "flows too large for a reply frame were reported lost"
+        );
+    }
+    for frame in encoded.frames {
+        if out.send(frame).await.is_err() {
+            return false;
         }
     }
     true

@@ -238,24 +238,17 @@ fn drop_flow(drop: &PacketDrop, dir: &Directory) -> Flow {
     } = drop.packet;
     let from = dir.lookup(source);
     let to = dir.lookup(destination);
+    // The chain that dropped it says the direction: the ingress chain guards the packet's
+    // destination (the local end), the egress chain its source.
     let (direction, reason) = match &drop.point {
-        DropPoint::PodChain { direction, .. } | DropPoint::Isolated { direction } => (
-            match direction {
-                Direction::Ingress => TrafficDirection::Ingress,
-                Direction::Egress => TrafficDirection::Egress,
-            },
-            DropReason::PolicyDenied,
-        ),
-        // The pod the node does not know is on this node's pod interface: the receiver
-        // when the sender is a known local pod, the sender otherwise.
-        DropPoint::UnknownPod => (
-            if from.local {
-                TrafficDirection::Ingress
-            } else {
-                TrafficDirection::Egress
-            },
-            DropReason::UnknownPod,
-        ),
+        DropPoint::PodChain { direction, .. } | DropPoint::Isolated { direction } => {
+            (*direction, DropReason::PolicyDenied)
+        }
+        DropPoint::UnknownPod { direction } => (*direction, DropReason::UnknownPod),
+    };
+    let direction = match direction {
+        Direction::Ingress => TrafficDirection::Ingress,
+        Direction::Egress => TrafficDirection::Egress,
     };
     let denied_by = match reason {
         DropReason::PolicyDenied => policies(
@@ -552,7 +545,10 @@ mod tests {
     #[test]
     fn a_drop_at_an_unknown_pod_and_icmp() {
         let dir = with_policy();
-        let mut event = dropped(DropPoint::UnknownPod, "10.1.1.77", "10.2.1.9", 80);
+        let egress = DropPoint::UnknownPod {
+            direction: Direction::Egress,
+        };
+        let mut event = dropped(egress, "10.1.1.77", "10.2.1.9", 80);
         if let KernelEvent::Drop(drop) = &mut event {
             drop.packet.protocol = L4Protocol::Icmpv4;
             drop.tcp_flags = None;
@@ -565,6 +561,31 @@ mod tests {
         assert!(flow.denied_by.is_empty());
         assert_eq!(flow.l4.icmp, Some(Icmp { kind: 8, code: 0 }));
         assert_eq!(flow.l4.source_port, None);
+        // Going out to a peer cluster's pod: through its tunnel.
+        assert!(flow.ip.encrypted);
+        assert_eq!(flow.tunnel.unwrap().peer_cluster, "c2");
+    }
+
+    #[test]
+    fn a_drop_reaching_an_unknown_pod_is_ingress_whoever_sent_it() {
+        let dir = with_policy();
+        let ingress = DropPoint::UnknownPod {
+            direction: Direction::Ingress,
+        };
+        // A peer cluster's pod connects to a pod wired before the node was told of it: the
+        // ingress chain drops it. The local end is the destination; the remote one, and the
+        // tunnel it came through, the source.
+        let flow = enrich(&dropped(ingress.clone(), "10.2.1.9", "10.1.1.77", 80), &dir).remove(0);
+        assert_eq!(flow.drop_reason, Some(DropReason::UnknownPod));
+        assert_eq!(flow.traffic_direction, TrafficDirection::Ingress);
+        assert_eq!(flow.source.display_name(), "c2/z/api");
+        assert!(flow.ip.encrypted, "it came through the tunnel");
+        assert_eq!(flow.tunnel.unwrap().peer_cluster, "c2");
+        // From a known local pod, too.
+        let flow = enrich(&dropped(ingress, "10.1.1.5", "10.1.1.77", 80), &dir).remove(0);
+        assert_eq!(flow.traffic_direction, TrafficDirection::Ingress);
+        assert!(!flow.ip.encrypted);
+        assert!(flow.tunnel.is_none());
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl FlowMetrics {
         let kernel_lost = IntCounterVec::new(
             Opts::new(
                 "trellis_flows_kernel_lost_total",
-                "Kernel events lost before the gateway read them (socket buffer overrun), by source.",
+                "Kernel events lost before the gateway read them (socket buffer overrun), by source. Drops beyond the policy table's log rate (1000/s per drop rule) are never logged, so not counted here; the policy drop counters count every drop.",
             ),
             &["source"],
         )?;

@@ -624,7 +624,7 @@ pub(crate) mod tests {
         e.enforce(1, Some(&policy)).unwrap();
         let scripts = kernel.take();
         assert!(
-            scripts[0].contains("log prefix \"trellis:unknown\" group 1616 drop"),
+            scripts[0].contains("log prefix \"trellis:unknown:in\" group 1616\n"),
             "{}",
             scripts[0]
         );
@@ -662,7 +662,9 @@ pub(crate) mod tests {
         );
         let scripts = kernel.take();
         assert!(
-            scripts[0].contains("log prefix \"trellis:pod:in:pod_in_10_0_0_1\" group 1616 drop"),
+            scripts[0].contains(
+                "pod_in_10_0_0_1 limit rate 1000/second burst 1000 packets log prefix \"trellis:pod:in:pod_in_10_0_0_1\" group 1616\n"
+            ),
             "{}",
             scripts[0]
         );

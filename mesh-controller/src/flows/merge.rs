@@ -1,6 +1,7 @@
 //! The pure parts of relaying flows: the newest N of many sources merged by time, the rule of
 //! what a peer cluster may see, the line between a source's recorded flows and its new ones,
-//! and the encodings (reply frames, NDJSON lines).
+//! and the NDJSON encoding (reply frames are `trellis_core::flow::protocol::flow_frames`, the
+//! same the nodes use).
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap};
@@ -8,9 +9,7 @@ use std::time::SystemTime;
 
 use trellis_core::cluster::ClusterId;
 use trellis_core::flow::model::EndpointKind;
-use trellis_core::flow::protocol::{FlowReply, MAX_FLOWS_PER_FRAME};
 use trellis_core::flow::{Flow, FlowFilter};
-use trellis_core::framing::encode_json_frame;
 
 use super::SourceKey;
 
@@ -175,30 +174,6 @@ pub fn select_peers(asked: &[String], connected: &[ClusterId]) -> (Vec<ClusterId
     (chosen, missing)
 }
 
-/// `flows` as reply frames of query `id`, each at most `max` bytes (fewer flows per frame
-/// when they are large); a single flow larger than `max` is left out and counted.
-pub fn flow_frames(id: u64, flows: &[Flow], max: usize) -> (Vec<Vec<u8>>, usize) {
-    let mut frames = Vec::new();
-    let mut left_out = 0;
-    let mut pending: Vec<&[Flow]> = flows.chunks(MAX_FLOWS_PER_FRAME).rev().collect();
-    while let Some(chunk) = pending.pop() {
-        let reply = FlowReply::Flows {
-            id,
-            flows: chunk.to_vec(),
-        };
-        match encode_json_frame(&reply, "flows", max) {
-            Ok(frame) => frames.push(frame),
-            Err(_) if chunk.len() > 1 => {
-                let (first, second) = chunk.split_at(chunk.len() / 2);
-                pending.push(second);
-                pending.push(first);
-            }
-            Err(_) => left_out += 1,
-        }
-    }
-    (frames, left_out)
-}
-
 /// `flows` as NDJSON: one JSON object per line.
 pub fn ndjson(flows: &[Flow]) -> Vec<u8> {
     let mut out = Vec::with_capacity(flows.len() * 512);
@@ -217,7 +192,6 @@ pub(crate) mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use trellis_core::flow::model::*;
-    use trellis_core::framing::FrameDecoder;
 
     use super::*;
 
@@ -379,40 +353,6 @@ pub(crate) mod tests {
         let (chosen, missing) = select_peers(&["c".into(), "d".into(), "c".into()], &ids);
         assert_eq!(chosen, vec![ids[1].clone()]);
         assert_eq!(missing, ["d"]);
-    }
-
-    #[test]
-    fn reply_frames_stay_under_the_cap_and_carry_every_flow() {
-        let flows: Vec<Flow> = (0..600)
-            .map(|i| flow(i, "a/n1", "a/x/p", "a/x/q"))
-            .collect();
-        let one = encode_json_frame(
-            &FlowReply::Flows {
-                id: 9,
-                flows: vec![flows[0].clone()],
-            },
-            "f",
-            usize::MAX,
-        )
-        .unwrap()
-        .len();
-        // Room for about ten flows a frame: the 256-flow chunks are split.
-        let max = one * 10;
-        let (frames, left_out) = flow_frames(9, &flows, max);
-        assert_eq!(left_out, 0);
-        let mut decoder = FrameDecoder::new(max);
-        let mut back = Vec::new();
-        for frame in &frames {
-            assert!(frame.len() <= max + 4);
-            decoder.push(frame);
-            match decoder.next_json::<FlowReply>().unwrap().unwrap() {
-                FlowReply::Flows { id: 9, flows } => back.extend(flows),
-                other => panic!("{other:?}"),
-            }
-        }
-        assert_eq!(back, flows, "all of them, in order");
-        let (frames, left_out) = flow_frames(9, &flows[..1], one / 2);
-        assert_eq!((frames.len(), left_out), (0, 1), "too large alone");
     }
 
     #[test]

@@ -35,6 +35,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use trellis_core::cluster::ClusterId;
 use trellis_core::flow::Flow;
+use trellis_core::flow::protocol::MAX_FLOW_FRAME;
 
 use crate::metrics::Metrics;
 
@@ -58,8 +59,9 @@ pub struct FlowSettings {
     pub max_history: usize,
     /// Reply frames queued for one query from one source before more are dropped.
     pub queue_frames: usize,
-    /// The largest reply frame accepted from a node or a peer (256 flows with their pods'
-    /// labels are well under it); a larger one ends that channel, its framing lost.
+    /// The largest reply frame accepted from a node or a peer, and sent to a peer: by default
+    /// [`MAX_FLOW_FRAME`], the limit the nodes split their replies to. A larger one ends that
+    /// channel, its framing lost.
     pub max_reply_frame: usize,
 }
 
@@ -71,7 +73,7 @@ impl Default for FlowSettings {
             write_timeout: Duration::from_secs(5),
             max_history: 10_000,
             queue_frames: 64,
-            max_reply_frame: 4 << 20,
+            max_reply_frame: MAX_FLOW_FRAME,
         }
     }
 }

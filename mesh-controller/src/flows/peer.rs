@@ -13,10 +13,9 @@ use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{Semaphore, mpsc};
 use trellis_core::cluster::ClusterId;
 use trellis_core::flow::FlowRequest;
-use trellis_core::flow::protocol::{FlowCommand, FlowReply};
+use trellis_core::flow::protocol::{FlowCommand, FlowReply, flow_frames};
 use trellis_core::framing::{FrameDecoder, encode_json_frame};
 
-use super::merge::flow_frames;
 use super::node::OpenError;
 use super::query::{self, Scope};
 use super::{FlowRelay, QueryResult, QuerySource, SourceKey, SubEvent, locked};
@@ -314,12 +313,12 @@ impl FlowRelay {
                         let _ = send.finish();
                         break;
                     };
-                    let (frames, left_out) = flow_frames(id, &flows, settings.max_reply_frame);
-                    if left_out > 0 {
-                        tracing::warn!(%peer, left_out, "flows too large for a reply frame were left out");
+                    let encoded = flow_frames(id, &flows, settings.max_reply_frame);
+                    if encoded.left_out > 0 {
+                        tracing::warn!(%peer, left_out = encoded.left_out, "flows too large for a reply frame were reported lost");
                     }
                     let mut written = true;
-                    for frame in frames {
+                    for frame in encoded.frames {
                         match tokio::time::timeout(settings.write_timeout, send.write_all(&frame)).await {
                             Ok(Ok(())) => {}
                             _ => { written = false; break; }
@@ -328,7 +327,7 @@ impl FlowRelay {
                     if !written {
                         break;
                     }
-                    relayed += flows.len() - left_out;
+                    relayed += flows.len() - encoded.left_out as usize;
                 }
                 // The asker went away (or cancelled).
                 _ = &mut stopped => break,

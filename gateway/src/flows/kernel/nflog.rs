@@ -213,7 +213,9 @@ mod tests {
         assert!(matches!(unprefixed.drop, Decoded::Skip));
         let garbage = logged_of(
             &message(vec![
-                prefix(&DropPoint::UnknownPod),
+                prefix(&DropPoint::UnknownPod {
+                    direction: Direction::Egress,
+                }),
                 PacketNla::Payload(vec![0x45, 1, 2]),
             ]),
             SystemTime::now(),
@@ -221,7 +223,9 @@ mod tests {
         .unwrap();
         assert!(matches!(garbage.drop, Decoded::Bad(_)));
         let empty = logged_of(
-            &message(vec![prefix(&DropPoint::UnknownPod)]),
+            &message(vec![prefix(&DropPoint::UnknownPod {
+                direction: Direction::Ingress,
+            })]),
             SystemTime::now(),
         )
         .unwrap();

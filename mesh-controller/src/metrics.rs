@@ -313,8 +313,9 @@ impl Metrics {
                 &r,
                 cv(
                     "trellis_controller_flows_refused_total",
-                    "Flows a node or peer sent that it cannot speak for, dropped, by reason \
-                     (other_node: a node's channel naming another node; peer_other_node: a \
+                    "Flows a node or peer sent that it cannot speak for, by reason (other_node: \
+                     a node's channel naming another node, relabelled as the channel's node's; \
+                     the others dropped: peer_other_node: a \
                      peer's flow not seen on that peer's nodes; peer_not_ours: a peer's flow \
                      with no end a pod of this cluster; peer_future: a peer's flow dated ahead).",
                     &["reason"],

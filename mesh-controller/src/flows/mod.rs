@@ -5,7 +5,7 @@
 //! * [`node`]: a node's flow channel (a second agent connection, hello role `flows`): queries
 //!   go out as [`FlowCommand`](trellis_core::flow::protocol::FlowCommand)s, replies come back
 //!   routed by query id to each query's own bounded queue; a flow naming another node than
-//!   the channel's is dropped (counted).
+//!   the channel's is relabelled as the channel's node's (counted).
 //! * [`query`]: one reader's query fanned out to every source (node channels, and peers when
 //!   asked): the recorded flows merged by time (the newest N kept), then, when following, new
 //!   flows as they come.
@@ -299,12 +299,13 @@ impl FlowRelay {
             .inc();
     }
 
-    /// Counts flows a source sent that it cannot speak for (dropped).
+    /// Counts flows a source sent that it cannot speak for (dropped, or for a node's channel
+    /// relabelled).
     pub(crate) fn refused_flows(&self, source: &SourceKey, reason: &'static str, count: usize) {
         if count == 0 {
             return;
         }
-        tracing::warn!(%source, reason, count, "dropped flows the source cannot speak for");
+        tracing::warn!(%source, reason, count, "flows the source cannot speak for");
         self.metrics()
             .flows_refused
             .with_label_values(&[reason])

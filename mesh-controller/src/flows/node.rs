@@ -223,15 +223,18 @@ impl FlowRelay {
                     // Cancelled a moment ago: the node had not seen it yet.
                     return;
                 };
-                // A node's channel speaks for that node only: a flow naming another node
-                // (a compromised node inventing its neighbours' traffic) is dropped.
+                // A node's channel speaks for that node only: a flow naming another node (a
+                // compromised node inventing its neighbours' traffic, or a gateway started
+                // without its cluster's name) is shown as the channel's node's, counted.
                 if let SourceKey::Node { node, .. } = source {
-                    let before = flows.len();
-                    flows.retain(|f| seen_on(f, &self.inner.cluster, node));
-                    self.refused_flows(source, "other_node", before - flows.len());
-                    if flows.is_empty() {
-                        return;
+                    let mut renamed = 0;
+                    for flow in &mut flows {
+                        if !seen_on(flow, &self.inner.cluster, node) {
+                            flow.node_name = format!("{}/{node}", self.inner.cluster);
+                            renamed += 1;
+                        }
                     }
+                    self.refused_flows(source, "other_node", renamed);
                 }
                 let count = flows.len();
                 match queue.try_send(SubEvent::Flows(flows)) {

@@ -5,6 +5,7 @@
 //! its query string, and what comes back is printed line by line as it arrives, so `--follow`
 //! shows a flow as soon as the controller has it.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::ops::ControlFlow;
 use std::process::ExitCode;
@@ -117,6 +118,10 @@ pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
         .next()
         .ok_or_else(|| anyhow!("--controller {}: {host} has no address", args.controller))?;
     let printer = Printer::new(args.flows.output);
+    // The answer is flows only, its status sent before any node has answered: whether a node
+    // or peer was left out (busy, too slow) shows in the controller's skip counts, read
+    // before and after. (A follower's answer has no after.)
+    let skipped_before = (!request.follow).then(|| skipped_sources(addr, &host));
     stream(
         addr,
         Some(&host),
@@ -125,7 +130,59 @@ pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
         KUBERNETES_HINT,
         |line| printer.print(line),
     )?;
+    if let Some(before) = skipped_before {
+        let missing = newly_skipped(&before, &skipped_sources(addr, &host));
+        if !missing.is_empty() {
+            eprintln!(
+                "warning: flows may be missing: the controller went without {} while answering \
+                 (ask again, or see /flows/nodes)",
+                missing.join(", ")
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Per source (`node NAME`, `peer ID`) and reason, how often the controller's queries went
+/// without it: `skipped` of `GET /flows/nodes` (nothing when it cannot be read).
+type SkipCounts = BTreeMap<String, BTreeMap<String, u64>>;
+
+fn skipped_sources(addr: SocketAddr, host: &str) -> SkipCounts {
+    #[derive(serde::Deserialize)]
+    struct Sources {
+        #[serde(default)]
+        skipped: SkipCounts,
+    }
+    let get = trellis_http::Get {
+        host: Some(host),
+        ..trellis_http::Get::new(addr, "/flows/nodes", Duration::from_secs(5))
+    };
+    get.send()
+        .ok()
+        .and_then(|response| response.ok_body().ok())
+        .and_then(|body| serde_json::from_str::<Sources>(&body).ok())
+        .map(|sources| sources.skipped)
+        .unwrap_or_default()
+}
+
+/// The sources skipped (more often) in `after` than in `before`, as `node n1 (busy)`.
+fn newly_skipped(before: &SkipCounts, after: &SkipCounts) -> Vec<String> {
+    after
+        .iter()
+        .filter_map(|(source, reasons)| {
+            let grew: Vec<&str> = reasons
+                .iter()
+                .filter(|(reason, count)| {
+                    before
+                        .get(source)
+                        .and_then(|b| b.get(*reason))
+                        .is_none_or(|b| *count > b)
+                })
+                .map(|(reason, _)| reason.as_str())
+                .collect();
+            (!grew.is_empty()).then(|| format!("{source} ({})", grew.join(", ")))
+        })
+        .collect()
 }
 
 /// What to try when the flows listener cannot be reached from outside the cluster.
@@ -300,7 +357,7 @@ pub fn flow_request(args: &FlowArgs, now: SystemTime) -> Result<FlowRequest, Str
     if args.follow && until.is_some() {
         return Err("--follow goes on with new flows; --until ends them: give one".into());
     }
-    let filter = FlowFilter {
+    let mut filter = FlowFilter {
         namespace: names("--namespace", &args.namespace)?,
         pod: pods("--pod", &args.pod)?,
         from_pod: pods("--from-pod", &args.from_pod)?,
@@ -340,6 +397,11 @@ pub fn flow_request(args: &FlowArgs, now: SystemTime) -> Result<FlowRequest, Str
         since,
         until,
     };
+    // `--all --follow`: every recorded flow first, which following alone would not ask for
+    // (see `FlowRequest::wants_history`); a window from the epoch asks for them all.
+    if args.all && args.follow && filter.since.is_none() {
+        filter.since = Some(SystemTime::UNIX_EPOCH);
+    }
     let last = match (args.all, args.last) {
         (true, _) => None,
         (false, Some(n)) => Some(n),
@@ -465,6 +527,42 @@ mod tests {
         let all = request(&["--all"]).unwrap();
         assert_eq!(all.last, None);
         assert_eq!(flows_path(&all), "/flows");
+        let all_follow = request(&["--all", "-f"]).unwrap();
+        assert_eq!(all_follow.filter.since, Some(UNIX_EPOCH));
+        assert!(
+            all_follow.wants_history(),
+            "every recorded flow, then new ones"
+        );
+        assert!(!follow.wants_history());
+    }
+
+    #[test]
+    fn sources_skipped_while_answering_are_named() {
+        let counts = |entries: &[(&str, &str, u64)]| {
+            let mut map = SkipCounts::new();
+            for (source, reason, n) in entries {
+                map.entry((*source).into())
+                    .or_default()
+                    .insert((*reason).into(), *n);
+            }
+            map
+        };
+        let before = counts(&[("node n1", "busy", 2), ("node n2", "timeout", 1)]);
+        assert!(newly_skipped(&before, &before).is_empty());
+        let after = counts(&[
+            ("node n1", "busy", 3),
+            ("node n2", "timeout", 1),
+            ("node n2", "busy", 1),
+            ("peer c2", "not_connected", 1),
+        ]);
+        assert_eq!(
+            newly_skipped(&before, &after),
+            [
+                "node n1 (busy)",
+                "node n2 (busy)",
+                "peer c2 (not_connected)"
+            ]
+        );
     }
 
     #[test]
@@ -491,6 +589,10 @@ mod tests {
         assert_eq!(with_last.last, Some(3));
         let follow_since = request(&["--since", "1m", "-f"]).unwrap();
         assert_eq!((follow_since.last, follow_since.follow), (None, true));
+        assert!(
+            follow_since.wants_history(),
+            "the last minute, then new flows"
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ struct FakeController {
     recorded: String,
     queries: Mutex<Vec<String>>,
     follow: Mutex<Option<mpsc::Sender<Bytes>>>,
+    looks: std::sync::atomic::AtomicU64,
 }
 
 impl FakeController {
@@ -40,11 +41,25 @@ impl FakeController {
             recorded,
             queries: Mutex::default(),
             follow: Mutex::default(),
+            looks: Default::default(),
         }
     }
 
     fn queries(&self) -> Vec<String> {
         self.queries.lock().unwrap().clone()
+    }
+
+    /// `GET /flows/nodes`: a query for `namespace=busy` finds node n1 busy (its skip count
+    /// grows with each look); otherwise no skips.
+    fn sources(&self) -> Reply {
+        let busy = self.queries().iter().any(|q| q.contains("namespace=busy"));
+        let looks = self.looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let skipped = if busy {
+            format!(r#","skipped":{{"node n1":{{"busy":{looks}}}}}"#)
+        } else {
+            String::new()
+        };
+        Reply::json(format!(r#"{{"nodes":["n1"],"peers":[]{skipped}}}"#).into_bytes())
     }
 }
 
@@ -54,6 +69,9 @@ impl Routes for FakeController {
     }
 
     async fn get_with_query<'a>(&'a self, path: &'a str, query: &'a str) -> Reply {
+        if path == "/flows/nodes" {
+            return self.sources();
+        }
         self.queries.lock().unwrap().push(query.to_string());
         if path != "/flows" {
             Reply::not_found()
@@ -150,6 +168,27 @@ fn prints_compact_lines_for_the_query_the_flags_make() {
         fake.queries(),
         ["namespace=x&pod=c2%2Fy%2Fb&peer=*&verdict=DROPPED&port=80\
           &since=2026-12-07T05%3A00%3A00.000000000Z"]
+    );
+}
+
+#[test]
+fn a_node_skipped_while_answering_is_warned_of() {
+    let (_fake, addr) = start();
+    let quiet = trellis(&["observe", "--controller", &addr]);
+    assert!(quiet.status.success(), "{}", text(&quiet.stderr));
+    assert_eq!(text(&quiet.stderr), "");
+    let out = trellis(&["observe", "--controller", &addr, "--namespace", "busy"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("{DROPPED_LINE}\n{CLOSED_LINE}\n"),
+        "the flows that came are printed"
+    );
+    assert!(
+        text(&out.stderr)
+            .contains("flows may be missing: the controller went without node n1 (busy)"),
+        "{}",
+        text(&out.stderr)
     );
 }
 

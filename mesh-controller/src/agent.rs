@@ -379,8 +379,10 @@ pub fn authorize(
         // Answered before authorization, by the node-certificate issuer when there is one.
         (_, AgentRole::Bootstrap(_)) => Err(Refusal::NoBootstrap),
         (AgentIdentity::Controller { .. }, AgentRole::Gateway(_)) => Err(Refusal::NodeMismatch),
-        // A node's flows come only from that node's own identity.
+        // A node's flows come only from that node's own identity, and only while the source
+        // knows the node (a deleted node's still-valid certificate opens no channel).
         (AgentIdentity::Node { node, .. }, AgentRole::Flows(channel)) if &channel.node == node => {
+            node_addresses(node).ok_or(Refusal::UnknownNode)?;
             Ok(())
         }
         (_, AgentRole::Flows(_)) => Err(Refusal::NodeMismatch),
@@ -1748,6 +1750,21 @@ mod tests {
             cluster: "a".into(),
         };
         assert!(authorize(&controller, "a", &ok, addrs).is_err());
+        let flows =
+            |node: &str| AgentRole::Flows(trellis_core::agent::FlowChannel { node: node.into() });
+        assert_eq!(
+            authorize(&node_id("node-0"), "a", &flows("node-0"), addrs),
+            Ok(())
+        );
+        assert_eq!(
+            authorize(&node_id("node-1"), "a", &flows("node-1"), addrs),
+            Err(Refusal::UnknownNode),
+            "a node the source does not know (deleted) opens no flow channel"
+        );
+        assert_eq!(
+            authorize(&node_id("node-1"), "a", &flows("node-0"), addrs),
+            Err(Refusal::NodeMismatch)
+        );
     }
 
     /// Registers a gateway from `source` (a loopback address of its own) and waits for its

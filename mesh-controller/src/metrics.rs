@@ -78,6 +78,7 @@ pub struct Metrics {
     pub flow_sources_skipped: IntCounterVec,
     pub flows_dropped: IntCounter,
     pub flow_replies_rejected: IntCounter,
+    pub flows_refused: IntCounterVec,
 }
 
 fn reg<C: Collector + Clone + 'static>(r: &Registry, c: C) -> Result<C, Error> {
@@ -307,6 +308,18 @@ impl Metrics {
                     "Flow reply frames from nodes or peers that did not parse (skipped).",
                 )
                 .map_err(err)?,
+            )?,
+            flows_refused: reg(
+                &r,
+                cv(
+                    "trellis_controller_flows_refused_total",
+                    "Flows a node or peer sent that it cannot speak for, by reason (other_node: \
+                     a node's channel naming another node, relabelled as the channel's node's; \
+                     the others dropped: peer_other_node: a \
+                     peer's flow not seen on that peer's nodes; peer_not_ours: a peer's flow \
+                     with no end a pod of this cluster; peer_future: a peer's flow dated ahead).",
+                    &["reason"],
+                )?,
             )?,
             registry: r,
         })

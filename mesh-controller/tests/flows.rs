@@ -48,10 +48,14 @@ fn pod(path: &str) -> Arc<Endpoint> {
     })
 }
 
+/// The fixtures' seconds count from here: in the past, as a peer's flows must be (a controller
+/// shows none dated ahead of its clock).
+const BASE_SECOND: u64 = 1_700_000_000;
+
 /// A connection at second `at` from `from` to `to` (`cluster/namespace/pod`), seen on `node`.
 fn flow(at: u64, node: &str, from: &str, to: &str) -> Flow {
     Flow {
-        time: UNIX_EPOCH + Duration::from_secs(1_800_000_000 + at),
+        time: UNIX_EPOCH + Duration::from_secs(BASE_SECOND + at),
         node_name: node.into(),
         verdict: Verdict::Forwarded,
         drop_reason: None,
@@ -79,7 +83,7 @@ fn flow(at: u64, node: &str, from: &str, to: &str) -> Flow {
 }
 
 fn second(f: &Flow) -> u64 {
-    f.time.duration_since(UNIX_EPOCH).unwrap().as_secs() - 1_800_000_000
+    f.time.duration_since(UNIX_EPOCH).unwrap().as_secs() - BASE_SECOND
 }
 
 /// How a fake node answers.
@@ -896,4 +900,193 @@ async fn a_raw_flow_stream_is_answered_by_the_identity_rule_and_garbage_is_refus
     }
     conn.close(0u32.into(), b"done");
     peering_a.shutdown().await;
+}
+
+/// The attack: node n1's channel sends flows naming node n7 (and another cluster's node), so
+/// that `--node n7` shows invented traffic. They are shown as n1's, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_channel_cannot_speak_for_another_node() {
+    init_tracing();
+    let relay = relay_on(new_hub("a"), FlowSettings::default()).await;
+    let own = flow(1, "a/n1", "a/x/client", "a/x/server");
+    let _n1 = FakeNode::connect(
+        relay.agent,
+        "n1",
+        vec![
+            own.clone(),
+            flow(2, "a/n7", "a/x/client", "a/x/server"),
+            flow(3, "b/n1", "a/x/client", "a/x/server"),
+            flow(4, "a/n1/x", "a/x/client", "a/x/server"),
+        ],
+        Mode::Answer,
+    )
+    .await;
+    relay.wait_for_nodes(&["n1"]).await;
+    let shown = flows_of(relay.http, "").await;
+    assert_eq!(shown.len(), 4);
+    assert!(shown.iter().all(|f| f.node_name == "a/n1"), "{shown:?}");
+    assert_eq!(shown[0], own);
+    assert!(flows_of(relay.http, "node=n7").await.is_empty());
+    assert!(
+        relay.metric("trellis_controller_flows_refused_total{reason=\"other_node\"} 4"),
+        "{}",
+        relay.hub.metrics().render()
+    );
+}
+
+/// The attack: peer b follows a as often as a lets one peer, and a's own followers hold the
+/// rest of a node's slots that b leaves: a's reader must still be answered (before, each peer
+/// connection had 8 queries of a node's 16, and a query of a's own reader found every node
+/// busy and answered 200 with nothing). When a's own readers do fill a node, the reader's
+/// skipped node shows on `/flows/nodes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_take_the_node_slots_the_clusters_own_readers_need() {
+    init_tracing();
+    let recorded = flow(1, "a/n1", "b/y/client", "a/x/server");
+    let (a, b, peerings, node) = peered(vec![recorded.clone()]).await;
+    // New flows only: each follower holds one query on each node.
+    let follow_request = |peers: Vec<String>| FlowRequest {
+        follow: true,
+        peers,
+        ..FlowRequest::default()
+    };
+    let mut outs = Vec::new();
+    let spawn = |relay: flows::FlowRelay, request: FlowRequest, outs: &mut Vec<_>| {
+        let (out, batches) = mpsc::channel(4);
+        tokio::spawn(flows::query::run(
+            relay,
+            request,
+            flows::Scope {
+                ask_peers: true,
+                visible_to: None,
+            },
+            out,
+        ));
+        outs.push(batches);
+    };
+    // b tries 8 followers (the old per-connection share); a's own readers follow 8 times.
+    for _ in 0..8 {
+        spawn(
+            b.hub.flows().clone(),
+            follow_request(vec!["a".into()]),
+            &mut outs,
+        );
+    }
+    for _ in 0..8 {
+        spawn(a.hub.flows().clone(), follow_request(Vec::new()), &mut outs);
+    }
+    let followers = 8 + flows::MAX_PEER_FLOW_QUERIES.min(8);
+    let open_followers = |node: &FakeNode| {
+        let cancelled = node.cancelled();
+        node.queries()
+            .iter()
+            .filter(|(id, r)| r.follow && !cancelled.contains(id))
+            .count()
+    };
+    trellis_test_support::eventually_async("every follower on a's node", WAIT, || async {
+        (open_followers(&node) == followers).then_some(())
+    })
+    .await;
+    assert_eq!(
+        flows_of(a.http, "last=10").await,
+        std::slice::from_ref(&recorded),
+        "a's own reader is answered while b holds all it may"
+    );
+    let refused = 8 - flows::MAX_PEER_FLOW_QUERIES;
+    assert!(a.metric(&format!(
+        "trellis_controller_peer_flow_queries_refused_total{{reason=\"too_many\"}} {refused}"
+    )));
+    // a's own readers fill the node: the next one goes without it, and can learn so.
+    for _ in followers..trellis_core::flow::protocol::MAX_QUERIES_PER_NODE {
+        spawn(a.hub.flows().clone(), follow_request(Vec::new()), &mut outs);
+    }
+    trellis_test_support::eventually_async("a's node full", WAIT, || async {
+        (open_followers(&node) == trellis_core::flow::protocol::MAX_QUERIES_PER_NODE).then_some(())
+    })
+    .await;
+    assert!(flows_of(a.http, "last=10").await.is_empty());
+    let sources: FlowSources =
+        serde_json::from_str(&get(a.http, "/flows/nodes").await.ok_body().unwrap()).unwrap();
+    assert_eq!(sources.skipped["node n1"]["busy"], 1, "{sources:?}");
+    drop(outs);
+    for p in peerings {
+        p.shutdown().await;
+    }
+}
+
+/// The attack: peer a answers b with a flow dated far ahead, which would push every real
+/// flow out of b's `last N`, and one whose pod name is a terminal escape. b shows its own
+/// real newest flow rather than the dated one (which is counted), and prints the escape
+/// escaped. (Flows naming b's own nodes, or between a's own pods, which an honest a never
+/// sends, are refused the same way:
+/// `peer::tests::a_peer_speaks_only_for_its_own_nodes_about_our_pods_and_not_from_the_future`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_flows_from_the_future_are_not_shown() {
+    init_tracing();
+    let now = std::time::SystemTime::now();
+    let mut escape = flow(1, "a/n1", "b/y/client", "a/x/server");
+    escape.time = now - Duration::from_secs(2);
+    Arc::make_mut(&mut escape.destination).pod_name = Some("\x1b[2Jserver".into());
+    let future = Flow {
+        time: now + Duration::from_secs(80 * 365 * 24 * 3600),
+        ..flow(2, "a/n1", "b/y/client", "a/x/server")
+    };
+    let (a, b, peerings, _node) = peered(vec![escape.clone(), future]).await;
+    let mut local = flow(3, "b/n1", "b/y/client", "b/y/server");
+    local.time = now - Duration::from_secs(1);
+    let _b_node = FakeNode::connect(b.agent, "n1", vec![local.clone()], Mode::Answer).await;
+    b.wait_for_nodes(&["n1"]).await;
+    assert_eq!(
+        flows_of(b.http, "peer=a&last=1").await,
+        std::slice::from_ref(&local),
+        "b's own newest flow, not the one a dated ahead"
+    );
+    assert!(b.metric("trellis_controller_flows_refused_total{reason=\"peer_future\"} 1"));
+    let shown = flows_of(b.http, "peer=a&last=2").await;
+    assert_eq!(shown, [escape, local]);
+    let printed = trellis_core::flow::format::compact(&shown[0]);
+    assert!(!printed.contains('\x1b'), "{printed:?}");
+    drop(a);
+    for p in peerings {
+        p.shutdown().await;
+    }
+}
+
+/// `--since X --follow`, as `hubble observe --since X -f`: the recorded flows of the window
+/// first, then new ones (following alone shows only new ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_since_a_time_shows_the_window_first() {
+    init_tracing();
+    let relay = relay_on(new_hub("a"), FlowSettings::default()).await;
+    let node = FakeNode::connect(
+        relay.agent,
+        "n1",
+        vec![
+            flow(1, "a/n1", "a/x/client", "a/x/server"),
+            flow(5, "a/n1", "a/x/client", "a/x/server"),
+        ],
+        Mode::Answer,
+    )
+    .await;
+    relay.wait_for_nodes(&["n1"]).await;
+    let mut request = FlowRequest {
+        follow: true,
+        ..FlowRequest::default()
+    };
+    request.filter.since = Some(UNIX_EPOCH + Duration::from_secs(BASE_SECOND + 3));
+    let (mut lines, reader) = follow(relay.http, &request.to_query(), 2);
+    assert_eq!(
+        second(&next_line(&mut lines).await.0),
+        5,
+        "the window's flow"
+    );
+    trellis_test_support::eventually_async("the node followed", WAIT, || async {
+        node.queries().iter().any(|(_, r)| r.follow).then_some(())
+    })
+    .await;
+    node.record
+        .send(flow(9, "a/n1", "a/x/client", "a/x/server"))
+        .unwrap();
+    assert_eq!(second(&next_line(&mut lines).await.0), 9, "then new ones");
+    reader.await.unwrap();
 }

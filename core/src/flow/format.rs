@@ -73,7 +73,25 @@ pub fn compact(flow: &Flow) -> String {
             line.push_str(&counters_text(&counters));
         }
     }
-    line
+    printable(&line)
+}
+
+/// `text` with every control character escaped (`\u{1b}`): names come from other clusters
+/// and nodes, and a terminal must never take one for an escape sequence (clearing the
+/// screen, rewriting earlier lines).
+fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `Dec  7 05:40:00.123` (Go's `time.StampMilli`, as Hubble prints it), in UTC.
@@ -262,6 +280,31 @@ mod tests {
             "Dec  7 05:40:00.123 c2/c2-node-0: c1/x/a:41234 -> c2/y/b:80 tcp SYN FORWARDED \
              (y/allow-frontend, y/allow-monitoring) INGRESS encrypted via c1/c1-node-0"
         );
+    }
+
+    #[test]
+    fn names_with_terminal_escapes_are_printed_escaped() {
+        let hostile = |name: &str| {
+            Arc::new(Endpoint {
+                pod_name: Some(name.into()),
+                namespace: Some(format!("ns{name}")),
+                ..(*pod("c1", "x", "a")).clone()
+            })
+        };
+        let flow = Flow {
+            node_name: "c2/\x1b[2J".into(),
+            source: hostile("a\x1b[2J\x1b]0;owned\x07"),
+            destination: hostile("b\r\nDec  7 fake line"),
+            tunnel: Some(Tunnel {
+                peer_cluster: "c1\x1b[31m".into(),
+                peer_node: "n\x00".into(),
+            }),
+            ..forwarded()
+        };
+        let line = compact(&flow);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("c2/\\u{1b}[2J:"), "{line}");
+        assert!(line.contains("b\\u{d}\\u{a}Dec  7 fake line"), "{line}");
     }
 
     #[test]

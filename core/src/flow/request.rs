@@ -63,8 +63,9 @@ pub struct FlowFilter {
 pub struct FlowRequest {
     #[serde(default)]
     pub filter: FlowFilter,
-    /// The last N recorded flows that match (all recorded when `None`, or none when
-    /// following without it, as `hubble observe --follow` does).
+    /// The last N recorded flows that match (all recorded when `None`). Following without it
+    /// shows none of the recorded ones, as `hubble observe --follow` does, unless a window
+    /// start (`since`) asks for them: see [`FlowRequest::wants_history`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<usize>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -83,6 +84,13 @@ pub enum RequestError {
 }
 
 impl FlowRequest {
+    /// Whether recorded flows are answered before (or instead of) new ones: always without
+    /// `follow`; with it, only when `last` or `since` asks for them (`hubble observe -f`
+    /// alone shows only new flows, `--since 10m -f` the window first).
+    pub fn wants_history(&self) -> bool {
+        !self.follow || self.last.is_some() || self.filter.since.is_some()
+    }
+
     /// The query string (without `?`), parameters named like `trellis observe`'s flags.
     pub fn to_query(&self) -> String {
         let mut q = form_urlencoded::Serializer::new(String::new());
@@ -423,6 +431,16 @@ mod tests {
         assert!(matches("since=2027-01-15T08:00:00Z"));
         assert!(!matches("since=2027-01-15T08:00:01Z"));
         assert!(!matches("until=2027-01-15T07:59:59Z"));
+    }
+
+    #[test]
+    fn following_wants_history_only_when_a_count_or_a_window_start_asks() {
+        let ask = |query: &str| FlowRequest::from_query(query).unwrap().wants_history();
+        assert!(ask(""), "not following: the recorded flows");
+        assert!(ask("last=5"));
+        assert!(!ask("follow=true"), "as hubble observe -f: new flows only");
+        assert!(ask("follow=true&last=5"));
+        assert!(ask("follow=true&since=2027-01-15T08:00:00Z"));
     }
 
     #[test]

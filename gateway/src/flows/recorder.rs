@@ -135,18 +135,18 @@ impl Recorder {
     }
 
     /// The recorded flows `request` selects (the last N when it says so; none when it
-    /// follows without a count, as `hubble observe --follow` does) and, when it follows, the
-    /// new ones from here on.
+    /// follows without a count or a window start, as `hubble observe --follow` does: see
+    /// [`FlowRequest::wants_history`]) and, when it follows, the new ones from here on.
     pub fn query(&self, request: &FlowRequest) -> Answer {
         let ring = self.lock();
         let follower = request.follow.then(|| Follower {
             filter: request.filter.clone(),
             receiver: self.followers.subscribe(),
         });
-        let wanted = match (request.last, request.follow) {
-            (Some(n), _) => n,
-            (None, true) => 0,
-            (None, false) => usize::MAX,
+        let wanted = match request.last {
+            Some(n) => n,
+            None if request.wants_history() => usize::MAX,
+            None => 0,
         };
         let mut recorded: Vec<Arc<Flow>> = Vec::new();
         if wanted > 0 {
@@ -282,6 +282,16 @@ pub(crate) mod tests {
         request.last = Some(1);
         let answer = r.query(&request);
         assert_eq!(ports(&answer.recorded), [51], "a count with follow");
+        // `--since X --follow`: the window's recorded flows, then new ones.
+        request.last = None;
+        request.filter.since = Some(at(3));
+        let answer = r.query(&request);
+        assert_eq!(
+            ports(&answer.recorded),
+            [4, 51],
+            "a window start with follow"
+        );
+        assert!(answer.follower.is_some());
     }
 
     #[tokio::test]

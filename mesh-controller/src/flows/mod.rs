@@ -4,13 +4,17 @@
 //!
 //! * [`node`]: a node's flow channel (a second agent connection, hello role `flows`): queries
 //!   go out as [`FlowCommand`](trellis_core::flow::protocol::FlowCommand)s, replies come back
-//!   routed by query id to each query's own bounded queue.
+//!   routed by query id to each query's own bounded queue; a flow naming another node than
+//!   the channel's is relabelled as the channel's node's (counted).
 //! * [`query`]: one reader's query fanned out to every source (node channels, and peers when
 //!   asked): the recorded flows merged by time (the newest N kept), then, when following, new
 //!   flows as they come.
 //! * [`serve`]: the flows listener (`GET /flows?...`, `GET /flows/nodes`).
 //! * [`peer`]: the same query over a QUIC stream of the peering connection; the answering
-//!   controller keeps only the flows one of whose ends is a pod of the asking cluster.
+//!   controller keeps only the flows one of whose ends is a pod of the asking cluster, and
+//!   the asking one checks that again, with the flow seen on one of that peer's nodes and not
+//!   dated ahead ([`peer::peer_flow_refusal`]). Peers share [`MAX_PEER_FLOW_QUERIES`], so
+//!   they hold at most half of a node's query slots and the cluster's own readers the rest.
 //! * [`merge`]: the pure parts (newest-N merge, the peer identity rule, live deduplication).
 //!
 //! Bounded throughout: a query's replies wait in a queue of [`FlowSettings::queue_frames`]
@@ -172,6 +176,8 @@ pub struct FlowRelay {
 #[derive(Debug)]
 struct Inner {
     metrics: Metrics,
+    /// This controller's cluster: the prefix of its nodes' `node_name`s.
+    cluster: ClusterId,
     settings: Mutex<FlowSettings>,
     /// Serve readers and peers (`flows.enabled`); node channels are kept either way.
     enabled: AtomicBool,
@@ -182,6 +188,10 @@ struct Inner {
     /// Bumped whenever a node channel registers: followers subscribe to it.
     channels: watch::Sender<u64>,
     peers: Mutex<BTreeMap<ClusterId, peer::PeerLink>>,
+    /// Peer-originated queries open now, all peers together ([`MAX_PEER_FLOW_QUERIES`]).
+    peer_queries: Arc<tokio::sync::Semaphore>,
+    /// Why queries went without each source, by source and reason (`GET /flows/nodes`).
+    skips: Mutex<BTreeMap<String, BTreeMap<String, u64>>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -196,13 +206,24 @@ pub struct FlowSources {
     pub nodes: Vec<String>,
     /// Peer clusters connected over peering, by ID.
     pub peers: Vec<String>,
+    /// How often queries went without a source since the controller started, by source
+    /// (`node NAME`, `peer ID`) and reason (`busy`, `timeout`, `error`, `not_connected`): a
+    /// reader whose answer came without a source learns it here (the NDJSON answer is flows
+    /// only, its status sent before any source has answered).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub skipped: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
+/// The most sources whose skips are kept for `GET /flows/nodes` (a reader may name peers that
+/// do not exist); the metric counts every skip regardless.
+const MAX_SKIPPED_SOURCES: usize = 256;
+
 impl FlowRelay {
-    pub fn new(metrics: Metrics) -> Self {
+    pub fn new(metrics: Metrics, cluster: ClusterId) -> Self {
         Self {
             inner: Arc::new(Inner {
                 metrics,
+                cluster,
                 settings: Mutex::new(FlowSettings::default()),
                 enabled: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
@@ -210,6 +231,8 @@ impl FlowRelay {
                 nodes: Mutex::new(BTreeMap::new()),
                 channels: watch::channel(0).0,
                 peers: Mutex::new(BTreeMap::new()),
+                peer_queries: Arc::new(tokio::sync::Semaphore::new(MAX_PEER_FLOW_QUERIES)),
+                skips: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -248,11 +271,23 @@ impl FlowRelay {
                 .keys()
                 .map(ToString::to_string)
                 .collect(),
+            skipped: locked(&self.inner.skips).clone(),
         }
     }
 
     pub(crate) fn skipped(&self, source: &dyn std::fmt::Display, reason: SkipReason, why: &str) {
         tracing::info!(%source, reason = reason.label(), why, "a flow query goes without a source");
+        {
+            let mut skips = locked(&self.inner.skips);
+            let name = source.to_string();
+            if skips.len() < MAX_SKIPPED_SOURCES || skips.contains_key(&name) {
+                *skips
+                    .entry(name)
+                    .or_default()
+                    .entry(reason.label().to_owned())
+                    .or_default() += 1;
+            }
+        }
         self.metrics()
             .flow_sources_skipped
             .with_label_values(&[reason.label()])
@@ -264,6 +299,19 @@ impl FlowRelay {
             .flow_queries
             .with_label_values(&[source.label(), result.label()])
             .inc();
+    }
+
+    /// Counts flows a source sent that it cannot speak for (dropped, or for a node's channel
+    /// relabelled).
+    pub(crate) fn refused_flows(&self, source: &SourceKey, reason: &'static str, count: usize) {
+        if count == 0 {
+            return;
+        }
+        tracing::warn!(%source, reason, count, "flows the source cannot speak for");
+        self.metrics()
+            .flows_refused
+            .with_label_values(&[reason])
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
     }
 
     pub(crate) fn relayed(&self, reader: QuerySource, count: usize) {

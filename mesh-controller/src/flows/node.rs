@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
-use trellis_core::flow::FlowRequest;
+use trellis_core::cluster::ClusterId;
 use trellis_core::flow::protocol::{FlowCommand, FlowReply, MAX_QUERIES_PER_NODE};
+use trellis_core::flow::{Flow, FlowRequest};
 use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 
 use super::{FlowRelay, SourceKey, SubEvent, locked};
@@ -217,11 +218,24 @@ impl FlowRelay {
     fn route(&self, source: &SourceKey, routes: &Routes, reply: FlowReply) {
         let mut routes = locked(routes);
         match reply {
-            FlowReply::Flows { id, flows } => {
+            FlowReply::Flows { id, mut flows } => {
                 let Some(queue) = routes.get(&id) else {
                     // Cancelled a moment ago: the node had not seen it yet.
                     return;
                 };
+                // A node's channel speaks for that node only: a flow naming another node (a
+                // compromised node inventing its neighbours' traffic, or a gateway started
+                // without its cluster's name) is shown as the channel's node's, counted.
+                if let SourceKey::Node { node, .. } = source {
+                    let mut renamed = 0;
+                    for flow in &mut flows {
+                        if !seen_on(flow, &self.inner.cluster, node) {
+                            flow.node_name = format!("{}/{node}", self.inner.cluster);
+                            renamed += 1;
+                        }
+                    }
+                    self.refused_flows(source, "other_node", renamed);
+                }
                 let count = flows.len();
                 match queue.try_send(SubEvent::Flows(flows)) {
                     Ok(()) => {}
@@ -301,6 +315,14 @@ impl FlowRelay {
             replies,
         ))
     }
+}
+
+/// Whether `flow` says it was seen on `cluster`'s node `node` (`<cluster>/<node>`).
+pub(crate) fn seen_on(flow: &Flow, cluster: &ClusterId, node: &str) -> bool {
+    flow.node_name
+        .strip_prefix(cluster.as_str())
+        .and_then(|rest| rest.strip_prefix('/'))
+        == Some(node)
 }
 
 async fn write_command<W: AsyncWrite + Unpin>(

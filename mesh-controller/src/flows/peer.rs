@@ -7,15 +7,16 @@
 //! does not follow. The asker cancels by stopping the stream (dropping it).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{Semaphore, mpsc};
 use trellis_core::cluster::ClusterId;
-use trellis_core::flow::FlowRequest;
-use trellis_core::flow::protocol::{FlowCommand, FlowReply, flow_frames};
+use trellis_core::flow::protocol::{FlowCommand, FlowReply, MAX_QUERIES_PER_NODE, flow_frames};
+use trellis_core::flow::{Flow, FlowRequest};
 use trellis_core::framing::{FrameDecoder, encode_json_frame};
 
+use super::merge::visible_to;
 use super::node::OpenError;
 use super::query::{self, Scope};
 use super::{FlowRelay, QueryResult, QuerySource, SourceKey, SubEvent, locked};
@@ -23,8 +24,15 @@ use super::{FlowRelay, QueryResult, QuerySource, SourceKey, SubEvent, locked};
 /// The first bytes of a flow stream: tells it from the peering session's stream, and from
 /// anything else a peer might open.
 pub const FLOW_STREAM_MAGIC: &[u8; 8] = b"TRFLOWS1";
-/// Flow queries one peer may have open here at once; more are answered with an error.
-pub const MAX_PEER_FLOW_QUERIES: usize = 8;
+/// Flow queries all peers together may have open here at once; more are answered with an
+/// error (counted, `too_many`). Each holds at most two queries on each node (its new flows
+/// and, a moment, its recorded ones), so peers never hold more than half of a node's
+/// [`MAX_QUERIES_PER_NODE`]: the cluster's own readers always keep the rest.
+pub const MAX_PEER_FLOW_QUERIES: usize = 4;
+const _: () = assert!(2 * MAX_PEER_FLOW_QUERIES <= MAX_QUERIES_PER_NODE / 2);
+/// How far ahead of this controller's clock a peer's flow may be dated (clocks drift); a
+/// later one would outrank every real flow in a `last N`.
+pub const MAX_PEER_CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// A query frame is a few hundred bytes.
 const MAX_QUERY_FRAME: usize = 64 * 1024;
 /// The asker's query must arrive this soon after it opens the stream.
@@ -200,7 +208,11 @@ impl FlowRelay {
                     }
                 };
                 match reply {
-                    FlowReply::Flows { flows, .. } => {
+                    FlowReply::Flows { mut flows, .. } => {
+                        self.admit_peer_flows(source, &mut flows);
+                        if flows.is_empty() {
+                            continue;
+                        }
                         let count = flows.len();
                         match queue.try_send(SubEvent::Flows(flows)) {
                             Ok(()) => {}
@@ -220,10 +232,33 @@ impl FlowRelay {
         }
     }
 
+    /// Keeps only the flows of a peer's answer that it can speak for ([`peer_flow_refusal`]);
+    /// the rest are dropped and counted.
+    fn admit_peer_flows(&self, source: &SourceKey, flows: &mut Vec<Flow>) {
+        let SourceKey::Peer(peer) = source else {
+            return;
+        };
+        let now = SystemTime::now();
+        let mut refused: Vec<&'static str> = Vec::new();
+        flows.retain(
+            |flow| match peer_flow_refusal(flow, peer, &self.inner.cluster, now) {
+                Some(reason) => {
+                    refused.push(reason);
+                    false
+                }
+                None => true,
+            },
+        );
+        for reason in refused {
+            self.refused_flows(source, reason, 1);
+        }
+    }
+
     /// Answers the flow streams `peer` opens on `conn` until the connection closes. Run it for
-    /// the life of the peer's session.
+    /// the life of the peer's session. Its queries share [`MAX_PEER_FLOW_QUERIES`] with every
+    /// other peer's.
     pub async fn serve_peer_streams(self, peer: ClusterId, conn: Connection) {
-        let slots = Arc::new(Semaphore::new(MAX_PEER_FLOW_QUERIES));
+        let slots = self.inner.peer_queries.clone();
         let mut answers = tokio::task::JoinSet::new();
         loop {
             let (send, recv) = tokio::select! {
@@ -354,6 +389,33 @@ impl FlowRelay {
     }
 }
 
+/// Why the asking controller does not show a flow peer cluster `peer` answered, if it does
+/// not: a peer speaks only for what its own nodes saw (`node_name` `<peer>/...`), only of
+/// connections with an end a pod of `own` (the rule it is meant to apply, checked again
+/// rather than trusted), and not from the future (which would push every real flow out of a
+/// `last N`).
+pub fn peer_flow_refusal(
+    flow: &Flow,
+    peer: &ClusterId,
+    own: &ClusterId,
+    now: SystemTime,
+) -> Option<&'static str> {
+    let on_peer_node = flow
+        .node_name
+        .strip_prefix(peer.as_str())
+        .and_then(|rest| rest.strip_prefix('/'))
+        .is_some_and(|node| !node.is_empty());
+    if !on_peer_node {
+        Some("peer_other_node")
+    } else if !visible_to(flow, own) {
+        Some("peer_not_ours")
+    } else if flow.time > now + MAX_PEER_CLOCK_SKEW {
+        Some("peer_future")
+    } else {
+        None
+    }
+}
+
 /// The magic and the query frame at the start of a flow stream; `None` if it is not one.
 async fn read_query(recv: &mut RecvStream) -> Option<(u64, FlowRequest)> {
     let mut magic = [0u8; FLOW_STREAM_MAGIC.len()];
@@ -370,5 +432,42 @@ async fn read_query(recv: &mut RecvStream) -> Option<(u64, FlowRequest)> {
         }
         let chunk = recv.read_chunk(MAX_QUERY_FRAME, true).await.ok()??;
         decoder.push(&chunk.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use trellis_core::cluster::fixture::id;
+
+    use super::*;
+    use crate::flows::merge::tests::flow;
+
+    /// A peer answering `b` (this cluster) as `a`: what it may not make `b` show.
+    #[test]
+    fn a_peer_speaks_only_for_its_own_nodes_about_our_pods_and_not_from_the_future() {
+        let (peer, own) = (id("a"), id("b"));
+        let now = SystemTime::now();
+        let at = |f: Flow, time: SystemTime| Flow { time, ..f };
+        let fine = at(flow(1, "a/n1", "b/y/client", "a/x/server"), now);
+        assert_eq!(peer_flow_refusal(&fine, &peer, &own, now), None);
+        let refusal = |f: &Flow| peer_flow_refusal(f, &peer, &own, now);
+        // Posing as one of our nodes, or another peer's, or no node at all.
+        for node in ["b/n1", "c/n1", "a", "a/", "ab/n1"] {
+            let forged = at(flow(1, node, "b/y/client", "a/x/server"), now);
+            assert_eq!(refusal(&forged), Some("peer_other_node"), "{node}");
+        }
+        // A connection between two of its own pods: none of ours.
+        let theirs = at(flow(1, "a/n1", "a/x/client", "a/x/server"), now);
+        assert_eq!(refusal(&theirs), Some("peer_not_ours"));
+        // Dated ahead, past the clock skew allowed: it would outrank every real flow.
+        let ahead = at(
+            fine.clone(),
+            now + MAX_PEER_CLOCK_SKEW + Duration::from_secs(1),
+        );
+        assert_eq!(refusal(&ahead), Some("peer_future"));
+        let drift = at(fine, now + MAX_PEER_CLOCK_SKEW - Duration::from_secs(1));
+        assert_eq!(refusal(&drift), None, "clocks drift a little");
     }
 }

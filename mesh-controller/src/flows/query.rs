@@ -131,8 +131,8 @@ pub async fn run(
     let limit = request
         .last
         .map_or(settings.max_history, |n| n.min(settings.max_history));
-    // `hubble observe --follow` without `--last` shows only new flows.
-    let wants_history = !request.follow || request.last.is_some();
+    // `hubble observe --follow` without `--last` or `--since` shows only new flows.
+    let wants_history = request.wants_history();
     let filter = match &scope.visible_to {
         Some(asker) => narrowed_for(&request.filter, asker),
         None => request.filter.clone(),

@@ -1,5 +1,6 @@
 //! The flows listener: `GET /flows?<query>` answers NDJSON, one flow per line (streaming
-//! while it follows); `GET /flows/nodes` says which nodes (and peers) can be asked now. It has
+//! while it follows); `GET /flows/nodes` says which nodes (and peers) can be asked now,
+//! and how often queries went without each (`trellis observe` warns from it). It has
 //! no authentication of its own: it listens on loopback (`flows.listen`, 127.0.0.1:4245 by
 //! default), so only `kubectl port-forward` (Kubernetes RBAC decides) or a process in the
 //! controller's network namespace reaches it.

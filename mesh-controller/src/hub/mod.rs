@@ -159,12 +159,13 @@ impl Hub {
             policy_step: None,
             logged_policy_refusals: BTreeSet::new(),
         };
+        let flows = crate::flows::FlowRelay::new(metrics.clone(), cfg.id.clone());
         Self {
             cfg: Arc::new(cfg),
             inner: Arc::new(Mutex::new(inner)),
             local_tx: Arc::new(watch::channel(None).0),
             view_tx: Arc::new(watch::channel(None).0),
-            flows: crate::flows::FlowRelay::new(metrics.clone()),
+            flows,
             metrics,
         }
     }

@@ -21,7 +21,6 @@ use trellis_controller::source::SourceState;
 use trellis_controller::tls::TlsMaterial;
 use trellis_core::agent::{AgentHello, AgentRole, FlowChannel};
 use trellis_core::cluster::fixture::{cluster, id};
-use trellis_core::flow::model::*;
 use trellis_core::flow::protocol::{FlowCommand, FlowReply, MAX_FLOWS_PER_FRAME};
 use trellis_core::flow::{Flow, FlowRequest};
 use trellis_core::framing::{FrameDecoder, encode_json_frame};
@@ -35,51 +34,13 @@ fn init_tracing() {
         .try_init();
 }
 
-fn pod(path: &str) -> Arc<Endpoint> {
-    let parts: Vec<&str> = path.split('/').collect();
-    Arc::new(Endpoint {
-        kind: EndpointKind::Pod,
-        cluster: Some(parts[0].into()),
-        namespace: Some(parts[1].into()),
-        pod_name: Some(parts[2].into()),
-        node_name: Some(format!("{}-node-0", parts[0])),
-        labels: [("app".to_owned(), parts[2].to_owned())].into(),
-        identity: Some(3),
-    })
-}
-
 /// The fixtures' seconds count from here: in the past, as a peer's flows must be (a controller
 /// shows none dated ahead of its clock).
 const BASE_SECOND: u64 = 1_700_000_000;
 
 /// A connection at second `at` from `from` to `to` (`cluster/namespace/pod`), seen on `node`.
 fn flow(at: u64, node: &str, from: &str, to: &str) -> Flow {
-    Flow {
-        time: UNIX_EPOCH + Duration::from_secs(BASE_SECOND + at),
-        node_name: node.into(),
-        verdict: Verdict::Forwarded,
-        drop_reason: None,
-        event: FlowEvent::ConnectionNew,
-        ip: Ip {
-            source: "10.1.0.5".parse().unwrap(),
-            destination: "10.1.0.7".parse().unwrap(),
-            encrypted: false,
-        },
-        l4: L4 {
-            protocol: L4Protocol::Tcp,
-            source_port: Some(40000),
-            destination_port: Some(80),
-            tcp_flags: Some(TcpFlags::from_byte(0x02)),
-            icmp: None,
-        },
-        source: pod(from),
-        destination: pod(to),
-        traffic_direction: TrafficDirection::Egress,
-        allowed_by: Vec::new(),
-        denied_by: Vec::new(),
-        tunnel: None,
-        counters: None,
-    }
+    trellis_core::flow::fixture::connection(BASE_SECOND, at, node, from, to)
 }
 
 fn second(f: &Flow) -> u64 {

@@ -3,6 +3,8 @@
 //! (`request`: Hubble's filters, `--last`, `--since`, `--follow`) and the frames that carry
 //! queries and flows between a node and its controller (`protocol`).
 
+#[doc(hidden)]
+pub mod fixture;
 pub mod format;
 pub mod kernel;
 pub mod model;

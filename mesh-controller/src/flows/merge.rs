@@ -189,56 +189,15 @@ pub fn ndjson(flows: &[Flow]) -> Vec<u8> {
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::Arc;
-    use std::time::{Duration, UNIX_EPOCH};
+    use std::time::UNIX_EPOCH;
 
     use trellis_core::flow::model::*;
 
     use super::*;
 
-    pub(crate) fn pod(cluster: &str, ns: &str, name: &str) -> Arc<Endpoint> {
-        Arc::new(Endpoint {
-            kind: EndpointKind::Pod,
-            cluster: Some(cluster.into()),
-            namespace: Some(ns.into()),
-            pod_name: Some(name.into()),
-            node_name: Some(format!("{cluster}-node-0")),
-            labels: [("app".to_owned(), name.to_owned())].into(),
-            identity: Some(7),
-        })
-    }
-
     /// A flow at second `at` from `from` to `to` (`cluster/ns/pod`), seen on `node`.
     pub(crate) fn flow(at: u64, node: &str, from: &str, to: &str) -> Flow {
-        let end = |path: &str| {
-            let parts: Vec<&str> = path.split('/').collect();
-            pod(parts[0], parts[1], parts[2])
-        };
-        Flow {
-            time: UNIX_EPOCH + Duration::from_secs(1_800_000_000 + at),
-            node_name: node.into(),
-            verdict: Verdict::Forwarded,
-            drop_reason: None,
-            event: FlowEvent::ConnectionNew,
-            ip: Ip {
-                source: "10.1.0.5".parse().unwrap(),
-                destination: "10.2.0.7".parse().unwrap(),
-                encrypted: false,
-            },
-            l4: L4 {
-                protocol: L4Protocol::Tcp,
-                source_port: Some(40000),
-                destination_port: Some(80),
-                tcp_flags: Some(TcpFlags::from_byte(0x02)),
-                icmp: None,
-            },
-            source: end(from),
-            destination: end(to),
-            traffic_direction: TrafficDirection::Egress,
-            allowed_by: Vec::new(),
-            denied_by: Vec::new(),
-            tunnel: None,
-            counters: None,
-        }
+        trellis_core::flow::fixture::connection(1_800_000_000, at, node, from, to)
     }
 
     fn seconds(flows: &[Flow]) -> Vec<u64> {

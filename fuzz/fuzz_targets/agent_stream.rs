@@ -1,12 +1,16 @@
 //! What a gateway or DNS subscriber sends the controller's agent port, read as the controller
 //! reads it (mesh-controller/src/agent.rs): the hello within 8 KiB, then gateway reports up to
-//! `MAX_REPORT_FRAME`, unreadable reports skipped, an oversized frame ending the stream.
+//! `MAX_REPORT_FRAME`, unreadable reports skipped, an oversized frame ending the stream; or, on
+//! a node's flow channel, its replies up to `MAX_FLOW_FRAME`, each flow printed as
+//! `trellis observe` prints it.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use trellis_core::agent::{AgentHello, AgentReport, AgentRole, MAX_REPORT_FRAME};
+use trellis_core::flow::format::compact;
+use trellis_core::flow::protocol::{FlowReply, MAX_FLOW_FRAME};
 use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 use trellis_fuzz::chunked;
 
@@ -51,6 +55,10 @@ fuzz_target!(|data: &[u8]| {
         AgentRole::Gateway(registration) => registration.node.clone(),
         AgentRole::Dns => return, // the controller reads nothing more from DNS
         AgentRole::Bootstrap(_) => return, // answered once, nothing more read
+        AgentRole::Flows(_) => {
+            flow_replies(decoder, chunks);
+            return;
+        }
     };
     decoder.set_max(MAX_REPORT_FRAME);
     loop {
@@ -81,3 +89,32 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// A node's flow channel after its hello: reply frames, each flow's compact line free of
+/// control characters whatever the names hold (a terminal must never get escapes from them).
+fn flow_replies<'a>(mut decoder: FrameDecoder, mut chunks: impl Iterator<Item = &'a [u8]>) {
+    decoder.set_max(MAX_FLOW_FRAME);
+    loop {
+        match decoder.next_json::<FlowReply>() {
+            Ok(Some(reply)) => {
+                round_trips(&reply);
+                if let FlowReply::Flows { flows, .. } = &reply {
+                    for flow in flows {
+                        let line = compact(flow);
+                        assert!(!line.chars().any(char::is_control), "{line:?}");
+                    }
+                }
+            }
+            Err(FrameError::Malformed(_)) => {}
+            Err(FrameError::TooLarge { len, max }) => {
+                assert!(len > max);
+                return;
+            }
+            Err(other) => panic!("a decoder cannot fail with {other:?}"),
+            Ok(None) => match chunks.next() {
+                Some(chunk) => decoder.push(chunk),
+                None => return,
+            },
+        }
+    }
+}

@@ -249,6 +249,7 @@ fn denied_and_allowed_connections_across_clusters_and_a_follower() {
     let latency = made.elapsed();
     drop(stream);
     assert_eq!(flow["event"], "connection_new", "{flow}");
+    eprintln!("the follower printed the connection {latency:?} after it was made");
     assert!(
         latency < Duration::from_secs(1),
         "printed {latency:?} after the connection was made"

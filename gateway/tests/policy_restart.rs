@@ -77,7 +77,7 @@ impl ScriptedController {
     }
 }
 
-/// Reads the gateway's hello, sends the snapshot, then reads (and drops) what it reports
+/// Reads the gateway's hello (closing any other kind of connection), sends the snapshot, then reads (and drops) what it reports
 /// until told to stop or the gateway goes.
 fn serve(
     mut stream: std::net::TcpStream,
@@ -107,7 +107,11 @@ fn serve(
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
             Err(_) => return,
         }
-        if !greeted && let Ok(Some(_)) = decoder.next_json::<AgentHello>() {
+        if !greeted && let Ok(Some(hello)) = decoder.next_json::<AgentHello>() {
+            // The gateway's other connection, its flow channel, is not what this serves.
+            if !matches!(hello.role, trellis_core::agent::AgentRole::Gateway(_)) {
+                return;
+            }
             greeted = true;
             if stream.write_all(snapshot).is_err() {
                 return;

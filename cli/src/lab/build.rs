@@ -602,7 +602,9 @@ fn print_summary(state: &LabState, built_in: Duration) {
     println!("       trellis lab encryption on --name {lab}");
     println!("       trellis lab stop c1/controller --name {lab}   (then: start)");
     println!("       trellis lab status --name {lab}");
-    println!("       trellis lab observe --name {lab} --last 20   (or -f: connections as they come)");
+    println!(
+        "       trellis lab observe --name {lab} --last 20   (or -f: connections as they come)"
+    );
     println!("       trellis lab down --name {lab}");
     if !all_ok {
         println!("warning: some pods could not reach each other (see FAIL above)");

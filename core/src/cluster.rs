@@ -160,6 +160,22 @@ pub struct ServicePort {
     #[serde(default)]
     pub protocol: Protocol,
     pub port: u16,
+    /// The Service port's `appProtocol` (a hint such as `http` or `kubernetes.io/h2c`),
+    /// carried to the ServiceImport as KEP-1645 asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+impl ServicePort {
+    /// A port without an application protocol.
+    pub fn new(name: Option<String>, protocol: Protocol, port: u16) -> Self {
+        Self {
+            name,
+            protocol,
+            port,
+            app_protocol: None,
+        }
+    }
 }
 
 /// KEP-1645's ServiceImport types: one virtual IP for the clusterset, or headless.
@@ -236,6 +252,48 @@ pub struct ExportedService {
     /// ports), which a client reaching an endpoint directly needs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoint_ports: Vec<ServicePort>,
+    /// The properties KEP-1645 carries to the ServiceImport and resolves conflicts on.
+    #[serde(default, skip_serializing_if = "ExportProperties::is_unset")]
+    pub properties: ExportProperties,
+}
+
+/// What a cluster's export says beyond type and ports: the Service's session affinity,
+/// traffic policies and IP families, and the ServiceExport's creation time and exported
+/// labels and annotations. Every exporting cluster must agree on them; where they do not,
+/// the oldest export wins (KEP-1645, "Constraints and Conflict Resolution").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportProperties {
+    /// The ServiceExport's `creationTimestamp`, in seconds since the Unix epoch; `None`
+    /// (unknown) counts as newer than any known time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exported_at: Option<i64>,
+    /// `ClientIP` or `None` (the Service's `sessionAffinity`); `None` here when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<String>,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_timeout: Option<i32>,
+    /// `Cluster` or `Local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_traffic_policy: Option<String>,
+    /// For example `PreferClose`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_distribution: Option<String>,
+    /// The Service's `ipFamilies` (`IPv4`, `IPv6`), in its order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_families: Vec<String>,
+    /// The ServiceExport's `spec.exportedLabels`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The ServiceExport's `spec.exportedAnnotations`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl ExportProperties {
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl ExportedService {
@@ -525,11 +583,7 @@ pub mod fixture {
             name: name.into(),
             kind: ServiceKind::ClusterSetIP,
             cluster_ips: vec![ip.parse().expect("ip")],
-            ports: vec![ServicePort {
-                name: Some("http".into()),
-                protocol: Protocol::Tcp,
-                port: 80,
-            }],
+            ports: vec![ServicePort::new(Some("http".into()), Protocol::Tcp, 80)],
             endpoints: endpoints
                 .iter()
                 .map(|a| Endpoint {
@@ -540,6 +594,7 @@ pub mod fixture {
                 })
                 .collect(),
             endpoint_ports: vec![],
+            properties: ExportProperties::default(),
         }
     }
 

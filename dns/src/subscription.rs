@@ -121,6 +121,7 @@ mod tests {
             name: name.map(Into::into),
             protocol,
             port,
+            app_protocol: None,
         }
     }
 
@@ -138,6 +139,10 @@ mod tests {
             namespace: "shop".into(),
             name: "web".into(),
             kind: ServiceKind::ClusterSetIP,
+            properties: Default::default(),
+            oldest: "east".parse().unwrap(),
+            conflicts: vec![],
+            vips: vec![],
             ports: vec![
                 core_port(Some("http"), cluster::Protocol::Tcp, 80),
                 core_port(Some("dns"), cluster::Protocol::Udp, 53),
@@ -146,12 +151,16 @@ mod tests {
             backends: vec![
                 Backend {
                     cluster: id("east"),
+                    endpoint_ports: vec![],
+                    exported_at: None,
                     local: true,
                     cluster_ips: vec!["10.96.0.10".parse().unwrap(), "fd00::10".parse().unwrap()],
                     endpoints: vec![ep(&["10.1.0.5"], None, true)],
                 },
                 Backend {
                     cluster: id("west"),
+                    endpoint_ports: vec![],
+                    exported_at: None,
                     local: false,
                     cluster_ips: vec!["10.97.0.10".parse().unwrap()],
                     endpoints: vec![],
@@ -162,9 +171,15 @@ mod tests {
             namespace: "shop".into(),
             name: "db".into(),
             kind: ServiceKind::Headless,
+            properties: Default::default(),
+            oldest: "east".parse().unwrap(),
+            conflicts: vec![],
+            vips: vec![],
             ports: vec![core_port(Some("pg"), cluster::Protocol::Tcp, 5432)],
             backends: vec![Backend {
                 cluster: id("west"),
+                endpoint_ports: vec![],
+                exported_at: None,
                 local: false,
                 cluster_ips: vec![],
                 endpoints: vec![
@@ -207,17 +222,20 @@ mod tests {
                 ServicePort {
                     name: Some("http".into()),
                     protocol: Protocol::Tcp,
-                    port: 80
+                    port: 80,
+                    app_protocol: None,
                 },
                 ServicePort {
                     name: Some("dns".into()),
                     protocol: Protocol::Udp,
-                    port: 53
+                    port: 53,
+                    app_protocol: None,
                 },
                 ServicePort {
                     name: None,
                     protocol: Protocol::Sctp,
-                    port: 99
+                    port: 99,
+                    app_protocol: None,
                 },
             ]
         );

@@ -63,10 +63,15 @@ fn service(name: &str, kind: ServiceKind, backends: Vec<Backend>) -> ImportedSer
         namespace: "shop".into(),
         name: name.into(),
         kind,
+        properties: Default::default(),
+        oldest: "east".parse().unwrap(),
+        conflicts: vec![],
+        vips: vec![],
         ports: vec![ServicePort {
             name: Some("http".into()),
             protocol: Protocol::Tcp,
             port: 80,
+            app_protocol: None,
         }],
         backends,
     }
@@ -75,6 +80,8 @@ fn service(name: &str, kind: ServiceKind, backends: Vec<Backend>) -> ImportedSer
 fn backend(cluster: &str, local: bool, ips: &[&str], endpoints: &[(&str, &str)]) -> Backend {
     Backend {
         cluster: cluster.parse().unwrap(),
+        endpoint_ports: vec![],
+        exported_at: None,
         local,
         cluster_ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
         endpoints: endpoints

@@ -236,8 +236,8 @@ fn imports() {
         ServiceKey::new("shop", "web"),
         fixture::service("shop", "web", "10.97.0.10", &["10.2.0.5"]),
     );
-    let first = Imports::build(&fixture::id("a"), [&a, &b], 1);
-    let second = Imports::build(&fixture::id("a"), [&a2, &b], 2);
+    let first = Imports::build(&fixture::id("a"), [&a, &b], &Default::default(), 1);
+    let second = Imports::build(&fixture::id("a"), [&a2, &b], &Default::default(), 2);
     let delta = first.delta_to(&second).unwrap();
     let frames = [
         encode_json_frame(

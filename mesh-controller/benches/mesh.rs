@@ -57,11 +57,7 @@ fn svc(i: usize, endpoints: usize, base: u32) -> ExportedService {
         name: format!("svc-{i}"),
         kind: ServiceKind::ClusterSetIP,
         cluster_ips: vec![std::net::Ipv4Addr::from(0x0a60_0000 + i as u32).into()],
-        ports: vec![ServicePort {
-            name: Some("http".into()),
-            protocol: Protocol::Tcp,
-            port: 80,
-        }],
+        ports: vec![ServicePort::new(Some("http".into()), Protocol::Tcp, 80)],
         endpoints: (0..endpoints)
             .map(|e| Endpoint {
                 addresses: vec![std::net::Ipv4Addr::from(base + (i * endpoints + e) as u32).into()],
@@ -71,6 +67,7 @@ fn svc(i: usize, endpoints: usize, base: u32) -> ExportedService {
             })
             .collect(),
         endpoint_ports: vec![],
+        properties: Default::default(),
     }
 }
 

@@ -394,7 +394,7 @@ mod tests {
             "10.96.0.11",
             &["10.1.0.6"],
         );
-        Imports::build(&id("a"), [&a, &b], 1)
+        Imports::build(&id("a"), [&a, &b], &Default::default(), 1)
     }
 
     fn ports(_: &trellis_core::cluster::ClusterId, _: &ImportedService) -> Vec<ServicePort> {
@@ -402,6 +402,7 @@ mod tests {
             name: Some("http".into()),
             protocol: trellis_core::cluster::Protocol::Tcp,
             port: 8080,
+            app_protocol: None,
         }]
     }
 

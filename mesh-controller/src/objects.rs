@@ -134,6 +134,7 @@ pub fn exported_service(svc: &Service, slices: &[&EndpointSlice]) -> Option<Expo
                 name: p.name.clone(),
                 protocol: protocol(p.protocol.as_deref())?,
                 port: u16::try_from(p.port).ok()?,
+                app_protocol: p.app_protocol.clone(),
             })
         })
         .collect();
@@ -160,6 +161,7 @@ pub fn exported_service(svc: &Service, slices: &[&EndpointSlice]) -> Option<Expo
                 name: p.name.clone().filter(|n| !n.is_empty()),
                 protocol: protocol(p.protocol.as_deref())?,
                 port: u16::try_from(p.port?).ok()?,
+                app_protocol: p.app_protocol.clone(),
             })
         })
         .collect();
@@ -177,6 +179,7 @@ pub fn exported_service(svc: &Service, slices: &[&EndpointSlice]) -> Option<Expo
         ports,
         endpoints,
         endpoint_ports,
+        properties: Default::default(),
     })
 }
 
@@ -256,6 +259,7 @@ pub fn source_state(objects: &Objects) -> SourceState {
             &objects.namespaces,
         ),
         digest: None,
+        clusterset_ips: BTreeMap::new(),
     }
 }
 

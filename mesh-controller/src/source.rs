@@ -24,6 +24,9 @@ pub struct SourceState {
     pub policy: PolicySource,
     /// SHA-256 (hex) of the static file this was read from; `None` for Kubernetes.
     pub digest: Option<String>,
+    /// The clusterset IPs the cluster has given its imports (on Kubernetes: the ClusterIPs
+    /// of the derived Services the controller created), by imported service.
+    pub clusterset_ips: BTreeMap<ServiceKey, Vec<std::net::IpAddr>>,
 }
 
 impl SourceState {

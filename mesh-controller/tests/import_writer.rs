@@ -28,7 +28,7 @@ fn imports() -> Imports {
         "10.97.0.11",
         &["10.2.0.6"],
     );
-    Imports::build(&id("a"), [&a, &b], 1)
+    Imports::build(&id("a"), [&a, &b], &Default::default(), 1)
 }
 
 fn no_ports(_: &ClusterId, _: &ImportedService) -> Vec<ServicePort> {
@@ -414,6 +414,7 @@ fn written_objects_match_their_schemas_and_wrong_fields_are_caught() {
             name: Some("http".into()),
             protocol: trellis_core::cluster::Protocol::Tcp,
             port: 8080,
+            app_protocol: None,
         }]
     };
     let (a, mut b) = clusters_a_b();
@@ -428,7 +429,10 @@ fn written_objects_match_their_schemas_and_wrong_fields_are_caught() {
     headless.kind = trellis_core::cluster::ServiceKind::Headless;
     headless.cluster_ips.clear();
     b.services.insert(ServiceKey::new("shop", "db"), headless);
-    let desired = desired_objects(&Imports::build(&id("a"), [&a, &b], 1), &ports);
+    let desired = desired_objects(
+        &Imports::build(&id("a"), [&a, &b], &Default::default(), 1),
+        &ports,
+    );
     assert_eq!((desired.imports.len(), desired.slices.len()), (2, 3));
     let objects: Vec<Value> = desired
         .imports

@@ -422,9 +422,15 @@ impl Hub {
         }
         inner.view_revision += 1;
         let remotes: Vec<Arc<ClusterState>> = inner.mesh.admitted().cloned().collect();
+        let no_vips = std::collections::BTreeMap::new();
+        let vips = inner
+            .source
+            .as_ref()
+            .map_or(&no_vips, |s| &s.clusterset_ips);
         let imports = Imports::build(
             &self.cfg.id,
             std::iter::once(local.as_ref()).chain(remotes.iter().map(|r| r.as_ref())),
+            vips,
             inner.view_revision,
         );
         inner.imports = Arc::new(imports);

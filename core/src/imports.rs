@@ -227,6 +227,14 @@ impl<'a> Effective<'a> {
     }
 }
 
+/// The clusterset IPs an import of `kind` carries: none for a headless one.
+fn vips_for(kind: ServiceKind, vips: Option<&Vec<IpAddr>>) -> Vec<IpAddr> {
+    match kind {
+        ServiceKind::ClusterSetIP => vips.cloned().unwrap_or_default(),
+        ServiceKind::Headless => Vec::new(),
+    }
+}
+
 /// The service the exports (oldest first) make, KEP-1645's way: the oldest export's type and
 /// properties, the union of the ports (a port named alike but defined differently: the oldest
 /// export's), and a conflict named for everything a newer export disagrees on.
@@ -296,10 +304,7 @@ fn merge(
         properties: oldest.properties.clone(),
         oldest: oldest_cluster.id.clone(),
         conflicts,
-        vips: match oldest.kind {
-            ServiceKind::ClusterSetIP => vips.cloned().unwrap_or_default(),
-            ServiceKind::Headless => Vec::new(),
-        },
+        vips: vips_for(oldest.kind, vips),
         backends,
     }
 }
@@ -328,6 +333,23 @@ impl Imports {
             })
             .collect();
         Self { revision, services }
+    }
+
+    /// The ClusterSetIP imports: the services that need clusterset IPs.
+    pub fn clusterset_ip_services(&self) -> std::collections::BTreeSet<ServiceKey> {
+        self.services
+            .values()
+            .filter(|s| s.kind == ServiceKind::ClusterSetIP)
+            .map(|s| s.key())
+            .collect()
+    }
+
+    /// Sets every import's clusterset IPs from `vips` (a headless import gets none), for a
+    /// controller that allocates them after seeing which imports need them.
+    pub fn assign_vips(&mut self, vips: &BTreeMap<ServiceKey, Vec<IpAddr>>) {
+        for service in self.services.values_mut() {
+            service.vips = vips_for(service.kind, vips.get(&service.key()));
+        }
     }
 
     /// The update that turns `self` into `new`; `None` if nothing changed.
@@ -720,6 +742,27 @@ mod tests {
             .ready = false;
         let imports = Imports::build(&id("b"), [&a, &b], &BTreeMap::new(), 3);
         assert!(!imports.services["shop/web"].backends[0].endpoints[0].ready);
+    }
+
+    #[test]
+    fn vips_assigned_after_the_build_go_to_clusterset_ip_imports_only() {
+        let mut a = cluster("a", "10.1.0.0/24", "10.96.0.0/16");
+        export(&mut a.services, "shop", "web", "10.96.0.10", &["10.1.0.5"]);
+        let mut db = service("shop", "db", "10.96.0.11", &["10.1.0.9"]);
+        db.kind = ServiceKind::Headless;
+        a.services.insert(db.key(), db);
+        let mut imports = Imports::build(&id("b"), [&a], &BTreeMap::new(), 1);
+        let wanted = imports.clusterset_ip_services();
+        assert_eq!(wanted, [ServiceKey::new("shop", "web")].into());
+        let vip: IpAddr = "10.255.0.3".parse().unwrap();
+        let vips = BTreeMap::from([
+            (ServiceKey::new("shop", "web"), vec![vip]),
+            (ServiceKey::new("shop", "db"), vec![vip]),
+        ]);
+        imports.assign_vips(&vips);
+        assert_eq!(imports.services["shop/web"].vips, [vip]);
+        assert!(imports.services["shop/db"].vips.is_empty());
+        assert_eq!(imports, Imports::build(&id("b"), [&a], &vips, 1));
     }
 
     #[test]

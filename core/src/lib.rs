@@ -21,6 +21,7 @@ pub mod keyed;
 pub mod peering;
 pub mod policy;
 pub mod status;
+pub mod vips;
 pub mod wgkey;
 
 pub use error_chain::error_chain;

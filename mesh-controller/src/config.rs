@@ -32,6 +32,9 @@
 //! stateFile: /var/lib/trellis/controller-state.json  # last state, served after a restart
 //! flows: {enabled: false, listen: 127.0.0.1:4245}  # GET /flows: the cluster's flows (NDJSON);
 //!                              # loopback only: kubectl port-forward (RBAC) reaches it
+//! clustersetIPRanges: [10.255.0.0/16]  # (also clusterset_ip_ranges) without an API server:
+//!                              # the controller gives each ClusterSetIP import a VIP from these
+//!                              # (one per family listed); unset: the derived Services' ClusterIPs
 //! ```
 
 use std::collections::BTreeSet;
@@ -302,6 +305,16 @@ pub struct Config {
     pub network_policy: bool,
     #[serde(default)]
     pub flows: FlowsConfig,
+    /// Where the controller itself allocates clusterset VIPs (one per family these cover) for
+    /// its ClusterSetIP imports, on a cluster without an API server to give the derived
+    /// Services ClusterIPs (the lab). CIDRs as text, checked by [`Config::validate`].
+    #[serde(
+        default,
+        rename = "clustersetIPRanges",
+        alias = "clustersetIpRanges",
+        alias = "clusterset_ip_ranges"
+    )]
+    pub clusterset_ip_ranges: Vec<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -318,6 +331,31 @@ fn default_poll_millis() -> u64 {
 }
 fn default_max_frame() -> usize {
     DEFAULT_MAX_FRAME
+}
+
+/// `clustersetIPRanges` as networks: each a CIDR without host bits, none inside another (a
+/// nested range would let two services share an address).
+fn parse_clusterset_ip_ranges(ranges: &[String]) -> Result<Vec<IpNet>, String> {
+    let mut nets: Vec<IpNet> = Vec::new();
+    for text in ranges {
+        let net: IpNet = text.trim().parse().map_err(|_| {
+            format!(
+                "clustersetIPRanges: {text:?} is not a CIDR (for example 10.255.0.0/16 or \
+                 fd00:255::/112)"
+            )
+        })?;
+        if net.trunc() != net {
+            return Err(format!(
+                "clustersetIPRanges: {net} has host bits set; did you mean {}?",
+                net.trunc()
+            ));
+        }
+        if let Some(other) = nets.iter().find(|o| o.contains(&net) || net.contains(*o)) {
+            return Err(format!("clustersetIPRanges: {net} overlaps {other}"));
+        }
+        nets.push(net);
+    }
+    Ok(nets)
 }
 
 impl Config {
@@ -400,6 +438,8 @@ impl Config {
                 ));
             }
         }
+        parse_clusterset_ip_ranges(&self.clusterset_ip_ranges)
+            .map_err(|reason| Error::Config { reason })?;
         if self.max_frame_bytes < 64 * 1024 {
             return bad("maxFrameBytes must be at least 65536".into());
         }
@@ -434,6 +474,11 @@ impl Config {
                 ))
             }
         }
+    }
+
+    /// `clustersetIPRanges`, parsed (empty when unset).
+    pub fn clusterset_ip_ranges(&self) -> Vec<IpNet> {
+        parse_clusterset_ip_ranges(&self.clusterset_ip_ranges).unwrap_or_default()
     }
 
     /// The display name: `clusterName`, else the cluster ID.
@@ -588,6 +633,30 @@ agentListen: 127.0.0.1:7444
     }
 
     #[test]
+    fn clusterset_ip_ranges_parse_under_either_spelling() {
+        assert!(
+            Config::parse(MIN)
+                .unwrap()
+                .clusterset_ip_ranges()
+                .is_empty()
+        );
+        for key in ["clustersetIPRanges", "clusterset_ip_ranges"] {
+            let c = Config::parse(&format!(
+                "{MIN}{key}: [10.255.0.0/16, \"fd00:255::/112\"]\n"
+            ))
+            .unwrap();
+            assert_eq!(
+                c.clusterset_ip_ranges(),
+                vec![
+                    "10.255.0.0/16".parse::<IpNet>().unwrap(),
+                    "fd00:255::/112".parse().unwrap()
+                ],
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
     fn invalid_configs_say_why() {
         let cases = [
             (
@@ -643,6 +712,22 @@ agentListen: 127.0.0.1:7444
             (
                 format!("{MIN}flows: {{enabled: true, port: 1}}\n"),
                 "unknown field",
+            ),
+            (
+                format!("{MIN}clustersetIPRanges: [\"\"]\n"),
+                "\"\" is not a CIDR",
+            ),
+            (
+                format!("{MIN}clustersetIPRanges: [10.255.0.0]\n"),
+                "\"10.255.0.0\" is not a CIDR",
+            ),
+            (
+                format!("{MIN}clustersetIPRanges: [10.255.0.1/16]\n"),
+                "did you mean 10.255.0.0/16?",
+            ),
+            (
+                format!("{MIN}clustersetIPRanges: [10.255.0.0/16, 10.255.7.0/24]\n"),
+                "10.255.7.0/24 overlaps 10.255.0.0/16",
             ),
         ];
         for (yaml, want) in cases {

@@ -124,6 +124,7 @@ async fn run(config_path: PathBuf) -> Result<()> {
     );
     hub.set_claim_limits(cfg.peer_limits.into());
     hub.set_network_policy(cfg.network_policy);
+    hub.set_clusterset_ip_ranges(cfg.clusterset_ip_ranges());
     for peer in &cfg.peers {
         hub.set_configured_allowance(&peer.id, peer.allowance());
         if let Some(endpoint) = peer.endpoint {

@@ -14,13 +14,14 @@
 //! never hold up the rest: they skip to the newest view (and resync with a snapshot when the
 //! deltas they need are gone).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 use tokio::sync::watch;
-use trellis_core::cluster::{ClusterId, ClusterState, Delta};
+use trellis_core::cluster::{ClusterId, ClusterState, Delta, ServiceKey};
 use trellis_core::imports::Imports;
 
 use trellis_core::policy::PolicyInputs;
@@ -122,6 +123,12 @@ struct Inner {
     policy_step: Option<PolicyStep>,
     /// Refused policies already logged (each is logged once while it stays refused).
     logged_policy_refusals: BTreeSet<String>,
+    /// `clustersetIPRanges`: when set, the hub gives ClusterSetIP imports their VIPs itself.
+    clusterset_ip_ranges: Vec<IpNet>,
+    /// The VIPs given so far (kept across rebuilds, so an import keeps its address).
+    vip_assignment: BTreeMap<ServiceKey, Vec<IpAddr>>,
+    /// Imports left without a VIP (logged once while they stay so).
+    vips_exhausted: Vec<trellis_core::vips::Exhausted>,
 }
 
 /// The hub; cheap to clone.
@@ -158,6 +165,9 @@ impl Hub {
             policy: None,
             policy_step: None,
             logged_policy_refusals: BTreeSet::new(),
+            clusterset_ip_ranges: Vec::new(),
+            vip_assignment: BTreeMap::new(),
+            vips_exhausted: Vec::new(),
         };
         let flows = crate::flows::FlowRelay::new(metrics.clone(), cfg.id.clone());
         Self {
@@ -255,6 +265,14 @@ impl Hub {
     pub fn set_claim_limits(&self, limits: trellis_core::claims::Limits) {
         let mut inner = self.lock();
         inner.mesh.set_limits(limits);
+        self.republish(&mut inner);
+    }
+
+    /// `clustersetIPRanges`: give ClusterSetIP imports VIPs from these ranges (empty: take
+    /// them from the source, the derived Services' ClusterIPs).
+    pub fn set_clusterset_ip_ranges(&self, ranges: Vec<IpNet>) {
+        let mut inner = self.lock();
+        inner.clusterset_ip_ranges = ranges;
         self.republish(&mut inner);
     }
 
@@ -422,17 +440,21 @@ impl Hub {
         }
         inner.view_revision += 1;
         let remotes: Vec<Arc<ClusterState>> = inner.mesh.admitted().cloned().collect();
-        let no_vips = std::collections::BTreeMap::new();
-        let vips = inner
-            .source
-            .as_ref()
-            .map_or(&no_vips, |s| &s.clusterset_ips);
-        let imports = Imports::build(
+        let no_vips = BTreeMap::new();
+        let allocating = !inner.clusterset_ip_ranges.is_empty();
+        let vips = match &inner.source {
+            Some(source) if !allocating => &source.clusterset_ips,
+            _ => &no_vips,
+        };
+        let mut imports = Imports::build(
             &self.cfg.id,
             std::iter::once(local.as_ref()).chain(remotes.iter().map(|r| r.as_ref())),
             vips,
             inner.view_revision,
         );
+        if allocating {
+            self.allocate_vips(inner, &mut imports);
+        }
         inner.imports = Arc::new(imports);
         self.update_policy(inner, &local, &remotes);
         self.update_remote_metrics(inner);
@@ -446,6 +468,28 @@ impl Hub {
             policy_pending: inner.network_policy && inner.source.is_none(),
             policy_step: inner.policy_step.clone(),
         })));
+    }
+
+    /// Gives the ClusterSetIP imports their VIPs from `clustersetIPRanges`, keeping what each
+    /// had; an import no address is left for is logged (once) and published without one.
+    fn allocate_vips(&self, inner: &mut Inner, imports: &mut Imports) {
+        let allocation = trellis_core::vips::allocate(
+            &inner.clusterset_ip_ranges,
+            &inner.vip_assignment,
+            &imports.clusterset_ip_services(),
+        );
+        for exhausted in &allocation.exhausted {
+            if !inner.vips_exhausted.contains(exhausted) {
+                tracing::error!(
+                    service = %exhausted.service,
+                    family = %exhausted.family,
+                    "{exhausted}; widen clustersetIPRanges"
+                );
+            }
+        }
+        inner.vips_exhausted = allocation.exhausted;
+        inner.vip_assignment = allocation.assigned;
+        imports.assign_vips(&inner.vip_assignment);
     }
 
     /// Rebuilds the policy inputs every node is sent; keeps the previous `Arc` when nothing
@@ -728,6 +772,60 @@ mod tests {
         h.session_start(&id("c"), &id("a"), b"cert-c", addr)
             .unwrap();
         assert!(*t.cancelled.borrow());
+    }
+
+    #[test]
+    fn with_clusterset_ip_ranges_clusterset_ip_imports_get_a_stable_vip_from_them() {
+        let h = hub("a");
+        let range: IpNet = "10.255.0.0/24".parse().unwrap();
+        h.set_clusterset_ip_ranges(vec![range]);
+        h.set_configured_peers(vec![id("b")]);
+        let mut local = source("10.1.0.0/24");
+        // The source's VIPs are ignored when the hub allocates.
+        local.clusterset_ips.insert(
+            ServiceKey::new("shop", "web"),
+            vec!["10.96.9.9".parse().unwrap()],
+        );
+        h.set_source(local.clone());
+        let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        export(&mut b.services, "shop", "web", "10.97.0.10", &["10.2.0.5"]);
+        export(&mut b.services, "shop", "db", "10.97.0.11", &["10.2.0.6"]);
+        let db = b.services.get_mut(&ServiceKey::new("shop", "db")).unwrap();
+        db.kind = trellis_core::cluster::ServiceKind::Headless;
+        h.peer_snapshot(b.clone());
+        let view = h.subscribe_view().borrow().clone().unwrap();
+        let web_vips = view.imports.services["shop/web"].vips.clone();
+        assert_eq!(web_vips.len(), 1, "{web_vips:?}");
+        assert!(range.contains(&web_vips[0]), "{web_vips:?}");
+        assert!(view.imports.services["shop/db"].vips.is_empty());
+
+        // More imports and rebuilds leave web its address.
+        for i in 0..20 {
+            export(&mut b.services, "shop", &format!("s{i}"), "10.97.0.12", &[]);
+        }
+        b.revision += 1;
+        h.peer_snapshot(b.clone());
+        let view = h.subscribe_view().borrow().clone().unwrap();
+        assert_eq!(view.imports.services["shop/web"].vips, web_vips);
+        let all: BTreeSet<IpAddr> = view
+            .imports
+            .services
+            .values()
+            .flat_map(|s| s.vips.clone())
+            .collect();
+        assert_eq!(all.len(), 21, "one distinct VIP per ClusterSetIP import");
+
+        // Without ranges, the source's VIPs (the derived Services' ClusterIPs) are used.
+        let h = hub("a");
+        h.set_configured_peers(vec![id("b")]);
+        h.set_source(local);
+        h.peer_snapshot(b);
+        let view = h.subscribe_view().borrow().clone().unwrap();
+        assert_eq!(
+            view.imports.services["shop/web"].vips,
+            ["10.96.9.9".parse::<IpAddr>().unwrap()]
+        );
+        assert!(view.imports.services["shop/s0"].vips.is_empty());
     }
 
     #[test]

@@ -12,7 +12,11 @@
 //! 1. **Authority.** With neither a certificate allowance nor a configured one, nothing of the
 //!    peer is routed. Where both exist a claim must be inside both.
 //! 2. **Names** are DNS-1123 (node names and endpoint node names subdomains, namespaces, service
-//!    names, hostnames and port names labels) before they reach DNS or the Kubernetes API.
+//!    names, hostnames and port names labels) before they reach DNS or the Kubernetes API; a
+//!    service's MCS properties (exported labels and annotations, ports' appProtocol, session
+//!    affinity, traffic policies, IP families, creation time) are what an API server accepts,
+//!    within [`MAX_EXPORTED_LABELS`] / [`MAX_EXPORTED_ANNOTATIONS`] entries and
+//!    [`MAX_ANNOTATION_VALUE`] bytes a value, or the service is refused.
 //! 3. **Quotas** ([`Limits`]): the first nodes / services by name are kept, endpoints counted
 //!    over services in name order; the excess is refused, the same way every time.
 //! 4. **Always refused:** loopback, link-local, multicast, unspecified (`0.0.0.0/8`, `::`),
@@ -43,7 +47,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::cluster::{ClusterId, ClusterState, NodeState, ServiceKey};
+use crate::cluster::{ClusterId, ClusterState, ExportedService, NodeState, ServiceKey};
 use crate::keyed::Keyed;
 use crate::wgkey::PublicKey;
 
@@ -56,6 +60,17 @@ pub const MIN_PREFIX_V4: u8 = 8;
 pub const MIN_PREFIX_V6: u8 = 32;
 /// Refusals listed per peer (the rest are counted, see [`Admission::counts`]).
 pub const MAX_LISTED_REFUSALS: usize = 50;
+
+/// Labels an export may carry to the ServiceImport (Kubernetes has no count limit; a peer
+/// must not make every cluster store thousands).
+pub const MAX_EXPORTED_LABELS: usize = 64;
+/// Annotations an export may carry to the ServiceImport.
+pub const MAX_EXPORTED_ANNOTATIONS: usize = 64;
+/// The longest annotation value admitted, in bytes (Kubernetes allows 256 KiB for all of an
+/// object's annotations together; an exported one is metadata, not a payload).
+pub const MAX_ANNOTATION_VALUE: usize = 4096;
+/// `sessionAffinityConfig.clientIP.timeoutSeconds`' upper bound (one day), as Kubernetes has.
+pub const MAX_SESSION_AFFINITY_TIMEOUT: i32 = 86_400;
 
 /// Per-peer quotas. The defaults fit 1,000 nodes, 10,000 services, 100,000 endpoints,
 /// 100,000 pods and 10,000 identities (NetworkPolicy).
@@ -194,6 +209,7 @@ pub const REASON_LABELS: &[&str] = &[
     "foreign_cluster",
     "unknown_identity",
     "outside_node",
+    "bad_properties",
 ];
 
 /// Why a claim is refused.
@@ -252,6 +268,9 @@ pub enum Reason {
     /// speak for addresses it routes, or a policy would treat another cluster's (or a local)
     /// pod as one of the peer's.
     OutsideNode,
+    /// Exported labels or annotations, an appProtocol, session affinity, a traffic policy, IP
+    /// families or a creation time Kubernetes would not accept (or over the bounds).
+    BadProperties,
 }
 
 impl Reason {
@@ -276,6 +295,7 @@ impl Reason {
             Reason::ForeignCluster => "foreign_cluster",
             Reason::UnknownIdentity => "unknown_identity",
             Reason::OutsideNode => "outside_node",
+            Reason::BadProperties => "bad_properties",
         }
     }
 }
@@ -332,6 +352,13 @@ impl fmt::Display for Reason {
             Reason::OutsideNode => f.write_str(
                 "outside the pod CIDRs of the admitted node it names (a peer speaks only for \
                  its own pods)",
+            ),
+            Reason::BadProperties => write!(
+                f,
+                "properties Kubernetes would not accept (exported labels or annotations: key \
+                 or value syntax, length, more than {MAX_EXPORTED_LABELS} or a value over \
+                 {MAX_ANNOTATION_VALUE} bytes; appProtocol, session affinity, traffic policy \
+                 or IP families)"
             ),
         }
     }
@@ -655,6 +682,10 @@ fn screen_peer(
             );
             continue;
         }
+        if let Err(what) = check_properties(svc) {
+            out.push(object(), what, Reason::BadProperties);
+            continue;
+        }
         if services >= limits.services {
             services_over += 1;
             continue;
@@ -834,6 +865,66 @@ pub fn are_valid_labels(labels: &crate::policy::Labels) -> bool {
         && labels
             .iter()
             .all(|(k, v)| is_label_key(k) && is_label_value(v))
+}
+
+/// Whether `svc`'s MCS properties are what an API server would accept of a Service and its
+/// ServiceExport (within this module's tighter bounds); `Err` names the first offending field.
+fn check_properties(svc: &ExportedService) -> Result<(), &'static str> {
+    let p = &svc.properties;
+    let check = |ok: bool, what: &'static str| if ok { Ok(()) } else { Err(what) };
+    check(
+        p.labels.len() <= MAX_EXPORTED_LABELS
+            && p.labels
+                .iter()
+                .all(|(k, v)| is_label_key(k) && is_label_value(v)),
+        "its exported labels",
+    )?;
+    check(
+        p.annotations.len() <= MAX_EXPORTED_ANNOTATIONS
+            && p.annotations
+                .iter()
+                .all(|(k, v)| is_label_key(k) && v.len() <= MAX_ANNOTATION_VALUE),
+        "its exported annotations",
+    )?;
+    check(
+        svc.ports
+            .iter()
+            .chain(&svc.endpoint_ports)
+            .all(|port| port.app_protocol.as_deref().is_none_or(is_label_key)),
+        "a port's appProtocol",
+    )?;
+    check(
+        p.session_affinity
+            .as_deref()
+            .is_none_or(|a| matches!(a, "ClientIP" | "None")),
+        "its session affinity",
+    )?;
+    check(
+        p.session_affinity_timeout
+            .is_none_or(|t| (1..=MAX_SESSION_AFFINITY_TIMEOUT).contains(&t)),
+        "its session affinity timeout",
+    )?;
+    check(
+        p.internal_traffic_policy
+            .as_deref()
+            .is_none_or(|t| matches!(t, "Cluster" | "Local")),
+        "its internal traffic policy",
+    )?;
+    // Kubernetes adds values over time (PreferClose, PreferSameZone, PreferSameNode): admit
+    // any that has their shape, a qualified name.
+    check(
+        p.traffic_distribution.as_deref().is_none_or(is_label_key),
+        "its traffic distribution",
+    )?;
+    check(
+        p.ip_families.len() <= 2
+            && p.ip_families
+                .iter()
+                .all(|f| matches!(f.as_str(), "IPv4" | "IPv6"))
+            && (p.ip_families.len() < 2 || p.ip_families[0] != p.ip_families[1]),
+        "its IP families",
+    )?;
+    check(p.exported_at.is_none_or(|t| t >= 0), "its creation time")
 }
 
 /// A container port name (IANA service name): 1–15 lowercase letters, digits and '-', at
@@ -1721,6 +1812,147 @@ mod tests {
         assert_eq!(v.counts[&("endpoint", "special_range")], 1);
         assert_eq!(v.counts[&("endpoint", "local_range")], 1);
         assert_eq!(v.counts[&("endpoint", "local_address")], 1);
+    }
+
+    /// b exporting shop/web plus shop/<name> for each `(name, change)`; what is admitted and
+    /// refused.
+    fn screen_exports(
+        cases: Vec<(&str, Box<dyn Fn(&mut ExportedService)>)>,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut b = peer_b();
+        for (name, change) in &cases {
+            export(&mut b.services, "shop", name, "10.97.0.30", &["10.2.0.9"]);
+            change(b.services.get_mut(&ServiceKey::new("shop", *name)).unwrap());
+        }
+        let v = &run(&[(b, b_allowed())]).verdicts[&id("b")];
+        let admitted = v.state.services.keys().map(|k| k.name.clone()).collect();
+        let refused = v
+            .refusals
+            .iter()
+            .map(|r| {
+                assert_eq!(r.reason, Reason::BadProperties, "{r}");
+                assert!(r.to_string().contains("Kubernetes would not accept"), "{r}");
+                match &r.object {
+                    Object::Service(k) => k.name.clone(),
+                    other => panic!("{other:?} refused"),
+                }
+            })
+            .collect();
+        (admitted, refused)
+    }
+
+    #[test]
+    fn attack_a_peer_cannot_export_what_the_api_server_would_refuse() {
+        let labels = |pairs: Vec<(String, String)>| {
+            move |s: &mut ExportedService| s.properties.labels = pairs.iter().cloned().collect()
+        };
+        let annotations = |pairs: Vec<(String, String)>| {
+            move |s: &mut ExportedService| {
+                s.properties.annotations = pairs.iter().cloned().collect()
+            }
+        };
+        let one = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        let many = |n: usize| (0..n).map(|i| (format!("k{i}"), "v".to_string())).collect();
+        let cases: Vec<(&str, Box<dyn Fn(&mut ExportedService)>)> = vec![
+            // What Kubernetes itself accepts is admitted.
+            (
+                "fine",
+                Box::new(|s: &mut ExportedService| {
+                    s.properties.labels = [("app.kubernetes.io/name".into(), "web".into())].into();
+                    s.properties.annotations =
+                        [("example.com/owner".into(), "team a, room 3 ✓".into())].into();
+                    s.properties.session_affinity = Some("ClientIP".into());
+                    s.properties.session_affinity_timeout = Some(86_400);
+                    s.properties.internal_traffic_policy = Some("Local".into());
+                    s.properties.traffic_distribution = Some("PreferClose".into());
+                    s.properties.ip_families = vec!["IPv6".into(), "IPv4".into()];
+                    s.properties.exported_at = Some(1_700_000_000);
+                    s.ports[0].app_protocol = Some("kubernetes.io/h2c".into());
+                }),
+            ),
+            (
+                "huge-annotation",
+                Box::new(annotations(one("a", &"x".repeat(1 << 20)))),
+            ),
+            ("many-annotations", Box::new(annotations(many(65)))),
+            (
+                "bad-annotation-key",
+                Box::new(annotations(one("no spaces", "v"))),
+            ),
+            (
+                "bad-label-key",
+                Box::new(labels(one("-starts-with-dash", "v"))),
+            ),
+            (
+                "long-label-name",
+                Box::new(labels(one(&"n".repeat(64), "v"))),
+            ),
+            (
+                "long-label-prefix",
+                Box::new(labels(one(&format!("{}/n", "p".repeat(254)), "v"))),
+            ),
+            ("bad-label-value", Box::new(labels(one("k", "has space")))),
+            (
+                "long-label-value",
+                Box::new(labels(one("k", &"v".repeat(64)))),
+            ),
+            ("many-labels", Box::new(labels(many(65)))),
+            (
+                "affinity",
+                Box::new(|s: &mut ExportedService| {
+                    s.properties.session_affinity = Some("Sticky".into())
+                }),
+            ),
+            (
+                "timeout-zero",
+                Box::new(|s: &mut ExportedService| s.properties.session_affinity_timeout = Some(0)),
+            ),
+            (
+                "timeout-long",
+                Box::new(|s: &mut ExportedService| {
+                    s.properties.session_affinity_timeout = Some(86_401)
+                }),
+            ),
+            (
+                "policy",
+                Box::new(|s: &mut ExportedService| {
+                    s.properties.internal_traffic_policy = Some("Everywhere".into())
+                }),
+            ),
+            (
+                "distribution",
+                Box::new(|s: &mut ExportedService| {
+                    s.properties.traffic_distribution = Some("x".repeat(400))
+                }),
+            ),
+            (
+                "family",
+                Box::new(|s: &mut ExportedService| s.properties.ip_families = vec!["IPv5".into()]),
+            ),
+            (
+                "families",
+                Box::new(|s: &mut ExportedService| {
+                    s.properties.ip_families = vec!["IPv4".into(), "IPv4".into()]
+                }),
+            ),
+            (
+                "app-protocol",
+                Box::new(|s: &mut ExportedService| {
+                    s.ports[0].app_protocol = Some("h t t p".into())
+                }),
+            ),
+            (
+                "created",
+                Box::new(|s: &mut ExportedService| s.properties.exported_at = Some(-1)),
+            ),
+        ];
+        let names: Vec<String> = cases.iter().map(|(n, _)| n.to_string()).collect();
+        let (admitted, mut refused) = screen_exports(cases);
+        assert_eq!(admitted, ["fine", "web"]);
+        refused.sort();
+        let mut expected: Vec<String> = names.into_iter().filter(|n| n != "fine").collect();
+        expected.sort();
+        assert_eq!(refused, expected);
     }
 
     #[test]

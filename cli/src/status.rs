@@ -5,7 +5,8 @@
 //! Exit codes: 0 healthy; 1 something is unhealthy (a peer cluster not connected, synced or
 //! admitted, a node without a connected, reporting gateway, a stale or missing handshake —
 //! see [`trellis_core::status::problems`]); 2 the controller could not be reached or did not
-//! answer with a status document.
+//! answer with a status document. Imports in conflict are a warning, not a problem: the
+//! oldest export wins and the service works.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use trellis_core::cluster::ServiceKind;
 use trellis_core::status::{ControllerPolicyStatus, ControllerStatus, GatewayReport, problems};
 
 use crate::table::Table;
@@ -349,6 +351,96 @@ pub fn render(status: &ControllerStatus) -> String {
     if let Some(policy) = &status.policy {
         out.push_str(&render_policy(status, policy));
     }
+    if !status.imports.is_empty() {
+        out.push_str(&render_imports(status));
+    }
+    out
+}
+
+/// The Imports section: each clusterset service with its type, this cluster's VIPs, the
+/// exporting clusters with their ready/total endpoints, and the conflicts between their
+/// exports (a warning: the oldest export wins and the service works, so status stays
+/// healthy).
+fn render_imports(status: &ControllerStatus) -> String {
+    let mut out = String::new();
+    let conflicted = status
+        .imports
+        .iter()
+        .filter(|i| !i.conflicts.is_empty())
+        .count();
+    let total = status.imports_total.max(status.imports.len());
+    let _ = writeln!(
+        out,
+        "
+Imports: {total} clusterset service(s){}",
+        if conflicted > 0 {
+            format!(", {conflicted} with conflicts")
+        } else {
+            String::new()
+        }
+    );
+    let mut table = Table::new(&[
+        "SERVICE",
+        "TYPE",
+        "VIP",
+        "CLUSTERS",
+        "ENDPOINTS",
+        "CONFLICTS",
+    ]);
+    for import in &status.imports {
+        let vip = match import.kind {
+            ServiceKind::Headless => "-".to_string(),
+            ServiceKind::ClusterSetIP if import.vips.is_empty() => "pending".into(),
+            ServiceKind::ClusterSetIP => import
+                .vips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        let clusters = import
+            .clusters
+            .iter()
+            .map(|c| format!("{} {}/{}", c.cluster, c.ready_endpoints, c.endpoints))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let ready: usize = import.clusters.iter().map(|c| c.ready_endpoints).sum();
+        let endpoints: usize = import.clusters.iter().map(|c| c.endpoints).sum();
+        let conflicts = if import.conflicts.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{} ({} wins)", import.conflicts.join(","), import.oldest)
+        };
+        table.row(vec![
+            format!("{}/{}", import.namespace, import.name),
+            match import.kind {
+                ServiceKind::ClusterSetIP => "ClusterSetIP",
+                ServiceKind::Headless => "Headless",
+            }
+            .to_string(),
+            vip,
+            clusters,
+            format!("{ready}/{endpoints} ready"),
+            conflicts,
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&table.render("  "));
+    let more = total.saturating_sub(status.imports.len());
+    if more > 0 {
+        let _ = writeln!(
+            out,
+            "  and {more} more (a status document lists the first {})",
+            trellis_core::status::MAX_STATUS_IMPORTS
+        );
+    }
+    if conflicted > 0 {
+        out.push_str(
+            "\nwarning: exports in conflict disagree on what the clusterset service is; the \
+             oldest export's definition is used (each export's Conflict condition says \
+             why)\n",
+        );
+    }
     out
 }
 
@@ -518,6 +610,108 @@ mod tests {
         );
         assert!(text.contains(refusal), "{text}");
         assert_eq!(policy_problems(&status), [refusal]);
+    }
+
+    #[test]
+    fn imports_are_tabled_with_conflicts_as_a_warning() {
+        use trellis_core::status::{ImportClusterStatus, ImportStatus};
+        let mut status = parse_status(HEALTHY).unwrap();
+        assert!(!render(&status).contains("Imports"), "none imported");
+        let part = |cluster: &str, ready, endpoints| ImportClusterStatus {
+            cluster: cluster.parse().unwrap(),
+            ready_endpoints: ready,
+            endpoints,
+        };
+        status.imports = vec![
+            ImportStatus {
+                namespace: "shop".into(),
+                name: "db".into(),
+                kind: ServiceKind::Headless,
+                vips: vec![],
+                clusters: vec![part("c2", 1, 1)],
+                oldest: "c2".parse().unwrap(),
+                conflicts: vec![],
+            },
+            ImportStatus {
+                namespace: "shop".into(),
+                name: "web".into(),
+                kind: ServiceKind::ClusterSetIP,
+                vips: vec!["10.255.0.7".parse().unwrap()],
+                clusters: vec![part("c1", 2, 2), part("c2", 1, 3)],
+                oldest: "c1".parse().unwrap(),
+                conflicts: vec!["PortConflict".into(), "TypeConflict".into()],
+            },
+            ImportStatus {
+                namespace: "shop".into(),
+                name: "new".into(),
+                kind: ServiceKind::ClusterSetIP,
+                vips: vec![],
+                clusters: vec![part("c2", 0, 0)],
+                oldest: "c2".parse().unwrap(),
+                conflicts: vec![],
+            },
+        ];
+        status.imports_total = 3;
+        let text = render(&status);
+        assert!(
+            text.contains("\nImports: 3 clusterset service(s), 1 with conflicts\n"),
+            "{text}"
+        );
+        let cells = |service: &str| -> Vec<String> {
+            let row = text
+                .lines()
+                .find(|l| l.trim_start().starts_with(service))
+                .unwrap_or_else(|| panic!("no row for {service}:\n{text}"));
+            // Columns are two or more spaces apart.
+            row.trim()
+                .split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(
+            cells("SERVICE"),
+            [
+                "SERVICE",
+                "TYPE",
+                "VIP",
+                "CLUSTERS",
+                "ENDPOINTS",
+                "CONFLICTS"
+            ]
+        );
+        assert_eq!(
+            cells("shop/web"),
+            [
+                "shop/web",
+                "ClusterSetIP",
+                "10.255.0.7",
+                "c1 2/2, c2 1/3",
+                "3/5 ready",
+                "PortConflict,TypeConflict (c1 wins)"
+            ]
+        );
+        assert_eq!(
+            cells("shop/db"),
+            ["shop/db", "Headless", "-", "c2 1/1", "1/1 ready", "-"]
+        );
+        assert_eq!(cells("shop/new")[2], "pending");
+        assert!(text.contains("warning: exports in conflict"), "{text}");
+        // A conflict is a warning, not a problem: status stays healthy (exit 0).
+        assert!(problems(&status).is_empty());
+        assert!(policy_problems(&status).is_empty());
+        // A cut list says how many are not shown.
+        status.imports_total = 1003;
+        assert!(
+            render(&status).contains("and 1000 more"),
+            "{}",
+            render(&status)
+        );
+        // The document round-trips with its imports.
+        let json = serde_json::to_string(&status).unwrap();
+        assert_eq!(parse_status(&json).unwrap(), status);
+        assert!(json.contains(r#""type":"ClusterSetIP""#), "{json}");
     }
 
     #[test]

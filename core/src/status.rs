@@ -191,6 +191,72 @@ pub struct ControllerStatus {
     /// NetworkPolicy as the controller streams it; `None` when it enforces none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<ControllerPolicyStatus>,
+    /// The clusterset services imported here (the first [`MAX_STATUS_IMPORTS`] by
+    /// namespace and name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imports: Vec<ImportStatus>,
+    /// How many services are imported in all (the list may be cut).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub imports_total: usize,
+}
+
+/// Imports listed in a status document at most (all are counted).
+pub const MAX_STATUS_IMPORTS: usize = 1000;
+
+/// One clusterset service as this cluster imports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportStatus {
+    pub namespace: String,
+    pub name: String,
+    /// `ClusterSetIP` or `Headless` (the oldest export's).
+    #[serde(rename = "type")]
+    pub kind: crate::cluster::ServiceKind,
+    /// This cluster's clusterset IPs (ClusterSetIP only; empty until allocated).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<std::net::IpAddr>,
+    /// Every exporting cluster, in ID order.
+    pub clusters: Vec<ImportClusterStatus>,
+    /// The cluster whose export wins conflicts (the oldest).
+    pub oldest: ClusterId,
+    /// What the exports disagree on: the `Conflict` condition's reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<String>,
+}
+
+/// One exporting cluster's part of an import.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportClusterStatus {
+    pub cluster: ClusterId,
+    /// Its endpoints ready as seen from here (a remote one on a node without a gateway is not).
+    pub ready_endpoints: usize,
+    pub endpoints: usize,
+}
+
+impl ImportStatus {
+    /// The import as a status row.
+    pub fn of(service: &crate::imports::ImportedService) -> Self {
+        Self {
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+            kind: service.kind,
+            vips: service.vips.clone(),
+            clusters: service
+                .backends
+                .iter()
+                .map(|b| ImportClusterStatus {
+                    cluster: b.cluster.clone(),
+                    ready_endpoints: b.endpoints.iter().filter(|e| e.ready).count(),
+                    endpoints: b.endpoints.len(),
+                })
+                .collect(),
+            oldest: service.oldest.clone(),
+            conflicts: service
+                .conflicts
+                .iter()
+                .map(|c| c.as_str().to_owned())
+                .collect(),
+        }
+    }
 }
 
 /// The policy inputs the controller streams to its nodes.
@@ -432,6 +498,8 @@ mod tests {
             }],
             source_digest: None,
             policy: None,
+            imports: Vec::new(),
+            imports_total: 0,
         }
     }
 

@@ -5,8 +5,11 @@ use std::collections::BTreeSet;
 use std::time::{Instant, SystemTime};
 
 use trellis_core::cluster::ClusterId;
+use trellis_core::imports::Imports;
 
-pub use trellis_core::status::{ControllerStatus, NodeStatus, RemoteStatus};
+pub use trellis_core::status::{
+    ControllerStatus, ImportStatus, MAX_STATUS_IMPORTS, NodeStatus, RemoteStatus,
+};
 
 use crate::gateways::Gateways;
 use crate::mesh::Mesh;
@@ -28,11 +31,13 @@ pub struct StatusParts<'a> {
     pub node_encryption: bool,
     /// The policy inputs nodes are sent now, with their digest (when enforcing policy).
     pub policy: Option<(&'a trellis_core::policy::PolicyInputs, &'a str)>,
+    /// What this cluster imports (the last mesh view's).
+    pub imports: &'a Imports,
 }
 
 /// Every configured peer with its connection, revision, sync age and lag, counts and, when
 /// refused, why; every node with its gateway's registration, stream and latest report (aged
-/// to `now`).
+/// to `now`); every import with its type, VIPs, exporting clusters' endpoints and conflicts.
 pub fn document(parts: &StatusParts<'_>, now: Instant, wall: SystemTime) -> ControllerStatus {
     let remotes = parts
         .configured
@@ -82,6 +87,14 @@ pub fn document(parts: &StatusParts<'_>, now: Instant, wall: SystemTime) -> Cont
                 .unwrap_or_default();
             crate::policy_view::policy_status(inputs, digest, refused)
         }),
+        imports: parts
+            .imports
+            .services
+            .values()
+            .take(MAX_STATUS_IMPORTS)
+            .map(ImportStatus::of)
+            .collect(),
+        imports_total: parts.imports.services.len(),
     }
 }
 

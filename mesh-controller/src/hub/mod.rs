@@ -238,6 +238,7 @@ impl Hub {
                     .policy
                     .as_ref()
                     .map(|(inputs, digest)| (inputs.as_ref(), digest.as_str())),
+                imports: &inner.imports,
             },
             Instant::now(),
             SystemTime::now(),
@@ -826,6 +827,54 @@ mod tests {
             ["10.96.9.9".parse::<IpAddr>().unwrap()]
         );
         assert!(view.imports.services["shop/s0"].vips.is_empty());
+    }
+
+    #[test]
+    fn the_status_document_lists_each_import() {
+        let h = hub("a");
+        h.set_clusterset_ip_ranges(vec!["10.255.0.0/24".parse().unwrap()]);
+        h.set_configured_peers(vec![id("b")]);
+        let mut local = source("10.1.0.0/24");
+        export(
+            &mut local.services,
+            "shop",
+            "web",
+            "10.96.0.10",
+            &["10.1.0.5"],
+        );
+        let web = local
+            .services
+            .get_mut(&ServiceKey::new("shop", "web"))
+            .unwrap();
+        web.properties.exported_at = Some(100);
+        h.set_source(local);
+        let mut b = cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+        export(
+            &mut b.services,
+            "shop",
+            "web",
+            "10.97.0.10",
+            &["10.2.0.5", "10.2.0.6"],
+        );
+        let web = b.services.get_mut(&ServiceKey::new("shop", "web")).unwrap();
+        web.properties.exported_at = Some(200);
+        web.ports[0].port = 8080;
+        h.peer_snapshot(b);
+        let status = h.status();
+        assert_eq!(status.imports_total, 1);
+        let web = &status.imports[0];
+        assert_eq!((web.namespace.as_str(), web.name.as_str()), ("shop", "web"));
+        assert_eq!(web.kind, trellis_core::cluster::ServiceKind::ClusterSetIP);
+        assert_eq!(web.vips.len(), 1);
+        assert_eq!(web.oldest, id("a"));
+        assert_eq!(web.conflicts, ["PortConflict"]);
+        let parts: Vec<(String, usize, usize)> = web
+            .clusters
+            .iter()
+            .map(|c| (c.cluster.to_string(), c.ready_endpoints, c.endpoints))
+            .collect();
+        // b's node-0 has no gateway: no tunnel reaches its endpoints, so none is ready here.
+        assert_eq!(parts, [("a".into(), 1, 1), ("b".into(), 0, 2)]);
     }
 
     #[test]

@@ -1814,11 +1814,12 @@ mod tests {
         assert_eq!(v.counts[&("endpoint", "local_address")], 1);
     }
 
+    /// A named change to an exported service.
+    type ExportCase = (&'static str, Box<dyn Fn(&mut ExportedService)>);
+
     /// b exporting shop/web plus shop/<name> for each `(name, change)`; what is admitted and
     /// refused.
-    fn screen_exports(
-        cases: Vec<(&str, Box<dyn Fn(&mut ExportedService)>)>,
-    ) -> (Vec<String>, Vec<String>) {
+    fn screen_exports(cases: Vec<ExportCase>) -> (Vec<String>, Vec<String>) {
         let mut b = peer_b();
         for (name, change) in &cases {
             export(&mut b.services, "shop", name, "10.97.0.30", &["10.2.0.9"]);
@@ -1853,7 +1854,7 @@ mod tests {
         };
         let one = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
         let many = |n: usize| (0..n).map(|i| (format!("k{i}"), "v".to_string())).collect();
-        let cases: Vec<(&str, Box<dyn Fn(&mut ExportedService)>)> = vec![
+        let cases: Vec<ExportCase> = vec![
             // What Kubernetes itself accepts is admitted.
             (
                 "fine",

@@ -1,11 +1,14 @@
 //! Peering benchmark, two controllers over real QUIC + mTLS on 127.0.0.1 in one process:
 //!
-//! 1. change latency: a service export change (and a node's gateway key) in cluster A, timed
-//!    until cluster B's DNS stream (imports) and gateway stream carry it; p50/p99 over N
-//!    changes (default 1,000);
+//! 1. MCS propagation: each change exports a new service in cluster A (unexporting the
+//!    previous one) and changes a node's gateway key, timed until cluster B's imports stream
+//!    (what DNS and the ServiceImport writer follow) carries the new import with its clusterset
+//!    VIP (B allocates them: `clustersetIPRanges` configured) and A's endpoints, and until B's
+//!    gateway stream carries the key; p50/p99 over N changes (default 1,000);
 //! 2. full sync: A exports S services with E endpoints each (default 10,000 x 10 = 100,000
-//!    endpoints); B starts and the time until B's mesh view holds all of them is measured,
-//!    with the process's peak RSS (both controllers and the generator: an upper bound for one).
+//!    endpoints); B (allocating a VIP for each) starts and the time until B's mesh view holds
+//!    all of them is measured, with the process's peak RSS (both controllers and the
+//!    generator: an upper bound for one).
 //!
 //! `cargo bench -p trellis-controller --bench mesh [-- --changes N --services S --endpoints E]`
 
@@ -165,6 +168,8 @@ async fn main() {
     // 1. Change latency.
     let a = hub("a", "10.96.0.0/16");
     let b = hub("b", "10.97.0.0/16");
+    let vip_range: ipnet::IpNet = "10.200.0.0/16".parse().unwrap();
+    b.set_clusterset_ip_ranges(vec![vip_range]);
     a.set_source(source(
         vec![node("a-0", "10.1.0.0/24", 1)],
         vec![svc(0, 1, 0x0a01_0000)],
@@ -211,18 +216,22 @@ async fn main() {
     for i in 1..=changes {
         let key = PublicKey([(i % 250) as u8 + 3; 32]);
         let n = node("a-0", "10.1.0.0/24", (i % 250) as u8 + 3);
-        let s = svc(0, 1 + i % 5, 0x0a01_0000 + i as u32);
+        // svc-0 stays; svc-i is the new export (svc-(i-1) is unexported).
+        let s = svc(i, 1 + i % 5, 0x0a01_0000 + (i * 8) as u32);
+        let wanted = format!("{}/{}", s.namespace, s.name);
         let want_eps = s.endpoints.clone();
         let t0 = Instant::now();
-        a.set_source(source(vec![n], vec![s]));
+        a.set_source(source(vec![n], vec![svc(0, 1, 0x0a01_0000), s]));
         let (mut dns_done, mut gw_done) = (None, None);
         while dns_done.is_none() || gw_done.is_none() {
             tokio::select! {
                 u = dns.next(), if dns_done.is_none() => {
                     let u = u.unwrap();
                     assert!(imports.apply(&u));
-                    let got = &imports.services["ns-0/svc-0"].backends[0].endpoints;
-                    if *got == want_eps {
+                    if let Some(import) = imports.services.get(&wanted)
+                        && import.vips.first().is_some_and(|v| vip_range.contains(v))
+                        && import.backends[0].endpoints == want_eps
+                    {
                         dns_done = Some(t0.elapsed());
                     }
                 }
@@ -243,13 +252,13 @@ async fn main() {
     gw_lat.sort();
     println!("change latency over {changes} changes (A's source -> B's streams):");
     println!(
-        "  DNS (imports) stream:  p50 {:?}  p99 {:?}  max {:?}",
+        "  new export -> B's import with its VIP and endpoints:  p50 {:?}  p99 {:?}  max {:?}",
         percentile(&dns_lat, 0.5),
         percentile(&dns_lat, 0.99),
         dns_lat.last().unwrap()
     );
     println!(
-        "  gateway stream:        p50 {:?}  p99 {:?}  max {:?}",
+        "  node key -> B's gateway stream:                         p50 {:?}  p99 {:?}  max {:?}",
         percentile(&gw_lat, 0.5),
         percentile(&gw_lat, 0.99),
         gw_lat.last().unwrap()
@@ -270,6 +279,7 @@ async fn main() {
     let gen_time = t_gen.elapsed();
     let rss_a = rss_mb("VmRSS:");
     let b = hub("d", "10.99.0.0/16");
+    b.set_clusterset_ip_ranges(vec!["10.200.0.0/16".parse().unwrap()]);
     b.set_source(source(vec![node("d-0", "10.4.0.0/24", 2)], vec![]));
     let (sa, aa) = {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -296,15 +306,19 @@ async fn main() {
             .unwrap();
     }
     let sync = t0.elapsed();
-    let imported = b
-        .subscribe_view()
-        .borrow()
-        .as_ref()
-        .map_or(0, |v| v.imports.services.len());
+    let (imported, with_vip) = b.subscribe_view().borrow().as_ref().map_or((0, 0), |v| {
+        (
+            v.imports.services.len(),
+            v.imports
+                .services
+                .values()
+                .filter(|s| !s.vips.is_empty())
+                .count(),
+        )
+    });
     println!(
-        "full sync of {services} services / {} endpoints: {sync:?} (state built in {gen_time:?}; {} imported services in B's DNS view)",
+        "full sync of {services} services / {} endpoints: {sync:?} (state built in {gen_time:?}; {imported} imported services in B's DNS view, {with_vip} with a VIP)",
         services * endpoints,
-        imported,
     );
     let rss_after = rss_mb("VmRSS:");
     println!(

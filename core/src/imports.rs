@@ -235,6 +235,16 @@ fn vips_for(kind: ServiceKind, vips: Option<&Vec<IpAddr>>) -> Vec<IpAddr> {
     }
 }
 
+/// Whether `port` (named unlike every port of `ports`) can join them and leave a port list a
+/// Service may have: port and protocol unique, and an unnamed port only as the only one.
+fn fits(ports: &[ServicePort], port: &ServicePort) -> bool {
+    let unnamed = port.name.is_none() || ports.iter().any(|q| q.name.is_none());
+    !(unnamed && !ports.is_empty())
+        && !ports
+            .iter()
+            .any(|q| q.port == port.port && q.protocol == port.protocol)
+}
+
 /// The service the exports (oldest first) make, KEP-1645's way: the oldest export's type and
 /// properties, the union of the ports (a port named alike but defined differently: the oldest
 /// export's), and a conflict named for everything a newer export disagrees on.
@@ -258,7 +268,8 @@ fn merge(
             match ports.iter().find(|q| q.name == p.name) {
                 Some(q) if q != p => conflicts.push(ConflictReason::PortConflict),
                 Some(_) => {}
-                None => ports.push(p.clone()),
+                None if fits(&ports, p) => ports.push(p.clone()),
+                None => conflicts.push(ConflictReason::PortConflict),
             }
         }
         // A port only some exports have is a conflict too (the upstream conformance suite
@@ -537,6 +548,45 @@ mod tests {
         );
         assert_eq!(web.ports[0].app_protocol.as_deref(), Some("http"));
         assert_eq!(web.conflicts, [ConflictReason::PortConflict]);
+    }
+
+    #[test]
+    fn the_union_stays_a_port_list_a_service_may_have() {
+        // Another name for the same port and protocol: the oldest export's name only.
+        let web = merged(
+            Some(100),
+            Some(200),
+            |_| {},
+            |b| b.ports = vec![port("web", Protocol::Tcp, 80)],
+        );
+        assert_eq!(web.ports, [port("http", Protocol::Tcp, 80)]);
+        assert_eq!(web.conflicts, [ConflictReason::PortConflict]);
+        // The same number over UDP is another port.
+        let web = merged(
+            Some(100),
+            Some(200),
+            |_| {},
+            |b| b.ports.push(port("quic", Protocol::Udp, 80)),
+        );
+        assert_eq!(web.ports.len(), 2);
+        // An unnamed port is only ever alone: the oldest export's single unnamed port stays
+        // alone, and a newer unnamed one does not join named ones.
+        let unnamed = || ServicePort::new(None, Protocol::Tcp, 8080);
+        let web = merged(Some(100), Some(200), |a| a.ports = vec![unnamed()], |_| {});
+        assert_eq!(web.ports, [unnamed()]);
+        assert_eq!(web.conflicts, [ConflictReason::PortConflict]);
+        let web = merged(Some(100), Some(200), |_| {}, |b| b.ports = vec![unnamed()]);
+        assert_eq!(web.ports, [port("http", Protocol::Tcp, 80)]);
+        assert_eq!(web.conflicts, [ConflictReason::PortConflict]);
+        // Both unnamed and alike: one port, no conflict.
+        let web = merged(
+            Some(100),
+            Some(200),
+            |a| a.ports = vec![unnamed()],
+            |b| b.ports = vec![unnamed()],
+        );
+        assert_eq!(web.ports, [unnamed()]);
+        assert!(web.conflicts.is_empty(), "{:?}", web.conflicts);
     }
 
     #[test]

@@ -136,6 +136,46 @@ fn peering() {
             ],
         ),
     );
+    // A peer exporting MCS properties: one service as Kubernetes would accept it, one with an
+    // annotation far over the bound and a label the API server would refuse.
+    let mut props = fixture::cluster("b", "10.2.0.0/24", "10.97.0.0/16");
+    let mut fine = fixture::service("shop", "web", "10.97.0.10", &["10.2.0.5"]);
+    fine.properties = trellis_core::cluster::ExportProperties {
+        exported_at: Some(1_700_000_000),
+        session_affinity: Some("ClientIP".into()),
+        session_affinity_timeout: Some(600),
+        internal_traffic_policy: Some("Local".into()),
+        traffic_distribution: Some("PreferClose".into()),
+        ip_families: vec!["IPv4".into()],
+        labels: [("app.kubernetes.io/name".to_owned(), "web".to_owned())].into(),
+        annotations: [("example.com/owner".to_owned(), "team-a".to_owned())].into(),
+    };
+    fine.ports[0].app_protocol = Some("kubernetes.io/h2c".into());
+    let mut bad = fixture::service("shop", "bad", "10.97.0.11", &["10.2.0.6"]);
+    bad.properties.annotations = [("a".to_owned(), "x".repeat(5000))].into();
+    bad.properties.labels = [("no spaces".to_owned(), "v".to_owned())].into();
+    for svc in [fine, bad] {
+        props.services.insert(svc.key(), svc);
+    }
+    let hello_props = encode_frame(
+        &PeeringMessage::Hello {
+            cluster: fixture::id("b"),
+            name: "cluster b".into(),
+        },
+        max,
+    )
+    .unwrap();
+    write(
+        "peering_frames",
+        "session-properties",
+        &stream(
+            200,
+            &[
+                hello_props,
+                encode_frame(&PeeringMessage::Snapshot { state: props }, max).unwrap(),
+            ],
+        ),
+    );
     // The other side's own opening, as a session from "a" sends it.
     let own = encode_frame(&PeeringMessage::Snapshot { state: a }, max).unwrap();
     write("peering_frames", "snapshot-a", &stream(64, &[own]));
@@ -249,6 +289,36 @@ fn imports() {
         encode_json_frame(&delta, "imports", usize::MAX).unwrap(),
     ];
     write("imports_update", "snapshot-delta", &stream(128, &frames));
+    // Exports in conflict (an older headless one in b, a newer ClusterSetIP one with another
+    // port in a), then a ClusterSetIP import with its VIP.
+    let mut a3 = a.clone();
+    let mut newer = fixture::service("shop", "web", "10.96.0.10", &["10.1.0.5"]);
+    newer.properties.exported_at = Some(200);
+    newer.ports[0].port = 8080;
+    a3.services.insert(newer.key(), newer);
+    let mut b3 = b.clone();
+    let mut older = fixture::service("shop", "web", "10.97.0.10", &["10.2.0.5"]);
+    older.properties.exported_at = Some(100);
+    older.kind = trellis_core::cluster::ServiceKind::Headless;
+    b3.services.insert(older.key(), older);
+    let mut api = fixture::service("shop", "api", "10.97.0.12", &["10.2.0.8"]);
+    api.properties.exported_at = Some(100);
+    b3.services.insert(api.key(), api);
+    let vips = [(ServiceKey::new("shop", "api"), vec!["10.255.0.7".parse().unwrap()])].into();
+    let conflicted = Imports::build(&fixture::id("a"), [&a3, &b3], &vips, 1);
+    write(
+        "imports_update",
+        "conflict-vips",
+        &stream(
+            128,
+            &[encode_json_frame(
+                &trellis_core::imports::ImportsUpdate::Snapshot(conflicted),
+                "imports",
+                usize::MAX,
+            )
+            .unwrap()],
+        ),
+    );
 }
 
 fn dns_query(name: &str, qtype: RecordType, edns: Option<u16>, id: u16) -> Vec<u8> {

@@ -152,6 +152,23 @@ fn admitted_claims_stay_inside_the_allowance(local: &ClusterState, state: &Clust
         {
             assert!(inside(&ipnet::IpNet::from(*address)), "{service:?}");
         }
+        // What reaches a ServiceImport is what an API server accepts, within the bounds.
+        let p = &service.properties;
+        assert!(p.labels.len() <= claims::MAX_EXPORTED_LABELS, "{service:?}");
+        assert!(p.annotations.len() <= claims::MAX_EXPORTED_ANNOTATIONS, "{service:?}");
+        assert!(
+            p.labels
+                .iter()
+                .all(|(k, v)| claims::is_label_key(k) && claims::is_label_value(v)),
+            "{service:?}"
+        );
+        assert!(
+            p.annotations
+                .iter()
+                .all(|(k, v)| claims::is_label_key(k) && v.len() <= claims::MAX_ANNOTATION_VALUE),
+            "{service:?}"
+        );
+        assert!(p.ip_families.len() <= 2, "{service:?}");
     }
     // NetworkPolicy: an admitted pod is the peer's own, with an admitted identity, and every
     // address inside a pod CIDR of the admitted node it names.

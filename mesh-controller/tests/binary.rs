@@ -251,7 +251,9 @@ fn two_controllers_from_the_command_line() {
                 w_agent,
                 node_encryption,
             )
-            .replace("clusterId: west\n", ""),
+            .replace("clusterId: west\n", "")
+                // West has no API server to give its imports VIPs: it allocates them.
+                + "clusterset_ip_ranges: [10.255.0.0/24]\n",
         )
         .unwrap();
     };
@@ -315,6 +317,19 @@ fn two_controllers_from_the_command_line() {
             .iter()
             .any(|b| b.cluster.as_str() == "east" && !b.local)
     );
+    // Its clusterset VIP comes from west's clustersetIPRanges, and /status lists the import.
+    let range: ipnet::IpNet = "10.255.0.0/24".parse().unwrap();
+    assert_eq!(web.vips.len(), 1, "{web:?}");
+    assert!(range.contains(&web.vips[0]), "{web:?}");
+    let status: trellis_core::status::ControllerStatus =
+        serde_json::from_str(&get(w_metrics, "/status")).unwrap();
+    let listed = &status.imports[0];
+    assert_eq!(
+        (listed.namespace.as_str(), listed.name.as_str()),
+        ("shop", "web")
+    );
+    assert_eq!(listed.vips, web.vips);
+    assert_eq!(listed.clusters.len(), 2);
 
     // A gateway on west registers. East's node has no gateway yet, so the snapshot routes
     // east's pod CIDR into the tunnel (fail closed) but has no peer for it.
@@ -384,5 +399,28 @@ fn two_controllers_from_the_command_line() {
             .iter()
             .any(|b| b.cluster.as_str() == "east"),
         "{imports:?}"
+    );
+}
+
+#[test]
+fn a_bad_clusterset_ip_range_is_refused_at_start_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        "clusterId: east\ntls: {ca: ca.pem, cert: c.pem, key: k.pem}\n\
+         source: {static: {path: c.yaml}}\nclusterset_ip_ranges: [10.255.0.0/33]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"10.255.0.0/33\" is not a CIDR"),
+        "{stderr}"
     );
 }

@@ -239,7 +239,7 @@ fn vips_for(kind: ServiceKind, vips: Option<&Vec<IpAddr>>) -> Vec<IpAddr> {
 /// Service may have: port and protocol unique, and an unnamed port only as the only one.
 fn fits(ports: &[ServicePort], port: &ServicePort) -> bool {
     let unnamed = port.name.is_none() || ports.iter().any(|q| q.name.is_none());
-    !(unnamed && !ports.is_empty())
+    (ports.is_empty() || !unnamed)
         && !ports
             .iter()
             .any(|q| q.port == port.port && q.protocol == port.protocol)

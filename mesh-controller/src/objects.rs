@@ -551,6 +551,97 @@ mod tests {
     }
 
     #[test]
+    fn external_name_and_derived_services_are_never_exported() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: shop}
+spec: {type: ExternalName, externalName: example.com}
+---
+apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceExport
+metadata: {name: ext, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: derived-web
+  namespace: shop
+  labels: {app.kubernetes.io/managed-by: trellis-controller, multicluster.kubernetes.io/service-name: web}
+spec: {clusterIP: 10.96.9.9, clusterIPs: [10.96.9.9, "fd00::9"], ports: [{port: 80}]}
+---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {name: derived-web, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: claims-to-be-derived
+  namespace: shop
+  labels: {multicluster.kubernetes.io/service-name: api}
+spec: {clusterIP: 10.96.9.10, ports: [{port: 80}]}
+"#;
+        let objects = parse_objects(yaml).unwrap();
+        let s = source_state(&objects);
+        assert!(s.services.is_empty(), "{:?}", s.services.keys());
+        assert_eq!(
+            s.clusterset_ips,
+            BTreeMap::from([(
+                ServiceKey::new("shop", "web"),
+                vec!["10.96.9.9".parse().unwrap(), "fd00::9".parse().unwrap()]
+            )]),
+            "only a Service with both labels is a derived one"
+        );
+        let st = export_statuses(&objects);
+        for name in ["ext", "derived-web"] {
+            let status = &st[&ServiceKey::new("shop", name)];
+            assert!(!status.valid, "{name}");
+            assert_eq!(status.reason, "InvalidServiceType", "{name}");
+        }
+    }
+
+    #[test]
+    fn an_export_carries_its_properties_from_either_version() {
+        for version in ["v1alpha1", "v1beta1"] {
+            let yaml = format!(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop, labels: {{own: label}}}}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{{name: http, port: 80, appProtocol: http}}]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 60}}}}
+  internalTrafficPolicy: Local
+  trafficDistribution: PreferClose
+  ipFamilies: [IPv4]
+---
+apiVersion: multicluster.x-k8s.io/{version}
+kind: ServiceExport
+metadata: {{name: web, namespace: shop, creationTimestamp: "2026-01-01T00:00:10Z"}}
+spec:
+  exportedLabels: {{tier: front}}
+  exportedAnnotations: {{note: hi}}
+"#
+            );
+            let s = source_state(&parse_objects(&yaml).unwrap());
+            let web = &s.services[&ServiceKey::new("shop", "web")];
+            let p = &web.properties;
+            assert_eq!(p.exported_at, Some(1_767_225_610), "{version}");
+            assert_eq!(p.session_affinity.as_deref(), Some("ClientIP"));
+            assert_eq!(p.session_affinity_timeout, Some(60));
+            assert_eq!(p.internal_traffic_policy.as_deref(), Some("Local"));
+            assert_eq!(p.traffic_distribution.as_deref(), Some("PreferClose"));
+            assert_eq!(p.ip_families, ["IPv4"]);
+            assert_eq!(p.labels, BTreeMap::from([("tier".into(), "front".into())]));
+            assert_eq!(p.annotations, BTreeMap::from([("note".into(), "hi".into())]));
+            assert_eq!(web.ports[0].app_protocol.as_deref(), Some("http"));
+        }
+    }
+
+    #[test]
     fn headless_services_and_lists_are_understood() {
         let yaml = r#"
 apiVersion: v1

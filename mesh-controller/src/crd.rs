@@ -14,8 +14,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::SessionAffinityConfig;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -126,18 +126,20 @@ macro_rules! mcs_version {
         /// What a ServiceExport asks beyond its existence, which requests the export of the
         /// Service of the same namespace and name. (This version's schema, for the CRD; the
         /// controller reads ServiceExports as [`crate::crd::ServiceExport`].)
-        #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-        #[kube(
-            group = "multicluster.x-k8s.io",
-            version = $version,
-            kind = "ServiceExport",
-            doc = "Exports the Service of the same namespace and name to the clusterset.",
-            namespaced,
-            status = "ServiceExportStatus",
-            shortname = "svcex",
-            shortname = "svcexport",
-            storage = $storage
+        #[derive(
+            CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema,
         )]
+        #[kube(
+                    group = "multicluster.x-k8s.io",
+                    version = $version,
+                    kind = "ServiceExport",
+                    doc = "Exports the Service of the same namespace and name to the clusterset.",
+                    namespaced,
+                    status = "ServiceExportStatus",
+                    shortname = "svcex",
+                    shortname = "svcexport",
+                    storage = $storage
+                )]
         #[serde(rename_all = "camelCase")]
         pub struct ServiceExportSpec {
             /// Labels to put on the ServiceImport in every cluster.
@@ -150,18 +152,20 @@ macro_rules! mcs_version {
 
         /// How the clusterset's service behaves: the oldest export's type and properties, the
         /// union of the exports' ports, and this cluster's clusterset IPs.
-        #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-        #[kube(
-            group = "multicluster.x-k8s.io",
-            version = $version,
-            kind = "ServiceImport",
-            doc = "A service imported from the clusterset, written by the controller.",
-            namespaced,
-            derive = "PartialEq",
-            status = "ServiceImportStatus",
-            shortname = "svcim",
-            storage = $storage
+        #[derive(
+            CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema,
         )]
+        #[kube(
+                    group = "multicluster.x-k8s.io",
+                    version = $version,
+                    kind = "ServiceImport",
+                    doc = "A service imported from the clusterset, written by the controller.",
+                    namespaced,
+                    derive = "PartialEq",
+                    status = "ServiceImportStatus",
+                    shortname = "svcim",
+                    storage = $storage
+                )]
         #[serde(rename_all = "camelCase")]
         pub struct ServiceImportSpec {
             #[serde(default)]
@@ -213,9 +217,7 @@ pub struct ClusterPropertySpec {
 /// The name of the ClusterProperty that holds the cluster ID (KEP-2149).
 pub const CLUSTER_ID_PROPERTY: &str = "cluster.clusterset.k8s.io";
 
-fn merged(
-    crds: Vec<CustomResourceDefinition>,
-) -> Result<CustomResourceDefinition, Error> {
+fn merged(crds: Vec<CustomResourceDefinition>) -> Result<CustomResourceDefinition, Error> {
     kube::core::crd::merge_crds(crds, VERSION).map_err(|source| Error::MergeCrd { source })
 }
 

@@ -41,9 +41,7 @@ use crate::crd::{
     ServiceImportType,
 };
 use crate::hub::Hub;
-use crate::objects::{
-    LABEL_MCS_SERVICE_NAME, LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, MANAGER,
-};
+use crate::objects::{LABEL_MCS_SERVICE_NAME, LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, MANAGER};
 
 pub use crate::objects::LABEL_MANAGED_BY;
 
@@ -197,7 +195,10 @@ fn import_of(svc: &ImportedService) -> ServiceImport {
             "Ready",
             true,
             "Ready",
-            format!("clusterset IPs allocated from Service {}", derived_service_name(&svc.name)),
+            format!(
+                "clusterset IPs allocated from Service {}",
+                derived_service_name(&svc.name)
+            ),
         )
     };
     si.status = Some(ServiceImportStatus {
@@ -675,7 +676,10 @@ mod tests {
         let clusters: Vec<&str> = status.clusters.iter().map(|c| c.cluster.as_str()).collect();
         assert_eq!(clusters, vec!["a", "b"]);
         assert_eq!(
-            (status.conditions[0].status.as_str(), status.conditions[0].reason.as_str()),
+            (
+                status.conditions[0].status.as_str(),
+                status.conditions[0].reason.as_str()
+            ),
             ("False", "Pending"),
             "no clusterset IP yet"
         );
@@ -719,7 +723,10 @@ mod tests {
         assert_eq!(si.spec.ips, ["10.100.0.7", "fd00:100::7"]);
         assert_eq!(si.spec.ip_families, ["IPv4", "IPv6"]);
         let ready = &si.status.as_ref().unwrap().conditions[0];
-        assert_eq!((ready.type_.as_str(), ready.status.as_str()), ("Ready", "True"));
+        assert_eq!(
+            (ready.type_.as_str(), ready.status.as_str()),
+            ("Ready", "True")
+        );
         let svc = &d.services[&("shop".into(), "derived-web".into())];
         let spec = svc.spec.as_ref().unwrap();
         assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));

@@ -389,7 +389,7 @@ pub fn export_statuses(objects: &Objects) -> BTreeMap<ServiceKey, ExportStatus> 
                             "Service {key} is of type ExternalName, which cannot be exported"
                         ),
                         conditions: Vec::new(),
-                    uid: None,
+                        uid: None,
                     }
                 }
                 Some(svc) if is_derived_service(svc) => ExportStatus {
@@ -636,7 +636,10 @@ spec:
             assert_eq!(p.traffic_distribution.as_deref(), Some("PreferClose"));
             assert_eq!(p.ip_families, ["IPv4"]);
             assert_eq!(p.labels, BTreeMap::from([("tier".into(), "front".into())]));
-            assert_eq!(p.annotations, BTreeMap::from([("note".into(), "hi".into())]));
+            assert_eq!(
+                p.annotations,
+                BTreeMap::from([("note".into(), "hi".into())])
+            );
             assert_eq!(web.ports[0].app_protocol.as_deref(), Some("http"));
         }
     }

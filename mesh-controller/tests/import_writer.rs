@@ -130,7 +130,10 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     // Then the derived Services: api's waits for its ServiceImport (it failed); web's is
     // owned by the ServiceImport just applied.
     let (req, send) = next(&mut handle, &calls).await;
-    assert_eq!(req.uri().path(), "/api/v1/namespaces/shop/services/derived-web");
+    assert_eq!(
+        req.uri().path(),
+        "/api/v1/namespaces/shop/services/derived-web"
+    );
     let body = body_json(req).await;
     assert_eq!(body["spec"]["type"], "ClusterIP");
     assert!(body["spec"].get("selector").is_none(), "{body}");
@@ -230,15 +233,18 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
         "only derived Services are listed: {}",
         req.uri()
     );
+    respond(send, 200, derived_list(&["derived-web", "derived-old"]));
+    let (req, send) = next(&mut handle, &calls).await;
+    assert_eq!(req.method(), Method::DELETE);
+    assert_eq!(
+        req.uri().path(),
+        "/api/v1/namespaces/shop/services/derived-old"
+    );
     respond(
         send,
         200,
-        derived_list(&["derived-web", "derived-old"]),
+        derived_list(&["derived-old"])["items"][0].clone(),
     );
-    let (req, send) = next(&mut handle, &calls).await;
-    assert_eq!(req.method(), Method::DELETE);
-    assert_eq!(req.uri().path(), "/api/v1/namespaces/shop/services/derived-old");
-    respond(send, 200, derived_list(&["derived-old"])["items"][0].clone());
     let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.uri().path(), "/apis/discovery.k8s.io/v1/endpointslices");
     let slice = |name: &str| {
@@ -448,8 +454,15 @@ async fn the_run_loop_prunes_only_after_the_grace_period() {
     respond(send, 200, derived_list(&["derived-web", "derived-api"]));
     let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.method(), Method::DELETE);
-    assert_eq!(req.uri().path(), "/api/v1/namespaces/shop/services/derived-api");
-    respond(send, 200, derived_list(&["derived-api"])["items"][0].clone());
+    assert_eq!(
+        req.uri().path(),
+        "/api/v1/namespaces/shop/services/derived-api"
+    );
+    respond(
+        send,
+        200,
+        derived_list(&["derived-api"])["items"][0].clone(),
+    );
     let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.uri().path(), "/apis/discovery.k8s.io/v1/endpointslices");
     respond(
@@ -505,7 +518,10 @@ fn written_objects_match_their_schemas_and_wrong_fields_are_caught() {
     b.services.insert(ServiceKey::new("shop", "db"), headless);
     let vips = [(
         ServiceKey::new("shop", "web"),
-        vec!["10.100.0.7".parse().unwrap(), "fd00:100::7".parse().unwrap()],
+        vec![
+            "10.100.0.7".parse().unwrap(),
+            "fd00:100::7".parse().unwrap(),
+        ],
     )]
     .into();
     let desired = desired_objects(&Imports::build(&id("a"), [&a, &b], &vips, 1));

@@ -338,7 +338,10 @@ async fn lists_then_follows_watch_events() {
     assert_eq!(p.ip_families, ["IPv4"]);
     assert_eq!(p.labels["team"], "storefront");
     assert_eq!(p.annotations["owner"], "shop@example.com");
-    assert!(!p.labels.contains_key("app"), "the Service's own labels stay home");
+    assert!(
+        !p.labels.contains_key("app"),
+        "the Service's own labels stay home"
+    );
     assert_eq!(w.ports[0].app_protocol.as_deref(), Some("http"));
     // The derived Service of the import shop/api gives it its clusterset IPs; a Service that
     // only claims to be one (no managed-by label) does not.
@@ -772,8 +775,10 @@ async fn service_exports_get_valid_ready_and_conflict_conditions() {
     // The object already says Ready=False since 2026-01-01: that time stays.
     let since = "2026-01-01T00:00:00Z";
     let existing: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> =
-        serde_json::from_value(json!([{"type": "Ready", "status": "False", "reason": "Pending",
-            "message": "old", "lastTransitionTime": since}]))
+        serde_json::from_value(
+            json!([{"type": "Ready", "status": "False", "reason": "Pending",
+            "message": "old", "lastTransitionTime": since}]),
+        )
         .unwrap();
     let status = |valid: bool, reason: &'static str| ExportStatus {
         valid,
@@ -808,7 +813,10 @@ async fn service_exports_get_valid_ready_and_conflict_conditions() {
     assert!(path.ends_with("/serviceexports/web/status"), "{path}");
     let c = conditions_by_type(&body);
     assert_eq!(c["Valid"]["lastTransitionTime"], valid_since);
-    assert_eq!((&c["Ready"]["status"], &c["Ready"]["reason"]), (&json!("True"), &json!("Exported")));
+    assert_eq!(
+        (&c["Ready"]["status"], &c["Ready"]["reason"]),
+        (&json!("True"), &json!("Exported"))
+    );
     assert_ne!(c["Ready"]["lastTransitionTime"], since);
     assert_eq!(c["Conflict"]["status"], "True");
     assert_eq!(c["Conflict"]["reason"], "PortConflict");
@@ -832,7 +840,10 @@ async fn service_exports_get_valid_ready_and_conflict_conditions() {
     let (method, _, body, send) = next_call(&mut handle, &calls).await;
     assert_eq!(method, http::Method::PATCH);
     let c = conditions_by_type(&body);
-    assert_eq!((&c["Conflict"]["status"], &c["Conflict"]["reason"]), (&json!("False"), &json!("NoConflicts")));
+    assert_eq!(
+        (&c["Conflict"]["status"], &c["Conflict"]["reason"]),
+        (&json!("False"), &json!("NoConflicts"))
+    );
     reply(send, 200, &obj);
 
     // Conflict again: the Event again (one per transition; Kubernetes counts the repeat in
@@ -843,7 +854,10 @@ async fn service_exports_get_valid_ready_and_conflict_conditions() {
     reply(send, 200, &obj);
     let (method, path, event, send) = next_call(&mut handle, &calls).await;
     assert_eq!(method, http::Method::PATCH);
-    assert!(path.starts_with("/apis/events.k8s.io/v1/namespaces/shop/events/web."), "{path}");
+    assert!(
+        path.starts_with("/apis/events.k8s.io/v1/namespaces/shop/events/web."),
+        "{path}"
+    );
     assert_eq!(event["series"]["count"], 2);
     reply(send, 200, &event);
     tx.send_replace(ExportStatuses::from([(web(), status(false, "NoService"))]));

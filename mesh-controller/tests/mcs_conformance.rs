@@ -157,10 +157,7 @@ impl Cluster {
     }
 
     fn yaml(&self) -> String {
-        self.objects
-            .iter()
-            .map(|o| format!("---\n{o}\n"))
-            .collect()
+        self.objects.iter().map(|o| format!("---\n{o}\n")).collect()
     }
 
     fn state(&self) -> ClusterState {
@@ -237,7 +234,10 @@ impl Seen {
     }
 
     fn condition(&self, type_: &str) -> Option<&Condition> {
-        self.conditions.get(&hello())?.iter().find(|c| c.type_ == type_)
+        self.conditions
+            .get(&hello())?
+            .iter()
+            .find(|c| c.type_ == type_)
     }
 
     fn condition_status(&self, type_: &str) -> Option<&str> {
@@ -299,17 +299,29 @@ async fn pruned(before: &DesiredObjects, desired: &DesiredObjects) -> Vec<String
             "metadata": {"resourceVersion": "9"}, "items": items})
     };
     let imports = listed(
-        before.imports.values().map(|o| serde_json::to_value(o).unwrap()).collect(),
+        before
+            .imports
+            .values()
+            .map(|o| serde_json::to_value(o).unwrap())
+            .collect(),
         "ServiceImport",
         "multicluster.x-k8s.io/v1beta1",
     );
     let services = listed(
-        before.services.values().map(|o| serde_json::to_value(o).unwrap()).collect(),
+        before
+            .services
+            .values()
+            .map(|o| serde_json::to_value(o).unwrap())
+            .collect(),
         "Service",
         "v1",
     );
     let slices = listed(
-        before.slices.values().map(|o| serde_json::to_value(o).unwrap()).collect(),
+        before
+            .slices
+            .values()
+            .map(|o| serde_json::to_value(o).unwrap())
+            .collect(),
         "EndpointSlice",
         "discovery.k8s.io/v1",
     );
@@ -488,10 +500,7 @@ async fn a_cluster_ip_service_is_imported_as_cluster_set_ip_in_each_cluster_unti
         assert_eq!(si.metadata.namespace.as_deref(), Some(NS));
     }
     let c1 = c1.unexport();
-    for (cluster, before, after) in [
-        ("c1", &on_c1, c1.sync(&c2)),
-        ("c2", &on_c2, c2.sync(&c1)),
-    ] {
+    for (cluster, before, after) in [("c1", &on_c1, c1.sync(&c2)), ("c2", &on_c2, c2.sync(&c1))] {
         assert!(after.import().is_none(), "{cluster}");
         assert!(
             pruned(&before.desired, &after.desired)
@@ -562,10 +571,16 @@ fn a_clusterset_ip_is_allocated_for_each_ip_family() {
     let pending = first.expect_import("c2");
     assert!(pending.spec.ips.is_empty());
     let ready = &pending.status.as_ref().unwrap().conditions[0];
-    assert_eq!((ready.type_.as_str(), ready.reason.as_str()), ("Ready", "Pending"));
+    assert_eq!(
+        (ready.type_.as_str(), ready.reason.as_str()),
+        ("Ready", "Pending")
+    );
     let derived = first.desired.services.values().next().unwrap();
     let spec = derived.spec.as_ref().unwrap();
-    assert_eq!(spec.ip_families.as_deref(), Some(&["IPv4".to_string(), "IPv6".to_string()][..]));
+    assert_eq!(
+        spec.ip_families.as_deref(),
+        Some(&["IPv4".to_string(), "IPv6".to_string()][..])
+    );
     assert_eq!(spec.ip_family_policy.as_deref(), Some("PreferDualStack"));
     // The API server allocates them; the controller reads them back.
     let c2 = c2.allocate(&first, &["10.97.100.1", "fd00:97::100:1"]);
@@ -648,14 +663,19 @@ fn two_exports_expose_the_union_of_their_ports_and_raise_a_conflict() {
 fn conflicting_ports_resolve_to_the_oldest_export_and_conflict_on_each_export() {
     let c1 = c1_exporting();
     let c2 = c2_exporting().change("Service", |s| {
-        s["spec"]["ports"] = json!([{"name": "tcp", "port": 43, "protocol": "TCP", "targetPort": 42}])
+        s["spec"]["ports"] =
+            json!([{"name": "tcp", "port": 43, "protocol": "TCP", "targetPort": 42}])
     });
     let (on_c1, on_c2) = (c1.sync(&c2), c2.sync(&c1));
     for seen in [&on_c1, &on_c2] {
         assert_eq!(seen.condition_status("Conflict"), Some("True"));
         let conflict = seen.condition("Conflict").unwrap();
         assert_eq!(conflict.reason, "PortConflict");
-        assert!(conflict.message.contains("cluster c1"), "{}", conflict.message);
+        assert!(
+            conflict.message.contains("cluster c1"),
+            "{}",
+            conflict.message
+        );
     }
     for seen in [&on_c1, &on_c2] {
         assert_eq!(
@@ -690,10 +710,7 @@ async fn a_headless_service_is_imported_as_headless_in_each_cluster_until_unexpo
         assert!(seen.desired.services.is_empty(), "no derived Service");
     }
     let c1 = c1.unexport();
-    for (cluster, before, after) in [
-        ("c1", &on_c1, c1.sync(&c2)),
-        ("c2", &on_c2, c2.sync(&c1)),
-    ] {
+    for (cluster, before, after) in [("c1", &on_c1, c1.sync(&c2)), ("c2", &on_c2, c2.sync(&c1))] {
         assert!(after.import().is_none(), "{cluster}");
         assert!(
             pruned(&before.desired, &after.desired)
@@ -785,7 +802,10 @@ async fn mcs_endpoint_slices_are_created_in_each_cluster_and_deleted_on_unexport
     let (on_c1, on_c2) = (c1.sync(&c2), c2.sync(&c1));
     for (cluster, seen) in [("c1", &on_c1), ("c2", &on_c2)] {
         let families = &seen.expect_import(cluster).spec.ip_families;
-        assert!(!families.is_empty(), "ServiceImport on {cluster} has no IP family");
+        assert!(
+            !families.is_empty(),
+            "ServiceImport on {cluster} has no IP family"
+        );
         for family in families {
             let slice = seen
                 .mcs_slices()
@@ -828,14 +848,20 @@ async fn mcs_endpoint_slices_are_created_in_each_cluster_and_deleted_on_unexport
         exported.services[&hello()].endpoints,
         c1.state().services[&hello()].endpoints
     );
-    assert_eq!(exported.services.len(), 1, "the derived Service is not exported");
+    assert_eq!(
+        exported.services.len(),
+        1,
+        "the derived Service is not exported"
+    );
     assert!(c2.state().services.is_empty());
-    let names: Vec<String> = on_c2.desired.slices.keys().map(|(_, n)| n.clone()).collect();
+    let names: Vec<String> = on_c2
+        .desired
+        .slices
+        .keys()
+        .map(|(_, n)| n.clone())
+        .collect();
     let c1 = c1.unexport();
-    for (cluster, before, after) in [
-        ("c1", &on_c1, c1.sync(&c2)),
-        ("c2", &on_c2, c2.sync(&c1)),
-    ] {
+    for (cluster, before, after) in [("c1", &on_c1, c1.sync(&c2)), ("c2", &on_c2, c2.sync(&c1))] {
         assert!(after.mcs_slices().is_empty(), "{cluster}");
         let deleted = pruned(&before.desired, &after.desired).await;
         for name in &names {
@@ -861,5 +887,90 @@ fn a_service_that_is_not_exported_is_not_imported_anywhere() {
     for seen in [c1.sync(&c2()), c2().sync(&c1)] {
         assert_eq!(seen.desired, DesiredObjects::default());
         assert!(seen.conditions.is_empty());
+    }
+}
+
+/// "Connectivity to a ClusterIP service existing in two clusters but exported from one
+/// should only access the exporting cluster" (Optional, Connectivity): c2 runs `hello` too
+/// but does not export it, so the VIP's endpoints (its MCS EndpointSlices) are c1's only.
+#[test]
+fn a_service_in_two_clusters_exported_from_one_has_only_the_exporting_clusters_endpoints() {
+    let c1 = c1_exporting();
+    let c2 = c2().with_hello(&["10.97.0.42", "fd00:97::42"], &["10.2.0.5", "fd00:2::5"]);
+    for seen in [c1.sync(&c2), c2.sync(&c1)] {
+        let slices = seen.mcs_slices();
+        assert!(!slices.is_empty());
+        for slice in slices {
+            let labels = slice.metadata.labels.as_ref().unwrap();
+            assert_eq!(labels["multicluster.kubernetes.io/source-cluster"], "c1");
+            for endpoint in slice.endpoints.iter().flatten() {
+                assert!(
+                    !endpoint
+                        .addresses
+                        .iter()
+                        .any(|a| a.contains(":2::") || a.starts_with("10.2.")),
+                    "{endpoint:?}"
+                );
+            }
+        }
+        assert_eq!(
+            seen.expect_import("either")
+                .status
+                .as_ref()
+                .unwrap()
+                .clusters
+                .len(),
+            1
+        );
+    }
+}
+
+/// "Connectivity to exported services with different port name on each cluster should route
+/// traffic to each port only to the cluster that exposes it" (Optional, Connectivity,
+/// StrictPortConflict), on the Kubernetes side: the derived Service has both ports, and each
+/// cluster's MCS EndpointSlices carry only the port names its endpoints serve, so kube-proxy
+/// sends `tcp` to c1 only and `tcp2` to c2 only.
+#[test]
+fn each_port_goes_only_to_the_clusters_that_expose_it() {
+    let c1 = c1_exporting();
+    let mut c2 = c2_exporting().change("Service", |s| {
+        s["spec"]["ports"] =
+            json!([{"name": "tcp2", "port": 4242, "protocol": "TCP", "targetPort": 42}])
+    });
+    for obj in c2
+        .objects
+        .iter_mut()
+        .filter(|o| o["kind"] == "EndpointSlice")
+    {
+        obj["ports"] = json!([{"name": "tcp2", "port": 42, "protocol": "TCP"}]);
+    }
+    for seen in [c1.sync(&c2), c2.sync(&c1)] {
+        let derived = seen.desired.services.values().next().unwrap();
+        let mut names: Vec<String> = derived
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.name.clone())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["tcp", "tcp2", "udp"]);
+        for slice in seen.mcs_slices() {
+            let labels = slice.metadata.labels.as_ref().unwrap();
+            let mut ports: Vec<String> = slice
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| p.name.clone())
+                .collect();
+            ports.sort();
+            match labels["multicluster.kubernetes.io/source-cluster"].as_str() {
+                "c1" => assert_eq!(ports, ["tcp", "udp"]),
+                "c2" => assert_eq!(ports, ["tcp2"]),
+                other => panic!("a slice from {other}"),
+            }
+        }
     }
 }

@@ -295,7 +295,10 @@ fn check(schema: &Value, value: &Value, at: &str, errors: &mut Vec<String>) {
         if let Some(max) = schema["maxItems"].as_u64()
             && items.len() as u64 > max
         {
-            errors.push(format!("{at}: {} items, at most {max} allowed", items.len()));
+            errors.push(format!(
+                "{at}: {} items, at most {max} allowed",
+                items.len()
+            ));
         }
         for (i, item) in items.iter().enumerate() {
             check(&schema["items"], item, &format!("{at}[{i}]"), errors);

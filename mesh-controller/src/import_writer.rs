@@ -32,7 +32,9 @@ use k8s_openapi::api::discovery::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
-use trellis_core::cluster::{Protocol, ServiceKind};
+use trellis_core::cluster::{
+    ClusterId, ClusterState, Protocol, ServiceKey, ServiceKind, ServicePort,
+};
 use trellis_core::imports::{Backend, ImportedService, Imports};
 
 use crate::Error;
@@ -261,9 +263,41 @@ fn derived_service_of(svc: &ImportedService) -> Option<Service> {
     })
 }
 
+/// Each exporting cluster's own Service ports, by cluster and service.
+pub type ServicePorts = BTreeMap<(ClusterId, ServiceKey), Vec<ServicePort>>;
+
+/// The Service ports every service of `clusters` (the local one and the remotes) has.
+pub fn service_ports<'a>(clusters: impl IntoIterator<Item = &'a ClusterState>) -> ServicePorts {
+    clusters
+        .into_iter()
+        .flat_map(|c| {
+            c.services
+                .values()
+                .map(|s| ((c.id.clone(), s.key()), s.ports.clone()))
+        })
+        .collect()
+}
+
+/// Whether the endpoints of a cluster whose Service has `own` ports serve the import's port
+/// named `name`: not when the cluster defines that port differently from the import (a
+/// newer export that lost a port conflict), so the VIP's port reaches only the clusters
+/// that expose it as the import does. Unknown ports serve.
+fn serves(svc: &ImportedService, own: Option<&Vec<ServicePort>>, name: &Option<String>) -> bool {
+    let Some(own) = own.and_then(|ports| ports.iter().find(|p| &p.name == name)) else {
+        return true;
+    };
+    svc.ports
+        .iter()
+        .any(|p| &p.name == name && p.protocol == own.protocol && p.port == own.port)
+}
+
 /// The MCS EndpointSlices of one exporting cluster: IPv4, and IPv6 when it has such
-/// endpoints.
-fn slices_of(svc: &ImportedService, backend: &Backend) -> Vec<EndpointSlice> {
+/// endpoints. `own_ports` are the cluster's own Service ports, if known.
+fn slices_of(
+    svc: &ImportedService,
+    backend: &Backend,
+    own_ports: Option<&Vec<ServicePort>>,
+) -> Vec<EndpointSlice> {
     let derived = (svc.kind == ServiceKind::ClusterSetIP && !svc.ports.is_empty())
         .then(|| derived_service_name(&svc.name));
     let mut out = Vec::new();
@@ -297,6 +331,7 @@ fn slices_of(svc: &ImportedService, backend: &Backend) -> Vec<EndpointSlice> {
         let ports = backend
             .endpoint_ports
             .iter()
+            .filter(|p| serves(svc, own_ports, &p.name))
             .map(|p| EndpointPort {
                 name: p.name.clone(),
                 protocol: Some(protocol_name(p.protocol).into()),
@@ -329,8 +364,10 @@ fn slices_of(svc: &ImportedService, backend: &Backend) -> Vec<EndpointSlice> {
 }
 
 /// Every ServiceImport, derived Service and EndpointSlice the imports call for: every
-/// service exported anywhere in the clusterset, here too.
-pub fn desired_objects(imports: &Imports) -> DesiredObjects {
+/// service exported anywhere in the clusterset, here too. `service_ports` (each exporting
+/// cluster's own Service ports, see [`service_ports`]) keep a port that a cluster defines
+/// differently from the import off that cluster's slices.
+pub fn desired_objects(imports: &Imports, service_ports: &ServicePorts) -> DesiredObjects {
     let mut out = DesiredObjects::default();
     for svc in imports.services.values() {
         out.imports
@@ -342,7 +379,8 @@ pub fn desired_objects(imports: &Imports) -> DesiredObjects {
             );
         }
         for backend in &svc.backends {
-            for slice in slices_of(svc, backend) {
+            let own = service_ports.get(&(backend.cluster.clone(), svc.key()));
+            for slice in slices_of(svc, backend, own) {
                 let name = slice.metadata.name.clone().unwrap_or_default();
                 out.slices.insert((svc.namespace.clone(), name), slice);
             }
@@ -589,7 +627,10 @@ pub async fn run(client: Client, hub: Hub, grace: Duration) {
     loop {
         let view = rx.borrow_and_update().clone();
         if let Some(view) = view {
-            let desired = desired_objects(&view.imports);
+            let ports = service_ports(
+                std::iter::once(&*view.local).chain(view.remotes.iter().map(|r| &**r)),
+            );
+            let desired = desired_objects(&view.imports, &ports);
             for e in writer.apply(&desired).await {
                 tracing::warn!(error = %trellis_core::error_chain(&e), "writing an import");
             }
@@ -634,7 +675,6 @@ pub fn namespaces(d: &DesiredObjects) -> BTreeSet<String> {
 mod tests {
     use super::*;
     use trellis_core::cluster::fixture::{clusters_a_b, export, id};
-    use trellis_core::cluster::{ServiceKey, ServicePort};
 
     fn imports(vips: &[&str]) -> Imports {
         let (mut a, mut b) = clusters_a_b();
@@ -667,7 +707,7 @@ mod tests {
 
     #[test]
     fn every_exported_service_is_imported_with_its_slices_per_cluster() {
-        let d = desired_objects(&imports(&[]));
+        let d = desired_objects(&imports(&[]), &ServicePorts::new());
         assert_eq!(d.imports.len(), 2, "local-only services are imported too");
         let si = &d.imports[&("shop".into(), "web".into())];
         assert_eq!(si.spec.type_, ServiceImportType::ClusterSetIP);
@@ -718,7 +758,10 @@ mod tests {
 
     #[test]
     fn a_clusterset_ip_import_gets_a_derived_service_and_its_ips() {
-        let d = desired_objects(&imports(&["10.100.0.7", "fd00:100::7"]));
+        let d = desired_objects(
+            &imports(&["10.100.0.7", "fd00:100::7"]),
+            &ServicePorts::new(),
+        );
         let si = &d.imports[&("shop".into(), "web".into())];
         assert_eq!(si.spec.ips, ["10.100.0.7", "fd00:100::7"]);
         assert_eq!(si.spec.ip_families, ["IPv4", "IPv6"]);
@@ -735,6 +778,39 @@ mod tests {
         let l = svc.metadata.labels.as_ref().unwrap();
         assert_eq!(l[LABEL_MCS_SERVICE_NAME], "web");
         assert_eq!(l[LABEL_MANAGED_BY], MANAGER);
+    }
+
+    #[test]
+    fn a_cluster_defining_a_port_unlike_the_import_does_not_serve_it() {
+        let imports = imports(&[]);
+        let mut web = imports.services["shop/web"].clone();
+        // Named as a real slice's port is, after its Service port.
+        for b in &mut web.backends {
+            b.endpoint_ports[0].name = Some("http".into());
+        }
+        let own = |port: u16| vec![ServicePort::new(Some("http".into()), Protocol::Tcp, port)];
+        let served = |cluster: &str, ports: &ServicePorts| {
+            let b = web
+                .backends
+                .iter()
+                .find(|b| b.cluster == id(cluster))
+                .unwrap();
+            slices_of(&web, b, ports.get(&(id(cluster), web.key())))[0]
+                .ports
+                .clone()
+                .unwrap()
+                .len()
+        };
+        // The import's http is 80 (the oldest export's); b defines it as 81.
+        assert_eq!(web.ports[0].port, 80);
+        let ports = ServicePorts::from([
+            ((id("a"), web.key()), own(80)),
+            ((id("b"), web.key()), own(81)),
+        ]);
+        assert_eq!(served("a", &ports), 1);
+        assert_eq!(served("b", &ports), 0);
+        // Without a cluster's own ports, nothing is left off.
+        assert_eq!(served("b", &ServicePorts::new()), 1);
     }
 
     #[test]

@@ -80,7 +80,7 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "default");
     let calls = common::Calls::default();
-    let desired = desired_objects(&imports());
+    let desired = desired_objects(&imports(), &Default::default());
     assert_eq!(desired.imports.len(), 2);
 
     let writer = tokio::spawn(async move {
@@ -524,7 +524,10 @@ fn written_objects_match_their_schemas_and_wrong_fields_are_caught() {
         ],
     )]
     .into();
-    let desired = desired_objects(&Imports::build(&id("a"), [&a, &b], &vips, 1));
+    let desired = desired_objects(
+        &Imports::build(&id("a"), [&a, &b], &vips, 1),
+        &Default::default(),
+    );
     assert_eq!(
         (
             desired.imports.len(),

@@ -24,7 +24,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::client::Body;
 use serde_json::{Value, json};
 use trellis_controller::crd::{ServiceImport, ServiceImportType};
-use trellis_controller::import_writer::{DesiredObjects, ImportWriter, desired_objects};
+use trellis_controller::import_writer::{
+    DesiredObjects, ImportWriter, desired_objects, service_ports,
+};
 use trellis_controller::kube_source::export_conditions;
 use trellis_controller::objects::{export_statuses, parse_objects, source_state};
 use trellis_core::cluster::{ClusterId, ClusterState, ServiceKey};
@@ -188,7 +190,7 @@ impl Cluster {
             })
             .collect();
         Seen {
-            desired: desired_objects(&imports),
+            desired: desired_objects(&imports, &service_ports([&local, &remote])),
             conditions,
         }
     }
@@ -972,5 +974,40 @@ fn each_port_goes_only_to_the_clusters_that_expose_it() {
                 other => panic!("a slice from {other}"),
             }
         }
+    }
+}
+
+/// "Connectivity to exported services with same port name but different port numbers on each
+/// cluster should only route traffic to the cluster that exposes the port" (Optional,
+/// Connectivity, StrictPortConflict), on the Kubernetes side: c1's older `tcp` is 42, c2's
+/// `tcp` is 4242, so the import's `tcp` is 42 and c2's slices leave `tcp` out: kube-proxy
+/// sends the VIP's port 42 to c1's endpoints only.
+#[test]
+fn a_port_defined_differently_by_a_newer_export_goes_only_to_the_oldest() {
+    let c1 = c1_exporting();
+    let c2 = c2_exporting().change("Service", |s| {
+        s["spec"]["ports"] =
+            json!([{"name": "tcp", "port": 4242, "protocol": "TCP", "targetPort": 42}])
+    });
+    for seen in [c1.sync(&c2), c2.sync(&c1)] {
+        assert_eq!(
+            ports_of(seen.expect_import("either")),
+            [port("tcp", "TCP", 42), port("udp", "UDP", 42)]
+        );
+        let mut by_cluster: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for slice in seen.desired.slices.values() {
+            let cluster = slice.metadata.labels.as_ref().unwrap()
+                ["multicluster.kubernetes.io/source-cluster"]
+                .clone();
+            let names = slice.ports.iter().flatten().filter_map(|p| p.name.clone());
+            by_cluster.entry(cluster).or_default().extend(names);
+        }
+        for names in by_cluster.values_mut() {
+            names.sort();
+            names.dedup();
+        }
+        assert_eq!(by_cluster["c1"], ["tcp", "udp"]);
+        // c2's endpoints serve udp (defined as the import has it), not tcp.
+        assert_eq!(by_cluster["c2"], ["udp"]);
     }
 }

@@ -1,5 +1,5 @@
 //! The Kubernetes source: reflectors over Nodes, Services, EndpointSlices and ServiceExports
-//! (required), ClusterProperties and ServiceCIDRs (optional: their APIs may be absent), and
+//! (`multicluster.x-k8s.io/v1beta1`; required), ClusterProperties and ServiceCIDRs (optional: their APIs may be absent), and
 //! with NetworkPolicy enforcement Namespaces, Pods and NetworkPolicies (required). Once
 //! every required kind has listed, each change (debounced) rebuilds the cluster state from the
 //! stores with [`crate::objects::source_state`].
@@ -8,7 +8,7 @@
 //! the stores keep the last listed state meanwhile, so nothing is withdrawn because the API
 //! server restarted.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::time::Duration;
 
@@ -21,8 +21,14 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use trellis_core::cluster::{ClusterId, ServiceKey};
+use trellis_core::imports::Imports;
+
 use crate::crd::{ClusterProperty, ServiceExport};
-use crate::objects::Objects;
+use crate::hub::{Hub, MeshView};
+use crate::objects::{ExportStatus, Objects};
 use crate::static_source::StateSink;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -87,45 +93,159 @@ pub async fn cluster_id(client: Client) -> Result<trellis_core::cluster::Cluster
         .map_err(|source| crate::Error::ClusterIdProperty { source })
 }
 
-/// Runs until cancelled, delivering the cluster's state to `sink` after every change, and
-/// keeps the ServiceExports' `Valid` conditions up to date.
+/// Runs until cancelled, delivering the cluster's state to the hub after every change, and
+/// keeps the ServiceExports' conditions (`Valid`, `Ready`, `Conflict`) up to date with the
+/// objects and the hub's view of the clusterset.
 /// With `network_policy`, Namespaces, Pods and NetworkPolicies are watched too.
-pub async fn run(client: Client, sink: impl StateSink, network_policy: bool) {
+pub async fn run(client: Client, hub: Hub, network_policy: bool) {
     let (tx, rx) = tokio::sync::watch::channel(ExportStatuses::new());
-    let writer = tokio::spawn(write_export_statuses(client.clone(), rx));
+    let writer = tokio::spawn(write_export_statuses(
+        client.clone(),
+        hub.id().clone(),
+        rx,
+        hub.subscribe_view(),
+    ));
     let options = SourceOptions {
         debounce: Duration::from_millis(100),
         network_policy,
     };
-    run_with_status(client, sink, options, Some(tx)).await;
+    run_with_status(client, hub, options, Some(tx)).await;
     writer.abort();
 }
 
-/// Server-side applies the `Valid` condition of each ServiceExport whose status changed;
-/// runs until the sender is dropped.
+pub const CONDITION_VALID: &str = "Valid";
+pub const CONDITION_READY: &str = "Ready";
+pub const CONDITION_CONFLICT: &str = "Conflict";
+/// The reason of the Event a ServiceExport gets when it enters conflict.
+pub const EVENT_CONFLICT: &str = "ServiceExportConflict";
+
+/// The conditions a ServiceExport should have (transition times unset): `Valid` from the
+/// objects; `Ready` (`Exported` once the clusterset's imports hold this cluster's export,
+/// `Pending` before, `Failed` if invalid); and, once imported, `Conflict` (`True` with the
+/// reasons the exports disagree on, naming the cluster whose export won; `NoConflicts`
+/// otherwise). `imports` is `None` until the mesh view exists.
+pub fn export_conditions(
+    local: &ClusterId,
+    key: &ServiceKey,
+    status: &ExportStatus,
+    imports: Option<&Imports>,
+) -> Vec<Condition> {
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| Condition {
+        type_: type_.to_owned(),
+        status: if ok { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        observed_generation: None,
+    };
+    let mut out = vec![cond(
+        CONDITION_VALID,
+        status.valid,
+        status.reason,
+        status.message.clone(),
+    )];
+    if !status.valid {
+        out.push(cond(
+            CONDITION_READY,
+            false,
+            "Failed",
+            format!("not exported: {}", status.message),
+        ));
+        return out;
+    }
+    let import = imports
+        .and_then(|i| i.services.get(&key.to_string()))
+        .filter(|i| i.backends.iter().any(|b| &b.cluster == local));
+    let Some(import) = import else {
+        out.push(cond(
+            CONDITION_READY,
+            false,
+            "Pending",
+            format!("Service {key} is being exported to the clusterset"),
+        ));
+        return out;
+    };
+    out.push(cond(
+        CONDITION_READY,
+        true,
+        "Exported",
+        format!(
+            "Service {key} is exported to the clusterset by {} cluster(s)",
+            import.backends.len()
+        ),
+    ));
+    out.push(match import.conflict_reason() {
+        Some(reason) => cond(
+            CONDITION_CONFLICT,
+            true,
+            &reason,
+            format!(
+                "the exports of {key} disagree ({reason}); the oldest export, cluster {}'s, \
+                 wins",
+                import.oldest
+            ),
+        ),
+        None => cond(
+            CONDITION_CONFLICT,
+            false,
+            "NoConflicts",
+            format!("every export of {key} agrees"),
+        ),
+    });
+    out
+}
+
+fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// Whether a ServiceExport whose conditions were `previous` enters conflict with `next`.
+pub fn entered_conflict(previous: &[Condition], next: &[Condition]) -> bool {
+    !is_true(previous, CONDITION_CONFLICT) && is_true(next, CONDITION_CONFLICT)
+}
+
+/// Server-side applies the conditions of each ServiceExport whose conditions changed, from
+/// its objects' status and the hub's imports, and emits an Event on a ServiceExport when it
+/// enters conflict; runs until the statuses' sender is dropped.
 pub async fn write_export_statuses(
     client: Client,
+    local: ClusterId,
     mut rx: tokio::sync::watch::Receiver<ExportStatuses>,
+    mut view: tokio::sync::watch::Receiver<Option<std::sync::Arc<MeshView>>>,
 ) {
     use kube::api::{Patch, PatchParams};
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
     let pp = PatchParams::apply(crate::import_writer::FIELD_MANAGER).force();
-    let mut applied = ExportStatuses::new();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: crate::import_writer::FIELD_MANAGER.into(),
+            instance: None,
+        },
+    );
+    let mut applied: BTreeMap<ServiceKey, Vec<Condition>> = BTreeMap::new();
+    let mut view_open = true;
     loop {
         let current = rx.borrow_and_update().clone();
+        let mesh = view.borrow_and_update().clone();
         for (key, status) in &current {
-            if applied.get(key) == Some(status) {
+            let mut conditions =
+                export_conditions(&local, key, status, mesh.as_ref().map(|v| &*v.imports));
+            let previous = applied
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| status.conditions.clone());
+            crate::import_writer::stamp_conditions(&mut conditions, &previous, now());
+            if conditions == previous {
+                applied.insert(key.clone(), conditions);
                 continue;
             }
             let patch = serde_json::json!({
-                "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                "apiVersion": crate::crd::API_VERSION,
                 "kind": "ServiceExport",
-                "status": {"conditions": [{
-                    "type": "Valid",
-                    "status": if status.valid { "True" } else { "False" },
-                    "reason": status.reason,
-                    "message": status.message,
-                    "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
-                }]},
+                "status": {"conditions": conditions},
             });
             let api: Api<ServiceExport> = Api::namespaced(client.clone(), &key.namespace);
             match api
@@ -133,18 +253,46 @@ pub async fn write_export_statuses(
                 .await
             {
                 Ok(_) => {
-                    applied.insert(key.clone(), status.clone());
+                    if entered_conflict(&previous, &conditions) {
+                        let conflict = conditions.iter().find(|c| c.type_ == CONDITION_CONFLICT);
+                        let event = Event {
+                            type_: EventType::Warning,
+                            reason: EVENT_CONFLICT.into(),
+                            note: conflict.map(|c| format!("{}: {}", c.reason, c.message)),
+                            action: "Export".into(),
+                            secondary: None,
+                        };
+                        let reference = ObjectReference {
+                            api_version: Some(crate::crd::API_VERSION.into()),
+                            kind: Some("ServiceExport".into()),
+                            name: Some(key.name.clone()),
+                            namespace: Some(key.namespace.clone()),
+                            uid: status.uid.clone(),
+                            ..Default::default()
+                        };
+                        if let Err(e) = recorder.publish(&event, &reference).await {
+                            tracing::warn!(service = %key, error = %trellis_core::error_chain(&e), "emitting a ServiceExport conflict Event");
+                        }
+                    }
+                    applied.insert(key.clone(), conditions);
                 }
                 Err(e) => {
-                    tracing::warn!(service = %key, error = %trellis_core::error_chain(&e), "writing a ServiceExport condition")
+                    tracing::warn!(service = %key, error = %trellis_core::error_chain(&e), "writing a ServiceExport's conditions")
                 }
             }
         }
         applied.retain(|k, _| current.contains_key(k));
-        if rx.changed().await.is_err() {
-            return;
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            r = view.changed(), if view_open => if r.is_err() { view_open = false },
         }
     }
+}
+
+fn now() -> Time {
+    // Conditions carry whole seconds on the wire.
+    let t = k8s_openapi::jiff::Timestamp::now();
+    Time(k8s_openapi::jiff::Timestamp::from_second(t.as_second()).unwrap_or(t))
 }
 
 /// How the source runs: the debounce interval (tests use a short one) and whether it
@@ -169,9 +317,9 @@ pub async fn run_with_options(client: Client, sink: impl StateSink, options: Sou
     run_with_status(client, sink, options, None).await
 }
 
-/// The ServiceExports' conditions, published after every rebuild.
-pub type ExportStatuses =
-    std::collections::BTreeMap<trellis_core::cluster::ServiceKey, crate::objects::ExportStatus>;
+/// The ServiceExports' `Valid` conditions (and the conditions they have), published after
+/// every rebuild.
+pub type ExportStatuses = BTreeMap<ServiceKey, ExportStatus>;
 
 /// As [`run_with`], also publishing every ServiceExport's condition on `statuses`.
 pub async fn run_with_status(

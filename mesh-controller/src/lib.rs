@@ -80,6 +80,11 @@ pub enum Error {
         #[source]
         source: trellis_core::cluster::ClusterError,
     },
+    #[error("merging the versions of a CRD")]
+    MergeCrd {
+        #[source]
+        source: kube::core::crd::MergeError,
+    },
     #[error("serialising a CRD")]
     SerializeCrd {
         #[source]

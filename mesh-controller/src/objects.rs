@@ -5,15 +5,20 @@
 //!   `status.addresses`, and optionally the gateway from the annotations
 //!   `trellis.dev/gateway-endpoint` and `trellis.dev/public-key` (gateway registrations
 //!   override them).
-//! * A Service is exported when a ServiceExport of the same namespace and name exists; its
-//!   endpoints come from the EndpointSlices labelled `kubernetes.io/service-name`, except those
-//!   the controller wrote itself for imports (labelled `multicluster.kubernetes.io/source-cluster`),
-//!   so imports are never re-exported.
+//! * A Service is exported when a ServiceExport (of either served version) of the same
+//!   namespace and name exists; its endpoints come from the EndpointSlices labelled
+//!   `kubernetes.io/service-name`, except those the controller wrote itself for imports
+//!   (labelled `multicluster.kubernetes.io/source-cluster`), so imports are never re-exported.
+//!   The export's properties (creation time, exported labels and annotations, the Service's
+//!   session affinity, traffic policies and IP families) go with it.
+//! * The derived Services the controller creates for its ClusterSetIP imports (labelled
+//!   `multicluster.kubernetes.io/service-name` and managed by `trellis-controller`) are never
+//!   exported; their ClusterIPs are the imports' clusterset IPs.
 //! * Service CIDRs from ServiceCIDR objects (`networking.k8s.io/v1`), if any.
 //! * The cluster ID from the ClusterProperty `cluster.clusterset.k8s.io`, if any.
 //! * NetworkPolicies, Pods and Namespaces, converted by [`crate::policy_source`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -21,8 +26,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use serde::Deserialize;
 use trellis_core::cluster::{
-    ClusterId, Endpoint, ExportedService, NodeGateway, NodeState, Protocol, PublicKey, ServiceKey,
-    ServiceKind, ServicePort,
+    ClusterId, Endpoint, ExportProperties, ExportedService, NodeGateway, NodeState, Protocol,
+    PublicKey, ServiceKey, ServiceKind, ServicePort,
 };
 
 use crate::Error;
@@ -34,6 +39,9 @@ pub const ANNOTATION_PUBLIC_KEY: &str = "trellis.dev/public-key";
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_MCS_SERVICE_NAME: &str = "multicluster.kubernetes.io/service-name";
 pub const LABEL_SOURCE_CLUSTER: &str = "multicluster.kubernetes.io/source-cluster";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The `app.kubernetes.io/managed-by` value on every object the controller writes.
+pub const MANAGER: &str = "trellis-controller";
 
 /// The objects a source holds.
 #[derive(Debug, Clone, Default)]
@@ -179,8 +187,72 @@ pub fn exported_service(svc: &Service, slices: &[&EndpointSlice]) -> Option<Expo
         ports,
         endpoints,
         endpoint_ports,
-        properties: Default::default(),
+        properties: service_properties(spec),
     })
+}
+
+/// What the Service says of itself beyond type and ports (KEP-1645 copies it to the import).
+fn service_properties(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> ExportProperties {
+    ExportProperties {
+        session_affinity: spec.session_affinity.clone(),
+        session_affinity_timeout: spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds),
+        internal_traffic_policy: spec.internal_traffic_policy.clone(),
+        traffic_distribution: spec.traffic_distribution.clone(),
+        ip_families: spec.ip_families.clone().unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// What the ServiceExport adds to its Service's properties: its creation time (which decides
+/// conflicts: the oldest export wins) and the labels and annotations it exports.
+fn add_export_properties(properties: &mut ExportProperties, export: &ServiceExport) {
+    properties.exported_at = export
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second());
+    properties.labels = export.spec.exported_labels.clone();
+    properties.annotations = export.spec.exported_annotations.clone();
+}
+
+/// Whether the Service is one the controller derived for a ClusterSetIP import: it carries
+/// both labels the controller sets. Such a Service is never exported.
+pub fn is_derived_service(svc: &Service) -> bool {
+    derived_service_import(svc).is_some()
+}
+
+/// The import a derived Service serves, by its labels; `None` for any other Service.
+fn derived_service_import(svc: &Service) -> Option<ServiceKey> {
+    let labels = svc.metadata.labels.as_ref()?;
+    if labels.get(LABEL_MANAGED_BY).map(String::as_str) != Some(MANAGER) {
+        return None;
+    }
+    let import = labels.get(LABEL_MCS_SERVICE_NAME)?;
+    Some(ServiceKey::new(svc.metadata.namespace.clone()?, import))
+}
+
+/// The clusterset IPs of the imports: the ClusterIPs the API server gave their derived
+/// Services, in the Services' order (their `ipFamilies`).
+fn clusterset_ips(services: &[Service]) -> BTreeMap<ServiceKey, Vec<IpAddr>> {
+    services
+        .iter()
+        .filter_map(|svc| {
+            let key = derived_service_import(svc)?;
+            let spec = svc.spec.as_ref()?;
+            let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+            if ips.is_empty()
+                && let Some(ip) = &spec.cluster_ip
+            {
+                ips.push(ip.clone());
+            }
+            let ips: Vec<IpAddr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+            (!ips.is_empty()).then_some((key, ips))
+        })
+        .collect()
 }
 
 /// The cluster as the objects describe it.
@@ -191,14 +263,14 @@ pub fn source_state(objects: &Objects) -> SourceState {
         .filter_map(node_state)
         .map(|n| (n.name.clone(), n))
         .collect();
-    let exported: BTreeSet<ServiceKey> = objects
+    let exported: BTreeMap<ServiceKey, &ServiceExport> = objects
         .service_exports
         .iter()
         .filter(|e| e.metadata.deletion_timestamp.is_none())
         .filter_map(|e| {
-            Some(ServiceKey::new(
-                e.metadata.namespace.clone()?,
-                e.metadata.name.clone()?,
+            Some((
+                ServiceKey::new(e.metadata.namespace.clone()?, e.metadata.name.clone()?),
+                e,
             ))
         })
         .collect();
@@ -224,14 +296,17 @@ pub fn source_state(objects: &Objects) -> SourceState {
         .iter()
         .filter_map(|svc| {
             let key = ServiceKey::new(svc.metadata.namespace.clone()?, svc.metadata.name.clone()?);
-            if !exported.contains(&key) {
+            let export = exported.get(&key)?;
+            if is_derived_service(svc) {
                 return None;
             }
             let slices = slices_by_service
                 .get(&key)
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
-            exported_service(svc, slices).map(|s| (key, s))
+            let mut service = exported_service(svc, slices)?;
+            add_export_properties(&mut service.properties, export);
+            Some((key, service))
         })
         .collect();
     let mut service_cidrs: Vec<ipnet::IpNet> = objects
@@ -259,16 +334,21 @@ pub fn source_state(objects: &Objects) -> SourceState {
             &objects.namespaces,
         ),
         digest: None,
-        clusterset_ips: BTreeMap::new(),
+        clusterset_ips: clusterset_ips(&objects.services),
     }
 }
 
-/// What the controller reports on a ServiceExport (KEP-1645's `Valid` condition).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the controller reports on a ServiceExport: KEP-1645's `Valid` condition (the
+/// `Ready` and `Conflict` conditions need the clusterset's imports: see
+/// [`crate::kube_source::export_conditions`]). `conditions` are those the object has now.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExportStatus {
     pub valid: bool,
     pub reason: &'static str,
     pub message: String,
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    /// The ServiceExport's UID (the subject of its Events).
+    pub uid: Option<String>,
 }
 
 /// The `Valid` condition of every ServiceExport: whether its Service exists and can be
@@ -295,6 +375,8 @@ pub fn export_statuses(objects: &Objects) -> BTreeMap<ServiceKey, ExportStatus> 
                     valid: false,
                     reason: "NoService",
                     message: format!("Service {key} does not exist"),
+                    conditions: Vec::new(),
+                    uid: None,
                 },
                 Some(svc)
                     if svc.spec.as_ref().and_then(|s| s.type_.as_deref())
@@ -302,17 +384,44 @@ pub fn export_statuses(objects: &Objects) -> BTreeMap<ServiceKey, ExportStatus> 
                 {
                     ExportStatus {
                         valid: false,
-                        reason: "IncompatibleServiceType",
-                        message: format!("Service {key} is of type ExternalName"),
+                        reason: "InvalidServiceType",
+                        message: format!(
+                            "Service {key} is of type ExternalName, which cannot be exported"
+                        ),
+                        conditions: Vec::new(),
+                        uid: None,
                     }
                 }
+                Some(svc) if is_derived_service(svc) => ExportStatus {
+                    valid: false,
+                    reason: "InvalidServiceType",
+                    message: format!(
+                        "Service {key} is derived by trellis-controller for an import, which \
+                         cannot be exported"
+                    ),
+                    conditions: Vec::new(),
+                    uid: None,
+                },
                 Some(_) => ExportStatus {
                     valid: true,
-                    reason: "Exported",
-                    message: format!("Service {key} is exported to the clusterset"),
+                    reason: "Valid",
+                    message: format!("Service {key} can be exported"),
+                    conditions: Vec::new(),
+                    uid: None,
                 },
             };
-            Some((key, status))
+            Some((
+                key,
+                ExportStatus {
+                    conditions: e
+                        .status
+                        .as_ref()
+                        .map(|s| s.conditions.clone())
+                        .unwrap_or_default(),
+                    uid: e.metadata.uid.clone(),
+                    ..status
+                },
+            ))
         })
         .collect()
 }
@@ -439,6 +548,100 @@ mod tests {
         assert!(!ghost.valid);
         assert_eq!(ghost.reason, "NoService");
         assert_eq!(ghost.message, "Service shop/ghost does not exist");
+    }
+
+    #[test]
+    fn external_name_and_derived_services_are_never_exported() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: shop}
+spec: {type: ExternalName, externalName: example.com}
+---
+apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceExport
+metadata: {name: ext, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: derived-web
+  namespace: shop
+  labels: {app.kubernetes.io/managed-by: trellis-controller, multicluster.kubernetes.io/service-name: web}
+spec: {clusterIP: 10.96.9.9, clusterIPs: [10.96.9.9, "fd00::9"], ports: [{port: 80}]}
+---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {name: derived-web, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: claims-to-be-derived
+  namespace: shop
+  labels: {multicluster.kubernetes.io/service-name: api}
+spec: {clusterIP: 10.96.9.10, ports: [{port: 80}]}
+"#;
+        let objects = parse_objects(yaml).unwrap();
+        let s = source_state(&objects);
+        assert!(s.services.is_empty(), "{:?}", s.services.keys());
+        assert_eq!(
+            s.clusterset_ips,
+            BTreeMap::from([(
+                ServiceKey::new("shop", "web"),
+                vec!["10.96.9.9".parse().unwrap(), "fd00::9".parse().unwrap()]
+            )]),
+            "only a Service with both labels is a derived one"
+        );
+        let st = export_statuses(&objects);
+        for name in ["ext", "derived-web"] {
+            let status = &st[&ServiceKey::new("shop", name)];
+            assert!(!status.valid, "{name}");
+            assert_eq!(status.reason, "InvalidServiceType", "{name}");
+        }
+    }
+
+    #[test]
+    fn an_export_carries_its_properties_from_either_version() {
+        for version in ["v1alpha1", "v1beta1"] {
+            let yaml = format!(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop, labels: {{own: label}}}}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{{name: http, port: 80, appProtocol: http}}]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 60}}}}
+  internalTrafficPolicy: Local
+  trafficDistribution: PreferClose
+  ipFamilies: [IPv4]
+---
+apiVersion: multicluster.x-k8s.io/{version}
+kind: ServiceExport
+metadata: {{name: web, namespace: shop, creationTimestamp: "2026-01-01T00:00:10Z"}}
+spec:
+  exportedLabels: {{tier: front}}
+  exportedAnnotations: {{note: hi}}
+"#
+            );
+            let s = source_state(&parse_objects(&yaml).unwrap());
+            let web = &s.services[&ServiceKey::new("shop", "web")];
+            let p = &web.properties;
+            assert_eq!(p.exported_at, Some(1_767_225_610), "{version}");
+            assert_eq!(p.session_affinity.as_deref(), Some("ClientIP"));
+            assert_eq!(p.session_affinity_timeout, Some(60));
+            assert_eq!(p.internal_traffic_policy.as_deref(), Some("Local"));
+            assert_eq!(p.traffic_distribution.as_deref(), Some("PreferClose"));
+            assert_eq!(p.ip_families, ["IPv4"]);
+            assert_eq!(p.labels, BTreeMap::from([("tier".into(), "front".into())]));
+            assert_eq!(
+                p.annotations,
+                BTreeMap::from([("note".into(), "hi".into())])
+            );
+            assert_eq!(web.ports[0].app_protocol.as_deref(), Some("http"));
+        }
     }
 
     #[test]

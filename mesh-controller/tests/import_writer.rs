@@ -1,6 +1,7 @@
-//! The import writer against a scripted API server: server-side apply of ServiceImports and
-//! EndpointSlices, nothing re-applied when nothing changed, failures that do not stop the
-//! rest, and pruning of managed objects no longer exported (only once the grace period after
+//! The import writer against a scripted API server: server-side apply of ServiceImports,
+//! derived Services (owned by their ServiceImport) and EndpointSlices, nothing re-applied when
+//! nothing changed, failures that do not stop the rest, and pruning of managed objects no
+//! longer exported (only once the grace period after
 //! start has passed). Every object written is validated against its schema, and every request
 //! against the chart's RBAC.
 
@@ -13,8 +14,8 @@ use kube::client::Body;
 use serde_json::{Value, json};
 use trellis_controller::import_writer::{ImportWriter, desired_objects};
 use trellis_core::cluster::fixture::{cluster, clusters_a_b, export, id, service};
-use trellis_core::cluster::{ClusterId, ServiceKey, ServicePort};
-use trellis_core::imports::{ImportedService, Imports};
+use trellis_core::cluster::{ServiceKey, ServicePort};
+use trellis_core::imports::Imports;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -29,10 +30,6 @@ fn imports() -> Imports {
         &["10.2.0.6"],
     );
     Imports::build(&id("a"), [&a, &b], &Default::default(), 1)
-}
-
-fn no_ports(_: &ClusterId, _: &ImportedService) -> Vec<ServicePort> {
-    vec![]
 }
 
 /// The next request, recorded in `calls`; a written object (a PATCH body) must validate
@@ -83,7 +80,7 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "default");
     let calls = common::Calls::default();
-    let desired = desired_objects(&imports(), &no_ports);
+    let desired = desired_objects(&imports(), &Default::default());
     assert_eq!(desired.imports.len(), 2);
 
     let writer = tokio::spawn(async move {
@@ -99,13 +96,13 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     assert_eq!(req.method(), Method::PATCH);
     assert_eq!(
         req.uri().path(),
-        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/nowhere/serviceimports/api"
+        "/apis/multicluster.x-k8s.io/v1beta1/namespaces/nowhere/serviceimports/api"
     );
     respond(send, 404, not_found("nowhere"));
     let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(
         req.uri().path(),
-        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports/web"
+        "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceimports/web"
     );
     let query = req.uri().query().unwrap().to_string();
     assert!(query.contains("fieldManager=trellis-controller"), "{query}");
@@ -114,18 +111,42 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
         req.headers()["content-type"],
         "application/apply-patch+yaml"
     );
-    let body = body_json(req).await;
+    let mut body = body_json(req).await;
     assert_eq!(body["kind"], "ServiceImport");
     assert_eq!(body["spec"]["type"], "ClusterSetIP");
+    body["metadata"]["uid"] = json!("uid-web");
     respond(send, 200, body);
     let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.method(), Method::PATCH);
     assert_eq!(
         req.uri().path(),
-        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports/web/status"
+        "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceimports/web/status"
     );
     let body = body_json(req).await;
     assert_eq!(body["status"]["clusters"][0]["cluster"], "b");
+    assert_eq!(body["status"]["conditions"][0]["type"], "Ready");
+    assert_eq!(body["status"]["conditions"][0]["reason"], "Pending");
+    respond(send, 200, body);
+    // Then the derived Services: api's waits for its ServiceImport (it failed); web's is
+    // owned by the ServiceImport just applied.
+    let (req, send) = next(&mut handle, &calls).await;
+    assert_eq!(
+        req.uri().path(),
+        "/api/v1/namespaces/shop/services/derived-web"
+    );
+    let body = body_json(req).await;
+    assert_eq!(body["spec"]["type"], "ClusterIP");
+    assert!(body["spec"].get("selector").is_none(), "{body}");
+    assert_eq!(body["spec"]["ports"][0]["port"], 80);
+    assert_eq!(
+        body["metadata"]["labels"]["multicluster.kubernetes.io/service-name"],
+        "web"
+    );
+    let owner = &body["metadata"]["ownerReferences"][0];
+    assert_eq!(owner["kind"], "ServiceImport");
+    assert_eq!(owner["apiVersion"], "multicluster.x-k8s.io/v1beta1");
+    assert_eq!(owner["name"], "web");
+    assert_eq!(owner["uid"], "uid-web");
     respond(send, 200, body);
     // Then the slices: nowhere's fails too, shop's succeeds.
     let (req, send) = next(&mut handle, &calls).await;
@@ -149,6 +170,14 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
         body["metadata"]["labels"]["multicluster.kubernetes.io/service-name"],
         "web"
     );
+    assert_eq!(
+        body["metadata"]["labels"]["kubernetes.io/service-name"],
+        "derived-web"
+    );
+    assert_ne!(
+        body["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"],
+        "endpointslice-controller.k8s.io"
+    );
     respond(send, 200, body);
 
     // The second apply re-sends only what failed (the missing namespace), nothing for shop.
@@ -167,7 +196,7 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     assert_eq!(req.method(), Method::GET);
     assert_eq!(
         req.uri().path(),
-        "/apis/multicluster.x-k8s.io/v1alpha1/serviceimports"
+        "/apis/multicluster.x-k8s.io/v1beta1/serviceimports"
     );
     assert!(
         req.uri()
@@ -178,22 +207,44 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
         req.uri()
     );
     let si = |ns: &str, name: &str| {
-        json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+        json!({"apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport",
         "metadata": {"name": name, "namespace": ns, "resourceVersion": "7"}, "spec": {"type": "ClusterSetIP", "ports": []}})
     };
     respond(
         send,
         200,
-        json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImportList",
+        json!({"apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImportList",
         "metadata": {"resourceVersion": "9"}, "items": [si("shop", "web"), si("shop", "old")]}),
     );
     let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.method(), Method::DELETE);
     assert_eq!(
         req.uri().path(),
-        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports/old"
+        "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceimports/old"
     );
     respond(send, 200, si("shop", "old"));
+    let (req, send) = next(&mut handle, &calls).await;
+    assert_eq!(req.method(), Method::GET);
+    assert_eq!(req.uri().path(), "/api/v1/services");
+    assert!(
+        req.uri().query().unwrap().contains(
+            "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dtrellis-controller%2Cmulticluster.kubernetes.io%2Fservice-name"
+        ),
+        "only derived Services are listed: {}",
+        req.uri()
+    );
+    respond(send, 200, derived_list(&["derived-web", "derived-old"]));
+    let (req, send) = next(&mut handle, &calls).await;
+    assert_eq!(req.method(), Method::DELETE);
+    assert_eq!(
+        req.uri().path(),
+        "/api/v1/namespaces/shop/services/derived-old"
+    );
+    respond(
+        send,
+        200,
+        derived_list(&["derived-old"])["items"][0].clone(),
+    );
     let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.uri().path(), "/apis/discovery.k8s.io/v1/endpointslices");
     let slice = |name: &str| {
@@ -224,7 +275,7 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
         first[0]
     );
     assert_eq!(second.len(), 2);
-    assert_eq!(deleted, 2);
+    assert_eq!(deleted, 3);
     assert!(prune_errors.is_empty(), "{prune_errors:?}");
     calls.assert_allowed_by_the_chart();
 }
@@ -271,17 +322,36 @@ fn set_exports(hub: &trellis_controller::hub::Hub, services: &[&str]) {
     hub.peer_snapshot(b);
 }
 
-/// Answers `n` applies with their bodies; returns their paths in order.
+/// Answers `n` applies with their bodies (a ServiceImport gets a UID, as the API server
+/// gives it); returns their paths in order.
 async fn answer_applies(handle: &mut Handle, calls: &common::Calls, n: usize) -> Vec<String> {
     let mut paths = Vec::new();
     for _ in 0..n {
         let (req, send) = next(handle, calls).await;
         assert_eq!(req.method(), Method::PATCH);
         paths.push(req.uri().path().to_owned());
-        let body = body_json(req).await;
+        let mut body = body_json(req).await;
+        if body["kind"] == "ServiceImport" {
+            body["metadata"]["uid"] = json!(format!("uid-{}", body["metadata"]["name"]));
+        }
         respond(send, 200, body);
     }
     paths
+}
+
+/// A list of derived Services, as the API server returns them.
+fn derived_list(names: &[&str]) -> Value {
+    let items: Vec<Value> = names
+        .iter()
+        .map(|name| {
+            json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "shop", "resourceVersion": "8",
+                    "labels": {"app.kubernetes.io/managed-by": "trellis-controller",
+                        "multicluster.kubernetes.io/service-name": name.trim_start_matches("derived-")}},
+                "spec": {"type": "ClusterIP", "clusterIP": "10.96.5.5", "ports": [{"port": 80}]}})
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "ServiceList", "metadata": {"resourceVersion": "9"}, "items": items})
 }
 
 fn managed_list(kind: &str, api_version: &str, names: &[&str]) -> Value {
@@ -317,15 +387,18 @@ async fn the_run_loop_prunes_only_after_the_grace_period() {
     ));
 
     // The first view: both services applied at once, api before web.
-    let imports = "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports";
+    let imports = "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceimports";
     let slices = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices";
+    let services = "/api/v1/namespaces/shop/services";
     assert_eq!(
-        answer_applies(&mut handle, &calls, 6).await,
+        answer_applies(&mut handle, &calls, 8).await,
         [
             format!("{imports}/api"),
             format!("{imports}/api/status"),
             format!("{imports}/web"),
             format!("{imports}/web/status"),
+            format!("{services}/derived-api"),
+            format!("{services}/derived-web"),
             format!("{slices}/imported-api-b"),
             format!("{slices}/imported-web-b"),
         ]
@@ -353,14 +426,14 @@ async fn the_run_loop_prunes_only_after_the_grace_period() {
     assert_eq!(req.method(), Method::GET);
     assert_eq!(
         req.uri().path(),
-        "/apis/multicluster.x-k8s.io/v1alpha1/serviceimports"
+        "/apis/multicluster.x-k8s.io/v1beta1/serviceimports"
     );
     respond(
         send,
         200,
         managed_list(
             "ServiceImport",
-            "multicluster.x-k8s.io/v1alpha1",
+            "multicluster.x-k8s.io/v1beta1",
             &["web", "api"],
         ),
     );
@@ -368,13 +441,27 @@ async fn the_run_loop_prunes_only_after_the_grace_period() {
     assert_eq!(req.method(), Method::DELETE);
     assert_eq!(
         req.uri().path(),
-        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports/api"
+        "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceimports/api"
     );
     respond(
         send,
         200,
-        managed_list("ServiceImport", "multicluster.x-k8s.io/v1alpha1", &["api"])["items"][0]
+        managed_list("ServiceImport", "multicluster.x-k8s.io/v1beta1", &["api"])["items"][0]
             .clone(),
+    );
+    let (req, send) = next(&mut handle, &calls).await;
+    assert_eq!(req.uri().path(), "/api/v1/services");
+    respond(send, 200, derived_list(&["derived-web", "derived-api"]));
+    let (req, send) = next(&mut handle, &calls).await;
+    assert_eq!(req.method(), Method::DELETE);
+    assert_eq!(
+        req.uri().path(),
+        "/api/v1/namespaces/shop/services/derived-api"
+    );
+    respond(
+        send,
+        200,
+        derived_list(&["derived-api"])["items"][0].clone(),
     );
     let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.uri().path(), "/apis/discovery.k8s.io/v1/endpointslices");
@@ -400,6 +487,7 @@ async fn the_run_loop_prunes_only_after_the_grace_period() {
             .clone(),
     );
     assert_eq!(calls.count("delete", "serviceimports"), 1);
+    assert_eq!(calls.count("delete", "services"), 1);
     assert_eq!(calls.count("delete", "endpointslices"), 1);
     writer.abort();
     calls.assert_allowed_by_the_chart();
@@ -409,35 +497,55 @@ async fn the_run_loop_prunes_only_after_the_grace_period() {
 /// validates; the same objects with a wrong field do not, so the check can fail.
 #[test]
 fn written_objects_match_their_schemas_and_wrong_fields_are_caught() {
-    let ports = |_: &ClusterId, _: &ImportedService| {
-        vec![ServicePort {
-            name: Some("http".into()),
-            protocol: trellis_core::cluster::Protocol::Tcp,
-            port: 8080,
-            app_protocol: None,
-        }]
-    };
     let (a, mut b) = clusters_a_b();
-    export(
-        &mut b.services,
-        "shop",
-        "web",
-        "10.97.0.10",
-        &["10.2.0.5", "fd00::5"],
-    );
+    let mut web = service("shop", "web", "10.97.0.10", &["10.2.0.5", "fd00::5"]);
+    web.endpoint_ports = vec![ServicePort {
+        name: Some("http".into()),
+        protocol: trellis_core::cluster::Protocol::Tcp,
+        port: 8080,
+        app_protocol: Some("http".into()),
+    }];
+    web.ports[0].app_protocol = Some("http".into());
+    web.properties.session_affinity = Some("ClientIP".into());
+    web.properties.session_affinity_timeout = Some(10);
+    web.properties.ip_families = vec!["IPv4".into(), "IPv6".into()];
+    web.properties.labels = [("team".to_string(), "a".to_string())].into();
+    web.properties.annotations = [("note".to_string(), "x".to_string())].into();
+    b.services.insert(ServiceKey::new("shop", "web"), web);
     let mut headless = service("shop", "db", "10.97.0.11", &["10.2.0.6"]);
     headless.kind = trellis_core::cluster::ServiceKind::Headless;
     headless.cluster_ips.clear();
     b.services.insert(ServiceKey::new("shop", "db"), headless);
+    let vips = [(
+        ServiceKey::new("shop", "web"),
+        vec![
+            "10.100.0.7".parse().unwrap(),
+            "fd00:100::7".parse().unwrap(),
+        ],
+    )]
+    .into();
     let desired = desired_objects(
-        &Imports::build(&id("a"), [&a, &b], &Default::default(), 1),
-        &ports,
+        &Imports::build(&id("a"), [&a, &b], &vips, 1),
+        &Default::default(),
     );
-    assert_eq!((desired.imports.len(), desired.slices.len()), (2, 3));
+    assert_eq!(
+        (
+            desired.imports.len(),
+            desired.services.len(),
+            desired.slices.len()
+        ),
+        (2, 1, 3)
+    );
     let objects: Vec<Value> = desired
         .imports
         .values()
         .map(|o| serde_json::to_value(o).unwrap())
+        .chain(
+            desired
+                .services
+                .values()
+                .map(|o| serde_json::to_value(o).unwrap()),
+        )
         .chain(
             desired
                 .slices
@@ -458,6 +566,7 @@ fn written_objects_match_their_schemas_and_wrong_fields_are_caught() {
         .iter()
         .find(|o| o["kind"] == "EndpointSlice")
         .unwrap();
+    let service = objects.iter().find(|o| o["kind"] == "Service").unwrap();
     let broken = |base: &Value, change: &dyn Fn(&mut Value)| {
         let mut o = base.clone();
         change(&mut o);
@@ -494,6 +603,26 @@ fn written_objects_match_their_schemas_and_wrong_fields_are_caught() {
             "an unknown address type",
             broken(slice, &|o| o["addressType"] = json!("IPv5")),
         ),
+        (
+            "an unknown import type",
+            broken(import, &|o| o["spec"]["type"] = json!("ClusterIP")),
+        ),
+        (
+            "three clusterset IPs",
+            broken(import, &|o| {
+                o["spec"]["ips"] = json!(["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+            }),
+        ),
+        (
+            "the old version",
+            broken(import, &|o| {
+                o["apiVersion"] = json!("multicluster.x-k8s.io/v1alpha1")
+            }),
+        ),
+        (
+            "a misspelt Service field",
+            broken(service, &|o| o["spec"]["clusterIp"] = json!("None")),
+        ),
     ] {
         assert!(!errors.is_empty(), "{what} passed validation");
     }
@@ -509,14 +638,19 @@ fn calls_the_chart_does_not_grant_are_refused() {
     };
     for (uri, allowed) in [
         (
-            "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports/web/status",
+            "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceimports/web/status",
             true,
         ),
         (
-            "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceexports/web",
+            "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceexports/web",
             false,
         ),
-        ("/api/v1/namespaces/shop/services/web", false),
+        (
+            "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceexports/web/status",
+            true,
+        ),
+        ("/api/v1/namespaces/shop/services/derived-web", true),
+        ("/api/v1/namespaces/shop/pods/web", false),
     ] {
         assert_eq!(rbac.allows(&call(Method::PATCH, uri)), allowed, "{uri}");
     }
@@ -540,7 +674,7 @@ fn calls_the_chart_does_not_grant_are_refused() {
     assert_ne!(without, template);
     let apply = call(
         Method::PATCH,
-        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports/web",
+        "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceimports/web",
     );
     assert!(rbac.allows(&apply));
     assert!(!common::Rbac::parse(&without).allows(&apply));

@@ -24,7 +24,7 @@ const WAIT: Duration = Duration::from_secs(20);
 const NODES: &str = "/api/v1/nodes";
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
-const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports";
+const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1beta1/serviceexports";
 const PROPS: &str = "/apis/about.k8s.io/v1alpha1/clusterproperties";
 const CIDRS: &str = "/apis/networking.k8s.io/v1/servicecidrs";
 const SETTINGS: &str = "/api/v1/namespaces/trellis-system/configmaps";
@@ -327,6 +327,34 @@ async fn lists_then_follows_watch_events() {
         vec!["10.96.12.34".parse::<std::net::IpAddr>().unwrap()]
     );
     assert_eq!(w.endpoints.len(), 1);
+    // What the export carries to the clusterset: the Service's properties, the
+    // ServiceExport's creation time and exported labels and annotations.
+    let p = &w.properties;
+    assert_eq!(p.exported_at, Some(1_793_611_800), "2026-11-02T09:30:00Z");
+    assert_eq!(p.session_affinity.as_deref(), Some("ClientIP"));
+    assert_eq!(p.session_affinity_timeout, Some(10800));
+    assert_eq!(p.internal_traffic_policy.as_deref(), Some("Cluster"));
+    assert_eq!(p.traffic_distribution.as_deref(), Some("PreferClose"));
+    assert_eq!(p.ip_families, ["IPv4"]);
+    assert_eq!(p.labels["team"], "storefront");
+    assert_eq!(p.annotations["owner"], "shop@example.com");
+    assert!(
+        !p.labels.contains_key("app"),
+        "the Service's own labels stay home"
+    );
+    assert_eq!(w.ports[0].app_protocol.as_deref(), Some("http"));
+    // The derived Service of the import shop/api gives it its clusterset IPs; a Service that
+    // only claims to be one (no managed-by label) does not.
+    assert_eq!(
+        s.clusterset_ips,
+        BTreeMap::from([(
+            ServiceKey::new("shop", "api"),
+            vec![
+                "10.96.200.7".parse::<std::net::IpAddr>().unwrap(),
+                "fd00:96::7".parse().unwrap()
+            ]
+        )])
+    );
 
     // A second endpoint for web arrives as a MODIFIED EndpointSlice.
     let mut slice = fixture("endpointslices.json")["items"][0].clone();
@@ -348,7 +376,7 @@ async fn lists_then_follows_watch_events() {
     api.lock().unwrap().push(
         EXPORTS,
         "ServiceExport",
-        "multicluster.x-k8s.io/v1alpha1",
+        "multicluster.x-k8s.io/v1beta1",
         "ADDED",
         export("db"),
     );
@@ -363,7 +391,7 @@ async fn lists_then_follows_watch_events() {
     api.lock().unwrap().push(
         EXPORTS,
         "ServiceExport",
-        "multicluster.x-k8s.io/v1alpha1",
+        "multicluster.x-k8s.io/v1beta1",
         "DELETED",
         export("web"),
     );
@@ -661,70 +689,190 @@ async fn the_cluster_id_comes_from_the_cluster_property() {
     calls.assert_allowed_by_the_chart();
 }
 
+/// The imports of a view in which clusters `a` (local) and `b` export shop/web, b first; with
+/// `conflict`, b's port differs.
+fn view_of_web(conflict: bool) -> std::sync::Arc<trellis_controller::hub::MeshView> {
+    use trellis_core::cluster::fixture::{clusters_a_b, export, id};
+    let (mut a, mut b) = clusters_a_b();
+    export(&mut a.services, "shop", "web", "10.96.0.10", &["10.1.0.5"]);
+    export(&mut b.services, "shop", "web", "10.97.0.10", &["10.2.0.5"]);
+    a.services.get_mut(&web()).unwrap().properties.exported_at = Some(2_000);
+    let b_web = b.services.get_mut(&web()).unwrap();
+    b_web.properties.exported_at = Some(1_000);
+    if conflict {
+        b_web.ports[0].port = 81;
+    }
+    let imports = trellis_core::imports::Imports::build(&id("a"), [&a, &b], &BTreeMap::new(), 1);
+    std::sync::Arc::new(trellis_controller::hub::MeshView {
+        revision: 1,
+        local: std::sync::Arc::new(a),
+        remotes: vec![std::sync::Arc::new(b)],
+        node_encryption: false,
+        imports: std::sync::Arc::new(imports),
+        policy: None,
+        policy_pending: false,
+        policy_step: None,
+    })
+}
+
+type Send = tower_test::mock::SendResponse<Response<Body>>;
+
+/// The next request: its method, path and JSON body.
+async fn next_call(
+    handle: &mut Handle,
+    calls: &common::Calls,
+) -> (http::Method, String, Value, Send) {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("a request")
+        .unwrap();
+    calls.record(&req);
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let body: Value =
+        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+    if method == http::Method::PATCH && body["kind"] != "Event" {
+        let errors = common::validate_written(&body);
+        assert!(errors.is_empty(), "{body}: {errors:#?}");
+    }
+    (method, path, body, send)
+}
+
+fn reply(send: Send, status: u16, body: &Value) {
+    send.send_response(
+        Response::builder()
+            .status(status)
+            .body(Body::from(body.to_string().into_bytes()))
+            .unwrap(),
+    );
+}
+
+fn conditions_by_type(body: &Value) -> BTreeMap<String, Value> {
+    body["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["type"].as_str().unwrap().to_owned(), c.clone()))
+        .collect()
+}
+
+/// Valid, Ready and Conflict follow the objects and the clusterset's imports; a condition's
+/// lastTransitionTime moves only when its status does; entering conflict emits one Event.
 #[tokio::test]
-async fn service_exports_get_a_valid_condition() {
+async fn service_exports_get_valid_ready_and_conflict_conditions() {
     use trellis_controller::kube_source::{ExportStatuses, write_export_statuses};
     use trellis_controller::objects::ExportStatus;
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "default");
     let (tx, rx) = tokio::sync::watch::channel(ExportStatuses::new());
-    let writer = tokio::spawn(write_export_statuses(client, rx));
+    let (view_tx, view_rx) = tokio::sync::watch::channel(None);
+    let writer = tokio::spawn(write_export_statuses(
+        client,
+        "a".parse().unwrap(),
+        rx,
+        view_rx,
+    ));
+    let calls = common::Calls::default();
+    // The object already says Ready=False since 2026-01-01: that time stays.
+    let since = "2026-01-01T00:00:00Z";
+    let existing: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> =
+        serde_json::from_value(
+            json!([{"type": "Ready", "status": "False", "reason": "Pending",
+            "message": "old", "lastTransitionTime": since}]),
+        )
+        .unwrap();
     let status = |valid: bool, reason: &'static str| ExportStatus {
         valid,
         reason,
         message: "m".into(),
+        conditions: existing.clone(),
+        uid: Some("ab12".into()),
     };
-    let calls = common::Calls::default();
-    tx.send_replace(ExportStatuses::from([(web(), status(false, "NoService"))]));
-    let (req, send) = handle.next_request().await.unwrap();
-    calls.record(&req);
-    assert_eq!(req.method(), http::Method::PATCH);
+    let obj = fixture("serviceexports.json")["items"][0].clone();
+    tx.send_replace(ExportStatuses::from([(web(), status(true, "Valid"))]));
+
+    // Not yet in the clusterset's imports: Valid, Ready=False Pending, no Conflict.
+    let (method, path, body, send) = next_call(&mut handle, &calls).await;
+    assert_eq!(method, http::Method::PATCH);
     assert_eq!(
-        req.uri().path(),
-        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceexports/web/status"
+        path,
+        "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceexports/web/status"
     );
+    let c = conditions_by_type(&body);
+    assert_eq!(c["Valid"]["status"], "True");
+    assert_eq!(c["Valid"]["reason"], "Valid");
+    assert_eq!(c["Ready"]["reason"], "Pending");
+    assert_eq!(c["Ready"]["lastTransitionTime"], since);
+    assert!(!c.contains_key("Conflict"));
+    let valid_since = c["Valid"]["lastTransitionTime"].clone();
+    reply(send, 200, &obj);
+
+    // Imported, b's older export has another port: Ready=True Exported, Conflict=True naming
+    // b; then one Event.
+    view_tx.send_replace(Some(view_of_web(true)));
+    let (_, path, body, send) = next_call(&mut handle, &calls).await;
+    assert!(path.ends_with("/serviceexports/web/status"), "{path}");
+    let c = conditions_by_type(&body);
+    assert_eq!(c["Valid"]["lastTransitionTime"], valid_since);
+    assert_eq!(
+        (&c["Ready"]["status"], &c["Ready"]["reason"]),
+        (&json!("True"), &json!("Exported"))
+    );
+    assert_ne!(c["Ready"]["lastTransitionTime"], since);
+    assert_eq!(c["Conflict"]["status"], "True");
+    assert_eq!(c["Conflict"]["reason"], "PortConflict");
+    let message = c["Conflict"]["message"].as_str().unwrap();
+    assert!(message.contains("cluster b"), "{message}");
+    reply(send, 200, &obj);
+    let (method, path, event, send) = next_call(&mut handle, &calls).await;
+    assert_eq!(method, http::Method::POST);
+    assert_eq!(path, "/apis/events.k8s.io/v1/namespaces/shop/events");
+    assert_eq!(event["reason"], "ServiceExportConflict");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["regarding"]["kind"], "ServiceExport");
+    assert_eq!(event["regarding"]["name"], "web");
+    assert_eq!(event["regarding"]["uid"], "ab12");
+    assert!(event["note"].as_str().unwrap().contains("PortConflict"));
+    reply(send, 201, &event);
+
+    // The same view again: nothing. The conflict resolved: Conflict=False, no Event.
+    view_tx.send_replace(Some(view_of_web(true)));
+    view_tx.send_replace(Some(view_of_web(false)));
+    let (method, _, body, send) = next_call(&mut handle, &calls).await;
+    assert_eq!(method, http::Method::PATCH);
+    let c = conditions_by_type(&body);
+    assert_eq!(
+        (&c["Conflict"]["status"], &c["Conflict"]["reason"]),
+        (&json!("False"), &json!("NoConflicts"))
+    );
+    reply(send, 200, &obj);
+
+    // Conflict again: the Event again (one per transition; Kubernetes counts the repeat in
+    // the Event's series). Then the Service goes: Valid=False NoService, Ready=False Failed.
+    view_tx.send_replace(Some(view_of_web(true)));
+    let (_, _, body, send) = next_call(&mut handle, &calls).await;
+    assert_eq!(conditions_by_type(&body)["Conflict"]["status"], "True");
+    reply(send, 200, &obj);
+    let (method, path, event, send) = next_call(&mut handle, &calls).await;
+    assert_eq!(method, http::Method::PATCH);
     assert!(
-        req.uri()
-            .query()
-            .unwrap()
-            .contains("fieldManager=trellis-controller")
+        path.starts_with("/apis/events.k8s.io/v1/namespaces/shop/events/web."),
+        "{path}"
     );
-    let body: Value =
-        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
-    let cond = &body["status"]["conditions"][0];
-    assert_eq!(cond["type"], "Valid");
-    assert_eq!(cond["status"], "False");
-    assert_eq!(cond["reason"], "NoService");
-    assert!(cond["lastTransitionTime"].as_str().unwrap().ends_with('Z'));
-    let mut obj = fixture("serviceexports.json")["items"][0].clone();
-    obj["status"] = body["status"].clone();
-    send.send_response(
-        Response::builder()
-            .status(200)
-            .body(Body::from(obj.to_string().into_bytes()))
-            .unwrap(),
-    );
-    // The same status again: nothing written. A change: written.
+    assert_eq!(event["series"]["count"], 2);
+    reply(send, 200, &event);
     tx.send_replace(ExportStatuses::from([(web(), status(false, "NoService"))]));
-    tx.send_replace(ExportStatuses::from([(web(), status(true, "Exported"))]));
-    let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-        .await
-        .unwrap()
-        .unwrap();
-    calls.record(&req);
-    let body: Value =
-        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
-    assert_eq!(body["status"]["conditions"][0]["status"], "True");
-    send.send_response(
-        Response::builder()
-            .status(200)
-            .body(Body::from(obj.to_string().into_bytes()))
-            .unwrap(),
-    );
+    let (_, _, body, send) = next_call(&mut handle, &calls).await;
+    let c = conditions_by_type(&body);
+    assert_eq!(c["Valid"]["reason"], "NoService");
+    assert_eq!(c["Ready"]["reason"], "Failed");
+    assert!(!c.contains_key("Conflict"));
+    reply(send, 200, &obj);
     drop(tx);
     tokio::time::timeout(Duration::from_secs(5), writer)
         .await
         .unwrap()
         .unwrap();
+    assert_eq!(calls.count("create", "events"), 1);
+    assert_eq!(calls.count("patch", "events"), 1);
     calls.assert_allowed_by_the_chart();
 }

@@ -1,8 +1,8 @@
 //! What the scripted-API tests share: every request the scripted API server sees is recorded
 //! as the RBAC check sees it (verb, API group, resource, namespace, name) and checked against
-//! the chart's rules; every object written is validated against its schema (the
-//! ServiceImport CRD's `openAPIV3Schema` from the chart, `discovery.k8s.io/v1` EndpointSlice
-//! through k8s-openapi's types, refusing unknown fields).
+//! the chart's rules; every object written is validated against its schema (the MCS CRDs'
+//! `v1beta1` `openAPIV3Schema` from the chart, `discovery.k8s.io/v1` EndpointSlices and v1
+//! Services through k8s-openapi's types, refusing unknown fields).
 
 // Each test binary uses part of this module.
 #![allow(dead_code)]
@@ -207,8 +207,8 @@ impl Rbac {
     }
 }
 
-/// The ServiceImport CRD's schema (served version `v1alpha1`) from the chart.
-pub fn service_import_schema() -> Value {
+/// The schema of a CRD (by its name) at `version`, from the chart.
+pub fn crd_schema(crd: &str, version: &str) -> Value {
     let path = format!(
         "{}/../helm/trellis/crds/trellis-crds.yaml",
         env!("CARGO_MANIFEST_DIR")
@@ -216,21 +216,26 @@ pub fn service_import_schema() -> Value {
     let text = std::fs::read_to_string(path).unwrap();
     for doc in serde_norway::Deserializer::from_str(&text) {
         let doc: Value = serde::Deserialize::deserialize(doc).unwrap();
-        if doc["metadata"]["name"] == "serviceimports.multicluster.x-k8s.io" {
+        if doc["metadata"]["name"] == crd {
             let version = doc["spec"]["versions"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|v| v["name"] == "v1alpha1")
+                .find(|v| v["name"] == version)
                 .unwrap();
             return version["schema"]["openAPIV3Schema"].clone();
         }
     }
-    panic!("no ServiceImport CRD in the chart");
+    panic!("no CRD {crd} in the chart");
+}
+
+/// The ServiceImport CRD's schema (the version the controller writes, `v1beta1`).
+pub fn service_import_schema() -> Value {
+    crd_schema("serviceimports.multicluster.x-k8s.io", "v1beta1")
 }
 
 /// Validates `value` against a structural CRD schema (the subset CRDs use: types, properties,
-/// required, items, enum, nullable, additionalProperties, preserve-unknown-fields); an unknown
+/// required, items, maxItems, enum, nullable, additionalProperties, preserve-unknown-fields); an unknown
 /// field is an error, as the API server would prune it. `apiVersion`, `kind` and `metadata`
 /// at the root are the API server's.
 pub fn validate_against_crd(schema: &Value, value: &Value) -> Vec<String> {
@@ -287,6 +292,14 @@ fn check(schema: &Value, value: &Value, at: &str, errors: &mut Vec<String>) {
         errors.push(format!("{at}: {n} is not an int32"));
     }
     if let Some(items) = value.as_array() {
+        if let Some(max) = schema["maxItems"].as_u64()
+            && items.len() as u64 > max
+        {
+            errors.push(format!(
+                "{at}: {} items, at most {max} allowed",
+                items.len()
+            ));
+        }
         for (i, item) in items.iter().enumerate() {
             check(&schema["items"], item, &format!("{at}[{i}]"), errors);
         }
@@ -353,11 +366,37 @@ fn without_nulls(value: &Value) -> Value {
     }
 }
 
-/// Validates an object the import writer sends, by its kind.
+/// Validates a core v1 Service as [`validate_endpoint_slice`] does an EndpointSlice.
+pub fn validate_service(value: &Value) -> Vec<String> {
+    use k8s_openapi::api::core::v1::Service;
+    let svc: Service = match serde_json::from_value(value.clone()) {
+        Ok(s) => s,
+        Err(e) => return vec![format!("not a Service: {e}")],
+    };
+    let round_trip = serde_json::to_value(&svc).unwrap();
+    let original = without_nulls(value);
+    if round_trip != original {
+        return vec![format!(
+            "fields unknown to v1 Service: {original} became {round_trip}"
+        )];
+    }
+    Vec::new()
+}
+
+/// Validates an object the controller sends, by its kind (MCS objects as `v1beta1`, the
+/// version it writes).
 pub fn validate_written(value: &Value) -> Vec<String> {
+    let mcs = |crd: &str| {
+        if value["apiVersion"] != "multicluster.x-k8s.io/v1beta1" {
+            return vec![format!("written as {}, not v1beta1", value["apiVersion"])];
+        }
+        validate_against_crd(&crd_schema(crd, "v1beta1"), value)
+    };
     match value["kind"].as_str() {
-        Some("ServiceImport") => validate_against_crd(&service_import_schema(), value),
+        Some("ServiceImport") => mcs("serviceimports.multicluster.x-k8s.io"),
+        Some("ServiceExport") => mcs("serviceexports.multicluster.x-k8s.io"),
         Some("EndpointSlice") => validate_endpoint_slice(value),
+        Some("Service") => validate_service(value),
         other => vec![format!("unexpected kind {other:?}")],
     }
 }

@@ -335,10 +335,9 @@ mod tests {
             .map(|i| format!(r#"{{"address": "10.9.{}.{}"}}"#, i / 250, i % 250 + 1))
             .collect();
         let json = format!(
-            r#"{{"services": [{{"name": "web", "namespace": "shop", "clusters": [
-                {{"cluster": "east", "ips": ["10.1.0.10"]}}]}},
-              {{"name": "big", "namespace": "shop", "clusters": [
-                {{"cluster": "east", "headless": true, "endpoints": [{}]}}]}}]}}"#,
+            r#"{{"services": [{{"name": "web", "namespace": "shop", "ips": ["10.1.0.10"]}},
+              {{"name": "big", "namespace": "shop", "headless": true,
+                "clusters": [{{"cluster": "east", "endpoints": [{}]}}]}}]}}"#,
             eps.join(",")
         );
         Zone::build(

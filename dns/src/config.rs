@@ -19,8 +19,6 @@ pub struct Config {
     pub zone: String,
     /// TTL of answers and of negative answers.
     pub ttl: u32,
-    /// Answer service names with local addresses only when the local cluster exports them.
-    pub local_only: bool,
     /// The catalog file to watch (`None`: fed in-process only).
     pub catalog_file: Option<PathBuf>,
     /// How often the catalog file is checked for changes.
@@ -68,7 +66,6 @@ impl Default for Config {
             metrics: Some(SocketAddr::from(([0, 0, 0, 0], 9153))),
             zone: "clusterset.local".into(),
             ttl: 5,
-            local_only: false,
             catalog_file: None,
             catalog_poll: Duration::from_secs(1),
             controller: None,
@@ -135,9 +132,7 @@ impl Config {
                 _ => return fail("controller must be HOST:PORT with a non-zero port"),
             }
         }
-        let mut zone = ZoneConfig::new(&self.zone, self.ttl)?;
-        zone.local_only = self.local_only;
-        Ok(zone)
+        ZoneConfig::new(&self.zone, self.ttl)
     }
 }
 

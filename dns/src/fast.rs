@@ -261,11 +261,11 @@ mod tests {
             .collect();
         let json = format!(
             r#"{{"services": [
-              {{"name": "web", "namespace": "shop", "clusters": [
-                {{"cluster": "east", "local": true, "ips": ["10.1.0.10", "fd00::1"], "ports": [{{"name": "http", "port": 80}}]}},
-                {{"cluster": "west", "ips": ["10.2.0.10"], "ports": [{{"name": "http", "port": 80}}]}}]}},
-              {{"name": "big", "namespace": "shop", "clusters": [
-                {{"cluster": "east", "headless": true, "ports": [{{"name": "x", "protocol": "UDP", "port": 9}}], "endpoints": [{}]}}]}}]}}"#,
+              {{"name": "web", "namespace": "shop", "ips": ["10.96.0.10", "fd00::1"],
+                "ports": [{{"name": "http", "port": 80}}, {{"name": "dns", "protocol": "UDP", "port": 53}}]}},
+              {{"name": "big", "namespace": "shop", "headless": true,
+                "ports": [{{"name": "x", "protocol": "UDP", "port": 9}}],
+                "clusters": [{{"cluster": "east", "endpoints": [{}]}}]}}]}}"#,
             eps.join(",")
         );
         Zone::build(

@@ -34,9 +34,6 @@ struct Args {
     /// TTL of answers, seconds.
     #[arg(long, default_value_t = 5)]
     ttl: u32,
-    /// Answer with local addresses only when the local cluster exports the service.
-    #[arg(long)]
-    local_only: bool,
     /// Catalog JSON file, watched for changes (standalone use, without a controller).
     #[arg(
         long,
@@ -124,7 +121,6 @@ fn config(args: Args) -> anyhow::Result<Config> {
         metrics,
         zone: args.zone,
         ttl: args.ttl,
-        local_only: args.local_only,
         catalog_file: args.catalog,
         catalog_poll: Duration::from_millis(args.catalog_poll_ms),
         controller: args.controller,

@@ -1,26 +1,30 @@
-//! The authoritative data for the cluster-set zone, built from a [`Catalog`] (pure: no IO).
+//! The authoritative data for the cluster-set zone, built from a [`Catalog`] (pure: no IO),
+//! as the Kubernetes DNS-Based Multicluster Service Discovery specification (KEP-1645,
+//! schema 1.0.0) has it. For a service `<svc>.<ns>` imported from clusters `<c>`:
+//! - `<svc>.<ns>.svc.<zone>` A/AAAA: the clusterset IPs of a ClusterSetIP import (none until
+//!   one is known: the name then exists without addresses), every ready endpoint address of
+//!   every cluster for a headless one (which does not exist without a ready endpoint);
+//! - `<svc>.<ns>.svc.<zone>` SRV: one record per port: the port with the service name as
+//!   target (ClusterSetIP), or per ready endpoint and port with the endpoint's name as target
+//!   (headless);
+//! - `_<port>._<proto>.<svc>.<ns>.svc.<zone>` SRV: the same, per named port;
+//! - `<hostname>.<c>.<svc>.<ns>.svc.<zone>` A/AAAA: a ready headless endpoint, named by its
+//!   hostname or, without one, by its first address with dots or colons as dashes (the
+//!   specification's "unique system-assigned identifier");
+//! - `dns-version.<zone>` TXT `1.0.0`, and the SOA and NS records at the apex.
 //!
-//! Names published for a service `<svc>.<ns>` exported by clusters `c`:
-//! - `<svc>.<ns>.svc.<zone>` A/AAAA: the local cluster's addresses first when it exports the
-//!   service (only them with `local_only`), then every other exporting cluster's, ordered by name;
-//!   a cluster's addresses are its service IPs, or its ready endpoints when headless;
-//! - `<c>.<svc>.<ns>.svc.<zone>` A/AAAA: cluster `c`'s addresses (the SRV target of `c`);
-//! - `<hostname>.<c>.<svc>.<ns>.svc.<zone>` A/AAAA: a headless endpoint with a hostname;
-//! - `_<port>._<proto>.<svc>.<ns>.svc.<zone>` SRV per named port, one target per cluster
-//!   (per endpoint with a hostname for headless services), local targets at priority 0 and
-//!   remote ones at priority 1 when the local cluster exports the service.
-//!
-//! Every ancestor of a published name down to the apex exists (empty non-terminals answer
-//! NODATA, not NXDOMAIN); the apex holds the SOA.
+//! Nothing else: no name picks one cluster's backends (`<c>.<svc>...` exists only as the
+//! empty parent of a headless endpoint's name). Every ancestor of a published name down to the
+//! apex exists (empty non-terminals answer NODATA, not NXDOMAIN).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV};
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, SRV, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
 use crate::Error;
-use crate::model::{Catalog, ClusterExport, Endpoint, Protocol, valid_label};
+use crate::model::{Catalog, Endpoint, Protocol, valid_label};
 
 /// A service of the catalog left out of the zone, and why.
 #[derive(Clone, Debug)]
@@ -68,6 +72,9 @@ pub enum SkipReason {
     },
 }
 
+/// The schema version of the MCS DNS specification served (`dns-version.<zone>` TXT).
+pub const SCHEMA_VERSION: &str = "1.0.0";
+
 /// What the zone is and how it answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ZoneConfig {
@@ -75,8 +82,6 @@ pub struct ZoneConfig {
     pub apex: Name,
     /// TTL of every record, and of negative answers (SOA minimum).
     pub ttl: u32,
-    /// Answer a service name with the local cluster's addresses only, when it exports them.
-    pub local_only: bool,
 }
 
 impl ZoneConfig {
@@ -95,7 +100,6 @@ impl ZoneConfig {
         Ok(Self {
             apex: apex.to_lowercase(),
             ttl,
-            local_only: false,
         })
     }
 }
@@ -109,6 +113,8 @@ pub struct Node {
     pub aaaa: Vec<Ipv6Addr>,
     /// SRV records.
     pub srv: Vec<SRV>,
+    /// TXT records (one string each).
+    pub txt: Vec<String>,
 }
 
 impl Node {
@@ -117,6 +123,14 @@ impl Node {
             IpAddr::V4(v4) if !self.a.contains(&v4) => self.a.push(v4),
             IpAddr::V6(v6) if !self.aaaa.contains(&v6) => self.aaaa.push(v6),
             _ => {}
+        }
+    }
+
+    /// Adds an SRV record unless the same one is there (an RRset holds no duplicates: two
+    /// ports of the same number but different protocols make one record at the bare name).
+    fn push_srv(&mut self, srv: SRV) {
+        if !self.srv.contains(&srv) {
+            self.srv.push(srv);
         }
     }
 }
@@ -157,7 +171,7 @@ pub struct Zone {
 }
 
 impl Zone {
-    /// An empty zone (apex and SOA only).
+    /// An empty zone (the apex records only).
     pub fn empty(config: ZoneConfig) -> Self {
         Self::build(config, &Catalog::default())
     }
@@ -190,6 +204,15 @@ impl Zone {
             loaded: true,
         };
         zone.nodes.insert(apex, Node::default());
+        if let Ok(version) = zone.name(&["dns-version"]) {
+            zone.insert(
+                version,
+                Node {
+                    txt: vec![SCHEMA_VERSION.to_string()],
+                    ..Node::default()
+                },
+            );
+        }
         for service in &catalog.services {
             if let Err(reason) = zone.add_service(service) {
                 zone.skipped.push(Skipped {
@@ -212,98 +235,81 @@ impl Zone {
                 return Err(SkipReason::Label(label.clone()));
             }
         }
-        for export in &service.clusters {
-            if !valid_label(&export.cluster) {
-                return Err(SkipReason::Cluster(export.cluster.clone()));
-            }
-            for endpoint in ready(export) {
-                if let Some(host) = &endpoint.hostname
-                    && !valid_label(host)
-                {
-                    return Err(SkipReason::Hostname(host.clone()));
-                }
-            }
-            for port in &export.ports {
-                if let Some(name) = &port.name
-                    && !valid_label(name)
-                {
-                    return Err(SkipReason::PortName(name.clone()));
-                }
+        for port in &service.ports {
+            if let Some(name) = &port.name
+                && !valid_label(name)
+            {
+                return Err(SkipReason::PortName(name.clone()));
             }
         }
         let svc = self.name(&[&service.name, &service.namespace, "svc"])?;
-
-        let mut clusters: Vec<&ClusterExport> = service.clusters.iter().collect();
-        clusters.sort_by(|a, b| b.local.cmp(&a.local).then(a.cluster.cmp(&b.cluster)));
-        let local_exports = clusters.iter().any(|c| c.local && !addresses(c).is_empty());
-
-        // Collected first, inserted after: an error leaves the zone untouched.
-        let mut owned: Vec<(Name, Node)> = Vec::new();
-        let mut service_node = Node::default();
-        let mut srv: BTreeMap<Name, Node> = BTreeMap::new();
-        for export in &clusters {
-            let cluster_name =
-                self.name(&[&export.cluster, &service.name, &service.namespace, "svc"])?;
-            let mut cluster_node = Node::default();
-            for addr in addresses(export) {
-                cluster_node.push_addr(addr);
-                if !(self.config.local_only && local_exports && !export.local) {
-                    service_node.push_addr(addr);
-                }
-            }
-            let priority = u16::from(local_exports && !export.local);
-            let mut targets: Vec<Name> = Vec::new();
-            let mut cluster_target = false;
-            if export.headless {
-                for endpoint in ready(export) {
-                    match &endpoint.hostname {
-                        Some(host) => {
-                            let host_name = self.name(&[
-                                host,
-                                &export.cluster,
-                                &service.name,
-                                &service.namespace,
-                                "svc",
-                            ])?;
-                            let mut node = Node::default();
-                            for addr in &endpoint.addresses {
-                                node.push_addr(*addr);
-                            }
-                            if !targets.contains(&host_name) {
-                                targets.push(host_name.clone());
-                            }
-                            owned.push((host_name, node));
-                        }
-                        None => cluster_target = true,
-                    }
-                }
-            } else if !cluster_node.a.is_empty() || !cluster_node.aaaa.is_empty() {
-                cluster_target = true;
-            }
-            if cluster_target {
-                targets.push(cluster_name.clone());
-            }
-            for port in &export.ports {
-                let Some(port_name) = &port.name else {
-                    continue;
-                };
-                let srv_name = self.name(&[
+        // SRV owners: the bare name for every port, `_<port>._<proto>` for the named ones.
+        let mut srv_owners: Vec<(Name, u16)> = Vec::new();
+        for port in &service.ports {
+            srv_owners.push((svc.clone(), port.port));
+            if let Some(port_name) = &port.name {
+                let owner = self.name(&[
                     &format!("_{port_name}"),
                     &format!("_{}", srv_protocol(port.protocol)),
                     &service.name,
                     &service.namespace,
                     "svc",
                 ])?;
-                let node = srv.entry(srv_name).or_default();
-                for target in &targets {
-                    node.srv
-                        .push(SRV::new(priority, 0, port.port, target.clone()));
+                srv_owners.push((owner, port.port));
+            }
+        }
+
+        // Collected first, inserted after: an error leaves the zone untouched.
+        let mut owned: Vec<(Name, Node)> = Vec::new();
+        let mut service_node = Node::default();
+        if !service.headless {
+            for ip in &service.ips {
+                service_node.push_addr(*ip);
+            }
+            // SRV records point at the clusterset IPs: none before one is known.
+            if !service.ips.is_empty() {
+                for (owner, port) in &srv_owners {
+                    let mut node = Node::default();
+                    node.push_srv(SRV::new(0, 0, *port, svc.clone()));
+                    owned.push((owner.clone(), node));
                 }
             }
-            owned.push((cluster_name, cluster_node));
+            owned.push((svc, service_node));
+        } else {
+            for export in &service.clusters {
+                if !valid_label(&export.cluster) {
+                    return Err(SkipReason::Cluster(export.cluster.clone()));
+                }
+                for endpoint in export.endpoints.iter().filter(|e| e.ready) {
+                    let Some(host) = endpoint_label(endpoint)? else {
+                        continue;
+                    };
+                    let target = self.name(&[
+                        &host,
+                        &export.cluster,
+                        &service.name,
+                        &service.namespace,
+                        "svc",
+                    ])?;
+                    let mut node = Node::default();
+                    for addr in &endpoint.addresses {
+                        node.push_addr(*addr);
+                        service_node.push_addr(*addr);
+                    }
+                    for (owner, port) in &srv_owners {
+                        let mut srv = Node::default();
+                        srv.push_srv(SRV::new(0, 0, *port, target.clone()));
+                        owned.push((owner.clone(), srv));
+                    }
+                    owned.push((target, node));
+                }
+            }
+            // A headless service without a ready endpoint has no records: NXDOMAIN (2.4.1).
+            if owned.is_empty() {
+                return Ok(());
+            }
+            owned.push((svc, service_node));
         }
-        owned.push((svc, service_node));
-        owned.extend(srv);
         for (name, node) in owned {
             self.insert(name, node);
         }
@@ -333,8 +339,11 @@ impl Zone {
             entry.push_addr(IpAddr::V6(addr));
         }
         for srv in node.srv {
-            if !entry.srv.contains(&srv) {
-                entry.srv.push(srv);
+            entry.push_srv(srv);
+        }
+        for txt in node.txt {
+            if !entry.txt.contains(&txt) {
+                entry.txt.push(txt);
             }
         }
         let mut parent = key.base_name();
@@ -369,12 +378,16 @@ impl Zone {
         self.apex.zone_of(name)
     }
 
+    /// The name of the zone's name server (the SOA's MNAME and the apex's NS target).
+    fn name_server(&self) -> Name {
+        Name::from_ascii("ns.dns")
+            .and_then(|n| n.append_domain(&self.config.apex))
+            .unwrap_or_else(|_| self.config.apex.clone())
+    }
+
     /// The SOA record of the apex (for authority sections).
     pub fn soa(&self) -> Record {
         let apex = self.config.apex.clone();
-        let mname = Name::from_ascii("ns.dns")
-            .and_then(|n| n.append_domain(&apex))
-            .unwrap_or_else(|_| apex.clone());
         let rname = Name::from_ascii("hostmaster")
             .and_then(|n| n.append_domain(&apex))
             .unwrap_or_else(|_| apex.clone());
@@ -382,7 +395,7 @@ impl Zone {
             apex,
             self.config.ttl,
             RData::SOA(SOA::new(
-                mname,
+                self.name_server(),
                 rname,
                 self.serial,
                 7200,
@@ -406,40 +419,28 @@ impl Zone {
             return Lookup::NxDomain;
         };
         let ttl = self.config.ttl;
+        let record = |data: RData| Record::from_rdata(qname.clone(), ttl, data);
         let mut answers = Vec::new();
         let mut additionals = Vec::new();
         let any = qtype == RecordType::ANY;
         if qtype == RecordType::A || any {
-            answers.extend(
-                node.a
-                    .iter()
-                    .map(|a| Record::from_rdata(qname.clone(), ttl, RData::A(A(*a)))),
-            );
+            answers.extend(node.a.iter().map(|a| record(RData::A(A(*a)))));
         }
         if qtype == RecordType::AAAA || any {
-            answers.extend(
-                node.aaaa
-                    .iter()
-                    .map(|a| Record::from_rdata(qname.clone(), ttl, RData::AAAA(AAAA(*a)))),
-            );
+            answers.extend(node.aaaa.iter().map(|a| record(RData::AAAA(AAAA(*a)))));
         }
         if qtype == RecordType::SRV || any {
             for srv in &node.srv {
-                answers.push(Record::from_rdata(
-                    qname.clone(),
-                    ttl,
-                    RData::SRV(srv.clone()),
-                ));
+                answers.push(record(RData::SRV(srv.clone())));
                 if let Some(target) = self.nodes.get(&LowerName::new(&srv.target)) {
                     let owner = srv.target.clone();
-                    for a in &target.a {
-                        let record = Record::from_rdata(owner.clone(), ttl, RData::A(A(*a)));
-                        if !additionals.contains(&record) {
-                            additionals.push(record);
-                        }
-                    }
-                    for a in &target.aaaa {
-                        let record = Record::from_rdata(owner.clone(), ttl, RData::AAAA(AAAA(*a)));
+                    let addresses = target
+                        .a
+                        .iter()
+                        .map(|a| RData::A(A(*a)))
+                        .chain(target.aaaa.iter().map(|a| RData::AAAA(AAAA(*a))));
+                    for data in addresses {
+                        let record = Record::from_rdata(owner.clone(), ttl, data);
                         if !additionals.contains(&record) {
                             additionals.push(record);
                         }
@@ -447,10 +448,22 @@ impl Zone {
                 }
             }
         }
-        if (qtype == RecordType::SOA || any) && key == self.apex {
-            let mut soa = self.soa();
-            soa.name = qname.clone();
-            answers.push(soa);
+        if qtype == RecordType::TXT || any {
+            answers.extend(
+                node.txt
+                    .iter()
+                    .map(|t| record(RData::TXT(TXT::new(vec![t.clone()])))),
+            );
+        }
+        if key == self.apex {
+            if qtype == RecordType::SOA || any {
+                let mut soa = self.soa();
+                soa.name = qname.clone();
+                answers.push(soa);
+            }
+            if qtype == RecordType::NS || any {
+                answers.push(record(RData::NS(NS(self.name_server()))));
+            }
         }
         if answers.is_empty() {
             Lookup::NoData
@@ -463,20 +476,21 @@ impl Zone {
     }
 }
 
-/// The addresses a cluster contributes: service IPs, or ready endpoints when headless.
-fn addresses(export: &ClusterExport) -> Vec<IpAddr> {
-    if export.headless {
-        ready(export)
-            .flat_map(|e| e.addresses.iter().copied())
-            .collect()
-    } else {
-        export.ips.clone()
+/// The label naming a ready headless endpoint under its cluster: its hostname, or its first
+/// address with dots or colons as dashes (the specification's "unique system-assigned
+/// identifier", the form the MCS conformance suite expects); `None` for an endpoint without
+/// an address.
+fn endpoint_label(endpoint: &Endpoint) -> Result<Option<String>, SkipReason> {
+    if let Some(host) = &endpoint.hostname {
+        if !valid_label(host) {
+            return Err(SkipReason::Hostname(host.clone()));
+        }
+        return Ok(Some(host.clone()));
     }
-}
-
-/// The endpoints of `export` that are ready (a catalog normally holds only those).
-fn ready(export: &ClusterExport) -> impl Iterator<Item = &Endpoint> {
-    export.endpoints.iter().filter(|e| e.ready)
+    Ok(endpoint
+        .addresses
+        .first()
+        .map(|a| a.to_string().replace(['.', ':'], "-")))
 }
 
 /// The SRV label of a protocol, without the underscore.
@@ -510,13 +524,20 @@ mod tests {
     fn catalog() -> Catalog {
         Catalog::from_json(
             r#"{"revision": 3, "services": [
-              {"name": "web", "namespace": "shop", "clusters": [
-                {"cluster": "west", "ips": ["10.2.0.10"], "ports": [{"name": "http", "port": 80}]},
-                {"cluster": "east", "local": true, "ips": ["10.1.0.10", "fd00::10"],
-                 "ports": [{"name": "http", "port": 80}, {"port": 81}]}]},
-              {"name": "db", "namespace": "shop", "clusters": [
-                {"cluster": "west", "headless": true, "ports": [{"name": "pg", "port": 5432}],
-                 "endpoints": [{"address": "10.2.1.5", "hostname": "db-0"}, {"address": "10.2.1.6"}]}]},
+              {"name": "web", "namespace": "shop", "ips": ["10.96.5.1", "fd00::5:1"],
+               "ports": [{"name": "http", "port": 80}, {"name": "http-udp", "protocol": "UDP", "port": 80},
+                         {"port": 81}],
+               "clusters": [{"cluster": "east", "endpoints": [{"address": "10.1.0.5"}]},
+                            {"cluster": "west", "endpoints": [{"address": "10.2.0.5"}]}]},
+              {"name": "db", "namespace": "shop", "headless": true, "ports": [{"name": "pg", "port": 5432}],
+               "clusters": [
+                {"cluster": "west", "endpoints": [{"address": "10.2.1.5", "hostname": "db-0"},
+                                                  {"address": "10.2.1.6"},
+                                                  {"address": "10.2.1.7", "hostname": "db-2", "ready": false}]},
+                {"cluster": "east", "endpoints": [{"addresses": ["10.1.1.5", "fd00::1:5"], "hostname": "db-0"}]}]},
+              {"name": "pending", "namespace": "shop", "ports": [{"name": "http", "port": 80}]},
+              {"name": "idle", "namespace": "shop", "headless": true, "ports": [{"name": "pg", "port": 5432}],
+               "clusters": [{"cluster": "west", "endpoints": [{"address": "10.2.2.5", "ready": false}]}]},
               {"name": "Bad.Name", "namespace": "shop"}
             ]}"#,
         )
@@ -538,92 +559,59 @@ mod tests {
         }
     }
 
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
     #[test]
-    fn local_cluster_first_then_the_others() {
+    fn a_clusterset_ip_service_answers_its_vips_not_the_clusters_ips() {
         let zone = zone();
         let q = name("web.shop.svc.clusterset.local.");
-        assert_eq!(
-            rdatas(zone.lookup(&q, RecordType::A)),
-            ["10.1.0.10", "10.2.0.10"]
-        );
-        assert_eq!(rdatas(zone.lookup(&q, RecordType::AAAA)), ["fd00::10"]);
-
-        let mut config = ZoneConfig::new("clusterset.local", 5).unwrap();
-        config.local_only = true;
-        let zone = Zone::build(config, &catalog());
-        assert_eq!(rdatas(zone.lookup(&q, RecordType::A)), ["10.1.0.10"]);
+        assert_eq!(rdatas(zone.lookup(&q, RecordType::A)), ["10.96.5.1"]);
+        assert_eq!(rdatas(zone.lookup(&q, RecordType::AAAA)), ["fd00::5:1"]);
+        // No name singles out one cluster's backends.
+        for cluster in ["east", "west"] {
+            assert_eq!(
+                zone.lookup(
+                    &name(&format!("{cluster}.web.shop.svc.clusterset.local.")),
+                    RecordType::A
+                ),
+                Lookup::NxDomain
+            );
+        }
     }
 
     #[test]
-    fn srv_targets_name_the_cluster_local_first() {
+    fn clusterset_ip_srv_targets_the_service_name() {
         let zone = zone();
-        let q = name("_http._tcp.web.shop.svc.clusterset.local.");
+        // At the bare name one record per port number: 80/TCP and 80/UDP make one.
+        let bare = name("web.shop.svc.clusterset.local.");
         assert_eq!(
-            rdatas(zone.lookup(&q, RecordType::SRV)),
+            rdatas(zone.lookup(&bare, RecordType::SRV)),
             [
-                "0 100 80 east.web.shop.svc.clusterset.local.",
-                "1 100 80 west.web.shop.svc.clusterset.local."
+                "0 50 80 web.shop.svc.clusterset.local.",
+                "0 50 81 web.shop.svc.clusterset.local."
             ]
         );
-        let Lookup::Found { additionals, .. } = zone.lookup(&q, RecordType::SRV) else {
+        let Lookup::Found { additionals, .. } = zone.lookup(&bare, RecordType::SRV) else {
             panic!()
         };
-        assert_eq!(additionals.len(), 3);
-        assert_eq!(
-            rdatas(zone.lookup(&name("west.web.shop.svc.clusterset.local."), RecordType::A)),
-            ["10.2.0.10"]
-        );
-    }
-
-    #[test]
-    fn headless_endpoints_and_hostnames() {
-        let zone = zone();
-        assert_eq!(
-            rdatas(zone.lookup(&name("db.shop.svc.clusterset.local."), RecordType::A)),
-            ["10.2.1.5", "10.2.1.6"]
-        );
-        assert_eq!(
-            rdatas(zone.lookup(
-                &name("db-0.west.db.shop.svc.clusterset.local."),
-                RecordType::A
-            )),
-            ["10.2.1.5"]
-        );
-        assert_eq!(
-            rdatas(zone.lookup(
-                &name("_pg._tcp.db.shop.svc.clusterset.local."),
-                RecordType::SRV
-            )),
-            [
-                "0 50 5432 db-0.west.db.shop.svc.clusterset.local.",
-                "0 50 5432 west.db.shop.svc.clusterset.local."
-            ]
-        );
-    }
-
-    #[test]
-    fn negative_answers_and_case() {
-        let zone = zone();
-        let web = name("WEB.Shop.svc.ClusterSet.Local.");
-        assert_eq!(rdatas(zone.lookup(&web, RecordType::A)).len(), 2);
-        assert_eq!(zone.lookup(&web, RecordType::TXT), Lookup::NoData);
-        assert_eq!(
-            zone.lookup(&name("db.shop.svc.clusterset.local."), RecordType::AAAA),
-            Lookup::NoData
-        );
-        // Empty non-terminals exist.
-        assert_eq!(
-            zone.lookup(&name("shop.svc.clusterset.local."), RecordType::A),
-            Lookup::NoData
-        );
-        assert_eq!(
-            zone.lookup(&name("_tcp.web.shop.svc.clusterset.local."), RecordType::A),
-            Lookup::NoData
-        );
-        assert_eq!(
-            zone.lookup(&name("nope.shop.svc.clusterset.local."), RecordType::A),
-            Lookup::NxDomain
-        );
+        assert_eq!(additionals.len(), 2, "the VIPs: {additionals:?}");
+        for (owner, want) in [
+            ("_http._tcp", "0 100 80 web.shop.svc.clusterset.local."),
+            ("_http-udp._udp", "0 100 80 web.shop.svc.clusterset.local."),
+        ] {
+            assert_eq!(
+                rdatas(zone.lookup(
+                    &name(&format!("{owner}.web.shop.svc.clusterset.local.")),
+                    RecordType::SRV
+                )),
+                [want],
+                "{owner}"
+            );
+        }
+        // The unnamed port has no `_<port>._<proto>` name.
         assert_eq!(
             zone.lookup(
                 &name("_81._tcp.web.shop.svc.clusterset.local."),
@@ -631,13 +619,136 @@ mod tests {
             ),
             Lookup::NxDomain
         );
+    }
+
+    #[test]
+    fn before_its_vip_a_clusterset_ip_service_exists_without_data() {
+        let zone = zone();
+        let q = name("pending.shop.svc.clusterset.local.");
+        for qtype in [RecordType::A, RecordType::AAAA, RecordType::SRV] {
+            assert_eq!(zone.lookup(&q, qtype), Lookup::NoData, "{qtype}");
+        }
+    }
+
+    #[test]
+    fn headless_answers_every_ready_endpoint_of_every_cluster() {
+        let zone = zone();
+        let db = name("db.shop.svc.clusterset.local.");
+        assert_eq!(
+            sorted(rdatas(zone.lookup(&db, RecordType::A))),
+            ["10.1.1.5", "10.2.1.5", "10.2.1.6"]
+        );
+        assert_eq!(rdatas(zone.lookup(&db, RecordType::AAAA)), ["fd00::1:5"]);
+        // The same hostname in two clusters: two names.
+        for (cluster, want) in [("west", vec!["10.2.1.5"]), ("east", vec!["10.1.1.5"])] {
+            assert_eq!(
+                rdatas(zone.lookup(
+                    &name(&format!("db-0.{cluster}.db.shop.svc.clusterset.local.")),
+                    RecordType::A
+                )),
+                want
+            );
+        }
+        assert_eq!(
+            rdatas(zone.lookup(
+                &name("db-0.east.db.shop.svc.clusterset.local."),
+                RecordType::AAAA
+            )),
+            ["fd00::1:5"]
+        );
+        // Without a hostname: the address, dashed.
+        assert_eq!(
+            rdatas(zone.lookup(
+                &name("10-2-1-6.west.db.shop.svc.clusterset.local."),
+                RecordType::A
+            )),
+            ["10.2.1.6"]
+        );
+        // A not-ready endpoint has no name.
+        assert_eq!(
+            zone.lookup(
+                &name("db-2.west.db.shop.svc.clusterset.local."),
+                RecordType::A
+            ),
+            Lookup::NxDomain
+        );
+        let srv = [
+            "0 33 5432 10-2-1-6.west.db.shop.svc.clusterset.local.",
+            "0 33 5432 db-0.east.db.shop.svc.clusterset.local.",
+            "0 33 5432 db-0.west.db.shop.svc.clusterset.local.",
+        ];
+        for owner in [
+            "db.shop.svc.clusterset.local.",
+            "_pg._tcp.db.shop.svc.clusterset.local.",
+        ] {
+            assert_eq!(
+                sorted(rdatas(zone.lookup(&name(owner), RecordType::SRV))),
+                srv,
+                "{owner}"
+            );
+        }
+        // The cluster label exists only as the endpoints' parent: no records of its own.
+        assert_eq!(
+            zone.lookup(&name("west.db.shop.svc.clusterset.local."), RecordType::A),
+            Lookup::NoData
+        );
+    }
+
+    #[test]
+    fn a_headless_service_without_ready_endpoints_does_not_exist() {
+        let zone = zone();
+        for n in [
+            "idle.shop.svc.clusterset.local.",
+            "_pg._tcp.idle.shop.svc.clusterset.local.",
+        ] {
+            assert_eq!(zone.lookup(&name(n), RecordType::A), Lookup::NxDomain, "{n}");
+        }
+    }
+
+    #[test]
+    fn the_apex_has_soa_ns_and_the_schema_version() {
+        let zone = zone();
+        let apex = name("clusterset.local.");
+        assert_eq!(
+            rdatas(zone.lookup(&apex, RecordType::SOA)),
+            ["ns.dns.clusterset.local. hostmaster.clusterset.local. 3 7200 1800 86400 5"]
+        );
+        assert_eq!(
+            rdatas(zone.lookup(&apex, RecordType::NS)),
+            ["ns.dns.clusterset.local."]
+        );
+        assert_eq!(zone.lookup(&apex, RecordType::A), Lookup::NoData);
+        let version = name("dns-version.clusterset.local.");
+        assert_eq!(rdatas(zone.lookup(&version, RecordType::TXT)), ["1.0.0"]);
+        assert_eq!(zone.lookup(&version, RecordType::A), Lookup::NoData);
+        // Only at the apex.
+        assert_eq!(
+            zone.lookup(&name("web.shop.svc.clusterset.local."), RecordType::NS),
+            Lookup::NoData
+        );
+    }
+
+    #[test]
+    fn negative_answers_and_case() {
+        let zone = zone();
+        let web = name("WEB.Shop.svc.ClusterSet.Local.");
+        assert_eq!(rdatas(zone.lookup(&web, RecordType::A)), ["10.96.5.1"]);
+        assert_eq!(zone.lookup(&web, RecordType::TXT), Lookup::NoData);
+        // Empty non-terminals exist.
+        for ent in [
+            "svc.clusterset.local.",
+            "shop.svc.clusterset.local.",
+            "_tcp.web.shop.svc.clusterset.local.",
+        ] {
+            assert_eq!(zone.lookup(&name(ent), RecordType::A), Lookup::NoData, "{ent}");
+        }
+        assert_eq!(
+            zone.lookup(&name("nope.shop.svc.clusterset.local."), RecordType::A),
+            Lookup::NxDomain
+        );
         assert_eq!(
             zone.lookup(&name("example.com."), RecordType::A),
             Lookup::NotInZone
-        );
-        assert_eq!(
-            rdatas(zone.lookup(&name("clusterset.local."), RecordType::SOA)).len(),
-            1
         );
     }
 
@@ -645,8 +756,12 @@ mod tests {
     fn before_a_catalog_nothing_in_the_zone_is_known() {
         let zone = Zone::not_loaded(ZoneConfig::new("clusterset.local", 5).unwrap());
         assert!(!zone.is_loaded() && zone.names().next().is_none());
-        for n in ["web.shop.svc.clusterset.local.", "clusterset.local."] {
-            for qtype in [RecordType::A, RecordType::SOA] {
+        for n in [
+            "web.shop.svc.clusterset.local.",
+            "clusterset.local.",
+            "dns-version.clusterset.local.",
+        ] {
+            for qtype in [RecordType::A, RecordType::SOA, RecordType::TXT] {
                 assert_eq!(zone.lookup(&name(n), qtype), Lookup::NotLoaded, "{n}");
             }
         }
@@ -654,19 +769,23 @@ mod tests {
             zone.lookup(&name("example.com."), RecordType::A),
             Lookup::NotInZone
         );
-        // An empty catalog is a catalog: loaded, names absent.
+        // An empty catalog is a catalog: loaded, names absent, the apex records there.
         let empty = Zone::empty(ZoneConfig::new("clusterset.local", 5).unwrap());
         assert!(empty.is_loaded());
         assert_eq!(
             empty.lookup(&name("web.shop.svc.clusterset.local."), RecordType::A),
             Lookup::NxDomain
         );
+        assert_eq!(
+            rdatas(empty.lookup(&name("dns-version.clusterset.local."), RecordType::TXT)),
+            ["1.0.0"]
+        );
     }
 
     #[test]
     fn invalid_services_are_skipped_not_fatal() {
         let zone = zone();
-        assert_eq!(zone.services(), 2);
+        assert_eq!(zone.services(), 4);
         let [skipped] = zone.skipped() else {
             panic!("{:?}", zone.skipped());
         };
@@ -678,6 +797,20 @@ mod tests {
         assert_eq!(
             zone.skipped()[0].to_string(),
             r#"Bad.Name.shop: invalid label "Bad.Name""#
+        );
+        let bad_host = Catalog::from_json(
+            r#"{"services": [{"name": "h", "namespace": "ns", "headless": true, "clusters": [
+                {"cluster": "east", "endpoints": [{"address": "10.0.0.1", "hostname": "a.b"}]}]}]}"#,
+        )
+        .unwrap();
+        let zone = Zone::build(ZoneConfig::new("clusterset.local", 5).unwrap(), &bad_host);
+        assert!(matches!(
+            &zone.skipped()[0].reason,
+            SkipReason::Hostname(h) if h == "a.b"
+        ));
+        assert_eq!(
+            zone.lookup(&name("h.ns.svc.clusterset.local."), RecordType::A),
+            Lookup::NxDomain
         );
     }
 }

@@ -117,8 +117,10 @@ mod tests {
     fn rejects_unknown_fields_and_bad_addresses() {
         assert!(Catalog::from_json(r#"{"servicez": []}"#).is_err());
         assert!(
-            Catalog::from_json(r#"{"services": [{"name": "a", "namespace": "b", "ips": ["10.0.0.300"]}]}"#)
-                .is_err()
+            Catalog::from_json(
+                r#"{"services": [{"name": "a", "namespace": "b", "ips": ["10.0.0.300"]}]}"#
+            )
+            .is_err()
         );
         // The per-cluster service IPs of the old format are gone: a cluster carries endpoints.
         assert!(

@@ -35,7 +35,11 @@ pub fn catalog_from_imports(imports: &Imports) -> Catalog {
                 name: svc.name.clone(),
                 namespace: svc.namespace.clone(),
                 headless,
-                ips: if headless { Vec::new() } else { svc.vips.clone() },
+                ips: if headless {
+                    Vec::new()
+                } else {
+                    svc.vips.clone()
+                },
                 ports: svc.ports.clone(),
                 clusters: if headless {
                     svc.backends
@@ -252,7 +256,10 @@ mod tests {
     fn without_a_vip_a_clusterset_ip_service_has_no_addresses() {
         let catalog = catalog_from_imports(&imports());
         let web = catalog.services.iter().find(|s| s.name == "web").unwrap();
-        assert!(web.ips.is_empty(), "no cluster's own ClusterIP stands in: {web:?}");
+        assert!(
+            web.ips.is_empty(),
+            "no cluster's own ClusterIP stands in: {web:?}"
+        );
     }
 
     #[test]

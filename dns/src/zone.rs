@@ -701,7 +701,11 @@ mod tests {
             "idle.shop.svc.clusterset.local.",
             "_pg._tcp.idle.shop.svc.clusterset.local.",
         ] {
-            assert_eq!(zone.lookup(&name(n), RecordType::A), Lookup::NxDomain, "{n}");
+            assert_eq!(
+                zone.lookup(&name(n), RecordType::A),
+                Lookup::NxDomain,
+                "{n}"
+            );
         }
     }
 
@@ -740,7 +744,11 @@ mod tests {
             "shop.svc.clusterset.local.",
             "_tcp.web.shop.svc.clusterset.local.",
         ] {
-            assert_eq!(zone.lookup(&name(ent), RecordType::A), Lookup::NoData, "{ent}");
+            assert_eq!(
+                zone.lookup(&name(ent), RecordType::A),
+                Lookup::NoData,
+                "{ent}"
+            );
         }
         assert_eq!(
             zone.lookup(&name("nope.shop.svc.clusterset.local."), RecordType::A),

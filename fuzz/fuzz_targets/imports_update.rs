@@ -4,8 +4,8 @@
 
 use hickory_proto::rr::{Name, RecordType};
 use libfuzzer_sys::fuzz_target;
-use trellis_core::imports::{Imports, ImportsUpdate};
 use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
+use trellis_core::imports::{Imports, ImportsUpdate};
 use trellis_dns::fast::FastTable;
 use trellis_dns::subscription::catalog_from_imports;
 use trellis_dns::zone::{Lookup, Zone, ZoneConfig};
@@ -55,9 +55,7 @@ fuzz_target!(|data: &[u8]| {
             let update = match decoder.next_json::<ImportsUpdate>() {
                 Ok(Some(update)) => update,
                 Ok(None) => break,
-                Err(
-                    FrameError::Malformed(_) | FrameError::TooLarge { .. },
-                ) => {
+                Err(FrameError::Malformed(_) | FrameError::TooLarge { .. }) => {
                     return; // DNS drops the session and resubscribes
                 }
                 Err(other) => panic!("a decoder cannot fail with {other:?}"),

@@ -526,3 +526,103 @@ async fn names_are_case_insensitive() {
     );
     server.running.shutdown();
 }
+
+/// `nslookup -type=<rtype> <name>` against the server, as the conformance suite runs it in a
+/// pod; `None` (the check skipped, said on stderr) without nslookup.
+async fn nslookup(server: SocketAddr, rtype: &str, name: &str) -> Option<String> {
+    if missing_tool("the nslookup checks", "nslookup", "-version", "dnsutils") {
+        return None;
+    }
+    let args = [
+        format!("-port={}", server.port()),
+        format!("-type={rtype}"),
+        name.to_string(),
+        server.ip().to_string(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("nslookup")
+            .args(&args)
+            .output()
+            .expect("run nslookup")
+    })
+    .await
+    .unwrap();
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// (port, target) of every `... service = <priority> <weight> <port> <target>` line, trailing
+/// dot stripped: what the suite's `parseSRVRecords` extracts.
+fn nslookup_srv(output: &str) -> Vec<(u16, String)> {
+    output
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .filter_map(|(_, rest)| {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let [_, _, port, target] = fields[..] else {
+                return None;
+            };
+            Some((port.parse().ok()?, target.trim_end_matches('.').to_string()))
+        })
+        .collect()
+}
+
+/// The sorted `Address:` values that follow a `Name:` line: what the suite's `HaveAddresses`
+/// compares.
+fn nslookup_addresses(output: &str) -> Vec<String> {
+    let mut addresses = Vec::new();
+    let mut named = false;
+    for line in output.lines() {
+        if line.starts_with("Name:") {
+            named = true;
+        } else if let Some(address) = line.strip_prefix("Address:")
+            && named
+        {
+            addresses.push(address.trim().to_string());
+            named = false;
+        }
+    }
+    addresses.sort();
+    addresses
+}
+
+/// The conformance DNS specs as the suite checks them: nslookup's output, parsed its way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_checks_through_nslookup() {
+    let server = serve(vec![]).await;
+    let dns = server.addr();
+    let Some(a) = nslookup(dns, "A", HELLO).await else {
+        return;
+    };
+    assert_eq!(nslookup_addresses(&a), [VIP4], "{a}");
+    let aaaa = nslookup(dns, "AAAA", HELLO).await.unwrap();
+    assert_eq!(nslookup_addresses(&aaaa), [VIP6], "{aaaa}");
+    let srv = nslookup(dns, "SRV", HELLO).await.unwrap();
+    assert_eq!(
+        nslookup_srv(&srv),
+        [(42, HELLO.trim_end_matches('.').to_string())],
+        "{srv}"
+    );
+
+    let headless = nslookup(dns, "A", HEADLESS).await.unwrap();
+    assert_eq!(
+        nslookup_addresses(&headless),
+        ["10.1.0.11", "10.1.0.12", "10.2.0.21"],
+        "{headless}"
+    );
+    let pod = nslookup(dns, "A", &format!("hello-1.c1.{HEADLESS}"))
+        .await
+        .unwrap();
+    assert_eq!(nslookup_addresses(&pod), ["10.1.0.12"], "{pod}");
+    let srv = nslookup(dns, "SRV", HEADLESS).await.unwrap();
+    let records = nslookup_srv(&srv);
+    assert_eq!(records.len(), 3, "one per ready endpoint: {srv}");
+    for host in ["hello-0", "hello-1", "10-2-0-21"] {
+        assert!(
+            records
+                .iter()
+                .any(|(port, target)| *port == 42 && target.starts_with(host)),
+            "{host}: {srv}"
+        );
+    }
+    server.running.shutdown();
+}

@@ -204,6 +204,7 @@ impl Zone {
             loaded: true,
         };
         zone.nodes.insert(apex, Node::default());
+        // Fails only for an apex too long to hold any name below it.
         if let Ok(version) = zone.name(&["dns-version"]) {
             zone.insert(
                 version,

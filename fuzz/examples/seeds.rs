@@ -16,8 +16,8 @@ use trellis_core::agent::{
     RouteSpec, RouteVia,
 };
 use trellis_core::cluster::{ServiceKey, fixture};
-use trellis_core::framing::encode_json_frame;
 use trellis_core::imports::Imports;
+use trellis_core::framing::encode_json_frame;
 use trellis_core::peering::{Message as PeeringMessage, encode_frame};
 use trellis_core::status::{GatewayReport, TunnelStatus};
 use trellis_core::wgkey::PublicKey;
@@ -88,7 +88,8 @@ fn peering() {
         labels: trellis_core::policy::IdentityLabels {
             namespace: "x".into(),
             pod_labels: [("pod".to_owned(), pod.to_owned())].into(),
-            namespace_labels: [("kubernetes.io/metadata.name".to_owned(), "x".to_owned())].into(),
+            namespace_labels: [("kubernetes.io/metadata.name".to_owned(), "x".to_owned())]
+                .into(),
         },
     };
     let pod = |name: &str, address: &str, number: u32| trellis_core::policy::PolicyEndpoint {
@@ -104,21 +105,16 @@ fn peering() {
             port: 80,
         }],
     };
-    policy
-        .identities
-        .insert(identity(1, "a").key.clone(), identity(1, "a"));
+    policy.identities.insert(identity(1, "a").key.clone(), identity(1, "a"));
     for p in [pod("a", "10.2.0.5", 1), pod("spoof", "10.1.0.5", 1)] {
         policy.pods.insert(trellis_core::keyed::Keyed::key(&p), p);
     }
     let mut relabelled = policy.clone();
     relabelled.revision = 1;
+    relabelled.identities.insert(identity(2, "b").key.clone(), identity(2, "b"));
     relabelled
-        .identities
-        .insert(identity(2, "b").key.clone(), identity(2, "b"));
-    relabelled.pods.insert(
-        trellis_core::keyed::Keyed::key(&pod("a", "10.2.0.5", 2)),
-        pod("a", "10.2.0.5", 2),
-    );
+        .pods
+        .insert(trellis_core::keyed::Keyed::key(&pod("a", "10.2.0.5", 2)), pod("a", "10.2.0.5", 2));
     let policy_delta = policy.delta_to(&relabelled).unwrap();
     let hello_b = encode_frame(
         &PeeringMessage::Hello {
@@ -136,13 +132,7 @@ fn peering() {
             &[
                 hello_b,
                 encode_frame(&PeeringMessage::Snapshot { state: policy }, max).unwrap(),
-                encode_frame(
-                    &PeeringMessage::Delta {
-                        delta: policy_delta,
-                    },
-                    max,
-                )
-                .unwrap(),
+                encode_frame(&PeeringMessage::Delta { delta: policy_delta }, max).unwrap(),
             ],
         ),
     );

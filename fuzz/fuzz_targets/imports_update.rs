@@ -4,8 +4,8 @@
 
 use hickory_proto::rr::{Name, RecordType};
 use libfuzzer_sys::fuzz_target;
-use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 use trellis_core::imports::{Imports, ImportsUpdate};
+use trellis_core::framing::{FrameDecoder, FrameError, encode_json_frame};
 use trellis_dns::fast::FastTable;
 use trellis_dns::subscription::catalog_from_imports;
 use trellis_dns::zone::{Lookup, Zone, ZoneConfig};
@@ -32,13 +32,23 @@ fn publish(imports: &Imports) {
             service.name, service.namespace
         ))
         .expect("a published service has a valid name");
-        assert!(
-            matches!(
-                zone.lookup(&name, RecordType::A),
-                Lookup::Found { .. } | Lookup::NoData
-            ),
-            "published service {name} resolves"
-        );
+        // A headless service without a ready endpoint has no name (the MCS DNS specification,
+        // 2.4.1); any other published service exists.
+        let exists = !service.headless
+            || service
+                .clusters
+                .iter()
+                .flat_map(|c| &c.endpoints)
+                .any(|e| e.ready && !e.addresses.is_empty());
+        let lookup = zone.lookup(&name, RecordType::A);
+        if exists {
+            assert!(
+                matches!(lookup, Lookup::Found { .. } | Lookup::NoData),
+                "published service {name} resolves: {lookup:?}"
+            );
+        } else {
+            assert_eq!(lookup, Lookup::NxDomain, "{name} has no ready endpoint");
+        }
     }
     let _ = FastTable::build(&zone, EDNS_UDP_SIZE);
 }
@@ -55,7 +65,9 @@ fuzz_target!(|data: &[u8]| {
             let update = match decoder.next_json::<ImportsUpdate>() {
                 Ok(Some(update)) => update,
                 Ok(None) => break,
-                Err(FrameError::Malformed(_) | FrameError::TooLarge { .. }) => {
+                Err(
+                    FrameError::Malformed(_) | FrameError::TooLarge { .. },
+                ) => {
                     return; // DNS drops the session and resubscribes
                 }
                 Err(other) => panic!("a decoder cannot fail with {other:?}"),

@@ -64,10 +64,7 @@ fuzz_target!(|data: &[u8]| {
                 let frame = encode_frame(message, usize::MAX).expect("a decoded message encodes");
                 let mut decoder = FrameDecoder::new(usize::MAX);
                 decoder.push(&frame);
-                assert_eq!(
-                    decoder.next_json::<Message>().ok(),
-                    Some(Some(message.clone()))
-                );
+                assert_eq!(decoder.next_json::<Message>().ok(), Some(Some(message.clone())));
                 assert_eq!(decoder.buffered(), 0);
                 let again = encode_frame(message, usize::MAX).unwrap();
                 assert_eq!(frame, again);
@@ -160,10 +157,7 @@ fn admitted_claims_stay_inside_the_allowance(local: &ClusterState, state: &Clust
     // address inside a pod CIDR of the admitted node it names.
     for pod in verdict.state.pods.values() {
         assert_eq!(pod.cluster, state.id, "{pod:?}");
-        assert!(
-            verdict.state.identities.contains_key(&pod.identity_key()),
-            "{pod:?}"
-        );
+        assert!(verdict.state.identities.contains_key(&pod.identity_key()), "{pod:?}");
         let node = &verdict.state.nodes[&pod.node];
         assert!(
             pod.addresses
@@ -172,11 +166,5 @@ fn admitted_claims_stay_inside_the_allowance(local: &ClusterState, state: &Clust
             "{pod:?}"
         );
     }
-    assert!(
-        verdict
-            .state
-            .identities
-            .keys()
-            .all(|k| k.cluster == state.id)
-    );
+    assert!(verdict.state.identities.keys().all(|k| k.cluster == state.id));
 }

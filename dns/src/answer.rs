@@ -129,10 +129,10 @@ pub fn respond(zone: &Zone, packet: &[u8], transport: Transport, edns_udp_size: 
         }
         Lookup::NxDomain => {
             response.metadata.response_code = ResponseCode::NXDomain;
-            response.add_authority(zone.soa());
+            response.add_authority(zone.soa_for(question.name()));
         }
         Lookup::NoData => {
-            response.add_authority(zone.soa());
+            response.add_authority(zone.soa_for(question.name()));
         }
         Lookup::Found {
             answers,

@@ -20,10 +20,11 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
 use crate::Error;
+use crate::acl::Cidr;
 use crate::model::{Catalog, Endpoint, Protocol, valid_label};
 
 /// A service of the catalog left out of the zone, and why.
@@ -82,6 +83,9 @@ pub struct ZoneConfig {
     pub apex: Name,
     /// TTL of every record, and of negative answers (SOA minimum).
     pub ttl: u32,
+    /// Reverse zones (`in-addr.arpa`/`ip6.arpa` names) served as well: PTR records for the
+    /// clusterset IPs and ready headless endpoints within them, NXDOMAIN for the rest.
+    pub reverse: Vec<Name>,
 }
 
 impl ZoneConfig {
@@ -100,7 +104,32 @@ impl ZoneConfig {
         Ok(Self {
             apex: apex.to_lowercase(),
             ttl,
+            reverse: Vec::new(),
         })
+    }
+
+    /// Also serves the reverse zones of `ranges`. A range must end on a label boundary of the
+    /// reverse tree (an IPv4 prefix of 8, 16 or 24 bits; an IPv6 prefix a multiple of 4 up to
+    /// 124) to be a zone of its own.
+    pub fn with_reverse(mut self, ranges: &[Cidr]) -> Result<Self, Error> {
+        for range in ranges {
+            let (bits, arpa_labels) = match range.addr() {
+                IpAddr::V4(_) => (8, 4),
+                IpAddr::V6(_) => (4, 32),
+            };
+            let prefix = usize::from(range.prefix());
+            if prefix == 0 || prefix % bits != 0 || prefix / bits >= arpa_labels {
+                return Err(Error::Config {
+                    reason: "a reverse zone must be an IPv4 /8, /16 or /24, or an IPv6 prefix a multiple of 4 up to /124",
+                });
+            }
+            let reverse = Name::from(range.addr()).trim_to(prefix / bits + 2);
+            let reverse = reverse.to_lowercase();
+            if !self.reverse.contains(&reverse) {
+                self.reverse.push(reverse);
+            }
+        }
+        Ok(self)
     }
 }
 
@@ -115,6 +144,8 @@ pub struct Node {
     pub srv: Vec<SRV>,
     /// TXT records (one string each).
     pub txt: Vec<String>,
+    /// The PTR record of a reverse name (at most one: one name per address).
+    pub ptr: Option<Name>,
 }
 
 impl Node {
@@ -161,6 +192,8 @@ pub enum Lookup {
 pub struct Zone {
     config: ZoneConfig,
     apex: LowerName,
+    /// The reverse zones' apexes.
+    reverse: Vec<LowerName>,
     serial: u32,
     nodes: HashMap<LowerName, Node>,
     /// Services of the catalog that were skipped, with the reason.
@@ -194,8 +227,10 @@ impl Zone {
     /// [`Zone::skipped`]; the rest is published.
     pub fn build(config: ZoneConfig, catalog: &Catalog) -> Self {
         let apex = LowerName::new(&config.apex);
+        let reverse: Vec<LowerName> = config.reverse.iter().map(LowerName::new).collect();
         let mut zone = Self {
             apex: apex.clone(),
+            reverse: reverse.clone(),
             serial: catalog.revision as u32,
             nodes: HashMap::new(),
             skipped: Vec::new(),
@@ -203,7 +238,9 @@ impl Zone {
             config,
             loaded: true,
         };
-        zone.nodes.insert(apex, Node::default());
+        for apex in std::iter::once(apex).chain(reverse) {
+            zone.nodes.insert(apex, Node::default());
+        }
         // Fails only for an apex too long to hold any name below it.
         if let Ok(version) = zone.name(&["dns-version"]) {
             zone.insert(
@@ -266,6 +303,7 @@ impl Zone {
         if !service.headless {
             for ip in &service.ips {
                 service_node.push_addr(*ip);
+                owned.push((reverse_name(*ip), pointer(&svc)));
             }
             // SRV records point at the clusterset IPs: none before one is known.
             if !service.ips.is_empty() {
@@ -296,6 +334,7 @@ impl Zone {
                     for addr in &endpoint.addresses {
                         node.push_addr(*addr);
                         service_node.push_addr(*addr);
+                        owned.push((reverse_name(*addr), pointer(&target)));
                     }
                     for (owner, port) in &srv_owners {
                         let mut srv = Node::default();
@@ -306,7 +345,7 @@ impl Zone {
                 }
             }
             // A headless service without a ready endpoint has no records: NXDOMAIN (2.4.1).
-            if owned.is_empty() {
+            if service_node.a.is_empty() && service_node.aaaa.is_empty() {
                 return Ok(());
             }
             owned.push((svc, service_node));
@@ -329,9 +368,14 @@ impl Zone {
             .map_err(fail)
     }
 
-    /// Adds `node` under `name` (merging with what is there) and every ancestor up to the apex.
+    /// Adds `node` under `name` (merging with what is there) and every ancestor up to its
+    /// zone's apex; a name in none of the zones (an address outside the reverse zones) is
+    /// left out.
     fn insert(&mut self, name: Name, node: Node) {
         let key = LowerName::new(&name);
+        let Some(apex_labels) = self.apex_of(&key).map(LowerName::num_labels) else {
+            return;
+        };
         let entry = self.nodes.entry(key.clone()).or_default();
         for addr in node.a {
             entry.push_addr(IpAddr::V4(addr));
@@ -347,8 +391,12 @@ impl Zone {
                 entry.txt.push(txt);
             }
         }
+        // One PTR per address: the first service (in catalog order) to claim it keeps it.
+        if entry.ptr.is_none() {
+            entry.ptr = node.ptr;
+        }
         let mut parent = key.base_name();
-        while parent.num_labels() > self.apex.num_labels() {
+        while parent.num_labels() > apex_labels {
             self.nodes.entry(parent.clone()).or_default();
             parent = parent.base_name();
         }
@@ -374,9 +422,26 @@ impl Zone {
         self.nodes.iter()
     }
 
-    /// Whether `name` is at or below the apex.
+    /// Whether `name` is at or below the apex or a reverse zone's.
     pub fn contains(&self, name: &LowerName) -> bool {
-        self.apex.zone_of(name)
+        self.apex_of(name).is_some()
+    }
+
+    /// Whether `name` is in one of the reverse zones.
+    pub fn is_reverse(&self, name: &LowerName) -> bool {
+        self.reverse.iter().any(|apex| apex.zone_of(name))
+    }
+
+    /// The apex of the zone `name` is in: the cluster-set apex, or the deepest reverse zone
+    /// holding it.
+    fn apex_of(&self, name: &LowerName) -> Option<&LowerName> {
+        if self.apex.zone_of(name) {
+            return Some(&self.apex);
+        }
+        self.reverse
+            .iter()
+            .filter(|apex| apex.zone_of(name))
+            .max_by_key(|apex| apex.num_labels())
     }
 
     /// The name of the zone's name server (the SOA's MNAME and the apex's NS target).
@@ -388,12 +453,26 @@ impl Zone {
 
     /// The SOA record of the apex (for authority sections).
     pub fn soa(&self) -> Record {
+        self.soa_at(self.config.apex.clone())
+    }
+
+    /// The SOA record of the zone `name` is in (the authority of a negative answer for it).
+    pub fn soa_for(&self, name: &Name) -> Record {
+        match self.apex_of(&LowerName::new(name)) {
+            Some(apex) => self.soa_at(Name::from(apex.clone())),
+            None => self.soa(),
+        }
+    }
+
+    /// The SOA record of the zone at `owner`; the server and mailbox are named in the
+    /// cluster-set zone whatever the zone.
+    fn soa_at(&self, owner: Name) -> Record {
         let apex = self.config.apex.clone();
         let rname = Name::from_ascii("hostmaster")
             .and_then(|n| n.append_domain(&apex))
             .unwrap_or_else(|_| apex.clone());
         Record::from_rdata(
-            apex,
+            owner,
             self.config.ttl,
             RData::SOA(SOA::new(
                 self.name_server(),
@@ -410,9 +489,9 @@ impl Zone {
     /// Answers `qtype` for `qname`; owner names of answers are `qname` as asked (case kept).
     pub fn lookup(&self, qname: &Name, qtype: RecordType) -> Lookup {
         let key = LowerName::new(qname);
-        if !self.apex.zone_of(&key) {
+        let Some(apex) = self.apex_of(&key) else {
             return Lookup::NotInZone;
-        }
+        };
         if !self.loaded {
             return Lookup::NotLoaded;
         }
@@ -456,7 +535,10 @@ impl Zone {
                     .map(|t| record(RData::TXT(TXT::new(vec![t.clone()])))),
             );
         }
-        if key == self.apex {
+        if qtype == RecordType::PTR || any {
+            answers.extend(node.ptr.iter().map(|t| record(RData::PTR(PTR(t.clone())))));
+        }
+        if key == *apex {
             if qtype == RecordType::SOA || any {
                 let mut soa = self.soa();
                 soa.name = qname.clone();
@@ -474,6 +556,21 @@ impl Zone {
                 additionals,
             }
         }
+    }
+}
+
+/// The reverse name of `addr` (`<d>.<c>.<b>.<a>.in-addr.arpa.`, or nibbles under `ip6.arpa.`).
+fn reverse_name(addr: IpAddr) -> Name {
+    let mut name = Name::from(addr).to_lowercase();
+    name.set_fqdn(true);
+    name
+}
+
+/// A node holding only a PTR record to `target`.
+fn pointer(target: &Name) -> Node {
+    Node {
+        ptr: Some(target.clone()),
+        ..Node::default()
     }
 }
 
@@ -788,6 +885,69 @@ mod tests {
         assert_eq!(
             rdatas(empty.lookup(&name("dns-version.clusterset.local."), RecordType::TXT)),
             ["1.0.0"]
+        );
+    }
+
+    #[test]
+    fn reverse_zones_point_back_at_the_names() {
+        let ranges = [
+            "10.96.0.0/16".parse().unwrap(),
+            "10.2.0.0/16".parse().unwrap(),
+            "fd00::/16".parse().unwrap(),
+        ];
+        let config = ZoneConfig::new("clusterset.local", 5)
+            .unwrap()
+            .with_reverse(&ranges)
+            .unwrap();
+        let zone = Zone::build(config, &catalog());
+        for (reverse, target) in [
+            ("1.5.96.10.in-addr.arpa.", "web.shop.svc.clusterset.local."),
+            (
+                "5.1.2.10.in-addr.arpa.",
+                "db-0.west.db.shop.svc.clusterset.local.",
+            ),
+            (
+                "6.1.2.10.in-addr.arpa.",
+                "10-2-1-6.west.db.shop.svc.clusterset.local.",
+            ),
+            (
+                "1.0.0.0.5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.",
+                "web.shop.svc.clusterset.local.",
+            ),
+        ] {
+            assert_eq!(
+                rdatas(zone.lookup(&name(reverse), RecordType::PTR)),
+                [target],
+                "{reverse}"
+            );
+        }
+        // A not-ready endpoint, an unknown address: no name; the ranges' apexes have SOA/NS.
+        for unknown in ["7.1.2.10.in-addr.arpa.", "9.9.96.10.in-addr.arpa."] {
+            assert_eq!(
+                zone.lookup(&name(unknown), RecordType::PTR),
+                Lookup::NxDomain
+            );
+        }
+        let soa = zone.soa_for(&name("9.9.96.10.in-addr.arpa."));
+        assert_eq!(soa.name.to_ascii(), "96.10.in-addr.arpa.");
+        assert_eq!(
+            rdatas(zone.lookup(&name("96.10.in-addr.arpa."), RecordType::NS)),
+            ["ns.dns.clusterset.local."]
+        );
+        assert_eq!(
+            zone.lookup(&name("5.96.10.in-addr.arpa."), RecordType::PTR),
+            Lookup::NoData,
+            "an empty non-terminal"
+        );
+        // Outside every reverse zone (10.1.1.5 is db-0.east's): not ours to answer.
+        assert_eq!(
+            zone.lookup(&name("5.1.1.10.in-addr.arpa."), RecordType::PTR),
+            Lookup::NotInZone
+        );
+        // Without reverse zones none of it exists.
+        assert_eq!(
+            super::tests::zone().lookup(&name("1.5.96.10.in-addr.arpa."), RecordType::PTR),
+            Lookup::NotInZone
         );
     }
 

@@ -626,3 +626,62 @@ async fn the_conformance_checks_through_nslookup() {
     }
     server.running.shutdown();
 }
+
+/// Specs 2.3.3 and 2.4.3, for the reverse zones the server is given (`--reverse-zone`): the
+/// clusterset IPs point at the service name, ready headless endpoints at their own names;
+/// anything else in those zones is NXDOMAIN under the zone's SOA, and addresses outside them
+/// are not this server's to answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ptr_records_in_the_reverse_zones_served() {
+    let config = trellis_dns::Config {
+        reverse_zones: [
+            "10.99.0.0/16",
+            "10.1.0.0/16",
+            "10.2.0.0/16",
+            "fd99::/16",
+            "fd02::/16",
+        ]
+        .iter()
+        .map(|c| c.parse().unwrap())
+        .collect(),
+        ..test_config(vec![])
+    };
+    let server = start_config(config, Some(&catalog_from_imports(&imports()))).await;
+    let resolver = resolver(server.addr(), false);
+    let ptr = |ip: &str| Name::from(ip.parse::<IpAddr>().unwrap()).to_ascii();
+    for (ip, target) in [
+        (VIP4, HELLO.to_string()),
+        (VIP6, HELLO.to_string()),
+        ("10.1.0.11", format!("hello-0.c1.{HEADLESS}")),
+        ("10.2.0.21", format!("10-2-0-21.c2.{HEADLESS}")),
+        ("fd02::21", format!("10-2-0-21.c2.{HEADLESS}")),
+    ] {
+        assert_eq!(
+            data(&resolver, &ptr(ip), RecordType::PTR).await,
+            [target],
+            "{ip}"
+        );
+    }
+    for ip in ["10.99.0.1", "10.2.0.22"] {
+        let answer = ask(server.addr(), &ptr(ip), RecordType::PTR, false).await;
+        assert_eq!(answer.response_code, ResponseCode::NXDomain, "{ip}");
+        assert!(answer.authoritative);
+        let soa = &answer.authorities[0];
+        assert_eq!(soa.record_type(), RecordType::SOA);
+        assert!(
+            soa.name.zone_of(&Name::from_ascii(ptr(ip)).unwrap()),
+            "{soa:?}"
+        );
+        assert!(
+            soa.name.to_ascii().ends_with(".10.in-addr.arpa."),
+            "{soa:?}"
+        );
+    }
+    // An exporting cluster's own ClusterIP is outside the reverse zones: a name like any other
+    // outside the server's zones (forwarding is off here: REFUSED), never answered with
+    // authority.
+    let answer = ask(server.addr(), &ptr(C1_CLUSTER_IP), RecordType::PTR, false).await;
+    assert_eq!(answer.response_code, ResponseCode::Refused);
+    assert!(!answer.authoritative && answer.answers.is_empty());
+    server.running.shutdown();
+}

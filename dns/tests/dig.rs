@@ -346,3 +346,53 @@ async fn servfail_until_the_catalog_file_is_loaded() {
     let out = dig(s, &["www.example.test"]);
     assert!(out.contains("status: REFUSED"), "{out}");
 }
+
+/// `--reverse-zone`: `dig -x` of a headless endpoint and of the clusterset IP finds their
+/// names; an unknown address in the zone is NXDOMAIN with the reverse zone's SOA; the schema
+/// version answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_reverse_zones_and_the_schema_version() {
+    if missing_tool(
+        "dig_reverse_zones_and_the_schema_version",
+        "dig",
+        "-v",
+        "dnsutils",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_catalog(dir.path(), &shop());
+    let server = spawn_server_with(
+        &dir.path().join("catalog.json"),
+        "127.0.0.1:9".parse().unwrap(),
+        &["--reverse-zone", "10.2.0.0/16,10.96.0.0/16"],
+        true,
+    );
+    let s = server.dns;
+    let out = dig(s, &["-x", "10.2.1.5"]);
+    assert_eq!(
+        answers(&out),
+        ["5.1.2.10.in-addr.arpa. PTR db-0.west.db.shop.svc.clusterset.local."],
+        "{out}"
+    );
+    let out = dig(s, &["-x", "10.96.0.10"]);
+    assert_eq!(
+        answers(&out),
+        ["10.0.96.10.in-addr.arpa. PTR web.shop.svc.clusterset.local."],
+        "{out}"
+    );
+    let out = dig(s, &["-x", "10.2.9.9"]);
+    assert!(
+        out.contains("status: NXDOMAIN") && out.contains("2.10.in-addr.arpa.\t5\tIN\tSOA"),
+        "{out}"
+    );
+    let out = dig(s, &["dns-version.clusterset.local", "TXT"]);
+    assert_eq!(
+        answers(&out),
+        ["dns-version.clusterset.local. TXT \"1.0.0\""],
+        "{out}"
+    );
+    // Outside the reverse zones: refused (no --forward-for), not answered.
+    let out = dig(s, &["-x", "10.1.0.1"]);
+    assert!(out.contains("status: REFUSED"), "{out}");
+}

@@ -327,6 +327,7 @@ fn dns() {
             RecordType::TXT,
             Some(1232),
         ),
+        ("ptr-db-0", "1.0.9.10.in-addr.arpa.", RecordType::PTR, None),
     ];
     for (i, (name, qname, qtype, edns)) in queries.into_iter().enumerate() {
         let query = dns_query(qname, qtype, edns, 0x1000 + i as u16);

@@ -51,10 +51,13 @@ pub fn dns() -> &'static (Zone, FastTable) {
     static DNS: OnceLock<(Zone, FastTable)> = OnceLock::new();
     DNS.get_or_init(|| {
         let catalog = Catalog::from_json(CATALOG).expect("the fuzz catalog parses");
-        let zone = Zone::build(
-            ZoneConfig::new("clusterset.local", 5).expect("zone config"),
-            &catalog,
-        );
+        // Reverse zones holding the VIPs and db's endpoints: PTR answers and their negatives.
+        let reverse = ["10.99.0.0/16", "10.9.0.0/24", "fd00::/16"]
+            .map(|cidr| cidr.parse().expect("a reverse zone"));
+        let config = ZoneConfig::new("clusterset.local", 5)
+            .and_then(|config| config.with_reverse(&reverse))
+            .expect("zone config");
+        let zone = Zone::build(config, &catalog);
         assert!(zone.skipped().is_empty(), "{:?}", zone.skipped());
         let fast = FastTable::build(&zone, EDNS_UDP_SIZE);
         assert!(!fast.is_empty());

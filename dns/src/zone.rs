@@ -12,6 +12,9 @@
 //!   hostname or, without one, by its first address with dots or colons as dashes (the
 //!   specification's "unique system-assigned identifier");
 //! - `dns-version.<zone>` TXT `1.0.0`, and the SOA and NS records at the apex.
+//! - in the reverse zones configured ([`ZoneConfig::with_reverse`]), PTR records: a clusterset
+//!   IP to the service name, a ready headless endpoint's address to its name; each reverse
+//!   zone has its own SOA and NS.
 //!
 //! Nothing else: no name picks one cluster's backends (`<c>.<svc>...` exists only as the
 //! empty parent of a headless endpoint's name). Every ancestor of a published name down to the

@@ -200,7 +200,8 @@ fn catalog(dir: &Path, records: u32) -> anyhow::Result<PathBuf> {
             serde_json::json!({
                 "name": format!("web{i}"),
                 "namespace": "shop",
-                "clusters": [{"cluster": "local", "local": true, "ips": [address(i).to_string()]}]
+                "ips": [address(i).to_string()],
+                "clusters": [{"cluster": "local"}]
             })
         })
         .collect();

@@ -40,6 +40,16 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The range's address as given (not masked).
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
     /// Whether `ip` is in the range (an IPv4-mapped IPv6 client counts as its IPv4 address).
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {

@@ -129,10 +129,10 @@ pub fn respond(zone: &Zone, packet: &[u8], transport: Transport, edns_udp_size: 
         }
         Lookup::NxDomain => {
             response.metadata.response_code = ResponseCode::NXDomain;
-            response.add_authority(zone.soa());
+            response.add_authority(zone.soa_for(question.name()));
         }
         Lookup::NoData => {
-            response.add_authority(zone.soa());
+            response.add_authority(zone.soa_for(question.name()));
         }
         Lookup::Found {
             answers,
@@ -335,10 +335,9 @@ mod tests {
             .map(|i| format!(r#"{{"address": "10.9.{}.{}"}}"#, i / 250, i % 250 + 1))
             .collect();
         let json = format!(
-            r#"{{"services": [{{"name": "web", "namespace": "shop", "clusters": [
-                {{"cluster": "east", "ips": ["10.1.0.10"]}}]}},
-              {{"name": "big", "namespace": "shop", "clusters": [
-                {{"cluster": "east", "headless": true, "endpoints": [{}]}}]}}]}}"#,
+            r#"{{"services": [{{"name": "web", "namespace": "shop", "ips": ["10.1.0.10"]}},
+              {{"name": "big", "namespace": "shop", "headless": true,
+                "clusters": [{{"cluster": "east", "endpoints": [{}]}}]}}]}}"#,
             eps.join(",")
         );
         Zone::build(

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::Error;
-use crate::acl::ForwardAcl;
+use crate::acl::{Cidr, ForwardAcl};
 use crate::zone::ZoneConfig;
 
 /// Everything `trellis-dns` needs to run.
@@ -19,8 +19,9 @@ pub struct Config {
     pub zone: String,
     /// TTL of answers and of negative answers.
     pub ttl: u32,
-    /// Answer service names with local addresses only when the local cluster exports them.
-    pub local_only: bool,
+    /// Address ranges whose reverse zones are served too (PTR records of the clusterset IPs
+    /// and headless endpoints within them). Empty (the default): none.
+    pub reverse_zones: Vec<Cidr>,
     /// The catalog file to watch (`None`: fed in-process only).
     pub catalog_file: Option<PathBuf>,
     /// How often the catalog file is checked for changes.
@@ -68,7 +69,7 @@ impl Default for Config {
             metrics: Some(SocketAddr::from(([0, 0, 0, 0], 9153))),
             zone: "clusterset.local".into(),
             ttl: 5,
-            local_only: false,
+            reverse_zones: Vec::new(),
             catalog_file: None,
             catalog_poll: Duration::from_secs(1),
             controller: None,
@@ -135,9 +136,7 @@ impl Config {
                 _ => return fail("controller must be HOST:PORT with a non-zero port"),
             }
         }
-        let mut zone = ZoneConfig::new(&self.zone, self.ttl)?;
-        zone.local_only = self.local_only;
-        Ok(zone)
+        ZoneConfig::new(&self.zone, self.ttl)?.with_reverse(&self.reverse_zones)
     }
 }
 
@@ -158,6 +157,26 @@ mod tests {
         .validate()
         .unwrap();
         assert_eq!(zone.apex.to_ascii(), "clusterset.local.");
+        assert!(zone.reverse.is_empty());
+        let zone = Config {
+            reverse_zones: vec![
+                "10.99.0.0/16".parse().unwrap(),
+                "fd99::/64".parse().unwrap(),
+            ],
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            zone.reverse
+                .iter()
+                .map(|n| n.to_ascii())
+                .collect::<Vec<_>>(),
+            [
+                "99.10.in-addr.arpa.",
+                "0.0.0.0.0.0.0.0.0.0.0.0.9.9.d.f.ip6.arpa."
+            ]
+        );
         for bad in [
             Config {
                 edns_udp_size: 100,
@@ -198,6 +217,23 @@ mod tests {
             },
             Config {
                 rate_limit_slots: 0,
+                ..Config::default()
+            },
+            // Reverse zones end on a label of the reverse tree.
+            Config {
+                reverse_zones: vec!["10.96.0.0/12".parse().unwrap()],
+                ..Config::default()
+            },
+            Config {
+                reverse_zones: vec!["fd00::/62".parse().unwrap()],
+                ..Config::default()
+            },
+            Config {
+                reverse_zones: vec!["0.0.0.0/0".parse().unwrap()],
+                ..Config::default()
+            },
+            Config {
+                reverse_zones: vec!["10.1.2.3/32".parse().unwrap()],
                 ..Config::default()
             },
         ] {

@@ -15,8 +15,13 @@ use hickory_proto::serialize::binary::BinEncodable;
 use crate::answer::{Outcome, PLAIN_UDP_LIMIT, Transport, respond};
 use crate::zone::Zone;
 
-/// Query types precomputed for every owner name.
-pub const FAST_TYPES: [RecordType; 3] = [RecordType::A, RecordType::AAAA, RecordType::SRV];
+/// Query types precomputed for every owner name (PTR only for names in a reverse zone).
+pub const FAST_TYPES: [RecordType; 4] = [
+    RecordType::A,
+    RecordType::AAAA,
+    RecordType::SRV,
+    RecordType::PTR,
+];
 
 /// Longest wire-format name plus the two qtype bytes.
 const MAX_KEY: usize = 255 + 2;
@@ -77,9 +82,13 @@ impl FastTable {
     /// Precomputes every owner name of `zone` for [`FAST_TYPES`].
     pub fn build(zone: &Zone, edns_udp_size: u16) -> Self {
         let mut entries = HashMap::default();
-        for (name, _) in zone.names() {
-            let name: &Name = name;
+        for (lower, _) in zone.names() {
+            let name: &Name = lower;
+            let reverse = zone.is_reverse(lower);
             for (type_index, qtype) in FAST_TYPES.iter().enumerate() {
+                if *qtype == RecordType::PTR && !reverse {
+                    continue;
+                }
                 let plain = precompute(zone, name, *qtype, false, edns_udp_size);
                 let edns = precompute(zone, name, *qtype, true, edns_udp_size);
                 let (Some((plain, rcode, answers)), Some((edns, _, _))) = (plain, edns) else {
@@ -261,17 +270,21 @@ mod tests {
             .collect();
         let json = format!(
             r#"{{"services": [
-              {{"name": "web", "namespace": "shop", "clusters": [
-                {{"cluster": "east", "local": true, "ips": ["10.1.0.10", "fd00::1"], "ports": [{{"name": "http", "port": 80}}]}},
-                {{"cluster": "west", "ips": ["10.2.0.10"], "ports": [{{"name": "http", "port": 80}}]}}]}},
-              {{"name": "big", "namespace": "shop", "clusters": [
-                {{"cluster": "east", "headless": true, "ports": [{{"name": "x", "protocol": "UDP", "port": 9}}], "endpoints": [{}]}}]}}]}}"#,
+              {{"name": "web", "namespace": "shop", "ips": ["10.96.0.10", "fd00::1"],
+                "ports": [{{"name": "http", "port": 80}}, {{"name": "dns", "protocol": "UDP", "port": 53}}]}},
+              {{"name": "big", "namespace": "shop", "headless": true,
+                "ports": [{{"name": "x", "protocol": "UDP", "port": 9}}],
+                "clusters": [{{"cluster": "east", "endpoints": [{}]}}]}}]}}"#,
             eps.join(",")
         );
-        Zone::build(
-            ZoneConfig::new("clusterset.local", 5).unwrap(),
-            &Catalog::from_json(&json).unwrap(),
-        )
+        let config = ZoneConfig::new("clusterset.local", 5)
+            .unwrap()
+            .with_reverse(&[
+                "10.96.0.0/16".parse().unwrap(),
+                "10.9.0.0/24".parse().unwrap(),
+            ])
+            .unwrap();
+        Zone::build(config, &Catalog::from_json(&json).unwrap())
     }
 
     fn slow(zone: &Zone, q: &[u8]) -> Vec<u8> {
@@ -310,10 +323,12 @@ mod tests {
         let mut names: Vec<String> = zone.names().map(|(n, _)| n.to_string()).collect();
         names.sort();
         for (i, name) in names.iter().enumerate() {
+            let reverse = name.ends_with(".arpa.");
             for qtype in [
                 RecordType::A,
                 RecordType::AAAA,
                 RecordType::SRV,
+                RecordType::PTR,
                 RecordType::TXT,
             ] {
                 for edns in [None, Some(512), Some(4096)] {
@@ -328,13 +343,16 @@ mod tests {
                                 "{name} {qtype} {edns:?} {rd}"
                             );
                         } else {
-                            // Only TXT and answers that UDP cuts down miss.
+                            // Only TXT, PTR outside the reverse zones and answers that UDP
+                            // cuts down miss.
                             let full = match respond(&zone, &q, Transport::Tcp, EDNS_SIZE) {
                                 Outcome::Reply(r) => r.bytes,
                                 other => panic!("{other:?}"),
                             };
                             assert!(
-                                qtype == RecordType::TXT || full != slow_bytes,
+                                qtype == RecordType::TXT
+                                    || (qtype == RecordType::PTR && !reverse)
+                                    || full != slow_bytes,
                                 "{name} {qtype} {edns:?} missed"
                             );
                         }
@@ -361,6 +379,16 @@ mod tests {
             }
         }
         assert!(fast_hits > 100, "{fast_hits}");
+        // A reverse name is answered on the fast path too.
+        let q = query("10.0.96.10.in-addr.arpa.", RecordType::PTR, true, None, 5);
+        let hit = table
+            .answer(&q, EDNS_SIZE, &mut out)
+            .expect("PTR on the fast path");
+        let m = Message::from_vec(&out[..hit.len]).unwrap();
+        assert_eq!(
+            m.answers[0].data.to_string(),
+            "web.shop.svc.clusterset.local."
+        );
     }
 
     /// Random mutations of valid queries: whenever the fast path answers, the slow path gives

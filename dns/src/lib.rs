@@ -30,7 +30,7 @@ pub mod zone;
 
 pub use catalog::{Snapshot, ZoneHandle};
 pub use config::Config;
-pub use model::{Catalog, ClusterExport, Endpoint, Protocol, ServiceImport, ServicePort};
+pub use model::{Catalog, ClusterEndpoints, Endpoint, Protocol, ServiceImport, ServicePort};
 
 use std::net::SocketAddr;
 

@@ -34,9 +34,11 @@ struct Args {
     /// TTL of answers, seconds.
     #[arg(long, default_value_t = 5)]
     ttl: u32,
-    /// Answer with local addresses only when the local cluster exports the service.
-    #[arg(long)]
-    local_only: bool,
+    /// Also serve the reverse zone of this range (CIDR, repeatable or comma-separated; an
+    /// IPv4 /8, /16 or /24, an IPv6 prefix a multiple of 4): PTR records of the clusterset IPs
+    /// and headless endpoints in it, NXDOMAIN for the rest. Default: none.
+    #[arg(long = "reverse-zone", value_name = "CIDR", value_delimiter = ',')]
+    reverse_zones: Vec<Cidr>,
     /// Catalog JSON file, watched for changes (standalone use, without a controller).
     #[arg(
         long,
@@ -124,7 +126,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
         metrics,
         zone: args.zone,
         ttl: args.ttl,
-        local_only: args.local_only,
+        reverse_zones: args.reverse_zones,
         catalog_file: args.catalog,
         catalog_poll: Duration::from_millis(args.catalog_poll_ms),
         controller: args.controller,

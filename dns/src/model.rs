@@ -12,19 +12,21 @@ pub use trellis_core::cluster::{Endpoint, Protocol, ServicePort};
 
 use crate::Error;
 
-/// Every service exported anywhere in the mesh that this cluster imports, at one revision.
+/// Every service imported into this cluster (exported anywhere in the clusterset), at one
+/// revision.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Catalog {
     /// Monotonic revision of the snapshot; becomes the SOA serial (low 32 bits).
     #[serde(default)]
     pub revision: u64,
-    /// One entry per exported service `<name>.<namespace>`.
+    /// One entry per imported service `<name>.<namespace>`.
     #[serde(default)]
     pub services: Vec<ServiceImport>,
 }
 
-/// One exported service and the clusters exporting it.
+/// One imported service (a ServiceImport): its type, its clusterset IPs, its ports and the
+/// endpoints every exporting cluster contributes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceImport {
@@ -32,29 +34,31 @@ pub struct ServiceImport {
     pub name: String,
     /// Namespace (a DNS label).
     pub namespace: String,
-    /// The clusters exporting it; a cluster whose lease expired must simply be left out.
-    #[serde(default)]
-    pub clusters: Vec<ClusterExport>,
-}
-
-/// One cluster's export of a service.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterExport {
-    /// Cluster name (a DNS label); it appears in SRV targets and per-cluster names.
-    pub cluster: String,
-    /// True for the cluster this DNS server runs in.
-    #[serde(default)]
-    pub local: bool,
-    /// Service (cluster) IPs, IPv4 and/or IPv6. Ignored when `headless`.
-    #[serde(default)]
-    pub ips: Vec<IpAddr>,
-    /// Service ports; only named ports get SRV records.
-    #[serde(default)]
-    pub ports: Vec<ServicePort>,
-    /// Headless service: answers carry the ready endpoints instead of service IPs.
+    /// A headless import: its name answers every ready endpoint of every cluster. Otherwise
+    /// (ClusterSetIP) it answers the clusterset IPs.
     #[serde(default)]
     pub headless: bool,
+    /// The clusterset IPs (IPv4 and/or IPv6) of a ClusterSetIP import in this cluster; empty
+    /// until allocated (the name then has no addresses). Ignored when `headless`.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// The service's ports: SRV records at the service name, and at `_<port>._<proto>` for
+    /// the named ones.
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    /// The exporting clusters' endpoints (used when `headless`); a cluster whose lease
+    /// expired must simply be left out.
+    #[serde(default)]
+    pub clusters: Vec<ClusterEndpoints>,
+}
+
+/// One exporting cluster's endpoints of a service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterEndpoints {
+    /// Cluster ID (a DNS label): `<hostname>.<cluster>.<svc>.<ns>.svc.<zone>` names its
+    /// headless endpoints.
+    pub cluster: String,
     /// Endpoints; only the ready ones are published.
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
@@ -86,22 +90,27 @@ mod tests {
     #[test]
     fn parses_the_documented_shape() {
         let catalog = Catalog::from_json(
-            r#"{"revision": 7, "services": [{"name": "web", "namespace": "shop", "clusters": [
-                {"cluster": "east", "local": true, "ips": ["10.96.0.10", "fd00::10"],
-                 "ports": [{"name": "http", "protocol": "TCP", "port": 80}, {"port": 81}]},
-                {"cluster": "west", "headless": true,
-                 "endpoints": [{"address": "10.1.0.5", "hostname": "web-0"}, {"address": "10.1.0.6"}]}
-            ]}]}"#,
+            r#"{"revision": 7, "services": [
+                {"name": "web", "namespace": "shop", "ips": ["10.96.0.10", "fd00::10"],
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80}, {"port": 81}],
+                 "clusters": [{"cluster": "east"}, {"cluster": "west"}]},
+                {"name": "db", "namespace": "shop", "headless": true, "clusters": [
+                 {"cluster": "west", "endpoints": [{"address": "10.1.0.5", "hostname": "web-0"}, {"address": "10.1.0.6"}]}]}
+            ]}"#,
         )
         .unwrap();
         assert_eq!(catalog.revision, 7);
-        let clusters = &catalog.services[0].clusters;
-        assert_eq!(clusters[0].ports[1].protocol, Protocol::Tcp);
-        assert_eq!(clusters[0].ports[1].name, None);
-        assert!(clusters[1].headless);
-        assert_eq!(clusters[1].endpoints[0].hostname.as_deref(), Some("web-0"));
-        assert_eq!(clusters[1].endpoints[1].addresses.len(), 1);
-        assert!(clusters[1].endpoints[1].ready);
+        let [web, db] = &catalog.services[..] else {
+            panic!("{catalog:?}");
+        };
+        assert!(!web.headless && web.ips.len() == 2 && web.clusters.len() == 2);
+        assert_eq!(web.ports[1].protocol, Protocol::Tcp);
+        assert_eq!(web.ports[1].name, None);
+        assert!(db.headless);
+        let endpoints = &db.clusters[0].endpoints;
+        assert_eq!(endpoints[0].hostname.as_deref(), Some("web-0"));
+        assert_eq!(endpoints[1].addresses.len(), 1);
+        assert!(endpoints[1].ready);
     }
 
     #[test]
@@ -109,7 +118,14 @@ mod tests {
         assert!(Catalog::from_json(r#"{"servicez": []}"#).is_err());
         assert!(
             Catalog::from_json(
-                r#"{"services": [{"name": "a", "namespace": "b", "clusters": [{"cluster": "c", "ips": ["10.0.0.300"]}]}]}"#
+                r#"{"services": [{"name": "a", "namespace": "b", "ips": ["10.0.0.300"]}]}"#
+            )
+            .is_err()
+        );
+        // The per-cluster service IPs of the old format are gone: a cluster carries endpoints.
+        assert!(
+            Catalog::from_json(
+                r#"{"services": [{"name": "a", "namespace": "b", "clusters": [{"cluster": "c", "ips": ["10.0.0.3"]}]}]}"#
             )
             .is_err()
         );

@@ -16,13 +16,15 @@ use trellis_core::imports::Imports;
 
 use crate::catalog::ZoneHandle;
 use crate::metrics::Metrics;
-use crate::model::{Catalog, ClusterExport, ServiceImport};
+use crate::model::{Catalog, ClusterEndpoints, ServiceImport};
 
 /// The largest frame accepted from the controller: the most it ever sends.
 pub const DEFAULT_MAX_FRAME: usize = trellis_core::agent::MAX_AGENT_FRAME;
 
-/// The catalog DNS serves for `imports`: one entry per imported service, one cluster export
-/// per backend, only ready endpoints.
+/// The catalog DNS serves for `imports`: one entry per imported service with its type, its
+/// clusterset IPs (this cluster's VIPs, never the exporting clusters' own ClusterIPs, which
+/// only their own cluster reaches), its resolved ports, and for a headless service every
+/// backend's ready endpoints.
 pub fn catalog_from_imports(imports: &Imports) -> Catalog {
     let services = imports
         .services
@@ -32,22 +34,24 @@ pub fn catalog_from_imports(imports: &Imports) -> Catalog {
             ServiceImport {
                 name: svc.name.clone(),
                 namespace: svc.namespace.clone(),
-                clusters: svc
-                    .backends
-                    .iter()
-                    .map(|b| ClusterExport {
-                        cluster: b.cluster.as_str().to_string(),
-                        local: b.local,
-                        ips: if headless {
-                            Vec::new()
-                        } else {
-                            b.cluster_ips.clone()
-                        },
-                        ports: svc.ports.clone(),
-                        headless,
-                        endpoints: b.endpoints.iter().filter(|e| e.ready).cloned().collect(),
-                    })
-                    .collect(),
+                headless,
+                ips: if headless {
+                    Vec::new()
+                } else {
+                    svc.vips.clone()
+                },
+                ports: svc.ports.clone(),
+                clusters: if headless {
+                    svc.backends
+                        .iter()
+                        .map(|b| ClusterEndpoints {
+                            cluster: b.cluster.as_str().to_string(),
+                            endpoints: b.endpoints.iter().filter(|e| e.ready).cloned().collect(),
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                },
             }
         })
         .collect();
@@ -200,57 +204,38 @@ mod tests {
 
     #[test]
     fn maps_imports_to_the_catalog() {
-        let catalog = catalog_from_imports(&imports());
+        let mut imports = imports();
+        imports.services.get_mut("shop/web").unwrap().vips =
+            vec!["10.99.0.7".parse().unwrap(), "fd99::7".parse().unwrap()];
+        let catalog = catalog_from_imports(&imports);
         assert_eq!(catalog.revision, 7);
         assert_eq!(catalog.services.len(), 2);
         let web = catalog.services.iter().find(|s| s.name == "web").unwrap();
         assert_eq!(web.namespace, "shop");
-        assert_eq!(web.clusters.len(), 2);
-        let east = &web.clusters[0];
-        assert_eq!(east.cluster, "east");
-        assert!(east.local && !east.headless);
+        assert!(!web.headless);
+        // The clusterset VIPs, not any cluster's own ClusterIPs.
         assert_eq!(
-            east.ips,
+            web.ips,
             vec![
-                "10.96.0.10".parse::<std::net::IpAddr>().unwrap(),
-                "fd00::10".parse().unwrap()
+                "10.99.0.7".parse::<std::net::IpAddr>().unwrap(),
+                "fd99::7".parse().unwrap()
             ]
         );
+        assert!(web.clusters.is_empty(), "{:?}", web.clusters);
         assert_eq!(
-            east.ports,
+            web.ports,
             vec![
-                ServicePort {
-                    name: Some("http".into()),
-                    protocol: Protocol::Tcp,
-                    port: 80,
-                    app_protocol: None,
-                },
-                ServicePort {
-                    name: Some("dns".into()),
-                    protocol: Protocol::Udp,
-                    port: 53,
-                    app_protocol: None,
-                },
-                ServicePort {
-                    name: None,
-                    protocol: Protocol::Sctp,
-                    port: 99,
-                    app_protocol: None,
-                },
+                ServicePort::new(Some("http".into()), Protocol::Tcp, 80),
+                ServicePort::new(Some("dns".into()), Protocol::Udp, 53),
+                ServicePort::new(None, Protocol::Sctp, 99),
             ]
-        );
-        let west = &web.clusters[1];
-        assert_eq!(west.cluster, "west");
-        assert!(!west.local);
-        assert_eq!(
-            west.ips,
-            vec!["10.97.0.10".parse::<std::net::IpAddr>().unwrap()]
         );
 
         let db = catalog.services.iter().find(|s| s.name == "db").unwrap();
+        assert!(db.headless && db.ips.is_empty());
         assert_eq!(db.clusters.len(), 1);
         let west = &db.clusters[0];
-        assert!(west.headless && west.ips.is_empty());
+        assert_eq!(west.cluster, "west");
         // Only ready endpoints, as they came.
         assert_eq!(
             west.endpoints,
@@ -268,6 +253,16 @@ mod tests {
     }
 
     #[test]
+    fn without_a_vip_a_clusterset_ip_service_has_no_addresses() {
+        let catalog = catalog_from_imports(&imports());
+        let web = catalog.services.iter().find(|s| s.name == "web").unwrap();
+        assert!(
+            web.ips.is_empty(),
+            "no cluster's own ClusterIP stands in: {web:?}"
+        );
+    }
+
+    #[test]
     fn a_cluster_absent_from_the_imports_is_absent_from_the_catalog() {
         let mut imports = imports();
         for svc in imports.services.values_mut() {
@@ -276,13 +271,7 @@ mod tests {
         imports.services.retain(|_, s| !s.backends.is_empty());
         let catalog = catalog_from_imports(&imports);
         assert_eq!(catalog.services.len(), 1);
-        assert!(
-            catalog
-                .services
-                .iter()
-                .flat_map(|s| &s.clusters)
-                .all(|c| c.cluster == "east")
-        );
+        assert_eq!(catalog.services[0].name, "web");
         assert_eq!(
             catalog_from_imports(&Imports::default()),
             Catalog::default()

@@ -1,26 +1,34 @@
-//! The authoritative data for the cluster-set zone, built from a [`Catalog`] (pure: no IO).
+//! The authoritative data for the cluster-set zone, built from a [`Catalog`] (pure: no IO),
+//! as the Kubernetes DNS-Based Multicluster Service Discovery specification (KEP-1645,
+//! schema 1.0.0) has it. For a service `<svc>.<ns>` imported from clusters `<c>`:
+//! - `<svc>.<ns>.svc.<zone>` A/AAAA: the clusterset IPs of a ClusterSetIP import (none until
+//!   one is known: the name then exists without addresses), every ready endpoint address of
+//!   every cluster for a headless one (which does not exist without a ready endpoint);
+//! - `<svc>.<ns>.svc.<zone>` SRV: one record per port: the port with the service name as
+//!   target (ClusterSetIP), or per ready endpoint and port with the endpoint's name as target
+//!   (headless);
+//! - `_<port>._<proto>.<svc>.<ns>.svc.<zone>` SRV: the same, per named port;
+//! - `<hostname>.<c>.<svc>.<ns>.svc.<zone>` A/AAAA: a ready headless endpoint, named by its
+//!   hostname or, without one, by its first address with dots or colons as dashes (the
+//!   specification's "unique system-assigned identifier");
+//! - `dns-version.<zone>` TXT `1.0.0`, and the SOA and NS records at the apex.
+//! - in the reverse zones configured ([`ZoneConfig::with_reverse`]), PTR records: a clusterset
+//!   IP to the service name, a ready headless endpoint's address to its name; each reverse
+//!   zone has its own SOA and NS.
 //!
-//! Names published for a service `<svc>.<ns>` exported by clusters `c`:
-//! - `<svc>.<ns>.svc.<zone>` A/AAAA: the local cluster's addresses first when it exports the
-//!   service (only them with `local_only`), then every other exporting cluster's, ordered by name;
-//!   a cluster's addresses are its service IPs, or its ready endpoints when headless;
-//! - `<c>.<svc>.<ns>.svc.<zone>` A/AAAA: cluster `c`'s addresses (the SRV target of `c`);
-//! - `<hostname>.<c>.<svc>.<ns>.svc.<zone>` A/AAAA: a headless endpoint with a hostname;
-//! - `_<port>._<proto>.<svc>.<ns>.svc.<zone>` SRV per named port, one target per cluster
-//!   (per endpoint with a hostname for headless services), local targets at priority 0 and
-//!   remote ones at priority 1 when the local cluster exports the service.
-//!
-//! Every ancestor of a published name down to the apex exists (empty non-terminals answer
-//! NODATA, not NXDOMAIN); the apex holds the SOA.
+//! Nothing else: no name picks one cluster's backends (`<c>.<svc>...` exists only as the
+//! empty parent of a headless endpoint's name). Every ancestor of a published name down to the
+//! apex exists (empty non-terminals answer NODATA, not NXDOMAIN).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV};
+use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
 use crate::Error;
-use crate::model::{Catalog, ClusterExport, Endpoint, Protocol, valid_label};
+use crate::acl::Cidr;
+use crate::model::{Catalog, Endpoint, Protocol, valid_label};
 
 /// A service of the catalog left out of the zone, and why.
 #[derive(Clone, Debug)]
@@ -68,6 +76,9 @@ pub enum SkipReason {
     },
 }
 
+/// The schema version of the MCS DNS specification served (`dns-version.<zone>` TXT).
+pub const SCHEMA_VERSION: &str = "1.0.0";
+
 /// What the zone is and how it answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ZoneConfig {
@@ -75,8 +86,9 @@ pub struct ZoneConfig {
     pub apex: Name,
     /// TTL of every record, and of negative answers (SOA minimum).
     pub ttl: u32,
-    /// Answer a service name with the local cluster's addresses only, when it exports them.
-    pub local_only: bool,
+    /// Reverse zones (`in-addr.arpa`/`ip6.arpa` names) served as well: PTR records for the
+    /// clusterset IPs and ready headless endpoints within them, NXDOMAIN for the rest.
+    pub reverse: Vec<Name>,
 }
 
 impl ZoneConfig {
@@ -95,8 +107,32 @@ impl ZoneConfig {
         Ok(Self {
             apex: apex.to_lowercase(),
             ttl,
-            local_only: false,
+            reverse: Vec::new(),
         })
+    }
+
+    /// Also serves the reverse zones of `ranges`. A range must end on a label boundary of the
+    /// reverse tree (an IPv4 prefix of 8, 16 or 24 bits; an IPv6 prefix a multiple of 4 up to
+    /// 124) to be a zone of its own.
+    pub fn with_reverse(mut self, ranges: &[Cidr]) -> Result<Self, Error> {
+        for range in ranges {
+            let (bits, arpa_labels) = match range.addr() {
+                IpAddr::V4(_) => (8, 4),
+                IpAddr::V6(_) => (4, 32),
+            };
+            let prefix = usize::from(range.prefix());
+            if prefix == 0 || prefix % bits != 0 || prefix / bits >= arpa_labels {
+                return Err(Error::Config {
+                    reason: "a reverse zone must be an IPv4 /8, /16 or /24, or an IPv6 prefix a multiple of 4 up to /124",
+                });
+            }
+            let reverse = Name::from(range.addr()).trim_to(prefix / bits + 2);
+            let reverse = reverse.to_lowercase();
+            if !self.reverse.contains(&reverse) {
+                self.reverse.push(reverse);
+            }
+        }
+        Ok(self)
     }
 }
 
@@ -109,6 +145,10 @@ pub struct Node {
     pub aaaa: Vec<Ipv6Addr>,
     /// SRV records.
     pub srv: Vec<SRV>,
+    /// TXT records (one string each).
+    pub txt: Vec<String>,
+    /// The PTR record of a reverse name (at most one: one name per address).
+    pub ptr: Option<Name>,
 }
 
 impl Node {
@@ -117,6 +157,14 @@ impl Node {
             IpAddr::V4(v4) if !self.a.contains(&v4) => self.a.push(v4),
             IpAddr::V6(v6) if !self.aaaa.contains(&v6) => self.aaaa.push(v6),
             _ => {}
+        }
+    }
+
+    /// Adds an SRV record unless the same one is there (an RRset holds no duplicates: two
+    /// ports of the same number but different protocols make one record at the bare name).
+    fn push_srv(&mut self, srv: SRV) {
+        if !self.srv.contains(&srv) {
+            self.srv.push(srv);
         }
     }
 }
@@ -147,6 +195,8 @@ pub enum Lookup {
 pub struct Zone {
     config: ZoneConfig,
     apex: LowerName,
+    /// The reverse zones' apexes.
+    reverse: Vec<LowerName>,
     serial: u32,
     nodes: HashMap<LowerName, Node>,
     /// Services of the catalog that were skipped, with the reason.
@@ -157,7 +207,7 @@ pub struct Zone {
 }
 
 impl Zone {
-    /// An empty zone (apex and SOA only).
+    /// An empty zone (the apex records only).
     pub fn empty(config: ZoneConfig) -> Self {
         Self::build(config, &Catalog::default())
     }
@@ -180,8 +230,10 @@ impl Zone {
     /// [`Zone::skipped`]; the rest is published.
     pub fn build(config: ZoneConfig, catalog: &Catalog) -> Self {
         let apex = LowerName::new(&config.apex);
+        let reverse: Vec<LowerName> = config.reverse.iter().map(LowerName::new).collect();
         let mut zone = Self {
             apex: apex.clone(),
+            reverse: reverse.clone(),
             serial: catalog.revision as u32,
             nodes: HashMap::new(),
             skipped: Vec::new(),
@@ -189,7 +241,19 @@ impl Zone {
             config,
             loaded: true,
         };
-        zone.nodes.insert(apex, Node::default());
+        for apex in std::iter::once(apex).chain(reverse) {
+            zone.nodes.insert(apex, Node::default());
+        }
+        // Fails only for an apex too long to hold any name below it.
+        if let Ok(version) = zone.name(&["dns-version"]) {
+            zone.insert(
+                version,
+                Node {
+                    txt: vec![SCHEMA_VERSION.to_string()],
+                    ..Node::default()
+                },
+            );
+        }
         for service in &catalog.services {
             if let Err(reason) = zone.add_service(service) {
                 zone.skipped.push(Skipped {
@@ -212,98 +276,83 @@ impl Zone {
                 return Err(SkipReason::Label(label.clone()));
             }
         }
-        for export in &service.clusters {
-            if !valid_label(&export.cluster) {
-                return Err(SkipReason::Cluster(export.cluster.clone()));
-            }
-            for endpoint in ready(export) {
-                if let Some(host) = &endpoint.hostname
-                    && !valid_label(host)
-                {
-                    return Err(SkipReason::Hostname(host.clone()));
-                }
-            }
-            for port in &export.ports {
-                if let Some(name) = &port.name
-                    && !valid_label(name)
-                {
-                    return Err(SkipReason::PortName(name.clone()));
-                }
+        for port in &service.ports {
+            if let Some(name) = &port.name
+                && !valid_label(name)
+            {
+                return Err(SkipReason::PortName(name.clone()));
             }
         }
         let svc = self.name(&[&service.name, &service.namespace, "svc"])?;
-
-        let mut clusters: Vec<&ClusterExport> = service.clusters.iter().collect();
-        clusters.sort_by(|a, b| b.local.cmp(&a.local).then(a.cluster.cmp(&b.cluster)));
-        let local_exports = clusters.iter().any(|c| c.local && !addresses(c).is_empty());
-
-        // Collected first, inserted after: an error leaves the zone untouched.
-        let mut owned: Vec<(Name, Node)> = Vec::new();
-        let mut service_node = Node::default();
-        let mut srv: BTreeMap<Name, Node> = BTreeMap::new();
-        for export in &clusters {
-            let cluster_name =
-                self.name(&[&export.cluster, &service.name, &service.namespace, "svc"])?;
-            let mut cluster_node = Node::default();
-            for addr in addresses(export) {
-                cluster_node.push_addr(addr);
-                if !(self.config.local_only && local_exports && !export.local) {
-                    service_node.push_addr(addr);
-                }
-            }
-            let priority = u16::from(local_exports && !export.local);
-            let mut targets: Vec<Name> = Vec::new();
-            let mut cluster_target = false;
-            if export.headless {
-                for endpoint in ready(export) {
-                    match &endpoint.hostname {
-                        Some(host) => {
-                            let host_name = self.name(&[
-                                host,
-                                &export.cluster,
-                                &service.name,
-                                &service.namespace,
-                                "svc",
-                            ])?;
-                            let mut node = Node::default();
-                            for addr in &endpoint.addresses {
-                                node.push_addr(*addr);
-                            }
-                            if !targets.contains(&host_name) {
-                                targets.push(host_name.clone());
-                            }
-                            owned.push((host_name, node));
-                        }
-                        None => cluster_target = true,
-                    }
-                }
-            } else if !cluster_node.a.is_empty() || !cluster_node.aaaa.is_empty() {
-                cluster_target = true;
-            }
-            if cluster_target {
-                targets.push(cluster_name.clone());
-            }
-            for port in &export.ports {
-                let Some(port_name) = &port.name else {
-                    continue;
-                };
-                let srv_name = self.name(&[
+        // SRV owners: the bare name for every port, `_<port>._<proto>` for the named ones.
+        let mut srv_owners: Vec<(Name, u16)> = Vec::new();
+        for port in &service.ports {
+            srv_owners.push((svc.clone(), port.port));
+            if let Some(port_name) = &port.name {
+                let owner = self.name(&[
                     &format!("_{port_name}"),
                     &format!("_{}", srv_protocol(port.protocol)),
                     &service.name,
                     &service.namespace,
                     "svc",
                 ])?;
-                let node = srv.entry(srv_name).or_default();
-                for target in &targets {
-                    node.srv
-                        .push(SRV::new(priority, 0, port.port, target.clone()));
+                srv_owners.push((owner, port.port));
+            }
+        }
+
+        // Collected first, inserted after: an error leaves the zone untouched.
+        let mut owned: Vec<(Name, Node)> = Vec::new();
+        let mut service_node = Node::default();
+        if !service.headless {
+            for ip in &service.ips {
+                service_node.push_addr(*ip);
+                owned.push((reverse_name(*ip), pointer(&svc)));
+            }
+            // SRV records point at the clusterset IPs: none before one is known.
+            if !service.ips.is_empty() {
+                for (owner, port) in &srv_owners {
+                    let mut node = Node::default();
+                    node.push_srv(SRV::new(0, 0, *port, svc.clone()));
+                    owned.push((owner.clone(), node));
                 }
             }
-            owned.push((cluster_name, cluster_node));
+            owned.push((svc, service_node));
+        } else {
+            for export in &service.clusters {
+                if !valid_label(&export.cluster) {
+                    return Err(SkipReason::Cluster(export.cluster.clone()));
+                }
+                for endpoint in export.endpoints.iter().filter(|e| e.ready) {
+                    let Some(host) = endpoint_label(endpoint)? else {
+                        continue;
+                    };
+                    let target = self.name(&[
+                        &host,
+                        &export.cluster,
+                        &service.name,
+                        &service.namespace,
+                        "svc",
+                    ])?;
+                    let mut node = Node::default();
+                    for addr in &endpoint.addresses {
+                        node.push_addr(*addr);
+                        service_node.push_addr(*addr);
+                        owned.push((reverse_name(*addr), pointer(&target)));
+                    }
+                    for (owner, port) in &srv_owners {
+                        let mut srv = Node::default();
+                        srv.push_srv(SRV::new(0, 0, *port, target.clone()));
+                        owned.push((owner.clone(), srv));
+                    }
+                    owned.push((target, node));
+                }
+            }
+            // A headless service without a ready endpoint has no records: NXDOMAIN (2.4.1).
+            if service_node.a.is_empty() && service_node.aaaa.is_empty() {
+                return Ok(());
+            }
+            owned.push((svc, service_node));
         }
-        owned.push((svc, service_node));
-        owned.extend(srv);
         for (name, node) in owned {
             self.insert(name, node);
         }
@@ -322,9 +371,14 @@ impl Zone {
             .map_err(fail)
     }
 
-    /// Adds `node` under `name` (merging with what is there) and every ancestor up to the apex.
+    /// Adds `node` under `name` (merging with what is there) and every ancestor up to its
+    /// zone's apex; a name in none of the zones (an address outside the reverse zones) is
+    /// left out.
     fn insert(&mut self, name: Name, node: Node) {
         let key = LowerName::new(&name);
+        let Some(apex_labels) = self.apex_of(&key).map(LowerName::num_labels) else {
+            return;
+        };
         let entry = self.nodes.entry(key.clone()).or_default();
         for addr in node.a {
             entry.push_addr(IpAddr::V4(addr));
@@ -333,12 +387,19 @@ impl Zone {
             entry.push_addr(IpAddr::V6(addr));
         }
         for srv in node.srv {
-            if !entry.srv.contains(&srv) {
-                entry.srv.push(srv);
+            entry.push_srv(srv);
+        }
+        for txt in node.txt {
+            if !entry.txt.contains(&txt) {
+                entry.txt.push(txt);
             }
         }
+        // One PTR per address: the first service (in catalog order) to claim it keeps it.
+        if entry.ptr.is_none() {
+            entry.ptr = node.ptr;
+        }
         let mut parent = key.base_name();
-        while parent.num_labels() > self.apex.num_labels() {
+        while parent.num_labels() > apex_labels {
             self.nodes.entry(parent.clone()).or_default();
             parent = parent.base_name();
         }
@@ -364,25 +425,60 @@ impl Zone {
         self.nodes.iter()
     }
 
-    /// Whether `name` is at or below the apex.
+    /// Whether `name` is at or below the apex or a reverse zone's.
     pub fn contains(&self, name: &LowerName) -> bool {
-        self.apex.zone_of(name)
+        self.apex_of(name).is_some()
+    }
+
+    /// Whether `name` is in one of the reverse zones.
+    pub fn is_reverse(&self, name: &LowerName) -> bool {
+        self.reverse.iter().any(|apex| apex.zone_of(name))
+    }
+
+    /// The apex of the zone `name` is in: the cluster-set apex, or the deepest reverse zone
+    /// holding it.
+    fn apex_of(&self, name: &LowerName) -> Option<&LowerName> {
+        if self.apex.zone_of(name) {
+            return Some(&self.apex);
+        }
+        self.reverse
+            .iter()
+            .filter(|apex| apex.zone_of(name))
+            .max_by_key(|apex| apex.num_labels())
+    }
+
+    /// The name of the zone's name server (the SOA's MNAME and the apex's NS target).
+    fn name_server(&self) -> Name {
+        Name::from_ascii("ns.dns")
+            .and_then(|n| n.append_domain(&self.config.apex))
+            .unwrap_or_else(|_| self.config.apex.clone())
     }
 
     /// The SOA record of the apex (for authority sections).
     pub fn soa(&self) -> Record {
+        self.soa_at(self.config.apex.clone())
+    }
+
+    /// The SOA record of the zone `name` is in (the authority of a negative answer for it).
+    pub fn soa_for(&self, name: &Name) -> Record {
+        match self.apex_of(&LowerName::new(name)) {
+            Some(apex) => self.soa_at(Name::from(apex.clone())),
+            None => self.soa(),
+        }
+    }
+
+    /// The SOA record of the zone at `owner`; the server and mailbox are named in the
+    /// cluster-set zone whatever the zone.
+    fn soa_at(&self, owner: Name) -> Record {
         let apex = self.config.apex.clone();
-        let mname = Name::from_ascii("ns.dns")
-            .and_then(|n| n.append_domain(&apex))
-            .unwrap_or_else(|_| apex.clone());
         let rname = Name::from_ascii("hostmaster")
             .and_then(|n| n.append_domain(&apex))
             .unwrap_or_else(|_| apex.clone());
         Record::from_rdata(
-            apex,
+            owner,
             self.config.ttl,
             RData::SOA(SOA::new(
-                mname,
+                self.name_server(),
                 rname,
                 self.serial,
                 7200,
@@ -396,9 +492,9 @@ impl Zone {
     /// Answers `qtype` for `qname`; owner names of answers are `qname` as asked (case kept).
     pub fn lookup(&self, qname: &Name, qtype: RecordType) -> Lookup {
         let key = LowerName::new(qname);
-        if !self.apex.zone_of(&key) {
+        let Some(apex) = self.apex_of(&key) else {
             return Lookup::NotInZone;
-        }
+        };
         if !self.loaded {
             return Lookup::NotLoaded;
         }
@@ -406,40 +502,28 @@ impl Zone {
             return Lookup::NxDomain;
         };
         let ttl = self.config.ttl;
+        let record = |data: RData| Record::from_rdata(qname.clone(), ttl, data);
         let mut answers = Vec::new();
         let mut additionals = Vec::new();
         let any = qtype == RecordType::ANY;
         if qtype == RecordType::A || any {
-            answers.extend(
-                node.a
-                    .iter()
-                    .map(|a| Record::from_rdata(qname.clone(), ttl, RData::A(A(*a)))),
-            );
+            answers.extend(node.a.iter().map(|a| record(RData::A(A(*a)))));
         }
         if qtype == RecordType::AAAA || any {
-            answers.extend(
-                node.aaaa
-                    .iter()
-                    .map(|a| Record::from_rdata(qname.clone(), ttl, RData::AAAA(AAAA(*a)))),
-            );
+            answers.extend(node.aaaa.iter().map(|a| record(RData::AAAA(AAAA(*a)))));
         }
         if qtype == RecordType::SRV || any {
             for srv in &node.srv {
-                answers.push(Record::from_rdata(
-                    qname.clone(),
-                    ttl,
-                    RData::SRV(srv.clone()),
-                ));
+                answers.push(record(RData::SRV(srv.clone())));
                 if let Some(target) = self.nodes.get(&LowerName::new(&srv.target)) {
                     let owner = srv.target.clone();
-                    for a in &target.a {
-                        let record = Record::from_rdata(owner.clone(), ttl, RData::A(A(*a)));
-                        if !additionals.contains(&record) {
-                            additionals.push(record);
-                        }
-                    }
-                    for a in &target.aaaa {
-                        let record = Record::from_rdata(owner.clone(), ttl, RData::AAAA(AAAA(*a)));
+                    let addresses = target
+                        .a
+                        .iter()
+                        .map(|a| RData::A(A(*a)))
+                        .chain(target.aaaa.iter().map(|a| RData::AAAA(AAAA(*a))));
+                    for data in addresses {
+                        let record = Record::from_rdata(owner.clone(), ttl, data);
                         if !additionals.contains(&record) {
                             additionals.push(record);
                         }
@@ -447,10 +531,25 @@ impl Zone {
                 }
             }
         }
-        if (qtype == RecordType::SOA || any) && key == self.apex {
-            let mut soa = self.soa();
-            soa.name = qname.clone();
-            answers.push(soa);
+        if qtype == RecordType::TXT || any {
+            answers.extend(
+                node.txt
+                    .iter()
+                    .map(|t| record(RData::TXT(TXT::new(vec![t.clone()])))),
+            );
+        }
+        if qtype == RecordType::PTR || any {
+            answers.extend(node.ptr.iter().map(|t| record(RData::PTR(PTR(t.clone())))));
+        }
+        if key == *apex {
+            if qtype == RecordType::SOA || any {
+                let mut soa = self.soa();
+                soa.name = qname.clone();
+                answers.push(soa);
+            }
+            if qtype == RecordType::NS || any {
+                answers.push(record(RData::NS(NS(self.name_server()))));
+            }
         }
         if answers.is_empty() {
             Lookup::NoData
@@ -463,20 +562,36 @@ impl Zone {
     }
 }
 
-/// The addresses a cluster contributes: service IPs, or ready endpoints when headless.
-fn addresses(export: &ClusterExport) -> Vec<IpAddr> {
-    if export.headless {
-        ready(export)
-            .flat_map(|e| e.addresses.iter().copied())
-            .collect()
-    } else {
-        export.ips.clone()
+/// The reverse name of `addr` (`<d>.<c>.<b>.<a>.in-addr.arpa.`, or nibbles under `ip6.arpa.`).
+fn reverse_name(addr: IpAddr) -> Name {
+    let mut name = Name::from(addr).to_lowercase();
+    name.set_fqdn(true);
+    name
+}
+
+/// A node holding only a PTR record to `target`.
+fn pointer(target: &Name) -> Node {
+    Node {
+        ptr: Some(target.clone()),
+        ..Node::default()
     }
 }
 
-/// The endpoints of `export` that are ready (a catalog normally holds only those).
-fn ready(export: &ClusterExport) -> impl Iterator<Item = &Endpoint> {
-    export.endpoints.iter().filter(|e| e.ready)
+/// The label naming a ready headless endpoint under its cluster: its hostname, or its first
+/// address with dots or colons as dashes (the specification's "unique system-assigned
+/// identifier", the form the MCS conformance suite expects); `None` for an endpoint without
+/// an address.
+fn endpoint_label(endpoint: &Endpoint) -> Result<Option<String>, SkipReason> {
+    if let Some(host) = &endpoint.hostname {
+        if !valid_label(host) {
+            return Err(SkipReason::Hostname(host.clone()));
+        }
+        return Ok(Some(host.clone()));
+    }
+    Ok(endpoint
+        .addresses
+        .first()
+        .map(|a| a.to_string().replace(['.', ':'], "-")))
 }
 
 /// The SRV label of a protocol, without the underscore.
@@ -510,13 +625,20 @@ mod tests {
     fn catalog() -> Catalog {
         Catalog::from_json(
             r#"{"revision": 3, "services": [
-              {"name": "web", "namespace": "shop", "clusters": [
-                {"cluster": "west", "ips": ["10.2.0.10"], "ports": [{"name": "http", "port": 80}]},
-                {"cluster": "east", "local": true, "ips": ["10.1.0.10", "fd00::10"],
-                 "ports": [{"name": "http", "port": 80}, {"port": 81}]}]},
-              {"name": "db", "namespace": "shop", "clusters": [
-                {"cluster": "west", "headless": true, "ports": [{"name": "pg", "port": 5432}],
-                 "endpoints": [{"address": "10.2.1.5", "hostname": "db-0"}, {"address": "10.2.1.6"}]}]},
+              {"name": "web", "namespace": "shop", "ips": ["10.96.5.1", "fd00::5:1"],
+               "ports": [{"name": "http", "port": 80}, {"name": "http-udp", "protocol": "UDP", "port": 80},
+                         {"port": 81}],
+               "clusters": [{"cluster": "east", "endpoints": [{"address": "10.1.0.5"}]},
+                            {"cluster": "west", "endpoints": [{"address": "10.2.0.5"}]}]},
+              {"name": "db", "namespace": "shop", "headless": true, "ports": [{"name": "pg", "port": 5432}],
+               "clusters": [
+                {"cluster": "west", "endpoints": [{"address": "10.2.1.5", "hostname": "db-0"},
+                                                  {"address": "10.2.1.6"},
+                                                  {"address": "10.2.1.7", "hostname": "db-2", "ready": false}]},
+                {"cluster": "east", "endpoints": [{"addresses": ["10.1.1.5", "fd00::1:5"], "hostname": "db-0"}]}]},
+              {"name": "pending", "namespace": "shop", "ports": [{"name": "http", "port": 80}]},
+              {"name": "idle", "namespace": "shop", "headless": true, "ports": [{"name": "pg", "port": 5432}],
+               "clusters": [{"cluster": "west", "endpoints": [{"address": "10.2.2.5", "ready": false}]}]},
               {"name": "Bad.Name", "namespace": "shop"}
             ]}"#,
         )
@@ -538,92 +660,59 @@ mod tests {
         }
     }
 
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
     #[test]
-    fn local_cluster_first_then_the_others() {
+    fn a_clusterset_ip_service_answers_its_vips_not_the_clusters_ips() {
         let zone = zone();
         let q = name("web.shop.svc.clusterset.local.");
-        assert_eq!(
-            rdatas(zone.lookup(&q, RecordType::A)),
-            ["10.1.0.10", "10.2.0.10"]
-        );
-        assert_eq!(rdatas(zone.lookup(&q, RecordType::AAAA)), ["fd00::10"]);
-
-        let mut config = ZoneConfig::new("clusterset.local", 5).unwrap();
-        config.local_only = true;
-        let zone = Zone::build(config, &catalog());
-        assert_eq!(rdatas(zone.lookup(&q, RecordType::A)), ["10.1.0.10"]);
+        assert_eq!(rdatas(zone.lookup(&q, RecordType::A)), ["10.96.5.1"]);
+        assert_eq!(rdatas(zone.lookup(&q, RecordType::AAAA)), ["fd00::5:1"]);
+        // No name singles out one cluster's backends.
+        for cluster in ["east", "west"] {
+            assert_eq!(
+                zone.lookup(
+                    &name(&format!("{cluster}.web.shop.svc.clusterset.local.")),
+                    RecordType::A
+                ),
+                Lookup::NxDomain
+            );
+        }
     }
 
     #[test]
-    fn srv_targets_name_the_cluster_local_first() {
+    fn clusterset_ip_srv_targets_the_service_name() {
         let zone = zone();
-        let q = name("_http._tcp.web.shop.svc.clusterset.local.");
+        // At the bare name one record per port number: 80/TCP and 80/UDP make one.
+        let bare = name("web.shop.svc.clusterset.local.");
         assert_eq!(
-            rdatas(zone.lookup(&q, RecordType::SRV)),
+            rdatas(zone.lookup(&bare, RecordType::SRV)),
             [
-                "0 100 80 east.web.shop.svc.clusterset.local.",
-                "1 100 80 west.web.shop.svc.clusterset.local."
+                "0 50 80 web.shop.svc.clusterset.local.",
+                "0 50 81 web.shop.svc.clusterset.local."
             ]
         );
-        let Lookup::Found { additionals, .. } = zone.lookup(&q, RecordType::SRV) else {
+        let Lookup::Found { additionals, .. } = zone.lookup(&bare, RecordType::SRV) else {
             panic!()
         };
-        assert_eq!(additionals.len(), 3);
-        assert_eq!(
-            rdatas(zone.lookup(&name("west.web.shop.svc.clusterset.local."), RecordType::A)),
-            ["10.2.0.10"]
-        );
-    }
-
-    #[test]
-    fn headless_endpoints_and_hostnames() {
-        let zone = zone();
-        assert_eq!(
-            rdatas(zone.lookup(&name("db.shop.svc.clusterset.local."), RecordType::A)),
-            ["10.2.1.5", "10.2.1.6"]
-        );
-        assert_eq!(
-            rdatas(zone.lookup(
-                &name("db-0.west.db.shop.svc.clusterset.local."),
-                RecordType::A
-            )),
-            ["10.2.1.5"]
-        );
-        assert_eq!(
-            rdatas(zone.lookup(
-                &name("_pg._tcp.db.shop.svc.clusterset.local."),
-                RecordType::SRV
-            )),
-            [
-                "0 50 5432 db-0.west.db.shop.svc.clusterset.local.",
-                "0 50 5432 west.db.shop.svc.clusterset.local."
-            ]
-        );
-    }
-
-    #[test]
-    fn negative_answers_and_case() {
-        let zone = zone();
-        let web = name("WEB.Shop.svc.ClusterSet.Local.");
-        assert_eq!(rdatas(zone.lookup(&web, RecordType::A)).len(), 2);
-        assert_eq!(zone.lookup(&web, RecordType::TXT), Lookup::NoData);
-        assert_eq!(
-            zone.lookup(&name("db.shop.svc.clusterset.local."), RecordType::AAAA),
-            Lookup::NoData
-        );
-        // Empty non-terminals exist.
-        assert_eq!(
-            zone.lookup(&name("shop.svc.clusterset.local."), RecordType::A),
-            Lookup::NoData
-        );
-        assert_eq!(
-            zone.lookup(&name("_tcp.web.shop.svc.clusterset.local."), RecordType::A),
-            Lookup::NoData
-        );
-        assert_eq!(
-            zone.lookup(&name("nope.shop.svc.clusterset.local."), RecordType::A),
-            Lookup::NxDomain
-        );
+        assert_eq!(additionals.len(), 2, "the VIPs: {additionals:?}");
+        for (owner, want) in [
+            ("_http._tcp", "0 100 80 web.shop.svc.clusterset.local."),
+            ("_http-udp._udp", "0 100 80 web.shop.svc.clusterset.local."),
+        ] {
+            assert_eq!(
+                rdatas(zone.lookup(
+                    &name(&format!("{owner}.web.shop.svc.clusterset.local.")),
+                    RecordType::SRV
+                )),
+                [want],
+                "{owner}"
+            );
+        }
+        // The unnamed port has no `_<port>._<proto>` name.
         assert_eq!(
             zone.lookup(
                 &name("_81._tcp.web.shop.svc.clusterset.local."),
@@ -631,13 +720,144 @@ mod tests {
             ),
             Lookup::NxDomain
         );
+    }
+
+    #[test]
+    fn before_its_vip_a_clusterset_ip_service_exists_without_data() {
+        let zone = zone();
+        let q = name("pending.shop.svc.clusterset.local.");
+        for qtype in [RecordType::A, RecordType::AAAA, RecordType::SRV] {
+            assert_eq!(zone.lookup(&q, qtype), Lookup::NoData, "{qtype}");
+        }
+    }
+
+    #[test]
+    fn headless_answers_every_ready_endpoint_of_every_cluster() {
+        let zone = zone();
+        let db = name("db.shop.svc.clusterset.local.");
+        assert_eq!(
+            sorted(rdatas(zone.lookup(&db, RecordType::A))),
+            ["10.1.1.5", "10.2.1.5", "10.2.1.6"]
+        );
+        assert_eq!(rdatas(zone.lookup(&db, RecordType::AAAA)), ["fd00::1:5"]);
+        // The same hostname in two clusters: two names.
+        for (cluster, want) in [("west", vec!["10.2.1.5"]), ("east", vec!["10.1.1.5"])] {
+            assert_eq!(
+                rdatas(zone.lookup(
+                    &name(&format!("db-0.{cluster}.db.shop.svc.clusterset.local.")),
+                    RecordType::A
+                )),
+                want
+            );
+        }
+        assert_eq!(
+            rdatas(zone.lookup(
+                &name("db-0.east.db.shop.svc.clusterset.local."),
+                RecordType::AAAA
+            )),
+            ["fd00::1:5"]
+        );
+        // Without a hostname: the address, dashed.
+        assert_eq!(
+            rdatas(zone.lookup(
+                &name("10-2-1-6.west.db.shop.svc.clusterset.local."),
+                RecordType::A
+            )),
+            ["10.2.1.6"]
+        );
+        // A not-ready endpoint has no name.
+        assert_eq!(
+            zone.lookup(
+                &name("db-2.west.db.shop.svc.clusterset.local."),
+                RecordType::A
+            ),
+            Lookup::NxDomain
+        );
+        let srv = [
+            "0 33 5432 10-2-1-6.west.db.shop.svc.clusterset.local.",
+            "0 33 5432 db-0.east.db.shop.svc.clusterset.local.",
+            "0 33 5432 db-0.west.db.shop.svc.clusterset.local.",
+        ];
+        for owner in [
+            "db.shop.svc.clusterset.local.",
+            "_pg._tcp.db.shop.svc.clusterset.local.",
+        ] {
+            assert_eq!(
+                sorted(rdatas(zone.lookup(&name(owner), RecordType::SRV))),
+                srv,
+                "{owner}"
+            );
+        }
+        // The cluster label exists only as the endpoints' parent: no records of its own.
+        assert_eq!(
+            zone.lookup(&name("west.db.shop.svc.clusterset.local."), RecordType::A),
+            Lookup::NoData
+        );
+    }
+
+    #[test]
+    fn a_headless_service_without_ready_endpoints_does_not_exist() {
+        let zone = zone();
+        for n in [
+            "idle.shop.svc.clusterset.local.",
+            "_pg._tcp.idle.shop.svc.clusterset.local.",
+        ] {
+            assert_eq!(
+                zone.lookup(&name(n), RecordType::A),
+                Lookup::NxDomain,
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_apex_has_soa_ns_and_the_schema_version() {
+        let zone = zone();
+        let apex = name("clusterset.local.");
+        assert_eq!(
+            rdatas(zone.lookup(&apex, RecordType::SOA)),
+            ["ns.dns.clusterset.local. hostmaster.clusterset.local. 3 7200 1800 86400 5"]
+        );
+        assert_eq!(
+            rdatas(zone.lookup(&apex, RecordType::NS)),
+            ["ns.dns.clusterset.local."]
+        );
+        assert_eq!(zone.lookup(&apex, RecordType::A), Lookup::NoData);
+        let version = name("dns-version.clusterset.local.");
+        assert_eq!(rdatas(zone.lookup(&version, RecordType::TXT)), ["1.0.0"]);
+        assert_eq!(zone.lookup(&version, RecordType::A), Lookup::NoData);
+        // Only at the apex.
+        assert_eq!(
+            zone.lookup(&name("web.shop.svc.clusterset.local."), RecordType::NS),
+            Lookup::NoData
+        );
+    }
+
+    #[test]
+    fn negative_answers_and_case() {
+        let zone = zone();
+        let web = name("WEB.Shop.svc.ClusterSet.Local.");
+        assert_eq!(rdatas(zone.lookup(&web, RecordType::A)), ["10.96.5.1"]);
+        assert_eq!(zone.lookup(&web, RecordType::TXT), Lookup::NoData);
+        // Empty non-terminals exist.
+        for ent in [
+            "svc.clusterset.local.",
+            "shop.svc.clusterset.local.",
+            "_tcp.web.shop.svc.clusterset.local.",
+        ] {
+            assert_eq!(
+                zone.lookup(&name(ent), RecordType::A),
+                Lookup::NoData,
+                "{ent}"
+            );
+        }
+        assert_eq!(
+            zone.lookup(&name("nope.shop.svc.clusterset.local."), RecordType::A),
+            Lookup::NxDomain
+        );
         assert_eq!(
             zone.lookup(&name("example.com."), RecordType::A),
             Lookup::NotInZone
-        );
-        assert_eq!(
-            rdatas(zone.lookup(&name("clusterset.local."), RecordType::SOA)).len(),
-            1
         );
     }
 
@@ -645,8 +865,12 @@ mod tests {
     fn before_a_catalog_nothing_in_the_zone_is_known() {
         let zone = Zone::not_loaded(ZoneConfig::new("clusterset.local", 5).unwrap());
         assert!(!zone.is_loaded() && zone.names().next().is_none());
-        for n in ["web.shop.svc.clusterset.local.", "clusterset.local."] {
-            for qtype in [RecordType::A, RecordType::SOA] {
+        for n in [
+            "web.shop.svc.clusterset.local.",
+            "clusterset.local.",
+            "dns-version.clusterset.local.",
+        ] {
+            for qtype in [RecordType::A, RecordType::SOA, RecordType::TXT] {
                 assert_eq!(zone.lookup(&name(n), qtype), Lookup::NotLoaded, "{n}");
             }
         }
@@ -654,19 +878,86 @@ mod tests {
             zone.lookup(&name("example.com."), RecordType::A),
             Lookup::NotInZone
         );
-        // An empty catalog is a catalog: loaded, names absent.
+        // An empty catalog is a catalog: loaded, names absent, the apex records there.
         let empty = Zone::empty(ZoneConfig::new("clusterset.local", 5).unwrap());
         assert!(empty.is_loaded());
         assert_eq!(
             empty.lookup(&name("web.shop.svc.clusterset.local."), RecordType::A),
             Lookup::NxDomain
         );
+        assert_eq!(
+            rdatas(empty.lookup(&name("dns-version.clusterset.local."), RecordType::TXT)),
+            ["1.0.0"]
+        );
+    }
+
+    #[test]
+    fn reverse_zones_point_back_at_the_names() {
+        let ranges = [
+            "10.96.0.0/16".parse().unwrap(),
+            "10.2.0.0/16".parse().unwrap(),
+            "fd00::/16".parse().unwrap(),
+        ];
+        let config = ZoneConfig::new("clusterset.local", 5)
+            .unwrap()
+            .with_reverse(&ranges)
+            .unwrap();
+        let zone = Zone::build(config, &catalog());
+        for (reverse, target) in [
+            ("1.5.96.10.in-addr.arpa.", "web.shop.svc.clusterset.local."),
+            (
+                "5.1.2.10.in-addr.arpa.",
+                "db-0.west.db.shop.svc.clusterset.local.",
+            ),
+            (
+                "6.1.2.10.in-addr.arpa.",
+                "10-2-1-6.west.db.shop.svc.clusterset.local.",
+            ),
+            (
+                "1.0.0.0.5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.",
+                "web.shop.svc.clusterset.local.",
+            ),
+        ] {
+            assert_eq!(
+                rdatas(zone.lookup(&name(reverse), RecordType::PTR)),
+                [target],
+                "{reverse}"
+            );
+        }
+        // A not-ready endpoint, an unknown address: no name; the ranges' apexes have SOA/NS.
+        for unknown in ["7.1.2.10.in-addr.arpa.", "9.9.96.10.in-addr.arpa."] {
+            assert_eq!(
+                zone.lookup(&name(unknown), RecordType::PTR),
+                Lookup::NxDomain
+            );
+        }
+        let soa = zone.soa_for(&name("9.9.96.10.in-addr.arpa."));
+        assert_eq!(soa.name.to_ascii(), "96.10.in-addr.arpa.");
+        assert_eq!(
+            rdatas(zone.lookup(&name("96.10.in-addr.arpa."), RecordType::NS)),
+            ["ns.dns.clusterset.local."]
+        );
+        assert_eq!(
+            zone.lookup(&name("5.96.10.in-addr.arpa."), RecordType::PTR),
+            Lookup::NoData,
+            "an empty non-terminal"
+        );
+        // Outside every reverse zone (10.1.1.5 is db-0.east's): not ours to answer.
+        assert_eq!(
+            zone.lookup(&name("5.1.1.10.in-addr.arpa."), RecordType::PTR),
+            Lookup::NotInZone
+        );
+        // Without reverse zones none of it exists.
+        assert_eq!(
+            super::tests::zone().lookup(&name("1.5.96.10.in-addr.arpa."), RecordType::PTR),
+            Lookup::NotInZone
+        );
     }
 
     #[test]
     fn invalid_services_are_skipped_not_fatal() {
         let zone = zone();
-        assert_eq!(zone.services(), 2);
+        assert_eq!(zone.services(), 4);
         let [skipped] = zone.skipped() else {
             panic!("{:?}", zone.skipped());
         };
@@ -678,6 +969,20 @@ mod tests {
         assert_eq!(
             zone.skipped()[0].to_string(),
             r#"Bad.Name.shop: invalid label "Bad.Name""#
+        );
+        let bad_host = Catalog::from_json(
+            r#"{"services": [{"name": "h", "namespace": "ns", "headless": true, "clusters": [
+                {"cluster": "east", "endpoints": [{"address": "10.0.0.1", "hostname": "a.b"}]}]}]}"#,
+        )
+        .unwrap();
+        let zone = Zone::build(ZoneConfig::new("clusterset.local", 5).unwrap(), &bad_host);
+        assert!(matches!(
+            &zone.skipped()[0].reason,
+            SkipReason::Hostname(h) if h == "a.b"
+        ));
+        assert_eq!(
+            zone.lookup(&name("h.ns.svc.clusterset.local."), RecordType::A),
+            Lookup::NxDomain
         );
     }
 }

@@ -366,9 +366,9 @@ fn dns() {
             Some(512),
         ),
         (
-            "a-cluster",
-            "east.web.shop.svc.clusterset.local.",
-            RecordType::A,
+            "srv-bare-name",
+            "web.shop.svc.clusterset.local.",
+            RecordType::SRV,
             None,
         ),
         (
@@ -385,6 +385,19 @@ fn dns() {
         ),
         ("soa-apex", "clusterset.local.", RecordType::SOA, None),
         ("forward", "example.com.", RecordType::A, Some(1232)),
+        (
+            "a-host-dashed",
+            "fd00--9-3.east.db.shop.svc.clusterset.local.",
+            RecordType::AAAA,
+            None,
+        ),
+        (
+            "txt-dns-version",
+            "dns-version.clusterset.local.",
+            RecordType::TXT,
+            Some(1232),
+        ),
+        ("ptr-db-0", "1.0.9.10.in-addr.arpa.", RecordType::PTR, None),
     ];
     for (i, (name, qname, qtype, edns)) in queries.into_iter().enumerate() {
         let query = dns_query(qname, qtype, edns, 0x1000 + i as u16);

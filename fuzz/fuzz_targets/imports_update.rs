@@ -32,13 +32,23 @@ fn publish(imports: &Imports) {
             service.name, service.namespace
         ))
         .expect("a published service has a valid name");
-        assert!(
-            matches!(
-                zone.lookup(&name, RecordType::A),
-                Lookup::Found { .. } | Lookup::NoData
-            ),
-            "published service {name} resolves"
-        );
+        // A headless service without a ready endpoint has no name (the MCS DNS specification,
+        // 2.4.1); any other published service exists.
+        let exists = !service.headless
+            || service
+                .clusters
+                .iter()
+                .flat_map(|c| &c.endpoints)
+                .any(|e| e.ready && !e.addresses.is_empty());
+        let lookup = zone.lookup(&name, RecordType::A);
+        if exists {
+            assert!(
+                matches!(lookup, Lookup::Found { .. } | Lookup::NoData),
+                "published service {name} resolves: {lookup:?}"
+            );
+        } else {
+            assert_eq!(lookup, Lookup::NxDomain, "{name} has no ready endpoint");
+        }
     }
     let _ = FastTable::build(&zone, EDNS_UDP_SIZE);
 }

@@ -16,22 +16,23 @@ pub fn chunked(data: &[u8]) -> Option<(usize, &[u8])> {
     Some((usize::from(step).max(1), stream))
 }
 
-/// A small but complete catalog: a ClusterSetIP service in two clusters (IPv4 and IPv6, named
-/// ports), a headless one with hostnames, and one large enough that its SRV answer does not fit
-/// 512 bytes, so truncation and the dropping of additionals are exercised.
+/// A small but complete catalog: a ClusterSetIP import (IPv4 and IPv6 clusterset IPs, named
+/// ports) exported by two clusters, a headless one with and without hostnames in two
+/// clusters, and one large enough that its SRV answer does not fit 512 bytes, so truncation
+/// and the dropping of additionals are exercised.
 pub const CATALOG: &str = r#"{"services": [
-  {"name": "web", "namespace": "shop", "clusters": [
-    {"cluster": "east", "local": true, "ips": ["10.1.0.10", "fd00::1"],
-     "ports": [{"name": "http", "port": 80}, {"name": "dns", "protocol": "UDP", "port": 53}]},
-    {"cluster": "west", "ips": ["10.2.0.10"], "ports": [{"name": "http", "port": 80}]}]},
-  {"name": "db", "namespace": "shop", "clusters": [
-    {"cluster": "east", "headless": true, "ports": [{"name": "pg", "port": 5432}],
-     "endpoints": [{"address": "10.9.0.1", "hostname": "db-0"},
-                   {"address": "10.9.0.2", "hostname": "db-1"},
-                   {"address": "fd00::9:3"}]}]},
-  {"name": "big", "namespace": "bulk", "clusters": [
-    {"cluster": "east", "headless": true, "ports": [{"name": "x", "protocol": "UDP", "port": 9}],
-     "endpoints": [
+  {"name": "web", "namespace": "shop", "ips": ["10.99.0.10", "fd99::10"],
+   "ports": [{"name": "http", "port": 80}, {"name": "dns", "protocol": "UDP", "port": 53}],
+   "clusters": [{"cluster": "east"}, {"cluster": "west"}]},
+  {"name": "db", "namespace": "shop", "headless": true, "ports": [{"name": "pg", "port": 5432}],
+   "clusters": [
+    {"cluster": "east", "endpoints": [{"address": "10.9.0.1", "hostname": "db-0"},
+                                      {"address": "10.9.0.2", "hostname": "db-1"},
+                                      {"address": "fd00::9:3"}]},
+    {"cluster": "west", "endpoints": [{"address": "10.10.0.1", "hostname": "db-0"}]}]},
+  {"name": "big", "namespace": "bulk", "headless": true,
+   "ports": [{"name": "x", "protocol": "UDP", "port": 9}],
+   "clusters": [{"cluster": "east", "endpoints": [
        {"address": "10.8.0.1", "hostname": "h1"}, {"address": "10.8.0.2", "hostname": "h2"},
        {"address": "10.8.0.3", "hostname": "h3"}, {"address": "10.8.0.4", "hostname": "h4"},
        {"address": "10.8.0.5", "hostname": "h5"}, {"address": "10.8.0.6", "hostname": "h6"},
@@ -50,10 +51,13 @@ pub fn dns() -> &'static (Zone, FastTable) {
     static DNS: OnceLock<(Zone, FastTable)> = OnceLock::new();
     DNS.get_or_init(|| {
         let catalog = Catalog::from_json(CATALOG).expect("the fuzz catalog parses");
-        let zone = Zone::build(
-            ZoneConfig::new("clusterset.local", 5).expect("zone config"),
-            &catalog,
-        );
+        // Reverse zones holding the VIPs and db's endpoints: PTR answers and their negatives.
+        let reverse = ["10.99.0.0/16", "10.9.0.0/24", "fd00::/16"]
+            .map(|cidr| cidr.parse().expect("a reverse zone"));
+        let config = ZoneConfig::new("clusterset.local", 5)
+            .and_then(|config| config.with_reverse(&reverse))
+            .expect("zone config");
+        let zone = Zone::build(config, &catalog);
         assert!(zone.skipped().is_empty(), "{:?}", zone.skipped());
         let fast = FastTable::build(&zone, EDNS_UDP_SIZE);
         assert!(!fast.is_empty());

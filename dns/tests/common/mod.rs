@@ -112,18 +112,17 @@ pub fn catalog(json: &str) -> Catalog {
     Catalog::from_json(json).unwrap()
 }
 
-/// The standard test catalog: `web.shop` in east (local) and west, headless `db.shop` in west.
+/// The standard test catalog: `web.shop`, a ClusterSetIP import exported by east and west
+/// with the clusterset IPs 10.96.0.10 and fd00::10; headless `db.shop` in west.
 pub fn shop() -> Catalog {
     catalog(
         r#"{"revision": 1, "services": [
-          {"name": "web", "namespace": "shop", "clusters": [
-            {"cluster": "west", "ips": ["10.2.0.10"], "ports": [{"name": "http", "port": 80}]},
-            {"cluster": "east", "local": true, "ips": ["10.1.0.10", "fd00::10"],
-             "ports": [{"name": "http", "port": 80}, {"name": "dns", "protocol": "UDP", "port": 53}]}]},
-          {"name": "db", "namespace": "shop", "clusters": [
-            {"cluster": "west", "headless": true, "ports": [{"name": "pg", "port": 5432}],
-             "endpoints": [{"address": "10.2.1.5", "hostname": "db-0"},
-                           {"address": "10.2.1.6", "hostname": "db-1"}]}]}
+          {"name": "web", "namespace": "shop", "ips": ["10.96.0.10", "fd00::10"],
+           "ports": [{"name": "http", "port": 80}, {"name": "dns", "protocol": "UDP", "port": 53}],
+           "clusters": [{"cluster": "east"}, {"cluster": "west"}]},
+          {"name": "db", "namespace": "shop", "headless": true, "ports": [{"name": "pg", "port": 5432}],
+           "clusters": [{"cluster": "west", "endpoints": [{"address": "10.2.1.5", "hostname": "db-0"},
+                                                         {"address": "10.2.1.6", "hostname": "db-1"}]}]}
         ]}"#,
     )
 }
@@ -135,8 +134,8 @@ pub fn with_big(n: usize) -> Catalog {
         .map(|i| format!(r#"{{"address": "10.3.{}.{}"}}"#, i / 250, i % 250 + 1))
         .collect();
     let big = format!(
-        r#"{{"services": [{{"name": "big", "namespace": "shop", "clusters": [
-            {{"cluster": "east", "local": true, "headless": true, "endpoints": [{}]}}]}}]}}"#,
+        r#"{{"services": [{{"name": "big", "namespace": "shop", "headless": true, "clusters": [
+            {{"cluster": "east", "endpoints": [{}]}}]}}]}}"#,
         endpoints.join(",")
     );
     catalog

@@ -184,6 +184,12 @@ pub fn up(dir: &Path, topology: &Topology, bin_dir: &Path) -> anyhow::Result<()>
     // Recorded before anything is made, so `down` finds it all even if this process dies.
     let mut state: LabState = topology.clone();
     state.bin_dir = Some(bin_dir.to_path_buf());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() as i64);
+    for cluster in &mut state.clusters {
+        cluster.exported_at = Some(now);
+    }
     state.save(dir)?;
 
     let outcome = build(dir, &mut state, bin_dir);
@@ -242,10 +248,11 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
     }
     state.save(dir)?;
     eprintln!(
-        "[5/6] workload and DNS: an echo server in every pod, the demo Services (rules on every node, endpoints to the controllers), trellis-dns per cluster"
+        "[5/6] workload and DNS: an echo server in every pod, the demo Services (rules on every node, endpoints to the controllers), trellis-dns and the clusterset VIPs' proxy per cluster"
     );
     start_workload(dir, state, bin_dir)?;
     start_dns(dir, state, bin_dir)?;
+    start_proxies(dir, state, bin_dir)?;
     eprintln!("[6/6] waiting for the mesh to converge");
     // Under NetworkPolicy a node drops the traffic of pods it has not been told about: every
     // controller must have read its pods and every node enforce what it was sent first.
@@ -452,6 +459,37 @@ fn start_dns(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result
                 ready: metrics,
                 ready_path: Some("/readyz".into()),
                 ready_file: None,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Per cluster the kube-proxy stand-in of its clusterset VIPs (`trellis lab proxy`), beside
+/// its controller: it follows the imports as DNS does, with DNS's agent certificate, and is
+/// ready once every node has its first table.
+fn start_proxies(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
+    let clusters = state.clusters.clone();
+    for cluster in &clusters {
+        start_daemon(
+            dir,
+            state,
+            Launch {
+                netns: cluster.nodes[0].netns.clone(),
+                name: format!("{}/proxy", cluster.name),
+                program: bin_dir.join("trellis"),
+                args: vec![
+                    "lab".into(),
+                    "--name".into(),
+                    state.lab.clone(),
+                    "proxy".into(),
+                    "--cluster".into(),
+                    cluster.name.clone(),
+                ],
+                log: control::cluster_dir(dir, cluster).join("proxy.log"),
+                ready: control::agent_endpoint(cluster),
+                ready_path: None,
+                ready_file: Some(super::clusterset::ready_file(dir, cluster)),
             },
         )?;
     }

@@ -627,14 +627,12 @@ fn print_summary(state: &LabState, built_in: Duration) {
     if let Some(cluster) = state.clusters.first() {
         let dns = control::controller_address(cluster);
         let (service, namespace) = (services::ECHO_SERVICE, services::DEMO_NAMESPACE);
+        let name = format!("{service}.{namespace}.svc.clusterset.local");
+        // One address, the cluster's clusterset VIP; each request goes to a pod of any
+        // cluster, which sees the client pod's own address.
+        println!("       trellis lab exec --name {lab} {example_pod} -- dig +short @{dns} {name}");
         println!(
-            "       trellis lab exec --name {lab} {example_pod} -- dig +short @{dns} {service}.{namespace}.svc.clusterset.local"
-        );
-    }
-    if let Some(remote) = state.clusters.len().checked_sub(1) {
-        println!(
-            "       trellis lab exec --name {lab} {example_pod} -- curl -s http://{}/",
-            services::echo_cluster_ip(remote)
+            "       trellis lab exec --name {lab} {example_pod} -- sh -c 'curl -s http://$(dig +short @{dns} {name})/'"
         );
     }
     println!("       trellis lab encryption on --name {lab}");
@@ -653,7 +651,7 @@ fn print_summary(state: &LabState, built_in: Duration) {
 /// reach them from a node, e.g. `trellis lab exec c1/node-0 -- curl -s http://ADDRESS/metrics`).
 fn print_services_and_metrics(state: &LabState) {
     println!(
-        "services: {}.{} (ClusterIP; TCP echo {}, HTTP {}) and {}.{} (headless), exported by every cluster",
+        "services: {}.{} (ClusterIP; TCP echo {}, HTTP {}; from any cluster at its clusterset VIP, balanced over every cluster's pods) and {}.{} (headless), exported by every cluster",
         services::ECHO_SERVICE,
         services::DEMO_NAMESPACE,
         services::ECHO_PORT,
@@ -664,7 +662,14 @@ fn print_services_and_metrics(state: &LabState) {
     println!(
         "metrics (from inside the lab, e.g. trellis lab exec c1/node-0 -- curl -s http://198.18.1.10:9464/metrics):"
     );
-    let mut table = Table::new(&["CLUSTER", "CLUSTERIP", "CONTROLLER", "DNS", "GATEWAYS"]);
+    let mut table = Table::new(&[
+        "CLUSTER",
+        "CLUSTERIP",
+        "CLUSTERSET VIPS",
+        "CONTROLLER",
+        "DNS",
+        "GATEWAYS",
+    ]);
     for (index, cluster) in state.clusters.iter().enumerate() {
         let first = control::controller_address(cluster);
         let gateways: Vec<String> = cluster
@@ -675,6 +680,7 @@ fn print_services_and_metrics(state: &LabState) {
         table.row([
             cluster.name.clone(),
             services::echo_cluster_ip(index).to_string(),
+            super::clusterset::clusterset_ip_range(index),
             format!("{first}:{}", control::CONTROLLER_METRICS_PORT),
             format!(
                 "{first}:{} (DNS on :{})",

@@ -463,7 +463,11 @@ mod tests {
 
     #[test]
     fn a_vip_without_ready_endpoints_refuses_connections() {
-        let mut service = echo(vec![backend("c2", false, vec![endpoint("10.2.0.1", false)])]);
+        let mut service = echo(vec![backend(
+            "c2",
+            false,
+            vec![endpoint("10.2.0.1", false)],
+        )]);
         service.ports.push(port("dns", Protocol::Udp, 53));
         let rules = clusterset_ruleset(&imports(vec![service]), &node());
         assert!(
@@ -481,7 +485,8 @@ mod tests {
     #[test]
     fn a_cluster_without_the_named_port_serves_none_of_it() {
         let mut old = backend("c2", false, vec![endpoint("10.2.0.1", true)]);
-        old.endpoint_ports.retain(|p| p.name.as_deref() != Some("http"));
+        old.endpoint_ports
+            .retain(|p| p.name.as_deref() != Some("http"));
         let rules = clusterset_ruleset(
             &imports(vec![echo(vec![
                 backend("c1", true, vec![endpoint("10.1.1.1", true)]),
@@ -552,7 +557,6 @@ mod tests {
         for _ in 0..2 {
             services::apply_ruleset(&netns, &clusterset_ruleset(&all, &node())).unwrap();
         }
-        services::apply_ruleset(&netns, &clusterset_ruleset(&Imports::default(), &node()))
-            .unwrap();
+        services::apply_ruleset(&netns, &clusterset_ruleset(&Imports::default(), &node())).unwrap();
     }
 }

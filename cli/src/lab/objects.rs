@@ -456,9 +456,7 @@ pub fn stamp_creation(
     let now_text = now
         .duration_since(std::time::UNIX_EPOCH)
         .ok()
-        .and_then(|since| {
-            k8s_openapi::jiff::Timestamp::from_second(since.as_secs() as i64).ok()
-        })
+        .and_then(|since| k8s_openapi::jiff::Timestamp::from_second(since.as_secs() as i64).ok())
         .map(|at| at.to_string());
     for (kind, documents) in &mut next.passed {
         for (key, document) in documents.iter_mut() {
@@ -474,10 +472,7 @@ pub fn stamp_creation(
                     None => continue,
                 },
             };
-            if let Some(metadata) = document
-                .get_mut("metadata")
-                .and_then(Value::as_object_mut)
-            {
+            if let Some(metadata) = document.get_mut("metadata").and_then(Value::as_object_mut) {
                 metadata.insert("creationTimestamp".into(), stamp);
             }
         }
@@ -1017,9 +1012,7 @@ spec: {podSelector: {}, policyTypes: [Ingress]}
 
     #[test]
     fn objects_keep_the_creation_time_of_their_first_apply() {
-        let export = |name: &str| {
-            json!({"apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceExport", "metadata": {"name": name, "namespace": "x"}})
-        };
+        let export = |name: &str| json!({"apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceExport", "metadata": {"name": name, "namespace": "x"}});
         let first = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_641_736);
         let mut applied = ClusterObjects::default();
         applied.passed.insert(
@@ -1029,8 +1022,7 @@ spec: {podSelector: {}, policyTypes: [Ingress]}
         let before = ClusterObjects::default();
         stamp_creation(&before, &mut applied, first);
         let created = |objects: &ClusterObjects, key: &str| {
-            objects.passed[&PassedKind::ServiceExport][key]["metadata"]["creationTimestamp"]
-                .clone()
+            objects.passed[&PassedKind::ServiceExport][key]["metadata"]["creationTimestamp"].clone()
         };
         assert_eq!(created(&applied, "x/web"), "2026-12-07T11:08:56Z");
 
@@ -1046,6 +1038,9 @@ spec: {podSelector: {}, policyTypes: [Ingress]}
         );
         assert_eq!(created(&again, "x/web"), "2026-12-07T11:08:56Z");
         assert_eq!(created(&again, "x/api"), "2026-12-07T11:09:56Z");
-        assert_eq!(again.passed[&PassedKind::ServiceExport]["x/web"], applied.passed[&PassedKind::ServiceExport]["x/web"]);
+        assert_eq!(
+            again.passed[&PassedKind::ServiceExport]["x/web"],
+            applied.passed[&PassedKind::ServiceExport]["x/web"]
+        );
     }
 }

@@ -314,7 +314,10 @@ mod tests {
                 .count(),
             2
         );
-        assert!(!yaml.contains("creationTimestamp"), "not known, not written");
+        assert!(
+            !yaml.contains("creationTimestamp"),
+            "not known, not written"
+        );
 
         lab.clusters[1].exported_at = Some(1_796_641_736);
         let yaml = services_yaml(&demo_services(&lab.clusters[1], 1));

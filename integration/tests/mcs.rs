@@ -165,10 +165,29 @@ fn the_clusterset_vip_balances_over_every_cluster_and_keeps_the_client_address()
         .collect();
     ports.sort_unstable();
     assert_eq!(ports, ["7000", "80"], "SRV at the bare name: {srv}");
+}
+
+/// A node without its gateway cannot be reached from other clusters: its cluster's controller
+/// lets the gateway's registration lapse, the other clusters then hold the node's endpoints as
+/// not ready (`trellis_core::imports`), and the client's node stops sending the VIP there.
+#[test]
+fn a_node_whose_gateway_stops_leaves_the_vip_to_the_other_endpoints_within_the_lease() {
+    trellis_test_support::skip_unless_root!();
+    let lab = TestLab::new("mcsgw");
+    lab.up(&[]);
+    let pods = lab.pods();
+    let vip1 = vip(&lab, "c1/pod-0");
 
     // c2/node-0's gateway stops: its pods cannot be reached from c1 any more. Once the
     // controller sees the gateway gone, c1's VIP keeps answering from every other endpoint.
     let client = lab.pod("c1/pod-0");
+    let mut last = Err(String::new());
+    let reaches_c2 = poll_until(Duration::from_secs(15), || {
+        last = servers(&client.netns, vip1, 30);
+        let served = last.as_ref().ok()?;
+        served.iter().any(|s| s.starts_with("c2/")).then_some(())
+    });
+    assert!(reaches_c2.is_some(), "c1's VIP reaches c2's pods: {last:?}");
     let on_gone_node: BTreeSet<String> = pods
         .iter()
         .filter(|p| p.node == "c2/node-0")
@@ -177,7 +196,6 @@ fn the_clusterset_vip_balances_over_every_cluster_and_keeps_the_client_address()
     let stopped = Instant::now();
     let stop = lab.trellis(&["stop", "c2/node-0/gateway"]);
     assert!(stop.status.success(), "{}", text(&stop));
-    let mut last = Err(String::new());
     let recovered = poll_until(LEASE + Duration::from_secs(10), || {
         last = servers(&client.netns, vip1, 30);
         let served = last.as_ref().ok()?;

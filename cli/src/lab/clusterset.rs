@@ -2,7 +2,7 @@
 //! for the derived Service behind each ClusterSetIP ServiceImport.
 //!
 //! Each cluster's controller gives every ClusterSetIP import a VIP from the cluster's
-//! `clustersetIpRanges` (the lab's: [`clusterset_ip_range`]). One `trellis lab proxy` per
+//! `clustersetIPRanges` (the lab's: [`clusterset_ip_range`]). One `trellis lab proxy` per
 //! cluster follows the controller's imports stream as DNS does (read-only, with DNS's agent
 //! certificate) and, on every change, replaces a table in every node namespace of the cluster
 //! that DNATs each VIP and port to a random ready endpoint of *any* exporting cluster, on that

@@ -263,7 +263,7 @@ pub fn controller_yaml(
     format!(
         "clusterId: {id}\nlisten: \"{address}:{PEERING_PORT}\"\npeers: [{peers}]\nleaseSeconds: 10\nheartbeatSeconds: 2\n\
          nodeEncryption: {node_encryption}\n{network_policy}\
-         clustersetIpRanges: [\"{clusterset_ips}\"]\n\
+         clustersetIPRanges: [\"{clusterset_ips}\"]\n\
          tls: {{ca: {certs}/ca.pem, cert: {certs}/{id}.pem, key: {certs}/{id}-key.pem}}\n\
          source: {{static: {{path: {own}/cluster.yaml, pollMillis: 20}}}}\n\
          metricsListen: \"{address}:{CONTROLLER_METRICS_PORT}\"\nagentListen: \"{address}:{AGENT_PORT}\"\n\
@@ -348,12 +348,12 @@ mod tests {
         assert!(config.contains("networkPolicy: true\n"), "{config}");
         assert!(config.contains("pollMillis: 20"), "{config}");
         assert!(
-            config.contains("clustersetIpRanges: [\"10.101.240.0/20\"]\n"),
+            config.contains("clustersetIPRanges: [\"10.101.240.0/20\"]\n"),
             "{config}"
         );
         let second = controller_yaml(dir, &lab, &lab.clusters[1], false);
         assert!(
-            second.contains("clustersetIpRanges: [\"10.102.240.0/20\"]\n"),
+            second.contains("clustersetIPRanges: [\"10.102.240.0/20\"]\n"),
             "{second}"
         );
         lab.network_policy = false;

@@ -1,5 +1,5 @@
 //! Faults in a lab: a controller killed and brought back, a gateway killed and restarted, a
-//! whole cluster stopped, a cluster whose pod CIDR overlaps another's.
+//! whole cluster stopped (its pods leave DNS and the clusterset VIP), a cluster whose pod CIDR overlaps another's.
 //!
 //! One at a time: they measure how long things take.
 
@@ -40,6 +40,11 @@ fn a_dead_controller_leaves_the_data_plane_running_and_resyncs_without_dropping_
         LiveStream::start(connect_in(&client.netns, echo_addr(&lab, "c2/pod-2"), TIMEOUT).unwrap());
     let handshakes = r#"trellis_gateway_peer_handshakes_total{peer="c2/node-1"}"#;
     let before = gateway_metric(&lab, "c1/node-0", handshakes).expect("a session with c2/node-1");
+    let vip = poll_until(Duration::from_secs(10), || {
+        let answer = lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local");
+        (answer.len() == 1).then_some(answer)
+    })
+    .expect("c1's clusterset VIP in DNS");
 
     lab.kill_daemon("c1/controller");
     std::thread::sleep(Duration::from_secs(2));
@@ -52,11 +57,14 @@ fn a_dead_controller_leaves_the_data_plane_running_and_resyncs_without_dropping_
         TIMEOUT,
     )
     .unwrap();
-    // DNS keeps answering from what it last had.
-    assert_eq!(
-        lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local"),
-        ["10.101.0.10", "10.102.0.10"]
-    );
+    // DNS keeps answering from what it last had, and the VIP keeps its translations.
+    assert_eq!(lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local"), vip);
+    tcp_echo(
+        &client.netns,
+        SocketAddr::new(vip[0].parse().unwrap(), ECHO_PORT),
+        TIMEOUT,
+    )
+    .unwrap();
     let connected = r"trellis_gateway_controller_connected";
     assert_eq!(gateway_metric(&lab, "c1/node-0", connected), Some(0.0));
 
@@ -142,43 +150,79 @@ fn a_killed_gateway_fails_closed_and_its_tunnels_come_back_after_restart() {
     eprintln!("gateway restart to traffic both ways: {took:?}");
 }
 
+/// Who answered each of `rounds` HTTP requests to `vip`:80 from `netns` (the first word of
+/// the echo server's answer, `c2/pod-3`), or the first failure.
+fn vip_servers(netns: &str, vip: &str, rounds: usize) -> Result<Vec<String>, String> {
+    let at = SocketAddr::new(vip.parse().unwrap(), 80);
+    (0..rounds)
+        .map(|round| {
+            http_get(netns, at, "/", TIMEOUT)
+                .map(|body| {
+                    body.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .map_err(|e| format!("request {round}: {e}"))
+        })
+        .collect()
+}
+
 #[test]
-fn a_stopped_cluster_leaves_dns_within_the_lease_and_returns_when_started() {
+fn a_stopped_cluster_leaves_dns_and_the_vip_within_the_lease_and_returns_when_started() {
     trellis_test_support::skip_unless_root!();
     let lab = TestLab::new("gone");
     lab.up(&[]);
+    let client = lab.pod("c1/pod-0");
+    let c2_pods = |answer: &[String]| answer.iter().filter(|ip| ip.starts_with("10.2.")).count();
     let both = poll_until(Duration::from_secs(10), || {
-        (lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local").len() == 2).then_some(())
+        let headless = lab.dig("c1/pod-0", "echo-pods.demo.svc.clusterset.local");
+        let vip = lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local");
+        (c2_pods(&headless) == 4 && vip.len() == 1).then_some(vip)
     });
-    assert!(both.is_some());
+    let vip = both.expect("c2's pods in c1's DNS, and c1's VIP")[0].clone();
+    let served_by_c2 = poll_until(Duration::from_secs(10), || {
+        let served = vip_servers(&client.netns, &vip, 30).ok()?;
+        served.iter().any(|s| s.starts_with("c2/")).then_some(())
+    });
+    assert!(served_by_c2.is_some(), "c1's VIP reaches c2's pods");
 
     let stopped = Instant::now();
     let stop = lab.trellis(&["stop", "c2"]);
     assert!(stop.status.success(), "{}", text(&stop));
     let gone = poll_until(LEASE + Duration::from_secs(6), || {
-        let answer = lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local");
-        (answer == ["10.101.0.10"]).then(|| stopped.elapsed())
+        let headless = lab.dig("c1/pod-0", "echo-pods.demo.svc.clusterset.local");
+        (!headless.is_empty() && c2_pods(&headless) == 0).then(|| stopped.elapsed())
     });
-    let took = gone.expect("c2's export left c1's DNS within the lease");
+    let took = gone.expect("c2's pods left c1's DNS within the lease");
     eprintln!("c2 stopped -> gone from c1's DNS in {took:?} (lease {LEASE:?})");
-    let headless = lab.dig("c1/pod-0", "echo-pods.demo.svc.clusterset.local");
-    assert!(
-        headless.iter().all(|ip| ip.starts_with("10.1.")),
-        "{headless:?}"
+    // c1 still exports the service: its VIP stays, now served by c1's own pods only.
+    assert_eq!(
+        lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local"),
+        std::slice::from_ref(&vip)
     );
+    let mut last = Err(String::new());
+    let own_only = poll_until(Duration::from_secs(5), || {
+        last = vip_servers(&client.netns, &vip, 30);
+        let served = last.as_ref().ok()?;
+        served
+            .iter()
+            .all(|s| s.starts_with("c1/"))
+            .then(|| stopped.elapsed())
+    });
+    let took = own_only.unwrap_or_else(|| panic!("c1's VIP never left c2: {last:?}"));
+    eprintln!("c2 stopped -> c1's VIP served by c1's pods only in {took:?}");
 
     let start = lab.trellis(&["start", "c2"]);
     assert!(start.status.success(), "{}", text(&start));
     let back = poll_until(Duration::from_secs(15), || {
-        (lab.dig("c1/pod-0", "echo.demo.svc.clusterset.local").len() == 2).then_some(())
+        let served = vip_servers(&client.netns, &vip, 30).ok()?;
+        served.iter().any(|s| s.starts_with("c2/")).then_some(())
     });
-    assert!(back.is_some(), "c2's export is back once it runs again");
-    tcp_echo(
-        &lab.pod("c1/pod-0").netns,
-        SocketAddr::new("10.102.0.10".parse().unwrap(), ECHO_PORT),
-        TIMEOUT,
-    )
-    .unwrap();
+    assert!(
+        back.is_some(),
+        "c2's pods serve c1's VIP once c2 runs again"
+    );
 }
 
 #[test]

@@ -115,13 +115,14 @@ pub fn apply(
         lab: &state.lab,
         cluster,
     };
-    let (next, changes) = objects::apply(
+    let (mut next, changes) = objects::apply(
         &current.objects,
         manifests,
         &mut placement,
         &names,
         &reserved,
     )?;
+    objects::stamp_creation(&current.objects, &mut next, std::time::SystemTime::now());
     if changes.is_empty() && next == current.objects {
         println!("unchanged");
     }

@@ -184,6 +184,12 @@ pub fn up(dir: &Path, topology: &Topology, bin_dir: &Path) -> anyhow::Result<()>
     // Recorded before anything is made, so `down` finds it all even if this process dies.
     let mut state: LabState = topology.clone();
     state.bin_dir = Some(bin_dir.to_path_buf());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() as i64);
+    for cluster in &mut state.clusters {
+        cluster.exported_at = Some(now);
+    }
     state.save(dir)?;
 
     let outcome = build(dir, &mut state, bin_dir);
@@ -242,10 +248,11 @@ fn build(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()>
     }
     state.save(dir)?;
     eprintln!(
-        "[5/6] workload and DNS: an echo server in every pod, the demo Services (rules on every node, endpoints to the controllers), trellis-dns per cluster"
+        "[5/6] workload and DNS: an echo server in every pod, the demo Services (rules on every node, endpoints to the controllers), trellis-dns and the clusterset VIPs' proxy per cluster"
     );
     start_workload(dir, state, bin_dir)?;
     start_dns(dir, state, bin_dir)?;
+    start_proxies(dir, state, bin_dir)?;
     eprintln!("[6/6] waiting for the mesh to converge");
     // Under NetworkPolicy a node drops the traffic of pods it has not been told about: every
     // controller must have read its pods and every node enforce what it was sent first.
@@ -458,6 +465,37 @@ fn start_dns(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result
     Ok(())
 }
 
+/// Per cluster the kube-proxy stand-in of its clusterset VIPs (`trellis lab proxy`), beside
+/// its controller: it follows the imports as DNS does, with DNS's agent certificate, and is
+/// ready once every node has its first table.
+fn start_proxies(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
+    let clusters = state.clusters.clone();
+    for cluster in &clusters {
+        start_daemon(
+            dir,
+            state,
+            Launch {
+                netns: cluster.nodes[0].netns.clone(),
+                name: format!("{}/proxy", cluster.name),
+                program: bin_dir.join("trellis"),
+                args: vec![
+                    "lab".into(),
+                    "--name".into(),
+                    state.lab.clone(),
+                    "proxy".into(),
+                    "--cluster".into(),
+                    cluster.name.clone(),
+                ],
+                log: control::cluster_dir(dir, cluster).join("proxy.log"),
+                ready: control::agent_endpoint(cluster),
+                ready_path: None,
+                ready_file: Some(super::clusterset::ready_file(dir, cluster)),
+            },
+        )?;
+    }
+    Ok(())
+}
+
 /// One trellis-gateway per node, registered with its cluster's controller.
 fn start_gateways(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow::Result<()> {
     let clusters = state.clusters.clone();
@@ -589,14 +627,12 @@ fn print_summary(state: &LabState, built_in: Duration) {
     if let Some(cluster) = state.clusters.first() {
         let dns = control::controller_address(cluster);
         let (service, namespace) = (services::ECHO_SERVICE, services::DEMO_NAMESPACE);
+        let name = format!("{service}.{namespace}.svc.clusterset.local");
+        // One address, the cluster's clusterset VIP; each request goes to a pod of any
+        // cluster, which sees the client pod's own address.
+        println!("       trellis lab exec --name {lab} {example_pod} -- dig +short @{dns} {name}");
         println!(
-            "       trellis lab exec --name {lab} {example_pod} -- dig +short @{dns} {service}.{namespace}.svc.clusterset.local"
-        );
-    }
-    if let Some(remote) = state.clusters.len().checked_sub(1) {
-        println!(
-            "       trellis lab exec --name {lab} {example_pod} -- curl -s http://{}/",
-            services::echo_cluster_ip(remote)
+            "       trellis lab exec --name {lab} {example_pod} -- sh -c 'curl -s http://$(dig +short @{dns} {name})/'"
         );
     }
     println!("       trellis lab encryption on --name {lab}");
@@ -615,7 +651,7 @@ fn print_summary(state: &LabState, built_in: Duration) {
 /// reach them from a node, e.g. `trellis lab exec c1/node-0 -- curl -s http://ADDRESS/metrics`).
 fn print_services_and_metrics(state: &LabState) {
     println!(
-        "services: {}.{} (ClusterIP; TCP echo {}, HTTP {}) and {}.{} (headless), exported by every cluster",
+        "services: {}.{} (ClusterIP; TCP echo {}, HTTP {}; from any cluster at its clusterset VIP, balanced over every cluster's pods) and {}.{} (headless), exported by every cluster",
         services::ECHO_SERVICE,
         services::DEMO_NAMESPACE,
         services::ECHO_PORT,
@@ -626,7 +662,14 @@ fn print_services_and_metrics(state: &LabState) {
     println!(
         "metrics (from inside the lab, e.g. trellis lab exec c1/node-0 -- curl -s http://198.18.1.10:9464/metrics):"
     );
-    let mut table = Table::new(&["CLUSTER", "CLUSTERIP", "CONTROLLER", "DNS", "GATEWAYS"]);
+    let mut table = Table::new(&[
+        "CLUSTER",
+        "CLUSTERIP",
+        "CLUSTERSET VIPS",
+        "CONTROLLER",
+        "DNS",
+        "GATEWAYS",
+    ]);
     for (index, cluster) in state.clusters.iter().enumerate() {
         let first = control::controller_address(cluster);
         let gateways: Vec<String> = cluster
@@ -637,6 +680,7 @@ fn print_services_and_metrics(state: &LabState) {
         table.row([
             cluster.name.clone(),
             services::echo_cluster_ip(index).to_string(),
+            super::clusterset::clusterset_ip_range(index),
             format!("{first}:{}", control::CONTROLLER_METRICS_PORT),
             format!(
                 "{first}:{} (DNS on :{})",

@@ -252,9 +252,18 @@ pub fn controller_yaml(
             )
         })
         .collect();
+    // The controller gives each ClusterSetIP import a VIP from the cluster's own range (the
+    // lab has no API server to allocate the derived Services' ClusterIPs).
+    let index = state
+        .clusters
+        .iter()
+        .position(|c| c.name == cluster.name)
+        .unwrap_or_default();
+    let clusterset_ips = super::clusterset::clusterset_ip_range(index);
     format!(
         "clusterId: {id}\nlisten: \"{address}:{PEERING_PORT}\"\npeers: [{peers}]\nleaseSeconds: 10\nheartbeatSeconds: 2\n\
          nodeEncryption: {node_encryption}\n{network_policy}\
+         clustersetIPRanges: [\"{clusterset_ips}\"]\n\
          tls: {{ca: {certs}/ca.pem, cert: {certs}/{id}.pem, key: {certs}/{id}-key.pem}}\n\
          source: {{static: {{path: {own}/cluster.yaml, pollMillis: 20}}}}\n\
          metricsListen: \"{address}:{CONTROLLER_METRICS_PORT}\"\nagentListen: \"{address}:{AGENT_PORT}\"\n\
@@ -338,6 +347,15 @@ mod tests {
         let config = controller_yaml(dir, &lab, &lab.clusters[0], false);
         assert!(config.contains("networkPolicy: true\n"), "{config}");
         assert!(config.contains("pollMillis: 20"), "{config}");
+        assert!(
+            config.contains("clustersetIPRanges: [\"10.101.240.0/20\"]\n"),
+            "{config}"
+        );
+        let second = controller_yaml(dir, &lab, &lab.clusters[1], false);
+        assert!(
+            second.contains("clustersetIPRanges: [\"10.102.240.0/20\"]\n"),
+            "{second}"
+        );
         lab.network_policy = false;
         let config = controller_yaml(dir, &lab, &lab.clusters[0], false);
         assert!(!config.contains("networkPolicy"), "{config}");

@@ -3,6 +3,7 @@
 
 mod apply;
 mod build;
+mod clusterset;
 mod connectivity;
 mod control;
 mod objects;
@@ -171,6 +172,14 @@ enum LabCommand {
     },
     /// Remove every namespace, process and file the lab made.
     Down,
+    /// The kube-proxy stand-in for a cluster's clusterset services (started by `up`, one per
+    /// cluster): follows the controller's imports and keeps every node's VIP translations.
+    #[command(hide = true)]
+    Proxy {
+        /// The cluster: `c1`.
+        #[arg(long)]
+        cluster: String,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -336,6 +345,12 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
         }
         LabCommand::Down => {
             build::down(&dir, &args.name)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Proxy { cluster } => {
+            let state =
+                LabState::load(&dir).with_context(|| format!("lab {:?} is not up", args.name))?;
+            clusterset::run(&dir, &state, &cluster)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -445,6 +445,40 @@ pub fn apply(
     Ok((next, changes))
 }
 
+/// Gives every passed object of `next` its `creationTimestamp` as the API server does: the
+/// one it had in `previous` (an update keeps it), `now` when it is new. The oldest
+/// ServiceExport wins a conflict between clusters (KEP-1645), so it must be known.
+pub fn stamp_creation(
+    previous: &ClusterObjects,
+    next: &mut ClusterObjects,
+    now: std::time::SystemTime,
+) {
+    let now_text = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|since| k8s_openapi::jiff::Timestamp::from_second(since.as_secs() as i64).ok())
+        .map(|at| at.to_string());
+    for (kind, documents) in &mut next.passed {
+        for (key, document) in documents.iter_mut() {
+            let kept = previous
+                .passed
+                .get(kind)
+                .and_then(|old| old.get(key))
+                .and_then(|old| old["metadata"].get("creationTimestamp").cloned());
+            let stamp = match kept {
+                Some(kept) => kept,
+                None => match &now_text {
+                    Some(now) => Value::String(now.clone()),
+                    None => continue,
+                },
+            };
+            if let Some(metadata) = document.get_mut("metadata").and_then(Value::as_object_mut) {
+                metadata.insert("creationTimestamp".into(), stamp);
+            }
+        }
+    }
+}
+
 fn namespace_exists(objects: &ClusterObjects, namespace: &str) -> bool {
     BUILT_IN_NAMESPACES.contains(&namespace) || objects.namespaces.contains_key(namespace)
 }
@@ -973,6 +1007,40 @@ spec: {podSelector: {}, policyTypes: [Ingress]}
                 &pods
             )
             .is_none()
+        );
+    }
+
+    #[test]
+    fn objects_keep_the_creation_time_of_their_first_apply() {
+        let export = |name: &str| json!({"apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceExport", "metadata": {"name": name, "namespace": "x"}});
+        let first = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_641_736);
+        let mut applied = ClusterObjects::default();
+        applied.passed.insert(
+            PassedKind::ServiceExport,
+            BTreeMap::from([("x/web".to_string(), export("web"))]),
+        );
+        let before = ClusterObjects::default();
+        stamp_creation(&before, &mut applied, first);
+        let created = |objects: &ClusterObjects, key: &str| {
+            objects.passed[&PassedKind::ServiceExport][key]["metadata"]["creationTimestamp"].clone()
+        };
+        assert_eq!(created(&applied, "x/web"), "2026-12-07T11:08:56Z");
+
+        // Applied again later with another export beside it: the first keeps its time.
+        let mut again = applied.clone();
+        let exports = again.passed.get_mut(&PassedKind::ServiceExport).unwrap();
+        exports.insert("x/web".into(), export("web"));
+        exports.insert("x/api".into(), export("api"));
+        stamp_creation(
+            &applied,
+            &mut again,
+            first + std::time::Duration::from_secs(60),
+        );
+        assert_eq!(created(&again, "x/web"), "2026-12-07T11:08:56Z");
+        assert_eq!(created(&again, "x/api"), "2026-12-07T11:09:56Z");
+        assert_eq!(
+            again.passed[&PassedKind::ServiceExport]["x/web"],
+            applied.passed[&PassedKind::ServiceExport]["x/web"]
         );
     }
 }

@@ -7,7 +7,8 @@
 //! DNAT a ClusterIP to a random endpoint, and source-NAT clients from outside the cluster's pod
 //! CIDR to the node — kube-proxy's `--cluster-cidr` masquerade — so the reply comes back through
 //! the node that translated it, not straight from the endpoint's node to the other cluster.
-//! Trellis itself routes a remote cluster's service CIDR to that cluster's first node.
+//! A pod reaches the other clusters' pods of a Service through its own cluster's clusterset
+//! VIP instead (`clusterset`: a table of its own, balanced on the client's node).
 
 use std::fmt::Write;
 use std::io::Write as _;
@@ -40,6 +41,9 @@ pub struct LabService {
     pub cluster_ip: Option<Ipv4Addr>,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
+    /// Its ServiceExport's `creationTimestamp` (seconds since the epoch): the oldest export
+    /// wins a conflict.
+    pub exported_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,12 +103,14 @@ pub fn demo_services(cluster: &Cluster, cluster_index: usize) -> Vec<LabService>
             cluster_ip: Some(echo_cluster_ip(cluster_index)),
             ports: ports.clone(),
             endpoints: endpoints.clone(),
+            exported_at: cluster.exported_at,
         },
         LabService {
             name: HEADLESS_SERVICE.into(),
             cluster_ip: None,
             ports,
             endpoints,
+            exported_at: cluster.exported_at,
         },
     ]
 }
@@ -159,9 +165,13 @@ pub fn services_yaml(services: &[LabService]) -> String {
             endpoints.join(", "),
             endpoint_ports.join(", ")
         );
+        let created = service
+            .exported_at
+            .and_then(|at| k8s_openapi::jiff::Timestamp::from_second(at).ok())
+            .map_or(String::new(), |at| format!(", creationTimestamp: \"{at}\""));
         let _ = write!(
             yaml,
-            "---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {name}, namespace: {DEMO_NAMESPACE}}}\n"
+            "---\napiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\nmetadata: {{name: {name}, namespace: {DEMO_NAMESPACE}{created}}}\n"
         );
     }
     yaml
@@ -282,7 +292,7 @@ mod tests {
 
     #[test]
     fn each_cluster_exports_a_clusterip_and_a_headless_service_over_every_pod() {
-        let lab = lab_with_addresses();
+        let mut lab = lab_with_addresses();
         let services = demo_services(&lab.clusters[1], 1);
         assert_eq!(services[0].cluster_ip, Some("10.102.0.10".parse().unwrap()));
         assert_eq!(services[1].cluster_ip, None);
@@ -299,6 +309,29 @@ mod tests {
         assert!(yaml.contains("{name: http, port: 80, targetPort: 8080, protocol: TCP}"));
         assert!(yaml.contains("{name: http, port: 8080, protocol: TCP}"));
         assert_eq!(yaml.matches("kind: ServiceExport").count(), 2);
+        assert_eq!(
+            yaml.matches("apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\n")
+                .count(),
+            2
+        );
+        assert!(
+            !yaml.contains("creationTimestamp"),
+            "not known, not written"
+        );
+
+        lab.clusters[1].exported_at = Some(1_796_641_736);
+        let yaml = services_yaml(&demo_services(&lab.clusters[1], 1));
+        assert_eq!(
+            yaml.matches(
+                "kind: ServiceExport\nmetadata: {name: echo, namespace: demo, creationTimestamp: \"2026-12-07T11:08:56Z\"}"
+            )
+            .count(),
+            1,
+            "{yaml}"
+        );
+        // The controller reads what the lab writes.
+        let parsed = trellis_controller::objects::parse_objects(&yaml).unwrap();
+        assert_eq!(parsed.service_exports.len(), 2);
     }
 
     #[test]

@@ -56,6 +56,11 @@ pub struct Cluster {
     /// What `trellis lab apply` added.
     #[serde(default)]
     pub objects: super::objects::ClusterObjects,
+    /// When `up` exported the demo Services (seconds since the epoch): their ServiceExports'
+    /// `creationTimestamp`. Every cluster exports at the same second, so the oldest-export
+    /// rule falls to its tie-break, the lowest cluster ID.
+    #[serde(default)]
+    pub exported_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,6 +149,7 @@ impl Topology {
                     pod_cidr,
                     nodes,
                     objects: Default::default(),
+                    exported_at: None,
                 })
             })
             .collect::<anyhow::Result<Vec<Cluster>>>()?;

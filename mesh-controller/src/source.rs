@@ -1,7 +1,7 @@
 //! What a source (Kubernetes or the static file) knows of the cluster, and how the local
 //! cluster state is composed from it and the gateways' registrations (pure).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 
@@ -40,6 +40,7 @@ impl SourceState {
         name: &str,
         default_service_cidrs: &[IpNet],
         registrations: &BTreeMap<String, GatewayRegistration>,
+        lapsed_gateways: &BTreeSet<String>,
         identities: Option<&mut IdentityAllocator>,
     ) -> ClusterState {
         let mut next = ClusterState::new(id.clone(), name.to_owned());
@@ -49,6 +50,17 @@ impl SourceState {
             self.service_cidrs.clone()
         };
         next.services = self.services.clone();
+        // A node whose gateway went silent past the lease may be gone: its pods leave every
+        // clusterset VIP and headless answer (elsewhere and here) until it registers again.
+        if !lapsed_gateways.is_empty() {
+            for svc in next.services.values_mut() {
+                for e in &mut svc.endpoints {
+                    if e.node.as_ref().is_some_and(|n| lapsed_gateways.contains(n)) {
+                        e.ready = false;
+                    }
+                }
+            }
+        }
         if let Some(allocator) = identities {
             (next.identities, next.pods) = local_identities(id, &self.policy, allocator);
         }

@@ -169,6 +169,7 @@ impl Cluster {
             self.id.as_str(),
             &["10.96.0.0/16".parse().unwrap()],
             &BTreeMap::new(),
+            &Default::default(),
             None,
         )
     }

@@ -103,6 +103,8 @@ pub struct HubConfig {
 struct Inner {
     source: Option<SourceState>,
     gateways: Gateways,
+    /// The nodes whose gateway has been silent past the lease (see [`Gateways::lapsed`]).
+    lapsed_gateways: BTreeSet<String>,
     local: Arc<ClusterState>,
     recent: VecDeque<Arc<Delta>>,
     mesh: Mesh,
@@ -148,6 +150,7 @@ impl Hub {
         let inner = Inner {
             source: None,
             gateways: Gateways::default(),
+            lapsed_gateways: BTreeSet::new(),
             local: Arc::new(local),
             recent: VecDeque::new(),
             mesh: Mesh::new(cfg.lease),
@@ -386,6 +389,7 @@ impl Hub {
             &self.cfg.name,
             &self.cfg.service_cidrs,
             &inner.gateways.registrations,
+            &inner.lapsed_gateways,
             inner.network_policy.then_some(&mut inner.identities),
         );
         next.revision = inner.local.revision;
@@ -544,8 +548,8 @@ impl Hub {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use trellis_core::cluster::PublicKey;
     use trellis_core::cluster::fixture::{cluster, export, id};
+    use trellis_core::cluster::{PublicKey, ServiceKey};
 
     use crate::gateway::GatewayRegistration;
     use crate::sessions::SessionRefusal;
@@ -701,6 +705,45 @@ mod tests {
             vec!["10.96.0.0/16".parse().unwrap()]
         );
         assert!(local.state.nodes["node-0"].gateway.is_some());
+    }
+
+    #[test]
+    fn a_gateway_silent_past_the_lease_takes_its_nodes_endpoints_out_until_it_returns() {
+        let h = hub("a");
+        let mut s = source("10.1.0.0/24");
+        export(&mut s.services, "shop", "web", "10.96.0.10", &["10.1.0.5"]);
+        h.set_source(s);
+        let registration = || GatewayRegistration {
+            node: "node-0".into(),
+            endpoint: "192.168.1.10:51820".parse().unwrap(),
+            public_key: PublicKey([1; 32]),
+        };
+        let ready =
+            |h: &Hub| h.local_state().services[&ServiceKey::new("shop", "web")].endpoints[0].ready;
+        h.register_gateway(registration());
+        let t0 = Instant::now();
+        h.gateway_disconnected("node-0");
+        h.expire(t0 + Duration::from_secs(29));
+        assert!(
+            ready(&h),
+            "a gateway reconnecting within the lease changes nothing"
+        );
+        let next = h.expire(t0 + Duration::from_secs(29)).unwrap();
+        assert!(
+            next <= Instant::now() + Duration::from_secs(31),
+            "the hub wakes for the lapse"
+        );
+        h.expire(t0 + Duration::from_secs(31));
+        assert!(
+            !ready(&h),
+            "silent past the lease: not ready, for peers and the local VIP"
+        );
+        assert!(
+            h.local_state().nodes["node-0"].gateway.is_some(),
+            "the node keeps its tunnels: only its endpoints leave"
+        );
+        h.register_gateway(registration());
+        assert!(ready(&h), "back at once when it registers again");
     }
 
     #[test]

@@ -20,6 +20,7 @@ impl Hub {
                 "a gateway registered for a node the source does not know; it takes effect when the node appears"
             );
         }
+        inner.lapsed_gateways.remove(&reg.node);
         inner.gateways.register(reg);
         self.metrics
             .gateways_registered
@@ -51,7 +52,7 @@ impl Hub {
     /// elsewhere) stays: the data plane keeps running on the last state.
     pub fn gateway_disconnected(&self, node: &str) {
         let mut inner = self.lock();
-        inner.gateways.disconnected(node);
+        inner.gateways.disconnected(node, Instant::now());
         self.metrics
             .gateways_registered
             .set(i64::try_from(inner.gateways.connected).unwrap_or(i64::MAX));

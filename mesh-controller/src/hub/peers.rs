@@ -121,6 +121,14 @@ impl Hub {
                 self.republish(&mut inner);
             }
         }
+        let lapsed = inner.gateways.lapsed(now, self.cfg.lease);
+        if lapsed != inner.lapsed_gateways {
+            for node in lapsed.difference(&inner.lapsed_gateways) {
+                tracing::warn!(%node, "the node's gateway is silent past the lease; its endpoints are not ready");
+            }
+            inner.lapsed_gateways = lapsed;
+            self.recompose(&mut inner);
+        }
         let expired = inner.mesh.expire(now);
         for id in &expired {
             tracing::warn!(cluster = %id, "lease expired; withdrew its nodes and endpoints");
@@ -130,7 +138,14 @@ impl Hub {
         } else {
             self.update_remote_metrics(&inner);
         }
-        inner.mesh.next_expiry()
+        let next_lapse = inner.gateways.next_lapse(now, self.cfg.lease);
+        [
+            inner.mesh.next_expiry(),
+            next_lapse.map(|at| at + Duration::from_millis(1)),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs [`Hub::expire`] forever, at least once a second.

@@ -31,11 +31,13 @@ impl Hub {
                 .map(|i| (i.labels.clone(), i.key.number)),
         );
         inner.local = Arc::new(p.local);
-        inner.gateways.registrations = p
-            .registrations
-            .into_iter()
-            .map(|r| (r.node.clone(), r))
-            .collect();
+        inner.gateways.restore(
+            p.registrations
+                .into_iter()
+                .map(|r| (r.node.clone(), r))
+                .collect(),
+            Instant::now(),
+        );
         inner.node_encryption = p.node_encryption;
         for (peer, ranges) in p.certificate_allowances {
             inner.mesh.set_certificate_allowance(&peer, Some(ranges));

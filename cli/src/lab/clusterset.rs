@@ -188,13 +188,7 @@ pub fn clusterset_ruleset(imports: &Imports, node: &NodeView) -> String {
             node.address
         )
     };
-    format!(
-        "table ip {CLUSTERSET_TABLE}\ndelete table ip {CLUSTERSET_TABLE}\n\
-         table ip {CLUSTERSET_TABLE} {{\n  chain services {{\n{rules}  }}\n\
-         \x20 chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; jump services; }}\n\
-         \x20 chain output {{ type nat hook output priority -100; policy accept; jump services; }}\n\
-         \x20 chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;{hairpin_rule} }}\n}}\n"
-    )
+    super::services::nat_table(CLUSTERSET_TABLE, &rules, hairpin_rule.trim_start())
 }
 
 /// A node the proxy writes to.

@@ -231,15 +231,27 @@ pub fn proxy_ruleset(cluster: &Cluster, node: &Node, services: &[LabService]) ->
             node.address
         )
     };
+    nat_table(
+        PROXY_TABLE,
+        &rules,
+        &format!(
+            "{hairpin_rule}ct status dnat ip saddr != {pod_cidr} snat to {node_address};",
+            pod_cidr = cluster.pod_cidr,
+            node_address = node.address,
+        ),
+    )
+}
+
+/// A kube-proxy-like nat table named `table`, replaced whole when loaded: `services` rules
+/// for packets from pods (prerouting) and from the node itself (output), and `postrouting`'s
+/// source NAT.
+pub(super) fn nat_table(table: &str, services: &str, postrouting: &str) -> String {
     format!(
-        "table ip {PROXY_TABLE}\ndelete table ip {PROXY_TABLE}\n\
-         table ip {PROXY_TABLE} {{\n  chain services {{\n{rules}  }}\n\
+        "table ip {table}\ndelete table ip {table}\n\
+         table ip {table} {{\n  chain services {{\n{services}  }}\n\
          \x20 chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; jump services; }}\n\
          \x20 chain output {{ type nat hook output priority -100; policy accept; jump services; }}\n\
-         \x20 chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; \
-         {hairpin_rule}ct status dnat ip saddr != {pod_cidr} snat to {node_address}; }}\n}}\n",
-        pod_cidr = cluster.pod_cidr,
-        node_address = node.address,
+         \x20 chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; {postrouting} }}\n}}\n"
     )
 }
 

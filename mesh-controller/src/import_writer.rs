@@ -85,14 +85,25 @@ fn short_name(name: String) -> String {
     format!("{short}-{hash:016x}")
 }
 
-/// A DNS-label-safe EndpointSlice name: `imported-<svc>-<cluster>[-v6]`, shortened with a
-/// hash when longer than 63 characters.
-pub fn slice_name(service: &str, cluster: &str, ipv6: bool) -> String {
-    short_name(format!(
-        "imported-{service}-{cluster}{}",
-        if ipv6 { "-v6" } else { "" }
-    ))
+/// An EndpointSlice name, `imported-<svc>.<cluster>[.v6][.<part>]` (dots: neither a service
+/// name nor a cluster ID has one, so no two services' or clusters' slices share a name),
+/// shortened with a hash when longer than 63 characters.
+pub fn slice_name(service: &str, cluster: &str, ipv6: bool, part: usize) -> String {
+    let family = if ipv6 { ".v6" } else { "" };
+    let part = if part == 0 {
+        String::new()
+    } else {
+        format!(".{part}")
+    };
+    short_name(format!("imported-{service}.{cluster}{family}{part}"))
 }
+
+/// How often the writer applies every object again, whether or not it changed: a
+/// ServiceImport deleted with kubectl, or a namespace deleted and recreated, comes back.
+pub const RESYNC: Duration = Duration::from_secs(60);
+
+/// The most endpoints the API server takes in one EndpointSlice.
+pub const MAX_SLICE_ENDPOINTS: usize = 1000;
 
 /// The name of the Service derived for a ClusterSetIP import: `derived-<svc>`, shortened with
 /// a hash when longer than 63 characters.
@@ -127,7 +138,11 @@ fn condition(type_: &str, status: bool, reason: &str, message: String) -> Condit
     }
 }
 
+/// The affinity's configuration, which Kubernetes allows only with `ClientIP` affinity.
 fn session_affinity_config(svc: &ImportedService) -> Option<SessionAffinityConfig> {
+    if svc.properties.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
     svc.properties
         .session_affinity_timeout
         .map(|timeout| SessionAffinityConfig {
@@ -222,13 +237,6 @@ fn derived_service_of(svc: &ImportedService) -> Option<Service> {
     if svc.kind != ServiceKind::ClusterSetIP || svc.ports.is_empty() {
         return None;
     }
-    let families = &svc.properties.ip_families;
-    let policy = match families.len() {
-        0 => None,
-        1 => Some("SingleStack"),
-        // Dual-stack where the cluster is; a single-stack cluster still gets a VIP.
-        _ => Some("PreferDualStack"),
-    };
     Some(Service {
         metadata: ObjectMeta {
             name: Some(derived_service_name(&svc.name)),
@@ -253,8 +261,11 @@ fn derived_service_of(svc: &ImportedService) -> Option<Service> {
                     })
                     .collect(),
             ),
-            ip_families: (!families.is_empty()).then(|| families.clone()),
-            ip_family_policy: policy.map(str::to_owned),
+            // This cluster's families, not an export's (often another cluster's, which this
+            // one may not have, and a primary family can never change once allocated): a VIP
+            // per family this cluster has, whatever the exports say.
+            ip_families: None,
+            ip_family_policy: Some("PreferDualStack".to_owned()),
             session_affinity: svc.properties.session_affinity.clone(),
             session_affinity_config: session_affinity_config(svc),
             ..Default::default()
@@ -328,17 +339,24 @@ fn slices_of(
         if endpoints.is_empty() && ipv6 {
             continue;
         }
-        let ports = backend
+        let mut ports: Vec<EndpointPort> = Vec::new();
+        // One port per name: a rollout changing a target port briefly shows both, and the
+        // API server refuses a slice naming a port twice.
+        for p in backend
             .endpoint_ports
             .iter()
             .filter(|p| serves(svc, own_ports, &p.name))
-            .map(|p| EndpointPort {
+        {
+            if ports.iter().any(|q| q.name == p.name) {
+                continue;
+            }
+            ports.push(EndpointPort {
                 name: p.name.clone(),
                 protocol: Some(protocol_name(p.protocol).into()),
                 port: Some(i32::from(p.port)),
                 app_protocol: p.app_protocol.clone(),
-            })
-            .collect();
+            });
+        }
         let mut slice_labels = labels(&[
             (LABEL_MCS_SERVICE_NAME, &svc.name),
             (LABEL_SOURCE_CLUSTER, backend.cluster.as_str()),
@@ -348,17 +366,27 @@ fn slices_of(
         if let Some(derived) = &derived {
             slice_labels.insert(LABEL_SERVICE_NAME.to_owned(), derived.clone());
         }
-        out.push(EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(slice_name(&svc.name, backend.cluster.as_str(), ipv6)),
-                namespace: Some(svc.namespace.clone()),
-                labels: Some(slice_labels),
-                ..Default::default()
-            },
-            address_type: if ipv6 { "IPv6".into() } else { "IPv4".into() },
-            endpoints: Some(endpoints),
-            ports: Some(ports),
-        });
+        let parts: Vec<Vec<K8sEndpoint>> = if endpoints.is_empty() {
+            vec![Vec::new()]
+        } else {
+            endpoints
+                .chunks(MAX_SLICE_ENDPOINTS)
+                .map(<[K8sEndpoint]>::to_vec)
+                .collect()
+        };
+        for (part, endpoints) in parts.into_iter().enumerate() {
+            out.push(EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(slice_name(&svc.name, backend.cluster.as_str(), ipv6, part)),
+                    namespace: Some(svc.namespace.clone()),
+                    labels: Some(slice_labels.clone()),
+                    ..Default::default()
+                },
+                address_type: if ipv6 { "IPv6".into() } else { "IPv4".into() },
+                endpoints: Some(endpoints),
+                ports: Some(ports.clone()),
+            });
+        }
     }
     out
 }
@@ -418,6 +446,9 @@ pub struct ImportWriter {
     applied: DesiredObjects,
     /// The UIDs of the applied ServiceImports (the derived Services' owners).
     uids: BTreeMap<(String, String), String>,
+    /// Apply everything once more, changed or not (the conditions' previous transition times
+    /// are still read from `applied`).
+    resync: bool,
 }
 
 impl std::fmt::Debug for ImportWriter {
@@ -432,6 +463,7 @@ impl ImportWriter {
             client,
             applied: DesiredObjects::default(),
             uids: BTreeMap::new(),
+            resync: false,
         }
     }
 
@@ -456,7 +488,10 @@ impl ImportWriter {
             if let Some(status) = obj.status.as_mut() {
                 stamp_conditions(&mut status.conditions, &previous, now());
             }
-            if self.applied.imports.get(&key) == Some(&obj) && self.uids.contains_key(&key) {
+            if !self.resync
+                && self.applied.imports.get(&key) == Some(&obj)
+                && self.uids.contains_key(&key)
+            {
                 continue;
             }
             let api: Api<ServiceImport> = Api::namespaced(self.client.clone(), ns);
@@ -502,11 +537,14 @@ impl ImportWriter {
                 block_owner_deletion: None,
             }]);
             let key = (ns.clone(), name.clone());
-            if self.applied.services.get(&key) == Some(&obj) {
+            if !self.resync && self.applied.services.get(&key) == Some(&obj) {
                 continue;
             }
             let api: Api<Service> = Api::namespaced(self.client.clone(), ns);
-            match api.patch(name, &pp, &Patch::Apply(&obj)).await {
+            // Not forced: a Service of that name someone else manages is a conflict (409),
+            // never taken over (our owner reference would have it collected with the import).
+            let unforced = PatchParams::apply(FIELD_MANAGER);
+            match api.patch(name, &unforced, &Patch::Apply(&obj)).await {
                 Ok(_) => {
                     self.applied.services.insert(key, obj);
                 }
@@ -514,7 +552,7 @@ impl ImportWriter {
             }
         }
         for ((ns, name), obj) in &desired.slices {
-            if self.applied.slices.get(&(ns.clone(), name.clone())) == Some(obj) {
+            if !self.resync && self.applied.slices.get(&(ns.clone(), name.clone())) == Some(obj) {
                 continue;
             }
             let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), ns);
@@ -527,7 +565,14 @@ impl ImportWriter {
                 Err(e) => errors.push(kube_err("applying an EndpointSlice")(e)),
             }
         }
+        self.resync = false;
         errors
+    }
+
+    /// Forgets what was applied, so the next [`ImportWriter::apply`] writes everything again:
+    /// objects deleted or changed behind the writer's back come back.
+    pub fn forget_applied(&mut self) {
+        self.resync = true;
     }
 
     /// Deletes the managed objects that are not desired; continues past failures and returns
@@ -618,13 +663,19 @@ where
 }
 
 /// Keeps the cluster's imported objects in line with the mesh view; prunes only after
-/// `grace` (a lease, so peers have reconnected) has passed since start.
+/// `grace` (a lease, so peers have reconnected) has passed since start. Everything is
+/// written again every [`RESYNC`].
 pub async fn run(client: Client, hub: Hub, grace: Duration) {
     let started = tokio::time::Instant::now();
     let mut writer = ImportWriter::new(client);
     let mut rx = hub.subscribe_view();
     let mut pruned_once = false;
+    let mut resync_at = started + RESYNC;
     loop {
+        if tokio::time::Instant::now() >= resync_at {
+            writer.forget_applied();
+            resync_at = tokio::time::Instant::now() + RESYNC;
+        }
         let view = rx.borrow_and_update().clone();
         if let Some(view) = view {
             let ports = service_ports(
@@ -655,6 +706,7 @@ pub async fn run(client: Client, hub: Hub, grace: Duration) {
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
             () = wait_grace => {},
+            () = tokio::time::sleep_until(resync_at) => {},
         }
         // Coalesce bursts.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -726,7 +778,7 @@ mod tests {
         assert!(si.spec.ips.is_empty() && si.spec.ip_families.is_empty());
         // a's (local) slice, b's IPv4 and IPv6 slices, local-only's slice.
         assert_eq!(d.slices.len(), 4, "{:?}", d.slices.keys());
-        let v4 = &d.slices[&("shop".into(), "imported-web-b".into())];
+        let v4 = &d.slices[&("shop".into(), "imported-web.b".into())];
         let l = v4.metadata.labels.as_ref().unwrap();
         assert_eq!(l[LABEL_SOURCE_CLUSTER], "b");
         assert_eq!(l[LABEL_MCS_SERVICE_NAME], "web");
@@ -740,9 +792,9 @@ mod tests {
         assert_eq!(v4.ports.as_ref().unwrap()[0].port, Some(8080));
         assert!(
             d.slices
-                .contains_key(&("shop".into(), "imported-web-b-v6".into()))
+                .contains_key(&("shop".into(), "imported-web.b.v6".into()))
         );
-        let local = &d.slices[&("shop".into(), "imported-web-a".into())];
+        let local = &d.slices[&("shop".into(), "imported-web.a".into())];
         assert_eq!(
             local.endpoints.as_ref().unwrap()[0].addresses,
             vec!["10.1.0.5"]
@@ -781,6 +833,81 @@ mod tests {
     }
 
     #[test]
+    fn the_derived_service_is_one_the_api_server_accepts_whatever_the_exports_say() {
+        let mut imports = imports(&["10.100.0.7"]);
+        let web = imports.services.get_mut("shop/web").unwrap();
+        // An export's families (another cluster's) and a timeout without ClientIP affinity.
+        web.properties.ip_families = vec!["IPv6".into()];
+        web.properties.session_affinity = Some("None".into());
+        web.properties.session_affinity_timeout = Some(30);
+        let d = desired_objects(&imports, &ServicePorts::new());
+        let spec = d.services[&("shop".into(), "derived-web".into())]
+            .spec
+            .clone()
+            .unwrap();
+        assert_eq!(
+            spec.ip_families, None,
+            "this cluster's families, not an export's"
+        );
+        assert_eq!(spec.ip_family_policy.as_deref(), Some("PreferDualStack"));
+        assert!(
+            spec.session_affinity_config.is_none(),
+            "refused without ClientIP"
+        );
+        let si = &d.imports[&("shop".into(), "web".into())];
+        assert!(si.spec.session_affinity_config.is_none());
+    }
+
+    #[test]
+    fn slices_hold_at_most_a_thousand_endpoints_and_name_each_port_once() {
+        let mut imports = imports(&[]);
+        let web = imports.services.get_mut("shop/web").unwrap();
+        let b = web.backends.iter_mut().find(|b| !b.local).unwrap();
+        b.endpoints = (0..2500u32)
+            .map(|i| trellis_core::cluster::Endpoint {
+                addresses: vec![std::net::Ipv4Addr::from(0x0a02_0000 + i).into()],
+                hostname: None,
+                node: None,
+                ready: true,
+            })
+            .collect();
+        b.endpoint_ports = vec![
+            ServicePort::new(Some("http".into()), Protocol::Tcp, 8080),
+            ServicePort::new(Some("http".into()), Protocol::Tcp, 8081),
+        ];
+        let d = desired_objects(&imports, &ServicePorts::new());
+        let parts: Vec<&EndpointSlice> = d
+            .slices
+            .values()
+            .filter(|s| s.metadata.labels.as_ref().unwrap()[LABEL_SOURCE_CLUSTER] == "b")
+            .collect();
+        let sizes: Vec<usize> = parts
+            .iter()
+            .map(|s| s.endpoints.as_ref().unwrap().len())
+            .collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        assert!(
+            d.slices
+                .contains_key(&("shop".into(), "imported-web.b.2".into()))
+        );
+        for s in parts {
+            assert_eq!(s.ports.as_ref().unwrap().len(), 1, "one port per name");
+        }
+    }
+
+    #[test]
+    fn slices_of_different_services_or_clusters_never_share_a_name() {
+        assert_ne!(
+            slice_name("a-b", "c", false, 0),
+            slice_name("a", "b-c", false, 0)
+        );
+        assert_ne!(
+            slice_name("web", "east", true, 0),
+            slice_name("web", "east-v6", false, 0)
+        );
+    }
+
+    #[test]
     fn a_cluster_defining_a_port_unlike_the_import_does_not_serve_it() {
         let imports = imports(&[]);
         let mut web = imports.services["shop/web"].clone();
@@ -816,11 +943,11 @@ mod tests {
     #[test]
     fn long_names_are_shortened_stably() {
         let long = "a".repeat(60);
-        let n = slice_name(&long, "cluster-x", false);
+        let n = slice_name(&long, "cluster-x", false, 0);
         assert!(n.len() <= 63, "{n}");
-        assert_eq!(n, slice_name(&long, "cluster-x", false));
-        assert_ne!(n, slice_name(&long, "cluster-y", false));
-        assert_eq!(slice_name("web", "b", true), "imported-web-b-v6");
+        assert_eq!(n, slice_name(&long, "cluster-x", false, 0));
+        assert_ne!(n, slice_name(&long, "cluster-y", false, 0));
+        assert_eq!(slice_name("web", "b", true, 0), "imported-web.b.v6");
         let d = derived_service_name(&long);
         assert!(d.len() <= 63 && d.starts_with("derived-"), "{d}");
         assert_ne!(d, derived_service_name(&"a".repeat(61)));

@@ -134,6 +134,11 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
         req.uri().path(),
         "/api/v1/namespaces/shop/services/derived-web"
     );
+    let query = req.uri().query().unwrap().to_string();
+    assert!(
+        !query.contains("force=true"),
+        "a Service of that name someone else manages is never taken over: {query}"
+    );
     let body = body_json(req).await;
     assert_eq!(body["spec"]["type"], "ClusterIP");
     assert!(body["spec"].get("selector").is_none(), "{body}");
@@ -153,13 +158,13 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
     assert!(
         req.uri()
             .path()
-            .ends_with("/namespaces/nowhere/endpointslices/imported-api-b")
+            .ends_with("/namespaces/nowhere/endpointslices/imported-api.b")
     );
     respond(send, 404, not_found("nowhere"));
     let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(
         req.uri().path(),
-        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/imported-web-b"
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/imported-web.b"
     );
     let body = body_json(req).await;
     assert_eq!(
@@ -257,15 +262,15 @@ async fn applies_with_ssa_skips_unchanged_and_prunes_the_rest() {
         send,
         200,
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
-        "metadata": {"resourceVersion": "9"}, "items": [slice("imported-web-b"), slice("imported-old-b")]}),
+        "metadata": {"resourceVersion": "9"}, "items": [slice("imported-web.b"), slice("imported-old.b")]}),
     );
     let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.method(), Method::DELETE);
     assert_eq!(
         req.uri().path(),
-        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/imported-old-b"
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/imported-old.b"
     );
-    respond(send, 200, slice("imported-old-b"));
+    respond(send, 200, slice("imported-old.b"));
 
     let (first, second, (deleted, prune_errors)) = writer.await.unwrap();
     assert_eq!(first.len(), 2, "{first:?}");
@@ -399,8 +404,8 @@ async fn the_run_loop_prunes_only_after_the_grace_period() {
             format!("{imports}/web/status"),
             format!("{services}/derived-api"),
             format!("{services}/derived-web"),
-            format!("{slices}/imported-api-b"),
-            format!("{slices}/imported-web-b"),
+            format!("{slices}/imported-api.b"),
+            format!("{slices}/imported-web.b"),
         ]
     );
 
@@ -471,19 +476,19 @@ async fn the_run_loop_prunes_only_after_the_grace_period() {
         managed_list(
             "EndpointSlice",
             "discovery.k8s.io/v1",
-            &["imported-web-b", "imported-api-b"],
+            &["imported-web.b", "imported-api.b"],
         ),
     );
     let (req, send) = next(&mut handle, &calls).await;
     assert_eq!(req.method(), Method::DELETE);
     assert_eq!(
         req.uri().path(),
-        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/imported-api-b"
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/imported-api.b"
     );
     respond(
         send,
         200,
-        managed_list("EndpointSlice", "discovery.k8s.io/v1", &["imported-api-b"])["items"][0]
+        managed_list("EndpointSlice", "discovery.k8s.io/v1", &["imported-api.b"])["items"][0]
             .clone(),
     );
     assert_eq!(calls.count("delete", "serviceimports"), 1);
@@ -678,4 +683,58 @@ fn calls_the_chart_does_not_grant_are_refused() {
     );
     assert!(rbac.allows(&apply));
     assert!(!common::Rbac::parse(&without).allows(&apply));
+}
+
+/// Every object is written again after `forget_applied` (the run loop's resync), so one
+/// deleted behind the writer's back comes back; the conditions keep their transition times.
+#[tokio::test]
+async fn a_resync_writes_everything_again_keeping_transition_times() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let calls = common::Calls::default();
+    let (a, mut b) = clusters_a_b();
+    export(&mut b.services, "shop", "web", "10.97.0.10", &["10.2.0.5"]);
+    let desired = desired_objects(
+        &Imports::build(&id("a"), [&a, &b], &Default::default(), 1),
+        &Default::default(),
+    );
+    let writer = tokio::spawn(async move {
+        let mut w = ImportWriter::new(client);
+        let mut errors = w.apply(&desired).await;
+        errors.extend(w.apply(&desired).await);
+        w.forget_applied();
+        errors.extend(w.apply(&desired).await);
+        errors
+    });
+    let mut transition_times = Vec::new();
+    for round in 0..2 {
+        let mut paths = Vec::new();
+        for _ in 0..4 {
+            let (req, send) = next(&mut handle, &calls).await;
+            paths.push(req.uri().path().to_string());
+            let mut body = body_json(req).await;
+            if let Some(t) = body["status"]["conditions"][0].get("lastTransitionTime") {
+                transition_times.push(t.clone());
+            }
+            body["metadata"]["uid"] = json!("uid-web");
+            respond(send, 200, body);
+        }
+        assert_eq!(
+            paths,
+            [
+                "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceimports/web",
+                "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceimports/web/status",
+                "/api/v1/namespaces/shop/services/derived-web",
+                "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/imported-web.b",
+            ],
+            "round {round}: the second apply sent nothing, the resync everything"
+        );
+    }
+    assert!(writer.await.unwrap().is_empty());
+    assert_eq!(transition_times.len(), 4);
+    assert_eq!(
+        transition_times[0], transition_times[2],
+        "{transition_times:?}"
+    );
+    calls.assert_allowed_by_the_chart();
 }

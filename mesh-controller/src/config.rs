@@ -440,6 +440,13 @@ impl Config {
         }
         parse_clusterset_ip_ranges(&self.clusterset_ip_ranges)
             .map_err(|reason| Error::Config { reason })?;
+        if !self.clusterset_ip_ranges.is_empty()
+            && matches!(self.source, SourceConfig::Kubernetes { .. })
+        {
+            // kube-proxy translates the derived Services' ClusterIPs only: a VIP of our own
+            // would be answered by DNS and dropped by every node.
+            return bad("clustersetIPRanges is for a controller without an API server: with the Kubernetes source the clusterset IPs are the derived Services' ClusterIPs".into());
+        }
         if self.max_frame_bytes < 64 * 1024 {
             return bad("maxFrameBytes must be at least 65536".into());
         }
@@ -712,6 +719,10 @@ agentListen: 127.0.0.1:7444
             (
                 format!("{MIN}flows: {{enabled: true, port: 1}}\n"),
                 "unknown field",
+            ),
+            (
+                format!("{K8S}clustersetIPRanges: [10.255.0.0/16]\n"),
+                "clustersetIPRanges is for a controller without an API server",
             ),
             (
                 format!("{MIN}clustersetIPRanges: [\"\"]\n"),

@@ -43,7 +43,10 @@ use crate::crd::{
     ServiceImportType,
 };
 use crate::hub::Hub;
-use crate::objects::{LABEL_MCS_SERVICE_NAME, LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, MANAGER};
+use crate::objects::{
+    LABEL_MCS_SERVICE_NAME, LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, MANAGER,
+    derived_service_name, short_name,
+};
 
 pub use crate::objects::LABEL_MANAGED_BY;
 
@@ -70,21 +73,6 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// `name` if it is a valid object name (at most 63 characters), else its first characters
-/// and a stable hash of the whole.
-fn short_name(name: String) -> String {
-    if name.len() <= 63 {
-        return name;
-    }
-    // FNV-1a: stable across runs and platforms.
-    let hash = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    });
-    let mut short: String = name.chars().take(46).collect();
-    short = short.trim_end_matches('-').to_owned();
-    format!("{short}-{hash:016x}")
-}
-
 /// An EndpointSlice name, `imported-<svc>.<cluster>[.v6][.<part>]` (dots: neither a service
 /// name nor a cluster ID has one, so no two services' or clusters' slices share a name),
 /// shortened with a hash when longer than 63 characters.
@@ -104,12 +92,6 @@ pub const RESYNC: Duration = Duration::from_secs(60);
 
 /// The most endpoints the API server takes in one EndpointSlice.
 pub const MAX_SLICE_ENDPOINTS: usize = 1000;
-
-/// The name of the Service derived for a ClusterSetIP import: `derived-<svc>`, shortened with
-/// a hash when longer than 63 characters.
-pub fn derived_service_name(service: &str) -> String {
-    short_name(format!("derived-{service}"))
-}
 
 fn protocol_name(p: Protocol) -> &'static str {
     match p {

@@ -219,6 +219,27 @@ fn add_export_properties(properties: &mut ExportProperties, export: &ServiceExpo
     properties.annotations = export.spec.exported_annotations.clone();
 }
 
+/// `name` if it is a valid object name (at most 63 characters), else its first characters
+/// and a stable hash of the whole.
+pub(crate) fn short_name(name: String) -> String {
+    if name.len() <= 63 {
+        return name;
+    }
+    // FNV-1a: stable across runs and platforms.
+    let hash = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    let mut short: String = name.chars().take(46).collect();
+    short = short.trim_end_matches('-').to_owned();
+    format!("{short}-{hash:016x}")
+}
+
+/// The name of the Service derived for a ClusterSetIP import: `derived-<svc>`, shortened with
+/// a hash when longer than 63 characters.
+pub fn derived_service_name(service: &str) -> String {
+    short_name(format!("derived-{service}"))
+}
+
 /// Whether the Service is one the controller derived for a ClusterSetIP import: it carries
 /// both labels the controller sets. Such a Service is never exported.
 pub fn is_derived_service(svc: &Service) -> bool {
@@ -232,6 +253,10 @@ fn derived_service_import(svc: &Service) -> Option<ServiceKey> {
         return None;
     }
     let import = labels.get(LABEL_MCS_SERVICE_NAME)?;
+    // Named as the controller names it, so no other Service with our labels can stand in.
+    if svc.metadata.name.as_deref() != Some(derived_service_name(import).as_str()) {
+        return None;
+    }
     Some(ServiceKey::new(svc.metadata.namespace.clone()?, import))
 }
 
@@ -581,6 +606,14 @@ metadata:
   namespace: shop
   labels: {multicluster.kubernetes.io/service-name: api}
 spec: {clusterIP: 10.96.9.10, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: not-the-derived-name
+  namespace: shop
+  labels: {app.kubernetes.io/managed-by: trellis-controller, multicluster.kubernetes.io/service-name: web}
+spec: {clusterIP: 10.96.9.11, ports: [{port: 80}]}
 "#;
         let objects = parse_objects(yaml).unwrap();
         let s = source_state(&objects);

@@ -69,6 +69,10 @@ pub const MAX_EXPORTED_ANNOTATIONS: usize = 64;
 /// The longest annotation value admitted, in bytes (Kubernetes allows 256 KiB for all of an
 /// object's annotations together; an exported one is metadata, not a payload).
 pub const MAX_ANNOTATION_VALUE: usize = 4096;
+/// The most bytes (keys and values) all of an export's annotations may hold: each admitted
+/// export is kept in every cluster's memory and written onto its ServiceImport, whose
+/// annotations Kubernetes caps at 256 KiB.
+pub const MAX_ANNOTATION_BYTES: usize = 32 * 1024;
 /// `sessionAffinityConfig.clientIP.timeoutSeconds`' upper bound (one day), as Kubernetes has.
 pub const MAX_SESSION_AFFINITY_TIMEOUT: i32 = 86_400;
 
@@ -883,7 +887,12 @@ fn check_properties(svc: &ExportedService) -> Result<(), &'static str> {
         p.annotations.len() <= MAX_EXPORTED_ANNOTATIONS
             && p.annotations
                 .iter()
-                .all(|(k, v)| is_label_key(k) && v.len() <= MAX_ANNOTATION_VALUE),
+                .all(|(k, v)| is_label_key(k) && v.len() <= MAX_ANNOTATION_VALUE)
+            && p.annotations
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+                <= MAX_ANNOTATION_BYTES,
         "its exported annotations",
     )?;
     check(
@@ -1876,6 +1885,15 @@ mod tests {
                 Box::new(annotations(one("a", &"x".repeat(1 << 20)))),
             ),
             ("many-annotations", Box::new(annotations(many(65)))),
+            (
+                // Each value within bounds, together more than a ServiceImport may hold.
+                "annotations-too-big-together",
+                Box::new(annotations(
+                    (0..64)
+                        .map(|i| (format!("example.com/k{i}"), "x".repeat(4000)))
+                        .collect(),
+                )),
+            ),
             (
                 "bad-annotation-key",
                 Box::new(annotations(one("no spaces", "v"))),

@@ -873,7 +873,7 @@ pub fn are_valid_labels(labels: &crate::policy::Labels) -> bool {
 
 /// Whether `svc`'s MCS properties are what an API server would accept of a Service and its
 /// ServiceExport (within this module's tighter bounds); `Err` names the first offending field.
-fn check_properties(svc: &ExportedService) -> Result<(), &'static str> {
+pub fn check_properties(svc: &ExportedService) -> Result<(), &'static str> {
     let p = &svc.properties;
     let check = |ok: bool, what: &'static str| if ok { Ok(()) } else { Err(what) };
     check(

@@ -331,6 +331,9 @@ pub fn source_state(objects: &Objects) -> SourceState {
                 .unwrap_or(&[]);
             let mut service = exported_service(svc, slices)?;
             add_export_properties(&mut service.properties, export);
+            // Every peer would refuse it, and our own ServiceImport would be refused: not
+            // exported, and said so in its `Valid` condition (see `export_statuses`).
+            trellis_core::claims::check_properties(&service).ok()?;
             Some((key, service))
         })
         .collect();
@@ -427,6 +430,15 @@ pub fn export_statuses(objects: &Objects) -> BTreeMap<ServiceKey, ExportStatus> 
                     conditions: Vec::new(),
                     uid: None,
                 },
+                Some(svc) if let Err(what) = export_properties_check(svc, e) => ExportStatus {
+                    valid: false,
+                    reason: "InvalidProperties",
+                    message: format!(
+                        "{what} of Service {key} or its ServiceExport are not what Kubernetes                          accepts (or beyond the clusterset's bounds); it is not exported"
+                    ),
+                    conditions: Vec::new(),
+                    uid: None,
+                },
                 Some(_) => ExportStatus {
                     valid: true,
                     reason: "Valid",
@@ -449,6 +461,16 @@ pub fn export_statuses(objects: &Objects) -> BTreeMap<ServiceKey, ExportStatus> 
             ))
         })
         .collect()
+}
+
+/// Whether the properties `svc` and its `export` give would be admitted by every peer (and
+/// written onto a ServiceImport the API server accepts).
+fn export_properties_check(svc: &Service, export: &ServiceExport) -> Result<(), &'static str> {
+    let Some(mut service) = exported_service(svc, &[]) else {
+        return Ok(());
+    };
+    add_export_properties(&mut service.properties, export);
+    trellis_core::claims::check_properties(&service)
 }
 
 /// Parses a YAML stream of Kubernetes objects (documents separated by `---`, and `List`s),
@@ -573,6 +595,27 @@ mod tests {
         assert!(!ghost.valid);
         assert_eq!(ghost.reason, "NoService");
         assert_eq!(ghost.message, "Service shop/ghost does not exist");
+    }
+
+    #[test]
+    fn an_export_with_labels_kubernetes_refuses_is_invalid_and_not_exported() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceExport
+metadata: {name: web, namespace: shop}
+spec: {exportedLabels: {team: "a typo with spaces"}}
+"#;
+        let objects = parse_objects(yaml).unwrap();
+        assert!(source_state(&objects).services.is_empty());
+        let st = &export_statuses(&objects)[&ServiceKey::new("shop", "web")];
+        assert!(!st.valid);
+        assert_eq!(st.reason, "InvalidProperties");
+        assert!(st.message.contains("exported labels"), "{}", st.message);
     }
 
     #[test]

@@ -121,7 +121,11 @@ impl Hub {
                 self.republish(&mut inner);
             }
         }
-        let lapsed = inner.gateways.lapsed(now, self.cfg.lease);
+        let mut lapsed = inner.gateways.lapsed(now, self.cfg.lease);
+        // A deleted node's gateway is silent for good: nothing to say about it.
+        if let Some(source) = &inner.source {
+            lapsed.retain(|node| source.nodes.contains_key(node));
+        }
         if lapsed != inner.lapsed_gateways {
             for node in lapsed.difference(&inner.lapsed_gateways) {
                 tracing::warn!(%node, "the node's gateway is silent past the lease; its endpoints are not ready");

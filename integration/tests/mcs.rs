@@ -165,6 +165,56 @@ fn the_clusterset_vip_balances_over_every_cluster_and_keeps_the_client_address()
         .collect();
     ports.sort_unstable();
     assert_eq!(ports, ["7000", "80"], "SRV at the bare name: {srv}");
+
+    // A conflict: the same service exported by both clusters with different ports, c2 first
+    // (a second apart: creation times have seconds). The oldest, c2, wins in both clusters, and
+    // both say so, though c1's cluster ID is the lower.
+    let clash = |port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: clash, namespace: demo}}\n\
+             spec: {{ports: [{{name: tcp, port: {port}, protocol: TCP}}]}}\n---\n\
+             apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\n\
+             metadata: {{name: clash, namespace: demo}}\n"
+        )
+    };
+    lab.apply("c2", &clash(7001));
+    let applied_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    poll_until(Duration::from_secs(2), || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        (now > applied_at).then_some(())
+    })
+    .expect("the clock moves on");
+    lab.apply("c1", &clash(7000));
+    for cluster in ["c1", "c2"] {
+        let mut last = serde_json::Value::Null;
+        let resolved = poll_until(Duration::from_secs(15), || {
+            last = lab.controller_status(cluster)["imports"].clone();
+            let import = last
+                .as_array()?
+                .iter()
+                .find(|i| i["namespace"] == "demo" && i["name"] == "clash")?
+                .clone();
+            (import["clusters"].as_array()?.len() == 2).then_some(import)
+        })
+        .unwrap_or_else(|| panic!("{cluster}: demo/clash never imported from both: {last}"));
+        assert_eq!(resolved["oldest"], "c2", "{cluster}: {resolved}");
+        assert_eq!(
+            resolved["conflicts"],
+            serde_json::json!(["PortConflict"]),
+            "{cluster}: {resolved}"
+        );
+    }
+    let status = text(&lab.trellis(&["status"]));
+    assert!(
+        status.contains("PortConflict"),
+        "trellis lab status names the conflict:\n{status}"
+    );
 }
 
 /// A node without its gateway cannot be reached from other clusters: its cluster's controller

@@ -283,6 +283,21 @@ fn c2_exporting() -> Cluster {
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
+/// c1 unexports the service: its ServiceImport is gone from what both clusters want, and the
+/// writer's prune deletes it in both.
+async fn assert_import_deleted_on_unexport(c1: Cluster, c2: &Cluster, on_c1: &Seen, on_c2: &Seen) {
+    let c1 = c1.unexport();
+    for (cluster, before, after) in [("c1", on_c1, c1.sync(c2)), ("c2", on_c2, c2.sync(&c1))] {
+        assert!(after.import().is_none(), "{cluster}");
+        assert!(
+            pruned(&before.desired, &after.desired)
+                .await
+                .contains(&HELLO_IMPORT_PATH.to_owned()),
+            "the ServiceImport still exists on cluster {cluster:?} after unexporting the service"
+        );
+    }
+}
+
 /// The paths the import writer deletes when it prunes towards `desired` a cluster that holds
 /// what it wrote for `before` (a scripted API server; every call checked against the chart).
 async fn pruned(before: &DesiredObjects, desired: &DesiredObjects) -> Vec<String> {
@@ -502,16 +517,7 @@ async fn a_cluster_ip_service_is_imported_as_cluster_set_ip_in_each_cluster_unti
         assert_eq!(si.spec.type_, ServiceImportType::ClusterSetIP, "{cluster}");
         assert_eq!(si.metadata.namespace.as_deref(), Some(NS));
     }
-    let c1 = c1.unexport();
-    for (cluster, before, after) in [("c1", &on_c1, c1.sync(&c2)), ("c2", &on_c2, c2.sync(&c1))] {
-        assert!(after.import().is_none(), "{cluster}");
-        assert!(
-            pruned(&before.desired, &after.desired)
-                .await
-                .contains(&HELLO_IMPORT_PATH.to_owned()),
-            "the ServiceImport still exists on cluster {cluster:?} after unexporting the service"
-        );
-    }
+    assert_import_deleted_on_unexport(c1, &c2, &on_c1, &on_c2).await;
 }
 
 /// "The SessionAffinity for a ClusterSetIP ServiceImport should match the exported
@@ -711,16 +717,7 @@ async fn a_headless_service_is_imported_as_headless_in_each_cluster_until_unexpo
         assert_eq!(si.spec.type_, ServiceImportType::Headless, "{cluster}");
         assert!(seen.desired.services.is_empty(), "no derived Service");
     }
-    let c1 = c1.unexport();
-    for (cluster, before, after) in [("c1", &on_c1, c1.sync(&c2)), ("c2", &on_c2, c2.sync(&c1))] {
-        assert!(after.import().is_none(), "{cluster}");
-        assert!(
-            pruned(&before.desired, &after.desired)
-                .await
-                .contains(&HELLO_IMPORT_PATH.to_owned()),
-            "the ServiceImport still exists on cluster {cluster:?} after unexporting the service"
-        );
-    }
+    assert_import_deleted_on_unexport(c1, &c2, &on_c1, &on_c2).await;
 }
 
 /// "No clusterset IP should be allocated for a Headless ServiceImport" (Required).

@@ -109,7 +109,7 @@ fn family_of(ip: &IpAddr) -> &'static str {
 }
 
 /// A condition as desired: its transition time is set by the writer.
-fn condition(type_: &str, status: bool, reason: &str, message: String) -> Condition {
+pub(crate) fn condition(type_: &str, status: bool, reason: &str, message: String) -> Condition {
     Condition {
         type_: type_.to_owned(),
         status: if status { "True" } else { "False" }.to_owned(),
@@ -415,7 +415,7 @@ pub fn stamp_conditions(conditions: &mut [Condition], previous: &[Condition], no
     }
 }
 
-fn now() -> Time {
+pub(crate) fn now() -> Time {
     // Conditions carry whole seconds on the wire: keep the same here, so what was applied
     // compares equal to what the API server returns.
     let t = k8s_openapi::jiff::Timestamp::now();

@@ -22,7 +22,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use trellis_core::cluster::{ClusterId, ServiceKey};
 use trellis_core::imports::Imports;
 
@@ -130,14 +130,7 @@ pub fn export_conditions(
     status: &ExportStatus,
     imports: Option<&Imports>,
 ) -> Vec<Condition> {
-    let cond = |type_: &str, ok: bool, reason: &str, message: String| Condition {
-        type_: type_.to_owned(),
-        status: if ok { "True" } else { "False" }.to_owned(),
-        reason: reason.to_owned(),
-        message,
-        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
-        observed_generation: None,
-    };
+    let cond = crate::import_writer::condition;
     let mut out = vec![cond(
         CONDITION_VALID,
         status.valid,
@@ -237,7 +230,11 @@ pub async fn write_export_statuses(
                 .get(key)
                 .cloned()
                 .unwrap_or_else(|| status.conditions.clone());
-            crate::import_writer::stamp_conditions(&mut conditions, &previous, now());
+            crate::import_writer::stamp_conditions(
+                &mut conditions,
+                &previous,
+                crate::import_writer::now(),
+            );
             if conditions == previous {
                 applied.insert(key.clone(), conditions);
                 continue;
@@ -287,12 +284,6 @@ pub async fn write_export_statuses(
             r = view.changed(), if view_open => if r.is_err() { view_open = false },
         }
     }
-}
-
-fn now() -> Time {
-    // Conditions carry whole seconds on the wire.
-    let t = k8s_openapi::jiff::Timestamp::now();
-    Time(k8s_openapi::jiff::Timestamp::from_second(t.as_second()).unwrap_or(t))
 }
 
 /// How the source runs: the debounce interval (tests use a short one) and whether it

@@ -153,6 +153,26 @@ pub enum Protocol {
     Sctp,
 }
 
+impl Protocol {
+    /// As Kubernetes spells it: `TCP`, `UDP`, `SCTP`.
+    pub fn as_kubernetes(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+
+    /// In lower case, as nftables and DNS SRV labels spell it.
+    pub fn lowercase(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Sctp => "sctp",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ServicePort {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -28,7 +28,7 @@ use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
 use crate::Error;
 use crate::acl::Cidr;
-use crate::model::{Catalog, Endpoint, Protocol, valid_label};
+use crate::model::{Catalog, Endpoint, valid_label};
 
 /// A service of the catalog left out of the zone, and why.
 #[derive(Clone, Debug)]
@@ -291,7 +291,7 @@ impl Zone {
             if let Some(port_name) = &port.name {
                 let owner = self.name(&[
                     &format!("_{port_name}"),
-                    &format!("_{}", srv_protocol(port.protocol)),
+                    &format!("_{}", port.protocol.lowercase()),
                     &service.name,
                     &service.namespace,
                     "svc",
@@ -592,15 +592,6 @@ fn endpoint_label(endpoint: &Endpoint) -> Result<Option<String>, SkipReason> {
         .addresses
         .first()
         .map(|a| a.to_string().replace(['.', ':'], "-")))
-}
-
-/// The SRV label of a protocol, without the underscore.
-fn srv_protocol(protocol: Protocol) -> &'static str {
-    match protocol {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    }
 }
 
 /// Equal weights summing to about 100 within each priority, as CoreDNS does.

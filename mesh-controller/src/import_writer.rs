@@ -32,9 +32,7 @@ use k8s_openapi::api::discovery::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
-use trellis_core::cluster::{
-    ClusterId, ClusterState, Protocol, ServiceKey, ServiceKind, ServicePort,
-};
+use trellis_core::cluster::{ClusterId, ClusterState, ServiceKey, ServiceKind, ServicePort};
 use trellis_core::imports::{Backend, ImportedService, Imports};
 
 use crate::Error;
@@ -93,14 +91,6 @@ pub const RESYNC: Duration = Duration::from_secs(60);
 /// The most endpoints the API server takes in one EndpointSlice.
 pub const MAX_SLICE_ENDPOINTS: usize = 1000;
 
-fn protocol_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-        Protocol::Sctp => "SCTP",
-    }
-}
-
 fn family_of(ip: &IpAddr) -> &'static str {
     match ip {
         IpAddr::V4(_) => "IPv4",
@@ -145,7 +135,7 @@ fn import_of(svc: &ImportedService) -> ServiceImport {
                 .iter()
                 .map(|p| ServiceImportPort {
                     name: p.name.clone(),
-                    protocol: Some(protocol_name(p.protocol).into()),
+                    protocol: Some(p.protocol.as_kubernetes().into()),
                     app_protocol: p.app_protocol.clone(),
                     port: i32::from(p.port),
                 })
@@ -236,7 +226,7 @@ fn derived_service_of(svc: &ImportedService) -> Option<Service> {
                     .iter()
                     .map(|p| K8sServicePort {
                         name: p.name.clone(),
-                        protocol: Some(protocol_name(p.protocol).into()),
+                        protocol: Some(p.protocol.as_kubernetes().into()),
                         port: i32::from(p.port),
                         app_protocol: p.app_protocol.clone(),
                         ..Default::default()
@@ -334,7 +324,7 @@ fn slices_of(
             }
             ports.push(EndpointPort {
                 name: p.name.clone(),
-                protocol: Some(protocol_name(p.protocol).into()),
+                protocol: Some(p.protocol.as_kubernetes().into()),
                 port: Some(i32::from(p.port)),
                 app_protocol: p.app_protocol.clone(),
             });
@@ -708,6 +698,7 @@ pub fn namespaces(d: &DesiredObjects) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trellis_core::cluster::Protocol;
     use trellis_core::cluster::fixture::{clusters_a_b, export, id};
 
     fn imports(vips: &[&str]) -> Imports {

@@ -65,14 +65,6 @@ struct Translation {
     targets: Vec<(Ipv4Addr, u16)>,
 }
 
-fn keyword(protocol: Protocol) -> &'static str {
-    match protocol {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    }
-}
-
 /// The port `backend`'s endpoints serve the import's port `name`/`protocol` on: its
 /// EndpointSlices' port of the same name (a single unnamed port matches an unnamed one).
 fn endpoint_port(backend: &Backend, name: Option<&str>, protocol: Protocol) -> Option<u16> {
@@ -145,7 +137,7 @@ pub fn clusterset_ruleset(imports: &Imports, node: &NodeView) -> String {
             port,
             targets,
         } = translation;
-        let proto = keyword(protocol);
+        let proto = protocol.lowercase();
         if targets.is_empty() {
             // kube-proxy refuses a connection to a Service without endpoints rather than let
             // it time out.

@@ -45,7 +45,6 @@ use ipnet::IpNet;
 use super::ruleset::{
     AddressSet, Direction, Family, Match, Name, Rule, Ruleset, ServiceSet, Verdict,
 };
-use crate::cluster::Protocol;
 use crate::flow::kernel::{DropPoint, NFLOG_GROUP};
 
 /// How a ruleset is rendered, beyond the ruleset itself.
@@ -525,14 +524,6 @@ fn ip_keyword(family: Family) -> &'static str {
     }
 }
 
-fn protocol_name(protocol: Protocol) -> &'static str {
-    match protocol {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    }
-}
-
 fn elements_clause(elements: BTreeSet<String>) -> String {
     if elements.is_empty() {
         String::new()
@@ -562,9 +553,7 @@ fn render_net(net: &IpNet) -> String {
 fn service_elements(set: &ServiceSet) -> BTreeSet<String> {
     set.elements
         .iter()
-        .map(|(address, protocol, port)| {
-            format!("{address} . {} . {port}", protocol_name(*protocol))
-        })
+        .map(|(address, protocol, port)| format!("{address} . {} . {port}", protocol.lowercase()))
         .collect()
 }
 
@@ -628,7 +617,7 @@ fn render_matches(ruleset: &Ruleset, rule: &Rule) -> Option<String> {
                 let family = ruleset.address_sets.get(set)?.family;
                 format!("{} daddr @{set}", ip_keyword(family))
             }
-            Match::Protocol { protocol } => format!("meta l4proto {}", protocol_name(*protocol)),
+            Match::Protocol { protocol } => format!("meta l4proto {}", protocol.lowercase()),
             Match::DestinationPorts { ranges } => {
                 let ranges = super::plan::merge_ranges(ranges);
                 match ranges.as_slice() {
@@ -892,6 +881,7 @@ fn map_changes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::Protocol;
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()

@@ -4,6 +4,7 @@
 mod certs;
 mod cni;
 mod echo;
+mod kubeconfig;
 mod lab;
 mod observe;
 mod peer;

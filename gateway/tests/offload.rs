@@ -25,6 +25,27 @@ fn offload_gauge(node: &Node, feature: &str) -> Option<f64> {
     ))
 }
 
+/// Packets and bytes the gateway has written into its TUN so far (the kernel counts each
+/// write as one received packet, a coalesced super-packet included), from the node's
+/// `/proc/net/dev`.
+fn tun_received(node: &Node) -> (u64, u64) {
+    let interface = node.config().interface;
+    let table = node
+        .ns
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))
+        .unwrap()
+        .unwrap();
+    let line = table
+        .lines()
+        .find_map(|line| line.trim_start().strip_prefix(&format!("{interface}:")))
+        .unwrap_or_else(|| panic!("no {interface} in /proc/net/dev:\n{table}"));
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .map(|field| field.parse().unwrap())
+        .collect();
+    (fields[1], fields[0])
+}
+
 async fn run(prefix: &str, offload_a: bool, offload_b: bool) {
     let (mut a, mut b) = two_bare_nodes(prefix).await;
     start(&mut a, offload_a).await;
@@ -49,7 +70,24 @@ async fn run(prefix: &str, offload_a: bool, offload_b: bool) {
             assert_eq!(gauge, expected, "{feature}");
         }
     }
+    let (packets_before, bytes_before) = tun_received(&b);
     common::bulk_echo(&a, &b, BYTES).await;
+    // With offloads, the receiving gateway hands a flow's decrypted segments to its TUN as
+    // one super-packet (as the kernel's GRO would): one write, one trip through routing and
+    // the pod's veth, instead of one per 1,420 bytes. Without, one write per segment.
+    let (packets, bytes) = tun_received(&b);
+    let bytes_per_write = (bytes - bytes_before) / (packets - packets_before).max(1);
+    if offload_b {
+        assert!(
+            bytes_per_write > 4 * 1420,
+            "{bytes_per_write} bytes per TUN write on the receiving side: segments not coalesced"
+        );
+    } else {
+        assert!(
+            bytes_per_write <= 1420,
+            "{bytes_per_write} bytes per TUN write"
+        );
+    }
     // The bulk load went to each gateway's first worker (this machine has 2 CPUs, so 2
     // workers); idle again, the packets are spread by CPU once more.
     for node in [&a, &b] {

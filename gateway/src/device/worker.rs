@@ -19,8 +19,25 @@ pub(super) const ROUNDS_PER_WAKE: usize = 4;
 
 /// `count` packet buffers of `len` bytes each, allocated once.
 fn buffers(count: usize, len: usize) -> Vec<Vec<u8>> {
-    (0..count).map(|_| vec![0; len]).collect()
+    buffers_with_room(count, len, len)
 }
+
+/// `count` packet buffers of `len` bytes each, each with room to grow to `capacity` bytes
+/// without reallocating. Pages of the room are only resident once written.
+fn buffers_with_room(count: usize, len: usize, capacity: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|_| {
+            let mut buffer = Vec::with_capacity(capacity.max(len));
+            buffer.resize(len, 0);
+            buffer
+        })
+        .collect()
+}
+
+/// Room a TUN write buffer needs for tun-rs to coalesce a flow's segments into it: one
+/// super-packet of up to 64 KiB, and the headroom twice (tun-rs asks for that much spare
+/// capacity before it appends, and skips coalescing, silently, when it is not there).
+const TUN_WRITE_ROOM: usize = 2 * TUN_HEADROOM + 65_535;
 
 impl<T: Tun, U: Udp> Device<T, U> {
     pub(super) fn worker(tun: T, udp: U, shared: Arc<Shared>, role: Role) -> Self {
@@ -48,7 +65,7 @@ impl<T: Tun, U: Udp> Device<T, U> {
             groups: Vec::with_capacity(tun_slots),
             net_in: vec![0; NET_IN_BYTES],
             net_datagrams: Vec::with_capacity(net_slots),
-            tun_out: buffers(net_slots, TUN_HEADROOM + stride),
+            tun_out: buffers_with_room(net_slots, TUN_HEADROOM + stride, TUN_WRITE_ROOM),
             offloads_seen: Offloads::default(),
             scratch: vec![0; stride],
             tun_failures: 0,

@@ -96,7 +96,13 @@ fn the_dry_run_of_up_prints_mesh_enable_connect_and_status_in_order() {
         .iter()
         .position(|c| c.starts_with("docker exec trellis-c1-worker sysctl"))
         .expect("rp_filter off on c1's worker");
-    assert!(rp_filter < printed.iter().position(|c| c.contains("mesh enable")).unwrap());
+    assert!(
+        rp_filter
+            < printed
+                .iter()
+                .position(|c| c.contains("mesh enable"))
+                .unwrap()
+    );
 }
 
 #[test]
@@ -111,7 +117,11 @@ fn the_dry_run_follows_the_settings_and_the_environment_switch() {
             ("TRELLIS_SKIP_BUILD", "1"),
         ],
     ));
-    assert!(!printed.iter().any(|c| c.starts_with("cargo ") || c.starts_with("docker build")));
+    assert!(
+        !printed
+            .iter()
+            .any(|c| c.starts_with("cargo ") || c.starts_with("docker build"))
+    );
     assert!(
         printed.iter().any(|c| c
             == "/opt/trellis mesh connect --context kind-t-c1 --destination-context kind-t-c2 --helm helm4"),

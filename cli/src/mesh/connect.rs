@@ -184,7 +184,7 @@ async fn read_facts(
             .with_context(|| {
                 format!("{label} has no Service {ns}/{PEERING_SERVICE}: {enable_hint}")
             })?;
-        let reach = reach(&service).with_context(|| format!("{label}"))?;
+        let reach = reach(&service).with_context(|| label.clone())?;
         Some(match reach {
             Reach::Address(addr, source) => (addr, source),
             Reach::NodePort(port) => {

@@ -151,8 +151,9 @@ async fn cluster_ranges(
             .await
         {
             Ok(list) => list.items,
-            // Before Kubernetes 1.33 there is no such API.
-            Err(e) if api_code(&e) == Some(404) => Vec::new(),
+            // Before Kubernetes 1.33 there is no such API; a user without cluster-wide
+            // reads may not list it: other sources, or the user, say.
+            Err(e) if matches!(api_code(&e), Some(403 | 404)) => Vec::new(),
             Err(e) => {
                 return Err(e).with_context(|| format!("listing the ServiceCIDRs of {label}"));
             }
@@ -249,9 +250,12 @@ pub async fn enable(
         .get_opt(TLS_SECRET)
         .await
         .with_context(|| format!("reading Secret {ns}/{TLS_SECRET} in {label}"))?;
-    let existing: Option<TlsMaterial> = existing
-        .as_ref()
-        .and_then(|s| certificate::tls_from_secret(s).ok());
+    let (existing, unusable): (Option<TlsMaterial>, Option<String>) =
+        match existing.as_ref().map(certificate::tls_from_secret) {
+            Some(Ok(material)) => (Some(material), None),
+            Some(Err(e)) => (None, Some(format!("the Secret there is unusable: {e:#}"))),
+            None => (None, None),
+        };
     let existing_id = existing
         .as_ref()
         .and_then(|m| certificate::read_leaf(&m.cert_pem).ok())
@@ -330,7 +334,7 @@ pub async fn enable(
             &claim,
             now,
         ),
-        None => Verdict::Reissue("there is none yet".into()),
+        None => Verdict::Reissue(unusable.unwrap_or_else(|| "there is none yet".into())),
     };
     let identity = trellis_controller::certs::identity_name(&id);
     match verdict {

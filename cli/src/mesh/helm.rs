@@ -278,6 +278,38 @@ mod tests {
         );
     }
 
+    /// The real runner against a stand-in `helm` script: output captured or shown, failures
+    /// told apart, a missing binary named.
+    #[test]
+    fn the_helm_binary_is_run_and_its_failures_reported() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("helm");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\ncase \"$*\" in\n  *broken*) echo 'Error: cluster unreachable' >&2; exit 1 ;;\n  get*) echo '{\"peers\":[]}' ;;\nesac\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let helm = HelmBinary { program: script };
+        let args = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            helm.read(&args("get values trellis")).unwrap(),
+            HelmOutput::Success("{\"peers\":[]}\n".into())
+        );
+        assert_eq!(
+            helm.read(&args("get values broken")).unwrap(),
+            HelmOutput::Failure("Error: cluster unreachable".into())
+        );
+        helm.change(&args("upgrade trellis")).unwrap();
+        assert!(helm.change(&args("upgrade broken")).is_err());
+        let missing = HelmBinary {
+            program: dir.path().join("no-helm"),
+        };
+        let err = format!("{:#}", missing.read(&args("get values")).unwrap_err());
+        assert!(err.contains("--helm PATH"), "{err}");
+    }
+
     struct Canned(HelmOutput);
     impl Helm for Canned {
         fn read(&self, _: &[String]) -> anyhow::Result<HelmOutput> {

@@ -965,3 +965,216 @@ fn a_context_name_becomes_a_cluster_id() {
     assert_eq!(id("--").as_deref(), None);
     assert_eq!(id(&"x".repeat(70)).map(|i| i.len()), Some(63));
 }
+
+#[tokio::test]
+async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_secret() {
+    let theirs = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let mut broken = tls_secret_json(&tls_material(&theirs, "c1", &c1_ranges()));
+    broken["data"].as_object_mut().unwrap().remove("tls.key");
+    let mut replies = vec![
+        on("GET", &format!("{NS}/secrets/trellis-tls"), ok(broken)),
+        on("GET", NS, not_found("namespaces", "trellis-system")),
+        on(
+            "POST",
+            "/api/v1/namespaces",
+            Reply::status(
+                409,
+                "AlreadyExists",
+                "namespaces \"trellis-system\" already exists",
+            ),
+        ),
+    ];
+    replies.extend(kind_ranges("nodes-kind-c1.json"));
+    replies.extend([
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-mesh-ca"),
+            not_found("secrets", "trellis-mesh-ca"),
+        ),
+        on(
+            "POST",
+            &format!("{NS}/secrets"),
+            Reply::status(
+                409,
+                "AlreadyExists",
+                "secrets \"trellis-mesh-ca\" already exists",
+            ),
+        ),
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-mesh-ca"),
+            ok(ca_secret_json(&theirs)),
+        ),
+        on(
+            "PATCH",
+            &format!("{NS}/secrets/trellis-tls"),
+            Reply {
+                code: 200,
+                ..created()
+            },
+        ),
+    ]);
+    let (client, server) = api(replies);
+    let mut opts = options("kind-trellis-c1", Finish::Print);
+    opts.cluster_id = Some("c1".parse().unwrap());
+    let mut out = Vec::new();
+    enable::enable(
+        &client,
+        CaSource::Own,
+        &opts,
+        &RecordingHelm::default(),
+        &mut out,
+    )
+    .await
+    .unwrap();
+    let seen = server.await.unwrap();
+    let tls = written_tls(&seen[9]);
+    assert!(
+        certificate::same_ca(&tls.ca_pem, &theirs.cert_pem),
+        "the CA already there"
+    );
+    verify(&tls, unix_now()).unwrap();
+    let out = text(out);
+    for line in [
+        "namespace trellis-system: exists",
+        "mesh CA: \"Trellis mesh CA c1\", created meanwhile",
+        "the Secret there is unusable: Secret trellis-tls has no key tls.key",
+    ] {
+        assert!(out.contains(line), "{line:?} in:\n{out}");
+    }
+}
+
+#[tokio::test]
+async fn enable_issues_from_a_ca_directory_and_refuses_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = trellis_controller::certs::write_ca_files(
+        dir.path(),
+        "offline",
+        Validity::days_from_now(3650),
+        false,
+    )
+    .unwrap();
+    let replies = || {
+        let mut replies = vec![
+            on(
+                "GET",
+                &format!("{NS}/secrets/trellis-tls"),
+                not_found("secrets", "trellis-tls"),
+            ),
+            on("GET", NS, ok(namespace_json())),
+        ];
+        replies.extend(kind_ranges("nodes-kind-c1.json"));
+        replies
+    };
+    let mut ok_replies = replies();
+    ok_replies.push(on(
+        "PATCH",
+        &format!("{NS}/secrets/trellis-tls"),
+        Reply {
+            code: 201,
+            ..created()
+        },
+    ));
+    let (client, server) = api(ok_replies);
+    let mut opts = options("kind-trellis-c1", Finish::Print);
+    opts.cluster_id = Some("c1".parse().unwrap());
+    let mut out = Vec::new();
+    let source = CaSource::Dir(dir.path().to_path_buf());
+    enable::enable(&client, source, &opts, &RecordingHelm::default(), &mut out)
+        .await
+        .unwrap();
+    let seen = server.await.unwrap();
+    let tls = written_tls(&seen[5]);
+    assert!(certificate::same_ca(&tls.ca_pem, &ca.cert_pem));
+    let out = text(out);
+    assert!(
+        out.contains("issued by \"Trellis mesh CA offline\" from /"),
+        "{out}"
+    );
+
+    // A key that is not the certificate's: refused before anything is written.
+    let other = generate_ca("other", Validity::days_from_now(1)).unwrap();
+    std::fs::write(dir.path().join("ca-key.pem"), other.key_pem).unwrap();
+    let (client, server) = api(replies());
+    let err = enable::enable(
+        &client,
+        CaSource::Dir(dir.path().to_path_buf()),
+        &opts,
+        &RecordingHelm::default(),
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(server.await.unwrap().iter().all(|s| s.method == "GET"));
+    let err = format!("{err:#}");
+    assert!(err.contains("does not sign for its certificate"), "{err}");
+}
+
+#[tokio::test]
+async fn connect_takes_a_given_endpoint_and_refuses_a_release_of_another_cluster() {
+    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let (t1, t2) = (
+        tls_material(&ca, "c1", &c1_ranges()),
+        tls_material(&ca, "c2", &c2_ranges()),
+    );
+    // c1 behind NAT: its endpoint given, its Service not read.
+    let (c1, s1) = api(vec![on(
+        "GET",
+        &format!("{NS}/secrets/trellis-tls"),
+        ok(tls_secret_json(&t1)),
+    )]);
+    let (c2, s2) = api(side_replies(
+        &t2,
+        "service-peering-nodeport.json",
+        Some("nodes-kind-c2.json"),
+    ));
+    let helm = releases(json!({}), json!({}));
+    let mut a = side("kind-trellis-c1", c1);
+    a.endpoint = Some("198.51.100.1:7443".parse().unwrap());
+    let mut out = Vec::new();
+    connect::connect(
+        &a,
+        &side("kind-trellis-c2", c2),
+        &connect_options(true),
+        &helm,
+        &mut out,
+    )
+    .await
+    .unwrap();
+    s1.await.unwrap();
+    s2.await.unwrap();
+    let out = text(out);
+    assert!(
+        out.contains("peers dial 198.51.100.1:7443 (--endpoint)"),
+        "{out}"
+    );
+    assert!(out.contains(r#"--kube-context kind-trellis-c2 --namespace trellis-system --reuse-values --set-json 'peers=[{"endpoint":"198.51.100.1:7443","id":"c1"}]'"#), "{out}");
+
+    // c2's release was installed as c9: refused, nothing run.
+    let (c1, _s1) = api(side_replies(
+        &t1,
+        "service-peering-nodeport.json",
+        Some("nodes-kind-c1.json"),
+    ));
+    let (c2, _s2) = api(side_replies(
+        &t2,
+        "service-peering-nodeport.json",
+        Some("nodes-kind-c2.json"),
+    ));
+    let helm = releases(json!({}), json!({"cluster": {"id": "c9"}}));
+    let err = connect::connect(
+        &side("kind-trellis-c1", c1),
+        &side("kind-trellis-c2", c2),
+        &connect_options(false),
+        &helm,
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("cluster.id c9 but its certificate is cluster c2"),
+        "{err}"
+    );
+    assert!(helm.changes.borrow().is_empty());
+}

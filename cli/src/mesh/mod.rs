@@ -98,8 +98,9 @@ struct EnableArgs {
     /// else kube-controller-manager's --service-cluster-ip-range.
     #[arg(long = "service-cidr")]
     service_cidrs: Vec<IpNet>,
-    /// Days the cluster certificate is valid.
-    #[arg(long, default_value_t = 365)]
+    /// Days the cluster certificate is valid (more than the 30 before expiry when a re-run
+    /// renews it).
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(i64).range(31..=3650))]
     days: i64,
     /// Run the helm install instead of printing it.
     #[arg(long, conflicts_with = "dry_run")]

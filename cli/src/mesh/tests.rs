@@ -318,6 +318,12 @@ async fn enable_on_a_fresh_kind_cluster_creates_the_ca_and_certificate_and_insta
         "Trellis mesh CA c1"
     );
     assert!(seen[8].uri.contains("fieldManager=trellis") && seen[8].uri.contains("force=true"));
+    let applied = seen[8].body.as_ref().unwrap();
+    assert_eq!(
+        (&applied["apiVersion"], &applied["kind"], &applied["type"]),
+        (&json!("v1"), &json!("Secret"), &Value::Null),
+        "a whole object for server-side apply, its type left to the API server"
+    );
     let tls = written_tls(&seen[8]);
     assert_eq!(tls.ca_pem, ca.cert_pem, "the Secret carries the mesh CA");
     verify(&tls, unix_now()).unwrap();

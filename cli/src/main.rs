@@ -6,6 +6,7 @@ mod cni;
 mod echo;
 mod kubeconfig;
 mod lab;
+mod mesh;
 mod observe;
 mod peer;
 mod status;
@@ -43,6 +44,9 @@ enum Command {
     /// Flows, as `hubble observe` shows them: every connection and dropped packet the nodes
     /// saw, with the verdict and the policies behind it, from a controller's flows listener.
     Observe(Box<observe::ObserveArgs>),
+    /// Clusters joined into a mesh from your kubeconfig: `enable` one (namespace, mesh CA, its
+    /// certificate, the helm install), `connect` and `disconnect` two.
+    Mesh(mesh::MeshArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Command::Cni(args) => cni::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Status(args) => status::run(args),
         Command::Observe(args) => observe::run(*args),
+        Command::Mesh(args) => mesh::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match outcome {
         Ok(code) => code,

@@ -2,28 +2,36 @@
 # Two kind clusters meshed by Trellis, installed with the Helm chart as a user would; the
 # README's "Kubernetes (kind)" section walks through the same steps.
 #
-#   integration/kind/kind-mesh.sh [up|check|down|all]      (default: all = up, then check)
+#   integration/kind/kind-mesh.sh [up|check|down|all] [--dry-run]   (default: all = up, then check)
 #
 #   up     create clusters c1 and c2 (no default CNI, distinct pod and service subnets), build
-#          the image and load it into both, create the mesh certificates with `trellis certs`,
-#          `helm install` Trellis in both with each other as peers, point CoreDNS at Trellis
-#          DNS, and wait until the nodes are Ready and the controllers are peered
+#          the image and load it into both, build the trellis CLI, `trellis mesh enable --install`
+#          both (c1 creates the mesh CA, c2 inherits it with --ca-from-context), `trellis mesh
+#          connect` them, point CoreDNS at Trellis DNS, and wait with `trellis status --wait`
+#          until each controller sees its peer, gateways and tunnels healthy
 #   check  prove it: pod to pod across the clusters (both ways), a Service exported from c2
 #          resolved and reached from c1 by <svc>.<ns>.svc.clusterset.local, then node
 #          encryption switched on and off again with `helm upgrade` (routes between c1's nodes
 #          move into the tunnel and back, the controller is not restarted, pods keep talking)
 #   down   delete both clusters
 #
-# Needs a machine with Docker, kind (v0.30: Kubernetes 1.34), kubectl and helm (v3 or v4), and
-# network access for the base images. Settings (environment): TRELLIS_KIND_PREFIX (cluster
-# name prefix, default "trellis"), TRELLIS_IMAGE (repository:tag, default trellis:dev), KIND_NODE_IMAGE
-# (default: kind's own), HELM (default helm), TRELLIS_SKIP_BUILD=1 (use an image already built).
+# --dry-run (or TRELLIS_KIND_DRY_RUN=1) prints every command (`+ command args`) instead of
+# running it; what a command would print reads as empty, so every check passes.
+#
+# Needs a machine with Docker, kind (v0.30: Kubernetes 1.34), kubectl, helm (v3.14+ or v4) and
+# a Rust toolchain (for the trellis CLI), and network access for the base images. Settings
+# (environment): TRELLIS_KIND_PREFIX (cluster name prefix, default "trellis"), TRELLIS_IMAGE
+# (repository:tag, default trellis:dev), KIND_NODE_IMAGE (default: kind's own), HELM (default
+# helm), TRELLIS (a trellis binary to use instead of building target/release/trellis),
+# TRELLIS_SKIP_BUILD=1 (use an image already built).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 prefix=${TRELLIS_KIND_PREFIX:-trellis}
 image=${TRELLIS_IMAGE:-trellis:dev}
 helm=${HELM:-helm}
+trellis_bin=${TRELLIS:-target/release/trellis}
+dry_run=${TRELLIS_KIND_DRY_RUN:-0}
 namespace=trellis-system
 work=target/kind
 clusters=(c1 c2)
@@ -35,18 +43,53 @@ peering_port=30743
 demo_image=registry.k8s.io/e2e-test-images/agnhost:2.53
 client_image=busybox:1.36
 
+# A dry run prints commands on the script's own output (descriptor 3), also from inside $(...).
+exec 3>&1
+
 say() { printf '\n==> %s\n' "$*"; }
 die() { printf 'kind-mesh: %s\n' "$*" >&2; exit 1; }
+
+# Runs "$@"; in a dry run prints it instead, as `+ command args` (shell-quoted).
+run() {
+  if [ "$dry_run" = 1 ]; then
+    local line
+    printf -v line ' %q' "$@"
+    printf '+%s\n' "$line" >&3
+    return 0
+  fi
+  command "$@"
+}
+
+# Every outside tool goes through run.
+docker() { run docker "$@"; }
+kind() { run kind "$@"; }
+kubectl() { run kubectl "$@"; }
+run_helm() { run "$helm" "$@"; }
+run_trellis() { run "$trellis_bin" "$@"; }
+
+# Writes stdin to file $1; in a dry run prints it.
+write_file() {
+  if [ "$dry_run" = 1 ]; then
+    { printf '+ cat > %q <<EOF\n' "$1"; cat; printf 'EOF\n'; } >&3
+    return 0
+  fi
+  cat > "$1"
+}
 
 kind_name() { echo "$prefix-$1"; }
 ctx() { echo "kind-$(kind_name "$1")"; }
 k() { local cluster=$1; shift; kubectl --context "$(ctx "$cluster")" "$@"; }
 
-# Retries "$@" every 2 s for up to $1 seconds (the first argument).
+# Whether "$@" succeeds; always, in a dry run (nothing ran to check).
+holds() {
+  "$@" || [ "$dry_run" = 1 ]
+}
+
+# Retries "$@" every 2 s for up to $1 seconds (the first argument); once, in a dry run.
 retry() {
   local seconds=$1; shift
   local deadline=$((SECONDS + seconds))
-  until "$@"; do
+  until holds "$@"; do
     if [ "$SECONDS" -ge "$deadline" ]; then
       return 1
     fi
@@ -55,29 +98,30 @@ retry() {
 }
 
 need_tools() {
+  if [ "$dry_run" = 1 ]; then
+    say "dry run: printing every command, running none"
+    return 0
+  fi
   local tool
   for tool in docker kind kubectl "$helm"; do
     command -v "$tool" >/dev/null || die "$tool is not installed"
   done
-  docker info >/dev/null 2>&1 || die "no Docker engine reachable (docker info failed)"
-}
-
-# The address of a cluster's control-plane node on kind's Docker network.
-node_ip() {
-  docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' \
-    "$(kind_name "$1")-control-plane"
+  if [ -z "${TRELLIS:-}" ]; then
+    command -v cargo >/dev/null || die "cargo is not installed (or set TRELLIS to a trellis binary)"
+  fi
+  command docker info >/dev/null 2>&1 || die "no Docker engine reachable (docker info failed)"
 }
 
 create_clusters() {
   local cluster args
-  mkdir -p "$work"
+  run mkdir -p "$work"
   for cluster in "${clusters[@]}"; do
     if kind get clusters 2>/dev/null | grep -qx "$(kind_name "$cluster")"; then
       say "cluster $cluster exists"
       continue
     fi
     say "creating cluster $cluster (pods ${pod_subnet[$cluster]}, services ${service_subnet[$cluster]})"
-    cat > "$work/$cluster.kind.yaml" <<EOF
+    write_file "$work/$cluster.kind.yaml" <<EOF
 kind: Cluster
 apiVersion: kind.x-k8s.io/v1alpha4
 networking:
@@ -97,7 +141,7 @@ EOF
     # Reverse-path filtering off on every node (see helm/trellis/README.md, Limits): trellis0
     # has no address, and Service traffic masqueraded to a node may arrive through it.
     local node
-    for node in $(kind get nodes --name "$(kind_name "$cluster")"); do
+    for node in "$(kind_name "$cluster")-control-plane" "$(kind_name "$cluster")-worker"; do
       docker exec "$node" sysctl -q -w net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
     done
   done
@@ -115,45 +159,24 @@ build_and_load_image() {
   done
 }
 
-# The mesh CA and one certificate per cluster, made by `trellis certs` inside the image.
-make_certificates() {
-  local certs=$work/certs cluster
-  mkdir -p "$certs"
-  run_trellis() {
-    docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/$certs:/certs" "$image" trellis "$@"
-  }
-  if [ ! -f "$certs/ca.pem" ]; then
-    say "creating the mesh CA"
-    run_trellis certs ca --dir /certs
+# The trellis CLI, run here against the kubeconfig contexts kind wrote.
+build_trellis() {
+  if [ -z "${TRELLIS:-}" ]; then
+    say "building the trellis CLI"
+    run cargo build --release -p trellis --bin trellis
   fi
-  for cluster in "${clusters[@]}"; do
-    if [ ! -f "$certs/$cluster.pem" ]; then
-      say "issuing the certificate of $cluster (with the ranges it may claim)"
-      run_trellis certs cluster --dir /certs --id "$cluster" \
-        --pod-cidr "${pod_subnet[$cluster]}" --service-cidr "${service_subnet[$cluster]}"
-    fi
-    k "$cluster" create namespace "$namespace" --dry-run=client -o yaml | k "$cluster" apply -f -
-    k "$cluster" -n "$namespace" create secret generic trellis-tls \
-      --from-file=ca.crt="$certs/ca.pem" \
-      --from-file=tls.crt="$certs/$cluster.pem" \
-      --from-file=tls.key="$certs/$cluster-key.pem" \
-      --dry-run=client -o yaml | k "$cluster" apply -f -
-  done
 }
 
-# `helm upgrade --install` in one cluster, peering with the other; extra arguments follow.
-install_trellis() {
-  local cluster=$1 peer=$2; shift 2
+# `trellis mesh enable --install` in one cluster: namespace, certificate (its pod and service
+# ranges read from the cluster), Secret, and the chart; extra arguments follow.
+enable_trellis() {
+  local cluster=$1; shift
   local repository=${image%:*} tag=${image##*:}
-  "$helm" upgrade --install trellis helm/trellis \
-    --kube-context "$(ctx "$cluster")" --namespace "$namespace" --create-namespace \
-    --set cluster.id="$cluster" \
-    --set "peers[0].id=$peer" \
-    --set "peers[0].endpoint=$(node_ip "$peer"):$peering_port" \
+  run_trellis mesh enable --context "$(ctx "$cluster")" --cluster-id "$cluster" --install \
+    --helm "$helm" \
+    --set image.repository="$repository" --set image.tag="$tag" --set image.pullPolicy=Never \
     --set peering.service.nodePort="$peering_port" \
-    --set image.repository="$repository" --set image.tag="$tag" \
-    --set image.pullPolicy=Never \
-    --wait --timeout 5m "$@"
+    "$@"
 }
 
 # Adds `clusterset.local:53 { forward . <Trellis DNS> }` to CoreDNS's Corefile once.
@@ -172,32 +195,23 @@ patch_coredns() {
   k "$cluster" -n kube-system rollout status deployment coredns --timeout 3m
 }
 
-# The value of a metric on the controller's /metrics, through the API server's Service proxy.
-controller_metric() {
-  local cluster=$1 metric=$2
-  k "$cluster" get --raw \
-    "/api/v1/namespaces/$namespace/services/trellis-controller:metrics/proxy/metrics" |
-    awk -v m="$metric" '$1 == m { print $2 }'
-}
-
-peered() { [ "$(controller_metric "$1" trellis_controller_remote_clusters_connected)" = 1 ]; }
-
 up() {
   need_tools
   create_clusters
   build_and_load_image
-  make_certificates
-  # c1 first, then c2: each controller keeps dialing its peer (with backoff) until it answers.
-  install_trellis c1 c2
-  install_trellis c2 c1
+  build_trellis
+  say "enabling c1 (it creates the mesh CA)"
+  enable_trellis c1
+  say "enabling c2 with c1's mesh CA"
+  enable_trellis c2 --ca-from-context "$(ctx c1)"
+  say "connecting c1 and c2"
+  run_trellis mesh connect --context "$(ctx c1)" --destination-context "$(ctx c2)" --helm "$helm"
   local cluster
   for cluster in "${clusters[@]}"; do
     say "waiting for $cluster"
     k "$cluster" wait --for=condition=Ready nodes --all --timeout 5m
-    k "$cluster" -n "$namespace" rollout status daemonset/trellis-gateway --timeout 5m
-    k "$cluster" -n "$namespace" rollout status deployment/trellis-controller --timeout 5m
     patch_coredns "$cluster"
-    retry 120 peered "$cluster" || die "$cluster's controller is not peered"
+    run_trellis status --context "$(ctx "$cluster")" --wait --timeout 5m
   done
   say "the mesh is up: kubectl --context $(ctx c1) -n $namespace get pods -o wide"
 }
@@ -283,6 +297,12 @@ worker_route() {
 route_in_tunnel() { worker_route | grep -q 'dev trellis0'; }
 route_plain() { worker_route | grep -q ' via '; }
 
+# Node encryption switched in cluster $1 to $2 (true or false), every other value kept.
+encryption() {
+  run_helm upgrade trellis helm/trellis --kube-context "$(ctx "$1")" --namespace "$namespace" \
+    --reuse-values --set encryption.node="$2" --wait --timeout 5m
+}
+
 check() {
   need_tools
   say "deploying the demo"
@@ -307,21 +327,25 @@ check() {
   controller_before=$(k c1 -n "$namespace" get pods -l app.kubernetes.io/component=controller \
     -o jsonpath='{.items[0].metadata.uid}')
   say "node encryption on in c1 (helm upgrade)"
-  route_plain || die "c1's worker should route the control-plane's pods plainly: $(worker_route)"
-  install_trellis c1 c2 --reuse-values --set encryption.node=true
+  holds route_plain || die "c1's worker should route the control-plane's pods plainly: $(worker_route)"
+  encryption c1 true
   retry 60 route_in_tunnel || die "routes did not move into the tunnel: $(worker_route)"
   retry 30 answers "$c1_ip:8080" echo || die "c1's pods lost each other with encryption on"
   retry 30 answers "$c2_ip:8080" "$c2_pod" || die "c1 lost c2 with encryption on"
 
   say "node encryption off again"
-  install_trellis c1 c2 --reuse-values --set encryption.node=false
+  encryption c1 false
   retry 60 route_plain || die "routes did not leave the tunnel: $(worker_route)"
   retry 30 answers "$c1_ip:8080" echo || die "c1's pods lost each other with encryption off"
   controller_after=$(k c1 -n "$namespace" get pods -l app.kubernetes.io/component=controller \
     -o jsonpath='{.items[0].metadata.uid}')
-  [ "$controller_before" = "$controller_after" ] ||
+  holds [ "$controller_before" = "$controller_after" ] ||
     die "the controller was restarted by the encryption switch"
-  say "all checks passed"
+  if [ "$dry_run" = 1 ]; then
+    say "dry run: nothing was checked"
+  else
+    say "all checks passed"
+  fi
 }
 
 down() {
@@ -331,10 +355,18 @@ down() {
   done
 }
 
-case "${1:-all}" in
+action=all
+for arg in "$@"; do
+  case $arg in
+    --dry-run) dry_run=1 ;;
+    up|check|down|all) action=$arg ;;
+    *) die "usage: $0 [up|check|down|all] [--dry-run]" ;;
+  esac
+done
+
+case $action in
   up) up ;;
   check) check ;;
   down) down ;;
   all) up; check ;;
-  *) die "usage: $0 [up|check|down|all]" ;;
 esac

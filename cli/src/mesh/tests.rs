@@ -1,0 +1,1186 @@
+//! `trellis mesh` against scripted API servers (real Kubernetes JSON, every request checked in
+//! order) and a helm that records what it is asked to run.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use http::{Request, Response};
+use ipnet::IpNet;
+use kube::client::Body;
+use serde_json::{Value, json};
+use trellis_controller::certs::{
+    CertifiedKey, Validity, generate_ca, generate_cluster_cert_with_ranges,
+};
+use trellis_controller::tls::TlsMaterial;
+
+use super::certificate::{self, read_leaf, tls_from_secret, verify};
+use super::connect::{self, ConnectOptions, Side};
+use super::enable::{self, CaSource, EnableOptions, Finish};
+use super::helm::{Helm, HelmOutput, Target, shell_line};
+use super::unix_now;
+
+const NS: &str = "/api/v1/namespaces/trellis-system";
+
+fn testdata(file: &str) -> Value {
+    let path = format!("{}/testdata/{file}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn not_found(kind: &str, name: &str) -> Reply {
+    Reply::status(404, "NotFound", &format!("{kind} \"{name}\" not found"))
+}
+
+/// One scripted exchange: the request expected, the answer given.
+struct Reply {
+    method: &'static str,
+    path: String,
+    code: u16,
+    /// `None`: the request's own body, as the API server returns what it created.
+    body: Option<Value>,
+}
+
+impl Reply {
+    fn status(code: u16, reason: &str, message: &str) -> Self {
+        Self {
+            method: "",
+            path: String::new(),
+            code,
+            body: Some(status(code, reason, message)),
+        }
+    }
+}
+
+fn on(method: &'static str, path: &str, reply: Reply) -> Reply {
+    Reply {
+        method,
+        path: path.to_string(),
+        ..reply
+    }
+}
+
+fn ok(body: Value) -> Reply {
+    Reply {
+        method: "",
+        path: String::new(),
+        code: 200,
+        body: Some(body),
+    }
+}
+
+fn created() -> Reply {
+    Reply {
+        method: "",
+        path: String::new(),
+        code: 201,
+        body: None,
+    }
+}
+
+/// A request as the API server saw it.
+#[derive(Debug)]
+struct Seen {
+    method: String,
+    uri: String,
+    body: Option<Value>,
+}
+
+/// A client whose API server answers `replies` in order, asserting each request's method and
+/// path; the task returns the requests seen.
+fn api(replies: Vec<Reply>) -> (kube::Client, tokio::task::JoinHandle<Vec<Seen>>) {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let task = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for reply in replies {
+            let Some((req, send)) = handle.next_request().await else {
+                panic!(
+                    "the command stopped before {} {}; it sent {seen:#?}",
+                    reply.method, reply.path
+                );
+            };
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            assert_eq!(
+                (method.as_str(), req.uri().path()),
+                (reply.method, reply.path.as_str()),
+                "request {} (after {seen:#?})",
+                seen.len() + 1
+            );
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Option<Value> =
+                (!bytes.is_empty()).then(|| serde_json::from_slice(&bytes).unwrap());
+            let answer = reply.body.clone().or_else(|| body.clone()).unwrap();
+            send.send_response(
+                Response::builder()
+                    .status(reply.code)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+            seen.push(Seen { method, uri, body });
+        }
+        seen
+    });
+    (kube::Client::new(svc, "default"), task)
+}
+
+/// A helm whose releases are canned values per context and whose changes are recorded.
+#[derive(Default)]
+struct RecordingHelm {
+    releases: BTreeMap<String, Value>,
+    changes: RefCell<Vec<String>>,
+}
+
+fn context_of(args: &[String]) -> String {
+    let at = args.iter().position(|a| a == "--kube-context").unwrap();
+    args[at + 1].clone()
+}
+
+impl Helm for RecordingHelm {
+    fn read(&self, args: &[String]) -> anyhow::Result<HelmOutput> {
+        assert_eq!(
+            &args[..3],
+            ["get", "values", "trellis"],
+            "only reads values"
+        );
+        Ok(match self.releases.get(&context_of(args)) {
+            Some(values) => HelmOutput::Success(format!("{values}\n")),
+            None => HelmOutput::Failure("Error: release: not found".into()),
+        })
+    }
+
+    fn change(&self, args: &[String]) -> anyhow::Result<()> {
+        self.changes.borrow_mut().push(shell_line("helm", args));
+        Ok(())
+    }
+}
+
+fn nets(s: &[&str]) -> Vec<IpNet> {
+    s.iter().map(|n| n.parse().unwrap()).collect()
+}
+
+fn c1_ranges() -> Vec<IpNet> {
+    nets(&["10.11.0.0/16", "10.111.0.0/16"])
+}
+
+fn c2_ranges() -> Vec<IpNet> {
+    nets(&["10.12.0.0/16", "10.112.0.0/16"])
+}
+
+fn target(context: &str) -> Target {
+    Target {
+        context: Some(context.into()),
+        namespace: "trellis-system".into(),
+    }
+}
+
+fn options(context: &str, finish: Finish) -> EnableOptions {
+    EnableOptions {
+        target: target(context),
+        cluster_id: None,
+        pod_cidrs: Vec::new(),
+        service_cidrs: Vec::new(),
+        finish,
+        days: 365,
+        chart: "helm/trellis".into(),
+        value_files: Vec::new(),
+        sets: vec!["image.tag=dev".into()],
+        timeout: "5m".into(),
+        helm_program: "helm".into(),
+    }
+}
+
+/// A Secret as the API server returns it.
+fn stored(mut secret: Value, name: &str) -> Value {
+    secret["apiVersion"] = json!("v1");
+    secret["kind"] = json!("Secret");
+    secret["type"] = json!("Opaque");
+    secret["metadata"]["uid"] = json!(format!("9c1d2e3f-0000-4000-8000-{:012x}", name.len()));
+    secret["metadata"]["resourceVersion"] = json!("2107");
+    secret["metadata"]["creationTimestamp"] = json!("2026-12-07T09:14:02Z");
+    secret
+}
+
+fn ca_secret_json(ca: &CertifiedKey) -> Value {
+    stored(
+        serde_json::to_value(certificate::ca_secret("trellis-system", ca)).unwrap(),
+        "trellis-mesh-ca",
+    )
+}
+
+fn tls_material(ca: &CertifiedKey, id: &str, ranges: &[IpNet]) -> TlsMaterial {
+    let leaf = generate_cluster_cert_with_ranges(
+        ca,
+        &id.parse().unwrap(),
+        ranges,
+        Validity::days_from_now(365),
+    )
+    .unwrap();
+    TlsMaterial {
+        ca_pem: ca.cert_pem.clone(),
+        cert_pem: leaf.cert_pem,
+        key_pem: leaf.key_pem,
+    }
+}
+
+fn tls_secret_json(material: &TlsMaterial) -> Value {
+    stored(
+        serde_json::to_value(certificate::tls_secret("trellis-system", material)).unwrap(),
+        "trellis-tls",
+    )
+}
+
+fn namespace_json() -> Value {
+    json!({"kind": "Namespace", "apiVersion": "v1",
+           "metadata": {"name": "trellis-system", "uid": "2f3e4d5c-6b7a-4988-9a0b-1c2d3e4f5a6b",
+                        "resourceVersion": "1530", "creationTimestamp": "2026-12-07T09:13:40Z",
+                        "labels": {"kubernetes.io/metadata.name": "trellis-system"}},
+           "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+}
+
+fn text(out: Vec<u8>) -> String {
+    String::from_utf8(out).unwrap()
+}
+
+/// The TLS Secret a request carried, read back as the controller will.
+fn written_tls(seen: &Seen) -> TlsMaterial {
+    let secret = serde_json::from_value(seen.body.clone().unwrap()).unwrap();
+    tls_from_secret(&secret).unwrap()
+}
+
+#[tokio::test]
+async fn enable_on_a_fresh_kind_cluster_creates_the_ca_and_certificate_and_installs() {
+    let (client, server) = api(vec![
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-tls"),
+            not_found("secrets", "trellis-tls"),
+        ),
+        on("GET", NS, not_found("namespaces", "trellis-system")),
+        on("POST", "/api/v1/namespaces", created()),
+        on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c1.json"))),
+        on(
+            "GET",
+            "/api/v1/namespaces/kube-system/pods",
+            ok(testdata("kube-controller-manager-pods.json")),
+        ),
+        on(
+            "GET",
+            "/apis/networking.k8s.io/v1/servicecidrs",
+            ok(testdata("servicecidrs-kind.json")),
+        ),
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-mesh-ca"),
+            not_found("secrets", "trellis-mesh-ca"),
+        ),
+        on("POST", &format!("{NS}/secrets"), created()),
+        on(
+            "PATCH",
+            &format!("{NS}/secrets/trellis-tls"),
+            Reply {
+                code: 200,
+                ..created()
+            },
+        ),
+    ]);
+    let helm = RecordingHelm::default();
+    let mut opts = options("kind-trellis-c1", Finish::Install);
+    opts.cluster_id = Some("c1".parse().unwrap());
+    let mut out = Vec::new();
+    enable::enable(&client, CaSource::Own, &opts, &helm, &mut out)
+        .await
+        .unwrap();
+    let seen = server.await.unwrap();
+    let out = text(out);
+
+    assert_eq!(
+        seen[2].body.as_ref().unwrap()["metadata"]["name"],
+        "trellis-system"
+    );
+    assert!(
+        seen[4]
+            .uri
+            .contains("labelSelector=component%3Dkube-controller-manager"),
+        "{}",
+        seen[4].uri
+    );
+    let ca = certificate::ca_from_secret(
+        &serde_json::from_value(seen[7].body.clone().unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        certificate::subject_name(&ca.cert_pem),
+        "Trellis mesh CA c1"
+    );
+    assert!(seen[8].uri.contains("fieldManager=trellis") && seen[8].uri.contains("force=true"));
+    let applied = seen[8].body.as_ref().unwrap();
+    assert_eq!(
+        (&applied["apiVersion"], &applied["kind"], &applied["type"]),
+        (&json!("v1"), &json!("Secret"), &Value::Null),
+        "a whole object for server-side apply, its type left to the API server"
+    );
+    let tls = written_tls(&seen[8]);
+    assert_eq!(tls.ca_pem, ca.cert_pem, "the Secret carries the mesh CA");
+    verify(&tls, unix_now()).unwrap();
+    let leaf = read_leaf(&tls.cert_pem).unwrap();
+    assert_eq!(leaf.id.as_str(), "c1");
+    assert_eq!(
+        leaf.ranges,
+        c1_ranges(),
+        "kube-controller-manager's and ServiceCIDR's ranges"
+    );
+
+    assert_eq!(
+        *helm.changes.borrow(),
+        vec![
+            "helm upgrade --install trellis helm/trellis --kube-context kind-trellis-c1 \
+             --namespace trellis-system --reset-then-reuse-values --set cluster.id=c1 \
+             --set image.tag=dev --wait --timeout 5m"
+        ],
+        "no cluster.serviceCIDRs: the controller reads the ServiceCIDR objects"
+    );
+    for line in [
+        "context kind-trellis-c1: cluster c1",
+        "namespace trellis-system: created",
+        "pod ranges: 10.11.0.0/16 (kube-controller-manager --cluster-cidr)",
+        "service ranges: 10.111.0.0/16 (ServiceCIDR kubernetes)",
+        "mesh CA: \"Trellis mesh CA c1\" created in Secret trellis-system/trellis-mesh-ca",
+        "--ca-from-context kind-trellis-c1",
+        "certificate c1.cluster.trellis: issued by \"Trellis mesh CA c1\"",
+        "$ helm upgrade --install trellis",
+    ] {
+        assert!(out.contains(line), "{line:?} in:\n{out}");
+    }
+}
+
+/// What a kind cluster answers for the range lookups.
+fn kind_ranges(nodes: &str) -> Vec<Reply> {
+    vec![
+        on("GET", "/api/v1/nodes", ok(testdata(nodes))),
+        on(
+            "GET",
+            "/api/v1/namespaces/kube-system/pods",
+            ok(testdata("kube-controller-manager-pods.json")),
+        ),
+        on(
+            "GET",
+            "/apis/networking.k8s.io/v1/servicecidrs",
+            ok(testdata("servicecidrs-kind.json")),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn enable_again_keeps_the_ca_and_the_certificate_and_writes_nothing() {
+    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let tls = tls_material(&ca, "c1", &c1_ranges());
+    let mut replies = vec![
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-tls"),
+            ok(tls_secret_json(&tls)),
+        ),
+        on("GET", NS, ok(namespace_json())),
+    ];
+    replies.extend(kind_ranges("nodes-kind-c1.json"));
+    replies.push(on(
+        "GET",
+        &format!("{NS}/secrets/trellis-mesh-ca"),
+        ok(ca_secret_json(&ca)),
+    ));
+    let (client, server) = api(replies);
+    let helm = RecordingHelm::default();
+    let mut out = Vec::new();
+    enable::enable(
+        &client,
+        CaSource::Own,
+        &options("kind-trellis-c1", Finish::Print),
+        &helm,
+        &mut out,
+    )
+    .await
+    .unwrap();
+    let seen = server.await.unwrap();
+    assert!(seen.iter().all(|s| s.method == "GET"), "{seen:#?}");
+    let out = text(out);
+    assert!(
+        out.contains("cluster c1"),
+        "the ID from the certificate: {out}"
+    );
+    assert!(out.contains("namespace trellis-system: exists"), "{out}");
+    assert!(
+        out.contains("certificate c1.cluster.trellis: kept (from \"Trellis mesh CA c1\""),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "\nhelm upgrade --install trellis helm/trellis --kube-context kind-trellis-c1"
+        ),
+        "printed, not run: {out}"
+    );
+    assert!(helm.changes.borrow().is_empty());
+}
+
+#[tokio::test]
+async fn a_second_cluster_inherits_the_first_ones_ca_with_ranges_given() {
+    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    // c1 holds the CA; c2 is an older cluster: no ServiceCIDR API, no visible control plane,
+    // so the user gives both ranges and the chart gets the service range.
+    let (first, first_server) = api(vec![on(
+        "GET",
+        &format!("{NS}/secrets/trellis-mesh-ca"),
+        ok(ca_secret_json(&ca)),
+    )]);
+    let (client, server) = api(vec![
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-tls"),
+            not_found("secrets", "trellis-tls"),
+        ),
+        on("GET", NS, ok(namespace_json())),
+        on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c2.json"))),
+        on(
+            "PATCH",
+            &format!("{NS}/secrets/trellis-tls"),
+            Reply {
+                code: 201,
+                ..created()
+            },
+        ),
+    ]);
+    let helm = RecordingHelm::default();
+    let mut opts = options("kind-trellis-c2", Finish::Print);
+    opts.cluster_id = Some("c2".parse().unwrap());
+    opts.pod_cidrs = nets(&["10.12.0.0/16"]);
+    opts.service_cidrs = nets(&["10.112.0.0/16"]);
+    let source = CaSource::Context {
+        name: "kind-trellis-c1".into(),
+        client: first,
+    };
+    let mut out = Vec::new();
+    enable::enable(&client, source, &opts, &helm, &mut out)
+        .await
+        .unwrap();
+    first_server.await.unwrap();
+    let seen = server.await.unwrap();
+    let tls = written_tls(&seen[3]);
+    assert!(certificate::same_ca(&tls.ca_pem, &ca.cert_pem), "c1's CA");
+    verify(&tls, unix_now()).unwrap();
+    assert_eq!(read_leaf(&tls.cert_pem).unwrap().ranges, c2_ranges());
+    let out = text(out);
+    assert!(
+        out.contains("from Secret trellis-system/trellis-mesh-ca of context kind-trellis-c1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("--set cluster.id=c2 --set-json 'cluster.serviceCIDRs=[\"10.112.0.0/16\"]'"),
+        "{out}"
+    );
+    assert!(helm.changes.borrow().is_empty());
+}
+
+#[tokio::test]
+async fn enable_dry_run_reads_but_writes_nothing() {
+    let mut replies = vec![
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-tls"),
+            not_found("secrets", "trellis-tls"),
+        ),
+        on("GET", NS, not_found("namespaces", "trellis-system")),
+    ];
+    replies.extend(kind_ranges("nodes-kind-c1.json"));
+    replies.push(on(
+        "GET",
+        &format!("{NS}/secrets/trellis-mesh-ca"),
+        not_found("secrets", "trellis-mesh-ca"),
+    ));
+    let (client, server) = api(replies);
+    let helm = RecordingHelm::default();
+    let mut out = Vec::new();
+    enable::enable(
+        &client,
+        CaSource::Own,
+        &options("kind-trellis-c1", Finish::DryRun),
+        &helm,
+        &mut out,
+    )
+    .await
+    .unwrap();
+    let seen = server.await.unwrap();
+    assert!(seen.iter().all(|s| s.method == "GET"));
+    let out = text(out);
+    for line in [
+        "context kind-trellis-c1: cluster kind-trellis-c1",
+        "namespace trellis-system: would be created",
+        "mesh CA: \"Trellis mesh CA kind-trellis-c1\" would be created",
+        "certificate kind-trellis-c1.cluster.trellis: would be issued",
+        "would run: helm upgrade --install trellis helm/trellis --kube-context kind-trellis-c1",
+    ] {
+        assert!(out.contains(line), "{line:?} in:\n{out}");
+    }
+    assert!(helm.changes.borrow().is_empty());
+}
+
+#[tokio::test]
+async fn enable_asks_for_what_it_cannot_tell_and_never_changes_an_identity() {
+    // No kube-controller-manager visible (a managed cluster): the covering range is offered.
+    let (client, server) = api(vec![
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-tls"),
+            not_found("secrets", "trellis-tls"),
+        ),
+        on("GET", NS, ok(namespace_json())),
+        on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c1.json"))),
+        on(
+            "GET",
+            "/api/v1/namespaces/kube-system/pods",
+            Reply::status(
+                403,
+                "Forbidden",
+                "pods is forbidden: User \"dev\" cannot list resource \"pods\" in API group \"\" in the namespace \"kube-system\"",
+            ),
+        ),
+    ]);
+    let helm = RecordingHelm::default();
+    let err = enable::enable(
+        &client,
+        CaSource::Own,
+        &options("kind-trellis-c1", Finish::DryRun),
+        &helm,
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap_err();
+    server.await.unwrap();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("10.11.0.0/24, 10.11.1.0/24")
+            && err.contains("a range covering them is 10.11.0.0/23")
+            && err.contains("--pod-cidr"),
+        "{err}"
+    );
+
+    // A cluster already enabled as c1 is not renamed.
+    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let tls = tls_material(&ca, "c1", &c1_ranges());
+    let (client, server) = api(vec![on(
+        "GET",
+        &format!("{NS}/secrets/trellis-tls"),
+        ok(tls_secret_json(&tls)),
+    )]);
+    let mut opts = options("kind-trellis-c1", Finish::Install);
+    opts.cluster_id = Some("c9".parse().unwrap());
+    let err = enable::enable(&client, CaSource::Own, &opts, &helm, &mut Vec::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    server.await.unwrap();
+    assert!(
+        err.contains("already cluster c1") && err.contains("--cluster-id c1"),
+        "{err}"
+    );
+    assert!(helm.changes.borrow().is_empty());
+}
+
+#[tokio::test]
+async fn a_certificate_to_reissue_from_a_ca_kept_elsewhere_is_refused_not_replaced() {
+    // c2 joined c1's mesh; its ranges change, but c1's CA is not in c2.
+    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let tls = tls_material(&ca, "c2", &c2_ranges());
+    let mut replies = vec![
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-tls"),
+            ok(tls_secret_json(&tls)),
+        ),
+        on("GET", NS, ok(namespace_json())),
+        on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c2.json"))),
+    ];
+    replies.push(on(
+        "GET",
+        &format!("{NS}/secrets/trellis-mesh-ca"),
+        not_found("secrets", "trellis-mesh-ca"),
+    ));
+    let (client, server) = api(replies);
+    let mut opts = options("kind-trellis-c2", Finish::Install);
+    opts.pod_cidrs = nets(&["10.12.0.0/15"]);
+    opts.service_cidrs = nets(&["10.112.0.0/16"]);
+    let helm = RecordingHelm::default();
+    let err = enable::enable(&client, CaSource::Own, &opts, &helm, &mut Vec::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    let seen = server.await.unwrap();
+    assert!(seen.iter().all(|s| s.method == "GET"));
+    assert!(
+        err.contains("must be reissued")
+            && err.contains("carries 10.12.0.0/16, 10.112.0.0/16")
+            && err.contains("\"Trellis mesh CA c1\"")
+            && err.contains("--ca-from-context"),
+        "{err}"
+    );
+    assert!(helm.changes.borrow().is_empty());
+}
+
+/// What `connect` reads of one side whose peering Service is `service`.
+fn side_replies(tls: &TlsMaterial, service: &str, nodes: Option<&str>) -> Vec<Reply> {
+    let mut replies = vec![
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-tls"),
+            ok(tls_secret_json(tls)),
+        ),
+        on(
+            "GET",
+            &format!("{NS}/services/trellis-peering"),
+            ok(testdata(service)),
+        ),
+    ];
+    if let Some(nodes) = nodes {
+        replies.push(on("GET", "/api/v1/nodes", ok(testdata(nodes))));
+    }
+    replies
+}
+
+fn side(context: &str, client: kube::Client) -> Side {
+    Side {
+        target: target(context),
+        client,
+        endpoint: None,
+    }
+}
+
+fn connect_options(dry_run: bool) -> ConnectOptions {
+    ConnectOptions {
+        chart: "helm/trellis".into(),
+        dry_run,
+        helm_program: "helm".into(),
+    }
+}
+
+fn releases(c1: Value, c2: Value) -> RecordingHelm {
+    RecordingHelm {
+        releases: BTreeMap::from([
+            ("kind-trellis-c1".to_string(), c1),
+            ("kind-trellis-c2".to_string(), c2),
+        ]),
+        changes: RefCell::default(),
+    }
+}
+
+#[tokio::test]
+async fn connect_updates_both_peer_lists_and_a_second_run_changes_nothing() {
+    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let (t1, t2) = (
+        tls_material(&ca, "c1", &c1_ranges()),
+        tls_material(&ca, "c2", &c2_ranges()),
+    );
+    let replies = || {
+        (
+            side_replies(
+                &t1,
+                "service-peering-nodeport.json",
+                Some("nodes-kind-c1.json"),
+            ),
+            side_replies(
+                &t2,
+                "service-peering-nodeport.json",
+                Some("nodes-kind-c2.json"),
+            ),
+        )
+    };
+    let (r1, r2) = replies();
+    let ((c1, s1), (c2, s2)) = (api(r1), api(r2));
+    let helm = releases(
+        json!({"cluster": {"id": "c1"}, "image": {"tag": "dev"}}),
+        json!({"cluster": {"id": "c2"}, "peers": [{"id": "c3", "endpoint": "192.0.2.7:7443"}]}),
+    );
+    let mut out = Vec::new();
+    connect::connect(
+        &side("kind-trellis-c1", c1),
+        &side("kind-trellis-c2", c2),
+        &connect_options(false),
+        &helm,
+        &mut out,
+    )
+    .await
+    .unwrap();
+    s1.await.unwrap();
+    s2.await.unwrap();
+    assert_eq!(
+        *helm.changes.borrow(),
+        vec![
+            r#"helm upgrade trellis helm/trellis --kube-context kind-trellis-c1 --namespace trellis-system --reuse-values --set-json 'peers=[{"endpoint":"172.18.0.4:30743","id":"c2"}]'"#,
+            r#"helm upgrade trellis helm/trellis --kube-context kind-trellis-c2 --namespace trellis-system --reuse-values --set-json 'peers=[{"endpoint":"192.0.2.7:7443","id":"c3"},{"endpoint":"172.18.0.2:30743","id":"c1"}]'"#,
+        ]
+    );
+    let out = text(out);
+    for line in [
+        "cluster c1 (context kind-trellis-c1): peers dial 172.18.0.2:30743 (NodePort 30743 on node trellis-c1-control-plane); it may claim 10.11.0.0/16, 10.111.0.0/16 (signed by \"Trellis mesh CA c1\")",
+        "cluster c2 (context kind-trellis-c2): peers dial 172.18.0.4:30743",
+        "$ helm upgrade trellis helm/trellis --kube-context kind-trellis-c1",
+        "trellis status --context kind-trellis-c1 --wait",
+    ] {
+        assert!(out.contains(line), "{line:?} in:\n{out}");
+    }
+
+    // Both releases as the upgrades left them: nothing to do.
+    let (r1, r2) = replies();
+    let ((c1, s1), (c2, s2)) = (api(r1), api(r2));
+    let helm = releases(
+        json!({"cluster": {"id": "c1"}, "peers": [{"id": "c2", "endpoint": "172.18.0.4:30743"}]}),
+        json!({"peers": [{"id": "c3", "endpoint": "192.0.2.7:7443"}, {"id": "c1", "endpoint": "172.18.0.2:30743"}]}),
+    );
+    let mut out = Vec::new();
+    connect::connect(
+        &side("kind-trellis-c1", c1),
+        &side("kind-trellis-c2", c2),
+        &connect_options(false),
+        &helm,
+        &mut out,
+    )
+    .await
+    .unwrap();
+    s1.await.unwrap();
+    s2.await.unwrap();
+    assert!(helm.changes.borrow().is_empty());
+    let out = text(out);
+    assert!(
+        out.contains("cluster c1 already peers with c2 at 172.18.0.4:30743: unchanged"),
+        "{out}"
+    );
+    assert!(
+        out.contains("cluster c2 already peers with c1 at 172.18.0.2:30743: unchanged"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn connect_dry_run_dials_a_load_balancer_and_runs_nothing() {
+    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let (t1, t2) = (
+        tls_material(&ca, "c1", &c1_ranges()),
+        tls_material(&ca, "c2", &c2_ranges()),
+    );
+    let (c1, s1) = api(side_replies(
+        &t1,
+        "service-peering-nodeport.json",
+        Some("nodes-kind-c1.json"),
+    ));
+    let (c2, s2) = api(side_replies(&t2, "service-peering-loadbalancer.json", None));
+    let helm = releases(json!({}), json!({}));
+    let mut out = Vec::new();
+    connect::connect(
+        &side("kind-trellis-c1", c1),
+        &side("kind-trellis-c2", c2),
+        &connect_options(true),
+        &helm,
+        &mut out,
+    )
+    .await
+    .unwrap();
+    s1.await.unwrap();
+    s2.await.unwrap();
+    assert!(helm.changes.borrow().is_empty());
+    let out = text(out);
+    assert!(
+        out.contains(r#"would run: helm upgrade trellis helm/trellis --kube-context kind-trellis-c1 --namespace trellis-system --reuse-values --set-json 'peers=[{"endpoint":"203.0.113.10:7443","id":"c2"}]'"#),
+        "{out}"
+    );
+    assert!(
+        out.contains("peers dial 203.0.113.10:7443 (LoadBalancer ingress)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("would run: helm upgrade trellis helm/trellis --kube-context kind-trellis-c2"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn connect_refuses_clusters_of_two_meshes_naming_the_fix() {
+    let (ca1, ca2) = (
+        generate_ca("c1", Validity::days_from_now(3650)).unwrap(),
+        generate_ca("c2", Validity::days_from_now(3650)).unwrap(),
+    );
+    let (c1, s1) = api(side_replies(
+        &tls_material(&ca1, "c1", &c1_ranges()),
+        "service-peering-nodeport.json",
+        Some("nodes-kind-c1.json"),
+    ));
+    let (c2, s2) = api(side_replies(
+        &tls_material(&ca2, "c2", &c2_ranges()),
+        "service-peering-nodeport.json",
+        Some("nodes-kind-c2.json"),
+    ));
+    let helm = releases(json!({}), json!({}));
+    let err = connect::connect(
+        &side("kind-trellis-c1", c1),
+        &side("kind-trellis-c2", c2),
+        &connect_options(false),
+        &helm,
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    s1.await.unwrap();
+    s2.await.unwrap();
+    assert!(
+        err.contains("do not share a mesh CA")
+            && err.contains("\"Trellis mesh CA c1\" and \"Trellis mesh CA c2\"")
+            && err.contains(
+                "trellis mesh enable --context kind-trellis-c2 --ca-from-context kind-trellis-c1 --install"
+            ),
+        "{err}"
+    );
+    assert!(helm.changes.borrow().is_empty());
+}
+
+#[tokio::test]
+async fn connect_refuses_overlapping_ranges_and_clusters_not_enabled() {
+    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let (c1, s1) = api(side_replies(
+        &tls_material(&ca, "c1", &c1_ranges()),
+        "service-peering-nodeport.json",
+        Some("nodes-kind-c1.json"),
+    ));
+    let (c2, s2) = api(side_replies(
+        &tls_material(&ca, "c2", &nets(&["10.11.128.0/17", "10.112.0.0/16"])),
+        "service-peering-nodeport.json",
+        Some("nodes-kind-c2.json"),
+    ));
+    let helm = releases(json!({}), json!({}));
+    let err = connect::connect(
+        &side("kind-trellis-c1", c1),
+        &side("kind-trellis-c2", c2),
+        &connect_options(false),
+        &helm,
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    s1.await.unwrap();
+    s2.await.unwrap();
+    assert!(
+        err.contains("overlapping ranges (10.11.0.0/16 and 10.11.128.0/17)"),
+        "{err}"
+    );
+
+    // No certificate Secret: enable first.
+    let (c1, s1) = api(vec![on(
+        "GET",
+        &format!("{NS}/secrets/trellis-tls"),
+        not_found("secrets", "trellis-tls"),
+    )]);
+    let (c2, _s2) = api(vec![]);
+    let err = connect::connect(
+        &side("kind-trellis-c1", c1),
+        &side("kind-trellis-c2", c2),
+        &connect_options(false),
+        &helm,
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    s1.await.unwrap();
+    assert!(
+        err.contains("no Secret trellis-system/trellis-tls")
+            && err.contains("`trellis mesh enable --context kind-trellis-c1 --install` first"),
+        "{err}"
+    );
+
+    // A certificate but no release.
+    let (c1, s1) = api(side_replies(
+        &tls_material(&ca, "c1", &c1_ranges()),
+        "service-peering-nodeport.json",
+        Some("nodes-kind-c1.json"),
+    ));
+    let (c2, _s2) = api(vec![]);
+    let helm = RecordingHelm::default();
+    let err = connect::connect(
+        &side("kind-trellis-c1", c1),
+        &side("kind-trellis-c2", c2),
+        &connect_options(false),
+        &helm,
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    s1.await.unwrap();
+    assert!(
+        err.contains("no helm release trellis in namespace trellis-system"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn disconnect_removes_each_from_the_other_and_keeps_other_peers() {
+    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let secret = |tls: &TlsMaterial| {
+        vec![on(
+            "GET",
+            &format!("{NS}/secrets/trellis-tls"),
+            ok(tls_secret_json(tls)),
+        )]
+    };
+    let (c1, s1) = api(secret(&tls_material(&ca, "c1", &c1_ranges())));
+    let (c2, s2) = api(secret(&tls_material(&ca, "c2", &c2_ranges())));
+    let helm = releases(
+        json!({"peers": [{"id": "c2", "endpoint": "172.18.0.4:30743"}]}),
+        json!({"peers": [{"id": "c3", "endpoint": "192.0.2.7:7443"}, {"id": "c1", "endpoint": "172.18.0.2:30743"}]}),
+    );
+    connect::disconnect(
+        &side("kind-trellis-c1", c1),
+        &side("kind-trellis-c2", c2),
+        &connect_options(false),
+        &helm,
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap();
+    s1.await.unwrap();
+    s2.await.unwrap();
+    assert_eq!(
+        *helm.changes.borrow(),
+        vec![
+            "helm upgrade trellis helm/trellis --kube-context kind-trellis-c1 --namespace trellis-system --reuse-values --set-json 'peers=[]'",
+            r#"helm upgrade trellis helm/trellis --kube-context kind-trellis-c2 --namespace trellis-system --reuse-values --set-json 'peers=[{"endpoint":"192.0.2.7:7443","id":"c3"}]'"#,
+        ]
+    );
+}
+
+#[test]
+fn a_context_name_becomes_a_cluster_id() {
+    let id = |c: &str| enable::cluster_id_from_context(c).map(|i| i.to_string());
+    assert_eq!(id("kind-trellis-c1").as_deref(), Some("kind-trellis-c1"));
+    assert_eq!(
+        id("arn:aws:eks:eu-west-1:123456789012:cluster/Prod").as_deref(),
+        Some("arn-aws-eks-eu-west-1-123456789012-cluster-prod")
+    );
+    assert_eq!(id("--").as_deref(), None);
+    assert_eq!(id(&"x".repeat(70)).map(|i| i.len()), Some(63));
+}
+
+#[tokio::test]
+async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_secret() {
+    let theirs = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let mut broken = tls_secret_json(&tls_material(&theirs, "c1", &c1_ranges()));
+    broken["data"].as_object_mut().unwrap().remove("tls.key");
+    let mut replies = vec![
+        on("GET", &format!("{NS}/secrets/trellis-tls"), ok(broken)),
+        on("GET", NS, not_found("namespaces", "trellis-system")),
+        on(
+            "POST",
+            "/api/v1/namespaces",
+            Reply::status(
+                409,
+                "AlreadyExists",
+                "namespaces \"trellis-system\" already exists",
+            ),
+        ),
+    ];
+    replies.extend(kind_ranges("nodes-kind-c1.json"));
+    replies.extend([
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-mesh-ca"),
+            not_found("secrets", "trellis-mesh-ca"),
+        ),
+        on(
+            "POST",
+            &format!("{NS}/secrets"),
+            Reply::status(
+                409,
+                "AlreadyExists",
+                "secrets \"trellis-mesh-ca\" already exists",
+            ),
+        ),
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-mesh-ca"),
+            ok(ca_secret_json(&theirs)),
+        ),
+        on(
+            "PATCH",
+            &format!("{NS}/secrets/trellis-tls"),
+            Reply {
+                code: 200,
+                ..created()
+            },
+        ),
+    ]);
+    let (client, server) = api(replies);
+    let mut opts = options("kind-trellis-c1", Finish::Print);
+    opts.cluster_id = Some("c1".parse().unwrap());
+    let mut out = Vec::new();
+    enable::enable(
+        &client,
+        CaSource::Own,
+        &opts,
+        &RecordingHelm::default(),
+        &mut out,
+    )
+    .await
+    .unwrap();
+    let seen = server.await.unwrap();
+    let tls = written_tls(&seen[9]);
+    assert!(
+        certificate::same_ca(&tls.ca_pem, &theirs.cert_pem),
+        "the CA already there"
+    );
+    verify(&tls, unix_now()).unwrap();
+    let out = text(out);
+    for line in [
+        "namespace trellis-system: exists",
+        "mesh CA: \"Trellis mesh CA c1\", created meanwhile",
+        "the Secret there is unusable: Secret trellis-tls has no key tls.key",
+    ] {
+        assert!(out.contains(line), "{line:?} in:\n{out}");
+    }
+}
+
+#[tokio::test]
+async fn enable_issues_from_a_ca_directory_and_refuses_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = trellis_controller::certs::write_ca_files(
+        dir.path(),
+        "offline",
+        Validity::days_from_now(3650),
+        false,
+    )
+    .unwrap();
+    let replies = || {
+        let mut replies = vec![
+            on(
+                "GET",
+                &format!("{NS}/secrets/trellis-tls"),
+                not_found("secrets", "trellis-tls"),
+            ),
+            on("GET", NS, ok(namespace_json())),
+        ];
+        replies.extend(kind_ranges("nodes-kind-c1.json"));
+        replies
+    };
+    let mut ok_replies = replies();
+    ok_replies.push(on(
+        "PATCH",
+        &format!("{NS}/secrets/trellis-tls"),
+        Reply {
+            code: 201,
+            ..created()
+        },
+    ));
+    let (client, server) = api(ok_replies);
+    let mut opts = options("kind-trellis-c1", Finish::Print);
+    opts.cluster_id = Some("c1".parse().unwrap());
+    let mut out = Vec::new();
+    let source = CaSource::Dir(dir.path().to_path_buf());
+    enable::enable(&client, source, &opts, &RecordingHelm::default(), &mut out)
+        .await
+        .unwrap();
+    let seen = server.await.unwrap();
+    let tls = written_tls(&seen[5]);
+    assert!(certificate::same_ca(&tls.ca_pem, &ca.cert_pem));
+    let out = text(out);
+    assert!(
+        out.contains("issued by \"Trellis mesh CA offline\" from /"),
+        "{out}"
+    );
+
+    // A key that is not the certificate's: refused before anything is written.
+    let other = generate_ca("other", Validity::days_from_now(1)).unwrap();
+    std::fs::write(dir.path().join("ca-key.pem"), other.key_pem).unwrap();
+    let (client, server) = api(replies());
+    let err = enable::enable(
+        &client,
+        CaSource::Dir(dir.path().to_path_buf()),
+        &opts,
+        &RecordingHelm::default(),
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(server.await.unwrap().iter().all(|s| s.method == "GET"));
+    let err = format!("{err:#}");
+    assert!(err.contains("does not sign for its certificate"), "{err}");
+}
+
+#[tokio::test]
+async fn connect_takes_a_given_endpoint_and_refuses_a_release_of_another_cluster() {
+    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let (t1, t2) = (
+        tls_material(&ca, "c1", &c1_ranges()),
+        tls_material(&ca, "c2", &c2_ranges()),
+    );
+    // c1 behind NAT: its endpoint given, its Service not read.
+    let (c1, s1) = api(vec![on(
+        "GET",
+        &format!("{NS}/secrets/trellis-tls"),
+        ok(tls_secret_json(&t1)),
+    )]);
+    let (c2, s2) = api(side_replies(
+        &t2,
+        "service-peering-nodeport.json",
+        Some("nodes-kind-c2.json"),
+    ));
+    let helm = releases(json!({}), json!({}));
+    let mut a = side("kind-trellis-c1", c1);
+    a.endpoint = Some("198.51.100.1:7443".parse().unwrap());
+    let mut out = Vec::new();
+    connect::connect(
+        &a,
+        &side("kind-trellis-c2", c2),
+        &connect_options(true),
+        &helm,
+        &mut out,
+    )
+    .await
+    .unwrap();
+    s1.await.unwrap();
+    s2.await.unwrap();
+    let out = text(out);
+    assert!(
+        out.contains("peers dial 198.51.100.1:7443 (--endpoint)"),
+        "{out}"
+    );
+    assert!(out.contains(r#"--kube-context kind-trellis-c2 --namespace trellis-system --reuse-values --set-json 'peers=[{"endpoint":"198.51.100.1:7443","id":"c1"}]'"#), "{out}");
+
+    // c2's release was installed as c9: refused, nothing run.
+    let (c1, _s1) = api(side_replies(
+        &t1,
+        "service-peering-nodeport.json",
+        Some("nodes-kind-c1.json"),
+    ));
+    let (c2, _s2) = api(side_replies(
+        &t2,
+        "service-peering-nodeport.json",
+        Some("nodes-kind-c2.json"),
+    ));
+    let helm = releases(json!({}), json!({"cluster": {"id": "c9"}}));
+    let err = connect::connect(
+        &side("kind-trellis-c1", c1),
+        &side("kind-trellis-c2", c2),
+        &connect_options(false),
+        &helm,
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("cluster.id c9 but its certificate is cluster c2"),
+        "{err}"
+    );
+    assert!(helm.changes.borrow().is_empty());
+}

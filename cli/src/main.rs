@@ -2,6 +2,7 @@
 //! one machine; `trellis status` shows a cluster's mesh as its controller sees it.
 
 mod certs;
+mod cluster;
 mod cni;
 mod echo;
 mod kubeconfig;
@@ -10,6 +11,8 @@ mod observe;
 mod peer;
 mod status;
 mod table;
+#[cfg(test)]
+mod test_api;
 
 use clap::{Parser, Subcommand};
 

@@ -4,6 +4,7 @@
 mod certs;
 mod cluster;
 mod cni;
+mod diagnose;
 mod echo;
 mod kubeconfig;
 mod lab;
@@ -46,6 +47,10 @@ enum Command {
     /// Flows, as `hubble observe` shows them: every connection and dropped packet the nodes
     /// saw, with the verdict and the policies behind it, from a controller's flows listener.
     Observe(Box<observe::ObserveArgs>),
+    /// The checks to run before filing a bug, through a kubeconfig context's API server:
+    /// rp_filter, the CNI conflist, gateways registered, peering, clock skew against the
+    /// certificates, MTU; each failure with its fix. Exits 1 when a check fails.
+    Diagnose(diagnose::DiagnoseArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +64,7 @@ fn main() -> std::process::ExitCode {
         Command::Cni(args) => cni::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Status(args) => status::run(args),
         Command::Observe(args) => observe::run(*args),
+        Command::Diagnose(args) => diagnose::run(args),
     };
     match outcome {
         Ok(code) => code,

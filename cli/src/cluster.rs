@@ -62,7 +62,12 @@ pub fn failure_message(body: &[u8]) -> String {
         return message.to_string();
     }
     let text = String::from_utf8_lossy(body);
-    text.lines().next().unwrap_or("").chars().take(300).collect()
+    text.lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(300)
+        .collect()
 }
 
 /// GETs `path_and_query` of the API server, reading at most `cap` bytes of the body, within
@@ -84,7 +89,7 @@ pub async fn get(
             .headers()
             .get(http::header::DATE)
             .and_then(|d| d.to_str().ok())
-            .and_then(|d| httpdate_parse(d));
+            .and_then(httpdate_parse);
         let mut body = response.into_body();
         let mut bytes = Vec::new();
         let mut truncated = false;
@@ -150,7 +155,9 @@ pub async fn controller_status(
     let fetched = get(client, &path, DOCUMENT_CAP, REQUEST_TIMEOUT)
         .await?
         .ok()
-        .with_context(|| format!("the controller's /status through Service {namespace}/{service}"))?;
+        .with_context(|| {
+            format!("the controller's /status through Service {namespace}/{service}")
+        })?;
     crate::status::parse_status(&fetched.text())
 }
 
@@ -279,13 +286,25 @@ mod tests {
     #[test]
     fn http_dates_and_clock_offsets() {
         let at = httpdate_parse("Fri, 27 Nov 2026 03:41:07 GMT").unwrap();
-        assert_eq!(crate::status::format_utc(unix_ms(at) as u64 / 1000), "2026-11-27T03:41:07Z");
-        assert_eq!(httpdate_parse("Fri, 7 Nov 2026 03:41:07 GMT").map(unix_ms), httpdate_parse("Sat, 07 Nov 2026 03:41:07 GMT").map(unix_ms));
+        assert_eq!(
+            crate::status::format_utc(unix_ms(at) as u64 / 1000),
+            "2026-11-27T03:41:07Z"
+        );
+        assert_eq!(
+            httpdate_parse("Fri, 7 Nov 2026 03:41:07 GMT").map(unix_ms),
+            httpdate_parse("Sat, 07 Nov 2026 03:41:07 GMT").map(unix_ms)
+        );
         assert!(httpdate_parse("yesterday").is_none());
         let t = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
         // Sent at 10.000 s, answered at 10.200 s; the remote read 15.100 s at about 10.100 s.
         let offset = ClockOffset::measure(15_100, t(10_000), t(10_200));
-        assert_eq!(offset, ClockOffset { offset_ms: 5_000, uncertainty_ms: 100 });
+        assert_eq!(
+            offset,
+            ClockOffset {
+                offset_ms: 5_000,
+                uncertainty_ms: 100
+            }
+        );
     }
 
     #[test]
@@ -299,7 +318,13 @@ mod tests {
             "/api/v1/namespaces/trellis-system/pods/trellis-gateway-x:9586/proxy/node"
         );
         let status = br#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"no endpoints available for service \"trellis-controller\"","reason":"ServiceUnavailable","code":503}"#;
-        assert_eq!(failure_message(status), "no endpoints available for service \"trellis-controller\"");
-        assert_eq!(failure_message(b"404 page not found\n"), "404 page not found");
+        assert_eq!(
+            failure_message(status),
+            "no endpoints available for service \"trellis-controller\""
+        );
+        assert_eq!(
+            failure_message(b"404 page not found\n"),
+            "404 page not found"
+        );
     }
 }

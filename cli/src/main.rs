@@ -11,6 +11,7 @@ mod lab;
 mod observe;
 mod peer;
 mod status;
+mod sysdump;
 mod table;
 #[cfg(test)]
 mod test_api;
@@ -51,6 +52,9 @@ enum Command {
     /// rp_filter, the CNI conflist, gateways registered, peering, clock skew against the
     /// certificates, MTU; each failure with its fix. Exits 1 when a check fails.
     Diagnose(diagnose::DiagnoseArgs),
+    /// A .tar.gz for a bug report, through a kubeconfig context's API server: logs, /status
+    /// documents, metrics, custom resources, node facts and routes; the file name is printed.
+    Sysdump(sysdump::SysdumpArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +69,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => status::run(args),
         Command::Observe(args) => observe::run(*args),
         Command::Diagnose(args) => diagnose::run(args),
+        Command::Sysdump(args) => sysdump::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -944,8 +944,9 @@ mod tests {
         assert!(judge(&status).is_empty());
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(
-            lines[0].starts_with("waiting (0s): controller Service trellis-system/trellis-controller unreachable")
-                && lines[0].contains("no endpoints available"),
+            lines[0].starts_with(
+                "waiting (0s): controller Service trellis-system/trellis-controller unreachable"
+            ) && lines[0].contains("no endpoints available"),
             "{lines:?}"
         );
         assert!(lines[1].contains("(and 4 more)"), "{lines:?}");
@@ -969,7 +970,10 @@ mod tests {
         .unwrap();
         assert_eq!(judge(&status).len(), 5);
         assert!(lines.len() >= 2, "{lines:?}");
-        assert!(lines.last().unwrap().starts_with("gave up after"), "{lines:?}");
+        assert!(
+            lines.last().unwrap().starts_with("gave up after"),
+            "{lines:?}"
+        );
 
         // Unreachable to the end: the error is the answer (exit 2).
         let (client, _log, server2) = scripted(|_| {

@@ -383,7 +383,12 @@ mod tests {
     /// A kind node: eth0 with the node address and the default route, the tunnel, a pod veth.
     fn kind_node() -> RawFacts {
         let mut sysctls = BTreeMap::new();
-        for (device, value) in [("all", "0"), ("default", "1"), ("trellis0", "0"), ("eth0", "2")] {
+        for (device, value) in [
+            ("all", "0"),
+            ("default", "1"),
+            ("trellis0", "0"),
+            ("eth0", "2"),
+        ] {
             sysctls.insert(rp_filter_key(device), value.into());
         }
         RawFacts {
@@ -525,12 +530,7 @@ mod tests {
     fn long_route_and_link_lists_are_cut_and_counted() {
         let mut raw = kind_node();
         raw.routes = (0..MAX_ROUTES as u32 + 10)
-            .map(|i| {
-                Route::via_device(
-                    IpNet::new(IpAddr::V4(i.into()), 32).unwrap(),
-                    23,
-                )
-            })
+            .map(|i| Route::via_device(IpNet::new(IpAddr::V4(i.into()), 32).unwrap(), 23))
             .collect();
         raw.links = (0..MAX_LINKS as u32 + 3)
             .map(|i| link(i + 100, &format!("trl{i}"), 1420))

@@ -48,7 +48,12 @@ pub struct Check {
     pub fix: Option<String>,
 }
 
-fn check(name: &'static str, subject: impl Into<String>, outcome: Outcome, detail: String) -> Check {
+fn check(
+    name: &'static str,
+    subject: impl Into<String>,
+    outcome: Outcome,
+    detail: String,
+) -> Check {
     Check {
         name,
         subject: subject.into(),
@@ -279,7 +284,9 @@ pub fn node_facts(facts: &Facts) -> Vec<Check> {
         .collect()
 }
 
-fn with_reports(facts: &Facts) -> impl Iterator<Item = (&GatewayFacts, &trellis_gateway::node_report::NodeReport)> {
+fn with_reports(
+    facts: &Facts,
+) -> impl Iterator<Item = (&GatewayFacts, &trellis_gateway::node_report::NodeReport)> {
     facts
         .gateways
         .iter()
@@ -515,10 +522,15 @@ fn certificate(
     for (who, clock) in clocks {
         let their_now = now + clock.offset_ms / 1000;
         if their_now < cert.not_before {
-            return check("certificate", subject, Outcome::Fail, format!(
-                "{valid}: not yet valid by {who}'s clock ({})",
-                crate::status::format_utc(their_now.max(0) as u64)
-            ))
+            return check(
+                "certificate",
+                subject,
+                Outcome::Fail,
+                format!(
+                    "{valid}: not yet valid by {who}'s clock ({})",
+                    crate::status::format_utc(their_now.max(0) as u64)
+                ),
+            )
             .fix(if who == "this machine" {
                 "wait, or issue it with a start in the past".to_string()
             } else {
@@ -526,10 +538,15 @@ fn certificate(
             });
         }
         if their_now > cert.not_after {
-            return check("certificate", subject, Outcome::Fail, format!(
-                "{valid}: expired by {who}'s clock ({})",
-                crate::status::format_utc(their_now.max(0) as u64)
-            ))
+            return check(
+                "certificate",
+                subject,
+                Outcome::Fail,
+                format!(
+                    "{valid}: expired by {who}'s clock ({})",
+                    crate::status::format_utc(their_now.max(0) as u64)
+                ),
+            )
             .fix(renew);
         }
     }
@@ -540,10 +557,15 @@ fn certificate(
         .unwrap_or(now);
     let left = cert.not_after - latest;
     if left < EXPIRY_WARNING.as_secs() as i64 {
-        return check("certificate", subject, Outcome::Warn, format!(
-            "{valid}: expires in {}",
-            crate::status::human_age(left.max(0) as u64)
-        ))
+        return check(
+            "certificate",
+            subject,
+            Outcome::Warn,
+            format!(
+                "{valid}: expires in {}",
+                crate::status::human_age(left.max(0) as u64)
+            ),
+        )
         .fix(renew);
     }
     check("certificate", subject, Outcome::Pass, valid)
@@ -620,7 +642,13 @@ mod tests {
         assert!(checks[0].detail.contains("not connected"), "{checks:#?}");
         assert!(checks[1].detail.contains("no gateway registered"));
         assert!(checks[2].detail.contains("does not know the node"));
-        assert!(checks[0].fix.as_ref().unwrap().contains("logs trellis-gateway-"));
+        assert!(
+            checks[0]
+                .fix
+                .as_ref()
+                .unwrap()
+                .contains("logs trellis-gateway-")
+        );
     }
 
     #[test]
@@ -633,7 +661,10 @@ mod tests {
         let remote = &mut facts.controller.as_mut().unwrap().remotes[0];
         remote.session = false;
         let c = only(peering(&facts));
-        assert_eq!((c.outcome, c.detail.as_str()), (Outcome::Fail, "not connected"));
+        assert_eq!(
+            (c.outcome, c.detail.as_str()),
+            (Outcome::Fail, "not connected")
+        );
         let remote = &mut facts.controller.as_mut().unwrap().remotes[0];
         remote.refused = vec!["pod CIDR 10.244.0.0/16 of c1 overlaps 10.244.0.0/16 of c2".into()];
         assert!(only(peering(&facts)).detail.contains("overlaps"));
@@ -649,9 +680,19 @@ mod tests {
         report.rp_filter.all = Some(2);
         let checks = rp_filter(&facts);
         assert_eq!(checks[0].outcome, Outcome::Fail);
-        assert!(checks[0].detail.starts_with("all=2 default=0 trellis0=0 (underlay eth0=0)"), "{}", checks[0].detail);
         assert!(
-            checks[0].fix.as_ref().unwrap().contains("sysctl -w net.ipv4.conf.all.rp_filter=0"),
+            checks[0]
+                .detail
+                .starts_with("all=2 default=0 trellis0=0 (underlay eth0=0)"),
+            "{}",
+            checks[0].detail
+        );
+        assert!(
+            checks[0]
+                .fix
+                .as_ref()
+                .unwrap()
+                .contains("sysctl -w net.ipv4.conf.all.rp_filter=0"),
             "{checks:#?}"
         );
         assert_eq!(checks[1].outcome, Outcome::Pass);
@@ -662,14 +703,22 @@ mod tests {
     #[test]
     fn a_missing_conflist_fails_and_an_unknown_one_is_unknown() {
         let mut facts = facts();
-        facts.gateways[0].report.as_mut().unwrap().cni_conflist.present = Some(false);
+        facts.gateways[0]
+            .report
+            .as_mut()
+            .unwrap()
+            .cni_conflist
+            .present = Some(false);
         let conflist = &mut facts.gateways[1].report.as_mut().unwrap().cni_conflist;
         conflist.present = None;
         conflist.path = None;
         let checks = cni_conflist(&facts);
         assert_eq!(
             outcomes(&checks),
-            [("node-0".into(), Outcome::Fail), ("node-1".into(), Outcome::Unknown)]
+            [
+                ("node-0".into(), Outcome::Fail),
+                ("node-1".into(), Outcome::Unknown)
+            ]
         );
         assert!(checks[0].fix.as_ref().unwrap().contains("-c install-cni"));
         assert!(checks[1].detail.contains("--cni-conflist"));
@@ -678,12 +727,18 @@ mod tests {
     #[test]
     fn an_underlay_too_small_for_the_tunnel_or_pods_larger_than_it_fail() {
         let mut facts = facts();
-        assert_eq!(mtu(&facts)[0].detail, "underlay 1500, tunnel 1420, pods 1420");
+        assert_eq!(
+            mtu(&facts)[0].detail,
+            "underlay 1500, tunnel 1420, pods 1420"
+        );
         // A cloud network of 1460 bytes (GCE): 1420 + 80 does not fit.
         facts.gateways[0].report.as_mut().unwrap().mtu.underlay = Some(1460);
         let checks = mtu(&facts);
         assert_eq!(checks[0].outcome, Outcome::Fail);
-        assert!(checks[0].fix.as_ref().unwrap().contains("--set mtu=1380"), "{checks:#?}");
+        assert!(
+            checks[0].fix.as_ref().unwrap().contains("--set mtu=1380"),
+            "{checks:#?}"
+        );
         // Pods larger than the tunnel.
         let report = facts.gateways[1].report.as_mut().unwrap();
         report.cni_conflist.pod_mtu = Some(1450);
@@ -693,7 +748,10 @@ mod tests {
         // No MTU in the conflist: the plugin's default, the default route's device less 80.
         let report = facts.gateways[1].report.as_mut().unwrap();
         report.cni_conflist.pod_mtu = None;
-        assert_eq!(mtu(&facts)[1].detail, "underlay 1500, tunnel 1420, pods 1420");
+        assert_eq!(
+            mtu(&facts)[1].detail,
+            "underlay 1500, tunnel 1420, pods 1420"
+        );
         facts.gateways[1].report.as_mut().unwrap().mtu.underlay = None;
         assert_eq!(mtu(&facts)[1].outcome, Outcome::Unknown);
     }
@@ -701,7 +759,11 @@ mod tests {
     #[test]
     fn clock_skew_counts_only_what_is_certain() {
         let mut facts = facts();
-        assert!(clock_skew(&facts).iter().all(|c| c.outcome == Outcome::Pass));
+        assert!(
+            clock_skew(&facts)
+                .iter()
+                .all(|c| c.outcome == Outcome::Pass)
+        );
         facts.gateways[0].clock = Some(ClockOffset {
             offset_ms: 7_000,
             uncertainty_ms: 100,
@@ -713,9 +775,17 @@ mod tests {
         let checks = clock_skew(&facts);
         assert_eq!(
             outcomes(&checks),
-            [("node-0".into(), Outcome::Warn), ("node-1".into(), Outcome::Fail)]
+            [
+                ("node-0".into(), Outcome::Warn),
+                ("node-1".into(), Outcome::Fail)
+            ]
         );
-        assert!(checks[1].detail.starts_with("-399.8s against the API server (±120 ms)"), "{checks:#?}");
+        assert!(
+            checks[1]
+                .detail
+                .starts_with("-399.8s against the API server (±120 ms)"),
+            "{checks:#?}"
+        );
         assert!(checks[1].fix.as_ref().unwrap().contains("chrony"));
         // Within the uncertainty of the measurement: not held against the node.
         assert_eq!(skew_outcome(5_400, 500), Outcome::Pass);
@@ -728,7 +798,10 @@ mod tests {
         let mut facts = facts();
         let checks = certificates(&facts);
         assert_eq!(checks.len(), 2, "ca.crt and tls.crt");
-        assert!(checks.iter().all(|c| c.outcome == Outcome::Pass), "{checks:#?}");
+        assert!(
+            checks.iter().all(|c| c.outcome == Outcome::Pass),
+            "{checks:#?}"
+        );
         // A node two days behind sees the day-old certificate as not yet valid.
         facts.gateways[1].clock = Some(ClockOffset {
             offset_ms: -172_800_000,
@@ -736,8 +809,19 @@ mod tests {
         });
         let checks = certificates(&facts);
         assert_eq!(checks[1].outcome, Outcome::Fail);
-        assert!(checks[1].detail.contains("not yet valid by node node-1's clock"), "{checks:#?}");
-        assert!(checks[1].fix.as_ref().unwrap().contains("synchronise node node-1"));
+        assert!(
+            checks[1]
+                .detail
+                .contains("not yet valid by node node-1's clock"),
+            "{checks:#?}"
+        );
+        assert!(
+            checks[1]
+                .fix
+                .as_ref()
+                .unwrap()
+                .contains("synchronise node node-1")
+        );
         // Expiring soon, then expired.
         let mut facts = crate::diagnose::tests::facts();
         let now = unix(facts.now);

@@ -266,7 +266,9 @@ pub(crate) mod tests {
 
     pub(crate) fn facts_without_controller() -> Facts {
         Facts {
-            controller: Err("HTTP 503: no endpoints available for service \"trellis-controller\"".into()),
+            controller: Err(
+                "HTTP 503: no endpoints available for service \"trellis-controller\"".into(),
+            ),
             ..facts()
         }
     }
@@ -295,7 +297,10 @@ pub(crate) mod tests {
             text.contains("fix: on node node-1: sysctl -w net.ipv4.conf.all.rp_filter=0"),
             "{text}"
         );
-        assert!(text.ends_with("\n13 passed, 1 failed, 0 warnings, 0 unknown\n"), "{text}");
+        assert!(
+            text.ends_with("\n13 passed, 1 failed, 0 warnings, 0 unknown\n"),
+            "{text}"
+        );
     }
 
     /// A kind-like cluster through its API server: the controller's Service answers, one
@@ -312,20 +317,21 @@ pub(crate) mod tests {
                 t if t.starts_with(&format!("{ns}/pods?")) => {
                     assert!(t.contains("app.kubernetes.io%2Fcomponent%3Dgateway"), "{t}");
                     let mut list = pods.clone();
-                    list["items"]
-                        .as_array_mut()
-                        .unwrap()
-                        .retain(|p| p["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway");
+                    list["items"].as_array_mut().unwrap().retain(|p| {
+                        p["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+                    });
                     Answer::json(200, &list)
                 }
                 t if t == format!("{ns}/pods/trellis-gateway-5xk2m:9586/proxy/node") => {
                     Answer::json(200, &testdata("node-report-node-0.json"))
                 }
-                t if t == format!("{ns}/pods/trellis-gateway-h8q9r:9586/proxy/node") => Answer::failure(
-                    503,
-                    "ServiceUnavailable",
-                    "error trying to reach service: dial tcp 172.18.0.4:9586: connect: connection refused",
-                ),
+                t if t == format!("{ns}/pods/trellis-gateway-h8q9r:9586/proxy/node") => {
+                    Answer::failure(
+                        503,
+                        "ServiceUnavailable",
+                        "error trying to reach service: dial tcp 172.18.0.4:9586: connect: connection refused",
+                    )
+                }
                 "/version" => Answer::json(200, &testdata("version.json"))
                     .dated("Fri, 27 Nov 2026 03:41:07 GMT"),
                 t if t == format!("{ns}/secrets/trellis-tls") => {
@@ -334,21 +340,34 @@ pub(crate) mod tests {
                 other => Answer::text(404, &format!("404 page not found: {other}")),
             }
         });
-        let facts = gather(&client, "trellis-system", "trellis-controller", "trellis-tls").await;
+        let facts = gather(
+            &client,
+            "trellis-system",
+            "trellis-controller",
+            "trellis-tls",
+        )
+        .await;
         assert_eq!(facts.controller.as_ref().unwrap().cluster.to_string(), "c1");
         assert_eq!(facts.gateways.len(), 2);
         let (up, down) = (&facts.gateways[0], &facts.gateways[1]);
-        assert_eq!((up.pod.as_str(), up.node.as_str()), ("trellis-gateway-5xk2m", "node-0"));
+        assert_eq!(
+            (up.pod.as_str(), up.node.as_str()),
+            ("trellis-gateway-5xk2m", "node-0")
+        );
         assert_eq!(up.report.as_ref().unwrap().mtu.underlay, Some(1500));
         assert!(
-            down.report.as_ref().unwrap_err().contains("connection refused"),
+            down.report
+                .as_ref()
+                .unwrap_err()
+                .contains("connection refused"),
             "{down:?}"
         );
         // The node's clock and the API server's Date name the same moment (node-0 read
         // 03:41:07.400, the Date says 03:41:07 of a whole second): within the uncertainty.
         let (node, api) = (up.clock.unwrap(), facts.api_clock.unwrap());
         assert!(
-            (node.offset_ms - api.offset_ms).unsigned_abs() <= node.uncertainty_ms + api.uncertainty_ms,
+            (node.offset_ms - api.offset_ms).unsigned_abs()
+                <= node.uncertainty_ms + api.uncertainty_ms,
             "{node:?} {api:?}"
         );
         assert_eq!(facts.certificates.as_ref().unwrap().len(), 2);
@@ -359,7 +378,10 @@ pub(crate) mod tests {
             .map(|c| (c.name, c.subject.as_str()))
             .collect();
         assert!(failed.contains(&("node facts", "node-1")), "{failed:?}");
-        assert!(!failed.iter().any(|(name, _)| *name == "gateway registered"), "{failed:?}");
+        assert!(
+            !failed.iter().any(|(name, _)| *name == "gateway registered"),
+            "{failed:?}"
+        );
         assert_eq!(
             log.lock().unwrap().len(),
             6,
@@ -375,22 +397,50 @@ pub(crate) mod tests {
             if target.contains("/secrets/") {
                 Answer::failure(404, "NotFound", "secrets \"trellis-tls\" not found")
             } else if target.contains("/services/") {
-                Answer::failure(503, "ServiceUnavailable", "no endpoints available for service \"trellis-controller\"")
+                Answer::failure(
+                    503,
+                    "ServiceUnavailable",
+                    "no endpoints available for service \"trellis-controller\"",
+                )
             } else if target.contains("/pods?") {
-                Answer::json(200, &serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": []}))
+                Answer::json(
+                    200,
+                    &serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": []}),
+                )
             } else {
                 Answer::json(200, &testdata("version.json"))
             }
         });
-        let facts = gather(&client, "trellis-system", "trellis-controller", "trellis-tls").await;
-        assert!(facts.controller.as_ref().unwrap_err().contains("no endpoints available"));
-        assert!(facts.certificates.as_ref().unwrap_err().contains("not found"));
+        let facts = gather(
+            &client,
+            "trellis-system",
+            "trellis-controller",
+            "trellis-tls",
+        )
+        .await;
+        assert!(
+            facts
+                .controller
+                .as_ref()
+                .unwrap_err()
+                .contains("no endpoints available")
+        );
+        assert!(
+            facts
+                .certificates
+                .as_ref()
+                .unwrap_err()
+                .contains("not found")
+        );
         assert_eq!(facts.api_clock, None, "no Date header");
         let checks = checks::all(&facts);
         let text = render(&checks);
         assert!(text.contains("[   FAIL] controller"), "{text}");
         assert!(text.contains("no gateway pod found"), "{text}");
-        assert!(text.contains("fix: create it: `trellis mesh enable"), "{text}");
+        assert!(
+            text.contains("fix: create it: `trellis mesh enable"),
+            "{text}"
+        );
         server.abort();
     }
 }

@@ -52,8 +52,8 @@ pub struct StatusArgs {
     /// The namespace Trellis is installed in.
     #[arg(short, long, default_value = DEFAULT_NAMESPACE)]
     namespace: String,
-    /// The controller's Service (`<release>-trellis-controller` for a release not named
-    /// `trellis`).
+    /// The controller's Service: the chart's `<fullname>-controller` (`trellis-controller`
+    /// for a release named `trellis`).
     #[arg(long, default_value = DEFAULT_CONTROLLER_SERVICE)]
     service: String,
     /// Wait until the mesh is healthy (or --timeout), printing what it waits for.

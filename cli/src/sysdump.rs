@@ -85,6 +85,8 @@ pub struct Dump<W: Write> {
     mtime: u64,
     collected: Vec<String>,
     failed: Vec<String>,
+    /// What the cluster does not serve (a CRD not installed): not a failure.
+    absent: Vec<String>,
 }
 
 impl<W: Write> Dump<W> {
@@ -99,6 +101,7 @@ impl<W: Write> Dump<W> {
                 .map_or(0, |d| d.as_secs()),
             collected: Vec::new(),
             failed: Vec::new(),
+            absent: Vec::new(),
         }
     }
 
@@ -132,6 +135,10 @@ impl<W: Write> Dump<W> {
         self.failed.push(format!("{what}: {why}"));
     }
 
+    pub fn absent(&mut self, what: &str, why: &str) {
+        self.absent.push(format!("{what}: {why}"));
+    }
+
     pub fn failures(&self) -> usize {
         self.failed.len()
     }
@@ -146,6 +153,16 @@ impl<W: Write> Dump<W> {
         let _ = writeln!(summary, "\nnot collected ({}):", self.failed.len());
         for line in &self.failed {
             let _ = writeln!(summary, "  {line}");
+        }
+        if !self.absent.is_empty() {
+            let _ = writeln!(
+                summary,
+                "\nnot served by this cluster ({}):",
+                self.absent.len()
+            );
+            for line in &self.absent {
+                let _ = writeln!(summary, "  {line}");
+            }
         }
         self.entry("summary.txt", summary.as_bytes())?;
         self.tar.into_inner().context("ending the archive")
@@ -277,7 +294,7 @@ pub async fn collect<W: Write>(
     for (name, path) in RESOURCES {
         match cluster::get(client, path, limits.max_item_bytes, limits.request_timeout).await {
             Ok(fetched) if fetched.status == 404 => {
-                dump.fail(name, "not served (404: its CRD is not installed)")
+                dump.absent(name, "404: its CRD is not installed")
             }
             Ok(fetched) => match fetched.ok() {
                 Ok(fetched) => dump.add(
@@ -656,9 +673,11 @@ mod tests {
             summary.contains("logs/trellis-controller-7d9f8b6c5d-x2k4p/controller.log (2.0 KiB, cut at the size cap)"),
             "{summary}"
         );
-        assert!(summary.contains("not collected (2):"), "{summary}");
+        assert!(summary.contains("not collected (1):"), "{summary}");
         assert!(
-            summary.contains("peers: not served (404: its CRD is not installed)"),
+            summary.contains(
+                "not served by this cluster (1):\n  peers: 404: its CRD is not installed"
+            ),
             "{summary}"
         );
         assert!(

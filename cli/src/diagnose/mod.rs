@@ -20,6 +20,9 @@ use trellis_gateway::node_report::NodeReport;
 use crate::cluster::{self, ClockOffset, DEFAULT_CONTROLLER_SERVICE, DEFAULT_NAMESPACE};
 use checks::{Check, Outcome};
 
+/// Gateways whose node facts are read at once.
+const PARALLEL_NODE_READS: usize = 8;
+
 /// The Secret with the mesh CA and the cluster's certificate (the chart's `tls.secretName`).
 pub const DEFAULT_TLS_SECRET: &str = "trellis-tls";
 
@@ -134,18 +137,34 @@ pub async fn gather(
         Ok(pods) => (pods, None),
         Err(e) => (Vec::new(), Some(text(e))),
     };
+    // A few nodes at a time: a large cluster is read in seconds, without a burst of proxy
+    // requests on the API server.
+    let mut reading = tokio::task::JoinSet::new();
     let mut gateways = Vec::new();
-    for pod in &pods {
-        let (report, clock) = match cluster::node_report(client, namespace, pod).await {
-            Ok((report, clock)) => (Ok(report), Some(clock)),
-            Err(e) => (Err(text(e)), None),
-        };
-        gateways.push(GatewayFacts {
-            pod: cluster::pod_name(pod).to_string(),
-            node: cluster::pod_node(pod).to_string(),
-            report,
-            clock,
+    for pod in pods {
+        while reading.len() >= PARALLEL_NODE_READS {
+            if let Some(Ok(gateway)) = reading.join_next().await {
+                gateways.push(gateway);
+            }
+        }
+        let (client, namespace) = (client.clone(), namespace.to_string());
+        reading.spawn(async move {
+            let (report, clock) = match cluster::node_report(&client, &namespace, &pod).await {
+                Ok((report, clock)) => (Ok(report), Some(clock)),
+                Err(e) => (Err(format!("{e:#}")), None),
+            };
+            GatewayFacts {
+                pod: cluster::pod_name(&pod).to_string(),
+                node: cluster::pod_node(&pod).to_string(),
+                report,
+                clock,
+            }
         });
+    }
+    while let Some(done) = reading.join_next().await {
+        if let Ok(gateway) = done {
+            gateways.push(gateway);
+        }
     }
     gateways.sort_by(|a, b| a.node.cmp(&b.node));
     Facts {

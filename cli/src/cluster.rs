@@ -307,6 +307,40 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_long_answer_is_cut_and_a_silent_one_times_out() {
+        use crate::test_api::{Answer, scripted};
+        let (client, _log, server) = scripted(|_| {
+            Answer::text(200, &"x".repeat(5000)).dated("Fri, 27 Nov 2026 03:41:07 GMT")
+        });
+        let fetched = get(
+            &client,
+            "/api/v1/namespaces/a/pods/b/log",
+            1000,
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .unwrap();
+        assert_eq!((fetched.body.len(), fetched.truncated), (1000, true));
+        assert_eq!(
+            fetched.date.map(unix_ms),
+            Some(1_795_750_867_000),
+            "the Date header is read"
+        );
+        server.abort();
+
+        // An API server that never answers.
+        let (svc, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(svc, "default");
+        let err = get(&client, "/version", 1000, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "GET /version: no answer within 50ms");
+    }
+
     #[test]
     fn proxy_paths_and_failure_messages() {
         assert_eq!(

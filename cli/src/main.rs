@@ -2,7 +2,9 @@
 //! one machine; `trellis status` shows a cluster's mesh as its controller sees it.
 
 mod certs;
+mod cluster;
 mod cni;
+mod diagnose;
 mod echo;
 mod kubeconfig;
 mod lab;
@@ -10,7 +12,10 @@ mod mesh;
 mod observe;
 mod peer;
 mod status;
+mod sysdump;
 mod table;
+#[cfg(test)]
+mod test_api;
 
 use clap::{Parser, Subcommand};
 
@@ -47,6 +52,13 @@ enum Command {
     /// Clusters joined into a mesh from your kubeconfig: `enable` one (namespace, mesh CA, its
     /// certificate, the helm install), `connect` and `disconnect` two.
     Mesh(mesh::MeshArgs),
+    /// The checks to run before filing a bug, through a kubeconfig context's API server:
+    /// rp_filter, the CNI conflist, gateways registered, peering, clock skew against the
+    /// certificates, MTU; each failure with its fix. Exits 1 when a check fails.
+    Diagnose(diagnose::DiagnoseArgs),
+    /// A .tar.gz for a bug report, through a kubeconfig context's API server: logs, /status
+    /// documents, metrics, custom resources, node facts and routes; the file name is printed.
+    Sysdump(sysdump::SysdumpArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,6 +73,8 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => status::run(args),
         Command::Observe(args) => observe::run(*args),
         Command::Mesh(args) => mesh::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Diagnose(args) => diagnose::run(args),
+        Command::Sysdump(args) => sysdump::run(args),
     };
     match outcome {
         Ok(code) => code,

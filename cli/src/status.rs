@@ -1,6 +1,8 @@
 //! `trellis status`: a controller's `GET /status` as tables (or the JSON document itself),
-//! judged healthy or not. Rendering is pure (status document in, text out); fetching is a
-//! small blocking HTTP/1.1 GET.
+//! judged healthy or not. Rendering is pure (status document in, text out). The document is
+//! read through the API server of a kubeconfig context (the controller's Service, by the
+//! service proxy: no port-forward), or with `--controller` from an address (a lab, a
+//! port-forward) by a small blocking HTTP/1.1 GET. `--wait` polls until healthy.
 //!
 //! Exit codes: 0 healthy; 1 something is unhealthy (a peer cluster not connected, synced or
 //! admitted, a node without a connected, reporting gateway, a stale or missing handshake —
@@ -18,10 +20,13 @@ use clap::{Args, ValueEnum};
 use trellis_core::cluster::ServiceKind;
 use trellis_core::status::{ControllerPolicyStatus, ControllerStatus, GatewayReport, problems};
 
+use crate::cluster::{DEFAULT_CONTROLLER_SERVICE, DEFAULT_NAMESPACE};
 use crate::table::Table;
 
 /// How long a status request may take, connecting and reading.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often `--wait` asks.
+pub const WAIT_POLL: Duration = Duration::from_secs(2);
 
 pub const EXIT_UNHEALTHY: u8 = 1;
 pub const EXIT_UNREACHABLE: u8 = 2;
@@ -36,29 +41,167 @@ pub enum Output {
 
 #[derive(Args)]
 pub struct StatusArgs {
-    /// The controller's metrics address, e.g. `http://127.0.0.1:9464` (on Kubernetes through
-    /// `kubectl port-forward`).
+    /// The controller's metrics address, e.g. `http://127.0.0.1:9464` (a lab, or `kubectl
+    /// port-forward`). Without it the controller is read through the API server of the
+    /// kubeconfig context.
+    #[arg(long, conflicts_with_all = ["context", "namespace", "service"])]
+    controller: Option<String>,
+    /// The kubeconfig context of the cluster (default: the current context).
     #[arg(long)]
-    controller: String,
+    context: Option<String>,
+    /// The namespace Trellis is installed in.
+    #[arg(short, long, default_value = DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// The controller's Service: the chart's `<fullname>-controller` (`trellis-controller`
+    /// for a release named `trellis`).
+    #[arg(long, default_value = DEFAULT_CONTROLLER_SERVICE)]
+    service: String,
+    /// Wait until the mesh is healthy (or --timeout), printing what it waits for.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits, e.g. `5m`, `90s`.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, requires = "wait")]
+    timeout: Duration,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
 }
 
+/// Where the status document comes from.
+pub enum Source {
+    /// A metrics address (`--controller`).
+    Direct(String),
+    /// The controller's Service, through the API server.
+    Cluster {
+        client: kube::Client,
+        namespace: String,
+        service: String,
+    },
+}
+
+impl Source {
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Direct(url) => format!("controller {url}"),
+            Self::Cluster {
+                namespace, service, ..
+            } => format!("controller Service {namespace}/{service}"),
+        }
+    }
+
+    pub async fn fetch(&self) -> anyhow::Result<ControllerStatus> {
+        match self {
+            Self::Direct(url) => {
+                let url = url.clone();
+                tokio::task::spawn_blocking(move || {
+                    let (host, base) = parse_controller_url(&url)?;
+                    let addr = resolve(&host)?;
+                    let body = http_get(addr, &host, &format!("{base}/status"), FETCH_TIMEOUT)?;
+                    parse_status(&body)
+                })
+                .await
+                .context("the status request's thread")?
+            }
+            Self::Cluster {
+                client,
+                namespace,
+                service,
+            } => crate::cluster::controller_status(client, namespace, service).await,
+        }
+    }
+}
+
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let status = match parse_controller_url(&args.controller).and_then(|(host, base)| {
-        let addr = resolve(&host)?;
-        let body = http_get(addr, &host, &format!("{base}/status"), FETCH_TIMEOUT)?;
-        parse_status(&body)
-    }) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let source = match &args.controller {
+            Some(url) => Source::Direct(url.clone()),
+            None => match crate::kubeconfig::client(args.context.as_deref()).await {
+                Ok(client) => Source::Cluster {
+                    client,
+                    namespace: args.namespace.clone(),
+                    service: args.service.clone(),
+                },
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    return Ok(ExitCode::from(EXIT_UNREACHABLE));
+                }
+            },
+        };
+        let last = if args.wait {
+            wait_until_healthy(&source, args.timeout, WAIT_POLL, |line| eprintln!("{line}")).await
+        } else {
+            source.fetch().await
+        };
+        finish(&source, last, args.output)
+    })
+}
+
+/// What status judges unhealthy: the controller's problems and refused NetworkPolicies.
+pub fn judge(status: &ControllerStatus) -> Vec<String> {
+    let mut found = problems(status);
+    found.extend(policy_problems(status));
+    found
+}
+
+/// Asks every `poll` until the status is healthy or `timeout` has passed; the last answer.
+/// Each wait is announced through `progress` (`waiting (12s): ...`).
+pub async fn wait_until_healthy(
+    source: &Source,
+    timeout: Duration,
+    poll: Duration,
+    mut progress: impl FnMut(String),
+) -> anyhow::Result<ControllerStatus> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let last = source.fetch().await;
+        let why = match &last {
+            Ok(status) => {
+                let found = judge(status);
+                if found.is_empty() {
+                    return last;
+                }
+                let more = if found.len() > 1 {
+                    format!(" (and {} more)", found.len() - 1)
+                } else {
+                    String::new()
+                };
+                format!("{}{more}", found[0])
+            }
+            Err(error) => format!("{} unreachable: {error:#}", source.describe()),
+        };
+        if started.elapsed() + poll > timeout {
+            progress(format!(
+                "gave up after {}: {why}",
+                humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()))
+            ));
+            return last;
+        }
+        progress(format!(
+            "waiting ({}): {why}",
+            humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()))
+        ));
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Prints the status (or why there is none) and says how it went.
+fn finish(
+    source: &Source,
+    last: anyhow::Result<ControllerStatus>,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    let status = match last {
         Ok(status) => status,
         Err(error) => {
-            eprintln!("error: controller {}: {error:#}", args.controller);
+            eprintln!("error: {}: {error:#}", source.describe());
             return Ok(ExitCode::from(EXIT_UNREACHABLE));
         }
     };
-    let mut problems = problems(&status);
-    problems.extend(policy_problems(&status));
-    match args.output {
+    let problems = judge(&status);
+    match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
         Output::Table => {
             print!("{}", render(&status));
@@ -759,6 +902,98 @@ mod tests {
         assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(format_utc(1_795_750_867), "2026-11-27T03:41:07Z");
+    }
+
+    const STATUS_PATH: &str =
+        "/api/v1/namespaces/trellis-system/services/http:trellis-controller:metrics/proxy/status";
+
+    fn through_the_api(client: kube::Client) -> Source {
+        Source::Cluster {
+            client,
+            namespace: DEFAULT_NAMESPACE.into(),
+            service: DEFAULT_CONTROLLER_SERVICE.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn waits_through_the_service_proxy_until_healthy() {
+        use crate::test_api::{Answer, scripted};
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let (client, log, server) = scripted(move |path| {
+            assert_eq!(path, STATUS_PATH);
+            match asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+                // The controller not Ready yet: the Service has no endpoints.
+                0 => Answer::failure(
+                    503,
+                    "ServiceUnavailable",
+                    "no endpoints available for service \"trellis-controller\"",
+                ),
+                1 => Answer::json(200, &serde_json::from_str(BROKEN).unwrap()),
+                _ => Answer::json(200, &serde_json::from_str(HEALTHY).unwrap()),
+            }
+        });
+        let mut lines = Vec::new();
+        let status = wait_until_healthy(
+            &through_the_api(client),
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            |line| lines.push(line),
+        )
+        .await
+        .unwrap();
+        assert!(judge(&status).is_empty());
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with(
+                "waiting (0s): controller Service trellis-system/trellis-controller unreachable"
+            ) && lines[0].contains("no endpoints available"),
+            "{lines:?}"
+        );
+        assert!(lines[1].contains("(and 4 more)"), "{lines:?}");
+        assert_eq!(log.lock().unwrap().len(), 3);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn gives_up_at_the_timeout_with_the_last_answer() {
+        use crate::test_api::{Answer, scripted};
+        let (client, _log, server) =
+            scripted(|_| Answer::json(200, &serde_json::from_str(BROKEN).unwrap()));
+        let mut lines = Vec::new();
+        let status = wait_until_healthy(
+            &through_the_api(client),
+            Duration::from_millis(100),
+            Duration::from_millis(20),
+            |line| lines.push(line),
+        )
+        .await
+        .unwrap();
+        assert_eq!(judge(&status).len(), 5);
+        assert!(lines.len() >= 2, "{lines:?}");
+        assert!(
+            lines.last().unwrap().starts_with("gave up after"),
+            "{lines:?}"
+        );
+
+        // Unreachable to the end: the error is the answer (exit 2).
+        let (client, _log, server2) = scripted(|_| {
+            Answer::failure(
+                503,
+                "ServiceUnavailable",
+                "error trying to reach service: dial tcp 172.18.0.3:9464: connect: connection refused",
+            )
+        });
+        let err = wait_until_healthy(
+            &through_the_api(client),
+            Duration::from_millis(50),
+            Duration::from_millis(20),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("connection refused"), "{err:#}");
+        server.abort();
+        server2.abort();
     }
 
     #[test]

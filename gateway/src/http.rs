@@ -1,5 +1,6 @@
-//! The gateway's `/metrics`, `/healthz` (the device loop ticks), `/readyz` (a plan is applied)
-//! and `/status` (its [`trellis_core::status::GatewayReport`] as JSON), on the one HTTP stack
+//! The gateway's `/metrics`, `/healthz` (the device loop ticks), `/readyz` (a plan is applied),
+//! `/status` (its [`trellis_core::status::GatewayReport`] as JSON) and `/node` (the node's
+//! facts for `trellis diagnose`: [`crate::node_report::NodeReport`]), on the one HTTP stack
 //! every daemon serves with ([`trellis_http`]: connections capped in total and per client,
 //! with deadlines, so metrics clients, idle or not reading, cannot starve the kubelet's probes).
 
@@ -11,6 +12,7 @@ use trellis_http::{Limits, Reply, Routes};
 
 use crate::device::DeviceHandle;
 use crate::metrics::Metrics;
+use crate::node_report::NodeSource;
 
 /// What `GET /status` reports on: the node's name and the running device loop.
 #[derive(Debug, Clone)]
@@ -22,11 +24,13 @@ pub struct StatusSource {
 /// The device loop ticks every 250 ms; a loop silent this long is unhealthy.
 const HEALTHY_WITHIN_SECONDS: u64 = 5;
 
-/// The gateway's routes. Without a `status` source, `GET /status` is not found.
+/// The gateway's routes. Without a `status` source, `GET /status` is not found; without a
+/// `node` source, `GET /node`.
 #[derive(Debug, Clone)]
 pub struct GatewayRoutes {
     pub metrics: Metrics,
     pub status: Option<StatusSource>,
+    pub node: Option<NodeSource>,
 }
 
 impl Routes for GatewayRoutes {
@@ -47,6 +51,10 @@ impl Routes for GatewayRoutes {
                 Some(source) => status(source, &self.metrics).await,
                 None => Reply::not_found(),
             },
+            "/node" => match &self.node {
+                Some(source) => node(source).await,
+                None => Reply::not_found(),
+            },
             _ => Reply::not_found(),
         }
     }
@@ -60,12 +68,28 @@ async fn status(source: &StatusSource, metrics: &Metrics) -> Reply {
     }
 }
 
+/// `GET /node`: the node's facts as pretty JSON; what could not be read is listed in it.
+async fn node(source: &NodeSource) -> Reply {
+    let raw = crate::node_report::read(source).await;
+    let report = crate::node_report::report(source, raw);
+    Reply::json(serde_json::to_string_pretty(&report).unwrap_or_default() + "\n")
+}
+
 /// Serves forever.
-pub async fn serve(listener: TcpListener, metrics: Metrics, status: Option<StatusSource>) {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Metrics,
+    status: Option<StatusSource>,
+    node: Option<NodeSource>,
+) {
     let refusals = metrics.clone();
     trellis_http::serve(
         listener,
-        Arc::new(GatewayRoutes { metrics, status }),
+        Arc::new(GatewayRoutes {
+            metrics,
+            status,
+            node,
+        }),
         Limits::default(),
         move |reason| refusals.http_refused(reason),
     )
@@ -82,6 +106,7 @@ mod tests {
         let routes = GatewayRoutes {
             metrics: metrics.clone(),
             status: None,
+            node: None,
         };
         let status = async |path: &str| routes.get(path).await.status;
         assert_eq!(status("/healthz").await, StatusCode::SERVICE_UNAVAILABLE);
@@ -97,6 +122,7 @@ mod tests {
         let reply = routes.get("/metrics").await;
         assert!(String::from_utf8_lossy(&reply.body).contains("trellis_gateway_peers_up"));
         assert_eq!(status("/status").await, StatusCode::NOT_FOUND, "no source");
+        assert_eq!(status("/node").await, StatusCode::NOT_FOUND, "no source");
         assert_eq!(status("/nope").await, StatusCode::NOT_FOUND);
     }
 
@@ -127,7 +153,7 @@ mod tests {
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             }
         });
-        let server = tokio::spawn(serve(listener, metrics.clone(), None));
+        let server = tokio::spawn(serve(listener, metrics.clone(), None, None));
         // A client on one address keeps 64 connections open and idle, reopening any the
         // gateway closes, for 30 s; the kubelet probes from another address every second.
         let started = std::time::Instant::now();
@@ -182,7 +208,14 @@ mod tests {
             node: "node-0".into(),
             device: node.handle.clone(),
         };
-        let server = tokio::spawn(serve(listener, metrics, Some(source)));
+        let node_source = NodeSource {
+            node: "node-0".into(),
+            interface: "trellis0".into(),
+            configured_mtu: 1420,
+            advertised: None,
+            cni_conflist: None,
+        };
+        let server = tokio::spawn(serve(listener, metrics, Some(source), Some(node_source)));
         let get = async |path: &'static str| {
             let ns = ns.path().to_path_buf();
             tokio::task::spawn_blocking(move || {
@@ -203,6 +236,12 @@ mod tests {
             serde_json::from_str(&status.body).unwrap();
         assert_eq!(report.node, "node-0");
         assert!(report.peers.is_empty());
+        // The node's facts (read where the server's tasks run; reading changes nothing).
+        let node = get("/node").await;
+        assert_eq!(node.status, 200, "{}", node.body);
+        let facts: crate::node_report::NodeReport = serde_json::from_str(&node.body).unwrap();
+        assert_eq!(facts.node, "node-0");
+        assert_eq!(facts.cni_conflist.present, None, "not told where");
         server.abort();
     }
 }

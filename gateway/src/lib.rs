@@ -14,6 +14,7 @@ pub mod io;
 pub mod keys;
 pub mod metrics;
 pub mod nft;
+pub mod node_report;
 pub mod offload;
 pub mod peer_config;
 pub mod plan_store;

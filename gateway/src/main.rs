@@ -157,6 +157,10 @@ struct RunArgs {
     /// refuses, the gateway runs without flows.
     #[arg(long, default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set)]
     flows: bool,
+    /// The CNI conflist the chart installs, as mounted into this container: `GET /node`
+    /// (`trellis diagnose`) says whether it is there and the pod MTU in it.
+    #[arg(long)]
+    cni_conflist: Option<PathBuf>,
     /// How many recent flows the node keeps (the oldest go first, counted in
     /// trellis_flows_buffer_overwritten_total).
     #[arg(long, default_value_t = trellis_gateway::flows::recorder::DEFAULT_CAPACITY)]
@@ -360,6 +364,13 @@ async fn run(args: RunArgs, config: GatewayConfig) -> anyhow::Result<()> {
         Some(trellis_gateway::http::StatusSource {
             node: args.node_name.clone().unwrap_or_default(),
             device: gateway.device().clone(),
+        }),
+        Some(trellis_gateway::node_report::NodeSource {
+            node: args.node_name.clone().unwrap_or_default(),
+            interface: args.interface.clone(),
+            configured_mtu: args.mtu,
+            advertised: args.advertise_endpoint.map(|e| e.ip()),
+            cni_conflist: args.cni_conflist.clone(),
         }),
     ));
     // Flows are named from the first plan on, the restored one included.

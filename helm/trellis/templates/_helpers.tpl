@@ -11,8 +11,12 @@
 {{- define "trellis.gateway" -}}{{ include "trellis.fullname" . }}-gateway{{- end -}}
 {{- define "trellis.dns" -}}{{ include "trellis.fullname" . }}-dns{{- end -}}
 {{- define "trellis.peering" -}}{{ include "trellis.fullname" . }}-peering{{- end -}}
-{{/* The ConfigMap the controller keeps its last state in (it creates it: stateConfigMap). */}}
-{{- define "trellis.controllerState" -}}{{ include "trellis.fullname" . }}-controller-state{{- end -}}
+{{/*
+The ConfigMap the controller keeps its last state in (it creates it: stateConfigMap). Named so
+that the controller's tests, which read rbac.yaml raw and turn `include "trellis.X"` into
+trellis-X, see its real name.
+*/}}
+{{- define "trellis.controller-state" -}}{{ include "trellis.fullname" . }}-controller-state{{- end -}}
 
 {{/*
 A component's ServiceAccount: its serviceAccount.name, or the component's own name (also when
@@ -23,6 +27,9 @@ serviceAccount.create is false: the account you made under the chart's name).
 {{- $values := index .root.Values .component -}}
 {{- $values.serviceAccount.name | default (include (printf "trellis.%s" .component) .root) -}}
 {{- end -}}
+{{- define "trellis.controllerServiceAccount" -}}{{ include "trellis.serviceAccountName" (dict "root" . "component" "controller") }}{{- end -}}
+{{- define "trellis.gatewayServiceAccount" -}}{{ include "trellis.serviceAccountName" (dict "root" . "component" "gateway") }}{{- end -}}
+{{- define "trellis.dnsServiceAccount" -}}{{ include "trellis.serviceAccountName" (dict "root" . "component" "dns") }}{{- end -}}
 {{/* Deprecated: the Secret holding the plaintext agent token (agent.legacyToken). */}}
 {{- define "trellis.agentSecret" -}}
 {{- .Values.agent.legacyToken.existingSecret | default (printf "%s-agent-token" (include "trellis.fullname" .)) -}}
@@ -209,9 +216,9 @@ agentTls:
   ca: /etc/trellis/agent-ca/ca.pem
 nodeBootstrap:
   caKey: /etc/trellis/agent-ca/ca-key.pem
-  serviceAccount: {{ .root.Release.Namespace }}/{{ include "trellis.serviceAccountName" (dict "root" .root "component" "gateway") }}
+  serviceAccount: {{ .root.Release.Namespace }}/{{ include "trellis.gatewayServiceAccount" .root }}
   {{- if $v.dns.enabled }}
-  dnsServiceAccount: {{ .root.Release.Namespace }}/{{ include "trellis.serviceAccountName" (dict "root" .root "component" "dns") }}
+  dnsServiceAccount: {{ .root.Release.Namespace }}/{{ include "trellis.dnsServiceAccount" .root }}
   {{- end }}
 {{- end }}
 # One replica leads (Lease {{ include "trellis.controller" .root }}); the others follow, serving
@@ -224,7 +231,7 @@ leaderElection:
   retryPeriodSeconds: {{ int $v.controller.leaderElection.retryPeriodSeconds }}
 # The last state survives rescheduling in this ConfigMap (the leader creates it). stateFile's
 # directory, an emptyDir, holds the agent certificate the controller issues itself.
-stateConfigMap: {{ include "trellis.controllerState" .root }}
+stateConfigMap: {{ include "trellis.controller-state" .root }}
 stateFile: /var/lib/trellis/controller-state.json
 {{- end -}}
 
@@ -253,8 +260,8 @@ stateFile: /var/lib/trellis/controller-state.json
 {{- end -}}
 {{- end -}}
 {{- if $v.dns.enabled -}}
-{{- $gatewayAccount := include "trellis.serviceAccountName" (dict "root" . "component" "gateway") -}}
-{{- if eq $gatewayAccount (include "trellis.serviceAccountName" (dict "root" . "component" "dns")) -}}
+{{- $gatewayAccount := include "trellis.gatewayServiceAccount" . -}}
+{{- if eq $gatewayAccount (include "trellis.dnsServiceAccount" .) -}}
 {{- fail (printf "gateway.serviceAccount.name and dns.serviceAccount.name are both %s: each gets its own certificates (node or DNS), so they need their own accounts" $gatewayAccount) -}}
 {{- end -}}
 {{- end -}}

@@ -2019,3 +2019,32 @@ fn the_controller_leads_with_a_lease_and_keeps_its_state_in_a_config_map() {
         );
     }
 }
+
+#[test]
+fn the_charts_own_labels_and_annotations_win_over_the_users() {
+    needs!("helm");
+    let docs = documents(
+        &template(&[
+            "--set",
+            "dns.podLabels.app\\.kubernetes\\.io/component=web",
+            "--set",
+            "dns.podLabels.team=net",
+            "--set",
+            "controller.podAnnotations.checksum/config=stale",
+            "--set",
+            "gateway.podAnnotations.prometheus\\.io/port=x",
+        ])
+        .unwrap(),
+    );
+    let dns = find(&docs, "Deployment", "trellis-dns");
+    let labels = &dns["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(labels["app.kubernetes.io/component"], "dns");
+    assert_eq!(labels["team"], "net");
+    assert!(selects(&dns["spec"]["selector"], labels));
+    let checksum = &pod_annotations(&docs, "Deployment", "trellis-controller")["checksum/config"];
+    assert_eq!(checksum.len(), 64, "the config checksum, not {checksum:?}");
+    assert_eq!(
+        pod_annotations(&docs, "DaemonSet", "trellis-gateway")["prometheus.io/port"],
+        "9586"
+    );
+}

@@ -1728,12 +1728,12 @@ fn every_workload_option_renders_as_set_in_the_maximal_values() {
         bootstrap.dns_service_account(),
         Some((NAMESPACE.to_owned(), "mesh-dns".to_owned()))
     );
-    // The budgets as set: minAvailable wins over maxUnavailable, percentages stay strings.
+    // The budgets as set: maxUnavailable, or minAvailable when set (percentages stay strings).
     for (name, component, budget) in [
         (
             "trellis-controller",
             "controller",
-            serde_json::json!({"minAvailable": 2}),
+            serde_json::json!({"maxUnavailable": 2}),
         ),
         (
             "trellis-dns",
@@ -1744,6 +1744,9 @@ fn every_workload_option_renders_as_set_in_the_maximal_values() {
         let pdb = find(&docs, "PodDisruptionBudget", name);
         let mut spec = pdb["spec"].clone();
         let selector = spec.as_object_mut().unwrap().remove("selector").unwrap();
+        spec.as_object_mut()
+            .unwrap()
+            .remove("unhealthyPodEvictionPolicy");
         assert_eq!(spec, budget, "{name}");
         let labels = &find(&docs, "Deployment", name)["spec"]["template"]["metadata"]["labels"];
         assert!(
@@ -1827,16 +1830,19 @@ fn disruption_budgets_and_one_controller_per_node_come_with_more_than_one_replic
     let pdb = find(&docs, "PodDisruptionBudget", "trellis-controller");
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     assert!(pdb["spec"]["minAvailable"].is_null());
+    // An unready pod (a follower) never blocks a drain.
+    assert_eq!(pdb["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
     let controller = find(&docs, "Deployment", "trellis-controller");
     assert_eq!(controller["spec"]["replicas"], 2);
     assert!(selects(
         &pdb["spec"]["selector"],
         &controller["spec"]["template"]["metadata"]["labels"]
     ));
-    // Host ports: no surge, and two replicas never on one node.
+    // Host ports: no surge, and two replicas never on one node. All may be replaced at once:
+    // a follower is never Ready, so keeping one available would keep the old leader forever.
     assert_eq!(
         controller["spec"]["strategy"],
-        serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}})
+        serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "100%"}})
     );
     let terms = anti_affinity(&docs);
     let terms = terms.as_array().expect("a required anti-affinity");

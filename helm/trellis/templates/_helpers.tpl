@@ -139,6 +139,9 @@ spec:
   selector:
     matchLabels:
       {{- include "trellis.selector" . | nindent 6 }}
+  # A pod that is not Ready (crashing, or a controller following rather than leading) never
+  # blocks a drain.
+  unhealthyPodEvictionPolicy: AlwaysAllow
 {{- end }}
 {{- end -}}
 

@@ -1,10 +1,12 @@
 //! The Helm chart (`helm/trellis`) as CI checks it: `helm lint` and `helm template` for the
-//! default values and a two-peer, encryption-on set; the manifests against Kubernetes 1.34's
-//! schemas (`kubernetes-validate --strict`; kind v0.30 ships 1.34, the newest both support);
-//! the values schema refusing a table of bad values; the CRDs against the controller's; the
-//! controller's configuration through the controller's own parser; every container's flags
-//! through the binaries' own argument parsers; the alerts through `promtool`; and the kind
-//! recipe through `shellcheck`.
+//! default values, a two-peer, encryption-on set and the maximal set (every workload option);
+//! the manifests against Kubernetes 1.34's schemas (`kubernetes-validate --strict`; kind v0.30
+//! ships 1.34, the newest both support); the values schema refusing a table of bad values; the
+//! workload conventions (Linux nodes, seccomp, PodDisruptionBudgets, image digests, your own
+//! ServiceAccounts) and the HA controller's wiring (leader election, RBAC) as rendered; the
+//! CRDs against the controller's; the controller's configuration through the controller's own
+//! parser; every container's flags through the binaries' own argument parsers; the alerts
+//! through `promtool`; and the kind recipe through `shellcheck`.
 //!
 //! The tools come from `scripts/install-deps` (helm and kubernetes-validate into
 //! target/tools, shellcheck and promtool from Debian). A test missing one skips, saying so,
@@ -21,6 +23,7 @@ use trellis_integration::bin_path;
 const KUBERNETES_VERSION: &str = "1.34.0";
 const NAMESPACE: &str = "trellis-system";
 const TWO_PEERS: &str = "ci/two-peers-encrypted-values.yaml";
+const MAXIMAL: &str = "ci/maximal-values.yaml";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -232,6 +235,24 @@ fn value_sets() -> Vec<(&'static str, Vec<&'static str>)> {
                 "flows.listen=127.0.0.1:14245",
             ],
         ),
+        ("maximal values", vec!["-f", MAXIMAL]),
+        (
+            "one controller, Recreate, gateways on delete, no priority classes",
+            vec![
+                "--set",
+                "controller.replicas=1",
+                "--set",
+                "controller.strategy.type=Recreate",
+                "--set",
+                "gateway.updateStrategy.type=OnDelete",
+                "--set",
+                "controller.priorityClassName=",
+                "--set",
+                "gateway.priorityClassName=",
+                "--set",
+                "dns.priorityClassName=",
+            ],
+        ),
     ]
 }
 
@@ -434,6 +455,67 @@ fn the_schema_and_the_chart_refuse_bad_values_saying_which_and_why() {
             &["--set", "tls.secretName="],
             "at '/tls/secretName': minLength",
         ),
+        // The workload conventions and the HA controller.
+        (
+            &["--set", "image.digest=sha256:abc"],
+            "at '/image/digest': 'sha256:abc' does not match pattern",
+        ),
+        (
+            &[
+                "--set",
+                "image.digest=4f53cda18c2baa0c0354bb5f9a3ecbe5ed12ab4d8e11ba873c2f11161202b945",
+            ],
+            "at '/image/digest'",
+        ),
+        (
+            &["--set", "controller.replicas=0"],
+            "at '/controller/replicas': minimum: got 0, want 1",
+        ),
+        (
+            &["--set", "dns.replicas=0"],
+            "at '/dns/replicas': minimum: got 0, want 1",
+        ),
+        (
+            &["--set", "controller.replica=2"],
+            "at '/controller': additional properties 'replica' not allowed",
+        ),
+        (
+            &["--set", "gateway.serviceAccount.create=no"],
+            "at '/gateway/serviceAccount/create': got string, want boolean",
+        ),
+        (
+            &["--set", "controller.serviceAccount.name=Mesh_Controller"],
+            "at '/controller/serviceAccount/name': 'Mesh_Controller' does not match pattern",
+        ),
+        (
+            &["--set", "controller.strategy.type=Surge"],
+            "at '/controller/strategy/type': value must be one of 'RollingUpdate', 'Recreate'",
+        ),
+        // A surge gateway would bind the same host ports as the one it replaces.
+        (
+            &["--set", "gateway.updateStrategy.rollingUpdate.maxSurge=1"],
+            "at '/gateway/updateStrategy/rollingUpdate': additional properties 'maxSurge' not allowed",
+        ),
+        (
+            &["--set", "dns.podDisruptionBudget.minAvailable=150%"],
+            "at '/dns/podDisruptionBudget/minAvailable'",
+        ),
+        (
+            &["--set-json", "gateway.extraArgs=[\"--workers\", 2]"],
+            "at '/gateway/extraArgs/1': got number, want string",
+        ),
+        (
+            &["--set-json", "dns.extraEnv=[{\"value\": \"1\"}]"],
+            "at '/dns/extraEnv/0': missing property 'name'",
+        ),
+        (
+            &["--set", "controller.podLabels.tier=1"],
+            "at '/controller/podLabels/tier': got number, want string",
+        ),
+        (
+            &["--set", "controller.leaderElection.leaseDurationSeconds=0"],
+            "at '/controller/leaderElection/leaseDurationSeconds': minimum",
+        ),
         // What JSON Schema cannot say, the chart does.
         (
             &["--set", "cluster.id=c1", "--set", "peers[0].id=c1"],
@@ -451,6 +533,35 @@ fn the_schema_and_the_chart_refuse_bad_values_saying_which_and_why() {
                 "peering.heartbeatSeconds=5",
             ],
             "peering.leaseSeconds (9) must be at least twice peering.heartbeatSeconds (5)",
+        ),
+        (
+            &["--set", "controller.leaderElection.renewDeadlineSeconds=15"],
+            "controller.leaderElection: leaseDurationSeconds (15) must exceed renewDeadlineSeconds (15)",
+        ),
+        (
+            &[
+                "--set",
+                "dns.replicas=2",
+                "--set",
+                "dns.podDisruptionBudget.minAvailable=2",
+            ],
+            "dns.podDisruptionBudget.minAvailable (2) must be below dns.replicas (2): no pod could ever be evicted",
+        ),
+        (
+            &[
+                "--set-json",
+                "controller.podDisruptionBudget.maxUnavailable=null",
+            ],
+            "controller.podDisruptionBudget: set minAvailable or maxUnavailable",
+        ),
+        (
+            &[
+                "--set",
+                "gateway.serviceAccount.name=mesh-agents",
+                "--set",
+                "dns.serviceAccount.name=mesh-agents",
+            ],
+            "gateway.serviceAccount.name and dns.serviceAccount.name are both mesh-agents",
         ),
     ];
     let mut failures = Vec::new();
@@ -492,6 +603,26 @@ fn the_charts_crds_are_the_controllers() {
     );
 }
 
+/// The keys of the HA controller's configuration (`leaderElection`, `stateConfigMap`: see
+/// [`the_controller_leads_with_a_lease_and_keeps_its_state_in_a_config_map`]), which the chart
+/// renders and mesh-controller's parser does not know yet: the HA controller's branch (h20-ha)
+/// adds them to `Config`. Until it is merged they are taken out before [`controller_config`]
+/// parses the rest; the lead empties this list with that merge, from which on the controller's
+/// own parser reads them too.
+const KEYS_THE_PARSER_LEARNS_WITH_THE_HA_CONTROLLER: &[&str] =
+    &["leaderElection", "stateConfigMap"];
+
+/// The chart's controller.yaml through the controller's own parser.
+fn controller_config(yaml: &str) -> Result<trellis_controller::config::Config, String> {
+    let mut document: serde_norway::Mapping =
+        serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
+    for key in KEYS_THE_PARSER_LEARNS_WITH_THE_HA_CONTROLLER {
+        document.remove(*key);
+    }
+    let yaml = serde_norway::to_string(&document).map_err(|e| e.to_string())?;
+    trellis_controller::config::Config::parse(&yaml).map_err(|e| e.to_string())
+}
+
 fn config_map_data(docs: &[Value]) -> (String, k8s_openapi::api::core::v1::ConfigMap) {
     let cm = find(docs, "ConfigMap", "trellis-controller");
     let yaml = cm["data"]["controller.yaml"].as_str().unwrap().to_string();
@@ -501,10 +632,10 @@ fn config_map_data(docs: &[Value]) -> (String, k8s_openapi::api::core::v1::Confi
 #[test]
 fn the_controller_reads_its_configuration_and_its_runtime_switch() {
     needs!("helm");
-    use trellis_controller::config::{Config, SourceConfig};
+    use trellis_controller::config::SourceConfig;
     let docs = documents(&template(&["-f", TWO_PEERS]).unwrap());
     let (yaml, cm) = config_map_data(&docs);
-    let cfg = Config::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let cfg = controller_config(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     assert_eq!(cfg.cluster_id.as_ref().map(|c| c.as_str()), Some("c1"));
     assert_eq!(cfg.cluster_name.as_deref(), Some("East"));
     assert_eq!(cfg.peers.len(), 2);
@@ -580,7 +711,7 @@ fn the_controller_reads_its_configuration_and_its_runtime_switch() {
     ] {
         let docs = documents(&template(&extra).unwrap());
         let (yaml, _) = config_map_data(&docs);
-        let cfg = Config::parse(&yaml).unwrap_or_else(|e| panic!("{what}: {e}\n{yaml}"));
+        let cfg = controller_config(&yaml).unwrap_or_else(|e| panic!("{what}: {e}\n{yaml}"));
         assert!(cfg.agent_token_file.is_none(), "{what}");
         let (ca, cert, key, self_issued) = cfg.agent_tls_files().expect("agentTls");
         assert!(
@@ -692,7 +823,7 @@ fn the_controller_reads_its_configuration_and_its_runtime_switch() {
     // The deprecated token only when asked for, everywhere at once.
     let docs = documents(&template(&["--set", "agent.legacyToken.enabled=true"]).unwrap());
     let (yaml, _) = config_map_data(&docs);
-    let cfg = Config::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let cfg = controller_config(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     assert!(cfg.agent_tls.is_none() && cfg.node_bootstrap.is_none());
     assert!(cfg.agent_token_file.is_some());
     find(&docs, "Secret", "trellis-agent-token");
@@ -703,7 +834,7 @@ fn the_controller_reads_its_configuration_and_its_runtime_switch() {
     );
     // Default values: no ID (the ClusterProperty gives it), nobody to peer with, off.
     let (yaml, cm) = config_map_data(&documents(&template(&[]).unwrap()));
-    let cfg = Config::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let cfg = controller_config(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     assert_eq!(cfg.cluster_id, None);
     assert!(cfg.peers.is_empty() && !cfg.node_encryption);
     assert_eq!(
@@ -1166,7 +1297,6 @@ fn gateway_command(docs: &[Value]) -> Vec<String> {
 #[test]
 fn flows_reach_the_gateways_and_the_controller_and_off_turns_both_off() {
     needs!("helm");
-    use trellis_controller::config::Config;
     for (what, extra, enabled, buffer, listen) in [
         (
             "default values",
@@ -1224,7 +1354,7 @@ fn flows_reach_the_gateways_and_the_controller_and_off_turns_both_off() {
             "{what}"
         );
         // The controller's own parser takes the keys.
-        Config::parse(&yaml).unwrap_or_else(|e| panic!("{what}: {e}\n{yaml}"));
+        controller_config(&yaml).unwrap_or_else(|e| panic!("{what}: {e}\n{yaml}"));
         // Loopback by design: no Service or container port publishes the flows endpoint.
         let port: u64 = listen.rsplit(':').next().unwrap().parse().unwrap();
         for doc in &docs {
@@ -1367,5 +1497,560 @@ async fn the_charts_agent_ca_serves_the_controller_and_bootstraps_dns_without_a_
         AgentIdentity::Dns {
             cluster: "c1".into()
         }
+    );
+}
+
+/// The three workloads: (kind, name, component).
+const WORKLOADS: [(&str, &str, &str); 3] = [
+    ("Deployment", "trellis-controller", "controller"),
+    ("DaemonSet", "trellis-gateway", "gateway"),
+    ("Deployment", "trellis-dns", "dns"),
+];
+
+fn pod_spec<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    &find(docs, kind, name)["spec"]["template"]["spec"]
+}
+
+/// A workload's first container (the controller, the gateway, DNS).
+fn main_container<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    &pod_spec(docs, kind, name)["containers"][0]
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+/// Whether a pod with these labels is selected by a `matchLabels` selector.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let wanted = selector["matchLabels"].as_object().expect("matchLabels");
+    !wanted.is_empty() && wanted.iter().all(|(k, v)| &labels[k] == v)
+}
+
+/// Whether RBAC `rules` grant `verb` on `group`/`resource`, on the object `name` (None: a
+/// request that names none, such as create, which a rule with resourceNames never matches).
+fn grants(rules: &Value, group: &str, resource: &str, verb: &str, name: Option<&str>) -> bool {
+    let has = |list: &Value, item: &str| {
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|x| x == item || x == "*"))
+    };
+    rules.as_array().into_iter().flatten().any(|rule| {
+        has(&rule["apiGroups"], group)
+            && has(&rule["resources"], resource)
+            && has(&rule["verbs"], verb)
+            && match rule["resourceNames"].as_array() {
+                None => true,
+                Some(names) => name.is_some_and(|n| names.iter().any(|x| x == n)),
+            }
+    })
+}
+
+/// The controller's rendered configuration, as YAML values (the HA keys included).
+fn rendered_controller_config(docs: &[Value]) -> Value {
+    let (yaml, _) = config_map_data(docs);
+    serde_norway::from_str(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+}
+
+#[test]
+fn every_pod_lands_on_linux_under_runtime_default_seccomp_with_the_charts_defaults() {
+    needs!("helm");
+    let docs = documents(&template(&[]).unwrap());
+    for ((kind, name, _), priority) in WORKLOADS.iter().zip([
+        "system-cluster-critical",
+        "system-node-critical",
+        "system-cluster-critical",
+    ]) {
+        let spec = pod_spec(&docs, kind, name);
+        assert_eq!(
+            spec["nodeSelector"],
+            serde_json::json!({"kubernetes.io/os": "linux"}),
+            "{name} could land on a Windows node"
+        );
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"],
+            serde_json::json!({"type": "RuntimeDefault"}),
+            "{name}'s pod has no seccomp profile"
+        );
+        assert_eq!(spec["priorityClassName"], *priority, "{name}");
+        for container in ["containers", "initContainers"]
+            .iter()
+            .flat_map(|k| spec[k].as_array().cloned().unwrap_or_default())
+        {
+            assert_eq!(
+                container["image"], "trellis:0.1.0",
+                "{name}: the appVersion tag"
+            );
+            // No container turns the pod's profile off.
+            assert!(
+                container["securityContext"]["seccompProfile"].is_null(),
+                "{name}/{}",
+                container["name"]
+            );
+        }
+    }
+    // The gateway keeps exactly what its tunnel, routes, policy and steering need.
+    let gateway = main_container(&docs, "DaemonSet", "trellis-gateway");
+    assert_eq!(
+        gateway["securityContext"]["capabilities"],
+        serde_json::json!({"drop": ["ALL"], "add": ["NET_ADMIN", "BPF"]})
+    );
+    assert_eq!(
+        find(&docs, "DaemonSet", "trellis-gateway")["spec"]["updateStrategy"],
+        serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}})
+    );
+    // DNS: a new pod is ready before an old one goes.
+    assert_eq!(
+        find(&docs, "Deployment", "trellis-dns")["spec"]["strategy"],
+        serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+    );
+    // One ServiceAccount per component, under the chart's names, each pod running as its own.
+    let accounts: Vec<&Value> = of_kind(&docs, "ServiceAccount")
+        .into_iter()
+        .map(|a| &a["metadata"]["name"])
+        .collect();
+    assert_eq!(
+        accounts,
+        ["trellis-controller", "trellis-gateway", "trellis-dns"]
+    );
+    for (kind, name, _) in WORKLOADS {
+        assert_eq!(pod_spec(&docs, kind, name)["serviceAccountName"], name);
+    }
+}
+
+#[test]
+fn every_workload_option_renders_as_set_in_the_maximal_values() {
+    needs!("helm");
+    let values: Value =
+        serde_norway::from_str(&std::fs::read_to_string(chart().join(MAXIMAL)).unwrap()).unwrap();
+    let docs = documents(&template(&["-f", MAXIMAL]).unwrap());
+    let image = format!(
+        "{}@{}",
+        values["image"]["repository"].as_str().unwrap(),
+        values["image"]["digest"].as_str().unwrap()
+    );
+    for (kind, name, component) in WORKLOADS {
+        let set = &values[component];
+        let workload = find(&docs, kind, name);
+        let template = &workload["spec"]["template"];
+        let spec = &template["spec"];
+        let what = format!("{kind} {name}");
+        // The digest wins over the tag, in every container.
+        for container in ["containers", "initContainers"]
+            .iter()
+            .flat_map(|k| spec[k].as_array().cloned().unwrap_or_default())
+        {
+            assert_eq!(container["image"], image.as_str(), "{what}");
+            assert_eq!(container["imagePullPolicy"], "Always", "{what}");
+        }
+        assert_eq!(
+            spec["imagePullSecrets"],
+            serde_json::json!([{"name": "registry-credentials"}])
+        );
+        assert_eq!(
+            spec["priorityClassName"], set["priorityClassName"],
+            "{what}"
+        );
+        assert_eq!(spec["nodeSelector"], set["nodeSelector"], "{what}");
+        assert_eq!(spec["tolerations"], set["tolerations"], "{what}");
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+            "{what}"
+        );
+        let strategy_key = if kind == "DaemonSet" {
+            "updateStrategy"
+        } else {
+            "strategy"
+        };
+        assert_eq!(workload["spec"][strategy_key], set[strategy_key], "{what}");
+        // The user's labels and annotations join the chart's, which still select the pods.
+        let labels = &template["metadata"]["labels"];
+        for (key, value) in set["podLabels"].as_object().unwrap() {
+            assert_eq!(&labels[key], value, "{what}: label {key}");
+        }
+        assert!(selects(&workload["spec"]["selector"], labels), "{what}");
+        let annotations = &template["metadata"]["annotations"];
+        for (key, value) in set["podAnnotations"].as_object().unwrap() {
+            assert_eq!(&annotations[key], value, "{what}: annotation {key}");
+        }
+        assert_eq!(annotations["prometheus.io/scrape"], "true", "{what}");
+        let container = &spec["containers"][0];
+        assert_eq!(container["resources"], set["resources"], "{what}");
+        // extraEnv after the chart's own variables, extraArgs at the end of the command.
+        let env = container["env"].as_array().unwrap();
+        let extra_env = set["extraEnv"].as_array().unwrap();
+        assert_eq!(
+            &env[env.len() - extra_env.len()..],
+            extra_env.as_slice(),
+            "{what}"
+        );
+        let chart_env = &env[..env.len() - extra_env.len()];
+        assert!(chart_env.iter().any(|e| e["name"] == "RUST_LOG"), "{what}");
+        if let Some(extra_args) = set["extraArgs"].as_array() {
+            let command = container["command"].as_array().unwrap();
+            assert_eq!(
+                &command[command.len() - extra_args.len()..],
+                extra_args.as_slice(),
+                "{what}"
+            );
+        }
+        // Your own ServiceAccount: the pod runs as it, the chart makes none.
+        assert_eq!(
+            spec["serviceAccountName"], set["serviceAccount"]["name"],
+            "{what}"
+        );
+    }
+    assert!(
+        of_kind(&docs, "ServiceAccount").is_empty(),
+        "serviceAccount.create=false everywhere, yet the chart made {:?}",
+        of_kind(&docs, "ServiceAccount")
+    );
+    // Its roles are bound to the accounts given, and the controller issues node and DNS
+    // certificates to those accounts' tokens.
+    for (binding, account) in [
+        ("ClusterRoleBinding/trellis-controller", "mesh-controller"),
+        ("RoleBinding/trellis-controller", "mesh-controller"),
+        ("ClusterRoleBinding/trellis-gateway", "mesh-gateway"),
+    ] {
+        let (kind, name) = binding.split_once('/').unwrap();
+        assert_eq!(
+            find(&docs, kind, name)["subjects"],
+            serde_json::json!([{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]),
+            "{binding}"
+        );
+    }
+    let (yaml, _) = config_map_data(&docs);
+    let cfg = controller_config(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let bootstrap = cfg.node_bootstrap.as_ref().expect("nodeBootstrap");
+    assert_eq!(
+        bootstrap.service_account(),
+        Some((NAMESPACE.to_owned(), "mesh-gateway".to_owned()))
+    );
+    assert_eq!(
+        bootstrap.dns_service_account(),
+        Some((NAMESPACE.to_owned(), "mesh-dns".to_owned()))
+    );
+    // The budgets as set: maxUnavailable, or minAvailable when set (percentages stay strings).
+    for (name, component, budget) in [
+        (
+            "trellis-controller",
+            "controller",
+            serde_json::json!({"maxUnavailable": 2}),
+        ),
+        (
+            "trellis-dns",
+            "dns",
+            serde_json::json!({"minAvailable": "50%"}),
+        ),
+    ] {
+        let pdb = find(&docs, "PodDisruptionBudget", name);
+        let mut spec = pdb["spec"].clone();
+        let selector = spec.as_object_mut().unwrap().remove("selector").unwrap();
+        spec.as_object_mut()
+            .unwrap()
+            .remove("unhealthyPodEvictionPolicy");
+        assert_eq!(spec, budget, "{name}");
+        let labels = &find(&docs, "Deployment", name)["spec"]["template"]["metadata"]["labels"];
+        assert!(
+            selects(&selector, labels),
+            "{name}'s budget selects no pod of its"
+        );
+        assert_eq!(
+            pdb["metadata"]["labels"]["app.kubernetes.io/component"],
+            component
+        );
+    }
+    // The controller keeps the user's node affinity and adds its one-per-node rule.
+    let affinity = &pod_spec(&docs, "Deployment", "trellis-controller")["affinity"];
+    assert_eq!(
+        affinity["nodeAffinity"],
+        values["controller"]["affinity"]["nodeAffinity"]
+    );
+    assert_eq!(
+        affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    // Gateways and DNS: the affinity given, unchanged.
+    for (kind, name, component) in &WORKLOADS[1..] {
+        assert_eq!(
+            pod_spec(&docs, kind, name)["affinity"],
+            values[*component]["affinity"]
+        );
+    }
+}
+
+#[test]
+fn a_strategy_without_rolling_updates_renders_without_their_parameters() {
+    needs!("helm");
+    let docs = documents(
+        &template(&[
+            "--set",
+            "controller.strategy.type=Recreate",
+            "--set",
+            "gateway.updateStrategy.type=OnDelete",
+            "--set",
+            "dns.strategy.type=Recreate",
+        ])
+        .unwrap(),
+    );
+    assert_eq!(
+        find(&docs, "Deployment", "trellis-controller")["spec"]["strategy"],
+        serde_json::json!({"type": "Recreate"})
+    );
+    assert_eq!(
+        find(&docs, "DaemonSet", "trellis-gateway")["spec"]["updateStrategy"],
+        serde_json::json!({"type": "OnDelete"})
+    );
+    assert_eq!(
+        find(&docs, "Deployment", "trellis-dns")["spec"]["strategy"],
+        serde_json::json!({"type": "Recreate"})
+    );
+    // An empty priority class leaves the field out (the API server refuses "").
+    let docs = documents(&template(&["--set", "gateway.priorityClassName="]).unwrap());
+    assert!(pod_spec(&docs, "DaemonSet", "trellis-gateway")["priorityClassName"].is_null());
+}
+
+#[test]
+fn disruption_budgets_and_one_controller_per_node_come_with_more_than_one_replica() {
+    needs!("helm");
+    let budgets = |docs: &[Value]| -> Vec<String> {
+        of_kind(docs, "PodDisruptionBudget")
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let anti_affinity = |docs: &[Value]| {
+        pod_spec(docs, "Deployment", "trellis-controller")["affinity"]["podAntiAffinity"]
+            ["requiredDuringSchedulingIgnoredDuringExecution"]
+            .clone()
+    };
+    // Defaults: two controllers, one DNS.
+    let docs = documents(&template(&[]).unwrap());
+    assert_eq!(budgets(&docs), ["trellis-controller"]);
+    let pdb = find(&docs, "PodDisruptionBudget", "trellis-controller");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert!(pdb["spec"]["minAvailable"].is_null());
+    // An unready pod (a follower) never blocks a drain.
+    assert_eq!(pdb["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
+    let controller = find(&docs, "Deployment", "trellis-controller");
+    assert_eq!(controller["spec"]["replicas"], 2);
+    assert!(selects(
+        &pdb["spec"]["selector"],
+        &controller["spec"]["template"]["metadata"]["labels"]
+    ));
+    // Host ports: no surge, and two replicas never on one node. All may be replaced at once:
+    // a follower is never Ready, so keeping one available would keep the old leader forever.
+    assert_eq!(
+        controller["spec"]["strategy"],
+        serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "100%"}})
+    );
+    let terms = anti_affinity(&docs);
+    let terms = terms.as_array().expect("a required anti-affinity");
+    assert_eq!(terms.len(), 1);
+    assert_eq!(terms[0]["topologyKey"], "kubernetes.io/hostname");
+    assert!(
+        selects(
+            &terms[0]["labelSelector"],
+            &controller["spec"]["template"]["metadata"]["labels"]
+        ),
+        "the anti-affinity does not select the controller's own pods: {}",
+        terms[0]
+    );
+    assert!(pod_spec(&docs, "Deployment", "trellis-dns")["affinity"].is_null());
+
+    // Two DNS replicas get their budget too.
+    let docs = documents(&template(&["--set", "dns.replicas=2"]).unwrap());
+    assert_eq!(budgets(&docs), ["trellis-controller", "trellis-dns"]);
+    let pdb = find(&docs, "PodDisruptionBudget", "trellis-dns");
+    assert!(selects(
+        &pdb["spec"]["selector"],
+        &find(&docs, "Deployment", "trellis-dns")["spec"]["template"]["metadata"]["labels"]
+    ));
+    // One replica: no budget (it would block every drain of its node), no anti-affinity.
+    let docs = documents(&template(&["--set", "controller.replicas=1"]).unwrap());
+    assert!(budgets(&docs).is_empty(), "{:?}", budgets(&docs));
+    assert!(anti_affinity(&docs).is_null());
+    // Budgets can be turned off, and the user's own anti-affinity terms are kept beside ours.
+    let docs = documents(
+        &template(&[
+            "--set",
+            "controller.podDisruptionBudget.enabled=false",
+            "--set",
+            "controller.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey=topology.kubernetes.io/zone",
+            "--set",
+            "controller.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].labelSelector.matchLabels.app=other",
+        ])
+        .unwrap(),
+    );
+    assert!(budgets(&docs).is_empty());
+    let keys: Vec<Value> = anti_affinity(&docs)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["topologyKey"].clone())
+        .collect();
+    assert_eq!(
+        keys,
+        ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    );
+}
+
+#[test]
+fn the_controller_leads_with_a_lease_and_keeps_its_state_in_a_config_map() {
+    needs!("helm");
+    for (what, extra, timings) in [
+        ("default values", vec![], (15, 10, 2)),
+        ("maximal values", vec!["-f", MAXIMAL], (20, 12, 3)),
+    ] {
+        let docs = documents(&template(&extra).unwrap());
+        let config = rendered_controller_config(&docs);
+        let election = &config["leaderElection"];
+        assert_eq!(
+            election,
+            &serde_json::json!({
+                "lease": "trellis-controller",
+                "namespace": NAMESPACE,
+                "leaseDurationSeconds": timings.0,
+                "renewDeadlineSeconds": timings.1,
+                "retryPeriodSeconds": timings.2,
+            }),
+            "{what}"
+        );
+        let lease = election["lease"].as_str().unwrap();
+        let state = config["stateConfigMap"].as_str().expect("stateConfigMap");
+        assert_eq!(state, "trellis-controller-state", "{what}");
+        // The settings ConfigMap the chart owns is not the one the controller writes.
+        assert_ne!(
+            config["source"]["kubernetes"]["settingsConfigMap"].as_str(),
+            Some(state),
+            "{what}"
+        );
+
+        let spec = pod_spec(&docs, "Deployment", "trellis-controller");
+        let container = &spec["containers"][0];
+        // The holder identity: the pod's name.
+        let pod_name = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "POD_NAME")
+            .expect("POD_NAME");
+        assert_eq!(
+            pod_name["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.name"
+        );
+        // Ready only while leading: the Services reach the leader alone.
+        assert_eq!(
+            container["readinessProbe"],
+            serde_json::json!({"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 2}),
+            "{what}"
+        );
+        assert!(
+            container["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "metrics"),
+            "{what}"
+        );
+
+        // RBAC in the release's namespace: the Lease and the state ConfigMap, by name.
+        let role = &find(&docs, "Role", "trellis-controller")["rules"];
+        let group = "coordination.k8s.io";
+        assert!(grants(role, group, "leases", "create", None), "{what}");
+        for verb in ["get", "update"] {
+            assert!(
+                grants(role, group, "leases", verb, Some(lease)),
+                "{what}: {verb} lease"
+            );
+            assert!(
+                !grants(role, group, "leases", verb, Some("kube-scheduler")),
+                "{what}"
+            );
+        }
+        assert!(grants(role, "", "configmaps", "create", None), "{what}");
+        for verb in ["get", "update", "patch"] {
+            assert!(
+                grants(role, "", "configmaps", verb, Some(state)),
+                "{what}: {verb} state"
+            );
+        }
+        // Its settings (the chart's, nodeEncryption) stay read-only, other ConfigMaps and
+        // Secrets out of reach.
+        for verb in ["update", "patch", "delete"] {
+            assert!(
+                !grants(role, "", "configmaps", verb, Some("trellis-controller")),
+                "{what}"
+            );
+        }
+        assert!(
+            !grants(role, "", "configmaps", "get", Some("kube-root-ca.crt")),
+            "{what}"
+        );
+        assert!(
+            !grants(role, "", "secrets", "get", Some("trellis-tls")),
+            "{what}"
+        );
+        let binding = find(&docs, "RoleBinding", "trellis-controller");
+        assert_eq!(
+            binding["subjects"][0]["name"], spec["serviceAccountName"],
+            "{what}"
+        );
+        assert_eq!(binding["roleRef"]["name"], "trellis-controller");
+
+        // The Peer resources (external WireGuard peers): read, and their status written.
+        let cluster_role = &find(&docs, "ClusterRole", "trellis-controller")["rules"];
+        for verb in ["get", "list", "watch"] {
+            assert!(
+                grants(cluster_role, "trellis.dev", "peers", verb, None),
+                "{what}: {verb}"
+            );
+        }
+        for verb in ["patch", "update"] {
+            assert!(
+                grants(cluster_role, "trellis.dev", "peers/status", verb, None),
+                "{what}: {verb} peers/status"
+            );
+        }
+        for verb in ["create", "update", "patch", "delete"] {
+            assert!(
+                !grants(cluster_role, "trellis.dev", "peers", verb, None),
+                "{what}: the controller never writes a Peer's spec ({verb})"
+            );
+        }
+        let binding = find(&docs, "ClusterRoleBinding", "trellis-controller");
+        assert_eq!(
+            binding["subjects"][0]["name"], spec["serviceAccountName"],
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn the_charts_own_labels_and_annotations_win_over_the_users() {
+    needs!("helm");
+    let docs = documents(
+        &template(&[
+            "--set",
+            "dns.podLabels.app\\.kubernetes\\.io/component=web",
+            "--set",
+            "dns.podLabels.team=net",
+            "--set",
+            "controller.podAnnotations.checksum/config=stale",
+            "--set",
+            "gateway.podAnnotations.prometheus\\.io/port=x",
+        ])
+        .unwrap(),
+    );
+    let dns = find(&docs, "Deployment", "trellis-dns");
+    let labels = &dns["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(labels["app.kubernetes.io/component"], "dns");
+    assert_eq!(labels["team"], "net");
+    assert!(selects(&dns["spec"]["selector"], labels));
+    let checksum = &pod_annotations(&docs, "Deployment", "trellis-controller")["checksum/config"];
+    assert_eq!(checksum.len(), 64, "the config checksum, not {checksum:?}");
+    assert_eq!(
+        pod_annotations(&docs, "DaemonSet", "trellis-gateway")["prometheus.io/port"],
+        "9586"
     );
 }

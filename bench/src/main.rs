@@ -7,6 +7,7 @@ mod flows;
 mod handshakes;
 mod latency;
 mod netpol;
+mod path;
 mod policy;
 mod propagation;
 mod stats;
@@ -29,6 +30,10 @@ enum Bench {
     Dns(dns::Options),
     /// Plain veth, wireguard-go, boringtun-cli and trellis-gateway: throughput, RTT, CPU.
     Tunnel(tunnel::Options),
+    /// The real path: iperf3 and ping pod to pod through the lab's gateways (node encryption,
+    /// across clusters, with NetworkPolicy), beside the bare tunnel and plain routing, with
+    /// the ratios.
+    Path(path::Options),
     /// ICMP round trips through veth, wireguard-go, boringtun-cli and trellis-gateway, paced
     /// and back to back: min, p50, p90, p99.
     Latency(latency::Options),
@@ -54,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Cni(options) => cni::run(&options),
         Bench::Tunnel(options) => tunnel::run(&options),
         Bench::Latency(options) => latency::run(&options),
+        Bench::Path(options) => path::run(&options),
         Bench::Dns(options) => dns::run(&options),
         Bench::Handshakes(options) => handshakes::run(&options),
         Bench::PolicyApply(options) => policy::run(&options),

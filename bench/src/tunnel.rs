@@ -121,8 +121,8 @@ impl Pair {
 pub(crate) struct Running {
     /// Where B's inner address is reached from A.
     pub(crate) target: Ipv4Addr,
-    source: Ipv4Addr,
-    processes: Vec<Child>,
+    pub(crate) source: Ipv4Addr,
+    pub(crate) processes: Vec<Child>,
     encrypted: bool,
     /// Files the tunnel needs while it runs.
     _work: Option<tempfile::TempDir>,
@@ -137,7 +137,7 @@ impl Drop for Running {
     }
 }
 
-fn run_in(netns: &Netns, program: &str, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn run_in(netns: &Netns, program: &str, args: &[&str]) -> anyhow::Result<String> {
     let mut command = Command::new(program);
     command
         .args(args)
@@ -444,7 +444,7 @@ fn start(pair: &Pair, contender: &str, boringtun: Option<&Path>) -> anyhow::Resu
 }
 
 /// Busy and total jiffies of the whole machine.
-fn cpu_jiffies() -> anyhow::Result<(u64, u64)> {
+pub(crate) fn cpu_jiffies() -> anyhow::Result<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let fields: Vec<u64> = stat
         .lines()
@@ -461,9 +461,15 @@ fn cpu_jiffies() -> anyhow::Result<(u64, u64)> {
 
 /// User + system CPU seconds the processes have used so far.
 fn process_cpu_seconds(processes: &[Child]) -> anyhow::Result<f64> {
+    let pids: Vec<u32> = processes.iter().map(Child::id).collect();
+    pids_cpu_seconds(&pids)
+}
+
+/// User + system CPU seconds the processes `pids` (all their threads) have used so far.
+pub(crate) fn pids_cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
     let mut ticks = 0u64;
-    for child in processes {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))?;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         // The fields after the command name (which may hold spaces) start after its ')'.
         let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
         let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -530,48 +536,89 @@ impl Capture {
 }
 
 fn iperf(pair: &Pair, running: &Running, flows: u32, seconds: u32) -> anyhow::Result<f64> {
-    let mut server_command = Command::new("iperf3");
-    server_command
-        .args(["-s", "-B", &running.target.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut server = pair
-        .b
-        .spawn(&mut server_command)?
-        .context("start iperf3 (apt-get install iperf3)")?;
-    let target = SocketAddr::new(IpAddr::V4(running.target), 5201);
-    wait_for("iperf3 server", Duration::from_secs(5), || {
-        pair.a
-            .run(|| TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok())
-            .unwrap_or(false)
-    })?;
-    // The probe connection above may have raced the server; let it settle.
-    std::thread::sleep(Duration::from_millis(200));
-    let outcome = run_in(
-        &pair.a,
-        "iperf3",
-        &[
-            "-c",
-            &running.target.to_string(),
-            "-B",
-            &running.source.to_string(),
-            "-t",
-            &seconds.to_string(),
-            "-P",
-            &flows.to_string(),
-            "-J",
-        ],
-    );
-    let _ = server.kill();
-    let _ = server.wait();
-    let report: Value = serde_json::from_str(&outcome?)?;
-    if let Some(error) = report["error"].as_str() {
-        bail!("iperf3: {error}");
+    let run = Iperf {
+        client: &pair.a,
+        server: &pair.b,
+        target: running.target,
+        source: Some(running.source),
+        flows,
+        seconds,
+        reverse: false,
+    };
+    Ok(run.measure()?.gbps)
+}
+
+/// One iperf3 run between two namespaces: the server bound to `target` in `server`, the
+/// client in `client` (bound to `source` if given); with `reverse`, the server sends (`-R`).
+pub(crate) struct Iperf<'a> {
+    pub(crate) client: &'a Netns,
+    pub(crate) server: &'a Netns,
+    pub(crate) target: Ipv4Addr,
+    pub(crate) source: Option<Ipv4Addr>,
+    pub(crate) flows: u32,
+    pub(crate) seconds: u32,
+    pub(crate) reverse: bool,
+}
+
+/// What one iperf3 run measured.
+pub(crate) struct IperfResult {
+    /// Received, all flows together.
+    pub(crate) gbps: f64,
+    /// TCP retransmissions of the sending side.
+    pub(crate) retransmits: u64,
+}
+
+impl Iperf<'_> {
+    pub(crate) fn measure(&self) -> anyhow::Result<IperfResult> {
+        let target = self.target.to_string();
+        let mut server_command = Command::new("iperf3");
+        server_command
+            .args(["-s", "-B", &target])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut server = self
+            .server
+            .spawn(&mut server_command)?
+            .context("start iperf3 (apt-get install iperf3)")?;
+        let address = SocketAddr::new(IpAddr::V4(self.target), 5201);
+        let ready = wait_for("iperf3 server", Duration::from_secs(5), || {
+            self.client
+                .run(|| TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok())
+                .unwrap_or(false)
+        });
+        if let Err(e) = ready {
+            let _ = server.kill();
+            let _ = server.wait();
+            return Err(e);
+        }
+        // The probe connection above may have raced the server; let it settle.
+        std::thread::sleep(Duration::from_millis(200));
+        let seconds = self.seconds.to_string();
+        let flows = self.flows.to_string();
+        let mut args = vec!["-c", &target, "-t", &seconds, "-P", &flows, "-J"];
+        let source = self.source.map(|s| s.to_string());
+        if let Some(source) = &source {
+            args.extend(["-B", source.as_str()]);
+        }
+        if self.reverse {
+            args.push("-R");
+        }
+        let outcome = run_in(self.client, "iperf3", &args);
+        let _ = server.kill();
+        let _ = server.wait();
+        let report: Value = serde_json::from_str(&outcome?)?;
+        if let Some(error) = report["error"].as_str() {
+            bail!("iperf3: {error}");
+        }
+        let gbps = report["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|bps| bps / 1e9)
+            .context("iperf3 report without sum_received")?;
+        let retransmits = report["end"]["sum_sent"]["retransmits"]
+            .as_u64()
+            .unwrap_or(0);
+        Ok(IperfResult { gbps, retransmits })
     }
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|bps| bps / 1e9)
-        .context("iperf3 report without sum_received")
 }
 
 /// Round trips as a user's `ping` (iputils) in A sees them: `count` echoes, `interval`
@@ -582,8 +629,18 @@ pub(crate) fn ping(
     count: u32,
     interval: Duration,
 ) -> anyhow::Result<Vec<Duration>> {
+    ping_from(&pair.a, target, count, interval)
+}
+
+/// Round trips as `ping` in `netns` sees them (see [`ping`]).
+pub(crate) fn ping_from(
+    netns: &Netns,
+    target: Ipv4Addr,
+    count: u32,
+    interval: Duration,
+) -> anyhow::Result<Vec<Duration>> {
     let output = run_in(
-        &pair.a,
+        netns,
         "ping",
         &[
             "-n",

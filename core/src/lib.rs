@@ -12,6 +12,7 @@ pub mod agent;
 pub mod cidr;
 pub mod claims;
 pub mod cluster;
+pub mod external_peer;
 mod error_chain;
 pub mod flow;
 pub mod framing;

@@ -270,6 +270,7 @@ pub(crate) fn peer_of(node: &Node, name: &str, cidr: &str) -> TunnelPeer {
         endpoint: Some(node.addr),
         allowed_ips: vec![cidr.parse().unwrap()],
         persistent_keepalive: None,
+        preshared_key: None,
     }
 }
 
@@ -934,6 +935,7 @@ async fn a_thousand_peers_get_their_handshakes_at_once_without_tripping_cookies(
                         .unwrap(),
                 ],
                 persistent_keepalive: None,
+                preshared_key: None,
             }
         })
         .collect();

@@ -55,9 +55,10 @@ pub fn desired_for(
                 cluster: local.id.clone(),
                 node: name.clone(),
                 public_key: gw.public_key,
-                endpoint: gw.endpoint,
+                endpoint: Some(gw.endpoint),
                 allowed_ips: local_peer_allowed_ips(n),
                 persistent_keepalive: None,
+                preshared_key: None,
             });
         }
         for cidr in &n.pod_cidrs {
@@ -90,9 +91,10 @@ pub fn desired_for(
                     cluster: remote.id.clone(),
                     node: name.clone(),
                     public_key: gw.public_key,
-                    endpoint: gw.endpoint,
+                    endpoint: Some(gw.endpoint),
                     allowed_ips: allowed,
                     persistent_keepalive: Some(REMOTE_KEEPALIVE),
+                    preshared_key: None,
                 });
             }
         }

@@ -143,6 +143,17 @@ pub struct Verdict {
     pub message: String,
 }
 
+/// One external peer in a controller's `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    /// The node whose gateway carries it (when accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
 /// What the peers are checked against.
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
@@ -175,6 +186,22 @@ impl Admission {
                 node.pod_cidrs.extend(peer.allowed_ips.iter().copied());
             }
         }
+    }
+
+    /// Every peer's status line, by name.
+    pub fn statuses(&self) -> Vec<PeerStatus> {
+        self.verdicts
+            .iter()
+            .map(|(name, verdict)| PeerStatus {
+                name: name.clone(),
+                verdict: verdict.clone(),
+                node: self
+                    .accepted
+                    .iter()
+                    .find(|p| &p.name == name)
+                    .map(|p| p.node.clone()),
+            })
+            .collect()
     }
 
     /// The peers the gateway of `node` carries.
@@ -276,7 +303,10 @@ fn check(
         if net.trunc() != net {
             return Err(refused(
                 Refusal::InvalidSpec,
-                format!("allowedIPs: {net} has host bits set (did you mean {})?", net.trunc()),
+                format!(
+                    "allowedIPs: {net} has host bits set (did you mean {})?",
+                    net.trunc()
+                ),
             ));
         }
         if too_broad(&net) {
@@ -335,12 +365,7 @@ fn check(
                 ));
             }
         }
-        if let Some(cidr) = ctx
-            .local
-            .service_cidrs
-            .iter()
-            .find(|c| overlaps(c, net))
-        {
+        if let Some(cidr) = ctx.local.service_cidrs.iter().find(|c| overlaps(c, net)) {
             return Err(refused(
                 Refusal::Overlaps,
                 format!("allowedIPs: {net} overlaps the service CIDR {cidr}"),
@@ -362,12 +387,11 @@ fn check(
             ));
         }
     }
-    if let Some((name, _)) = ctx
-        .local
-        .nodes
-        .iter()
-        .find(|(_, n)| n.gateway.as_ref().is_some_and(|g| g.public_key == public_key))
-    {
+    if let Some((name, _)) = ctx.local.nodes.iter().find(|(_, n)| {
+        n.gateway
+            .as_ref()
+            .is_some_and(|g| g.public_key == public_key)
+    }) {
         return Err(refused(
             Refusal::Overlaps,
             format!("publicKey is the key of node {name}'s gateway"),
@@ -469,7 +493,10 @@ mod tests {
 
     fn run(peers: &[ExternalPeerSpec]) -> Admission {
         let local = local();
-        let allowance: Vec<IpNet> = vec!["10.1.0.0/16".parse().unwrap(), "10.101.0.0/16".parse().unwrap()];
+        let allowance: Vec<IpNet> = vec![
+            "10.1.0.0/16".parse().unwrap(),
+            "10.101.0.0/16".parse().unwrap(),
+        ];
         let others: Vec<IpNet> = vec!["10.2.0.0/16".parse().unwrap()];
         let other_keys = BTreeSet::from([PublicKey([0xBB; 32])]);
         admit(
@@ -495,7 +522,10 @@ mod tests {
         assert_eq!(reason(&a, "laptop"), "Accepted");
         assert!(a.verdicts["laptop"].ready);
         let accepted = &a.accepted[0];
-        assert_eq!(accepted.node, "node-0", "node-9 does not exist, node-1 has no gateway");
+        assert_eq!(
+            accepted.node, "node-0",
+            "node-9 does not exist, node-1 has no gateway"
+        );
         assert_eq!(accepted.persistent_keepalive, Some(25));
         assert_eq!(a.on_node("node-0").count(), 1);
         assert_eq!(a.on_node("node-1").count(), 0);
@@ -503,7 +533,10 @@ mod tests {
         a.advertise(&mut state);
         assert_eq!(
             state.nodes["node-0"].pod_cidrs,
-            vec!["10.1.0.0/24".parse::<IpNet>().unwrap(), "10.1.200.1/32".parse().unwrap()]
+            vec![
+                "10.1.0.0/24".parse::<IpNet>().unwrap(),
+                "10.1.200.1/32".parse().unwrap()
+            ]
         );
     }
 
@@ -527,11 +560,21 @@ mod tests {
         all.extend(cases.iter().map(|(p, _)| p.clone()));
         let a = run(&all);
         for (p, expected) in &cases {
-            assert_eq!(reason(&a, &p.name), *expected, "{}: {}", p.name, a.verdicts[&p.name].message);
+            assert_eq!(
+                reason(&a, &p.name),
+                *expected,
+                "{}: {}",
+                p.name,
+                a.verdicts[&p.name].message
+            );
             assert!(!a.verdicts[&p.name].ready);
         }
         assert_eq!(a.accepted.len(), 1);
-        assert_eq!(a.accepted, run(&[good]).accepted, "the refused change nothing");
+        assert_eq!(
+            a.accepted,
+            run(&[good]).accepted,
+            "the refused change nothing"
+        );
     }
 
     #[test]

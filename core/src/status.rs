@@ -198,6 +198,9 @@ pub struct ControllerStatus {
     /// How many services are imported in all (the list may be cut).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub imports_total: usize,
+    /// External peers (`Peer` objects), each with its verdict, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_peers: Vec<crate::external_peer::PeerStatus>,
 }
 
 /// Imports listed in a status document at most (all are counted).
@@ -467,6 +470,7 @@ mod tests {
             cluster: "c1".parse().unwrap(),
             name: "c1".into(),
             source_synced: true,
+            external_peers: Vec::new(),
             revision: 4,
             mesh_revision: 9,
             node_encryption: false,

@@ -33,6 +33,8 @@ pub struct StatusParts<'a> {
     pub policy: Option<(&'a trellis_core::policy::PolicyInputs, &'a str)>,
     /// What this cluster imports (the last mesh view's).
     pub imports: &'a Imports,
+    /// The external peers' verdicts.
+    pub external_peers: &'a trellis_core::external_peer::Admission,
 }
 
 /// Every configured peer with its connection, revision, sync age and lag, counts and, when
@@ -95,6 +97,7 @@ pub fn document(parts: &StatusParts<'_>, now: Instant, wall: SystemTime) -> Cont
             .map(ImportStatus::of)
             .collect(),
         imports_total: parts.imports.services.len(),
+        external_peers: parts.external_peers.statuses(),
     }
 }
 

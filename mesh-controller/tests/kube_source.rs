@@ -712,6 +712,7 @@ fn view_of_web(conflict: bool) -> std::sync::Arc<trellis_controller::hub::MeshVi
         policy: None,
         policy_pending: false,
         policy_step: None,
+        external_peers: Default::default(),
     })
 }
 

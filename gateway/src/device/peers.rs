@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use boringtun::noise::{Tunn, TunnResult};
 use ipnet::IpNet;
 use prometheus::{Gauge, IntCounter, IntGauge};
-use trellis_core::gateway::TunnelPeer;
 use trellis_core::external_peer::PresharedKey;
+use trellis_core::gateway::TunnelPeer;
 use trellis_core::wgkey::PublicKey;
 
 use super::Shared;

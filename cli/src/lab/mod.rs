@@ -310,7 +310,9 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        LabCommand::Peer(peer_args) => peer::run(&dir, &args.name, peer_args).map(|()| ExitCode::SUCCESS),
+        LabCommand::Peer(peer_args) => {
+            peer::run(&dir, &args.name, peer_args).map(|()| ExitCode::SUCCESS)
+        }
         LabCommand::Apply { cluster, file } => {
             let _turn = one_change_at_a_time(&dir, &args.name)?;
             let mut state =

@@ -57,7 +57,9 @@ enum LabPeerCommand {
     /// the underlay running wireguard-go with the printed wg-quick config. It reaches the pods
     /// and services of every cluster of the lab, and they reach it.
     Add {
-        name: String,
+        /// The machine's name (its `Peer`'s).
+        #[arg(value_name = "NAME")]
+        peer: String,
         /// The cluster whose node carries it.
         #[arg(long, default_value = "c1")]
         cluster: String,
@@ -70,7 +72,10 @@ enum LabPeerCommand {
         address: Option<Ipv4Net>,
     },
     /// Remove the machine, its namespace and its `Peer`.
-    Remove { name: String },
+    Remove {
+        #[arg(value_name = "NAME")]
+        peer: String,
+    },
     /// The lab's external machines.
     List,
 }
@@ -133,7 +138,7 @@ pub fn run(dir: &Path, lab: &str, args: LabPeerArgs) -> anyhow::Result<()> {
             Ok(())
         }
         LabPeerCommand::Add {
-            name,
+            peer: name,
             cluster,
             node,
             address,
@@ -143,7 +148,7 @@ pub fn run(dir: &Path, lab: &str, args: LabPeerArgs) -> anyhow::Result<()> {
                 LabState::load(dir).with_context(|| format!("lab {lab:?} is not up"))?;
             add(dir, &mut state, &name, &cluster, &node, address)
         }
-        LabPeerCommand::Remove { name } => {
+        LabPeerCommand::Remove { peer: name } => {
             let _turn = super::one_change_at_a_time(dir, lab)?;
             let mut state =
                 LabState::load(dir).with_context(|| format!("lab {lab:?} is not up"))?;
@@ -257,7 +262,11 @@ pub fn machine_script(setconf: &Path, address: Ipv4Net, routes: &[IpNet], ready:
     s
 }
 
-fn find<'a>(state: &'a LabState, cluster: &str, node: &str) -> anyhow::Result<(&'a Cluster, &'a Node)> {
+fn find<'a>(
+    state: &'a LabState,
+    cluster: &str,
+    node: &str,
+) -> anyhow::Result<(&'a Cluster, &'a Node)> {
     let c = state
         .clusters
         .iter()
@@ -392,7 +401,10 @@ pub fn add(
             .map(|a| a.to_string())
             .unwrap_or_else(|| "<pod address>".into())
     );
-    println!("its wg-quick config ({}):", config_path(dir, name).display());
+    println!(
+        "its wg-quick config ({}):",
+        config_path(dir, name).display()
+    );
     print!("{config}");
     Ok(())
 }
@@ -432,7 +444,12 @@ fn wait_accepted(state: &LabState, record: &LabPeer) -> anyhow::Result<()> {
             last = format!("{}: {}", peer.verdict.reason, peer.verdict.message);
             if peer.verdict.ready {
                 match super::apply::gateway_report(node) {
-                    Ok(report) if report.peers.iter().any(|p| p.public_key == record.public_key) => {
+                    Ok(report)
+                        if report
+                            .peers
+                            .iter()
+                            .any(|p| p.public_key == record.public_key) =>
+                    {
                         return Ok(());
                     }
                     Ok(_) => last = format!("the gateway of {} has not applied it yet", node.name),
@@ -441,7 +458,10 @@ fn wait_accepted(state: &LabState, record: &LabPeer) -> anyhow::Result<()> {
             }
         }
         if Instant::now() > deadline {
-            bail!("peer/{} not in force within {ACCEPTED_WITHIN:?}: {last}", record.name);
+            bail!(
+                "peer/{} not in force within {ACCEPTED_WITHIN:?}: {last}",
+                record.name
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -484,18 +504,28 @@ pub fn remove(dir: &Path, state: &mut LabState, name: &str) -> anyhow::Result<()
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok());
     let Some(record) = record else {
-        bail!("lab {:?} has no peer {name:?} (see `trellis lab peer list`)", state.lab);
+        bail!(
+            "lab {:?} has no peer {name:?} (see `trellis lab peer list`)",
+            state.lab
+        );
     };
     let mut failures = Vec::new();
     let daemon_name = record.daemon_name();
-    for daemon in state.daemons.iter().filter(|d| d.launch.name == daemon_name) {
+    for daemon in state
+        .daemons
+        .iter()
+        .filter(|d| d.launch.name == daemon_name)
+    {
         if let Err(e) = daemon.stop(Duration::from_secs(3)) {
             failures.push(format!("{e:#}"));
         }
     }
     state.daemons.retain(|d| d.launch.name != daemon_name);
     state.save(dir)?;
-    failures.extend(super::processes::stop_all_in(&record.netns, Duration::from_secs(3)));
+    failures.extend(super::processes::stop_all_in(
+        &record.netns,
+        Duration::from_secs(3),
+    ));
     if Netns::list()?.contains(&record.netns)
         && let Err(e) = Netns::delete(&record.netns)
     {
@@ -527,9 +557,16 @@ mod tests {
         let lab = Topology::new("t", 2, 50, 1).unwrap();
         let first = next_address(&lab.clusters[1], &[]).unwrap();
         assert_eq!(first.to_string(), "10.2.250.1/32");
-        assert!(lab.clusters[1].nodes.iter().all(|n| !n.pod_cidr.contains(&IpNet::V4(first))));
+        assert!(
+            lab.clusters[1]
+                .nodes
+                .iter()
+                .all(|n| !n.pod_cidr.contains(&IpNet::V4(first)))
+        );
         assert_eq!(
-            next_address(&lab.clusters[1], &[first]).unwrap().to_string(),
+            next_address(&lab.clusters[1], &[first])
+                .unwrap()
+                .to_string(),
             "10.2.250.2/32"
         );
         let (underlay, port) = next_underlay(&[Ipv4Addr::new(198, 19, 250, 1)]).unwrap();
@@ -551,7 +588,15 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert_eq!(ranges, ["10.1.0.0/16", "10.101.0.0/16", "10.2.0.0/16", "10.102.0.0/16"]);
+        assert_eq!(
+            ranges,
+            [
+                "10.1.0.0/16",
+                "10.101.0.0/16",
+                "10.2.0.0/16",
+                "10.102.0.0/16"
+            ]
+        );
     }
 
     #[test]
@@ -585,14 +630,22 @@ mod tests {
         let script = machine_script(
             Path::new("/x/laptop.setconf"),
             "10.1.250.1/32".parse().unwrap(),
-            &["10.1.0.0/16".parse().unwrap(), "10.2.0.0/16".parse().unwrap()],
+            &[
+                "10.1.0.0/16".parse().unwrap(),
+                "10.2.0.0/16".parse().unwrap(),
+            ],
             Path::new("/x/laptop.ready"),
         );
         assert!(script.contains("mount -t tmpfs trellis-lab-peer /run/wireguard"));
-        assert!(script.contains("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f wg0 &"));
+        assert!(
+            script.contains("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f wg0 &")
+        );
         assert!(script.contains("wg setconf wg0 /x/laptop.setconf"));
         assert!(script.contains("ip route add 10.2.0.0/16 dev wg0"));
         let ready = script.find("touch /x/laptop.ready").unwrap();
-        assert!(ready > script.find("ip route add 10.2.0.0/16").unwrap(), "ready only once routed");
+        assert!(
+            ready > script.find("ip route add 10.2.0.0/16").unwrap(),
+            "ready only once routed"
+        );
     }
 }

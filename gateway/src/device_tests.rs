@@ -1203,14 +1203,21 @@ async fn a_preshared_key_must_match_for_a_handshake() {
         .unwrap();
     b.handle
         .set_peers(
-            vec![with(peer_of(&a, "a", "10.1.0.0/24"), Some(PresharedKey([8; 32])))],
+            vec![with(
+                peer_of(&a, "a", "10.1.0.0/24"),
+                Some(PresharedKey([8; 32])),
+            )],
             true,
         )
         .await
         .unwrap();
     let ping = ipv4("10.1.0.5", "10.2.0.7", b"ping");
     a.tun.inbound.push(ping.clone());
-    assert_eq!(delivered(&b.tun).await, None, "another preshared key: no session");
+    assert_eq!(
+        delivered(&b.tun).await,
+        None,
+        "another preshared key: no session"
+    );
 
     b.handle
         .set_peers(vec![with(peer_of(&a, "a", "10.1.0.0/24"), psk)], true)

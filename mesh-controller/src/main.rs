@@ -180,6 +180,7 @@ async fn run(config_path: PathBuf) -> Result<()> {
                 client.clone(),
                 hub.clone(),
                 cfg.network_policy,
+                settings_namespace.clone(),
             ));
             tasks.spawn(trellis_controller::kube_settings::run(
                 client.clone(),

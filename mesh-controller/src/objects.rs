@@ -372,9 +372,10 @@ pub fn source_state(objects: &Objects) -> SourceState {
     }
 }
 
-/// The Peers not being deleted, their preshared keys looked up among the source's Secrets.
+/// The Peers not being deleted, by name (a store lists them in no order), their preshared
+/// keys looked up among the source's Secrets.
 fn external_peers(objects: &Objects) -> Vec<trellis_core::external_peer::ExternalPeerSpec> {
-    objects
+    let mut peers: Vec<_> = objects
         .peers
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
@@ -388,7 +389,9 @@ fn external_peers(objects: &Objects) -> Vec<trellis_core::external_peer::Externa
                 })
             })
         })
-        .collect()
+        .collect();
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    peers
 }
 
 /// What the controller reports on a ServiceExport: KEP-1645's `Valid` condition (the

@@ -5,8 +5,6 @@
 //! Commands take a `kube::Client`, so their tests hand them one whose API server answers with
 //! scripted responses (see `test_api` in the tests of this module's users).
 
-#![allow(dead_code)] // its commands (issue 20) are being written against it
-
 use anyhow::Context as _;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 

@@ -119,6 +119,23 @@ fn a_peer_waits_for_its_gateway_then_rides_it_and_the_cluster_routes_to_it() {
         "advertised as routed by node-0"
     );
 
+    // What `trellis peer add` reads from /status: the node gateway's key and endpoint, and
+    // the ranges the machine routes.
+    let status = h.status();
+    let node_0 = status.nodes.iter().find(|n| n.node == "node-0").unwrap();
+    assert_eq!(node_0.public_key, Some(PublicKey([0xA0; 32])));
+    assert_eq!(node_0.endpoint, Some("198.18.1.10:51820".parse().unwrap()));
+    assert!(
+        status.mesh_cidrs.contains(&"10.1.0.0/23".parse().unwrap()),
+        "{:?}",
+        status.mesh_cidrs
+    );
+    assert!(
+        status
+            .mesh_cidrs
+            .contains(&"10.101.0.0/16".parse().unwrap())
+    );
+
     let v = view(&h);
     let carrier = desired_for(
         "node-0",

@@ -249,6 +249,7 @@ impl Hub {
                     .map(|(inputs, digest)| (inputs.as_ref(), digest.as_str())),
                 imports: &inner.imports,
                 external_peers: &inner.external_peers,
+                local: &inner.local,
             },
             Instant::now(),
             SystemTime::now(),

@@ -496,6 +496,7 @@ mod tests {
                     "10.96.0.0/16".parse().unwrap(),
                 ],
                 persistent_keepalive: Some(25),
+                preshared_key: None,
             }],
             routes: vec![
                 RouteSpec {

@@ -1,8 +1,30 @@
-//! `trellis peer config`: a wg-quick file for a machine outside Kubernetes (a laptop, a VM)
-//! that joins the mesh through a node's gateway.
+//! `trellis peer`: external machines (a laptop, a VM) in a managed mesh, as `Peer` objects
+//! (`trellis.dev/v1alpha1`, cluster-scoped) the cluster's controller checks and streams to the
+//! node gateway that carries each.
+//!
+//! * `add NAME --context A --node N --address 10.x.y.z/32`: a fresh key pair (the private key
+//!   appears only in the printed wg-quick config), the `Peer` created, its `Ready` condition
+//!   awaited (a refused Peer is deleted again, the controller's reason shown), then the config:
+//!   the node gateway's key and endpoint from the controller's `/status` (through the API
+//!   server's service proxy), the mesh's pod and service ranges as AllowedIPs;
+//! * `list`: every Peer with its key, addresses, nodes and `Ready` condition;
+//! * `remove NAME`: deletes it (nothing to delete is not an error);
+//! * `config`: a wg-quick file for a standalone gateway driven by a state file.
+//!
+//! The logic takes a `kube::Client`; the tests script the API server's answers.
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use trellis_gateway::peer_config::PeerConfigArgs;
+use ipnet::IpNet;
+use kube::api::{Api, DeleteParams, PostParams};
+use trellis_controller::crd::{Peer, PeerSpec};
+use trellis_core::status::ControllerStatus;
+use trellis_core::wgkey::PublicKey;
+use trellis_gateway::keys::KeyPair;
+use trellis_gateway::peer_config::{ExternalPeer, PeerConfigArgs, render_wg_quick};
 
 #[derive(Args)]
 pub struct PeerArgs {
@@ -13,13 +35,612 @@ pub struct PeerArgs {
 #[derive(Subcommand)]
 enum PeerCommand {
     /// Print a wg-quick config (with a fresh key) for an external machine; run it on the node
-    /// whose gateway the machine will connect to.
+    /// whose gateway the machine will connect to (a standalone gateway, no controller).
     Config(PeerConfigArgs),
+    /// Admit an external machine through a node's gateway: creates its Peer with a fresh key
+    /// and prints its wg-quick config (the only copy of its private key).
+    Add(AddArgs),
+    /// Every Peer of the cluster and whether its controller accepted it.
+    List(ClusterArgs),
+    /// Delete a Peer: the machine is cut off.
+    Remove(RemoveArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// The kubeconfig context (the current one when left out).
+    #[arg(long)]
+    context: Option<String>,
+    /// Where Trellis runs (the controller's Service).
+    #[arg(long, default_value = "trellis-system")]
+    namespace: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AddArgs {
+    /// The Peer's name (a DNS-1123 subdomain).
+    #[arg(value_name = "NAME")]
+    peer: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// The node whose gateway carries it (repeat for standbys, in order of preference).
+    #[arg(long, required = true)]
+    node: Vec<String>,
+    /// Its address(es) in the mesh: inside the ranges this cluster may claim, outside every
+    /// node's pod CIDR and the service range.
+    #[arg(long, value_delimiter = ',', required = true)]
+    address: Vec<IpNet>,
+    /// The gateway endpoint the machine dials (`host:port`, e.g. the node's public address);
+    /// the node's registered endpoint when left out.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Keepalive (seconds) both ends send.
+    #[arg(long, default_value_t = 25)]
+    keepalive: u16,
+    /// Print the Peer and the config without creating anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// How long to wait for the controller's verdict.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RemoveArgs {
+    #[arg(value_name = "NAME")]
+    peer: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Say what would be deleted, delete nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 pub fn run(args: PeerArgs) -> anyhow::Result<()> {
-    match args.command {
-        PeerCommand::Config(args) => print!("{}", args.render()?),
+    if let PeerCommand::Config(config) = args.command {
+        print!("{}", config.render()?);
+        return Ok(());
     }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match args.command {
+            PeerCommand::Config(_) => unreachable!("handled above"),
+            PeerCommand::Add(add_args) => {
+                let client = crate::kubeconfig::client(add_args.cluster.context.as_deref()).await?;
+                let config = add(client, &add_args, &KeyPair::generate()).await?;
+                print!("{config}");
+            }
+            PeerCommand::List(cluster) => {
+                let client = crate::kubeconfig::client(cluster.context.as_deref()).await?;
+                print!("{}", render_list(&list(client).await?));
+            }
+            PeerCommand::Remove(remove_args) => {
+                let client =
+                    crate::kubeconfig::client(remove_args.cluster.context.as_deref()).await?;
+                remove(client, &remove_args).await?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The controller's `/status`, through the API server's service proxy (no port-forward).
+pub async fn controller_status(
+    client: &kube::Client,
+    namespace: &str,
+) -> anyhow::Result<ControllerStatus> {
+    let path =
+        format!("/api/v1/namespaces/{namespace}/services/trellis-controller:metrics/proxy/status");
+    let request = http::Request::get(&path).body(Vec::new())?;
+    let text = client
+        .request_text(request)
+        .await
+        .with_context(|| format!("asking the controller for its status ({path})"))?;
+    serde_json::from_str(&text).context("the controller's /status")
+}
+
+/// The `Peer` `add` creates.
+pub fn peer_object(args: &AddArgs, public_key: &PublicKey) -> Peer {
+    let mut peer = Peer::new(
+        &args.peer,
+        PeerSpec {
+            public_key: public_key.to_string(),
+            allowed_ips: args.address.iter().map(ToString::to_string).collect(),
+            nodes: args.node.clone(),
+            persistent_keepalive: Some(args.keepalive).filter(|k| *k > 0),
+            preshared_key_secret: None,
+        },
+    );
+    peer.metadata.labels = Some(
+        [(
+            "app.kubernetes.io/managed-by".to_string(),
+            "trellis".to_string(),
+        )]
+        .into(),
+    );
+    peer
+}
+
+/// The wg-quick config for the machine: the carrying node's gateway key and endpoint (or
+/// `endpoint`), the mesh's ranges as AllowedIPs. Pure.
+pub fn machine_config(
+    status: &ControllerStatus,
+    args: &AddArgs,
+    machine: &KeyPair,
+) -> anyhow::Result<String> {
+    let node_name = args
+        .node
+        .iter()
+        .find(|n| {
+            status
+                .nodes
+                .iter()
+                .any(|s| &s.node == *n && s.public_key.is_some() && s.endpoint.is_some())
+        })
+        .with_context(|| {
+            format!(
+                "none of the nodes {} has a gateway registered with the controller of {}",
+                args.node.join(", "),
+                status.cluster
+            )
+        })?;
+    let node = status
+        .nodes
+        .iter()
+        .find(|s| &s.node == node_name)
+        .expect("found above");
+    let registered = node.endpoint.expect("checked above");
+    let endpoint = match &args.endpoint {
+        None => registered,
+        Some(text) => resolve_endpoint(text)?,
+    };
+    if status.mesh_cidrs.is_empty() {
+        bail!(
+            "the controller of {} reports no mesh ranges (an older controller?)",
+            status.cluster
+        );
+    }
+    Ok(render_wg_quick(&ExternalPeer {
+        private_key: machine.private_key_base64(),
+        addresses: args.address.clone(),
+        gateway_public_key: node.public_key.expect("checked above"),
+        gateway_endpoint: endpoint,
+        allowed_ips: status.mesh_cidrs.clone(),
+        persistent_keepalive: Some(args.keepalive).filter(|k| *k > 0),
+    }))
+}
+
+fn resolve_endpoint(text: &str) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    text.to_socket_addrs()
+        .with_context(|| format!("--endpoint {text:?}: not host:port"))?
+        .next()
+        .with_context(|| format!("--endpoint {text:?} resolves to no address"))
+}
+
+/// `Ready` of a Peer: `Some((true|false, reason, message))` once the controller judged it.
+fn ready_of(peer: &Peer) -> Option<(bool, String, String)> {
+    let c = peer
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")?;
+    Some((c.status == "True", c.reason.clone(), c.message.clone()))
+}
+
+/// `trellis peer add`: returns the machine's wg-quick config once its Peer is accepted.
+pub async fn add(
+    client: kube::Client,
+    args: &AddArgs,
+    machine: &KeyPair,
+) -> anyhow::Result<String> {
+    let status = controller_status(&client, &args.cluster.namespace).await?;
+    let config = machine_config(&status, args, machine)?;
+    let peer = peer_object(args, &machine.public_key());
+    let api: Api<Peer> = Api::all(client);
+    if args.dry_run {
+        eprintln!(
+            "would create peer/{} (dry run):\n{}",
+            args.peer,
+            serde_norway::to_string(&peer)?
+        );
+        return Ok(config);
+    }
+    if api.get_opt(&args.peer).await?.is_some() {
+        bail!(
+            "peer/{} exists; nothing changed (its private key is not kept anywhere: `trellis peer remove {}` first to give the machine a new one)",
+            args.peer,
+            args.peer
+        );
+    }
+    api.create(&PostParams::default(), &peer)
+        .await
+        .with_context(|| format!("creating peer/{}", args.peer))?;
+    eprintln!("peer/{} created", args.peer);
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    let mut last = String::from("no verdict from the controller yet");
+    loop {
+        if let Some(current) = api.get_opt(&args.peer).await? {
+            match ready_of(&current) {
+                Some((true, _, message)) => {
+                    eprintln!("peer/{} accepted: {message}", args.peer);
+                    return Ok(config);
+                }
+                // No gateway yet: it may still register.
+                Some((false, reason, message)) if reason == "NoGateway" => {
+                    last = format!("{reason}: {message}");
+                }
+                Some((false, reason, message)) => {
+                    api.delete(&args.peer, &DeleteParams::default()).await?;
+                    bail!(
+                        "the controller refused peer/{}: {reason}: {message} (the Peer is deleted again)",
+                        args.peer
+                    );
+                }
+                None => {}
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "peer/{} not accepted within {:?} ({last}); it is left in place: `trellis peer list` shows its verdict",
+                args.peer,
+                args.timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One row of `trellis peer list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRow {
+    pub name: String,
+    pub key: String,
+    pub addresses: String,
+    pub nodes: String,
+    pub ready: String,
+}
+
+pub async fn list(client: kube::Client) -> anyhow::Result<Vec<PeerRow>> {
+    let api: Api<Peer> = Api::all(client);
+    let mut rows: Vec<PeerRow> = api
+        .list(&Default::default())
+        .await
+        .context("listing Peers (is the Peer CRD installed?)")?
+        .items
+        .iter()
+        .map(|p| PeerRow {
+            name: p.metadata.name.clone().unwrap_or_default(),
+            key: p.spec.public_key.clone(),
+            addresses: p.spec.allowed_ips.join(","),
+            nodes: p.spec.nodes.join(","),
+            ready: match ready_of(p) {
+                Some((true, _, _)) => "True".into(),
+                Some((false, reason, message)) => format!("False ({reason}: {message})"),
+                None => "Unknown (not judged yet)".into(),
+            },
+        })
+        .collect();
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(rows)
+}
+
+pub fn render_list(rows: &[PeerRow]) -> String {
+    if rows.is_empty() {
+        return "no peers\n".into();
+    }
+    let mut table = crate::table::Table::new(&["NAME", "KEY", "ADDRESSES", "NODES", "READY"]);
+    for r in rows {
+        table.row([&r.name, &r.key, &r.addresses, &r.nodes, &r.ready]);
+    }
+    table.render("")
+}
+
+/// `trellis peer remove`.
+pub async fn remove(client: kube::Client, args: &RemoveArgs) -> anyhow::Result<()> {
+    let api: Api<Peer> = Api::all(client);
+    if api.get_opt(&args.peer).await?.is_none() {
+        println!("peer/{} not found; nothing to remove", args.peer);
+        return Ok(());
+    }
+    if args.dry_run {
+        println!("would delete peer/{} (dry run)", args.peer);
+        return Ok(());
+    }
+    api.delete(&args.peer, &DeleteParams::default())
+        .await
+        .with_context(|| format!("deleting peer/{}", args.peer))?;
+    println!("peer/{} deleted", args.peer);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    const STATUS_PATH: &str =
+        "/api/v1/namespaces/trellis-system/services/trellis-controller:metrics/proxy/status";
+    const PEERS: &str = "/apis/trellis.dev/v1alpha1/peers";
+
+    fn testdata(name: &str) -> Value {
+        let path = format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn json_response(code: u16, body: &Value) -> Response<Body> {
+        Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap()
+    }
+
+    fn not_found(name: &str) -> Response<Body> {
+        json_response(
+            404,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("peers.trellis.dev \"{name}\" not found"), "reason": "NotFound",
+                "details": {"name": name, "group": "trellis.dev", "kind": "peers"}, "code": 404}),
+        )
+    }
+
+    /// One expected request (method, path) and its answer; what a POST sent comes back.
+    type Step = (Method, String, Response<Body>);
+
+    async fn script(mut handle: Handle, steps: Vec<Step>) -> Vec<Value> {
+        let mut bodies = Vec::new();
+        for (method, path, response) in steps {
+            let (req, send) = handle.next_request().await.expect("a request");
+            assert_eq!(req.method(), method, "{}", req.uri());
+            assert_eq!(req.uri().path(), path);
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            bodies.push(serde_json::from_slice(&bytes).unwrap_or(Value::Null));
+            send.send_response(response);
+        }
+        bodies
+    }
+
+    fn scripted(steps: Vec<Step>) -> (kube::Client, tokio::task::JoinHandle<Vec<Value>>) {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        (
+            kube::Client::new(svc, "default"),
+            tokio::spawn(script(handle, steps)),
+        )
+    }
+
+    fn add_args(extra: &[&str]) -> AddArgs {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            add: AddArgs,
+        }
+        let mut argv = vec![
+            "x",
+            "laptop",
+            "--node",
+            "east-worker",
+            "--address",
+            "10.10.250.1/32",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::parse_from(argv).add
+    }
+
+    fn accepted() -> Value {
+        let mut peer = testdata("peer-laptop.json");
+        peer["status"] = json!({"conditions": [{"type": "Ready", "status": "True", "reason": "Accepted",
+            "message": "attached to node east-worker with 10.10.250.1/32",
+            "lastTransitionTime": "2026-12-07T14:00:01Z"}]});
+        peer
+    }
+
+    #[tokio::test]
+    async fn add_creates_the_peer_waits_for_its_verdict_and_prints_the_machines_config() {
+        let status = testdata("controller-status.json");
+        let (client, server) = scripted(vec![
+            (Method::GET, STATUS_PATH.into(), json_response(200, &status)),
+            (Method::GET, format!("{PEERS}/laptop"), not_found("laptop")),
+            (
+                Method::POST,
+                PEERS.into(),
+                json_response(201, &testdata("peer-laptop.json")),
+            ),
+            (
+                Method::GET,
+                format!("{PEERS}/laptop"),
+                json_response(200, &accepted()),
+            ),
+        ]);
+        let machine = KeyPair::generate();
+        let config = add(client, &add_args(&[]), &machine).await.unwrap();
+        let bodies = server.await.unwrap();
+        let created = &bodies[2];
+        assert_eq!(created["kind"], "Peer");
+        assert_eq!(
+            created["spec"]["publicKey"],
+            machine.public_key().to_string()
+        );
+        assert_eq!(created["spec"]["allowedIPs"], json!(["10.10.250.1/32"]));
+        assert_eq!(created["spec"]["nodes"], json!(["east-worker"]));
+        assert!(
+            !created.to_string().contains(&machine.private_key_base64()),
+            "the private key never leaves the CLI's output"
+        );
+        let value = |key: &str| {
+            config
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key} = ")))
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(value("PrivateKey"), machine.private_key_base64());
+        assert_eq!(value("Address"), "10.10.250.1/32");
+        assert_eq!(
+            value("PublicKey"),
+            "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=",
+            "east-worker's gateway"
+        );
+        assert_eq!(value("Endpoint"), "172.18.0.3:51820");
+        assert_eq!(
+            value("AllowedIPs"),
+            "10.10.0.0/16, 10.20.0.0/16, 10.96.0.0/16, 10.97.0.0/16"
+        );
+        assert_eq!(value("PersistentKeepalive"), "25");
+    }
+
+    #[tokio::test]
+    async fn a_refused_peer_is_deleted_again_with_the_controllers_reason() {
+        let mut refused = testdata("peer-laptop.json");
+        refused["status"] = json!({"conditions": [{"type": "Ready", "status": "False", "reason": "Overlaps",
+            "message": "allowedIPs: 10.10.1.0/24 overlaps pod CIDR 10.10.1.0/24 of node east-worker",
+            "lastTransitionTime": "2026-12-07T14:00:01Z"}]});
+        let (client, server) = scripted(vec![
+            (
+                Method::GET,
+                STATUS_PATH.into(),
+                json_response(200, &testdata("controller-status.json")),
+            ),
+            (Method::GET, format!("{PEERS}/laptop"), not_found("laptop")),
+            (
+                Method::POST,
+                PEERS.into(),
+                json_response(201, &testdata("peer-laptop.json")),
+            ),
+            (
+                Method::GET,
+                format!("{PEERS}/laptop"),
+                json_response(200, &refused),
+            ),
+            (
+                Method::DELETE,
+                format!("{PEERS}/laptop"),
+                json_response(200, &refused),
+            ),
+        ]);
+        let err = add(client, &add_args(&[]), &KeyPair::generate())
+            .await
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("Overlaps") && text.contains("deleted again"),
+            "{text}"
+        );
+        assert_eq!(server.await.unwrap().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn add_changes_nothing_for_an_existing_peer_or_a_dry_run_or_a_node_without_a_gateway() {
+        let status = testdata("controller-status.json");
+        let (client, server) = scripted(vec![
+            (Method::GET, STATUS_PATH.into(), json_response(200, &status)),
+            (
+                Method::GET,
+                format!("{PEERS}/laptop"),
+                json_response(200, &accepted()),
+            ),
+        ]);
+        let err = add(client, &add_args(&[]), &KeyPair::generate())
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("exists; nothing changed"),
+            "{err:#}"
+        );
+        assert_eq!(server.await.unwrap().len(), 2);
+
+        let (client, server) = scripted(vec![(
+            Method::GET,
+            STATUS_PATH.into(),
+            json_response(200, &status),
+        )]);
+        let config = add(
+            client,
+            &add_args(&["--dry-run", "--endpoint", "203.0.113.7:51820"]),
+            &KeyPair::generate(),
+        )
+        .await
+        .unwrap();
+        assert!(config.contains("Endpoint = 203.0.113.7:51820"), "{config}");
+        assert_eq!(server.await.unwrap().len(), 1, "a dry run only reads");
+
+        let (client, server) = scripted(vec![(
+            Method::GET,
+            STATUS_PATH.into(),
+            json_response(200, &status),
+        )]);
+        let mut args = add_args(&[]);
+        args.node = vec!["east-control-plane".into()];
+        let err = add(client, &args, &KeyPair::generate()).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("has a gateway registered"),
+            "{err:#}"
+        );
+        assert_eq!(server.await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn list_shows_each_peer_and_its_verdict_and_remove_is_idempotent() {
+        let (client, server) = scripted(vec![(
+            Method::GET,
+            PEERS.into(),
+            json_response(200, &testdata("peers.json")),
+        )]);
+        let rows = list(client).await.unwrap();
+        server.await.unwrap();
+        let text = render_list(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("NAME"), "{text}");
+        assert!(
+            lines[1].starts_with("laptop") && lines[1].ends_with("True"),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("thief")
+                && lines[2].contains("False (Overlaps: allowedIPs: 10.10.1.0/24"),
+            "{text}"
+        );
+
+        let args = RemoveArgs {
+            peer: "laptop".into(),
+            cluster: ClusterArgs {
+                context: None,
+                namespace: "trellis-system".into(),
+            },
+            dry_run: false,
+        };
+        let (client, server) = scripted(vec![
+            (
+                Method::GET,
+                format!("{PEERS}/laptop"),
+                json_response(200, &accepted()),
+            ),
+            (
+                Method::DELETE,
+                format!("{PEERS}/laptop"),
+                json_response(200, &accepted()),
+            ),
+        ]);
+        remove(client, &args).await.unwrap();
+        assert_eq!(server.await.unwrap().len(), 2);
+        let (client, server) = scripted(vec![(
+            Method::GET,
+            format!("{PEERS}/laptop"),
+            not_found("laptop"),
+        )]);
+        remove(client, &args).await.unwrap();
+        assert_eq!(
+            server.await.unwrap().len(),
+            1,
+            "nothing to remove, nothing deleted"
+        );
+    }
 }

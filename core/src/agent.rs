@@ -186,10 +186,15 @@ pub struct PeerSpec {
     pub cluster: ClusterId,
     pub node: String,
     pub public_key: PublicKey,
-    pub endpoint: SocketAddr,
+    /// Where to send; `None` for an external peer, which dials in (its endpoint is where it
+    /// last spoke from).
+    pub endpoint: Option<SocketAddr>,
     pub allowed_ips: Vec<IpNet>,
     /// Seconds; set for remote clusters (NAT on the way), unset inside the cluster.
     pub persistent_keepalive: Option<u16>,
+    /// An external peer's preshared key (`Peer.spec.presharedKeySecret`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preshared_key: Option<crate::external_peer::PresharedKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -279,9 +284,10 @@ impl GatewayDesired {
                 .map(|peer| TunnelPeer {
                     name: format!("{}/{}", peer.cluster, peer.node),
                     public_key: peer.public_key,
-                    endpoint: Some(peer.endpoint),
+                    endpoint: peer.endpoint,
                     allowed_ips: peer.allowed_ips.clone(),
                     persistent_keepalive: peer.persistent_keepalive,
+                    preshared_key: peer.preshared_key,
                 })
                 .collect(),
             routes: self
@@ -484,12 +490,13 @@ mod tests {
                 cluster: "west".parse().unwrap(),
                 node: "node-3".into(),
                 public_key: PublicKey([3; 32]),
-                endpoint: "198.18.2.13:51820".parse().unwrap(),
+                endpoint: Some("198.18.2.13:51820".parse().unwrap()),
                 allowed_ips: vec![
                     "10.2.3.0/24".parse().unwrap(),
                     "10.96.0.0/16".parse().unwrap(),
                 ],
                 persistent_keepalive: Some(25),
+                preshared_key: None,
             }],
             routes: vec![
                 RouteSpec {

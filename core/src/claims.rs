@@ -479,7 +479,7 @@ impl LocalContext {
 }
 
 /// The special range `net` touches, if any.
-fn special_range(net: &IpNet) -> Option<&'static str> {
+pub(crate) fn special_range(net: &IpNet) -> Option<&'static str> {
     const V4: &[(&str, &str)] = &[
         ("0.0.0.0/8", "unspecified"),
         ("127.0.0.0/8", "loopback"),
@@ -504,7 +504,7 @@ fn special_range(net: &IpNet) -> Option<&'static str> {
     })
 }
 
-fn too_broad(net: &IpNet) -> bool {
+pub(crate) fn too_broad(net: &IpNet) -> bool {
     match net {
         IpNet::V4(n) => n.prefix_len() < MIN_PREFIX_V4,
         IpNet::V6(n) => n.prefix_len() < MIN_PREFIX_V6,

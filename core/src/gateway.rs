@@ -91,6 +91,9 @@ pub struct TunnelPeer {
     pub endpoint: Option<SocketAddr>,
     pub allowed_ips: Vec<IpNet>,
     pub persistent_keepalive: Option<u16>,
+    /// An external peer's preshared key, mixed into its handshakes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preshared_key: Option<crate::external_peer::PresharedKey>,
 }
 
 /// What a gateway applies, whichever source it came from (a desired-state file, or its
@@ -188,6 +191,7 @@ impl GatewayState {
                 endpoint: node.endpoint,
                 allowed_ips: node.pod_cidrs.clone(),
                 persistent_keepalive: node.persistent_keepalive,
+                preshared_key: None,
             })
             .collect()
     }

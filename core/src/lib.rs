@@ -13,6 +13,7 @@ pub mod cidr;
 pub mod claims;
 pub mod cluster;
 mod error_chain;
+pub mod external_peer;
 pub mod flow;
 pub mod framing;
 pub mod gateway;

@@ -11,6 +11,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use ipnet::IpNet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterId;
@@ -198,6 +200,13 @@ pub struct ControllerStatus {
     /// How many services are imported in all (the list may be cut).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub imports_total: usize,
+    /// The pod and service CIDRs of this cluster and of every admitted peer cluster: what an
+    /// external peer routes into the mesh.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mesh_cidrs: Vec<IpNet>,
+    /// External peers (`Peer` objects), each with its verdict, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_peers: Vec<crate::external_peer::PeerStatus>,
 }
 
 /// Imports listed in a status document at most (all are counted).
@@ -336,6 +345,9 @@ pub struct NodeStatus {
     /// Its gateway's stream is open now.
     pub connected: bool,
     pub endpoint: Option<SocketAddr>,
+    /// Its gateway's WireGuard public key (what an external peer of the node needs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<PublicKey>,
     /// Seconds since its gateway's last report; `None` if none arrived.
     pub report_age_seconds: Option<u64>,
     /// That report, aged to this document (see the module docs).
@@ -467,6 +479,8 @@ mod tests {
             cluster: "c1".parse().unwrap(),
             name: "c1".into(),
             source_synced: true,
+            external_peers: Vec::new(),
+            mesh_cidrs: Vec::new(),
             revision: 4,
             mesh_revision: 9,
             node_encryption: false,
@@ -493,6 +507,7 @@ mod tests {
                 registered: true,
                 connected: true,
                 endpoint: Some("198.18.1.10:51820".parse().unwrap()),
+                public_key: None,
                 report_age_seconds: Some(2),
                 report: Some(report("node-0")),
             }],
@@ -553,6 +568,7 @@ mod tests {
             registered: false,
             connected: false,
             endpoint: None,
+            public_key: None,
             report_age_seconds: None,
             report: None,
         });

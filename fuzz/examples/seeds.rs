@@ -228,9 +228,10 @@ fn gateway_updates() {
         cluster: fixture::id(cluster),
         node: "node-0".into(),
         public_key: public_key(key),
-        endpoint: format!("{ip}:51820").parse().unwrap(),
+        endpoint: Some(format!("{ip}:51820").parse().unwrap()),
         allowed_ips: vec![net.parse().unwrap()],
         persistent_keepalive: Some(25),
+        preshared_key: None,
     };
     let old = GatewayDesired {
         revision: 4,

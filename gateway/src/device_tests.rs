@@ -270,6 +270,7 @@ pub(crate) fn peer_of(node: &Node, name: &str, cidr: &str) -> TunnelPeer {
         endpoint: Some(node.addr),
         allowed_ips: vec![cidr.parse().unwrap()],
         persistent_keepalive: None,
+        preshared_key: None,
     }
 }
 
@@ -934,6 +935,7 @@ async fn a_thousand_peers_get_their_handshakes_at_once_without_tripping_cookies(
                         .unwrap(),
                 ],
                 persistent_keepalive: None,
+                preshared_key: None,
             }
         })
         .collect();
@@ -1179,4 +1181,54 @@ async fn data_on_a_replaced_keys_session_still_arrives_after_the_old_peer_is_pru
             .await
             .is_some()
     );
+}
+
+/// An external peer's preshared key (`Peer.spec.presharedKeySecret`) is mixed into the
+/// handshake: with the same key on both ends traffic flows; a gateway with another key (or
+/// none) never completes a handshake, and changing it on the gateway takes effect at once.
+#[tokio::test]
+async fn a_preshared_key_must_match_for_a_handshake() {
+    use trellis_core::external_peer::PresharedKey;
+    let net = FakeNet::default();
+    let a = start(&net, "198.18.0.1:51820");
+    let b = start(&net, "198.18.0.2:51820");
+    let psk = Some(PresharedKey([9; 32]));
+    let with = |peer: TunnelPeer, key: Option<PresharedKey>| TunnelPeer {
+        preshared_key: key,
+        ..peer
+    };
+    a.handle
+        .set_peers(vec![with(peer_of(&b, "b", "10.2.0.0/24"), psk)], true)
+        .await
+        .unwrap();
+    b.handle
+        .set_peers(
+            vec![with(
+                peer_of(&a, "a", "10.1.0.0/24"),
+                Some(PresharedKey([8; 32])),
+            )],
+            true,
+        )
+        .await
+        .unwrap();
+    let ping = ipv4("10.1.0.5", "10.2.0.7", b"ping");
+    a.tun.inbound.push(ping.clone());
+    assert_eq!(
+        delivered(&b.tun).await,
+        None,
+        "another preshared key: no session"
+    );
+
+    b.handle
+        .set_peers(vec![with(peer_of(&a, "a", "10.1.0.0/24"), psk)], true)
+        .await
+        .unwrap();
+    a.tun.inbound.push(ping.clone());
+    eventually("a session with the same preshared key", || {
+        b.tun.delivered.pop().is_some_and(|p| p == ping) || {
+            a.tun.inbound.push(ping.clone());
+            false
+        }
+    })
+    .await;
 }

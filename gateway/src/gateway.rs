@@ -1101,6 +1101,7 @@ mod tests {
                     endpoint: Some("198.18.1.9:51820".parse().unwrap()),
                     allowed_ips: vec![format!("10.{}.0.0/24", 5 + i).parse().unwrap()],
                     persistent_keepalive: None,
+                    preshared_key: None,
                 })
                 .chain(std::iter::once(TunnelPeer {
                     name: "c2/other".into(),
@@ -1108,6 +1109,7 @@ mod tests {
                     endpoint: Some("198.18.1.10:51820".parse().unwrap()),
                     allowed_ips: vec!["10.7.0.0/24".parse().unwrap()],
                     persistent_keepalive: None,
+                    preshared_key: None,
                 }))
                 .collect(),
             routes: Default::default(),

@@ -159,6 +159,7 @@ mod tests {
                 endpoint: Some("198.18.2.10:51820".parse().unwrap()),
                 allowed_ips: vec!["10.2.0.0/24".parse().unwrap()],
                 persistent_keepalive: Some(25),
+                preshared_key: None,
             }],
             routes: [
                 ("10.2.0.0/24".parse().unwrap(), PodRoute::Tunnel),

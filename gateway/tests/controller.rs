@@ -67,9 +67,10 @@ fn peer(node: &Node, cluster: &str) -> PeerSpec {
         cluster: cluster.parse().unwrap(),
         node: node.name.clone(),
         public_key: node.gateway().public_key,
-        endpoint: SocketAddr::new(node.underlay, 51820),
+        endpoint: Some(SocketAddr::new(node.underlay, 51820)),
         allowed_ips: node.pod_cidrs.clone(),
         persistent_keepalive: Some(25),
+        preshared_key: None,
     }
 }
 

@@ -66,6 +66,7 @@ impl GatewayFeed {
             &view.local,
             &view.remote_refs(),
             view.node_encryption,
+            &view.external_peers,
             view.revision,
         );
         let Some(last) = &self.last else {

@@ -1,7 +1,8 @@
 //! The custom resources the controller reads and writes: the Multi-Cluster Services API's
 //! `ServiceExport` and `ServiceImport` (KEP-1645, `multicluster.x-k8s.io`, served as
 //! `v1beta1`, the storage version, and `v1alpha1`) and the About API's `ClusterProperty`
-//! (KEP-2149, `about.k8s.io/v1alpha1`).
+//! (KEP-2149, `about.k8s.io/v1alpha1`), and Trellis' own `Peer` (`trellis.dev/v1alpha1`,
+//! cluster-scoped: an external machine attached to node gateways).
 //!
 //! Both MCS versions have the same schema (v1alpha1 accepts every v1beta1 field), so the API
 //! server converts between them without a webhook (`conversion: None`). The controller reads
@@ -214,6 +215,82 @@ pub struct ClusterPropertySpec {
     pub value: String,
 }
 
+/// An external peer (a laptop, a VM) admitted into the mesh through node gateways of this
+/// cluster (as Kilo's `Peer`): the controller checks it like a peer cluster's claims
+/// (`trellis_core::external_peer`) and says so in its `Ready` condition.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "trellis.dev",
+    version = "v1alpha1",
+    kind = "Peer",
+    doc = "An external WireGuard peer attached to node gateways of this cluster.",
+    derive = "PartialEq",
+    status = "PeerStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerSpec {
+    /// The peer's WireGuard public key (base64, 32 bytes).
+    pub public_key: String,
+    /// The addresses the peer sends from and is reached at: CIDRs inside the ranges this
+    /// cluster may claim, overlapping no node, service range, other peer or cluster.
+    #[serde(rename = "allowedIPs")]
+    #[schemars(length(min = 1, max = 64))]
+    pub allowed_ips: Vec<String>,
+    /// The nodes whose gateways may carry the peer, in order of preference: the first that
+    /// runs a gateway does.
+    #[schemars(length(min = 1, max = 16))]
+    pub nodes: Vec<String>,
+    /// Seconds between keepalives the gateway sends (0 or absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_keepalive: Option<u16>,
+    /// A Secret in the controller's namespace whose `presharedKey` is the peer's preshared
+    /// key (base64, 32 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preshared_key_secret: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct PeerStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The key of a preshared key Secret's data that holds the key.
+pub const PRESHARED_KEY_FIELD: &str = "presharedKey";
+
+impl Peer {
+    /// The spec as the admission reads it, its preshared key resolved by `secret`
+    /// (the key text of the named Secret, or why there is none).
+    pub fn external_spec(
+        &self,
+        secret: impl Fn(&str) -> Result<String, String>,
+    ) -> trellis_core::external_peer::ExternalPeerSpec {
+        use trellis_core::external_peer::{ExternalPeerSpec, PresharedKeyRef};
+        let preshared_key = self
+            .spec
+            .preshared_key_secret
+            .as_ref()
+            .map(|name| PresharedKeyRef {
+                secret: name.clone(),
+                key: secret(name).and_then(|text| {
+                    text.parse()
+                        .map_err(|_| format!("{PRESHARED_KEY_FIELD} is not a base64 32-byte key"))
+                }),
+            });
+        ExternalPeerSpec {
+            name: self.metadata.name.clone().unwrap_or_default(),
+            public_key: self.spec.public_key.clone(),
+            allowed_ips: self.spec.allowed_ips.clone(),
+            nodes: self.spec.nodes.clone(),
+            persistent_keepalive: self.spec.persistent_keepalive,
+            preshared_key,
+        }
+    }
+}
+
 /// The name of the ClusterProperty that holds the cluster ID (KEP-2149).
 pub const CLUSTER_ID_PROPERTY: &str = "cluster.clusterset.k8s.io";
 
@@ -255,6 +332,7 @@ pub fn crds_yaml() -> Result<String, Error> {
             v1alpha1::ServiceImport::crd(),
         ])?,
         ClusterProperty::crd(),
+        Peer::crd(),
     ] {
         out.push_str("---\n");
         out.push_str(

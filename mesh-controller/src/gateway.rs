@@ -12,13 +12,23 @@
 //!   of a pair disagree; with it on their pod CIDRs are routed into the tunnel, with it off
 //!   via their internal address;
 //! * every remote pod and service CIDR is routed into the tunnel whether or not a peer for it is
-//!   known yet, so traffic fails closed instead of leaking to the default route.
+//!   known yet, so traffic fails closed instead of leaking to the default route;
+//! * an accepted external peer is a peer of the node that carries it (no endpoint: it dials
+//!   in), its addresses routed into the tunnel there; the cluster's other nodes and the peer
+//!   clusters reach them through that node, where the local state advertises them.
 
 use trellis_core::cluster::ClusterState;
+use trellis_core::external_peer::Admission;
 
 pub use trellis_core::agent::{
     GatewayDesired, GatewayRegistration, GatewayUpdate, PeerSpec, RouteSpec, RouteVia,
 };
+
+/// How an external peer is named among a gateway's peers (`<cluster>/peer:<name>`): a node
+/// name cannot hold `:`, so it never passes for a node.
+pub fn external_peer_name(peer: &str) -> String {
+    format!("peer:{peer}")
+}
 
 /// Remote clusters keep NAT mappings alive with this keepalive (seconds).
 pub const REMOTE_KEEPALIVE: u16 = 25;
@@ -39,6 +49,7 @@ pub fn desired_for(
     local: &ClusterState,
     remotes: &[&ClusterState],
     node_encryption: bool,
+    external: &Admission,
     revision: u64,
 ) -> GatewayDesired {
     let mut peers = Vec::new();
@@ -55,9 +66,10 @@ pub fn desired_for(
                 cluster: local.id.clone(),
                 node: name.clone(),
                 public_key: gw.public_key,
-                endpoint: gw.endpoint,
+                endpoint: Some(gw.endpoint),
                 allowed_ips: local_peer_allowed_ips(n),
                 persistent_keepalive: None,
+                preshared_key: None,
             });
         }
         for cidr in &n.pod_cidrs {
@@ -90,15 +102,33 @@ pub fn desired_for(
                     cluster: remote.id.clone(),
                     node: name.clone(),
                     public_key: gw.public_key,
-                    endpoint: gw.endpoint,
+                    endpoint: Some(gw.endpoint),
                     allowed_ips: allowed,
                     persistent_keepalive: Some(REMOTE_KEEPALIVE),
+                    preshared_key: None,
                 });
             }
         }
         for cidr in remote.cidrs() {
             routes.push(RouteSpec {
                 destination: cidr,
+                via: RouteVia::Tunnel,
+            });
+        }
+    }
+    for peer in external.on_node(node) {
+        peers.push(PeerSpec {
+            cluster: local.id.clone(),
+            node: external_peer_name(&peer.name),
+            public_key: peer.public_key,
+            endpoint: None,
+            allowed_ips: peer.allowed_ips.clone(),
+            persistent_keepalive: peer.persistent_keepalive,
+            preshared_key: peer.preshared_key,
+        });
+        for cidr in &peer.allowed_ips {
+            routes.push(RouteSpec {
+                destination: *cidr,
                 via: RouteVia::Tunnel,
             });
         }
@@ -146,7 +176,14 @@ mod tests {
     fn every_node_is_a_peer_in_both_modes_and_the_mode_picks_the_routes() {
         let local = with_nodes(cluster("a", "10.1.0.0/24", "10.96.0.0/16"), 1, 3);
         let remote = with_nodes(cluster("b", "10.2.0.0/24", "10.97.0.0/16"), 2, 2);
-        let off = desired_for("node-0", &local, &[&remote], false, 1);
+        let off = desired_for(
+            "node-0",
+            &local,
+            &[&remote],
+            false,
+            &Admission::default(),
+            1,
+        );
         let names = |d: &GatewayDesired| -> Vec<String> {
             d.peers
                 .iter()
@@ -202,7 +239,7 @@ mod tests {
                 .any(|r| r.destination == "10.1.0.0/24".parse().unwrap())
         );
 
-        let on = desired_for("node-0", &local, &[&remote], true, 2);
+        let on = desired_for("node-0", &local, &[&remote], true, &Admission::default(), 2);
         assert_eq!(names(&on), names(&off));
         // A local peer may also send from its own address (source-NATed Service traffic).
         let node_1 = on.peers.iter().find(|p| p.node == "node-1").unwrap();
@@ -228,7 +265,14 @@ mod tests {
         let local = with_nodes(cluster("a", "10.1.0.0/24", "10.96.0.0/16"), 1, 1);
         let mut remote = with_nodes(cluster("b", "10.2.0.0/24", "10.97.0.0/16"), 2, 1);
         remote.nodes.get_mut("node-0").unwrap().gateway = None;
-        let d = desired_for("node-0", &local, &[&remote], false, 1);
+        let d = desired_for(
+            "node-0",
+            &local,
+            &[&remote],
+            false,
+            &Admission::default(),
+            1,
+        );
         assert!(d.peers.is_empty());
         assert_eq!(d.routes.len(), 2);
         assert!(d.routes.iter().all(|r| r.via == RouteVia::Tunnel));
@@ -237,12 +281,86 @@ mod tests {
     #[test]
     fn a_gateway_refuses_a_delta_that_does_not_follow() {
         let local = with_nodes(cluster("a", "10.1.0.0/24", "10.96.0.0/16"), 1, 2);
-        let a = desired_for("node-0", &local, &[], false, 1);
-        let b = desired_for("node-0", &local, &[], true, 2);
+        let a = desired_for("node-0", &local, &[], false, &Admission::default(), 1);
+        let b = desired_for("node-0", &local, &[], true, &Admission::default(), 2);
         let update = a.delta_to(&b).unwrap();
-        let mut stale = desired_for("node-0", &local, &[], false, 0);
+        let mut stale = desired_for("node-0", &local, &[], false, &Admission::default(), 0);
         assert!(!stale.apply(&update));
         let json = serde_json::to_string(&update).unwrap();
         assert!(json.contains("\"type\":\"delta\""));
+    }
+
+    #[test]
+    fn an_external_peer_rides_its_node_and_the_others_route_to_that_node() {
+        use trellis_core::external_peer::{Context, ExternalPeerSpec, admit};
+        let mut local = with_nodes(cluster("a", "10.1.0.0/24", "10.96.0.0/16"), 1, 2);
+        let remote = with_nodes(cluster("b", "10.2.0.0/24", "10.97.0.0/16"), 2, 1);
+        let allowance: Vec<ipnet::IpNet> = vec!["10.1.0.0/16".parse().unwrap()];
+        let admission = admit(
+            &[ExternalPeerSpec {
+                name: "laptop".into(),
+                public_key: trellis_core::wgkey::encode_key(&[7; 32]),
+                allowed_ips: vec!["10.1.200.1/32".into()],
+                nodes: vec!["node-0".into()],
+                persistent_keepalive: None,
+                preshared_key: None,
+            }],
+            &Context {
+                local: &local,
+                allowance: Some(&allowance),
+                other_ranges: &[],
+                other_keys: &Default::default(),
+            },
+        );
+        admission.advertise(&mut local);
+        let laptop: ipnet::IpNet = "10.1.200.1/32".parse().unwrap();
+
+        let carrier = desired_for("node-0", &local, &[&remote], false, &admission, 1);
+        let peer = carrier
+            .peers
+            .iter()
+            .find(|p| p.node == external_peer_name("laptop"))
+            .expect("the carrying node has the peer");
+        assert_eq!(peer.endpoint, None, "it dials in");
+        assert_eq!(peer.allowed_ips, vec![laptop]);
+        assert!(carrier.routes.contains(&RouteSpec {
+            destination: laptop,
+            via: RouteVia::Tunnel
+        }));
+        assert_eq!(
+            carrier
+                .routes
+                .iter()
+                .filter(|r| r.destination == laptop)
+                .count(),
+            1
+        );
+        let plan = carrier.plan();
+        assert!(
+            plan.peers
+                .iter()
+                .any(|p| p.name == "a/peer:laptop" && p.endpoint.is_none())
+        );
+
+        // The other node: no such peer; the laptop's address goes to node-0, plain or not.
+        let other = desired_for("node-1", &local, &[&remote], false, &admission, 1);
+        assert!(
+            other
+                .peers
+                .iter()
+                .all(|p| p.public_key != PublicKey([7; 32]))
+        );
+        assert!(other.routes.contains(&RouteSpec {
+            destination: laptop,
+            via: RouteVia::Node {
+                address: "192.168.1.10".parse().unwrap()
+            }
+        }));
+        let on = desired_for("node-1", &local, &[&remote], true, &admission, 1);
+        let node_0 = on.peers.iter().find(|p| p.node == "node-0").unwrap();
+        assert!(
+            node_0.allowed_ips.contains(&laptop),
+            "node-0 may send from it"
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use kube::runtime::reflector::{self, Store};
@@ -26,7 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use trellis_core::cluster::{ClusterId, ServiceKey};
 use trellis_core::imports::Imports;
 
-use crate::crd::{ClusterProperty, ServiceExport};
+use crate::crd::{ClusterProperty, Peer, ServiceExport};
 use crate::hub::{Hub, MeshView};
 use crate::objects::{ExportStatus, Objects};
 use crate::static_source::StateSink;
@@ -42,7 +42,16 @@ enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
+    /// `trellis.dev/v1alpha1` Peer (optional: an older chart may not have the CRD).
+    Peer,
+    /// The preshared-key Secrets of the controller's namespace (optional: without the
+    /// permission, peers that name one are refused and the rest work).
+    Secret,
 }
+
+/// The label a Secret of the controller's namespace carries to be read as a peer's preshared
+/// key (only such Secrets are listed: the controller keeps no other Secret in memory).
+pub const PRESHARED_KEY_LABEL: &str = "trellis.dev/preshared-key";
 
 /// The kinds NetworkPolicy needs, required (listed before anything is delivered) when the
 /// controller enforces policy: a source that knows no pods yet must not say there are none.
@@ -97,7 +106,7 @@ pub async fn cluster_id(client: Client) -> Result<trellis_core::cluster::Cluster
 /// keeps the ServiceExports' conditions (`Valid`, `Ready`, `Conflict`) up to date with the
 /// objects and the hub's view of the clusterset.
 /// With `network_policy`, Namespaces, Pods and NetworkPolicies are watched too.
-pub async fn run(client: Client, hub: Hub, network_policy: bool) {
+pub async fn run(client: Client, hub: Hub, network_policy: bool, namespace: String) {
     let (tx, rx) = tokio::sync::watch::channel(ExportStatuses::new());
     let writer = tokio::spawn(write_export_statuses(
         client.clone(),
@@ -105,12 +114,15 @@ pub async fn run(client: Client, hub: Hub, network_policy: bool) {
         rx,
         hub.subscribe_view(),
     ));
+    let peer_writer = tokio::spawn(write_peer_statuses(client.clone(), hub.subscribe_view()));
     let options = SourceOptions {
         debounce: Duration::from_millis(100),
         network_policy,
+        preshared_key_namespace: Some(namespace),
     };
     run_with_status(client, hub, options, Some(tx)).await;
     writer.abort();
+    peer_writer.abort();
 }
 
 pub const CONDITION_VALID: &str = "Valid";
@@ -286,12 +298,100 @@ pub async fn write_export_statuses(
     }
 }
 
+/// The preshared keys the labelled Secrets hold (`data.presharedKey`, the key's base64 text),
+/// by Secret name; a Secret without one is left out (its peer is refused, saying so).
+pub fn preshared_keys(secrets: &[Secret]) -> BTreeMap<String, String> {
+    secrets
+        .iter()
+        .filter_map(|secret| {
+            let name = secret.metadata.name.clone()?;
+            let bytes = secret.data.as_ref()?.get(crate::crd::PRESHARED_KEY_FIELD)?;
+            let text = String::from_utf8(bytes.0.clone()).ok()?;
+            Some((name, text.trim().to_string()))
+        })
+        .collect()
+}
+
+/// The `Ready` condition of a Peer from its verdict (transition time unset).
+pub fn peer_condition(verdict: &trellis_core::external_peer::Verdict) -> Condition {
+    crate::import_writer::condition(
+        CONDITION_READY,
+        verdict.ready,
+        &verdict.reason,
+        verdict.message.clone(),
+    )
+}
+
+/// Server-side applies each Peer's `Ready` condition when its verdict changes (the previous
+/// transition time read from the object the first time); runs until the view closes.
+pub async fn write_peer_statuses(
+    client: Client,
+    mut view: tokio::sync::watch::Receiver<Option<std::sync::Arc<MeshView>>>,
+) {
+    use kube::api::{Patch, PatchParams};
+    let api: Api<Peer> = Api::all(client);
+    let pp = PatchParams::apply(crate::import_writer::FIELD_MANAGER).force();
+    let mut applied: BTreeMap<String, Vec<Condition>> = BTreeMap::new();
+    loop {
+        let admission = view
+            .borrow_and_update()
+            .as_ref()
+            .map(|v| v.external_peers.clone());
+        if let Some(admission) = admission {
+            for (name, verdict) in &admission.verdicts {
+                let previous = match applied.get(name) {
+                    Some(previous) => previous.clone(),
+                    None => match api.get_opt(name).await {
+                        Ok(Some(peer)) => peer.status.map(|s| s.conditions).unwrap_or_default(),
+                        // Deleted since the source saw it.
+                        Ok(None) => continue,
+                        Err(e) => {
+                            tracing::warn!(peer = %name, error = %trellis_core::error_chain(&e), "reading a Peer's conditions");
+                            continue;
+                        }
+                    },
+                };
+                let mut conditions = vec![peer_condition(verdict)];
+                crate::import_writer::stamp_conditions(
+                    &mut conditions,
+                    &previous,
+                    crate::import_writer::now(),
+                );
+                if conditions == previous {
+                    applied.insert(name.clone(), conditions);
+                    continue;
+                }
+                let patch = serde_json::json!({
+                    "apiVersion": "trellis.dev/v1alpha1",
+                    "kind": "Peer",
+                    "status": {"conditions": conditions},
+                });
+                match api.patch_status(name, &pp, &Patch::Apply(&patch)).await {
+                    Ok(_) => {
+                        applied.insert(name.clone(), conditions);
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %name, error = %trellis_core::error_chain(&e), "writing a Peer's conditions")
+                    }
+                }
+            }
+            applied.retain(|name, _| admission.verdicts.contains_key(name));
+        }
+        if view.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// How the source runs: the debounce interval (tests use a short one) and whether it
 /// watches what NetworkPolicy needs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SourceOptions {
     pub debounce: Duration,
     pub network_policy: bool,
+    /// Where peers' preshared-key Secrets are read (the controller's namespace); `None`:
+    /// nowhere, so peers that name one are refused.
+    pub preshared_key_namespace: Option<String>,
 }
 
 /// As [`run`], with the debounce interval (tests use a short one), without policy.
@@ -299,6 +399,7 @@ pub async fn run_with(client: Client, sink: impl StateSink, debounce: Duration) 
     let options = SourceOptions {
         debounce,
         network_policy: false,
+        preshared_key_namespace: None,
     };
     run_with_status(client, sink, options, None).await
 }
@@ -335,6 +436,7 @@ pub async fn run_with_status(
         Kind::ClusterProperty,
     );
     let (cidrs, s6) = reflect(Api::<ServiceCIDR>::all(client.clone()), Kind::ServiceCidr);
+    let (peers, s10) = reflect(Api::<Peer>::all(client.clone()), Kind::Peer);
     let mut streams = vec![
         s1.boxed(),
         s2.boxed(),
@@ -342,7 +444,23 @@ pub async fn run_with_status(
         s4.boxed(),
         s5.boxed(),
         s6.boxed(),
+        s10.boxed(),
     ];
+    let secrets = options.preshared_key_namespace.as_ref().map(|namespace| {
+        let api = Api::<Secret>::namespaced(client.clone(), namespace);
+        let (reader, writer) = reflector::store::<Secret>();
+        let config = watcher::Config::default().labels(PRESHARED_KEY_LABEL);
+        let stream = reflector::reflector(writer, watcher(api, config))
+            .default_backoff()
+            .map(move |ev| {
+                (
+                    Kind::Secret,
+                    ev.map(|e| matches!(e, watcher::Event::InitDone)),
+                )
+            });
+        streams.push(stream.boxed());
+        reader
+    });
     let mut required: Vec<Kind> = REQUIRED.to_vec();
     let policy_stores = if options.network_policy {
         let (namespaces, s7) = reflect(Api::<Namespace>::all(client.clone()), Kind::Namespace);
@@ -394,6 +512,8 @@ pub async fn run_with_status(
                     service_exports: owned(&exports),
                     cluster_properties: owned(&props),
                     service_cidrs: owned(&cidrs),
+                    peers: owned(&peers),
+                    preshared_keys: secrets.as_ref().map(|s| preshared_keys(&owned(s))).unwrap_or_default(),
                     ..Objects::default()
                 };
                 if let Some((namespaces, pods, policies)) = &policy_stores {

@@ -123,6 +123,12 @@ async fn run(config_path: PathBuf) -> Result<()> {
         metrics.clone(),
     );
     hub.set_claim_limits(cfg.peer_limits.into());
+    // External peers' addresses must lie inside what this cluster's certificate lets it claim.
+    let own_cert = trellis_controller::tls::parse_certs(&tls.cert_pem)?;
+    hub.set_own_allowance(match own_cert.first() {
+        Some(der) => trellis_controller::certs::claim_ranges_of(der)?,
+        None => None,
+    });
     hub.set_network_policy(cfg.network_policy);
     hub.set_clusterset_ip_ranges(cfg.clusterset_ip_ranges());
     for peer in &cfg.peers {
@@ -174,6 +180,7 @@ async fn run(config_path: PathBuf) -> Result<()> {
                 client.clone(),
                 hub.clone(),
                 cfg.network_policy,
+                settings_namespace.clone(),
             ));
             tasks.spawn(trellis_controller::kube_settings::run(
                 client.clone(),

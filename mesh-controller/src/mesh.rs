@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use ipnet::IpNet;
 use trellis_core::claims::{self, Allowance, Limits, LocalContext, Refusal, Screened, Verdict};
 use trellis_core::cluster::{ClusterError, ClusterId, ClusterState, Delta, PublicKey};
+use trellis_core::external_peer::{self, ExternalPeerSpec};
 
 #[derive(Debug, Clone)]
 pub struct Remote {
@@ -83,6 +84,9 @@ pub struct Mesh {
     key_owners: BTreeMap<PublicKey, (ClusterId, String)>,
     /// The local context of the last admission (shared by the screening caches).
     local_context: Option<Arc<LocalContext>>,
+    /// What this cluster may claim (its own certificate's ranges): the bound of its external
+    /// peers' addresses.
+    own_allowance: Option<Vec<IpNet>>,
 }
 
 /// What changed in the admission of remote clusters.
@@ -105,7 +109,52 @@ impl Mesh {
             limits: Limits::default(),
             key_owners: BTreeMap::new(),
             local_context: None,
+            own_allowance: None,
         }
+    }
+
+    /// The ranges this cluster's certificate lets it claim (`None`: it carries none).
+    pub fn set_own_allowance(&mut self, ranges: Option<Vec<IpNet>>) {
+        self.own_allowance = ranges;
+    }
+
+    /// The external peers' verdicts against `local` (the state before any peer joins it) and
+    /// the rest of the mesh: every range another cluster may claim (its certificate's and
+    /// configured allowance) or has admitted claims on, and its nodes' keys.
+    pub fn admit_external_peers(
+        &self,
+        peers: &[ExternalPeerSpec],
+        local: &ClusterState,
+    ) -> external_peer::Admission {
+        if peers.is_empty() {
+            return external_peer::Admission::default();
+        }
+        let mut other_ranges: Vec<IpNet> = Vec::new();
+        for allowance in self.allowances.values() {
+            other_ranges.extend(allowance.certificate.iter().flatten());
+            other_ranges.extend(allowance.configured.iter().flatten());
+        }
+        let mut other_keys = BTreeSet::new();
+        for remote in self.admitted() {
+            other_ranges.extend(remote.cidrs());
+            other_keys.extend(
+                remote
+                    .nodes
+                    .values()
+                    .filter_map(|n| n.gateway.as_ref().map(|g| g.public_key)),
+            );
+        }
+        other_ranges.sort();
+        other_ranges.dedup();
+        external_peer::admit(
+            peers,
+            &external_peer::Context {
+                local,
+                allowance: self.own_allowance.as_deref(),
+                other_ranges: &other_ranges,
+                other_keys: &other_keys,
+            },
+        )
     }
 
     pub fn set_limits(&mut self, limits: Limits) {

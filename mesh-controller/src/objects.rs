@@ -56,6 +56,11 @@ pub struct Objects {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<Pod>,
     pub network_policies: Vec<NetworkPolicy>,
+    /// External peers (`trellis.dev/v1alpha1` `Peer`).
+    pub peers: Vec<crate::crd::Peer>,
+    /// The preshared keys the peers' Secrets hold, by Secret name (on Kubernetes, Secrets of
+    /// the controller's namespace; the static source holds none).
+    pub preshared_keys: BTreeMap<String, String>,
 }
 
 /// A node's pod CIDRs as the API server has them: `spec.podCIDRs`, else `spec.podCIDR`;
@@ -363,7 +368,30 @@ pub fn source_state(objects: &Objects) -> SourceState {
         ),
         digest: None,
         clusterset_ips: clusterset_ips(&objects.services),
+        external_peers: external_peers(objects),
     }
+}
+
+/// The Peers not being deleted, by name (a store lists them in no order), their preshared
+/// keys looked up among the source's Secrets.
+fn external_peers(objects: &Objects) -> Vec<trellis_core::external_peer::ExternalPeerSpec> {
+    let mut peers: Vec<_> = objects
+        .peers
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            p.external_spec(|secret| {
+                objects.preshared_keys.get(secret).cloned().ok_or_else(|| {
+                    format!(
+                        "no Secret of that name with key {} in the controller's namespace",
+                        crate::crd::PRESHARED_KEY_FIELD
+                    )
+                })
+            })
+        })
+        .collect();
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    peers
 }
 
 /// What the controller reports on a ServiceExport: KEP-1645's `Valid` condition (the
@@ -526,6 +554,9 @@ fn add_object(objects: &mut Objects, value: serde_json::Value, index: usize) -> 
             .push(serde_json::from_value(value).map_err(err)?),
         "ClusterProperty" => objects
             .cluster_properties
+            .push(serde_json::from_value(value).map_err(err)?),
+        "Peer" => objects
+            .peers
             .push(serde_json::from_value(value).map_err(err)?),
         "ServiceCIDR" => objects
             .service_cidrs

@@ -11,6 +11,7 @@ use trellis_core::agent::GatewayRegistration;
 use trellis_core::cluster::{
     ClusterId, ClusterState, ExportedService, NodeGateway, NodeState, ServiceKey,
 };
+use trellis_core::external_peer::ExternalPeerSpec;
 
 /// What a source (Kubernetes or the static file) knows of the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub struct SourceState {
     /// The clusterset IPs the cluster has given its imports (on Kubernetes: the ClusterIPs
     /// of the derived Services the controller created), by imported service.
     pub clusterset_ips: BTreeMap<ServiceKey, Vec<std::net::IpAddr>>,
+    /// External peers as their authors wrote them (checked when the state is composed).
+    pub external_peers: Vec<ExternalPeerSpec>,
 }
 
 impl SourceState {

@@ -33,6 +33,20 @@ pub struct StatusParts<'a> {
     pub policy: Option<(&'a trellis_core::policy::PolicyInputs, &'a str)>,
     /// What this cluster imports (the last mesh view's).
     pub imports: &'a Imports,
+    /// The external peers' verdicts.
+    pub external_peers: &'a trellis_core::external_peer::Admission,
+    /// The local cluster state (its external peers' addresses advertised).
+    pub local: &'a trellis_core::cluster::ClusterState,
+}
+
+/// What an external peer routes into the mesh: the pod and service CIDRs of this cluster
+/// and of the admitted peer clusters, adjacent ones merged.
+fn mesh_cidrs(parts: &StatusParts<'_>) -> Vec<ipnet::IpNet> {
+    let mut all: Vec<ipnet::IpNet> = parts.local.cidrs().collect();
+    for remote in parts.mesh.admitted() {
+        all.extend(remote.cidrs());
+    }
+    ipnet::IpNet::aggregate(&all)
 }
 
 /// Every configured peer with its connection, revision, sync age and lag, counts and, when
@@ -64,6 +78,7 @@ pub fn document(parts: &StatusParts<'_>, now: Instant, wall: SystemTime) -> Cont
                 registered: registration.is_some(),
                 connected: gateways.is_connected(node),
                 endpoint: registration.map(|r| r.endpoint),
+                public_key: registration.map(|r| r.public_key),
                 report_age_seconds: report.as_ref().map(|(_, age)| *age),
                 report: report.map(|(report, _)| report),
             }
@@ -95,6 +110,8 @@ pub fn document(parts: &StatusParts<'_>, now: Instant, wall: SystemTime) -> Cont
             .map(ImportStatus::of)
             .collect(),
         imports_total: parts.imports.services.len(),
+        external_peers: parts.external_peers.statuses(),
+        mesh_cidrs: mesh_cidrs(parts),
     }
 }
 

@@ -32,6 +32,8 @@ const REQUIRED: [&str; 4] = [NODES, SERVICES, SLICES, EXPORTS];
 const PODS: &str = "/api/v1/pods";
 const NAMESPACES: &str = "/api/v1/namespaces";
 const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
+const PEERS: &str = "/apis/trellis.dev/v1alpha1/peers";
+const SECRETS: &str = "/api/v1/namespaces/trellis-system/secrets";
 
 fn fixture(name: &str) -> Value {
     let path = format!("{}/testdata/k8s/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -80,6 +82,8 @@ impl FakeApi {
             (PODS, "pods.json"),
             (NAMESPACES, "namespaces.json"),
             (POLICIES, "networkpolicies.json"),
+            (PEERS, "peers.json"),
+            (SECRETS, "secrets.json"),
         ] {
             api.kinds.insert(
                 path,
@@ -521,6 +525,7 @@ async fn network_policy_kinds_are_required_then_followed_when_enabled() {
         trellis_controller::kube_source::SourceOptions {
             debounce: Duration::from_millis(20),
             network_policy: true,
+            preshared_key_namespace: None,
         },
     ));
     until(&api, "the other kinds listed and pods failing", |a| {
@@ -712,6 +717,7 @@ fn view_of_web(conflict: bool) -> std::sync::Arc<trellis_controller::hub::MeshVi
         policy: None,
         policy_pending: false,
         policy_step: None,
+        external_peers: Default::default(),
     })
 }
 
@@ -875,4 +881,154 @@ async fn service_exports_get_valid_ready_and_conflict_conditions() {
     assert_eq!(calls.count("create", "events"), 1);
     assert_eq!(calls.count("patch", "events"), 1);
     calls.assert_allowed_by_the_chart();
+}
+
+/// Peers come from the API with their preshared keys from the labelled Secrets of the
+/// controller's namespace; a Peer naming a Secret that is not there gets no key (and is
+/// refused for it downstream); a deleted Peer goes.
+#[tokio::test]
+async fn peers_and_their_preshared_keys_come_from_the_api() {
+    let (client, api, server, calls) = fake_api_server(|_| {});
+    let rec = Recorder::default();
+    let source = tokio::spawn(trellis_controller::kube_source::run_with_options(
+        client,
+        rec.clone(),
+        trellis_controller::kube_source::SourceOptions {
+            debounce: Duration::from_millis(20),
+            network_policy: false,
+            preshared_key_namespace: Some(common::RELEASE_NAMESPACE.into()),
+        },
+    ));
+    let s = rec
+        .wait("both peers, the laptop with its key", |s| {
+            s.external_peers.len() == 2
+                && s.external_peers[0]
+                    .preshared_key
+                    .as_ref()
+                    .is_some_and(|k| k.key.is_ok())
+        })
+        .await;
+    let laptop = &s.external_peers[0];
+    assert_eq!(laptop.name, "laptop");
+    assert_eq!(laptop.allowed_ips, ["10.10.250.1/32"]);
+    assert_eq!(laptop.nodes, ["east-worker"]);
+    assert_eq!(laptop.persistent_keepalive, Some(25));
+    let key = laptop.preshared_key.as_ref().unwrap();
+    assert_eq!(key.secret, "laptop-psk");
+    assert_eq!(key.key.as_ref().unwrap().0, [9; 32]);
+    let vm = &s.external_peers[1];
+    let missing = vm.preshared_key.as_ref().unwrap().key.as_ref().unwrap_err();
+    assert!(missing.contains("no Secret"), "{missing}");
+
+    let mut gone = fixture("peers.json")["items"][1].clone();
+    gone["metadata"]["deletionTimestamp"] = json!(null);
+    api.lock()
+        .unwrap()
+        .push(PEERS, "Peer", "trellis.dev/v1alpha1", "DELETED", gone);
+    let s = rec
+        .wait("the vm's Peer deleted", |s| s.external_peers.len() == 1)
+        .await;
+    assert_eq!(s.external_peers[0].name, "laptop");
+    source.abort();
+    server.abort();
+    calls.assert_allowed_by_the_chart();
+}
+
+/// Each Peer gets its Ready condition from the controller's verdict, written only when it
+/// changes; its transition time stays while the status does.
+#[tokio::test]
+async fn peers_get_their_ready_condition() {
+    use trellis_controller::kube_source::write_peer_statuses;
+    use trellis_core::external_peer::{Admission, Verdict};
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let (view_tx, view_rx) = tokio::sync::watch::channel(None);
+    let writer = tokio::spawn(write_peer_statuses(client, view_rx));
+    let calls = common::Calls::default();
+    let vm = fixture("peers.json")["items"][1].clone();
+    let since = vm["status"]["conditions"][0]["lastTransitionTime"].clone();
+    let known = vm["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let view = |ready: bool, reason: &str, message: &str| {
+        let mut v = std::sync::Arc::try_unwrap(view_of_web(false)).unwrap();
+        let mut admission = Admission::default();
+        admission.verdicts.insert(
+            "vm".into(),
+            Verdict {
+                ready,
+                reason: reason.into(),
+                message: message.into(),
+            },
+        );
+        v.external_peers = std::sync::Arc::new(admission);
+        std::sync::Arc::new(v)
+    };
+    // The same verdict the object has: read, nothing written.
+    view_tx.send_replace(Some(view(false, "NoGateway", &known)));
+    let (method, path, _, send) = next_call_any(&mut handle, &calls).await;
+    assert_eq!(method, http::Method::GET);
+    assert_eq!(path, "/apis/trellis.dev/v1alpha1/peers/vm");
+    reply(send, 200, &vm);
+
+    // Accepted: Ready=True, a new transition time.
+    view_tx.send_replace(Some(view(true, "Accepted", "attached")));
+    let (method, path, body, send) = next_call_any(&mut handle, &calls).await;
+    assert_eq!(method, http::Method::PATCH);
+    assert_eq!(path, "/apis/trellis.dev/v1alpha1/peers/vm/status");
+    // A status apply carries no spec (the API server validates it merged with the object's).
+    let mut schema = common::crd_schema("peers.trellis.dev", "v1alpha1");
+    schema["required"] = json!([]);
+    let errors = common::validate_against_crd(&schema, &body);
+    assert!(errors.is_empty(), "{body}: {errors:#?}");
+    let c = conditions_by_type(&body);
+    assert_eq!(
+        (&c["Ready"]["status"], &c["Ready"]["reason"]),
+        (&json!("True"), &json!("Accepted"))
+    );
+    assert_ne!(c["Ready"]["lastTransitionTime"], since);
+    reply(send, 200, &vm);
+
+    // Refused again: Ready=False with the reason and message.
+    view_tx.send_replace(Some(view(false, "Overlaps", "Overlaps message")));
+    let (_, _, body, send) = next_call_any(&mut handle, &calls).await;
+    let c = conditions_by_type(&body);
+    assert_eq!(
+        (&c["Ready"]["status"], &c["Ready"]["reason"]),
+        (&json!("False"), &json!("Overlaps"))
+    );
+    assert_eq!(c["Ready"]["message"], "Overlaps message");
+    reply(send, 200, &vm);
+
+    // The same again: nothing written.
+    view_tx.send_replace(Some(view(false, "Overlaps", "Overlaps message")));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), handle.next_request())
+            .await
+            .is_err(),
+        "an unchanged verdict writes nothing"
+    );
+    writer.abort();
+    calls.assert_allowed_by_the_chart();
+}
+
+/// As [`next_call`], for a GET (no body) too.
+async fn next_call_any(
+    handle: &mut Handle,
+    calls: &common::Calls,
+) -> (http::Method, String, Value, Send) {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("a request")
+        .unwrap();
+    calls.record(&req);
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let bytes = req.into_body().collect_bytes().await.unwrap();
+    let body: Value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (method, path, body, send)
 }

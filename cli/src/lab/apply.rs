@@ -557,7 +557,7 @@ pub fn wait_peers_in_force(
 }
 
 /// A gateway's own `GET /status`, asked from inside its node.
-fn gateway_report(node: &super::topology::Node) -> Result<GatewayReport, String> {
+pub(super) fn gateway_report(node: &super::topology::Node) -> Result<GatewayReport, String> {
     let addr = SocketAddr::new(node.address.into(), GATEWAY_METRICS_PORT);
     let netns = Netns::open(&node.netns).map_err(|e| e.to_string())?;
     let body = netns

@@ -19,13 +19,13 @@ use super::{connectivity, control, processes, services};
 use crate::table::Table;
 
 /// The underlay's MTU, as on most clouds and kind.
-const UNDERLAY_MTU: u32 = 1500;
+pub(super) const UNDERLAY_MTU: u32 = 1500;
 /// The pod MTU: the underlay less WireGuard's 80 bytes.
 const POD_MTU: u32 = UNDERLAY_MTU - 80;
 /// How long the connectivity matrix waits for each probe (generous: the machine may be busy).
 pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The bridge inside the switch namespace.
-const SWITCH_BRIDGE: &str = "br0";
+pub(super) const SWITCH_BRIDGE: &str = "br0";
 
 pub(super) fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()

@@ -8,6 +8,7 @@ mod connectivity;
 mod control;
 mod objects;
 mod observe;
+mod peer;
 mod processes;
 mod roll;
 mod services;
@@ -170,6 +171,9 @@ enum LabCommand {
         #[command(flatten)]
         flows: Box<crate::observe::FlowArgs>,
     },
+    /// External machines (a laptop, a VM) attached through a node's gateway:
+    /// `trellis lab peer add laptop --cluster c1 --node node-0`, `remove`, `list`.
+    Peer(peer::LabPeerArgs),
     /// Remove every namespace, process and file the lab made.
     Down,
     /// The kube-proxy stand-in for a cluster's clusterset services (started by `up`, one per
@@ -305,6 +309,9 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        LabCommand::Peer(peer_args) => {
+            peer::run(&dir, &args.name, peer_args).map(|()| ExitCode::SUCCESS)
         }
         LabCommand::Apply { cluster, file } => {
             let _turn = one_change_at_a_time(&dir, &args.name)?;

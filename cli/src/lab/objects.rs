@@ -95,6 +95,8 @@ pub enum PassedKind {
     NetworkPolicy,
     Service,
     ServiceExport,
+    /// `trellis.dev/v1alpha1` Peer: cluster-scoped (its namespace is empty).
+    Peer,
 }
 
 impl Manifest {
@@ -103,6 +105,14 @@ impl Manifest {
         match self {
             Manifest::Namespace { name, .. } => format!("namespace/{name}"),
             Manifest::Pod(pod) => format!("pod/{}", pod.key()),
+            Manifest::Passed {
+                kind,
+                namespace,
+                name,
+                ..
+            } if namespace.is_empty() => {
+                format!("{}/{name}", format!("{kind:?}").to_ascii_lowercase())
+            }
             Manifest::Passed {
                 kind,
                 namespace,
@@ -273,9 +283,26 @@ fn manifest(document: Value, index: usize) -> anyhow::Result<Option<Manifest>> {
                 name,
             }
         }
+        "Peer" => {
+            let name = document["metadata"]["name"]
+                .as_str()
+                .context("a Peer without metadata.name")?
+                .to_string();
+            validate_name("peer", &name)?;
+            let mut document = canonical(document, "");
+            if let Some(metadata) = document["metadata"].as_object_mut() {
+                metadata.remove("namespace");
+            }
+            Manifest::Passed {
+                kind: PassedKind::Peer,
+                namespace: String::new(),
+                name,
+                document,
+            }
+        }
         "" => bail!("document {} has no kind", index + 1),
         other => bail!(
-            "document {}: the lab does not take kind {other:?} (Namespace, Pod, NetworkPolicy, Service, ServiceExport)",
+            "document {}: the lab does not take kind {other:?} (Namespace, Pod, NetworkPolicy, Service, ServiceExport, Peer)",
             index + 1
         ),
     };
@@ -429,7 +456,7 @@ pub fn apply(
                 name,
                 document,
             } => {
-                if !namespace_exists(&next, namespace) {
+                if *kind != PassedKind::Peer && !namespace_exists(&next, namespace) {
                     bail!(
                         "{}: namespace {namespace:?} not found (apply a Namespace first, or in the same file)",
                         manifest.describe()

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use boringtun::noise::{Tunn, TunnResult};
 use ipnet::IpNet;
 use prometheus::{Gauge, IntCounter, IntGauge};
+use trellis_core::external_peer::PresharedKey;
 use trellis_core::gateway::TunnelPeer;
 use trellis_core::wgkey::PublicKey;
 
@@ -58,6 +59,8 @@ pub(super) struct PeerState {
     /// The endpoint as last configured, so a reload of the same state keeps a roamed endpoint.
     pub(super) configured_endpoint: Option<SocketAddr>,
     keepalive: Option<u16>,
+    /// An external peer's preshared key (WireGuard's optional symmetric layer).
+    preshared_key: Option<PresharedKey>,
     allowed_ips: Vec<IpNet>,
     pub(super) handshakes: u64,
     pub(super) tx_bytes: u64,
@@ -151,7 +154,7 @@ impl PeerState {
         let fresh = Tunn::new(
             identity.keys.secret().clone(),
             boringtun::x25519::PublicKey::from(key.0),
-            None,
+            self.preshared_key.map(|k| k.0),
             self.keepalive,
             slot,
             Some(identity.tunn_limiter.clone()),
@@ -242,13 +245,13 @@ impl Default for PeerTable {
 
 impl Shared {
     /// A `Tunn` on the device's current key.
-    fn new_tunn(&self, public_key: &PublicKey, keepalive: Option<u16>, slot: u32) -> Tunn {
+    fn new_tunn(&self, spec: &TunnelPeer, slot: u32) -> Tunn {
         let ring = self.keys.load();
         Tunn::new(
             ring.current.keys.secret().clone(),
-            boringtun::x25519::PublicKey::from(public_key.0),
-            None,
-            keepalive,
+            boringtun::x25519::PublicKey::from(spec.public_key.0),
+            spec.preshared_key.map(|k| k.0),
+            spec.persistent_keepalive,
             slot,
             Some(ring.current.tunn_limiter.clone()),
         )
@@ -326,10 +329,12 @@ impl PeerTable {
                     let mut state = peer.lock();
                     // Wanted again (its key back before it was removed).
                     state.retiring = None;
-                    if state.keepalive != spec.persistent_keepalive {
-                        state.tunn =
-                            shared.new_tunn(&spec.public_key, spec.persistent_keepalive, peer.slot);
+                    if state.keepalive != spec.persistent_keepalive
+                        || state.preshared_key != spec.preshared_key
+                    {
+                        state.tunn = shared.new_tunn(&spec, peer.slot);
                         state.keepalive = spec.persistent_keepalive;
+                        state.preshared_key = spec.preshared_key;
                         state.on_previous = false;
                     }
                     if state.name != spec.name {
@@ -348,7 +353,7 @@ impl PeerTable {
                 }
                 None => {
                     let slot = next.free_slot();
-                    let tunn = shared.new_tunn(&spec.public_key, spec.persistent_keepalive, slot);
+                    let tunn = shared.new_tunn(&spec, slot);
                     tracing::info!(peer = %spec.name, key = %spec.public_key, "added peer");
                     if spec.endpoint.is_some() {
                         initiate.push((slot, Initiation::NewPeer));
@@ -360,6 +365,7 @@ impl PeerTable {
                         endpoint: spec.endpoint,
                         configured_endpoint: spec.endpoint,
                         keepalive: spec.persistent_keepalive,
+                        preshared_key: spec.preshared_key,
                         allowed_ips: spec.allowed_ips,
                         handshakes: 0,
                         tx_bytes: 0,

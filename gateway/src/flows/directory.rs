@@ -392,6 +392,7 @@ pub(crate) mod tests {
             endpoint: Some(endpoint.parse().unwrap()),
             allowed_ips: vec![range.parse().unwrap()],
             persistent_keepalive: None,
+            preshared_key: None,
         };
         let mut routes = BTreeMap::new();
         routes.insert("10.1.2.0/24".parse().unwrap(), PodRoute::Tunnel);

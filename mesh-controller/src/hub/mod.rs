@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use ipnet::IpNet;
 use tokio::sync::watch;
 use trellis_core::cluster::{ClusterId, ClusterState, Delta, ServiceKey};
+use trellis_core::external_peer;
 use trellis_core::imports::Imports;
 
 use trellis_core::policy::PolicyInputs;
@@ -68,6 +69,8 @@ pub struct MeshView {
     /// The delta that turned the previous inputs (`from`) into `policy`, computed once for
     /// every node that holds `from`.
     pub policy_step: Option<PolicyStep>,
+    /// The external peers' verdicts; the accepted ones ride their node's gateway.
+    pub external_peers: Arc<external_peer::Admission>,
 }
 
 /// One change of the policy inputs, shared by the nodes' feeds.
@@ -131,6 +134,8 @@ struct Inner {
     vip_assignment: BTreeMap<ServiceKey, Vec<IpAddr>>,
     /// Imports left without a VIP (logged once while they stay so).
     vips_exhausted: Vec<trellis_core::vips::Exhausted>,
+    /// The external peers' verdicts as of the last composition.
+    external_peers: Arc<external_peer::Admission>,
 }
 
 /// The hub; cheap to clone.
@@ -171,6 +176,7 @@ impl Hub {
             clusterset_ip_ranges: Vec::new(),
             vip_assignment: BTreeMap::new(),
             vips_exhausted: Vec::new(),
+            external_peers: Arc::default(),
         };
         let flows = crate::flows::FlowRelay::new(metrics.clone(), cfg.id.clone());
         Self {
@@ -242,6 +248,8 @@ impl Hub {
                     .as_ref()
                     .map(|(inputs, digest)| (inputs.as_ref(), digest.as_str())),
                 imports: &inner.imports,
+                external_peers: &inner.external_peers,
+                local: &inner.local,
             },
             Instant::now(),
             SystemTime::now(),
@@ -254,6 +262,21 @@ impl Hub {
         let mut inner = self.lock();
         inner.mesh.set_configured_allowance(peer, ranges);
         self.republish(&mut inner);
+    }
+
+    /// The ranges this cluster's own certificate lets it claim: its external peers' addresses
+    /// must lie inside them.
+    pub fn set_own_allowance(&self, ranges: Option<Vec<IpNet>>) {
+        let mut inner = self.lock();
+        inner.mesh.set_own_allowance(ranges);
+        if !self.recompose(&mut inner) {
+            self.republish(&mut inner);
+        }
+    }
+
+    /// The external peers' verdicts as of the last composition.
+    pub fn external_peers(&self) -> Arc<external_peer::Admission> {
+        self.lock().external_peers.clone()
     }
 
     /// Where `peer`'s controller is configured to be reached: no peer may claim a range
@@ -392,9 +415,33 @@ impl Hub {
             &inner.lapsed_gateways,
             inner.network_policy.then_some(&mut inner.identities),
         );
+        // External peers are checked against the cluster without them, then advertised as
+        // routed by the node that carries each.
+        let peers = inner
+            .mesh
+            .admit_external_peers(&source.external_peers, &next);
+        peers.advertise(&mut next);
+        let peers_changed = *inner.external_peers != peers;
+        if peers_changed {
+            for (name, verdict) in &peers.verdicts {
+                let before = inner.external_peers.verdicts.get(name);
+                if before != Some(verdict) {
+                    if verdict.ready {
+                        tracing::info!(peer = %name, message = %verdict.message, "external peer accepted");
+                    } else {
+                        tracing::error!(peer = %name, reason = %verdict.reason, message = %verdict.message, "refusing an external peer");
+                    }
+                }
+            }
+            inner.external_peers = Arc::new(peers);
+        }
         next.revision = inner.local.revision;
         let first = self.local_tx.borrow().is_none();
         if !first && next.diff(&inner.local).is_empty() {
+            if peers_changed {
+                self.republish(inner);
+                return true;
+            }
             return false;
         }
         next.revision = inner.local.revision + 1;
@@ -472,6 +519,7 @@ impl Hub {
             policy: inner.policy.as_ref().map(|(inputs, _)| inputs.clone()),
             policy_pending: inner.network_policy && inner.source.is_none(),
             policy_step: inner.policy_step.clone(),
+            external_peers: inner.external_peers.clone(),
         })));
     }
 

@@ -6,9 +6,10 @@
 #
 #   up     create clusters c1 and c2 (no default CNI, distinct pod and service subnets), build
 #          the image and load it into both, build the trellis CLI, `trellis mesh enable --install`
-#          both (c1 creates the mesh CA, c2 inherits it with --ca-from-context), `trellis mesh
-#          connect` them, point CoreDNS at Trellis DNS, and wait with `trellis status --wait`
-#          until each controller sees its peer, gateways and tunnels healthy
+#          both (c1 creates the mesh CA, in its kube-system; c2 inherits it with
+#          --ca-from-context), `trellis mesh connect` them, point CoreDNS at Trellis DNS, and
+#          wait with `trellis status --wait` until each controller sees its peer, gateways and
+#          tunnels healthy
 #   check  prove it: pod to pod across the clusters (both ways), a Service exported from c2
 #          resolved and reached from c1 by <svc>.<ns>.svc.clusterset.local, then node
 #          encryption switched on and off again with `helm upgrade` (routes between c1's nodes
@@ -200,7 +201,7 @@ up() {
   create_clusters
   build_and_load_image
   build_trellis
-  say "enabling c1 (it creates the mesh CA)"
+  say "enabling c1 (it creates the mesh CA, Secret kube-system/trellis-mesh-ca)"
   enable_trellis c1
   say "enabling c2 with c1's mesh CA"
   enable_trellis c2 --ca-from-context "$(ctx c1)"

@@ -15,7 +15,8 @@ use trellis_core::cluster::ClusterId;
 
 use super::ranges;
 
-/// The Secret holding the mesh CA, in the namespace of the cluster that created it.
+/// The Secret holding the mesh CA, in the cluster that created it, in kube-system by default
+/// (`--ca-namespace`): never in Trellis's namespace, whose Secrets the controller may list.
 pub const CA_SECRET: &str = "trellis-mesh-ca";
 /// The Secret the chart mounts: the mesh CA certificate and this cluster's certificate.
 pub const TLS_SECRET: &str = "trellis-tls";

@@ -39,9 +39,10 @@ pub enum Finish {
 
 /// Where the mesh CA comes from.
 pub enum CaSource {
-    /// This cluster's `trellis-mesh-ca`, created when there is none (and no certificate to keep).
+    /// This cluster's `trellis-mesh-ca` (in `--ca-namespace`), created when there is none (and
+    /// no certificate to keep).
     Own,
-    /// Another cluster's `trellis-mesh-ca` (`--ca-from-context`).
+    /// Another cluster's `trellis-mesh-ca` (in `--ca-namespace` there: `--ca-from-context`).
     Context { name: String, client: kube::Client },
     /// `ca.pem` and `ca-key.pem` in a directory (`trellis certs ca --dir`).
     Dir(PathBuf),
@@ -50,6 +51,9 @@ pub enum CaSource {
 #[derive(Debug, Clone)]
 pub struct EnableOptions {
     pub target: Target,
+    /// The namespace of the mesh CA's Secret, in this cluster and in `--ca-from-context`'s:
+    /// not the release's, whose Secrets the controller may list.
+    pub ca_namespace: String,
     pub cluster_id: Option<ClusterId>,
     pub pod_cidrs: Vec<IpNet>,
     pub service_cidrs: Vec<IpNet>,
@@ -244,6 +248,13 @@ pub async fn enable(
     let label = options.target.label();
     let ns = options.target.namespace.as_str();
     let dry = options.finish == Finish::DryRun;
+    if options.ca_namespace == ns {
+        bail!(
+            "--ca-namespace {ns} is Trellis's namespace, whose Secrets the controller reads: the \
+             mesh CA's key would be readable by every controller's ServiceAccount; keep it in \
+             another namespace (default kube-system)"
+        );
+    }
     let secrets = Api::<Secret>::namespaced(client.clone(), ns);
 
     let existing = secrets
@@ -319,7 +330,8 @@ pub async fn enable(
         .copied()
         .collect();
 
-    let ca = given_ca(client, &ca_source, ns).await?;
+    let ca_ns = options.ca_namespace.as_str();
+    let ca = given_ca(client, &ca_source, ca_ns).await?;
     // The cluster's own CA never overrides the one its certificate is from: after joining
     // another cluster's mesh it would cut this cluster off from it.
     let explicit = !matches!(ca_source, CaSource::Own);
@@ -366,7 +378,10 @@ pub async fn enable(
                      --ca-from-context with the context of the cluster that holds it, or --ca-dir",
                     certificate::subject_name(current)
                 ),
-                (None, None) => create_ca(&secrets, &id, &label, ns, dry, out).await?,
+                (None, None) => {
+                    let ca_secrets = Api::<Secret>::namespaced(client.clone(), ca_ns);
+                    create_ca(&ca_secrets, &id, &label, ca_ns, dry, out).await?
+                }
             };
             let (ca, origin) = &ca;
             if dry {
@@ -442,8 +457,8 @@ pub async fn enable(
     Ok(())
 }
 
-/// Creates the mesh CA in this cluster's `trellis-mesh-ca`; if another run created one meanwhile,
-/// that one is used (a CA is never replaced).
+/// Creates the mesh CA in this cluster's `trellis-mesh-ca` (in `ns`, `--ca-namespace`); if
+/// another run created one meanwhile, that one is used (a CA is never replaced).
 async fn create_ca(
     secrets: &Api<Secret>,
     id: &ClusterId,

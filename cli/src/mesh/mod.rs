@@ -38,7 +38,8 @@ pub struct MeshArgs {
 
 #[derive(Subcommand)]
 enum MeshCommand {
-    /// Prepare a cluster for the mesh: namespace, mesh CA (created unless given or found),
+    /// Prepare a cluster for the mesh: namespace, mesh CA (created unless given or found, in
+    /// kube-system),
     /// the cluster's certificate with the ranges it may claim, the Secret `trellis-tls`; then
     /// print the helm install it needs, or run it with --install.
     Enable(EnableArgs),
@@ -83,13 +84,18 @@ struct EnableArgs {
     #[arg(long)]
     cluster_id: Option<ClusterId>,
     /// Issue the certificate from the mesh CA of another cluster (its Secret
-    /// `trellis-mesh-ca`, same namespace): how a cluster joins an existing mesh.
+    /// `trellis-mesh-ca` in --ca-namespace): how a cluster joins an existing mesh.
     #[arg(long, conflicts_with = "ca_dir")]
     ca_from_context: Option<String>,
     /// Issue the certificate from the mesh CA in DIR (`ca.pem`, `ca-key.pem`, as `trellis certs
     /// ca` writes them).
     #[arg(long)]
     ca_dir: Option<PathBuf>,
+    /// The namespace of the mesh CA's Secret `trellis-mesh-ca` (its key signs every cluster
+    /// of the mesh), here and in --ca-from-context's cluster. Not Trellis's namespace: the
+    /// controller reads Secrets there.
+    #[arg(long, default_value = "kube-system")]
+    ca_namespace: String,
     /// The cluster's pod range (repeat for dual stack). Default: kube-controller-manager's
     /// --cluster-cidr, when the cluster shows it.
     #[arg(long = "pod-cidr")]
@@ -164,6 +170,7 @@ async fn run_async(args: MeshArgs) -> anyhow::Result<()> {
             };
             let options = EnableOptions {
                 target: args.cluster.target(),
+                ca_namespace: args.ca_namespace,
                 cluster_id: args.cluster_id,
                 pod_cidrs: args.pod_cidrs,
                 service_cidrs: args.service_cidrs,

@@ -20,6 +20,9 @@ use super::helm::{Helm, HelmOutput, Target, shell_line};
 use super::unix_now;
 
 const NS: &str = "/api/v1/namespaces/trellis-system";
+/// Where `mesh enable` keeps the mesh CA by default: not the release namespace, whose Secrets
+/// the controller may list.
+const KUBE_SYSTEM: &str = "/api/v1/namespaces/kube-system";
 
 fn testdata(file: &str) -> Value {
     let path = format!("{}/testdata/{file}", env!("CARGO_MANIFEST_DIR"));
@@ -181,6 +184,7 @@ fn target(context: &str) -> Target {
 fn options(context: &str, finish: Finish) -> EnableOptions {
     EnableOptions {
         target: target(context),
+        ca_namespace: "kube-system".into(),
         cluster_id: None,
         pod_cidrs: Vec::new(),
         service_cidrs: Vec::new(),
@@ -207,7 +211,7 @@ fn stored(mut secret: Value, name: &str) -> Value {
 
 fn ca_secret_json(ca: &CertifiedKey) -> Value {
     stored(
-        serde_json::to_value(certificate::ca_secret("trellis-system", ca)).unwrap(),
+        serde_json::to_value(certificate::ca_secret("kube-system", ca)).unwrap(),
         "trellis-mesh-ca",
     )
 }
@@ -275,10 +279,10 @@ async fn enable_on_a_fresh_kind_cluster_creates_the_ca_and_certificate_and_insta
         ),
         on(
             "GET",
-            &format!("{NS}/secrets/trellis-mesh-ca"),
+            &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
             not_found("secrets", "trellis-mesh-ca"),
         ),
-        on("POST", &format!("{NS}/secrets"), created()),
+        on("POST", &format!("{KUBE_SYSTEM}/secrets"), created()),
         on(
             "PATCH",
             &format!("{NS}/secrets/trellis-tls"),
@@ -349,13 +353,99 @@ async fn enable_on_a_fresh_kind_cluster_creates_the_ca_and_certificate_and_insta
         "namespace trellis-system: created",
         "pod ranges: 10.11.0.0/16 (kube-controller-manager --cluster-cidr)",
         "service ranges: 10.111.0.0/16 (ServiceCIDR kubernetes)",
-        "mesh CA: \"Trellis mesh CA c1\" created in Secret trellis-system/trellis-mesh-ca",
+        "mesh CA: \"Trellis mesh CA c1\" created in Secret kube-system/trellis-mesh-ca",
         "--ca-from-context kind-trellis-c1",
         "certificate c1.cluster.trellis: issued by \"Trellis mesh CA c1\"",
         "$ helm upgrade --install trellis",
     ] {
         assert!(out.contains(line), "{line:?} in:\n{out}");
     }
+}
+
+#[tokio::test]
+async fn enable_keeps_the_mesh_ca_in_kube_system_never_in_the_release_namespace() {
+    let mut replies = vec![
+        on(
+            "GET",
+            &format!("{NS}/secrets/trellis-tls"),
+            not_found("secrets", "trellis-tls"),
+        ),
+        on("GET", NS, ok(namespace_json())),
+    ];
+    replies.extend(kind_ranges("nodes-kind-c1.json"));
+    replies.extend([
+        on(
+            "GET",
+            &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
+            not_found("secrets", "trellis-mesh-ca"),
+        ),
+        on("POST", &format!("{KUBE_SYSTEM}/secrets"), created()),
+        on(
+            "PATCH",
+            &format!("{NS}/secrets/trellis-tls"),
+            Reply {
+                code: 200,
+                ..created()
+            },
+        ),
+    ]);
+    let (client, server) = api(replies);
+    let mut opts = options("kind-trellis-c1", Finish::Print);
+    opts.cluster_id = Some("c1".parse().unwrap());
+    let mut out = Vec::new();
+    enable::enable(
+        &client,
+        CaSource::Own,
+        &opts,
+        &RecordingHelm::default(),
+        &mut out,
+    )
+    .await
+    .unwrap();
+    let seen = server.await.unwrap();
+
+    let created_ca = &seen[6];
+    let body = created_ca.body.as_ref().unwrap();
+    assert_eq!(
+        (&body["metadata"]["name"], &body["metadata"]["namespace"]),
+        (&json!("trellis-mesh-ca"), &json!("kube-system"))
+    );
+    assert!(
+        body["data"]["ca.key"].is_string(),
+        "the key is kept: {body}"
+    );
+    for request in &seen {
+        let in_release = request.uri.starts_with(&format!("{NS}/"));
+        let text = format!("{} {:?}", request.uri, request.body);
+        assert!(
+            !(in_release && (text.contains("trellis-mesh-ca") || text.contains("ca.key"))),
+            "the mesh CA in the release namespace: {request:#?}"
+        );
+    }
+    let out = text(out);
+    assert!(
+        out.contains("created in Secret kube-system/trellis-mesh-ca"),
+        "{out}"
+    );
+
+    // Asked to keep it in the release namespace: refused before any request.
+    let (client, server) = api(vec![]);
+    opts.ca_namespace = "trellis-system".into();
+    let err = enable::enable(
+        &client,
+        CaSource::Own,
+        &opts,
+        &RecordingHelm::default(),
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(server.await.unwrap().is_empty());
+    assert!(
+        err.contains("--ca-namespace trellis-system is Trellis's namespace"),
+        "{err}"
+    );
 }
 
 /// What a kind cluster answers for the range lookups.
@@ -390,7 +480,7 @@ async fn enable_again_keeps_the_ca_and_the_certificate_and_writes_nothing() {
     replies.extend(kind_ranges("nodes-kind-c1.json"));
     replies.push(on(
         "GET",
-        &format!("{NS}/secrets/trellis-mesh-ca"),
+        &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
         ok(ca_secret_json(&ca)),
     ));
     let (client, server) = api(replies);
@@ -430,10 +520,11 @@ async fn enable_again_keeps_the_ca_and_the_certificate_and_writes_nothing() {
 async fn a_second_cluster_inherits_the_first_ones_ca_with_ranges_given() {
     let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
     // c1 holds the CA; c2 is an older cluster: no ServiceCIDR API, no visible control plane,
-    // so the user gives both ranges and the chart gets the service range.
+    // so the user gives both ranges and the chart gets the service range. The user keeps the
+    // CA in a namespace of their own (--ca-namespace).
     let (first, first_server) = api(vec![on(
         "GET",
-        &format!("{NS}/secrets/trellis-mesh-ca"),
+        "/api/v1/namespaces/mesh-ca/secrets/trellis-mesh-ca",
         ok(ca_secret_json(&ca)),
     )]);
     let (client, server) = api(vec![
@@ -458,6 +549,7 @@ async fn a_second_cluster_inherits_the_first_ones_ca_with_ranges_given() {
     opts.cluster_id = Some("c2".parse().unwrap());
     opts.pod_cidrs = nets(&["10.12.0.0/16"]);
     opts.service_cidrs = nets(&["10.112.0.0/16"]);
+    opts.ca_namespace = "mesh-ca".into();
     let source = CaSource::Context {
         name: "kind-trellis-c1".into(),
         client: first,
@@ -474,7 +566,7 @@ async fn a_second_cluster_inherits_the_first_ones_ca_with_ranges_given() {
     assert_eq!(read_leaf(&tls.cert_pem).unwrap().ranges, c2_ranges());
     let out = text(out);
     assert!(
-        out.contains("from Secret trellis-system/trellis-mesh-ca of context kind-trellis-c1"),
+        out.contains("from Secret mesh-ca/trellis-mesh-ca of context kind-trellis-c1"),
         "{out}"
     );
     assert!(
@@ -497,7 +589,7 @@ async fn enable_dry_run_reads_but_writes_nothing() {
     replies.extend(kind_ranges("nodes-kind-c1.json"));
     replies.push(on(
         "GET",
-        &format!("{NS}/secrets/trellis-mesh-ca"),
+        &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
         not_found("secrets", "trellis-mesh-ca"),
     ));
     let (client, server) = api(replies);
@@ -605,7 +697,7 @@ async fn a_certificate_to_reissue_from_a_ca_kept_elsewhere_is_refused_not_replac
     ];
     replies.push(on(
         "GET",
-        &format!("{NS}/secrets/trellis-mesh-ca"),
+        &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
         not_found("secrets", "trellis-mesh-ca"),
     ));
     let (client, server) = api(replies);
@@ -994,12 +1086,12 @@ async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_sec
     replies.extend([
         on(
             "GET",
-            &format!("{NS}/secrets/trellis-mesh-ca"),
+            &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
             not_found("secrets", "trellis-mesh-ca"),
         ),
         on(
             "POST",
-            &format!("{NS}/secrets"),
+            &format!("{KUBE_SYSTEM}/secrets"),
             Reply::status(
                 409,
                 "AlreadyExists",
@@ -1008,7 +1100,7 @@ async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_sec
         ),
         on(
             "GET",
-            &format!("{NS}/secrets/trellis-mesh-ca"),
+            &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
             ok(ca_secret_json(&theirs)),
         ),
         on(

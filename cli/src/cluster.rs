@@ -26,6 +26,47 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Status documents, node facts: far below this.
 pub const DOCUMENT_CAP: usize = 8 << 20;
 
+/// Which cluster and which Trellis in it a command reads: `--context`, `--namespace`,
+/// `--service`, as `status`, `diagnose`, `sysdump` and `peer` take them.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct ClusterArgs {
+    /// The kubeconfig context of the cluster (default: the current context).
+    #[arg(long)]
+    pub context: Option<String>,
+    /// The namespace Trellis is installed in.
+    #[arg(short, long, default_value = DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// The controller's Service: the chart's `<fullname>-controller` (`trellis-controller`
+    /// for a release named `trellis`).
+    #[arg(long, default_value = DEFAULT_CONTROLLER_SERVICE)]
+    pub service: String,
+}
+
+impl Default for ClusterArgs {
+    fn default() -> Self {
+        Self {
+            context: None,
+            namespace: DEFAULT_NAMESPACE.to_string(),
+            service: DEFAULT_CONTROLLER_SERVICE.to_string(),
+        }
+    }
+}
+
+impl ClusterArgs {
+    /// A client for the context, from the user's kubeconfig.
+    pub async fn connect(&self) -> anyhow::Result<kube::Client> {
+        crate::kubeconfig::client(self.context.as_deref()).await
+    }
+
+    /// The controller's status document, through its Service ([`controller_status`]).
+    pub async fn controller_status(
+        &self,
+        client: &kube::Client,
+    ) -> anyhow::Result<ControllerStatus> {
+        controller_status(client, &self.namespace, &self.service).await
+    }
+}
+
 /// One answer read through the API server.
 #[derive(Debug)]
 pub struct Fetched {

@@ -6,7 +6,8 @@
 //!   appears only in the printed wg-quick config), the `Peer` created, its `Ready` condition
 //!   awaited (a refused Peer is deleted again, the controller's reason shown), then the config:
 //!   the node gateway's key and endpoint from the controller's `/status` (through the API
-//!   server's service proxy), the mesh's pod and service ranges as AllowedIPs;
+//!   server's service proxy, as `trellis status --context` reads it), the mesh's pod and
+//!   service ranges as AllowedIPs;
 //! * `list`: every Peer with its key, addresses, nodes and `Ready` condition;
 //! * `remove NAME`: deletes it (nothing to delete is not an error);
 //! * `config`: a wg-quick file for a standalone gateway driven by a state file.
@@ -26,6 +27,8 @@ use trellis_core::wgkey::PublicKey;
 use trellis_gateway::keys::KeyPair;
 use trellis_gateway::peer_config::{ExternalPeer, PeerConfigArgs, render_wg_quick};
 
+use crate::cluster::ClusterArgs;
+
 #[derive(Args)]
 pub struct PeerArgs {
     #[command(subcommand)]
@@ -44,16 +47,6 @@ enum PeerCommand {
     List(ClusterArgs),
     /// Delete a Peer: the machine is cut off.
     Remove(RemoveArgs),
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ClusterArgs {
-    /// The kubeconfig context (the current one when left out).
-    #[arg(long)]
-    context: Option<String>,
-    /// Where Trellis runs (the controller's Service).
-    #[arg(long, default_value = "trellis-system")]
-    namespace: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -108,37 +101,21 @@ pub fn run(args: PeerArgs) -> anyhow::Result<()> {
         match args.command {
             PeerCommand::Config(_) => unreachable!("handled above"),
             PeerCommand::Add(add_args) => {
-                let client = crate::kubeconfig::client(add_args.cluster.context.as_deref()).await?;
+                let client = add_args.cluster.connect().await?;
                 let config = add(client, &add_args, &KeyPair::generate()).await?;
                 print!("{config}");
             }
             PeerCommand::List(cluster) => {
-                let client = crate::kubeconfig::client(cluster.context.as_deref()).await?;
+                let client = cluster.connect().await?;
                 print!("{}", render_list(&list(client).await?));
             }
             PeerCommand::Remove(remove_args) => {
-                let client =
-                    crate::kubeconfig::client(remove_args.cluster.context.as_deref()).await?;
+                let client = remove_args.cluster.connect().await?;
                 remove(client, &remove_args).await?;
             }
         }
         Ok(())
     })
-}
-
-/// The controller's `/status`, through the API server's service proxy (no port-forward).
-pub async fn controller_status(
-    client: &kube::Client,
-    namespace: &str,
-) -> anyhow::Result<ControllerStatus> {
-    let path =
-        format!("/api/v1/namespaces/{namespace}/services/trellis-controller:metrics/proxy/status");
-    let request = http::Request::get(&path).body(Vec::new())?;
-    let text = client
-        .request_text(request)
-        .await
-        .with_context(|| format!("asking the controller for its status ({path})"))?;
-    serde_json::from_str(&text).context("the controller's /status")
 }
 
 /// The `Peer` `add` creates.
@@ -237,7 +214,7 @@ pub async fn add(
     args: &AddArgs,
     machine: &KeyPair,
 ) -> anyhow::Result<String> {
-    let status = controller_status(&client, &args.cluster.namespace).await?;
+    let status = args.cluster.controller_status(&client).await?;
     let config = machine_config(&status, args, machine)?;
     let peer = peer_object(args, &machine.public_key());
     let api: Api<Peer> = Api::all(client);
@@ -367,7 +344,7 @@ mod tests {
     type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
     const STATUS_PATH: &str =
-        "/api/v1/namespaces/trellis-system/services/trellis-controller:metrics/proxy/status";
+        "/api/v1/namespaces/trellis-system/services/http:trellis-controller:metrics/proxy/status";
     const PEERS: &str = "/apis/trellis.dev/v1alpha1/peers";
 
     fn testdata(name: &str) -> Value {
@@ -588,6 +565,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn add_names_the_controller_it_could_not_reach_as_status_does() {
+        let (client, server) = scripted(vec![(
+            Method::GET,
+            STATUS_PATH.into(),
+            json_response(
+                503,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": "no endpoints available for service \"trellis-controller\"",
+                    "reason": "ServiceUnavailable", "code": 503}),
+            ),
+        )]);
+        let err = add(client, &add_args(&[]), &KeyPair::generate())
+            .await
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(
+                "the controller's /status through Service trellis-system/trellis-controller"
+            ) && text.contains("no endpoints available"),
+            "{text}"
+        );
+        assert_eq!(server.await.unwrap().len(), 1, "nothing created");
+    }
+
+    #[tokio::test]
     async fn list_shows_each_peer_and_its_verdict_and_remove_is_idempotent() {
         let (client, server) = scripted(vec![(
             Method::GET,
@@ -611,10 +613,7 @@ mod tests {
 
         let args = RemoveArgs {
             peer: "laptop".into(),
-            cluster: ClusterArgs {
-                context: None,
-                namespace: "trellis-system".into(),
-            },
+            cluster: ClusterArgs::default(),
             dry_run: false,
         };
         let (client, server) = scripted(vec![

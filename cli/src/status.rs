@@ -20,7 +20,7 @@ use clap::{Args, ValueEnum};
 use trellis_core::cluster::ServiceKind;
 use trellis_core::status::{ControllerPolicyStatus, ControllerStatus, GatewayReport, problems};
 
-use crate::cluster::{DEFAULT_CONTROLLER_SERVICE, DEFAULT_NAMESPACE};
+use crate::cluster::ClusterArgs;
 use crate::table::Table;
 
 /// How long a status request may take, connecting and reading.
@@ -46,16 +46,8 @@ pub struct StatusArgs {
     /// kubeconfig context.
     #[arg(long, conflicts_with_all = ["context", "namespace", "service"])]
     controller: Option<String>,
-    /// The kubeconfig context of the cluster (default: the current context).
-    #[arg(long)]
-    context: Option<String>,
-    /// The namespace Trellis is installed in.
-    #[arg(short, long, default_value = DEFAULT_NAMESPACE)]
-    namespace: String,
-    /// The controller's Service: the chart's `<fullname>-controller` (`trellis-controller`
-    /// for a release named `trellis`).
-    #[arg(long, default_value = DEFAULT_CONTROLLER_SERVICE)]
-    service: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Wait until the mesh is healthy (or --timeout), printing what it waits for.
     #[arg(long)]
     wait: bool,
@@ -73,8 +65,7 @@ pub enum Source {
     /// The controller's Service, through the API server.
     Cluster {
         client: kube::Client,
-        namespace: String,
-        service: String,
+        cluster: ClusterArgs,
     },
 }
 
@@ -82,9 +73,10 @@ impl Source {
     pub fn describe(&self) -> String {
         match self {
             Self::Direct(url) => format!("controller {url}"),
-            Self::Cluster {
-                namespace, service, ..
-            } => format!("controller Service {namespace}/{service}"),
+            Self::Cluster { cluster, .. } => format!(
+                "controller Service {}/{}",
+                cluster.namespace, cluster.service
+            ),
         }
     }
 
@@ -101,11 +93,7 @@ impl Source {
                 .await
                 .context("the status request's thread")?
             }
-            Self::Cluster {
-                client,
-                namespace,
-                service,
-            } => crate::cluster::controller_status(client, namespace, service).await,
+            Self::Cluster { client, cluster } => cluster.controller_status(client).await,
         }
     }
 }
@@ -118,11 +106,10 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let source = match &args.controller {
             Some(url) => Source::Direct(url.clone()),
-            None => match crate::kubeconfig::client(args.context.as_deref()).await {
+            None => match args.cluster.connect().await {
                 Ok(client) => Source::Cluster {
                     client,
-                    namespace: args.namespace.clone(),
-                    service: args.service.clone(),
+                    cluster: args.cluster.clone(),
                 },
                 Err(error) => {
                     eprintln!("error: {error:#}");
@@ -910,8 +897,7 @@ mod tests {
     fn through_the_api(client: kube::Client) -> Source {
         Source::Cluster {
             client,
-            namespace: DEFAULT_NAMESPACE.into(),
-            service: DEFAULT_CONTROLLER_SERVICE.into(),
+            cluster: ClusterArgs::default(),
         }
     }
 

@@ -20,10 +20,7 @@ use anyhow::Context as _;
 use clap::Args;
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::cluster::{
-    self, DEFAULT_CONTROLLER_SERVICE, DEFAULT_NAMESPACE, METRICS_PORT, pod_name, pod_proxy,
-    service_proxy,
-};
+use crate::cluster::{self, ClusterArgs, METRICS_PORT, pod_name, pod_proxy, service_proxy};
 
 /// The custom resources a Trellis cluster may serve: (file name, list path).
 pub const RESOURCES: [(&str, &str); 4] = [
@@ -47,15 +44,8 @@ const TRELLIS_PODS_QUERY: &str = "labelSelector=app.kubernetes.io%2Fname%3Dtrell
 
 #[derive(Args)]
 pub struct SysdumpArgs {
-    /// The kubeconfig context of the cluster (default: the current context).
-    #[arg(long)]
-    context: Option<String>,
-    /// The namespace Trellis is installed in.
-    #[arg(short, long, default_value = DEFAULT_NAMESPACE)]
-    namespace: String,
-    /// The controller's Service.
-    #[arg(long, default_value = DEFAULT_CONTROLLER_SERVICE)]
-    service: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// The archive to write (default: trellis-sysdump-<UTC time>.tar.gz here).
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -440,7 +430,7 @@ pub fn run(args: SysdumpArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
-        let client = crate::kubeconfig::client(args.context.as_deref()).await?;
+        let client = args.cluster.connect().await?;
         let now = SystemTime::now();
         let directory = format!("trellis-sysdump-{}", stamp(now));
         let path = args
@@ -459,8 +449,11 @@ pub fn run(args: SysdumpArgs) -> anyhow::Result<ExitCode> {
             max_item_bytes: args.max_item_bytes,
             request_timeout: args.request_timeout,
         };
-        eprintln!("collecting from namespace {} ...", args.namespace);
-        collect(&mut dump, &client, &args.namespace, &args.service, &limits).await?;
+        let ClusterArgs {
+            namespace, service, ..
+        } = &args.cluster;
+        eprintln!("collecting from namespace {namespace} ...");
+        collect(&mut dump, &client, namespace, service, &limits).await?;
         let failures = dump.failures();
         let header = summary_header(&args, now);
         let gzip = dump.finish(&header)?;
@@ -484,8 +477,8 @@ fn summary_header(args: &SysdumpArgs, at: SystemTime) -> String {
     format!(
         "trellis sysdump {}\ncontext: {}\nnamespace: {}\ntaken: {}\n",
         env!("CARGO_PKG_VERSION"),
-        args.context.as_deref().unwrap_or("(current)"),
-        args.namespace,
+        args.cluster.context.as_deref().unwrap_or("(current)"),
+        args.cluster.namespace,
         humantime::format_rfc3339_seconds(at)
     )
 }

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Secret;
 use trellis_core::status::ControllerStatus;
 use trellis_gateway::node_report::NodeReport;
 
-use crate::cluster::{self, ClockOffset, DEFAULT_CONTROLLER_SERVICE, DEFAULT_NAMESPACE};
+use crate::cluster::{self, ClockOffset, ClusterArgs};
 use checks::{Check, Outcome};
 
 /// Gateways whose node facts are read at once.
@@ -28,15 +28,8 @@ pub const DEFAULT_TLS_SECRET: &str = "trellis-tls";
 
 #[derive(Args)]
 pub struct DiagnoseArgs {
-    /// The kubeconfig context of the cluster (default: the current context).
-    #[arg(long)]
-    context: Option<String>,
-    /// The namespace Trellis is installed in.
-    #[arg(short, long, default_value = DEFAULT_NAMESPACE)]
-    namespace: String,
-    /// The controller's Service.
-    #[arg(long, default_value = DEFAULT_CONTROLLER_SERVICE)]
-    service: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// The Secret with ca.crt and tls.crt (the chart's tls.secretName).
     #[arg(long, default_value = DEFAULT_TLS_SECRET)]
     tls_secret: String,
@@ -123,16 +116,10 @@ async fn read_certificates(
 }
 
 /// Reads every fact; what cannot be read is recorded where the checks look for it.
-pub async fn gather(
-    client: &kube::Client,
-    namespace: &str,
-    controller_service: &str,
-    tls_secret: &str,
-) -> Facts {
+pub async fn gather(client: &kube::Client, target: &ClusterArgs, tls_secret: &str) -> Facts {
+    let (namespace, controller_service) = (target.namespace.as_str(), target.service.as_str());
     let text = |e: anyhow::Error| format!("{e:#}");
-    let controller = cluster::controller_status(client, namespace, controller_service)
-        .await
-        .map_err(text);
+    let controller = target.controller_status(client).await.map_err(text);
     let (pods, pods_error) = match cluster::pods(client, namespace, Some("gateway")).await {
         Ok(pods) => (pods, None),
         Err(e) => (Vec::new(), Some(text(e))),
@@ -217,8 +204,8 @@ pub fn run(args: DiagnoseArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
-        let client = crate::kubeconfig::client(args.context.as_deref()).await?;
-        let facts = gather(&client, &args.namespace, &args.service, &args.tls_secret).await;
+        let client = args.cluster.connect().await?;
+        let facts = gather(&client, &args.cluster, &args.tls_secret).await;
         let checks = checks::all(&facts);
         print!("{}", render(&checks));
         Ok(if checks.iter().any(|c| c.outcome == Outcome::Fail) {
@@ -359,13 +346,7 @@ pub(crate) mod tests {
                 other => Answer::text(404, &format!("404 page not found: {other}")),
             }
         });
-        let facts = gather(
-            &client,
-            "trellis-system",
-            "trellis-controller",
-            "trellis-tls",
-        )
-        .await;
+        let facts = gather(&client, &ClusterArgs::default(), DEFAULT_TLS_SECRET).await;
         assert_eq!(facts.controller.as_ref().unwrap().cluster.to_string(), "c1");
         assert_eq!(facts.gateways.len(), 2);
         let (up, down) = (&facts.gateways[0], &facts.gateways[1]);
@@ -430,13 +411,7 @@ pub(crate) mod tests {
                 Answer::json(200, &testdata("version.json"))
             }
         });
-        let facts = gather(
-            &client,
-            "trellis-system",
-            "trellis-controller",
-            "trellis-tls",
-        )
-        .await;
+        let facts = gather(&client, &ClusterArgs::default(), DEFAULT_TLS_SECRET).await;
         assert!(
             facts
                 .controller

@@ -4,9 +4,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use http::{Request, Response};
 use ipnet::IpNet;
-use kube::client::Body;
 use serde_json::{Value, json};
 use trellis_controller::certs::{
     CertifiedKey, Validity, generate_ca, generate_cluster_cert_with_ranges,
@@ -18,118 +16,12 @@ use super::connect::{self, ConnectOptions, Side};
 use super::enable::{self, CaSource, EnableOptions, Finish};
 use super::helm::{Helm, HelmOutput, Target, shell_line};
 use super::unix_now;
+use crate::test_api::{Reply, Seen, created, not_found, ok, on, ordered as api, testdata};
 
 const NS: &str = "/api/v1/namespaces/trellis-system";
 /// Where `mesh enable` keeps the mesh CA by default: not the release namespace, whose Secrets
 /// the controller may list.
 const KUBE_SYSTEM: &str = "/api/v1/namespaces/kube-system";
-
-fn testdata(file: &str) -> Value {
-    let path = format!("{}/testdata/{file}", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-}
-
-fn status(code: u16, reason: &str, message: &str) -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "message": message, "reason": reason, "code": code})
-}
-
-fn not_found(kind: &str, name: &str) -> Reply {
-    Reply::status(404, "NotFound", &format!("{kind} \"{name}\" not found"))
-}
-
-/// One scripted exchange: the request expected, the answer given.
-struct Reply {
-    method: &'static str,
-    path: String,
-    code: u16,
-    /// `None`: the request's own body, as the API server returns what it created.
-    body: Option<Value>,
-}
-
-impl Reply {
-    fn status(code: u16, reason: &str, message: &str) -> Self {
-        Self {
-            method: "",
-            path: String::new(),
-            code,
-            body: Some(status(code, reason, message)),
-        }
-    }
-}
-
-fn on(method: &'static str, path: &str, reply: Reply) -> Reply {
-    Reply {
-        method,
-        path: path.to_string(),
-        ..reply
-    }
-}
-
-fn ok(body: Value) -> Reply {
-    Reply {
-        method: "",
-        path: String::new(),
-        code: 200,
-        body: Some(body),
-    }
-}
-
-fn created() -> Reply {
-    Reply {
-        method: "",
-        path: String::new(),
-        code: 201,
-        body: None,
-    }
-}
-
-/// A request as the API server saw it.
-#[derive(Debug)]
-struct Seen {
-    method: String,
-    uri: String,
-    body: Option<Value>,
-}
-
-/// A client whose API server answers `replies` in order, asserting each request's method and
-/// path; the task returns the requests seen.
-fn api(replies: Vec<Reply>) -> (kube::Client, tokio::task::JoinHandle<Vec<Seen>>) {
-    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let task = tokio::spawn(async move {
-        let mut seen = Vec::new();
-        for reply in replies {
-            let Some((req, send)) = handle.next_request().await else {
-                panic!(
-                    "the command stopped before {} {}; it sent {seen:#?}",
-                    reply.method, reply.path
-                );
-            };
-            let method = req.method().to_string();
-            let uri = req.uri().to_string();
-            assert_eq!(
-                (method.as_str(), req.uri().path()),
-                (reply.method, reply.path.as_str()),
-                "request {} (after {seen:#?})",
-                seen.len() + 1
-            );
-            let bytes = req.into_body().collect_bytes().await.unwrap();
-            let body: Option<Value> =
-                (!bytes.is_empty()).then(|| serde_json::from_slice(&bytes).unwrap());
-            let answer = reply.body.clone().or_else(|| body.clone()).unwrap();
-            send.send_response(
-                Response::builder()
-                    .status(reply.code)
-                    .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                    .unwrap(),
-            );
-            seen.push(Seen { method, uri, body });
-        }
-        seen
-    });
-    (kube::Client::new(svc, "default"), task)
-}
 
 /// A helm whose releases are canned values per context and whose changes are recorded.
 #[derive(Default)]
@@ -238,6 +130,57 @@ fn tls_secret_json(material: &TlsMaterial) -> Value {
     )
 }
 
+fn tls_absent() -> Reply {
+    on(
+        "GET",
+        &format!("{NS}/secrets/trellis-tls"),
+        not_found("secrets", "trellis-tls"),
+    )
+}
+
+fn tls_present(tls: &TlsMaterial) -> Reply {
+    on(
+        "GET",
+        &format!("{NS}/secrets/trellis-tls"),
+        ok(tls_secret_json(tls)),
+    )
+}
+
+/// The server-side apply of the TLS Secret: 201 created, 200 replaced.
+fn tls_applied(code: u16) -> Reply {
+    on(
+        "PATCH",
+        &format!("{NS}/secrets/trellis-tls"),
+        created().with_code(code),
+    )
+}
+
+fn ca_absent() -> Reply {
+    on(
+        "GET",
+        &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
+        not_found("secrets", "trellis-mesh-ca"),
+    )
+}
+
+fn ca_present(ca: &CertifiedKey) -> Reply {
+    on(
+        "GET",
+        &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
+        ok(ca_secret_json(ca)),
+    )
+}
+
+/// `enable` with the cluster's own CA (found or created).
+async fn enable_own(
+    client: &kube::Client,
+    options: &EnableOptions,
+    helm: &RecordingHelm,
+    out: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    enable::enable(client, CaSource::Own, options, helm, out).await
+}
+
 fn namespace_json() -> Value {
     json!({"kind": "Namespace", "apiVersion": "v1",
            "metadata": {"name": "trellis-system", "uid": "2f3e4d5c-6b7a-4988-9a0b-1c2d3e4f5a6b",
@@ -259,11 +202,7 @@ fn written_tls(seen: &Seen) -> TlsMaterial {
 #[tokio::test]
 async fn enable_on_a_fresh_kind_cluster_creates_the_ca_and_certificate_and_installs() {
     let (client, server) = api(vec![
-        on(
-            "GET",
-            &format!("{NS}/secrets/trellis-tls"),
-            not_found("secrets", "trellis-tls"),
-        ),
+        tls_absent(),
         on("GET", NS, not_found("namespaces", "trellis-system")),
         on("POST", "/api/v1/namespaces", created()),
         on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c1.json"))),
@@ -277,28 +216,15 @@ async fn enable_on_a_fresh_kind_cluster_creates_the_ca_and_certificate_and_insta
             "/apis/networking.k8s.io/v1/servicecidrs",
             ok(testdata("servicecidrs-kind.json")),
         ),
-        on(
-            "GET",
-            &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
-            not_found("secrets", "trellis-mesh-ca"),
-        ),
+        ca_absent(),
         on("POST", &format!("{KUBE_SYSTEM}/secrets"), created()),
-        on(
-            "PATCH",
-            &format!("{NS}/secrets/trellis-tls"),
-            Reply {
-                code: 200,
-                ..created()
-            },
-        ),
+        tls_applied(200),
     ]);
     let helm = RecordingHelm::default();
     let mut opts = options("kind-trellis-c1", Finish::Install);
     opts.cluster_id = Some("c1".parse().unwrap());
     let mut out = Vec::new();
-    enable::enable(&client, CaSource::Own, &opts, &helm, &mut out)
-        .await
-        .unwrap();
+    enable_own(&client, &opts, &helm, &mut out).await.unwrap();
     let seen = server.await.unwrap();
     let out = text(out);
 
@@ -364,44 +290,20 @@ async fn enable_on_a_fresh_kind_cluster_creates_the_ca_and_certificate_and_insta
 
 #[tokio::test]
 async fn enable_keeps_the_mesh_ca_in_kube_system_never_in_the_release_namespace() {
-    let mut replies = vec![
-        on(
-            "GET",
-            &format!("{NS}/secrets/trellis-tls"),
-            not_found("secrets", "trellis-tls"),
-        ),
-        on("GET", NS, ok(namespace_json())),
-    ];
+    let mut replies = vec![tls_absent(), on("GET", NS, ok(namespace_json()))];
     replies.extend(kind_ranges("nodes-kind-c1.json"));
     replies.extend([
-        on(
-            "GET",
-            &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
-            not_found("secrets", "trellis-mesh-ca"),
-        ),
+        ca_absent(),
         on("POST", &format!("{KUBE_SYSTEM}/secrets"), created()),
-        on(
-            "PATCH",
-            &format!("{NS}/secrets/trellis-tls"),
-            Reply {
-                code: 200,
-                ..created()
-            },
-        ),
+        tls_applied(200),
     ]);
     let (client, server) = api(replies);
     let mut opts = options("kind-trellis-c1", Finish::Print);
     opts.cluster_id = Some("c1".parse().unwrap());
     let mut out = Vec::new();
-    enable::enable(
-        &client,
-        CaSource::Own,
-        &opts,
-        &RecordingHelm::default(),
-        &mut out,
-    )
-    .await
-    .unwrap();
+    enable_own(&client, &opts, &RecordingHelm::default(), &mut out)
+        .await
+        .unwrap();
     let seen = server.await.unwrap();
 
     let created_ca = &seen[6];
@@ -431,16 +333,10 @@ async fn enable_keeps_the_mesh_ca_in_kube_system_never_in_the_release_namespace(
     // Asked to keep it in the release namespace: refused before any request.
     let (client, server) = api(vec![]);
     opts.ca_namespace = "trellis-system".into();
-    let err = enable::enable(
-        &client,
-        CaSource::Own,
-        &opts,
-        &RecordingHelm::default(),
-        &mut Vec::new(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = enable_own(&client, &opts, &RecordingHelm::default(), &mut Vec::new())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(server.await.unwrap().is_empty());
     assert!(
         err.contains("--ca-namespace trellis-system is Trellis's namespace"),
@@ -469,26 +365,14 @@ fn kind_ranges(nodes: &str) -> Vec<Reply> {
 async fn enable_again_keeps_the_ca_and_the_certificate_and_writes_nothing() {
     let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
     let tls = tls_material(&ca, "c1", &c1_ranges());
-    let mut replies = vec![
-        on(
-            "GET",
-            &format!("{NS}/secrets/trellis-tls"),
-            ok(tls_secret_json(&tls)),
-        ),
-        on("GET", NS, ok(namespace_json())),
-    ];
+    let mut replies = vec![tls_present(&tls), on("GET", NS, ok(namespace_json()))];
     replies.extend(kind_ranges("nodes-kind-c1.json"));
-    replies.push(on(
-        "GET",
-        &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
-        ok(ca_secret_json(&ca)),
-    ));
+    replies.push(ca_present(&ca));
     let (client, server) = api(replies);
     let helm = RecordingHelm::default();
     let mut out = Vec::new();
-    enable::enable(
+    enable_own(
         &client,
-        CaSource::Own,
         &options("kind-trellis-c1", Finish::Print),
         &helm,
         &mut out,
@@ -528,21 +412,10 @@ async fn a_second_cluster_inherits_the_first_ones_ca_with_ranges_given() {
         ok(ca_secret_json(&ca)),
     )]);
     let (client, server) = api(vec![
-        on(
-            "GET",
-            &format!("{NS}/secrets/trellis-tls"),
-            not_found("secrets", "trellis-tls"),
-        ),
+        tls_absent(),
         on("GET", NS, ok(namespace_json())),
         on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c2.json"))),
-        on(
-            "PATCH",
-            &format!("{NS}/secrets/trellis-tls"),
-            Reply {
-                code: 201,
-                ..created()
-            },
-        ),
+        tls_applied(201),
     ]);
     let helm = RecordingHelm::default();
     let mut opts = options("kind-trellis-c2", Finish::Print);
@@ -579,25 +452,16 @@ async fn a_second_cluster_inherits_the_first_ones_ca_with_ranges_given() {
 #[tokio::test]
 async fn enable_dry_run_reads_but_writes_nothing() {
     let mut replies = vec![
-        on(
-            "GET",
-            &format!("{NS}/secrets/trellis-tls"),
-            not_found("secrets", "trellis-tls"),
-        ),
+        tls_absent(),
         on("GET", NS, not_found("namespaces", "trellis-system")),
     ];
     replies.extend(kind_ranges("nodes-kind-c1.json"));
-    replies.push(on(
-        "GET",
-        &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
-        not_found("secrets", "trellis-mesh-ca"),
-    ));
+    replies.push(ca_absent());
     let (client, server) = api(replies);
     let helm = RecordingHelm::default();
     let mut out = Vec::new();
-    enable::enable(
+    enable_own(
         &client,
-        CaSource::Own,
         &options("kind-trellis-c1", Finish::DryRun),
         &helm,
         &mut out,
@@ -623,11 +487,7 @@ async fn enable_dry_run_reads_but_writes_nothing() {
 async fn enable_asks_for_what_it_cannot_tell_and_never_changes_an_identity() {
     // No kube-controller-manager visible (a managed cluster): the covering range is offered.
     let (client, server) = api(vec![
-        on(
-            "GET",
-            &format!("{NS}/secrets/trellis-tls"),
-            not_found("secrets", "trellis-tls"),
-        ),
+        tls_absent(),
         on("GET", NS, ok(namespace_json())),
         on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c1.json"))),
         on(
@@ -641,9 +501,8 @@ async fn enable_asks_for_what_it_cannot_tell_and_never_changes_an_identity() {
         ),
     ]);
     let helm = RecordingHelm::default();
-    let err = enable::enable(
+    let err = enable_own(
         &client,
-        CaSource::Own,
         &options("kind-trellis-c1", Finish::DryRun),
         &helm,
         &mut Vec::new(),
@@ -662,14 +521,10 @@ async fn enable_asks_for_what_it_cannot_tell_and_never_changes_an_identity() {
     // A cluster already enabled as c1 is not renamed.
     let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
     let tls = tls_material(&ca, "c1", &c1_ranges());
-    let (client, server) = api(vec![on(
-        "GET",
-        &format!("{NS}/secrets/trellis-tls"),
-        ok(tls_secret_json(&tls)),
-    )]);
+    let (client, server) = api(vec![tls_present(&tls)]);
     let mut opts = options("kind-trellis-c1", Finish::Install);
     opts.cluster_id = Some("c9".parse().unwrap());
-    let err = enable::enable(&client, CaSource::Own, &opts, &helm, &mut Vec::new())
+    let err = enable_own(&client, &opts, &helm, &mut Vec::new())
         .await
         .unwrap_err()
         .to_string();
@@ -687,25 +542,17 @@ async fn a_certificate_to_reissue_from_a_ca_kept_elsewhere_is_refused_not_replac
     let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
     let tls = tls_material(&ca, "c2", &c2_ranges());
     let mut replies = vec![
-        on(
-            "GET",
-            &format!("{NS}/secrets/trellis-tls"),
-            ok(tls_secret_json(&tls)),
-        ),
+        tls_present(&tls),
         on("GET", NS, ok(namespace_json())),
         on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c2.json"))),
     ];
-    replies.push(on(
-        "GET",
-        &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
-        not_found("secrets", "trellis-mesh-ca"),
-    ));
+    replies.push(ca_absent());
     let (client, server) = api(replies);
     let mut opts = options("kind-trellis-c2", Finish::Install);
     opts.pod_cidrs = nets(&["10.12.0.0/15"]);
     opts.service_cidrs = nets(&["10.112.0.0/16"]);
     let helm = RecordingHelm::default();
-    let err = enable::enable(&client, CaSource::Own, &opts, &helm, &mut Vec::new())
+    let err = enable_own(&client, &opts, &helm, &mut Vec::new())
         .await
         .unwrap_err()
         .to_string();
@@ -724,11 +571,7 @@ async fn a_certificate_to_reissue_from_a_ca_kept_elsewhere_is_refused_not_replac
 /// What `connect` reads of one side whose peering Service is `service`.
 fn side_replies(tls: &TlsMaterial, service: &str, nodes: Option<&str>) -> Vec<Reply> {
     let mut replies = vec![
-        on(
-            "GET",
-            &format!("{NS}/secrets/trellis-tls"),
-            ok(tls_secret_json(tls)),
-        ),
+        tls_present(tls),
         on(
             "GET",
             &format!("{NS}/services/trellis-peering"),
@@ -755,6 +598,24 @@ fn connect_options(dry_run: bool) -> ConnectOptions {
         dry_run,
         helm_program: "helm".into(),
     }
+}
+
+/// `connect` from kind-trellis-c1 to kind-trellis-c2, each side read with its client.
+async fn connect_kind(
+    c1: kube::Client,
+    c2: kube::Client,
+    dry_run: bool,
+    helm: &RecordingHelm,
+    out: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    connect::connect(
+        &side("kind-trellis-c1", c1),
+        &side("kind-trellis-c2", c2),
+        &connect_options(dry_run),
+        helm,
+        out,
+    )
+    .await
 }
 
 fn releases(c1: Value, c2: Value) -> RecordingHelm {
@@ -795,15 +656,7 @@ async fn connect_updates_both_peer_lists_and_a_second_run_changes_nothing() {
         json!({"cluster": {"id": "c2"}, "peers": [{"id": "c3", "endpoint": "192.0.2.7:7443"}]}),
     );
     let mut out = Vec::new();
-    connect::connect(
-        &side("kind-trellis-c1", c1),
-        &side("kind-trellis-c2", c2),
-        &connect_options(false),
-        &helm,
-        &mut out,
-    )
-    .await
-    .unwrap();
+    connect_kind(c1, c2, false, &helm, &mut out).await.unwrap();
     s1.await.unwrap();
     s2.await.unwrap();
     assert_eq!(
@@ -831,15 +684,7 @@ async fn connect_updates_both_peer_lists_and_a_second_run_changes_nothing() {
         json!({"peers": [{"id": "c3", "endpoint": "192.0.2.7:7443"}, {"id": "c1", "endpoint": "172.18.0.2:30743"}]}),
     );
     let mut out = Vec::new();
-    connect::connect(
-        &side("kind-trellis-c1", c1),
-        &side("kind-trellis-c2", c2),
-        &connect_options(false),
-        &helm,
-        &mut out,
-    )
-    .await
-    .unwrap();
+    connect_kind(c1, c2, false, &helm, &mut out).await.unwrap();
     s1.await.unwrap();
     s2.await.unwrap();
     assert!(helm.changes.borrow().is_empty());
@@ -869,15 +714,7 @@ async fn connect_dry_run_dials_a_load_balancer_and_runs_nothing() {
     let (c2, s2) = api(side_replies(&t2, "service-peering-loadbalancer.json", None));
     let helm = releases(json!({}), json!({}));
     let mut out = Vec::new();
-    connect::connect(
-        &side("kind-trellis-c1", c1),
-        &side("kind-trellis-c2", c2),
-        &connect_options(true),
-        &helm,
-        &mut out,
-    )
-    .await
-    .unwrap();
+    connect_kind(c1, c2, true, &helm, &mut out).await.unwrap();
     s1.await.unwrap();
     s2.await.unwrap();
     assert!(helm.changes.borrow().is_empty());
@@ -913,16 +750,10 @@ async fn connect_refuses_clusters_of_two_meshes_naming_the_fix() {
         Some("nodes-kind-c2.json"),
     ));
     let helm = releases(json!({}), json!({}));
-    let err = connect::connect(
-        &side("kind-trellis-c1", c1),
-        &side("kind-trellis-c2", c2),
-        &connect_options(false),
-        &helm,
-        &mut Vec::new(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = connect_kind(c1, c2, false, &helm, &mut Vec::new())
+        .await
+        .unwrap_err()
+        .to_string();
     s1.await.unwrap();
     s2.await.unwrap();
     assert!(
@@ -950,16 +781,10 @@ async fn connect_refuses_overlapping_ranges_and_clusters_not_enabled() {
         Some("nodes-kind-c2.json"),
     ));
     let helm = releases(json!({}), json!({}));
-    let err = connect::connect(
-        &side("kind-trellis-c1", c1),
-        &side("kind-trellis-c2", c2),
-        &connect_options(false),
-        &helm,
-        &mut Vec::new(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = connect_kind(c1, c2, false, &helm, &mut Vec::new())
+        .await
+        .unwrap_err()
+        .to_string();
     s1.await.unwrap();
     s2.await.unwrap();
     assert!(
@@ -968,22 +793,12 @@ async fn connect_refuses_overlapping_ranges_and_clusters_not_enabled() {
     );
 
     // No certificate Secret: enable first.
-    let (c1, s1) = api(vec![on(
-        "GET",
-        &format!("{NS}/secrets/trellis-tls"),
-        not_found("secrets", "trellis-tls"),
-    )]);
+    let (c1, s1) = api(vec![tls_absent()]);
     let (c2, _s2) = api(vec![]);
-    let err = connect::connect(
-        &side("kind-trellis-c1", c1),
-        &side("kind-trellis-c2", c2),
-        &connect_options(false),
-        &helm,
-        &mut Vec::new(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = connect_kind(c1, c2, false, &helm, &mut Vec::new())
+        .await
+        .unwrap_err()
+        .to_string();
     s1.await.unwrap();
     assert!(
         err.contains("no Secret trellis-system/trellis-tls")
@@ -999,16 +814,10 @@ async fn connect_refuses_overlapping_ranges_and_clusters_not_enabled() {
     ));
     let (c2, _s2) = api(vec![]);
     let helm = RecordingHelm::default();
-    let err = connect::connect(
-        &side("kind-trellis-c1", c1),
-        &side("kind-trellis-c2", c2),
-        &connect_options(false),
-        &helm,
-        &mut Vec::new(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = connect_kind(c1, c2, false, &helm, &mut Vec::new())
+        .await
+        .unwrap_err()
+        .to_string();
     s1.await.unwrap();
     assert!(
         err.contains("no helm release trellis in namespace trellis-system"),
@@ -1019,13 +828,7 @@ async fn connect_refuses_overlapping_ranges_and_clusters_not_enabled() {
 #[tokio::test]
 async fn disconnect_removes_each_from_the_other_and_keeps_other_peers() {
     let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
-    let secret = |tls: &TlsMaterial| {
-        vec![on(
-            "GET",
-            &format!("{NS}/secrets/trellis-tls"),
-            ok(tls_secret_json(tls)),
-        )]
-    };
+    let secret = |tls: &TlsMaterial| vec![tls_present(tls)];
     let (c1, s1) = api(secret(&tls_material(&ca, "c1", &c1_ranges())));
     let (c2, s2) = api(secret(&tls_material(&ca, "c2", &c2_ranges())));
     let helm = releases(
@@ -1084,11 +887,7 @@ async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_sec
     ];
     replies.extend(kind_ranges("nodes-kind-c1.json"));
     replies.extend([
-        on(
-            "GET",
-            &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
-            not_found("secrets", "trellis-mesh-ca"),
-        ),
+        ca_absent(),
         on(
             "POST",
             &format!("{KUBE_SYSTEM}/secrets"),
@@ -1098,33 +897,16 @@ async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_sec
                 "secrets \"trellis-mesh-ca\" already exists",
             ),
         ),
-        on(
-            "GET",
-            &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
-            ok(ca_secret_json(&theirs)),
-        ),
-        on(
-            "PATCH",
-            &format!("{NS}/secrets/trellis-tls"),
-            Reply {
-                code: 200,
-                ..created()
-            },
-        ),
+        ca_present(&theirs),
+        tls_applied(200),
     ]);
     let (client, server) = api(replies);
     let mut opts = options("kind-trellis-c1", Finish::Print);
     opts.cluster_id = Some("c1".parse().unwrap());
     let mut out = Vec::new();
-    enable::enable(
-        &client,
-        CaSource::Own,
-        &opts,
-        &RecordingHelm::default(),
-        &mut out,
-    )
-    .await
-    .unwrap();
+    enable_own(&client, &opts, &RecordingHelm::default(), &mut out)
+        .await
+        .unwrap();
     let seen = server.await.unwrap();
     let tls = written_tls(&seen[9]);
     assert!(
@@ -1153,26 +935,12 @@ async fn enable_issues_from_a_ca_directory_and_refuses_a_broken_one() {
     )
     .unwrap();
     let replies = || {
-        let mut replies = vec![
-            on(
-                "GET",
-                &format!("{NS}/secrets/trellis-tls"),
-                not_found("secrets", "trellis-tls"),
-            ),
-            on("GET", NS, ok(namespace_json())),
-        ];
+        let mut replies = vec![tls_absent(), on("GET", NS, ok(namespace_json()))];
         replies.extend(kind_ranges("nodes-kind-c1.json"));
         replies
     };
     let mut ok_replies = replies();
-    ok_replies.push(on(
-        "PATCH",
-        &format!("{NS}/secrets/trellis-tls"),
-        Reply {
-            code: 201,
-            ..created()
-        },
-    ));
+    ok_replies.push(tls_applied(201));
     let (client, server) = api(ok_replies);
     let mut opts = options("kind-trellis-c1", Finish::Print);
     opts.cluster_id = Some("c1".parse().unwrap());
@@ -1216,11 +984,7 @@ async fn connect_takes_a_given_endpoint_and_refuses_a_release_of_another_cluster
         tls_material(&ca, "c2", &c2_ranges()),
     );
     // c1 behind NAT: its endpoint given, its Service not read.
-    let (c1, s1) = api(vec![on(
-        "GET",
-        &format!("{NS}/secrets/trellis-tls"),
-        ok(tls_secret_json(&t1)),
-    )]);
+    let (c1, s1) = api(vec![tls_present(&t1)]);
     let (c2, s2) = api(side_replies(
         &t2,
         "service-peering-nodeport.json",
@@ -1260,16 +1024,10 @@ async fn connect_takes_a_given_endpoint_and_refuses_a_release_of_another_cluster
         Some("nodes-kind-c2.json"),
     ));
     let helm = releases(json!({}), json!({"cluster": {"id": "c9"}}));
-    let err = connect::connect(
-        &side("kind-trellis-c1", c1),
-        &side("kind-trellis-c2", c2),
-        &connect_options(false),
-        &helm,
-        &mut Vec::new(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = connect_kind(c1, c2, false, &helm, &mut Vec::new())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("cluster.id c9 but its certificate is cluster c2"),
         "{err}"

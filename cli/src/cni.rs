@@ -199,11 +199,7 @@ pub fn install_files(args: &InstallArgs, node: &Node) -> anyhow::Result<(PathBuf
 
 pub fn run(args: CniArgs) -> anyhow::Result<()> {
     let CniCommand::Install(args) = args.command;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let node = runtime.block_on(async {
+    let node = crate::block_on(async {
         let client = kube::Client::try_default()
             .await
             .context("connecting to the Kubernetes API (in-cluster credentials)")?;

@@ -68,10 +68,7 @@ impl EchoArgs {
 }
 
 pub fn run(args: EchoArgs) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(serve(args))
+    crate::block_on(serve(args))
 }
 
 async fn serve(args: EchoArgs) -> anyhow::Result<()> {

@@ -85,6 +85,16 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Runs a command's async part on a single-threaded runtime: a CLI command waits on one thing
+/// at a time, and its few concurrent reads need no second thread.
+fn block_on<T>(command: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
+    runtime.block_on(command)
+}
+
 /// Rust ignores SIGPIPE, so `trellis lab status | head` would end in a "broken pipe" panic;
 /// a command-line tool should just stop, as `ls | head` does.
 #[allow(unsafe_code)]

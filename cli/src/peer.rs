@@ -94,10 +94,7 @@ pub fn run(args: PeerArgs) -> anyhow::Result<()> {
         print!("{}", config.render()?);
         return Ok(());
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
+    crate::block_on(async {
         match args.command {
             PeerCommand::Config(_) => unreachable!("handled above"),
             PeerCommand::Add(add_args) => {

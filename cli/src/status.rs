@@ -99,11 +99,7 @@ impl Source {
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    runtime.block_on(async {
+    crate::block_on(async {
         let source = match &args.controller {
             Some(url) => Source::Direct(url.clone()),
             None => match args.cluster.connect().await {

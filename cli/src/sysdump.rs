@@ -425,11 +425,7 @@ fn stamp(at: SystemTime) -> String {
 }
 
 pub fn run(args: SysdumpArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    runtime.block_on(async {
+    crate::block_on(async {
         let client = args.cluster.connect().await?;
         let now = SystemTime::now();
         let directory = format!("trellis-sysdump-{}", stamp(now));

@@ -199,11 +199,7 @@ pub fn render(checks: &[Check]) -> String {
 }
 
 pub fn run(args: DiagnoseArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    runtime.block_on(async {
+    crate::block_on(async {
         let client = args.cluster.connect().await?;
         let facts = gather(&client, &args.cluster, &args.tls_secret).await;
         let checks = checks::all(&facts);

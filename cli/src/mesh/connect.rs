@@ -150,7 +150,7 @@ async fn read_facts(
     side: &Side,
     helm: &dyn Helm,
     want_endpoint: bool,
-) -> anyhow::Result<(Facts, Option<(SocketAddr, String)>)> {
+) -> anyhow::Result<(Facts, Dialed)> {
     let label = side.target.label();
     let ns = side.target.namespace.as_str();
     let enable_hint = format!(
@@ -284,6 +284,25 @@ fn apply(
     Ok(())
 }
 
+/// Where the other side dials a cluster, and what says so.
+type Dialed = Option<(SocketAddr, String)>;
+
+/// The facts of two sides that are two clusters (and where each is dialed, when wanted).
+async fn read_pair(
+    a: &Side,
+    b: &Side,
+    helm: &dyn Helm,
+    want_endpoint: bool,
+) -> anyhow::Result<((Facts, Dialed), (Facts, Dialed))> {
+    if a.target == b.target {
+        bail!("--context and --destination-context name the same cluster");
+    }
+    Ok((
+        read_facts(a, helm, want_endpoint).await?,
+        read_facts(b, helm, want_endpoint).await?,
+    ))
+}
+
 /// Makes the clusters of `a` and `b` each other's peers.
 pub async fn connect(
     a: &Side,
@@ -292,11 +311,7 @@ pub async fn connect(
     helm: &dyn Helm,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    if a.target == b.target {
-        bail!("--context and --destination-context name the same cluster");
-    }
-    let (fa, ea) = read_facts(a, helm, true).await?;
-    let (fb, eb) = read_facts(b, helm, true).await?;
+    let ((fa, ea), (fb, eb)) = read_pair(a, b, helm, true).await?;
     let (ea, eb) = (ea.expect("asked for"), eb.expect("asked for"));
     let (la, lb) = (a.target.label(), b.target.label());
     if fa.id == fb.id {
@@ -387,11 +402,7 @@ pub async fn disconnect(
     helm: &dyn Helm,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    if a.target == b.target {
-        bail!("--context and --destination-context name the same cluster");
-    }
-    let (fa, _) = read_facts(a, helm, false).await?;
-    let (fb, _) = read_facts(b, helm, false).await?;
+    let ((fa, _), (fb, _)) = read_pair(a, b, helm, false).await?;
     for (me, target, peer) in [(&fa, &a.target, &fb), (&fb, &b.target, &fa)] {
         match without_peer(&peers_of(&me.values)?, &peer.id) {
             None => writeln!(

@@ -17,7 +17,6 @@ mod tests;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use ipnet::IpNet;
 use trellis_core::cluster::ClusterId;
@@ -148,11 +147,7 @@ struct ConnectArgs {
 }
 
 pub fn run(args: MeshArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    runtime.block_on(run_async(args))
+    crate::block_on(run_async(args))
 }
 
 async fn run_async(args: MeshArgs) -> anyhow::Result<()> {

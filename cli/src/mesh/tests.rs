@@ -130,20 +130,21 @@ fn tls_secret_json(material: &TlsMaterial) -> Value {
     )
 }
 
+/// A GET of Secret `name` under `namespace_path`: `Some` its body, `None` 404.
+fn secret_get(namespace_path: &str, name: &str, body: Option<Value>) -> Reply {
+    let path = format!("{namespace_path}/secrets/{name}");
+    match body {
+        Some(body) => on("GET", &path, ok(body)),
+        None => on("GET", &path, not_found("secrets", name)),
+    }
+}
+
 fn tls_absent() -> Reply {
-    on(
-        "GET",
-        &format!("{NS}/secrets/trellis-tls"),
-        not_found("secrets", "trellis-tls"),
-    )
+    secret_get(NS, "trellis-tls", None)
 }
 
 fn tls_present(tls: &TlsMaterial) -> Reply {
-    on(
-        "GET",
-        &format!("{NS}/secrets/trellis-tls"),
-        ok(tls_secret_json(tls)),
-    )
+    secret_get(NS, "trellis-tls", Some(tls_secret_json(tls)))
 }
 
 /// The server-side apply of the TLS Secret: 201 created, 200 replaced.
@@ -156,19 +157,11 @@ fn tls_applied(code: u16) -> Reply {
 }
 
 fn ca_absent() -> Reply {
-    on(
-        "GET",
-        &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
-        not_found("secrets", "trellis-mesh-ca"),
-    )
+    secret_get(KUBE_SYSTEM, "trellis-mesh-ca", None)
 }
 
 fn ca_present(ca: &CertifiedKey) -> Reply {
-    on(
-        "GET",
-        &format!("{KUBE_SYSTEM}/secrets/trellis-mesh-ca"),
-        ok(ca_secret_json(ca)),
-    )
+    secret_get(KUBE_SYSTEM, "trellis-mesh-ca", Some(ca_secret_json(ca)))
 }
 
 /// `enable` with the cluster's own CA (found or created).

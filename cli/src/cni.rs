@@ -228,8 +228,7 @@ pub fn run(args: CniArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{Request, Response};
-    use kube::client::Body;
+    use crate::test_api::{Answer, Log, scripted};
 
     /// A kind worker's Node as the API server returns it (pod CIDRs assigned).
     const KIND_NODE: &str = include_str!("../testdata/node-kind-worker.json");
@@ -385,54 +384,27 @@ mod tests {
         assert_eq!(list["plugins"].as_array().unwrap().len(), 1);
     }
 
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
-    fn json_response(code: u16, body: &Value) -> Response<Body> {
-        Response::builder()
-            .status(code)
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap()
-    }
-
-    fn status(code: u16, reason: &str, message: &str) -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": message, "reason": reason, "code": code})
-    }
-
-    /// Answers each request with the next scripted response, checking the path.
-    async fn script(mut handle: Handle, responses: Vec<Response<Body>>) -> usize {
-        let mut served = 0;
-        for response in responses {
-            let Some((req, send)) = handle.next_request().await else {
-                break;
-            };
-            assert_eq!(req.method(), "GET");
-            assert_eq!(req.uri().path(), "/api/v1/nodes/east-worker");
-            send.send_response(response);
-            served += 1;
-        }
-        served
-    }
-
-    /// A client whose API server answers with `responses`, in order; the task returns how
-    /// many it served.
-    fn scripted(responses: Vec<Response<Body>>) -> (kube::Client, tokio::task::JoinHandle<usize>) {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        (
-            kube::Client::new(svc, "default"),
-            tokio::spawn(script(handle, responses)),
-        )
+    /// A client whose API server answers the node's GETs with `answers`, in order.
+    fn node_api(answers: Vec<Answer>) -> (kube::Client, Log, tokio::task::JoinHandle<()>) {
+        let answers = std::sync::Mutex::new(std::collections::VecDeque::from(answers));
+        scripted(move |target| {
+            assert_eq!(target, "/api/v1/nodes/east-worker");
+            answers
+                .lock()
+                .unwrap()
+                .pop_front()
+                .expect("no more requests than scripted")
+        })
     }
 
     #[tokio::test]
     async fn waits_until_the_node_has_its_pod_cidrs() {
         let pending = serde_json::to_value(without_cidrs()).unwrap();
         let ready: Value = serde_json::from_str(KIND_NODE).unwrap();
-        let (client, server) = scripted(vec![
-            json_response(200, &pending),
-            json_response(500, &status(500, "InternalError", "etcd leader changed")),
-            json_response(200, &ready),
+        let (client, log, server) = node_api(vec![
+            Answer::json(200, &pending),
+            Answer::failure(500, "InternalError", "etcd leader changed"),
+            Answer::json(200, &ready),
         ]);
         let node = wait_for_node(
             client,
@@ -443,18 +415,16 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(pod_cidrs(&node).unwrap().len(), 2);
-        assert_eq!(server.await.unwrap(), 3);
+        assert_eq!(log.lock().unwrap().len(), 3);
+        server.abort();
     }
 
     #[tokio::test]
     async fn a_refusal_stops_at_once_and_names_the_permission() {
-        let (client, server) = scripted(vec![json_response(
+        let (client, log, server) = node_api(vec![Answer::failure(
             403,
-            &status(
-                403,
-                "Forbidden",
-                "nodes \"east-worker\" is forbidden: User \"system:serviceaccount:trellis-system:trellis-node\" cannot get resource \"nodes\"",
-            ),
+            "Forbidden",
+            "nodes \"east-worker\" is forbidden: User \"system:serviceaccount:trellis-system:trellis-node\" cannot get resource \"nodes\"",
         )]);
         let err = wait_for_node(
             client,
@@ -469,13 +439,15 @@ mod tests {
             err.contains("forbidden") && err.contains("`get` on nodes"),
             "{err}"
         );
-        assert_eq!(server.await.unwrap(), 1);
+        assert_eq!(log.lock().unwrap().len(), 1);
+        server.abort();
     }
 
     #[tokio::test]
     async fn gives_up_after_the_timeout_saying_why() {
         let pending = serde_json::to_value(without_cidrs()).unwrap();
-        let (client, server) = scripted((0..100).map(|_| json_response(200, &pending)).collect());
+        let (client, _log, server) =
+            node_api((0..100).map(|_| Answer::json(200, &pending)).collect());
         let err = wait_for_node(
             client,
             "east-worker",

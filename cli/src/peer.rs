@@ -334,60 +334,41 @@ pub async fn remove(client: kube::Client, args: &RemoveArgs) -> anyhow::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{Method, Request, Response};
-    use kube::client::Body;
+    use crate::test_api::{Reply, not_found, ok, on, ordered, testdata};
     use serde_json::{Value, json};
-
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
     const STATUS_PATH: &str =
         "/api/v1/namespaces/trellis-system/services/http:trellis-controller:metrics/proxy/status";
     const PEERS: &str = "/apis/trellis.dev/v1alpha1/peers";
 
-    fn testdata(name: &str) -> Value {
-        let path = format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"));
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-    }
-
-    fn json_response(code: u16, body: &Value) -> Response<Body> {
-        Response::builder()
-            .status(code)
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap()
-    }
-
-    fn not_found(name: &str) -> Response<Body> {
-        json_response(
-            404,
-            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": format!("peers.trellis.dev \"{name}\" not found"), "reason": "NotFound",
-                "details": {"name": name, "group": "trellis.dev", "kind": "peers"}, "code": 404}),
+    fn peer_missing() -> Reply {
+        on(
+            "GET",
+            &format!("{PEERS}/laptop"),
+            not_found("peers.trellis.dev", "laptop"),
         )
     }
 
-    /// One expected request (method, path) and its answer; what a POST sent comes back.
-    type Step = (Method, String, Response<Body>);
-
-    async fn script(mut handle: Handle, steps: Vec<Step>) -> Vec<Value> {
-        let mut bodies = Vec::new();
-        for (method, path, response) in steps {
-            let (req, send) = handle.next_request().await.expect("a request");
-            assert_eq!(req.method(), method, "{}", req.uri());
-            assert_eq!(req.uri().path(), path);
-            let bytes = req.into_body().collect_bytes().await.unwrap();
-            bodies.push(serde_json::from_slice(&bytes).unwrap_or(Value::Null));
-            send.send_response(response);
-        }
-        bodies
+    fn peer_is(peer: Value) -> Reply {
+        on("GET", &format!("{PEERS}/laptop"), ok(peer))
     }
 
-    fn scripted(steps: Vec<Step>) -> (kube::Client, tokio::task::JoinHandle<Vec<Value>>) {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        (
-            kube::Client::new(svc, "default"),
-            tokio::spawn(script(handle, steps)),
-        )
+    fn status_is(status: Value) -> Reply {
+        on("GET", STATUS_PATH, ok(status))
+    }
+
+    /// What `add` asks until the Peer is created and read back as `verdict`.
+    fn creating(verdict: Value) -> Vec<Reply> {
+        vec![
+            status_is(testdata("controller-status.json")),
+            peer_missing(),
+            on(
+                "POST",
+                PEERS,
+                ok(testdata("peer-laptop.json")).with_code(201),
+            ),
+            peer_is(verdict),
+        ]
     }
 
     fn add_args(extra: &[&str]) -> AddArgs {
@@ -419,25 +400,11 @@ mod tests {
 
     #[tokio::test]
     async fn add_creates_the_peer_waits_for_its_verdict_and_prints_the_machines_config() {
-        let status = testdata("controller-status.json");
-        let (client, server) = scripted(vec![
-            (Method::GET, STATUS_PATH.into(), json_response(200, &status)),
-            (Method::GET, format!("{PEERS}/laptop"), not_found("laptop")),
-            (
-                Method::POST,
-                PEERS.into(),
-                json_response(201, &testdata("peer-laptop.json")),
-            ),
-            (
-                Method::GET,
-                format!("{PEERS}/laptop"),
-                json_response(200, &accepted()),
-            ),
-        ]);
+        let (client, server) = ordered(creating(accepted()));
         let machine = KeyPair::generate();
         let config = add(client, &add_args(&[]), &machine).await.unwrap();
-        let bodies = server.await.unwrap();
-        let created = &bodies[2];
+        let seen = server.await.unwrap();
+        let created = seen[2].body.as_ref().unwrap();
         assert_eq!(created["kind"], "Peer");
         assert_eq!(
             created["spec"]["publicKey"],
@@ -477,29 +444,9 @@ mod tests {
         refused["status"] = json!({"conditions": [{"type": "Ready", "status": "False", "reason": "Overlaps",
             "message": "allowedIPs: 10.10.1.0/24 overlaps pod CIDR 10.10.1.0/24 of node east-worker",
             "lastTransitionTime": "2026-12-07T14:00:01Z"}]});
-        let (client, server) = scripted(vec![
-            (
-                Method::GET,
-                STATUS_PATH.into(),
-                json_response(200, &testdata("controller-status.json")),
-            ),
-            (Method::GET, format!("{PEERS}/laptop"), not_found("laptop")),
-            (
-                Method::POST,
-                PEERS.into(),
-                json_response(201, &testdata("peer-laptop.json")),
-            ),
-            (
-                Method::GET,
-                format!("{PEERS}/laptop"),
-                json_response(200, &refused),
-            ),
-            (
-                Method::DELETE,
-                format!("{PEERS}/laptop"),
-                json_response(200, &refused),
-            ),
-        ]);
+        let mut script = creating(refused.clone());
+        script.push(on("DELETE", &format!("{PEERS}/laptop"), ok(refused)));
+        let (client, server) = ordered(script);
         let err = add(client, &add_args(&[]), &KeyPair::generate())
             .await
             .unwrap_err();
@@ -514,14 +461,7 @@ mod tests {
     #[tokio::test]
     async fn add_changes_nothing_for_an_existing_peer_or_a_dry_run_or_a_node_without_a_gateway() {
         let status = testdata("controller-status.json");
-        let (client, server) = scripted(vec![
-            (Method::GET, STATUS_PATH.into(), json_response(200, &status)),
-            (
-                Method::GET,
-                format!("{PEERS}/laptop"),
-                json_response(200, &accepted()),
-            ),
-        ]);
+        let (client, server) = ordered(vec![status_is(status.clone()), peer_is(accepted())]);
         let err = add(client, &add_args(&[]), &KeyPair::generate())
             .await
             .unwrap_err();
@@ -531,11 +471,7 @@ mod tests {
         );
         assert_eq!(server.await.unwrap().len(), 2);
 
-        let (client, server) = scripted(vec![(
-            Method::GET,
-            STATUS_PATH.into(),
-            json_response(200, &status),
-        )]);
+        let (client, server) = ordered(vec![status_is(status.clone())]);
         let config = add(
             client,
             &add_args(&["--dry-run", "--endpoint", "203.0.113.7:51820"]),
@@ -546,11 +482,7 @@ mod tests {
         assert!(config.contains("Endpoint = 203.0.113.7:51820"), "{config}");
         assert_eq!(server.await.unwrap().len(), 1, "a dry run only reads");
 
-        let (client, server) = scripted(vec![(
-            Method::GET,
-            STATUS_PATH.into(),
-            json_response(200, &status),
-        )]);
+        let (client, server) = ordered(vec![status_is(status.clone())]);
         let mut args = add_args(&[]);
         args.node = vec!["east-control-plane".into()];
         let err = add(client, &args, &KeyPair::generate()).await.unwrap_err();
@@ -563,14 +495,13 @@ mod tests {
 
     #[tokio::test]
     async fn add_names_the_controller_it_could_not_reach_as_status_does() {
-        let (client, server) = scripted(vec![(
-            Method::GET,
-            STATUS_PATH.into(),
-            json_response(
+        let (client, server) = ordered(vec![on(
+            "GET",
+            STATUS_PATH,
+            Reply::status(
                 503,
-                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                    "message": "no endpoints available for service \"trellis-controller\"",
-                    "reason": "ServiceUnavailable", "code": 503}),
+                "ServiceUnavailable",
+                "no endpoints available for service \"trellis-controller\"",
             ),
         )]);
         let err = add(client, &add_args(&[]), &KeyPair::generate())
@@ -588,11 +519,7 @@ mod tests {
 
     #[tokio::test]
     async fn list_shows_each_peer_and_its_verdict_and_remove_is_idempotent() {
-        let (client, server) = scripted(vec![(
-            Method::GET,
-            PEERS.into(),
-            json_response(200, &testdata("peers.json")),
-        )]);
+        let (client, server) = ordered(vec![on("GET", PEERS, ok(testdata("peers.json")))]);
         let rows = list(client).await.unwrap();
         server.await.unwrap();
         let text = render_list(&rows);
@@ -613,25 +540,13 @@ mod tests {
             cluster: ClusterArgs::default(),
             dry_run: false,
         };
-        let (client, server) = scripted(vec![
-            (
-                Method::GET,
-                format!("{PEERS}/laptop"),
-                json_response(200, &accepted()),
-            ),
-            (
-                Method::DELETE,
-                format!("{PEERS}/laptop"),
-                json_response(200, &accepted()),
-            ),
+        let (client, server) = ordered(vec![
+            peer_is(accepted()),
+            on("DELETE", &format!("{PEERS}/laptop"), ok(accepted())),
         ]);
         remove(client, &args).await.unwrap();
         assert_eq!(server.await.unwrap().len(), 2);
-        let (client, server) = scripted(vec![(
-            Method::GET,
-            format!("{PEERS}/laptop"),
-            not_found("laptop"),
-        )]);
+        let (client, server) = ordered(vec![peer_missing()]);
         remove(client, &args).await.unwrap();
         assert_eq!(
             server.await.unwrap().len(),

@@ -164,14 +164,34 @@ fn ca_present(ca: &CertifiedKey) -> Reply {
     secret_get(KUBE_SYSTEM, "trellis-mesh-ca", Some(ca_secret_json(ca)))
 }
 
-/// `enable` with the cluster's own CA (found or created).
-async fn enable_own(
-    client: &kube::Client,
+/// `enable` against an API server answering `replies` in order, every one of them asked: its
+/// outcome, the requests, what it printed.
+async fn enable_against(
+    replies: Vec<Reply>,
+    source: CaSource,
     options: &EnableOptions,
     helm: &RecordingHelm,
-    out: &mut Vec<u8>,
-) -> anyhow::Result<()> {
-    enable::enable(client, CaSource::Own, options, helm, out).await
+) -> (anyhow::Result<()>, Vec<Seen>, String) {
+    let (client, server) = api(replies);
+    let mut out = Vec::new();
+    let outcome = enable::enable(&client, source, options, helm, &mut out).await;
+    drop(client);
+    (outcome, server.await.unwrap(), text(out))
+}
+
+/// What `enable` reads first of a kind cluster: its TLS Secret, namespace and ranges.
+fn first_reads(tls: Reply, namespace: Reply) -> Vec<Reply> {
+    let mut replies = vec![tls, namespace];
+    replies.extend(kind_ranges("nodes-kind-c1.json"));
+    replies
+}
+
+fn namespace_exists() -> Reply {
+    on("GET", NS, ok(namespace_json()))
+}
+
+fn namespace_absent() -> Reply {
+    on("GET", NS, not_found("namespaces", "trellis-system"))
 }
 
 fn namespace_json() -> Value {
@@ -194,21 +214,13 @@ fn written_tls(seen: &Seen) -> TlsMaterial {
 
 #[tokio::test]
 async fn enable_on_a_fresh_kind_cluster_creates_the_ca_and_certificate_and_installs() {
-    let (client, server) = api(vec![
+    let mut replies = vec![
         tls_absent(),
-        on("GET", NS, not_found("namespaces", "trellis-system")),
+        namespace_absent(),
         on("POST", "/api/v1/namespaces", created()),
-        on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c1.json"))),
-        on(
-            "GET",
-            "/api/v1/namespaces/kube-system/pods",
-            ok(testdata("kube-controller-manager-pods.json")),
-        ),
-        on(
-            "GET",
-            "/apis/networking.k8s.io/v1/servicecidrs",
-            ok(testdata("servicecidrs-kind.json")),
-        ),
+    ];
+    replies.extend(kind_ranges("nodes-kind-c1.json"));
+    replies.extend([
         ca_absent(),
         on("POST", &format!("{KUBE_SYSTEM}/secrets"), created()),
         tls_applied(200),
@@ -216,10 +228,8 @@ async fn enable_on_a_fresh_kind_cluster_creates_the_ca_and_certificate_and_insta
     let helm = RecordingHelm::default();
     let mut opts = options("kind-trellis-c1", Finish::Install);
     opts.cluster_id = Some("c1".parse().unwrap());
-    let mut out = Vec::new();
-    enable_own(&client, &opts, &helm, &mut out).await.unwrap();
-    let seen = server.await.unwrap();
-    let out = text(out);
+    let (outcome, seen, out) = enable_against(replies, CaSource::Own, &opts, &helm).await;
+    outcome.unwrap();
 
     assert_eq!(
         seen[2].body.as_ref().unwrap()["metadata"]["name"],
@@ -283,21 +293,17 @@ async fn enable_on_a_fresh_kind_cluster_creates_the_ca_and_certificate_and_insta
 
 #[tokio::test]
 async fn enable_keeps_the_mesh_ca_in_kube_system_never_in_the_release_namespace() {
-    let mut replies = vec![tls_absent(), on("GET", NS, ok(namespace_json()))];
-    replies.extend(kind_ranges("nodes-kind-c1.json"));
+    let mut replies = first_reads(tls_absent(), namespace_exists());
     replies.extend([
         ca_absent(),
         on("POST", &format!("{KUBE_SYSTEM}/secrets"), created()),
         tls_applied(200),
     ]);
-    let (client, server) = api(replies);
     let mut opts = options("kind-trellis-c1", Finish::Print);
     opts.cluster_id = Some("c1".parse().unwrap());
-    let mut out = Vec::new();
-    enable_own(&client, &opts, &RecordingHelm::default(), &mut out)
-        .await
-        .unwrap();
-    let seen = server.await.unwrap();
+    let (outcome, seen, out) =
+        enable_against(replies, CaSource::Own, &opts, &RecordingHelm::default()).await;
+    outcome.unwrap();
 
     let created_ca = &seen[6];
     let body = created_ca.body.as_ref().unwrap();
@@ -317,20 +323,17 @@ async fn enable_keeps_the_mesh_ca_in_kube_system_never_in_the_release_namespace(
             "the mesh CA in the release namespace: {request:#?}"
         );
     }
-    let out = text(out);
     assert!(
         out.contains("created in Secret kube-system/trellis-mesh-ca"),
         "{out}"
     );
 
     // Asked to keep it in the release namespace: refused before any request.
-    let (client, server) = api(vec![]);
     opts.ca_namespace = "trellis-system".into();
-    let err = enable_own(&client, &opts, &RecordingHelm::default(), &mut Vec::new())
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(server.await.unwrap().is_empty());
+    let (outcome, seen, _) =
+        enable_against(vec![], CaSource::Own, &opts, &RecordingHelm::default()).await;
+    let err = outcome.unwrap_err().to_string();
+    assert!(seen.is_empty());
     assert!(
         err.contains("--ca-namespace trellis-system is Trellis's namespace"),
         "{err}"
@@ -358,23 +361,13 @@ fn kind_ranges(nodes: &str) -> Vec<Reply> {
 async fn enable_again_keeps_the_ca_and_the_certificate_and_writes_nothing() {
     let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
     let tls = tls_material(&ca, "c1", &c1_ranges());
-    let mut replies = vec![tls_present(&tls), on("GET", NS, ok(namespace_json()))];
-    replies.extend(kind_ranges("nodes-kind-c1.json"));
+    let mut replies = first_reads(tls_present(&tls), namespace_exists());
     replies.push(ca_present(&ca));
-    let (client, server) = api(replies);
     let helm = RecordingHelm::default();
-    let mut out = Vec::new();
-    enable_own(
-        &client,
-        &options("kind-trellis-c1", Finish::Print),
-        &helm,
-        &mut out,
-    )
-    .await
-    .unwrap();
-    let seen = server.await.unwrap();
+    let opts = options("kind-trellis-c1", Finish::Print);
+    let (outcome, seen, out) = enable_against(replies, CaSource::Own, &opts, &helm).await;
+    outcome.unwrap();
     assert!(seen.iter().all(|s| s.method == "GET"), "{seen:#?}");
-    let out = text(out);
     assert!(
         out.contains("cluster c1"),
         "the ID from the certificate: {out}"
@@ -404,12 +397,12 @@ async fn a_second_cluster_inherits_the_first_ones_ca_with_ranges_given() {
         "/api/v1/namespaces/mesh-ca/secrets/trellis-mesh-ca",
         ok(ca_secret_json(&ca)),
     )]);
-    let (client, server) = api(vec![
+    let replies = vec![
         tls_absent(),
-        on("GET", NS, ok(namespace_json())),
+        namespace_exists(),
         on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c2.json"))),
         tls_applied(201),
-    ]);
+    ];
     let helm = RecordingHelm::default();
     let mut opts = options("kind-trellis-c2", Finish::Print);
     opts.cluster_id = Some("c2".parse().unwrap());
@@ -420,17 +413,13 @@ async fn a_second_cluster_inherits_the_first_ones_ca_with_ranges_given() {
         name: "kind-trellis-c1".into(),
         client: first,
     };
-    let mut out = Vec::new();
-    enable::enable(&client, source, &opts, &helm, &mut out)
-        .await
-        .unwrap();
+    let (outcome, seen, out) = enable_against(replies, source, &opts, &helm).await;
+    outcome.unwrap();
     first_server.await.unwrap();
-    let seen = server.await.unwrap();
     let tls = written_tls(&seen[3]);
     assert!(certificate::same_ca(&tls.ca_pem, &ca.cert_pem), "c1's CA");
     verify(&tls, unix_now()).unwrap();
     assert_eq!(read_leaf(&tls.cert_pem).unwrap().ranges, c2_ranges());
-    let out = text(out);
     assert!(
         out.contains("from Secret mesh-ca/trellis-mesh-ca of context kind-trellis-c1"),
         "{out}"
@@ -444,26 +433,13 @@ async fn a_second_cluster_inherits_the_first_ones_ca_with_ranges_given() {
 
 #[tokio::test]
 async fn enable_dry_run_reads_but_writes_nothing() {
-    let mut replies = vec![
-        tls_absent(),
-        on("GET", NS, not_found("namespaces", "trellis-system")),
-    ];
-    replies.extend(kind_ranges("nodes-kind-c1.json"));
+    let mut replies = first_reads(tls_absent(), namespace_absent());
     replies.push(ca_absent());
-    let (client, server) = api(replies);
     let helm = RecordingHelm::default();
-    let mut out = Vec::new();
-    enable_own(
-        &client,
-        &options("kind-trellis-c1", Finish::DryRun),
-        &helm,
-        &mut out,
-    )
-    .await
-    .unwrap();
-    let seen = server.await.unwrap();
+    let opts = options("kind-trellis-c1", Finish::DryRun);
+    let (outcome, seen, out) = enable_against(replies, CaSource::Own, &opts, &helm).await;
+    outcome.unwrap();
     assert!(seen.iter().all(|s| s.method == "GET"));
-    let out = text(out);
     for line in [
         "context kind-trellis-c1: cluster kind-trellis-c1",
         "namespace trellis-system: would be created",
@@ -479,9 +455,9 @@ async fn enable_dry_run_reads_but_writes_nothing() {
 #[tokio::test]
 async fn enable_asks_for_what_it_cannot_tell_and_never_changes_an_identity() {
     // No kube-controller-manager visible (a managed cluster): the covering range is offered.
-    let (client, server) = api(vec![
+    let replies = vec![
         tls_absent(),
-        on("GET", NS, ok(namespace_json())),
+        namespace_exists(),
         on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c1.json"))),
         on(
             "GET",
@@ -492,18 +468,11 @@ async fn enable_asks_for_what_it_cannot_tell_and_never_changes_an_identity() {
                 "pods is forbidden: User \"dev\" cannot list resource \"pods\" in API group \"\" in the namespace \"kube-system\"",
             ),
         ),
-    ]);
+    ];
     let helm = RecordingHelm::default();
-    let err = enable_own(
-        &client,
-        &options("kind-trellis-c1", Finish::DryRun),
-        &helm,
-        &mut Vec::new(),
-    )
-    .await
-    .unwrap_err();
-    server.await.unwrap();
-    let err = format!("{err:#}");
+    let opts = options("kind-trellis-c1", Finish::DryRun);
+    let (outcome, _, _) = enable_against(replies, CaSource::Own, &opts, &helm).await;
+    let err = format!("{:#}", outcome.unwrap_err());
     assert!(
         err.contains("10.11.0.0/24, 10.11.1.0/24")
             && err.contains("a range covering them is 10.11.0.0/23")
@@ -514,14 +483,11 @@ async fn enable_asks_for_what_it_cannot_tell_and_never_changes_an_identity() {
     // A cluster already enabled as c1 is not renamed.
     let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
     let tls = tls_material(&ca, "c1", &c1_ranges());
-    let (client, server) = api(vec![tls_present(&tls)]);
     let mut opts = options("kind-trellis-c1", Finish::Install);
     opts.cluster_id = Some("c9".parse().unwrap());
-    let err = enable_own(&client, &opts, &helm, &mut Vec::new())
-        .await
-        .unwrap_err()
-        .to_string();
-    server.await.unwrap();
+    let (outcome, _, _) =
+        enable_against(vec![tls_present(&tls)], CaSource::Own, &opts, &helm).await;
+    let err = outcome.unwrap_err().to_string();
     assert!(
         err.contains("already cluster c1") && err.contains("--cluster-id c1"),
         "{err}"
@@ -534,22 +500,18 @@ async fn a_certificate_to_reissue_from_a_ca_kept_elsewhere_is_refused_not_replac
     // c2 joined c1's mesh; its ranges change, but c1's CA is not in c2.
     let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
     let tls = tls_material(&ca, "c2", &c2_ranges());
-    let mut replies = vec![
+    let replies = vec![
         tls_present(&tls),
-        on("GET", NS, ok(namespace_json())),
+        namespace_exists(),
         on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c2.json"))),
+        ca_absent(),
     ];
-    replies.push(ca_absent());
-    let (client, server) = api(replies);
     let mut opts = options("kind-trellis-c2", Finish::Install);
     opts.pod_cidrs = nets(&["10.12.0.0/15"]);
     opts.service_cidrs = nets(&["10.112.0.0/16"]);
     let helm = RecordingHelm::default();
-    let err = enable_own(&client, &opts, &helm, &mut Vec::new())
-        .await
-        .unwrap_err()
-        .to_string();
-    let seen = server.await.unwrap();
+    let (outcome, seen, _) = enable_against(replies, CaSource::Own, &opts, &helm).await;
+    let err = outcome.unwrap_err().to_string();
     assert!(seen.iter().all(|s| s.method == "GET"));
     assert!(
         err.contains("must be reissued")
@@ -866,8 +828,8 @@ async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_sec
     let mut broken = tls_secret_json(&tls_material(&theirs, "c1", &c1_ranges()));
     broken["data"].as_object_mut().unwrap().remove("tls.key");
     let mut replies = vec![
-        on("GET", &format!("{NS}/secrets/trellis-tls"), ok(broken)),
-        on("GET", NS, not_found("namespaces", "trellis-system")),
+        secret_get(NS, "trellis-tls", Some(broken)),
+        namespace_absent(),
         on(
             "POST",
             "/api/v1/namespaces",
@@ -893,21 +855,17 @@ async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_sec
         ca_present(&theirs),
         tls_applied(200),
     ]);
-    let (client, server) = api(replies);
     let mut opts = options("kind-trellis-c1", Finish::Print);
     opts.cluster_id = Some("c1".parse().unwrap());
-    let mut out = Vec::new();
-    enable_own(&client, &opts, &RecordingHelm::default(), &mut out)
-        .await
-        .unwrap();
-    let seen = server.await.unwrap();
+    let (outcome, seen, out) =
+        enable_against(replies, CaSource::Own, &opts, &RecordingHelm::default()).await;
+    outcome.unwrap();
     let tls = written_tls(&seen[9]);
     assert!(
         certificate::same_ca(&tls.ca_pem, &theirs.cert_pem),
         "the CA already there"
     );
     verify(&tls, unix_now()).unwrap();
-    let out = text(out);
     for line in [
         "namespace trellis-system: exists",
         "mesh CA: \"Trellis mesh CA c1\", created meanwhile",
@@ -927,25 +885,17 @@ async fn enable_issues_from_a_ca_directory_and_refuses_a_broken_one() {
         false,
     )
     .unwrap();
-    let replies = || {
-        let mut replies = vec![tls_absent(), on("GET", NS, ok(namespace_json()))];
-        replies.extend(kind_ranges("nodes-kind-c1.json"));
-        replies
-    };
+    let replies = || first_reads(tls_absent(), namespace_exists());
     let mut ok_replies = replies();
     ok_replies.push(tls_applied(201));
-    let (client, server) = api(ok_replies);
     let mut opts = options("kind-trellis-c1", Finish::Print);
     opts.cluster_id = Some("c1".parse().unwrap());
-    let mut out = Vec::new();
-    let source = CaSource::Dir(dir.path().to_path_buf());
-    enable::enable(&client, source, &opts, &RecordingHelm::default(), &mut out)
-        .await
-        .unwrap();
-    let seen = server.await.unwrap();
+    let from_dir = || CaSource::Dir(dir.path().to_path_buf());
+    let helm = RecordingHelm::default();
+    let (outcome, seen, out) = enable_against(ok_replies, from_dir(), &opts, &helm).await;
+    outcome.unwrap();
     let tls = written_tls(&seen[5]);
     assert!(certificate::same_ca(&tls.ca_pem, &ca.cert_pem));
-    let out = text(out);
     assert!(
         out.contains("issued by \"Trellis mesh CA offline\" from /"),
         "{out}"
@@ -954,18 +904,9 @@ async fn enable_issues_from_a_ca_directory_and_refuses_a_broken_one() {
     // A key that is not the certificate's: refused before anything is written.
     let other = generate_ca("other", Validity::days_from_now(1)).unwrap();
     std::fs::write(dir.path().join("ca-key.pem"), other.key_pem).unwrap();
-    let (client, server) = api(replies());
-    let err = enable::enable(
-        &client,
-        CaSource::Dir(dir.path().to_path_buf()),
-        &opts,
-        &RecordingHelm::default(),
-        &mut Vec::new(),
-    )
-    .await
-    .unwrap_err();
-    assert!(server.await.unwrap().iter().all(|s| s.method == "GET"));
-    let err = format!("{err:#}");
+    let (outcome, seen, _) = enable_against(replies(), from_dir(), &opts, &helm).await;
+    assert!(seen.iter().all(|s| s.method == "GET"));
+    let err = format!("{:#}", outcome.unwrap_err());
     assert!(err.contains("does not sign for its certificate"), "{err}");
 }
 

@@ -555,22 +555,35 @@ fn connect_options(dry_run: bool) -> ConnectOptions {
     }
 }
 
-/// `connect` from kind-trellis-c1 to kind-trellis-c2, each side read with its client.
-async fn connect_kind(
-    c1: kube::Client,
-    c2: kube::Client,
+/// What `connect` reads of kind cluster c`n` with `tls`, whose peering Service is a NodePort.
+fn nodeport_side(tls: &TlsMaterial, n: u8) -> Vec<Reply> {
+    side_replies(
+        tls,
+        "service-peering-nodeport.json",
+        Some(&format!("nodes-kind-c{n}.json")),
+    )
+}
+
+/// `connect` from kind-trellis-c1 (dialed at `c1_endpoint` when given) to kind-trellis-c2,
+/// their API servers answering `c1` and `c2` in order, every one asked: its outcome and what
+/// it printed.
+async fn connect_against(
+    c1: Vec<Reply>,
+    c2: Vec<Reply>,
+    c1_endpoint: Option<&str>,
     dry_run: bool,
     helm: &RecordingHelm,
-    out: &mut Vec<u8>,
-) -> anyhow::Result<()> {
-    connect::connect(
-        &side("kind-trellis-c1", c1),
-        &side("kind-trellis-c2", c2),
-        &connect_options(dry_run),
-        helm,
-        out,
-    )
-    .await
+) -> (anyhow::Result<()>, String) {
+    let ((client1, server1), (client2, server2)) = (api(c1), api(c2));
+    let mut a = side("kind-trellis-c1", client1);
+    a.endpoint = c1_endpoint.map(|e| e.parse().unwrap());
+    let b = side("kind-trellis-c2", client2);
+    let mut out = Vec::new();
+    let outcome = connect::connect(&a, &b, &connect_options(dry_run), helm, &mut out).await;
+    drop((a, b));
+    server1.await.unwrap();
+    server2.await.unwrap();
+    (outcome, text(out))
 }
 
 fn releases(c1: Value, c2: Value) -> RecordingHelm {
@@ -590,30 +603,13 @@ async fn connect_updates_both_peer_lists_and_a_second_run_changes_nothing() {
         tls_material(&ca, "c1", &c1_ranges()),
         tls_material(&ca, "c2", &c2_ranges()),
     );
-    let replies = || {
-        (
-            side_replies(
-                &t1,
-                "service-peering-nodeport.json",
-                Some("nodes-kind-c1.json"),
-            ),
-            side_replies(
-                &t2,
-                "service-peering-nodeport.json",
-                Some("nodes-kind-c2.json"),
-            ),
-        )
-    };
-    let (r1, r2) = replies();
-    let ((c1, s1), (c2, s2)) = (api(r1), api(r2));
     let helm = releases(
         json!({"cluster": {"id": "c1"}, "image": {"tag": "dev"}}),
         json!({"cluster": {"id": "c2"}, "peers": [{"id": "c3", "endpoint": "192.0.2.7:7443"}]}),
     );
-    let mut out = Vec::new();
-    connect_kind(c1, c2, false, &helm, &mut out).await.unwrap();
-    s1.await.unwrap();
-    s2.await.unwrap();
+    let (r1, r2) = (nodeport_side(&t1, 1), nodeport_side(&t2, 2));
+    let (outcome, out) = connect_against(r1, r2, None, false, &helm).await;
+    outcome.unwrap();
     assert_eq!(
         *helm.changes.borrow(),
         vec![
@@ -621,7 +617,6 @@ async fn connect_updates_both_peer_lists_and_a_second_run_changes_nothing() {
             r#"helm upgrade trellis helm/trellis --kube-context kind-trellis-c2 --namespace trellis-system --reuse-values --set-json 'peers=[{"endpoint":"192.0.2.7:7443","id":"c3"},{"endpoint":"172.18.0.2:30743","id":"c1"}]'"#,
         ]
     );
-    let out = text(out);
     for line in [
         "cluster c1 (context kind-trellis-c1): peers dial 172.18.0.2:30743 (NodePort 30743 on node trellis-c1-control-plane); it may claim 10.11.0.0/16, 10.111.0.0/16 (signed by \"Trellis mesh CA c1\")",
         "cluster c2 (context kind-trellis-c2): peers dial 172.18.0.4:30743",
@@ -632,18 +627,14 @@ async fn connect_updates_both_peer_lists_and_a_second_run_changes_nothing() {
     }
 
     // Both releases as the upgrades left them: nothing to do.
-    let (r1, r2) = replies();
-    let ((c1, s1), (c2, s2)) = (api(r1), api(r2));
     let helm = releases(
         json!({"cluster": {"id": "c1"}, "peers": [{"id": "c2", "endpoint": "172.18.0.4:30743"}]}),
         json!({"peers": [{"id": "c3", "endpoint": "192.0.2.7:7443"}, {"id": "c1", "endpoint": "172.18.0.2:30743"}]}),
     );
-    let mut out = Vec::new();
-    connect_kind(c1, c2, false, &helm, &mut out).await.unwrap();
-    s1.await.unwrap();
-    s2.await.unwrap();
+    let (r1, r2) = (nodeport_side(&t1, 1), nodeport_side(&t2, 2));
+    let (outcome, out) = connect_against(r1, r2, None, false, &helm).await;
+    outcome.unwrap();
     assert!(helm.changes.borrow().is_empty());
-    let out = text(out);
     assert!(
         out.contains("cluster c1 already peers with c2 at 172.18.0.4:30743: unchanged"),
         "{out}"
@@ -661,19 +652,11 @@ async fn connect_dry_run_dials_a_load_balancer_and_runs_nothing() {
         tls_material(&ca, "c1", &c1_ranges()),
         tls_material(&ca, "c2", &c2_ranges()),
     );
-    let (c1, s1) = api(side_replies(
-        &t1,
-        "service-peering-nodeport.json",
-        Some("nodes-kind-c1.json"),
-    ));
-    let (c2, s2) = api(side_replies(&t2, "service-peering-loadbalancer.json", None));
+    let r2 = side_replies(&t2, "service-peering-loadbalancer.json", None);
     let helm = releases(json!({}), json!({}));
-    let mut out = Vec::new();
-    connect_kind(c1, c2, true, &helm, &mut out).await.unwrap();
-    s1.await.unwrap();
-    s2.await.unwrap();
+    let (outcome, out) = connect_against(nodeport_side(&t1, 1), r2, None, true, &helm).await;
+    outcome.unwrap();
     assert!(helm.changes.borrow().is_empty());
-    let out = text(out);
     assert!(
         out.contains(r#"would run: helm upgrade trellis helm/trellis --kube-context kind-trellis-c1 --namespace trellis-system --reuse-values --set-json 'peers=[{"endpoint":"203.0.113.10:7443","id":"c2"}]'"#),
         "{out}"
@@ -694,23 +677,14 @@ async fn connect_refuses_clusters_of_two_meshes_naming_the_fix() {
         generate_ca("c1", Validity::days_from_now(3650)).unwrap(),
         generate_ca("c2", Validity::days_from_now(3650)).unwrap(),
     );
-    let (c1, s1) = api(side_replies(
-        &tls_material(&ca1, "c1", &c1_ranges()),
-        "service-peering-nodeport.json",
-        Some("nodes-kind-c1.json"),
-    ));
-    let (c2, s2) = api(side_replies(
-        &tls_material(&ca2, "c2", &c2_ranges()),
-        "service-peering-nodeport.json",
-        Some("nodes-kind-c2.json"),
-    ));
+    let r1 = nodeport_side(&tls_material(&ca1, "c1", &c1_ranges()), 1);
+    let r2 = nodeport_side(&tls_material(&ca2, "c2", &c2_ranges()), 2);
     let helm = releases(json!({}), json!({}));
-    let err = connect_kind(c1, c2, false, &helm, &mut Vec::new())
+    let err = connect_against(r1, r2, None, false, &helm)
         .await
+        .0
         .unwrap_err()
         .to_string();
-    s1.await.unwrap();
-    s2.await.unwrap();
     assert!(
         err.contains("do not share a mesh CA")
             && err.contains("\"Trellis mesh CA c1\" and \"Trellis mesh CA c2\"")
@@ -725,36 +699,23 @@ async fn connect_refuses_clusters_of_two_meshes_naming_the_fix() {
 #[tokio::test]
 async fn connect_refuses_overlapping_ranges_and_clusters_not_enabled() {
     let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
-    let (c1, s1) = api(side_replies(
-        &tls_material(&ca, "c1", &c1_ranges()),
-        "service-peering-nodeport.json",
-        Some("nodes-kind-c1.json"),
-    ));
-    let (c2, s2) = api(side_replies(
-        &tls_material(&ca, "c2", &nets(&["10.11.128.0/17", "10.112.0.0/16"])),
-        "service-peering-nodeport.json",
-        Some("nodes-kind-c2.json"),
-    ));
+    let t1 = tls_material(&ca, "c1", &c1_ranges());
+    let overlapping = tls_material(&ca, "c2", &nets(&["10.11.128.0/17", "10.112.0.0/16"]));
+    let (r1, r2) = (nodeport_side(&t1, 1), nodeport_side(&overlapping, 2));
     let helm = releases(json!({}), json!({}));
-    let err = connect_kind(c1, c2, false, &helm, &mut Vec::new())
-        .await
-        .unwrap_err()
-        .to_string();
-    s1.await.unwrap();
-    s2.await.unwrap();
+    let refusal = |outcome: anyhow::Result<()>| outcome.unwrap_err().to_string();
+    let err = refusal(connect_against(r1, r2, None, false, &helm).await.0);
     assert!(
         err.contains("overlapping ranges (10.11.0.0/16 and 10.11.128.0/17)"),
         "{err}"
     );
 
     // No certificate Secret: enable first.
-    let (c1, s1) = api(vec![tls_absent()]);
-    let (c2, _s2) = api(vec![]);
-    let err = connect_kind(c1, c2, false, &helm, &mut Vec::new())
-        .await
-        .unwrap_err()
-        .to_string();
-    s1.await.unwrap();
+    let err = refusal(
+        connect_against(vec![tls_absent()], vec![], None, false, &helm)
+            .await
+            .0,
+    );
     assert!(
         err.contains("no Secret trellis-system/trellis-tls")
             && err.contains("`trellis mesh enable --context kind-trellis-c1 --install` first"),
@@ -762,18 +723,12 @@ async fn connect_refuses_overlapping_ranges_and_clusters_not_enabled() {
     );
 
     // A certificate but no release.
-    let (c1, s1) = api(side_replies(
-        &tls_material(&ca, "c1", &c1_ranges()),
-        "service-peering-nodeport.json",
-        Some("nodes-kind-c1.json"),
-    ));
-    let (c2, _s2) = api(vec![]);
     let helm = RecordingHelm::default();
-    let err = connect_kind(c1, c2, false, &helm, &mut Vec::new())
-        .await
-        .unwrap_err()
-        .to_string();
-    s1.await.unwrap();
+    let err = refusal(
+        connect_against(nodeport_side(&t1, 1), vec![], None, false, &helm)
+            .await
+            .0,
+    );
     assert!(
         err.contains("no helm release trellis in namespace trellis-system"),
         "{err}"
@@ -918,28 +873,10 @@ async fn connect_takes_a_given_endpoint_and_refuses_a_release_of_another_cluster
         tls_material(&ca, "c2", &c2_ranges()),
     );
     // c1 behind NAT: its endpoint given, its Service not read.
-    let (c1, s1) = api(vec![tls_present(&t1)]);
-    let (c2, s2) = api(side_replies(
-        &t2,
-        "service-peering-nodeport.json",
-        Some("nodes-kind-c2.json"),
-    ));
     let helm = releases(json!({}), json!({}));
-    let mut a = side("kind-trellis-c1", c1);
-    a.endpoint = Some("198.51.100.1:7443".parse().unwrap());
-    let mut out = Vec::new();
-    connect::connect(
-        &a,
-        &side("kind-trellis-c2", c2),
-        &connect_options(true),
-        &helm,
-        &mut out,
-    )
-    .await
-    .unwrap();
-    s1.await.unwrap();
-    s2.await.unwrap();
-    let out = text(out);
+    let (r1, r2) = (vec![tls_present(&t1)], nodeport_side(&t2, 2));
+    let (outcome, out) = connect_against(r1, r2, Some("198.51.100.1:7443"), true, &helm).await;
+    outcome.unwrap();
     assert!(
         out.contains("peers dial 198.51.100.1:7443 (--endpoint)"),
         "{out}"
@@ -947,19 +884,11 @@ async fn connect_takes_a_given_endpoint_and_refuses_a_release_of_another_cluster
     assert!(out.contains(r#"--kube-context kind-trellis-c2 --namespace trellis-system --reuse-values --set-json 'peers=[{"endpoint":"198.51.100.1:7443","id":"c1"}]'"#), "{out}");
 
     // c2's release was installed as c9: refused, nothing run.
-    let (c1, _s1) = api(side_replies(
-        &t1,
-        "service-peering-nodeport.json",
-        Some("nodes-kind-c1.json"),
-    ));
-    let (c2, _s2) = api(side_replies(
-        &t2,
-        "service-peering-nodeport.json",
-        Some("nodes-kind-c2.json"),
-    ));
     let helm = releases(json!({}), json!({"cluster": {"id": "c9"}}));
-    let err = connect_kind(c1, c2, false, &helm, &mut Vec::new())
+    let (r1, r2) = (nodeport_side(&t1, 1), nodeport_side(&t2, 2));
+    let err = connect_against(r1, r2, None, false, &helm)
         .await
+        .0
         .unwrap_err()
         .to_string();
     assert!(

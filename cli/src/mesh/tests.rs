@@ -108,6 +108,19 @@ fn ca_secret_json(ca: &CertifiedKey) -> Value {
     )
 }
 
+/// A mesh CA as `trellis mesh enable` creates it on cluster `id`.
+fn mesh_ca(id: &str) -> CertifiedKey {
+    generate_ca(id, Validity::days_from_now(3650)).unwrap()
+}
+
+/// c1's and c2's certificates from `ca`, with their kind ranges.
+fn kind_pair(ca: &CertifiedKey) -> (TlsMaterial, TlsMaterial) {
+    (
+        tls_material(ca, "c1", &c1_ranges()),
+        tls_material(ca, "c2", &c2_ranges()),
+    )
+}
+
 fn tls_material(ca: &CertifiedKey, id: &str, ranges: &[IpNet]) -> TlsMaterial {
     let leaf = generate_cluster_cert_with_ranges(
         ca,
@@ -359,7 +372,7 @@ fn kind_ranges(nodes: &str) -> Vec<Reply> {
 
 #[tokio::test]
 async fn enable_again_keeps_the_ca_and_the_certificate_and_writes_nothing() {
-    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let ca = mesh_ca("c1");
     let tls = tls_material(&ca, "c1", &c1_ranges());
     let mut replies = first_reads(tls_present(&tls), namespace_exists());
     replies.push(ca_present(&ca));
@@ -388,7 +401,7 @@ async fn enable_again_keeps_the_ca_and_the_certificate_and_writes_nothing() {
 
 #[tokio::test]
 async fn a_second_cluster_inherits_the_first_ones_ca_with_ranges_given() {
-    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let ca = mesh_ca("c1");
     // c1 holds the CA; c2 is an older cluster: no ServiceCIDR API, no visible control plane,
     // so the user gives both ranges and the chart gets the service range. The user keeps the
     // CA in a namespace of their own (--ca-namespace).
@@ -481,7 +494,7 @@ async fn enable_asks_for_what_it_cannot_tell_and_never_changes_an_identity() {
     );
 
     // A cluster already enabled as c1 is not renamed.
-    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let ca = mesh_ca("c1");
     let tls = tls_material(&ca, "c1", &c1_ranges());
     let mut opts = options("kind-trellis-c1", Finish::Install);
     opts.cluster_id = Some("c9".parse().unwrap());
@@ -498,7 +511,7 @@ async fn enable_asks_for_what_it_cannot_tell_and_never_changes_an_identity() {
 #[tokio::test]
 async fn a_certificate_to_reissue_from_a_ca_kept_elsewhere_is_refused_not_replaced() {
     // c2 joined c1's mesh; its ranges change, but c1's CA is not in c2.
-    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let ca = mesh_ca("c1");
     let tls = tls_material(&ca, "c2", &c2_ranges());
     let replies = vec![
         tls_present(&tls),
@@ -598,11 +611,8 @@ fn releases(c1: Value, c2: Value) -> RecordingHelm {
 
 #[tokio::test]
 async fn connect_updates_both_peer_lists_and_a_second_run_changes_nothing() {
-    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
-    let (t1, t2) = (
-        tls_material(&ca, "c1", &c1_ranges()),
-        tls_material(&ca, "c2", &c2_ranges()),
-    );
+    let ca = mesh_ca("c1");
+    let (t1, t2) = kind_pair(&ca);
     let helm = releases(
         json!({"cluster": {"id": "c1"}, "image": {"tag": "dev"}}),
         json!({"cluster": {"id": "c2"}, "peers": [{"id": "c3", "endpoint": "192.0.2.7:7443"}]}),
@@ -647,11 +657,8 @@ async fn connect_updates_both_peer_lists_and_a_second_run_changes_nothing() {
 
 #[tokio::test]
 async fn connect_dry_run_dials_a_load_balancer_and_runs_nothing() {
-    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
-    let (t1, t2) = (
-        tls_material(&ca, "c1", &c1_ranges()),
-        tls_material(&ca, "c2", &c2_ranges()),
-    );
+    let ca = mesh_ca("c1");
+    let (t1, t2) = kind_pair(&ca);
     let r2 = side_replies(&t2, "service-peering-loadbalancer.json", None);
     let helm = releases(json!({}), json!({}));
     let (outcome, out) = connect_against(nodeport_side(&t1, 1), r2, None, true, &helm).await;
@@ -673,10 +680,7 @@ async fn connect_dry_run_dials_a_load_balancer_and_runs_nothing() {
 
 #[tokio::test]
 async fn connect_refuses_clusters_of_two_meshes_naming_the_fix() {
-    let (ca1, ca2) = (
-        generate_ca("c1", Validity::days_from_now(3650)).unwrap(),
-        generate_ca("c2", Validity::days_from_now(3650)).unwrap(),
-    );
+    let (ca1, ca2) = (mesh_ca("c1"), mesh_ca("c2"));
     let r1 = nodeport_side(&tls_material(&ca1, "c1", &c1_ranges()), 1);
     let r2 = nodeport_side(&tls_material(&ca2, "c2", &c2_ranges()), 2);
     let helm = releases(json!({}), json!({}));
@@ -698,7 +702,7 @@ async fn connect_refuses_clusters_of_two_meshes_naming_the_fix() {
 
 #[tokio::test]
 async fn connect_refuses_overlapping_ranges_and_clusters_not_enabled() {
-    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let ca = mesh_ca("c1");
     let t1 = tls_material(&ca, "c1", &c1_ranges());
     let overlapping = tls_material(&ca, "c2", &nets(&["10.11.128.0/17", "10.112.0.0/16"]));
     let (r1, r2) = (nodeport_side(&t1, 1), nodeport_side(&overlapping, 2));
@@ -737,7 +741,7 @@ async fn connect_refuses_overlapping_ranges_and_clusters_not_enabled() {
 
 #[tokio::test]
 async fn disconnect_removes_each_from_the_other_and_keeps_other_peers() {
-    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let ca = mesh_ca("c1");
     let secret = |tls: &TlsMaterial| vec![tls_present(tls)];
     let (c1, s1) = api(secret(&tls_material(&ca, "c1", &c1_ranges())));
     let (c2, s2) = api(secret(&tls_material(&ca, "c2", &c2_ranges())));
@@ -779,7 +783,7 @@ fn a_context_name_becomes_a_cluster_id() {
 
 #[tokio::test]
 async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_secret() {
-    let theirs = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
+    let theirs = mesh_ca("c1");
     let mut broken = tls_secret_json(&tls_material(&theirs, "c1", &c1_ranges()));
     broken["data"].as_object_mut().unwrap().remove("tls.key");
     let mut replies = vec![
@@ -867,11 +871,8 @@ async fn enable_issues_from_a_ca_directory_and_refuses_a_broken_one() {
 
 #[tokio::test]
 async fn connect_takes_a_given_endpoint_and_refuses_a_release_of_another_cluster() {
-    let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
-    let (t1, t2) = (
-        tls_material(&ca, "c1", &c1_ranges()),
-        tls_material(&ca, "c2", &c2_ranges()),
-    );
+    let ca = mesh_ca("c1");
+    let (t1, t2) = kind_pair(&ca);
     // c1 behind NAT: its endpoint given, its Service not read.
     let helm = releases(json!({}), json!({}));
     let (r1, r2) = (vec![tls_present(&t1)], nodeport_side(&t2, 2));

@@ -17,6 +17,7 @@ mod table;
 #[cfg(test)]
 mod test_api;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -91,7 +92,7 @@ fn block_on<T>(command: impl std::future::Future<Output = anyhow::Result<T>>) ->
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
+        .context("starting the runtime")?;
     runtime.block_on(command)
 }
 

@@ -8,11 +8,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use trellis_controller::certs_command::CertsCommand;
-use trellis_controller::config::{Config, SourceConfig};
+use trellis_controller::config::{Config, LeaseLocation, SourceConfig};
 use trellis_controller::hub::{Hub, HubConfig};
+use trellis_controller::leader::file::FileLease;
+use trellis_controller::leader::lease::KubeLease;
+use trellis_controller::leader::{self, AnyLease, Elector, WarmSink};
 use trellis_controller::metrics::Metrics;
 use trellis_controller::peering::{PeerConfig, Peering, PeeringConfig};
-use trellis_controller::store::{FileStore, StateStore};
+use trellis_controller::store::{AnyStore, ConfigMapStore, FileStore, StateStore};
 use trellis_controller::tls::TlsMaterial;
 use trellis_controller::{agent, crd, kube_source, static_source};
 
@@ -140,9 +143,100 @@ async fn run(config_path: PathBuf) -> Result<()> {
             .collect(),
     );
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(path) = &cfg.state_file {
-        let store = FileStore { path: path.clone() };
-        match store.load() {
+    // Served by a follower too: /readyz says which replica leads.
+    if let Some(addr) = cfg.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener {addr}"))?;
+        let status_hub = hub.clone();
+        tasks.spawn(trellis_controller::metrics::serve(
+            listener,
+            metrics.clone(),
+            Arc::new(move || {
+                serde_json::to_string_pretty(&status_hub.status()).unwrap_or_default()
+            }),
+        ));
+    }
+    // The sources run from the start (a follower's watches stay warm); the hub gets their
+    // state once this replica leads, after it restored the last saved state.
+    let warm = WarmSink::<Hub>::default();
+    let mut export_statuses = None;
+    match &cfg.source {
+        SourceConfig::Static { path, poll_millis } => {
+            tasks.spawn(static_source::run(
+                path.clone(),
+                Duration::from_millis(*poll_millis),
+                warm.clone(),
+            ));
+        }
+        SourceConfig::Kubernetes { .. } => {
+            let client = client.clone().context("no Kubernetes client")?;
+            let (statuses, statuses_rx) =
+                tokio::sync::watch::channel(kube_source::ExportStatuses::new());
+            export_statuses = Some(statuses_rx);
+            tasks.spawn(kube_source::run_with_status(
+                client,
+                warm.clone(),
+                kube_source::SourceOptions {
+                    debounce: Duration::from_millis(100),
+                    network_policy: cfg.network_policy,
+                },
+                Some(statuses),
+            ));
+        }
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut elector = match cfg.lease_location() {
+        None => {
+            metrics.leader.set(1);
+            None
+        }
+        Some(location) => {
+            let backend = match location {
+                LeaseLocation::File(path) => AnyLease::File(FileLease { path }),
+                LeaseLocation::Kubernetes { namespace, name } => {
+                    AnyLease::Kubernetes(KubeLease::new(
+                        client.clone().context("no Kubernetes client")?,
+                        &namespace,
+                        &name,
+                    ))
+                }
+            };
+            let timings = cfg
+                .leader_election
+                .as_ref()
+                .map(|e| e.timings())
+                .context("leaderElection")?;
+            let mut elector = Elector::new(backend, leader::identity(), timings, metrics.clone());
+            tracing::info!(me = %elector.identity(), "following until this replica leads");
+            tokio::select! {
+                () = elector.acquire() => {},
+                _ = tokio::signal::ctrl_c() => return stop_following(tasks).await,
+                _ = term.recv() => return stop_following(tasks).await,
+            }
+            Some(elector)
+        }
+    };
+    // Leading from here on.
+    let store = match (&cfg.state_config_map, &cfg.source, &client) {
+        (
+            Some(name),
+            SourceConfig::Kubernetes {
+                settings_namespace, ..
+            },
+            Some(client),
+        ) => Some(AnyStore::ConfigMap(ConfigMapStore::new(
+            client.clone(),
+            settings_namespace,
+            name,
+        ))),
+        _ => cfg
+            .state_file
+            .as_ref()
+            .map(|path| AnyStore::File(FileStore { path: path.clone() })),
+    };
+    if let Some(store) = store {
+        match store.load().await {
             Ok(Some(saved)) => hub.restore(saved),
             Ok(None) => {}
             Err(e) => {
@@ -155,50 +249,34 @@ async fn run(config_path: PathBuf) -> Result<()> {
             move || captured.persisted(),
             store,
             Duration::from_secs(2),
+            metrics.clone(),
         ));
     }
-    match &cfg.source {
-        SourceConfig::Static { path, poll_millis } => {
-            tasks.spawn(static_source::run(
-                path.clone(),
-                Duration::from_millis(*poll_millis),
-                hub.clone(),
+    warm.deliver_to(hub.clone());
+    if let SourceConfig::Kubernetes {
+        settings_namespace,
+        settings_config_map,
+    } = &cfg.source
+    {
+        let client = client.clone().context("no Kubernetes client")?;
+        if let Some(statuses) = export_statuses {
+            tasks.spawn(kube_source::write_export_statuses(
+                client.clone(),
+                hub.id().clone(),
+                statuses,
+                hub.subscribe_view(),
             ));
         }
-        SourceConfig::Kubernetes {
-            settings_namespace,
-            settings_config_map,
-        } => {
-            let client = client.clone().context("no Kubernetes client")?;
-            tasks.spawn(kube_source::run(
-                client.clone(),
-                hub.clone(),
-                cfg.network_policy,
-            ));
-            tasks.spawn(trellis_controller::kube_settings::run(
-                client.clone(),
-                settings_namespace.clone(),
-                settings_config_map.clone(),
-                hub.clone(),
-            ));
-            tasks.spawn(trellis_controller::import_writer::run(
-                client,
-                hub.clone(),
-                cfg.lease(),
-            ));
-        }
-    }
-    if let Some(addr) = cfg.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics listener {addr}"))?;
-        let status_hub = hub.clone();
-        tasks.spawn(trellis_controller::metrics::serve(
-            listener,
-            metrics.clone(),
-            Arc::new(move || {
-                serde_json::to_string_pretty(&status_hub.status()).unwrap_or_default()
-            }),
+        tasks.spawn(trellis_controller::kube_settings::run(
+            client.clone(),
+            settings_namespace.clone(),
+            settings_config_map.clone(),
+            hub.clone(),
+        ));
+        tasks.spawn(trellis_controller::import_writer::run(
+            client,
+            hub.clone(),
+            cfg.lease(),
         ));
     }
     if cfg.flows.enabled {
@@ -326,15 +404,36 @@ async fn run(config_path: PathBuf) -> Result<()> {
         peers = cfg.peers.len(),
         "trellis-controller running"
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let certificates = watch_certificates(&peering, &cfg, agent_tls, hub.metrics().clone());
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-        () = certificates => {},
-    }
+    let lost = async {
+        match elector.as_mut() {
+            Some(elector) => Some(elector.hold().await),
+            None => std::future::pending().await,
+        }
+    };
+    let lost = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+        () = certificates => None,
+        lost = lost => lost,
+    };
     tracing::info!("shutting down");
     peering.shutdown().await;
+    tasks.shutdown().await;
+    if let Some(lost) = lost {
+        // Another replica leads (or may soon): this one restarts as a follower rather than
+        // ever act beside it.
+        anyhow::bail!("lost leadership ({lost}); exiting to restart as a follower");
+    }
+    // The listeners are closed: the next leader (on this machine too) can bind them now.
+    if let Some(elector) = elector.as_mut() {
+        elector.release().await;
+    }
+    Ok(())
+}
+
+async fn stop_following(mut tasks: tokio::task::JoinSet<()>) -> Result<()> {
+    tracing::info!("shutting down (following)");
     tasks.shutdown().await;
     Ok(())
 }

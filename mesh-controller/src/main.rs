@@ -195,11 +195,11 @@ async fn run(config_path: PathBuf) -> Result<()> {
             let backend = match location {
                 LeaseLocation::File(path) => AnyLease::File(FileLease { path }),
                 LeaseLocation::Kubernetes { namespace, name } => {
-                    AnyLease::Kubernetes(KubeLease::new(
+                    AnyLease::Kubernetes(Box::new(KubeLease::new(
                         client.clone().context("no Kubernetes client")?,
                         &namespace,
                         &name,
-                    ))
+                    )))
                 }
             };
             let timings = cfg
@@ -225,11 +225,11 @@ async fn run(config_path: PathBuf) -> Result<()> {
                 settings_namespace, ..
             },
             Some(client),
-        ) => Some(AnyStore::ConfigMap(ConfigMapStore::new(
+        ) => Some(AnyStore::ConfigMap(Box::new(ConfigMapStore::new(
             client.clone(),
             settings_namespace,
             name,
-        ))),
+        )))),
         _ => cfg
             .state_file
             .as_ref()

@@ -186,7 +186,7 @@ impl StateStore for ConfigMapStore {
 #[derive(Clone)]
 pub enum AnyStore {
     File(FileStore),
-    ConfigMap(ConfigMapStore),
+    ConfigMap(Box<ConfigMapStore>),
 }
 
 impl StateStore for AnyStore {

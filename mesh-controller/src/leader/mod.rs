@@ -154,7 +154,7 @@ pub trait LeaseBackend: Send + Sync + 'static {
 #[derive(Clone)]
 pub enum AnyLease {
     File(file::FileLease),
-    Kubernetes(lease::KubeLease),
+    Kubernetes(Box<lease::KubeLease>),
 }
 
 impl LeaseBackend for AnyLease {
@@ -474,7 +474,7 @@ impl<S> Clone for WarmSink<S> {
 }
 
 enum Warm<S> {
-    Holding(Option<SourceState>),
+    Holding(Option<Box<SourceState>>),
     Delivering(S),
 }
 
@@ -493,7 +493,7 @@ impl<S: StateSink> WarmSink<S> {
         if let Warm::Holding(held) = &mut *warm
             && let Some(state) = held.take()
         {
-            target.set_source(state);
+            target.set_source(*state);
         }
         *warm = Warm::Delivering(target);
     }
@@ -510,7 +510,7 @@ impl<S: StateSink> WarmSink<S> {
 impl<S: StateSink> StateSink for WarmSink<S> {
     fn set_source(&self, state: SourceState) {
         match &mut *self.inner.lock().unwrap_or_else(|p| p.into_inner()) {
-            Warm::Holding(held) => *held = Some(state),
+            Warm::Holding(held) => *held = Some(Box::new(state)),
             Warm::Delivering(target) => target.set_source(state),
         }
     }

@@ -4,6 +4,7 @@
 //! and one conflict, and a reader never sees half a record.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -79,6 +80,29 @@ fn io_error(operation: &'static str, path: &Path) -> impl Fn(std::io::Error) -> 
     }
 }
 
+/// The longest a write waits for another process's lock (held for one read and one rename).
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+fn lock_within(mut file: std::fs::File, wait: Duration) -> std::io::Result<Flock<std::fs::File>> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((returned, nix::errno::Errno::EWOULDBLOCK)) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        format!("another process held it for over {wait:?}"),
+                    ));
+                }
+                file = returned;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((_, errno)) => return Err(errno.into()),
+        }
+    }
+}
+
 impl FileLease {
     fn lock_path(&self) -> PathBuf {
         let mut name = self.path.as_os_str().to_owned();
@@ -111,12 +135,13 @@ impl FileLease {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(io_error("opening the lease lock", &lock_path))?;
-        // Held until dropped at the end of this function.
-        let _lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
-            io_error("locking the lease lock", &lock_path)(std::io::Error::from(errno))
-        })?;
+        // Held until dropped at the end of this function. Never waited on for long: a
+        // holder stopped while holding it (SIGSTOP) must not wedge this thread for good.
+        let _lock =
+            lock_within(file, LOCK_WAIT).map_err(io_error("locking the lease lock", &lock_path))?;
         let next = write(self.read()?)?;
         let bytes = serde_json::to_vec(&next).map_err(|source| LeaseError::FileParse {
             path: self.path.clone(),
@@ -222,6 +247,25 @@ mod tests {
             lease.get().await,
             Err(LeaseError::FileParse { .. })
         ));
+    }
+
+    #[test]
+    fn a_lock_held_elsewhere_is_waited_on_only_so_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = FileLease {
+            path: dir.path().join("leader.json"),
+        };
+        let other = std::fs::File::create(lease.lock_path()).unwrap();
+        let held = Flock::lock(other, FlockArg::LockExclusive).unwrap();
+        let started = std::time::Instant::now();
+        let err = lease.create_now(&record("a")).unwrap_err();
+        assert!(
+            trellis_core::error_chain(&err).contains("held it for over"),
+            "{err}"
+        );
+        assert!(started.elapsed() < LOCK_WAIT + Duration::from_secs(1));
+        drop(held);
+        lease.create_now(&record("a")).unwrap();
     }
 
     #[test]

@@ -113,47 +113,56 @@ async fn run(config_path: PathBuf) -> Result<()> {
         }
     };
     let metrics = Metrics::new()?;
-    let hub = Hub::new(
-        HubConfig {
-            id: id.clone(),
-            name: cfg.name(&id),
-            service_cidrs: cfg.service_cidrs.clone(),
-            lease: cfg.lease(),
-            node_encryption: cfg.node_encryption,
-            recent_deltas: 256,
-            startup_grace: cfg.lease(),
-        },
-        metrics.clone(),
-    );
-    hub.set_claim_limits(cfg.peer_limits.into());
-    hub.set_network_policy(cfg.network_policy);
-    hub.set_clusterset_ip_ranges(cfg.clusterset_ip_ranges());
-    for peer in &cfg.peers {
-        hub.set_configured_allowance(&peer.id, peer.allowance());
-        if let Some(endpoint) = peer.endpoint {
-            hub.add_peer_controller_endpoint(&peer.id, endpoint.ip());
+    let make_hub = || {
+        let hub = Hub::new(
+            HubConfig {
+                id: id.clone(),
+                name: cfg.name(&id),
+                service_cidrs: cfg.service_cidrs.clone(),
+                lease: cfg.lease(),
+                node_encryption: cfg.node_encryption,
+                recent_deltas: 256,
+                startup_grace: cfg.lease(),
+            },
+            metrics.clone(),
+        );
+        hub.set_claim_limits(cfg.peer_limits.into());
+        hub.set_network_policy(cfg.network_policy);
+        hub.set_clusterset_ip_ranges(cfg.clusterset_ip_ranges());
+        for peer in &cfg.peers {
+            hub.set_configured_allowance(&peer.id, peer.allowance());
+            if let Some(endpoint) = peer.endpoint {
+                hub.add_peer_controller_endpoint(&peer.id, endpoint.ip());
+            }
         }
-    }
-    hub.set_local_addresses(
-        [Some(cfg.listen), cfg.metrics_listen, cfg.agent_listen]
-            .into_iter()
-            .flatten()
-            .map(|a| a.ip())
-            .filter(|ip| !ip.is_unspecified())
-            .collect(),
-    );
+        hub.set_local_addresses(
+            [Some(cfg.listen), cfg.metrics_listen, cfg.agent_listen]
+                .into_iter()
+                .flatten()
+                .map(|a| a.ip())
+                .filter(|ip| !ip.is_unspecified())
+                .collect(),
+        );
+        hub
+    };
+    // The leader's hub is made when this replica leads, so its startup grace (waiting for
+    // peers before serving gateways a view without them) starts then. Until then `/status`
+    // shows an idle hub: no source, no peers, no gateways.
+    let leading_hub: Arc<std::sync::OnceLock<Hub>> = Arc::default();
+    let following_hub = make_hub();
     let mut tasks = tokio::task::JoinSet::new();
     // Served by a follower too: /readyz says which replica leads.
     if let Some(addr) = cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the metrics listener {addr}"))?;
-        let status_hub = hub.clone();
+        let leading = leading_hub.clone();
         tasks.spawn(trellis_controller::metrics::serve(
             listener,
             metrics.clone(),
             Arc::new(move || {
-                serde_json::to_string_pretty(&status_hub.status()).unwrap_or_default()
+                let hub = leading.get().unwrap_or(&following_hub);
+                serde_json::to_string_pretty(&hub.status()).unwrap_or_default()
             }),
         ));
     }
@@ -218,6 +227,8 @@ async fn run(config_path: PathBuf) -> Result<()> {
         }
     };
     // Leading from here on.
+    let hub = make_hub();
+    let _ = leading_hub.set(hub.clone());
     let store = match (&cfg.state_config_map, &cfg.source, &client) {
         (
             Some(name),

@@ -603,24 +603,9 @@ fn the_charts_crds_are_the_controllers() {
     );
 }
 
-/// The keys of the HA controller's configuration (`leaderElection`, `stateConfigMap`: see
-/// [`the_controller_leads_with_a_lease_and_keeps_its_state_in_a_config_map`]), which the chart
-/// renders and mesh-controller's parser does not know yet: the HA controller's branch (h20-ha)
-/// adds them to `Config`. Until it is merged they are taken out before [`controller_config`]
-/// parses the rest; the lead empties this list with that merge, from which on the controller's
-/// own parser reads them too.
-const KEYS_THE_PARSER_LEARNS_WITH_THE_HA_CONTROLLER: &[&str] =
-    &["leaderElection", "stateConfigMap"];
-
 /// The chart's controller.yaml through the controller's own parser.
 fn controller_config(yaml: &str) -> Result<trellis_controller::config::Config, String> {
-    let mut document: serde_norway::Mapping =
-        serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
-    for key in KEYS_THE_PARSER_LEARNS_WITH_THE_HA_CONTROLLER {
-        document.remove(*key);
-    }
-    let yaml = serde_norway::to_string(&document).map_err(|e| e.to_string())?;
-    trellis_controller::config::Config::parse(&yaml).map_err(|e| e.to_string())
+    trellis_controller::config::Config::parse(yaml).map_err(|e| e.to_string())
 }
 
 fn config_map_data(docs: &[Value]) -> (String, k8s_openapi::api::core::v1::ConfigMap) {

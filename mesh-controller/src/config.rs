@@ -30,6 +30,12 @@
 //!   # issued by the controller itself (agent.<cluster>.trellis) and renewed before it expires.
 //! # agentTokenFile: agent-token  # deprecated plaintext mode (no agentTls): any holder registers any node
 //! stateFile: /var/lib/trellis/controller-state.json  # last state, served after a restart
+//! stateConfigMap: trellis-controller-state  # Kubernetes: the last state in this ConfigMap
+//!                              # (settingsNamespace) instead, read by whichever replica leads next
+//! leaderElection: {lease: trellis-controller, namespace: trellis-system,
+//!                  leaseDurationSeconds: 15, renewDeadlineSeconds: 10, retryPeriodSeconds: 2}
+//!   # or {file: /run/trellis/leader.json, ...}: replicas on one machine (the lab). Only the
+//!   # leader binds the peering, agent and flows listeners and writes; /readyz says who leads
 //! flows: {enabled: false, listen: 127.0.0.1:4245}  # GET /flows: the cluster's flows (NDJSON);
 //!                              # loopback only: kubectl port-forward (RBAC) reaches it
 //! clustersetIPRanges: [10.255.0.0/16]  # (also clusterset_ip_ranges) without an API server:
@@ -221,6 +227,111 @@ fn default_flows_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 4245))
 }
 
+/// `leaderElection`: where the replicas' election record is, a Lease (`lease`, in `namespace`,
+/// by default `settingsNamespace`) or a file (`file`), and client-go's timings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeaderElectionConfig {
+    #[serde(default)]
+    pub lease: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    #[serde(default = "default_lease_duration")]
+    pub lease_duration_seconds: u64,
+    #[serde(default = "default_renew_deadline")]
+    pub renew_deadline_seconds: u64,
+    #[serde(default = "default_retry_period")]
+    pub retry_period_seconds: u64,
+}
+
+fn default_lease_duration() -> u64 {
+    15
+}
+fn default_renew_deadline() -> u64 {
+    10
+}
+fn default_retry_period() -> u64 {
+    2
+}
+
+/// Where the election record is, once validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseLocation {
+    Kubernetes { namespace: String, name: String },
+    File(PathBuf),
+}
+
+impl LeaderElectionConfig {
+    pub fn timings(&self) -> crate::leader::Timings {
+        crate::leader::Timings {
+            lease_duration: Duration::from_secs(self.lease_duration_seconds),
+            renew_deadline: Duration::from_secs(self.renew_deadline_seconds),
+            retry_period: Duration::from_secs(self.retry_period_seconds),
+        }
+    }
+
+    fn check(&self, source: &SourceConfig) -> Result<(), String> {
+        match (&self.lease, &self.file) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err("leaderElection needs exactly one of lease (a Kubernetes Lease) and file (replicas on one machine)".into());
+            }
+            (Some(name), None) => {
+                if !matches!(source, SourceConfig::Kubernetes { .. }) {
+                    return Err("leaderElection.lease needs the Kubernetes source; use leaderElection.file without an API server".into());
+                }
+                if !is_object_name(name) {
+                    return Err(format!(
+                        "leaderElection.lease {name:?} is not a Kubernetes object name (lowercase letters, digits, '-' and '.')"
+                    ));
+                }
+                if let Some(ns) = &self.namespace
+                    && !is_object_name(ns)
+                {
+                    return Err(format!(
+                        "leaderElection.namespace {ns:?} is not a namespace name"
+                    ));
+                }
+            }
+            (None, Some(_)) => {
+                if self.namespace.is_some() {
+                    return Err("leaderElection.namespace goes with lease, not file".into());
+                }
+            }
+        }
+        let (lease, renew, retry) = (
+            self.lease_duration_seconds,
+            self.renew_deadline_seconds,
+            self.retry_period_seconds,
+        );
+        if retry == 0 {
+            return Err("leaderElection.retryPeriodSeconds must be at least 1".into());
+        }
+        // The holder must give up before anyone may take over, and get a few tries first.
+        if renew <= retry || lease <= renew {
+            return Err(format!(
+                "leaderElection needs leaseDurationSeconds ({lease}) > renewDeadlineSeconds ({renew}) > retryPeriodSeconds ({retry})"
+            ));
+        }
+        if lease > i32::MAX as u64 {
+            return Err("leaderElection.leaseDurationSeconds is too large".into());
+        }
+        Ok(())
+    }
+}
+
+/// A Kubernetes object name (DNS-1123 subdomain).
+fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(
     rename_all = "camelCase",
@@ -279,6 +390,13 @@ pub struct Config {
     /// Where the last state is kept across restarts (served until the sources resync).
     #[serde(default)]
     pub state_file: Option<PathBuf>,
+    /// Kubernetes source: keep the last state in this ConfigMap (in `settingsNamespace`)
+    /// instead of `stateFile`, so a replica on another node starts from it.
+    #[serde(default)]
+    pub state_config_map: Option<String>,
+    /// Replicas elect one leader; without it this process always leads.
+    #[serde(default)]
+    pub leader_election: Option<LeaderElectionConfig>,
     /// The agent port's TLS: the cluster's agent CA (clients must chain to it), and the
     /// controller's `agent.<cluster>.trellis` certificate and key. Re-read when they change.
     #[serde(default)]
@@ -447,6 +565,21 @@ impl Config {
             // would be answered by DNS and dropped by every node.
             return bad("clustersetIPRanges is for a controller without an API server: with the Kubernetes source the clusterset IPs are the derived Services' ClusterIPs".into());
         }
+        if let Some(election) = &self.leader_election {
+            election
+                .check(&self.source)
+                .map_err(|reason| Error::Config { reason })?;
+        }
+        if let Some(name) = &self.state_config_map {
+            if !matches!(self.source, SourceConfig::Kubernetes { .. }) {
+                return bad("stateConfigMap needs the Kubernetes source; use stateFile without an API server".into());
+            }
+            if !is_object_name(name) {
+                return bad(format!(
+                    "stateConfigMap {name:?} is not a Kubernetes object name"
+                ));
+            }
+        }
         if self.max_frame_bytes < 64 * 1024 {
             return bad("maxFrameBytes must be at least 65536".into());
         }
@@ -491,6 +624,27 @@ impl Config {
     /// The display name: `clusterName`, else the cluster ID.
     pub fn name(&self, id: &ClusterId) -> String {
         self.cluster_name.clone().unwrap_or_else(|| id.to_string())
+    }
+
+    /// Where the leader election record is, when the replicas elect one.
+    pub fn lease_location(&self) -> Option<LeaseLocation> {
+        let election = self.leader_election.as_ref()?;
+        if let Some(file) = &election.file {
+            return Some(LeaseLocation::File(file.clone()));
+        }
+        let namespace = election
+            .namespace
+            .clone()
+            .unwrap_or_else(|| match &self.source {
+                SourceConfig::Kubernetes {
+                    settings_namespace, ..
+                } => settings_namespace.clone(),
+                SourceConfig::Static { .. } => default_settings_namespace(),
+            });
+        Some(LeaseLocation::Kubernetes {
+            namespace,
+            name: election.lease.clone()?,
+        })
     }
 
     pub fn lease(&self) -> Duration {
@@ -540,6 +694,54 @@ mod tests {
             given.agent_tls_files(),
             Some(("a.pem".into(), "c.pem".into(), "k.pem".into(), false))
         );
+    }
+
+    #[test]
+    fn leader_election_reads_a_lease_or_a_file_with_client_go_timings() {
+        let c = Config::parse(&format!(
+            "{K8S}leaderElection: {{lease: trellis-controller}}\nstateConfigMap: trellis-controller-state\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.lease_location(),
+            Some(LeaseLocation::Kubernetes {
+                namespace: "trellis-system".into(),
+                name: "trellis-controller".into()
+            })
+        );
+        let election = c.leader_election.as_ref().unwrap();
+        assert_eq!(
+            election.timings(),
+            crate::leader::Timings {
+                lease_duration: Duration::from_secs(15),
+                renew_deadline: Duration::from_secs(10),
+                retry_period: Duration::from_secs(2),
+            }
+        );
+        assert_eq!(
+            c.state_config_map.as_deref(),
+            Some("trellis-controller-state")
+        );
+        let other_ns = Config::parse(&format!(
+            "{K8S}leaderElection: {{lease: l, namespace: ha, leaseDurationSeconds: 6, renewDeadlineSeconds: 4, retryPeriodSeconds: 1}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            other_ns.lease_location(),
+            Some(LeaseLocation::Kubernetes {
+                namespace: "ha".into(),
+                name: "l".into()
+            })
+        );
+        let file = Config::parse(&format!(
+            "{MIN}leaderElection: {{file: /run/lab/leader.json}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            file.lease_location(),
+            Some(LeaseLocation::File("/run/lab/leader.json".into()))
+        );
+        assert_eq!(Config::parse(MIN).unwrap().lease_location(), None);
     }
 
     #[test]
@@ -741,7 +943,53 @@ agentListen: 127.0.0.1:7444
                 "10.255.7.0/24 overlaps 10.255.0.0/16",
             ),
         ];
-        for (yaml, want) in cases {
+        let election = [
+            (
+                format!("{MIN}leaderElection: {{}}\n"),
+                "exactly one of lease",
+            ),
+            (
+                format!("{K8S}leaderElection: {{lease: a, file: /f}}\n"),
+                "exactly one of lease",
+            ),
+            (
+                format!("{MIN}leaderElection: {{lease: a}}\n"),
+                "lease needs the Kubernetes source",
+            ),
+            (
+                format!("{K8S}leaderElection: {{lease: Trellis}}\n"),
+                "not a Kubernetes object name",
+            ),
+            (
+                format!("{MIN}leaderElection: {{file: /f, namespace: x}}\n"),
+                "goes with lease",
+            ),
+            (
+                format!("{MIN}leaderElection: {{file: /f, renewDeadlineSeconds: 15}}\n"),
+                "leaseDurationSeconds (15) > renewDeadlineSeconds (15)",
+            ),
+            (
+                format!("{MIN}leaderElection: {{file: /f, retryPeriodSeconds: 10}}\n"),
+                "> retryPeriodSeconds (10)",
+            ),
+            (
+                format!("{MIN}leaderElection: {{file: /f, retryPeriodSeconds: 0}}\n"),
+                "at least 1",
+            ),
+            (
+                format!("{MIN}leaderElection: {{file: /f, bogus: 1}}\n"),
+                "unknown field",
+            ),
+            (
+                format!("{MIN}stateConfigMap: state\n"),
+                "stateConfigMap needs the Kubernetes source",
+            ),
+            (
+                format!("{K8S}stateConfigMap: \"-x\"\n"),
+                "not a Kubernetes object name",
+            ),
+        ];
+        for (yaml, want) in cases.into_iter().chain(election) {
             let err = trellis_core::error_chain(&Config::parse(&yaml).unwrap_err());
             assert!(err.contains(want), "{yaml}: {err}");
         }

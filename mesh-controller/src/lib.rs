@@ -19,6 +19,7 @@ pub mod identities;
 pub mod import_writer;
 pub mod kube_settings;
 pub mod kube_source;
+pub mod leader;
 pub mod mesh;
 pub mod metrics;
 pub mod node_certs;
@@ -124,6 +125,23 @@ pub enum Error {
         found: u32,
         expected: u32,
     },
+    #[error("parsing the state in ConfigMap {config_map}")]
+    StoreConfigMapParse {
+        config_map: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the state in ConfigMap {config_map}: version {found} is not {expected}")]
+    StoreConfigMapVersion {
+        config_map: String,
+        found: u32,
+        expected: u32,
+    },
+    /// Kubernetes refuses objects over 1 MiB: the previous state stays.
+    #[error(
+        "the state is {bytes} bytes, over the {limit} a ConfigMap takes; keeping the previous one"
+    )]
+    StoreTooLarge { bytes: usize, limit: usize },
     #[error("encoding the state")]
     StoreEncode {
         #[source]

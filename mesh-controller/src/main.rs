@@ -8,11 +8,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use trellis_controller::certs_command::CertsCommand;
-use trellis_controller::config::{Config, SourceConfig};
+use trellis_controller::config::{Config, LeaseLocation, SourceConfig};
 use trellis_controller::hub::{Hub, HubConfig};
+use trellis_controller::leader::file::FileLease;
+use trellis_controller::leader::lease::KubeLease;
+use trellis_controller::leader::{self, AnyLease, Elector, WarmSink};
 use trellis_controller::metrics::Metrics;
 use trellis_controller::peering::{PeerConfig, Peering, PeeringConfig};
-use trellis_controller::store::{FileStore, StateStore};
+use trellis_controller::store::{AnyStore, ConfigMapStore, FileStore, StateStore};
 use trellis_controller::tls::TlsMaterial;
 use trellis_controller::{agent, crd, kube_source, static_source};
 
@@ -110,45 +113,150 @@ async fn run(config_path: PathBuf) -> Result<()> {
         }
     };
     let metrics = Metrics::new()?;
-    let hub = Hub::new(
-        HubConfig {
-            id: id.clone(),
-            name: cfg.name(&id),
-            service_cidrs: cfg.service_cidrs.clone(),
-            lease: cfg.lease(),
-            node_encryption: cfg.node_encryption,
-            recent_deltas: 256,
-            startup_grace: cfg.lease(),
-        },
-        metrics.clone(),
-    );
-    hub.set_claim_limits(cfg.peer_limits.into());
     // External peers' addresses must lie inside what this cluster's certificate lets it claim.
-    let own_cert = trellis_controller::tls::parse_certs(&tls.cert_pem)?;
-    hub.set_own_allowance(match own_cert.first() {
+    let own_allowance = match trellis_controller::tls::parse_certs(&tls.cert_pem)?.first() {
         Some(der) => trellis_controller::certs::claim_ranges_of(der)?,
         None => None,
-    });
-    hub.set_network_policy(cfg.network_policy);
-    hub.set_clusterset_ip_ranges(cfg.clusterset_ip_ranges());
-    for peer in &cfg.peers {
-        hub.set_configured_allowance(&peer.id, peer.allowance());
-        if let Some(endpoint) = peer.endpoint {
-            hub.add_peer_controller_endpoint(&peer.id, endpoint.ip());
+    };
+    let make_hub = || {
+        let hub = Hub::new(
+            HubConfig {
+                id: id.clone(),
+                name: cfg.name(&id),
+                service_cidrs: cfg.service_cidrs.clone(),
+                lease: cfg.lease(),
+                node_encryption: cfg.node_encryption,
+                recent_deltas: 256,
+                startup_grace: cfg.lease(),
+            },
+            metrics.clone(),
+        );
+        hub.set_claim_limits(cfg.peer_limits.into());
+        hub.set_own_allowance(own_allowance.clone());
+        hub.set_network_policy(cfg.network_policy);
+        hub.set_clusterset_ip_ranges(cfg.clusterset_ip_ranges());
+        for peer in &cfg.peers {
+            hub.set_configured_allowance(&peer.id, peer.allowance());
+            if let Some(endpoint) = peer.endpoint {
+                hub.add_peer_controller_endpoint(&peer.id, endpoint.ip());
+            }
+        }
+        hub.set_local_addresses(
+            [Some(cfg.listen), cfg.metrics_listen, cfg.agent_listen]
+                .into_iter()
+                .flatten()
+                .map(|a| a.ip())
+                .filter(|ip| !ip.is_unspecified())
+                .collect(),
+        );
+        hub
+    };
+    // The leader's hub is made when this replica leads, so its startup grace (waiting for
+    // peers before serving gateways a view without them) starts then. Until then `/status`
+    // shows an idle hub: no source, no peers, no gateways.
+    let leading_hub: Arc<std::sync::OnceLock<Hub>> = Arc::default();
+    let following_hub = make_hub();
+    let mut tasks = tokio::task::JoinSet::new();
+    // Served by a follower too: /readyz says which replica leads.
+    if let Some(addr) = cfg.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener {addr}"))?;
+        let leading = leading_hub.clone();
+        tasks.spawn(trellis_controller::metrics::serve(
+            listener,
+            metrics.clone(),
+            Arc::new(move || {
+                let hub = leading.get().unwrap_or(&following_hub);
+                serde_json::to_string_pretty(&hub.status()).unwrap_or_default()
+            }),
+        ));
+    }
+    // The sources run from the start (a follower's watches stay warm); the hub gets their
+    // state once this replica leads, after it restored the last saved state.
+    let warm = WarmSink::<Hub>::default();
+    let mut export_statuses = None;
+    match &cfg.source {
+        SourceConfig::Static { path, poll_millis } => {
+            tasks.spawn(static_source::run(
+                path.clone(),
+                Duration::from_millis(*poll_millis),
+                warm.clone(),
+            ));
+        }
+        SourceConfig::Kubernetes {
+            settings_namespace, ..
+        } => {
+            let client = client.clone().context("no Kubernetes client")?;
+            let (statuses, statuses_rx) =
+                tokio::sync::watch::channel(kube_source::ExportStatuses::new());
+            export_statuses = Some(statuses_rx);
+            tasks.spawn(kube_source::run_with_status(
+                client,
+                warm.clone(),
+                kube_source::SourceOptions {
+                    debounce: Duration::from_millis(100),
+                    network_policy: cfg.network_policy,
+                    preshared_key_namespace: Some(settings_namespace.clone()),
+                },
+                Some(statuses),
+            ));
         }
     }
-    hub.set_local_addresses(
-        [Some(cfg.listen), cfg.metrics_listen, cfg.agent_listen]
-            .into_iter()
-            .flatten()
-            .map(|a| a.ip())
-            .filter(|ip| !ip.is_unspecified())
-            .collect(),
-    );
-    let mut tasks = tokio::task::JoinSet::new();
-    if let Some(path) = &cfg.state_file {
-        let store = FileStore { path: path.clone() };
-        match store.load() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut elector = match cfg.lease_location() {
+        None => {
+            metrics.leader.set(1);
+            None
+        }
+        Some(location) => {
+            let backend = match location {
+                LeaseLocation::File(path) => AnyLease::File(FileLease { path }),
+                LeaseLocation::Kubernetes { namespace, name } => {
+                    AnyLease::Kubernetes(Box::new(KubeLease::new(
+                        client.clone().context("no Kubernetes client")?,
+                        &namespace,
+                        &name,
+                    )))
+                }
+            };
+            let timings = cfg
+                .leader_election
+                .as_ref()
+                .map(|e| e.timings())
+                .context("leaderElection")?;
+            let mut elector = Elector::new(backend, leader::identity(), timings, metrics.clone());
+            tracing::info!(me = %elector.identity(), "following until this replica leads");
+            tokio::select! {
+                () = elector.acquire() => {},
+                _ = tokio::signal::ctrl_c() => return stop_following(tasks).await,
+                _ = term.recv() => return stop_following(tasks).await,
+            }
+            Some(elector)
+        }
+    };
+    // Leading from here on.
+    let hub = make_hub();
+    let _ = leading_hub.set(hub.clone());
+    let store = match (&cfg.state_config_map, &cfg.source, &client) {
+        (
+            Some(name),
+            SourceConfig::Kubernetes {
+                settings_namespace, ..
+            },
+            Some(client),
+        ) => Some(AnyStore::ConfigMap(Box::new(ConfigMapStore::new(
+            client.clone(),
+            settings_namespace,
+            name,
+        )))),
+        _ => cfg
+            .state_file
+            .as_ref()
+            .map(|path| AnyStore::File(FileStore { path: path.clone() })),
+    };
+    if let Some(store) = store {
+        match store.load().await {
             Ok(Some(saved)) => hub.restore(saved),
             Ok(None) => {}
             Err(e) => {
@@ -161,51 +269,38 @@ async fn run(config_path: PathBuf) -> Result<()> {
             move || captured.persisted(),
             store,
             Duration::from_secs(2),
+            metrics.clone(),
         ));
     }
-    match &cfg.source {
-        SourceConfig::Static { path, poll_millis } => {
-            tasks.spawn(static_source::run(
-                path.clone(),
-                Duration::from_millis(*poll_millis),
-                hub.clone(),
+    warm.deliver_to(hub.clone());
+    if let SourceConfig::Kubernetes {
+        settings_namespace,
+        settings_config_map,
+    } = &cfg.source
+    {
+        let client = client.clone().context("no Kubernetes client")?;
+        if let Some(statuses) = export_statuses {
+            tasks.spawn(kube_source::write_export_statuses(
+                client.clone(),
+                hub.id().clone(),
+                statuses,
+                hub.subscribe_view(),
             ));
         }
-        SourceConfig::Kubernetes {
-            settings_namespace,
-            settings_config_map,
-        } => {
-            let client = client.clone().context("no Kubernetes client")?;
-            tasks.spawn(kube_source::run(
-                client.clone(),
-                hub.clone(),
-                cfg.network_policy,
-                settings_namespace.clone(),
-            ));
-            tasks.spawn(trellis_controller::kube_settings::run(
-                client.clone(),
-                settings_namespace.clone(),
-                settings_config_map.clone(),
-                hub.clone(),
-            ));
-            tasks.spawn(trellis_controller::import_writer::run(
-                client,
-                hub.clone(),
-                cfg.lease(),
-            ));
-        }
-    }
-    if let Some(addr) = cfg.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics listener {addr}"))?;
-        let status_hub = hub.clone();
-        tasks.spawn(trellis_controller::metrics::serve(
-            listener,
-            metrics.clone(),
-            Arc::new(move || {
-                serde_json::to_string_pretty(&status_hub.status()).unwrap_or_default()
-            }),
+        tasks.spawn(kube_source::write_peer_statuses(
+            client.clone(),
+            hub.subscribe_view(),
+        ));
+        tasks.spawn(trellis_controller::kube_settings::run(
+            client.clone(),
+            settings_namespace.clone(),
+            settings_config_map.clone(),
+            hub.clone(),
+        ));
+        tasks.spawn(trellis_controller::import_writer::run(
+            client,
+            hub.clone(),
+            cfg.lease(),
         ));
     }
     if cfg.flows.enabled {
@@ -333,15 +428,36 @@ async fn run(config_path: PathBuf) -> Result<()> {
         peers = cfg.peers.len(),
         "trellis-controller running"
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let certificates = watch_certificates(&peering, &cfg, agent_tls, hub.metrics().clone());
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-        () = certificates => {},
-    }
+    let lost = async {
+        match elector.as_mut() {
+            Some(elector) => Some(elector.hold().await),
+            None => std::future::pending().await,
+        }
+    };
+    let lost = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+        () = certificates => None,
+        lost = lost => lost,
+    };
     tracing::info!("shutting down");
     peering.shutdown().await;
+    tasks.shutdown().await;
+    if let Some(lost) = lost {
+        // Another replica leads (or may soon): this one restarts as a follower rather than
+        // ever act beside it.
+        anyhow::bail!("lost leadership ({lost}); exiting to restart as a follower");
+    }
+    // The listeners are closed: the next leader (on this machine too) can bind them now.
+    if let Some(elector) = elector.as_mut() {
+        elector.release().await;
+    }
+    Ok(())
+}
+
+async fn stop_following(mut tasks: tokio::task::JoinSet<()>) -> Result<()> {
+    tracing::info!("shutting down (following)");
     tasks.shutdown().await;
     Ok(())
 }

@@ -79,6 +79,10 @@ pub struct Metrics {
     pub flows_dropped: IntCounter,
     pub flow_replies_rejected: IntCounter,
     pub flows_refused: IntCounterVec,
+    /// 1 while this replica leads (always, without leader election).
+    pub leader: IntGauge,
+    pub leadership_transitions: IntCounter,
+    pub state_save_failures: IntCounterVec,
 }
 
 fn reg<C: Collector + Clone + 'static>(r: &Registry, c: C) -> Result<C, Error> {
@@ -321,6 +325,32 @@ impl Metrics {
                     &["reason"],
                 )?,
             )?,
+            leader: reg(
+                &r,
+                g(
+                    "trellis_controller_leader",
+                    "1 while this replica leads (binds the listeners, writes to the API, \
+                     streams to gateways and DNS), 0 while it follows.",
+                )?,
+            )?,
+            leadership_transitions: reg(
+                &r,
+                IntCounter::new(
+                    "trellis_controller_leadership_transitions_total",
+                    "Changes of the lease holder this replica saw (another replica taking \
+                     over, or this one).",
+                )
+                .map_err(err)?,
+            )?,
+            state_save_failures: reg(
+                &r,
+                cv(
+                    "trellis_controller_state_save_failures_total",
+                    "Saves of the last state that failed, by reason (too_large: over the \
+                     ConfigMap limit, the previous state kept; error: the file or API failed).",
+                    &["reason"],
+                )?,
+            )?,
             registry: r,
         })
     }
@@ -479,12 +509,19 @@ impl trellis_http::Routes for ControllerRoutes {
             "/metrics" => trellis_http::Reply::metrics(self.metrics.render()),
             "/status" => trellis_http::Reply::json(self.status.get()),
             "/healthz" => trellis_http::Reply::text("ok\n"),
+            // Ready while leading: a Service sends clients to the leader only.
+            "/readyz" => trellis_http::Reply::check(
+                self.metrics.leader.get() == 1,
+                "ok\n",
+                "following: another replica leads\n",
+            ),
             _ => trellis_http::Reply::not_found(),
         }
     }
 }
 
-/// Serves `GET /metrics`, `/healthz` and `/status` (the JSON `status` returns, cached for
+/// Serves `GET /metrics`, `/healthz`, `/readyz` (200 while leading, 503 while following)
+/// and `/status` (the JSON `status` returns, cached for
 /// [`STATUS_MAX_AGE`]) on `listener` until cancelled, on the daemons' one HTTP stack
 /// (connections capped in total and per client, with deadlines).
 pub async fn serve(
@@ -529,6 +566,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn serves_metrics_and_builds_status_once_for_many_clients() {
         let m = Metrics::new().unwrap();
+        let leader = m.leader.clone();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let builds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -546,6 +584,11 @@ mod tests {
                 trellis_http::get(addr, path, std::time::Duration::from_secs(5)).unwrap()
             })
         };
+        let following = get("/readyz").await.unwrap();
+        assert_eq!(following.status, 503, "{}", following.body);
+        leader.set(1);
+        assert_eq!(get("/readyz").await.unwrap().status, 200);
+        assert_eq!(get("/healthz").await.unwrap().status, 200);
         let metrics = get("/metrics").await.unwrap();
         assert_eq!(metrics.status, 200);
         assert!(

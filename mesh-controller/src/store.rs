@@ -3,6 +3,7 @@
 //! disconnected, expiring a lease later unless their peers reconnect) until its sources and
 //! peers resync, so gateways and DNS are never told to drop what only looks gone.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -30,10 +31,11 @@ pub struct Persisted {
     pub certificate_allowances: BTreeMap<ClusterId, Vec<IpNet>>,
 }
 
-/// The disk seam.
+/// Where the last state is kept: a file ([`FileStore`], the lab and single replicas) or a
+/// ConfigMap ([`ConfigMapStore`], replicas on Kubernetes: whichever leads next reads it).
 pub trait StateStore: Send + Sync + 'static {
-    fn load(&self) -> Result<Option<Persisted>, Error>;
-    fn save(&self, state: &Persisted) -> Result<(), Error>;
+    fn load(&self) -> impl Future<Output = Result<Option<Persisted>, Error>> + Send;
+    fn save(&self, state: &Persisted) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
 /// A JSON file replaced atomically (temp file, fsync, rename).
@@ -52,7 +54,7 @@ fn store_err(operation: &'static str, path: &std::path::Path) -> impl Fn(std::io
 }
 
 impl StateStore for FileStore {
-    fn load(&self) -> Result<Option<Persisted>, Error> {
+    async fn load(&self) -> Result<Option<Persisted>, Error> {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -72,10 +74,134 @@ impl StateStore for FileStore {
         Ok(Some(p))
     }
 
-    fn save(&self, state: &Persisted) -> Result<(), Error> {
+    async fn save(&self, state: &Persisted) -> Result<(), Error> {
         let bytes = serde_json::to_vec(state).map_err(|source| Error::StoreEncode { source })?;
         trellis_files::write_atomically(&self.path, &bytes, 0o600)
             .map_err(store_err("replacing the state file", &self.path))
+    }
+}
+
+/// The key of the state in its ConfigMap.
+pub const CONFIG_MAP_KEY: &str = "state.json";
+
+/// The largest state a ConfigMap takes: Kubernetes refuses objects over 1 MiB, and the
+/// object's metadata needs some of it.
+pub const CONFIG_MAP_MAX_BYTES: usize = 1024 * 1024 - 16 * 1024;
+
+/// The field manager of the controller's writes of the state ConfigMap.
+const STATE_FIELD_MANAGER: &str = "trellis-controller-state";
+
+/// The state as key `state.json` of ConfigMap `name`, written with server-side apply (only
+/// the leader writes it). A state too large for a ConfigMap is refused
+/// ([`Error::StoreTooLarge`]) and the previous one kept.
+#[derive(Clone)]
+pub struct ConfigMapStore {
+    api: kube::Api<k8s_openapi::api::core::v1::ConfigMap>,
+    namespace: String,
+    name: String,
+    max_bytes: usize,
+}
+
+impl ConfigMapStore {
+    pub fn new(client: kube::Client, namespace: &str, name: &str) -> Self {
+        Self::with_limit(client, namespace, name, CONFIG_MAP_MAX_BYTES)
+    }
+
+    /// With another size bound (tests).
+    pub fn with_limit(client: kube::Client, namespace: &str, name: &str, max_bytes: usize) -> Self {
+        Self {
+            api: kube::Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            max_bytes,
+        }
+    }
+
+    fn what(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl StateStore for ConfigMapStore {
+    async fn load(&self) -> Result<Option<Persisted>, Error> {
+        let cm = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|source| Error::Kubernetes {
+                operation: "reading the state ConfigMap",
+                source,
+            })?;
+        let Some(text) = cm.and_then(|cm| cm.data?.remove(CONFIG_MAP_KEY)) else {
+            return Ok(None);
+        };
+        let p: Persisted =
+            serde_json::from_str(&text).map_err(|source| Error::StoreConfigMapParse {
+                config_map: self.what(),
+                source,
+            })?;
+        if p.version != STORE_VERSION {
+            return Err(Error::StoreConfigMapVersion {
+                config_map: self.what(),
+                found: p.version,
+                expected: STORE_VERSION,
+            });
+        }
+        Ok(Some(p))
+    }
+
+    async fn save(&self, state: &Persisted) -> Result<(), Error> {
+        let text = serde_json::to_string(state).map_err(|source| Error::StoreEncode { source })?;
+        if text.len() > self.max_bytes {
+            return Err(Error::StoreTooLarge {
+                bytes: text.len(),
+                limit: self.max_bytes,
+            });
+        }
+        let cm = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": self.name,
+                "labels": {"app.kubernetes.io/component": "controller-state"},
+            },
+            "data": {CONFIG_MAP_KEY: text},
+        });
+        self.api
+            .patch(
+                &self.name,
+                &kube::api::PatchParams::apply(STATE_FIELD_MANAGER).force(),
+                &kube::api::Patch::Apply(&cm),
+            )
+            .await
+            .map_err(|source| Error::Kubernetes {
+                operation: "writing the state ConfigMap",
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+/// The store the configuration chose.
+#[derive(Clone)]
+pub enum AnyStore {
+    File(FileStore),
+    ConfigMap(Box<ConfigMapStore>),
+}
+
+impl StateStore for AnyStore {
+    async fn load(&self) -> Result<Option<Persisted>, Error> {
+        match self {
+            AnyStore::File(s) => s.load().await,
+            AnyStore::ConfigMap(s) => s.load().await,
+        }
+    }
+
+    async fn save(&self, state: &Persisted) -> Result<(), Error> {
+        match self {
+            AnyStore::File(s) => s.save(state).await,
+            AnyStore::ConfigMap(s) => s.save(state).await,
+        }
     }
 }
 
@@ -84,11 +210,11 @@ impl StateStore for FileStore {
 pub struct MemoryStore(pub std::sync::Arc<std::sync::Mutex<Option<Persisted>>>);
 
 impl StateStore for MemoryStore {
-    fn load(&self) -> Result<Option<Persisted>, Error> {
+    async fn load(&self) -> Result<Option<Persisted>, Error> {
         Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
-    fn save(&self, state: &Persisted) -> Result<(), Error> {
+    async fn save(&self, state: &Persisted) -> Result<(), Error> {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.clone());
         Ok(())
     }
@@ -104,6 +230,7 @@ pub async fn run<T>(
     capture: impl Fn() -> Option<Persisted>,
     store: impl StateStore,
     every: Duration,
+    metrics: crate::metrics::Metrics,
 ) {
     // Whatever the hub holds already is looked at first.
     changes.mark_changed();
@@ -125,9 +252,21 @@ pub async fn run<T>(
         if !(periodic || registrations_changed) || last.as_ref() == Some(&p) {
             continue;
         }
-        match store.save(&p) {
+        match store.save(&p).await {
             Ok(()) => last = Some(p),
-            Err(e) => tracing::warn!(error = %trellis_core::error_chain(&e), "saving the state"),
+            Err(e) => {
+                let reason = match e {
+                    Error::StoreTooLarge { .. } => "too_large",
+                    _ => "error",
+                };
+                metrics
+                    .state_save_failures
+                    .with_label_values(&[reason])
+                    .inc();
+                // Retried at the next period; `last` unchanged, so a state too large now
+                // is saved once it shrinks.
+                tracing::warn!(error = %trellis_core::error_chain(&e), "saving the state");
+            }
         }
     }
 }
@@ -149,19 +288,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_file_store_round_trips_and_refuses_garbage() {
+    #[tokio::test]
+    async fn the_file_store_round_trips_and_refuses_garbage() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore {
             path: dir.path().join("state.json"),
         };
-        assert_eq!(store.load().unwrap(), None);
-        store.save(&persisted()).unwrap();
-        assert_eq!(store.load().unwrap(), Some(persisted()));
+        assert_eq!(store.load().await.unwrap(), None);
+        store.save(&persisted()).await.unwrap();
+        assert_eq!(store.load().await.unwrap(), Some(persisted()));
         std::fs::write(&store.path, b"{not json").unwrap();
         assert!(
             store
                 .load()
+                .await
                 .unwrap_err()
                 .to_string()
                 .contains("parsing the state file")
@@ -169,7 +309,7 @@ mod tests {
         let mut old = serde_json::to_value(persisted()).unwrap();
         old["version"] = 99.into();
         std::fs::write(&store.path, old.to_string()).unwrap();
-        assert!(store.load().is_err());
+        assert!(store.load().await.is_err());
     }
 
     #[tokio::test]
@@ -194,6 +334,7 @@ mod tests {
             move || captured.persisted(),
             store.clone(),
             Duration::from_secs(3600),
+            crate::metrics::Metrics::new().unwrap(),
         ));
         let mut source = crate::source::SourceState {
             cluster_id: None,
@@ -218,6 +359,7 @@ mod tests {
             || async {
                 store
                     .load()
+                    .await
                     .unwrap()
                     .is_some_and(|p| p.registrations.iter().any(|r| r.node == node))
                     .then_some(())

@@ -392,33 +392,32 @@ fn start_controllers(dir: &Path, state: &mut LabState, bin_dir: &Path) -> anyhow
             own.join("cluster.yaml"),
             control::cluster_yaml(cluster, index),
         )?;
-        let config = own.join("controller.yaml");
-        fs::write(
-            &config,
-            control::controller_yaml(dir, state, cluster, state.node_encryption),
-        )?;
-        let metrics = std::net::SocketAddr::new(
-            std::net::IpAddr::V4(control::controller_address(cluster)),
-            control::CONTROLLER_METRICS_PORT,
-        );
-        start_daemon(
-            dir,
-            state,
-            Launch {
-                netns: cluster.nodes[0].netns.clone(),
-                name: format!("{}/controller", cluster.name),
-                program: bin_dir.join("trellis-controller"),
-                args: vec![
-                    "run".into(),
-                    "--config".into(),
-                    config.display().to_string(),
-                ],
-                log: own.join("controller.log"),
-                ready: metrics,
-                ready_path: None,
-                ready_file: None,
-            },
-        )?;
+        // With two replicas the first to start leads; the other follows (ready once its
+        // metrics answer).
+        for replica in control::controller_replicas(dir, state, cluster) {
+            fs::write(
+                &replica.config,
+                control::replica_yaml(dir, state, cluster, state.node_encryption, &replica),
+            )?;
+            start_daemon(
+                dir,
+                state,
+                Launch {
+                    netns: cluster.nodes[0].netns.clone(),
+                    name: replica.name.clone(),
+                    program: bin_dir.join("trellis-controller"),
+                    args: vec![
+                        "run".into(),
+                        "--config".into(),
+                        replica.config.display().to_string(),
+                    ],
+                    log: replica.log.clone(),
+                    ready: replica.metrics,
+                    ready_path: None,
+                    ready_file: None,
+                },
+            )?;
+        }
     }
     Ok(())
 }
@@ -698,12 +697,13 @@ fn print_services_and_metrics(state: &LabState) {
 pub fn set_node_encryption(dir: &Path, state: &mut LabState, on: bool) -> anyhow::Result<()> {
     state.node_encryption = on;
     for cluster in &state.clusters {
-        let config = control::cluster_dir(dir, cluster).join("controller.yaml");
-        crate::cni::write_atomically(
-            &config,
-            control::controller_yaml(dir, state, cluster, on).as_bytes(),
-            0o644,
-        )?;
+        for replica in control::controller_replicas(dir, state, cluster) {
+            crate::cni::write_atomically(
+                &replica.config,
+                control::replica_yaml(dir, state, cluster, on, &replica).as_bytes(),
+                0o644,
+            )?;
+        }
     }
     state.save(dir)?;
     println!(

@@ -217,6 +217,86 @@ fn lab_objects_yaml(cluster: &Cluster, index: usize) -> String {
     yaml
 }
 
+/// One controller process of a cluster: `c1/controller`, and with two replicas
+/// `c1/controller/1` beside it on the same node, with its own configuration (its own metrics
+/// port: a follower serves metrics) and log. Both name the same peering and agent addresses:
+/// only the leader binds them, so gateways and DNS reconnect to the same address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerReplica {
+    pub index: u16,
+    pub name: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub metrics: SocketAddr,
+}
+
+/// The lease file the replicas of a cluster elect their leader with.
+pub fn leader_lease_file(dir: &Path, cluster: &Cluster) -> PathBuf {
+    cluster_dir(dir, cluster).join("controller-leader.json")
+}
+
+/// The lab's election timings: a follower leads at most 4 s after the leader died.
+const LAB_ELECTION: &str =
+    "leaseDurationSeconds: 4, renewDeadlineSeconds: 3, retryPeriodSeconds: 1";
+
+pub fn controller_replicas(
+    dir: &Path,
+    state: &LabState,
+    cluster: &Cluster,
+) -> Vec<ControllerReplica> {
+    let own = cluster_dir(dir, cluster);
+    let count = u16::try_from(state.controller_replicas.clamp(1, 2)).unwrap_or(1);
+    (0..count)
+        .map(|index| {
+            let (name, file) = match index {
+                0 => (
+                    format!("{}/controller", cluster.name),
+                    "controller".to_string(),
+                ),
+                i => (
+                    format!("{}/controller/{i}", cluster.name),
+                    format!("controller-{i}"),
+                ),
+            };
+            ControllerReplica {
+                index,
+                name,
+                config: own.join(format!("{file}.yaml")),
+                log: own.join(format!("{file}.log")),
+                metrics: SocketAddr::new(
+                    IpAddr::V4(controller_address(cluster)),
+                    CONTROLLER_METRICS_PORT + index,
+                ),
+            }
+        })
+        .collect()
+}
+
+/// The configuration of one controller replica: the cluster's, with its own metrics address
+/// and, with two replicas, the lease file they elect a leader with.
+pub fn replica_yaml(
+    dir: &Path,
+    state: &LabState,
+    cluster: &Cluster,
+    node_encryption: bool,
+    replica: &ControllerReplica,
+) -> String {
+    let yaml = controller_yaml(dir, state, cluster, node_encryption);
+    if state.controller_replicas <= 1 {
+        return yaml;
+    }
+    let own_metrics = format!("metricsListen: \"{}\"\n", replica.metrics);
+    let first_metrics = format!(
+        "metricsListen: \"{}:{CONTROLLER_METRICS_PORT}\"\n",
+        controller_address(cluster)
+    );
+    format!(
+        "{}leaderElection: {{file: {}, {LAB_ELECTION}}}\n",
+        yaml.replace(&first_metrics, &own_metrics),
+        leader_lease_file(dir, cluster).display()
+    )
+}
+
 /// The controller's configuration for `cluster`, peered with every other cluster of the lab.
 pub fn controller_yaml(
     dir: &Path,
@@ -338,6 +418,53 @@ mod tests {
         // The same objects, the same bytes.
         assert_eq!(cluster_yaml(&lab.clusters[0], 0), yaml);
         assert_eq!(trellis_core::sha256_hex(yaml.as_bytes()).len(), 64);
+    }
+
+    #[test]
+    fn two_controller_replicas_share_addresses_but_not_metrics_and_elect_through_a_file() {
+        let mut lab = Topology::new("t", 1, 1, 1).unwrap();
+        let dir = Path::new("/run/trellis/lab/t");
+        let single = controller_replicas(dir, &lab, &lab.clusters[0]);
+        assert_eq!(single.len(), 1);
+        assert_eq!(single[0].name, "c1/controller");
+        // One replica: the configuration of a lab without replicas, byte for byte.
+        assert_eq!(
+            replica_yaml(dir, &lab, &lab.clusters[0], false, &single[0]),
+            controller_yaml(dir, &lab, &lab.clusters[0], false)
+        );
+        lab.controller_replicas = 2;
+        let replicas = controller_replicas(dir, &lab, &lab.clusters[0]);
+        let names: Vec<&str> = replicas.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["c1/controller", "c1/controller/1"]);
+        assert!(crate::lab::processes::selects(
+            "c1/controller",
+            &replicas[1].name
+        ));
+        let configs: Vec<trellis_controller::config::Config> = replicas
+            .iter()
+            .map(|r| {
+                trellis_controller::config::Config::parse(&replica_yaml(
+                    dir,
+                    &lab,
+                    &lab.clusters[0],
+                    false,
+                    r,
+                ))
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(configs[0].metrics_listen, Some(replicas[0].metrics));
+        assert_eq!(configs[1].metrics_listen, Some(replicas[1].metrics));
+        assert_ne!(replicas[0].metrics, replicas[1].metrics);
+        assert_eq!(configs[0].agent_listen, configs[1].agent_listen);
+        assert_eq!(configs[0].listen, configs[1].listen);
+        assert_eq!(configs[0].state_file, configs[1].state_file);
+        let lease = trellis_controller::config::LeaseLocation::File(leader_lease_file(
+            dir,
+            &lab.clusters[0],
+        ));
+        assert_eq!(configs[0].lease_location(), Some(lease.clone()));
+        assert_eq!(configs[1].lease_location(), Some(lease));
     }
 
     #[test]

@@ -70,6 +70,10 @@ enum LabCommand {
         /// Where the Trellis binaries are; defaults to the directory of this binary.
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+        /// Controller processes per cluster: with 2 they elect a leader through a lease file
+        /// and the other takes over when it dies (`trellis lab status` shows who leads).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+        controller_replicas: u32,
     },
     /// Create or update Kubernetes objects in a cluster, as `kubectl apply -f` does:
     /// Namespace, Pod (made through the CNI on its node, serving its container ports with the
@@ -208,6 +212,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             network_policy,
             flow_buffer,
             bin_dir,
+            controller_replicas,
         } => {
             let bin_dir = match bin_dir {
                 Some(dir) => dir,
@@ -231,6 +236,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             topology.node_encryption = node_encryption == OnOff::On;
             topology.network_policy = network_policy == OnOff::On;
             topology.flow_buffer = Some(flow_buffer);
+            topology.controller_replicas = controller_replicas;
             build::up(&dir, &topology, &bin_dir)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -64,10 +64,24 @@ fn controller_metrics(cluster: &Cluster) -> SocketAddr {
 /// The controller's status, asked from inside the namespace of the node it runs on (its
 /// address exists only there); the namespace is entered on a short-lived thread.
 pub(super) fn fetch(cluster: &Cluster) -> anyhow::Result<ControllerStatus> {
+    fetch_leading(cluster).map(|(_, status)| status)
+}
+
+/// With two controller replicas (`--controller-replicas 2`), the one that leads: the first
+/// whose `/readyz` answers 200 (a follower answers 503); the first replica when none does.
+/// Returns its metrics address and status.
+pub(super) fn fetch_leading(cluster: &Cluster) -> anyhow::Result<(SocketAddr, ControllerStatus)> {
     let netns = Netns::open(&cluster.nodes[0].netns)?;
-    let addr = controller_metrics(cluster);
-    let body = netns.run(move || http_get(addr, &addr.to_string(), "/status", FETCH_TIMEOUT))??;
-    parse_status(&body)
+    let first = controller_metrics(cluster);
+    let replicas = [first, SocketAddr::new(first.ip(), first.port() + 1)];
+    let (addr, body) = netns.run(move || {
+        let leading = replicas
+            .into_iter()
+            .find(|addr| http_get(*addr, &addr.to_string(), "/readyz", FETCH_TIMEOUT).is_ok())
+            .unwrap_or(first);
+        http_get(leading, &leading.to_string(), "/status", FETCH_TIMEOUT).map(|b| (leading, b))
+    })??;
+    Ok((addr, parse_status(&body)?))
 }
 
 /// Pure: the lab's problems from what each controller said and the connectivity matrix.
@@ -113,13 +127,19 @@ pub fn run(state: &LabState, output: Output) -> anyhow::Result<ExitCode> {
         .clusters
         .iter()
         .map(|cluster| {
-            let (status, error) = match fetch(cluster) {
-                Ok(status) => (Some(status), None),
-                Err(e) => (None, Some(format!("{e:#}"))),
+            let (controller, status, error) = match fetch_leading(cluster) {
+                Ok((addr, status)) => (addr, Some(status), None),
+                Err(e) => (controller_metrics(cluster), None, Some(format!("{e:#}"))),
+            };
+            // With replicas, which one leads (the one asked).
+            let leading = match controller.port() - CONTROLLER_METRICS_PORT {
+                _ if state.controller_replicas <= 1 => String::new(),
+                0 => format!(" ({}/controller leads)", cluster.name),
+                i => format!(" ({}/controller/{i} leads)", cluster.name),
             };
             LabCluster {
                 cluster: cluster.name.clone(),
-                controller: format!("http://{}", controller_metrics(cluster)),
+                controller: format!("http://{controller}{leading}"),
                 status,
                 error,
             }
@@ -146,7 +166,12 @@ pub fn run(state: &LabState, output: Output) -> anyhow::Result<ExitCode> {
             for cluster in &clusters {
                 println!();
                 match &cluster.status {
-                    Some(status) => print!("{}", render(status)),
+                    Some(status) => {
+                        if state.controller_replicas > 1 {
+                            println!("controller {}", cluster.controller);
+                        }
+                        print!("{}", render(status));
+                    }
                     None => println!(
                         "cluster {}: the controller at {} did not answer: {}",
                         cluster.cluster,

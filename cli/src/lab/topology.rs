@@ -40,9 +40,21 @@ pub struct Topology {
     /// Each gateway's `--flow-buffer` (the gateway's default when unset).
     #[serde(default)]
     pub flow_buffer: Option<u32>,
+    /// Controller processes per cluster; with two, they elect a leader through a lease file
+    /// (`trellis lab up --controller-replicas 2`).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub controller_replicas: u32,
     /// The processes the lab started, recorded as each starts.
     #[serde(default)]
     pub daemons: Vec<super::processes::Daemon>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// The lab as recorded on disk.
@@ -161,6 +173,7 @@ impl Topology {
             node_encryption: false,
             network_policy: true,
             flow_buffer: None,
+            controller_replicas: 1,
             daemons: Vec::new(),
         })
     }

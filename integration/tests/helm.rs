@@ -999,7 +999,11 @@ fn every_pod_is_scraped_and_the_service_monitor_selects_every_metrics_port() {
     names.sort_unstable();
     assert_eq!(
         names,
-        ["trellis-controller-metrics", "trellis-dns", "trellis-gateway-metrics"],
+        [
+            "trellis-controller-metrics",
+            "trellis-dns",
+            "trellis-gateway-metrics"
+        ],
         "every controller replica, gateways and DNS"
     );
     for service in selected {
@@ -1959,8 +1963,8 @@ fn the_controller_leads_with_a_lease_and_keeps_its_state_in_a_config_map() {
 
         // The podSelector finds exactly the controller's pods: the Deployment's own
         // selector labels, no other component's.
-        let pod_labels =
-            &find(&docs, "Deployment", "trellis-controller")["spec"]["template"]["metadata"]["labels"];
+        let pod_labels = &find(&docs, "Deployment", "trellis-controller")["spec"]["template"]["metadata"]
+            ["labels"];
         let pod_selector: serde_json::Map<String, Value> = election["podSelector"]
             .as_str()
             .unwrap()
@@ -1972,11 +1976,14 @@ fn the_controller_leads_with_a_lease_and_keeps_its_state_in_a_config_map() {
             .collect();
         let pod_selector = serde_json::json!({"matchLabels": pod_selector});
         assert!(selects(&pod_selector, pod_labels), "{what}");
-        for other in ["trellis-dns"] {
+        for (kind, other) in [
+            ("Deployment", "trellis-dns"),
+            ("DaemonSet", "trellis-gateway"),
+        ] {
             assert!(
                 !selects(
                     &pod_selector,
-                    &find(&docs, "Deployment", other)["spec"]["template"]["metadata"]["labels"]
+                    &find(&docs, kind, other)["spec"]["template"]["metadata"]["labels"]
                 ),
                 "{what}: {other}"
             );
@@ -1999,7 +2006,10 @@ fn the_controller_leads_with_a_lease_and_keeps_its_state_in_a_config_map() {
             );
             let selector = serde_json::json!({"matchLabels": service["selector"]});
             assert!(selects(&selector, &leader), "{what}: {name}");
-            assert!(!selects(&selector, pod_labels), "{what}: {name} reaches a follower");
+            assert!(
+                !selects(&selector, pod_labels),
+                "{what}: {name} reaches a follower"
+            );
         }
         // `trellis status --context`'s defaults: Service trellis-controller, port `metrics`.
         assert!(

@@ -618,7 +618,11 @@ mod tests {
         let starting = get("/readyz").await.unwrap();
         assert_eq!(starting.status, 503, "{}", starting.body);
         ready.set(1);
-        assert_eq!(get("/readyz").await.unwrap().status, 200, "a synced follower");
+        assert_eq!(
+            get("/readyz").await.unwrap().status,
+            200,
+            "a synced follower"
+        );
         let following = get("/leader").await.unwrap();
         assert_eq!(following.status, 503, "{}", following.body);
         leader.set(1);

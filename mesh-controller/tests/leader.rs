@@ -564,8 +564,7 @@ const PODS: &str = "/api/v1/namespaces/trellis-system/pods";
 const OLD_LEADER: &str = "trellis-controller-6c9f7b5d48-2xkqp";
 const NEW_LEADER: &str = "trellis-controller-6c9f7b5d48-9wz4m";
 /// The chart's controller selector labels (leaderElection.podSelector).
-const CONTROLLER_PODS: &str =
-    "app.kubernetes.io/name=trellis,app.kubernetes.io/instance=trellis,app.kubernetes.io/component=controller";
+const CONTROLLER_PODS: &str = "app.kubernetes.io/name=trellis,app.kubernetes.io/instance=trellis,app.kubernetes.io/component=controller";
 
 /// A scripted pod API: lists by the chart's selector, applies JSON merge patches of labels.
 #[derive(Default)]
@@ -611,8 +610,11 @@ impl PodApi {
         let path = req.uri.path().to_owned();
         let query = req.uri.query().unwrap_or("").to_owned();
         let patch = (!body.is_empty()).then(|| serde_json::from_slice::<Value>(body).unwrap());
-        self.seen
-            .push((req.method.to_string(), format!("{path}?{query}"), patch.clone()));
+        self.seen.push((
+            req.method.to_string(),
+            format!("{path}?{query}"),
+            patch.clone(),
+        ));
         if self.failing > 0 {
             self.failing -= 1;
             return respond(
@@ -649,11 +651,7 @@ impl PodApi {
                     req.headers["content-type"], "application/merge-patch+json",
                     "a JSON merge patch"
                 );
-                let Some(pod) = self
-                    .pods
-                    .iter_mut()
-                    .find(|p| p["metadata"]["name"] == name)
-                else {
+                let Some(pod) = self.pods.iter_mut().find(|p| p["metadata"]["name"] == name) else {
                     return respond(
                         404,
                         &status(404, "NotFound", &format!("pods \"{name}\" not found")),
@@ -740,7 +738,11 @@ async fn a_new_leader_labels_its_pod_and_unlabels_the_old_leaders() {
     );
     let api = api.lock().unwrap();
     assert_eq!(api.leader_label(NEW_LEADER).as_deref(), Some("true"));
-    assert_eq!(api.leader_label(OLD_LEADER), None, "the old leader's label is gone");
+    assert_eq!(
+        api.leader_label(OLD_LEADER),
+        None,
+        "the old leader's label is gone"
+    );
     // Listed by the chart's selector, the old leader unlabelled before the new one labelled
     // (for a moment no pod leads, never two); the other labels left alone.
     assert!(
@@ -766,7 +768,10 @@ async fn a_new_leader_labels_its_pod_and_unlabels_the_old_leaders() {
         .iter()
         .find(|p| p["metadata"]["name"] == OLD_LEADER)
         .unwrap();
-    assert_eq!(old["metadata"]["labels"]["app.kubernetes.io/component"], "controller");
+    assert_eq!(
+        old["metadata"]["labels"]["app.kubernetes.io/component"],
+        "controller"
+    );
 }
 
 #[tokio::test]
@@ -795,7 +800,10 @@ async fn a_starting_replica_unlabels_its_pod_retrying_failures_then_labels_it_on
     let started = Instant::now();
     while api.lock().unwrap().leader_label(OLD_LEADER).is_some() {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(started.elapsed() < Duration::from_secs(30), "never unlabelled");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never unlabelled"
+        );
     }
     // Two failures, each retried a retry period later: counted, never fatal.
     assert_eq!(metrics.leader_label_failures.get(), 2);
@@ -813,7 +821,10 @@ async fn a_starting_replica_unlabels_its_pod_retrying_failures_then_labels_it_on
     let started = Instant::now();
     while api.lock().unwrap().leader_label(OLD_LEADER).as_deref() != Some("true") {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(started.elapsed() < Duration::from_secs(30), "never labelled");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never labelled"
+        );
     }
     assert_eq!(api.lock().unwrap().leader_label(NEW_LEADER), None);
 

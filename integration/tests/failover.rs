@@ -29,11 +29,11 @@ fn gateway_metric(lab: &TestLab, node: &str, series: &str) -> Option<f64> {
     )
 }
 
-/// Whether c1's replica `index` says it leads (`/readyz` 200).
+/// Whether c1's replica `index` says it leads (`/leader` 200).
 fn leads(lab: &TestLab, index: u16) -> bool {
     let node = lab.node("c1/node-0");
     let addr = SocketAddr::new(node.address.into(), CONTROLLER_METRICS + index);
-    http_get(&node.netns, addr, "/readyz", Duration::from_millis(500)).is_ok()
+    http_get(&node.netns, addr, "/leader", Duration::from_millis(500)).is_ok()
 }
 
 #[test]

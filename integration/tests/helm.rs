@@ -992,11 +992,20 @@ fn every_pod_is_scraped_and_the_service_monitor_selects_every_metrics_port() {
                 .all(|(k, v)| d["metadata"]["labels"][k].as_str() == Some(v.as_str()))
         })
         .collect();
-    let names: Vec<&str> = selected
+    let mut names: Vec<&str> = selected
         .iter()
         .map(|s| s["metadata"]["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names.len(), 3, "controller, gateways and DNS: {names:?}");
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "trellis-controller-metrics",
+            "trellis-dns",
+            "trellis-gateway-metrics"
+        ],
+        "every controller replica, gateways and DNS"
+    );
     for service in selected {
         assert!(
             service["spec"]["ports"]
@@ -1815,7 +1824,7 @@ fn disruption_budgets_and_one_controller_per_node_come_with_more_than_one_replic
     let pdb = find(&docs, "PodDisruptionBudget", "trellis-controller");
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     assert!(pdb["spec"]["minAvailable"].is_null());
-    // An unready pod (a follower) never blocks a drain.
+    // An unready pod (crashing, starting) never blocks a drain.
     assert_eq!(pdb["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
     let controller = find(&docs, "Deployment", "trellis-controller");
     assert_eq!(controller["spec"]["replicas"], 2);
@@ -1823,11 +1832,12 @@ fn disruption_budgets_and_one_controller_per_node_come_with_more_than_one_replic
         &pdb["spec"]["selector"],
         &controller["spec"]["template"]["metadata"]["labels"]
     ));
-    // Host ports: no surge, and two replicas never on one node. All may be replaced at once:
-    // a follower is never Ready, so keeping one available would keep the old leader forever.
+    // Host ports: no surge, and two replicas never on one node. One at a time: a follower is
+    // Ready (readiness is health; the leader is found by its pod label), so the other
+    // replica stays available while one is replaced.
     assert_eq!(
         controller["spec"]["strategy"],
-        serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "100%"}})
+        serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}})
     );
     let terms = anti_affinity(&docs);
     let terms = terms.as_array().expect("a required anti-affinity");
@@ -1898,6 +1908,7 @@ fn the_controller_leads_with_a_lease_and_keeps_its_state_in_a_config_map() {
                 "leaseDurationSeconds": timings.0,
                 "renewDeadlineSeconds": timings.1,
                 "retryPeriodSeconds": timings.2,
+                "podSelector": "app.kubernetes.io/component=controller,app.kubernetes.io/instance=trellis,app.kubernetes.io/name=trellis",
             }),
             "{what}"
         );
@@ -1924,7 +1935,18 @@ fn the_controller_leads_with_a_lease_and_keeps_its_state_in_a_config_map() {
             pod_name["valueFrom"]["fieldRef"]["fieldPath"],
             "metadata.name"
         );
-        // Ready only while leading: the Services reach the leader alone.
+        // The namespace the leader lists and labels pods in.
+        let pod_namespace = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "POD_NAMESPACE")
+            .expect("POD_NAMESPACE");
+        assert_eq!(
+            pod_namespace["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.namespace"
+        );
+        // Ready while healthy (a synced follower too): rollouts and drains count it.
         assert_eq!(
             container["readinessProbe"],
             serde_json::json!({"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 2}),
@@ -1939,8 +1961,88 @@ fn the_controller_leads_with_a_lease_and_keeps_its_state_in_a_config_map() {
             "{what}"
         );
 
+        // The podSelector finds exactly the controller's pods: the Deployment's own
+        // selector labels, no other component's.
+        let pod_labels = &find(&docs, "Deployment", "trellis-controller")["spec"]["template"]["metadata"]
+            ["labels"];
+        let pod_selector: serde_json::Map<String, Value> = election["podSelector"]
+            .as_str()
+            .unwrap()
+            .split(',')
+            .map(|term| {
+                let (k, v) = term.split_once('=').unwrap();
+                (k.to_owned(), Value::String(v.to_owned()))
+            })
+            .collect();
+        let pod_selector = serde_json::json!({"matchLabels": pod_selector});
+        assert!(selects(&pod_selector, pod_labels), "{what}");
+        for (kind, other) in [
+            ("Deployment", "trellis-dns"),
+            ("DaemonSet", "trellis-gateway"),
+        ] {
+            assert!(
+                !selects(
+                    &pod_selector,
+                    &find(&docs, kind, other)["spec"]["template"]["metadata"]["labels"]
+                ),
+                "{what}: {other}"
+            );
+        }
+        assert_eq!(
+            find(&docs, "Deployment", "trellis-controller")["spec"]["selector"]["matchLabels"],
+            pod_selector["matchLabels"],
+            "{what}"
+        );
+
+        // The Services that must reach the leader select its pod label; no pod carries it as
+        // rendered (the leader sets it), and the metrics Service selects every replica.
+        let mut leader = pod_labels.clone();
+        leader["trellis.dev/controller-leader"] = "true".into();
+        for name in ["trellis-controller", "trellis-peering"] {
+            let service = &find(&docs, "Service", name)["spec"];
+            assert_eq!(
+                service["selector"]["trellis.dev/controller-leader"], "true",
+                "{what}: {name}"
+            );
+            let selector = serde_json::json!({"matchLabels": service["selector"]});
+            assert!(selects(&selector, &leader), "{what}: {name}");
+            assert!(
+                !selects(&selector, pod_labels),
+                "{what}: {name} reaches a follower"
+            );
+        }
+        // `trellis status --context`'s defaults: Service trellis-controller, port `metrics`.
+        assert!(
+            find(&docs, "Service", "trellis-controller")["spec"]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "metrics" && p["targetPort"] == "metrics"),
+            "{what}"
+        );
+        let metrics = &find(&docs, "Service", "trellis-controller-metrics")["spec"];
+        assert_eq!(metrics["clusterIP"], "None", "{what}");
+        assert!(
+            selects(
+                &serde_json::json!({"matchLabels": metrics["selector"]}),
+                pod_labels
+            ),
+            "{what}: the metrics Service misses a follower"
+        );
+        assert!(
+            pod_labels["trellis.dev/controller-leader"].is_null(),
+            "{what}"
+        );
+
         // RBAC in the release's namespace: the Lease and the state ConfigMap, by name.
         let role = &find(&docs, "Role", "trellis-controller")["rules"];
+        // The leader lists the controller pods and patches their leader label.
+        for verb in ["get", "list", "patch"] {
+            assert!(grants(role, "", "pods", verb, None), "{what}: {verb} pods");
+        }
+        for verb in ["delete", "update", "create"] {
+            assert!(!grants(role, "", "pods", verb, None), "{what}: {verb} pods");
+        }
         let group = "coordination.k8s.io";
         assert!(grants(role, group, "leases", "create", None), "{what}");
         for verb in ["get", "update"] {

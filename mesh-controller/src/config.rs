@@ -35,7 +35,11 @@
 //! leaderElection: {lease: trellis-controller, namespace: trellis-system,
 //!                  leaseDurationSeconds: 15, renewDeadlineSeconds: 10, retryPeriodSeconds: 2}
 //!   # or {file: /run/trellis/leader.json, ...}: replicas on one machine (the lab). Only the
-//!   # leader binds the peering, agent and flows listeners and writes; /readyz says who leads
+//!   # leader binds the peering, agent and flows listeners and writes; /leader says who
+//!   # leads, /readyz is 200 on every healthy replica (a follower once its sources synced).
+//!   # podSelector: "app.kubernetes.io/name=trellis,app.kubernetes.io/component=controller"
+//!   # (with lease, env POD_NAME and POD_NAMESPACE): the leader labels its pod
+//!   # trellis.dev/controller-leader=true and unlabels the others; Services select the label
 //! flows: {enabled: false, listen: 127.0.0.1:4245}  # GET /flows: the cluster's flows (NDJSON);
 //!                              # loopback only: kubectl port-forward (RBAC) reaches it
 //! clustersetIPRanges: [10.255.0.0/16]  # (also clusterset_ip_ranges) without an API server:
@@ -244,6 +248,11 @@ pub struct LeaderElectionConfig {
     pub renew_deadline_seconds: u64,
     #[serde(default = "default_retry_period")]
     pub retry_period_seconds: u64,
+    /// With `lease`: the label selector of the controller's pods (`key=value,...`, the chart's
+    /// selector labels). With env POD_NAME and POD_NAMESPACE set, the leader labels its pod
+    /// `trellis.dev/controller-leader: "true"` and unlabels the others found by it.
+    #[serde(default)]
+    pub pod_selector: Option<String>,
 }
 
 fn default_lease_duration() -> u64 {
@@ -298,7 +307,14 @@ impl LeaderElectionConfig {
                 if self.namespace.is_some() {
                     return Err("leaderElection.namespace goes with lease, not file".into());
                 }
+                if self.pod_selector.is_some() {
+                    return Err("leaderElection.podSelector goes with lease: replicas on one machine have no pods to label".into());
+                }
             }
+        }
+        if let Some(selector) = &self.pod_selector {
+            check_equality_selector(selector)
+                .map_err(|e| format!("leaderElection.podSelector {selector:?}: {e}"))?;
         }
         let (lease, renew, retry) = (
             self.lease_duration_seconds,
@@ -319,6 +335,34 @@ impl LeaderElectionConfig {
         }
         Ok(())
     }
+}
+
+/// An equality-based label selector, `key=value` terms joined by commas: what the chart's
+/// selector labels give, and nothing the API server would read differently.
+fn check_equality_selector(selector: &str) -> Result<(), String> {
+    if selector.trim().is_empty() {
+        return Err("empty: it would select every pod of the namespace".into());
+    }
+    for term in selector.split(',') {
+        let Some((key, value)) = term.split_once('=') else {
+            return Err(format!("{term:?} is not key=value"));
+        };
+        let (key, value) = (key.trim(), value.trim());
+        let key_ok = !key.is_empty()
+            && key.len() <= 316
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        let value_ok = value.len() <= 63
+            && !value.starts_with('=')
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !key_ok || !value_ok {
+            return Err(format!("{term:?} is not a label key=value"));
+        }
+    }
+    Ok(())
 }
 
 /// A Kubernetes object name (DNS-1123 subdomain).
@@ -647,6 +691,14 @@ impl Config {
         })
     }
 
+    /// The controller pods' selector, when the leader labels its pod (a Lease and
+    /// `leaderElection.podSelector`).
+    pub fn leader_pod_selector(&self) -> Option<&str> {
+        let election = self.leader_election.as_ref()?;
+        election.lease.as_ref()?;
+        election.pod_selector.as_deref()
+    }
+
     pub fn lease(&self) -> Duration {
         Duration::from_secs(self.lease_seconds)
     }
@@ -742,6 +794,15 @@ mod tests {
             Some(LeaseLocation::File("/run/lab/leader.json".into()))
         );
         assert_eq!(Config::parse(MIN).unwrap().lease_location(), None);
+        assert_eq!(c.leader_pod_selector(), None);
+        let labelled = Config::parse(&format!(
+            "{K8S}leaderElection: {{lease: l, podSelector: \"app.kubernetes.io/name=trellis, app.kubernetes.io/component=controller\"}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            labelled.leader_pod_selector(),
+            Some("app.kubernetes.io/name=trellis, app.kubernetes.io/component=controller")
+        );
     }
 
     #[test]
@@ -963,6 +1024,22 @@ agentListen: 127.0.0.1:7444
             (
                 format!("{MIN}leaderElection: {{file: /f, namespace: x}}\n"),
                 "goes with lease",
+            ),
+            (
+                format!("{MIN}leaderElection: {{file: /f, podSelector: a=b}}\n"),
+                "podSelector goes with lease",
+            ),
+            (
+                format!("{K8S}leaderElection: {{lease: l, podSelector: \"\"}}\n"),
+                "would select every pod",
+            ),
+            (
+                format!("{K8S}leaderElection: {{lease: l, podSelector: \"app in (x)\"}}\n"),
+                "is not key=value",
+            ),
+            (
+                format!("{K8S}leaderElection: {{lease: l, podSelector: \"app==x\"}}\n"),
+                "is not a label key=value",
             ),
             (
                 format!("{MIN}leaderElection: {{file: /f, renewDeadlineSeconds: 15}}\n"),

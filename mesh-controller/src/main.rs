@@ -12,6 +12,7 @@ use trellis_controller::config::{Config, LeaseLocation, SourceConfig};
 use trellis_controller::hub::{Hub, HubConfig};
 use trellis_controller::leader::file::FileLease;
 use trellis_controller::leader::lease::KubeLease;
+use trellis_controller::leader::pod_label::{self, PodLabeler};
 use trellis_controller::leader::{self, AnyLease, Elector, WarmSink};
 use trellis_controller::metrics::Metrics;
 use trellis_controller::peering::{PeerConfig, Peering, PeeringConfig};
@@ -157,7 +158,7 @@ async fn run(config_path: PathBuf) -> Result<()> {
     let leading_hub: Arc<std::sync::OnceLock<Hub>> = Arc::default();
     let following_hub = make_hub();
     let mut tasks = tokio::task::JoinSet::new();
-    // Served by a follower too: /readyz says which replica leads.
+    // Served by a follower too: /readyz says it is healthy, /leader which replica leads.
     if let Some(addr) = cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -174,7 +175,7 @@ async fn run(config_path: PathBuf) -> Result<()> {
     }
     // The sources run from the start (a follower's watches stay warm); the hub gets their
     // state once this replica leads, after it restored the last saved state.
-    let warm = WarmSink::<Hub>::default();
+    let warm = WarmSink::<Hub>::signalling(metrics.ready.clone());
     let mut export_statuses = None;
     match &cfg.source {
         SourceConfig::Static { path, poll_millis } => {
@@ -204,6 +205,23 @@ async fn run(config_path: PathBuf) -> Result<()> {
         }
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // On Kubernetes the leader's pod carries the label the leader-routed Services select; a
+    // starting replica first takes it off its own pod (a restarted container keeps it).
+    let (leading_tx, leading_rx) = tokio::sync::watch::channel(false);
+    let labeler = leader_pod_labeler(&cfg, client.as_ref());
+    if let Some(labeler) = &labeler {
+        let retry = cfg
+            .leader_election
+            .as_ref()
+            .map_or(Duration::from_secs(2), |e| e.timings().retry_period);
+        tasks.spawn(pod_label::run(
+            labeler.clone(),
+            leading_rx,
+            retry,
+            Duration::from_secs(10),
+            metrics.clone(),
+        ));
+    }
     let mut elector = match cfg.lease_location() {
         None => {
             metrics.leader.set(1);
@@ -428,6 +446,9 @@ async fn run(config_path: PathBuf) -> Result<()> {
         peers = cfg.peers.len(),
         "trellis-controller running"
     );
+    // Serving: ready, and from now on the Services' traffic may come here.
+    metrics.ready.set(1);
+    let _ = leading_tx.send(true);
     let certificates = watch_certificates(&peering, &cfg, agent_tls, hub.metrics().clone());
     let lost = async {
         match elector.as_mut() {
@@ -442,6 +463,7 @@ async fn run(config_path: PathBuf) -> Result<()> {
         lost = lost => lost,
     };
     tracing::info!("shutting down");
+    metrics.ready.set(0);
     peering.shutdown().await;
     tasks.shutdown().await;
     if let Some(lost) = lost {
@@ -453,7 +475,46 @@ async fn run(config_path: PathBuf) -> Result<()> {
     if let Some(elector) = elector.as_mut() {
         elector.release().await;
     }
+    // The next leader takes the label off this pod too; doing it here sends no traffic to a
+    // stopped process meanwhile. Bounded: shutdown must not hang on the API.
+    if let Some(labeler) = labeler {
+        match tokio::time::timeout(Duration::from_secs(2), labeler.unlabel_self()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %trellis_core::error_chain(&e), "removing the leader label at shutdown (the next leader removes it)")
+            }
+            Err(_) => tracing::warn!(
+                "removing the leader label at shutdown timed out (the next leader removes it)"
+            ),
+        }
+    }
     Ok(())
+}
+
+/// The leader pod labeller, on Kubernetes with a Lease, `leaderElection.podSelector` and env
+/// POD_NAME and POD_NAMESPACE (the chart sets all three); otherwise none (the lab shares one
+/// address between its replicas: nothing to label).
+fn leader_pod_labeler(cfg: &Config, client: Option<&kube::Client>) -> Option<PodLabeler> {
+    let selector = cfg.leader_pod_selector()?;
+    let client = client?;
+    let env = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    match (env("POD_NAME"), env("POD_NAMESPACE")) {
+        (Some(pod), Some(namespace)) => {
+            tracing::info!(%pod, %namespace, %selector, "the leader labels its pod {}=true", pod_label::LEADER_LABEL);
+            Some(PodLabeler::new(client.clone(), &namespace, selector, &pod))
+        }
+        _ => {
+            tracing::warn!(
+                "leaderElection.podSelector is set but env POD_NAME or POD_NAMESPACE is not: no pod label marks the leader"
+            );
+            None
+        }
+    }
 }
 
 async fn stop_following(mut tasks: tokio::task::JoinSet<()>) -> Result<()> {

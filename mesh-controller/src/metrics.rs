@@ -82,6 +82,11 @@ pub struct Metrics {
     /// 1 while this replica leads (always, without leader election).
     pub leader: IntGauge,
     pub leadership_transitions: IntCounter,
+    /// 1 while `/readyz` answers 200: following with its sources synced, or leading and
+    /// serving.
+    pub ready: IntGauge,
+    /// Failed calls keeping the leader pod label in step (retried).
+    pub leader_label_failures: IntCounter,
     pub state_save_failures: IntCounterVec,
 }
 
@@ -342,6 +347,23 @@ impl Metrics {
                 )
                 .map_err(err)?,
             )?,
+            ready: reg(
+                &r,
+                g(
+                    "trellis_controller_ready",
+                    "1 while this replica is ready (/readyz 200): following with its sources \
+                     synced, so it can take over, or leading and serving.",
+                )?,
+            )?,
+            leader_label_failures: reg(
+                &r,
+                IntCounter::new(
+                    "trellis_controller_leader_label_failures_total",
+                    "Failed API calls setting or removing the trellis.dev/controller-leader pod \
+                     label the leader-routed Services select (retried every retry period).",
+                )
+                .map_err(err)?,
+            )?,
             state_save_failures: reg(
                 &r,
                 cv(
@@ -509,10 +531,18 @@ impl trellis_http::Routes for ControllerRoutes {
             "/metrics" => trellis_http::Reply::metrics(self.metrics.render()),
             "/status" => trellis_http::Reply::json(self.status.get()),
             "/healthz" => trellis_http::Reply::text("ok\n"),
-            // Ready while leading: a Service sends clients to the leader only.
+            // The process is healthy: a follower ready to take over counts. Traffic reaches
+            // the leader by its pod label (leader::pod_label), not by readiness, so rollouts
+            // and drains see every healthy replica available.
             "/readyz" => trellis_http::Reply::check(
-                self.metrics.leader.get() == 1,
+                self.metrics.ready.get() == 1,
                 "ok\n",
+                "not ready: the sources have not synced yet\n",
+            ),
+            // Which replica leads, for the lab and scripts (Patroni's `/leader`).
+            "/leader" => trellis_http::Reply::check(
+                self.metrics.leader.get() == 1,
+                "leading\n",
                 "following: another replica leads\n",
             ),
             _ => trellis_http::Reply::not_found(),
@@ -520,8 +550,9 @@ impl trellis_http::Routes for ControllerRoutes {
     }
 }
 
-/// Serves `GET /metrics`, `/healthz`, `/readyz` (200 while leading, 503 while following)
-/// and `/status` (the JSON `status` returns, cached for
+/// Serves `GET /metrics`, `/healthz`, `/readyz` (200 while ready: following with its sources
+/// synced, or leading and serving), `/leader` (200 while leading, 503 while following) and
+/// `/status` (the JSON `status` returns, cached for
 /// [`STATUS_MAX_AGE`]) on `listener` until cancelled, on the daemons' one HTTP stack
 /// (connections capped in total and per client, with deadlines).
 pub async fn serve(
@@ -566,7 +597,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn serves_metrics_and_builds_status_once_for_many_clients() {
         let m = Metrics::new().unwrap();
-        let leader = m.leader.clone();
+        let (leader, ready) = (m.leader.clone(), m.ready.clone());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let builds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -584,10 +615,18 @@ mod tests {
                 trellis_http::get(addr, path, std::time::Duration::from_secs(5)).unwrap()
             })
         };
-        let following = get("/readyz").await.unwrap();
+        let starting = get("/readyz").await.unwrap();
+        assert_eq!(starting.status, 503, "{}", starting.body);
+        ready.set(1);
+        assert_eq!(
+            get("/readyz").await.unwrap().status,
+            200,
+            "a synced follower"
+        );
+        let following = get("/leader").await.unwrap();
         assert_eq!(following.status, 503, "{}", following.body);
         leader.set(1);
-        assert_eq!(get("/readyz").await.unwrap().status, 200);
+        assert_eq!(get("/leader").await.unwrap().status, 200);
         assert_eq!(get("/healthz").await.unwrap().status, 200);
         let metrics = get("/metrics").await.unwrap();
         assert_eq!(metrics.status, 200);

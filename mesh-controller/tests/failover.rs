@@ -105,8 +105,9 @@ fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         .map(|r| (r.status, r.body))
 }
 
-fn ready(metrics: SocketAddr) -> bool {
-    get(metrics, "/readyz").is_some_and(|(status, _)| status == 200)
+/// Whether the replica leads (`/leader` 200; `/readyz` is 200 on a synced follower too).
+fn leads(metrics: SocketAddr) -> bool {
+    get(metrics, "/leader").is_some_and(|(status, _)| status == 200)
 }
 
 fn eventually(what: &str, logs: &Path, mut cond: impl FnMut() -> bool) {
@@ -285,10 +286,11 @@ fn the_follower_leads_within_the_lease_duration_and_serves_the_same_plan() {
         })
         .collect();
 
-    // One replica leads: it alone is ready; the other serves metrics and says it follows.
+    // One replica leads; the other serves metrics, says it follows, and is ready (its source
+    // synced: it can take over).
     let mut leader = 0;
     eventually("one west replica to lead", dir.path(), || {
-        match (ready(w_metrics[0]), ready(w_metrics[1])) {
+        match (leads(w_metrics[0]), leads(w_metrics[1])) {
             (true, false) => leader = 0,
             (false, true) => leader = 1,
             _ => return false,
@@ -296,8 +298,11 @@ fn the_follower_leads_within_the_lease_duration_and_serves_the_same_plan() {
         true
     });
     let follower = 1 - leader;
-    let (code, body) = get(w_metrics[follower], "/readyz").unwrap();
+    let (code, body) = get(w_metrics[follower], "/leader").unwrap();
     assert_eq!(code, 503, "{body}");
+    eventually("the follower to be ready", dir.path(), || {
+        get(w_metrics[follower], "/readyz").is_some_and(|(status, _)| status == 200)
+    });
     assert!(
         get(w_metrics[follower], "/metrics")
             .unwrap()
@@ -342,7 +347,7 @@ fn the_follower_leads_within_the_lease_duration_and_serves_the_same_plan() {
     west[leader].kill();
     let killed = Instant::now();
     eventually("the follower to lead", dir.path(), || {
-        ready(w_metrics[follower])
+        leads(w_metrics[follower])
     });
     let took = killed.elapsed();
     println!(

@@ -2,7 +2,8 @@
 //! Kubernetes JSON (`testdata/k8s/lease.json`): a Lease is created when absent, renewed with
 //! the resourceVersion read, a 409 sends the writer back to read, a follower takes over once
 //! the holder's record lapses, and a holder that cannot renew steps down before anyone may
-//! take over. Time is tokio's paused clock, so the takeover times are exact figures of the
+//! take over; the leader labels its pod for the Services and unlabels the old leader's, and a
+//! starting replica unlabels its own (`testdata/k8s/controller-pods.json`). Time is tokio's paused clock, so the takeover times are exact figures of the
 //! protocol (the API answering at once), printed for the notes.
 
 use std::collections::BTreeSet;
@@ -14,6 +15,7 @@ use kube::client::Body;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use trellis_controller::leader::lease::KubeLease;
+use trellis_controller::leader::pod_label::{self, LabelPatch, PodLabeler};
 use trellis_controller::leader::{Elector, LostLeadership, Timings};
 use trellis_controller::metrics::Metrics;
 use trellis_controller::store::{ConfigMapStore, Persisted, STORE_VERSION, StateStore};
@@ -553,4 +555,301 @@ fn a_thousand_nodes_fit_the_configmap_bound() {
         bytes < trellis_controller::store::CONFIG_MAP_MAX_BYTES,
         "{bytes} bytes"
     );
+}
+
+// The leader pod label, against a scripted API holding the chart's two controller pods
+// (`testdata/k8s/controller-pods.json`, the first labelled as the old leader's).
+
+const PODS: &str = "/api/v1/namespaces/trellis-system/pods";
+const OLD_LEADER: &str = "trellis-controller-6c9f7b5d48-2xkqp";
+const NEW_LEADER: &str = "trellis-controller-6c9f7b5d48-9wz4m";
+/// The chart's controller selector labels (leaderElection.podSelector).
+const CONTROLLER_PODS: &str = "app.kubernetes.io/name=trellis,app.kubernetes.io/instance=trellis,app.kubernetes.io/component=controller";
+
+/// A scripted pod API: lists by the chart's selector, applies JSON merge patches of labels.
+#[derive(Default)]
+struct PodApi {
+    pods: Vec<Value>,
+    /// Answer the next this many requests 500.
+    failing: usize,
+    /// Each request: method, path and query, and the patch body.
+    seen: Vec<(String, String, Option<Value>)>,
+}
+
+impl PodApi {
+    fn with_chart_pods() -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Self {
+            pods: fixture("controller-pods.json")["items"]
+                .as_array()
+                .unwrap()
+                .clone(),
+            ..Self::default()
+        }))
+    }
+
+    fn leader_label(&self, pod: &str) -> Option<String> {
+        let pod = self
+            .pods
+            .iter()
+            .find(|p| p["metadata"]["name"] == pod)
+            .unwrap();
+        pod["metadata"]["labels"]["trellis.dev/controller-leader"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    fn patches(&self) -> Vec<(String, Value)> {
+        self.seen
+            .iter()
+            .filter(|(method, ..)| method == "PATCH")
+            .map(|(_, path, body)| (path.clone(), body.clone().unwrap()))
+            .collect()
+    }
+
+    fn answer(&mut self, req: &http::request::Parts, body: &[u8]) -> Response<Body> {
+        let path = req.uri.path().to_owned();
+        let query = req.uri.query().unwrap_or("").to_owned();
+        let patch = (!body.is_empty()).then(|| serde_json::from_slice::<Value>(body).unwrap());
+        self.seen.push((
+            req.method.to_string(),
+            format!("{path}?{query}"),
+            patch.clone(),
+        ));
+        if self.failing > 0 {
+            self.failing -= 1;
+            return respond(
+                500,
+                &status(500, "InternalError", "etcdserver: request timed out"),
+            );
+        }
+        match (req.method.as_str(), path.strip_prefix(PODS)) {
+            ("GET", Some("")) => {
+                let selector: String = url_decode(
+                    query
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix("labelSelector="))
+                        .unwrap_or(""),
+                );
+                let selected: Vec<Value> = self
+                    .pods
+                    .iter()
+                    .filter(|pod| {
+                        selector.split(',').all(|term| {
+                            let (k, v) = term.split_once('=').unwrap();
+                            pod["metadata"]["labels"][k] == v
+                        })
+                    })
+                    .cloned()
+                    .collect();
+                let mut list = fixture("controller-pods.json");
+                list["items"] = json!(selected);
+                respond(200, &list)
+            }
+            ("PATCH", Some(name)) => {
+                let name = name.trim_start_matches('/');
+                assert_eq!(
+                    req.headers["content-type"], "application/merge-patch+json",
+                    "a JSON merge patch"
+                );
+                let Some(pod) = self.pods.iter_mut().find(|p| p["metadata"]["name"] == name) else {
+                    return respond(
+                        404,
+                        &status(404, "NotFound", &format!("pods \"{name}\" not found")),
+                    );
+                };
+                // RFC 7386 on the labels, the only field the controller may touch.
+                let patch = patch.unwrap();
+                assert_eq!(
+                    patch.as_object().unwrap().keys().collect::<Vec<_>>(),
+                    ["metadata"]
+                );
+                for (key, value) in patch["metadata"]["labels"].as_object().unwrap() {
+                    let labels = pod["metadata"]["labels"].as_object_mut().unwrap();
+                    if value.is_null() {
+                        labels.remove(key);
+                    } else {
+                        labels.insert(key.clone(), value.clone());
+                    }
+                }
+                respond(200, pod)
+            }
+            _ => respond(403, &status(403, "Forbidden", "forbidden")),
+        }
+    }
+}
+
+fn url_decode(s: &str) -> String {
+    let mut out = Vec::new();
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn pod_client(api: &Arc<Mutex<PodApi>>) -> kube::Client {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let api = api.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (parts, body) = req.into_parts();
+            let bytes = body.collect_bytes().await.unwrap();
+            let response = api.lock().unwrap().answer(&parts, &bytes);
+            send.send_response(response);
+        }
+    });
+    kube::Client::new(svc, "default")
+}
+
+fn labeler(api: &Arc<Mutex<PodApi>>, me: &str) -> PodLabeler {
+    PodLabeler::new(pod_client(api), "trellis-system", CONTROLLER_PODS, me)
+}
+
+#[tokio::test]
+async fn a_new_leader_labels_its_pod_and_unlabels_the_old_leaders() {
+    let api = PodApi::with_chart_pods();
+    let patches = labeler(&api, NEW_LEADER).label_leader().await.unwrap();
+    assert_eq!(
+        patches,
+        vec![
+            LabelPatch {
+                pod: OLD_LEADER.into(),
+                leader: false
+            },
+            LabelPatch {
+                pod: NEW_LEADER.into(),
+                leader: true
+            },
+        ]
+    );
+    let api = api.lock().unwrap();
+    assert_eq!(api.leader_label(NEW_LEADER).as_deref(), Some("true"));
+    assert_eq!(
+        api.leader_label(OLD_LEADER),
+        None,
+        "the old leader's label is gone"
+    );
+    // Listed by the chart's selector, the old leader unlabelled before the new one labelled
+    // (for a moment no pod leads, never two); the other labels left alone.
+    assert!(
+        url_decode(&api.seen[0].1).contains(&format!("labelSelector={CONTROLLER_PODS}")),
+        "{:?}",
+        api.seen[0]
+    );
+    assert_eq!(
+        api.patches(),
+        vec![
+            (
+                format!("{PODS}/{OLD_LEADER}?"),
+                json!({"metadata": {"labels": {"trellis.dev/controller-leader": null}}})
+            ),
+            (
+                format!("{PODS}/{NEW_LEADER}?"),
+                json!({"metadata": {"labels": {"trellis.dev/controller-leader": "true"}}})
+            ),
+        ]
+    );
+    let old = api
+        .pods
+        .iter()
+        .find(|p| p["metadata"]["name"] == OLD_LEADER)
+        .unwrap();
+    assert_eq!(
+        old["metadata"]["labels"]["app.kubernetes.io/component"],
+        "controller"
+    );
+}
+
+#[tokio::test]
+async fn a_leader_already_labelled_alone_patches_nothing() {
+    let api = PodApi::with_chart_pods();
+    let patches = labeler(&api, OLD_LEADER).label_leader().await.unwrap();
+    assert_eq!(patches, vec![]);
+    assert!(api.lock().unwrap().patches().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_starting_replica_unlabels_its_pod_retrying_failures_then_labels_it_once_leading() {
+    let api = PodApi::with_chart_pods();
+    // The old leader's container restarted: its pod still carries the label. The API
+    // fails twice first.
+    api.lock().unwrap().failing = 2;
+    let metrics = Metrics::new().unwrap();
+    let (leading, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(pod_label::run(
+        labeler(&api, OLD_LEADER),
+        rx,
+        TIMINGS.retry_period,
+        Duration::from_secs(10),
+        metrics.clone(),
+    ));
+    let started = Instant::now();
+    while api.lock().unwrap().leader_label(OLD_LEADER).is_some() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never unlabelled"
+        );
+    }
+    // Two failures, each retried a retry period later: counted, never fatal.
+    assert_eq!(metrics.leader_label_failures.get(), 2);
+    assert!(started.elapsed() >= 2 * TIMINGS.retry_period);
+    {
+        let api = api.lock().unwrap();
+        // A follower only touches its own pod: no list, no other pod.
+        assert!(api.seen.iter().all(|(method, path, _)| method == "PATCH"
+            && path.starts_with(&format!("{PODS}/{OLD_LEADER}"))));
+        assert_eq!(api.seen.len(), 3);
+    }
+
+    // It leads now (the other replica's pod, unlabelled, is left so).
+    leading.send(true).unwrap();
+    let started = Instant::now();
+    while api.lock().unwrap().leader_label(OLD_LEADER).as_deref() != Some("true") {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never labelled"
+        );
+    }
+    assert_eq!(api.lock().unwrap().leader_label(NEW_LEADER), None);
+
+    // Someone labels the other pod by hand: the leader's next check takes it off.
+    {
+        let mut api = api.lock().unwrap();
+        let other = api
+            .pods
+            .iter_mut()
+            .find(|p| p["metadata"]["name"] == NEW_LEADER)
+            .unwrap();
+        other["metadata"]["labels"]["trellis.dev/controller-leader"] = json!("true");
+    }
+    tokio::time::sleep(pod_label::RECHECK + Duration::from_secs(1)).await;
+    assert_eq!(api.lock().unwrap().leader_label(NEW_LEADER), None);
+    assert_eq!(metrics.leader_label_failures.get(), 2);
+    drop(leading);
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn unlabelling_a_pod_already_gone_succeeds() {
+    let api = PodApi::with_chart_pods();
+    labeler(&api, "trellis-controller-6c9f7b5d48-gone1")
+        .unlabel_self()
+        .await
+        .unwrap();
 }

@@ -68,7 +68,7 @@ pub(super) fn fetch(cluster: &Cluster) -> anyhow::Result<ControllerStatus> {
 }
 
 /// With two controller replicas (`--controller-replicas 2`), the one that leads: the first
-/// whose `/readyz` answers 200 (a follower answers 503); the first replica when none does.
+/// whose `/leader` answers 200 (a follower answers 503); the first replica when none does.
 /// Returns its metrics address and status.
 pub(super) fn fetch_leading(cluster: &Cluster) -> anyhow::Result<(SocketAddr, ControllerStatus)> {
     let netns = Netns::open(&cluster.nodes[0].netns)?;
@@ -77,7 +77,7 @@ pub(super) fn fetch_leading(cluster: &Cluster) -> anyhow::Result<(SocketAddr, Co
     let (addr, body) = netns.run(move || {
         let leading = replicas
             .into_iter()
-            .find(|addr| http_get(*addr, &addr.to_string(), "/readyz", FETCH_TIMEOUT).is_ok())
+            .find(|addr| http_get(*addr, &addr.to_string(), "/leader", FETCH_TIMEOUT).is_ok())
             .unwrap_or(first);
         http_get(leading, &leading.to_string(), "/status", FETCH_TIMEOUT).map(|b| (leading, b))
     })??;

@@ -82,6 +82,29 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/*
+The controller pods' selector labels as a label selector string (key=value,...): the pods the
+leader looks at when it moves the leader label (leaderElection.podSelector).
+*/}}
+{{- define "trellis.controllerPodSelector" -}}
+{{- $labels := include "trellis.selector" (dict "root" . "component" "controller") | fromYaml -}}
+{{- $terms := list -}}
+{{- range $key := keys $labels | sortAlpha -}}
+{{- $terms = append $terms (printf "%s=%s" $key (index $labels $key)) -}}
+{{- end -}}
+{{- join "," $terms -}}
+{{- end -}}
+
+{{/*
+The selector of the Services that must reach the leader alone: the controller's selector
+labels and the label the leader puts on its own pod (and takes off every other). Readiness is
+not leadership: a follower is Ready too, so rollouts and drains work, but carries no label.
+*/}}
+{{- define "trellis.controllerLeaderSelector" -}}
+{{ include "trellis.selector" (dict "root" . "component" "controller") }}
+trellis.dev/controller-leader: "true"
+{{- end -}}
+
+{{/*
 A pod template's labels: the user's podLabels, then the chart's, which win (the selector must
 keep matching). (dict "root" $ "component" "dns")
 */}}
@@ -139,8 +162,7 @@ spec:
   selector:
     matchLabels:
       {{- include "trellis.selector" . | nindent 6 }}
-  # A pod that is not Ready (crashing, or a controller following rather than leading) never
-  # blocks a drain.
+  # A pod that is not Ready (crashing, or still starting) never blocks a drain.
   unhealthyPodEvictionPolicy: AlwaysAllow
 {{- end }}
 {{- end -}}
@@ -225,10 +247,13 @@ nodeBootstrap:
   {{- end }}
 {{- end }}
 # One replica leads (Lease {{ include "trellis.controller" .root }}); the others follow, serving
-# only metrics, until it stops renewing. The holder is the pod (POD_NAME).
+# only metrics, until it stops renewing. The holder is the pod (POD_NAME). The leader labels
+# its pod trellis.dev/controller-leader=true and unlabels the other pods podSelector finds (in
+# POD_NAMESPACE): the agent, status and peering Services select that label.
 leaderElection:
   lease: {{ include "trellis.controller" .root }}
   namespace: {{ .root.Release.Namespace }}
+  podSelector: {{ include "trellis.controllerPodSelector" .root | quote }}
   leaseDurationSeconds: {{ int $v.controller.leaderElection.leaseDurationSeconds }}
   renewDeadlineSeconds: {{ int $v.controller.leaderElection.renewDeadlineSeconds }}
   retryPeriodSeconds: {{ int $v.controller.leaderElection.retryPeriodSeconds }}

@@ -10,6 +10,7 @@
 
 pub mod file;
 pub mod lease;
+pub mod pod_label;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -463,12 +464,15 @@ impl<B: LeaseBackend> Elector<B> {
 /// last saved state, so the hub starts from the same point a restarted controller does.
 pub struct WarmSink<S> {
     inner: Arc<Mutex<Warm<S>>>,
+    /// Set to 1 by the first state: the follower could take over (`/readyz`).
+    synced: Option<prometheus::IntGauge>,
 }
 
 impl<S> Clone for WarmSink<S> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            synced: self.synced.clone(),
         }
     }
 }
@@ -482,11 +486,20 @@ impl<S: StateSink> Default for WarmSink<S> {
     fn default() -> Self {
         Self {
             inner: Arc::new(Mutex::new(Warm::Holding(None))),
+            synced: None,
         }
     }
 }
 
 impl<S: StateSink> WarmSink<S> {
+    /// A sink that sets `synced` to 1 once the sources delivered their first state.
+    pub fn signalling(synced: prometheus::IntGauge) -> Self {
+        Self {
+            synced: Some(synced),
+            ..Self::default()
+        }
+    }
+
     /// From now on every state goes to `target`, starting with the one held.
     pub fn deliver_to(&self, target: S) {
         let mut warm = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -512,6 +525,9 @@ impl<S: StateSink> StateSink for WarmSink<S> {
         match &mut *self.inner.lock().unwrap_or_else(|p| p.into_inner()) {
             Warm::Holding(held) => *held = Some(Box::new(state)),
             Warm::Delivering(target) => target.set_source(state),
+        }
+        if let Some(synced) = &self.synced {
+            synced.set(1);
         }
     }
 
@@ -660,9 +676,12 @@ mod tests {
 
     #[test]
     fn a_followers_source_is_held_then_delivered_latest_first() {
-        let warm = WarmSink::<Arc<Recorder>>::default();
+        let synced = prometheus::IntGauge::new("synced", "synced").unwrap();
+        let warm = WarmSink::<Arc<Recorder>>::signalling(synced.clone());
         assert!(!warm.holds_state());
+        assert_eq!(synced.get(), 0, "not ready before the first state");
         warm.set_source(state("one"));
+        assert_eq!(synced.get(), 1, "ready once synced, while following");
         warm.set_source(state("two"));
         assert!(warm.holds_state());
         let hub = Arc::new(Recorder::default());

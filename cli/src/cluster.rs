@@ -199,7 +199,12 @@ pub async fn controller_status(
         .with_context(|| {
             format!("the controller's /status through Service {namespace}/{service}")
         })?;
-    crate::status::parse_status(&fetched.text())
+    parse_status(&fetched.text())
+}
+
+/// A controller's `GET /status` document.
+pub fn parse_status(body: &str) -> anyhow::Result<ControllerStatus> {
+    serde_json::from_str(body).context("the answer is not a controller status document")
 }
 
 /// The Trellis pods of `namespace`; of one component (`controller`, `gateway`, `dns`) or all.
@@ -328,7 +333,10 @@ mod tests {
     fn http_dates_and_clock_offsets() {
         let at = httpdate_parse("Fri, 27 Nov 2026 03:41:07 GMT").unwrap();
         assert_eq!(
-            crate::status::format_utc(unix_ms(at) as u64 / 1000),
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms(at) as u64)
+            )
+            .to_string(),
             "2026-11-27T03:41:07Z"
         );
         assert_eq!(

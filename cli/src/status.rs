@@ -21,6 +21,7 @@ use trellis_core::cluster::ServiceKind;
 use trellis_core::status::{ControllerPolicyStatus, ControllerStatus, GatewayReport, problems};
 
 use crate::cluster::ClusterArgs;
+pub use crate::cluster::parse_status;
 use crate::table::Table;
 
 /// How long a status request may take, connecting and reading.
@@ -243,10 +244,6 @@ pub fn http_get(
         ..trellis_http::Get::new(addr, path, timeout)
     };
     Ok(get.send()?.ok_body()?)
-}
-
-pub fn parse_status(body: &str) -> anyhow::Result<ControllerStatus> {
-    serde_json::from_str(body).context("the answer is not a controller status document")
 }
 
 fn yes_no(value: bool) -> String {

@@ -64,6 +64,8 @@ struct Seen {
     who: &'static str,
     method: Method,
     code: u16,
+    /// When the replica sent it (before any scripted latency).
+    sent: Instant,
 }
 
 /// A scripted API server holding one Lease (and the state ConfigMap) with a resourceVersion,
@@ -79,6 +81,8 @@ struct FakeApi {
     seen: Vec<Seen>,
     /// Requests outside the chart's RBAC (leases get/create/update, configmaps get/patch).
     forbidden: BTreeSet<String>,
+    /// How long the server takes to answer this replica (a slow API server or link).
+    latency: std::collections::BTreeMap<&'static str, Duration>,
 }
 
 type Shared = Arc<Mutex<FakeApi>>;
@@ -234,6 +238,11 @@ fn client(api: &Shared, who: &'static str) -> kube::Client {
         while let Some((req, send)) = handle.next_request().await {
             let (parts, body) = req.into_parts();
             let bytes = body.collect_bytes().await.unwrap();
+            let sent = Instant::now();
+            let latency = api.lock().unwrap().latency.get(who).copied();
+            if let Some(latency) = latency {
+                tokio::time::sleep(latency).await;
+            }
             let mut api = api.lock().unwrap();
             let (path, query) = (
                 parts.uri.path().to_owned(),
@@ -244,6 +253,7 @@ fn client(api: &Shared, who: &'static str) -> kube::Client {
                     who,
                     method: parts.method.clone(),
                     code: 0,
+                    sent,
                 });
                 hanging.push(send);
                 continue;
@@ -254,6 +264,7 @@ fn client(api: &Shared, who: &'static str) -> kube::Client {
                 who,
                 method: parts.method.clone(),
                 code,
+                sent,
             });
             send.send_response(response);
         }
@@ -268,10 +279,21 @@ fn clock() -> trellis_controller::leader::Clock {
 }
 
 fn elector(api: &Shared, who: &'static str) -> (Elector<KubeLease>, Metrics) {
+    skewed_elector(api, who, Duration::ZERO)
+}
+
+/// A replica whose wall clock runs `ahead` of the others'.
+fn skewed_elector(
+    api: &Shared,
+    who: &'static str,
+    ahead: Duration,
+) -> (Elector<KubeLease>, Metrics) {
     let metrics = Metrics::new().unwrap();
     let backend = KubeLease::new(client(api, who), "trellis-system", "trellis-controller");
+    let wall = clock();
+    let skewed: trellis_controller::leader::Clock = Arc::new(move || wall() + ahead);
     (
-        Elector::with_clock(backend, who.into(), TIMINGS, metrics.clone(), clock()),
+        Elector::with_clock(backend, who.into(), TIMINGS, metrics.clone(), skewed),
         metrics,
     )
 }
@@ -327,6 +349,74 @@ async fn the_first_replica_creates_the_lease_renews_it_and_the_second_follows() 
     );
     assert!(api.lock().unwrap().forbidden.is_empty());
     holding.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_whose_clock_runs_ahead_never_takes_a_lease_still_renewed() {
+    // 30 s ahead: the holder's renewals all look older than the lease duration by b's wall
+    // clock. Only how long b saw the record unchanged (b's own monotonic clock) counts.
+    let api = Shared::default();
+    let (mut a, _) = elector(&api, "a");
+    a.acquire().await;
+    let (mut b, b_metrics) = skewed_elector(&api, "b", Duration::from_secs(30));
+    let holding = tokio::spawn(async move { a.hold().await });
+    let followed = tokio::time::timeout(Duration::from_secs(60), b.acquire()).await;
+    assert!(followed.is_err(), "b took a lease a kept renewing");
+    assert_eq!(b_metrics.leader.get(), 0);
+    assert_eq!(holder(&api).as_deref(), Some("a"));
+    assert!(!holding.is_finished(), "a lost the lease it kept renewing");
+
+    // Once a stops renewing, b takes over a lease duration after it last saw the record
+    // change (at most a retry period after the last renewal), by b's own clock.
+    holding.abort();
+    let killed = Instant::now();
+    b.acquire().await;
+    let took = Instant::now() - killed;
+    assert!(
+        took <= TIMINGS.lease_duration + TIMINGS.retry_period,
+        "took {took:?}"
+    );
+    assert!(
+        took + TIMINGS.retry_period >= TIMINGS.lease_duration,
+        "took {took:?}: before the record lapsed"
+    );
+    assert_eq!(holder(&api).as_deref(), Some("b"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_write_does_not_extend_the_leaders_own_view_of_its_lease() {
+    // Every answer takes 3 s: the renewal's record is dated when it was sent, so the holder
+    // counts its renew deadline from then, not from when the answer came.
+    let api = Shared::default();
+    api.lock()
+        .unwrap()
+        .latency
+        .insert("a", Duration::from_secs(3));
+    let (mut a, a_metrics) = elector(&api, "a");
+    a.acquire().await;
+    let holding = tokio::spawn(async move {
+        let lost = a.hold().await;
+        (lost, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    api.lock().unwrap().out.insert("a", Outage::Hanging);
+    let (lost, stepped_down) = holding.await.unwrap();
+    assert_eq!(lost, LostLeadership::DeadlinePassed(TIMINGS.renew_deadline));
+    assert_eq!(a_metrics.leader.get(), 0);
+    let last_write_sent = api
+        .lock()
+        .unwrap()
+        .seen
+        .iter()
+        .filter(|s| s.who == "a" && s.method != Method::GET && (200..300).contains(&s.code))
+        .map(|s| s.sent)
+        .max()
+        .unwrap();
+    assert!(
+        stepped_down - last_write_sent <= TIMINGS.renew_deadline + Duration::from_millis(10),
+        "stepped down {:?} after sending its last renewal",
+        stepped_down - last_write_sent
+    );
 }
 
 /// Kills the holder `after` it led, returns how long until the follower led.

@@ -1,10 +1,14 @@
 //! Leader election between the controller's replicas, with client-go's semantics: one record
 //! (a `coordination.k8s.io/v1` Lease, or a file in the lab) names the holder and when it last
-//! renewed. A record is free when absent, released (no holder) or not renewed for its lease
+//! renewed. A record is free when absent, released (no holder) or seen unchanged for its lease
 //! duration; the holder renews every retry period and gives up when it could not renew for
 //! the renew deadline (shorter than the lease duration, so it has stopped acting before anyone
 //! may take over). Writes are conditional on the version read (Kubernetes' resourceVersion):
 //! whoever writes second gets a conflict and reads again.
+//!
+//! As client-go's, a follower times the holder's lease on its own monotonic clock, from when
+//! it saw the record change: replicas' wall clocks may disagree by any amount, so the renewal
+//! time in the record (the holder's wall clock) is written for people, never compared.
 //!
 //! [`decide`] is the pure rule; [`Elector`] drives it against a [`LeaseBackend`].
 
@@ -60,14 +64,17 @@ pub enum Decision {
     Acquire(LeaseRecord),
     /// This replica holds it: write this one to keep leading.
     Renew(LeaseRecord),
-    /// Another replica holds it; it is free at `free_at` unless renewed.
-    Follow { holder: String, free_at: SystemTime },
+    /// Another replica holds it; it is free in `free_in` unless it changes meanwhile.
+    Follow { holder: String, free_in: Duration },
 }
 
-/// The election rule: what `me` does at `now` given the `current` record (none when absent).
+/// The election rule: what `me` does given the `current` record (none when absent), which it
+/// has seen unchanged for `unchanged_for` (its own monotonic clock). `now` (its wall clock)
+/// only dates what it writes.
 pub fn decide(
     now: SystemTime,
     current: Option<&LeaseRecord>,
+    unchanged_for: Duration,
     me: &str,
     timings: &Timings,
 ) -> Decision {
@@ -88,15 +95,16 @@ pub fn decide(
             current.transitions,
         ));
     }
-    // A record never renewed counts as expired; a renewal dated in the future (another
-    // machine's clock ahead) holds until then plus the duration, as client-go's does.
-    let free_at = current
+    // A record never renewed counts as expired. The holder's lease duration, not ours,
+    // says how long its record stays valid.
+    let free_in = current
         .renew_time
-        .map(|renewed| renewed + current.lease_duration);
-    match (holder, free_at) {
-        (Some(holder), Some(free_at)) if now < free_at => Decision::Follow {
+        .and_then(|_| current.lease_duration.checked_sub(unchanged_for))
+        .filter(|left| !left.is_zero());
+    match (holder, free_in) {
+        (Some(holder), Some(free_in)) => Decision::Follow {
             holder: holder.to_owned(),
-            free_at,
+            free_in,
         },
         _ => Decision::Acquire(mine(now, current.transitions.saturating_add(1))),
     }
@@ -214,6 +222,25 @@ pub fn identity() -> String {
 /// The wall clock the records are dated with (a seam for tests on paused time).
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
+/// What identifies one state of the record: any write changes its version; holder and
+/// renewal time too, for a backend whose version would not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RecordKey {
+    version: String,
+    holder: Option<String>,
+    renew_time: Option<SystemTime>,
+}
+
+impl RecordKey {
+    fn of(current: Option<&Versioned>) -> Option<Self> {
+        current.map(|v| Self {
+            version: v.version.clone(),
+            holder: v.record.holder.clone(),
+            renew_time: v.record.renew_time,
+        })
+    }
+}
+
 /// One replica's side of the election.
 pub struct Elector<B> {
     backend: B,
@@ -223,7 +250,11 @@ pub struct Elector<B> {
     metrics: Metrics,
     /// The record as this replica last wrote it (while leading).
     held: Option<Versioned>,
+    /// When the last successful write was sent: the holder's validity counts from then, so
+    /// a slow write never extends it.
     renewed_at: Option<Instant>,
+    /// The record as last read and when this replica first saw it so (its monotonic clock).
+    observed: Option<(Option<RecordKey>, Instant)>,
     /// The holder last seen, for the transitions counter and logs.
     seen_holder: Option<String>,
     last_error: Option<String>,
@@ -250,6 +281,7 @@ impl<B: LeaseBackend> Elector<B> {
             metrics,
             held: None,
             renewed_at: None,
+            observed: None,
             seen_holder: None,
             last_error: None,
         }
@@ -275,6 +307,19 @@ impl<B: LeaseBackend> Elector<B> {
                 "lease holder"
             );
             self.seen_holder = holder.map(str::to_owned);
+        }
+    }
+
+    /// Notes `current` as read just now; returns how long it has been seen unchanged.
+    fn unchanged_for(&mut self, current: Option<&Versioned>) -> Duration {
+        let key = RecordKey::of(current);
+        let now = Instant::now();
+        match &self.observed {
+            Some((seen, since)) if *seen == key => now - *since,
+            _ => {
+                self.observed = Some((key, now));
+                Duration::ZERO
+            }
         }
     }
 
@@ -326,14 +371,16 @@ impl<B: LeaseBackend> Elector<B> {
                     continue;
                 }
             };
+            let unchanged_for = self.unchanged_for(current.as_ref());
             let now = (self.clock)();
             let record = current.as_ref().map(|v| &v.record);
-            match decide(now, record, &self.me, &self.timings) {
+            match decide(now, record, unchanged_for, &self.me, &self.timings) {
                 Decision::Acquire(mine) | Decision::Renew(mine) => {
+                    let sent = Instant::now();
                     match self.write(&mine, current.as_ref(), within).await {
                         Ok(written) => {
                             self.held = Some(written);
-                            self.renewed_at = Some(Instant::now());
+                            self.renewed_at = Some(sent);
                             self.last_error = None;
                             self.observe(Some(&self.me.clone()));
                             self.metrics.leader.set(1);
@@ -348,14 +395,13 @@ impl<B: LeaseBackend> Elector<B> {
                         }
                     }
                 }
-                Decision::Follow { holder, free_at } => {
+                Decision::Follow { holder, free_in } => {
                     self.observe(Some(&holder));
-                    let lapses_in = free_at.duration_since(now).unwrap_or_default();
                     // Just past the lapse, so the next look finds it free.
                     let wait = self
                         .timings
                         .retry_period
-                        .min(lapses_in + Duration::from_millis(5));
+                        .min(free_in + Duration::from_millis(5));
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -399,22 +445,22 @@ impl<B: LeaseBackend> Elector<B> {
             } else {
                 self.held.clone()
             };
+            let unchanged_for = self.unchanged_for(base.as_ref());
             let now = (self.clock)();
             let record = base.as_ref().map(|v| &v.record);
-            let mine = match decide(now, record, &self.me, &self.timings) {
+            let mine = match decide(now, record, unchanged_for, &self.me, &self.timings) {
                 Decision::Renew(mine) | Decision::Acquire(mine) => mine,
                 Decision::Follow { holder, .. } => {
                     self.observe(Some(&holder));
                     return LostLeadership::OtherHolder(holder);
                 }
             };
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_default();
+            let sent = Instant::now();
+            let left = deadline.checked_duration_since(sent).unwrap_or_default();
             match self.write(&mine, base.as_ref(), left).await {
                 Ok(written) => {
                     self.held = Some(written);
-                    self.renewed_at = Some(Instant::now());
+                    self.renewed_at = Some(sent);
                     self.last_error = None;
                     reread = false;
                 }
@@ -562,10 +608,16 @@ mod tests {
         }
     }
 
+    const NEW: Duration = Duration::ZERO;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
     #[test]
     fn an_absent_lease_is_taken_with_no_transitions() {
         assert_eq!(
-            decide(at(5), None, "a", &T),
+            decide(at(5), None, NEW, "a", &T),
             Decision::Acquire(LeaseRecord {
                 holder: Some("a".into()),
                 acquire_time: Some(at(5)),
@@ -577,32 +629,54 @@ mod tests {
     }
 
     #[test]
-    fn another_holders_live_lease_is_followed_until_it_lapses() {
+    fn another_holders_live_lease_is_followed_until_seen_unchanged_for_its_duration() {
         let record = held_by("b", 100, 3);
         assert_eq!(
-            decide(at(114), Some(&record), "a", &T),
+            decide(at(114), Some(&record), secs(14), "a", &T),
             Decision::Follow {
                 holder: "b".into(),
-                free_at: at(115)
+                free_in: secs(1)
             }
         );
         // At the lapse it is free, and taking it counts a transition.
-        let Decision::Acquire(mine) = decide(at(115), Some(&record), "a", &T) else {
+        let Decision::Acquire(mine) = decide(at(115), Some(&record), secs(15), "a", &T) else {
             panic!("an expired lease is free");
         };
         assert_eq!(mine.holder.as_deref(), Some("a"));
         assert_eq!(mine.transitions, 4);
         assert_eq!(mine.acquire_time, Some(at(115)));
+        assert_eq!(mine.renew_time, Some(at(115)));
+    }
+
+    #[test]
+    fn the_wall_clocks_never_decide_whether_a_lease_lapsed() {
+        // Our clock far ahead of the holder's: its record just changed, so it holds.
+        let record = held_by("b", 100, 0);
+        assert_eq!(
+            decide(at(1_000), Some(&record), NEW, "a", &T),
+            Decision::Follow {
+                holder: "b".into(),
+                free_in: T.lease_duration
+            }
+        );
+        // Our clock far behind: a record unchanged for the duration is free all the same.
+        assert!(matches!(
+            decide(at(10), Some(&record), secs(15), "a", &T),
+            Decision::Acquire(_)
+        ));
     }
 
     #[test]
     fn the_holders_own_duration_decides_when_it_lapses() {
         let mut record = held_by("b", 100, 0);
-        record.lease_duration = Duration::from_secs(60);
-        assert!(matches!(
-            decide(at(130), Some(&record), "a", &T),
-            Decision::Follow { .. }
-        ));
+        record.lease_duration = secs(60);
+        assert_eq!(
+            decide(at(130), Some(&record), secs(30), "a", &T),
+            Decision::Follow {
+                holder: "b".into(),
+                free_in: secs(30)
+            }
+        );
     }
 
     #[test]
@@ -610,18 +684,18 @@ mod tests {
         let mut released = held_by("b", 100, 1);
         released.holder = None;
         assert!(matches!(
-            decide(at(101), Some(&released), "a", &T),
+            decide(at(101), Some(&released), NEW, "a", &T),
             Decision::Acquire(LeaseRecord { transitions: 2, .. })
         ));
         released.holder = Some(String::new());
         assert!(matches!(
-            decide(at(101), Some(&released), "a", &T),
+            decide(at(101), Some(&released), NEW, "a", &T),
             Decision::Acquire(_)
         ));
         let mut unrenewed = held_by("b", 100, 1);
         unrenewed.renew_time = None;
         assert!(matches!(
-            decide(at(101), Some(&unrenewed), "a", &T),
+            decide(at(101), Some(&unrenewed), NEW, "a", &T),
             Decision::Acquire(_)
         ));
     }
@@ -630,7 +704,7 @@ mod tests {
     fn the_holder_renews_keeping_its_acquire_time_and_count() {
         let record = held_by("a", 100, 7);
         assert_eq!(
-            decide(at(102), Some(&record), "a", &T),
+            decide(at(102), Some(&record), secs(2), "a", &T),
             Decision::Renew(LeaseRecord {
                 holder: Some("a".into()),
                 acquire_time: Some(at(0)),
@@ -641,21 +715,9 @@ mod tests {
         );
         // Even past its own lapse: nobody took it, so no transition.
         assert!(matches!(
-            decide(at(500), Some(&record), "a", &T),
+            decide(at(500), Some(&record), secs(400), "a", &T),
             Decision::Renew(LeaseRecord { transitions: 7, .. })
         ));
-    }
-
-    #[test]
-    fn a_renewal_dated_ahead_holds_until_then() {
-        let record = held_by("b", 200, 0);
-        assert_eq!(
-            decide(at(100), Some(&record), "a", &T),
-            Decision::Follow {
-                holder: "b".into(),
-                free_at: at(215)
-            }
-        );
     }
 
     #[derive(Default)]

@@ -253,223 +253,244 @@ async fn run(config_path: PathBuf) -> Result<()> {
             Some(elector)
         }
     };
-    // Leading from here on.
+    // Leading from here on. The lease is renewed from this moment, while the leader sets up
+    // (a setup longer than the lease must not let another replica lead beside this one), and
+    // the leader's work ends the moment leadership is lost.
     let hub = make_hub();
     let _ = leading_hub.set(hub.clone());
-    let store = match (&cfg.state_config_map, &cfg.source, &client) {
-        (
-            Some(name),
-            SourceConfig::Kubernetes {
-                settings_namespace, ..
-            },
-            Some(client),
-        ) => Some(AnyStore::ConfigMap(Box::new(ConfigMapStore::new(
-            client.clone(),
-            settings_namespace,
-            name,
-        )))),
-        _ => cfg
-            .state_file
-            .as_ref()
-            .map(|path| AnyStore::File(FileStore { path: path.clone() })),
-    };
-    if let Some(store) = store {
-        match store.load().await {
-            Ok(Some(saved)) => hub.restore(saved),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %trellis_core::error_chain(&e), "ignoring the saved state")
-            }
-        }
-        let captured = hub.clone();
-        tasks.spawn(trellis_controller::store::run(
-            hub.subscribe_local(),
-            move || captured.persisted(),
-            store,
-            Duration::from_secs(2),
-            metrics.clone(),
-        ));
-    }
-    warm.deliver_to(hub.clone());
-    if let SourceConfig::Kubernetes {
-        settings_namespace,
-        settings_config_map,
-    } = &cfg.source
-    {
-        let client = client.clone().context("no Kubernetes client")?;
-        if let Some(statuses) = export_statuses {
-            tasks.spawn(kube_source::write_export_statuses(
+    let load_within = cfg
+        .leader_election
+        .as_ref()
+        .map_or(Duration::from_secs(10), |e| e.timings().renew_deadline);
+    let lead = async {
+        let store = match (&cfg.state_config_map, &cfg.source, &client) {
+            (
+                Some(name),
+                SourceConfig::Kubernetes {
+                    settings_namespace, ..
+                },
+                Some(client),
+            ) => Some(AnyStore::ConfigMap(Box::new(ConfigMapStore::new(
                 client.clone(),
-                hub.id().clone(),
-                statuses,
-                hub.subscribe_view(),
+                settings_namespace,
+                name,
+            )))),
+            _ => cfg
+                .state_file
+                .as_ref()
+                .map(|path| AnyStore::File(FileStore { path: path.clone() })),
+        };
+        if let Some(store) = store {
+            // Bounded: an API server that does not answer must not hold up the leader's start.
+            match tokio::time::timeout(load_within, store.load()).await {
+                Ok(Ok(Some(saved))) => hub.restore(saved),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %trellis_core::error_chain(&e), "ignoring the saved state")
+                }
+                Err(_) => tracing::warn!(
+                    within = ?load_within,
+                    "reading the saved state timed out; starting without it"
+                ),
+            }
+            let captured = hub.clone();
+            tasks.spawn(trellis_controller::store::run(
+                hub.subscribe_local(),
+                move || captured.persisted(),
+                store,
+                Duration::from_secs(2),
+                metrics.clone(),
             ));
         }
-        tasks.spawn(kube_source::write_peer_statuses(
-            client.clone(),
-            hub.subscribe_view(),
-        ));
-        tasks.spawn(trellis_controller::kube_settings::run(
-            client.clone(),
-            settings_namespace.clone(),
-            settings_config_map.clone(),
-            hub.clone(),
-        ));
-        tasks.spawn(trellis_controller::import_writer::run(
-            client,
-            hub.clone(),
-            cfg.lease(),
-        ));
-    }
-    if cfg.flows.enabled {
-        let addr = cfg.flows.listen;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the flows listener {addr}"))?;
-        hub.flows().set_enabled(true);
-        tracing::info!(%addr, "serving flows (GET /flows)");
-        tasks.spawn(trellis_controller::flows::serve(
-            listener,
-            hub.flows().clone(),
-        ));
-    }
-    let mut agent_tls = None;
-    if let Some(addr) = cfg.agent_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the agent listener {addr}"))?;
-        let auth = match (cfg.agent_tls_files(), &cfg.agent_token_file) {
-            (Some((ca, cert, key, self_issued)), _) => {
-                if self_issued {
-                    // No certificate files given: this controller's own agent.<id>.trellis from
-                    // the agent CA key (issued at every start, so a new CA or ID takes effect),
-                    // renewed before it expires.
-                    let bootstrap = cfg
-                        .node_bootstrap
-                        .as_ref()
-                        .context("agentTls without cert needs nodeBootstrap.caKey")?;
-                    let ca_key = trellis_controller::certs::CertifiedKey {
-                        cert_pem: read(&ca)?,
-                        key_pem: read_ca_key(&bootstrap.ca_key)?,
-                    };
-                    trellis_controller::agent_certs::write_controller_cert(
-                        &ca_key,
-                        id.as_str(),
-                        &cert,
-                        &key,
-                    )
-                    .context("issuing the controller's agent certificate")?;
-                    tracing::info!(cluster = %id, cert = %cert.display(), "issued this controller's agent certificate from the agent CA");
-                    tasks.spawn(renew_controller_cert(
-                        ca.clone(),
-                        bootstrap.ca_key.clone(),
-                        id.to_string(),
-                        cert.clone(),
-                        key.clone(),
-                    ));
-                }
-                let files = trellis_agent_client::TlsFiles {
-                    ca: ca.clone(),
-                    cert,
-                    key,
-                };
-                let agent_tls_err = |e: trellis_agent_client::TlsError| {
-                    anyhow::anyhow!("agent TLS: {}", trellis_core::error_chain(&e))
-                };
-                match (&cfg.node_bootstrap, &client) {
-                    (Some(bootstrap), Some(client)) => {
-                        let tls = Arc::new(
-                            agent::ServerTls::load_allowing_bootstrap(files)
-                                .map_err(agent_tls_err)?,
-                        );
-                        agent_tls = Some(tls.clone());
-                        let issuer = trellis_controller::node_certs::NodeIssuer {
-                            client: client.clone(),
-                            ca: trellis_controller::certs::CertifiedKey {
-                                cert_pem: read(&ca)?,
-                                key_pem: read_ca_key(&bootstrap.ca_key)?,
-                            },
-                            cluster: tls.material().identity.cluster().to_owned(),
-                            service_account: bootstrap
-                                .service_account()
-                                .context("nodeBootstrap.serviceAccount")?,
-                            dns_service_account: bootstrap.dns_service_account(),
-                        };
-                        agent::AgentAuth::TlsWithBootstrap(tls, Arc::new(issuer))
-                    }
-                    _ => {
-                        let tls = Arc::new(agent::ServerTls::load(files).map_err(agent_tls_err)?);
-                        agent_tls = Some(tls.clone());
-                        agent::AgentAuth::Tls(tls)
-                    }
-                }
+        warm.deliver_to(hub.clone());
+        if let SourceConfig::Kubernetes {
+            settings_namespace,
+            settings_config_map,
+        } = &cfg.source
+        {
+            let client = client.clone().context("no Kubernetes client")?;
+            if let Some(statuses) = export_statuses {
+                tasks.spawn(kube_source::write_export_statuses(
+                    client.clone(),
+                    hub.id().clone(),
+                    statuses,
+                    hub.subscribe_view(),
+                ));
             }
-            (None, Some(path)) => agent::AgentAuth::LegacyToken(Some(read(path)?.trim().into())),
-            (None, None) => agent::AgentAuth::LegacyToken(None),
-        };
-        tasks.spawn(agent::serve(
-            listener,
-            hub.clone(),
-            cfg.max_frame_bytes,
-            auth,
-        ));
-    }
-    tasks.spawn(watch_config(
-        config_path.clone(),
-        Arc::new(cfg.clone()),
-        hub.clone(),
-    ));
-    let peering = Peering::start(
-        PeeringConfig {
-            listen: cfg.listen,
-            peers: cfg
-                .peers
-                .iter()
-                .map(|p| PeerConfig {
-                    id: p.id.clone(),
-                    endpoint: p.endpoint,
-                })
-                .collect(),
-            heartbeat: cfg.heartbeat(),
-            lease: cfg.lease(),
-            max_frame: cfg.max_frame_bytes,
-            backoff_min: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(30),
-            max_pending_handshakes: 64,
-            tls,
-        },
-        hub.clone(),
-    )?;
-    tracing::info!(
-        cluster = %id,
-        listen = %peering.local_addr()?,
-        peers = cfg.peers.len(),
-        "trellis-controller running"
-    );
-    // Serving: ready, and from now on the Services' traffic may come here.
-    metrics.ready.set(1);
-    let _ = leading_tx.send(true);
-    let certificates = watch_certificates(&peering, &cfg, agent_tls, hub.metrics().clone());
-    let lost = async {
-        match elector.as_mut() {
-            Some(elector) => Some(elector.hold().await),
-            None => std::future::pending().await,
+            tasks.spawn(kube_source::write_peer_statuses(
+                client.clone(),
+                hub.subscribe_view(),
+            ));
+            tasks.spawn(trellis_controller::kube_settings::run(
+                client.clone(),
+                settings_namespace.clone(),
+                settings_config_map.clone(),
+                hub.clone(),
+            ));
+            tasks.spawn(trellis_controller::import_writer::run(
+                client,
+                hub.clone(),
+                cfg.lease(),
+            ));
         }
+        if cfg.flows.enabled {
+            let addr = cfg.flows.listen;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the flows listener {addr}"))?;
+            hub.flows().set_enabled(true);
+            tracing::info!(%addr, "serving flows (GET /flows)");
+            tasks.spawn(trellis_controller::flows::serve(
+                listener,
+                hub.flows().clone(),
+            ));
+        }
+        let mut agent_tls = None;
+        if let Some(addr) = cfg.agent_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the agent listener {addr}"))?;
+            let auth = match (cfg.agent_tls_files(), &cfg.agent_token_file) {
+                (Some((ca, cert, key, self_issued)), _) => {
+                    if self_issued {
+                        // No certificate files given: this controller's own agent.<id>.trellis from
+                        // the agent CA key (issued at every start, so a new CA or ID takes effect),
+                        // renewed before it expires.
+                        let bootstrap = cfg
+                            .node_bootstrap
+                            .as_ref()
+                            .context("agentTls without cert needs nodeBootstrap.caKey")?;
+                        let ca_key = trellis_controller::certs::CertifiedKey {
+                            cert_pem: read(&ca)?,
+                            key_pem: read_ca_key(&bootstrap.ca_key)?,
+                        };
+                        trellis_controller::agent_certs::write_controller_cert(
+                            &ca_key,
+                            id.as_str(),
+                            &cert,
+                            &key,
+                        )
+                        .context("issuing the controller's agent certificate")?;
+                        tracing::info!(cluster = %id, cert = %cert.display(), "issued this controller's agent certificate from the agent CA");
+                        tasks.spawn(renew_controller_cert(
+                            ca.clone(),
+                            bootstrap.ca_key.clone(),
+                            id.to_string(),
+                            cert.clone(),
+                            key.clone(),
+                        ));
+                    }
+                    let files = trellis_agent_client::TlsFiles {
+                        ca: ca.clone(),
+                        cert,
+                        key,
+                    };
+                    let agent_tls_err = |e: trellis_agent_client::TlsError| {
+                        anyhow::anyhow!("agent TLS: {}", trellis_core::error_chain(&e))
+                    };
+                    match (&cfg.node_bootstrap, &client) {
+                        (Some(bootstrap), Some(client)) => {
+                            let tls = Arc::new(
+                                agent::ServerTls::load_allowing_bootstrap(files)
+                                    .map_err(agent_tls_err)?,
+                            );
+                            agent_tls = Some(tls.clone());
+                            let issuer = trellis_controller::node_certs::NodeIssuer {
+                                client: client.clone(),
+                                ca: trellis_controller::certs::CertifiedKey {
+                                    cert_pem: read(&ca)?,
+                                    key_pem: read_ca_key(&bootstrap.ca_key)?,
+                                },
+                                cluster: tls.material().identity.cluster().to_owned(),
+                                service_account: bootstrap
+                                    .service_account()
+                                    .context("nodeBootstrap.serviceAccount")?,
+                                dns_service_account: bootstrap.dns_service_account(),
+                            };
+                            agent::AgentAuth::TlsWithBootstrap(tls, Arc::new(issuer))
+                        }
+                        _ => {
+                            let tls =
+                                Arc::new(agent::ServerTls::load(files).map_err(agent_tls_err)?);
+                            agent_tls = Some(tls.clone());
+                            agent::AgentAuth::Tls(tls)
+                        }
+                    }
+                }
+                (None, Some(path)) => {
+                    agent::AgentAuth::LegacyToken(Some(read(path)?.trim().into()))
+                }
+                (None, None) => agent::AgentAuth::LegacyToken(None),
+            };
+            tasks.spawn(agent::serve(
+                listener,
+                hub.clone(),
+                cfg.max_frame_bytes,
+                auth,
+            ));
+        }
+        tasks.spawn(watch_config(
+            config_path.clone(),
+            Arc::new(cfg.clone()),
+            hub.clone(),
+        ));
+        let peering = Peering::start(
+            PeeringConfig {
+                listen: cfg.listen,
+                peers: cfg
+                    .peers
+                    .iter()
+                    .map(|p| PeerConfig {
+                        id: p.id.clone(),
+                        endpoint: p.endpoint,
+                    })
+                    .collect(),
+                heartbeat: cfg.heartbeat(),
+                lease: cfg.lease(),
+                max_frame: cfg.max_frame_bytes,
+                backoff_min: Duration::from_millis(500),
+                backoff_max: Duration::from_secs(30),
+                max_pending_handshakes: 64,
+                tls,
+            },
+            hub.clone(),
+        )?;
+        tracing::info!(
+            cluster = %id,
+            listen = %peering.local_addr()?,
+            peers = cfg.peers.len(),
+            "trellis-controller running"
+        );
+        // Serving: ready, and from now on the Services' traffic may come here.
+        metrics.ready.set(1);
+        let _ = leading_tx.send(true);
+        let certificates = watch_certificates(&peering, &cfg, agent_tls, hub.metrics().clone());
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+            () = certificates => {},
+        }
+        tracing::info!("shutting down");
+        metrics.ready.set(0);
+        // The agent server and the API writers first: peering's close may take seconds.
+        tasks.abort_all();
+        peering.shutdown().await;
+        anyhow::Ok(())
     };
-    let lost = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
-        _ = term.recv() => None,
-        () = certificates => None,
-        lost = lost => lost,
+    let led = match elector.as_mut() {
+        Some(elector) => leader::while_leading(elector, lead).await,
+        None => Ok(lead.await),
     };
-    tracing::info!("shutting down");
+    // Whatever the leader spawned stops here (its peering stopped with `lead`).
     metrics.ready.set(0);
-    peering.shutdown().await;
     tasks.shutdown().await;
-    if let Some(lost) = lost {
+    match led {
         // Another replica leads (or may soon): this one restarts as a follower rather than
         // ever act beside it.
-        anyhow::bail!("lost leadership ({lost}); exiting to restart as a follower");
+        Err(lost) => {
+            anyhow::bail!("lost leadership ({lost}); exiting to restart as a follower")
+        }
+        Ok(result) => result?,
     }
     // The listeners are closed: the next leader (on this machine too) can bind them now.
     if let Some(elector) = elector.as_mut() {

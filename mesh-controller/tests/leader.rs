@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use trellis_controller::leader::lease::KubeLease;
 use trellis_controller::leader::pod_label::{self, LabelPatch, PodLabeler};
-use trellis_controller::leader::{Elector, LostLeadership, Timings};
+use trellis_controller::leader::{self, Elector, LostLeadership, Timings};
 use trellis_controller::metrics::Metrics;
 use trellis_controller::store::{ConfigMapStore, Persisted, STORE_VERSION, StateStore};
 
@@ -417,6 +417,57 @@ async fn a_slow_write_does_not_extend_the_leaders_own_view_of_its_lease() {
         "stepped down {:?} after sending its last renewal",
         stepped_down - last_write_sent
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_leader_renews_while_it_sets_up_and_its_work_stops_when_the_lease_is_lost() {
+    let api = Shared::default();
+    let (mut a, a_metrics) = elector(&api, "a");
+    a.acquire().await;
+    let (mut b, _) = elector(&api, "b");
+    let following = tokio::spawn(async move {
+        b.acquire().await;
+        Instant::now()
+    });
+    // A setup three lease durations long (a slow state read, certificates, listeners): the
+    // lease is renewed all along, so nobody else leads meanwhile.
+    let setup = async {
+        tokio::time::sleep(3 * TIMINGS.lease_duration).await;
+        "set up"
+    };
+    assert_eq!(leader::while_leading(&mut a, setup).await, Ok("set up"));
+    assert!(!following.is_finished(), "b led while a was setting up");
+    assert_eq!(holder(&api).as_deref(), Some("a"));
+    assert_eq!(a_metrics.leader.get(), 1);
+
+    // Serving, when the API stops answering a: its work is dropped (listeners closed,
+    // writers stopped) the moment it steps down, before b may lead.
+    struct Stopped(Arc<Mutex<Option<Instant>>>);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            *self.0.lock().unwrap() = Some(Instant::now());
+        }
+    }
+    let stopped = Arc::new(Mutex::new(None));
+    let guard = Stopped(stopped.clone());
+    let serving = async move {
+        let _guard = guard;
+        std::future::pending::<()>().await
+    };
+    let outage = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        api.lock().unwrap().out.insert("a", Outage::Failing);
+    };
+    let (lost, ()) = tokio::join!(leader::while_leading(&mut a, serving), outage);
+    assert_eq!(
+        lost,
+        Err(LostLeadership::DeadlinePassed(TIMINGS.renew_deadline))
+    );
+    let stopped = stopped.lock().unwrap().expect("the work was dropped");
+    assert_eq!(a_metrics.leader.get(), 0);
+    let led = following.await.unwrap();
+    assert!(led > stopped, "b led before a's work stopped");
+    assert_eq!(holder(&api).as_deref(), Some("b"));
 }
 
 /// Kills the holder `after` it led, returns how long until the follower led.

@@ -505,6 +505,22 @@ impl<B: LeaseBackend> Elector<B> {
     }
 }
 
+/// Runs the leader's `work` (its setup, then serving) while `elector`, which has just
+/// acquired the lease, keeps renewing it: a setup longer than the lease never lets another
+/// replica take over beside it. When leadership is lost, `work` is dropped at once (whatever
+/// it spawned elsewhere the caller aborts next) and the reason returned.
+pub async fn while_leading<B: LeaseBackend, T>(
+    elector: &mut Elector<B>,
+    work: impl Future<Output = T>,
+) -> Result<T, LostLeadership> {
+    tokio::select! {
+        // Losing wins a tie: no step of the work runs after the lease is gone.
+        biased;
+        lost = elector.hold() => Err(lost),
+        done = work => Ok(done),
+    }
+}
+
 /// A source's sink while the process follows: it keeps the latest state (the watches stay
 /// warm) and delivers it to the hub once the process leads, after the hub restored the
 /// last saved state, so the hub starts from the same point a restarted controller does.

@@ -1,8 +1,8 @@
 //! Controller failover in a lab with two controller processes per cluster
 //! (`--controller-replicas 2`, a lease file, lease 4 s / renew 3 s / retry 1 s): the leader is
-//! SIGKILLed; the other leads within the lease duration, on the same addresses; no tunnel is
-//! rebuilt (the gateways' handshake counters do not move) and DNS answers clusterset names all
-//! through. The figures are printed for the notes.
+//! SIGKILLed; the other leads within the lease duration of when it saw the last renewal, on
+//! the same addresses; no tunnel is rebuilt (the gateways' handshake counters do not move) and
+//! DNS answers clusterset names all through. The figures are printed for the notes.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -112,8 +112,10 @@ fn a_killed_leader_is_replaced_within_the_lease_without_a_tunnel_rebuilt_or_dns_
          needed dig's second try), {} of {} with both replicas up ({} retried)",
         during.0, during.1, baseline.0, baseline.0, baseline.1
     );
+    // The follower times the lease from when it read the last renewal (client-go's rule), at
+    // most a retry period (1 s) after it.
     assert!(
-        took <= LEASE_DURATION + Duration::from_millis(500),
+        took <= LEASE_DURATION + Duration::from_millis(1_500),
         "led {took:?} after the kill"
     );
     // The gateways reconnect to the same address and register with the new leader.

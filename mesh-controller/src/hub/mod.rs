@@ -715,6 +715,40 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_certificate_allowance_is_kept_only_within_the_configured_one() {
+        let before = hub("a");
+        before.set_configured_peers(vec![id("b"), id("e")]);
+        before.set_source(source("10.1.0.0/24"));
+        let mut saved = before.persisted().unwrap();
+        // What an edited state file or ConfigMap could say.
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        saved.certificate_allowances = [
+            (
+                id("b"),
+                vec![net("0.0.0.0/0"), net("10.2.0.0/24"), net("192.168.0.0/16")],
+            ),
+            (id("e"), vec![net("10.5.0.0/16")]),
+        ]
+        .into();
+
+        let after = hub("a");
+        after.set_configured_allowance(&id("b"), Some(vec![net("10.2.0.0/16")]));
+        after.set_configured_allowance(&id("e"), None);
+        after.restore(saved);
+        let inner = after.lock();
+        assert_eq!(
+            inner.mesh.allowance(&id("b")).unwrap().certificate,
+            Some(vec![net("10.2.0.0/16"), net("10.2.0.0/24")]),
+            "narrowed to what the configuration allows b"
+        );
+        assert_eq!(
+            inner.mesh.allowance(&id("e")).unwrap().certificate,
+            Some(vec![net("10.5.0.0/16")]),
+            "no configured allowance: the saved state is trusted"
+        );
+    }
+
+    #[test]
     fn a_restarted_controller_serves_its_saved_state_until_everything_resyncs() {
         let before = hub("a");
         before.set_configured_peers(vec![id("b")]);

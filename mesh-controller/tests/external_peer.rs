@@ -409,3 +409,28 @@ fn an_accepted_peer_is_checked_again_when_a_remote_node_uses_its_key() {
         .count();
     assert_eq!(with_key, 1, "{:?}", plan.peers);
 }
+
+#[test]
+fn a_peer_re_created_under_its_name_reaches_the_status_writer_as_a_new_object() {
+    let h = hub();
+    register(&h, "node-0", "198.18.1.10", 0xA0);
+    let with_uid = |uid: &str| {
+        peer("laptop", 7, "10.1.200.1/32", "node-0").replace(
+            "metadata: {name: laptop}",
+            &format!("metadata: {{name: laptop, uid: {uid}}}"),
+        )
+    };
+    load(&h, &format!("{CLUSTER}{}", with_uid("u-1")));
+    let first = view(&h);
+    assert_eq!(first.external_peers.uids["laptop"], "u-1");
+    // Deleted and re-created with the same spec between two source syncs: the same verdict,
+    // another object; the view says so, so its status is written again.
+    load(&h, &format!("{CLUSTER}{}", with_uid("u-2")));
+    let second = view(&h);
+    assert!(second.revision > first.revision);
+    assert_eq!(second.external_peers.uids["laptop"], "u-2");
+    assert_eq!(
+        first.external_peers.verdicts,
+        second.external_peers.verdicts
+    );
+}

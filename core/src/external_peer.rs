@@ -39,6 +39,10 @@ pub const MAX_NODES: usize = 16;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExternalPeerSpec {
     pub name: String,
+    /// The object's identity where the source has one (a Kubernetes `uid`): a Peer deleted
+    /// and re-created under its name is another object, whose status is written afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
     /// Base64 WireGuard public key.
     pub public_key: String,
     /// CIDRs, e.g. `10.1.200.1/32`.
@@ -174,6 +178,8 @@ pub struct Admission {
     pub accepted: Vec<AcceptedPeer>,
     /// By peer name.
     pub verdicts: BTreeMap<String, Verdict>,
+    /// The uid of the object each verdict is about, by peer name (where the source has one).
+    pub uids: BTreeMap<String, String>,
 }
 
 impl Admission {
@@ -259,6 +265,9 @@ pub fn admit(peers: &[ExternalPeerSpec], ctx: &Context<'_>) -> Admission {
             },
         };
         admission.verdicts.insert(spec.name.clone(), verdict);
+        if let Some(uid) = &spec.uid {
+            admission.uids.insert(spec.name.clone(), uid.clone());
+        }
     }
     admission
 }
@@ -488,6 +497,7 @@ mod tests {
             nodes: vec!["node-0".into()],
             persistent_keepalive: Some(25),
             preshared_key: None,
+            uid: None,
         }
     }
 

@@ -1232,3 +1232,37 @@ async fn a_preshared_key_must_match_for_a_handshake() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_external_peer_re_added_with_a_new_key_is_cut_off_at_once() {
+    let net = FakeNet::default();
+    let a = start(&net, "198.18.0.1:51820");
+    let b = start(&net, "198.18.0.2:51820");
+    // B carries A as an external peer (a `Peer` of its cluster), A knows B as a node.
+    a.handle
+        .set_peers(vec![peer_of(&b, "b", "10.2.0.0/24")], true)
+        .await
+        .unwrap();
+    b.handle
+        .set_peers(vec![peer_of(&a, "c1/peer:laptop", "10.1.0.0/24")], true)
+        .await
+        .unwrap();
+    let there = first_delivery(&a, &b, true, Duration::from_secs(2)).await;
+    assert!(there.is_some(), "the laptop reaches B");
+
+    // The Peer is removed and re-added under its name with another key: whoever holds the
+    // old key must not be let in, not even for a moment.
+    let replacement = KeyPair::generate();
+    b.handle
+        .set_peers(
+            vec![TunnelPeer {
+                public_key: replacement.public_key(),
+                ..peer_of(&a, "c1/peer:laptop", "10.1.0.0/24")
+            }],
+            true,
+        )
+        .await
+        .unwrap();
+    let late = first_delivery(&a, &b, true, Duration::from_millis(1500)).await;
+    assert_eq!(late, None, "the old key's session still delivers");
+}

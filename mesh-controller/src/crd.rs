@@ -282,6 +282,7 @@ impl Peer {
             });
         ExternalPeerSpec {
             name: self.metadata.name.clone().unwrap_or_default(),
+            uid: self.metadata.uid.clone(),
             public_key: self.spec.public_key.clone(),
             allowed_ips: self.spec.allowed_ips.clone(),
             nodes: self.spec.nodes.clone(),

@@ -304,6 +304,7 @@ mod tests {
                 nodes: vec!["node-0".into()],
                 persistent_keepalive: None,
                 preshared_key: None,
+                uid: None,
             }],
             &Context {
                 local: &local,

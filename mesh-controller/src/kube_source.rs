@@ -331,7 +331,10 @@ pub async fn write_peer_statuses(
     use kube::api::{Patch, PatchParams};
     let api: Api<Peer> = Api::all(client);
     let pp = PatchParams::apply(crate::import_writer::FIELD_MANAGER).force();
-    let mut applied: BTreeMap<String, Vec<Condition>> = BTreeMap::new();
+    // What was applied to each Peer, by name, with the uid of the object it went to: a Peer
+    // re-created under its name is another object, whose conditions are read and written
+    // afresh even when its verdict is the same.
+    let mut applied: BTreeMap<String, (Option<String>, Vec<Condition>)> = BTreeMap::new();
     loop {
         let admission = view
             .borrow_and_update()
@@ -339,9 +342,13 @@ pub async fn write_peer_statuses(
             .map(|v| v.external_peers.clone());
         if let Some(admission) = admission {
             for (name, verdict) in &admission.verdicts {
+                let uid = admission.uids.get(name).cloned();
                 let previous = match applied.get(name) {
-                    Some(previous) => previous.clone(),
-                    None => match api.get_opt(name).await {
+                    Some((applied_to, previous)) if *applied_to == uid => previous.clone(),
+                    _ => match api.get_opt(name).await {
+                        // The object under the name is not (yet) the one judged: the source
+                        // sends its verdict when it catches up.
+                        Ok(Some(peer)) if uid.is_some() && peer.metadata.uid != uid => continue,
                         Ok(Some(peer)) => peer.status.map(|s| s.conditions).unwrap_or_default(),
                         // Deleted since the source saw it.
                         Ok(None) => continue,
@@ -358,17 +365,22 @@ pub async fn write_peer_statuses(
                     crate::import_writer::now(),
                 );
                 if conditions == previous {
-                    applied.insert(name.clone(), conditions);
+                    applied.insert(name.clone(), (uid, conditions));
                     continue;
                 }
-                let patch = serde_json::json!({
+                let mut patch = serde_json::json!({
                     "apiVersion": "trellis.dev/v1alpha1",
                     "kind": "Peer",
                     "status": {"conditions": conditions},
                 });
+                // The uid makes the write a precondition: the API server refuses it if the
+                // name now holds another object.
+                if let Some(uid) = &uid {
+                    patch["metadata"] = serde_json::json!({"uid": uid});
+                }
                 match api.patch_status(name, &pp, &Patch::Apply(&patch)).await {
                     Ok(_) => {
-                        applied.insert(name.clone(), conditions);
+                        applied.insert(name.clone(), (uid, conditions));
                     }
                     Err(e) => {
                         tracing::warn!(peer = %name, error = %trellis_core::error_chain(&e), "writing a Peer's conditions")

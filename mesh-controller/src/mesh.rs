@@ -89,6 +89,14 @@ pub struct Mesh {
     own_allowance: Option<Vec<IpNet>>,
 }
 
+/// The other clusters' ranges and keys the external peers may not take
+/// ([`Mesh::external_peer_context`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ExternalPeerContext {
+    pub ranges: Vec<IpNet>,
+    pub keys: BTreeSet<PublicKey>,
+}
+
 /// What changed in the admission of remote clusters.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct AdmissionChanges {
@@ -125,36 +133,44 @@ impl Mesh {
         &self,
         peers: &[ExternalPeerSpec],
         local: &ClusterState,
+        others: &ExternalPeerContext,
     ) -> external_peer::Admission {
         if peers.is_empty() {
             return external_peer::Admission::default();
         }
-        let mut other_ranges: Vec<IpNet> = Vec::new();
+        external_peer::admit(
+            peers,
+            &external_peer::Context {
+                local,
+                allowance: self.own_allowance.as_deref(),
+                other_ranges: &others.ranges,
+                other_keys: &others.keys,
+            },
+        )
+    }
+
+    /// What of the rest of the mesh the external peers are checked against: every range
+    /// another cluster may claim (its certificate's and configured allowance) or has admitted
+    /// claims on, and its admitted nodes' keys. When it changes, the peers are checked again.
+    pub fn external_peer_context(&self) -> ExternalPeerContext {
+        let mut ranges: Vec<IpNet> = Vec::new();
         for allowance in self.allowances.values() {
-            other_ranges.extend(allowance.certificate.iter().flatten());
-            other_ranges.extend(allowance.configured.iter().flatten());
+            ranges.extend(allowance.certificate.iter().flatten());
+            ranges.extend(allowance.configured.iter().flatten());
         }
-        let mut other_keys = BTreeSet::new();
+        let mut keys = BTreeSet::new();
         for remote in self.admitted() {
-            other_ranges.extend(remote.cidrs());
-            other_keys.extend(
+            ranges.extend(remote.cidrs());
+            keys.extend(
                 remote
                     .nodes
                     .values()
                     .filter_map(|n| n.gateway.as_ref().map(|g| g.public_key)),
             );
         }
-        other_ranges.sort();
-        other_ranges.dedup();
-        external_peer::admit(
-            peers,
-            &external_peer::Context {
-                local,
-                allowance: self.own_allowance.as_deref(),
-                other_ranges: &other_ranges,
-                other_keys: &other_keys,
-            },
-        )
+        ranges.sort();
+        ranges.dedup();
+        ExternalPeerContext { ranges, keys }
     }
 
     pub fn set_limits(&mut self, limits: Limits) {

@@ -279,3 +279,158 @@ fn a_peer_cluster_admits_the_peer_as_routed_by_its_node_and_routes_back_through_
     );
     assert_eq!(verdict(&h1, "inside-c2").1, "Overlaps");
 }
+
+/// c2, announcing one node with `pod_cidr` and gateway key `key`.
+fn c2(pod_cidr: &str, key: u8) -> ClusterState {
+    let mut c2 = trellis_core::cluster::fixture::cluster("c2", pod_cidr, "10.97.0.0/16");
+    c2.revision = 1;
+    c2.nodes.get_mut("node-0").unwrap().gateway = Some(trellis_core::cluster::NodeGateway {
+        endpoint: "198.18.2.10:51820".parse().unwrap(),
+        public_key: PublicKey([key; 32]),
+    });
+    c2
+}
+
+fn carried_by_node_0(h: &Hub, key: u8) -> bool {
+    let v = view(h);
+    desired_for(
+        "node-0",
+        &v.local,
+        &v.remote_refs(),
+        v.node_encryption,
+        &v.external_peers,
+        v.revision,
+    )
+    .peers
+    .iter()
+    .any(|p| p.node.starts_with("peer:") && p.public_key == PublicKey([key; 32]))
+}
+
+#[test]
+fn a_peer_inside_another_clusters_claims_is_refused_as_overlapping() {
+    let h = hub();
+    h.set_configured_peers(vec!["c2".parse().unwrap()]);
+    // c2 may claim a range inside c1's own allowance: a Peer there overlaps c2, it is not
+    // outside what c1 may claim.
+    h.set_configured_allowance(
+        &"c2".parse().unwrap(),
+        Some(vec!["10.1.128.0/17".parse().unwrap()]),
+    );
+    register(&h, "node-0", "198.18.1.10", 0xA0);
+    h.peer_snapshot(c2("10.1.200.0/24", 0xB0));
+    load(
+        &h,
+        &format!(
+            "{CLUSTER}{}",
+            peer("steal-c2", 9, "10.1.200.7/32", "node-0")
+        ),
+    );
+    let (ready, reason, message) = verdict(&h, "steal-c2");
+    assert!(!ready);
+    assert_eq!(reason, "Overlaps", "{message}");
+    assert!(!carried_by_node_0(&h, 9));
+}
+
+#[test]
+fn an_accepted_peer_is_checked_again_when_a_remote_cluster_claims_its_range() {
+    let h = hub();
+    h.set_configured_peers(vec!["c2".parse().unwrap()]);
+    register(&h, "node-0", "198.18.1.10", 0xA0);
+    // At startup the local source comes before the remote's certificate and snapshot.
+    load(
+        &h,
+        &format!("{CLUSTER}{}", peer("laptop", 7, "10.1.200.1/32", "node-0")),
+    );
+    assert!(verdict(&h, "laptop").0);
+    assert!(carried_by_node_0(&h, 7));
+
+    // c2's certificate (here: its configured allowance) lets it claim the laptop's range,
+    // inside c1's own ranges, and it announces it.
+    h.set_configured_allowance(
+        &"c2".parse().unwrap(),
+        Some(vec!["10.1.200.0/24".parse().unwrap()]),
+    );
+    h.peer_snapshot(c2("10.1.200.0/24", 0xB0));
+    let (ready, reason, message) = verdict(&h, "laptop");
+    assert!(!ready, "the laptop stays accepted over c2's range");
+    assert_eq!(reason, "Overlaps", "{message}");
+    assert!(!carried_by_node_0(&h, 7), "the gateway still carries it");
+    let laptop: ipnet::IpNet = "10.1.200.1/32".parse().unwrap();
+    assert!(!h.local_state().nodes["node-0"].pod_cidrs.contains(&laptop));
+    let v = view(&h);
+    assert!(
+        v.remotes
+            .iter()
+            .any(|r| r.nodes["node-0"].pod_cidrs == ["10.1.200.0/24".parse().unwrap()]),
+        "c2's claim is admitted once the laptop gave way"
+    );
+
+    // c2 withdrawn: the laptop is accepted again.
+    h.set_configured_allowance(&"c2".parse().unwrap(), None);
+    h.set_configured_peers(vec![]);
+    assert!(verdict(&h, "laptop").0);
+    assert!(carried_by_node_0(&h, 7));
+}
+
+#[test]
+fn an_accepted_peer_is_checked_again_when_a_remote_node_uses_its_key() {
+    let h = hub();
+    h.set_configured_peers(vec!["c2".parse().unwrap()]);
+    h.set_configured_allowance(
+        &"c2".parse().unwrap(),
+        Some(vec!["10.2.0.0/16".parse().unwrap()]),
+    );
+    register(&h, "node-0", "198.18.1.10", 0xA0);
+    load(
+        &h,
+        &format!("{CLUSTER}{}", peer("laptop", 7, "10.1.200.1/32", "node-0")),
+    );
+    assert!(verdict(&h, "laptop").0);
+
+    // A c2 node announces the laptop's key: node-0's gateway must not get two peers with
+    // one key.
+    h.peer_snapshot(c2("10.2.0.0/24", 7));
+    let (ready, reason, message) = verdict(&h, "laptop");
+    assert!(!ready, "the laptop stays accepted with a c2 node's key");
+    assert_eq!(reason, "Overlaps", "{message}");
+    let v = view(&h);
+    let plan = desired_for(
+        "node-0",
+        &v.local,
+        &v.remote_refs(),
+        v.node_encryption,
+        &v.external_peers,
+        v.revision,
+    );
+    let with_key = plan
+        .peers
+        .iter()
+        .filter(|p| p.public_key == PublicKey([7; 32]))
+        .count();
+    assert_eq!(with_key, 1, "{:?}", plan.peers);
+}
+
+#[test]
+fn a_peer_re_created_under_its_name_reaches_the_status_writer_as_a_new_object() {
+    let h = hub();
+    register(&h, "node-0", "198.18.1.10", 0xA0);
+    let with_uid = |uid: &str| {
+        peer("laptop", 7, "10.1.200.1/32", "node-0").replace(
+            "metadata: {name: laptop}",
+            &format!("metadata: {{name: laptop, uid: {uid}}}"),
+        )
+    };
+    load(&h, &format!("{CLUSTER}{}", with_uid("u-1")));
+    let first = view(&h);
+    assert_eq!(first.external_peers.uids["laptop"], "u-1");
+    // Deleted and re-created with the same spec between two source syncs: the same verdict,
+    // another object; the view says so, so its status is written again.
+    load(&h, &format!("{CLUSTER}{}", with_uid("u-2")));
+    let second = view(&h);
+    assert!(second.revision > first.revision);
+    assert_eq!(second.external_peers.uids["laptop"], "u-2");
+    assert_eq!(
+        first.external_peers.verdicts,
+        second.external_peers.verdicts
+    );
+}

@@ -910,6 +910,10 @@ async fn peers_and_their_preshared_keys_come_from_the_api() {
         .await;
     let laptop = &s.external_peers[0];
     assert_eq!(laptop.name, "laptop");
+    assert_eq!(
+        laptop.uid.as_deref(),
+        Some("5d1c0f7e-2a41-4e0b-9b8e-5a7c1d2e3f40")
+    );
     assert_eq!(laptop.allowed_ips, ["10.10.250.1/32"]);
     assert_eq!(laptop.nodes, ["east-worker"]);
     assert_eq!(laptop.persistent_keepalive, Some(25));
@@ -1009,6 +1013,73 @@ async fn peers_get_their_ready_condition() {
             .is_err(),
         "an unchanged verdict writes nothing"
     );
+    writer.abort();
+    calls.assert_allowed_by_the_chart();
+}
+
+/// A Peer deleted and re-created under its name with the same spec (the source may never
+/// see it gone: watch events coalesce) gets its condition written on the new object: the
+/// writer knows objects by uid, not by name.
+#[tokio::test]
+async fn a_peer_re_created_under_its_name_gets_its_condition_again() {
+    use trellis_controller::kube_source::write_peer_statuses;
+    use trellis_core::external_peer::{Admission, Verdict};
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let (view_tx, view_rx) = tokio::sync::watch::channel(None);
+    let writer = tokio::spawn(write_peer_statuses(client, view_rx));
+    let calls = common::Calls::default();
+    let vm = fixture("peers.json")["items"][1].clone();
+    let first_uid = vm["metadata"]["uid"].as_str().unwrap().to_string();
+    let view = |uid: &str| {
+        let mut v = std::sync::Arc::try_unwrap(view_of_web(false)).unwrap();
+        let mut admission = Admission::default();
+        admission.verdicts.insert(
+            "vm".into(),
+            Verdict {
+                ready: true,
+                reason: "Accepted".into(),
+                message: "attached to node east-worker with 10.10.250.2/32".into(),
+            },
+        );
+        admission.uids.insert("vm".into(), uid.into());
+        v.external_peers = std::sync::Arc::new(admission);
+        std::sync::Arc::new(v)
+    };
+    view_tx.send_replace(Some(view(&first_uid)));
+    let (method, _, _, send) = next_call_any(&mut handle, &calls).await;
+    assert_eq!(method, http::Method::GET);
+    reply(send, 200, &vm);
+    let (method, path, _, send) = next_call_any(&mut handle, &calls).await;
+    assert_eq!(method, http::Method::PATCH);
+    assert_eq!(path, "/apis/trellis.dev/v1alpha1/peers/vm/status");
+    reply(send, 200, &vm);
+
+    // `trellis peer remove vm` then `add vm` with the same spec: a new object, no status.
+    let mut again = vm.clone();
+    again["metadata"]["uid"] = json!("7f00aa11-0000-4000-8000-000000000001");
+    again["metadata"]["resourceVersion"] = json!("2107");
+    again.as_object_mut().unwrap().remove("status");
+    view_tx.send_replace(Some(view("7f00aa11-0000-4000-8000-000000000001")));
+    let (method, path, _, send) = next_call_any(&mut handle, &calls).await;
+    assert_eq!(
+        (method, path.as_str()),
+        (http::Method::GET, "/apis/trellis.dev/v1alpha1/peers/vm")
+    );
+    reply(send, 200, &again);
+    let (method, path, body, send) = next_call_any(&mut handle, &calls).await;
+    assert_eq!(method, http::Method::PATCH);
+    assert_eq!(path, "/apis/trellis.dev/v1alpha1/peers/vm/status");
+    assert_eq!(
+        body["metadata"]["uid"], again["metadata"]["uid"],
+        "written only to the new object"
+    );
+    let c = conditions_by_type(&body);
+    assert_eq!(
+        (&c["Ready"]["status"], &c["Ready"]["reason"]),
+        (&json!("True"), &json!("Accepted"))
+    );
+    reply(send, 200, &again);
     writer.abort();
     calls.assert_allowed_by_the_chart();
 }

@@ -301,14 +301,17 @@ impl PeerTable {
                 let mut state = peer.lock();
                 let replaced = names.contains(state.name.as_str());
                 // A node whose key changed (a rotation): the old key's peer only receives, for
-                // a moment, what the node sent on its sessions before it switched.
+                // a moment, what the node sent on its sessions before it switched. An
+                // external peer re-added with a new key is a revocation, not a rotation:
+                // whoever holds the old key is cut off at once.
+                let rotated = replaced && !is_external_peer(&state.name);
                 match state.retiring {
-                    None if replaced => {
+                    None if rotated => {
                         state.retiring = Some(now);
                         tracing::info!(peer = %state.name, "the peer's key changed: the old key only receives, for a moment");
                         return true;
                     }
-                    Some(since) if replaced && now.saturating_duration_since(since) < RETIRED_FOR => {
+                    Some(since) if rotated && now.saturating_duration_since(since) < RETIRED_FOR => {
                         return true;
                     }
                     _ => {}
@@ -421,6 +424,12 @@ pub(super) struct Held<'t> {
 }
 
 /// The lock of `slot` (taking it, after releasing any other: a worker never holds two).
+/// Whether `name` is a cluster's external peer (`<cluster>/peer:<name>`, as the controller
+/// names the `Peer`s it streams) rather than a node.
+fn is_external_peer(name: &str) -> bool {
+    name.contains("/peer:")
+}
+
 pub(super) fn hold<'h, 't>(
     held: &'h mut Option<Held<'t>>,
     table: &'t PeerTable,

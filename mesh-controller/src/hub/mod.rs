@@ -136,6 +136,11 @@ struct Inner {
     vips_exhausted: Vec<trellis_core::vips::Exhausted>,
     /// The external peers' verdicts as of the last composition.
     external_peers: Arc<external_peer::Admission>,
+    /// What of the rest of the mesh those verdicts were decided against: when what the mesh
+    /// admits from remotes changes it, the peers are checked again.
+    external_peer_context: crate::mesh::ExternalPeerContext,
+    /// Set while a publication re-checks the external peers (it publishes once).
+    recheck_external_peers: bool,
 }
 
 /// The hub; cheap to clone.
@@ -177,6 +182,8 @@ impl Hub {
             vip_assignment: BTreeMap::new(),
             vips_exhausted: Vec::new(),
             external_peers: Arc::default(),
+            external_peer_context: Default::default(),
+            recheck_external_peers: false,
         };
         let flows = crate::flows::FlowRelay::new(metrics.clone(), cfg.id.clone());
         Self {
@@ -417,9 +424,11 @@ impl Hub {
         );
         // External peers are checked against the cluster without them, then advertised as
         // routed by the node that carries each.
+        let others = inner.mesh.external_peer_context();
         let peers = inner
             .mesh
-            .admit_external_peers(&source.external_peers, &next);
+            .admit_external_peers(&source.external_peers, &next, &others);
+        inner.external_peer_context = others;
         peers.advertise(&mut next);
         let peers_changed = *inner.external_peers != peers;
         if peers_changed {
@@ -490,6 +499,9 @@ impl Hub {
         for id in &changes.newly_admitted {
             tracing::info!(cluster = %id, "nothing of the remote cluster is refused any more");
         }
+        if self.recheck_external_peers(inner) {
+            return;
+        }
         inner.view_revision += 1;
         let remotes: Vec<Arc<ClusterState>> = inner.mesh.admitted().cloned().collect();
         let no_vips = BTreeMap::new();
@@ -521,6 +533,28 @@ impl Hub {
             policy_step: inner.policy_step.clone(),
             external_peers: inner.external_peers.clone(),
         })));
+    }
+
+    /// Checks the external peers again when what they are checked against of the rest of the
+    /// mesh (remote allowances, admitted ranges and keys) changed since they were decided;
+    /// returns whether that published a new view. Cheap when there are no Peers or nothing
+    /// changed: the context is compared, not the peers re-admitted.
+    fn recheck_external_peers(&self, inner: &mut Inner) -> bool {
+        if inner.recheck_external_peers
+            || inner
+                .source
+                .as_ref()
+                .is_none_or(|s| s.external_peers.is_empty())
+        {
+            return false;
+        }
+        if inner.mesh.external_peer_context() == inner.external_peer_context {
+            return false;
+        }
+        inner.recheck_external_peers = true;
+        let published = self.recompose(inner);
+        inner.recheck_external_peers = false;
+        published
     }
 
     /// Gives the ClusterSetIP imports their VIPs from `clustersetIPRanges`, keeping what each
@@ -678,6 +712,40 @@ mod tests {
         assert!(h2.subscribe_view().borrow().is_none());
         h2.expire(Instant::now() + Duration::from_secs(31));
         assert!(h2.subscribe_view().borrow().is_some());
+    }
+
+    #[test]
+    fn a_restored_certificate_allowance_is_kept_only_within_the_configured_one() {
+        let before = hub("a");
+        before.set_configured_peers(vec![id("b"), id("e")]);
+        before.set_source(source("10.1.0.0/24"));
+        let mut saved = before.persisted().unwrap();
+        // What an edited state file or ConfigMap could say.
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        saved.certificate_allowances = [
+            (
+                id("b"),
+                vec![net("0.0.0.0/0"), net("10.2.0.0/24"), net("192.168.0.0/16")],
+            ),
+            (id("e"), vec![net("10.5.0.0/16")]),
+        ]
+        .into();
+
+        let after = hub("a");
+        after.set_configured_allowance(&id("b"), Some(vec![net("10.2.0.0/16")]));
+        after.set_configured_allowance(&id("e"), None);
+        after.restore(saved);
+        let inner = after.lock();
+        assert_eq!(
+            inner.mesh.allowance(&id("b")).unwrap().certificate,
+            Some(vec![net("10.2.0.0/16"), net("10.2.0.0/24")]),
+            "narrowed to what the configuration allows b"
+        );
+        assert_eq!(
+            inner.mesh.allowance(&id("e")).unwrap().certificate,
+            Some(vec![net("10.5.0.0/16")]),
+            "no configured allowance: the saved state is trusted"
+        );
     }
 
     #[test]

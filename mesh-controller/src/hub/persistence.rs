@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use ipnet::IpNet;
+
 use super::{Hub, LocalPublish};
 use crate::store::{Persisted, STORE_VERSION};
 
@@ -39,7 +41,19 @@ impl Hub {
             Instant::now(),
         );
         inner.node_encryption = p.node_encryption;
+        // The saved state is not signed: a peer's restored certificate allowance is kept only
+        // where the configuration also allows it (until the peer reconnects and its
+        // certificate speaks again); with no configured allowance it is trusted as the rest
+        // of the saved state is.
         for (peer, ranges) in p.certificate_allowances {
+            let configured = inner
+                .mesh
+                .allowance(&peer)
+                .and_then(|a| a.configured.as_deref());
+            let ranges = match configured {
+                Some(configured) => within(&ranges, configured),
+                None => ranges,
+            };
             inner.mesh.set_certificate_allowance(&peer, Some(ranges));
         }
         let now = Instant::now();
@@ -83,4 +97,26 @@ impl Hub {
                 .collect(),
         })
     }
+}
+
+/// The part of `ranges` inside `bound`: two prefixes either nest or are apart, so their
+/// intersection is the narrower one or nothing.
+fn within(ranges: &[IpNet], bound: &[IpNet]) -> Vec<IpNet> {
+    let mut inside: Vec<IpNet> = ranges
+        .iter()
+        .flat_map(|r| {
+            bound.iter().filter_map(move |b| {
+                if b.contains(r) {
+                    Some(*r)
+                } else if r.contains(b) {
+                    Some(*b)
+                } else {
+                    None
+                }
+            })
+        })
+        .collect();
+    inside.sort();
+    inside.dedup();
+    inside
 }

@@ -4,7 +4,8 @@
 //!
 //! * `add NAME --context A --node N --address 10.x.y.z/32`: a fresh key pair (the private key
 //!   appears only in the printed wg-quick config), the `Peer` created, its `Ready` condition
-//!   awaited (a refused Peer is deleted again, the controller's reason shown), then the config:
+//!   awaited (a refused Peer, or one not accepted within `--timeout`, is deleted again, the
+//!   controller's reason shown), then the config:
 //!   the node gateway's key and endpoint from the controller's `/status` (through the API
 //!   server's service proxy, as `trellis status --context` reads it), the mesh's pod and
 //!   service ranges as AllowedIPs;
@@ -73,7 +74,8 @@ pub struct AddArgs {
     /// Print the Peer and the config without creating anything.
     #[arg(long)]
     dry_run: bool,
-    /// How long to wait for the controller's verdict.
+    /// How long to wait for the controller's verdict; a Peer not accepted by then is deleted
+    /// again (its private key is never printed).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     timeout: Duration,
 }
@@ -258,8 +260,18 @@ pub async fn add(
             }
         }
         if tokio::time::Instant::now() >= deadline {
+            // Its private key lives only in this process: left in place, the Peer would
+            // admit a key nobody holds, and a retry would find it "exists".
+            api.delete(&args.peer, &DeleteParams::default())
+                .await
+                .with_context(|| {
+                    format!(
+                        "peer/{} not accepted within {:?} ({last}); deleting it again failed:                          `trellis peer remove {}` before retrying",
+                        args.peer, args.timeout, args.peer
+                    )
+                })?;
             bail!(
-                "peer/{} not accepted within {:?} ({last}); it is left in place: `trellis peer list` shows its verdict",
+                "peer/{} not accepted within {:?} ({last}); the Peer is deleted again (its private key was never printed): retry with a longer --timeout once the node's gateway is registered",
                 args.peer,
                 args.timeout
             );
@@ -456,6 +468,37 @@ mod tests {
             "{text}"
         );
         assert_eq!(server.await.unwrap().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_peer_not_accepted_in_time_is_deleted_again_and_the_timeout_named() {
+        let mut waiting = testdata("peer-laptop.json");
+        waiting["status"] = json!({"conditions": [{"type": "Ready", "status": "False", "reason": "NoGateway",
+            "message": "none of the nodes east-worker runs a registered gateway",
+            "lastTransitionTime": "2026-12-07T14:00:01Z"}]});
+        let mut script = creating(waiting.clone());
+        script.push(on("DELETE", &format!("{PEERS}/laptop"), ok(waiting)));
+        let (client, server) = ordered(script);
+        let err = add(
+            client,
+            &add_args(&["--timeout", "0s"]),
+            &KeyPair::generate(),
+        )
+        .await
+        .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("not accepted within 0ns")
+                && text.contains("NoGateway")
+                && text.contains("deleted again"),
+            "{text}"
+        );
+        let seen = server.await.unwrap();
+        assert_eq!(
+            seen.last().map(|s| s.method.as_str()),
+            Some("DELETE"),
+            "a Peer whose private key is gone is not left behind"
+        );
     }
 
     #[tokio::test]

@@ -80,6 +80,15 @@ pub fn tls_from_secret(secret: &Secret) -> anyhow::Result<TlsMaterial> {
     })
 }
 
+/// The mesh CA certificate of the chart's Secret (its `ca.crt`), when it holds a readable one,
+/// whatever the state of the rest.
+pub fn ca_of_tls_secret(secret: &Secret) -> Option<String> {
+    let pem = text(secret, "ca.crt").ok()?;
+    let certs = parse_certs(&pem).ok()?;
+    x509_parser::parse_x509_certificate(certs[0].as_ref()).ok()?;
+    Some(pem)
+}
+
 /// The chart's Secret for `material`. No `type`: an existing Secret keeps its own (it cannot
 /// change), a new one is `Opaque`, as `kubectl create secret generic` makes it.
 pub fn tls_secret(namespace: &str, material: &TlsMaterial) -> Secret {

@@ -257,12 +257,12 @@ pub async fn enable(
     }
     let secrets = Api::<Secret>::namespaced(client.clone(), ns);
 
-    let existing = secrets
+    let secret_there = secrets
         .get_opt(TLS_SECRET)
         .await
         .with_context(|| format!("reading Secret {ns}/{TLS_SECRET} in {label}"))?;
     let (existing, unusable): (Option<TlsMaterial>, Option<String>) =
-        match existing.as_ref().map(certificate::tls_from_secret) {
+        match secret_there.as_ref().map(certificate::tls_from_secret) {
             Some(Ok(material)) => (Some(material), None),
             Some(Err(e)) => (None, Some(format!("the Secret there is unusable: {e:#}"))),
             None => (None, None),
@@ -363,11 +363,13 @@ pub async fn enable(
             )?;
         }
         Verdict::Reissue(reason) => {
-            // The CA of the certificate there, when it can be read.
-            let current_ca = existing
+            // The mesh CA the Secret there names, read on its own: a Secret unusable for
+            // another reason (a lost key, a broken certificate) still says which mesh this
+            // cluster is in, and a new CA would cut it off from its peers.
+            let current_ca = secret_there
                 .as_ref()
-                .filter(|m| certificate::read_leaf(&m.cert_pem).is_ok())
-                .map(|m| m.ca_pem.as_str());
+                .and_then(certificate::ca_of_tls_secret);
+            let current_ca = current_ca.as_deref();
             let ca = match (ca, current_ca) {
                 (Some(ca), _) if explicit => ca,
                 (Some(own), None) => own,

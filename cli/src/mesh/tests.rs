@@ -784,8 +784,10 @@ fn a_context_name_becomes_a_cluster_id() {
 #[tokio::test]
 async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_secret() {
     let theirs = mesh_ca("c1");
+    // A Secret that names no mesh CA (a half-written one): nothing to keep it in.
     let mut broken = tls_secret_json(&tls_material(&theirs, "c1", &c1_ranges()));
     broken["data"].as_object_mut().unwrap().remove("tls.key");
+    broken["data"].as_object_mut().unwrap().remove("ca.crt");
     let mut replies = vec![
         secret_get(NS, "trellis-tls", Some(broken)),
         namespace_absent(),
@@ -828,7 +830,7 @@ async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_sec
     for line in [
         "namespace trellis-system: exists",
         "mesh CA: \"Trellis mesh CA c1\", created meanwhile",
-        "the Secret there is unusable: Secret trellis-tls has no key tls.key",
+        "the Secret there is unusable: Secret trellis-tls has no key ca.crt",
     ] {
         assert!(out.contains(line), "{line:?} in:\n{out}");
     }
@@ -897,4 +899,35 @@ async fn connect_takes_a_given_endpoint_and_refuses_a_release_of_another_cluster
         "{err}"
     );
     assert!(helm.changes.borrow().is_empty());
+}
+
+#[tokio::test]
+async fn enable_never_reroots_a_cluster_whose_unusable_secret_names_another_mesh_ca() {
+    // c2 joined c1's mesh (no CA of its own in kube-system); its trellis-tls lost tls.key.
+    let theirs = mesh_ca("c1");
+    let mut broken = tls_secret_json(&tls_material(&theirs, "c2", &c2_ranges()));
+    broken["data"].as_object_mut().unwrap().remove("tls.key");
+    let replies = vec![
+        secret_get(NS, "trellis-tls", Some(broken)),
+        namespace_exists(),
+        on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c2.json"))),
+        ca_absent(),
+    ];
+    let mut opts = options("kind-trellis-c2", Finish::Print);
+    opts.cluster_id = Some("c2".parse().unwrap());
+    opts.pod_cidrs = nets(&["10.12.0.0/16"]);
+    opts.service_cidrs = nets(&["10.112.0.0/16"]);
+    let (outcome, seen, _) =
+        enable_against(replies, CaSource::Own, &opts, &RecordingHelm::default()).await;
+    let err = format!("{:#}", outcome.unwrap_err());
+    assert!(
+        seen.iter().all(|s| s.method == "GET"),
+        "nothing created or written: {seen:#?}"
+    );
+    assert!(
+        err.contains("must be reissued")
+            && err.contains("\"Trellis mesh CA c1\"")
+            && err.contains("--ca-from-context"),
+        "{err}"
+    );
 }

@@ -89,10 +89,16 @@ pub fn ca_of_tls_secret(secret: &Secret) -> Option<String> {
     Some(pem)
 }
 
-/// The chart's Secret for `material`. No `type`: an existing Secret keeps its own (it cannot
-/// change), a new one is `Opaque`, as `kubectl create secret generic` makes it.
-pub fn tls_secret(namespace: &str, material: &TlsMaterial) -> Secret {
-    secret(
+/// The annotation of the chart's Secret naming which of its certificate's ranges were signed
+/// for external machines (`--peer-cidr`), comma-separated: a certificate's ranges carry no
+/// such mark, and a re-run must keep them and `trellis peer add` tell them from the pod range.
+pub const PEER_CIDRS_ANNOTATION: &str = "trellis.dev/peer-cidrs";
+
+/// The chart's Secret for `material`, recording `peer_ranges`. No `type`: an existing Secret
+/// keeps its own (it cannot change), a new one is `Opaque`, as `kubectl create secret generic`
+/// makes it.
+pub fn tls_secret(namespace: &str, material: &TlsMaterial, peer_ranges: &[IpNet]) -> Secret {
+    let mut secret = secret(
         namespace,
         TLS_SECRET,
         [
@@ -100,7 +106,40 @@ pub fn tls_secret(namespace: &str, material: &TlsMaterial) -> Secret {
             ("tls.crt", &material.cert_pem),
             ("tls.key", &material.key_pem),
         ],
-    )
+    );
+    if !peer_ranges.is_empty() {
+        secret.metadata.annotations = Some(BTreeMap::from([(
+            PEER_CIDRS_ANNOTATION.to_string(),
+            peer_ranges
+                .iter()
+                .map(IpNet::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )]));
+    }
+    secret
+}
+
+/// The peer ranges the chart's Secret records (none when it records none).
+pub fn recorded_peer_ranges(secret: &Secret) -> anyhow::Result<Vec<IpNet>> {
+    let Some(value) = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PEER_CIDRS_ANNOTATION))
+    else {
+        return Ok(Vec::new());
+    };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            part.parse::<IpNet>().with_context(|| {
+                format!("annotation {PEER_CIDRS_ANNOTATION}: {part:?} is not a CIDR")
+            })
+        })
+        .collect()
 }
 
 /// The subject common name of the first certificate in `pem` (a mesh CA is named
@@ -305,7 +344,7 @@ mod tests {
         assert_eq!(back.cert_pem, ca.cert_pem);
         assert_eq!(back.key_pem, ca.key_pem);
         let tls = material(&ca, "c1", &nets(&["10.11.0.0/16"]), 365);
-        let secret = tls_secret("trellis-system", &tls);
+        let secret = tls_secret("trellis-system", &tls, &[]);
         assert_eq!(secret.type_, None);
         let keys: Vec<&String> = secret.data.as_ref().unwrap().keys().collect();
         assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);

@@ -57,6 +57,10 @@ pub struct EnableOptions {
     pub cluster_id: Option<ClusterId>,
     pub pod_cidrs: Vec<IpNet>,
     pub service_cidrs: Vec<IpNet>,
+    /// Ranges for external machines (`Peer` addresses), signed beside the pod and service
+    /// ranges: `None` keeps those the current Secret records; `Some` replaces them (empty:
+    /// none).
+    pub peer_cidrs: Option<Vec<IpNet>>,
     pub finish: Finish,
     /// Days the certificate is valid.
     pub days: i64,
@@ -322,11 +326,37 @@ pub async fn enable(
     let ranges = cluster_ranges(client, options).await?;
     writeln!(out, "  pod ranges: {}", ranges.pods)?;
     writeln!(out, "  service ranges: {}", ranges.services)?;
+    let peers = match &options.peer_cidrs {
+        Some(given) if given.is_empty() => Found {
+            nets: Vec::new(),
+            source: "--no-peer-cidrs".into(),
+        },
+        Some(given) => Found {
+            nets: given.clone(),
+            source: "--peer-cidr".into(),
+        },
+        None => Found {
+            nets: match &secret_there {
+                Some(secret) => certificate::recorded_peer_ranges(secret).with_context(|| {
+                    format!(
+                        "Secret {ns}/{TLS_SECRET} of {label}: pass --peer-cidr (or                          --no-peer-cidrs) to say which ranges are for external machines"
+                    )
+                })?,
+                None => Vec::new(),
+            },
+            source: format!("recorded in Secret {ns}/{TLS_SECRET}"),
+        },
+    };
+    ranges::check_peer_ranges(&peers.nets, &ranges.pods.nets, &ranges.services.nets)?;
+    if !peers.nets.is_empty() {
+        writeln!(out, "  peer ranges: {peers}")?;
+    }
     let claim: Vec<IpNet> = ranges
         .pods
         .nets
         .iter()
         .chain(&ranges.services.nets)
+        .chain(&peers.nets)
         .copied()
         .collect();
 
@@ -406,7 +436,7 @@ pub async fn enable(
                     cert_pem: leaf.cert_pem,
                     key_pem: leaf.key_pem,
                 };
-                let secret = certificate::tls_secret(ns, &material);
+                let secret = certificate::tls_secret(ns, &material, &peers.nets);
                 secrets
                     .patch(
                         TLS_SECRET,

@@ -103,6 +103,15 @@ struct EnableArgs {
     /// else kube-controller-manager's --service-cluster-ip-range.
     #[arg(long = "service-cidr")]
     service_cidrs: Vec<IpNet>,
+    /// A range for external machines (`trellis peer add --address`), signed into the
+    /// certificate beside the pod and service ranges and outside both (repeatable). Default:
+    /// the ones the current certificate was issued with. Addresses inside the pod range are
+    /// node IPAM's to give to a new node, which would cut the machine off.
+    #[arg(long = "peer-cidr")]
+    peer_cidrs: Vec<IpNet>,
+    /// Sign no peer range (drop those the current certificate carries).
+    #[arg(long, conflicts_with = "peer_cidrs")]
+    no_peer_cidrs: bool,
     /// Days the cluster certificate is valid (more than the 30 before expiry when a re-run
     /// renews it).
     #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(i64).range(31..=3650))]
@@ -169,6 +178,11 @@ async fn run_async(args: MeshArgs) -> anyhow::Result<()> {
                 cluster_id: args.cluster_id,
                 pod_cidrs: args.pod_cidrs,
                 service_cidrs: args.service_cidrs,
+                peer_cidrs: if args.no_peer_cidrs {
+                    Some(Vec::new())
+                } else {
+                    Some(args.peer_cidrs).filter(|given| !given.is_empty())
+                },
                 finish: if args.dry_run {
                     Finish::DryRun
                 } else if args.install {

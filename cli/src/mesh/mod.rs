@@ -26,6 +26,25 @@ use connect::{ConnectOptions, Side};
 use enable::{CaSource, EnableOptions, Finish};
 use helm::{HelmBinary, Target};
 
+pub use certificate::TLS_SECRET;
+/// For `trellis peer`'s tests: the Secret as `mesh enable` writes it.
+#[cfg(test)]
+pub use certificate::tls_secret;
+
+/// The ranges the certificate in the chart's Secret signs, and those of them recorded as
+/// ranges for external machines (`--peer-cidr`).
+pub fn signed_ranges(
+    secret: &k8s_openapi::api::core::v1::Secret,
+) -> anyhow::Result<(Vec<IpNet>, Vec<IpNet>)> {
+    let material = certificate::tls_from_secret(secret)?;
+    let signed = certificate::read_leaf(&material.cert_pem)?.ranges;
+    let peers = certificate::recorded_peer_ranges(secret)?
+        .into_iter()
+        .filter(|r| signed.iter().any(|s| s.contains(r)))
+        .collect();
+    Ok((signed, peers))
+}
+
 /// The field manager of what `trellis mesh` writes by server-side apply.
 const FIELD_MANAGER: &str = "trellis";
 

@@ -364,6 +364,37 @@ mod tests {
     }
 
     #[test]
+    fn peer_ranges_are_recorded_on_the_secret_and_read_back() {
+        let ca = generate_ca("c1", Validity::days_from_now(10)).unwrap();
+        let tls = material(&ca, "c1", &nets(&["10.11.0.0/16", "10.200.0.0/24"]), 365);
+        assert!(
+            recorded_peer_ranges(&tls_secret("trellis-system", &tls, &[]))
+                .unwrap()
+                .is_empty()
+        );
+        let peers = nets(&["10.200.0.0/24", "fd00:200::/64"]);
+        let mut secret = tls_secret("trellis-system", &tls, &peers);
+        assert_eq!(recorded_peer_ranges(&secret).unwrap(), peers);
+        secret
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(PEER_CIDRS_ANNOTATION.into(), "10.200.0.0/24,bogus".into());
+        let err = recorded_peer_ranges(&secret).unwrap_err().to_string();
+        assert!(err.contains("\"bogus\" is not a CIDR"), "{err}");
+        // ca.crt stays readable on its own when the rest is broken, and only a certificate is.
+        let mut broken = tls_secret("trellis-system", &tls, &[]);
+        broken.data.as_mut().unwrap().remove("tls.key");
+        assert_eq!(ca_of_tls_secret(&broken), Some(ca.cert_pem.clone()));
+        broken.data.as_mut().unwrap().insert(
+            "ca.crt".into(),
+            ByteString(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_vec()),
+        );
+        assert_eq!(ca_of_tls_secret(&broken), None);
+    }
+
+    #[test]
     fn a_valid_certificate_for_the_same_ca_identity_and_ranges_is_kept() {
         let ca = generate_ca("c1", Validity::days_from_now(3650)).unwrap();
         let wanted = nets(&["10.11.0.0/16", "10.111.0.0/16"]);

@@ -339,7 +339,8 @@ pub async fn enable(
             nets: match &secret_there {
                 Some(secret) => certificate::recorded_peer_ranges(secret).with_context(|| {
                     format!(
-                        "Secret {ns}/{TLS_SECRET} of {label}: pass --peer-cidr (or                          --no-peer-cidrs) to say which ranges are for external machines"
+                        "Secret {ns}/{TLS_SECRET} of {label}: pass --peer-cidr (or \
+                         --no-peer-cidrs) to say which ranges are for external machines"
                     )
                 })?,
                 None => Vec::new(),

@@ -188,7 +188,8 @@ pub fn check_peer_ranges(
     }
     if let Some((x, y)) = overlap(peers, pods) {
         bail!(
-            "the peer range {x} overlaps the pod range {y}: node IPAM may give its addresses              to a new node; pick a range outside the cluster's pod and service ranges"
+            "the peer range {x} overlaps the pod range {y}: node IPAM may give its addresses \
+             to a new node; pick a range outside the cluster's pod and service ranges"
         );
     }
     if let Some((x, y)) = overlap(peers, services) {

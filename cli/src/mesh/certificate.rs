@@ -80,10 +80,25 @@ pub fn tls_from_secret(secret: &Secret) -> anyhow::Result<TlsMaterial> {
     })
 }
 
-/// The chart's Secret for `material`. No `type`: an existing Secret keeps its own (it cannot
-/// change), a new one is `Opaque`, as `kubectl create secret generic` makes it.
-pub fn tls_secret(namespace: &str, material: &TlsMaterial) -> Secret {
-    secret(
+/// The mesh CA certificate of the chart's Secret (its `ca.crt`), when it holds a readable one,
+/// whatever the state of the rest.
+pub fn ca_of_tls_secret(secret: &Secret) -> Option<String> {
+    let pem = text(secret, "ca.crt").ok()?;
+    let certs = parse_certs(&pem).ok()?;
+    x509_parser::parse_x509_certificate(certs[0].as_ref()).ok()?;
+    Some(pem)
+}
+
+/// The annotation of the chart's Secret naming which of its certificate's ranges were signed
+/// for external machines (`--peer-cidr`), comma-separated: a certificate's ranges carry no
+/// such mark, and a re-run must keep them and `trellis peer add` tell them from the pod range.
+pub const PEER_CIDRS_ANNOTATION: &str = "trellis.dev/peer-cidrs";
+
+/// The chart's Secret for `material`, recording `peer_ranges`. No `type`: an existing Secret
+/// keeps its own (it cannot change), a new one is `Opaque`, as `kubectl create secret generic`
+/// makes it.
+pub fn tls_secret(namespace: &str, material: &TlsMaterial, peer_ranges: &[IpNet]) -> Secret {
+    let mut secret = secret(
         namespace,
         TLS_SECRET,
         [
@@ -91,7 +106,40 @@ pub fn tls_secret(namespace: &str, material: &TlsMaterial) -> Secret {
             ("tls.crt", &material.cert_pem),
             ("tls.key", &material.key_pem),
         ],
-    )
+    );
+    if !peer_ranges.is_empty() {
+        secret.metadata.annotations = Some(BTreeMap::from([(
+            PEER_CIDRS_ANNOTATION.to_string(),
+            peer_ranges
+                .iter()
+                .map(IpNet::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )]));
+    }
+    secret
+}
+
+/// The peer ranges the chart's Secret records (none when it records none).
+pub fn recorded_peer_ranges(secret: &Secret) -> anyhow::Result<Vec<IpNet>> {
+    let Some(value) = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PEER_CIDRS_ANNOTATION))
+    else {
+        return Ok(Vec::new());
+    };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            part.parse::<IpNet>().with_context(|| {
+                format!("annotation {PEER_CIDRS_ANNOTATION}: {part:?} is not a CIDR")
+            })
+        })
+        .collect()
 }
 
 /// The subject common name of the first certificate in `pem` (a mesh CA is named
@@ -296,7 +344,7 @@ mod tests {
         assert_eq!(back.cert_pem, ca.cert_pem);
         assert_eq!(back.key_pem, ca.key_pem);
         let tls = material(&ca, "c1", &nets(&["10.11.0.0/16"]), 365);
-        let secret = tls_secret("trellis-system", &tls);
+        let secret = tls_secret("trellis-system", &tls, &[]);
         assert_eq!(secret.type_, None);
         let keys: Vec<&String> = secret.data.as_ref().unwrap().keys().collect();
         assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
@@ -313,6 +361,37 @@ mod tests {
             key_pem: other.key_pem,
         };
         assert!(check_ca(&mismatched).is_err());
+    }
+
+    #[test]
+    fn peer_ranges_are_recorded_on_the_secret_and_read_back() {
+        let ca = generate_ca("c1", Validity::days_from_now(10)).unwrap();
+        let tls = material(&ca, "c1", &nets(&["10.11.0.0/16", "10.200.0.0/24"]), 365);
+        assert!(
+            recorded_peer_ranges(&tls_secret("trellis-system", &tls, &[]))
+                .unwrap()
+                .is_empty()
+        );
+        let peers = nets(&["10.200.0.0/24", "fd00:200::/64"]);
+        let mut secret = tls_secret("trellis-system", &tls, &peers);
+        assert_eq!(recorded_peer_ranges(&secret).unwrap(), peers);
+        secret
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(PEER_CIDRS_ANNOTATION.into(), "10.200.0.0/24,bogus".into());
+        let err = recorded_peer_ranges(&secret).unwrap_err().to_string();
+        assert!(err.contains("\"bogus\" is not a CIDR"), "{err}");
+        // ca.crt stays readable on its own when the rest is broken, and only a certificate is.
+        let mut broken = tls_secret("trellis-system", &tls, &[]);
+        broken.data.as_mut().unwrap().remove("tls.key");
+        assert_eq!(ca_of_tls_secret(&broken), Some(ca.cert_pem.clone()));
+        broken.data.as_mut().unwrap().insert(
+            "ca.crt".into(),
+            ByteString(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_vec()),
+        );
+        assert_eq!(ca_of_tls_secret(&broken), None);
     }
 
     #[test]

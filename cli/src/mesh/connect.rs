@@ -350,7 +350,7 @@ pub async fn connect(
     if let Some((x, y)) = ranges::overlap(&fa.ranges, &fb.ranges) {
         bail!(
             "clusters {} and {} claim overlapping ranges ({x} and {y}): their controllers would \
-             refuse each other; give one of them other pod and service ranges",
+             refuse each other; give one of them other pod, service or peer (--peer-cidr) ranges",
             fa.id,
             fb.id
         );

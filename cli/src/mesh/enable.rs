@@ -57,6 +57,10 @@ pub struct EnableOptions {
     pub cluster_id: Option<ClusterId>,
     pub pod_cidrs: Vec<IpNet>,
     pub service_cidrs: Vec<IpNet>,
+    /// Ranges for external machines (`Peer` addresses), signed beside the pod and service
+    /// ranges: `None` keeps those the current Secret records; `Some` replaces them (empty:
+    /// none).
+    pub peer_cidrs: Option<Vec<IpNet>>,
     pub finish: Finish,
     /// Days the certificate is valid.
     pub days: i64,
@@ -257,12 +261,12 @@ pub async fn enable(
     }
     let secrets = Api::<Secret>::namespaced(client.clone(), ns);
 
-    let existing = secrets
+    let secret_there = secrets
         .get_opt(TLS_SECRET)
         .await
         .with_context(|| format!("reading Secret {ns}/{TLS_SECRET} in {label}"))?;
     let (existing, unusable): (Option<TlsMaterial>, Option<String>) =
-        match existing.as_ref().map(certificate::tls_from_secret) {
+        match secret_there.as_ref().map(certificate::tls_from_secret) {
             Some(Ok(material)) => (Some(material), None),
             Some(Err(e)) => (None, Some(format!("the Secret there is unusable: {e:#}"))),
             None => (None, None),
@@ -322,11 +326,38 @@ pub async fn enable(
     let ranges = cluster_ranges(client, options).await?;
     writeln!(out, "  pod ranges: {}", ranges.pods)?;
     writeln!(out, "  service ranges: {}", ranges.services)?;
+    let peers = match &options.peer_cidrs {
+        Some(given) if given.is_empty() => Found {
+            nets: Vec::new(),
+            source: "--no-peer-cidrs".into(),
+        },
+        Some(given) => Found {
+            nets: given.clone(),
+            source: "--peer-cidr".into(),
+        },
+        None => Found {
+            nets: match &secret_there {
+                Some(secret) => certificate::recorded_peer_ranges(secret).with_context(|| {
+                    format!(
+                        "Secret {ns}/{TLS_SECRET} of {label}: pass --peer-cidr (or \
+                         --no-peer-cidrs) to say which ranges are for external machines"
+                    )
+                })?,
+                None => Vec::new(),
+            },
+            source: format!("recorded in Secret {ns}/{TLS_SECRET}"),
+        },
+    };
+    ranges::check_peer_ranges(&peers.nets, &ranges.pods.nets, &ranges.services.nets)?;
+    if !peers.nets.is_empty() {
+        writeln!(out, "  peer ranges: {peers}")?;
+    }
     let claim: Vec<IpNet> = ranges
         .pods
         .nets
         .iter()
         .chain(&ranges.services.nets)
+        .chain(&peers.nets)
         .copied()
         .collect();
 
@@ -363,11 +394,13 @@ pub async fn enable(
             )?;
         }
         Verdict::Reissue(reason) => {
-            // The CA of the certificate there, when it can be read.
-            let current_ca = existing
+            // The mesh CA the Secret there names, read on its own: a Secret unusable for
+            // another reason (a lost key, a broken certificate) still says which mesh this
+            // cluster is in, and a new CA would cut it off from its peers.
+            let current_ca = secret_there
                 .as_ref()
-                .filter(|m| certificate::read_leaf(&m.cert_pem).is_ok())
-                .map(|m| m.ca_pem.as_str());
+                .and_then(certificate::ca_of_tls_secret);
+            let current_ca = current_ca.as_deref();
             let ca = match (ca, current_ca) {
                 (Some(ca), _) if explicit => ca,
                 (Some(own), None) => own,
@@ -404,7 +437,7 @@ pub async fn enable(
                     cert_pem: leaf.cert_pem,
                     key_pem: leaf.key_pem,
                 };
-                let secret = certificate::tls_secret(ns, &material);
+                let secret = certificate::tls_secret(ns, &material, &peers.nets);
                 secrets
                     .patch(
                         TLS_SECRET,

@@ -26,6 +26,25 @@ use connect::{ConnectOptions, Side};
 use enable::{CaSource, EnableOptions, Finish};
 use helm::{HelmBinary, Target};
 
+pub use certificate::TLS_SECRET;
+/// For `trellis peer`'s tests: the Secret as `mesh enable` writes it.
+#[cfg(test)]
+pub use certificate::tls_secret;
+
+/// The ranges the certificate in the chart's Secret signs, and those of them recorded as
+/// ranges for external machines (`--peer-cidr`).
+pub fn signed_ranges(
+    secret: &k8s_openapi::api::core::v1::Secret,
+) -> anyhow::Result<(Vec<IpNet>, Vec<IpNet>)> {
+    let material = certificate::tls_from_secret(secret)?;
+    let signed = certificate::read_leaf(&material.cert_pem)?.ranges;
+    let peers = certificate::recorded_peer_ranges(secret)?
+        .into_iter()
+        .filter(|r| signed.iter().any(|s| s.contains(r)))
+        .collect();
+    Ok((signed, peers))
+}
+
 /// The field manager of what `trellis mesh` writes by server-side apply.
 const FIELD_MANAGER: &str = "trellis";
 
@@ -103,6 +122,15 @@ struct EnableArgs {
     /// else kube-controller-manager's --service-cluster-ip-range.
     #[arg(long = "service-cidr")]
     service_cidrs: Vec<IpNet>,
+    /// A range for external machines (`trellis peer add --address`), signed into the
+    /// certificate beside the pod and service ranges and outside both (repeatable). Default:
+    /// the ones the current certificate was issued with. Addresses inside the pod range are
+    /// node IPAM's to give to a new node, which would cut the machine off.
+    #[arg(long = "peer-cidr")]
+    peer_cidrs: Vec<IpNet>,
+    /// Sign no peer range (drop those the current certificate carries).
+    #[arg(long, conflicts_with = "peer_cidrs")]
+    no_peer_cidrs: bool,
     /// Days the cluster certificate is valid (more than the 30 before expiry when a re-run
     /// renews it).
     #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(i64).range(31..=3650))]
@@ -169,6 +197,11 @@ async fn run_async(args: MeshArgs) -> anyhow::Result<()> {
                 cluster_id: args.cluster_id,
                 pod_cidrs: args.pod_cidrs,
                 service_cidrs: args.service_cidrs,
+                peer_cidrs: if args.no_peer_cidrs {
+                    Some(Vec::new())
+                } else {
+                    Some(args.peer_cidrs).filter(|given| !given.is_empty())
+                },
                 finish: if args.dry_run {
                     Finish::DryRun
                 } else if args.install {

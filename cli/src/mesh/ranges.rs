@@ -170,6 +170,41 @@ pub fn check_disjoint(pods: &[IpNet], services: &[IpNet]) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Refuses peer ranges (for external machines) that are not canonical prefixes or that overlap
+/// the pod or service ranges: inside the pod range is exactly where node IPAM may hand an
+/// external machine's address to a new node.
+pub fn check_peer_ranges(
+    peers: &[IpNet],
+    pods: &[IpNet],
+    services: &[IpNet],
+) -> anyhow::Result<()> {
+    for net in peers {
+        if net.trunc() != *net {
+            bail!(
+                "the peer range {net} has host bits set (did you mean {}?)",
+                net.trunc()
+            );
+        }
+    }
+    if let Some((x, y)) = overlap(peers, pods) {
+        bail!(
+            "the peer range {x} overlaps the pod range {y}: node IPAM may give its addresses \
+             to a new node; pick a range outside the cluster's pod and service ranges"
+        );
+    }
+    if let Some((x, y)) = overlap(peers, services) {
+        bail!("the peer range {x} overlaps the service range {y}");
+    }
+    if let Some((x, y)) = peers
+        .iter()
+        .enumerate()
+        .find_map(|(i, x)| overlap(&[*x], &peers[i + 1..]))
+    {
+        bail!("the peer ranges {x} and {y} overlap");
+    }
+    Ok(())
+}
+
 /// Whether two sets of ranges share an address (the first pair that does).
 pub fn overlap(a: &[IpNet], b: &[IpNet]) -> Option<(IpNet, IpNet)> {
     a.iter().find_map(|x| {
@@ -286,6 +321,28 @@ mod tests {
         check_nodes_inside(&nets(&["10.11.0.0/16", "10.12.0.0/16"]), &nodes).unwrap();
         assert!(check_disjoint(&nets(&["10.0.0.0/8"]), &nets(&["10.96.0.0/12"])).is_err());
         check_disjoint(&nets(&["10.11.0.0/16"]), &nets(&["10.111.0.0/16"])).unwrap();
+        let (pods, services) = (nets(&["10.11.0.0/16"]), nets(&["10.111.0.0/16"]));
+        check_peer_ranges(&nets(&["10.200.0.0/24"]), &pods, &services).unwrap();
+        for (peers, refusal) in [
+            (
+                &["10.200.0.1/24"][..],
+                "host bits set (did you mean 10.200.0.0/24?)",
+            ),
+            (&["10.0.0.0/8"], "overlaps the pod range 10.11.0.0/16"),
+            (
+                &["10.111.5.0/24"],
+                "overlaps the service range 10.111.0.0/16",
+            ),
+            (
+                &["10.200.0.0/24", "10.200.0.128/25"],
+                "10.200.0.0/24 and 10.200.0.128/25 overlap",
+            ),
+        ] {
+            let err = check_peer_ranges(&nets(peers), &pods, &services)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(refusal), "{err}");
+        }
         assert_eq!(
             overlap(
                 &nets(&["10.1.0.0/16"]),

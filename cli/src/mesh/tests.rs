@@ -80,6 +80,7 @@ fn options(context: &str, finish: Finish) -> EnableOptions {
         cluster_id: None,
         pod_cidrs: Vec::new(),
         service_cidrs: Vec::new(),
+        peer_cidrs: None,
         finish,
         days: 365,
         chart: "helm/trellis".into(),
@@ -137,8 +138,18 @@ fn tls_material(ca: &CertifiedKey, id: &str, ranges: &[IpNet]) -> TlsMaterial {
 }
 
 fn tls_secret_json(material: &TlsMaterial) -> Value {
+    tls_secret_with_peers(material, &[])
+}
+
+/// The TLS Secret as `mesh enable --peer-cidr` writes it.
+fn tls_secret_with_peers(material: &TlsMaterial, peer_ranges: &[IpNet]) -> Value {
     stored(
-        serde_json::to_value(certificate::tls_secret("trellis-system", material)).unwrap(),
+        serde_json::to_value(certificate::tls_secret(
+            "trellis-system",
+            material,
+            peer_ranges,
+        ))
+        .unwrap(),
         "trellis-tls",
     )
 }
@@ -784,8 +795,10 @@ fn a_context_name_becomes_a_cluster_id() {
 #[tokio::test]
 async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_secret() {
     let theirs = mesh_ca("c1");
+    // A Secret that names no mesh CA (a half-written one): nothing to keep it in.
     let mut broken = tls_secret_json(&tls_material(&theirs, "c1", &c1_ranges()));
     broken["data"].as_object_mut().unwrap().remove("tls.key");
+    broken["data"].as_object_mut().unwrap().remove("ca.crt");
     let mut replies = vec![
         secret_get(NS, "trellis-tls", Some(broken)),
         namespace_absent(),
@@ -828,7 +841,7 @@ async fn enable_takes_what_a_concurrent_run_created_and_replaces_an_unusable_sec
     for line in [
         "namespace trellis-system: exists",
         "mesh CA: \"Trellis mesh CA c1\", created meanwhile",
-        "the Secret there is unusable: Secret trellis-tls has no key tls.key",
+        "the Secret there is unusable: Secret trellis-tls has no key ca.crt",
     ] {
         assert!(out.contains(line), "{line:?} in:\n{out}");
     }
@@ -897,4 +910,127 @@ async fn connect_takes_a_given_endpoint_and_refuses_a_release_of_another_cluster
         "{err}"
     );
     assert!(helm.changes.borrow().is_empty());
+}
+
+#[tokio::test]
+async fn enable_never_reroots_a_cluster_whose_unusable_secret_names_another_mesh_ca() {
+    // c2 joined c1's mesh (no CA of its own in kube-system); its trellis-tls lost tls.key.
+    let theirs = mesh_ca("c1");
+    let mut broken = tls_secret_json(&tls_material(&theirs, "c2", &c2_ranges()));
+    broken["data"].as_object_mut().unwrap().remove("tls.key");
+    let replies = vec![
+        secret_get(NS, "trellis-tls", Some(broken)),
+        namespace_exists(),
+        on("GET", "/api/v1/nodes", ok(testdata("nodes-kind-c2.json"))),
+        ca_absent(),
+    ];
+    let mut opts = options("kind-trellis-c2", Finish::Print);
+    opts.cluster_id = Some("c2".parse().unwrap());
+    opts.pod_cidrs = nets(&["10.12.0.0/16"]);
+    opts.service_cidrs = nets(&["10.112.0.0/16"]);
+    let (outcome, seen, _) =
+        enable_against(replies, CaSource::Own, &opts, &RecordingHelm::default()).await;
+    let err = format!("{:#}", outcome.unwrap_err());
+    assert!(
+        seen.iter().all(|s| s.method == "GET"),
+        "nothing created or written: {seen:#?}"
+    );
+    assert!(
+        err.contains("must be reissued")
+            && err.contains("\"Trellis mesh CA c1\"")
+            && err.contains("--ca-from-context"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn peer_ranges_are_signed_recorded_kept_on_a_re_run_and_checked() {
+    let ca = mesh_ca("c1");
+    let peers = nets(&["10.200.0.0/24"]);
+    let mut replies = first_reads(tls_absent(), namespace_exists());
+    replies.extend([ca_present(&ca), tls_applied(201)]);
+    let mut opts = options("kind-trellis-c1", Finish::Print);
+    opts.cluster_id = Some("c1".parse().unwrap());
+    opts.peer_cidrs = Some(peers.clone());
+    let (outcome, seen, out) =
+        enable_against(replies, CaSource::Own, &opts, &RecordingHelm::default()).await;
+    outcome.unwrap();
+    let written = &seen[6];
+    let tls = written_tls(written);
+    let leaf = read_leaf(&tls.cert_pem).unwrap();
+    assert_eq!(
+        leaf.ranges,
+        nets(&["10.11.0.0/16", "10.111.0.0/16", "10.200.0.0/24"]),
+        "pods, services and the peer range"
+    );
+    assert_eq!(
+        written.body.as_ref().unwrap()["metadata"]["annotations"]["trellis.dev/peer-cidrs"],
+        "10.200.0.0/24",
+        "which of them are for external machines"
+    );
+    assert!(
+        out.contains("peer ranges: 10.200.0.0/24 (--peer-cidr)"),
+        "{out}"
+    );
+
+    // Re-run without --peer-cidr: the recorded range stays signed, nothing is written.
+    let kept = tls_material(
+        &ca,
+        "c1",
+        &nets(&["10.11.0.0/16", "10.111.0.0/16", "10.200.0.0/24"]),
+    );
+    let mut replies = first_reads(
+        secret_get(
+            NS,
+            "trellis-tls",
+            Some(tls_secret_with_peers(&kept, &peers)),
+        ),
+        namespace_exists(),
+    );
+    replies.push(ca_present(&ca));
+    opts.peer_cidrs = None;
+    let (outcome, seen, out) =
+        enable_against(replies, CaSource::Own, &opts, &RecordingHelm::default()).await;
+    outcome.unwrap();
+    assert!(seen.iter().all(|s| s.method == "GET"), "{seen:#?}");
+    assert!(
+        out.contains("peer ranges: 10.200.0.0/24 (recorded in Secret trellis-system/trellis-tls)")
+            && out.contains("certificate c1.cluster.trellis: kept"),
+        "{out}"
+    );
+
+    // A peer range inside the pod range is what it exists to avoid: refused, nothing written.
+    opts.peer_cidrs = Some(nets(&["10.11.250.0/24"]));
+    let replies = first_reads(tls_absent(), namespace_exists());
+    let (outcome, seen, _) =
+        enable_against(replies, CaSource::Own, &opts, &RecordingHelm::default()).await;
+    let err = format!("{:#}", outcome.unwrap_err());
+    assert!(seen.iter().all(|s| s.method == "GET"));
+    assert!(
+        err.contains("peer range 10.11.250.0/24 overlaps the pod range 10.11.0.0/16"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn connect_refuses_a_peer_range_one_cluster_signed_inside_the_others_ranges() {
+    let ca = mesh_ca("c1");
+    let t1 = tls_material(
+        &ca,
+        "c1",
+        &nets(&["10.11.0.0/16", "10.111.0.0/16", "10.12.250.0/24"]),
+    );
+    let t2 = tls_material(&ca, "c2", &c2_ranges());
+    let (r1, r2) = (nodeport_side(&t1, 1), nodeport_side(&t2, 2));
+    let helm = releases(json!({}), json!({}));
+    let err = connect_against(r1, r2, None, false, &helm)
+        .await
+        .0
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("overlapping ranges (10.12.250.0/24 and 10.12.0.0/16)")
+            && err.contains("peer"),
+        "{err}"
+    );
 }

@@ -18,12 +18,12 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use trellis_netns::Netns;
 
+use crate::propagation::trellis;
 use crate::stats::percentiles;
 use crate::tunnel::{self, Iperf, Pair, Running};
 
@@ -159,22 +159,6 @@ impl Endpoints {
             Namespaces::Lab { server, .. } => server,
         }
     }
-}
-
-fn trellis(bin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(bin_dir.join("trellis"))
-        .args(args)
-        .output()
-        .context("run trellis")?;
-    if !output.status.success() {
-        bail!(
-            "trellis {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn lab_up(bin_dir: &Path, lab: &str, network_policy: bool) -> anyhow::Result<()> {

@@ -32,7 +32,8 @@ const LAB: &str = "bench-prop";
 /// the lab's source names it).
 const POLICY_PORT: u16 = 8123;
 
-fn trellis(bin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+/// Runs `trellis ARGS` from `bin_dir`; its stdout, or an error with what it printed.
+pub(crate) fn trellis(bin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(bin_dir.join("trellis"))
         .args(args)
         .output()

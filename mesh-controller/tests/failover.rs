@@ -5,9 +5,9 @@
 //! plan (the same peers and routes: no tunnel to rebuild), DNS the same imports.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use trellis_controller::agent::AgentHello;
@@ -17,87 +17,12 @@ use trellis_core::cluster::PublicKey;
 use trellis_core::framing::{FrameDecoder, encode_json_frame};
 use trellis_core::imports::ImportsUpdate;
 
-const BIN: &str = env!("CARGO_BIN_EXE_trellis-controller");
+mod process;
+
+use process::{BIN, Proc, cluster_yaml, free_tcp, free_udp, run};
 const LEASE_DURATION: Duration = Duration::from_secs(3);
 const RETRY_PERIOD: Duration = Duration::from_secs(1);
 const TOKEN: &str = "lab-token";
-
-/// Kills the child it owns when dropped (only processes this test started).
-struct Proc(Child);
-
-impl Proc {
-    /// SIGKILL, as a crash or an OOM kill would end it.
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn cluster_yaml(id: &str, pod: &str, svc_cidr: &str, svc_ip: &str, ep: &str) -> String {
-    format!(
-        r#"apiVersion: about.k8s.io/v1alpha1
-kind: ClusterProperty
-metadata: {{name: cluster.clusterset.k8s.io}}
-spec: {{value: {id}}}
----
-apiVersion: networking.k8s.io/v1
-kind: ServiceCIDR
-metadata: {{name: kubernetes}}
-spec: {{cidrs: ["{svc_cidr}"]}}
----
-apiVersion: v1
-kind: Node
-metadata: {{name: {id}-node-0}}
-spec: {{podCIDR: "{pod}", podCIDRs: ["{pod}"]}}
-status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: shop}}
-spec: {{clusterIP: "{svc_ip}", ports: [{{name: http, port: 80}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv4
-endpoints: [{{addresses: ["{ep}"], conditions: {{ready: true}}}}]
-ports: [{{name: http, port: 8080, protocol: TCP}}]
----
-apiVersion: multicluster.x-k8s.io/v1alpha1
-kind: ServiceExport
-metadata: {{name: web, namespace: shop}}
-"#
-    )
-}
 
 /// The body and status of `GET path`; `None` when nothing answers.
 fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {

@@ -2,7 +2,6 @@
 //! clusters on static files peering on 127.0.0.1, metrics over HTTP, a DNS subscriber and a
 //! gateway subscriber on the agent port, and node encryption switched by editing the config.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -11,12 +10,11 @@ use std::time::Duration;
 use trellis_controller::agent::AgentHello;
 use trellis_controller::gateway::{GatewayRegistration, GatewayUpdate};
 use trellis_core::cluster::PublicKey;
-use trellis_core::framing::{FrameDecoder, encode_json_frame};
 use trellis_core::imports::ImportsUpdate;
 
 mod process;
 
-use process::{BIN, Proc, cluster_yaml, free_tcp, free_udp, run};
+use process::{BIN, Proc, Subscriber, cluster_yaml, free_tcp, free_udp, run};
 
 #[allow(clippy::too_many_arguments)]
 fn config(
@@ -63,39 +61,6 @@ fn eventually(what: &str, logs: &Path, mut cond: impl FnMut() -> bool) {
             log("west.log")
         );
         std::panic::resume_unwind(panic);
-    }
-}
-
-struct Subscriber {
-    stream: TcpStream,
-    dec: FrameDecoder,
-}
-
-impl Subscriber {
-    fn connect(addr: SocketAddr, hello: &AgentHello) -> Self {
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(15)))
-            .unwrap();
-        stream
-            .write_all(&encode_json_frame(hello, "hello", 1 << 20).unwrap())
-            .unwrap();
-        Self {
-            stream,
-            dec: FrameDecoder::new(64 << 20),
-        }
-    }
-
-    fn next<T: serde::de::DeserializeOwned>(&mut self) -> T {
-        let mut buf = [0u8; 65536];
-        loop {
-            if let Some(v) = self.dec.next_json::<T>().unwrap() {
-                return v;
-            }
-            let n = self.stream.read(&mut buf).unwrap();
-            assert!(n > 0, "the controller closed the stream");
-            self.dec.push(&buf[..n]);
-        }
     }
 }
 

@@ -4,7 +4,6 @@
 //! it last saw the lease renewed (client-go's rule: at most a retry period late), binds the same addresses, and a gateway reconnecting there is given the same
 //! plan (the same peers and routes: no tunnel to rebuild), DNS the same imports.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -14,12 +13,11 @@ use trellis_controller::agent::AgentHello;
 use trellis_controller::gateway::{GatewayRegistration, GatewayUpdate};
 use trellis_core::agent::GatewayDesired;
 use trellis_core::cluster::PublicKey;
-use trellis_core::framing::{FrameDecoder, encode_json_frame};
 use trellis_core::imports::ImportsUpdate;
 
 mod process;
 
-use process::{BIN, Proc, cluster_yaml, free_tcp, free_udp, run};
+use process::{BIN, Proc, Subscriber, cluster_yaml, free_tcp, free_udp, run};
 const LEASE_DURATION: Duration = Duration::from_secs(3);
 const RETRY_PERIOD: Duration = Duration::from_secs(1);
 const TOKEN: &str = "lab-token";
@@ -46,39 +44,6 @@ fn eventually(what: &str, logs: &Path, mut cond: impl FnMut() -> bool) {
             eprintln!("--- {log} ---\n{text}");
         }
         std::panic::resume_unwind(panic);
-    }
-}
-
-struct Subscriber {
-    stream: TcpStream,
-    dec: FrameDecoder,
-}
-
-impl Subscriber {
-    fn connect(addr: SocketAddr, hello: &AgentHello) -> Self {
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(15)))
-            .unwrap();
-        stream
-            .write_all(&encode_json_frame(hello, "hello", 1 << 20).unwrap())
-            .unwrap();
-        Self {
-            stream,
-            dec: FrameDecoder::new(64 << 20),
-        }
-    }
-
-    fn next<T: serde::de::DeserializeOwned>(&mut self) -> T {
-        let mut buf = [0u8; 65536];
-        loop {
-            if let Some(v) = self.dec.next_json::<T>().unwrap() {
-                return v;
-            }
-            let n = self.stream.read(&mut buf).unwrap();
-            assert!(n > 0, "the controller closed the stream");
-            self.dec.push(&buf[..n]);
-        }
     }
 }
 

@@ -5,8 +5,13 @@
 // Each test binary uses part of this module.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command};
+use std::time::Duration;
+
+use trellis_controller::agent::AgentHello;
+use trellis_core::framing::{FrameDecoder, encode_json_frame};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_trellis-controller");
 
@@ -85,4 +90,38 @@ kind: ServiceExport
 metadata: {{name: web, namespace: shop}}
 "#
     )
+}
+
+/// A gateway or DNS subscription to a controller's agent port (plaintext token mode).
+pub struct Subscriber {
+    stream: TcpStream,
+    dec: FrameDecoder,
+}
+
+impl Subscriber {
+    pub fn connect(addr: SocketAddr, hello: &AgentHello) -> Self {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        stream
+            .write_all(&encode_json_frame(hello, "hello", 1 << 20).unwrap())
+            .unwrap();
+        Self {
+            stream,
+            dec: FrameDecoder::new(64 << 20),
+        }
+    }
+
+    pub fn next<T: serde::de::DeserializeOwned>(&mut self) -> T {
+        let mut buf = [0u8; 65536];
+        loop {
+            if let Some(v) = self.dec.next_json::<T>().unwrap() {
+                return v;
+            }
+            let n = self.stream.read(&mut buf).unwrap();
+            assert!(n > 0, "the controller closed the stream");
+            self.dec.push(&buf[..n]);
+        }
+    }
 }
